@@ -1,0 +1,319 @@
+"""The ``hpo`` command line: serve the control plane, submit and watch studies, read results.
+
+Exit codes: 0 success, 1 the study failed or was stopped, 2 bad input (spec, arguments),
+3 the server refused the request (unknown id, conflict), 4 the server could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from hpo.service import errors
+from hpo.service.spec import StudySpec, describe_errors
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+out = Console()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except (ValidationError, ValueError) as exc:
+        _print_invalid(exc)
+        return 2
+    except errors.InvalidInput as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        return 2
+    except errors.HpoError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        return 3
+    except httpx.TransportError as exc:
+        console.print(f"[red]error:[/red] cannot reach the hpo server: {exc}")
+        return 4
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpo", description="Distributed hyperparameter search.")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    def client_cmd(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--url", help="server URL (default: $HPO_URL or http://127.0.0.1:8000)")
+        c.add_argument("--token", help="API token (default: $HPO_TOKEN or the local token file)")
+        return c
+
+    s = sub.add_parser("serve", help="run the control plane (API, scheduler, dashboard)")
+    s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    s.add_argument("--database-url", default=None, help="overrides $HPO_DATABASE_URL")
+    s.add_argument("--data-dir", default=None, help="overrides $HPO_DATA_DIR")
+    s.add_argument("--no-scheduler", action="store_true", help="serve ask/tell only")
+    s.set_defaults(func=cmd_serve)
+
+    c = client_cmd("submit", "create a study from a YAML spec")
+    c.add_argument("spec", type=Path)
+    c.add_argument("--wait", action="store_true", help="show live progress until it ends")
+    c.add_argument("--load-if-exists", action="store_true", help="reuse a study of that name")
+    c.set_defaults(func=cmd_submit)
+
+    c = client_cmd("studies", "list studies")
+    c.add_argument("--state", choices=["running", "paused", "stopped", "completed"])
+    c.set_defaults(func=cmd_studies)
+
+    c = client_cmd("trials", "list the trials of a study")
+    c.add_argument("study", help="study id or name")
+    c.add_argument("--state", help="only these states (comma separated)")
+    c.set_defaults(func=cmd_trials)
+
+    c = client_cmd("best", "show the best trial of a study")
+    c.add_argument("study")
+    c.set_defaults(func=cmd_best)
+
+    c = client_cmd("export", "export a study's trials")
+    c.add_argument("study")
+    c.add_argument("--csv", action="store_true", required=True, help="as CSV")
+    c.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    c.set_defaults(func=cmd_export)
+
+    c = client_cmd("watch", "show live progress of a study until it ends")
+    c.add_argument("study")
+    c.set_defaults(func=cmd_watch)
+
+    for name, state in (("pause", "paused"), ("resume", "running"), ("stop", "stopped")):
+        c = client_cmd(name, f"{name} a study")
+        c.add_argument("study")
+        c.set_defaults(func=cmd_set_state, state=state)
+
+    c = client_cmd("delete", "delete a study and all its data")
+    c.add_argument("study")
+    c.set_defaults(func=cmd_delete)
+
+    d = sub.add_parser("demo", help="start a server and run a small demo study end to end")
+    d.add_argument("--trials", type=int, default=None, help="override the demo's max_trials")
+    d.add_argument(
+        "--ask-tell", action="store_true", help="run trials in this process over ask/tell"
+    )
+    d.add_argument("--keep", action="store_true", help="keep serving after the demo ends")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from hpo.api.client import Client
+
+    return Client(args.url, args.token)
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from hpo.api.app import create_app
+    from hpo.service.settings import Settings
+
+    overrides: dict[str, Any] = {}
+    for key in ("host", "port", "database_url", "data_dir"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.no_scheduler:
+        overrides["scheduler"] = False
+    settings = Settings(**overrides)
+    token = settings.api_token(create=True)
+    url = f"http://{settings.host}:{settings.port}"
+    console.print(f"hpo serving on [bold]{url}[/bold] (database: {_safe(settings)})")
+    if token:
+        console.print(f"dashboard: {url}/#token={token}")
+        console.print(f"API token: {token} (also in {settings.token_file})")
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+    )
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    if not args.spec.exists():
+        raise errors.InvalidInput(f"spec file {args.spec} does not exist")
+    spec = StudySpec.from_yaml(args.spec)
+    client = _client(args)
+    study = client.create_study(spec, load_if_exists=args.load_if_exists)
+    out.print(f"study {study.id} ({study.name}) created")
+    if args.wait:
+        return _watch(study)
+    return 0
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    table = Table("id", "name", "state", "sampler", "done", "running", "failed", "budget", "best")
+    for s in _client(args).studies(state=args.state):
+        c = s.counts
+        best = s.best_trial.value if s.best_trial else None
+        table.add_row(
+            str(s.id),
+            s.name,
+            s.state,
+            s.spec["sampler"]["type"],
+            str(c["complete"] + c["pruned"]),
+            str(c["running"]),
+            str(c["failed"]),
+            str(s.spec["budget"].get("max_trials") or "-"),
+            _fmt(best),
+        )
+    out.print(table)
+    return 0
+
+
+def cmd_trials(args: argparse.Namespace) -> int:
+    study = _client(args).study(args.study)
+    trials = study.trials(state=args.state)
+    names: list[str] = []
+    for t in trials:
+        names.extend(n for n in t.params if n not in names)
+    table = Table("#", "id", "state", "value", *names, "attempts", "duration_s")
+    for t in trials:
+        value = t.value if t.values is None else ", ".join(_fmt(v) for v in t.values)
+        table.add_row(
+            str(t.number),
+            str(t.id),
+            t.state,
+            _fmt(value),
+            *(_fmt(t.params.get(n)) for n in names),
+            str(t.attempts),
+            _fmt(t.duration_s),
+        )
+    out.print(table)
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    study = _client(args).study(args.study)
+    front = study.best_trials
+    if not front:
+        console.print(f"study {study.id} has no complete trial yet")
+        return 1
+    for t in front:
+        value = t.value if t.values is None else t.values
+        out.print(f"trial {t.number} (id {t.id}): value {value}")
+        for k, v in t.params.items():
+            out.print(f"  {k} = {v}")
+        test = (t.placement or {}).get("test_metrics")
+        if test:
+            out.print("  test metrics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in test.items()))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    text = _client(args).study(args.study).export_csv()
+    if args.output:
+        args.output.write_text(text)
+        console.print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    return _watch(_client(args).study(args.study))
+
+
+def cmd_set_state(args: argparse.Namespace) -> int:
+    study = _client(args).study(args.study)
+    record = study._patch({"state": args.state})
+    out.print(f"study {record.id} is {record.state}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    study = _client(args).study(args.study)
+    study.delete()
+    out.print(f"study {study.id} deleted")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hpo.api.demo import run_demo
+
+    return run_demo(trials=args.trials, ask_tell=args.ask_tell, keep=args.keep)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _watch(study: Any, poll_s: float = 1.0) -> int:
+    """A live progress bar: trials by state, best so far; returns the exit code."""
+    from rich.live import Live
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    record = study.refresh()
+    budget = record.spec["budget"].get("max_trials")
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[states]}"),
+        TextColumn("best {task.fields[best]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    task = progress.add_task(record.name, total=budget, states="", best="-")
+    with Live(progress, console=console, refresh_per_second=4):
+        while True:
+            record = study.refresh()
+            c = record.counts
+            done = c["complete"] + c["pruned"] + c["failed"]
+            states = (
+                f"running {c['running']} · waiting {c['waiting']} · complete {c['complete']}"
+                f" · pruned {c['pruned']} · failed {c['failed']}"
+            )
+            best = _fmt(record.best_trial.value) if record.best_trial else "-"
+            progress.update(task, completed=done, states=states, best=best)
+            if record.state in ("completed", "stopped"):
+                break
+            time.sleep(poll_s)
+    out.print(f"study {record.id} {record.state}: {record.state_reason or ''}")
+    if record.best_trial:
+        out.print(f"best value {record.best_trial.value} with {record.best_trial.params}")
+    ok = record.state == "completed" and record.counts["complete"] > 0
+    return 0 if ok else 1
+
+
+def _print_invalid(exc: Exception) -> None:
+    if isinstance(exc, ValidationError):
+        console.print("[red]invalid study spec:[/red]")
+        for item in describe_errors(exc):
+            console.print(f"  {item['field']}: {item['message']}")
+    else:
+        console.print(f"[red]error:[/red] {exc}")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _safe(settings: Any) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

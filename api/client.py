@@ -1,0 +1,442 @@
+"""Python client for the hpo REST API: notebooks, scripts and the ``hpo`` CLI use it.
+
+>>> from hpo.api.client import Client
+>>> c = Client("http://127.0.0.1:8000")          # token from HPO_TOKEN or hpo serve's token file
+>>> study = c.create_study("study.yaml")
+>>> t = study.ask()
+>>> study.report(t, step=1, metrics={"val_loss": 0.4})   # True when the trial should stop
+>>> study.tell(t, value=0.91)
+>>> study.best_trial, study.trials_dataframe()
+
+Imports neither the server nor torch/ray. Errors are the core's typed exceptions
+(``hpo.service.errors``): NotFound, Conflict (BudgetSpent, GridExhausted...), InvalidInput.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+from hpo.service import errors
+from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
+from hpo.service.spec import StudySpec
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+_ERRORS: dict[str, type[errors.HpoError]] = {
+    cls.code: cls
+    for cls in (
+        errors.InvalidInput,
+        errors.NotFound,
+        errors.Conflict,
+        errors.NameTaken,
+        errors.StudyNotRunning,
+        errors.BudgetSpent,
+        errors.GridExhausted,
+        errors.ConcurrencyLimit,
+        errors.TrialFinished,
+    )
+}
+
+
+class Unauthorized(errors.HpoError):
+    code = "unauthorized"
+
+
+class AskedTrial(dict):
+    """A trial handed out by :meth:`Study.ask`: ``{"trial_id", "number", "params"}``."""
+
+    @property
+    def trial_id(self) -> int:
+        return self["trial_id"]
+
+    @property
+    def number(self) -> int:
+        return self["number"]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self["params"]
+
+
+TrialRef = int | Mapping[str, Any] | TrialRecord
+
+
+def _trial_id(trial: TrialRef) -> int:
+    if isinstance(trial, int):
+        return trial
+    if isinstance(trial, TrialRecord):
+        return trial.id
+    return int(trial["trial_id"] if "trial_id" in trial else trial["id"])
+
+
+def default_token() -> str | None:
+    """``HPO_TOKEN``, else the token file a local ``hpo serve`` wrote."""
+    if os.environ.get("HPO_TOKEN"):
+        return os.environ["HPO_TOKEN"]
+    from hpo.service.settings import Settings
+
+    return Settings().api_token()
+
+
+class Client:
+    """A connection to one hpo server."""
+
+    def __init__(
+        self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0
+    ) -> None:
+        self.url = (url or os.environ.get("HPO_URL") or DEFAULT_URL).rstrip("/")
+        token = token if token is not None else default_token()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=timeout,
+            transport=httpx.HTTPTransport(retries=3),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ http
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send a request; raise the core's typed error for a 4xx answer."""
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise _error_from(response)
+        return response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.request(method, "/api/v1" + path, **kwargs).json()
+
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/healthz").json()
+
+    # --------------------------------------------------------------- studies
+
+    def create_study(
+        self, spec: StudySpec | Mapping[str, Any] | str | Path, *, load_if_exists: bool = False
+    ) -> Study:
+        """Create a study from a spec (a dict, a YAML file path, YAML text or a StudySpec).
+
+        The spec is validated here first, so a typo fails before any request is sent.
+        With ``load_if_exists``, a study of the same name is returned instead of a 409.
+        """
+        spec = _to_spec(spec)
+        try:
+            record = StudyRecord.model_validate(self._json("POST", "/studies", json=spec.to_json()))
+        except errors.NameTaken:
+            if not load_if_exists:
+                raise
+            return self.study(spec.name)
+        return Study(self, record)
+
+    def study(self, ref: int | str) -> Study:
+        """An existing study by id or name."""
+        if isinstance(ref, int) or str(ref).isdigit():
+            return Study(self, StudyRecord.model_validate(self._json("GET", f"/studies/{ref}")))
+        page = self._json("GET", "/studies", params={"name": ref})
+        if not page["studies"]:
+            raise errors.StudyNotFound(ref)
+        return Study(self, StudyRecord.model_validate(page["studies"][0]))
+
+    def studies(self, state: str | None = None) -> list[StudyRecord]:
+        """Every study (newest first), following pagination."""
+        out: list[StudyRecord] = []
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": 200}
+            if state:
+                params["state"] = state
+            if cursor is not None:
+                params["cursor"] = cursor
+            page = self._json("GET", "/studies", params=params)
+            out.extend(StudyRecord.model_validate(s) for s in page["studies"])
+            cursor = page.get("next_cursor")
+            if cursor is None:
+                return out
+
+    def trial(self, trial_id: int) -> TrialRecord:
+        return TrialRecord.model_validate(self._json("GET", f"/trials/{trial_id}"))
+
+
+class Study:
+    """A study on the server: ask/tell, metric reports, results and control."""
+
+    def __init__(self, client: Client, record: StudyRecord) -> None:
+        self.client = client
+        self.id = record.id
+        self.name = record.name
+        self._record = record
+
+    def __repr__(self) -> str:
+        return f"Study(id={self.id}, name={self.name!r}, state={self._record.state!r})"
+
+    # --------------------------------------------------------------- ask/tell
+
+    def ask(self) -> AskedTrial:
+        """A trial to run: ``{"trial_id", "number", "params"}``.
+
+        Raises BudgetSpent / GridExhausted when nothing is left, ConcurrencyLimit when
+        ``max_concurrent`` trials are already running, StudyNotRunning when paused or stopped.
+        """
+        return AskedTrial(self.client._json("POST", f"/studies/{self.id}/ask"))
+
+    def report(self, trial: TrialRef, step: int, metrics: Mapping[str, float]) -> bool:
+        """Report metric values at ``step``; returns True when the trial should stop
+        (the pruner stopped it, or the study was stopped)."""
+        points = [{"step": step, "name": k, "value": v} for k, v in metrics.items()]
+        answer = self.client._json(
+            "POST", f"/trials/{_trial_id(trial)}/metrics", json={"points": points}
+        )
+        return bool(answer["should_stop"])
+
+    def heartbeat(self, trial: TrialRef) -> bool:
+        """Keep a long-running trial's lease alive without reporting metrics."""
+        return bool(
+            self.client._json("POST", f"/trials/{_trial_id(trial)}/heartbeat")["should_stop"]
+        )
+
+    def tell(
+        self,
+        trial: TrialRef,
+        value: float | None = None,
+        *,
+        values: list[float] | None = None,
+        state: str | None = None,
+        error: str | None = None,
+    ) -> TrialRecord:
+        """Finish a trial with its value (or ``values``), or ``state="failed"|"pruned"``."""
+        body: dict[str, Any] = {}
+        if value is not None:
+            body["value"] = value
+        if values is not None:
+            body["values"] = values
+        if state is not None:
+            body["state"] = state
+        if error is not None:
+            body["error"] = error
+        data = self.client._json("POST", f"/trials/{_trial_id(trial)}/tell", json=body)
+        return TrialRecord.model_validate(data)
+
+    def optimize(
+        self,
+        objective: Callable[[TrialHandle], float | list[float]],
+        n_trials: int | None = None,
+        *,
+        catch: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        """Run ``objective`` in this process, Optuna style, until ``n_trials`` ran or the study's
+        budget is spent. ``objective`` may call ``trial.report(step, metrics)`` and should
+        return when it answers True (the trial was pruned)."""
+        done = 0
+        while n_trials is None or done < n_trials:
+            try:
+                asked = self.ask()
+            except errors.BudgetSpent:
+                return
+            handle = TrialHandle(self, asked)
+            try:
+                result = objective(handle)
+            except catch as exc:
+                self.tell(asked, state="failed", error=f"{type(exc).__name__}: {exc}")
+            except BaseException as exc:
+                self.tell(asked, state="failed", error=f"{type(exc).__name__}: {exc}")
+                raise
+            else:
+                if handle.should_stop:
+                    self.tell(asked, state="pruned")
+                elif isinstance(result, (list, tuple)):
+                    self.tell(asked, values=list(result))
+                else:
+                    self.tell(asked, value=result)
+            done += 1
+
+    # ---------------------------------------------------------------- results
+
+    def refresh(self) -> StudyRecord:
+        self._record = StudyRecord.model_validate(self.client._json("GET", f"/studies/{self.id}"))
+        return self._record
+
+    @property
+    def record(self) -> StudyRecord:
+        return self.refresh()
+
+    @property
+    def state(self) -> str:
+        return self.refresh().state
+
+    @property
+    def best_trial(self) -> TrialRecord | None:
+        """The best complete trial (single objective)."""
+        data = self.client._json("GET", f"/studies/{self.id}/best")
+        best = data["best_trial"]
+        return None if best is None else TrialRecord.model_validate(best)
+
+    @property
+    def best_trials(self) -> list[TrialRecord]:
+        """The Pareto front (multi-objective), or the best trial alone."""
+        data = self.client._json("GET", f"/studies/{self.id}/best")
+        return [TrialRecord.model_validate(t) for t in data["best_trials"]]
+
+    @property
+    def best_params(self) -> dict[str, Any] | None:
+        best = self.best_trial
+        return None if best is None else best.params
+
+    def trials(self, state: str | None = None) -> list[TrialRecord]:
+        """Every trial (optionally of some states, comma separated), by number."""
+        return sorted(self._iter_changed(state, None)[0], key=lambda t: t.number)
+
+    def changed_trials(self, since: int | None) -> tuple[list[TrialRecord], int]:
+        """Trials changed after cursor ``since`` and the new cursor (for polling)."""
+        return self._iter_changed(None, since)
+
+    def _iter_changed(self, state: str | None, since: int | None) -> tuple[list[TrialRecord], int]:
+        out: list[TrialRecord] = []
+        while True:
+            params: dict[str, Any] = {}
+            if state:
+                params["state"] = state
+            if since is not None:
+                params["since"] = since
+            page = self.client._json("GET", f"/studies/{self.id}/trials", params=params)
+            out.extend(TrialRecord.model_validate(t) for t in page["trials"])
+            if len(page["trials"]) < 1000:
+                return out, page["cursor"]
+            since = page["cursor"]
+
+    def trials_dataframe(self) -> Any:
+        """One row per trial: number, state, value(s), ``params_*``, attempts, timings."""
+        pd = _pandas()
+        from hpo.service.export import trial_rows
+
+        spec = StudySpec.model_validate(self.refresh().spec)
+        columns, rows = trial_rows(self.trials(), [o.metric for o in spec.objectives])
+        frame = pd.DataFrame(rows, columns=columns)
+        for col in ("started_at", "finished_at"):
+            frame[col] = pd.to_datetime(frame[col], utc=True)
+        return frame
+
+    def metrics(self, trial: TrialRef, name: str | None = None) -> list[MetricPointRecord]:
+        params = {"name": name} if name else {}
+        data = self.client._json("GET", f"/trials/{_trial_id(trial)}/metrics", params=params)
+        return [MetricPointRecord.model_validate(p) for p in data["points"]]
+
+    def metrics_dataframe(self, name: str | None = None) -> Any:
+        """Every metric point of every trial: trial number, step, name, value, time."""
+        pd = _pandas()
+        rows = []
+        for t in self.trials():
+            for p in self.metrics(t.id, name):
+                rows.append({"number": t.number, "trial_id": t.id, **p.model_dump()})
+        return pd.DataFrame(rows, columns=["number", "trial_id", "step", "name", "value", "time"])
+
+    def export_csv(self) -> str:
+        return self.client.request("GET", f"/api/v1/studies/{self.id}/export.csv").text
+
+    # ---------------------------------------------------------------- control
+
+    def pause(self) -> StudyRecord:
+        return self._patch({"state": "paused"})
+
+    def resume(self) -> StudyRecord:
+        return self._patch({"state": "running"})
+
+    def stop(self) -> StudyRecord:
+        return self._patch({"state": "stopped"})
+
+    def set_budget(
+        self, *, max_trials: int | None = None, max_concurrent: int | None = None
+    ) -> StudyRecord:
+        budget = {k: v for k, v in (("max_trials", max_trials), ("max_concurrent", max_concurrent))}
+        return self._patch({"budget": {k: v for k, v in budget.items() if v is not None}})
+
+    def delete(self) -> None:
+        self.client.request("DELETE", f"/api/v1/studies/{self.id}")
+
+    def _patch(self, body: dict[str, Any]) -> StudyRecord:
+        self._record = StudyRecord.model_validate(
+            self.client._json("PATCH", f"/studies/{self.id}", json=body)
+        )
+        return self._record
+
+    def wait(self, *, poll_s: float = 2.0, timeout_s: float | None = None) -> StudyRecord:
+        """Block until the study is completed or stopped."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            record = self.refresh()
+            if record.state in ("completed", "stopped"):
+                return record
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"study {self.id} still {record.state} after {timeout_s} s")
+            time.sleep(poll_s)
+
+
+class TrialHandle:
+    """What :meth:`Study.optimize` hands the objective: params, number, and reporting."""
+
+    def __init__(self, study: Study, asked: AskedTrial) -> None:
+        self.study = study
+        self.trial_id = asked.trial_id
+        self.number = asked.number
+        self.params = asked.params
+        self.should_stop = False
+
+    def report(self, step: int, metrics: Mapping[str, float]) -> bool:
+        """Report metrics; True means stop now (pruned)."""
+        self.should_stop = self.study.report(self.trial_id, step, metrics)
+        return self.should_stop
+
+
+def _to_spec(spec: StudySpec | Mapping[str, Any] | str | Path) -> StudySpec:
+    if isinstance(spec, StudySpec):
+        return spec
+    if isinstance(spec, Mapping):
+        return StudySpec.model_validate(dict(spec))
+    return StudySpec.from_yaml(spec)
+
+
+def _error_from(response: httpx.Response) -> errors.HpoError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"message": response.text or response.reason_phrase}
+    message = body.get("message") or body.get("detail") or response.reason_phrase
+    code = body.get("error", "")
+    if response.status_code == 401:
+        cls: type[errors.HpoError] = Unauthorized
+    elif code in _ERRORS:
+        cls = _ERRORS[code]
+    elif response.status_code == 404:
+        cls = errors.NotFound
+    elif response.status_code == 409:
+        cls = errors.Conflict
+    elif response.status_code == 422:
+        cls = errors.InvalidInput
+    else:
+        cls = errors.HpoError
+    err = cls.__new__(cls)
+    errors.HpoError.__init__(
+        err, f"HTTP {response.status_code}: {message}", field=body.get("field")
+    )
+    err.status_code = response.status_code  # type: ignore[attr-defined]
+    return err
+
+
+def _pandas() -> Any:
+    try:
+        import pandas as pd
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("trials_dataframe() needs pandas: pip install 'hpo[dataframe]'") from exc
+    return pd

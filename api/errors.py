@@ -1,0 +1,61 @@
+"""The one place where core errors become HTTP answers (JSON naming the field at fault)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from hpo.service.errors import Conflict, HpoError, InvalidInput, NotFound
+from hpo.service.spec import describe_errors
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+STATUS = {NotFound: 404, Conflict: 409, InvalidInput: 422}
+
+
+def _status(exc: HpoError) -> int:
+    for cls, status in STATUS.items():
+        if isinstance(exc, cls):
+            return status
+    return 400
+
+
+def error_response(
+    status: int, code: str, message: str, field: str | None = None, details: list | None = None
+) -> JSONResponse:
+    body = {"error": code, "message": message, "field": field}
+    if details:
+        body["details"] = details
+    return JSONResponse(status_code=status, content=body)
+
+
+def _validation(details: list[dict[str, str]]) -> JSONResponse:
+    first = details[0] if details else {"field": None, "message": "invalid request"}
+    message = "; ".join(
+        f"{d['field']}: {d['message']}" if d["field"] else d["message"] for d in details
+    )
+    return error_response(422, "invalid_input", message, first["field"], details)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(HpoError)
+    async def _domain(_: Request, exc: HpoError) -> JSONResponse:
+        return error_response(_status(exc), exc.code, exc.message, exc.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation(describe_errors(list(exc.errors())))
+
+    @app.exception_handler(ValidationError)
+    async def _model(_: Request, exc: ValidationError) -> JSONResponse:
+        return _validation(describe_errors(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "error"
+        )
+        response = error_response(exc.status_code, code, str(exc.detail))
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response

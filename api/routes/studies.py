@@ -1,0 +1,145 @@
+"""Routes under /api/v1/studies."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from hpo.api.deps import Service
+from hpo.api.routes.conditional import not_modified
+from hpo.api.schemas import AskAnswer, BestAnswer, StudyPage, StudyPatch, TrialPage
+from hpo.service.errors import InvalidInput
+from hpo.service.export import trial_rows
+from hpo.service.records import TRIAL_STATES, StudyRecord
+from hpo.service.spec import StudySpec
+
+router = APIRouter(prefix="/studies", tags=["studies"])
+
+
+@router.post("", status_code=201, response_model=StudyRecord)
+def create_study(spec: StudySpec, service: Service, response: Response) -> StudyRecord:
+    """Create a study from its spec. 422 names the bad field; 409 if the name is taken."""
+    study = service.create_study(spec)
+    response.headers["Location"] = f"/api/v1/studies/{study.id}"
+    return study
+
+
+@router.get("", response_model=StudyPage)
+def list_studies(
+    service: Service,
+    state: Annotated[str | None, Query(pattern="^(running|paused|stopped|completed)$")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    cursor: int | None = None,
+    name: str | None = None,
+) -> StudyPage:
+    """Studies, newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    studies, next_cursor = service.list_studies(state=state, limit=limit, cursor=cursor, name=name)
+    return StudyPage(studies=studies, next_cursor=next_cursor)
+
+
+@router.get("/{study_id}", response_model=StudyRecord)
+def get_study(study_id: int, service: Service, request: Request, response: Response):
+    """Spec, state, trial counts per state and best trial. Honours ``If-None-Match``."""
+    tag = f'"study-{study_id}-{service.study_seq(study_id)}"'
+    if (answer := not_modified(request, tag)) is not None:
+        return answer
+    response.headers["ETag"] = tag
+    return service.get_study(study_id)
+
+
+@router.patch("/{study_id}", response_model=StudyRecord)
+def update_study(study_id: int, patch: StudyPatch, service: Service) -> StudyRecord:
+    """Pause, resume or stop the study, or change ``budget.max_trials`` / ``max_concurrent``."""
+    budget = patch.budget
+    return service.update_study(
+        study_id,
+        state=patch.state,
+        max_trials=budget.max_trials if budget else None,
+        max_concurrent=budget.max_concurrent if budget else None,
+    )
+
+
+@router.delete("/{study_id}", status_code=204)
+def delete_study(study_id: int, service: Service) -> Response:
+    """Delete the study, its trials and metrics; running trials are cancelled."""
+    service.delete_study(study_id)
+    return Response(status_code=204)
+
+
+@router.post("/{study_id}/ask", status_code=201, response_model=AskAnswer)
+def ask(study_id: int, service: Service) -> AskAnswer:
+    """A trial to run: 409 when the grid is exhausted, the budget spent or the study paused."""
+    trial = service.ask(study_id)
+    return AskAnswer(
+        trial_id=trial.id, number=trial.number, params=trial.params, attempt=trial.attempts
+    )
+
+
+@router.get("/{study_id}/trials", response_model=TrialPage)
+def list_trials(
+    study_id: int,
+    service: Service,
+    request: Request,
+    response: Response,
+    state: str | None = None,
+    since: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+):
+    """Trials changed after cursor ``since`` (all when absent), with the next cursor."""
+    states = _states(state)
+    tag = f'"trials-{study_id}-{service.study_seq(study_id)}-{since}-{state}-{limit}"'
+    if (answer := not_modified(request, tag)) is not None:
+        return answer
+    trials, cursor = service.list_trials(study_id, states=states, since=since, limit=limit)
+    response.headers["ETag"] = tag
+    return TrialPage(trials=trials, cursor=cursor)
+
+
+@router.get("/{study_id}/best", response_model=BestAnswer)
+def best(study_id: int, service: Service) -> BestAnswer:
+    """The best complete trial, and the Pareto front of a multi-objective study."""
+    best_trial, front = service.best(study_id)
+    return BestAnswer(best_trial=best_trial, best_trials=front)
+
+
+@router.get("/{study_id}/export.csv", response_class=Response)
+def export_csv(study_id: int, service: Service) -> Response:
+    """Every trial as one CSV row (number, state, value(s), params_*, timings)."""
+    study = service.get_study(study_id)
+    trials = _all_trials(service, study_id)
+    metrics = [o.metric for o in StudySpec.model_validate(study.spec).objectives]
+    columns, rows = trial_rows(trials, metrics)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    filename = f"{study.name}.csv"
+    return Response(
+        out.getvalue(),
+        media_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def _all_trials(service: Service, study_id: int) -> list:
+    trials, since = [], None
+    while True:
+        page, cursor = service.list_trials(study_id, since=since)
+        trials.extend(page)
+        if len(page) < 1000:
+            return trials
+        since = cursor
+
+
+def _states(state: str | None) -> list[str] | None:
+    if not state:
+        return None
+    states = [s.strip() for s in state.split(",") if s.strip()]
+    for s in states:
+        if s not in TRIAL_STATES:
+            raise InvalidInput(
+                f"state: {s!r} is not a trial state ({', '.join(TRIAL_STATES)})", field="state"
+            )
+    return states

@@ -1,0 +1,103 @@
+"""Request and response bodies of the REST API (the study spec and records live in the core)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BudgetPatch(_Body):
+    max_trials: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+
+
+class StudyPatch(_Body):
+    """Pause, resume or stop a study; change its budget while it runs."""
+
+    state: Literal["paused", "running", "stopped"] | None = None
+    budget: BudgetPatch | None = None
+
+
+class TellBody(_Body):
+    """``{"value": x}``, ``{"values": [...]}`` or ``{"state": "failed" | "pruned"}``."""
+
+    value: StrictFloat | StrictInt | None = None
+    values: list[StrictFloat | StrictInt] | None = None
+    state: Literal["complete", "failed", "pruned"] | None = None
+    error: str | None = Field(default=None, max_length=20_000)
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v}")
+        return v
+
+    @field_validator("values")
+    @classmethod
+    def _all_finite(cls, vs: list[float] | None) -> list[float] | None:
+        for i, v in enumerate(vs or []):
+            if not math.isfinite(v):
+                raise ValueError(f"values[{i}] must be a finite number, got {v}")
+        return vs
+
+
+class PointIn(_Body):
+    step: StrictInt = Field(ge=0)
+    name: str = Field(min_length=1, max_length=128)
+    value: StrictFloat | StrictInt
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v}")
+        return v
+
+
+class MetricsBody(_Body):
+    points: list[PointIn] = Field(max_length=100_000)
+
+
+class ShouldStop(BaseModel):
+    should_stop: bool
+
+
+class AskAnswer(BaseModel):
+    trial_id: int
+    number: int
+    params: dict[str, Any]
+    attempt: int = 1
+
+
+class StudyPage(BaseModel):
+    studies: list[StudyRecord]
+    next_cursor: int | None = None
+
+
+class TrialPage(BaseModel):
+    trials: list[TrialRecord]
+    cursor: int = Field(description="Pass as `since` to get only what changed after this page.")
+
+
+class MetricPage(BaseModel):
+    points: list[MetricPointRecord]
+
+
+class BestAnswer(BaseModel):
+    best_trial: TrialRecord | None
+    best_trials: list[TrialRecord]
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+    field: str | None = None
+    details: list[dict[str, str]] | None = None

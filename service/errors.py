@@ -1,0 +1,66 @@
+"""Domain errors. Each names the field or id at fault; `hpo.api.errors` maps them to HTTP."""
+
+from __future__ import annotations
+
+
+class HpoError(Exception):
+    """Base class of every error the core raises on purpose."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidInput(HpoError):
+    """The request is well formed but a value in it is not acceptable (HTTP 422)."""
+
+    code = "invalid_input"
+
+
+class NotFound(HpoError):
+    """An id does not name a stored study or trial (HTTP 404)."""
+
+    code = "not_found"
+
+
+class StudyNotFound(NotFound):
+    def __init__(self, study_id: int | str) -> None:
+        super().__init__(f"study {study_id} not found", field="study_id")
+
+
+class TrialNotFound(NotFound):
+    def __init__(self, trial_id: int | str) -> None:
+        super().__init__(f"trial {trial_id} not found", field="trial_id")
+
+
+class Conflict(HpoError):
+    """The request contradicts the stored state (HTTP 409)."""
+
+    code = "conflict"
+
+
+class NameTaken(Conflict):
+    code = "name_taken"
+
+
+class StudyNotRunning(Conflict):
+    code = "study_not_running"
+
+
+class BudgetSpent(Conflict):
+    code = "budget_spent"
+
+
+class GridExhausted(BudgetSpent):
+    code = "grid_exhausted"
+
+
+class ConcurrencyLimit(Conflict):
+    code = "concurrency_limit"
+
+
+class TrialFinished(Conflict):
+    code = "trial_finished"

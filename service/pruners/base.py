@@ -1,0 +1,61 @@
+"""The pruner contract."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from hpo.service.spec import StudySpec
+
+
+class PruningHistory(Protocol):
+    """What a pruner may ask about the other trials of the study (answered from SQL)."""
+
+    def values_at(self, step: int, *, complete_only: bool = False) -> list[float]:
+        """For each other trial that reached ``step``: its watched metric at its first reported
+        step >= ``step``."""
+        ...
+
+    def n_complete(self) -> int:
+        """How many trials of the study have completed."""
+        ...
+
+
+@dataclass(frozen=True)
+class Report:
+    """One new value of the watched metric for the trial being judged."""
+
+    step: int
+    value: float
+    previous_step: int | None  # the trial's last reported step before this one
+
+
+@dataclass(frozen=True)
+class PruneDecision:
+    """Stop the trial; ``reason`` is stored with it (rung, value, threshold...)."""
+
+    reason: dict[str, Any]
+
+
+class Pruner(ABC):
+    """Judges one report at a time. Stateless: everything comes from the spec and history."""
+
+    def __init__(self, spec: StudySpec) -> None:
+        self.spec = spec
+        self.metric = spec.pruned_metric
+        self.direction = spec.pruner_direction
+
+    def better(self, a: float, b: float) -> bool:
+        return a < b if self.direction == "minimize" else a > b
+
+    @abstractmethod
+    def judge(self, report: Report, history: PruningHistory) -> PruneDecision | None:
+        """A decision to stop, or None to let the trial continue."""
+
+
+class NoPruner(Pruner):
+    """Never stops a trial."""
+
+    def judge(self, report: Report, history: PruningHistory) -> PruneDecision | None:
+        return None

@@ -1,0 +1,81 @@
+"""What the core hands out: read-only records of studies, trials and metric points.
+
+They are the API's response bodies too, so the client and the server share one definition.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+TrialState = Literal["waiting", "running", "complete", "pruned", "failed"]
+StudyState = Literal["running", "paused", "stopped", "completed"]
+ACTIVE_STATES = ("waiting", "running")
+FINISHED_STATES = ("complete", "pruned", "failed")
+TRIAL_STATES = (*ACTIVE_STATES, *FINISHED_STATES)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class TrialEventRecord(_Record):
+    time: datetime
+    state: str
+    attempt: int
+    detail: str | None = None
+
+
+class TrialRecord(_Record):
+    """A trial: its parameters, state, result, attempts, timings and where it ran."""
+
+    id: int
+    study_id: int
+    number: int
+    state: TrialState
+    params: dict[str, Any]
+    value: float | None = None
+    values: list[float] | None = None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = None
+    lease_expires_at: datetime | None = None
+    last_step: int | None = None
+    error: str | None = None
+    pruned: dict[str, Any] | None = None
+    suggestion: dict[str, Any] | None = None
+    placement: dict[str, Any] | None = None
+    has_checkpoint: bool = False
+    seq: int
+    events: list[TrialEventRecord] | None = None
+
+
+class StudyRecord(_Record):
+    """A study: its spec, state, trial counts per state and best trial(s)."""
+
+    id: int
+    name: str
+    state: StudyState
+    state_reason: str | None = None
+    spec: dict[str, Any]
+    directions: list[str]
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    n_trials: int
+    counts: dict[str, int]
+    best_trial: TrialRecord | None = None
+    best_trials: list[TrialRecord] = []
+    seq: int
+
+
+class MetricPointRecord(_Record):
+    step: int
+    name: str
+    value: float
+    time: datetime

@@ -1,0 +1,85 @@
+"""The sampler contract and the plain data it works on."""
+
+from __future__ import annotations
+
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from hpo.service.spec import StudySpec
+
+
+@dataclass(frozen=True)
+class ObservedTrial:
+    """What a sampler may know of an earlier trial."""
+
+    number: int
+    state: str  # waiting | running | complete | pruned | failed
+    params: dict[str, Any]
+    values: tuple[float, ...] | None = None
+    intermediate: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("complete", "pruned", "failed")
+
+
+@dataclass(frozen=True)
+class StudyView:
+    """A study as a sampler sees it: its spec, every trial so far, and the number to fill."""
+
+    spec: StudySpec
+    trials: Sequence[ObservedTrial]
+    number: int
+
+    @property
+    def complete(self) -> list[ObservedTrial]:
+        return [t for t in self.trials if t.state == "complete" and t.values is not None]
+
+    @property
+    def pending(self) -> list[ObservedTrial]:
+        return [t for t in self.trials if t.state in ("running", "waiting")]
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """Parameters for a new trial, and why they were chosen (stored with the trial)."""
+
+    params: dict[str, Any]
+    info: dict[str, Any]
+
+
+class Sampler(ABC):
+    """Suggests parameters for trial ``view.number`` of a study.
+
+    Implementations must be deterministic given the spec's seed, the trial number and the
+    observed trials, so that a restarted control plane makes the same suggestions. They keep no
+    state between calls: everything they know comes from the :class:`StudyView`.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, spec: StudySpec) -> None:
+        self.spec = spec
+
+    @classmethod
+    def check(cls, spec: StudySpec) -> None:
+        """Raise ``ValueError`` (naming the parameter) if this sampler cannot search the space."""
+
+    def capacity(self) -> int | None:
+        """How many distinct trials the sampler can suggest, or None when unbounded."""
+        return None
+
+    @abstractmethod
+    def suggest(self, view: StudyView) -> Suggestion:
+        """Parameters for trial ``view.number``; raises ``GridExhausted`` when none are left."""
+
+    def trial_seed(self, number: int) -> int:
+        """A seed for one trial, derived from the study seed (or fresh entropy when unseeded)."""
+        base = self.spec.sampler.seed
+        if base is None:
+            return secrets.randbits(32)
+        return int(np.random.SeedSequence([base, number]).generate_state(1)[0])

@@ -1,0 +1,41 @@
+"""Gaussian-process Bayesian optimisation, with Optuna's GPSampler as the engine."""
+
+from __future__ import annotations
+
+import statistics
+
+import optuna
+from hpo.service.samplers import _optuna
+from hpo.service.samplers.base import Sampler, StudyView, Suggestion
+
+
+class GPSampler(Sampler):
+    """GP with expected improvement over the stored trials.
+
+    The GP itself knows nothing of pending trials, so parallel asks would all land on the same
+    maximiser of the acquisition function. Pending trials are therefore added as observations
+    with the mean of the completed values ("constant liar", CL-mean) once the model is in use.
+    """
+
+    name = "gp"
+
+    def suggest(self, view: StudyView) -> Suggestion:
+        seed = self.trial_seed(view.number)
+        n_startup = self.spec.sampler.n_startup_trials
+        engine = optuna.samplers.GPSampler(
+            seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False
+        )
+        complete = view.complete
+        lie = None
+        if len(complete) >= n_startup and complete and view.pending:
+            columns = zip(*(t.values for t in complete), strict=True)
+            lie = tuple(statistics.fmean(col) for col in columns)
+        params, observed = _optuna.suggest(engine, view, lie=lie)
+        info = {
+            "sampler": self.name,
+            "seed": seed,
+            "n_observations": observed - (len(view.pending) if lie else 0),
+            "n_pending": len(view.pending),
+            "startup": len(complete) < n_startup,
+        }
+        return Suggestion(params, info)

@@ -1,0 +1,38 @@
+"""Tree-structured Parzen Estimator, with Optuna's TPESampler as the engine."""
+
+from __future__ import annotations
+
+import optuna
+from hpo.service.samplers import _optuna
+from hpo.service.samplers.base import Sampler, StudyView, Suggestion
+
+
+class TPESampler(Sampler):
+    """TPE over the stored trials; running trials count as pending (constant liar).
+
+    Conditional spaces are modelled by grouping parameters that appear together
+    (``multivariate`` + ``group``), which is what TPE needs to learn per branch.
+    """
+
+    name = "tpe"
+
+    def suggest(self, view: StudyView) -> Suggestion:
+        seed = self.trial_seed(view.number)
+        opts = self.spec.sampler
+        conditional = any(p.when for p in self.spec.space.values())
+        engine = optuna.samplers.TPESampler(
+            seed=seed,
+            n_startup_trials=opts.n_startup_trials,
+            multivariate=opts.multivariate,
+            group=opts.multivariate and conditional,
+            constant_liar=True,
+        )
+        params, observed = _optuna.suggest(engine, view)
+        info = {
+            "sampler": self.name,
+            "seed": seed,
+            "n_observations": observed,
+            "n_pending": len(view.pending),
+            "startup": observed < opts.n_startup_trials,
+        }
+        return Suggestion(params, info)

@@ -1,0 +1,74 @@
+"""Control-plane settings: one pydantic-settings class, read from ``HPO_*`` variables."""
+
+from __future__ import annotations
+
+import secrets
+from functools import cached_property
+from pathlib import Path
+
+from platformdirs import user_data_dir
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    return Path(user_data_dir("hpo", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """Everything the control plane reads from its environment.
+
+    ``HPO_DATABASE_URL`` picks the database (a SQLite file under ``data_dir`` by default;
+    ``postgresql://user@host/db`` in production). ``HPO_TOKEN`` is the API token; when it is
+    unset, ``hpo serve`` creates one in ``data_dir/token`` (mode 0600) that local clients read.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="HPO_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    database_url: str | None = None
+    token: SecretStr | None = None
+    auth: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None
+    ray_address: str | None = None
+    storage_path: Path | None = None
+    scheduler: bool = True
+    scheduler_interval_s: float = 1.0
+    lease_sweep_interval_s: float = 2.0
+    log_level: str = "info"
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.data_dir / 'hpo.db'}"
+
+    @property
+    def token_file(self) -> Path:
+        return self.data_dir / "token"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.storage_path or (self.data_dir / "checkpoints")
+
+    def api_token(self, *, create: bool = False) -> str | None:
+        """The token API calls must carry, or None when auth is off.
+
+        With ``create=True`` a missing token is generated and written to :attr:`token_file`.
+        """
+        if not self.auth:
+            return None
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file.exists():
+            return self.token_file.read_text().strip()
+        if not create:
+            return None
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_urlsafe(24)
+        self.token_file.touch(mode=0o600)
+        self.token_file.write_text(value + "\n")
+        return value

@@ -1,0 +1,483 @@
+"""The study spec and its search space, defined once.
+
+REST bodies, YAML files, the Python client and the samplers all validate through
+:class:`StudySpec`. Validation errors name the field (``space.lr.high``) so the API can answer
+422 with a message a user can act on.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from hpo.service.pruners import PRUNERS
+from hpo.service.samplers import SAMPLERS
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+ParamValue = StrictBool | StrictInt | StrictFloat | StrictStr | None
+Number = StrictInt | StrictFloat
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value}")
+    return value
+
+
+class _Conditional(_Model):
+    when: dict[str, list[ParamValue]] | None = Field(
+        default=None,
+        description="Active only when each named parameter takes one of the listed values.",
+    )
+
+    @field_validator("when")
+    @classmethod
+    def _when_not_empty(cls, when: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        if when is not None:
+            if not when:
+                raise ValueError("`when` must name at least one parameter")
+            for parent, values in when.items():
+                if not values:
+                    raise ValueError(f"`when.{parent}` must list at least one value")
+        return when
+
+
+class FloatParam(_Conditional):
+    """A real number in ``[low, high]``, optionally on a log scale or a ``step`` lattice."""
+
+    type: Literal["float"]
+    low: Number | None = None
+    high: Number | None = None
+    log: bool = False
+    step: Number | None = None
+    values: list[Number] | None = Field(
+        default=None, description="Explicit values to grid over (grid sampler)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatParam:
+        if self.values is not None:
+            _check_values(self.values)
+            lo, hi = min(self.values), max(self.values)
+            if self.low is None and self.high is None:
+                object.__setattr__(self, "low", float(lo))
+                object.__setattr__(self, "high", float(hi))
+        _check_range(self, integer=False)
+        return self
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.values is not None:
+            return any(math.isclose(value, v, rel_tol=1e-12, abs_tol=1e-12) for v in self.values)
+        return self.low - 1e-12 <= value <= self.high + 1e-12
+
+
+class IntParam(_Conditional):
+    """An integer in ``[low, high]`` (inclusive), optionally on a log scale or every ``step``."""
+
+    type: Literal["int"]
+    low: StrictInt | None = None
+    high: StrictInt | None = None
+    log: bool = False
+    step: StrictInt = 1
+    values: list[StrictInt] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> IntParam:
+        if self.values is not None:
+            _check_values(self.values)
+            if self.low is None and self.high is None:
+                object.__setattr__(self, "low", min(self.values))
+                object.__setattr__(self, "high", max(self.values))
+        _check_range(self, integer=True)
+        return self
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return False
+        if self.values is not None:
+            return value in self.values
+        return self.low <= value <= self.high and (value - self.low) % self.step == 0
+
+
+class CategoricalParam(_Conditional):
+    """One of a fixed list of choices (strings, numbers, booleans or null)."""
+
+    type: Literal["categorical"]
+    choices: list[ParamValue]
+
+    @field_validator("choices")
+    @classmethod
+    def _choices(cls, choices: list[Any]) -> list[Any]:
+        if not choices:
+            raise ValueError("`choices` must not be empty")
+        seen: list[Any] = []
+        for c in choices:
+            if isinstance(c, float):
+                _finite(c, "a choice")
+            if any(type(c) is type(s) and c == s for s in seen):
+                raise ValueError(f"`choices` lists {c!r} twice")
+            seen.append(c)
+        return choices
+
+    def contains(self, value: Any) -> bool:
+        return any(type(value) is type(c) and value == c for c in self.choices) or (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and any(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and c == value
+                for c in self.choices
+            )
+        )
+
+
+Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+def _check_values(values: list[Any]) -> None:
+    if not values:
+        raise ValueError("`values` must not be empty")
+    for v in values:
+        _finite(float(v), "each of `values`")
+    if len(set(values)) != len(values):
+        raise ValueError("`values` lists a value twice")
+
+
+def _check_range(p: FloatParam | IntParam, *, integer: bool) -> None:
+    if p.low is None or p.high is None:
+        missing = "low" if p.low is None else "high"
+        raise ValueError(f"`{missing}` is required (or give explicit `values`)")
+    _finite(float(p.low), "`low`")
+    _finite(float(p.high), "`high`")
+    if p.low > p.high:
+        raise ValueError(f"`low` ({p.low}) must not be greater than `high` ({p.high})")
+    if p.log and p.low <= 0:
+        raise ValueError(f"`low` must be > 0 on a log scale, got {p.low}")
+    if p.step is not None:
+        if p.step <= 0:
+            raise ValueError(f"`step` must be > 0, got {p.step}")
+        if p.log and (not integer or p.step != 1):
+            raise ValueError("`step` cannot be combined with `log: true`")
+        if not integer:
+            _finite(float(p.step), "`step`")
+    if p.values is not None:
+        for v in p.values:
+            if not p.low <= v <= p.high:
+                raise ValueError(f"value {v} in `values` lies outside [low, high]")
+
+
+class Objective(_Model):
+    """A metric the study optimises, and whether bigger is better."""
+
+    metric: StrictStr = Field(min_length=1, max_length=128)
+    direction: Literal["minimize", "maximize"] = "minimize"
+    scope: Literal["last", "best"] = Field(
+        default="last",
+        description="For dispatched trials: the value of the last report, or the best one.",
+    )
+
+    def better(self, a: float, b: float) -> bool:
+        return a < b if self.direction == "minimize" else a > b
+
+
+class SamplerSpec(_Model):
+    """Which sampler suggests parameters. ``seed`` makes suggestions reproducible."""
+
+    type: StrictStr = "tpe"
+    seed: StrictInt | None = None
+    n_startup_trials: int = Field(default=10, ge=0, description="Random trials before TPE/GP.")
+    multivariate: bool = Field(default=True, description="TPE: model parameters jointly.")
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in SAMPLERS:
+            raise ValueError(f"unknown sampler {value!r}; expected one of {', '.join(SAMPLERS)}")
+        return value
+
+
+class PrunerSpec(_Model):
+    """How running trials are stopped early from their metric streams."""
+
+    type: StrictStr = "none"
+    min_steps: int = Field(default=1, ge=1, description="ASHA: first rung; median: warm-up.")
+    reduction_factor: int = Field(default=3, ge=2, description="ASHA: keep the top 1/η per rung.")
+    max_steps: int | None = Field(default=None, ge=1, description="ASHA: no rung beyond this.")
+    n_startup_trials: int = Field(default=5, ge=0, description="Median: trials before pruning.")
+    metric: StrictStr | None = Field(default=None, description="Defaults to the objective metric.")
+    direction: Literal["minimize", "maximize"] | None = Field(
+        default=None, description="Of `metric`, when it is not an objective."
+    )
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in PRUNERS:
+            raise ValueError(f"unknown pruner {value!r}; expected one of {', '.join(PRUNERS)}")
+        return value
+
+
+class Budget(_Model):
+    """How much the study may spend. ``max_trials`` counts distinct trial numbers."""
+
+    max_trials: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class Resources(_Model):
+    """What one trial occupies on the cluster: ``workers_per_trial`` DDP ranks, each with these."""
+
+    workers_per_trial: int = Field(default=1, ge=1, le=1024)
+    gpus_per_worker: float = Field(default=0, ge=0)
+    cpus_per_worker: float = Field(default=1, gt=0)
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _gpu_share(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError("more than one GPU per worker must be a whole number")
+        return value
+
+
+class TrainableSpec(_Model):
+    """A registered trainable (entry point group ``hpo.trainables``) and its fixed settings."""
+
+    name: StrictStr = Field(min_length=1)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class StudySpec(_Model):
+    """Everything that defines a study. Validated once, stored as JSON with the study."""
+
+    name: StrictStr = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    objective: Annotated[list[Objective], BeforeValidator(_as_list)] = Field(
+        description="One objective, or a list of them (multi-objective: a Pareto front)."
+    )
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    budget: Budget = Field(default_factory=Budget)
+    resources: Resources = Field(default_factory=Resources)
+    trainable: TrainableSpec | None = None
+    space: dict[str, Param]
+    max_retries: int = Field(default=0, ge=0, le=100, description="Retries of a failed attempt.")
+    lease_s: float = Field(
+        default=300.0, gt=0, description="A running trial that reports nothing for this long fails."
+    )
+    user_attrs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("objective")
+    @classmethod
+    def _objectives(cls, value: list[Objective]) -> list[Objective]:
+        if not value:
+            raise ValueError("at least one objective is required")
+        names = [o.metric for o in value]
+        if len(set(names)) != len(names):
+            raise ValueError("each objective must name a different metric")
+        return value
+
+    @field_serializer("objective")
+    def _objective_out(self, value: list[Objective]) -> Any:
+        dumped = [o.model_dump() for o in value]
+        return dumped[0] if len(dumped) == 1 else dumped
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, space: dict[str, Any]) -> dict[str, Any]:
+        if not space:
+            raise ValueError("the search space must define at least one parameter")
+        for name in space:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$", name):
+                raise ValueError(f"parameter name {name!r} is not a valid identifier")
+        _check_conditions(space)
+        return space
+
+    @model_validator(mode="after")
+    def _pruner_fits(self) -> StudySpec:
+        if self.pruner.type == "none":
+            return self
+        if self.multi_objective and self.pruner.metric is None:
+            raise ValueError(
+                "pruner.metric: a multi-objective study must name the metric its pruner watches"
+            )
+        objectives = {o.metric for o in self.objectives}
+        if self.pruner.metric not in (None, *objectives) and self.pruner.direction is None:
+            raise ValueError(
+                f"pruner.direction: required because pruner.metric {self.pruner.metric!r} "
+                "is not an objective"
+            )
+        return self
+
+    @property
+    def objectives(self) -> list[Objective]:
+        return self.objective
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def pruned_metric(self) -> str:
+        return self.pruner.metric or self.objectives[0].metric
+
+    @property
+    def pruner_direction(self) -> str:
+        if self.pruner.direction is not None:
+            return self.pruner.direction
+        metric = self.pruned_metric
+        return next(o.direction for o in self.objectives if o.metric == metric)
+
+    def parameter_order(self) -> list[str]:
+        """Parameter names with every parent before the parameters conditioned on it."""
+        return _topological_order(self.space)
+
+    def is_active(self, name: str, params: Mapping[str, Any]) -> bool:
+        """Whether ``name`` takes part in a trial whose other parameters are ``params``."""
+        when = self.space[name].when
+        if not when:
+            return True
+        for parent, allowed in when.items():
+            if parent not in params or not self.is_active(parent, params):
+                return False
+            if not any(_same(params[parent], a) for a in allowed):
+                return False
+        return True
+
+    def check_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate a full parameter assignment (e.g. an enqueued trial); return it in order."""
+        out: dict[str, Any] = {}
+        for name in params:
+            if name not in self.space:
+                raise ValueError(f"params.{name}: not a parameter of this study's space")
+        for name in self.parameter_order():
+            active = self.is_active(name, {**params})
+            if not active:
+                if name in params:
+                    raise ValueError(f"params.{name}: inactive under the given parent values")
+                continue
+            if name not in params:
+                raise ValueError(f"params.{name}: missing")
+            if not self.space[name].contains(params[name]):
+                raise ValueError(f"params.{name}: {params[name]!r} lies outside its domain")
+            out[name] = params[name]
+        return out
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> StudySpec:
+        """Load a spec from a YAML file path or YAML text."""
+        import yaml
+
+        text = Path(source).read_text() if _looks_like_path(source) else str(source)
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError("a study spec must be a YAML mapping")
+        return cls.model_validate(data)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_defaults=False)
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, dict) else value
+
+
+_PARAM_TAGS = {"float", "int", "categorical"}
+
+
+def describe_errors(exc: ValidationError | list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Turn pydantic errors into ``{"field": "space.lr.high", "message": ...}`` items."""
+    errors = exc.errors() if isinstance(exc, ValidationError) else exc
+    out = []
+    for err in errors:
+        loc = [p for p in err.get("loc", ()) if p != "body"]
+        parts: list[str] = []
+        for i, part in enumerate(loc):
+            if isinstance(part, int):
+                parts.append(f"[{part}]")
+            elif i >= 2 and loc[0] == "space" and i == 2 and part in _PARAM_TAGS:
+                continue  # the discriminator tag pydantic puts in the path
+            else:
+                parts.append(("." if parts else "") + str(part))
+        field = "".join(parts) or "body"
+        message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if err.get("type") == "json_invalid":
+            field = "body"
+            message = f"invalid JSON at character {loc[-1] if loc else '?'}: {message}"
+        if err.get("type") == "missing":
+            message = "field required"
+        elif err.get("type") == "extra_forbidden":
+            message = "unknown field"
+        out.append({"field": field, "message": message})
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+def _looks_like_path(source: str | Path) -> bool:
+    if isinstance(source, Path):
+        return True
+    return "\n" not in source and source.strip().endswith((".yaml", ".yml", ".json"))
+
+
+def _check_conditions(space: Mapping[str, Any]) -> None:
+    for name, param in space.items():
+        for parent, allowed in (param.when or {}).items():
+            if parent == name:
+                raise ValueError(f"{name}.when: a parameter cannot depend on itself")
+            if parent not in space:
+                raise ValueError(f"{name}.when: {parent!r} is not a parameter of the space")
+            for value in allowed:
+                if not space[parent].contains(value):
+                    raise ValueError(
+                        f"{name}.when.{parent}: {value!r} is not a possible value of {parent!r}"
+                    )
+    _topological_order(space)
+
+
+def _topological_order(space: Mapping[str, Any]) -> list[str]:
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: Iterable[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = " -> ".join([*path, name])
+            raise ValueError(f"conditions form a cycle: {cycle}")
+        state[name] = 1
+        for parent in space[name].when or {}:
+            visit(parent, [*path, name])
+        state[name] = 2
+        order.append(name)
+
+    for name in space:
+        visit(name, [])
+    return order
