@@ -6,7 +6,8 @@ import math
 from typing import Any, Literal
 
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+from hpo.service.spec import Number
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 
 class _Body(BaseModel):
@@ -28,8 +29,8 @@ class StudyPatch(_Body):
 class TellBody(_Body):
     """``{"value": x}``, ``{"values": [...]}`` or ``{"state": "failed" | "pruned"}``."""
 
-    value: StrictFloat | StrictInt | None = None
-    values: list[StrictFloat | StrictInt] | None = None
+    value: Number | None = None
+    values: list[Number] | None = None
     state: Literal["complete", "failed", "pruned"] | None = None
     error: str | None = Field(default=None, max_length=20_000)
 
@@ -52,7 +53,7 @@ class TellBody(_Body):
 class PointIn(_Body):
     step: StrictInt = Field(ge=0)
     name: str = Field(min_length=1, max_length=128)
-    value: StrictFloat | StrictInt
+    value: Number
 
     @field_validator("value")
     @classmethod

@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -31,7 +32,8 @@ from pydantic import (
 )
 
 ParamValue = StrictBool | StrictInt | StrictFloat | StrictStr | None
-Number = StrictInt | StrictFloat
+# Strict: a number, never a numeric string or a bool (ints are accepted and kept exact).
+Number = Annotated[float, Strict()]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -406,6 +408,7 @@ def _as_list(value: Any) -> Any:
 
 
 _PARAM_TAGS = {"float", "int", "categorical"}
+_UNION_TAGS = {"int", "float", "str", "bool", "none"}
 
 
 def describe_errors(exc: ValidationError | list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -420,6 +423,8 @@ def describe_errors(exc: ValidationError | list[dict[str, Any]]) -> list[dict[st
                 parts.append(f"[{part}]")
             elif i >= 2 and loc[0] == "space" and i == 2 and part in _PARAM_TAGS:
                 continue  # the discriminator tag pydantic puts in the path
+            elif i == len(loc) - 1 and part in _UNION_TAGS:
+                continue  # the union member pydantic tried
             else:
                 parts.append(("." if parts else "") + str(part))
         field = "".join(parts) or "body"

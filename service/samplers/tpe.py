@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import optuna
 from hpo.service.samplers import _optuna
 from hpo.service.samplers.base import Sampler, StudyView, Suggestion
@@ -20,13 +22,15 @@ class TPESampler(Sampler):
         seed = self.trial_seed(view.number)
         opts = self.spec.sampler
         conditional = any(p.when for p in self.spec.space.values())
-        engine = optuna.samplers.TPESampler(
-            seed=seed,
-            n_startup_trials=opts.n_startup_trials,
-            multivariate=opts.multivariate,
-            group=opts.multivariate and conditional,
-            constant_liar=True,
-        )
+        with warnings.catch_warnings():  # multivariate/group are "experimental" in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            engine = optuna.samplers.TPESampler(
+                seed=seed,
+                n_startup_trials=opts.n_startup_trials,
+                multivariate=opts.multivariate,
+                group=opts.multivariate and conditional,
+                constant_liar=True,
+            )
         params, observed = _optuna.suggest(engine, view)
         info = {
             "sampler": self.name,

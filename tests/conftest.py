@@ -1,0 +1,182 @@
+"""Fixtures that start the real parts: SQLite files, fresh PostgreSQL databases, and
+``hpo serve`` in a subprocess answering over HTTP on a free port."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from hpo.api.client import Client
+from hpo.api.demo import free_port
+
+PG_ADMIN_URL = os.environ.get(
+    "HPO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REQUIRE_POSTGRES = os.environ.get("HPO_REQUIRE_POSTGRES") == "1"
+
+
+def _pg_reachable() -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_available() -> bool:
+    ok = _pg_reachable()
+    if not ok and REQUIRE_POSTGRES:
+        pytest.fail(f"PostgreSQL is required (HPO_REQUIRE_POSTGRES=1) but {PG_ADMIN_URL} is down")
+    return ok
+
+
+def create_pg_database() -> str:
+    """A fresh, empty PostgreSQL database; returns its URL."""
+    import psycopg
+
+    name = f"hpo_test_{os.getpid()}_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    return f"{base}/{name}"
+
+
+def drop_pg_database(url: str) -> None:
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path, pg_available: bool) -> Iterator[str]:
+    """A fresh database: a SQLite file, or a new PostgreSQL database on the local server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'hpo.db'}"
+        return
+    if not pg_available:
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}")
+    url = create_pg_database()
+    try:
+        yield url
+    finally:
+        drop_pg_database(url)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'hpo.db'}"
+
+
+class ServerProcess:
+    """``hpo serve`` in a subprocess. ``restart()`` kills it and starts it on the same port."""
+
+    def __init__(self, database_url: str, data_dir: Path, extra_env: dict[str, str]) -> None:
+        self.database_url = database_url
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.token = secrets.token_urlsafe(16)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.extra_env = extra_env
+        self.proc: subprocess.Popen | None = None
+        self.log_path = data_dir / "serve.log"
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "HPO_DATABASE_URL": self.database_url,
+            "HPO_DATA_DIR": str(self.data_dir),
+            "HPO_TOKEN": self.token,
+            "HPO_LEASE_SWEEP_INTERVAL_S": "0.5",
+            **self.extra_env,
+        }
+        log = open(self.log_path, "a")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hpo.api.cli", "serve", "--port", str(self.port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("hpo serve exited:\n" + self.log_path.read_text()[-4000:])
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("hpo serve did not come up:\n" + self.log_path.read_text()[-4000:])
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def client(self, token: str | None = None) -> Client:
+        return Client(self.url, self.token if token is None else token)
+
+    def http(self, token: str | None = None) -> httpx.Client:
+        """A raw HTTP client (for asserting status codes and bodies)."""
+        headers = {"Authorization": f"Bearer {self.token if token is None else token}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+@pytest.fixture
+def server(db_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    """A served control plane (ask/tell only, no scheduler) on SQLite or PostgreSQL."""
+    proc = ServerProcess(db_url, tmp_path, {"HPO_SCHEDULER": "false"})
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def sqlite_server(sqlite_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess(sqlite_url, tmp_path, {"HPO_SCHEDULER": "false"})
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def simple_spec(name: str = "s", **overrides: object) -> dict:
+    spec: dict = {
+        "name": name,
+        "objective": {"metric": "loss", "direction": "minimize"},
+        "sampler": {"type": "random", "seed": 0},
+        "space": {
+            "x": {"type": "float", "low": -5.0, "high": 5.0},
+            "n": {"type": "int", "low": 1, "high": 4},
+        },
+    }
+    spec.update(overrides)
+    return spec

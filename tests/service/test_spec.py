@@ -1,0 +1,167 @@
+"""The study spec validates once, with messages that name the field."""
+
+from __future__ import annotations
+
+import pytest
+from hpo.service.spec import StudySpec, describe_errors
+from pydantic import ValidationError
+
+ISSUE_SPEC = """
+name: minilm-bbc-news
+objective: {metric: val_accuracy, direction: maximize}
+sampler: {type: tpe, seed: 0}
+pruner: {type: asha, min_steps: 1, reduction_factor: 3}
+budget: {max_trials: 40, max_concurrent: 4, timeout_s: 3600}
+resources: {workers_per_trial: 2, gpus_per_worker: 1, cpus_per_worker: 1}
+trainable: {name: text-classification, config: {epochs: 3}}
+space:
+  lr:          {type: float, low: 1.0e-5, high: 1.0e-3, log: true}
+  batch_size:  {type: categorical, choices: [16, 32, 64]}
+  warmup_frac: {type: float, low: 0.0, high: 0.2, step: 0.05}
+  layers:      {type: int, low: 1, high: 6}
+  scheduler:   {type: categorical, choices: [cosine, linear, step, exponential]}
+  gamma:       {type: float, low: 0.1, high: 0.9, when: {scheduler: [step, exponential]}}
+"""
+
+
+def base(**over: object) -> dict:
+    spec = {
+        "name": "s",
+        "objective": {"metric": "loss"},
+        "space": {"x": {"type": "float", "low": 0, "high": 1}},
+    }
+    spec.update(over)
+    return spec
+
+
+def errors_of(data: dict) -> list[dict[str, str]]:
+    with pytest.raises(ValidationError) as info:
+        StudySpec.model_validate(data)
+    return describe_errors(info.value)
+
+
+def test_issue_spec_parses_from_yaml() -> None:
+    spec = StudySpec.from_yaml(ISSUE_SPEC)
+    assert spec.objectives[0].direction == "maximize"
+    assert spec.budget.max_concurrent == 4
+    assert spec.trainable and spec.trainable.config == {"epochs": 3}
+    assert spec.parameter_order() == [
+        "lr",
+        "batch_size",
+        "warmup_frac",
+        "layers",
+        "scheduler",
+        "gamma",
+    ]
+    assert spec.is_active("gamma", {"scheduler": "step"})
+    assert not spec.is_active("gamma", {"scheduler": "cosine"})
+    # JSON round trip keeps the single objective as a mapping
+    assert StudySpec.model_validate(spec.to_json()) == spec
+    assert spec.to_json()["objective"] == {
+        "metric": "val_accuracy",
+        "direction": "maximize",
+        "scope": "last",
+    }
+
+
+def test_multi_objective_list() -> None:
+    spec = StudySpec.model_validate(
+        base(objective=[{"metric": "acc", "direction": "maximize"}, {"metric": "latency"}])
+    )
+    assert spec.multi_objective
+    assert [o.metric for o in spec.objectives] == ["acc", "latency"]
+
+
+@pytest.mark.parametrize(
+    ("space", "field", "words"),
+    [
+        (
+            {"x": {"type": "float", "low": 2, "high": 1}},
+            "space.x",
+            "must not be greater than `high`",
+        ),
+        ({"c": {"type": "categorical", "choices": []}}, "space.c.choices", "must not be empty"),
+        (
+            {"x": {"type": "float", "low": 0, "high": 1, "log": True}},
+            "space.x",
+            "> 0 on a log scale",
+        ),
+        ({"x": {"type": "float", "low": "a", "high": 1}}, "space.x.low", "number"),
+        ({"x": {"type": "int", "low": 1.5, "high": 3}}, "space.x.low", "integer"),
+        (
+            {"x": {"type": "float", "low": 0.1, "high": 1, "step": 0.1, "log": True}},
+            "space.x",
+            "step",
+        ),
+        ({"x": {"type": "bogus"}}, "space.x", "type"),
+        ({"x": {"type": "float", "high": 1}}, "space.x", "`low` is required"),
+        ({"c": {"type": "categorical", "choices": [1, 1]}}, "space.c.choices", "twice"),
+        (
+            {"x": {"type": "float", "low": 0, "high": 1, "when": {"y": [1]}}},
+            "space",
+            "'y' is not a parameter",
+        ),
+        ({"x": {"type": "float", "low": 0, "high": 1, "typo": 3}}, "space.x.typo", "unknown field"),
+        ({}, "space", "at least one parameter"),
+    ],
+)
+def test_bad_spaces_name_the_field(space: dict, field: str, words: str) -> None:
+    errs = errors_of(base(space=space))
+    assert any(e["field"] == field and words in e["message"] for e in errs), errs
+
+
+def test_condition_values_must_exist_and_cycles_are_refused() -> None:
+    errs = errors_of(
+        base(
+            space={
+                "opt": {"type": "categorical", "choices": ["sgd", "adam"]},
+                "m": {"type": "float", "low": 0, "high": 1, "when": {"opt": ["rmsprop"]}},
+            }
+        )
+    )
+    assert "'rmsprop' is not a possible value of 'opt'" in errs[0]["message"]
+    errs = errors_of(
+        base(
+            space={
+                "a": {"type": "categorical", "choices": [1], "when": {"b": [1]}},
+                "b": {"type": "categorical", "choices": [1], "when": {"a": [1]}},
+            }
+        )
+    )
+    assert "cycle" in errs[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("over", "field"),
+    [
+        ({"sampler": {"type": "annealing"}}, "sampler.type"),
+        ({"pruner": {"type": "hyperband"}}, "pruner.type"),
+        ({"objective": {"metric": "m", "direction": "up"}}, "objective[0].direction"),
+        ({"budget": {"max_trials": 0}}, "budget.max_trials"),
+        ({"resources": {"cpus_per_worker": 0}}, "resources.cpus_per_worker"),
+        ({"name": "has space"}, "name"),
+        ({"colour": "red"}, "colour"),
+        ({"objective": [{"metric": "a"}, {"metric": "a"}]}, "objective"),
+        ({"objective": [{"metric": "a"}, {"metric": "b"}], "pruner": {"type": "asha"}}, "body"),
+    ],
+)
+def test_bad_top_level_fields(over: dict, field: str) -> None:
+    errs = errors_of(base(**over))
+    assert any(e["field"] == field or e["message"].startswith(field) for e in errs), errs
+
+
+def test_unknown_sampler_lists_the_known_ones() -> None:
+    errs = errors_of(base(sampler={"type": "annealing"}))
+    assert "grid, random, tpe, gp" in errs[0]["message"]
+
+
+def test_check_params_for_conditional_space() -> None:
+    spec = StudySpec.from_yaml(ISSUE_SPEC)
+    good = {"lr": 1e-4, "batch_size": 16, "warmup_frac": 0.05, "layers": 2, "scheduler": "cosine"}
+    assert spec.check_params(good) == good
+    with pytest.raises(ValueError, match="params.gamma: inactive"):
+        spec.check_params({**good, "gamma": 0.5})
+    with pytest.raises(ValueError, match="params.gamma: missing"):
+        spec.check_params({**good, "scheduler": "step"})
+    with pytest.raises(ValueError, match="outside its domain"):
+        spec.check_params({**good, "batch_size": 17})

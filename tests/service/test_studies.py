@@ -1,0 +1,295 @@
+"""The core workflows on a real database: every test runs on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from hpo.service.db import make_engine, upgrade_schema
+from hpo.service.db.models import MetricPoint, Trial
+from hpo.service.errors import (
+    BudgetSpent,
+    ConcurrencyLimit,
+    GridExhausted,
+    InvalidInput,
+    NameTaken,
+    StudyNotFound,
+    StudyNotRunning,
+    TrialFinished,
+    TrialNotFound,
+)
+from hpo.service.spec import StudySpec
+from hpo.service.storage import Storage
+from hpo.service.studies import MetricInput, StudyService
+from sqlalchemy import select
+
+from tests.conftest import simple_spec
+
+
+@pytest.fixture
+def service(db_url: str) -> Iterator[StudyService]:
+    engine = make_engine(db_url)
+    upgrade_schema(engine)
+    yield StudyService(Storage(engine))
+    engine.dispose()
+
+
+def create(service: StudyService, **over: object) -> int:
+    return service.create_study(StudySpec.model_validate(simple_spec(**over))).id
+
+
+def test_ask_tell_roundtrip_and_best(service: StudyService) -> None:
+    sid = create(service, budget={"max_trials": 5})
+    for _ in range(5):
+        t = service.ask(sid)
+        service.tell(t.id, value=(t.params["x"] - 1) ** 2)
+    with pytest.raises(BudgetSpent, match="all 5 trials"):
+        service.ask(sid)
+    study = service.get_study(sid)
+    assert study.state == "completed" and study.counts["complete"] == 5
+    trials, _ = service.list_trials(sid)
+    assert study.best_trial.value == min(t.value for t in trials)
+    assert [t.number for t in sorted(trials, key=lambda t: t.number)] == [0, 1, 2, 3, 4]
+
+
+def test_names_are_unique(service: StudyService) -> None:
+    create(service)
+    with pytest.raises(NameTaken):
+        create(service)
+
+
+def test_tell_is_idempotent_and_conflicts_are_refused(service: StudyService) -> None:
+    sid = create(service)
+    t = service.ask(sid)
+    first = service.tell(t.id, value=0.5)
+    again = service.tell(t.id, value=0.5)
+    assert again.seq == first.seq  # nothing changed
+    with pytest.raises(TrialFinished, match="already finished as complete with value 0.5"):
+        service.tell(t.id, value=0.7)
+    with pytest.raises(TrialFinished):
+        service.tell(t.id, state="failed")
+    assert service.get_trial(t.id).value == 0.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"value": float("nan")}, "value"),
+        ({"value": float("inf")}, "value"),
+        ({"values": [1.0, 2.0]}, "values"),
+        ({}, "value"),
+        ({"state": "failed", "value": 1.0}, "value"),
+        ({"state": "exploded"}, "state"),
+    ],
+)
+def test_bad_tells_leave_the_trial_untouched(
+    service: StudyService, kwargs: dict, field: str
+) -> None:
+    sid = create(service)
+    t = service.ask(sid)
+    with pytest.raises(InvalidInput) as info:
+        service.tell(t.id, **kwargs)
+    assert info.value.field == field
+    assert service.get_trial(t.id).state == "running"
+
+
+def test_unknown_ids(service: StudyService) -> None:
+    with pytest.raises(StudyNotFound):
+        service.ask(12345)
+    with pytest.raises(TrialNotFound):
+        service.tell(999, value=1.0)
+    with pytest.raises(TrialNotFound):
+        service.report(999, [])
+
+
+def test_metrics_stream_and_since_cursor(service: StudyService) -> None:
+    sid = create(service)
+    t = service.ask(sid)
+    _, cursor = service.list_trials(sid)
+    assert service.list_trials(sid, since=cursor)[0] == []
+    for step in range(3):
+        assert service.report(t.id, [MetricInput(step, "loss", 1.0 / (step + 1))]) is False
+    changed, cursor2 = service.list_trials(sid, since=cursor)
+    assert [c.id for c in changed] == [t.id] and changed[0].last_step == 2
+    assert cursor2 > cursor
+    points = service.metrics(t.id, name="loss", since_step=0)
+    assert [(p.step, p.value) for p in points] == [(1, 0.5), (2, 1 / 3)]
+    with pytest.raises(InvalidInput, match=r"points\[0\].value"):
+        service.report(t.id, [MetricInput(3, "loss", float("nan"))])
+    assert len(service.metrics(t.id)) == 3
+
+
+def test_asha_prunes_through_reports(service: StudyService) -> None:
+    sid = create(service, pruner={"type": "asha", "min_steps": 1, "reduction_factor": 2})
+    good = service.ask(sid)
+    assert service.report(good.id, [MetricInput(1, "loss", 0.1)]) is False
+    bad = service.ask(sid)
+    assert service.report(bad.id, [MetricInput(1, "loss", 0.9)]) is True
+    pruned = service.get_trial(bad.id)
+    assert pruned.state == "pruned" and pruned.value == 0.9
+    assert pruned.pruned["threshold"] == 0.1 and pruned.pruned["step"] == 1
+    assert "asha" in pruned.events[-1].detail
+    # the client telling "pruned" afterwards is the same outcome
+    assert service.tell(bad.id, state="pruned").state == "pruned"
+    assert service.report(bad.id, [MetricInput(2, "loss", 0.8)]) is True
+
+
+def test_grid_exhaustion_completes_the_study(service: StudyService) -> None:
+    sid = create(
+        service,
+        sampler={"type": "grid"},
+        space={"c": {"type": "categorical", "choices": ["a", "b"]}},
+    )
+    seen = []
+    for _ in range(2):
+        t = service.ask(sid)
+        seen.append(t.params["c"])
+        service.tell(t.id, value=1.0)
+    assert seen == ["a", "b"]
+    with pytest.raises(GridExhausted):
+        service.ask(sid)
+    assert service.get_study(sid).state == "completed"
+
+
+def test_max_concurrent(service: StudyService) -> None:
+    sid = create(service, budget={"max_concurrent": 1})
+    t = service.ask(sid)
+    with pytest.raises(ConcurrencyLimit, match="max_concurrent = 1"):
+        service.ask(sid)
+    service.tell(t.id, value=1.0)
+    service.ask(sid)
+
+
+def test_lease_expiry_fails_the_trial_and_frees_the_slot(service: StudyService) -> None:
+    sid = create(service, lease_s=0.5, budget={"max_concurrent": 1, "max_trials": 2})
+    t = service.ask(sid)
+    time.sleep(0.7)
+    assert service.expire_leases() == 1
+    dead = service.get_trial(t.id)
+    assert dead.state == "failed" and dead.error == "lease expired"
+    t2 = service.ask(sid)  # slot free again; a failed trial still used budget
+    assert t2.number == 1
+    service.tell(t2.id, value=1.0)
+    with pytest.raises(BudgetSpent):
+        service.ask(sid)
+
+
+def test_metrics_renew_the_lease(service: StudyService) -> None:
+    sid = create(service, lease_s=1.0)
+    t = service.ask(sid)
+    for step in range(4):
+        time.sleep(0.4)
+        service.report(t.id, [MetricInput(step, "loss", 1.0)])
+        service.expire_leases()
+    assert service.get_trial(t.id).state == "running"
+
+
+def test_retries_reuse_the_trial_number_and_do_not_use_budget(service: StudyService) -> None:
+    sid = create(service, max_retries=1, budget={"max_trials": 1})
+    t = service.ask(sid)
+    service.fail_attempt(t.id, "worker died")
+    waiting = service.get_trial(t.id)
+    assert waiting.state == "waiting" and waiting.attempts == 2
+    again = service.ask(sid)
+    assert again.id == t.id and again.number == 0 and again.attempts == 2
+    assert again.params == t.params
+    service.fail_attempt(t.id, "worker died again")
+    final = service.get_trial(t.id)
+    assert final.state == "failed" and final.error == "worker died again"
+    assert [e.state for e in final.events] == ["running", "failed", "waiting", "running", "failed"]
+    assert service.get_study(sid).state == "completed"
+
+
+def test_pause_resume_stop(service: StudyService) -> None:
+    sid = create(service)
+    running = service.ask(sid)
+    service.update_study(sid, state="paused")
+    with pytest.raises(StudyNotRunning, match="paused"):
+        service.ask(sid)
+    assert service.report(running.id, [MetricInput(0, "loss", 1.0)]) is False  # drains
+    service.update_study(sid, state="running")
+    service.ask(sid)
+    stopped = service.update_study(sid, state="stopped")
+    assert stopped.counts["running"] == 0 and stopped.counts["failed"] == 2
+    assert service.report(running.id, [MetricInput(1, "loss", 1.0)]) is True
+    with pytest.raises(StudyNotRunning):
+        service.update_study(sid, state="running")
+
+
+def test_budget_patch(service: StudyService) -> None:
+    sid = create(service, budget={"max_trials": 1})
+    service.tell(service.ask(sid).id, value=1.0)
+    assert service.get_study(sid).state == "completed"
+    with pytest.raises(StudyNotRunning):
+        service.update_study(sid, max_trials=3)
+    sid2 = create(service, name="t2", budget={"max_trials": 2})
+    service.ask(sid2)
+    service.ask(sid2)
+    with pytest.raises(InvalidInput, match="below the 2 trials"):
+        service.update_study(sid2, max_trials=1)
+    assert service.update_study(sid2, max_trials=3, max_concurrent=5).spec["budget"] == {
+        "max_trials": 3,
+        "max_concurrent": 5,
+        "timeout_s": None,
+    }
+    service.ask(sid2)
+
+
+def test_timeout_budget(service: StudyService) -> None:
+    sid = create(service, budget={"timeout_s": 0.3})
+    service.tell(service.ask(sid).id, value=1.0)
+    time.sleep(0.4)
+    with pytest.raises(BudgetSpent, match="ran out of time"):
+        service.ask(sid)
+    assert service.get_study(sid).state == "completed"
+
+
+def test_multi_objective_pareto_front(service: StudyService) -> None:
+    sid = create(
+        service, objective=[{"metric": "err"}, {"metric": "speed", "direction": "maximize"}]
+    )
+    outcomes = [(0.1, 1.0), (0.2, 5.0), (0.3, 4.0), (0.05, 0.5), (0.2, 0.9)]
+    ids = []
+    for vals in outcomes:
+        t = service.ask(sid)
+        service.tell(t.id, values=list(vals))
+        ids.append(t.id)
+    best, front = service.best(sid)
+    assert best is None
+    assert sorted(t.id for t in front) == sorted([ids[0], ids[1], ids[3]])
+
+
+def test_delete_removes_everything(service: StudyService, db_url: str) -> None:
+    sid = create(service)
+    t = service.ask(sid)
+    service.report(t.id, [MetricInput(0, "loss", 1.0)])
+    assert service.delete_study(sid) == [t.id]
+    with pytest.raises(StudyNotFound):
+        service.get_study(sid)
+    with service.storage.read() as s:
+        assert s.scalars(select(Trial)).all() == []
+        assert s.scalars(select(MetricPoint)).all() == []
+
+
+def test_ask_is_refused_for_dispatched_studies(service: StudyService) -> None:
+    sid = create(service, trainable={"name": "image-classification", "config": {}})
+    with pytest.raises(Exception, match="ask/tell is for studies without a trainable"):
+        service.ask(sid)
+    assert service.ask(sid, dispatched=True).number == 0
+
+
+def test_state_survives_a_new_service_on_the_same_database(db_url: str) -> None:
+    engine = make_engine(db_url)
+    upgrade_schema(engine)
+    first = StudyService(Storage(engine))
+    sid = create(first, sampler={"type": "tpe", "seed": 0})
+    t = first.ask(sid)
+    first.tell(t.id, value=2.0)
+    engine.dispose()
+    engine = make_engine(db_url)
+    upgrade_schema(engine)
+    second = StudyService(Storage(engine))
+    assert second.get_study(sid).best_trial.value == 2.0
+    assert second.ask(sid).number == 1
+    engine.dispose()
