@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from hpo.api import errors
 from hpo.api.deps import require_token
-from hpo.api.routes import studies, trials
+from hpo.api.routes import checkpoints, studies, trials
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.settings import Settings
 from hpo.service.storage import Storage
@@ -31,8 +32,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.resolved_database_url)
         await asyncio.to_thread(upgrade_schema, engine)
         app.state.engine = engine
-        app.state.service = StudyService(Storage(engine))
         app.state.token = settings.api_token(create=True)
+        scheduler = _scheduler(settings, app.state.token)
+        service = StudyService(
+            Storage(engine),
+            check_trainable=_check_trainable,
+            on_change=scheduler.wake if scheduler else None,
+        )
+        app.state.service = service
+        if scheduler is not None:
+            scheduler.service = service
+            scheduler.start()
+        app.state.scheduler = scheduler
         sweeper = asyncio.create_task(_sweep_leases(app, settings.lease_sweep_interval_s))
         try:
             yield
@@ -40,6 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            if scheduler is not None:
+                await asyncio.to_thread(scheduler.stop)
             engine.dispose()
 
     app = FastAPI(
@@ -53,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     auth = [Depends(require_token)]
     app.include_router(studies.router, prefix="/api/v1", dependencies=auth)
     app.include_router(trials.router, prefix="/api/v1", dependencies=auth)
+    app.include_router(checkpoints.router, prefix="/api/v1", dependencies=auth)
 
     @app.get("/healthz", tags=["system"])
     def healthz() -> dict[str, str]:
@@ -62,6 +76,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok", "version": VERSION, "database": app.state.engine.dialect.name}
 
     return app
+
+
+def _check_trainable(spec) -> None:  # type: ignore[no-untyped-def]
+    from hpo.service.scheduler import check_trainable
+
+    check_trainable(spec)
+
+
+def _scheduler(settings: Settings, token: str | None):  # type: ignore[no-untyped-def]
+    if not settings.scheduler:
+        return None
+    from hpo.service.executor import RayExecutor
+    from hpo.service.scheduler import Scheduler
+
+    os.environ.setdefault("HPO_RAY_NAMESPACE", settings.ray_namespace)
+    env = {k: v for k, v in os.environ.items() if k == "HPO_EXTRA_TRAINABLES"}
+    executor = RayExecutor(
+        settings.ray_address,
+        num_cpus=settings.ray_num_cpus,
+        num_gpus=settings.ray_num_gpus,
+        object_store_mb=settings.ray_object_store_mb,
+        env=env,
+    )
+    return Scheduler(
+        None,  # type: ignore[arg-type]  # set once the service exists
+        executor,
+        api_url=settings.worker_api_url,
+        token=token,
+        checkpoint_dir=settings.checkpoint_dir,
+        interval_s=settings.scheduler_interval_s,
+    )
 
 
 async def _sweep_leases(app: FastAPI, interval: float) -> None:

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     port: int = 8000
     public_url: str | None = None
     ray_address: str | None = None
+    ray_namespace: str = "hpo"
+    ray_num_cpus: float | None = None
+    ray_num_gpus: float | None = None
+    ray_object_store_mb: int = 512
     storage_path: Path | None = None
     scheduler: bool = True
     scheduler_interval_s: float = 1.0
@@ -53,6 +57,14 @@ class Settings(BaseSettings):
     @property
     def checkpoint_dir(self) -> Path:
         return self.storage_path or (self.data_dir / "checkpoints")
+
+    @property
+    def worker_api_url(self) -> str:
+        """Where workers send metrics: ``public_url``, else this server's own address."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
 
     def api_token(self, *, create: bool = False) -> str | None:
         """The token API calls must carry, or None when auth is off.

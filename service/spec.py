@@ -96,6 +96,10 @@ class FloatParam(_Conditional):
             return any(math.isclose(value, v, rel_tol=1e-12, abs_tol=1e-12) for v in self.values)
         return self.low - 1e-12 <= value <= self.high + 1e-12
 
+    def representatives(self) -> list[Any]:
+        """Values that exercise the domain (for validating a trainable's settings)."""
+        return list(self.values) if self.values is not None else [float(self.low), float(self.high)]
+
 
 class IntParam(_Conditional):
     """An integer in ``[low, high]`` (inclusive), optionally on a log scale or every ``step``."""
@@ -116,6 +120,9 @@ class IntParam(_Conditional):
                 object.__setattr__(self, "high", max(self.values))
         _check_range(self, integer=True)
         return self
+
+    def representatives(self) -> list[Any]:
+        return list(self.values) if self.values is not None else [self.low, self.high]
 
     def contains(self, value: Any) -> bool:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -144,6 +151,9 @@ class CategoricalParam(_Conditional):
                 raise ValueError(f"`choices` lists {c!r} twice")
             seen.append(c)
         return choices
+
+    def representatives(self) -> list[Any]:
+        return list(self.choices)
 
     def contains(self, value: Any) -> bool:
         return any(type(value) is type(c) and value == c for c in self.choices) or (

@@ -6,6 +6,7 @@ trial number by compare-and-set, retrying if another asker got there first).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from hpo.service.records import (
 )
 from hpo.service.samplers import make_sampler, sampler_class
 from hpo.service.samplers.base import Sampler, StudyView
-from hpo.service.spec import StudySpec, TrainableSpec
+from hpo.service.spec import StudySpec
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
@@ -65,26 +66,28 @@ def _sampler_of(spec_json: str) -> Sampler:
 
 
 def _json(study: Study) -> str:
-    import json
-
     return json.dumps(study.spec)
 
 
 class StudyService:
     """The control plane's operations on studies and trials, over a :class:`Storage`.
 
-    ``check_trainable`` validates a spec's trainable (name registered, config valid) and raises
-    ``InvalidInput``; the server plugs in the worker registry here.
+    ``check_trainable`` validates a spec's trainable part (name registered, settings valid for
+    every value the space can take) and raises ``ValueError``; the server plugs in the worker
+    registry here. ``on_change`` is called after a study is created or updated (the scheduler
+    wakes up).
     """
 
     def __init__(
         self,
         storage: sql.Storage,
         *,
-        check_trainable: Callable[[TrainableSpec], None] | None = None,
+        check_trainable: Callable[[StudySpec], None] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.storage = storage
         self.check_trainable = check_trainable
+        self.on_change = on_change
 
     # ----------------------------------------------------------------- studies
 
@@ -95,7 +98,11 @@ class StudyService:
         except ValueError as exc:
             raise InvalidInput(str(exc), field="space") from exc
         if spec.trainable is not None and self.check_trainable is not None:
-            self.check_trainable(spec.trainable)
+            try:
+                self.check_trainable(spec)
+            except ValueError as exc:
+                field = str(exc).split(":", 1)[0] if ":" in str(exc) else "trainable"
+                raise InvalidInput(str(exc), field=field) from exc
         now = utcnow()
         try:
             with self.storage.write() as s:
@@ -113,9 +120,15 @@ class StudyService:
                 )
                 s.add(study)
                 s.flush()
-                return self._record(s, study)
+                record = self._record(s, study)
         except IntegrityError as exc:  # lost a race for the name
             raise NameTaken(f"a study named {spec.name!r} already exists", field="name") from exc
+        self._changed()
+        return record
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def get_study(self, study_id: int) -> StudyRecord:
         with self.storage.read() as s:
@@ -207,7 +220,9 @@ class StudyService:
                     self._stop_active_trials(s, study)
             if changed:
                 sql.touch(study)
-            return self._record(s, study)
+            record = self._record(s, study)
+        self._changed()
+        return record
 
     def delete_study(self, study_id: int) -> list[int]:
         """Delete a study and everything stored with it; returns the ids of trials that were
@@ -505,6 +520,44 @@ class StudyService:
             study, trial = sql.lock_trial(s, trial_id)
             trial.checkpoint = path
             sql.touch(study, trial)
+
+    # --------------------------------------------------------- for the scheduler
+
+    def dispatched_studies(self) -> list[tuple[int, str, StudySpec]]:
+        """(id, state, spec) of running or paused studies that the service runs itself."""
+        with self.storage.read() as s:
+            rows = s.execute(
+                select(Study.id, Study.state, Study.spec)
+                .where(Study.state.in_(("running", "paused")))
+                .order_by(Study.id)
+            ).all()
+        out = []
+        for study_id, state, spec in rows:
+            if spec.get("trainable"):
+                out.append((study_id, state, _spec_of(json.dumps(spec))))
+        return out
+
+    def active_trials(self, study_ids: Sequence[int]) -> list[TrialRecord]:
+        """Running and waiting trials of these studies."""
+        if not study_ids:
+            return []
+        with self.storage.read() as s:
+            trials = s.scalars(
+                select(Trial)
+                .where(Trial.study_id.in_(study_ids), Trial.state.in_(ACTIVE_STATES))
+                .options(selectinload(Trial.params))
+            )
+            return [sql.trial_record(t) for t in trials]
+
+    def trial_states(self, trial_ids: Sequence[int]) -> dict[int, str]:
+        """State of each trial that still exists."""
+        with self.storage.read() as s:
+            rows = s.execute(select(Trial.id, Trial.state).where(Trial.id.in_(trial_ids)))
+            return {trial_id: state for trial_id, state in rows}
+
+    def spec_of(self, study_id: int) -> StudySpec:
+        with self.storage.read() as s:
+            return _spec_of(_json(sql.get_study(s, study_id)))
 
     # ----------------------------------------------------------------- reading
 

@@ -1,0 +1,221 @@
+"""The one seam to Ray: turns the scheduler's decisions into Ray calls.
+
+Attempts run under one detached, named dispatcher actor
+(:class:`hpo.workers.runner.TrialDispatcher`) that reserves a placement group with one bundle
+per DDP rank for each attempt and runs the ranks inside it. Everything Ray-specific stays in
+this module and in ``hpo.workers.runner``; the scheduler sees :class:`AttemptStatus` records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("hpo.executor")
+
+
+@dataclass
+class AttemptStatus:
+    """How one attempt stands, as its supervisor reports it."""
+
+    trial_id: int
+    attempt: int
+    state: str  # pending | running | done | failed | cancelled | lost
+    placements: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: tuple[str, int] | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass
+class _Tracked:
+    attempt: int
+    key: str
+    needs: dict[str, float]
+
+
+class RayExecutor:
+    """Runs attempts on a local Ray instance (``address=None``) or an existing cluster."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        object_store_mb: int = 512,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.address = address
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.object_store_mb = object_store_mb
+        self.env = env or {}
+        self._tracked: dict[int, _Tracked] = {}
+        self._dispatcher: Any = None
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Connect to Ray (or start a local instance) and find or create the dispatcher."""
+        import ray
+        from hpo.workers.runner import DISPATCHER, TrialDispatcher
+
+        if self._dispatcher is not None:
+            return
+        runtime_env = {"env_vars": self.env} if self.env else None
+        if self.address:
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            ray.init(address=self.address, namespace=_namespace(), runtime_env=runtime_env)
+        else:
+            ray.init(
+                address="local",
+                namespace=_namespace(),
+                include_dashboard=False,
+                num_cpus=self.num_cpus,
+                num_gpus=self.num_gpus,
+                object_store_memory=self.object_store_mb * 1024 * 1024,
+                runtime_env=runtime_env,
+                configure_logging=False,
+            )
+        self._dispatcher = TrialDispatcher.options(
+            name=DISPATCHER, namespace=_namespace(), lifetime="detached", get_if_exists=True
+        ).remote()
+        log.info("connected to Ray: %s", ray.cluster_resources())
+
+    def shutdown(self) -> None:
+        """Disconnect. On a local instance that ends every attempt; on a cluster they go on
+        and the next control plane re-adopts them."""
+        import ray
+
+        if self._dispatcher is not None:
+            ray.shutdown()
+            self._dispatcher = None
+            self._tracked.clear()
+
+    @property
+    def started(self) -> bool:
+        return self._dispatcher is not None
+
+    # ---------------------------------------------------------------- attempts
+
+    def launch(self, launch: Any) -> None:
+        """Start an attempt (a :class:`~hpo.workers.runner.TrialLaunch`)."""
+        import ray
+
+        key = ray.get(self._dispatcher.start.remote(launch), timeout=60)
+        needs = _needs(launch.workers, launch.cpus_per_worker, launch.gpus_per_worker)
+        self._tracked[launch.trial_id] = _Tracked(launch.attempt, key, needs)
+
+    def adopt(self, trial_id: int, attempt: int, needs: dict[str, float]) -> bool:
+        """Take over an attempt a previous control plane launched, if Ray still runs it."""
+        import ray
+        from hpo.workers.runner import attempt_key
+
+        key = attempt_key(trial_id, attempt)
+        status = ray.get(self._dispatcher.status.remote([key]), timeout=60)[key]
+        if status is None:
+            return False
+        self._tracked[trial_id] = _Tracked(attempt, key, needs)
+        return True
+
+    def tracked(self) -> dict[int, int]:
+        """Trial id → attempt of everything in flight."""
+        return {tid: t.attempt for tid, t in self._tracked.items()}
+
+    def statuses(self) -> list[AttemptStatus]:
+        """The status of every tracked attempt (one round trip to the dispatcher)."""
+        import ray
+
+        if not self._tracked:
+            return []
+        items = list(self._tracked.items())
+        try:
+            raw = ray.get(self._dispatcher.status.remote([t.key for _, t in items]), timeout=60)
+        except Exception as exc:  # the dispatcher is gone, and every attempt with it
+            lost = {
+                "kind": type(exc).__name__,
+                "message": f"the Ray dispatcher was lost: {type(exc).__name__}",
+                "retryable": True,
+                "traceback": str(exc)[-2000:],
+            }
+            return [AttemptStatus(tid, t.attempt, "lost", error=lost) for tid, t in items]
+        out = []
+        for trial_id, t in items:
+            status = raw.get(t.key)
+            if status is None:
+                out.append(AttemptStatus(trial_id, t.attempt, "lost", error=_unknown(t.key)))
+                continue
+            out.append(
+                AttemptStatus(
+                    trial_id,
+                    t.attempt,
+                    status["state"],
+                    placements=status["placements"],
+                    checkpoint=tuple(status["checkpoint"]) if status["checkpoint"] else None,
+                    result=status["result"],
+                    error=status["error"],
+                )
+            )
+        return out
+
+    def release(self, trial_id: int) -> None:
+        """Forget a finished attempt."""
+        tracked = self._tracked.pop(trial_id, None)
+        if tracked is not None and self._dispatcher is not None:
+            self._dispatcher.forget.remote(tracked.key)
+
+    def cancel(self, trial_id: int) -> None:
+        """Stop an attempt now: its rank processes are killed and its resources freed."""
+        import ray
+
+        tracked = self._tracked.get(trial_id)
+        if tracked is None:
+            return
+        with contextlib.suppress(Exception):
+            ray.get(self._dispatcher.cancel.remote(tracked.key), timeout=30)
+        self.release(trial_id)
+
+    def free(self, pending_ids: list[int]) -> dict[str, float]:
+        """Cluster resources not yet claimed, minus what pending attempts will claim."""
+        import ray
+
+        free = dict(ray.available_resources())
+        for trial_id in pending_ids:
+            tracked = self._tracked.get(trial_id)
+            if tracked is not None:
+                for key, amount in tracked.needs.items():
+                    free[key] = free.get(key, 0.0) - amount
+        return free
+
+
+def _unknown(key: str) -> dict[str, Any]:
+    return {
+        "kind": "Lost",
+        "message": f"the dispatcher does not know attempt {key}",
+        "retryable": True,
+        "traceback": "",
+    }
+
+
+def _needs(workers: int, cpus: float, gpus: float) -> dict[str, float]:
+    needs = {"CPU": workers * cpus}
+    if gpus:
+        needs["GPU"] = workers * gpus
+    return needs
+
+
+def needs_of(resources: Any) -> dict[str, float]:
+    """What a spec's ``resources`` occupy on the cluster."""
+    return _needs(resources.workers_per_trial, resources.cpus_per_worker, resources.gpus_per_worker)
+
+
+def fits(needs: dict[str, float], free: dict[str, float]) -> bool:
+    return all(free.get(key, 0.0) + 1e-9 >= amount for key, amount in needs.items())
+
+
+def _namespace() -> str:
+    return os.environ.get("HPO_RAY_NAMESPACE", "hpo")

@@ -1,0 +1,122 @@
+"""The distributed part of a trial: process group set-up on Ray, and the collectives trainables
+use (averaging metrics, agreeing on early stopping).
+
+Rank 0 opens a TCPStore on a free port of its node and publishes the address through the trial's
+supervisor actor; the other ranks read it there. NCCL is used when the ranks have GPUs, gloo
+otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one rank runs."""
+
+    rank: int
+    node_ip: str
+    node_id: str
+    hostname: str
+    pid: int
+    device: str
+    gpu_ids: list[str]
+    device_name: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def init_process_group(
+    rank: int,
+    world_size: int,
+    node_ip: str,
+    publish: Callable[[tuple[str, int]], None],
+    lookup: Callable[[], tuple[str, int] | None],
+    *,
+    use_gpu: bool,
+    timeout_s: float = 120.0,
+) -> torch.device:
+    """Join the trial's process group; returns this rank's device."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if rank == 0:
+        store = dist.TCPStore(node_ip, 0, world_size, True, timeout=timeout, wait_for_workers=False)
+        publish((node_ip, store.port))
+    else:
+        deadline = time.monotonic() + timeout_s
+        while (address := lookup()) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError("rank 0 never published the rendezvous address")
+            time.sleep(0.02)
+        store = dist.TCPStore(address[0], address[1], world_size, False, timeout=timeout)
+    backend = "nccl" if use_gpu else "gloo"
+    if use_gpu:
+        device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this rank's GPU(s)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    return device
+
+
+def placement(
+    rank: int, node_ip: str, node_id: str, device: torch.device, gpu_ids: list
+) -> Placement:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return Placement(
+        rank=rank,
+        node_ip=node_ip,
+        node_id=node_id,
+        hostname=os.uname().nodename,
+        pid=os.getpid(),
+        device=str(device)
+        + (
+            f" (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})"
+            if device.type == "cuda"
+            else ""
+        ),
+        gpu_ids=[str(g) for g in gpu_ids],
+        device_name=name,
+    )
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (all ranks must call this together)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums over all ranks (e.g. correct and total counts)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (small Python objects: predictions for P/R/F1, placements)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,130 @@
+"""Trainables by name: the entry-point group ``hpo.trainables`` (built-ins register the same
+way), plus ``HPO_EXTRA_TRAINABLES`` for local development. Names are the only thing the REST
+API carries; nothing sent over the network is imported or executed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+GROUP = "hpo.trainables"
+
+
+class TrainableError(Exception):
+    """A trainable's own failure that retrying cannot fix (bad data, NaN loss...)."""
+
+
+class Trainable(Protocol):
+    settings_model: type[BaseModel]
+    __name__: str
+
+    def __call__(self, ctx: Any) -> Mapping[str, float] | None: ...
+
+
+class NoSettings(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+def trainable(settings: type[BaseModel] | None = None) -> Callable[[Callable], Trainable]:
+    """Declare a function a trainable, with the pydantic model of its settings.
+
+    Fixed settings (``trainable.config`` of a spec) and searched parameters (``space``) are
+    merged into one instance of ``settings``, so a wrong key or type is refused when the
+    study is created, not in a worker.
+    """
+
+    def wrap(fn: Callable) -> Trainable:
+        fn.settings_model = settings or NoSettings  # type: ignore[attr-defined]
+        return fn  # type: ignore[return-value]
+
+    return wrap
+
+
+def _extra() -> dict[str, str]:
+    pairs = [p for p in os.environ.get("HPO_EXTRA_TRAINABLES", "").split(",") if p.strip()]
+    out = {}
+    for pair in pairs:
+        name, _, target = pair.partition("=")
+        out[name.strip()] = target.strip()
+    return out
+
+
+def available() -> dict[str, str]:
+    """Registered names and their ``module:function`` targets."""
+    found = {ep.name: ep.value for ep in entry_points(group=GROUP)}
+    found.update(_extra())
+    return found
+
+
+@lru_cache(maxsize=64)
+def load(name: str) -> Trainable:
+    """The trainable registered under ``name``; KeyError if there is none."""
+    targets = available()
+    if name not in targets:
+        known = ", ".join(sorted(targets)) or "none"
+        raise KeyError(f"no trainable named {name!r} is registered (known: {known})")
+    module, _, attr = targets[name].partition(":")
+    fn = import_module(module)
+    for part in attr.split("."):
+        fn = getattr(fn, part)
+    if not hasattr(fn, "settings_model"):
+        fn.settings_model = NoSettings  # type: ignore[attr-defined]
+    return fn  # type: ignore[return-value]
+
+
+def settings_for(fn: Trainable, config: Mapping[str, Any], params: Mapping[str, Any]) -> Any:
+    """The trainable's settings: fixed ``config`` overridden by searched ``params``."""
+    return fn.settings_model.model_validate({**config, **params})
+
+
+def check_spec(name: str, config: Mapping[str, Any], space: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the field if a spec's trainable part cannot work.
+
+    ``space`` maps each searched parameter to the values worth trying (its choices, or the ends
+    of its range): every one is validated against the trainable's settings, beside ``config``.
+    """
+    try:
+        fn = load(name)
+    except KeyError as exc:
+        raise ValueError(f"trainable.name: {exc.args[0]}") from exc
+    except Exception as exc:  # an import error in a registered trainable
+        raise ValueError(f"trainable.name: {name!r} failed to load: {exc}") from exc
+    model = fn.settings_model
+    if model.model_config.get("extra") == "forbid":
+        for key in config:
+            if key not in model.model_fields:
+                raise ValueError(
+                    f"trainable.config.{key}: not a setting of {name!r}{_known(model)}"
+                )
+        for key in space:
+            if key not in model.model_fields:
+                raise ValueError(f"space.{key}: not a setting of {name!r}{_known(model)}")
+    first = {key: values[0] for key, values in space.items() if values}
+    _validate(model, {**config, **first}, "trainable.config", set(space))
+    for key, values in space.items():
+        for value in values[1:]:
+            _validate(model, {**config, **first, key: value}, "space", {key})
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any], prefix: str, searched: set) -> None:
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        root = str(err["loc"][0]) if err["loc"] else ""
+        if root in searched:
+            prefix = "space"
+            where = f"{where} ({data.get(root)!r})"
+        raise ValueError(f"{prefix}.{where}: {err['msg']}") from exc
+
+
+def _known(model: type[BaseModel]) -> str:
+    return f" (settings: {', '.join(model.model_fields)})"

@@ -1,0 +1,150 @@
+"""Streams a trial's metric points to the control plane over HTTP, without stalling training.
+
+Points go into a bounded buffer that a background thread sends in batches. A slow or absent
+control plane never blocks ``log``; the thread retries with back-off and sends what waited once
+the server answers again. The server's answers carry the early-stop decision. Between batches
+the thread sends heartbeats, which keep the trial's lease alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import httpx
+
+log = logging.getLogger("hpo.workers.reporter")
+
+
+class MetricReporter:
+    """Rank 0's link to ``POST /api/v1/trials/{id}/metrics``.
+
+    ``max_points`` bounds memory: when the server stays away that long, the oldest points that
+    are not in ``keep`` (the objective and pruned metrics) are dropped first, and counted.
+    """
+
+    def __init__(
+        self,
+        api_url: str,
+        trial_id: int,
+        *,
+        token: str | None = None,
+        keep: tuple[str, ...] = (),
+        heartbeat_s: float = 10.0,
+        flush_s: float = 0.5,
+        batch: int = 500,
+        max_points: int = 100_000,
+        client: httpx.Client | None = None,
+    ) -> None:
+        self.trial_id = trial_id
+        self.keep = set(keep)
+        self.heartbeat_s = heartbeat_s
+        self.flush_s = flush_s
+        self.batch = batch
+        self.max_points = max_points
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = client or httpx.Client(base_url=api_url, headers=headers, timeout=10.0)
+        self._buffer: deque[dict[str, Any]] = deque()
+        self._cond = threading.Condition()
+        self._sent = 0  # points acknowledged by the server
+        self._queued = 0  # points ever queued
+        self._stop = threading.Event()
+        self.should_stop = False
+        self.finished = False  # the server says the trial takes no more points
+        self.dropped = 0
+        self.failures = 0
+        self._last_contact = 0.0
+        self._thread = threading.Thread(target=self._run, name="hpo-reporter", daemon=True)
+        self._thread.start()
+
+    def log(self, step: int, metrics: dict[str, float]) -> int:
+        """Queue points; returns a ticket to pass to :meth:`wait_sent`."""
+        with self._cond:
+            for name, value in metrics.items():
+                self._buffer.append({"step": int(step), "name": name, "value": float(value)})
+                self._queued += 1
+            self._trim()
+            self._cond.notify()
+            return self._queued
+
+    def wait_sent(self, ticket: int, timeout: float) -> bool:
+        """Wait until the points up to ``ticket`` were acknowledged (or timeout)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._cond.notify()
+            while self._sent < ticket and not self.finished:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Send what is buffered (waiting up to ``timeout``), then stop the thread."""
+        sent = self.wait_sent(self._queued, timeout)
+        self._stop.set()
+        with self._cond:
+            self._cond.notify()
+        self._thread.join(timeout=5)
+        self._http.close()
+        return sent
+
+    def _trim(self) -> None:
+        excess = len(self._buffer) - self.max_points
+        if excess <= 0:
+            return
+        kept = deque()
+        for point in self._buffer:
+            if excess > 0 and point["name"] not in self.keep:
+                excess -= 1
+                self.dropped += 1
+                self._sent += 1  # never coming: do not wait for it
+                continue
+            kept.append(point)
+        self._buffer = kept
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while not self._stop.is_set() and not self.finished:
+            with self._cond:
+                if not self._buffer:
+                    self._cond.wait(self.flush_s if backoff == 0 else backoff)
+                batch = [self._buffer[i] for i in range(min(self.batch, len(self._buffer)))]
+            if not batch and time.monotonic() - self._last_contact < self.heartbeat_s:
+                continue
+            if self._send(batch):
+                backoff = 0.0
+                with self._cond:
+                    for _ in batch:
+                        self._buffer.popleft()
+                    self._sent += len(batch)
+                    self._cond.notify_all()
+            else:
+                backoff = min(5.0, max(0.2, backoff * 2))
+                time.sleep(backoff)
+
+    def _send(self, batch: list[dict[str, Any]]) -> bool:
+        path = f"/api/v1/trials/{self.trial_id}/" + ("metrics" if batch else "heartbeat")
+        try:
+            answer = self._http.post(path, json={"points": batch} if batch else None)
+        except httpx.HTTPError as exc:
+            self.failures += 1
+            log.warning("control plane unreachable (%s); keeping %d points", exc, len(batch))
+            return False
+        self._last_contact = time.monotonic()
+        if answer.status_code in (404, 409):  # trial finished, failed or deleted
+            self.should_stop = True
+            self.finished = True
+            with self._cond:
+                self._cond.notify_all()
+            return True
+        if answer.status_code >= 400:
+            self.failures += 1
+            log.warning("metrics refused: %s %s", answer.status_code, answer.text[:500])
+            return answer.status_code < 500  # a 4xx will not get better: drop the batch
+        if answer.json().get("should_stop"):
+            self.should_stop = True
+        return True

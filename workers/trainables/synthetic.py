@@ -1,0 +1,53 @@
+"""``synthetic``: a dataless DDP trainable for smoke tests, demos of pruning, and fault drills.
+
+Its "loss" falls as ``(x - 0.3)**2 + 1/step``; the ranks all-reduce at every step, so it
+exercises the same process group, reporting, checkpoint and early-stop paths as real training.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from hpo.workers import trainable
+from hpo.workers.context import TrialContext
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    x: float = 0.0
+    steps: int = Field(default=10, ge=1)
+    step_s: float = Field(default=0.0, ge=0, description="Sleep per step (simulated work).")
+    fail_at_step: int | None = Field(default=None, description="Kill rank 0 at this step...")
+    fail_on_attempts: list[int] = Field(default=[1], description="...on these attempts only.")
+    hang_at_step: int | None = Field(default=None, description="Freeze rank 0 (SIGSTOP).")
+    raise_at_step: int | None = Field(default=None, description="Raise an error at this step.")
+
+
+@trainable(Settings)
+def train(ctx: TrialContext) -> dict[str, float]:
+    s: Settings = ctx.settings
+    start = 1
+    state = ctx.load_checkpoint()
+    if state is not None:
+        start = int(state["step"]) + 1
+        ctx.extra["resumed_from_step"] = int(state["step"])
+    loss = float("nan")
+    for step in range(start, s.steps + 1):
+        time.sleep(s.step_s)
+        if ctx.is_main and step == s.fail_at_step and ctx.attempt in s.fail_on_attempts:
+            os.kill(os.getpid(), signal.SIGKILL)  # a worker dying mid-trial
+        if ctx.is_main and step == s.hang_at_step:
+            os.kill(os.getpid(), signal.SIGSTOP)  # a worker that hangs: no more heartbeats
+        if step == s.raise_at_step:
+            raise ValueError(f"synthetic failure at step {step}")
+        local = (s.x - 0.3) ** 2 + 1.0 / step + 0.001 * ctx.rank
+        total, count = ctx.all_reduce_sum([local, 1.0])
+        loss = total / count
+        ctx.save_checkpoint({"step": step, "loss": loss}, step)
+        if ctx.report(step, {"loss": loss}):
+            break
+    return {"loss": loss}
