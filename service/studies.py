@@ -40,7 +40,7 @@ from hpo.service.records import (
 from hpo.service.samplers import make_sampler, sampler_class
 from hpo.service.samplers.base import Sampler, StudyView
 from hpo.service.spec import StudySpec
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -411,6 +411,15 @@ class StudyService:
                 )
             spec = _spec_of(_json(study))
             now = utcnow()
+            trial.lease_expires_at = now + timedelta(seconds=spec.lease_s)
+            if not points:
+                return False  # a heartbeat: the lease is renewed, nothing else changed
+            watched = spec.pruned_metric
+            previous = s.scalar(
+                select(func.max(MetricPoint.step)).where(
+                    MetricPoint.trial_id == trial.id, MetricPoint.name == watched
+                )
+            )
             s.add_all(
                 MetricPoint(
                     trial_id=trial.id,
@@ -423,8 +432,7 @@ class StudyService:
                 for p in points
             )
             s.flush()
-            trial.lease_expires_at = now + timedelta(seconds=spec.lease_s)
-            decision = self._judge(s, spec, trial, points)
+            decision = self._judge(s, spec, trial, points, previous)
             steps = [p.step for p in points]
             if steps:
                 trial.last_step = max(trial.last_step or 0, *steps)
@@ -442,13 +450,19 @@ class StudyService:
         return self.report(trial_id, [])
 
     def _judge(
-        self, s: Session, spec: StudySpec, trial: Trial, points: Sequence[MetricInput]
+        self,
+        s: Session,
+        spec: StudySpec,
+        trial: Trial,
+        points: Sequence[MetricInput],
+        previous: int | None,
     ) -> Any:
+        """The pruner's verdict on the new points of the watched metric (``previous``: the
+        watched metric's last step before them)."""
         if spec.pruner.type == "none":
             return None
         pruner = make_pruner(spec)
         history = sql.SqlPruningHistory(s, trial.study_id, trial.id, pruner.metric)
-        previous = trial.last_step
         for p in sorted(points, key=lambda p: p.step):
             if p.name != pruner.metric:
                 continue

@@ -125,6 +125,8 @@ def test_asha_prunes_through_reports(service: StudyService) -> None:
     good = service.ask(sid)
     assert service.report(good.id, [MetricInput(1, "loss", 0.1)]) is False
     bad = service.ask(sid)
+    # another metric at the same step first (a training loss) must not skip the rung
+    assert service.report(bad.id, [MetricInput(1, "train_loss", 0.5)]) is False
     assert service.report(bad.id, [MetricInput(1, "loss", 0.9)]) is True
     pruned = service.get_trial(bad.id)
     assert pruned.state == "pruned" and pruned.value == 0.9
