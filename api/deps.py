@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Query, Request
 from hpo.service.studies import StudyService
 
 
@@ -29,3 +29,9 @@ def require_token(request: Request) -> None:
 
 
 Service = Annotated[StudyService, Depends(get_service)]
+
+MAX_ID = 2**63 - 1
+# Ids and cursors are 64-bit in the database: anything larger is a 422, not a database error.
+StudyId = Annotated[int, Path(ge=1, le=MAX_ID)]
+TrialId = Annotated[int, Path(ge=1, le=MAX_ID)]
+Cursor = Annotated[int | None, Query(ge=0, le=MAX_ID)]

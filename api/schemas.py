@@ -50,8 +50,11 @@ class TellBody(_Body):
         return vs
 
 
+MAX_STEP = 2**62
+
+
 class PointIn(_Body):
-    step: StrictInt = Field(ge=0)
+    step: StrictInt = Field(ge=0, le=MAX_STEP)
     name: str = Field(min_length=1, max_length=128)
     value: Number
 

@@ -7,7 +7,7 @@ our samplers sequentially through ``StudyView``/``ObservedTrial`` (no server) an
 samplers through ask/tell with the same seed and options, on the same objective, and prints the
 regret (best value found minus the known minimum) of each, mean ± std over seeds.
 
-    python benchmarks/samplers.py            # defaults: 5 seeds, 60 trials (gp: 30)
+    python benchmarks/samplers.py            # defaults: 10 seeds, 100 trials (gp: 50), ~10 min
     python benchmarks/samplers.py --quick    # smoke run
 """
 
@@ -280,9 +280,9 @@ def report(cells: dict[tuple[str, str], Cell], n_seeds: int, trials: dict[str, i
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=5, help="seeds per cell (default 5)")
-    ap.add_argument("--trials", type=int, default=60, help="trials for random/tpe (default 60)")
-    ap.add_argument("--gp-trials", type=int, default=30, help="trials for gp (default 30)")
+    ap.add_argument("--seeds", type=int, default=10, help="seeds per cell (default 10)")
+    ap.add_argument("--trials", type=int, default=100, help="trials for random/tpe (default 100)")
+    ap.add_argument("--gp-trials", type=int, default=50, help="trials for gp (default 50)")
     ap.add_argument("--functions", nargs="+", default=[p.name for p in PROBLEMS])
     ap.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     ap.add_argument("--quick", action="store_true", help="2 seeds, 20 trials (gp: 15)")
@@ -292,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     trials = {"random": args.trials, "tpe": args.trials, "gp": args.gp_trials}
     problems = [p for p in PROBLEMS if p.name in args.functions]
 
+    for sname in args.samplers:  # warm-up, untimed: imports (torch for gp) and first-call costs
+        run_ours(PROBLEMS[0], sname, 0, N_STARTUP + 2)
+        run_optuna(PROBLEMS[0], sname, 0, N_STARTUP + 2)
     cells: dict[tuple[str, str], Cell] = {}
     t0 = time.perf_counter()
     for problem in problems:
@@ -300,9 +303,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for seed in range(args.seeds):
                 cell.ours.append(run_ours(problem, sname, seed, trials[sname]))
                 cell.optuna.append(run_optuna(problem, sname, seed, trials[sname]))
-            print(
-                f"  {problem.name} {sname}: done ({time.perf_counter() - t0:.0f}s)", flush=True
-            )
+            print(f"  {problem.name} {sname}: done ({time.perf_counter() - t0:.0f}s)", flush=True)
     print()
     print(report(cells, args.seeds, trials))
     print(f"\ntotal {time.perf_counter() - t0:.0f}s, optuna {optuna.__version__}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +63,8 @@ class RayExecutor:
 
     def start(self) -> None:
         """Connect to Ray (or start a local instance) and find or create the dispatcher."""
+        if self.address:  # Ray 2.5x clusters use token auth; Ray reads this on import
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
         import ray
         from hpo.workers.runner import DISPATCHER, TrialDispatcher
 
@@ -68,7 +72,6 @@ class RayExecutor:
             return
         runtime_env = {"env_vars": self.env} if self.env else None
         if self.address:
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
             ray.init(address=self.address, namespace=_namespace(), runtime_env=runtime_env)
         else:
             ray.init(
@@ -91,10 +94,13 @@ class RayExecutor:
         and the next control plane re-adopts them."""
         import ray
 
-        if self._dispatcher is not None:
-            ray.shutdown()
-            self._dispatcher = None
-            self._tracked.clear()
+        if self._dispatcher is None:
+            return
+        started = [] if self.address else _descendants(os.getpid())
+        ray.shutdown()
+        self._dispatcher = None
+        self._tracked.clear()
+        _reap(started)  # Ray leaves its agent processes behind when the local raylet exits
 
     @property
     def started(self) -> bool:
@@ -190,6 +196,45 @@ class RayExecutor:
                 for key, amount in tracked.needs.items():
                     free[key] = free.get(key, 0.0) - amount
         return free
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _reap(pids: list[int], grace_s: float = 5.0) -> None:
+    """Terminate the processes of ``pids`` still alive; kill them after ``grace_s``."""
+    alive = [p for p in pids if _signal(p, signal.SIGTERM)]
+    deadline = time.monotonic() + grace_s
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if _signal(p, 0)]
+    for pid in alive:
+        _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _unknown(key: str) -> dict[str, Any]:

@@ -84,21 +84,25 @@ class Scheduler:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=60)
-        self.executor.shutdown()
+            self._thread.join(timeout=120)
 
     def wake(self) -> None:
         """Run a tick now (a study was created, resumed or given more budget)."""
         self._wake.set()
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:
-                log.exception("scheduler tick failed; retrying")
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
+        # Ray starts and stops in this thread only: a local Ray's processes die with the thread
+        # that started them (parent-death signal), so no other thread may outlive or end it.
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.tick()
+                except Exception:
+                    log.exception("scheduler tick failed; retrying")
+                self._wake.wait(self.interval_s)
+                self._wake.clear()
+        finally:
+            self.executor.shutdown()
 
     # ------------------------------------------------------------------- tick
 
@@ -134,7 +138,7 @@ class Scheduler:
         if not self.in_flight:
             return
         states = self.service.trial_states(list(self.in_flight))
-        pending = []
+        starting = []
         for status in self.executor.statuses():
             flight = self.in_flight.get(status.trial_id)
             if flight is None:
@@ -153,9 +157,9 @@ class Scheduler:
                 if time.monotonic() - flight.finished_in_db_at > PRUNED_GRACE_S:
                     self._drop(status.trial_id, cancel=True)
                 continue
-            if status.state == "pending":
-                pending.append(status.trial_id)
-        self.service.renew_leases(pending)
+            if status.state == "pending" or len(status.placements) < flight.workers:
+                starting.append(status.trial_id)  # no reporter yet to keep the lease alive
+        self.service.renew_leases(starting)
 
     def _record_progress(self, status: AttemptStatus, flight: _InFlight) -> None:
         if not flight.placed and len(status.placements) >= flight.workers:

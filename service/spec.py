@@ -35,7 +35,10 @@ ParamValue = StrictBool | StrictInt | StrictFloat | StrictStr | None
 # Strict: a number, never a numeric string or a bool (ints are accepted and kept exact).
 Number = Annotated[float, Strict()]
 
+# Letters, digits, ".", "_" and "-"; not all digits (those name study ids on the CLI).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# Integers stay exact as floats (Optuna, JSON clients) within this bound.
+MAX_INT = 2**53
 
 
 class _Model(BaseModel):
@@ -184,6 +187,10 @@ def _check_range(p: FloatParam | IntParam, *, integer: bool) -> None:
         raise ValueError(f"`{missing}` is required (or give explicit `values`)")
     _finite(float(p.low), "`low`")
     _finite(float(p.high), "`high`")
+    if integer and max(abs(p.low), abs(p.high)) > MAX_INT:
+        raise ValueError(f"`low` and `high` must lie within ±2**53, got [{p.low}, {p.high}]")
+    if not math.isfinite(float(p.high) - float(p.low)) or abs(p.low) > 1e300 or abs(p.high) > 1e300:
+        raise ValueError(f"the range [{p.low}, {p.high}] is too wide to sample")
     if p.low > p.high:
         raise ValueError(f"`low` ({p.low}) must not be greater than `high` ({p.high})")
     if p.log and p.low <= 0:
@@ -219,7 +226,7 @@ class SamplerSpec(_Model):
     """Which sampler suggests parameters. ``seed`` makes suggestions reproducible."""
 
     type: StrictStr = "tpe"
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(default=None, ge=0)
     n_startup_trials: int = Field(default=10, ge=0, description="Random trials before TPE/GP.")
     multivariate: bool = Field(default=True, description="TPE: model parameters jointly.")
 
@@ -257,7 +264,7 @@ class Budget(_Model):
 
     max_trials: int | None = Field(default=None, ge=1)
     max_concurrent: int | None = Field(default=None, ge=1)
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)
 
 
 class Resources(_Model):
@@ -298,9 +305,19 @@ class StudySpec(_Model):
     space: dict[str, Param]
     max_retries: int = Field(default=0, ge=0, le=100, description="Retries of a failed attempt.")
     lease_s: float = Field(
-        default=300.0, gt=0, description="A running trial that reports nothing for this long fails."
+        default=300.0,
+        gt=0,
+        le=30 * 86400,
+        description="A running trial that reports nothing for this long fails.",
     )
     user_attrs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_number(cls, value: str) -> str:
+        if value.isdigit():
+            raise ValueError("a study name needs a character other than a digit (ids are numbers)")
+        return value
 
     @field_validator("objective")
     @classmethod
@@ -404,7 +421,10 @@ class StudySpec(_Model):
         import yaml
 
         text = Path(source).read_text() if _looks_like_path(source) else str(source)
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"the spec is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ValueError("a study spec must be a YAML mapping")
         return cls.model_validate(data)

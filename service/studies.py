@@ -95,14 +95,10 @@ class StudyService:
         """Store a new running study. Raises InvalidInput, NameTaken."""
         try:
             sampler_class(spec.sampler.type).check(spec)
-        except ValueError as exc:
-            raise InvalidInput(str(exc), field="space") from exc
-        if spec.trainable is not None and self.check_trainable is not None:
-            try:
+            if spec.trainable is not None and self.check_trainable is not None:
                 self.check_trainable(spec)
-            except ValueError as exc:
-                field = str(exc).split(":", 1)[0] if ":" in str(exc) else "trainable"
-                raise InvalidInput(str(exc), field=field) from exc
+        except ValueError as exc:
+            raise InvalidInput(str(exc), field=_field_in(str(exc))) from exc
         now = utcnow()
         try:
             with self.storage.write() as s:
@@ -797,6 +793,12 @@ class StudyService:
             .limit(1)
         )
         return None if value is None else [value]
+
+
+def _field_in(message: str) -> str:
+    """The field a "space.lr: ..." style message names."""
+    head = message.split(":", 1)[0]
+    return head if " " not in head else "space"
 
 
 def pareto_front(costs: np.ndarray) -> list[int]:

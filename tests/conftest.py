@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -102,11 +104,13 @@ class ServerProcess:
             **self.extra_env,
         }
         log = open(self.log_path, "a")  # noqa: SIM115 - lives as long as the process
+        # Its own session: killing the group also kills a local Ray it started.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hpo.api.cli", "serve", "--port", str(self.port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -121,18 +125,19 @@ class ServerProcess:
         raise RuntimeError("hpo serve did not come up:\n" + self.log_path.read_text()[-4000:])
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+        """SIGKILL the server and everything it started (a crash of the control plane)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=60)
+        self.kill()  # whatever is left of the group (Ray agents)
 
     def restart(self) -> None:
         self.kill()

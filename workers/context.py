@@ -53,6 +53,7 @@ class TrialContext:
     last: dict[str, float] = field(default_factory=dict)
     best: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    _at_last_step: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -78,14 +79,19 @@ class TrialContext:
         return ddp.broadcast_flag(stop, self.device)
 
     def finish(self, metrics: Mapping[str, float]) -> None:
-        """Final metrics a trainable returned: recorded at its last step (rank 0 sends)."""
+        """Final metrics a trainable returned: recorded at its last step (rank 0 sends the
+        ones it has not already reported there)."""
         step = self.last_step or 0
         values = _finite(step, metrics)
+        new = {k: v for k, v in values.items() if self._at_last_step.get(k) != v}
         self._track(step, values)
-        if self.reporter is not None:
-            self.reporter.log(step, values)
+        if self.reporter is not None and new:
+            self.reporter.log(step, new)
 
     def _track(self, step: int, values: dict[str, float]) -> None:
+        if step != self.last_step:
+            self._at_last_step = {}
+        self._at_last_step.update(values)
         self.last_step = step if self.last_step is None else max(self.last_step, step)
         for objective in self.objectives:
             if objective.metric in values:

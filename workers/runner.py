@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,12 +258,20 @@ async def _await(ref: Any) -> Any:
 async def _first_failure(futures: list[asyncio.Future]) -> list[Any]:
     """All results, or the first exception as soon as any rank fails."""
     done, pending = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
-    for fut in done:
-        if fut.exception() is not None:
-            for other in pending:
-                other.cancel()
-            raise fut.exception()
+    failures = [f.exception() for f in done if f.exception() is not None]
+    if failures:
+        for other in pending:  # their ranks get force-cancelled; their errors say nothing new
+            other.add_done_callback(lambda f: f.cancelled() or f.exception())
+            other.cancel()
+        raise failures[0]
     return [f.result() for f in futures]
+
+
+def _traceback(exc: BaseException, cause: BaseException) -> str:
+    if isinstance(exc, ray.exceptions.RayTaskError):  # str() holds the remote frames
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        return "Traceback (most recent call last, remote):\n" + text
+    return "".join(traceback.format_exception(cause))
 
 
 def _describe(exc: BaseException) -> dict[str, Any]:
@@ -279,5 +288,5 @@ def _describe(exc: BaseException) -> dict[str, Any]:
         "kind": kind,
         "message": f"{kind}: {message}",
         "retryable": not isinstance(cause, TrainableError),
-        "traceback": "".join(traceback.format_exception(cause))[-4000:],
+        "traceback": _traceback(exc, cause)[-4000:],
     }

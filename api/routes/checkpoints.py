@@ -7,14 +7,14 @@ import tarfile
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
-from hpo.api.deps import Service
+from hpo.api.deps import Service, StudyId, TrialId
 from hpo.service.errors import NotFound
 
 router = APIRouter(tags=["checkpoints"])
 
 
 @router.get("/trials/{trial_id}/checkpoint", response_class=Response)
-def trial_checkpoint(trial_id: int, service: Service, request: Request) -> Response:
+def trial_checkpoint(trial_id: TrialId, service: Service, request: Request) -> Response:
     """The trial's newest checkpoint directory as a gzipped tar archive."""
     path = service.trial_checkpoint(trial_id)
     if path is None:
@@ -23,7 +23,7 @@ def trial_checkpoint(trial_id: int, service: Service, request: Request) -> Respo
 
 
 @router.get("/studies/{study_id}/best/checkpoint", response_class=Response)
-def best_checkpoint(study_id: int, service: Service, request: Request) -> Response:
+def best_checkpoint(study_id: StudyId, service: Service, request: Request) -> Response:
     """The best trial's newest checkpoint (single-objective studies)."""
     best, _ = service.best(study_id)
     if best is None:

@@ -7,7 +7,7 @@ import io
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from hpo.api.deps import Service
+from hpo.api.deps import Cursor, Service, StudyId
 from hpo.api.routes.conditional import not_modified
 from hpo.api.schemas import AskAnswer, BestAnswer, StudyPage, StudyPatch, TrialPage
 from hpo.service.errors import InvalidInput
@@ -31,7 +31,7 @@ def list_studies(
     service: Service,
     state: Annotated[str | None, Query(pattern="^(running|paused|stopped|completed)$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    cursor: int | None = None,
+    cursor: Cursor = None,
     name: str | None = None,
 ) -> StudyPage:
     """Studies, newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
@@ -40,7 +40,7 @@ def list_studies(
 
 
 @router.get("/{study_id}", response_model=StudyRecord)
-def get_study(study_id: int, service: Service, request: Request, response: Response):
+def get_study(study_id: StudyId, service: Service, request: Request, response: Response):
     """Spec, state, trial counts per state and best trial. Honours ``If-None-Match``."""
     tag = f'"study-{study_id}-{service.study_seq(study_id)}"'
     if (answer := not_modified(request, tag)) is not None:
@@ -50,7 +50,7 @@ def get_study(study_id: int, service: Service, request: Request, response: Respo
 
 
 @router.patch("/{study_id}", response_model=StudyRecord)
-def update_study(study_id: int, patch: StudyPatch, service: Service) -> StudyRecord:
+def update_study(study_id: StudyId, patch: StudyPatch, service: Service) -> StudyRecord:
     """Pause, resume or stop the study, or change ``budget.max_trials`` / ``max_concurrent``."""
     budget = patch.budget
     return service.update_study(
@@ -62,14 +62,14 @@ def update_study(study_id: int, patch: StudyPatch, service: Service) -> StudyRec
 
 
 @router.delete("/{study_id}", status_code=204)
-def delete_study(study_id: int, service: Service) -> Response:
+def delete_study(study_id: StudyId, service: Service) -> Response:
     """Delete the study, its trials and metrics; running trials are cancelled."""
     service.delete_study(study_id)
     return Response(status_code=204)
 
 
 @router.post("/{study_id}/ask", status_code=201, response_model=AskAnswer)
-def ask(study_id: int, service: Service) -> AskAnswer:
+def ask(study_id: StudyId, service: Service) -> AskAnswer:
     """A trial to run: 409 when the grid is exhausted, the budget spent or the study paused."""
     trial = service.ask(study_id)
     return AskAnswer(
@@ -79,12 +79,12 @@ def ask(study_id: int, service: Service) -> AskAnswer:
 
 @router.get("/{study_id}/trials", response_model=TrialPage)
 def list_trials(
-    study_id: int,
+    study_id: StudyId,
     service: Service,
     request: Request,
     response: Response,
     state: str | None = None,
-    since: Annotated[int | None, Query(ge=0)] = None,
+    since: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
 ):
     """Trials changed after cursor ``since`` (all when absent), with the next cursor."""
@@ -98,14 +98,14 @@ def list_trials(
 
 
 @router.get("/{study_id}/best", response_model=BestAnswer)
-def best(study_id: int, service: Service) -> BestAnswer:
+def best(study_id: StudyId, service: Service) -> BestAnswer:
     """The best complete trial, and the Pareto front of a multi-objective study."""
     best_trial, front = service.best(study_id)
     return BestAnswer(best_trial=best_trial, best_trials=front)
 
 
 @router.get("/{study_id}/export.csv", response_class=Response)
-def export_csv(study_id: int, service: Service) -> Response:
+def export_csv(study_id: StudyId, service: Service) -> Response:
     """Every trial as one CSV row (number, state, value(s), params_*, timings)."""
     study = service.get_study(study_id)
     trials = _all_trials(service, study_id)

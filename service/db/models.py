@@ -79,8 +79,14 @@ class Base(DeclarativeBase):
     }
 
 
+# SQLite would otherwise reuse the ids of deleted rows: an old trial id, ETag or cursor could
+# then name a new study's data.
+NO_REUSE = {"sqlite_autoincrement": True}
+
+
 class Study(Base):
     __tablename__ = "studies"
+    __table_args__ = NO_REUSE
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
@@ -107,6 +113,7 @@ class Trial(Base):
         UniqueConstraint("study_id", "number", name="uq_trials_study_number"),
         Index("ix_trials_study_seq", "study_id", "seq"),
         Index("ix_trials_study_state", "study_id", "state"),
+        NO_REUSE,
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -153,6 +160,7 @@ class MetricPoint(Base):
     __table_args__ = (
         Index("ix_metric_points_trial_name_step", "trial_id", "name", "step"),
         Index("ix_metric_points_study_name_step", "study_id", "name", "step"),
+        NO_REUSE,
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -168,7 +176,7 @@ class TrialEvent(Base):
     """One line of a trial's history: a state change, a retry, a lease expiry."""
 
     __tablename__ = "trial_events"
-    __table_args__ = (Index("ix_trial_events_trial", "trial_id", "id"),)
+    __table_args__ = (Index("ix_trial_events_trial", "trial_id", "id"), NO_REUSE)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"))

@@ -44,7 +44,8 @@ def train(ctx: TrialContext) -> dict[str, float]:
             os.kill(os.getpid(), signal.SIGSTOP)  # a worker that hangs: no more heartbeats
         if step == s.raise_at_step:
             raise ValueError(f"synthetic failure at step {step}")
-        local = (s.x - 0.3) ** 2 + 1.0 / step + 0.001 * ctx.rank
+        gap = s.x - 0.3
+        local = gap * gap + 1.0 / step + 0.001 * ctx.rank  # a huge x overflows to inf
         total, count = ctx.all_reduce_sum([local, 1.0])
         loss = total / count
         ctx.save_checkpoint({"step": step, "loss": loss}, step)

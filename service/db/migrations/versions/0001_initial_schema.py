@@ -33,6 +33,7 @@ def upgrade() -> None:
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("name"),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("studies", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_studies_state"), ["state"], unique=False)
@@ -60,6 +61,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["study_id"], ["studies.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("study_id", "number", name="uq_trials_study_number"),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("trials", schema=None) as batch_op:
         batch_op.create_index("ix_trials_study_seq", ["study_id", "seq"], unique=False)
@@ -77,6 +79,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["study_id"], ["studies.id"], ondelete="CASCADE"),
         sa.ForeignKeyConstraint(["trial_id"], ["trials.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("metric_points", schema=None) as batch_op:
         batch_op.create_index(
@@ -96,6 +99,7 @@ def upgrade() -> None:
         sa.Column("detail", sa.Text(), nullable=True),
         sa.ForeignKeyConstraint(["trial_id"], ["trials.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("trial_events", schema=None) as batch_op:
         batch_op.create_index("ix_trial_events_trial", ["trial_id", "id"], unique=False)

@@ -1,0 +1,292 @@
+"""The ``hpo`` command line as a user runs it: a subprocess talking to a served control plane.
+
+Exit codes: 0 success, 1 the study failed or was stopped, 2 bad input, 3 the server refused
+the request, 4 the server could not be reached.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from hpo.api.demo import free_port
+
+from tests.conftest import ServerProcess, simple_spec
+
+
+def run_cli(
+    server: ServerProcess | None, *args: str, url: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cli_command(server, *args, url=url),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
+    )
+
+
+def cli_command(server: ServerProcess | None, *args: str, url: str | None = None) -> list[str]:
+    url = url or server.url
+    token = server.token if server else "some-token"
+    return [sys.executable, "-m", "hpo.api.cli", *args, "--url", url, "--token", token]
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HPO_URL", "HPO_TOKEN")}
+    env["COLUMNS"] = "200"  # rich tables: no truncated cells
+    return env
+
+
+def write_spec(path: Path, name: str, **over: object) -> Path:
+    path.write_text(yaml.safe_dump(simple_spec(name, **over), sort_keys=False))
+    return path
+
+
+def wait_for_study(server: ServerProcess, name: str, timeout: float = 30) -> int:
+    deadline = time.monotonic() + timeout
+    with server.http() as http:
+        while time.monotonic() < deadline:
+            found = http.get("/api/v1/studies", params={"name": name}).json()["studies"]
+            if found:
+                return found[0]["id"]
+            time.sleep(0.1)
+    raise AssertionError(f"study {name!r} was never created")
+
+
+def test_submit_and_read_commands(sqlite_server: ServerProcess, tmp_path: Path) -> None:
+    server = sqlite_server
+    spec = write_spec(tmp_path / "study.yaml", "cli-study")
+    r = run_cli(server, "submit", str(spec))
+    assert r.returncode == 0, r.stderr
+    with server.http() as http:
+        [study] = http.get("/api/v1/studies").json()["studies"]
+    assert study["name"] == "cli-study"
+    assert f"study {study['id']} (cli-study) created" in r.stdout
+    sid = study["id"]
+
+    r = run_cli(server, "best", "cli-study")
+    assert r.returncode == 1 and "no complete trial" in r.stderr
+
+    with server.client() as client:
+        s = client.study(sid)
+        told = {}
+        for value in (0.75, 0.25, 0.5):
+            t = s.ask()
+            s.tell(t, value=value)
+            told[t.trial_id] = (value, t.params)
+        running = s.ask()
+    best_id = min(told, key=lambda k: told[k][0])
+
+    r = run_cli(server, "studies")
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if "cli-study" in line)
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells[:6] == [str(sid), "cli-study", "running", "random", "3", "1"]
+    assert cells[-1] == "0.25"
+
+    for ref in (str(sid), "cli-study"):
+        r = run_cli(server, "trials", ref)
+        assert r.returncode == 0, r.stderr
+        lines = [line for line in r.stdout.splitlines() if line.startswith("│")]
+        rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in lines]
+        ids = [*told, running.trial_id]
+        assert [(row[0], row[1], row[2]) for row in rows] == [
+            ("0", str(ids[0]), "complete"),
+            ("1", str(ids[1]), "complete"),
+            ("2", str(ids[2]), "complete"),
+            ("3", str(ids[3]), "running"),
+        ]
+        assert [row[3] for row in rows] == ["0.75", "0.25", "0.5", "-"]
+
+    r = run_cli(server, "trials", "cli-study", "--state", "running")
+    assert r.returncode == 0 and str(running.trial_id) in r.stdout
+    assert "complete" not in r.stdout
+
+    r = run_cli(server, "best", "cli-study")
+    assert r.returncode == 0, r.stderr
+    assert f"trial 1 (id {best_id}): value 0.25" in r.stdout
+    assert f"x = {told[best_id][1]['x']}" in r.stdout
+
+    r = run_cli(server, "export", "cli-study", "--csv")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert list(rows[0])[:4] == ["number", "trial_id", "state", "value"]
+    assert {"params_x", "params_n"} <= set(rows[0])
+    assert [row["state"] for row in rows] == ["complete"] * 3 + ["running"]
+    assert [row["value"] for row in rows] == ["0.75", "0.25", "0.5", ""]
+
+    out_file = tmp_path / "out" / "trials.csv"
+    out_file.parent.mkdir()
+    r = run_cli(server, "export", str(sid), "--csv", "-o", str(out_file))
+    assert r.returncode == 0, r.stderr
+    from_file = list(csv.DictReader(io.StringIO(out_file.read_text())))
+    for row in (*rows, *from_file):
+        row.pop("duration_s")  # the running trial ages between the two exports
+    assert from_file == rows
+    assert r.stdout == ""
+
+    with server.http() as http:
+
+        def state() -> str:
+            return http.get(f"/api/v1/studies/{sid}").json()["state"]
+
+        for command, expected in (("pause", "paused"), ("resume", "running"), ("stop", "stopped")):
+            r = run_cli(server, command, "cli-study")
+            assert r.returncode == 0, r.stderr
+            assert f"study {sid} is {expected}" in r.stdout
+            assert state() == expected
+        r = run_cli(server, "resume", "cli-study")
+        assert r.returncode == 3 and "stopped" in r.stderr
+        assert state() == "stopped"
+
+
+def test_bad_input_and_unreachable_server(sqlite_server: ServerProcess, tmp_path: Path) -> None:
+    server = sqlite_server
+    bad = write_spec(
+        tmp_path / "bad.yaml", "bad", space={"lr": {"type": "float", "low": 1.0, "high": 0.1}}
+    )
+    r = run_cli(server, "submit", str(bad))
+    assert r.returncode == 2
+    assert "space.lr" in r.stderr and "greater than" in r.stderr
+    assert "Traceback" not in r.stderr
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(
+        "name: typo\nobjective: {metric: loss}\nspace:\n  lr: {type: float, low: 0.1, hihg: 1}\n"
+    )
+    r = run_cli(server, "submit", str(typo))
+    assert r.returncode == 2 and "space.lr.hihg" in r.stderr
+
+    r = run_cli(server, "submit", str(tmp_path / "missing.yaml"))
+    assert r.returncode != 0
+    assert "missing.yaml" in r.stderr and "does not exist" in r.stderr
+
+    grid = write_spec(
+        tmp_path / "grid.yaml",
+        "grid",
+        sampler={"type": "grid"},
+        space={"lr": {"type": "float", "low": 0.1, "high": 1.0}},
+    )
+    r = run_cli(server, "submit", str(grid))
+    assert r.returncode == 2 and "space.lr" in r.stderr
+
+    with server.http() as http:
+        assert http.get("/api/v1/studies").json()["studies"] == []
+
+    ok = write_spec(tmp_path / "ok.yaml", "ok")
+    assert run_cli(server, "submit", str(ok)).returncode == 0
+    r = run_cli(server, "submit", str(ok))
+    assert r.returncode == 3 and "already exists" in r.stderr
+
+    for command in ("trials", "pause", "export"):
+        args = [command, "no-such-study"] + (["--csv"] if command == "export" else [])
+        r = run_cli(server, *args)
+        assert r.returncode == 3, (command, r.stderr)
+        assert "no-such-study" in r.stderr
+    r = run_cli(server, "trials", "4242")
+    assert r.returncode == 3 and "4242" in r.stderr
+
+    r = subprocess.run(
+        [sys.executable, "-m", "hpo.api.cli", "studies", "--url", server.url, "--token", "nope"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+    )
+    assert r.returncode == 3 and "token" in r.stderr
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    for args in (["studies"], ["submit", str(ok)]):
+        r = run_cli(server, *args, url=closed)
+        assert r.returncode == 4, (args, r.stderr)
+        assert "cannot reach the hpo server" in r.stderr
+
+
+def test_submit_invalid_yaml_syntax_is_bad_input(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\nspace: {lr: {type: float\n")
+    # the spec is read before any request: no server is needed to refuse it
+    r = run_cli(None, "submit", str(broken), url=f"http://127.0.0.1:{free_port()}")
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2
+    assert "broken.yaml" in r.stderr or "line 1" in r.stderr
+
+
+def test_submit_wait_until_completed_and_until_stopped(
+    sqlite_server: ServerProcess, tmp_path: Path
+) -> None:
+    server = sqlite_server
+    done_spec = write_spec(tmp_path / "done.yaml", "waited", budget={"max_trials": 3})
+    stop_spec = write_spec(tmp_path / "stop.yaml", "halted")
+    done = subprocess.Popen(
+        cli_command(server, "submit", str(done_spec), "--wait"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    halted = subprocess.Popen(
+        cli_command(server, "submit", str(stop_spec), "--wait"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    errors: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            sid = wait_for_study(server, "waited")
+            with server.client() as client:
+                study = client.study(sid)
+                for value in (3.0, 1.0, 2.0):
+                    time.sleep(0.3)
+                    study.tell(study.ask(), value=value)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def halt() -> None:
+        try:
+            sid = wait_for_study(server, "halted")
+            with server.client() as client:
+                study = client.study(sid)
+                t = study.ask()
+                study.report(t, 0, {"loss": 1.0})
+                time.sleep(1.0)
+                study.stop()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drive), threading.Thread(target=halt)]
+    for t in threads:
+        t.start()
+    try:
+        done_out, done_err = done.communicate(timeout=60)
+        halted_out, halted_err = halted.communicate(timeout=60)
+    finally:
+        for proc in (done, halted):
+            if proc.poll() is None:
+                proc.kill()
+        for t in threads:
+            t.join(timeout=30)
+    assert errors == []
+
+    assert done.returncode == 0, done_err
+    assert "completed: budget spent" in done_out
+    assert "best value 1.0" in done_out
+
+    assert halted.returncode == 1, halted_err
+    assert "stopped" in halted_out
+    with server.http() as http:
+        states = {
+            s["name"]: (s["state"], s["counts"]["complete"])
+            for s in http.get("/api/v1/studies").json()["studies"]
+        }
+    assert states == {"waited": ("completed", 3), "halted": ("stopped", 0)}

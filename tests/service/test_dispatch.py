@@ -1,0 +1,390 @@
+"""Studies dispatched to a real local Ray: DDP with world size 2 (gloo), live metric streams,
+ASHA, retries from checkpoints, hung workers, stop/cancel, and control-plane restarts."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hpo.api.client import Study
+from hpo.api.demo import free_port
+
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.ray
+
+RAY_ENV = {"HPO_RAY_NUM_CPUS": "4", "HPO_SCHEDULER_INTERVAL_S": "0.5"}
+
+
+def start_server(tmp: Path, **env: str) -> ServerProcess:
+    server = ServerProcess(f"sqlite:///{tmp / 'hpo.db'}", tmp, {**RAY_ENV, **env})
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One control plane with its local Ray, shared by the tests that do not kill it."""
+    server = start_server(tmp_path_factory.mktemp("ray-server"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def synthetic(name: str, **over: object) -> dict:
+    spec: dict = {
+        "name": name,
+        "objective": {"metric": "loss", "direction": "minimize"},
+        "sampler": {"type": "random", "seed": 0},
+        "budget": {"max_trials": 1},
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
+        "trainable": {"name": "synthetic", "config": {"steps": 5}},
+        "space": {"x": {"type": "float", "low": -1, "high": 1}},
+    }
+    spec.update(over)
+    return spec
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 120, what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def finished(study: Study, timeout: float = 180) -> None:
+    wait_for(lambda: study.state in ("completed", "stopped"), timeout, f"study {study.name}")
+
+
+def test_ddp_trial_streams_metrics_while_it_runs(ray_server: ServerProcess) -> None:
+    client = ray_server.client()
+    study = client.create_study(
+        synthetic("live", trainable={"name": "synthetic", "config": {"steps": 12, "step_s": 0.5}})
+    )
+    trial = wait_for(lambda: study.trials(state="running"), 60, "a running trial")[0]
+    # points reach the database while the trial is still running
+    wait_for(lambda: len(study.metrics(trial.id, "loss")) >= 2, 60, "streamed points")
+    assert client.trial(trial.id).state == "running"
+    finished(study)
+    done = client.trial(trial.id)
+    assert done.state == "complete"
+    points = study.metrics(trial.id, "loss")
+    assert [p.step for p in points] == list(range(1, 13))
+    assert done.value == points[-1].value  # objective scope "last"
+    placement = done.placement
+    assert placement["world_size"] == 2 and placement["executor"] == "ray"
+    ranks = placement["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert len({r["pid"] for r in ranks}) == 2
+    assert all(r["device"] == "cpu" for r in ranks)
+
+
+def test_image_classification_trial_trains_a_cnn_with_ddp(ray_server: ServerProcess) -> None:
+    client = ray_server.client()
+    study = client.create_study(
+        {
+            "name": "digits",
+            "objective": {"metric": "val_accuracy", "direction": "maximize"},
+            "budget": {"max_trials": 1},
+            "resources": {"workers_per_trial": 2},
+            "trainable": {"name": "image-classification", "config": {"epochs": 3}},
+            "space": {"lr": {"type": "categorical", "choices": [0.01]}},
+        }
+    )
+    finished(study)
+    best = study.best_trial
+    assert best is not None and best.value > 0.8  # three epochs of Adam reach ~0.9+
+    names = {p.name for p in study.metrics(best.id)}
+    assert {"val_loss", "val_accuracy", "train_loss"} <= names
+    archive = client.request("GET", f"/api/v1/studies/{study.id}/best/checkpoint").content
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("state.pt"))
+        state = torch.load(io.BytesIO(tar.extractfile(member).read()), weights_only=True)
+    assert state["epoch"] == 3 and "features.0.weight" in state["model"]
+
+
+def test_asha_stops_a_bad_trial_early(ray_server: ServerProcess) -> None:
+    client = ray_server.client()
+    study = client.create_study(
+        synthetic(
+            "asha",
+            sampler={"type": "grid"},
+            pruner={"type": "asha", "min_steps": 2, "reduction_factor": 2},
+            budget={"max_concurrent": 1},
+            trainable={"name": "synthetic", "config": {"steps": 8}},
+            space={"x": {"type": "float", "values": [0.3, 0.35, 3.0]}},
+        )
+    )
+    finished(study)
+    by_x = {t.params["x"]: t for t in study.trials()}
+    assert by_x[0.3].state == "complete"
+    bad = by_x[3.0]
+    assert bad.state == "pruned"
+    assert bad.pruned["step"] == 2 and bad.pruned["value"] > bad.pruned["threshold"]
+    assert max(p.step for p in study.metrics(bad.id, "loss")) < 8
+
+
+def test_killed_worker_is_retried_from_its_checkpoint(ray_server: ServerProcess) -> None:
+    client = ray_server.client()
+    study = client.create_study(
+        synthetic(
+            "retry",
+            max_retries=1,
+            trainable={"name": "synthetic", "config": {"steps": 6, "fail_at_step": 4}},
+        )
+    )
+    finished(study)
+    trial = study.trials()[0]
+    trial = client.trial(trial.id)
+    assert trial.state == "complete" and trial.attempts == 2
+    failure = next(e for e in trial.events if e.state == "failed")
+    assert "attempt 1" in failure.detail and "retrying" in failure.detail
+    # steps 1-3 ran in attempt 1 (checkpoint at 3), attempt 2 resumed at step 4: none twice
+    steps = [p.step for p in study.metrics(trial.id, "loss")]
+    assert sorted(steps) == list(range(1, 7))
+    assert trial.has_checkpoint
+
+
+def test_a_trainable_error_fails_without_retry_and_keeps_the_text(
+    ray_server: ServerProcess,
+) -> None:
+    client = ray_server.client()
+    study = client.create_study(
+        synthetic(
+            "raises",
+            max_retries=2,
+            trainable={"name": "synthetic", "config": {"steps": 5, "raise_at_step": 2}},
+        )
+    )
+    finished(study)
+    trial = client.trial(study.trials()[0].id)
+    # a Python error in user code is retried like Ray Tune does (it may be transient)...
+    assert trial.state == "failed" and trial.attempts == 3
+    assert "ValueError: synthetic failure at step 2" in trial.error
+    assert "Traceback" in trial.error
+
+
+def test_a_nan_loss_fails_the_trial_with_that_reason(ray_server: ServerProcess) -> None:
+    client = ray_server.client()
+    study = client.create_study(
+        synthetic("nan", max_retries=2, space={"x": {"type": "categorical", "choices": [1e308]}})
+    )
+    finished(study)
+    trial = client.trial(study.trials()[0].id)
+    # ... but a diverged loss is not: no retry can fix it
+    assert trial.state == "failed" and trial.attempts == 1
+    assert "loss is inf at step 1: training diverged" in trial.error
+
+
+def test_hung_worker_loses_its_lease_and_the_slot_is_reused(ray_server: ServerProcess) -> None:
+    client = ray_server.client()
+    study = client.create_study(
+        synthetic(
+            "hang",
+            lease_s=4,
+            budget={"max_trials": 2, "max_concurrent": 1},
+            sampler={"type": "grid"},
+            # the first trial freezes at step 2, the second runs normally
+            space={"hang_at_step": {"type": "categorical", "choices": [2, None]}},
+            trainable={"name": "synthetic", "config": {"steps": 4}},
+        )
+    )
+    trial = wait_for(lambda: study.trials(state="running"), 60, "a running trial")[0]
+    wait_for(lambda: client.trial(trial.id).placement, 60, "placement")
+    pid = client.trial(trial.id).placement["ranks"][0]["pid"]
+    wait_for(lambda: client.trial(trial.id).state == "failed", 60, "lease expiry")
+    assert client.trial(trial.id).error == "lease expired"
+    # the hung rank was cancelled (killed) and the next trial got the slot
+    wait_for(lambda: not _alive(pid), 60, "the hung process to be killed")
+    wait_for(lambda: len(study.trials()) == 2, 60, "the second trial")
+    finished(study)
+    assert study.record.counts == {
+        "waiting": 0,
+        "running": 0,
+        "complete": 1,
+        "pruned": 0,
+        "failed": 1,
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/status") as f:
+        return "zombie" not in f.read()
+
+
+def test_stop_cancels_running_trials(ray_server: ServerProcess) -> None:
+    client = ray_server.client()
+    study = client.create_study(
+        synthetic("stop", trainable={"name": "synthetic", "config": {"steps": 200, "step_s": 0.2}})
+    )
+    trial = wait_for(lambda: study.trials(state="running"), 60, "a running trial")[0]
+    wait_for(lambda: client.trial(trial.id).placement, 60, "placement")
+    pids = [r["pid"] for r in client.trial(trial.id).placement["ranks"]]
+    study.stop()
+    assert client.trial(trial.id).state == "failed"
+    wait_for(lambda: not any(_alive(p) for p in pids), 60, "the ranks to be killed")
+    time.sleep(1)
+    assert max(p.step for p in study.metrics(trial.id, "loss")) < 200
+
+
+def test_unregistered_trainable_and_bad_settings_are_422(ray_server: ServerProcess) -> None:
+    with ray_server.http() as http:
+        answer = http.post(
+            "/api/v1/studies", json=synthetic("nope", trainable={"name": "no-such-thing"})
+        )
+        assert answer.status_code == 422
+        assert "no trainable named 'no-such-thing'" in answer.json()["message"]
+        assert answer.json()["field"] == "trainable.name"
+        answer = http.post(
+            "/api/v1/studies",
+            json=synthetic("typo", trainable={"name": "synthetic", "config": {"stepz": 3}}),
+        )
+        assert answer.status_code == 422 and "trainable.config.stepz" in answer.json()["message"]
+        answer = http.post(
+            "/api/v1/studies",
+            json=synthetic("type", trainable={"name": "synthetic", "config": {"steps": "many"}}),
+        )
+        assert answer.status_code == 422 and "trainable.config.steps" in answer.json()["message"]
+        answer = http.post(
+            "/api/v1/studies",
+            json=synthetic("space", space={"y": {"type": "float", "low": 0, "high": 1}}),
+        )
+        assert answer.status_code == 422 and "space.y: not a setting" in answer.json()["message"]
+        assert http.get("/api/v1/studies", params={"name": "nope"}).json()["studies"] == []
+
+
+def test_two_studies_share_the_cluster(ray_server: ServerProcess) -> None:
+    client = ray_server.client()
+    slow = {"name": "synthetic", "config": {"steps": 4, "step_s": 0.3}}
+    a = client.create_study(synthetic("share-a", budget={"max_trials": 8}, trainable=slow))
+    b = client.create_study(synthetic("share-b", budget={"max_trials": 2}, trainable=slow))
+    # 4 CPUs, 2 per trial: a may take both slots first, but b must get one long before a
+    # has handed out its whole budget (first come, first served would starve b)
+    wait_for(lambda: b.trials(state="running"), 60, "b running")
+    assert a.record.n_trials < 6
+    finished(a)
+    finished(b)
+    assert a.record.counts["complete"] == 8 and b.record.counts["complete"] == 2
+
+
+def test_control_plane_killed_mid_study_finishes_exactly_the_budget(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    try:
+        client = server.client()
+        study = client.create_study(
+            synthetic(
+                "crash",
+                max_retries=2,
+                budget={"max_trials": 5, "max_concurrent": 2},
+                trainable={"name": "synthetic", "config": {"steps": 6, "step_s": 0.3}},
+            )
+        )
+        wait_for(lambda: len(study.trials(state="complete")) >= 1, 120, "one complete trial")
+        wait_for(lambda: study.trials(state="running"), 60, "running trials")
+        server.kill()  # SIGKILL the control plane and its local Ray
+        server.start()
+        client = server.client()
+        study = client.study(study.id)
+        finished(study, timeout=240)
+        trials = study.trials()
+        assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4]
+        assert len({t.id for t in trials}) == 5
+        assert all(t.state == "complete" for t in trials)
+        retried = [client.trial(t.id) for t in trials if t.attempts > 1]
+        assert retried, "a trial running at the crash was retried"
+        assert any("control plane restarted" in (e.detail or "") for e in retried[0].events)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def ray_cluster(tmp_path: Path) -> Iterator[str]:
+    """A separate Ray cluster (``ray start --head --block``), stopped by its own PID."""
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    ray = Path(sys.executable).with_name("ray")
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths are long
+    proc = subprocess.Popen(
+        [
+            str(ray),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=4",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _ray_up(address), 90, "the Ray cluster")
+        yield address
+    finally:
+        proc.terminate()  # Ray drains for up to 30 s: give it a moment, then end the group
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _ray_up(address: str) -> bool:
+    check = subprocess.run(
+        [sys.executable, "-c", f"import ray; ray.init(address='{address}'); ray.shutdown()"],
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+        capture_output=True,
+        timeout=60,
+    )
+    return check.returncode == 0
+
+
+def test_restarted_control_plane_re_adopts_trials_on_a_cluster(
+    tmp_path: Path, ray_cluster: str
+) -> None:
+    server = start_server(tmp_path, HPO_RAY_ADDRESS=ray_cluster)
+    try:
+        client = server.client()
+        study = client.create_study(
+            synthetic(
+                "adopt", trainable={"name": "synthetic", "config": {"steps": 30, "step_s": 0.4}}
+            )
+        )
+        trial = wait_for(lambda: study.trials(state="running"), 60, "a running trial")[0]
+        wait_for(lambda: len(study.metrics(trial.id, "loss")) >= 2, 60, "first points")
+        server.kill()
+        time.sleep(2)
+        server.start()
+        study = server.client().study(study.id)
+        finished(study, timeout=120)
+        done = server.client().trial(trial.id)
+        assert done.state == "complete" and done.attempts == 1  # adopted, not retried
+        assert [p.step for p in study.metrics(trial.id, "loss")] == list(range(1, 31))
+    finally:
+        server.stop()
