@@ -44,6 +44,7 @@ class TrialContext:
     device: torch.device
     objectives: list[Objective]
     checkpoint_dir: Path
+    trainable: str = ""
     resume_from: Path | None = None
     reporter: MetricReporter | None = None
     on_checkpoint: Callable[[str, int], None] | None = None
@@ -136,7 +137,14 @@ class TrialContext:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             torch.save(dict(state), tmp / "state.pt")
-            info = {"step": step, "trial_id": self.trial_id, "attempt": self.attempt, **meta}
+            info = {
+                "step": step,
+                "trial_id": self.trial_id,
+                "attempt": self.attempt,
+                "trainable": self.trainable,
+                "settings": _jsonable(self.settings),
+                **meta,
+            }
             (tmp / "meta.json").write_text(json.dumps(info, default=str))
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
@@ -178,6 +186,10 @@ class TrialContext:
         return DistributedSampler(
             dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=seed
         )
+
+
+def _jsonable(settings: Any) -> Any:
+    return settings.model_dump(mode="json") if hasattr(settings, "model_dump") else settings
 
 
 def _finite(step: int, metrics: Mapping[str, float]) -> dict[str, float]:

@@ -32,16 +32,28 @@ class NoSettings(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-def trainable(settings: type[BaseModel] | None = None) -> Callable[[Callable], Trainable]:
+def trainable(
+    settings: type[BaseModel] | None = None,
+    *,
+    evaluate: Callable[..., Mapping[str, float]] | None = None,
+    build_model: Callable[[Any], Any] | None = None,
+) -> Callable[[Callable], Trainable]:
     """Declare a function a trainable, with the pydantic model of its settings.
 
     Fixed settings (``trainable.config`` of a spec) and searched parameters (``space``) are
     merged into one instance of ``settings``, so a wrong key or type is refused when the
     study is created, not in a worker.
+
+    ``evaluate(checkpoint_dir: Path, settings, device) -> metrics`` computes held-out test
+    metrics from a checkpoint; the service runs it for the best trial once a study completes.
+    ``build_model(settings) -> torch.nn.Module`` rebuilds the model so that
+    :func:`hpo.workers.inference.load_model` can load any checkpoint of the trainable.
     """
 
     def wrap(fn: Callable) -> Trainable:
         fn.settings_model = settings or NoSettings  # type: ignore[attr-defined]
+        fn.evaluate = evaluate  # type: ignore[attr-defined]
+        fn.build_model = build_model  # type: ignore[attr-defined]
         return fn  # type: ignore[return-value]
 
     return wrap

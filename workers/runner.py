@@ -101,6 +101,7 @@ def run_rank(launch: TrialLaunch, rank: int, dispatcher: Any, key: str) -> dict[
             device=device,
             objectives=[Objective(m, d) for m, d in launch.objectives],
             checkpoint_dir=ckpt_dir,
+            trainable=launch.trainable,
             resume_from=Path(launch.resume_from) if launch.resume_from else None,
             reporter=reporter,
             on_checkpoint=lambda path, step: dispatcher.note_checkpoint.remote(key, path, step),
