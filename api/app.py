@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from sqlalchemy import text
+
 from hpo.api import errors
 from hpo.api.deps import require_token
 from hpo.api.routes import checkpoints, studies, trials
@@ -17,7 +19,6 @@ from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.settings import Settings
 from hpo.service.storage import Storage
 from hpo.service.studies import StudyService
-from sqlalchemy import text
 
 log = logging.getLogger("hpo.api")
 VERSION = "0.1.0"

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from hpo.service import errors
-from hpo.service.spec import StudySpec, describe_errors
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+
+from hpo.service import errors
+from hpo.service.spec import StudySpec, describe_errors
 
 console = Console(stderr=True)
 out = Console()
@@ -124,6 +125,7 @@ def _client(args: argparse.Namespace) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+
     from hpo.api.app import create_app
     from hpo.service.settings import Settings
 
@@ -211,8 +213,10 @@ def cmd_best(args: argparse.Namespace) -> int:
         out.print(f"trial {t.number} (id {t.id}): value {value}")
         for k, v in t.params.items():
             out.print(f"  {k} = {v}")
-        test = (t.placement or {}).get("test_metrics")
-        if test:
+        test = t.test_metrics
+        if test and "error" in test:
+            out.print(f"  test metrics: evaluation failed: {test['error']}")
+        elif test:
             out.print("  test metrics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in test.items()))
     return 0
 

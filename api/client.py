@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from hpo.service import errors
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec

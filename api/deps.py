@@ -6,6 +6,7 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, Request
+
 from hpo.service.studies import StudyService
 
 

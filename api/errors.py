@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from hpo.service.errors import Conflict, HpoError, InvalidInput, NotFound
-from hpo.service.spec import describe_errors
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hpo.service.errors import Conflict, HpoError, InvalidInput, NotFound
+from hpo.service.spec import describe_errors
 
 STATUS = {NotFound: 404, Conflict: 409, InvalidInput: 422}
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
 from hpo.service.spec import Number
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 
 class _Body(BaseModel):

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+
 from hpo.service.samplers import make_sampler
 from hpo.service.samplers.base import ObservedTrial, StudyView
 from hpo.service.spec import CategoricalParam, FloatParam, StudySpec

@@ -57,6 +57,7 @@ class RayExecutor:
         self.object_store_mb = object_store_mb
         self.env = env or {}
         self._tracked: dict[int, _Tracked] = {}
+        self._evaluations: dict[int, Any] = {}
         self._dispatcher: Any = None
 
     # -------------------------------------------------------------- lifecycle
@@ -66,6 +67,7 @@ class RayExecutor:
         if self.address:  # Ray 2.5x clusters use token auth; Ray reads this on import
             os.environ.setdefault("RAY_AUTH_MODE", "token")
         import ray
+
         from hpo.workers.runner import DISPATCHER, TrialDispatcher
 
         if self._dispatcher is not None:
@@ -100,6 +102,7 @@ class RayExecutor:
         ray.shutdown()
         self._dispatcher = None
         self._tracked.clear()
+        self._evaluations.clear()
         _reap(started)  # Ray leaves its agent processes behind when the local raylet exits
 
     @property
@@ -119,6 +122,7 @@ class RayExecutor:
     def adopt(self, trial_id: int, attempt: int, needs: dict[str, float]) -> bool:
         """Take over an attempt a previous control plane launched, if Ray still runs it."""
         import ray
+
         from hpo.workers.runner import attempt_key
 
         key = attempt_key(trial_id, attempt)
@@ -184,6 +188,44 @@ class RayExecutor:
         with contextlib.suppress(Exception):
             ray.get(self._dispatcher.cancel.remote(tracked.key), timeout=30)
         self.release(trial_id)
+
+    def evaluate(self, trial: Any, spec: Any, checkpoint: str) -> None:
+        """Compute test metrics of ``trial``'s checkpoint in one Ray task (see ``evaluations``)."""
+        import ray
+
+        from hpo.workers.runner import run_evaluation
+
+        res = spec.resources
+        task = ray.remote(run_evaluation).options(
+            num_cpus=res.cpus_per_worker, num_gpus=min(res.gpus_per_worker, 1), max_retries=1
+        )
+        ref = task.remote(
+            spec.trainable.name,
+            dict(spec.trainable.config),
+            dict(trial.params),
+            checkpoint,
+            res.gpus_per_worker > 0,
+        )
+        self._evaluations[trial.id] = ref
+
+    def evaluations(self) -> list[tuple[int, dict[str, Any] | None]]:
+        """Evaluations that ended since the last call: (trial id, metrics or {"error": ...})."""
+        import ray
+
+        if not self._evaluations:
+            return []
+        refs = list(self._evaluations.values())
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        out = []
+        for trial_id, ref in list(self._evaluations.items()):
+            if ref not in done:
+                continue
+            del self._evaluations[trial_id]
+            try:
+                out.append((trial_id, ray.get(ref)))
+            except Exception as exc:
+                out.append((trial_id, {"error": f"{type(exc).__name__}: {str(exc)[-500:]}"}))
+        return out
 
     def free(self, pending_ids: list[int]) -> dict[str, float]:
         """Cluster resources not yet claimed, minus what pending attempts will claim."""

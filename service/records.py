@@ -50,6 +50,7 @@ class TrialRecord(_Record):
     suggestion: dict[str, Any] | None = None
     placement: dict[str, Any] | None = None
     has_checkpoint: bool = False
+    test_metrics: dict[str, Any] | None = None
     seq: int
     events: list[TrialEventRecord] | None = None
 

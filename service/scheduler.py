@@ -69,6 +69,7 @@ class Scheduler:
         self.checkpoint_dir = checkpoint_dir
         self.interval_s = interval_s
         self.in_flight: dict[int, _InFlight] = {}
+        self._evaluated: set[int] = set()  # studies whose best trial went to evaluation
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,13 +109,31 @@ class Scheduler:
 
     def tick(self) -> None:
         studies = self.service.dispatched_studies()
+        to_evaluate = self.service.studies_to_evaluate(self._evaluated)
         if not self.executor.started:
-            if not any(state == "running" for _, state, _ in studies):
+            if not any(state == "running" for _, state, _ in studies) and not to_evaluate:
                 return
             self.executor.start()
             self._adopt(studies)
         self._reconcile()
         self._launch([(sid, spec) for sid, state, spec in studies if state == "running"])
+        self._evaluate(to_evaluate)
+
+    def _evaluate(self, todo: list[tuple[StudySpec, TrialRecord, str]]) -> None:
+        """Test metrics for the best trial of each completed study, computed once."""
+        for trial_id, metrics in self.executor.evaluations():
+            if metrics is None:
+                metrics = {"note": "the trainable defines no evaluate()"}
+            self.service.set_test_metrics(trial_id, metrics)
+        for spec, best, checkpoint in todo:
+            if spec.multi_objective:
+                continue
+            self._evaluated.add(best.study_id)
+            log.info("evaluating the best trial %s of study %s", best.id, best.study_id)
+            try:
+                self.executor.evaluate(best, spec, checkpoint)
+            except Exception as exc:
+                self.service.set_test_metrics(best.id, {"error": str(exc)})
 
     def _adopt(self, studies: list[tuple[int, str, StudySpec]]) -> None:
         """After a restart: take over attempts Ray still runs; retry the ones that are gone."""

@@ -13,8 +13,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from hpo.service.pruners import PRUNERS
-from hpo.service.samplers import SAMPLERS
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -30,6 +28,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from hpo.service.pruners import PRUNERS
+from hpo.service.samplers import SAMPLERS
 
 ParamValue = StrictBool | StrictInt | StrictFloat | StrictStr | None
 # Strict: a number, never a numeric string or a bool (ints are accepted and kept exact).

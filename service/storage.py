@@ -13,12 +13,13 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Engine, and_, func, select
+from sqlalchemy.orm import Session, selectinload
+
 from hpo.service.db.models import MetricPoint, Study, Trial, TrialEvent, TrialParam, utcnow
 from hpo.service.errors import StudyNotFound, TrialNotFound
 from hpo.service.records import StudyRecord, TrialEventRecord, TrialRecord
 from hpo.service.samplers.base import ObservedTrial
-from sqlalchemy import Engine, and_, func, select
-from sqlalchemy.orm import Session, selectinload
 
 
 class Storage:
@@ -228,6 +229,7 @@ def trial_record(trial: Trial, *, events: Sequence[TrialEvent] | None = None) ->
         suggestion=trial.suggestion,
         placement=placement,
         has_checkpoint=trial.checkpoint is not None,
+        test_metrics=trial.test_metrics,
         seq=trial.seq,
         events=None
         if events is None

@@ -15,6 +15,10 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
 from hpo.service import storage as sql
 from hpo.service.db.models import MetricPoint, Study, Trial, TrialEvent, utcnow
 from hpo.service.errors import (
@@ -40,9 +44,6 @@ from hpo.service.records import (
 from hpo.service.samplers import make_sampler, sampler_class
 from hpo.service.samplers.base import Sampler, StudyView
 from hpo.service.spec import StudySpec
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
 
 MAX_ASK_ATTEMPTS = 50
 MAX_PAGE = 1000
@@ -564,6 +565,31 @@ class StudyService:
         with self.storage.read() as s:
             rows = s.execute(select(Trial.id, Trial.state).where(Trial.id.in_(trial_ids)))
             return {trial_id: state for trial_id, state in rows}
+
+    def studies_to_evaluate(self, skip: set[int]) -> list[tuple[StudySpec, TrialRecord, str]]:
+        """Completed dispatched studies whose best trial has a checkpoint but no test metrics
+        yet: (spec, best trial, checkpoint path). Studies in ``skip`` are left out."""
+        with self.storage.read() as s:
+            rows = s.execute(
+                select(Study.id, Study.spec).where(Study.state == "completed").order_by(Study.id)
+            ).all()
+        out = []
+        for study_id, raw in rows:
+            if study_id in skip or not raw.get("trainable"):
+                continue
+            best, _ = self.best(study_id)
+            if best is None or best.test_metrics is not None:
+                continue
+            path = self.trial_checkpoint(best.id)
+            if path:
+                out.append((_spec_of(json.dumps(raw)), best, path))
+        return out
+
+    def set_test_metrics(self, trial_id: int, metrics: dict[str, Any]) -> None:
+        with self.storage.write() as s:
+            study, trial = sql.lock_trial(s, trial_id)
+            trial.test_metrics = metrics
+            sql.touch(study, trial)
 
     def spec_of(self, study_id: int) -> StudySpec:
         with self.storage.read() as s:

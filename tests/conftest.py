@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from hpo.api.client import Client
 from hpo.api.demo import free_port
 

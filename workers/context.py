@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from hpo.workers import ddp
 from hpo.workers.registry import TrainableError
 from hpo.workers.reporter import MetricReporter

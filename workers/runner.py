@@ -121,6 +121,23 @@ def run_rank(launch: TrialLaunch, rank: int, dispatcher: Any, key: str) -> dict[
         ddp.shutdown()
 
 
+def run_evaluation(
+    trainable: str, config: dict[str, Any], params: dict[str, Any], checkpoint: str, gpu: bool
+) -> dict[str, float] | None:
+    """Held-out test metrics of a checkpoint, from the trainable's ``evaluate`` (or None)."""
+    import torch
+
+    from hpo.workers import registry
+
+    fn = registry.load(trainable)
+    if getattr(fn, "evaluate", None) is None:
+        return None
+    settings = registry.settings_for(fn, config, params)
+    device = torch.device("cuda", 0) if gpu and torch.cuda.is_available() else torch.device("cpu")
+    metrics = fn.evaluate(Path(checkpoint), settings, device)
+    return {k: float(v) for k, v in metrics.items()}
+
+
 _remote_rank = ray.remote(run_rank)
 
 

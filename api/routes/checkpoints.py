@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
+
 from hpo.api.deps import Service, StudyId, TrialId
 from hpo.service.errors import NotFound
 

@@ -7,6 +7,7 @@ import io
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+
 from hpo.api.deps import Cursor, Service, StudyId
 from hpo.api.routes.conditional import not_modified
 from hpo.api.schemas import AskAnswer, BestAnswer, StudyPage, StudyPatch, TrialPage

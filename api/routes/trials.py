@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+
 from hpo.api.deps import Service, TrialId
 from hpo.api.schemas import MAX_STEP, MetricPage, MetricsBody, ShouldStop, TellBody
 from hpo.service.records import TrialRecord

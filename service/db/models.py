@@ -137,6 +137,8 @@ class Trial(Base):
     # Where it ran: Ray node, world size, device of every rank; executor handle.
     placement: Mapped[dict[str, Any] | None]
     checkpoint: Mapped[str | None] = mapped_column(Text)
+    # Held-out test metrics, computed for the best trial once its study completes.
+    test_metrics: Mapped[dict[str, Any] | None]
 
     study: Mapped[Study] = relationship(back_populates="trials")
     params: Mapped[list[TrialParam]] = relationship(

@@ -11,8 +11,6 @@ import warnings
 from typing import Any
 
 import optuna
-from hpo.service.samplers.base import ObservedTrial, StudyView
-from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -20,6 +18,9 @@ from optuna.distributions import (
     IntDistribution,
 )
 from optuna.trial import TrialState
+
+from hpo.service.samplers.base import ObservedTrial, StudyView
+from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

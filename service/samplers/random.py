@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import numpy as np
+
 from hpo.service.samplers.base import Sampler, StudyView, Suggestion
 from hpo.service.spec import CategoricalParam, FloatParam, IntParam
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import optuna
+
 from hpo.service.samplers import _optuna
 from hpo.service.samplers.base import Sampler, StudyView, Suggestion
 

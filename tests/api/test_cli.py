@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import yaml
-from hpo.api.demo import free_port
 
+from hpo.api.demo import free_port
 from tests.conftest import ServerProcess, simple_spec
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from pydantic import ValidationError
+
 from hpo.api.client import Client, TrialHandle, Unauthorized
 from hpo.service.errors import (
     BudgetSpent,
@@ -19,8 +21,6 @@ from hpo.service.errors import (
     StudyNotRunning,
     TrialFinished,
 )
-from pydantic import ValidationError
-
 from tests.conftest import ServerProcess, simple_spec
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from hpo.api.client import Study
 from hpo.api.demo import free_port
-
 from tests.conftest import ServerProcess
 
 pytestmark = pytest.mark.ray
@@ -117,6 +117,35 @@ def test_image_classification_trial_trains_a_cnn_with_ddp(ray_server: ServerProc
         member = next(m for m in tar.getmembers() if m.name.endswith("state.pt"))
         state = torch.load(io.BytesIO(tar.extractfile(member).read()), weights_only=True)
     assert state["epoch"] == 3 and "features.0.weight" in state["model"]
+
+
+def test_best_trial_gets_test_metrics_once_the_study_completes(
+    ray_server: ServerProcess,
+) -> None:
+    client = ray_server.client()
+    study = client.create_study(synthetic("evaluated", budget={"max_trials": 2}))
+    finished(study)
+    best = wait_for(lambda: (b := study.best_trial) and b.test_metrics and b, 60, "test metrics")
+    assert best.test_metrics == {"test_loss": best.value, "test_step": 5.0}
+    others = [t for t in study.trials() if t.id != best.id]
+    assert all(t.test_metrics is None for t in others)  # the best trial only
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hpo.api.cli",
+            "best",
+            str(study.id),
+            "--url",
+            ray_server.url,
+            "--token",
+            ray_server.token,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0 and "test metrics: test_loss=" in cli.stdout
 
 
 def test_asha_stops_a_bad_trial_early(ray_server: ServerProcess) -> None:

@@ -7,6 +7,7 @@ import math
 import statistics
 
 import pytest
+
 from hpo.service.errors import GridExhausted
 from hpo.service.samplers import make_sampler
 from hpo.service.samplers.base import ObservedTrial, StudyView

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from hpo.service.spec import StudySpec, describe_errors
 from pydantic import ValidationError
+
+from hpo.service.spec import StudySpec, describe_errors
 
 ISSUE_SPEC = """
 name: minilm-bbc-news

@@ -6,6 +6,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import select
+
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.db.models import MetricPoint, Trial
 from hpo.service.errors import (
@@ -22,8 +24,6 @@ from hpo.service.errors import (
 from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage
 from hpo.service.studies import MetricInput, StudyService
-from sqlalchemy import select
-
 from tests.conftest import simple_spec
 
 

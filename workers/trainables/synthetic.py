@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from hpo.workers import trainable
 from hpo.workers.context import TrialContext
-from pydantic import BaseModel, ConfigDict, Field
 
 
 class Settings(BaseModel):
@@ -27,7 +30,13 @@ class Settings(BaseModel):
     raise_at_step: int | None = Field(default=None, description="Raise an error at this step.")
 
 
-@trainable(Settings)
+def evaluate(checkpoint: Path, settings: Settings, device: torch.device) -> dict[str, float]:
+    """A "test" metric read back from the checkpoint (exercises the evaluation path)."""
+    state = torch.load(checkpoint / "state.pt", map_location=device, weights_only=True)
+    return {"test_loss": float(state["loss"]), "test_step": float(state["step"])}
+
+
+@trainable(Settings, evaluate=evaluate)
 def train(ctx: TrialContext) -> dict[str, float]:
     s: Settings = ctx.settings
     start = 1
