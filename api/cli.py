@@ -275,8 +275,14 @@ def _watch(study: Any, poll_s: float = 1.0) -> int:
         console=console,
     )
     task = progress.add_task(record.name, total=budget, states="", best="-")
+    cursor, reported = None, set()
     with Live(progress, console=console, refresh_per_second=4):
         while True:
+            changed, cursor = study.changed_trials(cursor)
+            for t in sorted(changed, key=lambda t: t.number):
+                if t.state in ("complete", "pruned", "failed") and t.id not in reported:
+                    reported.add(t.id)
+                    progress.console.print(_trial_line(t))
             record = study.refresh()
             c = record.counts
             done = c["complete"] + c["pruned"] + c["failed"]
@@ -294,6 +300,18 @@ def _watch(study: Any, poll_s: float = 1.0) -> int:
         out.print(f"best value {record.best_trial.value} with {record.best_trial.params}")
     ok = record.state == "completed" and record.counts["complete"] > 0
     return 0 if ok else 1
+
+
+def _trial_line(t: Any) -> str:
+    colour = {"complete": "green", "pruned": "yellow", "failed": "red"}[t.state]
+    value = _fmt(t.value) if t.values is None else ", ".join(_fmt(v) for v in t.values)
+    params = " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+    line = f"  trial {t.number:>3} [{colour}]{t.state:<8}[/{colour}] value={value:<10} {params}"
+    if t.state == "pruned" and t.pruned:
+        line += f"  (stopped at step {t.pruned.get('step')})"
+    if t.state == "failed" and t.error:
+        line += f"  ({t.error.splitlines()[0][:80]})"
+    return line
 
 
 def _print_invalid(exc: Exception) -> None:

@@ -18,6 +18,25 @@ from rich.console import Console
 
 console = Console(stderr=True)
 
+DISPATCH_SPEC: dict[str, Any] = {
+    "name": "demo-digits-cnn",
+    "description": "A CNN on the digits images, 2 DDP workers per trial on the local Ray",
+    "objective": {"metric": "val_accuracy", "direction": "maximize"},
+    "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 5},
+    "pruner": {"type": "asha", "min_steps": 2, "reduction_factor": 3},
+    "budget": {"max_trials": 16, "max_concurrent": 1},
+    "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
+    "trainable": {"name": "image-classification", "config": {"epochs": 12}},
+    "space": {
+        "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+        "batch_size": {"type": "categorical", "choices": [16, 32, 64]},
+        "optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+        "momentum": {"type": "float", "low": 0.5, "high": 0.99, "when": {"optimizer": ["sgd"]}},
+        "channels": {"type": "int", "low": 4, "high": 32, "log": True},
+        "dropout": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.1},
+    },
+}
+
 ASK_TELL_SPEC: dict[str, Any] = {
     "name": "demo-digits-mlp",
     "description": "scikit-learn MLP on the digits images, trained in the client over ask/tell",
@@ -114,25 +133,32 @@ def digits_mlp_objective(trial: Any, epochs: int = 12) -> float:
     return accuracy
 
 
-def run_demo(*, trials: int | None = None, ask_tell: bool = True, keep: bool = False) -> int:
-    """Start a server on a temporary data dir and run the demo study; returns an exit code."""
+def run_demo(*, trials: int | None = None, ask_tell: bool = False, keep: bool = False) -> int:
+    """Start ``hpo serve`` (SQLite + local Ray) on a temporary data dir and run the demo study
+    end to end; returns an exit code (0 when the study completed with a result)."""
     from hpo.api.cli import _watch
     from hpo.api.client import Client
 
+    spec = dict(ASK_TELL_SPEC if ask_tell else DISPATCH_SPEC)
+    if trials:
+        spec["budget"] = {**spec["budget"], "max_trials": trials}
     with tempfile.TemporaryDirectory(prefix="hpo-demo-") as tmp, served(Path(tmp)) as (url, tok):
         console.print(f"[bold]hpo demo[/bold]: server at {url} (data in {tmp})")
+        console.print(f"dashboard: {url}/#token={tok}")
         client = Client(url, tok)
-        spec = dict(ASK_TELL_SPEC)
-        if trials:
-            spec["budget"] = {**spec["budget"], "max_trials": trials}
         study = client.create_study(spec)
-        console.print(f"study {study.id} {study.name!r}: TPE + ASHA, {spec['budget']} ")
+        how = (
+            "in this process over ask/tell" if ask_tell else "on the local Ray, 2 DDP workers each"
+        )
+        console.print(
+            f"study {study.id} {study.name!r}: TPE + ASHA, {spec['budget']['max_trials']} trials "
+            f"{how}"
+        )
         started = time.monotonic()
-        study.optimize(_progress(digits_mlp_objective))
-        code = _watch(study, poll_s=0.2)
-        frame = study.trials_dataframe()
-        console.print(frame[["number", "state", "value", "params_lr", "params_hidden"]].to_string())
-        console.print(f"{len(frame)} trials in {time.monotonic() - started:.1f} s")
+        if ask_tell:
+            study.optimize(digits_mlp_objective)
+        code = _watch(study, poll_s=0.5)
+        _summary(study, time.monotonic() - started, wait_for_test=not ask_tell)
         if keep:
             console.print(f"serving on {url} (token {tok}); Ctrl-C to stop")
             while True:
@@ -140,14 +166,28 @@ def run_demo(*, trials: int | None = None, ask_tell: bool = True, keep: bool = F
         return code
 
 
-def _progress(objective: Any) -> Any:
-    def wrapped(trial: Any) -> float:
-        value = objective(trial)
-        state = "pruned" if trial.should_stop else "done"
-        console.print(
-            f"  trial {trial.number:>3} {state:<6} val_accuracy={value:.4f} "
-            f"lr={trial.params['lr']:.2e} hidden={trial.params['hidden']}"
+def _summary(study: Any, elapsed: float, *, wait_for_test: bool) -> None:
+    frame = study.trials_dataframe()
+    columns = ["number", "state", "value", "attempts", "duration_s"]
+    columns += [c for c in frame.columns if c.startswith("params_")]
+    print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
+    counts = frame["state"].value_counts().to_dict()
+    console.print(f"{len(frame)} trials in {elapsed:.0f} s: {counts}")
+    best = study.best_trial
+    if best is None:
+        return
+    console.print(f"[bold]best[/bold]: trial {best.number}, value {best.value:.4f}")
+    for name, value in best.params.items():
+        console.print(f"  {name} = {value}")
+    deadline = time.monotonic() + (90 if wait_for_test else 0)
+    while wait_for_test and best.test_metrics is None and time.monotonic() < deadline:
+        time.sleep(1)
+        best = study.best_trial
+    if best.test_metrics:
+        shown = ", ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in best.test_metrics.items()
         )
-        return value
-
-    return wrapped
+        console.print(f"  held-out test metrics: {shown}")
+    if best.has_checkpoint:
+        console.print(f"  checkpoint: GET /api/v1/studies/{study.id}/best/checkpoint (a .tar.gz)")

@@ -30,7 +30,9 @@ class Placement:
     pid: int
     device: str
     gpu_ids: list[str]
+    cuda_visible_devices: str | None
     device_name: str | None
+    started_at: float  # when this rank joined the process group (Unix time)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -71,21 +73,19 @@ def init_process_group(
 def placement(
     rank: int, node_ip: str, node_id: str, device: torch.device, gpu_ids: list
 ) -> Placement:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    """Where this rank runs: node, process, device (and which GPUs Ray gave it)."""
+    cuda = device.type == "cuda"
     return Placement(
         rank=rank,
         node_ip=node_ip,
         node_id=node_id,
         hostname=os.uname().nodename,
         pid=os.getpid(),
-        device=str(device)
-        + (
-            f" (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})"
-            if device.type == "cuda"
-            else ""
-        ),
+        device=str(device),
         gpu_ids=[str(g) for g in gpu_ids],
-        device_name=name,
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES") if cuda else None,
+        device_name=torch.cuda.get_device_name(device) if cuda else None,
+        started_at=time.time(),
     )
 
 

@@ -1,0 +1,94 @@
+"""A normal (non-editable) install carries every module, migration, static file and entry point."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from hpo.service.spec import StudySpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
+    )
+    return next(out.glob("hpo-*.whl"))
+
+
+def test_wheel_contents(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for expected in [
+        "hpo/service/spec.py",
+        "hpo/service/samplers/tpe.py",
+        "hpo/service/db/migrations/env.py",
+        "hpo/service/db/migrations/script.py.mako",
+        "hpo/service/db/migrations/versions/0001_initial_schema.py",
+        "hpo/api/app.py",
+        "hpo/workers/runner.py",
+        "hpo/workers/trainables/image_classification.py",
+    ]:
+        assert expected in names, expected
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "[hpo.trainables]" in text and "image-classification" in text
+    assert "hpo = hpo.api.cli:main" in text
+
+
+def test_installed_wheel_imports_outside_the_source_tree(wheel: Path, tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
+    )
+    code = (
+        "import hpo.service.spec as s, hpo.api.client, hpo.workers.registry as r; "
+        f"assert s.__file__.startswith({str(target)!r}); print('ok')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_specs_are_valid(path: Path) -> None:
+    assert StudySpec.from_yaml(path).name
