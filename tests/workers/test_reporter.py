@@ -1,0 +1,79 @@
+"""The metric reporter against a real control plane that goes away and comes back."""
+
+from __future__ import annotations
+
+import time
+
+from hpo.workers.reporter import MetricReporter
+from tests.conftest import ServerProcess, simple_spec
+
+
+def test_points_survive_an_absent_control_plane(sqlite_server: ServerProcess) -> None:
+    client = sqlite_server.client()
+    study = client.create_study(simple_spec("stream"))
+    trial = study.ask()
+    sqlite_server.kill()  # the control plane is gone while training goes on
+
+    reporter = MetricReporter(
+        sqlite_server.url, trial.trial_id, token=sqlite_server.token, flush_s=0.05
+    )
+    started = time.monotonic()
+    tickets = [reporter.log(step, {"loss": 1.0 / (step + 1), "lr": 0.1}) for step in range(50)]
+    assert time.monotonic() - started < 0.5  # logging never waits for the network
+    assert reporter.wait_sent(tickets[-1], timeout=1.0) is False
+    assert reporter.failures >= 1
+
+    sqlite_server.start()  # back on the same port and database
+    assert reporter.wait_sent(tickets[-1], timeout=30.0) is True
+    assert reporter.close(timeout=10)
+    points = sqlite_server.client().study(study.id).metrics(trial.trial_id, "loss")
+    assert [p.step for p in points] == list(range(50))  # none lost, none twice, in order
+
+
+def test_bounded_buffer_drops_the_oldest_side_metrics_first(sqlite_server: ServerProcess) -> None:
+    client = sqlite_server.client()
+    study = client.create_study(simple_spec("bounded"))
+    trial = study.ask()
+    sqlite_server.kill()
+    reporter = MetricReporter(
+        sqlite_server.url,
+        trial.trial_id,
+        token=sqlite_server.token,
+        keep=("loss",),
+        max_points=30,
+        flush_s=0.05,
+    )
+    for step in range(20):
+        reporter.log(step, {"loss": float(step), "train_loss": float(step)})
+    assert reporter.dropped == 10  # 40 points for 30 places: only train_loss points went
+    sqlite_server.start()
+    assert reporter.close(timeout=30)
+    study = sqlite_server.client().study(study.id)
+    assert len(study.metrics(trial.trial_id, "loss")) == 20
+    assert [p.step for p in study.metrics(trial.trial_id, "train_loss")] == list(range(10, 20))
+
+
+def test_a_finished_trial_tells_the_reporter_to_stop(sqlite_server: ServerProcess) -> None:
+    client = sqlite_server.client()
+    study = client.create_study(simple_spec("finished"))
+    trial = study.ask()
+    study.tell(trial, value=1.0)
+    reporter = MetricReporter(sqlite_server.url, trial.trial_id, token=sqlite_server.token)
+    ticket = reporter.log(1, {"loss": 0.5})
+    assert reporter.wait_sent(ticket, timeout=10)
+    assert reporter.should_stop and reporter.finished
+    reporter.close(timeout=1)
+
+
+def test_heartbeats_keep_the_lease(sqlite_server: ServerProcess) -> None:
+    client = sqlite_server.client()
+    study = client.create_study(simple_spec("beats", lease_s=1.5))
+    trial = study.ask()
+    reporter = MetricReporter(
+        sqlite_server.url, trial.trial_id, token=sqlite_server.token, heartbeat_s=0.3
+    )
+    time.sleep(4)  # no metrics at all, only heartbeats
+    assert client.trial(trial.trial_id).state == "running"
+    reporter.close(timeout=5)
+    time.sleep(3)
+    assert client.trial(trial.trial_id).state == "failed"  # and without them it expires
