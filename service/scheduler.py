@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class _InFlight:
     study_id: int
     attempt: int
     workers: int
+    launched_at: float = field(default_factory=time.time)
     placed: bool = False
     checkpoint: str | None = None
     finished_in_db_at: float | None = None
@@ -183,6 +184,7 @@ class Scheduler:
     def _record_progress(self, status: AttemptStatus, flight: _InFlight) -> None:
         if not flight.placed and len(status.placements) >= flight.workers:
             ranks = status.placements
+            started = max(r.get("started_at", flight.launched_at) for r in ranks)
             self.service.set_placement(
                 status.trial_id,
                 {
@@ -190,6 +192,8 @@ class Scheduler:
                     "attempt": status.attempt,
                     "world_size": flight.workers,
                     "nodes": sorted({r["node_ip"] for r in ranks}),
+                    # launch → every rank in the process group: visible start-up cost
+                    "startup_s": round(max(0.0, started - flight.launched_at), 3),
                     "ranks": ranks,
                 },
             )

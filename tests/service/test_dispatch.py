@@ -93,6 +93,7 @@ def test_ddp_trial_streams_metrics_while_it_runs(ray_server: ServerProcess) -> N
     assert [r["rank"] for r in ranks] == [0, 1]
     assert len({r["pid"] for r in ranks}) == 2
     assert all(r["device"] == "cpu" for r in ranks)
+    assert 0 <= placement["startup_s"] < 60
 
 
 def test_image_classification_trial_trains_a_cnn_with_ddp(ray_server: ServerProcess) -> None:
@@ -274,6 +275,26 @@ def test_stop_cancels_running_trials(ray_server: ServerProcess) -> None:
     wait_for(lambda: not any(_alive(p) for p in pids), 60, "the ranks to be killed")
     time.sleep(1)
     assert max(p.step for p in study.metrics(trial.id, "loss")) < 200
+
+
+def test_pause_drains_and_delete_cancels(ray_server: ServerProcess) -> None:
+    client = ray_server.client()
+    slow = {"name": "synthetic", "config": {"steps": 8, "step_s": 0.25}}
+    study = client.create_study(
+        synthetic("drain", budget={"max_trials": 3, "max_concurrent": 1}, trainable=slow)
+    )
+    first = wait_for(lambda: study.trials(state="running"), 60, "a running trial")[0]
+    study.pause()
+    # the running trial finishes normally; no new one starts while paused
+    wait_for(lambda: client.trial(first.id).state == "complete", 60, "the drained trial")
+    time.sleep(2)
+    assert len(study.trials()) == 1 and study.state == "paused"
+    study.resume()
+    second = wait_for(lambda: study.trials(state="running"), 60, "a trial after resume")[0]
+    wait_for(lambda: client.trial(second.id).placement, 60, "placement")
+    pids = [r["pid"] for r in client.trial(second.id).placement["ranks"]]
+    study.delete()
+    wait_for(lambda: not any(_alive(p) for p in pids), 60, "the deleted study's ranks to end")
 
 
 def test_unregistered_trainable_and_bad_settings_are_422(ray_server: ServerProcess) -> None:

@@ -1,0 +1,253 @@
+"""The numbers behind the dashboard's plots: parameter importance, contour grids and
+downsampled metric series.
+
+Pure functions over the core's records (:class:`TrialRecord`, :class:`MetricPointRecord`) and
+the study spec; they know nothing of HTTP or the database, and the API caches what they return.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hpo.service.errors import InvalidInput
+from hpo.service.records import MetricPointRecord, TrialRecord
+from hpo.service.spec import CategoricalParam, StudySpec
+
+N_TREES = 64
+
+
+# --------------------------------------------------------------------- metric series
+
+
+def downsample(values: Sequence[float], max_points: int) -> list[int]:
+    """Indices of at most ``max_points`` points of a series that still show its shape.
+
+    The first and last points are always kept; the points between are split into equal runs
+    and each run keeps its lowest and highest point (min/max bucketing), so the series' extrema
+    survive. A series no longer than ``max_points`` is kept whole.
+    """
+    if max_points < 4:
+        raise ValueError(f"max_points must be at least 4, got {max_points}")
+    n = len(values)
+    if n <= max_points:
+        return list(range(n))
+    inner = np.asarray(values[1:-1], dtype=float)
+    n_buckets = (max_points - 2) // 2
+    bucket = np.arange(len(inner)) * n_buckets // len(inner)
+    order = np.lexsort((inner, bucket))  # by bucket, then by value
+    starts = np.searchsorted(bucket[order], np.arange(n_buckets))
+    ends = np.append(starts[1:], len(order)) - 1
+    keep = np.union1d(order[starts], order[ends]) + 1
+    return [0, *keep.tolist(), n - 1]
+
+
+@dataclass(frozen=True)
+class Series:
+    """One metric of one trial: steps and values in step order, ``n`` points before
+    downsampling."""
+
+    steps: list[int]
+    values: list[float]
+    n: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "values": self.values, "n": self.n}
+
+
+def metric_series(points: Iterable[MetricPointRecord], max_points: int) -> dict[str, Series]:
+    """A trial's metric points as one downsampled series per metric name.
+
+    A step reported twice counts once, with its latest value.
+    """
+    by_name: dict[str, dict[int, float]] = {}
+    for p in points:
+        by_name.setdefault(p.name, {})[p.step] = p.value
+    out = {}
+    for name, by_step in by_name.items():
+        steps = sorted(by_step)
+        values = [by_step[s] for s in steps]
+        keep = downsample(values, max_points)
+        out[name] = Series([steps[i] for i in keep], [values[i] for i in keep], len(steps))
+    return out
+
+
+# ----------------------------------------------------------------- encoding trials
+
+
+def objective_value(trial: TrialRecord, objective: int = 0) -> float | None:
+    """The trial's value for objective ``objective`` (None when it has none)."""
+    if trial.values is not None:
+        return trial.values[objective] if objective < len(trial.values) else None
+    return trial.value if objective == 0 else None
+
+
+def completed(trials: Iterable[TrialRecord], objective: int = 0) -> list[TrialRecord]:
+    """Complete trials that have a value for the objective, in trial-number order."""
+    done = [
+        t for t in trials if t.state == "complete" and objective_value(t, objective) is not None
+    ]
+    return sorted(done, key=lambda t: t.number)
+
+
+def _choice_index(param: CategoricalParam, value: Any) -> int | None:
+    for i, choice in enumerate(param.choices):
+        if type(choice) is type(value) and choice == value:
+            return i
+    return None
+
+
+def _numeric_column(spec: StudySpec, name: str, trials: Sequence[TrialRecord]) -> np.ndarray:
+    """The parameter as numbers (log10 on a log scale); inactive values become NaN."""
+    log = getattr(spec.space[name], "log", False)
+    out = np.full(len(trials), np.nan)
+    for i, t in enumerate(trials):
+        v = t.params.get(name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[i] = math.log10(v) if log and v > 0 else float(v)
+    return out
+
+
+def _fill_missing(column: np.ndarray) -> np.ndarray:
+    """Inactive (conditional) values sit just below the observed range: a tree can split them
+    off on their own."""
+    missing = np.isnan(column)
+    if missing.all():
+        return np.zeros_like(column)
+    if missing.any():
+        lo, hi = np.nanmin(column), np.nanmax(column)
+        column = np.where(missing, lo - max(hi - lo, 1.0), column)
+    return column
+
+
+def encode(
+    spec: StudySpec, trials: Sequence[TrialRecord], names: Sequence[str], *, one_hot: bool = True
+) -> tuple[np.ndarray, list[str]]:
+    """Design matrix of ``trials`` over the parameters ``names``, and the parameter each column
+    belongs to. Numbers stay numbers (log10 on a log scale); categories are one-hot columns, or
+    one ordinal column with ``one_hot=False``."""
+    columns: list[np.ndarray] = []
+    owners: list[str] = []
+    for name in names:
+        param = spec.space[name]
+        if isinstance(param, CategoricalParam):
+            codes = [_choice_index(param, t.params.get(name)) for t in trials]
+            if one_hot:
+                for k in range(len(param.choices)):
+                    columns.append(np.array([1.0 if c == k else 0.0 for c in codes]))
+                    owners.append(name)
+                continue
+            column = np.array([np.nan if c is None else float(c) for c in codes])
+        else:
+            column = _numeric_column(spec, name, trials)
+        columns.append(_fill_missing(column))
+        owners.append(name)
+    return np.column_stack(columns) if columns else np.empty((len(trials), 0)), owners
+
+
+def _forest(seed: int, **kw: Any) -> Any:
+    from sklearn.ensemble import RandomForestRegressor
+
+    return RandomForestRegressor(n_estimators=N_TREES, random_state=seed, n_jobs=1, **kw)
+
+
+# ------------------------------------------------------------------- importance
+
+
+@dataclass(frozen=True)
+class Importance:
+    """Normalised importance of each parameter (summing to 1), over ``n_trials`` trials."""
+
+    importances: dict[str, float]
+    n_trials: int
+    method: str = "random-forest impurity decrease"
+
+
+def param_importance(
+    spec: StudySpec, trials: Iterable[TrialRecord], objective: int = 0, *, seed: int = 0
+) -> Importance:
+    """How much each parameter explains the objective over the complete trials.
+
+    A random forest is fitted to the objective; each parameter's importance is the impurity
+    decrease of its column(s) (one-hot columns of a categorical add up), normalised to sum 1.
+    Fewer than two complete trials, or a constant objective, give every parameter 0.
+    """
+    done = completed(trials, objective)
+    names = list(spec.space)
+    zero = {name: 0.0 for name in names}
+    y = np.array([objective_value(t, objective) for t in done], dtype=float)
+    if len(done) < 2 or np.ptp(y) == 0:
+        return Importance(zero, len(done))
+    x, owners = encode(spec, done, names)
+    forest = _forest(seed).fit(x, y)
+    scores = dict(zero)
+    for owner, score in zip(owners, forest.feature_importances_, strict=True):
+        scores[owner] += float(score)
+    total = sum(scores.values())
+    if total > 0:
+        scores = {name: score / total for name, score in scores.items()}
+    ranked = dict(sorted(scores.items(), key=lambda kv: -kv[1]))
+    return Importance(ranked, len(done))
+
+
+# ---------------------------------------------------------------------- contour
+
+
+def _axis(
+    spec: StudySpec, name: str, column: np.ndarray, size: int
+) -> tuple[dict[str, Any], np.ndarray]:
+    """How to label one axis of the grid, and its positions in encoded units."""
+    param = spec.space[name]
+    if isinstance(param, CategoricalParam):
+        grid = np.arange(len(param.choices), dtype=float)
+        return {"name": name, "kind": "categorical", "log": False, "values": param.choices}, grid
+    lo, hi = float(np.min(column)), float(np.max(column))
+    grid = np.linspace(lo, hi, size) if hi > lo else np.array([lo])
+    log = bool(getattr(param, "log", False))
+    values = [10**g if log else g for g in grid.tolist()]
+    return {"name": name, "kind": "numeric", "log": log, "values": values}, grid
+
+
+def contour(
+    spec: StudySpec,
+    trials: Iterable[TrialRecord],
+    x: str,
+    y: str,
+    objective: int = 0,
+    *,
+    size: int = 24,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The objective over a grid of two parameters, and the trials it was estimated from.
+
+    The estimate is a random forest fitted on the two parameters alone (so the other parameters
+    are averaged out). Numeric axes span the values tried (on a log scale where the parameter
+    has one) in ``size`` steps; a categorical axis lists its choices. ``z[j][i]`` is the
+    estimate at ``(x.values[i], y.values[j])``. Raises InvalidInput for an unknown parameter.
+    """
+    for field, name in (("x", x), ("y", y)):
+        if name not in spec.space:
+            known = ", ".join(spec.space)
+            message = f"{field}: no parameter {name!r} (the space has {known})"
+            raise InvalidInput(message, field=field)
+    if x == y:
+        raise InvalidInput(f"y: pick a parameter other than x ({x!r})", field="y")
+    done = [t for t in completed(trials, objective) if x in t.params and y in t.params]
+    xy, _ = encode(spec, done, [x, y], one_hot=False)
+    target = np.array([objective_value(t, objective) for t in done], dtype=float)
+    points = [
+        {"x": t.params[x], "y": t.params[y], "value": v, "number": t.number}
+        for t, v in zip(done, target.tolist(), strict=True)
+    ]
+    if len(done) < 2:
+        empty = {"name": x, "kind": "numeric", "log": False, "values": []}
+        return {"x": empty, "y": {**empty, "name": y}, "z": [], "points": points}
+    (ax, grid_x), (ay, grid_y) = _axis(spec, x, xy[:, 0], size), _axis(spec, y, xy[:, 1], size)
+    forest = _forest(seed, min_samples_leaf=2).fit(xy, target)
+    gx, gy = np.meshgrid(grid_x, grid_y)
+    z = forest.predict(np.column_stack([gx.ravel(), gy.ravel()])).reshape(gx.shape)
+    return {"x": ax, "y": ay, "z": z.tolist(), "points": points}
