@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 the study failed or was stopped, 2 bad input (spec, arg
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -136,6 +137,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.no_scheduler:
         overrides["scheduler"] = False
     settings = Settings(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     token = settings.api_token(create=True)
     url = f"http://{settings.host}:{settings.port}"
     console.print(f"hpo serving on [bold]{url}[/bold] (database: {_safe(settings)})")

@@ -166,6 +166,7 @@ class Scheduler:
             db_state = states.get(status.trial_id)
             if db_state is None or db_state == "failed" or db_state == "waiting":
                 # deleted, stopped, lease expired or requeued: this attempt must end now
+                log.info("cancelling trial %s: it is %s", status.trial_id, db_state or "deleted")
                 self._drop(status.trial_id, cancel=True)
                 continue
             self._record_progress(status, flight)
@@ -175,6 +176,7 @@ class Scheduler:
             if db_state in ("complete", "pruned"):
                 flight.finished_in_db_at = flight.finished_in_db_at or time.monotonic()
                 if time.monotonic() - flight.finished_in_db_at > PRUNED_GRACE_S:
+                    log.info("cancelling trial %s: still running after it ended", status.trial_id)
                     self._drop(status.trial_id, cancel=True)
                 continue
             if status.state == "pending" or len(status.placements) < flight.workers:

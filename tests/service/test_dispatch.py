@@ -262,6 +262,16 @@ def _alive(pid: int) -> bool:
         return "zombie" not in f.read()
 
 
+def _running_a_trial(pid: int) -> bool:
+    """Whether the process still runs a rank task (Ray titles it ray::trial-<id>-rank-<k>);
+    a rank that stopped is either killed or back in Ray's pool as ray::IDLE."""
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().startswith("ray::trial-") and _alive(pid)
+    except FileNotFoundError:
+        return False
+
+
 def test_stop_cancels_running_trials(ray_server: ServerProcess) -> None:
     client = ray_server.client()
     study = client.create_study(
@@ -279,7 +289,7 @@ def test_stop_cancels_running_trials(ray_server: ServerProcess) -> None:
 
 def test_pause_drains_and_delete_cancels(ray_server: ServerProcess) -> None:
     client = ray_server.client()
-    slow = {"name": "synthetic", "config": {"steps": 8, "step_s": 0.25}}
+    slow = {"name": "synthetic", "config": {"steps": 30, "step_s": 0.15}}
     study = client.create_study(
         synthetic("drain", budget={"max_trials": 3, "max_concurrent": 1}, trainable=slow)
     )
@@ -293,8 +303,9 @@ def test_pause_drains_and_delete_cancels(ray_server: ServerProcess) -> None:
     second = wait_for(lambda: study.trials(state="running"), 60, "a trial after resume")[0]
     wait_for(lambda: client.trial(second.id).placement, 60, "placement")
     pids = [r["pid"] for r in client.trial(second.id).placement["ranks"]]
+    assert client.trial(second.id).state == "running"
     study.delete()
-    wait_for(lambda: not any(_alive(p) for p in pids), 60, "the deleted study's ranks to end")
+    wait_for(lambda: not any(_running_a_trial(p) for p in pids), 60, "the deleted trial to end")
 
 
 def test_unregistered_trainable_and_bad_settings_are_422(ray_server: ServerProcess) -> None:
