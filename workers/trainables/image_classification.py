@@ -10,11 +10,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from hpo.workers import trainable
-from hpo.workers.context import TrialContext
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from hpo.workers import trainable
+from hpo.workers.context import TrialContext
 
 
 class Settings(BaseModel):
