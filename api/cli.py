@@ -140,6 +140,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    problem = _database_problem(settings)
+    if problem:
+        console.print(f"[red]error:[/red] cannot use the database {_safe(settings)}: {problem}")
+        return 2
     token = settings.api_token(create=True)
     url = f"http://{settings.host}:{settings.port}"
     console.print(f"hpo serving on [bold]{url}[/bold] (database: {_safe(settings)})")
@@ -333,6 +337,23 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+def _database_problem(settings: Any) -> str | None:
+    """Why the configured database cannot be used, or None."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    from hpo.service.db import make_engine
+
+    try:
+        engine = make_engine(settings.resolved_database_url)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except (SQLAlchemyError, ArgumentError, ImportError, ValueError) as exc:
+        return str(exc).strip().splitlines()[0]
+    return None
 
 
 def _safe(settings: Any) -> str:

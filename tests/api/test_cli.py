@@ -290,3 +290,19 @@ def test_submit_wait_until_completed_and_until_stopped(
             for s in http.get("/api/v1/studies").json()["studies"]
         }
     assert states == {"waited": ("completed", 3), "halted": ("stopped", 0)}
+
+
+def test_serve_refuses_an_unreachable_database(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hpo.api.cli", "serve", "--port", "1"],
+        env={
+            **os.environ,
+            "HPO_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+            "HPO_DATA_DIR": str(tmp_path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "cannot use the database postgresql://nobody@127.0.0.1:1/none" in result.stderr
