@@ -283,7 +283,6 @@ class Scheduler:
         from hpo.workers.runner import TrialLaunch
 
         assert spec.trainable is not None
-        resume = self.service.trial_checkpoint(trial.id) if trial.attempts > 1 else None
         launch = TrialLaunch(
             trial_id=trial.id,
             study_id=trial.study_id,
@@ -302,7 +301,6 @@ class Scheduler:
             checkpoint_dir=str(
                 self.checkpoint_dir / f"study-{trial.study_id}" / f"trial-{trial.id}"
             ),
-            resume_from=resume,
             lease_s=spec.lease_s,
         )
         try:

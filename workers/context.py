@@ -133,6 +133,7 @@ class TrialContext:
         """
         path = None
         if self.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             path = self.checkpoint_dir / f"checkpoint-{step:06d}"
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)

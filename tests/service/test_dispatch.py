@@ -279,6 +279,7 @@ def test_stop_cancels_running_trials(ray_server: ServerProcess) -> None:
     )
     trial = wait_for(lambda: study.trials(state="running"), 60, "a running trial")[0]
     wait_for(lambda: client.trial(trial.id).placement, 60, "placement")
+    wait_for(lambda: study.metrics(trial.id, "loss"), 60, "the first points")
     pids = [r["pid"] for r in client.trial(trial.id).placement["ranks"]]
     study.stop()
     assert client.trial(trial.id).state == "failed"
