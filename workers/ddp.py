@@ -49,6 +49,12 @@ def init_process_group(
     timeout_s: float = 120.0,
 ) -> torch.device:
     """Join the trial's process group; returns this rank's device."""
+    if use_gpu and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError(
+            f"the study asks for GPUs but this worker sees none (CUDA_VISIBLE_DEVICES={visible},"
+            f" torch {torch.__version__} built for CUDA {torch.version.cuda})"
+        )
     timeout = datetime.timedelta(seconds=timeout_s)
     if rank == 0:
         store = dist.TCPStore(node_ip, 0, world_size, True, timeout=timeout, wait_for_workers=False)
