@@ -13,3 +13,4 @@ lint:
 bench:  ## the side-by-side benchmarks recorded in docs/benchmarks.md
 	.venv/bin/python benchmarks/samplers.py
 	.venv/bin/python benchmarks/dispatch.py
+	.venv/bin/python benchmarks/polling.py

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from hpo.api import errors
 from hpo.api.deps import require_token
-from hpo.api.routes import checkpoints, studies, trials
+from hpo.api.routes import checkpoints, dashboard, studies, trials
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.settings import Settings
 from hpo.service.storage import Storage
@@ -68,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(studies.router, prefix="/api/v1", dependencies=auth)
     app.include_router(trials.router, prefix="/api/v1", dependencies=auth)
     app.include_router(checkpoints.router, prefix="/api/v1", dependencies=auth)
+    app.include_router(dashboard.router, prefix="/api/v1", dependencies=auth)
+    app.include_router(dashboard.pages)  # the page itself is public; it asks for the token
 
     @app.get("/healthz", tags=["system"])
     def healthz() -> dict[str, str]:

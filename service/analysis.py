@@ -1,8 +1,9 @@
 """The numbers behind the dashboard's plots: parameter importance, contour grids and
 downsampled metric series.
 
-Pure functions over the core's records (:class:`TrialRecord`, :class:`MetricPointRecord`) and
-the study spec; they know nothing of HTTP or the database, and the API caches what they return.
+Pure functions over the core's records (:class:`TrialRecord`, metric points as
+``(name, step, value)``) and the study spec; they know nothing of HTTP or the database, and the
+API caches what they return.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from hpo.service.errors import InvalidInput
-from hpo.service.records import MetricPointRecord, TrialRecord
+from hpo.service.records import TrialRecord
 from hpo.service.spec import CategoricalParam, StudySpec
 
 N_TREES = 64
@@ -59,14 +60,13 @@ class Series:
         return {"steps": self.steps, "values": self.values, "n": self.n}
 
 
-def metric_series(points: Iterable[MetricPointRecord], max_points: int) -> dict[str, Series]:
-    """A trial's metric points as one downsampled series per metric name.
-
-    A step reported twice counts once, with its latest value.
-    """
+def metric_series(points: Iterable[tuple[str, int, float]], max_points: int) -> dict[str, Series]:
+    """A trial's metric points, ``(name, step, value)`` in the order they were stored, as one
+    downsampled series per metric name. A step reported twice counts once, with its latest
+    value."""
     by_name: dict[str, dict[int, float]] = {}
-    for p in points:
-        by_name.setdefault(p.name, {})[p.step] = p.value
+    for name, step, value in points:
+        by_name.setdefault(name, {})[step] = value
     out = {}
     for name, by_step in by_name.items():
         steps = sorted(by_step)

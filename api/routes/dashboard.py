@@ -1,0 +1,407 @@
+"""The dashboard: its static page at ``/`` and the read endpoints its plots poll.
+
+``router`` holds the API endpoints (served under ``/api/v1`` with the token); ``pages`` serves
+the page and its files without a token (the page asks for the token itself).
+
+Every endpoint answers ``304 Not Modified`` while the ``If-None-Match`` it is sent names the
+current ETag. Study-level tags carry the study's change sequence, so checking one costs a single
+indexed read; the answer itself is built only when something changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse
+from pydantic import BaseModel
+
+from hpo.api.deps import Cursor, Service, StudyId, TrialId
+from hpo.api.routes.conditional import not_modified
+from hpo.service import analysis
+from hpo.service.errors import InvalidInput
+from hpo.service.records import StudyRecord, TrialRecord
+from hpo.service.spec import StudySpec
+from hpo.service.studies import MAX_PAGE, StudyService
+
+router = APIRouter(tags=["dashboard"])
+pages = APIRouter(include_in_schema=False)
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+MaxPoints = Annotated[int, Query(ge=4, le=10_000, description="Points kept per series.")]
+Objective = Annotated[int, Query(ge=0, le=63, description="Index of the objective.")]
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------- caches
+
+
+class _Lru:
+    """A small thread-safe LRU map."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self.lock:
+            return key in self.items
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+    def get_or_make(self, key: Hashable, make: Callable[[], T]) -> T:
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = make()
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return value
+
+
+class _TrialMirror:
+    """Every trial of one study, kept current through the ``since`` cursor."""
+
+    def __init__(self) -> None:
+        self.trials: dict[int, TrialRecord] = {}
+        self.cursor: int | None = None
+        self.lock = threading.Lock()
+
+    def refresh(self, service: StudyService, study_id: int) -> list[TrialRecord]:
+        with self.lock:
+            while True:
+                page, self.cursor = service.list_trials(study_id, since=self.cursor)
+                self.trials.update((t.id, t) for t in page)
+                if len(page) < MAX_PAGE:
+                    return list(self.trials.values())
+
+
+_mirrors = _Lru(16)  # study id -> _TrialMirror
+_results = _Lru(256)  # (what, study id, complete trials' fingerprint, options) -> result
+_series = _Lru(4096)  # (trial id, trial seq, max_points) -> {name: Series}
+_pages = _Lru(16)  # ETag -> the curves page it names
+
+
+def _study_trials(service: StudyService, study_id: int) -> tuple[list[TrialRecord], tuple]:
+    """Every trial of the study, and a key that changes whenever a complete trial does."""
+    trials = _mirrors.get_or_make(study_id, _TrialMirror).refresh(service, study_id)
+    done = [t for t in trials if t.state == "complete"]
+    return trials, (study_id, len(done), max((t.seq for t in done), default=0))
+
+
+def _trial_series(service: StudyService, trial: TrialRecord, max_points: int) -> dict:
+    """Every metric of the trial, downsampled (cached until the trial changes)."""
+    if trial.last_step is None:
+        return {}
+
+    def load() -> dict[str, analysis.Series]:
+        points = ((p.name, p.step, p.value) for p in service.metrics(trial.id))
+        return analysis.metric_series(points, max_points)
+
+    return _series.get_or_make((trial.id, trial.seq, max_points), load)
+
+
+def _prefetch_series(service: StudyService, trials: list[TrialRecord], max_points: int) -> None:
+    """Load the series of every trial not cached yet, 200 trials per query."""
+    missing = [
+        t for t in trials if t.last_step is not None and (t.id, t.seq, max_points) not in _series
+    ]
+    for start in range(0, len(missing), 200):
+        chunk = missing[start : start + 200]
+        points = service.metric_points([t.id for t in chunk])
+        for t in chunk:
+            _series.put((t.id, t.seq, max_points), analysis.metric_series(points[t.id], max_points))
+
+
+def _study_tag(service: StudyService, study_id: int, what: str, *options: Any) -> str:
+    return f'"{what}-{study_id}-{service.study_seq(study_id)}-{_digest(options)}"'
+
+
+def _digest(value: Any) -> str:
+    return hashlib.blake2b(repr(value).encode(), digest_size=8).hexdigest()
+
+
+def _objective(spec: StudySpec, objective: int) -> int:
+    if objective >= len(spec.objectives):
+        raise InvalidInput(
+            f"objective: the study has {len(spec.objectives)} objective(s); "
+            f"{objective} is out of range",
+            field="objective",
+        )
+    return objective
+
+
+# ---------------------------------------------------------------------- bodies
+
+
+class StudySummary(BaseModel):
+    id: int
+    name: str
+    state: str
+    state_reason: str | None
+    sampler: str
+    directions: list[str]
+    counts: dict[str, int]
+    n_trials: int
+    max_trials: int | None
+    best_value: float | None
+    best_values: list[list[float]]
+    updated_at: datetime
+    seq: int
+
+
+class StudySummaryPage(BaseModel):
+    studies: list[StudySummary]
+    truncated: bool
+
+
+class TrialCurve(BaseModel):
+    trial_id: int
+    number: int
+    state: str
+    steps: list[int]
+    values: list[float]
+    n: int
+
+
+class CurvesPage(BaseModel):
+    metric: str
+    names: list[str]
+    series: list[TrialCurve]
+    cursor: int
+    more: bool
+
+
+class ImportanceAnswer(BaseModel):
+    objective: int
+    importances: dict[str, float]
+    n_trials: int
+    method: str
+
+
+class TrialSeries(BaseModel):
+    trial_id: int
+    series: dict[str, dict[str, Any]]
+
+
+def _summary(s: StudyRecord) -> StudySummary:
+    best = s.best_trial
+    return StudySummary(
+        id=s.id,
+        name=s.name,
+        state=s.state,
+        state_reason=s.state_reason,
+        sampler=s.spec["sampler"]["type"],
+        directions=s.directions,
+        counts=s.counts,
+        n_trials=s.n_trials,
+        max_trials=(s.spec.get("budget") or {}).get("max_trials"),
+        best_value=best.value if best else None,
+        best_values=[t.values for t in s.best_trials if t.values] if len(s.directions) > 1 else [],
+        updated_at=s.updated_at,
+        seq=s.seq,
+    )
+
+
+# ------------------------------------------------------------------- endpoints
+
+
+@router.get("/dashboard/studies", response_model=StudySummaryPage)
+def study_summaries(
+    service: Service,
+    request: Request,
+    response: Response,
+    state: Annotated[str | None, Query(pattern="^(running|paused|stopped|completed)$")] = None,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+):
+    """Every study (newest first, at most ``limit``) with its counts and best value."""
+    studies: list[StudyRecord] = []
+    cursor = None
+    while len(studies) < limit:
+        page, cursor = service.list_studies(state=state, limit=limit - len(studies), cursor=cursor)
+        studies.extend(page)
+        if cursor is None:
+            break
+    tag = f'"studies-{_digest([(s.id, s.seq) for s in studies] + [state, limit])}"'
+    if (answer := not_modified(request, tag)) is not None:
+        return answer
+    response.headers["ETag"] = tag
+    return StudySummaryPage(studies=[_summary(s) for s in studies], truncated=cursor is not None)
+
+
+@router.get("/studies/{study_id}/curves", response_model=CurvesPage)
+def curves(
+    study_id: StudyId,
+    service: Service,
+    request: Request,
+    response: Response,
+    metric: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+    max_points: MaxPoints = 200,
+    since: Cursor = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+):
+    """Learning curves: one downsampled series of ``metric`` (the first objective's by
+    default) per trial changed after cursor ``since``; pass ``cursor`` back as ``since``."""
+    tag = _study_tag(service, study_id, "curves", metric, max_points, since, limit)
+    if (answer := not_modified(request, tag)) is not None:
+        return answer
+    response.headers["ETag"] = tag
+    # Pages polling one study ask for the same delta: the first one computes it.
+    return _pages.get_or_make(
+        tag, lambda: _curves_page(service, study_id, metric, max_points, since, limit)
+    )
+
+
+def _curves_page(
+    service: StudyService,
+    study_id: int,
+    metric: str | None,
+    max_points: int,
+    since: int | None,
+    limit: int,
+) -> CurvesPage:
+    metric = metric or service.spec_of(study_id).objectives[0].metric
+    trials, cursor = service.list_trials(study_id, since=since, limit=limit)
+    _prefetch_series(service, trials, max_points)
+    names: set[str] = set()
+    out = []
+    for t in trials:
+        series = _trial_series(service, t, max_points)
+        names.update(series)
+        if metric in series:
+            s = series[metric]
+            out.append(TrialCurve(trial_id=t.id, number=t.number, state=t.state, **s.as_dict()))
+    more = len(trials) == limit
+    return CurvesPage(metric=metric, names=sorted(names), series=out, cursor=cursor, more=more)
+
+
+@router.get("/studies/{study_id}/importance", response_model=ImportanceAnswer)
+def importance(
+    study_id: StudyId,
+    service: Service,
+    request: Request,
+    response: Response,
+    objective: Objective = 0,
+):
+    """How much each parameter explains the objective (random forest over complete trials;
+    normalised to sum 1)."""
+    tag = _study_tag(service, study_id, "importance", objective)
+    if (answer := not_modified(request, tag)) is not None:
+        return answer
+    spec = service.spec_of(study_id)
+    objective = _objective(spec, objective)
+    trials, key = _study_trials(service, study_id)
+    result = _results.get_or_make(
+        ("importance", key, objective),
+        lambda: analysis.param_importance(spec, trials, objective),
+    )
+    response.headers["ETag"] = tag
+    return ImportanceAnswer(
+        objective=objective,
+        importances=result.importances,
+        n_trials=result.n_trials,
+        method=result.method,
+    )
+
+
+@router.get("/studies/{study_id}/contour")
+def contour(
+    study_id: StudyId,
+    service: Service,
+    request: Request,
+    response: Response,
+    x: Annotated[str, Query(min_length=1, max_length=128)],
+    y: Annotated[str, Query(min_length=1, max_length=128)],
+    objective: Objective = 0,
+    size: Annotated[int, Query(ge=2, le=100)] = 24,
+) -> Any:
+    """The objective estimated over a grid of parameters ``x`` and ``y``, with the complete
+    trials it was estimated from (``z[j][i]`` is at ``x.values[i]``, ``y.values[j]``)."""
+    tag = _study_tag(service, study_id, "contour", x, y, objective, size)
+    if (answer := not_modified(request, tag)) is not None:
+        return answer
+    spec = service.spec_of(study_id)
+    objective = _objective(spec, objective)
+    trials, key = _study_trials(service, study_id)
+    result = _results.get_or_make(
+        ("contour", key, x, y, objective, size),
+        lambda: analysis.contour(spec, trials, x, y, objective, size=size),
+    )
+    response.headers["ETag"] = tag
+    return result
+
+
+@router.get("/trials/{trial_id}/series", response_model=TrialSeries)
+def trial_series(
+    trial_id: TrialId,
+    service: Service,
+    request: Request,
+    response: Response,
+    max_points: MaxPoints = 1000,
+):
+    """Every metric of the trial, each downsampled to at most ``max_points`` points."""
+    trial = service.get_trial(trial_id, events=False)
+    tag = f'"series-{trial_id}-{trial.seq}-{max_points}"'
+    if (answer := not_modified(request, tag)) is not None:
+        return answer
+    series = _trial_series(service, trial, max_points)
+    response.headers["ETag"] = tag
+    return TrialSeries(trial_id=trial_id, series={k: s.as_dict() for k, s in series.items()})
+
+
+# ----------------------------------------------------------------------- pages
+
+_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".txt": "text/plain; charset=utf-8",
+}
+_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+}
+
+
+def _file(request: Request, path: Path) -> Response:
+    """A static file, revalidated on every load (ETag from its size and mtime)."""
+    stat = path.stat()
+    tag = f'"{_digest((path.name, stat.st_size, stat.st_mtime_ns))}"'
+    if (answer := not_modified(request, tag)) is not None:
+        answer.headers.update(_HEADERS)
+        return answer
+    media_type = _TYPES.get(path.suffix, "application/octet-stream")
+    return FileResponse(path, media_type=media_type, headers={**_HEADERS, "ETag": tag})
+
+
+@pages.get("/")
+def index(request: Request) -> Response:
+    """The dashboard (``/#token=...`` hands it the API token)."""
+    return _file(request, STATIC / "index.html")
+
+
+@pages.get("/static/{path:path}")
+def static(path: str, request: Request) -> Response:
+    target = (STATIC / path).resolve()
+    if not target.is_relative_to(STATIC) or not target.is_file():
+        raise HTTPException(status_code=404, detail=f"no file {path!r}")
+    return _file(request, target)

@@ -1,0 +1,167 @@
+// One trial in a side drawer: parameters, values, every metric series, state history,
+// attempts and error text. It refreshes itself when the trial changes.
+
+import * as api from "./api.js";
+import { el, num, param, seconds } from "./format.js";
+import { objectives, valueOf } from "./panels.js";
+import { Chart } from "./plot.js";
+import { badge } from "./table.js";
+
+const MAX_POINTS = 1000;
+
+function pairs(rows) {
+  return el(
+    "table",
+    { class: "kv" },
+    el(
+      "tbody",
+      {},
+      rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v))),
+    ),
+  );
+}
+
+function when(iso) {
+  return iso ? new Date(iso).toLocaleString() : "-";
+}
+
+function prunedText(p) {
+  if (!p) return null;
+  const where = p.rung !== undefined ? `rung ${p.rung} (step ${p.step})` : `step ${p.step}`;
+  return `${p.pruner}: ${p.metric} = ${num(p.value)} at ${where}, threshold ${num(p.threshold)}`;
+}
+
+export class TrialDetail {
+  constructor(root, onError) {
+    this.root = root;
+    this.onError = onError;
+    this.id = null;
+    this.seq = null;
+    this.series = {};
+    root.hidden = true;
+  }
+
+  async open(id, study) {
+    this.id = id;
+    this.study = study;
+    this.seq = null;
+    this.series = {};
+    this.root.hidden = false;
+    this.root.replaceChildren(el("p", { class: "muted" }, "loading…"));
+    await this.refresh();
+  }
+
+  close() {
+    this.id = null;
+    this.root.hidden = true;
+  }
+
+  /** Reload when the open trial changed (its `seq` moved on). */
+  sync(trials, study) {
+    this.study = study;
+    const t = this.id !== null && trials.get(this.id);
+    if (t && t.seq !== this.seq && !this.loading) this.refresh().catch(this.onError);
+  }
+
+  async refresh() {
+    const id = this.id;
+    this.loading = true;
+    try {
+      const [trial, series] = await Promise.all([
+        api.get(`trials/${id}`),
+        api.get(api.url(`trials/${id}/series`, { max_points: MAX_POINTS }), { keep: true }),
+      ]);
+      if (id !== this.id) return;
+      this.series = series.series;
+      this.seq = trial.seq;
+      this.render(trial);
+    } finally {
+      this.loading = false;
+    }
+  }
+
+  render(t) {
+    const os = objectives(this.study);
+    const values = os.map((o, i) => [`${o.metric} (${o.direction})`, num(valueOf(t, i))]);
+    const facts = [
+      ...values,
+      ["attempts", String(t.attempts)],
+      ["created", when(t.created_at)],
+      ["started", when(t.started_at)],
+      ["finished", when(t.finished_at)],
+      ["duration", seconds(t.duration_s)],
+      ["last step", t.last_step ?? "-"],
+    ];
+    if (t.placement?.node) facts.push(["node", t.placement.node]);
+    if (t.has_checkpoint) facts.push(["checkpoint", "yes"]);
+    const charts = Object.entries(this.series).map(([name, s]) => {
+      const box = el("div", { class: "series", dataset: { metric: name } });
+      return { name, s, box };
+    });
+    const parts = [
+      el(
+        "div",
+        { class: "drawer-head" },
+        el("h2", {}, `Trial #${t.number} `, badge(t.state)),
+        el("button", { class: "close", "aria-label": "close", onclick: () => this.close() }, "×"),
+      ),
+      pairs(facts),
+      t.pruned ? el("p", { class: "pruned" }, "Pruned: ", prunedText(t.pruned)) : null,
+      t.error ? el("div", {}, el("h3", {}, "Error"), el("pre", { class: "error" }, t.error)) : null,
+      el("h3", {}, "Parameters"),
+      pairs(Object.entries(t.params).map(([k, v]) => [k, param(v)])),
+      t.test_metrics ? el("h3", {}, "Test metrics") : null,
+      t.test_metrics ? pairs(Object.entries(t.test_metrics).map(([k, v]) => [k, num(v)])) : null,
+      el("h3", {}, "Metrics"),
+      charts.length
+        ? charts.map((c) => el("div", {}, el("h4", {}, `${c.name} (${c.s.n} points)`), c.box))
+        : el("p", { class: "muted" }, "no metrics reported"),
+      el("h3", {}, "History"),
+      el(
+        "table",
+        { class: "events" },
+        el(
+          "thead",
+          {},
+          el(
+            "tr",
+            {},
+            el("th", {}, "time"),
+            el("th", {}, "state"),
+            el("th", {}, "attempt"),
+            el("th", {}, "detail"),
+          ),
+        ),
+        el(
+          "tbody",
+          {},
+          (t.events || []).map((e) =>
+            el(
+              "tr",
+              {},
+              el("td", {}, when(e.time)),
+              el("td", {}, e.state),
+              el("td", {}, String(e.attempt)),
+              el("td", {}, e.detail || ""),
+            ),
+          ),
+        ),
+      ),
+    ];
+    this.root.replaceChildren(...parts.flat().filter(Boolean));
+    for (const c of charts) {
+      new Chart(c.box, { height: 150 }).set({
+        x: { label: "step" },
+        y: { label: c.name },
+        layers: [
+          {
+            kind: "line",
+            points: c.s.steps.map((x, k) => [x, c.s.values[k]]),
+            color: "#2a7ab0",
+            width: 1.5,
+          },
+        ],
+      });
+    }
+  }
+}

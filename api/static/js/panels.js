@@ -1,0 +1,234 @@
+// What each plot of the study page shows, computed from the page's model:
+//   model.study (the study record), model.trials (Map id -> trial), model.curves (Map id ->
+//   downsampled series of model.metric), and the answers of /importance and /contour.
+
+import { STATE_COLORS, el, num, param, ramp, valueColors } from "./format.js";
+
+/** The study's objectives as [{metric, direction}]. */
+export function objectives(study) {
+  const o = study.spec.objective;
+  return Array.isArray(o) ? o : [o];
+}
+
+export function valueOf(trial, i) {
+  if (trial.values) return trial.values[i];
+  return i === 0 ? trial.value : null;
+}
+
+/** Axis settings for a parameter of the space. */
+export function axisOf(p) {
+  if (p?.type === "categorical") return { type: "category", categories: p.choices };
+  return { type: p?.log ? "log" : "linear" };
+}
+
+export function trialLabel(t, study) {
+  const values = objectives(study)
+    .map((o, i) => `${o.metric} = ${num(valueOf(t, i))}`)
+    .join("\n");
+  const params = Object.entries(t.params)
+    .map(([k, v]) => `${k} = ${param(v)}`)
+    .join("\n");
+  return `trial #${t.number} (${t.state})\n${values}\n${params}`;
+}
+
+function finished(model, i) {
+  return [...model.trials.values()]
+    .filter((t) => t.state === "complete" && Number.isFinite(valueOf(t, i)))
+    .sort((a, b) => a.number - b.number);
+}
+
+export function history(model, i) {
+  const { study } = model;
+  const o = objectives(study)[i];
+  const done = finished(model, i);
+  const pruned = [...model.trials.values()].filter(
+    (t) => t.state === "pruned" && Number.isFinite(valueOf(t, i)),
+  );
+  const better = o.direction === "maximize" ? Math.max : Math.min;
+  let best = null;
+  const line = done.map((t) => {
+    best = best === null ? valueOf(t, i) : better(best, valueOf(t, i));
+    return [t.number, best];
+  });
+  const point = (t, color, hollow) => ({
+    x: t.number,
+    y: valueOf(t, i),
+    color,
+    hollow,
+    label: trialLabel(t, study),
+    pick: t.id,
+  });
+  return {
+    x: { label: "trial" },
+    y: { label: `${o.metric} (${o.direction})` },
+    empty: "no complete trials yet",
+    layers: [
+      { kind: "points", data: pruned.map((t) => point(t, STATE_COLORS.pruned, true)) },
+      { kind: "points", data: done.map((t) => point(t, STATE_COLORS.complete, false)) },
+      { kind: "line", points: line, color: "#d62728", width: 2, step: true },
+    ],
+  };
+}
+
+const CURVE_ORDER = { complete: 0, failed: 1, pruned: 2, waiting: 3, running: 4 };
+
+export function curves(model) {
+  const series = [...model.curves.values()].map((c) => {
+    const t = model.trials.get(c.trial_id);
+    const state = t ? t.state : c.state;
+    const points = c.steps.map((s, k) => [s, c.values[k]]);
+    const cut = state === "pruned" ? " (pruned here)" : "";
+    return {
+      state,
+      points,
+      color: STATE_COLORS[state],
+      alpha: state === "running" ? 1 : 0.55,
+      width: state === "running" ? 1.8 : 1.2,
+      end: state === "pruned" ? "cross" : state === "running" ? "dot" : null,
+      label:
+        `trial #${c.number} (${state})${cut}\nlast step ${c.steps[c.steps.length - 1]}, ` +
+        `${model.metric} = ${num(c.values[c.values.length - 1])}\n${c.n} points`,
+      pick: c.trial_id,
+    };
+  });
+  series.sort((a, b) => CURVE_ORDER[a.state] - CURVE_ORDER[b.state]);
+  return {
+    x: { label: "step" },
+    y: { label: model.metric },
+    empty: `no ${model.metric} reported yet`,
+    layers: [{ kind: "lines", series }],
+  };
+}
+
+export function parallel(model, i) {
+  const { study } = model;
+  const space = study.spec.space;
+  const names = Object.keys(space);
+  const o = objectives(study)[i];
+  const done = finished(model, i);
+  const color = valueColors(
+    done.map((t) => valueOf(t, i)),
+    o.direction,
+  );
+  const axes = [
+    ...names.map((n) => ({ name: n, ...axisOf(space[n]) })),
+    { name: o.metric, type: "linear" },
+  ];
+  const rows = done.map((t) => ({
+    values: [...names.map((n) => t.params[n]), valueOf(t, i)],
+    color: color(valueOf(t, i)),
+  }));
+  return { axes, rows };
+}
+
+export function slice(model, name, i) {
+  const { study } = model;
+  const o = objectives(study)[i];
+  const done = finished(model, i);
+  const last = Math.max(1, ...done.map((t) => t.number));
+  return {
+    x: { label: name, ...axisOf(study.spec.space[name]) },
+    y: { label: o.metric },
+    empty: "no complete trials yet",
+    layers: [
+      {
+        kind: "points",
+        data: done
+          .filter((t) => t.params[name] !== undefined)
+          .map((t) => ({
+            x: t.params[name],
+            y: valueOf(t, i),
+            color: ramp(t.number / last),
+            label: trialLabel(t, study),
+            pick: t.id,
+          })),
+      },
+    ],
+  };
+}
+
+export function contour(result, direction, note) {
+  if (!result || !result.z.length) return { layers: [], empty: note };
+  const axis = (a) =>
+    a.kind === "categorical"
+      ? { type: "category", categories: a.values, label: a.name }
+      : { type: a.log ? "log" : "linear", label: a.name };
+  const zs = result.z.flat().concat(result.points.map((p) => p.value));
+  const color = valueColors(zs, direction);
+  return {
+    x: axis(result.x),
+    y: axis(result.y),
+    layers: [
+      { kind: "cells", xs: result.x.values, ys: result.y.values, z: result.z, color },
+      {
+        kind: "points",
+        data: result.points.map((p) => ({
+          x: p.x,
+          y: p.y,
+          color: "#fff",
+          r: 3,
+          label: `trial #${p.number}: ${num(p.value)}`,
+        })),
+      },
+      {
+        kind: "points",
+        data: result.points.map((p) => ({ x: p.x, y: p.y, color: "#222", r: 3.5, hollow: true })),
+      },
+    ],
+  };
+}
+
+export function pareto(model, i, j) {
+  const { study } = model;
+  const os = objectives(study);
+  const front = new Set(study.best_trials.map((t) => t.id));
+  const done = [...model.trials.values()].filter(
+    (t) => t.state === "complete" && t.values && Number.isFinite(t.values[i]),
+  );
+  const point = (t, onFront) => ({
+    x: t.values[i],
+    y: t.values[j],
+    color: onFront ? "#d62728" : "#9db4c8",
+    r: onFront ? 4.5 : 3,
+    label: trialLabel(t, study),
+    pick: t.id,
+  });
+  const frontTrials = done.filter((t) => front.has(t.id)).sort((a, b) => a.values[i] - b.values[i]);
+  return {
+    x: { label: `${os[i].metric} (${os[i].direction})` },
+    y: { label: `${os[j].metric} (${os[j].direction})` },
+    empty: "no complete trials yet",
+    layers: [
+      { kind: "points", data: done.filter((t) => !front.has(t.id)).map((t) => point(t, false)) },
+      {
+        kind: "line",
+        points: frontTrials.map((t) => [t.values[i], t.values[j]]),
+        color: "#d62728",
+        width: 1,
+      },
+      { kind: "points", data: frontTrials.map((t) => point(t, true)) },
+    ],
+  };
+}
+
+/** Horizontal bars, most important first. */
+export function importanceBars(answer) {
+  const entries = Object.entries(answer?.importances || {});
+  if (!answer || answer.n_trials < 2) {
+    return [el("p", { class: "muted" }, "needs at least two complete trials")];
+  }
+  return [
+    ...entries.map(([name, v]) => {
+      const bar = el("span", { class: "bar" });
+      bar.style.width = `${(v * 100).toFixed(1)}%`;
+      return el(
+        "div",
+        { class: "imp-row", dataset: { param: name, importance: v } },
+        el("span", { class: "imp-name" }, name),
+        el("span", { class: "imp-track" }, bar),
+        el("span", { class: "imp-value" }, `${(v * 100).toFixed(1)}%`),
+      );
+    }),
+    el("p", { class: "muted" }, `${answer.method}, over ${answer.n_trials} complete trials`),
+  ];
+}

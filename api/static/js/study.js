@@ -1,0 +1,364 @@
+// The study page. Each poll asks for the study record with its ETag: a 304 means nothing in
+// the study changed (every trial change and metric point moves its sequence), and the poll
+// ends there. Otherwise it fetches only the trials and curves changed since its cursors, and
+// redraws only the plots whose inputs changed.
+
+import * as api from "./api.js";
+import { TrialDetail } from "./detail.js";
+import { el } from "./format.js";
+import { renderHeader } from "./header.js";
+import * as panels from "./panels.js";
+import { drawLegend, drawParallel } from "./parcoords.js";
+import { Chart } from "./plot.js";
+import { Poller } from "./poll.js";
+import { TrialsTable } from "./table.js";
+
+const FINISHED = new Set(["complete", "pruned", "failed"]);
+const CURVE_POINTS = 120;
+const CURVE_PAGE = 200;
+
+function select(label, onchange) {
+  return el("select", { "aria-label": label, onchange });
+}
+
+function fill(sel, options, value) {
+  sel.replaceChildren(...options.map(([v, text]) => el("option", { value: v }, text)));
+  sel.value = value;
+}
+
+function card(id, title, ...controls) {
+  const body = el("div", { id, class: "plot" });
+  return {
+    node: el(
+      "article",
+      { class: "card", id: `card-${id}` },
+      el("header", {}, el("h2", {}, title), ...controls),
+      body,
+    ),
+    body,
+  };
+}
+
+export class StudyPage {
+  constructor(root, id, events) {
+    this.id = id;
+    this.onError = events.onError;
+    this.study = null;
+    this.trials = new Map(); // id -> trial record
+    this.cursor = null; // of /trials
+    this.curves = new Map(); // trial id -> downsampled series of this.metric
+    this.curvesCursor = null;
+    this.metric = null;
+    this.names = new Set();
+    this.objective = 0;
+    this.importance = null;
+    this.contourAnswer = undefined;
+    this.stale = false; // a control changed: fetch again even if the study did not change
+    this.v = { study: 0, trials: 0, finished: 0, curves: 0, names: 0, importance: 0, contour: 0 };
+    this.keys = {};
+    this.renders = {};
+    this.layout(root);
+    this.poller = new Poller(() => this.tick(), events);
+  }
+
+  start() {
+    this.poller.start();
+  }
+
+  stop() {
+    this.poller.stop();
+  }
+
+  /** Ask again now, whatever the study's ETag says (a control changed what is shown). */
+  refetch() {
+    this.stale = true;
+    this.poller.now();
+  }
+
+  layout(root) {
+    this.head = el("header", { class: "study-head" });
+    this.objectiveSel = select("objective", () => {
+      this.objective = Number(this.objectiveSel.value);
+      this.refetch();
+    });
+    this.metricSel = select("metric", () => {
+      this.metric = this.metricSel.value;
+      this.curves = new Map();
+      this.curvesCursor = null;
+      this.v.curves += 1;
+      this.refetch();
+    });
+    this.xSel = select("x parameter", () => this.refetch());
+    this.ySel = select("y parameter", () => this.refetch());
+    this.sliceSel = select("slice parameter", () => this.render());
+    this.piSel = select("pareto x", () => this.render());
+    this.pjSel = select("pareto y", () => this.render());
+    const pick = (id) => this.pick(id);
+    const history = card("history", "Optimization history");
+    const curves = card("curves", "Learning curves", this.metricSel);
+    const parallel = card("parallel", "Parallel coordinates");
+    const importance = card("importance", "Parameter importance");
+    const contour = card("contour", "Contour", this.xSel, this.ySel);
+    const slice = card("slice", "Slice", this.sliceSel);
+    const pareto = card("pareto", "Pareto front", this.piSel, this.pjSel);
+    const trials = card("trials", "Trials");
+    this.legend = el("div", { class: "ramp" });
+    parallel.node.append(this.legend);
+    curves.node.append(
+      el(
+        "p",
+        { class: "legend" },
+        el("span", { class: "key state-complete" }, "complete"),
+        el("span", { class: "key state-running" }, "running ●"),
+        el("span", { class: "key state-pruned" }, "pruned ✕ (cut off)"),
+        el("span", { class: "key state-failed" }, "failed"),
+      ),
+    );
+    parallel.node.classList.add("wide");
+    trials.node.classList.add("wide");
+    this.paretoCard = pareto.node;
+    this.paretoCard.hidden = true;
+    this.charts = {
+      history: new Chart(history.body, { onPick: pick }),
+      curves: new Chart(curves.body, { onPick: pick }),
+      contour: new Chart(contour.body, { height: 280 }),
+      slice: new Chart(slice.body, { onPick: pick }),
+      pareto: new Chart(pareto.body, { onPick: pick }),
+    };
+    this.parallelBox = parallel.body;
+    new ResizeObserver(() => this.study && this.drawParallel()).observe(this.parallelBox);
+    this.importanceBox = importance.body;
+    this.table = new TrialsTable(trials.body, { onPick: pick });
+    this.drawer = el("aside", { class: "drawer", id: "detail" });
+    this.detail = new TrialDetail(this.drawer, this.onError);
+    root.replaceChildren(
+      this.head,
+      el(
+        "section",
+        { class: "grid" },
+        history.node,
+        curves.node,
+        parallel.node,
+        importance.node,
+        contour.node,
+        slice.node,
+        pareto.node,
+        trials.node,
+      ),
+      this.drawer,
+    );
+  }
+
+  // ------------------------------------------------------------------ polling
+
+  async tick() {
+    const study = await api.get(`studies/${this.id}`);
+    if (!study && !this.stale) return; // 304: nothing changed
+    this.stale = false;
+    if (study) {
+      if (!this.study) this.setup(study);
+      this.study = study;
+      this.v.study += 1;
+    }
+    await this.pullTrials();
+    this.render();
+    await this.pullCurves();
+    await this.pullAnalysis();
+    this.render();
+  }
+
+  async pullTrials() {
+    for (;;) {
+      const page = await api.get(api.url(`studies/${this.id}/trials`, { since: this.cursor }));
+      if (!page) return;
+      for (const t of page.trials) {
+        const old = this.trials.get(t.id);
+        if (!old || old.state !== t.state || FINISHED.has(t.state)) this.v.finished += 1;
+        this.trials.set(t.id, t);
+      }
+      if (page.trials.length) this.v.trials += 1;
+      const more = page.trials.length === 1000 && page.cursor !== this.cursor;
+      this.cursor = page.cursor;
+      if (!more) return;
+    }
+  }
+
+  async pullCurves() {
+    for (;;) {
+      const path = api.url(`studies/${this.id}/curves`, {
+        metric: this.metric,
+        max_points: CURVE_POINTS,
+        since: this.curvesCursor,
+        limit: CURVE_PAGE,
+      });
+      if (this.curvesCursor === null) api.forget(path); // we hold none of its curves
+      const page = await api.get(path);
+      if (!page) return;
+      if (page.metric !== this.metric) this.metric = page.metric;
+      for (const c of page.series) this.curves.set(c.trial_id, c);
+      if (page.series.length) this.v.curves += 1;
+      const known = this.names.size;
+      for (const n of [page.metric, ...page.names]) this.names.add(n);
+      if (this.names.size !== known) this.v.names += 1;
+      this.curvesCursor = page.cursor;
+      if (!page.more) return;
+      this.render(); // show the curves loaded so far
+    }
+  }
+
+  async pullAnalysis() {
+    const done = this.study.counts.complete;
+    const key = JSON.stringify([done, this.objective]);
+    if (key !== this.importanceKey) {
+      const path = api.url(`studies/${this.id}/importance`, { objective: this.objective });
+      const answer = await api.get(path, { keep: true });
+      if (answer !== this.importance) {
+        this.importance = answer;
+        this.v.importance += 1;
+      }
+      this.importanceKey = key;
+    }
+    const [x, y] = [this.xSel.value, this.ySel.value];
+    const ckey = JSON.stringify([done, this.objective, x, y]);
+    if (x === y) {
+      if (this.contourAnswer !== null) {
+        this.contourAnswer = null;
+        this.contourKey = null;
+        this.v.contour += 1;
+      }
+    } else if (ckey !== this.contourKey) {
+      const path = api.url(`studies/${this.id}/contour`, { x, y, objective: this.objective });
+      const answer = await api.get(path, { keep: true });
+      if (answer !== this.contourAnswer) {
+        this.contourAnswer = answer;
+        this.v.contour += 1;
+      }
+      this.contourKey = ckey;
+    }
+  }
+
+  /** Controls that depend on the spec, set once the study is known. */
+  setup(study) {
+    const os = panels.objectives(study);
+    const arrow = (o) => `${o.metric} ${o.direction === "minimize" ? "↓" : "↑"}`;
+    fill(
+      this.objectiveSel,
+      os.map((o, i) => [i, arrow(o)]),
+      0,
+    );
+    this.objectiveSel.hidden = os.length < 2;
+    const names = Object.keys(study.spec.space);
+    fill(
+      this.xSel,
+      names.map((n) => [n, n]),
+      names[0],
+    );
+    fill(
+      this.ySel,
+      names.map((n) => [n, n]),
+      names[1] ?? names[0],
+    );
+    fill(
+      this.sliceSel,
+      names.map((n) => [n, n]),
+      names[0],
+    );
+    if (os.length > 1) {
+      this.paretoCard.hidden = false;
+      fill(
+        this.piSel,
+        os.map((o, i) => [i, arrow(o)]),
+        0,
+      );
+      fill(
+        this.pjSel,
+        os.map((o, i) => [i, arrow(o)]),
+        1,
+      );
+      this.piSel.hidden = this.pjSel.hidden = os.length < 3;
+    }
+  }
+
+  // ---------------------------------------------------------------- rendering
+
+  /** Run `draw` when `deps` differ from the last time (counted in `renders`, for tests). */
+  once(name, deps, draw) {
+    const key = JSON.stringify(deps);
+    if (this.keys[name] === key) return;
+    this.keys[name] = key;
+    this.renders[name] = (this.renders[name] || 0) + 1;
+    draw();
+  }
+
+  render() {
+    if (!this.study) return;
+    const { v } = this;
+    const i = this.objective;
+    const [x, y] = [this.xSel.value, this.ySel.value];
+    this.once("head", [v.study], () =>
+      renderHeader(this.head, this.study, this.objectiveSel, (state) => this.act(state)),
+    );
+    this.once("history", [v.finished, i], () => this.charts.history.set(panels.history(this, i)));
+    this.once("metrics", [v.names], () =>
+      fill(
+        this.metricSel,
+        [...this.names].sort().map((n) => [n, n]),
+        this.metric,
+      ),
+    );
+    this.once("curves", [v.curves, v.finished, this.metric], () =>
+      this.charts.curves.set(panels.curves(this)),
+    );
+    this.once("parallel", [v.finished, i], () => this.drawParallel());
+    this.once("importance", [v.importance], () =>
+      this.importanceBox.replaceChildren(...panels.importanceBars(this.importance)),
+    );
+    const s = this.sliceSel.value;
+    this.once("slice", [v.finished, i, s], () => this.charts.slice.set(panels.slice(this, s, i)));
+    const direction = panels.objectives(this.study)[i].direction;
+    const note = x === y ? "pick two different parameters" : "needs two complete trials";
+    this.once("contour", [v.contour], () =>
+      this.charts.contour.set(panels.contour(this.contourAnswer, direction, note)),
+    );
+    if (!this.paretoCard.hidden) {
+      const [pi, pj] = [Number(this.piSel.value), Number(this.pjSel.value)];
+      this.once("pareto", [v.finished, v.study, pi, pj], () =>
+        this.charts.pareto.set(panels.pareto(this, pi, pj)),
+      );
+    }
+    if (this.table.update(this.study, this.trials, v.trials))
+      this.renders.table = (this.renders.table || 0) + 1;
+    this.detail.sync(this.trials, this.study);
+  }
+
+  drawParallel() {
+    const { axes, rows } = panels.parallel(this, this.objective);
+    drawParallel(this.parallelBox, axes, rows);
+    const o = panels.objectives(this.study)[this.objective];
+    drawLegend(
+      this.legend,
+      rows.map((r) => r.values[r.values.length - 1]),
+      o,
+    );
+  }
+
+  async act(state) {
+    if (
+      state === "stopped" &&
+      !window.confirm(`Stop study ${this.study.name}? Its running trials fail.`)
+    )
+      return;
+    try {
+      this.study = await api.patch(`studies/${this.id}`, { state });
+      this.v.study += 1;
+      this.render();
+    } catch (error) {
+      this.onError(error);
+    }
+    this.poller.now();
+  }
+
+  pick(id) {
+    this.detail.open(id, this.study).catch(this.onError);
+  }
+}

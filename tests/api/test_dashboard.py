@@ -1,0 +1,597 @@
+"""The dashboard over real HTTP: its public page and files, the read endpoints its plots poll
+(conditional GETs, validation, downsampling, importance), and the page itself driven in
+headless Chromium against ``hpo serve``."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess, simple_spec
+
+API = "/api/v1"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def create(http: httpx.Client, name: str = "s", **over: Any) -> int:
+    return create_spec(http, simple_spec(name, **over))
+
+
+def create_spec(http: httpx.Client, spec: dict) -> int:
+    r = http.post(f"{API}/studies", json=spec)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def ask(http: httpx.Client, sid: int) -> dict:
+    r = http.post(f"{API}/studies/{sid}/ask")
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def report(http: httpx.Client, tid: int, points: list[tuple[int, str, float]]) -> None:
+    body = {"points": [{"step": s, "name": n, "value": v} for s, n, v in points]}
+    r = http.post(f"{API}/trials/{tid}/metrics", json=body)
+    assert r.status_code == 200, r.text
+
+
+def tell(http: httpx.Client, tid: int, **body: Any) -> None:
+    r = http.post(f"{API}/trials/{tid}/tell", json=body)
+    assert r.status_code == 200, r.text
+
+
+def ok(r: httpx.Response) -> Any:
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_field(r: httpx.Response, status: int, field: str) -> None:
+    assert r.status_code == status, r.text
+    assert r.json()["field"] == field, r.json()
+
+
+def study_with_trials(http: httpx.Client, n: int = 6, steps: int = 5) -> tuple[int, list[dict]]:
+    """A study whose trials report ``steps`` points of loss and acc; all but the last two
+    are told."""
+    sid = create(http, "dash", budget={"max_trials": 100})
+    trials = []
+    for i in range(n):
+        t = ask(http, sid)
+        x = t["params"]["x"]
+        report(http, t["trial_id"], [(s, "loss", x * x + 1 / (s + 1)) for s in range(steps)])
+        report(http, t["trial_id"], [(s, "acc", 1 - 1 / (s + 2)) for s in range(steps)])
+        if i < n - 2:
+            tell(http, t["trial_id"], value=x * x)
+        trials.append(t)
+    return sid, trials
+
+
+# ----------------------------------------------------------- the page's files
+
+
+def test_page_and_its_files_are_public_and_revalidated(sqlite_server: ServerProcess) -> None:
+    page = httpx.get(sqlite_server.url + "/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["cache-control"] == "no-cache"
+    assert '<script type="module" src="/static/js/main.js">' in page.text
+    again = httpx.get(sqlite_server.url + "/", headers={"If-None-Match": page.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+
+    # Every module the page imports is served, as JavaScript, with no CDN in sight.
+    seen, todo = set(), ["js/main.js", "app.css"]
+    while todo:
+        path = todo.pop()
+        seen.add(path)
+        r = httpx.get(f"{sqlite_server.url}/static/{path}")
+        assert r.status_code == 200, path
+        kind = "text/css" if path.endswith(".css") else "text/javascript"
+        assert r.headers["content-type"].startswith(kind), (path, r.headers)
+        assert "http://" not in r.text and "https://" not in r.text, path
+        for name in re.findall(r'from "\./([\w.]+\.js)"', r.text):
+            if f"js/{name}" not in seen:
+                todo.append(f"js/{name}")
+    assert {"js/api.js", "js/plot.js", "js/study.js", "js/studies.js"} <= seen
+
+    for bad in ("nope.js", "../routes/dashboard.py", "..%2F..%2Fapp.py", "js"):
+        assert httpx.get(f"{sqlite_server.url}/static/{bad}").status_code == 404, bad
+
+
+def test_dashboard_endpoints_need_the_token(sqlite_server: ServerProcess) -> None:
+    with sqlite_server.http() as http:
+        sid, trials = study_with_trials(http, n=2)
+    tid = trials[0]["trial_id"]
+    for path in (
+        "/dashboard/studies",
+        f"/studies/{sid}/curves",
+        f"/studies/{sid}/importance",
+        f"/studies/{sid}/contour?x=x&y=n",
+        f"/trials/{tid}/series",
+    ):
+        r = httpx.get(sqlite_server.url + API + path)
+        assert r.status_code == 401, path
+        assert r.headers["www-authenticate"] == "Bearer"
+
+
+# ----------------------------------------------------- conditional polling
+
+
+def polled_paths(http: httpx.Client, sid: int, tid: int) -> dict[str, str]:
+    """Every URL the study page and the list page poll, as they poll them: the trials and
+    curves with the cursor of a first, full fetch."""
+    cursor = ok(http.get(f"{API}/studies/{sid}/trials"))["cursor"]
+    curves_cursor = ok(http.get(f"{API}/studies/{sid}/curves"))["cursor"]
+    return {
+        "studies": f"{API}/dashboard/studies",
+        "study": f"{API}/studies/{sid}",
+        "trials": f"{API}/studies/{sid}/trials?since={cursor}",
+        "curves": f"{API}/studies/{sid}/curves?max_points=120&since={curves_cursor}&limit=200",
+        "importance": f"{API}/studies/{sid}/importance?objective=0",
+        "contour": f"{API}/studies/{sid}/contour?x=x&y=n&objective=0",
+        "series": f"{API}/trials/{tid}/series?max_points=1000",
+    }
+
+
+def test_each_polled_endpoint_answers_304_until_something_changes(server: ServerProcess) -> None:
+    with server.http() as http:
+        sid, trials = study_with_trials(http)
+        running = trials[-1]["trial_id"]
+        paths = polled_paths(http, sid, running)
+        tags = {}
+        for name, path in paths.items():
+            first = http.get(path)
+            assert first.status_code == 200, (name, first.text)
+            tags[name] = first.headers["etag"]
+            again = http.get(path, headers={"If-None-Match": tags[name]})
+            assert again.status_code == 304, name
+            assert again.content == b"" and again.headers["etag"] == tags[name], name
+
+        report(http, running, [(5, "loss", 0.5)])  # one new point of a running trial
+
+        for name, path in paths.items():
+            after = http.get(path, headers={"If-None-Match": tags[name]})
+            assert after.status_code == 200, name
+            assert after.headers["etag"] != tags[name], name
+        changed = http.get(paths["trials"]).json()["trials"]
+        assert [t["id"] for t in changed] == [running]
+        curves = http.get(paths["curves"]).json()["series"]
+        assert [c["trial_id"] for c in curves] == [running]
+        assert curves[0]["steps"][-1] == 5 and curves[0]["values"][-1] == 0.5
+
+
+def test_a_trials_series_tag_moves_only_with_that_trial(server: ServerProcess) -> None:
+    with server.http() as http:
+        _, trials = study_with_trials(http)
+        a, b = trials[-2]["trial_id"], trials[-1]["trial_id"]
+        path = f"{API}/trials/{a}/series"
+        tag = http.get(path).headers["etag"]
+        report(http, b, [(9, "loss", 1.0)])
+        assert http.get(path, headers={"If-None-Match": tag}).status_code == 304
+        report(http, a, [(9, "loss", 1.0)])
+        assert http.get(path, headers={"If-None-Match": tag}).status_code == 200
+
+
+def test_studies_summary_lists_counts_budget_and_best(server: ServerProcess) -> None:
+    with server.http() as http:
+        sid, trials = study_with_trials(http)
+        other = create(http, "other")
+        http.patch(f"{API}/studies/{other}", json={"state": "paused"})
+        body = ok(http.get(f"{API}/dashboard/studies"))
+        assert body["truncated"] is False
+        by_name = {s["name"]: s for s in body["studies"]}
+        dash = by_name["dash"]
+        assert dash["id"] == sid and dash["state"] == "running" and dash["sampler"] == "random"
+        assert dash["counts"]["complete"] == 4 and dash["counts"]["running"] == 2
+        assert dash["max_trials"] == 100 and dash["n_trials"] == 6
+        best = min(t["params"]["x"] ** 2 for t in trials[:4])
+        assert dash["best_value"] == pytest.approx(best)
+        assert by_name["other"]["state"] == "paused" and by_name["other"]["best_value"] is None
+        paused = ok(http.get(f"{API}/dashboard/studies", params={"state": "paused"}))
+        assert [s["name"] for s in paused["studies"]] == ["other"]
+        tag = http.get(f"{API}/dashboard/studies").headers["etag"]
+        create(http, "third")
+        assert (
+            http.get(f"{API}/dashboard/studies", headers={"If-None-Match": tag}).status_code == 200
+        )
+
+
+# --------------------------------------------------------------- curves
+
+
+def test_curves_are_downsampled_incremental_and_paged(server: ServerProcess) -> None:
+    with server.http() as http:
+        sid = create(http, "curves", budget={"max_trials": 10})
+        long, short = ask(http, sid), ask(http, sid)
+        values = [math.sin(s / 50) + (3.0 if s == 1234 else 0.0) for s in range(3000)]
+        report(http, long["trial_id"], [(s, "loss", v) for s, v in enumerate(values)])
+        report(http, short["trial_id"], [(0, "loss", 2.0), (1, "loss", 1.0), (0, "acc", 0.5)])
+
+        body = ok(http.get(f"{API}/studies/{sid}/curves", params={"max_points": 50}))
+        assert body["metric"] == "loss" and body["names"] == ["acc", "loss"]
+        assert body["more"] is False
+        series = {c["trial_id"]: c for c in body["series"]}
+        c = series[long["trial_id"]]
+        assert c["n"] == 3000 and len(c["steps"]) <= 50 and len(c["steps"]) == len(c["values"])
+        assert c["steps"][0] == 0 and c["steps"][-1] == 2999
+        assert 1234 in c["steps"] and max(c["values"]) == max(values)
+        assert min(c["values"]) == min(values)
+        assert series[short["trial_id"]]["steps"] == [0, 1]
+        acc = ok(http.get(f"{API}/studies/{sid}/curves", params={"metric": "acc"}))
+        assert [c["trial_id"] for c in acc["series"]] == [short["trial_id"]]
+
+        # Only what changed after the cursor comes back.
+        report(http, short["trial_id"], [(2, "loss", 0.5)])
+        delta = ok(http.get(f"{API}/studies/{sid}/curves", params={"since": body["cursor"]}))
+        assert [c["trial_id"] for c in delta["series"]] == [short["trial_id"]]
+        assert delta["series"][0]["values"] == [2.0, 1.0, 0.5]
+
+        # Paging: one trial per page, then the rest.
+        first = ok(http.get(f"{API}/studies/{sid}/curves", params={"limit": 1}))
+        assert first["more"] is True and len(first["series"]) == 1
+        rest = ok(
+            http.get(f"{API}/studies/{sid}/curves", params={"limit": 1, "since": first["cursor"]})
+        )
+        got = {first["series"][0]["trial_id"], rest["series"][0]["trial_id"]}
+        assert got == {long["trial_id"], short["trial_id"]}
+
+        detail = ok(http.get(f"{API}/trials/{long['trial_id']}/series", params={"max_points": 20}))
+        assert (
+            detail["series"]["loss"]["n"] == 3000 and len(detail["series"]["loss"]["steps"]) <= 20
+        )
+
+
+# ------------------------------------------------------- importance, contour
+
+
+def test_importance_and_contour_over_http(sqlite_server: ServerProcess) -> None:
+    with sqlite_server.http() as http:
+        sid = create(http, "imp", budget={"max_trials": 60})
+        for _ in range(40):
+            t = ask(http, sid)
+            tell(http, t["trial_id"], value=t["params"]["x"] ** 2 + 0.01 * t["params"]["n"])
+        body = ok(http.get(f"{API}/studies/{sid}/importance"))
+        assert list(body["importances"]) == ["x", "n"]
+        assert body["importances"]["x"] > 0.8 and body["n_trials"] == 40
+        assert sum(body["importances"].values()) == pytest.approx(1.0)
+
+        grid = ok(http.get(f"{API}/studies/{sid}/contour", params={"x": "x", "y": "n", "size": 8}))
+        assert grid["x"]["name"] == "x" and len(grid["x"]["values"]) == 8
+        assert len(grid["z"]) == len(grid["y"]["values"]) and len(grid["points"]) == 40
+
+        assert_field(http.get(f"{API}/studies/{sid}/importance?objective=1"), 422, "objective")
+        assert_field(http.get(f"{API}/studies/{sid}/contour?x=nope&y=n"), 422, "x")
+        assert_field(http.get(f"{API}/studies/{sid}/contour?x=n&y=n"), 422, "y")
+
+
+def test_query_parameters_are_validated(sqlite_server: ServerProcess) -> None:
+    with sqlite_server.http() as http:
+        sid, trials = study_with_trials(http, n=2)
+        tid = trials[0]["trial_id"]
+        cases = {
+            f"/studies/{sid}/curves?max_points=3": "query.max_points",
+            f"/studies/{sid}/curves?max_points=abc": "query.max_points",
+            f"/studies/{sid}/curves?limit=0": "query.limit",
+            f"/studies/{sid}/curves?since=-1": "query.since",
+            f"/studies/{sid}/curves?metric=": "query.metric",
+            f"/studies/{sid}/importance?objective=-1": "query.objective",
+            f"/studies/{sid}/contour?y=n": "query.x",
+            f"/studies/{sid}/contour?x=x&y=n&size=1": "query.size",
+            f"/trials/{tid}/series?max_points=100000": "query.max_points",
+            "/dashboard/studies?state=bogus": "query.state",
+            "/dashboard/studies?limit=0": "query.limit",
+        }
+        for path, field in cases.items():
+            assert_field(http.get(API + path), 422, field)
+        assert_field(http.get(f"{API}/studies/999/curves"), 404, "study_id")
+        assert_field(http.get(f"{API}/studies/999/importance"), 404, "study_id")
+        assert_field(http.get(f"{API}/trials/999/series"), 404, "trial_id")
+
+
+# ------------------------------------------------------------------ browser
+
+
+def _chromium() -> Any:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    return sync_playwright()
+
+
+ROLES = (
+    ["complete"] * 6 + ["pruned"] + ["complete"] * 6 + ["failed"] + ["complete"] * 3 + ["pruned"]
+) + ["running"] * 3
+COUNT = {role: ROLES.count(role) for role in set(ROLES)}
+
+
+def seed_e2e(http: httpx.Client) -> tuple[int, dict[str, dict]]:
+    """An ask/tell study driven over HTTP: complete, pruned, failed and running trials, each
+    with a loss curve (the pruned ones cut off early)."""
+    spec = simple_spec(
+        "e2e-study",
+        budget={"max_trials": 40},
+        space={
+            "x": {"type": "float", "low": -5.0, "high": 5.0},
+            "lr": {"type": "float", "low": 1e-4, "high": 1.0, "log": True},
+            "n": {"type": "int", "low": 1, "high": 4},
+            "opt": {"type": "categorical", "choices": ["sgd", "adam"]},
+        },
+    )
+    sid = create_spec(http, spec)
+    roles = ROLES
+    out: dict[str, dict] = {}
+    for i, role in enumerate(roles):
+        t = ask(http, sid)
+        final = t["params"]["x"] ** 2 / 5 + 0.2 * abs(math.log10(t["params"]["lr"]) + 2)
+        steps = 6 if role == "pruned" else 12 if role == "running" else 20
+        curve = [(s, "loss", round(final + 2 * math.exp(-s / 5), 6)) for s in range(steps)]
+        report(http, t["trial_id"], curve)
+        if role == "complete":
+            tell(http, t["trial_id"], value=curve[-1][2])
+        elif role in ("pruned", "failed"):
+            extra = {"error": "CUDA out of memory"} if role == "failed" else {}
+            tell(http, t["trial_id"], state=role, **extra)
+        out[f"{role}-{i}"] = {**t, "curve": curve}
+    return sid, out
+
+
+def chart_layers(page: Any, chart_id: str) -> Any:
+    return page.evaluate(
+        """id => document.getElementById(id).chart.spec.layers.map(l =>
+            l.kind === 'points' ? l.data.map(p => [p.x, p.y])
+          : l.kind === 'lines' ? l.series.map(s => ({pick: s.pick, end: s.end, points: s.points}))
+          : l.points)""",
+        chart_id,
+    )
+
+
+@pytest.mark.browser
+def test_dashboard_end_to_end(sqlite_server: ServerProcess, tmp_path: Path) -> None:
+    started = time.monotonic()
+    http = sqlite_server.http()
+    sid, seeded = seed_e2e(http)
+    trials = {t["number"]: t for t in ok(http.get(f"{API}/studies/{sid}/trials"))["trials"]}
+    running = [t for k, t in seeded.items() if k.startswith("running")]
+    complete = sorted(
+        (t for t in trials.values() if t["state"] == "complete"), key=lambda t: t["number"]
+    )
+    errors: list[str] = []
+    with _chromium() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            # Without a token the page asks for one.
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(sqlite_server.url + "/")
+            page.wait_for_selector("#token-dialog:not([hidden])")
+            page.fill("#token-input", sqlite_server.token)
+            page.click("#token-form button")
+            page.wait_for_selector("table.studies tr[data-study]")
+            page.close()
+
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            api_answers: list[tuple[str, int]] = []
+            page.on(
+                "response",
+                lambda r: api_answers.append((r.url, r.status)) if "/api/v1/" in r.url else None,
+            )
+            page.goto(f"{sqlite_server.url}/#token={sqlite_server.token}")
+
+            # The studies list.
+            row = page.wait_for_selector(f"tr[data-study='{sid}']")
+            cells = [c.inner_text() for c in row.query_selector_all("td")]
+            best = min(t["value"] for t in complete)
+            expected = [str(COUNT["complete"] + COUNT["pruned"]), str(COUNT["running"]), "1", "40"]
+            assert cells[:8] == ["e2e-study", "running", "random", *expected, _num(best)]
+            assert page.evaluate("location.hash") == "", "the token left the address bar"
+
+            # The study page, reached by its link.
+            row.query_selector("a").click()
+            page.wait_for_selector("#study-state .badge")
+            wait_until(
+                page,
+                "n => document.querySelectorAll('table.trials tbody tr').length === n",
+                len(ROLES),
+            )
+            wait_until(page, "() => document.getElementById('curves').dataset.points > 0")
+            wait_until(page, "() => document.querySelector('#importance .imp-row') !== null")
+
+            # History: each complete trial's value, and the best-so-far line.
+            pruned_pts, complete_pts, best_line = chart_layers(page, "history")
+            assert complete_pts == [[t["number"], t["value"]] for t in complete]
+            running_best, expected_line = math.inf, []
+            for t in complete:
+                running_best = min(running_best, t["value"])
+                expected_line.append([t["number"], running_best])
+            assert best_line == expected_line
+            assert len(pruned_pts) == COUNT["pruned"]
+
+            # Curves: every trial's stored points; the pruned one ends in a cross.
+            (series,) = chart_layers(page, "curves")
+            by_trial = {s["pick"]: s for s in series}
+            assert len(by_trial) == len(ROLES)
+            for key, t in seeded.items():
+                s = by_trial[t["trial_id"]]
+                assert s["points"] == [[step, v] for step, _, v in t["curve"]], key
+                role = key.split("-")[0]
+                assert s["end"] == {"pruned": "cross", "running": "dot"}.get(role), key
+
+            # The table: one row per trial, with its state and value.
+            for t in trials.values():
+                tr = page.query_selector(f"table.trials tr[data-number='{t['number']}']")
+                text = tr.inner_text()
+                assert t["state"] in text
+                if t["state"] == "complete":
+                    assert _num(t["value"]) in text
+
+            # Parallel coordinates and importance are drawn from the same data.
+            points = page.eval_on_selector("#parallel", "e => Number(e.dataset.points)")
+            assert points == COUNT["complete"]
+            names = page.eval_on_selector_all(
+                "#importance .imp-row", "rs => rs.map(r => r.dataset.param)"
+            )
+            assert sorted(names) == ["lr", "n", "opt", "x"]
+
+            # Screenshot for the README, while trials still run.
+            page.wait_for_timeout(500)
+            shot = tmp_path / "dashboard.png"
+            page.screenshot(path=str(shot))
+            assert shot.stat().st_size > 20_000
+            if os.environ.get("HPO_DASHBOARD_SCREENSHOT"):
+                shutil.copyfile(shot, os.environ["HPO_DASHBOARD_SCREENSHOT"])
+
+            # Nothing changes: the polls answer 304 and no plot is drawn again.
+            _wait_for_polls(page, api_answers, sid, 1)
+            renders = page.evaluate("JSON.stringify(window.hpo.page.renders)")
+            api_answers.clear()
+            _wait_for_polls(page, api_answers, sid, 2)
+            assert api_answers and all(status == 304 for _, status in api_answers), api_answers
+            assert page.evaluate("JSON.stringify(window.hpo.page.renders)") == renders
+
+            # A new metric point posted through the API appears without a reload.
+            page.evaluate("window.notReloaded = true")
+            target = running[0]["trial_id"]
+            report(http, target, [(12, "loss", 0.123)])
+            wait_until(
+                page,
+                """tid => document.getElementById('curves').chart.spec.layers[0].series
+                    .some(s => s.pick === tid && s.points.at(-1)[0] === 12
+                               && s.points.at(-1)[1] === 0.123)""",
+                target,
+            )
+            assert page.evaluate("window.notReloaded") is True
+
+            # The table sorts (by loss, ascending) and filters.
+            page.click("table.trials th:text-is('loss')")
+            rows = "table.trials tbody tr"
+            lowest = min((t for t in trials.values() if t["value"] is not None), key=_value)
+            assert page.get_attribute(rows, "data-number") == str(lowest["number"])
+            adam = sum(t["params"]["opt"] == "adam" for t in trials.values())
+            page.fill("input[aria-label=filter]", "opt=adam")
+            wait_until(
+                page, "n => document.querySelectorAll('table.trials tbody tr').length === n", adam
+            )
+            page.fill("input[aria-label=filter]", "")
+
+            # A hidden tab does not poll; it catches up as soon as it shows again.
+            _set_hidden(page, True)
+            page.wait_for_timeout(500)
+            api_answers.clear()
+            page.wait_for_timeout(4000)
+            assert api_answers == []
+            _set_hidden(page, False)
+            _wait_for_polls(page, api_answers, sid, 1)
+
+            # A trial's detail: params, series, state history, attempts and error text.
+            failed = next(t for k, t in seeded.items() if k.startswith("failed"))
+            page.click(f"table.trials tr[data-trial='{failed['trial_id']}']")
+            page.wait_for_selector("#detail pre.error")
+            detail = page.inner_text("#detail")
+            assert f"Trial #{failed['number']}" in detail and "CUDA out of memory" in detail
+            assert "attempts" in detail and "running" in detail and "failed" in detail
+            assert page.eval_on_selector("#detail .series", "e => Number(e.dataset.points)") == 20
+            page.click("#detail .close")
+
+            # Pause, then resume: the API sees each state.
+            page.click("button.act-paused")
+            page.wait_for_selector("#study-state .state-paused")
+            assert ok(http.get(f"{API}/studies/{sid}"))["state"] == "paused"
+            page.click("button.act-running")
+            page.wait_for_selector("#study-state .state-running")
+            assert ok(http.get(f"{API}/studies/{sid}"))["state"] == "running"
+            assert not errors, errors
+        finally:
+            browser.close()
+            http.close()
+    assert time.monotonic() - started < 120
+
+
+@pytest.mark.browser
+def test_dashboard_shows_the_pareto_front(sqlite_server: ServerProcess) -> None:
+    http = sqlite_server.http()
+    spec = simple_spec(
+        "two-objectives",
+        objective=[
+            {"metric": "err", "direction": "minimize"},
+            {"metric": "cost", "direction": "minimize"},
+        ],
+    )
+    sid = create_spec(http, spec)
+    for err, cost in [(1.0, 1.0), (0.5, 2.0), (2.0, 0.5), (1.5, 1.5)]:
+        tell(http, ask(http, sid)["trial_id"], values=[err, cost])
+    with _chromium() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(f"{sqlite_server.url}/?study={sid}#token={sqlite_server.token}")
+            wait_until(page, "() => document.getElementById('pareto')?.dataset.points > 0")
+            others, line, front = chart_layers(page, "pareto")
+            assert sorted(front) == [[0.5, 2.0], [1.0, 1.0], [2.0, 0.5]]
+            assert line == sorted(front), "the front is joined from left to right"
+            assert others == [[1.5, 1.5]]
+        finally:
+            browser.close()
+            http.close()
+
+
+def wait_until(page: Any, script: str, arg: Any = None, timeout: float = 15) -> None:
+    """Call the JavaScript function ``script`` with ``arg`` in the page until it is true.
+
+    (Playwright's own ``wait_for_function`` evaluates strings with ``eval``, which the page's
+    Content-Security-Policy forbids.)"""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(script, arg):
+        assert time.monotonic() < deadline, f"timed out waiting for {script}"
+        page.wait_for_timeout(100)
+
+
+def _num(v: float) -> str:
+    """The dashboard's number format (4 significant digits)."""
+    return f"{float(f'{v:.4g}'):g}" if 1e-3 <= abs(v) < 1e6 else f"{v:.2e}"
+
+
+def _wait_for_polls(page: Any, answers: list, sid: int, n: int) -> None:
+    """Wait until the page has polled the study ``n`` more times."""
+    study = f"/api/v1/studies/{sid}"
+    start = sum(1 for url, _ in answers if url.endswith(study))
+    deadline = time.monotonic() + 15
+    while sum(1 for url, _ in answers if url.endswith(study)) < start + n:
+        assert time.monotonic() < deadline, "the page stopped polling"
+        page.wait_for_timeout(200)
+    page.wait_for_timeout(300)  # let that poll's follow-up requests land
+
+
+def _value(t: dict) -> float:
+    return t["value"]
+
+
+def _set_hidden(page: Any, hidden: bool) -> None:
+    """Pretend the tab was hidden (or shown again)."""
+    page.evaluate(
+        """hidden => {
+            Object.defineProperty(document, 'hidden', {configurable: true, get: () => hidden});
+            document.dispatchEvent(new Event('visibilitychange'));
+        }""",
+        hidden,
+    )
