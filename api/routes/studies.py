@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from hpo.api.deps import Cursor, Service, StudyId
-from hpo.api.routes.conditional import not_modified
+from hpo.api.routes.conditional import answer
 from hpo.api.schemas import AskAnswer, BestAnswer, StudyPage, StudyPatch, TrialPage
 from hpo.service.errors import InvalidInput
 from hpo.service.export import trial_rows
@@ -44,10 +44,7 @@ def list_studies(
 def get_study(study_id: StudyId, service: Service, request: Request, response: Response):
     """Spec, state, trial counts per state and best trial. Honours ``If-None-Match``."""
     tag = f'"study-{study_id}-{service.study_seq(study_id)}"'
-    if (answer := not_modified(request, tag)) is not None:
-        return answer
-    response.headers["ETag"] = tag
-    return service.get_study(study_id)
+    return answer(request, response, tag, lambda: service.get_study(study_id))
 
 
 @router.patch("/{study_id}", response_model=StudyRecord)
@@ -91,11 +88,12 @@ def list_trials(
     """Trials changed after cursor ``since`` (all when absent), with the next cursor."""
     states = _states(state)
     tag = f'"trials-{study_id}-{service.study_seq(study_id)}-{since}-{state}-{limit}"'
-    if (answer := not_modified(request, tag)) is not None:
-        return answer
-    trials, cursor = service.list_trials(study_id, states=states, since=since, limit=limit)
-    response.headers["ETag"] = tag
-    return TrialPage(trials=trials, cursor=cursor)
+
+    def page() -> TrialPage:
+        trials, cursor = service.list_trials(study_id, states=states, since=since, limit=limit)
+        return TrialPage(trials=trials, cursor=cursor)
+
+    return answer(request, response, tag, page)
 
 
 @router.get("/{study_id}/best", response_model=BestAnswer)
