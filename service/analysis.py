@@ -251,3 +251,14 @@ def contour(
     gx, gy = np.meshgrid(grid_x, grid_y)
     z = forest.predict(np.column_stack([gx.ravel(), gy.ravel()])).reshape(gx.shape)
     return {"x": ax, "y": ay, "z": z.tolist(), "points": points}
+
+
+def pareto_front(costs: np.ndarray) -> list[int]:
+    """Indices of the rows of ``costs`` (all minimised) that no other row dominates."""
+    n = len(costs)
+    keep = []
+    for i in range(n):
+        dominated = np.any(np.all(costs <= costs[i], axis=1) & np.any(costs < costs[i], axis=1))
+        if not dominated:
+            keep.append(i)
+    return keep

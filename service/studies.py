@@ -6,12 +6,10 @@ trial number by compare-and-set, retrying if another asker got there first).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from functools import lru_cache
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -19,6 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from hpo.service import analysis, transitions
 from hpo.service import storage as sql
 from hpo.service.db.models import MetricPoint, Study, Trial, TrialEvent, utcnow
 from hpo.service.errors import (
@@ -41,8 +40,8 @@ from hpo.service.records import (
     StudyRecord,
     TrialRecord,
 )
-from hpo.service.samplers import make_sampler, sampler_class
-from hpo.service.samplers.base import Sampler, StudyView
+from hpo.service.samplers import sampler_class
+from hpo.service.samplers.base import StudyView
 from hpo.service.spec import StudySpec
 
 MAX_ASK_ATTEMPTS = 50
@@ -54,20 +53,6 @@ class MetricInput:
     step: int
     name: str
     value: float
-
-
-@lru_cache(maxsize=256)
-def _spec_of(spec_json: str) -> StudySpec:
-    return StudySpec.model_validate_json(spec_json)
-
-
-@lru_cache(maxsize=64)
-def _sampler_of(spec_json: str) -> Sampler:
-    return make_sampler(_spec_of(spec_json))
-
-
-def _json(study: Study) -> str:
-    return json.dumps(study.spec)
 
 
 class StudyService:
@@ -214,7 +199,7 @@ class StudyService:
                 changed = True
                 if state == "stopped":
                     study.finished_at = utcnow()
-                    self._stop_active_trials(s, study)
+                    transitions.stop_active(s, study)
             if changed:
                 sql.touch(study)
             record = self._record(s, study)
@@ -248,7 +233,7 @@ class StudyService:
         for _ in range(MAX_ASK_ATTEMPTS):
             with self.storage.read() as s:
                 study = sql.get_study(s, study_id)
-                spec = _spec_of(_json(study))
+                spec = transitions.spec_of(study)
                 self._check_can_ask(s, study, spec, dispatched)
                 waiting = s.scalar(
                     select(Trial.id)
@@ -258,9 +243,9 @@ class StudyService:
                 )
                 if waiting is None:
                     number = study.next_number
-                    if number >= self._limit(study, spec):
+                    if number >= transitions.budget_limit(study, spec):
                         self._finish_if_done(study_id)
-                        raise self._spent(study, spec)
+                        raise transitions.spent_error(study, spec)
                     view = StudyView(
                         spec, sql.observed_trials(s, study, spec.pruned_metric), number
                     )
@@ -270,7 +255,7 @@ class StudyService:
                     return claimed
                 continue
             try:
-                suggestion = _sampler_of(_json(study)).suggest(view)
+                suggestion = transitions.sampler_of(study).suggest(view)
             except GridExhausted:
                 self._finish_if_done(study_id)
                 raise
@@ -286,12 +271,14 @@ class StudyService:
                 "ask/tell is for studies without a trainable",
                 field="study_id",
             )
-        if study.state == "completed" and study.next_number >= self._limit(study, spec):
-            raise self._spent(study, spec)
+        if study.state == "completed" and study.next_number >= transitions.budget_limit(
+            study, spec
+        ):
+            raise transitions.spent_error(study, spec)
         if study.state != "running":
             reason = f" ({study.state_reason})" if study.state_reason else ""
             raise StudyNotRunning(f"study {study.id} is {study.state}{reason}", field="state")
-        if self._timed_out(study, spec):
+        if transitions.timed_out(study, spec):
             self._finish_if_done(study.id)
             raise BudgetSpent(
                 f"study {study.id} ran out of time (budget.timeout_s = {spec.budget.timeout_s})",
@@ -367,12 +354,12 @@ class StudyService:
         """
         with self.storage.write() as s:
             study, trial = sql.lock_trial(s, trial_id)
-            spec = _spec_of(_json(study))
-            outcome = _outcome(spec, value, values, state)
+            spec = transitions.spec_of(study)
+            outcome = transitions.parse_outcome(spec, value, values, state)
             if trial.state in FINISHED_STATES:
-                if _same_outcome(trial, outcome):
+                if transitions.same_outcome(trial, outcome):
                     return sql.trial_record(trial)
-                raise TrialFinished(_finished_message(trial), field="trial_id")
+                raise TrialFinished(transitions.finished_message(trial), field="trial_id")
             if trial.state == "waiting":
                 raise Conflict(
                     f"trial {trial_id} is waiting for attempt {trial.attempts}; "
@@ -381,8 +368,8 @@ class StudyService:
                 )
             new_state, vals = outcome
             if new_state == "pruned" and not vals:
-                vals = self._last_watched_value(s, trial, spec)
-            self._finish(s, study, trial, new_state, vals, error)
+                vals = transitions.last_watched_value(s, trial, spec)
+            transitions.finish(s, study, trial, new_state, vals, error)
             return sql.trial_record(trial)
 
     def report(self, trial_id: int, points: Sequence[MetricInput]) -> bool:
@@ -406,7 +393,7 @@ class StudyService:
                     f"trial {trial_id} is {trial.state}; it takes no more metrics",
                     field="trial_id",
                 )
-            spec = _spec_of(_json(study))
+            spec = transitions.spec_of(study)
             now = utcnow()
             trial.lease_expires_at = now + timedelta(seconds=spec.lease_s)
             if not points:
@@ -437,7 +424,7 @@ class StudyService:
                 trial.pruned = decision.reason
                 watched = decision.reason.get("value")
                 vals = [watched] if watched is not None and not spec.multi_objective else None
-                self._finish(s, study, trial, "pruned", vals, None, now=now)
+                transitions.finish(s, study, trial, "pruned", vals, None, now=now)
                 return True
             sql.touch(study, trial, now=now)
             return False
@@ -479,7 +466,7 @@ class StudyService:
             study, trial = sql.lock_trial(s, trial_id)
             if trial.state not in ACTIVE_STATES:
                 return sql.trial_record(trial)
-            self._fail(s, study, trial, reason, retryable=retryable)
+            transitions.fail(s, study, trial, reason, retryable=retryable)
             return sql.trial_record(trial)
 
     def expire_leases(self, *, study_id: int | None = None) -> int:
@@ -497,7 +484,7 @@ class StudyService:
                 except Exception:  # deleted meanwhile
                     continue
                 if trial.state == "running" and trial.lease_expires_at < utcnow():
-                    self._fail(s, study, trial, "lease expired", retryable=True)
+                    transitions.fail(s, study, trial, "lease expired", retryable=True)
         return len(expired)
 
     def renew_leases(self, trial_ids: Sequence[int]) -> None:
@@ -545,7 +532,7 @@ class StudyService:
         out = []
         for study_id, state, spec in rows:
             if spec.get("trainable"):
-                out.append((study_id, state, _spec_of(json.dumps(spec))))
+                out.append((study_id, state, transitions.parse_spec(spec)))
         return out
 
     def active_trials(self, study_ids: Sequence[int]) -> list[TrialRecord]:
@@ -582,7 +569,7 @@ class StudyService:
                 continue
             path = self.trial_checkpoint(best.id)
             if path:
-                out.append((_spec_of(json.dumps(raw)), best, path))
+                out.append((transitions.parse_spec(raw), best, path))
         return out
 
     def set_test_metrics(self, trial_id: int, metrics: dict[str, Any]) -> None:
@@ -593,7 +580,7 @@ class StudyService:
 
     def spec_of(self, study_id: int) -> StudySpec:
         with self.storage.read() as s:
-            return _spec_of(_json(sql.get_study(s, study_id)))
+            return transitions.spec_of(sql.get_study(s, study_id))
 
     # ----------------------------------------------------------------- reading
 
@@ -698,12 +685,16 @@ class StudyService:
 
     # --------------------------------------------------------------- internals
 
+    def _finish_if_done(self, study_id: int) -> None:
+        with self.storage.write() as s:
+            transitions.complete_if_done(s, sql.get_study(s, study_id, lock=True))
+
     def _record(self, s: Session, study: Study) -> StudyRecord:
         best, front = self._best(s, study)
         return sql.study_record(study, sql.state_counts(s, study.id), best, front)
 
     def _best(self, s: Session, study: Study) -> tuple[TrialRecord | None, list[TrialRecord]]:
-        spec = _spec_of(_json(study))
+        spec = transitions.spec_of(study)
         base = (
             select(Trial)
             .where(Trial.study_id == study.id, Trial.state == "complete")
@@ -724,200 +715,12 @@ class StudyService:
         if not trials:
             return None, []
         signs = np.array([1.0 if o.direction == "minimize" else -1.0 for o in spec.objectives])
-        front = pareto_front(np.array([t.values for t in trials], dtype=float) * signs)
+        front = analysis.pareto_front(np.array([t.values for t in trials], dtype=float) * signs)
         records = [sql.trial_record(trials[i]) for i in front]
         return None, sorted(records, key=lambda r: r.number)
-
-    def _limit(self, study: Study, spec: StudySpec) -> float:
-        limit = math.inf if spec.budget.max_trials is None else spec.budget.max_trials
-        capacity = _sampler_of(_json(study)).capacity()
-        return limit if capacity is None else min(limit, capacity)
-
-    def _timed_out(self, study: Study, spec: StudySpec) -> bool:
-        if spec.budget.timeout_s is None or study.started_at is None:
-            return False
-        return utcnow() - study.started_at > timedelta(seconds=spec.budget.timeout_s)
-
-    def _spent(self, study: Study, spec: StudySpec) -> BudgetSpent:
-        capacity = _sampler_of(_json(study)).capacity()
-        if capacity is not None and study.next_number >= capacity:
-            return GridExhausted(
-                f"the grid of study {study.id} is exhausted: all {capacity} points handed out",
-                field="sampler",
-            )
-        return BudgetSpent(
-            f"study {study.id} has handed out all {spec.budget.max_trials} trials "
-            "(budget.max_trials)",
-            field="budget.max_trials",
-        )
-
-    def _finish_if_done(self, study_id: int) -> None:
-        with self.storage.write() as s:
-            self._complete_if_done(s, sql.get_study(s, study_id, lock=True))
-
-    def _complete_if_done(self, s: Session, study: Study) -> None:
-        if study.state not in ("running", "paused"):
-            return
-        running, waiting = sql.count_active(s, study.id)
-        if running or waiting:
-            return
-        spec = _spec_of(_json(study))
-        if study.next_number >= self._limit(study, spec):
-            reason = "budget spent" if spec.budget.max_trials else "search space exhausted"
-        elif self._timed_out(study, spec):
-            reason = "budget.timeout_s reached"
-        else:
-            return
-        study.state = "completed"
-        study.state_reason = reason
-        study.finished_at = utcnow()
-        sql.touch(study)
-
-    def _finish(
-        self,
-        s: Session,
-        study: Study,
-        trial: Trial,
-        state: str,
-        values: list[float] | None,
-        error: str | None,
-        *,
-        now: datetime | None = None,
-    ) -> None:
-        now = now or utcnow()
-        trial.state = state
-        trial.finished_at = now
-        trial.lease_expires_at = None
-        if values:
-            trial.value = values[0] if len(values) == 1 else None
-            trial.values = list(values) if len(values) > 1 else None
-        if error:
-            trial.error = error
-        detail = error if state == "failed" else None
-        if state == "pruned" and trial.pruned:
-            detail = _prune_detail(trial.pruned)
-        sql.add_event(s, trial, state, detail)
-        sql.touch(study, trial, now=now)
-        s.flush()
-        self._complete_if_done(s, study)
-
-    def _fail(
-        self, s: Session, study: Study, trial: Trial, reason: str, *, retryable: bool
-    ) -> None:
-        spec = _spec_of(_json(study))
-        if retryable and trial.attempts <= spec.max_retries and study.state == "running":
-            sql.add_event(s, trial, "failed", f"attempt {trial.attempts}: {reason}; retrying")
-            trial.state = "waiting"
-            trial.error = reason
-            trial.attempts += 1
-            trial.lease_expires_at = None
-            sql.add_event(s, trial, "waiting", f"queued for attempt {trial.attempts}")
-            sql.touch(study, trial)
-            return
-        self._finish(s, study, trial, "failed", None, reason)
-
-    def _stop_active_trials(self, s: Session, study: Study) -> None:
-        active = s.scalars(
-            select(Trial).where(Trial.study_id == study.id, Trial.state.in_(ACTIVE_STATES))
-        )
-        now = utcnow()
-        for trial in active:
-            trial.state = "failed"
-            trial.error = "study stopped"
-            trial.finished_at = now
-            trial.lease_expires_at = None
-            sql.add_event(s, trial, "failed", "study stopped")
-            sql.touch(study, trial, now=now)
-
-    def _last_watched_value(self, s: Session, trial: Trial, spec: StudySpec) -> list[float] | None:
-        if spec.multi_objective:
-            return None
-        value = s.scalar(
-            select(MetricPoint.value)
-            .where(MetricPoint.trial_id == trial.id, MetricPoint.name == spec.objectives[0].metric)
-            .order_by(MetricPoint.step.desc(), MetricPoint.id.desc())
-            .limit(1)
-        )
-        return None if value is None else [value]
 
 
 def _field_in(message: str) -> str:
     """The field a "space.lr: ..." style message names."""
     head = message.split(":", 1)[0]
     return head if " " not in head else "space"
-
-
-def pareto_front(costs: np.ndarray) -> list[int]:
-    """Indices of the rows of ``costs`` (all minimised) that no other row dominates."""
-    n = len(costs)
-    keep = []
-    for i in range(n):
-        dominated = np.any(np.all(costs <= costs[i], axis=1) & np.any(costs < costs[i], axis=1))
-        if not dominated:
-            keep.append(i)
-    return keep
-
-
-def _outcome(
-    spec: StudySpec, value: float | None, values: Sequence[float] | None, state: str | None
-) -> tuple[str, list[float] | None]:
-    if value is not None and values is not None:
-        raise InvalidInput("give either `value` or `values`, not both", field="value")
-    vals = [value] if value is not None else (list(values) if values is not None else None)
-    state = state or "complete"
-    if state not in ("complete", "failed", "pruned"):
-        raise InvalidInput(
-            f"state must be one of complete, failed, pruned; got {state!r}", field="state"
-        )
-    if state == "complete" and vals is None:
-        raise InvalidInput("a complete trial needs `value` (or `values`)", field="value")
-    if state == "failed" and vals is not None:
-        raise InvalidInput("a failed trial takes no value", field="value")
-    if vals is not None:
-        field = "value" if value is not None else "values"
-        for i, v in enumerate(vals):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                where = field if field == "value" else f"values[{i}]"
-                raise InvalidInput(f"{where} must be a finite number, got {v!r}", field=where)
-        if len(vals) != len(spec.objectives):
-            raise InvalidInput(
-                f"{field}: the study has {len(spec.objectives)} objective(s), got {len(vals)} "
-                "value(s)",
-                field=field,
-            )
-        if state == "pruned" and spec.multi_objective:
-            vals = None
-    return state, [float(v) for v in vals] if vals is not None else None
-
-
-def _same_outcome(trial: Trial, outcome: tuple[str, list[float] | None]) -> bool:
-    state, vals = outcome
-    if trial.state != state:
-        return False
-    if state == "complete":
-        stored = trial.values if trial.values is not None else [trial.value]
-        return stored == vals
-    return vals is None or (trial.value is not None and [trial.value] == vals)
-
-
-def _finished_message(trial: Trial) -> str:
-    result = ""
-    if trial.value is not None:
-        result = f" with value {trial.value}"
-    elif trial.values is not None:
-        result = f" with values {trial.values}"
-    elif trial.error:
-        result = f" ({trial.error})"
-    return f"trial {trial.id} already finished as {trial.state}{result}"
-
-
-def _prune_detail(reason: dict[str, Any]) -> str:
-    where = (
-        f"rung {reason['rung']} (step {reason['step']})"
-        if "rung" in reason
-        else (f"step {reason.get('step')}")
-    )
-    return (
-        f"{reason.get('pruner')}: {reason.get('metric')} = {reason.get('value'):.6g} at {where}, "
-        f"threshold {reason.get('threshold'):.6g}"
-    )
