@@ -1,73 +1,171 @@
 """``image-classification``: a small CNN on scikit-learn's bundled digits images (8x8, 1,797).
 
-Train/validation split with a fixed seed; every epoch reports ``val_loss`` and ``val_accuracy``
-(averaged over all DDP ranks) and saves a checkpoint; a retried attempt resumes from it.
+The data is cleaned (duplicates, blank images) and split train/validation/test with a fixed
+seed (or k-fold: ``folds``/``fold``). Every epoch reports ``val_loss``, ``val_accuracy`` and
+macro ``val_precision``/``val_recall``/``val_f1`` (identical on all DDP ranks) plus the
+cumulative ``train_samples``, and saves a checkpoint; a retried attempt resumes from it.
+``evaluate`` scores a checkpoint on the held-out test split.
+
+Copy this module to write your own trainable (see docs/trainables.md).
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from hpo.workers import trainable
+from hpo.workers import data, trainable
 from hpo.workers.context import TrialContext
+from hpo.workers.data import ScheduleName
+
+log = logging.getLogger("hpo.workers.trainables.image_classification")
 
 
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # optimisation
     lr: float = Field(default=1e-2, gt=0)
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="Global batch, split over the ranks.")
     epochs: int = Field(default=10, ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    momentum: float = Field(default=0.9, ge=0, lt=1)
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd only.")
     weight_decay: float = Field(default=0.0, ge=0)
-    channels: int = Field(default=16, ge=1, le=512)
+    scheduler: ScheduleName = "constant"
+    warmup_frac: float = Field(default=0.0, ge=0, le=0.5)
+    gamma: float = Field(default=0.5, gt=0, le=1, description="step/exponential/plateau.")
+    step_epochs: int = Field(default=3, ge=1, description="step: decay every N epochs.")
+    patience: int | None = Field(default=None, ge=1, description="Early stopping (epochs).")
+    explode_factor: float | None = Field(default=10.0, gt=1)
+    # structure and initialisation
+    depth: int = Field(default=2, ge=1, le=4, description="Conv layers (pool after 2nd, 4th).")
+    channels: int = Field(default=16, ge=1, le=512, description="Width of the first conv.")
+    hidden: int = Field(default=64, ge=1, le=4096, description="Width of the dense layer.")
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    val_fraction: float = Field(default=0.2, gt=0, lt=1)
-    seed: int = 0
+    batch_norm: bool = False
+    init: Literal["default", "xavier", "he"] = "default"
+    # augmentation
+    shift: int = Field(default=0, ge=0, le=3, description="Random shifts up to N pixels.")
+    noise: float = Field(default=0.0, ge=0, le=1, description="Gaussian pixel noise (std).")
+    # data
+    val_fraction: float = Field(default=0.15, gt=0, lt=1)
+    test_fraction: float = Field(default=0.15, gt=0, lt=1)
+    folds: int | None = Field(default=None, ge=2, le=20)
+    fold: int = Field(default=0, ge=0)
+    split_seed: int = Field(default=0, ge=0, description="Fixes the splits.")
+    seed: int = Field(default=0, ge=0, description="Initialisation and shuffling.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"fold must be below folds ({self.folds})")
+        return self
 
 
 class DigitsCNN(nn.Module):
-    def __init__(self, channels: int, dropout: float) -> None:
+    """``depth`` conv layers (3x3, optional batch norm, ReLU; 2x2 max-pool after the 2nd and
+    4th), then a dense layer with dropout and a 10-way head."""
+
+    def __init__(self, s: Settings) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(channels, 2 * channels, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
+        layers: list[nn.Module] = []
+        c_in, size = 1, 8
+        for i in range(s.depth):
+            c_out = s.channels if i == 0 else 2 * s.channels
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1)]
+            layers += [nn.BatchNorm2d(c_out)] if s.batch_norm else []
+            layers += [nn.ReLU()]
+            if i % 2 == 1:
+                layers += [nn.MaxPool2d(2)]
+                size //= 2
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(2 * channels * 16, 64),
+            nn.Linear(c_in * size * size, s.hidden),
             nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(64, 10),
+            nn.Dropout(s.dropout),
+            nn.Linear(s.hidden, 10),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    @torch.no_grad()
+    def predict(self, images: object) -> list[int]:
+        """Digits (0-9) for 8x8 images with pixels in [0, 1] (``load_digits().images / 16``)."""
+        x = torch.as_tensor(np.asarray(images), dtype=torch.float32).reshape(-1, 1, 8, 8)
+        device = next(self.parameters()).device
+        return self(x.to(device)).argmax(1).tolist()
 
-def digits_split(val_fraction: float, seed: int) -> tuple[TensorDataset, TensorDataset]:
-    """The digits images as (N, 1, 8, 8) floats in [0, 1], split with a fixed seed."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
-    data = load_digits()
-    x = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(data.target, dtype=torch.long)
-    idx = np.arange(len(y))
-    train_idx, val_idx = train_test_split(
-        idx, test_size=val_fraction, random_state=seed, stratify=data.target
+def build_model(s: Settings) -> DigitsCNN:
+    return DigitsCNN(s)
+
+
+def init_weights(model: nn.Module, scheme: str) -> None:
+    """``xavier`` (Glorot uniform) or ``he`` (Kaiming normal, fan-in) for conv and dense
+    weights, zero biases; ``default`` keeps PyTorch's initialisation."""
+    if scheme == "default":
+        return
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if scheme == "xavier":
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+
+
+@lru_cache(maxsize=1)
+def load_digits() -> tuple[torch.Tensor, torch.Tensor, data.CleaningReport]:
+    """The cleaned digits images as (N, 1, 8, 8) floats in [0, 1], their labels, and what
+    cleaning removed."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    raw = sklearn_digits()
+    keep, report = data.clean_arrays(raw.images, raw.target)
+    x = torch.tensor(raw.images[keep] / 16.0, dtype=torch.float32).unsqueeze(1)
+    return x, torch.tensor(raw.target[keep], dtype=torch.long), report
+
+
+def datasets(s: Settings) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+    x, y, _ = load_digits()
+    parts = data.split(
+        y.numpy(),
+        val_fraction=s.val_fraction,
+        test_fraction=s.test_fraction,
+        seed=s.split_seed,
+        folds=s.folds,
+        fold=s.fold,
     )
-    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx])
+    return tuple(TensorDataset(x[i], y[i]) for i in (parts.train, parts.val, parts.test))
+
+
+def augment(x: torch.Tensor, s: Settings) -> torch.Tensor:
+    """Random shifts (each image by up to ``shift`` pixels, zero fill) and Gaussian noise."""
+    if s.shift:
+        n, pad = len(x), s.shift
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy, dx = (torch.randint(0, 2 * pad + 1, (n,)) for _ in range(2))
+        rows = (dy[:, None] + torch.arange(8))[:, :, None]
+        cols = (dx[:, None] + torch.arange(8))[:, None, :]
+        x = padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+    if s.noise:
+        x = (x + s.noise * torch.randn_like(x)).clamp(0, 1)
+    return x
 
 
 def make_optimizer(s: Settings, params: object) -> torch.optim.Optimizer:
@@ -77,62 +175,100 @@ def make_optimizer(s: Settings, params: object) -> torch.optim.Optimizer:
     return cls(params, lr=s.lr, weight_decay=s.weight_decay)
 
 
-@trainable(Settings)
+@torch.no_grad()
+def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple:
+    """Summed loss, labels and predictions over ``loader``."""
+    model.eval()
+    loss_sum, y_true, y_pred = 0.0, [], []
+    for x, y in loader:
+        logits = model(x.to(device))
+        loss_sum += F.cross_entropy(logits, y.to(device), reduction="sum").item()
+        y_true += y.tolist()
+        y_pred += logits.argmax(1).tolist()
+    return loss_sum, y_true, y_pred
+
+
+def evaluate(checkpoint: Path, settings: Settings, device: torch.device) -> dict[str, float]:
+    """Test loss, accuracy and macro precision/recall/F1 of a checkpoint on the test split."""
+    from hpo.workers.inference import load_model
+
+    model = load_model(checkpoint, device=device).model
+    test_set = datasets(settings)[2]
+    loss_sum, y_true, y_pred = predict_loader(model, DataLoader(test_set, 512), device)
+    metrics = data.classification_metrics(y_true, y_pred, prefix="test_")
+    return {"test_loss": loss_sum / len(y_true), **metrics, "test_samples": len(y_true)}
+
+
+@trainable(Settings, evaluate=evaluate, build_model=build_model)
 def train(ctx: TrialContext) -> None:
     s: Settings = ctx.settings
     torch.manual_seed(s.seed)
-    train_set, val_set = digits_split(s.val_fraction, s.seed)
+    train_set, val_set, _ = datasets(s)
+    if ctx.is_main:  # what cleaning removed, at step 0 of the metric streams
+        report = load_digits()[2]
+        log.info("digits: %s", report)
+        ctx.log(0, report.as_metrics())
+    ctx.extra["cleaning"] = asdict(load_digits()[2])
     sampler = ctx.sampler(train_set, shuffle=True, seed=s.seed)
-    loader = DataLoader(train_set, batch_size=s.batch_size, sampler=sampler)
-    val_loader = DataLoader(val_set, batch_size=256, sampler=ctx.sampler(val_set, shuffle=False))
-    model = ctx.wrap(DigitsCNN(s.channels, s.dropout))
+    loader = DataLoader(train_set, max(1, s.batch_size // ctx.world_size), sampler=sampler)
+    val_shard = Subset(val_set, data.shard(len(val_set), ctx.rank, ctx.world_size))
+    val_loader = DataLoader(val_shard, batch_size=512)
+
+    model = build_model(s)
+    init_weights(model, s.init)
+    model = ctx.wrap(model)  # DDP: rank 0's initial weights are broadcast to every rank
     optimizer = make_optimizer(s, model.parameters())
-    loss_fn = nn.CrossEntropyLoss()
-    first_epoch = 1
+    schedule = data.Schedule(
+        optimizer,
+        s.scheduler,
+        total_steps=s.epochs * len(loader),
+        steps_per_epoch=len(loader),
+        warmup_fraction=s.warmup_frac,
+        gamma=s.gamma,
+        step_epochs=s.step_epochs,
+    )
+    guard, stopper = data.LossGuard(s.explode_factor), data.EarlyStopping(s.patience)
+    first_epoch, seen = 1, 0.0
     state = ctx.load_checkpoint()
     if state is not None:  # a retry resumes where the failed attempt saved
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        first_epoch = int(state["epoch"]) + 1
+        schedule.load_state_dict(state["schedule"])
+        stopper.load_state_dict(state["early_stopping"])
+        first_epoch, seen = int(state["epoch"]) + 1, float(state["train_samples"])
+
     for epoch in range(first_epoch, s.epochs + 1):
         model.train()
         sampler.set_epoch(epoch)
+        loss_sum = count = 0.0
         for x, y in loader:
-            x, y = x.to(ctx.device), y.to(ctx.device)
+            x, y = augment(x, s).to(ctx.device), y.to(ctx.device)
             optimizer.zero_grad()
-            loss = loss_fn(model(x), y)
+            loss = F.cross_entropy(model(x), y)
+            guard.check(schedule.steps + 1, loss.item())
             loss.backward()  # DDP all-reduces the gradients here
             optimizer.step()
-        ctx.log(epoch, {"train_loss": loss.item()})
-        val_loss, val_accuracy = evaluate(ctx, model, val_loader, loss_fn)
+            schedule.step()
+            loss_sum, count = loss_sum + loss.item() * len(y), count + len(y)
+        loss_sum, count = ctx.all_reduce_sum([loss_sum, count])
+        seen += count
+        ctx.log(epoch, {"train_loss": loss_sum / count, "lr": schedule.lr})
+        metrics = data.gathered_metrics(ctx, *predict_loader(model, val_loader, ctx.device))
+        schedule.epoch_end(metrics["val_loss"])
+        stop_early = stopper.update(metrics["val_accuracy"])
         ctx.save_checkpoint(
             {
                 "model": _unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "early_stopping": stopper.state_dict(),
                 "epoch": epoch,
+                "train_samples": seen,
             },
             epoch,
-            settings=s.model_dump(),
         )
-        if ctx.report(epoch, {"val_loss": val_loss, "val_accuracy": val_accuracy}):
-            return  # pruned: every rank stops at the same epoch
-
-
-def evaluate(
-    ctx: TrialContext, model: nn.Module, loader: DataLoader, loss_fn: nn.Module
-) -> tuple[float, float]:
-    """Loss and accuracy over the whole validation set (summed across ranks)."""
-    model.eval()
-    loss_sum = correct = count = 0.0
-    with torch.no_grad():
-        for x, y in loader:
-            x, y = x.to(ctx.device), y.to(ctx.device)
-            logits = model(x)
-            loss_sum += loss_fn(logits, y).item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            count += len(y)
-    loss_sum, correct, count = ctx.all_reduce_sum([loss_sum, correct, count])
-    return loss_sum / count, correct / count
+        if ctx.report(epoch, {**metrics, "train_samples": seen}) or stop_early:
+            return  # pruned or early-stopped: every rank stops at the same epoch
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,374 @@
+"""The built-in trainables: settings validation, data sources, the divergence guard, resuming
+from a checkpoint, and one-epoch DDP trials (world size 2, gloo) through ``hpo serve`` on a
+local Ray, whose best checkpoints load for inference and score on the test split."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hpo.workers import TrainableError, registry
+from hpo.workers.context import Objective, TrialContext
+from hpo.workers.inference import load_model
+from hpo.workers.trainables import text_classification as text
+from tests.conftest import ServerProcess
+
+TINY_TEXT = {
+    "max_train_samples": 32,
+    "max_eval_samples": 16,
+    "max_length": 32,
+    "epochs": 1,
+    "batch_size": 8,
+    "log_every": 2,
+}
+
+
+def run_local(
+    name: str, config: dict[str, Any], tmp: Path, resume_from: Path | None = None
+) -> tuple[TrialContext, list[tuple[int, dict[str, float]]]]:
+    """Run a trainable in this process (world size 1, no control plane); returns the context
+    and the reports it made."""
+    fn = registry.load(name)
+    ctx = TrialContext(
+        trial_id=1,
+        study_id=1,
+        number=0,
+        attempt=1 if resume_from is None else 2,
+        params={},
+        settings=registry.settings_for(fn, config, {}),
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        objectives=[Objective("val_accuracy", "maximize")],
+        checkpoint_dir=tmp,
+        trainable=name,
+        resume_from=resume_from,
+    )
+    reports: list[tuple[int, dict[str, float]]] = []
+    report = ctx.report
+
+    def recording(step: int, metrics: Any) -> bool:
+        reports.append((step, dict(metrics)))
+        return report(step, metrics)
+
+    ctx.report = recording  # type: ignore[method-assign]
+    fn(ctx)
+    return ctx, reports
+
+
+# ------------------------------------------------------------------- settings validation
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "space", "message"),
+    [
+        ("text-classification", {"max_lenght": 64}, {}, "trainable.config.max_lenght: not a"),
+        ("text-classification", {"lr": "fast"}, {}, "trainable.config.lr: Input should be"),
+        ("text-classification", {"epochs": 0}, {}, "trainable.config.epochs: Input should be"),
+        ("text-classification", {}, {"scheduler": ["cosine", "warm"]}, "space.scheduler ('warm')"),
+        ("text-classification", {}, {"layer_decay": [0.5, 1.5]}, "space.layer_decay (1.5)"),
+        ("text-classification", {"folds": 5, "fold": 5}, {}, "fold must be below folds"),
+        ("text-classification", {"val_fraction": 0.6, "test_fraction": 0.5}, {}, "below 1"),
+        ("image-classification", {"depth": 9}, {}, "trainable.config.depth: Input should be"),
+        ("image-classification", {}, {"init": ["he", "lecun"]}, "space.init ('lecun')"),
+        ("image-classification", {}, {"optimiser": ["sgd"]}, "space.optimiser: not a setting"),
+        ("image-classification", {"batch_norm": "maybe"}, {}, "config.batch_norm: Input should"),
+    ],
+)
+def test_wrong_settings_are_refused_at_study_creation(
+    name: str, config: dict, space: dict, message: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        registry.check_spec(name, config, space)
+    assert message in str(info.value)
+
+
+def test_full_search_spaces_validate() -> None:
+    registry.check_spec(
+        "text-classification",
+        {"max_train_samples": 200, "max_eval_samples": 100, "max_length": 64},
+        {
+            "lr": [1e-5, 1e-3],
+            "batch_size": [8, 16, 32],
+            "epochs": [2, 4],
+            "weight_decay": [0.0, 0.1],
+            "warmup_frac": [0.0, 0.2],
+            "scheduler": ["constant", "linear", "cosine", "step", "exponential", "plateau"],
+            "layer_decay": [0.6, 1.0],
+            "dropout": [0.0, 0.3],
+            "max_grad_norm": [0.5, 5.0],
+            "freeze_layers": [0, 4],
+            "max_length": [32, 128],
+        },
+    )
+    registry.check_spec(
+        "image-classification",
+        {"epochs": 5},
+        {
+            "optimizer": ["sgd", "adam", "adamw"],
+            "init": ["default", "xavier", "he"],
+            "scheduler": ["constant", "cosine", "step"],
+            "depth": [1, 4],
+            "channels": [4, 64],
+            "dropout": [0.0, 0.5],
+            "batch_norm": [True, False],
+            "shift": [0, 2],
+            "noise": [0.0, 0.2],
+        },
+    )
+
+
+# ------------------------------------------------------------------------------ text data
+
+
+def test_text_sources_csv_jsonl_saved_dataset_and_folder(tmp_path: Path) -> None:
+    import datasets
+    import pandas as pd
+
+    rows = pd.DataFrame(
+        {
+            "body": ["Goal!", "goal! ", "", "Shares fell", "Shares rose", "x" * 99, "Vote"],
+            "topic": ["sport", "sport", "sport", "business", "business", "politics", "politics"],
+        }
+    )
+    rows.to_csv(tmp_path / "news.csv", index=False)
+    rows.to_json(tmp_path / "news.jsonl", orient="records", lines=True)
+    datasets.Dataset.from_pandas(rows).save_to_disk(str(tmp_path / "saved"))
+    for topic, group in rows.groupby("topic"):
+        (tmp_path / "folder" / topic).mkdir(parents=True)
+        for i, body in enumerate(group["body"]):
+            (tmp_path / "folder" / topic / f"{i}.txt").write_text(body)
+    for source in ("news.csv", "news.jsonl", "saved"):
+        cleaned, names, report = text.load_texts(str(tmp_path / source), "body", "topic", 50, None)
+        assert names == ["business", "politics", "sport"]
+        assert cleaned["text"] == ["Goal!", "Shares fell", "Shares rose", "Vote"]
+        assert cleaned["label"] == [2, 0, 0, 1]
+        assert (report.duplicates, report.empty, report.too_long) == (1, 1, 1)
+    cleaned, names, _ = text.load_texts(str(tmp_path / "folder"), "text", "label", 50, None)
+    assert names == ["business", "politics", "sport"] and len(cleaned) == 4
+    # fixed label names: their order is the id order, other labels are dropped (and counted)
+    cleaned, names, report = text.load_texts(
+        str(tmp_path / "news.csv"), "body", "topic", None, ("sport", "business")
+    )
+    assert cleaned["label"] == [0, 1, 1] and report.unknown_label == 2
+    with pytest.raises(TrainableError, match="no column 'text'"):
+        text.read_source(str(tmp_path / "news.csv"), "text", "topic")
+
+
+def test_default_data_is_bbc_news_cleaned() -> None:
+    cleaned, names, report = text.load_texts(None, "text", "label", 10_000, None)
+    assert names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert report.rows == 2225 and report.duplicates == 101 and report.too_long == 7
+    assert len(cleaned) == report.kept == 2117
+
+
+def test_frozen_layers_and_layer_wise_lr_decay() -> None:
+    s = text.Settings(lr=1e-3, layer_decay=0.5, freeze_layers=2, weight_decay=0.1)
+    net = text.build_model(s).net  # MiniLM-L6: embeddings + 6 layers + pooler/head
+    groups = text.param_groups(net, s)
+    embeddings, layers = text._blocks(net)
+    frozen = [*embeddings.parameters(), *layers[0].parameters(), *layers[1].parameters()]
+    assert not any(p.requires_grad for p in frozen)
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    assert not in_groups & {id(p) for p in frozen}
+    assert in_groups == {id(p) for p in net.parameters() if p.requires_grad}
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(layers[2].attention.self.query.weight)] == pytest.approx(1e-3 * 0.5**4)
+    assert lr_of[id(layers[5].output.dense.weight)] == pytest.approx(1e-3 * 0.5)
+    assert lr_of[id(net.classifier.weight)] == pytest.approx(1e-3)
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(net.classifier.bias) in no_decay and id(net.classifier.weight) not in no_decay
+    plain = text.param_groups(text.build_model(text.Settings()).net, text.Settings())
+    assert {g["lr"] for g in plain} == {5e-5}  # no decay, nothing frozen
+    top = text.Settings(layers=2)  # the issue's `layers`: fine-tune the top two of six
+    net = text.build_model(top).net
+    text.param_groups(net, top)
+    embeddings, layers = text._blocks(net)
+    assert not any(p.requires_grad for b in (embeddings, *layers[:4]) for p in b.parameters())
+    assert all(p.requires_grad for b in layers[4:] for p in b.parameters())
+
+
+# ------------------------------------------------------------------- in-process training
+
+
+def test_a_huge_learning_rate_fails_the_text_trial_as_diverged(tmp_path: Path) -> None:
+    config = {**TINY_TEXT, "lr": 1e3, "max_grad_norm": None, "warmup_frac": 0.0}
+    with pytest.raises(TrainableError, match="training diverged"):
+        run_local("text-classification", config, tmp_path)
+
+
+def test_a_huge_learning_rate_fails_the_image_trial_as_diverged(tmp_path: Path) -> None:
+    with pytest.raises(TrainableError, match=r"train_loss .* at step \d+.*training diverged"):
+        run_local("image-classification", {"optimizer": "sgd", "lr": 1e4, "epochs": 2}, tmp_path)
+
+
+def test_image_trial_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    config = {"epochs": 2, "optimizer": "sgd", "lr": 0.05, "scheduler": "cosine", "shift": 1}
+    _, reports = run_local("image-classification", config, tmp_path / "first")
+    checkpoint = tmp_path / "first" / "checkpoint-000001"
+    assert [step for step, _ in reports] == [1, 2] and checkpoint.is_dir()
+    ctx, resumed = run_local("image-classification", config, tmp_path / "again", checkpoint)
+    assert [step for step, _ in resumed] == [2]  # epoch 1 is not trained again
+    assert resumed[0][1]["train_samples"] == reports[1][1]["train_samples"]
+    assert ctx.extra["cleaning"]["rows"] == 1797
+
+
+# --------------------------------------------------------------------- through the service
+
+RAY_ENV = {"HPO_RAY_NUM_CPUS": "4", "HPO_SCHEDULER_INTERVAL_S": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp = tmp_path_factory.mktemp("trainables")
+    server = ServerProcess(f"sqlite:///{tmp / 'hpo.db'}", tmp, RAY_ENV)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def ddp_spec(name: str, trainable: str, config: dict, **over: Any) -> dict:
+    spec = {
+        "name": name,
+        "objective": {"metric": "val_accuracy", "direction": "maximize"},
+        "budget": {"max_trials": 1},
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
+        "trainable": {"name": trainable, "config": config},
+        "space": {"seed": {"type": "categorical", "choices": [0]}},
+    }
+    spec.update(over)
+    return spec
+
+
+def run_study(server: ServerProcess, spec: dict) -> tuple[Any, Any]:
+    client = server.client()
+    study = client.create_study(spec)
+    wait_for(lambda: study.state in ("completed", "stopped"), 240, f"study {spec['name']}")
+    return study, client.trial(study.trials()[0].id)
+
+
+def best_checkpoint(server: ServerProcess, study: Any, tmp: Path) -> Path:
+    archive = tmp / f"best-{study.id}.tar.gz"
+    response = server.client().request("GET", f"/api/v1/studies/{study.id}/best/checkpoint")
+    archive.write_bytes(response.content)
+    return archive
+
+
+def check_streams(study: Any, trial: Any, epochs: int) -> dict[str, list]:
+    points: dict[str, list] = {}
+    for p in study.metrics(trial.id):
+        points.setdefault(p.name, []).append((p.step, p.value))
+    for name in ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1"):
+        assert [step for step, _ in points[name]] == list(range(1, epochs + 1)), name
+    assert "train_loss" in points and points["data_rows"][0][0] == 0
+    return points
+
+
+@pytest.mark.ray
+def test_image_classification_ddp_epoch_then_load_and_evaluate(
+    ray_server: ServerProcess, tmp_path: Path
+) -> None:
+    config = {
+        "epochs": 1,
+        "depth": 3,
+        "batch_norm": True,
+        "init": "he",
+        "shift": 1,
+        "noise": 0.05,
+        "optimizer": "adamw",
+        "scheduler": "cosine",
+        "warmup_frac": 0.1,
+    }
+    study, trial = run_study(ray_server, ddp_spec("digits-ddp", "image-classification", config))
+    assert trial.state == "complete", trial.error
+    assert trial.placement["world_size"] == 2
+    points = check_streams(study, trial, 1)
+    assert points["val_accuracy"][0][1] > 0.5
+    # every one of the 1,257 training images once; DistributedSampler pads to an even count
+    assert points["train_samples"][0][1] == 1258
+    assert points["data_duplicates"][0][1] == 0
+
+    loaded = load_model(best_checkpoint(ray_server, study, tmp_path))
+    assert loaded.trainable == "image-classification" and not loaded.model.training
+    assert loaded.settings.depth == 3 and loaded.settings.batch_norm
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    predicted = loaded.predict(digits.images[:200] / 16.0)
+    assert sum(int(p == t) for p, t in zip(predicted, digits.target[:200], strict=True)) > 100
+
+    fn = registry.load("image-classification")
+    metrics = fn.evaluate(loaded.path, loaded.settings, torch.device("cpu"))
+    assert set(metrics) >= {"test_accuracy", "test_precision", "test_recall", "test_f1"}
+    assert metrics["test_samples"] == 270
+    best = wait_for(lambda: study.best_trial.test_metrics, 90, "test metrics from the service")
+    assert best["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+
+
+@pytest.mark.ray
+def test_text_classification_ddp_epoch_then_load_and_evaluate(
+    ray_server: ServerProcess, tmp_path: Path
+) -> None:
+    config = {**TINY_TEXT, "lr": 2e-4, "freeze_layers": 1, "layer_decay": 0.9}
+    study, trial = run_study(ray_server, ddp_spec("text-ddp", "text-classification", config))
+    assert trial.state == "complete", trial.error
+    assert trial.placement["world_size"] == 2
+    points = check_streams(study, trial, 1)
+    assert [step for step, _ in points["train_loss"]] == [2, 4]  # 32 rows / batch 8
+    assert points["train_samples"][0][1] == 32
+    assert points["data_duplicates"][0][1] == 101 and points["data_too_long"][0][1] == 7
+
+    archive = best_checkpoint(ray_server, study, tmp_path)
+    loaded = load_model(archive)
+    assert loaded.labels == ["business", "entertainment", "politics", "sports", "tech"]
+    assert not loaded.model.training and loaded.tokenizer is not None
+    answers = loaded.predict(["The striker scored twice in the cup final.", "Shares fell 5%."])
+    assert len(answers) == 2 and set(answers) <= set(loaded.labels)
+    meta = json.loads((loaded.path / "meta.json").read_text())
+    assert meta["trainable"] == "text-classification" and meta["settings"]["max_length"] == 32
+
+    fn = registry.load("text-classification")
+    settings = registry.settings_for(fn, config, {"seed": 0})
+    metrics = fn.evaluate(loaded.path, settings, torch.device("cpu"))
+    assert metrics["test_samples"] == 16 and 0 <= metrics["test_f1"] <= 1
+    best = wait_for(lambda: study.best_trial.test_metrics, 90, "test metrics from the service")
+    assert best["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+
+
+@pytest.mark.ray
+def test_a_diverging_trial_fails_without_retry_and_says_why(ray_server: ServerProcess) -> None:
+    config = {"epochs": 2, "optimizer": "sgd", "lr": 1e4}
+    spec = ddp_spec("diverge", "image-classification", config, max_retries=2)
+    _, trial = run_study(ray_server, spec)
+    assert trial.state == "failed" and trial.attempts == 1  # no retry can fix it
+    assert "TrainableError: train_loss" in trial.error and "training diverged" in trial.error
+
+
+@pytest.mark.ray
+def test_wrong_text_settings_are_422(ray_server: ServerProcess) -> None:
+    with ray_server.http() as http:
+        spec = ddp_spec("typo", "text-classification", {"max_lenght": 64})
+        answer = http.post("/api/v1/studies", json=spec)
+        assert answer.status_code == 422
+        assert "trainable.config.max_lenght: not a setting" in answer.json()["message"]
+        spec = ddp_spec("bad-type", "text-classification", {"batch_size": "big"})
+        answer = http.post("/api/v1/studies", json=spec)
+        assert answer.status_code == 422 and "trainable.config.batch_size" in answer.text
