@@ -90,6 +90,15 @@ class TrialContext:
         if self.reporter is not None and new:
             self.reporter.log(step, new)
 
+    def recall(self, reported: Callable[[str], list[tuple[int, float]]], up_to: int) -> None:
+        """Seed the objectives' last/best values from what earlier attempts reported up to the
+        resumed step, so an attempt that resumes after the final checkpoint (its predecessor
+        finished, but the result never reached the control plane) still has a result."""
+        for objective in self.objectives:
+            for step, value in sorted(reported(objective.metric)):
+                if step <= up_to:
+                    self._track(step, {objective.metric: value})
+
     def _track(self, step: int, values: dict[str, float]) -> None:
         if step != self.last_step:
             self._at_last_step = {}

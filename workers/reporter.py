@@ -70,6 +70,19 @@ class MetricReporter:
             self._cond.notify()
             return self._queued
 
+    def reported(self, name: str) -> list[tuple[int, float]]:
+        """The (step, value) points of ``name`` the control plane already holds for this trial
+        (what earlier attempts reported); empty if it cannot be reached."""
+        try:
+            answer = self._http.get(
+                f"/api/v1/trials/{self.trial_id}/metrics", params={"name": name}, timeout=10
+            )
+            answer.raise_for_status()
+        except httpx.HTTPError as exc:
+            log.warning("could not read earlier metrics of trial %s: %s", self.trial_id, exc)
+            return []
+        return [(int(p["step"]), float(p["value"])) for p in answer.json()["points"]]
+
     def wait_sent(self, ticket: int, timeout: float) -> bool:
         """Wait until the points up to ``ticket`` were acknowledged (or timeout)."""
         deadline = time.monotonic() + timeout

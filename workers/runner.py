@@ -111,6 +111,8 @@ def run_rank(launch: TrialLaunch, rank: int, dispatcher: Any, key: str) -> dict[
             reporter=reporter,
             on_checkpoint=lambda path, step: dispatcher.note_checkpoint.remote(key, path, step),
         )
+        if resume and reporter is not None:
+            ctx.recall(reporter.reported, resumed_step(resume))
         returned = fn(ctx)
         if returned:
             ctx.finish(returned)
@@ -124,6 +126,10 @@ def run_rank(launch: TrialLaunch, rank: int, dispatcher: Any, key: str) -> dict[
         if reporter is not None:
             reporter.close(timeout=5)
         ddp.shutdown()
+
+
+def resumed_step(checkpoint: str) -> int:
+    return int(Path(checkpoint).name.removeprefix("checkpoint-"))
 
 
 def latest_checkpoint(trial_dir: Path, *, before_attempt: int) -> str | None:

@@ -191,6 +191,25 @@ def test_killed_worker_is_retried_from_its_checkpoint(ray_server: ServerProcess)
     assert trial.has_checkpoint
 
 
+def test_an_attempt_lost_after_its_last_step_is_finished_by_the_retry(
+    ray_server: ServerProcess,
+) -> None:
+    client = ray_server.client()
+    study = client.create_study(
+        synthetic(
+            "lost-at-the-end",
+            max_retries=1,
+            trainable={"name": "synthetic", "config": {"steps": 3, "fail_at_step": 4}},
+        )
+    )
+    finished(study)
+    trial = client.trial(study.trials()[0].id)
+    assert trial.state == "complete" and trial.attempts == 2
+    points = study.metrics(trial.id, "loss")
+    assert [p.step for p in points] == [1, 2, 3]  # the retry had nothing left to train
+    assert trial.value == points[-1].value
+
+
 def test_a_trainable_error_fails_without_retry_and_keeps_the_text(
     ray_server: ServerProcess,
 ) -> None:

@@ -26,3 +26,26 @@ def test_newest_complete_checkpoint_of_an_earlier_attempt(tmp_path: Path) -> Non
     make(tmp_path, 3, 9)  # the current attempt's own files never count
     assert latest_checkpoint(tmp_path, before_attempt=3) == str(six)
     assert latest_checkpoint(tmp_path, before_attempt=2) == str(four)
+
+
+def test_a_resumed_attempt_recalls_what_earlier_attempts_reported(tmp_path: Path) -> None:
+    import torch
+
+    from hpo.workers.context import Objective, TrialContext
+
+    ctx = TrialContext(
+        trial_id=1,
+        study_id=1,
+        number=0,
+        attempt=2,
+        params={},
+        settings=None,
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        objectives=[Objective("acc", "maximize")],
+        checkpoint_dir=tmp_path,
+    )
+    history = {"acc": [(1, 0.5), (2, 0.9), (3, 0.7), (4, 0.99)]}
+    ctx.recall(lambda name: history.get(name, []), up_to=3)  # step 4 came after the checkpoint
+    assert ctx.last == {"acc": 0.7} and ctx.best == {"acc": 0.9} and ctx.last_step == 3

@@ -24,7 +24,9 @@ class Settings(BaseModel):
     x: float = 0.0
     steps: int = Field(default=10, ge=1)
     step_s: float = Field(default=0.0, ge=0, description="Sleep per step (simulated work).")
-    fail_at_step: int | None = Field(default=None, description="Kill rank 0 at this step...")
+    fail_at_step: int | None = Field(
+        default=None, description="Kill rank 0 at this step (steps + 1: after the last one)..."
+    )
     fail_on_attempts: list[int] = Field(default=[1], description="...on these attempts only.")
     hang_at_step: int | None = Field(default=None, description="Freeze rank 0 (SIGSTOP).")
     raise_at_step: int | None = Field(default=None, description="Raise an error at this step.")
@@ -39,12 +41,11 @@ def evaluate(checkpoint: Path, settings: Settings, device: torch.device) -> dict
 @trainable(Settings, evaluate=evaluate)
 def train(ctx: TrialContext) -> dict[str, float]:
     s: Settings = ctx.settings
-    start = 1
+    start, loss = 1, float("nan")
     state = ctx.load_checkpoint()
     if state is not None:
-        start = int(state["step"]) + 1
+        start, loss = int(state["step"]) + 1, float(state["loss"])
         ctx.extra["resumed_from_step"] = int(state["step"])
-    loss = float("nan")
     for step in range(start, s.steps + 1):
         time.sleep(s.step_s)
         if ctx.is_main and step == s.fail_at_step and ctx.attempt in s.fail_on_attempts:
@@ -60,4 +61,6 @@ def train(ctx: TrialContext) -> dict[str, float]:
         ctx.save_checkpoint({"step": step, "loss": loss}, step)
         if ctx.report(step, {"loss": loss}):
             break
+    if ctx.is_main and s.fail_at_step == s.steps + 1 and ctx.attempt in s.fail_on_attempts:
+        os.kill(os.getpid(), signal.SIGKILL)  # finished, but the result never got out
     return {"loss": loss}
