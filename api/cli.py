@@ -21,8 +21,12 @@ from rich.table import Table
 from hpo.service import errors
 from hpo.service.spec import StudySpec, describe_errors
 
-console = Console(stderr=True)
-out = Console()
+# Piped or redirected output (logs, CI) is not cut at 80 columns: tables and trial lines whole.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+out = Console(width=None if sys.stdout.isatty() else 200)
+
+# How long ``--wait`` waits, after a dispatched study ends, for its best trial's test metrics.
+TEST_METRICS_WAIT_S = 300.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,11 +225,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         out.print(f"trial {t.number} (id {t.id}): value {value}")
         for k, v in t.params.items():
             out.print(f"  {k} = {v}")
-        test = t.test_metrics
-        if test and "error" in test:
-            out.print(f"  test metrics: evaluation failed: {test['error']}")
-        elif test:
-            out.print("  test metrics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in test.items()))
+        _print_test_metrics(t.test_metrics)
     return 0
 
 
@@ -266,8 +266,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ helpers
 
 
-def _watch(study: Any, poll_s: float = 1.0) -> int:
-    """A live progress bar: trials by state, best so far; returns the exit code."""
+def _watch(study: Any, poll_s: float = 1.0, *, report: bool = True) -> int:
+    """A live progress bar: trials by state, best so far; then (``report``) the best trial and
+    its test metrics. Returns the exit code."""
     from rich.live import Live
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -290,7 +291,7 @@ def _watch(study: Any, poll_s: float = 1.0) -> int:
             for t in sorted(changed, key=lambda t: t.number):
                 if t.state in ("complete", "pruned", "failed") and t.id not in reported:
                     reported.add(t.id)
-                    progress.console.print(_trial_line(t))
+                    progress.console.print(_trial_line(t), soft_wrap=True)
             record = study.refresh()
             c = record.counts
             done = c["complete"] + c["pruned"] + c["failed"]
@@ -304,10 +305,34 @@ def _watch(study: Any, poll_s: float = 1.0) -> int:
                 break
             time.sleep(poll_s)
     out.print(f"study {record.id} {record.state}: {record.state_reason or ''}")
-    if record.best_trial:
-        out.print(f"best value {record.best_trial.value} with {record.best_trial.params}")
+    best = record.best_trial
+    if best and report:
+        out.print(f"best value {best.value} with {best.params}", soft_wrap=True)
+        if record.state == "completed" and record.spec.get("trainable"):
+            _print_test_metrics(_wait_for_test_metrics(study, best))
     ok = record.state == "completed" and record.counts["complete"] > 0
     return 0 if ok else 1
+
+
+def _wait_for_test_metrics(study: Any, best: Any) -> dict[str, Any] | None:
+    """The scheduler scores a completed study's best trial on the held-out test split once,
+    just after the study ends; wait for that (bounded) rather than exit without it."""
+    if best.values is not None or not best.has_checkpoint:
+        return best.test_metrics
+    deadline = time.monotonic() + TEST_METRICS_WAIT_S
+    with console.status("scoring the best trial on the test split"):
+        while best.test_metrics is None and time.monotonic() < deadline:
+            time.sleep(1.0)
+            best = study.best_trial
+    return best.test_metrics
+
+
+def _print_test_metrics(test: dict[str, Any] | None) -> None:
+    if test and "error" in test:
+        out.print(f"  test metrics: evaluation failed: {test['error']}")
+    elif test:
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in test.items())
+        out.print(f"  test metrics: {shown}", soft_wrap=True)
 
 
 def _trial_line(t: Any) -> str:

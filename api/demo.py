@@ -157,7 +157,7 @@ def run_demo(*, trials: int | None = None, ask_tell: bool = False, keep: bool = 
         started = time.monotonic()
         if ask_tell:
             study.optimize(digits_mlp_objective)
-        code = _watch(study, poll_s=0.5)
+        code = _watch(study, poll_s=0.5, report=False)
         _summary(study, time.monotonic() - started, wait_for_test=not ask_tell)
         if keep:
             console.print(f"serving on {url} (token {tok}); Ctrl-C to stop")
@@ -167,6 +167,8 @@ def run_demo(*, trials: int | None = None, ask_tell: bool = False, keep: bool = 
 
 
 def _summary(study: Any, elapsed: float, *, wait_for_test: bool) -> None:
+    from hpo.api.cli import _wait_for_test_metrics
+
     frame = study.trials_dataframe()
     columns = ["number", "state", "value", "attempts", "duration_s"]
     columns += [c for c in frame.columns if c.startswith("params_")]
@@ -179,14 +181,10 @@ def _summary(study: Any, elapsed: float, *, wait_for_test: bool) -> None:
     console.print(f"[bold]best[/bold]: trial {best.number}, value {best.value:.4f}")
     for name, value in best.params.items():
         console.print(f"  {name} = {value}")
-    deadline = time.monotonic() + (90 if wait_for_test else 0)
-    while wait_for_test and best.test_metrics is None and time.monotonic() < deadline:
-        time.sleep(1)
-        best = study.best_trial
-    if best.test_metrics:
+    test = _wait_for_test_metrics(study, best) if wait_for_test else best.test_metrics
+    if test:
         shown = ", ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in best.test_metrics.items()
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in test.items()
         )
         console.print(f"  held-out test metrics: {shown}")
     if best.has_checkpoint:

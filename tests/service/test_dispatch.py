@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from hpo.api.client import Study
 from hpo.api.demo import free_port
@@ -121,32 +122,27 @@ def test_image_classification_trial_trains_a_cnn_with_ddp(ray_server: ServerProc
 
 
 def test_best_trial_gets_test_metrics_once_the_study_completes(
-    ray_server: ServerProcess,
+    ray_server: ServerProcess, tmp_path: Path
 ) -> None:
-    client = ray_server.client()
-    study = client.create_study(synthetic("evaluated", budget={"max_trials": 2}))
-    finished(study)
-    best = wait_for(lambda: (b := study.best_trial) and b.test_metrics and b, 60, "test metrics")
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "hpo.api.cli", *args]
+        command += ["--url", ray_server.url, "--token", ray_server.token]
+        return subprocess.run(command, capture_output=True, text=True, timeout=180)
+
+    spec_file = tmp_path / "evaluated.yaml"
+    spec_file.write_text(yaml.safe_dump(synthetic("evaluated", budget={"max_trials": 2})))
+    # `submit --wait` runs the study and waits for the best trial's test metrics
+    submitted = cli("submit", str(spec_file), "--wait")
+    assert submitted.returncode == 0, submitted.stderr
+    assert "completed: budget spent" in submitted.stdout
+    assert "test metrics: test_loss=" in submitted.stdout
+    study = ray_server.client().study("evaluated")
+    best = study.best_trial
     assert best.test_metrics == {"test_loss": best.value, "test_step": 5.0}
     others = [t for t in study.trials() if t.id != best.id]
     assert all(t.test_metrics is None for t in others)  # the best trial only
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hpo.api.cli",
-            "best",
-            str(study.id),
-            "--url",
-            ray_server.url,
-            "--token",
-            ray_server.token,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert cli.returncode == 0 and "test metrics: test_loss=" in cli.stdout
+    shown = cli("best", str(study.id))
+    assert shown.returncode == 0 and "test metrics: test_loss=" in shown.stdout
 
 
 def test_asha_stops_a_bad_trial_early(ray_server: ServerProcess) -> None:
