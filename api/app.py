@@ -65,10 +65,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     auth = [Depends(require_token)]
-    app.include_router(studies.router, prefix="/api/v1", dependencies=auth)
-    app.include_router(trials.router, prefix="/api/v1", dependencies=auth)
-    app.include_router(checkpoints.router, prefix="/api/v1", dependencies=auth)
-    app.include_router(dashboard.router, prefix="/api/v1", dependencies=auth)
+    api = {"prefix": "/api/v1", "dependencies": auth, "responses": errors.RESPONSES}
+    app.include_router(studies.router, **api)
+    app.include_router(trials.router, **api)
+    app.include_router(checkpoints.router, **api)
+    app.include_router(dashboard.router, **api)
     app.include_router(dashboard.pages)  # the page itself is public; it asks for the token
 
     @app.get("/healthz", tags=["system"])

@@ -6,7 +6,9 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, Request
+from pydantic import AfterValidator
 
+from hpo.service.spec import no_nul
 from hpo.service.studies import StudyService
 
 
@@ -36,3 +38,5 @@ MAX_ID = 2**63 - 1
 StudyId = Annotated[int, Path(ge=1, le=MAX_ID)]
 TrialId = Annotated[int, Path(ge=1, le=MAX_ID)]
 Cursor = Annotated[int | None, Query(ge=0, le=MAX_ID)]
+# Free text to filter by (a study or metric name): a NUL character is a 422, not a database error.
+QueryText = Annotated[str | None, Query(), AfterValidator(no_nul)]

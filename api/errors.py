@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hpo.api.schemas import ErrorBody
 from hpo.service.errors import Conflict, HpoError, InvalidInput, NotFound
 from hpo.service.spec import describe_errors
 
 STATUS = {NotFound: 404, Conflict: 409, InvalidInput: 422}
+
+# What every API route may answer besides its success, documented once (every error body is
+# an ErrorBody); the app passes this to each router.
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or wrong API token"},
+    404: {"model": ErrorBody, "description": "No such study, trial or checkpoint"},
+    409: {"model": ErrorBody, "description": "Conflicts with the stored state"},
+    422: {"model": ErrorBody, "description": "Invalid input; `field` names it"},
+}
+# What FastAPI says when a body is not UTF-8 text or nests too deeply to parse.
+_UNPARSABLE_BODY = "There was an error parsing the body"
 
 
 def _status(exc: HpoError) -> int:
@@ -53,6 +67,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
+            return _validation(
+                [{"field": "body", "message": "not JSON (not UTF-8 text, or nested too deeply)"}]
+            )
         code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "error"
         )

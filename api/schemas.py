@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
-from hpo.service.spec import Number
+from hpo.service.spec import MetricName, Number, no_nul
 
 
 class _Body(BaseModel):
@@ -16,8 +16,8 @@ class _Body(BaseModel):
 
 
 class BudgetPatch(_Body):
-    max_trials: int | None = Field(default=None, ge=1)
-    max_concurrent: int | None = Field(default=None, ge=1)
+    max_trials: StrictInt | None = Field(default=None, ge=1)
+    max_concurrent: StrictInt | None = Field(default=None, ge=1)
 
 
 class StudyPatch(_Body):
@@ -33,7 +33,7 @@ class TellBody(_Body):
     value: Number | None = None
     values: list[Number] | None = None
     state: Literal["complete", "failed", "pruned"] | None = None
-    error: str | None = Field(default=None, max_length=20_000)
+    error: Annotated[str | None, AfterValidator(no_nul)] = Field(default=None, max_length=20_000)
 
     @field_validator("value")
     @classmethod
@@ -56,7 +56,7 @@ MAX_STEP = 2**62
 
 class PointIn(_Body):
     step: StrictInt = Field(ge=0, le=MAX_STEP)
-    name: str = Field(min_length=1, max_length=128)
+    name: MetricName
     value: Number
 
     @field_validator("value")

@@ -179,7 +179,7 @@ def param_importance(
     done = completed(trials, objective)
     names = list(spec.space)
     zero = {name: 0.0 for name in names}
-    y = np.array([objective_value(t, objective) for t in done], dtype=float)
+    y, _ = _unit_scale(np.array([objective_value(t, objective) for t in done], dtype=float))
     if len(done) < 2 or np.ptp(y) == 0:
         return Importance(zero, len(done))
     x, owners = encode(spec, done, names)
@@ -192,6 +192,15 @@ def param_importance(
         scores = {name: score / total for name, score in scores.items()}
     ranked = dict(sorted(scores.items(), key=lambda kv: -kv[1]))
     return Importance(ranked, len(done))
+
+
+def _unit_scale(y: np.ndarray) -> tuple[np.ndarray, float]:
+    """``y`` divided by its largest magnitude, and that magnitude: a forest fitted to values
+    near ±1.8e308 overflows its variances (NaN importances, infinite estimates)."""
+    scale = float(np.max(np.abs(y))) if len(y) else 0.0
+    if scale == 0.0:
+        return y, 1.0
+    return y / scale, scale
 
 
 # ---------------------------------------------------------------------- contour
@@ -247,9 +256,10 @@ def contour(
         empty = {"name": x, "kind": "numeric", "log": False, "values": []}
         return {"x": empty, "y": {**empty, "name": y}, "z": [], "points": points}
     (ax, grid_x), (ay, grid_y) = _axis(spec, x, xy[:, 0], size), _axis(spec, y, xy[:, 1], size)
-    forest = _forest(seed, min_samples_leaf=2).fit(xy, target)
+    scaled, scale = _unit_scale(target)
+    forest = _forest(seed, min_samples_leaf=2).fit(xy, scaled)
     gx, gy = np.meshgrid(grid_x, grid_y)
-    z = forest.predict(np.column_stack([gx.ravel(), gy.ravel()])).reshape(gx.shape)
+    z = forest.predict(np.column_stack([gx.ravel(), gy.ravel()])).reshape(gx.shape) * scale
     return {"x": ax, "y": ay, "z": z.tolist(), "points": points}
 
 

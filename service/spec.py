@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -40,16 +41,46 @@ Number = Annotated[float, Strict()]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # Integers stay exact as floats (Optuna, JSON clients) within this bound.
 MAX_INT = 2**53
+# How deeply free-form JSON (user_attrs, trainable.config) may nest: the stored spec is parsed
+# again on every read, and that parser stops at 200 levels.
+MAX_JSON_DEPTH = 32
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and ±inf are never a valid setting; JSON cannot even store them (PostgreSQL refuses
+    # the document), so they are a 422 here rather than a corrupt spec later.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _finite(value: float, what: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{what} must be a finite number, got {value}")
     return value
+
+
+def no_nul(value: str | None) -> str | None:
+    """Refuse NUL characters: PostgreSQL text columns cannot store them."""
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain NUL (\\x00) characters")
+    return value
+
+
+# A metric's name, as objectives, pruners and reported points spell it.
+MetricName = Annotated[StrictStr, Field(min_length=1, max_length=128), AfterValidator(no_nul)]
+
+
+def check_json(value: Any, where: str, depth: int = 0) -> None:
+    """Free-form JSON must round-trip: finite numbers only, nested at most MAX_JSON_DEPTH deep."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"{where} is nested more than {MAX_JSON_DEPTH} levels deep")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_json(v, f"{where}.{k}", depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_json(v, f"{where}[{i}]", depth + 1)
 
 
 class _Conditional(_Model):
@@ -203,6 +234,11 @@ def _check_range(p: FloatParam | IntParam, *, integer: bool) -> None:
             raise ValueError("`step` cannot be combined with `log: true`")
         if not integer:
             _finite(float(p.step), "`step`")
+            steps = (float(p.high) - float(p.low)) / float(p.step)
+            if not math.isfinite(steps) or steps > MAX_INT:
+                raise ValueError(
+                    f"`step` ({p.step}) is too small for [{p.low}, {p.high}]: more than 2**53 steps"
+                )
     if p.values is not None:
         for v in p.values:
             if not p.low <= v <= p.high:
@@ -212,7 +248,7 @@ def _check_range(p: FloatParam | IntParam, *, integer: bool) -> None:
 class Objective(_Model):
     """A metric the study optimises, and whether bigger is better."""
 
-    metric: StrictStr = Field(min_length=1, max_length=128)
+    metric: MetricName
     direction: Literal["minimize", "maximize"] = "minimize"
     scope: Literal["last", "best"] = Field(
         default="last",
@@ -247,7 +283,7 @@ class PrunerSpec(_Model):
     reduction_factor: int = Field(default=3, ge=2, description="ASHA: keep the top 1/η per rung.")
     max_steps: int | None = Field(default=None, ge=1, description="ASHA: no rung beyond this.")
     n_startup_trials: int = Field(default=5, ge=0, description="Median: trials before pruning.")
-    metric: StrictStr | None = Field(default=None, description="Defaults to the objective metric.")
+    metric: MetricName | None = Field(default=None, description="Defaults to the objective metric.")
     direction: Literal["minimize", "maximize"] | None = Field(
         default=None, description="Of `metric`, when it is not an objective."
     )
@@ -263,8 +299,8 @@ class PrunerSpec(_Model):
 class Budget(_Model):
     """How much the study may spend. ``max_trials`` counts distinct trial numbers."""
 
-    max_trials: int | None = Field(default=None, ge=1)
-    max_concurrent: int | None = Field(default=None, ge=1)
+    max_trials: StrictInt | None = Field(default=None, ge=1)
+    max_concurrent: StrictInt | None = Field(default=None, ge=1)
     timeout_s: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)
 
 
@@ -278,7 +314,7 @@ class Resources(_Model):
     @field_validator("gpus_per_worker")
     @classmethod
     def _gpu_share(cls, value: float) -> float:
-        if value > 1 and value != int(value):
+        if value > 1 and not float(value).is_integer():
             raise ValueError("more than one GPU per worker must be a whole number")
         return value
 
@@ -288,6 +324,12 @@ class TrainableSpec(_Model):
 
     name: StrictStr = Field(min_length=1)
     config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("config")
+    @classmethod
+    def _json_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        check_json(config, "config")
+        return config
 
 
 class StudySpec(_Model):
@@ -329,6 +371,12 @@ class StudySpec(_Model):
         if len(set(names)) != len(names):
             raise ValueError("each objective must name a different metric")
         return value
+
+    @field_validator("user_attrs")
+    @classmethod
+    def _json_attrs(cls, attrs: dict[str, Any]) -> dict[str, Any]:
+        check_json(attrs, "user_attrs")
+        return attrs
 
     @field_serializer("objective")
     def _objective_out(self, value: list[Objective]) -> Any:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from hpo.api.deps import Cursor, Service, StudyId
+from hpo.api.deps import Cursor, QueryText, Service, StudyId
 from hpo.api.routes.conditional import answer
 from hpo.api.schemas import AskAnswer, BestAnswer, StudyPage, StudyPatch, TrialPage
 from hpo.service.errors import InvalidInput
@@ -33,7 +33,7 @@ def list_studies(
     state: Annotated[str | None, Query(pattern="^(running|paused|stopped|completed)$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: Cursor = None,
-    name: str | None = None,
+    name: QueryText = None,
 ) -> StudyPage:
     """Studies, newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
     studies, next_cursor = service.list_studies(state=state, limit=limit, cursor=cursor, name=name)
@@ -87,7 +87,9 @@ def list_trials(
 ):
     """Trials changed after cursor ``since`` (all when absent), with the next cursor."""
     states = _states(state)
-    tag = f'"trials-{study_id}-{service.study_seq(study_id)}-{since}-{state}-{limit}"'
+    # The validated states, not the raw query: the tag goes into a header verbatim.
+    filter_ = ",".join(states or [])
+    tag = f'"trials-{study_id}-{service.study_seq(study_id)}-{since}-{filter_}-{limit}"'
 
     def page() -> TrialPage:
         trials, cursor = service.list_trials(study_id, states=states, since=since, limit=limit)

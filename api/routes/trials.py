@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from hpo.api.deps import Service, TrialId
+from hpo.api.deps import QueryText, Service, TrialId
 from hpo.api.schemas import MAX_STEP, MetricPage, MetricsBody, ShouldStop, TellBody
 from hpo.service.records import TrialRecord
 from hpo.service.studies import MetricInput
@@ -46,7 +46,7 @@ def heartbeat(trial_id: TrialId, service: Service) -> ShouldStop:
 def metrics(
     trial_id: TrialId,
     service: Service,
-    name: str | None = None,
+    name: QueryText = None,
     since_step: Annotated[int | None, Query(ge=-1, le=MAX_STEP)] = None,
 ) -> MetricPage:
     """Metric points in step order; ``since_step`` returns only later steps."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import statistics
+from collections.abc import Sequence
 
 from hpo.service.pruners.base import PruneDecision, Pruner, PruningHistory, Report
 
@@ -19,7 +19,7 @@ class MedianPruner(Pruner):
         others = history.values_at(report.step, complete_only=True)
         if not others:
             return None
-        median = statistics.median(others)
+        median = _median(others)
         if self.better(median, report.value):
             return PruneDecision(
                 {
@@ -32,3 +32,13 @@ class MedianPruner(Pruner):
                 }
             )
         return None
+
+
+def _median(values: Sequence[float]) -> float:
+    """The median, halving before adding: the mean of two values near ±1.8e308 would overflow
+    to an infinite threshold, which no JSON column stores."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[mid]
+    return ordered[mid - 1] / 2 + ordered[mid] / 2

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import statistics
+import math
 
 import optuna
 
@@ -30,7 +30,8 @@ class GPSampler(Sampler):
         lie = None
         if len(complete) >= n_startup and complete and view.pending:
             columns = zip(*(t.values for t in complete), strict=True)
-            lie = tuple(statistics.fmean(col) for col in columns)
+            # The mean of the parts, not of the sum: values near ±1.8e308 overflow a sum.
+            lie = tuple(math.fsum(v / len(complete) for v in col) for col in columns)
         params, observed = _optuna.suggest(engine, view, lie=lie)
         info = {
             "sampler": self.name,

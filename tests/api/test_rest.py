@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from typing import Any
 
@@ -1017,3 +1018,193 @@ def test_ids_of_deleted_studies_and_trials_are_never_reused(
         assert stale.status_code == 404
         assert late_tell.status_code == 404
         assert get_trial(http, new_trial)["state"] == "running"
+
+
+# ------------------------------------------------- bugs found by fuzzing the API
+
+
+def _deep(levels: int) -> dict:
+    value: dict = {"a": 1}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+def _spec_text(name: str, insert: str, **over: Any) -> str:
+    """A spec as JSON text with ``insert`` (raw JSON members, e.g. ``NaN``) added to it."""
+    text = json.dumps(simple_spec(name, **over))
+    return text[:-1] + ", " + insert + "}"
+
+
+FUZZED_SPECS: list[tuple[str, str | bytes, str, str]] = [
+    # (case, raw body, field, a word the message must contain); each used to answer 500 or to
+    # store a spec that later broke every read of the study
+    (
+        "gpus_per_worker Infinity",
+        _spec_text("g", '"resources": {"gpus_per_worker": Infinity}'),
+        "resources.gpus_per_worker",
+        "finite",
+    ),
+    (
+        "cpus_per_worker Infinity",
+        _spec_text("c", '"resources": {"cpus_per_worker": Infinity}'),
+        "resources.cpus_per_worker",
+        "finite",
+    ),
+    ("user_attrs NaN", _spec_text("u", '"user_attrs": {"a": [1, NaN]}'), "user_attrs", "finite"),
+    (
+        "user_attrs 600 levels deep",
+        _spec_text("d", '"user_attrs": ' + json.dumps(_deep(600))),
+        "user_attrs",
+        "nested",
+    ),
+    (
+        "trainable config NaN",
+        _spec_text("t", '"trainable": {"name": "synthetic", "config": {"x": NaN}}'),
+        "trainable.config",
+        "finite",
+    ),
+    (
+        "float step too small (grid)",
+        json.dumps(
+            simple_spec(
+                "sg",
+                sampler={"type": "grid"},
+                space={"x": {"type": "float", "low": 0.0, "high": 1.0, "step": 5e-324}},
+            )
+        ),
+        "space.x",
+        "too small",
+    ),
+    (
+        "float step too small (random)",
+        json.dumps(
+            simple_spec(
+                "sr", space={"x": {"type": "float", "low": 0.0, "high": 1.0, "step": 1e-300}}
+            )
+        ),
+        "space.x",
+        "too small",
+    ),
+    (
+        "NUL in an objective metric",
+        json.dumps(simple_spec("n", objective={"metric": "lo\x00ss"})),
+        "objective[0].metric",
+        "NUL",
+    ),
+    ("max_trials true", json.dumps(simple_spec("b", budget={"max_trials": True})), "budget", ""),
+    ("body not UTF-8", b'{"name": "\xff\xfe"}', "body", "UTF-8"),
+    ("body nested too deeply", "[" * 100_000 + "]" * 100_000, "body", "nested"),
+]
+
+
+def test_fuzzed_specs_are_422_and_store_nothing(
+    server: ServerProcess, subtests: pytest.Subtests
+) -> None:
+    with server.http() as http:
+        before = all_studies(http)
+        for case, body, field, word in FUZZED_SPECS:
+            with subtests.test(case), server.http() as fresh:  # a 500 closes the connection
+                err = assert_error(
+                    fresh.post(f"{API}/studies", content=body, headers=JSON),
+                    422,
+                    code="invalid_input",
+                )
+                assert err["field"].startswith(field), err
+                assert word in err["message"], err
+        assert all_studies(http) == before
+
+
+def test_fuzzed_trial_requests_are_4xx_and_change_nothing(
+    server: ServerProcess, subtests: pytest.Subtests
+) -> None:
+    """NUL characters (PostgreSQL text cannot hold them), control characters in the state
+    filter (they went into the ETag header verbatim) and non-integer budgets."""
+    with server.http() as http:
+        sid = create(http, "fuzzed", budget={"max_trials": 10})["id"]
+        tid = ask(http, sid)["trial_id"]
+        report(http, tid, 0, 0.5)
+        before_trial, before_study = get_trial(http, tid), get_study(http, sid)
+        cases = [
+            ("POST", f"/trials/{tid}/tell", {"state": "failed", "error": "a\x00b"}, "error"),
+            (
+                "POST",
+                f"/trials/{tid}/metrics",
+                {"points": [{"step": 1, "name": "lo\x00ss", "value": 1.0}]},
+                "points[0].name",
+            ),
+            ("GET", f"/trials/{tid}/metrics?name=lo%00ss", None, "query.name"),
+            ("GET", "/studies?name=fuzzed%00", None, "query.name"),
+            ("PATCH", f"/studies/{sid}", {"budget": {"max_trials": True}}, "budget.max_trials"),
+            ("PATCH", f"/studies/{sid}", {"budget": {"max_trials": "5"}}, "budget.max_trials"),
+            ("PATCH", f"/studies/{sid}", {"budget": {"max_concurrent": 2.0}}, "budget."),
+        ]
+        for method, path, body, field in cases:
+            with subtests.test(f"{method} {path} {body}"), server.http() as fresh:
+                err = assert_error(fresh.request(method, API + path, json=body), 422)
+                assert err["field"].startswith(field), err
+
+        with subtests.test("state filter with a newline"), server.http() as fresh:
+            r = fresh.get(f"{API}/studies/{sid}/trials", params={"state": "running\n"})
+            assert r.status_code == 200, r.text
+            assert [t["id"] for t in r.json()["trials"]] == [tid]
+            again = fresh.get(
+                f"{API}/studies/{sid}/trials",
+                params={"state": "running\n"},
+                headers={"If-None-Match": r.headers["etag"]},
+            )
+            assert again.status_code == 304
+
+        after_trial = get_trial(http, tid)
+        after_trial.pop("duration_s"), before_trial.pop("duration_s")
+        assert after_trial == before_trial
+        assert get_study(http, sid)["spec"]["budget"] == before_study["spec"]["budget"]
+        points = http.get(f"{API}/trials/{tid}/metrics").json()["points"]
+        assert [(p["step"], p["name"]) for p in points] == [(0, "loss")]
+
+
+def test_openapi_documents_the_error_answers(sqlite_server: ServerProcess) -> None:
+    """Every API operation documents 404/409/422 as the JSON error body it really sends."""
+    paths = httpx.get(sqlite_server.url + "/openapi.json").json()["paths"]
+    for path, operations in paths.items():
+        if not path.startswith(API):
+            continue
+        for method, op in operations.items():
+            for status in ("401", "404", "409", "422"):
+                schema = op["responses"][status]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (method, path)
+
+
+def test_values_near_the_float_limit_are_stored_and_answered(server: ServerProcess) -> None:
+    """Finite values near ±1.8e308 overflowed where they were added up: the median pruner's
+    threshold (-inf: PostgreSQL refused the JSON, a 500), the GP sampler's constant liar (a 500
+    on ask) and the dashboard's importance (NaN, answered as null)."""
+    big = 1.7e308
+    with server.http() as http:
+        sid = create(
+            http,
+            "huge",
+            sampler={"type": "gp", "seed": 0, "n_startup_trials": 1},
+            pruner={"type": "median", "min_steps": 1, "n_startup_trials": 0},
+        )["id"]
+        for _ in range(2):
+            tid = ask(http, sid)["trial_id"]
+            assert report(http, tid, 1, -big) is False
+            assert tell(http, tid, value=big).status_code == 200
+        pruned = ask(http, sid)["trial_id"]
+        assert report(http, pruned, 1, 0.0) is True  # worse than the median, -1.7e308
+        assert get_trial(http, pruned)["pruned"]["threshold"] == -big
+        tid = ask(http, sid)["trial_id"]
+        assert tell(http, tid, value=-big).status_code == 200
+
+        ask(http, sid)  # pending: the next ask lies with the mean of the complete values
+        ask(http, sid)
+
+        r = http.get(f"{API}/studies/{sid}/importance")
+        assert r.status_code == 200, r.text
+        importances = r.json()["importances"]
+        assert all(isinstance(v, float) for v in importances.values()), importances
+        r = http.get(f"{API}/studies/{sid}/contour", params={"x": "x", "y": "n"})
+        assert r.status_code == 200, r.text
+        z = [v for row in r.json()["z"] for v in row]
+        assert z and all(isinstance(v, float) and abs(v) <= big for v in z), z
