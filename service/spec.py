@@ -264,7 +264,9 @@ class SamplerSpec(_Model):
 
     type: StrictStr = "tpe"
     seed: StrictInt | None = Field(default=None, ge=0)
-    n_startup_trials: int = Field(default=10, ge=0, description="Random trials before TPE/GP.")
+    n_startup_trials: StrictInt = Field(
+        default=10, ge=0, description="Random trials before TPE/GP."
+    )
     multivariate: bool = Field(default=True, description="TPE: model parameters jointly.")
 
     @field_validator("type")
@@ -279,10 +281,16 @@ class PrunerSpec(_Model):
     """How running trials are stopped early from their metric streams."""
 
     type: StrictStr = "none"
-    min_steps: int = Field(default=1, ge=1, description="ASHA: first rung; median: warm-up.")
-    reduction_factor: int = Field(default=3, ge=2, description="ASHA: keep the top 1/η per rung.")
-    max_steps: int | None = Field(default=None, ge=1, description="ASHA: no rung beyond this.")
-    n_startup_trials: int = Field(default=5, ge=0, description="Median: trials before pruning.")
+    min_steps: StrictInt = Field(default=1, ge=1, description="ASHA: first rung; median: warm-up.")
+    reduction_factor: StrictInt = Field(
+        default=3, ge=2, description="ASHA: keep the top 1/η per rung."
+    )
+    max_steps: StrictInt | None = Field(
+        default=None, ge=1, description="ASHA: no rung beyond this."
+    )
+    n_startup_trials: StrictInt = Field(
+        default=5, ge=0, description="Median: trials before pruning."
+    )
     metric: MetricName | None = Field(default=None, description="Defaults to the objective metric.")
     direction: Literal["minimize", "maximize"] | None = Field(
         default=None, description="Of `metric`, when it is not an objective."
@@ -307,7 +315,7 @@ class Budget(_Model):
 class Resources(_Model):
     """What one trial occupies on the cluster: ``workers_per_trial`` DDP ranks, each with these."""
 
-    workers_per_trial: int = Field(default=1, ge=1, le=1024)
+    workers_per_trial: StrictInt = Field(default=1, ge=1, le=1024)
     gpus_per_worker: float = Field(default=0, ge=0)
     cpus_per_worker: float = Field(default=1, gt=0)
 
@@ -346,7 +354,9 @@ class StudySpec(_Model):
     resources: Resources = Field(default_factory=Resources)
     trainable: TrainableSpec | None = None
     space: dict[str, Param]
-    max_retries: int = Field(default=0, ge=0, le=100, description="Retries of a failed attempt.")
+    max_retries: StrictInt = Field(
+        default=0, ge=0, le=100, description="Retries of a failed attempt."
+    )
     lease_s: float = Field(
         default=300.0,
         gt=0,

@@ -144,6 +144,11 @@ def test_condition_values_must_exist_and_cycles_are_refused() -> None:
         ({"colour": "red"}, "colour"),
         ({"objective": [{"metric": "a"}, {"metric": "a"}]}, "objective"),
         ({"objective": [{"metric": "a"}, {"metric": "b"}], "pruner": {"type": "asha"}}, "body"),
+        # whole numbers are whole numbers: true is not 1, "3" and 3.0 are not 3
+        ({"max_retries": True}, "max_retries"),
+        ({"resources": {"workers_per_trial": "2"}}, "resources.workers_per_trial"),
+        ({"pruner": {"type": "asha", "reduction_factor": 3.0}}, "pruner.reduction_factor"),
+        ({"sampler": {"type": "tpe", "n_startup_trials": True}}, "sampler.n_startup_trials"),
     ],
 )
 def test_bad_top_level_fields(over: dict, field: str) -> None:
