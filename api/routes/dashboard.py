@@ -326,10 +326,13 @@ def contour(
     y: Annotated[str, Query(min_length=1, max_length=128)],
     objective: Objective = 0,
     size: Annotated[int, Query(ge=2, le=100)] = 24,
+    points: Annotated[
+        bool, Query(description="Include the trials (the page, which has them, leaves them out).")
+    ] = True,
 ) -> Any:
     """The objective estimated over a grid of parameters ``x`` and ``y``, with the complete
     trials it was estimated from (``z[j][i]`` is at ``x.values[i]``, ``y.values[j]``)."""
-    tag = _study_tag(service, study_id, "contour", x, y, objective, size)
+    tag = _study_tag(service, study_id, "contour", x, y, objective, size, points)
     if (answer := not_modified(request, tag)) is not None:
         return answer
     spec = service.spec_of(study_id)
@@ -340,7 +343,7 @@ def contour(
         lambda: analysis.contour(spec, trials, x, y, objective, size=size),
     )
     response.headers["ETag"] = tag
-    return result
+    return result if points else {**result, "points": []}
 
 
 @router.get("/trials/{trial_id}/series", response_model=TrialSeries)

@@ -277,6 +277,9 @@ def test_importance_and_contour_over_http(sqlite_server: ServerProcess) -> None:
         grid = ok(http.get(f"{API}/studies/{sid}/contour", params={"x": "x", "y": "n", "size": 8}))
         assert grid["x"]["name"] == "x" and len(grid["x"]["values"]) == 8
         assert len(grid["z"]) == len(grid["y"]["values"]) and len(grid["points"]) == 40
+        query = {"x": "x", "y": "n", "size": 8, "points": "false"}  # the page has the trials
+        bare = ok(http.get(f"{API}/studies/{sid}/contour", params=query))
+        assert bare["points"] == [] and bare["z"] == grid["z"] and bare["x"] == grid["x"]
 
         assert_field(http.get(f"{API}/studies/{sid}/importance?objective=1"), 422, "objective")
         assert_field(http.get(f"{API}/studies/{sid}/contour?x=nope&y=n"), 422, "x")
@@ -553,6 +556,120 @@ def test_dashboard_shows_the_pareto_front(sqlite_server: ServerProcess) -> None:
         finally:
             browser.close()
             http.close()
+
+
+def seed_many(database_url: str, n: int, steps: int) -> dict[str, int]:
+    """An ask/tell study of ``n`` trials with ``steps`` loss points each (every 10th pruned
+    after a third of them, every 25th failed), written through the core on the server's
+    database: the same ask, report and tell the API runs, minutes faster than over HTTP."""
+    from hpo.service.db.engine import make_engine
+    from hpo.service.spec import StudySpec
+    from hpo.service.storage import Storage
+    from hpo.service.studies import MetricInput, StudyService
+
+    engine = make_engine(database_url)
+    service = StudyService(Storage(engine))
+    space = {
+        "x": {"type": "float", "low": -5.0, "high": 5.0},
+        "lr": {"type": "float", "low": 1e-4, "high": 1.0, "log": True},
+        "opt": {"type": "categorical", "choices": ["sgd", "adam"]},
+    }
+    sid = service.create_study(StudySpec.model_validate(simple_spec("many", space=space))).id
+    count = {"complete": 0, "pruned": 0, "failed": 0}
+    try:
+        for i in range(n):
+            t = service.ask(sid)
+            final = t.params["x"] ** 2 + abs(math.log10(t.params["lr"]) + 2)
+            role = "failed" if i % 25 == 0 else "pruned" if i % 10 == 0 else "complete"
+            last = steps // 3 if role == "pruned" else steps
+            curve = [MetricInput(s, "loss", final + 2 * math.exp(-s / 20)) for s in range(last)]
+            service.report(t.id, curve)
+            if role == "complete":
+                service.tell(t.id, value=final)
+            else:
+                service.tell(t.id, state=role)
+            count[role] += 1
+    finally:
+        engine.dispose()
+    return {"id": sid, **count}
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_dashboard_with_thousands_of_trials(sqlite_server: ServerProcess) -> None:
+    """Over a thousand trials: every panel draws, the table keeps one page of rows in the DOM
+    with the count of all, and a poll of the unchanged study is one 304. (Seeding costs most of
+    the test's time: each ask reads every trial of the study.)"""
+    n = 1050
+    seeded = seed_many(sqlite_server.database_url, n, steps=30)
+    sid = seeded["id"]
+    errors: list[str] = []
+    with _chromium() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            answers: list[tuple[str, int]] = []
+            page.on("response", lambda r: answers.append((r.url, r.status)))
+            page.goto(f"{sqlite_server.url}/?study={sid}#token={sqlite_server.token}")
+            done = "() => window.hpo.page.unfinished === false && !window.hpo.page.poller.busy"
+            importance = "() => document.querySelector('#importance .imp-row') !== null"
+            wait_until(page, importance, timeout=60)
+            wait_until(page, done, timeout=60)
+            assert page.is_hidden("#banner"), page.inner_text("#banner")
+
+            _, complete_pts, _ = chart_layers(page, "history")
+            assert len(complete_pts) == seeded["complete"]
+            (series,) = chart_layers(page, "curves")
+            assert len(series) == n
+            pruned = [s for s in series if s["end"] == "cross"]
+            assert len(pruned) == seeded["pruned"] and all(len(s["points"]) == 10 for s in pruned)
+            drawn = page.eval_on_selector("#curves", "e => Number(e.dataset.points)")
+            assert drawn == sum(len(s["points"]) for s in series)
+            assert (
+                page.eval_on_selector("#parallel", "e => Number(e.dataset.points)")
+                == (seeded["complete"])
+            )
+            # The contour is asked without its points; the page draws its own trials on it.
+            assert any("/contour?" in u and "points=false" in u for u, _ in answers)
+            _, trials_on_top, _ = chart_layers(page, "contour")
+            assert len(trials_on_top) == seeded["complete"]
+            assert page.evaluate("document.getElementById('contour').chart.spec.layers[0].z.length")
+
+            # The table: one page of rows in the DOM, the count of all of them.
+            rows = "table.trials tbody tr"
+            info = "#trials .controls .muted"
+            assert page.eval_on_selector_all(rows, "rs => rs.length") == 50
+            assert page.inner_text(info) == f"1–50 of {n} (of {n})"
+            page.click("text=next ›")
+            assert page.inner_text(info) == f"51–100 of {n} (of {n})"
+            page.fill("input[aria-label=filter]", "state=pruned")
+            wait_until(
+                page,
+                "t => document.querySelector('#trials .controls .muted').textContent === t",
+                f"1–50 of {seeded['pruned']} (of {n})",
+            )
+            assert page.eval_on_selector_all(rows, "rs => rs.length") == 50
+
+            # Nothing changed: the next poll is a single 304.
+            _wait_for_polls(page, answers, sid, 1)
+            answers.clear()
+            _wait_for_polls(page, answers, sid, 1)
+            api = [(u, status) for u, status in answers if "/api/v1/" in u]
+            assert api and all(status == 304 for _, status in api), api
+
+            # Axis ranges come without spreading the values into Math.min: 3,000 trials' curves
+            # hold 150,000 points, which overflowed the call stack and stopped the page.
+            lo_hi = page.evaluate(
+                """async () => {
+                    const { extent } = await import('/static/js/plot.js');
+                    return extent(Array.from({ length: 500000 }, (_, i) => i), 'linear');
+                }"""
+            )
+            assert lo_hi[0] < 0 and lo_hi[1] > 499_999
+            assert not errors, errors
+        finally:
+            browser.close()
 
 
 def wait_until(page: Any, script: str, arg: Any = None, timeout: float = 15) -> None:

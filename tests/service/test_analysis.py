@@ -16,6 +16,7 @@ from hpo.service.analysis import (
     metric_series,
     objective_value,
     param_importance,
+    pareto_front,
 )
 from hpo.service.errors import InvalidInput
 from hpo.service.records import TrialRecord
@@ -246,3 +247,22 @@ def test_contour_needs_two_trials_and_known_distinct_parameters() -> None:
     with pytest.raises(InvalidInput) as err:
         contour(s, synthetic(5), "lr", "lr")
     assert err.value.field == "y"
+
+
+def _front_by_brute_force(costs: np.ndarray) -> list[int]:
+    return [
+        i
+        for i, c in enumerate(costs)
+        if not np.any(np.all(costs <= c, axis=1) & np.any(costs < c, axis=1))
+    ]
+
+
+def test_pareto_front_keeps_the_non_dominated_rows_in_order() -> None:
+    costs = np.array([[1.0, 1.0], [0.5, 2.0], [2.0, 0.5], [1.5, 1.5], [1.0, 1.0], [0.5, 3.0]])
+    assert pareto_front(costs) == [0, 1, 2, 4]  # ties both stay; [0.5, 3] is beaten by [0.5, 2]
+    assert pareto_front(np.empty((0, 2))) == []
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        costs = rng.integers(0, 5, size=(rng.integers(1, 40), rng.integers(1, 4))).astype(float)
+        costs[rng.integers(0, len(costs))] = rng.choice([np.nan, np.inf])
+        assert pareto_front(costs) == _front_by_brute_force(costs)

@@ -53,13 +53,27 @@ export function ramp(t) {
 }
 
 /**
+ * [lowest, highest] of the finite numbers in `values` ([Infinity, -Infinity] when none). A loop,
+ * not `Math.min(...values)`: spreading a long array (a study's curves hold well over 100,000
+ * points) overflows the call stack.
+ */
+export function bounds(values) {
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (const v of values) {
+    if (!Number.isFinite(v)) continue;
+    if (v < lo) lo = v;
+    if (v > hi) hi = v;
+  }
+  return [lo, hi];
+}
+
+/**
  * A function from objective value to colour where better values are darker, for a study
  * that minimises (`direction` "minimize") or maximises.
  */
 export function valueColors(values, direction) {
-  const finite = values.filter(Number.isFinite);
-  const lo = Math.min(...finite);
-  const hi = Math.max(...finite);
+  const [lo, hi] = bounds(values);
   const span = hi > lo ? hi - lo : 1;
   return (v) => {
     const t = (v - lo) / span;

@@ -2,7 +2,7 @@
 //   model.study (the study record), model.trials (Map id -> trial), model.curves (Map id ->
 //   downsampled series of model.metric), and the answers of /importance and /contour.
 
-import { STATE_COLORS, el, num, param, ramp, valueColors } from "./format.js";
+import { STATE_COLORS, bounds, el, num, param, ramp, valueColors } from "./format.js";
 
 /** The study's objectives as [{metric, direction}]. */
 export function objectives(study) {
@@ -73,6 +73,8 @@ export function history(model, i) {
 const CURVE_ORDER = { complete: 0, failed: 1, pruned: 2, waiting: 3, running: 4 };
 
 export function curves(model) {
+  // Thousands of curves at a fixed opacity are a solid block: fade them as they grow.
+  const alpha = Math.min(0.55, Math.max(0.12, 40 / model.curves.size));
   const series = [...model.curves.values()].map((c) => {
     const t = model.trials.get(c.trial_id);
     const state = t ? t.state : c.state;
@@ -82,7 +84,7 @@ export function curves(model) {
       state,
       points,
       color: STATE_COLORS[state],
-      alpha: state === "running" ? 1 : 0.55,
+      alpha: state === "running" ? 1 : alpha,
       width: state === "running" ? 1.8 : 1.2,
       end: state === "pruned" ? "cross" : state === "running" ? "dot" : null,
       label:
@@ -125,7 +127,7 @@ export function slice(model, name, i) {
   const { study } = model;
   const o = objectives(study)[i];
   const done = finished(model, i);
-  const last = Math.max(1, ...done.map((t) => t.number));
+  const last = Math.max(1, bounds(done.map((t) => t.number))[1]);
   return {
     x: { label: name, ...axisOf(study.spec.space[name]) },
     y: { label: o.metric },
@@ -147,14 +149,20 @@ export function slice(model, name, i) {
   };
 }
 
-export function contour(result, direction, note) {
+/** The estimated grid of `result` (asked without its points), and the page's own complete
+ * trials on top. */
+export function contour(model, result, i, note) {
   if (!result || !result.z.length) return { layers: [], empty: note };
   const axis = (a) =>
     a.kind === "categorical"
       ? { type: "category", categories: a.values, label: a.name }
       : { type: a.log ? "log" : "linear", label: a.name };
-  const zs = result.z.flat().concat(result.points.map((p) => p.value));
-  const color = valueColors(zs, direction);
+  const [x, y] = [result.x.name, result.y.name];
+  const points = finished(model, i)
+    .filter((t) => t.params[x] !== undefined && t.params[y] !== undefined)
+    .map((t) => ({ x: t.params[x], y: t.params[y], value: valueOf(t, i), number: t.number }));
+  const zs = result.z.flat().concat(points.map((p) => p.value));
+  const color = valueColors(zs, objectives(model.study)[i].direction);
   return {
     x: axis(result.x),
     y: axis(result.y),
@@ -162,7 +170,7 @@ export function contour(result, direction, note) {
       { kind: "cells", xs: result.x.values, ys: result.y.values, z: result.z, color },
       {
         kind: "points",
-        data: result.points.map((p) => ({
+        data: points.map((p) => ({
           x: p.x,
           y: p.y,
           color: "#fff",
@@ -172,7 +180,7 @@ export function contour(result, direction, note) {
       },
       {
         kind: "points",
-        data: result.points.map((p) => ({ x: p.x, y: p.y, color: "#222", r: 3.5, hollow: true })),
+        data: points.map((p) => ({ x: p.x, y: p.y, color: "#222", r: 3.5, hollow: true })),
       },
     ],
   };

@@ -1,7 +1,7 @@
 // Parallel coordinates on a canvas: one vertical axis per parameter plus the objective, one
 // line per complete trial, coloured by its objective value.
 
-import { el, num, param, rampGradient } from "./format.js";
+import { bounds, el, num, param, rampGradient } from "./format.js";
 import { Scale, extent } from "./plot.js";
 
 const PAD = { left: 40, right: 60, top: 26, bottom: 24 };
@@ -94,10 +94,11 @@ function drawAxis(g, x, scale, name, height) {
 export function drawLegend(box, values, o) {
   const bar = el("span", { class: "ramp-bar" });
   bar.style.background = rampGradient(o.direction === "maximize");
+  const [lo, hi] = bounds(values);
   box.replaceChildren(
-    el("span", {}, num(Math.min(...values))),
+    el("span", {}, num(lo)),
     bar,
-    el("span", {}, num(Math.max(...values))),
+    el("span", {}, num(hi)),
     el("span", { class: "muted" }, `${o.metric}: darker is better`),
   );
   box.hidden = !values.length;

@@ -1,7 +1,7 @@
 // Canvas plots without dependencies: numeric (linear or log) and categorical axes; layers of
 // points, lines, many polylines and heat cells; a hover tooltip, and a click that picks a trial.
 
-import { num, param } from "./format.js";
+import { bounds, num, param } from "./format.js";
 
 const PAD = { left: 60, right: 14, top: 12, bottom: 40 };
 const FONT = "11px system-ui, sans-serif";
@@ -78,8 +78,7 @@ export function extent(values, type) {
   let vs = values.filter((v) => Number.isFinite(v));
   if (type === "log") vs = vs.filter((v) => v > 0);
   if (!vs.length) return type === "log" ? [1, 10] : [0, 1];
-  let lo = Math.min(...vs);
-  let hi = Math.max(...vs);
+  const [lo, hi] = bounds(vs);
   if (type === "log") {
     const pad = (Math.log10(hi) - Math.log10(lo)) * 0.04 || 0.5;
     return [lo / 10 ** pad, hi * 10 ** pad];
@@ -122,7 +121,7 @@ export class Chart {
     this.height = height;
     this.onPick = onPick;
     this.spec = null;
-    this.targets = [];
+    this.targets = []; // hover targets: {x, y, label, pick}, or a curve's {xs, ys, label, pick}
     this.canvas = document.createElement("canvas");
     this.tip = document.createElement("div");
     this.tip.className = "tip";
@@ -234,6 +233,16 @@ export class Chart {
     let best = null;
     let bestD = HOVER_PX * HOVER_PX;
     for (const t of this.targets) {
+      if (t.xs) {
+        for (let k = 0; k < t.xs.length; k += 1) {
+          const d = (t.xs[k] - mx) ** 2 + (t.ys[k] - my) ** 2;
+          if (d <= bestD) {
+            best = { x: t.xs[k], y: t.ys[k], label: t.label, pick: t.pick };
+            bestD = d;
+          }
+        }
+        continue;
+      }
       const d = (t.x - mx) ** 2 + (t.y - my) ** 2;
       if (d <= bestD) {
         best = t;
@@ -270,21 +279,27 @@ function layerSize(l) {
   return 0;
 }
 
-function polyline(chart, g, points, step) {
-  g.beginPath();
-  let started = false;
-  let last = null;
+/** `points` in pixels, as two arrays (points off the axes left out). */
+function project(chart, points) {
+  const xs = new Float64Array(points.length);
+  const ys = new Float64Array(points.length);
+  let n = 0;
   for (const [x, y] of points) {
-    const px = chart.sx.map(x);
-    const py = chart.sy.map(y);
-    if (!Number.isFinite(px) || !Number.isFinite(py)) continue;
-    if (!started) g.moveTo(px, py);
+    xs[n] = chart.sx.map(x);
+    ys[n] = chart.sy.map(y);
+    if (Number.isFinite(xs[n]) && Number.isFinite(ys[n])) n += 1;
+  }
+  return [xs.subarray(0, n), ys.subarray(0, n)];
+}
+
+function polyline(g, [xs, ys], step) {
+  g.beginPath();
+  for (let k = 0; k < xs.length; k += 1) {
+    if (k === 0) g.moveTo(xs[k], ys[k]);
     else if (step) {
-      g.lineTo(px, last);
-      g.lineTo(px, py);
-    } else g.lineTo(px, py);
-    started = true;
-    last = py;
+      g.lineTo(xs[k], ys[k - 1]);
+      g.lineTo(xs[k], ys[k]);
+    } else g.lineTo(xs[k], ys[k]);
   }
   g.stroke();
 }
@@ -330,20 +345,21 @@ const DRAW = {
   line(chart, g, layer) {
     g.strokeStyle = layer.color;
     g.lineWidth = layer.width || 2;
-    polyline(chart, g, layer.points, layer.step);
+    polyline(g, project(chart, layer.points), layer.step);
   },
   lines(chart, g, layer) {
     for (const s of layer.series) {
       g.strokeStyle = s.color;
       g.globalAlpha = s.alpha ?? 0.8;
       g.lineWidth = s.width || 1.2;
-      polyline(chart, g, s.points, false);
-      for (const [x, y] of s.points)
-        chart.target(chart.sx.map(x), chart.sy.map(y), s.label, s.pick);
-      const end = s.points[s.points.length - 1];
-      if (s.end && end) {
-        const x = chart.sx.map(end[0]);
-        const y = chart.sy.map(end[1]);
+      const [xs, ys] = project(chart, s.points);
+      polyline(g, [xs, ys], false);
+      if (s.label || s.pick !== undefined) {
+        chart.targets.push({ xs, ys, label: s.label, pick: s.pick });
+      }
+      if (s.end && xs.length) {
+        const x = xs[xs.length - 1];
+        const y = ys[ys.length - 1];
         g.globalAlpha = 1;
         g.lineWidth = 2;
         if (s.end === "cross") cross(g, x, y, 4);

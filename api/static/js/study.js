@@ -15,7 +15,7 @@ import { TrialsTable } from "./table.js";
 
 const FINISHED = new Set(["complete", "pruned", "failed"]);
 const CURVE_POINTS = 120;
-const CURVE_PAGE = 200;
+const CURVE_PAGE = 500;
 
 function select(label, onchange) {
   return el("select", { "aria-label": label, onchange });
@@ -54,6 +54,7 @@ export class StudyPage {
     this.importance = null;
     this.contourAnswer = undefined;
     this.stale = false; // a control changed: fetch again even if the study did not change
+    this.unfinished = false; // the last tick failed half-way
     this.v = { study: 0, trials: 0, finished: 0, curves: 0, names: 0, importance: 0, contour: 0 };
     this.keys = {};
     this.renders = {};
@@ -153,8 +154,11 @@ export class StudyPage {
 
   async tick() {
     const study = await api.get(`studies/${this.id}`);
-    if (!study && !this.stale) return; // 304: nothing changed
+    if (!study && !this.stale && !this.unfinished) return; // 304: nothing changed
     this.stale = false;
+    // Set until this tick gets through: one that failed half-way (say the server restarted
+    // between two of its requests) is finished by the next poll, whose study answers 304.
+    this.unfinished = true;
     if (study) {
       if (!this.study) this.setup(study);
       this.study = study;
@@ -162,9 +166,9 @@ export class StudyPage {
     }
     await this.pullTrials();
     this.render();
-    await this.pullCurves();
-    await this.pullAnalysis();
+    await Promise.all([this.pullCurves(), this.pullAnalysis()]); // independent: side by side
     this.render();
+    this.unfinished = false;
   }
 
   async pullTrials() {
@@ -227,7 +231,8 @@ export class StudyPage {
         this.v.contour += 1;
       }
     } else if (ckey !== this.contourKey) {
-      const path = api.url(`studies/${this.id}/contour`, { x, y, objective: this.objective });
+      const query = { x, y, objective: this.objective, points: false }; // the page has them
+      const path = api.url(`studies/${this.id}/contour`, query);
       const answer = await api.get(path, { keep: true });
       if (answer !== this.contourAnswer) {
         this.contourAnswer = answer;
@@ -285,9 +290,9 @@ export class StudyPage {
   once(name, deps, draw) {
     const key = JSON.stringify(deps);
     if (this.keys[name] === key) return;
-    this.keys[name] = key;
-    this.renders[name] = (this.renders[name] || 0) + 1;
     draw();
+    this.keys[name] = key; // after drawing: a draw that threw is tried again
+    this.renders[name] = (this.renders[name] || 0) + 1;
   }
 
   render() {
@@ -315,10 +320,9 @@ export class StudyPage {
     );
     const s = this.sliceSel.value;
     this.once("slice", [v.finished, i, s], () => this.charts.slice.set(panels.slice(this, s, i)));
-    const direction = panels.objectives(this.study)[i].direction;
     const note = x === y ? "pick two different parameters" : "needs two complete trials";
     this.once("contour", [v.contour], () =>
-      this.charts.contour.set(panels.contour(this.contourAnswer, direction, note)),
+      this.charts.contour.set(panels.contour(this, this.contourAnswer, i, note)),
     );
     if (!this.paretoCard.hidden) {
       const [pi, pj] = [Number(this.piSel.value), Number(this.pjSel.value)];
