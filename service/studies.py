@@ -246,16 +246,20 @@ class StudyService:
                     if number >= transitions.budget_limit(study, spec):
                         self._finish_if_done(study_id)
                         raise transitions.spent_error(study, spec)
-                    view = StudyView(
-                        spec, sql.observed_trials(s, study, spec.pruned_metric), number
+                    sampler = transitions.sampler_of(study)
+                    observed = (
+                        sql.observed_trials(s, study, spec.pruned_metric)
+                        if sampler.uses_history
+                        else ()
                     )
+                    view = StudyView(spec, observed, number)
             if waiting is not None:
                 claimed = self._claim_waiting(study_id, waiting, spec, dispatched)
                 if claimed is not None:
                     return claimed
                 continue
             try:
-                suggestion = transitions.sampler_of(study).suggest(view)
+                suggestion = sampler.suggest(view)
             except GridExhausted:
                 self._finish_if_done(study_id)
                 raise

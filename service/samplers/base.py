@@ -62,6 +62,9 @@ class Sampler(ABC):
     """
 
     name: ClassVar[str]
+    # Whether ``suggest`` reads ``view.trials``; when it does not, the study's trials are not
+    # loaded for it (random search stays O(1) per ask at any study size).
+    uses_history: ClassVar[bool] = True
 
     def __init__(self, spec: StudySpec) -> None:
         self.spec = spec

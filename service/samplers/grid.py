@@ -22,6 +22,7 @@ class GridSampler(Sampler):
     """
 
     name = "grid"
+    uses_history = False  # trial number n gets grid point n
 
     @classmethod
     def check(cls, spec: StudySpec) -> None:

@@ -15,6 +15,7 @@ class RandomSampler(Sampler):
     """Uniform (or log-uniform) draws; reproducible per trial number when seeded."""
 
     name = "random"
+    uses_history = False
 
     def suggest(self, view: StudyView) -> Suggestion:
         seed = self.trial_seed(view.number)
