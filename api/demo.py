@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from rich.console import Console
 
-console = Console(stderr=True)
+from hpo.api.cli import _wait_for_test_metrics, _watch, console
 
 DISPATCH_SPEC: dict[str, Any] = {
     "name": "demo-digits-cnn",
@@ -136,7 +135,6 @@ def digits_mlp_objective(trial: Any, epochs: int = 12) -> float:
 def run_demo(*, trials: int | None = None, ask_tell: bool = False, keep: bool = False) -> int:
     """Start ``hpo serve`` (SQLite + local Ray) on a temporary data dir and run the demo study
     end to end; returns an exit code (0 when the study completed with a result)."""
-    from hpo.api.cli import _watch
     from hpo.api.client import Client
 
     spec = dict(ASK_TELL_SPEC if ask_tell else DISPATCH_SPEC)
@@ -167,8 +165,6 @@ def run_demo(*, trials: int | None = None, ask_tell: bool = False, keep: bool = 
 
 
 def _summary(study: Any, elapsed: float, *, wait_for_test: bool) -> None:
-    from hpo.api.cli import _wait_for_test_metrics
-
     frame = study.trials_dataframe()
     columns = ["number", "state", "value", "attempts", "duration_s"]
     columns += [c for c in frame.columns if c.startswith("params_")]
