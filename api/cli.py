@@ -304,6 +304,8 @@ def _watch(study: Any, poll_s: float = 1.0, *, report: bool = True) -> int:
             if record.state in ("completed", "stopped"):
                 break
             time.sleep(poll_s)
+    if not console.is_terminal:
+        console.line()  # a terminal's Live ends its last frame with a newline; a pipe's does not
     out.print(f"study {record.id} {record.state}: {record.state_reason or ''}")
     best = record.best_trial
     if best and report:
