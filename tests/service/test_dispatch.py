@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,9 @@ from tests.conftest import ServerProcess
 
 pytestmark = pytest.mark.ray
 
-RAY_ENV = {"HPO_RAY_NUM_CPUS": "4", "HPO_SCHEDULER_INTERVAL_S": "0.5"}
+# Two GPUs declared to Ray on a machine that has none: Ray still assigns them to the ranks
+# that ask (CUDA_VISIBLE_DEVICES), which is how the test below sees the pinning.
+RAY_ENV = {"HPO_RAY_NUM_CPUS": "4", "HPO_RAY_NUM_GPUS": "2", "HPO_SCHEDULER_INTERVAL_S": "0.5"}
 
 
 def start_server(tmp: Path, **env: str) -> ServerProcess:
@@ -223,6 +226,32 @@ def test_a_trainable_error_fails_without_retry_and_keeps_the_text(
     assert trial.state == "failed" and trial.attempts == 3
     assert "ValueError: synthetic failure at step 2" in trial.error
     assert "Traceback" in trial.error
+
+
+def test_each_rank_is_pinned_to_its_own_gpu_and_no_gpu_is_a_clear_failure(
+    ray_server: ServerProcess,
+) -> None:
+    client = ray_server.client()
+    study = client.create_study(
+        synthetic(
+            "gpu",
+            budget={"max_trials": 2, "max_concurrent": 2},
+            resources={"workers_per_trial": 2, "gpus_per_worker": 1, "cpus_per_worker": 1},
+        )
+    )
+    finished(study)
+    trials = [client.trial(t.id) for t in study.trials()]
+    assert [t.state for t in trials] == ["failed", "failed"]
+    for trial in trials:
+        # Ray gave the failing rank exactly one of the two GPUs; torch here sees none, and
+        # the trial says so instead of silently training on the CPU
+        assert re.search(
+            r"the study asks for GPUs but this worker sees none \(CUDA_VISIBLE_DEVICES=[01],",
+            trial.error,
+        ), trial.error
+    # 2 ranks x 1 GPU fill both GPUs: the two trials never held them at the same time
+    first, second = sorted(trials, key=lambda t: t.started_at)
+    assert second.started_at >= first.finished_at
 
 
 def test_a_nan_loss_fails_the_trial_with_that_reason(ray_server: ServerProcess) -> None:
