@@ -221,6 +221,13 @@ def _axis(
     return {"name": name, "kind": "numeric", "log": log, "values": values}, grid
 
 
+def _empty_axis(spec: StudySpec, name: str) -> dict[str, Any]:
+    """An axis with nothing on it yet (fewer than two complete trials), of the right kind."""
+    param = spec.space[name]
+    kind = "categorical" if isinstance(param, CategoricalParam) else "numeric"
+    return {"name": name, "kind": kind, "log": bool(getattr(param, "log", False)), "values": []}
+
+
 def contour(
     spec: StudySpec,
     trials: Iterable[TrialRecord],
@@ -253,8 +260,7 @@ def contour(
         for t, v in zip(done, target.tolist(), strict=True)
     ]
     if len(done) < 2:
-        empty = {"name": x, "kind": "numeric", "log": False, "values": []}
-        return {"x": empty, "y": {**empty, "name": y}, "z": [], "points": points}
+        return {"x": _empty_axis(spec, x), "y": _empty_axis(spec, y), "z": [], "points": points}
     (ax, grid_x), (ay, grid_y) = _axis(spec, x, xy[:, 0], size), _axis(spec, y, xy[:, 1], size)
     scaled, scale = _unit_scale(target)
     forest = _forest(seed, min_samples_leaf=2).fit(xy, scaled)

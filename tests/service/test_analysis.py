@@ -239,8 +239,11 @@ def test_contour_grid_follows_the_objective() -> None:
 
 def test_contour_needs_two_trials_and_known_distinct_parameters() -> None:
     s = spec(**SPACE)
-    empty = contour(s, synthetic(1), "lr", "noise")
+    empty = contour(s, synthetic(1), "lr", "opt")
     assert empty["z"] == [] and len(empty["points"]) == 1
+    # the axes already say what they will be
+    assert (empty["x"]["kind"], empty["x"]["log"]) == ("numeric", True)
+    assert (empty["y"]["kind"], empty["y"]["values"]) == ("categorical", [])
     with pytest.raises(InvalidInput) as err:
         contour(s, synthetic(5), "nope", "lr")
     assert err.value.field == "x"
