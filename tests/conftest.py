@@ -10,8 +10,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -186,3 +187,14 @@ def simple_spec(name: str = "s", **overrides: object) -> dict:
     }
     spec.update(overrides)
     return spec
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 120, what: str = "") -> Any:
+    """Poll ``predicate`` every 0.25 s until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

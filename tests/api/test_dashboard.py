@@ -598,8 +598,7 @@ def seed_many(database_url: str, n: int, steps: int) -> dict[str, int]:
 @pytest.mark.browser
 def test_dashboard_with_thousands_of_trials(sqlite_server: ServerProcess) -> None:
     """Over a thousand trials: every panel draws, the table keeps one page of rows in the DOM
-    with the count of all, and a poll of the unchanged study is one 304. (Seeding costs most of
-    the test's time: each ask reads every trial of the study.)"""
+    with the count of all, and a poll of the unchanged study is one 304."""
     n = 1050
     seeded = seed_many(sqlite_server.database_url, n, steps=30)
     sid = seeded["id"]

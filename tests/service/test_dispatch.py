@@ -14,7 +14,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ import yaml
 
 from hpo.api.client import Study
 from hpo.api.demo import free_port
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -60,16 +60,6 @@ def synthetic(name: str, **over: object) -> dict:
     }
     spec.update(over)
     return spec
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 120, what: str = "") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def finished(study: Study, timeout: float = 180) -> None:

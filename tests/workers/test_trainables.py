@@ -5,8 +5,7 @@ local Ray, whose best checkpoints load for inference and score on the test split
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from hpo.workers import TrainableError, registry
 from hpo.workers.context import Objective, TrialContext
 from hpo.workers.inference import load_model
 from hpo.workers.trainables import text_classification as text
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, wait_for
 
 TINY_TEXT = {
     "max_train_samples": 32,
@@ -233,16 +232,6 @@ def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
         yield server
     finally:
         server.stop()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def ddp_spec(name: str, trainable: str, config: dict, **over: Any) -> dict:
