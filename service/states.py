@@ -1,0 +1,122 @@
+"""The states of trials and studies, and the one table of transitions between them.
+
+Every write of a state is checked by :func:`check_trial` or :func:`check_study`, which refuse a
+transition the table does not list (:class:`IllegalTransition`). The values are strings, so
+the JSON the API answers stays as it was.
+
+A trial is ``waiting`` (queued for its next attempt), ``running`` (an attempt holds it),
+``paused`` (stopped at a rung or an exploit point with a checkpoint to resume from, holding no
+resources), or finished: ``complete``, ``pruned`` or ``failed``. ``docs/architecture.md`` shows
+the table; ``tests/service/test_states.py`` checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from hpo.service.errors import Conflict
+
+
+class TrialState(str, Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETE = "complete"
+    PRUNED = "pruned"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_TRIAL_STATES
+
+    @property
+    def active(self) -> bool:
+        return self in ACTIVE_TRIAL_STATES
+
+
+class StudyState(str, Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    COMPLETED = "completed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Active trials hold (or are about to hold) a slot of max_concurrent; paused ones do not.
+ACTIVE_TRIAL_STATES = frozenset({TrialState.WAITING, TrialState.RUNNING})
+FINISHED_TRIAL_STATES = frozenset({TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAILED})
+
+# new state → why it may follow each old state (the "why" is the documentation of the edge).
+TRIAL_TRANSITIONS: dict[TrialState, dict[TrialState, str]] = {
+    TrialState.WAITING: {
+        TrialState.RUNNING: "an asker or the scheduler claims it for its next attempt",
+        TrialState.FAILED: "its study is stopped, or it can never run",
+    },
+    TrialState.RUNNING: {
+        TrialState.COMPLETE: "its objective value(s) are told",
+        TrialState.PRUNED: "the pruner stops it, or it is told pruned",
+        TrialState.FAILED: "its attempt fails with no retry left, or its study is stopped",
+        TrialState.WAITING: "its attempt fails and a retry is left (same number)",
+        TrialState.PAUSED: "it reached a rung or exploit point and saved a checkpoint",
+    },
+    TrialState.PAUSED: {
+        TrialState.WAITING: "it is promoted or resumed (it continues from its checkpoint)",
+        TrialState.PRUNED: "its study ends without promoting it",
+        TrialState.FAILED: "its study is stopped, or its checkpoint is missing or unreadable",
+    },
+    TrialState.COMPLETE: {},
+    TrialState.PRUNED: {},
+    TrialState.FAILED: {},
+}
+
+STUDY_TRANSITIONS: dict[StudyState, dict[StudyState, str]] = {
+    StudyState.RUNNING: {
+        StudyState.PAUSED: "paused through the API (running trials drain)",
+        StudyState.STOPPED: "stopped through the API (active trials fail)",
+        StudyState.COMPLETED: "its budget is spent (or its time is up) and no trial is active",
+    },
+    StudyState.PAUSED: {
+        StudyState.RUNNING: "resumed through the API",
+        StudyState.STOPPED: "stopped through the API (active trials fail)",
+        StudyState.COMPLETED: "its budget is spent (or its time is up) and no trial is active",
+    },
+    StudyState.COMPLETED: {
+        StudyState.RUNNING: "its budget is raised: it runs again",
+    },
+    StudyState.STOPPED: {},
+}
+
+
+class IllegalTransition(Conflict):
+    """A state change that the transition table does not allow (HTTP 409)."""
+
+    code = "illegal_transition"
+
+
+def can_move_trial(old: str, new: str) -> bool:
+    return TrialState(new) in TRIAL_TRANSITIONS[TrialState(old)]
+
+
+def check_trial(old: str, new: str, *, trial_id: int | None = None) -> TrialState:
+    """``new`` as a TrialState, if a trial in ``old`` may move there; else IllegalTransition."""
+    if not can_move_trial(old, new):
+        who = f"trial {trial_id}" if trial_id is not None else "a trial"
+        raise IllegalTransition(f"{who} cannot go from {old} to {new}", field="state")
+    return TrialState(new)
+
+
+def can_move_study(old: str, new: str) -> bool:
+    return StudyState(new) in STUDY_TRANSITIONS[StudyState(old)]
+
+
+def check_study(old: str, new: str, *, study_id: int | None = None) -> StudyState:
+    """``new`` as a StudyState, if a study in ``old`` may move there; else IllegalTransition."""
+    if not can_move_study(old, new):
+        who = f"study {study_id}" if study_id is not None else "a study"
+        raise IllegalTransition(f"{who} cannot go from {old} to {new}", field="state")
+    return StudyState(new)
