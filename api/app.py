@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
 from sqlalchemy import text
@@ -17,8 +19,12 @@ from hpo.api.deps import require_token
 from hpo.api.routes import checkpoints, dashboard, studies, trials
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.settings import Settings
+from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage
 from hpo.service.studies import StudyService
+
+if TYPE_CHECKING:
+    from hpo.service.scheduler import Scheduler
 
 log = logging.getLogger("hpo.api")
 VERSION = "0.1.0"
@@ -34,15 +40,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(upgrade_schema, engine)
         app.state.engine = engine
         app.state.token = settings.api_token(create=True)
-        scheduler = _scheduler(settings, app.state.token)
+        wake = threading.Event()  # set by the service on every change; the scheduler ticks
         service = StudyService(
             Storage(engine),
             check_trainable=_check_trainable,
-            on_change=scheduler.wake if scheduler else None,
+            on_change=wake.set if settings.scheduler else None,
         )
         app.state.service = service
+        scheduler = _scheduler(settings, service, app.state.token, wake)
         if scheduler is not None:
-            scheduler.service = service
             scheduler.start()
         app.state.scheduler = scheduler
         sweeper = asyncio.create_task(_sweep_leases(app, settings.lease_sweep_interval_s))
@@ -82,16 +88,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _check_trainable(spec) -> None:  # type: ignore[no-untyped-def]
-    from hpo.service.scheduler import check_trainable
+def _check_trainable(spec: StudySpec) -> None:
+    """Refuse (ValueError naming the field) a trainable that is not registered, or whose
+    settings reject the spec's config or any value its space can take."""
+    from hpo.workers import registry
 
-    check_trainable(spec)
+    if spec.trainable is None:
+        return
+    space = {name: param.representatives() for name, param in spec.space.items()}
+    registry.check_spec(spec.trainable.name, spec.trainable.config, space)
 
 
-def _scheduler(settings: Settings, token: str | None):  # type: ignore[no-untyped-def]
+def _scheduler(
+    settings: Settings, service: StudyService, token: str | None, wake: threading.Event
+) -> Scheduler | None:
+    """The scheduler of dispatched studies on Ray, or None when it is switched off."""
     if not settings.scheduler:
         return None
-    from hpo.service.executor import RayExecutor
+    from hpo.service.ray_executor import RayExecutor
     from hpo.service.scheduler import Scheduler
 
     os.environ.setdefault("HPO_RAY_NAMESPACE", settings.ray_namespace)
@@ -104,12 +118,13 @@ def _scheduler(settings: Settings, token: str | None):  # type: ignore[no-untype
         env=env,
     )
     return Scheduler(
-        None,  # type: ignore[arg-type]  # set once the service exists
+        service,
         executor,
         api_url=settings.worker_api_url,
         token=token,
         checkpoint_dir=settings.checkpoint_dir,
         interval_s=settings.scheduler_interval_s,
+        wake=wake,
     )
 
 

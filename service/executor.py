@@ -1,308 +1,260 @@
-"""The one seam to Ray: turns the scheduler's decisions into Ray calls.
+"""The seam between the scheduler and whatever runs trials: the :class:`Executor` protocol and
+the typed records that cross it.
 
-Attempts run under one detached, named dispatcher actor
-(:class:`hpo.workers.runner.TrialDispatcher`) that reserves a placement group with one bundle
-per DDP rank for each attempt and runs the ranks inside it. Everything Ray-specific stays in
-this module and in ``hpo.workers.runner``; the scheduler sees :class:`AttemptStatus` records.
+The scheduler decides what runs and talks to an ``Executor`` only; :class:`RayExecutor`
+(``hpo.service.ray_executor``) implements it on Ray, and tests use an in-memory one. The
+records are plain dataclasses with no Ray or torch in them, so the worker side
+(``hpo.workers.runner``) builds and returns the same records.
+
+An *attempt* is one run of a trial: a trial that is retried has attempts 1, 2, ... and every
+record is keyed by :class:`AttemptRef` (trial id, attempt), never by the trial alone.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import signal
-import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Protocol, TypeAlias
 
-log = logging.getLogger("hpo.executor")
+JsonValue: TypeAlias = str | int | float | bool | list["JsonValue"] | dict[str, "JsonValue"] | None
+# Cluster resources by name ("CPU", "GPU", custom ones), as amounts.
+ClusterResources: TypeAlias = Mapping[str, float]
 
 
-@dataclass
-class AttemptStatus:
-    """How one attempt stands, as its supervisor reports it."""
+@dataclass(frozen=True, order=True)
+class AttemptRef:
+    """One attempt of one trial: the key of everything the executor tracks."""
 
     trial_id: int
     attempt: int
-    state: str  # pending | running | done | failed | cancelled | lost
-    placements: list[dict[str, Any]] = field(default_factory=list)
-    checkpoint: tuple[str, int] | None = None
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
+
+    def __str__(self) -> str:
+        return f"{self.trial_id}/{self.attempt}"
 
 
-@dataclass
-class _Tracked:
+@dataclass(frozen=True)
+class AttemptLaunch:
+    """Everything the workers need to run one attempt of a trial (no database access)."""
+
+    trial_id: int
+    study_id: int
+    number: int
     attempt: int
-    key: str
-    needs: dict[str, float]
+    trainable: str
+    config: dict[str, JsonValue]
+    params: dict[str, JsonValue]
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    api_url: str
+    token: str | None
+    objectives: list[tuple[str, str]]  # (metric, "minimize" | "maximize")
+    keep_metrics: list[str]
+    checkpoint_dir: str  # the trial's folder; each attempt writes under attempt-<n>/
+    lease_s: float = 300.0
+
+    @property
+    def ref(self) -> AttemptRef:
+        return AttemptRef(self.trial_id, self.attempt)
+
+    @property
+    def needs(self) -> dict[str, float]:
+        """What the attempt occupies on the cluster while it runs."""
+        return needs_of(self.workers, self.cpus_per_worker, self.gpus_per_worker)
 
 
-class RayExecutor:
-    """Runs attempts on a local Ray instance (``address=None``) or an existing cluster."""
+class AttemptState(str, Enum):
+    """Where an attempt stands. ``pending``: waiting for its resources; ``running``: its ranks
+    were started; the others are final. ``lost``: the executor no longer knows the attempt
+    (its supervisor or node went away)."""
 
-    def __init__(
-        self,
-        address: str | None = None,
-        *,
-        num_cpus: float | None = None,
-        num_gpus: float | None = None,
-        object_store_mb: int = 512,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.address = address
-        self.num_cpus = num_cpus
-        self.num_gpus = num_gpus
-        self.object_store_mb = object_store_mb
-        self.env = env or {}
-        self._tracked: dict[int, _Tracked] = {}
-        self._evaluations: dict[int, Any] = {}
-        self._dispatcher: Any = None
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    LOST = "lost"
 
-    # -------------------------------------------------------------- lifecycle
+    def __str__(self) -> str:
+        return self.value
 
-    def start(self) -> None:
-        """Connect to Ray (or start a local instance) and find or create the dispatcher."""
-        if self.address:  # Ray 2.5x clusters use token auth; Ray reads this on import
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
-        import ray
+    @property
+    def ended(self) -> bool:
+        return self not in (AttemptState.PENDING, AttemptState.RUNNING)
 
-        from hpo.workers.runner import DISPATCHER, TrialDispatcher
 
-        if self._dispatcher is not None:
-            return
-        runtime_env = {"env_vars": self.env} if self.env else None
-        if self.address:
-            ray.init(address=self.address, namespace=_namespace(), runtime_env=runtime_env)
-        else:
-            ray.init(
-                address="local",
-                namespace=_namespace(),
-                include_dashboard=False,
-                num_cpus=self.num_cpus,
-                num_gpus=self.num_gpus,
-                object_store_memory=self.object_store_mb * 1024 * 1024,
-                runtime_env=runtime_env,
-                configure_logging=False,
-            )
-        self._dispatcher = TrialDispatcher.options(
-            name=DISPATCHER, namespace=_namespace(), lifetime="detached", get_if_exists=True
-        ).remote()
-        log.info("connected to Ray: %s", ray.cluster_resources())
+class FailureClass(str, Enum):
+    """Who an attempt's failure is down to: the machinery (a lost node, process or control
+    plane; retrying is the remedy) or the trainable itself (its code or its numbers)."""
 
-    def shutdown(self) -> None:
-        """Disconnect. On a local instance that ends every attempt; on a cluster they go on
-        and the next control plane re-adopts them."""
-        import ray
+    INFRASTRUCTURE = "infrastructure"
+    TRAINABLE = "trainable"
 
-        if self._dispatcher is None:
-            return
-        started = [] if self.address else _descendants(os.getpid())
-        ray.shutdown()
-        self._dispatcher = None
-        self._tracked.clear()
-        self._evaluations.clear()
-        _reap(started)  # Ray leaves its agent processes behind when the local raylet exits
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class AttemptError:
+    """Why an attempt ended without a result, and whether a retry can help."""
+
+    kind: str  # the exception's class name, or "Lost", "WorkerDied", "Cancelled"
+    message: str
+    retryable: bool = True
+    traceback: str = ""
+    failure_class: FailureClass = FailureClass.TRAINABLE
+
+    def describe(self) -> str:
+        """The message, then the traceback if there is one (what the trial's error shows)."""
+        return f"{self.message}\n{self.traceback}" if self.traceback else self.message
+
+
+@dataclass(frozen=True)
+class RankPlacement:
+    """Where one DDP rank runs (the fields of ``placement.ranks[]`` in the REST API)."""
+
+    rank: int
+    node_ip: str
+    node_id: str
+    hostname: str
+    pid: int
+    device: str
+    gpu_ids: list[str]
+    cuda_visible_devices: str | None
+    device_name: str | None
+    started_at: float  # when the rank joined the process group (Unix time)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The newest checkpoint an attempt saved."""
+
+    path: str
+    step: int
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What rank 0 of a finished attempt returns: the objectives' last and best values, the
+    trainable's extra notes, and how many metric points its reporter sent or dropped."""
+
+    last: dict[str, float] = field(default_factory=dict)
+    best: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, JsonValue] = field(default_factory=dict)
+    metrics_sent: int = 0
+    metrics_dropped: int = 0
+
+    def values(self, scope: str) -> dict[str, float]:
+        """The objectives' values in ``scope`` ("last" or "best")."""
+        return self.best if scope == "best" else self.last
+
+
+@dataclass(frozen=True)
+class AttemptStatus:
+    """How one attempt stands, as its supervisor reports it."""
+
+    ref: AttemptRef
+    state: AttemptState
+    placements: list[RankPlacement] = field(default_factory=list)
+    checkpoint: Checkpoint | None = None
+    result: AttemptResult | None = None
+    error: AttemptError | None = None
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """Compute held-out test metrics of one trial's checkpoint."""
+
+    trial_id: int
+    trainable: str
+    config: dict[str, JsonValue]
+    params: dict[str, JsonValue]
+    checkpoint: str
+    cpus: float
+    gpus: float
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """An evaluation that ended: its metrics (None if the trainable defines no ``evaluate``)
+    or the error that stopped it."""
+
+    trial_id: int
+    metrics: dict[str, float] | None = None
+    error: str | None = None
+
+
+class Executor(Protocol):
+    """Runs attempts on some cluster and reports how each stands. Not thread-safe: the
+    scheduler calls it from its one thread."""
+
+    name: str  # what runs the attempts ("ray"), recorded as the trial's ``placement.executor``
 
     @property
     def started(self) -> bool:
-        return self._dispatcher is not None
+        """Whether :meth:`start` ran (and :meth:`shutdown` did not since)."""
+        ...
 
-    # ---------------------------------------------------------------- attempts
+    def start(self) -> None:
+        """Connect to the cluster (start it, if local). Called once, before any other call
+        but ``started``; raises if the cluster cannot be reached."""
+        ...
 
-    def launch(self, launch: Any) -> None:
-        """Start an attempt (a :class:`~hpo.workers.runner.TrialLaunch`)."""
-        import ray
+    def shutdown(self) -> None:
+        """Disconnect and forget every tracked attempt. On a local cluster that ends them; on
+        a shared one they go on, for the next control plane to :meth:`adopt`."""
+        ...
 
-        key = ray.get(self._dispatcher.start.remote(launch), timeout=60)
-        needs = _needs(launch.workers, launch.cpus_per_worker, launch.gpus_per_worker)
-        self._tracked[launch.trial_id] = _Tracked(launch.attempt, key, needs)
+    def launch(self, launch: AttemptLaunch) -> None:
+        """Start an attempt and track it. Any other attempt of the same trial that the
+        executor tracks or its cluster still runs is cancelled first: two attempts of one
+        trial never run together. Launching the same attempt twice runs it once. Raises if
+        the cluster refuses the launch."""
+        ...
 
-    def adopt(self, trial_id: int, attempt: int, needs: dict[str, float]) -> bool:
-        """Take over an attempt a previous control plane launched, if Ray still runs it."""
-        import ray
-
-        from hpo.workers.runner import attempt_key
-
-        key = attempt_key(trial_id, attempt)
-        status = ray.get(self._dispatcher.status.remote([key]), timeout=60)[key]
-        if status is None:
-            return False
-        self._tracked[trial_id] = _Tracked(attempt, key, needs)
-        return True
-
-    def tracked(self) -> dict[int, int]:
-        """Trial id → attempt of everything in flight."""
-        return {tid: t.attempt for tid, t in self._tracked.items()}
+    def adopt(self, ref: AttemptRef, needs: ClusterResources) -> bool:
+        """Track an attempt an earlier control plane launched, if the cluster still runs it;
+        False (nothing tracked) if it does not."""
+        ...
 
     def statuses(self) -> list[AttemptStatus]:
-        """The status of every tracked attempt (one round trip to the dispatcher)."""
-        import ray
+        """The status of every tracked attempt. An attempt the cluster forgot, or every one
+        if the cluster's supervisor is gone, is ``lost`` with an infrastructure error."""
+        ...
 
-        if not self._tracked:
-            return []
-        items = list(self._tracked.items())
-        try:
-            raw = ray.get(self._dispatcher.status.remote([t.key for _, t in items]), timeout=60)
-        except Exception as exc:  # the dispatcher is gone, and every attempt with it
-            lost = {
-                "kind": type(exc).__name__,
-                "message": f"the Ray dispatcher was lost: {type(exc).__name__}",
-                "retryable": True,
-                "traceback": str(exc)[-2000:],
-            }
-            return [AttemptStatus(tid, t.attempt, "lost", error=lost) for tid, t in items]
-        out = []
-        for trial_id, t in items:
-            status = raw.get(t.key)
-            if status is None:
-                out.append(AttemptStatus(trial_id, t.attempt, "lost", error=_unknown(t.key)))
-                continue
-            out.append(
-                AttemptStatus(
-                    trial_id,
-                    t.attempt,
-                    status["state"],
-                    placements=status["placements"],
-                    checkpoint=tuple(status["checkpoint"]) if status["checkpoint"] else None,
-                    result=status["result"],
-                    error=status["error"],
-                )
-            )
-        return out
+    def release(self, ref: AttemptRef) -> None:
+        """Stop tracking an attempt that ended (nothing is killed). Unknown refs are ignored."""
+        ...
 
-    def release(self, trial_id: int) -> None:
-        """Forget a finished attempt."""
-        tracked = self._tracked.pop(trial_id, None)
-        if tracked is not None and self._dispatcher is not None:
-            self._dispatcher.forget.remote(tracked.key)
+    def cancel(self, ref: AttemptRef) -> None:
+        """End an attempt now (its processes are killed, its resources freed) and stop
+        tracking it. Unknown refs are ignored; never raises for a cluster that is gone."""
+        ...
 
-    def cancel(self, trial_id: int) -> None:
-        """Stop an attempt now: its rank processes are killed and its resources freed."""
-        import ray
+    def free(self, pending: Sequence[AttemptRef]) -> dict[str, float]:
+        """Cluster resources not yet claimed, less what the ``pending`` attempts (launched,
+        not yet placed) are about to claim."""
+        ...
 
-        tracked = self._tracked.get(trial_id)
-        if tracked is None:
-            return
-        with contextlib.suppress(Exception):
-            ray.get(self._dispatcher.cancel.remote(tracked.key), timeout=30)
-        self.release(trial_id)
+    def evaluate(self, request: EvaluationRequest) -> None:
+        """Start computing test metrics of a checkpoint; the outcome comes from
+        :meth:`evaluations`. Raises if it cannot be started."""
+        ...
 
-    def evaluate(self, trial: Any, spec: Any, checkpoint: str) -> None:
-        """Compute test metrics of ``trial``'s checkpoint in one Ray task (see ``evaluations``)."""
-        import ray
-
-        from hpo.workers.runner import run_evaluation
-
-        res = spec.resources
-        task = ray.remote(run_evaluation).options(
-            num_cpus=res.cpus_per_worker, num_gpus=min(res.gpus_per_worker, 1), max_retries=1
-        )
-        ref = task.remote(
-            spec.trainable.name,
-            dict(spec.trainable.config),
-            dict(trial.params),
-            checkpoint,
-            res.gpus_per_worker > 0,
-        )
-        self._evaluations[trial.id] = ref
-
-    def evaluations(self) -> list[tuple[int, dict[str, Any] | None]]:
-        """Evaluations that ended since the last call: (trial id, metrics or {"error": ...})."""
-        import ray
-
-        if not self._evaluations:
-            return []
-        refs = list(self._evaluations.values())
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        out = []
-        for trial_id, ref in list(self._evaluations.items()):
-            if ref not in done:
-                continue
-            del self._evaluations[trial_id]
-            try:
-                out.append((trial_id, ray.get(ref)))
-            except Exception as exc:
-                out.append((trial_id, {"error": f"{type(exc).__name__}: {str(exc)[-500:]}"}))
-        return out
-
-    def free(self, pending_ids: list[int]) -> dict[str, float]:
-        """Cluster resources not yet claimed, minus what pending attempts will claim."""
-        import ray
-
-        free = dict(ray.available_resources())
-        for trial_id in pending_ids:
-            tracked = self._tracked.get(trial_id)
-            if tracked is not None:
-                for key, amount in tracked.needs.items():
-                    free[key] = free.get(key, 0.0) - amount
-        return free
+    def evaluations(self) -> list[EvaluationResult]:
+        """Evaluations that ended since the last call, each reported once."""
+        ...
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _reap(pids: list[int], grace_s: float = 5.0) -> None:
-    """Terminate the processes of ``pids`` still alive; kill them after ``grace_s``."""
-    alive = [p for p in pids if _signal(p, signal.SIGTERM)]
-    deadline = time.monotonic() + grace_s
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [p for p in alive if _signal(p, 0)]
-    for pid in alive:
-        _signal(pid, signal.SIGKILL)
-
-
-def _signal(pid: int, sig: int) -> bool:
-    try:
-        os.kill(pid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
-def _unknown(key: str) -> dict[str, Any]:
-    return {
-        "kind": "Lost",
-        "message": f"the dispatcher does not know attempt {key}",
-        "retryable": True,
-        "traceback": "",
-    }
-
-
-def _needs(workers: int, cpus: float, gpus: float) -> dict[str, float]:
-    needs = {"CPU": workers * cpus}
-    if gpus:
-        needs["GPU"] = workers * gpus
+def needs_of(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> dict[str, float]:
+    """What ``workers`` ranks of these sizes occupy on the cluster."""
+    needs = {"CPU": workers * cpus_per_worker}
+    if gpus_per_worker:
+        needs["GPU"] = workers * gpus_per_worker
     return needs
 
 
-def needs_of(resources: Any) -> dict[str, float]:
-    """What a spec's ``resources`` occupy on the cluster."""
-    return _needs(resources.workers_per_trial, resources.cpus_per_worker, resources.gpus_per_worker)
-
-
-def fits(needs: dict[str, float], free: dict[str, float]) -> bool:
+def fits(needs: ClusterResources, free: ClusterResources) -> bool:
+    """Whether ``needs`` fit in ``free``."""
     return all(free.get(key, 0.0) + 1e-9 >= amount for key, amount in needs.items())
-
-
-def _namespace() -> str:
-    return os.environ.get("HPO_RAY_NAMESPACE", "hpo")

@@ -3,7 +3,9 @@
 Each tick: reconcile what is in flight (record placements and checkpoints, finish or retry
 attempts that ended, cancel attempts whose trial was stopped, pruned or deleted), then launch
 new attempts while the cluster has room, one study at a time in turn so studies share it fairly.
-The scheduler decides; the executor (``hpo.service.executor``) is the only part that talks to Ray.
+The scheduler decides; an :class:`~hpo.service.executor.Executor` runs what it decides (on Ray:
+``hpo.service.ray_executor``). Everything in flight is keyed by (trial, attempt): launching attempt
+N of a trial first cancels any other attempt of it, so two never run together.
 """
 
 from __future__ import annotations
@@ -12,28 +14,27 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from hpo.service.errors import BudgetSpent, Conflict, HpoError, StudyNotRunning, TrialFinished
-from hpo.service.executor import AttemptStatus, RayExecutor, fits, needs_of
+from hpo.service.executor import (
+    AttemptError,
+    AttemptLaunch,
+    AttemptRef,
+    AttemptResult,
+    AttemptState,
+    AttemptStatus,
+    EvaluationRequest,
+    Executor,
+    fits,
+    needs_of,
+)
 from hpo.service.records import TrialRecord
-from hpo.service.spec import StudySpec
+from hpo.service.spec import Resources, StudySpec
 from hpo.service.studies import StudyService
 
 log = logging.getLogger("hpo.scheduler")
-
-
-def check_trainable(spec: StudySpec) -> None:
-    """Refuse (ValueError naming the field) a trainable that is not registered, or whose
-    settings reject the spec's config or any value its space can take."""
-    from hpo.workers import registry
-
-    assert spec.trainable is not None
-    space = {name: param.representatives() for name, param in spec.space.items()}
-    registry.check_spec(spec.trainable.name, spec.trainable.config, space)
-
 
 # How long an attempt may keep running after its trial was pruned before it is cancelled.
 PRUNED_GRACE_S = 30.0
@@ -42,7 +43,6 @@ PRUNED_GRACE_S = 30.0
 @dataclass
 class _InFlight:
     study_id: int
-    attempt: int
     workers: int
     launched_at: float = field(default_factory=time.time)
     placed: bool = False
@@ -56,22 +56,25 @@ class Scheduler:
     def __init__(
         self,
         service: StudyService,
-        executor: RayExecutor,
+        executor: Executor,
         *,
         api_url: str,
         token: str | None,
         checkpoint_dir: Path,
         interval_s: float = 1.0,
+        wake: threading.Event | None = None,
     ) -> None:
+        """``wake``, when given, is the event whose setting runs a tick now: pass the same
+        one to whatever learns of changes first (the study service's ``on_change``)."""
         self.service = service
         self.executor = executor
         self.api_url = api_url
         self.token = token
         self.checkpoint_dir = checkpoint_dir
         self.interval_s = interval_s
-        self.in_flight: dict[int, _InFlight] = {}
+        self.in_flight: dict[AttemptRef, _InFlight] = {}
         self._evaluated: set[int] = set()  # studies whose best trial went to evaluation
-        self._wake = threading.Event()
+        self._wake = wake or threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._turn = 0
@@ -122,33 +125,45 @@ class Scheduler:
 
     def _evaluate(self, todo: list[tuple[StudySpec, TrialRecord, str]]) -> None:
         """Test metrics for the best trial of each completed study, computed once."""
-        for trial_id, metrics in self.executor.evaluations():
-            if metrics is None:
+        for done in self.executor.evaluations():
+            if done.error is not None:
+                metrics: dict[str, object] = {"error": done.error}
+            elif done.metrics is None:
                 metrics = {"note": "the trainable defines no evaluate()"}
-            self.service.set_test_metrics(trial_id, metrics)
+            else:
+                metrics = dict(done.metrics)
+            self.service.set_test_metrics(done.trial_id, metrics)
         for spec, best, checkpoint in todo:
-            if spec.multi_objective:
+            if spec.multi_objective or spec.trainable is None:
                 continue
             self._evaluated.add(best.study_id)
             log.info("evaluating the best trial %s of study %s", best.id, best.study_id)
+            request = EvaluationRequest(
+                trial_id=best.id,
+                trainable=spec.trainable.name,
+                config=dict(spec.trainable.config),
+                params=dict(best.params),
+                checkpoint=checkpoint,
+                cpus=spec.resources.cpus_per_worker,
+                gpus=spec.resources.gpus_per_worker,
+            )
             try:
-                self.executor.evaluate(best, spec, checkpoint)
+                self.executor.evaluate(request)
             except Exception as exc:
                 self.service.set_test_metrics(best.id, {"error": str(exc)})
 
     def _adopt(self, studies: list[tuple[int, str, StudySpec]]) -> None:
-        """After a restart: take over attempts Ray still runs; retry the ones that are gone."""
+        """After a restart: take over attempts the executor still runs; retry the ones that
+        are gone."""
         specs = {sid: spec for sid, _, spec in studies}
         for trial in self.service.active_trials(list(specs)):
             if trial.state != "running":
                 continue
-            spec = specs[trial.study_id]
-            needs = needs_of(spec.resources)
-            if self.executor.adopt(trial.id, trial.attempts, needs):
+            resources = specs[trial.study_id].resources
+            ref = AttemptRef(trial.id, trial.attempts)
+            if self.executor.adopt(ref, _needs(resources)):
                 log.info("re-adopted trial %s attempt %s", trial.id, trial.attempts)
-                self.in_flight[trial.id] = _InFlight(
-                    trial.study_id, trial.attempts, spec.resources.workers_per_trial
-                )
+                self.in_flight[ref] = _InFlight(trial.study_id, resources.workers_per_trial)
             else:
                 self.service.fail_attempt(
                     trial.id, "its Ray attempt was lost when the control plane restarted"
@@ -157,73 +172,74 @@ class Scheduler:
     def _reconcile(self) -> None:
         if not self.in_flight:
             return
-        states = self.service.trial_states(list(self.in_flight))
+        states = self.service.trial_states(sorted({ref.trial_id for ref in self.in_flight}))
         starting = []
         for status in self.executor.statuses():
-            flight = self.in_flight.get(status.trial_id)
+            ref = status.ref
+            flight = self.in_flight.get(ref)
             if flight is None:
                 continue
-            db_state = states.get(status.trial_id)
+            db_state = states.get(ref.trial_id)
             if db_state is None or db_state == "failed" or db_state == "waiting":
                 # deleted, stopped, lease expired or requeued: this attempt must end now
-                log.info("cancelling trial %s: it is %s", status.trial_id, db_state or "deleted")
-                self._drop(status.trial_id, cancel=True)
+                log.info("cancelling attempt %s: its trial is %s", ref, db_state or "deleted")
+                self._drop(ref, cancel=True)
                 continue
             self._record_progress(status, flight)
-            if status.state in ("done", "failed", "cancelled", "lost"):
+            if status.state.ended:
                 self._finish(status, db_state)
                 continue
             if db_state in ("complete", "pruned"):
                 flight.finished_in_db_at = flight.finished_in_db_at or time.monotonic()
                 if time.monotonic() - flight.finished_in_db_at > PRUNED_GRACE_S:
-                    log.info("cancelling trial %s: still running after it ended", status.trial_id)
-                    self._drop(status.trial_id, cancel=True)
+                    log.info("cancelling attempt %s: still running after its trial ended", ref)
+                    self._drop(ref, cancel=True)
                 continue
-            if status.state == "pending" or len(status.placements) < flight.workers:
-                starting.append(status.trial_id)  # no reporter yet to keep the lease alive
+            if status.state == AttemptState.PENDING or len(status.placements) < flight.workers:
+                starting.append(ref.trial_id)  # no reporter yet to keep the lease alive
         self.service.renew_leases(starting)
 
     def _record_progress(self, status: AttemptStatus, flight: _InFlight) -> None:
+        trial_id = status.ref.trial_id
         if not flight.placed and len(status.placements) >= flight.workers:
             ranks = status.placements
-            started = max(r.get("started_at", flight.launched_at) for r in ranks)
+            started = max(r.started_at for r in ranks)
             self.service.set_placement(
-                status.trial_id,
+                trial_id,
                 {
-                    "executor": "ray",
-                    "attempt": status.attempt,
+                    "executor": self.executor.name,
+                    "attempt": status.ref.attempt,
                     "world_size": flight.workers,
-                    "nodes": sorted({r["node_ip"] for r in ranks}),
+                    "nodes": sorted({r.node_ip for r in ranks}),
                     # launch → every rank in the process group: visible start-up cost
                     "startup_s": round(max(0.0, started - flight.launched_at), 3),
-                    "ranks": ranks,
+                    "ranks": [asdict(r) for r in ranks],
                 },
             )
             flight.placed = True
-        if status.checkpoint and status.checkpoint[0] != flight.checkpoint:
-            flight.checkpoint = status.checkpoint[0]
-            self.service.set_checkpoint(status.trial_id, flight.checkpoint)
+        if status.checkpoint and status.checkpoint.path != flight.checkpoint:
+            flight.checkpoint = status.checkpoint.path
+            self.service.set_checkpoint(trial_id, flight.checkpoint)
 
     def _finish(self, status: AttemptStatus, db_state: str) -> None:
-        trial_id = status.trial_id
+        trial_id = status.ref.trial_id
         try:
-            if status.state == "done" and db_state == "running":
-                self._tell(trial_id, status.result or {})
-            elif status.state != "done" and db_state == "running":
-                error = status.error or {"message": f"attempt {status.state}", "retryable": True}
-                text = error["message"]
-                if error.get("traceback"):
-                    text += "\n" + error["traceback"]
-                self.service.fail_attempt(trial_id, text, retryable=error.get("retryable", True))
+            if db_state != "running":
+                return
+            if status.state == AttemptState.DONE:
+                self._tell(trial_id, status.result or AttemptResult())
+                return
+            error = status.error or AttemptError(kind=str(status.state), message=_ended(status))
+            self.service.fail_attempt(trial_id, error.describe(), retryable=error.retryable)
         finally:
-            self._drop(trial_id, cancel=False)
+            self._drop(status.ref, cancel=False)
 
-    def _tell(self, trial_id: int, result: dict[str, Any]) -> None:
+    def _tell(self, trial_id: int, result: AttemptResult) -> None:
         trial = self.service.get_trial(trial_id, events=False)
         spec = self.service.spec_of(trial.study_id)
         values = []
         for objective in spec.objectives:
-            value = result.get(objective.scope, {}).get(objective.metric)
+            value = result.values(objective.scope).get(objective.metric)
             if value is None:
                 self.service.fail_attempt(
                     trial_id,
@@ -235,19 +251,19 @@ class Scheduler:
         with contextlib.suppress(TrialFinished):  # pruned or failed meanwhile: that stands
             self.service.tell(trial_id, values=values)
 
-    def _drop(self, trial_id: int, *, cancel: bool) -> None:
+    def _drop(self, ref: AttemptRef, *, cancel: bool) -> None:
         if cancel:
-            self.executor.cancel(trial_id)
+            self.executor.cancel(ref)
         else:
-            self.executor.release(trial_id)
-        self.in_flight.pop(trial_id, None)
+            self.executor.release(ref)
+        self.in_flight.pop(ref, None)
 
     # ----------------------------------------------------------------- launch
 
     def _launch(self, studies: list[tuple[int, StudySpec]]) -> None:
         if not studies:
             return
-        pending = [tid for tid, f in self.in_flight.items() if not f.placed]
+        pending = [ref for ref, f in self.in_flight.items() if not f.placed]
         free = self.executor.free(pending)
         candidates = list(studies)
         while candidates:
@@ -255,7 +271,7 @@ class Scheduler:
             self._turn += 1
             candidates.sort(key=lambda item: (self._count(item[0]), (item[0] + self._turn) % 997))
             sid, spec = candidates[0]
-            needs = needs_of(spec.resources)
+            needs = _needs(spec.resources)
             if not fits(needs, free):
                 candidates.pop(0)
                 continue
@@ -280,10 +296,31 @@ class Scheduler:
             return None
 
     def _start_attempt(self, trial: TrialRecord, spec: StudySpec) -> None:
-        from hpo.workers.runner import TrialLaunch
+        launch = self._launch_of(trial, spec)
+        # The ask may have expired this trial's lease and requeued it in the same call: an
+        # older attempt still in flight must end before this one starts.
+        for older in [r for r in self.in_flight if r.trial_id == trial.id and r != launch.ref]:
+            log.info("cancelling attempt %s: attempt %s supersedes it", older, launch.attempt)
+            self._drop(older, cancel=True)
+        try:
+            self.executor.launch(launch)
+        except Exception as exc:
+            log.exception("launching attempt %s failed", launch.ref)
+            self.service.fail_attempt(trial.id, f"launch failed: {exc}")
+            return
+        self.in_flight[launch.ref] = _InFlight(trial.study_id, launch.workers)
+        log.info(
+            "launched trial %s (study %s #%s attempt %s)",
+            trial.id,
+            trial.study_id,
+            trial.number,
+            trial.attempts,
+        )
 
-        assert spec.trainable is not None
-        launch = TrialLaunch(
+    def _launch_of(self, trial: TrialRecord, spec: StudySpec) -> AttemptLaunch:
+        if spec.trainable is None:
+            raise ValueError(f"study {trial.study_id} has no trainable to launch")
+        return AttemptLaunch(
             trial_id=trial.id,
             study_id=trial.study_id,
             number=trial.number,
@@ -303,19 +340,13 @@ class Scheduler:
             ),
             lease_s=spec.lease_s,
         )
-        try:
-            self.executor.launch(launch)
-        except Exception as exc:
-            log.exception("launching trial %s failed", trial.id)
-            self.service.fail_attempt(trial.id, f"launch failed: {exc}")
-            return
-        self.in_flight[trial.id] = _InFlight(
-            trial.study_id, trial.attempts, spec.resources.workers_per_trial
-        )
-        log.info(
-            "launched trial %s (study %s #%s attempt %s)",
-            trial.id,
-            trial.study_id,
-            trial.number,
-            trial.attempts,
-        )
+
+
+def _needs(resources: Resources) -> dict[str, float]:
+    return needs_of(
+        resources.workers_per_trial, resources.cpus_per_worker, resources.gpus_per_worker
+    )
+
+
+def _ended(status: AttemptStatus) -> str:
+    return f"attempt {status.state}"

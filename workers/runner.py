@@ -10,58 +10,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.actor import ActorHandle
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from hpo.service.executor import (
+    AttemptError,
+    AttemptLaunch,
+    AttemptRef,
+    AttemptResult,
+    AttemptState,
+    AttemptStatus,
+    Checkpoint,
+    FailureClass,
+    RankPlacement,
+)
+
 log = logging.getLogger("hpo.workers.runner")
-DISPATCHER = "hpo-dispatcher-v1"
+DISPATCHER = "hpo-dispatcher-v2"  # v2: attempts keyed by AttemptRef, typed statuses
 
 
-@dataclass(frozen=True)
-class TrialLaunch:
-    """Everything the workers need to run one attempt of a trial (no database access)."""
-
-    trial_id: int
-    study_id: int
-    number: int
-    attempt: int
-    trainable: str
-    config: dict[str, Any]
-    params: dict[str, Any]
-    workers: int
-    cpus_per_worker: float
-    gpus_per_worker: float
-    api_url: str
-    token: str | None
-    objectives: list[tuple[str, str]]
-    keep_metrics: list[str]
-    checkpoint_dir: str
-    resume_from: str | None = None
-    lease_s: float = 300.0
-    strategy: str = "PACK"
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        return attempt_key(self.trial_id, self.attempt)
-
-
-def run_rank(launch: TrialLaunch, rank: int, dispatcher: Any, key: str) -> dict[str, Any]:
+def run_rank(
+    launch: AttemptLaunch, rank: int, dispatcher: ActorHandle, key: AttemptRef
+) -> dict[str, Any]:
     """The body of one DDP rank: join the group, run the trainable, report, clean up."""
     from hpo.workers import ddp, registry
     from hpo.workers.context import Objective, TrialContext
     from hpo.workers.reporter import MetricReporter
 
-    for key, value in launch.env.items():
-        os.environ[key] = value
     context = ray.get_runtime_context()
     node_ip = ray.util.get_node_ip_address()
     use_gpu = launch.gpus_per_worker > 0
@@ -90,9 +72,7 @@ def run_rank(launch: TrialLaunch, rank: int, dispatcher: Any, key: str) -> dict[
         trial_dir = Path(launch.checkpoint_dir)
         ckpt_dir = trial_dir / f"attempt-{launch.attempt}"  # a stale attempt never touches it
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        resume = launch.resume_from or (
-            latest_checkpoint(trial_dir, before_attempt=launch.attempt) if rank == 0 else None
-        )
+        resume = latest_checkpoint(trial_dir, before_attempt=launch.attempt) if rank == 0 else None
         resume = ddp.all_gather_objects(resume)[0]  # every rank resumes from rank 0's choice
         ctx = TrialContext(
             trial_id=launch.trial_id,
@@ -174,26 +154,27 @@ _remote_rank = ray.remote(run_rank)
 class _Attempt:
     """The dispatcher's record of one attempt."""
 
-    def __init__(self, launch: TrialLaunch) -> None:
+    def __init__(self, launch: AttemptLaunch) -> None:
         self.launch = launch
-        self.state = "pending"  # pending -> running -> done | failed | cancelled
+        self.state = AttemptState.PENDING  # pending -> running -> done | failed | cancelled
         self.master_address: tuple[str, int] | None = None
-        self.placements: dict[int, dict[str, Any]] = {}
-        self.checkpoint: tuple[str, int] | None = None
-        self.result: dict[str, Any] | None = None
-        self.error: dict[str, Any] | None = None
-        self.refs: list[Any] = []
-        self.pg: Any = None
+        self.placements: dict[int, RankPlacement] = {}
+        self.checkpoint: Checkpoint | None = None
+        self.result: AttemptResult | None = None
+        self.error: AttemptError | None = None
+        self.refs: list[ray.ObjectRef] = []
+        self.pg: PlacementGroup | None = None
         self.task: asyncio.Task | None = None
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "placements": [self.placements[r] for r in sorted(self.placements)],
-            "checkpoint": self.checkpoint,
-            "result": self.result,
-            "error": self.error,
-        }
+    def status(self) -> AttemptStatus:
+        return AttemptStatus(
+            self.launch.ref,
+            self.state,
+            placements=[self.placements[r] for r in sorted(self.placements)],
+            checkpoint=self.checkpoint,
+            result=self.result,
+            error=self.error,
+        )
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -202,29 +183,35 @@ class TrialDispatcher:
 
     One long-lived actor owns all rank tasks, so Ray reuses the warm worker processes (torch
     already imported, data cached) from one trial to the next: the gap between trials is a few
-    milliseconds instead of a process start. Attempts are keyed ``"<trial_id>/<attempt>"``.
+    milliseconds instead of a process start. Attempts are keyed by :class:`AttemptRef`, and at
+    most one attempt of a trial runs at a time.
     """
 
     def __init__(self) -> None:
-        self.attempts: dict[str, _Attempt] = {}
+        self.attempts: dict[AttemptRef, _Attempt] = {}
 
-    async def start(self, launch: TrialLaunch) -> str:
-        key = attempt_key(launch.trial_id, launch.attempt)
-        if key not in self.attempts:  # idempotent: a second start never runs it twice
+    async def start(self, launch: AttemptLaunch) -> None:
+        """Run ``launch`` once (a second start of it does nothing), after cancelling and
+        forgetting every other attempt of its trial."""
+        ref = launch.ref
+        for other in [o for o in self.attempts if o.trial_id == ref.trial_id and o != ref]:
+            log.info("attempt %s supersedes attempt %s: cancelling it", ref, other)
+            await self._stop(other, wait_s=10)
+            self.attempts.pop(other, None)
+        if ref not in self.attempts:
             attempt = _Attempt(launch)
-            self.attempts[key] = attempt
-            attempt.task = asyncio.get_running_loop().create_task(self._run(key, attempt))
-        return key
+            self.attempts[ref] = attempt
+            attempt.task = asyncio.get_running_loop().create_task(self._run(ref, attempt))
 
-    async def _run(self, key: str, attempt: _Attempt) -> None:
+    async def _run(self, ref: AttemptRef, attempt: _Attempt) -> None:
         launch = attempt.launch
         bundle = {"CPU": launch.cpus_per_worker}
         if launch.gpus_per_worker:
             bundle["GPU"] = launch.gpus_per_worker
-        attempt.pg = placement_group([dict(bundle)] * launch.workers, strategy=launch.strategy)
+        attempt.pg = placement_group([dict(bundle)] * launch.workers, strategy="PACK")
         try:
             await attempt.pg.ready()
-            attempt.state = "running"
+            attempt.state = AttemptState.RUNNING
             me = ray.get_runtime_context().current_actor
             attempt.refs = [
                 _remote_rank.options(
@@ -235,59 +222,71 @@ class TrialDispatcher:
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         attempt.pg, placement_group_bundle_index=rank
                     ),
-                ).remote(launch, rank, me, key)
+                ).remote(launch, rank, me, ref)
                 for rank in range(launch.workers)
             ]
-            futures = [asyncio.ensure_future(_await(ref)) for ref in attempt.refs]
+            futures = [asyncio.ensure_future(_await(r)) for r in attempt.refs]
             results = await _first_failure(futures)
-            attempt.result = results[0]
-            attempt.state = "done"
+            attempt.result = _result(results[0])
+            attempt.state = AttemptState.DONE
         except asyncio.CancelledError:
-            attempt.state = "cancelled"
+            attempt.state = AttemptState.CANCELLED
         except Exception as exc:  # a rank died or raised: stop the others, keep the reason
             attempt.error = _describe(exc)
-            attempt.state = "failed"
+            attempt.state = AttemptState.FAILED
         finally:
             _cancel_unfinished(attempt.refs)
             remove_placement_group(attempt.pg)
 
-    def keys(self) -> list[str]:
-        return list(self.attempts)
+    def status(self, refs: list[AttemptRef]) -> dict[AttemptRef, AttemptStatus | None]:
+        """State, rank placements, newest checkpoint and outcome of each attempt (None for
+        an attempt the dispatcher does not know)."""
+        return {r: (self.attempts[r].status() if r in self.attempts else None) for r in refs}
 
-    def status(self, keys: list[str]) -> dict[str, dict[str, Any] | None]:
-        """State, rank placements, newest checkpoint and outcome of each attempt."""
-        return {k: (self.attempts[k].status() if k in self.attempts else None) for k in keys}
+    async def cancel(self, ref: AttemptRef) -> None:
+        """Kill the attempt's ranks; its placement group is removed as its task ends."""
+        await self._stop(ref, wait_s=0)
 
-    async def cancel(self, key: str) -> None:
-        attempt = self.attempts.get(key)
+    async def _stop(self, ref: AttemptRef, *, wait_s: float) -> None:
+        attempt = self.attempts.get(ref)
         if attempt is None:
             return
         _cancel_unfinished(attempt.refs)
-        if attempt.task is not None and not attempt.task.done():
-            attempt.task.cancel()
+        task = attempt.task
+        if task is not None and not task.done():
+            task.cancel()
+            if wait_s:  # let it release its placement group before another attempt asks
+                await asyncio.wait([task], timeout=wait_s)
 
-    def forget(self, key: str) -> None:
-        self.attempts.pop(key, None)
+    def forget(self, ref: AttemptRef) -> None:
+        self.attempts.pop(ref, None)
 
     # called by the ranks
-    def publish_master(self, key: str, address: tuple[str, int]) -> None:
-        self.attempts[key].master_address = tuple(address)
+    def publish_master(self, ref: AttemptRef, address: tuple[str, int]) -> None:
+        self.attempts[ref].master_address = tuple(address)
 
-    def master(self, key: str) -> tuple[str, int] | None:
-        attempt = self.attempts.get(key)
+    def master(self, ref: AttemptRef) -> tuple[str, int] | None:
+        attempt = self.attempts.get(ref)
         return None if attempt is None else attempt.master_address
 
-    def note_placement(self, key: str, rank: int, where: dict[str, Any]) -> None:
-        if key in self.attempts:
-            self.attempts[key].placements[rank] = where
+    def note_placement(self, ref: AttemptRef, rank: int, where: dict[str, Any]) -> None:
+        if ref in self.attempts:
+            self.attempts[ref].placements[rank] = RankPlacement(**where)
 
-    def note_checkpoint(self, key: str, path: str, step: int) -> None:
-        if key in self.attempts:
-            self.attempts[key].checkpoint = (path, step)
+    def note_checkpoint(self, ref: AttemptRef, path: str, step: int) -> None:
+        if ref in self.attempts:
+            self.attempts[ref].checkpoint = Checkpoint(path, step)
 
 
-def attempt_key(trial_id: int, attempt: int) -> str:
-    return f"{trial_id}/{attempt}"
+def _result(summary: dict[str, Any]) -> AttemptResult:
+    """Rank 0's summary as the typed result."""
+    return AttemptResult(
+        last=dict(summary.get("last") or {}),
+        best=dict(summary.get("best") or {}),
+        extra=dict(summary.get("extra") or {}),
+        metrics_sent=int(summary.get("metrics_sent") or 0),
+        metrics_dropped=int(summary.get("metrics_dropped") or 0),
+    )
 
 
 def _cancel_unfinished(refs: list[Any]) -> None:
@@ -322,19 +321,21 @@ def _traceback(exc: BaseException, cause: BaseException) -> str:
     return "".join(traceback.format_exception(cause))
 
 
-def _describe(exc: BaseException) -> dict[str, Any]:
+def _describe(exc: BaseException) -> AttemptError:
     """Why an attempt failed, and whether a retry can help (not after a TrainableError)."""
     from hpo.workers.registry import TrainableError
 
     cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
     if isinstance(exc, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
         kind, message = "WorkerDied", str(exc).strip().splitlines()[0]
+        failure_class = FailureClass.INFRASTRUCTURE
     else:
-        kind, message = type(cause).__name__, str(cause).strip().splitlines()[-1:] or [""]
-        message = message[0]
-    return {
-        "kind": kind,
-        "message": f"{kind}: {message}",
-        "retryable": not isinstance(cause, TrainableError),
-        "traceback": _traceback(exc, cause)[-4000:],
-    }
+        kind, lines = type(cause).__name__, str(cause).strip().splitlines()[-1:] or [""]
+        message, failure_class = lines[0], FailureClass.TRAINABLE
+    return AttemptError(
+        kind=kind,
+        message=f"{kind}: {message}",
+        retryable=not isinstance(cause, TrainableError),
+        traceback=_traceback(exc, cause)[-4000:],
+        failure_class=failure_class,
+    )

@@ -1,0 +1,245 @@
+"""The :class:`~hpo.service.executor.Executor` on Ray: the only module of the control plane that
+talks to Ray.
+
+Attempts run under one detached, named dispatcher actor
+(:class:`hpo.workers.runner.TrialDispatcher`) that reserves a placement group with one bundle
+per DDP rank for each attempt and runs the ranks inside it. Everything Ray-specific stays in
+this module and in ``hpo.workers.runner``; the scheduler sees the typed records of
+``hpo.service.executor``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import psutil
+
+from hpo.service.executor import (
+    AttemptError,
+    AttemptLaunch,
+    AttemptRef,
+    AttemptState,
+    AttemptStatus,
+    ClusterResources,
+    EvaluationRequest,
+    EvaluationResult,
+    FailureClass,
+)
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+    from ray.types import ObjectRef
+
+log = logging.getLogger("hpo.executor")
+
+
+class RayExecutor:
+    """Runs attempts on a local Ray instance (``address=None``) or an existing cluster."""
+
+    name = "ray"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        object_store_mb: int = 512,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.address = address
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.object_store_mb = object_store_mb
+        self.env = env or {}
+        self._tracked: dict[AttemptRef, dict[str, float]] = {}  # attempt → what it occupies
+        self._evaluations: dict[int, ObjectRef] = {}
+        self._dispatcher: ActorHandle | None = None
+
+    # -------------------------------------------------------------- lifecycle
+
+    @property
+    def started(self) -> bool:
+        return self._dispatcher is not None
+
+    def start(self) -> None:
+        """Connect to Ray (or start a local instance) and find or create the dispatcher."""
+        if self._dispatcher is not None:
+            return
+        if self.address:  # Ray 2.5x clusters use token auth; Ray reads this on import
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        import ray
+
+        from hpo.workers.runner import DISPATCHER, TrialDispatcher
+
+        runtime_env = {"env_vars": self.env} if self.env else None
+        if self.address:
+            ray.init(address=self.address, namespace=_namespace(), runtime_env=runtime_env)
+        else:
+            ray.init(
+                address="local",
+                namespace=_namespace(),
+                include_dashboard=False,
+                num_cpus=self.num_cpus,
+                num_gpus=self.num_gpus,
+                object_store_memory=self.object_store_mb * 1024 * 1024,
+                runtime_env=runtime_env,
+                configure_logging=False,
+            )
+        self._dispatcher = TrialDispatcher.options(
+            name=DISPATCHER, namespace=_namespace(), lifetime="detached", get_if_exists=True
+        ).remote()
+        log.info("connected to Ray: %s", ray.cluster_resources())
+
+    def shutdown(self) -> None:
+        """Disconnect. On a local instance that ends every attempt; on a cluster they go on
+        and the next control plane re-adopts them."""
+        import ray
+
+        if self._dispatcher is None:
+            return
+        started = [] if self.address else psutil.Process().children(recursive=True)
+        ray.shutdown()
+        self._dispatcher = None
+        self._tracked.clear()
+        self._evaluations.clear()
+        _reap(started)  # Ray leaves its agent processes behind when the local raylet exits
+
+    # ---------------------------------------------------------------- attempts
+
+    def launch(self, launch: AttemptLaunch) -> None:
+        """Start an attempt; the dispatcher cancels any other attempt of the trial first."""
+        import ray
+
+        for other in [ref for ref in self._tracked if ref.trial_id == launch.trial_id]:
+            if other != launch.ref:
+                self.cancel(other)
+        ray.get(self._actor().start.remote(launch), timeout=60)
+        self._tracked[launch.ref] = launch.needs
+
+    def adopt(self, ref: AttemptRef, needs: ClusterResources) -> bool:
+        """Track an attempt a previous control plane launched, if Ray still runs it."""
+        import ray
+
+        known = ray.get(self._actor().status.remote([ref]), timeout=60)[ref]
+        if known is None:
+            return False
+        self._tracked[ref] = dict(needs)
+        return True
+
+    def statuses(self) -> list[AttemptStatus]:
+        """The status of every tracked attempt (one round trip to the dispatcher)."""
+        import ray
+
+        if not self._tracked:
+            return []
+        refs = list(self._tracked)
+        try:
+            found = ray.get(self._actor().status.remote(refs), timeout=60)
+        except Exception as exc:  # the dispatcher is gone, and every attempt with it
+            error = _lost(f"the Ray dispatcher was lost: {type(exc).__name__}", str(exc))
+            return [AttemptStatus(ref, AttemptState.LOST, error=error) for ref in refs]
+        return [found.get(ref) or _unknown(ref) for ref in refs]
+
+    def release(self, ref: AttemptRef) -> None:
+        """Forget an attempt that ended."""
+        if self._tracked.pop(ref, None) is not None and self._dispatcher is not None:
+            self._dispatcher.forget.remote(ref)
+
+    def cancel(self, ref: AttemptRef) -> None:
+        """Stop an attempt now: its rank processes are killed and its resources freed."""
+        import ray
+
+        if ref not in self._tracked:
+            return
+        with contextlib.suppress(Exception):
+            ray.get(self._actor().cancel.remote(ref), timeout=30)
+        self.release(ref)
+
+    def free(self, pending: Sequence[AttemptRef]) -> dict[str, float]:
+        """Cluster resources not yet claimed, minus what pending attempts will claim."""
+        import ray
+
+        free = dict(ray.available_resources())
+        for ref in pending:
+            for key, amount in self._tracked.get(ref, {}).items():
+                free[key] = free.get(key, 0.0) - amount
+        return free
+
+    # ------------------------------------------------------------- evaluations
+
+    def evaluate(self, request: EvaluationRequest) -> None:
+        """Compute test metrics of a checkpoint in one Ray task (see ``evaluations``)."""
+        import ray
+
+        from hpo.workers.runner import run_evaluation
+
+        task = ray.remote(run_evaluation).options(
+            num_cpus=request.cpus, num_gpus=min(request.gpus, 1), max_retries=1
+        )
+        self._evaluations[request.trial_id] = task.remote(
+            request.trainable,
+            dict(request.config),
+            dict(request.params),
+            request.checkpoint,
+            request.gpus > 0,
+        )
+
+    def evaluations(self) -> list[EvaluationResult]:
+        """Evaluations that ended since the last call."""
+        import ray
+
+        if not self._evaluations:
+            return []
+        refs = list(self._evaluations.values())
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        out = []
+        for trial_id, ref in list(self._evaluations.items()):
+            if ref not in done:
+                continue
+            del self._evaluations[trial_id]
+            try:
+                out.append(EvaluationResult(trial_id, metrics=ray.get(ref)))
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {str(exc)[-500:]}"
+                out.append(EvaluationResult(trial_id, error=error))
+        return out
+
+    def _actor(self) -> ActorHandle:
+        if self._dispatcher is None:
+            raise RuntimeError("the Ray executor is not started")
+        return self._dispatcher
+
+
+def _lost(message: str, detail: str = "") -> AttemptError:
+    return AttemptError(
+        kind="Lost",
+        message=message,
+        retryable=True,
+        traceback=detail[-2000:],
+        failure_class=FailureClass.INFRASTRUCTURE,
+    )
+
+
+def _unknown(ref: AttemptRef) -> AttemptStatus:
+    error = _lost(f"the dispatcher does not know attempt {ref}")
+    return AttemptStatus(ref, AttemptState.LOST, error=error)
+
+
+def _reap(procs: list[psutil.Process], grace_s: float = 5.0) -> None:
+    """Terminate the processes still alive; kill those left after ``grace_s``."""
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def _namespace() -> str:
+    return os.environ.get("HPO_RAY_NAMESPACE", "hpo")

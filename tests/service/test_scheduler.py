@@ -1,0 +1,293 @@
+"""The scheduler's decisions on a real database, with an in-memory executor instead of Ray:
+what it launches, in which order, what it tells or retries, and what it cancels."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hpo.service import scheduler as scheduler_module
+from hpo.service.db import make_engine, upgrade_schema
+from hpo.service.executor import (
+    AttemptError,
+    AttemptRef,
+    AttemptState,
+    EvaluationResult,
+    Executor,
+    FailureClass,
+)
+from hpo.service.scheduler import Scheduler
+from hpo.service.spec import StudySpec
+from hpo.service.storage import Storage
+from hpo.service.studies import StudyService
+from tests.conftest import simple_spec
+from tests.service.fake_executor import FakeCluster, FakeExecutor
+
+
+@pytest.fixture
+def service(db_url: str) -> Iterator[StudyService]:
+    engine = make_engine(db_url)
+    upgrade_schema(engine)
+    yield StudyService(Storage(engine))
+    engine.dispose()
+
+
+@pytest.fixture
+def executor() -> FakeExecutor:
+    return FakeExecutor(FakeCluster(capacity={"CPU": 4.0}))
+
+
+def make_scheduler(service: StudyService, executor: Executor, tmp_path: Path) -> Scheduler:
+    return Scheduler(
+        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+    )
+
+
+@pytest.fixture
+def scheduler(service: StudyService, executor: FakeExecutor, tmp_path: Path) -> Scheduler:
+    return make_scheduler(service, executor, tmp_path)
+
+
+def create(service: StudyService, name: str, **over: object) -> int:
+    spec = simple_spec(
+        name,
+        budget={"max_trials": 8},
+        resources={"workers_per_trial": 1, "cpus_per_worker": 1},
+        trainable={"name": "synthetic", "config": {"steps": 3}},
+    )
+    spec.update(over)
+    return service.create_study(StudySpec.model_validate(spec)).id
+
+
+def launched_by_study(service: StudyService, executor: FakeExecutor) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for ref in executor.launched:
+        study_id = service.get_trial(ref.trial_id, events=False).study_id
+        counts[study_id] = counts.get(study_id, 0) + 1
+    return counts
+
+
+def test_launches_up_to_max_concurrent(
+    service: StudyService, executor: FakeExecutor, scheduler: Scheduler
+) -> None:
+    create(service, "capped", budget={"max_trials": 8, "max_concurrent": 3})
+    scheduler.tick()
+    assert len(executor.launched) == 3
+    scheduler.tick()
+    assert len(executor.launched) == 3
+    assert executor.started
+
+
+def test_launches_only_what_the_cluster_has_room_for(
+    service: StudyService, executor: FakeExecutor, scheduler: Scheduler
+) -> None:
+    create(service, "big", resources={"workers_per_trial": 2, "cpus_per_worker": 1})
+    scheduler.tick()
+    first = list(executor.launched)
+    assert len(first) == 2  # 4 CPUs, 2 per trial
+    scheduler.tick()  # still pending: what they will claim is not free
+    assert executor.launched == first
+    for ref in first:
+        executor.place(ref, workers=2)
+    scheduler.tick()  # placed: they occupy the cluster
+    assert executor.launched == first
+    executor.finish(first[0], loss=1.0)
+    scheduler.tick()
+    assert len(executor.launched) == 3 and first[0] not in executor.tracked
+
+
+def test_studies_take_turns_for_the_cluster(
+    service: StudyService, executor: FakeExecutor, scheduler: Scheduler
+) -> None:
+    a = create(service, "first")
+    b = create(service, "second")
+    scheduler.tick()
+    assert launched_by_study(service, executor) == {a: 2, b: 2}
+    # the study with fewer trials in flight gets the next free slot
+    ended = next(r for r in executor.launched if service.get_trial(r.trial_id).study_id == a)
+    executor.finish(ended, loss=0.5)
+    scheduler.tick()
+    assert launched_by_study(service, executor) == {a: 3, b: 2}
+
+
+def test_a_finished_attempt_is_told_with_its_placement_and_checkpoint(
+    service: StudyService, executor: FakeExecutor, scheduler: Scheduler
+) -> None:
+    create(service, "told", budget={"max_trials": 1})
+    scheduler.tick()
+    (ref,) = executor.launched
+    executor.place(ref)
+    executor.checkpoint(ref, "/data/trial/attempt-1/checkpoint-3", 3)
+    scheduler.tick()
+    trial = service.get_trial(ref.trial_id)
+    assert trial.state == "running"
+    assert trial.placement["executor"] == "fake" and trial.placement["world_size"] == 1
+    assert trial.placement["attempt"] == 1
+    assert [r["pid"] for r in trial.placement["ranks"]] == [1000]
+    assert service.trial_checkpoint(ref.trial_id) == "/data/trial/attempt-1/checkpoint-3"
+    executor.finish(ref, loss=0.25)
+    scheduler.tick()
+    trial = service.get_trial(ref.trial_id)
+    assert trial.state == "complete" and trial.value == 0.25
+    assert executor.tracked == set() and executor.cancelled == []
+    assert scheduler.in_flight == {}
+
+
+def test_an_attempt_without_the_objective_metric_fails_without_retry(
+    service: StudyService, executor: FakeExecutor, scheduler: Scheduler
+) -> None:
+    create(service, "no-metric", budget={"max_trials": 1}, max_retries=2)
+    scheduler.tick()
+    (ref,) = executor.launched
+    executor.finish(ref, accuracy=0.9)
+    scheduler.tick()
+    trial = service.get_trial(ref.trial_id)
+    assert trial.state == "failed" and trial.attempts == 1
+    assert "never reported the objective metric 'loss'" in trial.error
+
+
+def test_a_failed_attempt_is_retried_and_a_trainable_error_is_not(
+    service: StudyService, executor: FakeExecutor, scheduler: Scheduler
+) -> None:
+    create(service, "retried", budget={"max_trials": 1}, max_retries=3)
+    scheduler.tick()
+    (first,) = executor.launched
+    crash = AttemptError("WorkerDied", "WorkerDied: the rank's process exited")
+    executor.fail(first, crash)
+    scheduler.tick()  # the failure is recorded and the retry launched in the same tick
+    second = AttemptRef(first.trial_id, 2)
+    assert executor.launched == [first, second]
+    trial = service.get_trial(first.trial_id)
+    assert trial.state == "running" and trial.attempts == 2
+    assert any("attempt 1: WorkerDied" in (e.detail or "") for e in trial.events)
+    bad = AttemptError(
+        "TrainableError", "TrainableError: bad data", retryable=False, traceback="Traceback ..."
+    )
+    executor.fail(second, bad)
+    scheduler.tick()
+    trial = service.get_trial(first.trial_id)
+    assert trial.state == "failed" and trial.attempts == 2
+    assert trial.error == "TrainableError: bad data\nTraceback ..."
+    assert executor.launched == [first, second]
+
+
+def test_a_lost_attempt_fails_its_trial(
+    service: StudyService, executor: FakeExecutor, scheduler: Scheduler
+) -> None:
+    create(service, "lost", budget={"max_trials": 1})
+    scheduler.tick()
+    (ref,) = executor.launched
+    executor.lose(ref)
+    status = executor.statuses()[0]
+    assert status.state == AttemptState.LOST
+    assert status.error.failure_class == FailureClass.INFRASTRUCTURE
+    scheduler.tick()
+    trial = service.get_trial(ref.trial_id)
+    assert trial.state == "failed" and "does not know" in trial.error
+    assert scheduler.in_flight == {}
+
+
+@pytest.mark.parametrize("how", ["stop", "delete"])
+def test_stopping_or_deleting_a_study_cancels_its_attempts(
+    service: StudyService, executor: FakeExecutor, scheduler: Scheduler, how: str
+) -> None:
+    study_id = create(service, "ended", budget={"max_trials": 8, "max_concurrent": 2})
+    other = create(service, "other", budget={"max_trials": 1})
+    scheduler.tick()
+    mine = [r for r in executor.launched if service.get_trial(r.trial_id).study_id == study_id]
+    assert len(mine) == 2
+    for ref in executor.launched:
+        executor.place(ref)
+    if how == "stop":
+        service.update_study(study_id, state="stopped")
+    else:
+        service.delete_study(study_id)
+    scheduler.tick()
+    assert sorted(executor.cancelled) == sorted(mine)
+    assert executor.cluster.live() == [r for r in executor.launched if r not in mine]
+    assert {service.get_trial(r.trial_id).study_id for r in scheduler.in_flight} == {other}
+
+
+def test_a_pruned_trial_keeps_running_for_a_grace_period_then_is_cancelled(
+    service: StudyService,
+    executor: FakeExecutor,
+    scheduler: Scheduler,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(scheduler_module, "PRUNED_GRACE_S", 0.5)
+    create(service, "pruned", budget={"max_trials": 2})
+    scheduler.tick()
+    slow, quick = executor.launched
+    for ref in (slow, quick):
+        executor.place(ref)
+        service.tell(ref.trial_id, state="pruned")
+    scheduler.tick()  # within the grace: it may still be saving its last checkpoint
+    assert executor.cancelled == []
+    executor.finish(quick, loss=3.0)  # ends on its own within the grace: released
+    time.sleep(0.6)
+    scheduler.tick()
+    assert executor.cancelled == [slow]
+    assert quick not in executor.tracked and executor.cluster.live() == []
+    assert service.get_trial(quick.trial_id).state == "pruned"  # its late result changes nothing
+
+
+def test_launching_attempt_n_cancels_the_older_attempt_first(
+    service: StudyService, executor: FakeExecutor, scheduler: Scheduler
+) -> None:
+    create(service, "expired", budget={"max_trials": 1}, max_retries=1, lease_s=0.5)
+    scheduler.tick()
+    (first,) = executor.launched
+    executor.place(first)  # placed: its (frozen) reporter alone would renew the lease
+    time.sleep(0.7)
+    # the scheduler's own ask expires the lease and claims the requeued trial in one call
+    scheduler.tick()
+    second = AttemptRef(first.trial_id, 2)
+    assert executor.launched == [first, second]
+    assert executor.cancelled == [first]
+    assert executor.cluster.live(first.trial_id) == [second]
+    assert list(scheduler.in_flight) == [second]
+    executor.place(second)
+    executor.finish(second, loss=0.1)
+    scheduler.tick()
+    trial = service.get_trial(first.trial_id)
+    assert trial.state == "complete" and trial.attempts == 2 and trial.value == 0.1
+
+
+def test_a_new_scheduler_adopts_what_the_cluster_still_runs(
+    service: StudyService, executor: FakeExecutor, scheduler: Scheduler, tmp_path: Path
+) -> None:
+    create(service, "adopted", budget={"max_trials": 2})
+    scheduler.tick()
+    kept, gone = executor.launched
+    executor.place(kept)
+    executor.lose(gone)
+    # the control plane restarts; the cluster (shared) goes on
+    successor = FakeExecutor(executor.cluster)
+    make_scheduler(service, successor, tmp_path).tick()
+    assert successor.tracked == {kept} and successor.launched == []
+    assert service.get_trial(kept.trial_id).state == "running"
+    lost = service.get_trial(gone.trial_id)
+    assert lost.state == "failed" and "lost when the control plane restarted" in lost.error
+
+
+def test_the_best_trial_of_a_completed_study_is_evaluated_once(
+    service: StudyService, executor: FakeExecutor, scheduler: Scheduler
+) -> None:
+    create(service, "evaluated", budget={"max_trials": 1})
+    scheduler.tick()
+    (ref,) = executor.launched
+    executor.checkpoint(ref, "/data/best/checkpoint-3", 3)
+    scheduler.tick()
+    executor.finish(ref, loss=0.2)
+    scheduler.tick()  # told: the study completes
+    scheduler.tick()  # its best trial goes to evaluation
+    scheduler.tick()
+    (request,) = executor.requests
+    assert request.trial_id == ref.trial_id and request.checkpoint == "/data/best/checkpoint-3"
+    assert request.trainable == "synthetic" and request.config == {"steps": 3}
+    executor.evaluated.append(EvaluationResult(ref.trial_id, metrics={"test_loss": 0.3}))
+    scheduler.tick()
+    assert service.get_trial(ref.trial_id).test_metrics == {"test_loss": 0.3}
