@@ -32,6 +32,7 @@ from hpo.service.executor import (
 )
 from hpo.service.records import TrialRecord
 from hpo.service.spec import Resources, StudySpec
+from hpo.service.states import StudyState, TrialState
 from hpo.service.studies import StudyService
 
 log = logging.getLogger("hpo.scheduler")
@@ -64,8 +65,9 @@ class Scheduler:
         interval_s: float = 1.0,
         wake: threading.Event | None = None,
     ) -> None:
-        """``wake``, when given, is the event whose setting runs a tick now: pass the same
-        one to whatever learns of changes first (the study service's ``on_change``)."""
+        """``wake`` is the event whose setting runs a tick now (a study was created, resumed
+        or given more budget): the app passes its ``set`` to the study service as
+        ``on_change``, so both are whole when made."""
         self.service = service
         self.executor = executor
         self.api_url = api_url
@@ -91,10 +93,6 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=120)
 
-    def wake(self) -> None:
-        """Run a tick now (a study was created, resumed or given more budget)."""
-        self._wake.set()
-
     def _loop(self) -> None:
         # Ray starts and stops in this thread only: a local Ray's processes die with the thread
         # that started them (parent-death signal), so no other thread may outlive or end it.
@@ -115,12 +113,12 @@ class Scheduler:
         studies = self.service.dispatched_studies()
         to_evaluate = self.service.studies_to_evaluate(self._evaluated)
         if not self.executor.started:
-            if not any(state == "running" for _, state, _ in studies) and not to_evaluate:
+            if not any(state == StudyState.RUNNING for _, state, _ in studies) and not to_evaluate:
                 return
             self.executor.start()
             self._adopt(studies)
         self._reconcile()
-        self._launch([(sid, spec) for sid, state, spec in studies if state == "running"])
+        self._launch([(sid, spec) for sid, state, spec in studies if state == StudyState.RUNNING])
         self._evaluate(to_evaluate)
 
     def _evaluate(self, todo: list[tuple[StudySpec, TrialRecord, str]]) -> None:
@@ -157,7 +155,7 @@ class Scheduler:
         are gone."""
         specs = {sid: spec for sid, _, spec in studies}
         for trial in self.service.active_trials(list(specs)):
-            if trial.state != "running":
+            if trial.state != TrialState.RUNNING:
                 continue
             resources = specs[trial.study_id].resources
             ref = AttemptRef(trial.id, trial.attempts)
@@ -180,7 +178,7 @@ class Scheduler:
             if flight is None:
                 continue
             db_state = states.get(ref.trial_id)
-            if db_state is None or db_state == "failed" or db_state == "waiting":
+            if db_state in (None, TrialState.FAILED, TrialState.WAITING):
                 # deleted, stopped, lease expired or requeued: this attempt must end now
                 log.info("cancelling attempt %s: its trial is %s", ref, db_state or "deleted")
                 self._drop(ref, cancel=True)
@@ -189,7 +187,7 @@ class Scheduler:
             if status.state.ended:
                 self._finish(status, db_state)
                 continue
-            if db_state in ("complete", "pruned"):
+            if db_state in (TrialState.COMPLETE, TrialState.PRUNED):
                 flight.finished_in_db_at = flight.finished_in_db_at or time.monotonic()
                 if time.monotonic() - flight.finished_in_db_at > PRUNED_GRACE_S:
                     log.info("cancelling attempt %s: still running after its trial ended", ref)
@@ -224,7 +222,7 @@ class Scheduler:
     def _finish(self, status: AttemptStatus, db_state: str) -> None:
         trial_id = status.ref.trial_id
         try:
-            if db_state != "running":
+            if db_state != TrialState.RUNNING:
                 return
             if status.state == AttemptState.DONE:
                 self._tell(trial_id, status.result or AttemptResult())

@@ -3,7 +3,9 @@ task per rank inside it, run by a detached dispatcher actor that keeps each outc
 
 The dispatcher is named (``DISPATCHER``) and outlives the control plane's process, so a restarted
 control plane finds it again with ``ray.get_actor``, re-adopts the attempts it still runs, and
-never launches a second copy of one.
+never launches a second copy of one. Starting attempt N of a trial cancels any other attempt of
+it the dispatcher still runs, so two attempts of one trial never run together. The records that
+cross to the control plane are the typed ones of ``hpo.service.executor``.
 """
 
 from __future__ import annotations
