@@ -374,6 +374,6 @@ def train(ctx: TrialContext) -> None:
         metrics = gathered_metrics(ctx, *predict_loader(model, val_loader, ctx.device, s.bf16))
         schedule.epoch_end(metrics["val_loss"])
         stop_early = stopper.update(metrics["val_accuracy"])
-        saved = {**state, "train_samples": seen}
+        saved = {**state, "epoch": epoch, "train_samples": seen}
         if ctx.report(epoch, {**metrics, "train_samples": seen}, saved) or stop_early:
             return  # pruned or early-stopped: every rank stops at the same epoch
