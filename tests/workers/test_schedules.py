@@ -23,6 +23,7 @@ def _trace(kind: str, **kw: object) -> list[float]:
     s = schedules.Schedule(opt, kind, total_steps=20, steps_per_epoch=5, **kw)
     lrs = [opt.param_groups[0]["lr"]]
     for _ in range(19):
+        opt.step()  # as in training: the optimizer steps, then the schedule
         s.step()
         lrs.append(opt.param_groups[0]["lr"])
     return lrs
