@@ -1,18 +1,31 @@
-"""What a trainable gets: its settings, its rank, and the ways to report, stop and checkpoint."""
+"""What a trainable gets: its settings, its rank, and the ways to report, stop, save and resume.
+
+The checkpoint life cycle belongs here, so a trainable is only its model, data and loop::
+
+    state = {"model": model, "optimizer": optimizer, "scheduler": schedule, "guard": guard}
+    resumed = ctx.resume(**state)                      # None on a fresh start
+    for epoch in range(resumed.next_step if resumed else 1, epochs + 1):
+        ...
+        if ctx.report(epoch, metrics, checkpoint=state):   # pruned or stopped: all ranks
+            return
+
+``report`` sends the metrics first, then saves the checkpoint with those metrics recorded in
+it, so a crash between the two never loses a point: ``resume`` sends again what the control
+plane may not have received.
+"""
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data.distributed import DistributedSampler
 
-from hpo.workers import ddp
+from hpo.workers import checkpoints, ddp
 from hpo.workers.registry import TrainableError
 from hpo.workers.reporter import MetricReporter
 
@@ -26,12 +39,41 @@ class Objective:
         return a < b if self.direction == "minimize" else a > b
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """What :meth:`TrialContext.resume` restored: the checkpoint's ``step`` (done already),
+    the plain values saved beside the stateful objects, and where it was read from."""
+
+    step: int
+    values: dict[str, Any]
+    path: Path
+
+    @property
+    def next_step(self) -> int:
+        """The first step this attempt has to run."""
+        return self.step + 1
+
+
+class ResumableSampler(DistributedSampler):
+    """A ``DistributedSampler`` whose epoch (the shuffle of the next pass) is saved and
+    restored with the checkpoint."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "seed": self.seed}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
+
+
 @dataclass
 class TrialContext:
     """Handed to ``train(ctx)`` on every rank of a trial.
 
     Collective calls (every rank must make them, in the same order): :meth:`report`,
-    :meth:`should_stop`, :meth:`save_checkpoint`. Everything else is local.
+    :meth:`save`, :meth:`resume`, :meth:`should_stop`, :meth:`all_reduce_sum`,
+    :meth:`all_gather`. Everything else is local. This attempt writes its checkpoints into
+    ``trial_dir/attempt-<attempt>`` and resumes only from earlier attempts' checkpoints inside
+    ``trial_dir``.
     """
 
     trial_id: int
@@ -44,41 +86,50 @@ class TrialContext:
     world_size: int
     device: torch.device
     objectives: list[Objective]
-    checkpoint_dir: Path
+    trial_dir: Path
     trainable: str = ""
-    resume_from: Path | None = None
     reporter: MetricReporter | None = None
     on_checkpoint: Callable[[str, int], None] | None = None
-    sync_timeout_s: float = 2.0
+    sync_timeout_s: float = 2.0  # how long report() waits for the server's answer
+    delivery_timeout_s: float = 10.0  # how long a checkpoint waits for its step's points
     keep_checkpoints: int = 2
     last_step: int | None = None
     last: dict[str, float] = field(default_factory=dict)
     best: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     _at_last_step: dict[str, float] = field(default_factory=dict, repr=False)
+    _ticket: int = field(default=0, repr=False)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where this attempt's checkpoints go."""
+        return checkpoints.attempt_folder(self.trial_dir, self.attempt)
+
     # ---------------------------------------------------------------- metrics
 
-    def report(self, step: int, metrics: Mapping[str, float]) -> bool:
-        """Report metrics at ``step`` (an epoch, usually) and learn whether to stop.
+    def report(
+        self, step: int, metrics: Mapping[str, float], checkpoint: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Report metrics at ``step`` (an epoch, usually), save ``checkpoint`` if given (as
+        :meth:`save` does), and learn whether to stop.
 
         Every rank must call it with the same metrics (average them first, e.g. with
         :meth:`all_reduce_sum`). Rank 0 sends them and waits briefly for the server's answer;
-        the early-stop decision is then broadcast, so all ranks stop together. A NaN or infinite
-        value fails the trial with that reason.
+        the stop decision is then broadcast, so all ranks stop together. A NaN or infinite
+        value fails the trial with :class:`TrainableError`.
         """
         values = _finite(step, metrics)
         self._track(step, values)
-        stop = False
         if self.reporter is not None:
-            ticket = self.reporter.log(step, values)
-            self.reporter.wait_sent(ticket, self.sync_timeout_s)
-            stop = self.reporter.should_stop
-        return ddp.broadcast_flag(stop, self.device)
+            self._ticket = self.reporter.log(step, values)
+            self.reporter.wait_sent(self._ticket, self.sync_timeout_s)
+        if checkpoint is not None:
+            self.save(step, **checkpoint)
+        return self.should_stop()
 
     def finish(self, metrics: Mapping[str, float]) -> None:
         """Final metrics a trainable returned: recorded at its last step (rank 0 sends the
@@ -89,28 +140,6 @@ class TrialContext:
         self._track(step, values)
         if self.reporter is not None and new:
             self.reporter.log(step, new)
-
-    def recall(self, reported: Callable[[str], list[tuple[int, float]]], up_to: int) -> None:
-        """Seed the objectives' last/best values from what earlier attempts reported up to the
-        resumed step, so an attempt that resumes after the final checkpoint (its predecessor
-        finished, but the result never reached the control plane) still has a result."""
-        for objective in self.objectives:
-            for step, value in sorted(reported(objective.metric)):
-                if step <= up_to:
-                    self._track(step, {objective.metric: value})
-
-    def _track(self, step: int, values: dict[str, float]) -> None:
-        if step != self.last_step:
-            self._at_last_step = {}
-        self._at_last_step.update(values)
-        self.last_step = step if self.last_step is None else max(self.last_step, step)
-        for objective in self.objectives:
-            if objective.metric in values:
-                value = values[objective.metric]
-                self.last[objective.metric] = value
-                current = self.best.get(objective.metric)
-                if current is None or objective.better(value, current):
-                    self.best[objective.metric] = value
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Stream metrics (e.g. the training loss every N steps) without waiting; rank 0 only
@@ -132,53 +161,106 @@ class TrialContext:
         """Every rank's ``obj`` (e.g. predictions for precision/recall/F1)."""
         return ddp.all_gather_objects(obj)
 
+    def _track(self, step: int, values: dict[str, float]) -> None:
+        if step != self.last_step:
+            self._at_last_step = {}
+        self._at_last_step.update(values)
+        self.last_step = step if self.last_step is None else max(self.last_step, step)
+        for objective in self.objectives:
+            if objective.metric in values:
+                value = values[objective.metric]
+                self.last[objective.metric] = value
+                current = self.best.get(objective.metric)
+                if current is None or objective.better(value, current):
+                    self.best[objective.metric] = value
+
     # ------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, state: Mapping[str, Any], step: int, **meta: Any) -> Path | None:
-        """Save ``state`` (tensors, numbers, strings) as the trial's checkpoint at ``step``.
+    def save(self, step: int, /, **state: Any) -> Path | None:
+        """Save ``state`` as this attempt's checkpoint at ``step`` (collective).
 
-        Rank 0 writes ``checkpoint-<step>/state.pt`` (loadable with ``weights_only=True``) and
-        ``meta.json``; older checkpoints beyond ``keep_checkpoints`` are removed.
+        A value with ``state_dict()`` (model, optimizer, scheduler, sampler, guards) is saved
+        as its state dict, a DDP-wrapped model unwrapped first; other values (tensors, numbers,
+        strings) as they are. Rank 0 writes ``checkpoint-<step>`` atomically, with the metrics
+        reported at ``step`` (waiting up to ``delivery_timeout_s`` for the server to confirm
+        them) and the best/last values so far; older checkpoints beyond ``keep_checkpoints``
+        go. Returns the path on rank 0, None on the others.
         """
         path = None
         if self.is_main:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            path = self.checkpoint_dir / f"checkpoint-{step:06d}"
-            tmp = path.with_name(path.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            torch.save(dict(state), tmp / "state.pt")
-            info = {
-                "step": step,
-                "trial_id": self.trial_id,
-                "attempt": self.attempt,
-                "trainable": self.trainable,
-                "settings": _jsonable(self.settings),
-                **meta,
-            }
-            (tmp / "meta.json").write_text(json.dumps(info, default=str))
-            shutil.rmtree(path, ignore_errors=True)
-            tmp.rename(path)
-            self._prune_checkpoints()
+            saved = {key: _state_of(value) for key, value in state.items()}
+            path = checkpoints.write(self.checkpoint_dir, step, saved, self._meta(step))
+            checkpoints.prune(self.checkpoint_dir, self.keep_checkpoints)
             if self.on_checkpoint is not None:
                 self.on_checkpoint(str(path), step)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        ddp.barrier()
         return path
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        """The checkpoint this attempt resumes from (a retry after a failure), or None."""
-        if self.resume_from is None:
-            return None
-        return torch.load(
-            self.resume_from / "state.pt", map_location=self.device, weights_only=True
-        )
+    def resume(self, **state: Any) -> Resumed | None:
+        """Restore ``state`` (the objects given to :meth:`save`, by the same names) from the
+        newest readable checkpoint an earlier attempt of this trial left (collective).
 
-    def _prune_checkpoints(self) -> None:
-        found = sorted(p for p in self.checkpoint_dir.glob("checkpoint-*") if p.is_dir())
-        for old in found[: -self.keep_checkpoints]:
-            if self.resume_from is None or old.resolve() != self.resume_from.resolve():
-                shutil.rmtree(old, ignore_errors=True)
+        Returns None on a fresh start. Otherwise it loads each object's state dict, restores
+        the best/last values, re-sends the resumed step's metrics if the server may not have
+        them, and returns the step and the plain values saved. A newest checkpoint that does
+        not read back is skipped for the one before it. Raises :class:`TrainableError` when
+        the checkpoint lacks one of the names asked for.
+        """
+        found = None
+        if self.is_main:
+            earlier = checkpoints.candidates(self.trial_dir, before_attempt=self.attempt)
+            found = checkpoints.load_newest(earlier, self.device)
+        chosen = ddp.all_gather_objects(None if found is None else str(found[0]))[0]
+        if chosen is None:
+            return None
+        path = Path(chosen)
+        saved, meta = found[1:] if found is not None else checkpoints.load(path, self.device)
+        for key, target in state.items():
+            if key not in saved:
+                raise TrainableError(f"checkpoint {path} holds no {key!r} to resume from")
+            _unwrap(target).load_state_dict(saved[key])
+        self._restore_progress(meta)
+        if self.is_main:
+            self._resend(meta)
+        values = {k: v for k, v in saved.items() if k not in state}
+        return Resumed(int(meta["step"]), values, path)
+
+    def _meta(self, step: int) -> dict[str, Any]:
+        metrics = dict(self._at_last_step) if self.last_step == step else {}
+        delivered = False
+        if metrics and self.reporter is not None:
+            delivered = self.reporter.wait_sent(self._ticket, self.delivery_timeout_s)
+        return {
+            "step": step,
+            "trial_id": self.trial_id,
+            "attempt": self.attempt,
+            "trainable": self.trainable,
+            "settings": _jsonable(self.settings),
+            "metrics": metrics,
+            "delivered": delivered,
+            "last": self.last,
+            "best": self.best,
+        }
+
+    def _restore_progress(self, meta: Mapping[str, Any]) -> None:
+        self.last_step = int(meta["step"])
+        self.last = dict(meta.get("last", {}))
+        self.best = dict(meta.get("best", {}))
+        self._at_last_step = dict(meta.get("metrics", {}))
+
+    def _resend(self, meta: Mapping[str, Any]) -> None:
+        """Send the checkpointed step's metrics the control plane does not hold (an attempt
+        that died between its checkpoint and the server's answer)."""
+        metrics, step = meta.get("metrics") or {}, int(meta["step"])
+        if self.reporter is None or meta.get("delivered") or not metrics:
+            return
+        missing = {
+            name: value
+            for name, value in metrics.items()
+            if step not in {s for s, _ in self.reporter.reported(name)}
+        }
+        if missing:
+            self._ticket = self.reporter.log(step, missing)
 
     # --------------------------------------------------------------- helpers
 
@@ -190,13 +272,21 @@ class TrialContext:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def sampler(self, dataset: Any, *, shuffle: bool, seed: int = 0) -> Any:
-        """A DistributedSampler giving this rank its shard of ``dataset``."""
-        from torch.utils.data.distributed import DistributedSampler
-
-        return DistributedSampler(
+    def sampler(self, dataset: Any, *, shuffle: bool, seed: int = 0) -> ResumableSampler:
+        """A DistributedSampler giving this rank its shard of ``dataset`` (resumable)."""
+        return ResumableSampler(
             dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=seed
         )
+
+
+def _unwrap(obj: Any) -> Any:
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    return obj.module if isinstance(obj, wrappers) else obj
+
+
+def _state_of(value: Any) -> Any:
+    value = _unwrap(value)
+    return value.state_dict() if hasattr(value, "state_dict") else value
 
 
 def _jsonable(settings: Any) -> Any:

@@ -121,6 +121,12 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def barrier() -> None:
+    """Wait until every rank got here (all ranks must call this together)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

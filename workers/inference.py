@@ -6,7 +6,7 @@
     best.predict(["Shares rose sharply after the merger"])   # -> ['business']
     best.model                              # the torch.nn.Module, in eval mode
 
-The checkpoint is a directory written by ``ctx.save_checkpoint`` (``state.pt`` and
+The checkpoint is a directory written by ``ctx.save`` (``state.pt`` and
 ``meta.json``, which names the trainable and its settings) or the ``.tar.gz`` that
 ``GET /api/v1/studies/{id}/best/checkpoint`` (or ``/trials/{id}/checkpoint``) returns. The model
 is rebuilt by the trainable's ``build_model(settings)`` and its weights are read with

@@ -101,6 +101,7 @@ def check_spec(name: str, config: Mapping[str, Any], space: Mapping[str, Any]) -
 
     ``space`` maps each searched parameter to the values worth trying (its choices, or the ends
     of its range): every one is validated against the trainable's settings, beside ``config``.
+    A ``config`` key that is searched as well is validated too, although trials override it.
     """
     try:
         fn = load(name)
@@ -120,6 +121,8 @@ def check_spec(name: str, config: Mapping[str, Any], space: Mapping[str, Any]) -
                 raise ValueError(f"space.{key}: not a setting of {name!r}{_known(model)}")
     first = {key: values[0] for key, values in space.items() if values}
     _validate(model, {**config, **first}, "trainable.config", set(space))
+    for key in config.keys() & space.keys():  # fixed, though every trial overrides it
+        _validate(model, {**config, **first, key: config[key]}, "trainable.config", set())
     for key, values in space.items():
         for value in values[1:]:
             _validate(model, {**config, **first, key: value}, "space", {key})

@@ -71,11 +71,6 @@ def run_rank(
                 keep=tuple(launch.keep_metrics),
                 heartbeat_s=max(1.0, min(30.0, launch.lease_s / 4)),
             )
-        trial_dir = Path(launch.checkpoint_dir)
-        ckpt_dir = trial_dir / f"attempt-{launch.attempt}"  # a stale attempt never touches it
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        resume = latest_checkpoint(trial_dir, before_attempt=launch.attempt) if rank == 0 else None
-        resume = ddp.all_gather_objects(resume)[0]  # every rank resumes from rank 0's choice
         ctx = TrialContext(
             trial_id=launch.trial_id,
             study_id=launch.study_id,
@@ -87,14 +82,11 @@ def run_rank(
             world_size=launch.workers,
             device=device,
             objectives=[Objective(m, d) for m, d in launch.objectives],
-            checkpoint_dir=ckpt_dir,
+            trial_dir=Path(launch.checkpoint_dir),  # resumes only from checkpoints inside it
             trainable=launch.trainable,
-            resume_from=Path(resume) if resume else None,
             reporter=reporter,
             on_checkpoint=lambda path, step: dispatcher.note_checkpoint.remote(key, path, step),
         )
-        if resume and reporter is not None:
-            ctx.recall(reporter.reported, resumed_step(resume))
         returned = fn(ctx)
         if returned:
             ctx.finish(returned)
@@ -108,29 +100,6 @@ def run_rank(
         if reporter is not None:
             reporter.close(timeout=5)
         ddp.shutdown()
-
-
-def resumed_step(checkpoint: str) -> int:
-    return int(Path(checkpoint).name.removeprefix("checkpoint-"))
-
-
-def latest_checkpoint(trial_dir: Path, *, before_attempt: int) -> str | None:
-    """The newest complete checkpoint an earlier attempt of the trial left, or None.
-
-    Chosen from the files, not from what the control plane last heard: an attempt cut off by
-    a crash may have saved (and pruned) checkpoints the control plane never learned about.
-    """
-    found = []
-    for state in trial_dir.glob("attempt-*/checkpoint-*/state.pt"):
-        ckpt = state.parent
-        try:
-            attempt = int(ckpt.parent.name.removeprefix("attempt-"))
-            step = int(ckpt.name.removeprefix("checkpoint-"))
-        except ValueError:
-            continue
-        if attempt < before_attempt and (ckpt / "meta.json").exists():
-            found.append((step, attempt, str(ckpt)))
-    return max(found)[2] if found else None
 
 
 def run_evaluation(

@@ -5,6 +5,7 @@ local Ray, whose best checkpoints load for inference and score on the test split
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,36 +30,41 @@ TINY_TEXT = {
 
 
 def run_local(
-    name: str, config: dict[str, Any], tmp: Path, resume_from: Path | None = None
-) -> tuple[TrialContext, list[tuple[int, dict[str, float]]]]:
-    """Run a trainable in this process (world size 1, no control plane); returns the context
-    and the reports it made."""
+    name: str, config: dict[str, Any], trial_dir: Path, attempt: int = 1
+) -> tuple[TrialContext, list[tuple[int, dict[str, float]]], list[tuple[int, dict]]]:
+    """Run attempt ``attempt`` of a trainable in this process (world size 1, no control
+    plane); returns the context, the reports it made and the points it logged."""
     fn = registry.load(name)
     ctx = TrialContext(
         trial_id=1,
         study_id=1,
         number=0,
-        attempt=1 if resume_from is None else 2,
+        attempt=attempt,
         params={},
         settings=registry.settings_for(fn, config, {}),
         rank=0,
         world_size=1,
         device=torch.device("cpu"),
         objectives=[Objective("val_accuracy", "maximize")],
-        checkpoint_dir=tmp,
+        trial_dir=trial_dir,
         trainable=name,
-        resume_from=resume_from,
     )
     reports: list[tuple[int, dict[str, float]]] = []
-    report = ctx.report
+    logged: list[tuple[int, dict]] = []
+    report, log = ctx.report, ctx.log
 
-    def recording(step: int, metrics: Any) -> bool:
+    def recording(step: int, metrics: Any, checkpoint: Any = None) -> bool:
         reports.append((step, dict(metrics)))
-        return report(step, metrics)
+        return report(step, metrics, checkpoint)
+
+    def logging(step: int, metrics: Any) -> None:
+        logged.append((step, dict(metrics)))
+        log(step, metrics)
 
     ctx.report = recording  # type: ignore[method-assign]
+    ctx.log = logging  # type: ignore[method-assign]
     fn(ctx)
-    return ctx, reports
+    return ctx, reports, logged
 
 
 # ------------------------------------------------------------------- settings validation
@@ -209,13 +215,22 @@ def test_a_huge_learning_rate_fails_the_image_trial_as_diverged(tmp_path: Path) 
 
 def test_image_trial_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     config = {"epochs": 2, "optimizer": "sgd", "lr": 0.05, "scheduler": "cosine", "shift": 1}
-    _, reports = run_local("image-classification", config, tmp_path / "first")
-    checkpoint = tmp_path / "first" / "checkpoint-000001"
+    _, reports, logged = run_local("image-classification", config, tmp_path)
+    checkpoint = tmp_path / "attempt-1" / "checkpoint-000001"
     assert [step for step, _ in reports] == [1, 2] and checkpoint.is_dir()
-    ctx, resumed = run_local("image-classification", config, tmp_path / "again", checkpoint)
+    assert [step for step, points in logged if "data_rows" in points] == [0]
+    shutil.rmtree(tmp_path / "attempt-1" / "checkpoint-000002")  # as if it died after epoch 1
+    ctx, resumed, logged = run_local("image-classification", config, tmp_path, attempt=2)
     assert [step for step, _ in resumed] == [2]  # epoch 1 is not trained again
     assert resumed[0][1]["train_samples"] == reports[1][1]["train_samples"]
     assert ctx.extra["cleaning"]["rows"] == 1797
+    assert not [points for _, points in logged if "data_rows" in points]  # sent on attempt 1
+
+
+def test_a_fixed_setting_that_is_also_searched_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"trainable\.config\.batch_size: Input should be"):
+        registry.check_spec("image-classification", {"batch_size": "sixteen"}, {"batch_size": [16]})
+    registry.check_spec("image-classification", {"batch_size": 8}, {"batch_size": [16, 32]})
 
 
 # --------------------------------------------------------------------- through the service

@@ -1,4 +1,5 @@
 """Built-in trainables, registered in the ``hpo.trainables`` entry-point group like any other.
 
-Each module is the template to copy for your own: a settings model and a ``train(ctx)``.
+Each is a settings model, a model builder and a ``train(ctx)`` loop; the checkpoint life cycle
+lives in the context (see docs/trainables.md).
 """

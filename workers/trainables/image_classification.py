@@ -5,48 +5,39 @@ seed (or k-fold: ``folds``/``fold``). Every epoch reports ``val_loss``, ``val_ac
 macro ``val_precision``/``val_recall``/``val_f1`` (identical on all DDP ranks) plus the
 cumulative ``train_samples``, and saves a checkpoint; a retried attempt resumes from it.
 ``evaluate`` scores a checkpoint on the held-out test split.
-
-Copy this module to write your own trainable (see docs/trainables.md).
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from hpo.workers import data, trainable
+from hpo.workers import cleaning, trainable
 from hpo.workers.context import TrialContext
-from hpo.workers.data import ScheduleName
+from hpo.workers.guards import EarlyStopping, GuardSettings, LossGuard
+from hpo.workers.metrics import gathered_metrics, held_out_metrics
+from hpo.workers.schedules import Schedule, ScheduleSettings
+from hpo.workers.splits import SplitSettings, shard, split_by
 
-log = logging.getLogger("hpo.workers.trainables.image_classification")
 
-
-class Settings(BaseModel):
+class Settings(ScheduleSettings, GuardSettings, SplitSettings):
     model_config = ConfigDict(extra="forbid")
 
-    # optimisation
+    # optimisation (the LR schedule, early stopping and divergence guard are inherited)
     lr: float = Field(default=1e-2, gt=0)
     batch_size: int = Field(default=64, ge=1, description="Global batch, split over the ranks.")
     epochs: int = Field(default=10, ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
     momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd only.")
     weight_decay: float = Field(default=0.0, ge=0)
-    scheduler: ScheduleName = "constant"
-    warmup_frac: float = Field(default=0.0, ge=0, le=0.5)
-    gamma: float = Field(default=0.5, gt=0, le=1, description="step/exponential/plateau.")
-    step_epochs: int = Field(default=3, ge=1, description="step: decay every N epochs.")
-    patience: int | None = Field(default=None, ge=1, description="Early stopping (epochs).")
-    explode_factor: float | None = Field(default=10.0, gt=1)
     # structure and initialisation
     depth: int = Field(default=2, ge=1, le=4, description="Conv layers (pool after 2nd, 4th).")
     channels: int = Field(default=16, ge=1, le=512, description="Width of the first conv.")
@@ -57,21 +48,8 @@ class Settings(BaseModel):
     # augmentation
     shift: int = Field(default=0, ge=0, le=3, description="Random shifts up to N pixels.")
     noise: float = Field(default=0.0, ge=0, le=1, description="Gaussian pixel noise (std).")
-    # data
-    val_fraction: float = Field(default=0.15, gt=0, lt=1)
-    test_fraction: float = Field(default=0.15, gt=0, lt=1)
-    folds: int | None = Field(default=None, ge=2, le=20)
-    fold: int = Field(default=0, ge=0)
-    split_seed: int = Field(default=0, ge=0, description="Fixes the splits.")
+    # data (the splits are inherited)
     seed: int = Field(default=0, ge=0, description="Initialisation and shuffling.")
-
-    @model_validator(mode="after")
-    def _check(self) -> Settings:
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError("val_fraction + test_fraction must be below 1")
-        if self.folds is not None and self.fold >= self.folds:
-            raise ValueError(f"fold must be below folds ({self.folds})")
-        return self
 
 
 class DigitsCNN(nn.Module):
@@ -130,27 +108,20 @@ def init_weights(model: nn.Module, scheme: str) -> None:
 
 
 @lru_cache(maxsize=1)
-def load_digits() -> tuple[torch.Tensor, torch.Tensor, data.CleaningReport]:
+def load_digits() -> tuple[torch.Tensor, torch.Tensor, cleaning.CleaningReport]:
     """The cleaned digits images as (N, 1, 8, 8) floats in [0, 1], their labels, and what
     cleaning removed."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     raw = sklearn_digits()
-    keep, report = data.clean_arrays(raw.images, raw.target)
+    keep, report = cleaning.clean_arrays(raw.images, raw.target)
     x = torch.tensor(raw.images[keep] / 16.0, dtype=torch.float32).unsqueeze(1)
     return x, torch.tensor(raw.target[keep], dtype=torch.long), report
 
 
 def datasets(s: Settings) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     x, y, _ = load_digits()
-    parts = data.split(
-        y.numpy(),
-        val_fraction=s.val_fraction,
-        test_fraction=s.test_fraction,
-        seed=s.split_seed,
-        folds=s.folds,
-        fold=s.fold,
-    )
+    parts = split_by(y.numpy(), s)
     return tuple(TensorDataset(x[i], y[i]) for i in (parts.train, parts.val, parts.test))
 
 
@@ -194,9 +165,7 @@ def evaluate(checkpoint: Path, settings: Settings, device: torch.device) -> dict
 
     model = load_model(checkpoint, device=device).model
     test_set = datasets(settings)[2]
-    loss_sum, y_true, y_pred = predict_loader(model, DataLoader(test_set, 512), device)
-    metrics = data.classification_metrics(y_true, y_pred, prefix="test_")
-    return {"test_loss": loss_sum / len(y_true), **metrics, "test_samples": len(y_true)}
+    return held_out_metrics(*predict_loader(model, DataLoader(test_set, 512), device))
 
 
 @trainable(Settings, evaluate=evaluate, build_model=build_model)
@@ -204,40 +173,23 @@ def train(ctx: TrialContext) -> None:
     s: Settings = ctx.settings
     torch.manual_seed(s.seed)
     train_set, val_set, _ = datasets(s)
-    if ctx.is_main:  # what cleaning removed, at step 0 of the metric streams
-        report = load_digits()[2]
-        log.info("digits: %s", report)
-        ctx.log(0, report.as_metrics())
-    ctx.extra["cleaning"] = asdict(load_digits()[2])
     sampler = ctx.sampler(train_set, shuffle=True, seed=s.seed)
     loader = DataLoader(train_set, max(1, s.batch_size // ctx.world_size), sampler=sampler)
-    val_shard = Subset(val_set, data.shard(len(val_set), ctx.rank, ctx.world_size))
+    val_shard = Subset(val_set, shard(len(val_set), ctx.rank, ctx.world_size))
     val_loader = DataLoader(val_shard, batch_size=512)
 
     model = build_model(s)
     init_weights(model, s.init)
     model = ctx.wrap(model)  # DDP: rank 0's initial weights are broadcast to every rank
     optimizer = make_optimizer(s, model.parameters())
-    schedule = data.Schedule(
-        optimizer,
-        s.scheduler,
-        total_steps=s.epochs * len(loader),
-        steps_per_epoch=len(loader),
-        warmup_fraction=s.warmup_frac,
-        gamma=s.gamma,
-        step_epochs=s.step_epochs,
-    )
-    guard, stopper = data.LossGuard(s.explode_factor), data.EarlyStopping(s.patience)
-    first_epoch, seen = 1, 0.0
-    state = ctx.load_checkpoint()
-    if state is not None:  # a retry resumes where the failed attempt saved
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        stopper.load_state_dict(state["early_stopping"])
-        first_epoch, seen = int(state["epoch"]) + 1, float(state["train_samples"])
-
-    for epoch in range(first_epoch, s.epochs + 1):
+    schedule = Schedule.of(optimizer, s, epochs=s.epochs, steps=len(loader))
+    guard, stopper = LossGuard(s.explode_factor), EarlyStopping(s.patience)
+    state = {"model": model, "optimizer": optimizer, "scheduler": schedule, "sampler": sampler}
+    state |= {"guard": guard, "early_stopping": stopper}
+    resumed = ctx.resume(**state)  # a retry continues where the failed attempt saved
+    cleaning.publish(load_digits()[2], ctx, "digits", fresh=resumed is None)
+    seen = resumed.values["train_samples"] if resumed else 0.0
+    for epoch in range(resumed.next_step if resumed else 1, s.epochs + 1):
         model.train()
         sampler.set_epoch(epoch)
         loss_sum = count = 0.0
@@ -253,23 +205,9 @@ def train(ctx: TrialContext) -> None:
         loss_sum, count = ctx.all_reduce_sum([loss_sum, count])
         seen += count
         ctx.log(epoch, {"train_loss": loss_sum / count, "lr": schedule.lr})
-        metrics = data.gathered_metrics(ctx, *predict_loader(model, val_loader, ctx.device))
+        metrics = gathered_metrics(ctx, *predict_loader(model, val_loader, ctx.device))
         schedule.epoch_end(metrics["val_loss"])
         stop_early = stopper.update(metrics["val_accuracy"])
-        ctx.save_checkpoint(
-            {
-                "model": _unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "early_stopping": stopper.state_dict(),
-                "epoch": epoch,
-                "train_samples": seen,
-            },
-            epoch,
-        )
-        if ctx.report(epoch, {**metrics, "train_samples": seen}) or stop_early:
+        saved = {**state, "epoch": epoch, "train_samples": seen}
+        if ctx.report(epoch, {**metrics, "train_samples": seen}, saved) or stop_early:
             return  # pruned or early-stopped: every rank stops at the same epoch
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model

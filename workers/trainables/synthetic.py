@@ -1,7 +1,8 @@
 """``synthetic``: a dataless DDP trainable for smoke tests, demos of pruning, and fault drills.
 
 Its "loss" falls as ``(x - 0.3)**2 + 1/step``; the ranks all-reduce at every step, so it
-exercises the same process group, reporting, checkpoint and early-stop paths as real training.
+exercises the same process group, reporting, checkpoint, resume and early-stop paths as real
+training.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from hpo.workers import trainable
+from hpo.workers import checkpoints, trainable
 from hpo.workers.context import TrialContext
 
 
@@ -34,18 +35,18 @@ class Settings(BaseModel):
 
 def evaluate(checkpoint: Path, settings: Settings, device: torch.device) -> dict[str, float]:
     """A "test" metric read back from the checkpoint (exercises the evaluation path)."""
-    state = torch.load(checkpoint / "state.pt", map_location=device, weights_only=True)
-    return {"test_loss": float(state["loss"]), "test_step": float(state["step"])}
+    state, meta = checkpoints.load(checkpoint, device)
+    return {"test_loss": float(state["loss"]), "test_step": float(meta["step"])}
 
 
 @trainable(Settings, evaluate=evaluate)
 def train(ctx: TrialContext) -> dict[str, float]:
     s: Settings = ctx.settings
+    resumed = ctx.resume()
     start, loss = 1, float("nan")
-    state = ctx.load_checkpoint()
-    if state is not None:
-        start, loss = int(state["step"]) + 1, float(state["loss"])
-        ctx.extra["resumed_from_step"] = int(state["step"])
+    if resumed is not None:
+        start, loss = resumed.next_step, float(resumed.values["loss"])
+        ctx.extra["resumed_from_step"] = resumed.step
     for step in range(start, s.steps + 1):
         time.sleep(s.step_s)
         if ctx.is_main and step == s.fail_at_step and ctx.attempt in s.fail_on_attempts:
@@ -58,8 +59,7 @@ def train(ctx: TrialContext) -> dict[str, float]:
         local = gap * gap + 1.0 / step + 0.001 * ctx.rank  # a huge x overflows to inf
         total, count = ctx.all_reduce_sum([local, 1.0])
         loss = total / count
-        ctx.save_checkpoint({"step": step, "loss": loss}, step)
-        if ctx.report(step, {"loss": loss}):
+        if ctx.report(step, {"loss": loss}, checkpoint={"loss": loss}):
             break
     if ctx.is_main and s.fail_at_step == s.steps + 1 and ctx.attempt in s.fail_on_attempts:
         os.kill(os.getpid(), signal.SIGKILL)  # finished, but the result never got out

@@ -14,9 +14,7 @@ split; ``hpo.workers.inference.load_model`` turns it into a ``.predict(texts)`` 
 
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -26,19 +24,20 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from hpo.workers import TrainableError, data, trainable
+from hpo.workers import TrainableError, cleaning, trainable
 from hpo.workers.context import TrialContext
-from hpo.workers.data import ScheduleName
+from hpo.workers.guards import EarlyStopping, GuardSettings, LossGuard
+from hpo.workers.metrics import gathered_metrics, held_out_metrics
+from hpo.workers.schedules import Schedule, ScheduleName, ScheduleSettings
+from hpo.workers.splits import SplitSettings, shard, split_by, subsample
 
-log = logging.getLogger("hpo.workers.trainables.text_classification")
 
-
-class Settings(BaseModel):
+class Settings(ScheduleSettings, GuardSettings, SplitSettings):
     model_config = ConfigDict(extra="forbid")
 
     # what to fine-tune on what
@@ -48,14 +47,13 @@ class Settings(BaseModel):
     label_column: str = "label"
     labels: list[str] | None = Field(default=None, description="Label names, in id order.")
     max_chars: int | None = Field(default=10_000, ge=1, description="Drop longer texts.")
-    # optimisation
+    # optimisation (early stopping and the divergence guard are inherited)
     lr: float = Field(default=5e-5, gt=0)
     batch_size: int = Field(default=16, ge=1, description="Global batch, split over the ranks.")
     epochs: int = Field(default=3, ge=1)
     weight_decay: float = Field(default=0.01, ge=0)
-    warmup_frac: float = Field(default=0.1, ge=0, le=0.5)
     scheduler: ScheduleName = "linear"
-    gamma: float = Field(default=0.5, gt=0, le=1, description="step/exponential/plateau.")
+    warmup_frac: float = Field(default=0.1, ge=0, le=0.5)
     step_epochs: int = Field(default=1, ge=1, description="step: decay every N epochs.")
     layer_decay: float = Field(default=1.0, gt=0, le=1, description="Layer-wise LR decay.")
     dropout: float = Field(default=0.1, ge=0, lt=1)
@@ -65,28 +63,15 @@ class Settings(BaseModel):
         default=None, ge=1, le=64, description="Fine-tune only the top N layers (the rest frozen)."
     )
     max_length: int = Field(default=128, ge=8, le=4096, description="Tokens per text.")
-    patience: int | None = Field(default=None, ge=1, description="Early stopping (epochs).")
-    explode_factor: float | None = Field(default=10.0, gt=1)
     bf16: bool = Field(default=True, description="bf16 autocast (GPUs only).")
-    # data subsets and splits
+    # data subsets and splits (k-fold and the split seed are inherited)
     max_train_samples: int | None = Field(default=None, ge=1)
     max_eval_samples: int | None = Field(default=None, ge=1, description="Validation and test.")
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
     test_fraction: float = Field(default=0.1, gt=0, lt=1)
-    folds: int | None = Field(default=None, ge=2, le=20)
-    fold: int = Field(default=0, ge=0)
-    split_seed: int = Field(default=0, ge=0, description="Fixes the splits and subsets.")
     seed: int = Field(default=0, ge=0, description="Initialisation, dropout and shuffling.")
     log_every: int = Field(default=10, ge=1, description="Steps between train_loss points.")
     eval_batch_size: int = Field(default=64, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> Settings:
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError("val_fraction + test_fraction must be below 1")
-        if self.folds is not None and self.fold >= self.folds:
-            raise ValueError(f"fold must be below folds ({self.folds})")
-        return self
 
 
 # ------------------------------------------------------------------------------- the data
@@ -106,7 +91,7 @@ def model_folder(s: Settings) -> Path:
 @lru_cache(maxsize=4)
 def load_texts(
     source: str | None, text_column: str, label_column: str, max_chars: int | None, labels: Any
-) -> tuple[Any, list[str], data.CleaningReport]:
+) -> tuple[Any, list[str], cleaning.CleaningReport]:
     """The cleaned ``datasets.Dataset`` (columns ``text``, ``label`` = label id), the label
     names in id order (``labels``, else the sorted names found), and what cleaning removed."""
     from datasets import Dataset, disable_progress_bars
@@ -114,7 +99,7 @@ def load_texts(
     disable_progress_bars()
     texts, values = read_source(source, text_column, label_column)
     names = list(labels) if labels is not None else sorted(set(values), key=_natural)
-    keep, report = data.clean_texts(texts, values, max_chars=max_chars, known_labels=set(names))
+    keep, report = cleaning.clean_texts(texts, values, max_chars=max_chars, known_labels=set(names))
     ids = {name: i for i, name in enumerate(names)}
     cleaned = Dataset.from_dict(
         {"text": [texts[i] for i in keep], "label": [ids[values[i]] for i in keep]}
@@ -175,7 +160,7 @@ def _natural(value: str) -> tuple:
 
 def splits(
     s: Settings, tokenizer: Any, parts: tuple[str, ...] = ("train", "val", "test")
-) -> tuple[dict[str, Any], data.CleaningReport]:
+) -> tuple[dict[str, Any], cleaning.CleaningReport]:
     """The tokenized ``parts`` (``max_*_samples`` applied; label column ``labels``) and what
     cleaning removed. Label ids follow ``s.labels``, else the sorted label names."""
     labels = tuple(s.labels) if s.labels is not None else None
@@ -183,18 +168,11 @@ def splits(
     y = cleaned["label"]
     if len(set(y)) < 2:
         raise TrainableError(f"data: need at least 2 labels, found {len(set(y))}")
-    split = data.split(
-        y,
-        val_fraction=s.val_fraction,
-        test_fraction=s.test_fraction,
-        seed=s.split_seed,
-        folds=s.folds,
-        fold=s.fold,
-    )
+    split = split_by(y, s)
     limit = {"train": s.max_train_samples, "val": s.max_eval_samples, "test": s.max_eval_samples}
     out = {}
     for name in parts:
-        rows = cleaned.select(data.subsample(getattr(split, name), y, limit[name], s.split_seed))
+        rows = cleaned.select(subsample(getattr(split, name), y, limit[name], s.split_seed))
         out[name] = rows.map(
             lambda b: tokenizer(b["text"], truncation=True, max_length=s.max_length),
             batched=True,
@@ -342,9 +320,7 @@ def evaluate(checkpoint: Path, settings: Settings, device: torch.device) -> dict
     test_set = splits(s, model.tokenizer, ("test",))[0]["test"]
     collate = DataCollatorWithPadding(model.tokenizer)
     loader = DataLoader(test_set, s.eval_batch_size, collate_fn=collate)
-    loss_sum, y_true, y_pred = predict_loader(model, loader, device, s.bf16)
-    metrics = data.classification_metrics(y_true, y_pred, prefix="test_")
-    return {"test_loss": loss_sum / len(y_true), **metrics, "test_samples": len(y_true)}
+    return held_out_metrics(*predict_loader(model, loader, device, s.bf16))
 
 
 @trainable(Settings, evaluate=evaluate, build_model=build_model)
@@ -354,43 +330,26 @@ def train(ctx: TrialContext) -> None:
     s: Settings = ctx.settings
     torch.manual_seed(s.seed)
     model = build_model(s, pretrained=True)
-    s = s.model_copy(update={"labels": model.labels})  # saved with each checkpoint
+    s = ctx.settings = s.model_copy(update={"labels": model.labels})  # saved with checkpoints
     sets, report = splits(s, model.tokenizer, ("train", "val"))
-    train_set, val_set = sets["train"], sets["val"]
-    if ctx.is_main:  # what cleaning removed, at step 0 of the metric streams
-        log.info("text data: %s", report)
-        ctx.log(0, report.as_metrics())
-    ctx.extra["cleaning"] = asdict(report)
     collate = DataCollatorWithPadding(model.tokenizer)
-    sampler = ctx.sampler(train_set, shuffle=True, seed=s.seed)
+    sampler = ctx.sampler(sets["train"], shuffle=True, seed=s.seed)
     per_rank = max(1, s.batch_size // ctx.world_size)
-    loader = DataLoader(train_set, per_rank, sampler=sampler, collate_fn=collate)
-    val_shard = val_set.select(data.shard(len(val_set), ctx.rank, ctx.world_size))
+    loader = DataLoader(sets["train"], per_rank, sampler=sampler, collate_fn=collate)
+    val_shard = sets["val"].select(shard(len(sets["val"]), ctx.rank, ctx.world_size))
     val_loader = DataLoader(val_shard, s.eval_batch_size, collate_fn=collate)
 
     optimizer = torch.optim.AdamW(param_groups(model.net, s), lr=s.lr)
     model = ctx.wrap(model)
-    schedule = data.Schedule(
-        optimizer,
-        s.scheduler,
-        total_steps=s.epochs * len(loader),
-        steps_per_epoch=len(loader),
-        warmup_fraction=s.warmup_frac,
-        gamma=s.gamma,
-        step_epochs=s.step_epochs,
-    )
-    guard, stopper = data.LossGuard(s.explode_factor), data.EarlyStopping(s.patience)
-    first_epoch, seen = 1, 0.0
-    state = ctx.load_checkpoint()
-    if state is not None:  # a retry resumes where the failed attempt saved
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        stopper.load_state_dict(state["early_stopping"])
-        first_epoch, seen = int(state["epoch"]) + 1, float(state["train_samples"])
+    schedule = Schedule.of(optimizer, s, epochs=s.epochs, steps=len(loader))
+    guard, stopper = LossGuard(s.explode_factor), EarlyStopping(s.patience)
+    state = {"model": model, "optimizer": optimizer, "scheduler": schedule, "sampler": sampler}
+    state |= {"guard": guard, "early_stopping": stopper}
+    resumed = ctx.resume(**state)  # a retry continues where the failed attempt saved
+    cleaning.publish(report, ctx, "text data", fresh=resumed is None)
+    seen = resumed.values["train_samples"] if resumed else 0.0
     bf16 = s.bf16 and ctx.device.type == "cuda"
-
-    for epoch in range(first_epoch, s.epochs + 1):
+    for epoch in range(resumed.next_step if resumed else 1, s.epochs + 1):
         model.train()
         sampler.set_epoch(epoch)
         loss_sum = count = 0.0
@@ -412,24 +371,9 @@ def train(ctx: TrialContext) -> None:
                 seen += n
                 ctx.log(schedule.steps, {"train_loss": total / n, "lr": schedule.lr})
                 loss_sum = count = 0.0
-        metrics = data.gathered_metrics(ctx, *predict_loader(model, val_loader, ctx.device, s.bf16))
+        metrics = gathered_metrics(ctx, *predict_loader(model, val_loader, ctx.device, s.bf16))
         schedule.epoch_end(metrics["val_loss"])
         stop_early = stopper.update(metrics["val_accuracy"])
-        ctx.save_checkpoint(
-            {
-                "model": _unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "early_stopping": stopper.state_dict(),
-                "epoch": epoch,
-                "train_samples": seen,
-            },
-            epoch,
-            settings=s.model_dump(mode="json"),
-        )
-        if ctx.report(epoch, {**metrics, "train_samples": seen}) or stop_early:
+        saved = {**state, "epoch": epoch, "train_samples": seen}
+        if ctx.report(epoch, {**metrics, "train_samples": seen}, saved) or stop_early:
             return  # pruned or early-stopped: every rank stops at the same epoch
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model

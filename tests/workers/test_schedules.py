@@ -1,0 +1,57 @@
+"""LR schedules on torch's schedulers: their shapes, warm-up, plateau cuts, layer groups, resume."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from hpo.workers import schedules
+
+
+def _opt(*lrs: float) -> torch.optim.Optimizer:
+    """A real optimizer with one parameter group per rate (layer-wise decay makes several)."""
+    return torch.optim.SGD(
+        [{"params": [torch.zeros(1, requires_grad=True)], "lr": lr} for lr in lrs]
+    )
+
+
+def _trace(kind: str, **kw: object) -> list[float]:
+    opt = _opt(1.0)
+    s = schedules.Schedule(opt, kind, total_steps=20, steps_per_epoch=5, **kw)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(19):
+        opt.step()  # as in training: the optimizer steps, then the schedule
+        s.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_schedules_have_their_shapes() -> None:
+    assert _trace("constant") == [1.0] * 20
+    linear = _trace("linear", warmup_fraction=0.2)
+    assert linear[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])  # warm-up: 4 steps
+    assert linear[4] == 1.0 and linear[-1] == pytest.approx(1 / 16)
+    assert all(a >= b for a, b in itertools.pairwise(linear[4:]))
+    cosine = _trace("cosine")
+    assert cosine[0] == 1.0 and cosine[10] == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
+    step = _trace("step", gamma=0.1, step_epochs=2)
+    assert step[9] == 1.0 and step[10] == pytest.approx(0.1) and step[19] == pytest.approx(0.1)
+    expo = _trace("exponential", gamma=0.5)
+    assert expo[5] == pytest.approx(0.5) and expo[10] == pytest.approx(0.25)
+
+
+def test_plateau_schedule_and_layer_groups_and_resume() -> None:
+    opt = _opt(1.0, 0.5)  # two groups (layer-wise decay): both scaled, ratio kept
+    s = schedules.Schedule(opt, "plateau", total_steps=10, steps_per_epoch=5, gamma=0.1)
+    s.epoch_end(1.0)
+    s.epoch_end(0.9)
+    assert opt.param_groups[1]["lr"] == 0.5
+    s.epoch_end(0.95)  # no improvement: reduce
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.05])
+    again = _opt(1.0, 0.5)
+    resumed = schedules.Schedule(again, "plateau", total_steps=10, steps_per_epoch=5, gamma=0.1)
+    resumed.load_state_dict(s.state_dict())
+    assert [g["lr"] for g in again.param_groups] == pytest.approx([0.1, 0.05])

@@ -1,0 +1,76 @@
+"""Guards of a training loop: :class:`LossGuard` fails a diverging trial, :class:`EarlyStopping`
+stops one that no longer improves. Both have ``state_dict``/``load_state_dict``, so a resumed
+attempt continues with the same reference loss and the same count of bad epochs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from hpo.workers.registry import TrainableError
+
+
+class LossGuard:
+    """Fails the trial when the training loss is NaN/infinite, or exploding: above ``factor``
+    times the first loss of the trial. Raises :class:`TrainableError` (never retried).
+
+    The first loss is the reference for the whole trial: save the guard with the checkpoint
+    (``ctx.report(..., checkpoint={"guard": guard, ...})``) so that a resumed attempt, whose
+    well-trained model starts far below it, is not judged against its own first loss.
+    """
+
+    def __init__(self, factor: float | None = 10.0) -> None:
+        self.factor = factor
+        self.first: float | None = None
+
+    def check(self, step: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise TrainableError(f"train_loss is {loss} at step {step}: training diverged")
+        if self.first is None:
+            self.first = loss
+        elif self.factor is not None and loss > self.factor * max(self.first, 1e-8):
+            raise TrainableError(
+                f"train_loss {loss:.4g} at step {step} exceeds {self.factor:g} x the first loss "
+                f"({self.first:.4g}): training diverged (exploding loss; lower the learning rate "
+                "or clip gradients)"
+            )
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"first": self.first}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        first = state.get("first")
+        self.first = None if first is None else float(first)
+
+
+class EarlyStopping:
+    """Stop once ``metric`` has not improved for ``patience`` epochs (never if None)."""
+
+    def __init__(self, patience: int | None, mode: Literal["max", "min"] = "max") -> None:
+        self.patience = patience
+        self.sign = 1.0 if mode == "max" else -1.0
+        self.best = -math.inf
+        self.bad_epochs = 0
+
+    def update(self, value: float) -> bool:
+        """Record an epoch's value; returns whether to stop now."""
+        if self.sign * value > self.best:
+            self.best, self.bad_epochs = self.sign * value, 0
+        else:
+            self.bad_epochs += 1
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, float]:
+        return {"best": self.best, "bad": self.bad_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_epochs = float(state["best"]), int(state["bad"])
+
+
+class GuardSettings(BaseModel):
+    """The guard settings a trainable's settings model can inherit."""
+
+    patience: int | None = Field(default=None, ge=1, description="Early stopping (epochs).")
+    explode_factor: float | None = Field(default=10.0, gt=1)
