@@ -30,8 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from hpo.service.pruners import PRUNERS
-from hpo.service.samplers import SAMPLERS
+from hpo.service.algorithms import PRUNERS, SAMPLERS
 
 ParamValue = StrictBool | StrictInt | StrictFloat | StrictStr | None
 # Strict: a number, never a numeric string or a bool (ints are accepted and kept exact).
@@ -254,9 +253,6 @@ class Objective(_Model):
         default="last",
         description="For dispatched trials: the value of the last report, or the best one.",
     )
-
-    def better(self, a: float, b: float) -> bool:
-        return a < b if self.direction == "minimize" else a > b
 
 
 class SamplerSpec(_Model):
