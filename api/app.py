@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from fastapi import Depends, FastAPI
 from sqlalchemy import text
 
-from hpo.api import errors
+from hpo.api import errors, middleware
 from hpo.api.deps import require_token
 from hpo.api.routes import checkpoints, dashboard, studies, trials
 from hpo.service.db import make_engine, upgrade_schema
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     errors.install(app)
+    middleware.install(app, settings)
     auth = [Depends(require_token)]
     api = {"prefix": "/api/v1", "dependencies": auth, "responses": errors.RESPONSES}
     app.include_router(studies.router, **api)
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(checkpoints.router, **api)
     app.include_router(dashboard.router, **api)
     app.include_router(dashboard.pages)  # the page itself is public; it asks for the token
+    app.mount("/static", dashboard.files, name="static")
 
     @app.get("/healthz", tags=["system"])
     def healthz() -> dict[str, str]:

@@ -9,24 +9,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
+from hpo.api.progress import console, fmt, out, print_test_metrics, watch
 from hpo.service import errors
 from hpo.service.spec import StudySpec, describe_errors
-
-# Piped or redirected output (logs, CI) is not cut at 80 columns: tables and trial lines whole.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-out = Console(width=None if sys.stdout.isatty() else 200)
-
-# How long ``--wait`` waits, after a dispatched study ends, for its best trial's test metrics.
-TEST_METRICS_WAIT_S = 300.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +160,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     study = client.create_study(spec, load_if_exists=args.load_if_exists)
     out.print(f"study {study.id} ({study.name}) created")
     if args.wait:
-        return _watch(study)
+        return watch(study)
     return 0
 
 
@@ -186,7 +178,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
             str(c["running"]),
             str(c["failed"]),
             str(s.spec["budget"].get("max_trials") or "-"),
-            _fmt(best),
+            fmt(best),
         )
     out.print(table)
     return 0
@@ -200,15 +192,15 @@ def cmd_trials(args: argparse.Namespace) -> int:
         names.extend(n for n in t.params if n not in names)
     table = Table("#", "id", "state", "value", *names, "attempts", "duration_s")
     for t in trials:
-        value = t.value if t.values is None else ", ".join(_fmt(v) for v in t.values)
+        value = t.value if t.values is None else ", ".join(fmt(v) for v in t.values)
         table.add_row(
             str(t.number),
             str(t.id),
             t.state,
-            _fmt(value),
-            *(_fmt(t.params.get(n)) for n in names),
+            fmt(value),
+            *(fmt(t.params.get(n)) for n in names),
             str(t.attempts),
-            _fmt(t.duration_s),
+            fmt(t.duration_s),
         )
     out.print(table)
     return 0
@@ -225,7 +217,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         out.print(f"trial {t.number} (id {t.id}): value {value}")
         for k, v in t.params.items():
             out.print(f"  {k} = {v}")
-        _print_test_metrics(t.test_metrics)
+        print_test_metrics(t.test_metrics)
     return 0
 
 
@@ -240,7 +232,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    return _watch(_client(args).study(args.study))
+    return watch(_client(args).study(args.study))
 
 
 def cmd_set_state(args: argparse.Namespace) -> int:
@@ -266,89 +258,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ helpers
 
 
-def _watch(study: Any, poll_s: float = 1.0, *, report: bool = True) -> int:
-    """A live progress bar: trials by state, best so far; then (``report``) the best trial and
-    its test metrics. Returns the exit code."""
-    from rich.live import Live
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    record = study.refresh()
-    budget = record.spec["budget"].get("max_trials")
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[states]}"),
-        TextColumn("best {task.fields[best]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
-    task = progress.add_task(record.name, total=budget, states="", best="-")
-    cursor, reported = None, set()
-    with Live(progress, console=console, refresh_per_second=4):
-        while True:
-            changed, cursor = study.changed_trials(cursor)
-            for t in sorted(changed, key=lambda t: t.number):
-                if t.state in ("complete", "pruned", "failed") and t.id not in reported:
-                    reported.add(t.id)
-                    progress.console.print(_trial_line(t), soft_wrap=True)
-            record = study.refresh()
-            c = record.counts
-            done = c["complete"] + c["pruned"] + c["failed"]
-            states = (
-                f"running {c['running']} · waiting {c['waiting']} · complete {c['complete']}"
-                f" · pruned {c['pruned']} · failed {c['failed']}"
-            )
-            best = _fmt(record.best_trial.value) if record.best_trial else "-"
-            progress.update(task, completed=done, states=states, best=best)
-            if record.state in ("completed", "stopped"):
-                break
-            time.sleep(poll_s)
-    if not console.is_terminal:
-        console.line()  # a terminal's Live ends its last frame with a newline; a pipe's does not
-    out.print(f"study {record.id} {record.state}: {record.state_reason or ''}")
-    best = record.best_trial
-    if best and report:
-        out.print(f"best value {best.value} with {best.params}", soft_wrap=True)
-        if record.state == "completed" and record.spec.get("trainable"):
-            _print_test_metrics(_wait_for_test_metrics(study, best))
-    ok = record.state == "completed" and record.counts["complete"] > 0
-    return 0 if ok else 1
-
-
-def _wait_for_test_metrics(study: Any, best: Any) -> dict[str, Any] | None:
-    """The scheduler scores a completed study's best trial on the held-out test split once,
-    just after the study ends; wait for that (bounded) rather than exit without it."""
-    if best.values is not None or not best.has_checkpoint:
-        return best.test_metrics
-    deadline = time.monotonic() + TEST_METRICS_WAIT_S
-    with console.status("scoring the best trial on the test split"):
-        while best.test_metrics is None and time.monotonic() < deadline:
-            time.sleep(1.0)
-            best = study.best_trial
-    return best.test_metrics
-
-
-def _print_test_metrics(test: dict[str, Any] | None) -> None:
-    if test and "error" in test:
-        out.print(f"  test metrics: evaluation failed: {test['error']}")
-    elif test:
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in test.items())
-        out.print(f"  test metrics: {shown}", soft_wrap=True)
-
-
-def _trial_line(t: Any) -> str:
-    colour = {"complete": "green", "pruned": "yellow", "failed": "red"}[t.state]
-    value = _fmt(t.value) if t.values is None else ", ".join(_fmt(v) for v in t.values)
-    params = " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
-    line = f"  trial {t.number:>3} [{colour}]{t.state:<8}[/{colour}] value={value:<10} {params}"
-    if t.state == "pruned" and t.pruned:
-        line += f"  (stopped at step {t.pruned.get('step')})"
-    if t.state == "failed" and t.error:
-        line += f"  ({t.error.splitlines()[0][:80]})"
-    return line
-
-
 def _print_invalid(exc: Exception) -> None:
     if isinstance(exc, ValidationError):
         console.print("[red]invalid study spec:[/red]")
@@ -356,14 +265,6 @@ def _print_invalid(exc: Exception) -> None:
             console.print(f"  {item['field']}: {item['message']}")
     else:
         console.print(f"[red]error:[/red] {exc}")
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
 
 
 def _database_problem(settings: Any) -> str | None:

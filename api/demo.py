@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from hpo.api.cli import _wait_for_test_metrics, _watch, console
+from hpo.api.progress import console, wait_for_test_metrics, watch
 
 DISPATCH_SPEC: dict[str, Any] = {
     "name": "demo-digits-cnn",
@@ -155,7 +155,7 @@ def run_demo(*, trials: int | None = None, ask_tell: bool = False, keep: bool = 
         started = time.monotonic()
         if ask_tell:
             study.optimize(digits_mlp_objective)
-        code = _watch(study, poll_s=0.5, report=False)
+        code = watch(study, poll_s=0.5, report=False)
         _summary(study, time.monotonic() - started, wait_for_test=not ask_tell)
         if keep:
             console.print(f"serving on {url} (token {tok}); Ctrl-C to stop")
@@ -177,7 +177,7 @@ def _summary(study: Any, elapsed: float, *, wait_for_test: bool) -> None:
     console.print(f"[bold]best[/bold]: trial {best.number}, value {best.value:.4f}")
     for name, value in best.params.items():
         console.print(f"  {name} = {value}")
-    test = _wait_for_test_metrics(study, best) if wait_for_test else best.test_metrics
+    test = wait_for_test_metrics(study, best) if wait_for_test else best.test_metrics
     if test:
         shown = ", ".join(
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in test.items()

@@ -8,7 +8,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
-from hpo.service.spec import MetricName, Number, no_nul
+from hpo.service.spec import MAX_OBJECTIVES, MetricName, Number, no_nul
+
+# Points one metrics POST may carry (README "Limits"): a bigger batch is a 422 naming `points`.
+MAX_POINTS = 10_000
 
 
 class _Body(BaseModel):
@@ -31,7 +34,7 @@ class TellBody(_Body):
     """``{"value": x}``, ``{"values": [...]}`` or ``{"state": "failed" | "pruned"}``."""
 
     value: Number | None = None
-    values: list[Number] | None = None
+    values: list[Number] | None = Field(default=None, max_length=MAX_OBJECTIVES)
     state: Literal["complete", "failed", "pruned"] | None = None
     error: Annotated[str | None, AfterValidator(no_nul)] = Field(default=None, max_length=20_000)
 
@@ -68,7 +71,7 @@ class PointIn(_Body):
 
 
 class MetricsBody(_Body):
-    points: list[PointIn] = Field(max_length=100_000)
+    points: list[PointIn] = Field(max_length=MAX_POINTS)
 
 
 class ShouldStop(BaseModel):

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     scheduler_interval_s: float = 1.0
     lease_sweep_interval_s: float = 2.0
     log_level: str = "info"
+    # Request bounds (README "Limits"): a larger body is a 413 before it is read.
+    max_body_bytes: int = Field(default=8 * 2**20, ge=1024)
+    # Requests a second per API token (per client address without one), in bursts of up to
+    # ``rate_limit_burst``; 429 with Retry-After beyond. 0 turns the limit off.
+    rate_limit_per_s: float = Field(default=2000.0, ge=0)
+    rate_limit_burst: int = Field(default=4000, ge=1)
 
     @cached_property
     def resolved_database_url(self) -> str:

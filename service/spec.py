@@ -7,9 +7,10 @@ REST bodies, YAML files, the Python client and the samplers all validate through
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,8 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from hpo.service.pruners import PRUNERS
-from hpo.service.samplers import SAMPLERS
+from hpo.service.algorithms import PRUNERS, SAMPLERS
 
 ParamValue = StrictBool | StrictInt | StrictFloat | StrictStr | None
 # Strict: a number, never a numeric string or a bool (ints are accepted and kept exact).
@@ -44,6 +44,13 @@ MAX_INT = 2**53
 # How deeply free-form JSON (user_attrs, trainable.config) may nest: the stored spec is parsed
 # again on every read, and that parser stops at 200 levels.
 MAX_JSON_DEPTH = 32
+# Caps on what one spec may carry (README "Limits"); each is a 422 naming the field. Free-form
+# JSON (user_attrs, trainable.config) is stored with the study and sent with every read of it.
+MAX_JSON_BYTES = 64 * 1024
+MAX_DESCRIPTION = 10_000
+MAX_PARAMS = 1_000
+MAX_CHOICES = 1_000
+MAX_OBJECTIVES = 64
 
 
 class _Model(BaseModel):
@@ -83,8 +90,15 @@ def check_json(value: Any, where: str, depth: int = 0) -> None:
             check_json(v, f"{where}[{i}]", depth + 1)
 
 
+def check_json_size(value: Any, where: str) -> None:
+    """Free-form JSON must fit in MAX_JSON_BYTES once written as compact JSON."""
+    size = len(json.dumps(value, separators=(",", ":"), default=str))
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"{where} is {size} bytes as JSON; at most {MAX_JSON_BYTES} are accepted")
+
+
 class _Conditional(_Model):
-    when: dict[str, list[ParamValue]] | None = Field(
+    when: dict[str, Annotated[list[ParamValue], Field(max_length=MAX_CHOICES)]] | None = Field(
         default=None,
         description="Active only when each named parameter takes one of the listed values.",
     )
@@ -110,7 +124,9 @@ class FloatParam(_Conditional):
     log: bool = False
     step: Number | None = None
     values: list[Number] | None = Field(
-        default=None, description="Explicit values to grid over (grid sampler)."
+        default=None,
+        max_length=MAX_CHOICES,
+        description="Explicit values to grid over (grid sampler).",
     )
 
     @model_validator(mode="after")
@@ -144,7 +160,7 @@ class IntParam(_Conditional):
     high: StrictInt | None = None
     log: bool = False
     step: StrictInt = 1
-    values: list[StrictInt] | None = None
+    values: list[StrictInt] | None = Field(default=None, max_length=MAX_CHOICES)
 
     @model_validator(mode="after")
     def _check(self) -> IntParam:
@@ -171,20 +187,20 @@ class CategoricalParam(_Conditional):
     """One of a fixed list of choices (strings, numbers, booleans or null)."""
 
     type: Literal["categorical"]
-    choices: list[ParamValue]
+    choices: list[ParamValue] = Field(max_length=MAX_CHOICES)
 
     @field_validator("choices")
     @classmethod
     def _choices(cls, choices: list[Any]) -> list[Any]:
         if not choices:
             raise ValueError("`choices` must not be empty")
-        seen: list[Any] = []
+        seen: set[tuple[type, Any]] = set()
         for c in choices:
             if isinstance(c, float):
                 _finite(c, "a choice")
-            if any(type(c) is type(s) and c == s for s in seen):
+            if (type(c), c) in seen:
                 raise ValueError(f"`choices` lists {c!r} twice")
-            seen.append(c)
+            seen.add((type(c), c))
         return choices
 
     def representatives(self) -> list[Any]:
@@ -254,9 +270,6 @@ class Objective(_Model):
         default="last",
         description="For dispatched trials: the value of the last report, or the best one.",
     )
-
-    def better(self, a: float, b: float) -> bool:
-        return a < b if self.direction == "minimize" else a > b
 
 
 class SamplerSpec(_Model):
@@ -330,13 +343,14 @@ class Resources(_Model):
 class TrainableSpec(_Model):
     """A registered trainable (entry point group ``hpo.trainables``) and its fixed settings."""
 
-    name: StrictStr = Field(min_length=1)
+    name: StrictStr = Field(min_length=1, max_length=128)
     config: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("config")
     @classmethod
     def _json_config(cls, config: dict[str, Any]) -> dict[str, Any]:
         check_json(config, "config")
+        check_json_size(config, "config")
         return config
 
 
@@ -344,7 +358,7 @@ class StudySpec(_Model):
     """Everything that defines a study. Validated once, stored as JSON with the study."""
 
     name: StrictStr = Field(pattern=NAME_PATTERN)
-    description: str = ""
+    description: str = Field(default="", max_length=MAX_DESCRIPTION)
     objective: Annotated[list[Objective], BeforeValidator(_as_list)] = Field(
         description="One objective, or a list of them (multi-objective: a Pareto front)."
     )
@@ -353,7 +367,7 @@ class StudySpec(_Model):
     budget: Budget = Field(default_factory=Budget)
     resources: Resources = Field(default_factory=Resources)
     trainable: TrainableSpec | None = None
-    space: dict[str, Param]
+    space: dict[str, Param] = Field(max_length=MAX_PARAMS)
     max_retries: StrictInt = Field(
         default=0, ge=0, le=100, description="Retries of a failed attempt."
     )
@@ -377,6 +391,8 @@ class StudySpec(_Model):
     def _objectives(cls, value: list[Objective]) -> list[Objective]:
         if not value:
             raise ValueError("at least one objective is required")
+        if len(value) > MAX_OBJECTIVES:
+            raise ValueError(f"at most {MAX_OBJECTIVES} objectives, got {len(value)}")
         names = [o.metric for o in value]
         if len(set(names)) != len(names):
             raise ValueError("each objective must name a different metric")
@@ -386,6 +402,7 @@ class StudySpec(_Model):
     @classmethod
     def _json_attrs(cls, attrs: dict[str, Any]) -> dict[str, Any]:
         check_json(attrs, "user_attrs")
+        check_json_size(attrs, "user_attrs")
         return attrs
 
     @field_serializer("objective")
@@ -548,12 +565,30 @@ def _check_conditions(space: Mapping[str, Any]) -> None:
                 raise ValueError(f"{name}.when: a parameter cannot depend on itself")
             if parent not in space:
                 raise ValueError(f"{name}.when: {parent!r} is not a parameter of the space")
+            possible = _membership(space[parent])
             for value in allowed:
-                if not space[parent].contains(value):
+                if not possible(value):
                     raise ValueError(
                         f"{name}.when.{parent}: {value!r} is not a possible value of {parent!r}"
                     )
     _topological_order(space)
+
+
+def _membership(param: Any) -> Callable[[Any], bool]:
+    """``param.contains``, in constant time for a categorical (``when`` lists are checked
+    against choices: without this, two long lists cost their product)."""
+    if not isinstance(param, CategoricalParam):
+        return param.contains
+    keys = {_choice_key(c) for c in param.choices}
+    return lambda value: _choice_key(value) in keys
+
+
+def _choice_key(value: Any) -> tuple[Any, Any]:
+    # Equal keys exactly when CategoricalParam.contains matches: same type and equal, or both
+    # numbers (bools aside) and equal.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return ("number", value)
+    return (type(value), value)
 
 
 def _topological_order(space: Mapping[str, Any]) -> list[str]:

@@ -7,47 +7,47 @@ tag never changes: many pollers asking for the same one share a single database 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from cachetools import LRUCache, cached
 from fastapi import Request, Response
+
+ANSWERS_KEPT = 512  # answers kept per app, by ETag
+_creating = threading.Lock()
 
 
 def not_modified(request: Request, tag: str) -> Response | None:
+    """A 304 answer when the request's ``If-None-Match`` names ``tag``, else None."""
     given = request.headers.get("if-none-match")
     if given and tag in [t.strip() for t in given.split(",")]:
         return Response(status_code=304, headers={"ETag": tag})
     return None
 
 
-class AnswerCache:
-    """A small thread-safe LRU of answers by ETag (one per app)."""
+def _by_tag(tag: str, make: Callable[[], Any]) -> Any:
+    return make()
 
-    def __init__(self, size: int = 512) -> None:
-        self.size = size
-        self._items: OrderedDict[str, Any] = OrderedDict()
-        self._lock = threading.Lock()
 
-    def get_or_make(self, tag: str, make: Callable[[], Any]) -> Any:
-        with self._lock:
-            if tag in self._items:
-                self._items.move_to_end(tag)
-                return self._items[tag]
-        value = make()
-        with self._lock:
-            self._items[tag] = value
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return value
+def _answers(request: Request) -> Callable[[str, Callable[[], Any]], Any]:
+    """The app's answers by ETag: an LRU where concurrent callers of one tag wait for the
+    first to make it instead of making it again."""
+    state = request.app.state
+    if getattr(state, "answers", None) is None:
+        with _creating:
+            if getattr(state, "answers", None) is None:
+                keep = cached(
+                    LRUCache(ANSWERS_KEPT),
+                    key=lambda tag, make: tag,
+                    condition=threading.Condition(),
+                )
+                state.answers = keep(_by_tag)
+    return state.answers
 
 
 def answer(request: Request, response: Response, tag: str, make: Callable[[], Any]) -> Any:
     """304 if the client has ``tag``; else the (shared) answer for it, with the ETag set."""
     if (unchanged := not_modified(request, tag)) is not None:
         return unchanged
-    cache = getattr(request.app.state, "answers", None)
-    if cache is None:
-        cache = request.app.state.answers = AnswerCache()
     response.headers["ETag"] = tag
-    return cache.get_or_make(tag, make)
+    return _answers(request)(tag, make)

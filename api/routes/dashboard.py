@@ -1,7 +1,7 @@
 """The dashboard: its static page at ``/`` and the read endpoints its plots poll.
 
 ``router`` holds the API endpoints (served under ``/api/v1`` with the token); ``pages`` serves
-the page and its files without a token (the page asks for the token itself).
+the page and ``files`` its files, both without a token (the page asks for the token itself).
 
 Every endpoint answers ``304 Not Modified`` while the ``If-None-Match`` it is sent names the
 current ETag. Study-level tags carry the study's change sequence, so checking one costs a single
@@ -11,15 +11,15 @@ indexed read; the answer itself is built only when something changed.
 from __future__ import annotations
 
 import hashlib
+import mimetypes
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
-from fastapi.responses import FileResponse
+from cachetools import LRUCache, cached
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from hpo.api.deps import Cursor, Service, StudyId, TrialId
@@ -36,39 +36,11 @@ pages = APIRouter(include_in_schema=False)
 STATIC = Path(__file__).resolve().parent.parent / "static"
 MaxPoints = Annotated[int, Query(ge=4, le=10_000, description="Points kept per series.")]
 Objective = Annotated[int, Query(ge=0, le=63, description="Index of the objective.")]
-T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------- caches
-
-
-class _Lru:
-    """A small thread-safe LRU map."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
-
-    def __contains__(self, key: Hashable) -> bool:
-        with self.lock:
-            return key in self.items
-
-    def put(self, key: Hashable, value: Any) -> None:
-        with self.lock:
-            self.items[key] = value
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-
-    def get_or_make(self, key: Hashable, make: Callable[[], T]) -> T:
-        with self.lock:
-            if key in self.items:
-                self.items.move_to_end(key)
-                return self.items[key]
-        value = make()
-        with self.lock:
-            self.items[key] = value
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-        return value
+# LRUs (cachetools) shared by the server's threads: concurrent callers of one key wait for the
+# first to compute it instead of computing it again.
 
 
 class _TrialMirror:
@@ -88,41 +60,78 @@ class _TrialMirror:
                     return list(self.trials.values())
 
 
-_mirrors = _Lru(16)  # study id -> _TrialMirror
-_results = _Lru(256)  # (what, study id, complete trials' fingerprint, options) -> result
-_series = _Lru(4096)  # (trial id, trial seq, max_points) -> {name: Series}
-_pages = _Lru(16)  # ETag -> the curves page it names
+@cached(LRUCache(16), condition=threading.Condition())
+def _mirror(study_id: int) -> _TrialMirror:
+    """The trial mirror of a study (the 16 studies used last keep theirs)."""
+    return _TrialMirror()
 
 
 def _study_trials(service: StudyService, study_id: int) -> tuple[list[TrialRecord], tuple]:
     """Every trial of the study, and a key that changes whenever a complete trial does."""
-    trials = _mirrors.get_or_make(study_id, _TrialMirror).refresh(service, study_id)
+    trials = _mirror(study_id).refresh(service, study_id)
     done = [t for t in trials if t.state == "complete"]
     return trials, (study_id, len(done), max((t.seq for t in done), default=0))
 
 
+def _series_key(service: StudyService, trial: TrialRecord, max_points: int) -> tuple:
+    return (trial.id, trial.seq, max_points)
+
+
+@cached(LRUCache(4096), key=_series_key, condition=threading.Condition())
 def _trial_series(service: StudyService, trial: TrialRecord, max_points: int) -> dict:
     """Every metric of the trial, downsampled (cached until the trial changes)."""
     if trial.last_step is None:
         return {}
-
-    def load() -> dict[str, analysis.Series]:
-        points = ((p.name, p.step, p.value) for p in service.metrics(trial.id))
-        return analysis.metric_series(points, max_points)
-
-    return _series.get_or_make((trial.id, trial.seq, max_points), load)
+    points = ((p.name, p.step, p.value) for p in service.metrics(trial.id))
+    return analysis.metric_series(points, max_points)
 
 
 def _prefetch_series(service: StudyService, trials: list[TrialRecord], max_points: int) -> None:
     """Load the series of every trial not cached yet, 200 trials per query."""
-    missing = [
-        t for t in trials if t.last_step is not None and (t.id, t.seq, max_points) not in _series
-    ]
+    cache, lock = _trial_series.cache, _trial_series.cache_lock
+    with lock:
+        missing = [
+            t
+            for t in trials
+            if t.last_step is not None and _series_key(service, t, max_points) not in cache
+        ]
     for start in range(0, len(missing), 200):
         chunk = missing[start : start + 200]
         points = service.metric_points([t.id for t in chunk])
-        for t in chunk:
-            _series.put((t.id, t.seq, max_points), analysis.metric_series(points[t.id], max_points))
+        series = {t.id: analysis.metric_series(points[t.id], max_points) for t in chunk}
+        with lock:
+            for t in chunk:
+                cache[_series_key(service, t, max_points)] = series[t.id]
+
+
+@cached(
+    LRUCache(128),
+    key=lambda spec, trials, fingerprint, objective: (*fingerprint, objective),
+    condition=threading.Condition(),
+)
+def _importance(
+    spec: StudySpec, trials: list[TrialRecord], fingerprint: tuple, objective: int
+) -> analysis.Importance:
+    """Parameter importance over the complete trials ``fingerprint`` names."""
+    return analysis.param_importance(spec, trials, objective)
+
+
+@cached(
+    LRUCache(128),
+    key=lambda spec, trials, fingerprint, *options: (*fingerprint, *options),
+    condition=threading.Condition(),
+)
+def _contour(
+    spec: StudySpec,
+    trials: list[TrialRecord],
+    fingerprint: tuple,
+    x: str,
+    y: str,
+    objective: int,
+    size: int,
+) -> dict[str, Any]:
+    """The contour of the complete trials ``fingerprint`` names."""
+    return analysis.contour(spec, trials, x, y, objective, size=size)
 
 
 def _study_tag(service: StudyService, study_id: int, what: str, *options: Any) -> str:
@@ -258,13 +267,13 @@ def curves(
     if (answer := not_modified(request, tag)) is not None:
         return answer
     response.headers["ETag"] = tag
-    # Pages polling one study ask for the same delta: the first one computes it.
-    return _pages.get_or_make(
-        tag, lambda: _curves_page(service, study_id, metric, max_points, since, limit)
-    )
+    return _curves_page(tag, service, study_id, metric, max_points, since, limit)
 
 
+# Pages polling one study ask for the same delta, which its ETag names: the first computes it.
+@cached(LRUCache(16), key=lambda tag, *_: tag, condition=threading.Condition())
 def _curves_page(
+    tag: str,
     service: StudyService,
     study_id: int,
     metric: str | None,
@@ -303,10 +312,7 @@ def importance(
     spec = service.spec_of(study_id)
     objective = _objective(spec, objective)
     trials, key = _study_trials(service, study_id)
-    result = _results.get_or_make(
-        ("importance", key, objective),
-        lambda: analysis.param_importance(spec, trials, objective),
-    )
+    result = _importance(spec, trials, key, objective)
     response.headers["ETag"] = tag
     return ImportanceAnswer(
         objective=objective,
@@ -338,10 +344,7 @@ def contour(
     spec = service.spec_of(study_id)
     objective = _objective(spec, objective)
     trials, key = _study_trials(service, study_id)
-    result = _results.get_or_make(
-        ("contour", key, x, y, objective, size),
-        lambda: analysis.contour(spec, trials, x, y, objective, size=size),
-    )
+    result = _contour(spec, trials, key, x, y, objective, size)
     response.headers["ETag"] = tag
     return result if points else {**result, "points": []}
 
@@ -366,45 +369,14 @@ def trial_series(
 
 # ----------------------------------------------------------------------- pages
 
-_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".svg": "image/svg+xml",
-    ".png": "image/png",
-    ".txt": "text/plain; charset=utf-8",
-}
-_HEADERS = {
-    "Cache-Control": "no-cache",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Content-Security-Policy": (
-        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
-    ),
-}
-
-
-def _file(request: Request, path: Path) -> Response:
-    """A static file, revalidated on every load (ETag from its size and mtime)."""
-    stat = path.stat()
-    tag = f'"{_digest((path.name, stat.st_size, stat.st_mtime_ns))}"'
-    if (answer := not_modified(request, tag)) is not None:
-        answer.headers.update(_HEADERS)
-        return answer
-    media_type = _TYPES.get(path.suffix, "application/octet-stream")
-    return FileResponse(path, media_type=media_type, headers={**_HEADERS, "ETag": tag})
+# The page's modules must be served as JavaScript whatever the host's mime.types says.
+mimetypes.add_type("text/javascript", ".js")
+# The page's files (mounted at ``/static``; ETag and 304 from Starlette, headers from
+# :class:`hpo.api.middleware.SecurityHeaders`).
+files = StaticFiles(directory=STATIC)
 
 
 @pages.get("/")
-def index(request: Request) -> Response:
+async def index(request: Request) -> Response:
     """The dashboard (``/#token=...`` hands it the API token)."""
-    return _file(request, STATIC / "index.html")
-
-
-@pages.get("/static/{path:path}")
-def static(path: str, request: Request) -> Response:
-    target = (STATIC / path).resolve()
-    if not target.is_relative_to(STATIC) or not target.is_file():
-        raise HTTPException(status_code=404, detail=f"no file {path!r}")
-    return _file(request, target)
+    return await files.get_response("index.html", request.scope)

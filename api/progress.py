@@ -1,0 +1,119 @@
+"""Live progress of a study on the terminal, shared by ``hpo submit --wait``, ``hpo watch``
+and ``hpo demo``: a progress bar, one line per finished trial, then the best trial."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+
+# Piped or redirected output (logs, CI) is not cut at 80 columns: tables and trial lines whole.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+out = Console(width=None if sys.stdout.isatty() else 200)
+
+# How long ``watch`` waits, after a dispatched study ends, for its best trial's test metrics.
+TEST_METRICS_WAIT_S = 300.0
+
+
+def watch(study: Any, poll_s: float = 1.0, *, report: bool = True) -> int:
+    """Show a live progress bar (trials by state, best so far) until the study ends; then,
+    with ``report``, the best trial and its test metrics. Returns the exit code: 0 when the
+    study completed with a complete trial, else 1. Transport errors propagate."""
+    from rich.live import Live
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    record = study.refresh()
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[states]}"),
+        TextColumn("best {task.fields[best]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    budget = record.spec["budget"].get("max_trials")
+    task = progress.add_task(record.name, total=budget, states="", best="-")
+    cursor, reported = None, set()
+    with Live(progress, console=console, refresh_per_second=4):
+        while True:
+            changed, cursor = study.changed_trials(cursor)
+            for t in sorted(changed, key=lambda t: t.number):
+                if t.state in ("complete", "pruned", "failed") and t.id not in reported:
+                    reported.add(t.id)
+                    progress.console.print(trial_line(t), soft_wrap=True)
+            record = study.refresh()
+            progress.update(task, **_progress_fields(record))
+            if record.state in ("completed", "stopped"):
+                break
+            time.sleep(poll_s)
+    if not console.is_terminal:
+        console.line()  # a terminal's Live ends its last frame with a newline; a pipe's does not
+    out.print(f"study {record.id} {record.state}: {record.state_reason or ''}")
+    best = record.best_trial
+    if best and report:
+        out.print(f"best value {best.value} with {best.params}", soft_wrap=True)
+        if record.state == "completed" and record.spec.get("trainable"):
+            print_test_metrics(wait_for_test_metrics(study, best))
+    ok = record.state == "completed" and record.counts["complete"] > 0
+    return 0 if ok else 1
+
+
+def _progress_fields(record: Any) -> dict[str, Any]:
+    c = record.counts
+    states = (
+        f"running {c['running']} · waiting {c['waiting']} · complete {c['complete']}"
+        f" · pruned {c['pruned']} · failed {c['failed']}"
+    )
+    best = fmt(record.best_trial.value) if record.best_trial else "-"
+    return {"completed": c["complete"] + c["pruned"] + c["failed"], "states": states, "best": best}
+
+
+def wait_for_test_metrics(study: Any, best: Any) -> dict[str, Any] | None:
+    """The best trial's held-out test metrics, or None.
+
+    The scheduler scores a completed study's best trial on the test split once, just after
+    the study ends; this waits for that (at most :data:`TEST_METRICS_WAIT_S`) rather than
+    answer without it. Trials without a checkpoint, and multi-objective ones, are not scored."""
+    if best.values is not None or not best.has_checkpoint:
+        return best.test_metrics
+    deadline = time.monotonic() + TEST_METRICS_WAIT_S
+    with console.status("scoring the best trial on the test split"):
+        while best.test_metrics is None and time.monotonic() < deadline:
+            time.sleep(1.0)
+            best = study.best_trial
+    return best.test_metrics
+
+
+def print_test_metrics(test: dict[str, Any] | None) -> None:
+    """One line with the test metrics (or why their evaluation failed); nothing for None."""
+    if test and "error" in test:
+        out.print(f"  test metrics: evaluation failed: {test['error']}")
+    elif test:
+        shown = ", ".join(f"{k}={fmt(v)}" for k, v in test.items())
+        out.print(f"  test metrics: {shown}", soft_wrap=True)
+
+
+def trial_line(t: Any) -> str:
+    """A finished trial as one coloured line: number, state, value(s), params, and why it
+    stopped early or failed."""
+    colour = {"complete": "green", "pruned": "yellow", "failed": "red"}[t.state]
+    value = fmt(t.value) if t.values is None else ", ".join(fmt(v) for v in t.values)
+    params = " ".join(f"{k}={fmt(v)}" for k, v in t.params.items())
+    line = f"  trial {t.number:>3} [{colour}]{t.state:<8}[/{colour}] value={value:<10} {params}"
+    if t.state == "pruned" and t.pruned:
+        line += f"  (stopped at step {t.pruned.get('step')})"
+    if t.state == "failed" and t.error:
+        line += f"  ({t.error.splitlines()[0][:80]})"
+    return line
+
+
+def fmt(value: Any) -> str:
+    """A value for a table cell: ``-`` for None, floats to 6 significant digits."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
