@@ -8,6 +8,11 @@
 >>> study.tell(t, value=0.91)
 >>> study.best_trial, study.trials_dataframe()
 
+``study.optimize(objective, n_trials)`` runs an objective in this process, heartbeating each
+trial while it runs and telling every outcome (NaN, None and exceptions as failed, with why).
+Calls that may safely be sent twice are retried on transport failures and 503/429
+(:mod:`hpo.api.retry`); ``ask`` carries an ``Idempotency-Key`` for that.
+
 Imports neither the server nor torch/ray. Errors are the core's typed exceptions
 (``hpo.service.errors``): NotFound, Conflict (BudgetSpent, GridExhausted...), InvalidInput.
 """
@@ -557,7 +562,8 @@ class LeaseKeeper:
 
 def _describe(exc: BaseException) -> str:
     """The reason told for an objective that raised: its type and message."""
-    return f"{type(exc).__name__}: {exc}"
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _result_problem(result: object) -> str | None:
