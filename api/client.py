@@ -122,15 +122,12 @@ class Client:
         self.retry = retry or RetryPolicy()
         token = token if token is not None else default_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        # The transport is given explicitly, so the pool limits must be given to it: httpx
-        # ignores Client(limits=...) when a transport is passed.
+        # Failed connections are retried by hpo.api.retry with the rest, not by the transport.
         self._http = httpx.Client(
             base_url=self.url,
             headers=headers,
             timeout=timeout,
-            transport=httpx.HTTPTransport(
-                retries=3, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
-            ),
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
 
     def close(self) -> None:

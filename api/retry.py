@@ -7,7 +7,8 @@ idempotent (every GET, ``tell``, metric points, heartbeats, an ``ask`` carrying 
 timeout, a broken answer) and on 503 and 429. Any other call is retried only when the request
 surely never left (the connection could not be made) or on 429, which the server answers before
 doing anything. Waits grow exponentially with jitter, honour ``Retry-After``, and stop at
-``RetryPolicy.attempts`` tries or ``RetryPolicy.total_s`` seconds, whichever comes first.
+``RetryPolicy.attempts`` tries or ``RetryPolicy.total_s`` seconds, whichever comes first: with
+the defaults, a server that cannot be reached at all is given up on after two to three seconds.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class RetryPolicy:
 
     attempts: int = 6
     total_s: float = 60.0
-    first_wait_s: float = 0.2
+    first_wait_s: float = 0.1
     max_wait_s: float = 10.0
 
     def backoff_s(self, tries: int) -> float:
@@ -106,7 +107,7 @@ def send(
                 return response
             response.close()
             reason = f"HTTP {response.status_code}"
-        log.warning(
+        log.info(
             "%s %s failed (%s); try %d of %d in %.1f s",
             request.method,
             request.url.path,
