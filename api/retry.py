@@ -33,10 +33,11 @@ NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 class RetryPolicy:
     """How often and how long a request is tried.
 
-    ``attempts`` counts every try (1 means no retry); ``total_s`` bounds the time spent waiting
-    between tries (a wait that would end past it is not started); the n-th wait is
-    ``first_wait_s * 2**(n-1)`` capped at ``max_wait_s``, randomised down to half, or the
-    server's ``Retry-After`` when that is longer.
+    ``attempts`` counts every try (1 means no retry); ``total_s`` bounds the whole call, the
+    tries' own time included: no wait starts that would end more than ``total_s`` after the
+    first try began (so a call that timed out after ``total_s`` is not sent again); the n-th
+    wait is ``first_wait_s * 2**(n-1)`` capped at ``max_wait_s``, randomised down to half, or
+    the server's ``Retry-After`` when that is longer.
     """
 
     attempts: int = 6
