@@ -8,25 +8,42 @@
 >>> study.tell(t, value=0.91)
 >>> study.best_trial, study.trials_dataframe()
 
+``study.optimize(objective, n_trials)`` runs an objective in this process, heartbeating each
+trial while it runs and telling every outcome (NaN, None and exceptions as failed, with why).
+Calls that may safely be sent twice are retried on transport failures and 503/429
+(:mod:`hpo.api.retry`); ``ask`` carries an ``Idempotency-Key`` for that.
+
 Imports neither the server nor torch/ray. Errors are the core's typed exceptions
 (``hpo.service.errors``): NotFound, Conflict (BudgetSpent, GridExhausted...), InvalidInput.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from hpo.api.retry import RetryPolicy, send
 from hpo.service import errors
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+# An idle pooled connection is dropped after this long. It must be shorter than the server's
+# keep-alive (uvicorn closes idle connections after 5 s): a request sent on a connection the
+# server is closing at that moment is lost with "connection reset".
+KEEPALIVE_EXPIRY_S = 2.0
+# A GP or TPE ask over many trials can take much longer than any other call.
+ASK_TIMEOUT_S = 300.0
+log = logging.getLogger(__name__)
 _ERRORS: dict[str, type[errors.HpoError]] = {
     cls.code: cls
     for cls in (
@@ -84,19 +101,33 @@ def default_token() -> str | None:
 
 
 class Client:
-    """A connection to one hpo server."""
+    """A connection to one hpo server.
+
+    ``timeout`` bounds every call but ``ask``, which gets ``ask_timeout``. Idempotent calls
+    (GETs, tell, metric reports, heartbeats, asks with their idempotency key) are retried on
+    transport failures and 503/429 as ``retry`` allows (see :mod:`hpo.api.retry`).
+    """
 
     def __init__(
-        self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        ask_timeout: float = ASK_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.url = (url or os.environ.get("HPO_URL") or DEFAULT_URL).rstrip("/")
+        self.ask_timeout = ask_timeout
+        self.retry = retry or RetryPolicy()
         token = token if token is not None else default_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # Failed connections are retried by hpo.api.retry with the rest, not by the transport.
         self._http = httpx.Client(
             base_url=self.url,
             headers=headers,
             timeout=timeout,
-            transport=httpx.HTTPTransport(retries=3),
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
 
     def close(self) -> None:
@@ -110,9 +141,26 @@ class Client:
 
     # ------------------------------------------------------------------ http
 
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send a request; raise the core's typed error for a 4xx answer."""
-        response = self._http.request(method, path, **kwargs)
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        idempotent: bool | None = None,
+        retry: RetryPolicy | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Send a request; raise the core's typed error for a 4xx/5xx answer.
+
+        ``idempotent`` (default: true for GET and HEAD) says whether sending it twice is
+        harmless, which allows retrying it after a transport failure or a 503; ``retry``
+        overrides the client's policy. Raises ``httpx.TransportError`` when the server could
+        not be reached in the tries allowed.
+        """
+        if idempotent is None:
+            idempotent = method.upper() in ("GET", "HEAD")
+        built = self._http.build_request(method, path, **kwargs)
+        response = send(self._http, built, idempotent=idempotent, policy=retry or self.retry)
         if response.status_code >= 400:
             raise _error_from(response)
         return response
@@ -191,22 +239,38 @@ class Study:
         Raises BudgetSpent / GridExhausted when nothing is left, ConcurrencyLimit when
         ``max_concurrent`` trials are already running, StudyNotRunning when paused or stopped.
         """
-        return AskedTrial(self.client._json("POST", f"/studies/{self.id}/ask"))
+        # One key per logical ask, the same on every retry of it: a server that honours the
+        # key answers a repeated ask with the trial the first one created.
+        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        data = self.client._json(
+            "POST",
+            f"/studies/{self.id}/ask",
+            headers=headers,
+            timeout=self.client.ask_timeout,
+            idempotent=True,
+        )
+        return AskedTrial(data)
 
     def report(self, trial: TrialRef, step: int, metrics: Mapping[str, float]) -> bool:
         """Report metric values at ``step``; returns True when the trial should stop
         (the pruner stopped it, or the study was stopped)."""
         points = [{"step": step, "name": k, "value": v} for k, v in metrics.items()]
+        # Points are keyed by (trial, attempt, name, step) on the server: sending them again
+        # after a lost answer stores nothing twice.
         answer = self.client._json(
-            "POST", f"/trials/{_trial_id(trial)}/metrics", json={"points": points}
+            "POST",
+            f"/trials/{_trial_id(trial)}/metrics",
+            json={"points": points},
+            idempotent=True,
         )
         return bool(answer["should_stop"])
 
-    def heartbeat(self, trial: TrialRef) -> bool:
-        """Keep a long-running trial's lease alive without reporting metrics."""
-        return bool(
-            self.client._json("POST", f"/trials/{_trial_id(trial)}/heartbeat")["should_stop"]
-        )
+    def heartbeat(self, trial: TrialRef, *, retry: RetryPolicy | None = None) -> bool:
+        """Keep a long-running trial's lease alive without reporting metrics; returns whether
+        the trial should stop."""
+        path = f"/trials/{_trial_id(trial)}/heartbeat"
+        answer = self.client._json("POST", path, idempotent=True, retry=retry)
+        return bool(answer["should_stop"])
 
     def tell(
         self,
@@ -227,7 +291,10 @@ class Study:
             body["state"] = state
         if error is not None:
             body["error"] = error
-        data = self.client._json("POST", f"/trials/{_trial_id(trial)}/tell", json=body)
+        # The same tell again is a no-op on the server, so a retry after a lost answer is safe.
+        data = self.client._json(
+            "POST", f"/trials/{_trial_id(trial)}/tell", json=body, idempotent=True
+        )
         return TrialRecord.model_validate(data)
 
     def optimize(
@@ -239,29 +306,67 @@ class Study:
     ) -> None:
         """Run ``objective`` in this process, Optuna style, until ``n_trials`` ran or the study's
         budget is spent. ``objective`` may call ``trial.report(step, metrics)`` and should
-        return when it answers True (the trial was pruned)."""
+        return when it answers True (the trial was pruned).
+
+        Every trial asked is told before the next one: its value(s); ``pruned`` when the
+        server said it should stop; ``failed`` with the reason when the objective returned
+        NaN, inf, None or anything not a number, or raised. An exception in ``catch`` is
+        logged with its traceback and the next trial runs; any other exception
+        (KeyboardInterrupt included) is re-raised once the trial is told failed. While the
+        objective runs, a background thread heartbeats the trial about three times per
+        ``lease_s``, so a long objective that never reports keeps its trial.
+        """
+        interval_s = max(0.05, float(self._record.spec.get("lease_s", 300.0)) / 3)
         done = 0
         while n_trials is None or done < n_trials:
             try:
                 asked = self.ask()
             except errors.BudgetSpent:
                 return
-            handle = TrialHandle(self, asked)
-            try:
-                result = objective(handle)
-            except catch as exc:
-                self.tell(asked, state="failed", error=f"{type(exc).__name__}: {exc}")
-            except BaseException as exc:
-                self.tell(asked, state="failed", error=f"{type(exc).__name__}: {exc}")
-                raise
-            else:
-                if handle.should_stop:
-                    self.tell(asked, state="pruned")
-                elif isinstance(result, (list, tuple)):
-                    self.tell(asked, values=list(result))
-                else:
-                    self.tell(asked, value=result)
+            self._run_trial(objective, TrialHandle(self, asked), catch, interval_s)
             done += 1
+
+    def _run_trial(
+        self,
+        objective: Callable[[TrialHandle], float | list[float]],
+        handle: TrialHandle,
+        catch: tuple[type[BaseException], ...],
+        interval_s: float,
+    ) -> None:
+        """Run one objective under a heartbeat and tell its outcome."""
+        try:
+            with LeaseKeeper(self, handle, interval_s):
+                result = objective(handle)
+        except catch as exc:
+            log.warning("trial %d failed; going on", handle.number, exc_info=True)
+            self._tell_or_log(handle, state="failed", error=_describe(exc))
+            return
+        except BaseException as exc:
+            # Told before re-raising; a failing tell must not hide the objective's exception.
+            try:
+                self._tell_or_log(handle, state="failed", error=_describe(exc))
+            except Exception:
+                log.exception("could not tell trial %d failed", handle.number)
+            raise
+        if handle.should_stop:
+            self._tell_or_log(handle, state="pruned")
+            return
+        problem = _result_problem(result)
+        if problem is not None:
+            log.warning("trial %d failed: %s", handle.number, problem)
+            self._tell_or_log(handle, state="failed", error=problem)
+        elif isinstance(result, (list, tuple)):
+            self.tell(handle.trial_id, values=[float(v) for v in result])
+        else:
+            self.tell(handle.trial_id, value=float(result))
+
+    def _tell_or_log(self, handle: TrialHandle, **outcome: Any) -> None:
+        """Tell ``outcome``; a trial the server already ended (stopped study, pruned, lease
+        lost) is logged, not raised."""
+        try:
+            self.tell(handle.trial_id, **outcome)
+        except (errors.TrialFinished, errors.NotFound) as exc:
+            log.info("trial %d was already ended by the server: %s", handle.number, exc)
 
     # ---------------------------------------------------------------- results
 
@@ -385,7 +490,12 @@ class Study:
 
 
 class TrialHandle:
-    """What :meth:`Study.optimize` hands the objective: params, number, and reporting."""
+    """What :meth:`Study.optimize` hands the objective: params, number, and reporting.
+
+    ``should_stop`` turns true when a report or the background heartbeat learns that the
+    trial should stop (pruned, or its study stopped); it never turns back. The objective is
+    not interrupted: it should check :meth:`should_prune` and return.
+    """
 
     def __init__(self, study: Study, asked: AskedTrial) -> None:
         self.study = study
@@ -396,8 +506,78 @@ class TrialHandle:
 
     def report(self, step: int, metrics: Mapping[str, float]) -> bool:
         """Report metrics; True means stop now (pruned)."""
-        self.should_stop = self.study.report(self.trial_id, step, metrics)
+        if self.study.report(self.trial_id, step, metrics):
+            self.should_stop = True
         return self.should_stop
+
+    def should_prune(self) -> bool:
+        """Whether the server said this trial should stop (a report or a heartbeat)."""
+        return self.should_stop
+
+
+class LeaseKeeper:
+    """A background thread heartbeating one trial every ``interval_s`` while its objective
+    runs (``with LeaseKeeper(...)``), so the server does not fail it for silence.
+
+    A heartbeat answering should_stop sets ``handle.should_stop``; one refused because the
+    trial has ended (409/404) sets it too and ends the thread. Other failures are logged and
+    the next beat tries again. Leaving the block stops the thread.
+    """
+
+    def __init__(self, study: Study, handle: TrialHandle, interval_s: float) -> None:
+        self.study = study
+        self.handle = handle
+        self.interval_s = interval_s
+        # A beat retries for at most one interval: the next beat is as good as a late retry.
+        self._retry = RetryPolicy(attempts=3, total_s=interval_s, first_wait_s=interval_s / 10)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"hpo-heartbeat-{handle.trial_id}", daemon=True
+        )
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        # A beat in flight is not waited for long: once the trial is told, it ends the thread.
+        self._thread.join(timeout=self.interval_s + 5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if self.study.heartbeat(self.handle.trial_id, retry=self._retry):
+                    self.handle.should_stop = True
+            except (errors.Conflict, errors.NotFound) as exc:
+                log.info("trial %d ended on the server: %s", self.handle.number, exc)
+                self.handle.should_stop = True
+                return
+            except Exception as exc:  # a background thread: log, and beat again later
+                log.warning("heartbeat of trial %d failed: %s", self.handle.number, exc)
+
+
+def _describe(exc: BaseException) -> str:
+    """The reason told for an objective that raised: its type and message."""
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _result_problem(result: object) -> str | None:
+    """Why an objective's return value cannot be told as a result, or None when it can."""
+    values = list(result) if isinstance(result, (list, tuple)) else [result]
+    shown: list[float] = []
+    for value in values:
+        try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return f"objective returned {result!r}, not a number"
+        shown.append(number)
+    if all(math.isfinite(v) for v in shown):
+        return None
+    return f"objective returned {shown[0] if len(shown) == 1 else shown}"
 
 
 def _to_spec(spec: StudySpec | Mapping[str, Any] | str | Path) -> StudySpec:

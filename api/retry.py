@@ -1,0 +1,124 @@
+"""Sending a request again when the first try may not have reached the server, or was refused
+for now: the client's part of exactly once.
+
+A call is retried only where a second copy cannot do the work twice. Calls the caller marks
+idempotent (every GET, ``tell``, metric points, heartbeats, an ``ask`` carrying its
+``Idempotency-Key``) are retried on any transport failure (connection refused or reset, a read
+timeout, a broken answer) and on 503 and 429. Any other call is retried only when the request
+surely never left (the connection could not be made) or on 429, which the server answers before
+doing anything. Waits grow exponentially with jitter, honour ``Retry-After``, and stop at
+``RetryPolicy.attempts`` tries or ``RetryPolicy.total_s`` seconds, whichever comes first: with
+the defaults, a server that cannot be reached at all is given up on after two to three seconds.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+# Failures where the request was never written to a connection: safe to send again, always.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long a request is tried.
+
+    ``attempts`` counts every try (1 means no retry); ``total_s`` bounds the whole call, the
+    tries' own time included: no wait starts that would end more than ``total_s`` after the
+    first try began (so a call that timed out after ``total_s`` is not sent again); the n-th
+    wait is ``first_wait_s * 2**(n-1)`` capped at ``max_wait_s``, randomised down to half, or
+    the server's ``Retry-After`` when that is longer.
+    """
+
+    attempts: int = 6
+    total_s: float = 60.0
+    first_wait_s: float = 0.1
+    max_wait_s: float = 10.0
+
+    def backoff_s(self, tries: int) -> float:
+        """The wait after ``tries`` failed tries, before ``Retry-After`` is considered."""
+        wait = min(self.max_wait_s, self.first_wait_s * 2 ** (tries - 1))
+        return wait * random.uniform(0.5, 1.0)
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+def retry_after_s(response: httpx.Response) -> float | None:
+    """The answer's ``Retry-After`` in seconds from now (delta-seconds or an HTTP date)."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def send(
+    http: httpx.Client,
+    request: httpx.Request,
+    *,
+    idempotent: bool,
+    policy: RetryPolicy,
+    sleep: Callable[[float], None] = time.sleep,
+) -> httpx.Response:
+    """Send ``request`` and return the answer, trying again as the module docstring says.
+
+    The same request (headers included, so an ``Idempotency-Key`` too) goes out every time.
+    Returns the last answer when tries run out on 503/429; raises the last
+    ``httpx.TransportError`` when they run out on transport failures, or at once for a
+    transport failure of a call that is not idempotent and may have been sent.
+    """
+    deadline = time.monotonic() + policy.total_s
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            response = http.send(request)
+        except httpx.TransportError as exc:
+            if not (idempotent or isinstance(exc, NOT_SENT)):
+                raise
+            wait = policy.backoff_s(tries)
+            if tries >= policy.attempts or time.monotonic() + wait > deadline:
+                raise
+            reason = f"{type(exc).__name__}: {exc}"
+        else:
+            if not _retryable_status(response.status_code, idempotent):
+                return response
+            wait = max(policy.backoff_s(tries), retry_after_s(response) or 0.0)
+            if tries >= policy.attempts or time.monotonic() + wait > deadline:
+                return response
+            response.close()
+            reason = f"HTTP {response.status_code}"
+        log.info(
+            "%s %s failed (%s); try %d of %d in %.1f s",
+            request.method,
+            request.url.path,
+            reason,
+            tries + 1,
+            policy.attempts,
+            wait,
+        )
+        sleep(wait)
+
+
+def _retryable_status(status: int, idempotent: bool) -> bool:
+    return status == 429 or (status == 503 and idempotent)
