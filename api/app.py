@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
-from sqlalchemy import text
 
 from hpo.api import errors
 from hpo.api.deps import require_token
@@ -74,10 +73,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/healthz", tags=["system"])
     def healthz() -> dict[str, str]:
-        """Liveness and database reachability (no token needed)."""
-        with app.state.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return {"status": "ok", "version": VERSION, "database": app.state.engine.dialect.name}
+        """Liveness and database reachability (no token needed): 503 with ``Retry-After``
+        and the reason while the database cannot be reached."""
+        storage = app.state.service.storage
+        storage.ping()
+        return {"status": "ok", "version": VERSION, "database": storage.dialect}
 
     return app
 

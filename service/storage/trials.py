@@ -163,10 +163,13 @@ def page(
 
 
 def observed(session: Session, study: Study, pruned_metric: str) -> list[ObservedTrial]:
-    """Every trial of a study as samplers see it; pruned ones carry their last value of
-    ``pruned_metric`` as their one intermediate value."""
+    """Every trial of a study as samplers see it, in number order; pruned ones carry their
+    last value of ``pruned_metric`` as their one intermediate value."""
     trials = session.scalars(
-        select(Trial).where(Trial.study_id == study.id).options(selectinload(Trial.params))
+        select(Trial)
+        .where(Trial.study_id == study.id)
+        .options(selectinload(Trial.params))
+        .order_by(Trial.number)
     ).all()
     pruned = [t.id for t in trials if t.state == TrialState.PRUNED.value]
     last = metrics.last_points(session, pruned, pruned_metric)
