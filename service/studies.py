@@ -266,15 +266,14 @@ class StudyService:
 
     def dispatched_studies(self) -> list[tuple[int, str, StudySpec]]:
         """(id, state, spec) of running or paused studies that the service runs itself."""
-        rows = self.storage.studies_in(DISPATCHABLE)
-        return [row for row in rows if row[2].trainable is not None]
+        return self.storage.studies_in(DISPATCHABLE, dispatched=True)
 
     def studies_to_evaluate(self, skip: set[int]) -> list[tuple[StudySpec, TrialRecord, str]]:
         """Completed dispatched studies whose best trial has a checkpoint but no test metrics
         yet: (spec, best trial, checkpoint path). Studies in ``skip`` are left out."""
         out = []
-        for study_id, _, spec in self.storage.studies_in([StudyState.COMPLETED]):
-            if study_id in skip or spec.trainable is None:
+        for study_id, _, spec in self.storage.studies_in([StudyState.COMPLETED], dispatched=True):
+            if study_id in skip:
                 continue
             best, _ = self.storage.best(study_id)
             if best is None or best.test_metrics is not None:

@@ -72,11 +72,18 @@ class Storage(Transactions):
         with self.read() as s:
             return studies.best(s, studies.get(s, study_id))
 
-    def studies_in(self, states: Sequence[StudyState]) -> list[tuple[int, StudyState, StudySpec]]:
-        """(id, state, spec) of every study in one of ``states``, oldest first."""
+    def studies_in(
+        self, states: Sequence[StudyState], *, dispatched: bool = False
+    ) -> list[tuple[int, StudyState, StudySpec]]:
+        """(id, state, spec) of every study in one of ``states``, oldest first; only those
+        with a trainable (that the service runs itself) when ``dispatched``."""
         with self.read() as s:
             rows = studies.in_states(s, states)
-        return [(sid, StudyState(state), parse_spec(raw)) for sid, state, raw in rows]
+        return [
+            (sid, StudyState(state), parse_spec(raw))
+            for sid, state, raw in rows
+            if raw.get("trainable") or not dispatched
+        ]
 
     # ------------------------------------------------------------------- trials
 

@@ -99,6 +99,11 @@ def test_studies_page_newest_first_with_filters(storage: Storage) -> None:
     assert [sid for sid, _, _ in storage.studies_in([StudyState.RUNNING])] == [
         i for i in ids if i != ids[1]
     ]
+    runs = add_study(storage, "runs", trainable={"name": "image-classification", "config": {}})
+    dispatched = storage.studies_in([StudyState.RUNNING], dispatched=True)
+    assert [(sid, state, spec.name) for sid, state, spec in dispatched] == [
+        (runs, StudyState.RUNNING, "runs")
+    ]
 
 
 def test_every_write_bumps_the_study_seq_and_stamps_the_trials(storage: Storage) -> None:
