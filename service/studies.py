@@ -21,9 +21,9 @@ from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import (
     Conflict,
     InvalidInput,
+    NotFound,
     StudyNotRunning,
     TrialFinished,
-    TrialNotFound,
 )
 from hpo.service.pruners import make_pruner
 from hpo.service.pruners.base import Report
@@ -250,7 +250,7 @@ class StudyService:
             with self.storage.write() as s:
                 try:
                     study, trial = trials.lock(s, trial_id)
-                except TrialNotFound:  # deleted meanwhile
+                except NotFound:  # deleted meanwhile
                     continue
                 if trial.state == TrialState.RUNNING and trial.lease_expires_at < utcnow():
                     transitions.fail(s, study, trial, "lease expired", retryable=True)

@@ -37,7 +37,7 @@ def unavailable(exc: Exception) -> DatabaseUnavailable | None:
     ):
         return None
     reason = _first_line(exc)
-    if "locked" in reason or "lock timeout" in reason:
+    if any(word in reason for word in ("locked", "lock timeout", "deadlock")):
         return DatabaseUnavailable(f"the database is busy: {reason}", retry_after_s=RETRY_LOCKED_S)
     return DatabaseUnavailable(f"the database is unreachable: {reason}", retry_after_s=RETRY_DOWN_S)
 
