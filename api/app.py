@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
-from sqlalchemy import text
 
 from hpo.api import errors, middleware
 from hpo.api.deps import require_token
@@ -82,10 +81,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/healthz", tags=["system"])
     def healthz() -> dict[str, str]:
-        """Liveness and database reachability (no token needed)."""
-        with app.state.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return {"status": "ok", "version": VERSION, "database": app.state.engine.dialect.name}
+        """Liveness and database reachability (no token needed): 503 with ``Retry-After``
+        and the reason while the database cannot be reached."""
+        storage = app.state.service.storage
+        storage.ping()
+        return {"status": "ok", "version": VERSION, "database": storage.dialect}
 
     return app
 

@@ -1,4 +1,5 @@
-"""Dependencies injected into routes: the study service and the caller's authentication."""
+"""Dependencies injected into routes: the study service (workflows that write), the storage
+(every read), and the caller's authentication."""
 
 from __future__ import annotations
 
@@ -9,11 +10,18 @@ from fastapi import Depends, HTTPException, Path, Query, Request
 from pydantic import AfterValidator
 
 from hpo.service.spec import no_nul
+from hpo.service.storage import Storage
 from hpo.service.studies import StudyService
 
 
 def get_service(request: Request) -> StudyService:
+    """The study service: ask, tell, report and the other workflows that write."""
     return request.app.state.service
+
+
+def get_storage(request: Request) -> Storage:
+    """The storage, which read-only routes read through."""
+    return request.app.state.service.storage
 
 
 def require_token(request: Request) -> None:
@@ -32,6 +40,7 @@ def require_token(request: Request) -> None:
 
 
 Service = Annotated[StudyService, Depends(get_service)]
+Reader = Annotated[Storage, Depends(get_storage)]
 
 MAX_ID = 2**63 - 1
 # Ids and cursors are 64-bit in the database: anything larger is a 422, not a database error.

@@ -11,10 +11,10 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hpo.api.schemas import ErrorBody
-from hpo.service.errors import Conflict, HpoError, InvalidInput, NotFound
+from hpo.service.errors import Conflict, DatabaseUnavailable, HpoError, InvalidInput, NotFound
 from hpo.service.spec import describe_errors
 
-STATUS = {NotFound: 404, Conflict: 409, InvalidInput: 422}
+STATUS = {NotFound: 404, Conflict: 409, InvalidInput: 422, DatabaseUnavailable: 503}
 
 # What every API route may answer besides its success, documented once (every error body is
 # an ErrorBody); the app passes this to each router.
@@ -23,6 +23,10 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "No such study, trial or checkpoint"},
     409: {"model": ErrorBody, "description": "Conflicts with the stored state"},
     422: {"model": ErrorBody, "description": "Invalid input; `field` names it"},
+    503: {
+        "model": ErrorBody,
+        "description": "The database is unreachable or busy; retry after `Retry-After` seconds",
+    },
 }
 # What FastAPI says when a body is not UTF-8 text or nests too deeply to parse.
 _UNPARSABLE_BODY = "There was an error parsing the body"
@@ -55,7 +59,10 @@ def _validation(details: list[dict[str, str]]) -> JSONResponse:
 def install(app: FastAPI) -> None:
     @app.exception_handler(HpoError)
     async def _domain(_: Request, exc: HpoError) -> JSONResponse:
-        return error_response(_status(exc), exc.code, exc.message, exc.field)
+        response = error_response(_status(exc), exc.code, exc.message, exc.field)
+        if isinstance(exc, DatabaseUnavailable):
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _request(_: Request, exc: RequestValidationError) -> JSONResponse:

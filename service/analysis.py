@@ -18,6 +18,7 @@ import numpy as np
 from hpo.service.errors import InvalidInput
 from hpo.service.records import TrialRecord
 from hpo.service.spec import CategoricalParam, StudySpec
+from hpo.service.states import TrialState
 
 N_TREES = 64
 
@@ -89,7 +90,9 @@ def objective_value(trial: TrialRecord, objective: int = 0) -> float | None:
 def completed(trials: Iterable[TrialRecord], objective: int = 0) -> list[TrialRecord]:
     """Complete trials that have a value for the objective, in trial-number order."""
     done = [
-        t for t in trials if t.state == "complete" and objective_value(t, objective) is not None
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and objective_value(t, objective) is not None
     ]
     return sorted(done, key=lambda t: t.number)
 

@@ -64,3 +64,18 @@ class ConcurrencyLimit(Conflict):
 
 class TrialFinished(Conflict):
     code = "trial_finished"
+
+
+class DatabaseUnavailable(HpoError):
+    """The database cannot be reached or is busy right now (HTTP 503 with ``Retry-After``).
+
+    Raised by the storage's transaction scope for a lost or refused connection, a server that
+    is down, a lock timeout or SQLite's "database is locked". Nothing was written: the caller
+    may retry the same request after ``retry_after_s`` seconds.
+    """
+
+    code = "database_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message, field=None)
+        self.retry_after_s = retry_after_s

@@ -5,16 +5,32 @@ They are the API's response bodies too, so the client and the server share one d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-TrialState = Literal["waiting", "running", "complete", "pruned", "failed"]
-StudyState = Literal["running", "paused", "stopped", "completed"]
-ACTIVE_STATES = ("waiting", "running")
-FINISHED_STATES = ("complete", "pruned", "failed")
-TRIAL_STATES = (*ACTIVE_STATES, *FINISHED_STATES)
+from hpo.service.states import (
+    ACTIVE_TRIAL_STATES,
+    FINISHED_TRIAL_STATES,
+    StudyState,
+    TrialState,
+)
+
+# In the order of the enum (for messages and queries); defined once in hpo.service.states.
+ACTIVE_STATES = tuple(s for s in TrialState if s in ACTIVE_TRIAL_STATES)
+FINISHED_STATES = tuple(s for s in TrialState if s in FINISHED_TRIAL_STATES)
+TRIAL_STATES = tuple(TrialState)
+
+
+@dataclass(frozen=True)
+class MetricInput:
+    """One metric point as a trial reports it."""
+
+    step: int
+    name: str
+    value: float
 
 
 class _Record(BaseModel):

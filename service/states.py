@@ -50,6 +50,18 @@ class StudyState(str, Enum):
 # Active trials hold (or are about to hold) a slot of max_concurrent; paused ones do not.
 ACTIVE_TRIAL_STATES = frozenset({TrialState.WAITING, TrialState.RUNNING})
 FINISHED_TRIAL_STATES = frozenset({TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAILED})
+# The states a study's ``counts`` report, in this order (the REST contract; ``paused`` joins them
+# once trials can pause).
+COUNTED_TRIAL_STATES = (
+    TrialState.WAITING,
+    TrialState.RUNNING,
+    TrialState.COMPLETE,
+    TrialState.PRUNED,
+    TrialState.FAILED,
+)
+# Where a new row starts: ask creates a trial already claimed by its asker; a study runs at once.
+NEW_TRIAL_STATE = TrialState.RUNNING
+NEW_STUDY_STATE = StudyState.RUNNING
 
 # new state → why it may follow each old state (the "why" is the documentation of the edge).
 TRIAL_TRANSITIONS: dict[TrialState, dict[TrialState, str]] = {
@@ -120,3 +132,19 @@ def check_study(old: str, new: str, *, study_id: int | None = None) -> StudyStat
         who = f"study {study_id}" if study_id is not None else "a study"
         raise IllegalTransition(f"{who} cannot go from {old} to {new}", field="state")
     return StudyState(new)
+
+
+def markdown_table() -> str:
+    """The transition tables as one Markdown table (pasted into docs/architecture.md, which a
+    test keeps equal to this)."""
+    lines = ["| Kind | From | To | When |", "| --- | --- | --- | --- |"]
+    lines.append(f"| trial | (new) | {NEW_TRIAL_STATE} | asked: a new suggestion is handed out |")
+    for kind, table in (("trial", TRIAL_TRANSITIONS), ("study", STUDY_TRANSITIONS)):
+        if kind == "study":
+            lines.append(f"| study | (new) | {NEW_STUDY_STATE} | created |")
+        for old, targets in table.items():
+            if not targets:
+                lines.append(f"| {kind} | {old} | — | final |")
+            for new, why in targets.items():
+                lines.append(f"| {kind} | {old} | {new} | {why} |")
+    return "\n".join(lines) + "\n"

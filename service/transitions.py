@@ -1,8 +1,10 @@
-"""Trial and study state transitions, inside a transaction the caller holds.
+"""The rules of trial and study life cycles, applied inside a transaction the caller holds.
 
-The rules live here once: how a trial finishes (and records why), when a failed attempt is
-retried, when a study's budget is spent and it completes, how a tell is read and compared.
-``StudyService`` calls these; nothing here opens a transaction of its own.
+How a trial finishes (and records why), when a failed attempt is retried, when a study's
+budget is spent and it completes, how a tell is read and compared. Every state it writes goes
+through :mod:`hpo.service.storage.transitions` (checked against the table in
+:mod:`hpo.service.states`); every row it reads comes from the storage package. Nothing here
+opens a transaction of its own.
 """
 
 from __future__ import annotations
@@ -14,35 +16,26 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hpo.service import storage as sql
-from hpo.service.db.models import MetricPoint, Study, Trial, utcnow
+from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import BudgetSpent, GridExhausted, InvalidInput
-from hpo.service.records import ACTIVE_STATES
 from hpo.service.samplers import make_sampler
 from hpo.service.samplers.base import Sampler
 from hpo.service.spec import StudySpec
+from hpo.service.states import StudyState, TrialState
+from hpo.service.storage import events, metrics, studies, trials
+from hpo.service.storage.records import parse_spec, spec_of
+from hpo.service.storage.transitions import set_study_state, set_trial_state
 
+__all__ = ["parse_spec", "spec_of"]  # re-exported: callers read specs through here too
 
-@lru_cache(maxsize=256)
-def _parse(spec_json: str) -> StudySpec:
-    return StudySpec.model_validate_json(spec_json)
+TELL_STATES = (TrialState.COMPLETE, TrialState.FAILED, TrialState.PRUNED)
 
 
 @lru_cache(maxsize=64)
 def _sampler(spec_json: str) -> Sampler:
-    return make_sampler(_parse(spec_json))
-
-
-def parse_spec(raw: dict[str, Any]) -> StudySpec:
-    """A stored spec (JSON) as a StudySpec; parsed once per distinct spec."""
-    return _parse(json.dumps(raw))
-
-
-def spec_of(study: Study) -> StudySpec:
-    return parse_spec(study.spec)
+    return make_sampler(StudySpec.model_validate_json(spec_json))
 
 
 def sampler_of(study: Study) -> Sampler:
@@ -79,10 +72,10 @@ def spent_error(study: Study, spec: StudySpec) -> BudgetSpent:
 
 
 def complete_if_done(s: Session, study: Study) -> None:
-    """Mark the study completed once its budget is spent and no trial is active."""
-    if study.state not in ("running", "paused"):
+    """Mark the (locked) study completed once its budget is spent and no trial is active."""
+    if study.state not in (StudyState.RUNNING, StudyState.PAUSED):
         return
-    running, waiting = sql.count_active(s, study.id)
+    running, waiting = studies.count_active(s, study.id)
     if running or waiting:
         return
     spec = spec_of(study)
@@ -92,26 +85,26 @@ def complete_if_done(s: Session, study: Study) -> None:
         reason = "budget.timeout_s reached"
     else:
         return
-    study.state = "completed"
-    study.state_reason = reason
-    study.finished_at = utcnow()
-    sql.touch(study)
+    set_study_state(study, StudyState.COMPLETED, reason=reason)
 
 
 def finish(
     s: Session,
     study: Study,
     trial: Trial,
-    state: str,
+    state: TrialState,
     values: list[float] | None,
     error: str | None,
     *,
     now: datetime | None = None,
 ) -> None:
     """Finish the trial (complete, pruned or failed), record the event, maybe complete the
-    study."""
+    study. Raises IllegalTransition when the trial cannot move to ``state``."""
     now = now or utcnow()
-    trial.state = state
+    detail = error if state == TrialState.FAILED else None
+    if state == TrialState.PRUNED and trial.pruned:
+        detail = prune_detail(trial.pruned)
+    set_trial_state(s, study, trial, state, detail=detail, now=now)
     trial.finished_at = now
     trial.lease_expires_at = None
     if values:
@@ -119,74 +112,60 @@ def finish(
         trial.values = list(values) if len(values) > 1 else None
     if error:
         trial.error = error
-    detail = error if state == "failed" else None
-    if state == "pruned" and trial.pruned:
-        detail = prune_detail(trial.pruned)
-    sql.add_event(s, trial, state, detail)
-    sql.touch(study, trial, now=now)
     s.flush()
     complete_if_done(s, study)
 
 
 def fail(s: Session, study: Study, trial: Trial, reason: str, *, retryable: bool) -> None:
     """End the trial's current attempt: back to waiting (same number, attempts + 1) while
-    ``max_retries`` allows and the study runs, else failed with ``reason``."""
+    ``max_retries`` allows and the study runs, else failed with ``reason``. A waiting trial
+    is already queued for its next attempt: only a failure without retry changes it."""
     spec = spec_of(study)
-    if retryable and trial.attempts <= spec.max_retries and study.state == "running":
-        sql.add_event(s, trial, "failed", f"attempt {trial.attempts}: {reason}; retrying")
-        trial.state = "waiting"
+    if retryable and trial.attempts <= spec.max_retries and study.state == StudyState.RUNNING:
+        if trial.state == TrialState.WAITING:
+            return
+        events.add(s, trial, TrialState.FAILED, f"attempt {trial.attempts}: {reason}; retrying")
         trial.error = reason
         trial.attempts += 1
         trial.lease_expires_at = None
-        sql.add_event(s, trial, "waiting", f"queued for attempt {trial.attempts}")
-        sql.touch(study, trial)
+        set_trial_state(
+            s, study, trial, TrialState.WAITING, detail=f"queued for attempt {trial.attempts}"
+        )
         return
-    finish(s, study, trial, "failed", None, reason)
+    finish(s, study, trial, TrialState.FAILED, None, reason)
 
 
 def stop_active(s: Session, study: Study) -> None:
     """Fail every running or waiting trial of a study that was stopped."""
-    active = s.scalars(
-        select(Trial).where(Trial.study_id == study.id, Trial.state.in_(ACTIVE_STATES))
-    )
     now = utcnow()
-    for trial in active:
-        trial.state = "failed"
-        trial.error = "study stopped"
-        trial.finished_at = now
-        trial.lease_expires_at = None
-        sql.add_event(s, trial, "failed", "study stopped")
-        sql.touch(study, trial, now=now)
+    for trial in trials.active(s, [study.id]):
+        finish(s, study, trial, TrialState.FAILED, None, "study stopped", now=now)
 
 
 def last_watched_value(s: Session, trial: Trial, spec: StudySpec) -> list[float] | None:
     """The objective's newest reported value (a pruned trial's value), single objective only."""
     if spec.multi_objective:
         return None
-    value = s.scalar(
-        select(MetricPoint.value)
-        .where(MetricPoint.trial_id == trial.id, MetricPoint.name == spec.objectives[0].metric)
-        .order_by(MetricPoint.step.desc(), MetricPoint.id.desc())
-        .limit(1)
-    )
+    value = metrics.last_value(s, trial.id, spec.objectives[0].metric)
     return None if value is None else [value]
 
 
 def parse_outcome(
     spec: StudySpec, value: float | None, values: Sequence[float] | None, state: str | None
-) -> tuple[str, list[float] | None]:
+) -> tuple[TrialState, list[float] | None]:
     """Read a tell into (state, values); InvalidInput naming the field when it cannot be."""
     if value is not None and values is not None:
         raise InvalidInput("give either `value` or `values`, not both", field="value")
     vals = [value] if value is not None else (list(values) if values is not None else None)
-    state = state or "complete"
-    if state not in ("complete", "failed", "pruned"):
+    state = state or TrialState.COMPLETE
+    if state not in TELL_STATES:
         raise InvalidInput(
-            f"state must be one of complete, failed, pruned; got {state!r}", field="state"
+            f"state must be one of {', '.join(TELL_STATES)}; got {state!r}", field="state"
         )
-    if state == "complete" and vals is None:
+    state = TrialState(state)
+    if state == TrialState.COMPLETE and vals is None:
         raise InvalidInput("a complete trial needs `value` (or `values`)", field="value")
-    if state == "failed" and vals is not None:
+    if state == TrialState.FAILED and vals is not None:
         raise InvalidInput("a failed trial takes no value", field="value")
     if vals is not None:
         field = "value" if value is not None else "values"
@@ -200,17 +179,17 @@ def parse_outcome(
                 "value(s)",
                 field=field,
             )
-        if state == "pruned" and spec.multi_objective:
+        if state == TrialState.PRUNED and spec.multi_objective:
             vals = None
     return state, [float(v) for v in vals] if vals is not None else None
 
 
-def same_outcome(trial: Trial, outcome: tuple[str, list[float] | None]) -> bool:
+def same_outcome(trial: Trial, outcome: tuple[TrialState, list[float] | None]) -> bool:
     """Whether a repeated tell says what the finished trial already records."""
     state, vals = outcome
     if trial.state != state:
         return False
-    if state == "complete":
+    if state == TrialState.COMPLETE:
         stored = trial.values if trial.values is not None else [trial.value]
         return stored == vals
     return vals is None or (trial.value is not None and [trial.value] == vals)

@@ -22,13 +22,13 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
-from hpo.api.deps import Cursor, Service, StudyId, TrialId
+from hpo.api.deps import Cursor, Reader, StudyId, TrialId
 from hpo.api.routes.conditional import not_modified
 from hpo.service import analysis
 from hpo.service.errors import InvalidInput
 from hpo.service.records import StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec
-from hpo.service.studies import MAX_PAGE, StudyService
+from hpo.service.storage import MAX_PAGE, Storage
 
 router = APIRouter(tags=["dashboard"])
 pages = APIRouter(include_in_schema=False)
@@ -51,10 +51,10 @@ class _TrialMirror:
         self.cursor: int | None = None
         self.lock = threading.Lock()
 
-    def refresh(self, service: StudyService, study_id: int) -> list[TrialRecord]:
+    def refresh(self, storage: Storage, study_id: int) -> list[TrialRecord]:
         with self.lock:
             while True:
-                page, self.cursor = service.list_trials(study_id, since=self.cursor)
+                page, self.cursor = storage.list_trials(study_id, since=self.cursor)
                 self.trials.update((t.id, t) for t in page)
                 if len(page) < MAX_PAGE:
                     return list(self.trials.values())
@@ -66,42 +66,42 @@ def _mirror(study_id: int) -> _TrialMirror:
     return _TrialMirror()
 
 
-def _study_trials(service: StudyService, study_id: int) -> tuple[list[TrialRecord], tuple]:
+def _study_trials(storage: Storage, study_id: int) -> tuple[list[TrialRecord], tuple]:
     """Every trial of the study, and a key that changes whenever a complete trial does."""
-    trials = _mirror(study_id).refresh(service, study_id)
+    trials = _mirror(study_id).refresh(storage, study_id)
     done = [t for t in trials if t.state == "complete"]
     return trials, (study_id, len(done), max((t.seq for t in done), default=0))
 
 
-def _series_key(service: StudyService, trial: TrialRecord, max_points: int) -> tuple:
+def _series_key(storage: Storage, trial: TrialRecord, max_points: int) -> tuple:
     return (trial.id, trial.seq, max_points)
 
 
 @cached(LRUCache(4096), key=_series_key, condition=threading.Condition())
-def _trial_series(service: StudyService, trial: TrialRecord, max_points: int) -> dict:
+def _trial_series(storage: Storage, trial: TrialRecord, max_points: int) -> dict:
     """Every metric of the trial, downsampled (cached until the trial changes)."""
     if trial.last_step is None:
         return {}
-    points = ((p.name, p.step, p.value) for p in service.metrics(trial.id))
+    points = ((p.name, p.step, p.value) for p in storage.metrics(trial.id))
     return analysis.metric_series(points, max_points)
 
 
-def _prefetch_series(service: StudyService, trials: list[TrialRecord], max_points: int) -> None:
+def _prefetch_series(storage: Storage, trials: list[TrialRecord], max_points: int) -> None:
     """Load the series of every trial not cached yet, 200 trials per query."""
     cache, lock = _trial_series.cache, _trial_series.cache_lock
     with lock:
         missing = [
             t
             for t in trials
-            if t.last_step is not None and _series_key(service, t, max_points) not in cache
+            if t.last_step is not None and _series_key(storage, t, max_points) not in cache
         ]
     for start in range(0, len(missing), 200):
         chunk = missing[start : start + 200]
-        points = service.metric_points([t.id for t in chunk])
+        points = storage.metric_points([t.id for t in chunk])
         series = {t.id: analysis.metric_series(points[t.id], max_points) for t in chunk}
         with lock:
             for t in chunk:
-                cache[_series_key(service, t, max_points)] = series[t.id]
+                cache[_series_key(storage, t, max_points)] = series[t.id]
 
 
 @cached(
@@ -134,8 +134,8 @@ def _contour(
     return analysis.contour(spec, trials, x, y, objective, size=size)
 
 
-def _study_tag(service: StudyService, study_id: int, what: str, *options: Any) -> str:
-    return f'"{what}-{study_id}-{service.study_seq(study_id)}-{_digest(options)}"'
+def _study_tag(storage: Storage, study_id: int, what: str, *options: Any) -> str:
+    return f'"{what}-{study_id}-{storage.study_seq(study_id)}-{_digest(options)}"'
 
 
 def _digest(value: Any) -> str:
@@ -229,7 +229,7 @@ def _summary(s: StudyRecord) -> StudySummary:
 
 @router.get("/dashboard/studies", response_model=StudySummaryPage)
 def study_summaries(
-    service: Service,
+    storage: Reader,
     request: Request,
     response: Response,
     state: Annotated[str | None, Query(pattern="^(running|paused|stopped|completed)$")] = None,
@@ -239,7 +239,7 @@ def study_summaries(
     studies: list[StudyRecord] = []
     cursor = None
     while len(studies) < limit:
-        page, cursor = service.list_studies(state=state, limit=limit - len(studies), cursor=cursor)
+        page, cursor = storage.list_studies(state=state, limit=limit - len(studies), cursor=cursor)
         studies.extend(page)
         if cursor is None:
             break
@@ -253,7 +253,7 @@ def study_summaries(
 @router.get("/studies/{study_id}/curves", response_model=CurvesPage)
 def curves(
     study_id: StudyId,
-    service: Service,
+    storage: Reader,
     request: Request,
     response: Response,
     metric: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
@@ -263,31 +263,31 @@ def curves(
 ):
     """Learning curves: one downsampled series of ``metric`` (the first objective's by
     default) per trial changed after cursor ``since``; pass ``cursor`` back as ``since``."""
-    tag = _study_tag(service, study_id, "curves", metric, max_points, since, limit)
+    tag = _study_tag(storage, study_id, "curves", metric, max_points, since, limit)
     if (answer := not_modified(request, tag)) is not None:
         return answer
     response.headers["ETag"] = tag
-    return _curves_page(tag, service, study_id, metric, max_points, since, limit)
+    return _curves_page(tag, storage, study_id, metric, max_points, since, limit)
 
 
 # Pages polling one study ask for the same delta, which its ETag names: the first computes it.
 @cached(LRUCache(16), key=lambda tag, *_: tag, condition=threading.Condition())
 def _curves_page(
     tag: str,
-    service: StudyService,
+    storage: Storage,
     study_id: int,
     metric: str | None,
     max_points: int,
     since: int | None,
     limit: int,
 ) -> CurvesPage:
-    metric = metric or service.spec_of(study_id).objectives[0].metric
-    trials, cursor = service.list_trials(study_id, since=since, limit=limit)
-    _prefetch_series(service, trials, max_points)
+    metric = metric or storage.spec_of(study_id).objectives[0].metric
+    trials, cursor = storage.list_trials(study_id, since=since, limit=limit)
+    _prefetch_series(storage, trials, max_points)
     names: set[str] = set()
     out = []
     for t in trials:
-        series = _trial_series(service, t, max_points)
+        series = _trial_series(storage, t, max_points)
         names.update(series)
         if metric in series:
             s = series[metric]
@@ -299,19 +299,19 @@ def _curves_page(
 @router.get("/studies/{study_id}/importance", response_model=ImportanceAnswer)
 def importance(
     study_id: StudyId,
-    service: Service,
+    storage: Reader,
     request: Request,
     response: Response,
     objective: Objective = 0,
 ):
     """How much each parameter explains the objective (random forest over complete trials;
     normalised to sum 1)."""
-    tag = _study_tag(service, study_id, "importance", objective)
+    tag = _study_tag(storage, study_id, "importance", objective)
     if (answer := not_modified(request, tag)) is not None:
         return answer
-    spec = service.spec_of(study_id)
+    spec = storage.spec_of(study_id)
     objective = _objective(spec, objective)
-    trials, key = _study_trials(service, study_id)
+    trials, key = _study_trials(storage, study_id)
     result = _importance(spec, trials, key, objective)
     response.headers["ETag"] = tag
     return ImportanceAnswer(
@@ -325,7 +325,7 @@ def importance(
 @router.get("/studies/{study_id}/contour")
 def contour(
     study_id: StudyId,
-    service: Service,
+    storage: Reader,
     request: Request,
     response: Response,
     x: Annotated[str, Query(min_length=1, max_length=128)],
@@ -338,12 +338,12 @@ def contour(
 ) -> Any:
     """The objective estimated over a grid of parameters ``x`` and ``y``, with the complete
     trials it was estimated from (``z[j][i]`` is at ``x.values[i]``, ``y.values[j]``)."""
-    tag = _study_tag(service, study_id, "contour", x, y, objective, size, points)
+    tag = _study_tag(storage, study_id, "contour", x, y, objective, size, points)
     if (answer := not_modified(request, tag)) is not None:
         return answer
-    spec = service.spec_of(study_id)
+    spec = storage.spec_of(study_id)
     objective = _objective(spec, objective)
-    trials, key = _study_trials(service, study_id)
+    trials, key = _study_trials(storage, study_id)
     result = _contour(spec, trials, key, x, y, objective, size)
     response.headers["ETag"] = tag
     return result if points else {**result, "points": []}
@@ -352,17 +352,17 @@ def contour(
 @router.get("/trials/{trial_id}/series", response_model=TrialSeries)
 def trial_series(
     trial_id: TrialId,
-    service: Service,
+    storage: Reader,
     request: Request,
     response: Response,
     max_points: MaxPoints = 1000,
 ):
     """Every metric of the trial, each downsampled to at most ``max_points`` points."""
-    trial = service.get_trial(trial_id, events=False)
+    trial = storage.get_trial(trial_id, events=False)
     tag = f'"series-{trial_id}-{trial.seq}-{max_points}"'
     if (answer := not_modified(request, tag)) is not None:
         return answer
-    series = _trial_series(service, trial, max_points)
+    series = _trial_series(storage, trial, max_points)
     response.headers["ETag"] = tag
     return TrialSeries(trial_id=trial_id, series={k: s.as_dict() for k, s in series.items()})
 

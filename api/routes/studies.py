@@ -8,15 +8,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from hpo.api.deps import Cursor, QueryText, Service, StudyId
+from hpo.api.deps import Cursor, QueryText, Reader, Service, StudyId
 from hpo.api.routes.conditional import answer
 from hpo.api.schemas import AskAnswer, BestAnswer, StudyPage, StudyPatch, TrialPage
 from hpo.service.errors import InvalidInput
 from hpo.service.export import trial_rows
 from hpo.service.records import TRIAL_STATES, StudyRecord
 from hpo.service.spec import StudySpec
+from hpo.service.states import StudyState
+from hpo.service.storage import Storage
 
 router = APIRouter(prefix="/studies", tags=["studies"])
+STUDY_STATE = "^(" + "|".join(s.value for s in StudyState) + ")$"
 
 
 @router.post("", status_code=201, response_model=StudyRecord)
@@ -29,22 +32,22 @@ def create_study(spec: StudySpec, service: Service, response: Response) -> Study
 
 @router.get("", response_model=StudyPage)
 def list_studies(
-    service: Service,
-    state: Annotated[str | None, Query(pattern="^(running|paused|stopped|completed)$")] = None,
+    storage: Reader,
+    state: Annotated[str | None, Query(pattern=STUDY_STATE)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: Cursor = None,
     name: QueryText = None,
 ) -> StudyPage:
     """Studies, newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
-    studies, next_cursor = service.list_studies(state=state, limit=limit, cursor=cursor, name=name)
+    studies, next_cursor = storage.list_studies(state=state, limit=limit, cursor=cursor, name=name)
     return StudyPage(studies=studies, next_cursor=next_cursor)
 
 
 @router.get("/{study_id}", response_model=StudyRecord)
-def get_study(study_id: StudyId, service: Service, request: Request, response: Response):
+def get_study(study_id: StudyId, storage: Reader, request: Request, response: Response):
     """Spec, state, trial counts per state and best trial. Honours ``If-None-Match``."""
-    tag = f'"study-{study_id}-{service.study_seq(study_id)}"'
-    return answer(request, response, tag, lambda: service.get_study(study_id))
+    tag = f'"study-{study_id}-{storage.study_seq(study_id)}"'
+    return answer(request, response, tag, lambda: storage.get_study(study_id))
 
 
 @router.patch("/{study_id}", response_model=StudyRecord)
@@ -78,7 +81,7 @@ def ask(study_id: StudyId, service: Service) -> AskAnswer:
 @router.get("/{study_id}/trials", response_model=TrialPage)
 def list_trials(
     study_id: StudyId,
-    service: Service,
+    storage: Reader,
     request: Request,
     response: Response,
     state: str | None = None,
@@ -89,27 +92,27 @@ def list_trials(
     states = _states(state)
     # The validated states, not the raw query: the tag goes into a header verbatim.
     filter_ = ",".join(states or [])
-    tag = f'"trials-{study_id}-{service.study_seq(study_id)}-{since}-{filter_}-{limit}"'
+    tag = f'"trials-{study_id}-{storage.study_seq(study_id)}-{since}-{filter_}-{limit}"'
 
     def page() -> TrialPage:
-        trials, cursor = service.list_trials(study_id, states=states, since=since, limit=limit)
+        trials, cursor = storage.list_trials(study_id, states=states, since=since, limit=limit)
         return TrialPage(trials=trials, cursor=cursor)
 
     return answer(request, response, tag, page)
 
 
 @router.get("/{study_id}/best", response_model=BestAnswer)
-def best(study_id: StudyId, service: Service) -> BestAnswer:
+def best(study_id: StudyId, storage: Reader) -> BestAnswer:
     """The best complete trial, and the Pareto front of a multi-objective study."""
-    best_trial, front = service.best(study_id)
+    best_trial, front = storage.best(study_id)
     return BestAnswer(best_trial=best_trial, best_trials=front)
 
 
 @router.get("/{study_id}/export.csv", response_class=Response)
-def export_csv(study_id: StudyId, service: Service) -> Response:
+def export_csv(study_id: StudyId, storage: Reader) -> Response:
     """Every trial as one CSV row (number, state, value(s), params_*, timings)."""
-    study = service.get_study(study_id)
-    trials = _all_trials(service, study_id)
+    study = storage.get_study(study_id)
+    trials = _all_trials(storage, study_id)
     metrics = [o.metric for o in StudySpec.model_validate(study.spec).objectives]
     columns, rows = trial_rows(trials, metrics)
     out = io.StringIO()
@@ -124,10 +127,10 @@ def export_csv(study_id: StudyId, service: Service) -> Response:
     )
 
 
-def _all_trials(service: Service, study_id: int) -> list:
+def _all_trials(storage: Storage, study_id: int) -> list:
     trials, since = [], None
     while True:
-        page, cursor = service.list_trials(study_id, since=since)
+        page, cursor = storage.list_trials(study_id, since=since)
         trials.extend(page)
         if len(page) < 1000:
             return trials

@@ -6,18 +6,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from hpo.api.deps import QueryText, Service, TrialId
+from hpo.api.deps import QueryText, Reader, Service, TrialId
 from hpo.api.schemas import MAX_STEP, MetricPage, MetricsBody, ShouldStop, TellBody
-from hpo.service.records import TrialRecord
-from hpo.service.studies import MetricInput
+from hpo.service.records import MetricInput, TrialRecord
 
 router = APIRouter(prefix="/trials", tags=["trials"])
 
 
 @router.get("/{trial_id}", response_model=TrialRecord)
-def get_trial(trial_id: TrialId, service: Service) -> TrialRecord:
+def get_trial(trial_id: TrialId, storage: Reader) -> TrialRecord:
     """Params, state, value, attempts, timings, where it ran, and its state history."""
-    return service.get_trial(trial_id)
+    return storage.get_trial(trial_id)
 
 
 @router.post("/{trial_id}/tell", response_model=TrialRecord)
@@ -45,9 +44,9 @@ def heartbeat(trial_id: TrialId, service: Service) -> ShouldStop:
 @router.get("/{trial_id}/metrics", response_model=MetricPage)
 def metrics(
     trial_id: TrialId,
-    service: Service,
+    storage: Reader,
     name: QueryText = None,
     since_step: Annotated[int | None, Query(ge=-1, le=MAX_STEP)] = None,
 ) -> MetricPage:
     """Metric points in step order; ``since_step`` returns only later steps."""
-    return MetricPage(points=service.metrics(trial_id, name=name, since_step=since_step))
+    return MetricPage(points=storage.metrics(trial_id, name=name, since_step=since_step))

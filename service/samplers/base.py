@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from hpo.service.spec import StudySpec
+from hpo.service.states import TrialState
 
 
 @dataclass(frozen=True)
@@ -18,14 +19,14 @@ class ObservedTrial:
     """What a sampler may know of an earlier trial."""
 
     number: int
-    state: str  # waiting | running | complete | pruned | failed
+    state: TrialState  # a plain string value is accepted too
     params: dict[str, Any]
     values: tuple[float, ...] | None = None
     intermediate: dict[int, float] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
-        return self.state in ("complete", "pruned", "failed")
+        return TrialState(self.state).finished
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,11 @@ class StudyView:
 
     @property
     def complete(self) -> list[ObservedTrial]:
-        return [t for t in self.trials if t.state == "complete" and t.values is not None]
+        return [t for t in self.trials if t.state == TrialState.COMPLETE and t.values is not None]
 
     @property
     def pending(self) -> list[ObservedTrial]:
-        return [t for t in self.trials if t.state in ("running", "waiting")]
+        return [t for t in self.trials if TrialState(t.state).active]
 
 
 @dataclass(frozen=True)

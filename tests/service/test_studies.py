@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import select
 
+from hpo.service import transitions
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.db.models import MetricPoint, Trial
 from hpo.service.errors import (
@@ -22,7 +23,8 @@ from hpo.service.errors import (
     TrialNotFound,
 )
 from hpo.service.spec import StudySpec
-from hpo.service.storage import Storage
+from hpo.service.states import IllegalTransition
+from hpo.service.storage import Storage, trials
 from hpo.service.studies import MetricInput, StudyService
 from tests.conftest import simple_spec
 
@@ -217,6 +219,43 @@ def test_pause_resume_stop(service: StudyService) -> None:
     assert service.report(running.id, [MetricInput(1, "loss", 1.0)]) is True
     with pytest.raises(StudyNotRunning):
         service.update_study(sid, state="running")
+
+
+def test_stopping_finishes_active_trials_like_any_failure(service: StudyService) -> None:
+    sid = create(service, max_retries=1)
+    running = service.ask(sid)
+    retried = service.ask(sid)
+    service.fail_attempt(retried.id, "worker died")  # waiting for attempt 2
+    service.update_study(sid, state="stopped")
+    for trial_id in (running.id, retried.id):
+        trial = service.get_trial(trial_id)
+        assert trial.state == "failed" and trial.error == "study stopped"
+        assert trial.finished_at is not None and trial.lease_expires_at is None
+        assert (trial.events[-1].state, trial.events[-1].detail) == ("failed", "study stopped")
+    assert service.get_study(sid).finished_at is not None
+
+
+def test_failing_a_waiting_trial_again_only_counts_without_retry(service: StudyService) -> None:
+    sid = create(service, max_retries=3)
+    t = service.ask(sid)
+    service.fail_attempt(t.id, "worker died")
+    again = service.fail_attempt(t.id, "still queued")  # no attempt runs: nothing to end
+    assert again.state == "waiting" and again.attempts == 2 and again.error == "worker died"
+    final = service.fail_attempt(t.id, "cannot run", retryable=False)
+    assert final.state == "failed" and final.error == "cannot run"
+    assert service.fail_attempt(t.id, "late").state == "failed"  # a finished trial stays
+
+
+def test_an_illegal_move_raises_and_stores_nothing(service: StudyService) -> None:
+    sid = create(service)
+    t = service.ask(sid)
+    service.tell(t.id, value=1.0)
+    seq = service.study_seq(sid)
+    late = pytest.raises(IllegalTransition, match="from complete to failed")
+    with late, service.storage.write() as s:
+        study, trial = trials.lock(s, t.id)
+        transitions.fail(s, study, trial, "late failure", retryable=True)
+    assert service.get_trial(t.id).state == "complete" and service.study_seq(sid) == seq
 
 
 def test_budget_patch(service: StudyService) -> None:

@@ -1,0 +1,147 @@
+"""Handing out trials: a waiting (retried) trial first, else a new suggestion of the sampler.
+
+The sampler runs outside any lock (a GP suggestion may take seconds); the trial number is then
+claimed by compare-and-set on the study's ``next_number`` in a short write transaction, and
+the whole is retried when another asker claimed it first. ``StudyService.ask`` calls
+:func:`ask` after expiring stale leases.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from hpo.service import transitions
+from hpo.service.db.models import Study, utcnow
+from hpo.service.errors import (
+    BudgetSpent,
+    ConcurrencyLimit,
+    Conflict,
+    GridExhausted,
+    StudyNotRunning,
+)
+from hpo.service.records import TrialRecord
+from hpo.service.samplers.base import StudyView, Suggestion
+from hpo.service.spec import StudySpec
+from hpo.service.states import StudyState, TrialState
+from hpo.service.storage import Storage, studies, trials
+from hpo.service.storage.records import trial_record
+from hpo.service.storage.transitions import set_trial_state
+
+MAX_ASK_ATTEMPTS = 50
+
+
+def ask(storage: Storage, study_id: int, *, dispatched: bool) -> TrialRecord:
+    """A claimed (running) trial of the study: a waiting one first, else a new suggestion.
+
+    Raises StudyNotFound, StudyNotRunning, BudgetSpent (GridExhausted: the study completes
+    once no trial is active), ConcurrencyLimit, Conflict (a trainable study asked by a client,
+    or too many concurrent asks). ``dispatched`` marks a call from the scheduler.
+    """
+    for _ in range(MAX_ASK_ATTEMPTS):
+        with storage.read() as s:
+            study = studies.get(s, study_id)
+            spec = transitions.spec_of(study)
+            check_can_ask(storage, s, study, spec, dispatched)
+            waiting = trials.first_waiting(s, study_id)
+            if waiting is None:
+                number = study.next_number
+                if number >= transitions.budget_limit(study, spec):
+                    complete_if_done(storage, study_id)
+                    raise transitions.spent_error(study, spec)
+                sampler = transitions.sampler_of(study)
+                observed = (
+                    trials.observed(s, study, spec.pruned_metric) if sampler.uses_history else ()
+                )
+                view = StudyView(spec, observed, number)
+        if waiting is not None:
+            claimed = _claim_waiting(storage, study_id, waiting, spec, dispatched)
+        else:
+            try:
+                suggestion = sampler.suggest(view)
+            except GridExhausted:
+                complete_if_done(storage, study_id)
+                raise
+            claimed = _claim_new(storage, study_id, number, spec, suggestion, dispatched)
+        if claimed is not None:
+            return claimed
+    raise Conflict(f"study {study_id}: too many concurrent asks, try again")
+
+
+def check_can_ask(
+    storage: Storage, s: Session, study: Study, spec: StudySpec, dispatched: bool
+) -> None:
+    """Raise why the study hands out no trial now (see :func:`ask`), if it does not."""
+    if spec.trainable is not None and not dispatched:
+        raise Conflict(
+            f"study {study.id} runs trainable {spec.trainable.name!r} on the cluster; "
+            "ask/tell is for studies without a trainable",
+            field="study_id",
+        )
+    if study.state == StudyState.COMPLETED and study.next_number >= transitions.budget_limit(
+        study, spec
+    ):
+        raise transitions.spent_error(study, spec)
+    if study.state != StudyState.RUNNING:
+        reason = f" ({study.state_reason})" if study.state_reason else ""
+        raise StudyNotRunning(f"study {study.id} is {study.state}{reason}", field="state")
+    if transitions.timed_out(study, spec):
+        complete_if_done(storage, study.id)
+        raise BudgetSpent(
+            f"study {study.id} ran out of time (budget.timeout_s = {spec.budget.timeout_s})",
+            field="budget.timeout_s",
+        )
+    limit = spec.budget.max_concurrent
+    if limit is not None:
+        running, _ = studies.count_active(s, study.id)
+        if running >= limit:
+            raise ConcurrencyLimit(
+                f"study {study.id} already has {running} running trials "
+                f"(budget.max_concurrent = {limit})",
+                field="budget.max_concurrent",
+            )
+
+
+def complete_if_done(storage: Storage, study_id: int) -> None:
+    """In a transaction of its own: complete the study if its budget is spent and no trial
+    is active."""
+    with storage.write() as s:
+        transitions.complete_if_done(s, studies.get(s, study_id, lock=True))
+
+
+def _claim_waiting(
+    storage: Storage, study_id: int, trial_id: int, spec: StudySpec, dispatched: bool
+) -> TrialRecord | None:
+    """Claim the waiting trial for its next attempt; None if another asker got it."""
+    with storage.write() as s:
+        study = studies.get(s, study_id, lock=True)
+        check_can_ask(storage, s, study, spec, dispatched)
+        trial = trials.get_trial(s, trial_id)
+        if trial.state != TrialState.WAITING:
+            return None
+        now = utcnow()
+        set_trial_state(
+            s, study, trial, TrialState.RUNNING, detail=f"attempt {trial.attempts}", now=now
+        )
+        trial.started_at = now
+        trials.renew_lease(trial, spec.lease_s, now)
+        return trial_record(trial)
+
+
+def _claim_new(
+    storage: Storage,
+    study_id: int,
+    number: int,
+    spec: StudySpec,
+    suggestion: Suggestion,
+    dispatched: bool,
+) -> TrialRecord | None:
+    """Create trial ``number``; None if another asker took that number first."""
+    with storage.write() as s:
+        study = studies.get(s, study_id, lock=True)
+        if study.next_number != number:
+            return None  # another asker claimed this number: sample again
+        check_can_ask(storage, s, study, spec, dispatched)
+        trial = trials.insert(
+            s, study, number, suggestion.params, suggestion.info, lease_s=spec.lease_s, now=utcnow()
+        )
+        return trial_record(trial)

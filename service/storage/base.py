@@ -1,0 +1,178 @@
+"""The storage contract: every read the API and the scheduler make, and the small writes of
+fields that carry no state (placement, checkpoint, test metrics).
+
+Each method is one transaction and returns records (never rows). Every method may raise
+:class:`~hpo.service.errors.DatabaseUnavailable` when the database is unreachable or locked;
+the other errors each one raises are listed in its docstring. Methods are safe to call from
+many threads at once: they share nothing but the engine's connection pool.
+
+Workflows that read and then write (ask, tell, report, leases) are not here: ``StudyService``
+composes them from the per-table functions in this package inside one :meth:`write`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
+from hpo.service.spec import StudySpec
+from hpo.service.states import StudyState, TrialState
+from hpo.service.storage import events as event_rows
+from hpo.service.storage import metrics, studies, trials
+from hpo.service.storage.records import parse_spec, spec_of, trial_record
+from hpo.service.storage.session import Transactions
+
+MAX_PAGE = studies.MAX_PAGE
+
+
+class Storage(Transactions):
+    """Studies, trials and metric points in one SQL database (SQLite or PostgreSQL)."""
+
+    # ------------------------------------------------------------------ studies
+
+    def get_study(self, study_id: int) -> StudyRecord:
+        """The study with its counts and best trial(s). Raises StudyNotFound."""
+        with self.read() as s:
+            return studies.record(s, studies.get(s, study_id))
+
+    def study_id(self, ref: int | str) -> int:
+        """The id of the study named by an id or a name. Raises StudyNotFound."""
+        with self.read() as s:
+            return studies.resolve(s, ref)
+
+    def study_seq(self, study_id: int) -> int:
+        """The study's change sequence: it grows with every change of the study or one of its
+        trials. Raises StudyNotFound."""
+        with self.read() as s:
+            return studies.seq(s, study_id)
+
+    def spec_of(self, study_id: int) -> StudySpec:
+        """The study's spec. Raises StudyNotFound."""
+        with self.read() as s:
+            return spec_of(studies.get(s, study_id))
+
+    def list_studies(
+        self,
+        *,
+        state: str | None = None,
+        limit: int = 50,
+        cursor: int | None = None,
+        name: str | None = None,
+    ) -> tuple[list[StudyRecord], int | None]:
+        """Studies newest first (in ``state``, named ``name``), at most ``limit`` (capped at
+        MAX_PAGE); and the cursor (an id) to continue below, or None after the last page."""
+        with self.read() as s:
+            rows, next_cursor = studies.page(s, state=state, limit=limit, cursor=cursor, name=name)
+            return [studies.record(s, st) for st in rows], next_cursor
+
+    def best(self, study_id: int) -> tuple[TrialRecord | None, list[TrialRecord]]:
+        """The best complete trial, and the Pareto front (multi-objective studies: the best
+        trial is then None). Raises StudyNotFound."""
+        with self.read() as s:
+            return studies.best(s, studies.get(s, study_id))
+
+    def studies_in(
+        self, states: Sequence[StudyState], *, dispatched: bool = False
+    ) -> list[tuple[int, StudyState, StudySpec]]:
+        """(id, state, spec) of every study in one of ``states``, oldest first; only those
+        with a trainable (that the service runs itself) when ``dispatched``."""
+        with self.read() as s:
+            rows = studies.in_states(s, states)
+        return [
+            (sid, StudyState(state), parse_spec(raw))
+            for sid, state, raw in rows
+            if raw.get("trainable") or not dispatched
+        ]
+
+    # ------------------------------------------------------------------- trials
+
+    def get_trial(self, trial_id: int, *, events: bool = True) -> TrialRecord:
+        """The trial, with its history when ``events``. Raises TrialNotFound."""
+        with self.read() as s:
+            trial = trials.get_trial(s, trial_id)
+            history = event_rows.of_trial(s, trial_id) if events else None
+            return trial_record(trial, events=history)
+
+    def trial_checkpoint(self, trial_id: int) -> str | None:
+        """The path of the trial's newest checkpoint, if any. Raises TrialNotFound."""
+        with self.read() as s:
+            return trials.get_trial(s, trial_id).checkpoint
+
+    def list_trials(
+        self,
+        study_id: int,
+        *,
+        states: Sequence[str] | None = None,
+        since: int | None = None,
+        limit: int = MAX_PAGE,
+    ) -> tuple[list[TrialRecord], int]:
+        """Trials changed after cursor ``since`` (all when None), oldest change first, at most
+        ``limit``; and the cursor to pass next time. Raises StudyNotFound."""
+        with self.read() as s:
+            study = studies.get(s, study_id)
+            rows = trials.page(s, study_id, states=states, since=since, limit=limit)
+            full = len(rows) == max(1, min(limit, MAX_PAGE))
+            cursor = rows[-1].seq if full else max(study.seq, since or 0)
+            return [trial_record(t) for t in rows], cursor
+
+    def active_trials(self, study_ids: Sequence[int]) -> list[TrialRecord]:
+        """Running and waiting trials of these studies."""
+        if not study_ids:
+            return []
+        with self.read() as s:
+            return [trial_record(t) for t in trials.active(s, study_ids)]
+
+    def trial_states(self, trial_ids: Sequence[int]) -> dict[int, TrialState]:
+        """The state of each of ``trial_ids`` that still exists (deleted ones are absent)."""
+        with self.read() as s:
+            return trials.states(s, trial_ids)
+
+    # ------------------------------------------------------------------ metrics
+
+    def metrics(
+        self,
+        trial_id: int,
+        *,
+        name: str | None = None,
+        since_step: int | None = None,
+        limit: int = 100_000,
+    ) -> list[MetricPointRecord]:
+        """The trial's metric points in step order. Raises TrialNotFound."""
+        with self.read() as s:
+            trials.get_trial(s, trial_id)
+            return metrics.of_trial(s, trial_id, name=name, since_step=since_step, limit=limit)
+
+    def metric_points(
+        self, trial_ids: Sequence[int], *, name: str | None = None
+    ) -> dict[int, list[tuple[str, int, float]]]:
+        """``(name, step, value)`` in step order per trial, for many trials in one query:
+        plots over thousands of trials build no record per point. Unknown ids map to []."""
+        if not trial_ids:
+            return {}
+        with self.read() as s:
+            return metrics.of_trials(s, trial_ids, name=name)
+
+    # ----------------------------------------------- fields that carry no state
+
+    def merge_placement(self, trial_id: int, placement: dict[str, Any]) -> None:
+        """Merge ``placement`` (node, world size, devices, executor handle) into the trial's.
+        Raises TrialNotFound."""
+        with self.write() as s:
+            study, trial = trials.lock(s, trial_id)
+            trial.placement = {**(trial.placement or {}), **placement}
+            studies.touch(study, trial)
+
+    def set_checkpoint(self, trial_id: int, path: str) -> None:
+        """Record the trial's newest checkpoint. Raises TrialNotFound."""
+        with self.write() as s:
+            study, trial = trials.lock(s, trial_id)
+            trial.checkpoint = path
+            studies.touch(study, trial)
+
+    def set_test_metrics(self, trial_id: int, test_metrics: dict[str, Any]) -> None:
+        """Record the trial's held-out test metrics. Raises TrialNotFound."""
+        with self.write() as s:
+            study, trial = trials.lock(s, trial_id)
+            trial.test_metrics = test_metrics
+            studies.touch(study, trial)

@@ -1,0 +1,24 @@
+"""A trial's history: one row per state change, retry or lease expiry."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from hpo.service.db.models import Trial, TrialEvent
+
+
+def add(session: Session, trial: Trial, state: str, detail: str | None = None) -> None:
+    """Append a line to the trial's history, stamped with its current attempt."""
+    session.add(
+        TrialEvent(trial_id=trial.id, state=str(state), attempt=trial.attempts, detail=detail)
+    )
+
+
+def of_trial(session: Session, trial_id: int) -> list[TrialEvent]:
+    """The trial's history, oldest first."""
+    return list(
+        session.scalars(
+            select(TrialEvent).where(TrialEvent.trial_id == trial_id).order_by(TrialEvent.id)
+        )
+    )

@@ -1,0 +1,176 @@
+"""Trial rows: lookup and locking, creation, leases, paging, and trials as samplers see them.
+
+Functions take the caller's session. A trial's state is written only through
+:mod:`hpo.service.storage.transitions`; here it is only read, and set once at creation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, selectinload
+
+from hpo.service.db.models import Study, Trial, TrialParam
+from hpo.service.errors import TrialNotFound
+from hpo.service.records import ACTIVE_STATES
+from hpo.service.samplers.base import ObservedTrial
+from hpo.service.states import NEW_TRIAL_STATE, TrialState
+from hpo.service.storage import events, metrics
+from hpo.service.storage.records import observed_trial
+from hpo.service.storage.studies import MAX_PAGE, get, touch
+
+_ACTIVE = [s.value for s in ACTIVE_STATES]
+
+
+def get_trial(session: Session, trial_id: int) -> Trial:
+    """The trial with its parameters. Raises TrialNotFound."""
+    trial = session.scalars(
+        select(Trial).where(Trial.id == trial_id).options(selectinload(Trial.params))
+    ).one_or_none()
+    if trial is None:
+        raise TrialNotFound(trial_id)
+    return trial
+
+
+def lock(session: Session, trial_id: int) -> tuple[Study, Trial]:
+    """The trial and its study, with the study's row locked for writing. Raises
+    TrialNotFound."""
+    study_id = session.scalar(select(Trial.study_id).where(Trial.id == trial_id))
+    if study_id is None:
+        raise TrialNotFound(trial_id)
+    study = get(session, study_id, lock=True)
+    return study, get_trial(session, trial_id)
+
+
+def first_waiting(session: Session, study_id: int) -> int | None:
+    """The id of the study's lowest-numbered waiting trial, if any."""
+    return session.scalar(
+        select(Trial.id)
+        .where(Trial.study_id == study_id, Trial.state == TrialState.WAITING.value)
+        .order_by(Trial.number)
+        .limit(1)
+    )
+
+
+def insert(
+    session: Session,
+    study: Study,
+    number: int,
+    params: dict[str, Any],
+    suggestion: dict[str, Any],
+    *,
+    lease_s: float,
+    now: datetime,
+) -> Trial:
+    """A new trial ``number`` of the locked ``study``, already claimed (running, attempt 1,
+    leased for ``lease_s``), with its first history line. The caller has checked ``number``
+    is the study's next one (compare-and-set); a clash raises IntegrityError at commit."""
+    trial = Trial(
+        study_id=study.id,
+        number=number,
+        state=NEW_TRIAL_STATE.value,
+        attempts=1,
+        created_at=now,
+        started_at=now,
+        lease_expires_at=now + timedelta(seconds=lease_s),
+        suggestion=suggestion,
+    )
+    trial.params = [
+        TrialParam(name=name, position=i, value=value)
+        for i, (name, value) in enumerate(params.items())
+    ]
+    study.next_number = number + 1
+    session.add(trial)
+    touch(study, trial, now=now)
+    session.flush()
+    events.add(session, trial, NEW_TRIAL_STATE, "suggested by " + suggestion["sampler"])
+    return trial
+
+
+def renew_lease(trial: Trial, lease_s: float, now: datetime) -> None:
+    """Extend the trial's lease to ``now + lease_s``."""
+    trial.lease_expires_at = now + timedelta(seconds=lease_s)
+
+
+def renew_leases(session: Session, trial_ids: Sequence[int], now: datetime) -> None:
+    """Extend the leases of those of ``trial_ids`` that are running, each by its study's
+    ``lease_s``. Locks no study row (the lease is not part of the change sequence)."""
+    rows = session.execute(
+        select(Trial.id, Study.spec)
+        .join(Study, Study.id == Trial.study_id)
+        .where(Trial.id.in_(trial_ids), Trial.state == TrialState.RUNNING.value)
+    ).all()
+    for trial_id, spec in rows:
+        lease = float(spec.get("lease_s", 300))
+        session.execute(
+            update(Trial)
+            .where(Trial.id == trial_id)
+            .values(lease_expires_at=now + timedelta(seconds=lease))
+        )
+
+
+def expired(session: Session, now: datetime, *, study_id: int | None = None) -> list[int]:
+    """Ids of running trials whose lease ended before ``now`` (of one study, or all)."""
+    stmt = select(Trial.id).where(
+        Trial.state == TrialState.RUNNING.value, Trial.lease_expires_at < now
+    )
+    if study_id is not None:
+        stmt = stmt.where(Trial.study_id == study_id)
+    return list(session.scalars(stmt))
+
+
+def active(session: Session, study_ids: Sequence[int]) -> list[Trial]:
+    """Running and waiting trials of these studies, with their parameters."""
+    return list(
+        session.scalars(
+            select(Trial)
+            .where(Trial.study_id.in_(study_ids), Trial.state.in_(_ACTIVE))
+            .options(selectinload(Trial.params))
+        )
+    )
+
+
+def states(session: Session, trial_ids: Sequence[int]) -> dict[int, TrialState]:
+    """The state of each of ``trial_ids`` that still exists."""
+    rows = session.execute(select(Trial.id, Trial.state).where(Trial.id.in_(trial_ids)))
+    return {trial_id: TrialState(state) for trial_id, state in rows}
+
+
+def page(
+    session: Session,
+    study_id: int,
+    *,
+    states: Sequence[str] | None = None,
+    since: int | None = None,
+    limit: int = MAX_PAGE,
+) -> list[Trial]:
+    """The study's trials changed after ``since`` (all when None), oldest change first."""
+    stmt = (
+        select(Trial)
+        .where(Trial.study_id == study_id)
+        .options(selectinload(Trial.params))
+        .order_by(Trial.seq, Trial.id)
+        .limit(max(1, min(limit, MAX_PAGE)))
+    )
+    if since is not None:
+        stmt = stmt.where(Trial.seq > since)
+    if states:
+        stmt = stmt.where(Trial.state.in_([str(s) for s in states]))
+    return list(session.scalars(stmt))
+
+
+def observed(session: Session, study: Study, pruned_metric: str) -> list[ObservedTrial]:
+    """Every trial of a study as samplers see it, in number order; pruned ones carry their
+    last value of ``pruned_metric`` as their one intermediate value."""
+    trials = session.scalars(
+        select(Trial)
+        .where(Trial.study_id == study.id)
+        .options(selectinload(Trial.params))
+        .order_by(Trial.number)
+    ).all()
+    pruned = [t.id for t in trials if t.state == TrialState.PRUNED.value]
+    last = metrics.last_points(session, pruned, pruned_metric)
+    return [observed_trial(t, last.get(t.id, {})) for t in trials]

@@ -1,0 +1,352 @@
+"""The storage contract, one suite run against SQLite and PostgreSQL: what each call of
+``Storage`` and of the per-table modules promises, the errors it raises, and database
+failures surfacing as DatabaseUnavailable."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+
+from hpo.api.demo import free_port
+from hpo.service.db import make_engine, upgrade_schema
+from hpo.service.db.models import utcnow
+from hpo.service.errors import DatabaseUnavailable, NameTaken, StudyNotFound, TrialNotFound
+from hpo.service.records import MetricInput
+from hpo.service.states import StudyState, TrialState
+from hpo.service.storage import Storage, metrics, studies, trials
+from hpo.service.storage.transitions import set_study_state, set_trial_state
+from tests.conftest import simple_spec
+
+
+@pytest.fixture
+def storage(db_url: str) -> Iterator[Storage]:
+    engine = make_engine(db_url)
+    upgrade_schema(engine)
+    yield Storage(engine)
+    engine.dispose()
+
+
+def add_study(storage: Storage, name: str = "s", **over: object) -> int:
+    with storage.write() as s:
+        return studies.insert(s, name, simple_spec(name, **over)).id
+
+
+def add_trial(storage: Storage, study_id: int, x: float = 0.0, *, lease_s: float = 60) -> int:
+    with storage.write() as s:
+        study = studies.get(s, study_id, lock=True)
+        trial = trials.insert(
+            s, study, study.next_number, {"x": x}, {"sampler": "t"}, lease_s=lease_s, now=utcnow()
+        )
+        return trial.id
+
+
+def complete(storage: Storage, trial_id: int, value: float) -> None:
+    with storage.write() as s:
+        study, trial = trials.lock(s, trial_id)
+        set_trial_state(s, study, trial, TrialState.COMPLETE)
+        trial.value = value
+
+
+# ----------------------------------------------------------------------- studies
+
+
+def test_a_new_study_runs_and_is_found_by_id_and_name(storage: Storage) -> None:
+    sid = add_study(storage, "alpha")
+    record = storage.get_study(sid)
+    assert (record.name, record.state, record.n_trials) == ("alpha", StudyState.RUNNING, 0)
+    assert record.counts == {"waiting": 0, "running": 0, "complete": 0, "pruned": 0, "failed": 0}
+    assert storage.study_id("alpha") == sid == storage.study_id(str(sid))
+    assert storage.spec_of(sid).name == "alpha"
+    assert storage.study_seq(sid) == 1
+
+
+def test_unknown_studies_raise_study_not_found(storage: Storage) -> None:
+    for call in (
+        lambda: storage.get_study(999),
+        lambda: storage.study_id("nobody"),
+        lambda: storage.study_seq(999),
+        lambda: storage.spec_of(999),
+        lambda: storage.best(999),
+        lambda: storage.list_trials(999),
+    ):
+        with pytest.raises(StudyNotFound):
+            call()
+
+
+def test_a_taken_name_raises_name_taken_and_stores_nothing(storage: Storage) -> None:
+    add_study(storage, "twice")
+    with pytest.raises(NameTaken), storage.write() as s:
+        studies.insert(s, "twice", simple_spec("twice"))
+    assert [r.name for r in storage.list_studies()[0]] == ["twice"]
+
+
+def test_studies_page_newest_first_with_filters(storage: Storage) -> None:
+    ids = [add_study(storage, f"p{i}") for i in range(5)]
+    with storage.write() as s:
+        set_study_state(studies.get(s, ids[1], lock=True), StudyState.PAUSED, reason="test")
+    first, cursor = storage.list_studies(limit=2)
+    assert [r.id for r in first] == ids[:2:-1] and cursor == ids[3]
+    rest, end = storage.list_studies(limit=10, cursor=cursor)
+    assert [r.id for r in rest] == ids[2::-1] and end is None
+    assert [r.id for r in storage.list_studies(state="paused")[0]] == [ids[1]]
+    assert [r.id for r in storage.list_studies(name="p3")[0]] == [ids[3]]
+    assert [sid for sid, _, _ in storage.studies_in([StudyState.PAUSED])] == [ids[1]]
+    assert [sid for sid, _, _ in storage.studies_in([StudyState.RUNNING])] == [
+        i for i in ids if i != ids[1]
+    ]
+    runs = add_study(storage, "runs", trainable={"name": "image-classification", "config": {}})
+    dispatched = storage.studies_in([StudyState.RUNNING], dispatched=True)
+    assert [(sid, state, spec.name) for sid, state, spec in dispatched] == [
+        (runs, StudyState.RUNNING, "runs")
+    ]
+
+
+def test_every_write_bumps_the_study_seq_and_stamps_the_trials(storage: Storage) -> None:
+    sid = add_study(storage)
+    tid = add_trial(storage, sid)
+    seq = storage.study_seq(sid)
+    storage.set_checkpoint(tid, "/ck/1")
+    storage.merge_placement(tid, {"node": "a"})
+    storage.merge_placement(tid, {"world_size": 2, "handle": "secret"})
+    storage.set_test_metrics(tid, {"accuracy": 0.9})
+    assert storage.study_seq(sid) == seq + 4
+    trial = storage.get_trial(tid)
+    assert trial.seq == seq + 4
+    assert trial.placement == {"node": "a", "world_size": 2}  # the executor handle stays inside
+    assert storage.trial_checkpoint(tid) == "/ck/1" and trial.has_checkpoint
+    assert trial.test_metrics == {"accuracy": 0.9}
+
+
+def test_best_trial_minimizes_and_ties_go_to_the_lower_number(storage: Storage) -> None:
+    sid = add_study(storage)
+    assert storage.best(sid) == (None, [])
+    ids = [add_trial(storage, sid, x) for x in (0.0, 1.0, 2.0)]
+    for tid, value in zip(ids, (3.0, 1.0, 1.0), strict=True):
+        complete(storage, tid, value)
+    best, front = storage.best(sid)
+    assert best.id == ids[1] and front == [best]
+    assert storage.get_study(sid).best_trial.id == ids[1]
+
+
+def test_best_trials_of_a_multi_objective_study_are_its_pareto_front(storage: Storage) -> None:
+    objectives = [
+        {"metric": "a", "direction": "minimize"},
+        {"metric": "b", "direction": "maximize"},
+    ]
+    sid = add_study(storage, objective=objectives)
+    ids = [add_trial(storage, sid) for _ in range(3)]
+    for tid, values in zip(ids, ([1.0, 1.0], [2.0, 2.0], [2.0, 0.5]), strict=True):
+        with storage.write() as s:
+            study, trial = trials.lock(s, tid)
+            set_trial_state(s, study, trial, TrialState.COMPLETE)
+            trial.values = values
+    best, front = storage.best(sid)
+    assert best is None and [t.id for t in front] == ids[:2]
+
+
+# ------------------------------------------------------------------------ trials
+
+
+def test_trial_numbers_are_claimed_in_order_and_counted(storage: Storage) -> None:
+    sid = add_study(storage)
+    ids = [add_trial(storage, sid, x) for x in (0.5, 1.5)]
+    record = storage.get_trial(ids[1])
+    assert (record.number, record.state, record.attempts) == (1, TrialState.RUNNING, 1)
+    assert record.params == {"x": 1.5} and record.suggestion == {"sampler": "t"}
+    assert [(e.state, e.detail) for e in record.events] == [("running", "suggested by t")]
+    study = storage.get_study(sid)
+    assert study.n_trials == 2 and study.counts["running"] == 2
+    assert storage.get_trial(ids[0], events=False).events is None
+
+
+def test_unknown_trials_raise_trial_not_found(storage: Storage) -> None:
+    for call in (
+        lambda: storage.get_trial(999),
+        lambda: storage.trial_checkpoint(999),
+        lambda: storage.metrics(999),
+        lambda: storage.set_checkpoint(999, "/x"),
+        lambda: storage.merge_placement(999, {}),
+        lambda: storage.set_test_metrics(999, {}),
+    ):
+        with pytest.raises(TrialNotFound):
+            call()
+    with pytest.raises(TrialNotFound), storage.write() as s:
+        trials.lock(s, 999)
+
+
+def test_trial_pages_follow_the_change_cursor(storage: Storage) -> None:
+    sid = add_study(storage)
+    ids = [add_trial(storage, sid) for _ in range(3)]
+    page, cursor = storage.list_trials(sid)
+    assert [t.id for t in page] == ids and cursor == storage.study_seq(sid)
+    assert storage.list_trials(sid, since=cursor) == ([], cursor)
+    complete(storage, ids[0], 1.0)
+    changed, after = storage.list_trials(sid, since=cursor)
+    assert [t.id for t in changed] == [ids[0]] and after > cursor
+    two, mid = storage.list_trials(sid, limit=2)
+    assert len(two) == 2 and mid == two[-1].seq
+    assert [t.id for t in storage.list_trials(sid, states=["complete"])[0]] == [ids[0]]
+
+
+def test_active_trials_states_and_waiting_order(storage: Storage) -> None:
+    sid = add_study(storage)
+    ids = [add_trial(storage, sid) for _ in range(3)]
+    complete(storage, ids[0], 1.0)
+    for tid in reversed(ids[1:]):
+        with storage.write() as s:
+            study, trial = trials.lock(s, tid)
+            set_trial_state(s, study, trial, TrialState.WAITING)
+    assert sorted(t.id for t in storage.active_trials([sid])) == ids[1:]
+    assert storage.active_trials([]) == []
+    assert storage.trial_states([*ids, 999]) == {
+        ids[0]: TrialState.COMPLETE,
+        ids[1]: TrialState.WAITING,
+        ids[2]: TrialState.WAITING,
+    }
+    with storage.read() as s:
+        assert trials.first_waiting(s, sid) == ids[1]  # the lowest number first
+        assert studies.count_active(s, sid) == (0, 2)
+        assert sorted(studies.active_trial_ids(s, sid)) == ids[1:]
+
+
+def test_leases_expire_and_renew(storage: Storage) -> None:
+    sid = add_study(storage, lease_s=30)
+    short, long = add_trial(storage, sid, lease_s=0.001), add_trial(storage, sid)
+    later = utcnow() + timedelta(seconds=1)
+    with storage.read() as s:
+        assert trials.expired(s, later) == [short]
+        assert trials.expired(s, later, study_id=sid + 1) == []
+    with storage.write() as s:
+        trials.renew_leases(s, [short, long], utcnow())
+    with storage.read() as s:
+        assert trials.expired(s, later) == []
+    lease = storage.get_trial(short).lease_expires_at - utcnow()
+    assert timedelta(seconds=25) < lease <= timedelta(seconds=30)
+
+
+def test_deleting_a_study_deletes_its_trials_and_points(storage: Storage) -> None:
+    sid = add_study(storage)
+    tid = add_trial(storage, sid)
+    with storage.write() as s:
+        _, trial = trials.lock(s, tid)
+        metrics.add(s, trial, [MetricInput(0, "loss", 1.0)], utcnow())
+    with storage.write() as s:
+        studies.delete(s, studies.get(s, sid, lock=True))
+    with pytest.raises(TrialNotFound):
+        storage.get_trial(tid)
+    assert storage.metric_points([tid]) == {tid: []}
+
+
+# ----------------------------------------------------------------------- metrics
+
+
+def test_metric_points_read_back_in_step_order(storage: Storage) -> None:
+    sid = add_study(storage)
+    a, b = add_trial(storage, sid), add_trial(storage, sid)
+    with storage.write() as s:
+        _, ta = trials.lock(s, a)
+        metrics.add(
+            s,
+            ta,
+            [MetricInput(2, "loss", 0.5), MetricInput(1, "loss", 0.7), MetricInput(1, "acc", 0.1)],
+            utcnow(),
+        )
+        assert metrics.last_step(s, a, "loss") == 2 and metrics.last_value(s, a, "loss") == 0.5
+        assert metrics.last_step(s, b, "loss") is None and metrics.last_value(s, b, "loss") is None
+        assert metrics.last_points(s, [a, b], "loss") == {a: {2: 0.5}}
+    assert [(p.step, p.name) for p in storage.metrics(a)] == [(1, "loss"), (1, "acc"), (2, "loss")]
+    assert [p.step for p in storage.metrics(a, name="loss", since_step=1)] == [2]
+    assert storage.metric_points([a, b], name="loss") == {
+        a: [("loss", 1, 0.7), ("loss", 2, 0.5)],
+        b: [],
+    }
+    assert storage.metric_points([]) == {}
+
+
+def test_pruning_history_sees_other_trials_first_value_at_a_step(storage: Storage) -> None:
+    sid = add_study(storage)
+    ids = [add_trial(storage, sid) for _ in range(3)]
+    for tid, steps in zip(ids, ({1: 5.0, 3: 4.0}, {2: 7.0}, {1: 1.0}), strict=True):
+        with storage.write() as s:
+            _, trial = trials.lock(s, tid)
+            metrics.add(s, trial, [MetricInput(k, "loss", v) for k, v in steps.items()], utcnow())
+    complete(storage, ids[1], 7.0)
+    with storage.read() as s:
+        history = metrics.PruningHistory(s, sid, ids[2], "loss")
+        assert sorted(history.values_at(2)) == [4.0, 7.0]
+        assert history.values_at(2, complete_only=True) == [7.0]
+        assert history.n_complete() == 1
+
+
+def test_samplers_observe_every_trial_and_pruned_ones_last_value(storage: Storage) -> None:
+    sid = add_study(storage)
+    ids = [add_trial(storage, sid, x) for x in (1.0, 2.0)]
+    with storage.write() as s:
+        study, trial = trials.lock(s, ids[1])
+        metrics.add(s, trial, [MetricInput(3, "loss", 0.25), MetricInput(1, "loss", 9.0)], utcnow())
+        set_trial_state(s, study, trial, TrialState.PRUNED)
+    complete(storage, ids[0], 0.5)
+    with storage.read() as s:
+        seen = trials.observed(s, studies.get(s, sid), "loss")
+    assert [(t.number, t.state, t.params, t.values) for t in seen] == [
+        (0, TrialState.COMPLETE, {"x": 1.0}, (0.5,)),
+        (1, TrialState.PRUNED, {"x": 2.0}, None),
+    ]
+    assert seen[1].intermediate == {3: 0.25} and seen[1].finished
+
+
+# ------------------------------------------------------ database failures → 503
+
+
+def unreachable_url(kind: str, tmp_path: Path) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'no-such-dir' / 'hpo.db'}"
+    return f"postgresql://postgres@127.0.0.1:{free_port()}/hpo"  # nothing listens there
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_an_unreachable_database_raises_database_unavailable(kind: str, tmp_path: Path) -> None:
+    storage = Storage(make_engine(unreachable_url(kind, tmp_path)))
+    calls = (
+        storage.ping,
+        lambda: storage.get_study(1),
+        lambda: storage.list_studies(),
+        lambda: storage.set_checkpoint(1, "/x"),
+    )
+    for call in calls:
+        with pytest.raises(DatabaseUnavailable, match="unreachable") as caught:
+            call()
+        assert caught.value.retry_after_s > 0 and caught.value.code == "database_unavailable"
+    storage.engine.dispose()
+
+
+def test_a_locked_sqlite_database_raises_database_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "hpo.db"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade_schema(engine)
+    engine.dispose()
+    impatient = Storage(create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.05}))
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(DatabaseUnavailable, match="locked") as caught, impatient.write() as s:
+            studies.insert(s, "blocked", simple_spec("blocked"))
+        assert caught.value.retry_after_s == 1
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    with impatient.write() as s:  # the lock is gone: the same write succeeds
+        studies.insert(s, "blocked", simple_spec("blocked"))
+    assert impatient.list_studies()[0][0].name == "blocked"
+    impatient.engine.dispose()
+
+
+def test_errors_of_the_request_itself_are_not_database_failures(storage: Storage) -> None:
+    with pytest.raises(ZeroDivisionError), storage.write():
+        1 / 0  # noqa: B018
+    storage.ping()
