@@ -111,6 +111,7 @@ class Trial(Base):
     __tablename__ = "trials"
     __table_args__ = (
         UniqueConstraint("study_id", "number", name="uq_trials_study_number"),
+        UniqueConstraint("study_id", "ask_key", name="uq_trials_study_ask_key"),
         Index("ix_trials_study_seq", "study_id", "seq"),
         Index("ix_trials_study_state", "study_id", "state"),
         NO_REUSE,
@@ -139,6 +140,16 @@ class Trial(Base):
     checkpoint: Mapped[str | None] = mapped_column(Text)
     # Held-out test metrics, computed for the best trial once its study completes.
     test_metrics: Mapped[dict[str, Any] | None]
+    # sha256 of the current attempt's token: only that attempt may write to the trial.
+    attempt_token_hash: Mapped[str | None] = mapped_column(String(64))
+    # Attempts lost to the infrastructure (restart, lost node): not counted against max_retries.
+    infra_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The control plane (scheduler lease holder) that launched the running attempt.
+    owner: Mapped[str | None] = mapped_column(String(128))
+    # A running attempt must report a new step before this (the study's progress_timeout_s).
+    progress_expires_at: Mapped[datetime | None]
+    # The Idempotency-Key of the ask that created the trial: a repeated ask gets it back.
+    ask_key: Mapped[str | None] = mapped_column(String(200))
 
     study: Mapped[Study] = relationship(back_populates="trials")
     params: Mapped[list[TrialParam]] = relationship(
@@ -162,6 +173,10 @@ class MetricPoint(Base):
     __table_args__ = (
         Index("ix_metric_points_trial_name_step", "trial_id", "name", "step"),
         Index("ix_metric_points_study_name_step", "study_id", "name", "step"),
+        # Exactly once: a point re-sent by a retry (same attempt, name, step) is not stored again.
+        UniqueConstraint(
+            "trial_id", "attempt", "name", "step", name="uq_metric_points_trial_attempt_name_step"
+        ),
         NO_REUSE,
     )
 
@@ -172,6 +187,7 @@ class MetricPoint(Base):
     name: Mapped[str] = mapped_column(String(128))
     value: Mapped[float] = mapped_column(Float)
     time: Mapped[datetime] = mapped_column(default=utcnow)
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class TrialEvent(Base):
@@ -186,3 +202,17 @@ class TrialEvent(Base):
     state: Mapped[str] = mapped_column(String(16))
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class Lease(Base):
+    """A named lease (today: ``scheduler``): one holder at a time until ``expires_at``.
+
+    ``epoch`` grows each time the lease changes hands, so a holder can tell that it lost it.
+    """
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime]
