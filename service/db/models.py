@@ -111,7 +111,7 @@ class Trial(Base):
     __tablename__ = "trials"
     __table_args__ = (
         UniqueConstraint("study_id", "number", name="uq_trials_study_number"),
-        UniqueConstraint("study_id", "ask_key", name="uq_trials_study_ask_key"),
+        Index("uq_trials_study_ask_key", "study_id", "ask_key", unique=True),
         Index("ix_trials_study_seq", "study_id", "seq"),
         Index("ix_trials_study_state", "study_id", "state"),
         NO_REUSE,
@@ -174,8 +174,13 @@ class MetricPoint(Base):
         Index("ix_metric_points_trial_name_step", "trial_id", "name", "step"),
         Index("ix_metric_points_study_name_step", "study_id", "name", "step"),
         # Exactly once: a point re-sent by a retry (same attempt, name, step) is not stored again.
-        UniqueConstraint(
-            "trial_id", "attempt", "name", "step", name="uq_metric_points_trial_attempt_name_step"
+        Index(
+            "uq_metric_points_trial_attempt_name_step",
+            "trial_id",
+            "attempt",
+            "name",
+            "step",
+            unique=True,
         ),
         NO_REUSE,
     )

@@ -19,3 +19,47 @@ def test_migrations_match_the_models(db_url: str) -> None:
     finally:
         engine.dispose()
     assert differences == []
+
+
+def test_upgrading_a_0002_database_keeps_one_copy_of_each_resent_point(db_url: str) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    from hpo.service.db.engine import alembic_config
+
+    engine = make_engine(db_url)
+    try:
+        cfg = alembic_config(engine)
+        with engine.connect() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0002")
+            conn.commit()
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO studies (id, name, spec, state, next_number, seq, created_at,"
+                    " updated_at) VALUES (1, 's', '{}', 'running', 1, 1, :t, :t)"
+                ),
+                {"t": "2026-01-01 00:00:00"},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO trials (id, study_id, number, state, attempts, seq, created_at)"
+                    " VALUES (1, 1, 0, 'running', 1, 1, :t)"
+                ),
+                {"t": "2026-01-01 00:00:00"},
+            )
+            for step, value in [(1, 0.5), (1, 0.5), (2, 0.25)]:  # step 1 sent twice
+                conn.execute(
+                    text(
+                        "INSERT INTO metric_points (trial_id, study_id, step, name, value, time)"
+                        " VALUES (1, 1, :s, 'loss', :v, :t)"
+                    ),
+                    {"s": step, "v": value, "t": "2026-01-01 00:00:00"},
+                )
+        upgrade_schema(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT step, attempt FROM metric_points ORDER BY step")).all()
+    finally:
+        engine.dispose()
+    assert [tuple(r) for r in rows] == [(1, 1), (2, 1)]

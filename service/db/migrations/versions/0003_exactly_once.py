@@ -30,7 +30,9 @@ def upgrade() -> None:
         )
         # The Idempotency-Key of the ask that created the trial: a repeated ask gets it back.
         batch.add_column(sa.Column("ask_key", sa.String(200), nullable=True))
-        batch.create_unique_constraint("uq_trials_study_ask_key", ["study_id", "ask_key"])
+    # Unique indexes, not constraints: SQLite adds an index without rebuilding the table (a
+    # rebuild would drop AUTOINCREMENT, and deleted ids could then come back).
+    op.create_index("uq_trials_study_ask_key", "trials", ["study_id", "ask_key"], unique=True)
 
     # Points stored twice before this revision (re-sent batches) keep their first copy.
     op.execute(
@@ -39,9 +41,12 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("metric_points") as batch:
         batch.add_column(sa.Column("attempt", sa.Integer(), nullable=False, server_default="1"))
-        batch.create_unique_constraint(
-            "uq_metric_points_trial_attempt_name_step", ["trial_id", "attempt", "name", "step"]
-        )
+    op.create_index(
+        "uq_metric_points_trial_attempt_name_step",
+        "metric_points",
+        ["trial_id", "attempt", "name", "step"],
+        unique=True,
+    )
 
     op.create_table(
         "leases",
@@ -55,11 +60,11 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("leases")
+    op.drop_index("uq_metric_points_trial_attempt_name_step", table_name="metric_points")
     with op.batch_alter_table("metric_points") as batch:
-        batch.drop_constraint("uq_metric_points_trial_attempt_name_step", type_="unique")
         batch.drop_column("attempt")
+    op.drop_index("uq_trials_study_ask_key", table_name="trials")
     with op.batch_alter_table("trials") as batch:
-        batch.drop_constraint("uq_trials_study_ask_key", type_="unique")
         for column in (
             "ask_key",
             "progress_expires_at",
