@@ -230,6 +230,7 @@ class TrialContext:
         delivered = False
         if metrics and self.reporter is not None:
             delivered = self.reporter.wait_sent(self._ticket, self.delivery_timeout_s)
+        unsent = [] if delivered or self.reporter is None else self.reporter.unsent()
         return {
             "step": step,
             "trial_id": self.trial_id,
@@ -238,6 +239,9 @@ class TrialContext:
             "settings": _jsonable(self.settings),
             "metrics": metrics,
             "delivered": delivered,
+            # Every point not acknowledged yet, not only this step's: while the control plane
+            # is away, several checkpoints may pass before a crash, and resume re-sends these.
+            "unsent": unsent,
             "last": self.last,
             "best": self.best,
         }
@@ -249,18 +253,24 @@ class TrialContext:
         self._at_last_step = dict(meta.get("metrics", {}))
 
     def _resend(self, meta: Mapping[str, Any]) -> None:
-        """Send the checkpointed step's metrics the control plane does not hold (an attempt
-        that died between its checkpoint and the server's answer)."""
-        metrics, step = meta.get("metrics") or {}, int(meta["step"])
-        if self.reporter is None or meta.get("delivered") or not metrics:
+        """Send again the points the checkpoint recorded as unacknowledged that the control
+        plane does not hold (an attempt that died before the server answered)."""
+        if self.reporter is None or meta.get("delivered"):
             return
-        missing = {
-            name: value
-            for name, value in metrics.items()
-            if step not in {s for s, _ in self.reporter.reported(name)}
+        step = int(meta["step"])
+        unsent = meta.get("unsent")
+        if unsent is None:  # a checkpoint written before "unsent" was recorded
+            unsent = [{"step": step, "name": k, "value": v} for k, v in meta["metrics"].items()]
+        held = {
+            name: {s for s, _ in self.reporter.reported(name)}
+            for name in {p["name"] for p in unsent}
         }
-        if missing:
-            self._ticket = self.reporter.log(step, missing)
+        by_step: dict[int, dict[str, float]] = {}
+        for point in unsent:
+            if point["step"] not in held[point["name"]]:
+                by_step.setdefault(int(point["step"]), {})[point["name"]] = float(point["value"])
+        for point_step, values in sorted(by_step.items()):
+            self._ticket = self.reporter.log(point_step, values)
 
     # --------------------------------------------------------------- helpers
 

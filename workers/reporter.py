@@ -70,6 +70,12 @@ class MetricReporter:
             self._cond.notify()
             return self._queued
 
+    def unsent(self) -> list[dict[str, Any]]:
+        """The points queued but not yet acknowledged by the server (``step``, ``name``,
+        ``value``), oldest first."""
+        with self._cond:
+            return [dict(point) for point in self._buffer]
+
     def reported(self, name: str) -> list[tuple[int, float]]:
         """The (step, value) points of ``name`` the control plane already holds for this trial
         (what earlier attempts reported); empty if it cannot be reached."""
