@@ -14,8 +14,12 @@ branch_labels = None
 depends_on = None
 
 
+# SQLite rebuilds a table to alter it: the copy must keep AUTOINCREMENT (ids never reused).
+NO_REUSE = {"sqlite_autoincrement": True}
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("trials") as batch:
+    with op.batch_alter_table("trials", table_kwargs=NO_REUSE) as batch:
         # sha256 of the current attempt's token: only that attempt may write to the trial.
         batch.add_column(sa.Column("attempt_token_hash", sa.String(64), nullable=True))
         # Attempts lost to the infrastructure: they do not count against max_retries.
@@ -37,7 +41,7 @@ def upgrade() -> None:
         "DELETE FROM metric_points WHERE id NOT IN "
         "(SELECT MIN(id) FROM metric_points GROUP BY trial_id, name, step)"
     )
-    with op.batch_alter_table("metric_points") as batch:
+    with op.batch_alter_table("metric_points", table_kwargs=NO_REUSE) as batch:
         batch.add_column(sa.Column("attempt", sa.Integer(), nullable=False, server_default="1"))
         batch.create_unique_constraint(
             "uq_metric_points_trial_attempt_name_step", ["trial_id", "attempt", "name", "step"]
@@ -55,10 +59,10 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("leases")
-    with op.batch_alter_table("metric_points") as batch:
+    with op.batch_alter_table("metric_points", table_kwargs=NO_REUSE) as batch:
         batch.drop_constraint("uq_metric_points_trial_attempt_name_step", type_="unique")
         batch.drop_column("attempt")
-    with op.batch_alter_table("trials") as batch:
+    with op.batch_alter_table("trials", table_kwargs=NO_REUSE) as batch:
         batch.drop_constraint("uq_trials_study_ask_key", type_="unique")
         for column in (
             "ask_key",
