@@ -7,6 +7,7 @@ docs/benchmarks.md, measured by benchmarks/write_lock.py).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from hpo.service.records import MetricInput
 from hpo.service.scheduler import Scheduler
 from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage
+from hpo.service.storage.session import WriteQueue
 from hpo.service.studies import POINTS_PER_COMMIT, StudyService
-from tests.conftest import simple_spec
+from tests.conftest import simple_spec, wait_for
 from tests.service.fake_executor import FakeCluster, FakeExecutor
 
 
@@ -99,3 +101,27 @@ def test_dispatched_attempts_get_their_own_token_not_the_admin_token(
         assert token is not None and launch.token != "admin"
         assert (token.trial_id, token.attempt) == (launch.trial_id, launch.attempt)
         assert service.storage.attempt_matches(token)
+
+
+def test_writers_of_one_process_take_their_turns_in_arrival_order() -> None:
+    queue = WriteQueue()
+    entered: list[str] = []
+    waiting = threading.Event()
+
+    def writer(name: str) -> None:
+        with queue.turn():
+            entered.append(name)
+
+    with queue.turn():
+        threads = []
+        for name in ("first", "second", "third"):
+            thread = threading.Thread(target=writer, args=(name,))
+            thread.start()
+            threads.append(thread)
+            # wait until it has drawn its ticket (arrived) before the next one comes
+            wait_for(lambda n=len(threads): queue.waiting() == n, timeout=10, what=name)
+        with queue.turn():  # a nested write of the holder passes through
+            waiting.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert waiting.is_set() and entered == ["first", "second", "third"]
