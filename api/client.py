@@ -65,7 +65,10 @@ class Unauthorized(errors.HpoError):
 
 
 class AskedTrial(dict):
-    """A trial handed out by :meth:`Study.ask`: ``{"trial_id", "number", "params"}``."""
+    """A trial handed out by :meth:`Study.ask`: ``{"trial_id", "number", "params", "attempt",
+    "attempt_token"}``. Passed to ``report``, ``heartbeat`` and ``tell``, it sends them with
+    its attempt's own token, so a late write of an attempt the server has replaced is refused
+    (409) instead of being stored."""
 
     @property
     def trial_id(self) -> int:
@@ -79,6 +82,10 @@ class AskedTrial(dict):
     def params(self) -> dict[str, Any]:
         return self["params"]
 
+    @property
+    def attempt_token(self) -> str | None:
+        return self.get("attempt_token")
+
 
 TrialRef = int | Mapping[str, Any] | TrialRecord
 
@@ -89,6 +96,13 @@ def _trial_id(trial: TrialRef) -> int:
     if isinstance(trial, TrialRecord):
         return trial.id
     return int(trial["trial_id"] if "trial_id" in trial else trial["id"])
+
+
+def _attempt_auth(trial: TrialRef) -> dict[str, str]:
+    """The headers of a write for ``trial``: its attempt's token when the reference carries
+    one (an AskedTrial), else none (the client's own token is sent)."""
+    token = trial.get("attempt_token") if isinstance(trial, Mapping) else None
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def default_token() -> str | None:
@@ -261,6 +275,7 @@ class Study:
             "POST",
             f"/trials/{_trial_id(trial)}/metrics",
             json={"points": points},
+            headers=_attempt_auth(trial),
             idempotent=True,
         )
         return bool(answer["should_stop"])
@@ -269,7 +284,8 @@ class Study:
         """Keep a long-running trial's lease alive without reporting metrics; returns whether
         the trial should stop."""
         path = f"/trials/{_trial_id(trial)}/heartbeat"
-        answer = self.client._json("POST", path, idempotent=True, retry=retry)
+        headers = _attempt_auth(trial)
+        answer = self.client._json("POST", path, headers=headers, idempotent=True, retry=retry)
         return bool(answer["should_stop"])
 
     def tell(
@@ -292,9 +308,9 @@ class Study:
         if error is not None:
             body["error"] = error
         # The same tell again is a no-op on the server, so a retry after a lost answer is safe.
-        data = self.client._json(
-            "POST", f"/trials/{_trial_id(trial)}/tell", json=body, idempotent=True
-        )
+        path = f"/trials/{_trial_id(trial)}/tell"
+        headers = _attempt_auth(trial)
+        data = self.client._json("POST", path, json=body, headers=headers, idempotent=True)
         return TrialRecord.model_validate(data)
 
     def optimize(
@@ -356,15 +372,15 @@ class Study:
             log.warning("trial %d failed: %s", handle.number, problem)
             self._tell_or_log(handle, state="failed", error=problem)
         elif isinstance(result, (list, tuple)):
-            self.tell(handle.trial_id, values=[float(v) for v in result])
+            self.tell(handle.asked, values=[float(v) for v in result])
         else:
-            self.tell(handle.trial_id, value=float(result))
+            self.tell(handle.asked, value=float(result))
 
     def _tell_or_log(self, handle: TrialHandle, **outcome: Any) -> None:
         """Tell ``outcome``; a trial the server already ended (stopped study, pruned, lease
         lost) is logged, not raised."""
         try:
-            self.tell(handle.trial_id, **outcome)
+            self.tell(handle.asked, **outcome)
         except (errors.TrialFinished, errors.NotFound) as exc:
             log.info("trial %d was already ended by the server: %s", handle.number, exc)
 
@@ -499,6 +515,7 @@ class TrialHandle:
 
     def __init__(self, study: Study, asked: AskedTrial) -> None:
         self.study = study
+        self.asked = asked  # reports, heartbeats and the tell go with its attempt's token
         self.trial_id = asked.trial_id
         self.number = asked.number
         self.params = asked.params
@@ -506,7 +523,7 @@ class TrialHandle:
 
     def report(self, step: int, metrics: Mapping[str, float]) -> bool:
         """Report metrics; True means stop now (pruned)."""
-        if self.study.report(self.trial_id, step, metrics):
+        if self.study.report(self.asked, step, metrics):
             self.should_stop = True
         return self.should_stop
 
@@ -547,7 +564,7 @@ class LeaseKeeper:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                if self.study.heartbeat(self.handle.trial_id, retry=self._retry):
+                if self.study.heartbeat(self.handle.asked, retry=self._retry):
                     self.handle.should_stop = True
             except (errors.Conflict, errors.NotFound) as exc:
                 log.info("trial %d ended on the server: %s", self.handle.number, exc)

@@ -4,14 +4,20 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, HTTPException, Path, Query, Request
+from fastapi import Depends, Header, HTTPException, Path, Query, Request
 from pydantic import AfterValidator
 
+from hpo.service import attempts
+from hpo.service.attempts import AttemptToken
 from hpo.service.spec import no_nul
 from hpo.service.storage import Storage
 from hpo.service.studies import StudyService
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def get_service(request: Request) -> StudyService:
@@ -24,23 +30,82 @@ def get_storage(request: Request) -> Storage:
     return request.app.state.service.storage
 
 
+# Route functions an attempt token may call (see :func:`attempt_may_call`).
+_ATTEMPT_ROUTES: set[Callable[..., Any]] = set()
+
+
+def attempt_may_call(route: F) -> F:
+    """Mark a route of ``/trials/{trial_id}`` that an attempt token may call for its own trial
+    (report, heartbeat, tell, read the trial and its metrics); every other route answers such
+    a token 403."""
+    _ATTEMPT_ROUTES.add(route)
+    return route
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent the request: the admin (``attempt`` None), or one attempt of one trial."""
+
+    attempt: AttemptToken | None = None
+
+
 def require_token(request: Request) -> None:
-    """Check ``Authorization: Bearer <token>`` when the server has a token."""
-    expected: str | None = request.app.state.token
-    if expected is None:
-        return
+    """Authenticate ``Authorization: Bearer <token>``: the admin token (when the server has
+    one) reaches every route; an attempt token (``hpo_att.<trial>.<attempt>.<secret>``) only
+    the routes marked :func:`attempt_may_call`, of its own trial, while it is that trial's
+    current attempt. Raises 401 (no or wrong token), 403 (an attempt token outside its
+    trial), StaleAttempt (409: the attempt is no longer current)."""
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), expected):
+    given = given.strip()
+    if scheme.lower() == "bearer" and attempts.is_attempt_token(given):
+        request.state.caller = Caller(_attempt_caller(request, given))
+        return
+    expected: str | None = request.app.state.token
+    if expected is not None and (
+        scheme.lower() != "bearer" or not hmac.compare_digest(given, expected)
+    ):
+        raise _unauthorized("missing or wrong API token (send `Authorization: Bearer <token>`)")
+    request.state.caller = Caller()
+
+
+def _attempt_caller(request: Request, given: str) -> AttemptToken:
+    """The attempt a request made with an attempt token comes from, checked (see
+    :func:`require_token`)."""
+    token = attempts.parse(given)
+    if token is None:
+        raise _unauthorized("malformed attempt token")
+    route = request.scope.get("route")
+    if getattr(route, "endpoint", None) not in _ATTEMPT_ROUTES:
         raise HTTPException(
-            status_code=401,
-            detail="missing or wrong API token (send `Authorization: Bearer <token>`)",
-            headers={"WWW-Authenticate": "Bearer"},
+            status_code=403,
+            detail=f"an attempt token (trial {token.trial_id}, attempt {token.attempt}) may "
+            "only report, heartbeat, tell and read its own trial; use the API token here",
         )
+    trial_id = request.path_params.get("trial_id")
+    if str(trial_id) != str(token.trial_id):
+        raise HTTPException(
+            status_code=403,
+            detail=f"this attempt token belongs to trial {token.trial_id}, not trial {trial_id}",
+        )
+    storage: Storage = request.app.state.service.storage
+    if not storage.attempt_matches(token):
+        raise _unauthorized(f"wrong attempt token for trial {token.trial_id}")
+    return token
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status_code=401, detail=detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def get_caller(request: Request) -> Caller:
+    """The authenticated caller (set by :func:`require_token`)."""
+    return getattr(request.state, "caller", None) or Caller()
 
 
 Service = Annotated[StudyService, Depends(get_service)]
 Reader = Annotated[Storage, Depends(get_storage)]
+Auth = Annotated[Caller, Depends(get_caller)]
 
 MAX_ID = 2**63 - 1
 # Ids and cursors are 64-bit in the database: anything larger is a 422, not a database error.
@@ -49,3 +114,9 @@ TrialId = Annotated[int, Path(ge=1, le=MAX_ID)]
 Cursor = Annotated[int | None, Query(ge=0, le=MAX_ID)]
 # Free text to filter by (a study or metric name): a NUL character is a 422, not a database error.
 QueryText = Annotated[str | None, Query(), AfterValidator(no_nul)]
+# An ask's Idempotency-Key: at most 200 characters, no NUL (else a 422 naming the header).
+AskKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=200),
+    AfterValidator(no_nul),
+]

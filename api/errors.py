@@ -20,6 +20,11 @@ STATUS = {NotFound: 404, Conflict: 409, InvalidInput: 422, DatabaseUnavailable: 
 # an ErrorBody); the app passes this to each router.
 RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or wrong API token"},
+    403: {
+        "model": ErrorBody,
+        "description": "An attempt token used outside its own trial's report, heartbeat, "
+        "tell and reads",
+    },
     404: {"model": ErrorBody, "description": "No such study, trial or checkpoint"},
     409: {"model": ErrorBody, "description": "Conflicts with the stored state"},
     422: {"model": ErrorBody, "description": "Invalid input; `field` names it"},
@@ -78,9 +83,12 @@ def install(app: FastAPI) -> None:
             return _validation(
                 [{"field": "body", "message": "not JSON (not UTF-8 text, or nested too deeply)"}]
             )
-        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
-            exc.status_code, "error"
-        )
+        code = {
+            401: "unauthorized",
+            403: "forbidden",
+            404: "not_found",
+            405: "method_not_allowed",
+        }.get(exc.status_code, "error")
         response = error_response(exc.status_code, code, str(exc.detail))
         if exc.headers:
             response.headers.update(exc.headers)

@@ -37,6 +37,9 @@ class TellBody(_Body):
     values: list[Number] | None = Field(default=None, max_length=MAX_OBJECTIVES)
     state: Literal["complete", "failed", "pruned"] | None = None
     error: Annotated[str | None, AfterValidator(no_nul)] = Field(default=None, max_length=20_000)
+    attempt: StrictInt | None = Field(
+        default=None, ge=1, description="Refuse (409) unless this attempt is the current one."
+    )
 
     @field_validator("value")
     @classmethod
@@ -72,6 +75,9 @@ class PointIn(_Body):
 
 class MetricsBody(_Body):
     points: list[PointIn] = Field(max_length=MAX_POINTS)
+    attempt: StrictInt | None = Field(
+        default=None, ge=1, description="Refuse (409) unless this attempt is the current one."
+    )
 
 
 class ShouldStop(BaseModel):
@@ -83,6 +89,11 @@ class AskAnswer(BaseModel):
     number: int
     params: dict[str, Any]
     attempt: int = 1
+    attempt_token: str | None = Field(
+        default=None,
+        description="This attempt's own credential: it may report, heartbeat and tell this "
+        "trial only, and only while the attempt is current.",
+    )
 
 
 class StudyPage(BaseModel):

@@ -8,18 +8,20 @@ the whole is retried when another asker claimed it first. ``StudyService.ask`` c
 
 from __future__ import annotations
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from hpo.service import transitions
-from hpo.service.db.models import Study, utcnow
+from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import (
     BudgetSpent,
     ConcurrencyLimit,
     Conflict,
     GridExhausted,
     StudyNotRunning,
+    TrialFinished,
 )
-from hpo.service.records import TrialRecord
+from hpo.service.records import ClaimedTrial
 from hpo.service.samplers.base import StudyView, Suggestion
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
@@ -30,8 +32,15 @@ from hpo.service.storage.transitions import set_trial_state
 MAX_ASK_ATTEMPTS = 50
 
 
-def ask(storage: Storage, study_id: int, *, dispatched: bool) -> TrialRecord:
-    """A claimed (running) trial of the study: a waiting one first, else a new suggestion.
+def ask(
+    storage: Storage, study_id: int, *, dispatched: bool, key: str | None = None
+) -> ClaimedTrial:
+    """A claimed (running) trial of the study, with the token of its attempt: a waiting one
+    first, else a new suggestion.
+
+    ``key`` (an ask's Idempotency-Key) is stored with the trial it creates; an ask with a key
+    already used answers that trial again (its current attempt, with a new token) and spends
+    no budget, or raises TrialFinished when that trial has finished meanwhile.
 
     Raises StudyNotFound, StudyNotRunning, BudgetSpent (GridExhausted: the study completes
     once no trial is active), ConcurrencyLimit, Conflict (a trainable study asked by a client,
@@ -41,6 +50,9 @@ def ask(storage: Storage, study_id: int, *, dispatched: bool) -> TrialRecord:
         with storage.read() as s:
             study = studies.get(s, study_id)
             spec = transitions.spec_of(study)
+            asked = trials.by_ask_key(s, study_id, key) if key is not None else None
+            if asked is not None:
+                return _answer_again(storage, study_id, asked, key or "")
             check_can_ask(storage, s, study, spec, dispatched)
             waiting = trials.first_waiting(s, study_id)
             if waiting is None:
@@ -61,7 +73,7 @@ def ask(storage: Storage, study_id: int, *, dispatched: bool) -> TrialRecord:
             except GridExhausted:
                 complete_if_done(storage, study_id)
                 raise
-            claimed = _claim_new(storage, study_id, number, spec, suggestion, dispatched)
+            claimed = _claim_new(storage, study_id, number, spec, suggestion, dispatched, key)
         if claimed is not None:
             return claimed
     raise Conflict(f"study {study_id}: too many concurrent asks, try again")
@@ -110,7 +122,7 @@ def complete_if_done(storage: Storage, study_id: int) -> None:
 
 def _claim_waiting(
     storage: Storage, study_id: int, trial_id: int, spec: StudySpec, dispatched: bool
-) -> TrialRecord | None:
+) -> ClaimedTrial | None:
     """Claim the waiting trial for its next attempt; None if another asker got it."""
     with storage.write() as s:
         study = studies.get(s, study_id, lock=True)
@@ -124,7 +136,7 @@ def _claim_waiting(
         )
         trial.started_at = now
         trials.renew_lease(trial, spec.lease_s, now)
-        return trial_record(trial)
+        return _claimed(trial)
 
 
 def _claim_new(
@@ -134,14 +146,56 @@ def _claim_new(
     spec: StudySpec,
     suggestion: Suggestion,
     dispatched: bool,
-) -> TrialRecord | None:
-    """Create trial ``number``; None if another asker took that number first."""
+    key: str | None,
+) -> ClaimedTrial | None:
+    """Create trial ``number`` (asked with Idempotency-Key ``key``); None if another asker
+    took that number, or that key, first."""
+    try:
+        with storage.write() as s:
+            study = studies.get(s, study_id, lock=True)
+            if study.next_number != number:
+                return None  # another asker claimed this number: sample again
+            check_can_ask(storage, s, study, spec, dispatched)
+            trial = trials.insert(
+                s,
+                study,
+                number,
+                suggestion.params,
+                suggestion.info,
+                lease_s=spec.lease_s,
+                now=utcnow(),
+                ask_key=key,
+            )
+            return _claimed(trial)
+    except IntegrityError:
+        return None  # a concurrent ask with the same key (or number) won: look again
+
+
+def _answer_again(storage: Storage, study_id: int, trial_id: int, key: str) -> ClaimedTrial:
+    """The trial an earlier ask with Idempotency-Key ``key`` created, with a new token for
+    its current attempt (a waiting trial is claimed for its next attempt). Raises
+    TrialFinished when it has finished."""
     with storage.write() as s:
         study = studies.get(s, study_id, lock=True)
-        if study.next_number != number:
-            return None  # another asker claimed this number: sample again
-        check_can_ask(storage, s, study, spec, dispatched)
-        trial = trials.insert(
-            s, study, number, suggestion.params, suggestion.info, lease_s=spec.lease_s, now=utcnow()
-        )
-        return trial_record(trial)
+        trial = trials.get_trial(s, trial_id)
+        if trial.state == TrialState.WAITING:
+            spec = transitions.spec_of(study)
+            now = utcnow()
+            set_trial_state(
+                s, study, trial, TrialState.RUNNING, detail=f"attempt {trial.attempts}", now=now
+            )
+            trial.started_at = now
+            trials.renew_lease(trial, spec.lease_s, now)
+        elif trial.state != TrialState.RUNNING:
+            raise TrialFinished(
+                f"trial {trial_id} (#{trial.number}), created by an earlier ask with this "
+                f"Idempotency-Key, is {trial.state}; send a new key to ask for another trial",
+                field="Idempotency-Key",
+            )
+        return _claimed(trial)
+
+
+def _claimed(trial: Trial) -> ClaimedTrial:
+    """The claimed trial as its asker gets it: with a new token for its current attempt."""
+    token = trials.issue_token(trial)
+    return ClaimedTrial(**dict(trial_record(trial)), attempt_token=token)

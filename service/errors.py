@@ -79,3 +79,11 @@ class DatabaseUnavailable(HpoError):
     def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
         super().__init__(message, field=None)
         self.retry_after_s = retry_after_s
+
+
+class StaleAttempt(Conflict):
+    """A write made with the token of an attempt that is no longer the trial's current one
+    (the trial was requeued and claimed again, or finished by another attempt): nothing of it
+    was stored (HTTP 409)."""
+
+    code = "stale_attempt"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from hpo.service.states import (
     ACTIVE_TRIAL_STATES,
@@ -71,6 +71,13 @@ class TrialRecord(_Record):
     events: list[TrialEventRecord] | None = None
 
 
+class ClaimedTrial(TrialRecord):
+    """A trial as handed to the one who claimed it: with the token of its current attempt,
+    which only that asker ever sees (it is left out of every serialised record)."""
+
+    attempt_token: str = Field(default="", exclude=True, repr=False)
+
+
 class StudyRecord(_Record):
     """A study: its spec, state, trial counts per state and best trial(s)."""
 
@@ -92,7 +99,10 @@ class StudyRecord(_Record):
 
 
 class MetricPointRecord(_Record):
+    """One metric point; of a step reported by several attempts, the newest attempt's."""
+
     step: int
     name: str
     value: float
     time: datetime
+    attempt: int = 1

@@ -30,7 +30,7 @@ from hpo.service.executor import (
     fits,
     needs_of,
 )
-from hpo.service.records import TrialRecord
+from hpo.service.records import ClaimedTrial, TrialRecord
 from hpo.service.spec import Resources, StudySpec
 from hpo.service.states import StudyState, TrialState
 from hpo.service.studies import StudyService
@@ -284,7 +284,7 @@ class Scheduler:
     def _count(self, study_id: int) -> int:
         return sum(1 for f in self.in_flight.values() if f.study_id == study_id)
 
-    def _ask(self, study_id: int) -> TrialRecord | None:
+    def _ask(self, study_id: int) -> ClaimedTrial | None:
         try:
             return self.service.ask(study_id, dispatched=True)
         except (BudgetSpent, StudyNotRunning, Conflict):
@@ -293,7 +293,7 @@ class Scheduler:
             log.warning("study %s: cannot ask: %s", study_id, exc)
             return None
 
-    def _start_attempt(self, trial: TrialRecord, spec: StudySpec) -> None:
+    def _start_attempt(self, trial: ClaimedTrial, spec: StudySpec) -> None:
         launch = self._launch_of(trial, spec)
         # The ask may have expired this trial's lease and requeued it in the same call: an
         # older attempt still in flight must end before this one starts.
@@ -315,7 +315,7 @@ class Scheduler:
             trial.attempts,
         )
 
-    def _launch_of(self, trial: TrialRecord, spec: StudySpec) -> AttemptLaunch:
+    def _launch_of(self, trial: ClaimedTrial, spec: StudySpec) -> AttemptLaunch:
         if spec.trainable is None:
             raise ValueError(f"study {trial.study_id} has no trainable to launch")
         return AttemptLaunch(
@@ -330,7 +330,7 @@ class Scheduler:
             cpus_per_worker=spec.resources.cpus_per_worker,
             gpus_per_worker=spec.resources.gpus_per_worker,
             api_url=self.api_url,
-            token=self.token,
+            token=trial.attempt_token,  # the attempt's own credential, never the admin token
             objectives=[(o.metric, o.direction) for o in spec.objectives],
             keep_metrics=sorted({*(o.metric for o in spec.objectives), spec.pruned_metric}),
             checkpoint_dir=str(

@@ -16,7 +16,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from hpo.service import asking, transitions
+from hpo.service import asking, attempts, transitions
+from hpo.service.attempts import AttemptToken
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import (
     Conflict,
@@ -27,7 +28,13 @@ from hpo.service.errors import (
 )
 from hpo.service.pruners import make_pruner
 from hpo.service.pruners.base import Report
-from hpo.service.records import MetricInput, MetricPointRecord, StudyRecord, TrialRecord
+from hpo.service.records import (
+    ClaimedTrial,
+    MetricInput,
+    MetricPointRecord,
+    StudyRecord,
+    TrialRecord,
+)
 from hpo.service.samplers import sampler_class
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
@@ -39,6 +46,9 @@ __all__ = ["MAX_PAGE", "MetricInput", "StudyService"]  # MetricInput and MAX_PAG
 
 # Studies the service runs itself may be in these states; the scheduler launches for running.
 DISPATCHABLE = (StudyState.RUNNING, StudyState.PAUSED)
+# Metric points stored per commit: a commit of 1,000 points holds SQLite's write lock for a
+# few milliseconds; one of 10,000 (the batch cap) held it long enough to stall other studies.
+POINTS_PER_COMMIT = 1_000
 
 
 class StudyService:
@@ -120,14 +130,19 @@ class StudyService:
 
     # ------------------------------------------------------------------ trials
 
-    def ask(self, study_id: int, *, dispatched: bool = False) -> TrialRecord:
-        """Hand out a trial: a waiting (retried) one first, else a new suggestion.
+    def ask(
+        self, study_id: int, *, dispatched: bool = False, key: str | None = None
+    ) -> ClaimedTrial:
+        """Hand out a trial with its attempt's token: a waiting (retried) one first, else a
+        new suggestion. An ask with an Idempotency-Key ``key`` used before answers the trial
+        that key created (see :func:`hpo.service.asking.ask`).
 
-        Raises StudyNotRunning, BudgetSpent (GridExhausted), ConcurrencyLimit, Conflict.
-        ``dispatched`` marks a call from the scheduler; clients may only ask ask/tell studies.
+        Raises StudyNotRunning, BudgetSpent (GridExhausted), ConcurrencyLimit, Conflict,
+        TrialFinished (the key's trial has finished). ``dispatched`` marks a call from the
+        scheduler; clients may only ask ask/tell studies.
         """
         self.expire_leases(study_id=study_id)
-        return asking.ask(self.storage, study_id, dispatched=dispatched)
+        return asking.ask(self.storage, study_id, dispatched=dispatched, key=key)
 
     def tell(
         self,
@@ -137,14 +152,19 @@ class StudyService:
         values: Sequence[float] | None = None,
         state: str | None = None,
         error: str | None = None,
+        token: AttemptToken | None = None,
+        attempt: int | None = None,
     ) -> TrialRecord:
         """Finish a trial with its objective value(s), or as failed / pruned.
 
         Repeating the same tell changes nothing; a different outcome for a finished trial
-        raises TrialFinished. Raises TrialNotFound, InvalidInput, Conflict (a waiting trial).
+        raises TrialFinished. A tell made with an attempt's ``token``, or naming an
+        ``attempt``, is refused with StaleAttempt unless that attempt is the trial's current
+        one. Raises TrialNotFound, InvalidInput, Conflict (a waiting trial).
         """
         with self.storage.write() as s:
             study, trial = trials.lock(s, trial_id)
+            _fence(trial, token, attempt)
             spec = transitions.spec_of(study)
             outcome = transitions.parse_outcome(spec, value, values, state)
             if TrialState(trial.state).finished:
@@ -163,10 +183,22 @@ class StudyService:
             transitions.finish(s, study, trial, new_state, vals, error)
             return trial_record(trial)
 
-    def report(self, trial_id: int, points: Sequence[MetricInput]) -> bool:
+    def report(
+        self,
+        trial_id: int,
+        points: Sequence[MetricInput],
+        *,
+        token: AttemptToken | None = None,
+        attempt: int | None = None,
+    ) -> bool:
         """Store metric points of a running trial, renew its lease and consult the pruner.
 
-        Returns whether the trial should stop (pruned, or its study stopped).
+        Each point is stored once per attempt (a batch sent again stores nothing new). A
+        large batch is stored in commits of at most POINTS_PER_COMMIT points, so no commit
+        holds SQLite's write lock for long; the lease and the pruner's verdict follow in one
+        short commit of their own. A report made with an attempt's ``token``, or naming an
+        ``attempt``, is refused with StaleAttempt (nothing of it stored) unless that attempt
+        is current. Returns whether the trial should stop (pruned, or its study stopped).
         Raises TrialFinished for a trial that completed or failed, InvalidInput for NaN/inf.
         """
         for i, p in enumerate(points):
@@ -175,22 +207,29 @@ class StudyService:
                     f"points[{i}].value must be a finite number, got {p.value}",
                     field=f"points[{i}].value",
                 )
+        size = POINTS_PER_COMMIT
+        chunks = [points[i : i + size] for i in range(0, len(points), size)]
+        previous = None
+        for chunk in chunks[:-1]:
+            with self.storage.write() as s:
+                study, trial = self._running(s, trial_id, token, attempt)
+                if trial is None:
+                    return True
+                if previous is None:
+                    previous = _previous_step(s, study, trial)
+                metrics.add(s, trial, chunk, utcnow())
         with self.storage.write() as s:
-            study, trial = trials.lock(s, trial_id)
-            if trial.state == TrialState.PRUNED or study.state == StudyState.STOPPED:
+            study, trial = self._running(s, trial_id, token, attempt)
+            if trial is None:
                 return True
-            if trial.state != TrialState.RUNNING:
-                raise TrialFinished(
-                    f"trial {trial_id} is {trial.state}; it takes no more metrics",
-                    field="trial_id",
-                )
             spec = transitions.spec_of(study)
             now = utcnow()
             trials.renew_lease(trial, spec.lease_s, now)
             if not points:
                 return False  # a heartbeat: the lease is renewed, nothing else changed
-            previous = metrics.last_step(s, trial.id, spec.pruned_metric)
-            metrics.add(s, trial, points, now)
+            if len(chunks) == 1:
+                previous = metrics.last_step(s, trial.id, spec.pruned_metric)
+            metrics.add(s, trial, chunks[-1], now)
             decision = self._judge(s, spec, trial, points, previous)
             trial.last_step = max(trial.last_step or 0, *(p.step for p in points))
             if decision is not None:
@@ -202,9 +241,30 @@ class StudyService:
             studies.touch(study, trial, now=now)
             return False
 
-    def heartbeat(self, trial_id: int) -> bool:
-        """Renew a running trial's lease; returns whether it should stop."""
-        return self.report(trial_id, [])
+    def heartbeat(
+        self, trial_id: int, *, token: AttemptToken | None = None, attempt: int | None = None
+    ) -> bool:
+        """Renew a running trial's lease; returns whether it should stop. Fenced as
+        :meth:`report` is."""
+        return self.report(trial_id, [], token=token, attempt=attempt)
+
+    @staticmethod
+    def _running(
+        s: Session, trial_id: int, token: AttemptToken | None, attempt: int | None
+    ) -> tuple[Study, Trial | None]:
+        """The locked study and its running trial, fenced to its current attempt; the trial
+        is None when it should stop (pruned, or its study stopped). Raises StaleAttempt,
+        TrialFinished."""
+        study, trial = trials.lock(s, trial_id)
+        _fence(trial, token, attempt)
+        if trial.state == TrialState.PRUNED or study.state == StudyState.STOPPED:
+            return study, None
+        if trial.state != TrialState.RUNNING:
+            raise TrialFinished(
+                f"trial {trial_id} is {trial.state}; it takes no more metrics",
+                field="trial_id",
+            )
+        return study, trial
 
     def _judge(
         self,
@@ -359,6 +419,19 @@ class StudyService:
 
     def best(self, study_id: int) -> tuple[TrialRecord | None, list[TrialRecord]]:
         return self.storage.best(study_id)
+
+
+def _fence(trial: Trial, token: AttemptToken | None, attempt: int | None) -> None:
+    """Raise StaleAttempt unless a write with ``token`` / naming ``attempt`` (either may be
+    None: an admin write that names no attempt is not fenced) is of the current attempt."""
+    attempts.require_current(
+        trial.id, trial.attempts, trial.attempt_token_hash, token=token, attempt=attempt
+    )
+
+
+def _previous_step(s: Session, study: Study, trial: Trial) -> int | None:
+    """The watched metric's last step of the trial before a report."""
+    return metrics.last_step(s, trial.id, transitions.spec_of(study).pruned_metric)
 
 
 def _new_budget(study: Study, max_trials: int | None, max_concurrent: int | None) -> dict:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from hpo.api.deps import Cursor, QueryText, Reader, Service, StudyId
+from hpo.api.deps import AskKey, Cursor, QueryText, Reader, Service, StudyId
 from hpo.api.routes.conditional import answer
 from hpo.api.schemas import AskAnswer, BestAnswer, StudyPage, StudyPatch, TrialPage
 from hpo.service.errors import InvalidInput
@@ -70,11 +70,17 @@ def delete_study(study_id: StudyId, service: Service) -> Response:
 
 
 @router.post("/{study_id}/ask", status_code=201, response_model=AskAnswer)
-def ask(study_id: StudyId, service: Service) -> AskAnswer:
-    """A trial to run: 409 when the grid is exhausted, the budget spent or the study paused."""
-    trial = service.ask(study_id)
+def ask(study_id: StudyId, service: Service, key: AskKey = None) -> AskAnswer:
+    """A trial to run, with its attempt's token: 409 when the grid is exhausted, the budget
+    spent or the study paused. An ``Idempotency-Key`` used before answers the trial its first
+    ask created (no budget spent), or 409 when that trial has finished."""
+    trial = service.ask(study_id, key=key)
     return AskAnswer(
-        trial_id=trial.id, number=trial.number, params=trial.params, attempt=trial.attempts
+        trial_id=trial.id,
+        number=trial.number,
+        params=trial.params,
+        attempt=trial.attempts,
+        attempt_token=trial.attempt_token,
     )
 
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from hpo.api.deps import QueryText, Reader, Service, TrialId
+from hpo.api.deps import Auth, QueryText, Reader, Service, TrialId, attempt_may_call
 from hpo.api.schemas import MAX_STEP, MetricPage, MetricsBody, ShouldStop, TellBody
 from hpo.service.records import MetricInput, TrialRecord
 
@@ -14,34 +14,47 @@ router = APIRouter(prefix="/trials", tags=["trials"])
 
 
 @router.get("/{trial_id}", response_model=TrialRecord)
+@attempt_may_call
 def get_trial(trial_id: TrialId, storage: Reader) -> TrialRecord:
     """Params, state, value, attempts, timings, where it ran, and its state history."""
     return storage.get_trial(trial_id)
 
 
 @router.post("/{trial_id}/tell", response_model=TrialRecord)
-def tell(trial_id: TrialId, body: TellBody, service: Service) -> TrialRecord:
+@attempt_may_call
+def tell(trial_id: TrialId, body: TellBody, service: Service, caller: Auth) -> TrialRecord:
     """Finish the trial. Repeating the same tell is a no-op; a different one on a finished
-    trial is a 409."""
+    trial is a 409, and so is a tell of an attempt that is no longer current."""
     return service.tell(
-        trial_id, value=body.value, values=body.values, state=body.state, error=body.error
+        trial_id,
+        value=body.value,
+        values=body.values,
+        state=body.state,
+        error=body.error,
+        token=caller.attempt,
+        attempt=body.attempt,
     )
 
 
 @router.post("/{trial_id}/metrics", response_model=ShouldStop)
-def report(trial_id: TrialId, body: MetricsBody, service: Service) -> ShouldStop:
-    """Store metric points, renew the trial's lease, and say whether it should stop."""
+@attempt_may_call
+def report(trial_id: TrialId, body: MetricsBody, service: Service, caller: Auth) -> ShouldStop:
+    """Store metric points (each once per attempt), renew the trial's lease, and say whether
+    it should stop; 409 for an attempt that is no longer current."""
     points = [MetricInput(p.step, p.name, float(p.value)) for p in body.points]
-    return ShouldStop(should_stop=service.report(trial_id, points))
+    stop = service.report(trial_id, points, token=caller.attempt, attempt=body.attempt)
+    return ShouldStop(should_stop=stop)
 
 
 @router.post("/{trial_id}/heartbeat", response_model=ShouldStop)
-def heartbeat(trial_id: TrialId, service: Service) -> ShouldStop:
-    """Renew the trial's lease without reporting metrics."""
-    return ShouldStop(should_stop=service.heartbeat(trial_id))
+@attempt_may_call
+def heartbeat(trial_id: TrialId, service: Service, caller: Auth) -> ShouldStop:
+    """Renew the trial's lease without reporting metrics (409 for a stale attempt)."""
+    return ShouldStop(should_stop=service.heartbeat(trial_id, token=caller.attempt))
 
 
 @router.get("/{trial_id}/metrics", response_model=MetricPage)
+@attempt_may_call
 def metrics(
     trial_id: TrialId,
     storage: Reader,

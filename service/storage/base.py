@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from hpo.service.attempts import AttemptToken
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
@@ -127,6 +128,13 @@ class Storage(Transactions):
         """The state of each of ``trial_ids`` that still exists (deleted ones are absent)."""
         with self.read() as s:
             return trials.states(s, trial_ids)
+
+    def attempt_matches(self, token: AttemptToken) -> bool:
+        """Whether ``token`` is the credential of its trial's current attempt (False: a wrong
+        token, or no such trial). Raises StaleAttempt when it names an earlier attempt."""
+        with self.read() as s:
+            row = trials.credential(s, token.trial_id)
+        return row is not None and token.check(token.trial_id, *row)
 
     # ------------------------------------------------------------------ metrics
 

@@ -5,11 +5,14 @@ Functions take the caller's session.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
+from itertools import groupby, islice
 from typing import Any
 
 from sqlalchemy import and_, func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from hpo.service.db.models import MetricPoint, Trial
@@ -18,19 +21,25 @@ from hpo.service.states import TrialState
 
 
 def add(session: Session, trial: Trial, points: Sequence[MetricInput], now: datetime) -> None:
-    """Store ``points`` for the trial (flushed: later queries in the transaction see them)."""
-    session.add_all(
-        MetricPoint(
-            trial_id=trial.id,
-            study_id=trial.study_id,
-            step=p.step,
-            name=p.name,
-            value=float(p.value),
-            time=now,
-        )
+    """Store ``points`` under the trial's current attempt, each at most once: a point that
+    attempt already stored (same name and step, e.g. a batch sent again after its answer was
+    lost) is left as it is (insert-or-ignore on UNIQUE(trial, attempt, name, step))."""
+    if not points:
+        return
+    rows = [
+        {
+            "trial_id": trial.id,
+            "study_id": trial.study_id,
+            "attempt": trial.attempts,
+            "step": p.step,
+            "name": p.name,
+            "value": float(p.value),
+            "time": now,
+        }
         for p in points
-    )
-    session.flush()
+    ]
+    insert = sqlite_insert if session.bind.dialect.name == "sqlite" else postgresql_insert
+    session.execute(insert(MetricPoint).on_conflict_do_nothing(), rows)
 
 
 def last_step(session: Session, trial_id: int, name: str) -> int | None:
@@ -47,7 +56,7 @@ def last_value(session: Session, trial_id: int, name: str) -> float | None:
     return session.scalar(
         select(MetricPoint.value)
         .where(MetricPoint.trial_id == trial_id, MetricPoint.name == name)
-        .order_by(MetricPoint.step.desc(), MetricPoint.id.desc())
+        .order_by(MetricPoint.step.desc(), MetricPoint.attempt.desc(), MetricPoint.id.desc())
         .limit(1)
     )
 
@@ -65,7 +74,8 @@ def last_points(
         .subquery()
     )
     rows = session.execute(
-        select(MetricPoint.trial_id, MetricPoint.step, MetricPoint.value).join(
+        select(MetricPoint.trial_id, MetricPoint.step, MetricPoint.value)
+        .join(
             newest,
             and_(
                 MetricPoint.trial_id == newest.c.trial_id,
@@ -73,6 +83,7 @@ def last_points(
                 MetricPoint.name == name,
             ),
         )
+        .order_by(MetricPoint.attempt)  # of a step stored by several attempts, the newest wins
     )
     return {trial_id: {int(step): value} for trial_id, step, value in rows}
 
@@ -85,40 +96,72 @@ def of_trial(
     since_step: int | None = None,
     limit: int = 100_000,
 ) -> list[MetricPointRecord]:
-    """The trial's points in step order (of metric ``name``; after ``since_step``)."""
+    """The trial's points in step order (of metric ``name``; after ``since_step``), one per
+    (name, step): the newest attempt's."""
     stmt = (
-        select(MetricPoint)
+        select(
+            MetricPoint.step,
+            MetricPoint.name,
+            MetricPoint.value,
+            MetricPoint.time,
+            MetricPoint.attempt,
+        )
         .where(MetricPoint.trial_id == trial_id)
         .order_by(MetricPoint.step, MetricPoint.id)
-        .limit(limit)
     )
     if name is not None:
         stmt = stmt.where(MetricPoint.name == name)
     if since_step is not None:
         stmt = stmt.where(MetricPoint.step > since_step)
+    rows = session.execute(stmt)
+    newest = _newest_per_step(rows, step=lambda row: row[0], name=lambda row: row[1])
     return [
-        MetricPointRecord(step=p.step, name=p.name, value=p.value, time=p.time)
-        for p in session.scalars(stmt)
+        MetricPointRecord(step=step, name=metric, value=value, time=time, attempt=attempt)
+        for step, metric, value, time, attempt in islice(newest, max(0, limit))
     ]
 
 
 def of_trials(
     session: Session, trial_ids: Sequence[int], *, name: str | None = None
 ) -> dict[int, list[tuple[str, int, float]]]:
-    """``(name, step, value)`` in step order per trial, for many trials in one query."""
+    """``(name, step, value)`` in step order per trial, for many trials in one query; one
+    point per (name, step): the newest attempt's."""
     out: dict[int, list[tuple[str, int, float]]] = {t: [] for t in trial_ids}
     if not out:
         return out
     stmt = (
-        select(MetricPoint.trial_id, MetricPoint.name, MetricPoint.step, MetricPoint.value)
+        select(
+            MetricPoint.trial_id,
+            MetricPoint.step,
+            MetricPoint.name,
+            MetricPoint.value,
+            MetricPoint.attempt,
+        )
         .where(MetricPoint.trial_id.in_(list(out)))
         .order_by(MetricPoint.trial_id, MetricPoint.step, MetricPoint.id)
     )
     if name is not None:
         stmt = stmt.where(MetricPoint.name == name)
-    for trial_id, metric, step, value in session.execute(stmt):
+    rows = session.execute(stmt)
+    for trial_id, step, metric, value, _ in _newest_per_step(
+        rows, step=lambda row: row[:2], name=lambda row: row[2]
+    ):
         out[trial_id].append((metric, step, value))
     return out
+
+
+def _newest_per_step(
+    rows: Iterable[Any], *, step: Callable[[Any], Any], name: Callable[[Any], str]
+) -> Iterator[Any]:
+    """Of rows in ``step`` order whose last column is the attempt, one per name and step: the
+    newest attempt's, in the place of the first row of that name and step."""
+    for _, same_step in groupby(rows, key=step):
+        chosen: dict[str, Any] = {}
+        for row in same_step:
+            held = chosen.get(name(row))
+            if held is None or row[-1] > held[-1]:
+                chosen[name(row)] = row
+        yield from chosen.values()
 
 
 class PruningHistory:
@@ -168,8 +211,10 @@ class PruningHistory:
 
 
 def _first_per_trial(session: Session, stmt: Any) -> list[float]:
-    """One value per trial, even when a re-sent batch stored a step twice."""
-    rows = session.execute(stmt.add_columns(MetricPoint.trial_id))
+    """One value per trial: of a step that several attempts reported, the newest attempt's."""
+    rows = session.execute(
+        stmt.add_columns(MetricPoint.trial_id).order_by(MetricPoint.attempt.desc())
+    )
     seen: dict[int, float] = {}
     for value, trial_id in rows:
         seen.setdefault(trial_id, value)

@@ -10,6 +10,7 @@ request itself (a unique name taken, a domain error raised inside the scope) pas
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -48,12 +49,56 @@ def _first_line(exc: Exception) -> str:
     return lines[0][:300]
 
 
+class WriteQueue:
+    """Admits this process's SQLite writers one at a time, in the order they came.
+
+    SQLite has no queue for its write lock: a writer that finds it taken sleeps in growing
+    steps (up to 100 ms) and tries again, so a heartbeat can wait behind every commit of a
+    large metrics batch although each commit is short. Writers of this process wait here
+    instead, and are woken in arrival order. A thread already inside a write passes through
+    (a nested write then meets SQLite's own lock, as before).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0  # the ticket the next writer draws
+        self._serving = 0  # the ticket allowed in
+        self._holder: int | None = None
+
+    def waiting(self) -> int:
+        """How many writers wait for their turn."""
+        with self._cond:
+            return self._next - self._serving - (self._holder is not None)
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """Wait for this thread's turn, hold it through the block, then pass it on."""
+        me = threading.get_ident()
+        if self._holder == me:
+            yield
+            return
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            while ticket != self._serving:
+                self._cond.wait()
+            self._holder = me
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holder = None
+                self._serving += 1
+                self._cond.notify_all()
+
+
 class Transactions:
     """Owns the engine and hands out transactions that map database failures."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._readonly = engine.execution_options(readonly=True)
+        self._queue = WriteQueue() if engine.dialect.name == "sqlite" else None
 
     @property
     def dialect(self) -> str:
@@ -65,8 +110,13 @@ class Transactions:
         """A read-write transaction, committed when the block ends and rolled back on error.
 
         Raises DatabaseUnavailable when the database cannot be reached or stays locked.
+        On SQLite, this process's writers take their turns in arrival order (WriteQueue).
         """
-        with self._scope(self.engine) as session:
+        if self._queue is None:
+            with self._scope(self.engine) as session:
+                yield session
+            return
+        with self._queue.turn(), self._scope(self.engine) as session:
             yield session
 
     @contextmanager

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, selectinload
 
+from hpo.service import attempts
 from hpo.service.db.models import Study, Trial, TrialParam
 from hpo.service.errors import TrialNotFound
 from hpo.service.records import ACTIVE_STATES
@@ -64,10 +65,13 @@ def insert(
     *,
     lease_s: float,
     now: datetime,
+    ask_key: str | None = None,
 ) -> Trial:
     """A new trial ``number`` of the locked ``study``, already claimed (running, attempt 1,
-    leased for ``lease_s``), with its first history line. The caller has checked ``number``
-    is the study's next one (compare-and-set); a clash raises IntegrityError at commit."""
+    leased for ``lease_s``; :func:`issue_token` gives it its token), with its first history
+    line; ``ask_key`` is the Idempotency-Key of the ask that created it. The caller has
+    checked ``number`` is the study's next one (compare-and-set); a clash (of the number or
+    the key) raises IntegrityError at flush or commit."""
     trial = Trial(
         study_id=study.id,
         number=number,
@@ -77,6 +81,7 @@ def insert(
         started_at=now,
         lease_expires_at=now + timedelta(seconds=lease_s),
         suggestion=suggestion,
+        ask_key=ask_key,
     )
     trial.params = [
         TrialParam(name=name, position=i, value=value)
@@ -88,6 +93,26 @@ def insert(
     session.flush()
     events.add(session, trial, NEW_TRIAL_STATE, "suggested by " + suggestion["sampler"])
     return trial
+
+
+def by_ask_key(session: Session, study_id: int, key: str) -> int | None:
+    """The id of the study's trial created by the ask with Idempotency-Key ``key``, if any."""
+    return session.scalar(select(Trial.id).where(Trial.study_id == study_id, Trial.ask_key == key))
+
+
+def credential(session: Session, trial_id: int) -> tuple[int, str | None] | None:
+    """The trial's current attempt and its token's hash; None when there is no such trial."""
+    row = session.execute(
+        select(Trial.attempts, Trial.attempt_token_hash).where(Trial.id == trial_id)
+    ).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+def issue_token(trial: Trial) -> str:
+    """A new token for the trial's current attempt (the trial has an id). Only its hash is
+    stored, replacing the one before: the earlier token stops working."""
+    token, trial.attempt_token_hash = attempts.new_token(trial.id, trial.attempts)
+    return token
 
 
 def renew_lease(trial: Trial, lease_s: float, now: datetime) -> None:

@@ -396,11 +396,6 @@ def test_ask_sends_one_idempotency_key_per_ask(server: ServerProcess, proxy: Fau
         assert first.trial_id != second.trial_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server gap: POST /ask does not yet answer a repeated Idempotency-Key with the "
-    "trial it created (issue 10); remove this mark when it does",
-)
 def test_a_retried_ask_creates_one_trial(server: ServerProcess, proxy: FaultyProxy) -> None:
     with through(proxy, server) as client:
         study = client.create_study(simple_spec("one-ask"))
@@ -409,11 +404,6 @@ def test_a_retried_ask_creates_one_trial(server: ServerProcess, proxy: FaultyPro
         assert [t.id for t in study.trials()] == [asked.trial_id]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server gap: metric points are not yet unique per (trial, attempt, name, step) "
-    "(issue 10); remove this mark when they are",
-)
 def test_a_report_retried_after_its_answer_was_lost_stores_one_point_set(
     server: ServerProcess, proxy: FaultyProxy
 ) -> None:

@@ -48,7 +48,7 @@ def test_late_writes_of_an_expired_attempt_are_refused_and_stored_nowhere(
         accepted = [r.status_code for r in late if r.status_code < 400]
         assert accepted == [], [r.text for r in late]
         assert {r.status_code for r in late} == {409}
-        assert all("attempt" in r.json()["detail"] for r in late)
+        assert all("attempt" in r.json()["message"] for r in late)
 
         live = http.post(
             f"/api/v1/trials/{trial_id}/metrics",
