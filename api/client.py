@@ -13,6 +13,10 @@ trial while it runs and telling every outcome (NaN, None and exceptions as faile
 Calls that may safely be sent twice are retried on transport failures and 503/429
 (:mod:`hpo.api.retry`); ``ask`` carries an ``Idempotency-Key`` for that.
 
+Running an objective (the trial handle, its heartbeat, telling its outcome) is in
+:mod:`hpo.api.objective`. This module stays one piece past 400 lines because it is the whole
+REST surface a notebook sees: one method per call, on ``Client`` and ``Study``.
+
 Imports neither the server nor torch/ray. Errors are the core's typed exceptions
 (``hpo.service.errors``): NotFound, Conflict (BudgetSpent, GridExhausted...), InvalidInput.
 """
@@ -20,9 +24,7 @@ Imports neither the server nor torch/ray. Errors are the core's typed exceptions
 from __future__ import annotations
 
 import logging
-import math
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -31,6 +33,7 @@ from typing import Any
 
 import httpx
 
+from hpo.api.objective import TrialHandle, run_trial
 from hpo.api.retry import RetryPolicy, send
 from hpo.service import errors
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
@@ -339,50 +342,8 @@ class Study:
                 asked = self.ask()
             except errors.BudgetSpent:
                 return
-            self._run_trial(objective, TrialHandle(self, asked), catch, interval_s)
+            run_trial(self, objective, TrialHandle(self, asked), catch, interval_s)
             done += 1
-
-    def _run_trial(
-        self,
-        objective: Callable[[TrialHandle], float | list[float]],
-        handle: TrialHandle,
-        catch: tuple[type[BaseException], ...],
-        interval_s: float,
-    ) -> None:
-        """Run one objective under a heartbeat and tell its outcome."""
-        try:
-            with LeaseKeeper(self, handle, interval_s):
-                result = objective(handle)
-        except catch as exc:
-            log.warning("trial %d failed; going on", handle.number, exc_info=True)
-            self._tell_or_log(handle, state="failed", error=_describe(exc))
-            return
-        except BaseException as exc:
-            # Told before re-raising; a failing tell must not hide the objective's exception.
-            try:
-                self._tell_or_log(handle, state="failed", error=_describe(exc))
-            except Exception:
-                log.exception("could not tell trial %d failed", handle.number)
-            raise
-        if handle.should_stop:
-            self._tell_or_log(handle, state="pruned")
-            return
-        problem = _result_problem(result)
-        if problem is not None:
-            log.warning("trial %d failed: %s", handle.number, problem)
-            self._tell_or_log(handle, state="failed", error=problem)
-        elif isinstance(result, (list, tuple)):
-            self.tell(handle.asked, values=[float(v) for v in result])
-        else:
-            self.tell(handle.asked, value=float(result))
-
-    def _tell_or_log(self, handle: TrialHandle, **outcome: Any) -> None:
-        """Tell ``outcome``; a trial the server already ended (stopped study, pruned, lease
-        lost) is logged, not raised."""
-        try:
-            self.tell(handle.asked, **outcome)
-        except (errors.TrialFinished, errors.NotFound) as exc:
-            log.info("trial %d was already ended by the server: %s", handle.number, exc)
 
     # ---------------------------------------------------------------- results
 
@@ -503,98 +464,6 @@ class Study:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"study {self.id} still {record.state} after {timeout_s} s")
             time.sleep(poll_s)
-
-
-class TrialHandle:
-    """What :meth:`Study.optimize` hands the objective: params, number, and reporting.
-
-    ``should_stop`` turns true when a report or the background heartbeat learns that the
-    trial should stop (pruned, or its study stopped); it never turns back. The objective is
-    not interrupted: it should check :meth:`should_prune` and return.
-    """
-
-    def __init__(self, study: Study, asked: AskedTrial) -> None:
-        self.study = study
-        self.asked = asked  # reports, heartbeats and the tell go with its attempt's token
-        self.trial_id = asked.trial_id
-        self.number = asked.number
-        self.params = asked.params
-        self.should_stop = False
-
-    def report(self, step: int, metrics: Mapping[str, float]) -> bool:
-        """Report metrics; True means stop now (pruned)."""
-        if self.study.report(self.asked, step, metrics):
-            self.should_stop = True
-        return self.should_stop
-
-    def should_prune(self) -> bool:
-        """Whether the server said this trial should stop (a report or a heartbeat)."""
-        return self.should_stop
-
-
-class LeaseKeeper:
-    """A background thread heartbeating one trial every ``interval_s`` while its objective
-    runs (``with LeaseKeeper(...)``), so the server does not fail it for silence.
-
-    A heartbeat answering should_stop sets ``handle.should_stop``; one refused because the
-    trial has ended (409/404) sets it too and ends the thread. Other failures are logged and
-    the next beat tries again. Leaving the block stops the thread.
-    """
-
-    def __init__(self, study: Study, handle: TrialHandle, interval_s: float) -> None:
-        self.study = study
-        self.handle = handle
-        self.interval_s = interval_s
-        # A beat retries for at most one interval: the next beat is as good as a late retry.
-        self._retry = RetryPolicy(attempts=3, total_s=interval_s, first_wait_s=interval_s / 10)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"hpo-heartbeat-{handle.trial_id}", daemon=True
-        )
-
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        # A beat in flight is not waited for long: once the trial is told, it ends the thread.
-        self._thread.join(timeout=self.interval_s + 5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                if self.study.heartbeat(self.handle.asked, retry=self._retry):
-                    self.handle.should_stop = True
-            except (errors.Conflict, errors.NotFound) as exc:
-                log.info("trial %d ended on the server: %s", self.handle.number, exc)
-                self.handle.should_stop = True
-                return
-            except Exception as exc:  # a background thread: log, and beat again later
-                log.warning("heartbeat of trial %d failed: %s", self.handle.number, exc)
-
-
-def _describe(exc: BaseException) -> str:
-    """The reason told for an objective that raised: its type and message."""
-    message = str(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
-def _result_problem(result: object) -> str | None:
-    """Why an objective's return value cannot be told as a result, or None when it can."""
-    values = list(result) if isinstance(result, (list, tuple)) else [result]
-    shown: list[float] = []
-    for value in values:
-        try:
-            if isinstance(value, (str, bytes)):
-                raise TypeError
-            number = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            return f"objective returned {result!r}, not a number"
-        shown.append(number)
-    if all(math.isfinite(v) for v in shown):
-        return None
-    return f"objective returned {shown[0] if len(shown) == 1 else shown}"
 
 
 def _to_spec(spec: StudySpec | Mapping[str, Any] | str | Path) -> StudySpec:
