@@ -187,9 +187,7 @@ def test_a_lost_attempt_is_retried_without_spending_max_retries(
     scheduler.tick()  # recorded as an infrastructure loss, and attempt 2 launched
     trial = service.get_trial(ref.trial_id)
     assert trial.state == "running" and trial.attempts == 2 and "does not know" in trial.error
-    assert any(
-        (e.detail or "").startswith("[infrastructure] attempt 1:") for e in trial.events
-    )
+    assert any((e.detail or "").startswith("[infrastructure] attempt 1:") for e in trial.events)
     assert list(scheduler.in_flight) == [AttemptRef(ref.trial_id, 2)]
 
 
