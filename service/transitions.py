@@ -80,10 +80,10 @@ def complete_if_done(s: Session, study: Study) -> None:
     if running or waiting:
         return
     spec = spec_of(study)
-    if study.next_number >= budget_limit(study, spec):
-        reason = "budget spent" if spec.budget.max_trials else "search space exhausted"
-    elif timed_out(study, spec):
+    if timed_out(study, spec):  # first: its running trials may have been ended for it
         reason = "budget.timeout_s reached"
+    elif study.next_number >= budget_limit(study, spec):
+        reason = "budget spent" if spec.budget.max_trials else "search space exhausted"
     else:
         return
     set_study_state(study, StudyState.COMPLETED, reason=reason)
