@@ -39,10 +39,10 @@ from hpo.service.executor import (
     fits,
     needs_of,
 )
+from hpo.service.leadership import SchedulerLease
 from hpo.service.records import TrialRecord
 from hpo.service.spec import Resources, StudySpec
 from hpo.service.states import StudyState, TrialState
-from hpo.service.storage import leases
 from hpo.service.studies import StudyService
 
 log = logging.getLogger("hpo.scheduler")
@@ -93,12 +93,8 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._turn = 0
-        self.lease_s = lease_s
-        self.holder = holder or leases.holder_id()
-        self.epoch: int | None = None  # the scheduler lease's epoch while this one holds it
-        self._valid_until = 0.0  # monotonic time until which the lease is surely ours
+        self.lease = SchedulerLease(service.storage, lease_s, holder)
         self._adopted_epoch: int | None = None
-        self._standby_since: str | None = None  # the holder last seen running the scheduler
 
     # -------------------------------------------------------------- lifecycle
 
@@ -130,69 +126,46 @@ class Scheduler:
     @property
     def leading(self) -> bool:
         """Whether this scheduler holds the scheduler lease (and so may launch)."""
-        return self.epoch is not None and time.monotonic() < self._valid_until
+        return self.lease.held
+
+    @property
+    def holder(self) -> str:
+        """This server's id in the scheduler lease and in ``trials.owner``."""
+        return self.lease.holder
+
+    @property
+    def epoch(self) -> int | None:
+        """The scheduler lease's epoch while this server holds it."""
+        return self.lease.epoch
 
     def release(self) -> None:
         """Give the scheduler lease up (a standby takes over at once). Never raises."""
-        if self.epoch is not None:
-            with contextlib.suppress(Exception):
-                leases.release(self.service.storage, leases.SCHEDULER, self.holder, self.epoch)
-            self.epoch = None
+        self.lease.release()
 
-    # ------------------------------------------------------------------ lease
-
-    def _hold_lease(self) -> bool:
-        """Renew the scheduler lease, or take it if it is free; whether this one holds it."""
-        started = time.monotonic()
-        storage = self.service.storage
-        if self.epoch is not None:
-            if leases.renew(storage, leases.SCHEDULER, self.holder, self.epoch, self.lease_s):
-                self._valid_until = started + self.lease_s
-                return True
-            self._lose_lease()
-        epoch = leases.acquire(storage, leases.SCHEDULER, self.holder, self.lease_s)
-        if epoch is None:
-            self._note_standby()
-            return False
-        self.epoch, self._valid_until, self._standby_since = epoch, started + self.lease_s, None
-        log.info("this server runs the scheduler (%s, lease epoch %s)", self.holder, epoch)
-        return True
-
-    def _lose_lease(self) -> None:
-        """Another server took the lease over: launch nothing more, let go of the attempts
-        (the new holder adopts them; on a local cluster they end with it)."""
-        log.warning(
-            "this server lost the scheduler lease (epoch %s); it stops scheduling", self.epoch
-        )
-        self.epoch = None
+    def _let_go(self) -> None:
+        """The lease was taken over: launch nothing more and let go of the attempts (the new
+        holder adopts them; on a local cluster they end with this one)."""
+        log.warning("this server stops scheduling: another one holds the scheduler lease")
         self.executor.shutdown()
         self.in_flight.clear()
         self._evaluated.clear()
-
-    def _note_standby(self) -> None:
-        lease = leases.get(self.service.storage, leases.SCHEDULER)
-        holder = lease.holder if lease else "?"
-        if holder == self._standby_since:
-            return
-        self._standby_since = holder
-        then = (
-            "this one serves the API only (it takes over if that server stops)"
-            if self.service.storage.dialect == "sqlite"
-            else "this one stands by and takes over when that server's lease expires"
-        )
-        log.warning("another hpo serve (%s) runs the scheduler on this database; %s", holder, then)
 
     # ------------------------------------------------------------------- tick
 
     def tick(self) -> None:
         """One round: hold the lease, then reconcile, launch and evaluate (nothing without
         the lease)."""
-        if not self._hold_lease():
+        held, lost = self.lease.hold()
+        if lost:
+            self._let_go()
+        if not held:
             return
         studies = self.service.dispatched_studies()
         to_evaluate = self.service.studies_to_evaluate(self._evaluated)
         if not self.executor.started:
-            if not any(state == StudyState.RUNNING for _, state, _ in studies) and not to_evaluate:
+            adopting = self._adopted_epoch != self.epoch and bool(studies)  # paused ones drain
+            running = any(state == StudyState.RUNNING for _, state, _ in studies)
+            if not (running or to_evaluate or adopting):
                 return
             self.executor.start()
         if self._adopted_epoch != self.epoch:
@@ -258,18 +231,16 @@ class Scheduler:
                 )
 
     def _own(self, ref: AttemptRef) -> bool:
-        """Record this scheduler as the attempt's owner; False (and the lease let go) when
-        the lease is no longer this scheduler's."""
-        if self.epoch is not None and self.service.own_attempt(
-            ref.trial_id, ref.attempt, self.holder, self.epoch
+        """Record this scheduler as the attempt's owner; False when it cannot (the lease was
+        taken over: then this scheduler lets go of everything)."""
+        epoch = self.lease.epoch
+        if epoch is not None and self.service.own_attempt(
+            ref.trial_id, ref.attempt, self.holder, epoch
         ):
             return True
-        if self.epoch is not None and leases.renew(
-            self.service.storage, leases.SCHEDULER, self.holder, self.epoch, self.lease_s
-        ):
-            return False  # the attempt moved on meanwhile; the lease is still ours
-        self._lose_lease()
-        return False
+        if not self.lease.still_ours():
+            self._let_go()
+        return False  # else the attempt moved on meanwhile; the lease is still ours
 
     def _reconcile(self) -> None:
         if not self.in_flight:
