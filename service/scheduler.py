@@ -117,7 +117,7 @@ class Scheduler:
                     self.tick()
                 except Exception:
                     log.exception("scheduler tick failed; retrying")
-                self._wake.wait(self.interval_s if self.leading else self.lease_s / 3)
+                self._wake.wait(self.interval_s if self.leading else self.lease.lease_s / 3)
                 self._wake.clear()
         finally:
             self.executor.shutdown()

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from hpo.api.client import Study
-from tests.conftest import ServerProcess, wait_for
+from tests.conftest import ServerProcess, create_pg_database, drop_pg_database, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -96,6 +96,8 @@ def test_a_second_server_on_the_same_sqlite_database_serves_the_api_only(tmp_pat
         assert [t.state for t in trials] == ["complete", "complete"]  # wrongly failed 0
         assert [t.attempts for t in trials] == [1, 1]
         assert "launched trial" not in log.read_text()
+        first.stop()  # a clean stop hands the scheduler lease over at once
+        wait_for(lambda: health(second)["scheduler"] == "running", 30, "the hand-over")
     finally:
         if second is not None:
             second.stop()
@@ -137,6 +139,45 @@ def test_a_killed_control_plane_costs_no_retry_and_leaves_no_ray_processes(
         if old_group is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(old_group, signal.SIGKILL)
+
+
+def test_a_standby_on_postgresql_takes_over_when_the_leader_dies(
+    tmp_path: Path, pg_available: bool
+) -> None:
+    if not pg_available:
+        pytest.skip("PostgreSQL is not reachable")
+    url = create_pg_database()
+    shared = {"HPO_SCHEDULER_LEASE_S": "4", "HPO_STORAGE_PATH": str(tmp_path / "checkpoints")}
+    servers = []
+    try:
+        for name in ("leader", "standby"):
+            (tmp_path / name).mkdir()
+            server = ServerProcess(url, tmp_path / name, {**RAY_ENV, **shared})
+            server.start()
+            servers.append(server)
+        leader, standby = servers
+        wait_for(lambda: health(leader)["scheduler"] == "running", 30, "the leader")
+        assert health(standby)["scheduler"] == "standby"
+        study = standby.client().create_study(  # any server takes API calls
+            synthetic("failover", {"steps": 10, "step_s": 0.4}, budget={"max_trials": 2})
+        )
+        first = wait_for(lambda: study.trials(state="running"), 60, "a running trial")[0]
+        wait_for(lambda: rank_pids(standby, first.id), 60, "its rank to start")
+        leader.kill()  # kill -9 of the leader and its local Ray
+        wait_for(lambda: health(standby)["scheduler"] == "running", 30, "the take-over")
+        ended(study, timeout=120)
+        client = standby.client()
+        trials = [client.trial(t.id) for t in study.trials()]
+        assert sorted(t.number for t in trials) == [0, 1]  # lost 0, duplicated 0
+        assert [t.state for t in trials] == ["complete", "complete"]  # wrongly failed 0
+        crashed = client.trial(first.id)
+        assert crashed.attempts == 2  # max_retries 0: the loss spent no retry
+        (loss,) = [e.detail for e in crashed.events if e.state == "failed"]
+        assert loss.startswith("[infrastructure] attempt 1:")
+    finally:
+        for server in servers:
+            server.stop()
+        drop_pg_database(url)
 
 
 @pytest.fixture(scope="module")
