@@ -277,8 +277,11 @@ class StudyService:
             self._expire(trial_id)
         if study_id is not None:
             return len(expired)
-        with self.storage.write() as s:
+        with self.storage.read() as s:
             timed = deadlines.timed_studies(s)
+        if not timed:
+            return len(expired)
+        with self.storage.write() as s:
             overdue = deadlines.overdue(s, timed, now)
             ended = deadlines.timed_out_studies(s, timed, now)
         for late in overdue:
