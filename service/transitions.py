@@ -139,15 +139,16 @@ def fail(
     study: ``infrastructure`` is retried without spending ``max_retries`` (counted in
     ``infra_failures``, up to MAX_INFRA_FAILURES), ``trainable`` while ``max_retries``
     allows, ``deterministic`` never. Otherwise the trial fails with ``reason``. The event
-    records the class. ``retryable=False`` (older callers) means ``deterministic``. A waiting
-    trial is already queued for its next attempt: only a failure without retry changes it."""
+    records the class (see :func:`_tag`). ``retryable=False`` (older callers) means
+    ``deterministic``. A waiting trial is already queued for its next attempt: only a failure
+    without retry changes it."""
     kind = _failure_class(failure_class, retryable)
     if kind == FailureClass.INFRASTRUCTURE and trial.infra_failures >= MAX_INFRA_FAILURES:
         kind = FailureClass.TRAINABLE  # past the cap, a loss spends a retry like any failure
     if _retried(study, trial, kind):
         if trial.state == TrialState.WAITING:
             return
-        detail = f"[{kind}] attempt {trial.attempts}: {reason}; retrying"
+        detail = f"{_tag(kind)}attempt {trial.attempts}: {reason}; retrying"
         events.add(s, trial, TrialState.FAILED, detail)
         if kind == FailureClass.INFRASTRUCTURE:
             trial.infra_failures = (trial.infra_failures or 0) + 1
@@ -160,8 +161,14 @@ def fail(
             s, study, trial, TrialState.WAITING, detail=f"queued for attempt {trial.attempts}"
         )
         return
-    detail = f"[{kind}] attempt {trial.attempts}: {reason}"
+    detail = f"{_tag(kind)}attempt {trial.attempts}: {reason}" if _tag(kind) else reason
     finish(s, study, trial, TrialState.FAILED, None, reason, detail=detail)
+
+
+def _tag(kind: FailureClass) -> str:
+    """How a failed attempt's event names its class: ``[infrastructure]`` or
+    ``[deterministic]`` first; a ``trainable`` failure (counted, the usual case) is untagged."""
+    return "" if kind == FailureClass.TRAINABLE else f"[{kind}] "
 
 
 def _failure_class(failure_class: FailureClass | None, retryable: bool | None) -> FailureClass:
