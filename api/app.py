@@ -82,10 +82,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/healthz", tags=["system"])
     def healthz() -> dict[str, str]:
         """Liveness and database reachability (no token needed): 503 with ``Retry-After``
-        and the reason while the database cannot be reached."""
+        and the reason while the database cannot be reached. ``scheduler`` says whether this
+        server runs the scheduler (``running``), stands by for another that holds the
+        scheduler lease (``standby``), or has none (``off``)."""
         storage = app.state.service.storage
         storage.ping()
-        return {"status": "ok", "version": VERSION, "database": storage.dialect}
+        scheduler = app.state.scheduler
+        role = "off" if scheduler is None else ("running" if scheduler.leading else "standby")
+        return {
+            "status": "ok",
+            "version": VERSION,
+            "database": storage.dialect,
+            "scheduler": role,
+        }
 
     return app
 
@@ -118,6 +127,7 @@ def _scheduler(
         num_gpus=settings.ray_num_gpus,
         object_store_mb=settings.ray_object_store_mb,
         env=env,
+        session_file=settings.ray_session_file,
     )
     return Scheduler(
         service,
@@ -127,11 +137,14 @@ def _scheduler(
         checkpoint_dir=settings.checkpoint_dir,
         interval_s=settings.scheduler_interval_s,
         wake=wake,
+        lease_s=settings.scheduler_lease_s,
     )
 
 
 async def _sweep_leases(app: FastAPI, interval: float) -> None:
-    """Fail (or requeue) trials whose lease ran out, so a dead client never blocks a study."""
+    """Fail (or requeue) trials whose lease ran out or that made no progress within
+    ``progress_timeout_s``, fail attempts past ``budget.trial_timeout_s`` and end studies past
+    ``budget.timeout_s``, so a dead client or a hung trial never blocks a study."""
     while True:
         await asyncio.sleep(interval)
         try:

@@ -85,11 +85,21 @@ class AttemptState(str, Enum):
 
 
 class FailureClass(str, Enum):
-    """Who an attempt's failure is down to: the machinery (a lost node, process or control
-    plane; retrying is the remedy) or the trainable itself (its code or its numbers)."""
+    """Who an attempt's failure is down to, which decides whether it is retried:
+
+    - ``infrastructure``: the machinery (a lost node, process, dispatcher or control plane,
+      preemption). Retried without spending ``max_retries`` (up to ``MAX_INFRA_FAILURES`` per
+      trial, so nothing loops forever).
+    - ``trainable``: an exception of the trainable that may not happen again. Retried while
+      ``max_retries`` allows; each one is counted.
+    - ``deterministic``: the trainable's own verdict that retrying cannot fix
+      (``TrainableError``, invalid settings, a NaN loss, a missing objective, a timeout).
+      Never retried.
+    """
 
     INFRASTRUCTURE = "infrastructure"
     TRAINABLE = "trainable"
+    DETERMINISTIC = "deterministic"
 
     def __str__(self) -> str:
         return self.value
@@ -108,6 +118,14 @@ class AttemptError:
     def describe(self) -> str:
         """The message, then the traceback if there is one (what the trial's error shows)."""
         return f"{self.message}\n{self.traceback}" if self.traceback else self.message
+
+    @property
+    def effective_class(self) -> FailureClass:
+        """The class that decides the retry: a trainable error marked not retryable is
+        deterministic."""
+        if not self.retryable and self.failure_class == FailureClass.TRAINABLE:
+            return FailureClass.DETERMINISTIC
+        return self.failure_class
 
 
 @dataclass(frozen=True)
@@ -245,6 +263,24 @@ class Executor(Protocol):
     def evaluations(self) -> list[EvaluationResult]:
         """Evaluations that ended since the last call, each reported once."""
         ...
+
+
+# HPO_* variables a rank process may see; every other one (the admin token, the database URL,
+# the storage and Ray settings of the control plane) stays out of the cluster's processes.
+RANK_ENV_ALLOWED = frozenset({"HPO_EXTRA_TRAINABLES", "HPO_RAY_NAMESPACE"})
+# Credentials of libraries the control plane uses, never needed by a rank.
+RANK_ENV_SECRETS = frozenset({"PGPASSWORD", "PGPASSFILE", "PGSERVICEFILE", "DATABASE_URL"})
+
+
+def control_plane_secrets(environ: Mapping[str, str]) -> list[str]:
+    """The names in ``environ`` that rank processes must not inherit: every ``HPO_*`` variable
+    but those in :data:`RANK_ENV_ALLOWED` (``HPO_TOKEN``, ``HPO_DATABASE_URL``...), and the
+    database credentials of :data:`RANK_ENV_SECRETS`."""
+    return sorted(
+        name
+        for name in environ
+        if (name.startswith("HPO_") and name not in RANK_ENV_ALLOWED) or name in RANK_ENV_SECRETS
+    )
 
 
 def needs_of(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> dict[str, float]:

@@ -14,10 +14,12 @@ import contextlib
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
 
+from hpo.service import local_ray
 from hpo.service.executor import (
     AttemptError,
     AttemptLaunch,
@@ -38,7 +40,13 @@ log = logging.getLogger("hpo.executor")
 
 
 class RayExecutor:
-    """Runs attempts on a local Ray instance (``address=None``) or an existing cluster."""
+    """Runs attempts on a local Ray instance (``address=None``) or an existing cluster.
+
+    A local instance starts without the control plane's secrets in its environment (so no
+    rank process inherits them) and, with ``session_file``, records its processes there; the
+    next local start first ends what a killed predecessor left running (see
+    :mod:`hpo.service.local_ray`).
+    """
 
     name = "ray"
 
@@ -50,8 +58,10 @@ class RayExecutor:
         num_gpus: float | None = None,
         object_store_mb: int = 512,
         env: dict[str, str] | None = None,
+        session_file: Path | None = None,
     ) -> None:
         self.address = address
+        self.session_file = None if address else session_file
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.object_store_mb = object_store_mb
@@ -80,16 +90,21 @@ class RayExecutor:
         if self.address:
             ray.init(address=self.address, namespace=_namespace(), runtime_env=runtime_env)
         else:
-            ray.init(
-                address="local",
-                namespace=_namespace(),
-                include_dashboard=False,
-                num_cpus=self.num_cpus,
-                num_gpus=self.num_gpus,
-                object_store_memory=self.object_store_mb * 1024 * 1024,
-                runtime_env=runtime_env,
-                configure_logging=False,
-            )
+            if self.session_file is not None:
+                local_ray.reap_leftovers(self.session_file)
+            with local_ray.scrubbed_environ() as removed:
+                ray.init(
+                    address="local",
+                    namespace=_namespace(),
+                    include_dashboard=False,
+                    num_cpus=self.num_cpus,
+                    num_gpus=self.num_gpus,
+                    object_store_memory=self.object_store_mb * 1024 * 1024,
+                    runtime_env=runtime_env,
+                    configure_logging=False,
+                )
+            log.info("started a local Ray without %s in its environment", ", ".join(removed))
+            self._record_session()
         self._dispatcher = TrialDispatcher.options(
             name=DISPATCHER, namespace=_namespace(), lifetime="detached", get_if_exists=True
         ).remote()
@@ -108,6 +123,13 @@ class RayExecutor:
         self._tracked.clear()
         self._evaluations.clear()
         _reap(started)  # Ray leaves its agent processes behind when the local raylet exits
+        if self.session_file is not None:
+            self.session_file.unlink(missing_ok=True)
+
+    def _record_session(self) -> None:
+        if self.session_file is not None:
+            with contextlib.suppress(OSError):
+                local_ray.record(self.session_file)
 
     # ---------------------------------------------------------------- attempts
 
@@ -120,6 +142,7 @@ class RayExecutor:
                 self.cancel(other)
         ray.get(self._actor().start.remote(launch), timeout=60)
         self._tracked[launch.ref] = launch.needs
+        self._record_session()  # worker processes started since
 
     def adopt(self, ref: AttemptRef, needs: ClusterResources) -> bool:
         """Track an attempt a previous control plane launched, if Ray still runs it."""

@@ -6,6 +6,14 @@ new attempts while the cluster has room, one study at a time in turn so studies 
 The scheduler decides; an :class:`~hpo.service.executor.Executor` runs what it decides (on Ray:
 ``hpo.service.ray_executor``). Everything in flight is keyed by (trial, attempt): launching attempt
 N of a trial first cancels any other attempt of it, so two never run together.
+
+One scheduler per database: a tick does anything only while its server holds the ``scheduler``
+lease (:mod:`hpo.service.storage.leases`), which the tick renews. Another server's scheduler
+stands by and takes the lease over once it expires (or its holder's process is gone); it then
+adopts the attempts it finds running: re-adopted if the executor still runs them, else failed
+as infrastructure losses (retried without spending ``max_retries``). Every attempt launched or
+adopted records its owner (``trials.owner``); a scheduler that lost its lease launches nothing
+more and lets go of what it tracked.
 """
 
 from __future__ import annotations
@@ -27,9 +35,11 @@ from hpo.service.executor import (
     AttemptStatus,
     EvaluationRequest,
     Executor,
+    FailureClass,
     fits,
     needs_of,
 )
+from hpo.service.leadership import SchedulerLease
 from hpo.service.records import ClaimedTrial, TrialRecord
 from hpo.service.spec import Resources, StudySpec
 from hpo.service.states import StudyState, TrialState
@@ -64,10 +74,13 @@ class Scheduler:
         checkpoint_dir: Path,
         interval_s: float = 1.0,
         wake: threading.Event | None = None,
+        lease_s: float = 15.0,
+        holder: str | None = None,
     ) -> None:
         """``wake`` is the event whose setting runs a tick now (a study was created, resumed
         or given more budget): the app passes its ``set`` to the study service as
-        ``on_change``, so both are whole when made."""
+        ``on_change``, so both are whole when made. ``lease_s`` is the length of the
+        scheduler lease, ``holder`` this server's id in it (a new one by default)."""
         self.service = service
         self.executor = executor
         self.api_url = api_url
@@ -80,6 +93,8 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._turn = 0
+        self.lease = SchedulerLease(service.storage, lease_s, holder)
+        self._adopted_epoch: int | None = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -102,21 +117,60 @@ class Scheduler:
                     self.tick()
                 except Exception:
                     log.exception("scheduler tick failed; retrying")
-                self._wake.wait(self.interval_s)
+                self._wake.wait(self.interval_s if self.leading else self.lease.lease_s / 3)
                 self._wake.clear()
         finally:
             self.executor.shutdown()
+            self.release()
+
+    @property
+    def leading(self) -> bool:
+        """Whether this scheduler holds the scheduler lease (and so may launch)."""
+        return self.lease.held
+
+    @property
+    def holder(self) -> str:
+        """This server's id in the scheduler lease and in ``trials.owner``."""
+        return self.lease.holder
+
+    @property
+    def epoch(self) -> int | None:
+        """The scheduler lease's epoch while this server holds it."""
+        return self.lease.epoch
+
+    def release(self) -> None:
+        """Give the scheduler lease up (a standby takes over at once). Never raises."""
+        self.lease.release()
+
+    def _let_go(self) -> None:
+        """The lease was taken over: launch nothing more and let go of the attempts (the new
+        holder adopts them; on a local cluster they end with this one)."""
+        log.warning("this server stops scheduling: another one holds the scheduler lease")
+        self.executor.shutdown()
+        self.in_flight.clear()
+        self._evaluated.clear()
 
     # ------------------------------------------------------------------- tick
 
     def tick(self) -> None:
+        """One round: hold the lease, then reconcile, launch and evaluate (nothing without
+        the lease)."""
+        held, lost = self.lease.hold()
+        if lost:
+            self._let_go()
+        if not held:
+            return
         studies = self.service.dispatched_studies()
         to_evaluate = self.service.studies_to_evaluate(self._evaluated)
         if not self.executor.started:
-            if not any(state == StudyState.RUNNING for _, state, _ in studies) and not to_evaluate:
+            adopting = self._adopted_epoch != self.epoch and bool(studies)  # paused ones drain
+            running = any(state == StudyState.RUNNING for _, state, _ in studies)
+            if not (running or to_evaluate or adopting):
                 return
             self.executor.start()
+        if self._adopted_epoch != self.epoch:
             self._adopt(studies)
+            self._adopted_epoch = self.epoch
         self._reconcile()
         self._launch([(sid, spec) for sid, state, spec in studies if state == StudyState.RUNNING])
         self._evaluate(to_evaluate)
@@ -151,21 +205,42 @@ class Scheduler:
                 self.service.set_test_metrics(best.id, {"error": str(exc)})
 
     def _adopt(self, studies: list[tuple[int, str, StudySpec]]) -> None:
-        """After a restart: take over attempts the executor still runs; retry the ones that
-        are gone."""
+        """Having taken the lease: own the running attempts this scheduler does not track,
+        re-adopting those the executor still runs; the others were lost with their control
+        plane and are retried as infrastructure losses."""
         specs = {sid: spec for sid, _, spec in studies}
         for trial in self.service.active_trials(list(specs)):
-            if trial.state != TrialState.RUNNING:
+            ref = AttemptRef(trial.id, trial.attempts)
+            if trial.state != TrialState.RUNNING or ref in self.in_flight:
                 continue
             resources = specs[trial.study_id].resources
-            ref = AttemptRef(trial.id, trial.attempts)
             if self.executor.adopt(ref, _needs(resources)):
+                if not self._own(ref):
+                    self.executor.release(ref)
+                    if self.epoch is None:
+                        return
+                    continue
                 log.info("re-adopted trial %s attempt %s", trial.id, trial.attempts)
                 self.in_flight[ref] = _InFlight(trial.study_id, resources.workers_per_trial)
             else:
                 self.service.fail_attempt(
-                    trial.id, "its Ray attempt was lost when the control plane restarted"
+                    trial.id,
+                    "its attempt was lost when the control plane restarted",
+                    failure_class=FailureClass.INFRASTRUCTURE,
+                    attempt=trial.attempts,
                 )
+
+    def _own(self, ref: AttemptRef) -> bool:
+        """Record this scheduler as the attempt's owner; False when it cannot (the lease was
+        taken over: then this scheduler lets go of everything)."""
+        epoch = self.lease.epoch
+        if epoch is not None and self.service.own_attempt(
+            ref.trial_id, ref.attempt, self.holder, epoch
+        ):
+            return True
+        if not self.lease.still_ours():
+            self._let_go()
+        return False  # else the attempt moved on meanwhile; the lease is still ours
 
     def _reconcile(self) -> None:
         if not self.in_flight:
@@ -228,7 +303,12 @@ class Scheduler:
                 self._tell(trial_id, status.result or AttemptResult())
                 return
             error = status.error or AttemptError(kind=str(status.state), message=_ended(status))
-            self.service.fail_attempt(trial_id, error.describe(), retryable=error.retryable)
+            self.service.fail_attempt(
+                trial_id,
+                error.describe(),
+                failure_class=error.effective_class,
+                attempt=status.ref.attempt,
+            )
         finally:
             self._drop(status.ref, cancel=False)
 
@@ -242,7 +322,7 @@ class Scheduler:
                 self.service.fail_attempt(
                     trial_id,
                     f"the trainable never reported the objective metric {objective.metric!r}",
-                    retryable=False,
+                    failure_class=FailureClass.DETERMINISTIC,
                 )
                 return
             values.append(value)
@@ -264,7 +344,7 @@ class Scheduler:
         pending = [ref for ref, f in self.in_flight.items() if not f.placed]
         free = self.executor.free(pending)
         candidates = list(studies)
-        while candidates:
+        while candidates and self.leading:  # a lost lease stops launching at once
             # fairness: the study with the fewest trials in flight goes first; ties rotate
             self._turn += 1
             candidates.sort(key=lambda item: (self._count(item[0]), (item[0] + self._turn) % 997))
@@ -300,11 +380,24 @@ class Scheduler:
         for older in [r for r in self.in_flight if r.trial_id == trial.id and r != launch.ref]:
             log.info("cancelling attempt %s: attempt %s supersedes it", older, launch.attempt)
             self._drop(older, cancel=True)
+        if not self._own(launch.ref):
+            self.service.fail_attempt(
+                trial.id,
+                "its scheduler lost the scheduler lease before launching it",
+                failure_class=FailureClass.INFRASTRUCTURE,
+                attempt=launch.attempt,
+            )
+            return
         try:
             self.executor.launch(launch)
         except Exception as exc:
             log.exception("launching attempt %s failed", launch.ref)
-            self.service.fail_attempt(trial.id, f"launch failed: {exc}")
+            self.service.fail_attempt(
+                trial.id,
+                f"launch failed: {exc}",
+                failure_class=FailureClass.INFRASTRUCTURE,
+                attempt=launch.attempt,
+            )
             return
         self.in_flight[launch.ref] = _InFlight(trial.study_id, launch.workers)
         log.info(

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     storage_path: Path | None = None
     scheduler: bool = True
     scheduler_interval_s: float = 1.0
+    # The scheduler lease: one ``hpo serve`` per database runs the scheduler, renewing this
+    # lease every tick; another takes over once it has expired (or its holder is gone).
+    scheduler_lease_s: float = Field(default=15.0, gt=0)
     lease_sweep_interval_s: float = 2.0
     log_level: str = "info"
     # Request bounds (README "Limits"): a larger body is a 413 before it is read.
@@ -59,6 +62,11 @@ class Settings(BaseSettings):
     @property
     def token_file(self) -> Path:
         return self.data_dir / "token"
+
+    @property
+    def ray_session_file(self) -> Path:
+        """Where a local Ray session's processes are recorded (reaped after a crash)."""
+        return self.data_dir / "ray-session.json"
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -322,7 +322,20 @@ class Budget(_Model):
 
     max_trials: StrictInt | None = Field(default=None, ge=1)
     max_concurrent: StrictInt | None = Field(default=None, ge=1)
-    timeout_s: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=10 * 365 * 86400,
+        description="Wall time of the whole study: once it passes, running trials are "
+        "cancelled (failed) and the study completes.",
+    )
+    trial_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=10 * 365 * 86400,
+        description="Wall time of one attempt, from its start: an attempt still running "
+        "after it fails its trial (not retried).",
+    )
 
 
 class Resources(_Model):
@@ -376,6 +389,14 @@ class StudySpec(_Model):
         gt=0,
         le=30 * 86400,
         description="A running trial that reports nothing for this long fails.",
+    )
+    progress_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=30 * 86400,
+        description="A running attempt must report a new metric point within this long "
+        "(heartbeats do not count); one that does not fails as 'no progress' (retried while "
+        "max_retries allows).",
     )
     user_attrs: dict[str, Any] = Field(default_factory=dict)
 

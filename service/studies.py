@@ -10,6 +10,7 @@ only delegate to :class:`~hpo.service.storage.Storage`, which the API reads thro
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +27,7 @@ from hpo.service.errors import (
     StudyNotRunning,
     TrialFinished,
 )
+from hpo.service.executor import FailureClass
 from hpo.service.pruners import make_pruner
 from hpo.service.pruners.base import Report
 from hpo.service.records import (
@@ -38,7 +40,7 @@ from hpo.service.records import (
 from hpo.service.samplers import sampler_class
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
-from hpo.service.storage import MAX_PAGE, Storage, metrics, studies, trials
+from hpo.service.storage import MAX_PAGE, Storage, deadlines, leases, metrics, studies, trials
 from hpo.service.storage.records import trial_record
 from hpo.service.storage.transitions import set_study_state
 
@@ -289,38 +291,111 @@ class StudyService:
             previous = p.step if previous is None else max(previous, p.step)
         return None
 
-    def fail_attempt(self, trial_id: int, reason: str, *, retryable: bool = True) -> TrialRecord:
-        """End the current attempt of a running trial with an error.
+    def fail_attempt(
+        self,
+        trial_id: int,
+        reason: str,
+        *,
+        failure_class: FailureClass | None = None,
+        attempt: int | None = None,
+        retryable: bool | None = None,
+    ) -> TrialRecord:
+        """End the current attempt of a running trial with an error of ``failure_class``.
 
-        If the study allows retries and this attempt was not the last, the trial goes back to
-        waiting (same number, attempts + 1); otherwise it fails. A finished trial is left as
-        it is. Raises TrialNotFound.
+        The class decides the retry (see :func:`hpo.service.transitions.fail`): an
+        ``infrastructure`` loss does not spend ``max_retries``, a ``trainable`` error does, a
+        ``deterministic`` one is never retried (``retryable=False`` means that too). When
+        ``attempt`` is given and is no longer the trial's current one, nothing changes. A
+        finished trial is left as it is. Raises TrialNotFound.
         """
         with self.storage.write() as s:
             study, trial = trials.lock(s, trial_id)
-            if TrialState(trial.state).active:
-                transitions.fail(s, study, trial, reason, retryable=retryable)
+            current = attempt is None or attempt == trial.attempts
+            if current and TrialState(trial.state).active:
+                transitions.fail(
+                    s, study, trial, reason, failure_class=failure_class, retryable=retryable
+                )
             return trial_record(trial)
 
     def expire_leases(self, *, study_id: int | None = None) -> int:
-        """Fail (or retry) running trials whose lease ran out; returns how many."""
+        """Fail (or retry) running trials past a deadline; returns how many.
+
+        - lease ran out (no report or heartbeat within ``lease_s``): retried while
+          ``max_retries`` allows;
+        - no new metric point within ``progress_timeout_s``: retried while ``max_retries``
+          allows;
+        - attempt longer than ``budget.trial_timeout_s``: failed, not retried;
+        - study past ``budget.timeout_s`` (every study, when ``study_id`` is None): its active
+          trials fail and the study completes, even when nothing can launch.
+
+        The scheduler cancels the attempts of trials that are no longer running.
+        """
+        now = utcnow()
         with self.storage.read() as s:
-            expired = trials.expired(s, utcnow(), study_id=study_id)
+            expired = trials.expired(s, now, study_id=study_id)
         for trial_id in expired:
-            with self.storage.write() as s:
-                try:
-                    study, trial = trials.lock(s, trial_id)
-                except NotFound:  # deleted meanwhile
-                    continue
-                if trial.state == TrialState.RUNNING and trial.lease_expires_at < utcnow():
-                    transitions.fail(s, study, trial, "lease expired", retryable=True)
-        return len(expired)
+            self._expire(trial_id)
+        if study_id is not None:
+            return len(expired)
+        with self.storage.read() as s:
+            timed = deadlines.timed_studies(s)
+        if not timed:
+            return len(expired)
+        with self.storage.write() as s:
+            overdue = deadlines.overdue(s, timed, now)
+            ended = deadlines.timed_out_studies(s, timed, now)
+        for late in overdue:
+            kind = (
+                FailureClass.TRAINABLE
+                if late.deadline == "progress"
+                else FailureClass.DETERMINISTIC
+            )
+            with contextlib.suppress(NotFound):
+                self.fail_attempt(
+                    late.trial_id, late.reason, failure_class=kind, attempt=late.attempt
+                )
+        for timed_out in ended:
+            with contextlib.suppress(NotFound):
+                self._end_timed_out(timed_out)
+        return len(expired) + len(overdue)
+
+    def _expire(self, trial_id: int) -> None:
+        with self.storage.write() as s:
+            try:
+                study, trial = trials.lock(s, trial_id)
+            except NotFound:  # deleted meanwhile
+                return
+            if trial.state == TrialState.RUNNING and trial.lease_expires_at < utcnow():
+                transitions.fail(
+                    s, study, trial, "lease expired", failure_class=FailureClass.TRAINABLE
+                )
+
+    def _end_timed_out(self, study_id: int) -> None:
+        """Fail the active trials of a study past ``budget.timeout_s`` and complete it."""
+        with self.storage.write() as s:
+            study = studies.get(s, study_id, lock=True)
+            spec = transitions.spec_of(study)
+            if not transitions.timed_out(study, spec):
+                return
+            reason = (
+                f"budget.timeout_s = {spec.budget.timeout_s:g} s reached: the study's time is up"
+            )
+            for trial in trials.active(s, [study_id]):
+                transitions.fail(s, study, trial, reason, failure_class=FailureClass.DETERMINISTIC)
+            transitions.complete_if_done(s, study)
 
     def renew_leases(self, trial_ids: Sequence[int]) -> None:
         """Extend the leases of running trials the executor knows are alive."""
         if trial_ids:
             with self.storage.write() as s:
                 trials.renew_leases(s, trial_ids, utcnow())
+
+    def own_attempt(self, trial_id: int, attempt: int, holder: str, epoch: int) -> bool:
+        """Record ``holder`` (a scheduler holding the scheduler lease at ``epoch``) as the
+        owner of the trial's running ``attempt``; False (nothing written) when the attempt is
+        no longer current or the lease is no longer the holder's."""
+        with self.storage.write() as s:
+            return leases.own(s, trial_id, attempt, holder, epoch)
 
     # --------------------------------------------------------- for the scheduler
 

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import BudgetSpent, GridExhausted, InvalidInput
+from hpo.service.executor import FailureClass
 from hpo.service.samplers import make_sampler
 from hpo.service.samplers.base import Sampler
 from hpo.service.spec import StudySpec
@@ -79,10 +80,10 @@ def complete_if_done(s: Session, study: Study) -> None:
     if running or waiting:
         return
     spec = spec_of(study)
-    if study.next_number >= budget_limit(study, spec):
-        reason = "budget spent" if spec.budget.max_trials else "search space exhausted"
-    elif timed_out(study, spec):
+    if timed_out(study, spec):  # first: its running trials may have been ended for it
         reason = "budget.timeout_s reached"
+    elif study.next_number >= budget_limit(study, spec):
+        reason = "budget spent" if spec.budget.max_trials else "search space exhausted"
     else:
         return
     set_study_state(study, StudyState.COMPLETED, reason=reason)
@@ -97,16 +98,19 @@ def finish(
     error: str | None,
     *,
     now: datetime | None = None,
+    detail: str | None = None,
 ) -> None:
-    """Finish the trial (complete, pruned or failed), record the event, maybe complete the
-    study. Raises IllegalTransition when the trial cannot move to ``state``."""
+    """Finish the trial (complete, pruned or failed), record the event (``detail``, else the
+    error or the pruning reason), maybe complete the study. Raises IllegalTransition when the
+    trial cannot move to ``state``."""
     now = now or utcnow()
-    detail = error if state == TrialState.FAILED else None
+    detail = detail or (error if state == TrialState.FAILED else None)
     if state == TrialState.PRUNED and trial.pruned:
         detail = prune_detail(trial.pruned)
     set_trial_state(s, study, trial, state, detail=detail, now=now)
     trial.finished_at = now
     trial.lease_expires_at = None
+    trial.progress_expires_at = None
     if values:
         trial.value = values[0] if len(values) == 1 else None
         trial.values = list(values) if len(values) > 1 else None
@@ -116,23 +120,71 @@ def finish(
     complete_if_done(s, study)
 
 
-def fail(s: Session, study: Study, trial: Trial, reason: str, *, retryable: bool) -> None:
-    """End the trial's current attempt: back to waiting (same number, attempts + 1) while
-    ``max_retries`` allows and the study runs, else failed with ``reason``. A waiting trial
-    is already queued for its next attempt: only a failure without retry changes it."""
-    spec = spec_of(study)
-    if retryable and trial.attempts <= spec.max_retries and study.state == StudyState.RUNNING:
+# Attempts of one trial lost to the infrastructure that are retried without spending
+# max_retries; past this many, a loss counts like any other failure (nothing loops forever).
+MAX_INFRA_FAILURES = 10
+
+
+def fail(
+    s: Session,
+    study: Study,
+    trial: Trial,
+    reason: str,
+    *,
+    failure_class: FailureClass | None = None,
+    retryable: bool | None = None,
+) -> None:
+    """End the trial's current attempt. Whether it is retried (back to waiting, same number,
+    attempts + 1) depends on ``failure_class`` (see :class:`FailureClass`) and needs a running
+    study: ``infrastructure`` is retried without spending ``max_retries`` (counted in
+    ``infra_failures``, up to MAX_INFRA_FAILURES), ``trainable`` while ``max_retries``
+    allows, ``deterministic`` never. Otherwise the trial fails with ``reason``. The event
+    records the class (see :func:`_tag`). ``retryable=False`` (older callers) means
+    ``deterministic``. A waiting trial is already queued for its next attempt: only a failure
+    without retry changes it."""
+    kind = _failure_class(failure_class, retryable)
+    if kind == FailureClass.INFRASTRUCTURE and trial.infra_failures >= MAX_INFRA_FAILURES:
+        kind = FailureClass.TRAINABLE  # past the cap, a loss spends a retry like any failure
+    if _retried(study, trial, kind):
         if trial.state == TrialState.WAITING:
             return
-        events.add(s, trial, TrialState.FAILED, f"attempt {trial.attempts}: {reason}; retrying")
+        detail = f"{_tag(kind)}attempt {trial.attempts}: {reason}; retrying"
+        events.add(s, trial, TrialState.FAILED, detail)
+        if kind == FailureClass.INFRASTRUCTURE:
+            trial.infra_failures = (trial.infra_failures or 0) + 1
         trial.error = reason
         trial.attempts += 1
         trial.lease_expires_at = None
+        trial.progress_expires_at = None
+        trial.owner = None
         set_trial_state(
             s, study, trial, TrialState.WAITING, detail=f"queued for attempt {trial.attempts}"
         )
         return
-    finish(s, study, trial, TrialState.FAILED, None, reason)
+    detail = f"{_tag(kind)}attempt {trial.attempts}: {reason}" if _tag(kind) else reason
+    finish(s, study, trial, TrialState.FAILED, None, reason, detail=detail)
+
+
+def _tag(kind: FailureClass) -> str:
+    """How a failed attempt's event names its class: ``[infrastructure]`` or
+    ``[deterministic]`` first; a ``trainable`` failure (counted, the usual case) is untagged."""
+    return "" if kind == FailureClass.TRAINABLE else f"[{kind}] "
+
+
+def _failure_class(failure_class: FailureClass | None, retryable: bool | None) -> FailureClass:
+    if failure_class is not None:
+        return FailureClass(failure_class)
+    return FailureClass.DETERMINISTIC if retryable is False else FailureClass.TRAINABLE
+
+
+def _retried(study: Study, trial: Trial, kind: FailureClass) -> bool:
+    """Whether a failure of ``kind`` sends the trial back to waiting."""
+    if study.state != StudyState.RUNNING or kind == FailureClass.DETERMINISTIC:
+        return False
+    if kind == FailureClass.INFRASTRUCTURE:
+        return True
+    counted = trial.attempts - (trial.infra_failures or 0)  # this one included
+    return counted <= spec_of(study).max_retries
 
 
 def stop_active(s: Session, study: Study) -> None:

@@ -41,11 +41,19 @@ DISPATCHER = "hpo-dispatcher-v2"  # v2: attempts keyed by AttemptRef, typed stat
 def run_rank(
     launch: AttemptLaunch, rank: int, dispatcher: ActorHandle, key: AttemptRef
 ) -> dict[str, Any]:
-    """The body of one DDP rank: join the group, run the trainable, report, clean up."""
+    """The body of one DDP rank: join the group, run the trainable, report, clean up.
+
+    The control plane's secrets (admin token, database URL) are removed from the process's
+    environment first: a rank holds its attempt's token and nothing more."""
+    import os
+
+    from hpo.service.executor import control_plane_secrets
     from hpo.workers import ddp, registry
     from hpo.workers.context import Objective, TrialContext
     from hpo.workers.reporter import MetricReporter
 
+    for name in control_plane_secrets(os.environ):  # a cluster's workers may have them
+        os.environ.pop(name, None)
     context = ray.get_runtime_context()
     node_ip = ray.util.get_node_ip_address()
     use_gpu = launch.gpus_per_worker > 0
@@ -292,21 +300,36 @@ def _traceback(exc: BaseException, cause: BaseException) -> str:
     return "".join(traceback.format_exception(cause))
 
 
+# Ray's word that a rank's process or node went away (an OOM kill, a lost or preempted node,
+# a dead placement group): the infrastructure's failure, not the trainable's.
+_INFRASTRUCTURE = (
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ActorDiedError,
+    ray.exceptions.OutOfMemoryError,
+    ray.exceptions.ObjectLostError,
+)
+
+
 def _describe(exc: BaseException) -> AttemptError:
     """Why an attempt failed, and whether a retry can help (not after a TrainableError)."""
+    from pydantic import ValidationError
+
     from hpo.workers.registry import TrainableError
 
     cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
-    if isinstance(exc, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
+    deterministic = isinstance(cause, (TrainableError, ValidationError))  # NaN, bad settings
+    if isinstance(exc, _INFRASTRUCTURE):
         kind, message = "WorkerDied", str(exc).strip().splitlines()[0]
         failure_class = FailureClass.INFRASTRUCTURE
     else:
         kind, lines = type(cause).__name__, str(cause).strip().splitlines()[-1:] or [""]
-        message, failure_class = lines[0], FailureClass.TRAINABLE
+        message = lines[0]
+        failure_class = FailureClass.DETERMINISTIC if deterministic else FailureClass.TRAINABLE
     return AttemptError(
         kind=kind,
         message=f"{kind}: {message}",
-        retryable=not isinstance(cause, TrainableError),
+        retryable=not deterministic,
         traceback=_traceback(exc, cause)[-4000:],
         failure_class=failure_class,
     )

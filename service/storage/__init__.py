@@ -12,12 +12,15 @@ session:
 - :mod:`.events`: a trial's history lines.
 - :mod:`.transitions`: ``set_trial_state`` / ``set_study_state``, the only writes of a state,
   each checked against the table in :mod:`hpo.service.states`.
+- :mod:`.leases`: named leases fenced by an epoch (the one scheduler of a database) and the
+  owners of running attempts.
 - :mod:`.records`: rows → records, and the stored spec.
 - :mod:`.session`: transactions, and database failures → ``DatabaseUnavailable``.
 """
 
+from hpo.service.storage import leases
 from hpo.service.storage.base import MAX_PAGE, Storage
 from hpo.service.storage.records import parse_spec, spec_of
 from hpo.service.storage.session import Transactions, unavailable
 
-__all__ = ["MAX_PAGE", "Storage", "Transactions", "parse_spec", "spec_of", "unavailable"]
+__all__ = ["MAX_PAGE", "Storage", "Transactions", "leases", "parse_spec", "spec_of", "unavailable"]

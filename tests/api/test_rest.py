@@ -325,6 +325,7 @@ def check_patch_budget(http: httpx.Client) -> None:
         "max_trials": 3,
         "max_concurrent": 2,
         "timeout_s": None,
+        "trial_timeout_s": None,
     }
 
 

@@ -174,20 +174,21 @@ def test_a_failed_attempt_is_retried_and_a_trainable_error_is_not(
     assert executor.launched == [first, second]
 
 
-def test_a_lost_attempt_fails_its_trial(
+def test_a_lost_attempt_is_retried_without_spending_max_retries(
     service: StudyService, executor: FakeExecutor, scheduler: Scheduler
 ) -> None:
-    create(service, "lost", budget={"max_trials": 1})
+    create(service, "lost", budget={"max_trials": 1})  # max_retries: 0
     scheduler.tick()
     (ref,) = executor.launched
     executor.lose(ref)
     status = executor.statuses()[0]
     assert status.state == AttemptState.LOST
     assert status.error.failure_class == FailureClass.INFRASTRUCTURE
-    scheduler.tick()
+    scheduler.tick()  # recorded as an infrastructure loss, and attempt 2 launched
     trial = service.get_trial(ref.trial_id)
-    assert trial.state == "failed" and "does not know" in trial.error
-    assert scheduler.in_flight == {}
+    assert trial.state == "running" and trial.attempts == 2 and "does not know" in trial.error
+    assert any((e.detail or "").startswith("[infrastructure] attempt 1:") for e in trial.events)
+    assert list(scheduler.in_flight) == [AttemptRef(ref.trial_id, 2)]
 
 
 @pytest.mark.parametrize("how", ["stop", "delete"])
@@ -264,13 +265,16 @@ def test_a_new_scheduler_adopts_what_the_cluster_still_runs(
     kept, gone = executor.launched
     executor.place(kept)
     executor.lose(gone)
-    # the control plane restarts; the cluster (shared) goes on
+    # the control plane restarts (its scheduler lease ends); the cluster (shared) goes on
+    scheduler.release()
     successor = FakeExecutor(executor.cluster)
     make_scheduler(service, successor, tmp_path).tick()
-    assert successor.tracked == {kept} and successor.launched == []
+    retry = AttemptRef(gone.trial_id, 2)  # an infrastructure loss spends no retry
+    assert successor.tracked == {kept, retry} and successor.launched == [retry]
     assert service.get_trial(kept.trial_id).state == "running"
     lost = service.get_trial(gone.trial_id)
-    assert lost.state == "failed" and "lost when the control plane restarted" in lost.error
+    assert lost.state == "running" and lost.attempts == 2
+    assert "lost when the control plane restarted" in lost.error
 
 
 def test_the_best_trial_of_a_completed_study_is_evaluated_once(

@@ -273,6 +273,7 @@ def test_budget_patch(service: StudyService) -> None:
         "max_trials": 3,
         "max_concurrent": 5,
         "timeout_s": None,
+        "trial_timeout_s": None,
     }
     service.ask(sid2)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from hpo.service.executor import control_plane_secrets
 from hpo.workers import checkpoints, trainable
 from hpo.workers.context import TrialContext
 
@@ -31,6 +32,16 @@ class Settings(BaseModel):
     fail_on_attempts: list[int] = Field(default=[1], description="...on these attempts only.")
     hang_at_step: int | None = Field(default=None, description="Freeze rank 0 (SIGSTOP).")
     raise_at_step: int | None = Field(default=None, description="Raise an error at this step.")
+    stall_at_step: int | None = Field(
+        default=None,
+        description="Rank 0 sleeps at this step while its reporter keeps heartbeating: a hung "
+        "trial that still looks alive (only progress_timeout_s catches it).",
+    )
+    report_secrets: bool = Field(
+        default=False,
+        description="Report `secrets_seen`: how many control-plane secrets (admin token, "
+        "database URL, other HPO_* settings) the rank's environment holds (should be 0).",
+    )
 
 
 def evaluate(checkpoint: Path, settings: Settings, device: torch.device) -> dict[str, float]:
@@ -53,13 +64,18 @@ def train(ctx: TrialContext) -> dict[str, float]:
             os.kill(os.getpid(), signal.SIGKILL)  # a worker dying mid-trial
         if ctx.is_main and step == s.hang_at_step:
             os.kill(os.getpid(), signal.SIGSTOP)  # a worker that hangs: no more heartbeats
+        if ctx.is_main and step == s.stall_at_step:
+            time.sleep(24 * 3600)  # stuck in Python: the reporter thread still heartbeats
         if step == s.raise_at_step:
             raise ValueError(f"synthetic failure at step {step}")
         gap = s.x - 0.3
         local = gap * gap + 1.0 / step + 0.001 * ctx.rank  # a huge x overflows to inf
         total, count = ctx.all_reduce_sum([local, 1.0])
         loss = total / count
-        if ctx.report(step, {"loss": loss}, checkpoint={"loss": loss}):
+        metrics = {"loss": loss}
+        if s.report_secrets:
+            metrics["secrets_seen"] = float(len(control_plane_secrets(os.environ)))
+        if ctx.report(step, metrics, checkpoint={"loss": loss}):
             break
     if ctx.is_main and s.fail_at_step == s.steps + 1 and ctx.attempt in s.fail_on_attempts:
         os.kill(os.getpid(), signal.SIGKILL)  # finished, but the result never got out
