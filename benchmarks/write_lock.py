@@ -38,7 +38,7 @@ import httpx
 from hpo.api.demo import free_port
 
 SERVE = (
-    "import sys, hpo.service.studies as s; s.POINTS_PER_COMMIT = int(sys.argv[1]); "
+    "import sys, hpo.service.reporting as s; s.POINTS_PER_COMMIT = int(sys.argv[1]); "
     "from hpo.api.cli import main; sys.exit(main(['serve', '--port', sys.argv[2]]))"
 )
 SPEC = {
@@ -161,13 +161,13 @@ def commit_holds(per_commit: int, batches: int) -> tuple[int, list[float], list[
     while ``batches`` reports of 10,000 points each are stored on a fresh SQLite file."""
     from sqlalchemy import event
 
-    from hpo.service import studies
+    from hpo.service import reporting, studies
     from hpo.service.db import make_engine, upgrade_schema
     from hpo.service.records import MetricInput
     from hpo.service.spec import StudySpec
     from hpo.service.storage import Storage
 
-    studies.POINTS_PER_COMMIT = per_commit
+    reporting.POINTS_PER_COMMIT = per_commit
     with tempfile.TemporaryDirectory() as tmp:
         engine = make_engine(f"sqlite:///{Path(tmp) / 'hpo.db'}")
         upgrade_schema(engine)

@@ -66,13 +66,7 @@ def reap_leftovers(path: Path, grace_s: float = 5.0) -> int:
     if _alive(body.get("owner") or {}):
         return 0
     left = [p for p in (_process(entry) for entry in body.get("processes", [])) if p is not None]
-    for proc in left:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(left, timeout=grace_s)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
+    reap(left, grace_s)
     path.unlink(missing_ok=True)
     if left:
         log.warning("ended %d process(es) left by a previous local Ray session", len(left))
@@ -92,3 +86,14 @@ def _process(entry: dict) -> psutil.Process | None:
         return proc if proc.status() != psutil.STATUS_ZOMBIE else None
     except (psutil.Error, KeyError, TypeError, ValueError):
         return None
+
+
+def reap(procs: list[psutil.Process], grace_s: float = 5.0) -> None:
+    """Terminate the processes still alive; kill those left after ``grace_s``."""
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()

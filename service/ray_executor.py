@@ -122,7 +122,7 @@ class RayExecutor:
         self._dispatcher = None
         self._tracked.clear()
         self._evaluations.clear()
-        _reap(started)  # Ray leaves its agent processes behind when the local raylet exits
+        local_ray.reap(started)  # Ray leaves its agent processes behind when the local raylet exits
         if self.session_file is not None:
             self.session_file.unlink(missing_ok=True)
 
@@ -251,17 +251,6 @@ def _lost(message: str, detail: str = "") -> AttemptError:
 def _unknown(ref: AttemptRef) -> AttemptStatus:
     error = _lost(f"the dispatcher does not know attempt {ref}")
     return AttemptStatus(ref, AttemptState.LOST, error=error)
-
-
-def _reap(procs: list[psutil.Process], grace_s: float = 5.0) -> None:
-    """Terminate the processes still alive; kill those left after ``grace_s``."""
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
 
 
 def _namespace() -> str:

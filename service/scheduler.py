@@ -184,7 +184,7 @@ class Scheduler:
                 metrics = {"note": "the trainable defines no evaluate()"}
             else:
                 metrics = dict(done.metrics)
-            self.service.set_test_metrics(done.trial_id, metrics)
+            self.service.storage.set_test_metrics(done.trial_id, metrics)
         for spec, best, checkpoint in todo:
             if spec.multi_objective or spec.trainable is None:
                 continue
@@ -202,14 +202,14 @@ class Scheduler:
             try:
                 self.executor.evaluate(request)
             except Exception as exc:
-                self.service.set_test_metrics(best.id, {"error": str(exc)})
+                self.service.storage.set_test_metrics(best.id, {"error": str(exc)})
 
     def _adopt(self, studies: list[tuple[int, str, StudySpec]]) -> None:
         """Having taken the lease: own the running attempts this scheduler does not track,
         re-adopting those the executor still runs; the others were lost with their control
         plane and are retried as infrastructure losses."""
         specs = {sid: spec for sid, _, spec in studies}
-        for trial in self.service.active_trials(list(specs)):
+        for trial in self.service.storage.active_trials(list(specs)):
             ref = AttemptRef(trial.id, trial.attempts)
             if trial.state != TrialState.RUNNING or ref in self.in_flight:
                 continue
@@ -245,7 +245,7 @@ class Scheduler:
     def _reconcile(self) -> None:
         if not self.in_flight:
             return
-        states = self.service.trial_states(sorted({ref.trial_id for ref in self.in_flight}))
+        states = self.service.storage.trial_states(sorted({ref.trial_id for ref in self.in_flight}))
         starting = []
         for status in self.executor.statuses():
             ref = status.ref
@@ -277,7 +277,7 @@ class Scheduler:
         if not flight.placed and len(status.placements) >= flight.workers:
             ranks = status.placements
             started = max(r.started_at for r in ranks)
-            self.service.set_placement(
+            self.service.storage.merge_placement(
                 trial_id,
                 {
                     "executor": self.executor.name,
@@ -292,7 +292,7 @@ class Scheduler:
             flight.placed = True
         if status.checkpoint and status.checkpoint.path != flight.checkpoint:
             flight.checkpoint = status.checkpoint.path
-            self.service.set_checkpoint(trial_id, flight.checkpoint)
+            self.service.storage.set_checkpoint(trial_id, flight.checkpoint)
 
     def _finish(self, status: AttemptStatus, db_state: str) -> None:
         trial_id = status.ref.trial_id
@@ -313,8 +313,8 @@ class Scheduler:
             self._drop(status.ref, cancel=False)
 
     def _tell(self, trial_id: int, result: AttemptResult) -> None:
-        trial = self.service.get_trial(trial_id, events=False)
-        spec = self.service.spec_of(trial.study_id)
+        trial = self.service.storage.get_trial(trial_id, events=False)
+        spec = self.service.storage.spec_of(trial.study_id)
         values = []
         for objective in spec.objectives:
             value = result.values(objective.scope).get(objective.metric)

@@ -11,15 +11,11 @@ only delegate to :class:`~hpo.service.storage.Storage`, which the API reads thro
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from sqlalchemy.orm import Session
-
-from hpo.service import asking, attempts, transitions
+from hpo.service import asking, reporting, transitions
 from hpo.service.attempts import AttemptToken
-from hpo.service.db.models import Study, Trial, utcnow
+from hpo.service.db.models import Study, utcnow
 from hpo.service.errors import (
     Conflict,
     InvalidInput,
@@ -28,19 +24,16 @@ from hpo.service.errors import (
     TrialFinished,
 )
 from hpo.service.executor import FailureClass
-from hpo.service.pruners import make_pruner
-from hpo.service.pruners.base import Report
 from hpo.service.records import (
     ClaimedTrial,
     MetricInput,
-    MetricPointRecord,
     StudyRecord,
     TrialRecord,
 )
 from hpo.service.samplers import sampler_class
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
-from hpo.service.storage import MAX_PAGE, Storage, deadlines, leases, metrics, studies, trials
+from hpo.service.storage import MAX_PAGE, Storage, deadlines, leases, studies, trials
 from hpo.service.storage.records import trial_record
 from hpo.service.storage.transitions import set_study_state
 
@@ -48,9 +41,6 @@ __all__ = ["MAX_PAGE", "MetricInput", "StudyService"]  # MetricInput and MAX_PAG
 
 # Studies the service runs itself may be in these states; the scheduler launches for running.
 DISPATCHABLE = (StudyState.RUNNING, StudyState.PAUSED)
-# Metric points stored per commit: a commit of 1,000 points holds SQLite's write lock for a
-# few milliseconds; one of 10,000 (the batch cap) held it long enough to stall other studies.
-POINTS_PER_COMMIT = 1_000
 
 
 class StudyService:
@@ -166,7 +156,7 @@ class StudyService:
         """
         with self.storage.write() as s:
             study, trial = trials.lock(s, trial_id)
-            _fence(trial, token, attempt)
+            reporting.fence(trial, token, attempt)
             spec = transitions.spec_of(study)
             outcome = transitions.parse_outcome(spec, value, values, state)
             if TrialState(trial.state).finished:
@@ -193,55 +183,9 @@ class StudyService:
         token: AttemptToken | None = None,
         attempt: int | None = None,
     ) -> bool:
-        """Store metric points of a running trial, renew its lease and consult the pruner.
-
-        Each point is stored once per attempt (a batch sent again stores nothing new). A
-        large batch is stored in commits of at most POINTS_PER_COMMIT points, so no commit
-        holds SQLite's write lock for long; the lease and the pruner's verdict follow in one
-        short commit of their own. A report made with an attempt's ``token``, or naming an
-        ``attempt``, is refused with StaleAttempt (nothing of it stored) unless that attempt
-        is current. Returns whether the trial should stop (pruned, or its study stopped).
-        Raises TrialFinished for a trial that completed or failed, InvalidInput for NaN/inf.
-        """
-        for i, p in enumerate(points):
-            if not math.isfinite(p.value):
-                raise InvalidInput(
-                    f"points[{i}].value must be a finite number, got {p.value}",
-                    field=f"points[{i}].value",
-                )
-        size = POINTS_PER_COMMIT
-        chunks = [points[i : i + size] for i in range(0, len(points), size)]
-        previous = None
-        for chunk in chunks[:-1]:
-            with self.storage.write() as s:
-                study, trial = self._running(s, trial_id, token, attempt)
-                if trial is None:
-                    return True
-                if previous is None:
-                    previous = _previous_step(s, study, trial)
-                metrics.add(s, trial, chunk, utcnow())
-        with self.storage.write() as s:
-            study, trial = self._running(s, trial_id, token, attempt)
-            if trial is None:
-                return True
-            spec = transitions.spec_of(study)
-            now = utcnow()
-            trials.renew_lease(trial, spec.lease_s, now)
-            if not points:
-                return False  # a heartbeat: the lease is renewed, nothing else changed
-            if len(chunks) == 1:
-                previous = metrics.last_step(s, trial.id, spec.pruned_metric)
-            metrics.add(s, trial, chunks[-1], now)
-            decision = self._judge(s, spec, trial, points, previous)
-            trial.last_step = max(trial.last_step or 0, *(p.step for p in points))
-            if decision is not None:
-                trial.pruned = decision.reason
-                watched = decision.reason.get("value")
-                vals = [watched] if watched is not None and not spec.multi_objective else None
-                transitions.finish(s, study, trial, TrialState.PRUNED, vals, None, now=now)
-                return True
-            studies.touch(study, trial, now=now)
-            return False
+        """Store metric points of a running trial, renew its lease and consult the pruner
+        (:func:`hpo.service.reporting.report`). Returns whether the trial should stop."""
+        return reporting.report(self.storage, trial_id, points, token=token, attempt=attempt)
 
     def heartbeat(
         self, trial_id: int, *, token: AttemptToken | None = None, attempt: int | None = None
@@ -249,47 +193,6 @@ class StudyService:
         """Renew a running trial's lease; returns whether it should stop. Fenced as
         :meth:`report` is."""
         return self.report(trial_id, [], token=token, attempt=attempt)
-
-    @staticmethod
-    def _running(
-        s: Session, trial_id: int, token: AttemptToken | None, attempt: int | None
-    ) -> tuple[Study, Trial | None]:
-        """The locked study and its running trial, fenced to its current attempt; the trial
-        is None when it should stop (pruned, or its study stopped). Raises StaleAttempt,
-        TrialFinished."""
-        study, trial = trials.lock(s, trial_id)
-        _fence(trial, token, attempt)
-        if trial.state == TrialState.PRUNED or study.state == StudyState.STOPPED:
-            return study, None
-        if trial.state != TrialState.RUNNING:
-            raise TrialFinished(
-                f"trial {trial_id} is {trial.state}; it takes no more metrics",
-                field="trial_id",
-            )
-        return study, trial
-
-    def _judge(
-        self,
-        s: Session,
-        spec: StudySpec,
-        trial: Trial,
-        points: Sequence[MetricInput],
-        previous: int | None,
-    ) -> Any:
-        """The pruner's verdict on the new points of the watched metric (``previous``: the
-        watched metric's last step before them)."""
-        if spec.pruner.type == "none":
-            return None
-        pruner = make_pruner(spec)
-        history = metrics.PruningHistory(s, trial.study_id, trial.id, pruner.metric)
-        for p in sorted(points, key=lambda p: p.step):
-            if p.name != pruner.metric:
-                continue
-            decision = pruner.judge(Report(p.step, p.value, previous), history)
-            if decision is not None:
-                return decision
-            previous = p.step if previous is None else max(previous, p.step)
-        return None
 
     def fail_attempt(
         self,
@@ -421,92 +324,6 @@ class StudyService:
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
-
-    # ------------------------------------ delegations to the storage (see Storage)
-
-    def active_trials(self, study_ids: Sequence[int]) -> list[TrialRecord]:
-        return self.storage.active_trials(study_ids)
-
-    def trial_states(self, trial_ids: Sequence[int]) -> dict[int, TrialState]:
-        return self.storage.trial_states(trial_ids)
-
-    def set_placement(self, trial_id: int, placement: dict[str, Any]) -> None:
-        self.storage.merge_placement(trial_id, placement)
-
-    def set_checkpoint(self, trial_id: int, path: str) -> None:
-        self.storage.set_checkpoint(trial_id, path)
-
-    def set_test_metrics(self, trial_id: int, metrics: dict[str, Any]) -> None:
-        self.storage.set_test_metrics(trial_id, metrics)
-
-    def spec_of(self, study_id: int) -> StudySpec:
-        return self.storage.spec_of(study_id)
-
-    def get_study(self, study_id: int) -> StudyRecord:
-        return self.storage.get_study(study_id)
-
-    def study_id(self, ref: int | str) -> int:
-        return self.storage.study_id(ref)
-
-    def study_seq(self, study_id: int) -> int:
-        return self.storage.study_seq(study_id)
-
-    def list_studies(
-        self,
-        *,
-        state: str | None = None,
-        limit: int = 50,
-        cursor: int | None = None,
-        name: str | None = None,
-    ) -> tuple[list[StudyRecord], int | None]:
-        return self.storage.list_studies(state=state, limit=limit, cursor=cursor, name=name)
-
-    def get_trial(self, trial_id: int, *, events: bool = True) -> TrialRecord:
-        return self.storage.get_trial(trial_id, events=events)
-
-    def trial_checkpoint(self, trial_id: int) -> str | None:
-        return self.storage.trial_checkpoint(trial_id)
-
-    def list_trials(
-        self,
-        study_id: int,
-        *,
-        states: Sequence[str] | None = None,
-        since: int | None = None,
-        limit: int = MAX_PAGE,
-    ) -> tuple[list[TrialRecord], int]:
-        return self.storage.list_trials(study_id, states=states, since=since, limit=limit)
-
-    def metrics(
-        self,
-        trial_id: int,
-        *,
-        name: str | None = None,
-        since_step: int | None = None,
-        limit: int = 100_000,
-    ) -> list[MetricPointRecord]:
-        return self.storage.metrics(trial_id, name=name, since_step=since_step, limit=limit)
-
-    def metric_points(
-        self, trial_ids: Sequence[int], *, name: str | None = None
-    ) -> dict[int, list[tuple[str, int, float]]]:
-        return self.storage.metric_points(trial_ids, name=name)
-
-    def best(self, study_id: int) -> tuple[TrialRecord | None, list[TrialRecord]]:
-        return self.storage.best(study_id)
-
-
-def _fence(trial: Trial, token: AttemptToken | None, attempt: int | None) -> None:
-    """Raise StaleAttempt unless a write with ``token`` / naming ``attempt`` (either may be
-    None: an admin write that names no attempt is not fenced) is of the current attempt."""
-    attempts.require_current(
-        trial.id, trial.attempts, trial.attempt_token_hash, token=token, attempt=attempt
-    )
-
-
-def _previous_step(s: Session, study: Study, trial: Trial) -> int | None:
-    """The watched metric's last step of the trial before a report."""
-    return metrics.last_step(s, trial.id, transitions.spec_of(study).pruned_metric)
 
 
 def _new_budget(study: Study, max_trials: int | None, max_concurrent: int | None) -> dict:

@@ -19,6 +19,9 @@ import pytest
 
 from hpo.api.client import Client
 from hpo.api.demo import free_port
+from hpo.service.db import make_engine, upgrade_schema
+from hpo.service.storage import Storage
+from hpo.service.studies import StudyService
 
 PG_ADMIN_URL = os.environ.get(
     "HPO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -76,6 +79,21 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path, pg_available: bool) -
         yield url
     finally:
         drop_pg_database(url)
+
+
+@pytest.fixture
+def storage(db_url: str) -> Iterator[Storage]:
+    """The core's storage over a fresh, migrated database (SQLite and PostgreSQL)."""
+    engine = make_engine(db_url)
+    upgrade_schema(engine)
+    yield Storage(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def service(storage: Storage) -> StudyService:
+    """The study service over ``storage``."""
+    return StudyService(storage)
 
 
 @pytest.fixture

@@ -12,30 +12,12 @@ import datetime
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one rank runs."""
-
-    rank: int
-    node_ip: str
-    node_id: str
-    hostname: str
-    pid: int
-    device: str
-    gpu_ids: list[str]
-    cuda_visible_devices: str | None
-    device_name: str | None
-    started_at: float  # when this rank joined the process group (Unix time)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+from hpo.service.executor import RankPlacement
 
 
 def init_process_group(
@@ -78,10 +60,10 @@ def init_process_group(
 
 def placement(
     rank: int, node_ip: str, node_id: str, device: torch.device, gpu_ids: list
-) -> Placement:
+) -> RankPlacement:
     """Where this rank runs: node, process, device (and which GPUs Ray gave it)."""
     cuda = device.type == "cuda"
-    return Placement(
+    return RankPlacement(
         rank=rank,
         node_ip=node_ip,
         node_id=node_id,

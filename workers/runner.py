@@ -66,7 +66,7 @@ def run_rank(
         use_gpu=use_gpu,
     )
     where = ddp.placement(rank, node_ip, context.get_node_id(), device, ray.get_gpu_ids())
-    dispatcher.note_placement.remote(key, rank, where.as_dict())
+    dispatcher.note_placement.remote(key, rank, where)
     reporter = None
     try:
         fn = registry.load(launch.trainable)
@@ -248,9 +248,9 @@ class TrialDispatcher:
         attempt = self.attempts.get(ref)
         return None if attempt is None else attempt.master_address
 
-    def note_placement(self, ref: AttemptRef, rank: int, where: dict[str, Any]) -> None:
+    def note_placement(self, ref: AttemptRef, rank: int, where: RankPlacement) -> None:
         if ref in self.attempts:
-            self.attempts[ref].placements[rank] = RankPlacement(**where)
+            self.attempts[ref].placements[rank] = where
 
     def note_checkpoint(self, ref: AttemptRef, path: str, step: int) -> None:
         if ref in self.attempts:

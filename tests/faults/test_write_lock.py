@@ -8,32 +8,21 @@ docs/benchmarks.md, measured by benchmarks/write_lock.py).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import event
 
 from hpo.service import attempts
-from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.executor import AttemptLaunch
 from hpo.service.records import MetricInput
+from hpo.service.reporting import POINTS_PER_COMMIT
 from hpo.service.scheduler import Scheduler
 from hpo.service.spec import StudySpec
-from hpo.service.storage import Storage
 from hpo.service.storage.session import WriteQueue
-from hpo.service.studies import POINTS_PER_COMMIT, StudyService
+from hpo.service.studies import StudyService
 from tests.conftest import simple_spec, wait_for
 from tests.service.fake_executor import FakeCluster, FakeExecutor
-
-
-@pytest.fixture
-def service(db_url: str) -> Iterator[StudyService]:
-    engine = make_engine(db_url)
-    upgrade_schema(engine)
-    yield StudyService(Storage(engine))
-    engine.dispose()
 
 
 def _points_per_commit(service: StudyService) -> list[int]:
@@ -66,8 +55,8 @@ def test_a_large_batch_is_stored_in_short_commits(service: StudyService) -> None
     assert len(commits) == 3
 
     service.report(trial.id, points)  # sent again: stored once
-    assert len(service.metrics(trial.id)) == 2_500
-    assert service.get_trial(trial.id).last_step == 2_499
+    assert len(service.storage.metrics(trial.id)) == 2_500
+    assert service.storage.get_trial(trial.id).last_step == 2_499
 
 
 class _RecordingExecutor(FakeExecutor):

@@ -4,13 +4,11 @@ what it launches, in which order, what it tells or retries, and what it cancels.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hpo.service import scheduler as scheduler_module
-from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.executor import (
     AttemptError,
     AttemptRef,
@@ -21,18 +19,9 @@ from hpo.service.executor import (
 )
 from hpo.service.scheduler import Scheduler
 from hpo.service.spec import StudySpec
-from hpo.service.storage import Storage
 from hpo.service.studies import StudyService
 from tests.conftest import simple_spec
 from tests.service.fake_executor import FakeCluster, FakeExecutor
-
-
-@pytest.fixture
-def service(db_url: str) -> Iterator[StudyService]:
-    engine = make_engine(db_url)
-    upgrade_schema(engine)
-    yield StudyService(Storage(engine))
-    engine.dispose()
 
 
 @pytest.fixture
@@ -65,7 +54,7 @@ def create(service: StudyService, name: str, **over: object) -> int:
 def launched_by_study(service: StudyService, executor: FakeExecutor) -> dict[int, int]:
     counts: dict[int, int] = {}
     for ref in executor.launched:
-        study_id = service.get_trial(ref.trial_id, events=False).study_id
+        study_id = service.storage.get_trial(ref.trial_id, events=False).study_id
         counts[study_id] = counts.get(study_id, 0) + 1
     return counts
 
@@ -107,7 +96,9 @@ def test_studies_take_turns_for_the_cluster(
     scheduler.tick()
     assert launched_by_study(service, executor) == {a: 2, b: 2}
     # the study with fewer trials in flight gets the next free slot
-    ended = next(r for r in executor.launched if service.get_trial(r.trial_id).study_id == a)
+    ended = next(
+        r for r in executor.launched if service.storage.get_trial(r.trial_id).study_id == a
+    )
     executor.finish(ended, loss=0.5)
     scheduler.tick()
     assert launched_by_study(service, executor) == {a: 3, b: 2}
@@ -122,15 +113,15 @@ def test_a_finished_attempt_is_told_with_its_placement_and_checkpoint(
     executor.place(ref)
     executor.checkpoint(ref, "/data/trial/attempt-1/checkpoint-3", 3)
     scheduler.tick()
-    trial = service.get_trial(ref.trial_id)
+    trial = service.storage.get_trial(ref.trial_id)
     assert trial.state == "running"
     assert trial.placement["executor"] == "fake" and trial.placement["world_size"] == 1
     assert trial.placement["attempt"] == 1
     assert [r["pid"] for r in trial.placement["ranks"]] == [1000]
-    assert service.trial_checkpoint(ref.trial_id) == "/data/trial/attempt-1/checkpoint-3"
+    assert service.storage.trial_checkpoint(ref.trial_id) == "/data/trial/attempt-1/checkpoint-3"
     executor.finish(ref, loss=0.25)
     scheduler.tick()
-    trial = service.get_trial(ref.trial_id)
+    trial = service.storage.get_trial(ref.trial_id)
     assert trial.state == "complete" and trial.value == 0.25
     assert executor.tracked == set() and executor.cancelled == []
     assert scheduler.in_flight == {}
@@ -144,7 +135,7 @@ def test_an_attempt_without_the_objective_metric_fails_without_retry(
     (ref,) = executor.launched
     executor.finish(ref, accuracy=0.9)
     scheduler.tick()
-    trial = service.get_trial(ref.trial_id)
+    trial = service.storage.get_trial(ref.trial_id)
     assert trial.state == "failed" and trial.attempts == 1
     assert "never reported the objective metric 'loss'" in trial.error
 
@@ -160,7 +151,7 @@ def test_a_failed_attempt_is_retried_and_a_trainable_error_is_not(
     scheduler.tick()  # the failure is recorded and the retry launched in the same tick
     second = AttemptRef(first.trial_id, 2)
     assert executor.launched == [first, second]
-    trial = service.get_trial(first.trial_id)
+    trial = service.storage.get_trial(first.trial_id)
     assert trial.state == "running" and trial.attempts == 2
     assert any("attempt 1: WorkerDied" in (e.detail or "") for e in trial.events)
     bad = AttemptError(
@@ -168,7 +159,7 @@ def test_a_failed_attempt_is_retried_and_a_trainable_error_is_not(
     )
     executor.fail(second, bad)
     scheduler.tick()
-    trial = service.get_trial(first.trial_id)
+    trial = service.storage.get_trial(first.trial_id)
     assert trial.state == "failed" and trial.attempts == 2
     assert trial.error == "TrainableError: bad data\nTraceback ..."
     assert executor.launched == [first, second]
@@ -185,7 +176,7 @@ def test_a_lost_attempt_is_retried_without_spending_max_retries(
     assert status.state == AttemptState.LOST
     assert status.error.failure_class == FailureClass.INFRASTRUCTURE
     scheduler.tick()  # recorded as an infrastructure loss, and attempt 2 launched
-    trial = service.get_trial(ref.trial_id)
+    trial = service.storage.get_trial(ref.trial_id)
     assert trial.state == "running" and trial.attempts == 2 and "does not know" in trial.error
     assert any((e.detail or "").startswith("[infrastructure] attempt 1:") for e in trial.events)
     assert list(scheduler.in_flight) == [AttemptRef(ref.trial_id, 2)]
@@ -198,7 +189,9 @@ def test_stopping_or_deleting_a_study_cancels_its_attempts(
     study_id = create(service, "ended", budget={"max_trials": 8, "max_concurrent": 2})
     other = create(service, "other", budget={"max_trials": 1})
     scheduler.tick()
-    mine = [r for r in executor.launched if service.get_trial(r.trial_id).study_id == study_id]
+    mine = [
+        r for r in executor.launched if service.storage.get_trial(r.trial_id).study_id == study_id
+    ]
     assert len(mine) == 2
     for ref in executor.launched:
         executor.place(ref)
@@ -209,7 +202,7 @@ def test_stopping_or_deleting_a_study_cancels_its_attempts(
     scheduler.tick()
     assert sorted(executor.cancelled) == sorted(mine)
     assert executor.cluster.live() == [r for r in executor.launched if r not in mine]
-    assert {service.get_trial(r.trial_id).study_id for r in scheduler.in_flight} == {other}
+    assert {service.storage.get_trial(r.trial_id).study_id for r in scheduler.in_flight} == {other}
 
 
 def test_a_pruned_trial_keeps_running_for_a_grace_period_then_is_cancelled(
@@ -232,7 +225,9 @@ def test_a_pruned_trial_keeps_running_for_a_grace_period_then_is_cancelled(
     scheduler.tick()
     assert executor.cancelled == [slow]
     assert quick not in executor.tracked and executor.cluster.live() == []
-    assert service.get_trial(quick.trial_id).state == "pruned"  # its late result changes nothing
+    assert (
+        service.storage.get_trial(quick.trial_id).state == "pruned"
+    )  # its late result changes nothing
 
 
 def test_launching_attempt_n_cancels_the_older_attempt_first(
@@ -253,7 +248,7 @@ def test_launching_attempt_n_cancels_the_older_attempt_first(
     executor.place(second)
     executor.finish(second, loss=0.1)
     scheduler.tick()
-    trial = service.get_trial(first.trial_id)
+    trial = service.storage.get_trial(first.trial_id)
     assert trial.state == "complete" and trial.attempts == 2 and trial.value == 0.1
 
 
@@ -271,8 +266,8 @@ def test_a_new_scheduler_adopts_what_the_cluster_still_runs(
     make_scheduler(service, successor, tmp_path).tick()
     retry = AttemptRef(gone.trial_id, 2)  # an infrastructure loss spends no retry
     assert successor.tracked == {kept, retry} and successor.launched == [retry]
-    assert service.get_trial(kept.trial_id).state == "running"
-    lost = service.get_trial(gone.trial_id)
+    assert service.storage.get_trial(kept.trial_id).state == "running"
+    lost = service.storage.get_trial(gone.trial_id)
     assert lost.state == "running" and lost.attempts == 2
     assert "lost when the control plane restarted" in lost.error
 
@@ -294,4 +289,4 @@ def test_the_best_trial_of_a_completed_study_is_evaluated_once(
     assert request.trainable == "synthetic" and request.config == {"steps": 3}
     executor.evaluated.append(EvaluationResult(ref.trial_id, metrics={"test_loss": 0.3}))
     scheduler.tick()
-    assert service.get_trial(ref.trial_id).test_metrics == {"test_loss": 0.3}
+    assert service.storage.get_trial(ref.trial_id).test_metrics == {"test_loss": 0.3}

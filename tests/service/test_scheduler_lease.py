@@ -6,29 +6,19 @@ stalled, overlong and out-of-time trials end and their attempts are cancelled.""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.db.models import Trial
 from hpo.service.executor import AttemptRef, FailureClass
 from hpo.service.records import MetricInput
 from hpo.service.scheduler import Scheduler
-from hpo.service.storage import Storage, leases
+from hpo.service.storage import leases
 from hpo.service.studies import StudyService
 from hpo.service.transitions import MAX_INFRA_FAILURES
 from tests.service.fake_executor import FakeCluster, FakeExecutor
 from tests.service.test_scheduler import create
-
-
-@pytest.fixture
-def service(db_url: str) -> Iterator[StudyService]:
-    engine = make_engine(db_url)
-    upgrade_schema(engine)
-    yield StudyService(Storage(engine))
-    engine.dispose()
 
 
 @pytest.fixture
@@ -68,7 +58,7 @@ def test_a_second_scheduler_stands_by_and_touches_nothing(
     assert not second.leading and not second_executor.started
     assert second_executor.launched == [] and second_executor.tracked == set()
     for ref in executor.launched:  # the first server's trials: running, owned by it
-        assert service.get_trial(ref.trial_id).state == "running"
+        assert service.storage.get_trial(ref.trial_id).state == "running"
         assert row(service, ref.trial_id).owner == first.holder
     lease = leases.get(service.storage, leases.SCHEDULER)
     assert lease is not None and (lease.holder, lease.epoch) == (first.holder, first.epoch)
@@ -125,7 +115,7 @@ def test_failure_classes_decide_the_retry(service: StudyService) -> None:
             assert service.ask(sid, dispatched=True).id == t.id
     # 2 infrastructure losses spent nothing; 2 trainable errors spent max_retries + 1 attempts
     assert row(service, t.id).infra_failures == 2
-    details = [e.detail for e in service.get_trial(t.id).events if e.state == "failed"]
+    details = [e.detail for e in service.storage.get_trial(t.id).events if e.state == "failed"]
     assert details == [
         "[infrastructure] attempt 1: loss 1; retrying",
         "attempt 2: loss 2; retrying",  # trainable: the usual, counted kind, untagged
@@ -175,7 +165,7 @@ def test_a_trial_that_only_heartbeats_fails_for_no_progress_and_is_cancelled(
         service.heartbeat(ref.trial_id)
         time.sleep(0.3)
     assert service.expire_leases() == 1
-    trial = service.get_trial(ref.trial_id)
+    trial = service.storage.get_trial(ref.trial_id)
     assert trial.state == "failed" and trial.error.startswith("no progress")
     assert deadline is not None
     scheduler.tick()
@@ -198,7 +188,7 @@ def test_an_attempt_past_trial_timeout_fails_without_retry(
     service.report(ref.trial_id, [MetricInput(step=1, name="loss", value=1.0)])
     time.sleep(0.6)
     assert service.expire_leases() == 1
-    trial = service.get_trial(ref.trial_id)
+    trial = service.storage.get_trial(ref.trial_id)
     assert (trial.state, trial.attempts) == ("failed", 1)
     assert "trial_timeout_s" in trial.error
     scheduler.tick()
@@ -213,15 +203,17 @@ def test_the_study_timeout_ends_running_trials_and_the_study(
     service.update_study(idle, state="paused")
     scheduler = scheduler_of(service, executor, tmp_path)
     scheduler.tick()
-    running = [r for r in executor.launched if service.get_trial(r.trial_id).study_id == sid]
+    running = [
+        r for r in executor.launched if service.storage.get_trial(r.trial_id).study_id == sid
+    ]
     assert running
     for ref in running:
         executor.place(ref)
     time.sleep(0.6)
     service.expire_leases()
-    study = service.get_study(sid)
+    study = service.storage.get_study(sid)
     assert study.state == "completed" and "timeout_s" in study.state_reason
     assert study.counts["running"] == 0 and study.counts["failed"] == len(running)
-    assert service.get_study(idle).state == "completed"
+    assert service.storage.get_study(idle).state == "completed"
     scheduler.tick()
     assert sorted(executor.cancelled) == sorted(running) and executor.cluster.live() == []

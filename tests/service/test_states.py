@@ -4,12 +4,10 @@ Runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.db.models import utcnow
 from hpo.service.states import (
     NEW_STUDY_STATE,
@@ -26,14 +24,6 @@ from hpo.service.storage.transitions import set_study_state, set_trial_state
 from tests.conftest import simple_spec
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
-
-
-@pytest.fixture
-def storage(db_url: str) -> Iterator[Storage]:
-    engine = make_engine(db_url)
-    upgrade_schema(engine)
-    yield Storage(engine)
-    engine.dispose()
 
 
 def path_to(table: dict, start: object, goal: object) -> list:

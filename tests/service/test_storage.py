@@ -5,7 +5,6 @@ failures surfacing as DatabaseUnavailable."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,14 +20,6 @@ from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import Storage, metrics, studies, trials
 from hpo.service.storage.transitions import set_study_state, set_trial_state
 from tests.conftest import simple_spec
-
-
-@pytest.fixture
-def storage(db_url: str) -> Iterator[Storage]:
-    engine = make_engine(db_url)
-    upgrade_schema(engine)
-    yield Storage(engine)
-    engine.dispose()
 
 
 def add_study(storage: Storage, name: str = "s", **over: object) -> int:

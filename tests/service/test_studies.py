@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select
@@ -29,14 +28,6 @@ from hpo.service.studies import MetricInput, StudyService
 from tests.conftest import simple_spec
 
 
-@pytest.fixture
-def service(db_url: str) -> Iterator[StudyService]:
-    engine = make_engine(db_url)
-    upgrade_schema(engine)
-    yield StudyService(Storage(engine))
-    engine.dispose()
-
-
 def create(service: StudyService, **over: object) -> int:
     return service.create_study(StudySpec.model_validate(simple_spec(**over))).id
 
@@ -48,9 +39,9 @@ def test_ask_tell_roundtrip_and_best(service: StudyService) -> None:
         service.tell(t.id, value=(t.params["x"] - 1) ** 2)
     with pytest.raises(BudgetSpent, match="all 5 trials"):
         service.ask(sid)
-    study = service.get_study(sid)
+    study = service.storage.get_study(sid)
     assert study.state == "completed" and study.counts["complete"] == 5
-    trials, _ = service.list_trials(sid)
+    trials, _ = service.storage.list_trials(sid)
     assert study.best_trial.value == min(t.value for t in trials)
     assert [t.number for t in sorted(trials, key=lambda t: t.number)] == [0, 1, 2, 3, 4]
 
@@ -71,7 +62,7 @@ def test_tell_is_idempotent_and_conflicts_are_refused(service: StudyService) -> 
         service.tell(t.id, value=0.7)
     with pytest.raises(TrialFinished):
         service.tell(t.id, state="failed")
-    assert service.get_trial(t.id).value == 0.5
+    assert service.storage.get_trial(t.id).value == 0.5
 
 
 @pytest.mark.parametrize(
@@ -93,7 +84,7 @@ def test_bad_tells_leave_the_trial_untouched(
     with pytest.raises(InvalidInput) as info:
         service.tell(t.id, **kwargs)
     assert info.value.field == field
-    assert service.get_trial(t.id).state == "running"
+    assert service.storage.get_trial(t.id).state == "running"
 
 
 def test_unknown_ids(service: StudyService) -> None:
@@ -108,18 +99,18 @@ def test_unknown_ids(service: StudyService) -> None:
 def test_metrics_stream_and_since_cursor(service: StudyService) -> None:
     sid = create(service)
     t = service.ask(sid)
-    _, cursor = service.list_trials(sid)
-    assert service.list_trials(sid, since=cursor)[0] == []
+    _, cursor = service.storage.list_trials(sid)
+    assert service.storage.list_trials(sid, since=cursor)[0] == []
     for step in range(3):
         assert service.report(t.id, [MetricInput(step, "loss", 1.0 / (step + 1))]) is False
-    changed, cursor2 = service.list_trials(sid, since=cursor)
+    changed, cursor2 = service.storage.list_trials(sid, since=cursor)
     assert [c.id for c in changed] == [t.id] and changed[0].last_step == 2
     assert cursor2 > cursor
-    points = service.metrics(t.id, name="loss", since_step=0)
+    points = service.storage.metrics(t.id, name="loss", since_step=0)
     assert [(p.step, p.value) for p in points] == [(1, 0.5), (2, 1 / 3)]
     with pytest.raises(InvalidInput, match=r"points\[0\].value"):
         service.report(t.id, [MetricInput(3, "loss", float("nan"))])
-    assert len(service.metrics(t.id)) == 3
+    assert len(service.storage.metrics(t.id)) == 3
 
 
 def test_asha_prunes_through_reports(service: StudyService) -> None:
@@ -130,7 +121,7 @@ def test_asha_prunes_through_reports(service: StudyService) -> None:
     # another metric at the same step first (a training loss) must not skip the rung
     assert service.report(bad.id, [MetricInput(1, "train_loss", 0.5)]) is False
     assert service.report(bad.id, [MetricInput(1, "loss", 0.9)]) is True
-    pruned = service.get_trial(bad.id)
+    pruned = service.storage.get_trial(bad.id)
     assert pruned.state == "pruned" and pruned.value == 0.9
     assert pruned.pruned["threshold"] == 0.1 and pruned.pruned["step"] == 1
     assert "asha" in pruned.events[-1].detail
@@ -153,7 +144,7 @@ def test_grid_exhaustion_completes_the_study(service: StudyService) -> None:
     assert seen == ["a", "b"]
     with pytest.raises(GridExhausted):
         service.ask(sid)
-    assert service.get_study(sid).state == "completed"
+    assert service.storage.get_study(sid).state == "completed"
 
 
 def test_max_concurrent(service: StudyService) -> None:
@@ -170,7 +161,7 @@ def test_lease_expiry_fails_the_trial_and_frees_the_slot(service: StudyService) 
     t = service.ask(sid)
     time.sleep(0.7)
     assert service.expire_leases() == 1
-    dead = service.get_trial(t.id)
+    dead = service.storage.get_trial(t.id)
     assert dead.state == "failed" and dead.error == "lease expired"
     t2 = service.ask(sid)  # slot free again; a failed trial still used budget
     assert t2.number == 1
@@ -186,23 +177,23 @@ def test_metrics_renew_the_lease(service: StudyService) -> None:
         time.sleep(0.4)
         service.report(t.id, [MetricInput(step, "loss", 1.0)])
         service.expire_leases()
-    assert service.get_trial(t.id).state == "running"
+    assert service.storage.get_trial(t.id).state == "running"
 
 
 def test_retries_reuse_the_trial_number_and_do_not_use_budget(service: StudyService) -> None:
     sid = create(service, max_retries=1, budget={"max_trials": 1})
     t = service.ask(sid)
     service.fail_attempt(t.id, "worker died")
-    waiting = service.get_trial(t.id)
+    waiting = service.storage.get_trial(t.id)
     assert waiting.state == "waiting" and waiting.attempts == 2
     again = service.ask(sid)
     assert again.id == t.id and again.number == 0 and again.attempts == 2
     assert again.params == t.params
     service.fail_attempt(t.id, "worker died again")
-    final = service.get_trial(t.id)
+    final = service.storage.get_trial(t.id)
     assert final.state == "failed" and final.error == "worker died again"
     assert [e.state for e in final.events] == ["running", "failed", "waiting", "running", "failed"]
-    assert service.get_study(sid).state == "completed"
+    assert service.storage.get_study(sid).state == "completed"
 
 
 def test_pause_resume_stop(service: StudyService) -> None:
@@ -228,11 +219,11 @@ def test_stopping_finishes_active_trials_like_any_failure(service: StudyService)
     service.fail_attempt(retried.id, "worker died")  # waiting for attempt 2
     service.update_study(sid, state="stopped")
     for trial_id in (running.id, retried.id):
-        trial = service.get_trial(trial_id)
+        trial = service.storage.get_trial(trial_id)
         assert trial.state == "failed" and trial.error == "study stopped"
         assert trial.finished_at is not None and trial.lease_expires_at is None
         assert (trial.events[-1].state, trial.events[-1].detail) == ("failed", "study stopped")
-    assert service.get_study(sid).finished_at is not None
+    assert service.storage.get_study(sid).finished_at is not None
 
 
 def test_failing_a_waiting_trial_again_only_counts_without_retry(service: StudyService) -> None:
@@ -250,18 +241,21 @@ def test_an_illegal_move_raises_and_stores_nothing(service: StudyService) -> Non
     sid = create(service)
     t = service.ask(sid)
     service.tell(t.id, value=1.0)
-    seq = service.study_seq(sid)
+    seq = service.storage.study_seq(sid)
     late = pytest.raises(IllegalTransition, match="from complete to failed")
     with late, service.storage.write() as s:
         study, trial = trials.lock(s, t.id)
         transitions.fail(s, study, trial, "late failure", retryable=True)
-    assert service.get_trial(t.id).state == "complete" and service.study_seq(sid) == seq
+    assert (
+        service.storage.get_trial(t.id).state == "complete"
+        and service.storage.study_seq(sid) == seq
+    )
 
 
 def test_budget_patch(service: StudyService) -> None:
     sid = create(service, budget={"max_trials": 1})
     service.tell(service.ask(sid).id, value=1.0)
-    assert service.get_study(sid).state == "completed"
+    assert service.storage.get_study(sid).state == "completed"
     with pytest.raises(StudyNotRunning):
         service.update_study(sid, max_trials=3)
     sid2 = create(service, name="t2", budget={"max_trials": 2})
@@ -284,7 +278,7 @@ def test_timeout_budget(service: StudyService) -> None:
     time.sleep(0.4)
     with pytest.raises(BudgetSpent, match="ran out of time"):
         service.ask(sid)
-    assert service.get_study(sid).state == "completed"
+    assert service.storage.get_study(sid).state == "completed"
 
 
 def test_multi_objective_pareto_front(service: StudyService) -> None:
@@ -297,7 +291,7 @@ def test_multi_objective_pareto_front(service: StudyService) -> None:
         t = service.ask(sid)
         service.tell(t.id, values=list(vals))
         ids.append(t.id)
-    best, front = service.best(sid)
+    best, front = service.storage.best(sid)
     assert best is None
     assert sorted(t.id for t in front) == sorted([ids[0], ids[1], ids[3]])
 
@@ -308,7 +302,7 @@ def test_delete_removes_everything(service: StudyService, db_url: str) -> None:
     service.report(t.id, [MetricInput(0, "loss", 1.0)])
     assert service.delete_study(sid) == [t.id]
     with pytest.raises(StudyNotFound):
-        service.get_study(sid)
+        service.storage.get_study(sid)
     with service.storage.read() as s:
         assert s.scalars(select(Trial)).all() == []
         assert s.scalars(select(MetricPoint)).all() == []

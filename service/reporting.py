@@ -1,0 +1,141 @@
+"""Metric reports: points stored exactly once per attempt, the lease renewed, the pruner asked.
+
+``StudyService.report`` and ``heartbeat`` call :func:`report`; :func:`fence` is the check
+every trial write makes that it comes from the trial's current attempt.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from hpo.service import attempts, transitions
+from hpo.service.attempts import AttemptToken
+from hpo.service.db.models import Study, Trial, utcnow
+from hpo.service.errors import InvalidInput, TrialFinished
+from hpo.service.pruners import make_pruner
+from hpo.service.pruners.base import Report
+from hpo.service.records import MetricInput
+from hpo.service.spec import StudySpec
+from hpo.service.states import StudyState, TrialState
+from hpo.service.storage import Storage, metrics, studies, trials
+
+# Metric points stored per commit: a commit of 1,000 points holds SQLite's write lock for a
+# few milliseconds; one of 10,000 (the batch cap) held it long enough to stall other studies.
+POINTS_PER_COMMIT = 1_000
+
+
+def report(
+    storage: Storage,
+    trial_id: int,
+    points: Sequence[MetricInput],
+    *,
+    token: AttemptToken | None = None,
+    attempt: int | None = None,
+) -> bool:
+    """Store metric points of a running trial, renew its lease and consult the pruner.
+
+    Each point is stored once per attempt (a batch sent again stores nothing new). A
+    large batch is stored in commits of at most POINTS_PER_COMMIT points, so no commit
+    holds SQLite's write lock for long; the lease and the pruner's verdict follow in one
+    short commit of their own. A report made with an attempt's ``token``, or naming an
+    ``attempt``, is refused with StaleAttempt (nothing of it stored) unless that attempt
+    is current. Returns whether the trial should stop (pruned, or its study stopped).
+    Raises TrialFinished for a trial that completed or failed, InvalidInput for NaN/inf.
+    """
+    for i, p in enumerate(points):
+        if not math.isfinite(p.value):
+            raise InvalidInput(
+                f"points[{i}].value must be a finite number, got {p.value}",
+                field=f"points[{i}].value",
+            )
+    size = POINTS_PER_COMMIT
+    chunks = [points[i : i + size] for i in range(0, len(points), size)]
+    previous = None
+    for chunk in chunks[:-1]:
+        with storage.write() as s:
+            study, trial = _running(s, trial_id, token, attempt)
+            if trial is None:
+                return True
+            if previous is None:
+                previous = _previous_step(s, study, trial)
+            metrics.add(s, trial, chunk, utcnow())
+    with storage.write() as s:
+        study, trial = _running(s, trial_id, token, attempt)
+        if trial is None:
+            return True
+        spec = transitions.spec_of(study)
+        now = utcnow()
+        trials.renew_lease(trial, spec.lease_s, now)
+        if not points:
+            return False  # a heartbeat: the lease is renewed, nothing else changed
+        if len(chunks) == 1:
+            previous = metrics.last_step(s, trial.id, spec.pruned_metric)
+        metrics.add(s, trial, chunks[-1], now)
+        decision = _judge(s, spec, trial, points, previous)
+        trial.last_step = max(trial.last_step or 0, *(p.step for p in points))
+        if decision is not None:
+            trial.pruned = decision.reason
+            watched = decision.reason.get("value")
+            vals = [watched] if watched is not None and not spec.multi_objective else None
+            transitions.finish(s, study, trial, TrialState.PRUNED, vals, None, now=now)
+            return True
+        studies.touch(study, trial, now=now)
+        return False
+
+
+def _running(
+    s: Session, trial_id: int, token: AttemptToken | None, attempt: int | None
+) -> tuple[Study, Trial | None]:
+    """The locked study and its running trial, fenced to its current attempt; the trial
+    is None when it should stop (pruned, or its study stopped). Raises StaleAttempt,
+    TrialFinished."""
+    study, trial = trials.lock(s, trial_id)
+    fence(trial, token, attempt)
+    if trial.state == TrialState.PRUNED or study.state == StudyState.STOPPED:
+        return study, None
+    if trial.state != TrialState.RUNNING:
+        raise TrialFinished(
+            f"trial {trial_id} is {trial.state}; it takes no more metrics",
+            field="trial_id",
+        )
+    return study, trial
+
+
+def _judge(
+    s: Session,
+    spec: StudySpec,
+    trial: Trial,
+    points: Sequence[MetricInput],
+    previous: int | None,
+) -> Any:
+    """The pruner's verdict on the new points of the watched metric (``previous``: the
+    watched metric's last step before them)."""
+    if spec.pruner.type == "none":
+        return None
+    pruner = make_pruner(spec)
+    history = metrics.PruningHistory(s, trial.study_id, trial.id, pruner.metric)
+    for p in sorted(points, key=lambda p: p.step):
+        if p.name != pruner.metric:
+            continue
+        decision = pruner.judge(Report(p.step, p.value, previous), history)
+        if decision is not None:
+            return decision
+        previous = p.step if previous is None else max(previous, p.step)
+    return None
+
+
+def fence(trial: Trial, token: AttemptToken | None, attempt: int | None) -> None:
+    """Raise StaleAttempt unless a write with ``token`` / naming ``attempt`` (either may be
+    None: an admin write that names no attempt is not fenced) is of the current attempt."""
+    attempts.require_current(
+        trial.id, trial.attempts, trial.attempt_token_hash, token=token, attempt=attempt
+    )
+
+
+def _previous_step(s: Session, study: Study, trial: Trial) -> int | None:
+    """The watched metric's last step of the trial before a report."""
+    return metrics.last_step(s, trial.id, transitions.spec_of(study).pruned_metric)
