@@ -326,6 +326,6 @@ def test_state_survives_a_new_service_on_the_same_database(db_url: str) -> None:
     engine = make_engine(db_url)
     upgrade_schema(engine)
     second = StudyService(Storage(engine))
-    assert second.get_study(sid).best_trial.value == 2.0
+    assert second.storage.get_study(sid).best_trial.value == 2.0
     assert second.ask(sid).number == 1
     engine.dispose()
