@@ -49,6 +49,10 @@ def test_wheel_contents(wheel: Path) -> None:
         "hpo/workers/trainables/image_classification.py",
     ]:
         assert expected in names, expected
+    for top in ("service", "api", "workers"):  # every module of the source tree is shipped
+        for path in (ROOT / top).rglob("*.py"):
+            shipped = f"hpo/{top}/{path.relative_to(ROOT / top).as_posix()}"
+            assert shipped in names, shipped
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -75,6 +79,7 @@ def test_installed_wheel_imports_outside_the_source_tree(wheel: Path, tmp_path: 
     )
     code = (
         "import hpo.service.spec as s, hpo.api.client, hpo.workers.registry as r; "
+        "import hpo.service.storage, hpo.service.scheduler, hpo.workers.context; "
         f"assert s.__file__.startswith({str(target)!r}); print('ok')"
     )
     result = subprocess.run(
