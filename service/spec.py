@@ -3,6 +3,10 @@
 REST bodies, YAML files, the Python client and the samplers all validate through
 :class:`StudySpec`. Validation errors name the field (``space.lr.high``) so the API can answer
 422 with a message a user can act on.
+
+This module is longer than most (~600 lines) on purpose: it is the data model, and keeping
+every parameter kind, its validation and the spec's cross-field rules in one file is what lets
+a reader check a rule against the others.
 """
 
 from __future__ import annotations
