@@ -134,9 +134,11 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 
 class RateLimit:
     """At most ``per_s`` requests a second per caller, in bursts of up to ``burst``: a token
-    bucket per API token (per client address for requests without one), kept in memory for
-    the callers seen last. Over the limit: 429 with ``Retry-After`` (whole seconds).
-    ``per_s <= 0`` turns the limit off.
+    bucket per API token, and one ``ADDRESS_SHARE`` times larger per client address (the
+    ranks and notebooks of one host share it), kept in memory for the callers seen last. A
+    request spends from both, so neither spelling one token many ways nor sending many
+    made-up tokens from one address gets past the limits. Over a limit: 429 with
+    ``Retry-After`` (whole seconds). ``per_s <= 0`` turns the limit off.
 
     Buckets live in one process's memory: each server of a deployment counts on its own.
     """
@@ -161,7 +163,7 @@ class RateLimit:
         if scope["type"] != "http" or self.per_s <= 0:
             await self.app(scope, receive, send)
             return
-        wait_s = self.take(_caller(scope))
+        wait_s = self.take(*_callers(scope))
         if wait_s <= 0:
             await self.app(scope, receive, send)
             return
@@ -174,24 +176,35 @@ class RateLimit:
         response.headers["Retry-After"] = str(max(1, math.ceil(wait_s)))
         await response(scope, receive, send)
 
-    def take(self, caller: bytes) -> float:
-        """Spend one request of ``caller``'s bucket: 0 when it had one, else the seconds until
-        it will have one again (nothing is spent then)."""
+    def take(self, *callers: tuple[bytes, float]) -> float:
+        """Spend one request of every caller's bucket (``(key, share)``: a bucket ``share``
+        times the base rate and burst): 0 when each had one, else the seconds until all will
+        have one again (nothing is spent then)."""
         now = self.clock()
-        tokens, then = self.buckets.get(caller, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - then) * self.per_s)
-        if tokens >= 1:
-            self.buckets[caller] = (tokens - 1, now)
-            return 0.0
-        self.buckets[caller] = (tokens, now)
-        return (1 - tokens) / self.per_s
+        levels = {}
+        for caller, share in callers:
+            burst, rate = self.burst * share, self.per_s * share
+            tokens, then = self.buckets.get(caller, (float(burst), now))
+            levels[caller] = (min(float(burst), tokens + (now - then) * rate), rate)
+        waits = [(1 - tokens) / rate for tokens, rate in levels.values() if tokens < 1]
+        for caller, (tokens, _) in levels.items():
+            self.buckets[caller] = (tokens if waits else tokens - 1, now)
+        return max(waits, default=0.0)
 
 
-def _caller(scope: Scope) -> bytes:
-    """Whom a request counts against: a digest of its ``Authorization`` header (the secret
-    itself is not kept), or its client address when it has none."""
+# A client address may send this many times one token's rate (its ranks, notebooks, pages).
+ADDRESS_SHARE = 10
+
+
+def _callers(scope: Scope) -> tuple[tuple[bytes, float], ...]:
+    """Whom a request counts against: its client address, and its bearer token as the server
+    reads it (scheme in any case, spaces around the token ignored; a digest, so the secret
+    itself is not kept)."""
+    host = (scope.get("client") or ("?", 0))[0]
+    callers = [(b"a" + str(host).encode(), float(ADDRESS_SHARE))]
     for name, value in scope["headers"]:
         if name == b"authorization":
-            return b"t" + hashlib.blake2b(value, digest_size=16).digest()
-    host = (scope.get("client") or ("?", 0))[0]
-    return b"a" + str(host).encode()
+            scheme, _, given = value.partition(b" ")
+            token = scheme.lower() + b" " + given.strip()
+            callers.append((b"t" + hashlib.blake2b(token, digest_size=16).digest(), 1.0))
+    return tuple(callers)

@@ -181,6 +181,29 @@ def test_a_token_over_its_rate_is_429_with_retry_after(limited: ServerProcess) -
         assert http.get(f"{API}/studies").status_code == 200
 
 
+def test_the_rate_limit_is_not_dodged_by_spelling_or_made_up_tokens(
+    limited: ServerProcess,
+) -> None:
+    spellings = [
+        f"{scheme}{spaces}{limited.token}"
+        for scheme in ("Bearer ", "bearer ", "BEARER ")
+        for spaces in ("", " ", "  ", "\t")
+    ]
+    with limited.http() as http:
+        codes = [
+            http.get(f"{API}/studies", headers={"Authorization": h}).status_code for h in spellings
+        ]
+    assert codes.count(200) == 3, codes  # one token's burst, however it is written
+    # Made-up tokens from one address: each its own token bucket, but one address bucket
+    # (ten times a token's) bounds them; each refused before any database read.
+    with limited.http(token="x") as http:
+        bogus = [
+            http.get(f"{API}/studies", headers={"Authorization": f"Bearer made-up-{i}"})
+            for i in range(60)
+        ]
+    assert 429 in [r.status_code for r in bogus]
+
+
 # ---------------------------------------------------------------------------- headers
 
 
