@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
+from collections.abc import Iterator
 
 from hpo.service.storage import leases
 from hpo.service.storage.session import Transactions
@@ -20,7 +22,8 @@ log = logging.getLogger("hpo.scheduler")
 
 
 class SchedulerLease:
-    """The scheduler lease as one server holds it (not thread-safe: one scheduler thread)."""
+    """The scheduler lease as one server holds it (one scheduler thread uses it; :meth:`kept`
+    renews it from a helper thread only while that thread is blocked in a long call)."""
 
     def __init__(self, storage: Transactions, lease_s: float, holder: str | None = None) -> None:
         self.storage = storage
@@ -65,6 +68,28 @@ class SchedulerLease:
             return True
         self.epoch = None
         return False
+
+    @contextlib.contextmanager
+    def kept(self) -> Iterator[None]:
+        """Renew the lease from a helper thread while the block runs: a long call of the
+        scheduler thread (a local Ray starting, adopting attempts) must not let it expire."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.lease_s / 3):
+                try:
+                    if not self.still_ours():
+                        return
+                except Exception:  # the database is away: the next round tries again
+                    log.warning("could not renew the scheduler lease", exc_info=True)
+
+        keeper = threading.Thread(target=renew, name="hpo-lease-keeper", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            keeper.join(timeout=self.lease_s)
 
     def release(self) -> None:
         """Give the lease up now (a standby takes over at once). Never raises."""

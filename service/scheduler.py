@@ -167,9 +167,11 @@ class Scheduler:
             running = any(state == StudyState.RUNNING for _, state, _ in studies)
             if not (running or to_evaluate or adopting):
                 return
-            self.executor.start()
+            with self.lease.kept():  # a local Ray may take longer than the lease to start
+                self.executor.start()
         if self._adopted_epoch != self.epoch:
-            self._adopt(studies)
+            with self.lease.kept():
+                self._adopt(studies)
             self._adopted_epoch = self.epoch
         self._reconcile()
         self._launch([(sid, spec) for sid, state, spec in studies if state == StudyState.RUNNING])

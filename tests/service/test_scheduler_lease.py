@@ -217,3 +217,19 @@ def test_the_study_timeout_ends_running_trials_and_the_study(
     assert service.storage.get_study(idle).state == "completed"
     scheduler.tick()
     assert sorted(executor.cancelled) == sorted(running) and executor.cluster.live() == []
+
+
+def test_a_long_blocking_call_keeps_the_lease(service: StudyService) -> None:
+    """A local Ray may take longer than the lease to start: while the scheduler thread is
+    blocked in it, the lease is renewed, and a standby cannot take over."""
+    from hpo.service.leadership import SchedulerLease
+
+    leader = SchedulerLease(service.storage, lease_s=0.6, holder="leader")
+    standby = SchedulerLease(service.storage, lease_s=0.6, holder="standby")
+    assert leader.hold() == (True, False)
+    with leader.kept():
+        time.sleep(2.0)  # more than three leases long
+        assert standby.hold()[0] is False
+    assert leader.held and leader.hold() == (True, False)
+    time.sleep(0.8)  # not renewed any more: the standby may take it
+    assert standby.hold()[0] is True
