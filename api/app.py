@@ -19,7 +19,7 @@ from hpo.api.routes import checkpoints, dashboard, studies, trials
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.settings import Settings
 from hpo.service.spec import StudySpec
-from hpo.service.storage import Storage
+from hpo.service.storage import Storage, meta
 from hpo.service.studies import StudyService
 
 if TYPE_CHECKING:
@@ -119,7 +119,6 @@ def _scheduler(
     from hpo.service.ray_executor import RayExecutor
     from hpo.service.scheduler import Scheduler
 
-    os.environ.setdefault("HPO_RAY_NAMESPACE", settings.ray_namespace)
     env = {k: v for k, v in os.environ.items() if k == "HPO_EXTRA_TRAINABLES"}
     executor = RayExecutor(
         settings.ray_address,
@@ -128,6 +127,8 @@ def _scheduler(
         object_store_mb=settings.ray_object_store_mb,
         env=env,
         session_file=settings.ray_session_file,
+        deployment=meta.deployment_id(service.storage),
+        namespace=settings.ray_namespace,
     )
     return Scheduler(
         service,
