@@ -71,7 +71,6 @@ class RayExecutor:
         self.address = address
         self.deployment = deployment
         self.namespace = namespace or namespace_of(deployment)
-        self.dispatcher_name = dispatcher_name(deployment)
         self.session_file = None if address else session_file
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
@@ -268,7 +267,7 @@ class RayExecutor:
         from hpo.workers.runner import TrialDispatcher
 
         return TrialDispatcher.options(
-            name=self.dispatcher_name,
+            name=dispatcher_name(self.deployment),
             namespace=self.namespace,
             lifetime="detached",
             get_if_exists=True,
@@ -321,7 +320,8 @@ def namespace_of(deployment: str | None) -> str:
 
 def dispatcher_name(deployment: str | None) -> str:
     """The dispatcher actor's name for a deployment; it carries the deployment id, so two
-    deployments stay apart even when ``HPO_RAY_NAMESPACE`` gives them one namespace."""
+    deployments stay apart even when ``HPO_RAY_NAMESPACE`` gives them one namespace. (Imports
+    Ray: call it only once Ray's settings are in the environment, as ``start`` does.)"""
     from hpo.workers.runner import DISPATCHER
 
     return f"{DISPATCHER}-{deployment}" if deployment else DISPATCHER
