@@ -46,7 +46,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             on_change=wake.set if settings.scheduler else None,
         )
         app.state.service = service
-        scheduler = _scheduler(settings, service, app.state.token, wake)
+        # made at the first start; it keeps this deployment's Ray namespace and actors apart
+        app.state.deployment_id = await asyncio.to_thread(meta.deployment_id, service.storage)
+        scheduler = _scheduler(settings, service, app.state.token, wake, app.state.deployment_id)
         if scheduler is not None:
             scheduler.start()
         app.state.scheduler = scheduler
@@ -111,9 +113,14 @@ def _check_trainable(spec: StudySpec) -> None:
 
 
 def _scheduler(
-    settings: Settings, service: StudyService, token: str | None, wake: threading.Event
+    settings: Settings,
+    service: StudyService,
+    token: str | None,
+    wake: threading.Event,
+    deployment: str,
 ) -> Scheduler | None:
-    """The scheduler of dispatched studies on Ray, or None when it is switched off."""
+    """The scheduler of dispatched studies on Ray (in ``deployment``'s Ray namespace), or None
+    when it is switched off."""
     if not settings.scheduler:
         return None
     from hpo.service.ray_executor import RayExecutor
@@ -127,7 +134,7 @@ def _scheduler(
         object_store_mb=settings.ray_object_store_mb,
         env=env,
         session_file=settings.ray_session_file,
-        deployment=meta.deployment_id(service.storage),
+        deployment=deployment,
         namespace=settings.ray_namespace,
     )
     return Scheduler(
