@@ -19,7 +19,7 @@ from hpo.api.routes import checkpoints, dashboard, studies, trials
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.settings import Settings
 from hpo.service.spec import StudySpec
-from hpo.service.storage import Storage
+from hpo.service.storage import Storage, meta
 from hpo.service.studies import StudyService
 
 if TYPE_CHECKING:
@@ -46,7 +46,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             on_change=wake.set if settings.scheduler else None,
         )
         app.state.service = service
-        scheduler = _scheduler(settings, service, app.state.token, wake)
+        # made at the first start; it keeps this deployment's Ray namespace and actors apart
+        app.state.deployment_id = await asyncio.to_thread(meta.deployment_id, service.storage)
+        scheduler = _scheduler(settings, service, app.state.token, wake, app.state.deployment_id)
         if scheduler is not None:
             scheduler.start()
         app.state.scheduler = scheduler
@@ -111,15 +113,19 @@ def _check_trainable(spec: StudySpec) -> None:
 
 
 def _scheduler(
-    settings: Settings, service: StudyService, token: str | None, wake: threading.Event
+    settings: Settings,
+    service: StudyService,
+    token: str | None,
+    wake: threading.Event,
+    deployment: str,
 ) -> Scheduler | None:
-    """The scheduler of dispatched studies on Ray, or None when it is switched off."""
+    """The scheduler of dispatched studies on Ray (in ``deployment``'s Ray namespace), or None
+    when it is switched off."""
     if not settings.scheduler:
         return None
     from hpo.service.ray_executor import RayExecutor
     from hpo.service.scheduler import Scheduler
 
-    os.environ.setdefault("HPO_RAY_NAMESPACE", settings.ray_namespace)
     env = {k: v for k, v in os.environ.items() if k == "HPO_EXTRA_TRAINABLES"}
     executor = RayExecutor(
         settings.ray_address,
@@ -128,6 +134,8 @@ def _scheduler(
         object_store_mb=settings.ray_object_store_mb,
         env=env,
         session_file=settings.ray_session_file,
+        deployment=deployment,
+        namespace=settings.ray_namespace,
     )
     return Scheduler(
         service,

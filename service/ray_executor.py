@@ -46,6 +46,12 @@ class RayExecutor:
     rank process inherits them) and, with ``session_file``, records its processes there; the
     next local start first ends what a killed predecessor left running (see
     :mod:`hpo.service.local_ray`).
+
+    ``deployment`` (the id stored in the control plane's database) names the Ray namespace
+    (``hpo-<id>``, unless ``namespace`` or ``HPO_RAY_NAMESPACE`` says otherwise) and the
+    dispatcher, so deployments that share a cluster never see each other's attempts. A
+    dispatcher that dies is replaced at once: the attempts it ran are reported ``lost`` as
+    infrastructure losses, and a launch it failed goes to the new one.
     """
 
     name = "ray"
@@ -59,8 +65,12 @@ class RayExecutor:
         object_store_mb: int = 512,
         env: dict[str, str] | None = None,
         session_file: Path | None = None,
+        deployment: str | None = None,
+        namespace: str | None = None,
     ) -> None:
         self.address = address
+        self.deployment = deployment
+        self.namespace = namespace or namespace_of(deployment)
         self.session_file = None if address else session_file
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
@@ -69,6 +79,7 @@ class RayExecutor:
         self._tracked: dict[AttemptRef, dict[str, float]] = {}  # attempt → what it occupies
         self._evaluations: dict[int, ObjectRef] = {}
         self._dispatcher: ActorHandle | None = None
+        self._lost: dict[AttemptRef, AttemptError] = {}  # lost with a dispatcher that died
 
     # -------------------------------------------------------------- lifecycle
 
@@ -84,18 +95,16 @@ class RayExecutor:
             os.environ.setdefault("RAY_AUTH_MODE", "token")
         import ray
 
-        from hpo.workers.runner import DISPATCHER, TrialDispatcher
-
         runtime_env = {"env_vars": self.env} if self.env else None
         if self.address:
-            ray.init(address=self.address, namespace=_namespace(), runtime_env=runtime_env)
+            ray.init(address=self.address, namespace=self.namespace, runtime_env=runtime_env)
         else:
             if self.session_file is not None:
                 local_ray.reap_leftovers(self.session_file)
             with local_ray.scrubbed_environ() as removed:
                 ray.init(
                     address="local",
-                    namespace=_namespace(),
+                    namespace=self.namespace,
                     include_dashboard=False,
                     num_cpus=self.num_cpus,
                     num_gpus=self.num_gpus,
@@ -105,10 +114,8 @@ class RayExecutor:
                 )
             log.info("started a local Ray without %s in its environment", ", ".join(removed))
             self._record_session()
-        self._dispatcher = TrialDispatcher.options(
-            name=DISPATCHER, namespace=_namespace(), lifetime="detached", get_if_exists=True
-        ).remote()
-        log.info("connected to Ray: %s", ray.cluster_resources())
+        self._dispatcher = self._find_dispatcher()
+        log.info("connected to Ray (namespace %s): %s", self.namespace, ray.cluster_resources())
 
     def shutdown(self) -> None:
         """Disconnect. On a local instance that ends every attempt; on a cluster they go on
@@ -121,6 +128,7 @@ class RayExecutor:
         ray.shutdown()
         self._dispatcher = None
         self._tracked.clear()
+        self._lost.clear()
         self._evaluations.clear()
         local_ray.reap(started)  # Ray leaves its agent processes behind when the local raylet exits
         if self.session_file is not None:
@@ -134,21 +142,32 @@ class RayExecutor:
     # ---------------------------------------------------------------- attempts
 
     def launch(self, launch: AttemptLaunch) -> None:
-        """Start an attempt; the dispatcher cancels any other attempt of the trial first."""
+        """Start an attempt; the dispatcher cancels any other attempt of the trial first. If
+        the dispatcher has died, a new one is started and takes the launch."""
         import ray
+        from ray.exceptions import RayActorError
 
         for other in [ref for ref in self._tracked if ref.trial_id == launch.trial_id]:
             if other != launch.ref:
                 self.cancel(other)
-        ray.get(self._actor().start.remote(launch), timeout=60)
+        try:
+            ray.get(self._actor().start.remote(launch), timeout=60)
+        except RayActorError as exc:  # the dispatcher died: launch on a new one instead
+            self._dispatcher_died(exc)
+            ray.get(self._actor().start.remote(launch), timeout=60)
         self._tracked[launch.ref] = launch.needs
         self._record_session()  # worker processes started since
 
     def adopt(self, ref: AttemptRef, needs: ClusterResources) -> bool:
         """Track an attempt a previous control plane launched, if Ray still runs it."""
         import ray
+        from ray.exceptions import RayActorError
 
-        known = ray.get(self._actor().status.remote([ref]), timeout=60)[ref]
+        try:
+            known = ray.get(self._actor().status.remote([ref]), timeout=60)[ref]
+        except RayActorError as exc:  # the dispatcher died, and the attempt with it
+            self._dispatcher_died(exc)
+            return False
         if known is None:
             return False
         self._tracked[ref] = dict(needs)
@@ -157,19 +176,28 @@ class RayExecutor:
     def statuses(self) -> list[AttemptStatus]:
         """The status of every tracked attempt (one round trip to the dispatcher)."""
         import ray
+        from ray.exceptions import RayActorError
 
         if not self._tracked:
             return []
         refs = list(self._tracked)
-        try:
-            found = ray.get(self._actor().status.remote(refs), timeout=60)
-        except Exception as exc:  # the dispatcher is gone, and every attempt with it
-            error = _lost(f"the Ray dispatcher was lost: {type(exc).__name__}", str(exc))
-            return [AttemptStatus(ref, AttemptState.LOST, error=error) for ref in refs]
-        return [found.get(ref) or _unknown(ref) for ref in refs]
+        found: dict[AttemptRef, AttemptStatus | None] = {}
+        if len(self._lost) < len(refs):
+            try:
+                found = ray.get(self._actor().status.remote(refs), timeout=60)
+            except RayActorError as exc:  # it died: every attempt it ran is lost
+                self._dispatcher_died(exc)
+            except Exception as exc:  # unreachable: every attempt is lost with it
+                error = _lost(f"the Ray dispatcher was lost: {type(exc).__name__}", str(exc))
+                return [AttemptStatus(ref, AttemptState.LOST, error=error) for ref in refs]
+        return [
+            _lost_status(ref, self._lost.get(ref)) or found.get(ref) or _unknown(ref)
+            for ref in refs
+        ]
 
     def release(self, ref: AttemptRef) -> None:
         """Forget an attempt that ended."""
+        self._lost.pop(ref, None)
         if self._tracked.pop(ref, None) is not None and self._dispatcher is not None:
             self._dispatcher.forget.remote(ref)
 
@@ -232,6 +260,30 @@ class RayExecutor:
                 out.append(EvaluationResult(trial_id, error=error))
         return out
 
+    # -------------------------------------------------------------- dispatcher
+
+    def _find_dispatcher(self) -> ActorHandle:
+        """This deployment's dispatcher: the running one, or a new one if there is none."""
+        from hpo.workers.runner import TrialDispatcher
+
+        return TrialDispatcher.options(
+            name=dispatcher_name(self.deployment),
+            namespace=self.namespace,
+            lifetime="detached",
+            get_if_exists=True,
+        ).remote()
+
+    def _dispatcher_died(self, exc: Exception) -> None:
+        """Note that every tracked attempt was lost with the dispatcher (each is reported
+        ``lost`` with an infrastructure error by the next :meth:`statuses`, so it is retried
+        without spending ``max_retries``) and start a new dispatcher. Raises if Ray cannot
+        create one (the cluster itself is gone)."""
+        error = _lost(f"the Ray dispatcher died: {type(exc).__name__}", str(exc))
+        lost = [ref for ref in self._tracked if ref not in self._lost]
+        self._lost.update(dict.fromkeys(lost, error))
+        log.warning("the Ray dispatcher died; starting a new one (%d attempt(s) lost)", len(lost))
+        self._dispatcher = self._find_dispatcher()
+
     def _actor(self) -> ActorHandle:
         if self._dispatcher is None:
             raise RuntimeError("the Ray executor is not started")
@@ -248,10 +300,28 @@ def _lost(message: str, detail: str = "") -> AttemptError:
     )
 
 
+def _lost_status(ref: AttemptRef, error: AttemptError | None) -> AttemptStatus | None:
+    return None if error is None else AttemptStatus(ref, AttemptState.LOST, error=error)
+
+
 def _unknown(ref: AttemptRef) -> AttemptStatus:
     error = _lost(f"the dispatcher does not know attempt {ref}")
     return AttemptStatus(ref, AttemptState.LOST, error=error)
 
 
-def _namespace() -> str:
-    return os.environ.get("HPO_RAY_NAMESPACE", "hpo")
+def namespace_of(deployment: str | None) -> str:
+    """The Ray namespace of a deployment: ``HPO_RAY_NAMESPACE`` when set, else
+    ``hpo-<deployment id>`` (``hpo`` without one)."""
+    explicit = os.environ.get("HPO_RAY_NAMESPACE")
+    if explicit:
+        return explicit
+    return f"hpo-{deployment}" if deployment else "hpo"
+
+
+def dispatcher_name(deployment: str | None) -> str:
+    """The dispatcher actor's name for a deployment; it carries the deployment id, so two
+    deployments stay apart even when ``HPO_RAY_NAMESPACE`` gives them one namespace. (Imports
+    Ray: call it only once Ray's settings are in the environment, as ``start`` does.)"""
+    from hpo.workers.runner import DISPATCHER
+
+    return f"{DISPATCHER}-{deployment}" if deployment else DISPATCHER

@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     port: int = 8000
     public_url: str | None = None
     ray_address: str | None = None
-    ray_namespace: str = "hpo"
+    # Default: hpo-<deployment id> (the id is stored in the database at its first start).
+    ray_namespace: str | None = None
     ray_num_cpus: float | None = None
     ray_num_gpus: float | None = None
     ray_object_store_mb: int = 512

@@ -221,3 +221,12 @@ class Lease(Base):
     holder: Mapped[str] = mapped_column(String(128))
     epoch: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[datetime]
+
+
+class Meta(Base):
+    """Facts about the deployment this database belongs to, by key (``deployment_id``)."""
+
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))

@@ -14,13 +14,23 @@ session:
   each checked against the table in :mod:`hpo.service.states`.
 - :mod:`.leases`: named leases fenced by an epoch (the one scheduler of a database) and the
   owners of running attempts.
+- :mod:`.meta`: facts of the deployment (its id, made at the first start).
 - :mod:`.records`: rows → records, and the stored spec.
 - :mod:`.session`: transactions, and database failures → ``DatabaseUnavailable``.
 """
 
-from hpo.service.storage import leases
+from hpo.service.storage import leases, meta
 from hpo.service.storage.base import MAX_PAGE, Storage
 from hpo.service.storage.records import parse_spec, spec_of
 from hpo.service.storage.session import Transactions, unavailable
 
-__all__ = ["MAX_PAGE", "Storage", "Transactions", "leases", "parse_spec", "spec_of", "unavailable"]
+__all__ = [
+    "MAX_PAGE",
+    "Storage",
+    "Transactions",
+    "leases",
+    "meta",
+    "parse_spec",
+    "spec_of",
+    "unavailable",
+]

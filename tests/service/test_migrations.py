@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
@@ -63,3 +65,22 @@ def test_upgrading_a_0002_database_keeps_one_copy_of_each_resent_point(db_url: s
     finally:
         engine.dispose()
     assert [tuple(r) for r in rows] == [(1, 1), (2, 1)]
+
+
+def test_a_database_keeps_the_deployment_id_made_at_its_first_start(
+    db_url: str, tmp_path: Path
+) -> None:
+    from hpo.service.storage import Storage, meta
+
+    def started(url: str) -> str:  # one server start: migrate, then read (or make) the id
+        engine = make_engine(url)
+        try:
+            upgrade_schema(engine)
+            return meta.deployment_id(Storage(engine))
+        finally:
+            engine.dispose()
+
+    first = started(db_url)
+    assert len(first) == 12
+    assert started(db_url) == first  # a restart keeps it
+    assert started(f"sqlite:///{tmp_path / 'other.db'}") != first  # another database: another id
