@@ -11,6 +11,7 @@ request itself (a unique name taken, a domain error raised inside the scope) pas
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,11 +21,15 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from hpo.service.errors import DatabaseUnavailable
+from hpo.service.health import HealthWindow
 
 # Seconds a client should wait before retrying: a busy SQLite file frees up quickly, a server
 # that is down or restarting takes longer.
 RETRY_LOCKED_S = 1
 RETRY_DOWN_S = 5
+# How long a write that found the database locked or unreachable keeps /healthz at 503 when
+# no write has succeeded since.
+WRITE_TROUBLE_S = 5.0
 
 
 def unavailable(exc: Exception) -> DatabaseUnavailable | None:
@@ -57,6 +62,11 @@ class WriteQueue:
     large metrics batch although each commit is short. Writers of this process wait here
     instead, and are woken in arrival order. A thread already inside a write passes through
     (a nested write then meets SQLite's own lock, as before).
+
+    When a writer gives up because another process holds the lock past ``busy_timeout``
+    (:meth:`failing_all`), every writer that was already waiting, or that comes within
+    ``RETRY_LOCKED_S`` after, gets the same 503 at once instead of waiting out its own
+    ``busy_timeout`` in turn; the first writer after that tries the lock again.
     """
 
     def __init__(self) -> None:
@@ -64,6 +74,20 @@ class WriteQueue:
         self._next = 0  # the ticket the next writer draws
         self._serving = 0  # the ticket allowed in
         self._holder: int | None = None
+        # After a writer failed: (tickets drawn by then, when, why); None after a success.
+        self._blocked: tuple[int, float, DatabaseUnavailable] | None = None
+
+    @contextmanager
+    def failing_all(self) -> Iterator[None]:
+        """Inside a turn: when the block raises DatabaseUnavailable, the writers waiting now
+        get it too (see the class)."""
+        try:
+            yield
+        except DatabaseUnavailable as exc:
+            with self._cond:
+                self._blocked = (self._next, time.monotonic(), exc)
+            raise
+        self._blocked = None
 
     def waiting(self) -> int:
         """How many writers wait for their turn."""
@@ -82,6 +106,14 @@ class WriteQueue:
             self._next += 1
             while ticket != self._serving:
                 self._cond.wait()
+            blocked = self._blocked
+            if blocked is not None and (
+                ticket < blocked[0] or time.monotonic() - blocked[1] < RETRY_LOCKED_S
+            ):
+                self._serving += 1
+                self._cond.notify_all()
+                why = blocked[2]
+                raise DatabaseUnavailable(str(why), retry_after_s=why.retry_after_s)
             self._holder = me
         try:
             yield
@@ -99,6 +131,8 @@ class Transactions:
         self.engine = engine
         self._readonly = engine.execution_options(readonly=True)
         self._queue = WriteQueue() if engine.dialect.name == "sqlite" else None
+        self.health = HealthWindow()
+        self._write_trouble: tuple[float, DatabaseUnavailable] | None = None
 
     @property
     def dialect(self) -> str:
@@ -112,12 +146,17 @@ class Transactions:
         Raises DatabaseUnavailable when the database cannot be reached or stays locked.
         On SQLite, this process's writers take their turns in arrival order (WriteQueue).
         """
-        if self._queue is None:
-            with self._scope(self.engine) as session:
-                yield session
-            return
-        with self._queue.turn(), self._scope(self.engine) as session:
-            yield session
+        try:
+            if self._queue is None:
+                with self._scope(self.engine) as session:
+                    yield session
+            else:
+                with self._queue.turn(), self._queue.failing_all(), self._scope(self.engine) as s:
+                    yield s
+        except DatabaseUnavailable as exc:
+            self._write_trouble = (time.monotonic(), exc)
+            raise
+        self._write_trouble = None
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -133,6 +172,14 @@ class Transactions:
         with self.read() as session:
             session.execute(text("SELECT 1"))
 
+    def write_trouble(self) -> DatabaseUnavailable | None:
+        """Why the last write failed (locked or unreachable database), when that was less
+        than ``WRITE_TROUBLE_S`` ago and no write has succeeded since; else None."""
+        trouble = self._write_trouble
+        if trouble is None or time.monotonic() - trouble[0] > WRITE_TROUBLE_S:
+            return None
+        return trouble[1]
+
     @contextmanager
     def _scope(self, bind: Engine) -> Iterator[Session]:
         try:
@@ -142,4 +189,6 @@ class Transactions:
             mapped = unavailable(exc)
             if mapped is None:
                 raise
+            self.health.failed()
             raise mapped from exc
+        self.health.succeeded()
