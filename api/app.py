@@ -88,9 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         last write found the database locked or unreachable a moment ago."""
         storage = app.state.service.storage
         storage.ping()
-        trouble = storage.write_trouble()  # a lock that another process holds, say
-        if trouble is not None:
-            raise trouble
+        storage.ping_write()  # after a failed write: a lock that another process holds?
         scheduler = app.state.scheduler
         role = "off" if scheduler is None else ("running" if scheduler.leading else "standby")
         return {

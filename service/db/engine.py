@@ -45,6 +45,8 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
 
 def _configure_sqlite(engine: Engine) -> None:
+    busy_ms_default = int(SQLITE_BUSY_TIMEOUT_S * 1000)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
@@ -53,13 +55,21 @@ def _configure_sqlite(engine: Engine) -> None:
             cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cur.execute(f"PRAGMA busy_timeout={busy_ms_default}")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
-        readonly = conn.get_execution_options().get("readonly", False)
-        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+        options = conn.get_execution_options()
+        if options.get("readonly", False):
+            conn.exec_driver_sql("BEGIN")
+            return
+        # A writer may ask to wait less for the lock (``busy_timeout_s`` execution option).
+        busy_ms = int(options.get("busy_timeout_s", SQLITE_BUSY_TIMEOUT_S) * 1000)
+        if conn.info.get("busy_ms", busy_ms_default) != busy_ms:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={busy_ms}")
+        conn.info["busy_ms"] = busy_ms
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def alembic_config(engine: Engine):  # type: ignore[no-untyped-def]

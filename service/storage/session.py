@@ -30,6 +30,8 @@ RETRY_DOWN_S = 5
 # How long a write that found the database locked or unreachable keeps /healthz at 503 when
 # no write has succeeded since.
 WRITE_TROUBLE_S = 5.0
+# How long a writer waits for the SQLite lock right after another found it held elsewhere.
+IMPATIENT_S = 0.2
 
 
 def unavailable(exc: Exception) -> DatabaseUnavailable | None:
@@ -64,9 +66,9 @@ class WriteQueue:
     (a nested write then meets SQLite's own lock, as before).
 
     When a writer gives up because another process holds the lock past ``busy_timeout``
-    (:meth:`failing_all`), every writer that was already waiting, or that comes within
-    ``RETRY_LOCKED_S`` after, gets the same 503 at once instead of waiting out its own
-    ``busy_timeout`` in turn; the first writer after that tries the lock again.
+    (:meth:`failing_all`), every writer that was already waiting gets the same 503 at once
+    instead of waiting out its own ``busy_timeout`` in turn, and writers that come within
+    ``RETRY_LOCKED_S`` after are told to be impatient (wait ``IMPATIENT_S`` for the lock).
     """
 
     def __init__(self) -> None:
@@ -95,11 +97,13 @@ class WriteQueue:
             return self._next - self._serving - (self._holder is not None)
 
     @contextmanager
-    def turn(self) -> Iterator[None]:
-        """Wait for this thread's turn, hold it through the block, then pass it on."""
+    def turn(self) -> Iterator[bool]:
+        """Wait for this thread's turn, hold it through the block, then pass it on. Yields
+        whether the writer should be impatient (a writer failed on the lock just now);
+        raises DatabaseUnavailable when one failed while this writer waited."""
         me = threading.get_ident()
         if self._holder == me:
-            yield
+            yield False
             return
         with self._cond:
             ticket = self._next
@@ -107,16 +111,15 @@ class WriteQueue:
             while ticket != self._serving:
                 self._cond.wait()
             blocked = self._blocked
-            if blocked is not None and (
-                ticket < blocked[0] or time.monotonic() - blocked[1] < RETRY_LOCKED_S
-            ):
+            if blocked is not None and ticket < blocked[0]:
                 self._serving += 1
                 self._cond.notify_all()
                 why = blocked[2]
                 raise DatabaseUnavailable(str(why), retry_after_s=why.retry_after_s)
             self._holder = me
+        impatient = blocked is not None and time.monotonic() - blocked[1] < RETRY_LOCKED_S
         try:
-            yield
+            yield impatient
         finally:
             with self._cond:
                 self._holder = None
@@ -130,6 +133,7 @@ class Transactions:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._readonly = engine.execution_options(readonly=True)
+        self._impatient = engine.execution_options(busy_timeout_s=IMPATIENT_S)
         self._queue = WriteQueue() if engine.dialect.name == "sqlite" else None
         self.health = HealthWindow()
         self._write_trouble: tuple[float, DatabaseUnavailable] | None = None
@@ -151,8 +155,10 @@ class Transactions:
                 with self._scope(self.engine) as session:
                     yield session
             else:
-                with self._queue.turn(), self._queue.failing_all(), self._scope(self.engine) as s:
-                    yield s
+                with self._queue.turn() as impatient, self._queue.failing_all():
+                    bind = self._impatient if impatient else self.engine
+                    with self._scope(bind) as session:
+                        yield session
         except DatabaseUnavailable as exc:
             self._write_trouble = (time.monotonic(), exc)
             raise
@@ -172,13 +178,15 @@ class Transactions:
         with self.read() as session:
             session.execute(text("SELECT 1"))
 
-    def write_trouble(self) -> DatabaseUnavailable | None:
-        """Why the last write failed (locked or unreachable database), when that was less
-        than ``WRITE_TROUBLE_S`` ago and no write has succeeded since; else None."""
+    def ping_write(self) -> None:
+        """When the last write failed (locked or unreachable database) less than
+        ``WRITE_TROUBLE_S`` ago and none succeeded since, try an empty write transaction.
+        Raises DatabaseUnavailable (with the reason) when that fails."""
         trouble = self._write_trouble
         if trouble is None or time.monotonic() - trouble[0] > WRITE_TROUBLE_S:
-            return None
-        return trouble[1]
+            return
+        with self.write() as session:
+            session.execute(text("SELECT 1"))
 
     @contextmanager
     def _scope(self, bind: Engine) -> Iterator[Session]:
