@@ -86,9 +86,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Liveness and database reachability (no token needed): 503 with ``Retry-After``
         and the reason while the database cannot be reached. ``scheduler`` says whether this
         server runs the scheduler (``running``), stands by for another that holds the
-        scheduler lease (``standby``), or has none (``off``)."""
+        scheduler lease (``standby``), or has none (``off``). Also 503 while writes fail: the
+        last write found the database locked or unreachable a moment ago."""
         storage = app.state.service.storage
         storage.ping()
+        storage.ping_write()  # after a failed write: a lock that another process holds?
         scheduler = app.state.scheduler
         role = "off" if scheduler is None else ("running" if scheduler.leading else "standby")
         return {
@@ -153,8 +155,10 @@ async def _sweep_leases(app: FastAPI, interval: float) -> None:
     """Fail (or requeue) trials whose lease ran out or that made no progress within
     ``progress_timeout_s``, fail attempts past ``budget.trial_timeout_s`` and end studies past
     ``budget.timeout_s``, so a dead client or a hung trial never blocks a study."""
+    health = app.state.service.storage.health
     while True:
-        await asyncio.sleep(interval)
+        with health.nap(interval):  # an overrun sleep was a freeze: leases wait for clients
+            await asyncio.sleep(interval)
         try:
             expired = await asyncio.to_thread(app.state.service.expire_leases)
             if expired:

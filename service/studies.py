@@ -231,21 +231,26 @@ class StudyService:
         - study past ``budget.timeout_s`` (every study, when ``study_id`` is None): its active
           trials fail and the study completes, even when nothing can launch.
 
+        The lease and the progress deadline only end after the client had a full ``lease_s``
+        (``progress_timeout_s``) of working control plane to renew them: not while this
+        process was frozen or its database unavailable, nor within that time after (see
+        :class:`~hpo.service.health.HealthWindow`). The budget deadlines are wall-clock.
+
         The scheduler cancels the attempts of trials that are no longer running.
         """
         now = utcnow()
+        healthy_s = self.storage.health.healthy_for()
         with self.storage.read() as s:
             expired = trials.expired(s, now, study_id=study_id)
-        for trial_id in expired:
-            self._expire(trial_id)
+        count = sum(self._expire(trial_id, healthy_s) for trial_id in expired)
         if study_id is not None:
-            return len(expired)
+            return count
         with self.storage.read() as s:
             timed = deadlines.timed_studies(s)
         if not timed:
-            return len(expired)
+            return count
         with self.storage.write() as s:
-            overdue = deadlines.overdue(s, timed, now)
+            overdue = deadlines.overdue(s, timed, now, healthy_s=healthy_s)
             ended = deadlines.timed_out_studies(s, timed, now)
         for late in overdue:
             kind = (
@@ -260,18 +265,22 @@ class StudyService:
         for timed_out in ended:
             with contextlib.suppress(NotFound):
                 self._end_timed_out(timed_out)
-        return len(expired) + len(overdue)
+        return count + len(overdue)
 
-    def _expire(self, trial_id: int) -> None:
+    def _expire(self, trial_id: int, healthy_s: float) -> bool:
+        """Fail the trial if its lease is still over and the control plane worked for a whole
+        ``lease_s`` of its study; True when it did."""
         with self.storage.write() as s:
             try:
                 study, trial = trials.lock(s, trial_id)
             except NotFound:  # deleted meanwhile
-                return
-            if trial.state == TrialState.RUNNING and trial.lease_expires_at < utcnow():
-                transitions.fail(
-                    s, study, trial, "lease expired", failure_class=FailureClass.TRAINABLE
-                )
+                return False
+            if trial.state != TrialState.RUNNING or trial.lease_expires_at >= utcnow():
+                return False
+            if healthy_s < transitions.spec_of(study).lease_s:
+                return False
+            transitions.fail(s, study, trial, "lease expired", failure_class=FailureClass.TRAINABLE)
+            return True
 
     def _end_timed_out(self, study_id: int) -> None:
         """Fail the active trials of a study past ``budget.timeout_s`` and complete it."""

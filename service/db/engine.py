@@ -9,6 +9,12 @@ from sqlalchemy.engine import make_url
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
+# How long a SQLite writer waits for a write lock that another process holds before the
+# request answers 503 (with Retry-After). This process's own writers queue in WriteQueue and
+# never wait here for each other; another ``hpo serve`` on the same file holds the lock only
+# for one short transaction at a time.
+SQLITE_BUSY_TIMEOUT_S = 3.0
+
 
 def normalize_url(url: str) -> str:
     """Accept ``postgresql://`` and ``postgres://`` URLs and use the psycopg 3 driver."""
@@ -29,7 +35,9 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     url = normalize_url(url)
     if make_url(url).get_backend_name() == "sqlite":
         engine = create_engine(
-            url, echo=echo, connect_args={"check_same_thread": False, "timeout": 60}
+            url,
+            echo=echo,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
         )
         _configure_sqlite(engine)
         return engine
@@ -37,6 +45,8 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
 
 def _configure_sqlite(engine: Engine) -> None:
+    busy_ms_default = int(SQLITE_BUSY_TIMEOUT_S * 1000)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
@@ -45,13 +55,21 @@ def _configure_sqlite(engine: Engine) -> None:
             cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=60000")
+        cur.execute(f"PRAGMA busy_timeout={busy_ms_default}")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
-        readonly = conn.get_execution_options().get("readonly", False)
-        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+        options = conn.get_execution_options()
+        if options.get("readonly", False):
+            conn.exec_driver_sql("BEGIN")
+            return
+        # A writer may ask to wait less for the lock (``busy_timeout_s`` execution option).
+        busy_ms = int(options.get("busy_timeout_s", SQLITE_BUSY_TIMEOUT_S) * 1000)
+        if conn.info.get("busy_ms", busy_ms_default) != busy_ms:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={busy_ms}")
+        conn.info["busy_ms"] = busy_ms
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def alembic_config(engine: Engine):  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ Functions take the caller's session.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -67,10 +68,16 @@ def timed_out_studies(
 
 
 def overdue(
-    session: Session, studies: Sequence[tuple[int, StudySpec]], now: datetime
+    session: Session,
+    studies: Sequence[tuple[int, StudySpec]],
+    now: datetime,
+    *,
+    healthy_s: float = math.inf,
 ) -> list[Overdue]:
     """Running trials of ``studies`` past their trial timeout or progress deadline (and the
-    progress deadline of the others brought up to date)."""
+    progress deadline of the others brought up to date). A progress deadline counts only
+    when the control plane has worked for ``healthy_s`` >= the study's ``progress_timeout_s``
+    (a client cannot report progress to a frozen server or a database that is down)."""
     specs = dict(studies)
     rows = session.execute(
         select(
@@ -97,7 +104,7 @@ def overdue(
                 .values(progress_expires_at=deadline)
                 .execution_options(synchronize_session=False)
             )
-        if deadline < now:
+        if deadline < now and healthy_s >= spec.progress_timeout_s:
             reason = (
                 f"no progress: no new metric point within progress_timeout_s = "
                 f"{spec.progress_timeout_s:g} s (heartbeats alone do not count)"

@@ -11,6 +11,7 @@ request itself (a unique name taken, a domain error raised inside the scope) pas
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,11 +21,17 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from hpo.service.errors import DatabaseUnavailable
+from hpo.service.health import HealthWindow
 
 # Seconds a client should wait before retrying: a busy SQLite file frees up quickly, a server
 # that is down or restarting takes longer.
 RETRY_LOCKED_S = 1
 RETRY_DOWN_S = 5
+# How long a write that found the database locked or unreachable keeps /healthz at 503 when
+# no write has succeeded since.
+WRITE_TROUBLE_S = 5.0
+# How long a writer waits for the SQLite lock right after another found it held elsewhere.
+IMPATIENT_S = 0.2
 
 
 def unavailable(exc: Exception) -> DatabaseUnavailable | None:
@@ -57,6 +64,11 @@ class WriteQueue:
     large metrics batch although each commit is short. Writers of this process wait here
     instead, and are woken in arrival order. A thread already inside a write passes through
     (a nested write then meets SQLite's own lock, as before).
+
+    When a writer gives up because another process holds the lock past ``busy_timeout``
+    (:meth:`failing_all`), every writer that was already waiting gets the same 503 at once
+    instead of waiting out its own ``busy_timeout`` in turn, and writers that come within
+    ``RETRY_LOCKED_S`` after are told to be impatient (wait ``IMPATIENT_S`` for the lock).
     """
 
     def __init__(self) -> None:
@@ -64,6 +76,20 @@ class WriteQueue:
         self._next = 0  # the ticket the next writer draws
         self._serving = 0  # the ticket allowed in
         self._holder: int | None = None
+        # After a writer failed: (tickets drawn by then, when, why); None after a success.
+        self._blocked: tuple[int, float, DatabaseUnavailable] | None = None
+
+    @contextmanager
+    def failing_all(self) -> Iterator[None]:
+        """Inside a turn: when the block raises DatabaseUnavailable, the writers waiting now
+        get it too (see the class)."""
+        try:
+            yield
+        except DatabaseUnavailable as exc:
+            with self._cond:
+                self._blocked = (self._next, time.monotonic(), exc)
+            raise
+        self._blocked = None
 
     def waiting(self) -> int:
         """How many writers wait for their turn."""
@@ -71,20 +97,29 @@ class WriteQueue:
             return self._next - self._serving - (self._holder is not None)
 
     @contextmanager
-    def turn(self) -> Iterator[None]:
-        """Wait for this thread's turn, hold it through the block, then pass it on."""
+    def turn(self) -> Iterator[bool]:
+        """Wait for this thread's turn, hold it through the block, then pass it on. Yields
+        whether the writer should be impatient (a writer failed on the lock just now);
+        raises DatabaseUnavailable when one failed while this writer waited."""
         me = threading.get_ident()
         if self._holder == me:
-            yield
+            yield False
             return
         with self._cond:
             ticket = self._next
             self._next += 1
             while ticket != self._serving:
                 self._cond.wait()
+            blocked = self._blocked
+            if blocked is not None and ticket < blocked[0]:
+                self._serving += 1
+                self._cond.notify_all()
+                why = blocked[2]
+                raise DatabaseUnavailable(str(why), retry_after_s=why.retry_after_s)
             self._holder = me
+        impatient = blocked is not None and time.monotonic() - blocked[1] < RETRY_LOCKED_S
         try:
-            yield
+            yield impatient
         finally:
             with self._cond:
                 self._holder = None
@@ -98,7 +133,10 @@ class Transactions:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._readonly = engine.execution_options(readonly=True)
+        self._impatient = engine.execution_options(busy_timeout_s=IMPATIENT_S)
         self._queue = WriteQueue() if engine.dialect.name == "sqlite" else None
+        self.health = HealthWindow()
+        self._write_trouble: tuple[float, DatabaseUnavailable] | None = None
 
     @property
     def dialect(self) -> str:
@@ -112,12 +150,19 @@ class Transactions:
         Raises DatabaseUnavailable when the database cannot be reached or stays locked.
         On SQLite, this process's writers take their turns in arrival order (WriteQueue).
         """
-        if self._queue is None:
-            with self._scope(self.engine) as session:
-                yield session
-            return
-        with self._queue.turn(), self._scope(self.engine) as session:
-            yield session
+        try:
+            if self._queue is None:
+                with self._scope(self.engine) as session:
+                    yield session
+            else:
+                with self._queue.turn() as impatient, self._queue.failing_all():
+                    bind = self._impatient if impatient else self.engine
+                    with self._scope(bind) as session:
+                        yield session
+        except DatabaseUnavailable as exc:
+            self._write_trouble = (time.monotonic(), exc)
+            raise
+        self._write_trouble = None
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -133,6 +178,16 @@ class Transactions:
         with self.read() as session:
             session.execute(text("SELECT 1"))
 
+    def ping_write(self) -> None:
+        """When the last write failed (locked or unreachable database) less than
+        ``WRITE_TROUBLE_S`` ago and none succeeded since, try an empty write transaction.
+        Raises DatabaseUnavailable (with the reason) when that fails."""
+        trouble = self._write_trouble
+        if trouble is None or time.monotonic() - trouble[0] > WRITE_TROUBLE_S:
+            return
+        with self.write() as session:
+            session.execute(text("SELECT 1"))
+
     @contextmanager
     def _scope(self, bind: Engine) -> Iterator[Session]:
         try:
@@ -142,4 +197,6 @@ class Transactions:
             mapped = unavailable(exc)
             if mapped is None:
                 raise
+            self.health.failed()
             raise mapped from exc
+        self.health.succeeded()
