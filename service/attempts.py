@@ -82,16 +82,16 @@ def require_current(
     *,
     token: AttemptToken | None = None,
     attempt: int | None = None,
-    unnamed_first_only: bool = False,
+    refuse_unnamed: bool = False,
 ) -> None:
     """Check that a write comes from attempt ``current`` of the trial: made with that
     attempt's ``token`` when given, and naming that ``attempt`` when it names one. A write
-    with neither is accepted, unless ``unnamed_first_only`` (an admin-token write over HTTP)
-    and the trial was handed out again (``current`` > 1): which attempt sent it is unknown.
+    with neither is accepted unless ``refuse_unnamed`` (an admin-token write over HTTP to a
+    trial handed out again: which attempt sent it is unknown).
 
     Raises StaleAttempt (nothing may be stored) otherwise.
     """
-    if unnamed_first_only and token is None and attempt is None and current > 1:
+    if refuse_unnamed and token is None and attempt is None:
         raise StaleAttempt(
             f"trial {trial_id} was handed out again (attempt {current} is current): a write "
             "with the API token must say which attempt it comes from; send the attempt's "

@@ -170,14 +170,16 @@ def fence(
     """Raise StaleAttempt unless a write with ``token`` / naming ``attempt`` is of the
     current attempt. A write with neither (an admin write) is not fenced, unless
     ``unnamed_first_only`` (it came over HTTP): then it is refused once the trial was
-    handed out again (see :func:`hpo.service.attempts.require_current`)."""
+    handed out again (a later attempt than the first is running or has finished; while
+    that attempt waits to be claimed, the trial's state refuses the write itself)."""
+    handed_out_again = trial.attempts > 1 and trial.state != TrialState.WAITING
     attempts.require_current(
         trial.id,
         trial.attempts,
         trial.attempt_token_hash,
         token=token,
         attempt=attempt,
-        unnamed_first_only=unnamed_first_only,
+        refuse_unnamed=unnamed_first_only and handed_out_again,
     )
 
 
