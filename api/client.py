@@ -108,6 +108,15 @@ def _attempt_auth(trial: TrialRef) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def _attempt_of(trial: TrialRef) -> dict[str, int]:
+    """``{"attempt": n}`` when the reference names the attempt it was asked for (an
+    AskedTrial), else ``{}``. Sent with every write, so the server fences it to that attempt
+    whichever token carries it (an API-token write naming no attempt is refused once the
+    trial was handed out again)."""
+    attempt = trial.get("attempt") if isinstance(trial, Mapping) else None
+    return {"attempt": attempt} if isinstance(attempt, int) else {}
+
+
 def default_token() -> str | None:
     """``HPO_TOKEN``, else the token file a local ``hpo serve`` wrote."""
     if os.environ.get("HPO_TOKEN"):
@@ -277,7 +286,7 @@ class Study:
         answer = self.client._json(
             "POST",
             f"/trials/{_trial_id(trial)}/metrics",
-            json={"points": points},
+            json={"points": points, **_attempt_of(trial)},
             headers=_attempt_auth(trial),
             idempotent=True,
         )
@@ -287,8 +296,10 @@ class Study:
         """Keep a long-running trial's lease alive without reporting metrics; returns whether
         the trial should stop."""
         path = f"/trials/{_trial_id(trial)}/heartbeat"
-        headers = _attempt_auth(trial)
-        answer = self.client._json("POST", path, headers=headers, idempotent=True, retry=retry)
+        headers, params = _attempt_auth(trial), _attempt_of(trial)
+        answer = self.client._json(
+            "POST", path, headers=headers, params=params, idempotent=True, retry=retry
+        )
         return bool(answer["should_stop"])
 
     def tell(
@@ -301,7 +312,7 @@ class Study:
         error: str | None = None,
     ) -> TrialRecord:
         """Finish a trial with its value (or ``values``), or ``state="failed"|"pruned"``."""
-        body: dict[str, Any] = {}
+        body: dict[str, Any] = {**_attempt_of(trial)}
         if value is not None:
             body["value"] = value
         if values is not None:

@@ -18,6 +18,7 @@ from hpo.service.errors import (
     ConcurrencyLimit,
     Conflict,
     GridExhausted,
+    StaleAttempt,
     StudyNotRunning,
     TrialFinished,
 )
@@ -39,22 +40,29 @@ def ask(
     first, else a new suggestion.
 
     ``key`` (an ask's Idempotency-Key) is stored with the trial it creates; an ask with a key
-    already used answers that trial again (its current attempt, with a new token) and spends
-    no budget, or raises TrialFinished when that trial has finished meanwhile.
+    already used answers that trial again and spends no budget: while it runs the attempt
+    that ask claimed, with a new token for it; while it waits, claimed for its next attempt
+    as a plain ask would (the same checks). It raises StaleAttempt once the trial was handed
+    out again, TrialFinished once it has finished.
 
     Raises StudyNotFound, StudyNotRunning, BudgetSpent (GridExhausted: the study completes
     once no trial is active), ConcurrencyLimit, Conflict (a trainable study asked by a client,
-    or too many concurrent asks). ``dispatched`` marks a call from the scheduler.
+    or too many concurrent asks), StaleAttempt and TrialFinished (a replayed key, above).
+    ``dispatched`` marks a call from the scheduler.
     """
     for _ in range(MAX_ASK_ATTEMPTS):
         with storage.read() as s:
             study = studies.get(s, study_id)
             spec = transitions.spec_of(study)
             asked = trials.by_ask_key(s, study_id, key) if key is not None else None
-            if asked is not None:
-                return _answer_again(storage, study_id, asked, key or "")
+            if asked is not None and trials.get_trial(s, asked).state != TrialState.WAITING:
+                again = _answer_again(storage, study_id, asked)
+                if again is None:
+                    continue  # it turned waiting meanwhile: look again
+                return again
             check_can_ask(storage, s, study, spec, dispatched)
-            waiting = trials.first_waiting(s, study_id)
+            # A replayed key whose trial waits claims that trial, checked as a plain ask is.
+            waiting = asked if asked is not None else trials.first_waiting(s, study_id)
             if waiting is None:
                 number = study.next_number
                 if number >= transitions.budget_limit(study, spec):
@@ -171,25 +179,31 @@ def _claim_new(
         return None  # a concurrent ask with the same key (or number) won: look again
 
 
-def _answer_again(storage: Storage, study_id: int, trial_id: int, key: str) -> ClaimedTrial:
-    """The trial an earlier ask with Idempotency-Key ``key`` created, with a new token for
-    its current attempt (a waiting trial is claimed for its next attempt). Raises
-    TrialFinished when it has finished."""
+def _answer_again(storage: Storage, study_id: int, trial_id: int) -> ClaimedTrial | None:
+    """The running trial an earlier ask with an Idempotency-Key created, answered again
+    (with a new token) while it runs the first attempt, the one that ask claimed; None
+    when it is waiting (the caller claims it as a plain ask would).
+
+    Raises StaleAttempt when the trial was handed out again since (its current attempt
+    belongs to another asker), TrialFinished when it has finished.
+    """
     with storage.write() as s:
-        study = studies.get(s, study_id, lock=True)
+        studies.get(s, study_id, lock=True)
         trial = trials.get_trial(s, trial_id)
         if trial.state == TrialState.WAITING:
-            spec = transitions.spec_of(study)
-            now = utcnow()
-            set_trial_state(
-                s, study, trial, TrialState.RUNNING, detail=f"attempt {trial.attempts}", now=now
-            )
-            trial.started_at = now
-            trials.renew_lease(trial, spec.lease_s, now)
-        elif trial.state != TrialState.RUNNING:
+            return None
+        where = f"trial {trial_id} (#{trial.number}), created by an earlier ask with this "
+        if trial.state != TrialState.RUNNING:
             raise TrialFinished(
-                f"trial {trial_id} (#{trial.number}), created by an earlier ask with this "
-                f"Idempotency-Key, is {trial.state}; send a new key to ask for another trial",
+                f"{where}Idempotency-Key, is {trial.state}; send a new key to ask for another "
+                "trial",
+                field="Idempotency-Key",
+            )
+        if trial.attempts > 1:
+            raise StaleAttempt(
+                f"{where}Idempotency-Key, was handed out again (attempt {trial.attempts} is "
+                "current, not the attempt that ask claimed); send a new key to ask for "
+                "another trial",
                 field="Idempotency-Key",
             )
         return _claimed(trial)

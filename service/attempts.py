@@ -82,12 +82,22 @@ def require_current(
     *,
     token: AttemptToken | None = None,
     attempt: int | None = None,
+    refuse_unnamed: bool = False,
 ) -> None:
     """Check that a write comes from attempt ``current`` of the trial: made with that
-    attempt's ``token`` when given, and naming that ``attempt`` when it names one.
+    attempt's ``token`` when given, and naming that ``attempt`` when it names one. A write
+    with neither is accepted unless ``refuse_unnamed`` (an admin-token write over HTTP to a
+    trial handed out again: which attempt sent it is unknown).
 
     Raises StaleAttempt (nothing may be stored) otherwise.
     """
+    if refuse_unnamed and token is None and attempt is None:
+        raise StaleAttempt(
+            f"trial {trial_id} was handed out again (attempt {current} is current): a write "
+            "with the API token must say which attempt it comes from; send the attempt's "
+            "token (`attempt_token` of the ask) or name the `attempt`; nothing was stored",
+            field="attempt",
+        )
     if token is not None and not token.check(trial_id, current, stored_digest):
         raise StaleAttempt(
             f"the token of attempt {token.attempt} of trial {trial_id} is no longer valid "

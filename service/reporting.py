@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from hpo.service import attempts, transitions
 from hpo.service.attempts import AttemptToken
 from hpo.service.db.models import Study, Trial, utcnow
-from hpo.service.errors import InvalidInput, TrialFinished
+from hpo.service.errors import Conflict, InvalidInput, TrialFinished
 from hpo.service.pruners import make_pruner
 from hpo.service.pruners.base import Report
 from hpo.service.records import MetricInput
@@ -35,6 +35,7 @@ def report(
     *,
     token: AttemptToken | None = None,
     attempt: int | None = None,
+    unnamed_first_only: bool = False,
 ) -> bool:
     """Store metric points of a running trial, renew its lease and consult the pruner.
 
@@ -42,9 +43,11 @@ def report(
     large batch is stored in commits of at most POINTS_PER_COMMIT points, so no commit
     holds SQLite's write lock for long; the lease and the pruner's verdict follow in one
     short commit of their own. A report made with an attempt's ``token``, or naming an
-    ``attempt``, is refused with StaleAttempt (nothing of it stored) unless that attempt
-    is current. Returns whether the trial should stop (pruned, or its study stopped).
-    Raises TrialFinished for a trial that completed or failed, InvalidInput for NaN/inf.
+    ``attempt``, is refused with StaleAttempt unless that attempt is current (see
+    :func:`fence` for ``unnamed_first_only``); nothing of a refused batch stays stored,
+    even when an earlier commit of it was accepted. Returns whether the trial should stop
+    (pruned, or its study stopped). Raises TrialFinished for a trial that completed or
+    failed, InvalidInput for NaN/inf.
     """
     for i, p in enumerate(points):
         if not math.isfinite(p.value):
@@ -52,19 +55,43 @@ def report(
                 f"points[{i}].value must be a finite number, got {p.value}",
                 field=f"points[{i}].value",
             )
+    fencing: dict[str, Any] = {
+        "token": token,
+        "attempt": attempt,
+        "unnamed_first_only": unnamed_first_only,
+    }
     size = POINTS_PER_COMMIT
     chunks = [points[i : i + size] for i in range(0, len(points), size)]
-    previous = None
-    for chunk in chunks[:-1]:
-        with storage.write() as s:
-            study, trial = _running(s, trial_id, token, attempt)
-            if trial is None:
-                return True
-            if previous is None:
-                previous = _previous_step(s, study, trial)
-            metrics.add(s, trial, chunk, utcnow())
+    inserted: list[int] = []  # ids this batch stored in its earlier commits
+    try:
+        previous = None
+        for chunk in chunks[:-1]:
+            with storage.write() as s:
+                study, trial = _running(s, trial_id, **fencing)
+                if trial is None:
+                    return True
+                if previous is None:
+                    previous = _previous_step(s, study, trial)
+                inserted += metrics.add(s, trial, chunk, utcnow())
+        return _finish_report(storage, trial_id, points, chunks, previous, fencing)
+    except Conflict:
+        if inserted:  # a later commit was refused: the batch is all or nothing
+            with storage.write() as s:
+                metrics.delete(s, inserted)
+        raise
+
+
+def _finish_report(
+    storage: Storage,
+    trial_id: int,
+    points: Sequence[MetricInput],
+    chunks: list[Sequence[MetricInput]],
+    previous: int | None,
+    fencing: dict[str, Any],
+) -> bool:
+    """The last commit of :func:`report`: its last chunk of points, the lease, the pruner."""
     with storage.write() as s:
-        study, trial = _running(s, trial_id, token, attempt)
+        study, trial = _running(s, trial_id, **fencing)
         if trial is None:
             return True
         spec = transitions.spec_of(study)
@@ -88,13 +115,18 @@ def report(
 
 
 def _running(
-    s: Session, trial_id: int, token: AttemptToken | None, attempt: int | None
+    s: Session,
+    trial_id: int,
+    *,
+    token: AttemptToken | None,
+    attempt: int | None,
+    unnamed_first_only: bool,
 ) -> tuple[Study, Trial | None]:
     """The locked study and its running trial, fenced to its current attempt; the trial
     is None when it should stop (pruned, or its study stopped). Raises StaleAttempt,
     TrialFinished."""
     study, trial = trials.lock(s, trial_id)
-    fence(trial, token, attempt)
+    fence(trial, token, attempt, unnamed_first_only=unnamed_first_only)
     if trial.state == TrialState.PRUNED or study.state == StudyState.STOPPED:
         return study, None
     if trial.state != TrialState.RUNNING:
@@ -128,11 +160,26 @@ def _judge(
     return None
 
 
-def fence(trial: Trial, token: AttemptToken | None, attempt: int | None) -> None:
-    """Raise StaleAttempt unless a write with ``token`` / naming ``attempt`` (either may be
-    None: an admin write that names no attempt is not fenced) is of the current attempt."""
+def fence(
+    trial: Trial,
+    token: AttemptToken | None,
+    attempt: int | None,
+    *,
+    unnamed_first_only: bool = False,
+) -> None:
+    """Raise StaleAttempt unless a write with ``token`` / naming ``attempt`` is of the
+    current attempt. A write with neither (an admin write) is not fenced, unless
+    ``unnamed_first_only`` (it came over HTTP): then it is refused once the trial was
+    handed out again (a later attempt than the first is running or has finished; while
+    that attempt waits to be claimed, the trial's state refuses the write itself)."""
+    handed_out_again = trial.attempts > 1 and trial.state != TrialState.WAITING
     attempts.require_current(
-        trial.id, trial.attempts, trial.attempt_token_hash, token=token, attempt=attempt
+        trial.id,
+        trial.attempts,
+        trial.attempt_token_hash,
+        token=token,
+        attempt=attempt,
+        refuse_unnamed=unnamed_first_only and handed_out_again,
     )
 
 

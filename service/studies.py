@@ -146,17 +146,20 @@ class StudyService:
         error: str | None = None,
         token: AttemptToken | None = None,
         attempt: int | None = None,
+        unnamed_first_only: bool = False,
     ) -> TrialRecord:
         """Finish a trial with its objective value(s), or as failed / pruned.
 
         Repeating the same tell changes nothing; a different outcome for a finished trial
         raises TrialFinished. A tell made with an attempt's ``token``, or naming an
         ``attempt``, is refused with StaleAttempt unless that attempt is the trial's current
-        one. Raises TrialNotFound, InvalidInput, Conflict (a waiting trial).
+        one; with ``unnamed_first_only`` (an admin tell over HTTP) a tell naming neither is
+        refused so once the trial was handed out again. Raises TrialNotFound, InvalidInput,
+        Conflict (a waiting trial).
         """
         with self.storage.write() as s:
             study, trial = trials.lock(s, trial_id)
-            reporting.fence(trial, token, attempt)
+            reporting.fence(trial, token, attempt, unnamed_first_only=unnamed_first_only)
             spec = transitions.spec_of(study)
             outcome = transitions.parse_outcome(spec, value, values, state)
             if TrialState(trial.state).finished:
@@ -182,17 +185,33 @@ class StudyService:
         *,
         token: AttemptToken | None = None,
         attempt: int | None = None,
+        unnamed_first_only: bool = False,
     ) -> bool:
         """Store metric points of a running trial, renew its lease and consult the pruner
-        (:func:`hpo.service.reporting.report`). Returns whether the trial should stop."""
-        return reporting.report(self.storage, trial_id, points, token=token, attempt=attempt)
+        (:func:`hpo.service.reporting.report`, which says how it is fenced). Returns whether
+        the trial should stop."""
+        return reporting.report(
+            self.storage,
+            trial_id,
+            points,
+            token=token,
+            attempt=attempt,
+            unnamed_first_only=unnamed_first_only,
+        )
 
     def heartbeat(
-        self, trial_id: int, *, token: AttemptToken | None = None, attempt: int | None = None
+        self,
+        trial_id: int,
+        *,
+        token: AttemptToken | None = None,
+        attempt: int | None = None,
+        unnamed_first_only: bool = False,
     ) -> bool:
         """Renew a running trial's lease; returns whether it should stop. Fenced as
         :meth:`report` is."""
-        return self.report(trial_id, [], token=token, attempt=attempt)
+        return self.report(
+            trial_id, [], token=token, attempt=attempt, unnamed_first_only=unnamed_first_only
+        )
 
     def fail_attempt(
         self,

@@ -1,4 +1,11 @@
-"""Routes under /api/v1/trials."""
+"""Routes under /api/v1/trials.
+
+Writes (tell, metrics, heartbeat) are fenced to the trial's current attempt. One made with
+the API token that names no attempt (neither an attempt token nor ``attempt``) is accepted
+only while the trial is on its first attempt: once the trial was handed out again it may
+come from the attempt that lost it, so it is a 409 (``unnamed_first_only``). The scheduler's
+in-process calls are not fenced so.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,9 @@ from hpo.api.schemas import MAX_STEP, MetricPage, MetricsBody, ShouldStop, TellB
 from hpo.service.records import MetricInput, TrialRecord
 
 router = APIRouter(prefix="/trials", tags=["trials"])
+
+# The largest ``attempt`` a heartbeat may name (``trials.attempts`` is a 32-bit column).
+MAX_ATTEMPT = 2**31 - 1
 
 
 @router.get("/{trial_id}", response_model=TrialRecord)
@@ -33,6 +43,7 @@ def tell(trial_id: TrialId, body: TellBody, service: Service, caller: Auth) -> T
         error=body.error,
         token=caller.attempt,
         attempt=body.attempt,
+        unnamed_first_only=True,
     )
 
 
@@ -40,17 +51,31 @@ def tell(trial_id: TrialId, body: TellBody, service: Service, caller: Auth) -> T
 @attempt_may_call
 def report(trial_id: TrialId, body: MetricsBody, service: Service, caller: Auth) -> ShouldStop:
     """Store metric points (each once per attempt), renew the trial's lease, and say whether
-    it should stop; 409 for an attempt that is no longer current."""
+    it should stop; 409 for an attempt that is no longer current (nothing of the batch is
+    stored)."""
     points = [MetricInput(p.step, p.name, float(p.value)) for p in body.points]
-    stop = service.report(trial_id, points, token=caller.attempt, attempt=body.attempt)
+    stop = service.report(
+        trial_id, points, token=caller.attempt, attempt=body.attempt, unnamed_first_only=True
+    )
     return ShouldStop(should_stop=stop)
 
 
 @router.post("/{trial_id}/heartbeat", response_model=ShouldStop)
 @attempt_may_call
-def heartbeat(trial_id: TrialId, service: Service, caller: Auth) -> ShouldStop:
+def heartbeat(
+    trial_id: TrialId,
+    service: Service,
+    caller: Auth,
+    attempt: Annotated[
+        int | None,
+        Query(ge=1, le=MAX_ATTEMPT, description="Refuse (409) unless this attempt is current."),
+    ] = None,
+) -> ShouldStop:
     """Renew the trial's lease without reporting metrics (409 for a stale attempt)."""
-    return ShouldStop(should_stop=service.heartbeat(trial_id, token=caller.attempt))
+    stop = service.heartbeat(
+        trial_id, token=caller.attempt, attempt=attempt, unnamed_first_only=True
+    )
+    return ShouldStop(should_stop=stop)
 
 
 @router.get("/{trial_id}/metrics", response_model=MetricPage)

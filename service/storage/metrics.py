@@ -11,6 +11,7 @@ from itertools import groupby, islice
 from typing import Any
 
 from sqlalchemy import and_, func, select
+from sqlalchemy import delete as sa_delete
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -20,12 +21,13 @@ from hpo.service.records import MetricInput, MetricPointRecord
 from hpo.service.states import TrialState
 
 
-def add(session: Session, trial: Trial, points: Sequence[MetricInput], now: datetime) -> None:
+def add(session: Session, trial: Trial, points: Sequence[MetricInput], now: datetime) -> list[int]:
     """Store ``points`` under the trial's current attempt, each at most once: a point that
     attempt already stored (same name and step, e.g. a batch sent again after its answer was
-    lost) is left as it is (insert-or-ignore on UNIQUE(trial, attempt, name, step))."""
+    lost) is left as it is (insert-or-ignore on UNIQUE(trial, attempt, name, step)). Returns
+    the ids of the rows it inserted (not of those left as they were)."""
     if not points:
-        return
+        return []
     rows = [
         {
             "trial_id": trial.id,
@@ -39,7 +41,19 @@ def add(session: Session, trial: Trial, points: Sequence[MetricInput], now: date
         for p in points
     ]
     insert = sqlite_insert if session.bind.dialect.name == "sqlite" else postgresql_insert
-    session.execute(insert(MetricPoint).on_conflict_do_nothing(), rows)
+    stmt = insert(MetricPoint).on_conflict_do_nothing().returning(MetricPoint.id)
+    return list(session.scalars(stmt, rows))
+
+
+# Ids per DELETE: well under SQLite's limit of bound parameters in one statement.
+_IDS_PER_DELETE = 500
+
+
+def delete(session: Session, ids: Sequence[int]) -> None:
+    """Delete the metric points with these ids (what :func:`add` returned)."""
+    for i in range(0, len(ids), _IDS_PER_DELETE):
+        chunk = list(ids[i : i + _IDS_PER_DELETE])
+        session.execute(sa_delete(MetricPoint).where(MetricPoint.id.in_(chunk)))
 
 
 def last_step(session: Session, trial_id: int, name: str) -> int | None:

@@ -32,7 +32,11 @@ def _points_per_commit(service: StudyService) -> list[int]:
 
     def inserted(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
         if statement.lstrip().upper().startswith("INSERT INTO METRIC_POINTS"):
-            pending[0] += len(params) if isinstance(params, list) else 1
+            if isinstance(params, list):  # executemany: one parameter set per row
+                pending[0] += len(params)
+            else:  # one statement of many VALUES rows (an insert with RETURNING): flat params
+                columns = statement.split("(", 1)[1].split(")", 1)[0].count(",") + 1
+                pending[0] += len(params) // columns
 
     def committed(conn: Any) -> None:
         if pending[0]:
