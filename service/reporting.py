@@ -64,16 +64,16 @@ def report(
     chunks = [points[i : i + size] for i in range(0, len(points), size)]
     inserted: list[int] = []  # ids this batch stored in its earlier commits
     try:
-        previous = None
+        judged: dict[int, int | None] | None = None
         for chunk in chunks[:-1]:
             with storage.write() as s:
                 study, trial = _running(s, trial_id, **fencing)
                 if trial is None:
                     return True
-                if previous is None:
-                    previous = _previous_step(s, study, trial)
+                if judged is None:
+                    judged = _to_judge(s, study, trial, points)
                 inserted += metrics.add(s, trial, chunk, utcnow())
-        return _finish_report(storage, trial_id, points, chunks, previous, fencing)
+        return _finish_report(storage, trial_id, points, chunks, judged, fencing)
     except Conflict:
         if inserted:  # a later commit was refused: the batch is all or nothing
             with storage.write() as s:
@@ -86,7 +86,7 @@ def _finish_report(
     trial_id: int,
     points: Sequence[MetricInput],
     chunks: list[Sequence[MetricInput]],
-    previous: int | None,
+    judged: dict[int, int | None] | None,
     fencing: dict[str, Any],
 ) -> bool:
     """The last commit of :func:`report`: its last chunk of points, the lease, the pruner."""
@@ -99,10 +99,10 @@ def _finish_report(
         trials.renew_lease(trial, spec.lease_s, now)
         if not points:
             return False  # a heartbeat: the lease is renewed, nothing else changed
-        if len(chunks) == 1:
-            previous = metrics.last_step(s, trial.id, spec.pruned_metric)
+        if judged is None:
+            judged = _to_judge(s, study, trial, points)
         metrics.add(s, trial, chunks[-1], now)
-        decision = _judge(s, spec, trial, points, previous)
+        decision = _judge(s, spec, trial, points, judged)
         trial.last_step = max(trial.last_step or 0, *(p.step for p in points))
         if decision is not None:
             trial.pruned = decision.reason
@@ -137,26 +137,50 @@ def _running(
     return study, trial
 
 
+def _to_judge(
+    s: Session, study: Study, trial: Trial, points: Sequence[MetricInput]
+) -> dict[int, int | None]:
+    """The steps of the watched metric this report brings for the first time, each with the
+    trial's step before it (the pruner judges the rungs in between). Read before the points
+    are stored. A step already stored (a replay, a resend) is not judged again, and a step
+    reported out of order is judged from the step below it, not from the newest: a trial
+    cannot skip rungs by reporting a far-future step first."""
+    metric = transitions.spec_of(study).pruned_metric
+    steps = sorted({p.step for p in points if p.name == metric})
+    if not steps:
+        return {}
+    stored = metrics.steps_between(s, trial.id, metric, steps[0], steps[-1])
+    new = [step for step in steps if step not in stored]
+    below = metrics.step_below(s, trial.id, metric, steps[0])
+    known = sorted({*stored, *steps})
+    out: dict[int, int | None] = {}
+    for step in new:
+        i = known.index(step)
+        out[step] = known[i - 1] if i > 0 else below
+    return out
+
+
 def _judge(
     s: Session,
     spec: StudySpec,
     trial: Trial,
     points: Sequence[MetricInput],
-    previous: int | None,
+    judged: dict[int, int | None],
 ) -> Any:
-    """The pruner's verdict on the new points of the watched metric (``previous``: the
-    watched metric's last step before them)."""
-    if spec.pruner.type == "none":
+    """The pruner's verdict on the new steps of the watched metric (``judged``: each new
+    step with the trial's step before it, from :func:`_to_judge`)."""
+    if spec.pruner.type == "none" or not judged:
         return None
     pruner = make_pruner(spec)
     history = metrics.PruningHistory(s, trial.study_id, trial.id, pruner.metric)
-    for p in sorted(points, key=lambda p: p.step):
-        if p.name != pruner.metric:
-            continue
-        decision = pruner.judge(Report(p.step, p.value, previous), history)
+    first = {}
+    for p in points:  # the first value of a step wins, as it is stored
+        if p.name == pruner.metric and p.step in judged:
+            first.setdefault(p.step, p.value)
+    for step in sorted(first):
+        decision = pruner.judge(Report(step, first[step], judged[step]), history)
         if decision is not None:
             return decision
-        previous = p.step if previous is None else max(previous, p.step)
     return None
 
 
@@ -181,8 +205,3 @@ def fence(
         attempt=attempt,
         refuse_unnamed=unnamed_first_only and handed_out_again,
     )
-
-
-def _previous_step(s: Session, study: Study, trial: Trial) -> int | None:
-    """The watched metric's last step of the trial before a report."""
-    return metrics.last_step(s, trial.id, transitions.spec_of(study).pruned_metric)

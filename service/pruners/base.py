@@ -28,7 +28,7 @@ class Report:
 
     step: int
     value: float
-    previous_step: int | None  # the trial's last reported step before this one
+    previous_step: int | None  # the trial's largest reported step below this one
 
 
 @dataclass(frozen=True)

@@ -56,11 +56,26 @@ def delete(session: Session, ids: Sequence[int]) -> None:
         session.execute(sa_delete(MetricPoint).where(MetricPoint.id.in_(chunk)))
 
 
-def last_step(session: Session, trial_id: int, name: str) -> int | None:
-    """The newest step the trial reported for metric ``name``, if any."""
+def step_below(session: Session, trial_id: int, name: str, step: int) -> int | None:
+    """The trial's largest stored step of metric ``name`` below ``step``, if any."""
     return session.scalar(
         select(func.max(MetricPoint.step)).where(
-            MetricPoint.trial_id == trial_id, MetricPoint.name == name
+            MetricPoint.trial_id == trial_id, MetricPoint.name == name, MetricPoint.step < step
+        )
+    )
+
+
+def steps_between(session: Session, trial_id: int, name: str, low: int, high: int) -> set[int]:
+    """The trial's stored steps of metric ``name`` from ``low`` to ``high`` (inclusive)."""
+    return set(
+        session.scalars(
+            select(MetricPoint.step)
+            .where(
+                MetricPoint.trial_id == trial_id,
+                MetricPoint.name == name,
+                MetricPoint.step.between(low, high),
+            )
+            .distinct()
         )
     )
 

@@ -247,8 +247,12 @@ def test_metric_points_read_back_in_step_order(storage: Storage) -> None:
             [MetricInput(2, "loss", 0.5), MetricInput(1, "loss", 0.7), MetricInput(1, "acc", 0.1)],
             utcnow(),
         )
-        assert metrics.last_step(s, a, "loss") == 2 and metrics.last_value(s, a, "loss") == 0.5
-        assert metrics.last_step(s, b, "loss") is None and metrics.last_value(s, b, "loss") is None
+        assert metrics.last_value(s, a, "loss") == 0.5 and metrics.last_value(s, b, "loss") is None
+        assert (
+            metrics.step_below(s, a, "loss", 2) == 1 and metrics.step_below(s, a, "loss", 1) is None
+        )
+        assert metrics.steps_between(s, a, "loss", 1, 5) == {1, 2}
+        assert metrics.steps_between(s, b, "loss", 1, 5) == set()
         assert metrics.last_points(s, [a, b], "loss") == {a: {2: 0.5}}
     assert [(p.step, p.name) for p in storage.metrics(a)] == [(1, "loss"), (1, "acc"), (2, "loss")]
     assert [p.step for p in storage.metrics(a, name="loss", since_step=1)] == [2]

@@ -329,3 +329,32 @@ def test_state_survives_a_new_service_on_the_same_database(db_url: str) -> None:
     assert second.storage.get_study(sid).best_trial.value == 2.0
     assert second.ask(sid).number == 1
     engine.dispose()
+
+
+def test_a_far_future_step_reported_first_skips_no_rung(service: StudyService) -> None:
+    """A trial that reports one good point at a far-future step and then the worst values
+    from step 1 on is judged at every rung it reports, as an honest trial is."""
+    sid = create(service, pruner={"type": "asha", "min_steps": 1, "reduction_factor": 3})
+    for _ in range(6):
+        t = service.ask(sid)
+        service.report(t.id, [MetricInput(step, "loss", 1.0) for step in range(1, 28)])
+        service.tell(t.id, value=1.0)
+    cheat = service.ask(sid)
+    assert service.report(cheat.id, [MetricInput(10**6, "loss", 0.01)]) is False
+    stops = [service.report(cheat.id, [MetricInput(1, "loss", 50.0)])]
+    assert stops == [True]
+    record = service.storage.get_trial(cheat.id)
+    assert record.state == "pruned" and record.pruned["step"] == 1
+
+
+def test_a_replayed_step_is_not_judged_again(service: StudyService) -> None:
+    sid = create(service, pruner={"type": "asha", "min_steps": 1, "reduction_factor": 2})
+    for value in (1.0, 2.0):
+        service.report(service.ask(sid).id, [MetricInput(1, "loss", value)])
+    kept = service.ask(sid)
+    assert service.report(kept.id, [MetricInput(1, "loss", 0.9)]) is False  # best of three
+    for value in (0.1, 0.2):  # better trials arrive: judged now, 0.9 would be cut
+        service.report(service.ask(sid).id, [MetricInput(1, "loss", value)])
+    # the same point again (a retry after a lost answer): stored once, and not judged again
+    assert service.report(kept.id, [MetricInput(1, "loss", 0.9)]) is False
+    assert service.storage.get_trial(kept.id).state == "running"
