@@ -21,6 +21,7 @@ from hpo.service.settings import Settings
 from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage, meta
 from hpo.service.studies import StudyService
+from hpo.workers import storage as checkpoint_storage
 
 if TYPE_CHECKING:
     from hpo.service.scheduler import Scheduler
@@ -129,6 +130,9 @@ def _scheduler(
     from hpo.service.scheduler import Scheduler
 
     env = {k: v for k, v in os.environ.items() if k == "HPO_EXTRA_TRAINABLES"}
+    # Ranks and evaluations on a cluster reach an object store with the control plane's
+    # storage options and AWS_* variables (never its database URL or admin token).
+    env.update(checkpoint_storage.worker_env(settings.checkpoint_dir, settings.storage_options))
     executor = RayExecutor(
         settings.ray_address,
         num_cpus=settings.ray_num_cpus,

@@ -266,8 +266,9 @@ class Executor(Protocol):
 
 
 # HPO_* variables a rank process may see; every other one (the admin token, the database URL,
-# the storage and Ray settings of the control plane) stays out of the cluster's processes.
-RANK_ENV_ALLOWED = frozenset({"HPO_EXTRA_TRAINABLES", "HPO_RAY_NAMESPACE"})
+# the Ray settings of the control plane) stays out of the cluster's processes. The object
+# store's options are the ranks' own business: they write the checkpoints.
+RANK_ENV_ALLOWED = frozenset({"HPO_EXTRA_TRAINABLES", "HPO_RAY_NAMESPACE", "HPO_STORAGE_OPTIONS"})
 # Credentials of libraries the control plane uses, never needed by a rank.
 RANK_ENV_SECRETS = frozenset({"PGPASSWORD", "PGPASSFILE", "PGSERVICEFILE", "DATABASE_URL"})
 

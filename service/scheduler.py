@@ -44,6 +44,7 @@ from hpo.service.records import ClaimedTrial, TrialRecord
 from hpo.service.spec import Resources, StudySpec
 from hpo.service.states import StudyState, TrialState
 from hpo.service.studies import StudyService
+from hpo.workers import storage
 
 log = logging.getLogger("hpo.scheduler")
 
@@ -71,7 +72,7 @@ class Scheduler:
         *,
         api_url: str,
         token: str | None,
-        checkpoint_dir: Path,
+        checkpoint_dir: Path | str,
         interval_s: float = 1.0,
         wake: threading.Event | None = None,
         lease_s: float = 15.0,
@@ -429,7 +430,7 @@ class Scheduler:
             objectives=[(o.metric, o.direction) for o in spec.objectives],
             keep_metrics=sorted({*(o.metric for o in spec.objectives), spec.pruned_metric}),
             checkpoint_dir=str(
-                self.checkpoint_dir / f"study-{trial.study_id}" / f"trial-{trial.id}"
+                storage.join(self.checkpoint_dir, f"study-{trial.study_id}", f"trial-{trial.id}")
             ),
             lease_s=spec.lease_s,
         )

@@ -5,10 +5,13 @@ from __future__ import annotations
 import secrets
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from platformdirs import user_data_dir
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hpo.workers import storage
 
 
 def default_data_dir() -> Path:
@@ -38,7 +41,12 @@ class Settings(BaseSettings):
     ray_num_cpus: float | None = None
     ray_num_gpus: float | None = None
     ray_object_store_mb: int = 512
-    storage_path: Path | None = None
+    # Checkpoints: a folder every node shares, or an object store URL (s3://bucket/prefix,
+    # gs://..., any fsspec protocol; file:// is a local folder). Default: data_dir/checkpoints.
+    storage_path: str | None = None
+    # fsspec options of that object store, as JSON (HPO_STORAGE_OPTIONS), e.g.
+    # {"client_kwargs": {"endpoint_url": "http://minio:9000"}}; handed to the rank processes.
+    storage_options: dict[str, Any] = Field(default_factory=dict)
     scheduler: bool = True
     scheduler_interval_s: float = 1.0
     # The scheduler lease: one ``hpo serve`` per database runs the scheduler, renewing this
@@ -70,8 +78,11 @@ class Settings(BaseSettings):
         return self.data_dir / "ray-session.json"
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return self.storage_path or (self.data_dir / "checkpoints")
+    def checkpoint_dir(self) -> Path | str:
+        """Where checkpoints go: a Path for a local folder, the URL of an object store."""
+        if self.storage_path:
+            return storage.location(self.storage_path)
+        return self.data_dir / "checkpoints"
 
     @property
     def worker_api_url(self) -> str:

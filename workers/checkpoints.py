@@ -1,5 +1,5 @@
-"""A trial's checkpoints on disk: written atomically, found only inside the trial's folder, and
-read back with a fall-back to the previous one when the newest is unreadable.
+"""A trial's checkpoints: written atomically, found only inside the trial's folder, and read back
+with a fall-back to the previous one when the newest is unreadable.
 
 Layout: ``<trial folder>/attempt-<n>/checkpoint-<step:06d>/`` holding ``state.pt`` (tensors,
 numbers and strings: read with ``torch.load(weights_only=True)``, so nothing in it is executed)
@@ -8,30 +8,44 @@ a hidden temporary name, every file is fsynced, and the folder is renamed into p
 parent fsynced after), so a crash at any point leaves the earlier checkpoints as they were and
 no half-written one under a checkpoint name. Each attempt writes only into its own folder, so
 a stale attempt never overwrites what the live one resumes from.
+
+On an object store (a URL, see :mod:`hpo.workers.storage`) the same layout holds under the
+trial's prefix. There is no rename there, but each put is atomic: the checkpoint is written to
+a local staging folder, ``state.pt`` is uploaded first and ``meta.json`` last, and a checkpoint
+counts only once its ``meta.json`` is there. Listing reads the trial's prefix only; loading
+downloads into a temporary folder first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
+from hpo.workers import storage
+from hpo.workers.storage import Location
+
 log = logging.getLogger("hpo.workers.checkpoints")
 
 
-def attempt_folder(trial_dir: Path, attempt: int) -> Path:
+def attempt_folder(trial_dir: Location, attempt: int) -> Location:
     """Where attempt ``attempt`` of the trial writes its checkpoints."""
-    return trial_dir / f"attempt-{attempt}"
+    return storage.join(trial_dir, f"attempt-{attempt}")
 
 
-def write(folder: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write ``checkpoint-<step>`` into ``folder`` atomically and return its path."""
+def write(folder: Location, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Location:
+    """Write ``checkpoint-<step>`` into ``folder`` atomically and return its path (its URL on
+    an object store)."""
+    folder = storage.location(folder)
+    if not isinstance(folder, Path):
+        return _write_remote(folder, step, state, meta)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"checkpoint-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
@@ -49,9 +63,13 @@ def write(folder: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) 
     return final
 
 
-def prune(folder: Path, keep: int) -> None:
+def prune(folder: Location, keep: int) -> None:
     """Keep the ``keep`` newest checkpoints of ``folder``; remove older ones and the leftovers
     of writes a crash cut short."""
+    folder = storage.location(folder)
+    if not isinstance(folder, Path):
+        _prune_remote(folder, keep)
+        return
     found = sorted(p for p in folder.glob("checkpoint-*") if _step(p) is not None)
     for old in found[:-keep] if keep > 0 else found:
         shutil.rmtree(old, ignore_errors=True)
@@ -59,13 +77,18 @@ def prune(folder: Path, keep: int) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def candidates(trial_dir: Path, *, before_attempt: int) -> list[Path]:
+def candidates(trial_dir: Location, *, before_attempt: int) -> list[Location]:
     """The complete checkpoints that earlier attempts left in ``trial_dir``, newest first.
 
     Chosen from the files, not from what the control plane last heard: an attempt cut off by a
     crash may have saved checkpoints the control plane never learned about. A checkpoint behind
-    a symbolic link, or whose real path lies outside the trial's folder, is refused (logged).
+    a symbolic link, or whose real path lies outside the trial's folder, is refused (logged);
+    on an object store, only keys under the trial's prefix, shaped
+    ``attempt-<n>/checkpoint-<step>/<file>`` with no ``.``/``..`` parts, are considered.
     """
+    trial_dir = storage.location(trial_dir)
+    if not isinstance(trial_dir, Path):
+        return _candidates_remote(trial_dir, before_attempt)
     root = trial_dir.resolve()
     found = []
     for ckpt in trial_dir.glob("attempt-*/checkpoint-*"):
@@ -82,12 +105,21 @@ def candidates(trial_dir: Path, *, before_attempt: int) -> list[Path]:
     return [ckpt for _, _, ckpt in sorted(found, reverse=True)]
 
 
-def load(path: Path, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The state and meta data of the checkpoint at ``path``.
+def load(path: Location, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state and meta data of the checkpoint at ``path`` (downloaded to a temporary
+    folder first when it is on an object store).
 
     Raises whatever reading fails with (OSError, ValueError, RuntimeError, pickle errors): a
     truncated or tampered file, or one holding objects ``weights_only`` refuses.
     """
+    path = storage.location(path)
+    if not isinstance(path, Path):
+        fs, key = storage.filesystem(path)
+        with tempfile.TemporaryDirectory(prefix="hpo-checkpoint-") as tmp:
+            local = Path(tmp)
+            for name in ("meta.json", "state.pt"):
+                fs.get_file(f"{key}/{name}", str(local / name))
+            return load(local, device)
     state = torch.load(path / "state.pt", map_location=device, weights_only=True)
     meta = json.loads((path / "meta.json").read_text())
     if not isinstance(state, dict) or not isinstance(meta, dict):
@@ -96,8 +128,8 @@ def load(path: Path, device: torch.device) -> tuple[dict[str, Any], dict[str, An
 
 
 def load_newest(
-    paths: list[Path], device: torch.device
-) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+    paths: list[Location], device: torch.device
+) -> tuple[Location, dict[str, Any], dict[str, Any]] | None:
     """The first of ``paths`` that reads back (path, state, meta); None if none does."""
     for path in paths:
         try:
@@ -105,6 +137,70 @@ def load_newest(
         except Exception as exc:  # unreadable: every retry would fail the same way on it
             log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, exc)
     return None
+
+
+def _write_remote(folder: str, step: int, state: dict[str, Any], meta: dict[str, Any]) -> str:
+    """Stage the checkpoint locally, then upload ``state.pt`` and, last, ``meta.json``: a
+    crash before the last put leaves no ``meta.json``, so no checkpoint."""
+    fs, root = storage.filesystem(folder)
+    final = f"{root}/checkpoint-{step:06d}"
+    with tempfile.TemporaryDirectory(prefix="hpo-checkpoint-") as tmp:
+        staged = Path(tmp)
+        torch.save(state, staged / "state.pt")
+        (staged / "meta.json").write_text(json.dumps(meta, default=str))
+        # The same step saved again: incomplete until its new meta.json lands, so a reader
+        # never pairs the new state with the old meta data.
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(f"{final}/meta.json")
+        fs.put_file(str(staged / "state.pt"), f"{final}/state.pt")
+        fs.put_file(str(staged / "meta.json"), f"{final}/meta.json")
+    return storage.join(folder, f"checkpoint-{step:06d}")
+
+
+def _listing(url: str) -> tuple[Any, str, dict[tuple[str, ...], list[str]]]:
+    """The keys under ``url`` (one listing of that prefix, not cached), grouped by their
+    folder parts relative to it: ``{("attempt-1", "checkpoint-000002"): [keys]}``."""
+    fs, root = storage.filesystem(url)
+    fs.invalidate_cache(root)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for key in fs.find(root):
+        rel = storage.relative_key(key, root)
+        if rel is None:
+            if key.startswith(f"{root}/"):  # ".." or empty parts: not a path inside it
+                log.warning("refusing object %s: it does not name a file under %s", key, root)
+            continue
+        *folders, _ = PurePosixPath(rel).parts
+        groups.setdefault(tuple(folders), []).append(key)
+    return fs, root, groups
+
+
+def _prune_remote(folder: str, keep: int) -> None:
+    fs, _, groups = _listing(folder)
+    steps = {}
+    for folders, keys in groups.items():
+        step = _number(folders[0], "checkpoint-") if len(folders) == 1 else None
+        if step is not None:
+            complete = {PurePosixPath(k).name for k in keys} >= {"state.pt", "meta.json"}
+            steps[step] = (complete, keys)
+    kept = sorted(step for step, (complete, _) in steps.items() if complete)
+    kept = set(kept[-keep:]) if keep > 0 else set()
+    doomed = [key for step, (_, keys) in steps.items() if step not in kept for key in keys]
+    if doomed:
+        fs.rm(doomed)
+
+
+def _candidates_remote(trial_dir: str, before_attempt: int) -> list[str]:
+    _, _, groups = _listing(trial_dir)
+    found = []
+    for folders, keys in groups.items():
+        if len(folders) != 2:
+            continue
+        attempt, step = _number(folders[0], "attempt-"), _number(folders[1], "checkpoint-")
+        if attempt is None or step is None or attempt >= before_attempt:
+            continue
+        if {PurePosixPath(k).name for k in keys} >= {"state.pt", "meta.json"}:
+            found.append((step, attempt, storage.join(trial_dir, *folders)))
+    return [ckpt for _, _, ckpt in sorted(found, reverse=True)]
 
 
 def _inside(root: Path, *paths: Path) -> bool:

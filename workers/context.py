@@ -19,15 +19,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from hpo.workers import checkpoints, ddp
+from hpo.workers import checkpoints, ddp, storage
 from hpo.workers.registry import TrainableError
 from hpo.workers.reporter import MetricReporter
+from hpo.workers.storage import Location
 
 
 @dataclass
@@ -42,11 +42,12 @@ class Objective:
 @dataclass(frozen=True)
 class Resumed:
     """What :meth:`TrialContext.resume` restored: the checkpoint's ``step`` (done already),
-    the plain values saved beside the stateful objects, and where it was read from."""
+    the plain values saved beside the stateful objects, and where it was read from (a Path,
+    or the checkpoint's URL on an object store)."""
 
     step: int
     values: dict[str, Any]
-    path: Path
+    path: Location
 
     @property
     def next_step(self) -> int:
@@ -73,7 +74,7 @@ class TrialContext:
     :meth:`save`, :meth:`resume`, :meth:`should_stop`, :meth:`all_reduce_sum`,
     :meth:`all_gather`. Everything else is local. This attempt writes its checkpoints into
     ``trial_dir/attempt-<attempt>`` and resumes only from earlier attempts' checkpoints inside
-    ``trial_dir``.
+    ``trial_dir`` (a shared folder, or an object store URL: see :mod:`hpo.workers.storage`).
     """
 
     trial_id: int
@@ -86,7 +87,7 @@ class TrialContext:
     world_size: int
     device: torch.device
     objectives: list[Objective]
-    trial_dir: Path
+    trial_dir: Location
     trainable: str = ""
     reporter: MetricReporter | None = None
     on_checkpoint: Callable[[str, int], None] | None = None
@@ -105,7 +106,7 @@ class TrialContext:
         return self.rank == 0
 
     @property
-    def checkpoint_dir(self) -> Path:
+    def checkpoint_dir(self) -> Location:
         """Where this attempt's checkpoints go."""
         return checkpoints.attempt_folder(self.trial_dir, self.attempt)
 
@@ -176,7 +177,7 @@ class TrialContext:
 
     # ------------------------------------------------------------ checkpoints
 
-    def save(self, step: int, /, **state: Any) -> Path | None:
+    def save(self, step: int, /, **state: Any) -> Location | None:
         """Save ``state`` as this attempt's checkpoint at ``step`` (collective).
 
         A value with ``state_dict()`` (model, optimizer, scheduler, sampler, guards) is saved
@@ -184,7 +185,7 @@ class TrialContext:
         strings) as they are. Rank 0 writes ``checkpoint-<step>`` atomically, with the metrics
         reported at ``step`` (waiting up to ``delivery_timeout_s`` for the server to confirm
         them) and the best/last values so far; older checkpoints beyond ``keep_checkpoints``
-        go. Returns the path on rank 0, None on the others.
+        go. Returns the path (a URL on an object store) on rank 0, None on the others.
         """
         path = None
         if self.is_main:
@@ -213,7 +214,7 @@ class TrialContext:
         chosen = ddp.all_gather_objects(None if found is None else str(found[0]))[0]
         if chosen is None:
             return None
-        path = Path(chosen)
+        path = storage.location(chosen)
         saved, meta = found[1:] if found is not None else checkpoints.load(path, self.device)
         for key, target in state.items():
             if key not in saved:

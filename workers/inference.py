@@ -2,13 +2,15 @@
 
     from hpo.workers.inference import load_model
 
-    best = load_model("best.tar.gz")        # or a checkpoint-000003/ directory
+    best = load_model("best.tar.gz")        # or a checkpoint-000003/ directory, or its URL
     best.predict(["Shares rose sharply after the merger"])   # -> ['business']
     best.model                              # the torch.nn.Module, in eval mode
 
 The checkpoint is a directory written by ``ctx.save`` (``state.pt`` and
 ``meta.json``, which names the trainable and its settings) or the ``.tar.gz`` that
-``GET /api/v1/studies/{id}/best/checkpoint`` (or ``/trials/{id}/checkpoint``) returns. The model
+``GET /api/v1/studies/{id}/best/checkpoint`` (or ``/trials/{id}/checkpoint``) returns, or the
+URL of a checkpoint (or of a trial's folder) on an object store (``s3://...``, read with
+``HPO_STORAGE_OPTIONS``: see :mod:`hpo.workers.storage`). The model
 is rebuilt by the trainable's ``build_model(settings)`` and its weights are read with
 ``torch.load(weights_only=True)``: nothing in a checkpoint is executed.
 """
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-from hpo.workers import registry
+from hpo.workers import checkpoints, registry, storage
 
 
 @dataclass
@@ -65,10 +67,16 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """The model of a checkpoint directory or ``.tar.gz`` archive, weights loaded, eval mode."""
-    path = Path(path)
+    """The model of a checkpoint directory, ``.tar.gz`` archive or object store URL, weights
+    loaded, eval mode."""
+    where = storage.location(path)
     device = torch.device(device)
     tmp = None
+    if not isinstance(where, Path):  # downloaded to a folder that lives as long as the model
+        tmp = tempfile.TemporaryDirectory(prefix="hpo-checkpoint-")
+        path = _download(where, Path(tmp.name))
+    else:
+        path = where
     if path.is_file():
         tmp = tempfile.TemporaryDirectory(prefix="hpo-checkpoint-")
         with tarfile.open(path, "r:*") as tar:
@@ -89,6 +97,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     model.load_state_dict(state.get("model", state))
     model.to(device).eval()
     return LoadedModel(model, settings, name, meta, path, device, tmp)
+
+
+def _download(url: str, dest: Path) -> Path:
+    """The checkpoint at ``url`` (or the newest one under a trial's folder) in ``dest``."""
+    try:
+        return storage.fetch(url, dest)
+    except FileNotFoundError:
+        newest = checkpoints.candidates(url, before_attempt=2**31)
+        if not newest:
+            raise
+        return storage.fetch(str(newest[0]), dest)
 
 
 def _checkpoint_dir(root: Path) -> Path:

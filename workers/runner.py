@@ -48,7 +48,7 @@ def run_rank(
     import os
 
     from hpo.service.executor import control_plane_secrets
-    from hpo.workers import ddp, registry
+    from hpo.workers import ddp, registry, storage
     from hpo.workers.context import Objective, TrialContext
     from hpo.workers.reporter import MetricReporter
 
@@ -90,7 +90,8 @@ def run_rank(
             world_size=launch.workers,
             device=device,
             objectives=[Objective(m, d) for m, d in launch.objectives],
-            trial_dir=Path(launch.checkpoint_dir),  # resumes only from checkpoints inside it
+            # resumes only from checkpoints inside it; a URL stays a URL (object store)
+            trial_dir=storage.location(launch.checkpoint_dir),
             trainable=launch.trainable,
             reporter=reporter,
             on_checkpoint=lambda path, step: dispatcher.note_checkpoint.remote(key, path, step),
@@ -113,17 +114,27 @@ def run_rank(
 def run_evaluation(
     trainable: str, config: dict[str, Any], params: dict[str, Any], checkpoint: str, gpu: bool
 ) -> dict[str, float] | None:
-    """Held-out test metrics of a checkpoint, from the trainable's ``evaluate`` (or None)."""
+    """Held-out test metrics of a checkpoint, from the trainable's ``evaluate`` (or None).
+
+    A checkpoint on an object store is downloaded to a temporary folder first: ``evaluate``
+    always gets a local directory."""
+    import tempfile
+
     import torch
 
-    from hpo.workers import registry
+    from hpo.workers import registry, storage
 
     fn = registry.load(trainable)
     if getattr(fn, "evaluate", None) is None:
         return None
     settings = registry.settings_for(fn, config, params)
     device = torch.device("cuda", 0) if gpu and torch.cuda.is_available() else torch.device("cpu")
-    metrics = fn.evaluate(Path(checkpoint), settings, device)
+    where = storage.location(checkpoint)
+    if isinstance(where, Path):
+        metrics = fn.evaluate(where, settings, device)
+    else:
+        with tempfile.TemporaryDirectory(prefix="hpo-evaluate-") as tmp:
+            metrics = fn.evaluate(storage.fetch(where, Path(tmp)), settings, device)
     return {k: float(v) for k, v in metrics.items()}
 
 

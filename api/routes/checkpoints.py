@@ -1,17 +1,23 @@
-"""Checkpoint downloads: a trial's newest checkpoint, or the best trial's, as a .tar.gz."""
+"""Checkpoint downloads: a trial's newest checkpoint, or the best trial's, as a .tar.gz.
+
+A checkpoint on an object store is downloaded to a temporary folder first, then archived."""
 
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
+import tempfile
 from pathlib import Path
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 
 from hpo.api.deps import Reader, StudyId, TrialId
 from hpo.service.errors import NotFound
+from hpo.workers import storage as checkpoint_storage
 
 router = APIRouter(tags=["checkpoints"])
+log = logging.getLogger("hpo.api.checkpoints")
 
 
 @router.get("/trials/{trial_id}/checkpoint", response_class=Response)
@@ -20,7 +26,8 @@ def trial_checkpoint(trial_id: TrialId, storage: Reader, request: Request) -> Re
     path = storage.trial_checkpoint(trial_id)
     if path is None:
         raise NotFound(f"trial {trial_id} has no checkpoint", field="trial_id")
-    return _archive(Path(path), request.app.state.settings.checkpoint_dir, f"trial-{trial_id}")
+    settings = request.app.state.settings
+    return _archive(path, settings.checkpoint_dir, settings.storage_options, f"trial-{trial_id}")
 
 
 @router.get("/studies/{study_id}/best/checkpoint", response_class=Response)
@@ -32,17 +39,31 @@ def best_checkpoint(study_id: StudyId, storage: Reader, request: Request) -> Res
     return trial_checkpoint(best.id, storage, request)
 
 
-def _archive(path: Path, root: Path, name: str) -> Response:
-    resolved = path.resolve()
-    if not resolved.is_relative_to(root.resolve()):
+def _archive(path: str, root: Path | str, options: dict, name: str) -> Response:
+    """The checkpoint at ``path`` as a .tar.gz, if it lies inside the store ``root``: a
+    recorded path leading elsewhere (another bucket, ``..`` in a key, a symbolic link out of
+    the folder) is never read with the server's credentials."""
+    if checkpoint_storage.relative(path, root) is None:
         raise NotFound(f"checkpoint {path} lies outside the checkpoint store", field="trial_id")
-    if not resolved.is_dir():
-        raise NotFound(f"checkpoint {path} is gone from the checkpoint store", field="trial_id")
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        tar.add(resolved, arcname=resolved.name)
+    where = checkpoint_storage.location(path)
+    with tempfile.TemporaryDirectory(prefix="hpo-download-") as tmp:
+        if isinstance(where, Path):
+            folder = where.resolve()
+        else:
+            try:
+                folder = checkpoint_storage.fetch(where, Path(tmp), options)
+            except FileNotFoundError:
+                folder = Path(tmp) / "gone"
+            except Exception as exc:  # unreachable store, refused credentials: not the client's
+                log.warning("downloading checkpoint %s failed: %s", path, exc)
+                raise HTTPException(503, f"the checkpoint store cannot be read: {exc}") from exc
+        if not folder.is_dir():
+            raise NotFound(f"checkpoint {path} is gone from the checkpoint store", field="trial_id")
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            tar.add(folder, arcname=folder.name)
     return Response(
         buffer.getvalue(),
         media_type="application/gzip",
-        headers={"Content-Disposition": f'attachment; filename="{name}-{resolved.name}.tar.gz"'},
+        headers={"Content-Disposition": f'attachment; filename="{name}-{folder.name}.tar.gz"'},
     )
