@@ -176,3 +176,33 @@ def test_ranks_get_the_store_settings_and_never_the_control_planes_secrets() -> 
     assert "HPO_STORAGE_OPTIONS" not in control_plane_secrets({"HPO_STORAGE_OPTIONS": "{}"})
     with pytest.raises(StorageError, match="HPO_STORAGE_OPTIONS is not valid JSON"):
         storage.options({"HPO_STORAGE_OPTIONS": "{endpoint"})
+
+
+def test_load_model_reads_the_newest_checkpoint_of_a_trial_on_s3(s3: S3Server) -> None:
+    from hpo.workers.inference import load_model
+    from hpo.workers.trainables import image_classification as digits
+
+    trial = f"s3://{s3.new_bucket()}/study-1/trial-1"
+    model = digits.build_model(digits.Settings())
+    meta = {"trainable": "image-classification", "settings": {}}
+    for attempt, step in ((1, 1), (2, 2)):
+        folder = checkpoints.attempt_folder(trial, attempt)
+        checkpoints.write(folder, step, {"model": model.state_dict()}, {**meta, "step": step})
+    loaded = load_model(trial)  # the trial's folder: its newest checkpoint
+    assert loaded.meta["step"] == 2 and loaded.path.name == "checkpoint-000002"
+    expected = model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.model.state_dict().items())
+    one = load_model(f"{trial}/attempt-1/checkpoint-000001")
+    assert one.meta["step"] == 1 and one.trainable == "image-classification"
+
+
+def test_the_control_plane_reads_a_url_and_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpo.service.settings import Settings
+
+    monkeypatch.setenv("HPO_STORAGE_PATH", "s3://bucket/hpo/")
+    monkeypatch.setenv("HPO_STORAGE_OPTIONS", '{"client_kwargs": {"endpoint_url": "http://m:9"}}')
+    settings = Settings()
+    assert settings.checkpoint_dir == "s3://bucket/hpo"
+    assert settings.storage_options == {"client_kwargs": {"endpoint_url": "http://m:9"}}
+    monkeypatch.setenv("HPO_STORAGE_PATH", "file:///shared/hpo")
+    assert Settings().checkpoint_dir == Path("/shared/hpo")
