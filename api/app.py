@@ -97,8 +97,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         On a cluster, ``preflight`` is the node preflight (``state`` ok, pending or failed,
         and each node's outcome), the same on every replica; a failed node (or a cluster that
         cannot be reached) is a 503 ``preflight_failed`` naming the node and the check, with
-        one ``details`` entry per failed check. ``warnings`` are the settings that break a
-        cluster (logged at start too)."""
+        one ``details`` entry per failed check and the whole ``preflight`` report.
+        ``warnings`` are the settings that break a cluster (logged at start too)."""
         storage = app.state.service.storage
         storage.ping()
         storage.ping_write()  # after a failed write: a lock that another process holds?
@@ -113,11 +113,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 else f["message"]
                 for f in failures
             )
-            response = errors.error_response(
-                503, "preflight_failed", f"the cluster preflight failed: {message}", None, failures
-            )
-            response.headers["Retry-After"] = str(int(settings.preflight_recheck_s))
-            return response
+            body = {
+                "error": "preflight_failed",
+                "message": f"the cluster preflight failed: {message}",
+                "field": None,
+                "details": failures,
+                "preflight": report,  # every node's outcome, the passed ones too
+            }
+            retry = {"Retry-After": str(int(settings.preflight_recheck_s))}
+            return JSONResponse(status_code=503, content=body, headers=retry)
         return {
             "status": "ok",
             "version": VERSION,

@@ -239,34 +239,27 @@ def _server(url: str, timeout_s: float) -> list[Check]:
         body: dict[str, Any] = response.json()
     except ValueError:
         return [Check("server", False, f"{target} answered {response.status_code}, not JSON")]
+    preflight = body.get("preflight") or {}
     if response.status_code != 200:
+        message = body.get("message", body)
+        checks = [Check("server", False, f"{target} answered {response.status_code}: {message}")]
+    else:
         checks = [
             Check(
                 "server",
-                False,
-                f"{target} answered {response.status_code}: {body.get('message', body)}",
+                True,
+                f"{url} is healthy (database {body.get('database')}, scheduler "
+                f"{body.get('scheduler')}, preflight {preflight.get('state', 'off')})",
             )
         ]
-        for item in body.get("details") or []:
-            if item.get("node_id"):
-                what = f"node {item['node_id']} ({item['node_ip']}): {item['check']} check failed: "
-                checks.append(Check("node", False, what + item["message"]))
-        return checks
-    preflight = body.get("preflight") or {}
-    checks = [
-        Check(
-            "server",
-            True,
-            f"{url} is healthy (database {body.get('database')}, scheduler "
-            f"{body.get('scheduler')}, preflight {preflight.get('state', 'off')})",
-        )
-    ]
     for warning in body.get("warnings") or []:
         checks.append(Check("server", False, f"the server warns: {warning}"))
     for node in preflight.get("nodes") or []:
-        ok = node.get("state") in ("ok", "pending")  # pending: not yet run, nothing failed
-        state = {"ok": "preflight passed", "pending": "preflight still running"}.get(
-            node.get("state"), f"preflight {node.get('state')}"
-        )
-        checks.append(Check("node", ok, f"node {node['node_id']} ({node['node_ip']}): {state}"))
+        where = f"node {node['node_id']} ({node['node_ip']})"
+        if node.get("state") == "ok":
+            checks.append(Check("node", True, f"{where}: preflight passed"))
+        elif node.get("state") == "pending":  # not run yet: nothing failed
+            checks.append(Check("node", True, f"{where}: preflight still running"))
+        for check, why in (node.get("failures") or {}).items():
+            checks.append(Check("node", False, f"{where}: {check} check failed: {why}"))
     return checks
