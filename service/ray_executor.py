@@ -40,6 +40,7 @@ from hpo.service.executor import (
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
+    from ray.remote_function import RemoteFunction
     from ray.types import ObjectRef
 
 log = logging.getLogger("hpo.executor")
@@ -88,6 +89,7 @@ class RayExecutor:
         self._lost: dict[AttemptRef, AttemptError] = {}  # lost with a dispatcher that died
         # node id → (the node, its preflight task, monotonic deadline, the timeout)
         self._preflights: dict[str, tuple[ClusterNode, ObjectRef, float, float]] = {}
+        self._preflight_task: RemoteFunction | None = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -139,6 +141,7 @@ class RayExecutor:
         self._lost.clear()
         self._evaluations.clear()
         self._preflights.clear()
+        self._preflight_task = None
         local_ray.reap(started)  # Ray leaves its agent processes behind when the local raylet exits
         if self.session_file is not None:
             self.session_file.unlink(missing_ok=True)
@@ -293,7 +296,9 @@ class RayExecutor:
         if old is not None:
             with contextlib.suppress(Exception):
                 ray.cancel(old[1], force=True)
-        task = ray.remote(run_preflight).options(
+        if self._preflight_task is None:  # made (and exported to the cluster) once
+            self._preflight_task = ray.remote(run_preflight)
+        task = self._preflight_task.options(
             num_cpus=0,
             max_retries=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
