@@ -2,7 +2,8 @@
 processes: every node passes (``/healthz`` 200 listing both), a node that joins later is
 checked, a node that cannot write the checkpoint storage (a read-only bind mount in its own
 mount namespace: the other node writes the same path) is a 503 naming that node and the
-check, an ERROR in the log and a failed ``hpo doctor``, and an unreachable ``HPO_PUBLIC_URL``
+check, an ERROR in the log and a failed ``hpo doctor`` (and a standby replica's ``/healthz``
+says the same), and an unreachable ``HPO_PUBLIC_URL``
 fails the control-plane check of every node.
 
 The raylets run under ``unshare --mount`` (we run as root); the cluster is stopped by the PIDs
@@ -213,6 +214,16 @@ def test_a_node_that_cannot_write_the_storage_is_named(tmp_path: Path, cluster: 
         assert "storage check failed" in done.stdout
         assert "ok    storage:" in done.stdout  # from this host the folder is writable
         assert f"FAIL  node: node {cluster.ids['a']}" not in done.stdout
+        # a second server on the same database stands by (runs no preflight) and says the same
+        (tmp_path / "standby").mkdir()
+        standby = ServerProcess(server.database_url, tmp_path / "standby", server.extra_env)
+        standby.start(healthy=False)
+        try:
+            answer = health(standby)
+            assert answer.status_code == 503 and answer.json()["details"] == body["details"]
+            assert "runs the scheduler on this database" in standby.log_path.read_text()
+        finally:
+            standby.stop()
     finally:
         server.stop()
 
