@@ -182,7 +182,7 @@ class Scheduler:
                 try:
                     self.executor.start()
                 except Exception as exc:
-                    if checking:
+                    if checking and preflight is not None:
                         preflight.cluster_failed(exc)
                     raise
         if self._adopted_epoch != self.epoch:
