@@ -9,14 +9,16 @@ import os
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse
 
 from hpo.api import errors, middleware
 from hpo.api.deps import require_token
 from hpo.api.routes import checkpoints, dashboard, studies, trials
 from hpo.service.db import make_engine, upgrade_schema
+from hpo.service.preflight import config_warnings, failure_lines
 from hpo.service.settings import Settings
 from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage, meta
@@ -33,9 +35,12 @@ VERSION = "0.1.0"
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. The schema is upgraded and background loops start with the app."""
     settings = settings or Settings()
+    warnings = config_warnings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for warning in warnings:
+            log.warning("%s", warning)
         engine = make_engine(settings.resolved_database_url)
         await asyncio.to_thread(upgrade_schema, engine)
         app.state.engine = engine
@@ -82,24 +87,57 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.pages)  # the page itself is public; it asks for the token
     app.mount("/static", dashboard.files, name="static")
 
-    @app.get("/healthz", tags=["system"])
-    def healthz() -> dict[str, str]:
+    @app.get("/healthz", tags=["system"], response_model=None)
+    def healthz() -> dict[str, Any] | JSONResponse:
         """Liveness and database reachability (no token needed): 503 with ``Retry-After``
         and the reason while the database cannot be reached. ``scheduler`` says whether this
         server runs the scheduler (``running``), stands by for another that holds the
         scheduler lease (``standby``), or has none (``off``). Also 503 while writes fail: the
-        last write found the database locked or unreachable a moment ago."""
+        last write found the database locked or unreachable a moment ago.
+
+        On a cluster, ``preflight`` is the node preflight (``state`` ok, pending or failed,
+        and each node's outcome), the same on every replica; a failed node (or a cluster that
+        cannot be reached) is a 503 ``preflight_failed`` naming the node and the check, with
+        one ``details`` entry per failed check and the whole ``preflight`` report.
+        ``warnings`` are the settings that break a cluster (logged at start too)."""
         storage = app.state.service.storage
         storage.ping()
         storage.ping_write()  # after a failed write: a lock that another process holds?
         scheduler = app.state.scheduler
         role = "off" if scheduler is None else ("running" if scheduler.leading else "standby")
+        report = meta.preflight_report(storage) or {"state": "off", "nodes": []}
+        if report.get("state") == "failed":
+            failures = failure_lines(report)
+            message = "; ".join(
+                f"node {f['node_id']} ({f['node_ip']}): {f['check']} check failed: {f['message']}"
+                if f["node_id"]
+                else f["message"]
+                for f in failures
+            )
+            body = {
+                "error": "preflight_failed",
+                "message": f"the cluster preflight failed: {message}",
+                "field": None,
+                "details": failures,
+                "preflight": report,  # every node's outcome, the passed ones too
+            }
+            retry = {"Retry-After": str(int(settings.preflight_recheck_s))}
+            return JSONResponse(status_code=503, content=body, headers=retry)
         return {
             "status": "ok",
             "version": VERSION,
             "database": storage.dialect,
             "scheduler": role,
+            "preflight": report,
+            "warnings": warnings,
         }
+
+    @app.get("/livez", tags=["system"])
+    def livez() -> dict[str, str]:
+        """That this process answers, without touching the database (no token needed): what
+        the node preflight asks to check that a node reaches the control plane, and which
+        deployment it is (a node must reach its own)."""
+        return {"status": "ok", "deployment": app.state.deployment_id}
 
     return app
 
@@ -126,6 +164,8 @@ def _scheduler(
     when it is switched off."""
     if not settings.scheduler:
         return None
+    from hpo.service.executor import PreflightRequest
+    from hpo.service.preflight import ClusterPreflight
     from hpo.service.ray_executor import RayExecutor
     from hpo.service.scheduler import Scheduler
 
@@ -143,6 +183,15 @@ def _scheduler(
         deployment=deployment,
         namespace=settings.ray_namespace,
     )
+    request = None
+    if settings.ray_address:  # a local Ray runs on this host only: nothing to preflight
+        request = PreflightRequest(
+            storage_root=str(settings.checkpoint_dir),
+            api_url=settings.worker_api_url,
+            deployment=deployment,
+            timeout_s=settings.preflight_timeout_s,
+        )
+    preflight = ClusterPreflight(service.storage, request, recheck_s=settings.preflight_recheck_s)
     return Scheduler(
         service,
         executor,
@@ -152,6 +201,7 @@ def _scheduler(
         interval_s=settings.scheduler_interval_s,
         wake=wake,
         lease_s=settings.scheduler_lease_s,
+        preflight=preflight,
     )
 
 

@@ -1,7 +1,8 @@
 """The ``hpo`` command line: serve the control plane, submit and watch studies, read results.
 
-Exit codes: 0 success, 1 the study failed or was stopped, 2 bad input (spec, arguments),
-3 the server refused the request (unknown id, conflict), 4 the server could not be reached.
+Exit codes: 0 success, 1 the study failed or was stopped (``doctor``: a check failed), 2 bad
+input (spec, arguments), 3 the server refused the request (unknown id, conflict), 4 the server
+could not be reached.
 """
 
 from __future__ import annotations
@@ -100,6 +101,14 @@ def _parser() -> argparse.ArgumentParser:
     c = client_cmd("delete", "delete a study and all its data")
     c.add_argument("study")
     c.set_defaults(func=cmd_delete)
+
+    d = sub.add_parser(
+        "doctor",
+        help="check this deployment: database, Ray, checkpoint storage, public URL, a server",
+    )
+    d.add_argument("--url", help="also check this running server's /healthz and its nodes")
+    d.add_argument("--timeout", type=float, default=10.0, help="seconds per network check")
+    d.set_defaults(func=cmd_doctor)
 
     d = sub.add_parser("demo", help="start a server and run a small demo study end to end")
     d.add_argument("--trials", type=int, default=None, help="override the demo's max_trials")
@@ -247,6 +256,20 @@ def cmd_delete(args: argparse.Namespace) -> int:
     study.delete()
     out.print(f"study {study.id} deleted")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """One line per check (ok, or FAIL with what is wrong and what to do); exit 0 only when
+    every check passed, 1 otherwise."""
+    from hpo.api.doctor import run_checks
+    from hpo.service.settings import Settings
+
+    checks = run_checks(Settings(), args.url, args.timeout)
+    for check in checks:
+        out.print(check.line(), markup=False, highlight=False, soft_wrap=True)
+    failed = [c for c in checks if not c.ok]
+    out.print(f"{len(failed)} of {len(checks)} checks failed" if failed else "all checks passed")
+    return 1 if failed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

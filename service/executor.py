@@ -203,6 +203,59 @@ class EvaluationResult:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class ClusterNode:
+    """One alive node of the cluster, as the preflight addresses it."""
+
+    node_id: str
+    node_ip: str
+
+
+@dataclass(frozen=True)
+class PreflightRequest:
+    """What every node must be able to do for attempts to run there: write and read the
+    checkpoint storage (``storage_root``) and reach the control plane (``api_url``; the node
+    checks that ``deployment`` answers there, not some other server). A node that has not
+    finished both checks within ``timeout_s`` (its task could not be scheduled, a mount hangs)
+    failed the preflight."""
+
+    storage_root: str
+    api_url: str
+    deployment: str | None
+    timeout_s: float = 30.0
+    http_timeout_s: float = 5.0
+
+
+# The checks of a node preflight, by the name a failure reports.
+PREFLIGHT_STORAGE = "storage"
+PREFLIGHT_CONTROL_PLANE = "control-plane"
+PREFLIGHT_SCHEDULE = "schedule"  # the node did not run (or finish) it in time
+PREFLIGHT_TASK = "task"  # the task itself failed (hpo not importable there, node died)
+
+
+@dataclass(frozen=True)
+class NodePreflight:
+    """The outcome of one node's preflight: ``failures`` maps each check that failed
+    (``storage``, ``control-plane``, ``schedule``, ``task``) to what is wrong; empty when it
+    passed."""
+
+    node_id: str
+    node_ip: str
+    failures: dict[str, str] = field(default_factory=dict)
+    checked_at: float = 0.0  # Unix time
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def describe(self) -> str:
+        """One line naming the node and each failed check (what logs and /healthz say)."""
+        if self.ok:
+            return f"node {self.node_id} ({self.node_ip}): preflight passed"
+        what = "; ".join(f"{check} check failed: {why}" for check, why in self.failures.items())
+        return f"node {self.node_id} ({self.node_ip}): {what}"
+
+
 class Executor(Protocol):
     """Runs attempts on some cluster and reports how each stands. Not thread-safe: the
     scheduler calls it from its one thread."""
@@ -262,6 +315,22 @@ class Executor(Protocol):
 
     def evaluations(self) -> list[EvaluationResult]:
         """Evaluations that ended since the last call, each reported once."""
+        ...
+
+    def nodes(self) -> list[ClusterNode]:
+        """The cluster's alive nodes now (one call to the cluster: not for every tick)."""
+        ...
+
+    def preflight(self, node: ClusterNode, request: PreflightRequest) -> None:
+        """Start the preflight on ``node`` (pinned there, needing no CPU, so a busy node runs
+        it too); the outcome comes from :meth:`preflights`. A preflight of that node already
+        under way is replaced."""
+        ...
+
+    def preflights(self) -> list[NodePreflight]:
+        """Preflights that ended since the last call, each reported once; one that has not
+        ended within its ``timeout_s`` is cancelled and reported as a ``schedule`` failure.
+        Never blocks."""
         ...
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,19 +22,25 @@ import psutil
 
 from hpo.service import local_ray
 from hpo.service.executor import (
+    PREFLIGHT_SCHEDULE,
+    PREFLIGHT_TASK,
     AttemptError,
     AttemptLaunch,
     AttemptRef,
     AttemptState,
     AttemptStatus,
+    ClusterNode,
     ClusterResources,
     EvaluationRequest,
     EvaluationResult,
     FailureClass,
+    NodePreflight,
+    PreflightRequest,
 )
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
+    from ray.remote_function import RemoteFunction
     from ray.types import ObjectRef
 
 log = logging.getLogger("hpo.executor")
@@ -80,6 +87,9 @@ class RayExecutor:
         self._evaluations: dict[int, ObjectRef] = {}
         self._dispatcher: ActorHandle | None = None
         self._lost: dict[AttemptRef, AttemptError] = {}  # lost with a dispatcher that died
+        # node id → (the node, its preflight task, monotonic deadline, the timeout)
+        self._preflights: dict[str, tuple[ClusterNode, ObjectRef, float, float]] = {}
+        self._preflight_task: RemoteFunction | None = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -130,6 +140,8 @@ class RayExecutor:
         self._tracked.clear()
         self._lost.clear()
         self._evaluations.clear()
+        self._preflights.clear()
+        self._preflight_task = None
         local_ray.reap(started)  # Ray leaves its agent processes behind when the local raylet exits
         if self.session_file is not None:
             self.session_file.unlink(missing_ok=True)
@@ -260,6 +272,71 @@ class RayExecutor:
                 out.append(EvaluationResult(trial_id, error=error))
         return out
 
+    # --------------------------------------------------------------- preflight
+
+    def nodes(self) -> list[ClusterNode]:
+        """The alive nodes of the cluster (one call to Ray's GCS)."""
+        import ray
+
+        return [
+            ClusterNode(node["NodeID"], node.get("NodeManagerAddress", "?"))
+            for node in ray.nodes()
+            if node.get("Alive")
+        ]
+
+    def preflight(self, node: ClusterNode, request: PreflightRequest) -> None:
+        """Run :func:`hpo.workers.preflight.run_preflight` in a task pinned to ``node``
+        (``soft=False``: it runs there or nowhere) that needs no CPU."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from hpo.workers.preflight import run_preflight
+
+        old = self._preflights.pop(node.node_id, None)
+        if old is not None:
+            with contextlib.suppress(Exception):
+                ray.cancel(old[1], force=True)
+        if self._preflight_task is None:  # made (and exported to the cluster) once
+            self._preflight_task = ray.remote(run_preflight)
+        task = self._preflight_task.options(
+            num_cpus=0,
+            max_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+            name=f"hpo-preflight-{node.node_id[:12]}",
+        )
+        ref = task.remote(request, node.node_id, node.node_ip)
+        deadline = time.monotonic() + request.timeout_s
+        self._preflights[node.node_id] = (node, ref, deadline, request.timeout_s)
+
+    def preflights(self) -> list[NodePreflight]:
+        """Preflights that ended since the last call; overdue ones are cancelled and reported
+        as ``schedule`` failures."""
+        import ray
+
+        if not self._preflights:
+            return []
+        refs = [ref for _, ref, _, _ in self._preflights.values()]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        finished = set(done)
+        now = time.monotonic()
+        out = []
+        for node_id, (node, ref, deadline, timeout_s) in list(self._preflights.items()):
+            if ref in finished:
+                try:
+                    out.append(ray.get(ref, timeout=5))
+                except Exception as exc:  # the task itself failed (node died, worker crashed)
+                    why = f"the preflight task failed: {type(exc).__name__}: {str(exc)[-300:]}"
+                    out.append(_preflight_failed(node, why, PREFLIGHT_TASK))
+            elif now >= deadline:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+                why = f"node {node_id} did not run the preflight within {timeout_s:g} s"
+                out.append(_preflight_failed(node, why, PREFLIGHT_SCHEDULE))
+            else:
+                continue
+            del self._preflights[node_id]
+        return out
+
     # -------------------------------------------------------------- dispatcher
 
     def _find_dispatcher(self) -> ActorHandle:
@@ -288,6 +365,10 @@ class RayExecutor:
         if self._dispatcher is None:
             raise RuntimeError("the Ray executor is not started")
         return self._dispatcher
+
+
+def _preflight_failed(node: ClusterNode, why: str, check: str) -> NodePreflight:
+    return NodePreflight(node.node_id, node.node_ip, {check: why}, time.time())
 
 
 def _lost(message: str, detail: str = "") -> AttemptError:

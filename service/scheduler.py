@@ -40,6 +40,7 @@ from hpo.service.executor import (
     needs_of,
 )
 from hpo.service.leadership import SchedulerLease
+from hpo.service.preflight import ClusterPreflight
 from hpo.service.records import ClaimedTrial, TrialRecord
 from hpo.service.spec import Resources, StudySpec
 from hpo.service.states import StudyState, TrialState
@@ -77,11 +78,14 @@ class Scheduler:
         wake: threading.Event | None = None,
         lease_s: float = 15.0,
         holder: str | None = None,
+        preflight: ClusterPreflight | None = None,
     ) -> None:
         """``wake`` is the event whose setting runs a tick now (a study was created, resumed
         or given more budget): the app passes its ``set`` to the study service as
         ``on_change``, so both are whole when made. ``lease_s`` is the length of the
-        scheduler lease, ``holder`` this server's id in it (a new one by default)."""
+        scheduler lease, ``holder`` this server's id in it (a new one by default).
+        ``preflight``, when enabled, connects to the cluster at once and checks every node
+        that joins (see :mod:`hpo.service.preflight`)."""
         self.service = service
         self.executor = executor
         self.api_url = api_url
@@ -96,6 +100,8 @@ class Scheduler:
         self._turn = 0
         self.lease = SchedulerLease(service.storage, lease_s, holder)
         self._adopted_epoch: int | None = None
+        self.preflight = preflight
+        self._preflight_epoch: int | None = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -161,15 +167,25 @@ class Scheduler:
             self._let_go()
         if not held:
             return
+        preflight = self.preflight
+        if preflight is not None and self._preflight_epoch != self.epoch:
+            preflight.reset()  # a new holder checks every node again
+            self._preflight_epoch = self.epoch
         studies = self.service.dispatched_studies()
         to_evaluate = self.service.studies_to_evaluate(self._evaluated)
         if not self.executor.started:
             adopting = self._adopted_epoch != self.epoch and bool(studies)  # paused ones drain
             running = any(state == StudyState.RUNNING for _, state, _ in studies)
-            if not (running or to_evaluate or adopting):
+            checking = preflight is not None and preflight.enabled
+            if not (running or to_evaluate or adopting or checking):
                 return
             with self.lease.kept():  # a local Ray may take longer than the lease to start
-                self.executor.start()
+                try:
+                    self.executor.start()
+                except Exception as exc:
+                    if checking and preflight is not None:
+                        preflight.cluster_failed(exc)
+                    raise
         if self._adopted_epoch != self.epoch:
             with self.lease.kept():
                 self._adopt(studies)
@@ -177,6 +193,11 @@ class Scheduler:
         self._reconcile()
         self._launch([(sid, spec) for sid, state, spec in studies if state == StudyState.RUNNING])
         self._evaluate(to_evaluate)
+        if preflight is not None:
+            try:
+                preflight.step(self.executor)
+            except Exception:  # the node checks never stop the scheduling
+                log.exception("the node preflight failed; retrying")
 
     def _evaluate(self, todo: list[tuple[StudySpec, TrialRecord, str]]) -> None:
         """Test metrics for the best trial of each completed study, computed once."""

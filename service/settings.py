@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # {"client_kwargs": {"endpoint_url": "http://minio:9000"}}; handed to the rank processes.
     storage_options: dict[str, Any] = Field(default_factory=dict)
     scheduler: bool = True
+    # The node preflight on a cluster (see hpo.service.preflight): how long a node has to run
+    # it, and how often a node that failed it is checked again.
+    preflight_timeout_s: float = Field(default=30.0, gt=0)
+    preflight_recheck_s: float = Field(default=60.0, gt=0)
     scheduler_interval_s: float = 1.0
     # The scheduler lease: one ``hpo serve`` per database runs the scheduler, renewing this
     # lease every tick; another takes over once it has expired (or its holder is gone).

@@ -114,7 +114,9 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.log_path = data_dir / "serve.log"
 
-    def start(self) -> None:
+    def start(self, *, healthy: bool = True) -> None:
+        """Start it and wait until ``/healthz`` answers 200 (with ``healthy=False``: until it
+        answers at all, for a server whose health check is meant to fail)."""
         env = {
             **os.environ,
             "HPO_DATABASE_URL": self.database_url,
@@ -137,7 +139,8 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError("hpo serve exited:\n" + self.log_path.read_text()[-4000:])
             try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                status = httpx.get(self.url + "/healthz", timeout=2).status_code
+                if status == 200 or (not healthy and status == 503):
                     return
             except httpx.TransportError:
                 pass

@@ -8,15 +8,18 @@ cluster never see each other's attempts.
 
 from __future__ import annotations
 
+import json
 import secrets
+from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
 
 from hpo.service.db.models import Meta
 from hpo.service.storage.session import Transactions
 
 DEPLOYMENT_ID = "deployment_id"
+PREFLIGHT = "preflight"
 
 
 def deployment_id(storage: Transactions) -> str:
@@ -36,3 +39,25 @@ def deployment_id(storage: Transactions) -> str:
         pass
     with storage.read() as s:
         return s.get(Meta, DEPLOYMENT_ID).value
+
+
+def store_preflight(storage: Transactions, report: dict[str, Any] | None) -> None:
+    """Replace the node preflight report (a JSON document the scheduler's server writes, that
+    every server's ``/healthz`` reads); None removes it.
+
+    Raises DatabaseUnavailable when the database cannot be reached.
+    """
+    with storage.write() as s:
+        s.execute(delete(Meta).where(Meta.key == PREFLIGHT))
+        if report is not None:
+            s.execute(insert(Meta).values(key=PREFLIGHT, value=json.dumps(report)))
+
+
+def preflight_report(storage: Transactions) -> dict[str, Any] | None:
+    """The stored node preflight report, or None when there is none.
+
+    Raises DatabaseUnavailable when the database cannot be reached.
+    """
+    with storage.read() as s:
+        row = s.get(Meta, PREFLIGHT)
+        return None if row is None else json.loads(row.value)

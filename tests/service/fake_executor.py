@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from hpo.service.executor import (
+    PREFLIGHT_SCHEDULE,
     AttemptError,
     AttemptLaunch,
     AttemptRef,
@@ -20,10 +21,13 @@ from hpo.service.executor import (
     AttemptState,
     AttemptStatus,
     Checkpoint,
+    ClusterNode,
     ClusterResources,
     EvaluationRequest,
     EvaluationResult,
     FailureClass,
+    NodePreflight,
+    PreflightRequest,
     RankPlacement,
 )
 
@@ -35,6 +39,10 @@ class FakeCluster:
     capacity: dict[str, float] = field(default_factory=lambda: {"CPU": 4.0})
     attempts: dict[AttemptRef, AttemptStatus] = field(default_factory=dict)
     needs: dict[AttemptRef, dict[str, float]] = field(default_factory=dict)
+    nodes: list[ClusterNode] = field(default_factory=lambda: [ClusterNode("node-1", "10.0.0.1")])
+    # what a node's preflight finds wrong (check → message); a node in ``stuck`` never runs it
+    broken: dict[str, dict[str, str]] = field(default_factory=dict)
+    stuck: set[str] = field(default_factory=set)
 
     def live(self, trial_id: int | None = None) -> list[AttemptRef]:
         """Attempts that have not ended (of one trial, if given)."""
@@ -58,6 +66,8 @@ class FakeExecutor:
         self.requests: list[EvaluationRequest] = []
         self.evaluated: list[EvaluationResult] = []
         self._started = False
+        self.preflighted: list[str] = []  # node ids, in the order their preflight started
+        self._preflights: dict[str, tuple[ClusterNode, PreflightRequest, float]] = {}
 
     # ------------------------------------------------------------ the protocol
 
@@ -123,6 +133,27 @@ class FakeExecutor:
 
     def evaluations(self) -> list[EvaluationResult]:
         out, self.evaluated = self.evaluated, []
+        return out
+
+    def nodes(self) -> list[ClusterNode]:
+        return list(self.cluster.nodes)
+
+    def preflight(self, node: ClusterNode, request: PreflightRequest) -> None:
+        self.preflighted.append(node.node_id)
+        self._preflights[node.node_id] = (node, request, time.monotonic() + request.timeout_s)
+
+    def preflights(self) -> list[NodePreflight]:
+        out = []
+        for node_id, (node, request, deadline) in list(self._preflights.items()):
+            if node_id in self.cluster.stuck:
+                if time.monotonic() < deadline:
+                    continue
+                why = f"node {node_id} did not run the preflight within {request.timeout_s:g} s"
+                failures = {PREFLIGHT_SCHEDULE: why}
+            else:
+                failures = dict(self.cluster.broken.get(node_id, {}))
+            out.append(NodePreflight(node_id, node.node_ip, failures, time.time()))
+            del self._preflights[node_id]
         return out
 
     # ------------------------------------------------------ what tests call

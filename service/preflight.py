@@ -1,0 +1,209 @@
+"""Checks that a cluster can run trials before it is asked to: the node preflight and the
+start-up warnings.
+
+:class:`ClusterPreflight` runs in the scheduler's thread of the server that holds the scheduler
+lease. On a cluster (``HPO_RAY_ADDRESS``) it starts the node preflight
+(:mod:`hpo.workers.preflight`: write and read the checkpoint storage, reach the control plane)
+on every alive node, again on every node that joins later, and again on a failed node every
+``recheck_s`` (so a fixed mount clears the failure without a restart). Results are kept per
+node and written to the database's ``meta`` table whenever they change, so every replica's
+``/healthz`` reports the same (a standby replica runs no preflight of its own). A failure is
+logged as an ERROR naming the node and the check. Everything it does in a tick is
+non-blocking: the executor's tasks run on the cluster, and the node list is read every
+``scan_s`` only.
+
+:func:`config_warnings` says what in the settings will break a cluster although every check
+passes on one host (node-local checkpoints, workers posting to their own loopback).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from hpo.service.errors import DatabaseUnavailable
+from hpo.service.executor import ClusterNode, Executor, NodePreflight, PreflightRequest
+from hpo.service.settings import Settings
+from hpo.service.storage import meta
+from hpo.service.storage.session import Transactions
+
+log = logging.getLogger("hpo.preflight")
+
+OK, FAILED, PENDING, OFF = "ok", "failed", "pending", "off"
+
+
+class ClusterPreflight:
+    """The node preflight as the scheduler drives it; ``request`` None turns it off (a local
+    Ray), and then the server that takes the lease removes any report an earlier
+    configuration left in the database."""
+
+    def __init__(
+        self,
+        storage: Transactions,
+        request: PreflightRequest | None,
+        *,
+        scan_s: float = 5.0,
+        recheck_s: float = 60.0,
+    ) -> None:
+        self.storage = storage
+        self.request = request
+        self.scan_s = scan_s
+        self.recheck_s = recheck_s
+        self._nodes: dict[str, ClusterNode] = {}  # alive at the last scan
+        self._results: dict[str, NodePreflight] = {}
+        self._running: set[str] = set()  # node ids whose preflight is under way
+        self._cluster_error: str | None = None
+        self._next_scan = 0.0
+        self._dirty = False  # the stored report is behind
+
+    @property
+    def enabled(self) -> bool:
+        return self.request is not None
+
+    def reset(self) -> None:
+        """This server just took the scheduler lease: start over (every node is checked
+        again) and replace the stored report."""
+        self._nodes.clear()
+        self._results.clear()
+        self._running.clear()
+        self._cluster_error = None
+        self._next_scan = 0.0
+        self._dirty = True
+        self._store()
+
+    def cluster_failed(self, error: Exception) -> None:
+        """The cluster could not be reached at all (``executor.start`` raised)."""
+        message = f"cannot connect to the Ray cluster: {type(error).__name__}: {error}"
+        if message != self._cluster_error:
+            log.error("preflight: %s", message)
+            self._cluster_error, self._dirty = message, True
+        self._store()
+
+    def step(self, executor: Executor) -> None:
+        """Collect preflights that ended; every ``scan_s``, start one on each node that joined
+        (or failed ``recheck_s`` ago) and forget nodes that left. Store the report if it
+        changed."""
+        if self.request is None:
+            return
+        for result in executor.preflights():
+            self._running.discard(result.node_id)
+            if result.node_id not in self._nodes:
+                continue  # the node left meanwhile
+            before = self._results.get(result.node_id)
+            self._results[result.node_id] = result
+            if not result.ok:
+                log.error("preflight failed: %s", result.describe())
+            elif before is None or not before.ok:
+                log.info("preflight: %s", result.describe())
+            self._dirty = True
+        now = time.monotonic()
+        if now >= self._next_scan:
+            self._next_scan = now + self.scan_s
+            self._scan(executor)
+        self._store()
+
+    def report(self) -> dict[str, Any]:
+        """The report ``/healthz`` shows: ``state`` (ok, failed, pending), the cluster error if
+        it could not be reached, and each alive node's outcome."""
+        nodes = []
+        for node_id, node in sorted(self._nodes.items()):
+            result = self._results.get(node_id)
+            if result is None:
+                nodes.append({"node_id": node_id, "node_ip": node.node_ip, "state": PENDING})
+                continue
+            nodes.append(
+                {
+                    "node_id": node_id,
+                    "node_ip": result.node_ip,
+                    "state": OK if result.ok else FAILED,
+                    "failures": dict(result.failures),
+                    "checked_at": result.checked_at,
+                }
+            )
+        if self._cluster_error or any(n["state"] == FAILED for n in nodes):
+            state = FAILED
+        elif not nodes or any(n["state"] == PENDING for n in nodes):
+            state = PENDING
+        else:
+            state = OK
+        return {
+            "state": state,
+            "cluster_error": self._cluster_error,
+            "nodes": nodes,
+            "updated_at": time.time(),
+        }
+
+    def _scan(self, executor: Executor) -> None:
+        assert self.request is not None
+        alive = {node.node_id: node for node in executor.nodes()}
+        if self._cluster_error is not None:
+            self._cluster_error, self._dirty = None, True
+        for gone in set(self._nodes) - set(alive):
+            log.info("preflight: node %s left the cluster", gone)
+            self._results.pop(gone, None)
+            self._running.discard(gone)
+            self._dirty = True
+        for node_id, node in alive.items():
+            if node_id in self._running:
+                continue
+            result = self._results.get(node_id)
+            if result is None or (
+                not result.ok and time.time() - result.checked_at >= self.recheck_s
+            ):
+                if node_id not in self._nodes:
+                    log.info("preflight: checking node %s (%s)", node_id, node.node_ip)
+                executor.preflight(node, self.request)
+                self._running.add(node_id)
+                self._dirty = self._dirty or result is None
+        self._nodes = alive
+
+    def _store(self) -> None:
+        if not self._dirty:
+            return
+        try:
+            meta.store_preflight(self.storage, self.report() if self.enabled else None)
+        except DatabaseUnavailable:  # kept dirty: the next step stores it
+            log.warning("could not store the preflight report; retrying", exc_info=True)
+            return
+        self._dirty = False
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """What in ``settings`` breaks a cluster even when every check passes on one host."""
+    if not settings.ray_address:
+        return []
+    out = []
+    if settings.storage_path is None:
+        out.append(
+            f"HPO_RAY_ADDRESS is set without HPO_STORAGE_PATH: checkpoints go to "
+            f"{settings.checkpoint_dir}, a folder local to each node (retries and downloads "
+            "then miss them); set HPO_STORAGE_PATH to storage every node and this server share"
+        )
+    if not settings.public_url:
+        out.append(
+            f"HPO_RAY_ADDRESS is set without HPO_PUBLIC_URL: workers post metrics to "
+            f"{settings.worker_api_url}, which on another node is that node itself; set "
+            "HPO_PUBLIC_URL to an address of this server that every node reaches"
+        )
+    return out
+
+
+def failure_lines(report: dict[str, Any]) -> list[dict[str, str]]:
+    """One entry per failed check of a stored report: node id, node ip, check, message."""
+    out = []
+    if report.get("cluster_error"):
+        out.append(
+            {"node_id": "", "node_ip": "", "check": "cluster", "message": report["cluster_error"]}
+        )
+    for node in report.get("nodes", []):
+        for check, why in (node.get("failures") or {}).items():
+            out.append(
+                {
+                    "node_id": node["node_id"],
+                    "node_ip": node["node_ip"],
+                    "check": check,
+                    "message": why,
+                }
+            )
+    return out

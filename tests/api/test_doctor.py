@@ -1,0 +1,67 @@
+"""``hpo doctor`` checks that need no cluster: a database behind the newest schema, where the
+Ray token is looked for (as Ray 2.60's loader does), and a server that answers healthy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic import command
+
+from hpo.api.doctor import ray_token, run_checks
+from hpo.service.db import make_engine
+from hpo.service.db.engine import alembic_config
+from hpo.service.settings import Settings
+from tests.conftest import ServerProcess
+
+
+def test_a_database_behind_the_newest_schema_fails(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        cfg = alembic_config(engine)
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0004")
+    engine.dispose()
+    checks = run_checks(Settings(data_dir=tmp_path, database_url=url), timeout_s=2)
+    (database,) = [c for c in checks if c.name == "database"]
+    assert not database.ok
+    assert "at schema revision 0004" in database.message and "hpo serve" in database.message
+    missing = run_checks(Settings(data_dir=tmp_path / "none"), timeout_s=2)[0]
+    assert not missing.ok and "does not exist" in missing.message
+
+
+def test_the_ray_token_is_looked_for_where_ray_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    found, why = ray_token()
+    assert not found and "~/.ray/auth_token" in why and "RAY_AUTH_TOKEN" in why
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("secret\n")
+    assert ray_token() == (True, str(tmp_path / ".ray" / "auth_token"))
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    found, why = ray_token()  # a path that is named but missing wins over the default file
+    assert not found and str(tmp_path / "missing") in why
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret")
+    assert ray_token() == (True, "RAY_AUTH_TOKEN")
+
+
+def test_a_healthy_local_server_passes_every_check(sqlite_server: ServerProcess) -> None:
+    settings = Settings(
+        data_dir=sqlite_server.data_dir,
+        database_url=sqlite_server.database_url,
+        public_url=sqlite_server.url,
+    )
+    checks = run_checks(settings, sqlite_server.url, timeout_s=10)
+    assert [c.line() for c in checks if not c.ok] == []
+    assert {c.name for c in checks} == {
+        "database",
+        "settings",
+        "ray",
+        "storage",
+        "public-url",
+        "server",
+    }
