@@ -224,6 +224,9 @@ class PreflightRequest:
     deployment: str | None
     timeout_s: float = 30.0
     http_timeout_s: float = 5.0
+    # (name, content) of a marker file the control plane wrote under ``storage_root``: a
+    # node that reads it back shares the control plane's storage (not a folder of its own).
+    shared_marker: tuple[str, str] | None = None
 
 
 # The checks of a node preflight, by the name a failure reports.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from hpo.service.errors import DatabaseUnavailable
@@ -27,10 +28,12 @@ from hpo.service.executor import ClusterNode, Executor, NodePreflight, Preflight
 from hpo.service.settings import Settings
 from hpo.service.storage import meta
 from hpo.service.storage.session import Transactions
+from hpo.workers.storage import StorageError, mark
 
 log = logging.getLogger("hpo.preflight")
 
 OK, FAILED, PENDING, OFF = "ok", "failed", "pending", "off"
+MARK_TIMEOUT_S = 10.0  # writing the shared-storage marker (the lease is kept meanwhile)
 
 
 class ClusterPreflight:
@@ -54,6 +57,7 @@ class ClusterPreflight:
         self._results: dict[str, NodePreflight] = {}
         self._running: set[str] = set()  # node ids whose preflight is under way
         self._cluster_error: str | None = None
+        self._storage_error: str | None = None  # this server cannot write the storage
         self._next_scan = 0.0
         self._dirty = False  # the stored report is behind
 
@@ -70,7 +74,25 @@ class ClusterPreflight:
         self._cluster_error = None
         self._next_scan = 0.0
         self._dirty = True
+        self._mark_storage()
         self._store()
+
+    def _mark_storage(self) -> None:
+        """Write a fresh marker into the checkpoint storage; each node's preflight reads it
+        back, so a node whose storage path is a folder of its own fails (the checkpoints it
+        writes would be invisible to every other node and to downloads)."""
+        if self.request is None:
+            return
+        marker = f"control-plane-{self.request.deployment or 'default'}"
+        try:
+            content = mark(self.request.storage_root, marker, timeout_s=MARK_TIMEOUT_S)
+        except StorageError as exc:
+            self._storage_error = f"this control plane cannot write the checkpoint storage: {exc}"
+            log.error("preflight: %s", self._storage_error)
+            self.request = replace(self.request, shared_marker=None)
+            return
+        self._storage_error = None
+        self.request = replace(self.request, shared_marker=(marker, content))
 
     def cluster_failed(self, error: Exception) -> None:
         """The cluster could not be reached at all (``executor.start`` raised)."""
@@ -121,7 +143,7 @@ class ClusterPreflight:
                     "checked_at": result.checked_at,
                 }
             )
-        if self._cluster_error or any(n["state"] == FAILED for n in nodes):
+        if self._cluster_error or self._storage_error or any(n["state"] == FAILED for n in nodes):
             state = FAILED
         elif not nodes or any(n["state"] == PENDING for n in nodes):
             state = PENDING
@@ -130,6 +152,7 @@ class ClusterPreflight:
         return {
             "state": state,
             "cluster_error": self._cluster_error,
+            "storage_error": self._storage_error,
             "nodes": nodes,
             "updated_at": time.time(),
         }
@@ -195,6 +218,10 @@ def failure_lines(report: dict[str, Any]) -> list[dict[str, str]]:
     if report.get("cluster_error"):
         out.append(
             {"node_id": "", "node_ip": "", "check": "cluster", "message": report["cluster_error"]}
+        )
+    if report.get("storage_error"):
+        out.append(
+            {"node_id": "", "node_ip": "", "check": "storage", "message": report["storage_error"]}
         )
     for node in report.get("nodes", []):
         for check, why in (node.get("failures") or {}).items():

@@ -169,7 +169,8 @@ class Scheduler:
             return
         preflight = self.preflight
         if preflight is not None and self._preflight_epoch != self.epoch:
-            preflight.reset()  # a new holder checks every node again
+            with self.lease.kept():  # it marks the storage, which may be slow to answer
+                preflight.reset()  # a new holder checks every node again
             self._preflight_epoch = self.epoch
         studies = self.service.dispatched_studies()
         to_evaluate = self.service.studies_to_evaluate(self._evaluated)

@@ -26,7 +26,7 @@ def run_preflight(request: PreflightRequest, node_id: str, node_ip: str) -> Node
     """Run both checks here (on the node the task was pinned to) and report them."""
     failures: dict[str, str] = {}
     try:
-        probe(request.storage_root, name=node_id)
+        probe(request.storage_root, name=node_id, shared=request.shared_marker)
     except StorageError as exc:
         failures[PREFLIGHT_STORAGE] = str(exc)
     except Exception as exc:  # an object store's client error, say: still this check's failure

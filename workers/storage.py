@@ -20,7 +20,7 @@ import json
 import os
 import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,9 @@ _FORWARDED_PREFIXES = ("AWS_",)
 # S3 defaults unless HPO_STORAGE_OPTIONS sets them: fail fast on an unreachable endpoint.
 _S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}}
 _PROBE_S3_CONFIG = {"connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 2}}
+
+
+PROBE_FOLDER = ".hpo-probe"  # probe and marker files, under the storage root
 
 
 class StorageError(RuntimeError):
@@ -191,22 +194,60 @@ def probe(
     *,
     storage_options: Mapping[str, Any] | None = None,
     timeout_s: float = 30.0,
+    shared: tuple[str, str] | None = None,
 ) -> None:
     """Write, read back and delete a small probe file under ``root`` (a folder or URL).
 
     ``name`` says who probes (a node id, ``control-plane``): it is part of the file name, so
-    probes from several nodes never collide. Raises StorageError naming the root and the
-    error, within ``timeout_s`` at the latest (an endpoint that never answers included)."""
+    probes from several nodes never collide. ``shared``: a marker (name, content) the control
+    plane wrote with :func:`mark`; reading it back proves this node sees the same storage as
+    the control plane, not a folder of its own under the same path. Raises StorageError naming
+    the root and the error, within ``timeout_s`` at the latest (an endpoint that never answers
+    included)."""
+    _bounded(root, name, timeout_s, lambda: _probe(root, name, storage_options, shared))
+
+
+def mark(
+    root: str,
+    marker: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    timeout_s: float = 30.0,
+) -> str:
+    """Write the marker file ``marker`` under ``root`` with fresh content and return that
+    content: nodes that read it back with :func:`probe` (``shared=``) share this storage.
+    Raises StorageError like :func:`probe`."""
+    content = secrets.token_hex(16)
+
+    def write() -> None:
+        where = location(root)
+        if isinstance(where, Path):
+            folder = where / PROBE_FOLDER
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{marker}.{content}"
+            tmp.write_text(content)
+            tmp.replace(folder / marker)  # readers never see a half-written marker
+        else:
+            fs, base = filesystem(where, storage_options, probing=True)
+            fs.pipe_file(f"{base}/{PROBE_FOLDER}/{marker}", content.encode())
+
+    _bounded(root, marker, timeout_s, write)
+    return content
+
+
+def _bounded(root: str, name: str, timeout_s: float, work: Callable[[], None]) -> None:
+    """Run ``work`` on a helper thread and wait at most ``timeout_s``; its errors (and the
+    wait running out) become StorageError naming ``root``."""
     outcome: list[BaseException | None] = []
 
     def attempt() -> None:
         try:
-            _probe(root, name, storage_options)
+            work()
             outcome.append(None)
         except BaseException as exc:  # handed to the caller's thread
             outcome.append(exc)
 
-    worker = threading.Thread(target=attempt, name=f"hpo-storage-probe-{name}", daemon=True)
+    worker = threading.Thread(target=attempt, name=f"hpo-storage-{name}", daemon=True)
     worker.start()
     worker.join(timeout_s)
     if not outcome:
@@ -221,21 +262,39 @@ def probe(
         )
 
 
-def _probe(root: str, name: str, storage_options: Mapping[str, Any] | None) -> None:
+def _probe(
+    root: str,
+    name: str,
+    storage_options: Mapping[str, Any] | None,
+    shared: tuple[str, str] | None,
+) -> None:
     payload = secrets.token_hex(8)
     where = location(root)
     if isinstance(where, Path):
-        folder = where / ".hpo-probe"
+        folder = where / PROBE_FOLDER
         path = folder / f"{name}-{payload}"
         folder.mkdir(parents=True, exist_ok=True)
         path.write_text(payload)
         back = path.read_text()
         path.unlink()
+        marker = None
+        if shared is not None and (folder / shared[0]).is_file():
+            marker = (folder / shared[0]).read_text()
     else:
         fs, base = filesystem(where, storage_options, probing=True)
-        path = f"{base}/.hpo-probe/{name}-{payload}"
+        path = f"{base}/{PROBE_FOLDER}/{name}-{payload}"
         fs.pipe_file(path, payload.encode())
         back = fs.cat_file(path).decode()
         fs.rm_file(path)
+        marker = None
+        if shared is not None and fs.exists(f"{base}/{PROBE_FOLDER}/{shared[0]}"):
+            marker = fs.cat_file(f"{base}/{PROBE_FOLDER}/{shared[0]}").decode()
     if back != payload:
         raise StorageError(f"checkpoint storage {root}: a probe file read back differently")
+    if shared is not None and marker != shared[1]:
+        raise StorageError(
+            f"checkpoint storage {root} here is not the storage the control plane writes "
+            f"(its marker {PROBE_FOLDER}/{shared[0]} is "
+            f"{'missing' if marker is None else 'different'} here): mount the same shared "
+            "folder or bucket on every node and on the control plane"
+        )

@@ -48,9 +48,12 @@ class Cluster:
         self.ids: dict[str, str] = {}
         self.temps: list[str] = []
 
-    def start_node(self, name: str, read_only: Path | None = None) -> str:
+    def start_node(
+        self, name: str, read_only: Path | None = None, own: tuple[Path, Path] | None = None
+    ) -> str:
         """Start a raylet (the head first) and return its node id once it is registered.
-        ``read_only``: a folder this node alone sees read-only (a bind mount in its own mount
+        ``read_only``: a folder this node alone sees read-only; ``own``: (source, target), a
+        folder of its own this node alone sees at ``target`` (bind mounts in its own mount
         namespace)."""
         temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths are long
         self.temps.append(temp)
@@ -61,11 +64,16 @@ class Cluster:
         else:
             flags.append(f"--address={self.address}")
         command = [RAY, "start", *flags]
-        if read_only is not None:
-            script = (
-                f'mount --bind "{read_only}" "{read_only}" && '
-                f'mount -o remount,bind,ro "{read_only}" && exec "$@"'
-            )
+        if read_only is not None or own is not None:
+            script = ""
+            if read_only is not None:
+                script += (
+                    f'mount --bind "{read_only}" "{read_only}" && '
+                    f'mount -o remount,bind,ro "{read_only}" && '
+                )
+            if own is not None:
+                script += f'mount --bind "{own[0]}" "{own[1]}" && '
+            script += 'exec "$@"'
             command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "-"]
             command += [RAY, "start", *flags]
         log = open(self.root / f"ray-{name}.log", "w")  # noqa: SIM115 - lives with the process
@@ -111,15 +119,18 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Head ``a`` and node ``b``; node ``b`` alone sees ``cluster.root / "b-read-only"``
-    read-only."""
+    read-only, and a folder of its own at ``cluster.root / "b-own"``."""
     if shutil.which("unshare") is None or os.geteuid() != 0:
         pytest.skip("needs unshare and root for a per-node mount")
     root = tmp_path_factory.mktemp("cluster")
-    (root / "b-read-only").mkdir()
+    for folder in ("b-read-only", "b-own", "b-own-source"):
+        (root / folder).mkdir()
     cluster = Cluster(root)
     try:
         cluster.start_node("a")
-        cluster.start_node("b", read_only=root / "b-read-only")
+        cluster.start_node(
+            "b", read_only=root / "b-read-only", own=(root / "b-own-source", root / "b-own")
+        )
         yield cluster
     finally:
         cluster.stop()
@@ -264,5 +275,22 @@ def test_a_node_that_joins_later_is_checked(tmp_path: Path, cluster: Cluster) ->
             assert f"preflight: node {joined} (" in server.log_path.read_text()
         finally:
             cluster.stop_node("c")
+    finally:
+        server.stop()
+
+
+def test_a_node_whose_storage_is_a_folder_of_its_own_is_named(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    """Node b writes and reads its folder fine, but it is not the one the control plane and
+    node a share: its checkpoints would vanish for every retry elsewhere and for downloads."""
+    server = serve(tmp_path, cluster, cluster.root / "b-own")
+    try:
+        response = wait_for(lambda: settled(server, 2), 180, "the preflight of both nodes")
+        assert response.status_code == 503, response.text
+        (failure,) = response.json()["details"]
+        assert failure["node_id"] == cluster.ids["b"] and failure["check"] == "storage"
+        assert "is not the storage the control plane writes" in failure["message"]
+        assert "is missing here" in failure["message"]
     finally:
         server.stop()

@@ -206,3 +206,22 @@ def test_the_control_plane_reads_a_url_and_its_options(monkeypatch: pytest.Monke
     assert settings.storage_options == {"client_kwargs": {"endpoint_url": "http://m:9"}}
     monkeypatch.setenv("HPO_STORAGE_PATH", "file:///shared/hpo")
     assert Settings().checkpoint_dir == Path("/shared/hpo")
+
+
+def test_a_node_with_a_folder_of_its_own_fails_the_shared_check(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    content = storage.mark(str(shared), "control-plane-x")
+    storage.probe(str(shared), "node-a", shared=("control-plane-x", content))
+    with pytest.raises(StorageError, match=r"own here is not the storage .* is missing here"):
+        storage.probe(str(own), "node-b", shared=("control-plane-x", content))
+    newer = storage.mark(str(shared), "control-plane-x")  # a new leader writes a new one
+    with pytest.raises(StorageError, match=r"is different here"):
+        storage.probe(str(shared), "node-a", shared=("control-plane-x", content))
+    storage.probe(str(shared), "node-a", shared=("control-plane-x", newer))
+    bucket, other = s3.new_bucket(), s3.new_bucket()
+    content = storage.mark(f"s3://{bucket}/hpo", "control-plane-x")
+    storage.probe(f"s3://{bucket}/hpo", "node-a", shared=("control-plane-x", content))
+    with pytest.raises(StorageError, match=r"is missing here"):
+        storage.probe(f"s3://{other}/hpo", "node-b", shared=("control-plane-x", content))
