@@ -138,6 +138,7 @@ def _scheduler(
         session_file=settings.ray_session_file,
         deployment=deployment,
         namespace=settings.ray_namespace,
+        socket_ifname=settings.socket_ifname,
     )
     return Scheduler(
         service,

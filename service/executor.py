@@ -53,6 +53,9 @@ class AttemptLaunch:
     keep_metrics: list[str]
     checkpoint_dir: str  # the trial's folder; each attempt writes under attempt-<n>/
     lease_s: float = 300.0
+    # The network interface gloo/NCCL bind to (``HPO_SOCKET_IFNAME``); None: the one that
+    # holds the rank's node address (see ``hpo.workers.ddp.network_env``).
+    socket_ifname: str | None = None
 
     @property
     def ref(self) -> AttemptRef:
@@ -126,6 +129,18 @@ class AttemptError:
         if not self.retryable and self.failure_class == FailureClass.TRAINABLE:
             return FailureClass.DETERMINISTIC
         return self.failure_class
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    """One node of the cluster as the executor's node table has it: its total resources
+    (not what is free now) and whether it is up. A node that is down is still reported while
+    the cluster remembers it: it may come back, so a rank that fits only it waits."""
+
+    node_id: str
+    address: str
+    resources: dict[str, float]
+    alive: bool = True
 
 
 @dataclass(frozen=True)
@@ -253,6 +268,12 @@ class Executor(Protocol):
     def free(self, pending: Sequence[AttemptRef]) -> dict[str, float]:
         """Cluster resources not yet claimed, less what the ``pending`` attempts (launched,
         not yet placed) are about to claim."""
+        ...
+
+    def nodes(self) -> list[NodeCapacity]:
+        """The cluster's nodes with their total resources, so the scheduler can refuse a trial
+        whose ranks no node can ever hold (a free total across nodes says nothing about
+        that: a 2-CPU rank never fits two 1-CPU nodes). Raises if the cluster cannot say."""
         ...
 
     def evaluate(self, request: EvaluationRequest) -> None:

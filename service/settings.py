@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     ray_num_gpus: float | None = None
     ray_object_store_mb: int = 512
     storage_path: Path | None = None
+    # The network interface DDP ranks bind gloo/NCCL to (GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME
+    # on each rank, unless set there); default: the interface holding the node's Ray address.
+    socket_ifname: str | None = None
     scheduler: bool = True
     scheduler_interval_s: float = 1.0
     # The scheduler lease: one ``hpo serve`` per database runs the scheduler, renewing this

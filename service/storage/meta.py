@@ -4,19 +4,24 @@
 database, and every later start (and every other server on the same database) reads the same
 one. The Ray namespace and the dispatcher's name carry it, so two deployments that share a Ray
 cluster never see each other's attempts.
+
+:func:`get` and :func:`put` keep other facts by key: the scheduler's leader stores the cluster's
+node snapshot (:mod:`hpo.service.placement`) here, so every replica serving the API can check a
+new study against the nodes without talking to Ray.
 """
 
 from __future__ import annotations
 
 import secrets
 
-from sqlalchemy import insert
+from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
 
 from hpo.service.db.models import Meta
 from hpo.service.storage.session import Transactions
 
 DEPLOYMENT_ID = "deployment_id"
+MAX_VALUE = 256  # the length of ``meta.value``
 
 
 def deployment_id(storage: Transactions) -> str:
@@ -36,3 +41,25 @@ def deployment_id(storage: Transactions) -> str:
         pass
     with storage.read() as s:
         return s.get(Meta, DEPLOYMENT_ID).value
+
+
+def get(storage: Transactions, key: str) -> str | None:
+    """The value stored under ``key``, or None. Raises DatabaseUnavailable."""
+    with storage.read() as s:
+        row = s.get(Meta, key)
+        return None if row is None else row.value
+
+
+def put(storage: Transactions, key: str, value: str | None) -> None:
+    """Store ``value`` under ``key`` (None removes it); the last writer wins. Raises
+    ValueError for a value longer than the column (:data:`MAX_VALUE`), DatabaseUnavailable."""
+    if value is not None and len(value) > MAX_VALUE:
+        raise ValueError(f"meta value of {key!r} is {len(value)} characters; at most {MAX_VALUE}")
+    with storage.write() as s:
+        row = s.get(Meta, key)
+        if value is None:
+            s.execute(delete(Meta).where(Meta.key == key))
+        elif row is None:
+            s.add(Meta(key=key, value=value))
+        else:
+            row.value = value

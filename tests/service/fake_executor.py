@@ -24,15 +24,20 @@ from hpo.service.executor import (
     EvaluationRequest,
     EvaluationResult,
     FailureClass,
+    NodeCapacity,
     RankPlacement,
 )
 
 
 @dataclass
 class FakeCluster:
-    """What the pretend cluster runs: attempts by ref, with what each occupies."""
+    """What the pretend cluster runs: attempts by ref, with what each occupies. ``nodes``
+    splits ``capacity`` into nodes (default: one node holding all of it); with
+    ``nodes_unknown`` the cluster cannot say what its nodes are."""
 
     capacity: dict[str, float] = field(default_factory=lambda: {"CPU": 4.0})
+    nodes: list[dict[str, float]] | None = None
+    nodes_unknown: bool = False
     attempts: dict[AttemptRef, AttemptStatus] = field(default_factory=dict)
     needs: dict[AttemptRef, dict[str, float]] = field(default_factory=dict)
 
@@ -117,6 +122,15 @@ class FakeExecutor:
             for key, amount in self.cluster.needs.get(ref, {}).items():
                 free[key] = free.get(key, 0.0) - amount
         return free
+
+    def nodes(self) -> list[NodeCapacity]:
+        if self.cluster.nodes_unknown:
+            raise RuntimeError("the node table cannot be read")
+        shapes = self.cluster.nodes if self.cluster.nodes is not None else [self.cluster.capacity]
+        return [
+            NodeCapacity(f"node-{i}", f"10.0.0.{i + 1}", dict(resources))
+            for i, resources in enumerate(shapes)
+        ]
 
     def evaluate(self, request: EvaluationRequest) -> None:
         self.requests.append(request)
