@@ -408,7 +408,7 @@ class Scheduler:
             log.info("cluster nodes (CPU, GPU) → count: %s", dict(shape))
         try:
             placement.store_snapshot(self.service.storage, self.nodes)
-        except HpoError as exc:  # the database is down: the next round tries again
+        except Exception as exc:  # the database is down: the next round tries again
             log.warning("cannot publish the cluster's nodes: %s", exc)
             return
         self._published, self._published_at = shape, now
@@ -423,7 +423,6 @@ class Scheduler:
         trial = self._ask(study_id)
         if trial is None:
             return
-        self._refused[study_id] = shape
         log.warning("study %s: trial %s cannot be placed: %s", study_id, trial.id, problem.message)
         self.service.fail_attempt(
             trial.id,
@@ -431,6 +430,7 @@ class Scheduler:
             failure_class=FailureClass.DETERMINISTIC,
             attempt=trial.attempts,
         )
+        self._refused[study_id] = shape  # only once it is failed (else its lease requeues it)
 
     def _count(self, study_id: int) -> int:
         return sum(1 for f in self.in_flight.values() if f.study_id == study_id)
