@@ -182,6 +182,7 @@ def _scheduler(
         session_file=settings.ray_session_file,
         deployment=deployment,
         namespace=settings.ray_namespace,
+        socket_ifname=settings.socket_ifname,
     )
     request = None
     if settings.ray_address:  # a local Ray runs on this host only: nothing to preflight

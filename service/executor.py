@@ -53,6 +53,9 @@ class AttemptLaunch:
     keep_metrics: list[str]
     checkpoint_dir: str  # the trial's folder; each attempt writes under attempt-<n>/
     lease_s: float = 300.0
+    # The network interface gloo/NCCL bind to (``HPO_SOCKET_IFNAME``); None: the one that
+    # holds the rank's node address (see ``hpo.workers.ddp.network_env``).
+    socket_ifname: str | None = None
 
     @property
     def ref(self) -> AttemptRef:
@@ -205,10 +208,15 @@ class EvaluationResult:
 
 @dataclass(frozen=True)
 class ClusterNode:
-    """One alive node of the cluster, as the preflight addresses it."""
+    """One node of the cluster as the executor's node table has it: its address, its total
+    resources (not what is free now) and whether it is up. A node that is down is still
+    reported while the cluster remembers it: it may come back, so a rank that fits only it
+    waits (the preflight checks alive nodes only)."""
 
     node_id: str
     node_ip: str
+    resources: dict[str, float] = field(default_factory=dict)
+    alive: bool = True
 
 
 @dataclass(frozen=True)
@@ -311,6 +319,13 @@ class Executor(Protocol):
         not yet placed) are about to claim."""
         ...
 
+    def nodes(self) -> list[ClusterNode]:
+        """The cluster's nodes with their total resources, so the scheduler can refuse a trial
+        whose ranks no node can ever hold (a free total across nodes says nothing about
+        that: a 2-CPU rank never fits two 1-CPU nodes), and the preflight can check each alive
+        one. One call to the cluster: not for every tick. Raises if the cluster cannot say."""
+        ...
+
     def evaluate(self, request: EvaluationRequest) -> None:
         """Start computing test metrics of a checkpoint; the outcome comes from
         :meth:`evaluations`. Raises if it cannot be started."""
@@ -318,10 +333,6 @@ class Executor(Protocol):
 
     def evaluations(self) -> list[EvaluationResult]:
         """Evaluations that ended since the last call, each reported once."""
-        ...
-
-    def nodes(self) -> list[ClusterNode]:
-        """The cluster's alive nodes now (one call to the cluster: not for every tick)."""
         ...
 
     def preflight(self, node: ClusterNode, request: PreflightRequest) -> None:

@@ -159,7 +159,7 @@ class ClusterPreflight:
 
     def _scan(self, executor: Executor) -> None:
         assert self.request is not None
-        alive = {node.node_id: node for node in executor.nodes()}
+        alive = {node.node_id: node for node in executor.nodes() if node.alive}
         if self._cluster_error is not None:
             self._cluster_error, self._dirty = None, True
         for gone in set(self._nodes) - set(alive):

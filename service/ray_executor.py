@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,9 @@ class RayExecutor:
     dispatcher, so deployments that share a cluster never see each other's attempts. A
     dispatcher that dies is replaced at once: the attempts it ran are reported ``lost`` as
     infrastructure losses, and a launch it failed goes to the new one.
+
+    ``socket_ifname`` (``HPO_SOCKET_IFNAME``) is the network interface the ranks' gloo/NCCL
+    bind to; without it each rank uses the interface holding its node's Ray address.
     """
 
     name = "ray"
@@ -74,8 +78,10 @@ class RayExecutor:
         session_file: Path | None = None,
         deployment: str | None = None,
         namespace: str | None = None,
+        socket_ifname: str | None = None,
     ) -> None:
         self.address = address
+        self.socket_ifname = socket_ifname
         self.deployment = deployment
         self.namespace = namespace or namespace_of(deployment)
         self.session_file = None if address else session_file
@@ -162,6 +168,8 @@ class RayExecutor:
         for other in [ref for ref in self._tracked if ref.trial_id == launch.trial_id]:
             if other != launch.ref:
                 self.cancel(other)
+        if self.socket_ifname and not launch.socket_ifname:
+            launch = replace(launch, socket_ifname=self.socket_ifname)
         try:
             ray.get(self._actor().start.remote(launch), timeout=60)
         except RayActorError as exc:  # the dispatcher died: launch on a new one instead
@@ -233,6 +241,21 @@ class RayExecutor:
                 free[key] = free.get(key, 0.0) - amount
         return free
 
+    def nodes(self) -> list[ClusterNode]:
+        """Every node in Ray's node table with its total resources; nodes that are down are
+        reported too (``alive=False``) while Ray remembers them."""
+        import ray
+
+        return [
+            ClusterNode(
+                node_id=str(node.get("NodeID", "")),
+                node_ip=str(node.get("NodeManagerAddress", "")),
+                resources={k: float(v) for k, v in (node.get("Resources") or {}).items()},
+                alive=bool(node.get("Alive")),
+            )
+            for node in ray.nodes()
+        ]
+
     # ------------------------------------------------------------- evaluations
 
     def evaluate(self, request: EvaluationRequest) -> None:
@@ -273,16 +296,6 @@ class RayExecutor:
         return out
 
     # --------------------------------------------------------------- preflight
-
-    def nodes(self) -> list[ClusterNode]:
-        """The alive nodes of the cluster (one call to Ray's GCS)."""
-        import ray
-
-        return [
-            ClusterNode(node["NodeID"], node.get("NodeManagerAddress", "?"))
-            for node in ray.nodes()
-            if node.get("Alive")
-        ]
 
     def preflight(self, node: ClusterNode, request: PreflightRequest) -> None:
         """Run :func:`hpo.workers.preflight.run_preflight` in a task pinned to ``node``
@@ -348,7 +361,7 @@ class RayExecutor:
             namespace=self.namespace,
             lifetime="detached",
             get_if_exists=True,
-        ).remote()
+        ).remote(self.deployment)
 
     def _dispatcher_died(self, exc: Exception) -> None:
         """Note that every tracked attempt was lost with the dispatcher (each is reported

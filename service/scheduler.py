@@ -14,17 +14,25 @@ adopts the attempts it finds running: re-adopted if the executor still runs them
 as infrastructure losses (retried without spending ``max_retries``). Every attempt launched or
 adopted records its owner (``trials.owner``); a scheduler that lost its lease launches nothing
 more and lets go of what it tracked.
+
+Placement per node: the scheduler reads the cluster's nodes from the executor (at most every
+``NODES_REFRESH_S``) and publishes them for every replica's creation check
+(:mod:`hpo.service.placement`). A study whose ranks fit no node has its next trial failed as
+``deterministic`` with the reason, and no further trial asked while the nodes stay the same;
+ranks that fit a node's total but not what is free now wait.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from hpo.service import placement
 from hpo.service.errors import BudgetSpent, Conflict, HpoError, StudyNotRunning, TrialFinished
 from hpo.service.executor import (
     AttemptError,
@@ -33,6 +41,7 @@ from hpo.service.executor import (
     AttemptResult,
     AttemptState,
     AttemptStatus,
+    ClusterNode,
     EvaluationRequest,
     Executor,
     FailureClass,
@@ -51,6 +60,8 @@ log = logging.getLogger("hpo.scheduler")
 
 # How long an attempt may keep running after its trial was pruned before it is cancelled.
 PRUNED_GRACE_S = 30.0
+# How often the scheduler reads the cluster's nodes from the executor.
+NODES_REFRESH_S = 2.0
 
 
 @dataclass
@@ -102,6 +113,11 @@ class Scheduler:
         self._adopted_epoch: int | None = None
         self.preflight = preflight
         self._preflight_epoch: int | None = None
+        self.nodes: list[ClusterNode] | None = None  # None: unknown (launch as if they fit)
+        self._nodes_read_at = -math.inf
+        self._published: tuple | None = None  # the fingerprint of the last stored snapshot
+        self._published_at = -math.inf
+        self._refused: dict[int, tuple] = {}  # study → node fingerprint it was refused under
 
     # -------------------------------------------------------------- lifecycle
 
@@ -156,6 +172,8 @@ class Scheduler:
         self.executor.shutdown()
         self.in_flight.clear()
         self._evaluated.clear()
+        self._refused.clear()
+        self.nodes, self._nodes_read_at, self._published = None, -math.inf, None
 
     # ------------------------------------------------------------------- tick
 
@@ -191,6 +209,7 @@ class Scheduler:
             with self.lease.kept():
                 self._adopt(studies)
             self._adopted_epoch = self.epoch
+        self._refresh_nodes()
         self._reconcile()
         self._launch([(sid, spec) for sid, state, spec in studies if state == StudyState.RUNNING])
         self._evaluate(to_evaluate)
@@ -374,6 +393,11 @@ class Scheduler:
             self._turn += 1
             candidates.sort(key=lambda item: (self._count(item[0]), (item[0] + self._turn) % 997))
             sid, spec = candidates[0]
+            problem = placement.placement_problem(spec.resources, self.nodes or [])
+            if problem is not None:  # no node holds its ranks: waiting would be forever
+                self._refuse(sid, problem)
+                candidates.pop(0)
+                continue
             needs = _needs(spec.resources)
             if not fits(needs, free):
                 candidates.pop(0)
@@ -385,6 +409,51 @@ class Scheduler:
             self._start_attempt(trial, spec)
             for key, amount in needs.items():
                 free[key] = free.get(key, 0.0) - amount
+
+    def _refresh_nodes(self) -> None:
+        """Read the cluster's nodes (at most every NODES_REFRESH_S) and publish them for the
+        API's creation check when they changed or the stored snapshot grows old. A cluster
+        that cannot say leaves them unknown (then nothing is refused)."""
+        now = time.monotonic()
+        if now - self._nodes_read_at < NODES_REFRESH_S:
+            return
+        self._nodes_read_at = now
+        try:
+            self.nodes = self.executor.nodes()
+        except Exception as exc:
+            log.warning("cannot read the cluster's nodes: %s", exc)
+            self.nodes = None
+            return
+        shape = placement.fingerprint(self.nodes)
+        if shape == self._published and now - self._published_at < placement.SNAPSHOT_REFRESH_S:
+            return
+        if shape != self._published:
+            log.info("cluster nodes (CPU, GPU) → count: %s", dict(shape))
+        try:
+            placement.store_snapshot(self.service.storage, self.nodes)
+        except Exception as exc:  # the database is down: the next round tries again
+            log.warning("cannot publish the cluster's nodes: %s", exc)
+            return
+        self._published, self._published_at = shape, now
+
+    def _refuse(self, study_id: int, problem: placement.Problem) -> None:
+        """Fail the study's next trial as deterministic: its ranks fit no node. Once per
+        study while the nodes stay the same (a study with a large budget does not burn it
+        all on one cluster; a node that joins gives it another try)."""
+        shape = placement.fingerprint(self.nodes or [])
+        if self._refused.get(study_id) == shape:
+            return
+        trial = self._ask(study_id)
+        if trial is None:
+            return
+        log.warning("study %s: trial %s cannot be placed: %s", study_id, trial.id, problem.message)
+        self.service.fail_attempt(
+            trial.id,
+            f"cannot be placed on the cluster: {problem.message}",
+            failure_class=FailureClass.DETERMINISTIC,
+            attempt=trial.attempts,
+        )
+        self._refused[study_id] = shape  # only once it is failed (else its lease requeues it)
 
     def _count(self, study_id: int) -> int:
         return sum(1 for f in self.in_flight.values() if f.study_id == study_id)

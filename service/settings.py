@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # fsspec options of that object store, as JSON (HPO_STORAGE_OPTIONS), e.g.
     # {"client_kwargs": {"endpoint_url": "http://minio:9000"}}; handed to the rank processes.
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    # The network interface DDP ranks bind gloo/NCCL to (GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME
+    # on each rank, unless set there); default: the interface holding the node's Ray address.
+    socket_ifname: str | None = None
     scheduler: bool = True
     # The node preflight on a cluster (see hpo.service.preflight): how long a node has to run
     # it, and how often a node that failed it is checked again.

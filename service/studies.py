@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 
-from hpo.service import asking, reporting, transitions
+from hpo.service import asking, placement, reporting, transitions
 from hpo.service.attempts import AttemptToken
 from hpo.service.db.models import Study, utcnow
 from hpo.service.errors import (
@@ -66,13 +66,16 @@ class StudyService:
     # ----------------------------------------------------------------- studies
 
     def create_study(self, spec: StudySpec) -> StudyRecord:
-        """Store a new running study. Raises InvalidInput, NameTaken."""
+        """Store a new running study. Raises InvalidInput (also for ranks that fit no node of
+        the cluster as the scheduler last saw it: see :mod:`hpo.service.placement`),
+        NameTaken."""
         try:
             sampler_class(spec.sampler.type).check(spec)
             if spec.trainable is not None and self.check_trainable is not None:
                 self.check_trainable(spec)
         except ValueError as exc:
             raise InvalidInput(str(exc), field=_field_in(str(exc))) from exc
+        placement.check_spec(self.storage, spec)
         with self.storage.write() as s:
             record = studies.record(s, studies.insert(s, spec.name, spec.to_json()))
         self._changed()

@@ -64,6 +64,7 @@ def run_rank(
         publish=lambda address: ray.get(dispatcher.publish_master.remote(key, address)),
         lookup=lambda: ray.get(dispatcher.master.remote(key)),
         use_gpu=use_gpu,
+        socket_ifname=launch.socket_ifname,
     )
     where = ddp.placement(rank, node_ip, context.get_node_id(), device, ray.get_gpu_ids())
     dispatcher.note_placement.remote(key, rank, where)
@@ -177,7 +178,8 @@ class TrialDispatcher:
     most one attempt of a trial runs at a time.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, deployment: str | None = None) -> None:
+        self.deployment = deployment  # in the names of the rank tasks (``ray list tasks``)
         self.attempts: dict[AttemptRef, _Attempt] = {}
 
     async def start(self, launch: AttemptLaunch) -> None:
@@ -208,7 +210,7 @@ class TrialDispatcher:
                     num_cpus=launch.cpus_per_worker,
                     num_gpus=launch.gpus_per_worker,
                     max_retries=0,
-                    name=f"trial-{launch.trial_id}-rank-{rank}",
+                    name=rank_task_name(self.deployment, ref, rank),
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         attempt.pg, placement_group_bundle_index=rank
                     ),
@@ -266,6 +268,13 @@ class TrialDispatcher:
     def note_checkpoint(self, ref: AttemptRef, path: str, step: int) -> None:
         if ref in self.attempts:
             self.attempts[ref].checkpoint = Checkpoint(path, step)
+
+
+def rank_task_name(deployment: str | None, ref: AttemptRef, rank: int) -> str:
+    """The Ray task name of one rank: deployment, trial, attempt and rank, so ``ray list
+    tasks`` on a shared cluster tells deployments apart."""
+    prefix = f"hpo-{deployment}" if deployment else "hpo"
+    return f"{prefix}-trial-{ref.trial_id}-attempt-{ref.attempt}-rank-{rank}"
 
 
 def _result(summary: dict[str, Any]) -> AttemptResult:

@@ -4,6 +4,10 @@
 database, and every later start (and every other server on the same database) reads the same
 one. The Ray namespace and the dispatcher's name carry it, so two deployments that share a Ray
 cluster never see each other's attempts.
+
+:func:`get` and :func:`put` keep other facts by key: the scheduler's leader stores the cluster's
+node snapshot (:mod:`hpo.service.placement`) here, so every replica serving the API can check a
+new study against the nodes without talking to Ray.
 """
 
 from __future__ import annotations
@@ -43,21 +47,32 @@ def deployment_id(storage: Transactions) -> str:
 
 def store_preflight(storage: Transactions, report: dict[str, Any] | None) -> None:
     """Replace the node preflight report (a JSON document the scheduler's server writes, that
-    every server's ``/healthz`` reads); None removes it.
-
-    Raises DatabaseUnavailable when the database cannot be reached.
-    """
-    with storage.write() as s:
-        s.execute(delete(Meta).where(Meta.key == PREFLIGHT))
-        if report is not None:
-            s.execute(insert(Meta).values(key=PREFLIGHT, value=json.dumps(report)))
+    every server's ``/healthz`` reads); None removes it. Raises DatabaseUnavailable."""
+    put(storage, PREFLIGHT, None if report is None else json.dumps(report))
 
 
 def preflight_report(storage: Transactions) -> dict[str, Any] | None:
-    """The stored node preflight report, or None when there is none.
+    """The stored node preflight report, or None when there is none. Raises
+    DatabaseUnavailable."""
+    text = get(storage, PREFLIGHT)
+    return None if text is None else json.loads(text)
 
-    Raises DatabaseUnavailable when the database cannot be reached.
-    """
+
+def get(storage: Transactions, key: str) -> str | None:
+    """The value stored under ``key``, or None. Raises DatabaseUnavailable."""
     with storage.read() as s:
-        row = s.get(Meta, PREFLIGHT)
-        return None if row is None else json.loads(row.value)
+        row = s.get(Meta, key)
+        return None if row is None else row.value
+
+
+def put(storage: Transactions, key: str, value: str | None) -> None:
+    """Store ``value`` under ``key`` (None removes it); the last writer wins. Raises
+    DatabaseUnavailable."""
+    with storage.write() as s:
+        row = s.get(Meta, key)
+        if value is None:
+            s.execute(delete(Meta).where(Meta.key == key))
+        elif row is None:
+            s.add(Meta(key=key, value=value))
+        else:
+            row.value = value

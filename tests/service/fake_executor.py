@@ -34,12 +34,15 @@ from hpo.service.executor import (
 
 @dataclass
 class FakeCluster:
-    """What the pretend cluster runs: attempts by ref, with what each occupies."""
+    """What the pretend cluster runs: attempts by ref, with what each occupies. ``nodes``
+    splits ``capacity`` into nodes (default: one node holding all of it); with
+    ``nodes_unknown`` the cluster cannot say what its nodes are."""
 
     capacity: dict[str, float] = field(default_factory=lambda: {"CPU": 4.0})
+    nodes: list[ClusterNode] | None = None
+    nodes_unknown: bool = False
     attempts: dict[AttemptRef, AttemptStatus] = field(default_factory=dict)
     needs: dict[AttemptRef, dict[str, float]] = field(default_factory=dict)
-    nodes: list[ClusterNode] = field(default_factory=lambda: [ClusterNode("node-1", "10.0.0.1")])
     # what a node's preflight finds wrong (check → message); a node in ``stuck`` never runs it
     broken: dict[str, dict[str, str]] = field(default_factory=dict)
     stuck: set[str] = field(default_factory=set)
@@ -128,15 +131,19 @@ class FakeExecutor:
                 free[key] = free.get(key, 0.0) - amount
         return free
 
+    def nodes(self) -> list[ClusterNode]:
+        if self.cluster.nodes_unknown:
+            raise RuntimeError("the node table cannot be read")
+        if self.cluster.nodes is None:
+            return [ClusterNode("node-1", "10.0.0.1", dict(self.cluster.capacity))]
+        return list(self.cluster.nodes)
+
     def evaluate(self, request: EvaluationRequest) -> None:
         self.requests.append(request)
 
     def evaluations(self) -> list[EvaluationResult]:
         out, self.evaluated = self.evaluated, []
         return out
-
-    def nodes(self) -> list[ClusterNode]:
-        return list(self.cluster.nodes)
 
     def preflight(self, node: ClusterNode, request: PreflightRequest) -> None:
         self.preflighted.append(node.node_id)

@@ -413,33 +413,47 @@ def test_control_plane_killed_mid_study_finishes_exactly_the_budget(tmp_path: Pa
         server.stop()
 
 
-@pytest.fixture
-def ray_cluster(tmp_path: Path) -> Iterator[str]:
-    """A separate Ray cluster (``ray start --head --block``), stopped by its own PID."""
+_QUIET: dict = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "timeout": 60}
+
+
+@contextlib.contextmanager
+def ray_node(num_cpus: int = 4, *, join: str | None = None) -> Iterator[str]:
+    """A Ray node in a process of its own (``ray start --block``, its own temp dir), stopped by
+    its own PID: the head of a new cluster, or a node that joins the cluster at ``join``.
+    Yields the cluster's address once the node is up."""
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     ray = Path(sys.executable).with_name("ray")
+    if not ({"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(env)):  # a fresh account has none
+        subprocess.run([str(ray), "get-auth-token", "--generate"], env=env, check=True, **_QUIET)
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths are long
+    role = (
+        [f"--address={join}"] if join else ["--head", f"--port={port}", "--include-dashboard=false"]
+    )
+    before = _alive_nodes(join) if join else 0
     proc = subprocess.Popen(
         [
             str(ray),
             "start",
-            "--head",
+            *role,
             "--block",
-            f"--port={port}",
-            "--num-cpus=4",
-            "--include-dashboard=false",
+            f"--num-cpus={num_cpus}",
             "--disable-usage-stats",
             f"--temp-dir={temp}",
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=(log := open(Path(temp) / "start.log", "w")),  # noqa: SIM115 - closed below
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    address = f"127.0.0.1:{port}"
+    address = join or f"127.0.0.1:{port}"
     try:
-        wait_for(lambda: _ray_up(address), 90, "the Ray cluster")
+        try:  # an exited `ray start` fails at once
+            wait_for(lambda: proc.poll() is not None or _alive_nodes(address) > before, 120)
+            assert proc.poll() is None, "ray start exited"
+        except AssertionError as exc:
+            log_text = (Path(temp) / "start.log").read_text()[-3000:]
+            raise AssertionError(f"the Ray node did not start ({exc}):\n{log_text}") from None
         yield address
     finally:
         proc.terminate()  # Ray drains for up to 30 s: give it a moment, then end the group
@@ -448,17 +462,33 @@ def ray_cluster(tmp_path: Path) -> Iterator[str]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _ray_up(address: str) -> bool:
+@pytest.fixture
+def ray_cluster() -> Iterator[str]:
+    """A separate Ray cluster of one node with 4 CPUs."""
+    with ray_node(4) as address:
+        yield address
+
+
+def _alive_nodes(address: str) -> int:
+    """How many nodes of the cluster at ``address`` are alive (0 when it cannot be reached)."""
     check = subprocess.run(
-        [sys.executable, "-c", f"import ray; ray.init(address='{address}'); ray.shutdown()"],
+        [
+            sys.executable,
+            "-c",
+            f"import ray; ray.init(address='{address}'); "
+            "print(sum(1 for n in ray.nodes() if n['Alive'])); ray.shutdown()",
+        ],
         env={**os.environ, "RAY_AUTH_MODE": "token"},
         capture_output=True,
+        text=True,
         timeout=60,
     )
-    return check.returncode == 0
+    lines = check.stdout.strip().splitlines()
+    return int(lines[-1]) if check.returncode == 0 and lines and lines[-1].isdigit() else 0
 
 
 def test_restarted_control_plane_re_adopts_trials_on_a_cluster(

@@ -167,7 +167,7 @@ def test_cluster_settings_that_break_a_cluster_are_warned_about(tmp_path: Path) 
     full = Settings(
         data_dir=tmp_path,
         ray_address="10.0.0.1:6379",
-        storage_path=tmp_path,
+        storage_path=str(tmp_path),
         public_url="http://cp:8000",
     )
     assert config_warnings(full) == []

@@ -100,3 +100,17 @@ def test_attempt_n_cancels_an_older_attempt_it_never_tracked(
     executor.cancel(new.ref)
     assert executor.statuses() == []
     wait_for(lambda: gone(new_pid), 60, "attempt 2's rank to be killed")
+
+
+def test_the_node_table_gives_each_node_its_total_resources(executor: RayExecutor) -> None:
+    (node,) = executor.nodes()
+    assert node.alive and node.node_id and node.node_ip
+    assert node.resources["CPU"] == 2.0  # the total, whatever runs now
+
+
+def test_rank_task_names_carry_the_deployment() -> None:
+    from hpo.workers.runner import rank_task_name
+
+    ref = AttemptRef(7, 2)
+    assert rank_task_name("0a1b2c", ref, 1) == "hpo-0a1b2c-trial-7-attempt-2-rank-1"
+    assert rank_task_name(None, ref, 0) == "hpo-trial-7-attempt-2-rank-0"
