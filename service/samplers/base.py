@@ -31,11 +31,18 @@ class ObservedTrial:
 
 @dataclass(frozen=True)
 class StudyView:
-    """A study as a sampler sees it: its spec, every trial so far, and the number to fill."""
+    """A study as a sampler sees it: its spec, every trial so far (in number order), and the
+    number to fill.
+
+    ``prepared``, when given, runs alongside ``trials``: for each finished trial the form its
+    sampler made of it with :meth:`Sampler.prepare` on an earlier ask (None where there is
+    none), so a study's history is converted once, not on every ask.
+    """
 
     spec: StudySpec
     trials: Sequence[ObservedTrial]
     number: int
+    prepared: Sequence[Any] | None = None
 
     @property
     def complete(self) -> list[ObservedTrial]:
@@ -76,6 +83,12 @@ class Sampler(ABC):
 
     def capacity(self) -> int | None:
         """How many distinct trials the sampler can suggest, or None when unbounded."""
+        return None
+
+    def prepare(self, trial: ObservedTrial) -> Any:
+        """The sampler's own form of a finished trial, kept between asks and handed back in
+        :attr:`StudyView.prepared`; None (the default) when the sampler keeps none. It must
+        depend only on the trial and the spec's space, sampler and objectives."""
         return None
 
     @abstractmethod
