@@ -57,6 +57,7 @@ class _History:
         self.trials: list[ObservedTrial] = []
         self.prepared: list[Any] = []
         self.ids: dict[int, int] = {}  # trial id -> number
+        self.memo: dict[str, Any] = {}  # the sampler's (StudyView.memo)
 
     def put(self, trial_id: int, trial: ObservedTrial, prepared: Any) -> None:
         if trial_id in self.ids:
@@ -110,7 +111,7 @@ class Histories:
                 seen.insert(i, trial)
                 prepared.insert(i, None)
         self._bound(study.id)
-        return StudyView(spec, seen, number, prepared)
+        return StudyView(spec, seen, number, prepared, history.memo)
 
     def forget(self, study_id: int) -> None:
         """Drop the study's history (it was deleted)."""
