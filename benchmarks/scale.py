@@ -32,7 +32,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ optuna.logging.set_verbosity(optuna.logging.ERROR)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 API = "/api/v1"
+KINDS = ("tpe", "random", "grid")  # asked at every size; GP at --gp-trials only
 Params = dict[str, Any]
 
 SPACE: dict[str, dict[str, Any]] = {
@@ -336,77 +337,72 @@ def run_ask(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     rng = random.Random(0)
     table = Table()
-    print("| what | finished trials | first ask ms | median ms | p90 ms | asks |")
-    print("|---|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="hpo-scale-") as tmp:
         work = Path(tmp)
+        t0 = time.perf_counter()
         url = f"sqlite:///{work / 'hpo.db'}"
         engine = make_engine(url)
         upgrade_schema(engine)
         storage = Storage(engine)
-        t0 = time.perf_counter()
-        ours: list[tuple[str, int, int]] = []
-        for n in sizes:
-            for kind in ("tpe", "random", "grid"):
-                ours.append((kind, n, seed_ours(storage, kind, n, rng)))
-        ours.append(("gp", args.gp_trials, seed_ours(storage, "gp", args.gp_trials, rng)))
+        ours = {(kind, n): seed_ours(storage, kind, n, rng) for n in sizes for kind in KINDS}
+        ours["gp", args.gp_trials] = seed_ours(storage, "gp", args.gp_trials, rng)
         engine.dispose()
-        print(f"(seeded our studies in {time.perf_counter() - t0:.1f} s)", flush=True)
+        # Plain Optuna: one study per size and storage, seeded the same way.
+        theirs: dict[tuple[str, int], optuna.Study] = {}
+        for n in sizes:
+            theirs["SQLite", n] = seed_optuna_rdb(f"sqlite:///{work / f'o{n}.db'}", "tpe", n, rng)
+            if args.journal:
+                theirs["Journal", n] = seed_optuna_journal(work / f"j{n}.log", n, rng)
+            if args.optuna_postgres:
+                theirs["PostgreSQL", n] = seed_optuna_rdb(args.optuna_postgres, "tpe", n, rng)
+        gp_url = f"sqlite:///{work / 'ogp.db'}"
+        their_gp = seed_optuna_rdb(gp_url, "gp", args.gp_trials, rng)
+        print(f"(seeded in {time.perf_counter() - t0:.1f} s)\n", flush=True)
+
+        print("| what | finished trials | first ask ms | median ms | p90 ms | asks |")
+        print("|---|---:|---:|---:|---:|---:|")
         env = {"HPO_DATABASE_URL": url, "HPO_SCHEDULER": "false", "HPO_LOG_LEVEL": "warning"}
         env["HPO_RATE_LIMIT_PER_S"] = "0"
         with served(work, env=env) as (base, token):
             headers = {"Authorization": f"Bearer {token}"}
-            with httpx.Client(base_url=base, headers=headers, timeout=120) as client:
-                for kind, n, study_id in ours:
-                    asks = args.gp_asks if kind == "gp" else args.asks
-                    table.add(f"ours {kind} (HTTP)", n, ask_ours(client, study_id, asks + 1))
-
-        optuna_runs: list[tuple[str, Callable[[int], optuna.Study | None]]] = []
-        sqlite_url = f"sqlite:///{work / 'optuna.db'}"
-        grown = {"sqlite": 0, "postgres": 0}
-
-        def rdb(label: str, db_url: str) -> Callable[[int], optuna.Study]:
-            state: dict[str, optuna.Study] = {}
-
-            def at(n: int) -> optuna.Study:
-                if label not in state:
-                    state[label] = seed_optuna_rdb(db_url, "tpe", n, rng)
-                else:  # grow the same study (its asks stay in it: a few trials)
-                    grow_optuna_rdb(db_url, state[label], n - grown[label], rng)
-                grown[label] = n
-                return state[label]
-
-            return at
-
-        optuna_runs.append(("optuna tpe (SQLite)", rdb("sqlite", sqlite_url)))
-        if args.optuna_postgres:
-            optuna_runs.append(("optuna tpe (PostgreSQL)", rdb("postgres", args.optuna_postgres)))
-        if args.journal:
-            optuna_runs.append(
-                ("optuna tpe (Journal)", lambda n: seed_optuna_journal(work / f"j{n}.log", n, rng))
-            )
-        for n in sizes:
-            for label, at in optuna_runs:
-                study = at(n)
-                assert study._storage.get_n_trials(study._study_id) >= n, label
-                table.add(label, n, ask_optuna(study, args.asks + 1))
-        gp_url = f"sqlite:///{work / 'optuna-gp.db'}"
-        gp = seed_optuna_rdb(gp_url, "gp", args.gp_trials, rng)
-        table.add("optuna gp (SQLite)", args.gp_trials, ask_optuna(gp, args.gp_asks + 1))
+            with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
+                # Rounds alternate ours and Optuna so that both see the same machine load.
+                for n in sizes:
+                    times: dict[str, list[float]] = {}
+                    for _ in range(args.asks + 1):
+                        for kind in KINDS:
+                            key = f"ours {kind} (HTTP)"
+                            times.setdefault(key, []).extend(ask_ours(client, ours[kind, n], 1))
+                        for where in ("SQLite", "Journal", "PostgreSQL"):
+                            if (where, n) in theirs:
+                                key = f"optuna tpe ({where})"
+                                times.setdefault(key, []).extend(ask_optuna(theirs[where, n], 1))
+                    for key, ts in times.items():
+                        table.add(key, n, ts)
+                n = args.gp_trials
+                times = {"ours gp (HTTP)": [], "optuna gp (SQLite)": []}
+                for _ in range(args.gp_asks + 1):
+                    times["ours gp (HTTP)"] += ask_ours(client, ours["gp", n], 1)
+                    times["optuna gp (SQLite)"] += ask_optuna(their_gp, 1)
+                for key, ts in times.items():
+                    table.add(key, n, ts)
 
     m = table.median
-    print("\nratios (medians):")
+    print("\nratios of medians:")
     for n in sizes:
-        for label, _ in optuna_runs:
-            r = m[("ours tpe (HTTP)", n)] / m[(label, n)]
-            print(f"  TPE at {n:,}: ours / {label} = {r:.2f}  (goal ≤ 0.5)")
-    g = m[("ours gp (HTTP)", args.gp_trials)] / m[("optuna gp (SQLite)", args.gp_trials)]
-    print(f"  GP at {args.gp_trials}: ours / optuna gp (SQLite) = {g:.2f}  (goal ≤ 1)")
+        for where in ("SQLite", "Journal", "PostgreSQL"):
+            if (f"optuna tpe ({where})", n) in m:
+                r = m["ours tpe (HTTP)", n] / m[f"optuna tpe ({where})", n]
+                goal = "  (goal ≤ 0.5)" if where == "SQLite" else ""
+                print(f"  TPE at {n:,}: ours / Optuna on {where} = {r:.2f}{goal}")
+    n = args.gp_trials
+    g = m["ours gp (HTTP)", n] / m["optuna gp (SQLite)", n]
+    print(f"  GP at {n}: ours / Optuna on SQLite = {g:.2f}  (goal ≤ 1)")
     lo, hi = sizes[0], sizes[-1]
-    for kind in ("random", "grid", "tpe"):
-        r = m[(f"ours {kind} (HTTP)", hi)] / m[(f"ours {kind} (HTTP)", lo)]
+    for kind in KINDS:
+        r = m[f"ours {kind} (HTTP)", hi] / m[f"ours {kind} (HTTP)", lo]
         goal = "  (goal ≤ 2)" if kind != "tpe" else ""
-        print(f"  {kind} {hi:,} / {lo:,}: {r:.2f}{goal}")
+        print(f"  ours {kind} at {hi:,} / at {lo:,} = {r:.2f}{goal}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -414,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sections = ap.add_subparsers(dest="section", required=True)
     ask = sections.add_parser("ask", help="ask latency at many finished trials, against Optuna")
     ask.add_argument("--sizes", default="1000,10000", help="finished trials (comma-separated)")
-    ask.add_argument("--asks", type=int, default=10, help="timed asks per study after the first")
+    ask.add_argument("--asks", type=int, default=15, help="timed asks per study after the first")
     ask.add_argument("--gp-trials", type=int, default=200)
     ask.add_argument("--gp-asks", type=int, default=5)
     ask.add_argument("--no-journal", dest="journal", action="store_false")
