@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import optuna
@@ -472,3 +473,34 @@ def test_a_history_is_rebuilt_when_the_space_it_was_built_for_changes(
     expected = _rebuilt(service.storage, sid)
     t = service.ask(sid)
     assert t.params == expected and 0.0 <= t.params["x"] <= 1.0
+
+
+def test_racing_asks_of_a_tpe_study_share_its_history_and_leave_it_whole(
+    service: StudyService,
+) -> None:
+    """Threads asking and telling one TPE study at once: every trial number is handed out
+    once, and afterwards the kept history suggests what a full read does."""
+    sid = create(
+        service, sampler={"type": "tpe", "seed": 1, "n_startup_trials": 3}, space=BAYES_SPACE
+    )
+    numbers: list[int] = []
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            for _ in range(6):
+                t = service.ask(sid)
+                numbers.append(t.number)
+                service.tell(t.id, value=(t.params["x"] - 1) ** 2)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert sorted(numbers) == list(range(24))
+    expected = _rebuilt(service.storage, sid)
+    assert service.ask(sid).params == expected
