@@ -17,8 +17,8 @@ Figures are medians over the asks after the first. Ratios: TPE ours ÷ Optuna at
 (goal ≤ 0.5), GP ours ÷ Optuna (goal ≤ 1), random and grid at the largest size ÷ the
 smallest (goal ≤ 2: flat).
 
-    python benchmarks/scale.py ask                      # 1,000 and 10,000 trials, GP at 200; ~4 min
-    python benchmarks/scale.py ask --quick              # 300 and 1,000 trials, GP at 60
+    python benchmarks/scale.py ask                  # 1,000 and 10,000 trials, GP at 200; 1-2 min
+    python benchmarks/scale.py ask --quick          # 300 and 1,000 trials, GP at 60
     python benchmarks/scale.py ask --sizes 1000,20000 --asks 20
 """
 
