@@ -18,6 +18,7 @@ from hpo.api import errors, middleware
 from hpo.api.deps import require_token
 from hpo.api.routes import checkpoints, dashboard, studies, trials
 from hpo.service.db import make_engine, upgrade_schema
+from hpo.service.histories import Histories
 from hpo.service.preflight import config_warnings, failure_lines
 from hpo.service.settings import Settings
 from hpo.service.spec import StudySpec
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             Storage(engine),
             check_trainable=_check_trainable,
             on_change=wake.set if settings.scheduler else None,
+            histories=Histories(settings.sampler_cache_studies, settings.sampler_cache_trials),
         )
         app.state.service = service
         # made at the first start; it keeps this deployment's Ray namespace and actors apart

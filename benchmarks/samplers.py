@@ -1,7 +1,7 @@
 """Our samplers against plain Optuna, side by side on standard test functions.
 
-Our ``tpe`` and ``gp`` samplers wrap Optuna's TPESampler and GPSampler, but they rebuild an
-in-memory Optuna study from the stored trials on every ask and reseed the engine per trial. This
+Our ``tpe`` and ``gp`` samplers wrap Optuna's TPESampler and GPSampler, but they run a fresh
+engine over the stored trials on every ask and reseed it per trial. This
 script checks that doing so costs no search quality: for each test function and seed it drives
 our samplers sequentially through ``StudyView``/``ObservedTrial`` (no server) and plain Optuna's
 samplers through ask/tell with the same seed and options, on the same objective, and prints the

@@ -22,6 +22,7 @@ from hpo.service.errors import (
     StudyNotRunning,
     TrialFinished,
 )
+from hpo.service.histories import Histories
 from hpo.service.records import ClaimedTrial
 from hpo.service.samplers.base import StudyView, Suggestion
 from hpo.service.spec import StudySpec
@@ -34,7 +35,12 @@ MAX_ASK_ATTEMPTS = 50
 
 
 def ask(
-    storage: Storage, study_id: int, *, dispatched: bool, key: str | None = None
+    storage: Storage,
+    study_id: int,
+    *,
+    dispatched: bool,
+    key: str | None = None,
+    histories: Histories | None = None,
 ) -> ClaimedTrial:
     """A claimed (running) trial of the study, with the token of its attempt: a waiting one
     first, else a new suggestion.
@@ -48,7 +54,9 @@ def ask(
     Raises StudyNotFound, StudyNotRunning, BudgetSpent (GridExhausted: the study completes
     once no trial is active), ConcurrencyLimit, Conflict (a trainable study asked by a client,
     or too many concurrent asks), StaleAttempt and TrialFinished (a replayed key, above).
-    ``dispatched`` marks a call from the scheduler.
+    ``dispatched`` marks a call from the scheduler. ``histories`` holds the sampler's view
+    of the study between asks; without it the study's history is read whole (the reference
+    the cached path is tested against).
     """
     for _ in range(MAX_ASK_ATTEMPTS):
         with storage.read() as s:
@@ -69,10 +77,10 @@ def ask(
                     complete_if_done(storage, study_id)
                     raise transitions.spent_error(study, spec)
                 sampler = transitions.sampler_of(study)
-                observed = (
-                    trials.observed(s, study, spec.pruned_metric) if sampler.uses_history else ()
-                )
-                view = StudyView(spec, observed, number)
+                if not sampler.uses_history:
+                    view = StudyView(spec, (), number)
+                else:
+                    view = (histories or Histories()).view(s, study, spec, sampler, number)
         if waiting is not None:
             claimed = _claim_waiting(storage, study_id, waiting, spec, dispatched)
         else:

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     scheduler_lease_s: float = Field(default=15.0, gt=0)
     lease_sweep_interval_s: float = 2.0
     log_level: str = "info"
+    # Samplers that learn from the history (TPE, GP) keep each study's finished trials in
+    # memory between asks (service/histories.py): at most this many studies and trials,
+    # least recently asked dropped first. About 2.5 KB a trial (100,000: ~250 MB).
+    sampler_cache_studies: int = Field(default=32, ge=1)
+    sampler_cache_trials: int = Field(default=100_000, ge=1)
     # Request bounds (README "Limits"): a larger body is a 413 before it is read.
     max_body_bytes: int = Field(default=8 * 2**20, ge=1024)
     # Requests a second per API token (per client address without one), in bursts of up to

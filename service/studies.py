@@ -24,6 +24,7 @@ from hpo.service.errors import (
     TrialFinished,
 )
 from hpo.service.executor import FailureClass
+from hpo.service.histories import Histories
 from hpo.service.records import (
     ClaimedTrial,
     MetricInput,
@@ -49,7 +50,8 @@ class StudyService:
     ``check_trainable`` validates a spec's trainable part (name registered, settings valid for
     every value the space can take) and raises ``ValueError``; the server plugs in the worker
     registry here. ``on_change`` is called after a study is created or updated (the scheduler
-    wakes up). Every method may raise DatabaseUnavailable.
+    wakes up). ``histories`` keeps each study's sampler history between asks (a bounded
+    cache of its own by default). Every method may raise DatabaseUnavailable.
     """
 
     def __init__(
@@ -58,8 +60,10 @@ class StudyService:
         *,
         check_trainable: Callable[[StudySpec], None] | None = None,
         on_change: Callable[[], None] | None = None,
+        histories: Histories | None = None,
     ) -> None:
         self.storage = storage
+        self.histories = histories if histories is not None else Histories()
         self.check_trainable = check_trainable
         self.on_change = on_change
 
@@ -121,6 +125,7 @@ class StudyService:
             study = studies.get(s, study_id, lock=True)
             active = studies.active_trial_ids(s, study_id)
             studies.delete(s, study)
+        self.histories.forget(study_id)
         return active
 
     # ------------------------------------------------------------------ trials
@@ -137,7 +142,9 @@ class StudyService:
         scheduler; clients may only ask ask/tell studies.
         """
         self.expire_leases(study_id=study_id)
-        return asking.ask(self.storage, study_id, dispatched=dispatched, key=key)
+        return asking.ask(
+            self.storage, study_id, dispatched=dispatched, key=key, histories=self.histories
+        )
 
     def tell(
         self,

@@ -1,13 +1,21 @@
 """Drive an Optuna sampler from our stored trials (Optuna is the engine, we keep the state).
 
-Each suggestion builds a throw-away in-memory Optuna study holding the observed trials, asks it
-once, and reads the parameters back. Pending (running or waiting) trials go in as RUNNING so
-samplers that know about them (TPE's constant liar) spread parallel asks apart.
+Each suggestion opens a throw-away Optuna study over a :class:`ViewStorage`: a read-only window
+onto the observed trials that serves them as given (no copy per trial), plus the one trial
+being asked. Pending (running or waiting) trials go in as RUNNING so samplers that know about
+them (TPE's constant liar) spread parallel asks apart. A trial's Optuna number is its own
+number, so the order Optuna sees does not depend on which trials were left out.
+
+Finished trials are converted once (:func:`frozen_trial`) and kept between asks by
+:mod:`hpo.service.histories`; they are shared read-only by concurrent asks.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
+from collections.abc import Container, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 import optuna
@@ -17,7 +25,11 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
-from optuna.trial import TrialState
+from optuna.search_space import IntersectionSearchSpace
+from optuna.storages import BaseStorage
+from optuna.study import StudyDirection
+from optuna.study._frozen import FrozenStudy
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo.service.samplers.base import ObservedTrial, StudyView
 from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
@@ -26,6 +38,8 @@ optuna.logging.set_verbosity(optuna.logging.ERROR)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 _STATES = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}
+_STUDY_ID = 0
+_STUDY_NAME = "hpo-view"
 
 
 def distribution(param: FloatParam | IntParam | CategoricalParam) -> BaseDistribution:
@@ -46,8 +60,9 @@ def distribution(param: FloatParam | IntParam | CategoricalParam) -> BaseDistrib
 
 def frozen_trial(
     spec: StudySpec, trial: ObservedTrial, lie: tuple[float, ...] | None = None
-) -> optuna.trial.FrozenTrial | None:
-    """Our trial as an Optuna FrozenTrial, or None if Optuna should not see it."""
+) -> FrozenTrial | None:
+    """Our trial as an Optuna FrozenTrial numbered as ours, or None if Optuna should not see
+    it. The result is shared between asks: nothing may change it afterwards."""
     dists = {n: distribution(spec.space[n]) for n in trial.params if n in spec.space}
     params = {n: v for n, v in trial.params.items() if n in dists}
     if trial.state == "complete" and trial.values is not None:
@@ -59,7 +74,7 @@ def frozen_trial(
     else:
         return None
     try:
-        return optuna.trial.create_trial(
+        frozen = optuna.trial.create_trial(
             state=state,
             values=values,
             params=params,
@@ -68,6 +83,143 @@ def frozen_trial(
         )
     except ValueError:  # a value outside a distribution after a spec edit: leave it out
         return None
+    frozen.number = trial.number
+    frozen._trial_id = trial.number
+    return frozen
+
+
+class ViewStorage(BaseStorage):
+    """One study's trials served from a list, as Optuna's samplers read them, without copies.
+
+    ``trials`` (FrozenTrials in number order, numbered and identified as ours) are never
+    written; the only trial that changes is the one :meth:`create_new_trial` adds (number
+    ``number``), which receives the suggested parameters. One instance serves one ask.
+    """
+
+    def __init__(
+        self, directions: Sequence[StudyDirection], trials: list[FrozenTrial], number: int
+    ) -> None:
+        self._directions = list(directions)
+        self._trials = trials
+        self._number = number
+        self._new: FrozenTrial | None = None
+
+    # -- the study
+    def create_new_study(
+        self, directions: Sequence[StudyDirection], study_name: str | None = None
+    ) -> int:
+        raise NotImplementedError("a view holds exactly one study")
+
+    def delete_study(self, study_id: int) -> None:
+        raise NotImplementedError("a view is read-only")
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        raise NotImplementedError("a view is read-only")
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        raise NotImplementedError("a view is read-only")
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return _STUDY_ID
+
+    def get_study_name_from_id(self, study_id: int) -> str:
+        return _STUDY_NAME
+
+    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
+        return list(self._directions)
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        return {}
+
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        return {}
+
+    def get_all_studies(self) -> list[FrozenStudy]:
+        return [
+            FrozenStudy(
+                study_name=_STUDY_NAME,
+                direction=None,
+                directions=self._directions,
+                user_attrs={},
+                system_attrs={},
+                study_id=_STUDY_ID,
+            )
+        ]
+
+    # -- trials
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        if self._new is not None or template_trial is not None:
+            raise NotImplementedError("a view asks exactly one new trial")
+        self._new = FrozenTrial(
+            number=self._number,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=datetime.now(timezone.utc),
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=self._number,
+        )
+        self._trials = [*self._trials, self._new]
+        return self._number
+
+    def _asked(self, trial_id: int) -> FrozenTrial:
+        if self._new is None or trial_id != self._new._trial_id:
+            raise NotImplementedError("only the asked trial of a view can be written")
+        return self._new
+
+    def set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: BaseDistribution,
+    ) -> None:
+        trial = self._asked(trial_id)
+        trial.params[param_name] = distribution.to_external_repr(param_value_internal)
+        trial.distributions[param_name] = distribution
+
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        return trial_number
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        raise NotImplementedError("a view is read-only")
+
+    def set_trial_intermediate_value(
+        self, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        raise NotImplementedError("a view is read-only")
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._asked(trial_id).user_attrs[key] = value
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._asked(trial_id).system_attrs[key] = value
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        if self._new is not None and trial_id == self._new._trial_id:
+            return self._new
+        for trial in self._trials:
+            if trial._trial_id == trial_id:
+                return trial
+        raise KeyError(trial_id)
+
+    def get_all_trials(
+        self,
+        study_id: int,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[FrozenTrial]:
+        if states is None:
+            trials = list(self._trials)
+        else:
+            trials = [t for t in self._trials if t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
 
 
 def suggest(
@@ -76,21 +228,67 @@ def suggest(
     *,
     lie: tuple[float, ...] | None = None,
 ) -> tuple[dict[str, Any], int]:
-    """Ask ``sampler`` for the next parameters given ``view``; returns them and the trials used."""
+    """Ask ``sampler`` for the next parameters given ``view``; returns them and the trials used.
+
+    Finished trials come from ``view.prepared`` where it holds them (made once, kept between
+    asks); the others are converted here.
+    """
     spec = view.spec
-    study = optuna.create_study(sampler=sampler, directions=[o.direction for o in spec.objectives])
-    frozen = [frozen_trial(spec, t, lie) for t in view.trials]
-    frozen = [f for f in frozen if f is not None]
+    prepared = view.prepared if view.prepared is not None else [None] * len(view.trials)
+    frozen: list[FrozenTrial] = []
+    observed = 0
+    for trial, ready in zip(view.trials, prepared, strict=True):
+        f = ready if ready is not None else frozen_trial(spec, trial, lie)
+        if f is None:
+            continue
+        frozen.append(f)
+        if f.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            observed += 1
+    directions = [StudyDirection[o.direction.upper()] for o in spec.objectives]
+    study = optuna.Study(
+        study_name=_STUDY_NAME,
+        storage=ViewStorage(directions, frozen, view.number),
+        sampler=sampler,
+    )
+    # Lies make pending trials look finished: nothing learnt from them may be kept.
+    memo = view.memo if lie is None else None
+    search = _resume_intersection(sampler, memo)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        study.add_trials(frozen)
         trial = study.ask()
         params: dict[str, Any] = {}
         for name in spec.parameter_order():
             if spec.is_active(name, params):
                 params[name] = _suggest_one(trial, name, spec.space[name])
-    observed = sum(1 for f in frozen if f.state in (TrialState.COMPLETE, TrialState.PRUNED))
+    if search is not None and memo is not None:
+        memo[_INTERSECTION] = (search._search_space, search._cached_trial_number)
     return params, observed
+
+
+_INTERSECTION = "optuna.intersection"
+
+
+def _resume_intersection(
+    sampler: optuna.samplers.BaseSampler, memo: dict[str, Any] | None
+) -> IntersectionSearchSpace | None:
+    """TPE's intersection search space, resumed from where an earlier ask of the study left
+    it; None when the sampler has none.
+
+    Optuna computes it incrementally in a sampler that lives as long as its study: it walks
+    the trials from the newest back to the first one it has not seen finished. Ours live for
+    one ask, so without this the walk covers every trial on every ask (O(n) comparisons of
+    distributions). The state kept is the intersection over the finished trials numbered
+    below a cursor that stops at the oldest pending trial; finished trials never change, so
+    resuming from it yields what the full walk yields.
+    """
+    search = getattr(sampler, "_search_space", None)
+    if memo is None or not isinstance(search, IntersectionSearchSpace):
+        return None
+    kept = memo.get(_INTERSECTION)
+    if kept is not None:
+        search._search_space = None if kept[0] is None else dict(kept[0])
+        search._cached_trial_number = kept[1]
+    return search
 
 
 def _suggest_one(

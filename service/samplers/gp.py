@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import optuna
 
 from hpo.service.samplers import _optuna
-from hpo.service.samplers.base import Sampler, StudyView, Suggestion
+from hpo.service.samplers.base import ObservedTrial, Sampler, StudyView, Suggestion
 
 
 class GPSampler(Sampler):
@@ -19,6 +20,10 @@ class GPSampler(Sampler):
     """
 
     name = "gp"
+
+    def prepare(self, trial: ObservedTrial) -> Any:
+        """The trial as an Optuna FrozenTrial, made once per finished trial."""
+        return _optuna.frozen_trial(self.spec, trial)
 
     def suggest(self, view: StudyView) -> Suggestion:
         seed = self.trial_seed(view.number)

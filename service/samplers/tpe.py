@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import optuna
 
 from hpo.service.samplers import _optuna
-from hpo.service.samplers.base import Sampler, StudyView, Suggestion
+from hpo.service.samplers.base import ObservedTrial, Sampler, StudyView, Suggestion
 
 
 class TPESampler(Sampler):
@@ -18,6 +19,10 @@ class TPESampler(Sampler):
     """
 
     name = "tpe"
+
+    def prepare(self, trial: ObservedTrial) -> Any:
+        """The trial as an Optuna FrozenTrial, made once per finished trial."""
+        return _optuna.frozen_trial(self.spec, trial)
 
     def suggest(self, view: StudyView) -> Suggestion:
         seed = self.trial_seed(view.number)

@@ -117,6 +117,17 @@ class Storage(Transactions):
             cursor = rows[-1].seq if full else max(study.seq, since or 0)
             return [trial_record(t) for t in rows], cursor
 
+    def observed_since(
+        self, study_id: int, pruned_metric: str, since: int | None = None
+    ) -> tuple[list[trials.TrialChange], int]:
+        """The study's trials as samplers see them that changed after cursor ``since`` (every
+        trial when None), plus its active ones, in number order; and the cursor to pass next
+        time. A trial seen finished never changes again (finished states are final), so a
+        cache that applies each answer stays equal to a full read. Raises StudyNotFound."""
+        with self.read() as s:
+            cursor = studies.seq(s, study_id)
+            return trials.observed_since(s, study_id, pruned_metric, since), cursor
+
     def active_trials(self, study_ids: Sequence[int]) -> list[TrialRecord]:
         """Running and waiting trials of these studies."""
         if not study_ids:

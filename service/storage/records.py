@@ -13,7 +13,6 @@ from typing import Any
 
 from hpo.service.db.models import Study, Trial, TrialEvent, utcnow
 from hpo.service.records import StudyRecord, TrialEventRecord, TrialRecord
-from hpo.service.samplers.base import ObservedTrial
 from hpo.service.spec import StudySpec
 from hpo.service.states import COUNTED_TRIAL_STATES, StudyState, TrialState
 
@@ -31,26 +30,6 @@ def parse_spec(raw: dict[str, Any]) -> StudySpec:
 def spec_of(study: Study) -> StudySpec:
     """The study's spec."""
     return parse_spec(study.spec)
-
-
-def values_of(trial: Trial) -> tuple[float, ...] | None:
-    """The trial's objective value(s), or None when it has none."""
-    if trial.values is not None:
-        return tuple(trial.values)
-    if trial.value is not None:
-        return (trial.value,)
-    return None
-
-
-def observed_trial(trial: Trial, intermediate: dict[int, float]) -> ObservedTrial:
-    """The trial as a sampler sees it."""
-    return ObservedTrial(
-        number=trial.number,
-        state=TrialState(trial.state),
-        params={p.name: p.value for p in trial.params},
-        values=values_of(trial),
-        intermediate=intermediate,
-    )
 
 
 def trial_record(trial: Trial, *, events: Sequence[TrialEvent] | None = None) -> TrialRecord:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from hpo.service import attempts
@@ -20,10 +20,10 @@ from hpo.service.records import ACTIVE_STATES
 from hpo.service.samplers.base import ObservedTrial
 from hpo.service.states import NEW_TRIAL_STATE, TrialState
 from hpo.service.storage import events, metrics
-from hpo.service.storage.records import observed_trial
 from hpo.service.storage.studies import MAX_PAGE, get, touch
 
 _ACTIVE = [s.value for s in ACTIVE_STATES]
+_CHUNK = 500  # ids per IN (...) list: SQLite caps the variables of one statement
 
 
 def get_trial(session: Session, trial_id: int) -> Trial:
@@ -187,15 +187,65 @@ def page(
     return list(session.scalars(stmt))
 
 
-def observed(session: Session, study: Study, pruned_metric: str) -> list[ObservedTrial]:
-    """Every trial of a study as samplers see it, in number order; pruned ones carry their
-    last value of ``pruned_metric`` as their one intermediate value."""
-    trials = session.scalars(
-        select(Trial)
-        .where(Trial.study_id == study.id)
-        .options(selectinload(Trial.params))
+class TrialChange(NamedTuple):
+    """A trial as samplers see it, with its row id and the change sequence it was read at."""
+
+    id: int
+    seq: int
+    trial: ObservedTrial
+
+
+def observed_since(
+    session: Session, study_id: int, pruned_metric: str, since: int | None = None
+) -> list[TrialChange]:
+    """The study's trials changed after cursor ``since`` (every trial when None) and its
+    active (running or waiting) ones, in number order, as samplers see them: pruned ones
+    carry their last value of ``pruned_metric`` as their one intermediate value.
+
+    Read from columns in three queries whatever the count (no ORM row per trial), so a
+    sampler's cache loads a whole study once and then only what changed.
+    """
+    where = [Trial.study_id == study_id]
+    if since is not None:
+        where.append(or_(Trial.seq > since, Trial.state.in_(_ACTIVE)))
+    rows = session.execute(
+        select(Trial.id, Trial.number, Trial.state, Trial.value, Trial.values, Trial.seq)
+        .where(*where)
         .order_by(Trial.number)
     ).all()
-    pruned = [t.id for t in trials if t.state == TrialState.PRUNED.value]
-    last = metrics.last_points(session, pruned, pruned_metric)
-    return [observed_trial(t, last.get(t.id, {})) for t in trials]
+    if not rows:
+        return []
+    params: dict[int, dict[str, Any]] = {row.id: {} for row in rows}
+    for trial_id, name, value in session.execute(
+        select(TrialParam.trial_id, TrialParam.name, TrialParam.value)
+        .join(Trial, Trial.id == TrialParam.trial_id)
+        .where(*where)
+        .order_by(TrialParam.trial_id, TrialParam.position)
+    ):
+        # Not a trial created after the first query (PostgreSQL reads each statement afresh).
+        if trial_id in params:
+            params[trial_id][name] = value
+    pruned = [row.id for row in rows if row.state == TrialState.PRUNED.value]
+    last: dict[int, dict[int, float]] = {}
+    for k in range(0, len(pruned), _CHUNK):
+        last.update(metrics.last_points(session, pruned[k : k + _CHUNK], pruned_metric))
+    out = []
+    for row in rows:
+        if row.values is not None:
+            values: tuple[float, ...] | None = tuple(row.values)
+        else:
+            values = None if row.value is None else (row.value,)
+        trial = ObservedTrial(
+            number=row.number,
+            state=TrialState(row.state),
+            params=params[row.id],
+            values=values,
+            intermediate=last.get(row.id, {}),
+        )
+        out.append(TrialChange(row.id, row.seq, trial))
+    return out
+
+
+def observed(session: Session, study: Study, pruned_metric: str) -> list[ObservedTrial]:
+    """Every trial of a study as samplers see it, in number order (see :func:`observed_since`)."""
+    return [change.trial for change in observed_since(session, study.id, pruned_metric)]

@@ -295,6 +295,47 @@ def test_samplers_observe_every_trial_and_pruned_ones_last_value(storage: Storag
     assert seen[1].intermediate == {3: 0.25} and seen[1].finished
 
 
+def test_observed_since_answers_what_changed_after_the_cursor_and_every_active_trial(
+    storage: Storage,
+) -> None:
+    sid = add_study(storage)
+    ids = [add_trial(storage, sid, x) for x in (1.0, 2.0, 3.0)]
+    complete(storage, ids[0], 0.5)
+    everything, cursor = storage.observed_since(sid, "loss")
+    assert [(c.id, c.trial.number, c.trial.state) for c in everything] == [
+        (ids[0], 0, TrialState.COMPLETE),
+        (ids[1], 1, TrialState.RUNNING),
+        (ids[2], 2, TrialState.RUNNING),
+    ]
+    assert cursor == storage.study_seq(sid) and all(c.seq <= cursor for c in everything)
+    # Nothing changed: only the active trials come back, with their (old) seq.
+    same, again = storage.observed_since(sid, "loss", cursor)
+    assert [c.id for c in same] == ids[1:] and again == cursor
+    assert all(c.seq <= cursor for c in same)
+    # A finished trial comes back once, newer than the cursor; then never again.
+    with storage.write() as s:
+        study, trial = trials.lock(s, ids[2])
+        metrics.add(s, trial, [MetricInput(4, "loss", 0.75)], utcnow())
+        set_trial_state(s, study, trial, TrialState.PRUNED)
+    fourth = add_trial(storage, sid, 4.0)
+    changed, after = storage.observed_since(sid, "loss", cursor)
+    assert after > cursor
+    assert [(c.id, c.trial.state, c.seq > cursor) for c in changed] == [
+        (ids[1], TrialState.RUNNING, False),
+        (ids[2], TrialState.PRUNED, True),
+        (fourth, TrialState.RUNNING, True),
+    ]
+    pruned = changed[1].trial
+    assert pruned.params == {"x": 3.0} and pruned.intermediate == {4: 0.75}
+    assert [c.id for c in storage.observed_since(sid, "loss", after)[0]] == [ids[1], fourth]
+    # The answer applied to what was read before equals a full read.
+    full = {c.id: c.trial for c in storage.observed_since(sid, "loss")[0]}
+    merged = {c.id: c.trial for c in everything} | {c.id: c.trial for c in changed}
+    assert merged == full
+    with pytest.raises(StudyNotFound):
+        storage.observed_since(999, "loss")
+
+
 # ------------------------------------------------------ database failures → 503
 
 

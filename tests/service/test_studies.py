@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 
+import optuna
 import pytest
 from sqlalchemy import select
 
@@ -21,9 +24,13 @@ from hpo.service.errors import (
     TrialFinished,
     TrialNotFound,
 )
+from hpo.service.histories import Histories
+from hpo.service.samplers import _optuna
+from hpo.service.samplers.base import StudyView
 from hpo.service.spec import StudySpec
 from hpo.service.states import IllegalTransition
 from hpo.service.storage import Storage, trials
+from hpo.service.storage import studies as studies_rows
 from hpo.service.studies import MetricInput, StudyService
 from tests.conftest import simple_spec
 
@@ -358,3 +365,142 @@ def test_a_replayed_step_is_not_judged_again(service: StudyService) -> None:
     # the same point again (a retry after a lost answer): stored once, and not judged again
     assert service.report(kept.id, [MetricInput(1, "loss", 0.9)]) is False
     assert service.storage.get_trial(kept.id).state == "running"
+
+
+# ----------------------------------------------- sampler histories kept between asks
+
+
+def _legacy_suggest(
+    sampler: optuna.samplers.BaseSampler, view: StudyView, *, lie: tuple[float, ...] | None = None
+) -> tuple[dict, int]:
+    """How suggestions were made before histories were kept: every trial converted and
+    deep-copied into a fresh in-memory Optuna study on every ask."""
+    spec = view.spec
+    study = optuna.create_study(sampler=sampler, directions=[o.direction for o in spec.objectives])
+    frozen = [_optuna.frozen_trial(spec, t, lie) for t in view.trials]
+    frozen = [f for f in frozen if f is not None]
+    study.add_trials(frozen)
+    trial = study.ask()
+    params: dict = {}
+    for name in spec.parameter_order():
+        if spec.is_active(name, params):
+            params[name] = _optuna._suggest_one(trial, name, spec.space[name])
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return params, sum(1 for f in frozen if f.state in done)
+
+
+def _rebuilt(storage: Storage, sid: int) -> dict:
+    """The suggestion for the study's next trial from a full read of its history."""
+    with storage.read() as s:
+        study = studies_rows.get(s, sid)
+        spec = transitions.spec_of(study)
+        view = StudyView(spec, trials.observed(s, study, spec.pruned_metric), study.next_number)
+        return transitions.sampler_of(study).suggest(view).params
+
+
+BAYES_SPACE = {
+    "x": {"type": "float", "low": -5.0, "high": 5.0},
+    "lr": {"type": "float", "low": 1e-4, "high": 1.0, "log": True},
+    "n": {"type": "int", "low": 1, "high": 8},
+    "opt": {"type": "categorical", "choices": ["sgd", "adam"]},
+}
+
+
+@pytest.mark.parametrize(("kind", "n_trials"), [("tpe", 40), ("gp", 14)])
+def test_kept_histories_suggest_exactly_what_a_full_rebuild_does(
+    service: StudyService, monkeypatch: pytest.MonkeyPatch, kind: str, n_trials: int
+) -> None:
+    """Over asks and tells with trials left running, pruned and failed, every suggestion made
+    from the kept history equals the one made from a full read, and the one made the way it
+    was before histories were kept (a fresh Optuna study per ask)."""
+    sid = create(
+        service,
+        sampler={"type": kind, "seed": 7, "n_startup_trials": 4},
+        space=BAYES_SPACE,
+        max_retries=0,
+    )
+    running = []
+    for i in range(n_trials):
+        expected = _rebuilt(service.storage, sid)
+        with monkeypatch.context() as m:
+            m.setattr(_optuna, "suggest", _legacy_suggest)
+            assert _rebuilt(service.storage, sid) == expected
+        t = service.ask(sid)
+        assert t.params == expected, f"trial {i}"
+        loss = (t.params["x"] - 1) ** 2 + abs(math.log10(t.params["lr"]) + 2)
+        if i % 5 == 2:
+            running.append(t.id)  # left pending for a while: the constant liar sees it
+        elif i % 7 == 3:
+            service.report(t.id, [MetricInput(2, "loss", loss + 1)])
+            service.tell(t.id, state="pruned")
+        elif i % 11 == 5:
+            service.tell(t.id, state="failed", error="boom")
+        else:
+            service.tell(t.id, value=loss)
+        if len(running) > 2:
+            service.tell(running.pop(0), value=1.0)
+    studies_held, trials_held = service.histories.size()
+    assert studies_held == 1 and 0 < trials_held < n_trials
+
+
+def test_histories_are_dropped_with_their_study_and_bounded(storage: Storage) -> None:
+    service = StudyService(storage, histories=Histories(max_studies=1))
+    spec = {"sampler": {"type": "tpe", "seed": 3, "n_startup_trials": 2}}
+    a, b = create(service, name="a", **spec), create(service, name="b", **spec)
+    for told in range(4):
+        for sid in (a, b):  # each ask evicts the other study's history
+            expected = _rebuilt(storage, sid)
+            t = service.ask(sid)
+            assert t.params == expected
+            service.tell(t.id, value=t.params["x"] ** 2)
+            assert service.histories.size() == (1, told)  # what it had seen finished
+    service.delete_study(b)
+    assert service.histories.size() == (0, 0)
+
+
+def test_a_history_is_rebuilt_when_the_space_it_was_built_for_changes(
+    service: StudyService,
+) -> None:
+    sid = create(service, sampler={"type": "tpe", "seed": 5, "n_startup_trials": 2})
+    for _ in range(6):
+        t = service.ask(sid)
+        service.tell(t.id, value=t.params["x"] ** 2)
+    with service.storage.write() as s:  # a stored spec edited in place (no API edits a space)
+        study = studies_rows.get(s, sid, lock=True)
+        space = {**study.spec["space"], "x": {"type": "float", "low": 0.0, "high": 1.0}}
+        study.spec = {**study.spec, "space": space}
+        studies_rows.touch(study)
+    expected = _rebuilt(service.storage, sid)
+    t = service.ask(sid)
+    assert t.params == expected and 0.0 <= t.params["x"] <= 1.0
+
+
+def test_racing_asks_of_a_tpe_study_share_its_history_and_leave_it_whole(
+    service: StudyService,
+) -> None:
+    """Threads asking and telling one TPE study at once: every trial number is handed out
+    once, and afterwards the kept history suggests what a full read does."""
+    sid = create(
+        service, sampler={"type": "tpe", "seed": 1, "n_startup_trials": 3}, space=BAYES_SPACE
+    )
+    numbers: list[int] = []
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            for _ in range(6):
+                t = service.ask(sid)
+                numbers.append(t.number)
+                service.tell(t.id, value=(t.params["x"] - 1) ** 2)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert sorted(numbers) == list(range(24))
+    expected = _rebuilt(service.storage, sid)
+    assert service.ask(sid).params == expected

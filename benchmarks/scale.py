@@ -1,0 +1,427 @@
+"""Fast at 10,000 trials: the service side by side with plain Optuna in one run, by section.
+
+``ask``: the latency of one ask of a study that already holds many finished trials.
+
+* Ours: ``hpo serve`` (a subprocess on a fresh SQLite file, scheduler off) answers
+  ``POST /studies/{id}/ask`` over loopback HTTP; every ask is followed by an (untimed) tell,
+  as a client's loop does. Studies are seeded with finished trials by bulk inserts: TPE, random
+  and grid at each of ``--sizes``, GP at ``--gp-trials``. The first ask of each study after the
+  server starts is shown apart ("first": it loads the study's history into the sampler's cache).
+* Optuna: the same ask-suggest (timed) and tell (untimed) with plain ``TPESampler`` /
+  ``GPSampler`` (same options as ours) on an SQLite file (``RDBStorage``), and TPE also on a
+  ``JournalStorage`` file (``--no-journal`` skips it) and, with ``--optuna-postgres URL``, on
+  PostgreSQL. Optuna's studies are seeded the same way (rows and journal lines written
+  directly; ``add_trials`` takes ~35 ms a trial on SQLite).
+
+Figures are medians over the asks after the first. Ratios: TPE ours ÷ Optuna at each size
+(goal ≤ 0.5), GP ours ÷ Optuna (goal ≤ 1), random and grid at the largest size ÷ the
+smallest (goal ≤ 2: flat).
+
+    python benchmarks/scale.py ask                  # 1,000 and 10,000 trials, GP at 200; 1-2 min
+    python benchmarks/scale.py ask --quick          # 300 and 1,000 trials, GP at 60
+    python benchmarks/scale.py ask --sizes 1000,20000 --asks 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+    distribution_to_json,
+)
+from sqlalchemy import create_engine, insert, text, update
+
+from hpo.api.demo import served
+from hpo.service.db import Study, Trial, TrialEvent, TrialParam, make_engine, upgrade_schema
+from hpo.service.db.models import utcnow
+from hpo.service.samplers.grid import grid_points
+from hpo.service.spec import StudySpec
+from hpo.service.storage import Storage
+from hpo.service.studies import StudyService
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+API = "/api/v1"
+KINDS = ("tpe", "random", "grid")  # asked at every size; GP at --gp-trials only
+Params = dict[str, Any]
+
+SPACE: dict[str, dict[str, Any]] = {
+    "x": {"type": "float", "low": -5.0, "high": 5.0},
+    "lr": {"type": "float", "low": 1e-5, "high": 1.0, "log": True},
+    "n": {"type": "int", "low": 1, "high": 8},
+    "opt": {"type": "categorical", "choices": ["sgd", "adam", "rmsprop"]},
+}
+# 101 × 200 = 20,200 points: room for 10,000 seeded trials and the asks after them.
+GRID_SPACE: dict[str, dict[str, Any]] = {
+    "x": {"type": "float", "low": 0.0, "high": 1.0, "step": 0.01},
+    "n": {"type": "int", "low": 1, "high": 200},
+}
+DISTS: dict[str, BaseDistribution] = {
+    "x": FloatDistribution(-5.0, 5.0),
+    "lr": FloatDistribution(1e-5, 1.0, log=True),
+    "n": IntDistribution(1, 8),
+    "opt": CategoricalDistribution(["sgd", "adam", "rmsprop"]),
+}
+
+
+def objective(p: Params) -> float:
+    """A cheap function of every parameter kind, so the samplers have something to model."""
+    value = (p["x"] - 1.0) ** 2 + 0.1 * (p.get("n", 3) - 3) ** 2
+    if "lr" in p:
+        value += (math.log10(p["lr"]) + 2.5) ** 2 + (0.5 if p["opt"] == "sgd" else 0.0)
+    return value
+
+
+def random_params(rng: random.Random) -> Params:
+    return {
+        "x": rng.uniform(-5.0, 5.0),
+        "lr": 10 ** rng.uniform(-5.0, 0.0),
+        "n": rng.randint(1, 8),
+        "opt": rng.choice(["sgd", "adam", "rmsprop"]),
+    }
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+# --- ours: seeding and asking over HTTP -------------------------------------------------------
+
+
+def seed_ours(storage: Storage, sampler: str, n: int, rng: random.Random) -> int:
+    """A running study named ``{sampler}-{n}`` with ``n`` complete trials, bulk-inserted."""
+    grid = sampler == "grid"
+    spec = StudySpec.model_validate(
+        {
+            "name": f"{sampler}-{n}",
+            "objective": {"metric": "loss", "direction": "minimize"},
+            "sampler": {"type": sampler, "seed": 0},
+            "lease_s": 86_400,
+            "space": GRID_SPACE if grid else SPACE,
+        }
+    )
+    study_id = StudyService(storage).create_study(spec).id
+    points = grid_points(spec)[:n] if grid else [random_params(rng) for _ in range(n)]
+    with storage.read() as s:
+        first_id = (s.scalar(text("SELECT max(id) FROM trials")) or 0) + 1
+    now = utcnow()
+    trials, params, events = [], [], []
+    for i, p in enumerate(points):
+        tid = first_id + i
+        trials.append(
+            {
+                "id": tid,
+                "study_id": study_id,
+                "number": i,
+                "state": "complete",
+                "value": objective(p),
+                "attempts": 1,
+                "seq": i + 2,
+                "created_at": now,
+                "started_at": now - timedelta(seconds=1),
+                "finished_at": now,
+                "suggestion": {"sampler": sampler},
+            }
+        )
+        params += [
+            {"trial_id": tid, "name": k, "position": j, "value": v}
+            for j, (k, v) in enumerate(p.items())
+        ]
+        events.append({"trial_id": tid, "state": "complete", "attempt": 1, "time": now})
+    with storage.write() as s:
+        for k in range(0, n, 5_000):
+            s.execute(insert(Trial), trials[k : k + 5_000])
+            s.execute(insert(TrialEvent), events[k : k + 5_000])
+        for k in range(0, len(params), 20_000):
+            s.execute(insert(TrialParam), params[k : k + 20_000])
+        s.execute(
+            update(Study)
+            .where(Study.id == study_id)
+            .values(seq=n + 2, next_number=n, updated_at=now)
+        )
+    return study_id
+
+
+def ask_ours(client: httpx.Client, study_id: int, asks: int) -> list[float]:
+    """Seconds of each of ``asks`` asks (each then told, untimed)."""
+    times = []
+    for _ in range(asks):
+        t0 = time.perf_counter()
+        r = client.post(f"{API}/studies/{study_id}/ask")
+        times.append(time.perf_counter() - t0)
+        r.raise_for_status()
+        trial = r.json()
+        value = objective(trial["params"])
+        client.post(
+            f"{API}/trials/{trial['trial_id']}/tell", json={"value": value}
+        ).raise_for_status()
+    return times
+
+
+# --- plain Optuna: seeding and asking ----------------------------------------------------------
+
+
+def optuna_sampler(kind: str) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler with the options ours passes it (service/samplers/tpe.py, gp.py)."""
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=0, n_startup_trials=10)
+    return optuna.samplers.TPESampler(
+        seed=0, n_startup_trials=10, multivariate=True, constant_liar=True
+    )
+
+
+def seed_optuna_rdb(url: str, kind: str, n: int, rng: random.Random) -> optuna.Study:
+    """A plain Optuna study on an RDB ``url`` with ``n`` complete trials (rows inserted)."""
+    study = optuna.create_study(storage=url, sampler=optuna_sampler(kind))
+    grow_optuna_rdb(url, study, n, rng)
+    return study
+
+
+def grow_optuna_rdb(url: str, study: optuna.Study, n: int, rng: random.Random) -> None:
+    """Insert ``n`` more complete trials into an Optuna RDB study (its schema, its encoding)."""
+    engine = create_engine(url)
+    dist_json = {k: distribution_to_json(d) for k, d in DISTS.items()}
+    with engine.begin() as c:
+        first_id = (c.scalar(text("SELECT max(trial_id) FROM trials")) or 0) + 1
+        first_number = c.scalar(
+            text("SELECT count(*) FROM trials WHERE study_id = :s"), {"s": study._study_id}
+        )
+        first_param = (c.scalar(text("SELECT max(param_id) FROM trial_params")) or 0) + 1
+        first_value = (c.scalar(text("SELECT max(trial_value_id) FROM trial_values")) or 0) + 1
+        now = utcnow().replace(tzinfo=None)
+        trials, params, values = [], [], []
+        for i in range(n):
+            tid = first_id + i
+            p = random_params(rng)
+            trials.append(
+                {"id": tid, "number": first_number + i, "study": study._study_id, "now": now}
+            )
+            values.append({"id": first_value + i, "trial": tid, "value": objective(p)})
+            for name, v in p.items():
+                params.append(
+                    {
+                        "id": first_param + len(params),
+                        "trial": tid,
+                        "name": name,
+                        "value": DISTS[name].to_internal_repr(v),
+                        "dist": dist_json[name],
+                    }
+                )
+        c.execute(
+            text(
+                "INSERT INTO trials (trial_id, number, study_id, state, datetime_start, "
+                "datetime_complete) VALUES (:id, :number, :study, 'COMPLETE', :now, :now)"
+            ),
+            trials,
+        )
+        c.execute(
+            text(
+                "INSERT INTO trial_values (trial_value_id, trial_id, objective, value, value_type) "
+                "VALUES (:id, :trial, 0, :value, 'FINITE')"
+            ),
+            values,
+        )
+        c.execute(
+            text(
+                "INSERT INTO trial_params (param_id, trial_id, param_name, param_value, "
+                "distribution_json) VALUES (:id, :trial, :name, :value, :dist)"
+            ),
+            params,
+        )
+        if engine.dialect.name == "postgresql":  # the sequences behind the ids we chose
+            for table, key in (
+                ("trials", "trial_id"),
+                ("trial_values", "trial_value_id"),
+                ("trial_params", "param_id"),
+            ):
+                c.execute(
+                    text(
+                        f"SELECT setval(pg_get_serial_sequence('{table}', '{key}'), "
+                        f"(SELECT max({key}) FROM {table}))"
+                    )
+                )
+    engine.dispose()
+
+
+def seed_optuna_journal(path: Path, n: int, rng: random.Random) -> optuna.Study:
+    """A plain Optuna TPE study on a JournalStorage file with ``n`` complete trials (journal
+    lines written as Optuna writes them, then replayed by Optuna)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    now = utcnow().isoformat()
+    dist_json = {k: distribution_to_json(d) for k, d in DISTS.items()}
+    lines = [{"op_code": 0, "worker_id": "seed", "study_name": "tpe", "directions": [1]}]
+    for _ in range(n):
+        p = random_params(rng)
+        lines.append(
+            {
+                "op_code": 4,
+                "worker_id": "seed",
+                "study_id": 0,
+                "datetime_start": now,
+                "state": 1,
+                "value": objective(p),
+                "values": None,
+                "datetime_complete": now,
+                "distributions": dist_json,
+                "params": {k: DISTS[k].to_internal_repr(v) for k, v in p.items()},
+                "user_attrs": {},
+                "system_attrs": {},
+                "intermediate_values": {},
+            }
+        )
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    return optuna.load_study(study_name="tpe", storage=storage, sampler=optuna_sampler("tpe"))
+
+
+def ask_optuna(study: optuna.Study, asks: int) -> list[float]:
+    """Seconds of each of ``asks`` ask-and-suggest (each then told, untimed)."""
+    times = []
+    for _ in range(asks):
+        t0 = time.perf_counter()
+        trial = study.ask()
+        p = {
+            "x": trial.suggest_float("x", -5.0, 5.0),
+            "lr": trial.suggest_float("lr", 1e-5, 1.0, log=True),
+            "n": trial.suggest_int("n", 1, 8),
+            "opt": trial.suggest_categorical("opt", ["sgd", "adam", "rmsprop"]),
+        }
+        times.append(time.perf_counter() - t0)
+        study.tell(trial, objective(p))
+    return times
+
+
+# --- the ask section ---------------------------------------------------------------------------
+
+
+class Table:
+    """Rows of (what, n, first ask, median, p90) in ms, and the medians by key."""
+
+    def __init__(self) -> None:
+        self.rows: list[str] = []
+        self.median: dict[tuple[str, int], float] = {}
+
+    def add(self, what: str, n: int, times: list[float]) -> None:
+        rest = times[1:] or times
+        med = statistics.median(rest)
+        self.median[(what, n)] = med
+        self.rows.append(
+            f"| {what} | {n:,} | {times[0] * 1e3:,.1f} | {med * 1e3:,.1f} "
+            f"| {pct(rest, 90) * 1e3:,.1f} | {len(rest)} |"
+        )
+        print(self.rows[-1], flush=True)
+
+
+def run_ask(args: argparse.Namespace) -> None:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rng = random.Random(0)
+    table = Table()
+    with tempfile.TemporaryDirectory(prefix="hpo-scale-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        url = f"sqlite:///{work / 'hpo.db'}"
+        engine = make_engine(url)
+        upgrade_schema(engine)
+        storage = Storage(engine)
+        ours = {(kind, n): seed_ours(storage, kind, n, rng) for n in sizes for kind in KINDS}
+        ours["gp", args.gp_trials] = seed_ours(storage, "gp", args.gp_trials, rng)
+        engine.dispose()
+        # Plain Optuna: one study per size and storage, seeded the same way.
+        theirs: dict[tuple[str, int], optuna.Study] = {}
+        for n in sizes:
+            theirs["SQLite", n] = seed_optuna_rdb(f"sqlite:///{work / f'o{n}.db'}", "tpe", n, rng)
+            if args.journal:
+                theirs["Journal", n] = seed_optuna_journal(work / f"j{n}.log", n, rng)
+            if args.optuna_postgres:
+                theirs["PostgreSQL", n] = seed_optuna_rdb(args.optuna_postgres, "tpe", n, rng)
+        gp_url = f"sqlite:///{work / 'ogp.db'}"
+        their_gp = seed_optuna_rdb(gp_url, "gp", args.gp_trials, rng)
+        print(f"(seeded in {time.perf_counter() - t0:.1f} s)\n", flush=True)
+
+        print("| what | finished trials | first ask ms | median ms | p90 ms | asks |")
+        print("|---|---:|---:|---:|---:|---:|")
+        env = {"HPO_DATABASE_URL": url, "HPO_SCHEDULER": "false", "HPO_LOG_LEVEL": "warning"}
+        env["HPO_RATE_LIMIT_PER_S"] = "0"
+        with served(work, env=env) as (base, token):
+            headers = {"Authorization": f"Bearer {token}"}
+            with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
+                # Rounds alternate ours and Optuna so that both see the same machine load.
+                for n in sizes:
+                    times: dict[str, list[float]] = {}
+                    for _ in range(args.asks + 1):
+                        for kind in KINDS:
+                            key = f"ours {kind} (HTTP)"
+                            times.setdefault(key, []).extend(ask_ours(client, ours[kind, n], 1))
+                        for where in ("SQLite", "Journal", "PostgreSQL"):
+                            if (where, n) in theirs:
+                                key = f"optuna tpe ({where})"
+                                times.setdefault(key, []).extend(ask_optuna(theirs[where, n], 1))
+                    for key, ts in times.items():
+                        table.add(key, n, ts)
+                n = args.gp_trials
+                times = {"ours gp (HTTP)": [], "optuna gp (SQLite)": []}
+                for _ in range(args.gp_asks + 1):
+                    times["ours gp (HTTP)"] += ask_ours(client, ours["gp", n], 1)
+                    times["optuna gp (SQLite)"] += ask_optuna(their_gp, 1)
+                for key, ts in times.items():
+                    table.add(key, n, ts)
+
+    m = table.median
+    print("\nratios of medians:")
+    for n in sizes:
+        for where in ("SQLite", "Journal", "PostgreSQL"):
+            if (f"optuna tpe ({where})", n) in m:
+                r = m["ours tpe (HTTP)", n] / m[f"optuna tpe ({where})", n]
+                goal = "  (goal ≤ 0.5)" if where == "SQLite" else ""
+                print(f"  TPE at {n:,}: ours / Optuna on {where} = {r:.2f}{goal}")
+    n = args.gp_trials
+    g = m["ours gp (HTTP)", n] / m["optuna gp (SQLite)", n]
+    print(f"  GP at {n}: ours / Optuna on SQLite = {g:.2f}  (goal ≤ 1)")
+    lo, hi = sizes[0], sizes[-1]
+    for kind in KINDS:
+        r = m[f"ours {kind} (HTTP)", hi] / m[f"ours {kind} (HTTP)", lo]
+        goal = "  (goal ≤ 2)" if kind != "tpe" else ""
+        print(f"  ours {kind} at {hi:,} / at {lo:,} = {r:.2f}{goal}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sections = ap.add_subparsers(dest="section", required=True)
+    ask = sections.add_parser("ask", help="ask latency at many finished trials, against Optuna")
+    ask.add_argument("--sizes", default="1000,10000", help="finished trials (comma-separated)")
+    ask.add_argument("--asks", type=int, default=15, help="timed asks per study after the first")
+    ask.add_argument("--gp-trials", type=int, default=200)
+    ask.add_argument("--gp-asks", type=int, default=5)
+    ask.add_argument("--no-journal", dest="journal", action="store_false")
+    ask.add_argument("--optuna-postgres", metavar="URL", help="also Optuna TPE on this database")
+    ask.add_argument("--quick", action="store_true", help="300 and 1,000 trials, GP at 60")
+    args = ap.parse_args(argv)
+    if args.section == "ask":
+        if args.quick:
+            args.sizes, args.gp_trials, args.asks, args.gp_asks = "300,1000", 60, 5, 3
+        run_ask(args)
+
+
+if __name__ == "__main__":
+    main()
