@@ -23,7 +23,7 @@ all on free ports, all stopped by their PIDs (never ``ray stop``). Then:
 
     python benchmarks/cluster.py                          # all three, ~4 min here
     python benchmarks/cluster.py --only dispatch --tracked 50 200 --ranks 2 --profile
-    python benchmarks/cluster.py --only failover --freeze  # SIGSTOP the leader instead of kill
+    python benchmarks/cluster.py --only failover --modes freeze  # SIGSTOP the leader only
 
 It is a benchmark, not a test: it prints figures and asserts nothing about timings.
 """
@@ -589,7 +589,8 @@ def run_node_loss(cluster: SimCluster, args: argparse.Namespace, tmp: Path) -> d
         )
         failed = [e for e in done.events or [] if e.state == "failed"]
         relaunched = [e for e in done.events or [] if e.state == "running" and e.attempt >= 2]
-        steps = [p.step for p in study.metrics(trial.id, "loss")]
+        points = study.metrics(trial.id, "loss")
+        steps = [p.step for p in points]
         placed = (again.placement or {}).get("ranks") or [{}]
         new_node = cluster.node_of(placed[0].get("pid", -1))
         return {
@@ -602,7 +603,7 @@ def run_node_loss(cluster: SimCluster, args: argparse.Namespace, tmp: Path) -> d
             "attempts": done.attempts,
             "state": done.state,
             "loss_detail": (failed[0].detail or "")[:160] if failed else "",
-            "resumed_after_step": _resumed_after(steps),
+            "resumed_after_step": _resumed_after(points),
             "duplicate_steps": len(steps) - len(set(steps)),
             "steps": f"{len(set(steps))}/{args.steps}",
         }
@@ -610,15 +611,10 @@ def run_node_loss(cluster: SimCluster, args: argparse.Namespace, tmp: Path) -> d
         server.stop()
 
 
-def _resumed_after(steps: list[int]) -> int | None:
-    """The checkpoint step the second attempt resumed from: the last step before a repeat or
-    before the second attempt's first point (points arrive in order per attempt)."""
-    seen = set()
-    for step in steps:
-        if step in seen:
-            return step - 1
-        seen.add(step)
-    return None
+def _resumed_after(points: list[Any]) -> int | None:
+    """The checkpoint step the later attempt resumed from: the step before its first point."""
+    later = [p.step for p in points if p.attempt >= 2]
+    return min(later) - 1 if later else None
 
 
 class Forwarder:
@@ -629,6 +625,7 @@ class Forwarder:
         from hpo.api.demo import free_port
 
         self.backends = backends
+        self.down: set[int] = set()  # what a load balancer's health check has taken out
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
@@ -646,7 +643,7 @@ class Forwarder:
             self._loop.run_until_complete(server.serve_forever())
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        for port in self.backends:
+        for port in [p for p in self.backends if p not in self.down]:
             try:
                 up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
                 break
@@ -667,6 +664,15 @@ class Forwarder:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
+def _lease_epoch(url: str) -> int:
+    """The scheduler lease's epoch: 1 + how many times it changed hands."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT epoch FROM leases WHERE name = 'scheduler'").fetchone()
+    return int(row[0]) if row else 0
+
+
 def _health(server: Any) -> dict:
     import httpx
 
@@ -676,7 +682,7 @@ def _health(server: Any) -> dict:
         return {}
 
 
-def run_failover(cluster: SimCluster, args: argparse.Namespace, tmp: Path) -> dict:
+def run_failover(cluster: SimCluster, args: argparse.Namespace, tmp: Path, freeze: bool) -> dict:
     """Two replicas on one PostgreSQL database; kill -9 (or SIGSTOP) the leader mid-study."""
     from hpo.api.demo import free_port
     from tests.conftest import ServerProcess, create_pg_database, drop_pg_database, wait_for
@@ -693,8 +699,8 @@ def run_failover(cluster: SimCluster, args: argparse.Namespace, tmp: Path) -> di
     servers: list[Any] = []
     try:
         for name, port in zip(("a", "b"), ports, strict=True):
-            (tmp / name).mkdir()
-            server = ServerProcess(url, tmp / name, env)
+            (tmp / f"{name}-{freeze}").mkdir()
+            server = ServerProcess(url, tmp / f"{name}-{freeze}", env)
             server.port, server.url = port, f"http://127.0.0.1:{port}"
             server.start()
             servers.append(server)
@@ -718,15 +724,24 @@ def run_failover(cluster: SimCluster, args: argparse.Namespace, tmp: Path) -> di
             "the first trials to complete",
         )
         wait_for(lambda: study.trials(state="running"), 60, "trials in flight")
+        epoch_before = _lease_epoch(url)
+        leader = wait_for(  # again: under load a leader can lose the lease mid-study
+            lambda: next((s for s in servers if _health(s).get("scheduler") == "running"), None),
+            60,
+            "the leader now",
+        )
+        standby = next(s for s in servers if s is not leader)
         known = {t.id for t in study.trials()}
         in_flight = {t.id for t in study.trials(state="running")}
         assert leader.proc is not None
+        forwarder.down.add(leader.port)  # its health check fails (not timed here)
         killed_at = time.time()
-        if args.freeze:
-            os.kill(leader.proc.pid, signal.SIGSTOP)  # hung: its process still exists
-        else:
+        if freeze:  # hung, or on another host: its process looks alive, the lease must expire
+            os.kill(leader.proc.pid, signal.SIGSTOP)
+        else:  # and reaped, as its supervisor would: the standby sees the holder is gone
             os.kill(leader.proc.pid, signal.SIGKILL)
-        print(f"failover: leader {'frozen' if args.freeze else 'killed'}", flush=True)
+            leader.proc.wait(timeout=30)
+        print(f"failover: leader {'frozen' if freeze else 'killed'}", flush=True)
         wait_for(lambda: _health(standby).get("scheduler") == "running", 120, "the take-over")
         leading_s = time.time() - killed_at
         client = standby.client()
@@ -746,6 +761,8 @@ def run_failover(cluster: SimCluster, args: argparse.Namespace, tmp: Path) -> di
             duplicated += len(steps) - len(set(steps))
         adopted = [t for t in trials if t.id in in_flight]
         return {
+            "handovers_before_kill": epoch_before - 1,
+            "handovers_after_kill": _lease_epoch(url) - epoch_before,
             "leader_s": leading_s,
             "next_launch_s": launched_s,
             "trials": len(trials),
@@ -756,11 +773,11 @@ def run_failover(cluster: SimCluster, args: argparse.Namespace, tmp: Path) -> di
             "in_flight_attempts": [t.attempts for t in adopted],
             "duplicate_points": duplicated,
             "lease_s": args.lease_s,
-            "mode": "SIGSTOP" if args.freeze else "kill -9",
+            "mode": "SIGSTOP (lease expiry)" if freeze else "kill -9 (holder gone)",
         }
     finally:
         for server in servers:
-            if args.freeze and server.proc is not None:
+            if freeze and server.proc is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(server.proc.pid, signal.SIGCONT)
             server.stop()
@@ -770,7 +787,7 @@ def run_failover(cluster: SimCluster, args: argparse.Namespace, tmp: Path) -> di
 # ---------------------------------------------------------------------------- report
 
 
-def report(dispatch: list[dict], node: dict | None, failover: dict | None, args: Any) -> None:
+def report(dispatch: list[dict], node: dict | None, failover: list[dict], args: Any) -> None:
     if dispatch:
         print(f"\n### Dispatch ({args.ranks} rank(s) per attempt, no-op trainable)\n")
         for r in dispatch:
@@ -830,17 +847,18 @@ def report(dispatch: list[dict], node: dict | None, failover: dict | None, args:
         print(
             "| leader | lease_s | standby leads after | next trial launched after | "
             "in flight at kill (attempts after) | trials (states) | attempts per trial | "
-            "duplicate points |"
+            "duplicate points | lease handovers before / after |"
         )
-        print("|---|---|---|---|---|---|---|---|")
-        f = failover
-        print(
-            f"| {f['mode']} | {f['lease_s']} | {f['leader_s']:.1f} s | "
-            f"{f['next_launch_s']:.1f} s | {f['in_flight_at_kill']} "
-            f"({f['in_flight_attempts']}) | {f['trials']} ({f['states']}) | {f['attempts']} | "
-            f"{f['duplicate_points']} |"
-        )
-        print(f"every trial number once: {f['numbers_unique']}")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for f in failover:
+            print(
+                f"| {f['mode']} | {f['lease_s']} | {f['leader_s']:.1f} s | "
+                f"{f['next_launch_s']:.1f} s | {f['in_flight_at_kill']} "
+                f"({f['in_flight_attempts']}) | {f['trials']} ({f['states']}) | "
+                f"{f['attempts']} | {f['duplicate_points']} | "
+                f"{f['handovers_before_kill']} / {f['handovers_after_kill']} |"
+            )
+        print(f"every trial number once: {[f['numbers_unique'] for f in failover]}")
     print(json.dumps({"dispatch": dispatch, "node_loss": node, "failover": failover}, default=str))
 
 
@@ -868,7 +886,13 @@ def main() -> None:
     parser.add_argument("--fo-trials", type=int, default=12)
     parser.add_argument("--fo-concurrent", type=int, default=3)
     parser.add_argument("--fo-steps", type=int, default=8)
-    parser.add_argument("--freeze", action="store_true", help="SIGSTOP the leader, not kill")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["kill", "freeze"],
+        default=["kill", "freeze"],
+        help="failover drills: kill -9 the leader; SIGSTOP it (its lease must expire)",
+    )
     args = parser.parse_args()
     only = set(args.only or ["dispatch", "node-loss", "failover"])
     sys.path.insert(0, str(ROOT))
@@ -877,7 +901,7 @@ def main() -> None:
         os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     os.environ["HPO_EXTRA_TRAINABLES"] = NOOP
     started = time.perf_counter()
-    dispatch, node, failover = [], None, None
+    dispatch, node, failover = [], None, []
     with tempfile.TemporaryDirectory(prefix="hpo-cluster-") as tmp_dir:
         tmp = Path(tmp_dir)
         with sim_cluster(args.nodes, args.cpus) as cluster:
@@ -886,7 +910,7 @@ def main() -> None:
             if "node-loss" in only:
                 node = run_node_loss(cluster, args, tmp)
             if "failover" in only:  # on the nodes left
-                failover = run_failover(cluster, args, tmp)
+                failover = [run_failover(cluster, args, tmp, m == "freeze") for m in args.modes]
     print(f"\ntotal {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores")
     report(dispatch, node, failover, args)
 
