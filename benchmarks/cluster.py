@@ -359,7 +359,7 @@ def run_dispatch(cluster: SimCluster, args: argparse.Namespace) -> list[dict]:
         t0 = time.perf_counter()
         for launch in warm:
             executor.launch(launch)
-        _wait_all_ended(executor, timeout=args.burst_timeout)
+        _wait_all_ended(executor, args.burst_timeout, 0.05)
         for launch in warm:
             executor.release(launch.ref)
         print(f"dispatch: {slots} worker slots warm in {time.perf_counter() - t0:.0f} s")
@@ -430,7 +430,7 @@ def _burst(
         executor.launch(launch)
         launch_s.append(time.perf_counter() - t)
     launched = time.perf_counter() - t0
-    polls, peak = _wait_all_ended(executor, timeout=args.burst_timeout) if wait else ([], 0)
+    polls, peak = _wait_all_ended(executor, args.burst_timeout, args.poll_s) if wait else ([], 0)
     done = time.perf_counter() - t0
     after = cpu_snapshot(cluster)
     if profiler is not None:
@@ -488,9 +488,9 @@ def _cpu_of(pid: int | None) -> float:
     return times.user + times.system
 
 
-def _wait_all_ended(executor: Any, timeout: float) -> tuple[list[float], int]:
-    """Poll every 50 ms (as a busy scheduler would) until no tracked attempt runs; returns
-    the poll latencies and the most attempts seen running at once."""
+def _wait_all_ended(executor: Any, timeout: float, every_s: float) -> tuple[list[float], int]:
+    """Poll every ``every_s`` (as the scheduler's tick does) until no tracked attempt runs;
+    returns the poll latencies and the most attempts seen running at once."""
     from hpo.service.executor import AttemptState
 
     polls, peak = [], 0
@@ -503,7 +503,7 @@ def _wait_all_ended(executor: Any, timeout: float) -> tuple[list[float], int]:
         peak = max(peak, running)
         if all(s.state.ended for s in statuses):
             return polls, peak
-        time.sleep(0.05)
+        time.sleep(every_s)
     raise RuntimeError(f"attempts still running after {timeout} s")
 
 
@@ -731,6 +731,7 @@ def run_failover(cluster: SimCluster, args: argparse.Namespace, tmp: Path, freez
             "the leader now",
         )
         standby = next(s for s in servers if s is not leader)
+        study = standby.client().study(study.id)
         known = {t.id for t in study.trials()}
         in_flight = {t.id for t in study.trials(state="running")}
         assert leader.proc is not None
@@ -859,7 +860,6 @@ def report(dispatch: list[dict], node: dict | None, failover: list[dict], args: 
                 f"{f['handovers_before_kill']} / {f['handovers_after_kill']} |"
             )
         print(f"every trial number once: {[f['numbers_unique'] for f in failover]}")
-    print(json.dumps({"dispatch": dispatch, "node_loss": node, "failover": failover}, default=str))
 
 
 def main() -> None:
@@ -877,6 +877,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=1, help="ranks per no-op attempt")
     parser.add_argument("--sleep-s", type=float, default=0.0, help="no-op attempt duration")
     parser.add_argument("--polls", type=int, default=20, help="timed polls per burst")
+    parser.add_argument(
+        "--poll-s", type=float, default=0.2, help="poll interval in bursts (a scheduler tick)"
+    )
     parser.add_argument("--burst-timeout", type=float, default=600)
     parser.add_argument("--profile", action="store_true", help="py-spy the dispatcher")
     parser.add_argument("--steps", type=int, default=30, help="node-loss trial steps")
@@ -907,12 +910,15 @@ def main() -> None:
         with sim_cluster(args.nodes, args.cpus) as cluster:
             if "dispatch" in only:
                 dispatch = run_dispatch(cluster, args)
+                report(dispatch, None, [], args)
             if "node-loss" in only:
                 node = run_node_loss(cluster, args, tmp)
-            if "failover" in only:  # on the nodes left
-                failover = [run_failover(cluster, args, tmp, m == "freeze") for m in args.modes]
+                report([], node, [], args)
+            for mode in args.modes if "failover" in only else []:  # on the nodes left
+                failover.append(run_failover(cluster, args, tmp, mode == "freeze"))
+                report([], None, failover[-1:], args)
     print(f"\ntotal {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores")
-    report(dispatch, node, failover, args)
+    print(json.dumps({"dispatch": dispatch, "node_loss": node, "failover": failover}, default=str))
 
 
 if __name__ == "__main__":
