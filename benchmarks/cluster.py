@@ -6,22 +6,25 @@ all on free ports, all stopped by their PIDs (never ``ray stop``). Then:
 
 1. **dispatch**: this process drives :class:`hpo.service.ray_executor.RayExecutor` the way the
    scheduler does (``launch`` one :class:`AttemptLaunch` at a time, ``statuses`` to poll)
-   with attempts of a trainable that does nothing; bursts bring the attempts the dispatcher
-   tracks to each of ``--tracked`` (default 50, 200, 1000). Printed per burst: launches/s
-   (the ``launch`` calls), attempts finished/s, poll latency with that many attempts tracked,
-   and the CPU seconds per attempt of each process (dispatcher actor, GCS, raylets, rank
-   workers, this driver), so the limit shows. ``--profile`` samples the dispatcher with
-   py-spy during the largest burst.
+   with attempts of a trainable that does nothing: first one at a time (latency on warm
+   workers), then bursts that bring the attempts the dispatcher tracks to each of
+   ``--tracked`` (default 50, 150), then attempts that cannot be placed (bundles larger than
+   any node) up to ``--pending`` (default 1,000: the dispatcher's own launch path, and polls
+   with that many tracked). Printed per burst: launches/s (the ``launch`` calls), attempts
+   finished/s, poll latency, and the CPU milliseconds per attempt of each process
+   (dispatcher actor, GCS, raylets, rank workers, this driver), so the limit shows.
+   ``--profile`` samples the dispatcher with py-spy during the largest burst.
 2. **node loss**: ``hpo serve`` (SQLite) on the cluster runs one checkpointing trial; once it
    has a few steps, every process of the raylet its rank runs on is killed (kill -9 by PID);
    printed: time until attempt 2 runs on another node, and the checkpoint step it resumed at.
 3. **failover**: two ``hpo serve`` replicas on one throwaway PostgreSQL database
    (``HPO_SCHEDULER_LEASE_S=3``) behind a TCP forwarder (their ``HPO_PUBLIC_URL``, as a load
-   balancer would be) run a study of short trials; the leader is killed (kill -9); printed:
-   time until the standby holds the scheduler lease, re-adopts and launches the next trial,
-   and whether every trial ran exactly once.
+   balancer would be) run a study of short trials; the leader is killed (kill -9, and reaped:
+   the standby sees its process is gone) or frozen (SIGSTOP: its lease must expire, as for a
+   leader on another host); printed: time until the standby holds the scheduler lease and
+   launches the next trial, and whether every trial ran exactly once.
 
-    python benchmarks/cluster.py                          # all three, ~4 min here
+    python benchmarks/cluster.py                          # all three, ~5-6 min here
     python benchmarks/cluster.py --only dispatch --tracked 50 200 --ranks 2 --profile
     python benchmarks/cluster.py --only failover --modes freeze  # SIGSTOP the leader only
 
@@ -868,7 +871,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3, help="extra raylets")
     parser.add_argument("--cpus", type=int, default=4, help="fake CPUs per raylet")
     parser.add_argument(
-        "--tracked", type=int, nargs="+", default=[50, 200], help="no-op attempts tracked"
+        "--tracked", type=int, nargs="+", default=[50, 150], help="no-op attempts tracked"
     )
     parser.add_argument(
         "--pending", type=int, default=1000, help="then attempts tracked, unplaceable ones added"
@@ -886,7 +889,7 @@ def main() -> None:
     parser.add_argument("--step-s", type=float, default=0.3)
     parser.add_argument("--kill-after-step", type=int, default=5)
     parser.add_argument("--lease-s", type=float, default=3.0, help="HPO_SCHEDULER_LEASE_S")
-    parser.add_argument("--fo-trials", type=int, default=12)
+    parser.add_argument("--fo-trials", type=int, default=9)
     parser.add_argument("--fo-concurrent", type=int, default=3)
     parser.add_argument("--fo-steps", type=int, default=8)
     parser.add_argument(
