@@ -788,10 +788,67 @@ def run_failover(cluster: SimCluster, args: argparse.Namespace, tmp: Path, freez
         drop_pg_database(url)
 
 
+# ------------------------------------------------------------- part 4: scheduler tick
+
+
+def run_tick(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """In-process, no Ray: what a scheduler tick's study queries cost as completed studies
+    accumulate, and the fair-share sort of ``Scheduler._launch`` per launch."""
+    from hpo.service.db import make_engine, upgrade_schema
+    from hpo.service.executor import AttemptRef
+    from hpo.service.scheduler import Scheduler, _InFlight
+    from hpo.service.spec import StudySpec
+    from hpo.service.storage import Storage
+    from hpo.service.studies import StudyService
+
+    engine = make_engine(args.tick_database or f"sqlite:///{tmp / 'tick.db'}")
+    upgrade_schema(engine)
+    service = StudyService(Storage(engine))
+    rows: list[dict] = []
+    done = 0
+    for target in sorted(args.completed):
+        while done < target:  # a one-trial study, told and evaluated: nothing left to do
+            spec = StudySpec.model_validate(_synthetic(f"done-{done}", 1, 0.0))
+            study = service.create_study(spec)
+            trial = service.ask(study.id, dispatched=True)
+            service.tell(trial.id, values=[0.5])
+            service.storage.set_test_metrics(trial.id, {"test_loss": 0.5})
+            done += 1
+        row: dict[str, Any] = {"kind": "queries", "completed": done}
+        for name, call in (
+            ("studies_to_evaluate", lambda: service.studies_to_evaluate(set())),
+            ("dispatched_studies", service.dispatched_studies),
+        ):
+            call()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                call()
+            row[name + "_ms"] = 1000 * (time.perf_counter() - t0) / 5
+        rows.append(row)
+        print(f"tick: {done} completed studies measured", flush=True)
+    engine.dispose()
+    scheduler = Scheduler.__new__(Scheduler)  # only its in-flight table and turn counter
+    for studies, in_flight in ((10, 100), (100, 1000)):
+        scheduler.in_flight = {
+            AttemptRef(i, 1): _InFlight(i % studies, 1) for i in range(in_flight)
+        }
+        scheduler._turn = 0
+        candidates = [(sid, None) for sid in range(studies)]
+        t0 = time.perf_counter()
+        for _ in range(20):  # the sort of one iteration of _launch's loop
+            scheduler._turn += 1
+            candidates.sort(key=lambda c: (scheduler._count(c[0]), (c[0] + scheduler._turn) % 997))
+        ms = 1000 * (time.perf_counter() - t0) / 20
+        rows.append({"kind": "fair share", "studies": studies, "in_flight": in_flight, "ms": ms})
+    return rows
+
+
 # ---------------------------------------------------------------------------- report
 
 
-def report(dispatch: list[dict], node: dict | None, failover: list[dict], args: Any) -> None:
+def report(
+    dispatch: list[dict], node: dict | None, failover: list[dict], args: Any, tick: list[dict] = ()
+) -> None:
     if dispatch:
         print(f"\n### Dispatch ({args.ranks} rank(s) per attempt, no-op trainable)\n")
         for r in dispatch:
@@ -831,6 +888,18 @@ def report(dispatch: list[dict], node: dict | None, failover: list[dict], args: 
         for r in bursts:
             for line in r.get("profile", []):
                 print(line)
+    for r in tick:
+        if r["kind"] == "queries":
+            print(
+                f"tick: {r['completed']} completed studies: studies_to_evaluate "
+                f"{r['studies_to_evaluate_ms']:.1f} ms, dispatched_studies "
+                f"{r['dispatched_studies_ms']:.1f} ms per tick"
+            )
+        else:
+            print(
+                f"tick: fair-share sort with {r['studies']} studies, {r['in_flight']} in "
+                f"flight: {r['ms']:.2f} ms per launch"
+            )
     if node:
         print("\n### Node loss\n")
         print(
@@ -867,7 +936,18 @@ def report(dispatch: list[dict], node: dict | None, failover: list[dict], args: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["dispatch", "node-loss", "failover"], nargs="*")
+    parser.add_argument(
+        "--only",
+        choices=["dispatch", "node-loss", "failover", "tick"],
+        nargs="*",
+        help="parts to run (default: dispatch, node-loss, failover; tick only when named)",
+    )
+    parser.add_argument(
+        "--completed", type=int, nargs="+", default=[10, 100, 300], help="tick: studies"
+    )
+    parser.add_argument(
+        "--tick-database", help="tick: an empty database URL (default: a SQLite file)"
+    )
     parser.add_argument("--nodes", type=int, default=3, help="extra raylets")
     parser.add_argument("--cpus", type=int, default=4, help="fake CPUs per raylet")
     parser.add_argument(
@@ -907,10 +987,15 @@ def main() -> None:
         os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     os.environ["HPO_EXTRA_TRAINABLES"] = NOOP
     started = time.perf_counter()
-    dispatch, node, failover = [], None, []
+    dispatch, node, failover, tick = [], None, [], []
     with tempfile.TemporaryDirectory(prefix="hpo-cluster-") as tmp_dir:
         tmp = Path(tmp_dir)
-        with sim_cluster(args.nodes, args.cpus) as cluster:
+        if "tick" in only:
+            tick = run_tick(args, tmp)
+            report([], None, [], args, tick)
+        with contextlib.ExitStack() as stack:
+            if only & {"dispatch", "node-loss", "failover"}:
+                cluster = stack.enter_context(sim_cluster(args.nodes, args.cpus))
             if "dispatch" in only:
                 dispatch = run_dispatch(cluster, args)
                 report(dispatch, None, [], args)
@@ -921,7 +1006,8 @@ def main() -> None:
                 failover.append(run_failover(cluster, args, tmp, mode == "freeze"))
                 report([], None, failover[-1:], args)
     print(f"\ntotal {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores")
-    print(json.dumps({"dispatch": dispatch, "node_loss": node, "failover": failover}, default=str))
+    figures = {"dispatch": dispatch, "node_loss": node, "failover": failover, "tick": tick}
+    print(json.dumps(figures, default=str))
 
 
 if __name__ == "__main__":
