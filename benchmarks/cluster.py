@@ -23,10 +23,13 @@ all on free ports, all stopped by their PIDs (never ``ray stop``). Then:
    the standby sees its process is gone) or frozen (SIGSTOP: its lease must expire, as for a
    leader on another host); printed: time until the standby holds the scheduler lease and
    launches the next trial, and whether every trial ran exactly once.
+4. **tick** (only with ``--only tick``; no Ray): what the scheduler tick's study queries cost
+   as completed studies accumulate (``--completed``), and the fair-share sort per launch.
 
     python benchmarks/cluster.py                          # all three, ~5-6 min here
     python benchmarks/cluster.py --only dispatch --tracked 50 200 --ranks 2 --profile
     python benchmarks/cluster.py --only failover --modes freeze  # SIGSTOP the leader only
+    python benchmarks/cluster.py --only tick --completed 10 100 300
 
 It is a benchmark, not a test: it prints figures and asserts nothing about timings.
 """
