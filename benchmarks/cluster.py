@@ -425,7 +425,8 @@ def _burst(
     wait: bool = True,
 ) -> dict:
     count = len(burst)
-    profiler, prof_out = None, Path(tempfile.mkdtemp(prefix="hpo-spy-")) / "dispatcher.txt"
+    profiler, prof_dir = None, Path(tempfile.mkdtemp(prefix="hpo-spy-"))
+    prof_out = prof_dir / "dispatcher.txt"
     if profile and (pid := dispatcher_pid(cluster)):
         profiler = _profile(pid, seconds=600, out=prof_out)
     before = cpu_snapshot(cluster)
@@ -482,6 +483,7 @@ def _burst(
     )
     if profiler is not None and prof_out.exists():
         row["profile"] = _summarize_profile(prof_out)
+    shutil.rmtree(prof_dir, ignore_errors=True)
     return row
 
 
