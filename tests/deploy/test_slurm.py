@@ -1,0 +1,138 @@
+"""deploy/slurm/hpo-study.sbatch, run unchanged by bash with stand-in ``srun``/``scontrol``
+(tests/deploy/data/bin) first on PATH: two "nodes" on this host, each a raylet with its own
+ports and temp dir, a fresh HOME (no Ray token yet), a real ``hpo serve`` and a real study."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hpo.api.demo import free_port
+from tests.conftest import wait_for
+from tests.deploy.conftest import (
+    DEPLOY,
+    STAND_INS,
+    Marked,
+    node_args,
+    remove,
+    short_temp_dir,
+    token_path,
+    write_spec,
+)
+
+pytestmark = pytest.mark.ray
+
+SBATCH = DEPLOY / "slurm" / "hpo-study.sbatch"
+NODES = ("fake-a", "fake-b")
+
+
+class Job:
+    """One run of the sbatch script: its environment, its stand-in nodes, its outputs."""
+
+    def __init__(self, tmp_path: Path, marked: Marked) -> None:
+        self.id = "4242"
+        self.submit_dir = tmp_path / "submit"
+        self.submit_dir.mkdir()
+        self.slurm_dir = tmp_path / "slurm"
+        self.slurm_dir.mkdir()
+        self.temp_dirs = [short_temp_dir(f"hpo-{node}-") for node in NODES]
+        for node, temp in zip(NODES, self.temp_dirs, strict=True):
+            args = node_args(temp, head=node == NODES[0])
+            (self.slurm_dir / f"{node}.env").write_text(f"export HPO_RAY_NODE_ARGS='{args}'\n")
+        self.port = free_port()
+        self.token = "api-token-for-the-test"
+        self.env = {
+            **marked.env,
+            "PATH": f"{STAND_INS}:{marked.env['PATH']}",
+            "FAKE_SLURM_DIR": str(self.slurm_dir),
+            "FAKE_SLURM_KILL_WAIT_S": "3",
+            "SLURM_JOB_ID": self.id,
+            "SLURM_JOB_NODELIST": ",".join(NODES),
+            "SLURM_SUBMIT_DIR": str(self.submit_dir),
+            "SLURM_CPUS_PER_TASK": "1",
+            "TMPDIR": str(tmp_path / "node-local"),
+            "HPO_RAY_PORT": str(free_port()),
+            "HPO_PORT": str(self.port),
+            "HPO_TOKEN": self.token,
+            "HPO_READY_TIMEOUT_S": "120",
+            "HPO_WATCHDOG_INTERVAL_S": "1",
+            "HPO_WATCHDOG_FAILURES": "3",
+            "HPO_SCHEDULER_INTERVAL_S": "0.5",
+        }
+        self.log = tmp_path / "job.log"
+
+    def start(self, spec: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            ["bash", str(SBATCH), str(spec)],
+            cwd=self.submit_dir,
+            env=self.env,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        logs = sorted((self.submit_dir / f"hpo-{self.id}-logs").glob("*.log"))
+        tails = [f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs]
+        return "\n".join([self.log.read_text()[-6000:], *tails])
+
+    def cleanup(self) -> None:
+        remove(*self.temp_dirs)
+
+
+def test_sbatch_runs_a_study_across_two_nodes_from_a_fresh_account(
+    tmp_path: Path, marked: Marked
+) -> None:
+    job = Job(tmp_path, marked)
+    try:
+        spec = write_spec(tmp_path / "study.yaml", "slurm-smoke")
+        proc = job.start(spec)
+        assert proc.wait(timeout=300) == 0, job.output()
+        rows = list(csv.DictReader((job.submit_dir / f"hpo-{job.id}.csv").open()))
+        assert len(rows) == 2, job.output()
+        assert {row["state"] for row in rows} == {"complete"}, rows
+        # the SQLite database lived node-local and was kept in the submit dir
+        assert (job.submit_dir / f"hpo-{job.id}.db").is_file()
+        assert not (tmp_path / "node-local" / f"hpo-{job.id}").exists()
+        # a Ray token was created for the account, private to it
+        token = token_path(marked.home)
+        assert len(token.read_text()) == 64
+        assert token.stat().st_mode & 0o777 == 0o600
+        assert marked.processes() == {}, "processes the job started are still running"
+    finally:
+        job.cleanup()
+
+
+def test_sbatch_gives_up_when_the_control_plane_dies(tmp_path: Path, marked: Marked) -> None:
+    job = Job(tmp_path, marked)
+    try:
+        spec = write_spec(tmp_path / "study.yaml", "slurm-crash", step_s=2.0, steps=100)
+        proc = job.start(spec)
+        url = f"http://127.0.0.1:{job.port}/api/v1/studies"
+        headers = {"Authorization": f"Bearer {job.token}"}
+
+        def submitted() -> bool:
+            assert proc.poll() is None, job.output()
+            try:
+                return bool(httpx.get(url, headers=headers, timeout=5).json())
+            except httpx.HTTPError:
+                return False
+
+        wait_for(submitted, 180, "the study to be submitted")
+        serve = [pid for pid, cmd in marked.processes().items() if " serve " in f"{cmd} "]
+        assert len(serve) == 1, marked.processes()
+        os.kill(serve[0], signal.SIGKILL)  # the control plane dies mid-study
+        # a bound so a hang fails the test instead of stalling it: the job must not wait for
+        # the study (it would run ~200 s more) nor for the walltime
+        status = proc.wait(timeout=120)
+        assert status == 3, job.output()
+        assert "hpo serve died mid-study" in job.log.read_text()
+        assert marked.processes() == {}, "processes the job started are still running"
+    finally:
+        job.cleanup()
