@@ -13,7 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hpo.api.client import Client
 from hpo.api.demo import free_port
+from hpo.service.errors import HpoError
 from tests.conftest import wait_for
 from tests.deploy.conftest import (
     DEPLOY,
@@ -114,17 +116,16 @@ def test_sbatch_gives_up_when_the_control_plane_dies(tmp_path: Path, marked: Mar
     try:
         spec = write_spec(tmp_path / "study.yaml", "slurm-crash", step_s=2.0, steps=100)
         proc = job.start(spec)
-        url = f"http://127.0.0.1:{job.port}/api/v1/studies"
-        headers = {"Authorization": f"Bearer {job.token}"}
+        client = Client(f"http://127.0.0.1:{job.port}", job.token)
 
         def submitted() -> bool:
             assert proc.poll() is None, job.output()
             try:
-                return bool(httpx.get(url, headers=headers, timeout=5).json())
-            except httpx.HTTPError:
+                return any(s.counts["running"] for s in client.studies())
+            except (httpx.HTTPError, HpoError):
                 return False
 
-        wait_for(submitted, 180, "the study to be submitted")
+        wait_for(submitted, 180, "a running trial")
         serve = [pid for pid, cmd in marked.processes().items() if " serve " in f"{cmd} "]
         assert len(serve) == 1, marked.processes()
         os.kill(serve[0], signal.SIGKILL)  # the control plane dies mid-study
