@@ -45,8 +45,9 @@ trap cleanup EXIT
 trap 'exit 143' TERM
 trap 'exit 130' INT
 
-# A wrong token and an unreachable head look alike from here: both report no node.
-hpo_wait_until "$timeout" "the Ray head at $head (reachable, and accepting this token)" \
+hpo_wait_until "$timeout" "the Ray head at $head to accept connections" hpo_port_open "$head"
+# A wrong token and a head still starting look alike from here: both report no node.
+hpo_wait_until "$timeout" "the Ray head at $head to accept this node's token" \
   hpo_ray_has_nodes "$head" 1
 log="$logs/ray-node-$(hostname)-$$.log"
 hpo_log "joining $head (log: $log)"

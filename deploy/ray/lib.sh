@@ -68,7 +68,7 @@ hpo_alive() {
 # hpo_ray_started PID LOG: `ray start --block` (PID, logging to LOG) says the node is up.
 hpo_ray_started() {
   hpo_alive "$1" "ray start" "$2"
-  grep -q "Ray runtime started" "$2"
+  grep -qs "Ray runtime started" "$2"
 }
 
 # hpo_ray_nodes ADDRESS: how many nodes the cluster at ADDRESS reports alive (0 when it cannot
@@ -76,6 +76,11 @@ hpo_ray_started() {
 hpo_ray_nodes() {
   ray status --address="$1" 2>/dev/null |
     awk '/^(Active|Idle):$/ {s = 1; next} /^[A-Za-z].*:$/ {s = 0} s && /node_/ {n++} END {print n + 0}'
+}
+
+# hpo_port_open HOST:PORT: something accepts TCP connections there (cheaper than `ray status`).
+hpo_port_open() {
+  (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null
 }
 
 # hpo_ray_has_nodes ADDRESS N [PID LOG]: at least N nodes are alive (and PID still runs).
@@ -94,12 +99,13 @@ hpo_healthy() {
   curl -fsS -m 5 -o /dev/null "$1/healthz" 2>/dev/null
 }
 
-# hpo_tree PGID...: the processes of these process groups and, recursively, their children.
-# Ray puts each worker in a process group of its own, so a group alone misses them.
+# hpo_tree PGID...: the processes of these process groups or sessions (each started with
+# setsid: PGID = SID) and, recursively, their children. Ray puts each worker in a process
+# group of its own, so the group alone misses them; the session keeps them, orphaned or not.
 hpo_tree() {
-  ps -eo pid=,ppid=,pgid= | awk -v roots="$*" '
+  ps -eo pid=,ppid=,pgid=,sid= | awk -v roots="$*" '
     BEGIN { n = split(roots, r, " "); for (i = 1; i <= n; i++) g[r[i]] = 1 }
-    { pid[NR] = $1; ppid[NR] = $2; if ($3 in g) keep[$1] = 1 }
+    { pid[NR] = $1; ppid[NR] = $2; if ($3 in g || $4 in g) keep[$1] = 1 }
     END {
       do {
         added = 0
@@ -118,7 +124,8 @@ hpo_any_alive() {
 # hpo_stop_groups PGID...: SIGTERM these process groups (each a process started with setsid:
 # `ray start --block`, hpo serve), then SIGKILL every process of their trees still running
 # after HPO_STOP_GRACE_S seconds (`ray start --block` can take minutes to drain on SIGTERM).
-# The tree is noted before the SIGTERM: a raylet that exits first orphans its workers.
+# The tree is noted before the SIGTERM (a raylet that exits first orphans its workers) and
+# while waiting.
 hpo_stop_groups() {
   local pgid deadline pids
   deadline=$((SECONDS + ${HPO_STOP_GRACE_S:-15}))
@@ -128,6 +135,7 @@ hpo_stop_groups() {
   done
   while hpo_any_alive "${pids[@]}" && ((SECONDS < deadline)); do
     sleep 0.5
+    mapfile -t -O "${#pids[@]}" pids < <(hpo_tree "$@") # and what they start meanwhile
   done
   mapfile -t -O "${#pids[@]}" pids < <(hpo_tree "$@")
   if ((${#pids[@]})); then

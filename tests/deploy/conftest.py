@@ -42,6 +42,8 @@ def node_args(temp_dir: Path, *, head: bool, cpus: int = 1) -> str:
     if head:
         ports |= {"dashboard-port": free_port(), "ray-client-server-port": free_port()}
     args = [f"--{name}={port}" for name, port in ports.items()]
+    if head:
+        args.append("--include-dashboard=false")  # not needed, and one process less
     workers = ",".join(str(free_port()) for _ in range(16))
     args += [
         f"--worker-port-list={workers}",
@@ -124,13 +126,13 @@ def ray_node_count(address: str, env: dict[str, str]) -> int:
     return len(re.findall(r"\bnode_[0-9a-f]+", active.group(1))) if active else 0
 
 
-def write_spec(path: Path, name: str, **trainable_config: object) -> Path:
+def write_spec(path: Path, name: str, trials: int = 1, **trainable_config: object) -> Path:
     """A tiny synthetic study whose two ranks only fit on two different one-CPU nodes."""
     spec = {
         "name": name,
         "objective": {"metric": "loss", "direction": "minimize"},
         "sampler": {"type": "random", "seed": 0},
-        "budget": {"max_trials": 2, "max_concurrent": 1},
+        "budget": {"max_trials": trials, "max_concurrent": 1},
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
         "trainable": {"name": "synthetic", "config": {"steps": 3, **trainable_config}},
         "space": {"x": {"type": "float", "low": -1, "high": 1}},

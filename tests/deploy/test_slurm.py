@@ -93,7 +93,7 @@ def test_sbatch_runs_a_study_across_two_nodes_from_a_fresh_account(
 ) -> None:
     job = Job(tmp_path, marked)
     try:
-        spec = write_spec(tmp_path / "study.yaml", "slurm-smoke")
+        spec = write_spec(tmp_path / "study.yaml", "slurm-smoke", trials=2)
         proc = job.start(spec)
         assert proc.wait(timeout=300) == 0, job.output()
         rows = list(csv.DictReader((job.submit_dir / f"hpo-{job.id}.csv").open()))
@@ -121,11 +121,11 @@ def test_sbatch_gives_up_when_the_control_plane_dies(tmp_path: Path, marked: Mar
         def submitted() -> bool:
             assert proc.poll() is None, job.output()
             try:
-                return any(s.counts["running"] for s in client.studies())
+                return bool(client.studies())
             except (httpx.HTTPError, HpoError):
                 return False
 
-        wait_for(submitted, 180, "a running trial")
+        wait_for(submitted, 180, "the study")
         serve = [pid for pid, cmd in marked.processes().items() if " serve " in f"{cmd} "]
         assert len(serve) == 1, marked.processes()
         os.kill(serve[0], signal.SIGKILL)  # the control plane dies mid-study
