@@ -137,3 +137,31 @@ def test_sbatch_gives_up_when_the_control_plane_dies(tmp_path: Path, marked: Mar
         assert marked.processes() == {}, "processes the job started are still running"
     finally:
         job.cleanup()
+
+
+def test_sbatch_fails_fast_when_ray_cannot_start(tmp_path: Path, marked: Marked) -> None:
+    job = Job(tmp_path, marked)
+    try:
+        (job.slurm_dir / f"{NODES[0]}.env").write_text("export HPO_RAY_NODE_ARGS=--no-such-flag\n")
+        proc = job.start(write_spec(tmp_path / "study.yaml", "slurm-no-ray"))
+        assert proc.wait(timeout=120) == 1, job.output()
+        assert "ray start exited" in job.log.read_text()
+        assert not (job.submit_dir / f"hpo-{job.id}-logs" / "hpo-serve.log").exists()
+        assert marked.processes() == {}
+    finally:
+        job.cleanup()
+
+
+def test_sbatch_refuses_a_ray_token_others_can_read(tmp_path: Path, marked: Marked) -> None:
+    job = Job(tmp_path, marked)
+    try:
+        token = token_path(marked.home)
+        token.parent.mkdir()
+        token.write_text("0" * 64)
+        token.chmod(0o640)
+        proc = job.start(write_spec(tmp_path / "study.yaml", "slurm-token"))
+        assert proc.wait(timeout=60) == 1, job.output()
+        assert "has mode 640" in job.log.read_text()
+        assert not list(job.submit_dir.glob(f"hpo-{job.id}-logs/ray-*.log"))  # nothing started
+    finally:
+        job.cleanup()
