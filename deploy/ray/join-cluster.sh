@@ -15,6 +15,8 @@
 #   HPO_RAY_START_ARGS  more `ray start` arguments (e.g. --num-gpus=4 --temp-dir=/local/ray)
 #   HPO_LOG_DIR         where the Ray log goes                     [./hpo-logs]
 #   HPO_STOP_GRACE_S    SIGTERM → SIGKILL grace when stopping      [15]
+#   HPO_STORAGE_PATH    when set to a path: checked to be the head's (its .hpo-ray-head
+#                       marker names HPO_RAY_HEAD), since checkpoints must be shared
 # Functions below run from traps and wait loops, which shellcheck cannot follow:
 # shellcheck disable=SC2329
 set -euo pipefail
@@ -31,6 +33,13 @@ if [[ -n ${HPO_NODE_IP:-} ]]; then
 fi
 mkdir -p "$logs"
 hpo_ray_token require
+if [[ -n ${HPO_STORAGE_PATH:-} && $HPO_STORAGE_PATH != *://* ]]; then
+  marker=$HPO_STORAGE_PATH/.hpo-ray-head
+  if [[ "$(cat "$marker" 2>/dev/null)" != "$head" ]]; then
+    hpo_die "HPO_STORAGE_PATH=$HPO_STORAGE_PATH is not the head's shared storage here" \
+      "($marker does not name $head): mount the same shared filesystem at the same path"
+  fi
+fi
 
 ray_pid=""
 cleanup() {

@@ -9,6 +9,9 @@
 #   # on every other node (same Python environment, same token file):
 #   HPO_RAY_HEAD=<head-ip>:6380 deploy/ray/join-cluster.sh
 #
+# HPO_STORAGE_PATH (checkpoints) must be shared by every node: as a path, it gets a marker
+# file, .hpo-ray-head, that join-cluster.sh checks it sees.
+#
 # Ray token: taken from RAY_AUTH_TOKEN, else from HPO_RAY_TOKEN_FILE (default
 # $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token), created there (mode 0600) when missing.
 #
@@ -42,6 +45,11 @@ logs=${HPO_LOG_DIR:-$PWD/hpo-logs}
 read -ra ray_args <<<"${HPO_RAY_START_ARGS:-}"
 mkdir -p "$logs"
 hpo_ray_token create
+if [[ $HPO_STORAGE_PATH != *://* ]]; then # a shared path: mark it, join-cluster.sh looks
+  mkdir -p "$HPO_STORAGE_PATH"
+  echo "$head_ip:$port" >"$HPO_STORAGE_PATH/.hpo-ray-head" ||
+    hpo_die "cannot write to HPO_STORAGE_PATH=$HPO_STORAGE_PATH"
+fi
 
 ray_pid=""
 serve_pid=""

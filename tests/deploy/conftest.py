@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,37 +21,58 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpo.api.demo import free_port
-
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 STAND_INS = Path(__file__).parent / "data" / "bin"
 VENV_BIN = Path(sys.executable).parent
 
 
+_handed_out: set[int] = set()
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports, none handed out before in this process (binding them all at
+    once: one at a time, the kernel may give the same port twice)."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
 def node_args(temp_dir: Path, *, head: bool, cpus: int = 1) -> str:
     """``ray start`` arguments that let one more raylet run on this host: free ports for
     everything it listens on and its own temp dir."""
-    ports = {
-        "node-manager-port": free_port(),
-        "object-manager-port": free_port(),
-        "dashboard-agent-listen-port": free_port(),
-        "dashboard-agent-grpc-port": free_port(),
-        "metrics-export-port": free_port(),
-        "runtime-env-agent-port": free_port(),
-    }
+    names = [
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    ]
     if head:
-        ports |= {"dashboard-port": free_port(), "ray-client-server-port": free_port()}
-    args = [f"--{name}={port}" for name, port in ports.items()]
+        names += ["dashboard-port", "ray-client-server-port"]
+    ports = free_ports(len(names) + 16)
+    args = [f"--{name}={port}" for name, port in zip(names, ports, strict=False)]
+    args.append("--worker-port-list=" + ",".join(map(str, ports[len(names) :])))
     if head:
         args.append("--include-dashboard=false")  # not needed, and one process less
-    workers = ",".join(str(free_port()) for _ in range(16))
-    args += [
-        f"--worker-port-list={workers}",
-        f"--temp-dir={temp_dir}",
-        f"--num-cpus={cpus}",
-        "--object-store-memory=100000000",
-    ]
+    args += [f"--temp-dir={temp_dir}", f"--num-cpus={cpus}", "--object-store-memory=100000000"]
     return " ".join(args)
 
 

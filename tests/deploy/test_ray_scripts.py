@@ -13,11 +13,11 @@ import httpx
 import pytest
 
 from hpo.api.client import Client
-from hpo.api.demo import free_port
 from tests.conftest import wait_for
 from tests.deploy.conftest import (
     DEPLOY,
     Marked,
+    free_port,
     node_args,
     ray_node_count,
     remove,
@@ -62,6 +62,7 @@ def test_start_and_join_scripts_run_a_study_on_two_nodes(tmp_path: Path, marked:
         **marked.env,
         "HPO_RAY_HEAD": f"127.0.0.1:{ray_port}",
         "HPO_NODE_IP": "127.0.0.1",
+        "HPO_STORAGE_PATH": head_env["HPO_STORAGE_PATH"],  # checked to be the head's
         "HPO_RAY_START_ARGS": node_args(temps[1], head=False),
         "HPO_READY_TIMEOUT_S": "120",
     }
@@ -115,6 +116,25 @@ def test_join_fails_loudly_without_the_token(tmp_path: Path, marked: Marked) -> 
     assert proc.wait(timeout=60) != 0
     assert "no Ray auth token" in log.read_text()
     assert not token_path(marked.home).exists()  # a token of its own would not match
+
+
+def test_join_refuses_storage_the_head_does_not_share(tmp_path: Path, marked: Marked) -> None:
+    token = token_path(marked.home)
+    token.parent.mkdir()
+    token.write_text("0" * 64)
+    token.chmod(0o600)
+    elsewhere = tmp_path / "node-local-checkpoints"
+    elsewhere.mkdir()
+    env = {
+        **marked.env,
+        "HPO_RAY_HEAD": f"127.0.0.1:{free_port()}",
+        "HPO_STORAGE_PATH": str(elsewhere),
+    }
+    log = tmp_path / "node.log"
+    proc = start("join-cluster.sh", env, log)
+    assert proc.wait(timeout=60) != 0
+    assert "is not the head's shared storage" in log.read_text()
+    assert marked.processes() == {}
 
 
 def test_start_refuses_a_token_others_can_read(tmp_path: Path, marked: Marked) -> None:

@@ -14,13 +14,13 @@ import httpx
 import pytest
 
 from hpo.api.client import Client
-from hpo.api.demo import free_port
 from hpo.service.errors import HpoError
 from tests.conftest import wait_for
 from tests.deploy.conftest import (
     DEPLOY,
     STAND_INS,
     Marked,
+    free_port,
     node_args,
     remove,
     short_temp_dir,
@@ -147,6 +147,24 @@ def test_sbatch_fails_fast_when_ray_cannot_start(tmp_path: Path, marked: Marked)
         assert proc.wait(timeout=120) == 1, job.output()
         assert "ray start exited" in job.log.read_text()
         assert not (job.submit_dir / f"hpo-{job.id}-logs" / "hpo-serve.log").exists()
+        assert marked.processes() == {}
+    finally:
+        job.cleanup()
+
+
+def test_sbatch_refuses_storage_a_node_does_not_see(tmp_path: Path, marked: Marked) -> None:
+    job = Job(tmp_path, marked)
+    try:
+        if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "true"]).returncode:
+            pytest.skip("a node-local view of a directory needs root (unshare, mount)")
+        storage = tmp_path / "checkpoints"
+        job.env["HPO_STORAGE_PATH"] = str(storage)
+        # the second node sees an empty tmpfs there: storage that is not shared
+        with (job.slurm_dir / f"{NODES[1]}.env").open("a") as env:
+            env.write(f"export FAKE_SLURM_PRIVATE_DIR={storage}\n")
+        proc = job.start(write_spec(tmp_path / "study.yaml", "slurm-storage"))
+        assert proc.wait(timeout=60) == 1, job.output()
+        assert "is not shared: fake-b does not see" in job.log.read_text()
         assert marked.processes() == {}
     finally:
         job.cleanup()
