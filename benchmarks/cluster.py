@@ -821,7 +821,7 @@ def run_tick(args: argparse.Namespace, tmp: Path) -> list[dict]:
             done += 1
         row: dict[str, Any] = {"kind": "queries", "completed": done}
         for name, call in (
-            ("studies_to_evaluate", lambda: service.studies_to_evaluate(set())),
+            ("studies_to_evaluate", lambda: service.studies_to_evaluate(set())[0]),
             ("dispatched_studies", service.dispatched_studies),
         ):
             call()

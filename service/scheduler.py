@@ -104,7 +104,9 @@ class Scheduler:
         self.checkpoint_dir = checkpoint_dir
         self.interval_s = interval_s
         self.in_flight: dict[AttemptRef, _InFlight] = {}
-        self._evaluated: set[int] = set()  # studies whose best trial went to evaluation
+        # completed studies whose best trial went to evaluation, or that have nothing to
+        # evaluate: not read again each tick
+        self._evaluated: set[int] = set()
         self._wake = wake or threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -191,7 +193,10 @@ class Scheduler:
                 preflight.reset()  # a new holder checks every node again
             self._preflight_epoch = self.epoch
         studies = self.service.dispatched_studies()
-        to_evaluate = self.service.studies_to_evaluate(self._evaluated)
+        # a study that runs again (reopened) is looked at afresh once it completes
+        self._evaluated.difference_update(sid for sid, _, _ in studies)
+        to_evaluate, settled = self.service.studies_to_evaluate(self._evaluated)
+        self._evaluated |= settled
         if not self.executor.started:
             adopting = self._adopted_epoch != self.epoch and bool(studies)  # paused ones drain
             running = any(state == StudyState.RUNNING for _, state, _ in studies)

@@ -344,20 +344,27 @@ class StudyService:
         """(id, state, spec) of running or paused studies that the service runs itself."""
         return self.storage.studies_in(DISPATCHABLE, dispatched=True)
 
-    def studies_to_evaluate(self, skip: set[int]) -> list[tuple[StudySpec, TrialRecord, str]]:
+    def studies_to_evaluate(
+        self, skip: set[int]
+    ) -> tuple[list[tuple[StudySpec, TrialRecord, str]], set[int]]:
         """Completed dispatched studies whose best trial has a checkpoint but no test metrics
-        yet: (spec, best trial, checkpoint path). Studies in ``skip`` are left out."""
-        out = []
+        yet: (spec, best trial, checkpoint path), and the ids of those found with nothing to
+        evaluate (no best trial, already evaluated, no checkpoint) — the caller skips both
+        until a study runs again, so each tick reads only studies that completed since.
+        Studies in ``skip`` are left out."""
+        out, settled = [], set()
         for study_id, _, spec in self.storage.studies_in([StudyState.COMPLETED], dispatched=True):
             if study_id in skip:
                 continue
             best, _ = self.storage.best(study_id)
-            if best is None or best.test_metrics is not None:
-                continue
-            path = self.storage.trial_checkpoint(best.id)
-            if path:
+            path = None
+            if best is not None and best.test_metrics is None:
+                path = self.storage.trial_checkpoint(best.id)
+            if best is not None and path:
                 out.append((spec, best, path))
-        return out
+            else:
+                settled.add(study_id)
+        return out, settled
 
     def _changed(self) -> None:
         if self.on_change is not None:

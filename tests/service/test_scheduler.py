@@ -290,3 +290,27 @@ def test_the_best_trial_of_a_completed_study_is_evaluated_once(
     executor.evaluated.append(EvaluationResult(ref.trial_id, metrics={"test_loss": 0.3}))
     scheduler.tick()
     assert service.storage.get_trial(ref.trial_id).test_metrics == {"test_loss": 0.3}
+
+
+def test_a_completed_study_with_nothing_to_evaluate_is_read_once(
+    service: StudyService, executor: FakeExecutor, scheduler: Scheduler
+) -> None:
+    """Each tick reads only studies that completed since: one without a checkpoint is looked
+    at once, not on every tick (hundreds of completed studies made every tick slow)."""
+    create(service, "no-checkpoint", budget={"max_trials": 1})
+    scheduler.tick()
+    (ref,) = executor.launched
+    executor.finish(ref, loss=0.2)
+    scheduler.tick()  # told: the study completes
+    reads: list[int] = []
+    best = service.storage.best
+
+    def counted(study_id: int):
+        reads.append(study_id)
+        return best(study_id)
+
+    service.storage.best = counted  # type: ignore[method-assign]
+    for _ in range(3):
+        scheduler.tick()
+    assert reads == [service.storage.get_trial(ref.trial_id).study_id]
+    assert executor.requests == []
