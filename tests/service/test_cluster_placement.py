@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ServerProcess
-from tests.service.test_dispatch import finished, ray_node, start_server, synthetic
+from tests.service.test_dispatch import RAY_ENV, finished, ray_node, synthetic
 
 pytestmark = pytest.mark.ray
 
@@ -24,18 +24,24 @@ def two_nodes() -> Iterator[str]:
 
 
 def test_ranks_are_placed_per_node_on_a_two_node_cluster(tmp_path: Path, two_nodes: str) -> None:
-    server: ServerProcess = start_server(tmp_path, HPO_RAY_ADDRESS=two_nodes)
-    # a second replica on the same database that serves the API only: it judges new studies
-    # by the snapshot the scheduling one stored there
+    # an API-only replica first: nobody has seen the cluster yet, so it accepts any study
+    # (the scheduling server connects to the cluster as soon as it starts, even without one)
     (tmp_path / "replica").mkdir()
-    replica = ServerProcess(server.database_url, tmp_path / "replica", {"HPO_SCHEDULER": "false"})
+    replica = ServerProcess(
+        f"sqlite:///{tmp_path / 'hpo.db'}", tmp_path / "replica", {"HPO_SCHEDULER": "false"}
+    )
+    server = ServerProcess(
+        replica.database_url, tmp_path, {**RAY_ENV, "HPO_RAY_ADDRESS": two_nodes}
+    )
+    server.token = replica.token
     try:
-        replica.token = server.token
         replica.start()
-        client = server.client()
         too_big = {"workers_per_trial": 1, "cpus_per_worker": 2}
-        # created before the control plane knew the cluster: accepted, then its trial fails
-        early = client.create_study(synthetic("early", resources=too_big))
+        early = replica.client().create_study(synthetic("early", resources=too_big))
+        # then the scheduling one: the trial it cannot place fails with the reason
+        server.start()
+        client = server.client()
+        early = client.study(early.id)
         finished(early, timeout=90)  # bounded: never "running" forever
         (trial,) = early.trials()
         trial = client.trial(trial.id)
