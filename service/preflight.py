@@ -58,6 +58,7 @@ class ClusterPreflight:
         self._running: set[str] = set()  # node ids whose preflight is under way
         self._cluster_error: str | None = None
         self._storage_error: str | None = None  # this server cannot write the storage
+        self._marked_at = 0.0  # when the marker was last written (or tried)
         self._next_scan = 0.0
         self._dirty = False  # the stored report is behind
 
@@ -84,6 +85,7 @@ class ClusterPreflight:
         if self.request is None:
             return
         marker = f"control-plane-{self.request.deployment or 'default'}"
+        self._marked_at = time.monotonic()
         try:
             content = mark(self.request.storage_root, marker, timeout_s=MARK_TIMEOUT_S)
         except StorageError as exc:
@@ -93,6 +95,23 @@ class ClusterPreflight:
             return
         self._storage_error = None
         self.request = replace(self.request, shared_marker=(marker, content))
+
+    @property
+    def mark_due(self) -> bool:
+        """Whether writing the marker failed ``recheck_s`` ago or more (see :meth:`remark`)."""
+        return bool(self._storage_error) and time.monotonic() - self._marked_at >= self.recheck_s
+
+    def remark(self) -> None:
+        """Try the marker again, like a failed node is checked again, so a storage that is
+        back clears the failure without a restart or a new leader; every node is then
+        checked again against the marker. May take up to MARK_TIMEOUT_S (the caller keeps
+        its lease meanwhile)."""
+        self._mark_storage()
+        if self._storage_error is None:
+            log.info("preflight: this control plane writes the checkpoint storage again")
+            self._results.clear()
+        self._dirty = True
+        self._store()
 
     def cluster_failed(self, error: Exception) -> None:
         """The cluster could not be reached at all (``executor.start`` raised)."""

@@ -215,6 +215,9 @@ class Scheduler:
         self._evaluate(to_evaluate)
         if preflight is not None:
             try:
+                if preflight.mark_due:
+                    with self.lease.kept():  # the storage may be slow to answer
+                        preflight.remark()
                 preflight.step(self.executor)
             except Exception:  # the node checks never stop the scheduling
                 log.exception("the node preflight failed; retrying")

@@ -171,3 +171,32 @@ def test_cluster_settings_that_break_a_cluster_are_warned_about(tmp_path: Path) 
         public_url="http://cp:8000",
     )
     assert config_warnings(full) == []
+
+
+def test_a_control_plane_storage_failure_clears_once_the_storage_is_back(
+    service: StudyService, tmp_path: Path
+) -> None:
+    root = tmp_path / "store"
+    root.write_text("not a folder yet")  # the storage cannot be written when the lease is taken
+    nodes = [ClusterNode("a", "10.0.0.1")]
+    executor = FakeExecutor(FakeCluster(nodes=nodes))
+    request = PreflightRequest(str(root), "http://127.0.0.1:1", "dep", timeout_s=0.05)
+    preflight = ClusterPreflight(service.storage, request, scan_s=0.0, recheck_s=0.0)
+    scheduler = Scheduler(
+        service,
+        executor,
+        api_url="http://127.0.0.1:1",
+        token=None,
+        checkpoint_dir=tmp_path,
+        preflight=preflight,
+    )
+    scheduler.tick()
+    scheduler.tick()
+    assert [line["check"] for line in failure_lines(stored(service))] == ["storage"]
+    root.unlink()
+    root.mkdir()  # the mount is back: the failure must not stay until the next leader
+    scheduler.tick()
+    scheduler.tick()
+    report = stored(service)
+    assert report["state"] == "ok" and report["storage_error"] is None
+    assert preflight.request is not None and preflight.request.shared_marker is not None
