@@ -197,6 +197,7 @@ class Scheduler:
             running = any(state == StudyState.RUNNING for _, state, _ in studies)
             checking = preflight is not None and preflight.enabled
             if not (running or to_evaluate or adopting or checking):
+                self._unpublish_nodes()
                 return
             with self.lease.kept():  # a local Ray may take longer than the lease to start
                 try:
@@ -438,6 +439,19 @@ class Scheduler:
             log.warning("cannot publish the cluster's nodes: %s", exc)
             return
         self._published, self._published_at = shape, now
+
+    def _unpublish_nodes(self) -> None:
+        """Remove the stored node snapshot while this leader's executor is not started (it
+        reads no nodes then): the snapshot is another run's (a restart on a larger local Ray,
+        a new cluster address) and would refuse studies this cluster holds. Once per start."""
+        if self._published == ():
+            return
+        try:
+            placement.store_snapshot(self.service.storage, None)
+        except Exception as exc:  # the database is down: the next round tries again
+            log.warning("cannot remove the stored cluster nodes: %s", exc)
+            return
+        self._published, self._published_at = (), time.monotonic()
 
     def _refuse(self, study_id: int, problem: placement.Problem) -> None:
         """Fail the study's next trial as deterministic: its ranks fit no node. Once per
