@@ -200,3 +200,24 @@ def test_a_control_plane_storage_failure_clears_once_the_storage_is_back(
     report = stored(service)
     assert report["state"] == "ok" and report["storage_error"] is None
     assert preflight.request is not None and preflight.request.shared_marker is not None
+
+
+def test_a_failed_node_whose_clock_runs_ahead_is_checked_again(
+    service: StudyService, tmp_path: Path
+) -> None:
+    """A node stamps its result with its own clock; one an hour ahead of the control plane
+    (no NTP: the clusters the preflight is for) must still be checked again once fixed."""
+    cluster = FakeCluster(
+        nodes=[ClusterNode("a", "10.0.0.1")],
+        broken={"a": {"storage": "cannot write /x"}},
+        clock_ahead_s={"a": 3600.0},
+    )
+    scheduler, executor, _ = setup(service, tmp_path, cluster, recheck_s=0.0)
+    scheduler.tick()
+    scheduler.tick()
+    assert stored(service)["state"] == "failed"
+    cluster.broken.clear()
+    scheduler.tick()
+    scheduler.tick()
+    assert executor.preflighted.count("a") >= 2
+    assert stored(service)["state"] == "ok"
