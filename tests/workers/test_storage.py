@@ -283,3 +283,29 @@ def test_downloads_from_a_store_that_never_answers_leave_the_api_serving(
         pool.shutdown(wait=False, cancel_futures=True)
         server.kill()
         hole.close()
+
+
+def test_a_storage_call_that_hangs_is_not_started_again_while_it_does() -> None:
+    """A hung mount keeps the helper thread of a timed-out call forever: a recheck every
+    minute must not leave one more thread behind each time."""
+    import threading
+
+    from hpo.workers.storage import _bounded
+
+    release = threading.Event()
+
+    def hang() -> None:
+        release.wait()
+
+    before = threading.active_count()
+    with pytest.raises(StorageError, match="did not answer within"):
+        _bounded("/hung", "control-plane-x", 0.05, hang)
+    for _ in range(5):
+        with pytest.raises(StorageError, match="has not answered an earlier call yet"):
+            _bounded("/hung", "control-plane-x", 0.05, hang)
+    assert threading.active_count() == before + 1  # the first call's thread only
+    release.set()  # the mount came back: the next call runs again
+    for thread in threading.enumerate():
+        if thread.name == "hpo-storage-control-plane-x":
+            thread.join()
+    _bounded("/hung", "control-plane-x", 5, lambda: None)
