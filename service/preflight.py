@@ -114,7 +114,13 @@ class ClusterPreflight:
         self._mark_storage()
         if self._storage_error is None:
             log.info("preflight: this control plane writes the checkpoint storage again")
+            # Start over as a new leader does: results of preflights started without the
+            # marker (some still under way) must not stand.
+            self._nodes.clear()
             self._results.clear()
+            self._received.clear()
+            self._running.clear()
+            self._next_scan = 0.0
         self._dirty = True
         self._store()
 

@@ -221,3 +221,31 @@ def test_a_failed_node_whose_clock_runs_ahead_is_checked_again(
     scheduler.tick()
     assert executor.preflighted.count("a") >= 2
     assert stored(service)["state"] == "ok"
+
+
+def test_a_preflight_in_flight_when_the_marker_is_written_again_does_not_count(
+    service: StudyService, tmp_path: Path
+) -> None:
+    """A node's preflight started while the marker could not be written checks no marker;
+    if its result arrives after the marker is written again it must not stand as the node's
+    outcome (the node would never be checked against the marker)."""
+    root = tmp_path / "store"
+    root.write_text("not a folder yet")
+    executor = FakeExecutor(FakeCluster(nodes=[ClusterNode("a", "10.0.0.1")]))
+    request = PreflightRequest(str(root), "http://127.0.0.1:1", "dep", timeout_s=5)
+    preflight = ClusterPreflight(service.storage, request, scan_s=0.0, recheck_s=0.0)
+    scheduler = Scheduler(
+        service,
+        executor,
+        api_url="http://127.0.0.1:1",
+        token=None,
+        checkpoint_dir=tmp_path,
+        preflight=preflight,
+    )
+    scheduler.tick()  # the marker fails; node a's preflight starts without one
+    root.unlink()
+    root.mkdir()
+    scheduler.tick()  # the marker is written; a's first result arrives now
+    scheduler.tick()
+    assert executor.preflighted.count("a") == 2
+    assert stored(service)["state"] == "ok"
