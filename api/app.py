@@ -207,6 +207,7 @@ def _scheduler(
         wake=wake,
         lease_s=settings.scheduler_lease_s,
         preflight=preflight,
+        deployment=deployment,
     )
 
 

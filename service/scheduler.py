@@ -90,18 +90,27 @@ class Scheduler:
         lease_s: float = 15.0,
         holder: str | None = None,
         preflight: ClusterPreflight | None = None,
+        deployment: str | None = None,
     ) -> None:
         """``wake`` is the event whose setting runs a tick now (a study was created, resumed
         or given more budget): the app passes its ``set`` to the study service as
         ``on_change``, so both are whole when made. ``lease_s`` is the length of the
         scheduler lease, ``holder`` this server's id in it (a new one by default).
         ``preflight``, when enabled, connects to the cluster at once and checks every node
-        that joins (see :mod:`hpo.service.preflight`)."""
+        that joins (see :mod:`hpo.service.preflight`). ``deployment`` (the database's
+        deployment id) scopes the trial folders: ``checkpoint_dir/deployment-<id>/study-<s>/
+        trial-<t>``, so deployments sharing a checkpoint store (or a database wiped and started
+        again on the same one) never resume from each other's checkpoints of a trial with
+        the same id."""
         self.service = service
         self.executor = executor
         self.api_url = api_url
         self.token = token
-        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_dir = (
+            storage.join(checkpoint_dir, f"deployment-{deployment}")
+            if deployment
+            else checkpoint_dir
+        )
         self.interval_s = interval_s
         self.in_flight: dict[AttemptRef, _InFlight] = {}
         self._evaluated: set[int] = set()  # studies whose best trial went to evaluation

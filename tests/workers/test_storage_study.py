@@ -62,6 +62,7 @@ def test_a_killed_trial_resumes_from_s3_and_its_checkpoint_downloads_and_evaluat
             trial = http.get(f"/api/v1/trials/{best.id}").json()
             points = http.get(f"/api/v1/trials/{best.id}/metrics", params={"name": "loss"})
             archive = http.get(f"/api/v1/trials/{best.id}/checkpoint")
+            deployment = http.get("/livez").json()["deployment"]
     finally:
         server.stop()
     assert trial["state"] == "complete" and trial["attempts"] == 2
@@ -69,7 +70,7 @@ def test_a_killed_trial_resumes_from_s3_and_its_checkpoint_downloads_and_evaluat
     # 3-4 (starting from scratch would have made every step attempt 2's).
     curve = [(p["step"], p["attempt"]) for p in points.json()["points"]]
     assert curve == [(1, 1), (2, 1), (3, 2), (4, 2)]
-    trial_prefix = f"{bucket}/hpo/study-{study.id}/trial-{best.id}"
+    trial_prefix = f"{bucket}/hpo/deployment-{deployment}/study-{study.id}/trial-{best.id}"
     stored = sorted(s3_server.filesystem().find(trial_prefix))
     assert stored == [
         f"{trial_prefix}/attempt-{attempt}/checkpoint-00000{step}/{name}"
