@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ServerProcess
-from tests.service.test_dispatch import finished, ray_node, start_server, synthetic
+from tests.service.test_dispatch import RAY_ENV, finished, ray_node, synthetic
 
 pytestmark = pytest.mark.ray
 
@@ -24,18 +24,23 @@ def two_nodes() -> Iterator[str]:
 
 
 def test_ranks_are_placed_per_node_on_a_two_node_cluster(tmp_path: Path, two_nodes: str) -> None:
-    server: ServerProcess = start_server(tmp_path, HPO_RAY_ADDRESS=two_nodes)
-    # a second replica on the same database that serves the API only: it judges new studies
-    # by the snapshot the scheduling one stored there
+    # a replica on the database that serves the API only: it judges new studies by the
+    # snapshot the scheduling server stores there. It starts first, so the "early" study is
+    # created before any server knew the cluster (the scheduling one connects to a cluster
+    # at once, for the node preflight, and publishes the nodes within its first tick).
     (tmp_path / "replica").mkdir()
-    replica = ServerProcess(server.database_url, tmp_path / "replica", {"HPO_SCHEDULER": "false"})
+    database = f"sqlite:///{tmp_path / 'hpo.db'}"
+    replica = ServerProcess(database, tmp_path / "replica", {"HPO_SCHEDULER": "false"})
+    server = ServerProcess(database, tmp_path, {**RAY_ENV, "HPO_RAY_ADDRESS": two_nodes})
+    server.token = replica.token
     try:
-        replica.token = server.token
         replica.start()
-        client = server.client()
         too_big = {"workers_per_trial": 1, "cpus_per_worker": 2}
         # created before the control plane knew the cluster: accepted, then its trial fails
-        early = client.create_study(synthetic("early", resources=too_big))
+        early_id = replica.client().create_study(synthetic("early", resources=too_big)).id
+        server.start()
+        client = server.client()
+        early = client.study(early_id)
         finished(early, timeout=90)  # bounded: never "running" forever
         (trial,) = early.trials()
         trial = client.trial(trial.id)
