@@ -173,8 +173,9 @@ def _scheduler(
 
     env = {k: v for k, v in os.environ.items() if k == "HPO_EXTRA_TRAINABLES"}
     # Ranks and evaluations on a cluster reach an object store with the control plane's
-    # storage options and AWS_* variables (never its database URL or admin token).
-    env.update(checkpoint_storage.worker_env(settings.checkpoint_dir, settings.storage_options))
+    # storage options and AWS_* variables (never its database URL or admin token); they go
+    # as task arguments: Ray logs the runtime_env (``env``) in plain text on every node.
+    storage_env = checkpoint_storage.worker_env(settings.checkpoint_dir, settings.storage_options)
     executor = RayExecutor(
         settings.ray_address,
         num_cpus=settings.ray_num_cpus,
@@ -185,6 +186,7 @@ def _scheduler(
         deployment=deployment,
         namespace=settings.ray_namespace,
         socket_ifname=settings.socket_ifname,
+        storage_env=storage_env,
     )
     request = None
     if settings.ray_address:  # a local Ray runs on this host only: nothing to preflight
@@ -205,6 +207,7 @@ def _scheduler(
         wake=wake,
         lease_s=settings.scheduler_lease_s,
         preflight=preflight,
+        deployment=deployment,
     )
 
 

@@ -56,6 +56,10 @@ class AttemptLaunch:
     # The network interface gloo/NCCL bind to (``HPO_SOCKET_IFNAME``); None: the one that
     # holds the rank's node address (see ``hpo.workers.ddp.network_env``).
     socket_ifname: str | None = None
+    # What the ranks need to reach an object store (``HPO_STORAGE_OPTIONS``, ``AWS_*``): handed
+    # over with the launch and set by each rank, never in Ray's runtime_env, whose env_vars Ray
+    # writes in plain text to every node's runtime_env_agent.log.
+    storage_env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def ref(self) -> AttemptRef:

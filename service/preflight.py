@@ -19,6 +19,7 @@ passes on one host (node-local checkpoints, workers posting to their own loopbac
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace
 from typing import Any
@@ -55,9 +56,13 @@ class ClusterPreflight:
         self.recheck_s = recheck_s
         self._nodes: dict[str, ClusterNode] = {}  # alive at the last scan
         self._results: dict[str, NodePreflight] = {}
+        # monotonic time each result arrived: the recheck is timed by this server's clock, not
+        # by the node's checked_at (a node's clock may run ahead of ours)
+        self._received: dict[str, float] = {}
         self._running: set[str] = set()  # node ids whose preflight is under way
         self._cluster_error: str | None = None
         self._storage_error: str | None = None  # this server cannot write the storage
+        self._marked_at = 0.0  # when the marker was last written (or tried)
         self._next_scan = 0.0
         self._dirty = False  # the stored report is behind
 
@@ -70,6 +75,7 @@ class ClusterPreflight:
         again) and replace the stored report."""
         self._nodes.clear()
         self._results.clear()
+        self._received.clear()
         self._running.clear()
         self._cluster_error = None
         self._next_scan = 0.0
@@ -84,6 +90,7 @@ class ClusterPreflight:
         if self.request is None:
             return
         marker = f"control-plane-{self.request.deployment or 'default'}"
+        self._marked_at = time.monotonic()
         try:
             content = mark(self.request.storage_root, marker, timeout_s=MARK_TIMEOUT_S)
         except StorageError as exc:
@@ -93,6 +100,29 @@ class ClusterPreflight:
             return
         self._storage_error = None
         self.request = replace(self.request, shared_marker=(marker, content))
+
+    @property
+    def mark_due(self) -> bool:
+        """Whether writing the marker failed ``recheck_s`` ago or more (see :meth:`remark`)."""
+        return bool(self._storage_error) and time.monotonic() - self._marked_at >= self.recheck_s
+
+    def remark(self) -> None:
+        """Try the marker again, like a failed node is checked again, so a storage that is
+        back clears the failure without a restart or a new leader; every node is then
+        checked again against the marker. May take up to MARK_TIMEOUT_S (the caller keeps
+        its lease meanwhile)."""
+        self._mark_storage()
+        if self._storage_error is None:
+            log.info("preflight: this control plane writes the checkpoint storage again")
+            # Start over as a new leader does: results of preflights started without the
+            # marker (some still under way) must not stand.
+            self._nodes.clear()
+            self._results.clear()
+            self._received.clear()
+            self._running.clear()
+            self._next_scan = 0.0
+        self._dirty = True
+        self._store()
 
     def cluster_failed(self, error: Exception) -> None:
         """The cluster could not be reached at all (``executor.start`` raised)."""
@@ -114,6 +144,7 @@ class ClusterPreflight:
                 continue  # the node left meanwhile
             before = self._results.get(result.node_id)
             self._results[result.node_id] = result
+            self._received[result.node_id] = time.monotonic()
             if not result.ok:
                 log.error("preflight failed: %s", result.describe())
             elif before is None or not before.ok:
@@ -165,15 +196,15 @@ class ClusterPreflight:
         for gone in set(self._nodes) - set(alive):
             log.info("preflight: node %s left the cluster", gone)
             self._results.pop(gone, None)
+            self._received.pop(gone, None)
             self._running.discard(gone)
             self._dirty = True
         for node_id, node in alive.items():
             if node_id in self._running:
                 continue
             result = self._results.get(node_id)
-            if result is None or (
-                not result.ok and time.time() - result.checked_at >= self.recheck_s
-            ):
+            received = self._received.get(node_id, -math.inf)
+            if result is None or (not result.ok and time.monotonic() - received >= self.recheck_s):
                 if node_id not in self._nodes:
                     log.info("preflight: checking node %s (%s)", node_id, node.node_ip)
                 executor.preflight(node, self.request)

@@ -79,8 +79,12 @@ class RayExecutor:
         deployment: str | None = None,
         namespace: str | None = None,
         socket_ifname: str | None = None,
+        storage_env: dict[str, str] | None = None,
     ) -> None:
         self.address = address
+        # Object store credentials for ranks, evaluations and preflights: passed as task
+        # arguments, never in the runtime_env (``env``), which Ray logs on every node.
+        self.storage_env = dict(storage_env or {})
         self.socket_ifname = socket_ifname
         self.deployment = deployment
         self.namespace = namespace or namespace_of(deployment)
@@ -170,6 +174,8 @@ class RayExecutor:
                 self.cancel(other)
         if self.socket_ifname and not launch.socket_ifname:
             launch = replace(launch, socket_ifname=self.socket_ifname)
+        if self.storage_env and not launch.storage_env:
+            launch = replace(launch, storage_env=self.storage_env)
         try:
             ray.get(self._actor().start.remote(launch), timeout=60)
         except RayActorError as exc:  # the dispatcher died: launch on a new one instead
@@ -273,6 +279,7 @@ class RayExecutor:
             dict(request.params),
             request.checkpoint,
             request.gpus > 0,
+            self.storage_env,
         )
 
     def evaluations(self) -> list[EvaluationResult]:
@@ -317,7 +324,7 @@ class RayExecutor:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
             name=f"hpo-preflight-{node.node_id[:12]}",
         )
-        ref = task.remote(request, node.node_id, node.node_ip)
+        ref = task.remote(request, node.node_id, node.node_ip, self.storage_env)
         deadline = time.monotonic() + request.timeout_s
         self._preflights[node.node_id] = (node, ref, deadline, request.timeout_s)
 

@@ -90,18 +90,27 @@ class Scheduler:
         lease_s: float = 15.0,
         holder: str | None = None,
         preflight: ClusterPreflight | None = None,
+        deployment: str | None = None,
     ) -> None:
         """``wake`` is the event whose setting runs a tick now (a study was created, resumed
         or given more budget): the app passes its ``set`` to the study service as
         ``on_change``, so both are whole when made. ``lease_s`` is the length of the
         scheduler lease, ``holder`` this server's id in it (a new one by default).
         ``preflight``, when enabled, connects to the cluster at once and checks every node
-        that joins (see :mod:`hpo.service.preflight`)."""
+        that joins (see :mod:`hpo.service.preflight`). ``deployment`` (the database's
+        deployment id) scopes the trial folders: ``checkpoint_dir/deployment-<id>/study-<s>/
+        trial-<t>``, so deployments sharing a checkpoint store (or a database wiped and started
+        again on the same one) never resume from each other's checkpoints of a trial with
+        the same id."""
         self.service = service
         self.executor = executor
         self.api_url = api_url
         self.token = token
-        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_dir = (
+            storage.join(checkpoint_dir, f"deployment-{deployment}")
+            if deployment
+            else checkpoint_dir
+        )
         self.interval_s = interval_s
         self.in_flight: dict[AttemptRef, _InFlight] = {}
         # completed studies whose best trial went to evaluation, or that have nothing to
@@ -202,6 +211,7 @@ class Scheduler:
             running = any(state == StudyState.RUNNING for _, state, _ in studies)
             checking = preflight is not None and preflight.enabled
             if not (running or to_evaluate or adopting or checking):
+                self._unpublish_nodes()
                 return
             with self.lease.kept():  # a local Ray may take longer than the lease to start
                 try:
@@ -220,6 +230,9 @@ class Scheduler:
         self._evaluate(to_evaluate)
         if preflight is not None:
             try:
+                if preflight.mark_due:
+                    with self.lease.kept():  # the storage may be slow to answer
+                        preflight.remark()
                 preflight.step(self.executor)
             except Exception:  # the node checks never stop the scheduling
                 log.exception("the node preflight failed; retrying")
@@ -440,6 +453,19 @@ class Scheduler:
             log.warning("cannot publish the cluster's nodes: %s", exc)
             return
         self._published, self._published_at = shape, now
+
+    def _unpublish_nodes(self) -> None:
+        """Remove the stored node snapshot while this leader's executor is not started (it
+        reads no nodes then): the snapshot is another run's (a restart on a larger local Ray,
+        a new cluster address) and would refuse studies this cluster holds. Once per start."""
+        if self._published == ():
+            return
+        try:
+            placement.store_snapshot(self.service.storage, None)
+        except Exception as exc:  # the database is down: the next round tries again
+            log.warning("cannot remove the stored cluster nodes: %s", exc)
+            return
+        self._published, self._published_at = (), time.monotonic()
 
     def _refuse(self, study_id: int, problem: placement.Problem) -> None:
         """Fail the study's next trial as deterministic: its ranks fit no node. Once per

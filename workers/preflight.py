@@ -9,6 +9,7 @@ run, so one report names every problem of the node.
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -22,8 +23,15 @@ from hpo.service.executor import (
 from hpo.workers.storage import StorageError, probe
 
 
-def run_preflight(request: PreflightRequest, node_id: str, node_ip: str) -> NodePreflight:
-    """Run both checks here (on the node the task was pinned to) and report them."""
+def run_preflight(
+    request: PreflightRequest,
+    node_id: str,
+    node_ip: str,
+    storage_env: dict[str, str] | None = None,
+) -> NodePreflight:
+    """Run both checks here (on the node the task was pinned to) and report them.
+    ``storage_env``: the object store's settings, as the ranks get them."""
+    os.environ.update(storage_env or {})
     failures: dict[str, str] = {}
     try:
         probe(request.storage_root, name=node_id, shared=request.shared_marker)

@@ -54,6 +54,7 @@ def run_rank(
 
     for name in control_plane_secrets(os.environ):  # a cluster's workers may have them
         os.environ.pop(name, None)
+    os.environ.update(launch.storage_env)  # the object store's settings, if any
     context = ray.get_runtime_context()
     node_ip = ray.util.get_node_ip_address()
     use_gpu = launch.gpus_per_worker > 0
@@ -113,18 +114,26 @@ def run_rank(
 
 
 def run_evaluation(
-    trainable: str, config: dict[str, Any], params: dict[str, Any], checkpoint: str, gpu: bool
+    trainable: str,
+    config: dict[str, Any],
+    params: dict[str, Any],
+    checkpoint: str,
+    gpu: bool,
+    storage_env: dict[str, str] | None = None,
 ) -> dict[str, float] | None:
     """Held-out test metrics of a checkpoint, from the trainable's ``evaluate`` (or None).
 
     A checkpoint on an object store is downloaded to a temporary folder first: ``evaluate``
-    always gets a local directory."""
+    always gets a local directory. ``storage_env``: the object store's settings (see
+    :attr:`hpo.service.executor.AttemptLaunch.storage_env`)."""
+    import os
     import tempfile
 
     import torch
 
     from hpo.workers import registry, storage
 
+    os.environ.update(storage_env or {})
     fn = registry.load(trainable)
     if getattr(fn, "evaluate", None) is None:
         return None

@@ -235,9 +235,25 @@ def mark(
     return content
 
 
+# Helper threads still blocked in a storage call that timed out, by (root, name): a mount that
+# hangs keeps them forever, so the same check is not started again while one is (else every
+# recheck would leave one more thread behind).
+_stuck: dict[tuple[str, str], threading.Thread] = {}
+_stuck_lock = threading.Lock()
+
+
 def _bounded(root: str, name: str, timeout_s: float, work: Callable[[], None]) -> None:
     """Run ``work`` on a helper thread and wait at most ``timeout_s``; its errors (and the
-    wait running out) become StorageError naming ``root``."""
+    wait running out) become StorageError naming ``root``. While an earlier call for the same
+    ``root`` and ``name`` is still blocked, fail at once instead of starting another."""
+    key = (str(root), name)
+    with _stuck_lock:
+        earlier = _stuck.get(key)
+        if earlier is not None and earlier.is_alive():
+            raise StorageError(
+                f"checkpoint storage {root} has not answered an earlier call yet (it hangs)"
+            )
+        _stuck.pop(key, None)
     outcome: list[BaseException | None] = []
 
     def attempt() -> None:
@@ -251,6 +267,8 @@ def _bounded(root: str, name: str, timeout_s: float, work: Callable[[], None]) -
     worker.start()
     worker.join(timeout_s)
     if not outcome:
+        with _stuck_lock:
+            _stuck[key] = worker
         raise StorageError(f"checkpoint storage {root} did not answer within {timeout_s:g} s")
     error = outcome[0]
     if isinstance(error, StorageError):

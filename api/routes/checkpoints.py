@@ -1,6 +1,10 @@
 """Checkpoint downloads: a trial's newest checkpoint, or the best trial's, as a .tar.gz.
 
-A checkpoint on an object store is downloaded to a temporary folder first, then archived."""
+A checkpoint on an object store is downloaded to a temporary folder first, then archived. At
+most :data:`MAX_CONCURRENT_DOWNLOADS` run at once: each holds one of the server's request
+threads while it reads the store, and a store that hangs (a gateway that accepts connections
+and never answers) would otherwise take every one of them, ``/healthz`` and metric posts
+included; the excess is a 503 with ``Retry-After`` at once."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import io
 import logging
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -19,6 +24,9 @@ from hpo.workers import storage as checkpoint_storage
 router = APIRouter(tags=["checkpoints"])
 log = logging.getLogger("hpo.api.checkpoints")
 
+MAX_CONCURRENT_DOWNLOADS = 4
+_downloads = threading.BoundedSemaphore(MAX_CONCURRENT_DOWNLOADS)
+
 
 @router.get("/trials/{trial_id}/checkpoint", response_class=Response)
 def trial_checkpoint(trial_id: TrialId, storage: Reader, request: Request) -> Response:
@@ -27,7 +35,18 @@ def trial_checkpoint(trial_id: TrialId, storage: Reader, request: Request) -> Re
     if path is None:
         raise NotFound(f"trial {trial_id} has no checkpoint", field="trial_id")
     settings = request.app.state.settings
-    return _archive(path, settings.checkpoint_dir, settings.storage_options, f"trial-{trial_id}")
+    if not _downloads.acquire(blocking=False):
+        raise HTTPException(
+            503,
+            f"{MAX_CONCURRENT_DOWNLOADS} checkpoint downloads are under way; retry shortly",
+            headers={"Retry-After": "5"},
+        )
+    try:
+        return _archive(
+            path, settings.checkpoint_dir, settings.storage_options, f"trial-{trial_id}"
+        )
+    finally:
+        _downloads.release()
 
 
 @router.get("/studies/{study_id}/best/checkpoint", response_class=Response)

@@ -52,7 +52,15 @@ def test_points_unacknowledged_before_a_crash_are_not_lost(tmp_path: Path) -> No
             120,
             "step 2 reported",
         )
-        trial_dir = tmp_path / "checkpoints" / f"study-{study.id}" / f"trial-{trial.id}"
+        with server.http() as http:
+            deployment = http.get("/livez").json()["deployment"]
+        trial_dir = (
+            tmp_path
+            / "checkpoints"
+            / f"deployment-{deployment}"
+            / f"study-{study.id}"
+            / f"trial-{trial.id}"
+        )
         os.kill(server.proc.pid, signal.SIGSTOP)  # the control plane stops answering
         frozen_at = _newest_checkpoint(trial_dir)
         wait_for(

@@ -46,6 +46,8 @@ class FakeCluster:
     # what a node's preflight finds wrong (check → message); a node in ``stuck`` never runs it
     broken: dict[str, dict[str, str]] = field(default_factory=dict)
     stuck: set[str] = field(default_factory=set)
+    # how far a node's clock runs ahead of the control plane's (it stamps its own checked_at)
+    clock_ahead_s: dict[str, float] = field(default_factory=dict)
 
     def live(self, trial_id: int | None = None) -> list[AttemptRef]:
         """Attempts that have not ended (of one trial, if given)."""
@@ -159,7 +161,8 @@ class FakeExecutor:
                 failures = {PREFLIGHT_SCHEDULE: why}
             else:
                 failures = dict(self.cluster.broken.get(node_id, {}))
-            out.append(NodePreflight(node_id, node.node_ip, failures, time.time()))
+            ahead = self.cluster.clock_ahead_s.get(node_id, 0.0)
+            out.append(NodePreflight(node_id, node.node_ip, failures, time.time() + ahead))
             del self._preflights[node_id]
         return out
 

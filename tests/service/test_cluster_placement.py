@@ -24,24 +24,23 @@ def two_nodes() -> Iterator[str]:
 
 
 def test_ranks_are_placed_per_node_on_a_two_node_cluster(tmp_path: Path, two_nodes: str) -> None:
-    # an API-only replica first: nobody has seen the cluster yet, so it accepts any study
-    # (the scheduling server connects to the cluster as soon as it starts, even without one)
+    # a replica on the database that serves the API only: it judges new studies by the
+    # snapshot the scheduling server stores there. It starts first, so the "early" study is
+    # created before any server knew the cluster (the scheduling one connects to a cluster
+    # at once, for the node preflight, and publishes the nodes within its first tick).
     (tmp_path / "replica").mkdir()
-    replica = ServerProcess(
-        f"sqlite:///{tmp_path / 'hpo.db'}", tmp_path / "replica", {"HPO_SCHEDULER": "false"}
-    )
-    server = ServerProcess(
-        replica.database_url, tmp_path, {**RAY_ENV, "HPO_RAY_ADDRESS": two_nodes}
-    )
+    database = f"sqlite:///{tmp_path / 'hpo.db'}"
+    replica = ServerProcess(database, tmp_path / "replica", {"HPO_SCHEDULER": "false"})
+    server = ServerProcess(database, tmp_path, {**RAY_ENV, "HPO_RAY_ADDRESS": two_nodes})
     server.token = replica.token
     try:
         replica.start()
         too_big = {"workers_per_trial": 1, "cpus_per_worker": 2}
-        early = replica.client().create_study(synthetic("early", resources=too_big))
-        # then the scheduling one: the trial it cannot place fails with the reason
+        # created before the control plane knew the cluster: accepted, then its trial fails
+        early_id = replica.client().create_study(synthetic("early", resources=too_big)).id
         server.start()
         client = server.client()
-        early = client.study(early.id)
+        early = client.study(early_id)
         finished(early, timeout=90)  # bounded: never "running" forever
         (trial,) = early.trials()
         trial = client.trial(trial.id)

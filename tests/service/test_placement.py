@@ -169,3 +169,25 @@ def test_creation_is_refused_once_the_scheduler_published_the_nodes(
     stale = placement.encode(small_cluster.nodes(), at=time.time() - 2 * 3600)
     meta.put(service.storage, placement.SNAPSHOT_KEY, stale)
     big_rank(service, "accepted")
+
+
+def test_a_restarted_leader_does_not_refuse_by_the_snapshot_of_its_previous_cluster(
+    service: StudyService, small_cluster: FakeExecutor, tmp_path: Path
+) -> None:
+    """A server restarted on another cluster (a local Ray with more CPUs, a new cluster
+    address) while no study runs starts no executor, so it reads no nodes: the snapshot the
+    previous run published must not refuse what the new cluster holds."""
+    before = make_scheduler(service, small_cluster, tmp_path)
+    study = create(service, "fits", budget={"max_trials": 1})
+    before.tick()  # publishes two 1-CPU nodes
+    small_cluster.finish(small_cluster.launched[0], loss=1.0)
+    before.tick()
+    assert service.storage.get_study(study).state == "completed"
+    before.release()  # stopped; restarted with a larger cluster
+    bigger = FakeExecutor(FakeCluster(capacity={"CPU": 4.0}, nodes=nodes({"CPU": 4.0})))
+    after = make_scheduler(service, bigger, tmp_path)
+    after.tick()  # leads; nothing runs, so its executor is not started yet
+    assert after.leading and not bigger.started
+    big_rank(service, "fits-now")  # accepted: 4 CPUs on one node
+    after.tick()
+    assert len(bigger.launched) == 2  # two 2-CPU ranks on the 4-CPU node

@@ -171,3 +171,81 @@ def test_cluster_settings_that_break_a_cluster_are_warned_about(tmp_path: Path) 
         public_url="http://cp:8000",
     )
     assert config_warnings(full) == []
+
+
+def test_a_control_plane_storage_failure_clears_once_the_storage_is_back(
+    service: StudyService, tmp_path: Path
+) -> None:
+    root = tmp_path / "store"
+    root.write_text("not a folder yet")  # the storage cannot be written when the lease is taken
+    nodes = [ClusterNode("a", "10.0.0.1")]
+    executor = FakeExecutor(FakeCluster(nodes=nodes))
+    request = PreflightRequest(str(root), "http://127.0.0.1:1", "dep", timeout_s=0.05)
+    preflight = ClusterPreflight(service.storage, request, scan_s=0.0, recheck_s=0.0)
+    scheduler = Scheduler(
+        service,
+        executor,
+        api_url="http://127.0.0.1:1",
+        token=None,
+        checkpoint_dir=tmp_path,
+        preflight=preflight,
+    )
+    scheduler.tick()
+    scheduler.tick()
+    assert [line["check"] for line in failure_lines(stored(service))] == ["storage"]
+    root.unlink()
+    root.mkdir()  # the mount is back: the failure must not stay until the next leader
+    scheduler.tick()
+    scheduler.tick()
+    report = stored(service)
+    assert report["state"] == "ok" and report["storage_error"] is None
+    assert preflight.request is not None and preflight.request.shared_marker is not None
+
+
+def test_a_failed_node_whose_clock_runs_ahead_is_checked_again(
+    service: StudyService, tmp_path: Path
+) -> None:
+    """A node stamps its result with its own clock; one an hour ahead of the control plane
+    (no NTP: the clusters the preflight is for) must still be checked again once fixed."""
+    cluster = FakeCluster(
+        nodes=[ClusterNode("a", "10.0.0.1")],
+        broken={"a": {"storage": "cannot write /x"}},
+        clock_ahead_s={"a": 3600.0},
+    )
+    scheduler, executor, _ = setup(service, tmp_path, cluster, recheck_s=0.0)
+    scheduler.tick()
+    scheduler.tick()
+    assert stored(service)["state"] == "failed"
+    cluster.broken.clear()
+    scheduler.tick()
+    scheduler.tick()
+    assert executor.preflighted.count("a") >= 2
+    assert stored(service)["state"] == "ok"
+
+
+def test_a_preflight_in_flight_when_the_marker_is_written_again_does_not_count(
+    service: StudyService, tmp_path: Path
+) -> None:
+    """A node's preflight started while the marker could not be written checks no marker;
+    if its result arrives after the marker is written again it must not stand as the node's
+    outcome (the node would never be checked against the marker)."""
+    root = tmp_path / "store"
+    root.write_text("not a folder yet")
+    executor = FakeExecutor(FakeCluster(nodes=[ClusterNode("a", "10.0.0.1")]))
+    request = PreflightRequest(str(root), "http://127.0.0.1:1", "dep", timeout_s=5)
+    preflight = ClusterPreflight(service.storage, request, scan_s=0.0, recheck_s=0.0)
+    scheduler = Scheduler(
+        service,
+        executor,
+        api_url="http://127.0.0.1:1",
+        token=None,
+        checkpoint_dir=tmp_path,
+        preflight=preflight,
+    )
+    scheduler.tick()  # the marker fails; node a's preflight starts without one
+    root.unlink()
+    root.mkdir()
+    scheduler.tick()  # the marker is written; a's first result arrives now
+    scheduler.tick()
+    assert executor.preflighted.count("a") == 2
+    assert stored(service)["state"] == "ok"

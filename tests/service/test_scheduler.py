@@ -314,3 +314,49 @@ def test_a_completed_study_with_nothing_to_evaluate_is_read_once(
         scheduler.tick()
     assert reads == [service.storage.get_trial(ref.trial_id).study_id]
     assert executor.requests == []
+
+
+def test_deployments_sharing_a_checkpoint_store_never_share_a_trial_folder(
+    tmp_path: Path,
+) -> None:
+    """Two databases (two deployments on one cluster and one store, or a database wiped and
+    started again on the same folder) both have a trial 1 of a study 1: its retry resumes
+    from the checkpoints in its folder, so the folders must differ."""
+    from hpo.service.db import make_engine, upgrade_schema
+    from hpo.service.executor import AttemptLaunch
+    from hpo.service.storage import Storage, meta
+
+    class Recording(FakeExecutor):
+        def __init__(self) -> None:
+            super().__init__(FakeCluster(capacity={"CPU": 4.0}))
+            self.launches: list[AttemptLaunch] = []
+
+        def launch(self, launch: AttemptLaunch) -> None:
+            self.launches.append(launch)
+            super().launch(launch)
+
+    store = tmp_path / "shared-checkpoints"
+    folders = []
+    for name in ("x", "y"):
+        engine = make_engine(f"sqlite:///{tmp_path / f'{name}.db'}")
+        upgrade_schema(engine)
+        storage = Storage(engine)
+        service = StudyService(storage)
+        executor = Recording()
+        scheduler = Scheduler(
+            service,
+            executor,
+            api_url="http://127.0.0.1:1",
+            token=None,
+            checkpoint_dir=store,
+            deployment=meta.deployment_id(storage),
+        )
+        create(service, "same", budget={"max_trials": 1})
+        scheduler.tick()
+        (launch,) = executor.launches
+        assert (launch.study_id, launch.trial_id) == (1, 1)
+        folders.append(Path(launch.checkpoint_dir))
+        scheduler.release()
+        engine.dispose()
+    assert folders[0] != folders[1]
+    assert all(f.is_relative_to(store) for f in folders)  # downloads still find them

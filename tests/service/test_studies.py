@@ -504,3 +504,33 @@ def test_racing_asks_of_a_tpe_study_share_its_history_and_leave_it_whole(
     assert sorted(numbers) == list(range(24))
     expected = _rebuilt(service.storage, sid)
     assert service.ask(sid).params == expected
+
+
+@pytest.mark.parametrize("kind", ["tpe", "gp"])
+def test_two_servers_each_with_its_own_history_see_each_others_trials(
+    storage: Storage, db_url: str, kind: str
+) -> None:
+    """Two control planes on one database, each with its own kept histories: every
+    suggestion either makes equals a full read, whichever server told the trials (a
+    history must read the changes the other server committed since its cursor)."""
+    from hpo.service.db import make_engine
+
+    other_engine = make_engine(db_url)
+    try:
+        a = StudyService(storage)
+        b = StudyService(Storage(other_engine))
+        sid = create(a, sampler={"type": kind, "seed": 2, "n_startup_trials": 3}, space=BAYES_SPACE)
+        left: list[int] = []
+        for i in range(16 if kind == "tpe" else 10):
+            asker, teller = (a, b) if i % 3 else (b, a)
+            expected = _rebuilt(storage, sid)
+            t = asker.ask(sid)
+            assert t.params == expected, f"trial {i}"
+            if i % 4 == 1:
+                left.append(t.id)  # told later, through the other server
+                continue
+            teller.tell(t.id, value=(t.params["x"] - 1) ** 2)
+            if len(left) > 1:
+                asker.tell(left.pop(0), value=0.5)
+    finally:
+        other_engine.dispose()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import tarfile
 from pathlib import Path
 
@@ -225,3 +226,86 @@ def test_a_node_with_a_folder_of_its_own_fails_the_shared_check(
     storage.probe(f"s3://{bucket}/hpo", "node-a", shared=("control-plane-x", content))
     with pytest.raises(StorageError, match=r"is missing here"):
         storage.probe(f"s3://{other}/hpo", "node-b", shared=("control-plane-x", content))
+
+
+def test_downloads_from_a_store_that_never_answers_leave_the_api_serving(
+    tmp_path: Path,
+) -> None:
+    """A store that accepts connections and never answers (a hung gateway) holds each
+    download for minutes; many of them must not take every request thread of the server
+    (then /healthz, metrics and asks hang too): the excess is a 503 at once."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    import httpx
+
+    from hpo.service.db import make_engine
+    from hpo.service.storage import Storage
+    from tests.conftest import ServerProcess, simple_spec
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(512)  # connections complete in the backlog; nothing ever reads or answers
+    endpoint = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    env = {
+        "HPO_SCHEDULER": "false",
+        "HPO_STORAGE_PATH": "s3://bucket/hpo",
+        "HPO_STORAGE_OPTIONS": json.dumps(
+            {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint}}
+        ),
+    }
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    server = ServerProcess(url, tmp_path, env)
+    server.start()
+    pool = ThreadPoolExecutor(48)
+    try:
+        with server.http() as http:
+            sid = http.post("/api/v1/studies", json=simple_spec()).json()["id"]
+            tid = http.post(f"/api/v1/studies/{sid}/ask").json()["trial_id"]
+        engine = make_engine(url)
+        Storage(engine).set_checkpoint(tid, "s3://bucket/hpo/s/t/attempt-1/checkpoint-000001")
+        engine.dispose()
+
+        def download() -> int | None:
+            try:
+                with server.http() as http:
+                    return http.get(f"/api/v1/trials/{tid}/checkpoint", timeout=60).status_code
+            except httpx.TimeoutException:
+                return None
+
+        pending = [pool.submit(download) for _ in range(48)]
+        health = httpx.get(server.url + "/healthz", timeout=15)  # not stuck behind them
+        assert health.status_code == 200
+        with server.http() as http:  # nor is the rest of the API
+            assert http.get(f"/api/v1/trials/{tid}", timeout=15).status_code == 200
+        first = next(as_completed(pending))  # the excess is refused, not queued
+        assert first.result() == 503
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        server.kill()
+        hole.close()
+
+
+def test_a_storage_call_that_hangs_is_not_started_again_while_it_does() -> None:
+    """A hung mount keeps the helper thread of a timed-out call forever: a recheck every
+    minute must not leave one more thread behind each time."""
+    import threading
+
+    from hpo.workers.storage import _bounded
+
+    release = threading.Event()
+
+    def hang() -> None:
+        release.wait()
+
+    before = threading.active_count()
+    with pytest.raises(StorageError, match="did not answer within"):
+        _bounded("/hung", "control-plane-x", 0.05, hang)
+    for _ in range(5):
+        with pytest.raises(StorageError, match="has not answered an earlier call yet"):
+            _bounded("/hung", "control-plane-x", 0.05, hang)
+    assert threading.active_count() == before + 1  # the first call's thread only
+    release.set()  # the mount came back: the next call runs again
+    for thread in threading.enumerate():
+        if thread.name == "hpo-storage-control-plane-x":
+            thread.join()
+    _bounded("/hung", "control-plane-x", 5, lambda: None)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import secrets
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,8 +26,12 @@ def test_a_killed_trial_resumes_from_s3_and_its_checkpoint_downloads_and_evaluat
     s3_server: S3Server, tmp_path: Path
 ) -> None:
     bucket = s3_server.new_bucket()
+    secret = f"hpo-secret-{secrets.token_hex(8)}"  # moto takes any credentials
+    ray_dir = Path(tempfile.mkdtemp(prefix="hpo-ray-", dir="/tmp"))  # short: Ray's socket paths
     env = {
         **s3_server.env,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "RAY_TMPDIR": str(ray_dir),
         "HPO_STORAGE_PATH": f"s3://{bucket}/hpo",
         "HPO_RAY_NUM_CPUS": "2",
         "HPO_SCHEDULER_INTERVAL_S": "0.5",
@@ -55,6 +62,7 @@ def test_a_killed_trial_resumes_from_s3_and_its_checkpoint_downloads_and_evaluat
             trial = http.get(f"/api/v1/trials/{best.id}").json()
             points = http.get(f"/api/v1/trials/{best.id}/metrics", params={"name": "loss"})
             archive = http.get(f"/api/v1/trials/{best.id}/checkpoint")
+            deployment = http.get("/livez").json()["deployment"]
     finally:
         server.stop()
     assert trial["state"] == "complete" and trial["attempts"] == 2
@@ -62,7 +70,7 @@ def test_a_killed_trial_resumes_from_s3_and_its_checkpoint_downloads_and_evaluat
     # 3-4 (starting from scratch would have made every step attempt 2's).
     curve = [(p["step"], p["attempt"]) for p in points.json()["points"]]
     assert curve == [(1, 1), (2, 1), (3, 2), (4, 2)]
-    trial_prefix = f"{bucket}/hpo/study-{study.id}/trial-{best.id}"
+    trial_prefix = f"{bucket}/hpo/deployment-{deployment}/study-{study.id}/trial-{best.id}"
     stored = sorted(s3_server.filesystem().find(trial_prefix))
     assert stored == [
         f"{trial_prefix}/attempt-{attempt}/checkpoint-00000{step}/{name}"
@@ -83,3 +91,9 @@ def test_a_killed_trial_resumes_from_s3_and_its_checkpoint_downloads_and_evaluat
     assert (meta["step"], meta["attempt"], meta["trial_id"]) == (4, 2, best.id)
     # evaluate() ran on Ray against the checkpoint downloaded from the bucket
     assert best.test_metrics == {"test_loss": best.value, "test_step": 4.0}
+    # The store's credentials reached ranks, evaluation and preflight as task arguments:
+    # nowhere in Ray's files (its runtime_env_agent.log prints every runtime_env in full).
+    logs = [p for p in ray_dir.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.name == "runtime_env_agent.log" for p in logs)
+    assert [p for p in logs if secret.encode() in p.read_bytes()] == []
+    shutil.rmtree(ray_dir, ignore_errors=True)
