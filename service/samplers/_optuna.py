@@ -103,6 +103,10 @@ class ViewStorage(BaseStorage):
         self._trials = trials
         self._number = number
         self._new: FrozenTrial | None = None
+        # Set by :func:`suggest` for samplers that read them instead of filtering ``trials``:
+        # the pending trials (RUNNING, in number order) and how many trials are finished.
+        self.running: list[FrozenTrial] | None = None
+        self.finished: int | None = None
 
     # -- the study
     def create_new_study(
@@ -235,21 +239,24 @@ def suggest(
     """
     spec = view.spec
     prepared = view.prepared if view.prepared is not None else [None] * len(view.trials)
-    frozen: list[FrozenTrial] = []
-    observed = 0
-    for trial, ready in zip(view.trials, prepared, strict=True):
-        f = ready if ready is not None else frozen_trial(spec, trial, lie)
-        if f is None:
-            continue
-        frozen.append(f)
-        if f.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            observed += 1
+    if len(prepared) != len(view.trials):
+        raise ValueError("view.prepared must run alongside view.trials")
+    # Comprehensions, not a loop with branches: this walks every trial of the study per ask.
+    made = [
+        r if r is not None else frozen_trial(spec, t, lie)
+        for t, r in zip(view.trials, prepared, strict=True)
+    ]
+    frozen = [f for f in made if f is not None]
+    # Prepared forms are finished trials (Sampler.prepare sees only those); count the rest.
+    converted = [f for f, r in zip(made, prepared, strict=True) if r is None and f is not None]
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    ready = sum(r is not None for r in prepared)  # not list.count(None): that calls __eq__
+    observed = ready + sum(f.state in done for f in converted)
     directions = [StudyDirection[o.direction.upper()] for o in spec.objectives]
-    study = optuna.Study(
-        study_name=_STUDY_NAME,
-        storage=ViewStorage(directions, frozen, view.number),
-        sampler=sampler,
-    )
+    storage = ViewStorage(directions, frozen, view.number)
+    storage.running = [f for f in converted if f.state == TrialState.RUNNING]
+    storage.finished = observed
+    study = optuna.Study(study_name=_STUDY_NAME, storage=storage, sampler=sampler)
     # Lies make pending trials look finished: nothing learnt from them may be kept.
     memo = view.memo if lie is None else None
     search = _resume_intersection(sampler, memo)
