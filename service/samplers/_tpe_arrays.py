@@ -250,6 +250,18 @@ class ArrayTPESampler(optuna.samplers.TPESampler):
         super().__init__(*args, **kwargs)
         self._arrays = arrays
 
+    def _sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        # Optuna's, with the count of finished trials that suggest() made (Optuna filters
+        # every trial by state to count them).
+        finished = getattr(study._storage, "finished", None)
+        if search_space == {} or finished is None:
+            return super()._sample_relative(study, trial, search_space)
+        if finished < self._n_startup_trials:
+            return {}
+        return self._sample(study, trial, search_space)
+
     def _sample(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
