@@ -39,6 +39,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 _STATES = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}
 _STUDY_ID = 0
+# The only states a view's trials have (pending ones are RUNNING, or COMPLETE under a lie).
+_HELD = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 _STUDY_NAME = "hpo-view"
 
 
@@ -221,6 +223,8 @@ class ViewStorage(BaseStorage):
     ) -> list[FrozenTrial]:
         if states is None:
             trials = list(self._trials)
+        elif not any(s in states for s in _HELD):
+            trials = []  # e.g. Optuna's ask looking for WAITING trials: a view holds none
         else:
             trials = [t for t in self._trials if t.state in states]
         return copy.deepcopy(trials) if deepcopy else trials
