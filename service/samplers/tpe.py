@@ -33,7 +33,7 @@ class TPESampler(Sampler):
         direction = optuna.study.StudyDirection[self.spec.objectives[0].direction.upper()]
         key = f"tpe.arrays.{direction.name}"
         arrays = view.memo.get(key)
-        if arrays is None:  # two first asks may race here: each extends its own, both right
+        if arrays is None:  # dict.setdefault is atomic: racing first asks share one
             arrays = view.memo.setdefault(key, TrialArrays(direction))
         arrays.extend(view.arrivals)
         return arrays.upto(len(view.arrivals))
