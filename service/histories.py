@@ -58,14 +58,22 @@ class _History:
         self.prepared: list[Any] = []
         self.ids: dict[int, int] = {}  # trial id -> number
         self.memo: dict[str, Any] = {}  # the sampler's (StudyView.memo)
+        # The prepared forms in the order they were put (StudyView.arrivals): append-only for
+        # as long as ``memo`` is this one, so a sampler may extend its own arrays from it.
+        self.arrivals: list[Any] = []
 
     def put(self, trial_id: int, trial: ObservedTrial, prepared: Any) -> None:
         if trial_id in self.ids:
             self.drop(trial_id)
+            # A trial replaced, not appended: start a new arrival order, and a new memo with
+            # it (asks under way keep the old pair, which stays consistent).
+            self.arrivals = list(self.prepared)
+            self.memo = {}
         i = bisect.bisect_left(self.numbers, trial.number)
         self.numbers.insert(i, trial.number)
         self.trials.insert(i, trial)
         self.prepared.insert(i, prepared)
+        self.arrivals.append(prepared)
         self.ids[trial_id] = trial.number
 
     def drop(self, trial_id: int) -> None:
@@ -106,12 +114,14 @@ class Histories:
             history.cursor = max(study.seq, since or 0)
             seen = list(history.trials)
             prepared = list(history.prepared)
+            arrivals = list(history.arrivals)
+            memo = history.memo
             for k, trial in enumerate(pending):  # in number order
                 i = bisect.bisect_left(history.numbers, trial.number) + k
                 seen.insert(i, trial)
                 prepared.insert(i, None)
         self._bound(study.id)
-        return StudyView(spec, seen, number, prepared, history.memo)
+        return StudyView(spec, seen, number, prepared, memo, arrivals)
 
     def forget(self, study_id: int) -> None:
         """Drop the study's history (it was deleted)."""

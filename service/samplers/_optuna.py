@@ -39,6 +39,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 _STATES = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}
 _STUDY_ID = 0
+# The only states a view's trials have (pending ones are RUNNING, or COMPLETE under a lie).
+_HELD = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 _STUDY_NAME = "hpo-view"
 
 
@@ -103,6 +105,10 @@ class ViewStorage(BaseStorage):
         self._trials = trials
         self._number = number
         self._new: FrozenTrial | None = None
+        # Set by :func:`suggest` for samplers that read them instead of filtering ``trials``:
+        # the pending trials (RUNNING, in number order) and how many trials are finished.
+        self.running: list[FrozenTrial] | None = None
+        self.finished: int | None = None
 
     # -- the study
     def create_new_study(
@@ -217,6 +223,8 @@ class ViewStorage(BaseStorage):
     ) -> list[FrozenTrial]:
         if states is None:
             trials = list(self._trials)
+        elif not any(s in states for s in _HELD):
+            trials = []  # e.g. Optuna's ask looking for WAITING trials: a view holds none
         else:
             trials = [t for t in self._trials if t.state in states]
         return copy.deepcopy(trials) if deepcopy else trials
@@ -235,21 +243,24 @@ def suggest(
     """
     spec = view.spec
     prepared = view.prepared if view.prepared is not None else [None] * len(view.trials)
-    frozen: list[FrozenTrial] = []
-    observed = 0
-    for trial, ready in zip(view.trials, prepared, strict=True):
-        f = ready if ready is not None else frozen_trial(spec, trial, lie)
-        if f is None:
-            continue
-        frozen.append(f)
-        if f.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            observed += 1
+    if len(prepared) != len(view.trials):
+        raise ValueError("view.prepared must run alongside view.trials")
+    # Comprehensions, not a loop with branches: this walks every trial of the study per ask.
+    made = [
+        r if r is not None else frozen_trial(spec, t, lie)
+        for t, r in zip(view.trials, prepared, strict=True)
+    ]
+    frozen = [f for f in made if f is not None]
+    # Prepared forms are finished trials (Sampler.prepare sees only those); count the rest.
+    converted = [f for f, r in zip(made, prepared, strict=True) if r is None and f is not None]
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    ready = sum(r is not None for r in prepared)  # not list.count(None): that calls __eq__
+    observed = ready + sum(f.state in done for f in converted)
     directions = [StudyDirection[o.direction.upper()] for o in spec.objectives]
-    study = optuna.Study(
-        study_name=_STUDY_NAME,
-        storage=ViewStorage(directions, frozen, view.number),
-        sampler=sampler,
-    )
+    storage = ViewStorage(directions, frozen, view.number)
+    storage.running = [f for f in converted if f.state == TrialState.RUNNING]
+    storage.finished = observed
+    study = optuna.Study(study_name=_STUDY_NAME, storage=storage, sampler=sampler)
     # Lies make pending trials look finished: nothing learnt from them may be kept.
     memo = view.memo if lie is None else None
     search = _resume_intersection(sampler, memo)

@@ -39,7 +39,10 @@ class StudyView:
     none), so a study's history is converted once, not on every ask. ``memo``, when given, is
     the study's scratch space kept between asks: a sampler may keep there only what follows
     from the finished trials alone (they never change), so that a suggestion is the same with
-    or without it.
+    or without it. ``arrivals``, given with ``memo``, holds the same prepared forms (None
+    included) in the order the history received them: for one ``memo``, an earlier view's
+    ``arrivals`` is a prefix of a later one's, so a sampler may keep arrays in the memo,
+    extend them by what arrived since, and read the prefix its own view covers.
     """
 
     spec: StudySpec
@@ -47,6 +50,7 @@ class StudyView:
     number: int
     prepared: Sequence[Any] | None = None
     memo: dict[str, Any] | None = None
+    arrivals: Sequence[Any] | None = None
 
     @property
     def complete(self) -> list[ObservedTrial]:

@@ -2,13 +2,46 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import threading
 from typing import Any
 
 import optuna
 
 from hpo.service.samplers import _optuna
 from hpo.service.samplers.base import ObservedTrial, Sampler, StudyView, Suggestion
+
+# Optuna's GP imports torch (and its own GP modules) on the first suggestion: 3-7 s on a busy
+# 2-core machine, paid inside the first GP ask of a process. This module loads when a GP study
+# is first validated or asked (hpo.service.algorithms loads samplers on first use), so the
+# import starts then, in the background; an ask that arrives first waits on Python's import
+# lock for what remains of it, never imports twice.
+_GP_MODULES = ("torch", "optuna._gp.gp", "optuna._gp.acqf", "optuna._gp.optim_mixed")
+_warming: threading.Thread | None = None
+_warming_lock = threading.Lock()
+
+
+def warm_up() -> threading.Thread:
+    """Start importing the GP engine's modules in a daemon thread (once per process); returns
+    the thread, so a caller that must not race it (a test, a server's start) may join it."""
+    global _warming
+    with _warming_lock:
+        if _warming is None:
+            _warming = threading.Thread(target=_import_gp, name="hpo-gp-warm-up", daemon=True)
+            _warming.start()
+        return _warming
+
+
+def _import_gp() -> None:
+    for name in _GP_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # no torch: the first GP ask reports it, as before
+            return
+
+
+warm_up()
 
 
 class GPSampler(Sampler):

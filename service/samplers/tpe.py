@@ -8,6 +8,7 @@ from typing import Any
 import optuna
 
 from hpo.service.samplers import _optuna
+from hpo.service.samplers._tpe_arrays import ArrayTPESampler, TrialArrays
 from hpo.service.samplers.base import ObservedTrial, Sampler, StudyView, Suggestion
 
 
@@ -24,13 +25,27 @@ class TPESampler(Sampler):
         """The trial as an Optuna FrozenTrial, made once per finished trial."""
         return _optuna.frozen_trial(self.spec, trial)
 
+    def _arrays(self, view: StudyView) -> Any:
+        """The study's finished trials as arrays for this view (kept in its memo and extended
+        by what arrived since), or None without a memo, or with several objectives."""
+        if view.memo is None or view.arrivals is None or len(self.spec.objectives) != 1:
+            return None
+        direction = optuna.study.StudyDirection[self.spec.objectives[0].direction.upper()]
+        key = f"tpe.arrays.{direction.name}"
+        arrays = view.memo.get(key)
+        if arrays is None:  # dict.setdefault is atomic: racing first asks share one
+            arrays = view.memo.setdefault(key, TrialArrays(direction))
+        arrays.extend(view.arrivals)
+        return arrays.upto(len(view.arrivals))
+
     def suggest(self, view: StudyView) -> Suggestion:
         seed = self.trial_seed(view.number)
         opts = self.spec.sampler
         conditional = any(p.when for p in self.spec.space.values())
         with warnings.catch_warnings():  # multivariate/group are "experimental" in Optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            engine = optuna.samplers.TPESampler(
+            engine = ArrayTPESampler(
+                arrays=self._arrays(view),
                 seed=seed,
                 n_startup_trials=opts.n_startup_trials,
                 multivariate=opts.multivariate,

@@ -4,6 +4,7 @@ parameter kind, pending trials, and TPE/GP beating random search."""
 from __future__ import annotations
 
 import math
+import random
 import statistics
 
 import pytest
@@ -173,3 +174,82 @@ def test_multi_objective_tpe() -> None:
         x = sampler.suggest(StudyView(spec, trials, n)).params["x"]
         trials.append(ObservedTrial(n, "complete", {"x": x}, (x, x * x)))
     assert len(trials) == 8
+
+
+def _random_trial(number: int, state: str) -> ObservedTrial:
+    """A random trial of MIXED_SPACE, its loss rounded so that ties occur; pruned trials
+    carry intermediate values (a NaN among them, or none at all)."""
+    params = RANDOM.suggest(StudyView(RANDOM.spec, [], number)).params
+    loss = round(objective(params), 1)
+    if state == "complete":
+        return ObservedTrial(number, state, params, (loss,))
+    if state == "pruned":
+        steps = {k: loss + k for k in range(number % 4)}
+        if number % 9 == 0 and steps:
+            steps[max(steps)] = math.nan
+        return ObservedTrial(number, state, params, intermediate=steps)
+    return ObservedTrial(number, state, params)
+
+
+RANDOM = make_sampler(spec_of("random", MIXED_SPACE, seed=2))
+
+
+@pytest.mark.parametrize(
+    ("direction", "total", "pruned", "checks"),
+    [
+        ("minimize", 3_000, 0.15, (1_003, 1_007, 2_500, 2_990)),
+        ("maximize", 3_000, 0.15, (1_003, 2_990)),
+        ("minimize", 80, 0.95, (30, 50, 75)),  # "below" needs pruned trials; pending weigh
+        ("maximize", 80, 0.3, (30, 50, 75)),
+    ],
+)
+def test_tpe_from_kept_arrays_suggests_what_optuna_does_at_thousands_of_trials(
+    direction: str,
+    total: int,
+    pruned: float,
+    checks: tuple[int, ...],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The array-fed TPE step (a study's memo, extended by arrivals that come out of number
+    order) suggests exactly what Optuna's own walk over the trials does, with ties, pruned
+    trials, a conditional parameter and pending trials, and is the path taken."""
+    import optuna
+
+    spec = StudySpec.model_validate(
+        {
+            "name": "t",
+            "objective": {"metric": "loss", "direction": direction},
+            "sampler": {"type": "tpe", "seed": 11, "n_startup_trials": 10},
+            "space": MIXED_SPACE,
+        }
+    )
+    sampler = make_sampler(spec)
+    rng = random.Random(5)
+    states = ["pruned" if rng.random() < pruned else "complete" for _ in range(total)]
+    final = [_random_trial(n, s) for n, s in enumerate(states)]
+    # Trials finish out of number order: shuffled within windows of 8.
+    order = []
+    for start in range(0, total, 8):
+        window = list(range(start, min(total, start + 8)))
+        rng.shuffle(window)
+        order += window
+    memo: dict = {}
+    arrivals: list = []
+    for done in checks:
+        while len(arrivals) < done:
+            arrivals.append(sampler.prepare(final[order[len(arrivals)]]))
+        finished = set(order[:done])
+        top = max(finished) + 1
+        trials = [
+            final[n] if n in finished else ObservedTrial(n, "running", final[n].params)
+            for n in range(top)
+        ]
+        prepared = [sampler.prepare(t) if t.number in finished else None for t in trials]
+        for number in range(top, top + 3):  # three seeds
+            expected = sampler.suggest(StudyView(spec, trials, number))
+            with monkeypatch.context() as m:  # Optuna's own walk must not be taken
+                m.setattr(optuna.samplers.TPESampler, "_sample", None)
+                view = StudyView(spec, trials, number, prepared, memo, list(arrivals))
+                got = sampler.suggest(view)
+            assert got == expected
+            assert got.info["n_pending"] == top - done > 0
