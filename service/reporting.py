@@ -43,8 +43,8 @@ def report(
     pruner's questions about the other trials are answered first, in a read transaction
     that takes no lock (they were the slow part, and all trials of a study queued behind
     them on its row); the write that follows is short: it checks the attempt again under the
-    lock, stores the points and applies the verdict, which it trusts only when the steps to
-    judge are still those the verdict was given on (else it asks the pruner again there). A
+    lock, stores the points and applies the verdict (one to prune only when the steps to
+    judge are still those it was given on, else the pruner is asked again there). A
     large batch is stored in commits of at most POINTS_PER_COMMIT points, so no commit
     holds SQLite's write lock for long; the lease and the pruner's verdict follow in one
     short commit of their own. A report made with an attempt's ``token``, or naming an
@@ -82,7 +82,7 @@ def report(
                 study, trial = _running(s, trial_id, **fencing)
                 if trial is None:
                     return True
-                if verdict is None or not verdict.checked:
+                if _stale(verdict):
                     verdict = _recheck(s, study, trial, points, verdict)
                 inserted += metrics.add(s, trial, chunk, utcnow())
         return _finish_report(storage, trial_id, points, chunks, verdict, fencing)
@@ -101,6 +101,14 @@ class _Verdict:
         self.judged = judged
         self.decision = decision
         self.checked = False
+
+
+def _stale(verdict: _Verdict | None) -> bool:
+    """Whether the write must ask :func:`_recheck` first: there is no verdict yet, or it is to
+    prune and was not confirmed under the lock. A verdict to continue needs no check: steps
+    stored meanwhile by another report of this trial could only shrink the steps to judge
+    (and the rungs between them), and a trial that passed on more steps passes on fewer."""
+    return verdict is None or (verdict.decision is not None and not verdict.checked)
 
 
 def _recheck(
@@ -139,7 +147,7 @@ def _finish_report(
         trials.renew_lease(trial, spec.lease_s, now)
         if not points:
             return False  # a heartbeat: the lease is renewed, nothing else changed
-        if verdict is None or not verdict.checked:
+        if _stale(verdict):
             verdict = _recheck(s, study, trial, points, verdict)
         metrics.add(s, trial, chunks[-1], now, ids=False)
         decision = verdict.decision
