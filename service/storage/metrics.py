@@ -6,6 +6,7 @@ Functions take the caller's session.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from itertools import groupby, islice
@@ -208,12 +209,22 @@ def _newest_per_step(
         yield from chosen.values()
 
 
-# The complete trials' values of a metric at a step: {(study id, metric, step, how many trials
-# of the study were complete): {trial id: value}}. A complete trial takes no more points and
-# stays complete, so the entry for a count of complete trials never goes stale, whichever
+# The complete trials' values of a metric at a step, per engine (by its connection pool, which
+# the engine's read-only and impatient variants share): {(study id, metric, step, how many
+# trials of the study were complete): {trial id: value}}. A complete trial takes no more points
+# and stays complete, so the entry for a count of complete trials never goes stale, whichever
 # server stored them: readers find it by the count they read from SQL.
-_COMPLETE_AT: LRUCache = LRUCache(maxsize=20_000)
+_COMPLETE_AT: weakref.WeakKeyDictionary[Any, LRUCache] = weakref.WeakKeyDictionary()
 _COMPLETE_AT_LOCK = threading.Lock()
+_COMPLETE_AT_SIZE = 20_000
+
+
+def _complete_cache(session: Session) -> LRUCache:
+    pool = session.get_bind().pool
+    cache = _COMPLETE_AT.get(pool)
+    if cache is None:
+        cache = _COMPLETE_AT.setdefault(pool, LRUCache(maxsize=_COMPLETE_AT_SIZE))
+    return cache
 
 
 class PruningHistory:
@@ -269,7 +280,8 @@ class PruningHistory:
         complete trial (not a scan of every point of the study above ``step``)."""
         key = (self.study_id, self.metric, step, self.n_complete())
         with _COMPLETE_AT_LOCK:
-            found = _COMPLETE_AT.get(key)
+            cache = _complete_cache(self.session)
+            found = cache.get(key)
         if found is not None:
             return found
         first = (
@@ -292,7 +304,7 @@ class PruningHistory:
         found = {trial_id: value for trial_id, value in rows if value is not None}
         # Keyed by the count this query saw (a trial may have completed since n_complete).
         with _COMPLETE_AT_LOCK:
-            _COMPLETE_AT[(*key[:3], len(rows))] = found
+            cache[(*key[:3], len(rows))] = found
         return found
 
 
