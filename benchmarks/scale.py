@@ -29,10 +29,13 @@ smallest (goal ≤ 2: flat).
 * ``--trials`` threads each ask a trial and stream batches of ``--batch`` points (steps in
   order, metric ``loss`` and ``acc``) to ``POST /trials/{id}/metrics`` with the attempt's token
   and number, as a worker's reporter does, for ``--seconds``; a pruned trial is replaced by a
-  new ask. Figures: points stored per second (the server's count at the end over the streaming
-  time), and the latency of each report (its answer carries the should_stop decision), p50/p99.
+  new ask. Each trial reports as fast as it is answered, or with ``--interval`` once every
+  so many seconds (a worker's reporter flushes every 0.5 s). Figures: points stored per
+  second (the server's count at the end over the streaming time), and the latency of each
+  report (its answer carries the should_stop decision), p50/p99.
 
-    python benchmarks/scale.py metrics --postgres postgresql+psycopg://postgres@127.0.0.1/postgres
+    python benchmarks/scale.py metrics --postgres postgresql://postgres@127.0.0.1:5432/postgres
+    python benchmarks/scale.py metrics --interval 1 --batch 40   # paced: 64 × 40 points/s
 """
 
 from __future__ import annotations
@@ -444,6 +447,7 @@ def _stream(
     headers: dict[str, str],
     study_id: int,
     batch: int,
+    interval: float,
     stop_at: float,
     latencies: list[float],
     errors: list[str],
@@ -462,6 +466,7 @@ def _stream(
             x, step = t["params"]["x"], 0
             auth = {"Authorization": f"Bearer {t['attempt_token']}"}
             while time.monotonic() < stop_at:
+                due = time.monotonic() + interval
                 points = []
                 for _ in range(batch // 2):
                     loss = _curve(x, step)
@@ -482,6 +487,7 @@ def _stream(
                     return
                 if r.json()["should_stop"]:
                     break
+                time.sleep(max(0.0, due - time.monotonic()))
 
 
 def _stored_points(url: str, study_id: int) -> int:
@@ -519,7 +525,16 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
         threads = [
             threading.Thread(
                 target=_stream,
-                args=(base, headers, study_id, args.batch, stop_at, latencies, errors),
+                args=(
+                    base,
+                    headers,
+                    study_id,
+                    args.batch,
+                    args.interval,
+                    stop_at,
+                    latencies,
+                    errors,
+                ),
             )
             for _ in range(args.trials)
         ]
@@ -541,7 +556,10 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
 
 
 def run_metrics(args: argparse.Namespace) -> None:
-    print(f"{args.trials} streaming trials, {args.batch} points a report, {args.seconds} s\n")
+    pace = f"one every {args.interval} s" if args.interval else "as fast as answered"
+    print(
+        f"{args.trials} streaming trials, {args.batch} points a report ({pace}), {args.seconds} s\n"
+    )
     print("| database | points/s | reports | report p50 ms | report p99 ms | errors |")
     print("|---|---:|---:|---:|---:|---:|")
     targets: list[tuple[str, str | None]] = [("SQLite", None)]
@@ -600,6 +618,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     met = sections.add_parser("metrics", help="metric ingestion from many streaming trials")
     met.add_argument("--trials", type=int, default=64, help="concurrent streaming trials")
     met.add_argument("--batch", type=int, default=100, help="points per report")
+    met.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        help="seconds between a trial's reports (0: flat out)",
+    )
     met.add_argument("--seconds", type=float, default=20.0, help="streaming time per database")
     met.add_argument("--complete", type=int, default=8, help="finished trials seeded first")
     met.add_argument("--postgres", metavar="ADMIN_URL", help="also on a throwaway database here")
