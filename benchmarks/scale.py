@@ -20,16 +20,35 @@ smallest (goal ≤ 2: flat).
     python benchmarks/scale.py ask                  # 1,000 and 10,000 trials, GP at 200; 1-2 min
     python benchmarks/scale.py ask --quick          # 300 and 1,000 trials, GP at 60
     python benchmarks/scale.py ask --sizes 1000,20000 --asks 20
+
+``metrics``: metric ingestion from many trials of one study streaming at once.
+
+* ``hpo serve`` (a subprocess, scheduler off) on a fresh SQLite file and, with ``--postgres``, on
+  a throwaway PostgreSQL database. One ask/tell study with the median pruner; ``--complete``
+  trials are first asked, reported and told (so the pruner has medians to compare with).
+* ``--trials`` threads each ask a trial and stream batches of ``--batch`` points (steps in
+  order, metric ``loss`` and ``acc``) to ``POST /trials/{id}/metrics`` with the attempt's token
+  and number, as a worker's reporter does, for ``--seconds``; a pruned trial is replaced by a
+  new ask. Each trial reports as fast as it is answered, or with ``--interval`` once every
+  so many seconds (a worker's reporter flushes every 0.5 s). Figures: points stored per
+  second (the server's count at the end over the streaming time), and the latency of each
+  report (its answer carries the should_stop decision), p50/p99.
+
+    python benchmarks/scale.py metrics --postgres postgresql://postgres@127.0.0.1:5432/postgres
+    python benchmarks/scale.py metrics --interval 1 --batch 40   # paced: 64 × 40 points/s
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
+import secrets
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -405,6 +424,186 @@ def run_ask(args: argparse.Namespace) -> None:
         print(f"  ours {kind} at {hi:,} / at {lo:,} = {r:.2f}{goal}")
 
 
+# --- the metrics section -----------------------------------------------------------------------
+
+
+def _metrics_spec(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "objective": {"metric": "loss", "direction": "minimize"},
+        "sampler": {"type": "random", "seed": 0},
+        "space": {"x": {"type": "float", "low": 0.0, "high": 1.0}},
+        "pruner": {"type": "median", "n_startup_trials": 5, "min_steps": 1},
+    }
+
+
+def _curve(x: float, step: int) -> float:
+    """The loss of a trial with quality ``x`` at ``step``: decays towards x."""
+    return x + 1.0 / (1 + step)
+
+
+def _stream(
+    base: str,
+    headers: dict[str, str],
+    study_id: int,
+    batch: int,
+    interval: float,
+    stop_at: float,
+    latencies: list[float],
+    errors: list[str],
+) -> None:
+    """One streaming worker: ask, report batches until pruned or time is up, ask again."""
+    with httpx.Client(base_url=base, headers=headers, timeout=120) as client:
+        while time.monotonic() < stop_at:
+            asked = client.post(f"{API}/studies/{study_id}/ask")
+            if asked.status_code == 409:  # too many concurrent asks: try again, as clients do
+                time.sleep(0.05)
+                continue
+            if asked.status_code != 201:
+                errors.append(f"ask {asked.status_code}: {asked.text[:200]}")
+                return
+            t = asked.json()
+            x, step = t["params"]["x"], 0
+            auth = {"Authorization": f"Bearer {t['attempt_token']}"}
+            while time.monotonic() < stop_at:
+                due = time.monotonic() + interval
+                points = []
+                for _ in range(batch // 2):
+                    loss = _curve(x, step)
+                    points += [
+                        {"step": step, "name": "loss", "value": loss},
+                        {"step": step, "name": "acc", "value": 1 - loss / 3},
+                    ]
+                    step += 1
+                t0 = time.perf_counter()
+                r = client.post(
+                    f"{API}/trials/{t['trial_id']}/metrics",
+                    json={"points": points, "attempt": t["attempt"]},
+                    headers=auth,
+                )
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors.append(f"report {r.status_code}: {r.text[:200]}")
+                    return
+                if r.json()["should_stop"]:
+                    break
+                time.sleep(max(0.0, due - time.monotonic()))
+
+
+def _stored_points(url: str, study_id: int) -> int:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(
+                text("SELECT count(*) FROM metric_points WHERE study_id = :s"), {"s": study_id}
+            ).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, float]:
+    """One run of the metrics section on the database at ``url``; its figures."""
+    env = {"HPO_DATABASE_URL": url, "HPO_SCHEDULER": "false", "HPO_LOG_LEVEL": "warning"}
+    env["HPO_RATE_LIMIT_PER_S"] = "0"
+    with served(work, env=env) as (base, token):
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=base, headers=headers, timeout=120) as client:
+            r = client.post(f"{API}/studies", json=_metrics_spec("metrics"))
+            r.raise_for_status()
+            study_id = r.json()["id"]
+            for _ in range(args.complete):  # finished trials with curves: the medians
+                t = client.post(f"{API}/studies/{study_id}/ask").json()
+                x = t["params"]["x"]
+                pts = [{"step": s, "name": "loss", "value": _curve(x, s)} for s in range(1000)]
+                client.post(f"{API}/trials/{t['trial_id']}/metrics", json={"points": pts})
+                client.post(f"{API}/trials/{t['trial_id']}/tell", json={"value": x})
+        before = _stored_points(url, study_id)
+        latencies: list[float] = []
+        errors: list[str] = []
+        t0 = time.monotonic()
+        stop_at = t0 + args.seconds
+        threads = [
+            threading.Thread(
+                target=_stream,
+                args=(
+                    base,
+                    headers,
+                    study_id,
+                    args.batch,
+                    args.interval,
+                    stop_at,
+                    latencies,
+                    errors,
+                ),
+            )
+            for _ in range(args.trials)
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        elapsed = time.monotonic() - t0
+    stored = _stored_points(url, study_id) - before
+    if errors:
+        print(f"  {len(errors)} errors, first: {errors[0]}", flush=True)
+    return {
+        "points_s": stored / elapsed,
+        "reports": len(latencies),
+        "p50_ms": pct(latencies, 50) * 1e3,
+        "p99_ms": pct(latencies, 99) * 1e3,
+        "errors": len(errors),
+    }
+
+
+def run_metrics(args: argparse.Namespace) -> None:
+    pace = f"one every {args.interval} s" if args.interval else "as fast as answered"
+    print(
+        f"{args.trials} streaming trials, {args.batch} points a report ({pace}), {args.seconds} s\n"
+    )
+    print("| database | points/s | reports | report p50 ms | report p99 ms | errors |")
+    print("|---|---:|---:|---:|---:|---:|")
+    targets: list[tuple[str, str | None]] = [("SQLite", None)]
+    if args.postgres:
+        targets.append(("PostgreSQL", args.postgres))
+    for where, admin in targets:
+        with tempfile.TemporaryDirectory(prefix="hpo-scale-") as tmp:
+            work = Path(tmp)
+            if admin is None:
+                url = f"sqlite:///{work / 'hpo.db'}"
+                drop = contextlib.nullcontext()
+            else:
+                url, drop = _pg_database(admin)
+            with drop:
+                engine = make_engine(url)
+                upgrade_schema(engine)
+                engine.dispose()
+                f = metrics_once(url, work, args)
+            print(
+                f"| {where} | {f['points_s']:,.0f} | {f['reports']:,} | {f['p50_ms']:,.1f} "
+                f"| {f['p99_ms']:,.1f} | {f['errors']} |",
+                flush=True,
+            )
+
+
+def _pg_database(admin_url: str) -> tuple[str, contextlib.AbstractContextManager]:
+    """A throwaway database on the server of ``admin_url``: its URL, and a context that drops it."""
+    name = f"hpo_scale_{secrets.token_hex(4)}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+
+    @contextlib.contextmanager
+    def dropping() -> Any:
+        try:
+            yield
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+
+    return admin_url.rsplit("/", 1)[0] + "/" + name, dropping()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sections = ap.add_subparsers(dest="section", required=True)
@@ -416,8 +615,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     ask.add_argument("--no-journal", dest="journal", action="store_false")
     ask.add_argument("--optuna-postgres", metavar="URL", help="also Optuna TPE on this database")
     ask.add_argument("--quick", action="store_true", help="300 and 1,000 trials, GP at 60")
+    met = sections.add_parser("metrics", help="metric ingestion from many streaming trials")
+    met.add_argument("--trials", type=int, default=64, help="concurrent streaming trials")
+    met.add_argument("--batch", type=int, default=100, help="points per report")
+    met.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        help="seconds between a trial's reports (0: flat out)",
+    )
+    met.add_argument("--seconds", type=float, default=20.0, help="streaming time per database")
+    met.add_argument("--complete", type=int, default=8, help="finished trials seeded first")
+    met.add_argument("--postgres", metavar="ADMIN_URL", help="also on a throwaway database here")
     args = ap.parse_args(argv)
-    if args.section == "ask":
+    if args.section == "metrics":
+        run_metrics(args)
+    elif args.section == "ask":
         if args.quick:
             args.sizes, args.gp_trials, args.asks, args.gp_asks = "300,1000", 60, 5, 3
         run_ask(args)

@@ -39,7 +39,12 @@ def report(
 ) -> bool:
     """Store metric points of a running trial, renew its lease and consult the pruner.
 
-    Each point is stored once per attempt (a batch sent again stores nothing new). A
+    Each point is stored once per attempt (a batch sent again stores nothing new). The
+    pruner's questions about the other trials are answered first, in a read transaction
+    that takes no lock (they were the slow part, and all trials of a study queued behind
+    them on its row); the write that follows is short: it checks the attempt again under the
+    lock, stores the points and applies the verdict (one to prune only when the steps to
+    judge are still those it was given on, else the pruner is asked again there). A
     large batch is stored in commits of at most POINTS_PER_COMMIT points, so no commit
     holds SQLite's write lock for long; the lease and the pruner's verdict follow in one
     short commit of their own. A report made with an attempt's ``token``, or naming an
@@ -60,20 +65,27 @@ def report(
         "attempt": attempt,
         "unnamed_first_only": unnamed_first_only,
     }
+    verdict: _Verdict | None = None
+    if points:
+        with storage.read() as s:
+            study, trial = _running(s, trial_id, lock=False, **fencing)
+            if trial is None:
+                return True
+            judged = _to_judge(s, study, trial, points)
+            verdict = _Verdict(judged, _judge(s, transitions.spec_of(study), trial, points, judged))
     size = POINTS_PER_COMMIT
     chunks = [points[i : i + size] for i in range(0, len(points), size)]
     inserted: list[int] = []  # ids this batch stored in its earlier commits
     try:
-        judged: dict[int, int | None] | None = None
         for chunk in chunks[:-1]:
             with storage.write() as s:
                 study, trial = _running(s, trial_id, **fencing)
                 if trial is None:
                     return True
-                if judged is None:
-                    judged = _to_judge(s, study, trial, points)
+                if _stale(verdict):
+                    verdict = _recheck(s, study, trial, points, verdict)
                 inserted += metrics.add(s, trial, chunk, utcnow())
-        return _finish_report(storage, trial_id, points, chunks, judged, fencing)
+        return _finish_report(storage, trial_id, points, chunks, verdict, fencing)
     except Conflict:
         if inserted:  # a later commit was refused: the batch is all or nothing
             with storage.write() as s:
@@ -81,12 +93,48 @@ def report(
         raise
 
 
+class _Verdict:
+    """The steps a report judges (each with the step before it) and the pruner's decision on
+    them; ``checked`` once the steps were confirmed under the write lock."""
+
+    def __init__(self, judged: dict[int, int | None], decision: Any) -> None:
+        self.judged = judged
+        self.decision = decision
+        self.checked = False
+
+
+def _stale(verdict: _Verdict | None) -> bool:
+    """Whether the write must ask :func:`_recheck` first: there is no verdict yet, or it is to
+    prune and was not confirmed under the lock. A verdict to continue needs no check: steps
+    stored meanwhile by another report of this trial could only shrink the steps to judge
+    (and the rungs between them), and a trial that passed on more steps passes on fewer."""
+    return verdict is None or (verdict.decision is not None and not verdict.checked)
+
+
+def _recheck(
+    s: Session,
+    study: Study,
+    trial: Trial,
+    points: Sequence[MetricInput],
+    verdict: _Verdict | None,
+) -> _Verdict:
+    """The verdict to apply, under the write lock and before the points are stored: the one
+    given in the read transaction when the steps to judge are still the same (nothing of this
+    trial was stored in between), else the pruner asked again on the steps as they are now
+    (so each new step is judged once, by the report that stores it)."""
+    judged = _to_judge(s, study, trial, points)
+    if verdict is None or verdict.judged != judged:
+        verdict = _Verdict(judged, _judge(s, transitions.spec_of(study), trial, points, judged))
+    verdict.checked = True
+    return verdict
+
+
 def _finish_report(
     storage: Storage,
     trial_id: int,
     points: Sequence[MetricInput],
     chunks: list[Sequence[MetricInput]],
-    judged: dict[int, int | None] | None,
+    verdict: _Verdict | None,
     fencing: dict[str, Any],
 ) -> bool:
     """The last commit of :func:`report`: its last chunk of points, the lease, the pruner."""
@@ -99,10 +147,10 @@ def _finish_report(
         trials.renew_lease(trial, spec.lease_s, now)
         if not points:
             return False  # a heartbeat: the lease is renewed, nothing else changed
-        if judged is None:
-            judged = _to_judge(s, study, trial, points)
-        metrics.add(s, trial, chunks[-1], now)
-        decision = _judge(s, spec, trial, points, judged)
+        if _stale(verdict):
+            verdict = _recheck(s, study, trial, points, verdict)
+        metrics.add(s, trial, chunks[-1], now, ids=False)
+        decision = verdict.decision
         trial.last_step = max(trial.last_step or 0, *(p.step for p in points))
         if decision is not None:
             trial.pruned = decision.reason
@@ -121,11 +169,16 @@ def _running(
     token: AttemptToken | None,
     attempt: int | None,
     unnamed_first_only: bool,
+    lock: bool = True,
 ) -> tuple[Study, Trial | None]:
-    """The locked study and its running trial, fenced to its current attempt; the trial
-    is None when it should stop (pruned, or its study stopped). Raises StaleAttempt,
-    TrialFinished."""
-    study, trial = trials.lock(s, trial_id)
+    """The study (its row locked when ``lock``) and its running trial, fenced to its current
+    attempt; the trial is None when it should stop (pruned, or its study stopped). Raises
+    StaleAttempt, TrialFinished."""
+    if lock:
+        study, trial = trials.lock(s, trial_id, params=False)
+    else:
+        trial = trials.get_trial(s, trial_id, params=False)
+        study = studies.get(s, trial.study_id)
     fence(trial, token, attempt, unnamed_first_only=unnamed_first_only)
     if trial.state == TrialState.PRUNED or study.state == StudyState.STOPPED:
         return study, None

@@ -5,11 +5,14 @@ Functions take the caller's session.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from itertools import groupby, islice
 from typing import Any
 
+from cachetools import LRUCache
 from sqlalchemy import and_, func, select
 from sqlalchemy import delete as sa_delete
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -21,11 +24,20 @@ from hpo.service.records import MetricInput, MetricPointRecord
 from hpo.service.states import TrialState
 
 
-def add(session: Session, trial: Trial, points: Sequence[MetricInput], now: datetime) -> list[int]:
+def add(
+    session: Session,
+    trial: Trial,
+    points: Sequence[MetricInput],
+    now: datetime,
+    *,
+    ids: bool = True,
+) -> list[int]:
     """Store ``points`` under the trial's current attempt, each at most once: a point that
     attempt already stored (same name and step, e.g. a batch sent again after its answer was
     lost) is left as it is (insert-or-ignore on UNIQUE(trial, attempt, name, step)). Returns
-    the ids of the rows it inserted (not of those left as they were)."""
+    the ids of the rows it inserted (not of those left as they were); with ``ids=False``
+    returns nothing and inserts in one plain executemany (no RETURNING, no ORM bulk path:
+    the cheapest way in, for points no one needs to delete again)."""
     if not points:
         return []
     rows = [
@@ -40,9 +52,13 @@ def add(session: Session, trial: Trial, points: Sequence[MetricInput], now: date
         }
         for p in points
     ]
+    table = MetricPoint.__table__
     insert = sqlite_insert if session.bind.dialect.name == "sqlite" else postgresql_insert
-    stmt = insert(MetricPoint).on_conflict_do_nothing().returning(MetricPoint.id)
-    return list(session.scalars(stmt, rows))
+    stmt = insert(table).on_conflict_do_nothing()
+    if not ids:
+        session.execute(stmt, rows)
+        return []
+    return list(session.execute(stmt.returning(table.c.id), rows).scalars())
 
 
 # Ids per DELETE: well under SQLite's limit of bound parameters in one statement.
@@ -193,18 +209,40 @@ def _newest_per_step(
         yield from chosen.values()
 
 
+# The complete trials' values of a metric at a step, per engine (by its connection pool, which
+# the engine's read-only and impatient variants share): {(study id, metric, step, how many
+# trials of the study were complete): {trial id: value}}. A complete trial takes no more points
+# and stays complete, so the entry for a count of complete trials never goes stale, whichever
+# server stored them: readers find it by the count they read from SQL.
+_COMPLETE_AT: weakref.WeakKeyDictionary[Any, LRUCache] = weakref.WeakKeyDictionary()
+_COMPLETE_AT_LOCK = threading.Lock()
+_COMPLETE_AT_SIZE = 20_000
+
+
+def _complete_cache(session: Session) -> LRUCache:
+    pool = session.get_bind().pool
+    cache = _COMPLETE_AT.get(pool)
+    if cache is None:
+        cache = _COMPLETE_AT.setdefault(pool, LRUCache(maxsize=_COMPLETE_AT_SIZE))
+    return cache
+
+
 class PruningHistory:
     """Answers a pruner's questions about the other trials of a study from ``metric_points``
-    (the :class:`hpo.service.pruners.base.PruningHistory` a pruner reads)."""
+    (the :class:`hpo.service.pruners.base.PruningHistory` a pruner reads). The complete
+    trials' values at a step are kept in memory between reports (see ``_COMPLETE_AT``)."""
 
     def __init__(self, session: Session, study_id: int, trial_id: int, metric: str) -> None:
         self.session = session
         self.study_id = study_id
         self.trial_id = trial_id
         self.metric = metric
+        self._n_complete: int | None = None
 
     def values_at(self, step: int, *, complete_only: bool = False) -> list[float]:
         """Each other trial's value of the metric at its first step at or after ``step``."""
+        if complete_only:
+            return [v for t, v in self._complete_at(step).items() if t != self.trial_id]
         first = (
             select(MetricPoint.trial_id, func.min(MetricPoint.step).label("step"))
             .where(
@@ -224,19 +262,50 @@ class PruningHistory:
                 MetricPoint.name == self.metric,
             ),
         )
-        if complete_only:
-            stmt = stmt.join(Trial, Trial.id == MetricPoint.trial_id).where(
-                Trial.state == TrialState.COMPLETE.value
-            )
         return _first_per_trial(self.session, stmt)
 
     def n_complete(self) -> int:
-        """How many trials of the study are complete."""
-        return self.session.scalar(
-            select(func.count()).where(
+        """How many trials of the study are complete (read once per history)."""
+        if self._n_complete is None:
+            self._n_complete = self.session.scalar(
+                select(func.count()).where(
+                    Trial.study_id == self.study_id, Trial.state == TrialState.COMPLETE.value
+                )
+            )
+        return self._n_complete
+
+    def _complete_at(self, step: int) -> dict[int, float]:
+        """``{complete trial id: value at its first step >= step}``, from memory when the
+        count of complete trials is the one cached, else one query: an index lookup per
+        complete trial (not a scan of every point of the study above ``step``)."""
+        key = (self.study_id, self.metric, step, self.n_complete())
+        with _COMPLETE_AT_LOCK:
+            cache = _complete_cache(self.session)
+            found = cache.get(key)
+        if found is not None:
+            return found
+        first = (
+            select(MetricPoint.value)
+            .where(
+                MetricPoint.trial_id == Trial.id,
+                MetricPoint.name == self.metric,
+                MetricPoint.step >= step,
+            )
+            .order_by(MetricPoint.step, MetricPoint.attempt.desc())
+            .limit(1)
+            .correlate(Trial)
+            .scalar_subquery()
+        )
+        rows = self.session.execute(
+            select(Trial.id, first).where(
                 Trial.study_id == self.study_id, Trial.state == TrialState.COMPLETE.value
             )
-        )
+        ).all()
+        found = {trial_id: value for trial_id, value in rows if value is not None}
+        # Keyed by the count this query saw (a trial may have completed since n_complete).
+        with _COMPLETE_AT_LOCK:
+            cache[(*key[:3], len(rows))] = found
+        return found
 
 
 def _first_per_trial(session: Session, stmt: Any) -> list[float]:

@@ -26,24 +26,26 @@ _ACTIVE = [s.value for s in ACTIVE_STATES]
 _CHUNK = 500  # ids per IN (...) list: SQLite caps the variables of one statement
 
 
-def get_trial(session: Session, trial_id: int) -> Trial:
-    """The trial with its parameters. Raises TrialNotFound."""
-    trial = session.scalars(
-        select(Trial).where(Trial.id == trial_id).options(selectinload(Trial.params))
-    ).one_or_none()
+def get_trial(session: Session, trial_id: int, *, params: bool = True) -> Trial:
+    """The trial with its parameters (loaded later, if ever, with ``params=False``: a metric
+    report reads only the trial's row). Raises TrialNotFound."""
+    stmt = select(Trial).where(Trial.id == trial_id)
+    if params:
+        stmt = stmt.options(selectinload(Trial.params))
+    trial = session.scalars(stmt).one_or_none()
     if trial is None:
         raise TrialNotFound(trial_id)
     return trial
 
 
-def lock(session: Session, trial_id: int) -> tuple[Study, Trial]:
-    """The trial and its study, with the study's row locked for writing. Raises
-    TrialNotFound."""
+def lock(session: Session, trial_id: int, *, params: bool = True) -> tuple[Study, Trial]:
+    """The trial (with its parameters unless ``params=False``) and its study, with the
+    study's row locked for writing. Raises TrialNotFound."""
     study_id = session.scalar(select(Trial.study_id).where(Trial.id == trial_id))
     if study_id is None:
         raise TrialNotFound(trial_id)
     study = get(session, study_id, lock=True)
-    return study, get_trial(session, trial_id)
+    return study, get_trial(session, trial_id, params=params)
 
 
 def first_waiting(session: Session, study_id: int) -> int | None:
