@@ -131,12 +131,15 @@ def seed(url: str, n_trials: int, n_steps: int, n_running: int) -> int:
             for s, v in enumerate(curve)
         ]
         events.append({"trial_id": tid, "state": "running", "attempt": 1, "time": now})
+        if len(points) >= 200_000 or i == n_trials - 1:  # 10,000 × 1,000 points fit no list
+            with storage.write() as s:
+                s.execute(insert(Trial), trials)
+                s.execute(insert(TrialParam), params)
+                s.execute(insert(TrialEvent), events)
+                for k in range(0, len(points), 50_000):
+                    s.execute(insert(MetricPoint), points[k : k + 50_000])
+            trials, params, points, events = [], [], [], []
     with storage.write() as s:
-        s.execute(insert(Trial), trials)
-        s.execute(insert(TrialParam), params)
-        s.execute(insert(TrialEvent), events)
-        for k in range(0, len(points), 50_000):
-            s.execute(insert(MetricPoint), points[k : k + 50_000])
         s.execute(
             update(Study)
             .where(Study.id == study_id)
