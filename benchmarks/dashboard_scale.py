@@ -49,10 +49,15 @@ def memory_mb(proc: psutil.Process) -> dict[str, float]:
 def cold_load(url: str, token: str, sid: int) -> dict[str, Any]:
     """Open the study page; how long until its first poll has finished, and what it fetched."""
     seen: list[tuple[str, int, int]] = []
+    slowest: dict[str, float] = {}  # per endpoint (path without ids and query): longest, ms
 
     def answered(r: Any) -> None:
         if "/api/v1/" in r.url:
-            seen.append((r.url.split("/api/v1/")[1], r.status, len(r.body())))
+            path = r.url.split("/api/v1/")[1]
+            seen.append((path, r.status, len(r.body())))
+            what = re.sub(r"\d+", "N", path.split("?")[0])
+            took = r.request.timing["responseEnd"]
+            slowest[what] = max(slowest.get(what, 0.0), round(took))
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
@@ -69,6 +74,7 @@ def cold_load(url: str, token: str, sid: int) -> dict[str, Any]:
         "load_s": round(took, 2),
         "requests": len(seen),
         "mb": round(sum(b for *_, b in seen) / 1e6, 1),
+        "slowest_request_ms": slowest,
         "errors": errors,
     }
 
