@@ -5,8 +5,9 @@ A study with many trials and long metric series is seeded into a fresh SQLite da
 fixed time:
 
 * ``conditional`` polls the way the dashboard does: ``GET /studies/{id}`` with the ETag it
-  holds; a ``304`` ends the poll. Only when the study changed does it fetch the trials and the
-  learning curves changed after its cursors (``since``), again with ETags.
+  holds; on a ``304`` (no trial changed state) it asks only for the learning curves changed
+  after their own cursor (``since``; a 304 too while no trial reports). Only when the study
+  changed does it fetch the trials changed after its cursor as well, again with ETags.
 * ``naive`` refetches everything the page shows on every poll: the study, every trial (pages of
   1,000) and every learning curve (pages of 200 trials, 120 points each).
 
@@ -14,8 +15,13 @@ Two scenarios: ``idle`` (nothing changes) and ``live`` (a writer posts a metric 
 the running trials every ``--write-every`` seconds). Each poller polls every 3 s, as an open
 dashboard does; the last windows poll back to back to find the capacity of conditional polls.
 
+``--stream`` runs a third scenario alone: every running trial streams (one writer per trial,
+a point every ``--write-every`` s each) while the pollers poll conditionally; its table adds
+the share of study polls answered 304 and the poll p99.
+
     python benchmarks/polling.py            # 2,000 trials × 300 steps; 10, 50, 200 pollers; ~10 min
     python benchmarks/polling.py --quick    # 300 trials × 100 steps; 20 pollers; ~1 min
+    python benchmarks/polling.py --stream --pollers 200 --write-every 1   # 8 trials stream
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ API = "/api/v1"
 CURVE_POINTS = 120  # what the page asks for
 CURVE_PAGE = 200
 TRIAL_PAGE = 1000
+# Whether the schema has the curves' own cursor (the script also measures the code before it).
+CURVES_CURSOR = hasattr(Trial, "curve_seq")
 
 
 # --- seeding ----------------------------------------------------------------------------------
@@ -106,6 +114,7 @@ def seed(url: str, n_trials: int, n_steps: int, n_running: int) -> int:
                 "value": None if running else curve[-1],
                 "attempts": 1,
                 "seq": i + 2,
+                **({"curve_seq": i + 2} if CURVES_CURSOR else {}),
                 "last_step": n_steps - 1,
                 "created_at": now,
                 "started_at": now,
@@ -122,16 +131,24 @@ def seed(url: str, n_trials: int, n_steps: int, n_running: int) -> int:
             for s, v in enumerate(curve)
         ]
         events.append({"trial_id": tid, "state": "running", "attempt": 1, "time": now})
+        if len(points) >= 200_000 or i == n_trials - 1:  # 10,000 × 1,000 points fit no list
+            with storage.write() as s:
+                s.execute(insert(Trial), trials)
+                s.execute(insert(TrialParam), params)
+                s.execute(insert(TrialEvent), events)
+                for k in range(0, len(points), 50_000):
+                    s.execute(insert(MetricPoint), points[k : k + 50_000])
+            trials, params, points, events = [], [], [], []
     with storage.write() as s:
-        s.execute(insert(Trial), trials)
-        s.execute(insert(TrialParam), params)
-        s.execute(insert(TrialEvent), events)
-        for k in range(0, len(points), 50_000):
-            s.execute(insert(MetricPoint), points[k : k + 50_000])
         s.execute(
             update(Study)
             .where(Study.id == study_id)
-            .values(seq=n_trials + 2, next_number=n_trials, updated_at=now)
+            .values(
+                seq=n_trials + 2,
+                **({"curve_seq": n_trials + 2} if CURVES_CURSOR else {}),
+                next_number=n_trials,
+                updated_at=now,
+            )
         )
     engine.dispose()
     return study_id
@@ -148,6 +165,7 @@ class Tally:
     polls: list[float] = field(default_factory=list)  # per whole poll, seconds
     poll_bytes: list[int] = field(default_factory=list)  # per whole poll
     statuses: Counter = field(default_factory=Counter)
+    study_statuses: Counter = field(default_factory=Counter)  # of GET /studies/{id} alone
     bytes: int = 0
 
     def add(self, response: httpx.Response, seconds: float) -> None:
@@ -165,6 +183,8 @@ async def fetch(
     start = time.perf_counter()
     r = await client.get(path, headers=headers)
     tally.add(r, time.perf_counter() - start)
+    if path.rsplit("/", 2)[-2] == "studies":
+        tally.study_statuses[r.status_code] += 1
     if r.status_code == 304:
         return None
     r.raise_for_status()
@@ -195,8 +215,10 @@ def _curves_path(sid: int, since: int | None) -> str:
 
 
 async def conditional_poll(client: httpx.AsyncClient, sid: int, page: PageState, t: Tally) -> None:
-    """One poll of the dashboard: a 304 on the study ends it; else the deltas."""
+    """One poll of the dashboard: on a 304 for the study, the curves' delta alone; else the
+    trials' delta too."""
     if await fetch(client, t, f"{API}/studies/{sid}", page.tags) is None and page.cursor:
+        await pull_curves(client, sid, page, t)
         return
     while True:
         body = await fetch(client, t, _trials_path(sid, page.cursor), page.tags)
@@ -206,6 +228,11 @@ async def conditional_poll(client: httpx.AsyncClient, sid: int, page: PageState,
         page.cursor = body["cursor"]
         if not full:
             break
+    await pull_curves(client, sid, page, t)
+
+
+async def pull_curves(client: httpx.AsyncClient, sid: int, page: PageState, t: Tally) -> None:
+    """The learning curves changed after the page's curves cursor (a 304 when none)."""
     while True:
         body = await fetch(client, t, _curves_path(sid, page.curves_cursor), page.tags)
         if body is None:
@@ -260,10 +287,15 @@ async def poller(url: str, token: str, w: Window, sid: int, page: PageState, t: 
             await asyncio.sleep(max(0.0, w.every - t.polls[-1]))
 
 
-async def writer(url: str, token: str, trial_ids: list[int], every: float, t: Tally) -> None:
-    """Post one new metric point to a running trial every ``every`` seconds."""
+async def writer(
+    url: str, token: str, trial_ids: list[int], every: float, t: Tally, offset: bool = False
+) -> None:
+    """Post one new metric point to a running trial every ``every`` seconds (from a random
+    offset when ``offset``: streams of many trials do not report in step)."""
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
+        if offset:
+            await asyncio.sleep(random.uniform(0, every))
         for n in range(10**9):
             body = {"points": [{"step": 10_000 + n, "name": "loss", "value": 0.5}]}
             tid = trial_ids[n % len(trial_ids)]
@@ -282,7 +314,12 @@ async def measure(
     page, _, _ = await first_load(url, token, sid)
     tallies, written = [Tally() for _ in range(w.pollers)], Tally()
     tasks = [asyncio.create_task(poller(url, token, w, sid, page.copy(), t)) for t in tallies]
-    if live:
+    if live and w.scenario == "stream":  # every running trial streams on its own
+        tasks += [
+            asyncio.create_task(writer(url, token, [tid], every, written, offset=True))
+            for tid in live
+        ]
+    elif live:
         tasks.append(asyncio.create_task(writer(url, token, live, every, written)))
     await asyncio.sleep(seconds)
     for task in tasks:
@@ -295,6 +332,7 @@ async def measure(
         total.polls += t.polls
         total.poll_bytes += t.poll_bytes
         total.statuses += t.statuses
+        total.study_statuses += t.study_statuses
         total.bytes += t.bytes
     return total, written
 
@@ -352,6 +390,22 @@ def row(w: Window, t: Tally, seconds: float, written: Tally) -> str:
     )
 
 
+def stream_row(w: Window, t: Tally, seconds: float, written: Tally) -> str:
+    n, studies = sum(t.statuses.values()), sum(t.study_statuses.values())
+    return (
+        f"| {w.pollers} | {w.every:g} s | {len(t.polls) / seconds:.1f} | {n / seconds:.0f} "
+        f"| {t.study_statuses[304] / max(1, studies):.1%} | {t.statuses[304] / max(1, n):.1%} "
+        f"| {ms(t.latencies, 50)} | {ms(t.polls, 50)} | {ms(t.polls, 99)} "
+        f"| {len(written.latencies) / seconds:.1f} ({ms(written.latencies, 50)} ms) |"
+    )
+
+
+STREAM_HEADER = (
+    "| pollers | each polls | polls/s | requests/s | study 304 share | all 304 share "
+    "| req p50 ms | poll p50 ms | poll p99 ms | points/s (post p50) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
 HEADER = (
     "| scenario | mode | pollers | each polls | polls/s | requests/s | req p50 ms | req p95 ms "
     "| poll p50 ms | poll p95 ms | 304 share | MB/s | kB/poll | writes (p50) |\n"
@@ -369,6 +423,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30, help="length of each window")
     ap.add_argument("--write-every", type=float, default=0.5, help="live scenario: s per point")
     ap.add_argument("--quick", action="store_true", help="300 trials, 20 pollers, 5-s windows")
+    ap.add_argument(
+        "--stream", action="store_true", help="only: every running trial streams, conditional"
+    )
     args = ap.parse_args()
     if args.quick:
         args.trials, args.steps, args.pollers, args.seconds = 300, 100, "20", 5
@@ -379,6 +436,8 @@ def main() -> None:
         for n in levels
         for mode in ("naive", "conditional")
     ] + [Window("idle", "conditional", n, 0) for n in levels]
+    if args.stream:
+        windows = [Window("stream", "conditional", n, args.every) for n in levels]
     with tempfile.TemporaryDirectory() as tmp:
         db = f"sqlite:///{Path(tmp) / 'hpo.db'}"
         t0 = time.perf_counter()
@@ -390,13 +449,14 @@ def main() -> None:
                 _, took, size = asyncio.run(first_load(url, token, sid))
                 print(f"first page load ({caches} caches): {took:.2f} s, {size / 1e6:.1f} MB")
             live = list(range(args.trials - args.running + 1, args.trials + 1))
-            print("\n" + HEADER)
+            print("\n" + (STREAM_HEADER if args.stream else HEADER))
             for w in windows:
-                writes = live if w.scenario == "live" else []
+                writes = live if w.scenario in ("live", "stream") else []
                 tally, written = asyncio.run(
                     measure(url, token, sid, w, args.seconds, writes, args.write_every)
                 )
-                print(row(w, tally, args.seconds, written), flush=True)
+                show = stream_row if args.stream else row
+                print(show(w, tally, args.seconds, written), flush=True)
 
 
 if __name__ == "__main__":

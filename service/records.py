@@ -67,7 +67,10 @@ class TrialRecord(_Record):
     placement: dict[str, Any] | None = None
     has_checkpoint: bool = False
     test_metrics: dict[str, Any] | None = None
+    # ``seq`` moves with the trial's state, values and other fields; ``curve_seq`` also with
+    # its metric points (the curves' cursor).
     seq: int
+    curve_seq: int = 0
     events: list[TrialEventRecord] | None = None
 
 

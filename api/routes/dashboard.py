@@ -4,8 +4,9 @@
 the page and ``files`` its files, both without a token (the page asks for the token itself).
 
 Every endpoint answers ``304 Not Modified`` while the ``If-None-Match`` it is sent names the
-current ETag. Study-level tags carry the study's change sequence, so checking one costs a single
-indexed read; the answer itself is built only when something changed.
+current ETag. Study-level tags carry the study's change sequence (``seq``; the curves its curves
+cursor, ``curve_seq``, which metric points move), so checking one costs a single indexed read;
+the answer itself is built only when something changed.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _study_trials(storage: Storage, study_id: int) -> tuple[list[TrialRecord], t
 
 
 def _series_key(storage: Storage, trial: TrialRecord, max_points: int) -> tuple:
-    return (trial.id, trial.seq, max_points)
+    return (trial.id, trial.curve_seq, max_points)
 
 
 @cached(LRUCache(4096), key=_series_key, condition=threading.Condition())
@@ -138,6 +139,10 @@ def _study_tag(storage: Storage, study_id: int, what: str, *options: Any) -> str
     return f'"{what}-{study_id}-{storage.study_seq(study_id)}-{_digest(options)}"'
 
 
+def _curves_tag(storage: Storage, study_id: int, *options: Any) -> str:
+    return f'"curves-{study_id}-{storage.study_curve_seq(study_id)}-{_digest(options)}"'
+
+
 def _digest(value: Any) -> str:
     return hashlib.blake2b(repr(value).encode(), digest_size=8).hexdigest()
 
@@ -183,6 +188,7 @@ class TrialCurve(BaseModel):
     steps: list[int]
     values: list[float]
     n: int
+    last_step: int | None = None
 
 
 class CurvesPage(BaseModel):
@@ -262,8 +268,10 @@ def curves(
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ):
     """Learning curves: one downsampled series of ``metric`` (the first objective's by
-    default) per trial changed after cursor ``since``; pass ``cursor`` back as ``since``."""
-    tag = _study_tag(storage, study_id, "curves", metric, max_points, since, limit)
+    default) per trial whose record or points changed after curves cursor ``since``; pass
+    ``cursor`` back as ``since``. The cursor and ETag are the curves' own (metric points move
+    them, not the study's ETag)."""
+    tag = _curves_tag(storage, study_id, metric, max_points, since, limit)
     if (answer := not_modified(request, tag)) is not None:
         return answer
     response.headers["ETag"] = tag
@@ -291,7 +299,15 @@ def _curves_page(
         names.update(series)
         if metric in series:
             s = series[metric]
-            out.append(TrialCurve(trial_id=t.id, number=t.number, state=t.state, **s.as_dict()))
+            out.append(
+                TrialCurve(
+                    trial_id=t.id,
+                    number=t.number,
+                    state=t.state,
+                    last_step=t.last_step,
+                    **s.as_dict(),
+                )
+            )
     more = len(trials) == limit
     return CurvesPage(metric=metric, names=sorted(names), series=out, cursor=cursor, more=more)
 
@@ -359,7 +375,7 @@ def trial_series(
 ):
     """Every metric of the trial, each downsampled to at most ``max_points`` points."""
     trial = storage.get_trial(trial_id, events=False)
-    tag = f'"series-{trial_id}-{trial.seq}-{max_points}"'
+    tag = f'"series-{trial_id}-{trial.curve_seq}-{max_points}"'
     if (answer := not_modified(request, tag)) is not None:
         return answer
     series = _trial_series(storage, trial, max_points)

@@ -98,7 +98,10 @@ def list_trials(
     states = _states(state)
     # The validated states, not the raw query: the tag goes into a header verbatim.
     filter_ = ",".join(states or [])
-    tag = f'"trials-{study_id}-{storage.study_seq(study_id)}-{since}-{filter_}-{limit}"'
+    # The curves cursor, not ``seq``: new points count as a change here (records carry
+    # ``last_step``), so the list's cursor and ETag move with them; the study's do not.
+    curve_seq = storage.study_curve_seq(study_id)
+    tag = f'"trials-{study_id}-{curve_seq}-{since}-{filter_}-{limit}"'
 
     def page() -> TrialPage:
         trials, cursor = storage.list_trials(study_id, states=states, since=since, limit=limit)

@@ -94,8 +94,11 @@ class Study(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     # Trial numbers handed out so far; the next trial gets this number (compare-and-set).
     next_number: Mapped[int] = mapped_column(Integer, default=0)
-    # Bumped on every change of the study or one of its trials: the `since` cursor and ETag.
+    # Bumped on every change of the study or one of its trials but their metric points (state,
+    # values, parameters, spec...): the trials' `since` cursor and the study's ETag.
     seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Bumped on every change, metric points included (never below `seq`): the curves' cursor.
+    curve_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     state_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -113,6 +116,7 @@ class Trial(Base):
         UniqueConstraint("study_id", "number", name="uq_trials_study_number"),
         Index("uq_trials_study_ask_key", "study_id", "ask_key", unique=True),
         Index("ix_trials_study_seq", "study_id", "seq"),
+        Index("ix_trials_study_curve_seq", "study_id", "curve_seq"),
         Index("ix_trials_study_state", "study_id", "state"),
         NO_REUSE,
     )
@@ -125,6 +129,8 @@ class Trial(Base):
     values: Mapped[list[Any] | None]
     attempts: Mapped[int] = mapped_column(Integer, default=1)
     seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The study's `curve_seq` at the trial's last change, metric points included.
+    curve_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     last_step: Mapped[int | None] = mapped_column(BigInteger)
     lease_expires_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

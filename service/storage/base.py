@@ -44,9 +44,15 @@ class Storage(Transactions):
 
     def study_seq(self, study_id: int) -> int:
         """The study's change sequence: it grows with every change of the study or one of its
-        trials. Raises StudyNotFound."""
+        trials but their metric points. Raises StudyNotFound."""
         with self.read() as s:
             return studies.seq(s, study_id)
+
+    def study_curve_seq(self, study_id: int) -> int:
+        """The study's curves cursor: it grows with every change, metric points included (never
+        below :meth:`study_seq`). Raises StudyNotFound."""
+        with self.read() as s:
+            return studies.curve_seq(s, study_id)
 
     def spec_of(self, study_id: int) -> StudySpec:
         """The study's spec. Raises StudyNotFound."""
@@ -109,12 +115,14 @@ class Storage(Transactions):
         limit: int = MAX_PAGE,
     ) -> tuple[list[TrialRecord], int]:
         """Trials changed after cursor ``since`` (all when None), oldest change first, at most
-        ``limit``; and the cursor to pass next time. Raises StudyNotFound."""
+        ``limit``; and the cursor to pass next time. New metric points count as a change (a
+        record carries ``last_step``): the cursor is the curves' one, ``curve_seq``. Raises
+        StudyNotFound."""
         with self.read() as s:
             study = studies.get(s, study_id)
-            rows = trials.page(s, study_id, states=states, since=since, limit=limit)
+            rows = trials.page(s, study_id, states=states, since=since, limit=limit, curves=True)
             full = len(rows) == max(1, min(limit, MAX_PAGE))
-            cursor = rows[-1].seq if full else max(study.seq, since or 0)
+            cursor = rows[-1].curve_seq if full else max(study.curve_seq, since or 0)
             return [trial_record(t) for t in rows], cursor
 
     def observed_since(

@@ -4,6 +4,11 @@ Functions take the caller's session; the caller holds the transaction. A write t
 one of its trials locks the study's row first (``get(..., lock=True)``: ``SELECT ... FOR
 UPDATE`` on PostgreSQL; SQLite write transactions are already exclusive) and then calls
 :func:`touch`, so writes to one study are serialized and ``seq`` orders them.
+
+Two cursors: ``seq`` moves with the structure (a study's or trial's state, values, params, spec,
+placement...), ``curve_seq`` with every change, metric points included (``seq <= curve_seq``;
+both take their numbers from one counter). Pages polling a study see 304 on its ``seq`` while
+its trials stream; the curves follow ``curve_seq``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -70,6 +75,7 @@ def insert(session: Session, name: str, spec: dict[str, Any]) -> Study:
         state=NEW_STUDY_STATE.value,
         next_number=0,
         seq=1,
+        curve_seq=1,
         created_at=now,
         updated_at=now,
         started_at=now,
@@ -87,13 +93,78 @@ def delete(session: Session, study: Study) -> None:
     session.delete(study)
 
 
+def curve_seq(session: Session, study_id: int) -> int:
+    """The study's curves cursor: it grows with every change, metric points included. Raises
+    StudyNotFound."""
+    found = session.scalar(select(Study.curve_seq).where(Study.id == study_id))
+    if found is None:
+        raise StudyNotFound(study_id)
+    return found
+
+
+# Trial fields a metric report changes: they move the curves' cursor, not the structure's.
+CURVE_FIELDS = frozenset({"last_step", "lease_expires_at", "progress_expires_at"})
+
+
 def touch(study: Study, *trials: Trial, now: datetime | None = None) -> int:
-    """Record a change of ``study`` (and ``trials``): bump the change sequence."""
-    study.seq += 1
+    """Record a change of ``study`` (and ``trials``): bump both change sequences.
+
+    A change that is only a metric report (the trials' pending changes are ``last_step``, the
+    lease and the progress deadline, and nothing else of theirs or the study's changed) is
+    passed to :func:`touch_curves`: it moves only ``curve_seq``, so the study's ETag holds.
+    Returns the study's ``seq``.
+    """
+    if trials and _curves_only(study, trials):
+        touch_curves(study, *trials)
+        return study.seq
+    study.seq = _next(study)
+    study.curve_seq = study.seq
     study.updated_at = now or utcnow()
     for trial in trials:
-        trial.seq = study.seq
+        trial.seq = trial.curve_seq = study.seq
     return study.seq
+
+
+def touch_curves(study: Study, *trials: Trial) -> int:
+    """Record new metric points of ``trials``: bump only the curves' cursor (``curve_seq``).
+
+    ``seq`` and ``updated_at`` stay: the study and its trial list did not change for a page
+    that polls them. Returns the study's new ``curve_seq``.
+    """
+    study.curve_seq = _next(study)
+    for trial in trials:
+        trial.curve_seq = study.curve_seq
+    return study.curve_seq
+
+
+def _next(study: Study) -> int:
+    """The next number of the study's one counter (``seq`` and ``curve_seq`` share it)."""
+    return max(study.seq or 0, study.curve_seq or 0) + 1
+
+
+def _curves_only(study: Study, trials: Sequence[Trial]) -> bool:
+    """Whether the pending changes of ``study`` and ``trials`` are those of a metric report.
+
+    Decided from SQLAlchemy's unflushed history: ``last_step`` must be among the changes (a
+    change flushed earlier in the transaction leaves no history, so it counts as structural).
+    """
+    if _changed(study) != set():
+        return False
+    moved = False
+    for trial in trials:
+        changed = _changed(trial)
+        if changed is None or not changed <= CURVE_FIELDS:
+            return False
+        moved = moved or "last_step" in changed
+    return moved
+
+
+def _changed(row: Study | Trial) -> set[str] | None:
+    """The row's columns with unflushed changes; None for a row not yet in the database."""
+    state = inspect(row)
+    if state.pending or state.transient:
+        return None
+    return {attr.key for attr in state.attrs if attr.history.has_changes()}
 
 
 def page(

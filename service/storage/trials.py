@@ -173,17 +173,20 @@ def page(
     states: Sequence[str] | None = None,
     since: int | None = None,
     limit: int = MAX_PAGE,
+    curves: bool = False,
 ) -> list[Trial]:
-    """The study's trials changed after ``since`` (all when None), oldest change first."""
+    """The study's trials changed after ``since`` (all when None), oldest change first; by
+    ``curve_seq`` (metric points count as changes) when ``curves``, else by ``seq``."""
+    column = Trial.curve_seq if curves else Trial.seq
     stmt = (
         select(Trial)
         .where(Trial.study_id == study_id)
         .options(selectinload(Trial.params))
-        .order_by(Trial.seq, Trial.id)
+        .order_by(column, Trial.id)
         .limit(max(1, min(limit, MAX_PAGE)))
     )
     if since is not None:
-        stmt = stmt.where(Trial.seq > since)
+        stmt = stmt.where(column > since)
     if states:
         stmt = stmt.where(Trial.state.in_([str(s) for s in states]))
     return list(session.scalars(stmt))

@@ -563,7 +563,10 @@ def check_metrics_stream_and_asha_should_stop(http: httpx.Client) -> None:
 
     bad = ask(http, sid)["trial_id"]
     assert report(http, bad, 0, 0.95) is False
+    tag = http.get(f"{API}/studies/{sid}").headers["etag"]
     assert report(http, bad, 1, 0.9) is True  # far worse than the good trial at rung 1
+    # Pruned inside a metric report: a change of state, which moves the study's ETag.
+    assert http.get(f"{API}/studies/{sid}", headers={"If-None-Match": tag}).status_code == 200
     pruned = get_trial(http, bad)
     assert pruned["state"] == "pruned" and pruned["value"] == 0.9
     assert pruned["pruned"]["pruner"] == "asha" and pruned["pruned"]["threshold"] == 0.1
@@ -647,6 +650,82 @@ def check_trials_since_cursor_state_filter_and_etag(http: httpx.Client) -> None:
     )
 
 
+def check_metric_points_keep_the_study_etag_and_move_the_curves(http: httpx.Client) -> None:
+    sid = create(http, "curves-cursor")["id"]
+    a, b = (ask(http, sid)["trial_id"] for _ in range(2))
+    report(http, a, 0, 0.9)
+    first = http.get(f"{API}/studies/{sid}")
+    study_tag, seq = first.headers["etag"], first.json()["seq"]
+    trials_tag = http.get(f"{API}/studies/{sid}/trials").headers["etag"]
+    curves = http.get(f"{API}/studies/{sid}/curves", params={"metric": "loss"})
+    curves_tag, cursor = curves.headers["etag"], curves.json()["cursor"]
+    assert [c["trial_id"] for c in curves.json()["series"]] == [a]
+    step_cursor = http.get(f"{API}/trials/{a}/metrics").json()["points"][-1]["step"]
+
+    for step in range(1, 4):  # both trials stream
+        report(http, a, step, 0.9 - step / 10)
+        report(http, b, step, 0.8 - step / 10)
+        cached = http.get(f"{API}/studies/{sid}", headers={"If-None-Match": study_tag})
+        assert cached.status_code == 304, "a metric point moved the study's ETag"
+    assert get_study(http, sid)["seq"] == seq
+    # The trial list carries last_step: its ETag moves with points, so it is never stale.
+    assert (
+        http.get(f"{API}/studies/{sid}/trials", headers={"If-None-Match": trials_tag}).status_code
+        == 200
+    )
+    assert {t["id"]: t["last_step"] for t in get_trials(http, sid)} == {a: 3, b: 3}
+
+    # The curves have their own cursor: it returns the trials whose points are new...
+    grown = http.get(
+        f"{API}/studies/{sid}/curves",
+        params={"metric": "loss", "since": cursor},
+        headers={"If-None-Match": curves_tag},
+    )
+    assert grown.status_code == 200 and grown.json()["cursor"] > cursor
+    series = {c["trial_id"]: (c["steps"], c["last_step"]) for c in grown.json()["series"]}
+    assert series == {a: ([0, 1, 2, 3], 3), b: ([1, 2, 3], 3)}
+    cursor, curves_tag = grown.json()["cursor"], grown.headers["etag"]
+    report(http, b, 4, 0.3)
+    only_b = http.get(
+        f"{API}/studies/{sid}/curves", params={"metric": "loss", "since": cursor}
+    ).json()
+    assert [c["trial_id"] for c in only_b["series"]] == [b]
+    quiet = http.get(
+        f"{API}/studies/{sid}/curves",
+        params={"metric": "loss", "since": only_b["cursor"]},
+    )
+    assert quiet.json()["series"] == []
+    again = http.get(
+        f"{API}/studies/{sid}/curves",
+        params={"metric": "loss", "since": only_b["cursor"]},
+        headers={"If-None-Match": quiet.headers["etag"]},
+    )
+    assert again.status_code == 304
+    # ...and a trial's points after a step cursor are only the new ones.
+    new = http.get(f"{API}/trials/{a}/metrics", params={"since_step": step_cursor}).json()
+    assert [p["step"] for p in new["points"]] == [1, 2, 3]
+
+    # A change of state moves the study's ETag and seq (and the trial's seq).
+    assert http.get(f"{API}/studies/{sid}", headers={"If-None-Match": study_tag}).status_code == 304
+    assert tell(http, a, value=0.5).status_code == 200
+    moved = http.get(f"{API}/studies/{sid}", headers={"If-None-Match": study_tag})
+    assert moved.status_code == 200 and moved.json()["seq"] > seq
+    assert moved.json()["counts"]["complete"] == 1
+    assert get_trial(http, a)["seq"] > seq
+    assert get_trial(http, b)["seq"] < get_trial(http, b)["curve_seq"]
+    # A trial told pruned is a change of state too.
+    assert http.post(f"{API}/trials/{b}/tell", json={"state": "pruned"}).status_code == 200
+    assert (
+        http.get(f"{API}/studies/{sid}", headers={"If-None-Match": moved.headers["etag"]})
+    ).status_code == 200
+
+
+def get_trials(http: httpx.Client, sid: int) -> list[dict]:
+    r = http.get(f"{API}/studies/{sid}/trials")
+    assert r.status_code == 200, r.text
+    return r.json()["trials"]
+
+
 def test_metrics_and_change_feed(server: ServerProcess, subtests: pytest.Subtests) -> None:
     """Metric streams with an ASHA pruner, and the trial list's `since` cursor and ETag."""
     with server.http() as http:
@@ -654,6 +733,8 @@ def test_metrics_and_change_feed(server: ServerProcess, subtests: pytest.Subtest
             check_metrics_stream_and_asha_should_stop(http)
         with subtests.test("since cursor"):
             check_trials_since_cursor_state_filter_and_etag(http)
+        with subtests.test("study ETag holds while curves grow"):
+            check_metric_points_keep_the_study_etag_and_move_the_curves(http)
 
 
 def test_lease_expiry_over_http(server: ServerProcess) -> None:

@@ -244,6 +244,37 @@ def test_failing_a_waiting_trial_again_only_counts_without_retry(service: StudyS
     assert service.fail_attempt(t.id, "late").state == "failed"  # a finished trial stays
 
 
+def test_metric_points_move_the_curves_cursor_and_state_changes_both(
+    service: StudyService,
+) -> None:
+    """A metric report moves only ``curve_seq``: samplers' histories and the study's ETag see
+    no change; finishing or pruning a trial moves ``seq`` (study and trial) as before."""
+    storage = service.storage
+    sid = create(service, pruner={"type": "asha", "min_steps": 1, "reduction_factor": 2})
+    good, bad = service.ask(sid), service.ask(sid)
+    seq, curves = storage.study_seq(sid), storage.study_curve_seq(sid)
+    assert seq == curves
+    service.report(good.id, [MetricInput(0, "loss", 0.5), MetricInput(1, "loss", 0.1)])
+    service.report(bad.id, [MetricInput(0, "loss", 0.9)])
+    assert storage.study_seq(sid) == seq and storage.study_curve_seq(sid) == curves + 2
+    trial = storage.get_trial(good.id)
+    assert trial.seq < seq + 1 and trial.curve_seq == curves + 1 and trial.last_step == 1
+    changed, cursor = storage.list_trials(sid, since=curves)  # new points count here
+    assert {t.id for t in changed} == {good.id, bad.id} and cursor == curves + 2
+    observed, _ = storage.observed_since(sid, "loss", since=seq)
+    assert all(c.seq <= seq for c in observed)  # only the active ones, unchanged
+
+    assert service.report(bad.id, [MetricInput(1, "loss", 0.9)]) is True  # pruned
+    pruned = storage.get_trial(bad.id)
+    assert pruned.state == "pruned" and storage.study_seq(sid) == pruned.seq > seq
+    assert pruned.curve_seq == pruned.seq == storage.study_curve_seq(sid)
+    service.tell(good.id, value=0.1)
+    done = storage.get_trial(good.id)
+    assert storage.study_seq(sid) == done.seq > pruned.seq
+    observed, _ = storage.observed_since(sid, "loss", since=seq)
+    assert {c.id for c in observed if c.seq > seq} == {good.id, bad.id}
+
+
 def test_an_illegal_move_raises_and_stores_nothing(service: StudyService) -> None:
     sid = create(service)
     t = service.ask(sid)

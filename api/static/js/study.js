@@ -1,7 +1,8 @@
-// The study page. Each poll asks for the study record with its ETag: a 304 means nothing in
-// the study changed (every trial change and metric point moves its sequence), and the poll
-// ends there. Otherwise it fetches only the trials and curves changed since its cursors, and
-// redraws only the plots whose inputs changed.
+// The study page. Each poll asks for the study record with its ETag: a 304 means neither the
+// study nor a trial's state, values or parameters changed (metric points do not move its
+// sequence), and the poll then asks only for the curves, whose own cursor and ETag metric
+// points move (another 304 while no trial reports). Otherwise it fetches only the trials and
+// curves changed since their cursors, and redraws only the plots whose inputs changed.
 
 import * as api from "./api.js";
 import { TrialDetail } from "./detail.js";
@@ -154,7 +155,13 @@ export class StudyPage {
 
   async tick() {
     const study = await api.get(`studies/${this.id}`);
-    if (!study && !this.stale && !this.unfinished) return; // 304: nothing changed
+    if (!study && !this.stale && !this.unfinished && this.study) {
+      // 304: no trial changed state; only their curves may have grown.
+      const shown = this.v.curves;
+      await this.pullCurves();
+      if (this.v.curves !== shown) this.render();
+      return;
+    }
     this.stale = false;
     // Set until this tick gets through: one that failed half-way (say the server restarted
     // between two of its requests) is finished by the next poll, whose study answers 304.
@@ -199,7 +206,15 @@ export class StudyPage {
       const page = await api.get(path);
       if (!page) return;
       if (page.metric !== this.metric) this.metric = page.metric;
-      for (const c of page.series) this.curves.set(c.trial_id, c);
+      for (const c of page.series) {
+        this.curves.set(c.trial_id, c);
+        // The trials list moves only with states: the table's "last step" follows the curves.
+        const t = this.trials.get(c.trial_id);
+        if (t && c.last_step != null && t.last_step !== c.last_step) {
+          t.last_step = c.last_step;
+          this.v.trials += 1;
+        }
+      }
       if (page.series.length) this.v.curves += 1;
       const known = this.names.size;
       for (const n of [page.metric, ...page.names]) this.names.add(n);

@@ -1,0 +1,109 @@
+"""The study page of a very large study: server memory and the cold load in headless Chromium.
+
+A study of ``--trials`` trials with ``--steps`` points of ``loss`` each (10,000 × 1,000 = ten
+million points by default) is bulk-inserted into a fresh SQLite database (the seeding of
+``benchmarks/polling.py``), then ``hpo serve`` starts on it and Chromium opens the study page
+with cold server caches. Reported: the time until the page has finished its first poll (every
+panel drawn, every curves page fetched), the requests and bytes of that load, and the server's
+resident memory (RSS) before, after and at its peak (VmHWM).
+
+    python benchmarks/dashboard_scale.py                       # 10,000 × 1,000; seeding ~minutes
+    python benchmarks/dashboard_scale.py --trials 1000 --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from dashboard_page import ARGS, LOADED, until  # run as a script: benchmarks/ is on the path
+from playwright.sync_api import sync_playwright
+from polling import seed
+
+from hpo.api.demo import served
+
+
+def server_process(url: str) -> psutil.Process:
+    """The ``hpo serve`` process listening on ``url``'s port."""
+    port = re.search(r":(\d+)$", url).group(1)
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "serve" in cmd and port in cmd:
+            return proc
+    raise LookupError(f"no hpo serve on port {port}")
+
+
+def memory_mb(proc: psutil.Process) -> dict[str, float]:
+    """Resident memory now and at its peak (Linux ``VmHWM``), in MB."""
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    peak = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+    return {"rss_mb": round(proc.memory_info().rss / 1e6), "peak_mb": round(peak / 1e6)}
+
+
+def cold_load(url: str, token: str, sid: int) -> dict[str, Any]:
+    """Open the study page; how long until its first poll has finished, and what it fetched."""
+    seen: list[tuple[str, int, int]] = []
+    slowest: dict[str, float] = {}  # per endpoint (path without ids and query): longest, ms
+
+    def answered(r: Any) -> None:
+        if "/api/v1/" in r.url:
+            path = r.url.split("/api/v1/")[1]
+            seen.append((path, r.status, len(r.body())))
+            what = re.sub(r"\d+", "N", path.split("?")[0])
+            took = r.request.timing["responseEnd"]
+            slowest[what] = max(slowest.get(what, 0.0), round(took))
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("response", answered)
+        start = time.monotonic()
+        page.goto(f"{url}/?study={sid}#token={token}")
+        until(page, LOADED, timeout=600)
+        took = time.monotonic() - start
+        browser.close()
+    return {
+        "load_s": round(took, 2),
+        "requests": len(seen),
+        "mb": round(sum(b for *_, b in seen) / 1e6, 1),
+        "slowest_request_ms": slowest,
+        "errors": errors,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--trials", type=int, default=10_000)
+    ap.add_argument("--steps", type=int, default=1_000, help="metric points per trial")
+    ap.add_argument("--running", type=int, default=8)
+    ap.add_argument("--db", help="reuse (or keep) this SQLite file instead of a temporary one")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.db) if args.db else Path(tmp) / "hpo.db"
+        db = f"sqlite:///{path}"
+        if not path.exists():
+            t0 = time.perf_counter()
+            seed(db, args.trials, args.steps, args.running)
+            print(f"seeded {args.trials} × {args.steps}: {time.perf_counter() - t0:.0f} s")
+        sid = 1
+        env = {"HPO_DATABASE_URL": db, "HPO_SCHEDULER": "false", "HPO_LOG_LEVEL": "warning"}
+        with served(Path(tmp), env=env) as (url, token):
+            proc = server_process(url)
+            out: dict[str, Any] = {"started": memory_mb(proc)}
+            out["cold"] = cold_load(url, token, sid)
+            out["after_cold"] = memory_mb(proc)
+            out["warm"] = cold_load(url, token, sid)
+            out["after_warm"] = memory_mb(proc)
+            print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
