@@ -158,7 +158,7 @@ def _finish_report(
             vals = [watched] if watched is not None and not spec.multi_objective else None
             transitions.finish(s, study, trial, TrialState.PRUNED, vals, None, now=now)
             return True
-        studies.touch(study, trial, now=now)
+        studies.touch_curves(study, trial)  # new points: the study's own ETag holds
         return False
 
 

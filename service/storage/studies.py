@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -102,21 +102,10 @@ def curve_seq(session: Session, study_id: int) -> int:
     return found
 
 
-# Trial fields a metric report changes: they move the curves' cursor, not the structure's.
-CURVE_FIELDS = frozenset({"last_step", "lease_expires_at", "progress_expires_at"})
-
-
 def touch(study: Study, *trials: Trial, now: datetime | None = None) -> int:
-    """Record a change of ``study`` (and ``trials``): bump both change sequences.
-
-    A change that is only a metric report (the trials' pending changes are ``last_step``, the
-    lease and the progress deadline, and nothing else of theirs or the study's changed) is
-    passed to :func:`touch_curves`: it moves only ``curve_seq``, so the study's ETag holds.
-    Returns the study's ``seq``.
-    """
-    if trials and _curves_only(study, trials):
-        touch_curves(study, *trials)
-        return study.seq
+    """Record a change of ``study`` (and ``trials``): bump both change sequences (a metric
+    report, which changes only curves, calls :func:`touch_curves` instead). Returns the
+    study's ``seq``."""
     study.seq = _next(study)
     study.curve_seq = study.seq
     study.updated_at = now or utcnow()
@@ -140,31 +129,6 @@ def touch_curves(study: Study, *trials: Trial) -> int:
 def _next(study: Study) -> int:
     """The next number of the study's one counter (``seq`` and ``curve_seq`` share it)."""
     return max(study.seq or 0, study.curve_seq or 0) + 1
-
-
-def _curves_only(study: Study, trials: Sequence[Trial]) -> bool:
-    """Whether the pending changes of ``study`` and ``trials`` are those of a metric report.
-
-    Decided from SQLAlchemy's unflushed history: ``last_step`` must be among the changes (a
-    change flushed earlier in the transaction leaves no history, so it counts as structural).
-    """
-    if _changed(study) != set():
-        return False
-    moved = False
-    for trial in trials:
-        changed = _changed(trial)
-        if changed is None or not changed <= CURVE_FIELDS:
-            return False
-        moved = moved or "last_step" in changed
-    return moved
-
-
-def _changed(row: Study | Trial) -> set[str] | None:
-    """The row's columns with unflushed changes; None for a row not yet in the database."""
-    state = inspect(row)
-    if state.pending or state.transient:
-        return None
-    return {attr.key for attr in state.attrs if attr.history.has_changes()}
 
 
 def page(
