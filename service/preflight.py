@@ -9,8 +9,8 @@ on every alive node, again on every node that joins later, and again on a failed
 node and written to the database's ``meta`` table whenever they change, so every replica's
 ``/healthz`` reports the same (a standby replica runs no preflight of its own). A failure is
 logged as an ERROR naming the node and the check. Everything it does in a tick is
-non-blocking: the executor's tasks run on the cluster, and the node list is read every
-``scan_s`` only.
+non-blocking: the executor's tasks run on the cluster, and the node list is the one the
+scheduler reads for placement (:meth:`ClusterPreflight.step` takes it).
 
 :func:`config_warnings` says what in the settings will break a cluster although every check
 passes on one host (node-local checkpoints, workers posting to their own loopback).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -47,12 +48,10 @@ class ClusterPreflight:
         storage: Transactions,
         request: PreflightRequest | None,
         *,
-        scan_s: float = 5.0,
         recheck_s: float = 60.0,
     ) -> None:
         self.storage = storage
         self.request = request
-        self.scan_s = scan_s
         self.recheck_s = recheck_s
         self._nodes: dict[str, ClusterNode] = {}  # alive at the last scan
         self._results: dict[str, NodePreflight] = {}
@@ -63,7 +62,6 @@ class ClusterPreflight:
         self._cluster_error: str | None = None
         self._storage_error: str | None = None  # this server cannot write the storage
         self._marked_at = 0.0  # when the marker was last written (or tried)
-        self._next_scan = 0.0
         self._dirty = False  # the stored report is behind
 
     @property
@@ -73,12 +71,8 @@ class ClusterPreflight:
     def reset(self) -> None:
         """This server just took the scheduler lease: start over (every node is checked
         again) and replace the stored report."""
-        self._nodes.clear()
-        self._results.clear()
-        self._received.clear()
-        self._running.clear()
+        self._forget_nodes()
         self._cluster_error = None
-        self._next_scan = 0.0
         self._dirty = True
         self._mark_storage()
         self._store()
@@ -116,13 +110,16 @@ class ClusterPreflight:
             log.info("preflight: this control plane writes the checkpoint storage again")
             # Start over as a new leader does: results of preflights started without the
             # marker (some still under way) must not stand.
-            self._nodes.clear()
-            self._results.clear()
-            self._received.clear()
-            self._running.clear()
-            self._next_scan = 0.0
+            self._forget_nodes()
         self._dirty = True
         self._store()
+
+    def _forget_nodes(self) -> None:
+        """Drop every node, result and preflight under way: each node is checked afresh."""
+        self._nodes.clear()
+        self._results.clear()
+        self._received.clear()
+        self._running.clear()
 
     def cluster_failed(self, error: Exception) -> None:
         """The cluster could not be reached at all (``executor.start`` raised)."""
@@ -132,10 +129,10 @@ class ClusterPreflight:
             self._cluster_error, self._dirty = message, True
         self._store()
 
-    def step(self, executor: Executor) -> None:
-        """Collect preflights that ended; every ``scan_s``, start one on each node that joined
-        (or failed ``recheck_s`` ago) and forget nodes that left. Store the report if it
-        changed."""
+    def step(self, executor: Executor, nodes: Sequence[ClusterNode] | None) -> None:
+        """Collect preflights that ended; start one on each node of ``nodes`` (the scheduler's
+        latest read of the cluster, None when it could not be read) that joined or failed
+        ``recheck_s`` ago, and forget nodes that left. Store the report if it changed."""
         if self.request is None:
             return
         for result in executor.preflights():
@@ -150,10 +147,8 @@ class ClusterPreflight:
             elif before is None or not before.ok:
                 log.info("preflight: %s", result.describe())
             self._dirty = True
-        now = time.monotonic()
-        if now >= self._next_scan:
-            self._next_scan = now + self.scan_s
-            self._scan(executor)
+        if nodes is not None:
+            self._scan(executor, nodes)
         self._store()
 
     def report(self) -> dict[str, Any]:
@@ -188,9 +183,9 @@ class ClusterPreflight:
             "updated_at": time.time(),
         }
 
-    def _scan(self, executor: Executor) -> None:
+    def _scan(self, executor: Executor, nodes: Sequence[ClusterNode]) -> None:
         assert self.request is not None
-        alive = {node.node_id: node for node in executor.nodes() if node.alive}
+        alive = {node.node_id: node for node in nodes if node.alive}
         if self._cluster_error is not None:
             self._cluster_error, self._dirty = None, True
         for gone in set(self._nodes) - set(alive):

@@ -91,6 +91,7 @@ class Scheduler:
         holder: str | None = None,
         preflight: ClusterPreflight | None = None,
         deployment: str | None = None,
+        nodes_refresh_s: float = NODES_REFRESH_S,
     ) -> None:
         """``wake`` is the event whose setting runs a tick now (a study was created, resumed
         or given more budget): the app passes its ``set`` to the study service as
@@ -101,7 +102,8 @@ class Scheduler:
         deployment id) scopes the trial folders: ``checkpoint_dir/deployment-<id>/study-<s>/
         trial-<t>``, so deployments sharing a checkpoint store (or a database wiped and started
         again on the same one) never resume from each other's checkpoints of a trial with
-        the same id."""
+        the same id. The cluster's nodes are read every ``nodes_refresh_s`` (for placement and
+        the preflight alike)."""
         self.service = service
         self.executor = executor
         self.api_url = api_url
@@ -123,6 +125,7 @@ class Scheduler:
         self.lease = SchedulerLease(service.storage, lease_s, holder)
         self._adopted_epoch: int | None = None
         self.preflight = preflight
+        self.nodes_refresh_s = nodes_refresh_s
         self._preflight_epoch: int | None = None
         self.nodes: list[ClusterNode] | None = None  # None: unknown (launch as if they fit)
         self._nodes_read_at = -math.inf
@@ -233,7 +236,7 @@ class Scheduler:
                 if preflight.mark_due:
                     with self.lease.kept():  # the storage may be slow to answer
                         preflight.remark()
-                preflight.step(self.executor)
+                preflight.step(self.executor, self.nodes)
             except Exception:  # the node checks never stop the scheduling
                 log.exception("the node preflight failed; retrying")
 
@@ -433,7 +436,7 @@ class Scheduler:
         API's creation check when they changed or the stored snapshot grows old. A cluster
         that cannot say leaves them unknown (then nothing is refused)."""
         now = time.monotonic()
-        if now - self._nodes_read_at < NODES_REFRESH_S:
+        if now - self._nodes_read_at < self.nodes_refresh_s:
             return
         self._nodes_read_at = now
         try:

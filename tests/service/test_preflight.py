@@ -25,7 +25,7 @@ def setup(
 ) -> tuple[Scheduler, FakeExecutor, ClusterPreflight]:
     executor = FakeExecutor(cluster)
     request = PreflightRequest(str(tmp_path), "http://127.0.0.1:1", "dep", timeout_s=0.05)
-    preflight = ClusterPreflight(service.storage, request, scan_s=0.0, **kw)
+    preflight = ClusterPreflight(service.storage, request, **kw)
     scheduler = Scheduler(
         service,
         executor,
@@ -33,6 +33,7 @@ def setup(
         token=None,
         checkpoint_dir=tmp_path,
         preflight=preflight,
+        nodes_refresh_s=0.0,
     )
     return scheduler, executor, preflight
 
@@ -133,6 +134,7 @@ def test_a_cluster_that_cannot_be_reached_is_a_stored_failure(
         token=None,
         checkpoint_dir=tmp_path,
         preflight=preflight,
+        nodes_refresh_s=0.0,
     )
     with pytest.raises(ConnectionError):
         scheduler.tick()
@@ -181,7 +183,7 @@ def test_a_control_plane_storage_failure_clears_once_the_storage_is_back(
     nodes = [ClusterNode("a", "10.0.0.1")]
     executor = FakeExecutor(FakeCluster(nodes=nodes))
     request = PreflightRequest(str(root), "http://127.0.0.1:1", "dep", timeout_s=0.05)
-    preflight = ClusterPreflight(service.storage, request, scan_s=0.0, recheck_s=0.0)
+    preflight = ClusterPreflight(service.storage, request, recheck_s=0.0)
     scheduler = Scheduler(
         service,
         executor,
@@ -189,6 +191,7 @@ def test_a_control_plane_storage_failure_clears_once_the_storage_is_back(
         token=None,
         checkpoint_dir=tmp_path,
         preflight=preflight,
+        nodes_refresh_s=0.0,
     )
     scheduler.tick()
     scheduler.tick()
@@ -233,7 +236,7 @@ def test_a_preflight_in_flight_when_the_marker_is_written_again_does_not_count(
     root.write_text("not a folder yet")
     executor = FakeExecutor(FakeCluster(nodes=[ClusterNode("a", "10.0.0.1")]))
     request = PreflightRequest(str(root), "http://127.0.0.1:1", "dep", timeout_s=5)
-    preflight = ClusterPreflight(service.storage, request, scan_s=0.0, recheck_s=0.0)
+    preflight = ClusterPreflight(service.storage, request, recheck_s=0.0)
     scheduler = Scheduler(
         service,
         executor,
@@ -241,6 +244,7 @@ def test_a_preflight_in_flight_when_the_marker_is_written_again_does_not_count(
         token=None,
         checkpoint_dir=tmp_path,
         preflight=preflight,
+        nodes_refresh_s=0.0,
     )
     scheduler.tick()  # the marker fails; node a's preflight starts without one
     root.unlink()
