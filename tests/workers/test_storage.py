@@ -297,13 +297,16 @@ def test_a_storage_call_that_hangs_is_not_started_again_while_it_does() -> None:
     def hang() -> None:
         release.wait()
 
-    before = threading.active_count()
+    def helpers() -> int:  # other tests' threads come and go: count only this check's
+        return sum(t.name == "hpo-storage-control-plane-x" for t in threading.enumerate())
+
+    assert helpers() == 0
     with pytest.raises(StorageError, match="did not answer within"):
         _bounded("/hung", "control-plane-x", 0.05, hang)
     for _ in range(5):
         with pytest.raises(StorageError, match="has not answered an earlier call yet"):
             _bounded("/hung", "control-plane-x", 0.05, hang)
-    assert threading.active_count() == before + 1  # the first call's thread only
+    assert helpers() == 1  # the first call's thread only
     release.set()  # the mount came back: the next call runs again
     for thread in threading.enumerate():
         if thread.name == "hpo-storage-control-plane-x":
