@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from hpo.api import errors, middleware
 from hpo.api.deps import require_token
 from hpo.api.routes import checkpoints, dashboard, studies, trials
+from hpo.api.schemas import ErrorBody
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.histories import Histories
 from hpo.service.preflight import config_warnings, failure_lines
@@ -76,7 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=VERSION,
         summary="Distributed hyperparameter search: studies, trials, samplers, metric streams.",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.settings = settings
     errors.install(app)
     middleware.install(app, settings)
@@ -89,7 +93,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.pages)  # the page itself is public; it asks for the token
     app.mount("/static", dashboard.files, name="static")
 
-    @app.get("/healthz", tags=["system"], response_model=None)
+    unavailable = {
+        503: {
+            "model": ErrorBody,
+            "description": "The database is unreachable or busy, or the cluster preflight "
+            "failed (`preflight` then holds every node's outcome); retry after `Retry-After`",
+        }
+    }
+
+    @app.get("/healthz", tags=["system"], response_model=dict[str, Any], responses=unavailable)
     def healthz() -> dict[str, Any] | JSONResponse:
         """Liveness and database reachability (no token needed): 503 with ``Retry-After``
         and the reason while the database cannot be reached. ``scheduler`` says whether this
@@ -142,6 +154,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok", "deployment": app.state.deployment_id}
 
     return app
+
+
+def operation_id(route: APIRoute) -> str:
+    """A route's OpenAPI operationId: its function's name (``create_study``, ``ask``), unless
+    the route names one itself. Generated clients name their functions by it, so it is part
+    of the contract: ``tests/api/test_openapi.py`` lists them."""
+    return route.name
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, made once: a record's ``spec`` is declared as the StudySpec that
+    ``POST /api/v1/studies`` accepts (the record keeps the stored JSON as it is, so reads never
+    validate it again)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            summary=app.summary,
+            routes=app.routes,
+        )
+        record = schema["components"]["schemas"]["StudyRecord"]["properties"]
+        record["spec"] = {
+            "$ref": "#/components/schemas/StudySpec",
+            "description": "The spec as created; it validates as the body of a new study.",
+        }
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _check_trainable(spec: StudySpec) -> None:

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Header, HTTPException, Path, Query, Request
+from fastapi import Depends, Header, HTTPException, Path, Query, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator
 
 from hpo.service import attempts
@@ -49,7 +50,26 @@ class Caller:
     attempt: AttemptToken | None = None
 
 
-def require_token(request: Request) -> None:
+# Declares the bearer scheme in the OpenAPI document (the Authorize button of /docs, and what
+# generated clients send); :func:`require_token` reads the header itself.
+bearer = HTTPBearer(
+    scheme_name="bearer",
+    description="The API token: the server's $HPO_TOKEN, or the token file `hpo serve` writes "
+    "($HPO_DATA_DIR/token; `hpo token` prints it). An attempt token (`hpo_att.…`) reaches its "
+    "own trial's report, heartbeat, tell and reads.",
+    auto_error=False,
+)
+# What a 401 says about where the token comes from.
+TOKEN_HELP = (
+    "send `Authorization: Bearer <token>`; the token is the server's $HPO_TOKEN or, when that "
+    "is unset, the token file `hpo serve` writes ($HPO_DATA_DIR/token); `hpo token` prints it"
+)
+
+
+def require_token(
+    request: Request,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
+) -> None:
     """Authenticate ``Authorization: Bearer <token>``: the admin token (when the server has
     one) reaches every route; an attempt token (``hpo_att.<trial>.<attempt>.<secret>``) only
     the routes marked :func:`attempt_may_call`, of its own trial, while it is that trial's
@@ -65,7 +85,7 @@ def require_token(request: Request) -> None:
     if expected is not None and (
         scheme.lower() != "bearer" or not hmac.compare_digest(given, expected)
     ):
-        raise _unauthorized("missing or wrong API token (send `Authorization: Bearer <token>`)")
+        raise _unauthorized(f"missing or wrong API token: {TOKEN_HELP}")
     request.state.caller = Caller()
 
 

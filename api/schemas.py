@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
-from hpo.service.spec import MAX_OBJECTIVES, MetricName, Number, no_nul
+from hpo.service.spec import MAX_OBJECTIVES, MetricName, Number, ParamValue, no_nul
 
 # Points one metrics POST may carry (README "Limits"): a bigger batch is a 422 naming `points`.
 MAX_POINTS = 10_000
@@ -87,7 +87,7 @@ class ShouldStop(BaseModel):
 class AskAnswer(BaseModel):
     trial_id: int
     number: int
-    params: dict[str, Any]
+    params: dict[str, ParamValue]
     attempt: int = 1
     attempt_token: str | None = Field(
         default=None,
@@ -116,7 +116,25 @@ class BestAnswer(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """Every error answer: a code (``not_found``, ``invalid_input``, …), a message, and the
+    field at fault when there is one; ``details`` has one entry per problem."""
+
     error: str
     message: str
     field: str | None = None
-    details: list[dict[str, str]] | None = None
+    details: list[dict[str, Any]] | None = None
+
+
+# How the routes that answer files declare them (their bodies are not JSON).
+CSV: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "One CSV row per trial, with a header row",
+        "content": {"text/csv": {"schema": {"type": "string"}}},
+    }
+}
+ARCHIVE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The checkpoint folder as a gzipped tar archive",
+        "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, with_config
+from typing_extensions import TypedDict
 
+from hpo.service.spec import ParamValue
 from hpo.service.states import (
     ACTIVE_TRIAL_STATES,
     FINISHED_TRIAL_STATES,
@@ -37,6 +39,34 @@ class _Record(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
+@with_config(ConfigDict(extra="allow"))
+class RankPlacement(TypedDict, total=False):
+    """Where one DDP rank of a trial runs (see :class:`hpo.service.executor.RankPlacement`)."""
+
+    rank: int
+    node_ip: str
+    node_id: str
+    hostname: str
+    pid: int
+    device: str
+    gpu_ids: list[str]
+    cuda_visible_devices: str | None
+    device_name: str | None
+    started_at: float
+
+
+@with_config(ConfigDict(extra="allow"))
+class Placement(TypedDict, total=False):
+    """Where a dispatched trial's current attempt runs (a plain dict: keys as written)."""
+
+    executor: str
+    attempt: int
+    world_size: int
+    nodes: list[str]
+    startup_s: float
+    ranks: list[RankPlacement]
+
+
 class TrialEventRecord(_Record):
     time: datetime
     state: str
@@ -51,7 +81,7 @@ class TrialRecord(_Record):
     study_id: int
     number: int
     state: TrialState
-    params: dict[str, Any]
+    params: dict[str, ParamValue]
     value: float | None = None
     values: list[float] | None = None
     attempts: int
@@ -64,9 +94,12 @@ class TrialRecord(_Record):
     error: str | None = None
     pruned: dict[str, Any] | None = None
     suggestion: dict[str, Any] | None = None
-    placement: dict[str, Any] | None = None
+    placement: Placement | None = None
     has_checkpoint: bool = False
-    test_metrics: dict[str, Any] | None = None
+    test_metrics: dict[str, JsonValue] | None = Field(
+        default=None,
+        description="The best trial's held-out test metrics (or ``error`` / ``note``).",
+    )
     # ``seq`` moves with the trial's state, values and other fields; ``curve_seq`` also with
     # its metric points (the curves' cursor).
     seq: int

@@ -376,9 +376,12 @@ class StudySpec(_Model):
 
     name: StrictStr = Field(pattern=NAME_PATTERN)
     description: str = Field(default="", max_length=MAX_DESCRIPTION)
-    objective: Annotated[list[Objective], BeforeValidator(_as_list)] = Field(
-        description="One objective, or a list of them (multi-objective: a Pareto front)."
-    )
+    # One objective is accepted, and stored and answered, as an object; several as a list.
+    # The schema says so in both directions, so a spec read back validates as written.
+    objective: Annotated[
+        list[Objective],
+        BeforeValidator(_as_list, json_schema_input_type=Objective | list[Objective]),
+    ] = Field(description="One objective, or a list of them (multi-objective: a Pareto front).")
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     budget: Budget = Field(default_factory=Budget)
@@ -431,9 +434,8 @@ class StudySpec(_Model):
         return attrs
 
     @field_serializer("objective")
-    def _objective_out(self, value: list[Objective]) -> Any:
-        dumped = [o.model_dump() for o in value]
-        return dumped[0] if len(dumped) == 1 else dumped
+    def _objective_out(self, value: list[Objective]) -> Objective | list[Objective]:
+        return value[0] if len(value) == 1 else value
 
     @field_validator("space")
     @classmethod

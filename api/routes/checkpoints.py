@@ -18,6 +18,7 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, Request, Response
 
 from hpo.api.deps import Reader, StudyId, TrialId
+from hpo.api.schemas import ARCHIVE
 from hpo.service.errors import NotFound
 from hpo.workers import storage as checkpoint_storage
 
@@ -28,7 +29,12 @@ MAX_CONCURRENT_DOWNLOADS = 4
 _downloads = threading.BoundedSemaphore(MAX_CONCURRENT_DOWNLOADS)
 
 
-@router.get("/trials/{trial_id}/checkpoint", response_class=Response)
+@router.get(
+    "/trials/{trial_id}/checkpoint",
+    response_class=Response,
+    responses=ARCHIVE,
+    operation_id="get_trial_checkpoint",
+)
 def trial_checkpoint(trial_id: TrialId, storage: Reader, request: Request) -> Response:
     """The trial's newest checkpoint directory as a gzipped tar archive."""
     path = storage.trial_checkpoint(trial_id)
@@ -49,7 +55,12 @@ def trial_checkpoint(trial_id: TrialId, storage: Reader, request: Request) -> Re
         _downloads.release()
 
 
-@router.get("/studies/{study_id}/best/checkpoint", response_class=Response)
+@router.get(
+    "/studies/{study_id}/best/checkpoint",
+    response_class=Response,
+    responses=ARCHIVE,
+    operation_id="get_best_checkpoint",
+)
 def best_checkpoint(study_id: StudyId, storage: Reader, request: Request) -> Response:
     """The best trial's newest checkpoint (single-objective studies)."""
     best, _ = storage.best(study_id)

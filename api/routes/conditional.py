@@ -13,6 +13,10 @@ from typing import Any
 from cachetools import LRUCache, cached
 from fastapi import Request, Response
 
+# How a route that honours ``If-None-Match`` declares its 304 (``responses=NOT_MODIFIED``).
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "Not modified: the `If-None-Match` ETag is still current (no body)."}
+}
 ANSWERS_KEPT = 512  # answers kept per app, by ETag
 _creating = threading.Lock()
 

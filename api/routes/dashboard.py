@@ -16,19 +16,19 @@ import mimetypes
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from cachetools import LRUCache, cached
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from hpo.api.deps import Cursor, Reader, StudyId, TrialId
-from hpo.api.routes.conditional import not_modified
+from hpo.api.routes.conditional import NOT_MODIFIED, not_modified
 from hpo.service import analysis
 from hpo.service.errors import InvalidInput
 from hpo.service.records import StudyRecord, TrialRecord
-from hpo.service.spec import StudySpec
+from hpo.service.spec import ParamValue, StudySpec
 from hpo.service.storage import MAX_PAGE, Storage
 
 router = APIRouter(tags=["dashboard"])
@@ -206,9 +206,42 @@ class ImportanceAnswer(BaseModel):
     method: str
 
 
+class MetricSeries(BaseModel):
+    """One metric of one trial, downsampled: ``n`` points before downsampling."""
+
+    steps: list[int]
+    values: list[float]
+    n: int
+
+
 class TrialSeries(BaseModel):
     trial_id: int
-    series: dict[str, dict[str, Any]]
+    series: dict[str, MetricSeries]
+
+
+class ContourAxis(BaseModel):
+    name: str
+    kind: Literal["numeric", "categorical"]
+    log: bool
+    values: list[ParamValue] = Field(
+        description="Grid values (log10 of them on a log scale), or a categorical's choices."
+    )
+
+
+class ContourPoint(BaseModel):
+    """A complete trial the estimate was fitted on."""
+
+    x: ParamValue
+    y: ParamValue
+    value: float
+    number: int
+
+
+class ContourAnswer(BaseModel):
+    x: ContourAxis
+    y: ContourAxis
+    z: list[list[float]] = Field(description="`z[j][i]` is at `x.values[i]`, `y.values[j]`.")
+    points: list[ContourPoint]
 
 
 def _summary(s: StudyRecord) -> StudySummary:
@@ -233,7 +266,12 @@ def _summary(s: StudyRecord) -> StudySummary:
 # ------------------------------------------------------------------- endpoints
 
 
-@router.get("/dashboard/studies", response_model=StudySummaryPage)
+@router.get(
+    "/dashboard/studies",
+    response_model=StudySummaryPage,
+    responses=NOT_MODIFIED,
+    operation_id="list_study_summaries",
+)
 def study_summaries(
     storage: Reader,
     request: Request,
@@ -256,7 +294,12 @@ def study_summaries(
     return StudySummaryPage(studies=[_summary(s) for s in studies], truncated=cursor is not None)
 
 
-@router.get("/studies/{study_id}/curves", response_model=CurvesPage)
+@router.get(
+    "/studies/{study_id}/curves",
+    response_model=CurvesPage,
+    responses=NOT_MODIFIED,
+    operation_id="get_curves",
+)
 def curves(
     study_id: StudyId,
     storage: Reader,
@@ -312,7 +355,12 @@ def _curves_page(
     return CurvesPage(metric=metric, names=sorted(names), series=out, cursor=cursor, more=more)
 
 
-@router.get("/studies/{study_id}/importance", response_model=ImportanceAnswer)
+@router.get(
+    "/studies/{study_id}/importance",
+    response_model=ImportanceAnswer,
+    responses=NOT_MODIFIED,
+    operation_id="get_importance",
+)
 def importance(
     study_id: StudyId,
     storage: Reader,
@@ -338,7 +386,12 @@ def importance(
     )
 
 
-@router.get("/studies/{study_id}/contour")
+@router.get(
+    "/studies/{study_id}/contour",
+    response_model=ContourAnswer,
+    responses=NOT_MODIFIED,
+    operation_id="get_contour",
+)
 def contour(
     study_id: StudyId,
     storage: Reader,
@@ -365,7 +418,12 @@ def contour(
     return result if points else {**result, "points": []}
 
 
-@router.get("/trials/{trial_id}/series", response_model=TrialSeries)
+@router.get(
+    "/trials/{trial_id}/series",
+    response_model=TrialSeries,
+    responses=NOT_MODIFIED,
+    operation_id="get_trial_series",
+)
 def trial_series(
     trial_id: TrialId,
     storage: Reader,

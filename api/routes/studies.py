@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from hpo.api.deps import AskKey, Cursor, QueryText, Reader, Service, StudyId
-from hpo.api.routes.conditional import answer
-from hpo.api.schemas import AskAnswer, BestAnswer, StudyPage, StudyPatch, TrialPage
+from hpo.api.routes.conditional import NOT_MODIFIED, answer
+from hpo.api.schemas import CSV, AskAnswer, BestAnswer, StudyPage, StudyPatch, TrialPage
 from hpo.service.errors import InvalidInput
 from hpo.service.export import trial_rows
 from hpo.service.records import TRIAL_STATES, StudyRecord
@@ -43,7 +43,7 @@ def list_studies(
     return StudyPage(studies=studies, next_cursor=next_cursor)
 
 
-@router.get("/{study_id}", response_model=StudyRecord)
+@router.get("/{study_id}", response_model=StudyRecord, responses=NOT_MODIFIED)
 def get_study(study_id: StudyId, storage: Reader, request: Request, response: Response):
     """Spec, state, trial counts per state and best trial. Honours ``If-None-Match``."""
     tag = f'"study-{study_id}-{storage.study_seq(study_id)}"'
@@ -84,7 +84,7 @@ def ask(study_id: StudyId, service: Service, key: AskKey = None) -> AskAnswer:
     )
 
 
-@router.get("/{study_id}/trials", response_model=TrialPage)
+@router.get("/{study_id}/trials", response_model=TrialPage, responses=NOT_MODIFIED)
 def list_trials(
     study_id: StudyId,
     storage: Reader,
@@ -110,14 +110,19 @@ def list_trials(
     return answer(request, response, tag, page)
 
 
-@router.get("/{study_id}/best", response_model=BestAnswer)
+@router.get("/{study_id}/best", response_model=BestAnswer, operation_id="get_best")
 def best(study_id: StudyId, storage: Reader) -> BestAnswer:
     """The best complete trial, and the Pareto front of a multi-objective study."""
     best_trial, front = storage.best(study_id)
     return BestAnswer(best_trial=best_trial, best_trials=front)
 
 
-@router.get("/{study_id}/export.csv", response_class=Response)
+@router.get(
+    "/{study_id}/export.csv",
+    response_class=Response,
+    responses=CSV,
+    operation_id="export_trials_csv",
+)
 def export_csv(study_id: StudyId, storage: Reader) -> Response:
     """Every trial as one CSV row (number, state, value(s), params_*, timings)."""
     study = storage.get_study(study_id)

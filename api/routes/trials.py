@@ -47,7 +47,7 @@ def tell(trial_id: TrialId, body: TellBody, service: Service, caller: Auth) -> T
     )
 
 
-@router.post("/{trial_id}/metrics", response_model=ShouldStop)
+@router.post("/{trial_id}/metrics", response_model=ShouldStop, operation_id="report_metrics")
 @attempt_may_call
 def report(trial_id: TrialId, body: MetricsBody, service: Service, caller: Auth) -> ShouldStop:
     """Store metric points (each once per attempt), renew the trial's lease, and say whether
@@ -78,7 +78,7 @@ def heartbeat(
     return ShouldStop(should_stop=stop)
 
 
-@router.get("/{trial_id}/metrics", response_model=MetricPage)
+@router.get("/{trial_id}/metrics", response_model=MetricPage, operation_id="list_metrics")
 @attempt_may_call
 def metrics(
     trial_id: TrialId,
