@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("study")
     c.set_defaults(func=cmd_delete)
 
+    t = sub.add_parser("token", help="print the API token ($HPO_TOKEN or hpo serve's token file)")
+    t.add_argument("--data-dir", default=None, help="overrides $HPO_DATA_DIR")
+    t.set_defaults(func=cmd_token)
+
     d = sub.add_parser(
         "doctor",
         help="check this deployment: database, Ray, checkpoint storage, public URL, a server",
@@ -255,6 +259,27 @@ def cmd_delete(args: argparse.Namespace) -> int:
     study = _client(args).study(args.study)
     study.delete()
     out.print(f"study {study.id} deleted")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print the API token (``export HPO_TOKEN=$(hpo token)``): 2 when there is none."""
+    from hpo.service.settings import Settings
+
+    overrides = {"data_dir": Path(args.data_dir)} if args.data_dir else {}
+    settings = Settings(**overrides)
+    if not settings.auth:
+        console.print("[red]error:[/red] auth is off (HPO_AUTH=false): the API takes no token")
+        return 2
+    token = settings.api_token()
+    if not token:
+        console.print(
+            f"[red]error:[/red] no API token: $HPO_TOKEN is unset and {settings.token_file} "
+            "does not exist (`hpo serve` writes it at its first start; set $HPO_DATA_DIR "
+            "or --data-dir to the server's data directory)"
+        )
+        return 2
+    print(token)
     return 0
 
 
