@@ -28,6 +28,10 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "No such study, trial or checkpoint"},
     409: {"model": ErrorBody, "description": "Conflicts with the stored state"},
     422: {"model": ErrorBody, "description": "Invalid input; `field` names it"},
+    429: {
+        "model": ErrorBody,
+        "description": "Over the rate limit of this token; retry after `Retry-After` seconds",
+    },
     503: {
         "model": ErrorBody,
         "description": "The database is unreachable or busy; retry after `Retry-After` seconds",
