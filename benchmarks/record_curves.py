@@ -2,7 +2,8 @@
 scheduler benchmark (``benchmarks/simulate.py``).
 
 Each of ``--configs`` random configurations (the search space below, drawn with ``--seed``) is
-trained for ``--epochs`` epochs in this process, one thread, no control plane: the trainable's
+trained for ``--epochs`` epochs in this process (the file is rewritten after each, so
+stopping the recorder early keeps what it has), one thread, no control plane: the trainable's
 own ``train(ctx)`` with a context whose ``report`` records, per epoch, the validation accuracy
 and loss and the CPU seconds the epoch took (training + validation + checkpoint; CPU time of the
 one thread, so that other work on the machine does not inflate it). Diverging
@@ -114,7 +115,7 @@ def main() -> None:
     torch.set_num_threads(1)
     image_classification.load_digits()  # cached: not in the first curve's first epoch
     rng = random.Random(args.seed)
-    curves = []
+    curves: list[dict[str, Any]] = []
     started = time.process_time()
     with tempfile.TemporaryDirectory(prefix="hpo-curves-") as tmp:
         for i in range(args.configs):
@@ -122,18 +123,23 @@ def main() -> None:
             curves.append(record(config, args.epochs, Path(tmp) / f"trial-{i}"))
             best = max(curves[-1]["val_accuracy"])
             print(f"{i + 1}/{args.configs} best {best:.3f} {sum(curves[-1]['seconds']):.1f}s")
+            save(args, curves, time.process_time() - started)  # stop any time: kept so far
+
+
+def save(args: argparse.Namespace, curves: list[dict[str, Any]], cpu_s: float) -> None:
     data = {
         "trainable": TRAINABLE,
         "epochs": args.epochs,
         "seed": args.seed,
-        "machine": f"{platform.machine()} {platform.processor() or ''}, 1 thread".strip(),
-        "recorded_cpu_s": round(time.process_time() - started, 1),
+        "machine": f"{platform.machine()}, 1 thread",
+        "recorded_cpu_s": round(cpu_s, 1),
         "curves": curves,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(args.out, "wt") as f:
+    partial = args.out.with_name(args.out.name + ".partial")
+    with gzip.open(partial, "wt") as f:
         json.dump(data, f, separators=(",", ":"))
-    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB)")
+    partial.replace(args.out)
 
 
 if __name__ == "__main__":

@@ -260,7 +260,9 @@ def blocks_of(s: Settings, vocab: torch.Tensor | None) -> dict[str, torch.Tensor
 
 @torch.no_grad()
 def token_loss(model: nn.Module, blocks: torch.Tensor, device: torch.device, bf16: bool) -> tuple:
-    """Summed next-token loss over ``blocks`` and the number of tokens predicted."""
+    """Summed next-token loss over ``blocks`` and the number of tokens predicted. Runs the
+    unwrapped module: DDP's forward would be a collective, and ranks' shards may differ."""
+    model = getattr(model, "module", model)
     model.eval()
     loss_sum, tokens = 0.0, 0
     for batch in blocks.split(32):
