@@ -15,6 +15,7 @@ chance level, as a scheduler would see a dead trial). The result is one gzipped 
 
     python benchmarks/record_curves.py                         # 120 configs x 9 epochs
     python benchmarks/record_curves.py --configs 20 --epochs 3 --out /tmp/curves.json.gz
+    python benchmarks/record_curves.py --merge a.json.gz b.json.gz --out both.json.gz
 """
 
 from __future__ import annotations
@@ -111,7 +112,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--merge", type=Path, nargs="+", help="join recorded files into --out")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     torch.set_num_threads(1)
     image_classification.load_digits()  # cached: not in the first curve's first epoch
     rng = random.Random(args.seed)
@@ -140,6 +144,22 @@ def save(args: argparse.Namespace, curves: list[dict[str, Any]], cpu_s: float) -
     with gzip.open(partial, "wt") as f:
         json.dump(data, f, separators=(",", ":"))
     partial.replace(args.out)
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """One file with the curves of several recordings (same trainable and epochs)."""
+    found = []
+    for path in paths:
+        with gzip.open(path, "rt") as f:
+            found.append(json.load(f))
+    if len({(d["trainable"], d["epochs"]) for d in found}) != 1:
+        raise SystemExit("--merge: the files differ in trainable or epochs")
+    data = {**found[0], "seed": [d["seed"] for d in found]}
+    data["recorded_cpu_s"] = round(sum(d["recorded_cpu_s"] for d in found), 1)
+    data["curves"] = [c for d in found for c in d["curves"]]
+    with gzip.open(out, "wt") as f:
+        json.dump(data, f, separators=(",", ":"))
+    print(f"wrote {out}: {len(data['curves'])} curves ({out.stat().st_size // 1024} KB)")
 
 
 if __name__ == "__main__":
