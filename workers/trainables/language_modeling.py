@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -288,7 +289,17 @@ def evaluate(checkpoint: Path, settings: Settings, device: torch.device) -> dict
     return {**perplexity_metrics(loss_sum, tokens, "test"), "test_tokens": float(tokens)}
 
 
-def micro_batches(sampler: Any, blocks: torch.Tensor, size: int, start: int):
+def make_optimizer(model: nn.Module, s: Settings) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and LayerNorm weights."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": s.weight_decay}]
+    return torch.optim.AdamW([*groups, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr)
+
+
+def micro_batches(
+    sampler: Any, blocks: torch.Tensor, size: int, start: int
+) -> Iterator[torch.Tensor]:
     """Endless micro-batches of this rank's shard, epoch after epoch, from micro-batch
     ``start`` on (a resumed attempt continues the same data order)."""
     per_epoch = max(1, len(sampler) // size)
@@ -317,10 +328,7 @@ def train(ctx: TrialContext) -> None:
     sampler = ctx.sampler(sets["train"], shuffle=True, seed=s.seed)
     val = sets["val"][shard(len(sets["val"]), ctx.rank, ctx.world_size)]
 
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    groups = [{"params": decay, "weight_decay": s.weight_decay}]
-    optimizer = torch.optim.AdamW([*groups, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr)
+    optimizer = make_optimizer(model, s)
     model = ctx.wrap(model)
     schedule = Schedule.of(optimizer, s, epochs=1, steps=s.steps)
     guard, stopper = LossGuard(s.explode_factor), EarlyStopping(s.patience, mode="min")
