@@ -5,6 +5,7 @@ local Ray, whose best checkpoints load for inference and score on the test split
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -376,3 +377,97 @@ def test_wrong_text_settings_are_422(ray_server: ServerProcess) -> None:
         spec = ddp_spec("bad-type", "text-classification", {"batch_size": "big"})
         answer = http.post("/api/v1/studies", json=spec)
         assert answer.status_code == 422 and "trainable.config.batch_size" in answer.text
+
+
+# ------------------------------------------------------------------------- language-modeling
+
+TINY_LM = {
+    "layers": 1,
+    "heads": 2,
+    "width": 32,
+    "context": 32,
+    "vocab_size": 512,
+    "dropout": 0.0,
+    "batch_size": 4,
+    "grad_accum": 2,
+    "lr": 3e-3,
+    "warmup_frac": 0.0,
+    "steps": 6,
+    "eval_every": 2,
+    "log_every": 2,
+    "max_train_articles": 20,
+    "max_eval_articles": 10,
+    "max_eval_blocks": 8,
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"width": 64, "heads": 3}, "width (64) must be a multiple of heads (3)"),
+        ({"eval_every": 10, "checkpoint_every": 15}, "checkpoint_every must be a multiple"),
+        ({"contxt": 64}, "trainable.config.contxt: not a setting"),
+    ],
+)
+def test_wrong_language_model_settings_are_refused(config: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        registry.check_spec("language-modeling", config, {})
+
+
+def test_language_model_learns_and_a_retry_resumes_at_its_checkpoint(tmp_path: Path) -> None:
+    _, reports, logged = run_local("language-modeling", TINY_LM, tmp_path)
+    assert [step for step, _ in reports] == [2, 4, 6]
+    losses = [m["val_loss"] for _, m in reports]
+    assert losses[-1] < losses[0]
+    for _, m in reports:
+        assert m["val_perplexity"] == pytest.approx(math.exp(m["val_loss"]))
+    assert reports[-1][1]["train_tokens"] == 6 * 4 * 32  # steps x blocks x context
+    assert [step for step, points in logged if "train_loss" in points] == [2, 4, 6]
+    shutil.rmtree(tmp_path / "attempt-1" / "checkpoint-000006")  # as if it died after step 4
+    _, resumed, _ = run_local("language-modeling", TINY_LM, tmp_path, attempt=2)
+    assert [step for step, _ in resumed] == [6]  # steps 1-4 are not trained again
+    # the same data order, optimizer and schedule state: the same model at step 6
+    assert resumed[0][1]["val_loss"] == pytest.approx(losses[-1], rel=1e-4)
+    assert resumed[0][1]["train_tokens"] == reports[-1][1]["train_tokens"]
+    loaded = load_model(tmp_path / "attempt-2")
+    assert loaded.trainable == "language-modeling" and len(loaded.model.vocab) == 512
+    assert isinstance(loaded.predict("the minister said")[0], str)
+    fn = registry.load("language-modeling")
+    scored = fn.evaluate(loaded.path, loaded.settings, torch.device("cpu"))
+    assert math.isfinite(scored["test_perplexity"]) and scored["test_tokens"] > 0
+
+
+def test_a_local_causal_lm_folder_is_fine_tuned(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hpo.workers.trainables import language_modeling as lm
+
+    config = GPT2Config(vocab_size=30522, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "tiny-gpt2")  # no tokenizer: MiniLM's
+    settings = {**TINY_LM, "model_path": str(tmp_path / "tiny-gpt2"), "steps": 2}
+    saved = GPT2LMHeadModel.from_pretrained(tmp_path / "tiny-gpt2").state_dict()
+    built = lm.build_model(lm.Settings(**settings), pretrained=True)
+    assert built.vocab is None  # the folder's own ids, no compact vocabulary
+    assert all(torch.equal(saved[k], v) for k, v in built.net.state_dict().items())
+    _, reports, _ = run_local("language-modeling", settings, tmp_path / "trial")
+    assert [step for step, _ in reports] == [2]
+    assert math.isfinite(reports[0][1]["val_perplexity"])
+    too_long = {**settings, "context": 64}
+    with pytest.raises(TrainableError, match="context: 64 exceeds the model's 32 positions"):
+        run_local("language-modeling", too_long, tmp_path / "trial-2")
+
+
+@pytest.mark.ray
+def test_language_modeling_ddp_reports_perplexity(ray_server: ServerProcess) -> None:
+    objective = {"metric": "val_loss", "direction": "minimize"}
+    spec = ddp_spec("lm-ddp", "language-modeling", {**TINY_LM, "steps": 4}, objective=objective)
+    study, trial = run_study(ray_server, spec)
+    assert trial.state == "complete", trial.error
+    assert trial.placement["world_size"] == 2
+    points: dict[str, list] = {}
+    for p in study.metrics(trial.id):
+        points.setdefault(p.name, []).append((p.step, p.value))
+    assert [step for step, _ in points["val_perplexity"]] == [2, 4]
+    assert points["train_tokens"][-1][1] == 4 * 4 * 32  # both ranks' blocks counted once
+    best = wait_for(lambda: study.best_trial.test_metrics, 90, "test metrics from the service")
+    assert math.isfinite(best["test_perplexity"])

@@ -1,0 +1,99 @@
+"""The simulated-time scheduler benchmark (benchmarks/simulate.py) on a small synthetic curve
+set: the clock, the compute accounting and the schedulers' decisions."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sim() -> Any:
+    spec = importlib.util.spec_from_file_location("simulate", ROOT / "benchmarks" / "simulate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["simulate"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(sim: Any, name: str, workers: int = 4, budget: float = 6.0, seed: int = 0) -> tuple:
+    curves = sim.synthetic(40, epochs=9, seed=1)
+    scheduler = sim.SCHEDULERS[name](sim.TrialSource(40, random.Random(seed)), 9, 3)
+    budget_s = budget * curves.mean_trial_s
+    return curves, scheduler, sim.simulate(curves, scheduler, workers, budget_s), budget_s
+
+
+@pytest.mark.parametrize("name", ["random", "sha", "asha"])
+def test_workers_run_one_job_at_a_time_and_compute_adds_up(sim: Any, name: str) -> None:
+    curves, _, out, budget_s = run(sim, name)
+    by_worker: dict[int, list] = {}
+    for worker, start, end, job in out.spans:
+        by_worker.setdefault(worker, []).append((start, end, job))
+    assert sorted(by_worker) == [0, 1, 2, 3]
+    for spans in by_worker.values():
+        spans.sort(key=lambda s: (s[0], s[1]))
+        for (_, end, _), (start, _, _) in itertools.pairwise(spans):
+            assert start >= end - 1e-9  # never two jobs on one worker at once
+    # each job's span is exactly its epochs' seconds, unless the budget cut it
+    epochs_of: dict[tuple, list[int]] = {}
+    for r in out.results:
+        epochs_of.setdefault((r.worker, r.trial), []).append(r.epoch)
+    total = 0.0
+    for worker, start, end, job in out.spans:
+        ran = [e for e in epochs_of.get((worker, job.trial), []) if job.start <= e <= job.stop]
+        assert ran == list(range(job.start, job.start + len(ran)))
+        spent = math.fsum(curves.curves[job.curve].seconds[e - 1] for e in ran)
+        if end < budget_s - 1e-9:
+            assert end - start == pytest.approx(spent, abs=1e-9)
+        else:  # cut at the budget: its finished epochs plus part of the next one
+            assert spent <= end - start + 1e-9
+        total += end - start
+    assert out.compute == pytest.approx(total, rel=1e-12)
+    assert out.compute_at == sorted(out.compute_at) and out.compute_at[-1] <= out.compute + 1e-9
+    assert out.compute <= 4 * budget_s + 1e-9
+
+
+def test_sha_promotes_exactly_the_top_third_of_each_rung(sim: Any) -> None:
+    _, sha, out, _ = run(sim, "sha", budget=30.0)
+    assert sha.rungs == [1, 3, 9] and sha.size == 27
+    assert {len(values) for _, values, _ in sha.promotions} >= {27, 9}
+    reached: dict[int, int] = {}
+    for r in out.results:
+        reached[r.trial] = max(reached.get(r.trial, 0), r.epoch)
+    for rung, values, promoted in sha.promotions:
+        top = sorted(values, key=lambda t: (-values[t], t))[: len(values) // 3]
+        assert promoted == top and len(promoted) == len(values) // 3
+        for trial in set(values) - set(promoted):  # only the promoted run past the rung
+            assert reached[trial] == rung
+
+
+def test_asha_stops_trials_only_at_rungs_through_our_pruner(sim: Any) -> None:
+    _, asha, out, budget_s = run(sim, "asha", budget=10.0)
+    last: dict[int, int] = {}
+    for r in out.results:
+        last[r.trial] = max(last.get(r.trial, 0), r.epoch)
+    cut = {job.trial for _, _, end, job in out.spans if end >= budget_s - 1e-9}
+    stopped_at = {e for t, e in last.items() if t not in cut}
+    assert stopped_at <= {1, 3, 9} and {1, 9} <= stopped_at  # pruned at rungs, some finish
+    assert type(asha.pruner).__name__ == "AshaPruner"
+    # at rung 1, about 1/3 of the trials continue (ASHA keeps the running top third)
+    judged = [e for t, e in last.items() if t not in cut]
+    assert 0.2 < sum(e > 1 for e in judged) / len(judged) < 0.6
+
+
+def test_random_search_trains_every_trial_fully(sim: Any) -> None:
+    _, _, out, budget_s = run(sim, "random")
+    cut = {job.trial for _, _, end, job in out.spans if end >= budget_s - 1e-9}
+    last: dict[int, int] = {}
+    for r in out.results:
+        last[r.trial] = max(last.get(r.trial, 0), r.epoch)
+    assert {e for t, e in last.items() if t not in cut} == {9}
