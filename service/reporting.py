@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -84,7 +85,7 @@ def report(
                     return True
                 if _stale(verdict):
                     verdict = _recheck(s, study, trial, points, verdict)
-                inserted += metrics.add(s, trial, chunk, utcnow())
+                inserted += _store_points(s, trial, chunk, utcnow(), ids=True)
         return _finish_report(storage, trial_id, points, chunks, verdict, fencing)
     except Conflict:
         if inserted:  # a later commit was refused: the batch is all or nothing
@@ -149,9 +150,8 @@ def _finish_report(
             return False  # a heartbeat: the lease is renewed, nothing else changed
         if _stale(verdict):
             verdict = _recheck(s, study, trial, points, verdict)
-        metrics.add(s, trial, chunks[-1], now, ids=False)
+        _store_points(s, trial, chunks[-1], now, ids=False)
         decision = verdict.decision
-        trial.last_step = max(trial.last_step or 0, *(p.step for p in points))
         if decision is not None:
             trial.pruned = decision.reason
             watched = decision.reason.get("value")
@@ -160,6 +160,17 @@ def _finish_report(
             return True
         studies.touch_curves(study, trial)  # new points: the study's own ETag holds
         return False
+
+
+def _store_points(
+    s: Session, trial: Trial, points: Sequence[MetricInput], now: datetime, *, ids: bool
+) -> list[int]:
+    """Store one commit's points of a report (the one place a report writes metric points)
+    and move the trial's ``last_step`` past them (:func:`_to_judge` relies on no point lying
+    above it). Returns the ids of the rows inserted when ``ids``."""
+    inserted = metrics.add(s, trial, points, now, ids=ids)
+    trial.last_step = max(trial.last_step or 0, *(p.step for p in points))
+    return inserted
 
 
 def _running(
@@ -175,10 +186,9 @@ def _running(
     attempt; the trial is None when it should stop (pruned, or its study stopped). Raises
     StaleAttempt, TrialFinished."""
     if lock:
-        study, trial = trials.lock(s, trial_id, params=False)
+        study, trial = trials.lock(s, trial_id, params=False, key_share=True)
     else:
-        trial = trials.get_trial(s, trial_id, params=False)
-        study = studies.get(s, trial.study_id)
+        study, trial = trials.with_study(s, trial_id)
     fence(trial, token, attempt, unnamed_first_only=unnamed_first_only)
     if trial.state == TrialState.PRUNED or study.state == StudyState.STOPPED:
         return study, None
@@ -202,7 +212,11 @@ def _to_judge(
     steps = sorted({p.step for p in points if p.name == metric})
     if not steps:
         return {}
-    stored = metrics.steps_between(s, trial.id, metric, steps[0], steps[-1])
+    # No point of the trial lies above its last_step (each commit of a report moves it).
+    if trial.last_step is not None and steps[0] <= trial.last_step:
+        stored = metrics.steps_between(s, trial.id, metric, steps[0], steps[-1])
+    else:
+        stored = set()
     new = [step for step in steps if step not in stored]
     below = metrics.step_below(s, trial.id, metric, steps[0])
     known = sorted({*stored, *steps})
