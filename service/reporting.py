@@ -239,7 +239,7 @@ def _judge(
     if spec.pruner.type == "none" or not judged:
         return None
     pruner = make_pruner(spec)
-    history = metrics.PruningHistory(s, trial.study_id, trial.id, pruner.metric)
+    history = metrics.PruningHistory(s, trial.study_id, trial.id, pruner.metric, steps=list(judged))
     first = {}
     for p in points:  # the first value of a step wins, as it is stored
         if p.name == pruner.metric and p.step in judged:

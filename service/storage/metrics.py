@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from itertools import groupby, islice
@@ -265,13 +266,24 @@ def _complete_cache(session: Session) -> LRUCache:
 class PruningHistory:
     """Answers a pruner's questions about the other trials of a study from ``metric_points``
     (the :class:`hpo.service.pruners.base.PruningHistory` a pruner reads). The complete
-    trials' values at a step are kept in memory between reports (see ``_COMPLETE_AT``)."""
+    trials' values at a step are kept in memory between reports (see ``_COMPLETE_AT``);
+    ``steps``, the steps the pruner is about to judge, are loaded together at the first of
+    them not in memory (two queries, where one a step would be a round trip each)."""
 
-    def __init__(self, session: Session, study_id: int, trial_id: int, metric: str) -> None:
+    def __init__(
+        self,
+        session: Session,
+        study_id: int,
+        trial_id: int,
+        metric: str,
+        *,
+        steps: Sequence[int] = (),
+    ) -> None:
         self.session = session
         self.study_id = study_id
         self.trial_id = trial_id
         self.metric = metric
+        self.steps = sorted(set(steps))
         self._n_complete: int | None = None
 
     def values_at(self, step: int, *, complete_only: bool = False) -> list[float]:
@@ -311,20 +323,33 @@ class PruningHistory:
 
     def _complete_at(self, step: int) -> dict[int, float]:
         """``{complete trial id: value at its first step >= step}``, from memory when the
-        count of complete trials is the one cached, else one query: an index lookup per
-        complete trial (not a scan of every point of the study above ``step``)."""
+        count of complete trials is the one cached, else loaded (with the steps of
+        ``self.steps`` above it that are not in memory either)."""
         key = (self.study_id, self.metric, step, self.n_complete())
         with _COMPLETE_AT_LOCK:
             cache = _complete_cache(self.session)
             found = cache.get(key)
+            missing = [s for s in self.steps if s > step and (*key[:2], s, key[3]) not in cache]
         if found is not None:
             return found
+        n, loaded = self._load_complete_at([step, *missing])
+        with _COMPLETE_AT_LOCK:
+            for at, values in loaded.items():
+                cache[(*key[:2], at, n)] = values
+        return loaded[step]
+
+    def _load_complete_at(self, steps: list[int]) -> tuple[int, dict[int, dict[int, float]]]:
+        """The count of complete trials the queries saw (the cache's key) and their values at
+        each of ``steps`` (ascending), ``{step: {trial id: value}}``: one index lookup per trial
+        at the last step (never a scan of every point of the study above it), and the points
+        between the first and the last step."""
+        last = steps[-1]
         first = (
             select(MetricPoint.value)
             .where(
                 MetricPoint.trial_id == Trial.id,
                 MetricPoint.name == self.metric,
-                MetricPoint.step >= step,
+                MetricPoint.step >= last,
             )
             .order_by(MetricPoint.step, MetricPoint.attempt.desc())
             .limit(1)
@@ -336,11 +361,39 @@ class PruningHistory:
                 Trial.study_id == self.study_id, Trial.state == TrialState.COMPLETE.value
             )
         ).all()
-        found = {trial_id: value for trial_id, value in rows if value is not None}
         # Keyed by the count this query saw (a trial may have completed since n_complete).
-        with _COMPLETE_AT_LOCK:
-            cache[(*key[:3], len(rows))] = found
-        return found
+        n = len(rows)
+        at_last = {trial_id: value for trial_id, value in rows if value is not None}
+        out = {last: at_last}
+        if len(steps) == 1:
+            return n, out
+        curves: dict[int, tuple[list[int], list[float]]] = {t: ([], []) for t, _ in rows}
+        between = self.session.execute(
+            select(MetricPoint.trial_id, MetricPoint.step, MetricPoint.value)
+            .join(Trial, Trial.id == MetricPoint.trial_id)
+            .where(
+                Trial.study_id == self.study_id,
+                Trial.state == TrialState.COMPLETE.value,
+                MetricPoint.name == self.metric,
+                MetricPoint.step.between(steps[0], last - 1),
+            )
+            .order_by(MetricPoint.trial_id, MetricPoint.step, MetricPoint.attempt.desc())
+        )
+        for trial_id, at, value in between:
+            curve = curves.get(trial_id)  # None: completed after the first query
+            if curve is not None and (not curve[0] or curve[0][-1] != at):
+                curve[0].append(at)  # of a step stored by several attempts, the newest
+                curve[1].append(value)
+        for step in steps[:-1]:
+            values = {}
+            for trial_id, (at, value) in curves.items():
+                i = bisect_left(at, step)
+                if i < len(at):
+                    values[trial_id] = value[i]
+                elif trial_id in at_last:
+                    values[trial_id] = at_last[trial_id]
+            out[step] = values
+        return n, out
 
 
 def _first_per_trial(session: Session, stmt: Any) -> list[float]:
