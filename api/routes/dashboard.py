@@ -87,24 +87,6 @@ def _trial_series(storage: Storage, trial: TrialRecord, max_points: int) -> dict
     return analysis.metric_series(points, max_points)
 
 
-def _prefetch_series(storage: Storage, trials: list[TrialRecord], max_points: int) -> None:
-    """Load the series of every trial not cached yet, 200 trials per query."""
-    cache, lock = _trial_series.cache, _trial_series.cache_lock
-    with lock:
-        missing = [
-            t
-            for t in trials
-            if t.last_step is not None and _series_key(storage, t, max_points) not in cache
-        ]
-    for start in range(0, len(missing), 200):
-        chunk = missing[start : start + 200]
-        points = storage.metric_points([t.id for t in chunk])
-        series = {t.id: analysis.metric_series(points[t.id], max_points) for t in chunk}
-        with lock:
-            for t in chunk:
-                cache[_series_key(storage, t, max_points)] = series[t.id]
-
-
 @cached(
     LRUCache(128),
     key=lambda spec, trials, fingerprint, objective: (*fingerprint, objective),
@@ -268,7 +250,9 @@ def curves(
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ):
     """Learning curves: one downsampled series of ``metric`` (the first objective's by
-    default) per trial whose record or points changed after curves cursor ``since``; pass
+    default; read from the curves kept at rest, at most 120 points with every bucket's
+    extrema; ``/trials/{id}/series`` has the full resolution) per trial whose record or
+    points changed after curves cursor ``since``; pass
     ``cursor`` back as ``since``. The cursor and ETag are the curves' own (metric points move
     them, not the study's ETag)."""
     tag = _curves_tag(storage, study_id, metric, max_points, since, limit)
@@ -291,23 +275,27 @@ def _curves_page(
 ) -> CurvesPage:
     metric = metric or storage.spec_of(study_id).objectives[0].metric
     trials, cursor = storage.list_trials(study_id, since=since, limit=limit)
-    _prefetch_series(storage, trials, max_points)
-    names: set[str] = set()
+    at_rest, names = storage.curves([t.id for t in trials], metric)
     out = []
     for t in trials:
-        series = _trial_series(storage, t, max_points)
-        names.update(series)
-        if metric in series:
-            s = series[metric]
-            out.append(
-                TrialCurve(
-                    trial_id=t.id,
-                    number=t.number,
-                    state=t.state,
-                    last_step=t.last_step,
-                    **s.as_dict(),
-                )
+        curve = at_rest.get(t.id)
+        if curve is None:
+            continue
+        steps, values = curve.points()
+        if len(steps) > max_points:
+            keep = analysis.downsample(values, max_points)
+            steps, values = [steps[i] for i in keep], [values[i] for i in keep]
+        out.append(
+            TrialCurve(
+                trial_id=t.id,
+                number=t.number,
+                state=t.state,
+                last_step=t.last_step,
+                steps=steps,
+                values=values,
+                n=curve.n(),
             )
+        )
     more = len(trials) == limit
     return CurvesPage(metric=metric, names=sorted(names), series=out, cursor=cursor, more=more)
 

@@ -19,8 +19,8 @@ from hpo.service.attempts import AttemptToken
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
+from hpo.service.storage import curves, metrics, studies, trials
 from hpo.service.storage import events as event_rows
-from hpo.service.storage import metrics, studies, trials
 from hpo.service.storage.records import parse_spec, spec_of, trial_record
 from hpo.service.storage.session import Transactions
 
@@ -179,6 +179,16 @@ class Storage(Transactions):
             return {}
         with self.read() as s:
             return metrics.of_trials(s, trial_ids, name=name)
+
+    def curves(
+        self, trial_ids: Sequence[int], name: str
+    ) -> tuple[dict[int, curves.Curve], set[str]]:
+        """The downsampled curves of metric ``name`` kept at rest for these trials (those that
+        have one; see :mod:`.curves`), and every metric name the trials have curves of."""
+        if not trial_ids:
+            return {}, set()
+        with self.read() as s:
+            return curves.of_trials(s, trial_ids, name), curves.names_of(s, trial_ids)
 
     # ----------------------------------------------- fields that carry no state
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from hpo.service.db.models import MetricPoint, Trial
 from hpo.service.records import MetricInput, MetricPointRecord
 from hpo.service.states import TrialState
+from hpo.service.storage import curves
 
 
 def add(
@@ -40,6 +41,7 @@ def add(
     the cheapest way in, for points no one needs to delete again)."""
     if not points:
         return []
+    curves.add(session, trial, points)  # the downsampled curves at rest
     rows = [
         {
             "trial_id": trial.id,
