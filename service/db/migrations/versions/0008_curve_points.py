@@ -1,12 +1,8 @@
-"""Learning curves at rest (``trial_curves``), and the index of the samplers' changed-trials read
+"""Learning curves at rest (``trial_curves``)
 
 ``trial_curves`` keeps each trial's metric downsampled to at most 30 buckets of steps (first,
 last, lowest and highest point of each; :mod:`hpo.service.storage.curves`), so the dashboard's
 overview of curves no longer reads every metric point. Back-filled here from the stored points.
-
-``ix_trials_study_active_seq`` (study, state, seq) serves the samplers' read of the trials
-changed since a cursor and the active ones (``storage.trials.observed_since``) from two index
-ranges, instead of a walk over every trial of the study.
 
 Revision ID: 0008
 Revises: 0006
