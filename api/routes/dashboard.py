@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from hpo.api.deps import Cursor, Reader, StudyId, TrialId
 from hpo.api.routes.conditional import not_modified
 from hpo.service import analysis
+from hpo.service.background import BackgroundJobs, NotReady
 from hpo.service.errors import InvalidInput
 from hpo.service.records import StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec
@@ -87,16 +88,12 @@ def _trial_series(storage: Storage, trial: TrialRecord, max_points: int) -> dict
     return analysis.metric_series(points, max_points)
 
 
-@cached(
-    LRUCache(128),
-    key=lambda spec, trials, fingerprint, objective: (*fingerprint, objective),
-    condition=threading.Condition(),
-)
-def _importance(
-    spec: StudySpec, trials: list[TrialRecord], fingerprint: tuple, objective: int
-) -> analysis.Importance:
-    """Parameter importance over the complete trials ``fingerprint`` names."""
-    return analysis.param_importance(spec, trials, objective)
+# Importance is fitted on a background thread (one at a time): a request waits at most
+# IMPORTANCE_WAIT_S for it, then answers the study's last result, or 202, while it goes on.
+IMPORTANCE_WAIT_S = 1.0
+_importance_jobs = BackgroundJobs(workers=1, keep=128, name="hpo-importance")
+_last_importance: LRUCache = LRUCache(128)  # (study id, objective) -> analysis.Importance
+_last_lock = threading.Lock()
 
 
 @cached(
@@ -186,6 +183,11 @@ class ImportanceAnswer(BaseModel):
     importances: dict[str, float]
     n_trials: int
     method: str
+    # Complete trials the forest was fitted on (a sample of n_trials beyond 2,000).
+    n_fitted: int | None = None
+    # "computing": the fit for the study as it is now is under way (202 when there is no
+    # earlier answer to show); ask again after Retry-After.
+    status: str = "ready"
 
 
 class TrialSeries(BaseModel):
@@ -308,21 +310,48 @@ def importance(
     response: Response,
     objective: Objective = 0,
 ):
-    """How much each parameter explains the objective (random forest over complete trials;
-    normalised to sum 1)."""
+    """How much each parameter explains the objective (random forest over the complete
+    trials, a sample of 2,000 beyond; normalised to sum 1). Fitted off the request: while a
+    fit is under way (over a second) the answer is the last one with ``status`` "computing",
+    or 202 when there is none, with Retry-After."""
     tag = _study_tag(storage, study_id, "importance", objective)
     if (answer := not_modified(request, tag)) is not None:
         return answer
     spec = storage.spec_of(study_id)
     objective = _objective(spec, objective)
     trials, key = _study_trials(storage, study_id)
-    result = _importance(spec, trials, key, objective)
+    job = (*key, objective)
+    try:
+        fit = analysis.param_importance
+        result = _importance_jobs.result(
+            job, fit, spec, trials, objective, wait_s=IMPORTANCE_WAIT_S
+        )
+    except NotReady:
+        # Still fitting: the last answer (or none, 202) and no ETag; ask again shortly.
+        response.headers["Retry-After"] = "1"
+        response.headers["Cache-Control"] = "no-store"
+        with _last_lock:
+            last = _last_importance.get((study_id, objective))
+        if last is None:
+            response.status_code = 202
+            last = analysis.Importance({}, 0)
+        return _importance_answer(objective, last, "computing")
+    with _last_lock:
+        _last_importance[(study_id, objective)] = result
     response.headers["ETag"] = tag
+    return _importance_answer(objective, result, "ready")
+
+
+def _importance_answer(
+    objective: int, result: analysis.Importance, status: str
+) -> ImportanceAnswer:
     return ImportanceAnswer(
         objective=objective,
         importances=result.importances,
         n_trials=result.n_trials,
         method=result.method,
+        n_fitted=result.n_fitted,
+        status=status,
     )
 
 

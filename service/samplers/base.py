@@ -82,6 +82,9 @@ class Sampler(ABC):
     # Whether ``suggest`` reads ``view.trials``; when it does not, the study's trials are not
     # loaded for it (random search stays O(1) per ask at any study size).
     uses_history: ClassVar[bool] = True
+    # Whether a suggestion may take seconds (a model fit): an ask then computes it off the
+    # request thread and waits a bounded time for it (service/asking.py).
+    slow: ClassVar[bool] = False
 
     def __init__(self, spec: StudySpec) -> None:
         self.spec = spec

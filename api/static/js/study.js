@@ -235,7 +235,9 @@ export class StudyPage {
         this.importance = answer;
         this.v.importance += 1;
       }
-      this.importanceKey = key;
+      // Still fitting on the server (202, or the last answer): ask again at the next poll.
+      if (answer?.status === "computing") this.stale = true;
+      else this.importanceKey = key;
     }
     const [x, y] = [this.xSel.value, this.ySel.value];
     const ckey = JSON.stringify([done, this.objective, x, y]);
