@@ -143,7 +143,8 @@ class StudyService:
         that key created (see :func:`hpo.service.asking.ask`).
 
         Raises StudyNotRunning, BudgetSpent (GridExhausted), ConcurrencyLimit, Conflict,
-        TrialFinished (the key's trial has finished). ``dispatched`` marks a call from the
+        TrialFinished (the key's trial has finished), SuggestionPending (a slow sampler's
+        suggestion outlasted ``ask_wait_s``: ask again). ``dispatched`` marks a call from the
         scheduler; clients may only ask ask/tell studies.
         """
         self.expire_leases(study_id=study_id)

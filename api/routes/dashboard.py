@@ -89,8 +89,7 @@ def _trial_series(storage: Storage, trial: TrialRecord, max_points: int) -> dict
 
 
 # Importance is fitted on a background thread (one at a time): a request waits at most
-# IMPORTANCE_WAIT_S for it, then answers the study's last result, or 202, while it goes on.
-IMPORTANCE_WAIT_S = 1.0
+# HPO_IMPORTANCE_WAIT_S for it, then answers the study's last result, or 202, while it goes on.
 _importance_jobs = BackgroundJobs(workers=1, keep=128, name="hpo-importance")
 _last_importance: LRUCache = LRUCache(128)  # (study id, objective) -> analysis.Importance
 _last_lock = threading.Lock()
@@ -322,10 +321,8 @@ def importance(
     trials, key = _study_trials(storage, study_id)
     job = (*key, objective)
     try:
-        fit = analysis.param_importance
-        result = _importance_jobs.result(
-            job, fit, spec, trials, objective, wait_s=IMPORTANCE_WAIT_S
-        )
+        fit, wait = analysis.param_importance, request.app.state.settings.importance_wait_s
+        result = _importance_jobs.result(job, fit, spec, trials, objective, wait_s=wait)
     except NotReady:
         # Still fitting: the last answer (or none, 202) and no ETag; ask again shortly.
         response.headers["Retry-After"] = "1"
