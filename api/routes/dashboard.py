@@ -311,8 +311,8 @@ def importance(
 ):
     """How much each parameter explains the objective (random forest over the complete
     trials, a sample of 2,000 beyond; normalised to sum 1). Fitted off the request: while a
-    fit is under way (over a second) the answer is the last one with ``status`` "computing",
-    or 202 when there is none, with Retry-After."""
+    fit takes longer than HPO_IMPORTANCE_WAIT_S (2 s), the answer is the last one with
+    ``status`` "computing", or 202 when there is none, with Retry-After."""
     tag = _study_tag(storage, study_id, "importance", objective)
     if (answer := not_modified(request, tag)) is not None:
         return answer
