@@ -180,6 +180,21 @@ class Storage(Transactions):
         with self.read() as s:
             return metrics.of_trials(s, trial_ids, name=name)
 
+    def curves_page(
+        self, study_id: int, name: str, *, since: int | None = None, limit: int = MAX_PAGE
+    ) -> tuple[list[curves.CurveRow], dict[int, curves.Curve], set[str], int]:
+        """The trials whose curves changed after curves cursor ``since`` (as
+        :meth:`list_trials` pages them, in columns only), the downsampled curves of metric
+        ``name`` kept at rest for them (those that have one; see :mod:`.curves`), every metric
+        name they have curves of, and the cursor to pass next time. Raises StudyNotFound."""
+        limit = max(1, min(limit, MAX_PAGE))
+        with self.read() as s:
+            study = studies.get(s, study_id)
+            rows = curves.changed(s, study_id, since, limit)
+            ids = [r.id for r in rows]
+            cursor = rows[-1].curve_seq if len(rows) == limit else max(study.curve_seq, since or 0)
+            return rows, curves.of_trials(s, ids, name), curves.names_of(s, ids), cursor
+
     def curves(
         self, trial_ids: Sequence[int], name: str
     ) -> tuple[dict[int, curves.Curve], set[str]]:

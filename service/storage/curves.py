@@ -14,8 +14,9 @@ from the stored points (the migration's back-fill, and bulk loads that bypass :f
 
 What is approximate: a step stored again with another value (a later attempt) replaces the
 first/last point of its bucket but not an extremum it set; ``n`` counts a step once unless it
-arrives out of order inside its bucket's span (a re-sent batch is never counted twice). The
-full-resolution series stays in ``metric_points``.
+arrives out of order inside its bucket's span (a re-sent batch is never counted twice); the
+points of a batch refused after its first commits (``reporting.report`` deletes them again)
+stay folded in. The full-resolution series stays in ``metric_points``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from itertools import groupby
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import bindparam, select, update
@@ -263,6 +264,30 @@ def _insert(bind: Session | Connection, rows: list[dict[str, Any]]) -> int:
 
 
 # --------------------------------------------------------------------------- reading
+
+
+class CurveRow(NamedTuple):
+    """A trial as the overview of curves shows it (no parameters, no record)."""
+
+    id: int
+    number: int
+    state: str
+    last_step: int | None
+    curve_seq: int
+
+
+def changed(session: Session, study_id: int, since: int | None, limit: int) -> list[CurveRow]:
+    """The study's trials whose curves cursor is past ``since`` (all when None), oldest change
+    first, at most ``limit``: the order of ``Storage.list_trials``, in columns only."""
+    stmt = (
+        select(Trial.id, Trial.number, Trial.state, Trial.last_step, Trial.curve_seq)
+        .where(Trial.study_id == study_id)
+        .order_by(Trial.curve_seq, Trial.id)
+        .limit(limit)
+    )
+    if since is not None:
+        stmt = stmt.where(Trial.curve_seq > since)
+    return [CurveRow(*row) for row in session.execute(stmt)]
 
 
 def of_trials(session: Session, trial_ids: Sequence[int], name: str) -> dict[int, Curve]:

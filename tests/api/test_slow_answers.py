@@ -17,7 +17,12 @@ API = "/api/v1"
 
 
 def impatient(url: str, tmp_path: Path) -> Iterator[ServerProcess]:
-    env = {"HPO_SCHEDULER": "false", "HPO_ASK_WAIT_S": "0.01", "HPO_IMPORTANCE_WAIT_S": "0"}
+    env = {
+        "HPO_SCHEDULER": "false",
+        "HPO_ASK_WAIT_S": "0.01",
+        "HPO_IMPORTANCE_WAIT_S": "0",
+        "HPO_IMPORTANCE_WAIT_TRIALS": "10",  # past 10 complete trials, no wait at all
+    }
     proc = ServerProcess(url, tmp_path, env)
     proc.start()
     try:
