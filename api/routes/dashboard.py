@@ -30,7 +30,7 @@ from hpo.service.background import BackgroundJobs, NotReady
 from hpo.service.errors import InvalidInput
 from hpo.service.records import StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec
-from hpo.service.storage import MAX_PAGE, Storage
+from hpo.service.storage import MAX_PAGE, Storage, parse_spec
 
 router = APIRouter(tags=["dashboard"])
 pages = APIRouter(include_in_schema=False)
@@ -88,11 +88,33 @@ def _trial_series(storage: Storage, trial: TrialRecord, max_points: int) -> dict
     return analysis.metric_series(points, max_points)
 
 
-# Importance is fitted on a background thread (one at a time): a request waits at most
-# HPO_IMPORTANCE_WAIT_S for it, then answers the study's last result, or 202, while it goes on.
+# Importance is read and fitted on a background thread (one at a time), one job per study
+# change (seq): a request waits at most HPO_IMPORTANCE_WAIT_S for it, then answers the study's
+# last result, or 202, while it goes on.
 _importance_jobs = BackgroundJobs(workers=1, keep=128, name="hpo-importance")
 _last_importance: LRUCache = LRUCache(128)  # (study id, objective) -> analysis.Importance
 _last_lock = threading.Lock()
+
+
+@cached(
+    LRUCache(128),
+    key=lambda spec, trials, fingerprint, objective: (*fingerprint, objective),
+    condition=threading.Condition(),
+)
+def _importance(
+    spec: StudySpec, trials: list[TrialRecord], fingerprint: tuple, objective: int
+) -> analysis.Importance:
+    """Parameter importance over the complete trials ``fingerprint`` names."""
+    return analysis.param_importance(spec, trials, objective)
+
+
+def _fit_importance(
+    storage: Storage, study_id: int, spec: StudySpec, objective: int
+) -> analysis.Importance:
+    """The background job: the study's trials as they are now, and their importance (fitted
+    again only when the set of complete trials changed)."""
+    trials, key = _study_trials(storage, study_id)
+    return _importance(spec, trials, key, objective)
 
 
 @cached(
@@ -313,19 +335,20 @@ def importance(
     1,000 complete trials (HPO_IMPORTANCE_WAIT_TRIALS), while a fit takes longer than
     HPO_IMPORTANCE_WAIT_S (2 s), the answer is the last one with ``status`` "computing", or
     202 when there is none, with Retry-After."""
-    tag = _study_tag(storage, study_id, "importance", objective)
+    seq = storage.study_seq(study_id)
+    tag = f'"importance-{study_id}-{seq}-{_digest((objective,))}"'
     if (answer := not_modified(request, tag)) is not None:
         return answer
-    spec = storage.spec_of(study_id)
+    study = storage.get_study(study_id)
+    spec = parse_spec(study.spec)
     objective = _objective(spec, objective)
-    trials, key = _study_trials(storage, study_id)
-    job = (*key, objective)
+    settings = request.app.state.settings
+    small = study.counts.get("complete", 0) <= settings.importance_wait_trials  # a quick fit
+    wait = None if small else settings.importance_wait_s
+    job = (study_id, seq, objective)
     try:
-        settings = request.app.state.settings
-        small = key[1] <= settings.importance_wait_trials  # complete trials: a quick fit
-        wait = None if small else settings.importance_wait_s
-        fit = analysis.param_importance
-        result = _importance_jobs.result(job, fit, spec, trials, objective, wait_s=wait)
+        fit = _fit_importance
+        result = _importance_jobs.result(job, fit, storage, study_id, spec, objective, wait_s=wait)
     except NotReady:
         # Still fitting: the last answer (or none, 202) and no ETag; ask again shortly.
         response.headers["Retry-After"] = "1"
