@@ -286,7 +286,8 @@ def curves(
 
 
 # Pages polling one study ask for the same delta, which its ETag names: the first computes it.
-@cached(LRUCache(16), key=lambda tag, *_: tag, condition=threading.Condition())
+# (64: a first load of 10,000 trials is 10 pages, and a second page opened meanwhile finds them.)
+@cached(LRUCache(64), key=lambda tag, *_: tag, condition=threading.Condition())
 def _curves_page(
     tag: str,
     storage: Storage,

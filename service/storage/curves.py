@@ -127,15 +127,16 @@ class Curve:
 
     def points(self) -> tuple[list[int], list[float]]:
         """The kept points in step order: each bucket's first, lowest, highest and last."""
-        steps: list[int] = []
-        values: list[float] = []
+        kept: dict[int, float] = {}
         for i in sorted(self.buckets):
-            b = self.buckets[i]
-            kept = dict(((b[0], b[1]), (b[4], b[5]), (b[6], b[7]), (b[2], b[3])))
-            for step in sorted(kept):
-                steps.append(step)
-                values.append(kept[step])
-        return steps, values
+            f, fv, last, lv, lo, lov, hi, hiv, _ = self.buckets[i]
+            if lo > hi:
+                lo, lov, hi, hiv = hi, hiv, lo, lov
+            kept[f] = fv  # first <= lowest/highest <= last within a bucket
+            kept[lo] = lov
+            kept[hi] = hiv
+            kept[last] = lv
+        return list(kept), list(kept.values())
 
 
 def from_points(steps: Sequence[int], values: Sequence[float]) -> Curve:

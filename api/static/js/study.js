@@ -16,7 +16,10 @@ import { TrialsTable } from "./table.js";
 
 const FINISHED = new Set(["complete", "pruned", "failed"]);
 const CURVE_POINTS = 120;
-const CURVE_PAGE = 500;
+const CURVE_PAGE = 1000; // the server's largest page
+// While a first load pages through thousands of curves, redraw the part loaded so far at most
+// this often: redrawing every curve after each page cost more than fetching them (10,000 trials).
+const PARTIAL_REDRAW_MS = 2000;
 
 function select(label, onchange) {
   return el("select", { "aria-label": label, onchange });
@@ -49,6 +52,7 @@ export class StudyPage {
     this.cursor = null; // of /trials
     this.curves = new Map(); // trial id -> downsampled series of this.metric
     this.curvesCursor = null;
+    this.drawnAt = 0; // when render() last ran (performance.now())
     this.metric = null;
     this.names = new Set();
     this.objective = 0;
@@ -221,7 +225,7 @@ export class StudyPage {
       if (this.names.size !== known) this.v.names += 1;
       this.curvesCursor = page.cursor;
       if (!page.more) return;
-      this.render(); // show the curves loaded so far
+      if (performance.now() - this.drawnAt > PARTIAL_REDRAW_MS) this.render(); // loaded so far
     }
   }
 
@@ -314,6 +318,7 @@ export class StudyPage {
 
   render() {
     if (!this.study) return;
+    this.drawnAt = performance.now();
     const { v } = this;
     const i = this.objective;
     const [x, y] = [this.xSel.value, this.ySel.value];
