@@ -17,9 +17,10 @@ import { TrialsTable } from "./table.js";
 const FINISHED = new Set(["complete", "pruned", "failed"]);
 const CURVE_POINTS = 120;
 const CURVE_PAGE = 1000; // the server's largest page
-// While a first load pages through thousands of curves, redraw the part loaded so far at most
-// this often: redrawing every curve after each page cost more than fetching them (10,000 trials).
-const PARTIAL_REDRAW_MS = 2000;
+// While a first load pages through thousands of curves, redraw the part loaded so far only
+// this long after the last redraw ended: redrawing every curve after each page cost about as
+// much as fetching it (10,000 trials).
+const PARTIAL_REDRAW_MS = 5000;
 
 function select(label, onchange) {
   return el("select", { "aria-label": label, onchange });
@@ -318,7 +319,14 @@ export class StudyPage {
 
   render() {
     if (!this.study) return;
-    this.drawnAt = performance.now();
+    try {
+      this.draw();
+    } finally {
+      this.drawnAt = performance.now();
+    }
+  }
+
+  draw() {
     const { v } = this;
     const i = this.objective;
     const [x, y] = [this.xSel.value, this.ySel.value];
