@@ -88,10 +88,10 @@ def _trial_series(storage: Storage, trial: TrialRecord, max_points: int) -> dict
     return analysis.metric_series(points, max_points)
 
 
-# Importance is read and fitted on a background thread (one at a time), one job per study
+# Importance is read and fitted on background threads (two at a time), one job per study
 # change (seq): a request waits at most HPO_IMPORTANCE_WAIT_S for it, then answers the study's
 # last result, or 202, while it goes on.
-_importance_jobs = BackgroundJobs(workers=1, keep=128, name="hpo-importance")
+_importance_jobs = BackgroundJobs(workers=2, keep=128, name="hpo-importance")
 _last_importance: LRUCache = LRUCache(128)  # (study id, objective) -> analysis.Importance
 _last_lock = threading.Lock()
 
