@@ -2,7 +2,8 @@
 
 A study of ``--trials`` trials with ``--steps`` points of ``loss`` each (10,000 × 1,000 = ten
 million points by default) is bulk-inserted into a fresh SQLite database (the seeding of
-``benchmarks/polling.py``), then ``hpo serve`` starts on it and Chromium opens the study page
+``benchmarks/polling.py``; the curves kept at rest are then built from those points, as
+migration 0008 back-fills them), then ``hpo serve`` starts on it and Chromium opens the study page
 with cold server caches. Reported: the time until the page has finished its first poll (every
 panel drawn, every curves page fetched), the requests and bytes of that load, and the server's
 resident memory (RSS) before, after and at its peak (VmHWM).
