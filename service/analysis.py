@@ -247,11 +247,22 @@ def _axis(
     return {"name": name, "kind": "numeric", "log": log, "values": values}, grid
 
 
-def _empty_axis(spec: StudySpec, name: str) -> dict[str, Any]:
+def empty_axis(spec: StudySpec, name: str) -> dict[str, Any]:
     """An axis with nothing on it yet (fewer than two complete trials), of the right kind."""
     param = spec.space[name]
     kind = "categorical" if isinstance(param, CategoricalParam) else "numeric"
     return {"name": name, "kind": kind, "log": bool(getattr(param, "log", False)), "values": []}
+
+
+def check_axes(spec: StudySpec, x: str, y: str) -> None:
+    """Raise InvalidInput unless ``x`` and ``y`` are two different parameters of the space."""
+    for field, name in (("x", x), ("y", y)):
+        if name not in spec.space:
+            known = ", ".join(spec.space)
+            message = f"{field}: no parameter {name!r} (the space has {known})"
+            raise InvalidInput(message, field=field)
+    if x == y:
+        raise InvalidInput(f"y: pick a parameter other than x ({x!r})", field="y")
 
 
 def contour(
@@ -273,13 +284,7 @@ def contour(
     parameter has one) in ``size`` steps; a categorical axis lists its choices. ``z[j][i]`` is
     the estimate at ``(x.values[i], y.values[j])``. Raises InvalidInput for an unknown parameter.
     """
-    for field, name in (("x", x), ("y", y)):
-        if name not in spec.space:
-            known = ", ".join(spec.space)
-            message = f"{field}: no parameter {name!r} (the space has {known})"
-            raise InvalidInput(message, field=field)
-    if x == y:
-        raise InvalidInput(f"y: pick a parameter other than x ({x!r})", field="y")
+    check_axes(spec, x, y)
     done = [t for t in completed(trials, objective) if x in t.params and y in t.params]
     xy, _ = encode(spec, done, [x, y], one_hot=False)
     target = np.array([objective_value(t, objective) for t in done], dtype=float)
@@ -288,7 +293,7 @@ def contour(
         for t, v in zip(done, target.tolist(), strict=True)
     ]
     if len(done) < 2:
-        return {"x": _empty_axis(spec, x), "y": _empty_axis(spec, y), "z": [], "points": points}
+        return {"x": empty_axis(spec, x), "y": empty_axis(spec, y), "z": [], "points": points}
     (ax, grid_x), (ay, grid_y) = _axis(spec, x, xy[:, 0], size), _axis(spec, y, xy[:, 1], size)
     fit = sample(range(len(done)), max_trials, seed)
     scaled, scale = _unit_scale(target[fit])

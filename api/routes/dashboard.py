@@ -88,10 +88,10 @@ def _trial_series(storage: Storage, trial: TrialRecord, max_points: int) -> dict
     return analysis.metric_series(points, max_points)
 
 
-# Importance is read and fitted on background threads (two at a time), one job per study
-# change (seq): a request waits at most HPO_IMPORTANCE_WAIT_S for it, then answers the study's
-# last result, or 202, while it goes on.
-_importance_jobs = BackgroundJobs(workers=2, keep=128, name="hpo-importance")
+# Importance and contours are read and fitted on background threads (two at a time), one job
+# per study change (seq): a request waits at most HPO_IMPORTANCE_WAIT_S for it, then answers
+# (importance) the study's last result, or 202, while it goes on.
+_analysis_jobs = BackgroundJobs(workers=2, keep=128, name="hpo-analysis")
 _last_importance: LRUCache = LRUCache(128)  # (study id, objective) -> analysis.Importance
 _last_lock = threading.Lock()
 
@@ -106,6 +106,14 @@ def _importance(
 ) -> analysis.Importance:
     """Parameter importance over the complete trials ``fingerprint`` names."""
     return analysis.param_importance(spec, trials, objective)
+
+
+def _fit_contour(
+    storage: Storage, study_id: int, spec: StudySpec, x: str, y: str, objective: int, size: int
+) -> dict[str, Any]:
+    """The background job of a contour (fitted again only when the complete trials changed)."""
+    trials, key = _study_trials(storage, study_id)
+    return _contour(spec, trials, key, x, y, objective, size)
 
 
 def _fit_importance(
@@ -343,13 +351,11 @@ def importance(
     study = storage.get_study(study_id)
     spec = parse_spec(study.spec)
     objective = _objective(spec, objective)
-    settings = request.app.state.settings
-    small = study.counts.get("complete", 0) <= settings.importance_wait_trials  # a quick fit
-    wait = None if small else settings.importance_wait_s
+    wait = _analysis_wait(request, study)
     job = (study_id, seq, objective)
     try:
         fit = _fit_importance
-        result = _importance_jobs.result(job, fit, storage, study_id, spec, objective, wait_s=wait)
+        result = _analysis_jobs.result(job, fit, storage, study_id, spec, objective, wait_s=wait)
     except NotReady:
         # Still fitting: the last answer (or none, 202) and no ETag; ask again shortly.
         response.headers["Retry-After"] = "1"
@@ -364,6 +370,14 @@ def importance(
         _last_importance[(study_id, objective)] = result
     response.headers["ETag"] = tag
     return _importance_answer(objective, result, "ready")
+
+
+def _analysis_wait(request: Request, study: StudyRecord) -> float | None:
+    """How long a request waits for an analysis job: as long as it takes for a study of up
+    to HPO_IMPORTANCE_WAIT_TRIALS complete trials (a quick fit), else HPO_IMPORTANCE_WAIT_S."""
+    settings = request.app.state.settings
+    small = study.counts.get("complete", 0) <= settings.importance_wait_trials
+    return None if small else settings.importance_wait_s
 
 
 def _importance_answer(
@@ -398,10 +412,22 @@ def contour(
     tag = _study_tag(storage, study_id, "contour", x, y, objective, size, points)
     if (answer := not_modified(request, tag)) is not None:
         return answer
-    spec = storage.spec_of(study_id)
+    study = storage.get_study(study_id)
+    spec = parse_spec(study.spec)
     objective = _objective(spec, objective)
-    trials, key = _study_trials(storage, study_id)
-    result = _contour(spec, trials, key, x, y, objective, size)
+    analysis.check_axes(spec, x, y)
+    job = (study_id, study.seq, x, y, objective, size)
+    try:
+        wait = _analysis_wait(request, study)
+        result = _analysis_jobs.result(
+            job, _fit_contour, storage, study_id, spec, x, y, objective, size, wait_s=wait
+        )
+    except NotReady:  # still fitting: 202, no ETag; the page asks again at its next poll
+        response.status_code = 202
+        response.headers["Retry-After"] = "1"
+        response.headers["Cache-Control"] = "no-store"
+        axes = {"x": analysis.empty_axis(spec, x), "y": analysis.empty_axis(spec, y)}
+        return {**axes, "z": [], "points": [], "status": "computing"}
     response.headers["ETag"] = tag
     return result if points else {**result, "points": []}
 

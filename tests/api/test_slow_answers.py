@@ -79,7 +79,9 @@ def test_a_slow_gp_ask_answers_503_and_its_retry_gets_the_suggestion(
     assert sorted(t["number"] for t in trials) == [0, 1, 2, 3, 4]
 
 
-def test_importance_is_fitted_off_the_request(impatient_sqlite: ServerProcess) -> None:
+def test_importance_and_contours_are_fitted_off_the_request(
+    impatient_sqlite: ServerProcess,
+) -> None:
     with impatient_sqlite.http() as http:
         spec = simple_spec("imp", budget={"max_trials": 60})
         sid = http.post(f"{API}/studies", json=spec).json()["id"]
@@ -110,3 +112,12 @@ def test_importance_is_fitted_off_the_request(impatient_sqlite: ServerProcess) -
         assert stale.json()["importances"] == body["importances"]
         assert "ETag" not in stale.headers
         wait_for(lambda: http.get(path).json()["n_trials"] == 31, 60, "the refitted importance")
+
+        contour = f"{API}/studies/{sid}/contour?x=x&y=n&size=8"
+        first = http.get(contour)
+        assert first.status_code == 202 and first.json()["status"] == "computing", first.text
+        assert first.json()["z"] == [] and first.json()["x"]["name"] == "x"
+        grid = wait_for(
+            lambda: (r := http.get(contour)).status_code == 200 and r.json(), 60, "the contour"
+        )
+        assert len(grid["x"]["values"]) == 8 and len(grid["points"]) == 31

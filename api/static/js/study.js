@@ -260,7 +260,9 @@ export class StudyPage {
         this.contourAnswer = answer;
         this.v.contour += 1;
       }
-      this.contourKey = ckey;
+      // Still fitting on the server (202): ask again at the next poll.
+      if (answer?.status === "computing") this.stale = true;
+      else this.contourKey = ckey;
     }
   }
 
@@ -350,7 +352,13 @@ export class StudyPage {
     );
     const s = this.sliceSel.value;
     this.once("slice", [v.finished, i, s], () => this.charts.slice.set(panels.slice(this, s, i)));
-    const note = x === y ? "pick two different parameters" : "needs two complete trials";
+    const computing = this.contourAnswer?.status === "computing";
+    const note =
+      x === y
+        ? "pick two different parameters"
+        : computing
+          ? "computing…"
+          : "needs two complete trials";
     this.once("contour", [v.contour], () =>
       this.charts.contour.set(panels.contour(this, this.contourAnswer, i, note)),
     );
