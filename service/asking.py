@@ -11,7 +11,7 @@ from __future__ import annotations
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from hpo.service import transitions
+from hpo.service import promotions, transitions
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import (
     BudgetSpent,
@@ -71,7 +71,10 @@ def ask(
             check_can_ask(storage, s, study, spec, dispatched)
             # A replayed key whose trial waits claims that trial, checked as a plain ask is.
             waiting = asked if asked is not None else trials.first_waiting(s, study_id)
-            if waiting is None:
+            promotable = (
+                promotions.candidates(s, study, spec, settled_only=True) if waiting is None else []
+            )
+            if waiting is None and not promotable:
                 number = study.next_number
                 if number >= transitions.budget_limit(study, spec):
                     complete_if_done(storage, study_id)
@@ -83,6 +86,8 @@ def ask(
                     view = (histories or Histories()).view(s, study, spec, sampler, number)
         if waiting is not None:
             claimed = _claim_waiting(storage, study_id, waiting, spec, dispatched)
+        elif promotable:
+            claimed = _promote(storage, study_id, promotable[0].trial_id, spec, dispatched)
         else:
             try:
                 suggestion = sampler.suggest(view)
@@ -155,6 +160,39 @@ def _claim_waiting(
         return _claimed(trial)
 
 
+def _promote(
+    storage: Storage, study_id: int, trial_id: int, spec: StudySpec, dispatched: bool
+) -> ClaimedTrial | None:
+    """Promote the paused trial and claim it for its next attempt, which resumes from its
+    checkpoint; None if it is no longer promotable (another asker promoted it, or the rung
+    changed) or could not resume (then it failed, with the reason). Its checkpoint is looked
+    at before the lock; the promotion is decided again under it."""
+    with storage.read() as s:
+        checkpoint = trials.get_trial(s, trial_id, params=False).checkpoint
+    problem = promotions.checkpoint_problem(checkpoint) if spec.trainable is not None else None
+    with storage.write() as s:
+        study = studies.get(s, study_id, lock=True)
+        check_can_ask(storage, s, study, spec, dispatched)
+        trial = trials.get_trial(s, trial_id)
+        if trial.state != TrialState.PAUSED or trial.checkpoint != checkpoint or trial.owner:
+            return None
+        if problem is not None and spec.trainable is not None:
+            transitions.fail_paused(s, study, trial, f"cannot resume: {problem}")
+            return None
+        ranked = promotions.candidates(s, study, spec, settled_only=True)
+        chosen = next((p for p in ranked if p.trial_id == trial_id), None)
+        if chosen is None:
+            return None
+        transitions.promote(s, study, trial, chosen.reason)
+        now = utcnow()
+        set_trial_state(
+            s, study, trial, TrialState.RUNNING, detail=f"attempt {trial.attempts}", now=now
+        )
+        trial.started_at = trial.started_at or now
+        trials.renew_lease(trial, spec.lease_s, now)
+        return _claimed(trial, resume_from=checkpoint)
+
+
 def _claim_new(
     storage: Storage,
     study_id: int,
@@ -217,7 +255,8 @@ def _answer_again(storage: Storage, study_id: int, trial_id: int) -> ClaimedTria
         return _claimed(trial)
 
 
-def _claimed(trial: Trial) -> ClaimedTrial:
-    """The claimed trial as its asker gets it: with a new token for its current attempt."""
+def _claimed(trial: Trial, *, resume_from: str | None = None) -> ClaimedTrial:
+    """The claimed trial as its asker gets it: with a new token for its current attempt (and
+    the checkpoint a promoted trial resumes from)."""
     token = trials.issue_token(trial)
-    return ClaimedTrial(**dict(trial_record(trial)), attempt_token=token)
+    return ClaimedTrial(**dict(trial_record(trial)), attempt_token=token, resume_from=resume_from)

@@ -17,7 +17,7 @@ from hpo.service.attempts import AttemptToken
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import Conflict, InvalidInput, TrialFinished
 from hpo.service.pruners import make_pruner
-from hpo.service.pruners.base import Report
+from hpo.service.pruners.base import PauseDecision, Report
 from hpo.service.records import MetricInput
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
@@ -51,8 +51,8 @@ def report(
     ``attempt``, is refused with StaleAttempt unless that attempt is current (see
     :func:`fence` for ``unnamed_first_only``); nothing of a refused batch stays stored,
     even when an earlier commit of it was accepted. Returns whether the trial should stop
-    (pruned, or its study stopped). Raises TrialFinished for a trial that completed or
-    failed, InvalidInput for NaN/inf.
+    (pruned, paused at a rung, or its study stopped). Raises TrialFinished for a trial that
+    completed or failed, InvalidInput for NaN/inf.
     """
     for i, p in enumerate(points):
         if not math.isfinite(p.value):
@@ -152,6 +152,9 @@ def _finish_report(
         metrics.add(s, trial, chunks[-1], now, ids=False)
         decision = verdict.decision
         trial.last_step = max(trial.last_step or 0, *(p.step for p in points))
+        if isinstance(decision, PauseDecision):  # at a rung: checkpoint, free the workers
+            transitions.pause(s, study, trial, decision.reason, now=now)
+            return True
         if decision is not None:
             trial.pruned = decision.reason
             watched = decision.reason.get("value")
@@ -180,7 +183,8 @@ def _running(
         trial = trials.get_trial(s, trial_id, params=False)
         study = studies.get(s, trial.study_id)
     fence(trial, token, attempt, unnamed_first_only=unnamed_first_only)
-    if trial.state == TrialState.PRUNED or study.state == StudyState.STOPPED:
+    stopped = (TrialState.PRUNED, TrialState.PAUSED)  # a paused attempt's late points: dropped
+    if trial.state in stopped or study.state == StudyState.STOPPED:
         return study, None
     if trial.state != TrialState.RUNNING:
         raise TrialFinished(

@@ -312,6 +312,12 @@ class PrunerSpec(_Model):
     direction: Literal["minimize", "maximize"] | None = Field(
         default=None, description="Of `metric`, when it is not an objective."
     )
+    mode: Literal["stopping", "promotion"] = Field(
+        default="stopping",
+        description="ASHA: `stopping` ends a trial below its rung's top 1/η for good; "
+        "`promotion` pauses every trial at each rung and resumes (promotes) it from its "
+        "checkpoint once it is in the top 1/η of that rung.",
+    )
 
     @field_validator("type")
     @classmethod
@@ -319,6 +325,12 @@ class PrunerSpec(_Model):
         if value not in PRUNERS:
             raise ValueError(f"unknown pruner {value!r}; expected one of {', '.join(PRUNERS)}")
         return value
+
+    @model_validator(mode="after")
+    def _promotion_needs_rungs(self) -> PrunerSpec:
+        if self.mode == "promotion" and self.type != "asha":
+            raise ValueError(f"mode: promotion needs type: asha, not {self.type!r}")
+        return self
 
 
 class Budget(_Model):

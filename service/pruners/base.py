@@ -38,6 +38,14 @@ class PruneDecision:
     reason: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class PauseDecision:
+    """Pause the trial at a rung (it saves a checkpoint and frees its workers) until it is
+    promoted; ``reason`` goes into its event history (rung, rank among n, threshold)."""
+
+    reason: dict[str, Any]
+
+
 class Pruner(ABC):
     """Judges one report at a time. Stateless: everything comes from the spec and history."""
 
@@ -50,8 +58,10 @@ class Pruner(ABC):
         return a < b if self.direction == "minimize" else a > b
 
     @abstractmethod
-    def judge(self, report: Report, history: PruningHistory) -> PruneDecision | None:
-        """A decision to stop, or None to let the trial continue."""
+    def judge(
+        self, report: Report, history: PruningHistory
+    ) -> PruneDecision | PauseDecision | None:
+        """A decision to stop (or pause), or None to let the trial continue."""
 
 
 class NoPruner(Pruner):

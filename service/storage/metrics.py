@@ -308,6 +308,41 @@ class PruningHistory:
         return found
 
 
+def values_at_by_trial(
+    session: Session, study_id: int, metric: str, step: int, trial_ids: Sequence[int] | None = None
+) -> dict[int, float]:
+    """``{trial id: its value of metric at its first step >= step}`` for every trial of the
+    study that reached ``step`` (of a step several attempts reported, the newest attempt's)."""
+    where = [
+        MetricPoint.study_id == study_id,
+        MetricPoint.name == metric,
+        MetricPoint.step >= step,
+    ]
+    if trial_ids is not None:
+        where.append(MetricPoint.trial_id.in_(list(trial_ids)))
+    first = (
+        select(MetricPoint.trial_id, func.min(MetricPoint.step).label("step"))
+        .where(*where)
+        .group_by(MetricPoint.trial_id)
+        .subquery()
+    )
+    stmt = select(MetricPoint.value).join(
+        first,
+        and_(
+            MetricPoint.trial_id == first.c.trial_id,
+            MetricPoint.step == first.c.step,
+            MetricPoint.name == metric,
+        ),
+    )
+    rows = session.execute(
+        stmt.add_columns(MetricPoint.trial_id).order_by(MetricPoint.attempt.desc())
+    )
+    seen: dict[int, float] = {}
+    for value, trial_id in rows:
+        seen.setdefault(trial_id, value)
+    return seen
+
+
 def _first_per_trial(session: Session, stmt: Any) -> list[float]:
     """One value per trial: of a step that several attempts reported, the newest attempt's."""
     rows = session.execute(

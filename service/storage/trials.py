@@ -160,6 +160,28 @@ def active(session: Session, study_ids: Sequence[int]) -> list[Trial]:
     )
 
 
+def paused(session: Session, study_id: int, *, settled_only: bool = False) -> dict[int, int]:
+    """``{trial id: its largest step reported}`` of the study's paused trials (only those
+    whose pausing attempt has ended, its last checkpoint recorded, when ``settled_only``: a
+    scheduler owns the attempt until then)."""
+    where = [Trial.study_id == study_id, Trial.state == TrialState.PAUSED.value]
+    if settled_only:
+        where.append(Trial.owner.is_(None))
+    rows = session.execute(select(Trial.id, Trial.last_step).where(*where))
+    return {trial_id: last or 0 for trial_id, last in rows}
+
+
+def paused_trials(session: Session, study_ids: Sequence[int]) -> list[Trial]:
+    """The paused trials of these studies."""
+    return list(
+        session.scalars(
+            select(Trial).where(
+                Trial.study_id.in_(study_ids), Trial.state == TrialState.PAUSED.value
+            )
+        )
+    )
+
+
 def states(session: Session, trial_ids: Sequence[int]) -> dict[int, TrialState]:
     """The state of each of ``trial_ids`` that still exists."""
     rows = session.execute(select(Trial.id, Trial.state).where(Trial.id.in_(trial_ids)))

@@ -1,0 +1,79 @@
+"""Paused trials and their promotion (ASHA's promotion variant, see
+:mod:`hpo.service.pruners.asha`): which paused trial the next free slot resumes, and whether its
+checkpoint can be resumed from.
+
+Everything here reads inside a transaction the caller holds; the decision to promote is taken
+again under the study's row lock by the one who promotes (``asking``), so two askers, or two
+servers, never promote past a rung's ``floor(n/η)``.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from hpo.service.db.models import Study
+from hpo.service.pruners import make_pruner
+from hpo.service.pruners.asha import AshaPruner, Promotion
+from hpo.service.spec import StudySpec
+from hpo.service.storage import metrics, trials
+
+
+def promotes(spec: StudySpec) -> bool:
+    """Whether the study's trials pause at rungs and wait to be promoted."""
+    return spec.pruner.type == "asha" and spec.pruner.mode == "promotion"
+
+
+def candidates(
+    s: Session, study: Study, spec: StudySpec, *, settled_only: bool = False
+) -> list[Promotion]:
+    """The paused trials of the study that may be promoted now, best first (none unless the
+    study promotes). ``settled_only``: only those whose pausing attempt has ended (what an
+    asker may resume); without it, also those still saving their checkpoint (what keeps the
+    study from completing)."""
+    if not promotes(spec):
+        return []
+    paused = trials.paused(s, study.id, settled_only=settled_only)
+    if not paused:
+        return []
+    pruner = make_pruner(spec)
+    assert isinstance(pruner, AshaPruner)
+    rungs = pruner.rungs(max(paused.values()))
+    values = {rung: metrics.values_at_by_trial(s, study.id, pruner.metric, rung) for rung in rungs}
+    return pruner.promotion_order(paused, values)
+
+
+def checkpoint_problem(path: str | None) -> str | None:
+    """Why a paused trial cannot resume from ``path`` (missing, or not readable as a
+    checkpoint), or None. Reads ``meta.json`` and the archive directory of ``state.pt``, not
+    the tensors: the control plane does not load the model."""
+    if path is None:
+        return "it paused without saving a checkpoint"
+    from hpo.workers import storage
+
+    where = storage.location(path)
+    try:
+        if isinstance(where, Path):
+            meta = json.loads((where / "meta.json").read_text())
+            state = where / "state.pt"
+            if not zipfile.is_zipfile(state):
+                return f"its checkpoint {path} is unreadable: state.pt is not a torch archive"
+            with zipfile.ZipFile(state) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"its checkpoint {path} is unreadable: {bad} in state.pt is corrupt"
+        else:
+            fs, key = storage.filesystem(where)
+            meta = json.loads(fs.cat_file(f"{key}/meta.json"))
+            if not fs.exists(f"{key}/state.pt"):
+                return f"its checkpoint {path} is missing state.pt"
+    except FileNotFoundError as exc:
+        return f"its checkpoint {path} is missing ({exc.filename or exc})"
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        return f"its checkpoint {path} is unreadable: {exc}"
+    if not isinstance(meta, dict) or "step" not in meta:
+        return f"its checkpoint {path} is unreadable: meta.json names no step"
+    return None
