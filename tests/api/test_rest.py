@@ -170,6 +170,7 @@ def check_create_get_and_list_studies_with_pagination(http: httpx.Client) -> Non
     assert got["counts"] == {
         "waiting": 0,
         "running": 0,
+        "paused": 0,
         "complete": 0,
         "pruned": 0,
         "failed": 0,
@@ -420,6 +421,7 @@ def check_ask_tell_get_trial_and_best(http: httpx.Client) -> None:
     assert study["counts"] == {
         "waiting": 0,
         "running": 0,
+        "paused": 0,
         "complete": 2,
         "pruned": 1,
         "failed": 1,
