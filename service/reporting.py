@@ -84,7 +84,11 @@ def report(
                     return True
                 if _stale(verdict):
                     verdict = _recheck(s, study, trial, points, verdict)
-                inserted += metrics.add(s, trial, chunk, utcnow())
+                kept, cut = _within_budget(s, study, trial, chunk)
+                inserted += metrics.add(s, trial, kept, utcnow())
+                if cut is not None:
+                    _spend_last_steps(s, study, trial, kept, cut)
+                    return True
         return _finish_report(storage, trial_id, points, chunks, verdict, fencing)
     except Conflict:
         if inserted:  # a later commit was refused: the batch is all or nothing
@@ -149,7 +153,11 @@ def _finish_report(
             return False  # a heartbeat: the lease is renewed, nothing else changed
         if _stale(verdict):
             verdict = _recheck(s, study, trial, points, verdict)
-        metrics.add(s, trial, chunks[-1], now, ids=False)
+        kept, cut = _within_budget(s, study, trial, chunks[-1])
+        metrics.add(s, trial, kept, now, ids=False)
+        if cut is not None:
+            _spend_last_steps(s, study, trial, kept, cut)
+            return True
         decision = verdict.decision
         trial.last_step = max(trial.last_step or 0, *(p.step for p in points))
         if isinstance(decision, PauseDecision):  # at a rung: checkpoint, free the workers
@@ -163,6 +171,38 @@ def _finish_report(
             return True
         studies.touch_curves(study, trial)  # new points: the study's own ETag holds
         return False
+
+
+def _within_budget(
+    s: Session, study: Study, trial: Trial, points: Sequence[MetricInput]
+) -> tuple[Sequence[MetricInput], int | None]:
+    """The points that fit in ``budget.max_steps`` (read under the study's lock, so reports of
+    concurrent trials never overrun it together), and the step the trial must stop at when
+    some do not (else None)."""
+    limit = transitions.spec_of(study).budget.max_steps
+    if limit is None or not points:
+        return points, None
+    allowed = limit - trials.steps_used(s, study.id, besides=trial.id)
+    kept = [p for p in points if p.step <= allowed]
+    return (points, None) if len(kept) == len(points) else (kept, max(allowed, 0))
+
+
+def _spend_last_steps(
+    s: Session, study: Study, trial: Trial, kept: Sequence[MetricInput], cut: int
+) -> None:
+    """The trial reached the study's ``budget.max_steps``: keep what fits, prune it there."""
+    trial.last_step = max(trial.last_step or 0, *(p.step for p in kept), 0) or None
+    spec = transitions.spec_of(study)
+    s.flush()
+    transitions.finish(
+        s,
+        study,
+        trial,
+        TrialState.PRUNED,
+        transitions.last_watched_value(s, trial, spec),
+        None,
+        detail=f"budget.max_steps ({spec.budget.max_steps}) spent: stopped at step {cut}",
+    )
 
 
 def _running(

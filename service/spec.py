@@ -352,6 +352,13 @@ class Budget(_Model):
         description="Wall time of one attempt, from its start: an attempt still running "
         "after it fails its trial (not retried).",
     )
+    max_steps: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        description="Steps of training summed over all trials (a resumed trial counts each "
+        "step once): no point beyond it is stored, the trial that reaches it is pruned there, "
+        "and no trial is started or promoted after it. Compares schedulers at equal compute.",
+    )
 
 
 class Resources(_Model):

@@ -52,6 +52,19 @@ def budget_limit(study: Study, spec: StudySpec) -> float:
     return limit if capacity is None else min(limit, capacity)
 
 
+def steps_spent(s: Session, study: Study, spec: StudySpec) -> bool:
+    """Whether ``budget.max_steps`` steps of training have been reported."""
+    limit = spec.budget.max_steps
+    return limit is not None and trials.steps_used(s, study.id) >= limit
+
+
+def steps_spent_error(study: Study, spec: StudySpec) -> BudgetSpent:
+    return BudgetSpent(
+        f"study {study.id} has used its {spec.budget.max_steps} steps (budget.max_steps)",
+        field="budget.max_steps",
+    )
+
+
 def timed_out(study: Study, spec: StudySpec) -> bool:
     """Whether ``budget.timeout_s`` has passed since the study started."""
     if spec.budget.timeout_s is None or study.started_at is None:
@@ -85,6 +98,8 @@ def complete_if_done(s: Session, study: Study) -> None:
     spec = spec_of(study)
     if timed_out(study, spec):  # first: its running trials may have been ended for it
         reason = "budget.timeout_s reached"
+    elif steps_spent(s, study, spec):
+        reason = "budget.max_steps spent"
     elif study.next_number >= budget_limit(study, spec):
         if promotions.candidates(s, study, spec):
             return

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from hpo.service import attempts
@@ -158,6 +158,15 @@ def active(session: Session, study_ids: Sequence[int]) -> list[Trial]:
             .options(selectinload(Trial.params))
         )
     )
+
+
+def steps_used(session: Session, study_id: int, *, besides: int | None = None) -> int:
+    """Steps of training the study's trials have reported, summed (their ``last_step``), the
+    trial ``besides`` left out."""
+    where = [Trial.study_id == study_id]
+    if besides is not None:
+        where.append(Trial.id != besides)
+    return int(session.scalar(select(func.coalesce(func.sum(Trial.last_step), 0)).where(*where)))
 
 
 def paused(session: Session, study_id: int, *, settled_only: bool = False) -> dict[int, int]:

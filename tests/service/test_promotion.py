@@ -165,3 +165,33 @@ def test_concurrent_askers_promote_at_most_floor_n_over_eta(
     assert sorted(promoted) == sorted(t.id for t in trials[:4])
     assert len(refused) == askers - 4
     assert service.storage.get_study(study_id).n_trials == 8
+
+
+def test_max_steps_is_exact_under_concurrent_reports(service: StudyService) -> None:
+    spec = simple_spec("steps", budget={"max_trials": 6, "max_steps": 23})
+    study_id = service.create_study(StudySpec.model_validate(spec)).id
+    trials = [service.ask(study_id) for _ in range(6)]
+    barrier = threading.Barrier(len(trials))
+    stopped_at: dict[int, int] = {}
+
+    def train(trial_id: int) -> None:
+        barrier.wait()
+        for step in range(1, 11):
+            if report(service, trial_id, step, 1.0 / step):
+                stopped_at[trial_id] = step
+                return
+        service.tell(trial_id, value=0.1)  # ran all its steps before the budget was spent
+
+    threads = [threading.Thread(target=train, args=(t.id,)) for t in trials]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stored = [len(service.storage.metrics(t.id, name="loss")) for t in trials]
+    assert sum(stored) == 23  # 6 x 10 steps wanted; exactly the budget was stored
+    records = [service.storage.get_trial(t.id) for t in trials]
+    assert sum(r.last_step or 0 for r in records) == 23
+    assert {r.state for r in records} <= {"pruned", "complete"} and stopped_at
+    assert any("budget.max_steps (23) spent" in r.events[-1].detail for r in records)
+    study = service.storage.get_study(study_id)
+    assert study.state == "completed" and study.state_reason == "budget.max_steps spent"
