@@ -123,8 +123,8 @@ def check_can_ask(
             f"study {study.id} ran out of time (budget.timeout_s = {spec.budget.timeout_s})",
             field="budget.timeout_s",
         )
-    if transitions.steps_spent(s, study, spec):  # it completes as its last trial ends
-        raise transitions.steps_spent_error(study, spec)
+    if spent := transitions.compute_spent(s, study, spec):  # completes as its last trial ends
+        raise transitions.compute_spent_error(study, spec, spent)
     limit = spec.budget.max_concurrent
     if limit is not None:
         running, _ = studies.count_active(s, study.id)

@@ -179,10 +179,15 @@ def _within_budget(
     """The points that fit in ``budget.max_steps`` (read under the study's lock, so reports of
     concurrent trials never overrun it together), and the step the trial must stop at when
     some do not (else None)."""
-    limit = transitions.spec_of(study).budget.max_steps
-    if limit is None or not points:
+    budget = transitions.spec_of(study).budget
+    if not points or (budget.max_steps is None and budget.max_worker_seconds is None):
         return points, None
-    allowed = limit - trials.steps_used(s, study.id, besides=trial.id)
+    seconds = budget.max_worker_seconds
+    if seconds is not None and trials.worker_seconds_used(s, study, utcnow()) >= seconds:
+        return [], trial.last_step or 0
+    if budget.max_steps is None:
+        return points, None
+    allowed = budget.max_steps - trials.steps_used(s, study.id, besides=trial.id)
     kept = [p for p in points if p.step <= allowed]
     return (points, None) if len(kept) == len(points) else (kept, max(allowed, 0))
 
@@ -190,10 +195,15 @@ def _within_budget(
 def _spend_last_steps(
     s: Session, study: Study, trial: Trial, kept: Sequence[MetricInput], cut: int
 ) -> None:
-    """The trial reached the study's ``budget.max_steps``: keep what fits, prune it there."""
+    """The trial reached the study's ``budget.max_steps`` (or its compute is used up): keep
+    what fits, prune it there."""
     trial.last_step = max(trial.last_step or 0, *(p.step for p in kept), 0) or None
     spec = transitions.spec_of(study)
     s.flush()
+    which = "budget.max_steps"
+    limit: float | None = spec.budget.max_steps
+    if limit is None or trials.steps_used(s, study.id) < limit:
+        which, limit = "budget.max_worker_seconds", spec.budget.max_worker_seconds
     transitions.finish(
         s,
         study,
@@ -201,7 +211,7 @@ def _spend_last_steps(
         TrialState.PRUNED,
         transitions.last_watched_value(s, trial, spec),
         None,
-        detail=f"budget.max_steps ({spec.budget.max_steps}) spent: stopped at step {cut}",
+        detail=f"{which} ({limit:g}) spent: stopped at step {cut}",
     )
 
 

@@ -359,6 +359,13 @@ class Budget(_Model):
         "step once): no point beyond it is stored, the trial that reaches it is pruned there, "
         "and no trial is started or promoted after it. Compares schedulers at equal compute.",
     )
+    max_worker_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Compute summed over all attempts: ranks x wall seconds from claim to end. "
+        "Once it is used, no trial is started or promoted, and each running trial is pruned at "
+        "its next metric report.",
+    )
 
 
 class Resources(_Model):

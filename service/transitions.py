@@ -52,17 +52,21 @@ def budget_limit(study: Study, spec: StudySpec) -> float:
     return limit if capacity is None else min(limit, capacity)
 
 
-def steps_spent(s: Session, study: Study, spec: StudySpec) -> bool:
-    """Whether ``budget.max_steps`` steps of training have been reported."""
+def compute_spent(s: Session, study: Study, spec: StudySpec) -> str | None:
+    """The compute budget the study has used up (``budget.max_steps``: steps of training
+    reported; ``budget.max_worker_seconds``: ranks x seconds of its attempts), or None."""
     limit = spec.budget.max_steps
-    return limit is not None and trials.steps_used(s, study.id) >= limit
+    if limit is not None and trials.steps_used(s, study.id) >= limit:
+        return "budget.max_steps"
+    seconds = spec.budget.max_worker_seconds
+    if seconds is not None and trials.worker_seconds_used(s, study, utcnow()) >= seconds:
+        return "budget.max_worker_seconds"
+    return None
 
 
-def steps_spent_error(study: Study, spec: StudySpec) -> BudgetSpent:
-    return BudgetSpent(
-        f"study {study.id} has used its {spec.budget.max_steps} steps (budget.max_steps)",
-        field="budget.max_steps",
-    )
+def compute_spent_error(study: Study, spec: StudySpec, field: str) -> BudgetSpent:
+    limit = getattr(spec.budget, field.removeprefix("budget."))
+    return BudgetSpent(f"study {study.id} has used its {field} ({limit:g})", field=field)
 
 
 def timed_out(study: Study, spec: StudySpec) -> bool:
@@ -98,8 +102,8 @@ def complete_if_done(s: Session, study: Study) -> None:
     spec = spec_of(study)
     if timed_out(study, spec):  # first: its running trials may have been ended for it
         reason = "budget.timeout_s reached"
-    elif steps_spent(s, study, spec):
-        reason = "budget.max_steps spent"
+    elif spent := compute_spent(s, study, spec):
+        reason = f"{spent} spent"
     elif study.next_number >= budget_limit(study, spec):
         if promotions.candidates(s, study, spec):
             return

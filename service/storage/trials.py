@@ -81,6 +81,7 @@ def insert(
         attempts=1,
         created_at=now,
         started_at=now,
+        attempt_started_at=now if NEW_TRIAL_STATE == TrialState.RUNNING else None,
         lease_expires_at=now + timedelta(seconds=lease_s),
         suggestion=suggestion,
         ask_key=ask_key,
@@ -167,6 +168,20 @@ def steps_used(session: Session, study_id: int, *, besides: int | None = None) -
     if besides is not None:
         where.append(Trial.id != besides)
     return int(session.scalar(select(func.coalesce(func.sum(Trial.last_step), 0)).where(*where)))
+
+
+def worker_seconds_used(session: Session, study: Study, now: datetime) -> float:
+    """Ranks x seconds the study's trials have used: their ended attempts' and what their
+    running attempts have used so far."""
+    from hpo.service.storage.transitions import attempt_seconds
+
+    rows = session.scalars(
+        select(Trial).where(
+            Trial.study_id == study.id,
+            or_(Trial.worker_seconds > 0, Trial.attempt_started_at.is_not(None)),
+        )
+    )
+    return sum((t.worker_seconds or 0.0) + attempt_seconds(study, t, now) for t in rows)
 
 
 def paused(session: Session, study_id: int, *, settled_only: bool = False) -> dict[int, int]:

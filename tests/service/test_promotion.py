@@ -5,6 +5,7 @@ promotion is in the trial's history, and concurrent askers never promote past fl
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,22 @@ def test_max_steps_is_exact_under_concurrent_reports(service: StudyService) -> N
     assert any("budget.max_steps (23) spent" in r.events[-1].detail for r in records)
     study = service.storage.get_study(study_id)
     assert study.state == "completed" and study.state_reason == "budget.max_steps spent"
+
+
+def test_max_worker_seconds_stops_trials_and_new_asks_once_used(service: StudyService) -> None:
+    spec = simple_spec("compute", budget={"max_trials": 6, "max_worker_seconds": 0.6})
+    study_id = service.create_study(StudySpec.model_validate(spec)).id
+    a, b = service.ask(study_id), service.ask(study_id)
+    assert report(service, a.id, 1, 0.5) is False  # ~0 s used so far
+    time.sleep(0.4)  # two running attempts: 0.8 worker-seconds
+    with pytest.raises(BudgetSpent) as refused:
+        service.ask(study_id)
+    assert refused.value.field == "budget.max_worker_seconds"
+    assert report(service, a.id, 2, 0.4) is True  # pruned at its last stored step
+    assert report(service, b.id, 1, 0.3) is True
+    trial = service.storage.get_trial(a.id)
+    assert trial.state == "pruned" and trial.last_step == 1
+    assert "budget.max_worker_seconds (0.6) spent" in trial.events[-1].detail
+    assert [p.step for p in service.storage.metrics(a.id)] == [1]
+    study = service.storage.get_study(study_id)
+    assert study.state == "completed" and study.state_reason == "budget.max_worker_seconds spent"
