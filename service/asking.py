@@ -190,7 +190,7 @@ def _promote(
         set_trial_state(
             s, study, trial, TrialState.RUNNING, detail=f"attempt {trial.attempts}", now=now
         )
-        trial.started_at = trial.started_at or now
+        trial.started_at = now  # the attempt's start (trial_timeout_s is per attempt)
         trials.renew_lease(trial, spec.lease_s, now)
         return _claimed(trial, resume_from=checkpoint)
 
