@@ -284,7 +284,7 @@ class Scheduler:
             if self.executor.adopt(ref, _needs(resources)):
                 self.in_flight[ref] = _InFlight(trial.study_id, resources.workers_per_trial)
             else:
-                self.service.release_paused(trial.id, trial.attempts)
+                self._settle_paused(trial)
         for trial in self.service.storage.active_trials(list(specs)):
             ref = AttemptRef(trial.id, trial.attempts)
             if trial.state != TrialState.RUNNING or ref in self.in_flight:
@@ -305,6 +305,25 @@ class Scheduler:
                     failure_class=FailureClass.INFRASTRUCTURE,
                     attempt=trial.attempts,
                 )
+
+    def _settle_paused(self, trial: TrialRecord) -> None:
+        """Release a paused trial whose attempt ended unseen (its control plane died), having
+        recorded the newest checkpoint its folder holds: the dead scheduler may never have
+        heard of the one saved at the pause."""
+        from hpo.workers import checkpoints
+
+        folder = self._trial_dir(trial.study_id, trial.id)
+        try:
+            found = checkpoints.candidates(folder, before_attempt=trial.attempts + 1)
+        except Exception as exc:  # the store cannot be listed: the promotion check decides
+            log.warning("cannot list the checkpoints of paused trial %s: %s", trial.id, exc)
+            found = []
+        if found:
+            self.service.storage.set_checkpoint(trial.id, str(found[0]))
+        self.service.release_paused(trial.id, trial.attempts)
+
+    def _trial_dir(self, study_id: int, trial_id: int) -> str:
+        return str(storage.join(self.checkpoint_dir, f"study-{study_id}", f"trial-{trial_id}"))
 
     def _own(self, ref: AttemptRef) -> bool:
         """Record this scheduler as the attempt's owner; False when it cannot (the lease was
@@ -570,9 +589,7 @@ class Scheduler:
             token=trial.attempt_token,  # the attempt's own credential, never the admin token
             objectives=[(o.metric, o.direction) for o in spec.objectives],
             keep_metrics=sorted({*(o.metric for o in spec.objectives), spec.pruned_metric}),
-            checkpoint_dir=str(
-                storage.join(self.checkpoint_dir, f"study-{trial.study_id}", f"trial-{trial.id}")
-            ),
+            checkpoint_dir=self._trial_dir(trial.study_id, trial.id),
             lease_s=spec.lease_s,
             resume_from=trial.resume_from,
         )

@@ -40,8 +40,12 @@ def report(service: StudyService, trial_id: int, step: int, loss: float) -> bool
     return service.report(trial_id, [MetricInput(step, "loss", loss)])
 
 
-def save(executor: FakeExecutor, ref: AttemptRef, tmp_path: Path, step: int) -> str:
-    folder = tmp_path / f"trial-{ref.trial_id}" / f"attempt-{ref.attempt}"
+def save(
+    service: StudyService, executor: FakeExecutor, ref: AttemptRef, tmp_path: Path, step: int
+) -> str:
+    """A real checkpoint where the scheduler puts the attempt's (see ``_trial_dir``)."""
+    study_id = service.storage.get_trial(ref.trial_id, events=False).study_id
+    folder = tmp_path / f"study-{study_id}" / f"trial-{ref.trial_id}" / f"attempt-{ref.attempt}"
     path = checkpoints.write(folder, step, {"w": torch.zeros(2)}, {"step": step})
     executor.checkpoint(ref, str(path), step)
     return str(path)
@@ -71,7 +75,7 @@ def test_trials_pause_at_rungs_and_the_best_are_promoted_before_new_trials(
     study = service.storage.get_study(study_id)
     assert study.counts["paused"] == 4 and study.state == "running"
     for ref in first:
-        save(executor, ref, tmp_path, 1)
+        save(service, executor, ref, tmp_path, 1)
         executor.finish(ref)
     scheduler.tick()  # attempts end (released), then the top floor(4/2) = 2 are promoted
     promoted = sorted(executor.launched[4:])
@@ -89,7 +93,7 @@ def test_trials_pause_at_rungs_and_the_best_are_promoted_before_new_trials(
     for ref, loss in zip(promoted, [0.15, 0.05], strict=True):
         executor.place(ref)
         assert report(service, ref.trial_id, 2, loss) is True
-        save(executor, ref, tmp_path, 2)
+        save(service, executor, ref, tmp_path, 2)
         executor.finish(ref)
     scheduler.tick()
     (last,) = executor.launched[6:]
@@ -126,7 +130,7 @@ def test_a_paused_trial_whose_checkpoint_is_gone_fails_with_that_reason(
     for ref, loss in zip(refs, [0.5, 0.1], strict=True):
         executor.place(ref)
         report(service, ref.trial_id, 1, loss)
-        paths.append(save(executor, ref, tmp_path, 1))
+        paths.append(save(service, executor, ref, tmp_path, 1))
         executor.finish(ref)
     (Path(paths[1]) / "state.pt").write_bytes(b"not a torch archive")
     scheduler.tick()
@@ -215,3 +219,31 @@ def test_max_worker_seconds_stops_trials_and_new_asks_once_used(service: StudySe
     assert [p.step for p in service.storage.metrics(a.id)] == [1]
     study = service.storage.get_study(study_id)
     assert study.state == "completed" and study.state_reason == "budget.max_worker_seconds spent"
+
+
+def test_a_new_scheduler_releases_what_a_dead_one_paused(
+    service: StudyService, tmp_path: Path
+) -> None:
+    cluster = FakeCluster(capacity={"CPU": 2.0})
+    executor = FakeExecutor(cluster)
+    old = Scheduler(
+        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+    )
+    create(service, "takeover", budget={"max_trials": 2})
+    old.tick()
+    refs = sorted(executor.launched)
+    for ref, loss in zip(refs, [0.5, 0.1], strict=True):
+        executor.place(ref)
+        report(service, ref.trial_id, 1, loss)
+        save(service, executor, ref, tmp_path, 1)
+    old.release()  # the old control plane dies before it saw the attempts end...
+    for ref in refs:
+        executor.lose(ref)  # ...and its local cluster with it
+    fresh = FakeExecutor(cluster)
+    new = Scheduler(
+        service, fresh, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+    )
+    new.tick()  # adopts: the paused trials are released, the best one promoted
+    (resumed,) = fresh.launched
+    assert resumed == AttemptRef(refs[1].trial_id, 2)
+    assert service.storage.get_trial(refs[0].trial_id).state == "paused"
