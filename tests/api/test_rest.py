@@ -327,6 +327,8 @@ def check_patch_budget(http: httpx.Client) -> None:
         "max_concurrent": 2,
         "timeout_s": None,
         "trial_timeout_s": None,
+        "max_steps": None,
+        "max_worker_seconds": None,
     }
 
 
