@@ -22,6 +22,7 @@ PRUNERS: dict[str, str] = {
     "none": "hpo.service.pruners.base:NoPruner",
     "median": "hpo.service.pruners.median:MedianPruner",
     "asha": "hpo.service.pruners.asha:AshaPruner",
+    "hyperband": "hpo.service.pruners.hyperband:HyperbandPruner",
 }
 
 

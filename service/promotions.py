@@ -24,7 +24,7 @@ from hpo.service.storage import metrics, trials
 
 def promotes(spec: StudySpec) -> bool:
     """Whether the study's trials pause at rungs and wait to be promoted."""
-    return spec.pruner.type == "asha" and spec.pruner.mode == "promotion"
+    return spec.pruner.type in ("asha", "hyperband") and spec.pruner.mode == "promotion"
 
 
 def candidates(
@@ -41,9 +41,21 @@ def candidates(
         return []
     pruner = make_pruner(spec)
     assert isinstance(pruner, AshaPruner)
-    rungs = pruner.rungs(max(paused.values()))
-    values = {rung: metrics.values_at_by_trial(s, study.id, pruner.metric, rung) for rung in rungs}
-    return pruner.promotion_order(paused, values)
+    numbers = trials.numbers(s, list(paused))
+    out: list[Promotion] = []
+    for bracket in sorted({pruner.bracket_of(n) for n in numbers.values()}):
+        mine = {t: last for t, last in paused.items() if pruner.bracket_of(numbers[t]) == bracket}
+        peers = None if pruner.n_brackets == 1 else (pruner.n_brackets, bracket)
+        rungs = pruner.rungs(max(mine.values()), bracket)
+        values = {
+            rung: metrics.values_at_by_trial(s, study.id, pruner.metric, rung, peers)
+            for rung in rungs
+        }
+        out += pruner.promotion_order(mine, values, bracket)
+    # across brackets too: the highest rung (in steps) first, then the best value
+    sign = -1 if pruner.direction == "maximize" else 1
+    out.sort(key=lambda p: (-p.reason["step"], sign * p.reason["value"], p.trial_id))
+    return out
 
 
 def checkpoint_problem(path: str | None) -> str | None:

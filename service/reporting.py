@@ -285,7 +285,7 @@ def _judge(
         if p.name == pruner.metric and p.step in judged:
             first.setdefault(p.step, p.value)
     for step in sorted(first):
-        decision = pruner.judge(Report(step, first[step], judged[step]), history)
+        decision = pruner.judge(Report(step, first[step], judged[step], trial.number), history)
         if decision is not None:
             return decision
     return None

@@ -314,7 +314,7 @@ class PrunerSpec(_Model):
     )
     mode: Literal["stopping", "promotion"] = Field(
         default="stopping",
-        description="ASHA: `stopping` ends a trial below its rung's top 1/η for good; "
+        description="ASHA, Hyperband: `stopping` ends a trial below its rung's top 1/η for good; "
         "`promotion` pauses every trial at each rung and resumes (promotes) it from its "
         "checkpoint once it is in the top 1/η of that rung.",
     )
@@ -328,8 +328,10 @@ class PrunerSpec(_Model):
 
     @model_validator(mode="after")
     def _promotion_needs_rungs(self) -> PrunerSpec:
-        if self.mode == "promotion" and self.type != "asha":
-            raise ValueError(f"mode: promotion needs type: asha, not {self.type!r}")
+        if self.mode == "promotion" and self.type not in ("asha", "hyperband"):
+            raise ValueError(f"mode: promotion needs type asha or hyperband, not {self.type!r}")
+        if self.type == "hyperband" and self.max_steps is None:
+            raise ValueError("hyperband needs max_steps (its brackets span min_steps..max_steps)")
         return self
 
 

@@ -12,9 +12,11 @@ from hpo.service.spec import StudySpec
 class PruningHistory(Protocol):
     """What a pruner may ask about the other trials of the study (answered from SQL)."""
 
-    def values_at(self, step: int, *, complete_only: bool = False) -> list[float]:
+    def values_at(
+        self, step: int, *, complete_only: bool = False, bracket: tuple[int, int] | None = None
+    ) -> list[float]:
         """For each other trial that reached ``step``: its watched metric at its first reported
-        step >= ``step``."""
+        step >= ``step``; only trials whose ``number % n == b`` when ``bracket`` is (n, b)."""
         ...
 
     def n_complete(self) -> int:
@@ -29,6 +31,7 @@ class Report:
     step: int
     value: float
     previous_step: int | None  # the trial's largest reported step below this one
+    number: int = 0  # the trial's number (Hyperband's bracket)
 
 
 @dataclass(frozen=True)

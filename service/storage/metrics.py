@@ -239,8 +239,14 @@ class PruningHistory:
         self.metric = metric
         self._n_complete: int | None = None
 
-    def values_at(self, step: int, *, complete_only: bool = False) -> list[float]:
-        """Each other trial's value of the metric at its first step at or after ``step``."""
+    def values_at(
+        self, step: int, *, complete_only: bool = False, bracket: tuple[int, int] | None = None
+    ) -> list[float]:
+        """Each other trial's value of the metric at its first step at or after ``step`` (of
+        the trials whose ``number % n == b`` only, when ``bracket`` is (n, b))."""
+        if bracket is not None:
+            found = values_at_by_trial(self.session, self.study_id, self.metric, step, bracket)
+            return [v for t, v in found.items() if t != self.trial_id]
         if complete_only:
             return [v for t, v in self._complete_at(step).items() if t != self.trial_id]
         first = (
@@ -309,17 +315,24 @@ class PruningHistory:
 
 
 def values_at_by_trial(
-    session: Session, study_id: int, metric: str, step: int, trial_ids: Sequence[int] | None = None
+    session: Session,
+    study_id: int,
+    metric: str,
+    step: int,
+    bracket: tuple[int, int] | None = None,
 ) -> dict[int, float]:
     """``{trial id: its value of metric at its first step >= step}`` for every trial of the
-    study that reached ``step`` (of a step several attempts reported, the newest attempt's)."""
+    study that reached ``step`` (of a step several attempts reported, the newest attempt's);
+    with ``bracket`` (n, b), only the trials whose ``number % n == b``."""
     where = [
         MetricPoint.study_id == study_id,
         MetricPoint.name == metric,
         MetricPoint.step >= step,
     ]
-    if trial_ids is not None:
-        where.append(MetricPoint.trial_id.in_(list(trial_ids)))
+    if bracket is not None:
+        n, b = bracket
+        members = select(Trial.id).where(Trial.study_id == study_id, Trial.number % n == b)
+        where.append(MetricPoint.trial_id.in_(members))
     first = (
         select(MetricPoint.trial_id, func.min(MetricPoint.step).label("step"))
         .where(*where)

@@ -184,6 +184,12 @@ def worker_seconds_used(session: Session, study: Study, now: datetime) -> float:
     return sum((t.worker_seconds or 0.0) + attempt_seconds(study, t, now) for t in rows)
 
 
+def numbers(session: Session, trial_ids: Sequence[int]) -> dict[int, int]:
+    """``{trial id: its number}``."""
+    rows = session.execute(select(Trial.id, Trial.number).where(Trial.id.in_(list(trial_ids))))
+    return {trial_id: number for trial_id, number in rows}
+
+
 def paused(session: Session, study_id: int, *, settled_only: bool = False) -> dict[int, int]:
     """``{trial id: its largest step reported}`` of the study's paused trials (only those
     whose pausing attempt has ended, its last checkpoint recorded, when ``settled_only``: a

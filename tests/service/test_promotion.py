@@ -247,3 +247,24 @@ def test_a_new_scheduler_releases_what_a_dead_one_paused(
     (resumed,) = fresh.launched
     assert resumed == AttemptRef(refs[1].trial_id, 2)
     assert service.storage.get_trial(refs[0].trial_id).state == "paused"
+
+
+def test_hyperband_brackets_pause_and_promote_within_their_own_bracket(
+    service: StudyService,
+) -> None:
+    hyperband = {**PROMOTION, "type": "hyperband", "max_steps": 4}  # brackets 0 and 1
+    spec = simple_spec("hb", budget={"max_trials": 4}, pruner=hyperband)
+    study_id = service.create_study(StudySpec.model_validate(spec)).id
+    trials = [service.ask(study_id) for _ in range(4)]  # numbers 0, 2: bracket 0; 1, 3: 1
+    losses = {0: 0.5, 1: 0.9, 2: 0.4, 3: 0.1}
+    paused = [report(service, t.id, 1, losses[t.number]) for t in trials]
+    assert paused == [True, False, True, False]  # bracket 0's first rung is step 1
+    assert report(service, trials[0].id, 2, 0.01) is True  # paused: its late point is dropped
+    for t in trials[1::2]:  # bracket 1's first rung is step 2
+        assert report(service, t.id, 2, losses[t.number]) is True
+    pause = service.storage.get_trial(trials[3].id).events[-1]
+    assert pause.state == "paused" and "rung 0 (step 2), rank 1 of 2" in pause.detail
+    # each bracket promotes its own top floor(2/2) = 1: #3 (bracket 1) and #2 (bracket 0)
+    assert [service.ask(study_id).number for _ in range(2)] == [3, 2]
+    with pytest.raises(BudgetSpent):
+        service.ask(study_id)
