@@ -21,7 +21,7 @@ class HyperbandPruner(AshaPruner):
     def n_brackets(self) -> int:  # type: ignore[override]
         opts = self.spec.pruner
         assert opts.max_steps is not None  # the spec requires it for hyperband
-        brackets = 1
-        while opts.min_steps * opts.reduction_factor**brackets < opts.max_steps:
+        brackets = 1  # s_max + 1: the last bracket starts at max_steps (no early stopping)
+        while opts.min_steps * opts.reduction_factor**brackets <= opts.max_steps:
             brackets += 1
         return brackets

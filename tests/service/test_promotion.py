@@ -252,7 +252,7 @@ def test_a_new_scheduler_releases_what_a_dead_one_paused(
 def test_hyperband_brackets_pause_and_promote_within_their_own_bracket(
     service: StudyService,
 ) -> None:
-    hyperband = {**PROMOTION, "type": "hyperband", "max_steps": 4}  # brackets 0 and 1
+    hyperband = {**PROMOTION, "type": "hyperband", "max_steps": 3}  # brackets 0 and 1
     spec = simple_spec("hb", budget={"max_trials": 4}, pruner=hyperband)
     study_id = service.create_study(StudySpec.model_validate(spec)).id
     trials = [service.ask(study_id) for _ in range(4)]  # numbers 0, 2: bracket 0; 1, 3: 1
