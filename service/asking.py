@@ -170,8 +170,12 @@ def _promote(
     changed) or could not resume (then it failed, with the reason). Its checkpoint is looked
     at before the lock; the promotion is decided again under it."""
     with storage.read() as s:
-        checkpoint = trials.get_trial(s, trial_id, params=False).checkpoint
-    problem = promotions.checkpoint_problem(checkpoint) if spec.trainable is not None else None
+        paused = trials.get_trial(s, trial_id, params=False)
+        checkpoint, last_step = paused.checkpoint, paused.last_step
+    problem, resume_from = None, checkpoint
+    if spec.trainable is not None:
+        resume_from = promotions.resume_point(checkpoint, last_step)
+        problem = promotions.checkpoint_problem(resume_from)
     with storage.write() as s:
         study = studies.get(s, study_id, lock=True)
         check_can_ask(storage, s, study, spec, dispatched)
@@ -192,7 +196,7 @@ def _promote(
         )
         trial.started_at = now  # the attempt's start (trial_timeout_s is per attempt)
         trials.renew_lease(trial, spec.lease_s, now)
-        return _claimed(trial, resume_from=checkpoint)
+        return _claimed(trial, resume_from=resume_from)
 
 
 def _claim_new(

@@ -58,6 +58,20 @@ def candidates(
     return out
 
 
+def resume_point(checkpoint: str | None, last_step: int | None) -> str | None:
+    """The checkpoint a promoted trial resumes from: the one its attempt saved at the trial's
+    last stored step (the pause step) when it is there, else the newest recorded. An attempt
+    told to pause late (the answer came after it had run on) saved a newer checkpoint whose
+    points were dropped; resuming from it would leave a gap in the curve."""
+    if checkpoint is None or last_step is None:
+        return checkpoint
+    folder, _, name = checkpoint.rstrip("/").rpartition("/")
+    at_pause = f"{folder}/checkpoint-{last_step:06d}"
+    if not folder or name == at_pause.rpartition("/")[2]:
+        return checkpoint
+    return at_pause if checkpoint_problem(at_pause) is None else checkpoint
+
+
 def checkpoint_problem(path: str | None) -> str | None:
     """Why a paused trial cannot resume from ``path`` (missing, or not readable as a
     checkpoint), or None. Reads ``meta.json`` and the archive directory of ``state.pt``, not

@@ -268,3 +268,22 @@ def test_hyperband_brackets_pause_and_promote_within_their_own_bracket(
     assert [service.ask(study_id).number for _ in range(2)] == [3, 2]
     with pytest.raises(BudgetSpent):
         service.ask(study_id)
+
+
+def test_a_late_paused_attempt_resumes_from_the_pause_step_not_past_it(
+    service: StudyService, tmp_path: Path
+) -> None:
+    study_id = create(service, "late", budget={"max_trials": 2})
+    a, b = service.ask(study_id, dispatched=True), service.ask(study_id, dispatched=True)
+    assert report(service, a.id, 1, 0.5) is True
+    assert report(service, b.id, 1, 0.1) is True
+    assert report(service, b.id, 2, 0.05) is True  # ran on before the answer: dropped
+    folder = tmp_path / f"trial-{b.id}" / "attempt-1"
+    saved = [
+        checkpoints.write(folder, step, {"w": torch.zeros(1)}, {"step": step}) for step in (1, 2)
+    ]
+    service.storage.set_checkpoint(b.id, str(saved[1]))  # the newest, as the scheduler saw it
+    promoted = service.ask(study_id, dispatched=True)
+    assert promoted.id == b.id and promoted.attempts == 2
+    assert promoted.resume_from == str(saved[0])  # the pause step: the curve has no gap
+    assert [p.step for p in service.storage.metrics(b.id)] == [1]
