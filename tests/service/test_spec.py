@@ -136,7 +136,7 @@ def test_condition_values_must_exist_and_cycles_are_refused() -> None:
     ("over", "field"),
     [
         ({"sampler": {"type": "annealing"}}, "sampler.type"),
-        ({"pruner": {"type": "hyperband"}}, "pruner.type"),
+        ({"pruner": {"type": "sha"}}, "pruner.type"),
         ({"objective": {"metric": "m", "direction": "up"}}, "objective[0].direction"),
         ({"budget": {"max_trials": 0}}, "budget.max_trials"),
         ({"resources": {"cpus_per_worker": 0}}, "resources.cpus_per_worker"),
