@@ -8,23 +8,27 @@ the whole is retried when another asker claimed it first. ``StudyService.ask`` c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from hpo.service import transitions
+from hpo.service import define_by_run, transitions, warmstart
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import (
     BudgetSpent,
     ConcurrencyLimit,
     Conflict,
     GridExhausted,
+    InvalidInput,
     StaleAttempt,
     StudyNotRunning,
     TrialFinished,
 )
 from hpo.service.histories import Histories
 from hpo.service.records import ClaimedTrial
-from hpo.service.samplers.base import StudyView, Suggestion
+from hpo.service.samplers.base import Sampler, StudyView, Suggestion
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import Storage, studies, trials
@@ -41,9 +45,11 @@ def ask(
     dispatched: bool,
     key: str | None = None,
     histories: Histories | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> ClaimedTrial:
     """A claimed (running) trial of the study, with the token of its attempt: a waiting one
-    first, else a new suggestion.
+    first, else a new suggestion. Given ``params`` (checked by :func:`check_fixed`), it is a
+    new trial with those values, the sampler filling in the rest.
 
     ``key`` (an ask's Idempotency-Key) is stored with the trial it creates; an ask with a key
     already used answers that trial again and spends no budget: while it runs the attempt
@@ -71,13 +77,18 @@ def ask(
             check_can_ask(storage, s, study, spec, dispatched)
             # A replayed key whose trial waits claims that trial, checked as a plain ask is.
             waiting = asked if asked is not None else trials.first_waiting(s, study_id)
+            if params is not None and asked is None:
+                waiting = None  # given params make a new trial; the queue waits
+                check_fixed(spec, params)
             if waiting is None:
                 number = study.next_number
                 if number >= transitions.budget_limit(study, spec):
                     complete_if_done(storage, study_id)
                     raise transitions.spent_error(study, spec)
                 sampler = transitions.sampler_of(study)
-                if not sampler.uses_history:
+                if not spec.space:  # define-by-run, nothing learned yet
+                    view = None
+                elif not sampler.uses_history:
                     view = StudyView(spec, (), number)
                 else:
                     view = (histories or Histories()).view(s, study, spec, sampler, number)
@@ -85,14 +96,50 @@ def ask(
             claimed = _claim_waiting(storage, study_id, waiting, spec, dispatched)
         else:
             try:
-                suggestion = sampler.suggest(view)
+                suggestion = _suggest(sampler, view)
             except GridExhausted:
                 complete_if_done(storage, study_id)
                 raise
+            suggestion = with_fixed(spec, suggestion, params or {})
             claimed = _claim_new(storage, study_id, number, spec, suggestion, dispatched, key)
         if claimed is not None:
             return claimed
     raise Conflict(f"study {study_id}: too many concurrent asks, try again")
+
+
+def _suggest(sampler: Sampler, view: StudyView | None) -> Suggestion:
+    """The sampler's suggestion; an empty one for a define-by-run space still empty."""
+    if view is None:
+        return Suggestion({}, {"sampler": sampler.name})
+    return sampler.suggest(view)
+
+
+def check_fixed(spec: StudySpec, params: Mapping[str, Any]) -> None:
+    """Refuse (InvalidInput naming ``params.<name>``) values an ask may not fix: a name not in
+    the space (a define-by-run study takes any), a value outside its domain."""
+    warmstart.check_given_params(spec, params)
+
+
+def with_fixed(spec: StudySpec, suggestion: Suggestion, fixed: Mapping[str, Any]) -> Suggestion:
+    """The sampler's suggestion with the ``fixed`` values in place of its own, parameters made
+    inactive by them left out. A define-by-run study's trial carries only the fixed values:
+    the suggestion becomes its proposal (see :mod:`hpo.service.define_by_run`)."""
+    if spec.define_by_run:
+        return define_by_run.proposal(spec, suggestion, fixed)
+    if not fixed:
+        return suggestion
+    merged = {**suggestion.params, **fixed}
+    params = {}
+    for name in spec.parameter_order():
+        if not spec.is_active(name, merged):
+            continue
+        if name not in merged:
+            raise InvalidInput(
+                f"params.{name}: missing: it is active under the given values; give it too",
+                field=f"params.{name}",
+            )
+        params[name] = merged[name]
+    return Suggestion(params, {**suggestion.info, "fixed": sorted(fixed)})
 
 
 def check_can_ask(

@@ -67,6 +67,7 @@ class TrialRecord(_Record):
     placement: dict[str, Any] | None = None
     has_checkpoint: bool = False
     test_metrics: dict[str, Any] | None = None
+    user_attrs: dict[str, Any] = {}
     # ``seq`` moves with the trial's state, values and other fields; ``curve_seq`` also with
     # its metric points (the curves' cursor).
     seq: int

@@ -156,6 +156,8 @@ class Trial(Base):
     progress_expires_at: Mapped[datetime | None]
     # The Idempotency-Key of the ask that created the trial: a repeated ask gets it back.
     ask_key: Mapped[str | None] = mapped_column(String(200))
+    # What the user attached to the trial (``set_user_attr``): a JSON object, None when empty.
+    user_attrs: Mapped[dict[str, Any] | None]
 
     study: Mapped[Study] = relationship(back_populates="trials")
     params: Mapped[list[TrialParam]] = relationship(
