@@ -101,6 +101,11 @@ def _check(spec: StudySpec, trial: Any, name: str, param: AnyParam, known: Any) 
             "run time only with define_by_run: true",
             field="name",
         )
+    if known is None and spec.sampler.type == "grid":
+        raise InvalidInput(
+            f"{name}: not a parameter of this study's grid ({', '.join(spec.space)})",
+            field="name",
+        )
     if trial.state != TrialState.RUNNING:
         raise Conflict(f"trial {trial.id} is {trial.state}, not running", field="trial_id")
     if known is not None and not same_kind(known, param) and spec.sampler.type != "grid":
