@@ -4,10 +4,14 @@ queued and imported trials, asks with given params, user attributes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hpo.service.errors import BudgetSpent, Conflict, InvalidInput
 from tests.conftest import ServerProcess, simple_spec
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(study, n: int) -> None:
@@ -118,8 +122,26 @@ def _run_all(study) -> None:
     study.optimize(lambda t: (t.params["x"] - 1) ** 2)
 
 
-def test_report_takes_both_orders_and_refuses_anything_else(server: ServerProcess) -> None:
-    with server.client() as client:
+def readme_notebook() -> str:
+    """The README's notebook block (the first Python block after "## Notebooks")."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Notebooks") :]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_notebook_runs_twice_and_report_takes_both_orders(
+    sqlite_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HPO_TOKEN", sqlite_server.token)
+    code = readme_notebook().replace("http://127.0.0.1:8000", sqlite_server.url)
+    for run in (1, 2):  # the second run continues the same study (it was NameTaken)
+        exec(compile(code, "README.md", "exec"), {})
+        with sqlite_server.client() as client:
+            record = client.study("svm-digits").record
+            assert record.n_trials == 11 * run and record.state == "running"
+            assert record.spec["budget"]["max_trials"] == 11 * run + 5
+
+    with sqlite_server.client() as client:
         study = client.create_study(simple_spec("orders"))
         seen: list[int] = []
 
