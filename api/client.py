@@ -594,7 +594,7 @@ def _optuna_trials(storage_url: str, study_name: str | None) -> list[dict[str, A
     states = {
         optuna.trial.TrialState.COMPLETE: "complete",
         optuna.trial.TrialState.PRUNED: "pruned",
-        optuna.trial.TrialState.FAILED: "failed",
+        optuna.trial.TrialState.FAIL: "failed",
     }
     rows = []
     for t in study.get_trials(deepcopy=False, states=tuple(states)):

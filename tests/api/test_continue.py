@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import pytest
 
 from hpo.service.errors import BudgetSpent, Conflict, InvalidInput
@@ -61,7 +62,9 @@ def test_a_completed_study_continues_and_load_if_exists_checks_the_study(
         assert answer.status_code == 201
 
 
-def test_ask_with_params_enqueue_import_and_user_attrs(server: ServerProcess) -> None:
+def test_ask_with_params_enqueue_import_and_user_attrs(
+    server: ServerProcess, tmp_path: Path
+) -> None:
     with server.client() as client, server.http() as http:
         spec = simple_spec("warm", budget={"max_trials": 4})
         spec["space"]["kind"] = {"type": "categorical", "choices": ["a", "b"]}
@@ -109,6 +112,22 @@ def test_ask_with_params_enqueue_import_and_user_attrs(server: ServerProcess) ->
         bad = {"trials": [{"params": {"x": 99.0, "n": 1, "kind": "a"}, "value": 1.0}]}
         answer = http.post(f"/api/v1/studies/{target.id}/trials", json=bad)
         assert answer.status_code == 422 and answer.json()["field"] == "trials[0].params.x"
+
+        # From an Optuna storage: TPE counts them and is past its random start-up at once.
+        url = f"sqlite:///{tmp_path / 'optuna.db'}"
+        old = optuna.create_study(storage=url, study_name="old")
+        dists = {"x": optuna.distributions.FloatDistribution(-5, 5)}
+        for x in (0.5, 1.5, 3.0):
+            old.add_trial(
+                optuna.trial.create_trial(params={"x": x}, distributions=dists, value=x * x)
+            )
+        tpe = {"type": "tpe", "seed": 0, "n_startup_trials": 2}
+        space = {"x": {"type": "float", "low": -5.0, "high": 5.0}}
+        warm = client.create_study(simple_spec("from-optuna", sampler=tpe, space=space))
+        assert [t.value for t in warm.add_trials(url, study_name="old")] == [0.25, 2.25, 9.0]
+        asked = warm.ask()
+        why = client.trial(asked.trial_id).suggestion
+        assert why["n_observations"] == 3 and why["startup"] is False
 
         # Enqueue on a completed study reopens it for that trial.
         _run_all(target)
