@@ -457,6 +457,15 @@ class StudySpec(_Model):
         return space
 
     @model_validator(mode="after")
+    def _declared_for_trainables(self) -> StudySpec:
+        if self.define_by_run and self.trainable is not None:
+            raise ValueError(
+                "define_by_run: a study with a trainable declares its whole space (its "
+                "trials run on the cluster and name no parameters at run time)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _pruner_fits(self) -> StudySpec:
         if self.pruner.type == "none":
             return self
