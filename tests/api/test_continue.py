@@ -19,7 +19,13 @@ def _run(study, n: int) -> None:
     study.optimize(lambda t: (t.params["x"] - 1) ** 2, n_trials=n)
 
 
-def test_a_completed_study_continues_and_load_if_exists_checks_the_study(
+def test_continue_and_warm_start(server: ServerProcess, tmp_path: Path) -> None:
+    """One served control plane per database for both checks (a server takes ~10 s to start)."""
+    check_a_completed_study_continues_and_load_if_exists_checks_the_study(server)
+    check_ask_with_params_enqueue_import_and_user_attrs(server, tmp_path)
+
+
+def check_a_completed_study_continues_and_load_if_exists_checks_the_study(
     server: ServerProcess,
 ) -> None:
     with server.client() as client:
@@ -62,7 +68,7 @@ def test_a_completed_study_continues_and_load_if_exists_checks_the_study(
         assert answer.status_code == 201
 
 
-def test_ask_with_params_enqueue_import_and_user_attrs(
+def check_ask_with_params_enqueue_import_and_user_attrs(
     server: ServerProcess, tmp_path: Path
 ) -> None:
     with server.client() as client, server.http() as http:
