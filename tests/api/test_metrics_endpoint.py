@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.api.test_outage import set_reachable
 from tests.conftest import ServerProcess, simple_spec
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "hpo.json"
@@ -74,6 +75,21 @@ def test_metrics_follow_asks_reports_and_tells(server: ServerProcess) -> None:
         assert value(samples, "hpo_studies", state="stopped") == 1
         client.create_study(simple_spec("other")).ask()  # a running study again
         assert_dashboard_reads_only(set(name for name, _ in scrape(server)))
+
+    if server.database_url.startswith("postgresql"):  # an outage: answers 503, still scraped
+        set_reachable(server.database_url, False)
+        try:
+            with server.http() as http:
+                for _ in range(3):
+                    assert http.get(f"/api/v1/studies/{study.id}").status_code == 503
+            samples = scrape(server)
+        finally:
+            set_reachable(server.database_url, True)
+        assert value(samples, "hpo_database_up") == 0
+        assert value(samples, "hpo_db_errors_total") == 3
+        route = "/api/v1/studies/{study_id}"
+        assert value(samples, "hpo_http_requests_total", route=route, method="GET", status="503")
+        assert value(scrape(server), "hpo_database_up") == 1
 
 
 def assert_dashboard_reads_only(exposed: set[str]) -> None:
