@@ -25,13 +25,17 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from hpo.api.integrations.reporting import TrialReporter
 from hpo.api.objective import TrialHandle, TrialTeller
 
+# What the Trainer logs about itself rather than the model: not reported unless asked for.
+BOOKKEEPING_SUFFIXES = ("_runtime", "_per_second", "total_flos")
+
 
 class HpoCallback(TrainerCallback):
     """Reports the Trainer's logs to an hpo trial; stops training on hpo's prune answer.
 
     ``trial``: the handle ``study.optimize`` passes the objective, or a trial from
     ``study.ask()`` with its ``study``. ``metrics``: the log keys to report (default: every
-    number, e.g. ``loss``, ``learning_rate``, ``eval_loss``, ``eval_accuracy``).
+    number, e.g. ``loss``, ``learning_rate``, ``eval_loss``, ``eval_accuracy``, but the
+    Trainer's timings and ``total_flos``).
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class HpoCallback(TrainerCallback):
         metrics: Collection[str] | None = None,
     ) -> None:
         self.reporter = TrialReporter(trial, study, metrics)
+        self.every_number = metrics is None
 
     @property
     def pruned(self) -> bool:
@@ -57,6 +62,8 @@ class HpoCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero or not logs:
             return
+        if self.every_number:
+            logs = {k: v for k, v in logs.items() if not k.endswith(BOOKKEEPING_SUFFIXES)}
         if self.reporter.report(state.global_step, logs):
             control.should_training_stop = True
 

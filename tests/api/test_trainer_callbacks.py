@@ -77,6 +77,9 @@ def test_hf_trainer_example_reports_and_stops_when_pruned(served: ServerProcess)
         assert trial.state == "complete" and trial.value > 0
         assert reported_steps(study, trial.id, "eval_loss") == [2, 4]
         assert reported_steps(study, trial.id, "loss") == [2, 4]
+        names = {p.name for p in study.metrics(trial.id)}
+        assert {"eval_loss", "loss", "learning_rate"} <= names
+        assert not {n for n in names if n.endswith(("_runtime", "_per_second", "total_flos"))}
 
     client, study = seeded_study(served, hf.SPEC, "hf-pruned", "eval_loss", min_steps=3)
     with client:
