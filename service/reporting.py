@@ -230,6 +230,7 @@ def _judge(
     for p in points:  # the first value of a step wins, as it is stored
         if p.name == pruner.metric and p.step in judged:
             first.setdefault(p.step, p.value)
+    history.reported = first
     for step in sorted(first):
         decision = pruner.judge(Report(step, first[step], judged[step]), history)
         if decision is not None:

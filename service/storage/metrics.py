@@ -232,6 +232,10 @@ class PruningHistory:
     (the :class:`hpo.service.pruners.base.PruningHistory` a pruner reads). The complete
     trials' values at a step are kept in memory between reports (see ``_COMPLETE_AT``)."""
 
+    # The judged report's own values of the metric by step (set by the caller that judges
+    # it; see trial_values). Empty unless set.
+    reported: dict[int, float] = {}  # noqa: RUF012 (never mutated: replaced per report)
+
     def __init__(self, session: Session, study_id: int, trial_id: int, metric: str) -> None:
         self.session = session
         self.study_id = study_id
@@ -306,6 +310,20 @@ class PruningHistory:
         with _COMPLETE_AT_LOCK:
             cache[(*key[:3], len(rows))] = found
         return found
+
+    def trial_values(self) -> dict[int, float]:
+        """The trial's values of the metric by step: stored (newest attempt's) and reported."""
+        stored = {p.step: p.value for p in of_trial(self.session, self.trial_id, name=self.metric)}
+        return {**stored, **{s: v for s, v in self.reported.items() if s not in stored}}
+
+    def best_trial_values(self) -> dict[int, float]:
+        """The metric by step of the study's best complete trial; empty when there is none."""
+        from hpo.service.storage import studies  # studies reads metrics: import on use
+
+        best, _ = studies.best(self.session, studies.get(self.session, self.study_id))
+        if best is None:
+            return {}
+        return {p.step: p.value for p in of_trial(self.session, best.id, name=self.metric)}
 
 
 def _first_per_trial(session: Session, stmt: Any) -> list[float]:
