@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -568,10 +568,22 @@ class StudySpec(_Model):
 
     @property
     def constraint_metrics(self) -> list[str]:
-        """The metrics the constraints read that are not objectives (read from reports)."""
-        objectives = {o.metric for o in self.objectives}
-        names = [c.metric for c in self.constraints if c.metric not in objectives]
-        return list(dict.fromkeys(names))
+        """The metrics the constraints read, each once."""
+        return list(dict.fromkeys(c.metric for c in self.constraints))
+
+    def violations(
+        self, values: Sequence[float] | None, metrics: Mapping[str, float]
+    ) -> list[float]:
+        """Each constraint's violation for a trial with objective ``values`` (None: not told)
+        and last reported ``metrics``: <= 0 when it holds, inf when its metric has no value.
+        An objective's told value is preferred to its reports."""
+        names = [o.metric for o in self.objectives]
+        told = {} if values is None else dict(zip(names, values, strict=False))
+        out = []
+        for c in self.constraints:
+            value = told.get(c.metric, metrics.get(c.metric))
+            out.append(math.inf if value is None else c.violation(value))
+        return out
 
     @property
     def objectives(self) -> list[Objective]:
