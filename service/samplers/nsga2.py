@@ -5,7 +5,7 @@ Optuna records each trial's generation in its system attributes; here it is stor
 trial's suggestion (``info["kept"]``) and handed back with the trial. The parents of a
 generation are selected again on each ask from the trials (Optuna caches them in the study
 on first use), so they may include trials of the previous generation that completed after
-the generation began.
+the generation began (where Optuna's cache would not).
 """
 
 from __future__ import annotations
@@ -18,6 +18,32 @@ from hpo.service.samplers import _optuna
 from hpo.service.samplers.base import ObservedTrial, Sampler, StudyView, Suggestion
 
 _GENERATION = "NSGAIISampler:generation"
+
+
+class _ViewNSGAII(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II, giving a generation's parents in the order Optuna's study cache
+    would: the order of selection on the first ask that needs them, trial order on later
+    asks (the cache lists them by trial). The parents themselves are selected again."""
+
+    def __init__(self, *, number: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._number = number
+
+    def get_parent_population(self, study: Any, generation: int) -> list[Any]:
+        parents = super().get_parent_population(study, generation)
+        earlier = (
+            t.system_attrs.get(_GENERATION, -1)
+            for t in study._get_trials(deepcopy=False)
+            if t.number != self._number
+        )
+        if any(g >= generation for g in earlier):  # an earlier ask cached them
+            parents = sorted(parents, key=lambda t: t.number)
+        return parents
+
+
+# Optuna names the generation attribute after the class; keep the name Optuna's own sampler
+# writes (a subclass would write "_ViewNSGAII:generation").
+_ViewNSGAII._GENERATION_KEY = _GENERATION
 
 
 class NSGAIISampler(Sampler):
@@ -35,8 +61,8 @@ class NSGAIISampler(Sampler):
 
     def suggest(self, view: StudyView) -> Suggestion:
         seed = self.trial_seed(view.number)
-        engine = optuna.samplers.NSGAIISampler(
-            seed=seed, population_size=self.spec.sampler.population_size or 50
+        engine = _ViewNSGAII(
+            number=view.number, seed=seed, population_size=self.spec.sampler.population_size or 50
         )
         params, observed, kept = _optuna.suggest_keeping(engine, view)
         info = {
