@@ -316,7 +316,8 @@ class Constraint(_Model):
         return value - self.bound if self.op == "<=" else self.bound - value
 
     def __str__(self) -> str:
-        return f"{self.metric} {self.op} {self.bound!r}"
+        whole = float(self.bound).is_integer() and abs(self.bound) < 2**53
+        return f"{self.metric} {self.op} {int(self.bound) if whole else self.bound!r}"
 
 
 class SamplerSpec(_Model):

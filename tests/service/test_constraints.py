@@ -77,7 +77,9 @@ def test_gp_and_nsga2_sample_with_constraints_pending_and_unreported_trials() ->
         points = [(0.0, 0.0), (2.0, 2.0), (0.5, 0.2), (-1.0, 1.5)]
         trials = [
             ObservedTrial(i, "complete", {"x": x, "y": y}, (loss({"x": x, "y": y}),), metrics=m)
-            for i, ((x, y), m) in enumerate(zip(points, [{"excess": -1}, {"excess": 3}, {}, {}]))
+            for i, ((x, y), m) in enumerate(
+                zip(points, [{"excess": -1}, {"excess": 3}, {}, {}], strict=True)
+            )
         ]
         trials.append(ObservedTrial(4, "running", {"x": 0.1, "y": 0.1}))
         got = make_sampler(spec).suggest(StudyView(spec, trials, 5))
