@@ -106,7 +106,7 @@ class Sampler(ABC):
     def prepare(self, trial: ObservedTrial) -> Any:
         """The sampler's own form of a finished trial, kept between asks and handed back in
         :attr:`StudyView.prepared`; None (the default) when the sampler keeps none. It must
-        depend only on the trial and the spec's space, sampler and objectives."""
+        depend only on the trial and the spec's space, sampler, objectives and constraints."""
         return None
 
     @abstractmethod
