@@ -326,7 +326,7 @@ class SamplerSpec(_Model):
     type: StrictStr = "tpe"
     seed: StrictInt | None = Field(default=None, ge=0)
     n_startup_trials: StrictInt = Field(
-        default=10, ge=0, description="Random trials before TPE/GP."
+        default=10, ge=0, description="Random trials before TPE, GP or CMA-ES."
     )
     multivariate: bool = Field(default=True, description="TPE: model parameters jointly.")
     population_size: StrictInt | None = Field(
