@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             histories=Histories(settings.sampler_cache_studies, settings.sampler_cache_trials),
         )
         app.state.service = service
+        service.storage.health.watch()  # a freeze of this process holds leases back
         # made at the first start; it keeps this deployment's Ray namespace and actors apart
         app.state.deployment_id = await asyncio.to_thread(meta.deployment_id, service.storage)
         scheduler = _scheduler(settings, service, app.state.token, wake, app.state.deployment_id)
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await sweeper
             if scheduler is not None:
                 await asyncio.to_thread(scheduler.stop)
+            service.storage.health.close()
             engine.dispose()
 
     app = FastAPI(
@@ -256,10 +258,8 @@ async def _sweep_leases(app: FastAPI, interval: float) -> None:
     """Fail (or requeue) trials whose lease ran out or that made no progress within
     ``progress_timeout_s``, fail attempts past ``budget.trial_timeout_s`` and end studies past
     ``budget.timeout_s``, so a dead client or a hung trial never blocks a study."""
-    health = app.state.service.storage.health
     while True:
-        with health.nap(interval):  # an overrun sleep was a freeze: leases wait for clients
-            await asyncio.sleep(interval)
+        await asyncio.sleep(interval)
         try:
             expired = await asyncio.to_thread(app.state.service.expire_leases)
             if expired:

@@ -4,20 +4,21 @@ not hear it.
 
 The window restarts at process start, at the end of every database outage the storage saw
 (the first transaction that succeeds after one that found the database unavailable) and at
-the end of every freeze of the process (SIGSTOP, a swapped-out host, a blocked event loop),
-seen by the lease sweeper as a sleep that overran its interval by more than
-``FREEZE_SLACK_S``. Wall-clock budgets (``budget.timeout_s``, ``trial_timeout_s``) do not
-use it.
+the end of every freeze of the process (SIGSTOP, a swapped-out host, a starved interpreter).
+A freeze is seen by a heartbeat: :meth:`HealthWindow.watch` runs a thread that calls
+:meth:`HealthWindow.beat` every ``interval``; a gap between beats longer than ``interval +
+FREEZE_SLACK_S`` was a freeze. Until the next beat after one, :meth:`HealthWindow.healthy_for`
+is 0, whichever thread asks first after the process resumes. Wall-clock budgets
+(``budget.timeout_s``, ``trial_timeout_s``) do not use it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
-# A sleep that overruns its interval by more than this was a freeze, not scheduling jitter.
+# A gap between beats longer than the interval plus this was a freeze, not scheduling jitter.
 FREEZE_SLACK_S = 1.0
 
 
@@ -29,7 +30,8 @@ class HealthWindow:
         self._lock = threading.Lock()
         self._since = clock()
         self._down = False
-        self._nap: tuple[float, float] | None = None  # (sleep started, interval) while asleep
+        self._beat: tuple[float, float] | None = None  # (last beat, interval) once watched
+        self._stop = threading.Event()
 
     def failed(self) -> None:
         """The database could not be reached (or stayed locked) just now."""
@@ -45,26 +47,35 @@ class HealthWindow:
             self._down = False
             self._since = max(self._since, self._clock())
 
-    @contextmanager
-    def nap(self, interval: float) -> Iterator[None]:
-        """Wrap the sweeper's sleep of ``interval`` seconds; an overrun of more than
-        ``FREEZE_SLACK_S`` marks a freeze that ends when the sleep returns."""
-        start = self._clock()
-        self._nap = (start, interval)
-        try:
-            yield
-        finally:
-            self._nap = None
-            now = self._clock()
-            if now - start > interval + FREEZE_SLACK_S:
-                with self._lock:
-                    self._since = max(self._since, now)
+    def beat(self, interval: float) -> None:
+        """The heartbeat, due every ``interval`` seconds; a late one ends a freeze now."""
+        now = self._clock()
+        with self._lock:
+            last = self._beat
+            if last is not None and now - last[0] > last[1] + FREEZE_SLACK_S:
+                self._since = max(self._since, now)
+            self._beat = (now, interval)
+
+    def watch(self, interval: float = 0.25) -> None:
+        """Beat every ``interval`` seconds on a daemon thread until :meth:`close`."""
+        self._stop.clear()
+        self.beat(interval)
+
+        def run() -> None:
+            while not self._stop.wait(interval):
+                self.beat(interval)
+
+        threading.Thread(target=run, name="hpo-health-beat", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop the heartbeat thread."""
+        self._stop.set()
 
     def healthy_for(self) -> float:
         """Seconds of working control plane up to now; 0 while the database is failing or
-        while the sweeper's sleep has overrun (a freeze it has not yet woken from)."""
+        while the heartbeat is overdue (a freeze the beat has not yet woken from)."""
         now = self._clock()
-        nap = self._nap
-        if self._down or (nap is not None and now - nap[0] > nap[1] + FREEZE_SLACK_S):
+        beat = self._beat
+        if self._down or (beat is not None and now - beat[0] > beat[1] + FREEZE_SLACK_S):
             return 0.0
         return max(0.0, now - self._since)

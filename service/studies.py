@@ -268,10 +268,9 @@ class StudyService:
         The scheduler cancels the attempts of trials that are no longer running.
         """
         now = utcnow()
-        healthy_s = self.storage.health.healthy_for()
         with self.storage.read() as s:
             expired = trials.expired(s, now, study_id=study_id)
-        count = sum(self._expire(trial_id, healthy_s) for trial_id in expired)
+        count = sum(self._expire(trial_id) for trial_id in expired)
         if study_id is not None:
             return count
         with self.storage.read() as s:
@@ -279,6 +278,8 @@ class StudyService:
         if not timed:
             return count
         with self.storage.write() as s:
+            # asked inside the transaction: a freeze before it must not count as healthy time
+            healthy_s = self.storage.health.healthy_for()
             overdue = deadlines.overdue(s, timed, now, healthy_s=healthy_s)
             ended = deadlines.timed_out_studies(s, timed, now)
         for late in overdue:
@@ -296,7 +297,7 @@ class StudyService:
                 self._end_timed_out(timed_out)
         return count + len(overdue)
 
-    def _expire(self, trial_id: int, healthy_s: float) -> bool:
+    def _expire(self, trial_id: int) -> bool:
         """Fail the trial if its lease is still over and the control plane worked for a whole
         ``lease_s`` of its study; True when it did."""
         with self.storage.write() as s:
@@ -306,7 +307,8 @@ class StudyService:
                 return False
             if trial.state != TrialState.RUNNING or trial.lease_expires_at >= utcnow():
                 return False
-            if healthy_s < transitions.spec_of(study).lease_s:
+            # asked after the lock: a freeze up to here must not count as healthy time
+            if self.storage.health.healthy_for() < transitions.spec_of(study).lease_s:
                 return False
             transitions.fail(s, study, trial, "lease expired", failure_class=FailureClass.TRAINABLE)
             return True
