@@ -16,12 +16,19 @@ SAMPLERS: dict[str, str] = {
     "random": "hpo.service.samplers.random:RandomSampler",
     "tpe": "hpo.service.samplers.tpe:TPESampler",
     "gp": "hpo.service.samplers.gp:GPSampler",
+    "cmaes": "hpo.service.samplers.cmaes:CmaEsSampler",
+    "nsga2": "hpo.service.samplers.nsga2:NSGAIISampler",
+    "qmc": "hpo.service.samplers.qmc:QMCSampler",
 }
 
 PRUNERS: dict[str, str] = {
     "none": "hpo.service.pruners.base:NoPruner",
     "median": "hpo.service.pruners.median:MedianPruner",
     "asha": "hpo.service.pruners.asha:AshaPruner",
+    "percentile": "hpo.service.pruners.percentile:PercentilePruner",
+    "threshold": "hpo.service.pruners.threshold:ThresholdPruner",
+    "patient": "hpo.service.pruners.patient:PatientPruner",
+    "wilcoxon": "hpo.service.pruners.wilcoxon:WilcoxonPruner",
 }
 
 

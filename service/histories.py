@@ -37,7 +37,7 @@ from hpo.service.states import TrialState
 from hpo.service.storage import trials
 
 # What a sampler reads of a spec: a change of any of these invalidates the study's history.
-_SAMPLER_KEYS = ("space", "sampler", "objective", "pruner")
+_SAMPLER_KEYS = ("space", "sampler", "objective", "pruner", "constraints")
 
 
 def learned_from(trial: ObservedTrial) -> bool:
@@ -103,7 +103,15 @@ class Histories:
         with history.lock:
             since = history.cursor
             pending: list[ObservedTrial] = []
-            for change in trials.observed_since(session, study.id, spec.pruned_metric, since):
+            changes = trials.observed_since(
+                session,
+                study.id,
+                spec.pruned_metric,
+                since,
+                kept=sampler.keeps_state,
+                constraint_metrics=spec.constraint_metrics,
+            )
+            for change in changes:
                 fresh = since is None or change.seq > since
                 if fresh and learned_from(change.trial):
                     history.put(change.id, change.trial, sampler.prepare(change.trial))

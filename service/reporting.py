@@ -225,11 +225,18 @@ def _judge(
     if spec.pruner.type == "none" or not judged:
         return None
     pruner = make_pruner(spec)
-    history = metrics.PruningHistory(s, trial.study_id, trial.id, pruner.metric)
-    first = {}
+    first: dict[int, float] = {}
     for p in points:  # the first value of a step wins, as it is stored
         if p.name == pruner.metric and p.step in judged:
             first.setdefault(p.step, p.value)
+
+    def best_trial() -> int | None:
+        best, _ = studies.best(s, studies.get(s, trial.study_id))
+        return None if best is None else best.id
+
+    history = metrics.PruningHistory(
+        s, trial.study_id, trial.id, pruner.metric, reported=first, best_trial=best_trial
+    )
     for step in sorted(first):
         decision = pruner.judge(Report(step, first[step], judged[step]), history)
         if decision is not None:

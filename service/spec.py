@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -276,15 +276,64 @@ class Objective(_Model):
     )
 
 
+_CONSTRAINT = re.compile(r"^\s*(\S+)\s*(<=|>=)\s*(\S+)\s*$")
+MAX_CONSTRAINTS = 16
+
+
+class Constraint(_Model):
+    """A trial is feasible only when ``metric op bound`` holds of it (``latency <= 120``).
+
+    Written as that one string in specs and answers; the metric's value is the trial's told
+    value when ``metric`` is an objective, else its last reported point of ``metric``.
+    """
+
+    metric: MetricName
+    op: Literal["<=", ">="]
+    bound: Number
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        match = _CONSTRAINT.match(value)
+        if match is None:
+            raise ValueError(f"{value!r} is not of the form 'metric <= number' (or >=)")
+        metric, op, bound = match.groups()
+        try:
+            number = float(bound)
+        except ValueError:
+            raise ValueError(f"{bound!r} in {value!r} is not a number") from None
+        return {"metric": metric, "op": op, "bound": number}
+
+    @field_validator("bound")
+    @classmethod
+    def _finite_bound(cls, value: float) -> float:
+        return _finite(value, "the bound")
+
+    def violation(self, value: float) -> float:
+        """How far ``value`` lies on the wrong side of the bound (<= 0: satisfied)."""
+        return value - self.bound if self.op == "<=" else self.bound - value
+
+    def __str__(self) -> str:
+        whole = float(self.bound).is_integer() and abs(self.bound) < 2**53
+        return f"{self.metric} {self.op} {int(self.bound) if whole else self.bound!r}"
+
+
 class SamplerSpec(_Model):
     """Which sampler suggests parameters. ``seed`` makes suggestions reproducible."""
 
     type: StrictStr = "tpe"
     seed: StrictInt | None = Field(default=None, ge=0)
     n_startup_trials: StrictInt = Field(
-        default=10, ge=0, description="Random trials before TPE/GP."
+        default=10, ge=0, description="Random trials before TPE, GP or CMA-ES."
     )
     multivariate: bool = Field(default=True, description="TPE: model parameters jointly.")
+    population_size: StrictInt | None = Field(
+        default=None, ge=2, le=10_000, description="CMA-ES, NSGA-II: trials per generation."
+    )
+    qmc_type: Literal["sobol", "halton"] = Field(default="sobol", description="QMC: sequence.")
+    scramble: bool = Field(default=False, description="QMC: scramble the sequence (needs seed).")
 
     @field_validator("type")
     @classmethod
@@ -292,6 +341,13 @@ class SamplerSpec(_Model):
         if value not in SAMPLERS:
             raise ValueError(f"unknown sampler {value!r}; expected one of {', '.join(SAMPLERS)}")
         return value
+
+    @model_validator(mode="after")
+    def _scramble_seeded(self) -> SamplerSpec:
+        # Every ask must walk the same sequence: an unseeded scramble would differ per ask.
+        if self.type == "qmc" and self.scramble and self.seed is None:
+            raise ValueError("seed: required with `scramble: true` (every ask scrambles alike)")
+        return self
 
 
 class PrunerSpec(_Model):
@@ -312,6 +368,27 @@ class PrunerSpec(_Model):
     direction: Literal["minimize", "maximize"] | None = Field(
         default=None, description="Of `metric`, when it is not an objective."
     )
+    # "current" is what a stored spec without the field always meant; "best_so_far" is
+    # Optuna's MedianPruner/PercentilePruner.
+    compare: Literal["current", "best_so_far"] = Field(
+        default="current",
+        description="Median, percentile: judge the value at the step, or the trial's best so far.",
+    )
+    percentile: Number = Field(
+        default=50.0, ge=0, le=100, description="Percentile: keep trials in the best this %."
+    )
+    lower: Number | None = Field(default=None, description="Threshold: stop below this value.")
+    upper: Number | None = Field(default=None, description="Threshold: stop above this value.")
+    patience: StrictInt = Field(
+        default=3, ge=0, description="Patient: steps without improvement before stopping."
+    )
+    min_delta: Number = Field(default=0.0, ge=0, description="Patient: what counts as improving.")
+    wrapped: PrunerSpec | None = Field(
+        default=None, description="Patient: the pruner that must also agree to stop."
+    )
+    p_threshold: Number = Field(
+        default=0.1, ge=0, le=1, description="Wilcoxon: stop when p is below this."
+    )
 
     @field_validator("type")
     @classmethod
@@ -319,6 +396,19 @@ class PrunerSpec(_Model):
         if value not in PRUNERS:
             raise ValueError(f"unknown pruner {value!r}; expected one of {', '.join(PRUNERS)}")
         return value
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> PrunerSpec:
+        if self.type == "threshold" and self.lower is None and self.upper is None:
+            raise ValueError("lower: a threshold pruner needs `lower`, `upper` or both")
+        if self.lower is not None and self.upper is not None and self.lower > self.upper:
+            raise ValueError(f"lower: {self.lower} is above upper ({self.upper})")
+        if self.wrapped is not None:
+            if self.type != "patient":
+                raise ValueError("wrapped: only a `patient` pruner wraps another")
+            if self.wrapped.metric not in (None, self.metric):
+                raise ValueError("wrapped.metric: the wrapped pruner watches the same metric")
+        return self
 
 
 class Budget(_Model):
@@ -406,6 +496,12 @@ class StudySpec(_Model):
         "max_retries allows).",
     )
     user_attrs: dict[str, Any] = Field(default_factory=dict)
+    constraints: list[Constraint] = Field(
+        default_factory=list,
+        max_length=MAX_CONSTRAINTS,
+        description="Feasibility: 'metric <= number' or 'metric >= number'. The best trial is "
+        "a feasible one; TPE, GP and NSGA-II sample towards feasible regions.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -437,6 +533,10 @@ class StudySpec(_Model):
     def _objective_out(self, value: list[Objective]) -> Objective | list[Objective]:
         return value[0] if len(value) == 1 else value
 
+    @field_serializer("constraints")
+    def _constraints_out(self, value: list[Constraint]) -> list[str]:
+        return [str(c) for c in value]
+
     @field_validator("space")
     @classmethod
     def _space(cls, space: dict[str, Any]) -> dict[str, Any]:
@@ -456,6 +556,11 @@ class StudySpec(_Model):
             raise ValueError(
                 "pruner.metric: a multi-objective study must name the metric its pruner watches"
             )
+        if self.multi_objective and "wilcoxon" in _pruner_types(self.pruner):
+            raise ValueError(
+                "pruner.type: wilcoxon compares with the best trial, which only a "
+                "single-objective study has"
+            )
         objectives = {o.metric for o in self.objectives}
         if self.pruner.metric not in (None, *objectives) and self.pruner.direction is None:
             raise ValueError(
@@ -463,6 +568,25 @@ class StudySpec(_Model):
                 "is not an objective"
             )
         return self
+
+    @property
+    def constraint_metrics(self) -> list[str]:
+        """The metrics the constraints read, each once."""
+        return list(dict.fromkeys(c.metric for c in self.constraints))
+
+    def violations(
+        self, values: Sequence[float] | None, metrics: Mapping[str, float]
+    ) -> list[float]:
+        """Each constraint's violation for a trial with objective ``values`` (None: not told)
+        and last reported ``metrics``: <= 0 when it holds, inf when its metric has no value.
+        An objective's told value is preferred to its reports."""
+        names = [o.metric for o in self.objectives]
+        told = {} if values is None else dict(zip(names, values, strict=False))
+        out = []
+        for c in self.constraints:
+            value = told.get(c.metric, metrics.get(c.metric))
+            out.append(math.inf if value is None else c.violation(value))
+        return out
 
     @property
     def objectives(self) -> list[Objective]:
@@ -534,6 +658,15 @@ class StudySpec(_Model):
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_defaults=False)
+
+
+def _pruner_types(pruner: PrunerSpec | None) -> list[str]:
+    """The pruner's type and those of the pruners it wraps."""
+    types: list[str] = []
+    while pruner is not None:
+        types.append(pruner.type)
+        pruner = pruner.wrapped
+    return types
 
 
 def _as_list(value: Any) -> Any:

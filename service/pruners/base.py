@@ -21,6 +21,16 @@ class PruningHistory(Protocol):
         """How many trials of the study have completed."""
         ...
 
+    def trial_values(self) -> dict[int, float]:
+        """The judged trial's own values of the watched metric by step: those stored before
+        this report and those this report brings (each step once, its first value)."""
+        ...
+
+    def best_trial_values(self) -> dict[int, float]:
+        """The watched metric by step of the study's best complete trial (as the study's
+        ``best_trial`` names it: single objective, feasible first); empty when none."""
+        ...
+
 
 @dataclass(frozen=True)
 class Report:

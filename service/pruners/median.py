@@ -4,34 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hpo.service.pruners.base import PruneDecision, Pruner, PruningHistory, Report
+from hpo.service.pruners.percentile import PercentilePruner
 
 
-class MedianPruner(Pruner):
+class MedianPruner(PercentilePruner):
     """Stop a trial whose value at a step is worse than the median of the completed trials'
     values at that step, once ``n_startup_trials`` trials have completed and the trial has
-    reported at least ``min_steps`` steps."""
+    reported at least ``min_steps`` steps.
 
-    def judge(self, report: Report, history: PruningHistory) -> PruneDecision | None:
-        opts = self.spec.pruner
-        if report.step < opts.min_steps or history.n_complete() < opts.n_startup_trials:
-            return None
-        others = history.values_at(report.step, complete_only=True)
-        if not others:
-            return None
-        median = _median(others)
-        if self.better(median, report.value):
-            return PruneDecision(
-                {
-                    "pruner": "median",
-                    "step": report.step,
-                    "metric": self.metric,
-                    "value": report.value,
-                    "threshold": median,
-                    "compared_with": len(others),
-                }
-            )
-        return None
+    ``compare: best_so_far`` judges the trial's best value up to the step, as Optuna's
+    MedianPruner does; ``current`` (the default, and what a stored spec without the field
+    means) judges its value at the step.
+    """
+
+    name = "median"
+
+    def threshold(self, others: list[float]) -> float:
+        return _median(others)
 
 
 def _median(values: Sequence[float]) -> float:

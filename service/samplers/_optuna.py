@@ -13,6 +13,7 @@ Finished trials are converted once (:func:`frozen_trial`) and kept between asks 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Container, Sequence
 from datetime import datetime, timezone
@@ -42,6 +43,7 @@ _STUDY_ID = 0
 # The only states a view's trials have (pending ones are RUNNING, or COMPLETE under a lie).
 _HELD = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 _STUDY_NAME = "hpo-view"
+_CONSTRAINTS = "constraints"  # optuna.study._constrained_optimization._CONSTRAINTS_KEY
 
 
 def distribution(param: FloatParam | IntParam | CategoricalParam) -> BaseDistribution:
@@ -75,6 +77,12 @@ def frozen_trial(
         state, values = (TrialState.RUNNING, None) if lie is None else (TrialState.COMPLETE, lie)
     else:
         return None
+    attrs = dict(trial.kept)
+    if spec.constraints and trial.state in ("complete", "pruned"):
+        # Optuna reads a trial's constraints from these keys (Trial.set_constraint); a metric
+        # never reported is inf here, made finite per ask by _fill_constraints.
+        violations = spec.violations(trial.values, trial.metrics)
+        attrs.update({f"{_CONSTRAINTS}:{i}": v for i, v in enumerate(violations)})
     try:
         frozen = optuna.trial.create_trial(
             state=state,
@@ -82,6 +90,7 @@ def frozen_trial(
             params=params,
             distributions=dists,
             intermediate_values=dict(trial.intermediate),
+            system_attrs=attrs,
         )
     except ValueError:  # a value outside a distribution after a spec edit: leave it out
         return None
@@ -105,6 +114,9 @@ class ViewStorage(BaseStorage):
         self._trials = trials
         self._number = number
         self._new: FrozenTrial | None = None
+        # Study attributes a sampler writes during the ask (NSGA-II's parent cache): kept
+        # for this ask only, so the sampler recomputes them from the trials on the next.
+        self._study_attrs: dict[str, Any] = {}
         # Set by :func:`suggest` for samplers that read them instead of filtering ``trials``:
         # the pending trials (RUNNING, in number order) and how many trials are finished.
         self.running: list[FrozenTrial] | None = None
@@ -123,7 +135,7 @@ class ViewStorage(BaseStorage):
         raise NotImplementedError("a view is read-only")
 
     def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
-        raise NotImplementedError("a view is read-only")
+        self._study_attrs[key] = value
 
     def get_study_id_from_name(self, study_name: str) -> int:
         return _STUDY_ID
@@ -138,7 +150,7 @@ class ViewStorage(BaseStorage):
         return {}
 
     def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
-        return {}
+        return dict(self._study_attrs)
 
     def get_all_studies(self) -> list[FrozenStudy]:
         return [
@@ -147,7 +159,7 @@ class ViewStorage(BaseStorage):
                 direction=None,
                 directions=self._directions,
                 user_attrs={},
-                system_attrs={},
+                system_attrs=dict(self._study_attrs),
                 study_id=_STUDY_ID,
             )
         ]
@@ -241,6 +253,18 @@ def suggest(
     Finished trials come from ``view.prepared`` where it holds them (made once, kept between
     asks); the others are converted here.
     """
+    params, observed, _ = suggest_keeping(sampler, view, lie=lie)
+    return params, observed
+
+
+def suggest_keeping(
+    sampler: optuna.samplers.BaseSampler,
+    view: StudyView,
+    *,
+    lie: tuple[float, ...] | None = None,
+) -> tuple[dict[str, Any], int, dict[str, Any]]:
+    """As :func:`suggest`, with the system attributes the sampler set on the asked trial
+    (what a sampler with ``keeps_state`` stores and hands back in ``ObservedTrial.kept``)."""
     spec = view.spec
     prepared = view.prepared if view.prepared is not None else [None] * len(view.trials)
     if len(prepared) != len(view.trials):
@@ -251,6 +275,8 @@ def suggest(
         for t, r in zip(view.trials, prepared, strict=True)
     ]
     frozen = [f for f in made if f is not None]
+    if spec.constraints:
+        frozen = _fill_constraints(frozen, len(spec.constraints))
     # Prepared forms are finished trials (Sampler.prepare sees only those); count the rest.
     converted = [f for f, r in zip(made, prepared, strict=True) if r is None and f is not None]
     done = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -273,7 +299,39 @@ def suggest(
                 params[name] = _suggest_one(trial, name, spec.space[name])
     if search is not None and memo is not None:
         memo[_INTERSECTION] = (search._search_space, search._cached_trial_number)
-    return params, observed
+    kept = dict(storage._new.system_attrs) if storage._new is not None else {}
+    return params, observed, kept
+
+
+def _fill_constraints(trials: list[FrozenTrial], n: int) -> list[FrozenTrial]:
+    """The trials with every constraint finite, for Optuna's samplers (GP fits a model to
+    them; every trial but a running one must have all of them): a violation that is inf (the
+    metric never reported) becomes the worst one seen plus their spread, and a pending trial
+    counted as complete (a constant liar's lie) takes the mean ones. Filled trials are
+    copies: the others are shared between asks."""
+    keys = [f"{_CONSTRAINTS}:{i}" for i in range(n)]
+    seen = [
+        [t.system_attrs[k] for t in trials if math.isfinite(t.system_attrs.get(k, math.inf))]
+        for k in keys
+    ]
+    worst = [max(v) + (max(v) - min(v)) + 1.0 if v else 1.0 for v in seen]
+    mean = [math.fsum(x / len(v) for x in v) if v else 0.0 for v in seen]
+    out = []
+    for t in trials:
+        if t.state == TrialState.RUNNING or all(
+            math.isfinite(t.system_attrs.get(k, math.inf)) for k in keys
+        ):
+            out.append(t)
+            continue
+        t = copy.copy(t)
+        t._system_attrs = dict(t.system_attrs)
+        for i, k in enumerate(keys):
+            if k not in t.system_attrs:
+                t._system_attrs[k] = mean[i]
+            elif not math.isfinite(t.system_attrs[k]):
+                t._system_attrs[k] = worst[i]
+        out.append(t)
+    return out
 
 
 _INTERSECTION = "optuna.intersection"

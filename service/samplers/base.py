@@ -23,6 +23,11 @@ class ObservedTrial:
     params: dict[str, Any]
     values: tuple[float, ...] | None = None
     intermediate: dict[int, float] = field(default_factory=dict)
+    # The last reported value of each metric the spec's constraints read (finished trials).
+    metrics: dict[str, float] = field(default_factory=dict)
+    # What the sampler kept of its own suggestion of this trial (``Suggestion.info["kept"]``),
+    # loaded only for samplers with ``keeps_state``.
+    kept: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -82,6 +87,10 @@ class Sampler(ABC):
     # Whether ``suggest`` reads ``view.trials``; when it does not, the study's trials are not
     # loaded for it (random search stays O(1) per ask at any study size).
     uses_history: ClassVar[bool] = True
+    # Whether the sampler stores state with each suggestion (under ``info["kept"]``, JSON) and
+    # reads it back in ``ObservedTrial.kept``: an evolution strategy's generation, say. It is
+    # part of the trial's record, so a restarted server suggests as the first one would.
+    keeps_state: ClassVar[bool] = False
 
     def __init__(self, spec: StudySpec) -> None:
         self.spec = spec
@@ -97,7 +106,7 @@ class Sampler(ABC):
     def prepare(self, trial: ObservedTrial) -> Any:
         """The sampler's own form of a finished trial, kept between asks and handed back in
         :attr:`StudyView.prepared`; None (the default) when the sampler keeps none. It must
-        depend only on the trial and the spec's space, sampler and objectives."""
+        depend only on the trial and the spec's space, sampler, objectives and constraints."""
         return None
 
     @abstractmethod

@@ -27,8 +27,11 @@ class TPESampler(Sampler):
 
     def _arrays(self, view: StudyView) -> Any:
         """The study's finished trials as arrays for this view (kept in its memo and extended
-        by what arrived since), or None without a memo, or with several objectives."""
+        by what arrived since), or None without a memo, with several objectives or with
+        constraints (the arrays do not model feasibility: Optuna's own walk does)."""
         if view.memo is None or view.arrivals is None or len(self.spec.objectives) != 1:
+            return None
+        if self.spec.constraints:
             return None
         direction = optuna.study.StudyDirection[self.spec.objectives[0].direction.upper()]
         key = f"tpe.arrays.{direction.name}"

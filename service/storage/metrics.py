@@ -232,11 +232,25 @@ class PruningHistory:
     (the :class:`hpo.service.pruners.base.PruningHistory` a pruner reads). The complete
     trials' values at a step are kept in memory between reports (see ``_COMPLETE_AT``)."""
 
-    def __init__(self, session: Session, study_id: int, trial_id: int, metric: str) -> None:
+    def __init__(
+        self,
+        session: Session,
+        study_id: int,
+        trial_id: int,
+        metric: str,
+        *,
+        reported: dict[int, float] | None = None,
+        best_trial: Callable[[], int | None] | None = None,
+    ) -> None:
+        """``reported``: the judged report's own values of the metric by step;
+        ``best_trial``: the id of the study's best complete trial (None when there is none),
+        asked only by a pruner that compares with it."""
         self.session = session
         self.study_id = study_id
         self.trial_id = trial_id
         self.metric = metric
+        self.reported = reported or {}
+        self._best_trial = best_trial
         self._n_complete: int | None = None
 
     def values_at(self, step: int, *, complete_only: bool = False) -> list[float]:
@@ -306,6 +320,18 @@ class PruningHistory:
         with _COMPLETE_AT_LOCK:
             cache[(*key[:3], len(rows))] = found
         return found
+
+    def trial_values(self) -> dict[int, float]:
+        """The trial's values of the metric by step: stored (newest attempt's) and reported."""
+        stored = {p.step: p.value for p in of_trial(self.session, self.trial_id, name=self.metric)}
+        return {**stored, **{s: v for s, v in self.reported.items() if s not in stored}}
+
+    def best_trial_values(self) -> dict[int, float]:
+        """The metric by step of the study's best complete trial; empty when there is none."""
+        best = self._best_trial() if self._best_trial is not None else None
+        if best is None:
+            return {}
+        return {p.step: p.value for p in of_trial(self.session, best, name=self.metric)}
 
 
 def _first_per_trial(session: Session, stmt: Any) -> list[float]:

@@ -26,7 +26,9 @@ from hpo.service import analysis
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import NameTaken, StudyNotFound
 from hpo.service.records import ACTIVE_STATES, StudyRecord, TrialRecord
+from hpo.service.spec import StudySpec
 from hpo.service.states import NEW_STUDY_STATE, StudyState, TrialState
+from hpo.service.storage import metrics
 from hpo.service.storage.records import spec_of, study_record, trial_record
 
 MAX_PAGE = 1000
@@ -204,6 +206,8 @@ def best(session: Session, study: Study) -> tuple[TrialRecord | None, list[Trial
         .where(Trial.study_id == study.id, Trial.state == TrialState.COMPLETE.value)
         .options(selectinload(Trial.params))
     )
+    if spec.constraints:
+        return _best_feasible(session, spec, base)
     if not spec.multi_objective:
         minimize = spec.objectives[0].direction == "minimize"
         order = Trial.value.asc() if minimize else Trial.value.desc()
@@ -219,3 +223,45 @@ def best(session: Session, study: Study) -> tuple[TrialRecord | None, list[Trial
     front = analysis.pareto_front(np.array([t.values for t in trials], dtype=float) * signs)
     records = [trial_record(trials[i]) for i in front]
     return None, sorted(records, key=lambda r: r.number)
+
+
+_FEASIBLE_PAGE = 200
+
+
+def _best_feasible(
+    session: Session, spec: StudySpec, base: Any
+) -> tuple[TrialRecord | None, list[TrialRecord]]:
+    """:func:`best` among the trials that satisfy the spec's constraints (as Optuna's
+    ``best_trial`` does): None and an empty front while no complete trial is feasible."""
+    if not spec.multi_objective:
+        minimize = spec.objectives[0].direction == "minimize"
+        order = Trial.value.asc() if minimize else Trial.value.desc()
+        ranked = base.where(Trial.value.is_not(None)).order_by(order, Trial.number)
+        offset = 0
+        while page := list(session.scalars(ranked.offset(offset).limit(_FEASIBLE_PAGE))):
+            found = next((t for t in _feasible(session, spec, page)), None)
+            if found is not None:
+                return trial_record(found), [trial_record(found)]
+            offset += len(page)
+        return None, []
+    trials = _feasible(session, spec, [t for t in session.scalars(base) if t.values])
+    if not trials:
+        return None, []
+    signs = np.array([1.0 if o.direction == "minimize" else -1.0 for o in spec.objectives])
+    front = analysis.pareto_front(np.array([t.values for t in trials], dtype=float) * signs)
+    return None, sorted((trial_record(trials[i]) for i in front), key=lambda r: r.number)
+
+
+def _feasible(session: Session, spec: StudySpec, trials: Sequence[Trial]) -> list[Trial]:
+    """Those of ``trials`` (complete) whose told values and last reports meet every constraint."""
+    last: dict[int, dict[str, float]] = {}
+    ids = [t.id for t in trials]
+    for name in spec.constraint_metrics:
+        for trial_id, points in metrics.last_points(session, ids, name).items():
+            last.setdefault(trial_id, {})[name] = next(iter(points.values()))
+    out = []
+    for t in trials:
+        values = t.values if t.values is not None else [t.value]
+        if all(v <= 0 for v in spec.violations(values, last.get(t.id, {}))):
+            out.append(t)
+    return out

@@ -201,11 +201,19 @@ class TrialChange(NamedTuple):
 
 
 def observed_since(
-    session: Session, study_id: int, pruned_metric: str, since: int | None = None
+    session: Session,
+    study_id: int,
+    pruned_metric: str,
+    since: int | None = None,
+    *,
+    kept: bool = False,
+    constraint_metrics: Sequence[str] = (),
 ) -> list[TrialChange]:
     """The study's trials changed after cursor ``since`` (every trial when None) and its
     active (running or waiting) ones, in number order, as samplers see them: pruned ones
-    carry their last value of ``pruned_metric`` as their one intermediate value.
+    carry their last value of ``pruned_metric`` as their one intermediate value. With
+    ``kept``, each carries what its sampler kept with its suggestion; finished ones carry
+    their last value of each of ``constraint_metrics``.
 
     Read from columns in three queries whatever the count (no ORM row per trial), so a
     sampler's cache loads a whole study once and then only what changed.
@@ -234,6 +242,9 @@ def observed_since(
     last: dict[int, dict[int, float]] = {}
     for k in range(0, len(pruned), _CHUNK):
         last.update(metrics.last_points(session, pruned[k : k + _CHUNK], pruned_metric))
+    kept_of = _kept(session, where) if kept else {}
+    finished = [row.id for row in rows if row.state in _LEARNED]
+    last_of = _last_values(session, finished, constraint_metrics)
     out = []
     for row in rows:
         if row.values is not None:
@@ -246,8 +257,36 @@ def observed_since(
             params=params[row.id],
             values=values,
             intermediate=last.get(row.id, {}),
+            metrics=last_of.get(row.id, {}),
+            kept=kept_of.get(row.id, {}),
         )
         out.append(TrialChange(row.id, row.seq, trial))
+    return out
+
+
+_LEARNED = (TrialState.COMPLETE.value, TrialState.PRUNED.value)
+
+
+def _kept(session: Session, where: list[Any]) -> dict[int, dict[str, Any]]:
+    """``{trial id: what its sampler kept}`` (``suggestion["kept"]``) of the trials ``where``."""
+    rows = session.execute(select(Trial.id, Trial.suggestion).where(*where))
+    return {
+        trial_id: dict(info["kept"])
+        for trial_id, info in rows
+        if isinstance(info, dict) and isinstance(info.get("kept"), dict)
+    }
+
+
+def _last_values(
+    session: Session, trial_ids: Sequence[int], names: Sequence[str]
+) -> dict[int, dict[str, float]]:
+    """``{trial id: {metric: its last value}}`` of metrics ``names``."""
+    out: dict[int, dict[str, float]] = {}
+    for name in names:
+        for k in range(0, len(trial_ids), _CHUNK):
+            chunk = trial_ids[k : k + _CHUNK]
+            for trial_id, points in metrics.last_points(session, chunk, name).items():
+                out.setdefault(trial_id, {})[name] = next(iter(points.values()))
     return out
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from hpo.service.pruners import make_pruner
 from hpo.service.pruners.base import Report
 from hpo.service.spec import StudySpec
+from hpo.service.studies import MetricInput, StudyService
+from tests.conftest import simple_spec
 
 
 class History:
@@ -13,8 +17,17 @@ class History:
         at: dict[int, list[float]],
         complete: dict[int, list[float]] | None = None,
         n: int = 10,
+        own: dict[int, float] | None = None,
+        best: dict[int, float] | None = None,
     ):
         self.at, self.complete, self.n = at, complete or at, n
+        self.own, self.best = own or {}, best or {}
+
+    def trial_values(self) -> dict[int, float]:
+        return dict(self.own)
+
+    def best_trial_values(self) -> dict[int, float]:
+        return dict(self.best)
 
     def values_at(self, step: int, *, complete_only: bool = False) -> list[float]:
         source = self.complete if complete_only else self.at
@@ -75,3 +88,145 @@ def test_median_prunes_below_the_median_of_completed_trials() -> None:
     assert decision is not None and decision.reason["threshold"] == 0.6
     assert pruner.judge(Report(3, 0.65, 2), history) is None
     assert pruner.judge(Report(3, 0.1, 2), History({}, {3: [0.5]}, n=2)) is None  # startup
+
+
+def test_median_compares_the_best_so_far_when_asked_as_optuna_does() -> None:
+    history = History({}, complete={2: [0.5, 0.6, 0.7]}, n=3, own={1: 0.9})
+    current = make_pruner(spec({"type": "median", "n_startup_trials": 0}))
+    assert current.judge(Report(2, 0.55, 1), history) is not None  # 0.55 < median 0.6
+    optuna_like = make_pruner(
+        spec({"type": "median", "n_startup_trials": 0, "compare": "best_so_far"})
+    )
+    assert optuna_like.judge(Report(2, 0.55, 1), history) is None  # its best so far is 0.9
+    worse = History({}, complete={2: [0.5, 0.6, 0.7]}, n=3, own={1: 0.58})
+    decision = optuna_like.judge(Report(2, 0.55, 1), worse)
+    assert decision is not None and decision.reason["best_so_far"] == 0.58
+    # A stored spec without the field keeps judging the current value.
+    assert spec({"type": "median"}).pruner.compare == "current"
+
+
+def test_percentile_keeps_the_best_quarter() -> None:
+    values = {3: [0.1, 0.2, 0.3, 0.4, 0.5]}
+    keep_25 = make_pruner(spec({"type": "percentile", "percentile": 25, "n_startup_trials": 0}))
+    # maximize: kept when at or above the 75th percentile (0.4)
+    assert keep_25.judge(Report(3, 0.41, 2), History({}, values)) is None
+    decision = keep_25.judge(Report(3, 0.35, 2), History({}, values))
+    assert decision is not None and decision.reason["threshold"] == pytest.approx(0.4)
+    loss = make_pruner(spec({"type": "percentile", "percentile": 25}, "minimize"))
+    assert loss.judge(Report(3, 0.19, 2), History({}, values)) is None  # 25th percentile 0.2
+    assert loss.judge(Report(3, 0.25, 2), History({}, values)) is not None
+
+
+def test_threshold_stops_outside_the_band() -> None:
+    band = make_pruner(spec({"type": "threshold", "lower": 0.2, "upper": 0.9}))
+    assert band.judge(Report(1, 0.5, None), History({})) is None
+    assert band.judge(Report(1, 0.1, None), History({})).reason["bound"] == "lower"
+    assert band.judge(Report(2, 0.95, 1), History({})).reason["bound"] == "upper"
+    late = make_pruner(spec({"type": "threshold", "lower": 0.2, "min_steps": 5}))
+    assert late.judge(Report(4, 0.0, 3), History({})) is None  # warm-up
+
+
+def test_patient_stops_a_stalled_trial_and_asks_the_wrapped_pruner() -> None:
+    stalled = History({}, own={1: 0.5, 2: 0.8, 3: 0.7, 4: 0.75})
+    improving = History({}, own={1: 0.5, 2: 0.6, 3: 0.7, 4: 0.75})
+    alone = make_pruner(spec({"type": "patient", "patience": 2}))
+    decision = alone.judge(Report(5, 0.6, 4), stalled)  # best of the last 3 (0.75) < 0.8
+    assert decision is not None and decision.reason["best_before"] == 0.8
+    assert alone.judge(Report(5, 0.9, 4), improving) is None
+    assert alone.judge(Report(2, 0.1, 1), History({}, own={1: 0.5})) is None  # too few steps
+    wrapped = {"type": "median", "n_startup_trials": 0}
+    both = make_pruner(spec({"type": "patient", "patience": 2, "wrapped": wrapped}))
+    others = History({}, complete={5: [0.5, 0.55, 0.65]}, own=stalled.own)
+    assert both.judge(Report(5, 0.6, 4), others) is None  # the median (0.55) keeps it
+    others.complete = {5: [0.7, 0.8, 0.9]}
+    decision = both.judge(Report(5, 0.6, 4), others)
+    assert decision.reason["pruner"] == "median" and decision.reason["patient"]["patience"] == 2
+
+
+def test_wilcoxon_stops_a_trial_surely_worse_than_the_best() -> None:
+    pruner = make_pruner(spec({"type": "wilcoxon", "p_threshold": 0.1}, "minimize"))
+    best = {i: 0.1 + 0.01 * i for i in range(6)}  # losses on six instances
+    worse = {i: 0.2 + 0.01 * i for i in (4, 0, 2)}  # reported in any order
+    history = History({}, own=worse, best=best)
+    assert pruner.judge(Report(2, worse[2], 0), history) is None  # 3 pairs: p = 1/8
+    four = History({}, own={**worse, 5: 0.3}, best=best)
+    decision = pruner.judge(Report(5, 0.3, 4), four)
+    assert decision is not None and decision.reason["p_value"] == pytest.approx(1 / 16)
+    better = {i: 0.05 for i in range(5)}
+    assert pruner.judge(Report(4, 0.05, 3), History({}, own=better, best=best)) is None
+    # The safeguard: worse on the pairs, but its mean beats the best trial's mean.
+    lucky = History({}, own={0: 0.15, 1: 0.15, 2: 0.15, 3: 0.15}, best={**best, 9: 5.0})
+    assert pruner.judge(Report(3, 0.15, 2), lucky) is None
+    assert pruner.judge(Report(5, 0.3, 4), History({}, own=four.own)) is None  # no best trial
+
+
+@pytest.mark.parametrize(
+    ("pruner", "field", "words"),
+    [
+        ({"type": "threshold"}, "pruner", "needs `lower`, `upper`"),
+        ({"type": "threshold", "lower": 2, "upper": 1}, "pruner", "above upper"),
+        ({"type": "median", "wrapped": {"type": "median"}}, "pruner", "only a `patient`"),
+        ({"type": "percentile", "percentile": 101}, "pruner.percentile", "less than or equal"),
+        ({"type": "median", "compare": "best"}, "pruner.compare", "current"),
+        ({"type": "patient", "wrapped": {"type": "nope"}}, "pruner.wrapped.type", "unknown"),
+    ],
+)
+def test_bad_pruner_options_name_the_field(pruner: dict, field: str, words: str) -> None:
+    from pydantic import ValidationError
+
+    from hpo.service.spec import describe_errors
+
+    with pytest.raises(ValidationError) as err:
+        spec(pruner)
+    (error,) = describe_errors(err.value)
+    assert error["field"] == field and words in error["message"]
+
+
+def test_wilcoxon_needs_a_single_objective() -> None:
+    with pytest.raises(ValueError, match="wilcoxon compares with the best trial"):
+        StudySpec.model_validate(
+            {
+                "name": "p",
+                "objective": [{"metric": "a"}, {"metric": "b"}],
+                "pruner": {"type": "patient", "metric": "a", "wrapped": {"type": "wilcoxon"}},
+                "space": {"x": {"type": "float", "low": 0, "high": 1}},
+            }
+        )
+
+
+def _study(service: StudyService, pruner: dict) -> int:
+    spec = StudySpec.model_validate(simple_spec(f"sql-{pruner['type']}", pruner=pruner))
+    return service.create_study(spec).id
+
+
+def _complete(service: StudyService, sid: int, losses: dict[int, float], told: float) -> None:
+    t = service.ask(sid)
+    assert service.report(t.id, [MetricInput(s, "loss", v) for s, v in losses.items()]) is False
+    service.tell(t.id, value=told)
+
+
+def test_best_so_far_reads_the_trials_own_stored_points(service: StudyService) -> None:
+    sid = _study(service, {"type": "median", "n_startup_trials": 1, "compare": "best_so_far"})
+    _complete(service, sid, {s: 1.0 for s in range(1, 5)}, 1.0)
+    t = service.ask(sid)
+    assert service.report(t.id, [MetricInput(1, "loss", 0.5)]) is False
+    # 1.5 is worse than the median (1.0), but its best so far (0.5, stored) is not.
+    assert service.report(t.id, [MetricInput(2, "loss", 1.5)]) is False
+    # Steps judged in one report: step 4's best so far is step 3 of the same report.
+    t = service.ask(sid)
+    assert service.report(t.id, [MetricInput(3, "loss", 0.2), MetricInput(4, "loss", 1.5)]) is False
+    assert service.report(t.id, [MetricInput(5, "loss", 9.0)]) is False  # no trial at step 5
+    current = _study(service, {"type": "percentile", "percentile": 50, "n_startup_trials": 1})
+    _complete(service, current, {s: 1.0 for s in range(1, 5)}, 1.0)
+    t = service.ask(current)
+    assert service.report(t.id, [MetricInput(3, "loss", 0.2), MetricInput(4, "loss", 1.5)]) is True
+
+
+def test_wilcoxon_pairs_the_trial_with_the_best_trials_points(service: StudyService) -> None:
+    sid = _study(service, {"type": "wilcoxon", "p_threshold": 0.1})
+    _complete(service, sid, {s: 0.1 for s in range(1, 7)}, 0.1)
+    t = service.ask(sid)
+    for step in (6, 2, 4):  # three pairs: p = 1/8, not sure enough
+        assert service.report(t.id, [MetricInput(step, "loss", 0.3)]) is False
+    assert service.report(t.id, [MetricInput(1, "loss", 0.3)]) is True  # four: p = 1/16
+    assert service.storage.get_trial(t.id).pruned["pruner"] == "wilcoxon"
