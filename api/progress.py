@@ -64,7 +64,8 @@ def watch(study: Any, poll_s: float = 1.0, *, report: bool = True) -> int:
 def _progress_fields(record: Any) -> dict[str, Any]:
     c = record.counts
     states = (
-        f"running {c['running']} · waiting {c['waiting']} · complete {c['complete']}"
+        f"running {c['running']} · waiting {c['waiting']} · paused {c.get('paused', 0)}"
+        f" · complete {c['complete']}"
         f" · pruned {c['pruned']} · failed {c['failed']}"
     )
     best = fmt(record.best_trial.value) if record.best_trial else "-"

@@ -29,6 +29,7 @@ PRUNERS: dict[str, str] = {
     "threshold": "hpo.service.pruners.threshold:ThresholdPruner",
     "patient": "hpo.service.pruners.patient:PatientPruner",
     "wilcoxon": "hpo.service.pruners.wilcoxon:WilcoxonPruner",
+    "hyperband": "hpo.service.pruners.hyperband:HyperbandPruner",
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from hpo.service import transitions
+from hpo.service import promotions, transitions
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import (
     BudgetSpent,
@@ -71,7 +71,10 @@ def ask(
             check_can_ask(storage, s, study, spec, dispatched)
             # A replayed key whose trial waits claims that trial, checked as a plain ask is.
             waiting = asked if asked is not None else trials.first_waiting(s, study_id)
-            if waiting is None:
+            promotable = (
+                promotions.candidates(s, study, spec, settled_only=True) if waiting is None else []
+            )
+            if waiting is None and not promotable:
                 number = study.next_number
                 if number >= transitions.budget_limit(study, spec):
                     complete_if_done(storage, study_id)
@@ -83,6 +86,8 @@ def ask(
                     view = (histories or Histories()).view(s, study, spec, sampler, number)
         if waiting is not None:
             claimed = _claim_waiting(storage, study_id, waiting, spec, dispatched)
+        elif promotable:
+            claimed = _promote(storage, study_id, promotable[0].trial_id, spec, dispatched)
         else:
             try:
                 suggestion = sampler.suggest(view)
@@ -118,6 +123,8 @@ def check_can_ask(
             f"study {study.id} ran out of time (budget.timeout_s = {spec.budget.timeout_s})",
             field="budget.timeout_s",
         )
+    if spent := transitions.compute_spent(s, study, spec):  # completes as its last trial ends
+        raise transitions.compute_spent_error(study, spec, spent)
     limit = spec.budget.max_concurrent
     if limit is not None:
         running, _ = studies.count_active(s, study.id)
@@ -153,6 +160,43 @@ def _claim_waiting(
         trial.started_at = now
         trials.renew_lease(trial, spec.lease_s, now)
         return _claimed(trial)
+
+
+def _promote(
+    storage: Storage, study_id: int, trial_id: int, spec: StudySpec, dispatched: bool
+) -> ClaimedTrial | None:
+    """Promote the paused trial and claim it for its next attempt, which resumes from its
+    checkpoint; None if it is no longer promotable (another asker promoted it, or the rung
+    changed) or could not resume (then it failed, with the reason). Its checkpoint is looked
+    at before the lock; the promotion is decided again under it."""
+    with storage.read() as s:
+        paused = trials.get_trial(s, trial_id, params=False)
+        checkpoint, last_step = paused.checkpoint, paused.last_step
+    problem, resume_from = None, checkpoint
+    if spec.trainable is not None:
+        resume_from = promotions.resume_point(checkpoint, last_step)
+        problem = promotions.checkpoint_problem(resume_from)
+    with storage.write() as s:
+        study = studies.get(s, study_id, lock=True)
+        check_can_ask(storage, s, study, spec, dispatched)
+        trial = trials.get_trial(s, trial_id)
+        if trial.state != TrialState.PAUSED or trial.checkpoint != checkpoint or trial.owner:
+            return None
+        if problem is not None and spec.trainable is not None:
+            transitions.fail_paused(s, study, trial, f"cannot resume: {problem}")
+            return None
+        ranked = promotions.candidates(s, study, spec, settled_only=True)
+        chosen = next((p for p in ranked if p.trial_id == trial_id), None)
+        if chosen is None:
+            return None
+        transitions.promote(s, study, trial, chosen.reason)
+        now = utcnow()
+        set_trial_state(
+            s, study, trial, TrialState.RUNNING, detail=f"attempt {trial.attempts}", now=now
+        )
+        trial.started_at = now  # the attempt's start (trial_timeout_s is per attempt)
+        trials.renew_lease(trial, spec.lease_s, now)
+        return _claimed(trial, resume_from=resume_from)
 
 
 def _claim_new(
@@ -217,7 +261,8 @@ def _answer_again(storage: Storage, study_id: int, trial_id: int) -> ClaimedTria
         return _claimed(trial)
 
 
-def _claimed(trial: Trial) -> ClaimedTrial:
-    """The claimed trial as its asker gets it: with a new token for its current attempt."""
+def _claimed(trial: Trial, *, resume_from: str | None = None) -> ClaimedTrial:
+    """The claimed trial as its asker gets it: with a new token for its current attempt (and
+    the checkpoint a promoted trial resumes from)."""
     token = trials.issue_token(trial)
-    return ClaimedTrial(**dict(trial_record(trial)), attempt_token=token)
+    return ClaimedTrial(**dict(trial_record(trial)), attempt_token=token, resume_from=resume_from)

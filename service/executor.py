@@ -60,6 +60,9 @@ class AttemptLaunch:
     # over with the launch and set by each rank, never in Ray's runtime_env, whose env_vars Ray
     # writes in plain text to every node's runtime_env_agent.log.
     storage_env: dict[str, str] = field(default_factory=dict, repr=False)
+    # The checkpoint this attempt must resume from (a promoted trial's, saved when it
+    # paused); None: the newest readable one of the trial's earlier attempts, if any.
+    resume_from: str | None = None
 
     @property
     def ref(self) -> AttemptRef:

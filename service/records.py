@@ -112,6 +112,8 @@ class ClaimedTrial(TrialRecord):
     which only that asker ever sees (it is left out of every serialised record)."""
 
     attempt_token: str = Field(default="", exclude=True, repr=False)
+    # A promoted trial's attempt resumes from this checkpoint (the one it paused with).
+    resume_from: str | None = Field(default=None, exclude=True, repr=False)
 
 
 class StudyRecord(_Record):

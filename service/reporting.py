@@ -17,7 +17,7 @@ from hpo.service.attempts import AttemptToken
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import Conflict, InvalidInput, TrialFinished
 from hpo.service.pruners import make_pruner
-from hpo.service.pruners.base import Report
+from hpo.service.pruners.base import PauseDecision, Report
 from hpo.service.records import MetricInput
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
@@ -51,8 +51,8 @@ def report(
     ``attempt``, is refused with StaleAttempt unless that attempt is current (see
     :func:`fence` for ``unnamed_first_only``); nothing of a refused batch stays stored,
     even when an earlier commit of it was accepted. Returns whether the trial should stop
-    (pruned, or its study stopped). Raises TrialFinished for a trial that completed or
-    failed, InvalidInput for NaN/inf.
+    (pruned, paused at a rung, or its study stopped). Raises TrialFinished for a trial that
+    completed or failed, InvalidInput for NaN/inf.
     """
     for i, p in enumerate(points):
         if not math.isfinite(p.value):
@@ -84,7 +84,11 @@ def report(
                     return True
                 if _stale(verdict):
                     verdict = _recheck(s, study, trial, points, verdict)
-                inserted += metrics.add(s, trial, chunk, utcnow())
+                kept, cut = _within_budget(s, study, trial, chunk)
+                inserted += metrics.add(s, trial, kept, utcnow())
+                if cut is not None:
+                    _spend_last_steps(s, study, trial, kept, cut)
+                    return True
         return _finish_report(storage, trial_id, points, chunks, verdict, fencing)
     except Conflict:
         if inserted:  # a later commit was refused: the batch is all or nothing
@@ -149,9 +153,16 @@ def _finish_report(
             return False  # a heartbeat: the lease is renewed, nothing else changed
         if _stale(verdict):
             verdict = _recheck(s, study, trial, points, verdict)
-        metrics.add(s, trial, chunks[-1], now, ids=False)
+        kept, cut = _within_budget(s, study, trial, chunks[-1])
+        metrics.add(s, trial, kept, now, ids=False)
+        if cut is not None:
+            _spend_last_steps(s, study, trial, kept, cut)
+            return True
         decision = verdict.decision
         trial.last_step = max(trial.last_step or 0, *(p.step for p in points))
+        if isinstance(decision, PauseDecision):  # at a rung: checkpoint, free the workers
+            transitions.pause(s, study, trial, decision.reason, now=now)
+            return True
         if decision is not None:
             trial.pruned = decision.reason
             watched = decision.reason.get("value")
@@ -160,6 +171,48 @@ def _finish_report(
             return True
         studies.touch_curves(study, trial)  # new points: the study's own ETag holds
         return False
+
+
+def _within_budget(
+    s: Session, study: Study, trial: Trial, points: Sequence[MetricInput]
+) -> tuple[Sequence[MetricInput], int | None]:
+    """The points that fit in ``budget.max_steps`` (read under the study's lock, so reports of
+    concurrent trials never overrun it together), and the step the trial must stop at when
+    some do not (else None)."""
+    budget = transitions.spec_of(study).budget
+    if not points or (budget.max_steps is None and budget.max_worker_seconds is None):
+        return points, None
+    seconds = budget.max_worker_seconds
+    if seconds is not None and trials.worker_seconds_used(s, study, utcnow()) >= seconds:
+        return [], trial.last_step or 0
+    if budget.max_steps is None:
+        return points, None
+    allowed = budget.max_steps - trials.steps_used(s, study.id, besides=trial.id)
+    kept = [p for p in points if p.step <= allowed]
+    return (points, None) if len(kept) == len(points) else (kept, max(allowed, 0))
+
+
+def _spend_last_steps(
+    s: Session, study: Study, trial: Trial, kept: Sequence[MetricInput], cut: int
+) -> None:
+    """The trial reached the study's ``budget.max_steps`` (or its compute is used up): keep
+    what fits, prune it there."""
+    trial.last_step = max(trial.last_step or 0, *(p.step for p in kept), 0) or None
+    spec = transitions.spec_of(study)
+    s.flush()
+    which = "budget.max_steps"
+    limit: float | None = spec.budget.max_steps
+    if limit is None or trials.steps_used(s, study.id) < limit:
+        which, limit = "budget.max_worker_seconds", spec.budget.max_worker_seconds
+    transitions.finish(
+        s,
+        study,
+        trial,
+        TrialState.PRUNED,
+        transitions.last_watched_value(s, trial, spec),
+        None,
+        detail=f"{which} ({limit:g}) spent: stopped at step {cut}",
+    )
 
 
 def _running(
@@ -180,7 +233,8 @@ def _running(
         trial = trials.get_trial(s, trial_id, params=False)
         study = studies.get(s, trial.study_id)
     fence(trial, token, attempt, unnamed_first_only=unnamed_first_only)
-    if trial.state == TrialState.PRUNED or study.state == StudyState.STOPPED:
+    stopped = (TrialState.PRUNED, TrialState.PAUSED)  # a paused attempt's late points: dropped
+    if trial.state in stopped or study.state == StudyState.STOPPED:
         return study, None
     if trial.state != TrialState.RUNNING:
         raise TrialFinished(
@@ -238,7 +292,7 @@ def _judge(
         s, trial.study_id, trial.id, pruner.metric, reported=first, best_trial=best_trial
     )
     for step in sorted(first):
-        decision = pruner.judge(Report(step, first[step], judged[step]), history)
+        decision = pruner.judge(Report(step, first[step], judged[step], trial.number), history)
         if decision is not None:
             return decision
     return None

@@ -274,6 +274,17 @@ class Scheduler:
         re-adopting those the executor still runs; the others were lost with their control
         plane and are retried as infrastructure losses."""
         specs = {sid: spec for sid, _, spec in studies}
+        for trial in self.service.storage.paused_owned(list(specs)):
+            # paused by an attempt an earlier scheduler launched: follow it to its end if the
+            # cluster still runs it, else it has ended and the trial may be promoted
+            ref = AttemptRef(trial.id, trial.attempts)
+            if ref in self.in_flight:
+                continue
+            resources = specs[trial.study_id].resources
+            if self.executor.adopt(ref, _needs(resources)):
+                self.in_flight[ref] = _InFlight(trial.study_id, resources.workers_per_trial)
+            else:
+                self._settle_paused(trial)
         for trial in self.service.storage.active_trials(list(specs)):
             ref = AttemptRef(trial.id, trial.attempts)
             if trial.state != TrialState.RUNNING or ref in self.in_flight:
@@ -294,6 +305,25 @@ class Scheduler:
                     failure_class=FailureClass.INFRASTRUCTURE,
                     attempt=trial.attempts,
                 )
+
+    def _settle_paused(self, trial: TrialRecord) -> None:
+        """Release a paused trial whose attempt ended unseen (its control plane died), having
+        recorded the newest checkpoint its folder holds: the dead scheduler may never have
+        heard of the one saved at the pause."""
+        from hpo.workers import checkpoints
+
+        folder = self._trial_dir(trial.study_id, trial.id)
+        try:
+            found = checkpoints.candidates(folder, before_attempt=trial.attempts + 1)
+        except Exception as exc:  # the store cannot be listed: the promotion check decides
+            log.warning("cannot list the checkpoints of paused trial %s: %s", trial.id, exc)
+            found = []
+        if found:
+            self.service.storage.set_checkpoint(trial.id, str(found[0]))
+        self.service.release_paused(trial.id, trial.attempts)
+
+    def _trial_dir(self, study_id: int, trial_id: int) -> str:
+        return str(storage.join(self.checkpoint_dir, f"study-{study_id}", f"trial-{trial_id}"))
 
     def _own(self, ref: AttemptRef) -> bool:
         """Record this scheduler as the attempt's owner; False when it cannot (the lease was
@@ -327,11 +357,13 @@ class Scheduler:
             if status.state.ended:
                 self._finish(status, db_state)
                 continue
-            if db_state in (TrialState.COMPLETE, TrialState.PRUNED):
+            if db_state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.PAUSED):
                 flight.finished_in_db_at = flight.finished_in_db_at or time.monotonic()
                 if time.monotonic() - flight.finished_in_db_at > PRUNED_GRACE_S:
                     log.info("cancelling attempt %s: still running after its trial ended", ref)
                     self._drop(ref, cancel=True)
+                    if db_state == TrialState.PAUSED:
+                        self.service.release_paused(ref.trial_id, ref.attempt)
                 continue
             if status.state == AttemptState.PENDING or len(status.placements) < flight.workers:
                 starting.append(ref.trial_id)  # no reporter yet to keep the lease alive
@@ -362,6 +394,9 @@ class Scheduler:
     def _finish(self, status: AttemptStatus, db_state: str) -> None:
         trial_id = status.ref.trial_id
         try:
+            if db_state == TrialState.PAUSED:  # its last checkpoint is recorded: promotable
+                self.service.release_paused(trial_id, status.ref.attempt)
+                return
             if db_state != TrialState.RUNNING:
                 return
             if status.state == AttemptState.DONE:
@@ -554,10 +589,9 @@ class Scheduler:
             token=trial.attempt_token,  # the attempt's own credential, never the admin token
             objectives=[(o.metric, o.direction) for o in spec.objectives],
             keep_metrics=sorted({*(o.metric for o in spec.objectives), spec.pruned_metric}),
-            checkpoint_dir=str(
-                storage.join(self.checkpoint_dir, f"study-{trial.study_id}", f"trial-{trial.id}")
-            ),
+            checkpoint_dir=self._trial_dir(trial.study_id, trial.id),
             lease_s=spec.lease_s,
+            resume_from=trial.resume_from,
         )
 
 

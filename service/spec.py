@@ -389,6 +389,12 @@ class PrunerSpec(_Model):
     p_threshold: Number = Field(
         default=0.1, ge=0, le=1, description="Wilcoxon: stop when p is below this."
     )
+    mode: Literal["stopping", "promotion"] = Field(
+        default="stopping",
+        description="ASHA, Hyperband: `stopping` ends a trial below its rung's top 1/η for good; "
+        "`promotion` pauses every trial at each rung and resumes (promotes) it from its "
+        "checkpoint once it is in the top 1/η of that rung.",
+    )
 
     @field_validator("type")
     @classmethod
@@ -410,6 +416,14 @@ class PrunerSpec(_Model):
                 raise ValueError("wrapped.metric: the wrapped pruner watches the same metric")
         return self
 
+    @model_validator(mode="after")
+    def _promotion_needs_rungs(self) -> PrunerSpec:
+        if self.mode == "promotion" and self.type not in ("asha", "hyperband"):
+            raise ValueError(f"mode: promotion needs type asha or hyperband, not {self.type!r}")
+        if self.type == "hyperband" and self.max_steps is None:
+            raise ValueError("hyperband needs max_steps (its brackets span min_steps..max_steps)")
+        return self
+
 
 class Budget(_Model):
     """How much the study may spend. ``max_trials`` counts distinct trial numbers."""
@@ -429,6 +443,20 @@ class Budget(_Model):
         le=10 * 365 * 86400,
         description="Wall time of one attempt, from its start: an attempt still running "
         "after it fails its trial (not retried).",
+    )
+    max_steps: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        description="Steps of training summed over all trials (a resumed trial counts each "
+        "step once): no point beyond it is stored, the trial that reaches it is pruned there, "
+        "and no trial is started or promoted after it. Compares schedulers at equal compute.",
+    )
+    max_worker_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Compute summed over all attempts: ranks x wall seconds from claim to end. "
+        "Once it is used, no trial is started or promoted, and each running trial is pruned at "
+        "its next metric report.",
     )
 
 

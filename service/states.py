@@ -50,11 +50,12 @@ class StudyState(str, Enum):
 # Active trials hold (or are about to hold) a slot of max_concurrent; paused ones do not.
 ACTIVE_TRIAL_STATES = frozenset({TrialState.WAITING, TrialState.RUNNING})
 FINISHED_TRIAL_STATES = frozenset({TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAILED})
-# The states a study's ``counts`` report, in this order (the REST contract; ``paused`` joins them
-# once trials can pause).
+# The states a study's ``counts`` report, in this order (the REST contract; ``paused`` came last
+# of the active ones, after the others were published).
 COUNTED_TRIAL_STATES = (
     TrialState.WAITING,
     TrialState.RUNNING,
+    TrialState.PAUSED,
     TrialState.COMPLETE,
     TrialState.PRUNED,
     TrialState.FAILED,

@@ -333,6 +333,17 @@ class StudyService:
             with self.storage.write() as s:
                 trials.renew_leases(s, trial_ids, utcnow())
 
+    def release_paused(self, trial_id: int, attempt: int) -> bool:
+        """The paused trial's ``attempt`` has ended and its last checkpoint is recorded: let
+        it be promoted (its owner cleared). False when it is no longer that paused attempt."""
+        with self.storage.write() as s:
+            study, trial = trials.lock(s, trial_id)
+            if trial.state != TrialState.PAUSED or trial.attempts != attempt:
+                return False
+            trial.owner = None
+            studies.touch(study, trial)
+            return True
+
     def own_attempt(self, trial_id: int, attempt: int, holder: str, epoch: int) -> bool:
         """Record ``holder`` (a scheduler holding the scheduler lease at ``epoch``) as the
         owner of the trial's running ``attempt``; False (nothing written) when the attempt is

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from hpo.service import promotions
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import BudgetSpent, GridExhausted, InvalidInput
 from hpo.service.executor import FailureClass
@@ -51,6 +52,23 @@ def budget_limit(study: Study, spec: StudySpec) -> float:
     return limit if capacity is None else min(limit, capacity)
 
 
+def compute_spent(s: Session, study: Study, spec: StudySpec) -> str | None:
+    """The compute budget the study has used up (``budget.max_steps``: steps of training
+    reported; ``budget.max_worker_seconds``: ranks x seconds of its attempts), or None."""
+    limit = spec.budget.max_steps
+    if limit is not None and trials.steps_used(s, study.id) >= limit:
+        return "budget.max_steps"
+    seconds = spec.budget.max_worker_seconds
+    if seconds is not None and trials.worker_seconds_used(s, study, utcnow()) >= seconds:
+        return "budget.max_worker_seconds"
+    return None
+
+
+def compute_spent_error(study: Study, spec: StudySpec, field: str) -> BudgetSpent:
+    limit = getattr(spec.budget, field.removeprefix("budget."))
+    return BudgetSpent(f"study {study.id} has used its {field} ({limit:g})", field=field)
+
+
 def timed_out(study: Study, spec: StudySpec) -> bool:
     """Whether ``budget.timeout_s`` has passed since the study started."""
     if spec.budget.timeout_s is None or study.started_at is None:
@@ -73,7 +91,9 @@ def spent_error(study: Study, spec: StudySpec) -> BudgetSpent:
 
 
 def complete_if_done(s: Session, study: Study) -> None:
-    """Mark the (locked) study completed once its budget is spent and no trial is active."""
+    """Mark the (locked) study completed once its budget is spent and no trial is active
+    (nor a paused trial promotable: the next free slot resumes it). Trials still paused then
+    are pruned: the study ended without promoting them."""
     if study.state not in (StudyState.RUNNING, StudyState.PAUSED):
         return
     running, waiting = studies.count_active(s, study.id)
@@ -82,11 +102,77 @@ def complete_if_done(s: Session, study: Study) -> None:
     spec = spec_of(study)
     if timed_out(study, spec):  # first: its running trials may have been ended for it
         reason = "budget.timeout_s reached"
+    elif spent := compute_spent(s, study, spec):
+        reason = f"{spent} spent"
     elif study.next_number >= budget_limit(study, spec):
+        if promotions.candidates(s, study, spec):
+            return
         reason = "budget spent" if spec.budget.max_trials else "search space exhausted"
     else:
         return
+    now = utcnow()
+    for trial in trials.paused_trials(s, [study.id]):
+        finish(
+            s,
+            study,
+            trial,
+            TrialState.PRUNED,
+            last_watched_value(s, trial, spec),
+            None,
+            now=now,
+            detail=f"paused at step {trial.last_step}; the study ended ({reason}) without "
+            "promoting it",
+            complete=False,
+        )
     set_study_state(study, StudyState.COMPLETED, reason=reason)
+
+
+def pause(s: Session, study: Study, trial: Trial, reason: dict[str, Any], *, now: datetime) -> None:
+    """Pause the running trial at a rung (its attempt ends; it holds no slot until it is
+    promoted), with the pruner's ``reason`` in its history; maybe complete the study. A
+    scheduler that owns the attempt keeps owning it until the attempt has ended and its last
+    checkpoint is recorded (``StudyService.release_paused``): only then may it be promoted."""
+    set_trial_state(s, study, trial, TrialState.PAUSED, detail=pause_detail(reason), now=now)
+    trial.lease_expires_at = None
+    trial.progress_expires_at = None
+    s.flush()
+    complete_if_done(s, study)
+
+
+def promote(s: Session, study: Study, trial: Trial, reason: dict[str, Any]) -> None:
+    """Queue the paused trial for its next attempt (same number, attempts + 1, not a retry:
+    no ``max_retries`` spent), recording why it was promoted."""
+    trial.attempts += 1
+    trial.error = None
+    detail = f"{promotion_detail(reason)}; queued for attempt {trial.attempts}"
+    set_trial_state(s, study, trial, TrialState.WAITING, detail=detail)
+
+
+def fail_paused(s: Session, study: Study, trial: Trial, reason: str) -> None:
+    """Fail a paused trial that cannot resume (its checkpoint is missing or unreadable)."""
+    finish(s, study, trial, TrialState.FAILED, None, reason)
+
+
+def _standing(reason: dict[str, Any]) -> str:
+    threshold = reason.get("threshold")
+    top = f"top {reason.get('promotable')}"
+    if threshold is not None:
+        top += f" (threshold {threshold:.6g})"
+    return (
+        f"{reason.get('metric')} = {reason.get('value'):.6g} at rung {reason.get('rung')} "
+        f"(step {reason.get('step')}), rank {reason.get('rank')} of {reason.get('of')}, "
+        f"promotable: {top}"
+    )
+
+
+def pause_detail(reason: dict[str, Any]) -> str:
+    """A paused trial's history line: where it stands in its rung when it paused."""
+    return f"{reason.get('pruner')} promotion: paused: {_standing(reason)}"
+
+
+def promotion_detail(reason: dict[str, Any]) -> str:
+    """A promoted trial's history line: where it stood in its rung when promoted."""
+    return f"{reason.get('pruner')} promotion: promoted: {_standing(reason)}"
 
 
 def finish(
@@ -99,10 +185,11 @@ def finish(
     *,
     now: datetime | None = None,
     detail: str | None = None,
+    complete: bool = True,
 ) -> None:
     """Finish the trial (complete, pruned or failed), record the event (``detail``, else the
-    error or the pruning reason), maybe complete the study. Raises IllegalTransition when the
-    trial cannot move to ``state``."""
+    error or the pruning reason), maybe complete the study (unless not ``complete``). Raises
+    IllegalTransition when the trial cannot move to ``state``."""
     now = now or utcnow()
     detail = detail or (error if state == TrialState.FAILED else None)
     if state == TrialState.PRUNED and trial.pruned:
@@ -117,7 +204,8 @@ def finish(
     if error:
         trial.error = error
     s.flush()
-    complete_if_done(s, study)
+    if complete:
+        complete_if_done(s, study)
 
 
 # Attempts of one trial lost to the infrastructure that are retried without spending
@@ -188,9 +276,9 @@ def _retried(study: Study, trial: Trial, kind: FailureClass) -> bool:
 
 
 def stop_active(s: Session, study: Study) -> None:
-    """Fail every running or waiting trial of a study that was stopped."""
+    """Fail every running, waiting or paused trial of a study that was stopped."""
     now = utcnow()
-    for trial in trials.active(s, [study.id]):
+    for trial in [*trials.active(s, [study.id]), *trials.paused_trials(s, [study.id])]:
         finish(s, study, trial, TrialState.FAILED, None, "study stopped", now=now)
 
 

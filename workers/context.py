@@ -91,6 +91,9 @@ class TrialContext:
     trainable: str = ""
     reporter: MetricReporter | None = None
     on_checkpoint: Callable[[str, int], None] | None = None
+    # The checkpoint a promoted (paused, then resumed) trial must continue from; None: the
+    # newest readable one of an earlier attempt, if any.
+    resume_from: str | None = None
     sync_timeout_s: float = 2.0  # how long report() waits for the server's answer
     delivery_timeout_s: float = 10.0  # how long a checkpoint waits for its step's points
     keep_checkpoints: int = 2
@@ -201,7 +204,9 @@ class TrialContext:
         """Restore ``state`` (the objects given to :meth:`save`, by the same names) from the
         newest readable checkpoint an earlier attempt of this trial left (collective).
 
-        Returns None on a fresh start. Otherwise it loads each object's state dict, restores
+        A promoted trial resumes from exactly the checkpoint it paused with
+        (``resume_from``), and raises :class:`TrainableError` when that one does not read
+        back. Returns None on a fresh start. Otherwise it loads each object's state dict, restores
         the best/last values, re-sends the resumed step's metrics if the server may not have
         them, and returns the step and the plain values saved. A newest checkpoint that does
         not read back is skipped for the one before it. Raises :class:`TrainableError` when
@@ -209,9 +214,16 @@ class TrialContext:
         """
         found = None
         if self.is_main:
-            earlier = checkpoints.candidates(self.trial_dir, before_attempt=self.attempt)
+            if self.resume_from is not None:
+                earlier = [storage.location(self.resume_from)]
+            else:
+                earlier = checkpoints.candidates(self.trial_dir, before_attempt=self.attempt)
             found = checkpoints.load_newest(earlier, self.device)
         chosen = ddp.all_gather_objects(None if found is None else str(found[0]))[0]
+        if chosen is None and self.resume_from is not None:  # every rank raises the same
+            raise TrainableError(
+                f"cannot resume from checkpoint {self.resume_from}: it is missing or unreadable"
+            )
         if chosen is None:
             return None
         path = storage.location(chosen)

@@ -97,6 +97,7 @@ def run_rank(
             trainable=launch.trainable,
             reporter=reporter,
             on_checkpoint=lambda path, step: dispatcher.note_checkpoint.remote(key, path, step),
+            resume_from=launch.resume_from,
         )
         returned = fn(ctx)
         if returned:

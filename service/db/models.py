@@ -156,6 +156,9 @@ class Trial(Base):
     progress_expires_at: Mapped[datetime | None]
     # The Idempotency-Key of the ask that created the trial: a repeated ask gets it back.
     ask_key: Mapped[str | None] = mapped_column(String(200))
+    # Compute of its ended attempts (ranks x seconds), and when its running attempt began.
+    worker_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    attempt_started_at: Mapped[datetime | None]
 
     study: Mapped[Study] = relationship(back_populates="trials")
     params: Mapped[list[TrialParam]] = relationship(

@@ -1,37 +1,94 @@
-"""Asynchronous successive halving (ASHA, Li et al. 2020), stopping variant."""
+"""Asynchronous successive halving (ASHA, Li et al. 2020): the stopping and promotion variants.
+
+Rungs sit at ``min_steps * reduction_factor**k`` steps (below ``max_steps``). In ``stopping``
+mode a trial that first reaches a rung continues only if it is among the top 1/η of the values
+recorded there so far. In ``promotion`` mode every trial pauses at each rung (checkpoint saved,
+workers freed); :func:`promotion_order` then says which paused trials are in the top
+``floor(n/η)`` of their rung, the ones the next free slot resumes before any new trial starts
+(the paper's ``get_job``: the highest rung first).
+"""
 
 from __future__ import annotations
 
-from hpo.service.pruners.base import PruneDecision, Pruner, PruningHistory, Report
+from dataclasses import dataclass
+from typing import Any
+
+from hpo.service.pruners.base import (
+    PauseDecision,
+    PruneDecision,
+    Pruner,
+    PruningHistory,
+    Report,
+)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """A paused trial that may be promoted, and why (stored in its event history)."""
+
+    trial_id: int
+    rung: int
+    reason: dict[str, Any]
 
 
 class AshaPruner(Pruner):
     """Rungs sit at ``min_steps * reduction_factor**k`` steps. When a trial first reaches a
     rung, it continues only if its value there is among the top ``1/reduction_factor`` of all
-    values recorded at that rung so far (at least the single best), as ASHA promotes."""
+    values recorded at that rung so far (at least the single best), as ASHA promotes. In
+    promotion mode it pauses there instead (see the module docstring)."""
 
-    def rungs(self, up_to: int) -> list[int]:
+    # Hyperband runs several brackets of ASHA side by side; ASHA is its one bracket.
+    n_brackets = 1
+
+    def bracket_of(self, number: int) -> int:
+        """The bracket of trial ``number`` (trials compete only within their bracket)."""
+        return number % self.n_brackets
+
+    def first_rung(self, bracket: int) -> int:
+        """The first rung of ``bracket``: ``min_steps * reduction_factor**bracket``."""
         opts = self.spec.pruner
-        rungs, step = [], opts.min_steps
+        return opts.min_steps * opts.reduction_factor**bracket
+
+    def rungs(self, up_to: int, bracket: int = 0) -> list[int]:
+        opts = self.spec.pruner
+        rungs, step = [], self.first_rung(bracket)
         while step <= up_to and (opts.max_steps is None or step < opts.max_steps):
             rungs.append(step)
             step *= opts.reduction_factor
         return rungs
 
-    def judge(self, report: Report, history: PruningHistory) -> PruneDecision | None:
+    def _peers(self, bracket: int) -> tuple[int, int] | None:
+        """The history filter of a bracket's trials (None: all trials, one bracket)."""
+        return None if self.n_brackets == 1 else (self.n_brackets, bracket)
+
+    @property
+    def promotion(self) -> bool:
+        return self.spec.pruner.mode == "promotion"
+
+    def judge(
+        self, report: Report, history: PruningHistory
+    ) -> PruneDecision | PauseDecision | None:
         eta = self.spec.pruner.reduction_factor
         before = -1 if report.previous_step is None else report.previous_step
-        for k, rung in enumerate(self.rungs(report.step)):
+        bracket = self.bracket_of(report.number)
+        peers = self._peers(bracket)
+        for k, rung in enumerate(self.rungs(report.step, bracket)):
             if rung <= before:
                 continue  # judged at this rung already
-            values = [*history.values_at(rung), report.value]
+            others = (
+                history.values_at(rung) if peers is None else history.values_at(rung, bracket=peers)
+            )
+            values = [*others, report.value]
             ranked = sorted(values, reverse=self.direction == "maximize")
+            if self.promotion:
+                return PauseDecision(self._standing(k, rung, report.value, ranked, bracket))
             keep = max(1, len(values) // eta)
             threshold = ranked[keep - 1]
             if self.better(threshold, report.value):
                 return PruneDecision(
                     {
-                        "pruner": "asha",
+                        "pruner": self.spec.pruner.type,
+                        **({"bracket": bracket} if self.n_brackets > 1 else {}),
                         "rung": k,
                         "step": rung,
                         "metric": self.metric,
@@ -43,3 +100,61 @@ class AshaPruner(Pruner):
                     }
                 )
         return None
+
+    def _standing(
+        self, k: int, rung: int, value: float, ranked: list[float], bracket: int = 0
+    ) -> dict[str, Any]:
+        """Where ``value`` stands among the ``ranked`` values of rung ``k``: its rank, how many
+        of them may be promoted (``floor(n/η)``) and the value the last of those has."""
+        promotable = len(ranked) // self.spec.pruner.reduction_factor
+        return {
+            "pruner": self.spec.pruner.type,
+            "mode": "promotion",
+            **({"bracket": bracket} if self.n_brackets > 1 else {}),
+            "rung": k,
+            "step": rung,
+            "metric": self.metric,
+            "value": value,
+            "rank": ranked.index(value) + 1,
+            "of": len(ranked),
+            "promotable": promotable,
+            "threshold": ranked[promotable - 1] if promotable else None,
+        }
+
+    def promotion_order(
+        self, paused: dict[int, int], values: dict[int, dict[int, float]], bracket: int = 0
+    ) -> list[Promotion]:
+        """The paused trials that may be promoted now, in the order to promote them: the
+        highest rung first, then the best value. ``paused`` maps each paused trial to its
+        largest step reported; ``values[rung step]`` maps every trial that reached that rung
+        (paused or not) to its value there. A trial paused at rung k is promotable when its
+        value is among the top ``floor(n_k/η)`` of the ``n_k`` values at rung k: since every
+        trial promoted from rung k was in that top set when it was promoted, and the set only
+        grows with n_k, at most ``floor(n_k/η)`` trials ever leave rung k (ASHA's bound)."""
+        out = []
+        sign = -1 if self.direction == "maximize" else 1
+        top = max(paused.values(), default=0)
+        rungs = self.rungs(top, bracket)
+        for trial_id, last in paused.items():
+            reached = [r for r in rungs if r <= last]
+            if not reached:
+                continue
+            k, rung = len(reached) - 1, reached[-1]
+            at_rung = values.get(rung, {})
+            if trial_id not in at_rung:
+                continue
+            # ties broken by trial id, so no more than floor(n/η) are ever in the top set
+            order = sorted(at_rung, key=lambda t: (sign * at_rung[t], t))
+            ranked = [at_rung[t] for t in order]
+            standing = self._standing(k, rung, at_rung[trial_id], ranked, bracket)
+            standing["rank"] = order.index(trial_id) + 1
+            if standing["rank"] <= standing["promotable"]:
+                out.append(Promotion(trial_id, k, standing))
+        out.sort(key=lambda p: (-p.reason["step"], sign * p.reason["value"], p.trial_id))
+        return out
+
+
+def rung_of(rungs: list[int], step: int) -> int | None:
+    """The largest of ``rungs`` at or below ``step`` (None below the first)."""
+    reached = [r for r in rungs if r <= step]
+    return reached[-1] if reached else None

@@ -12,9 +12,11 @@ from hpo.service.spec import StudySpec
 class PruningHistory(Protocol):
     """What a pruner may ask about the other trials of the study (answered from SQL)."""
 
-    def values_at(self, step: int, *, complete_only: bool = False) -> list[float]:
+    def values_at(
+        self, step: int, *, complete_only: bool = False, bracket: tuple[int, int] | None = None
+    ) -> list[float]:
         """For each other trial that reached ``step``: its watched metric at its first reported
-        step >= ``step``."""
+        step >= ``step``; only trials whose ``number % n == b`` when ``bracket`` is (n, b)."""
         ...
 
     def n_complete(self) -> int:
@@ -39,11 +41,20 @@ class Report:
     step: int
     value: float
     previous_step: int | None  # the trial's largest reported step below this one
+    number: int = 0  # the trial's number (Hyperband's bracket)
 
 
 @dataclass(frozen=True)
 class PruneDecision:
     """Stop the trial; ``reason`` is stored with it (rung, value, threshold...)."""
+
+    reason: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PauseDecision:
+    """Pause the trial at a rung (it saves a checkpoint and frees its workers) until it is
+    promoted; ``reason`` goes into its event history (rung, rank among n, threshold)."""
 
     reason: dict[str, Any]
 
@@ -60,8 +71,10 @@ class Pruner(ABC):
         return a < b if self.direction == "minimize" else a > b
 
     @abstractmethod
-    def judge(self, report: Report, history: PruningHistory) -> PruneDecision | None:
-        """A decision to stop, or None to let the trial continue."""
+    def judge(
+        self, report: Report, history: PruningHistory
+    ) -> PruneDecision | PauseDecision | None:
+        """A decision to stop (or pause), or None to let the trial continue."""
 
 
 class NoPruner(Pruner):

@@ -143,6 +143,15 @@ class Storage(Transactions):
         with self.read() as s:
             return [trial_record(t) for t in trials.active(s, study_ids)]
 
+    def paused_owned(self, study_ids: Sequence[int]) -> list[TrialRecord]:
+        """Paused trials of these studies whose pausing attempt a scheduler still owns."""
+        if not study_ids:
+            return []
+        with self.read() as s:
+            return [
+                trial_record(t) for t in trials.paused_trials(s, study_ids) if t.owner is not None
+            ]
+
     def trial_states(self, trial_ids: Sequence[int]) -> dict[int, TrialState]:
         """The state of each of ``trial_ids`` that still exists (deleted ones are absent)."""
         with self.read() as s:

@@ -253,8 +253,14 @@ class PruningHistory:
         self._best_trial = best_trial
         self._n_complete: int | None = None
 
-    def values_at(self, step: int, *, complete_only: bool = False) -> list[float]:
-        """Each other trial's value of the metric at its first step at or after ``step``."""
+    def values_at(
+        self, step: int, *, complete_only: bool = False, bracket: tuple[int, int] | None = None
+    ) -> list[float]:
+        """Each other trial's value of the metric at its first step at or after ``step`` (of
+        the trials whose ``number % n == b`` only, when ``bracket`` is (n, b))."""
+        if bracket is not None:
+            found = values_at_by_trial(self.session, self.study_id, self.metric, step, bracket)
+            return [v for t, v in found.items() if t != self.trial_id]
         if complete_only:
             return [v for t, v in self._complete_at(step).items() if t != self.trial_id]
         first = (
@@ -332,6 +338,48 @@ class PruningHistory:
         if best is None:
             return {}
         return {p.step: p.value for p in of_trial(self.session, best, name=self.metric)}
+
+
+def values_at_by_trial(
+    session: Session,
+    study_id: int,
+    metric: str,
+    step: int,
+    bracket: tuple[int, int] | None = None,
+) -> dict[int, float]:
+    """``{trial id: its value of metric at its first step >= step}`` for every trial of the
+    study that reached ``step`` (of a step several attempts reported, the newest attempt's);
+    with ``bracket`` (n, b), only the trials whose ``number % n == b``."""
+    where = [
+        MetricPoint.study_id == study_id,
+        MetricPoint.name == metric,
+        MetricPoint.step >= step,
+    ]
+    if bracket is not None:
+        n, b = bracket
+        members = select(Trial.id).where(Trial.study_id == study_id, Trial.number % n == b)
+        where.append(MetricPoint.trial_id.in_(members))
+    first = (
+        select(MetricPoint.trial_id, func.min(MetricPoint.step).label("step"))
+        .where(*where)
+        .group_by(MetricPoint.trial_id)
+        .subquery()
+    )
+    stmt = select(MetricPoint.value).join(
+        first,
+        and_(
+            MetricPoint.trial_id == first.c.trial_id,
+            MetricPoint.step == first.c.step,
+            MetricPoint.name == metric,
+        ),
+    )
+    rows = session.execute(
+        stmt.add_columns(MetricPoint.trial_id).order_by(MetricPoint.attempt.desc())
+    )
+    seen: dict[int, float] = {}
+    for value, trial_id in rows:
+        seen.setdefault(trial_id, value)
+    return seen
 
 
 def _first_per_trial(session: Session, stmt: Any) -> list[float]:

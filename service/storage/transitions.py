@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.states import StudyState, TrialState, check_study, check_trial
 from hpo.service.storage import events
+from hpo.service.storage.records import spec_of
 from hpo.service.storage.studies import touch
 
 
@@ -32,10 +33,29 @@ def set_trial_state(
     Raises IllegalTransition when the table does not allow the move.
     """
     state = check_trial(trial.state, new, trial_id=trial.id)
+    _clock(study, trial, state, now or utcnow())
     trial.state = state.value
     events.add(session, trial, state, detail)
     touch(study, trial, now=now)
     return state
+
+
+def _clock(study: Study, trial: Trial, new: TrialState, now: datetime) -> None:
+    """Count the compute of attempts: a running attempt's clock starts when the trial moves to
+    running and its ranks x seconds are added to ``worker_seconds`` when it leaves running."""
+    if trial.state == TrialState.RUNNING and new != TrialState.RUNNING:
+        trial.worker_seconds = (trial.worker_seconds or 0.0) + attempt_seconds(study, trial, now)
+        trial.attempt_started_at = None
+    elif new == TrialState.RUNNING:
+        trial.attempt_started_at = now
+
+
+def attempt_seconds(study: Study, trial: Trial, now: datetime) -> float:
+    """Ranks x seconds the trial's running attempt has used so far (0 when none runs)."""
+    if trial.attempt_started_at is None:
+        return 0.0
+    workers = spec_of(study).resources.workers_per_trial
+    return workers * max(0.0, (now - trial.attempt_started_at).total_seconds())
 
 
 def set_study_state(

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from hpo.service import attempts
@@ -81,6 +81,7 @@ def insert(
         attempts=1,
         created_at=now,
         started_at=now,
+        attempt_started_at=now if NEW_TRIAL_STATE == TrialState.RUNNING else None,
         lease_expires_at=now + timedelta(seconds=lease_s),
         suggestion=suggestion,
         ask_key=ask_key,
@@ -156,6 +157,57 @@ def active(session: Session, study_ids: Sequence[int]) -> list[Trial]:
             select(Trial)
             .where(Trial.study_id.in_(study_ids), Trial.state.in_(_ACTIVE))
             .options(selectinload(Trial.params))
+        )
+    )
+
+
+def steps_used(session: Session, study_id: int, *, besides: int | None = None) -> int:
+    """Steps of training the study's trials have reported, summed (their ``last_step``), the
+    trial ``besides`` left out."""
+    where = [Trial.study_id == study_id]
+    if besides is not None:
+        where.append(Trial.id != besides)
+    return int(session.scalar(select(func.coalesce(func.sum(Trial.last_step), 0)).where(*where)))
+
+
+def worker_seconds_used(session: Session, study: Study, now: datetime) -> float:
+    """Ranks x seconds the study's trials have used: their ended attempts' and what their
+    running attempts have used so far."""
+    from hpo.service.storage.transitions import attempt_seconds
+
+    rows = session.scalars(
+        select(Trial).where(
+            Trial.study_id == study.id,
+            or_(Trial.worker_seconds > 0, Trial.attempt_started_at.is_not(None)),
+        )
+    )
+    return sum((t.worker_seconds or 0.0) + attempt_seconds(study, t, now) for t in rows)
+
+
+def numbers(session: Session, trial_ids: Sequence[int]) -> dict[int, int]:
+    """``{trial id: its number}``."""
+    rows = session.execute(select(Trial.id, Trial.number).where(Trial.id.in_(list(trial_ids))))
+    return {trial_id: number for trial_id, number in rows}
+
+
+def paused(session: Session, study_id: int, *, settled_only: bool = False) -> dict[int, int]:
+    """``{trial id: its largest step reported}`` of the study's paused trials (only those
+    whose pausing attempt has ended, its last checkpoint recorded, when ``settled_only``: a
+    scheduler owns the attempt until then)."""
+    where = [Trial.study_id == study_id, Trial.state == TrialState.PAUSED.value]
+    if settled_only:
+        where.append(Trial.owner.is_(None))
+    rows = session.execute(select(Trial.id, Trial.last_step).where(*where))
+    return {trial_id: last or 0 for trial_id, last in rows}
+
+
+def paused_trials(session: Session, study_ids: Sequence[int]) -> list[Trial]:
+    """The paused trials of these studies."""
+    return list(
+        session.scalars(
+            select(Trial).where(
+                Trial.study_id.in_(study_ids), Trial.state == TrialState.PAUSED.value
+            )
         )
     )
 

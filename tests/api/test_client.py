@@ -58,6 +58,7 @@ def test_ask_report_tell_best_and_dataframes(server: ServerProcess) -> None:
         assert study.record.counts == {
             "waiting": 0,
             "running": 1,
+            "paused": 0,
             "complete": 3,
             "pruned": 0,
             "failed": 1,

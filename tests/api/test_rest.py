@@ -170,6 +170,7 @@ def check_create_get_and_list_studies_with_pagination(http: httpx.Client) -> Non
     assert got["counts"] == {
         "waiting": 0,
         "running": 0,
+        "paused": 0,
         "complete": 0,
         "pruned": 0,
         "failed": 0,
@@ -326,6 +327,8 @@ def check_patch_budget(http: httpx.Client) -> None:
         "max_concurrent": 2,
         "timeout_s": None,
         "trial_timeout_s": None,
+        "max_steps": None,
+        "max_worker_seconds": None,
     }
 
 
@@ -420,6 +423,7 @@ def check_ask_tell_get_trial_and_best(http: httpx.Client) -> None:
     assert study["counts"] == {
         "waiting": 0,
         "running": 0,
+        "paused": 0,
         "complete": 2,
         "pruned": 1,
         "failed": 1,

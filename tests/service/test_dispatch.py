@@ -281,6 +281,7 @@ def test_hung_worker_loses_its_lease_and_the_slot_is_reused(ray_server: ServerPr
     assert study.record.counts == {
         "waiting": 0,
         "running": 0,
+        "paused": 0,
         "complete": 1,
         "pruned": 0,
         "failed": 1,

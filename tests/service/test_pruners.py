@@ -230,3 +230,32 @@ def test_wilcoxon_pairs_the_trial_with_the_best_trials_points(service: StudyServ
         assert service.report(t.id, [MetricInput(step, "loss", 0.3)]) is False
     assert service.report(t.id, [MetricInput(1, "loss", 0.3)]) is True  # four: p = 1/16
     assert service.storage.get_trial(t.id).pruned["pruner"] == "wilcoxon"
+
+
+class BracketHistory(History):
+    """Values at a step per bracket ``(n, b)`` (the trials whose ``number % n == b``)."""
+
+    def __init__(self, by_bracket: dict[tuple[int, int], dict[int, list[float]]]) -> None:
+        super().__init__({})
+        self.by_bracket = by_bracket
+
+    def values_at(
+        self, step: int, *, complete_only: bool = False, bracket: tuple[int, int] | None = None
+    ) -> list[float]:
+        assert bracket is not None, "hyperband compares within a bracket only"
+        return list(self.by_bracket.get(bracket, {}).get(step, []))
+
+
+def test_hyperband_brackets_start_later_and_compare_within_themselves() -> None:
+    pruner = make_pruner(
+        spec({"type": "hyperband", "min_steps": 1, "reduction_factor": 3, "max_steps": 27})
+    )
+    assert pruner.n_brackets == 4  # first rungs 1, 3, 9, 27 (the last runs to max_steps)
+    assert [pruner.rungs(100, b) for b in range(4)] == [[1, 3, 9], [3, 9], [9], []]
+    history = BracketHistory({(4, 0): {1: [0.9, 0.8]}, (4, 1): {3: [0.1, 0.2]}})
+    # trial 4 (bracket 0) is judged at step 1 among bracket 0 only: last of 3
+    decision = pruner.judge(Report(1, 0.5, None, number=4), history)
+    assert decision is not None and decision.reason["bracket"] == 0
+    assert pruner.judge(Report(1, 0.5, None, number=5), history) is None  # no rung at 1
+    # trial 5 (bracket 1) at step 3: best of its bracket, though worse than bracket 0's
+    assert pruner.judge(Report(3, 0.3, 2, number=5), history) is None

@@ -136,7 +136,7 @@ def test_condition_values_must_exist_and_cycles_are_refused() -> None:
     ("over", "field"),
     [
         ({"sampler": {"type": "annealing"}}, "sampler.type"),
-        ({"pruner": {"type": "hyperband"}}, "pruner.type"),
+        ({"pruner": {"type": "sha"}}, "pruner.type"),
         ({"objective": {"metric": "m", "direction": "up"}}, "objective[0].direction"),
         ({"budget": {"max_trials": 0}}, "budget.max_trials"),
         ({"resources": {"cpus_per_worker": 0}}, "resources.cpus_per_worker"),
@@ -149,6 +149,10 @@ def test_condition_values_must_exist_and_cycles_are_refused() -> None:
         ({"resources": {"workers_per_trial": "2"}}, "resources.workers_per_trial"),
         ({"pruner": {"type": "asha", "reduction_factor": 3.0}}, "pruner.reduction_factor"),
         ({"sampler": {"type": "tpe", "n_startup_trials": True}}, "sampler.n_startup_trials"),
+        ({"pruner": {"type": "median", "mode": "promotion"}}, "pruner"),
+        ({"pruner": {"type": "asha", "mode": "pause"}}, "pruner.mode"),
+        ({"budget": {"max_steps": 0}}, "budget.max_steps"),
+        ({"budget": {"max_worker_seconds": 0}}, "budget.max_worker_seconds"),
     ],
 )
 def test_bad_top_level_fields(over: dict, field: str) -> None:

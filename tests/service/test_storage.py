@@ -50,7 +50,14 @@ def test_a_new_study_runs_and_is_found_by_id_and_name(storage: Storage) -> None:
     sid = add_study(storage, "alpha")
     record = storage.get_study(sid)
     assert (record.name, record.state, record.n_trials) == ("alpha", StudyState.RUNNING, 0)
-    assert record.counts == {"waiting": 0, "running": 0, "complete": 0, "pruned": 0, "failed": 0}
+    assert record.counts == {
+        "waiting": 0,
+        "running": 0,
+        "paused": 0,
+        "complete": 0,
+        "pruned": 0,
+        "failed": 0,
+    }
     assert storage.study_id("alpha") == sid == storage.study_id(str(sid))
     assert storage.spec_of(sid).name == "alpha"
     assert storage.study_seq(sid) == 1

@@ -306,6 +306,8 @@ def test_budget_patch(service: StudyService) -> None:
         "max_concurrent": 5,
         "timeout_s": None,
         "trial_timeout_s": None,
+        "max_steps": None,
+        "max_worker_seconds": None,
     }
     service.ask(sid2)
 

@@ -1,0 +1,105 @@
+"""Paused trials and their promotion (ASHA's promotion variant, see
+:mod:`hpo.service.pruners.asha`): which paused trial the next free slot resumes, and whether its
+checkpoint can be resumed from.
+
+Everything here reads inside a transaction the caller holds; the decision to promote is taken
+again under the study's row lock by the one who promotes (``asking``), so two askers, or two
+servers, never promote past a rung's ``floor(n/η)``.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from hpo.service.db.models import Study
+from hpo.service.pruners import make_pruner
+from hpo.service.pruners.asha import AshaPruner, Promotion
+from hpo.service.spec import StudySpec
+from hpo.service.storage import metrics, trials
+
+
+def promotes(spec: StudySpec) -> bool:
+    """Whether the study's trials pause at rungs and wait to be promoted."""
+    return spec.pruner.type in ("asha", "hyperband") and spec.pruner.mode == "promotion"
+
+
+def candidates(
+    s: Session, study: Study, spec: StudySpec, *, settled_only: bool = False
+) -> list[Promotion]:
+    """The paused trials of the study that may be promoted now, best first (none unless the
+    study promotes). ``settled_only``: only those whose pausing attempt has ended (what an
+    asker may resume); without it, also those still saving their checkpoint (what keeps the
+    study from completing)."""
+    if not promotes(spec):
+        return []
+    paused = trials.paused(s, study.id, settled_only=settled_only)
+    if not paused:
+        return []
+    pruner = make_pruner(spec)
+    assert isinstance(pruner, AshaPruner)
+    numbers = trials.numbers(s, list(paused))
+    out: list[Promotion] = []
+    for bracket in sorted({pruner.bracket_of(n) for n in numbers.values()}):
+        mine = {t: last for t, last in paused.items() if pruner.bracket_of(numbers[t]) == bracket}
+        peers = None if pruner.n_brackets == 1 else (pruner.n_brackets, bracket)
+        rungs = pruner.rungs(max(mine.values()), bracket)
+        values = {
+            rung: metrics.values_at_by_trial(s, study.id, pruner.metric, rung, peers)
+            for rung in rungs
+        }
+        out += pruner.promotion_order(mine, values, bracket)
+    # across brackets too: the highest rung (in steps) first, then the best value
+    sign = -1 if pruner.direction == "maximize" else 1
+    out.sort(key=lambda p: (-p.reason["step"], sign * p.reason["value"], p.trial_id))
+    return out
+
+
+def resume_point(checkpoint: str | None, last_step: int | None) -> str | None:
+    """The checkpoint a promoted trial resumes from: the one its attempt saved at the trial's
+    last stored step (the pause step) when it is there, else the newest recorded. An attempt
+    told to pause late (the answer came after it had run on) saved a newer checkpoint whose
+    points were dropped; resuming from it would leave a gap in the curve."""
+    if checkpoint is None or last_step is None:
+        return checkpoint
+    folder, _, name = checkpoint.rstrip("/").rpartition("/")
+    at_pause = f"{folder}/checkpoint-{last_step:06d}"
+    if not folder or name == at_pause.rpartition("/")[2]:
+        return checkpoint
+    return at_pause if checkpoint_problem(at_pause) is None else checkpoint
+
+
+def checkpoint_problem(path: str | None) -> str | None:
+    """Why a paused trial cannot resume from ``path`` (missing, or not readable as a
+    checkpoint), or None. Reads ``meta.json`` and the archive directory of ``state.pt``, not
+    the tensors: the control plane does not load the model."""
+    if path is None:
+        return "it paused without saving a checkpoint"
+    from hpo.workers import storage
+
+    where = storage.location(path)
+    try:
+        if isinstance(where, Path):
+            meta = json.loads((where / "meta.json").read_text())
+            state = where / "state.pt"
+            if not zipfile.is_zipfile(state):
+                return f"its checkpoint {path} is unreadable: state.pt is not a torch archive"
+            with zipfile.ZipFile(state) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"its checkpoint {path} is unreadable: {bad} in state.pt is corrupt"
+        else:
+            fs, key = storage.filesystem(where)
+            meta = json.loads(fs.cat_file(f"{key}/meta.json"))
+            if not fs.exists(f"{key}/state.pt"):
+                return f"its checkpoint {path} is missing state.pt"
+    except FileNotFoundError as exc:
+        return f"its checkpoint {path} is missing ({exc.filename or exc})"
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        return f"its checkpoint {path} is unreadable: {exc}"
+    if not isinstance(meta, dict) or "step" not in meta:
+        return f"its checkpoint {path} is unreadable: meta.json names no step"
+    return None

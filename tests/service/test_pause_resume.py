@@ -1,0 +1,67 @@
+"""Promotion ASHA on a real local Ray with DDP world size 2 (gloo): a trial pauses at its rung
+(every rank stops at the same step, the checkpoint is saved, its placement group goes back to
+the pool) and, once promoted, resumes from that checkpoint as a new attempt of the same trial,
+its curve continuing where it paused. The control plane is killed (SIGKILL) while a trial is
+paused; after the restart the study finishes as it would have."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.service.test_dispatch import finished, start_server, synthetic
+
+pytestmark = pytest.mark.ray
+
+
+def test_paused_ddp_trial_is_promoted_and_resumes_from_its_checkpoint_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    server = start_server(tmp_path)
+    try:
+        client = server.client()
+        study = client.create_study(
+            synthetic(
+                "promote",
+                budget={"max_trials": 2, "max_concurrent": 1},
+                pruner={
+                    "type": "asha",
+                    "mode": "promotion",
+                    "min_steps": 2,
+                    "reduction_factor": 2,
+                    "max_steps": 4,
+                },
+                trainable={"name": "synthetic", "config": {"steps": 4, "step_s": 0.2}},
+            )
+        )
+        first = wait_for(lambda: study.trials(state="paused"), 180, "a paused trial")[0]
+        server.kill()  # SIGKILL the control plane (and its local Ray) while it is paused
+        server.start()
+        client = server.client()
+        study = client.study(study.id)
+        finished(study, timeout=180)
+        trials = {t.number: client.trial(t.id) for t in study.trials()}
+        assert sorted(trials) == [0, 1] and study.record.counts["paused"] == 0
+        done = next(t for t in trials.values() if t.state == "complete")
+        other = next(t for t in trials.values() if t.state != "complete")
+        assert other.state == "pruned" and other.last_step == 2
+        # the winner paused at step 2 and was promoted: a new attempt, not a retry
+        states = [e.state for e in done.events]
+        assert "paused" in states and states.index("paused") < states.index("complete")
+        promoted = next(e for e in done.events if e.state == "waiting")
+        assert "promoted" in promoted.detail and "rank 1 of 2" in promoted.detail
+        assert not any("retrying" in (e.detail or "") for e in done.events)
+        # its curve continues: steps 1-4 once each, 3 and 4 from the resumed attempt
+        points = study.metrics(done.id, "loss")
+        assert [p.step for p in points] == [1, 2, 3, 4]
+        resumed = {p.step: p.attempt for p in points}
+        assert resumed[1] == resumed[2] == 1 and resumed[3] == resumed[4] == done.attempts > 1
+        assert [round(p.value, 6) for p in points] == sorted(
+            (round(p.value, 6) for p in points), reverse=True
+        )
+        assert done.placement["world_size"] == 2 and done.placement["attempt"] == done.attempts
+        assert first.id in {done.id, other.id}
+    finally:
+        server.stop()

@@ -1,0 +1,289 @@
+"""Promotion ASHA on a real database: trials pause at rungs, the top 1/η of a rung are resumed
+(same number, a new attempt, no retry spent) before any new trial starts, every pause and
+promotion is in the trial's history, and concurrent askers never promote past floor(n/η)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpo.service.errors import BudgetSpent
+from hpo.service.executor import AttemptRef
+from hpo.service.records import MetricInput
+from hpo.service.scheduler import Scheduler
+from hpo.service.spec import StudySpec
+from hpo.service.studies import StudyService
+from hpo.workers import checkpoints
+from tests.conftest import simple_spec
+from tests.service.fake_executor import FakeCluster, FakeExecutor
+
+PROMOTION = {"type": "asha", "mode": "promotion", "min_steps": 1, "reduction_factor": 2}
+
+
+def create(service: StudyService, name: str, **over: object) -> int:
+    spec = simple_spec(
+        name,
+        budget={"max_trials": 4},
+        pruner={**PROMOTION, "max_steps": 4},
+        resources={"workers_per_trial": 1, "cpus_per_worker": 1},
+        trainable={"name": "synthetic", "config": {"steps": 4}},
+    )
+    spec.update(over)
+    return service.create_study(StudySpec.model_validate(spec)).id
+
+
+def report(service: StudyService, trial_id: int, step: int, loss: float) -> bool:
+    return service.report(trial_id, [MetricInput(step, "loss", loss)])
+
+
+def save(
+    service: StudyService, executor: FakeExecutor, ref: AttemptRef, tmp_path: Path, step: int
+) -> str:
+    """A real checkpoint where the scheduler puts the attempt's (see ``_trial_dir``)."""
+    study_id = service.storage.get_trial(ref.trial_id, events=False).study_id
+    folder = tmp_path / f"study-{study_id}" / f"trial-{ref.trial_id}" / f"attempt-{ref.attempt}"
+    path = checkpoints.write(folder, step, {"w": torch.zeros(2)}, {"step": step})
+    executor.checkpoint(ref, str(path), step)
+    return str(path)
+
+
+def states(service: StudyService, study_id: int) -> dict[int, str]:
+    return {t.number: str(t.state) for t in service.storage.list_trials(study_id)[0]}
+
+
+def test_trials_pause_at_rungs_and_the_best_are_promoted_before_new_trials(
+    service: StudyService, tmp_path: Path
+) -> None:
+    executor = FakeExecutor(FakeCluster(capacity={"CPU": 4.0}))
+    scheduler = Scheduler(
+        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+    )
+    study_id = create(service, "promoted")
+    scheduler.tick()
+    first = sorted(executor.launched)
+    assert len(first) == 4
+    losses = {ref.trial_id: loss for ref, loss in zip(first, [0.4, 0.3, 0.2, 0.1], strict=True)}
+    for ref in first:
+        executor.place(ref)
+        assert report(service, ref.trial_id, 1, losses[ref.trial_id]) is True  # pause
+    # every one paused at rung 0: none is promoted while its attempt has not ended
+    assert set(states(service, study_id).values()) == {"paused"}
+    study = service.storage.get_study(study_id)
+    assert study.counts["paused"] == 4 and study.state == "running"
+    for ref in first:
+        save(service, executor, ref, tmp_path, 1)
+        executor.finish(ref)
+    scheduler.tick()  # attempts end (released), then the top floor(4/2) = 2 are promoted
+    promoted = sorted(executor.launched[4:])
+    assert {r.trial_id for r in promoted} == {first[2].trial_id, first[3].trial_id}
+    assert all(r.attempt == 2 for r in promoted)  # same trial, next attempt, no new trial
+    assert service.storage.get_study(study_id).n_trials == 4
+    best = service.storage.get_trial(first[3].trial_id)
+    assert best.state == "running" and best.attempts == 2 and best.error is None
+    history = [(e.state, e.detail) for e in best.events]
+    paused = next(d for s, d in history if s == "paused")
+    assert "rank 1 of 4" in paused and "promotable: top 2" in paused
+    promotion = next(d for s, d in history if s == "waiting")
+    assert "promoted" in promotion and "rank 1 of 4" in promotion and "threshold 0.2" in promotion
+    # the two promoted pause at rung 1 (step 2); only the better one goes on
+    for ref, loss in zip(promoted, [0.15, 0.05], strict=True):
+        executor.place(ref)
+        assert report(service, ref.trial_id, 2, loss) is True
+        save(service, executor, ref, tmp_path, 2)
+        executor.finish(ref)
+    scheduler.tick()
+    (last,) = executor.launched[6:]
+    assert last == AttemptRef(first[3].trial_id, 3)
+    executor.place(last)
+    assert report(service, last.trial_id, 4, 0.01) is False  # the top rung: no pause
+    executor.finish(last, loss=0.01)
+    scheduler.tick()
+    study = service.storage.get_study(study_id)
+    assert study.state == "completed"
+    assert study.counts == {
+        "waiting": 0,
+        "running": 0,
+        "paused": 0,
+        "complete": 1,
+        "pruned": 3,
+        "failed": 0,
+    }
+    pruned = service.storage.get_trial(first[0].trial_id)
+    assert pruned.events[-1].state == "pruned" and "without promoting" in pruned.events[-1].detail
+
+
+def test_a_paused_trial_whose_checkpoint_is_gone_fails_with_that_reason(
+    service: StudyService, tmp_path: Path
+) -> None:
+    executor = FakeExecutor(FakeCluster(capacity={"CPU": 2.0}))
+    scheduler = Scheduler(
+        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+    )
+    study_id = create(service, "lost", budget={"max_trials": 2})
+    scheduler.tick()
+    refs = sorted(executor.launched)
+    paths = []
+    for ref, loss in zip(refs, [0.5, 0.1], strict=True):
+        executor.place(ref)
+        report(service, ref.trial_id, 1, loss)
+        paths.append(save(service, executor, ref, tmp_path, 1))
+        executor.finish(ref)
+    (Path(paths[1]) / "state.pt").write_bytes(b"not a torch archive")
+    scheduler.tick()
+    broken = service.storage.get_trial(refs[1].trial_id)
+    assert broken.state == "failed" and "unreadable" in broken.error
+    assert broken.events[-1].detail.startswith("cannot resume: its checkpoint")
+    assert len(executor.launched) == 2  # nothing was launched for it
+    assert states(service, study_id) == {0: "pruned", 1: "failed"}
+
+
+@pytest.mark.parametrize("askers", [8])
+def test_concurrent_askers_promote_at_most_floor_n_over_eta(
+    service: StudyService, askers: int
+) -> None:
+    spec = simple_spec("race", budget={"max_trials": 8}, pruner={**PROMOTION, "max_steps": 8})
+    study_id = service.create_study(StudySpec.model_validate(spec)).id
+    trials = [service.ask(study_id) for _ in range(8)]
+    for i, trial in enumerate(trials):
+        assert report(service, trial.id, 1, float(i)) is True
+    promoted: list[int] = []
+    refused: list[Exception] = []
+    barrier = threading.Barrier(askers)
+
+    def ask() -> None:
+        barrier.wait()
+        try:
+            promoted.append(service.ask(study_id).id)
+        except BudgetSpent as exc:
+            refused.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(askers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    # floor(8/2) = 4 promoted, each once, the four best; the other askers are refused
+    assert sorted(promoted) == sorted(t.id for t in trials[:4])
+    assert len(refused) == askers - 4
+    assert service.storage.get_study(study_id).n_trials == 8
+
+
+def test_max_steps_is_exact_under_concurrent_reports(service: StudyService) -> None:
+    spec = simple_spec("steps", budget={"max_trials": 6, "max_steps": 23})
+    study_id = service.create_study(StudySpec.model_validate(spec)).id
+    trials = [service.ask(study_id) for _ in range(6)]
+    barrier = threading.Barrier(len(trials))
+    stopped_at: dict[int, int] = {}
+
+    def train(trial_id: int) -> None:
+        barrier.wait()
+        for step in range(1, 11):
+            if report(service, trial_id, step, 1.0 / step):
+                stopped_at[trial_id] = step
+                return
+        service.tell(trial_id, value=0.1)  # ran all its steps before the budget was spent
+
+    threads = [threading.Thread(target=train, args=(t.id,)) for t in trials]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stored = [len(service.storage.metrics(t.id, name="loss")) for t in trials]
+    assert sum(stored) == 23  # 6 x 10 steps wanted; exactly the budget was stored
+    records = [service.storage.get_trial(t.id) for t in trials]
+    assert sum(r.last_step or 0 for r in records) == 23
+    assert {r.state for r in records} <= {"pruned", "complete"} and stopped_at
+    assert any("budget.max_steps (23) spent" in r.events[-1].detail for r in records)
+    study = service.storage.get_study(study_id)
+    assert study.state == "completed" and study.state_reason == "budget.max_steps spent"
+
+
+def test_max_worker_seconds_stops_trials_and_new_asks_once_used(service: StudyService) -> None:
+    spec = simple_spec("compute", budget={"max_trials": 6, "max_worker_seconds": 0.6})
+    study_id = service.create_study(StudySpec.model_validate(spec)).id
+    a, b = service.ask(study_id), service.ask(study_id)
+    assert report(service, a.id, 1, 0.5) is False  # ~0 s used so far
+    time.sleep(0.4)  # two running attempts: 0.8 worker-seconds
+    with pytest.raises(BudgetSpent) as refused:
+        service.ask(study_id)
+    assert refused.value.field == "budget.max_worker_seconds"
+    assert report(service, a.id, 2, 0.4) is True  # pruned at its last stored step
+    assert report(service, b.id, 1, 0.3) is True
+    trial = service.storage.get_trial(a.id)
+    assert trial.state == "pruned" and trial.last_step == 1
+    assert "budget.max_worker_seconds (0.6) spent" in trial.events[-1].detail
+    assert [p.step for p in service.storage.metrics(a.id)] == [1]
+    study = service.storage.get_study(study_id)
+    assert study.state == "completed" and study.state_reason == "budget.max_worker_seconds spent"
+
+
+def test_a_new_scheduler_releases_what_a_dead_one_paused(
+    service: StudyService, tmp_path: Path
+) -> None:
+    cluster = FakeCluster(capacity={"CPU": 2.0})
+    executor = FakeExecutor(cluster)
+    old = Scheduler(
+        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+    )
+    create(service, "takeover", budget={"max_trials": 2})
+    old.tick()
+    refs = sorted(executor.launched)
+    for ref, loss in zip(refs, [0.5, 0.1], strict=True):
+        executor.place(ref)
+        report(service, ref.trial_id, 1, loss)
+        save(service, executor, ref, tmp_path, 1)
+    old.release()  # the old control plane dies before it saw the attempts end...
+    for ref in refs:
+        executor.lose(ref)  # ...and its local cluster with it
+    fresh = FakeExecutor(cluster)
+    new = Scheduler(
+        service, fresh, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+    )
+    new.tick()  # adopts: the paused trials are released, the best one promoted
+    (resumed,) = fresh.launched
+    assert resumed == AttemptRef(refs[1].trial_id, 2)
+    assert service.storage.get_trial(refs[0].trial_id).state == "paused"
+
+
+def test_hyperband_brackets_pause_and_promote_within_their_own_bracket(
+    service: StudyService,
+) -> None:
+    hyperband = {**PROMOTION, "type": "hyperband", "max_steps": 3}  # brackets 0 and 1
+    spec = simple_spec("hb", budget={"max_trials": 4}, pruner=hyperband)
+    study_id = service.create_study(StudySpec.model_validate(spec)).id
+    trials = [service.ask(study_id) for _ in range(4)]  # numbers 0, 2: bracket 0; 1, 3: 1
+    losses = {0: 0.5, 1: 0.9, 2: 0.4, 3: 0.1}
+    paused = [report(service, t.id, 1, losses[t.number]) for t in trials]
+    assert paused == [True, False, True, False]  # bracket 0's first rung is step 1
+    assert report(service, trials[0].id, 2, 0.01) is True  # paused: its late point is dropped
+    for t in trials[1::2]:  # bracket 1's first rung is step 2
+        assert report(service, t.id, 2, losses[t.number]) is True
+    pause = service.storage.get_trial(trials[3].id).events[-1]
+    assert pause.state == "paused" and "rung 0 (step 2), rank 1 of 2" in pause.detail
+    # each bracket promotes its own top floor(2/2) = 1: #3 (bracket 1) and #2 (bracket 0)
+    assert [service.ask(study_id).number for _ in range(2)] == [3, 2]
+    with pytest.raises(BudgetSpent):
+        service.ask(study_id)
+
+
+def test_a_late_paused_attempt_resumes_from_the_pause_step_not_past_it(
+    service: StudyService, tmp_path: Path
+) -> None:
+    study_id = create(service, "late", budget={"max_trials": 2})
+    a, b = service.ask(study_id, dispatched=True), service.ask(study_id, dispatched=True)
+    assert report(service, a.id, 1, 0.5) is True
+    assert report(service, b.id, 1, 0.1) is True
+    assert report(service, b.id, 2, 0.05) is True  # ran on before the answer: dropped
+    folder = tmp_path / f"trial-{b.id}" / "attempt-1"
+    saved = [
+        checkpoints.write(folder, step, {"w": torch.zeros(1)}, {"step": step}) for step in (1, 2)
+    ]
+    service.storage.set_checkpoint(b.id, str(saved[1]))  # the newest, as the scheduler saw it
+    promoted = service.ask(study_id, dispatched=True)
+    assert promoted.id == b.id and promoted.attempts == 2
+    assert promoted.resume_from == str(saved[0])  # the pause step: the curve has no gap
+    assert [p.step for p in service.storage.metrics(b.id)] == [1]
