@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -85,7 +86,7 @@ def report(
                 if _stale(verdict):
                     verdict = _recheck(s, study, trial, points, verdict)
                 kept, cut = _within_budget(s, study, trial, chunk)
-                inserted += metrics.add(s, trial, kept, utcnow())
+                inserted += _store_points(s, trial, kept, utcnow(), ids=True)
                 if cut is not None:
                     _spend_last_steps(s, study, trial, kept, cut)
                     return True
@@ -154,12 +155,11 @@ def _finish_report(
         if _stale(verdict):
             verdict = _recheck(s, study, trial, points, verdict)
         kept, cut = _within_budget(s, study, trial, chunks[-1])
-        metrics.add(s, trial, kept, now, ids=False)
+        _store_points(s, trial, kept, now, ids=False)
         if cut is not None:
             _spend_last_steps(s, study, trial, kept, cut)
             return True
         decision = verdict.decision
-        trial.last_step = max(trial.last_step or 0, *(p.step for p in points))
         if isinstance(decision, PauseDecision):  # at a rung: checkpoint, free the workers
             transitions.pause(s, study, trial, decision.reason, now=now)
             return True
@@ -215,6 +215,19 @@ def _spend_last_steps(
     )
 
 
+def _store_points(
+    s: Session, trial: Trial, points: Sequence[MetricInput], now: datetime, *, ids: bool
+) -> list[int]:
+    """Store one commit's points of a report (the one place a report writes metric points)
+    and move the trial's ``last_step`` past them (:func:`_to_judge` relies on no point lying
+    above it). Returns the ids of the rows inserted when ``ids``."""
+    if not points:
+        return []
+    inserted = metrics.add(s, trial, points, now, ids=ids)
+    trial.last_step = max(trial.last_step or 0, *(p.step for p in points))
+    return inserted
+
+
 def _running(
     s: Session,
     trial_id: int,
@@ -228,10 +241,9 @@ def _running(
     attempt; the trial is None when it should stop (pruned, or its study stopped). Raises
     StaleAttempt, TrialFinished."""
     if lock:
-        study, trial = trials.lock(s, trial_id, params=False)
+        study, trial = trials.lock(s, trial_id, params=False, key_share=True)
     else:
-        trial = trials.get_trial(s, trial_id, params=False)
-        study = studies.get(s, trial.study_id)
+        study, trial = trials.with_study(s, trial_id)
     fence(trial, token, attempt, unnamed_first_only=unnamed_first_only)
     stopped = (TrialState.PRUNED, TrialState.PAUSED)  # a paused attempt's late points: dropped
     if trial.state in stopped or study.state == StudyState.STOPPED:
@@ -256,7 +268,11 @@ def _to_judge(
     steps = sorted({p.step for p in points if p.name == metric})
     if not steps:
         return {}
-    stored = metrics.steps_between(s, trial.id, metric, steps[0], steps[-1])
+    # No point of the trial lies above its last_step (each commit of a report moves it).
+    if trial.last_step is not None and steps[0] <= trial.last_step:
+        stored = metrics.steps_between(s, trial.id, metric, steps[0], steps[-1])
+    else:
+        stored = set()
     new = [step for step in steps if step not in stored]
     below = metrics.step_below(s, trial.id, metric, steps[0])
     known = sorted({*stored, *steps})
@@ -289,7 +305,13 @@ def _judge(
         return None if best is None else best.id
 
     history = metrics.PruningHistory(
-        s, trial.study_id, trial.id, pruner.metric, reported=first, best_trial=best_trial
+        s,
+        trial.study_id,
+        trial.id,
+        pruner.metric,
+        steps=list(judged),
+        reported=first,
+        best_trial=best_trial,
     )
     for step in sorted(first):
         decision = pruner.judge(Report(step, first[step], judged[step], trial.number), history)

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import threading
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from itertools import groupby, islice
 from typing import Any
 
 from cachetools import LRUCache
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, bindparam, func, select, text
 from sqlalchemy import delete as sa_delete
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -34,12 +34,18 @@ def add(
 ) -> list[int]:
     """Store ``points`` under the trial's current attempt, each at most once: a point that
     attempt already stored (same name and step, e.g. a batch sent again after its answer was
-    lost) is left as it is (insert-or-ignore on UNIQUE(trial, attempt, name, step)). Returns
-    the ids of the rows it inserted (not of those left as they were); with ``ids=False``
-    returns nothing and inserts in one plain executemany (no RETURNING, no ORM bulk path:
-    the cheapest way in, for points no one needs to delete again)."""
+    lost) is left as it is (insert-or-ignore on UNIQUE(trial, attempt, name, step); of one
+    step sent twice in a batch, the first value is stored). Returns the ids of the rows it
+    inserted (not of those left as they were); with ``ids=False`` returns nothing.
+
+    One statement whatever the batch: on PostgreSQL an ``INSERT ... SELECT FROM unnest(...)``
+    of three arrays (one round trip, where an executemany sends one statement per point),
+    on SQLite an executemany (a loop in C, no round trips).
+    """
     if not points:
         return []
+    if session.bind.dialect.name != "sqlite":
+        return _add_postgresql(session, trial, points, now, ids=ids)
     rows = [
         {
             "trial_id": trial.id,
@@ -53,12 +59,42 @@ def add(
         for p in points
     ]
     table = MetricPoint.__table__
-    insert = sqlite_insert if session.bind.dialect.name == "sqlite" else postgresql_insert
-    stmt = insert(table).on_conflict_do_nothing()
+    stmt = sqlite_insert(table).on_conflict_do_nothing()
     if not ids:
         session.execute(stmt, rows)
         return []
     return list(session.execute(stmt.returning(table.c.id), rows).scalars())
+
+
+_UNNEST_INSERT = """
+INSERT INTO metric_points (trial_id, study_id, attempt, step, name, value, time)
+SELECT :trial_id, :study_id, :attempt, u.step, u.name, u.value, :time
+FROM unnest(CAST(:steps AS BIGINT[]), CAST(:names AS VARCHAR[]), CAST(:values AS FLOAT8[]))
+    WITH ORDINALITY AS u(step, name, value, n)
+ORDER BY u.n
+ON CONFLICT DO NOTHING
+"""
+
+
+def _add_postgresql(
+    session: Session, trial: Trial, points: Sequence[MetricInput], now: datetime, *, ids: bool
+) -> list[int]:
+    stmt = text(_UNNEST_INSERT + (" RETURNING id" if ids else "")).bindparams(
+        bindparam("time", type_=MetricPoint.__table__.c.time.type)
+    )
+    result = session.execute(
+        stmt,
+        {
+            "trial_id": trial.id,
+            "study_id": trial.study_id,
+            "attempt": trial.attempts,
+            "time": now,
+            "steps": [p.step for p in points],
+            "names": [p.name for p in points],
+            "values": [float(p.value) for p in points],
+        },
+    )
+    return list(result.scalars()) if ids else []
 
 
 # Ids per DELETE: well under SQLite's limit of bound parameters in one statement.
@@ -230,7 +266,9 @@ def _complete_cache(session: Session) -> LRUCache:
 class PruningHistory:
     """Answers a pruner's questions about the other trials of a study from ``metric_points``
     (the :class:`hpo.service.pruners.base.PruningHistory` a pruner reads). The complete
-    trials' values at a step are kept in memory between reports (see ``_COMPLETE_AT``)."""
+    trials' values at a step are kept in memory between reports (see ``_COMPLETE_AT``);
+    ``steps``, the steps the pruner is about to judge, are loaded together at the first of
+    them not in memory (two queries, where one a step would be a round trip each)."""
 
     def __init__(
         self,
@@ -239,18 +277,21 @@ class PruningHistory:
         trial_id: int,
         metric: str,
         *,
+        steps: Sequence[int] = (),
         reported: dict[int, float] | None = None,
         best_trial: Callable[[], int | None] | None = None,
     ) -> None:
-        """``reported``: the judged report's own values of the metric by step;
-        ``best_trial``: the id of the study's best complete trial (None when there is none),
-        asked only by a pruner that compares with it."""
+        """``steps``: the steps the pruner is about to judge; ``reported``: the judged
+        report's own values of the metric by step; ``best_trial``: the id of the study's best
+        complete trial (None when there is none), asked only by a pruner that compares with
+        it."""
         self.session = session
         self.study_id = study_id
         self.trial_id = trial_id
         self.metric = metric
         self.reported = reported or {}
         self._best_trial = best_trial
+        self.steps = sorted(set(steps))
         self._n_complete: int | None = None
 
     def values_at(
@@ -296,20 +337,33 @@ class PruningHistory:
 
     def _complete_at(self, step: int) -> dict[int, float]:
         """``{complete trial id: value at its first step >= step}``, from memory when the
-        count of complete trials is the one cached, else one query: an index lookup per
-        complete trial (not a scan of every point of the study above ``step``)."""
+        count of complete trials is the one cached, else loaded (with the steps of
+        ``self.steps`` above it that are not in memory either)."""
         key = (self.study_id, self.metric, step, self.n_complete())
         with _COMPLETE_AT_LOCK:
             cache = _complete_cache(self.session)
             found = cache.get(key)
+            missing = [s for s in self.steps if s > step and (*key[:2], s, key[3]) not in cache]
         if found is not None:
             return found
+        n, loaded = self._load_complete_at([step, *missing])
+        with _COMPLETE_AT_LOCK:
+            for at, values in loaded.items():
+                cache[(*key[:2], at, n)] = values
+        return loaded[step]
+
+    def _load_complete_at(self, steps: list[int]) -> tuple[int, dict[int, dict[int, float]]]:
+        """The count of complete trials the queries saw (the cache's key) and their values at
+        each of ``steps`` (ascending), ``{step: {trial id: value}}``: one index lookup per trial
+        at the last step (never a scan of every point of the study above it), and the points
+        between the first and the last step."""
+        last = steps[-1]
         first = (
             select(MetricPoint.value)
             .where(
                 MetricPoint.trial_id == Trial.id,
                 MetricPoint.name == self.metric,
-                MetricPoint.step >= step,
+                MetricPoint.step >= last,
             )
             .order_by(MetricPoint.step, MetricPoint.attempt.desc())
             .limit(1)
@@ -321,11 +375,39 @@ class PruningHistory:
                 Trial.study_id == self.study_id, Trial.state == TrialState.COMPLETE.value
             )
         ).all()
-        found = {trial_id: value for trial_id, value in rows if value is not None}
         # Keyed by the count this query saw (a trial may have completed since n_complete).
-        with _COMPLETE_AT_LOCK:
-            cache[(*key[:3], len(rows))] = found
-        return found
+        n = len(rows)
+        at_last = {trial_id: value for trial_id, value in rows if value is not None}
+        out = {last: at_last}
+        if len(steps) == 1:
+            return n, out
+        curves: dict[int, tuple[list[int], list[float]]] = {t: ([], []) for t, _ in rows}
+        between = self.session.execute(
+            select(MetricPoint.trial_id, MetricPoint.step, MetricPoint.value)
+            .join(Trial, Trial.id == MetricPoint.trial_id)
+            .where(
+                Trial.study_id == self.study_id,
+                Trial.state == TrialState.COMPLETE.value,
+                MetricPoint.name == self.metric,
+                MetricPoint.step.between(steps[0], last - 1),
+            )
+            .order_by(MetricPoint.trial_id, MetricPoint.step, MetricPoint.attempt.desc())
+        )
+        for trial_id, at, value in between:
+            curve = curves.get(trial_id)  # None: completed after the first query
+            if curve is not None and (not curve[0] or curve[0][-1] != at):
+                curve[0].append(at)  # of a step stored by several attempts, the newest
+                curve[1].append(value)
+        for step in steps[:-1]:
+            values = {}
+            for trial_id, (at, value) in curves.items():
+                i = bisect_left(at, step)
+                if i < len(at):
+                    values[trial_id] = value[i]
+                elif trial_id in at_last:
+                    values[trial_id] = at_last[trial_id]
+            out[step] = values
+        return n, out
 
     def trial_values(self) -> dict[int, float]:
         """The trial's values of the metric by step: stored (newest attempt's) and reported."""

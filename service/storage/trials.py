@@ -20,7 +20,7 @@ from hpo.service.records import ACTIVE_STATES
 from hpo.service.samplers.base import ObservedTrial
 from hpo.service.states import NEW_TRIAL_STATE, TrialState
 from hpo.service.storage import events, metrics
-from hpo.service.storage.studies import MAX_PAGE, get, touch
+from hpo.service.storage.studies import MAX_PAGE, touch
 
 _ACTIVE = [s.value for s in ACTIVE_STATES]
 _CHUNK = 500  # ids per IN (...) list: SQLite caps the variables of one statement
@@ -38,14 +38,43 @@ def get_trial(session: Session, trial_id: int, *, params: bool = True) -> Trial:
     return trial
 
 
-def lock(session: Session, trial_id: int, *, params: bool = True) -> tuple[Study, Trial]:
+def lock(
+    session: Session, trial_id: int, *, params: bool = True, key_share: bool = False
+) -> tuple[Study, Trial]:
     """The trial (with its parameters unless ``params=False``) and its study, with the
-    study's row locked for writing. Raises TrialNotFound."""
-    study_id = session.scalar(select(Trial.study_id).where(Trial.id == trial_id))
-    if study_id is None:
+    study's row locked for writing. ``key_share``: lock it ``FOR NO KEY UPDATE`` (PostgreSQL),
+    which still serializes the study's writers but lets the foreign-key checks of other
+    transactions' inserts (their ``FOR KEY SHARE``) pass. Raises TrialNotFound.
+
+    On SQLite (the write transaction is already exclusive) one statement reads both rows;
+    on PostgreSQL the trial is read by a statement of its own after the lock is granted, so
+    it is the version the writer that held the lock left (not the one of the locking
+    statement's snapshot)."""
+    if session.bind.dialect.name == "sqlite":
+        both = select(Study, Trial).join(Trial, Trial.study_id == Study.id)
+        if params:
+            both = both.options(selectinload(Trial.params))
+        row = session.execute(both.where(Trial.id == trial_id)).one_or_none()
+        if row is None:
+            raise TrialNotFound(trial_id)
+        return row[0], row[1]
+    study_of = select(Trial.study_id).where(Trial.id == trial_id).scalar_subquery()
+    stmt = select(Study).where(Study.id == study_of).with_for_update(key_share=key_share)
+    study = session.scalars(stmt).one_or_none()
+    if study is None:
         raise TrialNotFound(trial_id)
-    study = get(session, study_id, lock=True)
     return study, get_trial(session, trial_id, params=params)
+
+
+def with_study(session: Session, trial_id: int) -> tuple[Study, Trial]:
+    """The trial (without its parameters) and its study, read in one statement and not
+    locked. Raises TrialNotFound."""
+    row = session.execute(
+        select(Study, Trial).join(Trial, Trial.study_id == Study.id).where(Trial.id == trial_id)
+    ).one_or_none()
+    if row is None:
+        raise TrialNotFound(trial_id)
+    return row[0], row[1]
 
 
 def first_waiting(session: Session, study_id: int) -> int | None:

@@ -285,6 +285,28 @@ def test_pruning_history_sees_other_trials_first_value_at_a_step(storage: Storag
         assert history.n_complete() == 1
 
 
+def test_pruning_history_loads_the_steps_to_judge_together_and_answers_each_as_alone(
+    storage: Storage,
+) -> None:
+    sid = add_study(storage)
+    ids = [add_trial(storage, sid) for _ in range(4)]
+    curves = ({1: 5.0, 3: 4.0, 8: 3.0}, {2: 7.0}, {1: 1.0}, {})
+    for tid, steps in zip(ids, curves, strict=True):
+        with storage.write() as s:
+            _, trial = trials.lock(s, tid)
+            metrics.add(s, trial, [MetricInput(k, "loss", v) for k, v in steps.items()], utcnow())
+    for tid in (ids[0], ids[1], ids[3]):
+        complete(storage, tid, 1.0)
+    expected = {1: [5.0, 7.0], 2: [4.0, 7.0], 3: [4.0], 5: [3.0], 9: []}
+    with storage.read() as s:
+        history = metrics.PruningHistory(s, sid, ids[2], "loss", steps=list(expected))
+        seen = {step: sorted(history.values_at(step, complete_only=True)) for step in expected}
+    assert seen == expected
+    with storage.read() as s:  # the same answers from memory, step by step
+        history = metrics.PruningHistory(s, sid, ids[2], "loss")
+        assert {k: sorted(history.values_at(k, complete_only=True)) for k in expected} == expected
+
+
 def test_samplers_observe_every_trial_and_pruned_ones_last_value(storage: Storage) -> None:
     sid = add_study(storage)
     ids = [add_trial(storage, sid, x) for x in (1.0, 2.0)]
