@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             check_trainable=_check_trainable,
             on_change=wake.set if settings.scheduler else None,
             histories=Histories(settings.sampler_cache_studies, settings.sampler_cache_trials),
+            ask_wait_s=settings.ask_wait_s,
         )
         app.state.service = service
         service.storage.health.watch()  # a freeze of this process holds leases back

@@ -11,10 +11,23 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hpo.api.schemas import ErrorBody
-from hpo.service.errors import Conflict, DatabaseUnavailable, HpoError, InvalidInput, NotFound
+from hpo.service.errors import (
+    Conflict,
+    DatabaseUnavailable,
+    HpoError,
+    InvalidInput,
+    NotFound,
+    SuggestionPending,
+)
 from hpo.service.spec import describe_errors
 
-STATUS = {NotFound: 404, Conflict: 409, InvalidInput: 422, DatabaseUnavailable: 503}
+STATUS = {
+    NotFound: 404,
+    Conflict: 409,
+    InvalidInput: 422,
+    DatabaseUnavailable: 503,
+    SuggestionPending: 503,
+}
 
 # What every API route may answer besides its success, documented once (every error body is
 # an ErrorBody); the app passes this to each router.
@@ -34,7 +47,8 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     503: {
         "model": ErrorBody,
-        "description": "The database is unreachable or busy; retry after `Retry-After` seconds",
+        "description": "The database is unreachable or busy, or a slow suggestion (GP) is "
+        "still being computed; retry after `Retry-After` seconds",
     },
 }
 # What FastAPI says when a body is not UTF-8 text or nests too deeply to parse.
@@ -69,7 +83,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HpoError)
     async def _domain(_: Request, exc: HpoError) -> JSONResponse:
         response = error_response(_status(exc), exc.code, exc.message, exc.field)
-        if isinstance(exc, DatabaseUnavailable):
+        if isinstance(exc, DatabaseUnavailable | SuggestionPending):
             response.headers["Retry-After"] = str(exc.retry_after_s)
         return response
 

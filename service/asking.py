@@ -1,9 +1,11 @@
 """Handing out trials: a waiting (retried) trial first, else a new suggestion of the sampler.
 
-The sampler runs outside any lock (a GP suggestion may take seconds); the trial number is then
-claimed by compare-and-set on the study's ``next_number`` in a short write transaction, and
-the whole is retried when another asker claimed it first. ``StudyService.ask`` calls
-:func:`ask` after expiring stale leases.
+The sampler runs outside any lock; the trial number is then claimed by compare-and-set on the
+study's ``next_number`` in a short write transaction, and the whole is retried when another
+asker claimed it first. A slow sampler (GP: its fit takes seconds and grows as n³) runs off
+the request thread (:class:`Suggestions`): a client's ask waits at most ``HPO_ASK_WAIT_S`` for
+it, then answers 503 with Retry-After while the fit goes on, and the retried ask takes the
+suggestion. ``StudyService.ask`` calls :func:`ask` after expiring stale leases.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from hpo.service import promotions, transitions
+from hpo.service.background import BackgroundJobs, NotReady
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import (
     BudgetSpent,
@@ -20,11 +23,12 @@ from hpo.service.errors import (
     GridExhausted,
     StaleAttempt,
     StudyNotRunning,
+    SuggestionPending,
     TrialFinished,
 )
 from hpo.service.histories import Histories
 from hpo.service.records import ClaimedTrial
-from hpo.service.samplers.base import StudyView, Suggestion
+from hpo.service.samplers.base import Sampler, StudyView, Suggestion
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import Storage, studies, trials
@@ -34,6 +38,43 @@ from hpo.service.storage.transitions import set_trial_state
 MAX_ASK_ATTEMPTS = 50
 
 
+class Suggestions:
+    """Slow samplers' suggestions, computed on background threads and kept by study and trial
+    number until an ask takes them (each is handed out once).
+
+    An ask waits at most ``wait_s`` (None: as long as it takes) for the suggestion of the
+    number it fills, then raises SuggestionPending while the fit goes on; the next ask of
+    that study and number (the client's retry) takes the result instead of fitting again.
+    Fast samplers run on the caller's thread, as do all of them without ``wait_s``.
+    """
+
+    def __init__(self, wait_s: float | None = None, workers: int = 2) -> None:
+        self.wait_s = wait_s
+        self._jobs = BackgroundJobs(workers, keep=256, name="hpo-suggest")
+
+    def suggest(
+        self, study_id: int, sampler: Sampler, view: StudyView, *, dispatched: bool = False
+    ) -> Suggestion:
+        """The sampler's suggestion for ``view.number``; the scheduler's asks
+        (``dispatched``) wait for it as long as it takes. Raises SuggestionPending."""
+        if not sampler.slow or self.wait_s is None:
+            return sampler.suggest(view)
+        wait = None if dispatched else self.wait_s
+        key = (study_id, view.number)
+        try:
+            return self._jobs.take(key, sampler.suggest, view, wait_s=wait)
+        except NotReady:
+            raise SuggestionPending(
+                f"study {study_id}: the {sampler.name} sampler is still computing the "
+                f"suggestion for trial #{view.number}; ask again (it is kept for the retry)",
+                retry_after_s=1,
+            ) from None
+
+    def forget(self, study_id: int) -> None:
+        """Drop the study's kept suggestions (it was deleted)."""
+        self._jobs.forget_where(lambda key: key[0] == study_id)
+
+
 def ask(
     storage: Storage,
     study_id: int,
@@ -41,6 +82,7 @@ def ask(
     dispatched: bool,
     key: str | None = None,
     histories: Histories | None = None,
+    suggestions: Suggestions | None = None,
 ) -> ClaimedTrial:
     """A claimed (running) trial of the study, with the token of its attempt: a waiting one
     first, else a new suggestion.
@@ -56,7 +98,9 @@ def ask(
     or too many concurrent asks), StaleAttempt and TrialFinished (a replayed key, above).
     ``dispatched`` marks a call from the scheduler. ``histories`` holds the sampler's view
     of the study between asks; without it the study's history is read whole (the reference
-    the cached path is tested against).
+    the cached path is tested against). ``suggestions`` runs slow samplers off the request
+    thread with a bounded wait (raising SuggestionPending, HTTP 503, past it); without it
+    every sampler runs on the caller's thread.
     """
     for _ in range(MAX_ASK_ATTEMPTS):
         with storage.read() as s:
@@ -90,7 +134,10 @@ def ask(
             claimed = _promote(storage, study_id, promotable[0].trial_id, spec, dispatched)
         else:
             try:
-                suggestion = sampler.suggest(view)
+                if suggestions is None:
+                    suggestion = sampler.suggest(view)
+                else:
+                    suggestion = suggestions.suggest(study_id, sampler, view, dispatched=dispatched)
             except GridExhausted:
                 complete_if_done(storage, study_id)
                 raise

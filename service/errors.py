@@ -81,6 +81,18 @@ class DatabaseUnavailable(HpoError):
         self.retry_after_s = retry_after_s
 
 
+class SuggestionPending(HpoError):
+    """The sampler's suggestion outlasted the ask's wait (``HPO_ASK_WAIT_S``; HTTP 503 with
+    ``Retry-After``). It goes on in the background and is kept: the retried ask (the same
+    Idempotency-Key or any ask of the study) is answered with it. Nothing was written."""
+
+    code = "suggestion_pending"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, field=None)
+        self.retry_after_s = retry_after_s
+
+
 class StaleAttempt(Conflict):
     """A write made with the token of an attempt that is no longer the trial's current one
     (the trial was requeued and claimed again, or finished by another attempt): nothing of it

@@ -66,6 +66,14 @@ class Settings(BaseSettings):
     # least recently asked dropped first. About 2.5 KB a trial (100,000: ~250 MB).
     sampler_cache_studies: int = Field(default=32, ge=1)
     sampler_cache_trials: int = Field(default=100_000, ge=1)
+    # How long a client's ask waits for a slow sampler's suggestion (GP's fit) before it
+    # answers 503 with Retry-After; the fit goes on and the retried ask gets its result.
+    ask_wait_s: float = Field(default=10.0, gt=0)
+    # How long a dashboard request waits for parameter importance (fitted off the request)
+    # before it answers the last result, or 202, with status "computing"; studies of at most
+    # ``importance_wait_trials`` complete trials (a fit well under a second) always wait.
+    importance_wait_s: float = Field(default=2.0, ge=0)
+    importance_wait_trials: int = Field(default=1_000, ge=0)
     # Request bounds (README "Limits"): a larger body is a 413 before it is read.
     max_body_bytes: int = Field(default=8 * 2**20, ge=1024)
     # Requests a second per API token (per client address without one), in bursts of up to

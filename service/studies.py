@@ -51,7 +51,9 @@ class StudyService:
     every value the space can take) and raises ``ValueError``; the server plugs in the worker
     registry here. ``on_change`` is called after a study is created or updated (the scheduler
     wakes up). ``histories`` keeps each study's sampler history between asks (a bounded
-    cache of its own by default). Every method may raise DatabaseUnavailable.
+    cache of its own by default). ``ask_wait_s`` bounds how long a client's ask waits for a
+    slow sampler's suggestion (GP) before SuggestionPending (HTTP 503; None: no bound, the
+    fit runs on the asking thread). Every method may raise DatabaseUnavailable.
     """
 
     def __init__(
@@ -61,9 +63,11 @@ class StudyService:
         check_trainable: Callable[[StudySpec], None] | None = None,
         on_change: Callable[[], None] | None = None,
         histories: Histories | None = None,
+        ask_wait_s: float | None = None,
     ) -> None:
         self.storage = storage
         self.histories = histories if histories is not None else Histories()
+        self.suggestions = asking.Suggestions(ask_wait_s)
         self.check_trainable = check_trainable
         self.on_change = on_change
 
@@ -126,6 +130,7 @@ class StudyService:
             active = studies.active_trial_ids(s, study_id)
             studies.delete(s, study)
         self.histories.forget(study_id)
+        self.suggestions.forget(study_id)
         return active
 
     # ------------------------------------------------------------------ trials
@@ -138,12 +143,18 @@ class StudyService:
         that key created (see :func:`hpo.service.asking.ask`).
 
         Raises StudyNotRunning, BudgetSpent (GridExhausted), ConcurrencyLimit, Conflict,
-        TrialFinished (the key's trial has finished). ``dispatched`` marks a call from the
+        TrialFinished (the key's trial has finished), SuggestionPending (a slow sampler's
+        suggestion outlasted ``ask_wait_s``: ask again). ``dispatched`` marks a call from the
         scheduler; clients may only ask ask/tell studies.
         """
         self.expire_leases(study_id=study_id)
         return asking.ask(
-            self.storage, study_id, dispatched=dispatched, key=key, histories=self.histories
+            self.storage,
+            study_id,
+            dispatched=dispatched,
+            key=key,
+            histories=self.histories,
+            suggestions=self.suggestions,
         )
 
     def tell(

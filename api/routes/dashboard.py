@@ -26,10 +26,11 @@ from pydantic import BaseModel, Field
 from hpo.api.deps import Cursor, Reader, StudyId, TrialId
 from hpo.api.routes.conditional import NOT_MODIFIED, not_modified
 from hpo.service import analysis
+from hpo.service.background import BackgroundJobs, NotReady
 from hpo.service.errors import InvalidInput
 from hpo.service.records import StudyRecord, TrialRecord
 from hpo.service.spec import ParamValue, StudySpec
-from hpo.service.storage import MAX_PAGE, Storage
+from hpo.service.storage import MAX_PAGE, Storage, parse_spec
 
 router = APIRouter(tags=["dashboard"])
 pages = APIRouter(include_in_schema=False)
@@ -87,22 +88,12 @@ def _trial_series(storage: Storage, trial: TrialRecord, max_points: int) -> dict
     return analysis.metric_series(points, max_points)
 
 
-def _prefetch_series(storage: Storage, trials: list[TrialRecord], max_points: int) -> None:
-    """Load the series of every trial not cached yet, 200 trials per query."""
-    cache, lock = _trial_series.cache, _trial_series.cache_lock
-    with lock:
-        missing = [
-            t
-            for t in trials
-            if t.last_step is not None and _series_key(storage, t, max_points) not in cache
-        ]
-    for start in range(0, len(missing), 200):
-        chunk = missing[start : start + 200]
-        points = storage.metric_points([t.id for t in chunk])
-        series = {t.id: analysis.metric_series(points[t.id], max_points) for t in chunk}
-        with lock:
-            for t in chunk:
-                cache[_series_key(storage, t, max_points)] = series[t.id]
+# Importance and contours are read and fitted on background threads (two at a time), one job
+# per study change (seq): a request waits at most HPO_IMPORTANCE_WAIT_S for it, then answers
+# (importance) the study's last result, or 202, while it goes on.
+_analysis_jobs = BackgroundJobs(workers=2, keep=128, name="hpo-analysis")
+_last_importance: LRUCache = LRUCache(128)  # (study id, objective) -> analysis.Importance
+_last_lock = threading.Lock()
 
 
 @cached(
@@ -115,6 +106,23 @@ def _importance(
 ) -> analysis.Importance:
     """Parameter importance over the complete trials ``fingerprint`` names."""
     return analysis.param_importance(spec, trials, objective)
+
+
+def _fit_contour(
+    storage: Storage, study_id: int, spec: StudySpec, x: str, y: str, objective: int, size: int
+) -> dict[str, Any]:
+    """The background job of a contour (fitted again only when the complete trials changed)."""
+    trials, key = _study_trials(storage, study_id)
+    return _contour(spec, trials, key, x, y, objective, size)
+
+
+def _fit_importance(
+    storage: Storage, study_id: int, spec: StudySpec, objective: int
+) -> analysis.Importance:
+    """The background job: the study's trials as they are now, and their importance (fitted
+    again only when the set of complete trials changed)."""
+    trials, key = _study_trials(storage, study_id)
+    return _importance(spec, trials, key, objective)
 
 
 @cached(
@@ -204,6 +212,11 @@ class ImportanceAnswer(BaseModel):
     importances: dict[str, float]
     n_trials: int
     method: str
+    # Complete trials the forest was fitted on (a sample of n_trials beyond 2,000).
+    n_fitted: int | None = None
+    # "computing": the fit for the study as it is now is under way (202 when there is no
+    # earlier answer to show); ask again after Retry-After.
+    status: Literal["ready", "computing"] = "ready"
 
 
 class MetricSeries(BaseModel):
@@ -242,6 +255,11 @@ class ContourAnswer(BaseModel):
     y: ContourAxis
     z: list[list[float]] = Field(description="`z[j][i]` is at `x.values[i]`, `y.values[j]`.")
     points: list[ContourPoint]
+    # "computing" (with 202, empty z and points): the fit is under way; ask after Retry-After.
+    status: Literal["ready", "computing"] = "ready"
+
+
+_FITTING = "Still fitting (`status: computing`): ask again after Retry-After."
 
 
 def _summary(s: StudyRecord) -> StudySummary:
@@ -311,7 +329,9 @@ def curves(
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ):
     """Learning curves: one downsampled series of ``metric`` (the first objective's by
-    default) per trial whose record or points changed after curves cursor ``since``; pass
+    default; read from the curves kept at rest, at most 120 points with every bucket's
+    extrema; ``/trials/{id}/series`` has the full resolution) per trial whose record or
+    points changed after curves cursor ``since``; pass
     ``cursor`` back as ``since``. The cursor and ETag are the curves' own (metric points move
     them, not the study's ETag)."""
     tag = _curves_tag(storage, study_id, metric, max_points, since, limit)
@@ -322,7 +342,8 @@ def curves(
 
 
 # Pages polling one study ask for the same delta, which its ETag names: the first computes it.
-@cached(LRUCache(16), key=lambda tag, *_: tag, condition=threading.Condition())
+# (64: a first load of 10,000 trials is 10 pages, and a second page opened meanwhile finds them.)
+@cached(LRUCache(64), key=lambda tag, *_: tag, condition=threading.Condition())
 def _curves_page(
     tag: str,
     storage: Storage,
@@ -333,24 +354,27 @@ def _curves_page(
     limit: int,
 ) -> CurvesPage:
     metric = metric or storage.spec_of(study_id).objectives[0].metric
-    trials, cursor = storage.list_trials(study_id, since=since, limit=limit)
-    _prefetch_series(storage, trials, max_points)
-    names: set[str] = set()
+    trials, at_rest, names, cursor = storage.curves_page(study_id, metric, since=since, limit=limit)
     out = []
     for t in trials:
-        series = _trial_series(storage, t, max_points)
-        names.update(series)
-        if metric in series:
-            s = series[metric]
-            out.append(
-                TrialCurve(
-                    trial_id=t.id,
-                    number=t.number,
-                    state=t.state,
-                    last_step=t.last_step,
-                    **s.as_dict(),
-                )
+        curve = at_rest.get(t.id)
+        if curve is None:
+            continue
+        steps, values = curve.points()
+        if len(steps) > max_points:
+            keep = analysis.downsample(values, max_points)
+            steps, values = [steps[i] for i in keep], [values[i] for i in keep]
+        out.append(
+            TrialCurve(
+                trial_id=t.id,
+                number=t.number,
+                state=t.state,
+                last_step=t.last_step,
+                steps=steps,
+                values=values,
+                n=curve.n(),
             )
+        )
     more = len(trials) == limit
     return CurvesPage(metric=metric, names=sorted(names), series=out, cursor=cursor, more=more)
 
@@ -358,7 +382,7 @@ def _curves_page(
 @router.get(
     "/studies/{study_id}/importance",
     response_model=ImportanceAnswer,
-    responses=NOT_MODIFIED,
+    responses={**NOT_MODIFIED, 202: {"model": ImportanceAnswer, "description": _FITTING}},
     operation_id="get_importance",
 )
 def importance(
@@ -368,28 +392,64 @@ def importance(
     response: Response,
     objective: Objective = 0,
 ):
-    """How much each parameter explains the objective (random forest over complete trials;
-    normalised to sum 1)."""
-    tag = _study_tag(storage, study_id, "importance", objective)
+    """How much each parameter explains the objective (random forest over the complete
+    trials, a sample of 2,000 beyond; normalised to sum 1). Fitted off the request: past
+    1,000 complete trials (HPO_IMPORTANCE_WAIT_TRIALS), while a fit takes longer than
+    HPO_IMPORTANCE_WAIT_S (2 s), the answer is the last one with ``status`` "computing", or
+    202 when there is none, with Retry-After."""
+    seq = storage.study_seq(study_id)
+    tag = f'"importance-{study_id}-{seq}-{_digest((objective,))}"'
     if (answer := not_modified(request, tag)) is not None:
         return answer
-    spec = storage.spec_of(study_id)
+    study = storage.get_study(study_id)
+    spec = parse_spec(study.spec)
     objective = _objective(spec, objective)
-    trials, key = _study_trials(storage, study_id)
-    result = _importance(spec, trials, key, objective)
+    wait = _analysis_wait(request, study)
+    job = (study_id, seq, objective)
+    try:
+        fit = _fit_importance
+        result = _analysis_jobs.result(job, fit, storage, study_id, spec, objective, wait_s=wait)
+    except NotReady:
+        # Still fitting: the last answer (or none, 202) and no ETag; ask again shortly.
+        response.headers["Retry-After"] = "1"
+        response.headers["Cache-Control"] = "no-store"
+        with _last_lock:
+            last = _last_importance.get((study_id, objective))
+        if last is None:
+            response.status_code = 202
+            last = analysis.Importance({}, 0)
+        return _importance_answer(objective, last, "computing")
+    with _last_lock:
+        _last_importance[(study_id, objective)] = result
     response.headers["ETag"] = tag
+    return _importance_answer(objective, result, "ready")
+
+
+def _analysis_wait(request: Request, study: StudyRecord) -> float | None:
+    """How long a request waits for an analysis job: as long as it takes for a study of up
+    to HPO_IMPORTANCE_WAIT_TRIALS complete trials (a quick fit), else HPO_IMPORTANCE_WAIT_S."""
+    settings = request.app.state.settings
+    small = study.counts.get("complete", 0) <= settings.importance_wait_trials
+    return None if small else settings.importance_wait_s
+
+
+def _importance_answer(
+    objective: int, result: analysis.Importance, status: str
+) -> ImportanceAnswer:
     return ImportanceAnswer(
         objective=objective,
         importances=result.importances,
         n_trials=result.n_trials,
         method=result.method,
+        n_fitted=result.n_fitted,
+        status=status,
     )
 
 
 @router.get(
     "/studies/{study_id}/contour",
     response_model=ContourAnswer,
-    responses=NOT_MODIFIED,
+    responses={**NOT_MODIFIED, 202: {"model": ContourAnswer, "description": _FITTING}},
     operation_id="get_contour",
 )
 def contour(
@@ -410,10 +470,22 @@ def contour(
     tag = _study_tag(storage, study_id, "contour", x, y, objective, size, points)
     if (answer := not_modified(request, tag)) is not None:
         return answer
-    spec = storage.spec_of(study_id)
+    study = storage.get_study(study_id)
+    spec = parse_spec(study.spec)
     objective = _objective(spec, objective)
-    trials, key = _study_trials(storage, study_id)
-    result = _contour(spec, trials, key, x, y, objective, size)
+    analysis.check_axes(spec, x, y)
+    job = (study_id, study.seq, x, y, objective, size)
+    try:
+        wait = _analysis_wait(request, study)
+        result = _analysis_jobs.result(
+            job, _fit_contour, storage, study_id, spec, x, y, objective, size, wait_s=wait
+        )
+    except NotReady:  # still fitting: 202, no ETag; the page asks again at its next poll
+        response.status_code = 202
+        response.headers["Retry-After"] = "1"
+        response.headers["Cache-Control"] = "no-store"
+        axes = {"x": analysis.empty_axis(spec, x), "y": analysis.empty_axis(spec, y)}
+        return {**axes, "z": [], "points": [], "status": "computing"}
     response.headers["ETag"] = tag
     return result if points else {**result, "points": []}
 

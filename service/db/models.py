@@ -204,6 +204,22 @@ class MetricPoint(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
+class TrialCurve(Base):
+    """One metric of one trial, downsampled at rest (:mod:`hpo.service.storage.curves`)."""
+
+    __tablename__ = "trial_curves"
+
+    trial_id: Mapped[int] = mapped_column(
+        ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    # Buckets are runs of 2**shift steps; n: steps seen; buckets: JSON list (see curves.py).
+    shift: Mapped[int] = mapped_column(Integer, default=0)
+    n: Mapped[int] = mapped_column(BigInteger, default=0)
+    buckets: Mapped[str | None] = mapped_column(Text)
+
+
 class TrialEvent(Base):
     """One line of a trial's history: a state change, a retry, a lease expiry."""
 

@@ -91,6 +91,9 @@ class Sampler(ABC):
     # reads it back in ``ObservedTrial.kept``: an evolution strategy's generation, say. It is
     # part of the trial's record, so a restarted server suggests as the first one would.
     keeps_state: ClassVar[bool] = False
+    # Whether a suggestion may take seconds (a model fit): an ask then computes it off the
+    # request thread and waits a bounded time for it (service/asking.py).
+    slow: ClassVar[bool] = False
 
     def __init__(self, spec: StudySpec) -> None:
         self.spec = spec

@@ -53,6 +53,7 @@ class GPSampler(Sampler):
     """
 
     name = "gp"
+    slow = True  # the GP fit grows as n³: asks wait a bounded time (service/asking.py)
 
     def prepare(self, trial: ObservedTrial) -> Any:
         """The trial as an Optuna FrozenTrial, made once per finished trial."""

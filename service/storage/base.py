@@ -19,8 +19,8 @@ from hpo.service.attempts import AttemptToken
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
+from hpo.service.storage import curves, metrics, studies, trials
 from hpo.service.storage import events as event_rows
-from hpo.service.storage import metrics, studies, trials
 from hpo.service.storage.records import parse_spec, spec_of, trial_record
 from hpo.service.storage.session import Transactions
 
@@ -188,6 +188,31 @@ class Storage(Transactions):
             return {}
         with self.read() as s:
             return metrics.of_trials(s, trial_ids, name=name)
+
+    def curves_page(
+        self, study_id: int, name: str, *, since: int | None = None, limit: int = MAX_PAGE
+    ) -> tuple[list[curves.CurveRow], dict[int, curves.Curve], set[str], int]:
+        """The trials whose curves changed after curves cursor ``since`` (as
+        :meth:`list_trials` pages them, in columns only), the downsampled curves of metric
+        ``name`` kept at rest for them (those that have one; see :mod:`.curves`), every metric
+        name they have curves of, and the cursor to pass next time. Raises StudyNotFound."""
+        limit = max(1, min(limit, MAX_PAGE))
+        with self.read() as s:
+            study = studies.get(s, study_id)
+            rows = curves.changed(s, study_id, since, limit)
+            ids = [r.id for r in rows]
+            cursor = rows[-1].curve_seq if len(rows) == limit else max(study.curve_seq, since or 0)
+            return rows, curves.of_trials(s, ids, name), curves.names_of(s, ids), cursor
+
+    def curves(
+        self, trial_ids: Sequence[int], name: str
+    ) -> tuple[dict[int, curves.Curve], set[str]]:
+        """The downsampled curves of metric ``name`` kept at rest for these trials (those that
+        have one; see :mod:`.curves`), and every metric name the trials have curves of."""
+        if not trial_ids:
+            return {}, set()
+        with self.read() as s:
+            return curves.of_trials(s, trial_ids, name), curves.names_of(s, trial_ids)
 
     # ----------------------------------------------- fields that carry no state
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from hpo.service.db.models import MetricPoint, Trial
 from hpo.service.records import MetricInput, MetricPointRecord
 from hpo.service.states import TrialState
+from hpo.service.storage import curves
 
 
 def add(
@@ -44,6 +45,7 @@ def add(
     """
     if not points:
         return []
+    curves.add(session, trial, points)  # the downsampled curves at rest
     if session.bind.dialect.name != "sqlite":
         return _add_postgresql(session, trial, points, now, ids=ids)
     rows = [

@@ -116,6 +116,8 @@ def test_security_304_content_types_and_errors_are_declared(document: dict[str, 
     archive = by_name["get_trial_checkpoint"]["responses"]["200"]["content"]
     assert archive == {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}
     assert "503" in by_name["healthz"]["responses"]
+    for fitted in ("get_importance", "get_contour"):  # 202 while the fit runs
+        assert "202" in by_name[fitted]["responses"], fitted
 
 
 def test_records_are_typed(document: dict[str, Any]) -> None:
@@ -137,7 +139,8 @@ def test_records_are_typed(document: dict[str, Any]) -> None:
     series = schemas["TrialSeries"]["properties"]["series"]["additionalProperties"]
     assert series == {"$ref": "#/components/schemas/MetricSeries"}
     contour = schemas["ContourAnswer"]["properties"]
-    assert set(contour) == {"x", "y", "z", "points"}
+    assert set(contour) == {"x", "y", "z", "points", "status"}
+    assert contour["status"]["enum"] == ["ready", "computing"]
 
 
 def _spec_validator(document: dict[str, Any]) -> jsonschema.Validator:

@@ -219,9 +219,22 @@ export function pareto(model, i, j) {
   };
 }
 
+function importanceNote(answer) {
+  const fitted = answer.n_fitted ?? answer.n_trials;
+  const over =
+    fitted < answer.n_trials
+      ? `a sample of ${fitted} of ${answer.n_trials} complete trials`
+      : `${answer.n_trials} complete trials`;
+  const pending = answer.status === "computing" ? " (updating…)" : "";
+  return `${answer.method}, over ${over}${pending}`;
+}
+
 /** Horizontal bars, most important first. */
 export function importanceBars(answer) {
   const entries = Object.entries(answer?.importances || {});
+  if (answer?.status === "computing" && !entries.length) {
+    return [el("p", { class: "muted" }, "computing…")];
+  }
   if (!answer || answer.n_trials < 2) {
     return [el("p", { class: "muted" }, "needs at least two complete trials")];
   }
@@ -237,6 +250,6 @@ export function importanceBars(answer) {
         el("span", { class: "imp-value" }, `${(v * 100).toFixed(1)}%`),
       );
     }),
-    el("p", { class: "muted" }, `${answer.method}, over ${answer.n_trials} complete trials`),
+    el("p", { class: "muted" }, importanceNote(answer)),
   ];
 }

@@ -16,7 +16,11 @@ import { TrialsTable } from "./table.js";
 
 const FINISHED = new Set(["complete", "pruned", "failed"]);
 const CURVE_POINTS = 120;
-const CURVE_PAGE = 500;
+const CURVE_PAGE = 1000; // the server's largest page
+// While a first load pages through thousands of curves, redraw the part loaded so far only
+// this long after the last redraw ended: redrawing every curve after each page cost about as
+// much as fetching it (10,000 trials).
+const PARTIAL_REDRAW_MS = 5000;
 
 function select(label, onchange) {
   return el("select", { "aria-label": label, onchange });
@@ -49,6 +53,7 @@ export class StudyPage {
     this.cursor = null; // of /trials
     this.curves = new Map(); // trial id -> downsampled series of this.metric
     this.curvesCursor = null;
+    this.drawnAt = 0; // when render() last ran (performance.now())
     this.metric = null;
     this.names = new Set();
     this.objective = 0;
@@ -221,7 +226,7 @@ export class StudyPage {
       if (this.names.size !== known) this.v.names += 1;
       this.curvesCursor = page.cursor;
       if (!page.more) return;
-      this.render(); // show the curves loaded so far
+      if (performance.now() - this.drawnAt > PARTIAL_REDRAW_MS) this.render(); // loaded so far
     }
   }
 
@@ -235,7 +240,9 @@ export class StudyPage {
         this.importance = answer;
         this.v.importance += 1;
       }
-      this.importanceKey = key;
+      // Still fitting on the server (202, or the last answer): ask again at the next poll.
+      if (answer?.status === "computing") this.stale = true;
+      else this.importanceKey = key;
     }
     const [x, y] = [this.xSel.value, this.ySel.value];
     const ckey = JSON.stringify([done, this.objective, x, y]);
@@ -253,7 +260,9 @@ export class StudyPage {
         this.contourAnswer = answer;
         this.v.contour += 1;
       }
-      this.contourKey = ckey;
+      // Still fitting on the server (202): ask again at the next poll.
+      if (answer?.status === "computing") this.stale = true;
+      else this.contourKey = ckey;
     }
   }
 
@@ -312,6 +321,14 @@ export class StudyPage {
 
   render() {
     if (!this.study) return;
+    try {
+      this.draw();
+    } finally {
+      this.drawnAt = performance.now();
+    }
+  }
+
+  draw() {
     const { v } = this;
     const i = this.objective;
     const [x, y] = [this.xSel.value, this.ySel.value];
@@ -335,7 +352,13 @@ export class StudyPage {
     );
     const s = this.sliceSel.value;
     this.once("slice", [v.finished, i, s], () => this.charts.slice.set(panels.slice(this, s, i)));
-    const note = x === y ? "pick two different parameters" : "needs two complete trials";
+    const computing = this.contourAnswer?.status === "computing";
+    const note =
+      x === y
+        ? "pick two different parameters"
+        : computing
+          ? "computing…"
+          : "needs two complete trials";
     this.once("contour", [v.contour], () =>
       this.charts.contour.set(panels.contour(this, this.contourAnswer, i, note)),
     );
