@@ -7,6 +7,8 @@
 >>> study.report(t, step=1, metrics={"val_loss": 0.4})   # True when the trial should stop
 >>> study.tell(t, value=0.91)
 >>> study.best_trial, study.trials_dataframe()
+>>> study.continue_(10)                             # 10 more trials, a completed study too
+>>> study.enqueue_trial({"lr": 0.01}); study.add_trials(other_study)   # warm start
 
 ``study.optimize(objective, n_trials)`` runs an objective in this process, heartbeating each
 trial while it runs and telling every outcome (NaN, None and exceptions as failed, with why).
@@ -27,7 +29,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 KEEPALIVE_EXPIRY_S = 2.0
 # A GP or TPE ask over many trials can take much longer than any other call.
 ASK_TIMEOUT_S = 300.0
+# Finished trials sent per import request.
+IMPORT_CHUNK = 1000
 log = logging.getLogger(__name__)
 _ERRORS: dict[str, type[errors.HpoError]] = {
     cls.code: cls
@@ -205,16 +209,13 @@ class Client:
         """Create a study from a spec (a dict, a YAML file path, YAML text or a StudySpec).
 
         The spec is validated here first, so a typo fails before any request is sent.
-        With ``load_if_exists``, a study of the same name is returned instead of a 409.
+        With ``load_if_exists``, a study of the same name is returned instead of a 409 when
+        its objective and space match the spec (a Conflict naming what differs otherwise).
         """
         spec = _to_spec(spec)
-        try:
-            record = StudyRecord.model_validate(self._json("POST", "/studies", json=spec.to_json()))
-        except errors.NameTaken:
-            if not load_if_exists:
-                raise
-            return self.study(spec.name)
-        return Study(self, record)
+        params = {"load_if_exists": "true"} if load_if_exists else {}
+        data = self._json("POST", "/studies", json=spec.to_json(), params=params)
+        return Study(self, StudyRecord.model_validate(data))
 
     def study(self, ref: int | str) -> Study:
         """An existing study by id or name."""
@@ -259,8 +260,9 @@ class Study:
 
     # --------------------------------------------------------------- ask/tell
 
-    def ask(self) -> AskedTrial:
-        """A trial to run: ``{"trial_id", "number", "params"}``.
+    def ask(self, params: Mapping[str, Any] | None = None) -> AskedTrial:
+        """A trial to run: ``{"trial_id", "number", "params"}``. ``params`` fixes values of a
+        new trial (the sampler fills in the rest; InvalidInput names one outside the space).
 
         Raises BudgetSpent / GridExhausted when nothing is left, ConcurrencyLimit when
         ``max_concurrent`` trials are already running, StudyNotRunning when paused or stopped.
@@ -268,18 +270,85 @@ class Study:
         # One key per logical ask, the same on every retry of it: a server that honours the
         # key answers a repeated ask with the trial the first one created.
         headers = {"Idempotency-Key": str(uuid.uuid4())}
+        body = {"json": {"params": dict(params)}} if params is not None else {}
         data = self.client._json(
             "POST",
             f"/studies/{self.id}/ask",
             headers=headers,
             timeout=self.client.ask_timeout,
             idempotent=True,
+            **body,
         )
         return AskedTrial(data)
 
+    def enqueue_trial(self, params: Mapping[str, Any]) -> TrialRecord:
+        """Queue a trial with ``params``: the next ask hands it out before any new suggestion.
+        It is part of ``max_trials`` (raised when the queue passes it); a completed study runs
+        again for it."""
+        data = self.client._json("POST", f"/studies/{self.id}/queue", json={"params": params})
+        return TrialRecord.model_validate(data)
+
+    def add_trials(
+        self, source: Study | Sequence[Mapping[str, Any]] | str, *, study_name: str | None = None
+    ) -> list[TrialRecord]:
+        """Import finished trials so this study warm-starts from them (its samplers learn from
+        them; they do not spend ``max_trials``). ``source`` is another :class:`Study` (its
+        complete, pruned and failed trials), a list of ``{"params", "value" | "values",
+        "state", "user_attrs"}``, or an Optuna storage URL (``sqlite:///optuna.db``, with
+        ``study_name`` when it holds several studies; needs ``optuna`` installed)."""
+        if isinstance(source, Study):
+            rows = [_finished(t) for t in source.trials("complete,pruned,failed")]
+        elif isinstance(source, str):
+            rows = _optuna_trials(source, study_name)
+        else:
+            rows = [dict(t) for t in source]
+        out: list[TrialRecord] = []
+        for start in range(0, len(rows), IMPORT_CHUNK):
+            data = self.client._json(
+                "POST",
+                f"/studies/{self.id}/trials",
+                json={"trials": rows[start : start + IMPORT_CHUNK]},
+            )
+            out.extend(TrialRecord.model_validate(t) for t in data["trials"])
+        return out
+
+    def set_user_attr(self, trial: TrialRef, key: str, value: Any) -> TrialRecord:
+        """Attach ``key: value`` (JSON) to a trial, in any state; read back in
+        ``TrialRecord.user_attrs`` and the ``user_attrs_<key>`` columns of the DataFrame."""
+        path = f"/trials/{_trial_id(trial)}/user_attrs"
+        data = self.client._json(
+            "POST", path, json={key: value}, headers=_attempt_auth(trial), idempotent=True
+        )
+        return TrialRecord.model_validate(data)
+
+    def suggest(self, trial: TrialRef, name: str, param: Mapping[str, Any]) -> Any:
+        """The value of parameter ``name`` (a ``space`` entry such as ``{"type": "float",
+        "low": 0, "high": 1}``) for a running trial of a define-by-run study: the server
+        learns it on first use. Asking again answers the same value."""
+        path = f"/trials/{_trial_id(trial)}/suggest"
+        body = {"name": name, "param": dict(param)}
+        data = self.client._json(
+            "POST", path, json=body, headers=_attempt_auth(trial), idempotent=True
+        )
+        return data["value"]
+
+    def continue_(self, n_trials: int) -> StudyRecord:
+        """Allow ``n_trials`` more trials than were handed out so far; a completed study runs
+        again (its scheduler launches them, or your asks get them)."""
+        if n_trials < 1:
+            raise ValueError("n_trials must be at least 1")
+        record = self.refresh()
+        return self.set_budget(max_trials=record.n_trials + n_trials)
+
     def report(self, trial: TrialRef, step: int, metrics: Mapping[str, float]) -> bool:
         """Report metric values at ``step``; returns True when the trial should stop
-        (the pruner stopped it, or the study was stopped)."""
+        (the pruner stopped it, or the study was stopped). Optuna's ``(value, step)`` order
+        is taken by the trial handle's ``report``; here it is a TypeError."""
+        if not isinstance(metrics, Mapping):
+            raise TypeError(
+                "Study.report(trial, step, metrics) takes metrics as {name: value}; got "
+                f"{metrics!r} (Optuna's trial.report(value, step) is the handle's report)"
+            )
         points = [{"step": step, "name": k, "value": v} for k, v in metrics.items()]
         # Points are keyed by (trial, attempt, name, step) on the server: sending them again
         # after a lost answer stores nothing twice.
@@ -334,9 +403,11 @@ class Study:
         *,
         catch: tuple[type[BaseException], ...] = (),
     ) -> None:
-        """Run ``objective`` in this process, Optuna style, until ``n_trials`` ran or the study's
-        budget is spent. ``objective`` may call ``trial.report(step, metrics)`` and should
-        return when it answers True (the trial was pruned).
+        """Run ``objective`` in this process, Optuna style: ``n_trials`` trials (raising a spent
+        ``max_trials`` as needed, so a loaded or completed study runs that many more), or
+        without ``n_trials`` until the study's budget is spent. ``objective`` may call
+        ``trial.report(step, metrics)`` (or Optuna's ``trial.report(value, step)``) and should
+        return when it answers True (the trial was pruned) or raise ``TrialPruned``.
 
         Every trial asked is told before the next one: its value(s); ``pruned`` when the
         server said it should stop; ``failed`` with the reason when the objective returned
@@ -347,14 +418,38 @@ class Study:
         ``lease_s``, so a long objective that never reports keeps its trial.
         """
         interval_s = max(0.05, float(self._record.spec.get("lease_s", 300.0)) / 3)
+        metric = self.objective_metric
         done = 0
         while n_trials is None or done < n_trials:
-            try:
-                asked = self.ask()
-            except errors.BudgetSpent:
+            asked = self._ask_within(n_trials, done)
+            if asked is None:
                 return
-            run_trial(self, objective, TrialHandle(self, asked), catch, interval_s)
+            run_trial(self, objective, TrialHandle(self, asked, metric), catch, interval_s)
             done += 1
+
+    @property
+    def objective_metric(self) -> str:
+        """The study's (first) objective metric."""
+        objective = self._record.spec["objective"]
+        return (objective[0] if isinstance(objective, list) else objective)["metric"]
+
+    def _ask_within(self, n_trials: int | None, done: int) -> AskedTrial | None:
+        """The next trial of an ``optimize`` that runs ``n_trials`` (None: until the budget
+        is spent), or None when it is done. With ``n_trials``, a spent ``max_trials`` is
+        raised for the trials still to run (a loaded or completed study runs them), but an
+        exhausted grid or a study out of time ends the run."""
+        try:
+            return self.ask()
+        except errors.GridExhausted:
+            return None
+        except errors.BudgetSpent as exc:
+            if n_trials is None or exc.field != "budget.max_trials":
+                return None
+        self.continue_(n_trials - done)
+        try:
+            return self.ask()
+        except errors.BudgetSpent:
+            return None
 
     # ---------------------------------------------------------------- results
 
@@ -475,6 +570,43 @@ class Study:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"study {self.id} still {record.state} after {timeout_s} s")
             time.sleep(poll_s)
+
+
+def _finished(trial: TrialRecord) -> dict[str, Any]:
+    """A finished trial of another study as an import row."""
+    row: dict[str, Any] = {"params": trial.params, "state": str(trial.state)}
+    if trial.values is not None:
+        row["values"] = trial.values
+    elif trial.value is not None and trial.state != "failed":
+        row["value"] = trial.value
+    if trial.user_attrs:
+        row["user_attrs"] = trial.user_attrs
+    return row
+
+
+def _optuna_trials(storage_url: str, study_name: str | None) -> list[dict[str, Any]]:
+    """The finished trials of an Optuna study (in its own storage) as import rows."""
+    try:
+        import optuna
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("importing from an Optuna storage needs optuna installed") from exc
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    states = {
+        optuna.trial.TrialState.COMPLETE: "complete",
+        optuna.trial.TrialState.PRUNED: "pruned",
+        optuna.trial.TrialState.FAIL: "failed",
+    }
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=tuple(states)):
+        row: dict[str, Any] = {"params": t.params, "state": states[t.state]}
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            row["values" if len(t.values) > 1 else "value"] = (
+                list(t.values) if len(t.values) > 1 else t.values[0]
+            )
+        if t.user_attrs:
+            row["user_attrs"] = dict(t.user_attrs)
+        rows.append(row)
+    return rows
 
 
 def _to_spec(spec: StudySpec | Mapping[str, Any] | str | Path) -> StudySpec:

@@ -37,24 +37,39 @@ class TrialTeller(Protocol):
     ) -> Any: ...
 
 
+class TrialPruned(Exception):
+    """Raised by an objective to end its trial as pruned (Optuna's ``TrialPruned``)."""
+
+
 class TrialHandle:
     """What :meth:`Study.optimize` hands the objective: params, number, and reporting.
 
     ``should_stop`` turns true when a report or the background heartbeat learns that the
     trial should stop (pruned, or its study stopped); it never turns back. The objective is
-    not interrupted: it should check :meth:`should_prune` and return.
+    not interrupted: it should check :meth:`should_prune` and return (or raise
+    :class:`TrialPruned`). ``metric`` is the study's (first) objective metric: what a report
+    in Optuna's order, ``report(value, step)``, reports.
     """
 
-    def __init__(self, study: TrialTeller, asked: Any) -> None:
+    # Whether a trial told to stop is told pruned even when its objective returned a value
+    # (ours); Optuna's trial completes with the value it returned.
+    pruned_when_stopped = True
+
+    def __init__(self, study: TrialTeller, asked: Any, metric: str | None = None) -> None:
         self.study = study
         self.asked = asked  # reports, heartbeats and the tell go with its attempt's token
         self.trial_id = asked.trial_id
         self.number = asked.number
         self.params = asked.params
+        self.metric = metric
         self.should_stop = False
 
-    def report(self, step: int, metrics: Mapping[str, float]) -> bool:
-        """Report metrics; True means stop now (pruned)."""
+    def report(self, step: Any, metrics: Any) -> bool:
+        """Report ``metrics`` ({name: value}) at ``step``; True means stop now (pruned).
+
+        Optuna's order, ``report(value, step)`` (a number, then an integer step), reports
+        ``value`` as the study's objective metric; anything else is a TypeError."""
+        step, metrics = report_arguments(step, metrics, self.metric)
         if self.study.report(self.asked, step, metrics):
             self.should_stop = True
         return self.should_stop
@@ -106,6 +121,35 @@ class LeaseKeeper:
                 log.warning("heartbeat of trial %d failed: %s", self.handle.number, exc)
 
 
+def report_arguments(
+    step: Any, metrics: Any, metric: str | None
+) -> tuple[int, Mapping[str, float]]:
+    """``(step, {name: value})`` from ``report(step, metrics)`` or Optuna's ``report(value,
+    step)``; TypeError saying which forms are accepted otherwise."""
+    if isinstance(metrics, Mapping) and _is_step(step):
+        return int(step), metrics
+    if _is_step(metrics) and _is_number(step) and metric is not None:
+        return int(metrics), {metric: float(step)}
+    raise TypeError(
+        "report takes (step, {metric: value}) or, as Optuna, (value, step) with an integer "
+        f"step; got ({step!r}, {metrics!r})"
+    )
+
+
+def _is_step(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_number(x: Any) -> bool:
+    if isinstance(x, bool):
+        return False
+    try:
+        float(x)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(x, (str, bytes, Mapping))
+
+
 def _describe(exc: BaseException) -> str:
     """The reason told for an objective that raised: its type and message."""
     message = str(exc)
@@ -137,12 +181,15 @@ def run_trial(
     interval_s: float,
 ) -> None:
     """Run ``objective`` for one asked trial under a heartbeat and tell its outcome: its
-    value(s), ``pruned`` when the server said stop, or ``failed`` with the reason (NaN, inf,
-    None, not a number, or an exception: one in ``catch`` is logged, any other re-raised
-    once the trial is told)."""
+    value(s); ``pruned`` when the server said stop or it raised TrialPruned; or ``failed``
+    with the reason (NaN, inf, None, not a number, or an exception: one in ``catch`` is
+    logged, any other re-raised once the trial is told)."""
     try:
         with LeaseKeeper(study, handle, interval_s):
             result = objective(handle)
+    except TrialPruned:
+        _tell_or_log(study, handle, state="pruned")
+        return
     except catch as exc:
         log.warning("trial %d failed; going on", handle.number, exc_info=True)
         _tell_or_log(study, handle, state="failed", error=_describe(exc))
@@ -154,7 +201,7 @@ def run_trial(
         except Exception:
             log.exception("could not tell trial %d failed", handle.number)
         raise
-    if handle.should_stop:
+    if handle.should_stop and handle.pruned_when_stopped:
         _tell_or_log(study, handle, state="pruned")
         return
     problem = _result_problem(result)

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
-from hpo.service.spec import MAX_OBJECTIVES, MetricName, Number, ParamValue, no_nul
+from hpo.service.spec import MAX_OBJECTIVES, MAX_PARAMS, MetricName, Number, ParamValue, no_nul
+from hpo.service.warmstart import MAX_IMPORT
 
 # Points one metrics POST may carry (README "Limits"): a bigger batch is a 422 naming `points`.
 MAX_POINTS = 10_000
@@ -138,3 +139,49 @@ ARCHIVE: dict[int | str, dict[str, Any]] = {
         "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
+
+
+class AskBody(_Body):
+    """Optional body of an ask: parameter values the new trial must take (the sampler fills in
+    the rest); each is checked against the space (422 naming ``params.<name>``)."""
+
+    params: dict[str, ParamValue] | None = Field(default=None, max_length=MAX_PARAMS)
+
+
+class EnqueueBody(_Body):
+    """A trial to queue with fixed parameters: handed out by the next ask, before new ones."""
+
+    params: dict[str, ParamValue] = Field(max_length=MAX_PARAMS)
+
+
+class FinishedTrialIn(_Body):
+    """A finished trial to import: its parameters and outcome."""
+
+    params: dict[str, ParamValue] = Field(max_length=MAX_PARAMS)
+    state: Literal["complete", "pruned", "failed"] = "complete"
+    value: Number | None = None
+    values: list[Number] | None = Field(default=None, max_length=MAX_OBJECTIVES)
+    user_attrs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ImportBody(_Body):
+    """Finished trials (from another study, or an Optuna study) to store in this one."""
+
+    trials: list[FinishedTrialIn] = Field(max_length=MAX_IMPORT)
+
+
+class ImportAnswer(BaseModel):
+    trials: list[TrialRecord]
+
+
+class SuggestBody(_Body):
+    """A parameter a running trial names: ``{"name": "lr", "param": {"type": "float", "low":
+    1e-5, "high": 0.1, "log": true}}`` (the same shape as a ``space`` entry)."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+    param: dict[str, Any]
+
+
+class SuggestAnswer(BaseModel):
+    name: str
+    value: ParamValue

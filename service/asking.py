@@ -10,10 +10,13 @@ suggestion. ``StudyService.ask`` calls :func:`ask` after expiring stale leases.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from hpo.service import promotions, transitions
+from hpo.service import define_by_run, promotions, transitions, warmstart
 from hpo.service.background import BackgroundJobs, NotReady
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import (
@@ -21,6 +24,7 @@ from hpo.service.errors import (
     ConcurrencyLimit,
     Conflict,
     GridExhausted,
+    InvalidInput,
     StaleAttempt,
     StudyNotRunning,
     SuggestionPending,
@@ -83,9 +87,11 @@ def ask(
     key: str | None = None,
     histories: Histories | None = None,
     suggestions: Suggestions | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> ClaimedTrial:
     """A claimed (running) trial of the study, with the token of its attempt: a waiting one
-    first, else a new suggestion.
+    first, else a new suggestion. Given ``params`` (checked by :func:`check_fixed`), it is a
+    new trial with those values, the sampler filling in the rest.
 
     ``key`` (an ask's Idempotency-Key) is stored with the trial it creates; an ask with a key
     already used answers that trial again and spends no budget: while it runs the attempt
@@ -115,8 +121,13 @@ def ask(
             check_can_ask(storage, s, study, spec, dispatched)
             # A replayed key whose trial waits claims that trial, checked as a plain ask is.
             waiting = asked if asked is not None else trials.first_waiting(s, study_id)
+            if params is not None and asked is None:
+                waiting = None  # given params make a new trial; the queue waits
+                check_fixed(spec, params)
             promotable = (
-                promotions.candidates(s, study, spec, settled_only=True) if waiting is None else []
+                promotions.candidates(s, study, spec, settled_only=True)
+                if waiting is None and params is None
+                else []
             )
             if waiting is None and not promotable:
                 number = study.next_number
@@ -124,7 +135,9 @@ def ask(
                     complete_if_done(storage, study_id)
                     raise transitions.spent_error(study, spec)
                 sampler = transitions.sampler_of(study)
-                if not sampler.uses_history:
+                if not spec.space:  # define-by-run, nothing learned yet
+                    view = None
+                elif not sampler.uses_history:
                     view = StudyView(spec, (), number)
                 else:
                     view = (histories or Histories()).view(s, study, spec, sampler, number)
@@ -134,17 +147,59 @@ def ask(
             claimed = _promote(storage, study_id, promotable[0].trial_id, spec, dispatched)
         else:
             try:
-                if suggestions is None:
-                    suggestion = sampler.suggest(view)
-                else:
-                    suggestion = suggestions.suggest(study_id, sampler, view, dispatched=dispatched)
+                suggestion = _suggest(sampler, view, suggestions, study_id, dispatched)
             except GridExhausted:
                 complete_if_done(storage, study_id)
                 raise
+            suggestion = with_fixed(spec, suggestion, params or {})
             claimed = _claim_new(storage, study_id, number, spec, suggestion, dispatched, key)
         if claimed is not None:
             return claimed
     raise Conflict(f"study {study_id}: too many concurrent asks, try again")
+
+
+def _suggest(
+    sampler: Sampler,
+    view: StudyView | None,
+    suggestions: Suggestions | None,
+    study_id: int,
+    dispatched: bool,
+) -> Suggestion:
+    """The sampler's suggestion (a slow one through ``suggestions``, when given); an empty
+    one for a define-by-run space still empty."""
+    if view is None:
+        return Suggestion({}, {"sampler": sampler.name})
+    if suggestions is None:
+        return sampler.suggest(view)
+    return suggestions.suggest(study_id, sampler, view, dispatched=dispatched)
+
+
+def check_fixed(spec: StudySpec, params: Mapping[str, Any]) -> None:
+    """Refuse (InvalidInput naming ``params.<name>``) values an ask may not fix: a name not in
+    the space (a define-by-run study takes any), a value outside its domain."""
+    warmstart.check_given_params(spec, params)
+
+
+def with_fixed(spec: StudySpec, suggestion: Suggestion, fixed: Mapping[str, Any]) -> Suggestion:
+    """The sampler's suggestion with the ``fixed`` values in place of its own, parameters made
+    inactive by them left out. A define-by-run study's trial carries only the fixed values:
+    the suggestion becomes its proposal (see :mod:`hpo.service.define_by_run`)."""
+    if spec.define_by_run:
+        return define_by_run.proposal(spec, suggestion, fixed)
+    if not fixed:
+        return suggestion
+    merged = {**suggestion.params, **fixed}
+    params = {}
+    for name in spec.parameter_order():
+        if not spec.is_active(name, merged):
+            continue
+        if name not in merged:
+            raise InvalidInput(
+                f"params.{name}: missing: it is active under the given values; give it too",
+                field=f"params.{name}",
+            )
+        params[name] = merged[name]
+    return Suggestion(params, {**suggestion.info, "fixed": sorted(fixed)})
 
 
 def check_can_ask(

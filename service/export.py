@@ -21,7 +21,8 @@ TAIL_COLUMNS = [
 def trial_rows(
     trials: Sequence[TrialRecord], objective_metrics: Sequence[str]
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Column names and one row per trial (``value`` or ``value_<metric>``, ``params_<name>``)."""
+    """Column names and one row per trial (``value`` or ``value_<metric>``,
+    ``params_<name>``, ``user_attrs_<key>``)."""
     value_cols = (
         ["value"] if len(objective_metrics) == 1 else [f"value_{m}" for m in objective_metrics]
     )
@@ -30,7 +31,16 @@ def trial_rows(
         for name in t.params:
             if name not in param_names:
                 param_names.append(name)
-    columns = [*BASE_COLUMNS, *value_cols, *(f"params_{p}" for p in param_names), *TAIL_COLUMNS]
+    attr_names: list[str] = []
+    for t in trials:
+        attr_names.extend(k for k in t.user_attrs if k not in attr_names)
+    columns = [
+        *BASE_COLUMNS,
+        *value_cols,
+        *(f"params_{p}" for p in param_names),
+        *(f"user_attrs_{a}" for a in attr_names),
+        *TAIL_COLUMNS,
+    ]
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
         values = t.values if t.values is not None else ([t.value] if t.value is not None else [])
@@ -39,6 +49,8 @@ def trial_rows(
             row[col] = values[i] if i < len(values) else None
         for p in param_names:
             row[f"params_{p}"] = t.params.get(p)
+        for a in attr_names:
+            row[f"user_attrs_{a}"] = t.user_attrs.get(a)
         row.update(
             attempts=t.attempts,
             last_step=t.last_step,

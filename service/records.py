@@ -100,6 +100,7 @@ class TrialRecord(_Record):
         default=None,
         description="The best trial's held-out test metrics (or ``error`` / ``note``).",
     )
+    user_attrs: dict[str, Any] = {}
     # ``seq`` moves with the trial's state, values and other fields; ``curve_seq`` also with
     # its metric points (the curves' cursor).
     seq: int

@@ -30,6 +30,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -505,6 +506,13 @@ class StudySpec(_Model):
     budget: Budget = Field(default_factory=Budget)
     resources: Resources = Field(default_factory=Resources)
     trainable: TrainableSpec | None = None
+    define_by_run: bool = Field(
+        default=False,
+        description="Parameters may also be first named while a trial runs (Optuna's "
+        "define-by-run): the server adds each to `space` on first use and samples it "
+        "independently until it is part of the space every ask samples jointly. `space` may "
+        "then start empty.",
+    )
     space: dict[str, Param] = Field(max_length=MAX_PARAMS)
     max_retries: StrictInt = Field(
         default=0, ge=0, le=100, description="Retries of a failed attempt."
@@ -567,14 +575,25 @@ class StudySpec(_Model):
 
     @field_validator("space")
     @classmethod
-    def _space(cls, space: dict[str, Any]) -> dict[str, Any]:
-        if not space:
-            raise ValueError("the search space must define at least one parameter")
+    def _space(cls, space: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if not space and not info.data.get("define_by_run"):
+            raise ValueError(
+                "the search space must define at least one parameter (or set define_by_run)"
+            )
         for name in space:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$", name):
                 raise ValueError(f"parameter name {name!r} is not a valid identifier")
         _check_conditions(space)
         return space
+
+    @model_validator(mode="after")
+    def _declared_for_trainables(self) -> StudySpec:
+        if self.define_by_run and self.trainable is not None:
+            raise ValueError(
+                "define_by_run: a study with a trainable declares its whole space (its "
+                "trials run on the cluster and name no parameters at run time)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _pruner_fits(self) -> StudySpec:

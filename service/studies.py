@@ -11,14 +11,16 @@ only delegate to :class:`~hpo.service.storage.Storage`, which the API reads thro
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from hpo.service import asking, placement, reporting, transitions
+from hpo.service import asking, define_by_run, placement, reporting, transitions, warmstart
 from hpo.service.attempts import AttemptToken
 from hpo.service.db.models import Study, utcnow
 from hpo.service.errors import (
     Conflict,
     InvalidInput,
+    NameTaken,
     NotFound,
     StudyNotRunning,
     TrialFinished,
@@ -89,6 +91,25 @@ class StudyService:
         self._changed()
         return record
 
+    def create_or_load(self, spec: StudySpec) -> tuple[StudyRecord, bool]:
+        """The study named ``spec.name`` if it exists and matches ``spec`` (see
+        :func:`hpo.service.warmstart.difference`), else a new one; and whether it was
+        created. Raises Conflict naming what differs, and what :meth:`create_study` raises."""
+        try:
+            return self.create_study(spec), True
+        except NameTaken:
+            pass
+        with self.storage.read() as s:
+            study = studies.get(s, studies.resolve(s, spec.name))
+            diff = warmstart.difference(transitions.spec_of(study), spec)
+            if diff:
+                raise Conflict(
+                    f"study {spec.name!r} exists with a different {diff}; load it with the "
+                    "same, or choose another name",
+                    field=diff.split(" ", 1)[0],
+                )
+            return studies.record(s, study), False
+
     def update_study(
         self,
         study_id: int,
@@ -97,15 +118,20 @@ class StudyService:
         max_trials: int | None = None,
         max_concurrent: int | None = None,
     ) -> StudyRecord:
-        """Pause, resume or stop a study, or change its budget.
+        """Pause, resume or stop a study, or change its budget. Raising the budget of a
+        completed study runs it again (``completed → running``).
 
-        Raises StudyNotRunning for a stopped or completed study, InvalidInput for a budget
+        Raises StudyNotRunning for a stopped study (and a completed one asked for anything
+        but a budget), InvalidInput for a budget
         below the trials handed out, IllegalTransition for a move the state table forbids.
         """
         with self.storage.write() as s:
             study = studies.get(s, study_id, lock=True)
-            if study.state in (StudyState.STOPPED, StudyState.COMPLETED) and (
-                state not in (None, study.state) or max_trials or max_concurrent
+            raises_budget = study.state == StudyState.COMPLETED and state in (None, study.state)
+            if (
+                study.state in (StudyState.STOPPED, StudyState.COMPLETED)
+                and (state not in (None, study.state) or max_trials or max_concurrent)
+                and not raises_budget
             ):
                 raise StudyNotRunning(
                     f"study {study_id} is {study.state}; it can no longer be changed",
@@ -114,6 +140,7 @@ class StudyService:
             if max_trials is not None or max_concurrent is not None:
                 study.spec = _new_budget(study, max_trials, max_concurrent)
                 studies.touch(study)
+                warmstart.reopen_if_budget_left(s, study)
             if state is not None and state != study.state:
                 set_study_state(study, state, reason=f"set to {state} through the API")
                 if state == StudyState.STOPPED:
@@ -136,7 +163,12 @@ class StudyService:
     # ------------------------------------------------------------------ trials
 
     def ask(
-        self, study_id: int, *, dispatched: bool = False, key: str | None = None
+        self,
+        study_id: int,
+        *,
+        dispatched: bool = False,
+        key: str | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> ClaimedTrial:
         """Hand out a trial with its attempt's token: a waiting (retried) one first, else a
         new suggestion. An ask with an Idempotency-Key ``key`` used before answers the trial
@@ -144,8 +176,9 @@ class StudyService:
 
         Raises StudyNotRunning, BudgetSpent (GridExhausted), ConcurrencyLimit, Conflict,
         TrialFinished (the key's trial has finished), SuggestionPending (a slow sampler's
-        suggestion outlasted ``ask_wait_s``: ask again). ``dispatched`` marks a call from the
-        scheduler; clients may only ask ask/tell studies.
+        suggestion outlasted ``ask_wait_s``: ask again), InvalidInput (``params`` outside the
+        space). ``dispatched`` marks a call from the scheduler; clients may only ask ask/tell
+        studies. ``params`` fixes values of the new trial (the sampler fills in the rest).
         """
         self.expire_leases(study_id=study_id)
         return asking.ask(
@@ -155,7 +188,30 @@ class StudyService:
             key=key,
             histories=self.histories,
             suggestions=self.suggestions,
+            params=params,
         )
+
+    def enqueue_trial(self, study_id: int, params: Mapping[str, Any]) -> TrialRecord:
+        """Queue a trial with fixed ``params``, handed out before new suggestions (see
+        :func:`hpo.service.warmstart.enqueue`)."""
+        record = warmstart.enqueue(self.storage, study_id, params)
+        self._changed()
+        return record
+
+    def import_trials(
+        self, study_id: int, finished: Sequence[warmstart.FinishedTrial]
+    ) -> list[TrialRecord]:
+        """Store finished trials from elsewhere (:func:`hpo.service.warmstart.import_trials`)."""
+        return warmstart.import_trials(self.storage, study_id, finished)
+
+    def set_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> TrialRecord:
+        """Merge ``attrs`` into the trial's user attributes."""
+        return warmstart.set_user_attrs(self.storage, trial_id, attrs)
+
+    def suggest_param(self, trial_id: int, name: str, param: Mapping[str, Any]) -> Any:
+        """The value of parameter ``name`` for a running trial, learned into the space on first
+        use (see :mod:`hpo.service.define_by_run`)."""
+        return define_by_run.suggest(self.storage, trial_id, name, param)
 
     def tell(
         self,

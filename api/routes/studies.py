@@ -10,22 +10,49 @@ from fastapi import APIRouter, Query, Request, Response
 
 from hpo.api.deps import AskKey, Cursor, QueryText, Reader, Service, StudyId
 from hpo.api.routes.conditional import NOT_MODIFIED, answer
-from hpo.api.schemas import CSV, AskAnswer, BestAnswer, StudyPage, StudyPatch, TrialPage
+from hpo.api.schemas import (
+    CSV,
+    AskAnswer,
+    AskBody,
+    BestAnswer,
+    EnqueueBody,
+    ImportAnswer,
+    ImportBody,
+    StudyPage,
+    StudyPatch,
+    TrialPage,
+)
 from hpo.service.errors import InvalidInput
 from hpo.service.export import trial_rows
-from hpo.service.records import TRIAL_STATES, StudyRecord
+from hpo.service.records import TRIAL_STATES, StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState
 from hpo.service.storage import Storage
+from hpo.service.warmstart import FinishedTrial
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 STUDY_STATE = "^(" + "|".join(s.value for s in StudyState) + ")$"
 
 
 @router.post("", status_code=201, response_model=StudyRecord)
-def create_study(spec: StudySpec, service: Service, response: Response) -> StudyRecord:
+def create_study(
+    spec: StudySpec,
+    service: Service,
+    response: Response,
+    load_if_exists: Annotated[
+        bool,
+        Query(
+            description="Answer 200 with the study of this name when its objective and "
+            "space match (409 naming what differs)."
+        ),
+    ] = False,
+) -> StudyRecord:
     """Create a study from its spec. 422 names the bad field; 409 if the name is taken."""
-    study = service.create_study(spec)
+    if load_if_exists:
+        study, created = service.create_or_load(spec)
+        response.status_code = 201 if created else 200
+    else:
+        study = service.create_study(spec)
     response.headers["Location"] = f"/api/v1/studies/{study.id}"
     return study
 
@@ -69,12 +96,20 @@ def delete_study(study_id: StudyId, service: Service) -> Response:
     return Response(status_code=204)
 
 
+# An ask without a body (the body is optional: a schema of its own, not "or null", so
+# generated clients leave it out).
+_NO_PARAMS = AskBody()
+
+
 @router.post("/{study_id}/ask", status_code=201, response_model=AskAnswer)
-def ask(study_id: StudyId, service: Service, key: AskKey = None) -> AskAnswer:
+def ask(
+    study_id: StudyId, service: Service, key: AskKey = None, body: AskBody = _NO_PARAMS
+) -> AskAnswer:
     """A trial to run, with its attempt's token: 409 when the grid is exhausted, the budget
     spent or the study paused. An ``Idempotency-Key`` used before answers the trial its first
-    ask created (no budget spent), or 409 when that trial has finished."""
-    trial = service.ask(study_id, key=key)
+    ask created (no budget spent), or 409 when that trial has finished. A body
+    ``{"params": {...}}`` fixes values of a new trial (422 naming one outside the space)."""
+    trial = service.ask(study_id, key=key, params=body.params)
     return AskAnswer(
         trial_id=trial.id,
         number=trial.number,
@@ -82,6 +117,28 @@ def ask(study_id: StudyId, service: Service, key: AskKey = None) -> AskAnswer:
         attempt=trial.attempts,
         attempt_token=trial.attempt_token,
     )
+
+
+@router.post("/{study_id}/queue", status_code=201, response_model=TrialRecord)
+def enqueue_trial(study_id: StudyId, body: EnqueueBody, service: Service) -> TrialRecord:
+    """Queue a trial with fixed parameters (Optuna's ``enqueue_trial``): the next ask hands it
+    out before any new suggestion. A study with a ``space`` needs every active parameter;
+    a define-by-run study takes any subset. 422 names a parameter outside the space."""
+    return service.enqueue_trial(study_id, body.params)
+
+
+@router.post("/{study_id}/trials", status_code=201, response_model=ImportAnswer)
+def import_trials(study_id: StudyId, body: ImportBody, service: Service) -> ImportAnswer:
+    """Store finished trials from elsewhere (warm start): the samplers learn from them. They
+    do not spend the budget (``max_trials`` grows by their count). 422 names the trial and
+    field at fault."""
+    finished = [
+        FinishedTrial(
+            params=t.params, state=t.state, value=t.value, values=t.values, user_attrs=t.user_attrs
+        )
+        for t in body.trials
+    ]
+    return ImportAnswer(trials=service.import_trials(study_id, finished))
 
 
 @router.get("/{study_id}/trials", response_model=TrialPage, responses=NOT_MODIFIED)

@@ -9,12 +9,20 @@ in-process calls are not fenced so.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Body, Query
 
 from hpo.api.deps import Auth, QueryText, Reader, Service, TrialId, attempt_may_call
-from hpo.api.schemas import MAX_STEP, MetricPage, MetricsBody, ShouldStop, TellBody
+from hpo.api.schemas import (
+    MAX_STEP,
+    MetricPage,
+    MetricsBody,
+    ShouldStop,
+    SuggestAnswer,
+    SuggestBody,
+    TellBody,
+)
 from hpo.service.records import MetricInput, TrialRecord
 
 router = APIRouter(prefix="/trials", tags=["trials"])
@@ -88,3 +96,25 @@ def metrics(
 ) -> MetricPage:
     """Metric points in step order; ``since_step`` returns only later steps."""
     return MetricPage(points=storage.metrics(trial_id, name=name, since_step=since_step))
+
+
+@router.post("/{trial_id}/user_attrs", response_model=TrialRecord)
+@attempt_may_call
+def set_user_attrs(
+    trial_id: TrialId,
+    attrs: Annotated[dict[str, Any], Body(description="Merged into the trial's user_attrs.")],
+    service: Service,
+) -> TrialRecord:
+    """Attach user attributes to the trial (Optuna's ``set_user_attr``): merged into those it
+    has, in any state; 422 when not JSON or over 64 KiB."""
+    return service.set_user_attrs(trial_id, attrs)
+
+
+@router.post("/{trial_id}/suggest", response_model=SuggestAnswer)
+@attempt_may_call
+def suggest(trial_id: TrialId, body: SuggestBody, service: Service) -> SuggestAnswer:
+    """The value of a parameter the running trial names (define-by-run): learned into the
+    study's space on first use, then sampled with the rest. Asking again answers the same
+    value. 422 for a domain of another kind than the space holds; 409 unless running."""
+    value = service.suggest_param(trial_id, body.name, body.param)
+    return SuggestAnswer(name=body.name, value=value)

@@ -159,6 +159,8 @@ class Trial(Base):
     # Compute of its ended attempts (ranks x seconds), and when its running attempt began.
     worker_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     attempt_started_at: Mapped[datetime | None]
+    # What the user attached to the trial (``set_user_attr``): a JSON object, None when empty.
+    user_attrs: Mapped[dict[str, Any] | None]
 
     study: Mapped[Study] = relationship(back_populates="trials")
     params: Mapped[list[TrialParam]] = relationship(

@@ -294,8 +294,9 @@ def test_budget_patch(service: StudyService) -> None:
     sid = create(service, budget={"max_trials": 1})
     service.tell(service.ask(sid).id, value=1.0)
     assert service.storage.get_study(sid).state == "completed"
-    with pytest.raises(StudyNotRunning):
-        service.update_study(sid, max_trials=3)
+    # Raising the budget of a completed study runs it again (issue 14: it was a 409).
+    assert service.update_study(sid, max_trials=3).state == "running"
+    assert service.ask(sid).number == 1
     sid2 = create(service, name="t2", budget={"max_trials": 2})
     service.ask(sid2)
     service.ask(sid2)

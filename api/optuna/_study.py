@@ -1,0 +1,341 @@
+"""Optuna's ``Study`` over an hpo server: the study lives on the server, this object runs the
+objective in this process (``optimize``) and reads results back.
+
+``create_study(storage=URL)`` names the server (default ``$HPO_URL``, else
+``http://127.0.0.1:8000``; the token is ``$HPO_TOKEN`` or the file a local ``hpo serve``
+wrote). The study is define-by-run: parameters are learned as trials first suggest them.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from hpo.api import client as hpo_client
+from hpo.api.objective import run_trial
+from hpo.service import errors
+
+from ._trial import FrozenTrial, Trial, TrialState
+from .pruners import BasePruner, MedianPruner
+from .samplers import BaseSampler, TPESampler
+
+# A cap on ``n_trials`` for every optimize (a test or a dry run of an unchanged script).
+MAX_TRIALS_ENV = "HPO_OPTUNA_MAX_TRIALS"
+ObjectiveFunc = Callable[[Trial], Any]
+Callback = Callable[["Study", FrozenTrial], None]
+
+
+class Study:
+    """A study on the hpo server, with Optuna's methods."""
+
+    def __init__(self, study: hpo_client.Study) -> None:
+        self._study = study
+        self.study_name = study.name
+        spec = study._record.spec
+        objectives = (
+            spec["objective"] if isinstance(spec["objective"], list) else [spec["objective"]]
+        )
+        self._metrics = [o["metric"] for o in objectives]
+        self.directions = [StudyDirection[o["direction"].upper()] for o in objectives]
+
+    @property
+    def direction(self) -> StudyDirection:
+        if len(self.directions) > 1:
+            raise RuntimeError("a multi-objective study has `directions`, not `direction`")
+        return self.directions[0]
+
+    # ---------------------------------------------------------------- running
+
+    def optimize(
+        self,
+        func: ObjectiveFunc,
+        n_trials: int | None = None,
+        timeout: float | None = None,
+        n_jobs: int = 1,
+        catch: Iterable[type[Exception]] | type[Exception] = (),
+        callbacks: Sequence[Callback] | None = None,
+        gc_after_trial: bool = False,
+        show_progress_bar: bool = False,
+    ) -> None:
+        """Run ``func`` on ``n_trials`` trials (all jobs together) or until ``timeout``
+        seconds have passed, ``n_jobs`` at a time in threads of this process; each finished
+        trial is passed to every callback as ``callback(study, frozen_trial)``."""
+        cap = os.environ.get(MAX_TRIALS_ENV)
+        if cap:
+            n_trials = int(cap) if n_trials is None else min(n_trials, int(cap))
+        catch = tuple(catch) if isinstance(catch, Iterable) else (catch,)
+        run = _Run(self, func, n_trials, timeout, catch, list(callbacks or []))
+        jobs = (os.cpu_count() or 1) if n_jobs == -1 else max(1, n_jobs)
+        if jobs == 1:
+            run.loop()
+            return
+        threads = [threading.Thread(target=run.loop_catching, daemon=True) for _ in range(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if run.error is not None:
+            raise run.error
+
+    def ask(self, fixed_distributions: Mapping[str, Any] | None = None) -> Trial:
+        trial = Trial(self._study, self._study.ask(), self._metric)
+        for name, dist in (fixed_distributions or {}).items():
+            trial._suggest(name, dist)
+        return trial
+
+    def tell(
+        self,
+        trial: Trial | int,
+        values: float | Sequence[float] | None = None,
+        state: TrialState | None = None,
+        skip_if_finished: bool = False,
+    ) -> FrozenTrial:
+        ref = trial.asked if isinstance(trial, Trial) else trial
+        if state == TrialState.PRUNED:
+            record = self._study.tell(ref, state="pruned")
+        elif state == TrialState.FAIL or values is None:
+            record = self._study.tell(ref, state="failed")
+        elif isinstance(values, Sequence):
+            record = self._study.tell(ref, values=[float(v) for v in values])
+        else:
+            record = self._study.tell(ref, value=float(values))
+        return FrozenTrial.from_record(record)
+
+    def enqueue_trial(
+        self,
+        params: Mapping[str, Any],
+        user_attrs: Mapping[str, Any] | None = None,
+        skip_if_exists: bool = False,
+    ) -> None:
+        if skip_if_exists and any(t.params == dict(params) for t in self.trials):
+            return
+        record = self._study.enqueue_trial(dict(params))
+        for key, value in (user_attrs or {}).items():
+            self._study.set_user_attr(record.id, key, value)
+
+    def add_trial(self, trial: FrozenTrial) -> None:
+        self.add_trials([trial])
+
+    def add_trials(self, trials: Iterable[FrozenTrial]) -> None:
+        rows = []
+        for t in trials:
+            row: dict[str, Any] = {"params": t.params, "state": _STATE_NAMES[t.state]}
+            if t.state == TrialState.COMPLETE and t.values is not None:
+                row["values" if len(t.values) > 1 else "value"] = (
+                    list(t.values) if len(t.values) > 1 else t.values[0]
+                )
+            if t.user_attrs:
+                row["user_attrs"] = dict(t.user_attrs)
+            rows.append(row)
+        self._study.add_trials(rows)
+
+    # ---------------------------------------------------------------- results
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()
+
+    def get_trials(
+        self, deepcopy: bool = True, states: Iterable[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        out = [FrozenTrial.from_record(r) for r in self._study.trials()]
+        if states is not None:
+            wanted = set(states)
+            out = [t for t in out if t.state in wanted]
+        return out
+
+    @property
+    def best_trial(self) -> FrozenTrial:
+        if len(self.directions) > 1:
+            raise RuntimeError("a multi-objective study has `best_trials`, not `best_trial`")
+        best = self._study.best_trial
+        if best is None:
+            raise ValueError("no trials are completed yet")
+        return FrozenTrial.from_record(best)
+
+    @property
+    def best_trials(self) -> list[FrozenTrial]:
+        return [FrozenTrial.from_record(r) for r in self._study.best_trials]
+
+    @property
+    def best_value(self) -> float:
+        return self.best_trial.value  # type: ignore[return-value]
+
+    @property
+    def best_params(self) -> dict[str, Any]:
+        return self.best_trial.params
+
+    @property
+    def user_attrs(self) -> dict[str, Any]:
+        return dict(self._study.refresh().spec.get("user_attrs") or {})
+
+    def trials_dataframe(
+        self, attrs: Sequence[str] | None = None, multi_index: bool = False
+    ) -> Any:
+        """One row per trial with Optuna's columns: number, value(s), datetime_start,
+        datetime_complete, duration, params_*, user_attrs_*, state."""
+        pd = hpo_client._pandas()
+        rows = []
+        for t in self.trials:
+            row: dict[str, Any] = {"number": t.number}
+            if len(self.directions) == 1:
+                row["value"] = t.values[0] if t.values else None
+            else:
+                for i in range(len(self.directions)):
+                    row[f"values_{i}"] = t.values[i] if t.values else None
+            row.update(
+                datetime_start=t.datetime_start,
+                datetime_complete=t.datetime_complete,
+                duration=t.duration,
+            )
+            row.update({f"params_{k}": v for k, v in t.params.items()})
+            row.update({f"user_attrs_{k}": v for k, v in t.user_attrs.items()})
+            row["state"] = t.state.name
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    @property
+    def _metric(self) -> str:
+        return self._metrics[0]
+
+
+class StudyDirection(enum.IntEnum):
+    NOT_SET = 0
+    MINIMIZE = 1
+    MAXIMIZE = 2
+
+
+_STATE_NAMES = {
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+}
+
+
+class _Run:
+    """One ``optimize`` call: counts the trials it starts, shared by its jobs."""
+
+    def __init__(
+        self,
+        study: Study,
+        func: ObjectiveFunc,
+        n_trials: int | None,
+        timeout: float | None,
+        catch: tuple[type[BaseException], ...],
+        callbacks: list[Callback],
+    ) -> None:
+        self.study = study
+        self.func = func
+        self.n_trials = n_trials
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.catch = catch
+        self.callbacks = callbacks
+        self.started = 0
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        spec = study._study._record.spec
+        self.interval_s = max(0.05, float(spec.get("lease_s", 300.0)) / 3)
+
+    def _claim(self) -> bool:
+        with self.lock:
+            if self.error is not None:
+                return False
+            if self.n_trials is not None and self.started >= self.n_trials:
+                return False
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                return False
+            self.started += 1
+            return True
+
+    def loop(self) -> None:
+        client_study = self.study._study
+        while self._claim():
+            try:
+                asked = client_study.ask()
+            except errors.BudgetSpent:  # a grid exhausted, a budget spent
+                return
+            trial = Trial(client_study, asked, self.study._metric)
+            run_trial(client_study, self.func, trial, self.catch, self.interval_s)
+            if self.callbacks:
+                frozen = FrozenTrial.from_record(client_study.client.trial(asked.trial_id))
+                for callback in self.callbacks:
+                    callback(self.study, frozen)
+
+    def loop_catching(self) -> None:
+        try:
+            self.loop()
+        except BaseException as exc:
+            with self.lock:
+                self.error = self.error or exc
+
+
+def create_study(
+    *,
+    storage: str | None = None,
+    sampler: BaseSampler | None = None,
+    pruner: BasePruner | None = None,
+    study_name: str | None = None,
+    direction: str | StudyDirection | None = None,
+    load_if_exists: bool = False,
+    directions: Sequence[str | StudyDirection] | None = None,
+) -> Study:
+    """A new study on the hpo server at ``storage`` (see the module docstring), or with
+    ``load_if_exists`` the one of that name (refused, 409, when its directions differ)."""
+    sampler = sampler or TPESampler()
+    pruner = pruner or MedianPruner()
+    names = _directions(direction, directions)
+    objective: Any = (
+        {"metric": "value", "direction": names[0]}
+        if len(names) == 1
+        else [{"metric": f"values_{i}", "direction": d} for i, d in enumerate(names)]
+    )
+    spec = {
+        "name": study_name or f"optuna-{uuid.uuid4().hex[:12]}",
+        "objective": objective,
+        "sampler": sampler.spec,
+        "pruner": pruner.spec if len(names) == 1 else {"type": "none"},
+        "space": sampler.space,
+        "define_by_run": True,
+    }
+    client = _client(storage)
+    return Study(client.create_study(spec, load_if_exists=load_if_exists))
+
+
+def load_study(
+    *, study_name: str, storage: str | None = None, sampler: Any = None, pruner: Any = None
+) -> Study:
+    return Study(_client(storage).study(study_name))
+
+
+def delete_study(*, study_name: str, storage: str | None = None) -> None:
+    _client(storage).study(study_name).delete()
+
+
+def _directions(
+    direction: str | StudyDirection | None, directions: Sequence[str | StudyDirection] | None
+) -> list[str]:
+    if direction is not None and directions is not None:
+        raise ValueError("give `direction` or `directions`, not both")
+    given = list(directions) if directions is not None else [direction or "minimize"]
+    out = []
+    for d in given:
+        name = d.name.lower() if isinstance(d, StudyDirection) else str(d).lower()
+        if name not in ("minimize", "maximize"):
+            raise ValueError(f"direction must be 'minimize' or 'maximize', got {d!r}")
+        out.append(name)
+    return out
+
+
+def _client(storage: str | None) -> hpo_client.Client:
+    url = storage or os.environ.get("HPO_URL") or hpo_client.DEFAULT_URL
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(
+            f"storage must be the URL of an hpo server (http://host:port), got {url!r}; "
+            "to import trials from an Optuna storage use study.add_trials of hpo's client"
+        )
+    return hpo_client.Client(url)

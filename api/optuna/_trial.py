@@ -1,0 +1,173 @@
+"""Trials as Optuna shows them: the running :class:`Trial` an objective gets, and
+:class:`FrozenTrial`, a finished (or any) trial read back from the server."""
+
+from __future__ import annotations
+
+import datetime
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hpo.api.objective import TrialHandle
+from hpo.service.records import TrialRecord
+
+from .distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+
+class TrialState(enum.IntEnum):
+    RUNNING = 0
+    COMPLETE = 1
+    PRUNED = 2
+    FAIL = 3
+    WAITING = 4
+
+    def is_finished(self) -> bool:
+        return self in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+_STATES = {
+    "running": TrialState.RUNNING,
+    "paused": TrialState.RUNNING,
+    "waiting": TrialState.WAITING,
+    "complete": TrialState.COMPLETE,
+    "pruned": TrialState.PRUNED,
+    "failed": TrialState.FAIL,
+}
+
+
+@dataclass
+class FrozenTrial:
+    """A trial's record, Optuna's way: ``number``, ``state``, ``value(s)``, ``params``,
+    ``user_attrs``, ``datetime_start`` / ``datetime_complete``, ``duration``."""
+
+    number: int
+    state: TrialState
+    values: list[float] | None
+    params: dict[str, Any]
+    user_attrs: dict[str, Any] = field(default_factory=dict)
+    datetime_start: datetime.datetime | None = None
+    datetime_complete: datetime.datetime | None = None
+    intermediate_values: dict[int, float] = field(default_factory=dict)
+    distributions: dict[str, BaseDistribution] = field(default_factory=dict)
+    system_attrs: dict[str, Any] = field(default_factory=dict)
+    trial_id: int | None = None
+
+    @property
+    def value(self) -> float | None:
+        if self.values is not None and len(self.values) > 1:
+            raise RuntimeError("a multi-objective trial has `values`, not `value`")
+        return None if self.values is None else self.values[0]
+
+    @property
+    def duration(self) -> datetime.timedelta | None:
+        if self.datetime_start is None or self.datetime_complete is None:
+            return None
+        return self.datetime_complete - self.datetime_start
+
+    @property
+    def last_step(self) -> int | None:
+        return max(self.intermediate_values) if self.intermediate_values else None
+
+    @classmethod
+    def from_record(cls, record: TrialRecord) -> FrozenTrial:
+        values = record.values if record.values is not None else None
+        if values is None and record.value is not None:
+            values = [record.value]
+        return cls(
+            number=record.number,
+            state=_STATES[str(record.state)],
+            values=values if record.state != "failed" else None,
+            params=dict(record.params),
+            user_attrs=dict(record.user_attrs),
+            datetime_start=record.started_at,
+            datetime_complete=record.finished_at,
+            trial_id=record.id,
+        )
+
+
+def create_trial(
+    *,
+    state: TrialState = TrialState.COMPLETE,
+    value: float | None = None,
+    values: Sequence[float] | None = None,
+    params: Mapping[str, Any] | None = None,
+    distributions: Mapping[str, BaseDistribution] | None = None,
+    user_attrs: Mapping[str, Any] | None = None,
+    **ignored: Any,
+) -> FrozenTrial:
+    """A finished trial to add to a study (``study.add_trial``)."""
+    vals = list(values) if values is not None else ([value] if value is not None else None)
+    return FrozenTrial(
+        number=-1,
+        state=state,
+        values=vals,
+        params=dict(params or {}),
+        user_attrs=dict(user_attrs or {}),
+        distributions=dict(distributions or {}),
+    )
+
+
+class Trial(TrialHandle):
+    """The trial an objective gets: ``suggest_*`` ask the server for a parameter's value
+    (learned into the study's space on first use), ``report(value, step)`` streams the
+    objective, ``should_prune()`` says whether the pruner stopped it."""
+
+    pruned_when_stopped = False  # Optuna: a trial that returns a value completes
+
+    def __init__(self, study: Any, asked: Any, metric: str | None) -> None:
+        super().__init__(study, asked, metric)
+        self._values: dict[str, Any] = {}
+        self.user_attrs: dict[str, Any] = {}
+        self.distributions: dict[str, BaseDistribution] = {}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    @params.setter
+    def params(self, value: dict[str, Any]) -> None:
+        self._fixed = dict(value)
+
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float:
+        return self._suggest(name, FloatDistribution(low, high, log=log, step=step))
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
+        return self._suggest(name, IntDistribution(low, high, log=log, step=step))
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        return self._suggest(name, CategoricalDistribution(tuple(choices)))
+
+    def suggest_uniform(self, name: str, low: float, high: float) -> float:
+        return self.suggest_float(name, low, high)
+
+    def suggest_loguniform(self, name: str, low: float, high: float) -> float:
+        return self.suggest_float(name, low, high, log=True)
+
+    def suggest_discrete_uniform(self, name: str, low: float, high: float, q: float) -> float:
+        return self.suggest_float(name, low, high, step=q)
+
+    def _suggest(self, name: str, dist: BaseDistribution) -> Any:
+        if name not in self._values:
+            self._values[name] = self.study.suggest(self.asked, name, dist.to_param())
+            self.distributions[name] = dist
+        return self._values[name]
+
+    def should_prune(self) -> bool:
+        """Whether the server's pruner stopped this trial (learned from the last report or
+        heartbeat)."""
+        return self.should_stop
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self.study.set_user_attr(self.asked, key, value)
+        self.user_attrs[key] = value
+
+    def set_system_attr(self, key: str, value: Any) -> None:
+        self.set_user_attr(key, value)

@@ -1,0 +1,23 @@
+"""Trials carry user attributes (Optuna's ``set_user_attr``): a JSON object per trial
+
+Revision ID: 0009
+Revises: 0008
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0009"
+down_revision = "0008"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("trials") as batch:
+        batch.add_column(sa.Column("user_attrs", sa.JSON(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("trials") as batch:
+        batch.drop_column("user_attrs")

@@ -1,0 +1,102 @@
+"""``hpo.optuna``: Optuna's API on a served control plane (SQLite and PostgreSQL), with the
+space learned at run time (define-by-run) and kept by the server."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import hpo.optuna as optuna
+from hpo.service.errors import Conflict, InvalidInput
+from tests.conftest import ServerProcess
+
+
+def objective(trial: optuna.Trial) -> float:
+    kind = trial.suggest_categorical("kind", ["quad", "abs"])
+    x = trial.suggest_float("x", -4.0, 4.0)
+    assert trial.suggest_float("x", -4.0, 4.0) == x  # asking again answers the same value
+    if kind == "quad":
+        n = trial.suggest_int("n", 1, 3)
+        value = (x - 1) ** 2 + n
+    else:
+        value = abs(x) + 2
+    for step in range(3):
+        trial.report(value + 1 / (step + 1), step)  # Optuna's order
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+    trial.set_user_attr("kind_seen", kind)
+    return value
+
+
+def test_an_optuna_script_runs_on_the_server(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HPO_TOKEN", server.token)
+    finished: list[int] = []
+    lock = threading.Lock()
+
+    def remember(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        with lock:
+            finished.append(trial.number)
+
+    study = optuna.create_study(
+        storage=server.url,
+        study_name="compat",
+        direction="minimize",
+        sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=3),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2),
+    )
+    study.enqueue_trial({"kind": "quad", "x": 1.0, "n": 1})
+    study.optimize(objective, n_trials=8, n_jobs=2, callbacks=[remember])
+
+    trials = study.trials
+    assert len(trials) == 8 and sorted(finished) == list(range(8))
+    assert trials[0].params == {"kind": "quad", "x": 1.0, "n": 1}
+    for t in trials:  # only what the objective suggested: no `n` on an `abs` trial
+        expected = {"kind", "x", "n"} if t.params["kind"] == "quad" else {"kind", "x"}
+        assert set(t.params) == expected
+    assert study.best_value == 1.0 and study.best_params == {"kind": "quad", "x": 1.0, "n": 1}
+    assert study.best_trial.user_attrs == {"kind_seen": "quad"}
+    frame = study.trials_dataframe()
+    assert {"number", "value", "params_x", "params_n", "user_attrs_kind_seen", "state"} <= set(
+        frame.columns
+    )
+    assert set(frame["state"]) <= {"COMPLETE", "PRUNED"}
+
+    # The server learned the space as the trials named it, and now samples it jointly.
+    with server.client() as client:
+        hpo_study = client.study("compat")
+        space = hpo_study.record.spec["space"]
+        assert space["x"] == {"type": "float", "low": -4.0, "high": 4.0}
+        assert space["kind"]["choices"] == ["quad", "abs"]
+        asked = hpo_study.ask()
+        assert asked.params == {}
+        proposed = client.trial(asked.trial_id).suggestion["proposed"]
+        assert set(proposed) == {"kind", "x", "n"}
+        # The same name with another kind of domain is refused, naming it.
+        with pytest.raises(InvalidInput, match="x: the study knows it as float"):
+            hpo_study.suggest(asked, "x", {"type": "int", "low": 0, "high": 3})
+        hpo_study.tell(asked, state="failed")
+
+    # load_if_exists: the same study continues; another direction is refused.
+    again = optuna.create_study(storage=server.url, study_name="compat", load_if_exists=True)
+    again.optimize(objective, n_trials=2)
+    assert len(again.trials) == 11
+    with pytest.raises(Conflict, match="objective"):
+        optuna.create_study(
+            storage=server.url, study_name="compat", direction="maximize", load_if_exists=True
+        )
+
+    # A grid runs each point once and ends the optimize; a timeout ends one too.
+    grid = optuna.create_study(
+        storage=server.url, sampler=optuna.samplers.GridSampler({"x": [-1.0, 0.0, 1.0]})
+    )
+    grid.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=10)
+    assert sorted(t.params["x"] for t in grid.trials) == [-1.0, 0.0, 1.0]
+    assert grid.best_value == 0.0
+
+
+def test_storage_must_be_a_server_url() -> None:
+    with pytest.raises(ValueError, match="URL of an hpo server"):
+        optuna.create_study(storage="sqlite:///optuna.db")
