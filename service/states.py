@@ -62,6 +62,9 @@ COUNTED_TRIAL_STATES = (
 )
 # Where a new row starts: ask creates a trial already claimed by its asker; a study runs at once.
 NEW_TRIAL_STATE = TrialState.RUNNING
+# A trial queued with fixed parameters (Optuna's enqueue_trial) is created waiting: the next
+# ask claims it as it claims a retried trial.
+ENQUEUED_TRIAL_STATE = TrialState.WAITING
 NEW_STUDY_STATE = StudyState.RUNNING
 
 # new state → why it may follow each old state (the "why" is the documentation of the edge).
@@ -140,6 +143,10 @@ def markdown_table() -> str:
     test keeps equal to this)."""
     lines = ["| Kind | From | To | When |", "| --- | --- | --- | --- |"]
     lines.append(f"| trial | (new) | {NEW_TRIAL_STATE} | asked: a new suggestion is handed out |")
+    lines.append(
+        f"| trial | (new) | {ENQUEUED_TRIAL_STATE} | enqueued with fixed parameters "
+        "(`POST /studies/{id}/queue`) |"
+    )
     for kind, table in (("trial", TRIAL_TRANSITIONS), ("study", STUDY_TRANSITIONS)):
         if kind == "study":
             lines.append(f"| study | (new) | {NEW_STUDY_STATE} | created |")

@@ -26,7 +26,7 @@ from hpo.service.db.models import Study, Trial, TrialParam, utcnow
 from hpo.service.errors import InvalidInput, StudyNotRunning
 from hpo.service.records import TrialRecord
 from hpo.service.spec import StudySpec, check_json, check_json_size
-from hpo.service.states import StudyState, TrialState
+from hpo.service.states import ENQUEUED_TRIAL_STATE, StudyState, TrialState
 from hpo.service.storage import Storage, events, studies, trials
 from hpo.service.storage.records import trial_record
 from hpo.service.storage.transitions import set_study_state
@@ -146,7 +146,7 @@ def enqueue(storage: Storage, study_id: int, params: Mapping[str, Any]) -> Trial
         trial = Trial(
             study_id=study.id,
             number=study.next_number,
-            state=TrialState.WAITING.value,
+            state=ENQUEUED_TRIAL_STATE.value,
             attempts=1,
             created_at=now,
             suggestion={"sampler": "enqueued", "fixed": sorted(params)},
@@ -158,7 +158,7 @@ def enqueue(storage: Storage, study_id: int, params: Mapping[str, Any]) -> Trial
         s.add(trial)
         studies.touch(study, trial, now=now)
         s.flush()
-        events.add(s, trial, TrialState.WAITING, "enqueued with fixed parameters")
+        events.add(s, trial, ENQUEUED_TRIAL_STATE, "enqueued with fixed parameters")
         grow_budget(study, at_least=study.next_number)
         s.flush()
         reopen_if_budget_left(s, study)

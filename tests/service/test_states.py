@@ -10,6 +10,7 @@ import pytest
 
 from hpo.service.db.models import utcnow
 from hpo.service.states import (
+    ENQUEUED_TRIAL_STATE,
     NEW_STUDY_STATE,
     NEW_TRIAL_STATE,
     STUDY_TRANSITIONS,
@@ -21,6 +22,7 @@ from hpo.service.states import (
 )
 from hpo.service.storage import Storage, events, studies, trials
 from hpo.service.storage.transitions import set_study_state, set_trial_state
+from hpo.service.studies import StudyService
 from tests.conftest import simple_spec
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
@@ -132,3 +134,18 @@ def test_the_documented_table_is_the_one_in_the_code() -> None:
 def _study(storage: Storage, name: str) -> int:
     with storage.write() as s:
         return studies.insert(s, name, simple_spec(name)).id
+
+
+def test_every_way_a_trial_is_created_is_a_row_of_the_table(service: StudyService) -> None:
+    """Asked (running) and enqueued (waiting): each creation's first event is a "(new)" row."""
+    from hpo.service.spec import StudySpec
+
+    study_id = service.create_study(StudySpec.model_validate(simple_spec("created"))).id
+    enqueued = service.enqueue_trial(study_id, {"x": 0.5, "n": 2})
+    asked = service.ask(study_id)  # claims the queued trial: no new one
+    fresh = service.ask(study_id)
+    created = {service.storage.get_trial(t).events[0].state for t in (enqueued.id, fresh.id)}
+    assert asked.id == enqueued.id
+    rows = [line for line in markdown_table().splitlines() if "| (new) |" in line]
+    assert {line.split(" | ")[2] for line in rows if line.startswith("| trial")} == created
+    assert created == {NEW_TRIAL_STATE, ENQUEUED_TRIAL_STATE}
