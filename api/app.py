@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from hpo.api import errors, middleware
+from hpo.api import errors, middleware, prometheus
 from hpo.api.deps import require_token
 from hpo.api.routes import checkpoints, dashboard, studies, trials
 from hpo.api.schemas import ErrorBody
@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     middleware.install(app, settings)
+    prometheus.install(app)  # GET /metrics; counts every request, so outermost
     auth = [Depends(require_token)]
     api = {"prefix": "/api/v1", "dependencies": auth, "responses": errors.RESPONSES}
     app.include_router(studies.router, **api)

@@ -83,10 +83,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("study")
     c.set_defaults(func=cmd_best)
 
-    c = client_cmd("export", "export a study's trials")
+    c = client_cmd("export", "export a study's trials (CSV, TensorBoard or MLflow)")
     c.add_argument("study")
-    c.add_argument("--csv", action="store_true", required=True, help="as CSV")
-    c.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    to = c.add_mutually_exclusive_group(required=True)
+    to.add_argument("--csv", action="store_true", help="as CSV")
+    to.add_argument(
+        "--tensorboard", type=Path, metavar="DIR", help="a TensorBoard run per trial under DIR"
+    )
+    to.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        metavar="URI",
+        help="an MLflow run per trial, to a tracking URI or a folder "
+        "(default: $MLFLOW_TRACKING_URI or ./mlruns, a local file store)",
+    )
+    c.add_argument("--experiment", help="MLflow experiment (default: the study's name)")
+    c.add_argument("-o", "--output", type=Path, help="CSV file to write (default: stdout)")
     c.set_defaults(func=cmd_export)
 
     c = client_cmd("watch", "show live progress of a study until it ends")
@@ -235,12 +248,36 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    text = _client(args).study(args.study).export_csv()
+    study = _client(args).study(args.study)
+    if not args.csv:
+        return _export_runs(args, study)
+    text = study.export_csv()
     if args.output:
         args.output.write_text(text)
         console.print(f"wrote {args.output}")
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def _export_runs(args: argparse.Namespace, study: Any) -> int:
+    from hpo.api.integrations import export
+
+    try:
+        runs = export.study_runs(study)
+        if args.tensorboard is not None:
+            export.write_tensorboard(runs, args.tensorboard)
+            console.print(f"wrote {len(runs)} runs to {args.tensorboard}")
+            console.print(f"view them: tensorboard --logdir {args.tensorboard}")
+        else:
+            uri = export.mlflow_uri(args.mlflow)
+            export.write_mlflow(runs, uri, args.experiment or study.name)
+            console.print(
+                f"wrote {len(runs)} runs to {uri}, experiment {args.experiment or study.name!r}"
+            )
+    except ImportError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
     return 0
 
 

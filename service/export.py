@@ -1,11 +1,15 @@
-"""Flat rows of a study's trials: the CSV export and the client's DataFrame share them."""
+"""A study's trials for export: flat rows (the CSV export and the client's DataFrame share
+them) and one run per trial (the TensorBoard and MLflow exports, :mod:`hpo.api.integrations`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from hpo.service.records import TrialRecord
+from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
+from hpo.service.spec import StudySpec
 
 BASE_COLUMNS = ["number", "trial_id", "state"]
 TAIL_COLUMNS = [
@@ -61,3 +65,64 @@ def trial_rows(
         )
         rows.append(row)
     return columns, rows
+
+
+@dataclass
+class TrialRun:
+    """One trial as an experiment tracker's run (TensorBoard, MLflow): its params, final
+    value(s), every metric series and the tags that say which trial of which study it is."""
+
+    name: str
+    params: dict[str, Any]
+    values: dict[str, float]
+    tags: dict[str, str]
+    series: dict[str, list[tuple[int, float, datetime]]] = field(default_factory=dict)
+    state: str = ""
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+def trial_runs(
+    study: StudyRecord,
+    trials: Sequence[TrialRecord],
+    points_of: Callable[[TrialRecord], Sequence[MetricPointRecord]],
+) -> list[TrialRun]:
+    """One run per trial, by number. ``values`` are named as the CSV's value columns
+    (``value``, or ``value_<metric>`` for several objectives). A series keeps, at each step, the
+    point of the latest attempt that reported it (a retried trial restarts its steps)."""
+    objective = StudySpec.model_validate(study.spec).objectives
+    value_names = ["value"] if len(objective) == 1 else [f"value_{o.metric}" for o in objective]
+    runs = []
+    for t in sorted(trials, key=lambda t: t.number):
+        finals = t.values if t.values is not None else ([t.value] if t.value is not None else [])
+        latest: dict[tuple[str, int], MetricPointRecord] = {}
+        for p in sorted(points_of(t), key=lambda p: (p.attempt, p.step)):
+            latest[(p.name, p.step)] = p
+        series: dict[str, list[tuple[int, float, datetime]]] = {}
+        for (name, step), p in sorted(latest.items()):
+            series.setdefault(name, []).append((step, p.value, p.time))
+        tags = {
+            "hpo.study": study.name,
+            "hpo.study_id": str(study.id),
+            "hpo.trial": str(t.number),
+            "hpo.trial_id": str(t.id),
+            "hpo.state": t.state,
+            "hpo.attempts": str(t.attempts),
+        }
+        if t.error:
+            tags["hpo.error"] = t.error[:500]
+        runs.append(
+            TrialRun(
+                name=f"trial-{t.number:04d}",
+                params=dict(t.params),
+                values={
+                    n: float(v) for n, v in zip(value_names, finals, strict=False) if v is not None
+                },
+                tags=tags,
+                series=series,
+                state=t.state,
+                started_at=t.started_at,
+                finished_at=t.finished_at,
+            )
+        )
+    return runs
