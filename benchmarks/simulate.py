@@ -19,7 +19,10 @@ checkpoint with a new curve (the replay approximation). Compared here:
   once the whole rung is in; a free worker with nothing to do in open brackets opens a new one;
 - ``asha``: every trial starts at epoch 1 and reports each epoch to OUR pruner
   (``hpo.service.pruners.asha.AshaPruner``), judged against an in-memory ``PruningHistory`` as
-  the service judges against SQL; a prune decision stops the trial there.
+  the service judges against SQL; a prune decision stops the trial there;
+- ``asha-promo``: ASHA's promotion variant on the same pruner (``mode: promotion``): jobs run
+  to the next rung and pause; a free worker resumes the best promotable paused trial
+  (``AshaPruner.promotion_order``) before it starts a new one.
 
 Measured per worker count and seed, in a wall-time budget of ``--budget`` mean full trials per
 worker: time and compute (busy worker-seconds) until some trial first reports
@@ -290,10 +293,69 @@ class AshaStopping:
         self.history.complete += last_epoch == self.epochs
 
 
+class AshaPromotion:
+    """ASHA's promotion variant (``pruner: {type: asha, mode: promotion}``): a trial runs to
+    its next rung and pauses there; a free worker first resumes the best paused trial that OUR
+    ``AshaPruner.promotion_order`` finds promotable (in the top ``floor(n/η)`` of its rung, the
+    order the service's ask uses), and starts a new trial only when none is. A resume costs
+    nothing here beyond its epochs (the service loads the checkpoint: about a second)."""
+
+    def __init__(self, trials: TrialSource, epochs: int, eta: int = 3, min_epochs: int = 1):
+        from hpo.service.pruners import make_pruner
+        from hpo.service.spec import StudySpec
+
+        spec = StudySpec.model_validate(
+            {
+                "name": "simulated",
+                "objective": {"metric": "val_accuracy", "direction": "maximize"},
+                "pruner": {
+                    "type": "asha",
+                    "mode": "promotion",
+                    "min_steps": min_epochs,
+                    "reduction_factor": eta,
+                    "max_steps": epochs,
+                },
+                "space": {"x": {"type": "float", "low": 0, "high": 1}},
+            }
+        )
+        self.pruner = make_pruner(spec)
+        self.trials, self.epochs = trials, epochs
+        self.rungs = self.pruner.rungs(epochs)
+        self.values: dict[int, dict[int, float]] = {}  # epoch -> trial -> value
+        self.paused: dict[int, int] = {}  # trial -> the epoch it paused after
+        self.curve_of: dict[int, int] = {}
+        # (trial, epoch it paused at, the pruner's reason) in promotion order
+        self.promoted: list[tuple[int, int, dict]] = []
+
+    def _stop_after(self, done: int) -> int:
+        """The epoch a job that resumes after ``done`` pauses at: the next rung, else the end."""
+        return next((r for r in self.rungs if r > done), self.epochs)
+
+    def next_job(self) -> Job | None:
+        order = self.pruner.promotion_order(self.paused, self.values)
+        if order:
+            trial = order[0].trial_id
+            done = self.paused.pop(trial)
+            self.promoted.append((trial, done, order[0].reason))
+            return Job(trial, self.curve_of[trial], done + 1, self._stop_after(done))
+        trial, curve = self.trials.new()
+        self.curve_of[trial] = curve
+        return Job(trial, curve, 1, self._stop_after(0))
+
+    def on_result(self, job: Job, epoch: int, value: float) -> bool:
+        self.values.setdefault(epoch, {})[job.trial] = value
+        return True
+
+    def on_job_end(self, job: Job, last_epoch: int) -> None:
+        if last_epoch < self.epochs:
+            self.paused[job.trial] = last_epoch
+
+
 SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "random": lambda trials, epochs, eta: RandomSearch(trials, epochs),
     "sha": lambda trials, epochs, eta: SynchronousSHA(trials, epochs, eta),
     "asha": lambda trials, epochs, eta: AshaStopping(trials, epochs, eta),
+    "asha-promo": lambda trials, epochs, eta: AshaPromotion(trials, epochs, eta),
 }
 
 # ---------------------------------------------------------------------------- the simulator
@@ -421,7 +483,7 @@ def median(values: list[float | None]) -> float:
 def print_table(rows: dict, workers: list[int], target: float, budget_s: float) -> None:
     print(f"target val_accuracy >= {target}; budget {budget_s:.0f} s of simulated wall time")
     print(
-        f"{'workers':>7} {'scheduler':>9} {'reached':>7} {'t→target s':>10} {'×SHA':>5} "
+        f"{'workers':>7} {'scheduler':>10} {'reached':>7} {'t→target s':>10} {'×SHA':>5} "
         f"{'compute→t s':>11} {'×SHA':>5} {'compute s':>10} {'best final':>10} {'trials':>6}"
     )
     for n in workers:
@@ -436,7 +498,7 @@ def print_table(rows: dict, workers: list[int], target: float, budget_s: float) 
             c_sha = median([x["compute_to_target_s"] for x in base])
             reached = sum(x["time_to_target_s"] is not None for x in r)
             print(
-                f"{n:>7} {name:>9} {reached:>5}/{len(r)} {t:>10.1f} {t / t_sha:>5.2f} "
+                f"{n:>7} {name:>10} {reached:>5}/{len(r)} {t:>10.1f} {t / t_sha:>5.2f} "
                 f"{c:>11.0f} {c / c_sha:>5.2f} {statistics.fmean(x['compute_s'] for x in r):>10.0f}"
                 f" {statistics.fmean(x['best_final'] for x in r):>10.4f}"
                 f" {statistics.fmean(x['trials'] for x in r):>6.0f}"

@@ -4,7 +4,7 @@ checkpoint can be resumed from.
 
 Everything here reads inside a transaction the caller holds; the decision to promote is taken
 again under the study's row lock by the one who promotes (``asking``), so two askers, or two
-servers, never promote past a rung's ``floor(n/η)``.
+servers, never promote one trial twice nor one outside its rung's top ``floor(n/η)``.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def run(sim: Any, name: str, workers: int = 4, budget: float = 6.0, seed: int = 
     return curves, scheduler, sim.simulate(curves, scheduler, workers, budget_s), budget_s
 
 
-@pytest.mark.parametrize("name", ["random", "sha", "asha"])
+@pytest.mark.parametrize("name", ["random", "sha", "asha", "asha-promo"])
 def test_workers_run_one_job_at_a_time_and_compute_adds_up(sim: Any, name: str) -> None:
     curves, _, out, budget_s = run(sim, name)
     by_worker: dict[int, list] = {}
@@ -97,3 +97,24 @@ def test_random_search_trains_every_trial_fully(sim: Any) -> None:
     for r in out.results:
         last[r.trial] = max(last.get(r.trial, 0), r.epoch)
     assert {e for t, e in last.items() if t not in cut} == {9}
+
+
+def test_promotion_asha_runs_rung_to_rung_and_promotes_at_most_a_third(sim: Any) -> None:
+    _, promo, out, _ = run(sim, "asha-promo", budget=20.0)
+    assert promo.rungs == [1, 3] and promo.pruner.promotion
+    ran: dict[int, list[int]] = {}
+    for r in out.results:
+        ran.setdefault(r.trial, []).append(r.epoch)
+    for epochs in ran.values():  # resumed after its pause: no epoch twice, none skipped
+        assert epochs == list(range(1, len(epochs) + 1))
+    for _, _, _, job in out.spans:  # every job ends at a rung (a pause) or the last epoch
+        assert job.stop in (1, 3, 9) and (job.start, job.stop) in ((1, 1), (2, 3), (4, 9))
+    assert {done for _, done, _ in promo.promoted} == {1, 3}, "the drill proved nothing"
+    for trial, done, reason in promo.promoted:  # each in its rung's top floor(n/η) right then
+        assert reason["step"] == done and reason["rank"] <= reason["promotable"]
+        assert reason["promotable"] == reason["of"] // 3 and trial in ran
+    # ASHA promotes from the top set as it is when a worker frees up; a trial that later drops
+    # out of it keeps its promotion, so more than floor(n/η) of a rung may leave it in all
+    # (as in the ASHA paper), but never more than the trials that were once in the top set.
+    for rung in (1, 3):
+        assert sum(done == rung for _, done, _ in promo.promoted) < len(promo.values[rung])

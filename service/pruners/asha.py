@@ -10,6 +10,7 @@ workers freed); :func:`promotion_order` then says which paused trials are in the
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,27 +129,34 @@ class AshaPruner(Pruner):
         highest rung first, then the best value. ``paused`` maps each paused trial to its
         largest step reported; ``values[rung step]`` maps every trial that reached that rung
         (paused or not) to its value there. A trial paused at rung k is promotable when its
-        value is among the top ``floor(n_k/η)`` of the ``n_k`` values at rung k: since every
-        trial promoted from rung k was in that top set when it was promoted, and the set only
-        grows with n_k, at most ``floor(n_k/η)`` trials ever leave rung k (ASHA's bound)."""
+        value is among the top ``floor(n_k/η)`` of the ``n_k`` values at rung k as they are now.
+        A promoted trial keeps its promotion when later values push it out of that top set (as
+        in the ASHA paper), so over a study more than ``floor(n_k/η)`` may leave rung k; at any
+        moment at most ``floor(n_k/η)`` of the trials at rung k are in the top set."""
         out = []
         sign = -1 if self.direction == "maximize" else 1
         top = max(paused.values(), default=0)
         rungs = self.rungs(top, bracket)
+        eta = self.spec.pruner.reduction_factor
+        # each rung ranked once (not once per paused trial): rank by trial, values in order
+        ranking: dict[int, tuple[dict[int, int], list[float]]] = {}
         for trial_id, last in paused.items():
-            reached = [r for r in rungs if r <= last]
-            if not reached:
+            k = bisect_right(rungs, last) - 1
+            if k < 0:
                 continue
-            k, rung = len(reached) - 1, reached[-1]
+            rung = rungs[k]
             at_rung = values.get(rung, {})
             if trial_id not in at_rung:
                 continue
-            # ties broken by trial id, so no more than floor(n/η) are ever in the top set
-            order = sorted(at_rung, key=lambda t: (sign * at_rung[t], t))
-            ranked = [at_rung[t] for t in order]
-            standing = self._standing(k, rung, at_rung[trial_id], ranked, bracket)
-            standing["rank"] = order.index(trial_id) + 1
-            if standing["rank"] <= standing["promotable"]:
+            if rung not in ranking:
+                # ties broken by trial id, so no more than floor(n/η) are ever in the top set
+                order = sorted(at_rung, key=lambda t: (sign * at_rung[t], t))
+                rank_of = {t: i for i, t in enumerate(order, 1)}
+                ranking[rung] = (rank_of, [at_rung[t] for t in order])
+            rank_of, ranked = ranking[rung]
+            if rank_of[trial_id] <= len(ranked) // eta:
+                standing = self._standing(k, rung, at_rung[trial_id], ranked, bracket)
+                standing["rank"] = rank_of[trial_id]
                 out.append(Promotion(trial_id, k, standing))
         out.sort(key=lambda p: (-p.reason["step"], sign * p.reason["value"], p.trial_id))
         return out
