@@ -4,7 +4,9 @@ checked, a node that cannot write the checkpoint storage (a read-only bind mount
 mount namespace: the other node writes the same path) is a 503 naming that node and the
 check, an ERROR in the log and a failed ``hpo doctor`` (and a standby replica's ``/healthz``
 says the same), and an unreachable ``HPO_PUBLIC_URL``
-fails the control-plane check of every node.
+fails the control-plane check of every node. The same cluster (1 CPU a node) shows placement
+per node: a rank larger than every node is failed or refused naming the field, and a DDP trial
+of two 1-CPU ranks runs with one rank on each node.
 
 The raylets run under ``unshare --mount`` (we run as root); the cluster is stopped by the PIDs
 of its own process groups, never with ``ray stop``.
@@ -28,6 +30,7 @@ import pytest
 
 from hpo.api.demo import free_port
 from tests.conftest import ServerProcess, wait_for
+from tests.service.test_dispatch import RAY_ENV, finished, synthetic
 
 pytestmark = pytest.mark.ray
 
@@ -184,6 +187,63 @@ def doctor(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str
         text=True,
         timeout=180,
     )
+
+
+def test_ranks_are_placed_per_node_on_a_two_node_cluster(tmp_path: Path, cluster: Cluster) -> None:
+    """Placement per node (first: before node c joins): a rank larger than every node is failed
+    with the reason (the cluster was not known yet when its study was created) or refused
+    with 422 (once it is), and a DDP trial of two 1-CPU ranks runs with one rank on each."""
+    # a replica on the database that serves the API only: it judges new studies by the
+    # snapshot the scheduling server stores there. It starts first, so the "early" study is
+    # created before any server knew the cluster (the scheduling one connects to a cluster
+    # at once, for the node preflight, and publishes the nodes within its first tick).
+    (tmp_path / "replica").mkdir()
+    database = f"sqlite:///{tmp_path / 'hpo.db'}"
+    replica = ServerProcess(database, tmp_path / "replica", {"HPO_SCHEDULER": "false"})
+    server = ServerProcess(database, tmp_path, {**RAY_ENV, "HPO_RAY_ADDRESS": cluster.address})
+    server.token = replica.token
+    try:
+        replica.start()
+        too_big = {"workers_per_trial": 1, "cpus_per_worker": 2}
+        # created before the control plane knew the cluster: accepted, then its trial fails
+        early_id = replica.client().create_study(synthetic("early", resources=too_big)).id
+        server.start()
+        client = server.client()
+        early = client.study(early_id)
+        finished(early, timeout=90)  # bounded: never "running" forever
+        (trial,) = early.trials()
+        trial = client.trial(trial.id)
+        assert trial.state == "failed" and trial.attempts == 1
+        assert "resources.cpus_per_worker" in trial.error
+        assert "the largest of its 2 node(s) has 1" in trial.error
+        assert any(e.detail.startswith("[deterministic]") for e in trial.events)
+
+        # the cluster is known now: the same spec is refused at creation, naming the field,
+        # by either replica
+        for served in (server, replica):
+            with served.http() as http:
+                refused = http.post("/api/v1/studies", json=synthetic("late", resources=too_big))
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["field"] == "resources.cpus_per_worker"
+            assert "no node" in refused.json()["message"]
+        with replica.http() as http:
+            three = {"workers_per_trial": 3, "cpus_per_worker": 1}
+            refused = http.post("/api/v1/studies", json=synthetic("three", resources=three))
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["field"] == "resources.workers_per_trial"
+
+        # two 1-CPU ranks: one on each node, gloo across them
+        ddp = client.create_study(synthetic("across"))
+        finished(ddp, timeout=120)
+        (trial,) = ddp.trials()
+        trial = client.trial(trial.id)
+        assert trial.state == "complete", trial.error
+        ranks = trial.placement["ranks"]
+        assert trial.placement["world_size"] == 2
+        assert len({r["node_id"] for r in ranks}) == 2
+    finally:
+        replica.stop()
+        server.stop()
 
 
 def test_every_node_passes_and_doctor_agrees(tmp_path: Path, cluster: Cluster) -> None:
