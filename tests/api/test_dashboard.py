@@ -568,6 +568,53 @@ def test_dashboard_shows_the_pareto_front(sqlite_server: ServerProcess) -> None:
             http.close()
 
 
+@pytest.mark.browser
+def test_dashboard_shows_paused_trials_and_their_rungs(sqlite_server: ServerProcess) -> None:
+    """Promotion ASHA over ask/tell: three trials pause at rung 1 (step 1), the best is
+    promoted and pauses at rung 2 (step 3). The page counts and filters paused trials and
+    its rungs card says how many reached, wait at and went on from each rung."""
+    http = sqlite_server.http()
+    pruner = {"type": "asha", "mode": "promotion", "min_steps": 1, "reduction_factor": 3}
+    sid = create_spec(http, simple_spec("promo", pruner={**pruner, "max_steps": 9}))
+    first = [ask(http, sid)["trial_id"] for _ in range(3)]
+    for tid, loss in zip(first, (0.5, 0.3, 0.9), strict=True):
+        report(http, tid, [(1, "loss", loss)])
+    promoted = ask(http, sid)
+    assert promoted["trial_id"] == first[1], "the best of rung 1 is promoted, no new trial"
+    points = [{"step": s, "name": "loss", "value": v} for s, v in ((2, 0.25), (3, 0.2))]
+    resumed = http.post(  # its second attempt: the attempt's token says which
+        f"{API}/trials/{first[1]}/metrics",
+        json={"points": points},
+        headers={"Authorization": f"Bearer {promoted['attempt_token']}"},
+    )
+    assert resumed.status_code == 200 and resumed.json()["should_stop"], resumed.text
+    states = {t["id"]: t["state"] for t in ok(http.get(f"{API}/studies/{sid}/trials"))["trials"]}
+    assert sorted(states.values()) == ["paused"] * 3
+    with _chromium() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{sqlite_server.url}/?study={sid}#token={sqlite_server.token}")
+            page.wait_for_selector("#card-rungs:not([hidden]) table.rungs tbody tr")
+            rows = page.eval_on_selector_all(
+                "table.rungs tbody tr",
+                "rows => rows.map(r => [...r.cells].map(c => c.textContent))",
+            )
+            # rung, step, reached, paused here, went on, top floor(n/eta)
+            assert rows == [["0", "1", "3", "2", "1", "1"], ["1", "3", "1", "1", "0", "0"]]
+            assert "3 paused" in page.inner_text(".study-head")
+            badges = page.eval_on_selector_all(
+                "table.trials .badge", "b => b.map(x => x.textContent)"
+            )
+            assert badges == ["paused"] * 3
+            assert errors == []
+        finally:
+            browser.close()
+            http.close()
+
+
 def seed_many(database_url: str, n: int, steps: int) -> dict[str, int]:
     """An ask/tell study of ``n`` trials with ``steps`` loss points each (every 10th pruned
     after a third of them, every 25th failed), written through the core on the server's

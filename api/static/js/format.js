@@ -93,6 +93,7 @@ export const STATE_COLORS = {
   waiting: "#9e9e9e",
   pruned: "#e6820e",
   failed: "#d62728",
+  paused: "#8c6bb1",
 };
 
 /** `el("a", {href: "x", class: "y"}, "text", child)`: a DOM element. */

@@ -13,10 +13,11 @@ function best(s) {
 function counts(s) {
   const c = s.counts;
   const waiting = c.waiting ? ` · ${c.waiting} waiting` : "";
+  const paused = c.paused ? ` · ${c.paused} paused` : "";
   const budget = s.spec.budget?.max_trials ?? "∞";
   return (
     `${c.complete} complete · ${c.running} running · ${c.pruned} pruned · ${c.failed} failed` +
-    `${waiting} · budget ${budget}`
+    `${paused}${waiting} · budget ${budget}`
   );
 }
 

@@ -70,7 +70,7 @@ export function history(model, i) {
   };
 }
 
-const CURVE_ORDER = { complete: 0, failed: 1, pruned: 2, waiting: 3, running: 4 };
+const CURVE_ORDER = { complete: 0, failed: 1, pruned: 2, paused: 3, waiting: 4, running: 5 };
 
 export function curves(model) {
   // Thousands of curves at a fixed opacity are a solid block: fade them as they grow.
@@ -79,7 +79,7 @@ export function curves(model) {
     const t = model.trials.get(c.trial_id);
     const state = t ? t.state : c.state;
     const points = c.steps.map((s, k) => [s, c.values[k]]);
-    const cut = state === "pruned" ? " (pruned here)" : "";
+    const cut = { pruned: " (pruned here)", paused: " (paused at a rung)" }[state] || "";
     return {
       state,
       points,
@@ -252,4 +252,36 @@ export function importanceBars(answer) {
     }),
     el("p", { class: "muted" }, importanceNote(answer)),
   ];
+}
+
+/** A promotion study's rungs (ASHA or Hyperband with `mode: promotion`), from the trials'
+ * last steps: per bracket and rung, how many trials reached it, how many wait there paused,
+ * how many went on (were promoted), and how many its top ⌊n/η⌋ holds. Null for other studies. */
+export function rungs(model) {
+  const p = model.study.spec.pruner;
+  if (p.mode !== "promotion") return null;
+  const eta = p.reduction_factor;
+  const sMax = Math.floor(Math.log(p.max_steps / p.min_steps) / Math.log(eta) + 1e-9);
+  const brackets = p.type === "hyperband" ? sMax + 1 : 1;
+  const trials = [...model.trials.values()];
+  const top = Math.max(0, ...trials.map((t) => t.last_step ?? 0));
+  const rows = [];
+  for (let b = 0; b < brackets; b++) {
+    const mine = trials.filter((t) => t.number % brackets === b);
+    for (let step = p.min_steps * eta ** b, k = 0; step <= top; step *= eta, k++) {
+      if (p.max_steps != null && step >= p.max_steps) break;
+      const reached = mine.filter((t) => (t.last_step ?? 0) >= step);
+      const next = step * eta;
+      rows.push({
+        bracket: b,
+        rung: k,
+        step,
+        reached: reached.length,
+        paused: reached.filter((t) => t.state === "paused" && t.last_step < next).length,
+        wentOn: reached.filter((t) => t.last_step > step).length,
+        promotable: Math.floor(reached.length / eta),
+      });
+    }
+  }
+  return { brackets, rows };
 }

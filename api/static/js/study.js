@@ -109,6 +109,7 @@ export class StudyPage {
     const slice = card("slice", "Slice", this.sliceSel);
     const pareto = card("pareto", "Pareto front", this.piSel, this.pjSel);
     const trials = card("trials", "Trials");
+    const rungs = card("rungs", "Rungs (promotion)");
     this.legend = el("div", { class: "ramp" });
     parallel.node.append(this.legend);
     curves.node.append(
@@ -117,12 +118,16 @@ export class StudyPage {
         { class: "legend" },
         el("span", { class: "key state-complete" }, "complete"),
         el("span", { class: "key state-running" }, "running ●"),
+        el("span", { class: "key state-paused" }, "paused"),
         el("span", { class: "key state-pruned" }, "pruned ✕ (cut off)"),
         el("span", { class: "key state-failed" }, "failed"),
       ),
     );
     parallel.node.classList.add("wide");
     trials.node.classList.add("wide");
+    this.rungsCard = rungs.node;
+    this.rungsBox = rungs.body;
+    this.rungsCard.hidden = true;
     this.paretoCard = pareto.node;
     this.paretoCard.hidden = true;
     this.charts = {
@@ -150,6 +155,7 @@ export class StudyPage {
         contour.node,
         slice.node,
         pareto.node,
+        rungs.node,
         trials.node,
       ),
       this.drawer,
@@ -368,9 +374,45 @@ export class StudyPage {
         this.charts.pareto.set(panels.pareto(this, pi, pj)),
       );
     }
+    this.once("rungs", [v.trials, v.finished, v.study], () => this.drawRungs());
     if (this.table.update(this.study, this.trials, v.trials))
       this.renders.table = (this.renders.table || 0) + 1;
     this.detail.sync(this.trials, this.study);
+  }
+
+  drawRungs() {
+    const found = panels.rungs(this);
+    this.rungsCard.hidden = !found;
+    if (!found) return;
+    const hyperband = found.brackets > 1;
+    const head = [...(hyperband ? ["bracket"] : []), "rung", "step", "reached", "paused here"];
+    head.push("went on", "top ⌊n/η⌋");
+    const cell = (v) => el("td", { class: "num" }, String(v));
+    this.rungsBox.replaceChildren(
+      el(
+        "table",
+        { class: "rungs" },
+        el("thead", {}, el("tr", {}, ...head.map((h) => el("th", {}, h)))),
+        el(
+          "tbody",
+          {},
+          ...found.rows.map((r) =>
+            el(
+              "tr",
+              {},
+              ...(hyperband ? [cell(r.bracket)] : []),
+              cell(r.rung),
+              cell(r.step),
+              cell(r.reached),
+              cell(r.paused),
+              cell(r.wentOn),
+              cell(r.promotable),
+            ),
+          ),
+        ),
+      ),
+      found.rows.length ? "" : el("p", { class: "note" }, "no trial has reached a rung yet"),
+    );
   }
 
   drawParallel() {

@@ -5,7 +5,7 @@ import { el, num, param, seconds } from "./format.js";
 import { objectives, valueOf } from "./panels.js";
 
 const PAGE = 50;
-const STATES = ["", "complete", "running", "pruned", "failed", "waiting"];
+const STATES = ["", "complete", "running", "paused", "pruned", "failed", "waiting"];
 const TERM = /^([\w.\-]+)\s*(<=|>=|!=|=|<|>)\s*(.+)$/;
 const OPS = {
   "=": (c) => c === 0,
