@@ -47,7 +47,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = ROOT / "benchmarks" / "data" / "digits_curves.json.gz"
@@ -253,28 +253,29 @@ class MemoryHistory:
         return self.complete
 
 
+def asha_pruner(mode: str, epochs: int, eta: int, min_epochs: int) -> Any:
+    """OUR ``AshaPruner`` (``hpo.service.pruners.asha``) for a study maximizing
+    ``val_accuracy``, with rungs from ``min_epochs`` by ``eta`` below ``epochs``."""
+    from hpo.service.pruners import make_pruner
+    from hpo.service.spec import StudySpec
+
+    pruner = {"type": "asha", "mode": mode, "reduction_factor": eta}
+    pruner |= {"min_steps": min_epochs, "max_steps": epochs}
+    spec = {
+        "name": "simulated",
+        "objective": {"metric": "val_accuracy", "direction": "maximize"},
+        "pruner": pruner,
+        "space": {"x": {"type": "float", "low": 0, "high": 1}},
+    }
+    return make_pruner(StudySpec.model_validate(spec))
+
+
 class AshaStopping:
     """Every trial from epoch 1; after each epoch OUR ``AshaPruner`` judges the report against
     the other trials' values (judged before this value is recorded, as the service does)."""
 
     def __init__(self, trials: TrialSource, epochs: int, eta: int = 3, min_epochs: int = 1):
-        from hpo.service.pruners import make_pruner
-        from hpo.service.spec import StudySpec
-
-        spec = StudySpec.model_validate(
-            {
-                "name": "simulated",
-                "objective": {"metric": "val_accuracy", "direction": "maximize"},
-                "pruner": {
-                    "type": "asha",
-                    "min_steps": min_epochs,
-                    "reduction_factor": eta,
-                    "max_steps": epochs,
-                },
-                "space": {"x": {"type": "float", "low": 0, "high": 1}},
-            }
-        )
-        self.pruner = make_pruner(spec)
+        self.pruner = asha_pruner("stopping", epochs, eta, min_epochs)
         self.trials, self.epochs, self.history = trials, epochs, MemoryHistory()
 
     def next_job(self) -> Job | None:
@@ -301,24 +302,7 @@ class AshaPromotion:
     nothing here beyond its epochs (the service loads the checkpoint: about a second)."""
 
     def __init__(self, trials: TrialSource, epochs: int, eta: int = 3, min_epochs: int = 1):
-        from hpo.service.pruners import make_pruner
-        from hpo.service.spec import StudySpec
-
-        spec = StudySpec.model_validate(
-            {
-                "name": "simulated",
-                "objective": {"metric": "val_accuracy", "direction": "maximize"},
-                "pruner": {
-                    "type": "asha",
-                    "mode": "promotion",
-                    "min_steps": min_epochs,
-                    "reduction_factor": eta,
-                    "max_steps": epochs,
-                },
-                "space": {"x": {"type": "float", "low": 0, "high": 1}},
-            }
-        )
-        self.pruner = make_pruner(spec)
+        self.pruner = asha_pruner("promotion", epochs, eta, min_epochs)
         self.trials, self.epochs = trials, epochs
         self.rungs = self.pruner.rungs(epochs)
         self.values: dict[int, dict[int, float]] = {}  # epoch -> trial -> value

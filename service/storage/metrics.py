@@ -301,31 +301,10 @@ class PruningHistory:
     ) -> list[float]:
         """Each other trial's value of the metric at its first step at or after ``step`` (of
         the trials whose ``number % n == b`` only, when ``bracket`` is (n, b))."""
-        if bracket is not None:
-            found = values_at_by_trial(self.session, self.study_id, self.metric, step, bracket)
-            return [v for t, v in found.items() if t != self.trial_id]
-        if complete_only:
+        if complete_only and bracket is None:
             return [v for t, v in self._complete_at(step).items() if t != self.trial_id]
-        first = (
-            select(MetricPoint.trial_id, func.min(MetricPoint.step).label("step"))
-            .where(
-                MetricPoint.study_id == self.study_id,
-                MetricPoint.name == self.metric,
-                MetricPoint.step >= step,
-                MetricPoint.trial_id != self.trial_id,
-            )
-            .group_by(MetricPoint.trial_id)
-            .subquery()
-        )
-        stmt = select(MetricPoint.value).join(
-            first,
-            and_(
-                MetricPoint.trial_id == first.c.trial_id,
-                MetricPoint.step == first.c.step,
-                MetricPoint.name == self.metric,
-            ),
-        )
-        return _first_per_trial(self.session, stmt)
+        found = values_at_by_trial(self.session, self.study_id, self.metric, step, bracket)
+        return [v for t, v in found.items() if t != self.trial_id]
 
     def n_complete(self) -> int:
         """How many trials of the study are complete (read once per history)."""
@@ -464,14 +443,3 @@ def values_at_by_trial(
     for value, trial_id in rows:
         seen.setdefault(trial_id, value)
     return seen
-
-
-def _first_per_trial(session: Session, stmt: Any) -> list[float]:
-    """One value per trial: of a step that several attempts reported, the newest attempt's."""
-    rows = session.execute(
-        stmt.add_columns(MetricPoint.trial_id).order_by(MetricPoint.attempt.desc())
-    )
-    seen: dict[int, float] = {}
-    for value, trial_id in rows:
-        seen.setdefault(trial_id, value)
-    return list(seen.values())
