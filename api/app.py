@@ -253,6 +253,7 @@ def _scheduler(
         lease_s=settings.scheduler_lease_s,
         preflight=preflight,
         deployment=deployment,
+        tensorboard_dir=settings.tensorboard_dir,
     )
 
 

@@ -4,6 +4,7 @@ loss and ``eval_loss`` through ``HpoCallback``; the median pruner stops the poor
 
     hpo serve &                                       # in another shell
     python examples/hf_trainer.py --trials 8 --max-steps 60
+    torchrun --nproc-per-node 2 examples/hf_trainer.py --trials 8    # each trial on 2 ranks (DDP)
 
 Needs ``pip install 'hpo[text,integrations]'``.
 """
@@ -18,6 +19,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 from hpo.api.client import Client, TrialHandle
+from hpo.api.integrations import distributed
 from hpo.api.integrations.huggingface import HpoCallback
 
 VOCAB, LENGTH = 64, 16
@@ -95,6 +97,12 @@ def objective(trial: TrialHandle, *, max_steps: int = 60, eval_steps: int = 10) 
             callbacks=[HpoCallback(trial)],
         )
         trainer.train()  # ends early when hpo prunes the trial
+        rank, size = distributed.world()
+        if size > 1:
+            step = trainer.state.global_step
+            print(
+                f"rank {rank}: trial {trial.number} {trial.params} ran to step {step}", flush=True
+            )
         return trainer.evaluate()["eval_loss"]
 
 
@@ -109,10 +117,14 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     with Client(a.url, a.token) as client:
         study = client.create_study({**SPEC, "name": a.name}, load_if_exists=True)
-        study.optimize(
+        # under torchrun: one trial at a time on every rank (rank 0 asks and tells)
+        distributed.optimize(
+            study,
             lambda t: objective(t, max_steps=a.max_steps, eval_steps=a.eval_steps),
             n_trials=a.trials,
         )
+        if distributed.world()[0] > 0:
+            return
         best = study.best_trial
         print(f"best eval_loss {best.value:.4f} with {best.params}" if best else "no trial ended")
 

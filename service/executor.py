@@ -63,6 +63,9 @@ class AttemptLaunch:
     # The checkpoint this attempt must resume from (a promoted trial's, saved when it
     # paused); None: the newest readable one of the trial's earlier attempts, if any.
     resume_from: str | None = None
+    # Where rank 0 writes the trial's points as live TensorBoard scalars (the trial's run
+    # folder under ``HPO_TENSORBOARD_DIR``); None: nowhere.
+    tensorboard_dir: str | None = None
 
     @property
     def ref(self) -> AttemptRef:

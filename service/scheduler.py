@@ -92,6 +92,7 @@ class Scheduler:
         preflight: ClusterPreflight | None = None,
         deployment: str | None = None,
         nodes_refresh_s: float = NODES_REFRESH_S,
+        tensorboard_dir: Path | str | None = None,
     ) -> None:
         """``wake`` is the event whose setting runs a tick now (a study was created, resumed
         or given more budget): the app passes its ``set`` to the study service as
@@ -103,7 +104,8 @@ class Scheduler:
         trial-<t>``, so deployments sharing a checkpoint store (or a database wiped and started
         again on the same one) never resume from each other's checkpoints of a trial with
         the same id. The cluster's nodes are read every ``nodes_refresh_s`` (for placement and
-        the preflight alike)."""
+        the preflight alike). ``tensorboard_dir``: where trials write live TensorBoard
+        scalars, a folder per study and trial (``HPO_TENSORBOARD_DIR``); None: nowhere."""
         self.service = service
         self.executor = executor
         self.api_url = api_url
@@ -113,6 +115,7 @@ class Scheduler:
             if deployment
             else checkpoint_dir
         )
+        self.tensorboard_dir = tensorboard_dir
         self.interval_s = interval_s
         self.in_flight: dict[AttemptRef, _InFlight] = {}
         # completed studies whose best trial went to evaluation, or that have nothing to
@@ -592,6 +595,11 @@ class Scheduler:
             checkpoint_dir=self._trial_dir(trial.study_id, trial.id),
             lease_s=spec.lease_s,
             resume_from=trial.resume_from,
+            tensorboard_dir=(
+                str(Path(self.tensorboard_dir, spec.name, f"trial-{trial.number:04d}"))
+                if self.tensorboard_dir
+                else None
+            ),
         )
 
 

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     # The network interface DDP ranks bind gloo/NCCL to (GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME
     # on each rank, unless set there); default: the interface holding the node's Ray address.
     socket_ifname: str | None = None
+    # Trials write their metrics as live TensorBoard scalars into
+    # <tensorboard_dir>/<study name>/trial-0007 (a folder the workers can write; see
+    # hpo.workers.tensorboard). Unset: they do not.
+    tensorboard_dir: Path | None = None
     scheduler: bool = True
     # The node preflight on a cluster (see hpo.service.preflight): how long a node has to run
     # it, and how often a node that failed it is checked again.

@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from hpo.workers.tensorboard import LiveScalars
+
 log = logging.getLogger("hpo.workers.reporter")
 
 
@@ -24,6 +26,8 @@ class MetricReporter:
 
     ``max_points`` bounds memory: when the server stays away that long, the oldest points that
     are not in ``keep`` (the objective and pruned metrics) are dropped first, and counted.
+    ``mirror``: also hands every point to it as it is logged (the live TensorBoard scalars,
+    :class:`hpo.workers.tensorboard.LiveScalars`), and closes it with the reporter.
     """
 
     def __init__(
@@ -38,8 +42,10 @@ class MetricReporter:
         batch: int = 500,
         max_points: int = 100_000,
         client: httpx.Client | None = None,
+        mirror: LiveScalars | None = None,
     ) -> None:
         self.trial_id = trial_id
+        self.mirror = mirror
         self.keep = set(keep)
         self.heartbeat_s = heartbeat_s
         self.flush_s = flush_s
@@ -68,7 +74,10 @@ class MetricReporter:
                 self._queued += 1
             self._trim()
             self._cond.notify()
-            return self._queued
+            ticket = self._queued
+        if self.mirror is not None:
+            self.mirror.add(step, metrics)
+        return ticket
 
     def unsent(self) -> list[dict[str, Any]]:
         """The points queued but not yet acknowledged by the server (``step``, ``name``,
@@ -109,6 +118,8 @@ class MetricReporter:
             self._cond.notify()
         self._thread.join(timeout=5)
         self._http.close()
+        if self.mirror is not None:
+            self.mirror.close()
         return sent
 
     def _trim(self) -> None:

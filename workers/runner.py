@@ -51,6 +51,7 @@ def run_rank(
     from hpo.workers import ddp, registry, storage
     from hpo.workers.context import Objective, TrialContext
     from hpo.workers.reporter import MetricReporter
+    from hpo.workers.tensorboard import LiveScalars
 
     for name in control_plane_secrets(os.environ):  # a cluster's workers may have them
         os.environ.pop(name, None)
@@ -80,6 +81,11 @@ def run_rank(
                 token=launch.token,
                 keep=tuple(launch.keep_metrics),
                 heartbeat_s=max(1.0, min(30.0, launch.lease_s / 4)),
+                mirror=(
+                    LiveScalars(launch.tensorboard_dir, launch.attempt)
+                    if launch.tensorboard_dir
+                    else None
+                ),
             )
         ctx = TrialContext(
             trial_id=launch.trial_id,

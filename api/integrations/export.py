@@ -50,9 +50,10 @@ def write_tensorboard(runs: Sequence[TrialRun], logdir: Path | str) -> list[Path
     compares trials). Returns the run folders."""
     _need("tensorboard")
     from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.plugins.hparams import summary_v2
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    from hpo.workers.tensorboard import scalar_event
 
     folders = []
     for run in runs:
@@ -68,13 +69,11 @@ def write_tensorboard(runs: Sequence[TrialRun], logdir: Path | str) -> list[Path
         last = 0
         for name, points in run.series.items():
             for step, value, at in points:
-                summary = Summary(value=[Summary.Value(tag=name, simple_value=value)])
-                writer.add_event(Event(wall_time=_seconds(at), step=step, summary=summary))
+                writer.add_event(scalar_event(name, value, step, _seconds(at) or start))
                 last = max(last, step)
         end = _seconds(run.finished_at) or start
         for name, value in run.values.items():
-            summary = Summary(value=[Summary.Value(tag=name, simple_value=value)])
-            writer.add_event(Event(wall_time=end, step=last, summary=summary))
+            writer.add_event(scalar_event(name, value, last, end))
         writer.close()
         folders.append(folder)
     return folders

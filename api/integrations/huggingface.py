@@ -11,8 +11,11 @@ the trial.
 Every log (the training loss every ``logging_steps``, the ``eval_*`` metrics at each
 evaluation) is reported at the trainer's global step, from the main process only. When hpo
 answers that the trial should stop, ``control.should_training_stop`` ends training after the
-current step; ``study.optimize`` then tells the trial pruned. Under several processes
-(``torchrun``) the other ranks do not learn it: use it in single-process training.
+current step; ``study.optimize`` then tells the trial pruned.
+
+Under several processes (``torchrun``) run the trials with
+:func:`hpo.api.integrations.distributed.optimize`: every rank trains the same trial, and at
+each log every rank takes rank 0's answer, so all of them stop at the same step.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from hpo.api.integrations.distributed import stop_together
 from hpo.api.integrations.reporting import TrialReporter
 from hpo.api.objective import TrialHandle, TrialTeller
 
@@ -60,15 +64,20 @@ class HpoCallback(TrainerCallback):
         logs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if not state.is_world_process_zero or not logs:
-            return
-        if self.every_number:
-            logs = {k: v for k, v in logs.items() if not k.endswith(BOOKKEEPING_SUFFIXES)}
-        if self.reporter.report(state.global_step, logs):
+        # Every rank logs at the same steps (the Trainer gathers the loss first): where the
+        # ranks agree on rank 0's answer.
+        stop = False
+        if state.is_world_process_zero and logs:
+            if self.every_number:
+                logs = {k: v for k, v in logs.items() if not k.endswith(BOOKKEEPING_SUFFIXES)}
+            stop = self.reporter.report(state.global_step, logs)
+        if stop_together(stop):
             control.should_training_stop = True
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.reporter.pruned:  # a heartbeat of study.optimize may have learnt it too
+        # A heartbeat of study.optimize may have learnt it too; with several ranks the next
+        # log carries it to the others.
+        if self.reporter.pruned and args.world_size == 1:
             control.should_training_stop = True

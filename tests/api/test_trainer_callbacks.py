@@ -4,7 +4,12 @@ trial that hpo prunes stops training at the step it was pruned and is told prune
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -88,6 +93,38 @@ def test_hf_trainer_example_reports_and_stops_when_pruned(served: ServerProcess)
         pruned = study.trials()[-1]
         assert pruned.state == "pruned" and pruned.pruned["step"] == 4
         assert reported_steps(study, pruned.id, "eval_loss") == [2, 4]  # nothing after
+
+
+def test_hf_trainer_under_torchrun_trains_one_trial_on_every_rank_and_stops_them_together(
+    served: ServerProcess,
+) -> None:
+    """Two DDP ranks (gloo) under torchrun: rank 0 asks each trial and every rank trains it
+    (one trial per trial, not one per rank); hpo's prune answer at step 4 stops both ranks at
+    that step, and the job ends (no rank left waiting in a collective)."""
+    hf = example("hf_trainer")
+    client, study = seeded_study(served, hf.SPEC, "hf-torchrun", "eval_loss", min_steps=3)
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
+        str(EXAMPLES / "hf_trainer.py"),
+        *("--url", served.url, "--name", "hf-torchrun"),
+        *("--trials", "2", "--max-steps", "40", "--eval-steps", "2"),
+    ]
+    env = {**os.environ, "HPO_TOKEN": served.token, "OMP_NUM_THREADS": "1"}
+    job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+    with client:
+        trials = study.trials()[1:]  # after the seed
+        assert [(t.state, t.pruned["step"]) for t in trials] == [("pruned", 4)] * 2
+        for t in trials:
+            assert reported_steps(study, t.id, "eval_loss") == [2, 4]
+        ran = re.findall(r"rank (\d): trial (\d+) (\{.*?\}) ran to step (\d+)", job.stdout)
+        by_rank = {
+            (int(rank), int(number)): (ast.literal_eval(params), int(step))
+            for rank, number, params, step in ran
+        }
+        assert by_rank == {(rank, t.number): (t.params, 4) for rank in (0, 1) for t in trials}, (
+            job.stdout[-3000:]
+        )
 
 
 def test_lightning_example_reports_and_stops_when_pruned(served: ServerProcess) -> None:

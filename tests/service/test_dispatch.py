@@ -40,8 +40,10 @@ def start_server(tmp: Path, **env: str) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One control plane with its local Ray, shared by the tests that do not kill it."""
-    server = start_server(tmp_path_factory.mktemp("ray-server"))
+    """One control plane with its local Ray, shared by the tests that do not kill it; its
+    trials write live TensorBoard scalars under ``data_dir/tensorboard``."""
+    data = tmp_path_factory.mktemp("ray-server")
+    server = start_server(data, HPO_TENSORBOARD_DIR=str(data / "tensorboard"))
     try:
         yield server
     finally:
@@ -66,20 +68,40 @@ def finished(study: Study, timeout: float = 180) -> None:
     wait_for(lambda: study.state in ("completed", "stopped"), timeout, f"study {study.name}")
 
 
+def tensorboard_scalars(run: Path, tag: str) -> list[tuple[int, float]]:
+    """The (step, value) scalars of ``tag`` in the event files of a TensorBoard run folder."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    found = []
+    for path in sorted(run.glob("events.out.tfevents.*")):
+        for record in RawEventFileLoader(str(path)).Load():
+            event = Event.FromString(record)
+            found += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+    return found
+
+
 def test_ddp_trial_streams_metrics_while_it_runs(ray_server: ServerProcess) -> None:
     client = ray_server.client()
     study = client.create_study(
         synthetic("live", trainable={"name": "synthetic", "config": {"steps": 12, "step_s": 0.5}})
     )
     trial = wait_for(lambda: study.trials(state="running"), 60, "a running trial")[0]
-    # points reach the database while the trial is still running
+    # points reach the database, and TensorBoard, while the trial is still running
     wait_for(lambda: len(study.metrics(trial.id, "loss")) >= 2, 60, "streamed points")
+    run = ray_server.data_dir / "tensorboard" / "live" / f"trial-{trial.number:04d}"
+    wait_for(lambda: len(tensorboard_scalars(run, "loss")) >= 2, 60, "live TensorBoard scalars")
     assert client.trial(trial.id).state == "running"
     finished(study)
     done = client.trial(trial.id)
     assert done.state == "complete"
     points = study.metrics(trial.id, "loss")
     assert [p.step for p in points] == list(range(1, 13))
+    # one event file, of attempt 1, written by rank 0: the same points
+    assert [p.name for p in run.iterdir()] == [p.name for p in run.glob("*.attempt-1")]
+    scalars = tensorboard_scalars(run, "loss")
+    assert [step for step, _ in scalars] == [p.step for p in points]
+    assert [value for _, value in scalars] == pytest.approx([p.value for p in points], rel=1e-6)
     assert done.value == points[-1].value  # objective scope "last"
     placement = done.placement
     assert placement["world_size"] == 2 and placement["executor"] == "ray"
