@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hpo.api.cli import main
-from tests.conftest import ServerProcess, simple_spec
+from tests.conftest import ServerProcess, example, simple_spec
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,38 @@ def test_export_needs_one_target(sqlite_server: ServerProcess, finished_study: d
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         cli(sqlite_server, "exported", "--csv", "--tensorboard", "x")
+
+
+def test_track_runs_example_writes_every_trial_to_tensorboard_and_mlflow(
+    sqlite_server: ServerProcess, tmp_path: Path
+) -> None:
+    """examples/track_runs.py: a study run in-process, then one TensorBoard and one MLflow run
+    per trial holding the loss curve the server stored."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tracked = example("track_runs")
+    logdir, store = tmp_path / "tb", tmp_path / "mlruns"
+    args = ["--url", sqlite_server.url, "--token", sqlite_server.token, "--name", "tracked"]
+    tracked.main([*args, "--trials", "3", "--tensorboard", str(logdir), "--mlflow", str(store)])
+    with sqlite_server.client() as client:
+        study = client.study("tracked")
+        trials = study.trials()
+        assert len(trials) == 3 and all(t.state in ("complete", "failed") for t in trials)
+        curves = {
+            f"trial-{t.number:04d}": [(p.step, p.value) for p in study.metrics(t.id, "loss")]
+            for t in trials
+        }
+    assert sorted(p.name for p in logdir.iterdir()) == sorted(curves)
+    assert all(curves.values())
+    for name, points in curves.items():
+        scalars = EventAccumulator(str(logdir / name)).Reload().Scalars("loss")
+        assert [e.step for e in scalars] == [step for step, _ in points]
+        assert [e.value for e in scalars] == pytest.approx([v for _, v in points], rel=1e-6)
+    mlflow = MlflowClient(tracking_uri=store.resolve().as_uri())
+    experiment = mlflow.get_experiment_by_name("tracked")
+    runs = {r.info.run_name: r for r in mlflow.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == sorted(curves)
+    for name, points in curves.items():
+        history = mlflow.get_metric_history(runs[name].info.run_id, "loss")
+        assert sorted((m.step, m.value) for m in history) == points

@@ -8,10 +8,12 @@ import json
 import re
 from pathlib import Path
 
+import httpx
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.test_outage import set_reachable
-from tests.conftest import ServerProcess, simple_spec
+from tests.conftest import EXAMPLES, ServerProcess, simple_spec
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "hpo.json"
 PROMQL_WORDS = {
@@ -90,6 +92,26 @@ def test_metrics_follow_asks_reports_and_tells(server: ServerProcess) -> None:
         route = "/api/v1/studies/{study_id}"
         assert value(samples, "hpo_http_requests_total", route=route, method="GET", status="503")
         assert value(scrape(server), "hpo_database_up") == 1
+
+
+def test_the_example_scrape_config_reads_metrics(
+    sqlite_server: ServerProcess, tmp_path: Path
+) -> None:
+    """examples/prometheus.yml scrapes as Prometheus would: its path, with the token from its
+    credentials file (here a copy pointing at this server and a file of its token)."""
+    config = yaml.safe_load((EXAMPLES / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["authorization"]["type"] == "Bearer"
+    token_file = tmp_path / "hpo-token"
+    token_file.write_text(sqlite_server.token)
+    target = f"http://127.0.0.1:{sqlite_server.port}"
+    answer = httpx.get(
+        target + job["metrics_path"],
+        headers={"Authorization": f"Bearer {token_file.read_text().strip()}"},
+    )
+    assert answer.status_code == 200
+    assert "hpo_trials" in {f.name for f in text_string_to_metric_families(answer.text)}
+    assert httpx.get(target + job["metrics_path"]).status_code == 401  # without it
 
 
 def assert_dashboard_reads_only(exposed: set[str]) -> None:

@@ -5,30 +5,18 @@ trial that hpo prunes stops training at the step it was pruned and is told prune
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from hpo.api.client import Client, Study
-from tests.conftest import ServerProcess
+from tests.conftest import EXAMPLES, ServerProcess, example
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FAR = 10**9  # a step past every other: the median pruner compares each step with its value
-
-
-def example(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"hpo_example_{name}", EXAMPLES / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
