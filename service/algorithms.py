@@ -19,6 +19,7 @@ SAMPLERS: dict[str, str] = {
     "cmaes": "hpo.service.samplers.cmaes:CmaEsSampler",
     "nsga2": "hpo.service.samplers.nsga2:NSGAIISampler",
     "qmc": "hpo.service.samplers.qmc:QMCSampler",
+    "bohb": "hpo.service.samplers.bohb:BohbSampler",
 }
 
 PRUNERS: dict[str, str] = {

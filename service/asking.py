@@ -11,6 +11,7 @@ suggestion. ``StudyService.ask`` calls :func:`ask` after expiring stale leases.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -141,6 +142,8 @@ def ask(
                     view = StudyView(spec, (), number)
                 else:
                     view = (histories or Histories()).view(s, study, spec, sampler, number)
+                if view is not None and sampler.uses_rungs:
+                    view = replace(view, rungs=promotions.rung_values(s, study, spec))
         if waiting is not None:
             claimed = _claim_waiting(storage, study_id, waiting, spec, dispatched)
         elif promotable:

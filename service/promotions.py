@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -56,6 +57,35 @@ def candidates(
     sign = -1 if pruner.direction == "maximize" else 1
     out.sort(key=lambda p: (-p.reason["step"], sign * p.reason["value"], p.trial_id))
     return out
+
+
+def rung_values(
+    s: Session, study: Study, spec: StudySpec
+) -> dict[int, dict[int, tuple[dict[str, Any], float]]]:
+    """``{rung step: {trial number: (its params, its value there)}}`` of every trial that
+    reached each rung of the study's ASHA/Hyperband pruner (the steps ``min_steps * η**k``
+    of every bracket, and ``max_steps``), up to the highest rung any trial reached: what BOHB
+    fits TPE on."""
+    pruner = make_pruner(spec)
+    assert isinstance(pruner, AshaPruner)
+    opts = spec.pruner
+    steps, step = [], opts.min_steps
+    while opts.max_steps is None or step < opts.max_steps:
+        steps.append(step)
+        step *= opts.reduction_factor
+    if opts.max_steps is not None:
+        steps.append(opts.max_steps)
+    by_id: dict[int, dict[int, float]] = {}
+    for step in steps:
+        values = metrics.values_at_by_trial(s, study.id, pruner.metric, step)
+        if not values:
+            break  # nothing reached it, nor any higher rung
+        by_id[step] = values
+    known = trials.numbered_params(s, {t for values in by_id.values() for t in values})
+    return {
+        step: {known[t][0]: (known[t][1], v) for t, v in values.items() if t in known}
+        for step, values in by_id.items()
+    }
 
 
 def resume_point(checkpoint: str | None, last_step: int | None) -> str | None:

@@ -335,6 +335,12 @@ class SamplerSpec(_Model):
     )
     qmc_type: Literal["sobol", "halton"] = Field(default="sobol", description="QMC: sequence.")
     scramble: bool = Field(default=False, description="QMC: scramble the sequence (needs seed).")
+    min_points_in_model: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        description="BOHB: observations a rung needs before TPE is fitted on it "
+        "(default: the number of parameters + 1).",
+    )
 
     @field_validator("type")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -56,6 +56,9 @@ class StudyView:
     prepared: Sequence[Any] | None = None
     memo: dict[str, Any] | None = None
     arrivals: Sequence[Any] | None = None
+    # For samplers with ``uses_rungs``: ``{rung step: {trial number: (params, value there)}}``
+    # of every trial that reached each rung of the study's ASHA/Hyperband pruner.
+    rungs: Mapping[int, Mapping[int, tuple[Mapping[str, Any], float]]] | None = None
 
     @property
     def complete(self) -> list[ObservedTrial]:
@@ -94,6 +97,9 @@ class Sampler(ABC):
     # Whether a suggestion may take seconds (a model fit): an ask then computes it off the
     # request thread and waits a bounded time for it (service/asking.py).
     slow: ClassVar[bool] = False
+    # Whether ``suggest`` reads ``view.rungs`` (the values at the pruner's rungs), which the
+    # ask then loads.
+    uses_rungs: ClassVar[bool] = False
 
     def __init__(self, spec: StudySpec) -> None:
         self.spec = spec

@@ -6,7 +6,7 @@ Functions take the caller's session. A trial's state is written only through
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -217,6 +217,27 @@ def numbers(session: Session, trial_ids: Sequence[int]) -> dict[int, int]:
     """``{trial id: its number}``."""
     rows = session.execute(select(Trial.id, Trial.number).where(Trial.id.in_(list(trial_ids))))
     return {trial_id: number for trial_id, number in rows}
+
+
+def numbered_params(
+    session: Session, trial_ids: Collection[int]
+) -> dict[int, tuple[int, dict[str, Any]]]:
+    """``{trial id: (its number, its params)}``."""
+    out: dict[int, tuple[int, dict[str, Any]]] = {}
+    ids = list(trial_ids)
+    for k in range(0, len(ids), _CHUNK):
+        chunk = ids[k : k + _CHUNK]
+        for trial_id, number in session.execute(
+            select(Trial.id, Trial.number).where(Trial.id.in_(chunk))
+        ):
+            out[trial_id] = (number, {})
+        for trial_id, name, value in session.execute(
+            select(TrialParam.trial_id, TrialParam.name, TrialParam.value)
+            .where(TrialParam.trial_id.in_(chunk))
+            .order_by(TrialParam.trial_id, TrialParam.position)
+        ):
+            out[trial_id][1][name] = value
+    return out
 
 
 def paused(session: Session, study_id: int, *, settled_only: bool = False) -> dict[int, int]:
