@@ -19,6 +19,7 @@ from rich.table import Table
 
 from hpo.api.progress import console, fmt, out, print_test_metrics, watch
 from hpo.service import errors
+from hpo.service.records import TrialRecord
 from hpo.service.spec import StudySpec, describe_errors
 
 
@@ -243,8 +244,28 @@ def cmd_best(args: argparse.Namespace) -> int:
         out.print(f"trial {t.number} (id {t.id}): value {value}")
         for k, v in t.params.items():
             out.print(f"  {k} = {v}")
+        for line in schedule_lines(t):
+            out.print(line)
         print_test_metrics(t.test_metrics)
     return 0
+
+
+def schedule_lines(trial: TrialRecord) -> list[str]:
+    """A PBT trial's parameters over its steps, each segment with the trial it copied (none
+    for a trial whose parameters never changed): the result of a PBT study is this schedule,
+    not one set of parameters."""
+    if not trial.schedule:
+        return []
+    lines = ["  schedule (PBT):"]
+    for segment in trial.schedule:
+        params = ", ".join(f"{k}={v}" for k, v in segment.params.items())
+        copied = ""
+        if segment.parent is not None:
+            how = ", ".join(f"{k} {v}" for k, v in segment.perturbed.items())
+            copied = f"  (copied trial {segment.parent.number} at step {segment.parent.step}"
+            copied += f"; {how})" if how else ")"
+        lines.append(f"    from step {segment.step}: {params}{copied}")
+    return lines
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from hpo.service import define_by_run, promotions, transitions, warmstart
+from hpo.service import define_by_run, pbt, promotions, transitions, warmstart
 from hpo.service.background import BackgroundJobs, NotReady
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import (
@@ -277,10 +277,13 @@ def _promote(
     with storage.read() as s:
         paused = trials.get_trial(s, trial_id, params=False)
         checkpoint, last_step = paused.checkpoint, paused.last_step
+        copy = pbt.donor_checkpoint(s, spec, paused.pause_reason)
     problem, resume_from = None, checkpoint
     if spec.trainable is not None:
         resume_from = promotions.resume_point(checkpoint, last_step)
         problem = promotions.checkpoint_problem(resume_from)
+    if copy.path is not None:  # pbt: the donor's checkpoint, when it reads back
+        problem, resume_from = None, copy.path
     with storage.write() as s:
         study = studies.get(s, study_id, lock=True)
         check_can_ask(storage, s, study, spec, dispatched)
@@ -294,7 +297,10 @@ def _promote(
         chosen = next((p for p in ranked if p.trial_id == trial_id), None)
         if chosen is None:
             return None
-        transitions.promote(s, study, trial, chosen.reason)
+        reason = chosen.reason
+        if spec.scheduler is not None:
+            reason = pbt.exploit(s, spec, trial, copy)
+        transitions.promote(s, study, trial, reason)
         now = utcnow()
         set_trial_state(
             s, study, trial, TrialState.RUNNING, detail=f"attempt {trial.attempts}", now=now

@@ -25,6 +25,8 @@ from hpo.service.storage import metrics, trials
 
 def promotes(spec: StudySpec) -> bool:
     """Whether the study's trials pause at rungs and wait to be promoted."""
+    if spec.scheduler is not None:  # pbt: a trial that exploits pauses, then goes on
+        return True
     return spec.pruner.type in ("asha", "hyperband") and spec.pruner.mode == "promotion"
 
 
@@ -40,6 +42,9 @@ def candidates(
     paused = trials.paused(s, study.id, settled_only=settled_only)
     if not paused:
         return []
+    if spec.scheduler is not None:  # pbt: each paused trial goes on at once, first come first
+        reasons = trials.pause_reasons(s, list(paused))
+        return [Promotion(t, 0, reasons.get(t) or {}) for t in sorted(paused)]
     pruner = make_pruner(spec)
     assert isinstance(pruner, AshaPruner)
     numbers = trials.numbers(s, list(paused))

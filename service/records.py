@@ -74,6 +74,23 @@ class TrialEventRecord(_Record):
     detail: str | None = None
 
 
+class ScheduleParent(_Record):
+    """The trial a PBT segment copied: its id, number, and the step of its checkpoint."""
+
+    trial_id: int
+    number: int
+    step: int | None = None
+
+
+class ScheduleSegment(_Record):
+    """Parameters a trial trained with from ``step`` on (PBT)."""
+
+    step: int
+    params: dict[str, ParamValue]
+    parent: ScheduleParent | None = None
+    perturbed: dict[str, str] = {}
+
+
 class TrialRecord(_Record):
     """A trial: its parameters, state, result, attempts, timings and where it ran."""
 
@@ -101,6 +118,11 @@ class TrialRecord(_Record):
         description="The best trial's held-out test metrics (or ``error`` / ``note``).",
     )
     user_attrs: dict[str, Any] = {}
+    schedule: list[ScheduleSegment] | None = Field(
+        default=None,
+        description="PBT: the parameters over the trial's steps, each segment from the step "
+        "it began at, with the trial whose checkpoint it copied then (None: unchanged).",
+    )
     # ``seq`` moves with the trial's state, values and other fields; ``curve_seq`` also with
     # its metric points (the curves' cursor).
     seq: int

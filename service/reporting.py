@@ -292,7 +292,7 @@ def _judge(
 ) -> Any:
     """The pruner's verdict on the new steps of the watched metric (``judged``: each new
     step with the trial's step before it, from :func:`_to_judge`)."""
-    if spec.pruner.type == "none" or not judged:
+    if (spec.pruner.type == "none" and spec.scheduler is None) or not judged:
         return None
     pruner = make_pruner(spec)
     first: dict[int, float] = {}

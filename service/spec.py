@@ -107,6 +107,11 @@ class _Conditional(_Model):
         default=None,
         description="Active only when each named parameter takes one of the listed values.",
     )
+    mutable: bool = Field(
+        default=False,
+        description="PBT: changed while the trial trains (perturbed or resampled when the "
+        "trial copies a better one's checkpoint).",
+    )
 
     @field_validator("when")
     @classmethod
@@ -467,6 +472,27 @@ class Budget(_Model):
     )
 
 
+class PbtSpec(_Model):
+    """Population based training (Jaderberg et al., 2017): ``population`` trials train side by
+    side; every ``interval_steps`` a trial in the bottom ``quantile`` of the values there
+    copies the checkpoint and parameters of one in the top ``quantile`` and perturbs its
+    ``mutable`` parameters (each resampled with probability ``resample_p``, else multiplied
+    by one of ``perturb``)."""
+
+    type: Literal["pbt"] = "pbt"
+    population: StrictInt = Field(ge=2, le=10_000, description="Trials trained side by side.")
+    interval_steps: StrictInt = Field(ge=1, description="Steps between exploit decisions.")
+    quantile: float = Field(
+        default=0.25, gt=0, le=0.5, description="Bottom (and top) fraction of the population."
+    )
+    resample_p: float = Field(
+        default=0.25, ge=0, le=1, description="Chance that a mutable parameter is resampled."
+    )
+    perturb: tuple[float, float] = Field(
+        default=(0.8, 1.2), description="Factors a numeric mutable parameter is multiplied by."
+    )
+
+
 class Resources(_Model):
     """What one trial occupies on the cluster: ``workers_per_trial`` DDP ranks, each with these."""
 
@@ -512,6 +538,11 @@ class StudySpec(_Model):
     budget: Budget = Field(default_factory=Budget)
     resources: Resources = Field(default_factory=Resources)
     trainable: TrainableSpec | None = None
+    scheduler: PbtSpec | None = Field(
+        default=None,
+        description="Population based training; trials then change their `mutable` "
+        "parameters as they train (see PbtSpec).",
+    )
     define_by_run: bool = Field(
         default=False,
         description="Parameters may also be first named while a trial runs (Optuna's "
@@ -602,6 +633,33 @@ class StudySpec(_Model):
         return self
 
     @model_validator(mode="after")
+    def _pbt_fits(self) -> StudySpec:
+        pbt = self.scheduler
+        if pbt is None:
+            if any(p.mutable for p in self.space.values()):
+                raise ValueError("scheduler: `mutable` parameters need `scheduler: {type: pbt}`")
+            return self
+        if self.trainable is None:
+            raise ValueError(
+                "scheduler.type: pbt copies checkpoints between trials: the study needs a trainable"
+            )
+        if self.pruner.type != "none":
+            raise ValueError("pruner.type: pbt decides which trials go on; use no pruner")
+        if self.multi_objective:
+            raise ValueError("scheduler.type: pbt ranks trials by one objective")
+        if not any(p.mutable for p in self.space.values()):
+            raise ValueError("space: pbt needs at least one parameter with `mutable: true`")
+        if any(p.when for p in self.space.values()):
+            raise ValueError("space: pbt does not take conditional (`when`) parameters")
+        limit = self.budget.max_trials
+        if limit is not None and limit != pbt.population:
+            raise ValueError(
+                f"budget.max_trials: a pbt study runs scheduler.population = {pbt.population} "
+                f"trials; got {limit}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _pruner_fits(self) -> StudySpec:
         if self.pruner.type == "none":
             return self
@@ -648,6 +706,13 @@ class StudySpec(_Model):
     @property
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
+
+    @property
+    def max_trials(self) -> int | None:
+        """How many trials the study runs: ``budget.max_trials``, or a pbt population."""
+        if self.scheduler is not None:
+            return self.scheduler.population
+        return self.budget.max_trials
 
     @property
     def pruned_metric(self) -> str:

@@ -47,7 +47,7 @@ def sampler_of(study: Study) -> Sampler:
 
 def budget_limit(study: Study, spec: StudySpec) -> float:
     """How many trial numbers the study may hand out (max_trials, capped by a finite grid)."""
-    limit = math.inf if spec.budget.max_trials is None else spec.budget.max_trials
+    limit = math.inf if spec.max_trials is None else spec.max_trials
     capacity = sampler_of(study).capacity()
     return limit if capacity is None else min(limit, capacity)
 
@@ -85,7 +85,7 @@ def spent_error(study: Study, spec: StudySpec) -> BudgetSpent:
             field="sampler",
         )
     return BudgetSpent(
-        f"study {study.id} has handed out all {spec.budget.max_trials} trials (budget.max_trials)",
+        f"study {study.id} has handed out all {spec.max_trials} trials (budget.max_trials)",
         field="budget.max_trials",
     )
 
@@ -107,7 +107,7 @@ def complete_if_done(s: Session, study: Study) -> None:
     elif study.next_number >= budget_limit(study, spec):
         if promotions.candidates(s, study, spec):
             return
-        reason = "budget spent" if spec.budget.max_trials else "search space exhausted"
+        reason = "budget spent" if spec.max_trials else "search space exhausted"
     else:
         return
     now = utcnow()
@@ -132,6 +132,10 @@ def pause(s: Session, study: Study, trial: Trial, reason: dict[str, Any], *, now
     promoted), with the pruner's ``reason`` in its history; maybe complete the study. A
     scheduler that owns the attempt keeps owning it until the attempt has ended and its last
     checkpoint is recorded (``StudyService.release_paused``): only then may it be promoted."""
+    if reason.get("pruner") == "pbt":
+        donor = reason["donor_trial_id"]
+        reason = {**reason, "donor_number": trials.numbers(s, [donor]).get(donor)}
+    trial.pause_reason = reason
     set_trial_state(s, study, trial, TrialState.PAUSED, detail=pause_detail(reason), now=now)
     trial.lease_expires_at = None
     trial.progress_expires_at = None
@@ -166,12 +170,31 @@ def _standing(reason: dict[str, Any]) -> str:
 
 
 def pause_detail(reason: dict[str, Any]) -> str:
-    """A paused trial's history line: where it stands in its rung when it paused."""
+    """A paused trial's history line: where it stands in its rung when it paused (PBT: in
+    the population at the boundary, and the trial it will copy)."""
+    if reason.get("pruner") == "pbt":
+        return (
+            f"pbt exploit: paused: {reason.get('metric')} = {reason.get('value'):.6g} at step "
+            f"{reason.get('step')} (boundary {reason.get('boundary')}), rank "
+            f"{reason.get('rank')} of {reason.get('of')} (bottom {reason.get('bottom')}): "
+            f"will copy trial #{reason.get('donor_number')} "
+            f"({reason.get('metric')} = {reason.get('donor_value'):.6g})"
+        )
     return f"{reason.get('pruner')} promotion: paused: {_standing(reason)}"
 
 
 def promotion_detail(reason: dict[str, Any]) -> str:
-    """A promoted trial's history line: where it stood in its rung when promoted."""
+    """A promoted trial's history line: where it stood in its rung when promoted (PBT: what
+    it copied and how its parameters were explored)."""
+    if reason.get("pruner") == "pbt":
+        segment = reason.get("segment") or {}
+        parent = segment.get("parent")
+        if parent is None:
+            return f"pbt: resumes its own checkpoint ({reason.get('note', 'nothing to copy')})"
+        return (
+            f"pbt exploit: copies trial #{parent['number']} at step {parent['step']}; "
+            f"explored: {segment.get('perturbed')}; params now {segment.get('params')}"
+        )
     return f"{reason.get('pruner')} promotion: promoted: {_standing(reason)}"
 
 

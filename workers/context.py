@@ -43,11 +43,14 @@ class Objective:
 class Resumed:
     """What :meth:`TrialContext.resume` restored: the checkpoint's ``step`` (done already),
     the plain values saved beside the stateful objects, and where it was read from (a Path,
-    or the checkpoint's URL on an object store)."""
+    or the checkpoint's URL on an object store). ``copied_from``: the trial whose checkpoint
+    it is when not this one's (PBT copied it): its optimizer and schedule hold that trial's
+    hyperparameters, which the trainable replaces with its own (``Schedule.rebase``)."""
 
     step: int
     values: dict[str, Any]
     path: Location
+    copied_from: int | None = None
 
     @property
     def next_step(self) -> int:
@@ -233,10 +236,12 @@ class TrialContext:
                 raise TrainableError(f"checkpoint {path} holds no {key!r} to resume from")
             _unwrap(target).load_state_dict(saved[key])
         self._restore_progress(meta)
-        if self.is_main:
-            self._resend(meta)
+        owner = int(meta.get("trial_id", self.trial_id))
+        if self.is_main and owner == self.trial_id:
+            self._resend(meta)  # not another trial's points (a PBT copy)
         values = {k: v for k, v in saved.items() if k not in state}
-        return Resumed(int(meta["step"]), values, path)
+        copied = None if owner == self.trial_id else owner
+        return Resumed(int(meta["step"]), values, path, copied)
 
     def _meta(self, step: int) -> dict[str, Any]:
         metrics = dict(self._at_last_step) if self.last_step == step else {}

@@ -124,6 +124,22 @@ class Schedule:
         for group, base in zip(self.optimizer.param_groups, self._lambda.base_lrs, strict=True):
             group["lr"] = base * f
 
+    def hyperparameters(self) -> list[dict[str, Any]]:
+        """Each parameter group's settings (base rate, weight decay, momentum...), to hand
+        back to :meth:`rebase` after loading another trial's checkpoint."""
+        return [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+
+    def rebase(self, hyperparameters: list[dict[str, Any]]) -> None:
+        """Keep the loaded progress (optimizer moments, schedule position) but go on with
+        ``hyperparameters`` (from :meth:`hyperparameters` before the load): what a trial that
+        copied another one's checkpoint (PBT) must do, or it would train on with the copied
+        trial's rates."""
+        groups = self.optimizer.param_groups
+        for group, settings in zip(groups, hyperparameters, strict=True):
+            group.update(settings)
+        self._lambda.base_lrs = [float(g["initial_lr"]) for g in groups]
+        self._apply()
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "lambda": self._lambda.state_dict(),

@@ -161,6 +161,11 @@ class Trial(Base):
     attempt_started_at: Mapped[datetime | None]
     # What the user attached to the trial (``set_user_attr``): a JSON object, None when empty.
     user_attrs: Mapped[dict[str, Any] | None]
+    # Why a paused trial paused (the pruner's or PBT's reason: PBT names the trial to copy).
+    pause_reason: Mapped[dict[str, Any] | None]
+    # PBT: the trial's parameters over its steps, each segment with the trial it copied
+    # ({"step", "params", "parent"}); None for a trial whose parameters never changed.
+    schedule: Mapped[list[Any] | None]
 
     study: Mapped[Study] = relationship(back_populates="trials")
     params: Mapped[list[TrialParam]] = relationship(

@@ -18,5 +18,7 @@ __all__ = ["PRUNERS", "make_pruner"]
 
 
 def make_pruner(spec: StudySpec) -> Pruner:
-    """The pruner a study's spec asks for."""
+    """The pruner a study's spec asks for (PBT's exploit decision for a pbt study)."""
+    if spec.scheduler is not None:
+        return load("hpo.service.pbt:PbtPruner")(spec)
     return load(PRUNERS[spec.pruner.type])(spec)

@@ -19,6 +19,11 @@ class PruningHistory(Protocol):
         step >= ``step``; only trials whose ``number % n == b`` when ``bracket`` is (n, b)."""
         ...
 
+    def values_by_trial_at(self, step: int) -> dict[int, float]:
+        """``{trial id: value}`` of each other trial that reached ``step``, at its first
+        reported step >= ``step``."""
+        ...
+
     def n_complete(self) -> int:
         """How many trials of the study have completed."""
         ...

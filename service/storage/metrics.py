@@ -306,6 +306,11 @@ class PruningHistory:
         found = values_at_by_trial(self.session, self.study_id, self.metric, step, bracket)
         return [v for t, v in found.items() if t != self.trial_id]
 
+    def values_by_trial_at(self, step: int) -> dict[int, float]:
+        """``{trial id: value}`` of each other trial at its first step at or after ``step``."""
+        found = values_at_by_trial(self.session, self.study_id, self.metric, step)
+        return {t: v for t, v in found.items() if t != self.trial_id}
+
     def n_complete(self) -> int:
         """How many trials of the study are complete (read once per history)."""
         if self._n_complete is None:

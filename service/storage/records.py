@@ -63,6 +63,7 @@ def trial_record(trial: Trial, *, events: Sequence[TrialEvent] | None = None) ->
         has_checkpoint=trial.checkpoint is not None,
         test_metrics=trial.test_metrics,
         user_attrs=dict(trial.user_attrs or {}),
+        schedule=trial.schedule,
         seq=trial.seq,
         curve_seq=trial.curve_seq or trial.seq,
         events=None

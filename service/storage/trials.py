@@ -240,6 +240,14 @@ def numbered_params(
     return out
 
 
+def pause_reasons(session: Session, trial_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """``{trial id: why it paused}`` (None-less: trials without a reason are left out)."""
+    rows = session.execute(
+        select(Trial.id, Trial.pause_reason).where(Trial.id.in_(list(trial_ids)))
+    )
+    return {trial_id: dict(reason) for trial_id, reason in rows if reason}
+
+
 def paused(session: Session, study_id: int, *, settled_only: bool = False) -> dict[int, int]:
     """``{trial id: its largest step reported}`` of the study's paused trials (only those
     whose pausing attempt has ended, its last checkpoint recorded, when ``settled_only``: a

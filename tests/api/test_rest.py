@@ -163,6 +163,7 @@ def check_create_get_and_list_studies_with_pagination(http: httpx.Client) -> Non
         "step": None,
         "values": None,
         "when": None,
+        "mutable": False,
     }
     assert got["spec"]["sampler"]["type"] == "random"
     assert got["spec"]["budget"]["max_trials"] == 7

@@ -67,6 +67,7 @@ class FakeExecutor:
         self.cluster = cluster or FakeCluster()
         self.tracked: set[AttemptRef] = set()
         self.launched: list[AttemptRef] = []
+        self.launch_of: dict[AttemptRef, AttemptLaunch] = {}  # what each launch carried
         self.cancelled: list[AttemptRef] = []
         self.requests: list[EvaluationRequest] = []
         self.evaluated: list[EvaluationResult] = []
@@ -97,6 +98,7 @@ class FakeExecutor:
             self.cluster.attempts[launch.ref] = AttemptStatus(launch.ref, AttemptState.PENDING)
             self.cluster.needs[launch.ref] = launch.needs
             self.launched.append(launch.ref)
+            self.launch_of[launch.ref] = launch
         self.tracked.add(launch.ref)
 
     def adopt(self, ref: AttemptRef, needs: ClusterResources) -> bool:

@@ -329,6 +329,42 @@ def _running_a_trial(pid: int) -> bool:
         return False
 
 
+def test_pbt_copies_a_better_trial_between_ddp_attempts(ray_server: ServerProcess) -> None:
+    """Population based training on two-rank DDP trials: the slow trial with a poor learning
+    rate is the worse one at each boundary it reaches, so it pauses (both ranks stop at the
+    same step), resumes from the fast trial's checkpoint with its parameters (the learning
+    rate perturbed), and converges as only the copied weight can make it."""
+    client = ray_server.client()
+    space = {
+        "lr": {"type": "float", "low": 0.001, "high": 0.5, "log": True, "mutable": True},
+        "step_s": {"type": "categorical", "choices": [0.25, 1.0]},
+    }
+    spec = synthetic(
+        "pbt",
+        sampler={"type": "random", "seed": 8},  # #0/#1: lr 0.16 at 0.25 s, lr 0.0024 at 1 s
+        scheduler={"type": "pbt", "population": 2, "interval_steps": 1, "resample_p": 0.0},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1},
+        trainable={"name": "synthetic", "config": {"steps": 12, "x": 0.3}},
+        space=space,
+        budget={},
+    )
+    study = client.create_study(spec)
+    finished(study)
+    fast, slow = sorted(study.trials(), key=lambda t: (t.schedule or [t])[0].params["step_s"])
+    assert (fast.state, slow.state) == ("complete", "complete")
+    first, *copies = slow.schedule
+    assert first.params == {"lr": pytest.approx(0.0023867, rel=1e-3), "step_s": 1.0}
+    assert copies and all(c.parent.number == fast.number for c in copies)
+    assert copies[0].params["step_s"] == 0.25 and copies[0].perturbed["lr"] in ("x0.8", "x1.2")
+    assert slow.params == copies[-1].params and slow.attempts == len(copies) + 1
+    # w from 1.0 with lr 0.0024 for 12 steps: loss 0.46; only the copied w gets it this low
+    assert slow.value < 0.05
+    details = [e.detail or "" for e in client.trial(slow.id).events]
+    assert any(d.startswith("pbt exploit: paused") for d in details)
+    assert any(f"pbt exploit: copies trial #{fast.number}" in d for d in details)
+    assert slow.placement["world_size"] == 2 and fast.schedule is None
+
+
 def test_stop_cancels_running_trials(ray_server: ServerProcess) -> None:
     client = ray_server.client()
     study = client.create_study(

@@ -55,3 +55,30 @@ def test_plateau_schedule_and_layer_groups_and_resume() -> None:
     resumed = schedules.Schedule(again, "plateau", total_steps=10, steps_per_epoch=5, gamma=0.1)
     resumed.load_state_dict(s.state_dict())
     assert [g["lr"] for g in again.param_groups] == pytest.approx([0.1, 0.05])
+
+
+def test_a_copied_checkpoint_keeps_its_progress_and_takes_this_trials_rates() -> None:
+    """PBT: trial B loads trial A's optimizer and schedule after 6 of 20 cosine steps; with
+    ``rebase`` it goes on from step 6 with its own base rates and weight decay."""
+    donor_opt = torch.optim.SGD(
+        [{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.1}], weight_decay=0.01
+    )
+    donor = schedules.Schedule(donor_opt, "cosine", total_steps=20, steps_per_epoch=5)
+    for _ in range(6):
+        donor_opt.step()
+        donor.step()
+    mine = torch.optim.SGD(
+        [{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.5}], weight_decay=0.2
+    )
+    schedule = schedules.Schedule(mine, "cosine", total_steps=20, steps_per_epoch=5)
+    own = schedule.hyperparameters()
+    mine.load_state_dict(donor_opt.state_dict())
+    schedule.load_state_dict(donor.state_dict())
+    assert mine.param_groups[0]["weight_decay"] == 0.01  # the copy's, until rebased
+    schedule.rebase(own)
+    assert schedule.steps == 6
+    assert mine.param_groups[0]["lr"] == pytest.approx(0.5 * schedule.factor(6))
+    assert mine.param_groups[0]["weight_decay"] == 0.2
+    mine.step()
+    schedule.step()
+    assert mine.param_groups[0]["lr"] == pytest.approx(0.5 * schedule.factor(7))

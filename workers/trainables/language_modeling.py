@@ -334,7 +334,10 @@ def train(ctx: TrialContext) -> None:
     guard, stopper = LossGuard(s.explode_factor), EarlyStopping(s.patience, mode="min")
     state = {"model": model, "optimizer": optimizer, "scheduler": schedule, "sampler": sampler}
     state |= {"guard": guard, "early_stopping": stopper}
+    own = schedule.hyperparameters()
     resumed = ctx.resume(**state)  # a retry continues where the failed attempt saved
+    if resumed is not None and resumed.copied_from is not None:
+        schedule.rebase(own)  # PBT copied another trial: train on with this one's rates
     cleaning.publish(report, ctx, "text data", fresh=resumed is None)
     seen = resumed.values["train_tokens"] if resumed else 0.0
     batches = micro_batches(sampler, sets["train"], micro, schedule.steps * s.grad_accum)

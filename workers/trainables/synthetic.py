@@ -24,6 +24,12 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     x: float = 0.0
+    lr: float | None = Field(
+        default=None,
+        gt=0,
+        description="Train a weight w (from 1.0) by gradient steps of this size on "
+        "(w - 0.3)**2, which the loss then adds: a state worth copying (PBT).",
+    )
     steps: int = Field(default=10, ge=1)
     step_s: float = Field(default=0.0, ge=0, description="Sleep per step (simulated work).")
     fail_at_step: int | None = Field(
@@ -54,9 +60,10 @@ def evaluate(checkpoint: Path, settings: Settings, device: torch.device) -> dict
 def train(ctx: TrialContext) -> dict[str, float]:
     s: Settings = ctx.settings
     resumed = ctx.resume()
-    start, loss = 1, float("nan")
+    start, loss, w = 1, float("nan"), 1.0
     if resumed is not None:
         start, loss = resumed.next_step, float(resumed.values["loss"])
+        w = float(resumed.values.get("w", w))
         ctx.extra["resumed_from_step"] = resumed.step
     for step in range(start, s.steps + 1):
         time.sleep(s.step_s)
@@ -70,12 +77,15 @@ def train(ctx: TrialContext) -> dict[str, float]:
             raise ValueError(f"synthetic failure at step {step}")
         gap = s.x - 0.3
         local = gap * gap + 1.0 / step + 0.001 * ctx.rank  # a huge x overflows to inf
+        if s.lr is not None:
+            w -= s.lr * 2 * (w - 0.3)
+            local = gap * gap + (w - 0.3) ** 2 + 0.001 * ctx.rank
         total, count = ctx.all_reduce_sum([local, 1.0])
         loss = total / count
         metrics = {"loss": loss}
         if s.report_secrets:
             metrics["secrets_seen"] = float(len(control_plane_secrets(os.environ)))
-        if ctx.report(step, metrics, checkpoint={"loss": loss}):
+        if ctx.report(step, metrics, checkpoint={"loss": loss, "w": w}):
             break
     if ctx.is_main and s.fail_at_step == s.steps + 1 and ctx.attempt in s.fail_on_attempts:
         os.kill(os.getpid(), signal.SIGKILL)  # finished, but the result never got out

@@ -345,7 +345,10 @@ def train(ctx: TrialContext) -> None:
     guard, stopper = LossGuard(s.explode_factor), EarlyStopping(s.patience)
     state = {"model": model, "optimizer": optimizer, "scheduler": schedule, "sampler": sampler}
     state |= {"guard": guard, "early_stopping": stopper}
+    own = schedule.hyperparameters()
     resumed = ctx.resume(**state)  # a retry continues where the failed attempt saved
+    if resumed is not None and resumed.copied_from is not None:
+        schedule.rebase(own)  # PBT copied another trial: train on with this one's rates
     cleaning.publish(report, ctx, "text data", fresh=resumed is None)
     seen = resumed.values["train_samples"] if resumed else 0.0
     bf16 = s.bf16 and ctx.device.type == "cuda"

@@ -1,0 +1,196 @@
+"""Population based training (Jaderberg et al., 2017) on the pause/promote machinery.
+
+``scheduler: {type: pbt, population: N, interval_steps: K, ...}`` runs N trials. When a trial
+reports a step that crosses a multiple of K (a *boundary*), its value there is ranked among
+the values the other trials had at that boundary. In the bottom ``quantile`` (and with at
+least one other trial there) it *exploits*: it pauses (its attempt ends and frees its
+workers, as an ASHA pause does), naming a trial of the top ``quantile`` chosen at random.
+The next free slot resumes it at once (:func:`exploit`): with that trial's newest checkpoint
+(weights, optimizer, LR schedule: whatever the trainable saves) and its parameters, the
+``mutable`` ones *explored* (each resampled from the space with probability ``resample_p``,
+else multiplied by one of ``perturb`` and kept in range; a categorical one moves to a
+neighbouring choice). The trial keeps its number and is not a new trial for the budget; it
+continues from the copied checkpoint's step. Every decision is in the trial's event history,
+and its parameters over its steps are its ``schedule`` (each segment with its parent).
+
+Every random choice is seeded by the study's seed, the trial number and the boundary, so a
+decision taken again (a replayed report, a restarted server) is the same.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from hpo.service.db.models import Trial, TrialParam
+from hpo.service.promotions import checkpoint_problem
+from hpo.service.pruners.base import PauseDecision, Pruner, PruningHistory, Report
+from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
+
+
+class PbtPruner(Pruner):
+    """The exploit decision of PBT, as a pruner that only ever pauses (see the module)."""
+
+    def judge(self, report: Report, history: PruningHistory) -> PauseDecision | None:
+        pbt = self.spec.scheduler
+        assert pbt is not None
+        k = pbt.interval_steps
+        before = report.previous_step or 0
+        if report.step // k == before // k:
+            return None  # no boundary crossed
+        boundary = (report.step // k) * k
+        others = history.values_by_trial_at(boundary)
+        if not others:
+            return None
+        ranked = sorted(others.items(), key=lambda tv: (self._key(tv[1]), tv[0]))
+        n = len(ranked) + 1
+        tail = min(max(1, math.ceil(n * pbt.quantile)), n // 2)
+        # The trial's rank among n (0: best); ties go to the trials that got there first.
+        rank = sum(1 for _, v in ranked if not self.better(report.value, v))
+        if rank < n - tail:
+            return None
+        top = [t for t, _ in ranked[:tail]]
+        rng = np.random.default_rng(seed_of(self.spec, report.number, boundary))
+        donor = int(top[int(rng.integers(len(top)))])
+        return PauseDecision(
+            {
+                "pruner": "pbt",
+                "action": "exploit",
+                "metric": self.metric,
+                "value": report.value,
+                "step": report.step,
+                "boundary": boundary,
+                "rank": rank + 1,
+                "of": n,
+                "bottom": tail,
+                "threshold": ranked[n - tail - 1][1] if n - tail - 1 < len(ranked) else None,
+                "donor_trial_id": donor,
+                "donor_value": others[donor],
+            }
+        )
+
+    def _key(self, value: float) -> float:
+        return value if self.direction == "minimize" else -value
+
+
+def seed_of(spec: StudySpec, number: int, boundary: int) -> list[int]:
+    base = spec.sampler.seed
+    return [base if base is not None else 0, number, boundary]
+
+
+def explore(
+    spec: StudySpec, params: dict[str, Any], rng: np.random.Generator
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``params`` with each mutable parameter resampled or perturbed; returns them and what
+    was done to each (``"resampled"``, ``"x1.2"``, ``"-> choice"``)."""
+    pbt = spec.scheduler
+    assert pbt is not None
+    out, how = dict(params), {}
+    for name, param in spec.space.items():
+        if not param.mutable or name not in out:
+            continue
+        if rng.random() < pbt.resample_p:
+            out[name], how[name] = _sample(param, rng), "resampled"
+        elif isinstance(param, CategoricalParam) or getattr(param, "values", None) is not None:
+            choices = list(param.choices if isinstance(param, CategoricalParam) else param.values)
+            i = choices.index(out[name]) if out[name] in choices else 0
+            j = min(len(choices) - 1, max(0, i + (1 if rng.random() < 0.5 else -1)))
+            out[name], how[name] = choices[j], f"-> {choices[j]!r}"
+        else:
+            factor = pbt.perturb[int(rng.integers(2))]
+            out[name], how[name] = _scaled(param, out[name], factor), f"x{factor:g}"
+    return out, how
+
+
+def _sample(param: FloatParam | IntParam | CategoricalParam, rng: np.random.Generator) -> Any:
+    if isinstance(param, CategoricalParam):
+        return param.choices[int(rng.integers(len(param.choices)))]
+    if param.values is not None:
+        return list(param.values)[int(rng.integers(len(param.values)))]
+    low, high = float(param.low), float(param.high)
+    x = (
+        math.exp(rng.uniform(math.log(low), math.log(high)))
+        if param.log
+        else rng.uniform(low, high)
+    )
+    return _scaled(param, x, 1.0)
+
+
+def _scaled(param: FloatParam | IntParam, value: Any, factor: float) -> Any:
+    """``value * factor`` within the parameter's range and on its lattice."""
+    x = min(float(param.high), max(float(param.low), float(value) * factor))
+    step = param.step
+    if step is not None:
+        x = float(param.low) + round((x - float(param.low)) / float(step)) * float(step)
+        x = min(float(param.high), x)
+    if isinstance(param, IntParam):
+        return round(x)
+    return round(x, 12) if step is not None else x
+
+
+@dataclass(frozen=True)
+class Copy:
+    """The checkpoint a paused PBT trial is to copy: ``path`` (None: nothing to copy, then
+    ``problem`` says why), the donor, and the step the checkpoint holds."""
+
+    path: str | None = None
+    donor_id: int | None = None
+    step: int | None = None
+    problem: str | None = None
+
+
+def donor_checkpoint(s: Session, spec: StudySpec, reason: dict[str, Any] | None) -> Copy:
+    """The newest checkpoint of the trial a paused PBT trial named (read before the write
+    lock: it reads the checkpoint's files); an empty Copy for other studies."""
+    if spec.scheduler is None or not reason or reason.get("donor_trial_id") is None:
+        return Copy()
+    donor_id = int(reason["donor_trial_id"])
+    donor = s.get(Trial, donor_id)
+    path = None if donor is None else donor.checkpoint
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        number = reason.get("donor_number", donor_id)
+        return Copy(donor_id=donor_id, problem=f"could not copy trial #{number}: {problem}")
+    found = re.search(r"checkpoint-(\d+)", path or "")
+    step = int(found.group(1)) if found else (donor.last_step if donor else None)
+    return Copy(path, donor_id, step)
+
+
+def exploit(s: Session, spec: StudySpec, trial: Trial, copy: Copy) -> dict[str, Any]:
+    """Under the study's lock, as the paused ``trial`` is promoted: give it the donor's
+    parameters, explored, and add the segment that starts at the copied step to its schedule
+    (with its own start as the first segment, on its first exploit). Without a checkpoint to
+    copy it goes on from its own, unchanged. Returns the promotion's reason for its history."""
+    reason = dict(trial.pause_reason or {})
+    trial.pause_reason = None
+    if copy.path is None or copy.donor_id is None:
+        return {**reason, "segment": {"parent": None}, "note": copy.problem}
+    donor = s.get(Trial, copy.donor_id)
+    assert donor is not None  # it had a checkpoint a moment ago; trials are never deleted alone
+    donor_params = {p.name: p.value for p in donor.params}
+    boundary = int(reason.get("boundary", 0))
+    rng = np.random.default_rng([*seed_of(spec, trial.number, boundary), 1])
+    params, how = explore(spec, donor_params, rng)
+    schedule = list(trial.schedule or [])
+    if not schedule:
+        schedule.append({"step": 0, "params": {p.name: p.value for p in trial.params}})
+    step = copy.step or 0
+    segment = {
+        "step": step,
+        "params": params,
+        "parent": {"trial_id": donor.id, "number": donor.number, "step": step},
+        "perturbed": how,
+    }
+    trial.schedule = [*schedule, segment]
+    by_name = {p.name: p for p in trial.params}
+    for name, value in params.items():
+        if name in by_name:
+            by_name[name].value = value
+        else:
+            trial.params.append(TrialParam(name=name, position=len(trial.params), value=value))
+    return {**reason, "segment": segment}

@@ -1,0 +1,153 @@
+"""Population based training on a real database with a fake executor: at an interval boundary
+the bottom trial pauses naming a top one, the next free slot resumes it (same number, next
+attempt, no new trial) from that trial's checkpoint with its parameters, the mutable ones
+explored, and its schedule and history say so; the spec refuses what PBT cannot run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hpo.api.cli import schedule_lines
+from hpo.service.executor import AttemptRef
+from hpo.service.scheduler import Scheduler
+from hpo.service.spec import StudySpec
+from hpo.service.studies import StudyService
+from tests.service.fake_executor import FakeCluster, FakeExecutor
+from tests.service.test_promotion import report, save
+
+SPACE = {
+    "lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True, "mutable": True},
+    "x": {"type": "float", "low": 0.0, "high": 1.0},
+}
+
+
+def pbt_spec(name: str, **over: object) -> dict:
+    spec: dict = {
+        "name": name,
+        "objective": {"metric": "loss", "direction": "minimize"},
+        "sampler": {"type": "random", "seed": 0},
+        "scheduler": {"type": "pbt", "population": 4, "interval_steps": 2, "resample_p": 0.0},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+        "trainable": {"name": "synthetic", "config": {"steps": 6}},
+        "space": SPACE,
+    }
+    spec.update(over)
+    return spec
+
+
+def test_the_bottom_trial_copies_a_top_one_and_explores(
+    service: StudyService, tmp_path: Path
+) -> None:
+    executor = FakeExecutor(FakeCluster(capacity={"CPU": 4.0}))
+    scheduler = Scheduler(
+        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+    )
+    study_id = service.create_study(StudySpec.model_validate(pbt_spec("pbt"))).id
+    scheduler.tick()
+    refs = sorted(executor.launched)
+    assert len(refs) == 4
+    losses = dict(zip([r.trial_id for r in refs], [0.4, 0.3, 0.2, 0.1], strict=True))
+    for ref in refs:
+        executor.place(ref)
+        assert report(service, ref.trial_id, 1, losses[ref.trial_id] + 1) is False  # no boundary
+    paths = {}
+    # at boundary 2: the first three see fewer than four values there; ranked as they come
+    for ref in refs[1:]:
+        assert report(service, ref.trial_id, 2, losses[ref.trial_id]) is False
+        paths[ref.trial_id] = save(service, executor, ref, tmp_path, 2)
+    worst, best = refs[0], refs[3]
+    assert report(service, worst.trial_id, 2, 0.5) is True  # bottom 1 of 4: exploit
+    save(service, executor, worst, tmp_path, 2)
+    paused = service.storage.get_trial(worst.trial_id)
+    assert paused.state == "paused"
+    detail = paused.events[-1].detail
+    assert "pbt exploit: paused" in detail and "rank 4 of 4" in detail
+    assert f"will copy trial #{service.storage.get_trial(best.trial_id).number}" in detail
+    executor.finish(worst)
+    scheduler.tick()  # the attempt ended: released, then resumed at once
+
+    resumed = AttemptRef(worst.trial_id, 2)
+    assert executor.launched[4:] == [resumed]  # the same trial's next attempt, no new trial
+    launch = executor.launch_of[resumed]
+    assert launch.resume_from == paths[best.trial_id]  # the top trial's checkpoint
+    donor = service.storage.get_trial(best.trial_id)
+    trial = service.storage.get_trial(worst.trial_id)
+    assert trial.state == "running" and trial.attempts == 2 and trial.number == 0
+    assert launch.params == trial.params
+    assert trial.params["x"] == donor.params["x"]  # copied
+    assert trial.params["lr"] == pytest.approx(donor.params["lr"] * 0.8) or trial.params[
+        "lr"
+    ] == pytest.approx(min(1.0, donor.params["lr"] * 1.2))  # explored
+    first, segment = trial.schedule
+    assert first.step == 0 and first.parent is None and first.params != trial.params
+    assert segment.step == 2 and segment.params == trial.params
+    assert segment.parent.trial_id == donor.id and segment.parent.number == donor.number
+    assert segment.perturbed["lr"] in ("x0.8", "x1.2") and "x" not in segment.perturbed
+    promotion = next(e.detail for e in trial.events if e.state == "waiting")
+    assert f"pbt exploit: copies trial #{donor.number} at step 2" in promotion
+    assert service.storage.get_study(study_id).n_trials == 4
+    shown = schedule_lines(trial)  # what `hpo best` prints for it
+    assert shown[0] == "  schedule (PBT):"
+    assert shown[1].startswith("    from step 0: lr=") and "copied" not in shown[1]
+    assert shown[2].startswith("    from step 2: lr=")
+    assert f"(copied trial {donor.number} at step 2; lr x" in shown[2]
+
+    # it goes on from step 3 of its copy; every trial ends, the study completes with 4
+    executor.place(resumed)
+    assert report(service, worst.trial_id, 3, 0.05) is False
+    for ref in [*refs[1:], resumed]:
+        executor.finish(ref, loss=0.01)
+    scheduler.tick()
+    study = service.storage.get_study(study_id)
+    assert study.state == "completed" and study.n_trials == 4 and study.counts["complete"] == 4
+
+
+def test_a_trial_copies_nothing_when_its_donor_has_no_checkpoint(
+    service: StudyService, tmp_path: Path
+) -> None:
+    executor = FakeExecutor(FakeCluster(capacity={"CPU": 2.0}))
+    scheduler = Scheduler(
+        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+    )
+    spec = pbt_spec("lonely", scheduler={"type": "pbt", "population": 2, "interval_steps": 2})
+    service.create_study(StudySpec.model_validate(spec))
+    scheduler.tick()
+    good, bad = sorted(executor.launched)
+    for ref in (good, bad):
+        executor.place(ref)
+    assert report(service, good.trial_id, 2, 0.1) is False  # reports, never checkpoints
+    assert report(service, bad.trial_id, 2, 0.9) is True
+    own = save(service, executor, bad, tmp_path, 2)
+    executor.finish(bad)
+    scheduler.tick()
+    launch = executor.launch_of[AttemptRef(bad.trial_id, 2)]
+    assert launch.resume_from == own  # its own checkpoint: nothing to copy
+    trial = service.storage.get_trial(bad.trial_id)
+    assert trial.schedule is None
+    promotion = next(e.detail for e in trial.events if e.state == "waiting")
+    assert "resumes its own checkpoint" in promotion and "could not copy trial #" in promotion
+
+
+@pytest.mark.parametrize(
+    ("over", "field"),
+    [
+        ({"trainable": None}, "scheduler.type"),
+        ({"pruner": {"type": "median"}}, "pruner.type"),
+        ({"space": {"x": {"type": "float", "low": 0, "high": 1}}}, "space"),
+        ({"budget": {"max_trials": 9}}, "budget.max_trials"),
+    ],
+)
+def test_the_spec_refuses_what_pbt_cannot_run(
+    service: StudyService, over: dict, field: str
+) -> None:
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        service.create_study(StudySpec.model_validate(pbt_spec("refused", **over)))
+
+
+def test_mutable_parameters_need_pbt() -> None:
+    spec = pbt_spec("no-pbt")
+    del spec["scheduler"]
+    with pytest.raises(ValueError, match="mutable"):
+        StudySpec.model_validate(spec)
