@@ -615,6 +615,52 @@ def test_dashboard_shows_paused_trials_and_their_rungs(sqlite_server: ServerProc
             http.close()
 
 
+def test_dashboard_shows_the_pbt_lineage(sqlite_server: ServerProcess, tmp_path: Path) -> None:
+    """A PBT study whose worst trial copied the best at step 2 (driven through the core with a
+    fake executor on the server's database): the lineage card lists the copy (who, from whom,
+    at which step, how the learning rate was explored) and plots lr over each trial's steps."""
+    from hpo.service.db.engine import make_engine
+    from hpo.service.storage import Storage
+    from hpo.service.studies import StudyService
+    from tests.service.test_pbt import first_copy
+
+    engine = make_engine(sqlite_server.database_url)
+    try:
+        service = StudyService(Storage(engine))
+        run = first_copy(service, tmp_path / "checkpoints", "lineage")
+        run.executor.finish(run.worst)
+        run.scheduler.tick()
+        run.scheduler.release()
+        copied = service.storage.get_trial(run.worst.trial_id)
+        donor = service.storage.get_trial(run.best.trial_id)
+    finally:
+        engine.dispose()
+    (segment,) = copied.schedule[1:]
+    with _chromium() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{sqlite_server.url}/?study={run.study_id}#token={sqlite_server.token}")
+            page.wait_for_selector("#card-lineage:not([hidden]) table.lineage tbody tr")
+            rows = page.eval_on_selector_all(
+                "table.lineage tbody tr",
+                "rows => rows.map(r => [...r.cells].map(c => c.textContent))",
+            )
+            explored = f"lr {segment.perturbed['lr']}"
+            assert [r[:4] for r in rows] == [
+                [f"#{copied.number}", "2", f"#{donor.number} at step 2", explored]
+            ]
+            assert f"x={donor.params['x']:.4g}"[:6] in rows[0][4]
+            assert page.eval_on_selector("#card-lineage select", "s => s.value") == "lr"
+            assert page.eval_on_selector("#card-lineage canvas", "c => c.width") > 0
+            assert page.eval_on_selector("#card-rungs", "c => c.hidden")
+            assert errors == []
+        finally:
+            browser.close()
+
+
 def seed_many(database_url: str, n: int, steps: int) -> dict[str, int]:
     """An ask/tell study of ``n`` trials with ``steps`` loss points each (every 10th pruned
     after a third of them, every 25th failed), written through the core on the server's

@@ -5,6 +5,7 @@ explored, and its schedule and history say so; the spec refuses what PBT cannot 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,14 +38,33 @@ def pbt_spec(name: str, **over: object) -> dict:
     return spec
 
 
-def test_the_bottom_trial_copies_a_top_one_and_explores(
-    service: StudyService, tmp_path: Path
-) -> None:
+@dataclass
+class FirstCopy:
+    """A PBT study of four trials whose worst one copied the best at step 2."""
+
+    study_id: int
+    refs: list[AttemptRef]  # the four first attempts, by trial id
+    paths: dict[int, str]  # trial id -> its checkpoint at step 2
+    executor: FakeExecutor
+    scheduler: Scheduler
+
+    @property
+    def worst(self) -> AttemptRef:
+        return self.refs[0]
+
+    @property
+    def best(self) -> AttemptRef:
+        return self.refs[3]
+
+
+def first_copy(service: StudyService, tmp_path: Path, name: str = "pbt") -> FirstCopy:
+    """Four trials report steps 1 and 2 (losses 0.4 > 0.3 > 0.2 > 0.1 there, the worst
+    last) and checkpoint at 2; the worst pauses (to resume it: end its attempt, then tick)."""
     executor = FakeExecutor(FakeCluster(capacity={"CPU": 4.0}))
     scheduler = Scheduler(
         service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
     )
-    study_id = service.create_study(StudySpec.model_validate(pbt_spec("pbt"))).id
+    study_id = service.create_study(StudySpec.model_validate(pbt_spec(name))).id
     scheduler.tick()
     refs = sorted(executor.launched)
     assert len(refs) == 4
@@ -57,9 +77,20 @@ def test_the_bottom_trial_copies_a_top_one_and_explores(
     for ref in refs[1:]:
         assert report(service, ref.trial_id, 2, losses[ref.trial_id]) is False
         paths[ref.trial_id] = save(service, executor, ref, tmp_path, 2)
-    worst, best = refs[0], refs[3]
+    worst = refs[0]
     assert report(service, worst.trial_id, 2, 0.5) is True  # bottom 1 of 4: exploit
-    save(service, executor, worst, tmp_path, 2)
+    paths[worst.trial_id] = save(service, executor, worst, tmp_path, 2)
+    return FirstCopy(study_id, refs, paths, executor, scheduler)
+
+
+def test_the_bottom_trial_copies_a_top_one_and_explores(
+    service: StudyService, tmp_path: Path
+) -> None:
+    run = first_copy(service, tmp_path)
+    study_id, refs, paths, executor, scheduler = (
+        run.study_id, run.refs, run.paths, run.executor, run.scheduler
+    )  # fmt: skip
+    worst, best = run.worst, run.best
     paused = service.storage.get_trial(worst.trial_id)
     assert paused.state == "paused"
     detail = paused.events[-1].detail

@@ -285,3 +285,54 @@ export function rungs(model) {
   }
   return { brackets, rows };
 }
+
+/** A PBT study's lineage (`scheduler: {type: pbt}`): every copy a trial made (the step it
+ * took another trial's checkpoint at, whose, how its mutable parameters were explored), and
+ * `name`'s value over each trial's steps, as step lines that jump at each copy. Null for other
+ * studies. */
+export function lineage(model, name) {
+  const study = model.study;
+  if (study.spec.scheduler?.type !== "pbt") return null;
+  const trials = [...model.trials.values()].sort((a, b) => a.number - b.number);
+  const copies = [];
+  const series = [];
+  for (const t of trials) {
+    const segments = t.schedule ?? [{ step: 0, params: t.params, parent: null }];
+    for (const s of segments)
+      if (s.parent)
+        copies.push({
+          id: t.id,
+          trial: t.number,
+          step: s.step,
+          parent: s.parent.number,
+          parentStep: s.parent.step,
+          explored: Object.entries(s.perturbed ?? {})
+            .map(([k, how]) => `${k} ${how}`)
+            .join(", "),
+          params: s.params,
+        });
+    const points = [];
+    segments.forEach((s, k) => {
+      const v = s.params[name];
+      if (typeof v !== "number") return;
+      const end = k + 1 < segments.length ? segments[k + 1].step : Math.max(t.last_step ?? 0, s.step);
+      points.push([s.step, v], [end, v]);
+    });
+    if (points.length)
+      series.push({
+        points,
+        color: STATE_COLORS[t.state],
+        width: t.schedule ? 2 : 1,
+        label: `#${t.number}: ${name} over steps${t.schedule ? ` (${t.schedule.length - 1} copies)` : ""}`,
+        pick: t.id,
+      });
+  }
+  const spec = study.spec.space[name];
+  const chart = {
+    x: { label: "step" },
+    y: { label: name, type: spec?.log ? "log" : "linear" },
+    empty: `no trial has a numeric ${name}`,
+    layers: [{ kind: "lines", series }],
+  };
+  return { copies, chart };
+}

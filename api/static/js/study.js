@@ -110,6 +110,8 @@ export class StudyPage {
     const pareto = card("pareto", "Pareto front", this.piSel, this.pjSel);
     const trials = card("trials", "Trials");
     const rungs = card("rungs", "Rungs (promotion)");
+    this.lineageSel = select("lineage parameter", () => this.render());
+    const lineage = card("lineage", "PBT lineage", this.lineageSel);
     this.legend = el("div", { class: "ramp" });
     parallel.node.append(this.legend);
     curves.node.append(
@@ -128,6 +130,10 @@ export class StudyPage {
     this.rungsCard = rungs.node;
     this.rungsBox = rungs.body;
     this.rungsCard.hidden = true;
+    this.lineageCard = lineage.node;
+    this.lineageCard.hidden = true;
+    this.lineageCopies = el("div", { class: "copies" });
+    lineage.node.append(this.lineageCopies);
     this.paretoCard = pareto.node;
     this.paretoCard.hidden = true;
     this.charts = {
@@ -136,6 +142,7 @@ export class StudyPage {
       contour: new Chart(contour.body, { height: 280 }),
       slice: new Chart(slice.body, { onPick: pick }),
       pareto: new Chart(pareto.body, { onPick: pick }),
+      lineage: new Chart(lineage.body, { onPick: pick }),
     };
     this.parallelBox = parallel.body;
     new ResizeObserver(() => this.study && this.drawParallel()).observe(this.parallelBox);
@@ -156,6 +163,7 @@ export class StudyPage {
         slice.node,
         pareto.node,
         rungs.node,
+        lineage.node,
         trials.node,
       ),
       this.drawer,
@@ -298,6 +306,12 @@ export class StudyPage {
       names.map((n) => [n, n]),
       names[0],
     );
+    const mutable = names.filter((n) => study.spec.space[n].mutable);
+    fill(
+      this.lineageSel,
+      mutable.map((n) => [n, n]),
+      mutable[0] ?? "",
+    );
     if (os.length > 1) {
       this.paretoCard.hidden = false;
       fill(
@@ -375,6 +389,8 @@ export class StudyPage {
       );
     }
     this.once("rungs", [v.trials, v.finished, v.study], () => this.drawRungs());
+    const lp = this.lineageSel.value;
+    this.once("lineage", [v.trials, v.study, lp], () => this.drawLineage(lp));
     if (this.table.update(this.study, this.trials, v.trials))
       this.renders.table = (this.renders.table || 0) + 1;
     this.detail.sync(this.trials, this.study);
@@ -412,6 +428,43 @@ export class StudyPage {
         ),
       ),
       found.rows.length ? "" : el("p", { class: "note" }, "no trial has reached a rung yet"),
+    );
+  }
+
+  drawLineage(name) {
+    const found = panels.lineage(this, name);
+    this.lineageCard.hidden = !found;
+    if (!found) return;
+    this.charts.lineage.set(found.chart);
+    const head = ["trial", "from step", "copied", "explored", "params"];
+    const cell = (v, cls = "") => el("td", { class: cls }, String(v));
+    this.lineageCopies.replaceChildren(
+      found.copies.length
+        ? el(
+            "table",
+            { class: "lineage" },
+            el("thead", {}, el("tr", {}, ...head.map((h) => el("th", {}, h)))),
+            el(
+              "tbody",
+              {},
+              ...found.copies.map((c) =>
+                el(
+                  "tr",
+                  { dataset: { trial: c.id } },
+                  cell(`#${c.trial}`, "num"),
+                  cell(c.step, "num"),
+                  cell(`#${c.parent} at step ${c.parentStep}`),
+                  cell(c.explored || "—"),
+                  cell(
+                    Object.entries(c.params)
+                      .map(([k, v]) => `${k}=${typeof v === "number" ? Number(v.toPrecision(4)) : v}`)
+                      .join(", "),
+                  ),
+                ),
+              ),
+            ),
+          )
+        : el("p", { class: "note" }, "no trial has copied another yet"),
     );
   }
 
