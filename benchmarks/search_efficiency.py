@@ -160,11 +160,12 @@ def run_study(
     stop_at: float | None = None,
     timeout_s: float = 7200,
     label: str = "",
+    ledger_type: type[Ledger] = Ledger,
 ) -> tuple[Ledger, float]:
     """Create ``spec``, poll it until it ends; stop it once its compute reaches ``cap`` or a
     trial completes with ≥ ``stop_at``. Returns its ledger and wall time."""
     study = client.create_study(spec)
-    ledger = Ledger(study)
+    ledger = ledger_type(study)
     started = time.monotonic()
     last_note = 0.0
     while True:

@@ -13,6 +13,11 @@ neighbouring choice). The trial keeps its number and is not a new trial for the 
 continues from the copied checkpoint's step. Every decision is in the trial's event history,
 and its parameters over its steps are its ``schedule`` (each segment with its parent).
 
+A population larger than the cluster takes turns: a trial that crosses a boundary and is not
+copying another *yields* (pauses) when trials wait for a slot short of that boundary (not
+created yet, or paused at an earlier step); the trials not created yet start first, then the
+paused ones resume, the least advanced first (:func:`hpo.service.promotions.candidates`).
+
 Every random choice is seeded by the study's seed, the trial number and the boundary, so a
 decision taken again (a replayed report, a restarted server) is the same.
 """
@@ -45,8 +50,30 @@ class PbtPruner(Pruner):
             return None  # no boundary crossed
         boundary = (report.step // k) * k
         others = history.values_by_trial_at(boundary)
-        if not others:
-            return None
+        exploit = self._exploit(report, boundary, others) if others else None
+        if exploit is not None:
+            return exploit
+        # More trials than slots: take turns, so the population trains side by side.
+        behind = history.waiting_behind(boundary, pbt.population)
+        if behind:
+            return PauseDecision(
+                {
+                    "pruner": "pbt",
+                    "action": "yield",
+                    "metric": self.metric,
+                    "value": report.value,
+                    "step": report.step,
+                    "boundary": boundary,
+                    "behind": behind,
+                }
+            )
+        return None
+
+    def _exploit(
+        self, report: Report, boundary: int, others: dict[int, float]
+    ) -> PauseDecision | None:
+        pbt = self.spec.scheduler
+        assert pbt is not None
         ranked = sorted(others.items(), key=lambda tv: (self._key(tv[1]), tv[0]))
         n = len(ranked) + 1
         tail = min(max(1, math.ceil(n * pbt.quantile)), n // 2)

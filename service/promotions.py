@@ -42,9 +42,14 @@ def candidates(
     paused = trials.paused(s, study.id, settled_only=settled_only)
     if not paused:
         return []
-    if spec.scheduler is not None:  # pbt: each paused trial goes on at once, first come first
+    if spec.scheduler is not None:
+        # pbt: the trials not created yet start first, then the paused ones go on, the least
+        # advanced first (so a population larger than the cluster takes turns)
+        if settled_only and study.next_number < spec.scheduler.population:
+            return []
         reasons = trials.pause_reasons(s, list(paused))
-        return [Promotion(t, 0, reasons.get(t) or {}) for t in sorted(paused)]
+        order = sorted(paused, key=lambda t: (paused[t], t))
+        return [Promotion(t, 0, reasons.get(t) or {}) for t in order]
     pruner = make_pruner(spec)
     assert isinstance(pruner, AshaPruner)
     numbers = trials.numbers(s, list(paused))

@@ -132,7 +132,7 @@ def pause(s: Session, study: Study, trial: Trial, reason: dict[str, Any], *, now
     promoted), with the pruner's ``reason`` in its history; maybe complete the study. A
     scheduler that owns the attempt keeps owning it until the attempt has ended and its last
     checkpoint is recorded (``StudyService.release_paused``): only then may it be promoted."""
-    if reason.get("pruner") == "pbt":
+    if reason.get("donor_trial_id") is not None:  # pbt exploit
         donor = reason["donor_trial_id"]
         reason = {**reason, "donor_number": trials.numbers(s, [donor]).get(donor)}
     trial.pause_reason = reason
@@ -172,6 +172,11 @@ def _standing(reason: dict[str, Any]) -> str:
 def pause_detail(reason: dict[str, Any]) -> str:
     """A paused trial's history line: where it stands in its rung when it paused (PBT: in
     the population at the boundary, and the trial it will copy)."""
+    if reason.get("pruner") == "pbt" and reason.get("action") == "yield":
+        return (
+            f"pbt: paused at step {reason.get('step')} (boundary {reason.get('boundary')}): "
+            f"{reason.get('behind')} trial(s) wait behind it for a slot"
+        )
     if reason.get("pruner") == "pbt":
         return (
             f"pbt exploit: paused: {reason.get('metric')} = {reason.get('value'):.6g} at step "
@@ -189,8 +194,10 @@ def promotion_detail(reason: dict[str, Any]) -> str:
     if reason.get("pruner") == "pbt":
         segment = reason.get("segment") or {}
         parent = segment.get("parent")
+        if parent is None and reason.get("action") == "yield":
+            return "pbt: its turn again: resumes its own checkpoint"
         if parent is None:
-            return f"pbt: resumes its own checkpoint ({reason.get('note', 'nothing to copy')})"
+            return f"pbt: resumes its own checkpoint ({reason.get('note') or 'nothing to copy'})"
         return (
             f"pbt exploit: copies trial #{parent['number']} at step {parent['step']}; "
             f"explored: {segment.get('perturbed')}; params now {segment.get('params')}"

@@ -24,6 +24,11 @@ class PruningHistory(Protocol):
         reported step >= ``step``."""
         ...
 
+    def waiting_behind(self, step: int, population: int) -> int:
+        """How many trials of a study of ``population`` trials wait for a slot short of
+        ``step``: paused at a smaller step, or not created yet."""
+        ...
+
     def n_complete(self) -> int:
         """How many trials of the study have completed."""
         ...

@@ -311,6 +311,19 @@ class PruningHistory:
         found = values_at_by_trial(self.session, self.study_id, self.metric, step)
         return {t: v for t, v in found.items() if t != self.trial_id}
 
+    def waiting_behind(self, step: int, population: int) -> int:
+        """Trials of the study paused at a step below ``step``, plus those of ``population``
+        not created yet."""
+        paused = self.session.scalar(
+            select(func.count()).where(
+                Trial.study_id == self.study_id,
+                Trial.state == TrialState.PAUSED.value,
+                func.coalesce(Trial.last_step, 0) < step,
+            )
+        )
+        created = self.session.scalar(select(func.count()).where(Trial.study_id == self.study_id))
+        return int(paused or 0) + max(0, population - int(created or 0))
+
     def n_complete(self) -> int:
         """How many trials of the study are complete (read once per history)."""
         if self._n_complete is None:

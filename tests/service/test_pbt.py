@@ -182,3 +182,40 @@ def test_mutable_parameters_need_pbt() -> None:
     del spec["scheduler"]
     with pytest.raises(ValueError, match="mutable"):
         StudySpec.model_validate(spec)
+
+
+def test_a_population_larger_than_the_cluster_takes_turns(
+    service: StudyService, tmp_path: Path
+) -> None:
+    """Four trials, two slots: a trial at a boundary with trials waiting behind it pauses
+    and lets them train; trials not started yet go first, then the least advanced resumes."""
+    executor = FakeExecutor(FakeCluster(capacity={"CPU": 2.0}))
+    scheduler = Scheduler(
+        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+    )
+    service.create_study(StudySpec.model_validate(pbt_spec("turns")))
+    scheduler.tick()
+    a, b = sorted(executor.launched)
+
+    def at_boundary(ref: AttemptRef, step: int, loss: float, pauses: bool) -> None:
+        executor.place(ref)
+        assert report(service, ref.trial_id, step, loss) is pauses
+        if pauses:
+            save(service, executor, ref, tmp_path, step)
+            executor.finish(ref)
+            scheduler.tick()
+
+    at_boundary(a, 2, 0.1, pauses=True)  # nobody to compare with; two trials not started
+    (c,) = executor.launched[2:]
+    assert c.attempt == 1 and c.trial_id not in (a.trial_id, b.trial_id)  # a new trial
+    detail = service.storage.get_trial(a.trial_id).events[-1].detail
+    assert detail == "pbt: paused at step 2 (boundary 2): 2 trial(s) wait behind it for a slot"
+    at_boundary(b, 2, 0.05, pauses=True)  # better than a: no copy, but one still waits
+    (d,) = executor.launched[3:]
+    assert d.attempt == 1 and d.trial_id not in (a.trial_id, b.trial_id, c.trial_id)
+    at_boundary(c, 2, 0.01, pauses=False)  # the best so far, and nobody waits behind step 2
+    at_boundary(c, 4, 0.005, pauses=True)  # a and b wait at step 2: c lets them go on
+    assert executor.launched[4:] == [AttemptRef(a.trial_id, 2)]  # the least advanced first
+    resumed = service.storage.get_trial(a.trial_id)
+    assert resumed.schedule is None  # its own checkpoint, its own params
+    assert resumed.events[-2].detail.startswith("pbt: its turn again: resumes its own checkpoint")
