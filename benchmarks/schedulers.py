@@ -160,10 +160,26 @@ def run_hpo(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "to_target_epochs": reach[1] if reach else None,
                         "best_val": best.value if best else None,
                         "test_accuracy": test.get("test_accuracy"),
+                        "resume_s": resume_gaps(client, ledger),
                     }
                 )
                 print(f"  {json.dumps(rows[-1])}", flush=True)
     return rows
+
+
+def resume_gaps(client: Any, ledger: Ledger) -> float | None:
+    """Median seconds from a trial's pause (its attempt saved its checkpoint and ended) to its
+    next attempt running (claimed and launched on warm workers), over the study's resumes."""
+    gaps = []
+    for t in ledger.trials.values():
+        paused_at = None
+        for event in client.trial(t.id).events or []:
+            if event.state == "paused":
+                paused_at = event.time
+            elif event.state == "running" and paused_at is not None:
+                gaps.append((event.time - paused_at).total_seconds())
+                paused_at = None
+    return statistics.median(gaps) if gaps else None
 
 
 # ------------------------------------------------------------------------------ Ray Tune

@@ -4,11 +4,13 @@ headless Chromium against ``hpo serve``."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +333,22 @@ def _chromium() -> Any:
     return sync_playwright()
 
 
+@contextlib.contextmanager
+def study_page(server: ServerProcess, study_id: int) -> Iterator[tuple[Any, list[str]]]:
+    """A study's dashboard page in headless Chromium (1200 x 900), with the page errors it
+    raises collected."""
+    with _chromium() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{server.url}/?study={study_id}#token={server.token}")
+            yield page, errors
+        finally:
+            browser.close()
+
+
 ROLES = (
     ["complete"] * 6 + ["pruned"] + ["complete"] * 6 + ["failed"] + ["complete"] * 3 + ["pruned"]
 ) + ["running"] * 3
@@ -553,19 +571,13 @@ def test_dashboard_shows_the_pareto_front(sqlite_server: ServerProcess) -> None:
     sid = create_spec(http, spec)
     for err, cost in [(1.0, 1.0), (0.5, 2.0), (2.0, 0.5), (1.5, 1.5)]:
         tell(http, ask(http, sid)["trial_id"], values=[err, cost])
-    with _chromium() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(f"{sqlite_server.url}/?study={sid}#token={sqlite_server.token}")
-            wait_until(page, "() => document.getElementById('pareto')?.dataset.points > 0")
-            others, line, front = chart_layers(page, "pareto")
-            assert sorted(front) == [[0.5, 2.0], [1.0, 1.0], [2.0, 0.5]]
-            assert line == sorted(front), "the front is joined from left to right"
-            assert others == [[1.5, 1.5]]
-        finally:
-            browser.close()
-            http.close()
+    http.close()
+    with study_page(sqlite_server, sid) as (page, _):
+        wait_until(page, "() => document.getElementById('pareto')?.dataset.points > 0")
+        others, line, front = chart_layers(page, "pareto")
+        assert sorted(front) == [[0.5, 2.0], [1.0, 1.0], [2.0, 0.5]]
+        assert line == sorted(front), "the front is joined from left to right"
+        assert others == [[1.5, 1.5]]
 
 
 @pytest.mark.browser
@@ -590,31 +602,22 @@ def test_dashboard_shows_paused_trials_and_their_rungs(sqlite_server: ServerProc
     assert resumed.status_code == 200 and resumed.json()["should_stop"], resumed.text
     states = {t["id"]: t["state"] for t in ok(http.get(f"{API}/studies/{sid}/trials"))["trials"]}
     assert sorted(states.values()) == ["paused"] * 3
-    with _chromium() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(f"{sqlite_server.url}/?study={sid}#token={sqlite_server.token}")
-            page.wait_for_selector("#card-rungs:not([hidden]) table.rungs tbody tr")
-            rows = page.eval_on_selector_all(
-                "table.rungs tbody tr",
-                "rows => rows.map(r => [...r.cells].map(c => c.textContent))",
-            )
-            # rung, step, reached, paused here, went on, top floor(n/eta)
-            assert rows == [["0", "1", "3", "2", "1", "1"], ["1", "3", "1", "1", "0", "0"]]
-            assert "3 paused" in page.inner_text(".study-head")
-            badges = page.eval_on_selector_all(
-                "table.trials .badge", "b => b.map(x => x.textContent)"
-            )
-            assert badges == ["paused"] * 3
-            assert errors == []
-        finally:
-            browser.close()
-            http.close()
+    http.close()
+    with study_page(sqlite_server, sid) as (page, errors):
+        page.wait_for_selector("#card-rungs:not([hidden]) table.rungs tbody tr")
+        rows = page.eval_on_selector_all(
+            "table.rungs tbody tr",
+            "rows => rows.map(r => [...r.cells].map(c => c.textContent))",
+        )
+        # rung, step, reached, paused here, went on, top floor(n/eta)
+        assert rows == [["0", "1", "3", "2", "1", "1"], ["1", "3", "1", "1", "0", "0"]]
+        assert "3 paused" in page.inner_text(".study-head")
+        badges = page.eval_on_selector_all("table.trials .badge", "b => b.map(x => x.textContent)")
+        assert badges == ["paused"] * 3
+        assert errors == []
 
 
+@pytest.mark.browser
 def test_dashboard_shows_the_pbt_lineage(sqlite_server: ServerProcess, tmp_path: Path) -> None:
     """A PBT study whose worst trial copied the best at step 2 (driven through the core with a
     fake executor on the server's database): the lineage card lists the copy (who, from whom,
@@ -636,29 +639,21 @@ def test_dashboard_shows_the_pbt_lineage(sqlite_server: ServerProcess, tmp_path:
     finally:
         engine.dispose()
     (segment,) = copied.schedule[1:]
-    with _chromium() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(f"{sqlite_server.url}/?study={run.study_id}#token={sqlite_server.token}")
-            page.wait_for_selector("#card-lineage:not([hidden]) table.lineage tbody tr")
-            rows = page.eval_on_selector_all(
-                "table.lineage tbody tr",
-                "rows => rows.map(r => [...r.cells].map(c => c.textContent))",
-            )
-            explored = f"lr {segment.perturbed['lr']}"
-            assert [r[:4] for r in rows] == [
-                [f"#{copied.number}", "2", f"#{donor.number} at step 2", explored]
-            ]
-            assert f"x={donor.params['x']:.4g}"[:6] in rows[0][4]
-            assert page.eval_on_selector("#card-lineage select", "s => s.value") == "lr"
-            assert page.eval_on_selector("#card-lineage canvas", "c => c.width") > 0
-            assert page.eval_on_selector("#card-rungs", "c => c.hidden")
-            assert errors == []
-        finally:
-            browser.close()
+    with study_page(sqlite_server, run.study_id) as (page, errors):
+        page.wait_for_selector("#card-lineage:not([hidden]) table.lineage tbody tr")
+        rows = page.eval_on_selector_all(
+            "table.lineage tbody tr",
+            "rows => rows.map(r => [...r.cells].map(c => c.textContent))",
+        )
+        explored = f"lr {segment.perturbed['lr']}"
+        assert [r[:4] for r in rows] == [
+            [f"#{copied.number}", "2", f"#{donor.number} at step 2", explored]
+        ]
+        assert f"x={float(format(donor.params['x'], '.4g'))!r}" in rows[0][4]  # copied
+        assert page.eval_on_selector("#card-lineage select", "s => s.value") == "lr"
+        assert page.eval_on_selector("#card-lineage canvas", "c => c.width") > 0
+        assert page.eval_on_selector("#card-rungs", "c => c.hidden")
+        assert errors == []
 
 
 def seed_many(database_url: str, n: int, steps: int) -> dict[str, int]:
