@@ -168,6 +168,14 @@ class ServerProcess:
         self.kill()
         self.start()
 
+    def __enter__(self) -> ServerProcess:
+        """``with ServerProcess(...) as proc:``: started, and stopped when the block ends."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def client(self, token: str | None = None) -> Client:
         return Client(self.url, self.token if token is None else token)
 
@@ -180,22 +188,14 @@ class ServerProcess:
 @pytest.fixture
 def server(db_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
     """A served control plane (ask/tell only, no scheduler) on SQLite or PostgreSQL."""
-    proc = ServerProcess(db_url, tmp_path, {"HPO_SCHEDULER": "false"})
-    proc.start()
-    try:
+    with ServerProcess(db_url, tmp_path, {"HPO_SCHEDULER": "false"}) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture
 def sqlite_server(sqlite_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(sqlite_url, tmp_path, {"HPO_SCHEDULER": "false"})
-    proc.start()
-    try:
+    with ServerProcess(sqlite_url, tmp_path, {"HPO_SCHEDULER": "false"}) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -41,12 +41,8 @@ def running_trial(http: httpx.Client, name: str = "s") -> int:
 def limited(sqlite_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
     """A server whose rate limit is tiny: 3 requests at once, then one every 2 s."""
     env = {"HPO_SCHEDULER": "false", "HPO_RATE_LIMIT_PER_S": "0.5", "HPO_RATE_LIMIT_BURST": "3"}
-    proc = ServerProcess(sqlite_url, tmp_path, env)
-    proc.start()
-    try:
+    with ServerProcess(sqlite_url, tmp_path, env) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 # ------------------------------------------------------------------------ body size

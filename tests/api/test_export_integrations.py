@@ -17,12 +17,8 @@ from tests.conftest import ServerProcess, example, simple_spec
 def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One served control plane for the module: the exports only read it."""
     data = tmp_path_factory.mktemp("export-server")
-    proc = ServerProcess(f"sqlite:///{data / 'hpo.db'}", data, {"HPO_SCHEDULER": "false"})
-    proc.start()
-    try:
+    with ServerProcess(f"sqlite:///{data / 'hpo.db'}", data, {"HPO_SCHEDULER": "false"}) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

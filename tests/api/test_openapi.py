@@ -75,12 +75,10 @@ def document(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One served control plane (SQLite, no scheduler) for this module's HTTP tests."""
     data_dir = tmp_path_factory.mktemp("served")
-    server = ServerProcess(f"sqlite:///{data_dir / 'hpo.db'}", data_dir, {"HPO_SCHEDULER": "false"})
-    server.start()
-    try:
+    with ServerProcess(
+        f"sqlite:///{data_dir / 'hpo.db'}", data_dir, {"HPO_SCHEDULER": "false"}
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _operations(document: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:

@@ -23,12 +23,8 @@ def impatient(url: str, tmp_path: Path) -> Iterator[ServerProcess]:
         "HPO_IMPORTANCE_WAIT_S": "0",
         "HPO_IMPORTANCE_WAIT_TRIALS": "10",  # past 10 complete trials, no wait at all
     }
-    proc = ServerProcess(url, tmp_path, env)
-    proc.start()
-    try:
+    with ServerProcess(url, tmp_path, env) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

@@ -22,12 +22,8 @@ FAR = 10**9  # a step past every other: the median pruner compares each step wit
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     data = tmp_path_factory.mktemp("callbacks-server")
-    proc = ServerProcess(f"sqlite:///{data / 'hpo.db'}", data, {"HPO_SCHEDULER": "false"})
-    proc.start()
-    try:
+    with ServerProcess(f"sqlite:///{data / 'hpo.db'}", data, {"HPO_SCHEDULER": "false"}) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(autouse=True)

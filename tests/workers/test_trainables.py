@@ -242,12 +242,8 @@ RAY_ENV = {"HPO_RAY_NUM_CPUS": "4", "HPO_SCHEDULER_INTERVAL_S": "0.5"}
 @pytest.fixture(scope="module")
 def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("trainables")
-    server = ServerProcess(f"sqlite:///{tmp / 'hpo.db'}", tmp, RAY_ENV)
-    server.start()
-    try:
+    with ServerProcess(f"sqlite:///{tmp / 'hpo.db'}", tmp, RAY_ENV) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def ddp_spec(name: str, trainable: str, config: dict, **over: Any) -> dict:
