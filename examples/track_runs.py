@@ -6,6 +6,10 @@ value, tags naming the trial) with the same functions ``hpo export`` uses.
     python examples/track_runs.py --trials 12 --tensorboard runs/ --mlflow ./mlruns
     tensorboard --logdir runs/                        # Scalars, and HParams to compare trials
 
+Trials that ``hpo serve`` dispatches to Ray can write their curves to TensorBoard while they
+run instead: ``HPO_TENSORBOARD_DIR=runs hpo serve`` then ``hpo submit examples/digits-cnn.yaml``
+and ``tensorboard --logdir runs`` (docs/integrations.md).
+
 Needs ``pip install 'hpo[integrations]'``.
 """
 
