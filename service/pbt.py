@@ -81,7 +81,10 @@ class PbtPruner(Pruner):
         rank = sum(1 for _, v in ranked if not self.better(report.value, v))
         if rank < n - tail:
             return None
-        top = [t for t, _ in ranked[:tail]]
+        # only a better trial is worth copying (ties, e.g. a saturated accuracy, are not)
+        top = [t for t, v in ranked[:tail] if self.better(v, report.value)]
+        if not top:
+            return None
         rng = np.random.default_rng(seed_of(self.spec, report.number, boundary))
         donor = int(top[int(rng.integers(len(top)))])
         return PauseDecision(

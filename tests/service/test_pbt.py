@@ -219,3 +219,23 @@ def test_a_population_larger_than_the_cluster_takes_turns(
     resumed = service.storage.get_trial(a.trial_id)
     assert resumed.schedule is None  # its own checkpoint, its own params
     assert resumed.events[-2].detail.startswith("pbt: its turn again: resumes its own checkpoint")
+
+
+def test_a_tie_copies_nothing(service: StudyService, tmp_path: Path) -> None:
+    """Two trials with the same value at a boundary (a saturated accuracy): the one that got
+    there last is in the bottom half, but copying an equal trial gains nothing."""
+    executor = FakeExecutor(FakeCluster(capacity={"CPU": 2.0}))
+    scheduler = Scheduler(
+        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+    )
+    spec = pbt_spec("ties", scheduler={"type": "pbt", "population": 2, "interval_steps": 2})
+    service.create_study(StudySpec.model_validate(spec))
+    scheduler.tick()
+    first, second = sorted(executor.launched)
+    for ref in (first, second):
+        executor.place(ref)
+        assert report(service, ref.trial_id, 2, 0.25) is False  # the second ties the first
+    assert report(service, second.trial_id, 4, 0.5) is False  # nobody at 4 yet: goes on
+    assert report(service, first.trial_id, 4, 0.25) is False  # better than second at 4
+    assert report(service, second.trial_id, 6, 0.75) is False
+    assert report(service, first.trial_id, 6, 0.9) is True  # worse, and second is better
