@@ -24,6 +24,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PositiveFloat,
     Strict,
     StrictBool,
     StrictFloat,
@@ -488,7 +489,7 @@ class PbtSpec(_Model):
     resample_p: float = Field(
         default=0.25, ge=0, le=1, description="Chance that a mutable parameter is resampled."
     )
-    perturb: tuple[float, float] = Field(
+    perturb: tuple[PositiveFloat, PositiveFloat] = Field(
         default=(0.8, 1.2), description="Factors a numeric mutable parameter is multiplied by."
     )
 

@@ -5,7 +5,8 @@ With ``HPO_TENSORBOARD_DIR`` set on the control plane, each trial writes its poi
 event file per attempt, flushed every second: ``tensorboard --logdir <dir>``
 shows the curves while the trials run. The folder must be one the workers can write (a
 local folder for local Ray, a shared one on a cluster). Without the ``tensorboard`` package
-on the workers, nothing is written and the trial runs on (a warning says why).
+on the workers, or where the folder cannot be written, nothing is written and the trial runs
+on (a warning says why).
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ class LiveScalars:
         except ImportError:
             log.warning("HPO_TENSORBOARD_DIR is set but tensorboard is not installed here")
             return
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        self._writer = EventFileWriter(
-            folder, flush_secs=flush_s, filename_suffix=f".attempt-{attempt}"
-        )
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self._writer = EventFileWriter(
+                folder, flush_secs=flush_s, filename_suffix=f".attempt-{attempt}"
+            )
+        except OSError as exc:  # not writable here: the trial runs on without it
+            log.warning("cannot write TensorBoard events to %s: %s", folder, exc)
 
     def add(self, step: int, metrics: Mapping[str, float]) -> None:
         if self._writer is None:
