@@ -282,6 +282,7 @@ def _promote(
     if spec.trainable is not None:
         resume_from = promotions.resume_point(checkpoint, last_step)
         problem = promotions.checkpoint_problem(resume_from)
+    copy = pbt.take(copy, checkpoint, paused.attempts + 1)  # pbt: copied into its own folder
     if copy.path is not None:  # pbt: the donor's checkpoint, when it reads back
         problem, resume_from = None, copy.path
     with storage.write() as s:

@@ -36,6 +36,7 @@ from hpo.service.db.models import Trial, TrialParam
 from hpo.service.promotions import checkpoint_problem
 from hpo.service.pruners.base import PauseDecision, Pruner, PruningHistory, Report
 from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
+from hpo.workers import storage
 
 
 class PbtPruner(Pruner):
@@ -152,12 +153,20 @@ def _sample(param: FloatParam | IntParam | CategoricalParam, rng: np.random.Gene
 
 
 def _scaled(param: FloatParam | IntParam, value: Any, factor: float) -> Any:
-    """``value * factor`` within the parameter's range and on its lattice."""
-    x = min(float(param.high), max(float(param.low), float(value) * factor))
-    step = param.step
+    """``value * factor`` within the parameter's range and on its lattice (an int's lattice
+    is 1 unless it has a ``step``). A change that rounds back to ``value`` moves one lattice
+    step in the factor's direction instead, so small integers and coarse lattices still move
+    (as far as the range allows)."""
+    low, high = float(param.low), float(param.high)
+    step = param.step if param.step is not None else (1 if isinstance(param, IntParam) else None)
+    x = min(high, max(low, float(value) * factor))
     if step is not None:
-        x = float(param.low) + round((x - float(param.low)) / float(step)) * float(step)
-        x = min(float(param.high), x)
+        step = float(step)
+        on = low + round((x - low) / step) * step
+        if factor != 1.0 and math.isclose(on, float(value)):
+            on = float(value) + (step if factor > 1 else -step)
+        top = low + math.floor((high - low) / step + 1e-9) * step  # the lattice's last point
+        x = min(top, max(low, on))
     if isinstance(param, IntParam):
         return round(x)
     return round(x, 12) if step is not None else x
@@ -189,6 +198,25 @@ def donor_checkpoint(s: Session, spec: StudySpec, reason: dict[str, Any] | None)
     found = re.search(r"checkpoint-(\d+)", path or "")
     step = int(found.group(1)) if found else (donor.last_step if donor else None)
     return Copy(path, donor_id, step)
+
+
+def take(copy: Copy, own_checkpoint: str | None, attempt: int) -> Copy:
+    """Copy the donor's checkpoint into the folder of the trial's next attempt (``attempt``):
+    the donor goes on saving and keeps only its newest checkpoints, so the path it named may
+    be gone by the time the workers load it; and a retry of that attempt resumes from the
+    newest checkpoint in the trial's own folders, which is then this copy (not the trial's
+    state from before it copied). Without a checkpoint of its own (no folder known), the
+    donor's path is used as it is. A copy that fails is a ``problem`` (nothing is copied)."""
+    if copy.path is None or own_checkpoint is None:
+        return copy
+    from hpo.workers import checkpoints
+
+    trial_dir = own_checkpoint.rstrip("/").rsplit("/", 2)[0]
+    try:
+        path = checkpoints.copy(copy.path, storage.join(trial_dir, f"attempt-{attempt}"))
+    except Exception as exc:  # a file system or object store error: do not copy
+        return Copy(donor_id=copy.donor_id, problem=f"could not copy its checkpoint: {exc}")
+    return Copy(str(path), copy.donor_id, copy.step)
 
 
 def exploit(s: Session, spec: StudySpec, trial: Trial, copy: Copy) -> dict[str, Any]:

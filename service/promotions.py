@@ -79,18 +79,18 @@ def rung_values(
     pruner = make_pruner(spec)
     assert isinstance(pruner, AshaPruner)
     opts = spec.pruner
-    steps, step = [], opts.min_steps
-    while opts.max_steps is None or step < opts.max_steps:
-        steps.append(step)
-        step *= opts.reduction_factor
-    if opts.max_steps is not None:
-        steps.append(opts.max_steps)
     by_id: dict[int, dict[int, float]] = {}
-    for step in steps:
+    step = opts.min_steps
+    while True:  # up the rungs while some trial reached them (max_steps: the last one)
+        if opts.max_steps is not None:
+            step = min(step, opts.max_steps)
         values = metrics.values_at_by_trial(s, study.id, pruner.metric, step)
         if not values:
             break  # nothing reached it, nor any higher rung
         by_id[step] = values
+        if step == opts.max_steps:
+            break
+        step *= opts.reduction_factor
     known = trials.numbered_params(s, {t for values in by_id.values() for t in values})
     return {
         step: {known[t][0]: (known[t][1], v) for t, v in values.items() if t in known}

@@ -650,6 +650,11 @@ class StudySpec(_Model):
             raise ValueError("scheduler.type: pbt ranks trials by one objective")
         if not any(p.mutable for p in self.space.values()):
             raise ValueError("space: pbt needs at least one parameter with `mutable: true`")
+        if self.sampler.type == "grid":
+            raise ValueError(
+                "sampler.type: pbt starts a population of trials; a grid may hold fewer "
+                "points than `scheduler.population` (use random or another sampler)"
+            )
         if any(p.when for p in self.space.values()):
             raise ValueError("space: pbt does not take conditional (`when`) parameters")
         limit = self.budget.max_trials

@@ -63,6 +63,35 @@ def write(folder: Location, step: int, state: dict[str, Any], meta: dict[str, An
     return final
 
 
+def copy(source: Location, folder: Location) -> Location:
+    """Copy the checkpoint at ``source`` into ``folder`` under the same name, as atomically as
+    :func:`write` (``meta.json`` last on an object store); returns the copy's path."""
+    source, folder = storage.location(source), storage.location(folder)
+    name = PurePosixPath(str(source).rstrip("/")).name
+    if isinstance(source, Path) and isinstance(folder, Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / name
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
+        try:
+            for file in ("state.pt", "meta.json"):
+                shutil.copyfile(source / file, tmp / file)
+                _fsync(tmp / file)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+    src_fs, src_root = storage.filesystem(str(source))
+    dst_fs, dst_root = storage.filesystem(str(folder))
+    with contextlib.suppress(FileNotFoundError):
+        dst_fs.rm_file(f"{dst_root}/{name}/meta.json")
+    for file in ("state.pt", "meta.json"):
+        dst_fs.pipe_file(f"{dst_root}/{name}/{file}", src_fs.cat_file(f"{src_root}/{file}"))
+    return storage.join(folder, name)
+
+
 def prune(folder: Location, keep: int) -> None:
     """Keep the ``keep`` newest checkpoints of ``folder``; remove older ones and the leftovers
     of writes a crash cut short."""

@@ -51,10 +51,17 @@ class LiveScalars:
         if self._writer is None:
             return
         now = time.time()
-        for name, value in metrics.items():
-            self._writer.add_event(scalar_event(name, float(value), int(step), now))
+        try:
+            for name, value in metrics.items():
+                self._writer.add_event(scalar_event(name, float(value), int(step), now))
+        except Exception as exc:  # the writer's thread failed (disk full...): stop writing
+            log.warning("TensorBoard events stopped: %s", exc)
+            self._writer = None
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception as exc:
+                log.warning("TensorBoard events not flushed: %s", exc)

@@ -17,8 +17,14 @@ all of them train the same parameters::
 
 Rank 0 reports and keeps the trial's lease; the callbacks make every rank agree on hpo's stop
 answer at the same step (:func:`stop_together`), so no rank is left waiting in a collective.
-The other ranks' handles report nothing (``report`` answers the agreed stop) and never tell.
-The control messages go over a gloo group of their own, whatever the training backend.
+The other ranks' handles send nothing: their ``report`` answers False, so a loop of your own
+must agree on rank 0's answer on every rank at the same step::
+
+    if distributed.stop_together(trial.report(step, {"loss": loss})):
+        break                                 # every rank, at this step
+
+They never tell. The control messages go over a gloo group of their own, whatever the training
+backend.
 
 Imports torch when called, not on import.
 """

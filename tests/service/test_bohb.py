@@ -78,3 +78,14 @@ def test_bohb_needs_a_rung_pruner(service: StudyService) -> None:
         service.create_study(spec)
     assert exc.value.field == "sampler.type"
     assert "asha" in str(exc.value)
+
+
+def test_bohb_on_asha_without_max_steps_reads_the_rungs_trials_reached(
+    service: StudyService,
+) -> None:
+    """With no ``max_steps``, the rungs are read up to the highest one a trial reached (the
+    ask used to loop for ever building the list of rungs)."""
+    spec = bohb_spec("open-ended", pruner={"type": "asha", "min_steps": 1, "reduction_factor": 3})
+    study_id = service.create_study(spec).id
+    infos = [run_trial(service, study_id)[1] for _ in range(6)]
+    assert set(infos[-1]["rungs"]) <= {"1", "3", "9"} and infos[-1]["rungs"]["1"] == 5

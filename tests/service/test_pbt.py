@@ -12,9 +12,11 @@ import pytest
 
 from hpo.api.cli import schedule_lines
 from hpo.service.executor import AttemptRef
+from hpo.service.pbt import explore
 from hpo.service.scheduler import Scheduler
-from hpo.service.spec import StudySpec
+from hpo.service.spec import IntParam, StudySpec
 from hpo.service.studies import StudyService
+from hpo.workers import checkpoints
 from tests.service.fake_executor import FakeCluster, FakeExecutor
 from tests.service.test_promotion import report, save
 
@@ -102,7 +104,14 @@ def test_the_bottom_trial_copies_a_top_one_and_explores(
     resumed = AttemptRef(worst.trial_id, 2)
     assert executor.launched[4:] == [resumed]  # the same trial's next attempt, no new trial
     launch = executor.launch_of[resumed]
-    assert launch.resume_from == paths[best.trial_id]  # the top trial's checkpoint
+    # the top trial's checkpoint, copied into the folder of this trial's new attempt (the top
+    # trial goes on pruning its own; a retry of this attempt resumes from the copy)
+    copied = Path(launch.resume_from)
+    assert copied.name == Path(paths[best.trial_id]).name == "checkpoint-000002"
+    assert copied.parent == Path(paths[worst.trial_id]).parent.parent / "attempt-2"
+    for file in ("state.pt", "meta.json"):
+        assert (copied / file).read_bytes() == (Path(paths[best.trial_id]) / file).read_bytes()
+    assert checkpoints.candidates(copied.parent.parent, before_attempt=3)[0] == copied
     donor = service.storage.get_trial(best.trial_id)
     trial = service.storage.get_trial(worst.trial_id)
     assert trial.state == "running" and trial.attempts == 2 and trial.number == 0
@@ -168,6 +177,7 @@ def test_a_trial_copies_nothing_when_its_donor_has_no_checkpoint(
         ({"pruner": {"type": "median"}}, "pruner.type"),
         ({"space": {"x": {"type": "float", "low": 0, "high": 1}}}, "space"),
         ({"budget": {"max_trials": 9}}, "budget.max_trials"),
+        ({"sampler": {"type": "grid"}}, "sampler.type"),
     ],
 )
 def test_the_spec_refuses_what_pbt_cannot_run(
@@ -239,3 +249,30 @@ def test_a_tie_copies_nothing(service: StudyService, tmp_path: Path) -> None:
     assert report(service, first.trial_id, 4, 0.25) is False  # better than second at 4
     assert report(service, second.trial_id, 6, 0.75) is False
     assert report(service, first.trial_id, 6, 0.9) is True  # worse, and second is better
+
+
+def test_perturbing_moves_small_integers_and_coarse_lattices() -> None:
+    """x0.8 / x1.2 of 1, 2 or 32-on-a-16-lattice rounds back to the same value: it moves one
+    lattice step instead, within the range."""
+    space = {
+        "layers": {"type": "int", "low": 1, "high": 8, "mutable": True},
+        "batch": {"type": "int", "low": 16, "high": 128, "step": 16, "mutable": True},
+        "lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True, "mutable": True},
+    }
+    spec = StudySpec.model_validate(pbt_spec("moves", space=space))
+    seen = {"layers": set(), "batch": set()}
+    for seed in range(40):
+        params, how = explore(spec, {"layers": 2, "batch": 32, "lr": 0.1}, _rng(seed))
+        for name in seen:
+            if how[name] != "resampled":
+                seen[name].add(params[name])
+        assert spec.space["layers"].low <= params["layers"] <= spec.space["layers"].high
+        assert params["batch"] % 16 == 0 and 16 <= params["batch"] <= 128
+    assert seen == {"layers": {1, 3}, "batch": {16, 48}}
+    assert isinstance(spec.space["layers"], IntParam)
+
+
+def _rng(seed: int) -> object:
+    import numpy as np
+
+    return np.random.default_rng(seed)
