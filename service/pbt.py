@@ -38,6 +38,11 @@ from hpo.service.pruners.base import PauseDecision, Pruner, PruningHistory, Repo
 from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
 from hpo.workers import storage
 
+# How long a trial must have waited for a slot (paused, or not created yet) before a trial at
+# a boundary yields its own: the scheduler gives a free slot to a waiting trial within a tick
+# or two, and yielding to one that is about to run anyway only costs a relaunch.
+YIELD_GRACE_S = 5.0
+
 
 class PbtPruner(Pruner):
     """The exploit decision of PBT, as a pruner that only ever pauses (see the module)."""
@@ -54,8 +59,9 @@ class PbtPruner(Pruner):
         exploit = self._exploit(report, boundary, others) if others else None
         if exploit is not None:
             return exploit
-        # More trials than slots: take turns, so the population trains side by side.
-        behind = history.waiting_behind(boundary, pbt.population)
+        # More trials than slots: take turns, so the population trains side by side. A trial
+        # paused (or not created) moments ago is about to get a free slot: not waiting.
+        behind = history.waiting_behind(boundary, pbt.population, YIELD_GRACE_S)
         if behind:
             return PauseDecision(
                 {

@@ -135,7 +135,7 @@ def pause(s: Session, study: Study, trial: Trial, reason: dict[str, Any], *, now
     if reason.get("donor_trial_id") is not None:  # pbt exploit
         donor = reason["donor_trial_id"]
         reason = {**reason, "donor_number": trials.numbers(s, [donor]).get(donor)}
-    trial.pause_reason = reason
+    trial.pause_reason = {**reason, "paused_at": now.isoformat()}
     set_trial_state(s, study, trial, TrialState.PAUSED, detail=pause_detail(reason), now=now)
     trial.lease_expires_at = None
     trial.progress_expires_at = None

@@ -24,9 +24,9 @@ class PruningHistory(Protocol):
         reported step >= ``step``."""
         ...
 
-    def waiting_behind(self, step: int, population: int) -> int:
+    def waiting_behind(self, step: int, population: int, grace_s: float = 0.0) -> int:
         """How many trials of a study of ``population`` trials wait for a slot short of
-        ``step``: paused at a smaller step, or not created yet."""
+        ``step``: paused at a smaller step, or not created yet (for more than ``grace_s``)."""
         ...
 
     def n_complete(self) -> int:

@@ -9,7 +9,7 @@ import threading
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from itertools import groupby, islice
 from typing import Any
 
@@ -19,7 +19,7 @@ from sqlalchemy import delete as sa_delete
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from hpo.service.db.models import MetricPoint, Trial
+from hpo.service.db.models import MetricPoint, Trial, utcnow
 from hpo.service.records import MetricInput, MetricPointRecord
 from hpo.service.states import TrialState
 from hpo.service.storage import curves
@@ -311,18 +311,25 @@ class PruningHistory:
         found = values_at_by_trial(self.session, self.study_id, self.metric, step)
         return {t: v for t, v in found.items() if t != self.trial_id}
 
-    def waiting_behind(self, step: int, population: int) -> int:
-        """Trials of the study paused at a step below ``step``, plus those of ``population``
-        not created yet."""
-        paused = self.session.scalar(
-            select(func.count()).where(
+    def waiting_behind(self, step: int, population: int, grace_s: float = 0.0) -> int:
+        """Trials of the study paused at a step below ``step`` for more than ``grace_s``,
+        plus those of ``population`` not created yet when no trial was created for that long
+        (sooner, a free slot is about to take them: they are not waiting for one)."""
+        now = utcnow()
+        paused = self.session.execute(
+            select(Trial.pause_reason).where(
                 Trial.study_id == self.study_id,
                 Trial.state == TrialState.PAUSED.value,
                 func.coalesce(Trial.last_step, 0) < step,
             )
-        )
-        created = self.session.scalar(select(func.count()).where(Trial.study_id == self.study_id))
-        return int(paused or 0) + max(0, population - int(created or 0))
+        ).scalars()
+        waiting = sum(1 for reason in paused if _waited(reason, now, grace_s))
+        created, last = self.session.execute(
+            select(func.count(), func.max(Trial.created_at)).where(Trial.study_id == self.study_id)
+        ).one()
+        if created < population and (last is None or _age(last, now) > grace_s):
+            waiting += population - created
+        return waiting
 
     def n_complete(self) -> int:
         """How many trials of the study are complete (read once per history)."""
@@ -419,6 +426,18 @@ class PruningHistory:
         if best is None:
             return {}
         return {p.step: p.value for p in of_trial(self.session, best, name=self.metric)}
+
+
+def _age(then: datetime, now: datetime) -> float:
+    if then.tzinfo is None:  # SQLite hands naive UTC back
+        then = then.replace(tzinfo=timezone.utc)
+    return (now - then).total_seconds()
+
+
+def _waited(reason: dict[str, Any] | None, now: datetime, grace_s: float) -> bool:
+    """Whether a trial paused with ``reason`` (its ``paused_at``) has waited past grace."""
+    at = (reason or {}).get("paused_at")
+    return at is None or _age(datetime.fromisoformat(at), now) > grace_s
 
 
 def values_at_by_trial(

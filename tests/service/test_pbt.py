@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hpo.api.cli import schedule_lines
+from hpo.service import pbt
 from hpo.service.executor import AttemptRef
 from hpo.service.pbt import explore
 from hpo.service.scheduler import Scheduler
@@ -195,10 +196,13 @@ def test_mutable_parameters_need_pbt() -> None:
 
 
 def test_a_population_larger_than_the_cluster_takes_turns(
-    service: StudyService, tmp_path: Path
+    service: StudyService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Four trials, two slots: a trial at a boundary with trials waiting behind it pauses
-    and lets them train; trials not started yet go first, then the least advanced resumes."""
+    and lets them train; trials not started yet go first, then the least advanced resumes.
+    (Waiting counts at once here: the grace that spares trials about to get a free slot is
+    tested below.)"""
+    monkeypatch.setattr(pbt, "YIELD_GRACE_S", 0.0)
     executor = FakeExecutor(FakeCluster(capacity={"CPU": 2.0}))
     scheduler = Scheduler(
         service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
@@ -276,3 +280,25 @@ def _rng(seed: int) -> object:
     import numpy as np
 
     return np.random.default_rng(seed)
+
+
+def test_no_trial_yields_to_one_about_to_get_a_free_slot(
+    service: StudyService, tmp_path: Path
+) -> None:
+    """Two trials, room for both: while one is paused to copy the other (its slot is free,
+    the scheduler resumes it within a tick), the other passes boundaries without yielding;
+    a trial not created yet counts only once none was created for the grace period."""
+    executor = FakeExecutor(FakeCluster(capacity={"CPU": 2.0}))
+    scheduler = Scheduler(
+        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+    )
+    spec = pbt_spec("room", scheduler={"type": "pbt", "population": 2, "interval_steps": 2})
+    service.create_study(StudySpec.model_validate(spec))
+    scheduler.tick()
+    good, bad = sorted(executor.launched)
+    for ref in (good, bad):
+        executor.place(ref)
+    assert report(service, good.trial_id, 2, 0.1) is False
+    assert report(service, bad.trial_id, 2, 0.9) is True  # copies good: paused just now
+    assert report(service, good.trial_id, 4, 0.05) is False  # bad is behind, but not waiting
+    assert service.storage.get_trial(good.trial_id).state == "running"
