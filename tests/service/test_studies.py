@@ -314,9 +314,11 @@ def test_budget_patch(service: StudyService) -> None:
 
 
 def test_timeout_budget(service: StudyService) -> None:
-    sid = create(service, budget={"timeout_s": 0.3})
+    # Long enough that the first ask and tell land inside it on a loaded machine (with 0.3 s,
+    # a slow tell completed the study first and the ask answered "not running").
+    sid = create(service, budget={"timeout_s": 2.0})
     service.tell(service.ask(sid).id, value=1.0)
-    time.sleep(0.4)
+    time.sleep(2.2)
     with pytest.raises(BudgetSpent, match="ran out of time"):
         service.ask(sid)
     assert service.storage.get_study(sid).state == "completed"
