@@ -67,8 +67,9 @@ class WriteQueue:
 
     When a writer gives up because another process holds the lock past ``busy_timeout``
     (:meth:`failing_all`), every writer that was already waiting gets the same 503 at once
-    instead of waiting out its own ``busy_timeout`` in turn, and writers that come within
-    ``RETRY_LOCKED_S`` after are told to be impatient (wait ``IMPATIENT_S`` for the lock).
+    instead of waiting out its own ``busy_timeout`` in turn, and writers that come until a
+    write succeeds again (at most ``WRITE_TROUBLE_S`` after the last failure) are told to be
+    impatient (wait ``IMPATIENT_S`` for the lock).
     """
 
     def __init__(self) -> None:
@@ -117,7 +118,7 @@ class WriteQueue:
                 why = blocked[2]
                 raise DatabaseUnavailable(str(why), retry_after_s=why.retry_after_s)
             self._holder = me
-        impatient = blocked is not None and time.monotonic() - blocked[1] < RETRY_LOCKED_S
+        impatient = blocked is not None and time.monotonic() - blocked[1] < WRITE_TROUBLE_S
         try:
             yield impatient
         finally:

@@ -1,9 +1,11 @@
 """Drill: another process (a backup tool, a stuck admin session) holds the SQLite write lock
-for 10 s while 48 clients heartbeat and a dashboard reads.
+for 12 s while 48 clients heartbeat and a dashboard reads.
 
-Every write answers 503 with ``Retry-After`` within a few seconds (none hangs until the lock
-goes), reads and ``/healthz`` answer at once, ``/healthz`` names the lock while writes fail,
-and everything works again once the lock is released.
+Every write answers 503 with ``Retry-After`` within a few seconds, none hangs until the lock
+goes (SQLite's ``busy_timeout`` is 3 s of its own sleeps, which a loaded machine stretches: a
+CI run saw 5.0 s, so the bound asserted is 8 s); reads and ``/healthz`` answer at once,
+``/healthz`` names the lock while writes fail, and everything works again once the lock is
+released.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import httpx
 from tests.conftest import ServerProcess, simple_spec
 from tests.faults.conftest import poll_until
 
-LOCK_S = 10.0
+LOCK_S = 12.0
 CLIENTS = 48
-PROMPT_S = 5.0  # the slowest answer allowed while the lock is held
+PROMPT_S = 8.0  # the slowest answer allowed while the lock is held
 
 
 def test_a_locked_sqlite_database_answers_503_promptly(

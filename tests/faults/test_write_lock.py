@@ -8,18 +8,21 @@ docs/benchmarks.md, measured by benchmarks/write_lock.py).
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import event
 
 from hpo.service import attempts
+from hpo.service.errors import DatabaseUnavailable
 from hpo.service.executor import AttemptLaunch
 from hpo.service.records import MetricInput
 from hpo.service.reporting import POINTS_PER_COMMIT
 from hpo.service.scheduler import Scheduler
 from hpo.service.spec import StudySpec
-from hpo.service.storage.session import WriteQueue
+from hpo.service.storage.session import RETRY_LOCKED_S, WriteQueue
 from hpo.service.studies import StudyService
 from tests.conftest import simple_spec, wait_for
 from tests.service.fake_executor import FakeCluster, FakeExecutor
@@ -120,3 +123,17 @@ def test_writers_of_one_process_take_their_turns_in_arrival_order() -> None:
     for thread in threads:
         thread.join(timeout=10)
     assert waiting.is_set() and entered == ["first", "second", "third"]
+
+
+def test_writers_stay_impatient_until_a_write_succeeds_again() -> None:
+    """After a writer found the lock held elsewhere, one that comes back after the advised
+    Retry-After (1 s) waits only ``IMPATIENT_S`` for it, not a whole ``busy_timeout``; once a
+    write succeeds, writers wait the whole ``busy_timeout`` again."""
+    queue = WriteQueue()
+    with pytest.raises(DatabaseUnavailable), queue.turn(), queue.failing_all():
+        raise DatabaseUnavailable("the database is busy: database is locked", retry_after_s=1)
+    time.sleep(RETRY_LOCKED_S + 0.2)
+    with queue.turn() as impatient, queue.failing_all():
+        assert impatient
+    with queue.turn() as impatient:
+        assert not impatient
