@@ -54,6 +54,8 @@ class PbtPruner(Pruner):
         before = report.previous_step or 0
         if report.step // k == before // k:
             return None  # no boundary crossed
+        if pbt.max_steps is not None and report.step >= pbt.max_steps:
+            return None  # its last step: it ends, and nothing waits for its slot any more
         boundary = (report.step // k) * k
         others = history.values_by_trial_at(boundary)
         exploit = self._exploit(report, boundary, others) if others else None

@@ -492,6 +492,21 @@ class PbtSpec(_Model):
     perturb: tuple[PositiveFloat, PositiveFloat] = Field(
         default=(0.8, 1.2), description="Factors a numeric mutable parameter is multiplied by."
     )
+    max_steps: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        description="The step the trials end at: none exploits or yields there or past it "
+        "(a copy of a finished trial would only repeat its result).",
+    )
+
+    @model_validator(mode="after")
+    def _a_boundary_before_the_end(self) -> PbtSpec:
+        if self.max_steps is not None and self.max_steps <= self.interval_steps:
+            raise ValueError(
+                f"scheduler.max_steps ({self.max_steps}) must be more than "
+                f"scheduler.interval_steps ({self.interval_steps}), or no trial ever copies"
+            )
+        return self
 
 
 class Resources(_Model):

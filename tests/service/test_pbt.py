@@ -179,6 +179,10 @@ def test_a_trial_copies_nothing_when_its_donor_has_no_checkpoint(
         ({"space": {"x": {"type": "float", "low": 0, "high": 1}}}, "space"),
         ({"budget": {"max_trials": 9}}, "budget.max_trials"),
         ({"sampler": {"type": "grid"}}, "sampler.type"),
+        (
+            {"scheduler": {"type": "pbt", "population": 4, "interval_steps": 4, "max_steps": 4}},
+            "scheduler.max_steps",
+        ),
     ],
 )
 def test_the_spec_refuses_what_pbt_cannot_run(
@@ -253,6 +257,29 @@ def test_a_tie_copies_nothing(service: StudyService, tmp_path: Path) -> None:
     assert report(service, first.trial_id, 4, 0.25) is False  # better than second at 4
     assert report(service, second.trial_id, 6, 0.75) is False
     assert report(service, first.trial_id, 6, 0.9) is True  # worse, and second is better
+
+
+@pytest.mark.parametrize(("max_steps", "copies"), [(None, True), (4, False)])
+def test_no_trial_copies_at_its_last_step(
+    service: StudyService, tmp_path: Path, max_steps: int | None, copies: bool
+) -> None:
+    """At ``scheduler.max_steps`` the trials end: the worse one does not pause to copy the
+    better one's final checkpoint (that would only repeat its result, after a relaunch).
+    Without ``max_steps`` the server cannot know that step 4 is the last one."""
+    executor = FakeExecutor(FakeCluster(capacity={"CPU": 2.0}))
+    scheduler = Scheduler(
+        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+    )
+    pbt_block = {"type": "pbt", "population": 2, "interval_steps": 2, "max_steps": max_steps}
+    service.create_study(StudySpec.model_validate(pbt_spec("last", scheduler=pbt_block)))
+    scheduler.tick()
+    first, second = sorted(executor.launched)
+    for ref in (first, second):
+        executor.place(ref)
+    assert report(service, first.trial_id, 2, 0.5) is False
+    assert report(service, second.trial_id, 2, 0.4) is False  # better: goes on
+    assert report(service, first.trial_id, 4, 0.1) is False  # nobody at 4 yet
+    assert report(service, second.trial_id, 4, 0.9) is copies  # worse than first at 4
 
 
 def test_perturbing_moves_small_integers_and_coarse_lattices() -> None:
