@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -46,21 +47,11 @@ def write(folder: Location, step: int, state: dict[str, Any], meta: dict[str, An
     folder = storage.location(folder)
     if not isinstance(folder, Path):
         return _write_remote(folder, step, state, meta)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"checkpoint-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
-    try:
+    name = f"checkpoint-{step:06d}"
+    with _placing(folder, name) as tmp:
         torch.save(state, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, default=str))
-        for path in (tmp / "state.pt", tmp / "meta.json", tmp):
-            _fsync(path)
-        if final.exists():  # the same step saved again: replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _fsync(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return folder / name
 
 
 def copy(source: Location, folder: Location) -> Location:
@@ -69,20 +60,10 @@ def copy(source: Location, folder: Location) -> Location:
     source, folder = storage.location(source), storage.location(folder)
     name = PurePosixPath(str(source).rstrip("/")).name
     if isinstance(source, Path) and isinstance(folder, Path):
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / name
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
-        try:
+        with _placing(folder, name) as tmp:
             for file in ("state.pt", "meta.json"):
                 shutil.copyfile(source / file, tmp / file)
-                _fsync(tmp / file)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            _fsync(folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return final
+        return folder / name
     src_fs, src_root = storage.filesystem(str(source))
     dst_fs, dst_root = storage.filesystem(str(folder))
     with contextlib.suppress(FileNotFoundError):
@@ -90,6 +71,26 @@ def copy(source: Location, folder: Location) -> Location:
     for file in ("state.pt", "meta.json"):
         dst_fs.pipe_file(f"{dst_root}/{name}/{file}", src_fs.cat_file(f"{src_root}/{file}"))
     return storage.join(folder, name)
+
+
+@contextlib.contextmanager
+def _placing(folder: Path, name: str) -> Iterator[Path]:
+    """A hidden temporary folder in ``folder`` for the block to fill; when the block ends, its
+    files and it are fsynced and it replaces ``folder/name`` (``folder`` fsynced after). A
+    block that raises leaves nothing behind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
+    try:
+        yield tmp
+        for path in [*tmp.iterdir(), tmp]:
+            _fsync(path)
+        if final.exists():  # the same step saved (or copied) again: replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prune(folder: Location, keep: int) -> None:
