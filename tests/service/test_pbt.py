@@ -42,6 +42,41 @@ def pbt_spec(name: str, **over: object) -> dict:
 
 
 @dataclass
+class Launched:
+    """A PBT study on a fake cluster after its first tick: its first attempts, by trial id."""
+
+    study_id: int
+    refs: list[AttemptRef]
+    executor: FakeExecutor
+    scheduler: Scheduler
+
+
+def launch(
+    service: StudyService, tmp_path: Path, spec: dict, *, cpus: int = 2, place: bool = True
+) -> Launched:
+    """Create the study and tick once: ``cpus`` trials start (and are placed on workers,
+    unless ``place`` is false)."""
+    executor = FakeExecutor(FakeCluster(capacity={"CPU": float(cpus)}))
+    scheduler = Scheduler(
+        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+    )
+    study_id = service.create_study(StudySpec.model_validate(spec)).id
+    scheduler.tick()
+    refs = sorted(executor.launched)
+    assert len(refs) == cpus
+    if place:
+        for ref in refs:
+            executor.place(ref)
+    return Launched(study_id, refs, executor, scheduler)
+
+
+def pair(name: str, **pbt_over: object) -> dict:
+    """The spec of a population of two, with a boundary every two steps."""
+    block = {"type": "pbt", "population": 2, "interval_steps": 2, **pbt_over}
+    return pbt_spec(name, scheduler=block)
+
+
+@dataclass
 class FirstCopy:
     """A PBT study of four trials whose worst one copied the best at step 2."""
 
@@ -63,17 +98,10 @@ class FirstCopy:
 def first_copy(service: StudyService, tmp_path: Path, name: str = "pbt") -> FirstCopy:
     """Four trials report steps 1 and 2 (losses 0.4 > 0.3 > 0.2 > 0.1 there, the worst
     last) and checkpoint at 2; the worst pauses (to resume it: end its attempt, then tick)."""
-    executor = FakeExecutor(FakeCluster(capacity={"CPU": 4.0}))
-    scheduler = Scheduler(
-        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
-    )
-    study_id = service.create_study(StudySpec.model_validate(pbt_spec(name))).id
-    scheduler.tick()
-    refs = sorted(executor.launched)
-    assert len(refs) == 4
+    run = launch(service, tmp_path, pbt_spec(name), cpus=4)
+    study_id, refs, executor, scheduler = run.study_id, run.refs, run.executor, run.scheduler
     losses = dict(zip([r.trial_id for r in refs], [0.4, 0.3, 0.2, 0.1], strict=True))
     for ref in refs:
-        executor.place(ref)
         assert report(service, ref.trial_id, 1, losses[ref.trial_id] + 1) is False  # no boundary
     paths = {}
     # at boundary 2: the first three see fewer than four values there; ranked as they come
@@ -148,23 +176,15 @@ def test_the_bottom_trial_copies_a_top_one_and_explores(
 def test_a_trial_copies_nothing_when_its_donor_has_no_checkpoint(
     service: StudyService, tmp_path: Path
 ) -> None:
-    executor = FakeExecutor(FakeCluster(capacity={"CPU": 2.0}))
-    scheduler = Scheduler(
-        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
-    )
-    spec = pbt_spec("lonely", scheduler={"type": "pbt", "population": 2, "interval_steps": 2})
-    service.create_study(StudySpec.model_validate(spec))
-    scheduler.tick()
-    good, bad = sorted(executor.launched)
-    for ref in (good, bad):
-        executor.place(ref)
+    run = launch(service, tmp_path, pair("lonely"))
+    executor, scheduler, (good, bad) = run.executor, run.scheduler, run.refs
     assert report(service, good.trial_id, 2, 0.1) is False  # reports, never checkpoints
     assert report(service, bad.trial_id, 2, 0.9) is True
     own = save(service, executor, bad, tmp_path, 2)
     executor.finish(bad)
     scheduler.tick()
-    launch = executor.launch_of[AttemptRef(bad.trial_id, 2)]
-    assert launch.resume_from == own  # its own checkpoint: nothing to copy
+    resumed = executor.launch_of[AttemptRef(bad.trial_id, 2)]
+    assert resumed.resume_from == own  # its own checkpoint: nothing to copy
     trial = service.storage.get_trial(bad.trial_id)
     assert trial.schedule is None
     promotion = next(e.detail for e in trial.events if e.state == "waiting")
@@ -207,13 +227,8 @@ def test_a_population_larger_than_the_cluster_takes_turns(
     (Waiting counts at once here: the grace that spares trials about to get a free slot is
     tested below.)"""
     monkeypatch.setattr(pbt, "YIELD_GRACE_S", 0.0)
-    executor = FakeExecutor(FakeCluster(capacity={"CPU": 2.0}))
-    scheduler = Scheduler(
-        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
-    )
-    service.create_study(StudySpec.model_validate(pbt_spec("turns")))
-    scheduler.tick()
-    a, b = sorted(executor.launched)
+    run = launch(service, tmp_path, pbt_spec("turns"), place=False)
+    executor, scheduler, (a, b) = run.executor, run.scheduler, run.refs
 
     def at_boundary(ref: AttemptRef, step: int, loss: float, pauses: bool) -> None:
         executor.place(ref)
@@ -242,16 +257,8 @@ def test_a_population_larger_than_the_cluster_takes_turns(
 def test_a_tie_copies_nothing(service: StudyService, tmp_path: Path) -> None:
     """Two trials with the same value at a boundary (a saturated accuracy): the one that got
     there last is in the bottom half, but copying an equal trial gains nothing."""
-    executor = FakeExecutor(FakeCluster(capacity={"CPU": 2.0}))
-    scheduler = Scheduler(
-        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
-    )
-    spec = pbt_spec("ties", scheduler={"type": "pbt", "population": 2, "interval_steps": 2})
-    service.create_study(StudySpec.model_validate(spec))
-    scheduler.tick()
-    first, second = sorted(executor.launched)
+    first, second = launch(service, tmp_path, pair("ties")).refs
     for ref in (first, second):
-        executor.place(ref)
         assert report(service, ref.trial_id, 2, 0.25) is False  # the second ties the first
     assert report(service, second.trial_id, 4, 0.5) is False  # nobody at 4 yet: goes on
     assert report(service, first.trial_id, 4, 0.25) is False  # better than second at 4
@@ -266,16 +273,7 @@ def test_no_trial_copies_at_its_last_step(
     """At ``scheduler.max_steps`` the trials end: the worse one does not pause to copy the
     better one's final checkpoint (that would only repeat its result, after a relaunch).
     Without ``max_steps`` the server cannot know that step 4 is the last one."""
-    executor = FakeExecutor(FakeCluster(capacity={"CPU": 2.0}))
-    scheduler = Scheduler(
-        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
-    )
-    pbt_block = {"type": "pbt", "population": 2, "interval_steps": 2, "max_steps": max_steps}
-    service.create_study(StudySpec.model_validate(pbt_spec("last", scheduler=pbt_block)))
-    scheduler.tick()
-    first, second = sorted(executor.launched)
-    for ref in (first, second):
-        executor.place(ref)
+    first, second = launch(service, tmp_path, pair("last", max_steps=max_steps)).refs
     assert report(service, first.trial_id, 2, 0.5) is False
     assert report(service, second.trial_id, 2, 0.4) is False  # better: goes on
     assert report(service, first.trial_id, 4, 0.1) is False  # nobody at 4 yet
@@ -315,16 +313,7 @@ def test_no_trial_yields_to_one_about_to_get_a_free_slot(
     """Two trials, room for both: while one is paused to copy the other (its slot is free,
     the scheduler resumes it within a tick), the other passes boundaries without yielding;
     a trial not created yet counts only once none was created for the grace period."""
-    executor = FakeExecutor(FakeCluster(capacity={"CPU": 2.0}))
-    scheduler = Scheduler(
-        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
-    )
-    spec = pbt_spec("room", scheduler={"type": "pbt", "population": 2, "interval_steps": 2})
-    service.create_study(StudySpec.model_validate(spec))
-    scheduler.tick()
-    good, bad = sorted(executor.launched)
-    for ref in (good, bad):
-        executor.place(ref)
+    good, bad = launch(service, tmp_path, pair("room")).refs
     assert report(service, good.trial_id, 2, 0.1) is False
     assert report(service, bad.trial_id, 2, 0.9) is True  # copies good: paused just now
     assert report(service, good.trial_id, 4, 0.05) is False  # bad is behind, but not waiting
