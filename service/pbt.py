@@ -253,6 +253,12 @@ def exploit(s: Session, spec: StudySpec, trial: Trial, copy: Copy) -> dict[str, 
         "perturbed": how,
     }
     trial.schedule = [*schedule, segment]
+    # It goes on from the copy's step. Steps past its own were trained, and charged to
+    # budget.max_steps, in the trial it copied: not charged again.
+    skipped = step - (trial.last_step or 0)
+    if skipped > 0:
+        trial.steps_copied = (trial.steps_copied or 0) + skipped
+        trial.last_step = step
     by_name = {p.name: p for p in trial.params}
     for name, value in params.items():
         if name in by_name:

@@ -187,7 +187,9 @@ def _within_budget(
         return [], trial.last_step or 0
     if budget.max_steps is None:
         return points, None
+    # the trial's own charge for step n is n less the steps it skipped by copying (PBT)
     allowed = budget.max_steps - trials.steps_used(s, study.id, besides=trial.id)
+    allowed += trial.steps_copied or 0
     kept = [p for p in points if p.step <= allowed]
     return (points, None) if len(kept) == len(points) else (kept, max(allowed, 0))
 

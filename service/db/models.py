@@ -166,6 +166,9 @@ class Trial(Base):
     # PBT: the trial's parameters over its steps, each segment with the trial it copied
     # ({"step", "params", "parent"}); None for a trial whose parameters never changed.
     schedule: Mapped[list[Any] | None]
+    # PBT: steps it skipped by copying a trial further ahead (that trial trained them); its
+    # ``budget.max_steps`` charge is ``last_step`` less these.
+    steps_copied: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     study: Mapped[Study] = relationship(back_populates="trials")
     params: Mapped[list[TrialParam]] = relationship(

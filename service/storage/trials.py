@@ -191,12 +191,14 @@ def active(session: Session, study_ids: Sequence[int]) -> list[Trial]:
 
 
 def steps_used(session: Session, study_id: int, *, besides: int | None = None) -> int:
-    """Steps of training the study's trials have reported, summed (their ``last_step``), the
-    trial ``besides`` left out."""
+    """Steps of training the study's trials have reported, summed (their ``last_step``, less
+    the steps a PBT trial skipped by copying one further ahead), the trial ``besides`` left
+    out."""
     where = [Trial.study_id == study_id]
     if besides is not None:
         where.append(Trial.id != besides)
-    return int(session.scalar(select(func.coalesce(func.sum(Trial.last_step), 0)).where(*where)))
+    trained = func.coalesce(Trial.last_step, 0) - Trial.steps_copied
+    return int(session.scalar(select(func.coalesce(func.sum(trained), 0)).where(*where)))
 
 
 def worker_seconds_used(session: Session, study: Study, now: datetime) -> float:

@@ -16,6 +16,7 @@ from hpo.service.executor import AttemptRef
 from hpo.service.pbt import explore
 from hpo.service.scheduler import Scheduler
 from hpo.service.spec import IntParam, StudySpec
+from hpo.service.storage import trials
 from hpo.service.studies import StudyService
 from hpo.workers import checkpoints
 from tests.service.fake_executor import FakeCluster, FakeExecutor
@@ -189,6 +190,43 @@ def test_a_trial_copies_nothing_when_its_donor_has_no_checkpoint(
     assert trial.schedule is None
     promotion = next(e.detail for e in trial.events if e.state == "waiting")
     assert "resumes its own checkpoint" in promotion and "could not copy trial #" in promotion
+
+
+def test_steps_skipped_by_copying_a_trial_ahead_are_not_charged_twice(
+    service: StudyService, tmp_path: Path
+) -> None:
+    """``budget.max_steps`` counts each trained step once: a trial that copies a checkpoint
+    one step ahead of its own last step goes on from there without being charged for the
+    step its donor trained (and was charged for)."""
+    spec = pair("ahead")
+    spec["budget"] = {"max_trials": 2, "max_steps": 9}
+    run = launch(service, tmp_path, spec)
+    good, bad = run.refs
+    assert report(service, good.trial_id, 2, 0.1) is False
+    assert report(service, bad.trial_id, 2, 0.9) is True  # exploit: copy good
+    save(service, run.executor, bad, tmp_path, 2)
+    assert report(service, good.trial_id, 3, 0.08) is False
+    save(service, run.executor, good, tmp_path, 3)  # good's newest checkpoint: step 3
+    run.executor.finish(bad)
+    run.scheduler.tick()
+    resumed = AttemptRef(bad.trial_id, 2)
+    run.executor.place(resumed)
+    assert Path(run.executor.launch_of[resumed].resume_from).name == "checkpoint-000003"
+
+    def used() -> int:
+        with service.storage.read() as s:
+            return trials.steps_used(s, run.study_id)
+
+    assert used() == 3 + 2  # good trained 3 steps, bad 2 of its own (it skipped step 3)
+    assert report(service, bad.trial_id, 4, 0.07) is False
+    assert report(service, good.trial_id, 4, 0.06) is False
+    assert used() == 4 + 3
+    assert report(service, good.trial_id, 5, 0.05) is False
+    assert used() == 5 + 3
+    assert report(service, bad.trial_id, 5, 0.04) is False  # the 9th step: the budget's last
+    assert report(service, good.trial_id, 6, 0.03) is True  # the 10th: over
+    trial = service.storage.get_trial(good.trial_id)
+    assert trial.state == "pruned" and "budget.max_steps (9) spent" in trial.events[-1].detail
 
 
 @pytest.mark.parametrize(
