@@ -198,14 +198,34 @@ def donor_checkpoint(s: Session, spec: StudySpec, reason: dict[str, Any] | None)
         return Copy()
     donor_id = int(reason["donor_trial_id"])
     donor = s.get(Trial, donor_id)
+    number = reason.get("donor_number", donor_id)
     path = None if donor is None else donor.checkpoint
+    step = _step_of(path) if path else None
+    last = spec.scheduler.max_steps
+    if path and step is not None and last is not None and step >= last:
+        # The donor ran on to its last step while this trial waited: a copy of that would
+        # end at once with the donor's result. Its checkpoint at the boundary, if kept.
+        boundary = int(reason.get("boundary", 0))
+        path = f"{path.rstrip('/').rsplit('/', 1)[0]}/checkpoint-{boundary:06d}"
+        step = boundary
+        if checkpoint_problem(path) is not None:
+            return Copy(
+                donor_id=donor_id,
+                problem=f"could not copy trial #{number}: it reached its last step "
+                f"({last}) and its checkpoint at step {boundary} is gone",
+            )
     problem = checkpoint_problem(path)
     if problem is not None:
-        number = reason.get("donor_number", donor_id)
         return Copy(donor_id=donor_id, problem=f"could not copy trial #{number}: {problem}")
-    found = re.search(r"checkpoint-(\d+)", path or "")
-    step = int(found.group(1)) if found else (donor.last_step if donor else None)
+    if step is None:
+        step = donor.last_step if donor else None
     return Copy(path, donor_id, step)
+
+
+def _step_of(path: str) -> int | None:
+    """The step in a checkpoint folder's name (``checkpoint-000012``), or None."""
+    found = re.fullmatch(r"checkpoint-(\d+)", path.rstrip("/").rsplit("/", 1)[-1])
+    return int(found.group(1)) if found else None
 
 
 def take(copy: Copy, own_checkpoint: str | None, attempt: int) -> Copy:

@@ -277,12 +277,24 @@ def _to_judge(
         stored = set()
     new = [step for step in steps if step not in stored]
     below = metrics.step_below(s, trial.id, metric, steps[0])
+    copied_at = _copied_at(trial)  # PBT: it went on from another trial's step, not its own
+    if copied_at is not None and copied_at < steps[0] and (below is None or below < copied_at):
+        below = copied_at
     known = sorted({*stored, *steps})
     out: dict[int, int | None] = {}
     for step in new:
         i = known.index(step)
         out[step] = known[i - 1] if i > 0 else below
     return out
+
+
+def _copied_at(trial: Trial) -> int | None:
+    """The step of the checkpoint a PBT trial last copied (its schedule's newest segment with
+    a parent), or None."""
+    for segment in reversed(trial.schedule or []):
+        if segment.get("parent"):
+            return int(segment["step"])
+    return None
 
 
 def _judge(

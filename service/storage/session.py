@@ -28,9 +28,10 @@ from hpo.service.health import HealthWindow
 RETRY_LOCKED_S = 1
 RETRY_DOWN_S = 5
 # How long a write that found the database locked or unreachable keeps /healthz at 503 when
-# no write has succeeded since.
+# no write has succeeded since (and, on SQLite, keeps the writers that come impatient).
 WRITE_TROUBLE_S = 5.0
-# How long a writer waits for the SQLite lock right after another found it held elsewhere.
+# How long a writer waits for the SQLite lock while another found it held elsewhere and no
+# write has succeeded since.
 IMPATIENT_S = 0.2
 
 
@@ -100,7 +101,8 @@ class WriteQueue:
     @contextmanager
     def turn(self) -> Iterator[bool]:
         """Wait for this thread's turn, hold it through the block, then pass it on. Yields
-        whether the writer should be impatient (a writer failed on the lock just now);
+        whether the writer should be impatient (a writer failed on the lock less than
+        ``WRITE_TROUBLE_S`` ago and none succeeded since);
         raises DatabaseUnavailable when one failed while this writer waited."""
         me = threading.get_ident()
         if self._holder == me:

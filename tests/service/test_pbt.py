@@ -5,6 +5,7 @@ explored, and its schedule and history say so; the spec refuses what PBT cannot 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,10 +134,10 @@ def test_the_bottom_trial_copies_a_top_one_and_explores(
 
     resumed = AttemptRef(worst.trial_id, 2)
     assert executor.launched[4:] == [resumed]  # the same trial's next attempt, no new trial
-    launch = executor.launch_of[resumed]
+    relaunch = executor.launch_of[resumed]
     # the top trial's checkpoint, copied into the folder of this trial's new attempt (the top
     # trial goes on pruning its own; a retry of this attempt resumes from the copy)
-    copied = Path(launch.resume_from)
+    copied = Path(relaunch.resume_from)
     assert copied.name == Path(paths[best.trial_id]).name == "checkpoint-000002"
     assert copied.parent == Path(paths[worst.trial_id]).parent.parent / "attempt-2"
     for file in ("state.pt", "meta.json"):
@@ -145,7 +146,7 @@ def test_the_bottom_trial_copies_a_top_one_and_explores(
     donor = service.storage.get_trial(best.trial_id)
     trial = service.storage.get_trial(worst.trial_id)
     assert trial.state == "running" and trial.attempts == 2 and trial.number == 0
-    assert launch.params == trial.params
+    assert relaunch.params == trial.params
     assert trial.params["x"] == donor.params["x"]  # copied
     assert trial.params["lr"] == pytest.approx(donor.params["lr"] * 0.8) or trial.params[
         "lr"
@@ -195,9 +196,9 @@ def test_a_trial_copies_nothing_when_its_donor_has_no_checkpoint(
 def test_steps_skipped_by_copying_a_trial_ahead_are_not_charged_twice(
     service: StudyService, tmp_path: Path
 ) -> None:
-    """``budget.max_steps`` counts each trained step once: a trial that copies a checkpoint
-    one step ahead of its own last step goes on from there without being charged for the
-    step its donor trained (and was charged for)."""
+    """A trial that copies a checkpoint one step ahead of its own last step goes on from
+    there without being charged, in ``budget.max_steps``, for the step its donor trained
+    (and was charged for)."""
     spec = pair("ahead")
     spec["budget"] = {"max_trials": 2, "max_steps": 9}
     run = launch(service, tmp_path, spec)
@@ -227,6 +228,78 @@ def test_steps_skipped_by_copying_a_trial_ahead_are_not_charged_twice(
     assert report(service, good.trial_id, 6, 0.03) is True  # the 10th: over
     trial = service.storage.get_trial(good.trial_id)
     assert trial.state == "pruned" and "budget.max_steps (9) spent" in trial.events[-1].detail
+
+
+def donor_ran_ahead(
+    service: StudyService, tmp_path: Path, spec: dict
+) -> tuple[Launched, AttemptRef, AttemptRef, dict[int, str]]:
+    """Two trials: ``bad`` pauses at step 2 to copy ``good``, which runs on to step 4 (its
+    checkpoints at 2, 3 and 4, by step) before ``bad``'s attempt ends."""
+    run = launch(service, tmp_path, spec)
+    good, bad = run.refs
+    saved = {}
+    assert report(service, good.trial_id, 2, 0.1) is False
+    saved[2] = save(service, run.executor, good, tmp_path, 2)
+    assert report(service, bad.trial_id, 2, 0.9) is True  # exploit: copy good
+    save(service, run.executor, bad, tmp_path, 2)
+    for step in (3, 4):
+        assert report(service, good.trial_id, step, 0.1 - step / 100) is False
+        saved[step] = save(service, run.executor, good, tmp_path, step)
+    return run, good, bad, saved
+
+
+def resume(run: Launched, ref: AttemptRef) -> AttemptRef:
+    """End the paused trial's attempt; the next tick resumes it: its next attempt, placed."""
+    run.executor.finish(ref)
+    run.scheduler.tick()
+    resumed = AttemptRef(ref.trial_id, ref.attempt + 1)
+    run.executor.place(resumed)
+    return resumed
+
+
+def test_a_copy_ahead_is_not_judged_again_at_the_boundary_it_skipped(
+    service: StudyService, tmp_path: Path
+) -> None:
+    """A trial that paused at 2 and copied a checkpoint at 4 goes on from 4: its report at 5
+    crosses no boundary (from its own step 2 it would cross 4, and be judged there again)."""
+    run, _, bad, _ = donor_ran_ahead(service, tmp_path, pair("ahead"))
+    resumed = resume(run, bad)
+    assert Path(run.executor.launch_of[resumed].resume_from).name == "checkpoint-000004"
+    assert service.storage.get_trial(bad.trial_id).last_step == 4
+    assert report(service, bad.trial_id, 5, 0.9) is False  # worse than good at 4: no matter
+    assert report(service, bad.trial_id, 6, 0.9) is False  # nobody else at 6 yet
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_donor_at_its_last_step_is_copied_from_the_boundary(
+    service: StudyService, tmp_path: Path, kept: bool
+) -> None:
+    """With ``scheduler.max_steps`` 4, a donor that reached step 4 while the trial waited is
+    copied from its checkpoint at the boundary (2), not its last one (which would end the
+    trial at once with the donor's result); when that one is gone, nothing is copied."""
+    run, good, bad, saved = donor_ran_ahead(service, tmp_path, pair("last", max_steps=4))
+    if not kept:  # the donor keeps only its newest checkpoints
+        shutil.rmtree(saved[2])
+    resumed = resume(run, bad)
+    resume_from = Path(run.executor.launch_of[resumed].resume_from)
+    trial = service.storage.get_trial(bad.trial_id)
+    promotion = next(e.detail for e in trial.events if e.state == "waiting")
+    if kept:
+        assert resume_from.name == "checkpoint-000002"
+        assert resume_from.parent.name == "attempt-2"  # copied into its own folder
+        assert trial.schedule[-1].parent.trial_id == good.trial_id
+        assert trial.schedule[-1].step == 2
+    else:
+        assert trial.schedule is None  # it goes on from its own checkpoint at 2
+        assert resume_from.parent.name == "attempt-1"
+        assert "reached its last step (4)" in promotion, promotion
+
+
+def test_the_step_of_a_checkpoint_is_read_from_its_own_name() -> None:
+    root = "/data/checkpoint-2024/study-1/trial-2/attempt-1"
+    assert pbt._step_of(f"{root}/checkpoint-000007") == 7
+    assert pbt._step_of(f"s3://bucket/{root}/checkpoint-000007/") == 7
+    assert pbt._step_of(root) is None
 
 
 @pytest.mark.parametrize(
