@@ -5,6 +5,7 @@ that stops both ranks at the same epoch."""
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import os
@@ -78,6 +79,10 @@ def _rank(rank: int, port: int, attempt: int, crash_after: int | None, job: dict
     finally:
         if reporter is not None:
             reporter.close(timeout=10)
+        # Both ranks tear down together. Once (CI of 2026-12-01; not reproduced in 14 runs),
+        # rank 1, which left the group while rank 0 still sent its points, ended with SIGABRT
+        # ("terminate called without an active exception": a gloo thread still running).
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
         dist.destroy_process_group()
     result = {"outcome": outcome, "steps": ctx.steps, "best": ctx.best}
     (Path(job["dir"]) / f"attempt-{attempt}-rank-{rank}.json").write_text(json.dumps(result))
