@@ -25,7 +25,6 @@ decision taken again (a replayed report, a restarted server) is the same.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,13 +199,15 @@ def donor_checkpoint(s: Session, spec: StudySpec, reason: dict[str, Any] | None)
     donor = s.get(Trial, donor_id)
     number = reason.get("donor_number", donor_id)
     path = None if donor is None else donor.checkpoint
-    step = _step_of(path) if path else None
+    from hpo.workers import checkpoints
+
+    step = checkpoints.step_of(path) if path else None
     last = spec.scheduler.max_steps
     if path and step is not None and last is not None and step >= last:
         # The donor ran on to its last step while this trial waited: a copy of that would
         # end at once with the donor's result. Its checkpoint at the boundary, if kept.
         boundary = int(reason.get("boundary", 0))
-        path = f"{path.rstrip('/').rsplit('/', 1)[0]}/checkpoint-{boundary:06d}"
+        path = checkpoints.beside(path, boundary)
         step = boundary
         if checkpoint_problem(path) is not None:
             return Copy(
@@ -220,12 +221,6 @@ def donor_checkpoint(s: Session, spec: StudySpec, reason: dict[str, Any] | None)
     if step is None:
         step = donor.last_step if donor else None
     return Copy(path, donor_id, step)
-
-
-def _step_of(path: str) -> int | None:
-    """The step in a checkpoint folder's name (``checkpoint-000012``), or None."""
-    found = re.fullmatch(r"checkpoint-(\d+)", path.rstrip("/").rsplit("/", 1)[-1])
-    return int(found.group(1)) if found else None
 
 
 def take(copy: Copy, own_checkpoint: str | None, attempt: int) -> Copy:

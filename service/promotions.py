@@ -105,10 +105,12 @@ def resume_point(checkpoint: str | None, last_step: int | None) -> str | None:
     points were dropped; resuming from it would leave a gap in the curve."""
     if checkpoint is None or last_step is None:
         return checkpoint
-    folder, _, name = checkpoint.rstrip("/").rpartition("/")
-    at_pause = f"{folder}/checkpoint-{last_step:06d}"
-    if not folder or name == at_pause.rpartition("/")[2]:
+    from hpo.workers import checkpoints
+
+    folder = checkpoint.rstrip("/").rpartition("/")[0]
+    if not folder or checkpoints.step_of(checkpoint) == last_step:
         return checkpoint
+    at_pause = checkpoints.beside(checkpoint, last_step)
     return at_pause if checkpoint_problem(at_pause) is None else checkpoint
 
 

@@ -47,7 +47,7 @@ def write(folder: Location, step: int, state: dict[str, Any], meta: dict[str, An
     folder = storage.location(folder)
     if not isinstance(folder, Path):
         return _write_remote(folder, step, state, meta)
-    name = f"checkpoint-{step:06d}"
+    name = _name(step)
     with _placing(folder, name) as tmp:
         torch.save(state, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, default=str))
@@ -100,7 +100,7 @@ def prune(folder: Location, keep: int) -> None:
     if not isinstance(folder, Path):
         _prune_remote(folder, keep)
         return
-    found = sorted(p for p in folder.glob("checkpoint-*") if _step(p) is not None)
+    found = sorted(p for p in folder.glob("checkpoint-*") if step_of(p) is not None)
     for old in found[:-keep] if keep > 0 else found:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in folder.glob(".checkpoint-*"):
@@ -122,7 +122,7 @@ def candidates(trial_dir: Location, *, before_attempt: int) -> list[Location]:
     root = trial_dir.resolve()
     found = []
     for ckpt in trial_dir.glob("attempt-*/checkpoint-*"):
-        attempt, step = _attempt(ckpt.parent), _step(ckpt)
+        attempt, step = _attempt(ckpt.parent), step_of(ckpt)
         if attempt is None or step is None or attempt >= before_attempt:
             continue
         files = (ckpt / "state.pt", ckpt / "meta.json")
@@ -173,7 +173,7 @@ def _write_remote(folder: str, step: int, state: dict[str, Any], meta: dict[str,
     """Stage the checkpoint locally, then upload ``state.pt`` and, last, ``meta.json``: a
     crash before the last put leaves no ``meta.json``, so no checkpoint."""
     fs, root = storage.filesystem(folder)
-    final = f"{root}/checkpoint-{step:06d}"
+    final = f"{root}/{_name(step)}"
     with tempfile.TemporaryDirectory(prefix="hpo-checkpoint-") as tmp:
         staged = Path(tmp)
         torch.save(state, staged / "state.pt")
@@ -184,7 +184,7 @@ def _write_remote(folder: str, step: int, state: dict[str, Any], meta: dict[str,
             fs.rm_file(f"{final}/meta.json")
         fs.put_file(str(staged / "state.pt"), f"{final}/state.pt")
         fs.put_file(str(staged / "meta.json"), f"{final}/meta.json")
-    return storage.join(folder, f"checkpoint-{step:06d}")
+    return storage.join(folder, _name(step))
 
 
 def _listing(url: str) -> tuple[Any, str, dict[tuple[str, ...], list[str]]]:
@@ -239,6 +239,21 @@ def _inside(root: Path, *paths: Path) -> bool:
     )
 
 
+def step_of(path: Location) -> int | None:
+    """The step a checkpoint holds, read from its folder's own name (``checkpoint-000012``:
+    12; a local path or a URL), or None."""
+    return _number(PurePosixPath(str(path).rstrip("/")).name, "checkpoint-")
+
+
+def beside(path: Location, step: int) -> str:
+    """Where the checkpoint of ``step`` is in the attempt folder of the one at ``path``."""
+    return f"{str(path).rstrip('/').rpartition('/')[0]}/{_name(step)}"
+
+
+def _name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
+
+
 def _number(name: str, prefix: str) -> int | None:
     digits = name.removeprefix(prefix)
     return int(digits) if name.startswith(prefix) and digits.isdigit() else None
@@ -246,10 +261,6 @@ def _number(name: str, prefix: str) -> int | None:
 
 def _attempt(folder: Path) -> int | None:
     return _number(folder.name, "attempt-")
-
-
-def _step(folder: Path) -> int | None:
-    return _number(folder.name, "checkpoint-")
 
 
 def _fsync(path: Path) -> None:

@@ -297,9 +297,9 @@ def test_a_donor_at_its_last_step_is_copied_from_the_boundary(
 
 def test_the_step_of_a_checkpoint_is_read_from_its_own_name() -> None:
     root = "/data/checkpoint-2024/study-1/trial-2/attempt-1"
-    assert pbt._step_of(f"{root}/checkpoint-000007") == 7
-    assert pbt._step_of(f"s3://bucket/{root}/checkpoint-000007/") == 7
-    assert pbt._step_of(root) is None
+    assert checkpoints.step_of(f"{root}/checkpoint-000007") == 7
+    assert checkpoints.step_of(f"s3://bucket/{root}/checkpoint-000007/") == 7
+    assert checkpoints.step_of(root) is None
 
 
 @pytest.mark.parametrize(
