@@ -9,7 +9,7 @@ import threading
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from itertools import groupby, islice
 from typing import Any
 
@@ -327,7 +327,7 @@ class PruningHistory:
         created, last = self.session.execute(
             select(func.count(), func.max(Trial.created_at)).where(Trial.study_id == self.study_id)
         ).one()
-        if created < population and (last is None or _age(last, now) > grace_s):
+        if created < population and (last is None or (now - last).total_seconds() > grace_s):
             waiting += population - created
         return waiting
 
@@ -428,16 +428,10 @@ class PruningHistory:
         return {p.step: p.value for p in of_trial(self.session, best, name=self.metric)}
 
 
-def _age(then: datetime, now: datetime) -> float:
-    if then.tzinfo is None:  # SQLite hands naive UTC back
-        then = then.replace(tzinfo=timezone.utc)
-    return (now - then).total_seconds()
-
-
 def _waited(reason: dict[str, Any] | None, now: datetime, grace_s: float) -> bool:
     """Whether a trial paused with ``reason`` (its ``paused_at``) has waited past grace."""
     at = (reason or {}).get("paused_at")
-    return at is None or _age(datetime.fromisoformat(at), now) > grace_s
+    return at is None or (now - datetime.fromisoformat(at)).total_seconds() > grace_s
 
 
 def values_at_by_trial(
