@@ -224,6 +224,14 @@ def simple_spec(name: str = "s", **overrides: object) -> dict:
     return spec
 
 
+def failed_attempts(trial: Any) -> tuple[list[str], list[str]]:
+    """The details of the trial's failed attempts, and of those among them charged to
+    ``max_retries`` (not lost to the infrastructure, which is retried for free: CI saw Ray's
+    own dispatcher actor crash under an attempt)."""
+    failures = [e.detail or "" for e in trial.events or [] if e.state == "failed"]
+    return failures, [d for d in failures if not d.startswith("[infrastructure]")]
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 120, what: str = "") -> Any:
     """Poll ``predicate`` every 0.25 s until it returns something truthy, and return that."""
     deadline = time.monotonic() + timeout

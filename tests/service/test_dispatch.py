@@ -23,7 +23,7 @@ import yaml
 
 from hpo.api.client import Study
 from hpo.api.demo import free_port
-from tests.conftest import ServerProcess, wait_for
+from tests.conftest import ServerProcess, failed_attempts, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -273,11 +273,8 @@ def test_a_nan_loss_fails_the_trial_with_that_reason(ray_server: ServerProcess) 
     )
     finished(study)
     trial = client.trial(study.trials()[0].id)
-    # ... but a diverged loss is not: no retry can fix it. (An attempt lost to the
-    # infrastructure first is retried without spending max_retries: CI once saw Ray's own
-    # dispatcher actor crash under the first attempt, which then ran again and diverged.)
-    failures = [e.detail or "" for e in trial.events or [] if e.state == "failed"]
-    charged = [d for d in failures if not d.startswith("[infrastructure]")]
+    # ... but a diverged loss is not: no retry can fix it
+    failures, charged = failed_attempts(trial)
     assert trial.state == "failed" and trial.attempts == len(failures), failures
     assert len(charged) == 1 and charged[0].startswith("[deterministic]"), failures
     assert "loss is inf at step 1: training diverged" in trial.error

@@ -18,7 +18,7 @@ from hpo.workers import TrainableError, registry
 from hpo.workers.context import Objective, TrialContext
 from hpo.workers.inference import load_model
 from hpo.workers.trainables import text_classification as text
-from tests.conftest import ServerProcess, wait_for
+from tests.conftest import ServerProcess, failed_attempts, wait_for
 
 TINY_TEXT = {
     "max_train_samples": 32,
@@ -359,7 +359,9 @@ def test_a_diverging_trial_fails_without_retry_and_says_why(ray_server: ServerPr
     config = {"epochs": 2, "optimizer": "sgd", "lr": 1e4}
     spec = ddp_spec("diverge", "image-classification", config, max_retries=2)
     _, trial = run_study(ray_server, spec)
-    assert trial.state == "failed" and trial.attempts == 1  # no retry can fix it
+    failures, charged = failed_attempts(trial)  # no retry can fix it
+    assert trial.state == "failed" and trial.attempts == len(failures), failures
+    assert len(charged) == 1 and charged[0].startswith("[deterministic]"), failures
     assert "TrainableError: train_loss" in trial.error and "training diverged" in trial.error
 
 
