@@ -317,12 +317,24 @@ async def _await(ref: Any) -> Any:
     return await ref
 
 
+# How long the other ranks of a failed attempt get to end on their own before they are
+# force-cancelled. They usually do at once: the failing rank tears its process group down, so
+# a peer blocked in a collective raises too, and a deterministic error (a diverged loss,
+# all-reduced) is raised by every rank at the same step. A force-cancel racing a rank that is
+# just finishing is what aborted Ray 2.60's core worker twice in CI
+# (``task_manager.cc … CompletePendingTask``), so the cancel is kept for ranks that hang.
+SIBLING_GRACE_S = 3.0
+
+
 async def _first_failure(futures: list[asyncio.Future]) -> list[Any]:
-    """All results, or the first exception as soon as any rank fails."""
+    """All results, or the first exception once any rank fails and the others have ended or
+    had :data:`SIBLING_GRACE_S` to."""
     done, pending = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
     failures = [f.exception() for f in done if f.exception() is not None]
     if failures:
-        for other in pending:  # their ranks get force-cancelled; their errors say nothing new
+        if pending:
+            await asyncio.wait(pending, timeout=SIBLING_GRACE_S)
+        for other in futures:  # ranks still running get force-cancelled by the caller
             other.add_done_callback(lambda f: f.cancelled() or f.exception())
             other.cancel()
         raise failures[0]
