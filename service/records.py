@@ -108,6 +108,12 @@ class TrialRecord(_Record):
     duration_s: float | None = None
     lease_expires_at: datetime | None = None
     last_step: int | None = None
+    steps_copied: int = Field(
+        default=0,
+        description="PBT: steps the trial skipped by copying a checkpoint ahead of its own, "
+        "trained by the trial it copied; ``last_step - steps_copied`` is what it is charged "
+        "in ``budget.max_steps``.",
+    )
     error: str | None = None
     pruned: dict[str, Any] | None = None
     suggestion: dict[str, Any] | None = None

@@ -56,6 +56,7 @@ def trial_record(trial: Trial, *, events: Sequence[TrialEvent] | None = None) ->
         duration_s=duration,
         lease_expires_at=trial.lease_expires_at,
         last_step=trial.last_step,
+        steps_copied=trial.steps_copied or 0,
         error=trial.error,
         pruned=trial.pruned,
         suggestion=trial.suggestion,

@@ -219,6 +219,8 @@ def test_steps_skipped_by_copying_a_trial_ahead_are_not_charged_twice(
             return trials.steps_used(s, run.study_id)
 
     assert used() == 3 + 2  # good trained 3 steps, bad 2 of its own (it skipped step 3)
+    copier = service.storage.get_trial(bad.trial_id)
+    assert (copier.last_step, copier.steps_copied) == (3, 1)  # shown in its record
     assert report(service, bad.trial_id, 4, 0.07) is False
     assert report(service, good.trial_id, 4, 0.06) is False
     assert used() == 4 + 3
