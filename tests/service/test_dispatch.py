@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -341,28 +342,37 @@ def _running_a_trial(pid: int) -> bool:
         return False
 
 
+def pbt_pair(name: str, **config: Any) -> dict:
+    """Two two-rank trials under PBT at every step: #0 (lr 0.16, 0.25 s a step) is the better
+    one at each boundary the slow #1 (lr 0.0024, 1 s a step) reaches, so #1 copies #0."""
+    space = {
+        "lr": {"type": "float", "low": 0.001, "high": 0.5, "log": True, "mutable": True},
+        "step_s": {"type": "categorical", "choices": [0.25, 1.0]},
+    }
+    return synthetic(
+        name,
+        sampler={"type": "random", "seed": 8},
+        scheduler={"type": "pbt", "population": 2, "interval_steps": 1, "resample_p": 0.0},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1},
+        trainable={"name": "synthetic", "config": {"steps": 12, "x": 0.3, **config}},
+        space=space,
+        budget={},
+    )
+
+
+def fast_and_slow(study: Study) -> list[Any]:
+    return sorted(study.trials(), key=lambda t: (t.schedule or [t])[0].params["step_s"])
+
+
 def test_pbt_copies_a_better_trial_between_ddp_attempts(ray_server: ServerProcess) -> None:
     """Population based training on two-rank DDP trials: the slow trial with a poor learning
     rate is the worse one at each boundary it reaches, so it pauses (both ranks stop at the
     same step), resumes from the fast trial's checkpoint with its parameters (the learning
     rate perturbed), and converges as only the copied weight can make it."""
     client = ray_server.client()
-    space = {
-        "lr": {"type": "float", "low": 0.001, "high": 0.5, "log": True, "mutable": True},
-        "step_s": {"type": "categorical", "choices": [0.25, 1.0]},
-    }
-    spec = synthetic(
-        "pbt",
-        sampler={"type": "random", "seed": 8},  # #0/#1: lr 0.16 at 0.25 s, lr 0.0024 at 1 s
-        scheduler={"type": "pbt", "population": 2, "interval_steps": 1, "resample_p": 0.0},
-        resources={"workers_per_trial": 2, "cpus_per_worker": 1},
-        trainable={"name": "synthetic", "config": {"steps": 12, "x": 0.3}},
-        space=space,
-        budget={},
-    )
-    study = client.create_study(spec)
+    study = client.create_study(pbt_pair("pbt"))
     finished(study)
-    fast, slow = sorted(study.trials(), key=lambda t: (t.schedule or [t])[0].params["step_s"])
+    fast, slow = fast_and_slow(study)
     assert (fast.state, slow.state) == ("complete", "complete")
     first, *copies = slow.schedule
     assert first.params == {"lr": pytest.approx(0.0023867, rel=1e-3), "step_s": 1.0}
@@ -375,6 +385,30 @@ def test_pbt_copies_a_better_trial_between_ddp_attempts(ray_server: ServerProces
     assert any(d.startswith("pbt exploit: paused") for d in details)
     assert any(f"pbt exploit: copies trial #{fast.number}" in d for d in details)
     assert slow.placement["world_size"] == 2 and fast.schedule is None
+
+
+def test_a_rank_killed_after_a_pbt_copy_resumes_from_the_copy(ray_server: ServerProcess) -> None:
+    """kill -9 of rank 0 right as the attempt that resumes from a copied checkpoint begins
+    (before it trained a step): the retry resumes from that copy, the newest checkpoint in
+    the trial's own folders, not from the trial's own older one; no step is stored twice and
+    the steps the copy skipped are never trained."""
+    client = ray_server.client()
+    kill = {"fail_after_steps": 0, "fail_on_attempts": [2]}
+    study = client.create_study({**pbt_pair("pbt-kill", **kill), "max_retries": 1})
+    finished(study)
+    fast, slow = fast_and_slow(study)
+    slow = client.trial(slow.id)
+    assert (fast.state, slow.state) == ("complete", "complete")
+    _, copied, *_ = slow.schedule
+    failures = [e.detail or "" for e in slow.events if e.state == "failed"]
+    assert len(failures) == 1 and "attempt 2" in failures[0] and "retrying" in failures[0]
+    steps = [p.step for p in study.metrics(slow.id, "loss")]
+    assert len(steps) == len(set(steps)), steps  # none stored twice
+    # it paused at 1 and copied #0 at step c: steps 2..c were trained by #0, never by #1
+    assert steps[:2] == [1, copied.step + 1] and copied.step > 1, steps
+    # every step to 12 was trained here once or copied: what budget.max_steps charges it
+    assert slow.last_step == 12 and slow.last_step - slow.steps_copied == len(steps)
+    assert slow.value < 0.05  # the copied weight, not its own from step 1
 
 
 def test_stop_cancels_running_trials(ray_server: ServerProcess) -> None:

@@ -35,6 +35,12 @@ class Settings(BaseModel):
     fail_at_step: int | None = Field(
         default=None, description="Kill rank 0 at this step (steps + 1: after the last one)..."
     )
+    fail_after_steps: int | None = Field(
+        default=None,
+        ge=0,
+        description="Kill rank 0 after this many steps of the attempt (0: before its first; "
+        "a resumed attempt starts where its checkpoint left off)...",
+    )
     fail_on_attempts: list[int] = Field(default=[1], description="...on these attempts only.")
     hang_at_step: int | None = Field(default=None, description="Freeze rank 0 (SIGSTOP).")
     raise_at_step: int | None = Field(default=None, description="Raise an error at this step.")
@@ -65,9 +71,10 @@ def train(ctx: TrialContext) -> dict[str, float]:
         start, loss = resumed.next_step, float(resumed.values["loss"])
         w = float(resumed.values.get("w", w))
         ctx.extra["resumed_from_step"] = resumed.step
+    after = None if s.fail_after_steps is None else start + s.fail_after_steps
     for step in range(start, s.steps + 1):
         time.sleep(s.step_s)
-        if ctx.is_main and step == s.fail_at_step and ctx.attempt in s.fail_on_attempts:
+        if ctx.is_main and step in (s.fail_at_step, after) and ctx.attempt in s.fail_on_attempts:
             os.kill(os.getpid(), signal.SIGKILL)  # a worker dying mid-trial
         if ctx.is_main and step == s.hang_at_step:
             os.kill(os.getpid(), signal.SIGSTOP)  # a worker that hangs: no more heartbeats
