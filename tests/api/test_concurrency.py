@@ -135,3 +135,51 @@ def test_concurrency_limit_holds_under_racing_asks(two_servers: list[ServerProce
     for t in threads:
         t.join(timeout=120)
     assert len(granted) == 3
+
+
+def test_max_steps_is_never_exceeded_by_racing_reports(two_servers: list[ServerProcess]) -> None:
+    """CLIENTS trials on two servers report steps of two points at once until told to stop;
+    ``budget.max_steps`` (steps summed over trials) is spent exactly: no point past it is
+    stored, none within it is refused, and the study completes saying why."""
+    max_steps = 100
+    spec = simple_spec("steps-race", budget={"max_trials": CLIENTS, "max_steps": max_steps})
+    with two_servers[0].http() as http:
+        study_id = http.post("/api/v1/studies", json=spec).json()["id"]
+    errors: list[str] = []
+    start = threading.Barrier(CLIENTS)
+
+    def worker(i: int) -> None:
+        with two_servers[i % 2].http() as http:
+            trial = http.post(f"/api/v1/studies/{study_id}/ask").json()
+            start.wait()
+            for step in range(1, 40, 2):
+                points = [{"name": "loss", "step": s, "value": 1.0 / s} for s in (step, step + 1)]
+                r = http.post(
+                    f"/api/v1/trials/{trial['trial_id']}/metrics", json={"points": points}
+                )
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code} {r.text}")
+                    return
+                if r.json()["should_stop"]:
+                    return
+            errors.append(f"trial {trial['trial_id']} was never stopped")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    with two_servers[1].http() as http:
+        trials = http.get(f"/api/v1/studies/{study_id}/trials").json()["trials"]
+        stored = 0
+        for trial in trials:
+            points = http.get(f"/api/v1/trials/{trial['id']}/metrics").json()["points"]
+            steps = [p["step"] for p in points]
+            assert steps == list(range(1, len(steps) + 1)), steps  # none skipped or twice
+            assert trial["last_step"] == len(steps) and trial["state"] == "pruned"
+            stored += len(steps)
+        assert stored == max_steps
+        study = http.get(f"/api/v1/studies/{study_id}").json()
+        assert study["state"] == "completed", study
+        assert "budget.max_steps" in study["state_reason"], study
