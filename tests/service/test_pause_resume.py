@@ -2,7 +2,8 @@
 (every rank stops at the same step, the checkpoint is saved, its placement group goes back to
 the pool) and, once promoted, resumes from that checkpoint as a new attempt of the same trial,
 its curve continuing where it paused. The control plane is killed (SIGKILL) while a trial is
-paused; after the restart the study finishes as it would have."""
+paused, and again in a PBT study once a trial paused to copy another; after the restart each
+study finishes as it would have."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for
-from tests.service.test_dispatch import finished, start_server, synthetic
+from tests.service.test_dispatch import fast_and_slow, finished, pbt_pair, start_server, synthetic
 
 pytestmark = pytest.mark.ray
 
@@ -68,5 +69,44 @@ def test_paused_ddp_trial_is_promoted_and_resumes_from_its_checkpoint_after_a_re
         )
         assert done.placement["world_size"] == 2 and done.placement["attempt"] == done.attempts
         assert first.id in {done.id, other.id}
+    finally:
+        server.stop()
+
+
+def test_pbt_study_killed_as_a_trial_pauses_to_copy_finishes_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL of the control plane as soon as the slow trial paused to copy the fast one
+    (the copy may be made or not, the promotion committed or not): after the restart it
+    copies and goes on, every step it trained is stored once, the steps it copied are not
+    trained, and it ends with the copied weight."""
+    server = start_server(tmp_path)
+    try:
+        client = server.client()
+        study = client.create_study(pbt_pair("pbt-restart"))
+
+        def paused_to_copy() -> bool:
+            return any(
+                (e.detail or "").startswith("pbt exploit: paused")
+                for t in study.trials()
+                for e in client.trial(t.id).events
+            )
+
+        wait_for(paused_to_copy, 180, "a trial paused to copy")
+        server.kill()
+        server.start()
+        client = server.client()
+        study = client.study(study.id)
+        finished(study, timeout=180)
+        fast, slow = (client.trial(t.id) for t in fast_and_slow(study))
+        assert (fast.state, slow.state) == ("complete", "complete")
+        assert study.record.counts["paused"] == 0
+        _, copied, *_ = slow.schedule
+        assert copied.parent.number == fast.number
+        for trial in (fast, slow):
+            steps = [p.step for p in study.metrics(trial.id, "loss")]
+            assert len(steps) == len(set(steps)), steps  # none stored twice
+            assert trial.last_step == 12 and trial.last_step - trial.steps_copied == len(steps)
+        assert slow.value < 0.05  # the copied weight: its own gets 0.46 at most
     finally:
         server.stop()
