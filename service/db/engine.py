@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -81,8 +83,8 @@ def alembic_config(engine: Engine):  # type: ignore[no-untyped-def]
     return cfg
 
 
-# Held while a fresh PostgreSQL database gets its schema, so that two servers starting on it
-# at once do not both create the tables (any constant; hpo's own).
+# Held while a PostgreSQL database's schema is made or migrated, so that servers starting on
+# it at once change it one at a time (any constant; hpo's own).
 _SCHEMA_LOCK = 0x6870_6F01
 
 
@@ -92,20 +94,41 @@ def upgrade_schema(engine: Engine) -> None:
     A fresh database (no table at all) gets the models' tables at once and is stamped with
     the newest revision: the same schema as running every migration
     (``tests/service/test_migrations.py`` compares both with the models), in one step instead
-    of ten. A database with tables is migrated from its revision."""
+    of ten. A database with tables is migrated from its revision. Servers that start together
+    take turns (PostgreSQL: an advisory lock; SQLite: each transaction is BEGIN IMMEDIATE),
+    and the later ones find the work done."""
     from alembic import command
 
     from hpo.service.db.models import Base
 
     cfg = alembic_config(engine)
-    with engine.connect() as conn:
+    with engine.connect() as conn, _schema_lock(conn):
         cfg.attributes["connection"] = conn
         with conn.begin():  # SQLite: BEGIN IMMEDIATE, so a second starter waits here
-            if conn.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
             fresh = not inspect(conn).get_table_names()
             if fresh:
                 Base.metadata.create_all(conn)
                 command.stamp(cfg, "head")
         if not fresh:
             command.upgrade(cfg, "head")
+
+
+@contextmanager
+def _schema_lock(conn: Connection) -> Iterator[None]:
+    """PostgreSQL: hold the session advisory lock :data:`_SCHEMA_LOCK` (a transaction's lock
+    would end before the migrations, which run in their own). SQLite: nothing to hold."""
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    key = {"key": _SCHEMA_LOCK}
+    conn.execute(text("SELECT pg_advisory_lock(:key)"), key)
+    conn.commit()
+    try:
+        yield
+    finally:
+        try:
+            conn.rollback()
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), key)
+            conn.commit()
+        except Exception:  # the connection is gone, and the lock with it: never pool it
+            conn.invalidate()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine
@@ -118,3 +122,64 @@ def test_a_database_keeps_the_deployment_id_made_at_its_first_start(
     assert len(first) == 12
     assert started(db_url) == first  # a restart keeps it
     assert started(f"sqlite:///{tmp_path / 'other.db'}") != first  # another database: another id
+
+
+# One server start's migration in its own process: it says it is ready (its imports done)
+# and waits for the go, so that several processes really start migrating together.
+_STARTER = """
+import sys, time
+from pathlib import Path
+from hpo.service.db import make_engine, upgrade_schema
+engine = make_engine(sys.argv[1])
+Path(sys.argv[2] + ".ready").touch()
+while not Path(sys.argv[2] + ".go").exists():
+    time.sleep(0.005)
+upgrade_schema(engine)
+"""
+
+
+@pytest.mark.parametrize("start_from", [None, "0005"])
+def test_servers_starting_at_once_migrate_the_database_once(
+    db_url: str, start_from: str | None, tmp_path: Path
+) -> None:
+    """Four server processes start migrating at the same moment on one database, fresh or at
+    an old revision (a rolling upgrade): each start succeeds and the schema ends at the newest
+    revision (the migrations run under one lock, not side by side)."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import text
+
+    from hpo.service.db.engine import alembic_config
+
+    engine = make_engine(db_url)
+    try:
+        cfg = alembic_config(engine)
+        if start_from is not None:
+            with engine.connect() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, start_from)
+                conn.commit()
+        starters = [
+            subprocess.Popen(
+                [sys.executable, "-c", _STARTER, db_url, str(tmp_path / f"starter-{i}")],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(4)
+        ]
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("starter-*.ready"))) < len(starters):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in starters)
+            time.sleep(0.01)
+        for i in range(len(starters)):
+            (tmp_path / f"starter-{i}.go").touch()
+        outcomes = [(p.wait(timeout=120), p.stdout.read()) for p in starters]
+        assert all(code == 0 for code, _ in outcomes), outcomes
+        assert _differences(engine) == []
+        head = ScriptDirectory.from_config(cfg).get_current_head()
+        with engine.connect() as conn:
+            stamped = conn.execute(text("SELECT version_num FROM alembic_version")).scalars()
+            assert list(stamped) == [head]
+    finally:
+        engine.dispose()
