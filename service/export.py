@@ -15,11 +15,11 @@ BASE_COLUMNS = ["number", "trial_id", "state"]
 TAIL_COLUMNS = [
     "attempts",
     "last_step",
-    "steps_copied",
     "started_at",
     "finished_at",
     "duration_s",
     "error",
+    "steps_copied",  # last: added later, so the columns before it keep their positions
 ]
 
 
@@ -59,11 +59,11 @@ def trial_rows(
         row.update(
             attempts=t.attempts,
             last_step=t.last_step,
-            steps_copied=t.steps_copied,
             started_at=t.started_at.isoformat() if t.started_at else None,
             finished_at=t.finished_at.isoformat() if t.finished_at else None,
             duration_s=t.duration_s,
             error=t.error,
+            steps_copied=t.steps_copied,
         )
         rows.append(row)
     return columns, rows

@@ -320,25 +320,33 @@ async def _await(ref: Any) -> Any:
 # How long the other ranks of a failed attempt get to end on their own before they are
 # force-cancelled. They usually do at once: the failing rank tears its process group down, so
 # a peer blocked in a collective raises too, and a deterministic error (a diverged loss,
-# all-reduced) is raised by every rank at the same step. A force-cancel racing a rank that is
-# just finishing is what aborted Ray 2.60's core worker twice in CI
-# (``task_manager.cc … CompletePendingTask``), so the cancel is kept for ranks that hang.
+# all-reduced) is raised by every rank at the same step. Each force-cancel kills a warm
+# process, and one that raced a finishing rank is the suspected trigger of the aborts of Ray
+# 2.60's core worker seen twice in CI (``task_manager.cc … CompletePendingTask``); the grace
+# makes that race rare (a rank ending just as it runs out), it does not remove it.
 SIBLING_GRACE_S = 3.0
 
 
 async def _first_failure(futures: list[asyncio.Future]) -> list[Any]:
-    """All results, or the first exception once any rank fails and the others have ended or
-    had :data:`SIBLING_GRACE_S` to."""
+    """All results; or, once any rank fails and the others have ended or had
+    :data:`SIBLING_GRACE_S` to, the failure to report: a rank's process that died (the
+    others' errors follow from losing their peer, and it is retried without cost) before the
+    first error raised."""
     done, pending = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
-    failures = [f.exception() for f in done if f.exception() is not None]
-    if failures:
+    first = [f.exception() for f in done if f.exception() is not None]
+    if not first:
+        return [f.result() for f in futures]
+    try:
         if pending:
             await asyncio.wait(pending, timeout=SIBLING_GRACE_S)
+        ended = [f for f in futures if f.done() and not f.cancelled()]
+        later = [f.exception() for f in ended if f.exception() is not None]
+        failures = first + [e for e in later if e not in first]
+        raise next((e for e in failures if isinstance(e, _INFRASTRUCTURE)), failures[0])
+    finally:
         for other in futures:  # ranks still running get force-cancelled by the caller
             other.add_done_callback(lambda f: f.cancelled() or f.exception())
             other.cancel()
-        raise failures[0]
-    return [f.result() for f in futures]
 
 
 def _traceback(exc: BaseException, cause: BaseException) -> str:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -83,6 +81,9 @@ def alembic_config(engine: Engine):  # type: ignore[no-untyped-def]
     return cfg
 
 
+# How long a starting server waits for another one's migrations (SQLite's lock).
+SCHEMA_WAIT_S = 300.0
+
 # Held while a PostgreSQL database's schema is made or migrated, so that servers starting on
 # it at once change it one at a time (any constant; hpo's own).
 _SCHEMA_LOCK = 0x6870_6F01
@@ -94,41 +95,23 @@ def upgrade_schema(engine: Engine) -> None:
     A fresh database (no table at all) gets the models' tables at once and is stamped with
     the newest revision: the same schema as running every migration
     (``tests/service/test_migrations.py`` compares both with the models), in one step instead
-    of ten. A database with tables is migrated from its revision. Servers that start together
-    take turns (PostgreSQL: an advisory lock; SQLite: each transaction is BEGIN IMMEDIATE),
-    and the later ones find the work done."""
+    of ten. A database with tables is migrated from its revision. Either is one transaction,
+    and servers that start together take turns: the later ones find the work done
+    (PostgreSQL: an advisory lock; SQLite: the transaction is BEGIN IMMEDIATE, and a starter
+    waits up to SCHEMA_WAIT_S for another's migrations)."""
     from alembic import command
 
     from hpo.service.db.models import Base
 
     cfg = alembic_config(engine)
-    with engine.connect() as conn, _schema_lock(conn):
+    with engine.connect() as conn:
         cfg.attributes["connection"] = conn
-        with conn.begin():  # SQLite: BEGIN IMMEDIATE, so a second starter waits here
-            fresh = not inspect(conn).get_table_names()
-            if fresh:
+        conn.execution_options(busy_timeout_s=SCHEMA_WAIT_S)  # SQLite's wait for the lock
+        with conn.begin():  # alembic runs in it (an external transaction: no commit of its own)
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+            if inspect(conn).get_table_names():
+                command.upgrade(cfg, "head")
+            else:
                 Base.metadata.create_all(conn)
                 command.stamp(cfg, "head")
-        if not fresh:
-            command.upgrade(cfg, "head")
-
-
-@contextmanager
-def _schema_lock(conn: Connection) -> Iterator[None]:
-    """PostgreSQL: hold the session advisory lock :data:`_SCHEMA_LOCK` (a transaction's lock
-    would end before the migrations, which run in their own). SQLite: nothing to hold."""
-    if conn.dialect.name != "postgresql":
-        yield
-        return
-    key = {"key": _SCHEMA_LOCK}
-    conn.execute(text("SELECT pg_advisory_lock(:key)"), key)
-    conn.commit()
-    try:
-        yield
-    finally:
-        try:
-            conn.rollback()
-            conn.execute(text("SELECT pg_advisory_unlock(:key)"), key)
-            conn.commit()
-        except Exception:  # the connection is gone, and the lock with it: never pool it
-            conn.invalidate()

@@ -285,10 +285,9 @@ def test_a_nan_loss_fails_the_trial_with_that_reason(ray_server: ServerProcess) 
         assert trial.state == "failed" and trial.attempts == len(failures), failures
         assert len(charged) == 1 and charged[0].startswith("[deterministic]"), failures
         assert "loss is inf at step 1: training diverged" in trial.error
-    # every rank raised on its own: none was force-cancelled (killed), so the second trial
-    # ran on the same warm processes as the first
-    pids = [sorted(r["pid"] for r in t.placement["ranks"]) for t in (first, second)]
-    assert pids[0] == pids[1], pids
+    # every rank raised on its own: none was force-cancelled (which kills its warm process)
+    pids = [r["pid"] for t in (first, second) for r in t.placement["ranks"]]
+    assert all(_alive(p) for p in pids), pids
 
 
 def test_hung_worker_loses_its_lease_and_the_slot_is_reused(ray_server: ServerProcess) -> None:
@@ -393,7 +392,8 @@ def test_a_rank_killed_after_a_pbt_copy_resumes_from_the_copy(ray_server: Server
     the trial's own folders, not from the trial's own older one; no step is stored twice and
     the steps the copy skipped are never trained."""
     client = ray_server.client()
-    kill = {"fail_after_steps": 0, "fail_on_attempts": [2]}
+    # 24 steps: #0 still runs (6 s) when #1 has paused at step 1 and copies it
+    kill = {"steps": 24, "fail_after_steps": 0, "fail_on_attempts": [2]}
     study = client.create_study({**pbt_pair("pbt-kill", **kill), "max_retries": 1})
     finished(study)
     fast, slow = fast_and_slow(study)
@@ -405,9 +405,10 @@ def test_a_rank_killed_after_a_pbt_copy_resumes_from_the_copy(ray_server: Server
     steps = [p.step for p in study.metrics(slow.id, "loss")]
     assert len(steps) == len(set(steps)), steps  # none stored twice
     # it paused at 1 and copied #0 at step c: steps 2..c were trained by #0, never by #1
-    assert steps[:2] == [1, copied.step + 1] and copied.step > 1, steps
-    # every step to 12 was trained here once or copied: what budget.max_steps charges it
-    assert slow.last_step == 12 and slow.last_step - slow.steps_copied == len(steps)
+    assert 1 < copied.step < 24, copied
+    assert steps[:2] == [1, copied.step + 1], steps
+    # every step to 24 was trained here once or copied: what budget.max_steps charges it
+    assert slow.last_step == 24 and slow.last_step - slow.steps_copied == len(steps)
     assert slow.value < 0.05  # the copied weight, not its own from step 1
 
 

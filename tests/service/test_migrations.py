@@ -124,13 +124,18 @@ def test_a_database_keeps_the_deployment_id_made_at_its_first_start(
     assert started(f"sqlite:///{tmp_path / 'other.db'}") != first  # another database: another id
 
 
-# One server start's migration in its own process: it says it is ready (its imports done)
+# One server start's migration in its own process: it says it is ready once everything it
+# imports and reads before touching the database is loaded (the revision scripts included),
 # and waits for the go, so that several processes really start migrating together.
 _STARTER = """
 import sys, time
 from pathlib import Path
+from alembic import command
+from alembic.script import ScriptDirectory
 from hpo.service.db import make_engine, upgrade_schema
+from hpo.service.db.engine import alembic_config
 engine = make_engine(sys.argv[1])
+ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
 Path(sys.argv[2] + ".ready").touch()
 while not Path(sys.argv[2] + ".go").exists():
     time.sleep(0.005)
@@ -168,14 +173,18 @@ def test_servers_starting_at_once_migrate_the_database_once(
             )
             for i in range(4)
         ]
-        deadline = time.monotonic() + 120
-        while len(list(tmp_path.glob("starter-*.ready"))) < len(starters):
-            assert time.monotonic() < deadline and all(p.poll() is None for p in starters)
-            time.sleep(0.01)
-        for i in range(len(starters)):
-            (tmp_path / f"starter-{i}.go").touch()
-        outcomes = [(p.wait(timeout=120), p.stdout.read()) for p in starters]
-        assert all(code == 0 for code, _ in outcomes), outcomes
+        try:
+            deadline = time.monotonic() + 120
+            while len(list(tmp_path.glob("starter-*.ready"))) < len(starters):
+                assert time.monotonic() < deadline and all(p.poll() is None for p in starters)
+                time.sleep(0.01)
+            for i in range(len(starters)):
+                (tmp_path / f"starter-{i}.go").touch()
+            outcomes = [(p.communicate(timeout=120)[0], p.returncode) for p in starters]
+        finally:
+            for p in starters:
+                p.kill()
+        assert all(code == 0 for _, code in outcomes), outcomes
         assert _differences(engine) == []
         head = ScriptDirectory.from_config(cfg).get_current_head()
         with engine.connect() as conn:
