@@ -562,7 +562,7 @@ def run_metrics(args: argparse.Namespace) -> None:
     )
     print("| database | points/s | reports | report p50 ms | report p99 ms | errors |")
     print("|---|---:|---:|---:|---:|---:|")
-    targets: list[tuple[str, str | None]] = [("SQLite", None)]
+    targets: list[tuple[str, str | None]] = [] if args.no_sqlite else [("SQLite", None)]
     if args.postgres:
         targets.append(("PostgreSQL", args.postgres))
     for where, admin in targets:
@@ -627,6 +627,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     met.add_argument("--seconds", type=float, default=20.0, help="streaming time per database")
     met.add_argument("--complete", type=int, default=8, help="finished trials seeded first")
     met.add_argument("--postgres", metavar="ADMIN_URL", help="also on a throwaway database here")
+    met.add_argument("--no-sqlite", action="store_true", help="only the --postgres run")
     args = ap.parse_args(argv)
     if args.section == "metrics":
         run_metrics(args)

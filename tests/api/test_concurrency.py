@@ -190,3 +190,107 @@ def test_max_steps_is_never_exceeded_by_racing_reports(two_servers: list[ServerP
         study = http.get(f"/api/v1/studies/{study_id}").json()
         assert study["state"] == "completed", study
         assert "budget.max_steps" in study["state_reason"], study
+
+
+def test_a_page_following_the_trials_cursor_misses_no_point(
+    two_servers: list[ServerProcess],
+) -> None:
+    """CLIENTS trials on two servers stream reports (the median pruner stops the worse half:
+    those writes lock the study, the others only their trial) while other clients ask and
+    tell trials and a page follows ``GET /studies/{id}/trials?since=cursor`` from the other
+    server. Once nothing moves, the page's view (each trial's last step and state) equals a
+    full read: no change was numbered below a cursor the page had already passed."""
+    spec = simple_spec(
+        "cursor-race",
+        pruner={"type": "median", "n_startup_trials": 2, "min_steps": 1},
+        budget={"max_trials": 200},
+    )
+    errors: list[str] = []
+    with two_servers[0].http() as http:
+        study_id = http.post("/api/v1/studies", json=spec).json()["id"]
+        for _ in range(2):  # complete trials: the medians
+            tid = http.post(f"/api/v1/studies/{study_id}/ask").json()["trial_id"]
+            points = [{"name": "loss", "step": s, "value": 1.0} for s in range(1, 41)]
+            http.post(f"/api/v1/trials/{tid}/metrics", json={"points": points})
+            http.post(f"/api/v1/trials/{tid}/tell", json={"value": 1.0})
+    done, writers = threading.Event(), threading.Event()
+    start = threading.Barrier(CLIENTS + 2, timeout=120)
+
+    def streamer(i: int) -> None:
+        with two_servers[i % 2].http() as http:
+            asked = http.post(f"/api/v1/studies/{study_id}/ask")
+            if asked.status_code != 201:
+                errors.append(f"ask {asked.status_code} {asked.text}")
+                start.abort()
+                return
+            tid = asked.json()["trial_id"]
+            start.wait()
+            value = 0.5 if i % 2 else 2.0  # odd: better than the median, even: pruned
+            for step in range(1, 41, 4):
+                points = [
+                    {"name": "loss", "step": s, "value": value} for s in range(step, step + 4)
+                ]
+                r = http.post(f"/api/v1/trials/{tid}/metrics", json={"points": points})
+                if r.status_code != 200:
+                    errors.append(f"report {r.status_code} {r.text}")
+                    return
+                if r.json()["should_stop"]:
+                    return
+
+    def asker() -> None:  # study-locked writes racing the reports
+        with two_servers[0].http() as http:
+            start.wait()
+            while not done.is_set():
+                asked = http.post(f"/api/v1/studies/{study_id}/ask")
+                if asked.status_code != 201:
+                    errors.append(f"ask {asked.status_code} {asked.text}")
+                    return
+                told = http.post(
+                    f"/api/v1/trials/{asked.json()['trial_id']}/tell", json={"value": 1}
+                )
+                if told.status_code != 200:
+                    errors.append(f"tell {told.status_code} {told.text}")
+                    return
+
+    seen: dict[int, tuple[int | None, str]] = {}
+
+    def page(http: httpx.Client, cursor: int | None) -> int:
+        params = {} if cursor is None else {"since": cursor}
+        r = http.get(f"/api/v1/studies/{study_id}/trials", params=params)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        for t in body["trials"]:
+            seen[t["id"]] = (t["last_step"], t["state"])
+        return body["cursor"]
+
+    def poller() -> None:
+        with two_servers[1].http() as http:
+            cursor = page(http, None)
+            start.wait()
+            while not done.is_set():
+                cursor = page(http, cursor)
+            writers.wait()  # then what committed after its last poll
+            page(http, cursor)
+
+    streamers = [threading.Thread(target=streamer, args=(i,), daemon=True) for i in range(CLIENTS)]
+    others = [
+        threading.Thread(target=asker, daemon=True),
+        threading.Thread(target=poller, daemon=True),
+    ]
+    for t in streamers + others:
+        t.start()
+    for t in streamers:
+        t.join(timeout=300)
+    done.set()
+    others[0].join(timeout=120)
+    writers.set()
+    others[1].join(timeout=120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in streamers + others)
+    with two_servers[0].http() as http:
+        trials = http.get(f"/api/v1/studies/{study_id}/trials").json()["trials"]
+    truth = {t["id"]: (t["last_step"], t["state"]) for t in trials}
+    assert seen == truth
+    streamed = [v for v in truth.values() if v[1] in ("running", "pruned")]
+    assert {state for _, state in streamed} == {"running", "pruned"}, streamed
+    assert sum(1 for step, state in streamed if state == "running" and step == 40) == CLIENTS // 2
