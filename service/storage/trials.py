@@ -286,14 +286,17 @@ def page(
     since: int | None = None,
     limit: int = MAX_PAGE,
     curves: bool = False,
-) -> list[Trial]:
+) -> list[TrialRow]:
     """The study's trials changed after ``since`` (all when None), oldest change first; by
-    ``curve_seq`` (metric points count as changes) when ``curves``, else by ``seq``."""
+    ``curve_seq`` (metric points count as changes) when ``curves``, else by ``seq``.
+
+    Read as columns, not ORM objects (a page of 1,000 trials and their parameters built
+    5,000 mapped instances): each row has the trial's columns and its ``params``, and is
+    read-only."""
     column = Trial.curve_seq if curves else Trial.seq
     stmt = (
-        select(Trial)
+        select(Trial.__table__)
         .where(Trial.study_id == study_id)
-        .options(selectinload(Trial.params))
         .order_by(column, Trial.id)
         .limit(max(1, min(limit, MAX_PAGE)))
     )
@@ -301,7 +304,37 @@ def page(
         stmt = stmt.where(column > since)
     if states:
         stmt = stmt.where(Trial.state.in_([str(s) for s in states]))
-    return list(session.scalars(stmt))
+    rows = session.execute(stmt).all()
+    params: dict[int, list[_Param]] = {row.id: [] for row in rows}
+    ids = list(params)
+    for k in range(0, len(ids), _CHUNK):
+        found = session.execute(
+            select(TrialParam.trial_id, TrialParam.name, TrialParam.value)
+            .where(TrialParam.trial_id.in_(ids[k : k + _CHUNK]))
+            .order_by(TrialParam.trial_id, TrialParam.position)
+        )
+        for trial_id, name, value in found:
+            params[trial_id].append(_Param(name, value))
+    return [TrialRow(row, params[row.id]) for row in rows]
+
+
+class _Param(NamedTuple):
+    name: str
+    value: Any
+
+
+class TrialRow:
+    """A trial's row read as columns (by :func:`page`), with its parameters: what
+    :func:`~hpo.service.storage.records.trial_record` reads of a trial."""
+
+    __slots__ = ("_row", "params")
+
+    def __init__(self, row: Any, params: list[_Param]) -> None:
+        self._row = row
+        self.params = params
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._row, name)
 
 
 class TrialChange(NamedTuple):
