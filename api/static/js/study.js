@@ -192,7 +192,8 @@ export class StudyPage {
     }
     await this.pullTrials();
     this.render();
-    await Promise.all([this.pullCurves(), this.pullAnalysis()]); // independent: side by side
+    // Independent: side by side (the server fits importance and the contour on two threads).
+    await Promise.all([this.pullCurves(), this.pullImportance(), this.pullContour()]);
     this.render();
     this.unfinished = false;
   }
@@ -244,9 +245,8 @@ export class StudyPage {
     }
   }
 
-  async pullAnalysis() {
-    const done = this.study.counts.complete;
-    const key = JSON.stringify([done, this.objective]);
+  async pullImportance() {
+    const key = JSON.stringify([this.study.counts.complete, this.objective]);
     if (key !== this.importanceKey) {
       const path = api.url(`studies/${this.id}/importance`, { objective: this.objective });
       const answer = await api.get(path, { keep: true });
@@ -258,8 +258,11 @@ export class StudyPage {
       if (answer?.status === "computing") this.stale = true;
       else this.importanceKey = key;
     }
+  }
+
+  async pullContour() {
     const [x, y] = [this.xSel.value, this.ySel.value];
-    const ckey = JSON.stringify([done, this.objective, x, y]);
+    const ckey = JSON.stringify([this.study.counts.complete, this.objective, x, y]);
     if (x === y) {
       if (this.contourAnswer !== null) {
         this.contourAnswer = null;
