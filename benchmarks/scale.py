@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import json
 import math
+import multiprocessing
 import random
 import secrets
 import statistics
@@ -52,6 +53,7 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -442,6 +444,28 @@ def _curve(x: float, step: int) -> float:
     return x + 1.0 / (1 + step)
 
 
+def _streams(
+    n: int,
+    base: str,
+    headers: dict[str, str],
+    study_id: int,
+    batch: int,
+    interval: float,
+    stop_at: float,
+) -> tuple[list[float], list[str]]:
+    """``n`` streaming workers on threads of this (client) process, until ``stop_at`` (wall
+    clock); their report latencies and errors."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    args = (base, headers, study_id, batch, interval, stop_at, latencies, errors)
+    threads = [threading.Thread(target=_stream, args=args) for _ in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return latencies, errors
+
+
 def _stream(
     base: str,
     headers: dict[str, str],
@@ -452,9 +476,14 @@ def _stream(
     latencies: list[float],
     errors: list[str],
 ) -> None:
-    """One streaming worker: ask, report batches until pruned or time is up, ask again."""
+    """One streaming worker: ask, report batches until pruned or time is up (``stop_at``, wall
+    clock), ask again.
+    Paced workers start at a random offset within their interval: trials' reporters do not
+    flush in step (started together, 64 reports arrived in one burst every interval)."""
+    if interval:
+        time.sleep(random.uniform(0, interval))
     with httpx.Client(base_url=base, headers=headers, timeout=120) as client:
-        while time.monotonic() < stop_at:
+        while time.time() < stop_at:
             asked = client.post(f"{API}/studies/{study_id}/ask")
             if asked.status_code == 409:  # too many concurrent asks: try again, as clients do
                 time.sleep(0.05)
@@ -465,7 +494,7 @@ def _stream(
             t = asked.json()
             x, step = t["params"]["x"], 0
             auth = {"Authorization": f"Bearer {t['attempt_token']}"}
-            while time.monotonic() < stop_at:
+            while time.time() < stop_at:
                 due = time.monotonic() + interval
                 points = []
                 for _ in range(batch // 2):
@@ -518,30 +547,25 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
                 client.post(f"{API}/trials/{t['trial_id']}/metrics", json={"points": pts})
                 client.post(f"{API}/trials/{t['trial_id']}/tell", json={"value": x})
         before = _stored_points(url, study_id)
-        latencies: list[float] = []
-        errors: list[str] = []
         t0 = time.monotonic()
-        stop_at = t0 + args.seconds
-        threads = [
-            threading.Thread(
-                target=_stream,
-                args=(
-                    base,
-                    headers,
-                    study_id,
-                    args.batch,
-                    args.interval,
-                    stop_at,
-                    latencies,
-                    errors,
-                ),
-            )
-            for _ in range(args.trials)
-        ]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        stop_at = time.time() + args.seconds  # wall clock: the client processes share it
+        shares = [args.trials // args.processes] * args.processes
+        for i in range(args.trials % args.processes):
+            shares[i] += 1
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.processes, mp_context=ctx) as pool:
+            parts = [
+                pool.submit(
+                    _streams, n, base, headers, study_id, args.batch, args.interval, stop_at
+                )
+                for n in shares
+                if n
+            ]
+            latencies, errors = [], []
+            for part in parts:
+                lat, err = part.result()
+                latencies += lat
+                errors += err
         elapsed = time.monotonic() - t0
     stored = _stored_points(url, study_id) - before
     if errors:
@@ -628,6 +652,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     met.add_argument("--complete", type=int, default=8, help="finished trials seeded first")
     met.add_argument("--postgres", metavar="ADMIN_URL", help="also on a throwaway database here")
     met.add_argument("--no-sqlite", action="store_true", help="only the --postgres run")
+    met.add_argument(
+        "--processes", type=int, default=4, help="client processes the trials are split over"
+    )
     args = ap.parse_args(argv)
     if args.section == "metrics":
         run_metrics(args)
