@@ -130,7 +130,17 @@ class Settings(BaseSettings):
         if not create:
             return None
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        value = secrets.token_urlsafe(24)
+        value = new_token()
         self.token_file.touch(mode=0o600)
         self.token_file.write_text(value + "\n")
         return value
+
+
+TOKEN_PREFIX = "hpo_"
+
+
+def new_token() -> str:
+    """A new random API token. It starts with ``hpo_``: a bare ``token_urlsafe`` starts with
+    ``-`` one time in 64, and ``--token -x...`` is then read by the CLI's argument parser as
+    another option (the test suite met it)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(24)

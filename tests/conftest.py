@@ -22,6 +22,7 @@ import pytest
 from hpo.api.client import Client
 from hpo.api.demo import free_port
 from hpo.service.db import make_engine, upgrade_schema
+from hpo.service.settings import new_token
 from hpo.service.storage import Storage
 from hpo.service.studies import StudyService
 
@@ -110,7 +111,7 @@ class ServerProcess:
         self.database_url = database_url
         self.data_dir = data_dir
         self.port = free_port()
-        self.token = secrets.token_urlsafe(16)
+        self.token = new_token()  # never starts with '-': tests pass it as ``--token X``
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_env = extra_env
         self.proc: subprocess.Popen | None = None
