@@ -320,7 +320,7 @@ async def measure(
     seconds: float,
     live: list[int],
     every: float,
-    processes: int = 1,
+    processes: int,
 ) -> tuple[Tally, Tally]:
     """Run window ``w`` for ``seconds`` (with the writer when ``live`` names trials); what is
     still in flight then is cancelled and not counted. Every poller starts as a page that has
@@ -329,44 +329,49 @@ async def measure(
     delays as the server's); the writers run here."""
     page, _, _ = await first_load(url, token, sid)
     written = Tally()
-    tasks = []
-    if live and w.scenario == "stream":  # every running trial streams on its own
-        tasks += [
-            asyncio.create_task(writer(url, token, [tid], every, written, offset=True))
-            for tid in live
-        ]
-    elif live:
-        tasks.append(asyncio.create_task(writer(url, token, live, every, written)))
     loop = asyncio.get_running_loop()
     shares = [w.pollers // processes + (i < w.pollers % processes) for i in range(processes)]
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+        # Every client process up (this script imported) before the window starts.
+        await asyncio.gather(*(loop.run_in_executor(pool, time.sleep, 0.5) for _ in shares))
+        stop_at = time.monotonic() + seconds  # CLOCK_MONOTONIC: one clock for the processes
         parts = [
-            loop.run_in_executor(pool, poll_for, url, token, sid, w, seconds, page, n)
+            loop.run_in_executor(pool, poll_until, url, token, sid, w, stop_at, page, n)
             for n in shares
             if n
         ]
+        tasks = []
+        if live and w.scenario == "stream":  # every running trial streams on its own
+            tasks += [
+                asyncio.create_task(writer(url, token, [tid], every, written, offset=True))
+                for tid in live
+            ]
+        elif live:
+            tasks.append(asyncio.create_task(writer(url, token, live, every, written)))
+        await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         tallies = await asyncio.gather(*parts)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
     await drained(url)
     return merged(tallies), written
 
 
-def poll_for(
-    url: str, token: str, sid: int, w: Window, seconds: float, page: PageState, n: int
+def poll_until(
+    url: str, token: str, sid: int, w: Window, stop_at: float, page: PageState, n: int
 ) -> Tally:
-    """``n`` pollers of window ``w`` for ``seconds``, in this (client) process."""
-    return asyncio.run(_pollers(url, token, sid, w, seconds, page, n))
+    """``n`` pollers of window ``w`` until ``stop_at`` (``time.monotonic``), in this (client)
+    process."""
+    return asyncio.run(_pollers(url, token, sid, w, stop_at, page, n))
 
 
 async def _pollers(
-    url: str, token: str, sid: int, w: Window, seconds: float, page: PageState, n: int
+    url: str, token: str, sid: int, w: Window, stop_at: float, page: PageState, n: int
 ) -> Tally:
     tallies = [Tally() for _ in range(n)]
     tasks = [asyncio.create_task(poller(url, token, w, sid, page.copy(), t)) for t in tallies]
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -479,6 +484,8 @@ def main() -> None:
         "--stream", action="store_true", help="only: every running trial streams, conditional"
     )
     args = ap.parse_args()
+    if args.processes < 1:
+        ap.error("--processes must be at least 1")
     if args.quick:
         args.trials, args.steps, args.pollers, args.seconds = 300, 100, "20", 5
     levels = [int(p) for p in args.pollers.split(",")]

@@ -26,13 +26,14 @@ smallest (goal ≤ 2: flat).
 * ``hpo serve`` (a subprocess, scheduler off) on a fresh SQLite file and, with ``--postgres``, on
   a throwaway PostgreSQL database. One ask/tell study with the median pruner; ``--complete``
   trials are first asked, reported and told (so the pruner has medians to compare with).
-* ``--trials`` threads each ask a trial and stream batches of ``--batch`` points (steps in
+* ``--trials`` threads, split over ``--processes`` client processes (4; trials are processes
+  of their own), each ask a trial and stream batches of ``--batch`` points (steps in
   order, metric ``loss`` and ``acc``) to ``POST /trials/{id}/metrics`` with the attempt's token
   and number, as a worker's reporter does, for ``--seconds``; a pruned trial is replaced by a
   new ask. Each trial reports as fast as it is answered, or with ``--interval`` once every
-  so many seconds (a worker's reporter flushes every 0.5 s). Figures: points stored per
-  second (the server's count at the end over the streaming time), and the latency of each
-  report (its answer carries the should_stop decision), p50/p99.
+  so many seconds from a random offset (a worker's reporter flushes every 0.5 s). Figures:
+  points stored per second (the server's count at the end over the streaming time), and the
+  latency of each report (its answer carries the should_stop decision), p50/p99.
 
     python benchmarks/scale.py metrics --postgres postgresql://postgres@127.0.0.1:5432/postgres
     python benchmarks/scale.py metrics --interval 1 --batch 40   # paced: 64 × 40 points/s
@@ -453,8 +454,8 @@ def _streams(
     interval: float,
     stop_at: float,
 ) -> tuple[list[float], list[str]]:
-    """``n`` streaming workers on threads of this (client) process, until ``stop_at`` (wall
-    clock); their report latencies and errors."""
+    """``n`` streaming workers on threads of this (client) process, until ``stop_at``
+    (``time.monotonic``); their report latencies and errors."""
     latencies: list[float] = []
     errors: list[str] = []
     args = (base, headers, study_id, batch, interval, stop_at, latencies, errors)
@@ -476,14 +477,14 @@ def _stream(
     latencies: list[float],
     errors: list[str],
 ) -> None:
-    """One streaming worker: ask, report batches until pruned or time is up (``stop_at``, wall
-    clock), ask again.
+    """One streaming worker: ask, report batches until pruned or time is up (``stop_at``,
+    ``time.monotonic``), ask again.
     Paced workers start at a random offset within their interval: trials' reporters do not
     flush in step (started together, 64 reports arrived in one burst every interval)."""
     if interval:
         time.sleep(random.uniform(0, interval))
     with httpx.Client(base_url=base, headers=headers, timeout=120) as client:
-        while time.time() < stop_at:
+        while time.monotonic() < stop_at:
             asked = client.post(f"{API}/studies/{study_id}/ask")
             if asked.status_code == 409:  # too many concurrent asks: try again, as clients do
                 time.sleep(0.05)
@@ -494,7 +495,7 @@ def _stream(
             t = asked.json()
             x, step = t["params"]["x"], 0
             auth = {"Authorization": f"Bearer {t['attempt_token']}"}
-            while time.time() < stop_at:
+            while time.monotonic() < stop_at:
                 due = time.monotonic() + interval
                 points = []
                 for _ in range(batch // 2):
@@ -547,13 +548,15 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
                 client.post(f"{API}/trials/{t['trial_id']}/metrics", json={"points": pts})
                 client.post(f"{API}/trials/{t['trial_id']}/tell", json={"value": x})
         before = _stored_points(url, study_id)
-        t0 = time.monotonic()
-        stop_at = time.time() + args.seconds  # wall clock: the client processes share it
         shares = [args.trials // args.processes] * args.processes
         for i in range(args.trials % args.processes):
             shares[i] += 1
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.processes, mp_context=ctx) as pool:
+            # Every client process up (this script imported) before the window starts.
+            list(pool.map(time.sleep, [0.5] * args.processes))
+            t0 = time.monotonic()
+            stop_at = t0 + args.seconds  # CLOCK_MONOTONIC: one clock for the processes
             parts = [
                 pool.submit(
                     _streams, n, base, headers, study_id, args.batch, args.interval, stop_at
@@ -566,7 +569,7 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
                 lat, err = part.result()
                 latencies += lat
                 errors += err
-        elapsed = time.monotonic() - t0
+            elapsed = time.monotonic() - t0
     stored = _stored_points(url, study_id) - before
     if errors:
         print(f"  {len(errors)} errors, first: {errors[0]}", flush=True)
@@ -656,6 +659,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--processes", type=int, default=4, help="client processes the trials are split over"
     )
     args = ap.parse_args(argv)
+    if args.section == "metrics" and args.processes < 1:
+        ap.error("--processes must be at least 1")
     if args.section == "metrics":
         run_metrics(args)
     elif args.section == "ask":

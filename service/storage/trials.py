@@ -334,6 +334,8 @@ class TrialRow:
         self.params = params
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_row":  # not set yet (a copy or unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self._row, name)
 
 

@@ -7,7 +7,7 @@ writes) and on PostgreSQL (row locks + compare-and-set of the trial number).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -195,11 +195,13 @@ def test_max_steps_is_never_exceeded_by_racing_reports(two_servers: list[ServerP
 def test_a_page_following_the_trials_cursor_misses_no_point(
     two_servers: list[ServerProcess],
 ) -> None:
-    """CLIENTS trials on two servers stream reports (the median pruner stops the worse half:
-    those writes lock the study, the others only their trial) while other clients ask and
-    tell trials and a page follows ``GET /studies/{id}/trials?since=cursor`` from the other
-    server. Once nothing moves, the page's view (each trial's last step and state) equals a
-    full read: no change was numbered below a cursor the page had already passed."""
+    """CLIENTS trials on two servers stream reports (the median pruner stops the worse half;
+    the others' reports only add points and move the curves' cursor) while another client
+    asks and tells trials and a page follows ``GET /studies/{id}/trials?since=cursor`` from
+    the other server. Once nothing moves, the page's view (each trial's last step and state)
+    equals a full read: no change was numbered below a cursor the page had already passed.
+    (A missed change shows only when nothing of that trial changes after it: the half that
+    is not pruned ends on a report, and its last report's points must be seen.)"""
     spec = simple_spec(
         "cursor-race",
         pruner={"type": "median", "n_startup_trials": 2, "min_steps": 1},
@@ -207,14 +209,28 @@ def test_a_page_following_the_trials_cursor_misses_no_point(
     )
     errors: list[str] = []
     with two_servers[0].http() as http:
-        study_id = http.post("/api/v1/studies", json=spec).json()["id"]
+        study_id = http.post("/api/v1/studies", json=spec).raise_for_status().json()["id"]
         for _ in range(2):  # complete trials: the medians
-            tid = http.post(f"/api/v1/studies/{study_id}/ask").json()["trial_id"]
+            asked = http.post(f"/api/v1/studies/{study_id}/ask").raise_for_status()
+            tid = asked.json()["trial_id"]
             points = [{"name": "loss", "step": s, "value": 1.0} for s in range(1, 41)]
-            http.post(f"/api/v1/trials/{tid}/metrics", json={"points": points})
-            http.post(f"/api/v1/trials/{tid}/tell", json={"value": 1.0})
+            http.post(f"/api/v1/trials/{tid}/metrics", json={"points": points}).raise_for_status()
+            http.post(f"/api/v1/trials/{tid}/tell", json={"value": 1.0}).raise_for_status()
     done, writers = threading.Event(), threading.Event()
     start = threading.Barrier(CLIENTS + 2, timeout=120)
+    told: list[int] = []
+
+    def guarded(body: Callable[..., None]) -> Callable[..., None]:
+        """``body`` on a thread: whatever it raises is an error of the test, not lost."""
+
+        def run(*args: object) -> None:
+            try:
+                body(*args)
+            except BaseException as exc:  # reported by the test below
+                errors.append(f"{body.__name__}: {exc!r}")
+                start.abort()
+
+        return run
 
     def streamer(i: int) -> None:
         with two_servers[i % 2].http() as http:
@@ -245,12 +261,12 @@ def test_a_page_following_the_trials_cursor_misses_no_point(
                 if asked.status_code != 201:
                     errors.append(f"ask {asked.status_code} {asked.text}")
                     return
-                told = http.post(
-                    f"/api/v1/trials/{asked.json()['trial_id']}/tell", json={"value": 1}
-                )
-                if told.status_code != 200:
-                    errors.append(f"tell {told.status_code} {told.text}")
+                tid = asked.json()["trial_id"]
+                r = http.post(f"/api/v1/trials/{tid}/tell", json={"value": 1})
+                if r.status_code != 200:
+                    errors.append(f"tell {r.status_code} {r.text}")
                     return
+                told.append(tid)
 
     seen: dict[int, tuple[int | None, str]] = {}
 
@@ -272,10 +288,12 @@ def test_a_page_following_the_trials_cursor_misses_no_point(
             writers.wait()  # then what committed after its last poll
             page(http, cursor)
 
-    streamers = [threading.Thread(target=streamer, args=(i,), daemon=True) for i in range(CLIENTS)]
+    streamers = [
+        threading.Thread(target=guarded(streamer), args=(i,), daemon=True) for i in range(CLIENTS)
+    ]
     others = [
-        threading.Thread(target=asker, daemon=True),
-        threading.Thread(target=poller, daemon=True),
+        threading.Thread(target=guarded(asker), daemon=True),
+        threading.Thread(target=guarded(poller), daemon=True),
     ]
     for t in streamers + others:
         t.start()
@@ -287,6 +305,7 @@ def test_a_page_following_the_trials_cursor_misses_no_point(
     others[1].join(timeout=120)
     assert not errors, errors
     assert not any(t.is_alive() for t in streamers + others)
+    assert told, "the asker told no trial: nothing raced the reports"
     with two_servers[0].http() as http:
         trials = http.get(f"/api/v1/studies/{study_id}/trials").json()["trials"]
     truth = {t["id"]: (t["last_step"], t["state"]) for t in trials}

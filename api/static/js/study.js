@@ -193,7 +193,10 @@ export class StudyPage {
     await this.pullTrials();
     this.render();
     // Independent: side by side (the server fits importance and the contour on two threads).
-    await Promise.all([this.pullCurves(), this.pullImportance(), this.pullContour()]);
+    // All of them end before the tick does, even when one fails (then its error is thrown).
+    const pulls = [this.pullCurves(), this.pullImportance(), this.pullContour()];
+    const failed = (await Promise.allSettled(pulls)).find((r) => r.status === "rejected");
+    if (failed) throw failed.reason;
     this.render();
     this.unfinished = false;
   }
