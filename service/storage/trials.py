@@ -6,7 +6,7 @@ Functions take the caller's session. A trial's state is written only through
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -233,13 +233,20 @@ def numbered_params(
             select(Trial.id, Trial.number).where(Trial.id.in_(chunk))
         ):
             out[trial_id] = (number, {})
-        for trial_id, name, value in session.execute(
-            select(TrialParam.trial_id, TrialParam.name, TrialParam.value)
-            .where(TrialParam.trial_id.in_(chunk))
-            .order_by(TrialParam.trial_id, TrialParam.position)
-        ):
-            out[trial_id][1][name] = value
+    for trial_id, name, value in _param_rows(session, ids):
+        out[trial_id][1][name] = value
     return out
+
+
+def _param_rows(session: Session, trial_ids: Sequence[int]) -> Iterator[tuple[int, str, Any]]:
+    """``(trial id, name, value)`` of these trials' parameters, each trial's in position
+    order, read ``_CHUNK`` trials at a time."""
+    for k in range(0, len(trial_ids), _CHUNK):
+        yield from session.execute(
+            select(TrialParam.trial_id, TrialParam.name, TrialParam.value)
+            .where(TrialParam.trial_id.in_(trial_ids[k : k + _CHUNK]))
+            .order_by(TrialParam.trial_id, TrialParam.position)
+        ).tuples()
 
 
 def pause_reasons(session: Session, trial_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -306,15 +313,8 @@ def page(
         stmt = stmt.where(Trial.state.in_([str(s) for s in states]))
     rows = session.execute(stmt).all()
     params: dict[int, list[_Param]] = {row.id: [] for row in rows}
-    ids = list(params)
-    for k in range(0, len(ids), _CHUNK):
-        found = session.execute(
-            select(TrialParam.trial_id, TrialParam.name, TrialParam.value)
-            .where(TrialParam.trial_id.in_(ids[k : k + _CHUNK]))
-            .order_by(TrialParam.trial_id, TrialParam.position)
-        )
-        for trial_id, name, value in found:
-            params[trial_id].append(_Param(name, value))
+    for trial_id, name, value in _param_rows(session, list(params)):
+        params[trial_id].append(_Param(name, value))
     return [TrialRow(row, params[row.id]) for row in rows]
 
 
