@@ -365,7 +365,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_invalid(exc: Exception) -> None:
-    if isinstance(exc, ValidationError):
+    if isinstance(exc, ValidationError) and exc.title == "Settings":
+        console.print("[red]invalid settings:[/red]")
+        for item in describe_errors(exc):
+            console.print(f"  HPO_{item['field'].upper()}: {item['message']}")
+    elif isinstance(exc, ValidationError):
         console.print("[red]invalid study spec:[/red]")
         for item in describe_errors(exc):
             console.print(f"  {item['field']}: {item['message']}")

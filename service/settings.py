@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from platformdirs import user_data_dir
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hpo.workers import storage
@@ -116,24 +118,53 @@ class Settings(BaseSettings):
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
 
-    def api_token(self, *, create: bool = False) -> str | None:
-        """The token API calls must carry, or None when auth is off.
+    @field_validator("token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty HPO_TOKEN would make the server accept an empty bearer token.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError(
+                "HPO_TOKEN is set but empty: set a token, or unset it to use the token file "
+                "`hpo serve` writes (HPO_AUTH=false turns auth off)"
+            )
+        return value
 
-        With ``create=True`` a missing token is generated and written to :attr:`token_file`.
+    def api_token(self, *, create: bool = False) -> str | None:
+        """The token API calls must carry, or None when auth is off (never empty).
+
+        With ``create=True`` a token file that is missing or blank (an operator's empty file, a
+        server killed while writing it) is given a new token (mode 0600); without, such a file
+        reads as no token. Writers hold an exclusive lock on the file, so servers starting at
+        once on one data directory all serve the one token it ends up holding.
         """
         if not self.auth:
             return None
         if self.token is not None:
-            return self.token.get_secret_value()
-        if self.token_file.exists():
-            return self.token_file.read_text().strip()
-        if not create:
-            return None
+            return self.token.get_secret_value().strip()
+        existing = self._token_in_file()
+        if existing or not create:
+            return existing
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        value = new_token()
-        self.token_file.touch(mode=0o600)
-        self.token_file.write_text(value + "\n")
+        fd = os.open(self.token_file, os.O_RDWR | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "r+") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)  # released when the file closes
+            value = file.read().strip()
+            if not value:
+                value = new_token()
+                os.fchmod(file.fileno(), 0o600)  # a blank file someone else made may be 0644
+                file.seek(0)
+                file.truncate()
+                file.write(value + "\n")
+                file.flush()
+                os.fsync(file.fileno())
         return value
+
+    def _token_in_file(self) -> str | None:
+        """The token in :attr:`token_file`, or None when it is missing or blank."""
+        try:
+            return self.token_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
 
 
 TOKEN_PREFIX = "hpo_"
