@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from hpo.api import errors, middleware, prometheus
-from hpo.api.deps import require_token
+from hpo.api.deps import attempts_verified, require_token
 from hpo.api.routes import checkpoints, dashboard, studies, trials
 from hpo.api.schemas import ErrorBody
 from hpo.service.db import make_engine, upgrade_schema
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(upgrade_schema, engine)
         app.state.engine = engine
         app.state.token = settings.api_token(create=True)
+        app.state.attempts_verified = attempts_verified()
         wake = threading.Event()  # set by the service on every change; the scheduler ticks
         service = StudyService(
             Storage(engine),

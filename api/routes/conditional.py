@@ -1,7 +1,8 @@
 """Conditional GETs: 304 when the client's ETag is current, and answers reused by ETag.
 
 An ETag names one state of a study (its change sequence) plus the query, so the answer for a
-tag never changes: many pollers asking for the same one share a single database read.
+tag never changes: many pollers asking for the same one share a single database read, and a
+single serialisation: answers are kept as JSON bytes and sent as they are.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from cachetools import LRUCache, cached
 from fastapi import Request, Response
+from pydantic import BaseModel
 
 # How a route that honours ``If-None-Match`` declares its 304 (``responses=NOT_MODIFIED``).
 NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
@@ -29,11 +31,21 @@ def not_modified(request: Request, tag: str) -> Response | None:
     return None
 
 
-def _by_tag(tag: str, make: Callable[[], Any]) -> Any:
-    return make()
+def _by_tag(tag: str, make: Callable[[], BaseModel]) -> bytes:
+    return json_bytes(make())
 
 
-def _answers(request: Request) -> Callable[[str, Callable[[], Any]], Any]:
+def json_bytes(value: BaseModel) -> bytes:
+    """``value`` as the JSON FastAPI would send for it as its own response model."""
+    return value.__pydantic_serializer__.to_json(value, by_alias=True)
+
+
+def json_answer(body: bytes, tag: str) -> Response:
+    """A 200 of JSON ``body`` with ETag ``tag``."""
+    return Response(body, media_type="application/json", headers={"ETag": tag})
+
+
+def _answers(request: Request) -> Callable[[str, Callable[[], BaseModel]], bytes]:
     """The app's answers by ETag: an LRU where concurrent callers of one tag wait for the
     first to make it instead of making it again."""
     state = request.app.state
@@ -49,9 +61,9 @@ def _answers(request: Request) -> Callable[[str, Callable[[], Any]], Any]:
     return state.answers
 
 
-def answer(request: Request, response: Response, tag: str, make: Callable[[], Any]) -> Any:
-    """304 if the client has ``tag``; else the (shared) answer for it, with the ETag set."""
+def answer(request: Request, tag: str, make: Callable[[], BaseModel]) -> Response:
+    """304 if the client has ``tag``; else the (shared) answer for it, with the ETag set.
+    ``make`` returns an instance of the route's response model."""
     if (unchanged := not_modified(request, tag)) is not None:
         return unchanged
-    response.headers["ETag"] = tag
-    return _answers(request)(tag, make)
+    return json_answer(_answers(request)(tag, make), tag)

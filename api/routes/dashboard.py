@@ -24,7 +24,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from hpo.api.deps import Cursor, Reader, StudyId, TrialId
-from hpo.api.routes.conditional import NOT_MODIFIED, not_modified
+from hpo.api.pools import POLLS, runs_in
+from hpo.api.routes.conditional import NOT_MODIFIED, json_answer, json_bytes, not_modified
 from hpo.service import analysis
 from hpo.service.background import BackgroundJobs, NotReady
 from hpo.service.errors import InvalidInput
@@ -318,16 +319,16 @@ def study_summaries(
     responses=NOT_MODIFIED,
     operation_id="get_curves",
 )
+@runs_in(POLLS)
 def curves(
     study_id: StudyId,
     storage: Reader,
     request: Request,
-    response: Response,
     metric: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
     max_points: MaxPoints = 200,
     since: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
-):
+) -> Response:
     """Learning curves: one downsampled series of ``metric`` (the first objective's by
     default; read from the curves kept at rest, at most 120 points with every bucket's
     extrema; ``/trials/{id}/series`` has the full resolution) per trial whose record or
@@ -337,11 +338,12 @@ def curves(
     tag = _curves_tag(storage, study_id, metric, max_points, since, limit)
     if (answer := not_modified(request, tag)) is not None:
         return answer
-    response.headers["ETag"] = tag
-    return _curves_page(tag, storage, study_id, metric, max_points, since, limit)
+    body = _curves_page(tag, storage, study_id, metric, max_points, since, limit)
+    return json_answer(body, tag)
 
 
-# Pages polling one study ask for the same delta, which its ETag names: the first computes it.
+# Pages polling one study ask for the same delta, which its ETag names: the first computes it
+# (and its JSON, which they are all sent).
 # (64: a first load of 10,000 trials is 10 pages, and a second page opened meanwhile finds them.)
 @cached(LRUCache(64), key=lambda tag, *_: tag, condition=threading.Condition())
 def _curves_page(
@@ -352,7 +354,7 @@ def _curves_page(
     max_points: int,
     since: int | None,
     limit: int,
-) -> CurvesPage:
+) -> bytes:
     metric = metric or storage.spec_of(study_id).objectives[0].metric
     trials, at_rest, names, cursor = storage.curves_page(study_id, metric, since=since, limit=limit)
     out = []
@@ -376,7 +378,8 @@ def _curves_page(
             )
         )
     more = len(trials) == limit
-    return CurvesPage(metric=metric, names=sorted(names), series=out, cursor=cursor, more=more)
+    page = CurvesPage(metric=metric, names=sorted(names), series=out, cursor=cursor, more=more)
+    return json_bytes(page)
 
 
 @router.get(

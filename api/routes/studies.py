@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from hpo.api.deps import AskKey, Cursor, QueryText, Reader, Service, StudyId
+from hpo.api.pools import POLLS, runs_in
 from hpo.api.routes.conditional import NOT_MODIFIED, answer
 from hpo.api.schemas import (
     CSV,
@@ -71,10 +72,11 @@ def list_studies(
 
 
 @router.get("/{study_id}", response_model=StudyRecord, responses=NOT_MODIFIED)
-def get_study(study_id: StudyId, storage: Reader, request: Request, response: Response):
+@runs_in(POLLS)
+def get_study(study_id: StudyId, storage: Reader, request: Request) -> Response:
     """Spec, state, trial counts per state and best trial. Honours ``If-None-Match``."""
     tag = f'"study-{study_id}-{storage.study_seq(study_id)}"'
-    return answer(request, response, tag, lambda: storage.get_study(study_id))
+    return answer(request, tag, lambda: storage.get_study(study_id))
 
 
 @router.patch("/{study_id}", response_model=StudyRecord)
@@ -142,15 +144,15 @@ def import_trials(study_id: StudyId, body: ImportBody, service: Service) -> Impo
 
 
 @router.get("/{study_id}/trials", response_model=TrialPage, responses=NOT_MODIFIED)
+@runs_in(POLLS)
 def list_trials(
     study_id: StudyId,
     storage: Reader,
     request: Request,
-    response: Response,
     state: str | None = None,
     since: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
-):
+) -> Response:
     """Trials changed after cursor ``since`` (all when absent), with the next cursor."""
     states = _states(state)
     # The validated states, not the raw query: the tag goes into a header verbatim.
@@ -164,7 +166,7 @@ def list_trials(
         trials, cursor = storage.list_trials(study_id, states=states, since=since, limit=limit)
         return TrialPage(trials=trials, cursor=cursor)
 
-    return answer(request, response, tag, page)
+    return answer(request, tag, page)
 
 
 @router.get("/{study_id}/best", response_model=BestAnswer, operation_id="get_best")

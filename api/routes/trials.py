@@ -13,7 +13,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
 
-from hpo.api.deps import Auth, QueryText, Reader, Service, TrialId, attempt_may_call
+from hpo.api.deps import (
+    Auth,
+    QueryText,
+    Reader,
+    Service,
+    TrialId,
+    attempt_may_call,
+    fenced_again,
+)
+from hpo.api.pools import DEFAULT, runs_in
 from hpo.api.schemas import (
     MAX_STEP,
     MetricPage,
@@ -57,6 +66,8 @@ def tell(trial_id: TrialId, body: TellBody, service: Service, caller: Auth) -> T
 
 @router.post("/{trial_id}/metrics", response_model=ShouldStop, operation_id="report_metrics")
 @attempt_may_call
+@fenced_again
+@runs_in(DEFAULT)
 def report(trial_id: TrialId, body: MetricsBody, service: Service, caller: Auth) -> ShouldStop:
     """Store metric points (each once per attempt), renew the trial's lease, and say whether
     it should stop; 409 for an attempt that is no longer current (nothing of the batch is
@@ -70,6 +81,8 @@ def report(trial_id: TrialId, body: MetricsBody, service: Service, caller: Auth)
 
 @router.post("/{trial_id}/heartbeat", response_model=ShouldStop)
 @attempt_may_call
+@fenced_again
+@runs_in(DEFAULT)
 def heartbeat(
     trial_id: TrialId,
     service: Service,

@@ -1,0 +1,77 @@
+"""The thread pool of the polled routes: a few threads, so that polls do not queue on the GIL.
+
+A sync route runs in a worker thread, and FastAPI's default pool has 40. When 200 dashboards
+polled (about 120 requests a second) the server used under half a core, yet a study poll that
+needs 1.5 ms of work ran for 12-24 ms p50 in its thread and waited 20 ms or more for one: with
+dozens of threads runnable at once, each of a request's database calls gives up the GIL and
+waits its turn to take it back. Running the polled routes (study, trials page, curves) in a
+pool of their own of 4 threads (a FIFO queue in front of them) made the server's time per poll
+1.5-1.8x shorter in A/B pairs (docs/benchmarks.md, "Dashboard polling"), and no burst of other
+requests (reports waiting for SQLite's write lock, an ask waiting for a model fit) can take
+the polls' threads. The price: a poll waits behind up to four slow ones (a first load's page of
+1,000 trials, ~80 ms). The dashboard's list of studies and its analyses stay in the default
+pool (the analyses may wait two seconds for a fit).
+
+Metric reports went through a pool of 8 as well: no faster (the report path is bound by its
+own Python work), and heartbeats queued behind reports waiting for the write lock, so they
+are back in the default pool (:data:`DEFAULT`), still as one trip (see :func:`runs_in`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
+
+import anyio.to_thread
+from anyio import CapacityLimiter
+from anyio.lowlevel import RunVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Pool:
+    """At most ``threads`` calls of the routes put in this pool run at once (one limiter per
+    event loop)."""
+
+    name: str
+    threads: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_limiter", RunVar[CapacityLimiter](f"hpo_pool_{self.name}"))
+
+    def limiter(self) -> CapacityLimiter:
+        var: RunVar[CapacityLimiter] = self._limiter  # type: ignore[attr-defined]
+        try:
+            return var.get()
+        except LookupError:
+            limiter = CapacityLimiter(self.threads)
+            var.set(limiter)
+            return limiter
+
+
+# Polls of a study, its trials and its curves: short reads (an answer by ETag, or one page).
+POLLS = Pool("polls", 4)
+# FastAPI's own pool (anyio's default limiter, 40 threads).
+DEFAULT: Pool | None = None
+
+
+def runs_in(pool: Pool | None) -> Callable[[Callable[P, R]], Callable[P, Awaitable[R]]]:
+    """Run a sync route in ``pool`` (:data:`DEFAULT`: FastAPI's). The route keeps its
+    signature (FastAPI reads it through ``__wrapped__``), and as a coroutine FastAPI checks
+    its answer on the event loop: one trip to a thread, where a plain ``def`` route makes a
+    second one to have its answer validated."""
+
+    def wrap(route: Callable[P, R]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(route)
+        async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            call = functools.partial(route, *args, **kwargs)
+            limiter = pool.limiter() if pool is not None else None
+            return await anyio.to_thread.run_sync(call, limiter=limiter)
+
+        return run
+
+    return wrap
