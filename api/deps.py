@@ -124,7 +124,9 @@ async def require_token(
 # Attempt tokens found current in the database, by hash, kept this many seconds: a trial's
 # reports and heartbeats (:func:`fenced_again`) then skip that read and its trip to a thread.
 # A wrong token is never kept. A token superseded meanwhile passes here for at most this long
-# on those routes only, and their write refuses it (409, as this check would have).
+# on those routes only, and their write refuses it (409) before storing anything. (Where this
+# check would have said 401, a cached token then hears 409 for a re-issued token of the same
+# attempt, or 404 for a deleted trial.)
 ATTEMPT_VERIFIED_S = 5.0
 
 

@@ -8,13 +8,14 @@ waits its turn to take it back. Running the polled routes (study, trials page, c
 pool of their own of 4 threads (a FIFO queue in front of them) made the server's time per poll
 1.5-1.8x shorter in A/B pairs (docs/benchmarks.md, "Dashboard polling"), and no burst of other
 requests (reports waiting for SQLite's write lock, an ask waiting for a model fit) can take
-the polls' threads. The price: a poll waits behind up to four slow ones (a first load's page of
-1,000 trials, ~80 ms). The dashboard's list of studies and its analyses stay in the default
-pool (the analyses may wait two seconds for a fit).
+the polls' threads. The price: a poll waits behind every poll queued ahead of it, slow ones too
+(a first load's page of 1,000 trials takes ~80 ms). The dashboard's list of studies and its
+analyses stay in the default pool (the analyses may wait two seconds for a fit).
 
-Metric reports went through a pool of 8 as well: no faster (the report path is bound by its
-own Python work), and heartbeats queued behind reports waiting for the write lock, so they
-are back in the default pool (:data:`DEFAULT`), still as one trip (see :func:`runs_in`).
+Metric reports went through a pool of 8 as well: no faster in the one pair measured (the
+report path is bound by its own Python work), and heartbeats would have queued behind reports
+waiting for SQLite's write lock, so they are in the default pool (:data:`DEFAULT`), still as
+one trip (see :func:`runs_in`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
-"""The routes a dashboard polls and a trial reports to make one trip to a thread each, in
-their own small pool.
+"""The routes a dashboard polls and a trial reports to make one trip to a thread each: the
+polled ones in their own pool of 4 threads, reports and heartbeats in FastAPI's.
 
 FastAPI runs a plain ``def`` dependency, and the validation of a sync route's returned model,
 in the thread pool. With the auth and storage dependencies as plain functions, a study poll
 made four such trips; under 200 polling pages each trip queued behind the others' database
 reads (160 ms a request at the server: docs/benchmarks.md). This counts the trips of each hot
 request through the real app, and the pool each went to (hpo.api.pools), so a new sync
-dependency, a route that returns a model again, or a hot route back in the default pool of 40
-threads shows up here, not only as a slower benchmark.
+dependency, a route that returns a model again, or a polled route back in the default pool of
+40 threads shows up here, not only as a slower benchmark.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def test_polls_and_reports_make_one_trip_to_the_thread_pool(
 
 
 def test_a_superseded_attempt_token_is_refused_on_every_route_right_after_it_was_used(
-    client: TestClient, trips: Counter[str]
+    client: TestClient,
 ) -> None:
     """Remembering a current token (for reports and heartbeats) must not let it through once
     its attempt is superseded: used a moment before, on every route it may call, it is a 409
