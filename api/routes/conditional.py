@@ -32,17 +32,10 @@ def not_modified(request: Request, tag: str) -> Response | None:
 
 
 def _by_tag(tag: str, make: Callable[[], BaseModel]) -> bytes:
-    return json_bytes(make())
-
-
-def json_bytes(value: BaseModel) -> bytes:
-    """``value`` as the JSON FastAPI would send for it as its own response model."""
+    """The answer ``make`` returns as the JSON FastAPI would send for it as its own response
+    model."""
+    value = make()
     return value.__pydantic_serializer__.to_json(value, by_alias=True)
-
-
-def json_answer(body: bytes, tag: str) -> Response:
-    """A 200 of JSON ``body`` with ETag ``tag``."""
-    return Response(body, media_type="application/json", headers={"ETag": tag})
 
 
 def _answers(request: Request) -> Callable[[str, Callable[[], BaseModel]], bytes]:
@@ -66,4 +59,5 @@ def answer(request: Request, tag: str, make: Callable[[], BaseModel]) -> Respons
     ``make`` returns an instance of the route's response model."""
     if (unchanged := not_modified(request, tag)) is not None:
         return unchanged
-    return json_answer(_answers(request)(tag, make), tag)
+    body = _answers(request)(tag, make)
+    return Response(body, media_type="application/json", headers={"ETag": tag})

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from hpo.api.deps import Cursor, Reader, StudyId, TrialId
 from hpo.api.pools import POLLS, runs_in
-from hpo.api.routes.conditional import NOT_MODIFIED, json_answer, json_bytes, not_modified
+from hpo.api.routes.conditional import NOT_MODIFIED, answer, not_modified
 from hpo.service import analysis
 from hpo.service.background import BackgroundJobs, NotReady
 from hpo.service.errors import InvalidInput
@@ -307,8 +307,8 @@ def study_summaries(
         if cursor is None:
             break
     tag = f'"studies-{_digest([(s.id, s.seq) for s in studies] + [state, limit])}"'
-    if (answer := not_modified(request, tag)) is not None:
-        return answer
+    if (unchanged := not_modified(request, tag)) is not None:
+        return unchanged
     response.headers["ETag"] = tag
     return StudySummaryPage(studies=[_summary(s) for s in studies], truncated=cursor is not None)
 
@@ -335,26 +335,22 @@ def curves(
     points changed after curves cursor ``since``; pass
     ``cursor`` back as ``since``. The cursor and ETag are the curves' own (metric points move
     them, not the study's ETag)."""
+    # Pages polling one study ask for the same delta, which its ETag names: the first
+    # computes it, the others are sent its JSON (see ``conditional.answer``).
     tag = _curves_tag(storage, study_id, metric, max_points, since, limit)
-    if (answer := not_modified(request, tag)) is not None:
-        return answer
-    body = _curves_page(tag, storage, study_id, metric, max_points, since, limit)
-    return json_answer(body, tag)
+    return answer(
+        request, tag, lambda: _curves_page(storage, study_id, metric, max_points, since, limit)
+    )
 
 
-# Pages polling one study ask for the same delta, which its ETag names: the first computes it
-# (and its JSON, which they are all sent).
-# (64: a first load of 10,000 trials is 10 pages, and a second page opened meanwhile finds them.)
-@cached(LRUCache(64), key=lambda tag, *_: tag, condition=threading.Condition())
 def _curves_page(
-    tag: str,
     storage: Storage,
     study_id: int,
     metric: str | None,
     max_points: int,
     since: int | None,
     limit: int,
-) -> bytes:
+) -> CurvesPage:
     metric = metric or storage.spec_of(study_id).objectives[0].metric
     trials, at_rest, names, cursor = storage.curves_page(study_id, metric, since=since, limit=limit)
     out = []
@@ -378,8 +374,7 @@ def _curves_page(
             )
         )
     more = len(trials) == limit
-    page = CurvesPage(metric=metric, names=sorted(names), series=out, cursor=cursor, more=more)
-    return json_bytes(page)
+    return CurvesPage(metric=metric, names=sorted(names), series=out, cursor=cursor, more=more)
 
 
 @router.get(
@@ -402,8 +397,8 @@ def importance(
     202 when there is none, with Retry-After."""
     seq = storage.study_seq(study_id)
     tag = f'"importance-{study_id}-{seq}-{_digest((objective,))}"'
-    if (answer := not_modified(request, tag)) is not None:
-        return answer
+    if (unchanged := not_modified(request, tag)) is not None:
+        return unchanged
     study = storage.get_study(study_id)
     spec = parse_spec(study.spec)
     objective = _objective(spec, objective)
@@ -471,8 +466,8 @@ def contour(
     """The objective estimated over a grid of parameters ``x`` and ``y``, with the complete
     trials it was estimated from (``z[j][i]`` is at ``x.values[i]``, ``y.values[j]``)."""
     tag = _study_tag(storage, study_id, "contour", x, y, objective, size, points)
-    if (answer := not_modified(request, tag)) is not None:
-        return answer
+    if (unchanged := not_modified(request, tag)) is not None:
+        return unchanged
     study = storage.get_study(study_id)
     spec = parse_spec(study.spec)
     objective = _objective(spec, objective)
@@ -509,8 +504,8 @@ def trial_series(
     """Every metric of the trial, each downsampled to at most ``max_points`` points."""
     trial = storage.get_trial(trial_id, events=False)
     tag = f'"series-{trial_id}-{trial.curve_seq}-{max_points}"'
-    if (answer := not_modified(request, tag)) is not None:
-        return answer
+    if (unchanged := not_modified(request, tag)) is not None:
+        return unchanged
     series = _trial_series(storage, trial, max_points)
     response.headers["ETag"] = tag
     return TrialSeries(trial_id=trial_id, series={k: s.as_dict() for k, s in series.items()})
