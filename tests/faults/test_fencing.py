@@ -2,14 +2,18 @@
 
 An attempt's token can report, heartbeat and tell its own trial only, and only while that
 attempt is current: the late writes of an attempt whose lease expired are answered 409 and
-stored nowhere, and the live attempt is never blocked by them. A metrics batch sent twice (a
-retry whose answer was lost) stores its points once.
+stored nowhere, and the live attempt is never blocked by them, also on a second server that
+has just seen the old token current. A metrics batch sent twice (a retry whose answer was lost)
+stores its points once.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from pathlib import Path
 
+from hpo.api.deps import ATTEMPT_VERIFIED_S
 from tests.conftest import ServerProcess, simple_spec, wait_for
 
 
@@ -64,6 +68,53 @@ def test_late_writes_of_an_expired_attempt_are_refused_and_stored_nowhere(
         points = http.get(f"/api/v1/trials/{trial_id}/metrics").json()["points"]
     assert (trial["state"], trial["value"]) == ("complete", 0.5)
     assert [(p["step"], p["value"]) for p in points] == [(1, 0.5)]
+
+
+def test_a_server_that_remembers_a_token_refuses_it_once_another_server_reissued_the_trial(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Server A has just found attempt 1's token current (and remembers that for
+    ATTEMPT_VERIFIED_S on the report and heartbeat routes); the lease expires and server B hands
+    the trial out again as attempt 2. Attempt 1's late report and heartbeat to A, inside that
+    window, are refused 409 by the write itself and store nothing."""
+    a = ServerProcess(db_url, tmp_path / "a", {"HPO_SCHEDULER": "false"})
+    b = ServerProcess(db_url, tmp_path / "b", {"HPO_SCHEDULER": "false"})
+    b.token = a.token
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with a, b, a.http() as on_a, b.http() as on_b:
+        study = on_a.post("/api/v1/studies", json=simple_spec("two", lease_s=1, max_retries=1))
+        first = on_a.post(f"/api/v1/studies/{study.json()['id']}/ask").json()
+        trial_id, old = first["trial_id"], first["attempt_token"]
+        metrics = f"/api/v1/trials/{trial_id}/metrics"
+
+        def point(step: int, value: float) -> dict:
+            return {"points": [{"step": step, "name": "loss", "value": value}]}
+
+        seen = on_a.post(metrics, json=point(1, 1.0), headers=_bearer(old))
+        assert seen.status_code == 200, seen.text  # A found the token current: it remembers it
+        remembered = time.monotonic()
+        wait_for(
+            lambda: on_b.get(f"/api/v1/trials/{trial_id}").json()["state"] == "waiting",
+            timeout=ATTEMPT_VERIFIED_S,
+            what="attempt 1's lease to expire",
+        )
+        second = on_b.post(f"/api/v1/studies/{study.json()['id']}/ask").json()
+        assert (second["trial_id"], second["attempt"]) == (trial_id, 2)
+        late = [
+            on_a.post(metrics, json=point(2, 9.0), headers=_bearer(old)),
+            on_a.post(f"/api/v1/trials/{trial_id}/heartbeat", headers=_bearer(old)),
+        ]
+        # still inside A's window: the write, not A's memory of the token, refused them
+        assert time.monotonic() - remembered < ATTEMPT_VERIFIED_S
+        assert [r.status_code for r in late] == [409, 409], [r.text for r in late]
+        new = _bearer(second["attempt_token"])
+        assert on_a.post(metrics, json=point(2, 0.5), headers=new).status_code == 200
+        assert on_b.post(metrics, json=point(3, 0.4), headers=new).status_code == 200
+        points = on_b.get(metrics).json()["points"]
+        trial = on_a.get(f"/api/v1/trials/{trial_id}").json()
+    assert [(p["step"], p["value"]) for p in points] == [(1, 1.0), (2, 0.5), (3, 0.4)]
+    assert (trial["state"], trial["attempts"], trial["last_step"]) == ("running", 2, 3)
 
 
 def test_an_attempt_token_reaches_its_own_trial_only(server: ServerProcess) -> None:
