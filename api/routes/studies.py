@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from hpo.api.deps import AskKey, Cursor, QueryText, Reader, Service, StudyId
 from hpo.api.pools import POLLS, runs_in
-from hpo.api.routes.conditional import NOT_MODIFIED, answer
+from hpo.api.routes.conditional import NOT_MODIFIED, answer, not_modified
 from hpo.api.schemas import (
     CSV,
     AskAnswer,
@@ -72,10 +72,22 @@ def list_studies(
 
 
 @router.get("/{study_id}", response_model=StudyRecord, responses=NOT_MODIFIED)
+async def get_study(study_id: StudyId, storage: Reader, request: Request) -> Response:
+    """Spec, state, trial counts per state and best trial. Honours ``If-None-Match`` (a
+    change made through another server on the same database shows within a second)."""
+    seq = storage.known_study_seq(study_id)  # a poll's usual 304: no read, no thread
+    if seq is not None and (unchanged := not_modified(request, _study_tag(study_id, seq))):
+        return unchanged
+    return await _read_study(study_id, storage, request)
+
+
+def _study_tag(study_id: int, seq: int) -> str:
+    return f'"study-{study_id}-{seq}"'
+
+
 @runs_in(POLLS)
-def get_study(study_id: StudyId, storage: Reader, request: Request) -> Response:
-    """Spec, state, trial counts per state and best trial. Honours ``If-None-Match``."""
-    tag = f'"study-{study_id}-{storage.study_seq(study_id)}"'
+def _read_study(study_id: int, storage: Storage, request: Request) -> Response:
+    tag = _study_tag(study_id, storage.study_seq(study_id))
     return answer(request, tag, lambda: storage.get_study(study_id))
 
 

@@ -44,9 +44,19 @@ class Storage(Transactions):
 
     def study_seq(self, study_id: int) -> int:
         """The study's change sequence: it grows with every change of the study or one of its
-        trials but their metric points. Raises StudyNotFound."""
+        trials but their metric points (remembered: see :meth:`known_study_seq`). Raises
+        StudyNotFound."""
+        read = self.seqs.reading(study_id)
         with self.read() as s:
-            return studies.seq(s, study_id)
+            seq = studies.seq(s, study_id)
+        read(seq)
+        return seq
+
+    def known_study_seq(self, study_id: int) -> int | None:
+        """The study's ``seq`` as :meth:`study_seq` read it less than ``KNOWN_SEQ_S`` ago, unless
+        a write of this process changed the study since; else None. Reads nothing (safe on
+        the event loop)."""
+        return self.seqs.get(study_id)
 
     def study_curve_seq(self, study_id: int) -> int:
         """The study's curves cursor: it grows with every change, metric points included (never

@@ -14,14 +14,17 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, inspect, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
+from hpo.service.db.models import Study
 from hpo.service.errors import DatabaseUnavailable
 from hpo.service.health import HealthWindow
+from hpo.service.storage.seqs import KnownSeqs
 
 # Seconds a client should wait before retrying: a busy SQLite file frees up quickly, a server
 # that is down or restarting takes longer.
@@ -130,11 +133,29 @@ class WriteQueue:
                 self._cond.notify_all()
 
 
+class _WriteSession(Session):
+    """The session of :meth:`Transactions.write`: it notes the studies whose ``seq`` it
+    changed or which it deleted (``info["studies_changed"]``), for :class:`KnownSeqs`."""
+
+
+@event.listens_for(_WriteSession, "after_flush")
+def _note_changed_studies(session: Session, _context: Any) -> None:
+    changed: set[int] = session.info.setdefault("studies_changed", set())
+    for obj in session.deleted:
+        if isinstance(obj, Study):
+            changed.add(obj.id)
+    for obj in session.dirty:
+        if isinstance(obj, Study) and inspect(obj).attrs.seq.history.has_changes():
+            changed.add(obj.id)
+
+
 class Transactions:
-    """Owns the engine and hands out transactions that map database failures."""
+    """Owns the engine and hands out transactions that map database failures. ``seqs``: the
+    studies' ``seq`` as last read, forgotten by the writes that change it."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.seqs = KnownSeqs()
         self._readonly = engine.execution_options(readonly=True)
         self._impatient = engine.execution_options(busy_timeout_s=IMPATIENT_S)
         self._queue = WriteQueue() if engine.dialect.name == "sqlite" else None
@@ -153,18 +174,24 @@ class Transactions:
         Raises DatabaseUnavailable when the database cannot be reached or stays locked.
         On SQLite, this process's writers take their turns in arrival order (WriteQueue).
         """
+        changed: set[int] = set()
         try:
             if self._queue is None:
-                with self._scope(self.engine) as session:
+                with self._scope(self.engine, _WriteSession) as session:
+                    session.info["studies_changed"] = changed
                     yield session
             else:
                 with self._queue.turn() as impatient, self._queue.failing_all():
                     bind = self._impatient if impatient else self.engine
-                    with self._scope(bind) as session:
+                    with self._scope(bind, _WriteSession) as session:
+                        session.info["studies_changed"] = changed
                         yield session
         except DatabaseUnavailable as exc:
             self._write_trouble = (time.monotonic(), exc)
             raise
+        finally:  # committed or not (a lost commit may have landed): forget their seq
+            if changed:
+                self.seqs.changed(changed)
         self._write_trouble = None
 
     @contextmanager
@@ -192,9 +219,9 @@ class Transactions:
             session.execute(text("SELECT 1"))
 
     @contextmanager
-    def _scope(self, bind: Engine) -> Iterator[Session]:
+    def _scope(self, bind: Engine, kind: type[Session] = Session) -> Iterator[Session]:
         try:
-            with Session(bind, expire_on_commit=False) as session, session.begin():
+            with kind(bind, expire_on_commit=False) as session, session.begin():
                 yield session
         except (DBAPIError, PoolTimeout) as exc:
             mapped = unavailable(exc)

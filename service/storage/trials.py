@@ -246,7 +246,7 @@ def _param_rows(session: Session, trial_ids: Sequence[int]) -> Iterator[tuple[in
             select(TrialParam.trial_id, TrialParam.name, TrialParam.value)
             .where(TrialParam.trial_id.in_(trial_ids[k : k + _CHUNK]))
             .order_by(TrialParam.trial_id, TrialParam.position)
-        ).tuples()
+        )
 
 
 def pause_reasons(session: Session, trial_ids: Sequence[int]) -> dict[int, dict[str, Any]]:

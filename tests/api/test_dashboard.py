@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from hpo.service.storage.seqs import KNOWN_SEQ_S
 from tests.conftest import ServerProcess, simple_spec
 
 API = "/api/v1"
@@ -189,6 +190,31 @@ def test_each_polled_endpoint_answers_304_until_something_changes(server: Server
         for name in ("studies", "study", "trials", "importance", "contour"):
             after = http.get(paths[name], headers={"If-None-Match": tags[name]})
             assert after.status_code == 200, name
+
+
+def test_a_study_changed_through_another_server_polls_200_within_a_second(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A server answers a study poll's ETag check from the seq it last read (no database
+    read) for at most KNOWN_SEQ_S: a change made through a second server on the same database
+    is 304 on the first for no longer than that, then 200 with the change."""
+    (tmp_path / "b").mkdir()
+    other = ServerProcess(server.database_url, tmp_path / "b", {"HPO_SCHEDULER": "false"})
+    other.token = server.token
+    with other, server.http() as on_a, other.http() as on_b:
+        sid = create(on_a, "two")
+        path = f"{API}/studies/{sid}"
+        tag = on_a.get(path).headers["etag"]
+        assert on_a.get(path, headers={"If-None-Match": tag}).status_code == 304
+        changed_at = time.monotonic()
+        assert on_b.patch(path, json={"state": "paused"}).status_code == 200
+        stale = []
+        while (answer := on_a.get(path, headers={"If-None-Match": tag})).status_code == 304:
+            stale.append(time.monotonic() - changed_at)
+            assert stale[-1] < KNOWN_SEQ_S + 1.0, stale  # never longer than that (and slack)
+            time.sleep(0.05)
+        assert answer.status_code == 200 and answer.json()["state"] == "paused"
+        assert answer.headers["etag"] == on_b.get(path).headers["etag"] != tag
 
 
 def test_a_trials_series_tag_moves_only_with_that_trial(server: ServerProcess) -> None:

@@ -1,5 +1,6 @@
 """The routes a dashboard polls and a trial reports to make one trip to a thread each: the
-polled ones in their own pool of 4 threads, reports and heartbeats in FastAPI's.
+polled ones in their own pool of 4 threads, reports and heartbeats in FastAPI's; a study poll
+whose ETag is current, none (hpo.service.storage.seqs).
 
 FastAPI runs a plain ``def`` dependency, and the validation of a sync route's returned model,
 in the thread pool. With the auth and storage dependencies as plain functions, a study poll
@@ -81,7 +82,9 @@ def test_polls_and_reports_make_one_trip_to_the_thread_pool(
 
     study = one("GET", f"{API}/studies/{sid}", POLLS)
     assert study.json()["id"] == sid
-    one("GET", f"{API}/studies/{sid}", POLLS, headers={"If-None-Match": study.headers["etag"]})
+    # the study's seq, just read, answers its ETag check on the event loop: no trip
+    tagged = {"If-None-Match": study.headers["etag"]}
+    assert one("GET", f"{API}/studies/{sid}", POLLS, headers=tagged, expect=0).status_code == 304
     page = one("GET", f"{API}/studies/{sid}/trials", POLLS)
     assert [t["id"] for t in page.json()["trials"]] == [tid]
     unchanged = {"If-None-Match": page.headers["etag"]}
@@ -107,6 +110,11 @@ def test_polls_and_reports_make_one_trip_to_the_thread_pool(
         assert trips["Storage.attempt_matches"] == 1
     beat = one("POST", f"{API}/trials/{tid}/heartbeat", DEFAULT, headers=by_attempt)
     assert beat.json() == {"should_stop": False}
+    # reports left the study's seq known; a change of the study forgets it: read again, 200
+    one("GET", f"{API}/studies/{sid}", POLLS, headers=tagged, expect=0)
+    assert client.patch(f"{API}/studies/{sid}", json={"state": "paused"}).status_code == 200
+    changed = one("GET", f"{API}/studies/{sid}", POLLS, headers=tagged)
+    assert changed.status_code == 200 and changed.json()["state"] == "paused"
 
 
 def test_a_superseded_attempt_token_is_refused_on_every_route_right_after_it_was_used(

@@ -12,12 +12,14 @@ import pytest
 from sqlalchemy import create_engine
 
 from hpo.api.demo import free_port
+from hpo.service import reporting
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.db.models import utcnow
 from hpo.service.errors import DatabaseUnavailable, NameTaken, StudyNotFound, TrialNotFound
 from hpo.service.records import MetricInput
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import Storage, metrics, studies, trials
+from hpo.service.storage.seqs import KnownSeqs
 from hpo.service.storage.transitions import set_study_state, set_trial_state
 from tests.conftest import simple_spec
 
@@ -118,6 +120,47 @@ def test_every_write_bumps_the_study_seq_and_stamps_the_trials(storage: Storage)
     assert trial.placement == {"node": "a", "world_size": 2}  # the executor handle stays inside
     assert storage.trial_checkpoint(tid) == "/ck/1" and trial.has_checkpoint
     assert trial.test_metrics == {"accuracy": 0.9}
+
+
+def test_a_studys_seq_is_known_until_a_write_of_this_process_changes_it(
+    storage: Storage,
+) -> None:
+    """``known_study_seq`` (answers a poll's ETag check without a read) gives the seq as last
+    read; a write that changes the study, or deletes it, forgets it before it returns; a
+    report's points (only the curves' cursor moves) do not; a read that began before such a
+    write ended is not kept."""
+    sid = add_study(storage)
+    tid = add_trial(storage, sid)
+    assert storage.known_study_seq(sid) is None  # never read
+    seq = storage.study_seq(sid)
+    assert storage.known_study_seq(sid) == seq
+    assert reporting.report(storage, tid, [MetricInput(1, "loss", 1.0)]) is False
+    assert storage.known_study_seq(sid) == seq == storage.study_seq(sid)
+    storage.set_checkpoint(tid, "/ck/1")  # a change of the study's seq
+    assert storage.known_study_seq(sid) is None
+    changed = storage.study_seq(sid)
+    assert changed > seq and storage.known_study_seq(sid) == changed
+    read = storage.seqs.reading(sid)  # a read begins, a write ends, the read ends
+    complete(storage, tid, 0.5)
+    read(changed)
+    assert storage.known_study_seq(sid) is None
+    storage.study_seq(sid)
+    with storage.write() as s:
+        studies.delete(s, studies.get(s, sid))
+    assert storage.known_study_seq(sid) is None
+
+
+def test_a_known_seq_is_forgotten_after_its_max_age() -> None:
+    now = [100.0]
+    seqs = KnownSeqs(max_age_s=1.0, clock=lambda: now[0])
+    seqs.reading(7)(42)
+    now[0] += 1.0
+    assert seqs.get(7) == 42
+    now[0] += 0.01
+    assert seqs.get(7) is None  # a change through another server shows within max_age_s
+    seqs.reading(7)(43)
+    seqs.changed([8])  # another study's write
+    assert seqs.get(7) == 43
 
 
 def test_best_trial_minimizes_and_ties_go_to_the_lower_number(storage: Storage) -> None:
