@@ -77,12 +77,15 @@ def report(
     size = POINTS_PER_COMMIT
     chunks = [points[i : i + size] for i in range(0, len(points), size)]
     inserted: list[int] = []  # ids this batch stored in its earlier commits
+    last_step_before: int | None = None  # the trial's, before its first commit
     try:
         for chunk in chunks[:-1]:
             with storage.write() as s:
                 study, trial = _running(s, trial_id, **fencing)
                 if trial is None:
                     return True
+                if not inserted:
+                    last_step_before = trial.last_step
                 if _stale(verdict):
                     verdict = _recheck(s, study, trial, points, verdict)
                 kept, cut = _within_budget(s, study, trial, chunk)
@@ -94,8 +97,20 @@ def report(
     except Conflict:
         if inserted:  # a later commit was refused: the batch is all or nothing
             with storage.write() as s:
-                metrics.delete(s, inserted)
+                _take_back(s, trial_id, inserted, last_step_before)
         raise
+
+
+def _take_back(s: Session, trial_id: int, ids: list[int], last_step_before: int | None) -> None:
+    """Undo the earlier commits of a batch refused in a later one: its points, its curves,
+    and the ``last_step`` they moved the trial to (back to the highest of: the trial's before
+    the batch, its points that stay, a checkpoint it copied meanwhile), so ``budget.max_steps``
+    is not charged for them."""
+    study, trial = trials.lock(s, trial_id, params=False)
+    metrics.take_back(s, trial, ids)
+    kept = [last_step_before, metrics.max_step(s, trial_id), _copied_at(trial)]
+    trial.last_step = max((step for step in kept if step is not None), default=None)
+    studies.touch_curves(study, trial)
 
 
 class _Verdict:
@@ -149,13 +164,15 @@ def _finish_report(
             return True
         spec = transitions.spec_of(study)
         now = utcnow()
-        trials.renew_lease(trial, spec.lease_s, now)
         if not points:
+            trials.renew_lease(trial, spec.lease_s, now)
             return False  # a heartbeat: the lease is renewed, nothing else changed
         if _stale(verdict):
             verdict = _recheck(s, study, trial, points, verdict)
         kept, cut = _within_budget(s, study, trial, chunks[-1])
         _store_points(s, trial, kept, now, ids=False)
+        # after the queries above: one UPDATE of the trial's row with its last_step at commit
+        trials.renew_lease(trial, spec.lease_s, now)
         if cut is not None:
             _spend_last_steps(s, study, trial, kept, cut)
             return True

@@ -14,9 +14,9 @@ from the stored points (the migration's back-fill, and bulk loads that bypass :f
 
 What is approximate: a step stored again with another value (a later attempt) replaces the
 first/last point of its bucket but not an extremum it set; ``n`` counts a step once unless it
-arrives out of order inside its bucket's span (a re-sent batch is never counted twice); the
-points of a batch refused after its first commits (``reporting.report`` deletes them again)
-stay folded in. The full-resolution series stays in ``metric_points``.
+arrives out of order inside its bucket's span (a re-sent batch is never counted twice). The
+points of a batch refused after its first commits are deleted again and the trial's curves
+rebuilt (``reporting.report``). The full-resolution series stays in ``metric_points``.
 """
 
 from __future__ import annotations
@@ -168,7 +168,8 @@ def add(session: Session, trial: Trial, points: Sequence[MetricInput]) -> None:
     """Fold a batch of the trial's points into its curves (in the caller's transaction).
 
     Each (trial, metric) row is read ``FOR UPDATE`` on PostgreSQL (SQLite's write transaction
-    already excludes other writers), so concurrent batches of one trial do not lose points.
+    already excludes other writers), so concurrent batches of one trial do not lose points;
+    a metric's row is made (insert-or-ignore) by the first batch that brings it.
     """
     if not points:
         return
@@ -176,17 +177,16 @@ def add(session: Session, trial: Trial, points: Sequence[MetricInput]) -> None:
     for p in points:
         by_name.setdefault(p.name, []).append(p)
     table = TrialCurve.__table__
-    insert = sqlite_insert if session.bind.dialect.name == "sqlite" else postgresql_insert
-    empty = [
-        {"trial_id": trial.id, "study_id": trial.study_id, "name": name, "shift": 0, "n": 0}
-        for name in by_name
-    ]
-    session.execute(insert(table).on_conflict_do_nothing(), empty)
-    rows = session.execute(
-        select(table.c.name, table.c.shift, table.c.buckets)
-        .where(table.c.trial_id == trial.id, table.c.name.in_(list(by_name)))
-        .with_for_update()
-    ).all()
+    rows = _locked(session, trial, list(by_name))
+    missing = set(by_name).difference(name for name, _, _ in rows)
+    if missing:  # a trial's first points of a metric: make its row, then lock it too
+        insert = sqlite_insert if session.bind.dialect.name == "sqlite" else postgresql_insert
+        empty = [
+            {"trial_id": trial.id, "study_id": trial.study_id, "name": name, "shift": 0, "n": 0}
+            for name in sorted(missing)
+        ]
+        session.execute(insert(table).on_conflict_do_nothing(), empty)
+        rows += _locked(session, trial, sorted(missing))
     changed = []
     for name, shift, text in rows:
         curve = Curve.loads(shift, text) if text else Curve()
@@ -201,6 +201,18 @@ def add(session: Session, trial: Trial, points: Sequence[MetricInput]) -> None:
         .values(shift=_param("shift"), n=_param("n"), buckets=_param("b")),
         changed,
         execution_options={"synchronize_session": False},
+    )
+
+
+def _locked(session: Session, trial: Trial, names: list[str]) -> list[Any]:
+    """The trial's curve rows of these metrics, ``(name, shift, buckets)``, locked."""
+    table = TrialCurve.__table__
+    return list(
+        session.execute(
+            select(table.c.name, table.c.shift, table.c.buckets)
+            .where(table.c.trial_id == trial.id, table.c.name.in_(names))
+            .with_for_update()
+        ).all()
     )
 
 

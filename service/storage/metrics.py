@@ -110,6 +110,20 @@ def delete(session: Session, ids: Sequence[int]) -> None:
         session.execute(sa_delete(MetricPoint).where(MetricPoint.id.in_(chunk)))
 
 
+def take_back(session: Session, trial: Trial, ids: Sequence[int]) -> None:
+    """Delete the points with these ids (what :func:`add` returned: the earlier commits of a
+    batch refused later) and fold the trial's curves again from the points that stay."""
+    delete(session, ids)
+    curves.rebuild(session, [trial.id])
+
+
+def max_step(session: Session, trial_id: int) -> int | None:
+    """The trial's largest stored step of any metric and attempt, if any."""
+    return session.scalar(
+        select(func.max(MetricPoint.step)).where(MetricPoint.trial_id == trial_id)
+    )
+
+
 def step_below(session: Session, trial_id: int, name: str, step: int) -> int | None:
     """The trial's largest stored step of metric ``name`` below ``step``, if any."""
     return session.scalar(

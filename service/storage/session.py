@@ -174,25 +174,32 @@ class Transactions:
         Raises DatabaseUnavailable when the database cannot be reached or stays locked.
         On SQLite, this process's writers take their turns in arrival order (WriteQueue).
         """
-        changed: set[int] = set()
         try:
             if self._queue is None:
-                with self._scope(self.engine, _WriteSession) as session:
-                    session.info["studies_changed"] = changed
+                with self._tracked(self.engine) as session:
                     yield session
             else:
                 with self._queue.turn() as impatient, self._queue.failing_all():
                     bind = self._impatient if impatient else self.engine
-                    with self._scope(bind, _WriteSession) as session:
-                        session.info["studies_changed"] = changed
+                    with self._tracked(bind) as session:
                         yield session
         except DatabaseUnavailable as exc:
             self._write_trouble = (time.monotonic(), exc)
             raise
-        finally:  # committed or not (a lost commit may have landed): forget their seq
+        self._write_trouble = None
+
+    @contextmanager
+    def _tracked(self, bind: Engine) -> Iterator[Session]:
+        """A write transaction whose changed studies' seqs are forgotten as soon as it ends,
+        committed or not (a lost commit may have landed), before the next writer's turn."""
+        changed: set[int] = set()
+        try:
+            with self._scope(bind, _WriteSession) as session:
+                session.info["studies_changed"] = changed
+                yield session
+        finally:
             if changed:
                 self.seqs.changed(changed)
-        self._write_trouble = None
 
     @contextmanager
     def read(self) -> Iterator[Session]:

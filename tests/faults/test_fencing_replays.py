@@ -225,15 +225,21 @@ def _race_a_big_batch(server: ServerProcess, name: str, delay: float) -> tuple[i
             time.sleep(0.02)
         poster.join()
         stored = http.get(f"/api/v1/trials/{tid}/metrics").json()["points"]
-    return answer[0], sum(1 for p in stored if p["attempt"] == 1)
+        last_step = http.get(f"/api/v1/trials/{tid}").json()["last_step"]
+        curves = http.get(f"/api/v1/studies/{sid}/curves").json()["series"]
+    in_curves = sum(len(c["steps"]) for c in curves if c["trial_id"] == tid)
+    return answer[0], sum(1 for p in stored if p["attempt"] == 1), last_step, in_curves
 
 
 def test_a_big_batch_refused_409_leaves_nothing_stored(server: ServerProcess) -> None:
+    """Nothing of a batch refused in a later commit stays: not its points, not the step they
+    took the trial to (what budget.max_steps charges), not its learning curve at rest."""
     rounds = [
         (delay, *_race_a_big_batch(server, f"race{i}", delay))
         for i, delay in enumerate((0.8, 0.85, 0.9, 0.95, 1.0, 0.75))
     ]
     refused = [r for r in rounds if r[1] == 409]
-    assert refused, f"no batch raced the lease (delay, code, stored): {rounds}"
-    assert [r for r in refused if r[2]] == [], f"refused but stored: {rounds}"
-    assert all(stored in (0, POINTS) for _, _, stored in rounds), rounds
+    assert refused, f"no batch raced the lease (delay, code, stored, step, curve): {rounds}"
+    assert [r for r in refused if r[2:] != (0, None, 0)] == [], f"refused but kept: {rounds}"
+    assert all(r[2:] in ((0, None, 0), (POINTS, POINTS - 1, r[4])) for r in rounds), rounds
+    assert all(r[4] > 0 for r in rounds if r[2]), rounds

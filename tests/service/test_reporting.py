@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
+from hpo.service import attempts, reporting
 from hpo.service.db import make_engine
 from hpo.service.db.models import MetricPoint
+from hpo.service.errors import StaleAttempt
 from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage
 from hpo.service.studies import MetricInput, StudyService
@@ -108,3 +112,37 @@ def test_one_batch_sent_at_once_through_two_servers_is_stored_and_judged_once(
         assert answers == [False, False]
         assert n_points(service, t.id) == 50
         assert service.storage.get_trial(t.id).last_step == 50
+
+
+def test_a_batch_refused_in_a_later_commit_takes_back_its_points_step_and_curve(
+    service: StudyService, other: StudyService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch stored in several commits whose attempt is superseded (by another server)
+    after its first commit: the batch is refused and nothing of it stays, not its points,
+    not the step it took the trial to (what budget.max_steps charges), not its curve."""
+    monkeypatch.setattr(reporting, "POINTS_PER_COMMIT", 10)
+    sid = service.create_study(StudySpec.model_validate(simple_spec("back", max_retries=1))).id
+    first = service.ask(sid)
+    token = attempts.parse(first.attempt_token)
+    assert service.report(first.id, [MetricInput(1, "loss", 2.0)], token=token) is False
+    write, commits, again = service.storage.write, [], []
+
+    @contextmanager
+    def superseded_after_the_first_commit() -> Iterator[Any]:
+        with write() as s:
+            yield s
+        commits.append(1)
+        if len(commits) == 1:
+            other.fail_attempt(first.id, "lost", failure_class="infrastructure")
+            again.append(other.ask(sid))
+
+    monkeypatch.setattr(service.storage, "write", superseded_after_the_first_commit)
+    batch = [MetricInput(step, "loss", 1.0) for step in range(2, 32)]
+    with pytest.raises(StaleAttempt):
+        service.report(first.id, batch, token=token)
+    assert len(commits) == 2 and again[0].attempts == 2  # one commit stored, one took it back
+    trial = service.storage.get_trial(first.id)
+    assert (trial.state, trial.attempts, trial.last_step) == ("running", 2, 1)
+    assert [p.step for p in service.storage.metrics(first.id)] == [1]
+    curves, _ = service.storage.curves([first.id], "loss")
+    assert curves[first.id].points() == ([1], [2.0])

@@ -161,6 +161,15 @@ def test_a_known_seq_is_forgotten_after_its_max_age() -> None:
     seqs.reading(7)(43)
     seqs.changed([8])  # another study's write
     assert seqs.get(7) == 43
+    # bounded: past MAX_STUDIES changed studies it starts afresh; a read begun before is lost
+    seqs.MAX_STUDIES = 3
+    read = seqs.reading(7)
+    seqs.changed([9, 10])
+    seqs.changed([11])
+    read(44)
+    assert seqs.get(7) == 43 and len(seqs._changed_at) <= 3
+    seqs.reading(7)(45)
+    assert seqs.get(7) == 45
 
 
 def test_best_trial_minimizes_and_ties_go_to_the_lower_number(storage: Storage) -> None:
