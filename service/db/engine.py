@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
@@ -52,7 +55,7 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cur = dbapi_conn.cursor()
         if engine.url.database not in (None, "", ":memory:"):
-            cur.execute("PRAGMA journal_mode=WAL")
+            _set_wal(cur)
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={busy_ms_default}")
@@ -70,6 +73,21 @@ def _configure_sqlite(engine: Engine) -> None:
             conn.exec_driver_sql(f"PRAGMA busy_timeout={busy_ms}")
         conn.info["busy_ms"] = busy_ms
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _set_wal(cursor: Any, wait_s: float = SQLITE_BUSY_TIMEOUT_S) -> None:
+    """Put the database in WAL mode, waiting up to ``wait_s`` while another connection holds
+    it: SQLite answers "database is locked" at once here, without its busy handler, when
+    processes open a new file together (servers starting at once)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def alembic_config(engine: Engine):  # type: ignore[no-untyped-def]
