@@ -48,6 +48,15 @@ def add(
     curves.add(session, trial, points)  # the downsampled curves at rest
     if session.bind.dialect.name != "sqlite":
         return _add_postgresql(session, trial, points, now, ids=ids)
+    table = MetricPoint.__table__
+    if not ids:  # the usual case: one executemany of plain tuples, no per-row processing
+        bind_time = table.c.time.type.bind_processor(session.bind.dialect)
+        at = bind_time(now) if bind_time else now
+        head = (trial.id, trial.study_id, trial.attempts)
+        session.connection().exec_driver_sql(
+            _SQLITE_INSERT, [(*head, p.step, p.name, float(p.value), at) for p in points]
+        )
+        return []
     rows = [
         {
             "trial_id": trial.id,
@@ -60,12 +69,14 @@ def add(
         }
         for p in points
     ]
-    table = MetricPoint.__table__
-    stmt = sqlite_insert(table).on_conflict_do_nothing()
-    if not ids:
-        session.execute(stmt, rows)
-        return []
-    return list(session.execute(stmt.returning(table.c.id), rows).scalars())
+    stmt = sqlite_insert(table).on_conflict_do_nothing().returning(table.c.id)
+    return list(session.execute(stmt, rows).scalars())
+
+
+_SQLITE_INSERT = (
+    "INSERT INTO metric_points (trial_id, study_id, attempt, step, name, value, time) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
 
 
 _UNNEST_INSERT = """
@@ -363,9 +374,9 @@ class PruningHistory:
         with _COMPLETE_AT_LOCK:
             cache = _complete_cache(self.session)
             found = cache.get(key)
+            if found is not None:
+                return found
             missing = [s for s in self.steps if s > step and (*key[:2], s, key[3]) not in cache]
-        if found is not None:
-            return found
         n, loaded = self._load_complete_at([step, *missing])
         with _COMPLETE_AT_LOCK:
             for at, values in loaded.items():
