@@ -56,6 +56,9 @@ class Pool:
 
 # Polls of a study, its trials and its curves: short reads (an answer by ETag, or one page).
 POLLS = Pool("polls", 4)
+# Asks: a server's asks of one study take turns (StudyService.ask), so a burst of them would
+# otherwise hold threads of FastAPI's pool that reports and heartbeats need, only to wait.
+ASKS = Pool("asks", 4)
 # FastAPI's own pool (anyio's default limiter, 40 threads).
 DEFAULT: Pool | None = None
 

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from hpo.api.deps import AskKey, Cursor, QueryText, Reader, Service, StudyId
-from hpo.api.pools import POLLS, runs_in
+from hpo.api.pools import ASKS, POLLS, runs_in
 from hpo.api.routes.conditional import NOT_MODIFIED, answer, not_modified
 from hpo.api.schemas import (
     CSV,
@@ -116,6 +116,7 @@ _NO_PARAMS = AskBody()
 
 
 @router.post("/{study_id}/ask", status_code=201, response_model=AskAnswer)
+@runs_in(ASKS)
 def ask(
     study_id: StudyId, service: Service, key: AskKey = None, body: AskBody = _NO_PARAMS
 ) -> AskAnswer:

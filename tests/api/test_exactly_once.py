@@ -57,6 +57,26 @@ def test_concurrent_asks_with_one_key_create_one_trial(server: ServerProcess) ->
     assert len(trials) == 1
 
 
+def test_a_burst_of_asks_to_one_server_gets_a_trial_each(server: ServerProcess) -> None:
+    """64 asks of one study at once, through one server: each gets its own trial, numbered 0
+    to 63 without a gap. (Racing each other for the next number, some ran out of attempts
+    and were answered 409 "too many concurrent asks"; a server's asks of a study now take
+    turns.)"""
+    with server.http() as http:
+        study = http.post("/api/v1/studies", json=simple_spec("burst")).json()
+
+        def ask(_: int) -> httpx.Response:
+            with server.http() as own:
+                return own.post(f"/api/v1/studies/{study['id']}/ask")
+
+        with ThreadPoolExecutor(64) as pool:
+            answers = list(pool.map(ask, range(64)))
+        codes = [a.status_code for a in answers]
+        assert codes == [201] * 64, [a.text for a in answers if a.status_code != 201][:3]
+        assert sorted(a.json()["number"] for a in answers) == list(range(64))
+        assert http.get(f"/api/v1/studies/{study['id']}").json()["n_trials"] == 64
+
+
 def test_an_idempotency_key_is_checked(server: ServerProcess) -> None:
     with server.http() as http:
         study = http.post("/api/v1/studies", json=simple_spec("keyed")).json()

@@ -23,7 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from hpo.api.app import create_app
-from hpo.api.pools import DEFAULT, POLLS, Pool
+from hpo.api.pools import ASKS, DEFAULT, POLLS, Pool
 from hpo.service.settings import Settings
 from tests.conftest import simple_spec
 
@@ -66,7 +66,9 @@ def test_polls_and_reports_make_one_trip_to_the_thread_pool(
     client: TestClient, trips: Counter[str]
 ) -> None:
     sid = client.post(f"{API}/studies", json=simple_spec()).json()["id"]
+    trips.clear()
     asked = client.post(f"{API}/studies/{sid}/ask").json()
+    assert trips[f"pool:{ASKS.threads}"] == 1 and trips["pool:default"] == 0, dict(trips)
     tid, token = asked["trial_id"], asked["attempt_token"]
     points = {"points": [{"step": 1, "name": "loss", "value": 0.5}]}
     assert client.post(f"{API}/trials/{tid}/metrics", json=points).json() == {"should_stop": False}

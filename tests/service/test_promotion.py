@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpo.service.db import make_engine
 from hpo.service.errors import BudgetSpent
 from hpo.service.executor import AttemptRef
 from hpo.service.records import MetricInput
 from hpo.service.scheduler import Scheduler
 from hpo.service.spec import StudySpec
+from hpo.service.storage import Storage
 from hpo.service.studies import StudyService
 from hpo.workers import checkpoints
 from tests.conftest import simple_spec
@@ -143,8 +145,10 @@ def test_a_paused_trial_whose_checkpoint_is_gone_fails_with_that_reason(
 
 @pytest.mark.parametrize("askers", [8])
 def test_concurrent_askers_promote_at_most_floor_n_over_eta(
-    service: StudyService, askers: int
+    service: StudyService, db_url: str, askers: int
 ) -> None:
+    """Askers on servers of their own (a server's asks of one study take turns) race to
+    promote paused trials: at most floor(n/eta) are promoted, each once."""
     spec = simple_spec("race", budget={"max_trials": 8}, pruner={**PROMOTION, "max_steps": 8})
     study_id = service.create_study(StudySpec.model_validate(spec)).id
     trials = [service.ask(study_id) for _ in range(8)]
@@ -153,19 +157,23 @@ def test_concurrent_askers_promote_at_most_floor_n_over_eta(
     promoted: list[int] = []
     refused: list[Exception] = []
     barrier = threading.Barrier(askers)
+    engines = [make_engine(db_url) for _ in range(askers)]
 
-    def ask() -> None:
+    def ask(server: StudyService) -> None:
         barrier.wait()
         try:
-            promoted.append(service.ask(study_id).id)
+            promoted.append(server.ask(study_id).id)
         except BudgetSpent as exc:
             refused.append(exc)
 
-    threads = [threading.Thread(target=ask) for _ in range(askers)]
+    servers = [StudyService(Storage(engine)) for engine in engines]
+    threads = [threading.Thread(target=ask, args=(server,)) for server in servers]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    for engine in engines:
+        engine.dispose()
     # floor(8/2) = 4 promoted, each once, the four best; the other askers are refused
     assert sorted(promoted) == sorted(t.id for t in trials[:4])
     assert len(refused) == askers - 4

@@ -570,3 +570,37 @@ def test_two_servers_each_with_its_own_history_see_each_others_trials(
                 asker.tell(left.pop(0), value=0.5)
     finally:
         other_engine.dispose()
+
+
+def test_a_servers_concurrent_asks_of_one_study_take_turns(
+    service: StudyService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 threads ask one study at once through one service: each samples once and claims
+    the number it sampled for (no claim in vain, no 'too many concurrent asks'); without
+    turns they raced for the next number and most claims failed."""
+    from hpo.service import asking
+
+    claims: list[bool] = []
+    claim_new = asking._claim_new
+
+    def counted(*args: object, **kwargs: object) -> object:
+        claimed = claim_new(*args, **kwargs)
+        claims.append(claimed is not None)
+        return claimed
+
+    monkeypatch.setattr(asking, "_claim_new", counted)
+    sid = service.create_study(StudySpec.model_validate(simple_spec("turns"))).id
+    barrier = threading.Barrier(16)
+    numbers: list[int] = []
+
+    def ask() -> None:
+        barrier.wait()
+        numbers.append(service.ask(sid).number)
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(numbers) == list(range(16))
+    assert claims == [True] * 16
