@@ -84,7 +84,8 @@ class DatabaseUnavailable(HpoError):
 class SuggestionPending(HpoError):
     """The sampler's suggestion outlasted the ask's wait (``HPO_ASK_WAIT_S``; HTTP 503 with
     ``Retry-After``). It goes on in the background and is kept: the retried ask (the same
-    Idempotency-Key or any ask of the study) is answered with it. Nothing was written."""
+    Idempotency-Key or any ask of the study) is answered with it. Also raised when the ask
+    waited that long for the server's other asks of the study. Nothing was written."""
 
     code = "suggestion_pending"
 

@@ -24,6 +24,7 @@ from hpo.service.errors import (
     NameTaken,
     NotFound,
     StudyNotRunning,
+    SuggestionPending,
     TrialFinished,
 )
 from hpo.service.executor import FailureClass
@@ -179,11 +180,20 @@ class StudyService:
 
         Raises StudyNotRunning, BudgetSpent (GridExhausted), ConcurrencyLimit, Conflict,
         TrialFinished (the key's trial has finished), SuggestionPending (a slow sampler's
-        suggestion outlasted ``ask_wait_s``: ask again), InvalidInput (``params`` outside the
-        space). ``dispatched`` marks a call from the scheduler; clients may only ask ask/tell
-        studies. ``params`` fixes values of the new trial (the sampler fills in the rest).
+        suggestion, or this server's other asks of the study, outlasted ``ask_wait_s``: ask
+        again), InvalidInput (``params`` outside the space). ``dispatched`` marks a call from
+        the scheduler; clients may only ask ask/tell studies. ``params`` fixes values of the
+        new trial (the sampler fills in the rest).
         """
-        with self._asking(study_id):
+        turn = self._asking(study_id)
+        wait_s = None if dispatched else self.suggestions.wait_s
+        if not turn.acquire(timeout=-1 if wait_s is None else wait_s):
+            raise SuggestionPending(
+                f"study {study_id}: its other asks (a slow sampler's fits) held this one "
+                f"for {wait_s:g} s; ask again",
+                retry_after_s=1,
+            )
+        try:
             self.expire_leases(study_id=study_id)
             return asking.ask(
                 self.storage,
@@ -194,6 +204,8 @@ class StudyService:
                 suggestions=self.suggestions,
                 params=params,
             )
+        finally:
+            turn.release()
 
     def _asking(self, study_id: int) -> threading.Lock:
         """This process's asks of one study take turns. Each reads the study's next number,

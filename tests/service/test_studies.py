@@ -21,6 +21,7 @@ from hpo.service.errors import (
     NameTaken,
     StudyNotFound,
     StudyNotRunning,
+    SuggestionPending,
     TrialFinished,
     TrialNotFound,
 )
@@ -604,3 +605,18 @@ def test_a_servers_concurrent_asks_of_one_study_take_turns(
         t.join(60)
     assert sorted(numbers) == list(range(16))
     assert claims == [True] * 16
+
+
+def test_an_ask_held_by_the_studys_other_asks_past_the_wait_is_told_to_ask_again(
+    storage: Storage,
+) -> None:
+    """Asks of one study take turns; one kept waiting past ``ask_wait_s`` (another ask is in
+    a slow sampler's fit) is SuggestionPending (HTTP 503, retry), and wrote nothing."""
+    service = StudyService(storage, ask_wait_s=0.2)
+    sid = service.create_study(StudySpec.model_validate(simple_spec("held"))).id
+    turn = service._asking(sid)
+    with turn, pytest.raises(SuggestionPending) as held:  # another ask holds the turn
+        service.ask(sid)
+    assert "ask again" in held.value.message and held.value.retry_after_s == 1
+    assert service.storage.get_study(sid).n_trials == 0
+    assert service.ask(sid).number == 0
