@@ -6,6 +6,7 @@ explored, and its schedule and history say so; the spec refuses what PBT cannot 
 from __future__ import annotations
 
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -431,3 +432,52 @@ def test_no_trial_yields_to_one_about_to_get_a_free_slot(
     assert report(service, bad.trial_id, 2, 0.9) is True  # copies good: paused just now
     assert report(service, good.trial_id, 4, 0.05) is False  # bad is behind, but not waiting
     assert service.storage.get_trial(good.trial_id).state == "running"
+
+
+def test_two_servers_promoting_one_paused_trial_at_once_copy_it_once(
+    service: StudyService, db_url: str, tmp_path: Path
+) -> None:
+    """The bottom trial paused to copy the best and was released; two servers' schedulers
+    ask the study at the same moment (a deposed leader that has not noticed yet, and the new
+    one). One of them promotes it: one new attempt, one copied segment, one history entry;
+    the other gets no trial (the population is complete)."""
+    from hpo.service.db import make_engine
+    from hpo.service.errors import BudgetSpent, ConcurrencyLimit
+    from hpo.service.storage import Storage
+
+    run = first_copy(service, tmp_path)
+    worst = run.worst
+    # what a scheduler's tick records (every checkpoint) and does when the pausing attempt
+    # ends (release it), without the tick's own promotion
+    for trial_id, path in run.paths.items():
+        service.storage.set_checkpoint(trial_id, path)
+    assert service.release_paused(worst.trial_id, worst.attempt)
+    engines = [make_engine(db_url) for _ in range(2)]
+    servers = [StudyService(Storage(engine)) for engine in engines]
+    barrier = threading.Barrier(2)
+    claimed, refused = [], []
+
+    def ask(server: StudyService) -> None:
+        barrier.wait()
+        try:
+            claimed.append(server.ask(run.study_id, dispatched=True))
+        except (BudgetSpent, ConcurrencyLimit) as exc:
+            refused.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(server,)) for server in servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for engine in engines:
+        engine.dispose()
+    assert [(c.id, c.attempts) for c in claimed] == [(worst.trial_id, 2)], (claimed, refused)
+    assert len(refused) == 1
+    trial = service.storage.get_trial(worst.trial_id)
+    assert trial.state == "running" and trial.attempts == 2
+    assert len(trial.schedule) == 2 and trial.schedule[1].parent.trial_id == run.best.trial_id
+    copies = [e for e in trial.events if "pbt exploit: copies" in (e.detail or "")]
+    assert len(copies) == 1
+    assert service.storage.get_study(run.study_id).n_trials == 4
+    folder = Path(claimed[0].resume_from).parent  # the new attempt's folder: the one copy
+    assert [p.name for p in folder.iterdir() if not p.name.startswith(".")] == ["checkpoint-000002"]
