@@ -20,14 +20,20 @@ one trip (see :func:`runs_in`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 import anyio.to_thread
 from anyio import CapacityLimiter
 from anyio.lowlevel import RunVar
+from fastapi import Request
+
+from hpo.service.errors import SuggestionPending
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -56,8 +62,10 @@ class Pool:
 
 # Polls of a study, its trials and its curves: short reads (an answer by ETag, or one page).
 POLLS = Pool("polls", 4)
-# Asks: a server's asks of one study take turns (StudyService.ask), so a burst of them would
-# otherwise hold threads of FastAPI's pool that reports and heartbeats need, only to wait.
+# Asks: a server's asks of one study take turns, waiting for their turn on the event loop
+# (:func:`study_turn`), so a thread of this pool runs only an ask that holds its study's turn:
+# a burst of asks holds no thread of FastAPI's pool that reports and heartbeats need, and one
+# study's slow fits hold one thread, not the pool.
 ASKS = Pool("asks", 4)
 # FastAPI's own pool (anyio's default limiter, 40 threads).
 DEFAULT: Pool | None = None
@@ -79,3 +87,28 @@ def runs_in(pool: Pool | None) -> Callable[[Callable[P, R]], Callable[P, Awaitab
         return run
 
     return wrap
+
+
+@contextlib.asynccontextmanager
+async def study_turn(request: Request, study_id: int, wait_s: float | None) -> AsyncIterator[None]:
+    """Hold study ``study_id``'s turn to ask on this server (one ask at a time, in arrival
+    order), waiting for it at most ``wait_s`` (None: as long as it takes), then
+    SuggestionPending (HTTP 503, retry). The scheduler's asks take turns with these inside
+    ``StudyService.ask``."""
+    turns = getattr(request.app.state, "ask_turns", None)
+    if turns is None:  # study id -> its turn, kept while someone holds or waits for it
+        turns = request.app.state.ask_turns = weakref.WeakValueDictionary()
+    turn = turns.get(study_id)
+    if turn is None:
+        turn = turns[study_id] = asyncio.Lock()
+    try:
+        await asyncio.wait_for(turn.acquire(), wait_s)
+    except (TimeoutError, asyncio.TimeoutError):  # one and the same from Python 3.11
+        raise SuggestionPending(
+            f"study {study_id}: its other asks held this one for {wait_s:g} s; ask again",
+            retry_after_s=1,
+        ) from None
+    try:
+        yield
+    finally:
+        turn.release()

@@ -10,9 +10,10 @@ suggestion. ``StudyService.ask`` calls :func:`ask` after expiring stale leases.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -24,6 +25,7 @@ from hpo.service.errors import (
     BudgetSpent,
     ConcurrencyLimit,
     Conflict,
+    DatabaseUnavailable,
     GridExhausted,
     InvalidInput,
     StaleAttempt,
@@ -39,6 +41,8 @@ from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import Storage, studies, trials
 from hpo.service.storage.records import trial_record
 from hpo.service.storage.transitions import set_trial_state
+
+log = logging.getLogger("hpo.service.asking")
 
 MAX_ASK_ATTEMPTS = 50
 
@@ -205,16 +209,22 @@ def with_fixed(spec: StudySpec, suggestion: Suggestion, fixed: Mapping[str, Any]
     return Suggestion(params, {**suggestion.info, "fixed": sorted(fixed)})
 
 
+def refuse_client_ask(study_id: int, spec: StudySpec) -> NoReturn:
+    """Raise Conflict: a study with a trainable is asked by the scheduler only."""
+    assert spec.trainable is not None
+    raise Conflict(
+        f"study {study_id} runs trainable {spec.trainable.name!r} on the cluster; "
+        "ask/tell is for studies without a trainable",
+        field="study_id",
+    )
+
+
 def check_can_ask(
     storage: Storage, s: Session, study: Study, spec: StudySpec, dispatched: bool
 ) -> None:
     """Raise why the study hands out no trial now (see :func:`ask`), if it does not."""
     if spec.trainable is not None and not dispatched:
-        raise Conflict(
-            f"study {study.id} runs trainable {spec.trainable.name!r} on the cluster; "
-            "ask/tell is for studies without a trainable",
-            field="study_id",
-        )
+        refuse_client_ask(study.id, spec)
     if study.state == StudyState.COMPLETED and study.next_number >= transitions.budget_limit(
         study, spec
     ):
@@ -282,9 +292,49 @@ def _promote(
     if spec.trainable is not None:
         resume_from = promotions.resume_point(checkpoint, last_step)
         problem = promotions.checkpoint_problem(resume_from)
-    copy = pbt.take(copy, checkpoint, paused.attempts + 1)  # pbt: copied into its own folder
-    if copy.path is not None:  # pbt: the donor's checkpoint, when it reads back
-        problem, resume_from = None, copy.path
+    attempt = paused.attempts + 1
+    taken = pbt.take(copy, checkpoint, attempt)  # pbt: copied into its own folder
+    if taken.path is not None:  # pbt: the donor's checkpoint, when it reads back
+        problem, resume_from = None, taken.path
+    claimed = None
+    try:
+        claimed = _promote_now(
+            storage, study_id, trial_id, spec, dispatched, checkpoint, problem, taken, resume_from
+        )
+    finally:
+        if claimed is None:  # another asker promoted it, it is no longer promotable, or an error
+            _discard(storage, trial_id, copy, taken, attempt)
+    return claimed
+
+
+def _discard(
+    storage: Storage, trial_id: int, copy: pbt.Copy, taken: pbt.Copy, attempt: int
+) -> None:
+    """Take back a copy made for a promotion that did not happen (see :func:`pbt.discard`),
+    judged on the trial as it is now; left alone when that cannot be read (a database
+    outage: an ambiguous commit may have promoted it with this copy)."""
+    if taken.path is None or taken.path == copy.path:
+        return
+    try:
+        with storage.read() as s:
+            trial = s.get(Trial, trial_id)
+            pbt.discard(taken, trial, attempt)
+    except DatabaseUnavailable:
+        log.warning("left the checkpoint copied for trial %s at %s", trial_id, taken.path)
+
+
+def _promote_now(
+    storage: Storage,
+    study_id: int,
+    trial_id: int,
+    spec: StudySpec,
+    dispatched: bool,
+    checkpoint: str | None,
+    problem: str | None,
+    copy: pbt.Copy,
+    resume_from: str | None,
+) -> ClaimedTrial | None:
+    """:func:`_promote`'s decision under the study's lock, with the checkpoint looked at."""
     with storage.write() as s:
         study = studies.get(s, study_id, lock=True)
         check_can_ask(storage, s, study, spec, dispatched)

@@ -162,6 +162,8 @@ class StudyService:
             studies.delete(s, study)
         self.histories.forget(study_id)
         self.suggestions.forget(study_id)
+        with self._asking_guard:
+            self._ask_locks.pop(study_id, None)
         return active
 
     # ------------------------------------------------------------------ trials
@@ -185,6 +187,10 @@ class StudyService:
         the scheduler; clients may only ask ask/tell studies. ``params`` fixes values of the
         new trial (the sampler fills in the rest).
         """
+        if not dispatched:  # refused at once, not after waiting for the scheduler's asks
+            spec = self.storage.spec_of(study_id)
+            if spec.trainable is not None:
+                asking.refuse_client_ask(study_id, spec)
         turn = self._asking(study_id)
         wait_s = None if dispatched else self.suggestions.wait_s
         if not turn.acquire(timeout=-1 if wait_s is None else wait_s):

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from hpo.api.deps import AskKey, Cursor, QueryText, Reader, Service, StudyId
-from hpo.api.pools import ASKS, POLLS, runs_in
+from hpo.api.pools import ASKS, POLLS, runs_in, study_turn
 from hpo.api.routes.conditional import NOT_MODIFIED, answer, not_modified
 from hpo.api.schemas import (
     CSV,
@@ -29,6 +29,7 @@ from hpo.service.records import TRIAL_STATES, StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState
 from hpo.service.storage import Storage
+from hpo.service.studies import StudyService
 from hpo.service.warmstart import FinishedTrial
 
 router = APIRouter(prefix="/studies", tags=["studies"])
@@ -116,14 +117,25 @@ _NO_PARAMS = AskBody()
 
 
 @router.post("/{study_id}/ask", status_code=201, response_model=AskAnswer)
-@runs_in(ASKS)
-def ask(
-    study_id: StudyId, service: Service, key: AskKey = None, body: AskBody = _NO_PARAMS
+async def ask(
+    study_id: StudyId,
+    service: Service,
+    request: Request,
+    key: AskKey = None,
+    body: AskBody = _NO_PARAMS,
 ) -> AskAnswer:
     """A trial to run, with its attempt's token: 409 when the grid is exhausted, the budget
     spent or the study paused. An ``Idempotency-Key`` used before answers the trial its first
     ask created (no budget spent), or 409 when that trial has finished. A body
-    ``{"params": {...}}`` fixes values of a new trial (422 naming one outside the space)."""
+    ``{"params": {...}}`` fixes values of a new trial (422 naming one outside the space).
+    503 ``suggestion_pending`` (retry) when a slow sampler, or the study's other asks, held
+    it longer than ``HPO_ASK_WAIT_S``."""
+    async with study_turn(request, study_id, service.suggestions.wait_s):
+        return await _ask(study_id, service, key, body)
+
+
+@runs_in(ASKS)
+def _ask(study_id: int, service: StudyService, key: str | None, body: AskBody) -> AskAnswer:
     trial = service.ask(study_id, key=key, params=body.params)
     return AskAnswer(
         trial_id=trial.id,

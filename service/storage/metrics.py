@@ -50,8 +50,8 @@ def add(
         return _add_postgresql(session, trial, points, now, ids=ids)
     table = MetricPoint.__table__
     if not ids:  # the usual case: one executemany of plain tuples, no per-row processing
-        bind_time = table.c.time.type.bind_processor(session.bind.dialect)
-        at = bind_time(now) if bind_time else now
+        dialect = session.bind.dialect
+        at = table.c.time.type.dialect_impl(dialect).bind_processor(dialect)(now)
         head = (trial.id, trial.study_id, trial.attempts)
         session.connection().exec_driver_sql(
             _SQLITE_INSERT, [(*head, p.step, p.name, float(p.value), at) for p in points]

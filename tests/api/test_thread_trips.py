@@ -13,6 +13,8 @@ dependency, a route that returns a model again, or a polled route back in the de
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,3 +162,35 @@ def test_a_superseded_attempt_token_is_refused_on_every_route_right_after_it_was
     assert trial.get("user_attrs", {}).get("stale") is None
     points = client.get(f"{API}/trials/{tid}/metrics").json()["points"]
     assert [p["step"] for p in points] == [1]
+
+
+def test_asks_waiting_for_their_studys_turn_hold_no_thread_another_study_needs(
+    client: TestClient,
+) -> None:
+    """One study's asks wait for its turn (here: its first ask is held, as by a slow fit) on
+    the event loop, not in the asks' pool of 4 threads: another study's ask is answered
+    meanwhile, and the held ones all get their trials once the turn frees."""
+    held, other = (client.post(f"{API}/studies", json=simple_spec(n)).json()["id"] for n in "ab")
+    turn = client.app.state.service._asking(held)
+    turn.acquire()  # the study's first ask waits inside StudyService.ask, in a pool thread
+    answers: list[int] = []
+    waiting = [
+        threading.Thread(
+            target=lambda: answers.append(client.post(f"{API}/studies/{held}/ask").status_code)
+        )
+        for _ in range(ASKS.threads + 2)
+    ]
+    for t in waiting:
+        t.start()
+    time.sleep(0.5)  # all of them asked
+    done: list[int] = []
+    free = threading.Thread(
+        target=lambda: done.append(client.post(f"{API}/studies/{other}/ask").status_code)
+    )
+    free.start()
+    free.join(20)
+    assert done == [201] and answers == []  # answered while the held study's asks all wait
+    turn.release()
+    for t in waiting:
+        t.join(30)
+    assert answers == [201] * (ASKS.threads + 2)

@@ -14,7 +14,7 @@ from sqlalchemy import create_engine
 from hpo.api.demo import free_port
 from hpo.service import reporting
 from hpo.service.db import make_engine, upgrade_schema
-from hpo.service.db.models import utcnow
+from hpo.service.db.models import Trial, utcnow
 from hpo.service.errors import DatabaseUnavailable, NameTaken, StudyNotFound, TrialNotFound
 from hpo.service.records import MetricInput
 from hpo.service.states import StudyState, TrialState
@@ -467,3 +467,24 @@ def test_errors_of_the_request_itself_are_not_database_failures(storage: Storage
     with pytest.raises(ZeroDivisionError), storage.write():
         1 / 0  # noqa: B018
     storage.ping()
+
+
+def test_points_store_the_same_time_by_either_insert(storage: Storage) -> None:
+    """A report's usual insert (SQLite: an executemany of plain tuples) and the one that
+    returns ids store the time alike: as the column's own type writes it (text with
+    microseconds on SQLite, even when they are 0), read back as the same UTC time."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import text
+
+    sid = add_study(storage)
+    a, b = add_trial(storage, sid), add_trial(storage, sid)
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)  # microsecond 0
+    with storage.write() as s:
+        metrics.add(s, s.get(Trial, a), [MetricInput(1, "loss", 0.5)], now, ids=False)
+        assert metrics.add(s, s.get(Trial, b), [MetricInput(1, "loss", 0.5)], now, ids=True)
+    with storage.read() as s:
+        stored = s.execute(text("SELECT trial_id, time FROM metric_points ORDER BY trial_id"))
+        raw = [time for _, time in stored]
+    assert raw[0] == raw[1], raw
+    assert [p.time for t in (a, b) for p in storage.metrics(t)] == [now, now]
