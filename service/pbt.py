@@ -242,6 +242,28 @@ def take(copy: Copy, own_checkpoint: str | None, attempt: int) -> Copy:
     return Copy(str(path), copy.donor_id, copy.step)
 
 
+def discard(taken: Copy, trial: Trial | None, attempt: int) -> None:
+    """A promotion that did not happen takes back the copy :func:`take` made (``taken``) into
+    the folder of the trial's attempt ``attempt``: a retry of that attempt resumes from the
+    newest checkpoint there, which must be the one the attempt was given. Kept when the
+    promotion that did happen made the same copy (the same attempt, from the same step: the
+    pause names one donor). ``trial``: as it is now."""
+    assert taken.path is not None
+    same = trial is not None and trial.attempts == attempt and _copied_step(trial) == taken.step
+    if not same:
+        from hpo.workers import checkpoints
+
+        checkpoints.remove(taken.path)
+
+
+def _copied_step(trial: Trial) -> int | None:
+    """The step of the checkpoint the trial's newest segment copied, if it copied one."""
+    segments = trial.schedule or []
+    if not segments or not segments[-1].get("parent"):
+        return None
+    return int(segments[-1]["step"])
+
+
 def exploit(s: Session, spec: StudySpec, trial: Trial, copy: Copy) -> dict[str, Any]:
     """Under the study's lock, as the paused ``trial`` is promoted: give it the donor's
     parameters, explored, and add the segment that starts at the copied step to its schedule

@@ -93,6 +93,19 @@ def _placing(folder: Path, name: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove(path: Location) -> None:
+    """Remove one checkpoint (on an object store ``meta.json`` first, so that a checkpoint
+    half removed no longer counts)."""
+    path = storage.location(path)
+    if isinstance(path, Path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, root = storage.filesystem(str(path))
+    for file in ("meta.json", "state.pt"):
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(f"{root}/{file}")
+
+
 def prune(folder: Location, keep: int) -> None:
     """Keep the ``keep`` newest checkpoints of ``folder``; remove older ones and the leftovers
     of writes a crash cut short."""

@@ -481,3 +481,64 @@ def test_two_servers_promoting_one_paused_trial_at_once_copy_it_once(
     assert service.storage.get_study(run.study_id).n_trials == 4
     folder = Path(claimed[0].resume_from).parent  # the new attempt's folder: the one copy
     assert [p.name for p in folder.iterdir() if not p.name.startswith(".")] == ["checkpoint-000002"]
+
+
+def test_a_promotion_that_lost_takes_back_its_copy(
+    service: StudyService, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Server B copies the donor's checkpoint at step 2 for the paused trial; the donor saves
+    step 4; server A copies that; B promotes the trial first. A's promotion does not happen,
+    and its copy (step 4, newer) must not stay in the new attempt's folder: a retry of that
+    attempt resumes from the newest checkpoint there, which must be B's copy."""
+    from hpo.service import asking
+    from hpo.service.db import make_engine
+    from hpo.service.storage import Storage
+
+    run = first_copy(service, tmp_path)
+    worst, best = run.worst, run.best
+    for trial_id, path in run.paths.items():
+        service.storage.set_checkpoint(trial_id, path)
+    assert service.release_paused(worst.trial_id, worst.attempt)
+    took = {name: threading.Event() for name in "AB"}
+    go = {name: threading.Event() for name in "AB"}
+    take = asking.pbt.take
+
+    def stepwise(*args: object, **kwargs: object) -> object:
+        taken = take(*args, **kwargs)
+        me = threading.current_thread().name
+        took[me].set()
+        assert go[me].wait(30)
+        return taken
+
+    monkeypatch.setattr(asking.pbt, "take", stepwise)
+    engines = [make_engine(db_url) for _ in range(2)]
+    claimed: dict[str, object] = {}
+
+    def ask(name: str, engine: object) -> None:
+        try:
+            claimed[name] = StudyService(Storage(engine)).ask(run.study_id, dispatched=True)
+        except Exception as exc:  # BudgetSpent for the one that lost
+            claimed[name] = exc
+
+    b = threading.Thread(target=ask, args=("B", engines[1]), name="B")
+    b.start()
+    assert took["B"].wait(30)  # B copied step 2
+    step4 = save(service, run.executor, best, tmp_path, 4)
+    service.storage.set_checkpoint(best.trial_id, step4)
+    a = threading.Thread(target=ask, args=("A", engines[0]), name="A")
+    a.start()
+    assert took["A"].wait(30)  # A copied step 4
+    go["B"].set()
+    b.join(30)
+    go["A"].set()
+    a.join(30)
+    for engine in engines:
+        engine.dispose()
+    won = claimed["B"]
+    assert won.id == worst.trial_id and won.attempts == 2, claimed
+    assert not hasattr(claimed["A"], "id"), claimed
+    folder = Path(won.resume_from).parent
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-000002"]
+    trial_dir = folder.parent
+    assert checkpoints.candidates(trial_dir, before_attempt=3)[0] == Path(won.resume_from)
+    assert service.storage.get_trial(worst.trial_id).schedule[1].step == 2
