@@ -22,7 +22,7 @@ from hpo.service.storage import trials
 from hpo.service.studies import StudyService
 from hpo.workers import checkpoints
 from tests.service.fake_executor import FakeCluster, FakeExecutor
-from tests.service.test_promotion import report, save
+from tests.service.test_promotion import asks_at_once, report, save
 
 SPACE = {
     "lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True, "mutable": True},
@@ -441,10 +441,6 @@ def test_two_servers_promoting_one_paused_trial_at_once_copy_it_once(
     ask the study at the same moment (a deposed leader that has not noticed yet, and the new
     one). One of them promotes it: one new attempt, one copied segment, one history entry;
     the other gets no trial (the population is complete)."""
-    from hpo.service.db import make_engine
-    from hpo.service.errors import BudgetSpent, ConcurrencyLimit
-    from hpo.service.storage import Storage
-
     run = first_copy(service, tmp_path)
     worst = run.worst
     # what a scheduler's tick records (every checkpoint) and does when the pausing attempt
@@ -452,25 +448,7 @@ def test_two_servers_promoting_one_paused_trial_at_once_copy_it_once(
     for trial_id, path in run.paths.items():
         service.storage.set_checkpoint(trial_id, path)
     assert service.release_paused(worst.trial_id, worst.attempt)
-    engines = [make_engine(db_url) for _ in range(2)]
-    servers = [StudyService(Storage(engine)) for engine in engines]
-    barrier = threading.Barrier(2)
-    claimed, refused = [], []
-
-    def ask(server: StudyService) -> None:
-        barrier.wait()
-        try:
-            claimed.append(server.ask(run.study_id, dispatched=True))
-        except (BudgetSpent, ConcurrencyLimit) as exc:
-            refused.append(exc)
-
-    threads = [threading.Thread(target=ask, args=(server,)) for server in servers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    for engine in engines:
-        engine.dispose()
+    claimed, refused = asks_at_once(db_url, 2, run.study_id, dispatched=True)
     assert [(c.id, c.attempts) for c in claimed] == [(worst.trial_id, 2)], (claimed, refused)
     assert len(refused) == 1
     trial = service.storage.get_trial(worst.trial_id)

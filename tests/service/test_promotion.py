@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from hpo.service.db import make_engine
-from hpo.service.errors import BudgetSpent
+from hpo.service.errors import BudgetSpent, ConcurrencyLimit
 from hpo.service.executor import AttemptRef
-from hpo.service.records import MetricInput
+from hpo.service.records import ClaimedTrial, MetricInput
 from hpo.service.scheduler import Scheduler
 from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage
@@ -143,6 +143,36 @@ def test_a_paused_trial_whose_checkpoint_is_gone_fails_with_that_reason(
     assert states(service, study_id) == {0: "pruned", 1: "failed"}
 
 
+def asks_at_once(
+    db_url: str, n: int, study_id: int, *, dispatched: bool = False
+) -> tuple[list[ClaimedTrial], list[Exception]]:
+    """``n`` servers of their own (a service each, with its own engine on ``db_url``; one
+    server's asks of a study take turns) ask the study at the same moment: what they
+    claimed, and the budget errors (BudgetSpent, ConcurrencyLimit) the others got."""
+    claimed: list[ClaimedTrial] = []
+    refused: list[Exception] = []
+    barrier = threading.Barrier(n)
+    engines = [make_engine(db_url) for _ in range(n)]
+
+    def ask(server: StudyService) -> None:
+        barrier.wait()
+        try:
+            claimed.append(server.ask(study_id, dispatched=dispatched))
+        except (BudgetSpent, ConcurrencyLimit) as exc:
+            refused.append(exc)
+
+    threads = [
+        threading.Thread(target=ask, args=(StudyService(Storage(engine)),)) for engine in engines
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for engine in engines:
+        engine.dispose()
+    return claimed, refused
+
+
 @pytest.mark.parametrize("askers", [8])
 def test_concurrent_askers_promote_at_most_floor_n_over_eta(
     service: StudyService, db_url: str, askers: int
@@ -154,26 +184,8 @@ def test_concurrent_askers_promote_at_most_floor_n_over_eta(
     trials = [service.ask(study_id) for _ in range(8)]
     for i, trial in enumerate(trials):
         assert report(service, trial.id, 1, float(i)) is True
-    promoted: list[int] = []
-    refused: list[Exception] = []
-    barrier = threading.Barrier(askers)
-    engines = [make_engine(db_url) for _ in range(askers)]
-
-    def ask(server: StudyService) -> None:
-        barrier.wait()
-        try:
-            promoted.append(server.ask(study_id).id)
-        except BudgetSpent as exc:
-            refused.append(exc)
-
-    servers = [StudyService(Storage(engine)) for engine in engines]
-    threads = [threading.Thread(target=ask, args=(server,)) for server in servers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    for engine in engines:
-        engine.dispose()
+    claimed, refused = asks_at_once(db_url, askers, study_id)
+    promoted = [t.id for t in claimed]
     # floor(8/2) = 4 promoted, each once, the four best; the other askers are refused
     assert sorted(promoted) == sorted(t.id for t in trials[:4])
     assert len(refused) == askers - 4
