@@ -249,19 +249,20 @@ def discard(taken: Copy, trial: Trial | None, attempt: int) -> None:
     promotion that did happen made the same copy (the same attempt, from the same step: the
     pause names one donor). ``trial``: as it is now."""
     assert taken.path is not None
-    same = trial is not None and trial.attempts == attempt and _copied_step(trial) == taken.step
+    same = trial is not None and trial.attempts == attempt and copied_at(trial) == taken.step
     if not same:
         from hpo.workers import checkpoints
 
         checkpoints.remove(taken.path)
 
 
-def _copied_step(trial: Trial) -> int | None:
-    """The step of the checkpoint the trial's newest segment copied, if it copied one."""
-    segments = trial.schedule or []
-    if not segments or not segments[-1].get("parent"):
-        return None
-    return int(segments[-1]["step"])
+def copied_at(trial: Trial) -> int | None:
+    """The step of the checkpoint a PBT trial last copied (its schedule's newest segment with
+    a parent), or None."""
+    for segment in reversed(trial.schedule or []):
+        if segment.get("parent"):
+            return int(segment["step"])
+    return None
 
 
 def exploit(s: Session, spec: StudySpec, trial: Trial, copy: Copy) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from hpo.service import attempts, transitions
+from hpo.service import attempts, pbt, transitions
 from hpo.service.attempts import AttemptToken
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import Conflict, InvalidInput, TrialFinished
@@ -108,7 +108,7 @@ def _take_back(s: Session, trial_id: int, ids: list[int], last_step_before: int 
     is not charged for them."""
     study, trial = trials.lock(s, trial_id, params=False)
     metrics.take_back(s, trial, ids)
-    kept = [last_step_before, metrics.max_step(s, trial_id), _copied_at(trial)]
+    kept = [last_step_before, metrics.max_step(s, trial_id), pbt.copied_at(trial)]
     trial.last_step = max((step for step in kept if step is not None), default=None)
     studies.touch_curves(study, trial)
 
@@ -294,7 +294,7 @@ def _to_judge(
         stored = set()
     new = [step for step in steps if step not in stored]
     below = metrics.step_below(s, trial.id, metric, steps[0])
-    copied_at = _copied_at(trial)  # PBT: it went on from another trial's step, not its own
+    copied_at = pbt.copied_at(trial)  # PBT: it went on from another trial's step, not its own
     if copied_at is not None and copied_at < steps[0] and (below is None or below < copied_at):
         below = copied_at
     known = sorted({*stored, *steps})
@@ -303,15 +303,6 @@ def _to_judge(
         i = known.index(step)
         out[step] = known[i - 1] if i > 0 else below
     return out
-
-
-def _copied_at(trial: Trial) -> int | None:
-    """The step of the checkpoint a PBT trial last copied (its schedule's newest segment with
-    a parent), or None."""
-    for segment in reversed(trial.schedule or []):
-        if segment.get("parent"):
-            return int(segment["step"])
-    return None
 
 
 def _judge(

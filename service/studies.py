@@ -187,18 +187,19 @@ class StudyService:
         the scheduler; clients may only ask ask/tell studies. ``params`` fixes values of the
         new trial (the sampler fills in the rest).
         """
-        if not dispatched:  # refused at once, not after waiting for the scheduler's asks
-            spec = self.storage.spec_of(study_id)
-            if spec.trainable is not None:
-                asking.refuse_client_ask(study_id, spec)
         turn = self._asking(study_id)
-        wait_s = None if dispatched else self.suggestions.wait_s
-        if not turn.acquire(timeout=-1 if wait_s is None else wait_s):
-            raise SuggestionPending(
-                f"study {study_id}: its other asks (a slow sampler's fits) held this one "
-                f"for {wait_s:g} s; ask again",
-                retry_after_s=1,
-            )
+        if not turn.acquire(blocking=False):  # another ask of the study holds it
+            if not dispatched:  # refused at once, not after waiting for the scheduler's asks
+                spec = self.storage.spec_of(study_id)
+                if spec.trainable is not None:
+                    asking.refuse_client_ask(study_id, spec)
+            wait_s = None if dispatched else self.suggestions.wait_s
+            if not turn.acquire(timeout=-1 if wait_s is None else wait_s):
+                raise SuggestionPending(
+                    f"study {study_id}: its other asks (a slow sampler's fits) held this one "
+                    f"for {wait_s:g} s; ask again",
+                    retry_after_s=1,
+                )
         try:
             self.expire_leases(study_id=study_id)
             return asking.ask(
