@@ -15,8 +15,9 @@ checkpoint with a new curve (the replay approximation). Compared here:
 
 - ``random``: random search, every trial trained to the full budget;
 - ``sha``: synchronous successive halving, the ASHA paper's baseline: brackets of
-  ``eta**len(rungs)`` trials; a rung's top ``1/eta`` (by the value at the rung) are promoted
-  once the whole rung is in; a free worker with nothing to do in open brackets opens a new one;
+  ``--bracket`` trials (default ``eta**len(rungs)``); a rung's top ``1/eta`` (by the value at
+  the rung) are promoted once the whole rung is in; a free worker with nothing to do in open
+  brackets opens a new one;
 - ``asha``: every trial starts at epoch 1 and reports each epoch to OUR pruner
   (``hpo.service.pruners.asha.AshaPruner``), judged against an in-memory ``PruningHistory`` as
   the service judges against SQL; a prune decision stops the trial there;
@@ -91,12 +92,14 @@ def load_recorded(path: Path = RECORDED) -> CurveSet:
 
 def synthetic(n: int, epochs: int = 9, seed: int = 0) -> CurveSet:
     """A parametric surrogate: ``a(e) = top - (top - start) * exp(-rate * e)`` plus noise, the
-    final level, speed and epoch time drawn per configuration (some never learn)."""
+    final level, speed and epoch time drawn per configuration (some never learn). The rate is
+    drawn for 9 epochs and scaled by ``9 / epochs``: more epochs stretch the same shapes, so a
+    curve of 81 epochs is as far along at epoch 9k as one of 9 is at epoch k."""
     rng = random.Random(seed)
     curves = []
     for _ in range(n):
         top = 0.1 if rng.random() < 0.1 else rng.uniform(0.5, 0.99)
-        start, rate = rng.uniform(0.1, top), rng.uniform(0.1, 1.5)
+        start, rate = rng.uniform(0.1, top), rng.uniform(0.1, 1.5) * 9 / epochs
         values = [
             min(1.0, top - (top - start) * math.exp(-rate * e) + rng.gauss(0, 0.005))
             for e in range(1, epochs + 1)
@@ -191,10 +194,17 @@ class SynchronousSHA:
     synchronous baseline of Li et al. 2020). ``promotions`` records each decision as
     (rung epoch, {trial: value at the rung}, promoted trials)."""
 
-    def __init__(self, trials: TrialSource, epochs: int, eta: int = 3, min_epochs: int = 1) -> None:
+    def __init__(
+        self,
+        trials: TrialSource,
+        epochs: int,
+        eta: int = 3,
+        min_epochs: int = 1,
+        size: int | None = None,
+    ) -> None:
         self.trials, self.eta = trials, eta
         self.rungs = rungs_of(min_epochs, eta, epochs)
-        self.size = eta ** len(self.rungs)
+        self.size = size or eta ** len(self.rungs)
         self.open: list[Bracket] = []
         self.bracket_of: dict[int, Bracket] = {}
         self.promotions: list[tuple[int, dict[int, float], list[int]]] = []
@@ -335,11 +345,14 @@ class AshaPromotion:
             self.paused[job.trial] = last_epoch
 
 
+# Each takes (trials, epochs, eta, bracket): ``bracket`` is SHA's bracket size (None: its default).
 SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
-    "random": lambda trials, epochs, eta: RandomSearch(trials, epochs),
-    "sha": lambda trials, epochs, eta: SynchronousSHA(trials, epochs, eta),
-    "asha": lambda trials, epochs, eta: AshaStopping(trials, epochs, eta),
-    "asha-promo": lambda trials, epochs, eta: AshaPromotion(trials, epochs, eta),
+    "random": lambda trials, epochs, eta, bracket=None: RandomSearch(trials, epochs),
+    "sha": lambda trials, epochs, eta, bracket=None: SynchronousSHA(
+        trials, epochs, eta, size=bracket
+    ),
+    "asha": lambda trials, epochs, eta, bracket=None: AshaStopping(trials, epochs, eta),
+    "asha-promo": lambda trials, epochs, eta, bracket=None: AshaPromotion(trials, epochs, eta),
 }
 
 # ---------------------------------------------------------------------------- the simulator
@@ -422,11 +435,19 @@ def simulate(curves: CurveSet, scheduler: Scheduler, workers: int, budget_s: flo
 
 
 def one_run(
-    curves: CurveSet, name: str, workers: int, seed: int, budget_s: float, eta: int, target: float
+    curves: CurveSet,
+    name: str,
+    workers: int,
+    seed: int,
+    budget_s: float,
+    eta: int,
+    target: float,
+    bracket: int | None = None,
 ) -> dict[str, float | None]:
     """The figures of one simulated search."""
     trials = TrialSource(len(curves.curves), random.Random(seed))
-    out = simulate(curves, SCHEDULERS[name](trials, curves.epochs, eta), workers, budget_s)
+    scheduler = SCHEDULERS[name](trials, curves.epochs, eta, bracket)
+    out = simulate(curves, scheduler, workers, budget_s)
     hit = out.first_reaching(target)
     return {
         "time_to_target_s": hit[0] if hit else None,
@@ -445,6 +466,7 @@ def run_all(
     eta: int,
     target: float,
     processes: int = 2,
+    bracket: int | None = None,
 ) -> dict[str, dict[int, list[dict[str, float | None]]]]:
     """Per scheduler and worker count, one row of figures per seed (``processes`` at once)."""
     from multiprocessing import Pool
@@ -452,7 +474,7 @@ def run_all(
     budget_s = budget * curves.mean_trial_s
     runs = [(n, w, seed) for n in SCHEDULERS for w in workers for seed in range(seeds)]
     with Pool(processes) as pool:
-        found = pool.starmap(one_run, [(curves, *r, budget_s, eta, target) for r in runs])
+        found = pool.starmap(one_run, [(curves, *r, budget_s, eta, target, bracket) for r in runs])
     rows: dict[str, dict[int, list[dict[str, float | None]]]] = {n: {} for n in SCHEDULERS}
     for (name, w, _), figures in zip(runs, found, strict=True):
         rows[name].setdefault(w, []).append(figures)
@@ -493,18 +515,32 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=RECORDED, help="recorded curves (.json.gz)")
     parser.add_argument("--synthetic", type=int, default=None, help="N parametric curves")
+    parser.add_argument("--epochs", type=int, default=9, help="epochs of each synthetic curve")
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=12, help="mean full trials per worker")
     parser.add_argument("--eta", type=int, default=3)
+    parser.add_argument(
+        "--bracket", type=int, default=None, help="SHA's trials per bracket (eta**rungs)"
+    )
     parser.add_argument("--target", type=float, default=0.98)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    curves = synthetic(args.synthetic) if args.synthetic else load_recorded(args.data)
+    if args.synthetic:
+        curves = synthetic(args.synthetic, epochs=args.epochs)
+    else:
+        curves = load_recorded(args.data)
     print(f"{curves.source}, {curves.epochs} epochs, mean trial {curves.mean_trial_s:.2f} s")
     rows = run_all(
-        curves, args.workers, args.seeds, args.budget, args.eta, args.target, args.processes
+        curves,
+        args.workers,
+        args.seeds,
+        args.budget,
+        args.eta,
+        args.target,
+        args.processes,
+        args.bracket,
     )
     print_table(rows, args.workers, args.target, args.budget * curves.mean_trial_s)
     if args.json:

@@ -76,6 +76,24 @@ def test_sha_promotes_exactly_the_top_third_of_each_rung(sim: Any) -> None:
             assert reached[trial] == rung
 
 
+def test_sha_brackets_of_a_given_size_and_curves_stretched_to_more_epochs(sim: Any) -> None:
+    curves = sim.synthetic(40, epochs=81, seed=1)
+    assert curves.epochs == 81 and all(len(c.seconds) == 81 for c in curves.curves)
+    # the same shape stretched (the first curve draws the same level, start and rate): at
+    # epoch 9k a curve of 81 epochs is where one of 9 is at epoch k, up to the noise
+    short, long = sim.synthetic(40, epochs=9, seed=1).curves[0], curves.curves[0]
+    for k in range(1, 10):
+        assert long.values[9 * k - 1] == pytest.approx(short.values[k - 1], abs=0.03)
+    assert long.values[8] > long.values[0] + 0.01  # and it does learn in between
+    sha = sim.SCHEDULERS["sha"](sim.TrialSource(40, random.Random(0)), 81, 3, 81)
+    assert sha.rungs == [1, 3, 9, 27, 81] and sha.size == 81
+    out = sim.simulate(curves, sha, 16, 6 * curves.mean_trial_s)
+    sizes = [(rung, len(values), len(promoted)) for rung, values, promoted in sha.promotions]
+    assert (1, 81, 27) in sizes and (3, 27, 9) in sizes
+    assert all(n == size // 3 for _, size, n in sizes)
+    assert max(r.epoch for r in out.results) == 81
+
+
 def test_asha_stops_trials_only_at_rungs_through_our_pruner(sim: Any) -> None:
     _, asha, out, budget_s = run(sim, "asha", budget=10.0)
     last: dict[int, int] = {}
