@@ -358,7 +358,7 @@ def _curves_page(
         curve = at_rest.get(t.id)
         if curve is None:
             continue
-        steps, values = curve.points()
+        steps, values = curve.steps, curve.values
         if len(steps) > max_points:
             keep = analysis.downsample(values, max_points)
             steps, values = [steps[i] for i in keep], [values[i] for i in keep]
@@ -370,7 +370,7 @@ def _curves_page(
                 last_step=t.last_step,
                 steps=steps,
                 values=values,
-                n=curve.n(),
+                n=curve.n,
             )
         )
     more = len(trials) == limit

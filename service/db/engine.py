@@ -10,6 +10,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
+from hpo.service.db import jsontext
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 # How long a SQLite writer waits for a write lock that another process holds before the
@@ -41,10 +43,18 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             url,
             echo=echo,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
+            json_deserializer=jsontext.loads,
         )
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(
+        url,
+        echo=echo,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        json_deserializer=jsontext.loads,
+    )
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -21,6 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from hpo.service.db import jsontext
+
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit key.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -67,7 +69,7 @@ class ExactJSON(TypeDecorator):
 
     def process_result_value(self, value: Any, dialect: Any) -> Any:
         if dialect.name == "sqlite" and value is not None:
-            return json.loads(value)
+            return jsontext.loads(value)
         return value
 
 

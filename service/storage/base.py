@@ -201,10 +201,10 @@ class Storage(Transactions):
 
     def curves_page(
         self, study_id: int, name: str, *, since: int | None = None, limit: int = MAX_PAGE
-    ) -> tuple[list[curves.CurveRow], dict[int, curves.Curve], set[str], int]:
+    ) -> tuple[list[curves.CurveRow], dict[int, curves.Kept], set[str], int]:
         """The trials whose curves changed after curves cursor ``since`` (as
-        :meth:`list_trials` pages them, in columns only), the downsampled curves of metric
-        ``name`` kept at rest for them (those that have one; see :mod:`.curves`), every metric
+        :meth:`list_trials` pages them, in columns only), the points kept at rest of metric
+        ``name`` for them (those that have one; see :mod:`.curves`), every metric
         name they have curves of, and the cursor to pass next time. Raises StudyNotFound."""
         limit = max(1, min(limit, MAX_PAGE))
         with self.read() as s:
@@ -212,7 +212,8 @@ class Storage(Transactions):
             rows = curves.changed(s, study_id, since, limit)
             ids = [r.id for r in rows]
             cursor = rows[-1].curve_seq if len(rows) == limit else max(study.curve_seq, since or 0)
-            return rows, curves.of_trials(s, ids, name), curves.names_of(s, ids), cursor
+            kept = curves.kept_of_trials(s, ids, name)
+            return rows, kept, curves.names_of(s, ids), cursor
 
     def curves(
         self, trial_ids: Sequence[int], name: str

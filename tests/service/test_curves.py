@@ -53,6 +53,9 @@ def test_reports_keep_each_trials_curve_at_rest(service: StudyService) -> None:
         curves.rebuild(s, [t.id])
     rebuilt, _ = service.storage.curves([t.id], "loss")
     assert rebuilt[t.id].points() == curve.points() and rebuilt[t.id].n() == 2000
+    # the dashboard's page reads the same points straight from the stored rows
+    _, kept, _, _ = service.storage.curves_page(sid, "loss")
+    assert (kept[t.id].steps, kept[t.id].values) == curve.points() and kept[t.id].n == 2000
 
 
 def test_the_migration_back_fills_curves_from_stored_points(db_url: str) -> None:

@@ -190,11 +190,15 @@ export class StudyPage {
       this.study = study;
       this.v.study += 1;
     }
-    await this.pullTrials();
-    this.render();
-    // Independent: side by side (the server fits importance and the contour on two threads).
-    // All of them end before the tick does, even when one fails (then its error is thrown).
-    const pulls = [this.pullCurves(), this.pullImportance(), this.pullContour()];
+    // Independent: side by side (the server fits importance and the contour on two threads,
+    // and the page draws the trials while the curves come). All of them end before the tick
+    // does, even when one fails (then its error is thrown).
+    const pulls = [
+      this.pullTrials().then(() => this.render()),
+      this.pullCurves(),
+      this.pullImportance(),
+      this.pullContour(),
+    ];
     const failed = (await Promise.allSettled(pulls)).find((r) => r.status === "rejected");
     if (failed) throw failed.reason;
     this.render();
@@ -208,6 +212,9 @@ export class StudyPage {
       for (const t of page.trials) {
         const old = this.trials.get(t.id);
         if (!old || old.state !== t.state || FINISHED.has(t.state)) this.v.finished += 1;
+        // A curve fetched beside this page may have seen later steps than this record.
+        const seen = this.curves.get(t.id)?.last_step;
+        if (seen != null && (t.last_step == null || seen > t.last_step)) t.last_step = seen;
         this.trials.set(t.id, t);
       }
       if (page.trials.length) this.v.trials += 1;
