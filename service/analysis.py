@@ -1,8 +1,9 @@
 """The numbers behind the dashboard's plots: parameter importance, contour grids and
 downsampled metric series.
 
-Pure functions over the core's records (:class:`TrialRecord`, metric points as
-``(name, step, value)``) and the study spec; they know nothing of HTTP or the database, and the
+Pure functions over trials (a ``TrialRecord``, or anything with its ``number``, ``state``,
+``params``, ``value`` and ``values``: :class:`Outcome`), metric points as
+``(name, step, value)``, and the study spec; they know nothing of HTTP or the database, and the
 API caches what they return.
 """
 
@@ -11,16 +12,34 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from hpo.service.errors import InvalidInput
-from hpo.service.records import TrialRecord
 from hpo.service.spec import CategoricalParam, StudySpec
 from hpo.service.states import TrialState
 
 T = TypeVar("T")
+
+
+class Outcome(Protocol):
+    """What the analyses read of a trial (a ``TrialRecord`` has it; the dashboard reads
+    ``hpo.service.storage.trials.Outcome`` rows, which are lighter)."""
+
+    @property
+    def number(self) -> int: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def params(self) -> dict[str, Any]: ...
+    @property
+    def value(self) -> float | None: ...
+    @property
+    def values(self) -> Sequence[float] | None: ...
+
+
+TrialT = TypeVar("TrialT", bound=Outcome)
 
 N_TREES = 64
 # The forests are fitted on at most this many complete trials (a seeded sample beyond): at
@@ -85,14 +104,14 @@ def metric_series(points: Iterable[tuple[str, int, float]], max_points: int) -> 
 # ----------------------------------------------------------------- encoding trials
 
 
-def objective_value(trial: TrialRecord, objective: int = 0) -> float | None:
+def objective_value(trial: Outcome, objective: int = 0) -> float | None:
     """The trial's value for objective ``objective`` (None when it has none)."""
     if trial.values is not None:
         return trial.values[objective] if objective < len(trial.values) else None
     return trial.value if objective == 0 else None
 
 
-def completed(trials: Iterable[TrialRecord], objective: int = 0) -> list[TrialRecord]:
+def completed(trials: Iterable[TrialT], objective: int = 0) -> list[TrialT]:
     """Complete trials that have a value for the objective, in trial-number order."""
     done = [
         t
@@ -118,7 +137,7 @@ def _choice_index(param: CategoricalParam, value: Any) -> int | None:
     return None
 
 
-def _numeric_column(spec: StudySpec, name: str, trials: Sequence[TrialRecord]) -> np.ndarray:
+def _numeric_column(spec: StudySpec, name: str, trials: Sequence[Outcome]) -> np.ndarray:
     """The parameter as numbers (log10 on a log scale); inactive values become NaN."""
     log = getattr(spec.space[name], "log", False)
     out = np.full(len(trials), np.nan)
@@ -142,7 +161,7 @@ def _fill_missing(column: np.ndarray) -> np.ndarray:
 
 
 def encode(
-    spec: StudySpec, trials: Sequence[TrialRecord], names: Sequence[str], *, one_hot: bool = True
+    spec: StudySpec, trials: Sequence[Outcome], names: Sequence[str], *, one_hot: bool = True
 ) -> tuple[np.ndarray, list[str]]:
     """Design matrix of ``trials`` over the parameters ``names``, and the parameter each column
     belongs to. Numbers stay numbers (log10 on a log scale); categories are one-hot columns, or
@@ -188,7 +207,7 @@ class Importance:
 
 def param_importance(
     spec: StudySpec,
-    trials: Iterable[TrialRecord],
+    trials: Iterable[Outcome],
     objective: int = 0,
     *,
     seed: int = 0,
@@ -267,7 +286,7 @@ def check_axes(spec: StudySpec, x: str, y: str) -> None:
 
 def contour(
     spec: StudySpec,
-    trials: Iterable[TrialRecord],
+    trials: Iterable[Outcome],
     x: str,
     y: str,
     objective: int = 0,

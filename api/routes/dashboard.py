@@ -32,6 +32,7 @@ from hpo.service.errors import InvalidInput
 from hpo.service.records import StudyRecord, TrialRecord
 from hpo.service.spec import ParamValue, StudySpec
 from hpo.service.storage import MAX_PAGE, Storage, parse_spec
+from hpo.service.storage.trials import Outcome
 
 router = APIRouter(tags=["dashboard"])
 pages = APIRouter(include_in_schema=False)
@@ -47,17 +48,18 @@ Objective = Annotated[int, Query(ge=0, le=63, description="Index of the objectiv
 
 
 class _TrialMirror:
-    """Every trial of one study, kept current through the ``since`` cursor."""
+    """What the analyses read of every trial of one study (``Storage.outcomes``: no
+    records), kept current through the ``since`` cursor."""
 
     def __init__(self) -> None:
-        self.trials: dict[int, TrialRecord] = {}
+        self.trials: dict[int, Outcome] = {}
         self.cursor: int | None = None
         self.lock = threading.Lock()
 
-    def refresh(self, storage: Storage, study_id: int) -> list[TrialRecord]:
+    def refresh(self, storage: Storage, study_id: int) -> list[Outcome]:
         with self.lock:
             while True:
-                page, self.cursor = storage.list_trials(study_id, since=self.cursor)
+                page, self.cursor = storage.outcomes(study_id, since=self.cursor)
                 self.trials.update((t.id, t) for t in page)
                 if len(page) < MAX_PAGE:
                     return list(self.trials.values())
@@ -69,7 +71,7 @@ def _mirror(study_id: int) -> _TrialMirror:
     return _TrialMirror()
 
 
-def _study_trials(storage: Storage, study_id: int) -> tuple[list[TrialRecord], tuple]:
+def _study_trials(storage: Storage, study_id: int) -> tuple[list[Outcome], tuple]:
     """Every trial of the study, and a key that changes whenever a complete trial does."""
     trials = _mirror(study_id).refresh(storage, study_id)
     done = [t for t in trials if t.state == "complete"]
@@ -103,7 +105,7 @@ _last_lock = threading.Lock()
     condition=threading.Condition(),
 )
 def _importance(
-    spec: StudySpec, trials: list[TrialRecord], fingerprint: tuple, objective: int
+    spec: StudySpec, trials: list[Outcome], fingerprint: tuple, objective: int
 ) -> analysis.Importance:
     """Parameter importance over the complete trials ``fingerprint`` names."""
     return analysis.param_importance(spec, trials, objective)
@@ -133,7 +135,7 @@ def _fit_importance(
 )
 def _contour(
     spec: StudySpec,
-    trials: list[TrialRecord],
+    trials: list[Outcome],
     fingerprint: tuple,
     x: str,
     y: str,

@@ -135,6 +135,18 @@ class Storage(Transactions):
             cursor = rows[-1].curve_seq if full else max(study.curve_seq, since or 0)
             return [trial_record(t) for t in rows], cursor
 
+    def outcomes(
+        self, study_id: int, *, since: int | None = None, limit: int = MAX_PAGE
+    ) -> tuple[list[trials.Outcome], int]:
+        """What the dashboard's analyses read of the trials changed after cursor ``since``
+        (all when None; by ``seq``: metric points do not count), oldest change first, at most
+        ``limit``; and the cursor to pass next time. Raises StudyNotFound."""
+        with self.read() as s:
+            study = studies.get(s, study_id)
+            rows = trials.outcomes(s, study_id, since, limit)
+            full = len(rows) == max(1, min(limit, MAX_PAGE))
+            return rows, rows[-1].seq if full else max(study.seq, since or 0)
+
     def observed_since(
         self, study_id: int, pruned_metric: str, since: int | None = None
     ) -> tuple[list[trials.TrialChange], int]:

@@ -318,6 +318,38 @@ def page(
     return [TrialRow(row, params[row.id]) for row in rows]
 
 
+class Outcome(NamedTuple):
+    """What the dashboard's analyses (importance, contours) read of a trial: no record."""
+
+    id: int
+    number: int
+    state: str
+    value: float | None
+    values: list[float] | None
+    seq: int
+    params: dict[str, Any]
+
+
+def outcomes(
+    session: Session, study_id: int, since: int | None = None, limit: int = MAX_PAGE
+) -> list[Outcome]:
+    """The study's trials changed after ``since`` (by ``seq``: new metric points are no change
+    here), oldest change first, at most ``limit``: six columns and the parameters."""
+    stmt = (
+        select(Trial.id, Trial.number, Trial.state, Trial.value, Trial.values, Trial.seq)
+        .where(Trial.study_id == study_id)
+        .order_by(Trial.seq, Trial.id)
+        .limit(max(1, min(limit, MAX_PAGE)))
+    )
+    if since is not None:
+        stmt = stmt.where(Trial.seq > since)
+    rows = session.execute(stmt).all()
+    params: dict[int, dict[str, Any]] = {row.id: {} for row in rows}
+    for trial_id, name, value in _param_rows(session, list(params)):
+        params[trial_id][name] = value
+    return [Outcome(*row, params[row.id]) for row in rows]
+
+
 class _Param(NamedTuple):
     name: str
     value: Any

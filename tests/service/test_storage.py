@@ -12,15 +12,17 @@ import pytest
 from sqlalchemy import create_engine
 
 from hpo.api.demo import free_port
-from hpo.service import reporting
+from hpo.service import analysis, reporting
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.db.models import Trial, utcnow
 from hpo.service.errors import DatabaseUnavailable, NameTaken, StudyNotFound, TrialNotFound
 from hpo.service.records import MetricInput
+from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import Storage, metrics, studies, trials
 from hpo.service.storage.seqs import KnownSeqs
 from hpo.service.storage.transitions import set_study_state, set_trial_state
+from hpo.service.studies import StudyService
 from tests.conftest import simple_spec
 
 
@@ -488,3 +490,37 @@ def test_points_store_the_same_time_by_either_insert(storage: Storage) -> None:
         raw = [time for _, time in stored]
     assert raw[0] == raw[1], raw
     assert [p.time for t in (a, b) for p in storage.metrics(t)] == [now, now]
+
+
+def test_outcomes_page_what_the_analyses_read_and_move_only_with_trial_changes(
+    storage: Storage,
+) -> None:
+    service = StudyService(storage)
+    spec = StudySpec.model_validate(simple_spec("outcomes"))
+    sid = service.create_study(spec).id
+    asked = [service.ask(sid) for _ in range(7)]
+    for k, t in enumerate(asked[:5]):
+        service.tell(t.id, value=float((k * 3) % 5))
+    records, _ = storage.list_trials(sid)
+    got, cursor = [], None
+    while True:  # pages of 2
+        page, cursor = storage.outcomes(sid, since=cursor, limit=2)
+        got += page
+        if len(page) < 2:
+            break
+    by_id = {o.id: o for o in got}
+    assert len(got) == len(by_id) == 7
+    for r in records:
+        o = by_id[r.id]
+        assert (o.number, o.state, o.params, o.value, o.values, o.seq) == (
+            r.number, r.state, r.params, r.value, r.values, r.seq
+        )  # fmt: skip
+    assert analysis.param_importance(spec, got) == analysis.param_importance(spec, records)
+    assert analysis.contour(spec, got, "x", "n") == analysis.contour(spec, records, "x", "n")
+    # metric points are no change here (the trials page's cursor moves with them)
+    service.report(asked[5].id, [MetricInput(1, "loss", 0.5)])
+    assert storage.outcomes(sid, since=cursor) == ([], cursor)
+    service.tell(asked[5].id, value=9.0)
+    page, after = storage.outcomes(sid, since=cursor)
+    assert [(o.id, o.state, o.value) for o in page] == [(asked[5].id, "complete", 9.0)]
+    assert after > cursor
