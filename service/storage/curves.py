@@ -95,7 +95,7 @@ class Curve:
 
     @classmethod
     def loads(cls, shift: int, text: str) -> Curve:
-        return cls(shift, {row[0]: row[1:] for row in jsontext.loads(text)})
+        return cls(shift, {row[0]: row[1:] for row in jsontext.loads_small_ints(text)})
 
     def dumps(self) -> str:
         return json.dumps([[i, *self.buckets[i]] for i in sorted(self.buckets)])
@@ -344,7 +344,7 @@ def kept_of_trials(session: Session, trial_ids: Sequence[int], name: str) -> dic
                 table.c.trial_id.in_(chunk), table.c.name == name
             )
         ):
-            rows = jsontext.loads(text or "[]")
+            rows = jsontext.loads_small_ints(text or "[]")
             rows.sort()  # written in index order (``Curve.dumps``): a pass that checks it
             out[trial_id] = Kept(*_kept_points(rows), n)
     return out
