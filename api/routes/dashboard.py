@@ -200,6 +200,9 @@ class TrialCurve(BaseModel):
     values: list[float]
     n: int
     last_step: int | None = None
+    # The trial's curves cursor when this was read: of two readings of ``last_step`` (this
+    # and the trial's record, which has its own), the page keeps the later one.
+    curve_seq: int | None = None
 
 
 class CurvesPage(BaseModel):
@@ -370,6 +373,7 @@ def _curves_page(
                 number=t.number,
                 state=t.state,
                 last_step=t.last_step,
+                curve_seq=t.curve_seq,
                 steps=steps,
                 values=values,
                 n=curve.n,

@@ -184,6 +184,9 @@ def test_each_polled_endpoint_answers_304_until_something_changes(server: Server
         curves = http.get(paths["curves"]).json()["series"]
         assert [c["trial_id"] for c in curves] == [running]
         assert curves[0]["steps"][-1] == 5 and curves[0]["values"][-1] == 0.5
+        # read at the same change: the page keeps the later of two readings of last_step
+        assert curves[0]["curve_seq"] == changed[0]["curve_seq"] > 0
+        assert curves[0]["last_step"] == changed[0]["last_step"] == 5
 
         # A change of state moves the study's tags too.
         tell(http, running, value=0.25)

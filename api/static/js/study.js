@@ -212,9 +212,9 @@ export class StudyPage {
       for (const t of page.trials) {
         const old = this.trials.get(t.id);
         if (!old || old.state !== t.state || FINISHED.has(t.state)) this.v.finished += 1;
-        // A curve fetched beside this page may have seen later steps than this record.
-        const seen = this.curves.get(t.id)?.last_step;
-        if (seen != null && (t.last_step == null || seen > t.last_step)) t.last_step = seen;
+        // A curve fetched beside this page may have been read later than this record.
+        const c = this.curves.get(t.id);
+        if (c && c.curve_seq > t.curve_seq) t.last_step = c.last_step;
         this.trials.set(t.id, t);
       }
       if (page.trials.length) this.v.trials += 1;
@@ -239,8 +239,9 @@ export class StudyPage {
       for (const c of page.series) {
         this.curves.set(c.trial_id, c);
         // The trials list moves only with states: the table's "last step" follows the curves.
+        // (unless the trial's record was read later: the trials come side by side)
         const t = this.trials.get(c.trial_id);
-        if (t && c.last_step != null && t.last_step !== c.last_step) {
+        if (t && c.curve_seq >= t.curve_seq && t.last_step !== c.last_step) {
           t.last_step = c.last_step;
           this.v.trials += 1;
         }
