@@ -173,6 +173,9 @@ export class StudyPage {
   // ------------------------------------------------------------------ polling
 
   async tick() {
+    // A page that holds nothing of the study asks for all of it (a stopped page's last tick
+    // may have kept an ETag after the new page's `forgetAll`), as the pulls below do.
+    if (!this.study) api.forget(`studies/${this.id}`);
     const study = await api.get(`studies/${this.id}`);
     if (!study && !this.stale && !this.unfinished && this.study) {
       // 304: no trial changed state; only their curves may have grown.
@@ -207,7 +210,9 @@ export class StudyPage {
 
   async pullTrials() {
     for (;;) {
-      const page = await api.get(api.url(`studies/${this.id}/trials`, { since: this.cursor }));
+      const path = api.url(`studies/${this.id}/trials`, { since: this.cursor });
+      if (this.cursor === null) api.forget(path); // we hold none of its trials
+      const page = await api.get(path);
       if (!page) return;
       for (const t of page.trials) {
         const old = this.trials.get(t.id);
