@@ -838,3 +838,50 @@ def _set_hidden(page: Any, hidden: bool) -> None:
         }""",
         hidden,
     )
+
+
+@pytest.mark.browser
+def test_a_curves_page_of_the_old_metric_that_comes_after_a_switch_is_dropped(
+    sqlite_server: ServerProcess,
+) -> None:
+    """The user switches the curves to another metric while a page of the old one is on its
+    way: that page, when it comes, neither switches the metric back nor mixes its curves in
+    (it did both before)."""
+    with sqlite_server.http() as http:
+        sid = create(http, "switch")
+        tid = ask(http, sid)["trial_id"]
+        report(http, tid, [(s, "loss", 1 / (s + 1)) for s in range(5)])
+        report(http, tid, [(s, "acc", 0.5 + s / 10) for s in range(5)])
+        with study_page(sqlite_server, sid) as (page, errors):
+            loaded = "() => window.hpo.page?.unfinished === false && !window.hpo.page.poller.busy"
+            wait_until(page, loaded)
+            assert page.evaluate("window.hpo.page.metric") == "loss"
+            # From now on every answer of a loss curves page is held 1.5 s.
+            page.evaluate(
+                """() => {
+                  const real = window.fetch;
+                  window.held = 0;
+                  window.fetch = async (...args) => {
+                    const answer = await real(...args);
+                    const url = String(args[0]);
+                    if (url.includes('/curves') && !url.includes('metric=acc')) {
+                      window.held += 1;
+                      await new Promise((ok) => setTimeout(ok, 1500));
+                    }
+                    return answer;
+                  };
+                }"""
+            )
+            report(http, tid, [(5, "loss", 0.1)])  # the next poll asks for loss curves
+            wait_until(page, "() => window.held > 0")
+            page.select_option("select[aria-label=metric]", "acc")
+            last_acc = """() => {
+              const series = document.getElementById('curves').chart.spec.layers[0].series;
+              return series.length === 1 && Math.abs(series[0].points.at(-1)[1] - 0.9) < 1e-9;
+            }"""
+            wait_until(page, last_acc)
+            page.wait_for_timeout(2500)  # the held loss page has come by now
+            assert page.evaluate("window.hpo.page.metric") == "acc"
+            assert page.evaluate(last_acc)
+            assert page.eval_on_selector("select[aria-label=metric]", "s => s.value") == "acc"
+            assert errors == []

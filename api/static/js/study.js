@@ -230,9 +230,10 @@ export class StudyPage {
   }
 
   async pullCurves() {
+    let asked = this.metric; // null: the server's default, the first objective's
     for (;;) {
       const path = api.url(`studies/${this.id}/curves`, {
-        metric: this.metric,
+        metric: asked,
         max_points: CURVE_POINTS,
         since: this.curvesCursor,
         limit: CURVE_PAGE,
@@ -240,7 +241,9 @@ export class StudyPage {
       if (this.curvesCursor === null) api.forget(path); // we hold none of its curves
       const page = await api.get(path);
       if (!page) return;
-      if (page.metric !== this.metric) this.metric = page.metric;
+      // Switched to another metric while this page was on its way: the next tick asks anew.
+      if (this.metric !== asked) return;
+      asked = this.metric = page.metric;
       for (const c of page.series) {
         this.curves.set(c.trial_id, c);
         // The trials list moves only with states: the table's "last step" follows the curves.
