@@ -2,7 +2,7 @@
 downsampled metric series.
 
 Pure functions over trials (a ``TrialRecord``, or anything with its ``number``, ``state``,
-``params``, ``value`` and ``values``: :class:`Outcome`), metric points as
+``params``, ``value`` and ``values``: :class:`Scored`), metric points as
 ``(name, step, value)``, and the study spec; they know nothing of HTTP or the database, and the
 API caches what they return.
 """
@@ -23,7 +23,7 @@ from hpo.service.states import TrialState
 T = TypeVar("T")
 
 
-class Outcome(Protocol):
+class Scored(Protocol):
     """What the analyses read of a trial (a ``TrialRecord`` has it; the dashboard reads
     ``hpo.service.storage.trials.Outcome`` rows, which are lighter)."""
 
@@ -39,7 +39,7 @@ class Outcome(Protocol):
     def values(self) -> Sequence[float] | None: ...
 
 
-TrialT = TypeVar("TrialT", bound=Outcome)
+TrialT = TypeVar("TrialT", bound=Scored)
 
 N_TREES = 64
 # The forests are fitted on at most this many complete trials (a seeded sample beyond): at
@@ -104,7 +104,7 @@ def metric_series(points: Iterable[tuple[str, int, float]], max_points: int) -> 
 # ----------------------------------------------------------------- encoding trials
 
 
-def objective_value(trial: Outcome, objective: int = 0) -> float | None:
+def objective_value(trial: Scored, objective: int = 0) -> float | None:
     """The trial's value for objective ``objective`` (None when it has none)."""
     if trial.values is not None:
         return trial.values[objective] if objective < len(trial.values) else None
@@ -137,7 +137,7 @@ def _choice_index(param: CategoricalParam, value: Any) -> int | None:
     return None
 
 
-def _numeric_column(spec: StudySpec, name: str, trials: Sequence[Outcome]) -> np.ndarray:
+def _numeric_column(spec: StudySpec, name: str, trials: Sequence[Scored]) -> np.ndarray:
     """The parameter as numbers (log10 on a log scale); inactive values become NaN."""
     log = getattr(spec.space[name], "log", False)
     out = np.full(len(trials), np.nan)
@@ -161,7 +161,7 @@ def _fill_missing(column: np.ndarray) -> np.ndarray:
 
 
 def encode(
-    spec: StudySpec, trials: Sequence[Outcome], names: Sequence[str], *, one_hot: bool = True
+    spec: StudySpec, trials: Sequence[Scored], names: Sequence[str], *, one_hot: bool = True
 ) -> tuple[np.ndarray, list[str]]:
     """Design matrix of ``trials`` over the parameters ``names``, and the parameter each column
     belongs to. Numbers stay numbers (log10 on a log scale); categories are one-hot columns, or
@@ -207,7 +207,7 @@ class Importance:
 
 def param_importance(
     spec: StudySpec,
-    trials: Iterable[Outcome],
+    trials: Iterable[Scored],
     objective: int = 0,
     *,
     seed: int = 0,
@@ -286,7 +286,7 @@ def check_axes(spec: StudySpec, x: str, y: str) -> None:
 
 def contour(
     spec: StudySpec,
-    trials: Iterable[Outcome],
+    trials: Iterable[Scored],
     x: str,
     y: str,
     objective: int = 0,
