@@ -885,3 +885,63 @@ def test_a_curves_page_of_the_old_metric_that_comes_after_a_switch_is_dropped(
             assert page.evaluate(last_acc)
             assert page.eval_on_selector("select[aria-label=metric]", "s => s.value") == "acc"
             assert errors == []
+
+
+@pytest.mark.browser
+def test_a_page_started_while_the_last_ones_poll_was_on_its_way_shows_the_study(
+    sqlite_server: ServerProcess,
+) -> None:
+    """A study page is started anew (the token entered again) while the old page's poll of
+    the study is on its way, and the new page's first poll fails. The old poll's answer lands
+    after the new page forgot every ETag; the new page, holding nothing, must still ask for
+    the whole study (it sent that ETag, got 304 and stayed empty before)."""
+    with sqlite_server.http() as http:
+        sid = create(http, "restart")
+        tid = ask(http, sid)["trial_id"]
+        report(http, tid, [(s, "loss", 1 / (s + 1)) for s in range(3)])
+        with study_page(sqlite_server, sid) as (page, errors):
+            loaded = "() => window.hpo.page?.unfinished === false && !window.hpo.page.poller.busy"
+            wait_until(page, loaded)
+            old = page.evaluate_handle("window.hpo.page")
+            ask(http, sid)  # the study changes: the old page's poll gets a new ETag
+            page.evaluate(
+                """(sid) => {
+                  const real = window.fetch;
+                  const study = new RegExp(`/api/v1/studies/${sid}$`);
+                  window.held = 0;
+                  window.failed = 0;
+                  window.fetch = async (...args) => {
+                    const url = String(args[0]);
+                    if (study.test(url) && window.held === 0) {  // the old page's poll
+                      window.held += 1;
+                      const answer = await real(...args);
+                      await new Promise((ok) => setTimeout(ok, 1500));
+                      return answer;
+                    }
+                    if (study.test(url) && window.failed === 0) {  // the new page's first
+                      window.failed += 1;
+                      throw new TypeError("Failed to fetch");
+                    }
+                    return real(...args);
+                  };
+                  window.hpo.page.poller.now();
+                }""",
+                sid,
+            )
+            wait_until(page, "() => window.held > 0")
+            page.evaluate(
+                """(token) => {
+                  document.getElementById('token-input').value = token;
+                  document.getElementById('token-form').requestSubmit();
+                }""",
+                sqlite_server.token,
+            )
+            wait_until(page, "() => window.failed > 0")
+            assert page.evaluate("(old) => window.hpo.page !== old", old)
+            wait_until(
+                page,
+                "() => window.hpo.page.study !== null && window.hpo.page.trials.size === 2",
+                timeout=15,
+            )
+            assert page.evaluate("window.hpo.page.study.name") == "restart"
+            assert errors == []
