@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.orm import Session
 
@@ -190,39 +190,45 @@ def _finish_report(
         return False
 
 
+class _Cut(NamedTuple):
+    """The compute budget a report ran into: its spec field and its limit."""
+
+    budget: str
+    limit: float
+
+
 def _within_budget(
     s: Session, study: Study, trial: Trial, points: Sequence[MetricInput]
-) -> tuple[Sequence[MetricInput], int | None]:
+) -> tuple[Sequence[MetricInput], _Cut | None]:
     """The points that fit in ``budget.max_steps`` (read under the study's lock, so reports of
-    concurrent trials never overrun it together), and the step the trial must stop at when
-    some do not (else None)."""
+    concurrent trials never overrun it together), and the budget that stops the trial when
+    some do not fit or ``budget.max_worker_seconds`` is spent (else None)."""
     budget = transitions.spec_of(study).budget
     if not points or (budget.max_steps is None and budget.max_worker_seconds is None):
         return points, None
     seconds = budget.max_worker_seconds
     if seconds is not None and trials.worker_seconds_used(s, study, utcnow()) >= seconds:
-        return [], trial.last_step or 0
+        return [], _Cut("budget.max_worker_seconds", seconds)
     if budget.max_steps is None:
         return points, None
     # the trial's own charge for step n is n less the steps it skipped by copying (PBT)
     allowed = budget.max_steps - trials.steps_used(s, study.id, besides=trial.id)
     allowed += trial.steps_copied or 0
     kept = [p for p in points if p.step <= allowed]
-    return (points, None) if len(kept) == len(points) else (kept, max(allowed, 0))
+    if len(kept) == len(points):
+        return points, None
+    return kept, _Cut("budget.max_steps", budget.max_steps)
 
 
 def _spend_last_steps(
-    s: Session, study: Study, trial: Trial, kept: Sequence[MetricInput], cut: int
+    s: Session, study: Study, trial: Trial, kept: Sequence[MetricInput], cut: _Cut
 ) -> None:
     """The trial reached the study's ``budget.max_steps`` (or its compute is used up): keep
-    what fits, prune it there."""
+    what fits, prune it after the last step kept (steps reported every n may stop short of
+    the budget's last step)."""
     trial.last_step = max(trial.last_step or 0, *(p.step for p in kept), 0) or None
     spec = transitions.spec_of(study)
     s.flush()
-    which = "budget.max_steps"
-    limit: float | None = spec.budget.max_steps
-    if limit is None or trials.steps_used(s, study.id) < limit:
-        which, limit = "budget.max_worker_seconds", spec.budget.max_worker_seconds
     transitions.finish(
         s,
         study,
@@ -230,7 +236,7 @@ def _spend_last_steps(
         TrialState.PRUNED,
         transitions.last_watched_value(s, trial, spec),
         None,
-        detail=f"{which} ({limit:g}) spent: stopped at step {cut}",
+        detail=f"{cut.budget} ({cut.limit:g}) spent: stopped at step {trial.last_step or 0}",
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpo.service import reporting
 from hpo.service.db import make_engine
 from hpo.service.errors import BudgetSpent, ConcurrencyLimit
 from hpo.service.executor import AttemptRef
@@ -220,6 +221,31 @@ def test_max_steps_is_exact_under_concurrent_reports(service: StudyService) -> N
     assert any("budget.max_steps (23) spent" in r.events[-1].detail for r in records)
     study = service.storage.get_study(study_id)
     assert study.state == "completed" and study.state_reason == "budget.max_steps spent"
+
+
+@pytest.mark.parametrize("per_commit", [1_000, 2])
+@pytest.mark.parametrize("seconds", [None, 3600.0])
+def test_steps_reported_every_n_stop_at_max_steps_between_two_of_them(
+    service: StudyService, monkeypatch: pytest.MonkeyPatch, per_commit: int, seconds: float | None
+) -> None:
+    """Steps reported every 100 against ``max_steps: 250``: the points up to 200 are kept and
+    the trial is pruned, naming ``budget.max_steps`` (a cut short of the budget's last step
+    was blamed on ``max_worker_seconds``: a TypeError when that budget was unset, the trial
+    never told to stop), whether the batch takes one commit or two."""
+    monkeypatch.setattr(reporting, "POINTS_PER_COMMIT", per_commit)
+    budget = {"max_trials": 3, "max_steps": 250, "max_worker_seconds": seconds}
+    study_id = service.create_study(
+        StudySpec.model_validate(simple_spec("every-100", budget=budget))
+    ).id
+    trial = service.ask(study_id)
+    points = [MetricInput(step, "loss", 1.0 / step) for step in (100, 200, 300)]
+    assert service.report(trial.id, points) is True
+    record = service.storage.get_trial(trial.id)
+    assert record.state == "pruned" and record.last_step == 200
+    assert "budget.max_steps (250) spent: stopped at step 200" in record.events[-1].detail
+    assert [p.step for p in service.storage.metrics(trial.id)] == [100, 200]
+    assert service.report(trial.id, points) is True  # sent again: still told to stop
+    assert [p.step for p in service.storage.metrics(trial.id)] == [100, 200]
 
 
 def test_max_worker_seconds_stops_trials_and_new_asks_once_used(service: StudyService) -> None:
