@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -190,25 +190,18 @@ def _finish_report(
         return False
 
 
-class _Cut(NamedTuple):
-    """The compute budget a report ran into: its spec field and its limit."""
-
-    budget: str
-    limit: float
-
-
 def _within_budget(
     s: Session, study: Study, trial: Trial, points: Sequence[MetricInput]
-) -> tuple[Sequence[MetricInput], _Cut | None]:
+) -> tuple[Sequence[MetricInput], str | None]:
     """The points that fit in ``budget.max_steps`` (read under the study's lock, so reports of
-    concurrent trials never overrun it together), and the budget that stops the trial when
-    some do not fit or ``budget.max_worker_seconds`` is spent (else None)."""
+    concurrent trials never overrun it together), and the budget (its spec field) that stops
+    the trial when some do not fit or ``budget.max_worker_seconds`` is spent (else None)."""
     budget = transitions.spec_of(study).budget
     if not points or (budget.max_steps is None and budget.max_worker_seconds is None):
         return points, None
     seconds = budget.max_worker_seconds
     if seconds is not None and trials.worker_seconds_used(s, study, utcnow()) >= seconds:
-        return [], _Cut("budget.max_worker_seconds", seconds)
+        return [], "budget.max_worker_seconds"
     if budget.max_steps is None:
         return points, None
     # the trial's own charge for step n is n less the steps it skipped by copying (PBT)
@@ -217,11 +210,11 @@ def _within_budget(
     kept = [p for p in points if p.step <= allowed]
     if len(kept) == len(points):
         return points, None
-    return kept, _Cut("budget.max_steps", budget.max_steps)
+    return kept, "budget.max_steps"
 
 
 def _spend_last_steps(
-    s: Session, study: Study, trial: Trial, kept: Sequence[MetricInput], cut: _Cut
+    s: Session, study: Study, trial: Trial, kept: Sequence[MetricInput], cut: str
 ) -> None:
     """The trial reached the study's ``budget.max_steps`` (or its compute is used up): keep
     what fits, prune it after the last step kept (steps reported every n may stop short of
@@ -236,7 +229,8 @@ def _spend_last_steps(
         TrialState.PRUNED,
         transitions.last_watched_value(s, trial, spec),
         None,
-        detail=f"{cut.budget} ({cut.limit:g}) spent: stopped at step {trial.last_step or 0}",
+        detail=f"{cut} ({transitions.compute_limit(spec, cut):g}) spent: "
+        f"stopped at step {trial.last_step or 0}",
     )
 
 

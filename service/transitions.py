@@ -64,8 +64,13 @@ def compute_spent(s: Session, study: Study, spec: StudySpec) -> str | None:
     return None
 
 
+def compute_limit(spec: StudySpec, field: str) -> float:
+    """The limit set by the compute budget ``field`` (``"budget.max_steps"``, ...)."""
+    return getattr(spec.budget, field.removeprefix("budget."))
+
+
 def compute_spent_error(study: Study, spec: StudySpec, field: str) -> BudgetSpent:
-    limit = getattr(spec.budget, field.removeprefix("budget."))
+    limit = compute_limit(spec, field)
     return BudgetSpent(f"study {study.id} has used its {field} ({limit:g})", field=field)
 
 
