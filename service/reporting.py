@@ -51,7 +51,8 @@ def report(
     short commit of their own. A report made with an attempt's ``token``, or naming an
     ``attempt``, is refused with StaleAttempt unless that attempt is current (see
     :func:`fence` for ``unnamed_first_only``); nothing of a refused batch stays stored,
-    even when an earlier commit of it was accepted. Returns whether the trial should stop
+    even when an earlier commit of it was accepted (unless a resend of the batch was accepted
+    meanwhile: then its points are that resend's). Returns whether the trial should stop
     (pruned, paused at a rung, or its study stopped). Raises TrialFinished for a trial that
     completed or failed, InvalidInput for NaN/inf.
     """
@@ -78,6 +79,7 @@ def report(
     chunks = [points[i : i + size] for i in range(0, len(points), size)]
     inserted: list[int] = []  # ids this batch stored in its earlier commits
     last_step_before: int | None = None  # the trial's, before its first commit
+    attempt_no = 0  # the attempt the commits stored under (they are fenced to one)
     try:
         for chunk in chunks[:-1]:
             with storage.write() as s:
@@ -86,6 +88,7 @@ def report(
                     return True
                 if not inserted:
                     last_step_before = trial.last_step
+                attempt_no = trial.attempts
                 if _stale(verdict):
                     verdict = _recheck(s, study, trial, points, verdict)
                 kept, cut = _within_budget(s, study, trial, chunk)
@@ -97,16 +100,32 @@ def report(
     except Conflict:
         if inserted:  # a later commit was refused: the batch is all or nothing
             with storage.write() as s:
-                _take_back(s, trial_id, inserted, last_step_before)
+                _take_back(s, trial_id, inserted, last_step_before, points, attempt_no)
         raise
 
 
-def _take_back(s: Session, trial_id: int, ids: list[int], last_step_before: int | None) -> None:
+def _take_back(
+    s: Session,
+    trial_id: int,
+    ids: list[int],
+    last_step_before: int | None,
+    points: Sequence[MetricInput],
+    attempt_no: int,
+) -> None:
     """Undo the earlier commits of a batch refused in a later one: its points, its curves,
     and the ``last_step`` they moved the trial to (back to the highest of: the trial's before
     the batch, its points that stay, a checkpoint it copied meanwhile), so ``budget.max_steps``
-    is not charged for them."""
+    is not charged for them.
+
+    Unless every point of the batch is stored: then a resend of it (the client timed out on
+    this request and sent the batch again) was accepted meanwhile, relying on the rows this
+    request inserted first; taking them back would leave a gap in an accepted batch. (Were
+    that resend refused as well, after this check, the rows of this request's first commits
+    stay: two refusals leave points of an attempt that was current when they were written,
+    rather than an accepted batch losing points.)"""
     study, trial = trials.lock(s, trial_id, params=False)
+    if metrics.all_stored(s, trial_id, attempt_no, points):
+        return
     metrics.take_back(s, trial, ids)
     kept = [last_step_before, metrics.max_step(s, trial_id), pbt.copied_at(trial)]
     trial.last_step = max((step for step in kept if step is not None), default=None)

@@ -128,6 +128,24 @@ def take_back(session: Session, trial: Trial, ids: Sequence[int]) -> None:
     curves.rebuild(session, [trial.id])
 
 
+def all_stored(
+    session: Session, trial_id: int, attempt: int, points: Sequence[MetricInput]
+) -> bool:
+    """Whether the trial's ``attempt`` holds a stored point for every name and step of
+    ``points``."""
+    wanted = {(p.name, p.step) for p in points}
+    steps = [step for _, step in wanted]
+    rows = session.execute(
+        select(MetricPoint.name, MetricPoint.step).where(
+            MetricPoint.trial_id == trial_id,
+            MetricPoint.attempt == attempt,
+            MetricPoint.name.in_({name for name, _ in wanted}),
+            MetricPoint.step.between(min(steps), max(steps)),
+        )
+    )
+    return wanted <= {(name, step) for name, step in rows}
+
+
 def max_step(session: Session, trial_id: int) -> int | None:
     """The trial's largest stored step of any metric and attempt, if any."""
     return session.scalar(

@@ -146,3 +146,39 @@ def test_a_batch_refused_in_a_later_commit_takes_back_its_points_step_and_curve(
     assert [p.step for p in service.storage.metrics(first.id)] == [1]
     curves, _ = service.storage.curves([first.id], "loss")
     assert curves[first.id].points() == ([1], [2.0])
+
+
+def test_a_refused_batch_keeps_the_points_a_resend_of_it_was_accepted_for(
+    service: StudyService, other: StudyService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client times out on a batch after its first commit and sends it again through
+    another server, which accepts it (its first rows were stored already, so it inserts only
+    the rest). The attempt is then superseded and the first request is refused in its next
+    commit: it must not take back the rows the accepted resend relies on."""
+    monkeypatch.setattr(reporting, "POINTS_PER_COMMIT", 10)
+    sid = service.create_study(StudySpec.model_validate(simple_spec("resend", max_retries=1))).id
+    first = service.ask(sid)
+    token = attempts.parse(first.attempt_token)
+    assert service.report(first.id, [MetricInput(1, "loss", 2.0)], token=token) is False
+    batch = [MetricInput(step, "loss", 1.0) for step in range(2, 32)]
+    write, commits, again = service.storage.write, [], []
+
+    @contextmanager
+    def resent_then_superseded_after_the_first_commit() -> Iterator[Any]:
+        with write() as s:
+            yield s
+        commits.append(1)
+        if len(commits) == 1:
+            assert other.report(first.id, batch, token=token) is False  # accepted
+            other.fail_attempt(first.id, "lost", failure_class="infrastructure")
+            again.append(other.ask(sid))
+
+    monkeypatch.setattr(service.storage, "write", resent_then_superseded_after_the_first_commit)
+    with pytest.raises(StaleAttempt):
+        service.report(first.id, batch, token=token)
+    assert len(commits) == 2 and again[0].attempts == 2
+    stored = service.storage.metrics(first.id)
+    assert [(p.attempt, p.step) for p in stored] == [(1, step) for step in range(1, 32)]
+    assert service.storage.get_trial(first.id).last_step == 31
+    curves, _ = service.storage.curves([first.id], "loss")
+    assert curves[first.id].points()[0] == list(range(1, 32))
