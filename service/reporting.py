@@ -51,8 +51,8 @@ def report(
     short commit of their own. A report made with an attempt's ``token``, or naming an
     ``attempt``, is refused with StaleAttempt unless that attempt is current (see
     :func:`fence` for ``unnamed_first_only``); nothing of a refused batch stays stored,
-    even when an earlier commit of it was accepted (unless a resend of the batch was accepted
-    meanwhile: then its points are that resend's). Returns whether the trial should stop
+    even when an earlier commit of it was accepted (unless a resend of the batch stored the
+    rest of it meanwhile: see :func:`_take_back`). Returns whether the trial should stop
     (pruned, paused at a rung, or its study stopped). Raises TrialFinished for a trial that
     completed or failed, InvalidInput for NaN/inf.
     """
@@ -79,7 +79,8 @@ def report(
     chunks = [points[i : i + size] for i in range(0, len(points), size)]
     inserted: list[int] = []  # ids this batch stored in its earlier commits
     last_step_before: int | None = None  # the trial's, before its first commit
-    attempt_no = 0  # the attempt the commits stored under (they are fenced to one)
+    attempt_no = 0  # the attempt the earlier commits stored under
+    done = 0  # how many of the points the earlier commits got to
     try:
         for chunk in chunks[:-1]:
             with storage.write() as s:
@@ -93,6 +94,7 @@ def report(
                     verdict = _recheck(s, study, trial, points, verdict)
                 kept, cut = _within_budget(s, study, trial, chunk)
                 inserted += _store_points(s, trial, kept, utcnow(), ids=True)
+                done += len(chunk)
                 if cut is not None:
                     _spend_last_steps(s, study, trial, kept, cut)
                     return True
@@ -100,7 +102,7 @@ def report(
     except Conflict:
         if inserted:  # a later commit was refused: the batch is all or nothing
             with storage.write() as s:
-                _take_back(s, trial_id, inserted, last_step_before, points, attempt_no)
+                _take_back(s, trial_id, inserted, last_step_before, points[done:], attempt_no)
         raise
 
 
@@ -109,7 +111,7 @@ def _take_back(
     trial_id: int,
     ids: list[int],
     last_step_before: int | None,
-    points: Sequence[MetricInput],
+    rest: Sequence[MetricInput],
     attempt_no: int,
 ) -> None:
     """Undo the earlier commits of a batch refused in a later one: its points, its curves,
@@ -117,14 +119,16 @@ def _take_back(
     the batch, its points that stay, a checkpoint it copied meanwhile), so ``budget.max_steps``
     is not charged for them.
 
-    Unless every point of the batch is stored: then a resend of it (the client timed out on
-    this request and sent the batch again) was accepted meanwhile, relying on the rows this
-    request inserted first; taking them back would leave a gap in an accepted batch. (Were
-    that resend refused as well, after this check, the rows of this request's first commits
-    stay: two refusals leave points of an attempt that was current when they were written,
-    rather than an accepted batch losing points.)"""
+    Unless the ``rest`` of the batch (the points this request did not get to store) is all
+    stored, by rows inserted after this request's first ones: then a resend of the batch (the client
+    timed out on this request and sent it again, to this server or another) stored it, and
+    was accepted in the same commit as its last points, relying on the rows this request
+    had inserted; taking them back would leave a gap in an accepted batch. The rows stay,
+    and so does the ``last_step`` they moved the trial to. Not recognised: a resend of only
+    part of the batch (its rows are taken back), and a resend larger than the batch that
+    stores the rest but is refused in a later commit of its own (this request's rows stay)."""
     study, trial = trials.lock(s, trial_id, params=False)
-    if metrics.all_stored(s, trial_id, attempt_no, points):
+    if metrics.stored_since(s, trial_id, attempt_no, rest, ids):
         return
     metrics.take_back(s, trial, ids)
     kept = [last_step_before, metrics.max_step(s, trial_id), pbt.copied_at(trial)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime
 from itertools import groupby, islice
 from typing import Any
@@ -128,22 +128,28 @@ def take_back(session: Session, trial: Trial, ids: Sequence[int]) -> None:
     curves.rebuild(session, [trial.id])
 
 
-def all_stored(
-    session: Session, trial_id: int, attempt: int, points: Sequence[MetricInput]
+def stored_since(
+    session: Session,
+    trial_id: int,
+    attempt: int,
+    points: Sequence[MetricInput],
+    ids: Collection[int],
 ) -> bool:
-    """Whether the trial's ``attempt`` holds a stored point for every name and step of
-    ``points``."""
+    """Whether every name and step of ``points`` has a point stored under the trial's
+    ``attempt`` after the rows ``ids`` were (a greater id), other than those rows."""
     wanted = {(p.name, p.step) for p in points}
     steps = [step for _, step in wanted]
     rows = session.execute(
-        select(MetricPoint.name, MetricPoint.step).where(
+        select(MetricPoint.id, MetricPoint.name, MetricPoint.step).where(
             MetricPoint.trial_id == trial_id,
             MetricPoint.attempt == attempt,
+            MetricPoint.id > min(ids),
             MetricPoint.name.in_({name for name, _ in wanted}),
             MetricPoint.step.between(min(steps), max(steps)),
         )
     )
-    return wanted <= {(name, step) for name, step in rows}
+    mine = set(ids)
+    return wanted <= {(name, step) for id_, name, step in rows if id_ not in mine}
 
 
 def max_step(session: Session, trial_id: int) -> int | None:

@@ -182,3 +182,37 @@ def test_a_refused_batch_keeps_the_points_a_resend_of_it_was_accepted_for(
     assert service.storage.get_trial(first.id).last_step == 31
     curves, _ = service.storage.curves([first.id], "loss")
     assert curves[first.id].points()[0] == list(range(1, 32))
+
+
+@pytest.mark.parametrize("rest", ["its own steps again", "steps stored before it"])
+def test_a_refused_batch_whose_rest_was_stored_by_no_resend_is_taken_back(
+    service: StudyService, other: StudyService, monkeypatch: pytest.MonkeyPatch, rest: str
+) -> None:
+    """The rest of a refused batch is stored, but not by a resend of it: it repeats the
+    batch's own first steps (a client's buffer flushed twice), or points an earlier report
+    stored. The batch is taken back all the same."""
+    monkeypatch.setattr(reporting, "POINTS_PER_COMMIT", 10)
+    sid = service.create_study(StudySpec.model_validate(simple_spec("again", max_retries=1))).id
+    first = service.ask(sid)
+    token = attempts.parse(first.attempt_token)
+    before = [MetricInput(1, "loss", 2.0)] + [MetricInput(s, "loss", 0.5) for s in range(20, 30)]
+    assert service.report(first.id, before, token=token) is False
+    head = [MetricInput(step, "loss", 1.0) for step in range(2, 12)]
+    tail = head if rest == "its own steps again" else before[1:]
+    write, commits = service.storage.write, []
+
+    @contextmanager
+    def superseded_after_the_first_commit() -> Iterator[Any]:
+        with write() as s:
+            yield s
+        commits.append(1)
+        if len(commits) == 1:
+            other.fail_attempt(first.id, "lost", failure_class="infrastructure")
+            other.ask(sid)
+
+    monkeypatch.setattr(service.storage, "write", superseded_after_the_first_commit)
+    with pytest.raises(StaleAttempt):
+        service.report(first.id, head + tail, token=token)
+    assert len(commits) == 2  # one commit stored, one took it back
+    assert [p.step for p in service.storage.metrics(first.id)] == [1, *range(20, 30)]
+    assert service.storage.get_trial(first.id).last_step == 29
