@@ -151,19 +151,21 @@ def test_a_late_failure_of_an_older_attempt_changes_nothing(service: StudyServic
 def test_a_trial_that_only_heartbeats_fails_for_no_progress_and_is_cancelled(
     service: StudyService, executor: FakeExecutor, tmp_path: Path
 ) -> None:
-    create(service, "stalled", budget={"max_trials": 1}, progress_timeout_s=0.6)
+    # 1 s of slack between a step and the check that it kept the trial alive: on a busy
+    # machine (two test workers on two cores) a report plus a check can take a few tenths
+    create(service, "stalled", budget={"max_trials": 1}, progress_timeout_s=1.5)
     scheduler = scheduler_of(service, executor, tmp_path)
     scheduler.tick()
     (ref,) = executor.launched
     executor.place(ref)
     for step in (1, 2):  # progress: each new step moves the deadline
         service.report(ref.trial_id, [MetricInput(step=step, name="loss", value=1.0 / step)])
-        time.sleep(0.4)
+        time.sleep(0.5)
         assert service.expire_leases() == 0
     deadline = row(service, ref.trial_id).progress_expires_at
-    for _ in range(3):  # heartbeats alone do not
+    for _ in range(4):  # heartbeats alone do not
         service.heartbeat(ref.trial_id)
-        time.sleep(0.3)
+        time.sleep(0.5)
     assert service.expire_leases() == 1
     trial = service.storage.get_trial(ref.trial_id)
     assert trial.state == "failed" and trial.error.startswith("no progress")
