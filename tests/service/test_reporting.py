@@ -114,38 +114,65 @@ def test_one_batch_sent_at_once_through_two_servers_is_stored_and_judged_once(
         assert service.storage.get_trial(t.id).last_step == 50
 
 
+class Refusal:
+    """A trial of a new study (one retry allowed) whose attempt 1 has reported ``first``,
+    and a hook on ``service``'s writes: once the first commit of the next report is done,
+    ``resend`` (if any) is reported through ``other`` (a second server), then ``other``
+    supersedes the attempt, so that report is refused in its next commit. POINTS_PER_COMMIT
+    is 10."""
+
+    def __init__(
+        self,
+        service: StudyService,
+        other: StudyService,
+        monkeypatch: pytest.MonkeyPatch,
+        first: list[MetricInput],
+        resend: list[MetricInput] | None = None,
+    ) -> None:
+        monkeypatch.setattr(reporting, "POINTS_PER_COMMIT", 10)
+        self.service = service
+        sid = service.create_study(StudySpec.model_validate(simple_spec("r", max_retries=1))).id
+        self.trial = service.ask(sid)
+        self.token = attempts.parse(self.trial.attempt_token)
+        assert service.report(self.trial.id, first, token=self.token) is False
+        self.commits = 0
+        self.again: list[Any] = []
+        write = service.storage.write
+
+        @contextmanager
+        def superseded_after_the_first_commit() -> Iterator[Any]:
+            with write() as s:
+                yield s
+            self.commits += 1
+            if self.commits == 1:
+                if resend is not None:  # accepted
+                    assert other.report(self.trial.id, resend, token=self.token) is False
+                other.fail_attempt(self.trial.id, "lost", failure_class="infrastructure")
+                self.again.append(other.ask(sid))
+
+        monkeypatch.setattr(service.storage, "write", superseded_after_the_first_commit)
+
+    def refused(self, batch: list[MetricInput]) -> None:
+        """Report ``batch``: refused (StaleAttempt) after one commit of it, and one more
+        commit (the take-back, or nothing taken back) made."""
+        with pytest.raises(StaleAttempt):
+            self.service.report(self.trial.id, batch, token=self.token)
+        assert self.commits == 2 and self.again[0].attempts == 2
+
+
 def test_a_batch_refused_in_a_later_commit_takes_back_its_points_step_and_curve(
     service: StudyService, other: StudyService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch stored in several commits whose attempt is superseded (by another server)
     after its first commit: the batch is refused and nothing of it stays, not its points,
     not the step it took the trial to (what budget.max_steps charges), not its curve."""
-    monkeypatch.setattr(reporting, "POINTS_PER_COMMIT", 10)
-    sid = service.create_study(StudySpec.model_validate(simple_spec("back", max_retries=1))).id
-    first = service.ask(sid)
-    token = attempts.parse(first.attempt_token)
-    assert service.report(first.id, [MetricInput(1, "loss", 2.0)], token=token) is False
-    write, commits, again = service.storage.write, [], []
-
-    @contextmanager
-    def superseded_after_the_first_commit() -> Iterator[Any]:
-        with write() as s:
-            yield s
-        commits.append(1)
-        if len(commits) == 1:
-            other.fail_attempt(first.id, "lost", failure_class="infrastructure")
-            again.append(other.ask(sid))
-
-    monkeypatch.setattr(service.storage, "write", superseded_after_the_first_commit)
-    batch = [MetricInput(step, "loss", 1.0) for step in range(2, 32)]
-    with pytest.raises(StaleAttempt):
-        service.report(first.id, batch, token=token)
-    assert len(commits) == 2 and again[0].attempts == 2  # one commit stored, one took it back
-    trial = service.storage.get_trial(first.id)
+    run = Refusal(service, other, monkeypatch, [MetricInput(1, "loss", 2.0)])
+    run.refused([MetricInput(step, "loss", 1.0) for step in range(2, 32)])
+    trial = service.storage.get_trial(run.trial.id)
     assert (trial.state, trial.attempts, trial.last_step) == ("running", 2, 1)
-    assert [p.step for p in service.storage.metrics(first.id)] == [1]
-    curves, _ = service.storage.curves([first.id], "loss")
-    assert curves[first.id].points() == ([1], [2.0])
+    assert [p.step for p in service.storage.metrics(trial.id)] == [1]
+    curves, _ = service.storage.curves([trial.id], "loss")
+    assert curves[trial.id].points() == ([1], [2.0])
 
 
 def test_a_refused_batch_keeps_the_points_a_resend_of_it_was_accepted_for(
@@ -155,33 +182,14 @@ def test_a_refused_batch_keeps_the_points_a_resend_of_it_was_accepted_for(
     another server, which accepts it (its first rows were stored already, so it inserts only
     the rest). The attempt is then superseded and the first request is refused in its next
     commit: it must not take back the rows the accepted resend relies on."""
-    monkeypatch.setattr(reporting, "POINTS_PER_COMMIT", 10)
-    sid = service.create_study(StudySpec.model_validate(simple_spec("resend", max_retries=1))).id
-    first = service.ask(sid)
-    token = attempts.parse(first.attempt_token)
-    assert service.report(first.id, [MetricInput(1, "loss", 2.0)], token=token) is False
     batch = [MetricInput(step, "loss", 1.0) for step in range(2, 32)]
-    write, commits, again = service.storage.write, [], []
-
-    @contextmanager
-    def resent_then_superseded_after_the_first_commit() -> Iterator[Any]:
-        with write() as s:
-            yield s
-        commits.append(1)
-        if len(commits) == 1:
-            assert other.report(first.id, batch, token=token) is False  # accepted
-            other.fail_attempt(first.id, "lost", failure_class="infrastructure")
-            again.append(other.ask(sid))
-
-    monkeypatch.setattr(service.storage, "write", resent_then_superseded_after_the_first_commit)
-    with pytest.raises(StaleAttempt):
-        service.report(first.id, batch, token=token)
-    assert len(commits) == 2 and again[0].attempts == 2
-    stored = service.storage.metrics(first.id)
+    run = Refusal(service, other, monkeypatch, [MetricInput(1, "loss", 2.0)], resend=batch)
+    run.refused(batch)
+    stored = service.storage.metrics(run.trial.id)
     assert [(p.attempt, p.step) for p in stored] == [(1, step) for step in range(1, 32)]
-    assert service.storage.get_trial(first.id).last_step == 31
-    curves, _ = service.storage.curves([first.id], "loss")
-    assert curves[first.id].points()[0] == list(range(1, 32))
+    assert service.storage.get_trial(run.trial.id).last_step == 31
+    curves, _ = service.storage.curves([run.trial.id], "loss")
+    assert curves[run.trial.id].points()[0] == list(range(1, 32))
 
 
 @pytest.mark.parametrize("rest", ["its own steps again", "steps stored before it"])
@@ -191,28 +199,9 @@ def test_a_refused_batch_whose_rest_was_stored_by_no_resend_is_taken_back(
     """The rest of a refused batch is stored, but not by a resend of it: it repeats the
     batch's own first steps (a client's buffer flushed twice), or points an earlier report
     stored. The batch is taken back all the same."""
-    monkeypatch.setattr(reporting, "POINTS_PER_COMMIT", 10)
-    sid = service.create_study(StudySpec.model_validate(simple_spec("again", max_retries=1))).id
-    first = service.ask(sid)
-    token = attempts.parse(first.attempt_token)
     before = [MetricInput(1, "loss", 2.0)] + [MetricInput(s, "loss", 0.5) for s in range(20, 30)]
-    assert service.report(first.id, before, token=token) is False
+    run = Refusal(service, other, monkeypatch, before)
     head = [MetricInput(step, "loss", 1.0) for step in range(2, 12)]
-    tail = head if rest == "its own steps again" else before[1:]
-    write, commits = service.storage.write, []
-
-    @contextmanager
-    def superseded_after_the_first_commit() -> Iterator[Any]:
-        with write() as s:
-            yield s
-        commits.append(1)
-        if len(commits) == 1:
-            other.fail_attempt(first.id, "lost", failure_class="infrastructure")
-            other.ask(sid)
-
-    monkeypatch.setattr(service.storage, "write", superseded_after_the_first_commit)
-    with pytest.raises(StaleAttempt):
-        service.report(first.id, head + tail, token=token)
-    assert len(commits) == 2  # one commit stored, one took it back
-    assert [p.step for p in service.storage.metrics(first.id)] == [1, *range(20, 30)]
-    assert service.storage.get_trial(first.id).last_step == 29
+    run.refused(head + (head if rest == "its own steps again" else before[1:]))
+    assert [p.step for p in service.storage.metrics(run.trial.id)] == [1, *range(20, 30)]
+    assert service.storage.get_trial(run.trial.id).last_step == 29
