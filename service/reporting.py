@@ -120,13 +120,14 @@ def _take_back(
     is not charged for them.
 
     Unless the ``rest`` of the batch (the points this request did not get to store) is all
-    stored, by rows inserted after this request's first ones: then a resend of the batch (the client
-    timed out on this request and sent it again, to this server or another) stored it, and
-    was accepted in the same commit as its last points, relying on the rows this request
-    had inserted; taking them back would leave a gap in an accepted batch. The rows stay,
-    and so does the ``last_step`` they moved the trial to. Not recognised: a resend of only
-    part of the batch (its rows are taken back), and a resend larger than the batch that
-    stores the rest but is refused in a later commit of its own (this request's rows stay)."""
+    stored, by rows inserted after this request's first ones: then a resend of the batch
+    (the client timed out on this request and sent it again, to this server or another)
+    stored it, and was accepted in the same commit as its last points, relying on the rows
+    this request had inserted; taking them back would leave a gap in an accepted batch. The
+    rows stay, and so does the ``last_step`` they moved the trial to. Not recognised: a
+    resend of only part of the batch (its rows are taken back), and a resend larger than the
+    batch that stores the rest but is refused in a later commit of its own (this request's
+    rows stay)."""
     study, trial = trials.lock(s, trial_id, params=False)
     if metrics.stored_since(s, trial_id, attempt_no, rest, ids):
         return
