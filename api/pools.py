@@ -12,10 +12,13 @@ the polls' threads. The price: a poll waits behind every poll queued ahead of it
 (a first load's page of 1,000 trials takes ~80 ms). The dashboard's list of studies and its
 analyses stay in the default pool (the analyses may wait two seconds for a fit).
 
-Metric reports went through a pool of 8 as well: no faster in the one pair measured (the
-report path is bound by its own Python work), and heartbeats would have queued behind reports
-waiting for SQLite's write lock, so they are in the default pool (:data:`DEFAULT`), still as
-one trip (see :func:`runs_in`).
+Metric reports run in a pool of 8 (:data:`REPORTS`). In FastAPI's pool, 64 trials reporting
+as fast as they were answered kept up to 40 threads busy with reports at once, and the asks
+that replace pruned trials starved behind them: 26-35 asks in a 20-s run waited their turn
+for over 10 s (answered 503) on either database. With 8, none did on SQLite (7-13 on
+PostgreSQL) and more points were stored (docs/benchmarks.md, "Scale: metrics"). Heartbeats
+stay in FastAPI's pool (:data:`DEFAULT`): they do not queue behind reports waiting for the
+database. Each is one trip to a thread (see :func:`runs_in`).
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ POLLS = Pool("polls", 4)
 # a burst of asks holds no thread of FastAPI's pool that reports and heartbeats need, and one
 # study's slow fits hold one thread, not the pool.
 ASKS = Pool("asks", 4)
+# Metric reports: at most 8 at once, so that a burst of them leaves the interpreter to the
+# asks, heartbeats and polls between them (see the module's notes).
+REPORTS = Pool("reports", 8)
 # FastAPI's own pool (anyio's default limiter, 40 threads).
 DEFAULT: Pool | None = None
 

@@ -31,9 +31,11 @@ smallest (goal ≤ 2: flat).
   order, metric ``loss`` and ``acc``) to ``POST /trials/{id}/metrics`` with the attempt's token
   and number, as a worker's reporter does, for ``--seconds``; a pruned trial is replaced by a
   new ask. Each trial reports as fast as it is answered, or with ``--interval`` once every
-  so many seconds from a random offset (a worker's reporter flushes every 0.5 s). Figures:
-  points stored per second (the server's count at the end over the streaming time), and the
-  latency of each report (its answer carries the should_stop decision), p50/p99.
+  so many seconds from a random offset (a worker's reporter flushes every 0.5 s). An ask
+  answered 503 or 429 (its turn at the study did not come in time) is sent again after its
+  Retry-After, as the Python client does, and counted. Figures: points stored per second (the
+  server's count at the end over the streaming time), the latency of each report (its answer
+  carries the should_stop decision), p50/p99, and the asks retried.
 
     python benchmarks/scale.py metrics --postgres postgresql://postgres@127.0.0.1:5432/postgres
     python benchmarks/scale.py metrics --interval 1 --batch 40   # paced: 64 × 40 points/s
@@ -489,6 +491,10 @@ def _stream(
             if asked.status_code == 409:  # too many concurrent asks: try again, as clients do
                 time.sleep(0.05)
                 continue
+            if asked.status_code in (429, 503):  # busy: retry after Retry-After, as the client
+                errors.append(f"retried: ask {asked.status_code}: {asked.text[:200]}")
+                time.sleep(float(asked.headers.get("Retry-After", "1")))
+                continue
             if asked.status_code != 201:
                 errors.append(f"ask {asked.status_code}: {asked.text[:200]}")
                 return
@@ -571,6 +577,10 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
                 errors += err
             elapsed = time.monotonic() - t0
     stored = _stored_points(url, study_id) - before
+    retried = [e for e in errors if e.startswith("retried: ")]
+    errors = [e for e in errors if not e.startswith("retried: ")]
+    if retried:
+        print(f"  {len(retried)} asks retried after 503/429, first: {retried[0][9:]}", flush=True)
     if errors:
         print(f"  {len(errors)} errors, first: {errors[0]}", flush=True)
     return {
@@ -578,6 +588,7 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
         "reports": len(latencies),
         "p50_ms": pct(latencies, 50) * 1e3,
         "p99_ms": pct(latencies, 99) * 1e3,
+        "retried": len(retried),
         "errors": len(errors),
     }
 
@@ -587,8 +598,11 @@ def run_metrics(args: argparse.Namespace) -> None:
     print(
         f"{args.trials} streaming trials, {args.batch} points a report ({pace}), {args.seconds} s\n"
     )
-    print("| database | points/s | reports | report p50 ms | report p99 ms | errors |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| database | points/s | reports | report p50 ms | report p99 ms "
+        "| asks retried (503) | errors |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     targets: list[tuple[str, str | None]] = [] if args.no_sqlite else [("SQLite", None)]
     if args.postgres:
         targets.append(("PostgreSQL", args.postgres))
@@ -607,7 +621,7 @@ def run_metrics(args: argparse.Namespace) -> None:
                 f = metrics_once(url, work, args)
             print(
                 f"| {where} | {f['points_s']:,.0f} | {f['reports']:,} | {f['p50_ms']:,.1f} "
-                f"| {f['p99_ms']:,.1f} | {f['errors']} |",
+                f"| {f['p99_ms']:,.1f} | {f['retried']} | {f['errors']} |",
                 flush=True,
             )
 

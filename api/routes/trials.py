@@ -22,7 +22,7 @@ from hpo.api.deps import (
     attempt_may_call,
     fenced_again,
 )
-from hpo.api.pools import DEFAULT, runs_in
+from hpo.api.pools import DEFAULT, REPORTS, runs_in
 from hpo.api.schemas import (
     MAX_STEP,
     MetricPage,
@@ -67,7 +67,7 @@ def tell(trial_id: TrialId, body: TellBody, service: Service, caller: Auth) -> T
 @router.post("/{trial_id}/metrics", response_model=ShouldStop, operation_id="report_metrics")
 @attempt_may_call
 @fenced_again
-@runs_in(DEFAULT)
+@runs_in(REPORTS)
 def report(trial_id: TrialId, body: MetricsBody, service: Service, caller: Auth) -> ShouldStop:
     """Store metric points (each once per attempt), renew the trial's lease, and say whether
     it should stop; 409 for an attempt that is no longer current (nothing of the batch is
