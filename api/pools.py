@@ -1,4 +1,4 @@
-"""The thread pool of the polled routes: a few threads, so that polls do not queue on the GIL.
+"""The thread pools of the hot routes: a few threads each, so that requests do not queue on the GIL.
 
 A sync route runs in a worker thread, and FastAPI's default pool has 40. When 200 dashboards
 polled (about 120 requests a second) the server used under half a core, yet a study poll that
@@ -16,9 +16,12 @@ Metric reports run in a pool of 8 (:data:`REPORTS`). In FastAPI's pool, 64 trial
 as fast as they were answered kept up to 40 threads busy with reports at once, and the asks
 that replace pruned trials starved behind them: 26-35 asks in a 20-s run waited their turn
 for over 10 s (answered 503) on either database. With 8, none did on SQLite (7-13 on
-PostgreSQL) and more points were stored (docs/benchmarks.md, "Scale: metrics"). Heartbeats
-stay in FastAPI's pool (:data:`DEFAULT`): they do not queue behind reports waiting for the
-database. Each is one trip to a thread (see :func:`runs_in`).
+PostgreSQL), and SQLite stored 18-44 % more points (docs/benchmarks.md, "Scale: metrics").
+Heartbeats stay in FastAPI's pool (:data:`DEFAULT`): they never wait for a report's thread
+(their write still takes its turn with the reports'). Eight reports stuck on a study's row
+would hold every report thread: on PostgreSQL a lock wait ends after
+``POSTGRES_LOCK_TIMEOUT_S`` (503), as SQLite's busy timeout does. Each route is one trip to a
+thread (see :func:`runs_in`).
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class Pool:
 POLLS = Pool("polls", 4)
 # Asks: a server's asks of one study take turns, waiting for their turn on the event loop
 # (:func:`study_turn`), so a thread of this pool runs only an ask that holds its study's turn:
-# a burst of asks holds no thread of FastAPI's pool that reports and heartbeats need, and one
+# a burst of asks holds no thread of the pools that reports and heartbeats need, and one
 # study's slow fits hold one thread, not the pool.
 ASKS = Pool("asks", 4)
 # Metric reports: at most 8 at once, so that a burst of them leaves the interpreter to the
