@@ -101,6 +101,7 @@ def test_polls_and_reports_make_one_trip_to_the_thread_pool(
     # An attempt token's first request checks it in the database; the next ones within
     # ATTEMPT_VERIFIED_S do not (the write itself is fenced in its own transaction).
     report = f"{API}/trials/{tid}/metrics"
+    assert REPORTS.threads not in (POLLS.threads, ASKS.threads)  # told apart by their size
     trips.clear()
     first = client.post(report, json=points, headers=by_attempt)
     # the token's check in FastAPI's pool, the report in its own
