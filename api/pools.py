@@ -19,9 +19,9 @@ for over 10 s (answered 503) on either database. With 8, none did on SQLite (7-1
 PostgreSQL), and SQLite stored 18-44 % more points (docs/benchmarks.md, "Scale: metrics").
 Heartbeats stay in FastAPI's pool (:data:`DEFAULT`): they never wait for a report's thread
 (their write still takes its turn with the reports'). Eight reports stuck on a study's row
-would hold every report thread: on PostgreSQL a lock wait ends after
-``POSTGRES_LOCK_TIMEOUT_S`` (503), as SQLite's busy timeout does. Each route is one trip to a
-thread (see :func:`runs_in`).
+would hold every report thread: on PostgreSQL a report's lock wait ends after
+``hpo.service.reporting.REPORT_LOCK_TIMEOUT_S`` (503), as SQLite's busy timeout does. Each
+route is one trip to a thread (see :func:`runs_in`).
 """
 
 from __future__ import annotations

@@ -27,6 +27,13 @@ from hpo.service.storage import Storage, metrics, studies, trials
 # Metric points stored per commit: a commit of 1,000 points holds SQLite's write lock for a
 # few milliseconds; one of 10,000 (the batch cap) held it long enough to stall other studies.
 POINTS_PER_COMMIT = 1_000
+# How long a report's write waits for a PostgreSQL row lock (its study's, its trial's) before
+# it answers "the database is busy" (HTTP 503, Retry-After) with that commit rolled back: a
+# row held by a transaction that does not end (a stopped second server, a psql session) must
+# not keep reports, which run on a pool of 8 threads (hpo.api.pools.REPORTS), waiting for
+# ever. Longer than a busy study's lock queue (p99 ~2 s with 64 trials reporting flat out).
+# SQLite's busy timeout (3 s) bounds its writers already.
+REPORT_LOCK_TIMEOUT_S = 5.0
 
 
 def report(
@@ -52,9 +59,11 @@ def report(
     ``attempt``, is refused with StaleAttempt unless that attempt is current (see
     :func:`fence` for ``unnamed_first_only``); nothing of a refused batch stays stored,
     even when an earlier commit of it was accepted (unless a resend of the batch stored the
-    rest of it meanwhile: see :func:`_take_back`). Returns whether the trial should stop
-    (pruned, paused at a rung, or its study stopped). Raises TrialFinished for a trial that
-    completed or failed, InvalidInput for NaN/inf.
+    rest of it meanwhile: see :func:`_take_back`). On PostgreSQL a commit waits at most
+    REPORT_LOCK_TIMEOUT_S for a row lock, then raises DatabaseUnavailable (the commits of the
+    batch before it stay, as with any database failure between them). Returns whether the
+    trial should stop (pruned, paused at a rung, or its study stopped). Raises TrialFinished
+    for a trial that completed or failed, InvalidInput for NaN/inf.
     """
     for i, p in enumerate(points):
         if not math.isfinite(p.value):
@@ -83,7 +92,7 @@ def report(
     done = 0  # how many of the points the earlier commits got to
     try:
         for chunk in chunks[:-1]:
-            with storage.write() as s:
+            with storage.write(lock_timeout_s=_lock_timeout(storage)) as s:
                 study, trial = _running(s, trial_id, **fencing)
                 if trial is None:
                     return True
@@ -104,6 +113,11 @@ def report(
             with storage.write() as s:
                 _take_back(s, trial_id, inserted, last_step_before, points[done:], attempt_no)
         raise
+
+
+def _lock_timeout(storage: Storage) -> float | None:
+    """REPORT_LOCK_TIMEOUT_S on PostgreSQL (a report's writes wait no longer for a row)."""
+    return REPORT_LOCK_TIMEOUT_S if storage.dialect == "postgresql" else None
 
 
 def _take_back(
@@ -182,7 +196,7 @@ def _finish_report(
     fencing: dict[str, Any],
 ) -> bool:
     """The last commit of :func:`report`: its last chunk of points, the lease, the pruner."""
-    with storage.write() as s:
+    with storage.write(lock_timeout_s=_lock_timeout(storage)) as s:
         study, trial = _running(s, trial_id, **fencing)
         if trial is None:
             return True

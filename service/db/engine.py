@@ -19,12 +19,6 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # never wait here for each other; another ``hpo serve`` on the same file holds the lock only
 # for one short transaction at a time.
 SQLITE_BUSY_TIMEOUT_S = 3.0
-# How long a PostgreSQL statement waits for a row or table lock before the request answers 503
-# (with Retry-After): a row held by a stuck transaction (a stopped server, a psql session) must
-# not hold the requests that need it, and the threads they run on, for ever. Longer than a
-# busy study's lock queue (p99 ~2 s with 64 trials reporting flat out), shorter than a
-# worker's 10-s wait for a report's answer.
-POSTGRES_LOCK_TIMEOUT_S = 5.0
 
 
 def normalize_url(url: str) -> str:
@@ -42,7 +36,6 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     transaction starts, so read-modify-write sequences (ask, tell) are serialized across threads
     and processes instead of failing at commit. Read-only sessions (``readonly`` execution
     option) start a plain deferred transaction and run beside the writer under WAL.
-    On PostgreSQL, a statement waits at most ``POSTGRES_LOCK_TIMEOUT_S`` for a lock.
     """
     url = normalize_url(url)
     if make_url(url).get_backend_name() == "sqlite":
@@ -57,22 +50,11 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     return create_engine(
         url,
         echo=echo,
-        connect_args={"options": _postgres_options(url)},
         pool_pre_ping=True,
         pool_size=10,
         max_overflow=20,
         json_deserializer=jsontext.loads,
     )
-
-
-def _postgres_options(url: str) -> str:
-    """The server options of a PostgreSQL connection: the lock timeout, then the URL's own
-    ``options`` (which win where they set the same)."""
-    own = make_url(url).query.get("options")
-    ours = f"-c lock_timeout={int(POSTGRES_LOCK_TIMEOUT_S * 1000)}"
-    if isinstance(own, tuple):
-        own = " ".join(own)
-    return f"{ours} {own}" if own else ours
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -155,9 +137,6 @@ def upgrade_schema(engine: Engine) -> None:
         conn.execution_options(busy_timeout_s=SCHEMA_WAIT_S)  # SQLite's wait for the lock
         with conn.begin():  # alembic runs in it (an external transaction: no commit of its own)
             if conn.dialect.name == "postgresql":
-                # another server's migrations, and the tables' locks they need, may take longer
-                wait_ms = int(SCHEMA_WAIT_S * 1000)
-                conn.execute(text(f"SET LOCAL lock_timeout = {wait_ms}"))
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
             if inspect(conn).get_table_names():
                 command.upgrade(cfg, "head")

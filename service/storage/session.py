@@ -54,6 +54,12 @@ def unavailable(exc: Exception) -> DatabaseUnavailable | None:
     return DatabaseUnavailable(f"the database is unreachable: {reason}", retry_after_s=RETRY_DOWN_S)
 
 
+def _row_busy(exc: Exception) -> bool:
+    """Whether ``exc`` is PostgreSQL's lock timeout (SQLSTATE 55P03): a row another
+    transaction holds, not a database that is down."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) == "55P03"
+
+
 def _first_line(exc: Exception) -> str:
     orig = getattr(exc, "orig", None) or exc
     lines = str(orig).strip().splitlines() or [type(orig).__name__]
@@ -168,15 +174,21 @@ class Transactions:
         return self.engine.dialect.name
 
     @contextmanager
-    def write(self) -> Iterator[Session]:
+    def write(self, *, lock_timeout_s: float | None = None) -> Iterator[Session]:
         """A read-write transaction, committed when the block ends and rolled back on error.
 
         Raises DatabaseUnavailable when the database cannot be reached or stays locked.
         On SQLite, this process's writers take their turns in arrival order (WriteQueue).
+        ``lock_timeout_s`` (PostgreSQL): a statement of this transaction that waits longer
+        for a lock raises DatabaseUnavailable ("busy"); SQLite's busy timeout bounds every
+        writer already.
         """
         try:
             if self._queue is None:
                 with self._tracked(self.engine) as session:
+                    if lock_timeout_s is not None:
+                        ms = max(1, int(lock_timeout_s * 1000))
+                        session.execute(text(f"SET LOCAL lock_timeout = {ms}"))
                     yield session
             else:
                 with self._queue.turn() as impatient, self._queue.failing_all():
@@ -234,6 +246,7 @@ class Transactions:
             mapped = unavailable(exc)
             if mapped is None:
                 raise
-            self.health.failed()
+            if not _row_busy(exc):  # one held row is no outage (leases keep expiring)
+                self.health.failed()
             raise mapped from exc
         self.health.succeeded()

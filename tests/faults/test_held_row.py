@@ -1,9 +1,11 @@
 """Drill (PostgreSQL): a study's row held by a transaction that does not end (a stopped
-server, a psql session) holds a report for at most the lock timeout, which then answers
-"the database is busy" (HTTP 503 with Retry-After) and stores nothing; once the row is free
-the same report goes through, once. Before the timeout, such reports waited for ever, each
-holding one of the server's report threads (hpo.api.pools.REPORTS: 8), so eight of them
-stalled the reports of every other study too."""
+server, a psql session) holds a report for at most its lock timeout
+(``reporting.REPORT_LOCK_TIMEOUT_S``), which then answers "the database is busy" (HTTP 503
+with Retry-After) and stores nothing; once the row is free the same report goes through,
+once. Before the timeout, such reports waited for ever, each holding one of the server's
+report threads (hpo.api.pools.REPORTS: 8), so eight of them stalled the reports of every
+other study too. One held row is not an outage: the control plane's health window (which
+lets the lease sweep expire trials) is not reset by it."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import text
 
-from hpo.service.db import engine as db_engine
+from hpo.service import reporting
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.errors import DatabaseUnavailable
 from hpo.service.records import MetricInput
@@ -28,7 +30,7 @@ from tests.conftest import create_pg_database, drop_pg_database, simple_spec
 def pg_service(pg_available: bool, monkeypatch: pytest.MonkeyPatch) -> Iterator[StudyService]:
     if not pg_available:
         pytest.skip("PostgreSQL not reachable")
-    monkeypatch.setattr(db_engine, "POSTGRES_LOCK_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(reporting, "REPORT_LOCK_TIMEOUT_S", 0.5)
     url = create_pg_database()
     engine = make_engine(url)
     try:
@@ -50,6 +52,7 @@ def test_a_report_waiting_for_a_held_study_row_is_answered_busy_and_stores_nothi
     trial = pg_service.ask(study.id)
     assert pg_service.report(trial.id, [MetricInput(1, "loss", 0.9)]) is False
     batch = [MetricInput(step, "loss", 1.0 / step) for step in (2, 3)]
+    healthy_before = pg_service.storage.health.healthy_for()
 
     holder = pg_service.storage.engine.connect()
     holder.begin()
@@ -75,6 +78,7 @@ def test_a_report_waiting_for_a_held_study_row_is_answered_busy_and_stores_nothi
     assert isinstance(answer, DatabaseUnavailable), answer
     assert "lock timeout" in str(answer) and answer.retry_after_s == RETRY_LOCKED_S
     assert _stored(pg_service, trial.id) == [1]
+    assert pg_service.storage.health.healthy_for() >= healthy_before  # no outage begun
 
     # the row is free again: the client's retry of the same batch goes through, once
     assert pg_service.report(trial.id, batch) is False

@@ -140,8 +140,8 @@ class Refusal:
         write = service.storage.write
 
         @contextmanager
-        def superseded_after_the_first_commit() -> Iterator[Any]:
-            with write() as s:
+        def superseded_after_the_first_commit(**options: Any) -> Iterator[Any]:
+            with write(**options) as s:
                 yield s
             self.commits += 1
             if self.commits == 1:
