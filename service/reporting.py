@@ -92,7 +92,7 @@ def report(
     done = 0  # how many of the points the earlier commits got to
     try:
         for chunk in chunks[:-1]:
-            with storage.write(lock_timeout_s=_lock_timeout(storage)) as s:
+            with storage.write(lock_timeout_s=REPORT_LOCK_TIMEOUT_S) as s:
                 study, trial = _running(s, trial_id, **fencing)
                 if trial is None:
                     return True
@@ -113,11 +113,6 @@ def report(
             with storage.write() as s:
                 _take_back(s, trial_id, inserted, last_step_before, points[done:], attempt_no)
         raise
-
-
-def _lock_timeout(storage: Storage) -> float | None:
-    """REPORT_LOCK_TIMEOUT_S on PostgreSQL (a report's writes wait no longer for a row)."""
-    return REPORT_LOCK_TIMEOUT_S if storage.dialect == "postgresql" else None
 
 
 def _take_back(
@@ -196,7 +191,7 @@ def _finish_report(
     fencing: dict[str, Any],
 ) -> bool:
     """The last commit of :func:`report`: its last chunk of points, the lease, the pruner."""
-    with storage.write(lock_timeout_s=_lock_timeout(storage)) as s:
+    with storage.write(lock_timeout_s=REPORT_LOCK_TIMEOUT_S) as s:
         study, trial = _running(s, trial_id, **fencing)
         if trial is None:
             return True

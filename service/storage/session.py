@@ -179,9 +179,9 @@ class Transactions:
 
         Raises DatabaseUnavailable when the database cannot be reached or stays locked.
         On SQLite, this process's writers take their turns in arrival order (WriteQueue).
-        ``lock_timeout_s`` (PostgreSQL): a statement of this transaction that waits longer
-        for a lock raises DatabaseUnavailable ("busy"); SQLite's busy timeout bounds every
-        writer already.
+        ``lock_timeout_s`` (PostgreSQL; ignored on SQLite, whose busy timeout bounds every
+        writer already): a statement of this transaction that waits longer for a lock raises
+        DatabaseUnavailable ("busy").
         """
         try:
             if self._queue is None:
