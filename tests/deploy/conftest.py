@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -30,20 +31,42 @@ VENV_BIN = Path(sys.executable).parent
 _handed_out: set[int] = set()
 
 
+def _ephemeral_low() -> int:
+    """Where the kernel's range for outgoing connections' local ports starts."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports, none handed out before in this process (binding them all at
-    once: one at a time, the kernel may give the same port twice)."""
+    """``n`` distinct free ports, none handed out before in this process, all below the
+    kernel's ephemeral range. A port from ``bind(0)`` lies in that range, where any outgoing
+    connection (the other suite runs meanwhile) may take it as its local port before Ray binds
+    it. A raylet whose agent cannot bind its port exits (raylet.err says so)."""
+    high = _ephemeral_low()
+    low = 10000 if high > 12000 else 1024
+    rng = random.Random()
     held: list[socket.socket] = []
     ports: list[int] = []
     try:
+        tries = 0
         while len(ports) < n:
+            tries += 1
+            if tries > 100 * n:
+                raise RuntimeError(f"found {len(ports)} of {n} free ports in {low}-{high}")
+            port = rng.randrange(low, high)
+            if port in _handed_out:
+                continue
             s = socket.socket()
-            held.append(s)
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            if port not in _handed_out:
-                _handed_out.add(port)
-                ports.append(port)
+            try:
+                s.bind(("", port))  # every address: Ray binds the node IP
+            except OSError:
+                s.close()
+                continue
+            held.append(s)  # held until all are found, so none is tried twice
+            _handed_out.add(port)
+            ports.append(port)
     finally:
         for s in held:
             s.close()
@@ -161,6 +184,22 @@ def write_spec(path: Path, name: str, trials: int = 1, **trainable_config: objec
     }
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def ray_errors(*temp_dirs: Path) -> str:
+    """The tails of the logs where a raylet and its agents say why they exited: `ray start`
+    prints only raylet.out, and the raylet writes "one Ray agent failed" to raylet.err."""
+    names = ("raylet.err", "dashboard_agent.log", "runtime_env_agent.log", "gcs_server.err")
+    tails = []
+    for temp in temp_dirs:
+        for name in names:
+            for log in sorted(temp.glob(f"session_*/logs/{name}")):
+                if log.parents[1].is_symlink():  # session_latest: seen under its own name
+                    continue
+                text = log.read_text(errors="replace").strip()
+                if text:
+                    tails.append(f"--- {log.relative_to(temp.parent)}\n{text[-2000:]}")
+    return "\n".join(tails)
 
 
 def remove(*paths: Path) -> None:

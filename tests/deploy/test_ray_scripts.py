@@ -19,6 +19,7 @@ from tests.deploy.conftest import (
     Marked,
     free_port,
     node_args,
+    ray_errors,
     ray_node_count,
     remove,
     short_temp_dir,
@@ -72,6 +73,7 @@ def test_start_and_join_scripts_run_a_study_on_two_nodes(tmp_path: Path, marked:
     def output() -> str:
         texts = [p.read_text()[-4000:] for p in logs if p.exists()]
         texts += [p.read_text()[-3000:] for p in sorted((tmp_path / "hpo-logs").glob("*.log"))]
+        texts.append(ray_errors(*temps))
         return "\n---\n".join(texts)
 
     try:

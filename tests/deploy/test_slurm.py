@@ -22,6 +22,7 @@ from tests.deploy.conftest import (
     Marked,
     free_port,
     node_args,
+    ray_errors,
     remove,
     short_temp_dir,
     token_path,
@@ -82,7 +83,7 @@ class Job:
     def output(self) -> str:
         logs = sorted((self.submit_dir / f"hpo-{self.id}-logs").glob("*.log"))
         tails = [f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs]
-        return "\n".join([self.log.read_text()[-6000:], *tails])
+        return "\n".join([self.log.read_text()[-6000:], *tails, ray_errors(*self.temp_dirs)])
 
     def cleanup(self) -> None:
         remove(*self.temp_dirs)
