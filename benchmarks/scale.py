@@ -21,6 +21,21 @@ smallest (goal ≤ 2: flat).
     python benchmarks/scale.py ask --quick          # 300 and 1,000 trials, GP at 60
     python benchmarks/scale.py ask --sizes 1000,20000 --asks 20
 
+``prune``: the latency of a report that brings a trial to ASHA's first rung (step 1), in a
+study of many complete trials with ``--points`` steps each (min 1, η 3).
+
+* Ours: a stopping-ASHA study on a fresh SQLite file (trials and points bulk-inserted); a new
+  trial is asked, then its report of steps 0 and 1 to ``POST /trials/{id}/metrics`` is timed
+  over loopback HTTP (the answer carries the pruner's decision), then told if not pruned.
+* Optuna: ``SuccessiveHalvingPruner`` (same rungs) on an SQLite file seeded the same way
+  (intermediate values and the rung values it records in system attributes); timed:
+  ``trial.report`` of the same two steps and ``trial.should_prune()``.
+
+Reports alternate ours and Optuna; figures are medians.
+
+    python benchmarks/scale.py prune                # 1,000 and 10,000 trials x 100 steps
+    python benchmarks/scale.py prune --sizes 1000 --points 1000
+
 ``metrics``: metric ingestion from many trials of one study streaming at once.
 
 * ``hpo serve`` (a subprocess, scheduler off) on a fresh SQLite file and, with ``--postgres``, on
@@ -73,7 +88,15 @@ from optuna.distributions import (
 from sqlalchemy import create_engine, insert, text, update
 
 from hpo.api.demo import served
-from hpo.service.db import Study, Trial, TrialEvent, TrialParam, make_engine, upgrade_schema
+from hpo.service.db import (
+    MetricPoint,
+    Study,
+    Trial,
+    TrialEvent,
+    TrialParam,
+    make_engine,
+    upgrade_schema,
+)
 from hpo.service.db.models import utcnow
 from hpo.service.samplers.grid import grid_points
 from hpo.service.spec import StudySpec
@@ -131,7 +154,13 @@ def pct(values: Sequence[float], q: float) -> float:
 # --- ours: seeding and asking over HTTP -------------------------------------------------------
 
 
-def seed_ours(storage: Storage, sampler: str, n: int, rng: random.Random) -> int:
+def seed_ours(
+    storage: Storage,
+    sampler: str,
+    n: int,
+    rng: random.Random,
+    pruner: dict[str, Any] | None = None,
+) -> int:
     """A running study named ``{sampler}-{n}`` with ``n`` complete trials, bulk-inserted."""
     grid = sampler == "grid"
     spec = StudySpec.model_validate(
@@ -141,6 +170,7 @@ def seed_ours(storage: Storage, sampler: str, n: int, rng: random.Random) -> int
             "sampler": {"type": sampler, "seed": 0},
             "lease_s": 86_400,
             "space": GRID_SPACE if grid else SPACE,
+            **({"pruner": pruner} if pruner else {}),
         }
     )
     study_id = StudyService(storage).create_study(spec).id
@@ -429,6 +459,172 @@ def run_ask(args: argparse.Namespace) -> None:
         print(f"  ours {kind} at {hi:,} / at {lo:,} = {r:.2f}{goal}")
 
 
+# --- the prune section -------------------------------------------------------------------------
+
+ASHA = {"type": "asha", "min_steps": 1, "reduction_factor": 3}
+
+
+def _rungs(points: int) -> list[int]:
+    """ASHA's rungs (min 1, η 3) below ``points`` steps: 1, 3, 9, 27, ..."""
+    rungs, step = [], 1
+    while step < points:
+        rungs.append(step)
+        step *= 3
+    return rungs
+
+
+def _seed_curve(rng: random.Random, points: int) -> list[float]:
+    """A decaying loss curve of ``points`` steps, its level drawn at random."""
+    level = rng.uniform(0.0, 1.0)
+    return [level + 1.0 / (1 + step) for step in range(points)]
+
+
+def seed_ours_curves(storage: Storage, n: int, points: int, rng: random.Random) -> int:
+    """A study with stopping ASHA whose ``n`` complete trials reported ``points`` steps each."""
+    study_id = seed_ours(storage, "random", n, rng, pruner=ASHA)
+    with storage.read() as s:
+        ids = s.scalars(text(f"SELECT id FROM trials WHERE study_id = {study_id}")).all()
+    now = utcnow()
+    rows = []
+    with storage.write() as s:
+        for tid in ids:
+            curve = _seed_curve(rng, points)
+            rows += [
+                {
+                    "trial_id": tid,
+                    "study_id": study_id,
+                    "attempt": 1,
+                    "step": step,
+                    "name": "loss",
+                    "value": v,
+                    "time": now,
+                }
+                for step, v in enumerate(curve)
+            ]
+            if len(rows) >= 50_000:
+                s.execute(insert(MetricPoint), rows)
+                rows = []
+        if rows:
+            s.execute(insert(MetricPoint), rows)
+    return study_id
+
+
+def seed_optuna_curves(url: str, n: int, points: int, rng: random.Random) -> optuna.Study:
+    """Plain Optuna with its SuccessiveHalvingPruner (min 1, η 3): ``n`` complete trials with
+    ``points`` intermediate values each and the rung values the pruner records."""
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    sampler = optuna.samplers.RandomSampler(seed=0)  # ours asks the random sampler too
+    study = optuna.create_study(storage=url, sampler=sampler, pruner=pruner)
+    grow_optuna_rdb(url, study, n, rng)
+    engine = create_engine(url)
+    with engine.begin() as c:
+        ids = c.scalars(
+            text("SELECT trial_id FROM trials WHERE study_id = :s"), {"s": study._study_id}
+        ).all()
+        values, attrs = [], []
+        for tid in ids:
+            curve = _seed_curve(rng, points)
+            values += [{"trial": tid, "step": step, "value": v} for step, v in enumerate(curve)]
+            attrs += [
+                {"trial": tid, "key": f"completed_rung_{k}", "value": json.dumps(curve[rung])}
+                for k, rung in enumerate(_rungs(points))
+            ]
+        c.execute(
+            text(
+                "INSERT INTO trial_intermediate_values (trial_id, step, intermediate_value, "
+                "intermediate_value_type) VALUES (:trial, :step, :value, 'FINITE')"
+            ),
+            values,
+        )
+        c.execute(
+            text(
+                "INSERT INTO trial_system_attributes (trial_id, key, value_json) "
+                "VALUES (:trial, :key, :value)"
+            ),
+            attrs,
+        )
+    engine.dispose()
+    return study
+
+
+def prune_ours(client: httpx.Client, study_id: int, rng: random.Random) -> float:
+    """Seconds of one report of a new trial that reaches the first rung (its answer carries
+    the pruner's decision); the trial is then told, untimed, unless it was pruned."""
+    t = client.post(f"{API}/studies/{study_id}/ask")
+    t.raise_for_status()
+    trial = t.json()
+    curve = _seed_curve(rng, 2)
+    points = [{"step": step, "name": "loss", "value": v} for step, v in enumerate(curve)]
+    t0 = time.perf_counter()
+    r = client.post(
+        f"{API}/trials/{trial['trial_id']}/metrics",
+        json={"points": points, "attempt": trial["attempt"]},
+        headers={"Authorization": f"Bearer {trial['attempt_token']}"},
+    )
+    took = time.perf_counter() - t0
+    r.raise_for_status()
+    if not r.json()["should_stop"]:
+        client.post(
+            f"{API}/trials/{trial['trial_id']}/tell", json={"value": curve[-1]}
+        ).raise_for_status()
+    return took
+
+
+def prune_optuna(study: optuna.Study, rng: random.Random) -> float:
+    """Seconds of Optuna's report of the same two steps and ``should_prune``; then told."""
+    trial = study.ask()
+    trial.suggest_float("x", -5.0, 5.0)
+    curve = _seed_curve(rng, 2)
+    t0 = time.perf_counter()
+    for step, v in enumerate(curve):
+        trial.report(v, step)
+    pruned = trial.should_prune()
+    took = time.perf_counter() - t0
+    if pruned:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    else:
+        study.tell(trial, curve[-1])
+    return took
+
+
+def run_prune(args: argparse.Namespace) -> None:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rng = random.Random(0)
+    print(
+        f"A new trial reports steps 0 and 1 (ASHA's first rung) in a study of n complete "
+        f"trials with {args.points} steps each; {args.reports} reports per size\n"
+    )
+    print("| finished trials | points stored | ours p50 ms | Optuna p50 ms | ours ÷ Optuna |")
+    print("|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory(prefix="hpo-scale-") as tmp:
+        work = Path(tmp)
+        url = f"sqlite:///{work / 'hpo.db'}"
+        engine = make_engine(url)
+        upgrade_schema(engine)
+        storage = Storage(engine)
+        ours = {n: seed_ours_curves(storage, n, args.points, rng) for n in sizes}
+        engine.dispose()
+        theirs = {
+            n: seed_optuna_curves(f"sqlite:///{work / f'o{n}.db'}", n, args.points, rng)
+            for n in sizes
+        }
+        env = {"HPO_DATABASE_URL": url, "HPO_SCHEDULER": "false", "HPO_LOG_LEVEL": "warning"}
+        env["HPO_RATE_LIMIT_PER_S"] = "0"
+        with served(work, env=env) as (base, token):
+            headers = {"Authorization": f"Bearer {token}"}
+            with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
+                for n in sizes:
+                    mine, optunas = [], []
+                    for _ in range(args.reports):  # alternating: both see the same load
+                        mine.append(prune_ours(client, ours[n], rng))
+                        optunas.append(prune_optuna(theirs[n], rng))
+                    a, b = statistics.median(mine) * 1e3, statistics.median(optunas) * 1e3
+                    print(
+                        f"| {n:,} | {n * args.points:,} | {a:,.1f} | {b:,.1f} | {a / b:.2f} |",
+                        flush=True,
+                    )
+
+
 # --- the metrics section -----------------------------------------------------------------------
 
 
@@ -657,6 +853,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ask.add_argument("--no-journal", dest="journal", action="store_false")
     ask.add_argument("--optuna-postgres", metavar="URL", help="also Optuna TPE on this database")
     ask.add_argument("--quick", action="store_true", help="300 and 1,000 trials, GP at 60")
+    prune = sections.add_parser("prune", help="ASHA's decision at a rung, against Optuna")
+    prune.add_argument("--sizes", default="1000,10000", help="finished trials (comma-separated)")
+    prune.add_argument("--points", type=int, default=100, help="steps each finished trial has")
+    prune.add_argument("--reports", type=int, default=10, help="timed reports per size")
     met = sections.add_parser("metrics", help="metric ingestion from many streaming trials")
     met.add_argument("--trials", type=int, default=64, help="concurrent streaming trials")
     met.add_argument("--batch", type=int, default=100, help="points per report")
@@ -678,6 +878,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.error("--processes must be at least 1")
     if args.section == "metrics":
         run_metrics(args)
+    elif args.section == "prune":
+        run_prune(args)
     elif args.section == "ask":
         if args.quick:
             args.sizes, args.gp_trials, args.asks, args.gp_asks = "300,1000", 60, 5, 3

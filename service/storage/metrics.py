@@ -413,18 +413,7 @@ class PruningHistory:
         at the last step (never a scan of every point of the study above it), and the points
         between the first and the last step."""
         last = steps[-1]
-        first = (
-            select(MetricPoint.value)
-            .where(
-                MetricPoint.trial_id == Trial.id,
-                MetricPoint.name == self.metric,
-                MetricPoint.step >= last,
-            )
-            .order_by(MetricPoint.step, MetricPoint.attempt.desc())
-            .limit(1)
-            .correlate(Trial)
-            .scalar_subquery()
-        )
+        first = first_value_at(self.metric, last)
         rows = self.session.execute(
             select(Trial.id, first).where(
                 Trial.study_id == self.study_id, Trial.state == TrialState.COMPLETE.value
@@ -483,6 +472,26 @@ def _waited(reason: dict[str, Any] | None, now: datetime, grace_s: float) -> boo
     return at is None or (now - datetime.fromisoformat(at)).total_seconds() > grace_s
 
 
+def first_value_at(metric: str, step: int) -> Any:
+    """A scalar subquery, correlated to ``Trial``: the trial's value of ``metric`` at its first
+    step at or after ``step`` (of a step several attempts reported, the newest attempt's), or
+    NULL. It reads the trial's (trial, name, step) index from ``step`` and stops at the first
+    step there: both databases sort only that step's rows by attempt (PostgreSQL's incremental
+    sort, SQLite's "temp b-tree for right part of order by"), whatever the curve above it."""
+    return (
+        select(MetricPoint.value)
+        .where(
+            MetricPoint.trial_id == Trial.id,
+            MetricPoint.name == metric,
+            MetricPoint.step >= step,
+        )
+        .order_by(MetricPoint.step, MetricPoint.attempt.desc())
+        .limit(1)
+        .correlate(Trial)
+        .scalar_subquery()
+    )
+
+
 def values_at_by_trial(
     session: Session,
     study_id: int,
@@ -492,34 +501,12 @@ def values_at_by_trial(
 ) -> dict[int, float]:
     """``{trial id: its value of metric at its first step >= step}`` for every trial of the
     study that reached ``step`` (of a step several attempts reported, the newest attempt's);
-    with ``bracket`` (n, b), only the trials whose ``number % n == b``."""
-    where = [
-        MetricPoint.study_id == study_id,
-        MetricPoint.name == metric,
-        MetricPoint.step >= step,
-    ]
+    with ``bracket`` (n, b), only the trials whose ``number % n == b``. A lookup per trial of
+    the study (see :func:`first_value_at`), never a scan of the study's points above ``step``
+    (ASHA asks at its lowest rung, where that is nearly every point of the study)."""
+    where = [Trial.study_id == study_id]
     if bracket is not None:
         n, b = bracket
-        members = select(Trial.id).where(Trial.study_id == study_id, Trial.number % n == b)
-        where.append(MetricPoint.trial_id.in_(members))
-    first = (
-        select(MetricPoint.trial_id, func.min(MetricPoint.step).label("step"))
-        .where(*where)
-        .group_by(MetricPoint.trial_id)
-        .subquery()
-    )
-    stmt = select(MetricPoint.value).join(
-        first,
-        and_(
-            MetricPoint.trial_id == first.c.trial_id,
-            MetricPoint.step == first.c.step,
-            MetricPoint.name == metric,
-        ),
-    )
-    rows = session.execute(
-        stmt.add_columns(MetricPoint.trial_id).order_by(MetricPoint.attempt.desc())
-    )
-    seen: dict[int, float] = {}
-    for value, trial_id in rows:
-        seen.setdefault(trial_id, value)
-    return seen
+        where.append(Trial.number % n == b)
+    rows = session.execute(select(Trial.id, first_value_at(metric, step)).where(*where))
+    return {trial_id: value for trial_id, value in rows if value is not None}

@@ -339,6 +339,40 @@ def test_pruning_history_sees_other_trials_first_value_at_a_step(storage: Storag
         assert history.n_complete() == 1
 
 
+def test_values_at_a_rung_are_each_trials_first_step_at_or_after_it(storage: Storage) -> None:
+    """ASHA's and PBT's question, asked trial by trial: the value at each trial's first step
+    at or after the rung, the newest attempt's where two stored that step, only the trials of
+    a bracket when asked so, none for a trial whose curve stops below the rung."""
+    sid = add_study(storage)
+    ids = [add_trial(storage, sid) for _ in range(4)]  # numbers 0..3
+    curves = (
+        {1: 9.0, 2: 8.0, 3: 7.0, 50: 1.0},  # attempt 1; attempt 2 below stores step 3 again
+        {4: 6.0, 5: 5.0},
+        {1: 4.0},  # stops below rung 3
+        {3: 3.0},
+    )
+    for tid, steps in zip(ids, curves, strict=True):
+        with storage.write() as s:
+            _, trial = trials.lock(s, tid)
+            points = [MetricInput(k, "loss", v) for k, v in steps.items()]
+            metrics.add(s, trial, [*points, MetricInput(3, "acc", 0.5)], utcnow())
+    with storage.write() as s:
+        _, trial = trials.lock(s, ids[0])
+        trial.attempts = 2
+        metrics.add(s, trial, [MetricInput(3, "loss", 6.5)], utcnow())
+    with storage.read() as s:
+        found = metrics.values_at_by_trial(s, sid, "loss", 3)
+        assert found == {ids[0]: 6.5, ids[1]: 6.0, ids[3]: 3.0}
+        assert metrics.values_at_by_trial(s, sid, "loss", 3, bracket=(2, 1)) == {
+            ids[1]: 6.0,
+            ids[3]: 3.0,
+        }
+        assert metrics.values_at_by_trial(s, sid, "loss", 51) == {}
+        assert metrics.values_at_by_trial(s, sid, "acc", 1) == {t: 0.5 for t in ids}
+        history = metrics.PruningHistory(s, sid, ids[3], "loss")
+        assert history.values_by_trial_at(6) == {ids[0]: 1.0}
+
+
 def test_pruning_history_loads_the_steps_to_judge_together_and_answers_each_as_alone(
     storage: Storage,
 ) -> None:
