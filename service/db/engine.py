@@ -105,7 +105,10 @@ def alembic_config(engine: Engine):  # type: ignore[no-untyped-def]
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    # The config is a ConfigParser: "%" (a URL's escapes, such as PostgreSQL options'
+    # "statement_timeout%3D60000") starts an interpolation unless doubled.
+    url = engine.url.render_as_string(hide_password=False)
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
 
