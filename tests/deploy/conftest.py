@@ -45,7 +45,9 @@ def free_ports(n: int) -> list[int]:
     connection (the other suite runs meanwhile) may take it as its local port before Ray binds
     it. A raylet whose agent cannot bind its port exits (raylet.err says so)."""
     high = _ephemeral_low()
-    low = 10000 if high > 12000 else 1024
+    # Above Ray's default worker ports (10002-19999), which a Ray started without a port list
+    # takes for its workers.
+    low = 20000 if high > 22000 else 1024
     rng = random.Random()
     held: list[socket.socket] = []
     ports: list[int] = []
