@@ -29,7 +29,8 @@ study of many complete trials with ``--points`` steps each (min 1, η 3).
   over loopback HTTP (the answer carries the pruner's decision), then told if not pruned.
 * Optuna: ``SuccessiveHalvingPruner`` (same rungs) on an SQLite file seeded the same way
   (intermediate values and the rung values it records in system attributes); timed:
-  ``trial.report`` of the same two steps and ``trial.should_prune()``.
+  ``trial.report`` of the same two values and ``trial.should_prune()`` (three commits, in
+  SQLite's default rollback journal, as Optuna leaves it; ours is one commit in WAL mode).
 
 Reports alternate ours and Optuna; figures are medians.
 
@@ -547,13 +548,12 @@ def seed_optuna_curves(url: str, n: int, points: int, rng: random.Random) -> opt
     return study
 
 
-def prune_ours(client: httpx.Client, study_id: int, rng: random.Random) -> float:
-    """Seconds of one report of a new trial that reaches the first rung (its answer carries
-    the pruner's decision); the trial is then told, untimed, unless it was pruned."""
+def prune_ours(client: httpx.Client, study_id: int, curve: list[float]) -> float:
+    """Seconds of one report of a new trial's ``curve`` (steps 0 and 1: the first rung; its
+    answer carries the pruner's decision); the trial is then told, untimed, unless pruned."""
     t = client.post(f"{API}/studies/{study_id}/ask")
     t.raise_for_status()
     trial = t.json()
-    curve = _seed_curve(rng, 2)
     points = [{"step": step, "name": "loss", "value": v} for step, v in enumerate(curve)]
     t0 = time.perf_counter()
     r = client.post(
@@ -570,11 +570,10 @@ def prune_ours(client: httpx.Client, study_id: int, rng: random.Random) -> float
     return took
 
 
-def prune_optuna(study: optuna.Study, rng: random.Random) -> float:
-    """Seconds of Optuna's report of the same two steps and ``should_prune``; then told."""
+def prune_optuna(study: optuna.Study, curve: list[float]) -> float:
+    """Seconds of Optuna's report of the same ``curve`` and ``should_prune``; then told."""
     trial = study.ask()
     trial.suggest_float("x", -5.0, 5.0)
-    curve = _seed_curve(rng, 2)
     t0 = time.perf_counter()
     for step, v in enumerate(curve):
         trial.report(v, step)
@@ -616,8 +615,9 @@ def run_prune(args: argparse.Namespace) -> None:
                 for n in sizes:
                     mine, optunas = [], []
                     for _ in range(args.reports):  # alternating: both see the same load
-                        mine.append(prune_ours(client, ours[n], rng))
-                        optunas.append(prune_optuna(theirs[n], rng))
+                        curve = _seed_curve(rng, 2)  # the same values on both sides
+                        mine.append(prune_ours(client, ours[n], curve))
+                        optunas.append(prune_optuna(theirs[n], curve))
                     a, b = statistics.median(mine) * 1e3, statistics.median(optunas) * 1e3
                     print(
                         f"| {n:,} | {n * args.points:,} | {a:,.1f} | {b:,.1f} | {a / b:.2f} |",

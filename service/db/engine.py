@@ -104,9 +104,10 @@ def alembic_config(engine: Engine):  # type: ignore[no-untyped-def]
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
     # The config is a ConfigParser: "%" (a URL's escapes, such as PostgreSQL options'
-    # "statement_timeout%3D60000") starts an interpolation unless doubled.
+    # "statement_timeout%3D60000", or a folder named with one) starts an interpolation unless
+    # doubled.
+    cfg.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
     url = engine.url.render_as_string(hide_password=False)
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg

@@ -476,8 +476,9 @@ def first_value_at(metric: str, step: int) -> Any:
     """A scalar subquery, correlated to ``Trial``: the trial's value of ``metric`` at its first
     step at or after ``step`` (of a step several attempts reported, the newest attempt's), or
     NULL. It reads the trial's (trial, name, step) index from ``step`` and stops at the first
-    step there: both databases sort only that step's rows by attempt (PostgreSQL's incremental
-    sort, SQLite's "temp b-tree for right part of order by"), whatever the curve above it."""
+    step there: both databases sort only that step's rows by attempt (SQLite's "temp b-tree
+    for right part of order by"; PostgreSQL's incremental sort, once it has statistics of the
+    table: before its first ANALYZE it may sort all of the trial's points above ``step``)."""
     return (
         select(MetricPoint.value)
         .where(

@@ -44,10 +44,12 @@ def free_ports(n: int) -> list[int]:
     kernel's ephemeral range. A port from ``bind(0)`` lies in that range, where any outgoing
     connection (the other suite runs meanwhile) may take it as its local port before Ray binds
     it. A raylet whose agent cannot bind its port exits (raylet.err says so)."""
-    high = _ephemeral_low()
     # Above Ray's default worker ports (10002-19999), which a Ray started without a port list
-    # takes for its workers.
-    low = 20000 if high > 22000 else 1024
+    # takes for its workers; where the ephemeral range starts lower than that (tuned to
+    # 1024-65535, say), no port is safe from it and 20000-32767 has to do.
+    low, high = 20000, _ephemeral_low()
+    if high < low + 1000:
+        high = 32768
     rng = random.Random()
     held: list[socket.socket] = []
     ports: list[int] = []
@@ -191,7 +193,8 @@ def write_spec(path: Path, name: str, trials: int = 1, **trainable_config: objec
 def ray_errors(*temp_dirs: Path) -> str:
     """The tails of the logs where a raylet and its agents say why they exited: `ray start`
     prints only raylet.out, and the raylet writes "one Ray agent failed" to raylet.err."""
-    names = ("raylet.err", "dashboard_agent.log", "runtime_env_agent.log", "gcs_server.err")
+    # raylet.1.err after a restart in the session; an agent's bind error goes to its .err
+    names = ("raylet*.err", "*agent*.log", "*agent*.err", "gcs_server*.err")
     tails = []
     for temp in temp_dirs:
         for name in names:
