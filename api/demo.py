@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,53 @@ ASK_TELL_SPEC: dict[str, Any] = {
 }
 
 
+def _ephemeral_low() -> int:
+    """Where the kernel's range for outgoing connections' local ports starts (Linux)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(n: int, *, avoid: Collection[int] = ()) -> list[int]:
+    """``n`` distinct ports free now (none of ``avoid``), drawn at random between 20000 and
+    the kernel's ephemeral range. A port from ``bind(0)`` lies in that range, where any
+    outgoing connection may take it as its local port before the server meant for it binds
+    it (and a server restarted on its port after a kill is exposed as long as it is down).
+    From 20000: above Ray's default worker ports (10002-19999). Where the ephemeral range
+    starts lower (tuned to 1024-65535, say), no port is safe from it; 20000-32767 it is."""
+    low, high = 20000, _ephemeral_low()
+    if high < low + 1000:
+        high = 32768
+    rng = random.Random()
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        for _ in range(100 * n):
+            if len(ports) == n:
+                return ports
+            port = rng.randrange(low, high)
+            if port in avoid or port in ports:
+                continue
+            s = socket.socket()
+            try:
+                s.bind(("", port))  # every address: a server may bind any of them
+            except OSError:
+                s.close()
+                continue
+            held.append(s)  # held until all are found
+            ports.append(port)
+        if len(ports) == n:
+            return ports
+        raise RuntimeError(f"found {len(ports)} of {n} free ports in {low}-{high - 1}")
+    finally:
+        for s in held:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """One free port for a local server (see :func:`free_ports`)."""
+    return free_ports(1)[0]
 
 
 @contextmanager

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hpo.api import demo
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 STAND_INS = Path(__file__).parent / "data" / "bin"
@@ -31,49 +31,13 @@ VENV_BIN = Path(sys.executable).parent
 _handed_out: set[int] = set()
 
 
-def _ephemeral_low() -> int:
-    """Where the kernel's range for outgoing connections' local ports starts."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports, none handed out before in this process, all below the
-    kernel's ephemeral range. A port from ``bind(0)`` lies in that range, where any outgoing
-    connection (the other suite runs meanwhile) may take it as its local port before Ray binds
-    it. A raylet whose agent cannot bind its port exits (raylet.err says so)."""
-    # Above Ray's default worker ports (10002-19999), which a Ray started without a port list
-    # takes for its workers; where the ephemeral range starts lower than that (tuned to
-    # 1024-65535, say), no port is safe from it and 20000-32767 has to do.
-    low, high = 20000, _ephemeral_low()
-    if high < low + 1000:
-        high = 32768
-    rng = random.Random()
-    held: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        tries = 0
-        while len(ports) < n:
-            tries += 1
-            if tries > 100 * n:
-                raise RuntimeError(f"found {len(ports)} of {n} free ports in {low}-{high}")
-            port = rng.randrange(low, high)
-            if port in _handed_out:
-                continue
-            s = socket.socket()
-            try:
-                s.bind(("", port))  # every address: Ray binds the node IP
-            except OSError:
-                s.close()
-                continue
-            held.append(s)  # held until all are found, so none is tried twice
-            _handed_out.add(port)
-            ports.append(port)
-    finally:
-        for s in held:
-            s.close()
+    """``n`` distinct free ports, none handed out before in this process, from below the
+    kernel's ephemeral range (:func:`hpo.api.demo.free_ports`): there, an outgoing connection
+    of the suite running meanwhile cannot take one before Ray binds it. A raylet whose agent
+    cannot bind its port exits (raylet.err says so)."""
+    ports = demo.free_ports(n, avoid=_handed_out)
+    _handed_out.update(ports)
     return ports
 
 
