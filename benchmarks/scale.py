@@ -71,7 +71,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -214,6 +214,17 @@ def seed_ours(
             .values(seq=n + 2, next_number=n, updated_at=now)
         )
     return study_id
+
+
+@contextlib.contextmanager
+def serving(work: Path, url: str) -> Iterator[httpx.Client]:
+    """``hpo serve`` on the database at ``url`` (scheduler off, no rate limit) and a client."""
+    env = {"HPO_DATABASE_URL": url, "HPO_SCHEDULER": "false", "HPO_LOG_LEVEL": "warning"}
+    env["HPO_RATE_LIMIT_PER_S"] = "0"
+    with served(work, env=env) as (base, token):
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
+            yield client
 
 
 def ask_ours(client: httpx.Client, study_id: int, asks: int) -> list[float]:
@@ -416,31 +427,27 @@ def run_ask(args: argparse.Namespace) -> None:
 
         print("| what | finished trials | first ask ms | median ms | p90 ms | asks |")
         print("|---|---:|---:|---:|---:|---:|")
-        env = {"HPO_DATABASE_URL": url, "HPO_SCHEDULER": "false", "HPO_LOG_LEVEL": "warning"}
-        env["HPO_RATE_LIMIT_PER_S"] = "0"
-        with served(work, env=env) as (base, token):
-            headers = {"Authorization": f"Bearer {token}"}
-            with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
-                # Rounds alternate ours and Optuna so that both see the same machine load.
-                for n in sizes:
-                    times: dict[str, list[float]] = {}
-                    for _ in range(args.asks + 1):
-                        for kind in KINDS:
-                            key = f"ours {kind} (HTTP)"
-                            times.setdefault(key, []).extend(ask_ours(client, ours[kind, n], 1))
-                        for where in ("SQLite", "Journal", "PostgreSQL"):
-                            if (where, n) in theirs:
-                                key = f"optuna tpe ({where})"
-                                times.setdefault(key, []).extend(ask_optuna(theirs[where, n], 1))
-                    for key, ts in times.items():
-                        table.add(key, n, ts)
-                n = args.gp_trials
-                times = {"ours gp (HTTP)": [], "optuna gp (SQLite)": []}
-                for _ in range(args.gp_asks + 1):
-                    times["ours gp (HTTP)"] += ask_ours(client, ours["gp", n], 1)
-                    times["optuna gp (SQLite)"] += ask_optuna(their_gp, 1)
+        with serving(work, url) as client:
+            # Rounds alternate ours and Optuna so that both see the same machine load.
+            for n in sizes:
+                times: dict[str, list[float]] = {}
+                for _ in range(args.asks + 1):
+                    for kind in KINDS:
+                        key = f"ours {kind} (HTTP)"
+                        times.setdefault(key, []).extend(ask_ours(client, ours[kind, n], 1))
+                    for where in ("SQLite", "Journal", "PostgreSQL"):
+                        if (where, n) in theirs:
+                            key = f"optuna tpe ({where})"
+                            times.setdefault(key, []).extend(ask_optuna(theirs[where, n], 1))
                 for key, ts in times.items():
                     table.add(key, n, ts)
+            n = args.gp_trials
+            times = {"ours gp (HTTP)": [], "optuna gp (SQLite)": []}
+            for _ in range(args.gp_asks + 1):
+                times["ours gp (HTTP)"] += ask_ours(client, ours["gp", n], 1)
+                times["optuna gp (SQLite)"] += ask_optuna(their_gp, 1)
+            for key, ts in times.items():
+                table.add(key, n, ts)
 
     m = table.median
     print("\nratios of medians:")
@@ -607,22 +614,18 @@ def run_prune(args: argparse.Namespace) -> None:
             n: seed_optuna_curves(f"sqlite:///{work / f'o{n}.db'}", n, args.points, rng)
             for n in sizes
         }
-        env = {"HPO_DATABASE_URL": url, "HPO_SCHEDULER": "false", "HPO_LOG_LEVEL": "warning"}
-        env["HPO_RATE_LIMIT_PER_S"] = "0"
-        with served(work, env=env) as (base, token):
-            headers = {"Authorization": f"Bearer {token}"}
-            with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
-                for n in sizes:
-                    mine, optunas = [], []
-                    for _ in range(args.reports):  # alternating: both see the same load
-                        curve = _seed_curve(rng, 2)  # the same values on both sides
-                        mine.append(prune_ours(client, ours[n], curve))
-                        optunas.append(prune_optuna(theirs[n], curve))
-                    a, b = statistics.median(mine) * 1e3, statistics.median(optunas) * 1e3
-                    print(
-                        f"| {n:,} | {n * args.points:,} | {a:,.1f} | {b:,.1f} | {a / b:.2f} |",
-                        flush=True,
-                    )
+        with serving(work, url) as client:
+            for n in sizes:
+                mine, optunas = [], []
+                for _ in range(args.reports):  # alternating: both see the same load
+                    curve = _seed_curve(rng, 2)  # the same values on both sides
+                    mine.append(prune_ours(client, ours[n], curve))
+                    optunas.append(prune_optuna(theirs[n], curve))
+                a, b = statistics.median(mine) * 1e3, statistics.median(optunas) * 1e3
+                print(
+                    f"| {n:,} | {n * args.points:,} | {a:,.1f} | {b:,.1f} | {a / b:.2f} |",
+                    flush=True,
+                )
 
 
 # --- the metrics section -----------------------------------------------------------------------
