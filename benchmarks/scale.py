@@ -24,17 +24,19 @@ smallest (goal ≤ 2: flat).
 ``prune``: the latency of a report that brings a trial to ASHA's first rung (step 1), in a
 study of many complete trials with ``--points`` steps each (min 1, η 3).
 
-* Ours: a stopping-ASHA study on a fresh SQLite file (trials and points bulk-inserted); a new
+* Ours: a stopping-ASHA study on a fresh SQLite file and, with ``--postgres``, on a throwaway
+  PostgreSQL database (trials and points bulk-inserted); a new
   trial is asked, then its report of steps 0 and 1 to ``POST /trials/{id}/metrics`` is timed
   over loopback HTTP (the answer carries the pruner's decision), then told if not pruned.
-* Optuna: ``SuccessiveHalvingPruner`` (same rungs) on an SQLite file seeded the same way
-  (intermediate values and the rung values it records in system attributes); timed:
-  ``trial.report`` of the same two values and ``trial.should_prune()`` (three commits, in
-  SQLite's default rollback journal, as Optuna leaves it; ours is one commit in WAL mode).
+* Optuna: ``SuccessiveHalvingPruner`` (same rungs) on the same kind of database, seeded the
+  same way (intermediate values and the rung values it records in system attributes); timed:
+  ``trial.report`` of the same two values and ``trial.should_prune()`` (three commits; on
+  SQLite in its default rollback journal, as Optuna leaves it; ours is one commit, in WAL).
 
 Reports alternate ours and Optuna; figures are medians.
 
     python benchmarks/scale.py prune                # 1,000 and 10,000 trials x 100 steps
+    python benchmarks/scale.py prune --postgres postgresql://postgres@127.0.0.1:5432/postgres
     python benchmarks/scale.py prune --sizes 1000 --points 1000
 
 ``metrics``: metric ingestion from many trials of one study streaming at once.
@@ -213,6 +215,10 @@ def seed_ours(
             .where(Study.id == study_id)
             .values(seq=n + 2, next_number=n, updated_at=now)
         )
+        if s.get_bind().dialect.name == "postgresql":  # the sequence behind the ids we chose
+            s.execute(
+                text("SELECT setval(pg_get_serial_sequence('trials', 'id'), max(id)) FROM trials")
+            )
     return study_id
 
 
@@ -600,32 +606,46 @@ def run_prune(args: argparse.Namespace) -> None:
         f"A new trial reports steps 0 and 1 (ASHA's first rung) in a study of n complete "
         f"trials with {args.points} steps each; {args.reports} reports per size\n"
     )
-    print("| finished trials | points stored | ours p50 ms | Optuna p50 ms | ours ÷ Optuna |")
-    print("|---:|---:|---:|---:|---:|")
-    with tempfile.TemporaryDirectory(prefix="hpo-scale-") as tmp:
-        work = Path(tmp)
-        url = f"sqlite:///{work / 'hpo.db'}"
-        engine = make_engine(url)
-        upgrade_schema(engine)
-        storage = Storage(engine)
-        ours = {n: seed_ours_curves(storage, n, args.points, rng) for n in sizes}
-        engine.dispose()
-        theirs = {
-            n: seed_optuna_curves(f"sqlite:///{work / f'o{n}.db'}", n, args.points, rng)
-            for n in sizes
-        }
-        with serving(work, url) as client:
-            for n in sizes:
-                mine, optunas = [], []
-                for _ in range(args.reports):  # alternating: both see the same load
-                    curve = _seed_curve(rng, 2)  # the same values on both sides
-                    mine.append(prune_ours(client, ours[n], curve))
-                    optunas.append(prune_optuna(theirs[n], curve))
-                a, b = statistics.median(mine) * 1e3, statistics.median(optunas) * 1e3
-                print(
-                    f"| {n:,} | {n * args.points:,} | {a:,.1f} | {b:,.1f} | {a / b:.2f} |",
-                    flush=True,
-                )
+    print(
+        "| database | finished trials | points stored | ours p50 ms | Optuna p50 ms "
+        "| ours ÷ Optuna |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    targets: list[tuple[str, str | None]] = [] if args.no_sqlite else [("SQLite", None)]
+    if args.postgres:
+        targets.append(("PostgreSQL", args.postgres))
+    for where, admin in targets:
+        with (
+            tempfile.TemporaryDirectory(prefix="hpo-scale-") as tmp,
+            contextlib.ExitStack() as on_exit,
+        ):
+            work = Path(tmp)
+            if admin is None:
+                url, optuna_url = f"sqlite:///{work / 'hpo.db'}", f"sqlite:///{work / 'o.db'}"
+            else:  # a throwaway database each (both schemas have a table "trials")
+                url, drop = _pg_database(admin)
+                on_exit.enter_context(drop)
+                optuna_url, drop = _pg_database(admin)
+                on_exit.enter_context(drop)
+            engine = make_engine(url)
+            upgrade_schema(engine)
+            storage = Storage(engine)
+            ours = {n: seed_ours_curves(storage, n, args.points, rng) for n in sizes}
+            engine.dispose()
+            theirs = {n: seed_optuna_curves(optuna_url, n, args.points, rng) for n in sizes}
+            with serving(work, url) as client:
+                for n in sizes:
+                    mine, optunas = [], []
+                    for _ in range(args.reports):  # alternating: both see the same load
+                        curve = _seed_curve(rng, 2)  # the same values on both sides
+                        mine.append(prune_ours(client, ours[n], curve))
+                        optunas.append(prune_optuna(theirs[n], curve))
+                    a, b = statistics.median(mine) * 1e3, statistics.median(optunas) * 1e3
+                    print(
+                        f"| {where} | {n:,} | {n * args.points:,} | {a:,.1f} | {b:,.1f} "
+                        f"| {a / b:.2f} |",
+                        flush=True,
+                    )
 
 
 # --- the metrics section -----------------------------------------------------------------------
@@ -860,6 +880,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     prune.add_argument("--sizes", default="1000,10000", help="finished trials (comma-separated)")
     prune.add_argument("--points", type=int, default=100, help="steps each finished trial has")
     prune.add_argument("--reports", type=int, default=10, help="timed reports per size")
+    prune.add_argument("--postgres", metavar="ADMIN_URL", help="also on throwaway databases here")
+    prune.add_argument("--no-sqlite", action="store_true", help="only the --postgres run")
     met = sections.add_parser("metrics", help="metric ingestion from many streaming trials")
     met.add_argument("--trials", type=int, default=64, help="concurrent streaming trials")
     met.add_argument("--batch", type=int, default=100, help="points per report")
