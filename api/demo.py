@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -61,40 +62,74 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+# Ports this process has handed out, each with a lock file held open until the process ends:
+# another process drawing ports (the two pytest processes of the suite, a second `hpo demo`)
+# skips them, even while their server is not up yet or is down for a restart.
+_HANDED_OUT: dict[int, int] = {}
+_HANDED_OUT_LOCK = threading.Lock()
+
+
+def _reserve(port: int) -> bool:
+    """Claim ``port`` for this process (an exclusive flock on a file named after it), unless
+    this or another process claimed it first. Where flock or the file is missing, only this
+    process's own claims count."""
+    if port in _HANDED_OUT:
+        return False
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        _HANDED_OUT[port] = -1
+        return True
+    folder = Path(tempfile.gettempdir()) / "hpo-ports"
+    try:
+        folder.mkdir(exist_ok=True)
+        fd = os.open(folder / f"{port}.lock", os.O_CREAT | os.O_RDWR, 0o666)
+    except OSError:  # no room for the file, no descriptor left: this process's claims count
+        _HANDED_OUT[port] = -1
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _HANDED_OUT[port] = fd  # released when this process ends
+    return True
+
+
 def free_ports(n: int, *, avoid: Collection[int] = ()) -> list[int]:
-    """``n`` distinct ports free now (none of ``avoid``), drawn at random between 20000 and
-    the kernel's ephemeral range. A port from ``bind(0)`` lies in that range, where any
-    outgoing connection may take it as its local port before the server meant for it binds
-    it (and a server restarted on its port after a kill is exposed as long as it is down).
-    From 20000: above Ray's default worker ports (10002-19999). Where the ephemeral range
-    starts lower (tuned to 1024-65535, say), no port is safe from it; 20000-32767 it is."""
+    """``n`` distinct ports free now (none of ``avoid``, none handed out before by this or
+    another process using this function), drawn at random between 20000 and the kernel's
+    ephemeral range. A port from ``bind(0)`` lies in that range, where any outgoing
+    connection may take it as its local port before the server meant for it binds it (and a
+    server restarted on its port after a kill is exposed as long as it is down). From 20000:
+    above Ray's default worker ports (10002-19999). Where the ephemeral range starts lower
+    (tuned to 1024-65535, say), no port is safe from it; 20000-32767 it is."""
     low, high = 20000, _ephemeral_low()
     if high < low + 1000:
         high = 32768
     rng = random.Random()
-    held: list[socket.socket] = []
     ports: list[int] = []
-    try:
+    with _HANDED_OUT_LOCK:
         for _ in range(100 * n):
             if len(ports) == n:
                 return ports
             port = rng.randrange(low, high)
-            if port in avoid or port in ports:
+            if port in avoid or not _bindable(port) or not _reserve(port):
                 continue
-            s = socket.socket()
-            try:
-                s.bind(("", port))  # every address: a server may bind any of them
-            except OSError:
-                s.close()
-                continue
-            held.append(s)  # held until all are found
             ports.append(port)
-        if len(ports) == n:
-            return ports
-        raise RuntimeError(f"found {len(ports)} of {n} free ports in {low}-{high - 1}")
-    finally:
-        for s in held:
-            s.close()
+    if len(ports) == n:
+        return ports
+    raise RuntimeError(f"found {len(ports)} of {n} free ports in {low}-{high - 1}")
+
+
+def _bindable(port: int) -> bool:
+    """Whether nothing holds ``port`` now, on any address (a server may bind any of them)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:

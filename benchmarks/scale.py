@@ -633,6 +633,12 @@ def run_prune(args: argparse.Namespace) -> None:
             ours = {n: seed_ours_curves(storage, n, args.points, rng) for n in sizes}
             engine.dispose()
             theirs = {n: seed_optuna_curves(optuna_url, n, args.points, rng) for n in sizes}
+            if admin is not None:  # statistics for both planners, as autovacuum would give
+                for analyzed in (url, optuna_url):
+                    engine = create_engine(analyzed, isolation_level="AUTOCOMMIT")
+                    with engine.connect() as conn:
+                        conn.execute(text("ANALYZE"))
+                    engine.dispose()
             with serving(work, url) as client:
                 for n in sizes:
                     mine, optunas = [], []
@@ -901,6 +907,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.section == "metrics" and args.processes < 1:
         ap.error("--processes must be at least 1")
+    if getattr(args, "no_sqlite", False) and not args.postgres:
+        ap.error("--no-sqlite needs --postgres (else nothing runs)")
     if args.section == "metrics":
         run_metrics(args)
     elif args.section == "prune":

@@ -28,17 +28,12 @@ STAND_INS = Path(__file__).parent / "data" / "bin"
 VENV_BIN = Path(sys.executable).parent
 
 
-_handed_out: set[int] = set()
-
-
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports, none handed out before in this process, from below the
-    kernel's ephemeral range (:func:`hpo.api.demo.free_ports`): there, an outgoing connection
-    of the suite running meanwhile cannot take one before Ray binds it. A raylet whose agent
-    cannot bind its port exits (raylet.err says so)."""
-    ports = demo.free_ports(n, avoid=_handed_out)
-    _handed_out.update(ports)
-    return ports
+    """``n`` distinct free ports, none handed out before, from below the kernel's ephemeral
+    range (:func:`hpo.api.demo.free_ports`): there, an outgoing connection of the suite
+    running meanwhile cannot take one before Ray binds it. A raylet whose agent cannot bind
+    its port exits (raylet.err says so)."""
+    return demo.free_ports(n)
 
 
 def free_port() -> int:
