@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from hpo.service.db.models import MetricPoint, Trial, utcnow
 from hpo.service.records import MetricInput, MetricPointRecord
-from hpo.service.states import TrialState
+from hpo.service.states import FINISHED_TRIAL_STATES, TrialState
 from hpo.service.storage import curves
 
 
@@ -493,6 +493,17 @@ def first_value_at(metric: str, step: int) -> Any:
     )
 
 
+# A finished trial's values at a rung, kept per engine (as _COMPLETE_AT): {(study id, metric,
+# step, bracket): {trial id: (its attempts, its value there or None)}}. A finished trial
+# (complete, pruned, failed: no state leads out of them) takes no more points, so its value at
+# a step never changes; the attempts stored with it are checked against the trial's anyway.
+# Sized by the trials kept in all entries together.
+_RUNG_VALUES: weakref.WeakKeyDictionary[Any, LRUCache] = weakref.WeakKeyDictionary()
+_RUNG_VALUES_LOCK = threading.Lock()
+_RUNG_VALUES_SIZE = 200_000
+_FINISHED = frozenset(state.value for state in FINISHED_TRIAL_STATES)
+
+
 def values_at_by_trial(
     session: Session,
     study_id: int,
@@ -502,12 +513,53 @@ def values_at_by_trial(
 ) -> dict[int, float]:
     """``{trial id: its value of metric at its first step >= step}`` for every trial of the
     study that reached ``step`` (of a step several attempts reported, the newest attempt's);
-    with ``bracket`` (n, b), only the trials whose ``number % n == b``. A lookup per trial of
-    the study (see :func:`first_value_at`), never a scan of the study's points above ``step``
-    (ASHA asks at its lowest rung, where that is nearly every point of the study)."""
+    with ``bracket`` (n, b), only the trials whose ``number % n == b``. Reads the study's
+    trials (id, attempts, state), takes the finished ones' values from memory where they were
+    looked up before, and looks the others up trial by trial (see :func:`first_value_at`):
+    never a scan of the study's points above ``step`` (ASHA asks at its lowest rung, where
+    that is nearly every point of the study)."""
     where = [Trial.study_id == study_id]
     if bracket is not None:
         n, b = bracket
         where.append(Trial.number % n == b)
-    rows = session.execute(select(Trial.id, first_value_at(metric, step)).where(*where))
-    return {trial_id: value for trial_id, value in rows if value is not None}
+    trials = session.execute(select(Trial.id, Trial.attempts, Trial.state).where(*where)).all()
+    key = (study_id, metric, step, bracket)
+    with _RUNG_VALUES_LOCK:
+        cache = _rung_cache(session)
+        known: dict[int, tuple[int, float | None]] = cache.get(key) or {}
+    out: dict[int, float] = {}
+    todo: dict[int, int | None] = {}  # trial id: its attempts when finished, else None
+    for trial_id, attempts, state in trials:
+        finished = state in _FINISHED
+        hit = known.get(trial_id) if finished else None
+        if hit is not None and hit[0] == attempts:
+            if hit[1] is not None:
+                out[trial_id] = hit[1]
+        else:
+            todo[trial_id] = attempts if finished else None
+    if not todo:
+        return out
+    found: dict[int, float] = {}
+    ids = list(todo)
+    for i in range(0, len(ids), 1_000):
+        chunk = ids[i : i + 1_000]
+        rows = session.execute(
+            select(Trial.id, first_value_at(metric, step)).where(Trial.id.in_(chunk))
+        )
+        found.update((trial_id, value) for trial_id, value in rows if value is not None)
+    out.update(found)
+    fresh = {t: (a, found.get(t)) for t, a in todo.items() if a is not None}
+    if fresh:
+        with _RUNG_VALUES_LOCK:  # a new dict, so the cache counts the trials it holds
+            kept = {**(cache.get(key) or {}), **fresh}
+            if len(kept) <= cache.maxsize:
+                cache[key] = kept
+    return out
+
+
+def _rung_cache(session: Session) -> LRUCache:
+    pool = session.get_bind().pool
+    cache = _RUNG_VALUES.get(pool)
+    if cache is None:
+        cache = _RUNG_VALUES.setdefault(pool, LRUCache(_RUNG_VALUES_SIZE, getsizeof=len))
+    return cache

@@ -373,6 +373,52 @@ def test_values_at_a_rung_are_each_trials_first_step_at_or_after_it(storage: Sto
         assert history.values_by_trial_at(6) == {ids[0]: 1.0}
 
 
+def test_finished_trials_values_at_a_rung_are_looked_up_once(storage: Storage) -> None:
+    """A finished trial takes no more points, so its value at a rung is read from the points
+    once and kept: later questions look up only the trials still running (and the ones
+    finished since), and see those trials' new points."""
+    from sqlalchemy import event
+
+    sid = add_study(storage)
+    ids = [add_trial(storage, sid) for _ in range(3)]
+    for tid, value in zip(ids, (1.0, 2.0, 3.0), strict=True):
+        with storage.write() as s:
+            _, trial = trials.lock(s, tid)
+            metrics.add(s, trial, [MetricInput(5, "loss", value)], utcnow())
+    complete(storage, ids[0], 1.0)
+    complete(storage, ids[1], 2.0)
+    lookups: list[str] = []
+
+    def seen(conn, cursor, statement, *_: object) -> None:  # type: ignore[no-untyped-def]
+        if "metric_points" in statement:
+            lookups.append(statement)
+
+    def ask() -> tuple[dict[int, float], int]:
+        lookups.clear()
+        with storage.read() as s:
+            return metrics.values_at_by_trial(s, sid, "loss", 4), len(lookups)
+
+    event.listen(storage.engine, "before_cursor_execute", seen)
+    try:
+        assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 3.0}, 1)
+        assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 3.0}, 1)  # the running one only
+        with storage.write() as s:  # the running trial's next attempt restates step 5
+            _, trial = trials.lock(s, ids[2])
+            trial.attempts = 2
+            metrics.add(s, trial, [MetricInput(5, "loss", 2.5)], utcnow())
+        assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 2.5}, 1)
+        complete(storage, ids[2], 2.5)
+        assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 2.5}, 1)  # finished since
+        assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 2.5}, 0)  # all from memory
+        late = add_trial(storage, sid)
+        with storage.write() as s:
+            _, trial = trials.lock(s, late)
+            metrics.add(s, trial, [MetricInput(9, "loss", 0.5)], utcnow())
+        assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 2.5, late: 0.5}, 1)
+    finally:
+        event.remove(storage.engine, "before_cursor_execute", seen)
+
+
 def test_pruning_history_loads_the_steps_to_judge_together_and_answers_each_as_alone(
     storage: Storage,
 ) -> None:
