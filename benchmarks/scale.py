@@ -181,6 +181,7 @@ def seed_ours(
     with storage.read() as s:
         first_id = (s.scalar(text("SELECT max(id) FROM trials")) or 0) + 1
     now = utcnow()
+    done = now - timedelta(hours=1)  # a study's finished trials finished a while ago
     trials, params, events = [], [], []
     for i, p in enumerate(points):
         tid = first_id + i
@@ -194,8 +195,8 @@ def seed_ours(
                 "attempts": 1,
                 "seq": i + 2,
                 "created_at": now,
-                "started_at": now - timedelta(seconds=1),
-                "finished_at": now,
+                "started_at": done - timedelta(seconds=1),
+                "finished_at": done,
                 "suggestion": {"sampler": sampler},
             }
         )

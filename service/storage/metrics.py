@@ -9,7 +9,7 @@ import threading
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import groupby, islice
 from typing import Any
 
@@ -493,14 +493,18 @@ def first_value_at(metric: str, step: int) -> Any:
     )
 
 
-# A finished trial's values at a rung, kept per engine (as _COMPLETE_AT): {(study id, metric,
-# step, bracket): {trial id: (its attempts, its value there or None)}}. A finished trial
-# (complete, pruned, failed: no state leads out of them) takes no more points, so its value at
-# a step never changes; the attempts stored with it are checked against the trial's anyway.
+# A finished trial's values at a rung, kept per engine: {(study id, metric, step, bracket):
+# {trial id: (its attempts, its value there or None)}}. A finished trial (complete, pruned,
+# failed: no state leads out of them) takes no more points, so its value at a step stays,
+# once it finished RUNG_VALUES_SETTLED_S ago: until then a report of over POINTS_PER_COMMIT
+# points that was under way when it finished may still take its earlier commits back
+# (reporting._take_back), and the finish itself may be a write not committed yet (a write
+# transaction that asks, then rolls back). The attempts kept are checked against the trial's.
 # Sized by the trials kept in all entries together.
 _RUNG_VALUES: weakref.WeakKeyDictionary[Any, LRUCache] = weakref.WeakKeyDictionary()
 _RUNG_VALUES_LOCK = threading.Lock()
 _RUNG_VALUES_SIZE = 200_000
+RUNG_VALUES_SETTLED_S = 600.0
 _FINISHED = frozenset(state.value for state in FINISHED_TRIAL_STATES)
 
 
@@ -514,23 +518,26 @@ def values_at_by_trial(
     """``{trial id: its value of metric at its first step >= step}`` for every trial of the
     study that reached ``step`` (of a step several attempts reported, the newest attempt's);
     with ``bracket`` (n, b), only the trials whose ``number % n == b``. Reads the study's
-    trials (id, attempts, state), takes the finished ones' values from memory where they were
-    looked up before, and looks the others up trial by trial (see :func:`first_value_at`):
+    trials (id, attempts, state), takes the values of those finished long enough ago from
+    memory where they were looked up before (see ``_RUNG_VALUES``), and looks the others up
+    trial by trial (see :func:`first_value_at`):
     never a scan of the study's points above ``step`` (ASHA asks at its lowest rung, where
     that is nearly every point of the study)."""
     where = [Trial.study_id == study_id]
     if bracket is not None:
         n, b = bracket
         where.append(Trial.number % n == b)
-    trials = session.execute(select(Trial.id, Trial.attempts, Trial.state).where(*where)).all()
+    settled = Trial.finished_at < utcnow() - timedelta(seconds=RUNG_VALUES_SETTLED_S)
+    trials = session.execute(
+        select(Trial.id, Trial.attempts, Trial.state.in_(_FINISHED) & settled).where(*where)
+    ).all()
     key = (study_id, metric, step, bracket)
     with _RUNG_VALUES_LOCK:
         cache = _rung_cache(session)
         known: dict[int, tuple[int, float | None]] = cache.get(key) or {}
     out: dict[int, float] = {}
-    todo: dict[int, int | None] = {}  # trial id: its attempts when finished, else None
-    for trial_id, attempts, state in trials:
-        finished = state in _FINISHED
+    todo: dict[int, int | None] = {}  # trial id: its attempts when settled, else None
+    for trial_id, attempts, finished in trials:
         hit = known.get(trial_id) if finished else None
         if hit is not None and hit[0] == attempts:
             if hit[1] is not None:
@@ -541,8 +548,8 @@ def values_at_by_trial(
         return out
     found: dict[int, float] = {}
     ids = list(todo)
-    for i in range(0, len(ids), 1_000):
-        chunk = ids[i : i + 1_000]
+    for i in range(0, len(ids), 500):  # under SQLite's limit of bound parameters
+        chunk = ids[i : i + 500]
         rows = session.execute(
             select(Trial.id, first_value_at(metric, step)).where(Trial.id.in_(chunk))
         )

@@ -374,10 +374,11 @@ def test_values_at_a_rung_are_each_trials_first_step_at_or_after_it(storage: Sto
 
 
 def test_finished_trials_values_at_a_rung_are_looked_up_once(storage: Storage) -> None:
-    """A finished trial takes no more points, so its value at a rung is read from the points
-    once and kept: later questions look up only the trials still running (and the ones
-    finished since), and see those trials' new points."""
-    from sqlalchemy import event
+    """A trial finished a while ago takes no more points, so its value at a rung is read from
+    the points once and kept: later questions look up only the trials still running or
+    finished lately (a refused batch may still take points back, a finish may not be
+    committed yet), and see those trials' new points."""
+    from sqlalchemy import event, update
 
     sid = add_study(storage)
     ids = [add_trial(storage, sid) for _ in range(3)]
@@ -398,8 +399,18 @@ def test_finished_trials_values_at_a_rung_are_looked_up_once(storage: Storage) -
         with storage.read() as s:
             return metrics.values_at_by_trial(s, sid, "loss", 4), len(lookups)
 
+    def finished(*tids: int, ago_s: float) -> None:  # the helper complete() sets no time
+        at = utcnow() - timedelta(seconds=ago_s)
+        with storage.write() as s:
+            s.execute(update(Trial).where(Trial.id.in_(tids)).values(finished_at=at))
+
+    def settle(*tids: int) -> None:  # finished long enough ago
+        finished(*tids, ago_s=metrics.RUNG_VALUES_SETTLED_S + 60)
+
     event.listen(storage.engine, "before_cursor_execute", seen)
     try:
+        assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 3.0}, 1)
+        settle(ids[0], ids[1])
         assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 3.0}, 1)
         assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 3.0}, 1)  # the running one only
         with storage.write() as s:  # the running trial's next attempt restates step 5
@@ -408,7 +419,11 @@ def test_finished_trials_values_at_a_rung_are_looked_up_once(storage: Storage) -
             metrics.add(s, trial, [MetricInput(5, "loss", 2.5)], utcnow())
         assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 2.5}, 1)
         complete(storage, ids[2], 2.5)
-        assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 2.5}, 1)  # finished since
+        finished(ids[2], ago_s=1)
+        assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 2.5}, 1)
+        assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 2.5}, 1)  # just finished: not kept
+        settle(ids[2])
+        assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 2.5}, 1)  # settled since
         assert ask() == ({ids[0]: 1.0, ids[1]: 2.0, ids[2]: 2.5}, 0)  # all from memory
         late = add_trial(storage, sid)
         with storage.write() as s:
