@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import socket
@@ -89,9 +90,12 @@ def _reserve(port: int) -> bool:
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
         os.close(fd)
-        return False
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False  # another process holds it
+        _HANDED_OUT[port] = -1  # no flock on this filesystem: this process's claims count
+        return True
     _HANDED_OUT[port] = fd  # released when this process ends
     return True
 

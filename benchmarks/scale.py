@@ -612,10 +612,7 @@ def run_prune(args: argparse.Namespace) -> None:
         "| ours ÷ Optuna |"
     )
     print("|---|---:|---:|---:|---:|---:|")
-    targets: list[tuple[str, str | None]] = [] if args.no_sqlite else [("SQLite", None)]
-    if args.postgres:
-        targets.append(("PostgreSQL", args.postgres))
-    for where, admin in targets:
+    for where, admin in _databases(args):
         with (
             tempfile.TemporaryDirectory(prefix="hpo-scale-") as tmp,
             contextlib.ExitStack() as on_exit,
@@ -830,10 +827,7 @@ def run_metrics(args: argparse.Namespace) -> None:
         "| asks retried (503) | errors |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
-    targets: list[tuple[str, str | None]] = [] if args.no_sqlite else [("SQLite", None)]
-    if args.postgres:
-        targets.append(("PostgreSQL", args.postgres))
-    for where, admin in targets:
+    for where, admin in _databases(args):
         with tempfile.TemporaryDirectory(prefix="hpo-scale-") as tmp:
             work = Path(tmp)
             if admin is None:
@@ -851,6 +845,15 @@ def run_metrics(args: argparse.Namespace) -> None:
                 f"| {f['p99_ms']:,.1f} | {f['retried']} | {f['errors']} |",
                 flush=True,
             )
+
+
+def _databases(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """The databases a section runs on: (its name, the PostgreSQL admin URL or None for a
+    fresh SQLite file), from ``--no-sqlite`` and ``--postgres``."""
+    targets: list[tuple[str, str | None]] = [] if args.no_sqlite else [("SQLite", None)]
+    if args.postgres:
+        targets.append(("PostgreSQL", args.postgres))
+    return targets
 
 
 def _pg_database(admin_url: str) -> tuple[str, contextlib.AbstractContextManager]:

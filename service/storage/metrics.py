@@ -520,9 +520,8 @@ def values_at_by_trial(
     with ``bracket`` (n, b), only the trials whose ``number % n == b``. Reads the study's
     trials (id, attempts, state), takes the values of those finished long enough ago from
     memory where they were looked up before (see ``_RUNG_VALUES``), and looks the others up
-    trial by trial (see :func:`first_value_at`):
-    never a scan of the study's points above ``step`` (ASHA asks at its lowest rung, where
-    that is nearly every point of the study)."""
+    trial by trial (see :func:`first_value_at`): never a scan of the study's points above
+    ``step`` (ASHA asks at its lowest rung, where that is nearly every point of the study)."""
     where = [Trial.study_id == study_id]
     if bracket is not None:
         n, b = bracket
