@@ -13,9 +13,9 @@ from sqlalchemy import func, select
 from hpo.service import attempts, reporting
 from hpo.service.db import make_engine
 from hpo.service.db.models import MetricPoint
-from hpo.service.errors import StaleAttempt
+from hpo.service.errors import StaleAttempt, TrialFinished
 from hpo.service.spec import StudySpec
-from hpo.service.storage import Storage
+from hpo.service.storage import Storage, metrics
 from hpo.service.studies import MetricInput, StudyService
 from tests.conftest import simple_spec
 
@@ -205,3 +205,41 @@ def test_a_refused_batch_whose_rest_was_stored_by_no_resend_is_taken_back(
     run.refused(head + (head if rest == "its own steps again" else before[1:]))
     assert [p.step for p in service.storage.metrics(run.trial.id)] == [1, *range(20, 30)]
     assert service.storage.get_trial(run.trial.id).last_step == 29
+
+
+def test_a_value_taken_back_after_its_trial_finished_is_kept_by_no_server(
+    service: StudyService, other: StudyService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch stored in several commits; after its first, the trial is told complete through
+    a second server, and both servers ask ASHA's question (each trial's value at a step)
+    while the batch's first points are there. The batch is then refused (the trial finished)
+    and taken back: neither server answers from memory with a value no longer stored."""
+    monkeypatch.setattr(reporting, "POINTS_PER_COMMIT", 10)
+    sid = service.create_study(StudySpec.model_validate(simple_spec("t"))).id
+    trial = service.ask(sid)
+    token = attempts.parse(trial.attempt_token)
+    seen: list[dict[int, float]] = []
+    commits = 0
+    write = service.storage.write
+
+    @contextmanager
+    def finished_after_the_first_commit(**options: Any) -> Iterator[Any]:
+        nonlocal commits
+        with write(**options) as s:
+            yield s
+        commits += 1
+        if commits == 1:
+            other.tell(trial.id, value=1.0)
+            for svc in (service, other):
+                with svc.storage.read() as s:
+                    seen.append(metrics.values_at_by_trial(s, sid, "loss", 5))
+
+    monkeypatch.setattr(service.storage, "write", finished_after_the_first_commit)
+    batch = [MetricInput(step, "loss", float(step)) for step in range(1, 21)]
+    with pytest.raises(TrialFinished):
+        service.report(trial.id, batch, token=token)
+    assert seen == [{trial.id: 5.0}, {trial.id: 5.0}]
+    assert n_points(service, trial.id) == 0  # taken back
+    for svc in (service, other):
+        with svc.storage.read() as s:
+            assert metrics.values_at_by_trial(s, sid, "loss", 5) == {}
