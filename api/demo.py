@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -100,14 +100,14 @@ def _reserve(port: int) -> bool:
     return True
 
 
-def free_ports(n: int, *, avoid: Collection[int] = ()) -> list[int]:
-    """``n`` distinct ports free now (none of ``avoid``, none handed out before by this or
-    another process using this function), drawn at random between 20000 and the kernel's
-    ephemeral range. A port from ``bind(0)`` lies in that range, where any outgoing
-    connection may take it as its local port before the server meant for it binds it (and a
-    server restarted on its port after a kill is exposed as long as it is down). From 20000:
-    above Ray's default worker ports (10002-19999). Where the ephemeral range starts lower
-    (tuned to 1024-65535, say), no port is safe from it; 20000-32767 it is."""
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free now (none handed out before by this or another process
+    using this function), drawn at random between 20000 and the kernel's ephemeral range.
+    A port from ``bind(0)`` lies in that range, where any outgoing connection may take it as
+    its local port before the server meant for it binds it (and a server restarted on its
+    port after a kill is exposed as long as it is down). From 20000: above Ray's default
+    worker ports (10002-19999). Where the ephemeral range starts lower (tuned to
+    1024-65535, say), no port is safe from it; 20000-32767 it is."""
     low, high = 20000, _ephemeral_low()
     if high < low + 1000:
         high = 32768
@@ -118,7 +118,7 @@ def free_ports(n: int, *, avoid: Collection[int] = ()) -> list[int]:
             if len(ports) == n:
                 return ports
             port = rng.randrange(low, high)
-            if port in avoid or not _bindable(port) or not _reserve(port):
+            if not _bindable(port) or not _reserve(port):
                 continue
             ports.append(port)
     if len(ports) == n:

@@ -306,11 +306,15 @@ _COMPLETE_AT_LOCK = threading.Lock()
 _COMPLETE_AT_SIZE = 20_000
 
 
-def _complete_cache(session: Session) -> LRUCache:
+def _pool_cache(
+    caches: weakref.WeakKeyDictionary[Any, LRUCache], session: Session, make: Callable[[], LRUCache]
+) -> LRUCache:
+    """The cache of ``caches`` that belongs to ``session``'s engine (its pool), made at first
+    use (the caller holds the caches' lock)."""
     pool = session.get_bind().pool
-    cache = _COMPLETE_AT.get(pool)
+    cache = caches.get(pool)
     if cache is None:
-        cache = _COMPLETE_AT.setdefault(pool, LRUCache(maxsize=_COMPLETE_AT_SIZE))
+        cache = caches.setdefault(pool, make())
     return cache
 
 
@@ -396,7 +400,9 @@ class PruningHistory:
         ``self.steps`` above it that are not in memory either)."""
         key = (self.study_id, self.metric, step, self.n_complete())
         with _COMPLETE_AT_LOCK:
-            cache = _complete_cache(self.session)
+            cache = _pool_cache(
+                _COMPLETE_AT, self.session, lambda: LRUCache(maxsize=_COMPLETE_AT_SIZE)
+            )
             found = cache.get(key)
             if found is not None:
                 return found
@@ -532,7 +538,9 @@ def values_at_by_trial(
     ).all()
     key = (study_id, metric, step, bracket)
     with _RUNG_VALUES_LOCK:
-        cache = _rung_cache(session)
+        cache = _pool_cache(
+            _RUNG_VALUES, session, lambda: LRUCache(_RUNG_VALUES_SIZE, getsizeof=len)
+        )
         known: dict[int, tuple[int, float | None]] = cache.get(key) or {}
     out: dict[int, float] = {}
     todo: dict[int, int | None] = {}  # trial id: its attempts when settled, else None
@@ -561,11 +569,3 @@ def values_at_by_trial(
             if len(kept) <= cache.maxsize:
                 cache[key] = kept
     return out
-
-
-def _rung_cache(session: Session) -> LRUCache:
-    pool = session.get_bind().pool
-    cache = _RUNG_VALUES.get(pool)
-    if cache is None:
-        cache = _RUNG_VALUES.setdefault(pool, LRUCache(_RUNG_VALUES_SIZE, getsizeof=len))
-    return cache

@@ -20,24 +20,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpo.api import demo
+# Ports for the stand-in nodes come from below the kernel's ephemeral range, claimed across
+# processes: there an outgoing connection of the suite running meanwhile cannot take one
+# before Ray binds it (a raylet whose agent cannot bind its port exits; raylet.err says so).
+from hpo.api.demo import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 STAND_INS = Path(__file__).parent / "data" / "bin"
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports, none handed out before, from below the kernel's ephemeral
-    range (:func:`hpo.api.demo.free_ports`): there, an outgoing connection of the suite
-    running meanwhile cannot take one before Ray binds it. A raylet whose agent cannot bind
-    its port exits (raylet.err says so)."""
-    return demo.free_ports(n)
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def node_args(temp_dir: Path, *, head: bool, cpus: int = 1) -> str:

@@ -13,11 +13,11 @@ import httpx
 import pytest
 
 from hpo.api.client import Client
+from hpo.api.demo import free_port
 from tests.conftest import wait_for
 from tests.deploy.conftest import (
     DEPLOY,
     Marked,
-    free_port,
     node_args,
     ray_errors,
     ray_node_count,

@@ -14,13 +14,13 @@ import httpx
 import pytest
 
 from hpo.api.client import Client
+from hpo.api.demo import free_port
 from hpo.service.errors import HpoError
 from tests.conftest import wait_for
 from tests.deploy.conftest import (
     DEPLOY,
     STAND_INS,
     Marked,
-    free_port,
     node_args,
     ray_errors,
     remove,
