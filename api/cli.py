@@ -174,7 +174,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         console.print(f"dashboard: {url}/#token={token}")
         console.print(f"API token: {token} (also in {settings.token_file})")
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+        create_app(settings, freeze_heap=True),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
     )
     return 0
 

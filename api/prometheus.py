@@ -1,15 +1,18 @@
 """Prometheus metrics of the control plane: ``GET /metrics`` in the text exposition format.
 
-Two kinds of series:
+Three kinds of series:
 
 - counted by this process as requests pass (a plain ASGI middleware, outermost, so the rate
   limit's 429s and the body limit's 413s count too): requests by route template, method and
   status (``hpo_http_requests_total``; 503s are ``status="503"``), asks and their latency,
-  metric points ingested, answers that said the database was unavailable. Each replica counts
-  its own; sum them with ``sum(rate(...))``.
+  metric points ingested and the reports' latency, answers that said the database was
+  unavailable. Each replica counts its own; sum them with ``sum(rate(...))``.
 - read from the database at scrape time (the same on every replica): trials by state in
   total, and per study only for running studies (so finished studies do not pile up label
   sets), studies by state, and this server's scheduler queue.
+- this process's garbage collector: collections by generation (prometheus_client's
+  ``python_gc_*``) and the objects it skips (``hpo_gc_frozen_objects``: ``hpo serve`` freezes
+  its start-up heap, see ``create_app``).
 
 ``/metrics`` needs the API token like the rest of the API (Prometheus sends it with
 ``authorization: {credentials_file: ...}``): trial counts and study names are not public.
@@ -17,13 +20,14 @@ Two kinds of series:
 
 from __future__ import annotations
 
+import gc
 import re
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -43,6 +47,7 @@ REPORT_PATH = re.compile(r"^/api/v1/trials/[^/]+/metrics$")
 # "name", "value"}], "attempt"}); counting the keys spares parsing the body a second time.
 STEP_KEY = re.compile(rb'"step"\s*:')
 ASK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+REPORT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Instruments:
@@ -62,6 +67,12 @@ class Instruments:
             "hpo_ask_duration_seconds",
             "Time to answer POST /ask (sampling included)",
             buckets=ASK_BUCKETS,
+            registry=registry,
+        )
+        self.report_seconds = Histogram(
+            "hpo_report_duration_seconds",
+            "Time to answer POST /trials/{id}/metrics with 200 (the pruner's decision included)",
+            buckets=REPORT_BUCKETS,
             registry=registry,
         )
         self.points = Counter(
@@ -118,6 +129,7 @@ class RequestMetrics:
                 self.m.ask_seconds.observe(time.perf_counter() - start)
             if is_report and status == 200:
                 self.m.points.inc(steps)
+                self.m.report_seconds.observe(time.perf_counter() - start)
             if status == 503 and b'"database_unavailable"' in body_503:
                 self.m.db_errors.inc()
 
@@ -135,7 +147,8 @@ def route_of(scope: Scope) -> str:
 
 
 class StateCollector(Collector):
-    """Gauges read at scrape time: trials and studies by state, the scheduler's queue."""
+    """Gauges read at scrape time: trials and studies by state, the scheduler's queue, the
+    objects the garbage collector skips."""
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
@@ -170,6 +183,12 @@ class StateCollector(Collector):
                 running.add_metric([name, state], n)
             yield running
         yield from _scheduler_gauges(getattr(self.app.state, "scheduler", None))
+        frozen = GaugeMetricFamily(
+            "hpo_gc_frozen_objects",
+            "Objects the garbage collector skips (hpo serve freezes its start-up heap)",
+        )
+        frozen.add_metric([], gc.get_freeze_count())
+        yield frozen
 
 
 def _counts(storage: Any) -> tuple[dict[str, int], dict[str, int], dict[tuple[str, str], int]]:
@@ -208,6 +227,7 @@ def install(app: FastAPI) -> None:
     registry = CollectorRegistry(auto_describe=False)
     instruments = Instruments(registry)
     registry.register(StateCollector(app))
+    GCCollector(registry=registry)  # python_gc_collections_total by generation, and more
     app.state.metrics_registry = registry
     app.add_middleware(RequestMetrics, instruments=instruments)
     router = APIRouter(tags=["system"], dependencies=[Depends(require_token)])

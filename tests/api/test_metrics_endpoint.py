@@ -58,8 +58,13 @@ def test_metrics_follow_asks_reports_and_tells(server: ServerProcess) -> None:
         assert value(samples, "hpo_running_study_trials", study="watched", state="running") == 1
         assert value(samples, "hpo_studies", state="running") == 1
         assert value(samples, "hpo_asks_total", status="201") == 3
+        # hpo serve froze its start-up heap (modules, engine, app): out of every collection
+        assert value(samples, "hpo_gc_frozen_objects") > 50_000
+        assert value(samples, "python_gc_collections_total", generation="2") is not None
         assert value(samples, "hpo_ask_duration_seconds_count") == 3
         assert value(samples, "hpo_metric_points_ingested_total") == 9
+        assert value(samples, "hpo_report_duration_seconds_count") == 6  # the reports answered
+        assert value(samples, "hpo_report_duration_seconds_bucket", le="+Inf") == 6
         route = "/api/v1/trials/{trial_id}/metrics"
         assert value(samples, "hpo_http_requests_total", route=route, method="POST", status="200")
         assert value(samples, "hpo_scheduler_leading") == 0  # served without a scheduler
@@ -72,6 +77,7 @@ def test_metrics_follow_asks_reports_and_tells(server: ServerProcess) -> None:
         study.stop()
         samples = scrape(server)
         assert value(samples, "hpo_metric_points_ingested_total") == 9
+        assert value(samples, "hpo_report_duration_seconds_count") == 6
         # a study that is no longer running keeps no per-study series
         assert not [k for k in samples if k[0] == "hpo_running_study_trials"]
         assert value(samples, "hpo_studies", state="stopped") == 1
