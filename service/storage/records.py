@@ -28,8 +28,16 @@ def parse_spec(raw: dict[str, Any]) -> StudySpec:
 
 
 def spec_of(study: Study) -> StudySpec:
-    """The study's spec."""
-    return parse_spec(study.spec)
+    """The study's spec, parsed once per loaded row: the result is kept on the instance for
+    as long as its ``spec`` is the same object (an edit assigns a new one, a reload reads
+    one; a report asked for it six times, each a ``json.dumps`` of the spec)."""
+    raw = study.spec
+    memo = vars(study).get("_parsed_spec")
+    if memo is not None and memo[0] is raw:
+        return memo[1]
+    spec = parse_spec(raw)
+    vars(study)["_parsed_spec"] = (raw, spec)
+    return spec
 
 
 def trial_record(trial: Trial, *, events: Sequence[TrialEvent] | None = None) -> TrialRecord:
