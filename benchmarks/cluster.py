@@ -60,6 +60,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 NOOP = "bench-noop=benchmarks.cluster:noop"
+# Ports each stand-in node's Ray workers may bind (one per worker process it runs at once).
+WORKER_PORTS = 32
 
 
 # ---------------------------------------------------------------- the trainable of part 1
@@ -128,7 +130,7 @@ class SimCluster:
     address: str = ""
 
     def start(self) -> None:
-        from hpo.api.demo import free_port
+        from hpo.api.demo import free_port, free_ports
 
         port = free_port()
         self.address = f"127.0.0.1:{port}"
@@ -143,8 +145,9 @@ class SimCluster:
                     f"--num-gpus={self.gpus}",
                     f"--node-manager-port={free_port()}",
                     f"--object-manager-port={free_port()}",
-                    f"--min-worker-port={free_port()}",
-                    "--max-worker-port=0",
+                    # Ray's workers take ports from this list, not by walking up from a
+                    # minimum through the range free_ports draws other servers' ports from.
+                    "--worker-port-list=" + ",".join(map(str, free_ports(WORKER_PORTS))),
                 ],
             )
         self._wait_nodes(1 + self.nodes)
