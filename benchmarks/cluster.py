@@ -60,7 +60,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 NOOP = "bench-noop=benchmarks.cluster:noop"
-# Ports each stand-in node's Ray workers may bind (one per worker process it runs at once).
+# Ports each stand-in node's Ray workers may bind (one per worker process it runs at once:
+# its warm ranks, a burst of new ones, tasks), at least; more for nodes with more CPUs.
 WORKER_PORTS = 32
 
 
@@ -147,7 +148,8 @@ class SimCluster:
                     f"--object-manager-port={free_port()}",
                     # Ray's workers take ports from this list, not by walking up from a
                     # minimum through the range free_ports draws other servers' ports from.
-                    "--worker-port-list=" + ",".join(map(str, free_ports(WORKER_PORTS))),
+                    "--worker-port-list="
+                    + ",".join(map(str, free_ports(max(WORKER_PORTS, 3 * self.cpus + 8)))),
                 ],
             )
         self._wait_nodes(1 + self.nodes)

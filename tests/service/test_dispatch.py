@@ -24,6 +24,7 @@ import yaml
 
 from hpo.api.client import Study
 from hpo.api.demo import free_port
+from tests.api.test_metrics_endpoint import scrape, value
 from tests.conftest import ServerProcess, failed_attempts, wait_for
 
 pytestmark = pytest.mark.ray
@@ -67,6 +68,24 @@ def synthetic(name: str, **over: object) -> dict:
 
 def finished(study: Study, timeout: float = 180) -> None:
     wait_for(lambda: study.state in ("completed", "stopped"), timeout, f"study {study.name}")
+
+
+def test_the_served_heap_is_frozen_again_once_ray_is_connected(tmp_path: Path) -> None:
+    """``hpo serve`` freezes its start-up heap out of garbage collection, and Ray's modules and
+    client with it once the scheduler has connected to Ray (when a study first needs it)."""
+    server = start_server(tmp_path)
+    try:
+        at_start = value(scrape(server), "hpo_gc_frozen_objects")
+        assert at_start > 50_000  # modules, engine, app; Ray is not imported yet
+        with server.client() as client:
+            finished(client.create_study(synthetic("frozen-with-ray")))
+        wait_for(
+            lambda: value(scrape(server), "hpo_gc_frozen_objects") > at_start + 10_000,
+            30,
+            "the heap frozen again with Ray's objects",
+        )
+    finally:
+        server.stop()
 
 
 def tensorboard_scalars(run: Path, tag: str) -> list[tuple[int, float]]:
