@@ -20,6 +20,7 @@ from hpo.service.records import MetricInput
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import Storage, metrics, studies, trials
+from hpo.service.storage.records import spec_of
 from hpo.service.storage.seqs import KnownSeqs
 from hpo.service.storage.transitions import set_study_state, set_trial_state
 from hpo.service.studies import StudyService
@@ -65,6 +66,19 @@ def test_a_new_study_runs_and_is_found_by_id_and_name(storage: Storage) -> None:
     assert storage.study_id("alpha") == sid == storage.study_id(str(sid))
     assert storage.spec_of(sid).name == "alpha"
     assert storage.study_seq(sid) == 1
+
+
+def test_a_spec_assigned_in_a_transaction_is_the_one_read_after_it(storage: Storage) -> None:
+    """The spec parsed from a loaded study is kept on it; assigning another spec (as every
+    edit does) is seen by the next read in the same transaction, and after it."""
+    sid = add_study(storage, "edited")
+    with storage.write() as s:
+        study = studies.get(s, sid)
+        assert spec_of(study).budget.max_trials != 7
+        assert spec_of(study) is spec_of(study)  # parsed once
+        study.spec = {**study.spec, "budget": {**study.spec.get("budget", {}), "max_trials": 7}}
+        assert spec_of(study).budget.max_trials == 7
+    assert storage.spec_of(sid).budget.max_trials == 7
 
 
 def test_unknown_studies_raise_study_not_found(storage: Storage) -> None:
