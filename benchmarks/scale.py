@@ -771,7 +771,7 @@ def _bucket_quantile(buckets: dict[float, float], q: float) -> float:
     """The ``q`` quantile of a cumulative histogram, interpolated within its bucket as
     Prometheus's ``histogram_quantile`` does (the highest finite bound if it lies above)."""
     bounds = sorted(buckets)
-    total = buckets[math.inf]
+    total = buckets.get(math.inf, 0)  # no histogram: a server from before it (0 reports)
     if not total:
         return math.nan
     rank, low, below = q * total, 0.0, 0.0
@@ -864,7 +864,8 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
         "p50_ms": pct(latencies, 50) * 1e3,
         "p99_ms": pct(latencies, 99) * 1e3,
         "server_p99_ms": _bucket_quantile(served_buckets, 0.99) * 1e3,
-        "server_within_100ms": served_buckets.get(0.1, 0) / max(1, served_buckets[math.inf]),
+        "server_within_100ms": served_buckets.get(0.1, math.nan)
+        / max(1, served_buckets.get(math.inf, 0)),
         "retried": len(retried),
         "errors": len(errors),
     }
