@@ -686,15 +686,15 @@ def _streams(
 ) -> tuple[list[tuple[float, float]], list[str]]:
     """``n`` streaming workers on threads of this (client) process, until ``stop_at``
     (``time.monotonic``); their reports (when each was answered, its latency) and errors."""
-    latencies: list[tuple[float, float]] = []
+    reports: list[tuple[float, float]] = []
     errors: list[str] = []
-    args = (base, headers, study_id, batch, interval, stop_at, latencies, errors)
+    args = (base, headers, study_id, batch, interval, stop_at, reports, errors)
     threads = [threading.Thread(target=_stream, args=args) for _ in range(n)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    return latencies, errors
+    return reports, errors
 
 
 def _stream(
@@ -704,7 +704,7 @@ def _stream(
     batch: int,
     interval: float,
     stop_at: float,
-    latencies: list[tuple[float, float]],
+    reports: list[tuple[float, float]],
     errors: list[str],
 ) -> None:
     """One streaming worker: ask, report batches until pruned or time is up (``stop_at``,
@@ -745,7 +745,7 @@ def _stream(
                     json={"points": points, "attempt": t["attempt"]},
                     headers=auth,
                 )
-                latencies.append((time.monotonic(), time.perf_counter() - t0))
+                reports.append((time.monotonic(), time.perf_counter() - t0))
                 if r.status_code != 200:
                     errors.append(f"report {r.status_code}: {r.text[:200]}")
                     return
@@ -831,8 +831,8 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
             ]
             timed, errors = [], []
             for part in parts:
-                lat, err = part.result()
-                timed += lat
+                answered, err = part.result()
+                timed += answered
                 errors += err
         with httpx.Client(base_url=base, headers=headers, timeout=120) as client:
             seen = _report_buckets(client)
