@@ -54,10 +54,14 @@ def unavailable(exc: Exception) -> DatabaseUnavailable | None:
     return DatabaseUnavailable(f"the database is unreachable: {reason}", retry_after_s=RETRY_DOWN_S)
 
 
+# PostgreSQL's lock timeout and deadlock (SQLSTATE): rows other transactions hold.
+_ROW_BUSY = ("55P03", "40P01")
+
+
 def _row_busy(exc: Exception) -> bool:
-    """Whether ``exc`` is PostgreSQL's lock timeout (SQLSTATE 55P03): a row another
+    """Whether ``exc`` is PostgreSQL's lock timeout or a deadlock it broke: a row another
     transaction holds, not a database that is down."""
-    return getattr(getattr(exc, "orig", None), "sqlstate", None) == "55P03"
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in _ROW_BUSY
 
 
 def _first_line(exc: Exception) -> str:

@@ -10,6 +10,7 @@ lets the lease sweep expire trials) is not reset by it."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +18,7 @@ from sqlalchemy import text
 
 from hpo.service import reporting
 from hpo.service.db import make_engine, upgrade_schema
-from hpo.service.errors import DatabaseUnavailable
+from hpo.service.errors import DatabaseUnavailable, StaleAttempt
 from hpo.service.records import MetricInput
 from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage
@@ -83,4 +84,156 @@ def test_a_report_waiting_for_a_held_study_row_is_answered_busy_and_stores_nothi
     # the row is free again: the client's retry of the same batch goes through, once
     assert pg_service.report(trial.id, batch) is False
     assert pg_service.report(trial.id, batch) is False
+    assert _stored(pg_service, trial.id) == [1, 2, 3]
+
+
+def _waiting_for_a_lock(service: StudyService, timeout_s: float = 10.0) -> int:
+    """The backend of this database that waits for a row lock (the report's)."""
+    deadline = time.monotonic() + timeout_s
+    with service.storage.engine.connect() as probe:
+        while time.monotonic() < deadline:
+            pid = probe.execute(
+                text(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                )
+            ).scalar()
+            if pid is not None:
+                return int(pid)
+            probe.rollback()
+            time.sleep(0.02)
+    raise AssertionError("no report came to wait for the study's row")
+
+
+def _written_by(service: StudyService, pid: int) -> set[str]:
+    """The tables the backend ``pid`` has written in its open transaction."""
+    with service.storage.engine.connect() as probe:
+        rows = probe.execute(
+            text(
+                "SELECT relation::regclass::text FROM pg_locks WHERE pid = :pid "
+                "AND mode = 'RowExclusiveLock' AND locktype = 'relation'"
+            ),
+            {"pid": pid},
+        )
+        return {name for (name,) in rows}
+
+
+@pytest.mark.parametrize(
+    ("change", "named", "expected"),
+    [
+        ("UPDATE trials SET attempts = attempts + 1 WHERE id = :id", True, "stale"),
+        ("UPDATE trials SET state = 'pruned' WHERE id = :id", True, "stop"),
+        ("UPDATE trials SET attempts = attempts + 1 WHERE id = :id", False, "attempt 2"),
+    ],
+    ids=["handed-out-again", "pruned", "unnamed-write-of-a-moved-trial"],
+)
+def test_a_report_stores_its_points_before_the_study_row_and_keeps_none_of_a_moved_trial(
+    pg_service: StudyService, change: str, named: bool, expected: str
+) -> None:
+    """A report holds its study's row only at its end: its points and curves are written
+    first (the row is then held ~3 ms instead of ~11 with 320 points), so the attempt they
+    were written under is checked again once the row is granted. Here the trial moves on
+    (another attempt, or pruned) while the report waits for the row: a report naming its
+    attempt stores nothing (409, or "stop"); the scheduler's unnamed write is stored under
+    the attempt current when it got the row."""
+    study = pg_service.create_study(StudySpec.model_validate(simple_spec("moved")))
+    trial = pg_service.ask(study.id)
+    fencing = {"attempt": 1} if named else {}
+    assert pg_service.report(trial.id, [MetricInput(1, "loss", 0.9)], **fencing) is False
+    batch = [MetricInput(step, "loss", 1.0 / step) for step in (2, 3)]
+
+    holder = pg_service.storage.engine.connect()
+    holder.begin()
+    holder.execute(
+        text("SELECT id FROM studies WHERE id = :id FOR NO KEY UPDATE"), {"id": study.id}
+    )
+    outcome: list[BaseException | bool] = []
+
+    def send() -> None:
+        try:
+            outcome.append(pg_service.report(trial.id, batch, **fencing))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    sender = threading.Thread(target=send)
+    try:
+        sender.start()
+        waiting = _waiting_for_a_lock(pg_service)
+        assert {"metric_points", "trial_curves"} <= _written_by(pg_service, waiting)
+        holder.execute(text(change), {"id": trial.id})
+        holder.commit()
+    finally:
+        holder.close()
+    sender.join(timeout=30)
+    [answer] = outcome
+    with pg_service.storage.engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT step, attempt FROM metric_points WHERE trial_id = :id ORDER BY step"),
+            {"id": trial.id},
+        ).all()
+        curve_n = conn.execute(
+            text("SELECT n FROM trial_curves WHERE trial_id = :id"), {"id": trial.id}
+        ).scalar_one()
+    if expected == "stale":
+        assert isinstance(answer, StaleAttempt), answer
+    elif expected == "stop":
+        assert answer is True
+    if expected == "attempt 2":
+        assert answer is False
+        assert [tuple(row) for row in stored] == [(1, 1), (2, 2), (3, 2)]
+        assert curve_n == 3
+    else:
+        assert [tuple(row) for row in stored] == [(1, 1)]
+        assert curve_n == 1  # the curve at rest was rolled back with the points
+
+
+def test_a_report_in_a_deadlock_is_answered_busy_stores_nothing_and_begins_no_outage(
+    pg_service: StudyService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock order of a report (its trial's curve rows, then its study's row) is the
+    reverse of a writer that holds a study's row and then folds that trial's curves (another
+    report of the trial on the usual path, a batch taken back, the study deleted). PostgreSQL
+    breaks such a deadlock by ending one of the two: when that is the report, it is answered
+    "the database is busy" (503, Retry-After), stores nothing, and does not count as an outage
+    of the database; the client's retry goes through, once."""
+    monkeypatch.setattr(reporting, "REPORT_LOCK_TIMEOUT_S", 30.0)  # past deadlock_timeout (1 s)
+    study = pg_service.create_study(StudySpec.model_validate(simple_spec("deadlock")))
+    trial = pg_service.ask(study.id)
+    assert pg_service.report(trial.id, [MetricInput(1, "loss", 0.9)], attempt=1) is False
+    batch = [MetricInput(step, "loss", 1.0 / step) for step in (2, 3)]
+    healthy_before = pg_service.storage.health.healthy_for()
+
+    holder = pg_service.storage.engine.connect()
+    holder.begin()
+    holder.execute(text("SET LOCAL deadlock_timeout = '60s'"))  # the report's backend breaks it
+    holder.execute(
+        text("SELECT id FROM studies WHERE id = :id FOR NO KEY UPDATE"), {"id": study.id}
+    )
+    outcome: list[BaseException | bool] = []
+
+    def send() -> None:
+        try:
+            outcome.append(pg_service.report(trial.id, batch, attempt=1))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    sender = threading.Thread(target=send)
+    try:
+        sender.start()
+        _waiting_for_a_lock(pg_service)
+        # the holder now folds the trial's curves: it waits for the report, which waits for it
+        holder.execute(
+            text("SELECT n FROM trial_curves WHERE trial_id = :id FOR UPDATE"), {"id": trial.id}
+        )
+        sender.join(timeout=30)
+    finally:
+        holder.rollback()
+        holder.close()
+    [answer] = outcome
+    assert isinstance(answer, DatabaseUnavailable), answer
+    assert "deadlock" in str(answer) and answer.retry_after_s == RETRY_LOCKED_S
+    assert _stored(pg_service, trial.id) == [1]
+    assert pg_service.storage.health.healthy_for() >= healthy_before  # no outage begun
+    assert pg_service.report(trial.id, batch, attempt=1) is False
+    assert pg_service.report(trial.id, batch, attempt=1) is False
     assert _stored(pg_service, trial.id) == [1, 2, 3]
