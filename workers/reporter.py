@@ -1,6 +1,9 @@
 """Streams a trial's metric points to the control plane over HTTP, without stalling training.
 
-Points go into a bounded buffer that a background thread sends in batches. A slow or absent
+Points go into a bounded buffer that a background thread sends in batches, at most one
+batch every ``flush_s`` (a trial that logs every step sends one request a second by default,
+however fast it steps), except that a batch someone waits for (:meth:`MetricReporter.wait_sent`:
+``ctx.report``, a checkpoint, ``close``) or a full one goes at once. A slow or absent
 control plane never blocks ``log``; the thread retries with back-off and sends what waited once
 the server answers again. The server's answers carry the early-stop decision. Between batches
 the thread sends heartbeats, which keep the trial's lease alive.
@@ -28,6 +31,9 @@ class MetricReporter:
     are not in ``keep`` (the objective and pruned metrics) are dropped first, and counted.
     ``mirror``: also hands every point to it as it is logged (the live TensorBoard scalars,
     :class:`hpo.workers.tensorboard.LiveScalars`), and closes it with the reporter.
+    ``flush_s``: the least time between two batches, unless a caller waits for its points or
+    ``batch`` of them are queued (the server's load then grows with the trials, not with how
+    often they log).
     """
 
     def __init__(
@@ -38,7 +44,7 @@ class MetricReporter:
         token: str | None = None,
         keep: tuple[str, ...] = (),
         heartbeat_s: float = 10.0,
-        flush_s: float = 0.5,
+        flush_s: float = 1.0,
         batch: int = 500,
         max_points: int = 100_000,
         client: httpx.Client | None = None,
@@ -63,6 +69,8 @@ class MetricReporter:
         self.dropped = 0
         self.failures = 0
         self._last_contact = 0.0
+        self._last_batch = 0.0  # when the last batch was sent (monotonic)
+        self._waiters = 0  # callers of wait_sent: their points go without waiting for flush_s
         self._thread = threading.Thread(target=self._run, name="hpo-reporter", daemon=True)
         self._thread.start()
 
@@ -102,12 +110,16 @@ class MetricReporter:
         """Wait until the points up to ``ticket`` were acknowledged (or timeout)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            self._cond.notify()
-            while self._sent < ticket and not self.finished:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
+            self._waiters += 1
+            self._cond.notify_all()
+            try:
+                while self._sent < ticket and not self.finished:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+            finally:
+                self._waiters -= 1
         return True
 
     def close(self, timeout: float = 30.0) -> bool:
@@ -142,9 +154,15 @@ class MetricReporter:
             with self._cond:
                 if not self._buffer:
                     self._cond.wait(self.flush_s if backoff == 0 else backoff)
+                hold = self._hold_s()
+                if hold > 0:  # woken by a log() before the next batch is due
+                    self._cond.wait(hold)
+                    continue
                 batch = [self._buffer[i] for i in range(min(self.batch, len(self._buffer)))]
             if not batch and time.monotonic() - self._last_contact < self.heartbeat_s:
                 continue
+            if batch:
+                self._last_batch = time.monotonic()
             if self._send(batch):
                 backoff = 0.0
                 with self._cond:
@@ -155,6 +173,19 @@ class MetricReporter:
             else:
                 backoff = min(5.0, max(0.2, backoff * 2))
                 time.sleep(backoff)
+
+    def _hold_s(self) -> float:
+        """How long the queued points wait before they go (called holding the lock): until
+        ``flush_s`` after the last batch, unless someone waits for them, a full batch is
+        queued, or the reporter stops."""
+        if (
+            not self._buffer
+            or self._waiters
+            or len(self._buffer) >= self.batch
+            or self._stop.is_set()
+        ):
+            return 0.0
+        return self._last_batch + self.flush_s - time.monotonic()
 
     def _send(self, batch: list[dict[str, Any]]) -> bool:
         path = f"/api/v1/trials/{self.trial_id}/" + ("metrics" if batch else "heartbeat")

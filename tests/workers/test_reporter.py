@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from hpo.workers.reporter import MetricReporter
+from tests.api.test_metrics_endpoint import scrape, value
 from tests.conftest import ServerProcess, simple_spec
 
 
@@ -77,3 +78,40 @@ def test_heartbeats_keep_the_lease(sqlite_server: ServerProcess) -> None:
     reporter.close(timeout=5)
     time.sleep(3)
     assert client.trial(trial.trial_id).state == "failed"  # and without them it expires
+
+
+def _reports_answered(server: ServerProcess) -> float:
+    samples = scrape(server)
+    return value(samples, "hpo_report_duration_seconds_count") or 0.0
+
+
+def test_a_trial_that_logs_every_step_sends_a_batch_per_flush_interval(
+    sqlite_server: ServerProcess,
+) -> None:
+    """A trial that logs a point every 5 ms sends one request per ``flush_s`` (3 s here), not
+    one per point (before, every ``log`` woke the sender: ~100 requests a second from one
+    trial), and a point someone waits for (``ctx.report``, a checkpoint) goes at once, not
+    ``flush_s`` after the last batch. Requests counted by the server's own histogram of the
+    reports it answered."""
+    client = sqlite_server.client()
+    study = client.create_study(simple_spec("paced"))
+    trial = study.ask()
+    before = _reports_answered(sqlite_server)
+    reporter = MetricReporter(
+        sqlite_server.url, trial.trial_id, token=sqlite_server.token, flush_s=3.0
+    )
+    started = time.monotonic()
+    for step in range(300):
+        reporter.log(step, {"loss": 1.0 / (step + 1)})
+        time.sleep(0.005)
+    logging_s = time.monotonic() - started
+    ticket = reporter.log(300, {"loss": 0.001})
+    asked = time.monotonic()
+    assert reporter.wait_sent(ticket, timeout=10)
+    waited = time.monotonic() - asked
+    reporter.close(timeout=10)
+    requests = _reports_answered(sqlite_server) - before
+    assert 1 <= requests <= logging_s / 3.0 + 3, (requests, logging_s)
+    assert waited < 1.0, waited  # not held until flush_s after the last batch (~1.5 s on)
+    points = sqlite_server.client().study(study.id).metrics(trial.trial_id, "loss")
+    assert [p.step for p in points] == list(range(301))  # none lost, none twice, in order
