@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from hpo.service import attempts, pbt, transitions
@@ -62,8 +63,9 @@ def report(
     rest of it meanwhile: see :func:`_take_back`). On PostgreSQL a commit waits at most
     REPORT_LOCK_TIMEOUT_S for a row lock, then raises DatabaseUnavailable (the commits of the
     batch before it stay, as with any database failure between them); there, a batch of one
-    commit with a verdict to continue in a study without a compute budget (the usual report)
-    is written before the study's row is locked (:func:`_store_then_lock`). Returns whether the
+    commit is reported in one transaction, and with a verdict to continue in a study without
+    a compute budget (the usual report) its points are written before the study's row is
+    locked (:func:`_store_then_lock`). Returns whether the
     trial should stop (pruned, paused at a rung, or its study stopped). Raises TrialFinished
     for a trial that completed or failed, InvalidInput for NaN/inf.
     """
@@ -78,6 +80,10 @@ def report(
         "attempt": attempt,
         "unnamed_first_only": unnamed_first_only,
     }
+    if points and len(points) <= POINTS_PER_COMMIT and storage.dialect != "sqlite":
+        answer = _store_then_lock(storage, trial_id, points, fencing)
+        if answer is not None:
+            return answer
     verdict: _Verdict | None = None
     if points:
         with storage.read() as s:
@@ -88,10 +94,6 @@ def report(
             verdict = _Verdict(judged, _judge(s, transitions.spec_of(study), trial, points, judged))
     size = POINTS_PER_COMMIT
     chunks = [points[i : i + size] for i in range(0, len(points), size)]
-    if len(chunks) == 1 and storage.dialect != "sqlite" and not _stale(verdict):
-        answer = _store_then_lock(storage, trial_id, points, fencing)
-        if answer is not None:
-            return answer
     inserted: list[int] = []  # ids this batch stored in its earlier commits
     last_step_before: int | None = None  # the trial's, before its first commit
     attempt_no = 0  # the attempt the earlier commits stored under
@@ -133,32 +135,47 @@ class _Undo(Exception):
 def _store_then_lock(
     storage: Storage, trial_id: int, points: Sequence[MetricInput], fencing: dict[str, Any]
 ) -> bool | None:
-    """The usual report on PostgreSQL, with the study's row held only at its end.
+    """A report of one commit's points on PostgreSQL, in one transaction that holds the
+    study's row only at its end when it can.
 
-    Taken for one commit's points with a verdict to continue and no compute budget: nothing
-    of it needs the study's row until the lease and the curves' cursor are written. The
-    points and the curves at rest (the slow part of a report: ~8 of its ~11 ms under the
-    lock with 320 points) are written first, under the attempt that an unlocked read found
-    running; then the study's row is locked, the trial read again and fenced as in
-    :func:`_finish_report`, and the commit follows. When the trial moved on in between
+    The pruner is asked first: no row is locked yet, so this is the read transaction of
+    :func:`report`'s usual path. When its verdict is to continue and the study has no
+    compute budget (the usual report), nothing else needs the study's row until the lease
+    and the curves' cursor are written: the points and the curves at rest (the slow part of
+    a report: ~8 of its ~11 ms under the lock with 320 points) are written under the attempt
+    that read found running, then the study's row is locked, the trial read again and fenced
+    as in :func:`_finish`, and the commit follows. When the trial moved on in between
     (another attempt, no longer running, a budget added to the spec), the transaction is
-    rolled back, so nothing of it stays: fenced as before, the row held far shorter.
+    rolled back, so nothing of it stays, and the usual path decides: fenced as before, the
+    row held far shorter. A verdict to prune or pause, or a budget, takes the row first and
+    goes on as the usual path's last commit does (:func:`_finish`), in the same transaction.
+
+    A trial deleted while the report waits for its curve rows fails the inserts' foreign
+    keys (IntegrityError): rolled back, and the usual path answers TrialNotFound.
 
     Lock order: the trial's curve rows, then its study's row. A writer that holds a study's
-    row and then folds that study's curves (another report of the same trial on the usual
-    path, a batch taken back, a study deleted meanwhile) can meet such a report in a
-    deadlock; PostgreSQL then ends one of the two (503, retried; nothing stored).
+    row and then folds that study's curves (another report of the same trial that takes the
+    row first, a batch taken back, a study deleted meanwhile) can meet such a report in a
+    deadlock; PostgreSQL then ends one of the two (503, retried; nothing stored). When it is
+    a batch being taken back, its earlier commits stay, as after any database failure between
+    them (see :func:`report`). Concurrent reports of one study share its row for their
+    inserts' foreign-key checks (``FOR KEY SHARE``) before they lock it, which PostgreSQL
+    records as MultiXacts (a few per report; autovacuum freezes them, ``mxid_age`` shows them).
 
     Returns whether the trial should stop, or None when the usual path must decide.
     """
     try:
         with storage.write(lock_timeout_s=REPORT_LOCK_TIMEOUT_S) as s:
             study, trial = _running(s, trial_id, lock=False, **fencing)
-            if trial is None or _budgeted(study):
-                raise _Undo(None)
+            if trial is None:
+                return True  # nothing was written
+            judged = _to_judge(s, study, trial, points)
+            verdict = _Verdict(judged, _judge(s, transitions.spec_of(study), trial, points, judged))
+            if verdict.decision is not None or _budgeted(study):
+                s.expire_all()  # read again under the lock
+                return _finish(s, trial_id, points, points, verdict, fencing)
             attempt = trial.attempts
-            now = utcnow()
-            metrics.add(s, trial, points, now, ids=False)
+            metrics.add(s, trial, points, utcnow(), ids=False)
             s.expire_all()  # read again below, as the lock finds them
             study, trial = _running(s, trial_id, **fencing)
             if trial is None:
@@ -166,11 +183,14 @@ def _store_then_lock(
             if trial.attempts != attempt or _budgeted(study):
                 raise _Undo(None)
             trial.last_step = max(trial.last_step or 0, *(p.step for p in points))
-            trials.renew_lease(trial, transitions.spec_of(study).lease_s, now)
+            # the clock read again: the waits for the rows above may have taken a while
+            trials.renew_lease(trial, transitions.spec_of(study).lease_s, utcnow())
             studies.touch_curves(study, trial)
             return False
     except _Undo as undo:
         return undo.answer
+    except IntegrityError:  # the trial was deleted meanwhile: the usual path says so (404)
+        return None
 
 
 def _budgeted(study: Study) -> bool:
@@ -256,35 +276,48 @@ def _finish_report(
 ) -> bool:
     """The last commit of :func:`report`: its last chunk of points, the lease, the pruner."""
     with storage.write(lock_timeout_s=REPORT_LOCK_TIMEOUT_S) as s:
-        study, trial = _running(s, trial_id, **fencing)
-        if trial is None:
-            return True
-        spec = transitions.spec_of(study)
-        now = utcnow()
-        if not points:
-            trials.renew_lease(trial, spec.lease_s, now)
-            return False  # a heartbeat: the lease is renewed, nothing else changed
-        if _stale(verdict):
-            verdict = _recheck(s, study, trial, points, verdict)
-        kept, cut = _within_budget(s, study, trial, chunks[-1])
-        _store_points(s, trial, kept, now, ids=False)
-        # after the queries above: one UPDATE of the trial's row with its last_step at commit
+        return _finish(s, trial_id, points, chunks[-1] if chunks else [], verdict, fencing)
+
+
+def _finish(
+    s: Session,
+    trial_id: int,
+    points: Sequence[MetricInput],
+    last: Sequence[MetricInput],
+    verdict: _Verdict | None,
+    fencing: dict[str, Any],
+) -> bool:
+    """The last commit's work, in ``s``: the study's row locked and the trial fenced, the
+    report's ``last`` chunk of points stored, the lease renewed, the verdict applied."""
+    study, trial = _running(s, trial_id, **fencing)
+    if trial is None:
+        return True
+    spec = transitions.spec_of(study)
+    now = utcnow()
+    if not points:
         trials.renew_lease(trial, spec.lease_s, now)
-        if cut is not None:
-            _spend_last_steps(s, study, trial, kept, cut)
-            return True
-        decision = verdict.decision
-        if isinstance(decision, PauseDecision):  # at a rung: checkpoint, free the workers
-            transitions.pause(s, study, trial, decision.reason, now=now)
-            return True
-        if decision is not None:
-            trial.pruned = decision.reason
-            watched = decision.reason.get("value")
-            vals = [watched] if watched is not None and not spec.multi_objective else None
-            transitions.finish(s, study, trial, TrialState.PRUNED, vals, None, now=now)
-            return True
-        studies.touch_curves(study, trial)  # new points: the study's own ETag holds
-        return False
+        return False  # a heartbeat: the lease is renewed, nothing else changed
+    if _stale(verdict):
+        verdict = _recheck(s, study, trial, points, verdict)
+    kept, cut = _within_budget(s, study, trial, last)
+    _store_points(s, trial, kept, now, ids=False)
+    # after the queries above: one UPDATE of the trial's row with its last_step at commit
+    trials.renew_lease(trial, spec.lease_s, now)
+    if cut is not None:
+        _spend_last_steps(s, study, trial, kept, cut)
+        return True
+    decision = verdict.decision
+    if isinstance(decision, PauseDecision):  # at a rung: checkpoint, free the workers
+        transitions.pause(s, study, trial, decision.reason, now=now)
+        return True
+    if decision is not None:
+        trial.pruned = decision.reason
+        watched = decision.reason.get("value")
+        vals = [watched] if watched is not None and not spec.multi_objective else None
+        transitions.finish(s, study, trial, TrialState.PRUNED, vals, None, now=now)
+        return True
+    studies.touch_curves(study, trial)  # new points: the study's own ETag holds
+    return False
 
 
 def _within_budget(

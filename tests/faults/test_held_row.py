@@ -18,7 +18,7 @@ from sqlalchemy import text
 
 from hpo.service import reporting
 from hpo.service.db import make_engine, upgrade_schema
-from hpo.service.errors import DatabaseUnavailable, StaleAttempt
+from hpo.service.errors import DatabaseUnavailable, StaleAttempt, TrialNotFound
 from hpo.service.records import MetricInput
 from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage
@@ -237,3 +237,39 @@ def test_a_report_in_a_deadlock_is_answered_busy_stores_nothing_and_begins_no_ou
     assert pg_service.report(trial.id, batch, attempt=1) is False
     assert pg_service.report(trial.id, batch, attempt=1) is False
     assert _stored(pg_service, trial.id) == [1, 2, 3]
+
+
+def test_a_report_whose_trial_is_deleted_while_it_waits_is_answered_not_found(
+    pg_service: StudyService,
+) -> None:
+    """The trial's curve rows are held while its study is deleted: the waiting report, which
+    had found the trial running, then meets the inserts' foreign keys. It is answered "trial
+    not found" (404), not with the database's integrity error (a 500)."""
+    study = pg_service.create_study(StudySpec.model_validate(simple_spec("deleted")))
+    trial = pg_service.ask(study.id)
+    assert pg_service.report(trial.id, [MetricInput(1, "loss", 0.9)], attempt=1) is False
+
+    holder = pg_service.storage.engine.connect()
+    holder.begin()
+    holder.execute(
+        text("SELECT n FROM trial_curves WHERE trial_id = :id FOR UPDATE"), {"id": trial.id}
+    )
+    outcome: list[BaseException | bool] = []
+
+    def send() -> None:
+        try:
+            outcome.append(pg_service.report(trial.id, [MetricInput(2, "loss", 0.5)], attempt=1))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    sender = threading.Thread(target=send)
+    try:
+        sender.start()
+        _waiting_for_a_lock(pg_service)
+        holder.execute(text("DELETE FROM studies WHERE id = :id"), {"id": study.id})
+        holder.commit()
+    finally:
+        holder.close()
+    sender.join(timeout=30)
+    [answer] = outcome
+    assert isinstance(answer, TrialNotFound), answer
