@@ -49,13 +49,14 @@ def report(
     """Store metric points of a running trial, renew its lease and consult the pruner.
 
     Each point is stored once per attempt (a batch sent again stores nothing new). The
-    pruner's questions about the other trials are answered first, in a read transaction
-    that takes no lock (they were the slow part, and all trials of a study queued behind
-    them on its row); the write that follows is short: it checks the attempt again under the
-    lock, stores the points and applies the verdict (one to prune only when the steps to
-    judge are still those it was given on, else the pruner is asked again there). A
-    large batch is stored in commits of at most POINTS_PER_COMMIT points, so no commit
-    holds SQLite's write lock for long; the lease and the pruner's verdict follow in one
+    pruner's questions about the other trials are answered first, before any lock is taken
+    (in a read transaction of their own; on PostgreSQL at the start of the report's one
+    transaction, see :func:`_store_then_lock`): they were the slow part, and all trials of
+    a study queued behind them on its row. The write that follows is short: it checks the
+    attempt again under the lock, stores the points and applies the verdict (one to prune
+    only when the steps to judge are still those it was given on, else the pruner is asked
+    again there). A large batch is stored in commits of at most POINTS_PER_COMMIT points, so
+    no commit holds SQLite's write lock for long; the lease and the pruner's verdict follow in one
     short commit of their own. A report made with an attempt's ``token``, or naming an
     ``attempt``, is refused with StaleAttempt unless that attempt is current (see
     :func:`fence` for ``unnamed_first_only``); nothing of a refused batch stays stored,
@@ -189,8 +190,8 @@ def _store_then_lock(
             return False
     except _Undo as undo:
         return undo.answer
-    except IntegrityError:  # the trial was deleted meanwhile: the usual path says so (404)
-        return None
+    except IntegrityError:  # the points' foreign keys: the trial was deleted meanwhile,
+        return None  # and the usual path says so (404)
 
 
 def _budgeted(study: Study) -> bool:

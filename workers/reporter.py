@@ -33,7 +33,8 @@ class MetricReporter:
     :class:`hpo.workers.tensorboard.LiveScalars`), and closes it with the reporter.
     ``flush_s``: the least time between two batches, unless a caller waits for its points or
     ``batch`` of them are queued (the server's load then grows with the trials, not with how
-    often they log).
+    often they log). So a stop or pause decided on points sent by :meth:`log` alone reaches
+    ``should_stop`` up to ``flush_s`` later than one that :meth:`wait_sent` asked for.
     """
 
     def __init__(
@@ -77,11 +78,13 @@ class MetricReporter:
     def log(self, step: int, metrics: dict[str, float]) -> int:
         """Queue points; returns a ticket to pass to :meth:`wait_sent`."""
         with self._cond:
+            idle = not self._buffer  # else the sender holds them until the next batch is due
             for name, value in metrics.items():
                 self._buffer.append({"step": int(step), "name": name, "value": float(value)})
                 self._queued += 1
             self._trim()
-            self._cond.notify()
+            if idle or len(self._buffer) >= self.batch:
+                self._cond.notify()
             ticket = self._queued
         if self.mirror is not None:
             self.mirror.add(step, metrics)
@@ -153,7 +156,7 @@ class MetricReporter:
         while not self._stop.is_set() and not self.finished:
             with self._cond:
                 if not self._buffer:
-                    self._cond.wait(self.flush_s if backoff == 0 else backoff)
+                    self._cond.wait(backoff or self._idle_s())
                 hold = self._hold_s()
                 if hold > 0:  # woken by a log() before the next batch is due
                     self._cond.wait(hold)
@@ -173,6 +176,12 @@ class MetricReporter:
             else:
                 backoff = min(5.0, max(0.2, backoff * 2))
                 time.sleep(backoff)
+
+    def _idle_s(self) -> float:
+        """How long the sender sleeps with nothing queued: until the next heartbeat is due,
+        ``flush_s`` at most."""
+        due = self._last_contact + self.heartbeat_s - time.monotonic()
+        return min(self.flush_s, max(due, 0.01))
 
     def _hold_s(self) -> float:
         """How long the queued points wait before they go (called holding the lock): until

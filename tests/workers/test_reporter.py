@@ -115,3 +115,28 @@ def test_a_trial_that_logs_every_step_sends_a_batch_per_flush_interval(
     assert waited < 1.0, waited  # not held until flush_s after the last batch (~1.5 s on)
     points = sqlite_server.client().study(study.id).metrics(trial.trial_id, "loss")
     assert [p.step for p in points] == list(range(301))  # none lost, none twice, in order
+
+
+def test_heartbeats_come_every_heartbeat_s_not_every_flush_s(sqlite_server: ServerProcess) -> None:
+    """With nothing to send, the sender wakes for the next heartbeat, not only every
+    ``flush_s``: heartbeats every 0.3 s with ``flush_s`` 1 s (else a lease of 4·heartbeat_s,
+    as the runner sets it, would be renewed only every other ``flush_s``)."""
+    client = sqlite_server.client()
+    study = client.create_study(simple_spec("beat-often"))
+    trial = study.ask()
+    route = "/api/v1/trials/{trial_id}/heartbeat"
+
+    def beats() -> float:
+        samples = scrape(sqlite_server)
+        return (
+            value(samples, "hpo_http_requests_total", route=route, method="POST", status="200")
+            or 0.0
+        )
+
+    before = beats()
+    reporter = MetricReporter(
+        sqlite_server.url, trial.trial_id, token=sqlite_server.token, heartbeat_s=0.3, flush_s=1.0
+    )
+    time.sleep(3)
+    reporter.close(timeout=5)
+    assert beats() - before >= 6  # ~9 at 0.3 s; 3 when rounded up to flush_s
