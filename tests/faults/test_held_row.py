@@ -46,6 +46,24 @@ def _stored(service: StudyService, trial_id: int) -> list[int]:
     return [p.step for p in service.storage.metrics(trial_id)]
 
 
+def _report_in_background(
+    service: StudyService, trial_id: int, batch: list[MetricInput], **fencing: int
+) -> tuple[threading.Thread, list[BaseException | bool]]:
+    """A report sent from a thread of its own (started): its answer, or the error it raised,
+    lands in the list."""
+    outcome: list[BaseException | bool] = []
+
+    def send() -> None:
+        try:
+            outcome.append(service.report(trial_id, batch, **fencing))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    return sender, outcome
+
+
 def test_a_report_waiting_for_a_held_study_row_is_answered_busy_and_stores_nothing(
     pg_service: StudyService,
 ) -> None:
@@ -58,17 +76,8 @@ def test_a_report_waiting_for_a_held_study_row_is_answered_busy_and_stores_nothi
     holder = pg_service.storage.engine.connect()
     holder.begin()
     holder.execute(text("SELECT id FROM studies WHERE id = :id FOR UPDATE"), {"id": study.id})
-    outcome: list[BaseException | bool] = []
-
-    def send() -> None:
-        try:
-            outcome.append(pg_service.report(trial.id, batch))
-        except BaseException as exc:  # handed to the test's thread
-            outcome.append(exc)
-
     try:
-        sender = threading.Thread(target=send)
-        sender.start()
+        sender, outcome = _report_in_background(pg_service, trial.id, batch)
         sender.join(timeout=30)  # far past the 0.5-s timeout; without it, it never returns
         assert not sender.is_alive(), "the report still waits for the held row"
     finally:
@@ -147,17 +156,8 @@ def test_a_report_stores_its_points_before_the_study_row_and_keeps_none_of_a_mov
     holder.execute(
         text("SELECT id FROM studies WHERE id = :id FOR NO KEY UPDATE"), {"id": study.id}
     )
-    outcome: list[BaseException | bool] = []
-
-    def send() -> None:
-        try:
-            outcome.append(pg_service.report(trial.id, batch, **fencing))
-        except BaseException as exc:  # handed to the test's thread
-            outcome.append(exc)
-
-    sender = threading.Thread(target=send)
     try:
-        sender.start()
+        sender, outcome = _report_in_background(pg_service, trial.id, batch, **fencing)
         waiting = _waiting_for_a_lock(pg_service)
         assert {"metric_points", "trial_curves"} <= _written_by(pg_service, waiting)
         holder.execute(text(change), {"id": trial.id})
@@ -209,17 +209,8 @@ def test_a_report_in_a_deadlock_is_answered_busy_stores_nothing_and_begins_no_ou
     holder.execute(
         text("SELECT id FROM studies WHERE id = :id FOR NO KEY UPDATE"), {"id": study.id}
     )
-    outcome: list[BaseException | bool] = []
-
-    def send() -> None:
-        try:
-            outcome.append(pg_service.report(trial.id, batch, attempt=1))
-        except BaseException as exc:  # handed to the test's thread
-            outcome.append(exc)
-
-    sender = threading.Thread(target=send)
     try:
-        sender.start()
+        sender, outcome = _report_in_background(pg_service, trial.id, batch, attempt=1)
         _waiting_for_a_lock(pg_service)
         # the holder now folds the trial's curves: it waits for the report, which waits for it
         holder.execute(
@@ -254,17 +245,10 @@ def test_a_report_whose_trial_is_deleted_while_it_waits_is_answered_not_found(
     holder.execute(
         text("SELECT n FROM trial_curves WHERE trial_id = :id FOR UPDATE"), {"id": trial.id}
     )
-    outcome: list[BaseException | bool] = []
-
-    def send() -> None:
-        try:
-            outcome.append(pg_service.report(trial.id, [MetricInput(2, "loss", 0.5)], attempt=1))
-        except BaseException as exc:  # handed to the test's thread
-            outcome.append(exc)
-
-    sender = threading.Thread(target=send)
     try:
-        sender.start()
+        sender, outcome = _report_in_background(
+            pg_service, trial.id, [MetricInput(2, "loss", 0.5)], attempt=1
+        )
         _waiting_for_a_lock(pg_service)
         holder.execute(text("DELETE FROM studies WHERE id = :id"), {"id": study.id})
         holder.commit()
