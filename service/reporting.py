@@ -56,8 +56,8 @@ def report(
     attempt again under the lock, stores the points and applies the verdict (one to prune
     only when the steps to judge are still those it was given on, else the pruner is asked
     again there). A large batch is stored in commits of at most POINTS_PER_COMMIT points, so
-    no commit holds SQLite's write lock for long; the lease and the pruner's verdict follow in one
-    short commit of their own. A report made with an attempt's ``token``, or naming an
+    no commit holds SQLite's write lock for long; the lease and the pruner's verdict follow
+    in one short commit of their own. A report made with an attempt's ``token``, or naming an
     ``attempt``, is refused with StaleAttempt unless that attempt is current (see
     :func:`fence` for ``unnamed_first_only``); nothing of a refused batch stays stored,
     even when an earlier commit of it was accepted (unless a resend of the batch stored the
@@ -66,9 +66,9 @@ def report(
     batch before it stay, as with any database failure between them); there, a batch of one
     commit is reported in one transaction, and with a verdict to continue in a study without
     a compute budget (the usual report) its points are written before the study's row is
-    locked (:func:`_store_then_lock`). Returns whether the
-    trial should stop (pruned, paused at a rung, or its study stopped). Raises TrialFinished
-    for a trial that completed or failed, InvalidInput for NaN/inf.
+    locked (:func:`_store_then_lock`). Returns whether the trial should stop (pruned, paused
+    at a rung, or its study stopped). Raises TrialFinished for a trial that completed or
+    failed, InvalidInput for NaN/inf.
     """
     for i, p in enumerate(points):
         if not math.isfinite(p.value):

@@ -793,6 +793,37 @@ def test_dashboard_with_thousands_of_trials(sqlite_server: ServerProcess) -> Non
                 }"""
             )
             assert lo_hi[0] < 0 and lo_hi[1] > 499_999
+
+            # Past 2,000 curves each is drawn from at most 40 of its points (the first, the
+            # last, each run's lowest and highest): drawing is the page's dear part there.
+            drawn = page.evaluate(
+                """async () => {
+                    const { curves, thinned } = await import('/static/js/panels.js');
+                    const steps = Array.from({ length: 120 }, (_, i) => i);
+                    const values = steps.map((s) => Math.sin(s / 7) + (s === 53) - (s === 88));
+                    const model = (n) => ({
+                        metric: 'loss',
+                        trials: new Map(),
+                        curves: new Map(Array.from({ length: n }, (_, i) => [i, {
+                            trial_id: i, number: i, state: 'complete', steps, values, n: 120,
+                        }])),
+                    });
+                    const longest = (n) =>
+                        Math.max(...curves(model(n)).layers[0].series.map((s) => s.points.length));
+                    return {
+                        kept: thinned(steps, values, 40),
+                        whole: thinned(steps.slice(0, 30), values.slice(0, 30), 40).length,
+                        at2000: longest(2000),
+                        at2001: longest(2001),
+                    };
+                }"""
+            )
+            kept = drawn["kept"]
+            assert 20 <= len(kept) <= 40 and kept[0] == [0, 0] and kept[-1][0] == 119
+            assert [k[0] for k in kept] == sorted({k[0] for k in kept})  # in step order, once
+            assert {53, 88} <= {k[0] for k in kept}  # the highest and the lowest point
+            assert drawn["whole"] == 30
+            assert (drawn["at2000"], drawn["at2001"]) == (120, 40)
             assert not errors, errors
         finally:
             browser.close()

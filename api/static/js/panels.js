@@ -72,13 +72,43 @@ export function history(model, i) {
 
 const CURVE_ORDER = { complete: 0, failed: 1, pruned: 2, paused: 3, waiting: 4, running: 5 };
 
+// Points per curve drawn once a study has more than MANY_CURVES of them (each keeps its first,
+// last, lowest and highest points of each run): drawing is the dear part of the page there.
+const MANY_CURVES = 2000;
+const FEW_POINTS = 40;
+
+/** At most `most` [step, value] points of a curve: the first and last, and each run's
+ *  lowest and highest (as the server's downsampling). */
+export function thinned(steps, values, most) {
+  const n = steps.length;
+  if (n <= most) return steps.map((s, k) => [s, values[k]]);
+  const runs = Math.floor((most - 2) / 2);
+  const keep = [0];
+  for (let r = 0; r < runs; r += 1) {
+    const a = 1 + Math.floor(((n - 2) * r) / runs);
+    const b = 1 + Math.floor(((n - 2) * (r + 1)) / runs);
+    if (a >= b) continue;
+    let lo = a;
+    let hi = a;
+    for (let k = a + 1; k < b; k += 1) {
+      if (values[k] < values[lo]) lo = k;
+      if (values[k] > values[hi]) hi = k;
+    }
+    keep.push(Math.min(lo, hi));
+    if (hi !== lo) keep.push(Math.max(lo, hi));
+  }
+  keep.push(n - 1);
+  return keep.map((k) => [steps[k], values[k]]);
+}
+
 export function curves(model) {
   // Thousands of curves at a fixed opacity are a solid block: fade them as they grow.
   const alpha = Math.min(0.55, Math.max(0.12, 40 / model.curves.size));
+  const most = model.curves.size > MANY_CURVES ? FEW_POINTS : Infinity;
   const series = [...model.curves.values()].map((c) => {
     const t = model.trials.get(c.trial_id);
     const state = t ? t.state : c.state;
-    const points = c.steps.map((s, k) => [s, c.values[k]]);
+    const points = thinned(c.steps, c.values, most);
     const cut = { pruned: " (pruned here)", paused: " (paused at a rung)" }[state] || "";
     return {
       state,
