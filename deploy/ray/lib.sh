@@ -123,9 +123,11 @@ hpo_any_alive() {
 
 # hpo_stop_groups PGID...: SIGTERM these process groups (each a process started with setsid:
 # `ray start --block`, hpo serve), then SIGKILL every process of their trees still running
-# after HPO_STOP_GRACE_S seconds (`ray start --block` can take minutes to drain on SIGTERM).
-# The tree is noted before the SIGTERM (a raylet that exits first orphans its workers) and
-# while waiting.
+# after HPO_STOP_GRACE_S seconds (`ray start --block` can take minutes to drain on SIGTERM),
+# and wait (5 s at most) until those are gone: a killed process with many threads and a large
+# heap (gcs_server, a raylet) takes a moment to exit, and the caller's exit must mean they
+# did. The tree is noted before the SIGTERM (a raylet that exits first orphans its workers)
+# and while waiting.
 hpo_stop_groups() {
   local pgid deadline pids
   deadline=$((SECONDS + ${HPO_STOP_GRACE_S:-15}))
@@ -140,5 +142,9 @@ hpo_stop_groups() {
   mapfile -t -O "${#pids[@]}" pids < <(hpo_tree "$@")
   if ((${#pids[@]})); then
     kill -KILL "${pids[@]}" 2>/dev/null || true
+    deadline=$((SECONDS + 5))
+    while hpo_any_alive "${pids[@]}" && ((SECONDS < deadline)); do
+      sleep 0.1
+    done
   fi
 }
