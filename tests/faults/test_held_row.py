@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from hpo.service import reporting
 from hpo.service.db import make_engine, upgrade_schema
@@ -24,7 +27,7 @@ from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage
 from hpo.service.storage.session import RETRY_LOCKED_S
 from hpo.service.studies import StudyService
-from tests.conftest import create_pg_database, drop_pg_database, simple_spec
+from tests.conftest import ServerProcess, create_pg_database, drop_pg_database, simple_spec
 
 
 @pytest.fixture
@@ -96,10 +99,10 @@ def test_a_report_waiting_for_a_held_study_row_is_answered_busy_and_stores_nothi
     assert _stored(pg_service, trial.id) == [1, 2, 3]
 
 
-def _waiting_for_a_lock(service: StudyService, timeout_s: float = 10.0) -> int:
+def _waiting_for_a_lock(engine: Engine, timeout_s: float = 10.0) -> int:
     """The backend of this database that waits for a row lock (the report's)."""
     deadline = time.monotonic() + timeout_s
-    with service.storage.engine.connect() as probe:
+    with engine.connect() as probe:
         while time.monotonic() < deadline:
             pid = probe.execute(
                 text(
@@ -114,9 +117,9 @@ def _waiting_for_a_lock(service: StudyService, timeout_s: float = 10.0) -> int:
     raise AssertionError("no report came to wait for the study's row")
 
 
-def _written_by(service: StudyService, pid: int) -> set[str]:
+def _written_by(engine: Engine, pid: int) -> set[str]:
     """The tables the backend ``pid`` has written in its open transaction."""
-    with service.storage.engine.connect() as probe:
+    with engine.connect() as probe:
         rows = probe.execute(
             text(
                 "SELECT relation::regclass::text FROM pg_locks WHERE pid = :pid "
@@ -158,8 +161,8 @@ def test_a_report_stores_its_points_before_the_study_row_and_keeps_none_of_a_mov
     )
     try:
         sender, outcome = _report_in_background(pg_service, trial.id, batch, **fencing)
-        waiting = _waiting_for_a_lock(pg_service)
-        assert {"metric_points", "trial_curves"} <= _written_by(pg_service, waiting)
+        waiting = _waiting_for_a_lock(pg_service.storage.engine)
+        assert {"metric_points", "trial_curves"} <= _written_by(pg_service.storage.engine, waiting)
         holder.execute(text(change), {"id": trial.id})
         holder.commit()
     finally:
@@ -211,7 +214,7 @@ def test_a_report_in_a_deadlock_is_answered_busy_stores_nothing_and_begins_no_ou
     )
     try:
         sender, outcome = _report_in_background(pg_service, trial.id, batch, attempt=1)
-        _waiting_for_a_lock(pg_service)
+        _waiting_for_a_lock(pg_service.storage.engine)
         # the holder now folds the trial's curves: it waits for the report, which waits for it
         holder.execute(
             text("SELECT n FROM trial_curves WHERE trial_id = :id FOR UPDATE"), {"id": trial.id}
@@ -249,7 +252,7 @@ def test_a_report_whose_trial_is_deleted_while_it_waits_is_answered_not_found(
         sender, outcome = _report_in_background(
             pg_service, trial.id, [MetricInput(2, "loss", 0.5)], attempt=1
         )
-        _waiting_for_a_lock(pg_service)
+        _waiting_for_a_lock(pg_service.storage.engine)
         holder.execute(text("DELETE FROM studies WHERE id = :id"), {"id": study.id})
         holder.commit()
     finally:
@@ -257,3 +260,85 @@ def test_a_report_whose_trial_is_deleted_while_it_waits_is_answered_not_found(
     sender.join(timeout=30)
     [answer] = outcome
     assert isinstance(answer, TrialNotFound), answer
+
+
+def test_a_server_killed_while_its_report_waits_for_the_row_loses_and_doubles_nothing(
+    pg_available: bool, tmp_path: Path
+) -> None:
+    """kill -9 of ``hpo serve`` while a report, its points already written, waits for the
+    study's row: PostgreSQL rolls that transaction back, so none of it is stored; the client,
+    which got no answer, sends the batch again to the restarted server (twice): each step is
+    then stored exactly once (lost 0, duplicated 0)."""
+    if not pg_available:
+        pytest.skip("PostgreSQL not reachable")
+    url = create_pg_database()
+    engine = make_engine(url)
+    server = ServerProcess(url, tmp_path, {"HPO_SCHEDULER": "false"})
+    server.start()
+    try:
+        with server.http() as http:
+            study = http.post("/api/v1/studies", json=simple_spec("killed")).json()
+            trial = http.post(f"/api/v1/studies/{study['id']}/ask").json()
+        path = f"/api/v1/trials/{trial['trial_id']}/metrics"
+        first = {"points": [{"step": 1, "name": "loss", "value": 1.0}], "attempt": 1}
+        points = [{"step": s, "name": "loss", "value": 1.0 / s} for s in (2, 3, 4)]
+        batch = {"points": points, "attempt": 1}
+        with server.http() as http:
+            assert http.post(path, json=first).status_code == 200
+
+        def stored() -> list[int]:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    text("SELECT step FROM metric_points WHERE trial_id = :id ORDER BY step"),
+                    {"id": trial["trial_id"]},
+                )
+                return [step for (step,) in rows]
+
+        holder = engine.connect()
+        holder.begin()
+        holder.execute(
+            text("SELECT id FROM studies WHERE id = :id FOR NO KEY UPDATE"), {"id": study["id"]}
+        )
+        outcome: list[object] = []
+
+        def send() -> None:
+            try:
+                with server.http() as http:
+                    outcome.append(http.post(path, json=batch, timeout=60).status_code)
+            except httpx.TransportError as exc:
+                outcome.append(exc)
+
+        sender = threading.Thread(target=send)
+        try:
+            sender.start()
+            waiting = _waiting_for_a_lock(engine)
+            assert {"metric_points", "trial_curves"} <= _written_by(engine, waiting)
+            server.kill()
+            sender.join(timeout=30)
+        finally:
+            holder.rollback()
+            holder.close()
+        [answer] = outcome
+        assert isinstance(answer, httpx.TransportError), answer  # no answer: the client resends
+        deadline = time.monotonic() + 30  # the orphaned backend gets the row, then aborts
+        with engine.connect() as probe:
+            while probe.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": waiting}
+            ).scalar():
+                assert time.monotonic() < deadline, "the killed server's backend lingers"
+                probe.rollback()
+                time.sleep(0.05)
+        assert stored() == [1]  # nothing of the killed report was kept
+
+        server.start()
+        with server.http() as http:
+            assert http.post(path, json=batch).status_code == 200
+            assert http.post(path, json=batch).status_code == 200  # a replay
+        steps = Counter(stored())
+        lost = [s for s in range(1, 5) if steps[s] == 0]
+        duplicated = [s for s, n in steps.items() if n > 1]
+        assert (lost, duplicated) == ([], [])
+    finally:
+        server.stop()
+        engine.dispose()
+        drop_pg_database(url)
