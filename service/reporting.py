@@ -327,9 +327,9 @@ def _within_budget(
     """The points that fit in ``budget.max_steps`` (read under the study's lock, so reports of
     concurrent trials never overrun it together), and the budget (its spec field) that stops
     the trial when some do not fit or ``budget.max_worker_seconds`` is spent (else None)."""
-    budget = transitions.spec_of(study).budget
-    if not points or (budget.max_steps is None and budget.max_worker_seconds is None):
+    if not points or not _budgeted(study):
         return points, None
+    budget = transitions.spec_of(study).budget
     seconds = budget.max_worker_seconds
     if seconds is not None and trials.worker_seconds_used(s, study, utcnow()) >= seconds:
         return [], "budget.max_worker_seconds"
