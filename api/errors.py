@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hpo.api.schemas import ErrorBody
 from hpo.service.errors import (
+    AnalysisUnavailable,
     Conflict,
     DatabaseUnavailable,
     HpoError,
@@ -27,6 +28,7 @@ STATUS = {
     InvalidInput: 422,
     DatabaseUnavailable: 503,
     SuggestionPending: 503,
+    AnalysisUnavailable: 503,
 }
 
 # What every API route may answer besides its success, documented once (every error body is
@@ -83,7 +85,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HpoError)
     async def _domain(_: Request, exc: HpoError) -> JSONResponse:
         response = error_response(_status(exc), exc.code, exc.message, exc.field)
-        if isinstance(exc, DatabaseUnavailable | SuggestionPending):
+        if isinstance(exc, DatabaseUnavailable | SuggestionPending | AnalysisUnavailable):
             response.headers["Retry-After"] = str(exc.retry_after_s)
         return response
 

@@ -94,6 +94,18 @@ class SuggestionPending(HpoError):
         self.retry_after_s = retry_after_s
 
 
+class AnalysisUnavailable(HpoError):
+    """The dashboard's analysis worker (:mod:`hpo.service.analysis_worker`) died during the
+    job twice in a row, or was stopped (HTTP 503 with ``Retry-After``). The next request
+    starts another."""
+
+    code = "analysis_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message, field=None)
+        self.retry_after_s = retry_after_s
+
+
 class StaleAttempt(Conflict):
     """A write made with the token of an attempt that is no longer the trial's current one
     (the trial was requeued and claimed again, or finished by another attempt): nothing of it

@@ -26,13 +26,12 @@ from pydantic import BaseModel, Field
 from hpo.api.deps import Cursor, Reader, StudyId, TrialId
 from hpo.api.pools import POLLS, runs_in
 from hpo.api.routes.conditional import NOT_MODIFIED, answer, not_modified
-from hpo.service import analysis
+from hpo.service import analysis, analysis_worker
 from hpo.service.background import BackgroundJobs, NotReady
 from hpo.service.errors import InvalidInput
 from hpo.service.records import StudyRecord, TrialRecord
 from hpo.service.spec import ParamValue, StudySpec
-from hpo.service.storage import MAX_PAGE, Storage, parse_spec
-from hpo.service.storage.trials import Outcome
+from hpo.service.storage import Storage, parse_spec
 
 router = APIRouter(tags=["dashboard"])
 pages = APIRouter(include_in_schema=False)
@@ -45,37 +44,6 @@ Objective = Annotated[int, Query(ge=0, le=63, description="Index of the objectiv
 # ------------------------------------------------------------------------- caches
 # LRUs (cachetools) shared by the server's threads: concurrent callers of one key wait for the
 # first to compute it instead of computing it again.
-
-
-class _TrialMirror:
-    """What the analyses read of every trial of one study (``Storage.outcomes``: no
-    records), kept current through the ``since`` cursor."""
-
-    def __init__(self) -> None:
-        self.trials: dict[int, Outcome] = {}
-        self.cursor: int | None = None
-        self.lock = threading.Lock()
-
-    def refresh(self, storage: Storage, study_id: int) -> list[Outcome]:
-        with self.lock:
-            while True:
-                page, self.cursor = storage.outcomes(study_id, since=self.cursor)
-                self.trials.update((t.id, t) for t in page)
-                if len(page) < MAX_PAGE:
-                    return list(self.trials.values())
-
-
-@cached(LRUCache(16), condition=threading.Condition())
-def _mirror(study_id: int) -> _TrialMirror:
-    """The trial mirror of a study (the 16 studies used last keep theirs)."""
-    return _TrialMirror()
-
-
-def _study_trials(storage: Storage, study_id: int) -> tuple[list[Outcome], tuple]:
-    """Every trial of the study, and a key that changes whenever a complete trial does."""
-    trials = _mirror(study_id).refresh(storage, study_id)
-    done = [t for t in trials if t.state == "complete"]
-    return trials, (study_id, len(done), max((t.seq for t in done), default=0))
 
 
 def _series_key(storage: Storage, trial: TrialRecord, max_points: int) -> tuple:
@@ -91,59 +59,13 @@ def _trial_series(storage: Storage, trial: TrialRecord, max_points: int) -> dict
     return analysis.metric_series(points, max_points)
 
 
-# Importance and contours are read and fitted on background threads (two at a time), one job
-# per study change (seq): a request waits at most HPO_IMPORTANCE_WAIT_S for it, then answers
+# Importance and contours are fitted where the app's analyses run (a worker process:
+# service/analysis_worker.py), waited for on background threads (two at a time), one job per
+# study change (seq): a request waits at most HPO_IMPORTANCE_WAIT_S for it, then answers
 # (importance) the study's last result, or 202, while it goes on.
 _analysis_jobs = BackgroundJobs(workers=2, keep=128, name="hpo-analysis")
 _last_importance: LRUCache = LRUCache(128)  # (study id, objective) -> analysis.Importance
 _last_lock = threading.Lock()
-
-
-@cached(
-    LRUCache(128),
-    key=lambda spec, trials, fingerprint, objective: (*fingerprint, objective),
-    condition=threading.Condition(),
-)
-def _importance(
-    spec: StudySpec, trials: list[Outcome], fingerprint: tuple, objective: int
-) -> analysis.Importance:
-    """Parameter importance over the complete trials ``fingerprint`` names."""
-    return analysis.param_importance(spec, trials, objective)
-
-
-def _fit_contour(
-    storage: Storage, study_id: int, spec: StudySpec, x: str, y: str, objective: int, size: int
-) -> dict[str, Any]:
-    """The background job of a contour (fitted again only when the complete trials changed)."""
-    trials, key = _study_trials(storage, study_id)
-    return _contour(spec, trials, key, x, y, objective, size)
-
-
-def _fit_importance(
-    storage: Storage, study_id: int, spec: StudySpec, objective: int
-) -> analysis.Importance:
-    """The background job: the study's trials as they are now, and their importance (fitted
-    again only when the set of complete trials changed)."""
-    trials, key = _study_trials(storage, study_id)
-    return _importance(spec, trials, key, objective)
-
-
-@cached(
-    LRUCache(128),
-    key=lambda spec, trials, fingerprint, *options: (*fingerprint, *options),
-    condition=threading.Condition(),
-)
-def _contour(
-    spec: StudySpec,
-    trials: list[Outcome],
-    fingerprint: tuple,
-    x: str,
-    y: str,
-    objective: int,
-    size: int,
-) -> dict[str, Any]:
-    """The contour of the complete trials ``fingerprint`` names."""
-    return analysis.contour(spec, trials, x, y, objective, size=size)
 
 
 def _study_tag(storage: Storage, study_id: int, what: str, *options: Any) -> str:
@@ -410,9 +332,10 @@ def importance(
     objective = _objective(spec, objective)
     wait = _analysis_wait(request, study)
     job = (study_id, seq, objective)
+    run = request.app.state.analyses.run
     try:
-        fit = _fit_importance
-        result = _analysis_jobs.result(job, fit, storage, study_id, spec, objective, wait_s=wait)
+        fit = analysis_worker.fit_importance
+        result = _analysis_jobs.result(job, run, fit, study_id, spec, objective, wait_s=wait)
     except NotReady:
         # Still fitting: the last answer (or none, 202) and no ETag; ask again shortly.
         response.headers["Retry-After"] = "1"
@@ -481,8 +404,9 @@ def contour(
     job = (study_id, study.seq, x, y, objective, size)
     try:
         wait = _analysis_wait(request, study)
+        run, fit = request.app.state.analyses.run, analysis_worker.fit_contour
         result = _analysis_jobs.result(
-            job, _fit_contour, storage, study_id, spec, x, y, objective, size, wait_s=wait
+            job, run, fit, study_id, spec, x, y, objective, size, wait_s=wait
         )
     except NotReady:  # still fitting: 202, no ETag; the page asks again at its next poll
         response.status_code = 202

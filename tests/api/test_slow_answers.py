@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import ServerProcess, simple_spec, wait_for
@@ -117,3 +118,13 @@ def test_importance_and_contours_are_fitted_off_the_request(
             lambda: (r := http.get(contour)).status_code == 200 and r.json(), 60, "the contour"
         )
         assert len(grid["x"]["values"]) == 8 and len(grid["points"]) == 31
+
+        # They were fitted in the server's analysis worker, a child process: kill -9 it
+        # (the OOM killer's way); the next fit starts another and is answered.
+        (worker,) = psutil.Process(impatient_sqlite.proc.pid).children()
+        assert "hpo.service.analysis_worker" in worker.cmdline()
+        worker.kill()
+        finish()
+        wait_for(lambda: http.get(path).json()["n_trials"] == 32, 60, "importance, new worker")
+        (again,) = psutil.Process(impatient_sqlite.proc.pid).children()
+        assert again.pid != worker.pid

@@ -1,0 +1,142 @@
+"""The dashboard's analyses in a worker process (service/analysis_worker.py): the same answers
+as on the server's thread, errors raised as themselves, and a worker that dies (kill -9,
+during a job or between jobs) replaced without losing the job; a worker whose server was
+killed -9 ends on its own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from hpo.service.analysis_worker import (
+    AnalysisWorker,
+    InThread,
+    Workspace,
+    analyses_for,
+    fit_contour,
+    fit_importance,
+)
+from hpo.service.errors import AnalysisUnavailable, StudyNotFound
+from hpo.service.spec import StudySpec
+from hpo.service.storage import Storage
+from hpo.service.studies import StudyService
+from tests.conftest import simple_spec, wait_for
+
+
+def _study(storage: Storage, n: int = 40) -> tuple[int, StudySpec]:
+    service = StudyService(storage)
+    spec = StudySpec.model_validate(simple_spec("analysed"))
+    sid = service.create_study(spec).id
+    for _ in range(n):
+        t = service.ask(sid)
+        service.tell(t.id, value=t.params["x"] ** 2 + 0.01 * t.params["n"])
+    return sid, spec
+
+
+def _die(ws: Workspace) -> None:
+    """A job that kills the process it runs in (the worker), as the OOM killer would."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pid(ws: Workspace) -> int:
+    return os.getpid()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_the_worker_answers_what_the_server_thread_answers(storage: Storage, db_url: str) -> None:
+    sid, spec = _study(storage)
+    worker = AnalysisWorker(db_url)
+    here = InThread(storage)
+    try:
+        jobs = [(fit_importance, (sid, spec, 0)), (fit_contour, (sid, spec, "x", "n", 0, 8))]
+        for fn, args in jobs:
+            theirs = worker.run(fn, *args)
+            assert theirs == here.run(fn, *args)
+        assert theirs["points"] and len(theirs["x"]["values"]) == 8
+        assert worker.run(fit_importance, sid, spec, 0).importances["x"] > 0.5
+        assert worker.run(_pid) == worker.pid != os.getpid()
+        with pytest.raises(StudyNotFound):  # raised in the worker, raised here as itself
+            worker.run(fit_importance, sid + 1000, spec, 0)
+        # a trial told since: the worker's copy of the study follows (fitted again)
+        t = StudyService(storage).ask(sid)
+        StudyService(storage).tell(t.id, value=0.5)
+        assert worker.run(fit_importance, sid, spec, 0).n_trials == 41
+    finally:
+        worker.close()
+    assert worker.pid is None
+    with pytest.raises(AnalysisUnavailable):
+        worker.run(fit_importance, sid, spec, 0)
+
+
+def test_a_worker_killed_during_a_job_or_between_jobs_is_replaced(
+    storage: Storage, db_url: str
+) -> None:
+    sid, spec = _study(storage, n=20)
+    worker = AnalysisWorker(db_url)
+    try:
+        worker.warm()
+        first = worker.pid
+        os.kill(first, signal.SIGKILL)  # between jobs
+        wait_for(lambda: _gone(first), 10, "the killed worker")
+        assert worker.run(fit_importance, sid, spec, 0).n_trials == 20  # the job is not lost
+        second = worker.pid
+        assert second not in (None, first)
+        # a job that kills its worker each time: started again once, then 503 (not a hang)
+        with pytest.raises(AnalysisUnavailable, match="died twice"):
+            worker.run(_die)
+        assert worker.run(fit_importance, sid, spec, 0).n_trials == 20
+        assert worker.pid not in (None, first, second)
+    finally:
+        worker.close()
+
+
+def test_the_worker_of_a_killed_server_ends_on_its_own(storage: Storage, db_url: str) -> None:
+    """kill -9 of the server's process: its end of the socket closes, the worker reads EOF
+    and exits (no orphan left holding the database)."""
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import sys, time
+                from hpo.service.analysis_worker import AnalysisWorker
+                worker = AnalysisWorker(sys.argv[1])
+                worker.warm()
+                print(worker.pid, flush=True)
+                time.sleep(600)
+                """
+            ),
+            db_url,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        child = int(server.stdout.readline())
+        assert psutil.Process(child).ppid() == server.pid
+    finally:
+        server.kill()
+        server.wait()
+    started = time.monotonic()
+    wait_for(lambda: _gone(child), 60, "the orphaned analysis worker to exit")
+    assert time.monotonic() - started < 60
+
+
+def test_an_in_memory_database_is_analysed_on_the_server_thread(storage: Storage) -> None:
+    assert isinstance(analyses_for(storage, "sqlite://"), InThread)
+    assert isinstance(analyses_for(storage, "sqlite:///:memory:"), InThread)
+    assert isinstance(analyses_for(storage, "sqlite:////tmp/x.db"), AnalysisWorker)
