@@ -5,8 +5,10 @@ million points by default) is bulk-inserted into a fresh SQLite database (the se
 ``benchmarks/polling.py``; the curves kept at rest are then built from those points, as
 migration 0008 back-fills them), then ``hpo serve`` starts on it and Chromium opens the study page
 with cold server caches. Reported: the time until the page has finished its first poll (every
-panel drawn, every curves page fetched), the requests and bytes of that load, and the server's
-resident memory (RSS) before, after and at its peak (VmHWM).
+panel drawn, every curves page fetched; importance and the contour may still say
+"computing…"), and until those two show their fitted answers; the requests and bytes of that
+load; and the server's resident memory (RSS) before, after and at its peak (VmHWM), alone and
+with its analysis worker.
 
     python benchmarks/dashboard_scale.py                       # 10,000 × 1,000; seeding ~minutes
     python benchmarks/dashboard_scale.py --trials 1000 --steps 100
@@ -43,10 +45,29 @@ def server_process(url: str) -> psutil.Process:
 
 
 def memory_mb(proc: psutil.Process) -> dict[str, float]:
-    """Resident memory now and at its peak (Linux ``VmHWM``), in MB."""
-    status = Path(f"/proc/{proc.pid}/status").read_text()
-    peak = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
-    return {"rss_mb": round(proc.memory_info().rss / 1e6), "peak_mb": round(peak / 1e6)}
+    """Resident memory now and at its peak (Linux ``VmHWM``), in MB: the server's, and with
+    its child processes' (the analysis worker) added."""
+
+    def peak(p: psutil.Process) -> int:
+        status = Path(f"/proc/{p.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+
+    children = proc.children(recursive=True)
+    rss = proc.memory_info().rss
+    return {
+        "rss_mb": round(rss / 1e6),
+        "peak_mb": round(peak(proc) / 1e6),
+        "with_children_rss_mb": round((rss + sum(c.memory_info().rss for c in children)) / 1e6),
+        "with_children_peak_mb": round((peak(proc) + sum(peak(c) for c in children)) / 1e6),
+    }
+
+
+# The importance and contour panels show their fitted answers (not "computing…"): on a cold
+# server the first poll may have drawn them as computing, and a later poll shows them.
+ANALYSED = (
+    "() => window.hpo.page?.importance?.status === 'ready'"
+    " && window.hpo.page?.contourAnswer?.status === 'ready'"
+)
 
 
 def cold_load(url: str, token: str, sid: int) -> dict[str, Any]:
@@ -72,9 +93,12 @@ def cold_load(url: str, token: str, sid: int) -> dict[str, Any]:
         page.goto(f"{url}/?study={sid}#token={token}")
         until(page, LOADED, timeout=600)
         took = time.monotonic() - start
+        until(page, ANALYSED, timeout=600)
+        analysed = time.monotonic() - start
         browser.close()
     return {
         "load_s": round(took, 2),
+        "analyses_shown_s": round(analysed, 2),
         "requests": len(seen),
         "mb": round(sum(b for *_, b in seen) / 1e6, 1),
         "slowest_request_ms": slowest,
