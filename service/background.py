@@ -3,7 +3,8 @@ that comes back later while the work goes on; the finished result waits for the 
 
 Used for GP suggestions (:mod:`hpo.service.asking`: an ask whose fit outlasts
 ``HPO_ASK_WAIT_S`` answers 503 with Retry-After, and the retried ask takes the suggestion) and
-for the dashboard's parameter importance (:mod:`hpo.api.routes.dashboard`).
+for the dashboard's parameter importance and contours (:mod:`hpo.api.routes.dashboard`; the
+fits themselves run in :mod:`hpo.service.analysis_worker`'s process).
 """
 
 from __future__ import annotations
