@@ -22,6 +22,7 @@ from hpo.api.routes import checkpoints, dashboard, studies, trials
 from hpo.api.schemas import ErrorBody
 from hpo.service.analysis_worker import AnalysisWorker, analyses_for
 from hpo.service.db import make_engine, upgrade_schema
+from hpo.service.errors import DatabaseUnavailable
 from hpo.service.histories import Histories
 from hpo.service.preflight import config_warnings, failure_lines
 from hpo.service.settings import Settings
@@ -69,11 +70,8 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
             ask_wait_s=settings.ask_wait_s,
         )
         app.state.service = service
-        app.state.analyses = analyses_for(service.storage, settings.resolved_database_url)
-        if isinstance(app.state.analyses, AnalysisWorker):
-            big = settings.importance_wait_trials
-            if await asyncio.to_thread(service.storage.has_study_past, "complete", big):
-                app.state.analyses.warm()  # its imports are done before the page asks
+        analyses = analyses_for(service.storage, settings.resolved_database_url)
+        app.state.analyses = analyses
         service.storage.health.watch()  # a freeze of this process holds leases back
         # made at the first start; it keeps this deployment's Ray namespace and actors apart
         app.state.deployment_id = await asyncio.to_thread(meta.deployment_id, service.storage)
@@ -87,17 +85,24 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
             if scheduler is not None:
                 background.append(asyncio.create_task(_freeze_once_connected(scheduler)))
         try:
+            if isinstance(analyses, AnalysisWorker):
+                big = settings.importance_wait_trials
+                with contextlib.suppress(DatabaseUnavailable):  # then it starts when asked
+                    if await asyncio.to_thread(service.storage.has_study_past, "complete", big):
+                        analyses.warm()  # its imports are done before a page asks
             yield
         finally:
             for task in background:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            if scheduler is not None:
-                await asyncio.to_thread(scheduler.stop)
-            app.state.analyses.close()
-            service.storage.health.close()
-            engine.dispose()
+            try:
+                if scheduler is not None:
+                    await asyncio.to_thread(scheduler.stop)
+            finally:
+                analyses.close()
+                service.storage.health.close()
+                engine.dispose()
 
     app = FastAPI(
         title="hpo",

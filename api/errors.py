@@ -49,8 +49,9 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     503: {
         "model": ErrorBody,
-        "description": "The database is unreachable or busy, or a slow suggestion (GP) is "
-        "still being computed; retry after `Retry-After` seconds",
+        "description": "The database is unreachable or busy, a slow suggestion (GP) is "
+        "still being computed, or the dashboard's analysis worker could not run a fit; retry "
+        "after `Retry-After` seconds",
     },
 }
 # What FastAPI says when a body is not UTF-8 text or nests too deeply to parse.

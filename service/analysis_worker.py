@@ -7,14 +7,15 @@ time, so a dashboard opened on a study of 10,000 trials slowed its own trials an
 and every other client's reports, while its analyses ran (docs/benchmarks.md, "The analyses in
 a process of their own").
 
-:class:`AnalysisWorker` runs them in a child process (``python -m hpo.service.analysis_worker``)
+:class:`AnalysisWorker` runs them in a child process (``hpo.service.analysis_worker.main``)
 that opens the database itself and keeps each study's trials between fits. The server only
 sends (function, arguments) and gets the result back over a socket pair. The child:
 
 - imports scikit-learn as it starts, and is started with the server when the database already
   holds a study large enough for its fits to matter (:meth:`AnalysisWorker.warm`), else at the
   first analysis;
-- is started again when it died (killed, out of memory) and the job is sent once more;
+- is started again when it died (killed, out of memory) and the job is sent once more, and
+  is stopped when a job outlasts ``job_timeout_s``;
 - ends when the server closes it, and on its own when the server's end of the socket closes
   (the server was killed).
 
@@ -24,14 +25,16 @@ thread instead (:class:`InThread`), as before.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
+import traceback
 from collections.abc import Callable, Hashable
 from multiprocessing.connection import Connection
 from typing import Any, Protocol, TypeVar
@@ -39,8 +42,8 @@ from typing import Any, Protocol, TypeVar
 from cachetools import LRUCache
 from sqlalchemy.engine import make_url
 
-from hpo.service import analysis
-from hpo.service.errors import AnalysisUnavailable
+from hpo.service import analysis, local_ray
+from hpo.service.errors import AnalysisUnavailable, HpoError
 from hpo.service.spec import StudySpec
 from hpo.service.storage import MAX_PAGE, Storage
 from hpo.service.storage.trials import Outcome
@@ -147,17 +150,34 @@ class InThread:
         pass
 
 
+# The worker's command. Not ``-m``: that puts the working directory first on the child's path
+# (a ``sklearn/`` there would be imported instead of scikit-learn).
+_BOOT = "import sys; del sys.path[0]; from hpo.service import analysis_worker as w; w.main()"
+
+
 class AnalysisWorker:
     """One child process that runs the analyses, one job at a time (callers queue on a lock).
-    Safe to share between threads."""
+    Safe to share between threads.
 
-    def __init__(self, database_url: str) -> None:
+    A job may run ``job_timeout_s`` (then the worker is killed and the caller gets
+    AnalysisUnavailable). A worker that dies during a job is started again and the job sent
+    once more; one that dies twice answers AnalysisUnavailable and no worker is started for
+    ``cooldown_s``. Its environment is the server's as it was when this was made (Ray's
+    start-up takes the database's secrets out of the process's environment for a while)."""
+
+    def __init__(
+        self, database_url: str, *, job_timeout_s: float = 120.0, cooldown_s: float = 30.0
+    ) -> None:
         self._url = database_url
+        self._env = dict(os.environ)
+        self.job_timeout_s = job_timeout_s
+        self.cooldown_s = cooldown_s
         self._lock = threading.Lock()  # one job at a time on the one connection
         self._start_lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._closed = False
+        self._down_until = 0.0  # no worker is started before (monotonic)
 
     @property
     def pid(self) -> int | None:
@@ -166,24 +186,35 @@ class AnalysisWorker:
         return proc.pid if proc is not None and proc.poll() is None else None
 
     def warm(self) -> None:
-        """Start the worker now (it imports its libraries at once), not at the first job."""
-        self._started()
+        """Start the worker now (it imports its libraries at once), not at the first job. A
+        worker that cannot be started now is only logged: the first job tries again."""
+        try:
+            self._started()
+        except (OSError, AnalysisUnavailable) as error:
+            log.warning("the analysis worker did not start: %s", error)
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         with self._lock:
             for attempt in (1, 2):
-                conn = self._started()
+                conn = None
                 try:
+                    conn = self._started()
                     conn.send((fn, args))
+                    if not conn.poll(self.job_timeout_s):
+                        self._discard(conn)
+                        took = f"{self.job_timeout_s:g} s"
+                        raise AnalysisUnavailable(f"an analysis outlasted {took}: stopped")
                     ok, value = conn.recv()
-                except (EOFError, OSError):  # it died (killed, out of memory) or was closed
-                    self._discard(conn)
+                except (EOFError, OSError) as error:  # it died (killed, out of memory)
+                    code = self._discard(conn) if conn is not None else None
                     if self._closed:
-                        raise AnalysisUnavailable("the analysis worker was closed") from None
-                    if attempt == 2:
-                        why = "the analysis worker died twice during a job"
+                        raise AnalysisUnavailable("the analysis worker was stopped") from None
+                    if conn is None or attempt == 2:
+                        self._down_until = time.monotonic() + self.cooldown_s
+                        detail = str(error) or f"exit code {code}"
+                        why = f"the analysis worker failed twice in a row ({detail})"
                         raise AnalysisUnavailable(why) from None
-                    log.warning("the analysis worker died; starting another for the job")
+                    log.warning("the analysis worker died (exit %s); another runs the job", code)
                     continue
                 if ok:
                     return value
@@ -196,41 +227,61 @@ class AnalysisWorker:
         with self._start_lock:
             proc, self._proc = self._proc, None
             conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
         if proc is not None:
-            proc.kill()
-            proc.wait(timeout=10)
+            _end(proc)
+        # a caller reading the connection reads EOF now and lets go of the lock
+        if conn is not None and self._lock.acquire(timeout=10):
+            conn.close()
+            self._lock.release()
 
     def _started(self) -> Connection:
         with self._start_lock:
             if self._closed:
-                raise AnalysisUnavailable("the analysis worker was closed")
+                raise AnalysisUnavailable("the analysis worker was stopped")
             if self._conn is not None and self._proc is not None and self._proc.poll() is None:
                 return self._conn
+            if time.monotonic() < self._down_until:
+                raise AnalysisUnavailable("the analysis worker failed; trying again shortly")
             ours, theirs = socket.socketpair()
             try:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "hpo.service.analysis_worker", str(theirs.fileno())],
+                    [sys.executable, "-c", _BOOT, str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),),
                     stdin=subprocess.DEVNULL,
+                    env=self._env,
                 )
+            except BaseException:
+                ours.close()
+                raise
             finally:
                 theirs.close()  # the child's end: ours reads EOF once the child is gone
-            self._conn = Connection(ours.detach())
-            # the URL (with its password) goes over the socket, not on the command line
-            self._conn.send(self._url)
-            return self._conn
+            local_ray.not_ray(self._proc.pid)
+            self._conn = conn = Connection(ours.detach())
+        try:  # the URL (with its password) goes over the socket, not on the command line
+            conn.send(self._url)
+        except OSError:
+            self._discard(conn)
+            raise
+        return conn
 
-    def _discard(self, conn: Connection) -> None:
+    def _discard(self, conn: Connection) -> int | None:
+        """Kill the worker behind ``conn`` (if it is still the current one); its exit code."""
         with self._start_lock:
             if self._conn is not conn:
-                return
+                return None
             proc, self._proc, self._conn = self._proc, None, None
         conn.close()
-        if proc is not None:
-            proc.kill()
-            proc.wait(timeout=10)
+        return _end(proc) if proc is not None else None
+
+
+def _end(proc: subprocess.Popen) -> int | None:
+    proc.kill()
+    try:
+        return proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        local_ray.not_ray(proc.pid, forget=True)
 
 
 def analyses_for(storage: Storage, database_url: str) -> Analyses:
@@ -259,26 +310,31 @@ def serve(conn: Connection) -> None:
     url = conn.recv()
     import sklearn.ensemble  # noqa: F401  (imported now, not by the first fit)
 
-    ws = Workspace(Storage(make_engine(url)))
-    while True:
-        try:
-            fn, args = conn.recv()
-        except (EOFError, OSError):
-            return  # the server closed its end, or died
-        try:
-            answer: tuple[bool, Any] = (True, fn(ws, *args))
-        except Exception as error:  # the caller raises it
-            answer = (False, _picklable(error))
-        try:
-            conn.send(answer)
-        except OSError:
-            return
+    engine = make_engine(url, pool_size=1)  # one job at a time: one connection
+    ws = Workspace(Storage(engine))
+    try:
+        while True:
+            try:
+                job = conn.recv_bytes()
+            except (EOFError, OSError):
+                return  # the server closed its end, or died
+            try:
+                fn, args = pickle.loads(job)
+                answer: tuple[bool, Any] = (True, fn(ws, *args))
+            except Exception as error:  # the caller raises it
+                if not isinstance(error, HpoError):  # a bug: its traceback goes to the log
+                    traceback.print_exc()
+                answer = (False, _picklable(error))
+            try:
+                conn.send(answer)
+            except OSError:
+                return
+    finally:
+        engine.dispose()
 
 
-if __name__ == "__main__":
-    # the module's own copy, not this __main__ one: jobs name its functions and caches
-    from hpo.service.analysis_worker import serve as _serve
-
-    with contextlib.suppress(KeyboardInterrupt):
-        _serve(Connection(int(sys.argv[1])))
+def main() -> None:
+    """``python -c ... <fd>``: serve the server's socket end ``fd``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # its life follows the socket, not Ctrl-C
+    serve(Connection(int(sys.argv[1])))
     os._exit(0)

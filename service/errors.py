@@ -95,9 +95,10 @@ class SuggestionPending(HpoError):
 
 
 class AnalysisUnavailable(HpoError):
-    """The dashboard's analysis worker (:mod:`hpo.service.analysis_worker`) died during the
-    job twice in a row, or was stopped (HTTP 503 with ``Retry-After``). The next request
-    starts another."""
+    """The dashboard's analysis worker (:mod:`hpo.service.analysis_worker`) could not run
+    the job (HTTP 503 with ``Retry-After``): it failed twice in a row (died, or could not
+    start), the job outlasted its time limit, or the server is stopping. A request after
+    ``retry_after_s`` starts another worker."""
 
     code = "analysis_unavailable"
 

@@ -40,12 +40,30 @@ def scrubbed_environ() -> Iterator[list[str]]:
         os.environ.update(removed)
 
 
+# The control plane's own processes among its descendants (its analysis worker): not Ray's, so
+# neither recorded as the local Ray session nor reaped with it.
+_NOT_RAY: set[int] = set()
+
+
+def not_ray(pid: int, *, forget: bool = False) -> None:
+    """Count process ``pid`` out of :func:`descendants` (``forget``: it has ended)."""
+    if forget:
+        _NOT_RAY.discard(pid)
+    else:
+        _NOT_RAY.add(pid)
+
+
+def descendants() -> list[psutil.Process]:
+    """This process's descendants but the control plane's own (the local Ray session)."""
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in _NOT_RAY]
+
+
 def record(path: Path) -> int:
     """Write this process and its descendants (the local Ray session) to ``path``; returns how
     many descendants were recorded."""
     me = psutil.Process()
     procs = []
-    for child in me.children(recursive=True):
+    for child in descendants():
         with contextlib.suppress(psutil.Error):
             procs.append({"pid": child.pid, "started": child.create_time()})
     body = {"owner": {"pid": me.pid, "started": me.create_time()}, "processes": procs}

@@ -19,8 +19,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import psutil
-
 from hpo.service import local_ray
 from hpo.service.executor import (
     PREFLIGHT_SCHEDULE,
@@ -144,7 +142,7 @@ class RayExecutor:
 
         if self._dispatcher is None:
             return
-        started = [] if self.address else psutil.Process().children(recursive=True)
+        started = [] if self.address else local_ray.descendants()
         ray.shutdown()
         self._dispatcher = None
         self._tracked.clear()

@@ -59,10 +59,10 @@ def _trial_series(storage: Storage, trial: TrialRecord, max_points: int) -> dict
     return analysis.metric_series(points, max_points)
 
 
-# Importance and contours are fitted where the app's analyses run (a worker process:
-# service/analysis_worker.py), waited for on background threads (two at a time), one job per
-# study change (seq): a request waits at most HPO_IMPORTANCE_WAIT_S for it, then answers
-# (importance) the study's last result, or 202, while it goes on.
+# Importance and contours are fitted where the app's analyses run (a worker process that fits
+# one at a time: service/analysis_worker.py), waited for on background threads (two at a
+# time), one job per study change (seq): a request waits at most HPO_IMPORTANCE_WAIT_S for
+# it, then answers (importance) the study's last result, or 202, while it goes on.
 _analysis_jobs = BackgroundJobs(workers=2, keep=128, name="hpo-analysis")
 _last_importance: LRUCache = LRUCache(128)  # (study id, objective) -> analysis.Importance
 _last_lock = threading.Lock()

@@ -29,8 +29,9 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
+def make_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Engine:
     """Create an engine; on SQLite, enable WAL and make every write transaction exclusive.
+    ``pool_size``: PostgreSQL connections kept open (twice as many more at a burst).
 
     SQLite allows one writer at a time; ``BEGIN IMMEDIATE`` takes the write lock when the
     transaction starts, so read-modify-write sequences (ask, tell) are serialized across threads
@@ -51,8 +52,8 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         url,
         echo=echo,
         pool_pre_ping=True,
-        pool_size=10,
-        max_overflow=20,
+        pool_size=pool_size,
+        max_overflow=2 * pool_size,
         json_deserializer=jsontext.loads,
     )
 

@@ -1,7 +1,10 @@
 """The dashboard's analyses in a worker process (service/analysis_worker.py): the same answers
 as on the server's thread, errors raised as themselves, and a worker that dies (kill -9,
-during a job or between jobs) replaced without losing the job; a worker whose server was
-killed -9 ends on its own."""
+during a job or between jobs) replaced without losing the job; a job past its time limit
+stopped; a worker whose server was killed -9 ends on its own.
+
+The helper jobs below live in this module: the worker (which leaves the working directory
+off its path) imports them through PYTHONPATH, set to the repository's root."""
 
 from __future__ import annotations
 
@@ -11,10 +14,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
+from hpo.service import local_ray
 from hpo.service.analysis_worker import (
     AnalysisWorker,
     InThread,
@@ -23,6 +28,7 @@ from hpo.service.analysis_worker import (
     fit_contour,
     fit_importance,
 )
+from hpo.service.db import make_engine
 from hpo.service.errors import AnalysisUnavailable, StudyNotFound
 from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage
@@ -40,13 +46,35 @@ def _study(storage: Storage, n: int = 40) -> tuple[int, StudySpec]:
     return sid, spec
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _jobs_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+
+
 def _die(ws: Workspace) -> None:
     """A job that kills the process it runs in (the worker), as the OOM killer would."""
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _die_once(ws: Workspace, marker: str) -> int:
+    """Killed the first time (``marker`` absent); its worker's pid the next time."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.getpid()
+
+
 def _pid(ws: Workspace) -> int:
     return os.getpid()
+
+
+def _cwd_path(ws: Workspace) -> bool:
+    import sys
+
+    return "" in sys.path or os.getcwd() in sys.path
 
 
 def _gone(pid: int) -> bool:
@@ -82,7 +110,7 @@ def test_the_worker_answers_what_the_server_thread_answers(storage: Storage, db_
 
 
 def test_a_worker_killed_during_a_job_or_between_jobs_is_replaced(
-    storage: Storage, db_url: str
+    storage: Storage, db_url: str, tmp_path: Path
 ) -> None:
     sid, spec = _study(storage, n=20)
     worker = AnalysisWorker(db_url)
@@ -94,11 +122,51 @@ def test_a_worker_killed_during_a_job_or_between_jobs_is_replaced(
         assert worker.run(fit_importance, sid, spec, 0).n_trials == 20  # the job is not lost
         second = worker.pid
         assert second not in (None, first)
-        # a job that kills its worker each time: started again once, then 503 (not a hang)
-        with pytest.raises(AnalysisUnavailable, match="died twice"):
+        # killed during a job: another worker runs the same job, which is answered
+        marker = str(tmp_path / "killed-once")
+        third = worker.run(_die_once, marker)
+        assert os.path.exists(marker) and third == worker.pid and third not in (first, second)
+        # a job that kills its worker each time: started again once, then 503 (not a hang),
+        # and no worker started for the cool-down
+        with pytest.raises(AnalysisUnavailable, match="failed twice"):
             worker.run(_die)
+        with pytest.raises(AnalysisUnavailable, match="trying again shortly"):
+            worker.run(fit_importance, sid, spec, 0)
+        worker.cooldown_s = 0
+        worker._down_until = 0.0
         assert worker.run(fit_importance, sid, spec, 0).n_trials == 20
-        assert worker.pid not in (None, first, second)
+        assert worker.pid not in (None, first, second, third)
+    finally:
+        worker.close()
+
+
+def test_a_job_past_its_time_limit_stops_the_worker(storage: Storage, db_url: str) -> None:
+    sid, spec = _study(storage, n=5)
+    worker = AnalysisWorker(db_url)
+    try:
+        stuck = worker.run(_pid)  # started, its imports done
+        worker.job_timeout_s = 1.0
+        os.kill(stuck, signal.SIGSTOP)  # a worker that never answers
+        started = time.monotonic()
+        with pytest.raises(AnalysisUnavailable, match="outlasted 1 s"):
+            worker.run(fit_importance, sid, spec, 0)
+        assert time.monotonic() - started < 30
+        wait_for(lambda: _gone(stuck), 10, "the stopped worker to be killed")
+        worker.job_timeout_s = 120
+        assert worker.run(fit_importance, sid, spec, 0).n_trials == 5  # a new one
+    finally:
+        worker.close()
+
+
+def test_the_worker_does_not_import_from_the_working_directory(
+    storage: Storage, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "sklearn").mkdir()
+    (tmp_path / "sklearn" / "__init__.py").write_text("raise SystemExit('the wrong sklearn')")
+    monkeypatch.chdir(tmp_path)
+    worker = AnalysisWorker(db_url)
+    try:
+        assert worker.run(_cwd_path) is False
     finally:
         worker.close()
 
@@ -136,7 +204,23 @@ def test_the_worker_of_a_killed_server_ends_on_its_own(storage: Storage, db_url:
     assert time.monotonic() - started < 60
 
 
-def test_an_in_memory_database_is_analysed_on_the_server_thread(storage: Storage) -> None:
+def test_the_worker_is_not_counted_as_the_local_ray_session(db_url: str) -> None:
+    """The server records its descendants as its local Ray session and reaps them with Ray
+    (``RayExecutor.shutdown``, also when another server takes the scheduler over): not its
+    analysis worker."""
+    worker = AnalysisWorker(db_url)
+    try:
+        worker.warm()
+        pid = worker.pid
+        assert pid in [p.pid for p in psutil.Process().children()]
+        assert pid not in [p.pid for p in local_ray.descendants()]
+    finally:
+        worker.close()
+    assert pid not in local_ray._NOT_RAY
+
+
+def test_an_in_memory_database_is_analysed_on_the_server_thread() -> None:
+    storage = Storage(make_engine("sqlite://"))
     assert isinstance(analyses_for(storage, "sqlite://"), InThread)
     assert isinstance(analyses_for(storage, "sqlite:///:memory:"), InThread)
     assert isinstance(analyses_for(storage, "sqlite:////tmp/x.db"), AnalysisWorker)

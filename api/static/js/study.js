@@ -193,8 +193,9 @@ export class StudyPage {
       this.study = study;
       this.v.study += 1;
     }
-    // Independent: side by side (the server fits importance and the contour on two threads,
-    // and the page draws the trials while the curves come). All of them end before the tick
+    // Independent: side by side (the server waits for importance and the contour on two
+    // threads while its analysis worker fits them, and the page draws the trials while the
+    // curves come). All of them end before the tick
     // does, even when one fails (then its error is thrown).
     const pulls = [
       this.pullTrials().then(() => this.render()),
