@@ -100,9 +100,11 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
                 if scheduler is not None:
                     await asyncio.to_thread(scheduler.stop)
             finally:
-                analyses.close()
-                service.storage.health.close()
-                engine.dispose()
+                try:
+                    await asyncio.to_thread(analyses.close)
+                finally:
+                    service.storage.health.close()
+                    engine.dispose()
 
     app = FastAPI(
         title="hpo",

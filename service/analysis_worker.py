@@ -26,6 +26,7 @@ thread instead (:class:`InThread`), as before.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import signal
@@ -150,9 +151,14 @@ class InThread:
         pass
 
 
-# The worker's command. Not ``-m``: that puts the working directory first on the child's path
-# (a ``sklearn/`` there would be imported instead of scikit-learn).
-_BOOT = "import sys; del sys.path[0]; from hpo.service import analysis_worker as w; w.main()"
+# The worker's command. ``-c`` (like ``-m``) puts the working directory first on the child's
+# path ("", unless PYTHONSAFEPATH); it is taken off before anything is imported, so a
+# ``sklearn/`` there is not imported instead of scikit-learn.
+_BOOT = (
+    "import sys\n"
+    "if sys.path and sys.path[0] == '': del sys.path[0]\n"
+    "from hpo.service import analysis_worker as w; w.main()"
+)
 
 
 class AnalysisWorker:
@@ -203,23 +209,30 @@ class AnalysisWorker:
                     if not conn.poll(self.job_timeout_s):
                         self._discard(conn)
                         took = f"{self.job_timeout_s:g} s"
-                        raise AnalysisUnavailable(f"an analysis outlasted {took}: stopped")
+                        raise self._cool_down(f"an analysis outlasted {took}: stopped")
                     ok, value = conn.recv()
                 except (EOFError, OSError) as error:  # it died (killed, out of memory)
                     code = self._discard(conn) if conn is not None else None
                     if self._closed:
                         raise AnalysisUnavailable("the analysis worker was stopped") from None
-                    if conn is None or attempt == 2:
-                        self._down_until = time.monotonic() + self.cooldown_s
-                        detail = str(error) or f"exit code {code}"
-                        why = f"the analysis worker failed twice in a row ({detail})"
-                        raise AnalysisUnavailable(why) from None
+                    if conn is None:
+                        why = f"the analysis worker did not start: {error}"
+                        raise self._cool_down(why) from None
+                    if attempt == 2:
+                        why = f"the analysis worker failed twice in a row (exit code {code})"
+                        raise self._cool_down(why) from None
                     log.warning("the analysis worker died (exit %s); another runs the job", code)
                     continue
                 if ok:
                     return value
                 raise value
         raise AssertionError("unreachable")
+
+    def _cool_down(self, why: str) -> AnalysisUnavailable:
+        """No worker is started for ``cooldown_s`` (a page polls every few seconds: a job that
+        always fails would start one each time): the error to raise."""
+        self._down_until = time.monotonic() + self.cooldown_s
+        return AnalysisUnavailable(why, retry_after_s=max(1, math.ceil(self.cooldown_s)))
 
     def close(self) -> None:
         """Stop the worker (a job it runs is cut short: its caller gets AnalysisUnavailable)."""
@@ -240,8 +253,15 @@ class AnalysisWorker:
                 raise AnalysisUnavailable("the analysis worker was stopped")
             if self._conn is not None and self._proc is not None and self._proc.poll() is None:
                 return self._conn
-            if time.monotonic() < self._down_until:
-                raise AnalysisUnavailable("the analysis worker failed; trying again shortly")
+            left = self._down_until - time.monotonic()
+            if left > 0:
+                why = "the analysis worker failed; trying again shortly"
+                raise AnalysisUnavailable(why, retry_after_s=max(1, math.ceil(left)))
+            if self._proc is not None:  # it ended between jobs
+                local_ray.not_ray(self._proc.pid, forget=True)
+                self._proc.wait()
+            if self._conn is not None:
+                self._conn.close()
             ours, theirs = socket.socketpair()
             try:
                 self._proc = subprocess.Popen(
@@ -257,12 +277,14 @@ class AnalysisWorker:
                 theirs.close()  # the child's end: ours reads EOF once the child is gone
             local_ray.not_ray(self._proc.pid)
             self._conn = conn = Connection(ours.detach())
-        try:  # the URL (with its password) goes over the socket, not on the command line
-            conn.send(self._url)
-        except OSError:
-            self._discard(conn)
-            raise
-        return conn
+            try:  # the URL (with its password) goes over the socket, not on the command line
+                conn.send(self._url)
+            except OSError:
+                proc, self._proc, self._conn = self._proc, None, None
+                conn.close()
+                _end(proc)
+                raise
+            return conn
 
     def _discard(self, conn: Connection) -> int | None:
         """Kill the worker behind ``conn`` (if it is still the current one); its exit code."""
@@ -320,13 +342,13 @@ def serve(conn: Connection) -> None:
                 return  # the server closed its end, or died
             try:
                 fn, args = pickle.loads(job)
-                answer: tuple[bool, Any] = (True, fn(ws, *args))
+                answer = pickle.dumps((True, fn(ws, *args)))
             except Exception as error:  # the caller raises it
                 if not isinstance(error, HpoError):  # a bug: its traceback goes to the log
                     traceback.print_exc()
-                answer = (False, _picklable(error))
+                answer = pickle.dumps((False, _picklable(error)))
             try:
-                conn.send(answer)
+                conn.send_bytes(answer)
             except OSError:
                 return
     finally:

@@ -97,8 +97,8 @@ class SuggestionPending(HpoError):
 class AnalysisUnavailable(HpoError):
     """The dashboard's analysis worker (:mod:`hpo.service.analysis_worker`) could not run
     the job (HTTP 503 with ``Retry-After``): it failed twice in a row (died, or could not
-    start), the job outlasted its time limit, or the server is stopping. A request after
-    ``retry_after_s`` starts another worker."""
+    start), the job outlasted its time limit, or the server is stopping. After such a failure
+    no worker is started for a cool-down (``retry_after_s`` says how long it has left)."""
 
     code = "analysis_unavailable"
 

@@ -113,13 +113,13 @@ def test_a_worker_killed_during_a_job_or_between_jobs_is_replaced(
     storage: Storage, db_url: str, tmp_path: Path
 ) -> None:
     sid, spec = _study(storage, n=20)
-    worker = AnalysisWorker(db_url)
+    worker = AnalysisWorker(db_url, cooldown_s=2.0)
     try:
         worker.warm()
         first = worker.pid
-        os.kill(first, signal.SIGKILL)  # between jobs
+        os.kill(first, signal.SIGKILL)  # between jobs: the next job finds it gone
         wait_for(lambda: _gone(first), 10, "the killed worker")
-        assert worker.run(fit_importance, sid, spec, 0).n_trials == 20  # the job is not lost
+        assert worker.run(fit_importance, sid, spec, 0).n_trials == 20
         second = worker.pid
         assert second not in (None, first)
         # killed during a job: another worker runs the same job, which is answered
@@ -130,10 +130,10 @@ def test_a_worker_killed_during_a_job_or_between_jobs_is_replaced(
         # and no worker started for the cool-down
         with pytest.raises(AnalysisUnavailable, match="failed twice"):
             worker.run(_die)
-        with pytest.raises(AnalysisUnavailable, match="trying again shortly"):
+        with pytest.raises(AnalysisUnavailable, match="trying again shortly") as refused:
             worker.run(fit_importance, sid, spec, 0)
-        worker.cooldown_s = 0
-        worker._down_until = 0.0
+        assert 1 <= refused.value.retry_after_s <= 2
+        time.sleep(2.1)  # the cool-down is over
         assert worker.run(fit_importance, sid, spec, 0).n_trials == 20
         assert worker.pid not in (None, first, second, third)
     finally:
@@ -142,7 +142,7 @@ def test_a_worker_killed_during_a_job_or_between_jobs_is_replaced(
 
 def test_a_job_past_its_time_limit_stops_the_worker(storage: Storage, db_url: str) -> None:
     sid, spec = _study(storage, n=5)
-    worker = AnalysisWorker(db_url)
+    worker = AnalysisWorker(db_url, cooldown_s=1.0)
     try:
         stuck = worker.run(_pid)  # started, its imports done
         worker.job_timeout_s = 1.0
@@ -151,7 +151,10 @@ def test_a_job_past_its_time_limit_stops_the_worker(storage: Storage, db_url: st
         with pytest.raises(AnalysisUnavailable, match="outlasted 1 s"):
             worker.run(fit_importance, sid, spec, 0)
         assert time.monotonic() - started < 30
-        wait_for(lambda: _gone(stuck), 10, "the stopped worker to be killed")
+        assert _gone(stuck)  # killed, not left stopped
+        with pytest.raises(AnalysisUnavailable, match="trying again shortly"):
+            worker.run(fit_importance, sid, spec, 0)  # not a new worker per poll
+        time.sleep(1.1)
         worker.job_timeout_s = 120
         assert worker.run(fit_importance, sid, spec, 0).n_trials == 5  # a new one
     finally:
@@ -164,11 +167,13 @@ def test_the_worker_does_not_import_from_the_working_directory(
     (tmp_path / "sklearn").mkdir()
     (tmp_path / "sklearn" / "__init__.py").write_text("raise SystemExit('the wrong sklearn')")
     monkeypatch.chdir(tmp_path)
-    worker = AnalysisWorker(db_url)
-    try:
-        assert worker.run(_cwd_path) is False
-    finally:
-        worker.close()
+    for safe_path in ("", "1"):  # PYTHONSAFEPATH: the interpreter leaves it off itself
+        monkeypatch.setenv("PYTHONSAFEPATH", safe_path)
+        worker = AnalysisWorker(db_url)
+        try:
+            assert worker.run(_cwd_path) is False
+        finally:
+            worker.close()
 
 
 def test_the_worker_of_a_killed_server_ends_on_its_own(storage: Storage, db_url: str) -> None:
@@ -199,9 +204,7 @@ def test_the_worker_of_a_killed_server_ends_on_its_own(storage: Storage, db_url:
     finally:
         server.kill()
         server.wait()
-    started = time.monotonic()
     wait_for(lambda: _gone(child), 60, "the orphaned analysis worker to exit")
-    assert time.monotonic() - started < 60
 
 
 def test_the_worker_is_not_counted_as_the_local_ray_session(db_url: str) -> None:
