@@ -165,10 +165,10 @@ class AnalysisWorker:
     """One child process that runs the analyses, one job at a time (callers queue on a lock).
     Safe to share between threads.
 
-    A job may run ``job_timeout_s`` (then the worker is killed and the caller gets
-    AnalysisUnavailable). A worker that dies during a job is started again and the job sent
-    once more; one that dies twice answers AnalysisUnavailable and no worker is started for
-    ``cooldown_s``. Its environment is the server's as it was when this was made (Ray's
+    A worker that dies during a job is started again and the job sent once more. A job that
+    kills it twice, a worker that cannot start, or a job past ``job_timeout_s`` (the worker is
+    then killed) raises AnalysisUnavailable, and no worker is started for ``cooldown_s``
+    after it. Its environment is the server's as it was when this was made (Ray's
     start-up takes the database's secrets out of the process's environment for a while)."""
 
     def __init__(
@@ -262,6 +262,7 @@ class AnalysisWorker:
                 self._proc.wait()
             if self._conn is not None:
                 self._conn.close()
+            self._proc = self._conn = None
             ours, theirs = socket.socketpair()
             try:
                 self._proc = subprocess.Popen(
