@@ -41,9 +41,9 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol, TypeVar
 
 from cachetools import LRUCache
-from sqlalchemy.engine import make_url
 
 from hpo.service import analysis, local_ray
+from hpo.service.db.engine import in_memory
 from hpo.service.errors import AnalysisUnavailable, HpoError
 from hpo.service.spec import StudySpec
 from hpo.service.storage import MAX_PAGE, Storage
@@ -309,8 +309,7 @@ def _end(proc: subprocess.Popen) -> int | None:
 
 def analyses_for(storage: Storage, database_url: str) -> Analyses:
     """A worker process for a database another process can open; else the server's thread."""
-    url = make_url(database_url)
-    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+    if in_memory(database_url):
         return InThread(storage)
     return AnalysisWorker(database_url)
 

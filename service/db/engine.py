@@ -29,6 +29,15 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def in_memory(url: str) -> bool:
+    """Whether ``url`` is a SQLite database in this process's memory (``sqlite://``,
+    ``:memory:``, or a ``file:…?mode=memory`` URI): no other process can open it."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    return parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory"
+
+
 def make_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Engine:
     """Create an engine; on SQLite, enable WAL and make every write transaction exclusive.
     ``pool_size``: PostgreSQL connections kept open (twice as many more at a burst).
@@ -65,7 +74,7 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cur = dbapi_conn.cursor()
-        if engine.url.database not in (None, "", ":memory:"):
+        if not in_memory(str(engine.url)):
             _set_wal(cur)
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")

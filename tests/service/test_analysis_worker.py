@@ -28,7 +28,7 @@ from hpo.service.analysis_worker import (
     fit_contour,
     fit_importance,
 )
-from hpo.service.db import make_engine
+from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.errors import AnalysisUnavailable, StudyNotFound
 from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage
@@ -227,3 +227,18 @@ def test_an_in_memory_database_is_analysed_on_the_server_thread() -> None:
     assert isinstance(analyses_for(storage, "sqlite://"), InThread)
     assert isinstance(analyses_for(storage, "sqlite:///:memory:"), InThread)
     assert isinstance(analyses_for(storage, "sqlite:////tmp/x.db"), AnalysisWorker)
+    # a shared in-memory database (a URI) lives in this process too: a worker would see an
+    # empty database and answer "no such study"
+    shared = f"sqlite:///file:analysed{os.getpid()}?mode=memory&cache=shared&uri=true"
+    engine = make_engine(shared)
+    keep = engine.connect()  # the shared database lives while a connection holds it
+    try:
+        upgrade_schema(engine)
+        storage = Storage(engine)
+        sid, spec = _study(storage)
+        analyses = analyses_for(storage, shared)
+        assert isinstance(analyses, InThread)
+        assert analyses.run(fit_importance, sid, spec, 0).n_trials == 40
+    finally:
+        keep.close()
+        engine.dispose()
