@@ -1,7 +1,8 @@
 """The dashboard's analyses in a worker process (service/analysis_worker.py): the same answers
 as on the server's thread, errors raised as themselves, and a worker that dies (kill -9,
 during a job or between jobs) replaced without losing the job; a job past its time limit
-stopped; a worker whose server was killed -9 ends on its own.
+stopped; a worker whose server was killed -9 ends on its own; a database outage answered
+unavailable by the same worker, which reads again once the database is back.
 
 The helper jobs below live in this module: the worker (which leaves the working directory
 off its path) imports them through PYTHONPATH, set to the repository's root."""
@@ -29,11 +30,12 @@ from hpo.service.analysis_worker import (
     fit_importance,
 )
 from hpo.service.db import make_engine, upgrade_schema
-from hpo.service.errors import AnalysisUnavailable, StudyNotFound
+from hpo.service.errors import AnalysisUnavailable, DatabaseUnavailable, StudyNotFound
 from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage
 from hpo.service.studies import StudyService
-from tests.conftest import simple_spec, wait_for
+from tests.api.test_outage import set_reachable
+from tests.conftest import create_pg_database, drop_pg_database, simple_spec, wait_for
 
 
 def _study(storage: Storage, n: int = 40) -> tuple[int, StudySpec]:
@@ -205,6 +207,39 @@ def test_the_worker_of_a_killed_server_ends_on_its_own(storage: Storage, db_url:
         server.kill()
         server.wait()
     wait_for(lambda: _gone(child), 60, "the orphaned analysis worker to exit")
+
+
+def test_a_database_outage_in_the_worker_is_answered_unavailable_and_passes(
+    pg_available: bool,
+) -> None:
+    """PostgreSQL refusing connections while the worker reads (its connection ended too): the
+    job raises DatabaseUnavailable (the API's 503 with Retry-After), not an error of its own;
+    the same worker answers again once the database is back, with what was told meanwhile."""
+    if not pg_available:
+        pytest.skip("PostgreSQL not reachable")
+    url = create_pg_database()
+    engine = make_engine(url)
+    worker = AnalysisWorker(url)
+    try:
+        upgrade_schema(engine)
+        storage = Storage(engine)
+        sid, spec = _study(storage, 20)
+        assert worker.run(fit_importance, sid, spec, 0).n_trials == 20
+        pid = worker.pid
+        t = StudyService(storage).ask(sid)
+        StudyService(storage).tell(t.id, value=0.5)  # new: the worker must read again
+        set_reachable(url, False)
+        try:
+            with pytest.raises(DatabaseUnavailable):
+                worker.run(fit_importance, sid, spec, 0)
+        finally:
+            set_reachable(url, True)
+        assert worker.run(fit_importance, sid, spec, 0).n_trials == 21
+        assert worker.pid == pid  # an outage is not a reason to replace the worker
+    finally:
+        worker.close()
+        engine.dispose()
+        drop_pg_database(url)
 
 
 def test_the_worker_is_not_counted_as_the_local_ray_session(db_url: str) -> None:
