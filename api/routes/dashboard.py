@@ -11,9 +11,12 @@ the answer itself is built only when something changed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import mimetypes
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,10 +31,12 @@ from hpo.api.pools import POLLS, runs_in
 from hpo.api.routes.conditional import NOT_MODIFIED, answer, not_modified
 from hpo.service import analysis, analysis_worker
 from hpo.service.background import BackgroundJobs, NotReady
-from hpo.service.errors import InvalidInput
+from hpo.service.errors import DatabaseUnavailable, InvalidInput
 from hpo.service.records import StudyRecord, TrialRecord
 from hpo.service.spec import ParamValue, StudySpec
-from hpo.service.storage import Storage, parse_spec
+from hpo.service.storage import Storage, analyses, parse_spec
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["dashboard"])
 pages = APIRouter(include_in_schema=False)
@@ -62,10 +67,10 @@ def _trial_series(storage: Storage, trial: TrialRecord, max_points: int) -> dict
 # Importance and contours are fitted where the app's analyses run (a worker process that fits
 # one at a time: service/analysis_worker.py), waited for on background threads (two at a
 # time), one job per study change (seq): a request waits at most HPO_IMPORTANCE_WAIT_S for
-# it, then answers (importance) the study's last result, or 202, while it goes on.
+# it, then answers (importance) the study's last result, or 202, while it goes on. Each fit is
+# kept at rest (service/storage/analyses.py): while the study is unchanged, any server answers
+# it at once, one just started included.
 _analysis_jobs = BackgroundJobs(workers=2, keep=128, name="hpo-analysis")
-_last_importance: LRUCache = LRUCache(128)  # (study id, objective) -> analysis.Importance
-_last_lock = threading.Lock()
 
 
 def _study_tag(storage: Storage, study_id: int, what: str, *options: Any) -> str:
@@ -330,26 +335,57 @@ def importance(
     study = storage.get_study(study_id)
     spec = parse_spec(study.spec)
     objective = _objective(spec, objective)
-    wait = _analysis_wait(request, study)
-    job = (study_id, seq, objective)
-    run = request.app.state.analyses.run
+    name = analyses.key("importance", objective)
+    kept = analyses.get(storage, study_id, name)
+    if kept is not None and kept[0] == seq:  # fitted for the study as it is now
+        response.headers["ETag"] = tag
+        return _importance_answer(objective, analysis.Importance(**kept[1]), "ready")
     try:
-        fit = analysis_worker.fit_importance
-        result = _analysis_jobs.result(job, run, fit, study_id, spec, objective, wait_s=wait)
+        result = _analysis_jobs.result(
+            (study_id, seq, objective),
+            _fit_and_keep,
+            request.app.state.analyses,
+            storage,
+            name,
+            seq,
+            dataclasses.asdict,
+            analysis_worker.fit_importance,
+            study_id,
+            spec,
+            objective,
+            wait_s=_analysis_wait(request, study),
+        )
     except NotReady:
-        # Still fitting: the last answer (or none, 202) and no ETag; ask again shortly.
+        # Still fitting: the last answer kept (or none, 202) and no ETag; ask again shortly.
         response.headers["Retry-After"] = "1"
         response.headers["Cache-Control"] = "no-store"
-        with _last_lock:
-            last = _last_importance.get((study_id, objective))
-        if last is None:
+        if kept is None:
             response.status_code = 202
-            last = analysis.Importance({}, 0)
-        return _importance_answer(objective, last, "computing")
-    with _last_lock:
-        _last_importance[(study_id, objective)] = result
+            return _importance_answer(objective, analysis.Importance({}, 0), "computing")
+        return _importance_answer(objective, analysis.Importance(**kept[1]), "computing")
     response.headers["ETag"] = tag
     return _importance_answer(objective, result, "ready")
+
+
+def _fit_and_keep(
+    where: analysis_worker.Analyses,
+    storage: Storage,
+    name: str,
+    seq: int,
+    encode: Callable[[Any], Any],
+    fit: Callable[..., Any],
+    study_id: int,
+    *args: Any,
+) -> Any:
+    """``fit(study_id, *args)`` where the app's analyses run, then kept at rest under
+    ``name`` as asked at the study's ``seq``. An outage that keeps it from being stored is
+    only logged: the answer stands, and the next server fits it again."""
+    result = where.run(fit, study_id, *args)
+    try:
+        analyses.put(storage, study_id, name, seq, encode(result))
+    except DatabaseUnavailable as error:
+        log.warning("an analysis of study %s was not kept: %s", study_id, error)
+    return result
 
 
 def _analysis_wait(request: Request, study: StudyRecord) -> float | None:
@@ -401,19 +437,35 @@ def contour(
     spec = parse_spec(study.spec)
     objective = _objective(spec, objective)
     analysis.check_axes(spec, x, y)
-    job = (study_id, study.seq, x, y, objective, size)
-    try:
-        wait = _analysis_wait(request, study)
-        run, fit = request.app.state.analyses.run, analysis_worker.fit_contour
-        result = _analysis_jobs.result(
-            job, run, fit, study_id, spec, x, y, objective, size, wait_s=wait
-        )
-    except NotReady:  # still fitting: 202, no ETag; the page asks again at its next poll
-        response.status_code = 202
-        response.headers["Retry-After"] = "1"
-        response.headers["Cache-Control"] = "no-store"
-        axes = {"x": analysis.empty_axis(spec, x), "y": analysis.empty_axis(spec, y)}
-        return {**axes, "z": [], "points": [], "status": "computing"}
+    name = analyses.key("contour", x, y, objective, size)
+    kept = analyses.get(storage, study_id, name)
+    if kept is not None and kept[0] == study.seq:  # fitted for the study as it is now
+        result = kept[1]
+    else:
+        try:
+            result = _analysis_jobs.result(
+                (study_id, study.seq, x, y, objective, size),
+                _fit_and_keep,
+                request.app.state.analyses,
+                storage,
+                name,
+                study.seq,
+                dict,
+                analysis_worker.fit_contour,
+                study_id,
+                spec,
+                x,
+                y,
+                objective,
+                size,
+                wait_s=_analysis_wait(request, study),
+            )
+        except NotReady:  # still fitting: 202, no ETag; the page asks again at its next poll
+            response.status_code = 202
+            response.headers["Retry-After"] = "1"
+            response.headers["Cache-Control"] = "no-store"
+            axes = {"x": analysis.empty_axis(spec, x), "y": analysis.empty_axis(spec, y)}
+            return {**axes, "z": [], "points": [], "status": "computing"}
     response.headers["ETag"] = tag
     return result if points else {**result, "points": []}
 

@@ -267,3 +267,19 @@ class Meta(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class StudyAnalysis(Base):
+    """A dashboard analysis of a study (its importance, a contour) as last fitted, and the
+    study's ``seq`` it was asked at: while the study's ``seq`` is still that, any server
+    answers it without fitting again (:mod:`hpo.service.storage.analyses`)."""
+
+    __tablename__ = "study_analyses"
+
+    study_id: Mapped[int] = mapped_column(
+        ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    value: Mapped[str] = mapped_column(Text)
+    stored_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,6 +1,7 @@
 """Slow work off the request thread, over real HTTP: a GP ask past ``HPO_ASK_WAIT_S`` answers
 503 with Retry-After and its retry gets the kept suggestion (the Python client retries it by
-itself); parameter importance answers 202 / the last result while it is fitted."""
+itself); parameter importance answers 202 / the last result while it is fitted, and a restarted
+server answers what was fitted before from the database while the study is unchanged."""
 
 from __future__ import annotations
 
@@ -128,3 +129,26 @@ def test_importance_and_contours_are_fitted_off_the_request(
         wait_for(lambda: http.get(path).json()["n_trials"] == 32, 60, "importance, new worker")
         (again,) = psutil.Process(impatient_sqlite.proc.pid).children()
         assert again.pid != worker.pid
+        tag = wait_for(
+            lambda: (r := http.get(path)).status_code == 200 and r.headers.get("ETag"), 60, "tag"
+        )
+        grid = wait_for(
+            lambda: (r := http.get(contour)).status_code == 200 and r.json(), 60, "the contour"
+        )
+
+    # kill -9 the server: a new one answers both from what was kept at rest, at once (with
+    # HPO_IMPORTANCE_WAIT_S=0 a fit is never waited for: its first answer would be 202)
+    impatient_sqlite.restart()
+    with impatient_sqlite.http() as http:
+        kept = http.get(path)
+        assert kept.status_code == 200 and kept.json()["status"] == "ready", kept.text
+        assert kept.json()["n_trials"] == 32 and kept.headers["ETag"] == tag
+        again = http.get(contour)
+        assert again.status_code == 200 and again.json() == grid
+        assert http.get(contour + "&points=false").json()["points"] == []
+        finish()  # the study changed: what is kept is the last answer while it is refitted
+        stale = http.get(path)
+        assert stale.status_code == 200 and stale.json()["status"] == "computing"
+        assert stale.json()["n_trials"] == 32
+        assert http.get(contour).status_code == 202
+        wait_for(lambda: http.get(path).json()["n_trials"] == 33, 60, "importance, refitted")

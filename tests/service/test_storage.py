@@ -9,17 +9,17 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, select
 
 from hpo.api.demo import free_port
 from hpo.service import analysis, reporting
 from hpo.service.db import make_engine, upgrade_schema
-from hpo.service.db.models import Trial, utcnow
+from hpo.service.db.models import StudyAnalysis, Trial, utcnow
 from hpo.service.errors import DatabaseUnavailable, NameTaken, StudyNotFound, TrialNotFound
 from hpo.service.records import MetricInput
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
-from hpo.service.storage import Storage, metrics, studies, trials
+from hpo.service.storage import Storage, analyses, metrics, studies, trials
 from hpo.service.storage.records import spec_of
 from hpo.service.storage.seqs import KnownSeqs
 from hpo.service.storage.transitions import set_study_state, set_trial_state
@@ -633,3 +633,44 @@ def test_outcomes_page_what_the_analyses_read_and_move_only_with_trial_changes(
     page, after = storage.outcomes(sid, since=cursor)
     assert [(o.id, o.state, o.value) for o in page] == [(asked[5].id, "complete", 9.0)]
     assert after > cursor
+
+
+def test_analyses_kept_at_rest_by_seq_bounded_and_deleted_with_their_study(
+    storage: Storage,
+) -> None:
+    """``storage.analyses``: what is kept under a key comes back with the seq it was asked at;
+    a store asked at an older seq does not replace a newer one (two servers fitting the same
+    analysis at once); a study keeps its newest KEEP_PER_STUDY; deleting it deletes them; a
+    study deleted while its analysis was fitted keeps nothing (no error)."""
+    sid, other = add_study(storage, "a"), add_study(storage, "b")
+    name = analyses.key("importance", 0)
+    assert name != analyses.key("importance", 1) and name.startswith("importance-")
+    assert analyses.get(storage, sid, name) is None
+    analyses.put(storage, sid, name, 5, {"importances": {"x": 1.0}, "n_trials": 2**64 + 1})
+    assert analyses.get(storage, sid, name) == (
+        5,
+        {"importances": {"x": 1.0}, "n_trials": 2**64 + 1},
+    )
+    analyses.put(storage, sid, name, 4, {"old": True})  # asked earlier, stored later
+    assert analyses.get(storage, sid, name)[0] == 5
+    analyses.put(storage, sid, name, 7, {"z": [[0.5, float("nan")]]})
+    seq, value = analyses.get(storage, sid, name)
+    assert seq == 7 and value["z"][0][1] != value["z"][0][1]  # NaN survives
+    assert analyses.get(storage, other, name) is None
+
+    for i in range(analyses.KEEP_PER_STUDY + 5):
+        analyses.put(storage, sid, analyses.key("contour", "x", "y", 0, i + 2), 8, {"i": i})
+    analyses.put(storage, other, name, 1, {"kept": True})
+    with storage.read() as s:
+        rows = s.execute(select(StudyAnalysis.key).where(StudyAnalysis.study_id == sid)).all()
+    assert len(rows) == analyses.KEEP_PER_STUDY
+    newest = analyses.key("contour", "x", "y", 0, analyses.KEEP_PER_STUDY + 6)
+    assert analyses.get(storage, sid, newest) == (8, {"i": analyses.KEEP_PER_STUDY + 4})
+    assert analyses.get(storage, sid, name) is None  # the oldest went first
+
+    StudyService(storage).delete_study(sid)
+    with storage.read() as s:
+        left = s.execute(select(StudyAnalysis.study_id)).scalars().all()
+    assert left == [other]
+    analyses.put(storage, sid, name, 9, {"late": True})  # the study is gone: nothing kept
+    assert analyses.get(storage, sid, name) is None
