@@ -10,8 +10,15 @@ panel drawn, every curves page fetched; importance and the contour may still say
 load; and the server's resident memory (RSS) before, after and at its peak (VmHWM), alone and
 with its analysis worker.
 
+The server keeps each fit of importance and the contour in the database (``study_analyses``),
+and answers it from there while the study is unchanged, so on a reused ``--db`` a cold server
+finds the fits of the last run: ``--analyses none`` deletes them first (a study viewed for the
+first time since its last change), ``kept`` (the default) leaves them. What the run found is
+printed as ``analyses_kept``.
+
     python benchmarks/dashboard_scale.py                       # 10,000 × 1,000; seeding ~minutes
     python benchmarks/dashboard_scale.py --trials 1000 --steps 100
+    python benchmarks/dashboard_scale.py --db /tmp/big/hpo.db --analyses none
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ import psutil
 from dashboard_page import ARGS, LOADED, until  # run as a script: benchmarks/ is on the path
 from playwright.sync_api import sync_playwright
 from polling import seed
+from sqlalchemy import delete, func, inspect, select
 
 from hpo.api.demo import served
 from hpo.service.db import make_engine
+from hpo.service.db.models import StudyAnalysis
 from hpo.service.storage import curves
 
 
@@ -115,12 +124,32 @@ def build_curves(db: str) -> None:
     engine.dispose()
 
 
+def kept_analyses(db: str, *, forget: bool) -> int:
+    """How many fits the database keeps (deleted first when ``forget``)."""
+    engine = make_engine(db)
+    try:
+        if not inspect(engine).has_table(StudyAnalysis.__tablename__):
+            return 0  # a database the server has not migrated yet
+        with engine.begin() as conn:
+            if forget:
+                conn.execute(delete(StudyAnalysis))
+            return conn.scalar(select(func.count()).select_from(StudyAnalysis))
+    finally:
+        engine.dispose()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--trials", type=int, default=10_000)
     ap.add_argument("--steps", type=int, default=1_000, help="metric points per trial")
     ap.add_argument("--running", type=int, default=8)
     ap.add_argument("--db", help="reuse (or keep) this SQLite file instead of a temporary one")
+    ap.add_argument(
+        "--analyses",
+        choices=["kept", "none"],
+        default="kept",
+        help="leave the fits kept by an earlier run, or delete them first",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.db) if args.db else Path(tmp) / "hpo.db"
@@ -133,10 +162,11 @@ def main() -> None:
             build_curves(db)
             print(f"curves at rest built from the points: {time.perf_counter() - t0:.0f} s")
         sid = 1
+        kept = kept_analyses(db, forget=args.analyses == "none")
         env = {"HPO_DATABASE_URL": db, "HPO_SCHEDULER": "false", "HPO_LOG_LEVEL": "warning"}
         with served(Path(tmp), env=env) as (url, token):
             proc = server_process(url)
-            out: dict[str, Any] = {"started": memory_mb(proc)}
+            out: dict[str, Any] = {"analyses_kept": kept, "started": memory_mb(proc)}
             out["cold"] = cold_load(url, token, sid)
             out["after_cold"] = memory_mb(proc)
             out["warm"] = cold_load(url, token, sid)
