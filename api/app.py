@@ -28,6 +28,7 @@ from hpo.service.preflight import config_warnings, failure_lines
 from hpo.service.settings import Settings
 from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage, meta
+from hpo.service.storage import analyses as kept
 from hpo.service.studies import StudyService
 from hpo.workers import storage as checkpoint_storage
 
@@ -88,8 +89,9 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
             if isinstance(analyses, AnalysisWorker):
                 big = settings.importance_wait_trials
                 with contextlib.suppress(DatabaseUnavailable):  # then it starts when asked
-                    if await asyncio.to_thread(service.storage.has_study_past, "complete", big):
-                        analyses.warm()  # its imports are done before a page asks
+                    # a study whose page will need a fit: its imports done before it asks
+                    if await asyncio.to_thread(kept.any_unkept_past, service.storage, big):
+                        analyses.warm()
             yield
         finally:
             for task in background:

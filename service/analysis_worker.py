@@ -76,7 +76,7 @@ class _TrialMirror:
 class Workspace:
     """One database, and what the analyses keep of it between fits: each study's trials (the
     16 studies used last) and the last fits (a fit is done again only when the study's
-    complete trials changed). Safe to share between threads."""
+    complete trials or its spec changed). Safe to share between threads."""
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
@@ -105,13 +105,19 @@ class Workspace:
         return value
 
 
+def _spec_key(spec: StudySpec) -> str:
+    """What of the spec a fit depends on (its space and objective), as a key: a spec edited
+    since (a parameter added by define-by-run) is fitted again."""
+    return spec.model_dump_json(include={"space", "objective"})
+
+
 def fit_importance(
     ws: Workspace, study_id: int, spec: StudySpec, objective: int
 ) -> analysis.Importance:
     """Parameter importance over the study's complete trials as they are now."""
     trials, key = ws.study_trials(study_id)
     return ws.fitted(
-        ("importance", *key, objective),
+        ("importance", *key, _spec_key(spec), objective),
         lambda: analysis.param_importance(spec, trials, objective),
     )
 
@@ -122,7 +128,7 @@ def fit_contour(
     """The contour of ``x`` and ``y`` over the study's complete trials as they are now."""
     trials, key = ws.study_trials(study_id)
     return ws.fitted(
-        ("contour", *key, x, y, objective, size),
+        ("contour", *key, _spec_key(spec), x, y, objective, size),
         lambda: analysis.contour(spec, trials, x, y, objective, size=size),
     )
 

@@ -336,10 +336,10 @@ def importance(
     spec = parse_spec(study.spec)
     objective = _objective(spec, objective)
     name = analyses.key("importance", objective)
-    kept = analyses.get(storage, study_id, name)
-    if kept is not None and kept[0] == seq:  # fitted for the study as it is now
+    kept = analyses.current(storage, study_id, name, seq)
+    if kept is not None:  # fitted for the study as it is now
         response.headers["ETag"] = tag
-        return _importance_answer(objective, analysis.Importance(**kept[1]), "ready")
+        return _importance_answer(objective, analysis.Importance(**kept), "ready")
     try:
         result = _analysis_jobs.result(
             (study_id, seq, objective),
@@ -359,10 +359,11 @@ def importance(
         # Still fitting: the last answer kept (or none, 202) and no ETag; ask again shortly.
         response.headers["Retry-After"] = "1"
         response.headers["Cache-Control"] = "no-store"
+        kept = analyses.last(storage, study_id, name)
         if kept is None:
             response.status_code = 202
             return _importance_answer(objective, analysis.Importance({}, 0), "computing")
-        return _importance_answer(objective, analysis.Importance(**kept[1]), "computing")
+        return _importance_answer(objective, analysis.Importance(**kept), "computing")
     response.headers["ETag"] = tag
     return _importance_answer(objective, result, "ready")
 
@@ -378,8 +379,9 @@ def _fit_and_keep(
     *args: Any,
 ) -> Any:
     """``fit(study_id, *args)`` where the app's analyses run, then kept at rest under
-    ``name`` as asked at the study's ``seq``. An outage that keeps it from being stored is
-    only logged: the answer stands, and the next server fits it again."""
+    ``name`` as asked at the study's ``seq``. When it cannot be stored (an outage, the
+    study's row held past ``analyses.LOCK_TIMEOUT_S``) that is only logged: the answer
+    stands, and the next server fits it again."""
     result = where.run(fit, study_id, *args)
     try:
         analyses.put(storage, study_id, name, seq, encode(result))
@@ -438,10 +440,8 @@ def contour(
     objective = _objective(spec, objective)
     analysis.check_axes(spec, x, y)
     name = analyses.key("contour", x, y, objective, size)
-    kept = analyses.get(storage, study_id, name)
-    if kept is not None and kept[0] == study.seq:  # fitted for the study as it is now
-        result = kept[1]
-    else:
+    result = analyses.current(storage, study_id, name, study.seq)
+    if result is None:  # not fitted for the study as it is now
         try:
             result = _analysis_jobs.result(
                 (study_id, study.seq, x, y, objective, size),

@@ -31,11 +31,21 @@ def normalize_url(url: str) -> str:
 
 def in_memory(url: str) -> bool:
     """Whether ``url`` is a SQLite database in this process's memory (``sqlite://``,
-    ``:memory:``, or a ``file:…?mode=memory`` URI): no other process can open it."""
+    ``:memory:``, or a URI: ``file::memory:?…&uri=true``, ``file:name?mode=memory&uri=true``):
+    no other process can open it."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return False
-    return parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory"
+    if parsed.database in (None, "", ":memory:"):
+        return True
+
+    def values(name: str) -> tuple[str, ...]:
+        value = parsed.query.get(name, ())
+        return value if isinstance(value, tuple) else (value,)
+
+    if "true" not in values("uri"):  # not a URI: a file of that name
+        return False
+    return parsed.database == "file::memory:" or "memory" in values("mode")
 
 
 def make_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Engine:

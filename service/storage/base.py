@@ -42,11 +42,6 @@ class Storage(Transactions):
         with self.read() as s:
             return studies.resolve(s, ref)
 
-    def has_study_past(self, state: str, n: int) -> bool:
-        """Whether some study has more than ``n`` trials in ``state``."""
-        with self.read() as s:
-            return studies.any_past(s, state, n)
-
     def study_seq(self, study_id: int) -> int:
         """The study's change sequence: it grows with every change of the study or one of its
         trials but their metric points (remembered: see :meth:`known_study_seq`). Raises

@@ -174,18 +174,6 @@ def state_counts(session: Session, study_id: int) -> dict[str, int]:
     return {state: n for state, n in rows}
 
 
-def any_past(session: Session, state: str, n: int) -> bool:
-    """Whether some study has more than ``n`` trials in ``state``."""
-    more = (
-        select(Trial.study_id)
-        .where(Trial.state == state)
-        .group_by(Trial.study_id)
-        .having(func.count() > n)
-        .limit(1)
-    )
-    return session.execute(more).first() is not None
-
-
 def count_active(session: Session, study_id: int) -> tuple[int, int]:
     """(running, waiting) trials of a study."""
     counts = state_counts(session, study_id)

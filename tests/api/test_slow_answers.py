@@ -139,16 +139,25 @@ def test_importance_and_contours_are_fitted_off_the_request(
     # kill -9 the server: a new one answers both from what was kept at rest, at once (with
     # HPO_IMPORTANCE_WAIT_S=0 a fit is never waited for: its first answer would be 202)
     impatient_sqlite.restart()
+    server = psutil.Process(impatient_sqlite.proc.pid)
+    assert server.children() == []  # no study needs a fit: no worker started with the server
     with impatient_sqlite.http() as http:
         kept = http.get(path)
         assert kept.status_code == 200 and kept.json()["status"] == "ready", kept.text
         assert kept.json()["n_trials"] == 32 and kept.headers["ETag"] == tag
         again = http.get(contour)
         assert again.status_code == 200 and again.json() == grid
-        assert http.get(contour + "&points=false").json()["points"] == []
+        assert server.children() == []  # answered without a fit
+        bare = http.get(contour + "&points=false")
+        assert bare.status_code == 200 and bare.json() == {**grid, "points": []}
         finish()  # the study changed: what is kept is the last answer while it is refitted
         stale = http.get(path)
         assert stale.status_code == 200 and stale.json()["status"] == "computing"
         assert stale.json()["n_trials"] == 32
         assert http.get(contour).status_code == 202
         wait_for(lambda: http.get(path).json()["n_trials"] == 33, 60, "importance, refitted")
+        assert len(server.children()) == 1  # the worker, started for that fit
+        finish()  # changed again, and nothing fitted since
+
+    impatient_sqlite.restart()  # a study whose page needs a fit: the worker starts at once
+    assert len(psutil.Process(impatient_sqlite.proc.pid).children()) == 1

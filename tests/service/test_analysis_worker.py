@@ -262,6 +262,9 @@ def test_an_in_memory_database_is_analysed_on_the_server_thread() -> None:
     assert isinstance(analyses_for(storage, "sqlite://"), InThread)
     assert isinstance(analyses_for(storage, "sqlite:///:memory:"), InThread)
     assert isinstance(analyses_for(storage, "sqlite:////tmp/x.db"), AnalysisWorker)
+    assert isinstance(analyses_for(storage, "sqlite:///file:/tmp/x.db?uri=true"), AnalysisWorker)
+    memory = "sqlite:///file::memory:?cache=shared&uri=true"
+    assert isinstance(analyses_for(storage, memory), InThread)
     # a shared in-memory database (a URI) lives in this process too: a worker would see an
     # empty database and answer "no such study"
     shared = f"sqlite:///file:analysed{os.getpid()}?mode=memory&cache=shared&uri=true"

@@ -5,14 +5,18 @@ failures surfacing as DatabaseUnavailable."""
 from __future__ import annotations
 
 import sqlite3
+import time
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, text
 
 from hpo.api.demo import free_port
+from hpo.api.routes.dashboard import _fit_and_keep
 from hpo.service import analysis, reporting
+from hpo.service.analysis_worker import InThread, fit_importance
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.db.models import StudyAnalysis, Trial, utcnow
 from hpo.service.errors import DatabaseUnavailable, NameTaken, StudyNotFound, TrialNotFound
@@ -638,25 +642,26 @@ def test_outcomes_page_what_the_analyses_read_and_move_only_with_trial_changes(
 def test_analyses_kept_at_rest_by_seq_bounded_and_deleted_with_their_study(
     storage: Storage,
 ) -> None:
-    """``storage.analyses``: what is kept under a key comes back with the seq it was asked at;
-    a store asked at an older seq does not replace a newer one (two servers fitting the same
-    analysis at once); a study keeps its newest KEEP_PER_STUDY; deleting it deletes them; a
-    study deleted while its analysis was fitted keeps nothing (no error)."""
+    """``storage.analyses``: what is kept under a key is ``current`` only at the seq it was
+    asked at, and ``last`` at any; a store asked at an older seq does not replace a newer one
+    (two servers fitting the same analysis at once); a study keeps its newest KEEP_PER_STUDY
+    (by seq, then time); deleting it deletes them; a study deleted while its analysis was
+    fitted keeps nothing (no error)."""
     sid, other = add_study(storage, "a"), add_study(storage, "b")
     name = analyses.key("importance", 0)
     assert name != analyses.key("importance", 1) and name.startswith("importance-")
-    assert analyses.get(storage, sid, name) is None
-    analyses.put(storage, sid, name, 5, {"importances": {"x": 1.0}, "n_trials": 2**64 + 1})
-    assert analyses.get(storage, sid, name) == (
-        5,
-        {"importances": {"x": 1.0}, "n_trials": 2**64 + 1},
-    )
+    assert analyses.last(storage, sid, name) is None
+    fitted = {"importances": {"x": 1.0}, "n_trials": 2**64 + 1}
+    analyses.put(storage, sid, name, 5, fitted)
+    assert analyses.current(storage, sid, name, 5) == fitted == analyses.last(storage, sid, name)
+    assert analyses.current(storage, sid, name, 6) is None  # the study changed since
     analyses.put(storage, sid, name, 4, {"old": True})  # asked earlier, stored later
-    assert analyses.get(storage, sid, name)[0] == 5
+    assert analyses.current(storage, sid, name, 5) == fitted
+    assert analyses.current(storage, sid, name, 4) is None
     analyses.put(storage, sid, name, 7, {"z": [[0.5, float("nan")]]})
-    seq, value = analyses.get(storage, sid, name)
-    assert seq == 7 and value["z"][0][1] != value["z"][0][1]  # NaN survives
-    assert analyses.get(storage, other, name) is None
+    value = analyses.current(storage, sid, name, 7)
+    assert value["z"][0][1] != value["z"][0][1]  # NaN survives
+    assert analyses.last(storage, other, name) is None
 
     for i in range(analyses.KEEP_PER_STUDY + 5):
         analyses.put(storage, sid, analyses.key("contour", "x", "y", 0, i + 2), 8, {"i": i})
@@ -665,12 +670,71 @@ def test_analyses_kept_at_rest_by_seq_bounded_and_deleted_with_their_study(
         rows = s.execute(select(StudyAnalysis.key).where(StudyAnalysis.study_id == sid)).all()
     assert len(rows) == analyses.KEEP_PER_STUDY
     newest = analyses.key("contour", "x", "y", 0, analyses.KEEP_PER_STUDY + 6)
-    assert analyses.get(storage, sid, newest) == (8, {"i": analyses.KEEP_PER_STUDY + 4})
-    assert analyses.get(storage, sid, name) is None  # the oldest went first
+    assert analyses.current(storage, sid, newest, 8) == {"i": analyses.KEEP_PER_STUDY + 4}
+    assert analyses.last(storage, sid, name) is None  # asked at the oldest seq: went first
+    assert analyses.last(storage, sid, analyses.key("contour", "x", "y", 0, 2)) is None
 
     StudyService(storage).delete_study(sid)
     with storage.read() as s:
         left = s.execute(select(StudyAnalysis.study_id)).scalars().all()
     assert left == [other]
     analyses.put(storage, sid, name, 9, {"late": True})  # the study is gone: nothing kept
-    assert analyses.get(storage, sid, name) is None
+    assert analyses.last(storage, sid, name) is None
+
+
+def test_storing_an_analysis_does_not_wait_long_on_a_held_study_row(
+    storage: Storage, db_url: str
+) -> None:
+    """PostgreSQL: another connection holds the study's row (a stopped second server): the
+    store gives up after its lock timeout ("busy"), so the answer waiting on it does not hang;
+    reading what is kept is not held up at all."""
+    if storage.dialect != "postgresql":
+        pytest.skip("SQLite's writers are bounded by its busy timeout")
+    service = StudyService(storage)
+    spec = StudySpec.model_validate(simple_spec("held"))
+    sid = service.create_study(spec).id
+    for _ in range(4):
+        t = service.ask(sid)
+        service.tell(t.id, value=t.params["x"])
+    name = analyses.key("importance", 0)
+    analyses.put(storage, sid, name, 1, {"kept": 1})
+    holder = make_engine(db_url)
+    try:
+        with holder.connect() as conn, conn.begin():
+            conn.execute(text("SELECT id FROM studies WHERE id = :id FOR UPDATE"), {"id": sid})
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable):
+                analyses.put(storage, sid, analyses.key("importance", 1), 2, {"kept": 2})
+            assert time.monotonic() - started < analyses.LOCK_TIMEOUT_S + 3
+            assert analyses.current(storage, sid, name, 1) == {"kept": 1}
+            # the dashboard's job: the fit is answered though it could not be kept
+            seq, other = storage.study_seq(sid), analyses.key("importance", 9)
+            here, fit = InThread(storage), fit_importance
+            answer = _fit_and_keep(here, storage, other, seq, asdict, fit, sid, spec, 0)
+            assert answer.n_trials == 4 and analyses.last(storage, sid, other) is None
+    finally:
+        holder.dispose()
+    analyses.put(storage, sid, analyses.key("importance", 1), 2, {"kept": 2})  # released
+    assert analyses.current(storage, sid, analyses.key("importance", 1), 2) == {"kept": 2}
+
+
+def test_a_study_whose_page_needs_a_fit_is_found_at_start(service: StudyService) -> None:
+    """``analyses.any_unkept_past(n)``: some study past ``n`` complete trials has no fit kept
+    for its current seq (the server then starts its analysis worker with it)."""
+    storage = service.storage
+    small = service.create_study(StudySpec.model_validate(simple_spec("small"))).id
+    big = service.create_study(StudySpec.model_validate(simple_spec("big"))).id
+    for sid, n in ((small, 2), (big, 3)):
+        for _ in range(n):
+            t = service.ask(sid)
+            service.tell(t.id, value=1.0)
+    service.ask(big)  # a running trial counts for nothing
+    assert analyses.any_unkept_past(storage, 2)
+    assert not analyses.any_unkept_past(storage, 3)
+    analyses.put(storage, big, analyses.key("importance", 0), storage.study_seq(big) - 1, {})
+    assert analyses.any_unkept_past(storage, 2)  # kept for an older seq
+    analyses.put(storage, big, analyses.key("importance", 0), storage.study_seq(big), {})
+    assert not analyses.any_unkept_past(storage, 2)
+    t = service.ask(big)
+    service.tell(t.id, value=2.0)  # the study changed since
+    assert analyses.any_unkept_past(storage, 2)
