@@ -78,7 +78,7 @@ def test_a_slow_gp_ask_answers_503_and_its_retry_gets_the_suggestion(
 
 
 def test_importance_and_contours_are_fitted_off_the_request(
-    impatient_sqlite: ServerProcess,
+    impatient_sqlite: ServerProcess, tmp_path: Path
 ) -> None:
     with impatient_sqlite.http() as http:
         spec = simple_spec("imp", budget={"max_trials": 60})
@@ -150,6 +150,15 @@ def test_importance_and_contours_are_fitted_off_the_request(
         assert server.children() == []  # answered without a fit
         bare = http.get(contour + "&points=false")
         assert bare.status_code == 200 and bare.json() == {**grid, "points": []}
+        # a second server on the same database answers them from there too
+        (tmp_path / "second").mkdir()
+        env = impatient_sqlite.extra_env
+        with ServerProcess(impatient_sqlite.database_url, tmp_path / "second", env) as second:
+            with second.http() as other:
+                theirs = other.get(path)
+                assert theirs.status_code == 200 and theirs.headers["ETag"] == tag
+                assert theirs.json() == kept.json() and other.get(contour).json() == grid
+            assert psutil.Process(second.proc.pid).children() == []
         finish()  # the study changed: what is kept is the last answer while it is refitted
         stale = http.get(path)
         assert stale.status_code == 200 and stale.json()["status"] == "computing"
