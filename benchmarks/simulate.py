@@ -28,7 +28,10 @@ checkpoint with a new curve (the replay approximation). Compared here:
 Measured per worker count and seed, in a wall-time budget of ``--budget`` mean full trials per
 worker: time and compute (busy worker-seconds) until some trial first reports
 ``val_accuracy >= --target`` (every epoch checkpoints, so that model exists), the compute used
-in all, and the best final accuracy (best value of a trial trained to the last epoch).
+in all, and the best final accuracy (best value of a trial trained to the last epoch); and,
+against random search's best value in the same run (same workers and seed), the compute by
+which each search first reached it, as a fraction of the compute random search needed for it
+(``c→rnd best ×rnd``, median over seeds; the issue's target for promotion ASHA is ≤ 1/3).
 
     python benchmarks/simulate.py                          # the recorded digits curves
     python benchmarks/simulate.py --synthetic 400 --target 0.9
@@ -443,19 +446,27 @@ def one_run(
     eta: int,
     target: float,
     bracket: int | None = None,
+    random_best: float | None = None,
 ) -> dict[str, float | None]:
-    """The figures of one simulated search."""
+    """The figures of one simulated search. ``random_best``: the best value random search
+    reached with the same workers, seed and budget; when given, the compute by which this
+    search first reached it too."""
     trials = TrialSource(len(curves.curves), random.Random(seed))
     scheduler = SCHEDULERS[name](trials, curves.epochs, eta, bracket)
     out = simulate(curves, scheduler, workers, budget_s)
     hit = out.first_reaching(target)
-    return {
+    figures = {
         "time_to_target_s": hit[0] if hit else None,
         "compute_to_target_s": hit[1] if hit else None,
         "compute_s": out.compute,
         "best_final": out.best_final(curves.epochs),
+        "best": max((r.value for r in out.results), default=float("nan")),
         "trials": trials.count,
     }
+    if random_best is not None:
+        got = out.first_reaching(random_best)
+        figures["compute_to_random_best_s"] = got[1] if got else None
+    return figures
 
 
 def run_all(
@@ -474,7 +485,20 @@ def run_all(
     budget_s = budget * curves.mean_trial_s
     runs = [(n, w, seed) for n in SCHEDULERS for w in workers for seed in range(seeds)]
     with Pool(processes) as pool:
-        found = pool.starmap(one_run, [(curves, *r, budget_s, eta, target, bracket) for r in runs])
+        # random search first (cheap): its best value is each search's second target
+        plain = [("random", w, seed) for w in workers for seed in range(seeds)]
+        best = {
+            r[1:]: f["best"]
+            for r, f in zip(
+                plain,
+                pool.starmap(one_run, [(curves, *r, budget_s, eta, target) for r in plain]),
+                strict=True,
+            )
+        }
+        found = pool.starmap(
+            one_run,
+            [(curves, *r, budget_s, eta, target, bracket, best[r[1:]]) for r in runs],
+        )
     rows: dict[str, dict[int, list[dict[str, float | None]]]] = {n: {} for n in SCHEDULERS}
     for (name, w, _), figures in zip(runs, found, strict=True):
         rows[name].setdefault(w, []).append(figures)
@@ -486,11 +510,19 @@ def median(values: list[float | None]) -> float:
     return statistics.median(math.inf if v is None else v for v in values)
 
 
+def to_random_best(row: dict[str, float | None], plain: dict[str, float | None]) -> float:
+    """The compute by which a search first reached random search's best (same seed and
+    workers), over the compute random search needed for it; infinite if it never did."""
+    mine, theirs = row["compute_to_random_best_s"], plain["compute_to_random_best_s"]
+    return math.inf if mine is None or not theirs else mine / theirs
+
+
 def print_table(rows: dict, workers: list[int], target: float, budget_s: float) -> None:
     print(f"target val_accuracy >= {target}; budget {budget_s:.0f} s of simulated wall time")
     print(
         f"{'workers':>7} {'scheduler':>10} {'reached':>7} {'t→target s':>10} {'×SHA':>5} "
         f"{'compute→t s':>11} {'×SHA':>5} {'compute s':>10} {'best final':>10} {'trials':>6}"
+        f" {'c→rnd best ×rnd':>15}"
     )
     for n in workers:
         base = rows["sha"][n]
@@ -503,11 +535,14 @@ def print_table(rows: dict, workers: list[int], target: float, budget_s: float) 
             t_sha = median([x["time_to_target_s"] for x in base])
             c_sha = median([x["compute_to_target_s"] for x in base])
             reached = sum(x["time_to_target_s"] is not None for x in r)
+            vs_random = statistics.median(
+                to_random_best(x, p) for x, p in zip(r, rows["random"][n], strict=True)
+            )
             print(
                 f"{n:>7} {name:>10} {reached:>5}/{len(r)} {t:>10.1f} {t / t_sha:>5.2f} "
                 f"{c:>11.0f} {c / c_sha:>5.2f} {statistics.fmean(x['compute_s'] for x in r):>10.0f}"
                 f" {statistics.fmean(x['best_final'] for x in r):>10.4f}"
-                f" {statistics.fmean(x['trials'] for x in r):>6.0f}"
+                f" {statistics.fmean(x['trials'] for x in r):>6.0f} {vs_random:>15.2f}"
             )
 
 

@@ -136,3 +136,23 @@ def test_promotion_asha_runs_rung_to_rung_and_promotes_at_most_a_third(sim: Any)
     # (as in the ASHA paper), but never more than the trials that were once in the top set.
     for rung in (1, 3):
         assert sum(done == rung for _, done, _ in promo.promoted) < len(promo.values[rung])
+
+
+def test_the_compute_to_reach_random_searchs_best(sim: Any) -> None:
+    """``run_all`` gives every search random search's best of the same seed and workers as a
+    second target: random search reaches it with its own compute (ratio 1), and a search that
+    got there spent at most all its compute; one that never did counts as infinite."""
+    curves = sim.synthetic(40, epochs=9, seed=1)
+    rows = sim.run_all(curves, [4], seeds=2, budget=6.0, eta=3, target=0.9, processes=1)
+    for seed in range(2):
+        plain = rows["random"][4][seed]
+        assert plain["compute_to_random_best_s"] is not None
+        assert plain["compute_to_random_best_s"] <= plain["compute_s"]
+        assert sim.to_random_best(plain, plain) == 1.0
+        for name in sim.SCHEDULERS:
+            row = rows[name][4][seed]
+            got = row["compute_to_random_best_s"]
+            assert got is None or got <= row["compute_s"] + 1e-9
+            assert (got is None) == (row["best"] < plain["best"])
+    never = {**plain, "compute_to_random_best_s": None}
+    assert sim.to_random_best(never, plain) == math.inf
