@@ -89,8 +89,10 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
             if isinstance(analyses, AnalysisWorker):
                 big = settings.importance_wait_trials
                 with contextlib.suppress(DatabaseUnavailable):  # then it starts when asked
-                    # a study whose page will need a fit: its imports done before it asks
-                    if await asyncio.to_thread(kept.any_unkept_past, service.storage, big):
+                    # a study whose page will need a fit (its first ask, importance, not
+                    # kept for it as it is now): the worker's imports done before it asks
+                    first = kept.key("importance", 0)
+                    if await asyncio.to_thread(kept.any_unkept_past, service.storage, big, first):
                         analyses.warm()
             yield
         finally:

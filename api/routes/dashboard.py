@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from cachetools import LRUCache, cached
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from hpo.api.deps import Cursor, Reader, StudyId, TrialId
 from hpo.api.pools import POLLS, runs_in
@@ -336,10 +336,10 @@ def importance(
     spec = parse_spec(study.spec)
     objective = _objective(spec, objective)
     name = analyses.key("importance", objective)
-    kept = analyses.current(storage, study_id, name, seq)
+    kept = _as_importance(analyses.current(storage, study_id, name, seq))
     if kept is not None:  # fitted for the study as it is now
         response.headers["ETag"] = tag
-        return _importance_answer(objective, analysis.Importance(**kept), "ready")
+        return _importance_answer(objective, kept, "ready")
     try:
         result = _analysis_jobs.result(
             (study_id, seq, objective),
@@ -359,13 +359,40 @@ def importance(
         # Still fitting: the last answer kept (or none, 202) and no ETag; ask again shortly.
         response.headers["Retry-After"] = "1"
         response.headers["Cache-Control"] = "no-store"
-        kept = analyses.last(storage, study_id, name)
+        kept = _as_importance(analyses.last(storage, study_id, name))
         if kept is None:
             response.status_code = 202
             return _importance_answer(objective, analysis.Importance({}, 0), "computing")
-        return _importance_answer(objective, analysis.Importance(**kept), "computing")
+        return _importance_answer(objective, kept, "computing")
     response.headers["ETag"] = tag
     return _importance_answer(objective, result, "ready")
+
+
+def _as_importance(kept: Any) -> analysis.Importance | None:
+    """A kept importance as the answer's object; None when there is none, or when it has
+    another shape (kept by other code under the same key): then it is fitted again."""
+    if not isinstance(kept, dict):
+        return None
+    try:
+        return analysis.Importance(**kept)
+    except TypeError:
+        return None
+
+
+def _as_contour(kept: Any) -> dict[str, Any] | None:
+    """A kept contour (without its points) as the answer; None as for importance."""
+    if kept is None:
+        return None
+    try:
+        return ContourAnswer.model_validate(kept).model_dump()
+    except ValidationError:
+        return None
+
+
+def _without_points(contour: dict[str, Any]) -> dict[str, Any]:
+    """A contour as it is kept: its points are every complete trial (the page, which has them,
+    asks without them), so they are left out."""
+    return {**contour, "points": []}
 
 
 def _fit_and_keep(
@@ -440,8 +467,10 @@ def contour(
     objective = _objective(spec, objective)
     analysis.check_axes(spec, x, y)
     name = analyses.key("contour", x, y, objective, size)
-    result = analyses.current(storage, study_id, name, study.seq)
-    if result is None:  # not fitted for the study as it is now
+    result = None
+    if not points:  # kept without its points
+        result = _as_contour(analyses.current(storage, study_id, name, study.seq))
+    if result is None:  # not kept for the study as it is now
         try:
             result = _analysis_jobs.result(
                 (study_id, study.seq, x, y, objective, size),
@@ -450,7 +479,7 @@ def contour(
                 storage,
                 name,
                 study.seq,
-                dict,
+                _without_points,
                 analysis_worker.fit_contour,
                 study_id,
                 spec,

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.util import asbool
 
 from hpo.service.db import jsontext
 
@@ -43,7 +44,7 @@ def in_memory(url: str) -> bool:
         value = parsed.query.get(name, ())
         return value if isinstance(value, tuple) else (value,)
 
-    if "true" not in values("uri"):  # not a URI: a file of that name
+    if not any(asbool(v) for v in values("uri")):  # not a URI: a file of that name
         return False
     return parsed.database == "file::memory:" or "memory" in values("mode")
 

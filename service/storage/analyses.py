@@ -26,9 +26,11 @@ from hpo.service.db import jsontext
 from hpo.service.db.models import Study, StudyAnalysis, Trial, utcnow
 from hpo.service.storage.session import Transactions
 
-# Bump when an analysis computes something else for the same trials and spec (the versions of
-# hpo and scikit-learn are part of every key as well): what was kept under another key is
-# never read again, and goes once newer analyses of its study push it out, or with the study.
+# Bump when an analysis computes something else for the same trials and spec, or answers in
+# another shape (the versions of hpo and scikit-learn are part of every key as well, but an
+# editable install keeps one version through every change): what was kept under another key
+# is never read again, and goes once newer analyses of its study push it out, or with the
+# study. A kept answer of another shape under the same key is fitted again (the routes check).
 VERSION = 1
 KEEP_PER_STUDY = 16
 # On PostgreSQL, how long storing an analysis waits for a row lock (the study's row, which the
@@ -119,15 +121,15 @@ def put(storage: Transactions, study_id: int, name: str, seq: int, value: Any) -
         pass
 
 
-def any_unkept_past(storage: Transactions, n: int) -> bool:
-    """Whether some study with more than ``n`` complete trials has no analysis kept for the
-    study as it is now: its page will need a fit (the server then starts its analysis worker
-    at once, so that its imports are done before the page asks). Raises
+def any_unkept_past(storage: Transactions, n: int, name: str) -> bool:
+    """Whether some study with more than ``n`` complete trials has no analysis ``name`` kept
+    for the study as it is now: its page will need a fit (the server then starts its analysis
+    worker at once, so that its imports are done before the page asks). Raises
     DatabaseUnavailable."""
     kept_now = (
         select(StudyAnalysis.study_id)
         .join(Study, Study.id == StudyAnalysis.study_id)
-        .where(StudyAnalysis.seq == Study.seq)
+        .where(StudyAnalysis.key == name, StudyAnalysis.seq == Study.seq)
     )
     stmt = (
         select(Trial.study_id)

@@ -145,11 +145,11 @@ def test_importance_and_contours_are_fitted_off_the_request(
         kept = http.get(path)
         assert kept.status_code == 200 and kept.json()["status"] == "ready", kept.text
         assert kept.json()["n_trials"] == 32 and kept.headers["ETag"] == tag
-        again = http.get(contour)
-        assert again.status_code == 200 and again.json() == grid
+        bare = contour + "&points=false"  # as the page asks: a contour is kept without points
+        again = http.get(bare)
+        assert again.status_code == 200 and again.json() == {**grid, "points": []}
+        assert again.headers["ETag"]
         assert server.children() == []  # answered without a fit
-        bare = http.get(contour + "&points=false")
-        assert bare.status_code == 200 and bare.json() == {**grid, "points": []}
         # a second server on the same database answers them from there too
         (tmp_path / "second").mkdir()
         env = impatient_sqlite.extra_env
@@ -157,15 +157,19 @@ def test_importance_and_contours_are_fitted_off_the_request(
             with second.http() as other:
                 theirs = other.get(path)
                 assert theirs.status_code == 200 and theirs.headers["ETag"] == tag
-                assert theirs.json() == kept.json() and other.get(contour).json() == grid
+                assert theirs.json() == kept.json()
+                assert other.get(bare).json() == {**grid, "points": []}
             assert psutil.Process(second.proc.pid).children() == []
+        full = wait_for(  # with its points: fitted (a new worker), then answered
+            lambda: (r := http.get(contour)).status_code == 200 and r.json(), 60, "points"
+        )
+        assert full == grid and len(server.children()) == 1
         finish()  # the study changed: what is kept is the last answer while it is refitted
         stale = http.get(path)
         assert stale.status_code == 200 and stale.json()["status"] == "computing"
         assert stale.json()["n_trials"] == 32
-        assert http.get(contour).status_code == 202
+        assert http.get(bare).status_code == 202
         wait_for(lambda: http.get(path).json()["n_trials"] == 33, 60, "importance, refitted")
-        assert len(server.children()) == 1  # the worker, started for that fit
         finish()  # changed again, and nothing fitted since
 
     impatient_sqlite.restart()  # a study whose page needs a fit: the worker starts at once

@@ -123,6 +123,23 @@ def test_the_worker_answers_what_the_server_thread_answers(storage: Storage, db_
         worker.run(fit_importance, sid, spec, 0)
 
 
+def test_a_spec_edited_since_a_fit_is_fitted_again(storage: Storage) -> None:
+    """The fits kept between jobs are keyed by the complete trials and by the spec: a
+    parameter added since (define-by-run) is in the next fit, not the kept one."""
+    sid, spec = _study(storage, 12)
+    here = InThread(storage)
+    assert set(here.run(fit_importance, sid, spec, 0).importances) == {"x", "n"}
+    wider = StudySpec.model_validate(
+        {
+            **spec.model_dump(),
+            "space": {**spec.model_dump()["space"], "z": {"type": "float", "low": 0, "high": 1}},
+        }
+    )
+    assert set(here.run(fit_importance, sid, wider, 0).importances) == {"x", "n", "z"}
+    grid = here.run(fit_contour, sid, wider, "x", "z", 0, 4)
+    assert grid["y"]["name"] == "z"
+
+
 def test_a_worker_killed_during_a_job_or_between_jobs_is_replaced(
     file_storage: Storage, sqlite_url: str, tmp_path: Path
 ) -> None:

@@ -729,12 +729,15 @@ def test_a_study_whose_page_needs_a_fit_is_found_at_start(service: StudyService)
             t = service.ask(sid)
             service.tell(t.id, value=1.0)
     service.ask(big)  # a running trial counts for nothing
-    assert analyses.any_unkept_past(storage, 2)
-    assert not analyses.any_unkept_past(storage, 3)
-    analyses.put(storage, big, analyses.key("importance", 0), storage.study_seq(big) - 1, {})
-    assert analyses.any_unkept_past(storage, 2)  # kept for an older seq
-    analyses.put(storage, big, analyses.key("importance", 0), storage.study_seq(big), {})
-    assert not analyses.any_unkept_past(storage, 2)
+    first = analyses.key("importance", 0)
+    assert analyses.any_unkept_past(storage, 2, first)
+    assert not analyses.any_unkept_past(storage, 3, first)
+    analyses.put(storage, big, first, storage.study_seq(big) - 1, {})
+    assert analyses.any_unkept_past(storage, 2, first)  # kept for an older seq
+    analyses.put(storage, big, analyses.key("contour", "x", "n", 0, 24), storage.study_seq(big), {})
+    assert analyses.any_unkept_past(storage, 2, first)  # another analysis is not the one
+    analyses.put(storage, big, first, storage.study_seq(big), {})
+    assert not analyses.any_unkept_past(storage, 2, first)
     t = service.ask(big)
     service.tell(t.id, value=2.0)  # the study changed since
-    assert analyses.any_unkept_past(storage, 2)
+    assert analyses.any_unkept_past(storage, 2, first)
