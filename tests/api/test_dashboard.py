@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from hpo.service.db import make_engine
+from hpo.service.storage import Storage, analyses
 from hpo.service.storage.seqs import KNOWN_SEQ_S
 from tests.conftest import ServerProcess, simple_spec
 
@@ -321,6 +323,15 @@ def test_importance_and_contour_over_http(sqlite_server: ServerProcess) -> None:
         query = {"x": "x", "y": "n", "size": 8, "points": "false"}  # the page has the trials
         bare = ok(http.get(f"{API}/studies/{sid}/contour", params=query))
         assert bare["points"] == [] and bare["z"] == grid["z"] and bare["x"] == grid["x"]
+
+        # a fit kept in another shape (other code under the same key) is fitted again, not a 500
+        storage = Storage(make_engine(sqlite_server.database_url))
+        seq = storage.study_seq(sid)
+        for name in (analyses.key("importance", 0), analyses.key("contour", "x", "n", 0, 8)):
+            analyses.put(storage, sid, name, seq, {"other": "shape"})
+        storage.engine.dispose()
+        assert ok(http.get(f"{API}/studies/{sid}/importance")) == body
+        assert ok(http.get(f"{API}/studies/{sid}/contour", params=query)) == bare
 
         assert_field(http.get(f"{API}/studies/{sid}/importance?objective=1"), 422, "objective")
         assert_field(http.get(f"{API}/studies/{sid}/contour?x=nope&y=n"), 422, "x")
