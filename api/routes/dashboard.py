@@ -374,9 +374,11 @@ def _as_importance(kept: Any) -> analysis.Importance | None:
     if not isinstance(kept, dict):
         return None
     try:
-        return analysis.Importance(**kept)
-    except TypeError:
+        result = analysis.Importance(**kept)
+        _importance_answer(0, result, "ready")  # the answer's types
+    except (TypeError, ValidationError):
         return None
+    return result
 
 
 def _as_contour(kept: Any) -> dict[str, Any] | None:

@@ -327,11 +327,13 @@ def test_importance_and_contour_over_http(sqlite_server: ServerProcess) -> None:
         # a fit kept in another shape (other code under the same key) is fitted again, not a 500
         storage = Storage(make_engine(sqlite_server.database_url))
         seq = storage.study_seq(sid)
-        for name in (analyses.key("importance", 0), analyses.key("contour", "x", "n", 0, 8)):
-            analyses.put(storage, sid, name, seq, {"other": "shape"})
+        importance, contour = analyses.key("importance", 0), analyses.key("contour", "x", "n", 0, 8)
+        for other in ({"other": "shape"}, {"importances": [1], "n_trials": "many"}):
+            for name in (importance, contour):
+                analyses.put(storage, sid, name, seq, other)
+            assert ok(http.get(f"{API}/studies/{sid}/importance")) == body
+            assert ok(http.get(f"{API}/studies/{sid}/contour", params=query)) == bare
         storage.engine.dispose()
-        assert ok(http.get(f"{API}/studies/{sid}/importance")) == body
-        assert ok(http.get(f"{API}/studies/{sid}/contour", params=query)) == bare
 
         assert_field(http.get(f"{API}/studies/{sid}/importance?objective=1"), 422, "objective")
         assert_field(http.get(f"{API}/studies/{sid}/contour?x=nope&y=n"), 422, "x")
