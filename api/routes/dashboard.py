@@ -336,10 +336,10 @@ def importance(
     spec = parse_spec(study.spec)
     objective = _objective(spec, objective)
     name = analyses.key("importance", objective)
-    kept = _as_importance(analyses.current(storage, study_id, name, seq))
+    kept = _kept_importance(analyses.current(storage, study_id, name, seq), objective, "ready")
     if kept is not None:  # fitted for the study as it is now
         response.headers["ETag"] = tag
-        return _importance_answer(objective, kept, "ready")
+        return kept
     try:
         result = _analysis_jobs.result(
             (study_id, seq, objective),
@@ -359,30 +359,29 @@ def importance(
         # Still fitting: the last answer kept (or none, 202) and no ETag; ask again shortly.
         response.headers["Retry-After"] = "1"
         response.headers["Cache-Control"] = "no-store"
-        kept = _as_importance(analyses.last(storage, study_id, name))
+        kept = _kept_importance(analyses.last(storage, study_id, name), objective, "computing")
         if kept is None:
             response.status_code = 202
             return _importance_answer(objective, analysis.Importance({}, 0), "computing")
-        return _importance_answer(objective, kept, "computing")
+        return kept
     response.headers["ETag"] = tag
     return _importance_answer(objective, result, "ready")
 
 
-def _as_importance(kept: Any) -> analysis.Importance | None:
-    """A kept importance as the answer's object; None when there is none, or when it has
-    another shape (kept by other code under the same key): then it is fitted again."""
+def _kept_importance(kept: Any, objective: int, status: str) -> ImportanceAnswer | None:
+    """The answer for a kept importance; None when there is none, or when it has another
+    shape (kept by other code under the same key): then it is fitted again."""
     if not isinstance(kept, dict):
         return None
     try:
-        result = analysis.Importance(**kept)
-        _importance_answer(0, result, "ready")  # the answer's types
+        return _importance_answer(objective, analysis.Importance(**kept), status)
     except (TypeError, ValidationError):
         return None
-    return result
 
 
 def _as_contour(kept: Any) -> dict[str, Any] | None:
-    """A kept contour (without its points) as the answer; None as for importance."""
+    """A kept contour (without its points) as the answer; None as for
+    :func:`_kept_importance`."""
     if kept is None:
         return None
     try:

@@ -60,26 +60,19 @@ def key(kind: str, *options: Any) -> str:
 def current(storage: Transactions, study_id: int, name: str, seq: int) -> Any | None:
     """The analysis kept under ``name`` if it was asked at the study's ``seq``, else None.
     Raises DatabaseUnavailable."""
-    with storage.read() as s:
-        text = s.scalar(
-            select(StudyAnalysis.value).where(
-                StudyAnalysis.study_id == study_id,
-                StudyAnalysis.key == name,
-                StudyAnalysis.seq == seq,
-            )
-        )
-    return None if text is None else jsontext.loads(text)
+    return _value(storage, study_id, name, StudyAnalysis.seq == seq)
 
 
 def last(storage: Transactions, study_id: int, name: str) -> Any | None:
     """The analysis kept under ``name``, whatever ``seq`` it was asked at, or None. Raises
     DatabaseUnavailable."""
+    return _value(storage, study_id, name)
+
+
+def _value(storage: Transactions, study_id: int, name: str, *where: Any) -> Any | None:
+    mine = (StudyAnalysis.study_id == study_id, StudyAnalysis.key == name, *where)
     with storage.read() as s:
-        text = s.scalar(
-            select(StudyAnalysis.value).where(
-                StudyAnalysis.study_id == study_id, StudyAnalysis.key == name
-            )
-        )
+        text = s.scalar(select(StudyAnalysis.value).where(*mine))
     return None if text is None else jsontext.loads(text)
 
 

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -57,15 +56,9 @@ def _jobs_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
 
 
-@pytest.fixture
-def file_storage(sqlite_url: str) -> Iterator[Storage]:
-    """A SQLite file, for the tests of the worker as a process (its deaths, its time limit,
-    its import path, its parent killed): they do not depend on the database, and the worker's
-    reads are tested on SQLite and PostgreSQL above and below."""
-    engine = make_engine(sqlite_url)
-    upgrade_schema(engine)
-    yield Storage(engine)
-    engine.dispose()
+# The tests of the worker as a process (its deaths, its time limit, its import path, its
+# parent killed) do not depend on the database: SQLite only. Its reads are tested on both.
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
 def _die(ws: Workspace) -> None:
@@ -140,11 +133,12 @@ def test_a_spec_edited_since_a_fit_is_fitted_again(storage: Storage) -> None:
     assert grid["y"]["name"] == "z"
 
 
+@SQLITE_ONLY
 def test_a_worker_killed_during_a_job_or_between_jobs_is_replaced(
-    file_storage: Storage, sqlite_url: str, tmp_path: Path
+    storage: Storage, db_url: str, tmp_path: Path
 ) -> None:
-    sid, spec = _study(file_storage, n=20)
-    worker = AnalysisWorker(sqlite_url, cooldown_s=2.0)
+    sid, spec = _study(storage, n=20)
+    worker = AnalysisWorker(db_url, cooldown_s=2.0)
     try:
         worker.warm()
         first = worker.pid
@@ -171,9 +165,10 @@ def test_a_worker_killed_during_a_job_or_between_jobs_is_replaced(
         worker.close()
 
 
-def test_a_job_past_its_time_limit_stops_the_worker(file_storage: Storage, sqlite_url: str) -> None:
-    sid, spec = _study(file_storage, n=5)
-    worker = AnalysisWorker(sqlite_url, cooldown_s=1.0)
+@SQLITE_ONLY
+def test_a_job_past_its_time_limit_stops_the_worker(storage: Storage, db_url: str) -> None:
+    sid, spec = _study(storage, n=5)
+    worker = AnalysisWorker(db_url, cooldown_s=1.0)
     try:
         stuck = worker.run(_pid)  # started, its imports done
         worker.job_timeout_s = 1.0
@@ -192,24 +187,24 @@ def test_a_job_past_its_time_limit_stops_the_worker(file_storage: Storage, sqlit
         worker.close()
 
 
+@SQLITE_ONLY
 def test_the_worker_does_not_import_from_the_working_directory(
-    file_storage: Storage, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    storage: Storage, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "sklearn").mkdir()
     (tmp_path / "sklearn" / "__init__.py").write_text("raise SystemExit('the wrong sklearn')")
     monkeypatch.chdir(tmp_path)
     for safe_path in ("", "1"):  # PYTHONSAFEPATH: the interpreter leaves it off itself
         monkeypatch.setenv("PYTHONSAFEPATH", safe_path)
-        worker = AnalysisWorker(sqlite_url)
+        worker = AnalysisWorker(db_url)
         try:
             assert worker.run(_cwd_path) is False
         finally:
             worker.close()
 
 
-def test_the_worker_of_a_killed_server_ends_on_its_own(
-    file_storage: Storage, sqlite_url: str
-) -> None:
+@SQLITE_ONLY
+def test_the_worker_of_a_killed_server_ends_on_its_own(storage: Storage, db_url: str) -> None:
     """kill -9 of the server's process: its end of the socket closes, the worker reads EOF
     and exits (no orphan left holding the database)."""
     server = subprocess.Popen(
@@ -226,7 +221,7 @@ def test_the_worker_of_a_killed_server_ends_on_its_own(
                 time.sleep(600)
                 """
             ),
-            sqlite_url,
+            db_url,
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -273,11 +268,12 @@ def test_a_database_outage_in_the_worker_is_answered_unavailable_and_passes(
         drop_pg_database(url)
 
 
-def test_the_worker_is_not_counted_as_the_local_ray_session(sqlite_url: str) -> None:
+@SQLITE_ONLY
+def test_the_worker_is_not_counted_as_the_local_ray_session(db_url: str) -> None:
     """The server records its descendants as its local Ray session and reaps them with Ray
     (``RayExecutor.shutdown``, also when another server takes the scheduler over): not its
     analysis worker."""
-    worker = AnalysisWorker(sqlite_url)
+    worker = AnalysisWorker(db_url)
     try:
         worker.warm()
         pid = worker.pid
