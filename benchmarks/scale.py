@@ -795,6 +795,19 @@ def _stored_points(url: str, study_id: int) -> int:
         engine.dispose()
 
 
+def _multixacts(url: str) -> int | None:
+    """PostgreSQL's MultiXact counter (the whole server's: run nothing else beside it), or
+    None on SQLite. Shared row locks held by several transactions at once make them."""
+    if not url.startswith("postgresql"):
+        return None
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT mxid_age('1'::xid)")).scalar_one()
+    finally:
+        engine.dispose()
+
+
 def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, float]:
     """One run of the metrics section on the database at ``url``; its figures."""
     env = {"HPO_DATABASE_URL": url, "HPO_SCHEDULER": "false", "HPO_LOG_LEVEL": "warning"}
@@ -813,6 +826,7 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
                 client.post(f"{API}/trials/{t['trial_id']}/tell", json={"value": x})
             seen_before = _report_buckets(client)
         before = _stored_points(url, study_id)
+        multixacts = _multixacts(url)
         shares = [args.trials // args.processes] * args.processes
         for i in range(args.trials % args.processes):
             shares[i] += 1
@@ -850,6 +864,8 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
             flush=True,
         )
     stored = _stored_points(url, study_id) - before
+    if multixacts is not None:
+        multixacts = _multixacts(url) - multixacts
     retried = [e for e in errors if e.startswith("retried: ")]
     errors = [e for e in errors if not e.startswith("retried: ")]
     if retried:
@@ -868,6 +884,7 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
         / max(1, served_buckets.get(math.inf, 0)),
         "retried": len(retried),
         "errors": len(errors),
+        "multixacts": math.nan if multixacts is None else multixacts / max(1, len(latencies)),
     }
 
 
@@ -878,9 +895,9 @@ def run_metrics(args: argparse.Namespace) -> None:
     )
     print(
         "| database | points/s | reports | report p50 ms | report p99 ms "
-        "| server p99 ms | server ≤ 100 ms | asks retried (503) | errors |"
+        "| server p99 ms | server ≤ 100 ms | asks retried (503) | errors | MultiXacts a report |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for where, admin in _databases(args):
         with tempfile.TemporaryDirectory(prefix="hpo-scale-") as tmp:
             work = Path(tmp)
@@ -897,7 +914,8 @@ def run_metrics(args: argparse.Namespace) -> None:
             print(
                 f"| {where} | {f['points_s']:,.0f} | {f['reports']:,} | {f['p50_ms']:,.1f} "
                 f"| {f['p99_ms']:,.1f} | {f['server_p99_ms']:,.0f} "
-                f"| {f['server_within_100ms']:.1%} | {f['retried']} | {f['errors']} |",
+                f"| {f['server_within_100ms']:.1%} | {f['retried']} | {f['errors']} "
+                f"| {f['multixacts']:.2f} |",
                 flush=True,
             )
 

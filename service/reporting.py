@@ -159,9 +159,10 @@ def _store_then_lock(
     row first, a batch taken back, a study deleted meanwhile) can meet such a report in a
     deadlock; PostgreSQL then ends one of the two (503, retried; nothing stored). When it is
     a batch being taken back, its earlier commits stay, as after any database failure between
-    them (see :func:`report`). Concurrent reports of one study share its row for their
-    inserts' foreign-key checks (``FOR KEY SHARE``) before they lock it, which PostgreSQL
-    records as MultiXacts (a few per report; autovacuum freezes them, ``mxid_age`` shows them).
+    them (see :func:`report`). The inserts' foreign-key checks share only their own trial's
+    row (``FOR KEY SHARE``): the points and curves have no foreign key to ``studies``
+    (migration 0013), so concurrent reports of one study do not share its row, which
+    PostgreSQL would record as MultiXacts.
 
     Returns whether the trial should stop, or None when the usual path must decide.
     """

@@ -208,7 +208,10 @@ class MetricPoint(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"))
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    # Its trial's study, for reading a study's points; no foreign key of its own (the trial's
+    # implies it): on PostgreSQL the check would share the study's row with every other
+    # report of the study at once, which it records as a MultiXact (migration 0013).
+    study_id: Mapped[int] = mapped_column(BigId)
     step: Mapped[int] = mapped_column(BigInteger)
     name: Mapped[str] = mapped_column(String(128))
     value: Mapped[float] = mapped_column(Float)
@@ -225,7 +228,7 @@ class TrialCurve(Base):
         ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True
     )
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(BigId, index=True)  # no foreign key: as in MetricPoint
     # Buckets are runs of 2**shift steps; n: steps seen; buckets: JSON list (see curves.py).
     shift: Mapped[int] = mapped_column(Integer, default=0)
     n: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -130,6 +130,66 @@ def _written_by(engine: Engine, pid: int) -> set[str]:
         return {name for (name,) in rows}
 
 
+def test_reports_of_one_study_waiting_together_share_no_lock_on_its_row(
+    pg_service: StudyService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three trials' first reports wait together for their study's row, held by a second
+    connection, with their points and curves written. The row's only locker is still that
+    connection: the inserts' foreign keys name the trial, not the study (migration 0013), so
+    they take no share of the study's row, which PostgreSQL records as a MultiXact (before,
+    ``pgrowlocks`` showed the row as a MultiXact held by all four). Then each report is
+    stored once."""
+    monkeypatch.setattr(reporting, "REPORT_LOCK_TIMEOUT_S", 30.0)
+    engine = pg_service.storage.engine
+    study = pg_service.create_study(StudySpec.model_validate(simple_spec("shared")))
+    trials = [pg_service.ask(study.id) for _ in range(3)]
+    with engine.begin() as conn:
+        conn.execute(text("CREATE EXTENSION IF NOT EXISTS pgrowlocks"))
+
+    holder = engine.connect()
+    holder.begin()
+    holder_pid = holder.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    holder.execute(
+        text("SELECT id FROM studies WHERE id = :id FOR NO KEY UPDATE"), {"id": study.id}
+    )
+    try:
+        senders = [
+            _report_in_background(pg_service, t.id, [MetricInput(1, "loss", 0.5)]) for t in trials
+        ]
+        waiting = _waiting_for_locks(engine, len(trials))
+        for pid in waiting:
+            assert {"metric_points", "trial_curves"} <= _written_by(engine, pid)
+        with engine.connect() as probe:
+            locks = probe.execute(text("SELECT multi, pids FROM pgrowlocks('studies')")).all()
+        holder.commit()
+    finally:
+        holder.close()
+    assert [(multi, list(pids)) for multi, pids in locks] == [(False, [holder_pid])]
+    for sender, outcome in senders:
+        sender.join(timeout=30)
+        assert outcome == [False]
+    for t in trials:
+        assert _stored(pg_service, t.id) == [1]
+
+
+def _waiting_for_locks(engine: Engine, n: int, timeout_s: float = 10.0) -> list[int]:
+    """The ``n`` backends of this database that wait for a lock."""
+    deadline = time.monotonic() + timeout_s
+    with engine.connect() as probe:
+        while time.monotonic() < deadline:
+            pids = probe.execute(
+                text(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                )
+            ).scalars()
+            if len(pids := list(pids)) >= n:
+                return pids
+            probe.rollback()
+            time.sleep(0.02)
+    raise AssertionError(f"fewer than {n} reports came to wait for the study's row")
+
+
 @pytest.mark.parametrize(
     ("change", "named", "expected"),
     [

@@ -124,6 +124,88 @@ def test_upgrading_a_0002_database_keeps_one_copy_of_each_resent_point(db_url: s
     assert [tuple(r) for r in rows] == [(1, 1), (2, 1)]
 
 
+def test_upgrading_to_0013_drops_only_the_points_study_keys_and_keeps_their_ids(
+    db_url: str,
+) -> None:
+    """0013 takes the foreign keys to ``studies`` off ``metric_points`` and ``trial_curves``
+    (SQLite: by rebuilding both). The rows stay, with their ids; a point stored after the
+    upgrade gets an id past every id handed out before, deleted ones included (SQLite's
+    AUTOINCREMENT counter survives the rebuild); deleting the study still deletes its points
+    and curves, through its trials."""
+    from alembic import command
+    from sqlalchemy import inspect, text
+
+    from hpo.service.db.engine import alembic_config
+
+    at = {"t": "2026-01-01 00:00:00"}
+    engine = make_engine(db_url)
+    try:
+        cfg = alembic_config(engine)
+        with engine.connect() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0012")
+            conn.commit()
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO studies (id, name, spec, state, next_number, seq, created_at,"
+                    " updated_at) VALUES (1, 's', '{}', 'running', 1, 1, :t, :t)"
+                ),
+                at,
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO trials (id, study_id, number, state, attempts, seq, created_at)"
+                    " VALUES (1, 1, 0, 'running', 1, 1, :t)"
+                ),
+                at,
+            )
+            for step in (1, 2, 3):
+                conn.execute(
+                    text(
+                        "INSERT INTO metric_points (trial_id, study_id, step, name, value, time)"
+                        " VALUES (1, 1, :s, 'loss', 0.5, :t)"
+                    ),
+                    {"s": step, **at},
+                )
+            conn.execute(
+                text(
+                    "INSERT INTO trial_curves (trial_id, name, study_id, shift, n, buckets)"
+                    " VALUES (1, 'loss', 1, 0, 3, '[]')"
+                )
+            )
+            ids = list(conn.execute(text("SELECT id FROM metric_points ORDER BY id")).scalars())
+            conn.execute(text("DELETE FROM metric_points WHERE step = 3"))
+        upgrade_schema(engine)
+        assert _differences(engine) == []
+        for table in ("metric_points", "trial_curves"):
+            keys = inspect(engine).get_foreign_keys(table)
+            assert [(k["referred_table"], k["constrained_columns"]) for k in keys] == [
+                ("trials", ["trial_id"])
+            ], table
+        with engine.begin() as conn:
+            assert (
+                list(conn.execute(text("SELECT id FROM metric_points ORDER BY id")).scalars())
+                == ids[:2]
+            )
+            new = conn.execute(
+                text(
+                    "INSERT INTO metric_points (trial_id, study_id, step, name, value, time,"
+                    " attempt) VALUES (1, 1, 4, 'loss', 0.5, :t, 1) RETURNING id"
+                ),
+                at,
+            ).scalar_one()
+            assert new > ids[-1]  # not the deleted point's id again
+            conn.execute(text("DELETE FROM studies WHERE id = 1"))
+            left = [
+                conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+                for table in ("metric_points", "trial_curves")
+            ]
+    finally:
+        engine.dispose()
+    assert left == [0, 0]
+
+
 def test_a_database_keeps_the_deployment_id_made_at_its_first_start(
     db_url: str, tmp_path: Path
 ) -> None:
