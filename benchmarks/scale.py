@@ -798,10 +798,10 @@ def _stored_points(url: str, study_id: int) -> int:
 def _multixacts(url: str) -> int | None:
     """PostgreSQL's MultiXact counter (the whole server's: run nothing else beside it), or
     None on SQLite. Shared row locks held by several transactions at once make them."""
-    if not url.startswith("postgresql"):
-        return None
     engine = make_engine(url)
     try:
+        if engine.dialect.name != "postgresql":
+            return None
         with engine.connect() as conn:
             return conn.execute(text("SELECT mxid_age('1'::xid)")).scalar_one()
     finally:

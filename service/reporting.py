@@ -154,12 +154,15 @@ def _store_then_lock(
     A trial deleted while the report waits for its curve rows fails the inserts' foreign
     keys (IntegrityError): rolled back, and the usual path answers TrialNotFound.
 
-    Lock order: the trial's curve rows, then its study's row. A writer that holds a study's
-    row and then folds that study's curves (another report of the same trial that takes the
-    row first, a batch taken back, a study deleted meanwhile) can meet such a report in a
+    Lock order: the trial's curve rows (and its row, shared by the inserts' foreign-key
+    checks), then its study's row. A writer that holds a study's row and then folds that
+    study's curves or deletes its trials (another report of the same trial that takes the
+    row first, a batch taken back, a study being deleted) can meet such a report in a
     deadlock; PostgreSQL then ends one of the two (503, retried; nothing stored). When it is
     a batch being taken back, its earlier commits stay, as after any database failure between
-    them (see :func:`report`). The inserts' foreign-key checks share only their own trial's
+    them (see :func:`report`). A delete stops the study first, so that only a report already
+    under way can meet it, and is tried again when it is the one ended
+    (``StudyService.delete_study``). The inserts' foreign-key checks share only their own trial's
     row (``FOR KEY SHARE``): the points and curves have no foreign key to ``studies``
     (migration 0013), so concurrent reports of one study do not share its row, which
     PostgreSQL would record as MultiXacts.

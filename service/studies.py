@@ -20,6 +20,7 @@ from hpo.service.attempts import AttemptToken
 from hpo.service.db.models import Study, utcnow
 from hpo.service.errors import (
     Conflict,
+    DatabaseUnavailable,
     InvalidInput,
     NameTaken,
     NotFound,
@@ -40,12 +41,16 @@ from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import MAX_PAGE, Storage, deadlines, leases, studies, trials
 from hpo.service.storage.records import trial_record
+from hpo.service.storage.session import row_busy
 from hpo.service.storage.transitions import set_study_state
 
 __all__ = ["MAX_PAGE", "MetricInput", "StudyService"]  # MetricInput and MAX_PAGE: re-exported
 
 # Studies the service runs itself may be in these states; the scheduler launches for running.
 DISPATCHABLE = (StudyState.RUNNING, StudyState.PAUSED)
+# How many times a study's delete is tried when it meets a report in a deadlock (PostgreSQL;
+# see ``delete_study``).
+DELETE_TRIES = 3
 
 
 class StudyService:
@@ -155,11 +160,30 @@ class StudyService:
 
     def delete_study(self, study_id: int) -> list[int]:
         """Delete a study and everything stored with it; returns the ids of trials that were
-        still active (the scheduler cancels them). Raises StudyNotFound."""
+        still active (the scheduler cancels them). Raises StudyNotFound.
+
+        A running or paused study is stopped first, in a transaction of its own (its active
+        trials fail), so that the reports that come later store nothing. On PostgreSQL a
+        report takes its trial's row (its inserts' foreign-key checks) and curve rows before
+        its study's row, and the delete the other way round (the study's row, then the
+        trials' through its cascade): a report already under way can still meet the delete
+        in a deadlock, which PostgreSQL breaks by ending one of them. When that is the
+        delete, it is tried again (at most ``DELETE_TRIES`` times in all), and no new report
+        is under way by then."""
         with self.storage.write() as s:
             study = studies.get(s, study_id, lock=True)
             active = studies.active_trial_ids(s, study_id)
-            studies.delete(s, study)
+            if study.state in (StudyState.RUNNING, StudyState.PAUSED):
+                set_study_state(study, StudyState.STOPPED, reason="stopped to be deleted")
+                transitions.stop_active(s, study)
+        for tries_left in reversed(range(DELETE_TRIES)):
+            try:
+                with self.storage.write() as s:
+                    studies.delete(s, studies.get(s, study_id, lock=True))
+                break
+            except DatabaseUnavailable as exc:
+                if not tries_left or not row_busy(exc):
+                    raise
         self.histories.forget(study_id)
         self.suggestions.forget(study_id)
         with self._asking_guard:

@@ -64,6 +64,12 @@ def _row_busy(exc: Exception) -> bool:
     return getattr(getattr(exc, "orig", None), "sqlstate", None) in _ROW_BUSY
 
 
+def row_busy(exc: DatabaseUnavailable) -> bool:
+    """Whether the database was unavailable only because of rows another transaction held
+    (PostgreSQL's lock timeout, or a deadlock it broke by ending this one)."""
+    return _row_busy(exc.__cause__) if exc.__cause__ is not None else False
+
+
 def _first_line(exc: Exception) -> str:
     orig = getattr(exc, "orig", None) or exc
     lines = str(orig).strip().splitlines() or [type(orig).__name__]

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ from hpo.service.errors import DatabaseUnavailable, StaleAttempt, TrialNotFound
 from hpo.service.records import MetricInput
 from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage
+from hpo.service.storage import studies as studies_storage
 from hpo.service.storage.session import RETRY_LOCKED_S
 from hpo.service.studies import StudyService
 from tests.conftest import ServerProcess, create_pg_database, drop_pg_database, simple_spec
@@ -144,6 +146,10 @@ def test_reports_of_one_study_waiting_together_share_no_lock_on_its_row(
     study = pg_service.create_study(StudySpec.model_validate(simple_spec("shared")))
     trials = [pg_service.ask(study.id) for _ in range(3)]
     with engine.begin() as conn:
+        if not conn.execute(
+            text("SELECT 1 FROM pg_available_extensions WHERE name = 'pgrowlocks'")
+        ).first():
+            pytest.skip("PostgreSQL's contrib extension pgrowlocks is not installed")
         conn.execute(text("CREATE EXTENSION IF NOT EXISTS pgrowlocks"))
 
     holder = engine.connect()
@@ -170,6 +176,122 @@ def test_reports_of_one_study_waiting_together_share_no_lock_on_its_row(
         assert outcome == [False]
     for t in trials:
         assert _stored(pg_service, t.id) == [1]
+
+
+def test_a_study_deleted_while_its_trials_stream_is_deleted_and_leaves_nothing(
+    pg_service: StudyService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight trials stream 100-point reports without pause; the study is deleted meanwhile.
+    A report holds its trial's row (its inserts' foreign-key checks) and curve rows before it
+    takes the study's row, where a delete takes the study's row and then, through its
+    cascade, the trials': the two met in a deadlock, and the delete was the one ended (503)
+    every time. Now the delete goes through at its first call, and nothing of the study is
+    left: no trial, point or curve. Each report is stored, told to stop, told the trial is
+    gone, or (the side ended in a deadlock) told the database is busy: no other error."""
+    monkeypatch.setattr(reporting, "REPORT_LOCK_TIMEOUT_S", 5.0)  # the default
+    engine = pg_service.storage.engine
+    study = pg_service.create_study(StudySpec.model_validate(simple_spec("streamed")))
+    trials = [pg_service.ask(study.id) for _ in range(8)]
+    stop = threading.Event()
+    answers: Counter[str] = Counter()
+    unexpected: list[BaseException] = []
+
+    def stream(trial_id: int) -> None:
+        step = 0
+        while not stop.is_set():
+            batch = [MetricInput(step + i, "loss", 1.0 / (step + i + 1)) for i in range(100)]
+            step += 100
+            try:
+                answers["stop" if pg_service.report(trial_id, batch) else "stored"] += 1
+            except TrialNotFound:
+                answers["gone"] += 1
+                return
+            except DatabaseUnavailable:
+                answers["busy"] += 1
+            except BaseException as exc:  # handed to the test's thread
+                unexpected.append(exc)
+                return
+
+    streams = [threading.Thread(target=stream, args=(t.id,)) for t in trials]
+    for t in streams:
+        t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while answers["stored"] < 16:  # every stream under way
+            assert time.monotonic() < deadline, answers
+            time.sleep(0.01)
+        pg_service.delete_study(study.id)
+    finally:
+        stop.set()
+        for t in streams:
+            t.join(timeout=30)
+    assert not unexpected, unexpected
+    with engine.connect() as conn:
+        left = {
+            table: conn.execute(
+                text(f"SELECT count(*) FROM {table} WHERE study_id = :s"), {"s": study.id}
+            ).scalar_one()
+            for table in ("trials", "metric_points", "trial_curves")
+        }
+    assert left == {"trials": 0, "metric_points": 0, "trial_curves": 0}, answers
+
+
+def test_a_delete_ended_in_a_deadlock_is_tried_again(
+    pg_service: StudyService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The case the stop before a delete leaves: a report already under way holds its
+    trial's row (here a second connection takes the same share a report's insert takes) and
+    then asks for the study's row, which the delete holds while its cascade waits for that
+    trial. PostgreSQL ends the delete (this connection checks for a deadlock only after
+    20 s); the delete is tried again, waits for the connection to finish, and goes through."""
+    study = pg_service.create_study(StudySpec.model_validate(simple_spec("deadlocked")))
+    trial = pg_service.ask(study.id)
+    assert pg_service.report(trial.id, [MetricInput(1, "loss", 0.9)]) is False
+    engine = pg_service.storage.engine
+    tries: list[int] = []
+    delete = studies_storage.delete
+    monkeypatch.setattr(
+        studies_storage, "delete", lambda s, study: (tries.append(study.id), delete(s, study))
+    )
+
+    holder = engine.connect()
+    holder.begin()
+    holder.execute(text("SET LOCAL deadlock_timeout = '20s'"))
+    holder.execute(text("SELECT id FROM trials WHERE id = :id FOR KEY SHARE"), {"id": trial.id})
+    try:
+        deleter, deleted = _in_background(pg_service.delete_study, study.id)
+        _waiting_for_a_lock(engine)  # the delete's cascade, for the trial's row
+        asker, asked = _in_background(
+            holder.execute,
+            text("SELECT id FROM studies WHERE id = :id FOR NO KEY UPDATE"),
+            {"id": study.id},
+        )
+        asker.join(timeout=30)  # granted once the delete was ended
+        assert asked and not isinstance(asked[0], BaseException), asked
+        holder.commit()
+    finally:
+        holder.close()
+    deleter.join(timeout=30)
+    assert deleted == [[trial.id]], deleted
+    assert tries == [study.id, study.id]
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM trials")).scalar_one() == 0
+
+
+def _in_background(call: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
+    """``call(*args)`` on a thread of its own (started): what it returned, or the error it
+    raised, lands in the list."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call(*args))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
 
 
 def _waiting_for_locks(engine: Engine, n: int, timeout_s: float = 10.0) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
@@ -128,7 +129,8 @@ def test_upgrading_to_0013_drops_only_the_points_study_keys_and_keeps_their_ids(
     db_url: str,
 ) -> None:
     """0013 takes the foreign keys to ``studies`` off ``metric_points`` and ``trial_curves``
-    (SQLite: by rebuilding both). The rows stay, with their ids; a point stored after the
+    (SQLite: by rebuilding both, after deleting rows of no trial, which would fail the copy's
+    foreign-key check). The rows stay, with their ids; a point stored after the
     upgrade gets an id past every id handed out before, deleted ones included (SQLite's
     AUTOINCREMENT counter survives the rebuild); deleting the study still deletes its points
     and curves, through its trials."""
@@ -176,6 +178,13 @@ def test_upgrading_to_0013_drops_only_the_points_study_keys_and_keeps_their_ids(
             )
             ids = list(conn.execute(text("SELECT id FROM metric_points ORDER BY id")).scalars())
             conn.execute(text("DELETE FROM metric_points WHERE step = 3"))
+        if engine.dialect.name == "sqlite":  # a point of no trial, written with the keys off
+            with sqlite3.connect(engine.url.database) as raw:
+                raw.execute(
+                    "INSERT INTO metric_points (id, trial_id, study_id, step, name, value, time)"
+                    " VALUES (100, 99, 1, 1, 'loss', 0.5, '2026-01-01 00:00:00')"
+                )
+            ids.append(100)
         upgrade_schema(engine)
         assert _differences(engine) == []
         for table in ("metric_points", "trial_curves"):

@@ -4,10 +4,12 @@
 ``studies``: the trial's foreign key already ties each row to its study (deleting a study
 still deletes them, through its trials). On PostgreSQL each inserted row's check took a
 ``FOR KEY SHARE`` lock on the study's row; with the reports of a study's trials writing at
-once, PostgreSQL records those shared locks as MultiXacts (about 3.6 per report measured),
-which autovacuum must then freeze. On SQLite the tables are rebuilt (SQLite cannot drop a
-constraint), in the one transaction of the upgrade: 2 million points took 12 s on a 2-core
-machine, so expect about a minute at 10 million, and a WAL file as large as the table.
+once, PostgreSQL records those shared locks as MultiXacts (3.2 a report in
+``benchmarks/scale.py metrics``), which autovacuum must then freeze. On SQLite the tables are
+rebuilt (SQLite cannot drop a constraint), in the one transaction of the upgrade: 2 million
+points took 12 s on a 2-core machine, so expect about a minute at 10 million, and a WAL file
+as large as the table. Rows whose trial is gone (only a tool that wrote with SQLite's foreign
+keys off could leave them) are deleted first: the copy checks the trial's foreign key.
 
 Revision ID: 0013
 Revises: 0012
@@ -38,6 +40,7 @@ def upgrade() -> None:
         return
     for table, kwargs in _TABLES.items():
         sequence = _sequence(bind, table)
+        op.execute(f"DELETE FROM {table} WHERE trial_id NOT IN (SELECT id FROM trials)")
         with op.batch_alter_table(
             table, recreate="always", naming_convention=_NAMES, table_kwargs=kwargs
         ) as batch:
