@@ -260,19 +260,33 @@ def curves(
     max_points: MaxPoints = 200,
     since: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+    best: Annotated[
+        int | None,
+        Query(ge=1, le=1000, description="Only the best complete trials, and the unfinished."),
+    ] = None,
+    objective: Objective = 0,
 ) -> Response:
     """Learning curves: one downsampled series of ``metric`` (the first objective's by
     default; read from the curves kept at rest, at most 120 points with every bucket's
     extrema; ``/trials/{id}/series`` has the full resolution) per trial whose record or
     points changed after curves cursor ``since``; pass
     ``cursor`` back as ``since``. The cursor and ETag are the curves' own (metric points move
-    them, not the study's ETag)."""
+    them, not the study's ETag).
+
+    ``best=N`` (without ``since``) asks for a large study's first view: the curves of its N
+    best complete trials by objective ``objective`` and of every unfinished trial, in one
+    answer (``more`` false), with the cursor to follow every change from then on."""
+    if best is not None and since is not None:
+        raise InvalidInput("best: asks for a first view; it cannot follow a cursor", field="best")
+    if best is not None:
+        _objective(storage.spec_of(study_id), objective)
+    else:
+        objective = 0  # not used: one ETag for every value
     # Pages polling one study ask for the same delta, which its ETag names: the first
     # computes it, the others are sent its JSON (see ``conditional.answer``).
-    tag = _curves_tag(storage, study_id, metric, max_points, since, limit)
-    return answer(
-        request, tag, lambda: _curves_page(storage, study_id, metric, max_points, since, limit)
-    )
+    query = (metric, max_points, since, limit, best, objective)
+    tag = _curves_tag(storage, study_id, *query)
+    return answer(request, tag, lambda: _curves_page(storage, study_id, *query))
 
 
 def _curves_page(
@@ -282,9 +296,13 @@ def _curves_page(
     max_points: int,
     since: int | None,
     limit: int,
+    best: int | None,
+    objective: int,
 ) -> CurvesPage:
     metric = metric or storage.spec_of(study_id).objectives[0].metric
-    trials, at_rest, names, cursor = storage.curves_page(study_id, metric, since=since, limit=limit)
+    trials, at_rest, names, cursor = storage.curves_page(
+        study_id, metric, since=since, limit=limit, best=best, objective=objective
+    )
     out = []
     for t in trials:
         curve = at_rest.get(t.id)
@@ -306,7 +324,7 @@ def _curves_page(
                 n=curve.n,
             )
         )
-    more = len(trials) == limit
+    more = best is None and len(trials) == limit
     return CurvesPage(metric=metric, names=sorted(names), series=out, cursor=cursor, more=more)
 
 

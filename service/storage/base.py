@@ -212,18 +212,39 @@ class Storage(Transactions):
             return metrics.of_trials(s, trial_ids, name=name)
 
     def curves_page(
-        self, study_id: int, name: str, *, since: int | None = None, limit: int = MAX_PAGE
+        self,
+        study_id: int,
+        name: str,
+        *,
+        since: int | None = None,
+        limit: int = MAX_PAGE,
+        best: int | None = None,
+        objective: int = 0,
     ) -> tuple[list[curves.CurveRow], dict[int, curves.Kept], set[str], int]:
         """The trials whose curves changed after curves cursor ``since`` (as
         :meth:`list_trials` pages them, in columns only), the points kept at rest of metric
         ``name`` for them (those that have one; see :mod:`.curves`), every metric
-        name they have curves of, and the cursor to pass next time. Raises StudyNotFound."""
+        name they have curves of, and the cursor to pass next time. Raises StudyNotFound.
+
+        With ``best`` (and no ``since``): instead of every trial, the ``best`` best complete
+        ones by objective ``objective`` and every unfinished one (:func:`curves.best`), and
+        the cursor of the study as read before them (a trial that changes meanwhile comes
+        again after it)."""
         limit = max(1, min(limit, MAX_PAGE))
         with self.read() as s:
             study = studies.get(s, study_id)
-            rows = curves.changed(s, study_id, since, limit)
+            if best is not None:
+                spec = spec_of(study)
+                minimize = spec.objectives[objective].direction == "minimize"
+                rows = curves.best(
+                    s, study_id, best, objective, minimize=minimize, multi=spec.multi_objective
+                )
+                cursor = study.curve_seq
+            else:
+                rows = curves.changed(s, study_id, since, limit)
+                full = len(rows) == limit
+                cursor = rows[-1].curve_seq if full else max(study.curve_seq, since or 0)
             ids = [r.id for r in rows]
-            cursor = rows[-1].curve_seq if len(rows) == limit else max(study.curve_seq, since or 0)
             kept = curves.kept_of_trials(s, ids, name)
             return rows, kept, curves.names_of(s, ids), cursor
 

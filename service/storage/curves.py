@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 from hpo.service.db import jsontext
 from hpo.service.db.models import MetricPoint, Trial, TrialCurve
 from hpo.service.records import MetricInput
+from hpo.service.states import FINISHED_TRIAL_STATES, TrialState
 
 # Buckets per curve: at most 4 points each, so at most 120 points (the dashboard's overview).
 BUCKETS = 30
@@ -315,6 +316,34 @@ def changed(session: Session, study_id: int, since: int | None, limit: int) -> l
     if since is not None:
         stmt = stmt.where(Trial.curve_seq > since)
     return [CurveRow(*row) for row in session.execute(stmt)]
+
+
+def best(
+    session: Session, study_id: int, n: int, objective: int, *, minimize: bool, multi: bool
+) -> list[CurveRow]:
+    """The study's ``n`` best complete trials by objective ``objective`` (of a
+    multi-objective study when ``multi``) and every trial not finished (waiting, running,
+    paused), oldest change first: what the overview of a large study shows first."""
+    cols = (Trial.id, Trial.number, Trial.state, Trial.last_step, Trial.curve_seq)
+    finished = [s.value for s in FINISHED_TRIAL_STATES]
+    mine = Trial.study_id == study_id
+    rows = [
+        CurveRow(*r)
+        for r in session.execute(select(*cols).where(mine, Trial.state.not_in(finished)))
+    ]
+    complete = select(*cols).where(mine, Trial.state == TrialState.COMPLETE.value)
+    if not multi:
+        by = Trial.value.asc() if minimize else Trial.value.desc()
+        ranked = complete.where(Trial.value.is_not(None)).order_by(by, Trial.id).limit(n)
+        rows += [CurveRow(*r) for r in session.execute(ranked)]
+    else:
+        scored = []
+        for *row, values in session.execute(complete.add_columns(Trial.values)):
+            value = values[objective] if values and objective < len(values) else None
+            if isinstance(value, (int, float)) and value == value:  # not None, not NaN
+                scored.append((value if minimize else -value, row[0], CurveRow(*row)))
+        rows += [row for *_, row in sorted(scored)[:n]]
+    return sorted(rows, key=lambda r: (r.curve_seq, r.id))
 
 
 def of_trials(session: Session, trial_ids: Sequence[int], name: str) -> dict[int, Curve]:

@@ -303,6 +303,60 @@ def test_curves_are_downsampled_incremental_and_paged(server: ServerProcess) -> 
         )
 
 
+def test_a_large_studys_first_curves_are_its_best_and_its_unfinished(server: ServerProcess) -> None:
+    """``best=N``: the curves of the N best complete trials by the chosen objective and of
+    every unfinished trial, in one answer, with the cursor to follow every change after it
+    (a best trial reported after the answer comes in the next delta; a trial left out never
+    comes unless it changes)."""
+    with server.http() as http:
+        sid = create(http, "best", budget={"max_trials": 20})
+        told: dict[int, float] = {}
+        for i in range(6):
+            t = ask(http, sid)
+            report(http, t["trial_id"], [(0, "loss", 9.0), (1, "loss", float(i))])
+            tell(http, t["trial_id"], value=float((i * 7) % 6))  # values 0, 1, 2, 3, 4, 5 mixed
+            told[t["trial_id"]] = float((i * 7) % 6)
+        pruned = ask(http, sid)
+        report(http, pruned["trial_id"], [(0, "loss", 9.0)])
+        tell(http, pruned["trial_id"], state="pruned")
+        running = [ask(http, sid) for _ in range(2)]
+        report(http, running[0]["trial_id"], [(0, "loss", 9.0)])
+
+        body = ok(http.get(f"{API}/studies/{sid}/curves", params={"best": 3}))
+        lowest = sorted(told, key=told.get)[:3]
+        assert {c["trial_id"] for c in body["series"]} == {*lowest, running[0]["trial_id"]}
+        seqs = [c["curve_seq"] for c in body["series"]]
+        assert seqs == sorted(seqs) and body["more"] is False
+        assert ok(http.get(f"{API}/studies/{sid}/curves", params={"best": 3, "limit": 1})) == body
+        # From its cursor: every change, of any trial.
+        report(http, running[1]["trial_id"], [(0, "loss", 8.0)])
+        delta = ok(http.get(f"{API}/studies/{sid}/curves", params={"since": body["cursor"]}))
+        assert [c["trial_id"] for c in delta["series"]] == [running[1]["trial_id"]]
+
+        # Bigger is better, and a multi-objective study's second objective.
+        objectives = [
+            {"metric": "loss", "direction": "minimize"},
+            {"metric": "acc", "direction": "maximize"},
+        ]
+        sid2 = create(http, "best2", objective=objectives, budget={"max_trials": 20})
+        accs = {}
+        for acc in (0.5, 0.9, 0.7):
+            t = ask(http, sid2)
+            report(http, t["trial_id"], [(0, "loss", 1.0)])
+            tell(http, t["trial_id"], values=[1.0 - acc, acc])
+            accs[t["trial_id"]] = acc
+        body = ok(http.get(f"{API}/studies/{sid2}/curves", params={"best": 1, "objective": 1}))
+        assert [c["trial_id"] for c in body["series"]] == [max(accs, key=accs.get)]
+        body = ok(http.get(f"{API}/studies/{sid2}/curves", params={"best": 1, "objective": 0}))
+        assert [c["trial_id"] for c in body["series"]] == [max(accs, key=accs.get)]  # loss 0.1
+
+        curves = f"{API}/studies/{sid}/curves"
+        assert_field(http.get(curves, params={"best": 0}), 422, "query.best")
+        assert_field(http.get(curves, params={"best": 1001}), 422, "query.best")
+        assert_field(http.get(curves, params={"best": 3, "since": 1}), 422, "best")
+        assert_field(http.get(curves, params={"best": 3, "objective": 1}), 422, "objective")
+
+
 # ------------------------------------------------------- importance, contour
 
 
@@ -837,6 +891,31 @@ def test_dashboard_with_thousands_of_trials(sqlite_server: ServerProcess) -> Non
             assert {53, 88} <= {k[0] for k in kept}  # the highest and the lowest point
             assert drawn["whole"] == 30
             assert (drawn["at2000"], drawn["at2001"]) == (120, 40)
+
+            # A study past 2,000 trials (here asked for in the address) first shows the best
+            # 1,000 complete trials' curves and the unfinished, in one request, and says so;
+            # "show all" fetches every curve.
+            answers.clear()
+            page.goto(f"{sqlite_server.url}/?study={sid}&curves=best#token={sqlite_server.token}")
+            wait_until(page, "() => !document.getElementById('curves-note').hidden", timeout=60)
+            wait_until(page, done, timeout=60)
+            asked = [u for u, _ in answers if f"/studies/{sid}/curves" in u]
+            assert len(asked) == 1 and "best=1000" in asked[0] and "objective=0" in asked[0]
+            (series,) = chart_layers(page, "curves")
+            assert len(series) == seeded["complete"]  # all of them: fewer than 1,000
+            assert not [s for s in series if s["end"] == "cross"]  # no pruned trial
+            note = page.inner_text("#curves-note")
+            assert note.startswith(f"{seeded['complete']} of {n:,} trials: the best 1,000 by loss")
+            page.click("#curves-note a")
+            wait_until(
+                page,
+                "n => document.getElementById('curves').chart.spec.layers[0].series.length === n",
+                n,
+                timeout=60,
+            )
+            assert page.is_hidden("#curves-note")
+            (series,) = chart_layers(page, "curves")
+            assert len([s for s in series if s["end"] == "cross"]) == seeded["pruned"]
             assert not errors, errors
         finally:
             browser.close()

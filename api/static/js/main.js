@@ -15,10 +15,11 @@ let current = null;
 function start() {
   current?.stop();
   api.forgetAll();
-  const id = Number(new URLSearchParams(location.search).get("study"));
+  const query = new URLSearchParams(location.search);
+  const id = Number(query.get("study"));
   const events = { onError, onOk };
   if (id > 0) {
-    current = new StudyPage(root, id, events);
+    current = new StudyPage(root, id, events, { curves: query.get("curves") });
     current.start();
   } else {
     current = studiesPage(root, events);

@@ -21,6 +21,12 @@ const CURVE_PAGE = 1000; // the server's largest page
 // this long after the last redraw ended: redrawing every curve after each page cost about as
 // much as fetching it (10,000 trials).
 const PARTIAL_REDRAW_MS = 5000;
+// A study of more trials than this first shows the curves of its best BEST_CURVES complete
+// trials and of the unfinished ones (one request instead of one per thousand trials, and a
+// plot that can still be read); "show all" (or `&curves=all` in the address) fetches every
+// one, `&curves=best` asks for the best ones at any size.
+const ALL_CURVES_UP_TO = 2000;
+const BEST_CURVES = 1000;
 
 function select(label, onchange) {
   return el("select", { "aria-label": label, onchange });
@@ -44,15 +50,21 @@ function card(id, title, ...controls) {
   };
 }
 
+function trialCount(study) {
+  return Object.values(study.counts).reduce((a, b) => a + b, 0);
+}
+
 export class StudyPage {
-  constructor(root, id, events) {
+  constructor(root, id, events, { curves = null } = {}) {
     this.id = id;
+    this.curvesMode = curves; // "all", "best" or null: by the study's size
     this.onError = events.onError;
     this.study = null;
     this.trials = new Map(); // id -> trial record
     this.cursor = null; // of /trials
     this.curves = new Map(); // trial id -> downsampled series of this.metric
     this.curvesCursor = null;
+    this.curvesBest = false; // this.curves holds the best ones and the unfinished, not all
     this.drawnAt = 0; // when render() last ran (performance.now())
     this.metric = null;
     this.names = new Set();
@@ -86,13 +98,12 @@ export class StudyPage {
     this.head = el("header", { class: "study-head" });
     this.objectiveSel = select("objective", () => {
       this.objective = Number(this.objectiveSel.value);
+      if (this.curvesBest) this.forgetCurves(); // the best by this objective instead
       this.refetch();
     });
     this.metricSel = select("metric", () => {
       this.metric = this.metricSel.value;
-      this.curves = new Map();
-      this.curvesCursor = null;
-      this.v.curves += 1;
+      this.forgetCurves();
       this.refetch();
     });
     this.xSel = select("x parameter", () => this.refetch());
@@ -103,6 +114,7 @@ export class StudyPage {
     const pick = (id) => this.pick(id);
     const history = card("history", "Optimization history");
     const curves = card("curves", "Learning curves", this.metricSel);
+    this.curvesNote = el("p", { class: "note", id: "curves-note", hidden: true });
     const parallel = card("parallel", "Parallel coordinates");
     const importance = card("importance", "Parameter importance");
     const contour = card("contour", "Contour", this.xSel, this.ySel);
@@ -124,6 +136,7 @@ export class StudyPage {
         el("span", { class: "key state-pruned" }, "pruned ✕ (cut off)"),
         el("span", { class: "key state-failed" }, "failed"),
       ),
+      this.curvesNote,
     );
     parallel.node.classList.add("wide");
     trials.node.classList.add("wide");
@@ -230,14 +243,31 @@ export class StudyPage {
     }
   }
 
+  /** Drop the curves held, so that the next poll fetches them anew. */
+  forgetCurves() {
+    this.curves = new Map();
+    this.curvesCursor = null;
+    this.curvesBest = false;
+    this.v.curves += 1;
+  }
+
+  /** Whether a first fetch of the curves asks only for the best ones and the unfinished. */
+  bestCurvesFirst() {
+    if (this.curvesMode) return this.curvesMode === "best";
+    return trialCount(this.study) > ALL_CURVES_UP_TO;
+  }
+
   async pullCurves() {
     let asked = this.metric; // null: the server's default, the first objective's
     for (;;) {
+      const best = this.curvesCursor === null && this.bestCurvesFirst();
       const path = api.url(`studies/${this.id}/curves`, {
         metric: asked,
         max_points: CURVE_POINTS,
         since: this.curvesCursor,
         limit: CURVE_PAGE,
+        best: best ? BEST_CURVES : null,
+        objective: best ? this.objective : null,
       });
       if (this.curvesCursor === null) api.forget(path); // we hold none of its curves
       const page = await api.get(path);
@@ -245,6 +275,7 @@ export class StudyPage {
       // Switched to another metric while this page was on its way: the next tick asks anew.
       if (this.metric !== asked) return;
       asked = this.metric = page.metric;
+      if (best) this.curvesBest = true;
       for (const c of page.series) {
         this.curves.set(c.trial_id, c);
         // The trials list moves only with states: the table's "last step" follows the curves.
@@ -389,6 +420,7 @@ export class StudyPage {
     this.once("curves", [v.curves, v.finished, this.metric], () =>
       this.charts.curves.set(panels.curves(this)),
     );
+    this.once("curvesNote", [v.curves, v.study, this.curvesBest], () => this.noteCurves());
     this.once("parallel", [v.finished, i], () => this.drawParallel());
     this.once("importance", [v.importance], () =>
       this.importanceBox.replaceChildren(...panels.importanceBars(this.importance)),
@@ -417,6 +449,26 @@ export class StudyPage {
     if (this.table.update(this.study, this.trials, v.trials))
       this.renders.table = (this.renders.table || 0) + 1;
     this.detail.sync(this.trials, this.study);
+  }
+
+  /** Say when the curves shown are the best ones, with a link to fetch all of them. */
+  noteCurves() {
+    this.curvesNote.hidden = !this.curvesBest;
+    if (!this.curvesBest) return;
+    const all = el("a", { href: "#", onclick: (e) => this.showAllCurves(e) }, "show all");
+    const by = panels.objectives(this.study)[this.objective].metric;
+    this.curvesNote.replaceChildren(
+      `${this.curves.size.toLocaleString()} of ${trialCount(this.study).toLocaleString()} ` +
+        `trials: the best ${BEST_CURVES.toLocaleString()} by ${by} and the unfinished · `,
+      all,
+    );
+  }
+
+  showAllCurves(event) {
+    event?.preventDefault();
+    this.curvesMode = "all";
+    this.forgetCurves();
+    this.refetch();
   }
 
   drawRungs() {
