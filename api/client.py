@@ -552,7 +552,9 @@ class Study:
         return self._patch({"budget": {k: v for k, v in budget.items() if v is not None}})
 
     def delete(self) -> None:
-        self.client.request("DELETE", f"/api/v1/studies/{self.id}")
+        """Delete the study with everything stored with it. Sent again after a 503 or a lost
+        connection (a delete the server could not finish may have stopped the study)."""
+        self.client.request("DELETE", f"/api/v1/studies/{self.id}", idempotent=True)
 
     def _patch(self, body: dict[str, Any]) -> StudyRecord:
         self._record = StudyRecord.model_validate(

@@ -274,14 +274,17 @@ def curves(
     them, not the study's ETag).
 
     ``best=N`` (without ``since``) asks for a large study's first view: the curves of its N
-    best complete trials by objective ``objective`` and of every unfinished trial, in one
-    answer (``more`` false), with the cursor to follow every change from then on."""
+    best complete trials by objective ``objective`` and of at most N unfinished ones
+    (running and waiting before paused), in one answer (``more`` false), with the cursor to
+    follow every change from then on."""
     if best is not None and since is not None:
         raise InvalidInput("best: asks for a first view; it cannot follow a cursor", field="best")
-    if best is not None:
+    if best is not None or objective:
         _objective(storage.spec_of(study_id), objective)
+    if best is None:
+        objective = 0  # not used without best: one ETag for every value
     else:
-        objective = 0  # not used: one ETag for every value
+        limit = 1000  # not used with best: one ETag for every value
     # Pages polling one study ask for the same delta, which its ETag names: the first
     # computes it, the others are sent its JSON (see ``conditional.answer``).
     query = (metric, max_points, since, limit, best, objective)

@@ -106,7 +106,9 @@ def update_study(study_id: StudyId, patch: StudyPatch, service: Service) -> Stud
 
 @router.delete("/{study_id}", status_code=204)
 def delete_study(study_id: StudyId, service: Service) -> Response:
-    """Delete the study, its trials and metrics; running trials are cancelled."""
+    """Delete the study, its trials and metrics; running trials are cancelled. The study is
+    stopped first (its active trials fail): a 503 may leave it stopped but not deleted, and
+    the same DELETE sent again finishes it."""
     service.delete_study(study_id)
     return Response(status_code=204)
 

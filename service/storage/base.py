@@ -227,9 +227,9 @@ class Storage(Transactions):
         name they have curves of, and the cursor to pass next time. Raises StudyNotFound.
 
         With ``best`` (and no ``since``): instead of every trial, the ``best`` best complete
-        ones by objective ``objective`` and every unfinished one (:func:`curves.best`), and
-        the cursor of the study as read before them (a trial that changes meanwhile comes
-        again after it)."""
+        ones with a curve of ``name`` by objective ``objective`` and at most as many
+        unfinished ones (:func:`curves.best`), and the cursor of the study as read before
+        them (a trial that changes meanwhile comes again after it)."""
         limit = max(1, min(limit, MAX_PAGE))
         with self.read() as s:
             study = studies.get(s, study_id)
@@ -237,7 +237,13 @@ class Storage(Transactions):
                 spec = spec_of(study)
                 minimize = spec.objectives[objective].direction == "minimize"
                 rows = curves.best(
-                    s, study_id, best, objective, minimize=minimize, multi=spec.multi_objective
+                    s,
+                    study_id,
+                    best,
+                    name,
+                    objective,
+                    minimize=minimize,
+                    multi=spec.multi_objective,
                 )
                 cursor = study.curve_seq
             else:

@@ -27,7 +27,7 @@ from itertools import groupby
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, case, exists, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -319,19 +319,33 @@ def changed(session: Session, study_id: int, since: int | None, limit: int) -> l
 
 
 def best(
-    session: Session, study_id: int, n: int, objective: int, *, minimize: bool, multi: bool
+    session: Session,
+    study_id: int,
+    n: int,
+    name: str,
+    objective: int,
+    *,
+    minimize: bool,
+    multi: bool,
 ) -> list[CurveRow]:
-    """The study's ``n`` best complete trials by objective ``objective`` (of a
-    multi-objective study when ``multi``) and every trial not finished (waiting, running,
-    paused), oldest change first: what the overview of a large study shows first."""
+    """What the overview of a large study shows first: its ``n`` best complete trials with a
+    curve of metric ``name``, by objective ``objective`` (of a multi-objective study when
+    ``multi``), and at most ``n`` unfinished ones (running and waiting before paused, the
+    latest changed first); each trial once, oldest change first."""
     cols = (Trial.id, Trial.number, Trial.state, Trial.last_step, Trial.curve_seq)
-    finished = [s.value for s in FINISHED_TRIAL_STATES]
     mine = Trial.study_id == study_id
-    rows = [
-        CurveRow(*r)
-        for r in session.execute(select(*cols).where(mine, Trial.state.not_in(finished)))
-    ]
-    complete = select(*cols).where(mine, Trial.state == TrialState.COMPLETE.value)
+    finished = [s.value for s in FINISHED_TRIAL_STATES]
+    paused_last = case((Trial.state == TrialState.PAUSED.value, 1), else_=0)
+    unfinished = (
+        select(*cols)
+        .where(mine, Trial.state.not_in(finished))
+        .order_by(paused_last, Trial.curve_seq.desc(), Trial.id)
+        .limit(n)
+    )
+    curve = TrialCurve.__table__.c
+    has_curve = exists().where(curve.trial_id == Trial.id, curve.name == name)
+    complete = select(*cols).where(mine, Trial.state == TrialState.COMPLETE.value, has_curve)
+    rows = [CurveRow(*r) for r in session.execute(unfinished)]
     if not multi:
         by = Trial.value.asc() if minimize else Trial.value.desc()
         ranked = complete.where(Trial.value.is_not(None)).order_by(by, Trial.id).limit(n)
@@ -343,7 +357,12 @@ def best(
             if isinstance(value, (int, float)) and value == value:  # not None, not NaN
                 scored.append((value if minimize else -value, row[0], CurveRow(*row)))
         rows += [row for *_, row in sorted(scored)[:n]]
-    return sorted(rows, key=lambda r: (r.curve_seq, r.id))
+    # Read by two statements: on PostgreSQL a trial that finished between them is in both.
+    once: dict[int, CurveRow] = {}
+    for row in rows:
+        if row.id not in once or row.curve_seq > once[row.id].curve_seq:
+            once[row.id] = row
+    return sorted(once.values(), key=lambda r: (r.curve_seq, r.id))
 
 
 def of_trials(session: Session, trial_ids: Sequence[int], name: str) -> dict[int, Curve]:

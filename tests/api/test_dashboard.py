@@ -304,10 +304,9 @@ def test_curves_are_downsampled_incremental_and_paged(server: ServerProcess) -> 
 
 
 def test_a_large_studys_first_curves_are_its_best_and_its_unfinished(server: ServerProcess) -> None:
-    """``best=N``: the curves of the N best complete trials by the chosen objective and of
-    every unfinished trial, in one answer, with the cursor to follow every change after it
-    (a best trial reported after the answer comes in the next delta; a trial left out never
-    comes unless it changes)."""
+    """``best=N``: the curves of the N best complete trials by the chosen objective (of those
+    with a curve) and of at most N unfinished trials, in one answer, with the cursor to
+    follow every change after it."""
     with server.http() as http:
         sid = create(http, "best", budget={"max_trials": 20})
         told: dict[int, float] = {}
@@ -319,6 +318,8 @@ def test_a_large_studys_first_curves_are_its_best_and_its_unfinished(server: Ser
         pruned = ask(http, sid)
         report(http, pruned["trial_id"], [(0, "loss", 9.0)])
         tell(http, pruned["trial_id"], state="pruned")
+        no_curve = ask(http, sid)  # the best value, but nothing to draw: not one of the best
+        tell(http, no_curve["trial_id"], value=-1.0)
         running = [ask(http, sid) for _ in range(2)]
         report(http, running[0]["trial_id"], [(0, "loss", 9.0)])
 
@@ -328,6 +329,9 @@ def test_a_large_studys_first_curves_are_its_best_and_its_unfinished(server: Ser
         seqs = [c["curve_seq"] for c in body["series"]]
         assert seqs == sorted(seqs) and body["more"] is False
         assert ok(http.get(f"{API}/studies/{sid}/curves", params={"best": 3, "limit": 1})) == body
+        # At most N unfinished too: the one changed last.
+        one = ok(http.get(f"{API}/studies/{sid}/curves", params={"best": 1}))
+        assert [c["trial_id"] for c in one["series"]] == [lowest[0], running[0]["trial_id"]]
         # From its cursor: every change, of any trial.
         report(http, running[1]["trial_id"], [(0, "loss", 8.0)])
         delta = ok(http.get(f"{API}/studies/{sid}/curves", params={"since": body["cursor"]}))
@@ -339,22 +343,23 @@ def test_a_large_studys_first_curves_are_its_best_and_its_unfinished(server: Ser
             {"metric": "acc", "direction": "maximize"},
         ]
         sid2 = create(http, "best2", objective=objectives, budget={"max_trials": 20})
-        accs = {}
-        for acc in (0.5, 0.9, 0.7):
+        told2 = {}
+        for loss, acc in ((0.1, 0.5), (0.9, 0.9), (0.5, 0.7)):  # each objective its own best
             t = ask(http, sid2)
             report(http, t["trial_id"], [(0, "loss", 1.0)])
-            tell(http, t["trial_id"], values=[1.0 - acc, acc])
-            accs[t["trial_id"]] = acc
+            tell(http, t["trial_id"], values=[loss, acc])
+            told2[(loss, acc)] = t["trial_id"]
         body = ok(http.get(f"{API}/studies/{sid2}/curves", params={"best": 1, "objective": 1}))
-        assert [c["trial_id"] for c in body["series"]] == [max(accs, key=accs.get)]
+        assert [c["trial_id"] for c in body["series"]] == [told2[0.9, 0.9]]
         body = ok(http.get(f"{API}/studies/{sid2}/curves", params={"best": 1, "objective": 0}))
-        assert [c["trial_id"] for c in body["series"]] == [max(accs, key=accs.get)]  # loss 0.1
+        assert [c["trial_id"] for c in body["series"]] == [told2[0.1, 0.5]]
 
         curves = f"{API}/studies/{sid}/curves"
         assert_field(http.get(curves, params={"best": 0}), 422, "query.best")
         assert_field(http.get(curves, params={"best": 1001}), 422, "query.best")
         assert_field(http.get(curves, params={"best": 3, "since": 1}), 422, "best")
         assert_field(http.get(curves, params={"best": 3, "objective": 1}), 422, "objective")
+        assert_field(http.get(curves, params={"objective": 1}), 422, "objective")
 
 
 # ------------------------------------------------------- importance, contour
@@ -905,7 +910,10 @@ def test_dashboard_with_thousands_of_trials(sqlite_server: ServerProcess) -> Non
             assert len(series) == seeded["complete"]  # all of them: fewer than 1,000
             assert not [s for s in series if s["end"] == "cross"]  # no pruned trial
             note = page.inner_text("#curves-note")
-            assert note.startswith(f"{seeded['complete']} of {n:,} trials: the best 1,000 by loss")
+            complete = f"{seeded['complete']:,}"
+            assert note.startswith(
+                f"{complete} of {n:,} trials: the best {complete} complete by loss"
+            )
             page.click("#curves-note a")
             wait_until(
                 page,
@@ -914,6 +922,7 @@ def test_dashboard_with_thousands_of_trials(sqlite_server: ServerProcess) -> Non
                 timeout=60,
             )
             assert page.is_hidden("#curves-note")
+            assert "curves=all" in page.url  # a reload shows them all too
             (series,) = chart_layers(page, "curves")
             assert len([s for s in series if s["end"] == "cross"]) == seeded["pruned"]
             assert not errors, errors

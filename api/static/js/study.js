@@ -65,6 +65,7 @@ export class StudyPage {
     this.curves = new Map(); // trial id -> downsampled series of this.metric
     this.curvesCursor = null;
     this.curvesBest = false; // this.curves holds the best ones and the unfinished, not all
+    this.curvesForgotten = 0; // counts forgetCurves(): a page asked for before is dropped
     this.drawnAt = 0; // when render() last ran (performance.now())
     this.metric = null;
     this.names = new Set();
@@ -98,7 +99,9 @@ export class StudyPage {
     this.head = el("header", { class: "study-head" });
     this.objectiveSel = select("objective", () => {
       this.objective = Number(this.objectiveSel.value);
-      if (this.curvesBest) this.forgetCurves(); // the best by this objective instead
+      // The best ones shown, or on their way, are by the other objective: ask again.
+      if (this.curvesBest || (this.curvesCursor === null && this.bestCurvesFirst()))
+        this.forgetCurves();
       this.refetch();
     });
     this.metricSel = select("metric", () => {
@@ -248,6 +251,7 @@ export class StudyPage {
     this.curves = new Map();
     this.curvesCursor = null;
     this.curvesBest = false;
+    this.curvesForgotten += 1;
     this.v.curves += 1;
   }
 
@@ -259,6 +263,7 @@ export class StudyPage {
 
   async pullCurves() {
     let asked = this.metric; // null: the server's default, the first objective's
+    const forgotten = this.curvesForgotten;
     for (;;) {
       const best = this.curvesCursor === null && this.bestCurvesFirst();
       const path = api.url(`studies/${this.id}/curves`, {
@@ -272,8 +277,9 @@ export class StudyPage {
       if (this.curvesCursor === null) api.forget(path); // we hold none of its curves
       const page = await api.get(path);
       if (!page) return;
-      // Switched to another metric while this page was on its way: the next tick asks anew.
-      if (this.metric !== asked) return;
+      // The curves were dropped while this page was on its way (another metric or
+      // objective, "show all"): the next tick asks anew.
+      if (this.metric !== asked || this.curvesForgotten !== forgotten) return;
       asked = this.metric = page.metric;
       if (best) this.curvesBest = true;
       for (const c of page.series) {
@@ -457,9 +463,10 @@ export class StudyPage {
     if (!this.curvesBest) return;
     const all = el("a", { href: "#", onclick: (e) => this.showAllCurves(e) }, "show all");
     const by = panels.objectives(this.study)[this.objective].metric;
+    const best = Math.min(BEST_CURVES, this.study.counts.complete);
     this.curvesNote.replaceChildren(
       `${this.curves.size.toLocaleString()} of ${trialCount(this.study).toLocaleString()} ` +
-        `trials: the best ${BEST_CURVES.toLocaleString()} by ${by} and the unfinished · `,
+        `trials: the best ${best.toLocaleString()} complete by ${by} and the unfinished · `,
       all,
     );
   }
@@ -467,6 +474,9 @@ export class StudyPage {
   showAllCurves(event) {
     event?.preventDefault();
     this.curvesMode = "all";
+    const address = new URL(location.href);
+    address.searchParams.set("curves", "all"); // a reload shows them all too
+    history.replaceState(null, "", address);
     this.forgetCurves();
     this.refetch();
   }
