@@ -101,22 +101,9 @@ def test_a_report_waiting_for_a_held_study_row_is_answered_busy_and_stores_nothi
     assert _stored(pg_service, trial.id) == [1, 2, 3]
 
 
-def _waiting_for_a_lock(engine: Engine, timeout_s: float = 10.0) -> int:
+def _waiting_for_a_lock(engine: Engine) -> int:
     """The backend of this database that waits for a row lock (the report's)."""
-    deadline = time.monotonic() + timeout_s
-    with engine.connect() as probe:
-        while time.monotonic() < deadline:
-            pid = probe.execute(
-                text(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock'"
-                )
-            ).scalar()
-            if pid is not None:
-                return int(pid)
-            probe.rollback()
-            time.sleep(0.02)
-    raise AssertionError("no report came to wait for the study's row")
+    return _waiting_for_locks(engine, 1)[0]
 
 
 def _written_by(engine: Engine, pid: int) -> set[str]:
@@ -309,7 +296,7 @@ def _waiting_for_locks(engine: Engine, n: int, timeout_s: float = 10.0) -> list[
                 return pids
             probe.rollback()
             time.sleep(0.02)
-    raise AssertionError(f"fewer than {n} reports came to wait for the study's row")
+    raise AssertionError(f"fewer than {n} writers came to wait for a lock")
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,36 @@ def _differences(engine: Engine) -> list:
         return compare_metadata(MigrationContext.configure(conn), Base.metadata)
 
 
+def _at_revision(engine: Engine, revision: str) -> None:
+    """Migrate the empty database of ``engine`` up to ``revision`` (an old server's schema),
+    with study 1 and its trial 1 in it."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from hpo.service.db.engine import alembic_config
+
+    cfg = alembic_config(engine)
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+        conn.commit()
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO studies (id, name, spec, state, next_number, seq, created_at,"
+                " updated_at) VALUES (1, 's', '{}', 'running', 1, 1, :t, :t)"
+            ),
+            {"t": "2026-01-01 00:00:00"},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO trials (id, study_id, number, state, attempts, seq, created_at)"
+                " VALUES (1, 1, 0, 'running', 1, 1, :t)"
+            ),
+            {"t": "2026-01-01 00:00:00"},
+        )
+
+
 def test_migrations_match_the_models(db_url: str) -> None:
     """Every migration from an empty database (what an old database goes through)."""
     from alembic import command
@@ -82,33 +112,12 @@ def test_a_fresh_database_gets_the_models_schema_at_the_newest_revision(db_url: 
 
 
 def test_upgrading_a_0002_database_keeps_one_copy_of_each_resent_point(db_url: str) -> None:
-    from alembic import command
     from sqlalchemy import text
-
-    from hpo.service.db.engine import alembic_config
 
     engine = make_engine(db_url)
     try:
-        cfg = alembic_config(engine)
-        with engine.connect() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "0002")
-            conn.commit()
+        _at_revision(engine, "0002")
         with engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO studies (id, name, spec, state, next_number, seq, created_at,"
-                    " updated_at) VALUES (1, 's', '{}', 'running', 1, 1, :t, :t)"
-                ),
-                {"t": "2026-01-01 00:00:00"},
-            )
-            conn.execute(
-                text(
-                    "INSERT INTO trials (id, study_id, number, state, attempts, seq, created_at)"
-                    " VALUES (1, 1, 0, 'running', 1, 1, :t)"
-                ),
-                {"t": "2026-01-01 00:00:00"},
-            )
             for step, value in [(1, 0.5), (1, 0.5), (2, 0.25)]:  # step 1 sent twice
                 conn.execute(
                     text(
@@ -134,34 +143,13 @@ def test_upgrading_to_0013_drops_only_the_points_study_keys_and_keeps_their_ids(
     upgrade gets an id past every id handed out before, deleted ones included (SQLite's
     AUTOINCREMENT counter survives the rebuild); deleting the study still deletes its points
     and curves, through its trials."""
-    from alembic import command
     from sqlalchemy import inspect, text
-
-    from hpo.service.db.engine import alembic_config
 
     at = {"t": "2026-01-01 00:00:00"}
     engine = make_engine(db_url)
     try:
-        cfg = alembic_config(engine)
-        with engine.connect() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "0012")
-            conn.commit()
+        _at_revision(engine, "0012")
         with engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO studies (id, name, spec, state, next_number, seq, created_at,"
-                    " updated_at) VALUES (1, 's', '{}', 'running', 1, 1, :t, :t)"
-                ),
-                at,
-            )
-            conn.execute(
-                text(
-                    "INSERT INTO trials (id, study_id, number, state, attempts, seq, created_at)"
-                    " VALUES (1, 1, 0, 'running', 1, 1, :t)"
-                ),
-                at,
-            )
             for step in (1, 2, 3):
                 conn.execute(
                     text(
