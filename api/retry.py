@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 # Failures where the request was never written to a connection: safe to send again, always.
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
+# The key of ``httpx.Response.extensions`` where ``send`` notes how many tries the answer took.
+TRIES = "hpo.tries"
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -83,7 +86,8 @@ def send(
     """Send ``request`` and return the answer, trying again as the module docstring says.
 
     The same request (headers included, so an ``Idempotency-Key`` too) goes out every time.
-    Returns the last answer when tries run out on 503/429; raises the last
+    Returns the last answer when tries run out on 503/429, with the number of tries in its
+    ``extensions[TRIES]`` (more than 1: an earlier copy may have done the work); raises the last
     ``httpx.TransportError`` when they run out on transport failures, or at once for a
     transport failure of a call that is not idempotent and may have been sent.
     """
@@ -101,6 +105,7 @@ def send(
                 raise
             reason = f"{type(exc).__name__}: {exc}"
         else:
+            response.extensions[TRIES] = tries
             if not _retryable_status(response.status_code, idempotent):
                 return response
             wait = max(policy.backoff_s(tries), retry_after_s(response) or 0.0)

@@ -58,7 +58,7 @@ def unavailable(exc: Exception) -> DatabaseUnavailable | None:
 _ROW_BUSY = ("55P03", "40P01")
 
 
-def _row_busy(exc: Exception) -> bool:
+def _row_busy(exc: BaseException | None) -> bool:
     """Whether ``exc`` is PostgreSQL's lock timeout or a deadlock it broke: a row another
     transaction holds, not a database that is down."""
     return getattr(getattr(exc, "orig", None), "sqlstate", None) in _ROW_BUSY
@@ -67,7 +67,7 @@ def _row_busy(exc: Exception) -> bool:
 def row_busy(exc: DatabaseUnavailable) -> bool:
     """Whether the database was unavailable only because of rows another transaction held
     (PostgreSQL's lock timeout, or a deadlock it broke by ending this one)."""
-    return _row_busy(exc.__cause__) if exc.__cause__ is not None else False
+    return _row_busy(exc.__cause__)
 
 
 def _first_line(exc: Exception) -> str:

@@ -28,7 +28,7 @@ import pytest
 
 from hpo.api.client import KEEPALIVE_EXPIRY_S, Client, Study, TrialHandle
 from hpo.api.retry import RetryPolicy, retry_after_s
-from hpo.service.errors import HpoError, StudyNotRunning
+from hpo.service.errors import HpoError, NotFound, StudyNotRunning
 from tests.conftest import ServerProcess, simple_spec
 
 FAST = RetryPolicy(attempts=4, total_s=20.0, first_wait_s=0.05, max_wait_s=0.5)
@@ -414,6 +414,22 @@ def test_a_report_retried_after_its_answer_was_lost_stores_one_point_set(
         study.report(t, step=0, metrics={"loss": 1.0})
         assert len(proxy.requests_to("/metrics")) == 2
         assert [(p.step, p.value) for p in study.metrics(t)] == [(0, 1.0)]
+
+
+def test_a_delete_sent_again_after_its_answer_was_lost_returns(
+    server: ServerProcess, proxy: FaultyProxy
+) -> None:
+    with through(proxy, server) as client:
+        study = client.create_study(simple_spec("deleted-once"))
+        study.ask()
+        proxy.fail(f"/studies/{study.id}", "reset_after")
+        study.delete()  # the server deleted it; the copy sent again finds it gone
+        deletes = [r for r in proxy.requests_to(f"/studies/{study.id}") if r.method == "DELETE"]
+        assert len(deletes) == 2
+        with pytest.raises(NotFound):
+            client.study(study.id)
+        with pytest.raises(NotFound):  # a first try's 404 is the caller's to know
+            study.delete()
 
 
 def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
