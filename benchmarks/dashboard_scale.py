@@ -19,6 +19,7 @@ printed as ``analyses_kept``.
     python benchmarks/dashboard_scale.py                       # 10,000 × 1,000; seeding ~minutes
     python benchmarks/dashboard_scale.py --trials 1000 --steps 100
     python benchmarks/dashboard_scale.py --db /tmp/big/hpo.db --analyses none
+    python benchmarks/dashboard_scale.py --db /tmp/big/hpo.db --curves all   # every curve at once
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ ANALYSED = (
 )
 
 
-def cold_load(url: str, token: str, sid: int) -> dict[str, Any]:
-    """Open the study page; how long until its first poll has finished, and what it fetched."""
+def cold_load(url: str, token: str, sid: int, curves_mode: str | None = None) -> dict[str, Any]:
+    """Open the study page; how long until its first poll has finished, and what it fetched.
+    ``curves_mode`` is the page's ``curves`` parameter (``all``, ``best``; None: its default,
+    the best first past 2,000 trials)."""
     seen: list[tuple[str, int, int]] = []
     slowest: dict[str, float] = {}  # per endpoint (path without ids and query): longest, ms
 
@@ -99,7 +102,8 @@ def cold_load(url: str, token: str, sid: int) -> dict[str, Any]:
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("response", answered)
         start = time.monotonic()
-        page.goto(f"{url}/?study={sid}#token={token}")
+        mode = f"&curves={curves_mode}" if curves_mode else ""
+        page.goto(f"{url}/?study={sid}{mode}#token={token}")
         until(page, LOADED, timeout=600)
         took = time.monotonic() - start
         until(page, ANALYSED, timeout=600)
@@ -150,6 +154,12 @@ def main() -> None:
         default="kept",
         help="leave the fits kept by an earlier run, or delete them first",
     )
+    ap.add_argument(
+        "--curves",
+        choices=["all", "best"],
+        help="the page's curves parameter: fetch every curve, or the best first "
+        "(default: the page's own choice, the best first past 2,000 trials)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.db) if args.db else Path(tmp) / "hpo.db"
@@ -167,9 +177,9 @@ def main() -> None:
         with served(Path(tmp), env=env) as (url, token):
             proc = server_process(url)
             out: dict[str, Any] = {"analyses_kept": kept, "started": memory_mb(proc)}
-            out["cold"] = cold_load(url, token, sid)
+            out["cold"] = cold_load(url, token, sid, args.curves)
             out["after_cold"] = memory_mb(proc)
-            out["warm"] = cold_load(url, token, sid)
+            out["warm"] = cold_load(url, token, sid, args.curves)
             out["after_warm"] = memory_mb(proc)
             print(json.dumps(out, indent=1))
 
