@@ -511,3 +511,92 @@ def test_a_server_killed_while_its_report_waits_for_the_row_loses_and_doubles_no
         server.stop()
         engine.dispose()
         drop_pg_database(url)
+
+
+def test_a_server_killed_between_a_deletes_stop_and_its_delete_loses_nothing(
+    pg_available: bool, tmp_path: Path
+) -> None:
+    """kill -9 of ``hpo serve`` after a delete has stopped its study (committed) and while its
+    delete waits for a curve row held by a second connection: the study is left stopped, with
+    no trial running and every trial, point and curve still there; another study is untouched.
+    The DELETE sent again to the restarted server deletes it, and nothing of it is left."""
+    if not pg_available:
+        pytest.skip("PostgreSQL not reachable")
+    url = create_pg_database()
+    engine = make_engine(url)
+    server = ServerProcess(url, tmp_path, {"HPO_SCHEDULER": "false"})
+    server.start()
+
+    def counts(study_id: int) -> dict[str, int]:
+        with engine.connect() as conn:
+            return {
+                table: conn.execute(
+                    text(f"SELECT count(*) FROM {table} WHERE study_id = :s"), {"s": study_id}
+                ).scalar_one()
+                for table in ("trials", "metric_points", "trial_curves")
+            }
+
+    try:
+        ids = {}
+        with server.http() as http:
+            for name in ("deleted", "bystander"):
+                study = http.post("/api/v1/studies", json=simple_spec(name)).json()
+                for _ in range(2):
+                    trial = http.post(f"/api/v1/studies/{study['id']}/ask").json()
+                    body = {"points": [{"step": 1, "name": "loss", "value": 0.5}], "attempt": 1}
+                    path = f"/api/v1/trials/{trial['trial_id']}/metrics"
+                    assert http.post(path, json=body).status_code == 200
+                ids[name] = study["id"]
+        before = {name: counts(sid) for name, sid in ids.items()}
+        assert before["deleted"] == {"trials": 2, "metric_points": 2, "trial_curves": 2}
+
+        holder = engine.connect()
+        holder.begin()
+        holder.execute(
+            text("SELECT trial_id FROM trial_curves WHERE study_id = :s LIMIT 1 FOR UPDATE"),
+            {"s": ids["deleted"]},
+        )
+
+        def delete() -> int:
+            with server.http() as http:
+                return http.delete(f"/api/v1/studies/{ids['deleted']}", timeout=60).status_code
+
+        deleter, answered = _in_background(delete)
+        try:
+            waiting = _waiting_for_a_lock(engine)  # the delete's cascade, for the curve row
+            server.kill()
+            deleter.join(timeout=30)
+        finally:
+            holder.rollback()
+            holder.close()
+        [answer] = answered
+        assert isinstance(answer, httpx.TransportError), answer  # no answer: sent again
+        deadline = time.monotonic() + 30  # the orphaned backend gets the row, then aborts
+        with engine.connect() as probe:
+            while probe.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": waiting}
+            ).scalar():
+                assert time.monotonic() < deadline, "the killed server's backend lingers"
+                probe.rollback()
+                time.sleep(0.05)
+            state = probe.execute(
+                text("SELECT state FROM studies WHERE id = :s"), {"s": ids["deleted"]}
+            ).scalar_one()
+            trial_states = probe.execute(
+                text("SELECT state FROM trials WHERE study_id = :s"), {"s": ids["deleted"]}
+            ).scalars()
+            assert state == "stopped"
+            assert "running" not in set(trial_states)
+        assert {name: counts(sid) for name, sid in ids.items()} == before
+
+        server.start()
+        with server.http() as http:
+            assert http.delete(f"/api/v1/studies/{ids['deleted']}").status_code == 204
+            assert http.get(f"/api/v1/studies/{ids['deleted']}").status_code == 404
+            assert http.get(f"/api/v1/studies/{ids['bystander']}").json()["state"] == "running"
+        assert counts(ids["deleted"]) == {"trials": 0, "metric_points": 0, "trial_curves": 0}
+        assert counts(ids["bystander"]) == before["bystander"]
+    finally:
+        server.stop()
+        engine.dispose()
+        drop_pg_database(url)
