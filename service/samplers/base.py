@@ -6,6 +6,9 @@ import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import compress, repeat
+from operator import is_
 from typing import Any, ClassVar
 
 import numpy as np
@@ -64,10 +67,22 @@ class StudyView:
     def complete(self) -> list[ObservedTrial]:
         return [t for t in self.trials if t.state == TrialState.COMPLETE and t.values is not None]
 
+    @cached_property
+    def unprepared(self) -> list[int]:
+        """The positions of the trials with no prepared form, in order (all of them without
+        ``prepared``): the active ones, and any finished one its sampler made none of."""
+        if self.prepared is None:
+            return list(range(len(self.trials)))
+        # Identity tests in C: a view holds 10,000s of trials, and ``None in prepared`` or
+        # ``== None`` would call a prepared form's __eq__ on each.
+        return list(compress(range(len(self.prepared)), map(is_, self.prepared, repeat(None))))
+
     @property
     def pending(self) -> list[ObservedTrial]:
-        # A set lookup, not TrialState(...) per trial: views hold 10,000s of trials.
-        return [t for t in self.trials if t.state in ACTIVE_TRIAL_STATES]
+        # A set lookup, not TrialState(...) per trial. Only the unprepared can be active
+        # (prepared forms are of finished trials).
+        trials = self.trials
+        return [t for i in self.unprepared if (t := trials[i]).state in ACTIVE_TRIAL_STATES]
 
 
 @dataclass(frozen=True)
