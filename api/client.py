@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from hpo.api.objective import TrialHandle, run_trial
-from hpo.api.retry import TRIES, RetryPolicy, send
+from hpo.api.retry import ACTED_BEFORE, RetryPolicy, send
 from hpo.service import errors
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec
@@ -554,12 +554,13 @@ class Study:
     def delete(self) -> None:
         """Delete the study with everything stored with it. Sent again after a 503 or a lost
         connection (a delete the server could not finish may have stopped the study). A copy
-        sent again that finds the study gone returns: an earlier copy whose answer was lost
-        deleted it (or somebody else did meanwhile); a first try's 404 is raised."""
+        sent again that finds the study gone returns when an earlier copy may have deleted it
+        (its answer was lost, or was a 503); a study that was gone when first asked raises
+        NotFound."""
         try:
             self.client.request("DELETE", f"/api/v1/studies/{self.id}", idempotent=True)
         except errors.NotFound as exc:
-            if getattr(exc, "tries", 1) == 1:
+            if not (getattr(exc, "acted_before", False) and exc.field == "study_id"):
                 raise
 
     def _patch(self, body: dict[str, Any]) -> StudyRecord:
@@ -649,7 +650,7 @@ def _error_from(response: httpx.Response) -> errors.HpoError:
         err, f"HTTP {response.status_code}: {message}", field=body.get("field")
     )
     err.status_code = response.status_code  # type: ignore[attr-defined]
-    err.tries = response.extensions.get(TRIES, 1)  # type: ignore[attr-defined]
+    err.acted_before = response.extensions.get(ACTED_BEFORE, False)  # type: ignore[attr-defined]
     return err
 
 

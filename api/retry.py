@@ -28,8 +28,11 @@ log = logging.getLogger(__name__)
 # Failures where the request was never written to a connection: safe to send again, always.
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
-# The key of ``httpx.Response.extensions`` where ``send`` notes how many tries the answer took.
-TRIES = "hpo.tries"
+# The key of ``httpx.Response.extensions`` where ``send`` notes whether an earlier copy of the
+# request may have reached the server and acted: one whose answer was lost after it was sent,
+# or answered 503 (which a gateway may give while the server goes on). Not one that was never
+# sent, nor a 429 (the server refuses those before doing anything).
+ACTED_BEFORE = "hpo.acted_before"
 
 
 @dataclass(frozen=True)
@@ -86,13 +89,14 @@ def send(
     """Send ``request`` and return the answer, trying again as the module docstring says.
 
     The same request (headers included, so an ``Idempotency-Key`` too) goes out every time.
-    Returns the last answer when tries run out on 503/429, with the number of tries in its
-    ``extensions[TRIES]`` (more than 1: an earlier copy may have done the work); raises the last
+    Returns the last answer when tries run out on 503/429, with ``extensions[ACTED_BEFORE]``
+    saying whether an earlier copy may have done the work; raises the last
     ``httpx.TransportError`` when they run out on transport failures, or at once for a
     transport failure of a call that is not idempotent and may have been sent.
     """
     deadline = time.monotonic() + policy.total_s
     tries = 0
+    acted_before = False
     while True:
         tries += 1
         try:
@@ -103,15 +107,17 @@ def send(
             wait = policy.backoff_s(tries)
             if tries >= policy.attempts or time.monotonic() + wait > deadline:
                 raise
+            acted_before = acted_before or not isinstance(exc, NOT_SENT)
             reason = f"{type(exc).__name__}: {exc}"
         else:
-            response.extensions[TRIES] = tries
+            response.extensions[ACTED_BEFORE] = acted_before
             if not _retryable_status(response.status_code, idempotent):
                 return response
             wait = max(policy.backoff_s(tries), retry_after_s(response) or 0.0)
             if tries >= policy.attempts or time.monotonic() + wait > deadline:
                 return response
             response.close()
+            acted_before = acted_before or response.status_code == 503
             reason = f"HTTP {response.status_code}"
         log.info(
             "%s %s failed (%s); try %d of %d in %.1f s",

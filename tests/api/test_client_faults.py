@@ -428,8 +428,13 @@ def test_a_delete_sent_again_after_its_answer_was_lost_returns(
         assert len(deletes) == 2
         with pytest.raises(NotFound):
             client.study(study.id)
-        with pytest.raises(NotFound):  # a first try's 404 is the caller's to know
+        with pytest.raises(NotFound):  # gone when first asked: the caller's to know
             study.delete()
+        proxy.fail(f"/studies/{study.id}", "answer", status=429, retry_after="0")
+        with pytest.raises(NotFound):  # a 429 is refused before anything is done
+            study.delete()
+        proxy.fail(f"/studies/{study.id}", "answer", status=503, retry_after="0")
+        study.delete()  # a 503 (a gateway's, say) may have come while the server deleted it
 
 
 def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
