@@ -119,7 +119,9 @@ class Trial(Base):
         Index("uq_trials_study_ask_key", "study_id", "ask_key", unique=True),
         Index("ix_trials_study_seq", "study_id", "seq"),
         Index("ix_trials_study_curve_seq", "study_id", "curve_seq"),
-        Index("ix_trials_study_state", "study_id", "state"),
+        # (study, state) lookups, and the lowest-numbered trial in a state (the first waiting
+        # one) from the index's first entry (migration 0014).
+        Index("ix_trials_study_state_number", "study_id", "state", "number"),
         NO_REUSE,
     )
 

@@ -266,8 +266,6 @@ def suggest_keeping(
     """As :func:`suggest`, with the system attributes the sampler set on the asked trial
     (what a sampler with ``keeps_state`` stores and hands back in ``ObservedTrial.kept``)."""
     spec = view.spec
-    if view.prepared is not None and len(view.prepared) != len(view.trials):
-        raise ValueError("view.prepared must run alongside view.trials")
     # Only the trials without a prepared form are converted here, and found without a
     # Python step per trial (this runs on every ask of studies of 10,000s of trials).
     missing = view.unprepared

@@ -70,9 +70,13 @@ class StudyView:
     @cached_property
     def unprepared(self) -> list[int]:
         """The positions of the trials with no prepared form, in order (all of them without
-        ``prepared``): the active ones, and any finished one its sampler made none of."""
+        ``prepared``): the active ones, and any finished one its sampler made none of. Found
+        once: a view's lists are not changed after it is made. Raises ValueError when
+        ``prepared`` does not run alongside ``trials``."""
         if self.prepared is None:
             return list(range(len(self.trials)))
+        if len(self.prepared) != len(self.trials):
+            raise ValueError("view.prepared must run alongside view.trials")
         # Identity tests in C: a view holds 10,000s of trials, and ``None in prepared`` or
         # ``== None`` would call a prepared form's __eq__ on each.
         return list(compress(range(len(self.prepared)), map(is_, self.prepared, repeat(None))))

@@ -79,13 +79,12 @@ def with_study(session: Session, trial_id: int) -> tuple[Study, Trial]:
 
 def first_waiting(session: Session, study_id: int) -> int | None:
     """The id of the study's lowest-numbered waiting trial, if any."""
-    # ``number + 0``, not ``number``: ordered by the bare column, SQLite walks the study's
-    # (study_id, number) key in order, every trial of the study (an ask at 10,000 trials:
-    # 2 ms), instead of reading the few waiting ones through (study_id, state) and sorting.
+    # The first entry of ix_trials_study_state_number for (study, waiting): without it,
+    # SQLite walked the study's (study_id, number) key through every trial (migration 0014).
     return session.scalar(
         select(Trial.id)
         .where(Trial.study_id == study_id, Trial.state == TrialState.WAITING.value)
-        .order_by(Trial.number + 0)
+        .order_by(Trial.number)
         .limit(1)
     )
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, event, insert, select, text
 
 from hpo.api.demo import free_port
 from hpo.api.routes.dashboard import _fit_and_keep
@@ -283,6 +283,50 @@ def test_active_trials_states_and_waiting_order(storage: Storage) -> None:
         assert trials.first_waiting(s, sid) == ids[1]  # the lowest number first
         assert studies.count_active(s, sid) == (0, 2)
         assert sorted(studies.active_trial_ids(s, sid)) == ids[1:]
+
+
+def test_the_first_waiting_trial_is_read_from_its_index_entry(storage: Storage) -> None:
+    """The next waiting trial is the lowest-numbered one, among many trials in other states
+    and many waiting. On SQLite the statement reads it from ix_trials_study_state_number's
+    first entry for (study, waiting): no walk of the study's trials in number order (the
+    plan before migration 0014) and no sort of the waiting ones."""
+    sid = add_study(storage)
+    rows = [
+        {
+            "study_id": sid,
+            "number": n,
+            "state": "waiting" if n % 3 == 0 and n >= 30 else "complete",
+            "attempts": 1,
+            "seq": 1,
+            "created_at": utcnow(),
+        }
+        for n in range(300)
+    ]
+    with storage.write() as s:
+        s.execute(insert(Trial), rows)
+    statements: list[tuple[str, object]] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(storage.engine, "before_cursor_execute", seen)
+    try:
+        with storage.read() as s:
+            first = trials.first_waiting(s, sid)
+    finally:
+        event.remove(storage.engine, "before_cursor_execute", seen)
+    with storage.read() as s:
+        assert s.scalar(select(Trial.number).where(Trial.id == first)) == 30
+    if storage.engine.dialect.name != "sqlite":
+        return
+    [(statement, parameters)] = [(q, p) for q, p in statements if "FROM trials" in q]
+    with storage.engine.connect() as conn:
+        plan = [
+            row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+        ]
+    assert plan == [
+        "SEARCH trials USING COVERING INDEX ix_trials_study_state_number (study_id=? AND state=?)"
+    ], plan
 
 
 def test_leases_expire_and_renew(storage: Storage) -> None:
