@@ -11,6 +11,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from itertools import groupby, islice
+from operator import attrgetter
 from typing import Any
 
 from cachetools import LRUCache
@@ -102,12 +103,30 @@ def _add_postgresql(
             "study_id": trial.study_id,
             "attempt": trial.attempts,
             "time": now,
-            "steps": [p.step for p in points],
-            "names": [p.name for p in points],
-            "values": [float(p.value) for p in points],
+            **_array_literals(points),
         },
     )
     return list(result.scalars()) if ids else []
+
+
+def _array_literals(points: Sequence[MetricInput]) -> dict[str, str]:
+    """The steps, names and values of ``points`` as PostgreSQL array literals, which the
+    insert casts. Built by joins in C: psycopg dumps a Python list element by element in
+    Python, an eighth of the server's time under 64 streaming trials. Each float is its
+    ``repr``, which PostgreSQL reads back to the same double (``inf`` too); each
+    name is quoted once per distinct name."""
+    names = list(map(_NAME, points))
+    quoted = {
+        name: '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"' for name in set(names)
+    }
+    return {
+        "steps": "{" + ",".join(map(str, map(int, map(_STEP, points)))) + "}",
+        "names": "{" + ",".join(map(quoted.__getitem__, names)) + "}",
+        "values": "{" + ",".join(map(repr, map(float, map(_VALUE, points)))) + "}",
+    }
+
+
+_STEP, _NAME, _VALUE = attrgetter("step"), attrgetter("name"), attrgetter("value")
 
 
 # Ids per DELETE: well under SQLite's limit of bound parameters in one statement.

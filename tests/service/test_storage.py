@@ -4,6 +4,7 @@ failures surfacing as DatabaseUnavailable."""
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from dataclasses import asdict
@@ -648,6 +649,29 @@ def test_points_store_the_same_time_by_either_insert(storage: Storage) -> None:
         raw = [time for _, time in stored]
     assert raw[0] == raw[1], raw
     assert [p.time for t in (a, b) for p in storage.metrics(t)] == [now, now]
+
+
+def test_points_keep_every_name_and_the_exact_value_of_each_float(storage: Storage) -> None:
+    """Names that need quoting in an array literal (quotes, backslashes, commas, braces,
+    spaces, ``NULL``, non-ASCII) and floats that a short decimal would round (subnormals, the
+    largest double, 0.1 + 0.2, -0.0, ±inf) come back exactly, steps up to 2**62, on
+    either database: PostgreSQL's insert sends them as array literals."""
+    names = ['a"b', "back\\slash", "x,y", "{br}", " sp ", "NULL", "ü·λ", "plain"]
+    values = [5e-324, 1.7976931348623157e308, 0.1 + 0.2, -0.0, math.inf, -math.inf, 1 / 3]
+    points = [
+        MetricInput(step, name, values[(step + k) % len(values)])
+        for k, name in enumerate(names)
+        for step in (0, 1, 2**62)
+    ]
+    sid = add_study(storage)
+    tid = add_trial(storage, sid)
+    with storage.write() as s:
+        metrics.add(s, s.get(Trial, tid), points, utcnow(), ids=False)
+    stored = {(p.name, p.step): p.value for p in storage.metrics(tid)}
+    assert set(stored) == {(p.name, p.step) for p in points}
+    for p in points:
+        got = stored[(p.name, p.step)]
+        assert got == p.value, (p, got)  # exact (SQLite keeps -0.0 as 0.0, which is equal)
 
 
 def test_outcomes_page_what_the_analyses_read_and_move_only_with_trial_changes(
