@@ -265,6 +265,19 @@ def test_a_delete_ended_in_a_deadlock_is_tried_again(
         assert conn.execute(text("SELECT count(*) FROM trials")).scalar_one() == 0
 
 
+def _until_gone(engine: Engine, pid: int, timeout_s: float = 30.0) -> None:
+    """Wait until the backend ``pid`` of a killed server has ended: it gets the row it waited
+    for, finds its client gone, and rolls back."""
+    deadline = time.monotonic() + timeout_s
+    with engine.connect() as probe:
+        while probe.execute(
+            text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+        ).scalar():
+            assert time.monotonic() < deadline, "the killed server's backend lingers"
+            probe.rollback()
+            time.sleep(0.05)
+
+
 def _in_background(call: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
     """``call(*args)`` on a thread of its own (started): what it returned, or the error it
     raised, lands in the list."""
@@ -431,13 +444,9 @@ def test_a_report_whose_trial_is_deleted_while_it_waits_is_answered_not_found(
     assert isinstance(answer, TrialNotFound), answer
 
 
-def test_a_server_killed_while_its_report_waits_for_the_row_loses_and_doubles_nothing(
-    pg_available: bool, tmp_path: Path
-) -> None:
-    """kill -9 of ``hpo serve`` while a report, its points already written, waits for the
-    study's row: PostgreSQL rolls that transaction back, so none of it is stored; the client,
-    which got no answer, sends the batch again to the restarted server (twice): each step is
-    then stored exactly once (lost 0, duplicated 0)."""
+@pytest.fixture
+def pg_server(pg_available: bool, tmp_path: Path) -> Iterator[tuple[ServerProcess, Engine]]:
+    """``hpo serve`` (no scheduler) on a fresh PostgreSQL database, and an engine on it."""
     if not pg_available:
         pytest.skip("PostgreSQL not reachable")
     url = create_pg_database()
@@ -445,87 +454,86 @@ def test_a_server_killed_while_its_report_waits_for_the_row_loses_and_doubles_no
     server = ServerProcess(url, tmp_path, {"HPO_SCHEDULER": "false"})
     server.start()
     try:
-        with server.http() as http:
-            study = http.post("/api/v1/studies", json=simple_spec("killed")).json()
-            trial = http.post(f"/api/v1/studies/{study['id']}/ask").json()
-        path = f"/api/v1/trials/{trial['trial_id']}/metrics"
-        first = {"points": [{"step": 1, "name": "loss", "value": 1.0}], "attempt": 1}
-        points = [{"step": s, "name": "loss", "value": 1.0 / s} for s in (2, 3, 4)]
-        batch = {"points": points, "attempt": 1}
-        with server.http() as http:
-            assert http.post(path, json=first).status_code == 200
-
-        def stored() -> list[int]:
-            with engine.connect() as conn:
-                rows = conn.execute(
-                    text("SELECT step FROM metric_points WHERE trial_id = :id ORDER BY step"),
-                    {"id": trial["trial_id"]},
-                )
-                return [step for (step,) in rows]
-
-        holder = engine.connect()
-        holder.begin()
-        holder.execute(
-            text("SELECT id FROM studies WHERE id = :id FOR NO KEY UPDATE"), {"id": study["id"]}
-        )
-        outcome: list[object] = []
-
-        def send() -> None:
-            try:
-                with server.http() as http:
-                    outcome.append(http.post(path, json=batch, timeout=60).status_code)
-            except httpx.TransportError as exc:
-                outcome.append(exc)
-
-        sender = threading.Thread(target=send)
-        try:
-            sender.start()
-            waiting = _waiting_for_a_lock(engine)
-            assert {"metric_points", "trial_curves"} <= _written_by(engine, waiting)
-            server.kill()
-            sender.join(timeout=30)
-        finally:
-            holder.rollback()
-            holder.close()
-        [answer] = outcome
-        assert isinstance(answer, httpx.TransportError), answer  # no answer: the client resends
-        deadline = time.monotonic() + 30  # the orphaned backend gets the row, then aborts
-        with engine.connect() as probe:
-            while probe.execute(
-                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": waiting}
-            ).scalar():
-                assert time.monotonic() < deadline, "the killed server's backend lingers"
-                probe.rollback()
-                time.sleep(0.05)
-        assert stored() == [1]  # nothing of the killed report was kept
-
-        server.start()
-        with server.http() as http:
-            assert http.post(path, json=batch).status_code == 200
-            assert http.post(path, json=batch).status_code == 200  # a replay
-        steps = Counter(stored())
-        lost = [s for s in range(1, 5) if steps[s] == 0]
-        duplicated = [s for s, n in steps.items() if n > 1]
-        assert (lost, duplicated) == ([], [])
+        yield server, engine
     finally:
         server.stop()
         engine.dispose()
         drop_pg_database(url)
 
 
+def test_a_server_killed_while_its_report_waits_for_the_row_loses_and_doubles_nothing(
+    pg_server: tuple[ServerProcess, Engine],
+) -> None:
+    """kill -9 of ``hpo serve`` while a report, its points already written, waits for the
+    study's row: PostgreSQL rolls that transaction back, so none of it is stored; the client,
+    which got no answer, sends the batch again to the restarted server (twice): each step is
+    then stored exactly once (lost 0, duplicated 0)."""
+    server, engine = pg_server
+    with server.http() as http:
+        study = http.post("/api/v1/studies", json=simple_spec("killed")).json()
+        trial = http.post(f"/api/v1/studies/{study['id']}/ask").json()
+    path = f"/api/v1/trials/{trial['trial_id']}/metrics"
+    first = {"points": [{"step": 1, "name": "loss", "value": 1.0}], "attempt": 1}
+    points = [{"step": s, "name": "loss", "value": 1.0 / s} for s in (2, 3, 4)]
+    batch = {"points": points, "attempt": 1}
+    with server.http() as http:
+        assert http.post(path, json=first).status_code == 200
+
+    def stored() -> list[int]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT step FROM metric_points WHERE trial_id = :id ORDER BY step"),
+                {"id": trial["trial_id"]},
+            )
+            return [step for (step,) in rows]
+
+    holder = engine.connect()
+    holder.begin()
+    holder.execute(
+        text("SELECT id FROM studies WHERE id = :id FOR NO KEY UPDATE"), {"id": study["id"]}
+    )
+    outcome: list[object] = []
+
+    def send() -> None:
+        try:
+            with server.http() as http:
+                outcome.append(http.post(path, json=batch, timeout=60).status_code)
+        except httpx.TransportError as exc:
+            outcome.append(exc)
+
+    sender = threading.Thread(target=send)
+    try:
+        sender.start()
+        waiting = _waiting_for_a_lock(engine)
+        assert {"metric_points", "trial_curves"} <= _written_by(engine, waiting)
+        server.kill()
+        sender.join(timeout=30)
+    finally:
+        holder.rollback()
+        holder.close()
+    [answer] = outcome
+    assert isinstance(answer, httpx.TransportError), answer  # no answer: the client resends
+    _until_gone(engine, waiting)
+    assert stored() == [1]  # nothing of the killed report was kept
+
+    server.start()
+    with server.http() as http:
+        assert http.post(path, json=batch).status_code == 200
+        assert http.post(path, json=batch).status_code == 200  # a replay
+    steps = Counter(stored())
+    lost = [s for s in range(1, 5) if steps[s] == 0]
+    duplicated = [s for s, n in steps.items() if n > 1]
+    assert (lost, duplicated) == ([], [])
+
+
 def test_a_server_killed_between_a_deletes_stop_and_its_delete_loses_nothing(
-    pg_available: bool, tmp_path: Path
+    pg_server: tuple[ServerProcess, Engine],
 ) -> None:
     """kill -9 of ``hpo serve`` after a delete has stopped its study (committed) and while its
     delete waits for a curve row held by a second connection: the study is left stopped, with
     no trial running and every trial, point and curve still there; another study is untouched.
     The DELETE sent again to the restarted server deletes it, and nothing of it is left."""
-    if not pg_available:
-        pytest.skip("PostgreSQL not reachable")
-    url = create_pg_database()
-    engine = make_engine(url)
-    server = ServerProcess(url, tmp_path, {"HPO_SCHEDULER": "false"})
-    server.start()
+    server, engine = pg_server
 
     def counts(study_id: int) -> dict[str, int]:
         with engine.connect() as conn:
@@ -536,67 +544,56 @@ def test_a_server_killed_between_a_deletes_stop_and_its_delete_loses_nothing(
                 for table in ("trials", "metric_points", "trial_curves")
             }
 
+    ids = {}
+    with server.http() as http:
+        for name in ("deleted", "bystander"):
+            study = http.post("/api/v1/studies", json=simple_spec(name)).json()
+            for _ in range(2):
+                trial = http.post(f"/api/v1/studies/{study['id']}/ask").json()
+                body = {"points": [{"step": 1, "name": "loss", "value": 0.5}], "attempt": 1}
+                path = f"/api/v1/trials/{trial['trial_id']}/metrics"
+                assert http.post(path, json=body).status_code == 200
+            ids[name] = study["id"]
+    before = {name: counts(sid) for name, sid in ids.items()}
+    assert before["deleted"] == {"trials": 2, "metric_points": 2, "trial_curves": 2}
+
+    holder = engine.connect()
+    holder.begin()
+    holder.execute(
+        text("SELECT trial_id FROM trial_curves WHERE study_id = :s LIMIT 1 FOR UPDATE"),
+        {"s": ids["deleted"]},
+    )
+
+    def delete() -> int:
+        with server.http() as http:
+            return http.delete(f"/api/v1/studies/{ids['deleted']}", timeout=60).status_code
+
+    deleter, answered = _in_background(delete)
     try:
-        ids = {}
-        with server.http() as http:
-            for name in ("deleted", "bystander"):
-                study = http.post("/api/v1/studies", json=simple_spec(name)).json()
-                for _ in range(2):
-                    trial = http.post(f"/api/v1/studies/{study['id']}/ask").json()
-                    body = {"points": [{"step": 1, "name": "loss", "value": 0.5}], "attempt": 1}
-                    path = f"/api/v1/trials/{trial['trial_id']}/metrics"
-                    assert http.post(path, json=body).status_code == 200
-                ids[name] = study["id"]
-        before = {name: counts(sid) for name, sid in ids.items()}
-        assert before["deleted"] == {"trials": 2, "metric_points": 2, "trial_curves": 2}
-
-        holder = engine.connect()
-        holder.begin()
-        holder.execute(
-            text("SELECT trial_id FROM trial_curves WHERE study_id = :s LIMIT 1 FOR UPDATE"),
-            {"s": ids["deleted"]},
-        )
-
-        def delete() -> int:
-            with server.http() as http:
-                return http.delete(f"/api/v1/studies/{ids['deleted']}", timeout=60).status_code
-
-        deleter, answered = _in_background(delete)
-        try:
-            waiting = _waiting_for_a_lock(engine)  # the delete's cascade, for the curve row
-            server.kill()
-            deleter.join(timeout=30)
-        finally:
-            holder.rollback()
-            holder.close()
-        [answer] = answered
-        assert isinstance(answer, httpx.TransportError), answer  # no answer: sent again
-        deadline = time.monotonic() + 30  # the orphaned backend gets the row, then aborts
-        with engine.connect() as probe:
-            while probe.execute(
-                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": waiting}
-            ).scalar():
-                assert time.monotonic() < deadline, "the killed server's backend lingers"
-                probe.rollback()
-                time.sleep(0.05)
-            state = probe.execute(
-                text("SELECT state FROM studies WHERE id = :s"), {"s": ids["deleted"]}
-            ).scalar_one()
-            trial_states = probe.execute(
-                text("SELECT state FROM trials WHERE study_id = :s"), {"s": ids["deleted"]}
-            ).scalars()
-            assert state == "stopped"
-            assert "running" not in set(trial_states)
-        assert {name: counts(sid) for name, sid in ids.items()} == before
-
-        server.start()
-        with server.http() as http:
-            assert http.delete(f"/api/v1/studies/{ids['deleted']}").status_code == 204
-            assert http.get(f"/api/v1/studies/{ids['deleted']}").status_code == 404
-            assert http.get(f"/api/v1/studies/{ids['bystander']}").json()["state"] == "running"
-        assert counts(ids["deleted"]) == {"trials": 0, "metric_points": 0, "trial_curves": 0}
-        assert counts(ids["bystander"]) == before["bystander"]
+        waiting = _waiting_for_a_lock(engine)  # the delete's cascade, for the curve row
+        server.kill()
+        deleter.join(timeout=30)
     finally:
-        server.stop()
-        engine.dispose()
-        drop_pg_database(url)
+        holder.rollback()
+        holder.close()
+    [answer] = answered
+    assert isinstance(answer, httpx.TransportError), answer  # no answer: sent again
+    _until_gone(engine, waiting)
+    with engine.connect() as probe:
+        state = probe.execute(
+            text("SELECT state FROM studies WHERE id = :s"), {"s": ids["deleted"]}
+        ).scalar_one()
+        trial_states = probe.execute(
+            text("SELECT state FROM trials WHERE study_id = :s"), {"s": ids["deleted"]}
+        ).scalars()
+        assert state == "stopped"
+        assert "running" not in set(trial_states)
+    assert {name: counts(sid) for name, sid in ids.items()} == before
+
+    server.start()
+    with server.http() as http:
+        assert http.delete(f"/api/v1/studies/{ids['deleted']}").status_code == 204
+        assert http.get(f"/api/v1/studies/{ids['deleted']}").status_code == 404
+        assert http.get(f"/api/v1/studies/{ids['bystander']}").json()["state"] == "running"
+    assert counts(ids["deleted"]) == {"trials": 0, "metric_points": 0, "trial_curves": 0}
+    assert counts(ids["bystander"]) == before["bystander"]
