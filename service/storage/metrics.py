@@ -11,7 +11,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from itertools import groupby, islice
-from operator import attrgetter
+from operator import attrgetter, index
 from typing import Any
 
 from cachetools import LRUCache
@@ -114,13 +114,14 @@ def _array_literals(points: Sequence[MetricInput]) -> dict[str, str]:
     insert casts. Built by joins in C: psycopg dumps a Python list element by element in
     Python, an eighth of the server's time under 64 streaming trials. Each float is its
     ``repr``, which PostgreSQL reads back to the same double (``inf`` too); each
-    name is quoted once per distinct name."""
+    name is quoted once per distinct name; a step that is not an integer raises TypeError
+    (PostgreSQL would have rounded it)."""
     names = list(map(_NAME, points))
     quoted = {
         name: '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"' for name in set(names)
     }
     return {
-        "steps": "{" + ",".join(map(str, map(int, map(_STEP, points)))) + "}",
+        "steps": "{" + ",".join(map(str, map(index, map(_STEP, points)))) + "}",
         "names": "{" + ",".join(map(quoted.__getitem__, names)) + "}",
         "values": "{" + ",".join(map(repr, map(float, map(_VALUE, points)))) + "}",
     }
