@@ -3,9 +3,9 @@
 The lowest-numbered waiting trial of a study (the next one an ask hands out) is then read
 from the index's first entry for that study and state, on both databases. With the old
 index SQLite walked the study's ``(study_id, number)`` key in order, through every trial of
-the study (2 ms an ask at 10,000 trials), and ordering so as to avoid that made a queue of
-thousands of waiting trials sorted on every ask. The new index serves every lookup the old
-one did (its first two columns are the same).
+the study (2 ms an ask at 10,000 trials); ordering by an expression instead, which that key
+cannot serve, would sort a long queue of waiting trials on every ask. The new index serves
+every lookup the old one did (its first two columns are the same).
 
 Revision ID: 0014
 Revises: 0013
