@@ -10,8 +10,9 @@
 * Optuna: the same ask-suggest (timed) and tell (untimed) with plain ``TPESampler`` /
   ``GPSampler`` (same options as ours) on an SQLite file (``RDBStorage``), and TPE also on a
   ``JournalStorage`` file (``--no-journal`` skips it) and, with ``--optuna-postgres URL``, on
-  PostgreSQL. Optuna's studies are seeded the same way (rows and journal lines written
-  directly; ``add_trials`` takes ~35 ms a trial on SQLite).
+  PostgreSQL (a throwaway database on the server of URL, dropped at the end). Optuna's
+  studies are seeded the same way (rows and journal lines written directly; ``add_trials``
+  takes ~35 ms a trial on SQLite).
 
 Figures are medians over the asks after the first. Ratios: TPE ours ÷ Optuna at each size
 (goal ≤ 0.5), GP ours ÷ Optuna (goal ≤ 1), random and grid at the largest size ÷ the
@@ -415,7 +416,12 @@ def run_ask(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     rng = random.Random(0)
     table = Table()
-    with tempfile.TemporaryDirectory(prefix="hpo-scale-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="hpo-scale-"))
+        optuna_pg = None
+        if args.optuna_postgres:  # a throwaway database on that server, dropped at the end
+            optuna_pg, dropping = _pg_database(args.optuna_postgres)
+            stack.enter_context(dropping)
         work = Path(tmp)
         t0 = time.perf_counter()
         url = f"sqlite:///{work / 'hpo.db'}"
@@ -431,8 +437,8 @@ def run_ask(args: argparse.Namespace) -> None:
             theirs["SQLite", n] = seed_optuna_rdb(f"sqlite:///{work / f'o{n}.db'}", "tpe", n, rng)
             if args.journal:
                 theirs["Journal", n] = seed_optuna_journal(work / f"j{n}.log", n, rng)
-            if args.optuna_postgres:
-                theirs["PostgreSQL", n] = seed_optuna_rdb(args.optuna_postgres, "tpe", n, rng)
+            if optuna_pg:
+                theirs["PostgreSQL", n] = seed_optuna_rdb(optuna_pg, "tpe", n, rng)
         gp_url = f"sqlite:///{work / 'ogp.db'}"
         their_gp = seed_optuna_rdb(gp_url, "gp", args.gp_trials, rng)
         print(f"(seeded in {time.perf_counter() - t0:.1f} s)\n", flush=True)
@@ -957,7 +963,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ask.add_argument("--gp-trials", type=int, default=200)
     ask.add_argument("--gp-asks", type=int, default=5)
     ask.add_argument("--no-journal", dest="journal", action="store_false")
-    ask.add_argument("--optuna-postgres", metavar="URL", help="also Optuna TPE on this database")
+    ask.add_argument(
+        "--optuna-postgres",
+        metavar="URL",
+        help="also Optuna TPE on PostgreSQL, in a throwaway database on the server of this URL",
+    )
     ask.add_argument("--quick", action="store_true", help="300 and 1,000 trials, GP at 60")
     prune = sections.add_parser("prune", help="ASHA's decision at a rung, against Optuna")
     prune.add_argument("--sizes", default="1000,10000", help="finished trials (comma-separated)")
