@@ -89,8 +89,9 @@ def send(
     """Send ``request`` and return the answer, trying again as the module docstring says.
 
     The same request (headers included, so an ``Idempotency-Key`` too) goes out every time.
-    Returns the last answer when tries run out on 503/429, with ``extensions[ACTED_BEFORE]``
-    saying whether an earlier copy may have done the work; raises the last
+    Returns the answer (the last one when tries run out on 503/429), its
+    ``extensions[ACTED_BEFORE]`` saying whether an earlier copy may have done the work; raises
+    the last
     ``httpx.TransportError`` when they run out on transport failures, or at once for a
     transport failure of a call that is not idempotent and may have been sent.
     """

@@ -109,6 +109,9 @@ def _add_postgresql(
     return list(result.scalars()) if ids else []
 
 
+_STEP, _NAME, _VALUE = attrgetter("step"), attrgetter("name"), attrgetter("value")
+
+
 def _array_literals(points: Sequence[MetricInput]) -> dict[str, str]:
     """The steps, names and values of ``points`` as PostgreSQL array literals, which the
     insert casts. Built by joins in C: psycopg dumps a Python list element by element in
@@ -125,9 +128,6 @@ def _array_literals(points: Sequence[MetricInput]) -> dict[str, str]:
         "names": "{" + ",".join(map(quoted.__getitem__, names)) + "}",
         "values": "{" + ",".join(map(repr, map(float, map(_VALUE, points)))) + "}",
     }
-
-
-_STEP, _NAME, _VALUE = attrgetter("step"), attrgetter("name"), attrgetter("value")
 
 
 # Ids per DELETE: well under SQLite's limit of bound parameters in one statement.

@@ -452,8 +452,8 @@ def pg_server(pg_available: bool, tmp_path: Path) -> Iterator[tuple[ServerProces
     url = create_pg_database()
     engine = make_engine(url)
     server = ServerProcess(url, tmp_path, {"HPO_SCHEDULER": "false"})
-    server.start()
     try:
+        server.start()
         yield server, engine
     finally:
         server.stop()
