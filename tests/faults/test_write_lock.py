@@ -37,8 +37,8 @@ def _points_per_commit(service: StudyService) -> list[int]:
         if statement.lstrip().upper().startswith("INSERT INTO METRIC_POINTS"):
             if isinstance(params, list):  # executemany: one parameter set per row
                 pending[0] += len(params)
-            elif isinstance(params, dict) and "steps" in params:  # unnest: arrays of points
-                pending[0] += len(params["steps"])
+            elif isinstance(params, dict) and "steps" in params:  # unnest: an array literal
+                pending[0] += params["steps"].count(",") + 1  # of steps, "{0,1,...}"
             else:  # one statement of many VALUES rows (an insert with RETURNING): flat params
                 columns = statement.split("(", 1)[1].split(")", 1)[0].count(",") + 1
                 pending[0] += len(params) // columns
