@@ -180,11 +180,16 @@ def max_step(session: Session, trial_id: int) -> int | None:
 
 
 def step_below(session: Session, trial_id: int, name: str, step: int) -> int | None:
-    """The trial's largest stored step of metric ``name`` below ``step``, if any."""
+    """The trial's largest stored step of metric ``name`` below ``step``, if any: one step
+    read backwards from ``step`` in the (trial, name, step) index. Written as ``ORDER BY ...
+    LIMIT 1``, not ``max()``: PostgreSQL turns ``max()`` into that only when it estimates it
+    cheaper, and before the table's first ANALYZE (a new database filling up) it estimated one
+    row and read every step of the trial below ``step`` (14 ms a report at 49,000 steps)."""
     return session.scalar(
-        select(func.max(MetricPoint.step)).where(
-            MetricPoint.trial_id == trial_id, MetricPoint.name == name, MetricPoint.step < step
-        )
+        select(MetricPoint.step)
+        .where(MetricPoint.trial_id == trial_id, MetricPoint.name == name, MetricPoint.step < step)
+        .order_by(MetricPoint.step.desc())
+        .limit(1)
     )
 
 

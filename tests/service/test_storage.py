@@ -20,7 +20,7 @@ from hpo.service import analysis, reporting
 from hpo.service.analysis_worker import InThread, fit_importance
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.db.engine import SQLITE_BUSY_TIMEOUT_S
-from hpo.service.db.models import StudyAnalysis, Trial, utcnow
+from hpo.service.db.models import MetricPoint, StudyAnalysis, Trial, utcnow
 from hpo.service.errors import DatabaseUnavailable, NameTaken, StudyNotFound, TrialNotFound
 from hpo.service.records import MetricInput
 from hpo.service.spec import StudySpec
@@ -386,6 +386,56 @@ def test_metric_points_read_back_in_step_order(storage: Storage) -> None:
         b: [],
     }
     assert storage.metric_points([]) == {}
+
+
+def test_the_step_below_a_report_is_read_from_one_index_entry(storage: Storage) -> None:
+    """A report asks for its trial's last step of the watched metric below its first new
+    step. At 20,000 steps in a table never analysed (a new database filling up, where
+    PostgreSQL planned ``max(step)`` as a walk of every step below), the statement reads one
+    entry of the (trial, name, step) index: its cost does not grow with the trial's length."""
+    sid = add_study(storage)
+    tid = add_trial(storage, sid)
+    rows = [
+        {"trial_id": tid, "study_id": sid, "attempt": 1, "step": n, "name": name, "value": 0.5}
+        for n in range(20_000)
+        for name in ("acc", "loss")
+    ]
+    with storage.write() as s:
+        s.execute(insert(MetricPoint), rows)
+    statements: list[tuple[str, object]] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(storage.engine, "before_cursor_execute", seen)
+    try:
+        with storage.read() as s:
+            assert metrics.step_below(s, tid, "loss", 19_990) == 19_989
+    finally:
+        event.remove(storage.engine, "before_cursor_execute", seen)
+    [(statement, parameters)] = [(q, p) for q, p in statements if "FROM metric_points" in q]
+    with storage.engine.connect() as conn:
+        if storage.engine.dialect.name == "sqlite":
+            plan = [
+                row[-1]
+                for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            ]
+            assert plan == [
+                "SEARCH metric_points USING COVERING INDEX ix_metric_points_trial_name_step "
+                "(trial_id=? AND name=? AND step<?)"
+            ]
+            return
+        [[[plan]]] = conn.exec_driver_sql(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", parameters
+        ).all()
+    scans = []
+    nodes = [plan["Plan"]]
+    while nodes:
+        node = nodes.pop()
+        nodes += node.get("Plans", [])
+        if "Scan" in node["Node Type"]:
+            scans.append((node["Node Type"], node.get("Index Name"), node["Actual Rows"]))
+    assert scans == [("Index Only Scan", "ix_metric_points_trial_name_step", 1)]
 
 
 def test_pruning_history_sees_other_trials_first_value_at_a_step(storage: Storage) -> None:
