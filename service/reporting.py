@@ -144,12 +144,15 @@ def _store_then_lock(
     compute budget (the usual report), nothing else needs the study's row until the lease
     and the curves' cursor are written: the points and the curves at rest (the slow part of
     a report: ~8 of its ~11 ms under the lock with 320 points) are written under the attempt
-    that read found running, then the study's row is locked, the trial read again and fenced
-    as in :func:`_finish`, and the commit follows. When the trial moved on in between
-    (another attempt, no longer running, a budget added to the spec), the transaction is
-    rolled back, so nothing of it stays, and the usual path decides: fenced as before, the
-    row held far shorter. A verdict to prune or pause, or a budget, takes the row first and
-    goes on as the usual path's last commit does (:func:`_finish`), in the same transaction.
+    that read found running, then one statement locks the study's row and moves the trial on
+    (:func:`hpo.service.storage.trials.note_points`), checking on the rows as the lock finds
+    them that the trial still runs that attempt and the study is neither stopped nor given a
+    budget, and the commit follows: the row is held for that statement and the commit only.
+    When the trial moved on in between (another attempt, no longer running, its study
+    stopped, a budget added to the spec), the transaction is rolled back, so nothing of it
+    stays, and the usual path decides: fenced as before, the row held far shorter. A verdict
+    to prune or pause, or a budget, takes the row first and goes on as the usual path's last
+    commit does (:func:`_finish`), in the same transaction.
 
     A trial deleted while the report waits for its curve rows fails the inserts' foreign
     keys (IntegrityError): rolled back, and the usual path answers TrialNotFound.
@@ -179,18 +182,12 @@ def _store_then_lock(
             if verdict.decision is not None or _budgeted(study):
                 s.expire_all()  # read again under the lock
                 return _finish(s, trial_id, points, points, verdict, fencing)
-            attempt = trial.attempts
             metrics.add(s, trial, points, utcnow(), ids=False)
-            s.expire_all()  # read again below, as the lock finds them
-            study, trial = _running(s, trial_id, **fencing)
-            if trial is None:
-                raise _Undo(True)
-            if trial.attempts != attempt or _budgeted(study):
-                raise _Undo(None)
-            trial.last_step = max(trial.last_step or 0, *(p.step for p in points))
+            last_step = max(p.step for p in points)
+            lease_s = transitions.spec_of(study).lease_s
             # the clock read again: the waits for the rows above may have taken a while
-            trials.renew_lease(trial, transitions.spec_of(study).lease_s, utcnow())
-            studies.touch_curves(study, trial)
+            if not trials.note_points(s, trial, last_step, lease_s, utcnow()):
+                raise _Undo(None)  # the usual path reads the rows and says why
             return False
     except _Undo as undo:
         return undo.answer

@@ -10,15 +10,26 @@ from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import func, or_, select, union_all, update
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    String,
+    bindparam,
+    func,
+    or_,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.orm import Session, selectinload
 
 from hpo.service import attempts
-from hpo.service.db.models import Study, Trial, TrialParam
+from hpo.service.db.models import Study, Trial, TrialParam, UTCDateTime
 from hpo.service.errors import TrialNotFound
 from hpo.service.records import ACTIVE_STATES
 from hpo.service.samplers.base import ObservedTrial
-from hpo.service.states import NEW_TRIAL_STATE, TrialState
+from hpo.service.states import NEW_TRIAL_STATE, StudyState, TrialState
 from hpo.service.storage import events, metrics
 from hpo.service.storage.studies import MAX_PAGE, touch
 
@@ -64,6 +75,65 @@ def lock(
     if study is None:
         raise TrialNotFound(trial_id)
     return study, get_trial(session, trial_id, params=params)
+
+
+# One statement (PostgreSQL): the study's row locked and its curves' cursor bumped, then the
+# trial's row moved on, each checked as the lock finds it (a row changed by a transaction that
+# committed while this one waited is read again and the conditions checked on it).
+_NOTE_POINTS = text(
+    """
+    WITH study AS (
+        UPDATE studies
+        SET curve_seq = greatest(coalesce(seq, 0), coalesce(curve_seq, 0)) + 1
+        WHERE id = :study_id AND state <> :stopped
+          AND spec -> 'budget' ->> 'max_steps' IS NULL
+          AND spec -> 'budget' ->> 'max_worker_seconds' IS NULL
+        RETURNING curve_seq
+    )
+    UPDATE trials
+    SET curve_seq = study.curve_seq,
+        last_step = greatest(coalesce(trials.last_step, 0), :last_step),
+        lease_expires_at = :lease_until
+    FROM study
+    WHERE trials.id = :trial_id AND trials.state = :running AND trials.attempts = :attempts
+      AND trials.attempt_token_hash IS NOT DISTINCT FROM :token_hash
+    RETURNING trials.id
+    """
+).bindparams(
+    bindparam("study_id", type_=BigInteger),
+    bindparam("trial_id", type_=BigInteger),
+    bindparam("last_step", type_=BigInteger),
+    bindparam("attempts", type_=Integer),
+    bindparam("token_hash", type_=String),
+    bindparam("lease_until", type_=UTCDateTime),
+)
+
+
+def note_points(
+    session: Session, trial: Trial, last_step: int, lease_s: float, now: datetime
+) -> bool:
+    """After a report stored ``trial``'s points (PostgreSQL): in one statement, lock its
+    study's row and bump the curves' cursor (:func:`hpo.service.storage.studies.touch_curves`),
+    move the trial's ``last_step`` up to ``last_step`` and renew its lease to ``now +
+    lease_s``. Only while the study is not stopped and has no compute budget, and the trial
+    still runs the attempt it ran when ``trial`` was read (same number, same token): returns
+    whether it did, else nothing was changed. The study's row stays locked to the end of the
+    transaction, which is one round trip away (its commit), where reading the rows and
+    writing them back held it for four."""
+    row = session.execute(
+        _NOTE_POINTS,
+        {
+            "study_id": trial.study_id,
+            "trial_id": trial.id,
+            "stopped": StudyState.STOPPED.value,
+            "running": TrialState.RUNNING.value,
+            "attempts": trial.attempts,
+            "token_hash": trial.attempt_token_hash,
+            "last_step": last_step,
+            "lease_until": now + timedelta(seconds=lease_s),
+        },
+    ).first()
+    return row is not None
 
 
 def with_study(session: Session, trial_id: int) -> tuple[Study, Trial]:

@@ -312,14 +312,30 @@ def _waiting_for_locks(engine: Engine, n: int, timeout_s: float = 10.0) -> list[
     raise AssertionError(f"fewer than {n} writers came to wait for a lock")
 
 
+_STUDY_OF = "SELECT study_id FROM trials WHERE id = :id"
+
+
 @pytest.mark.parametrize(
     ("change", "named", "expected"),
     [
         ("UPDATE trials SET attempts = attempts + 1 WHERE id = :id", True, "stale"),
         ("UPDATE trials SET state = 'pruned' WHERE id = :id", True, "stop"),
         ("UPDATE trials SET attempts = attempts + 1 WHERE id = :id", False, "attempt 2"),
+        (f"UPDATE studies SET state = 'stopped' WHERE id = ({_STUDY_OF})", True, "stop"),
+        (
+            "UPDATE studies SET spec = jsonb_set(spec::jsonb, '{budget,max_steps}', '2')::json "
+            f"WHERE id = ({_STUDY_OF})",
+            True,
+            "budget",
+        ),
     ],
-    ids=["handed-out-again", "pruned", "unnamed-write-of-a-moved-trial"],
+    ids=[
+        "handed-out-again",
+        "pruned",
+        "unnamed-write-of-a-moved-trial",
+        "study-stopped",
+        "budget-added",
+    ],
 )
 def test_a_report_stores_its_points_before_the_study_row_and_keeps_none_of_a_moved_trial(
     pg_service: StudyService, change: str, named: bool, expected: str
@@ -327,9 +343,10 @@ def test_a_report_stores_its_points_before_the_study_row_and_keeps_none_of_a_mov
     """A report holds its study's row only at its end: its points and curves are written
     first (the row is then held ~3 ms instead of ~11 with 320 points), so the attempt they
     were written under is checked again once the row is granted. Here the trial moves on
-    (another attempt, or pruned) while the report waits for the row: a report naming its
-    attempt stores nothing (409, or "stop"); the scheduler's unnamed write is stored under
-    the attempt current when it got the row."""
+    (another attempt, or pruned), its study is stopped or given a compute budget while the
+    report waits for the row: a report naming its attempt stores nothing (409, or "stop"),
+    or what the budget lets it; the scheduler's unnamed write is stored under the attempt
+    current when it got the row."""
     study = pg_service.create_study(StudySpec.model_validate(simple_spec("moved")))
     trial = pg_service.ask(study.id)
     fencing = {"attempt": 1} if named else {}
@@ -367,6 +384,10 @@ def test_a_report_stores_its_points_before_the_study_row_and_keeps_none_of_a_mov
         assert answer is False
         assert [tuple(row) for row in stored] == [(1, 1), (2, 2), (3, 2)]
         assert curve_n == 3
+    elif expected == "budget":  # read again with its budget: step 3 is past it
+        assert answer is True
+        assert [tuple(row) for row in stored] == [(1, 1), (2, 1)]
+        assert pg_service.storage.get_trial(trial.id).state == "pruned"
     else:
         assert [tuple(row) for row in stored] == [(1, 1)]
         assert curve_n == 1  # the curve at rest was rolled back with the points
