@@ -21,7 +21,6 @@ from hpo.service.errors import Conflict, InvalidInput, TrialFinished
 from hpo.service.pruners import make_pruner
 from hpo.service.pruners.base import PauseDecision, Report
 from hpo.service.records import MetricInput
-from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import Storage, metrics, studies, trials
 
@@ -92,7 +91,7 @@ def report(
             if trial is None:
                 return True
             judged = _to_judge(s, study, trial, points)
-            verdict = _Verdict(judged, _judge(s, transitions.spec_of(study), trial, points, judged))
+            verdict = _Verdict(judged, _judge(s, study, trial, points, judged))
     size = POINTS_PER_COMMIT
     chunks = [points[i : i + size] for i in range(0, len(points), size)]
     inserted: list[int] = []  # ids this batch stored in its earlier commits
@@ -178,7 +177,7 @@ def _store_then_lock(
             if trial is None:
                 return True  # nothing was written
             judged = _to_judge(s, study, trial, points)
-            verdict = _Verdict(judged, _judge(s, transitions.spec_of(study), trial, points, judged))
+            verdict = _Verdict(judged, _judge(s, study, trial, points, judged))
             if verdict.decision is not None or _budgeted(study):
                 s.expire_all()  # read again under the lock
                 return _finish(s, trial_id, points, points, verdict, fencing)
@@ -263,7 +262,7 @@ def _recheck(
     (so each new step is judged once, by the report that stores it)."""
     judged = _to_judge(s, study, trial, points)
     if verdict is None or verdict.judged != judged:
-        verdict = _Verdict(judged, _judge(s, transitions.spec_of(study), trial, points, judged))
+        verdict = _Verdict(judged, _judge(s, study, trial, points, judged))
     verdict.checked = True
     return verdict
 
@@ -439,13 +438,14 @@ def _to_judge(
 
 def _judge(
     s: Session,
-    spec: StudySpec,
+    study: Study,
     trial: Trial,
     points: Sequence[MetricInput],
     judged: dict[int, int | None],
 ) -> Any:
     """The pruner's verdict on the new steps of the watched metric (``judged``: each new
-    step with the trial's step before it, from :func:`_to_judge`)."""
+    step with the trial's step before it, from :func:`_to_judge`), as ``study`` was read."""
+    spec = transitions.spec_of(study)
     if (spec.pruner.type == "none" and spec.scheduler is None) or not judged:
         return None
     pruner = make_pruner(spec)
@@ -463,6 +463,7 @@ def _judge(
         trial.study_id,
         trial.id,
         pruner.metric,
+        study_seq=study.seq,
         steps=list(judged),
         reported=first,
         best_trial=best_trial,

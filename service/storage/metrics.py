@@ -328,6 +328,12 @@ def _newest_per_step(
 # server stored them: readers find it by the count they read from SQL.
 _COMPLETE_AT: weakref.WeakKeyDictionary[Any, LRUCache] = weakref.WeakKeyDictionary()
 _COMPLETE_AT_LOCK = threading.Lock()
+# How many trials of a study were complete, by the study's ``seq`` when it was counted, per
+# engine as above: {(study id, seq): count}. Every change of a trial's state bumps its study's
+# ``seq`` in the same commit (``storage.transitions.set_trial_state``), so a reader of a seq
+# finds the count as it was at some moment after the seq it read was committed: the count its
+# own query could have seen, or a later one.
+_N_COMPLETE: weakref.WeakKeyDictionary[Any, LRUCache] = weakref.WeakKeyDictionary()
 _COMPLETE_AT_SIZE = 20_000
 
 
@@ -357,16 +363,19 @@ class PruningHistory:
         trial_id: int,
         metric: str,
         *,
+        study_seq: int | None = None,
         steps: Sequence[int] = (),
         reported: dict[int, float] | None = None,
         best_trial: Callable[[], int | None] | None = None,
     ) -> None:
-        """``steps``: the steps the pruner is about to judge; ``reported``: the judged
-        report's own values of the metric by step; ``best_trial``: the id of the study's best
-        complete trial (None when there is none), asked only by a pruner that compares with
-        it."""
+        """``study_seq``: the study's ``seq`` as this transaction read it (its count of
+        complete trials is then taken from memory when known for that seq); ``steps``: the
+        steps the pruner is about to judge; ``reported``: the judged report's own values of
+        the metric by step; ``best_trial``: the id of the study's best complete trial (None
+        when there is none), asked only by a pruner that compares with it."""
         self.session = session
         self.study_id = study_id
+        self.study_seq = study_seq
         self.trial_id = trial_id
         self.metric = metric
         self.reported = reported or {}
@@ -410,14 +419,25 @@ class PruningHistory:
         return waiting
 
     def n_complete(self) -> int:
-        """How many trials of the study are complete (read once per history)."""
-        if self._n_complete is None:
-            self._n_complete = self.session.scalar(
+        """How many trials of the study are complete (read once per history, and not at all
+        when it was read for the study's ``seq`` before: see ``_N_COMPLETE``)."""
+        if self._n_complete is not None:
+            return self._n_complete
+        key = (self.study_id, self.study_seq)
+        with _COMPLETE_AT_LOCK:
+            cache = _pool_cache(_N_COMPLETE, self.session, lambda: LRUCache(maxsize=10_000))
+            known = cache.get(key) if self.study_seq is not None else None
+        if known is None:
+            known = self.session.scalar(
                 select(func.count()).where(
                     Trial.study_id == self.study_id, Trial.state == TrialState.COMPLETE.value
                 )
             )
-        return self._n_complete
+            if self.study_seq is not None:
+                with _COMPLETE_AT_LOCK:
+                    cache[key] = known
+        self._n_complete = known
+        return known
 
     def _complete_at(self, step: int) -> dict[int, float]:
         """``{complete trial id: value at its first step >= step}``, from memory when the

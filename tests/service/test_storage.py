@@ -453,6 +453,37 @@ def test_pruning_history_sees_other_trials_first_value_at_a_step(storage: Storag
         assert history.n_complete() == 1
 
 
+def test_the_count_of_complete_trials_is_read_once_a_seq_and_again_after_a_completion(
+    storage: Storage,
+) -> None:
+    """A report's pruner counts the study's complete trials. For a seq it was counted at
+    (any server, any report) the count comes from memory; a trial that completes bumps the
+    seq, and the next report counts again."""
+    sid = add_study(storage)
+    ids = [add_trial(storage, sid) for _ in range(3)]
+    complete(storage, ids[0], 1.0)
+    counted: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany) -> None:
+        if "count(*)" in statement:
+            counted.append(statement)
+
+    def n_complete() -> int:
+        with storage.read() as s:
+            seq = studies.get(s, sid).seq
+            return metrics.PruningHistory(s, sid, ids[2], "loss", study_seq=seq).n_complete()
+
+    event.listen(storage.engine, "before_cursor_execute", seen)
+    try:
+        assert [n_complete(), n_complete()] == [1, 1]
+        assert len(counted) == 1
+        complete(storage, ids[1], 2.0)
+        assert [n_complete(), n_complete()] == [2, 2]
+        assert len(counted) == 2
+    finally:
+        event.remove(storage.engine, "before_cursor_execute", seen)
+
+
 def test_values_at_a_rung_are_each_trials_first_step_at_or_after_it(storage: Storage) -> None:
     """ASHA's and PBT's question, asked trial by trial: the value at each trial's first step
     at or after the rung, the newest attempt's where two stored that step, only the trials of
