@@ -184,7 +184,8 @@ def _store_then_lock(
             metrics.add(s, trial, points, utcnow(), ids=False)
             last_step = max(p.step for p in points)
             lease_s = transitions.spec_of(study).lease_s
-            # the clock read again: the waits for the rows above may have taken a while
+            # the clock read again: the waits for the rows above may have taken a while (and
+            # note_points adds its own wait for the study's row)
             if not trials.note_points(s, trial, last_step, lease_s, utcnow()):
                 raise _Undo(None)  # the usual path reads the rows and says why
             return False

@@ -79,7 +79,8 @@ def lock(
 
 # One statement (PostgreSQL): the study's row locked and its curves' cursor bumped, then the
 # trial's row moved on, each checked as the lock finds it (a row changed by a transaction that
-# committed while this one waited is read again and the conditions checked on it).
+# committed while this one waited is read again and the conditions checked on it). The lease
+# runs from when the rows were granted: the caller's clock, plus the statement's wait for them.
 _NOTE_POINTS = text(
     """
     WITH study AS (
@@ -93,7 +94,7 @@ _NOTE_POINTS = text(
     UPDATE trials
     SET curve_seq = study.curve_seq,
         last_step = greatest(coalesce(trials.last_step, 0), :last_step),
-        lease_expires_at = :lease_until
+        lease_expires_at = :lease_until + (clock_timestamp() - statement_timestamp())
     FROM study
     WHERE trials.id = :trial_id AND trials.state = :running AND trials.attempts = :attempts
       AND trials.attempt_token_hash IS NOT DISTINCT FROM :token_hash
@@ -115,9 +116,10 @@ def note_points(
     """After a report stored ``trial``'s points (PostgreSQL): in one statement, lock its
     study's row and bump the curves' cursor (:func:`hpo.service.storage.studies.touch_curves`),
     move the trial's ``last_step`` up to ``last_step`` and renew its lease to ``now +
-    lease_s``. Only while the study is not stopped and has no compute budget, and the trial
-    still runs the attempt it ran when ``trial`` was read (same number, same token): returns
-    whether it did, else nothing was changed. The study's row stays locked to the end of the
+    lease_s`` plus the time the statement waited for the rows. Only while the study is not
+    stopped and has no compute budget, and the trial still runs the attempt it ran when
+    ``trial`` was read (same number, same token): returns whether it did, else nothing was
+    changed. The study's row stays locked to the end of the
     transaction, which is one round trip away (its commit), where reading the rows and
     writing them back held it for four."""
     row = session.execute(

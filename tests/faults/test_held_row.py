@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
-from hpo.service import reporting
+from hpo.service import attempts, reporting
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.errors import DatabaseUnavailable, StaleAttempt, TrialNotFound
 from hpo.service.records import MetricInput
@@ -52,7 +52,7 @@ def _stored(service: StudyService, trial_id: int) -> list[int]:
 
 
 def _report_in_background(
-    service: StudyService, trial_id: int, batch: list[MetricInput], **fencing: int
+    service: StudyService, trial_id: int, batch: list[MetricInput], **fencing: Any
 ) -> tuple[threading.Thread, list[BaseException | bool]]:
     """A report sent from a thread of its own (started): its answer, or the error it raised,
     lands in the list."""
@@ -318,16 +318,18 @@ _STUDY_OF = "SELECT study_id FROM trials WHERE id = :id"
 @pytest.mark.parametrize(
     ("change", "named", "expected"),
     [
-        ("UPDATE trials SET attempts = attempts + 1 WHERE id = :id", True, "stale"),
-        ("UPDATE trials SET state = 'pruned' WHERE id = :id", True, "stop"),
-        ("UPDATE trials SET attempts = attempts + 1 WHERE id = :id", False, "attempt 2"),
-        (f"UPDATE studies SET state = 'stopped' WHERE id = ({_STUDY_OF})", True, "stop"),
+        ("UPDATE trials SET attempts = attempts + 1 WHERE id = :id", "attempt", "stale"),
+        ("UPDATE trials SET state = 'pruned' WHERE id = :id", "attempt", "stop"),
+        ("UPDATE trials SET attempts = attempts + 1 WHERE id = :id", None, "attempt 2"),
+        (f"UPDATE studies SET state = 'stopped' WHERE id = ({_STUDY_OF})", "attempt", "stop"),
         (
             "UPDATE studies SET spec = jsonb_set(spec::jsonb, '{budget,max_steps}', '2')::json "
             f"WHERE id = ({_STUDY_OF})",
-            True,
+            "attempt",
             "budget",
         ),
+        # an ask replayed with its Idempotency-Key reissues the token, same attempt number
+        ("UPDATE trials SET attempt_token_hash = 'reissued' WHERE id = :id", "token", "stale"),
     ],
     ids=[
         "handed-out-again",
@@ -335,10 +337,11 @@ _STUDY_OF = "SELECT study_id FROM trials WHERE id = :id"
         "unnamed-write-of-a-moved-trial",
         "study-stopped",
         "budget-added",
+        "token-reissued",
     ],
 )
 def test_a_report_stores_its_points_before_the_study_row_and_keeps_none_of_a_moved_trial(
-    pg_service: StudyService, change: str, named: bool, expected: str
+    pg_service: StudyService, change: str, named: str | None, expected: str
 ) -> None:
     """A report holds its study's row only at its end: its points and curves are written
     first (the row is then held ~3 ms instead of ~11 with 320 points), so the attempt they
@@ -349,7 +352,11 @@ def test_a_report_stores_its_points_before_the_study_row_and_keeps_none_of_a_mov
     current when it got the row."""
     study = pg_service.create_study(StudySpec.model_validate(simple_spec("moved")))
     trial = pg_service.ask(study.id)
-    fencing = {"attempt": 1} if named else {}
+    fencing: dict[str, Any] = {
+        "attempt": {"attempt": 1},
+        "token": {"token": attempts.parse(trial.attempt_token)},
+        None: {},
+    }[named]
     assert pg_service.report(trial.id, [MetricInput(1, "loss", 0.9)], **fencing) is False
     batch = [MetricInput(step, "loss", 1.0 / step) for step in (2, 3)]
 
@@ -391,6 +398,79 @@ def test_a_report_stores_its_points_before_the_study_row_and_keeps_none_of_a_mov
     else:
         assert [tuple(row) for row in stored] == [(1, 1)]
         assert curve_n == 1  # the curve at rest was rolled back with the points
+
+
+def test_a_report_that_waited_for_the_study_row_has_its_lease_from_when_it_got_it(
+    pg_service: StudyService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report renews its trial's lease by ``lease_s`` from when its study's row was
+    granted, not from before it waited for it: a report answered "continue" after a wait
+    longer than the lease must not leave a lease that already ran out (the sweeper would
+    fail the trial that just reported)."""
+    monkeypatch.setattr(reporting, "REPORT_LOCK_TIMEOUT_S", 30.0)
+    spec = StudySpec.model_validate({**simple_spec("lease"), "lease_s": 1.0})
+    study = pg_service.create_study(spec)
+    trial = pg_service.ask(study.id)
+    assert pg_service.report(trial.id, [MetricInput(1, "loss", 0.9)], attempt=1) is False
+
+    holder = pg_service.storage.engine.connect()
+    holder.begin()
+    holder.execute(
+        text("SELECT id FROM studies WHERE id = :id FOR NO KEY UPDATE"), {"id": study.id}
+    )
+    try:
+        batch = [MetricInput(2, "loss", 0.8)]
+        sender, outcome = _report_in_background(pg_service, trial.id, batch, attempt=1)
+        _waiting_for_a_lock(pg_service.storage.engine)
+        time.sleep(1.5)  # longer than the lease
+        holder.commit()
+    finally:
+        holder.close()
+    sender.join(timeout=30)
+    assert outcome == [False]
+    with pg_service.storage.engine.connect() as conn:
+        left = conn.execute(
+            text("SELECT extract(epoch FROM lease_expires_at - now()) FROM trials WHERE id = :id"),
+            {"id": trial.id},
+        ).scalar_one()
+    assert 0.5 < left <= 1.0
+
+
+def test_an_uncontended_report_is_one_transaction_that_takes_the_study_row_last(
+    pg_service: StudyService,
+) -> None:
+    """The usual report on PostgreSQL (a verdict to continue, no budget, nothing in its way)
+    is answered by its one transaction: its points first, then the one statement that takes
+    the study's row, then the commit; nothing rolled back and read again on the slower path."""
+    study = pg_service.create_study(StudySpec.model_validate(simple_spec("one")))
+    trial = pg_service.ask(study.id)
+    assert pg_service.report(trial.id, [MetricInput(1, "loss", 0.9)], attempt=1) is False
+    seen: list[str] = []
+    ended: list[str] = []
+
+    def statement(conn, cursor, text_, parameters, context, executemany) -> None:
+        seen.append(" ".join(text_.split()[:3]))
+
+    def rollback(conn) -> None:
+        ended.append("rollback")
+
+    def commit(conn) -> None:
+        ended.append("commit")
+
+    engine = pg_service.storage.engine
+    listeners = [("before_cursor_execute", statement), ("rollback", rollback), ("commit", commit)]
+    for name, fn in listeners:
+        event.listen(engine, name, fn)
+    try:
+        batch = [MetricInput(2, "loss", 0.8), MetricInput(2, "acc", 0.5)]
+        assert pg_service.report(trial.id, batch, attempt=1) is False
+    finally:
+        for name, fn in listeners:
+            event.remove(engine, name, fn)
+    assert ended == ["commit"]
+    writes = [s for s in seen if s.startswith(("INSERT", "UPDATE", "WITH", "DELETE"))]
+    assert writes[-1] == "WITH study AS" and sum(s == "WITH study AS" for s in seen) == 1
+    assert not any("FOR NO KEY UPDATE" in s or "FOR UPDATE" in s for s in seen[-2:])
 
 
 def test_a_report_in_a_deadlock_is_answered_busy_stores_nothing_and_begins_no_outage(

