@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -52,6 +54,21 @@ def complete(storage: Storage, trial_id: int, value: float) -> None:
         study, trial = trials.lock(s, trial_id)
         set_trial_state(s, study, trial, TrialState.COMPLETE)
         trial.value = value
+
+
+@contextmanager
+def sent(storage: Storage) -> Iterator[list[tuple[str, object]]]:
+    """The statements (with their parameters) sent to the database while the block runs."""
+    statements: list[tuple[str, object]] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(storage.engine, "before_cursor_execute", seen)
+    try:
+        yield statements
+    finally:
+        event.remove(storage.engine, "before_cursor_execute", seen)
 
 
 # ----------------------------------------------------------------------- studies
@@ -305,17 +322,8 @@ def test_the_first_waiting_trial_is_read_from_its_index_entry(storage: Storage) 
     ]
     with storage.write() as s:
         s.execute(insert(Trial), rows)
-    statements: list[tuple[str, object]] = []
-
-    def seen(conn, cursor, statement, parameters, context, executemany) -> None:
-        statements.append((statement, parameters))
-
-    event.listen(storage.engine, "before_cursor_execute", seen)
-    try:
-        with storage.read() as s:
-            first = trials.first_waiting(s, sid)
-    finally:
-        event.remove(storage.engine, "before_cursor_execute", seen)
+    with sent(storage) as statements, storage.read() as s:
+        first = trials.first_waiting(s, sid)
     with storage.read() as s:
         assert s.scalar(select(Trial.number).where(Trial.id == first)) == 30
     if storage.engine.dialect.name != "sqlite":
@@ -402,17 +410,8 @@ def test_the_step_below_a_report_is_read_from_one_index_entry(storage: Storage) 
     ]
     with storage.write() as s:
         s.execute(insert(MetricPoint), rows)
-    statements: list[tuple[str, object]] = []
-
-    def seen(conn, cursor, statement, parameters, context, executemany) -> None:
-        statements.append((statement, parameters))
-
-    event.listen(storage.engine, "before_cursor_execute", seen)
-    try:
-        with storage.read() as s:
-            assert metrics.step_below(s, tid, "loss", 19_990) == 19_989
-    finally:
-        event.remove(storage.engine, "before_cursor_execute", seen)
+    with sent(storage) as statements, storage.read() as s:
+        assert metrics.step_below(s, tid, "loss", 19_990) == 19_989
     [(statement, parameters)] = [(q, p) for q, p in statements if "FROM metric_points" in q]
     with storage.engine.connect() as conn:
         if storage.engine.dialect.name == "sqlite":
@@ -463,26 +462,21 @@ def test_the_count_of_complete_trials_is_read_once_a_seq_and_again_after_a_compl
     sid = add_study(storage)
     ids = [add_trial(storage, sid) for _ in range(3)]
     complete(storage, ids[0], 1.0)
-    counted: list[str] = []
-
-    def seen(conn, cursor, statement, parameters, context, executemany) -> None:
-        if "count(*)" in statement:
-            counted.append(statement)
 
     def n_complete() -> int:
         with storage.read() as s:
             seq = studies.get(s, sid).seq
             return metrics.PruningHistory(s, sid, ids[2], "loss", study_seq=seq).n_complete()
 
-    event.listen(storage.engine, "before_cursor_execute", seen)
-    try:
+    def counts(statements: list[tuple[str, object]]) -> int:
+        return sum("count(*)" in q for q, _ in statements)
+
+    with sent(storage) as statements:
         assert [n_complete(), n_complete()] == [1, 1]
-        assert len(counted) == 1
+        assert counts(statements) == 1
         complete(storage, ids[1], 2.0)
         assert [n_complete(), n_complete()] == [2, 2]
-        assert len(counted) == 2
-    finally:
-        event.remove(storage.engine, "before_cursor_execute", seen)
+        assert counts(statements) == 2
 
 
 def test_values_at_a_rung_are_each_trials_first_step_at_or_after_it(storage: Storage) -> None:
