@@ -118,10 +118,11 @@ def note_points(
     move the trial's ``last_step`` up to ``last_step`` and renew its lease to ``now +
     lease_s`` plus the time the statement waited for the rows. Only while the study is not
     stopped and has no compute budget, and the trial still runs the attempt it ran when
-    ``trial`` was read (same number, same token): returns whether it did, else nothing was
-    changed. The study's row stays locked to the end of the
-    transaction, which is one round trip away (its commit), where reading the rows and
-    writing them back held it for four."""
+    ``trial`` was read (same number, same token): returns whether it did. When it did not,
+    the trial is untouched but the study's cursor may have been bumped: the caller rolls the
+    transaction back. The study's row stays locked to the end of the transaction, which is
+    one round trip away (its commit), where reading the rows and writing them back held it
+    for four."""
     row = session.execute(
         _NOTE_POINTS,
         {
