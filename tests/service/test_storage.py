@@ -456,8 +456,8 @@ def test_pruning_history_sees_other_trials_first_value_at_a_step(storage: Storag
 def test_the_count_of_complete_trials_is_read_once_a_seq_and_again_after_a_completion(
     storage: Storage,
 ) -> None:
-    """A report's pruner counts the study's complete trials. For a seq it was counted at
-    (any server, any report) the count comes from memory; a trial that completes bumps the
+    """A report's pruner counts the study's complete trials. For a seq this server counted
+    them at (in any report) the count comes from memory; a trial that completes bumps the
     seq, and the next report counts again."""
     sid = add_study(storage)
     ids = [add_trial(storage, sid) for _ in range(3)]
