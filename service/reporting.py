@@ -153,21 +153,24 @@ def _store_then_lock(
     to prune or pause, or a budget, takes the row first and goes on as the usual path's last
     commit does (:func:`_finish`), in the same transaction.
 
-    A trial deleted while the report waits for its curve rows fails the inserts' foreign
-    keys (IntegrityError): rolled back, and the usual path answers TrialNotFound.
+    A trial deleted while the report waits for its curve rows fails the new curve rows'
+    foreign key (its curve rows went with it, so they are inserted again; IntegrityError):
+    rolled back, and the usual path answers TrialNotFound. A trial deleted after that is
+    caught by :func:`~hpo.service.storage.trials.note_points`, which then finds no row.
 
-    Lock order: the trial's curve rows (and its row, shared by the inserts' foreign-key
-    checks), then its study's row. A writer that holds a study's row and then folds that
+    Lock order: the trial's curve rows (and its row, shared by the new curve rows'
+    foreign-key checks), then its study's row. A writer that holds a study's row and then folds that
     study's curves or deletes its trials (another report of the same trial that takes the
     row first, a batch taken back, a study being deleted) can meet such a report in a
     deadlock; PostgreSQL then ends one of the two (503, retried; nothing stored). When it is
     a batch being taken back, its earlier commits stay, as after any database failure between
     them (see :func:`report`). A delete stops the study first, so that only a report already
     under way can meet it, and is tried again when it is the one ended
-    (``StudyService.delete_study``). The inserts' foreign-key checks share only their own trial's
-    row (``FOR KEY SHARE``): the points and curves have no foreign key to ``studies``
-    (migration 0013), so concurrent reports of one study do not share its row, which
-    PostgreSQL would record as MultiXacts.
+    (``StudyService.delete_study``). The curves' foreign-key checks share only their own
+    trial's row (``FOR KEY SHARE``): the points have no foreign key (migrations 0013 and
+    0015) and the curves none to ``studies``, so concurrent reports of one study do not share
+    its row, which PostgreSQL would record as MultiXacts, and a report of 330 points runs
+    no check for each of them.
 
     Returns whether the trial should stop, or None when the usual path must decide.
     """
@@ -191,7 +194,7 @@ def _store_then_lock(
             return False
     except _Undo as undo:
         return undo.answer
-    except IntegrityError:  # the points' foreign keys: the trial was deleted meanwhile,
+    except IntegrityError:  # the curves' foreign key: the trial was deleted meanwhile,
         return None  # and the usual path says so (404)
 
 

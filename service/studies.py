@@ -164,7 +164,7 @@ class StudyService:
 
         A running or paused study is stopped first, in a transaction of its own (its active
         trials fail), so that the reports that come later store nothing. On PostgreSQL a
-        report takes its trial's row (its inserts' foreign-key checks) and curve rows before
+        report takes its trial's row (its curves' foreign-key checks) and curve rows before
         its study's row, and the delete the other way round (the study's row, then the
         trials' through its cascade): a report already under way can still meet the delete
         in a deadlock, which PostgreSQL breaks by ending one of them. When that is the

@@ -141,6 +141,11 @@ def delete(session: Session, ids: Sequence[int]) -> None:
         session.execute(sa_delete(MetricPoint).where(MetricPoint.id.in_(chunk)))
 
 
+def delete_of_study(session: Session, study_id: int) -> None:
+    """Delete every metric point of the study (read through its ``study_id`` index)."""
+    session.execute(sa_delete(MetricPoint).where(MetricPoint.study_id == study_id))
+
+
 def take_back(session: Session, trial: Trial, ids: Sequence[int]) -> None:
     """Delete the points with these ids (what :func:`add` returned: the earlier commits of a
     batch refused later) and fold the trial's curves again from the points that stay."""

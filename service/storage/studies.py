@@ -91,7 +91,9 @@ def insert(session: Session, name: str, spec: dict[str, Any]) -> Study:
 
 
 def delete(session: Session, study: Study) -> None:
-    """Delete the study with its trials, parameters, metric points and events."""
+    """Delete the study with its trials, parameters, metric points and events. The points
+    have no foreign key to cascade through (migration 0015): they go first, by study."""
+    metrics.delete_of_study(session, study.id)
     session.delete(study)
 
 

@@ -12,6 +12,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.db.models import Base
@@ -22,19 +23,25 @@ def _differences(engine: Engine) -> list:
         return compare_metadata(MigrationContext.configure(conn), Base.metadata)
 
 
-def _at_revision(engine: Engine, revision: str) -> None:
-    """Migrate the empty database of ``engine`` up to ``revision`` (an old server's schema),
-    with study 1 and its trial 1 in it."""
+def _migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
+    """Run the migrations of ``engine``'s database up (or ``down``) to ``revision``."""
     from alembic import command
-    from sqlalchemy import text
 
     from hpo.service.db.engine import alembic_config
 
     cfg = alembic_config(engine)
     with engine.connect() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+        (command.downgrade if down else command.upgrade)(cfg, revision)
         conn.commit()
+
+
+def _at_revision(engine: Engine, revision: str) -> None:
+    """Migrate the empty database of ``engine`` up to ``revision`` (an old server's schema),
+    with study 1 and its trial 1 in it."""
+    from sqlalchemy import text
+
+    _migrate(engine, revision)
     with engine.begin() as conn:
         conn.execute(
             text(
@@ -173,8 +180,7 @@ def test_upgrading_to_0013_drops_only_the_points_study_keys_and_keeps_their_ids(
                     " VALUES (100, 99, 1, 1, 'loss', 0.5, '2026-01-01 00:00:00')"
                 )
             ids.append(100)
-        upgrade_schema(engine)
-        assert _differences(engine) == []
+        _migrate(engine, "0014")
         for table in ("metric_points", "trial_curves"):
             keys = inspect(engine).get_foreign_keys(table)
             assert [(k["referred_table"], k["constrained_columns"]) for k in keys] == [
@@ -201,6 +207,81 @@ def test_upgrading_to_0013_drops_only_the_points_study_keys_and_keeps_their_ids(
     finally:
         engine.dispose()
     assert left == [0, 0]
+
+
+def test_upgrading_to_0015_drops_the_points_trial_key_and_a_deleted_study_leaves_no_point(
+    db_url: str,
+) -> None:
+    """0015 takes the trial's foreign key off ``metric_points`` (SQLite: by rebuilding the
+    table); the curves keep theirs. The points stay with their ids, SQLite's AUTOINCREMENT
+    counter survives, and deleting a study deletes its points, now by study and no longer
+    through the key's cascade, and only its own. Down again, the key comes back, after the
+    points of no trial are deleted (the key's check would refuse them)."""
+    from sqlalchemy import inspect, text
+
+    from hpo.service.storage import studies
+
+    at = {"t": "2026-01-01 00:00:00"}
+    insert = text(
+        "INSERT INTO metric_points (trial_id, study_id, step, name, value, time, attempt)"
+        " VALUES (:trial, :study, :s, 'loss', 0.5, :t, 1)"
+    )
+    engine = make_engine(db_url)
+    try:
+        _at_revision(engine, "0014")
+        with engine.begin() as conn:  # study 2 with trial 2: what the delete must leave
+            conn.execute(
+                text(
+                    "INSERT INTO studies (id, name, spec, state, next_number, seq, created_at,"
+                    " updated_at) VALUES (2, 's2', '{}', 'running', 1, 1, :t, :t)"
+                ),
+                at,
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO trials (id, study_id, number, state, attempts, seq, created_at)"
+                    " VALUES (2, 2, 0, 'running', 1, 1, :t)"
+                ),
+                at,
+            )
+            for trial, step in ((1, 1), (1, 2), (2, 1), (1, 3)):
+                conn.execute(insert, {"trial": trial, "study": trial, "s": step, **at})
+            ids = list(conn.execute(text("SELECT id FROM metric_points ORDER BY id")).scalars())
+            conn.execute(text("DELETE FROM metric_points WHERE step = 3"))
+        _migrate(engine, "head")
+        assert _differences(engine) == []
+        keys = {t: inspect(engine).get_foreign_keys(t) for t in ("metric_points", "trial_curves")}
+        assert keys["metric_points"] == []
+        assert [
+            (k["referred_table"], k["options"].get("ondelete")) for k in keys["trial_curves"]
+        ] == [("trials", "CASCADE")]
+        with engine.begin() as conn:
+            assert (
+                list(conn.execute(text("SELECT id FROM metric_points ORDER BY id")).scalars())
+                == ids[:3]
+            )
+            new = conn.execute(
+                text(insert.text + " RETURNING id"), {"trial": 1, "study": 1, "s": 4, **at}
+            ).scalar_one()
+            assert new > ids[-1]  # not the deleted point's id again
+            # a point of no trial (what a report of a deleted trial could leave): now stored
+            conn.execute(insert, {"trial": 99, "study": 2, "s": 1, **at})
+        with Session(engine) as s, s.begin():
+            studies.delete(s, studies.get(s, 1, lock=True))
+        with engine.connect() as conn:
+            left = list(
+                conn.execute(text("SELECT trial_id FROM metric_points ORDER BY id")).scalars()
+            )
+        assert left == [2, 99]  # study 2's, and nothing of study 1
+        _migrate(engine, "0014", down=True)
+        with engine.connect() as conn:
+            left = list(conn.execute(text("SELECT trial_id FROM metric_points")).scalars())
+        assert left == [2]
+        assert [k["referred_table"] for k in inspect(engine).get_foreign_keys("metric_points")] == [
+            "trials"
+        ]
+    finally:
+        engine.dispose()
 
 
 def test_a_database_keeps_the_deployment_id_made_at_its_first_start(

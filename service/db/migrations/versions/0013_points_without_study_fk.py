@@ -18,6 +18,11 @@ Revises: 0012
 import sqlalchemy as sa
 from alembic import op
 
+from hpo.service.db.migrations.sqlite_tables import (
+    autoincrement_counter,
+    restore_autoincrement_counter,
+)
+
 revision = "0013"
 down_revision = "0012"
 branch_labels = None
@@ -39,13 +44,13 @@ def upgrade() -> None:
                     op.drop_constraint(fk["name"], table, type_="foreignkey")
         return
     for table, kwargs in _TABLES.items():
-        sequence = _sequence(bind, table)
+        sequence = autoincrement_counter(bind, table)
         op.execute(f"DELETE FROM {table} WHERE trial_id NOT IN (SELECT id FROM trials)")
         with op.batch_alter_table(
             table, recreate="always", naming_convention=_NAMES, table_kwargs=kwargs
         ) as batch:
             batch.drop_constraint(f"fk_{table}_study_id_studies", type_="foreignkey")
-        _restore_sequence(bind, table, sequence)
+        restore_autoincrement_counter(bind, table, sequence)
 
 
 def downgrade() -> None:
@@ -56,33 +61,9 @@ def downgrade() -> None:
                 f"{table}_study_id_fkey", table, "studies", ["study_id"], ["id"], ondelete="CASCADE"
             )
             continue
-        sequence = _sequence(bind, table)
+        sequence = autoincrement_counter(bind, table)
         with op.batch_alter_table(table, recreate="always", table_kwargs=kwargs) as batch:
             batch.create_foreign_key(
                 f"fk_{table}_study_id_studies", "studies", ["study_id"], ["id"], ondelete="CASCADE"
             )
-        _restore_sequence(bind, table, sequence)
-
-
-def _sequence(bind: sa.Connection, table: str) -> int | None:
-    """The table's AUTOINCREMENT counter (SQLite): a rebuild would start it again from the
-    highest id left, and the ids of deleted rows would come back."""
-    if not sa.inspect(bind).has_table("sqlite_sequence"):
-        return None
-    return bind.execute(
-        sa.text("SELECT seq FROM sqlite_sequence WHERE name = :name"), {"name": table}
-    ).scalar()
-
-
-def _restore_sequence(bind: sa.Connection, table: str, sequence: int | None) -> None:
-    if sequence is None:
-        return
-    updated = bind.execute(
-        sa.text("UPDATE sqlite_sequence SET seq = MAX(seq, :seq) WHERE name = :name"),
-        {"seq": sequence, "name": table},
-    )
-    if updated.rowcount == 0:
-        bind.execute(
-            sa.text("INSERT INTO sqlite_sequence (name, seq) VALUES (:name, :seq)"),
-            {"name": table, "seq": sequence},
-        )
+        restore_autoincrement_counter(bind, table, sequence)
