@@ -155,8 +155,8 @@ def _store_then_lock(
 
     A trial deleted while the report waits for its curve rows fails the new curve rows'
     foreign key (its curve rows went with it, so they are inserted again; IntegrityError):
-    rolled back, and the usual path answers TrialNotFound. A trial deleted after that is
-    caught by :func:`~hpo.service.storage.trials.note_points`, which then finds no row.
+    rolled back, and the usual path answers TrialNotFound. A delete that comes after the
+    report holds its curve rows waits for them, and meets the report in a deadlock (below).
 
     Lock order: the trial's curve rows (and its row, shared by the new curve rows'
     foreign-key checks), then its study's row. A writer that holds a study's row and then folds that

@@ -839,7 +839,7 @@ def describe_errors(exc: ValidationError | list[dict[str, Any]]) -> list[dict[st
             message = f"invalid JSON at character {loc[-1] if loc else '?'}: {message}"
         if err.get("type") == "missing":
             message = "field required"
-        elif err.get("type") == "extra_forbidden":
+        elif err.get("type") in ("extra_forbidden", "unexpected_keyword_argument"):
             message = "unknown field"
         out.append({"field": field, "message": message})
     return out

@@ -164,12 +164,12 @@ class StudyService:
 
         A running or paused study is stopped first, in a transaction of its own (its active
         trials fail), so that the reports that come later store nothing. On PostgreSQL a
-        report takes its trial's row (its curves' foreign-key checks) and curve rows before
-        its study's row, and the delete the other way round (the study's row, then the
-        trials' through its cascade): a report already under way can still meet the delete
-        in a deadlock, which PostgreSQL breaks by ending one of them. When that is the
-        delete, it is tried again (at most ``DELETE_TRIES`` times in all), and no new report
-        is under way by then."""
+        report takes its trial's curve rows (and, writing a metric's first one, a share of the
+        trial's row) before its study's row, and the delete the other way round (the study's
+        row, then its points, then the trials' and curves' rows through its cascade): a report
+        already under way can still meet the delete in a deadlock, which PostgreSQL breaks by
+        ending one of them. When that is the delete, it is tried again (at most
+        ``DELETE_TRIES`` times in all), and no new report is under way by then."""
         with self.storage.write() as s:
             study = studies.get(s, study_id, lock=True)
             active = studies.active_trial_ids(s, study_id)

@@ -32,7 +32,7 @@ from hpo.api.schemas import (
     SuggestBody,
     TellBody,
 )
-from hpo.service.records import MetricInput, TrialRecord
+from hpo.service.records import TrialRecord
 
 router = APIRouter(prefix="/trials", tags=["trials"])
 
@@ -72,9 +72,8 @@ def report(trial_id: TrialId, body: MetricsBody, service: Service, caller: Auth)
     """Store metric points (each once per attempt), renew the trial's lease, and say whether
     it should stop; 409 for an attempt that is no longer current (nothing of the batch is
     stored)."""
-    points = [MetricInput(p.step, p.name, float(p.value)) for p in body.points]
     stop = service.report(
-        trial_id, points, token=caller.attempt, attempt=body.attempt, unnamed_first_only=True
+        trial_id, body.points, token=caller.attempt, attempt=body.attempt, unnamed_first_only=True
     )
     return ShouldStop(should_stop=stop)
 

@@ -124,10 +124,10 @@ def test_reports_of_one_study_waiting_together_share_no_lock_on_its_row(
 ) -> None:
     """Three trials' first reports wait together for their study's row, held by a second
     connection, with their points and curves written. The row's only locker is still that
-    connection: the inserts' foreign keys name the trial, not the study (migration 0013), so
-    they take no share of the study's row, which PostgreSQL records as a MultiXact (before,
-    ``pgrowlocks`` showed the row as a MultiXact held by all four). Then each report is
-    stored once."""
+    connection: the points have no foreign key and the curves' names the trial, not the
+    study (migrations 0013 and 0015), so the inserts take no share of the study's row, which
+    PostgreSQL records as a MultiXact (before, ``pgrowlocks`` showed the row as a MultiXact
+    held by all four). Then each report is stored once."""
     monkeypatch.setattr(reporting, "REPORT_LOCK_TIMEOUT_S", 30.0)
     engine = pg_service.storage.engine
     study = pg_service.create_study(StudySpec.model_validate(simple_spec("shared")))
@@ -169,12 +169,13 @@ def test_a_study_deleted_while_its_trials_stream_is_deleted_and_leaves_nothing(
     pg_service: StudyService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Eight trials stream 100-point reports without pause; the study is deleted meanwhile.
-    A report holds its trial's row (its inserts' foreign-key checks) and curve rows before it
-    takes the study's row, where a delete takes the study's row and then, through its
-    cascade, the trials': the two met in a deadlock, and the delete was the one ended (503)
-    every time. Now the delete goes through at its first call, and nothing of the study is
-    left: no trial, point or curve. Each report is stored, told to stop, told the trial is
-    gone, or (the side ended in a deadlock) told the database is busy: no other error."""
+    A report holds its curve rows (and, writing a metric's first one, a share of its trial's
+    row for that row's foreign-key check) before it takes the study's row, where a delete
+    takes the study's row and then, through its cascade, the trials': the two met in a
+    deadlock, and the delete was the one ended (503) every time. Now the delete goes through
+    at its first call, and nothing of the study is left: no trial, point or curve. Each
+    report is stored, told to stop, told the trial is gone, or (the side ended in a
+    deadlock) told the database is busy: no other error."""
     monkeypatch.setattr(reporting, "REPORT_LOCK_TIMEOUT_S", 5.0)  # the default
     engine = pg_service.storage.engine
     study = pg_service.create_study(StudySpec.model_validate(simple_spec("streamed")))
@@ -227,7 +228,7 @@ def test_a_delete_ended_in_a_deadlock_is_tried_again(
     pg_service: StudyService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The case the stop before a delete leaves: a report already under way holds its
-    trial's row (here a second connection takes the same share a report's insert takes) and
+    trial's row (here a second connection takes the share a report's new curve row takes) and
     then asks for the study's row, which the delete holds while its cascade waits for that
     trial. PostgreSQL ends the delete (this connection checks for a deadlock only after
     20 s); the delete is tried again, waits for the connection to finish, and goes through."""
@@ -521,7 +522,8 @@ def test_a_report_whose_trial_is_deleted_while_it_waits_is_answered_not_found(
     pg_service: StudyService,
 ) -> None:
     """The trial's curve rows are held while its study is deleted: the waiting report, which
-    had found the trial running, then meets the inserts' foreign keys. It is answered "trial
+    had found the trial running, then writes the curve rows that went with the trial again and
+    meets their foreign key. It is answered "trial
     not found" (404), not with the database's integrity error (a 500)."""
     study = pg_service.create_study(StudySpec.model_validate(simple_spec("deleted")))
     trial = pg_service.ask(study.id)

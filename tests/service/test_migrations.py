@@ -264,7 +264,7 @@ def test_upgrading_to_0015_drops_the_points_trial_key_and_a_deleted_study_leaves
                 text(insert.text + " RETURNING id"), {"trial": 1, "study": 1, "s": 4, **at}
             ).scalar_one()
             assert new > ids[-1]  # not the deleted point's id again
-            # a point of no trial (what a report of a deleted trial could leave): now stored
+            # a point of no trial (only SQL written by hand could leave one): now stored
             conn.execute(insert, {"trial": 99, "study": 2, "s": 1, **at})
         with Session(engine) as s, s.begin():
             studies.delete(s, studies.get(s, 1, lock=True))
@@ -274,11 +274,16 @@ def test_upgrading_to_0015_drops_the_points_trial_key_and_a_deleted_study_leaves
             )
         assert left == [2, 99]  # study 2's, and nothing of study 1
         _migrate(engine, "0014", down=True)
-        with engine.connect() as conn:
+        with engine.begin() as conn:
             left = list(conn.execute(text("SELECT trial_id FROM metric_points")).scalars())
+            newer = conn.execute(
+                text(insert.text + " RETURNING id"), {"trial": 2, "study": 2, "s": 2, **at}
+            ).scalar_one()
         assert left == [2]
-        assert [k["referred_table"] for k in inspect(engine).get_foreign_keys("metric_points")] == [
-            "trials"
+        assert newer > new + 1  # not the id of the point of no trial again
+        keys = inspect(engine).get_foreign_keys("metric_points")
+        assert [(k["referred_table"], k["options"].get("ondelete")) for k in keys] == [
+            ("trials", "CASCADE")
         ]
     finally:
         engine.dispose()
