@@ -58,7 +58,7 @@ Reports alternate ours and Optuna; figures are medians.
   it (its ``hpo_report_duration_seconds`` histogram over the window, interpolated within a
   bucket; the clients' figure also holds their own waits: 64 threads on the same cores), the
   share of reports the server answered within 100 ms, and the asks retried. ``--timeline``
-  counts the reports over 100 ms by the second they were sent in.
+  counts the reports over 100 ms, and the asks, by the second they were sent in.
 
     python benchmarks/scale.py metrics --postgres postgresql://postgres@127.0.0.1:5432/postgres
     python benchmarks/scale.py metrics --interval 1 --batch 40   # paced: 64 × 40 points/s
@@ -689,10 +689,11 @@ def _streams(
     batch: int,
     interval: float,
     stop_at: float,
-) -> tuple[list[tuple[float, float]], list[str]]:
+) -> tuple[list[tuple[str, float, float]], list[str]]:
     """``n`` streaming workers on threads of this (client) process, until ``stop_at``
-    (``time.monotonic``); their reports (when each was answered, its latency) and errors."""
-    reports: list[tuple[float, float]] = []
+    (``time.monotonic``); their requests (``"report"`` or ``"ask"``, when it was answered, its
+    latency) and errors."""
+    reports: list[tuple[str, float, float]] = []
     errors: list[str] = []
     args = (base, headers, study_id, batch, interval, stop_at, reports, errors)
     threads = [threading.Thread(target=_stream, args=args) for _ in range(n)]
@@ -710,7 +711,7 @@ def _stream(
     batch: int,
     interval: float,
     stop_at: float,
-    reports: list[tuple[float, float]],
+    reports: list[tuple[str, float, float]],
     errors: list[str],
 ) -> None:
     """One streaming worker: ask, report batches until pruned or time is up (``stop_at``,
@@ -721,7 +722,9 @@ def _stream(
         time.sleep(random.uniform(0, interval))
     with httpx.Client(base_url=base, headers=headers, timeout=120) as client:
         while time.monotonic() < stop_at:
+            t0 = time.perf_counter()
             asked = client.post(f"{API}/studies/{study_id}/ask")
+            reports.append(("ask", time.monotonic(), time.perf_counter() - t0))
             if asked.status_code == 409:  # too many concurrent asks: try again, as clients do
                 time.sleep(0.05)
                 continue
@@ -751,7 +754,7 @@ def _stream(
                     json={"points": points, "attempt": t["attempt"]},
                     headers=auth,
                 )
-                reports.append((time.monotonic(), time.perf_counter() - t0))
+                reports.append(("report", time.monotonic(), time.perf_counter() - t0))
                 if r.status_code != 200:
                     errors.append(f"report {r.status_code}: {r.text[:200]}")
                     return
@@ -857,18 +860,22 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
         with httpx.Client(base_url=base, headers=headers, timeout=120) as client:
             seen = _report_buckets(client)
     served_buckets = {le: n - seen_before.get(le, 0) for le, n in seen.items()}
-    latencies = [dt for _, dt in timed]
+    latencies = [dt for kind, _, dt in timed if kind == "report"]
     if args.timeline:
         slow: dict[int, int] = {}
-        for at, dt in timed:
-            if dt > 0.1:
-                second = int(at - dt - t0)
+        asks: dict[int, int] = {}
+        for kind, at, dt in timed:
+            second = int(at - dt - t0)
+            if kind == "ask":
+                asks[second] = asks.get(second, 0) + 1
+            elif dt > 0.1:
                 slow[second] = slow.get(second, 0) + 1
-        print(
-            "  reports over 100 ms, by second they were sent in: "
-            + (", ".join(f"{k}: {v}" for k, v in sorted(slow.items())) or "none"),
-            flush=True,
-        )
+        for what, counts in (("reports over 100 ms", slow), ("asks", asks)):
+            print(
+                f"  {what}, by second they were sent in: "
+                + (", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none"),
+                flush=True,
+            )
     stored = _stored_points(url, study_id) - before
     if multixacts is not None:
         multixacts = _multixacts(url) - multixacts
