@@ -7,9 +7,7 @@ import contextlib
 import gc
 import logging
 import os
-import signal
 import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -194,28 +192,6 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
         return {"status": "ok", "deployment": app.state.deployment_id}
 
     return app
-
-
-def worker_app() -> FastAPI:
-    """One process of ``hpo serve --workers N`` (uvicorn imports this factory in each):
-    settings from the environment, which ``hpo serve`` filled in from its options. It ends
-    itself when ``hpo serve`` is gone (killed with SIGKILL, its workers would otherwise go on
-    serving on the port, and hold it)."""
-    _end_with_parent(os.getppid())
-    return create_app(Settings(), freeze_heap=True)
-
-
-def _end_with_parent(parent: int, every_s: float = 0.5) -> None:
-    """SIGTERM this process (uvicorn's graceful shutdown) once its parent is no longer
-    ``parent`` (it died, and this process was handed to another)."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(every_s)
-        log.warning("hpo serve (pid %d) is gone: this worker stops", parent)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="hpo-parent-watch", daemon=True).start()
 
 
 def operation_id(route: APIRoute) -> str:

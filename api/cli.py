@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--database-url", default=None, help="overrides $HPO_DATABASE_URL")
     s.add_argument("--data-dir", default=None, help="overrides $HPO_DATA_DIR")
     s.add_argument("--no-scheduler", action="store_true", help="serve ask/tell only")
-    s.add_argument(
-        "--workers", type=int, default=None, help="server processes on the port ($HPO_WORKERS, 1)"
-    )
     s.set_defaults(func=cmd_serve)
 
     c = client_cmd("submit", "create a study from a YAML spec")
@@ -156,12 +150,11 @@ def _client(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from hpo.api import prometheus
     from hpo.api.app import create_app
     from hpo.service.settings import Settings
 
     overrides: dict[str, Any] = {}
-    for key in ("host", "port", "database_url", "data_dir", "workers"):
+    for key in ("host", "port", "database_url", "data_dir"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.no_scheduler:
@@ -180,31 +173,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if token:
         console.print(f"dashboard: {url}/#token={token}")
         console.print(f"API token: {token} (also in {settings.token_file})")
-    if settings.workers == 1:
-        uvicorn.run(
-            create_app(settings, freeze_heap=True),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-        )
-        return 0
-    # Each worker builds the app from the environment (api.app.worker_app): what the options
-    # changed goes there, and so does a fresh folder where their Prometheus counters meet.
-    for key, value in overrides.items():
-        os.environ[f"HPO_{key.upper()}"] = str(value).lower() if value is False else str(value)
-    metrics_dir = tempfile.mkdtemp(prefix="hpo-metrics-")
-    os.environ[prometheus.MULTIPROC_ENV] = metrics_dir
-    try:
-        uvicorn.run(
-            "hpo.api.app:worker_app",
-            factory=True,
-            workers=settings.workers,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-        )
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+    uvicorn.run(
+        create_app(settings, freeze_heap=True),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+    )
     return 0
 
 

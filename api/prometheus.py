@@ -14,13 +14,6 @@ Three kinds of series:
   ``python_gc_*``) and the objects it skips (``hpo_gc_frozen_objects``: ``hpo serve`` freezes
   its start-up heap, see ``create_app``).
 
-``hpo serve --workers N`` runs N processes on one port, and a scrape reaches one of them: the
-counted series are then kept in files that every worker writes (prometheus_client's
-multiprocess mode, in the folder ``$PROMETHEUS_MULTIPROC_DIR`` that ``hpo serve`` makes), and
-``/metrics`` sums them over the workers. The series read from the database are the same from
-any worker; the scheduler's gauges and the garbage collector's are one process's own, so they
-are left out there.
-
 ``/metrics`` needs the API token like the rest of the API (Prometheus sends it with
 ``authorization: {credentials_file: ...}``): trial counts and study names are not public.
 """
@@ -28,21 +21,13 @@ are left out there.
 from __future__ import annotations
 
 import gc
-import os
 import re
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    GCCollector,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
+from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -53,9 +38,6 @@ from hpo.api.errors import RESPONSES
 from hpo.service.db.models import Study, Trial
 from hpo.service.errors import DatabaseUnavailable
 
-# Set (to an empty folder) before prometheus_client is imported: the workers of one
-# ``hpo serve`` count into files there, summed at each scrape.
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # The text format every Prometheus reads (our names need none of 1.0.0's escaping).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 API_PREFIX = "/api/v1"
@@ -168,9 +150,8 @@ class StateCollector(Collector):
     """Gauges read at scrape time: trials and studies by state, the scheduler's queue, the
     objects the garbage collector skips."""
 
-    def __init__(self, app: FastAPI, *, own_process: bool = True) -> None:
+    def __init__(self, app: FastAPI) -> None:
         self.app = app
-        self.own_process = own_process  # also this process's own gauges
 
     def collect(self) -> Iterator[Metric]:
         service = getattr(self.app.state, "service", None)
@@ -201,8 +182,6 @@ class StateCollector(Collector):
             for (name, state), n in sorted(per_study.items()):
                 running.add_metric([name, state], n)
             yield running
-        if not self.own_process:
-            return
         yield from _scheduler_gauges(getattr(self.app.state, "scheduler", None))
         frozen = GaugeMetricFamily(
             "hpo_gc_frozen_objects",
@@ -247,13 +226,8 @@ def install(app: FastAPI) -> None:
     """Count requests and serve ``GET /metrics`` (API token required)."""
     registry = CollectorRegistry(auto_describe=False)
     instruments = Instruments(registry)
-    if os.environ.get(MULTIPROC_ENV):  # one of several workers: the files hold the counts
-        registry = CollectorRegistry(auto_describe=False)
-        multiprocess.MultiProcessCollector(registry)
-        registry.register(StateCollector(app, own_process=False))
-    else:
-        registry.register(StateCollector(app))
-        GCCollector(registry=registry)  # python_gc_collections_total by generation, and more
+    registry.register(StateCollector(app))
+    GCCollector(registry=registry)  # python_gc_collections_total by generation, and more
     app.state.metrics_registry = registry
     app.add_middleware(RequestMetrics, instruments=instruments)
     router = APIRouter(tags=["system"], dependencies=[Depends(require_token)])

@@ -57,10 +57,6 @@ class Settings(BaseSettings):
     # hpo.workers.tensorboard). Unset: they do not.
     tensorboard_dir: Path | None = None
     scheduler: bool = True
-    # Server processes of `hpo serve` on the one port (uvicorn's workers, each the whole app
-    # on the same database, as several replicas are). One interpreter is the reports' queue
-    # under many streaming trials; see the README, "Server processes".
-    workers: int = Field(default=1, ge=1)
     # The node preflight on a cluster (see hpo.service.preflight): how long a node has to run
     # it, and how often a node that failed it is checked again.
     preflight_timeout_s: float = Field(default=30.0, gt=0)
