@@ -33,13 +33,16 @@ from hpo.service.studies import StudyService
 from hpo.workers import storage as checkpoint_storage
 
 if TYPE_CHECKING:
+    from hpo.api.serving import Siblings
     from hpo.service.scheduler import Scheduler
 
 log = logging.getLogger("hpo.api")
 VERSION = "0.1.0"
 
 
-def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, freeze_heap: bool = False, siblings: Siblings | None = None
+) -> FastAPI:
     """Build the app. The schema is upgraded and background loops start with the app.
 
     ``freeze_heap`` (``hpo serve``, whose process is the app's alone): once started, the
@@ -49,6 +52,9 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
     after (12–34 ms there, scheduler off; docs/benchmarks.md, "Scale: metrics"). The
     scheduler connects to Ray only when a study needs it: Ray's modules and client (some
     35,000 objects) are frozen too, once it has.
+
+    ``siblings``: this app is one worker of ``hpo serve --workers N`` (:mod:`hpo.api.serving`);
+    it publishes its counters and its scheduler's role for the others every second.
     """
     settings = settings or Settings()
     warnings = config_warnings(settings)
@@ -81,6 +87,8 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
             scheduler.start()
         app.state.scheduler = scheduler
         background = [asyncio.create_task(_sweep_leases(app, settings.lease_sweep_interval_s))]
+        if siblings is not None:
+            background.append(asyncio.create_task(_publish(app, siblings.interval_s)))
         if freeze_heap:
             _freeze_heap()
             if scheduler is not None:
@@ -121,7 +129,7 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
     app.state.settings = settings
     errors.install(app)
     middleware.install(app, settings)
-    prometheus.install(app)  # GET /metrics; counts every request, so outermost
+    prometheus.install(app, siblings)  # GET /metrics; counts every request, so outermost
     auth = [Depends(require_token)]
     api = {"prefix": "/api/v1", "dependencies": auth, "responses": errors.RESPONSES}
     app.include_router(studies.router, **api)
@@ -144,7 +152,8 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
         """Liveness and database reachability (no token needed): 503 with ``Retry-After``
         and the reason while the database cannot be reached. ``scheduler`` says whether this
         server runs the scheduler (``running``), stands by for another that holds the
-        scheduler lease (``standby``), or has none (``off``). Also 503 while writes fail: the
+        scheduler lease (``standby``), or has none (``off``); under ``hpo serve --workers N``
+        every worker answers for worker 0, which runs it. Also 503 while writes fail: the
         last write found the database locked or unreachable a moment ago.
 
         On a cluster, ``preflight`` is the node preflight (``state`` ok, pending or failed,
@@ -155,8 +164,10 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
         storage = app.state.service.storage
         storage.ping()
         storage.ping_write()  # after a failed write: a lock that another process holds?
-        scheduler = app.state.scheduler
-        role = "off" if scheduler is None else ("running" if scheduler.leading else "standby")
+        if siblings is not None and not settings.scheduler:  # worker 0 runs the server's
+            role = siblings.scheduler_role()
+        else:
+            role = prometheus.role_of(app.state.scheduler)
         report = meta.preflight_report(storage) or {"state": "off", "nodes": []}
         if report.get("state") == "failed":
             failures = failure_lines(report)
@@ -238,6 +249,13 @@ def _freeze_heap() -> None:
     """Move every object alive now out of the garbage collector's view (see ``create_app``)."""
     gc.collect()  # what is garbage now is freed, not frozen
     gc.freeze()
+
+
+async def _publish(app: FastAPI, interval_s: float) -> None:
+    """Publish this worker's series for its siblings every ``interval_s`` (see ``create_app``)."""
+    while True:
+        await asyncio.to_thread(prometheus.publish, app)
+        await asyncio.sleep(interval_s)
 
 
 async def _freeze_once_connected(scheduler: Scheduler, poll_s: float = 1.0) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--database-url", default=None, help="overrides $HPO_DATABASE_URL")
     s.add_argument("--data-dir", default=None, help="overrides $HPO_DATA_DIR")
     s.add_argument("--no-scheduler", action="store_true", help="serve ask/tell only")
+    s.add_argument(
+        "--workers", type=int, default=None, help="server processes on the port ($HPO_WORKERS, 1)"
+    )
     s.set_defaults(func=cmd_serve)
 
     c = client_cmd("submit", "create a study from a YAML spec")
@@ -150,19 +154,18 @@ def _client(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from hpo.api import serving
     from hpo.api.app import create_app
     from hpo.service.settings import Settings
 
     overrides: dict[str, Any] = {}
-    for key in ("host", "port", "database_url", "data_dir"):
+    for key in ("host", "port", "database_url", "data_dir", "workers"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.no_scheduler:
         overrides["scheduler"] = False
     settings = Settings(**overrides)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format=serving.log_format())
     problem = _database_problem(settings)
     if problem:
         console.print(f"[red]error:[/red] cannot use the database {_safe(settings)}: {problem}")
@@ -173,6 +176,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if token:
         console.print(f"dashboard: {url}/#token={token}")
         console.print(f"API token: {token} (also in {settings.token_file})")
+    if settings.workers > 1:
+        # the workers read their settings as this process did, the options included
+        options = {f"HPO_{key.upper()}": _env_value(v) for key, v in overrides.items()}
+        env = {**os.environ, **options}
+        console.print(f"{settings.workers} server processes")
+        return serving.supervise(settings, env, settings.workers)
     uvicorn.run(
         create_app(settings, freeze_heap=True),
         host=settings.host,
@@ -180,6 +189,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
     )
     return 0
+
+
+def _env_value(value: Any) -> str:
+    """A setting as its ``HPO_*`` variable spells it."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

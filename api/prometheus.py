@@ -24,11 +24,12 @@ import gc
 import re
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,6 +38,10 @@ from hpo.api.deps import require_token
 from hpo.api.errors import RESPONSES
 from hpo.service.db.models import Study, Trial
 from hpo.service.errors import DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from hpo.api.serving import Siblings
+    from hpo.service.scheduler import Scheduler
 
 # The text format every Prometheus reads (our names need none of 1.0.0's escaping).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -146,9 +151,8 @@ def route_of(scope: Scope) -> str:
     return template
 
 
-class StateCollector(Collector):
-    """Gauges read at scrape time: trials and studies by state, the scheduler's queue, the
-    objects the garbage collector skips."""
+class DatabaseCollector(Collector):
+    """Gauges read from the database at scrape time: trials and studies by state."""
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
@@ -182,6 +186,15 @@ class StateCollector(Collector):
             for (name, state), n in sorted(per_study.items()):
                 running.add_metric([name, state], n)
             yield running
+
+
+class ProcessCollector(Collector):
+    """This process's gauges: its scheduler's queue, the objects its garbage collector skips."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
         yield from _scheduler_gauges(getattr(self.app.state, "scheduler", None))
         frozen = GaugeMetricFamily(
             "hpo_gc_frozen_objects",
@@ -222,12 +235,64 @@ def _scheduler_gauges(scheduler: Any) -> Iterator[Metric]:
     yield from (leading, in_flight, queued)
 
 
-def install(app: FastAPI) -> None:
-    """Count requests and serve ``GET /metrics`` (API token required)."""
-    registry = CollectorRegistry(auto_describe=False)
-    instruments = Instruments(registry)
-    registry.register(StateCollector(app))
-    GCCollector(registry=registry)  # python_gc_collections_total by generation, and more
+class SiblingsCollector(Collector):
+    """The series of every worker of ``hpo serve --workers N``, summed (counters, histogram
+    buckets, the process gauges: one scheduler's queue and zeros), from the files the workers
+    publish (:class:`hpo.api.serving.Siblings`); this worker's own are published first, so
+    they are current and the others' at most a second old."""
+
+    def __init__(self, app: FastAPI, siblings: Siblings) -> None:
+        self.app = app
+        self.siblings = siblings
+
+    def collect(self) -> Iterator[Metric]:
+        publish(self.app)
+        families: dict[str, Metric] = {}
+        sums: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+        for entry in self.siblings.read():
+            for family in text_string_to_metric_families(entry["metrics"]):
+                families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for sample in family.samples:
+                    if sample.name.endswith("_created"):  # a time, not a count
+                        continue
+                    key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                    sums[key] = sums.get(key, 0.0) + sample.value
+        for (family_name, name, labels), value in sums.items():
+            families[family_name].add_sample(name, dict(labels), value)
+        yield from families.values()
+
+
+def publish(app: FastAPI) -> None:
+    """Write this worker's series and its scheduler's role where its siblings read them."""
+    own = generate_latest(app.state.process_registry).decode()
+    app.state.siblings.publish(own, role_of(getattr(app.state, "scheduler", None)))
+
+
+def role_of(scheduler: Scheduler | None) -> str:
+    """What a server's scheduler does: ``running`` (it holds the scheduler lease and
+    dispatches), ``standby`` (another server holds it) or ``off`` (none)."""
+    if scheduler is None:
+        return "off"
+    return "running" if scheduler.leading else "standby"
+
+
+def install(app: FastAPI, siblings: Siblings | None = None) -> None:
+    """Count requests and serve ``GET /metrics`` (API token required). With ``siblings``
+    (a worker of ``hpo serve --workers N``), ``/metrics`` sums every worker's series."""
+    own = CollectorRegistry(auto_describe=False)  # what this process counts
+    instruments = Instruments(own)
+    own.register(ProcessCollector(app))
+    GCCollector(registry=own)  # python_gc_collections_total by generation, and more
+    if siblings is None:
+        registry = own
+    else:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(SiblingsCollector(app, siblings))
+        app.state.siblings = siblings
+    registry.register(DatabaseCollector(app))
+    app.state.process_registry = own
     app.state.metrics_registry = registry
     app.add_middleware(RequestMetrics, instruments=instruments)
     router = APIRouter(tags=["system"], dependencies=[Depends(require_token)])

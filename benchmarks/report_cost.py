@@ -9,9 +9,9 @@ running trials; blocks of ``--reports`` inserts, round robin over the trials, al
 with the key added back and without it.
 
 ``body``: the server's CPU to turn a report's JSON body into the points the service takes:
-what FastAPI does (``json.loads``, then the body model's validation) and, before 0015's
-session, the copy of each point into a ``MetricInput``; timed with ``timeit`` in this
-process, alternating the old model (pydantic ``BaseModel`` points with a Python validator
+what FastAPI does (``json.loads``, then the body model's validation) and, before report
+bodies were validated straight into records, the copy of each point into a ``MetricInput``;
+timed with ``timeit`` in this process, alternating the old model (pydantic ``BaseModel`` points with a Python validator
 for finite values) and the shipped one (``api.schemas.PointIn``: a dataclass validated
 straight into the record).
 

@@ -58,7 +58,8 @@ Reports alternate ours and Optuna; figures are medians.
   it (its ``hpo_report_duration_seconds`` histogram over the window, interpolated within a
   bucket; the clients' figure also holds their own waits: 64 threads on the same cores), the
   share of reports the server answered within 100 ms, and the asks retried. ``--timeline``
-  counts the reports over 100 ms, and the asks, by the second they were sent in.
+  counts the reports over 100 ms, and the asks, by the second they were sent in. ``--workers``
+  runs the server as that many processes on its port (``hpo serve --workers``).
 
     python benchmarks/scale.py metrics --postgres postgresql://postgres@127.0.0.1:5432/postgres
     python benchmarks/scale.py metrics --interval 1 --batch 40   # paced: 64 × 40 points/s
@@ -94,7 +95,7 @@ from optuna.distributions import (
     distribution_to_json,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import create_engine, insert, text, update
+from sqlalchemy import create_engine, insert, make_url, text, update
 
 from hpo.api.demo import served
 from hpo.service.db import (
@@ -821,6 +822,7 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
     """One run of the metrics section on the database at ``url``; its figures."""
     env = {"HPO_DATABASE_URL": url, "HPO_SCHEDULER": "false", "HPO_LOG_LEVEL": "warning"}
     env["HPO_RATE_LIMIT_PER_S"] = "0"
+    env["HPO_WORKERS"] = str(args.workers)
     with served(work, env=env) as (base, token):
         headers = {"Authorization": f"Bearer {token}"}
         with httpx.Client(base_url=base, headers=headers, timeout=120) as client:
@@ -904,7 +906,8 @@ def metrics_once(url: str, work: Path, args: argparse.Namespace) -> dict[str, fl
 def run_metrics(args: argparse.Namespace) -> None:
     pace = f"one every {args.interval} s" if args.interval else "as fast as answered"
     print(
-        f"{args.trials} streaming trials, {args.batch} points a report ({pace}), {args.seconds} s\n"
+        f"{args.trials} streaming trials, {args.batch} points a report ({pace}), {args.seconds} s, "
+        f"{args.workers} server process(es)\n"
     )
     print(
         "| database | points/s | reports | report p50 ms | report p99 ms "
@@ -958,7 +961,7 @@ def _pg_database(admin_url: str) -> tuple[str, contextlib.AbstractContextManager
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             admin.dispose()
 
-    return admin_url.rsplit("/", 1)[0] + "/" + name, dropping()
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False), dropping()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -996,6 +999,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--timeline", action="store_true", help="count the reports over 100 ms by second"
     )
     met.add_argument("--complete", type=int, default=8, help="finished trials seeded first")
+    met.add_argument("--workers", type=int, default=1, help="server processes (--workers)")
     met.add_argument("--postgres", metavar="ADMIN_URL", help="also on a throwaway database here")
     met.add_argument("--no-sqlite", action="store_true", help="only the --postgres run")
     met.add_argument(

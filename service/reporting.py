@@ -124,12 +124,8 @@ def report(
 
 
 class _Undo(Exception):
-    """Leaves a write transaction rolled back (what it stored must not stay) with the answer
-    to give: whether the trial should stop, or None to take :func:`report`'s usual path."""
-
-    def __init__(self, answer: bool | None) -> None:
-        super().__init__(answer)
-        self.answer = answer
+    """Leaves a write transaction rolled back (what it stored must not stay), so that
+    :func:`report`'s usual path decides."""
 
 
 def _store_then_lock(
@@ -190,10 +186,10 @@ def _store_then_lock(
             # the clock read again: the waits for the rows above may have taken a while (and
             # note_points adds its own wait for the study's row)
             if not trials.note_points(s, trial, last_step, lease_s, utcnow()):
-                raise _Undo(None)  # the usual path reads the rows and says why
+                raise _Undo  # the usual path reads the rows and says why
             return False
-    except _Undo as undo:
-        return undo.answer
+    except _Undo:
+        return None
     except IntegrityError:  # the curves' foreign key: the trial was deleted meanwhile,
         return None  # and the usual path says so (404)
 

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # hpo.workers.tensorboard). Unset: they do not.
     tensorboard_dir: Path | None = None
     scheduler: bool = True
+    # Processes of `hpo serve` on its port (hpo.api.serving: each the whole app on the same
+    # database, as replicas are; worker 0 runs the scheduler). One interpreter is the reports'
+    # queue under many streaming trials; see the README, "Server processes".
+    workers: int = Field(default=1, ge=1, le=64)
     # The node preflight on a cluster (see hpo.service.preflight): how long a node has to run
     # it, and how often a node that failed it is checked again.
     preflight_timeout_s: float = Field(default=30.0, gt=0)

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -107,7 +107,14 @@ def sqlite_url(tmp_path: Path) -> str:
 class ServerProcess:
     """``hpo serve`` in a subprocess. ``restart()`` kills it and starts it on the same port."""
 
-    def __init__(self, database_url: str, data_dir: Path, extra_env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        data_dir: Path,
+        extra_env: dict[str, str],
+        args: Sequence[str] = (),
+    ) -> None:
+        self.args = list(args)  # more options of ``hpo serve``
         self.database_url = database_url
         self.data_dir = data_dir
         self.port = free_port()
@@ -131,7 +138,7 @@ class ServerProcess:
         log = open(self.log_path, "a")  # noqa: SIM115 - lives as long as the process
         # Its own session: killing the group also kills a local Ray it started.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hpo.api.cli", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "hpo.api.cli", "serve", "--port", str(self.port), *self.args],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

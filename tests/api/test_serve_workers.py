@@ -1,0 +1,185 @@
+"""``hpo serve --workers N`` (hpo.api.serving): real server processes on one port.
+
+Counted: which worker answered (each worker's own published counters), what ``/metrics``
+sums, where the studies went (the CLI's database, not the environment's), and what is left
+running after a worker or the supervisor is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import create_engine, inspect, text
+
+from tests.api.test_metrics_endpoint import scrape, value
+from tests.conftest import ServerProcess, free_port, simple_spec, wait_for
+
+STUDIES = "/api/v1/studies"
+
+
+def workers_of(proc: ServerProcess) -> list[psutil.Process]:
+    assert proc.proc is not None
+    return [
+        p
+        for p in psutil.Process(proc.proc.pid).children()
+        if "hpo.api.serving" in " ".join(p.cmdline())
+    ]
+
+
+def folder_of(worker: psutil.Process) -> Path:
+    return Path(worker.environ()["HPO_SERVE_FOLDER"])
+
+
+def own_count(folder: Path, index: int, route: str) -> float:
+    """What worker ``index`` last published of its GET requests to ``route``."""
+    published = json.loads((folder / f"{index}.json").read_text())["metrics"]
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(published)
+        for s in family.samples
+        if s.name == "hpo_http_requests_total"
+        and (s.labels["route"], s.labels["method"]) == (route, "GET")
+    )
+
+
+def fresh_get(proc: ServerProcess, path: str) -> httpx.Response:
+    """One request on a connection of its own (the kernel picks the worker that accepts it)."""
+    headers = {"Authorization": f"Bearer {proc.token}", "Connection": "close"}
+    return httpx.get(proc.url + path, headers=headers, timeout=30)
+
+
+def gone(pids: list[int]) -> bool:
+    return not any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids
+    )
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path):
+    """``hpo serve --workers 2``; the environment names one database, the options another."""
+    env_db, cli_db = tmp_path / "env.db", tmp_path / "cli.db"
+    with ServerProcess(
+        f"sqlite:///{env_db}",
+        tmp_path,
+        {},  # the scheduler on: worker 0 runs it (no study needs Ray here)
+        args=["--workers", "2", "--database-url", f"sqlite:///{cli_db}"],
+    ) as proc:
+        yield proc, env_db, cli_db
+
+
+def test_two_workers_share_the_port_the_options_and_one_scheduler_and_metrics_sum_both(
+    two_workers: tuple[ServerProcess, Path, Path],
+) -> None:
+    proc, env_db, cli_db = two_workers
+    workers = workers_of(proc)
+    assert len(workers) == 2
+    folder = folder_of(workers[0])
+    with proc.http() as http:
+        created = http.post(STUDIES, json=simple_spec(name="two-workers"))
+    assert created.status_code == 201, created.text
+    n = 120
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: fresh_get(proc, STUDIES).status_code, range(n)))
+        roles = list(pool.map(lambda _: fresh_get(proc, "/healthz").json()["scheduler"], range(40)))
+    assert statuses == [200] * n
+    # both workers answered, and every /healthz names the scheduler worker 0 runs
+    time.sleep(1.5)  # each worker publishes its counters every second
+    mine = [own_count(folder, i, STUDIES) for i in (0, 1)]
+    assert all(count > 0 for count in mine), mine
+    assert sum(mine) == n
+    assert roles == ["running"] * 40
+    # whichever worker answers a scrape, it sums both
+    for _ in range(6):
+        samples = scrape(proc)
+        assert (
+            value(samples, "hpo_http_requests_total", route=STUDIES, method="GET", status="200")
+            == n
+        )
+        assert value(samples, "hpo_scheduler_leading") == 1.0
+        assert value(samples, "hpo_studies", state="running") == 1  # from the database
+    # the --database-url option reached both workers: the study is there, not in $HPO_DATABASE_URL
+    engine = create_engine(f"sqlite:///{cli_db}")
+    with engine.connect() as conn:
+        names = conn.execute(text("SELECT name FROM studies")).scalars().all()
+    engine.dispose()
+    assert names == ["two-workers"]
+    assert (
+        not env_db.exists()
+        or "studies" not in inspect(create_engine(f"sqlite:///{env_db}")).get_table_names()
+    )
+
+
+def test_a_killed_worker_stops_the_server_with_status_1_and_nothing_keeps_serving(
+    two_workers: tuple[ServerProcess, Path, Path],
+) -> None:
+    proc, _, _ = two_workers
+    assert proc.proc is not None
+    workers = workers_of(proc)
+    folder = folder_of(workers[0])
+    os.kill(workers[1].pid, signal.SIGKILL)
+    assert proc.proc.wait(timeout=40) == 1
+    assert gone([w.pid for w in workers])
+    assert (
+        "worker 1" in proc.log_path.read_text()
+        and "exited with status -9" in proc.log_path.read_text()
+    )
+    assert not folder.exists()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(proc.url + "/livez", timeout=2)
+
+
+def test_killing_hpo_serve_stops_its_workers(two_workers: tuple[ServerProcess, Path, Path]) -> None:
+    proc, _, _ = two_workers
+    assert proc.proc is not None
+    workers = workers_of(proc)
+    folder = folder_of(workers[0])
+    os.kill(proc.proc.pid, signal.SIGKILL)  # the supervisor only, not its process group
+    proc.proc.wait(timeout=10)
+    wait_for(lambda: gone([w.pid for w in workers]), timeout=20)
+    wait_for(lambda: not folder.exists(), timeout=5)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(proc.url + "/livez", timeout=2)
+
+
+def test_sigterm_stops_every_worker_with_status_0(
+    two_workers: tuple[ServerProcess, Path, Path],
+) -> None:
+    proc, _, _ = two_workers
+    assert proc.proc is not None
+    workers = workers_of(proc)
+    folder = folder_of(workers[0])
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(timeout=40) == 0
+    assert gone([w.pid for w in workers])
+    assert not folder.exists()
+
+
+def test_a_port_in_use_is_an_error_before_any_worker_starts(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)):
+        env = {
+            **os.environ,
+            "HPO_DATA_DIR": str(tmp_path),
+            "HPO_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}",
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "hpo.api.cli", "serve", "--workers", "2", "--port", str(port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "workers started" not in done.stderr
