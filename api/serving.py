@@ -229,8 +229,10 @@ def worker_main() -> int:
 
     app = create_app(settings, freeze_heap=True, siblings=Siblings(folder, index))
     server = uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level))
-    # uvicorn ends the process with the signal that stopped it (SIGTERM: status -15)
-    server.run(sockets=[socket.socket(fileno=fd)])
+    # Once stopped, uvicorn raises again the signal that stopped it: SIGTERM ends the process
+    # (status -15); Ctrl-C, which a terminal sends to every worker too, is a KeyboardInterrupt.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[socket.socket(fileno=fd)])
     return 0 if server.started else STARTUP_FAILED
 
 

@@ -183,3 +183,16 @@ def test_a_port_in_use_is_an_error_before_any_worker_starts(tmp_path: Path) -> N
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "workers started" not in done.stderr
+
+
+def test_ctrl_c_to_the_process_group_stops_every_worker_with_status_0(
+    two_workers: tuple[ServerProcess, Path, Path],
+) -> None:
+    """A terminal's Ctrl-C: SIGINT to hpo serve and its workers at once."""
+    proc, _, _ = two_workers
+    assert proc.proc is not None
+    workers = workers_of(proc)
+    os.killpg(proc.proc.pid, signal.SIGINT)  # ServerProcess starts it in a session of its own
+    assert proc.proc.wait(timeout=40) == 0
+    assert gone([w.pid for w in workers])
+    assert "Traceback" not in proc.log_path.read_text()
