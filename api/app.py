@@ -254,7 +254,10 @@ def _freeze_heap() -> None:
 async def _publish(app: FastAPI, interval_s: float) -> None:
     """Publish this worker's series for its siblings every ``interval_s`` (see ``create_app``)."""
     while True:
-        await asyncio.to_thread(prometheus.publish, app)
+        try:
+            await asyncio.to_thread(prometheus.publish, app)
+        except OSError:  # a full disk: the others read the last one, and this one tries again
+            log.exception("could not publish this worker's metrics")
         await asyncio.sleep(interval_s)
 
 
