@@ -155,7 +155,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hpo.api import serving
-    from hpo.api.app import create_app
     from hpo.service.settings import Settings
 
     overrides: dict[str, Any] = {}
@@ -182,6 +181,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         env = {**os.environ, **options}
         console.print(f"{settings.workers} server processes")
         return serving.supervise(settings, env, settings.workers)
+    from hpo.api.app import create_app  # the workers' own business under --workers
+
     uvicorn.run(
         create_app(settings, freeze_heap=True),
         host=settings.host,

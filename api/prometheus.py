@@ -249,7 +249,7 @@ class SiblingsCollector(Collector):
         publish(self.app)
         families: dict[str, Metric] = {}
         sums: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
-        for entry in self.siblings.read():
+        for entry in self.siblings.read().values():
             for family in text_string_to_metric_families(entry["metrics"]):
                 families.setdefault(
                     family.name, Metric(family.name, family.documentation, family.type)
@@ -261,7 +261,7 @@ class SiblingsCollector(Collector):
                     sums[key] = sums.get(key, 0.0) + sample.value
         for (family_name, name, labels), value in sums.items():
             families[family_name].add_sample(name, dict(labels), value)
-        yield from families.values()
+        yield from (family for family in families.values() if family.samples)
 
 
 def publish(app: FastAPI) -> None:

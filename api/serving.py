@@ -9,18 +9,28 @@ as N replicas would be (the tested multi-server set-up), and only worker 0 runs 
 
 What the supervisor guarantees:
 
-- A worker that exits when nobody asked it to (killed, or its start-up failed) stops the
-  others, and ``hpo serve`` exits with status 1 naming it: a process manager (systemd,
-  Kubernetes) then restarts the whole server, never a server with a worker missing.
+- A worker that exits when nobody asked it to (killed, or its start-up failed), or that has
+  published nothing for ``HPO_WORKER_HANG_S`` (hung, or stopped with SIGSTOP: it is killed),
+  stops the others, and ``hpo serve`` exits with status 1 naming it: a process manager
+  (systemd, Kubernetes) then restarts the whole server, never a server with a worker missing
+  or one that answers for a scheduler that no longer runs.
 - SIGTERM or SIGINT stops the workers (each finishes its requests; killed after
   ``stop_timeout_s``) and ``hpo serve`` exits with 0 when all of them did.
-- A worker whose supervisor is gone (``kill -9``) stops within a second by itself: it watches
-  its parent, so no worker keeps serving the port alone.
+- A worker whose supervisor is gone (``kill -9``) is sent SIGTERM within a quarter of a
+  second by a thread of its own, and ended 10 s later if still there, so no worker keeps
+  serving the port alone.
 
-The workers share a folder the supervisor makes and removes (:class:`Siblings`): each writes
-its own Prometheus counters and its scheduler's role there every second, so ``/metrics``
-sums the counters of all workers and ``/healthz`` names the scheduler's role whichever worker
-answers.
+The workers share a folder in the data directory, ``serve-<pid>``, that the supervisor makes
+and removes (:class:`Siblings`; one left by a supervisor killed with its workers is removed at
+the next start): each worker writes its own Prometheus series and its scheduler's role there
+every second, so ``/metrics`` sums the series of all workers and ``/healthz`` names worker 0's
+scheduler role whichever worker answers.
+
+What stays per process: the rate limit (each worker counts its own, so N workers let N
+times the burst through), the samplers' caches, the lock that makes asks of one study take
+turns (across workers they race in the database, which hands each trial out once, as for
+replicas), and the scheduler's wake-up: a study created or changed through worker 1..N-1 is
+dispatched at the scheduler's next tick (``HPO_SCHEDULER_INTERVAL_S``, 1 s), not at once.
 """
 
 from __future__ import annotations
@@ -65,29 +75,35 @@ def log_format(worker: int | None = None) -> str:
 class Siblings:
     """The folder that the workers of one ``hpo serve --workers N`` share.
 
-    Worker ``index`` writes ``<index>.json`` there (its Prometheus text and its scheduler's
-    role, replaced atomically); every worker reads all of them. A file is at most
-    ``interval_s`` old (a worker publishes that often, and once more when it answers a scrape)."""
+    Worker ``index`` writes ``<index>.json`` there (its Prometheus text, its scheduler's role
+    and when it wrote them; replaced atomically, each write from a file of its own); every
+    worker reads all of them. A file is at most ``interval_s`` old while its worker is
+    healthy (it publishes that often, and once more when it answers a scrape)."""
 
     def __init__(self, folder: Path, index: int, *, interval_s: float = 1.0) -> None:
         self.folder = folder
         self.index = index
         self.interval_s = interval_s
 
-    def publish(self, metrics_text: str, scheduler: str) -> None:
-        """Replace this worker's file (nothing once the folder is gone: the server stops)."""
-        path = self.folder / f"{self.index}.json"
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    def publish(self, metrics_text: str, scheduler: str, *, placeholder: bool = False) -> None:
+        """Replace this worker's file (nothing once the folder is gone: the server stops),
+        marked with the time on the host's monotonic clock, which every process of the host
+        shares; a ``placeholder`` (the supervisor's for worker 0,
+        before it starts) has none, so it never looks hung."""
+        at = None if placeholder else time.monotonic()
+        entry = {"metrics": metrics_text, "scheduler": scheduler, "at": at}
         with contextlib.suppress(FileNotFoundError):
-            tmp.write_text(json.dumps({"metrics": metrics_text, "scheduler": scheduler}))
-            tmp.replace(path)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+            with os.fdopen(fd, "w") as out:
+                json.dump(entry, out)
+            os.replace(tmp, self.folder / f"{self.index}.json")
 
-    def read(self) -> list[dict[str, Any]]:
-        """Every worker's last file (fewer before all of them have published)."""
-        found = []
-        for path in sorted(self.folder.glob("*.json")):
+    def read(self) -> dict[int, dict[str, Any]]:
+        """Every worker's last file by index (fewer before all of them have published)."""
+        found = {}
+        for path in self.folder.glob("*.json"):
             try:
-                found.append(json.loads(path.read_text()))
+                found[int(path.stem)] = json.loads(path.read_text())
             except (OSError, ValueError):  # removed at shutdown
                 continue
         return found
@@ -95,86 +111,158 @@ class Siblings:
     def scheduler_role(self) -> str:
         """The role of worker 0's scheduler (``running``, ``standby`` or ``off``: the server's
         scheduler is off); the supervisor writes what it starts as before worker 0 is up."""
-        try:
-            return str(json.loads((self.folder / "0.json").read_text())["scheduler"])
-        except (OSError, ValueError, KeyError):  # being replaced
-            return "standby"
+        return str(self.read().get(0, {}).get("scheduler", "standby"))
+
+
+def folder_for(data_dir: Path) -> Path:
+    """A new shared folder in ``data_dir``, named after this supervisor's pid; the folders of
+    supervisors no longer running (killed with their workers) are removed first."""
+    for old in data_dir.glob("serve-*"):
+        pid = old.name.removeprefix("serve-")
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = data_dir / f"serve-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)  # a pid reused
+    folder.mkdir(mode=0o700, parents=True)
+    return folder
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
 
 
 def supervise(
-    settings: Settings, env: dict[str, str], workers: int, *, stop_timeout_s: float = 30.0
+    settings: Settings,
+    env: dict[str, str],
+    workers: int,
+    *,
+    stop_timeout_s: float = 30.0,
 ) -> int:
     """Run ``workers`` worker processes on ``settings``' host and port until a signal stops
-    them (0) or one of them exits by itself (1). ``env`` is their environment (the CLI's
-    options as ``HPO_*`` variables among it). The caller has checked the database and made
-    the API token."""
+    them (0), or one of them exits by itself or publishes nothing for
+    ``settings.worker_hang_s`` (1). ``env`` is their environment (the CLI's options as
+    ``HPO_*`` variables among it). The caller has checked the database and made the API
+    token."""
     from hpo.service.db import make_engine, upgrade_schema
 
+    if settings.resolved_database_url.startswith("sqlite"):
+        log.warning(
+            "%d workers on SQLite: their writes take turns on the file's lock, so more "
+            "processes do not make them faster (PostgreSQL is where --workers helps)",
+            workers,
+        )
     engine = make_engine(settings.resolved_database_url)
     try:  # once here, not raced by N workers
         upgrade_schema(engine)
     finally:
         engine.dispose()
     try:
-        listener = _listen(settings.host, settings.port)
+        listeners = _listen(settings.host, settings.port)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
         return 1
-    folder = Path(tempfile.mkdtemp(prefix="hpo-serve-"))
-    stopping = threading.Event()
+    folder = folder_for(settings.data_dir)
+    # Set by SIGTERM/SIGINT. A plain list, not an Event: a handler that takes a lock the
+    # interrupted main thread holds would wait for ever.
+    stopping: list[int] = []
     signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in signals}
+    previous = {sig: signal.signal(sig, lambda sig, _: stopping.append(sig)) for sig in signals}
     procs: list[subprocess.Popen] = []
+    fds = [sock.fileno() for sock in listeners]
     try:
         # what worker 0's scheduler is until it says (the others answer /healthz with it)
-        Siblings(folder, 0).publish("", "standby" if settings.scheduler else "off")
+        Siblings(folder, 0).publish(
+            "", "standby" if settings.scheduler else "off", placeholder=True
+        )
         for index in range(workers):
             child = {
                 **env,
                 ENV_INDEX: str(index),
-                ENV_FD: str(listener.fileno()),
+                ENV_FD: ",".join(map(str, fds)),
                 ENV_PARENT: str(os.getpid()),
                 ENV_FOLDER: str(folder),
             }
             if index > 0:
                 child["HPO_SCHEDULER"] = "false"  # one scheduler per server
             procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "hpo.api.serving"],
-                    env=child,
-                    pass_fds=[listener.fileno()],
-                )
+                subprocess.Popen([sys.executable, "-m", "hpo.api.serving"], env=child, pass_fds=fds)
             )
-        listener.close()  # the workers hold it
+        for sock in listeners:
+            sock.close()  # the workers hold them
         log.info("%d workers started (pids %s)", workers, ", ".join(str(p.pid) for p in procs))
-        failed: tuple[int, int] | None = None
-        while failed is None and not stopping.wait(0.2):
-            failed = next(
-                ((i, p.returncode) for i, p in enumerate(procs) if p.poll() is not None), None
-            )
-        if failed is not None:
-            index, status = failed
-            log.error(
-                "worker %d (pid %d) exited with status %s; stopping the others",
-                index,
-                procs[index].pid,
-                status,
-            )
+        failed = _watch(procs, Siblings(folder, -1), settings.worker_hang_s, stopping)
+        if failed is not None and stopping and procs[failed].returncode in STOPPED:
+            failed = None  # stopped by the same signal as this process, a moment earlier
         clean = _stop(procs, stop_timeout_s)
         return 1 if failed is not None or not clean else 0
     finally:
         _stop(procs, stop_timeout_s)  # a start that failed half-way
-        listener.close()
+        for sock in listeners:
+            sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.create_server((host, port), family=family, backlog=2048)
-    listener.set_inheritable(True)
-    return listener
+def _watch(
+    procs: list[subprocess.Popen], siblings: Siblings, hang_s: float, stopping: list[int]
+) -> int | None:
+    """Wait until a signal comes (None) or a worker exits or hangs (its index; a hung worker
+    is killed, since SIGTERM does not reach a stopped process)."""
+    while not stopping:
+        time.sleep(0.2)
+        for index, proc in enumerate(procs):
+            if proc.poll() is not None:
+                log.error(
+                    "worker %d (pid %d) exited with status %s; stopping the others",
+                    index,
+                    proc.pid,
+                    proc.returncode,
+                )
+                return index
+        now = time.monotonic()
+        for index, entry in siblings.read().items():
+            at = entry.get("at")
+            if at is not None and now - at > hang_s and index < len(procs):
+                log.error(
+                    "worker %d (pid %d) published nothing for %.0f s (hung or stopped); "
+                    "killing it and stopping the others",
+                    index,
+                    procs[index].pid,
+                    now - at,
+                )
+                procs[index].kill()
+                procs[index].wait()
+                return index
+    return None
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` names (``""``: every interface, IPv4 and
+    IPv6), as asyncio's server binds them for ``hpo serve`` with one process."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    listeners: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # or it takes the IPv4 port too
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(2048)
+            sock.set_inheritable(True)
+    except OSError:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
 
 
 def _stop(procs: list[subprocess.Popen], timeout_s: float) -> bool:
@@ -216,7 +304,7 @@ def _watch_parent(parent: int, folder: Path, grace_s: float = 10.0) -> None:
 def worker_main() -> int:
     """One worker: the app on the inherited socket (run by :func:`supervise`)."""
     index = int(os.environ.pop(ENV_INDEX))
-    fd = int(os.environ.pop(ENV_FD))
+    fds = [int(fd) for fd in os.environ.pop(ENV_FD).split(",")]
     parent = int(os.environ.pop(ENV_PARENT))
     folder = Path(os.environ.pop(ENV_FOLDER))
     _watch_parent(parent, folder)  # before the imports: a supervisor killed meanwhile is seen too
@@ -231,8 +319,11 @@ def worker_main() -> int:
     server = uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level))
     # Once stopped, uvicorn raises again the signal that stopped it: SIGTERM ends the process
     # (status -15); Ctrl-C, which a terminal sends to every worker too, is a KeyboardInterrupt.
+    sockets = [socket.socket(fileno=fd) for fd in fds]
+    for sock in sockets:
+        sock.set_inheritable(False)  # not into the processes this one starts (Ray's)
     with contextlib.suppress(KeyboardInterrupt):
-        server.run(sockets=[socket.socket(fileno=fd)])
+        server.run(sockets=sockets)
     return 0 if server.started else STARTUP_FAILED
 
 

@@ -67,15 +67,27 @@ def gone(pids: list[int]) -> bool:
 
 @pytest.fixture
 def two_workers(tmp_path: Path):
-    """``hpo serve --workers 2``; the environment names one database, the options another."""
+    """``hpo serve --workers 2``; the environment names one database, the options another.
+    A worker that publishes nothing for 3 s counts as hung. A shared folder that a
+    supervisor killed with its workers left behind is in the data directory."""
     env_db, cli_db = tmp_path / "env.db", tmp_path / "cli.db"
+    leftover = tmp_path / f"serve-{dead_pid()}"
+    leftover.mkdir()
     with ServerProcess(
         f"sqlite:///{env_db}",
         tmp_path,
-        {},  # the scheduler on: worker 0 runs it (no study needs Ray here)
+        {"HPO_WORKER_HANG_S": "3"},  # the scheduler on: worker 0 runs it (no study needs Ray)
         args=["--workers", "2", "--database-url", f"sqlite:///{cli_db}"],
     ) as proc:
+        assert not leftover.exists()
         yield proc, env_db, cli_db
+
+
+def dead_pid() -> int:
+    """A process id that no process has now."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 def test_two_workers_share_the_port_the_options_and_one_scheduler_and_metrics_sum_both(
@@ -196,3 +208,20 @@ def test_ctrl_c_to_the_process_group_stops_every_worker_with_status_0(
     assert proc.proc.wait(timeout=40) == 0
     assert gone([w.pid for w in workers])
     assert "Traceback" not in proc.log_path.read_text()
+
+
+def test_a_stopped_worker_0_stops_the_server_with_status_1(
+    two_workers: tuple[ServerProcess, Path, Path],
+) -> None:
+    """SIGSTOP: the worker holds its connections and answers nothing, and the scheduler it
+    runs dispatches nothing, while its sibling would go on saying "running"."""
+    proc, _, _ = two_workers
+    assert proc.proc is not None
+    workers = workers_of(proc)
+    folder = folder_of(workers[0])
+    workers[0].suspend()
+    assert proc.proc.wait(timeout=60) == 1
+    assert gone([w.pid for w in workers])
+    log = proc.log_path.read_text()
+    assert "worker 0" in log and "published nothing for" in log
+    assert not folder.exists()
