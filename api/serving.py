@@ -10,7 +10,8 @@ as N replicas would be (the tested multi-server set-up), and only worker 0 runs 
 What the supervisor guarantees:
 
 - A worker that exits when nobody asked it to (killed, or its start-up failed), or that has
-  published nothing for ``HPO_WORKER_HANG_S`` (hung, or stopped with SIGSTOP: it is killed),
+  published nothing for ``HPO_WORKER_HANG_S`` (hung, or stopped with SIGSTOP: it is killed;
+  at start-up it has ``START_S`` more),
   stops the others, and ``hpo serve`` exits with status 1 naming it: a process manager
   (systemd, Kubernetes) then restarts the whole server, never a server with a worker missing
   or one that answers for a scheduler that no longer runs.
@@ -64,6 +65,9 @@ ENV_FOLDER = "HPO_SERVE_FOLDER"
 # worker that stopped as asked.
 STARTUP_FAILED = 3
 STOPPED = (0, -signal.SIGTERM, -signal.SIGINT)
+# What a worker has to start (imports, the app's start-up), beyond HPO_WORKER_HANG_S, before
+# it must have published for the first time.
+START_S = 60.0
 
 
 def log_format(worker: int | None = None) -> str:
@@ -215,6 +219,7 @@ def _watch(
 ) -> int | None:
     """Wait until a signal comes (None) or a worker exits or hangs (its index; a hung worker
     is killed, since SIGTERM does not reach a stopped process)."""
+    started = time.monotonic()
     while not stopping:
         time.sleep(0.2)
         for index, proc in enumerate(procs):
@@ -227,15 +232,18 @@ def _watch(
                 )
                 return index
         now = time.monotonic()
-        for index, entry in siblings.read().items():
-            at = entry.get("at")
-            if at is not None and now - at > hang_s and index < len(procs):
+        published = siblings.read()
+        for index in range(len(procs)):
+            at = published.get(index, {}).get("at")
+            # before its first file, a worker has START_S more, to start
+            since, limit = (started, hang_s + START_S) if at is None else (at, hang_s)
+            if now - since > limit:
                 log.error(
                     "worker %d (pid %d) published nothing for %.0f s (hung or stopped); "
                     "killing it and stopping the others",
                     index,
                     procs[index].pid,
-                    now - at,
+                    now - since,
                 )
                 procs[index].kill()
                 procs[index].wait()

@@ -6,6 +6,7 @@ running after a worker or the supervisor is killed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,22 +67,42 @@ def gone(pids: list[int]) -> bool:
     )
 
 
-@pytest.fixture
-def two_workers(tmp_path: Path):
+@contextlib.contextmanager
+def served_by_two(
+    tmp_path: Path, env: dict[str, str]
+) -> Iterator[tuple[ServerProcess, Path, Path]]:
     """``hpo serve --workers 2``; the environment names one database, the options another.
-    A worker that publishes nothing for 3 s counts as hung. A shared folder that a
-    supervisor killed with its workers left behind is in the data directory."""
+    A shared folder that a supervisor killed with its workers left behind is in the data
+    directory."""
     env_db, cli_db = tmp_path / "env.db", tmp_path / "cli.db"
     leftover = tmp_path / f"serve-{dead_pid()}"
     leftover.mkdir()
     with ServerProcess(
         f"sqlite:///{env_db}",
         tmp_path,
-        {"HPO_WORKER_HANG_S": "3"},  # the scheduler on: worker 0 runs it (no study needs Ray)
+        env,  # the scheduler on: worker 0 runs it (no study needs Ray here)
         args=["--workers", "2", "--database-url", f"sqlite:///{cli_db}"],
     ) as proc:
         assert not leftover.exists()
+        # /healthz answered: one worker is up; the other may still be starting
+        folder = folder_of(workers_of(proc)[0])
+        wait_for(lambda: all(published(folder, i) for i in (0, 1)), timeout=60)
         yield proc, env_db, cli_db
+
+
+def published(folder: Path, index: int) -> bool:
+    """Whether worker ``index`` has started and published (the supervisor's placeholder for
+    worker 0 has no time)."""
+    try:
+        return json.loads((folder / f"{index}.json").read_text())["at"] is not None
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path, Path]]:
+    with served_by_two(tmp_path, {}) as served:
+        yield served
 
 
 def dead_pid() -> int:
@@ -132,21 +154,27 @@ def test_two_workers_share_the_port_the_options_and_one_scheduler_and_metrics_su
     )
 
 
+def ends_with(
+    proc: ServerProcess, act: Callable[[list[psutil.Process]], object], status: int
+) -> str:
+    """Do ``act`` to the server's workers; then ``hpo serve`` must exit with ``status``,
+    leaving no worker and no shared folder. Returns its log."""
+    assert proc.proc is not None
+    workers = workers_of(proc)
+    folder = folder_of(workers[0])
+    act(workers)
+    assert proc.proc.wait(timeout=60) == status
+    assert gone([w.pid for w in workers])
+    assert not folder.exists()
+    return proc.log_path.read_text()
+
+
 def test_a_killed_worker_stops_the_server_with_status_1_and_nothing_keeps_serving(
     two_workers: tuple[ServerProcess, Path, Path],
 ) -> None:
     proc, _, _ = two_workers
-    assert proc.proc is not None
-    workers = workers_of(proc)
-    folder = folder_of(workers[0])
-    os.kill(workers[1].pid, signal.SIGKILL)
-    assert proc.proc.wait(timeout=40) == 1
-    assert gone([w.pid for w in workers])
-    assert (
-        "worker 1" in proc.log_path.read_text()
-        and "exited with status -9" in proc.log_path.read_text()
-    )
-    assert not folder.exists()
+    log = ends_with(proc, lambda workers: workers[1].kill(), 1)
+    assert "worker 1" in log and "exited with status -9" in log
     with pytest.raises(httpx.TransportError):
         httpx.get(proc.url + "/livez", timeout=2)
 
@@ -169,12 +197,7 @@ def test_sigterm_stops_every_worker_with_status_0(
 ) -> None:
     proc, _, _ = two_workers
     assert proc.proc is not None
-    workers = workers_of(proc)
-    folder = folder_of(workers[0])
-    proc.proc.send_signal(signal.SIGTERM)
-    assert proc.proc.wait(timeout=40) == 0
-    assert gone([w.pid for w in workers])
-    assert not folder.exists()
+    ends_with(proc, lambda _: proc.proc.send_signal(signal.SIGTERM), 0)
 
 
 def test_a_port_in_use_is_an_error_before_any_worker_starts(tmp_path: Path) -> None:
@@ -203,25 +226,15 @@ def test_ctrl_c_to_the_process_group_stops_every_worker_with_status_0(
     """A terminal's Ctrl-C: SIGINT to hpo serve and its workers at once."""
     proc, _, _ = two_workers
     assert proc.proc is not None
-    workers = workers_of(proc)
-    os.killpg(proc.proc.pid, signal.SIGINT)  # ServerProcess starts it in a session of its own
-    assert proc.proc.wait(timeout=40) == 0
-    assert gone([w.pid for w in workers])
-    assert "Traceback" not in proc.log_path.read_text()
+    # ServerProcess starts it in a session of its own
+    log = ends_with(proc, lambda _: os.killpg(proc.proc.pid, signal.SIGINT), 0)
+    assert "Traceback" not in log
 
 
-def test_a_stopped_worker_0_stops_the_server_with_status_1(
-    two_workers: tuple[ServerProcess, Path, Path],
-) -> None:
+def test_a_stopped_worker_0_stops_the_server_with_status_1(tmp_path: Path) -> None:
     """SIGSTOP: the worker holds its connections and answers nothing, and the scheduler it
-    runs dispatches nothing, while its sibling would go on saying "running"."""
-    proc, _, _ = two_workers
-    assert proc.proc is not None
-    workers = workers_of(proc)
-    folder = folder_of(workers[0])
-    workers[0].suspend()
-    assert proc.proc.wait(timeout=60) == 1
-    assert gone([w.pid for w in workers])
-    log = proc.log_path.read_text()
-    assert "worker 0" in log and "published nothing for" in log
-    assert not folder.exists()
+    runs dispatches nothing, while its sibling would go on saying "running". Here a worker
+    that publishes nothing for 5 s counts as hung (30 s by default)."""
+    with served_by_two(tmp_path, {"HPO_WORKER_HANG_S": "5"}) as (proc, _, _):
+        log = ends_with(proc, lambda workers: workers[0].suspend(), 1)
+        assert "worker 0" in log and "published nothing for" in log
