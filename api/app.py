@@ -88,7 +88,7 @@ def create_app(
         app.state.scheduler = scheduler
         background = [asyncio.create_task(_sweep_leases(app, settings.lease_sweep_interval_s))]
         if siblings is not None:
-            background.append(asyncio.create_task(_publish(app, siblings.interval_s)))
+            background.append(asyncio.create_task(_publish(app, siblings)))
         if freeze_heap:
             _freeze_heap()
             if scheduler is not None:
@@ -153,7 +153,8 @@ def create_app(
         and the reason while the database cannot be reached. ``scheduler`` says whether this
         server runs the scheduler (``running``), stands by for another that holds the
         scheduler lease (``standby``), or has none (``off``); under ``hpo serve --workers N``
-        every worker answers for worker 0, which runs it. Also 503 while writes fail: the
+        every worker answers for worker 0, which runs it (``unknown`` when worker 0's file in
+        their shared folder cannot be read). Also 503 while writes fail: the
         last write found the database locked or unreachable a moment ago.
 
         On a cluster, ``preflight`` is the node preflight (``state`` ok, pending or failed,
@@ -251,14 +252,22 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-async def _publish(app: FastAPI, interval_s: float) -> None:
-    """Publish this worker's series for its siblings every ``interval_s`` (see ``create_app``)."""
+async def _publish(app: FastAPI, siblings: Siblings) -> None:
+    """Every ``siblings.interval_s``: beat (this event loop runs) and publish this worker's
+    series for its siblings (see ``create_app``). A publish that fails (a full disk) is
+    logged once until one succeeds again; the others read the last one meanwhile."""
+    failing = False
     while True:
+        siblings.beat()
         try:
             await asyncio.to_thread(prometheus.publish, app)
-        except OSError:  # a full disk: the others read the last one, and this one tries again
-            log.exception("could not publish this worker's metrics")
-        await asyncio.sleep(interval_s)
+        except Exception:
+            if not failing:
+                log.exception("could not publish this worker's metrics; trying every second")
+            failing = True
+        else:
+            failing = False
+        await asyncio.sleep(siblings.interval_s)
 
 
 async def _freeze_once_connected(scheduler: Scheduler, poll_s: float = 1.0) -> None:

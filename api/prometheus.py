@@ -266,8 +266,10 @@ class SiblingsCollector(Collector):
 
 def publish(app: FastAPI) -> None:
     """Write this worker's series and its scheduler's role where its siblings read them."""
-    own = generate_latest(app.state.process_registry).decode()
-    app.state.siblings.publish(own, role_of(getattr(app.state, "scheduler", None)))
+    siblings = app.state.siblings
+    with siblings.lock:  # so that a newer text is never replaced by an older one
+        own = generate_latest(app.state.process_registry).decode()
+        siblings.publish(own, role_of(getattr(app.state, "scheduler", None)))
 
 
 def role_of(scheduler: Scheduler | None) -> str:

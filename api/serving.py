@@ -9,23 +9,25 @@ as N replicas would be (the tested multi-server set-up), and only worker 0 runs 
 
 What the supervisor guarantees:
 
-- A worker that exits when nobody asked it to (killed, or its start-up failed), or that has
-  published nothing for ``HPO_WORKER_HANG_S`` (hung, or stopped with SIGSTOP: it is killed;
-  at start-up it has ``START_S`` more),
-  stops the others, and ``hpo serve`` exits with status 1 naming it: a process manager
-  (systemd, Kubernetes) then restarts the whole server, never a server with a worker missing
-  or one that answers for a scheduler that no longer runs.
+- A worker that exits when nobody asked it to (killed, or its start-up failed), or whose
+  event loop has not beaten for ``HPO_WORKER_HANG_S`` (hung, or stopped with SIGSTOP: it is
+  killed; at start-up it has ``START_S`` more), stops the others, and ``hpo serve`` exits
+  with status 1 naming it: a process manager (systemd, Kubernetes) then restarts the whole
+  server, never a server with a worker missing or one that answers for a scheduler that no
+  longer runs. Each worker beats once a second on a pipe of its own; the supervisor times the
+  beats on its own clock, so a pause of the whole server (Ctrl-Z, ``docker pause``) is not
+  taken for a hang.
 - SIGTERM or SIGINT stops the workers (each finishes its requests; killed after
   ``stop_timeout_s``) and ``hpo serve`` exits with 0 when all of them did.
 - A worker whose supervisor is gone (``kill -9``) is sent SIGTERM within a quarter of a
   second by a thread of its own, and ended 10 s later if still there, so no worker keeps
   serving the port alone.
 
-The workers share a folder in the data directory, ``serve-<pid>``, that the supervisor makes
-and removes (:class:`Siblings`; one left by a supervisor killed with its workers is removed at
-the next start): each worker writes its own Prometheus series and its scheduler's role there
-every second, so ``/metrics`` sums the series of all workers and ``/healthz`` names worker 0's
-scheduler role whichever worker answers.
+The workers share a folder the supervisor makes in the data directory, ``serve-*``, and
+locks for its lifetime (:class:`Siblings`; one left by a supervisor killed with its workers
+is unlocked, and removed at the next start): each worker writes its own Prometheus series and
+its scheduler's role there every second, so ``/metrics`` sums the series of all workers and
+``/healthz`` names worker 0's scheduler role whichever worker answers.
 
 What stays per process: the rate limit (each worker counts its own, so N workers let N
 times the burst through), the samplers' caches, the lock that makes asks of one study take
@@ -37,9 +39,12 @@ dispatched at the scheduler's next tick (``HPO_SCHEDULER_INTERVAL_S``, 1 s), not
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -61,13 +66,15 @@ ENV_INDEX = "HPO_SERVE_WORKER"
 ENV_FD = "HPO_SERVE_FD"
 ENV_PARENT = "HPO_SERVE_PARENT"
 ENV_FOLDER = "HPO_SERVE_FOLDER"
+ENV_BEAT = "HPO_SERVE_BEAT"
 # Exit status of a worker whose app did not start (its lifespan failed), and those of a
 # worker that stopped as asked.
 STARTUP_FAILED = 3
 STOPPED = (0, -signal.SIGTERM, -signal.SIGINT)
 # What a worker has to start (imports, the app's start-up), beyond HPO_WORKER_HANG_S, before
-# it must have published for the first time.
+# its first beat.
 START_S = 60.0
+LOCK_FILE = "supervisor.lock"
 
 
 def log_format(worker: int | None = None) -> str:
@@ -77,30 +84,43 @@ def log_format(worker: int | None = None) -> str:
 
 
 class Siblings:
-    """The folder that the workers of one ``hpo serve --workers N`` share.
+    """The folder that the workers of one ``hpo serve --workers N`` share, and worker
+    ``index``'s beat (the write end of its pipe to the supervisor).
 
-    Worker ``index`` writes ``<index>.json`` there (its Prometheus text, its scheduler's role
-    and when it wrote them; replaced atomically, each write from a file of its own); every
-    worker reads all of them. A file is at most ``interval_s`` old while its worker is
-    healthy (it publishes that often, and once more when it answers a scrape)."""
+    Worker ``index`` writes ``<index>.json`` there (its Prometheus text and its scheduler's
+    role; replaced atomically, each write from a file of its own); every worker reads all of
+    them. A file is at most ``interval_s`` old while its
+    worker is healthy (it publishes that often, and once more when it answers a scrape)."""
 
-    def __init__(self, folder: Path, index: int, *, interval_s: float = 1.0) -> None:
+    def __init__(
+        self, folder: Path, index: int, *, beat_fd: int | None = None, interval_s: float = 1.0
+    ) -> None:
         self.folder = folder
         self.index = index
+        self.beat_fd = beat_fd
         self.interval_s = interval_s
+        self.lock = threading.Lock()  # held by a worker from making its text to its file
 
-    def publish(self, metrics_text: str, scheduler: str, *, placeholder: bool = False) -> None:
-        """Replace this worker's file (nothing once the folder is gone: the server stops),
-        marked with the time on the host's monotonic clock, which every process of the host
-        shares; a ``placeholder`` (the supervisor's for worker 0,
-        before it starts) has none, so it never looks hung."""
-        at = None if placeholder else time.monotonic()
-        entry = {"metrics": metrics_text, "scheduler": scheduler, "at": at}
+    def beat(self) -> None:
+        """Tell the supervisor this worker's event loop runs (a byte on its pipe; none when
+        the pipe is full or the supervisor gone)."""
+        if self.beat_fd is not None:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(self.beat_fd, b".")
+
+    def publish(self, metrics_text: str, scheduler: str) -> None:
+        """Replace this worker's file (nothing once the folder is gone: the server stops)."""
+        entry = json.dumps({"metrics": metrics_text, "scheduler": scheduler})
         with contextlib.suppress(FileNotFoundError):
             fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-            with os.fdopen(fd, "w") as out:
-                json.dump(entry, out)
-            os.replace(tmp, self.folder / f"{self.index}.json")
+            try:
+                with os.fdopen(fd, "w") as out:
+                    out.write(entry)
+                os.replace(tmp, self.folder / f"{self.index}.json")
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
 
     def read(self) -> dict[int, dict[str, Any]]:
         """Every worker's last file by index (fewer before all of them have published)."""
@@ -114,31 +134,36 @@ class Siblings:
 
     def scheduler_role(self) -> str:
         """The role of worker 0's scheduler (``running``, ``standby`` or ``off``: the server's
-        scheduler is off); the supervisor writes what it starts as before worker 0 is up."""
-        return str(self.read().get(0, {}).get("scheduler", "standby"))
+        scheduler is off; the supervisor writes what it starts as before worker 0 is up), or
+        ``unknown`` when its file cannot be read."""
+        try:
+            return str(json.loads((self.folder / "0.json").read_text())["scheduler"])
+        except (OSError, ValueError, KeyError):
+            return "unknown"
 
 
-def folder_for(data_dir: Path) -> Path:
-    """A new shared folder in ``data_dir``, named after this supervisor's pid; the folders of
-    supervisors no longer running (killed with their workers) are removed first."""
+def folder_for(data_dir: Path) -> tuple[Path, int]:
+    """A new shared folder in ``data_dir`` and the descriptor of its lock, held for as long as
+    it stays open. The folders whose lock nobody holds (their supervisor was killed with its
+    workers) are removed first."""
+    data_dir.mkdir(parents=True, exist_ok=True)
     for old in data_dir.glob("serve-*"):
-        pid = old.name.removeprefix("serve-")
-        if pid.isdigit() and not _running(int(pid)):
+        try:
+            fd = os.open(old / LOCK_FILE, os.O_RDWR)
+        except OSError:
+            continue  # being made or removed
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a running server's
+        else:
             shutil.rmtree(old, ignore_errors=True)
-    folder = data_dir / f"serve-{os.getpid()}"
-    shutil.rmtree(folder, ignore_errors=True)  # a pid reused
-    folder.mkdir(mode=0o700, parents=True)
-    return folder
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's
-        return True
-    return True
+        finally:
+            os.close(fd)
+    folder = Path(tempfile.mkdtemp(prefix="serve-", dir=data_dir))
+    lock = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return folder, lock
 
 
 def supervise(
@@ -171,82 +196,103 @@ def supervise(
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
         return 1
-    folder = folder_for(settings.data_dir)
+    folder, lock = folder_for(settings.data_dir)
     # Set by SIGTERM/SIGINT. A plain list, not an Event: a handler that takes a lock the
     # interrupted main thread holds would wait for ever.
     stopping: list[int] = []
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, lambda sig, _: stopping.append(sig)) for sig in signals}
     procs: list[subprocess.Popen] = []
+    beats: list[int] = []  # the read ends of the workers' pipes
     fds = [sock.fileno() for sock in listeners]
     try:
         # what worker 0's scheduler is until it says (the others answer /healthz with it)
-        Siblings(folder, 0).publish(
-            "", "standby" if settings.scheduler else "off", placeholder=True
-        )
+        Siblings(folder, 0).publish("", "standby" if settings.scheduler else "off")
         for index in range(workers):
+            beat_r, beat_w = os.pipe()
+            os.set_blocking(beat_r, False)
+            beats.append(beat_r)
             child = {
                 **env,
                 ENV_INDEX: str(index),
                 ENV_FD: ",".join(map(str, fds)),
                 ENV_PARENT: str(os.getpid()),
                 ENV_FOLDER: str(folder),
+                ENV_BEAT: str(beat_w),
             }
             if index > 0:
                 child["HPO_SCHEDULER"] = "false"  # one scheduler per server
-            procs.append(
-                subprocess.Popen([sys.executable, "-m", "hpo.api.serving"], env=child, pass_fds=fds)
-            )
+            try:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "hpo.api.serving"],
+                        env=child,
+                        pass_fds=[*fds, beat_w],
+                    )
+                )
+            finally:
+                os.close(beat_w)
         for sock in listeners:
             sock.close()  # the workers hold them
         log.info("%d workers started (pids %s)", workers, ", ".join(str(p.pid) for p in procs))
-        failed = _watch(procs, Siblings(folder, -1), settings.worker_hang_s, stopping)
-        if failed is not None and stopping and procs[failed].returncode in STOPPED:
-            failed = None  # stopped by the same signal as this process, a moment earlier
+        failed = _watch(procs, beats, settings.worker_hang_s, stopping)
         clean = _stop(procs, stop_timeout_s)
         return 1 if failed is not None or not clean else 0
     finally:
         _stop(procs, stop_timeout_s)  # a start that failed half-way
+        for fd in beats:
+            os.close(fd)
         for sock in listeners:
             sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         shutil.rmtree(folder, ignore_errors=True)
+        os.close(lock)
 
 
 def _watch(
-    procs: list[subprocess.Popen], siblings: Siblings, hang_s: float, stopping: list[int]
+    procs: list[subprocess.Popen], beats: list[int], hang_s: float, stopping: list[int]
 ) -> int | None:
     """Wait until a signal comes (None) or a worker exits or hangs (its index; a hung worker
-    is killed, since SIGTERM does not reach a stopped process)."""
-    started = time.monotonic()
+    is killed, since SIGTERM does not reach a stopped process). A worker stopped by the
+    signal that stops this process too (a group's SIGTERM, Ctrl-C) is not a failure."""
+    heard = [time.monotonic() + START_S] * len(procs)  # before the first beat: START_S more
+    last = time.monotonic()
     while not stopping:
-        time.sleep(0.2)
-        for index, proc in enumerate(procs):
-            if proc.poll() is not None:
-                log.error(
-                    "worker %d (pid %d) exited with status %s; stopping the others",
-                    index,
-                    proc.pid,
-                    proc.returncode,
-                )
-                return index
+        ready, _, _ = select.select(beats, [], [], 0.2)
         now = time.monotonic()
-        published = siblings.read()
-        for index in range(len(procs)):
-            at = published.get(index, {}).get("at")
-            # before its first file, a worker has START_S more, to start
-            since, limit = (started, hang_s + START_S) if at is None else (at, hang_s)
-            if now - since > limit:
+        if now - last > 2.0:  # this process was paused (all of them were, with it)
+            heard = [max(h, now) for h in heard]
+        last = now
+        for fd in ready:
+            with contextlib.suppress(BlockingIOError):
+                if os.read(fd, 4096):
+                    heard[beats.index(fd)] = now
+        for index, proc in enumerate(procs):
+            if proc.poll() is None:
+                continue
+            time.sleep(0.5)  # the signal that stopped it may be on its way here too
+            if stopping and proc.returncode in STOPPED:
+                return None
+            log.error(
+                "worker %d (pid %d) exited with status %s; stopping the others",
+                index,
+                proc.pid,
+                proc.returncode,
+            )
+            return index
+        for index, proc in enumerate(procs):
+            if now - heard[index] > hang_s:
                 log.error(
-                    "worker %d (pid %d) published nothing for %.0f s (hung or stopped); "
+                    "worker %d (pid %d) has not beaten in %.0f s (hung or stopped); "
                     "killing it and stopping the others",
                     index,
-                    procs[index].pid,
-                    now - since,
+                    proc.pid,
+                    hang_s,
                 )
-                procs[index].kill()
-                procs[index].wait()
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)  # one in an uninterruptible wait may not die
                 return index
     return None
 
@@ -258,7 +304,12 @@ def _listen(host: str, port: int) -> list[socket.socket]:
     listeners: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:  # a family this kernel lacks (IPv6), as asyncio skips it
+                if exc.errno != errno.EAFNOSUPPORT:
+                    raise
+                continue
             listeners.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:  # or it takes the IPv4 port too
@@ -287,7 +338,8 @@ def _stop(procs: list[subprocess.Popen], timeout_s: float) -> bool:
         except subprocess.TimeoutExpired:
             log.error("worker pid %d did not stop in %.0f s; killed", proc.pid, timeout_s)
             proc.kill()
-            proc.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
         clean = clean and proc.returncode in STOPPED
     return clean
 
@@ -315,7 +367,13 @@ def worker_main() -> int:
     fds = [int(fd) for fd in os.environ.pop(ENV_FD).split(",")]
     parent = int(os.environ.pop(ENV_PARENT))
     folder = Path(os.environ.pop(ENV_FOLDER))
+    beat_fd = int(os.environ.pop(ENV_BEAT))
+    # The supervisor stops the workers on Ctrl-C (with SIGTERM); until uvicorn takes the
+    # signals, a worker's imports would end in a KeyboardInterrupt's traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _watch_parent(parent, folder)  # before the imports: a supervisor killed meanwhile is seen too
+    os.set_blocking(beat_fd, False)
+    os.set_inheritable(beat_fd, False)
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format=log_format(index))
 
@@ -323,15 +381,14 @@ def worker_main() -> int:
 
     from hpo.api.app import create_app
 
-    app = create_app(settings, freeze_heap=True, siblings=Siblings(folder, index))
+    app = create_app(settings, freeze_heap=True, siblings=Siblings(folder, index, beat_fd=beat_fd))
     server = uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level))
-    # Once stopped, uvicorn raises again the signal that stopped it: SIGTERM ends the process
-    # (status -15); Ctrl-C, which a terminal sends to every worker too, is a KeyboardInterrupt.
+    # Once stopped, uvicorn raises again the signal that stopped it (and restores the
+    # handlers it found): SIGTERM ends the process (status -15), SIGINT is ignored.
     sockets = [socket.socket(fileno=fd) for fd in fds]
     for sock in sockets:
         sock.set_inheritable(False)  # not into the processes this one starts (Ray's)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run(sockets=sockets)
+    server.run(sockets=sockets)
     return 0 if server.started else STARTUP_FAILED
 
 

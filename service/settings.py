@@ -61,9 +61,9 @@ class Settings(BaseSettings):
     # database, as replicas are; worker 0 runs the scheduler). One interpreter is the reports'
     # queue under many streaming trials; see the README, "Server processes".
     workers: int = Field(default=1, ge=1, le=64)
-    # A worker of `hpo serve --workers N` that publishes nothing for this long (it does every
-    # second) is hung: the server stops with status 1 (hpo.api.serving).
-    worker_hang_s: float = Field(default=30.0, gt=0)
+    # A worker of `hpo serve --workers N` whose event loop has not beaten for this long (it
+    # beats every second) is hung: the server stops with status 1 (hpo.api.serving).
+    worker_hang_s: float = Field(default=30.0, ge=5)
     # The node preflight on a cluster (see hpo.service.preflight): how long a node has to run
     # it, and how often a node that failed it is checked again.
     preflight_timeout_s: float = Field(default=30.0, gt=0)

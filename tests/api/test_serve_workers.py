@@ -7,6 +7,7 @@ running after a worker or the supervisor is killed."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -72,29 +73,37 @@ def served_by_two(
     tmp_path: Path, env: dict[str, str]
 ) -> Iterator[tuple[ServerProcess, Path, Path]]:
     """``hpo serve --workers 2``; the environment names one database, the options another.
-    A shared folder that a supervisor killed with its workers left behind is in the data
-    directory."""
+    In the data directory: the shared folder of a supervisor killed with its workers (its
+    lock free), and one of a running server (its lock held here)."""
     env_db, cli_db = tmp_path / "env.db", tmp_path / "cli.db"
-    leftover = tmp_path / f"serve-{dead_pid()}"
-    leftover.mkdir()
-    with ServerProcess(
-        f"sqlite:///{env_db}",
-        tmp_path,
-        env,  # the scheduler on: worker 0 runs it (no study needs Ray here)
-        args=["--workers", "2", "--database-url", f"sqlite:///{cli_db}"],
-    ) as proc:
-        assert not leftover.exists()
-        # /healthz answered: one worker is up; the other may still be starting
-        folder = folder_of(workers_of(proc)[0])
-        wait_for(lambda: all(published(folder, i) for i in (0, 1)), timeout=60)
-        yield proc, env_db, cli_db
+    leftover, live = tmp_path / "serve-leftover", tmp_path / "serve-live"
+    for folder in (leftover, live):
+        folder.mkdir()
+        (folder / "supervisor.lock").touch()
+    held = os.open(live / "supervisor.lock", os.O_RDWR)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with ServerProcess(
+            f"sqlite:///{env_db}",
+            tmp_path,
+            env,  # the scheduler on: worker 0 runs it (no study needs Ray here)
+            args=["--workers", "2", "--database-url", f"sqlite:///{cli_db}"],
+        ) as proc:
+            assert not leftover.exists()
+            assert live.exists()
+            # /healthz answered: one worker is up; the other may still be starting
+            folder = folder_of(workers_of(proc)[0])
+            wait_for(lambda: all(published(folder, i) for i in (0, 1)), timeout=60)
+            yield proc, env_db, cli_db
+    finally:
+        os.close(held)
 
 
 def published(folder: Path, index: int) -> bool:
     """Whether worker ``index`` has started and published (the supervisor's placeholder for
-    worker 0 has no time)."""
+    worker 0 has no series)."""
     try:
-        return json.loads((folder / f"{index}.json").read_text())["at"] is not None
+        return json.loads((folder / f"{index}.json").read_text())["metrics"] != ""
     except FileNotFoundError:
         return False
 
@@ -103,13 +112,6 @@ def published(folder: Path, index: int) -> bool:
 def two_workers(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path, Path]]:
     with served_by_two(tmp_path, {}) as served:
         yield served
-
-
-def dead_pid() -> int:
-    """A process id that no process has now."""
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 def test_two_workers_share_the_port_the_options_and_one_scheduler_and_metrics_sum_both(
@@ -128,10 +130,10 @@ def test_two_workers_share_the_port_the_options_and_one_scheduler_and_metrics_su
         roles = list(pool.map(lambda _: fresh_get(proc, "/healthz").json()["scheduler"], range(40)))
     assert statuses == [200] * n
     # both workers answered, and every /healthz names the scheduler worker 0 runs
-    time.sleep(1.5)  # each worker publishes its counters every second
+    # each worker publishes its counters every second
+    wait_for(lambda: sum(own_count(folder, i, STUDIES) for i in (0, 1)) == n, timeout=10)
     mine = [own_count(folder, i, STUDIES) for i in (0, 1)]
     assert all(count > 0 for count in mine), mine
-    assert sum(mine) == n
     assert roles == ["running"] * 40
     # whichever worker answers a scrape, it sums both
     for _ in range(6):
@@ -237,4 +239,18 @@ def test_a_stopped_worker_0_stops_the_server_with_status_1(tmp_path: Path) -> No
     that publishes nothing for 5 s counts as hung (30 s by default)."""
     with served_by_two(tmp_path, {"HPO_WORKER_HANG_S": "5"}) as (proc, _, _):
         log = ends_with(proc, lambda workers: workers[0].suspend(), 1)
-        assert "worker 0" in log and "published nothing for" in log
+        assert "worker 0" in log and "has not beaten in 5 s" in log
+
+
+def test_a_pause_of_the_whole_server_is_not_taken_for_a_hang(tmp_path: Path) -> None:
+    """Ctrl-Z then fg, ``docker pause``: every process stopped for longer than the hang limit,
+    then continued; the supervisor must not kill a worker for the beats it could not send."""
+    with served_by_two(tmp_path, {"HPO_WORKER_HANG_S": "5"}) as (proc, _, _):
+        assert proc.proc is not None
+        os.killpg(proc.proc.pid, signal.SIGSTOP)
+        time.sleep(8)
+        os.killpg(proc.proc.pid, signal.SIGCONT)
+        time.sleep(8)  # beyond the limit again, now that all of them run
+        assert proc.proc.poll() is None, proc.log_path.read_text()[-2000:]
+        assert len(workers_of(proc)) == 2
+        assert fresh_get(proc, "/healthz").status_code == 200
