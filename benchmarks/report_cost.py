@@ -11,9 +11,9 @@ with the key added back and without it.
 ``body``: the server's CPU to turn a report's JSON body into the points the service takes:
 what FastAPI does (``json.loads``, then the body model's validation) and, before report
 bodies were validated straight into records, the copy of each point into a ``MetricInput``;
-timed with ``timeit`` in this process, alternating the old model (pydantic ``BaseModel`` points with a Python validator
-for finite values) and the shipped one (``api.schemas.PointIn``: a dataclass validated
-straight into the record).
+timed with ``timeit`` in this process, alternating the old model (pydantic ``BaseModel``
+points with a Python validator for finite values) and the shipped one
+(``api.schemas.PointIn``: a dataclass validated straight into the record).
 
     python benchmarks/report_cost.py insert --postgres postgresql://postgres@127.0.0.1:5432/postgres
     python benchmarks/report_cost.py body
