@@ -88,6 +88,7 @@ def create_app(
         app.state.scheduler = scheduler
         background = [asyncio.create_task(_sweep_leases(app, settings.lease_sweep_interval_s))]
         if siblings is not None:
+            background.append(asyncio.create_task(_beat(siblings)))
             background.append(asyncio.create_task(_publish(app, siblings)))
         if freeze_heap:
             _freeze_heap()
@@ -106,8 +107,12 @@ def create_app(
         finally:
             for task in background:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # a loop that died: the shutdown goes on
+                    log.exception("a background task of the server had failed")
             try:
                 if scheduler is not None:
                     await asyncio.to_thread(scheduler.stop)
@@ -252,13 +257,23 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
+async def _beat(siblings: Siblings) -> None:
+    """Tell the supervisor every ``siblings.interval_s`` that this event loop runs (apart from
+    publishing, so that a slow or failing disk is not taken for a hang)."""
+    while True:
+        try:
+            siblings.beat()
+        except OSError:
+            log.exception("could not beat; the supervisor will take this worker for hung")
+        await asyncio.sleep(siblings.interval_s)
+
+
 async def _publish(app: FastAPI, siblings: Siblings) -> None:
-    """Every ``siblings.interval_s``: beat (this event loop runs) and publish this worker's
-    series for its siblings (see ``create_app``). A publish that fails (a full disk) is
-    logged once until one succeeds again; the others read the last one meanwhile."""
+    """Publish this worker's series for its siblings every ``siblings.interval_s`` (see
+    ``create_app``). A publish that fails (a full disk) is logged once until one succeeds
+    again; the others read the last one meanwhile."""
     failing = False
     while True:
-        siblings.beat()
         try:
             await asyncio.to_thread(prometheus.publish, app)
         except Exception:

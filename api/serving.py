@@ -54,9 +54,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hpo.service.settings import Settings
+if TYPE_CHECKING:  # imported late: a worker ignores Ctrl-C before its imports
+    from hpo.service.settings import Settings
 
 log = logging.getLogger("hpo.serve")
 
@@ -160,9 +161,20 @@ def folder_for(data_dir: Path) -> tuple[Path, int]:
             shutil.rmtree(old, ignore_errors=True)
         finally:
             os.close(fd)
-    folder = Path(tempfile.mkdtemp(prefix="serve-", dir=data_dir))
-    lock = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    # made and locked under a name the reaping above does not match, then renamed
+    new = Path(tempfile.mkdtemp(prefix=".new-serve-", dir=data_dir))
+    try:
+        lock = os.open(new / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            folder = data_dir / new.name.removeprefix(".new-")
+            new.rename(folder)
+        except BaseException:
+            os.close(lock)
+            raise
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
     return folder, lock
 
 
@@ -187,16 +199,22 @@ def supervise(
             workers,
         )
     engine = make_engine(settings.resolved_database_url)
-    try:  # once here, not raced by N workers
+    try:  # here first, so that the workers' own upgrades find nothing to do
         upgrade_schema(engine)
     finally:
         engine.dispose()
     try:
+        folder, lock = folder_for(settings.data_dir)
+    except OSError as exc:
+        log.error("cannot make the workers' folder in %s: %s", settings.data_dir, exc)
+        return 1
+    try:
         listeners = _listen(settings.host, settings.port)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(lock)
         return 1
-    folder, lock = folder_for(settings.data_dir)
     # Set by SIGTERM/SIGINT. A plain list, not an Event: a handler that takes a lock the
     # interrupted main thread holds would wait for ever.
     stopping: list[int] = []
@@ -258,8 +276,9 @@ def _watch(
     signal that stops this process too (a group's SIGTERM, Ctrl-C) is not a failure."""
     heard = [time.monotonic() + START_S] * len(procs)  # before the first beat: START_S more
     last = time.monotonic()
+    open_beats = dict(zip(beats, range(len(procs)), strict=True))  # read end -> worker
     while not stopping:
-        ready, _, _ = select.select(beats, [], [], 0.2)
+        ready, _, _ = select.select(list(open_beats), [], [], 0.2)
         now = time.monotonic()
         if now - last > 2.0:  # this process was paused (all of them were, with it)
             heard = [max(h, now) for h in heard]
@@ -267,7 +286,9 @@ def _watch(
         for fd in ready:
             with contextlib.suppress(BlockingIOError):
                 if os.read(fd, 4096):
-                    heard[beats.index(fd)] = now
+                    heard[open_beats[fd]] = now
+                else:  # closed: the worker is ending (poll says) or hangs (the limit says)
+                    del open_beats[fd]
         for index, proc in enumerate(procs):
             if proc.poll() is None:
                 continue
@@ -321,6 +342,8 @@ def _listen(host: str, port: int) -> list[socket.socket]:
         for sock in listeners:
             sock.close()
         raise
+    if not listeners:
+        raise OSError(errno.EAFNOSUPPORT, f"no address family of {host!r} is supported here")
     return listeners
 
 
@@ -374,6 +397,8 @@ def worker_main() -> int:
     _watch_parent(parent, folder)  # before the imports: a supervisor killed meanwhile is seen too
     os.set_blocking(beat_fd, False)
     os.set_inheritable(beat_fd, False)
+    from hpo.service.settings import Settings
+
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format=log_format(index))
 
