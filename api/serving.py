@@ -186,7 +186,7 @@ def supervise(
     stop_timeout_s: float = 30.0,
 ) -> int:
     """Run ``workers`` worker processes on ``settings``' host and port until a signal stops
-    them (0), or one of them exits by itself or publishes nothing for
+    them (0), or one of them exits by itself or its event loop does not beat for
     ``settings.worker_hang_s`` (1). ``env`` is their environment (the CLI's options as
     ``HPO_*`` variables among it). The caller has checked the database and made the API
     token."""

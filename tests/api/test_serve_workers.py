@@ -259,7 +259,7 @@ def test_ctrl_c_to_the_process_group_stops_every_worker_with_status_0(
 def test_a_stopped_worker_0_stops_the_server_with_status_1(tmp_path: Path) -> None:
     """SIGSTOP: the worker holds its connections and answers nothing, and the scheduler it
     runs dispatches nothing, while its sibling would go on saying "running". Here a worker
-    that publishes nothing for 5 s counts as hung (30 s by default)."""
+    whose event loop does not beat for 5 s counts as hung (30 s by default)."""
     with served_by_two(tmp_path, {"HPO_WORKER_HANG_S": "5"}) as (proc, _, _):
         log = ends_with(proc, lambda workers: workers[0].suspend(), 1)
         assert "worker 0" in log and "has not beaten in 5 s" in log
