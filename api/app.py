@@ -33,7 +33,7 @@ from hpo.service.studies import StudyService
 from hpo.workers import storage as checkpoint_storage
 
 if TYPE_CHECKING:
-    from hpo.api.serving import Siblings
+    from hpo.api.siblings import Siblings
     from hpo.service.scheduler import Scheduler
 
 log = logging.getLogger("hpo.api")

@@ -40,7 +40,7 @@ from hpo.service.db.models import Study, Trial
 from hpo.service.errors import DatabaseUnavailable
 
 if TYPE_CHECKING:
-    from hpo.api.serving import Siblings
+    from hpo.api.siblings import Siblings
     from hpo.service.scheduler import Scheduler
 
 # The text format every Prometheus reads (our names need none of 1.0.0's escaping).
