@@ -23,14 +23,14 @@ STEPS = 200
 class Stream:
     """Posts one metric point per step, resending a step until it is answered 200."""
 
-    def __init__(self, server: ServerProcess, trial_id: int) -> None:
-        self.server, self.trial_id = server, trial_id
+    def __init__(self, server: ServerProcess, trial_id: int, fresh: bool = False) -> None:
+        self.server, self.trial_id, self.fresh = server, trial_id, fresh
         self.codes: Counter[int] = Counter()
         self.dropped = 0
         self.missing_retry_after = 0
 
     def run(self) -> None:
-        with server_http(self.server) as http:
+        with server_http(self.server, self.fresh) as http:
             for step in range(1, STEPS + 1):
                 body = {"points": [{"step": step, "name": "loss", "value": 1.0 / step}]}
                 for _ in range(600):
@@ -53,14 +53,14 @@ class Stream:
 
 
 class Poller:
-    def __init__(self, server: ServerProcess, study_id: int) -> None:
-        self.server, self.study_id = server, study_id
+    def __init__(self, server: ServerProcess, study_id: int, fresh: bool = False) -> None:
+        self.server, self.study_id, self.fresh = server, study_id, fresh
         self.codes: Counter[int] = Counter()
         self.dropped = 0
         self.done = threading.Event()
 
     def run(self) -> None:
-        with server_http(self.server) as http:
+        with server_http(self.server, self.fresh) as http:
             while not self.done.is_set():
                 try:
                     r = http.get(f"/api/v1/studies/{self.study_id}")
@@ -70,8 +70,13 @@ class Poller:
                 time.sleep(0.05)
 
 
-def server_http(server: ServerProcess) -> httpx.Client:
-    return server.http()
+def server_http(server: ServerProcess, fresh: bool) -> httpx.Client:
+    """A client of ``server``; ``fresh``: one that closes its connection after each answer,
+    so that each request is accepted anew (by any worker of ``hpo serve --workers N``)."""
+    http = server.http()
+    if fresh:
+        http.headers["Connection"] = "close"
+    return http
 
 
 def test_database_outage_answers_503_and_loses_nothing(

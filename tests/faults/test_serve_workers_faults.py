@@ -1,0 +1,341 @@
+"""Drills for ``hpo serve --workers N``: the faults of the single-process drills, with every
+request on a connection of its own so the kernel spreads them over the workers.
+
+- Two ``hpo serve --workers 2`` on one database (four processes): racing asks hand out every
+  grid point and budget slot once, a burst of asks through one server gets a trial each, and
+  one scheduler leads.
+- Replays and stale attempts that reach a different worker than the first answer: one trial
+  per Idempotency-Key, and no write of a superseded attempt accepted.
+- A database outage longer than twice the hang limit: every answer is a 503 with
+  ``Retry-After``, no worker is taken for hung, and the stream loses and duplicates nothing.
+
+Each drill counts per worker what it answered (the counters each worker publishes), so a
+drill whose requests all reached one worker fails instead of passing for nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api.test_serve_workers import folder_of, published, workers_of
+from tests.conftest import ServerProcess, simple_spec, wait_for
+from tests.faults.conftest import OwnPostgres
+from tests.faults.test_database_outage import STEPS, Poller, Stream
+
+ASK = "/api/v1/studies/{study_id}/ask"
+TELL = "/api/v1/trials/{trial_id}/tell"
+METRICS = "/api/v1/trials/{trial_id}/metrics"
+HEARTBEAT = "/api/v1/trials/{trial_id}/heartbeat"
+
+
+@contextlib.contextmanager
+def two_workers(
+    db_url: str, data_dir: Path, env: dict[str, str] | None = None, token: str | None = None
+) -> Iterator[tuple[ServerProcess, Path]]:
+    """``hpo serve --workers 2`` (no scheduler unless ``env`` turns it on), once both of its
+    workers have published; yields it and its shared folder."""
+    data_dir.mkdir(exist_ok=True)
+    proc = ServerProcess(
+        db_url, data_dir, {"HPO_SCHEDULER": "false", **(env or {})}, args=["--workers", "2"]
+    )
+    if token is not None:
+        proc.token = token
+    with proc:
+        folder = folder_of(workers_of(proc)[0])
+        wait_for(lambda: all(published(folder, i) for i in (0, 1)), timeout=60)
+        yield proc, folder
+
+
+def answered(folder: Path, index: int, route: str, method: str = "POST") -> Counter[str]:
+    """What worker ``index`` last published of its answers to ``route``, by status."""
+    text = json.loads((folder / f"{index}.json").read_text())["metrics"]
+    counts: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "hpo_http_requests_total" and (s.labels["route"], s.labels["method"]) == (
+                route,
+                method,
+            ):
+                counts[s.labels["status"]] += int(s.value)
+    return counts
+
+
+def settled(folder: Path, route: str, expected: int, method: str = "POST") -> list[Counter[str]]:
+    """Each worker's answers to ``route``, once both workers published ``expected`` in all
+    (they publish every second)."""
+
+    def both() -> list[Counter[str]] | None:
+        counts = [answered(folder, i, route, method) for i in (0, 1)]
+        return counts if sum(c.total() for c in counts) == expected else None
+
+    return wait_for(both, timeout=15, what=f"{expected} answers to {route} published")
+
+
+def fresh(proc: ServerProcess, token: str | None = None) -> httpx.Client:
+    """A client that closes its connection after every answer: each request is accepted anew,
+    by whichever worker the kernel wakes."""
+    http = proc.http(token)
+    http.headers["Connection"] = "close"
+    return http
+
+
+def healthz(proc: ServerProcess) -> httpx.Response:
+    with fresh(proc) as http:
+        return http.get("/healthz")
+
+
+def scheduler_role(proc: ServerProcess) -> str:
+    return healthz(proc).json()["scheduler"]
+
+
+def race(servers: list[ServerProcess], study_id: int, clients: int = 12) -> list[dict]:
+    """``clients`` threads ask and tell through both servers until the study says 409;
+    returns every trial handed out."""
+    handed: list[dict] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients)
+
+    def asker(i: int) -> None:
+        with fresh(servers[i % len(servers)]) as http:
+            start.wait()
+            while True:
+                r = http.post(ASK.format(study_id=study_id))
+                if r.status_code == 409:
+                    return
+                if r.status_code != 201:
+                    errors.append(f"ask {r.status_code} {r.text}")
+                    return
+                trial = r.json()
+                with lock:
+                    handed.append(trial)
+                told = http.post(TELL.format(trial_id=trial["trial_id"]), json={"value": 1.0})
+                if told.status_code != 200:
+                    errors.append(f"tell {told.status_code} {told.text}")
+                    return
+
+    threads = [threading.Thread(target=asker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors[:3]
+    return handed
+
+
+def test_two_servers_of_two_workers_hand_out_each_trial_once(db_url: str, tmp_path: Path) -> None:
+    """Four processes on one database, with the scheduler on: one of them leads."""
+    scheduler_on = {"HPO_SCHEDULER": "true"}
+    with (
+        two_workers(db_url, tmp_path / "a", scheduler_on, token="shared") as (a, folder_a),
+        two_workers(db_url, tmp_path / "b", scheduler_on, token="shared") as (b, folder_b),
+    ):
+        wait_for(
+            lambda: sorted(scheduler_role(p) for p in (a, b)) == ["running", "standby"],
+            timeout=30,
+            what="one server's scheduler leading, the other's standing by",
+        )
+
+        grid = simple_spec(
+            "grid-race",
+            sampler={"type": "grid"},
+            space={
+                "a": {"type": "int", "low": 0, "high": 5},
+                "b": {"type": "categorical", "choices": ["x", "y", "z", "w"]},
+            },
+        )
+        with fresh(a) as http:
+            grid_id = http.post("/api/v1/studies", json=grid).json()["id"]
+            budget_id = http.post(
+                "/api/v1/studies", json=simple_spec("budget-race", budget={"max_trials": 17})
+            ).json()["id"]
+            burst_id = http.post("/api/v1/studies", json=simple_spec("burst")).json()["id"]
+
+        handed = race([a, b], grid_id)
+        points = [(t["params"]["a"], t["params"]["b"]) for t in handed]
+        assert len(points) == 24 == len(set(points))
+        assert sorted(t["number"] for t in handed) == list(range(24))
+
+        handed = race([a, b], budget_id)
+        assert sorted(t["number"] for t in handed) == list(range(17))
+        assert len({t["trial_id"] for t in handed}) == 17
+
+        # 64 asks at once through one server: its workers race each other in the database
+        def ask(_: int) -> httpx.Response:
+            with fresh(a) as own:
+                return own.post(ASK.format(study_id=burst_id))
+
+        with ThreadPoolExecutor(64) as pool:
+            burst = list(pool.map(ask, range(64)))
+        assert [r.status_code for r in burst] == [201] * 64, [
+            r.text for r in burst if r.status_code != 201
+        ][:3]
+        assert sorted(r.json()["number"] for r in burst) == list(range(64))
+
+        with fresh(b) as http:
+            for study_id, n in ((grid_id, 24), (budget_id, 17), (burst_id, 64)):
+                study = http.get(f"/api/v1/studies/{study_id}").json()
+                assert study["n_trials"] == n
+                trials = http.get(f"/api/v1/studies/{study_id}/trials").json()["trials"]
+                assert len(trials) == n == len({t["number"] for t in trials})
+            assert http.get(f"/api/v1/studies/{grid_id}").json()["state"] == "completed"
+
+        # every one of the four processes answered asks: the race was among all of them
+        folders = [folder_a, folder_b]
+
+        def granted() -> list[int]:
+            return [answered(f, i, ASK)["201"] for f in folders for i in (0, 1)]
+
+        wait_for(lambda: sum(granted()) == 24 + 17 + 64, timeout=15, what="the asks published")
+        assert all(n > 0 for n in granted()), granted()
+
+
+def test_replays_and_stale_attempts_reaching_either_worker(db_url: str, tmp_path: Path) -> None:
+    """An Idempotency-Key replayed to both workers at once makes one trial; once the trial was
+    handed out again, no replay of the first ask and no write with the first attempt's token
+    is accepted by either worker, while the live attempt's writes all are."""
+    with two_workers(db_url, tmp_path) as (proc, folder):
+        with fresh(proc) as http:
+            sid = http.post("/api/v1/studies", json=simple_spec("replays")).json()["id"]
+            stale_sid = http.post(
+                "/api/v1/studies", json=simple_spec("stale", lease_s=1.0, max_retries=1)
+            ).json()["id"]
+
+        def ask(study_id: int, key: str) -> httpx.Response:
+            with fresh(proc) as own:
+                return own.post(ASK.format(study_id=study_id), headers={"Idempotency-Key": key})
+
+        with ThreadPoolExecutor(16) as pool:
+            replays = list(pool.map(lambda _: ask(sid, "one-key"), range(32)))
+        assert [r.status_code for r in replays] == [201] * 32, [r.text for r in replays][:3]
+        assert len({(r.json()["trial_id"], r.json()["attempt"]) for r in replays}) == 1
+
+        first = ask(stale_sid, "KA").json()
+        tid, old_token = first["trial_id"], first["attempt_token"]
+        with fresh(proc, old_token) as own:  # the first attempt's writes while it is current
+            for step in range(1, 6):
+                body = {"points": [{"step": step, "name": "loss", "value": 1.0}]}
+                assert own.post(METRICS.format(trial_id=tid), json=body).status_code == 200
+        with fresh(proc) as http:
+            wait_for(
+                lambda: http.get(f"/api/v1/trials/{tid}").json()["state"] == "waiting",
+                timeout=30,
+                what="the first attempt's lease to expire",
+            )
+        live = ask(stale_sid, "KB").json()
+        assert (live["trial_id"], live["attempt"]) == (tid, 2)
+
+        def stale(i: int) -> httpx.Response:
+            """The first attempt's client goes on as if nothing happened."""
+            kind = i % 4
+            if kind == 0:
+                return ask(stale_sid, "KA")
+            with fresh(proc, old_token) as own:
+                if kind == 1:
+                    body = {"points": [{"step": 100 + i, "name": "loss", "value": 9.0}]}
+                    return own.post(METRICS.format(trial_id=tid), json=body)
+                if kind == 2:
+                    return own.post(HEARTBEAT.format(trial_id=tid))
+                return own.post(TELL.format(trial_id=tid), json={"value": 9.0})
+
+        def current(step: int) -> httpx.Response:
+            with fresh(proc, live["attempt_token"]) as own:
+                body = {"points": [{"step": step, "name": "loss", "value": 0.5}]}
+                return own.post(METRICS.format(trial_id=tid), json=body)
+
+        done, beats = threading.Event(), Counter[int]()
+
+        def keep_alive() -> None:
+            """The live attempt's client heartbeats within its 1 s lease meanwhile."""
+            while not done.is_set():
+                with fresh(proc, live["attempt_token"]) as own:
+                    beats[own.post(HEARTBEAT.format(trial_id=tid)).status_code] += 1
+                time.sleep(0.2)
+
+        keeper = threading.Thread(target=keep_alive)
+        keeper.start()
+        try:
+            with ThreadPoolExecutor(16) as pool:
+                late = pool.map(stale, range(64))
+                ours = pool.map(current, range(1, 21))
+                late, ours = list(late), list(ours)
+        finally:
+            done.set()
+            keeper.join(timeout=30)
+        assert set(beats) == {200}, beats
+        wrongly_accepted = [(r.request.url.path, r.status_code) for r in late if r.is_success]
+        assert wrongly_accepted == []
+        assert {r.status_code for r in late} == {409}, {r.text for r in late}
+        assert [r.status_code for r in ours] == [200] * 20
+
+        with fresh(proc, live["attempt_token"]) as own:
+            assert own.post(TELL.format(trial_id=tid), json={"value": 0.5}).status_code == 200
+        with fresh(proc) as http:
+            trial = http.get(f"/api/v1/trials/{tid}").json()
+            stored = http.get(f"/api/v1/trials/{tid}/metrics").json()["points"]
+            n_trials = http.get(f"/api/v1/studies/{stale_sid}").json()["n_trials"]
+        assert (trial["state"], trial["value"], n_trials) == ("complete", 0.5, 1)
+        # read back one point per step, the newest attempt's: the live one's 20 steps
+        assert sorted((p["step"], p["attempt"]) for p in stored) == [
+            (step, 2) for step in range(1, 21)
+        ]
+
+        # both workers answered replays, and both refused stale writes
+        asks = settled(folder, ASK, 32 + 2 + 16)
+        assert all(c["201"] > 0 for c in asks), asks
+        refused = [answered(folder, i, METRICS)["409"] for i in (0, 1)]
+        assert sum(refused) == 16 and all(n > 0 for n in refused), refused
+
+
+def test_a_database_outage_under_two_workers_loses_nothing(
+    own_postgres: OwnPostgres, tmp_path: Path
+) -> None:
+    """12 s without the database, more than twice the hang limit here (5 s): the workers'
+    event loops go on beating, so nothing is killed, and every answer meanwhile is a 503 with
+    ``Retry-After`` from whichever worker took the connection."""
+    hang = {"HPO_WORKER_HANG_S": "5"}
+    with two_workers(own_postgres.url, tmp_path, hang) as (proc, folder):
+        pids = [w.pid for w in workers_of(proc)]
+        with fresh(proc) as http:
+            study = http.post("/api/v1/studies", json=simple_spec("outage", lease_s=600)).json()
+            trial = http.post(ASK.format(study_id=study["id"])).json()
+        stream = Stream(proc, trial["trial_id"], fresh=True)
+        poller = Poller(proc, study["id"], fresh=True)
+        threads = [threading.Thread(target=stream.run), threading.Thread(target=poller.run)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        own_postgres.stop("immediate")
+        time.sleep(12)
+        health = [healthz(proc) for _ in range(4)]
+        assert [h.status_code for h in health] == [503] * 4, [h.text for h in health]
+        own_postgres.start()
+        threads[0].join(timeout=180)
+        poller.done.set()
+        threads[1].join(timeout=30)
+        assert not threads[0].is_alive(), "the stream did not finish after the database returned"
+
+        assert proc.proc is not None and proc.proc.poll() is None, "hpo serve stopped"
+        assert [w.pid for w in workers_of(proc)] == pids, "a worker was replaced"
+        with fresh(proc) as http:
+            points = http.get(METRICS.format(trial_id=trial["trial_id"])).json()["points"]
+        steps = Counter(p["step"] for p in points)
+        lost = [s for s in range(1, STEPS + 1) if steps[s] == 0]
+        duplicated = [s for s, n in steps.items() if n > 1]
+        assert (lost, duplicated) == ([], [])
+        assert stream.codes[500] == poller.codes[500] == 0
+        assert stream.dropped == poller.dropped == 0
+        assert stream.missing_retry_after == 0
+        # the outage was seen, by both workers
+        outage = settled(folder, METRICS, sum(stream.codes.values()))
+        assert all(c["503"] > 0 for c in outage), outage
