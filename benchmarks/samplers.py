@@ -161,10 +161,16 @@ def run_ours(problem: Problem, sampler: str, seed: int, n_trials: int) -> Run:
     return Run(_regret(problem, results), (time.perf_counter() - start) / n_trials)
 
 
-def plain_optuna_sampler(sampler: str, seed: int, conditional: bool) -> optuna.samplers.BaseSampler:
-    """Optuna's own sampler with the options our wrappers pass (see service/samplers/*.py)."""
+def plain_optuna_sampler(
+    sampler: str, seed: int, conditional: bool, defaults: bool = False
+) -> optuna.samplers.BaseSampler:
+    """Optuna's own sampler with the options our wrappers pass (see service/samplers/*.py),
+    or with ``defaults`` Optuna's own defaults (only the seed given)."""
     if sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if defaults:
+        cls = optuna.samplers.TPESampler if sampler == "tpe" else optuna.samplers.GPSampler
+        return cls(seed=seed)
     if sampler == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed,
@@ -193,12 +199,14 @@ def _suggest_plain(trial: optuna.Trial, spec: StudySpec) -> Params:
     return params
 
 
-def run_optuna(problem: Problem, sampler: str, seed: int, n_trials: int) -> Run:
+def run_optuna(
+    problem: Problem, sampler: str, seed: int, n_trials: int, defaults: bool = False
+) -> Run:
     spec = StudySpec.model_validate(
         {"name": "bench", "objective": {"metric": "value"}, "space": problem.space}
     )
     conditional = any(p.when for p in spec.space.values())
-    study = optuna.create_study(sampler=plain_optuna_sampler(sampler, seed, conditional))
+    study = optuna.create_study(sampler=plain_optuna_sampler(sampler, seed, conditional, defaults))
     results: list[tuple[float, float]] = []
     start = time.perf_counter()
     for number in range(n_trials):
@@ -287,6 +295,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--functions", nargs="+", default=[p.name for p in PROBLEMS])
     ap.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     ap.add_argument("--quick", action="store_true", help="2 seeds, 20 trials (gp: 15)")
+    ap.add_argument(
+        "--optuna-defaults",
+        action="store_true",
+        help="Optuna's samplers with its own defaults (only the seed given), not our options",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.trials, args.gp_trials = 2, 20, 15
@@ -303,11 +316,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             cell = cells.setdefault((problem.name, sname), Cell())
             for seed in range(args.seeds):
                 cell.ours.append(run_ours(problem, sname, seed, trials[sname]))
-                cell.optuna.append(run_optuna(problem, sname, seed, trials[sname]))
+                cell.optuna.append(
+                    run_optuna(problem, sname, seed, trials[sname], args.optuna_defaults)
+                )
             print(f"  {problem.name} {sname}: done ({time.perf_counter() - t0:.0f}s)", flush=True)
     print()
     print(report(cells, args.seeds, trials))
-    print(f"\ntotal {time.perf_counter() - t0:.0f}s, optuna {optuna.__version__}")
+    side = "its own defaults" if args.optuna_defaults else "our wrappers' options"
+    print(f"\ntotal {time.perf_counter() - t0:.0f}s, optuna {optuna.__version__} ({side})")
 
 
 if __name__ == "__main__":

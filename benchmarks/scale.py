@@ -63,6 +63,20 @@ Reports alternate ours and Optuna; figures are medians.
 
     python benchmarks/scale.py metrics --postgres postgresql://postgres@127.0.0.1:5432/postgres
     python benchmarks/scale.py metrics --interval 1 --batch 40   # paced: 64 × 40 points/s
+
+``trial``: the whole round trip of one trial with the random sampler, what a client's loop
+pays per trial when its objective is cheap.
+
+* Ours: ``POST /studies/{id}/ask`` then ``POST /trials/{id}/tell`` over loopback HTTP, both
+  timed, on a fresh SQLite file.
+* Optuna: ``study.ask()``, the four ``suggest_*`` calls and ``study.tell()``, all timed, with
+  ``RandomSampler`` on an SQLite file (``RDBStorage``, its default rollback journal) and on a
+  ``JournalStorage`` file.
+
+Trials alternate ours and Optuna, each study growing from empty; figures are medians and
+means over ``--trials``. Ratio: ours ÷ Optuna on SQLite (the issue's goal: ≤ 0.2).
+
+    python benchmarks/scale.py trial                # 300 trials each; ~10 s
 """
 
 from __future__ import annotations
@@ -375,18 +389,23 @@ def seed_optuna_journal(path: Path, n: int, rng: random.Random) -> optuna.Study:
     return optuna.load_study(study_name="tpe", storage=storage, sampler=optuna_sampler("tpe"))
 
 
+def suggest_optuna(trial: optuna.Trial) -> Params:
+    """The four parameters of ``SPACE``, suggested through Optuna's trial."""
+    return {
+        "x": trial.suggest_float("x", -5.0, 5.0),
+        "lr": trial.suggest_float("lr", 1e-5, 1.0, log=True),
+        "n": trial.suggest_int("n", 1, 8),
+        "opt": trial.suggest_categorical("opt", ["sgd", "adam", "rmsprop"]),
+    }
+
+
 def ask_optuna(study: optuna.Study, asks: int) -> list[float]:
     """Seconds of each of ``asks`` ask-and-suggest (each then told, untimed)."""
     times = []
     for _ in range(asks):
         t0 = time.perf_counter()
         trial = study.ask()
-        p = {
-            "x": trial.suggest_float("x", -5.0, 5.0),
-            "lr": trial.suggest_float("lr", 1e-5, 1.0, log=True),
-            "n": trial.suggest_int("n", 1, 8),
-            "opt": trial.suggest_categorical("opt", ["sgd", "adam", "rmsprop"]),
-        }
+        p = suggest_optuna(trial)
         times.append(time.perf_counter() - t0)
         study.tell(trial, objective(p))
     return times
@@ -484,6 +503,81 @@ def run_ask(args: argparse.Namespace) -> None:
         r = m[f"ours {kind} (HTTP)", hi] / m[f"ours {kind} (HTTP)", lo]
         goal = "  (goal ≤ 2)" if kind != "tpe" else ""
         print(f"  ours {kind} at {hi:,} / at {lo:,} = {r:.2f}{goal}")
+
+
+# --- the trial section -------------------------------------------------------------------------
+
+
+def trial_ours(client: httpx.Client, study_id: int) -> float:
+    """Seconds of one ask and its tell over HTTP."""
+    t0 = time.perf_counter()
+    r = client.post(f"{API}/studies/{study_id}/ask")
+    r.raise_for_status()
+    trial = r.json()
+    told = client.post(
+        f"{API}/trials/{trial['trial_id']}/tell", json={"value": objective(trial["params"])}
+    )
+    told.raise_for_status()
+    return time.perf_counter() - t0
+
+
+def trial_optuna(study: optuna.Study) -> float:
+    """Seconds of one ask, its suggestions and its tell in plain Optuna."""
+    t0 = time.perf_counter()
+    trial = study.ask()
+    study.tell(trial, objective(suggest_optuna(trial)))
+    return time.perf_counter() - t0
+
+
+def run_trial(args: argparse.Namespace) -> None:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="hpo-scale-") as tmp:
+        work = Path(tmp)
+        url = f"sqlite:///{work / 'hpo.db'}"  # the server makes its schema
+        theirs = {
+            "SQLite": optuna.create_study(
+                storage=f"sqlite:///{work / 'optuna.db'}",
+                sampler=optuna.samplers.RandomSampler(seed=0),
+            ),
+            "Journal": optuna.create_study(
+                storage=JournalStorage(JournalFileBackend(str(work / "optuna.log"))),
+                sampler=optuna.samplers.RandomSampler(seed=0),
+            ),
+        }
+        spec = {
+            "name": "trial-loop",
+            "objective": {"metric": "loss", "direction": "minimize"},
+            "sampler": {"type": "random", "seed": 0},
+            "space": SPACE,
+        }
+        times: dict[str, list[float]] = {"ours random (HTTP)": []}
+        with serving(work, url) as client:
+            created = client.post(f"{API}/studies", json=spec)
+            created.raise_for_status()
+            study_id = created.json()["id"]
+            for _ in range(args.trials):  # alternating, so both see the same machine load
+                times["ours random (HTTP)"].append(trial_ours(client, study_id))
+                for where, study in theirs.items():
+                    times.setdefault(f"optuna random ({where})", []).append(trial_optuna(study))
+    print(f"{args.trials} trials each, every one asked and told; ms per trial\n")
+    print("| what | median | mean | p90 |\n|---|---:|---:|---:|")
+    for what, ts in times.items():
+        print(
+            f"| {what} | {statistics.median(ts) * 1e3:.2f} | {statistics.fmean(ts) * 1e3:.2f} "
+            f"| {pct(ts, 90) * 1e3:.2f} |"
+        )
+    ours = times["ours random (HTTP)"]
+    print("\nratios, ours / Optuna:")
+    for where in theirs:
+        ts = times[f"optuna random ({where})"]
+        goal = "  (goal ≤ 0.2)" if where == "SQLite" else ""
+        print(
+            f"  on {where}: median {statistics.median(ours) / statistics.median(ts):.2f}, "
+            f"mean {statistics.fmean(ours) / statistics.fmean(ts):.2f}{goal}"
+        )
 
 
 # --- the prune section -------------------------------------------------------------------------
@@ -979,6 +1073,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="also Optuna TPE on PostgreSQL, in a throwaway database on the server of this URL",
     )
     ask.add_argument("--quick", action="store_true", help="300 and 1,000 trials, GP at 60")
+    loop = sections.add_parser("trial", help="one trial's ask and tell, against Optuna")
+    loop.add_argument("--trials", type=int, default=300, help="trials on each side")
     prune = sections.add_parser("prune", help="ASHA's decision at a rung, against Optuna")
     prune.add_argument("--sizes", default="1000,10000", help="finished trials (comma-separated)")
     prune.add_argument("--points", type=int, default=100, help="steps each finished trial has")
@@ -1014,6 +1110,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_metrics(args)
     elif args.section == "prune":
         run_prune(args)
+    elif args.section == "trial":
+        run_trial(args)
     elif args.section == "ask":
         if args.quick:
             args.sizes, args.gp_trials, args.asks, args.gp_asks = "300,1000", 60, 5, 3
