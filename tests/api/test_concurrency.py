@@ -16,6 +16,10 @@ import pytest
 from tests.conftest import ServerProcess, simple_spec
 
 CLIENTS = 12
+GRID_SPACE = {  # 24 points
+    "a": {"type": "int", "low": 0, "high": 5},
+    "b": {"type": "categorical", "choices": ["x", "y", "z", "w"]},
+}
 
 
 @pytest.fixture
@@ -36,17 +40,22 @@ def two_servers(db_url: str, tmp_path: Path) -> Iterator[list[ServerProcess]]:
             proc.stop()
 
 
-def race(servers: list[ServerProcess], study_id: int) -> list[dict]:
-    """CLIENTS threads ask (and tell) until the service says 409; returns every trial handed out."""
+def race(servers: list[ServerProcess], study_id: int, *, fresh: bool = False) -> list[dict]:
+    """CLIENTS threads ask (and tell) until the service says 409; returns every trial handed out.
+    ``fresh``: every request on a connection of its own (accepted by any worker of
+    ``hpo serve --workers N``)."""
     handed: list[dict] = []
     errors: list[str] = []
     lock = threading.Lock()
     start = threading.Barrier(CLIENTS)
+    close = {"Connection": "close"} if fresh else {}
 
     def worker(i: int) -> None:
         server = servers[i % len(servers)]
         with httpx.Client(
-            base_url=server.url, headers={"Authorization": f"Bearer {server.token}"}, timeout=60
+            base_url=server.url,
+            headers={"Authorization": f"Bearer {server.token}", **close},
+            timeout=60,
         ) as http:
             start.wait()
             while True:
@@ -74,14 +83,7 @@ def race(servers: list[ServerProcess], study_id: int) -> list[dict]:
 
 
 def test_grid_points_are_handed_out_exactly_once(two_servers: list[ServerProcess]) -> None:
-    spec = simple_spec(
-        "grid-race",
-        sampler={"type": "grid"},
-        space={
-            "a": {"type": "int", "low": 0, "high": 5},
-            "b": {"type": "categorical", "choices": ["x", "y", "z", "w"]},
-        },
-    )
+    spec = simple_spec("grid-race", sampler={"type": "grid"}, space=GRID_SPACE)
     with two_servers[0].http() as http:
         study_id = http.post("/api/v1/studies", json=spec).json()["id"]
     handed = race(two_servers, study_id)

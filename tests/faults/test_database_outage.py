@@ -70,6 +70,34 @@ class Poller:
                 time.sleep(0.05)
 
 
+def started(stream: Stream, poller: Poller) -> list[threading.Thread]:
+    """The stream and the poller, each running in a thread of its own."""
+    threads = [threading.Thread(target=stream.run), threading.Thread(target=poller.run)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def finished(threads: list[threading.Thread], poller: Poller) -> None:
+    """Wait for the stream to end (it must, once the database is back), then stop polling."""
+    threads[0].join(timeout=180)
+    poller.done.set()
+    threads[1].join(timeout=30)
+    assert not threads[0].is_alive(), "the stream did not finish after the database returned"
+
+
+def assert_nothing_lost(points: list[dict], stream: Stream, poller: Poller) -> None:
+    """Every step of the stream stored once, and no answer a 500, a dropped connection or a
+    503 without ``Retry-After``."""
+    steps = Counter(p["step"] for p in points)
+    lost = [s for s in range(1, STEPS + 1) if steps[s] == 0]
+    duplicated = [s for s, n in steps.items() if n > 1]
+    assert (lost, duplicated) == ([], [])
+    assert stream.codes[500] == poller.codes[500] == 0
+    assert stream.dropped == poller.dropped == 0
+    assert stream.missing_retry_after == 0
+
+
 def server_http(server: ServerProcess, fresh: bool) -> httpx.Client:
     """A client of ``server``; ``fresh``: one that closes its connection after each answer,
     so that each request is accepted anew (by any worker of ``hpo serve --workers N``)."""
@@ -89,9 +117,7 @@ def test_database_outage_answers_503_and_loses_nothing(
             study = http.post("/api/v1/studies", json=simple_spec("outage", lease_s=600)).json()
             trial = http.post(f"/api/v1/studies/{study['id']}/ask").json()
         stream, poller = Stream(server, trial["trial_id"]), Poller(server, study["id"])
-        threads = [threading.Thread(target=stream.run), threading.Thread(target=poller.run)]
-        for t in threads:
-            t.start()
+        threads = started(stream, poller)
         time.sleep(1.5)
         own_postgres.stop("immediate")
         time.sleep(2)
@@ -100,21 +126,12 @@ def test_database_outage_answers_503_and_loses_nothing(
         assert "database" in health.text.lower()
         time.sleep(5)
         own_postgres.start()
-        threads[0].join(timeout=180)
-        poller.done.set()
-        threads[1].join(timeout=30)
-        assert not threads[0].is_alive(), "the stream did not finish after the database returned"
+        finished(threads, poller)
 
         with server.http() as http:
             points = http.get(f"/api/v1/trials/{trial['trial_id']}/metrics").json()["points"]
             assert httpx.get(server.url + "/healthz").status_code == 200
-        steps = Counter(p["step"] for p in points)
-        lost = [s for s in range(1, STEPS + 1) if steps[s] == 0]
-        duplicated = [s for s, n in steps.items() if n > 1]
-        assert (lost, duplicated) == ([], [])
+        assert_nothing_lost(points, stream, poller)
         assert stream.codes[503] > 0, "the outage was never seen: the drill proved nothing"
-        assert stream.codes[500] == poller.codes[500] == 0
-        assert stream.dropped == poller.dropped == 0
-        assert stream.missing_retry_after == 0
     finally:
         server.stop()

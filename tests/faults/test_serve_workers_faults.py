@@ -27,10 +27,17 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.api.test_concurrency import GRID_SPACE, race
 from tests.api.test_serve_workers import folder_of, published, workers_of
 from tests.conftest import ServerProcess, simple_spec, wait_for
 from tests.faults.conftest import OwnPostgres
-from tests.faults.test_database_outage import STEPS, Poller, Stream
+from tests.faults.test_database_outage import (
+    Poller,
+    Stream,
+    assert_nothing_lost,
+    finished,
+    started,
+)
 
 ASK = "/api/v1/studies/{study_id}/ask"
 TELL = "/api/v1/trials/{trial_id}/tell"
@@ -98,41 +105,6 @@ def scheduler_role(proc: ServerProcess) -> str:
     return healthz(proc).json()["scheduler"]
 
 
-def race(servers: list[ServerProcess], study_id: int, clients: int = 12) -> list[dict]:
-    """``clients`` threads ask and tell through both servers until the study says 409;
-    returns every trial handed out."""
-    handed: list[dict] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    start = threading.Barrier(clients)
-
-    def asker(i: int) -> None:
-        with fresh(servers[i % len(servers)]) as http:
-            start.wait()
-            while True:
-                r = http.post(ASK.format(study_id=study_id))
-                if r.status_code == 409:
-                    return
-                if r.status_code != 201:
-                    errors.append(f"ask {r.status_code} {r.text}")
-                    return
-                trial = r.json()
-                with lock:
-                    handed.append(trial)
-                told = http.post(TELL.format(trial_id=trial["trial_id"]), json={"value": 1.0})
-                if told.status_code != 200:
-                    errors.append(f"tell {told.status_code} {told.text}")
-                    return
-
-    threads = [threading.Thread(target=asker, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors[:3]
-    return handed
-
-
 def test_two_servers_of_two_workers_hand_out_each_trial_once(db_url: str, tmp_path: Path) -> None:
     """Four processes on one database, with the scheduler on: one of them leads."""
     scheduler_on = {"HPO_SCHEDULER": "true"}
@@ -146,14 +118,7 @@ def test_two_servers_of_two_workers_hand_out_each_trial_once(db_url: str, tmp_pa
             what="one server's scheduler leading, the other's standing by",
         )
 
-        grid = simple_spec(
-            "grid-race",
-            sampler={"type": "grid"},
-            space={
-                "a": {"type": "int", "low": 0, "high": 5},
-                "b": {"type": "categorical", "choices": ["x", "y", "z", "w"]},
-            },
-        )
+        grid = simple_spec("grid-race", sampler={"type": "grid"}, space=GRID_SPACE)
         with fresh(a) as http:
             grid_id = http.post("/api/v1/studies", json=grid).json()["id"]
             budget_id = http.post(
@@ -161,12 +126,12 @@ def test_two_servers_of_two_workers_hand_out_each_trial_once(db_url: str, tmp_pa
             ).json()["id"]
             burst_id = http.post("/api/v1/studies", json=simple_spec("burst")).json()["id"]
 
-        handed = race([a, b], grid_id)
+        handed = race([a, b], grid_id, fresh=True)
         points = [(t["params"]["a"], t["params"]["b"]) for t in handed]
         assert len(points) == 24 == len(set(points))
         assert sorted(t["number"] for t in handed) == list(range(24))
 
-        handed = race([a, b], budget_id)
+        handed = race([a, b], budget_id, fresh=True)
         assert sorted(t["number"] for t in handed) == list(range(17))
         assert len({t["trial_id"] for t in handed}) == 17
 
@@ -311,31 +276,20 @@ def test_a_database_outage_under_two_workers_loses_nothing(
             trial = http.post(ASK.format(study_id=study["id"])).json()
         stream = Stream(proc, trial["trial_id"], fresh=True)
         poller = Poller(proc, study["id"], fresh=True)
-        threads = [threading.Thread(target=stream.run), threading.Thread(target=poller.run)]
-        for t in threads:
-            t.start()
+        threads = started(stream, poller)
         time.sleep(1.5)
         own_postgres.stop("immediate")
         time.sleep(12)
         health = [healthz(proc) for _ in range(4)]
         assert [h.status_code for h in health] == [503] * 4, [h.text for h in health]
         own_postgres.start()
-        threads[0].join(timeout=180)
-        poller.done.set()
-        threads[1].join(timeout=30)
-        assert not threads[0].is_alive(), "the stream did not finish after the database returned"
+        finished(threads, poller)
 
         assert proc.proc is not None and proc.proc.poll() is None, "hpo serve stopped"
         assert [w.pid for w in workers_of(proc)] == pids, "a worker was replaced"
         with fresh(proc) as http:
             points = http.get(METRICS.format(trial_id=trial["trial_id"])).json()["points"]
-        steps = Counter(p["step"] for p in points)
-        lost = [s for s in range(1, STEPS + 1) if steps[s] == 0]
-        duplicated = [s for s, n in steps.items() if n > 1]
-        assert (lost, duplicated) == ([], [])
-        assert stream.codes[500] == poller.codes[500] == 0
-        assert stream.dropped == poller.dropped == 0
-        assert stream.missing_retry_after == 0
+        assert_nothing_lost(points, stream, poller)
         # the outage was seen, by both workers
         outage = settled(folder, METRICS, sum(stream.codes.values()))
         assert all(c["503"] > 0 for c in outage), outage
