@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hpo.api.schemas import ErrorBody
 from hpo.service.errors import (
     AnalysisUnavailable,
+    AskContention,
     Conflict,
     DatabaseUnavailable,
     HpoError,
@@ -28,6 +29,7 @@ STATUS = {
     InvalidInput: 422,
     DatabaseUnavailable: 503,
     SuggestionPending: 503,
+    AskContention: 503,
     AnalysisUnavailable: 503,
 }
 
@@ -50,8 +52,9 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {
         "model": ErrorBody,
         "description": "The database is unreachable or busy, a slow suggestion (GP) is "
-        "still being computed, or the dashboard's analysis worker could not run a fit; retry "
-        "after `Retry-After` seconds",
+        "still being computed, an ask kept losing the next trial to other servers' asks, or "
+        "the dashboard's analysis worker could not run a fit; retry after `Retry-After` "
+        "seconds",
     },
 }
 # What FastAPI says when a body is not UTF-8 text or nests too deeply to parse.
@@ -86,7 +89,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HpoError)
     async def _domain(_: Request, exc: HpoError) -> JSONResponse:
         response = error_response(_status(exc), exc.code, exc.message, exc.field)
-        if isinstance(exc, DatabaseUnavailable | SuggestionPending | AnalysisUnavailable):
+        if isinstance(
+            exc, DatabaseUnavailable | SuggestionPending | AskContention | AnalysisUnavailable
+        ):
             response.headers["Retry-After"] = str(exc.retry_after_s)
         return response
 

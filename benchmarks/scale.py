@@ -820,9 +820,6 @@ def _stream(
             t0 = time.perf_counter()
             asked = client.post(f"{API}/studies/{study_id}/ask")
             reports.append(("ask", time.monotonic(), time.perf_counter() - t0))
-            if asked.status_code == 409:  # too many concurrent asks: try again, as clients do
-                time.sleep(0.05)
-                continue
             if asked.status_code in (429, 503):  # busy: retry after Retry-After, as the client
                 errors.append(f"retried: ask {asked.status_code}: {asked.text[:200]}")
                 time.sleep(float(asked.headers.get("Retry-After", "1")))

@@ -22,6 +22,7 @@ from hpo.service import define_by_run, pbt, promotions, transitions, warmstart
 from hpo.service.background import BackgroundJobs, NotReady
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import (
+    AskContention,
     BudgetSpent,
     ConcurrencyLimit,
     Conflict,
@@ -105,8 +106,9 @@ def ask(
     out again, TrialFinished once it has finished.
 
     Raises StudyNotFound, StudyNotRunning, BudgetSpent (GridExhausted: the study completes
-    once no trial is active), ConcurrencyLimit, Conflict (a trainable study asked by a client,
-    or too many concurrent asks), StaleAttempt and TrialFinished (a replayed key, above).
+    once no trial is active), ConcurrencyLimit, Conflict (a trainable study asked by a
+    client), AskContention (every try lost the next number to other servers' asks: retry),
+    StaleAttempt and TrialFinished (a replayed key, above).
     ``dispatched`` marks a call from the scheduler. ``histories`` holds the sampler's view
     of the study between asks; without it the study's history is read whole (the reference
     the cached path is tested against). ``suggestions`` runs slow samplers off the request
@@ -162,7 +164,10 @@ def ask(
             claimed = _claim_new(storage, study_id, number, spec, suggestion, dispatched, key)
         if claimed is not None:
             return claimed
-    raise Conflict(f"study {study_id}: too many concurrent asks, try again")
+    raise AskContention(
+        f"study {study_id}: this ask lost the race for the next trial to other servers' asks "
+        f"{MAX_ASK_ATTEMPTS} times; ask again"
+    )
 
 
 def _suggest(

@@ -94,6 +94,18 @@ class SuggestionPending(HpoError):
         self.retry_after_s = retry_after_s
 
 
+class AskContention(HpoError):
+    """An ask lost the race for the study's next trial number to asks through other server
+    processes (replicas, ``hpo serve --workers``) on every one of its tries (HTTP 503 with
+    ``Retry-After``). Nothing was written: ask again, with the same Idempotency-Key."""
+
+    code = "ask_contention"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, field=None)
+        self.retry_after_s = retry_after_s
+
+
 class AnalysisUnavailable(HpoError):
     """The dashboard's analysis worker (:mod:`hpo.service.analysis_worker`) could not run
     the job (HTTP 503 with ``Retry-After``): it failed twice in a row (died, or could not

@@ -14,6 +14,7 @@ from hpo.service import transitions
 from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.db.models import MetricPoint, Trial
 from hpo.service.errors import (
+    AskContention,
     BudgetSpent,
     ConcurrencyLimit,
     GridExhausted,
@@ -605,6 +606,57 @@ def test_a_servers_concurrent_asks_of_one_study_take_turns(
         t.join(60)
     assert sorted(numbers) == list(range(16))
     assert claims == [True] * 16
+
+
+def test_asks_that_keep_losing_the_next_number_to_other_servers_are_told_to_retry(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two services on one database (two server processes: their asks do not take turns with
+    each other) ask one study from 8 threads each, with a single try per ask: an ask whose
+    claim of the next number lost to the other server's is AskContention (HTTP 503 with
+    ``Retry-After``, retried by clients), never a 409 that reads like a spent study. No
+    number is handed out twice or skipped, and a lost ask writes nothing."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from hpo.api import errors
+    from hpo.service import asking
+
+    monkeypatch.setattr(asking, "MAX_ASK_ATTEMPTS", 1)
+    servers = [StudyService(storage), StudyService(storage)]
+    sid = servers[0].create_study(StudySpec.model_validate(simple_spec("contention"))).id
+    barrier = threading.Barrier(16)
+    numbers: list[int] = []
+    lost: list[AskContention] = []
+
+    def ask(server: StudyService) -> None:
+        barrier.wait()
+        try:
+            numbers.append(server.ask(sid).number)
+        except AskContention as exc:
+            lost.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(servers[i % 2],)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert lost, "no ask lost a race: the drill proved nothing"
+    assert sorted(numbers) == list(range(len(numbers)))
+    assert len(numbers) + len(lost) == 16
+    assert storage.get_study(sid).n_trials == len(numbers)
+
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/lost")
+    def _lost() -> None:
+        raise lost[0]
+
+    answer = TestClient(app).get("/lost")
+    assert (answer.status_code, answer.headers["Retry-After"]) == (503, "1")
+    assert answer.json()["error"] == "ask_contention"
+    assert "ask again" in answer.json()["message"]
 
 
 def test_an_ask_held_by_the_studys_other_asks_past_the_wait_is_told_to_ask_again(
