@@ -165,8 +165,8 @@ def ask(
         if claimed is not None:
             return claimed
     raise AskContention(
-        f"study {study_id}: this ask lost the race for the next trial to other servers' asks "
-        f"{MAX_ASK_ATTEMPTS} times; ask again"
+        f"study {study_id}: no trial claimed in {MAX_ASK_ATTEMPTS} tries (asks through other "
+        "servers kept taking the next one first); ask again"
     )
 
 

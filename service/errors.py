@@ -95,9 +95,10 @@ class SuggestionPending(HpoError):
 
 
 class AskContention(HpoError):
-    """An ask lost the race for the study's next trial number to asks through other server
-    processes (replicas, ``hpo serve --workers``) on every one of its tries (HTTP 503 with
-    ``Retry-After``). Nothing was written: ask again, with the same Idempotency-Key."""
+    """An ask claimed no trial in all of its tries: asks through other server processes
+    (replicas, ``hpo serve --workers``) kept taking the study's next number, or the trial it
+    meant to resume, first (HTTP 503 with ``Retry-After``). No trial was handed out: ask
+    again, with the same Idempotency-Key."""
 
     code = "ask_contention"
 

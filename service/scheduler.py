@@ -33,7 +33,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hpo.service import placement
-from hpo.service.errors import BudgetSpent, Conflict, HpoError, StudyNotRunning, TrialFinished
+from hpo.service.errors import (
+    AskContention,
+    BudgetSpent,
+    Conflict,
+    HpoError,
+    StudyNotRunning,
+    TrialFinished,
+)
 from hpo.service.executor import (
     AttemptError,
     AttemptLaunch,
@@ -533,8 +540,8 @@ class Scheduler:
     def _ask(self, study_id: int) -> ClaimedTrial | None:
         try:
             return self.service.ask(study_id, dispatched=True)
-        except (BudgetSpent, StudyNotRunning, Conflict):
-            return None
+        except (BudgetSpent, StudyNotRunning, Conflict, AskContention):
+            return None  # nothing to launch now; the next tick asks again
         except HpoError as exc:
             log.warning("study %s: cannot ask: %s", study_id, exc)
             return None

@@ -207,7 +207,8 @@ class StudyService:
         Raises StudyNotRunning, BudgetSpent (GridExhausted), ConcurrencyLimit, Conflict,
         TrialFinished (the key's trial has finished), SuggestionPending (a slow sampler's
         suggestion, or this server's other asks of the study, outlasted ``ask_wait_s``: ask
-        again), InvalidInput (``params`` outside the space). ``dispatched`` marks a call from
+        again), AskContention (other servers' asks kept taking the next trial: ask again),
+        InvalidInput (``params`` outside the space). ``dispatched`` marks a call from
         the scheduler; clients may only ask ask/tell studies. ``params`` fixes values of the
         new trial (the sampler fills in the rest).
         """
@@ -242,7 +243,7 @@ class StudyService:
         """This process's asks of one study take turns. Each reads the study's next number,
         samples, and claims that number only if it is still next (asks through other servers
         can take it meanwhile); 64 asks at once from one server each sampled and claimed in
-        vain up to 63 times (64 took 3-5 s and some ran out of attempts, 409), where in turn
+        vain up to 63 times (64 took 3-5 s and some ran out of tries), where in turn
         each samples once."""
         with self._asking_guard:
             return self._ask_locks.setdefault(study_id, threading.Lock())

@@ -131,7 +131,8 @@ async def ask(
     ask created (no budget spent), or 409 when that trial has finished. A body
     ``{"params": {...}}`` fixes values of a new trial (422 naming one outside the space).
     503 ``suggestion_pending`` (retry) when a slow sampler, or the study's other asks, held
-    it longer than ``HPO_ASK_WAIT_S``."""
+    it longer than ``HPO_ASK_WAIT_S``; 503 ``ask_contention`` (retry) when asks through other
+    server processes kept taking the next trial first."""
     async with study_turn(request, study_id, service.suggestions.wait_s):
         return await _ask(study_id, service, key, body)
 
