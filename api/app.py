@@ -64,7 +64,8 @@ def create_app(
         for warning in warnings:
             log.warning("%s", warning)
         engine = make_engine(settings.resolved_database_url)
-        await asyncio.to_thread(upgrade_schema, engine)
+        if siblings is None:  # a worker of `hpo serve --workers N`: its supervisor upgraded it
+            await asyncio.to_thread(upgrade_schema, engine)
         app.state.engine = engine
         app.state.token = settings.api_token(create=True)
         app.state.attempts_verified = attempts_verified()

@@ -141,7 +141,7 @@ def supervise(
             workers,
         )
     engine = make_engine(settings.resolved_database_url)
-    try:  # here first, so that the workers' own upgrades find nothing to do
+    try:  # once, here: the workers do not (create_app, given their Siblings)
         upgrade_schema(engine)
     finally:
         engine.dispose()

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,16 +47,23 @@ def folder_of(worker: psutil.Process) -> Path:
     return Path(worker.environ()["HPO_SERVE_FOLDER"])
 
 
-def own_count(folder: Path, index: int, route: str, method: str) -> float:
+def answered(folder: Path, index: int, route: str, method: str = "POST") -> Counter[str]:
+    """What worker ``index`` last published of its answers to ``route``, by status."""
+    text = json.loads((folder / f"{index}.json").read_text())["metrics"]
+    counts: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "hpo_http_requests_total" and (s.labels["route"], s.labels["method"]) == (
+                route,
+                method,
+            ):
+                counts[s.labels["status"]] += int(s.value)
+    return counts
+
+
+def own_count(folder: Path, index: int, route: str, method: str) -> int:
     """What worker ``index`` last published of its requests to ``route``."""
-    published = json.loads((folder / f"{index}.json").read_text())["metrics"]
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(published)
-        for s in family.samples
-        if s.name == "hpo_http_requests_total"
-        and (s.labels["route"], s.labels["method"]) == (route, method)
-    )
+    return answered(folder, index, route, method).total()
 
 
 def counted(folder: Path, route: str) -> float:
@@ -120,9 +128,9 @@ def published(folder: Path, index: int) -> bool:
         return False
 
 
-def role_of(folder: Path) -> str:
-    """The scheduler's role worker 0 published."""
-    return json.loads((folder / "0.json").read_text())["scheduler"]
+def role_of(folder: Path, index: int = 0) -> str:
+    """The scheduler's role worker ``index`` published of itself."""
+    return json.loads((folder / f"{index}.json").read_text())["scheduler"]
 
 
 @pytest.fixture

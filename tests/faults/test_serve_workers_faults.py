@@ -21,7 +21,6 @@ drill whose requests all reached one worker fails instead of passing for nothing
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from collections import Counter
@@ -32,10 +31,16 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.test_concurrency import GRID_SPACE, race
-from tests.api.test_serve_workers import folder_of, published, workers_of
+from tests.api.test_serve_workers import (
+    answered,
+    folder_of,
+    fresh_get,
+    published,
+    role_of,
+    workers_of,
+)
 from tests.conftest import ServerProcess, simple_spec, wait_for
 from tests.faults.conftest import OwnPostgres
 from tests.faults.test_database_outage import (
@@ -70,20 +75,6 @@ def two_workers(
         yield proc, folder
 
 
-def answered(folder: Path, index: int, route: str, method: str = "POST") -> Counter[str]:
-    """What worker ``index`` last published of its answers to ``route``, by status."""
-    text = json.loads((folder / f"{index}.json").read_text())["metrics"]
-    counts: Counter[str] = Counter()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "hpo_http_requests_total" and (s.labels["route"], s.labels["method"]) == (
-                route,
-                method,
-            ):
-                counts[s.labels["status"]] += int(s.value)
-    return counts
-
-
 def settled(folder: Path, route: str, expected: int, method: str = "POST") -> list[Counter[str]]:
     """Each worker's answers to ``route``, once both workers published ``expected`` in all
     (they publish every second)."""
@@ -103,18 +94,8 @@ def fresh(proc: ServerProcess, token: str | None = None) -> httpx.Client:
     return http
 
 
-def healthz(proc: ServerProcess) -> httpx.Response:
-    with fresh(proc) as http:
-        return http.get("/healthz")
-
-
-def published_role(folder: Path, index: int) -> str:
-    """The scheduler role worker ``index`` published of itself."""
-    return json.loads((folder / f"{index}.json").read_text())["scheduler"]
-
-
 def scheduler_role(proc: ServerProcess) -> str:
-    return healthz(proc).json()["scheduler"]
+    return fresh_get(proc, "/healthz").json()["scheduler"]
 
 
 def test_two_servers_of_two_workers_hand_out_each_trial_once(db_url: str, tmp_path: Path) -> None:
@@ -186,7 +167,7 @@ def test_two_servers_of_two_workers_hand_out_each_trial_once(db_url: str, tmp_pa
             expected += 24
         assert all(n > 0 for n in granted()), granted()
         # and each process ran the scheduler it should: worker 0 of each (one leading), no other
-        roles = sorted(published_role(f, i) for f in folders for i in (0, 1))
+        roles = sorted(role_of(f, i) for f in folders for i in (0, 1))
         assert roles == ["off", "off", "running", "standby"], roles
 
 
@@ -346,7 +327,7 @@ def test_a_database_outage_under_two_workers_loses_nothing(
         own_postgres.stop("immediate")
         try:
             time.sleep(12)
-            health = [healthz(proc) for _ in range(4)]
+            health = [fresh_get(proc, "/healthz") for _ in range(4)]
             assert [h.status_code for h in health] == [503] * 4, [h.text for h in health]
             # both workers answered the stream's writes with 503s meanwhile
             wait_for(
