@@ -13,6 +13,8 @@ request on a connection of its own so the kernel spreads them over the workers.
   ``Retry-After``; and the database stalled (its processes stopped) as long: the requests
   wait in threads while every event loop beats. Either way no worker is taken for hung and
   the stream loses and duplicates nothing.
+- kill -9 of a worker while trials stream, then a restart on the same port: every step of
+  every trial stored once.
 
 Each drill counts per worker what it answered (the counters each worker publishes), so a
 drill whose requests all reached one worker fails instead of passing for nothing.
@@ -44,6 +46,7 @@ from tests.api.test_serve_workers import (
 from tests.conftest import ServerProcess, simple_spec, wait_for
 from tests.faults.conftest import OwnPostgres
 from tests.faults.test_database_outage import (
+    STEPS,
     Poller,
     Stream,
     assert_nothing_lost,
@@ -365,3 +368,33 @@ def test_a_stalled_database_under_two_workers_is_waited_out(
             for p in database:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     p.resume()
+
+
+def test_a_worker_killed_mid_stream_then_a_restart_loses_nothing(
+    own_postgres: OwnPostgres, tmp_path: Path
+) -> None:
+    """kill -9 of one worker while three trials stream: ``hpo serve`` stops (status 1), a
+    process manager starts it again on the same port, and the trials' reporters, resending
+    every step until it is answered 200, end with each of their steps stored exactly once."""
+    with two_workers(own_postgres.url, tmp_path) as (proc, _):
+        with fresh(proc) as http:
+            study = http.post("/api/v1/studies", json=simple_spec("k9", lease_s=600)).json()
+            trials = [http.post(ASK.format(study_id=study["id"])).json() for _ in range(3)]
+        streams = [Stream(proc, t["trial_id"], fresh=True) for t in trials]
+        poller = Poller(proc, study["id"], fresh=True)
+        runs = [started(stream, poller) for stream in streams]
+        time.sleep(1.5)
+        workers_of(proc)[1].kill()
+        assert proc.proc is not None and proc.proc.wait(timeout=60) == 1
+        proc.start()  # the process manager's restart
+        for threads in runs:  # each stream must finish once the server is back
+            finished(threads, poller)
+        assert sum(stream.dropped for stream in streams) > 0, "the kill was never seen"
+        for stream, trial in zip(streams, trials, strict=True):
+            with fresh(proc) as http:
+                points = http.get(METRICS.format(trial_id=trial["trial_id"])).json()["points"]
+            steps = Counter(p["step"] for p in points)
+            lost = [s for s in range(1, STEPS + 1) if steps[s] == 0]
+            duplicated = [s for s, n in steps.items() if n > 1]
+            assert (lost, duplicated) == ([], []), trial["trial_id"]
+            assert stream.codes[500] == 0
