@@ -11,7 +11,9 @@ only delegate to :class:`~hpo.service.storage.Storage`, which the API reads thro
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -52,6 +54,11 @@ DISPATCHABLE = (StudyState.RUNNING, StudyState.PAUSED)
 # see ``delete_study``).
 DELETE_TRIES = 3
 
+# An ask first ends the study's running trials whose lease ran out (their slots, or retries,
+# are then handed out), at most this often per study and process: a client asking in a tight
+# loop would otherwise pay a sweep per ask. A lease is noticed up to this much late.
+LEASE_SWEEP_EVERY_S = 0.1
+
 
 class StudyService:
     """The control plane's operations on studies and trials, over a :class:`Storage`.
@@ -81,6 +88,7 @@ class StudyService:
         self.on_change = on_change
         self._ask_locks: dict[int, threading.Lock] = {}
         self._asking_guard = threading.Lock()
+        self._swept_at: dict[int, float] = {}  # study -> monotonic time of its last ask's sweep
 
     # ----------------------------------------------------------------- studies
 
@@ -188,6 +196,7 @@ class StudyService:
         self.suggestions.forget(study_id)
         with self._asking_guard:
             self._ask_locks.pop(study_id, None)
+            self._swept_at.pop(study_id, None)
         return active
 
     # ------------------------------------------------------------------ trials
@@ -226,7 +235,10 @@ class StudyService:
                     retry_after_s=1,
                 )
         try:
-            self.expire_leases(study_id=study_id)
+            now = time.monotonic()
+            if now - self._swept_at.get(study_id, -math.inf) >= LEASE_SWEEP_EVERY_S:
+                self._swept_at[study_id] = now
+                self.expire_leases(study_id=study_id)
             return asking.ask(
                 self.storage,
                 study_id,

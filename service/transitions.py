@@ -101,10 +101,18 @@ def complete_if_done(s: Session, study: Study) -> None:
     are pruned: the study ended without promoting them."""
     if study.state not in (StudyState.RUNNING, StudyState.PAUSED):
         return
+    spec = spec_of(study)
+    budget = spec.budget
+    if (
+        budget.max_steps is None
+        and budget.max_worker_seconds is None
+        and not timed_out(study, spec)
+        and study.next_number < budget_limit(study, spec)
+    ):
+        return  # nothing can be spent yet: no need to count its trials (a tell's common case)
     running, waiting = studies.count_active(s, study.id)
     if running or waiting:
         return
-    spec = spec_of(study)
     if timed_out(study, spec):  # first: its running trials may have been ended for it
         reason = "budget.timeout_s reached"
     elif spent := compute_spent(s, study, spec):

@@ -8,7 +8,7 @@ import time
 
 import optuna
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from hpo.service import transitions
 from hpo.service.db import make_engine, upgrade_schema
@@ -33,7 +33,7 @@ from hpo.service.spec import StudySpec
 from hpo.service.states import IllegalTransition
 from hpo.service.storage import Storage, trials
 from hpo.service.storage import studies as studies_rows
-from hpo.service.studies import MetricInput, StudyService
+from hpo.service.studies import LEASE_SWEEP_EVERY_S, MetricInput, StudyService
 from tests.conftest import simple_spec
 
 
@@ -177,6 +177,59 @@ def test_lease_expiry_fails_the_trial_and_frees_the_slot(service: StudyService) 
     service.tell(t2.id, value=1.0)
     with pytest.raises(BudgetSpent):
         service.ask(sid)
+
+
+class Statements:
+    """The SQL statements the service's engine runs inside the ``with`` block."""
+
+    def __init__(self, service: StudyService) -> None:
+        self.engine = service.storage.engine
+        self.seen: list[str] = []
+
+    def _note(self, conn, cursor, statement, *args) -> None:
+        self.seen.append(statement)
+
+    def __enter__(self) -> Statements:
+        event.listen(self.engine, "before_cursor_execute", self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._note)
+
+    def count(self, fragment: str) -> int:
+        return sum(fragment in statement for statement in self.seen)
+
+
+def test_asks_in_a_tight_loop_sweep_expired_leases_at_most_every_tenth_of_a_second(
+    service: StudyService,
+) -> None:
+    sid = create(service)
+    with Statements(service) as statements:
+        t0 = time.monotonic()
+        for _ in range(100):
+            service.ask(sid)
+        elapsed = time.monotonic() - t0
+    sweeps = statements.count("lease_expires_at <")
+    # Not one per ask: at most one per LEASE_SWEEP_EVERY_S (the first ask's among them).
+    assert 1 <= sweeps < 100, sweeps
+    assert sweeps <= 1 + elapsed / LEASE_SWEEP_EVERY_S, (sweeps, elapsed)
+
+
+def test_tells_count_the_study_s_trials_only_once_its_budget_may_be_spent(
+    service: StudyService,
+) -> None:
+    unbounded = create(service, name="unbounded")
+    with Statements(service) as statements:
+        for _ in range(5):
+            service.tell(service.ask(unbounded).id, value=1.0)
+    assert statements.count("count(*)") == 0
+    bounded = create(service, name="bounded", budget={"max_trials": 3})
+    asked = [service.ask(bounded) for _ in range(3)]
+    with Statements(service) as statements:
+        for trial in asked:
+            service.tell(trial.id, value=1.0)
+    assert statements.count("count(*)") == 3  # the budget is spent: each tell counts
+    assert service.storage.get_study(bounded).state == "completed"
 
 
 def test_metrics_renew_the_lease(service: StudyService) -> None:
