@@ -61,8 +61,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        for warning in warnings:
-            log.warning("%s", warning)
+        if siblings is None or siblings.index == 0:  # once per server, not once per worker
+            for warning in warnings:
+                log.warning("%s", warning)
         engine = make_engine(settings.resolved_database_url)
         if siblings is None:  # a worker of `hpo serve --workers N`: its supervisor upgraded it
             await asyncio.to_thread(upgrade_schema, engine)

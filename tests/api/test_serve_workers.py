@@ -233,6 +233,20 @@ def test_sigterm_stops_every_worker_with_status_0(
     ends_with(proc, lambda _: proc.proc.send_signal(signal.SIGTERM), 0)
 
 
+def test_configuration_warnings_are_logged_once_not_once_per_worker(tmp_path: Path) -> None:
+    # A Ray address without shared storage or a public URL: two warnings. The scheduler is
+    # off, so nothing here reaches that address.
+    env = {"HPO_RAY_ADDRESS": "127.0.0.1:1", "HPO_SCHEDULER": "false"}
+    with ServerProcess(
+        f"sqlite:///{tmp_path / 'hpo.db'}", tmp_path, env, args=["--workers", "2"]
+    ) as proc:
+        folder = folder_of(workers_of(proc)[0])
+        wait_for(lambda: all(published(folder, i) for i in (0, 1)), timeout=60)
+        log = ends_with(proc, lambda _: proc.proc.send_signal(signal.SIGTERM), 0)
+    assert log.count("HPO_RAY_ADDRESS is set without HPO_STORAGE_PATH") == 1, log
+    assert log.count("HPO_RAY_ADDRESS is set without HPO_PUBLIC_URL") == 1, log
+
+
 def test_a_port_in_use_is_an_error_before_any_worker_starts(tmp_path: Path) -> None:
     port = free_port()
     with socket.create_server(("127.0.0.1", port)):
