@@ -81,6 +81,39 @@ class _InFlight:
     finished_in_db_at: float | None = None
 
 
+# A tick that keeps failing the same way (a cluster that cannot be reached) is logged whole
+# once, then as one line at most this often, not as a traceback every tick.
+REPEATED_FAILURE_LOG_S = 60.0
+
+
+class _Failing:
+    """The scheduler loop's log of failed ticks: the first failure of a kind with its
+    traceback; the same failure again only as a count, every REPEATED_FAILURE_LOG_S; and
+    the recovery."""
+
+    def __init__(self) -> None:
+        self.what: str | None = None
+        self.times = 0
+        self.logged_at = -math.inf
+
+    def failed(self, exc: Exception) -> None:
+        what = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if what != self.what:
+            self.what, self.times, self.logged_at = what, 1, now
+            log.exception("scheduler tick failed; retrying")
+            return
+        self.times += 1
+        if now - self.logged_at >= REPEATED_FAILURE_LOG_S:
+            self.logged_at = now
+            log.error("scheduler tick failed %d times in a row, as before: %s", self.times, what)
+
+    def recovered(self) -> None:
+        if self.what is not None:
+            log.info("scheduler tick works again, after %d failed ticks", self.times)
+        self.what, self.times = None, 0
+
+
 class Scheduler:
     """Runs in a thread of ``hpo serve``; Ray starts only once a study needs it."""
 
@@ -159,11 +192,14 @@ class Scheduler:
         # Ray starts and stops in this thread only: a local Ray's processes die with the thread
         # that started them (parent-death signal), so no other thread may outlive or end it.
         try:
+            failing = _Failing()
             while not self._stop.is_set():
                 try:
                     self.tick()
-                except Exception:
-                    log.exception("scheduler tick failed; retrying")
+                except Exception as exc:
+                    failing.failed(exc)
+                else:
+                    failing.recovered()
                 self._wake.wait(self.interval_s if self.leading else self.lease.lease_s / 3)
                 self._wake.clear()
         finally:

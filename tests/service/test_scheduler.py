@@ -20,7 +20,7 @@ from hpo.service.executor import (
 from hpo.service.scheduler import Scheduler
 from hpo.service.spec import StudySpec
 from hpo.service.studies import StudyService
-from tests.conftest import simple_spec
+from tests.conftest import simple_spec, wait_for
 from tests.service.fake_executor import FakeCluster, FakeExecutor
 
 
@@ -360,3 +360,46 @@ def test_deployments_sharing_a_checkpoint_store_never_share_a_trial_folder(
         engine.dispose()
     assert folders[0] != folders[1]
     assert all(f.is_relative_to(store) for f in folders)  # downloads still find them
+
+
+def test_a_tick_that_keeps_failing_the_same_way_is_logged_once_then_its_recovery(
+    service: StudyService, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Unreachable(FakeExecutor):
+        """A cluster that cannot be reached until ``reachable`` is set."""
+
+        def __init__(self) -> None:
+            super().__init__(FakeCluster(capacity={"CPU": 4.0}))
+            self.tries = 0
+            self.reachable = False
+
+        def start(self) -> None:
+            self.tries += 1
+            if not self.reachable:
+                raise ConnectionError("cannot reach the cluster at 127.0.0.1:1")
+            super().start()
+
+    executor = Unreachable()
+    create(service, "needs-the-cluster")  # a running study with a trainable: each tick starts it
+    scheduler = Scheduler(
+        service,
+        executor,
+        api_url="http://127.0.0.1:1",
+        token=None,
+        checkpoint_dir=tmp_path,
+        interval_s=0.01,
+    )
+    with caplog.at_level("INFO", logger="hpo.scheduler"):
+        scheduler.start()
+        try:
+            wait_for(lambda: executor.tries >= 30, timeout=30)
+            executor.reachable = True
+            wait_for(lambda: executor.started, timeout=30)
+            wait_for(lambda: any("works again" in r.message for r in caplog.records), timeout=30)
+        finally:
+            scheduler.stop()
+    failed = [r for r in caplog.records if "tick failed" in r.message]
+    assert len(failed) == 1, [r.message for r in failed]  # not one traceback per tick
+    assert failed[0].exc_info is not None and "127.0.0.1:1" in caplog.text
+    recovered = [r.message for r in caplog.records if "works again" in r.message]
+    assert len(recovered) == 1 and int(recovered[0].split("after ")[1].split()[0]) >= 30
