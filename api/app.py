@@ -65,7 +65,7 @@ def create_app(
             for warning in warnings:
                 log.warning("%s", warning)
         engine = make_engine(settings.resolved_database_url)
-        if siblings is None:  # a worker of `hpo serve --workers N`: its supervisor upgraded it
+        if siblings is None:  # a worker of `hpo serve --workers N` skips it: its supervisor did it
             await asyncio.to_thread(upgrade_schema, engine)
         app.state.engine = engine
         app.state.token = settings.api_token(create=True)

@@ -5,7 +5,8 @@ study's ``next_number`` in a short write transaction, and the whole is retried w
 asker claimed it first. A slow sampler (GP: its fit takes seconds and grows as n³) runs off
 the request thread (:class:`Suggestions`): a client's ask waits at most ``HPO_ASK_WAIT_S`` for
 it, then answers 503 with Retry-After while the fit goes on, and the retried ask takes the
-suggestion. ``StudyService.ask`` calls :func:`ask` after expiring stale leases.
+suggestion. ``StudyService.ask`` calls :func:`ask` after expiring stale leases (at most every
+``LEASE_SWEEP_EVERY_S`` per study).
 """
 
 from __future__ import annotations

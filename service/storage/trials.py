@@ -22,7 +22,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.orm import Session, joinedload, selectinload
+from sqlalchemy.orm import Session, selectinload
 
 from hpo.service import attempts
 from hpo.service.db.models import Study, Trial, TrialParam, UTCDateTime
@@ -63,9 +63,9 @@ def lock(
     statement's snapshot)."""
     if session.bind.dialect.name == "sqlite":
         both = select(Study, Trial).join(Trial, Trial.study_id == Study.id)
-        if params:  # in the same statement: a row per parameter
-            both = both.options(joinedload(Trial.params))
-        row = session.execute(both.where(Trial.id == trial_id)).unique().one_or_none()
+        if params:
+            both = both.options(selectinload(Trial.params))
+        row = session.execute(both.where(Trial.id == trial_id)).one_or_none()
         if row is None:
             raise TrialNotFound(trial_id)
         return row[0], row[1]
