@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except httpx.TransportError as exc:
         console.print(f"[red]error:[/red] cannot reach the hpo server: {exc}")
         return 4
+    except OSError as exc:  # a file or folder named on the command line or in HPO_*
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
     except KeyboardInterrupt:
         return 130
 
@@ -404,6 +407,9 @@ def _database_problem(settings: Any) -> str | None:
 
     try:
         engine = make_engine(settings.resolved_database_url)
+        if engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:"):
+            # each connection would get an empty database of its own
+            return "an in-memory SQLite database is not shared by the server's connections"
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         engine.dispose()

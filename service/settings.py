@@ -28,14 +28,16 @@ class Settings(BaseSettings):
     unset, ``hpo serve`` creates one in ``data_dir/token`` (mode 0600) that local clients read.
     """
 
-    model_config = SettingsConfigDict(env_prefix="HPO_", extra="ignore")
+    # NaN or infinity in any number is refused (a NaN interval never fires; an infinite one
+    # never returns).
+    model_config = SettingsConfigDict(env_prefix="HPO_", extra="ignore", allow_inf_nan=False)
 
     data_dir: Path = Field(default_factory=default_data_dir)
     database_url: str | None = None
     token: SecretStr | None = None
     auth: bool = True
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(default=8000, ge=1, le=65535)
     public_url: str | None = None
     ray_address: str | None = None
     # Default: hpo-<deployment id> (the id is stored in the database at its first start).
@@ -68,11 +70,11 @@ class Settings(BaseSettings):
     # it, and how often a node that failed it is checked again.
     preflight_timeout_s: float = Field(default=30.0, gt=0)
     preflight_recheck_s: float = Field(default=60.0, gt=0)
-    scheduler_interval_s: float = 1.0
+    scheduler_interval_s: float = Field(default=1.0, gt=0)
     # The scheduler lease: one ``hpo serve`` per database runs the scheduler, renewing this
     # lease every tick; another takes over once it has expired (or its holder is gone).
     scheduler_lease_s: float = Field(default=15.0, gt=0)
-    lease_sweep_interval_s: float = 2.0
+    lease_sweep_interval_s: float = Field(default=2.0, gt=0)
     log_level: str = "info"
     # Samplers that learn from the history (TPE, GP) keep each study's finished trials in
     # memory between asks (service/histories.py): at most this many studies and trials,

@@ -11,6 +11,7 @@ a reader check a rule against the others.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -783,20 +784,62 @@ class StudySpec(_Model):
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> StudySpec:
-        """Load a spec from a YAML file path or YAML text."""
-        import yaml
-
+        """Load a spec from a YAML file path or YAML text (see :func:`load_yaml`)."""
         text = Path(source).read_text() if _looks_like_path(source) else str(source)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"the spec is not valid YAML: {exc}") from exc
+        data = load_yaml(text)
         if not isinstance(data, dict):
             raise ValueError("a study spec must be a YAML mapping")
         return cls.model_validate(data)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_defaults=False)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as a spec is read: ``1e-3`` is a number, as in YAML 1.2 and JSON (PyYAML's YAML
+    1.1 reads it as the string "1e-3" without a dot in the mantissa), and a key given twice
+    in one mapping is an error (PyYAML keeps the last silently). Raises ValueError."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_spec_loader())  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ValueError(f"the spec is not valid YAML: {exc}") from exc
+
+
+@functools.cache
+def _spec_loader() -> type:
+    import yaml
+
+    class SpecLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<: *base": the keys after it override the merged ones
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:
+                    continue  # an unhashable key: the base constructor says why
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"found the key {key!r} twice",
+                        key_node.start_mark,
+                    )
+            return super().construct_mapping(node, deep=deep)
+
+    # Added after YAML 1.1's own float pattern (which needs a dot), for the same first
+    # characters: 1e-3, -2E+5, 3e10.
+    SpecLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return SpecLoader
 
 
 def _pruner_types(pruner: PrunerSpec | None) -> list[str]:

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from hpo.api.demo import free_port
@@ -306,3 +307,34 @@ def test_serve_refuses_an_unreachable_database(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "cannot use the database postgresql://nobody@127.0.0.1:1/none" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["serve", "--port", "99999"], {}, "HPO_PORT: Input should be less than or equal to 65535"),
+        (["serve", "--database-url", "sqlite://"], {}, "an in-memory SQLite database"),
+        (["serve", "--database-url", "sqlite:///:memory:"], {}, "an in-memory SQLite database"),
+        (["serve"], {"HPO_LEASE_SWEEP_INTERVAL_S": "0"}, "HPO_LEASE_SWEEP_INTERVAL_S"),
+        (["serve"], {"HPO_LEASE_SWEEP_INTERVAL_S": "nan"}, "finite number"),
+        (["serve"], {"HPO_SCHEDULER_INTERVAL_S": "-1"}, "HPO_SCHEDULER_INTERVAL_S"),
+        (["serve", "--data-dir", "{file}/sub"], {}, "Not a directory"),
+        (["submit", "{tmp}"], {}, "Is a directory"),
+    ],
+)
+def test_bad_options_and_paths_are_one_error_line_and_status_2(
+    tmp_path: Path, args: list[str], env: dict[str, str], says: str
+) -> None:
+    (tmp_path / "file").write_text("")
+    args = [a.format(file=tmp_path / "file", tmp=tmp_path) for a in args]
+    result = subprocess.run(
+        [sys.executable, "-m", "hpo.api.cli", *args],
+        env={**os.environ, "HPO_DATA_DIR": str(tmp_path / "data"), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert says in result.stderr, result.stderr[-2000:]
+    assert "hpo serving on" not in result.stdout + result.stderr  # refused before it serves

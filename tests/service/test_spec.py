@@ -65,6 +65,32 @@ def test_issue_spec_parses_from_yaml() -> None:
     }
 
 
+def test_yaml_numbers_in_scientific_notation_are_numbers_and_keys_given_twice_are_errors() -> None:
+    spec = StudySpec.from_yaml(
+        """
+name: sci
+objective: {metric: loss}
+space:
+  lr:    {type: float, low: 1e-5, high: 1E-1, log: true}
+  decay: {type: categorical, choices: [1e-3, 1e-4, 3.0e-4, "1e-2"]}
+"""
+    )
+    assert (spec.space["lr"].low, spec.space["lr"].high) == (1e-5, 0.1)
+    assert spec.space["decay"].choices == [1e-3, 1e-4, 3e-4, "1e-2"]  # quoted stays a string
+    twice = "name: twice\nobjective: {metric: loss}\nbudget: {max_trials: 10}\n"
+    twice += "budget: {max_trials: 1000}\nspace: {x: {type: float, low: 0, high: 1}}\n"
+    with pytest.raises(ValueError, match="found the key 'budget' twice"):
+        StudySpec.from_yaml(twice)
+    with pytest.raises(ValueError, match="found the key 'lr' twice"):
+        StudySpec.from_yaml("space: {lr: {type: float}, lr: {type: int}}")
+    # a merge key's values may be overridden: that is what it is for
+    merged = StudySpec.from_yaml(
+        "name: m\nobjective: {metric: loss}\n"
+        "space:\n  x: &unit {type: float, low: 0, high: 1}\n  y: {<<: *unit, high: 2}\n"
+    )
+    assert merged.space["y"].high == 2
+
+
 def test_multi_objective_list() -> None:
     spec = StudySpec.model_validate(
         base(objective=[{"metric": "acc", "direction": "maximize"}, {"metric": "latency"}])
