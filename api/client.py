@@ -546,9 +546,24 @@ class Study:
         return self._patch({"state": "stopped"})
 
     def set_budget(
-        self, *, max_trials: int | None = None, max_concurrent: int | None = None
+        self,
+        *,
+        max_trials: int | None = None,
+        max_concurrent: int | None = None,
+        timeout_s: float | None = None,
+        max_steps: int | None = None,
+        max_worker_seconds: float | None = None,
     ) -> StudyRecord:
-        budget = {k: v for k, v in (("max_trials", max_trials), ("max_concurrent", max_concurrent))}
+        """Change the study's budget (the fields given); a raised budget runs a completed
+        study again. Raises Conflict naming the field when it would stay completed (a study
+        whose ``timeout_s`` ran out needs ``timeout_s`` raised)."""
+        budget = {
+            "max_trials": max_trials,
+            "max_concurrent": max_concurrent,
+            "timeout_s": timeout_s,
+            "max_steps": max_steps,
+            "max_worker_seconds": max_worker_seconds,
+        }
         return self._patch({"budget": {k: v for k, v in budget.items() if v is not None}})
 
     def delete(self) -> None:

@@ -31,8 +31,14 @@ class _Body(BaseModel):
 
 
 class BudgetPatch(_Body):
+    """The budget fields a PATCH may change (as in the spec's ``budget``); raising one that
+    ended a completed study runs it again."""
+
     max_trials: StrictInt | None = Field(default=None, ge=1)
     max_concurrent: StrictInt | None = Field(default=None, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0, le=10 * 365 * 86400, allow_inf_nan=False)
+    max_steps: StrictInt | None = Field(default=None, ge=1)
+    max_worker_seconds: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class StudyPatch(_Body):

@@ -134,30 +134,45 @@ class StudyService:
         state: str | None = None,
         max_trials: int | None = None,
         max_concurrent: int | None = None,
+        **budget: float | None,
     ) -> StudyRecord:
-        """Pause, resume or stop a study, or change its budget. Raising the budget of a
-        completed study runs it again (``completed → running``).
+        """Pause, resume or stop a study, or change its budget (``max_trials``,
+        ``max_concurrent`` and, as keywords, the other fields of :data:`REOPENING`). Raising
+        the budget of a completed study runs it again (``completed → running``).
 
         Raises StudyNotRunning for a stopped study (and a completed one asked for anything
-        but a budget), InvalidInput for a budget
-        below the trials handed out, IllegalTransition for a move the state table forbids.
+        but a budget), InvalidInput for a budget below the trials handed out, Conflict (and
+        changes nothing) for a completed study whose raised budget leaves it completed (the
+        error names the field that keeps it so: its time, its compute, its grid),
+        IllegalTransition for a move the state table forbids.
         """
+        unknown = set(budget) - set(REOPENING)
+        if unknown:
+            raise TypeError(f"update_study: no budget field {sorted(unknown)}")
+        changes = {"max_trials": max_trials, "max_concurrent": max_concurrent, **budget}
+        changes = {k: v for k, v in changes.items() if v is not None}
         with self.storage.write() as s:
             study = studies.get(s, study_id, lock=True)
             raises_budget = study.state == StudyState.COMPLETED and state in (None, study.state)
             if (
                 study.state in (StudyState.STOPPED, StudyState.COMPLETED)
-                and (state not in (None, study.state) or max_trials or max_concurrent)
+                and (state not in (None, study.state) or changes)
                 and not raises_budget
             ):
                 raise StudyNotRunning(
                     f"study {study_id} is {study.state}; it can no longer be changed",
                     field="state",
                 )
-            if max_trials is not None or max_concurrent is not None:
-                study.spec = _new_budget(study, max_trials, max_concurrent)
+            if changes:
+                study.spec = _new_budget(study, changes)
                 studies.touch(study)
-                warmstart.reopen_if_budget_left(s, study)
+                held = warmstart.reopen_if_budget_left(s, study)
+                if held is not None and changes.keys() & set(REOPENING):
+                    raise Conflict(  # rolled back: the budget stays as it was
+                        f"study {study_id} would stay completed: its {held} is spent "
+                        f"({_budget_value(study, held)}); raise {held} to run it again",
+                        field=held,
+                    )
             if state is not None and state != study.state:
                 set_study_state(study, state, reason=f"set to {state} through the API")
                 if state == StudyState.STOPPED:
@@ -520,20 +535,34 @@ class StudyService:
             self.on_change()
 
 
-def _new_budget(study: Study, max_trials: int | None, max_concurrent: int | None) -> dict:
-    """The study's stored spec with a changed budget. Raises InvalidInput for max_trials
-    below the trials already handed out, or a budget the spec does not accept."""
+# The budget fields whose raise can run a completed study again.
+REOPENING = ("max_trials", "timeout_s", "max_steps", "max_worker_seconds")
+
+
+def _budget_value(study: Study, field: str) -> str:
+    """What ``field`` (``budget.<name>``) of the study's stored spec holds, for a message;
+    for ``budget.max_trials``, also how many trials its grid has when that is fewer."""
+    spec = transitions.spec_of(study)
+    value = getattr(spec.budget, field.removeprefix("budget."))
+    shown = "none" if value is None else f"{value:g}"
+    capacity = transitions.sampler_of(study).capacity()
+    if field == "budget.max_trials" and capacity is not None and capacity < (value or math.inf):
+        shown += f"; the grid has {capacity} points, all handed out"
+    return shown
+
+
+def _new_budget(study: Study, changes: Mapping[str, Any]) -> dict:
+    """The study's stored spec with the budget ``changes``. Raises InvalidInput for
+    max_trials below the trials already handed out, or a budget the spec does not accept."""
     budget = dict(study.spec.get("budget") or {})
-    if max_trials is not None:
-        if max_trials < study.next_number:
-            raise InvalidInput(
-                f"budget.max_trials: {max_trials} is below the {study.next_number} "
-                "trials already handed out",
-                field="budget.max_trials",
-            )
-        budget["max_trials"] = max_trials
-    if max_concurrent is not None:
-        budget["max_concurrent"] = max_concurrent
+    max_trials = changes.get("max_trials")
+    if max_trials is not None and max_trials < study.next_number:
+        raise InvalidInput(
+            f"budget.max_trials: {max_trials} is below the {study.next_number} "
+            "trials already handed out",
+            field="budget.max_trials",
+        )
+    budget.update(changes)
     spec = {**study.spec, "budget": budget}
     StudySpec.model_validate(spec)
     return spec

@@ -46,18 +46,25 @@ class FinishedTrial:
     user_attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def reopen_if_budget_left(s: Session, study: Study) -> None:
+def reopen_if_budget_left(s: Session, study: Study) -> str | None:
     """Run a completed (locked) study again when its budget has room for another trial or a
-    queued trial waits. A study completed because its time ran out stays completed."""
+    queued trial waits. Returns, for a study that stays completed, the budget field that
+    keeps it so: ``budget.timeout_s`` (its time ran out), a compute budget it has used
+    (``budget.max_steps``, ``budget.max_worker_seconds``), or ``budget.max_trials`` (no trial
+    number left: the budget, or a grid's points); None otherwise."""
     if study.state != StudyState.COMPLETED:
-        return
+        return None
     spec = transitions.spec_of(study)
     if transitions.timed_out(study, spec):
-        return
+        return "budget.timeout_s"
+    if spent := transitions.compute_spent(s, study, spec):
+        return spent
     limit = transitions.budget_limit(study, spec)
     _, waiting = studies.count_active(s, study.id)
     if study.next_number < limit or waiting:
         set_study_state(study, StudyState.RUNNING, reason=f"budget raised to {limit:g} trials")
+        return None
+    return "budget.max_trials"
 
 
 def grow_budget(study: Study, *, at_least: int | None = None, by: int = 0) -> None:

@@ -323,6 +323,16 @@ def check_patch_budget(http: httpx.Client) -> None:
         422,
         field="budget.timeout",
     )
+    assert_error(
+        http.patch(f"{API}/studies/{sid}", json={"budget": {"timeout_s": -1}}),
+        422,
+        field="budget.timeout_s",
+    )
+    assert_error(
+        http.patch(f"{API}/studies/{sid}", json={"budget": {"trial_timeout_s": 5}}),
+        422,
+        field="budget.trial_timeout_s",
+    )
     assert get_study(http, sid)["spec"]["budget"] == {
         "max_trials": 3,
         "max_concurrent": 2,
@@ -331,6 +341,37 @@ def check_patch_budget(http: httpx.Client) -> None:
         "max_steps": None,
         "max_worker_seconds": None,
     }
+    # the other budget fields change too
+    r = http.patch(
+        f"{API}/studies/{sid}",
+        json={"budget": {"timeout_s": 3600, "max_steps": 500, "max_worker_seconds": 60.5}},
+    )
+    assert r.status_code == 200, r.text
+    budget = r.json()["spec"]["budget"]
+    assert (budget["timeout_s"], budget["max_steps"], budget["max_worker_seconds"]) == (
+        3600,
+        500,
+        60.5,
+    )
+
+    # a study completed by its time: more trials alone are a 409 naming timeout_s (nothing
+    # changed); a raised timeout_s runs it again
+    sid = create(http, "timed", budget={"max_trials": 5, "timeout_s": 0.5})["id"]
+    assert tell(http, ask(http, sid)["trial_id"], value=1.0).status_code == 200
+    time.sleep(0.7)
+    # (the ask completes it, or the server's sweep did already)
+    assert http.post(f"{API}/studies/{sid}/ask").status_code == 409
+    assert get_study(http, sid)["state"] == "completed"
+    err = assert_error(
+        http.patch(f"{API}/studies/{sid}", json={"budget": {"max_trials": 9}}),
+        409,
+        field="budget.timeout_s",
+    )
+    assert "raise budget.timeout_s" in err["message"]
+    assert get_study(http, sid)["spec"]["budget"]["max_trials"] == 5
+    r = http.patch(f"{API}/studies/{sid}", json={"budget": {"timeout_s": 3600}})
+    assert r.status_code == 200 and r.json()["state"] == "running", r.text
+    assert ask(http, sid)["number"] == 1
 
 
 def check_delete_study(http: httpx.Client) -> None:

@@ -17,6 +17,7 @@ from hpo.service.errors import (
     AskContention,
     BudgetSpent,
     ConcurrencyLimit,
+    Conflict,
     GridExhausted,
     InvalidInput,
     NameTaken,
@@ -137,6 +138,43 @@ def test_asha_prunes_through_reports(service: StudyService) -> None:
     # the client telling "pruned" afterwards is the same outcome
     assert service.tell(bad.id, state="pruned").state == "pruned"
     assert service.report(bad.id, [MetricInput(2, "loss", 0.8)]) is True
+
+
+def test_a_study_completed_by_its_time_runs_again_once_its_time_is_raised(
+    service: StudyService,
+) -> None:
+    sid = create(service, budget={"max_trials": 50, "timeout_s": 0.5})
+    service.tell(service.ask(sid).id, value=1.0)
+    time.sleep(0.7)
+    service.expire_leases()
+    assert service.storage.get_study(sid).state == "completed"
+    # more trials alone would leave it completed: refused, naming the field, nothing changed
+    with pytest.raises(Conflict, match=r"budget\.timeout_s is spent \(0\.5\)") as refused:
+        service.update_study(sid, max_trials=60)
+    assert refused.value.field == "budget.timeout_s"
+    study = service.storage.get_study(sid)
+    assert study.state == "completed" and study.spec["budget"]["max_trials"] == 50
+    again = service.update_study(sid, timeout_s=3600.0)
+    assert again.state == "running" and again.spec["budget"]["timeout_s"] == 3600.0
+    assert service.ask(sid).number == 1
+
+
+def test_a_grid_study_whose_points_are_all_handed_out_stays_completed_and_says_why(
+    service: StudyService,
+) -> None:
+    sid = create(
+        service,
+        sampler={"type": "grid"},
+        space={"c": {"type": "categorical", "choices": ["a", "b"]}},
+    )
+    for _ in range(2):
+        service.tell(service.ask(sid).id, value=1.0)
+    with pytest.raises(GridExhausted):
+        service.ask(sid)
+    with pytest.raises(Conflict, match="the grid has 2 points, all handed out"):
+        service.update_study(sid, max_trials=10)
+    # a budget field that cannot run it again is still taken
+    assert service.update_study(sid, max_concurrent=3).spec["budget"]["max_concurrent"] == 3
 
 
 def test_grid_exhaustion_completes_the_study(service: StudyService) -> None:
