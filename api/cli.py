@@ -404,18 +404,21 @@ def _database_problem(settings: Any) -> str | None:
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
     from hpo.service.db import make_engine
+    from hpo.service.db.engine import schema_problem
 
     try:
         engine = make_engine(settings.resolved_database_url)
         if engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:"):
             # each connection would get an empty database of its own
             return "an in-memory SQLite database is not shared by the server's connections"
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        engine.dispose()
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return schema_problem(engine)
+        finally:
+            engine.dispose()
     except (SQLAlchemyError, ArgumentError, ImportError, ValueError) as exc:
         return str(exc).strip().splitlines()[0]
-    return None
 
 
 def _safe(settings: Any) -> str:

@@ -71,7 +71,7 @@ def _database(settings: Settings) -> tuple[list[Check], str | None]:
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
 
-    from hpo.service.db.engine import alembic_config, make_engine
+    from hpo.service.db.engine import alembic_config, make_engine, schema_problem
 
     url = settings.database_url or f"sqlite:///{settings.data_dir / 'hpo.db'}"
     shown = make_url(url).render_as_string(hide_password=True)
@@ -83,6 +83,9 @@ def _database(settings: Settings) -> tuple[list[Check], str | None]:
         with engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
             head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+        if current != head and (problem := schema_problem(engine)) is not None:
+            return [Check("database", False, f"{shown}: {problem}")], None
+        with engine.connect() as conn:
             if current != head:
                 why = (
                     f"{shown} is at schema revision {current or 'none'}, the newest is "

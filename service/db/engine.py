@@ -142,6 +142,36 @@ SCHEMA_WAIT_S = 300.0
 _SCHEMA_LOCK = 0x6870_6F01
 
 
+def schema_problem(engine: Engine) -> str | None:
+    """Why :func:`upgrade_schema` cannot bring this database to the newest schema, or None:
+    it was written by a newer hpo (a schema revision this one does not know), or it holds
+    tables of something else (no hpo schema revision)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(alembic_config(engine))
+    with engine.connect() as conn:
+        tables = set(inspect(conn).get_table_names())
+        if not tables:
+            return None  # a fresh database
+        current = MigrationContext.configure(conn).get_current_revision()
+    if current is None:
+        named = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        return (
+            f"it holds tables ({named}) but no hpo schema revision: not an hpo database; give "
+            "hpo an empty database or a file of its own"
+        )
+    try:
+        scripts.get_revision(current)
+    except Exception:  # alembic's "Can't locate revision"
+        return (
+            f"it is at schema revision {current}, which this hpo does not know (its newest is "
+            f"{scripts.get_current_head()}): a newer hpo wrote it; run that version, or upgrade "
+            "hpo"
+        )
+    return None
+
+
 def upgrade_schema(engine: Engine) -> None:
     """Bring the database to the newest schema (idempotent; safe on every start).
 

@@ -3,13 +3,17 @@ Ray token is looked for (as Ray 2.60's loader does), and a server that answers h
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from alembic import command
+from sqlalchemy import text
 
 from hpo.api.doctor import ray_token, run_checks
-from hpo.service.db import make_engine
+from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.db.engine import alembic_config
 from hpo.service.settings import Settings
 from tests.conftest import ServerProcess
@@ -65,3 +69,38 @@ def test_a_healthy_local_server_passes_every_check(sqlite_server: ServerProcess)
         "public-url",
         "server",
     }
+
+
+def _newer_and_foreign(tmp_path: Path) -> tuple[str, str]:
+    """A database a newer hpo wrote (a revision this one does not know), and one of
+    another program's (tables, no hpo revision)."""
+    newer, foreign = f"sqlite:///{tmp_path / 'newer.db'}", f"sqlite:///{tmp_path / 'other.db'}"
+    engine = make_engine(newer)
+    upgrade_schema(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    engine = make_engine(foreign)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE studies (id INTEGER PRIMARY KEY, what TEXT)"))
+    engine.dispose()
+    return newer, foreign
+
+
+def test_a_database_of_a_newer_hpo_or_of_another_program_is_named_so(tmp_path: Path) -> None:
+    newer, foreign = _newer_and_foreign(tmp_path)
+    checks = run_checks(Settings(data_dir=tmp_path, database_url=newer), timeout_s=2)
+    (database,) = [c for c in checks if c.name == "database"]
+    assert not database.ok and "a newer hpo wrote it" in database.message, database.message
+    assert "start `hpo serve`" not in database.message  # that would fail the same way
+    for url, says in ((newer, "schema revision 9999"), (foreign, "not an hpo database")):
+        result = subprocess.run(
+            [sys.executable, "-m", "hpo.api.cli", "serve", "--database-url", url, "--port", "1"],
+            env={**os.environ, "HPO_DATA_DIR": str(tmp_path / "data")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert says in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "hpo serving on" not in result.stdout + result.stderr
