@@ -121,6 +121,8 @@ def ask(
             study = studies.get(s, study_id)
             spec = transitions.spec_of(study)
             asked = trials.by_ask_key(s, study_id, key) if key is not None else None
+            if asked is not None and params is not None:
+                _check_same_params(trials.get_trial(s, asked), params, key)
             if asked is not None and trials.get_trial(s, asked).state != TrialState.WAITING:
                 again = _answer_again(storage, study_id, asked)
                 if again is None:
@@ -397,6 +399,20 @@ def _claim_new(
             return _claimed(trial)
     except IntegrityError:
         return None  # a concurrent ask with the same key (or number) won: look again
+
+
+def _check_same_params(trial: Trial, params: Mapping[str, Any], key: str | None) -> None:
+    """Refuse (Conflict) a replayed ask whose fixed ``params`` differ from the values of the
+    trial its key created: it is another request under a used key, not a replay."""
+    stored = {p.name: p.value for p in trial.params}
+    differ = sorted(n for n, v in params.items() if n not in stored or stored[n] != v)
+    if differ:
+        raise Conflict(
+            f"Idempotency-Key {key!r} created trial {trial.id} (#{trial.number}), whose "
+            f"{', '.join(differ)} differ from this ask's params; send a new key for another "
+            "trial",
+            field="Idempotency-Key",
+        )
 
 
 def _answer_again(storage: Storage, study_id: int, trial_id: int) -> ClaimedTrial | None:

@@ -126,7 +126,8 @@ async def ask(
 ) -> AskAnswer:
     """A trial to run, with its attempt's token: 409 when the grid is exhausted, the budget
     spent or the study paused. An ``Idempotency-Key`` used before answers the trial its first
-    ask created (no budget spent), or 409 when that trial has finished. A body
+    ask created (no budget spent), or 409 when that trial has finished or the body fixes
+    other params than that ask's did. A body
     ``{"params": {...}}`` fixes values of a new trial (422 naming one outside the space).
     503 ``suggestion_pending`` (retry) when a slow sampler, or the study's other asks, held
     it longer than ``HPO_ASK_WAIT_S``; 503 ``ask_contention`` (retry) when asks through other

@@ -177,6 +177,20 @@ def test_a_grid_study_whose_points_are_all_handed_out_stays_completed_and_says_w
     assert service.update_study(sid, max_concurrent=3).spec["budget"]["max_concurrent"] == 3
 
 
+def test_a_used_idempotency_key_with_other_fixed_params_is_refused_not_replayed(
+    service: StudyService,
+) -> None:
+    sid = create(service)
+    first = service.ask(sid, key="k1", params={"x": 1.0})
+    assert first.params["x"] == 1.0
+    assert service.ask(sid, key="k1", params={"x": 1.0}).id == first.id  # a replay
+    assert service.ask(sid, key="k1").id == first.id  # a replay that repeats no body
+    with pytest.raises(Conflict, match="x differ from this ask's params") as refused:
+        service.ask(sid, key="k1", params={"x": -4.0})
+    assert refused.value.field == "Idempotency-Key"
+    assert [t.id for t in service.storage.list_trials(sid)[0]] == [first.id]  # none created
+
+
 def test_grid_exhaustion_completes_the_study(service: StudyService) -> None:
     sid = create(
         service,
