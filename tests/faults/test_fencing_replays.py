@@ -7,7 +7,8 @@ batch refused halfway.
   cannot finish the live attempt). The scheduler's in-process calls are not fenced so.
 - A replayed Idempotency-Key answers its trial again only while the trial runs the attempt
   that key's ask claimed; a replay never takes over another asker's attempt, and claims a
-  waiting trial only when a plain ask could (study running, concurrency limit).
+  waiting trial only when a plain ask could (study running, concurrency limit); a used key
+  sent with other fixed params is refused (409), not answered with the first trial.
 - A batch answered 409 ("nothing was stored") leaves nothing stored, even when it was
   stored in several commits and only a later one was refused.
 """
@@ -243,3 +244,23 @@ def test_a_big_batch_refused_409_leaves_nothing_stored(server: ServerProcess) ->
     assert [r for r in refused if r[2:] != (0, None, 0)] == [], f"refused but kept: {rounds}"
     assert all(r[2:] in ((0, None, 0), (POINTS, POINTS - 1, r[4])) for r in rounds), rounds
     assert all(r[4] > 0 for r in rounds if r[2]), rounds
+
+
+def test_a_used_key_with_other_fixed_params_is_a_409_and_creates_nothing(
+    server: ServerProcess,
+) -> None:
+    with server.http() as http:
+        sid = _study(http, "key-params")
+        ask = f"/api/v1/studies/{sid}/ask"
+        key = {"Idempotency-Key": "zz9"}
+        first = http.post(ask, headers=key, json={"params": {"x": 1.0}})
+        assert first.status_code == 201, first.text
+        replayed = http.post(ask, headers=key, json={"params": {"x": 1.0}})
+        assert (
+            replayed.status_code == 201 and replayed.json()["trial_id"] == first.json()["trial_id"]
+        )
+        other = http.post(ask, headers=key, json={"params": {"x": -4.0}})
+        assert other.status_code == 409, other.text
+        assert other.json()["field"] == "Idempotency-Key" and "zz9" in other.json()["message"]
+        listed = http.get(f"/api/v1/studies/{sid}/trials").json()["trials"]
+        assert [(t["id"], t["params"]["x"]) for t in listed] == [(first.json()["trial_id"], 1.0)]
