@@ -45,7 +45,7 @@ def run_checks(settings: Settings, url: str | None = None, timeout_s: float = 10
         ("settings", lambda: _cluster_settings(settings)),
         ("ray", lambda: _ray(settings, timeout_s)),
         ("storage", lambda: _storage(settings)),
-        ("public-url", lambda: _public_url(settings, deployment, timeout_s)),
+        ("public-url", lambda: _public_url(settings, deployment, timeout_s, url)),
     ]
     if url:
         steps.append(("server", lambda: _server(url, timeout_s)))
@@ -215,10 +215,15 @@ def _storage(settings: Settings) -> list[Check]:
     return [Check("storage", True, f"wrote and read a probe file under {root}")]
 
 
-def _public_url(settings: Settings, deployment: str | None, timeout_s: float) -> list[Check]:
+def _public_url(
+    settings: Settings, deployment: str | None, timeout_s: float, server: str | None = None
+) -> list[Check]:
+    """Whether the control plane answers where workers post metrics: ``HPO_PUBLIC_URL``, else
+    the server ``--url`` names (a local server's workers post to its own address), else
+    ``HPO_HOST``:``HPO_PORT``."""
     from hpo.workers.preflight import control_plane_problem
 
-    url = settings.worker_api_url
+    url = server.rstrip("/") if server and not settings.public_url else settings.worker_api_url
     problem = control_plane_problem(url, deployment, timeout_s)
     if problem:
         return [

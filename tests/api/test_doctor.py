@@ -69,6 +69,12 @@ def test_a_healthy_local_server_passes_every_check(sqlite_server: ServerProcess)
         "public-url",
         "server",
     }
+    # without HPO_PUBLIC_URL, the server --url names is where its workers post (it was
+    # HPO_PORT's default, 8000, whatever --url said)
+    local = Settings(data_dir=sqlite_server.data_dir, database_url=sqlite_server.database_url)
+    checks = run_checks(local, sqlite_server.url, timeout_s=10)
+    (public,) = [c for c in checks if c.name == "public-url"]
+    assert public.ok and sqlite_server.url in public.message, public.message
 
 
 def _newer_and_foreign(tmp_path: Path) -> tuple[str, str]:
