@@ -58,6 +58,11 @@ def create_app(
     """
     settings = settings or Settings()
     warnings = config_warnings(settings)
+    if not settings.auth:
+        warnings.append(
+            "HPO_AUTH=false: the API answers requests without a token; anyone who reaches "
+            f"{settings.host}:{settings.port} can read, change and delete every study"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -8,7 +8,6 @@ could not be reached.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -167,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.no_scheduler:
         overrides["scheduler"] = False
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format=serving.log_format())
+    serving.configure_logging(settings.log_level)
     problem = _database_problem(settings)
     if problem:
         console.print(f"[red]error:[/red] cannot use the database {_safe(settings)}: {problem}")

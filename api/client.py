@@ -150,7 +150,12 @@ class Client:
         self.url = (url or os.environ.get("HPO_URL") or DEFAULT_URL).rstrip("/")
         self.ask_timeout = ask_timeout
         self.retry = retry or RetryPolicy()
-        token = token if token is not None else default_token()
+        token = (token if token is not None else default_token() or "").strip()
+        if not token.isascii() or not token.isprintable():
+            raise ValueError(
+                "the API token holds characters an HTTP header cannot carry (non-ASCII or "
+                "control characters): copy it again from hpo serve's token file"
+            )
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # Failed connections are retried by hpo.api.retry with the rest, not by the transport.
         self._http = httpx.Client(

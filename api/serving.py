@@ -79,10 +79,15 @@ START_S = 60.0
 LOCK_FILE = "supervisor.lock"
 
 
-def log_format(worker: int | None = None) -> str:
-    """The format of ``hpo serve``'s log lines (a worker's name its index)."""
+def configure_logging(level: str, worker: int | None = None) -> None:
+    """``hpo serve``'s log: lines at ``level`` and above, each naming its worker (given its
+    index). Alembic's list of the plugins it sets up (seven lines at every start) is left
+    out; its migrations are still logged."""
     who = "" if worker is None else f"[worker {worker}] "
-    return f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s"
+    logging.basicConfig(
+        level=level.upper(), format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s"
+    )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def folder_for(data_dir: Path) -> tuple[Path, int]:
@@ -342,7 +347,7 @@ def worker_main() -> int:
     from hpo.service.settings import Settings
 
     settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format=log_format(index))
+    configure_logging(settings.log_level, index)
 
     import uvicorn
 

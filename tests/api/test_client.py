@@ -316,3 +316,13 @@ def test_a_study_named_with_digits_is_found_by_name(sqlite_server: ServerProcess
             return  # refusing such names up front would be a fix too
         assert study.id != 2024  # no id to confuse it with
         assert client.study("2024").id == study.id
+
+
+def test_a_token_with_surrounding_whitespace_works_and_one_a_header_cannot_carry_is_named(
+    sqlite_server: ServerProcess,
+) -> None:
+    # a token pasted with a newline or spaces (the server strips its own the same way)
+    with Client(sqlite_server.url, token=f" {sqlite_server.token}\n") as client:
+        assert isinstance(client.studies(), list)
+    with pytest.raises(ValueError, match="characters an HTTP header cannot carry"):
+        Client(sqlite_server.url, token="tøken")

@@ -234,9 +234,9 @@ def test_sigterm_stops_every_worker_with_status_0(
 
 
 def test_configuration_warnings_are_logged_once_not_once_per_worker(tmp_path: Path) -> None:
-    # A Ray address without shared storage or a public URL: two warnings. The scheduler is
-    # off, so nothing here reaches that address.
-    env = {"HPO_RAY_ADDRESS": "127.0.0.1:1", "HPO_SCHEDULER": "false"}
+    # A Ray address without shared storage or a public URL, and no auth: three warnings. The
+    # scheduler is off, so nothing here reaches that address.
+    env = {"HPO_RAY_ADDRESS": "127.0.0.1:1", "HPO_SCHEDULER": "false", "HPO_AUTH": "false"}
     with ServerProcess(
         f"sqlite:///{tmp_path / 'hpo.db'}", tmp_path, env, args=["--workers", "2"]
     ) as proc:
@@ -245,6 +245,8 @@ def test_configuration_warnings_are_logged_once_not_once_per_worker(tmp_path: Pa
         log = ends_with(proc, lambda _: proc.proc.send_signal(signal.SIGTERM), 0)
     assert log.count("HPO_RAY_ADDRESS is set without HPO_STORAGE_PATH") == 1, log
     assert log.count("HPO_RAY_ADDRESS is set without HPO_PUBLIC_URL") == 1, log
+    assert log.count("HPO_AUTH=false: the API answers requests without a token") == 1, log
+    assert "setup plugin" not in log  # alembic's list of its plugins, at every start
 
 
 def test_a_port_in_use_is_an_error_before_any_worker_starts(tmp_path: Path) -> None:
