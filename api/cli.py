@@ -205,7 +205,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = StudySpec.from_yaml(args.spec)
     client = _client(args)
     study = client.create_study(spec, load_if_exists=args.load_if_exists)
-    out.print(f"study {study.id} ({study.name}) created")
+    if study.created:
+        out.print(f"study {study.id} ({study.name}) created")
+    else:
+        out.print(
+            f"study {study.id} ({study.name}) loaded: it existed with the same objective and "
+            "space; its stored budget, sampler and pruner are kept, not the file's (a "
+            "budget changes with PATCH /api/v1/studies/{id} or Study.set_budget)"
+        )
     if args.wait:
         return watch(study)
     return 0

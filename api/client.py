@@ -219,8 +219,10 @@ class Client:
         """
         spec = _to_spec(spec)
         params = {"load_if_exists": "true"} if load_if_exists else {}
-        data = self._json("POST", "/studies", json=spec.to_json(), params=params)
-        return Study(self, StudyRecord.model_validate(data))
+        answer = self.request("POST", "/api/v1/studies", json=spec.to_json(), params=params)
+        study = Study(self, StudyRecord.model_validate(answer.json()))
+        study.created = answer.status_code == 201  # 200: loaded (load_if_exists)
+        return study
 
     def study(self, ref: int | str) -> Study:
         """An existing study by id or name."""
@@ -259,6 +261,9 @@ class Study:
         self.id = record.id
         self.name = record.name
         self._record = record
+        # From Client.create_study: True when it created the study, False when it loaded a
+        # stored one (load_if_exists); None for a study looked up.
+        self.created: bool | None = None
 
     def __repr__(self) -> str:
         return f"Study(id={self.id}, name={self.name!r}, state={self._record.state!r})"

@@ -72,6 +72,9 @@ def test_submit_and_read_commands(sqlite_server: ServerProcess, tmp_path: Path) 
     assert study["name"] == "cli-study"
     assert f"study {study['id']} (cli-study) created" in r.stdout
     sid = study["id"]
+    r = run_cli(server, "submit", str(spec), "--load-if-exists")
+    assert r.returncode == 0, r.stderr
+    assert f"study {sid} (cli-study) loaded" in r.stdout and "created" not in r.stdout
 
     r = run_cli(server, "best", "cli-study")
     assert r.returncode == 1 and "no complete trial" in r.stderr
