@@ -22,12 +22,13 @@ from hpo.api.routes import checkpoints, dashboard, studies, trials
 from hpo.api.schemas import ErrorBody
 from hpo.service.analysis_worker import AnalysisWorker, analyses_for
 from hpo.service.db import make_engine, upgrade_schema
+from hpo.service.db.models import utcnow
 from hpo.service.errors import DatabaseUnavailable
 from hpo.service.histories import Histories
 from hpo.service.preflight import config_warnings, failure_lines
 from hpo.service.settings import Settings
 from hpo.service.spec import StudySpec
-from hpo.service.storage import Storage, meta
+from hpo.service.storage import Storage, leases, meta
 from hpo.service.storage import analyses as kept
 from hpo.service.studies import StudyService
 from hpo.workers import storage as checkpoint_storage
@@ -173,10 +174,13 @@ def create_app(
         and each node's outcome), the same on every replica; a failed node (or a cluster that
         cannot be reached) is a 503 ``preflight_failed`` naming the node and the check, with
         one ``details`` entry per failed check and the whole ``preflight`` report.
-        ``warnings`` are the settings that break a cluster (logged at start too)."""
+        ``warnings`` are the settings that break a cluster (logged at start too).
+        ``scheduler_running``: whether any server of this database holds the scheduler lease
+        now (without one, no study with a trainable starts a trial)."""
         storage = app.state.service.storage
         storage.ping()
         storage.ping_write()  # after a failed write: a lock that another process holds?
+        lease = leases.get(storage, leases.SCHEDULER)
         if siblings is not None and not settings.scheduler:  # worker 0 runs the server's
             role = siblings.scheduler_role()
         else:
@@ -204,6 +208,7 @@ def create_app(
             "version": VERSION,
             "database": storage.dialect,
             "scheduler": role,
+            "scheduler_running": lease is not None and lease.expires_at > utcnow(),
             "preflight": report,
             "warnings": warnings,
         }

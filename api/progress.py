@@ -17,6 +17,33 @@ out = Console(width=None if sys.stdout.isatty() else 200)
 TEST_METRICS_WAIT_S = 300.0
 
 
+class _SchedulerCheck:
+    """Warns once when a study with a trainable waits on a database where no server runs
+    the scheduler (every ``hpo serve`` started with ``--no-scheduler``): its trials would
+    never start. Looked at until some server is seen holding the scheduler lease, and said
+    only after ``grace_s`` without one (a server that has just started takes it at once)."""
+
+    def __init__(self, study: Any, record: Any, grace_s: float = 5.0) -> None:
+        self.study = study
+        self.pending = bool(record.spec.get("trainable"))
+        self.since = time.monotonic()
+        self.grace_s = grace_s
+
+    def check(self, shown: Any) -> None:
+        if not self.pending:
+            return
+        if self.study.client.health().get("scheduler_running", True):
+            self.pending = False
+        elif time.monotonic() - self.since >= self.grace_s:
+            self.pending = False
+            shown.print(
+                "[yellow]warning:[/yellow] no hpo serve of this database runs the scheduler "
+                "(each was started with --no-scheduler or HPO_SCHEDULER=false): the trials of "
+                "this study, which has a trainable, will not start until one does",
+                soft_wrap=True,
+            )
+
+
 def watch(study: Any, poll_s: float = 1.0, *, report: bool = True) -> int:
     """Show a live progress bar (trials by state, best so far) until the study ends; then,
     with ``report``, the best trial and its test metrics. Returns the exit code: 0 when the
@@ -37,8 +64,10 @@ def watch(study: Any, poll_s: float = 1.0, *, report: bool = True) -> int:
     budget = record.spec["budget"].get("max_trials")
     task = progress.add_task(record.name, total=budget, states="", best="-")
     cursor, reported = None, set()
+    scheduled = _SchedulerCheck(study, record)
     with Live(progress, console=console, refresh_per_second=4):
         while True:
+            scheduled.check(progress.console)
             changed, cursor = study.changed_trials(cursor)
             for t in sorted(changed, key=lambda t: t.number):
                 if t.state in ("complete", "pruned", "failed") and t.id not in reported:

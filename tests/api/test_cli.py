@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from hpo.api.demo import free_port
-from tests.conftest import ServerProcess, simple_spec
+from tests.conftest import ServerProcess, simple_spec, wait_for
 
 
 def run_cli(
@@ -341,3 +341,43 @@ def test_bad_options_and_paths_are_one_error_line_and_status_2(
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert says in result.stderr, result.stderr[-2000:]
     assert "hpo serving on" not in result.stdout + result.stderr  # refused before it serves
+
+
+def test_watch_warns_when_no_server_runs_the_scheduler_for_a_study_with_a_trainable(
+    sqlite_server: ServerProcess, tmp_path: Path
+) -> None:
+    server = sqlite_server  # started with HPO_SCHEDULER=false: nobody holds the lease
+    with server.http() as http:
+        assert http.get("/healthz").json()["scheduler_running"] is False
+        spec = simple_spec(
+            "needs-a-scheduler",
+            trainable={"name": "synthetic"},
+            space={"x": {"type": "float", "low": -5.0, "high": 5.0}},
+        )
+        created = http.post("/api/v1/studies", json=spec)
+        assert created.status_code == 201, created.text
+    watching = subprocess.Popen(
+        cli_command(server, "watch", "needs-a-scheduler"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        seen = ""
+        deadline = time.monotonic() + 60
+        while "runs the scheduler" not in seen and time.monotonic() < deadline:
+            line = watching.stdout.readline() if watching.stdout else ""
+            if not line and watching.poll() is not None:
+                break
+            seen += line
+        assert "no hpo serve of this database runs the scheduler" in seen, seen
+    finally:
+        watching.kill()
+        watching.wait(timeout=10)
+    # a server that runs the scheduler (on a database of its own: no study to start Ray
+    # for) holds the lease
+    (tmp_path / "leader").mkdir()
+    leader_db = f"sqlite:///{tmp_path / 'leader' / 'hpo.db'}"
+    with ServerProcess(leader_db, tmp_path / "leader", {}) as leader, leader.http() as http:
+        wait_for(lambda: http.get("/healthz").json()["scheduler_running"], timeout=30)
