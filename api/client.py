@@ -97,7 +97,15 @@ class AskedTrial(dict):
 TrialRef = int | Mapping[str, Any] | TrialRecord
 
 
+def _asked(trial: Any) -> Any:
+    """The trial an ``optimize`` objective's handle (a TrialHandle) was asked as; any other
+    reference as it is."""
+    asked = getattr(trial, "asked", None)
+    return asked if isinstance(asked, AskedTrial) else trial
+
+
 def _trial_id(trial: TrialRef) -> int:
+    trial = _asked(trial)
     if isinstance(trial, int):
         return trial
     if isinstance(trial, TrialRecord):
@@ -108,6 +116,7 @@ def _trial_id(trial: TrialRef) -> int:
 def _attempt_auth(trial: TrialRef) -> dict[str, str]:
     """The headers of a write for ``trial``: its attempt's token when the reference carries
     one (an AskedTrial), else none (the client's own token is sent)."""
+    trial = _asked(trial)
     token = trial.get("attempt_token") if isinstance(trial, Mapping) else None
     return {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -117,6 +126,7 @@ def _attempt_of(trial: TrialRef) -> dict[str, int]:
     AskedTrial), else ``{}``. Sent with every write, so the server fences it to that attempt
     whichever token carries it (an API-token write naming no attempt is refused once the
     trial was handed out again)."""
+    trial = _asked(trial)
     attempt = trial.get("attempt") if isinstance(trial, Mapping) else None
     return {"attempt": attempt} if isinstance(attempt, int) else {}
 

@@ -177,6 +177,8 @@ def check_optimize_logistic_regression_on_digits(server: ServerProcess) -> None:
         model.fit(X_train, y_train)
         accuracy = float(model.score(X_test, y_test))
         trial.report(0, {"accuracy": accuracy})
+        # the study's own report takes the handle too, with its attempt's token
+        assert not study.report(trial, 1, {"accuracy": accuracy})
         seen.append((C, accuracy))
         return accuracy
 
