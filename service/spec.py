@@ -862,7 +862,10 @@ _UNION_TAGS = {"int", "float", "str", "bool", "none"}
 def describe_errors(exc: ValidationError | list[dict[str, Any]]) -> list[dict[str, str]]:
     """Turn pydantic errors into ``{"field": "space.lr.high", "message": ...}`` items."""
     errors = exc.errors() if isinstance(exc, ValidationError) else exc
-    out = []
+    out: list[dict[str, str]] = []
+    # A value no member of a union took: pydantic says why for each member; said once here
+    # ("Input should be a valid boolean, integer, number or string").
+    union_of: dict[str, dict[str, str]] = {}
     for err in errors:
         loc = [p for p in err.get("loc", ()) if p != "body"]
         parts: list[str] = []
@@ -884,6 +887,16 @@ def describe_errors(exc: ValidationError | list[dict[str, Any]]) -> list[dict[st
             message = "field required"
         elif err.get("type") in ("extra_forbidden", "unexpected_keyword_argument"):
             message = "unknown field"
+        valid = "Input should be a valid "
+        if loc and loc[-1] in _UNION_TAGS and message.startswith(valid):
+            kinds = union_of.get(field)
+            if kinds is not None:  # a further member of a union already reported
+                alternatives = kinds["message"].removeprefix(valid).replace(" or ", ", ")
+                kinds["message"] = valid + " or ".join([alternatives, message.removeprefix(valid)])
+                continue
+            union_of[field] = item = {"field": field, "message": message}
+            out.append(item)
+            continue
         out.append({"field": field, "message": message})
     return out
 

@@ -91,6 +91,19 @@ space:
     assert merged.space["y"].high == 2
 
 
+def test_a_value_no_member_of_a_union_takes_is_one_message_naming_every_kind() -> None:
+    errors = errors_of(
+        base(space={"c": {"type": "categorical", "choices": [[1, 2], "a", {"b": 1}]}})
+    )
+    assert errors == [
+        {
+            "field": f"space.c.choices[{i}]",
+            "message": "Input should be a valid boolean, integer, number or string",
+        }
+        for i in (0, 2)
+    ]
+
+
 def test_multi_objective_list() -> None:
     spec = StudySpec.model_validate(
         base(objective=[{"metric": "acc", "direction": "maximize"}, {"metric": "latency"}])
