@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except httpx.TransportError as exc:
         console.print(f"[red]error:[/red] cannot reach the hpo server: {exc}")
         return 4
+    except BrokenPipeError:  # `hpo trials x | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141  # as a shell reports a command ended by SIGPIPE
     except OSError as exc:  # a file or folder named on the command line or in HPO_*
         console.print(f"[red]error:[/red] {exc}")
         return 2

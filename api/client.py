@@ -465,7 +465,10 @@ class Study:
         except errors.BudgetSpent as exc:
             if n_trials is None or exc.field != "budget.max_trials":
                 return None
-        self.continue_(n_trials - done)
+        try:
+            self.continue_(n_trials - done)
+        except errors.Conflict:  # it stays completed: its time, compute or grid is spent
+            return None
         try:
             return self.ask()
         except errors.BudgetSpent:

@@ -9,8 +9,11 @@ from typing import Any
 
 from rich.console import Console
 
+from hpo.service.errors import HpoError
+
 # Piped or redirected output (logs, CI) is not cut at 80 columns: tables and trial lines whole.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+# Messages to stderr are not broken into lines (an error naming a long path stays one line).
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 200, soft_wrap=True)
 out = Console(width=None if sys.stdout.isatty() else 200)
 
 # How long ``watch`` waits, after a dispatched study ends, for its best trial's test metrics.
@@ -32,14 +35,19 @@ class _SchedulerCheck:
     def check(self, shown: Any) -> None:
         if not self.pending:
             return
-        if self.study.client.health().get("scheduler_running", True):
+        try:
+            health = self.study.client.health()
+        except HpoError:  # a 503 (a node's preflight failed, an outage): look again later
+            return
+        if health.get("scheduler_running", True):
             self.pending = False
         elif time.monotonic() - self.since >= self.grace_s:
             self.pending = False
             shown.print(
-                "[yellow]warning:[/yellow] no hpo serve of this database runs the scheduler "
-                "(each was started with --no-scheduler or HPO_SCHEDULER=false): the trials of "
-                "this study, which has a trainable, will not start until one does",
+                "[yellow]warning:[/yellow] no hpo serve of this database has run the scheduler "
+                f"for {self.grace_s:g} s (each was started with --no-scheduler or "
+                "HPO_SCHEDULER=false, or the scheduler's server stopped): the trials of this "
+                "study, which has a trainable, will not start until one does",
                 soft_wrap=True,
             )
 

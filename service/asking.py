@@ -121,9 +121,10 @@ def ask(
             study = studies.get(s, study_id)
             spec = transitions.spec_of(study)
             asked = trials.by_ask_key(s, study_id, key) if key is not None else None
-            if asked is not None and params is not None:
-                _check_same_params(trials.get_trial(s, asked), params, key)
-            if asked is not None and trials.get_trial(s, asked).state != TrialState.WAITING:
+            first = trials.get_trial(s, asked) if asked is not None else None
+            if first is not None and params is not None:
+                _check_same_params(first, params, key)
+            if first is not None and first.state != TrialState.WAITING:
                 again = _answer_again(storage, study_id, asked)
                 if again is None:
                     continue  # it turned waiting meanwhile: look again
@@ -408,8 +409,8 @@ def _check_same_params(trial: Trial, params: Mapping[str, Any], key: str | None)
     differ = sorted(n for n, v in params.items() if n not in stored or stored[n] != v)
     if differ:
         raise Conflict(
-            f"Idempotency-Key {key!r} created trial {trial.id} (#{trial.number}), whose "
-            f"{', '.join(differ)} differ from this ask's params; send a new key for another "
+            f"Idempotency-Key {key!r} created trial {trial.id} (#{trial.number}) with other "
+            f"values of {', '.join(differ)} than this ask's params; send a new key for another "
             "trial",
             field="Idempotency-Key",
         )

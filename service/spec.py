@@ -827,7 +827,7 @@ def _spec_loader() -> type:
                     raise yaml.constructor.ConstructorError(
                         "while reading a mapping",
                         node.start_mark,
-                        f"found the key {key!r} twice",
+                        f"found the key {key_node.value!r} twice",
                         key_node.start_mark,
                     )
             return super().construct_mapping(node, deep=deep)

@@ -143,8 +143,10 @@ class StudyService:
         Raises StudyNotRunning for a stopped study (and a completed one asked for anything
         but a budget), InvalidInput for a budget below the trials handed out, Conflict (and
         changes nothing) for a completed study whose raised budget leaves it completed (the
-        error names the field that keeps it so: its time, its compute, its grid),
-        IllegalTransition for a move the state table forbids.
+        error names the field that keeps it so: its time, its compute, its grid; see
+        :func:`~hpo.service.warmstart.reopen_if_budget_left`), IllegalTransition for a move
+        the state table forbids. A time or compute budget lowered below what the study has
+        used ends it as if it ran out.
         """
         unknown = set(budget) - set(REOPENING)
         if unknown:
@@ -168,11 +170,7 @@ class StudyService:
                 studies.touch(study)
                 held = warmstart.reopen_if_budget_left(s, study)
                 if held is not None and changes.keys() & set(REOPENING):
-                    raise Conflict(  # rolled back: the budget stays as it was
-                        f"study {study_id} would stay completed: its {held} is spent "
-                        f"({_budget_value(study, held)}); raise {held} to run it again",
-                        field=held,
-                    )
+                    raise held  # rolled back: the budget stays as it was
             if state is not None and state != study.state:
                 set_study_state(study, state, reason=f"set to {state} through the API")
                 if state == StudyState.STOPPED:
@@ -537,18 +535,6 @@ class StudyService:
 
 # The budget fields whose raise can run a completed study again.
 REOPENING = ("max_trials", "timeout_s", "max_steps", "max_worker_seconds")
-
-
-def _budget_value(study: Study, field: str) -> str:
-    """What ``field`` (``budget.<name>``) of the study's stored spec holds, for a message;
-    for ``budget.max_trials``, also how many trials its grid has when that is fewer."""
-    spec = transitions.spec_of(study)
-    value = getattr(spec.budget, field.removeprefix("budget."))
-    shown = "none" if value is None else f"{value:g}"
-    capacity = transitions.sampler_of(study).capacity()
-    if field == "budget.max_trials" and capacity is not None and capacity < (value or math.inf):
-        shown += f"; the grid has {capacity} points, all handed out"
-    return shown
 
 
 def _new_budget(study: Study, changes: Mapping[str, Any]) -> dict:

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from hpo.service import transitions
 from hpo.service.db.models import Study, Trial, TrialParam, utcnow
-from hpo.service.errors import InvalidInput, StudyNotRunning
+from hpo.service.errors import Conflict, InvalidInput, StudyNotRunning
 from hpo.service.records import TrialRecord
 from hpo.service.spec import StudySpec, check_json, check_json_size
 from hpo.service.states import ENQUEUED_TRIAL_STATE, StudyState, TrialState
@@ -46,25 +46,48 @@ class FinishedTrial:
     user_attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def reopen_if_budget_left(s: Session, study: Study) -> str | None:
+def reopen_if_budget_left(s: Session, study: Study) -> Conflict | None:
     """Run a completed (locked) study again when its budget has room for another trial or a
-    queued trial waits. Returns, for a study that stays completed, the budget field that
-    keeps it so: ``budget.timeout_s`` (its time ran out), a compute budget it has used
-    (``budget.max_steps``, ``budget.max_worker_seconds``), or ``budget.max_trials`` (no trial
-    number left: the budget, or a grid's points); None otherwise."""
+    queued trial waits. Returns, for a study that stays completed, the Conflict that says
+    why, naming the field that keeps it so: ``budget.timeout_s`` (its time ran out), a
+    compute budget it has used (``budget.max_steps``, ``budget.max_worker_seconds``),
+    ``budget.max_trials`` (every number handed out), ``sampler`` (every point of its grid);
+    None otherwise. The caller raises it when its change was meant to run the study again."""
     if study.state != StudyState.COMPLETED:
         return None
     spec = transitions.spec_of(study)
+    stays = f"study {study.id} stays completed: "
     if transitions.timed_out(study, spec):
-        return "budget.timeout_s"
+        assert study.started_at is not None  # timed_out says so
+        elapsed = (utcnow() - study.started_at).total_seconds()
+        return Conflict(
+            f"{stays}its budget.timeout_s ({spec.budget.timeout_s:g} s) has passed, "
+            f"{elapsed:.0f} s since it started; raise budget.timeout_s above that to run it "
+            "again",
+            field="budget.timeout_s",
+        )
     if spent := transitions.compute_spent(s, study, spec):
-        return spent
+        limit = transitions.compute_limit(spec, spent)
+        return Conflict(
+            f"{stays}its {spent} ({limit:g}) is used; raise {spent} to run it again",
+            field=spent,
+        )
     limit = transitions.budget_limit(study, spec)
     _, waiting = studies.count_active(s, study.id)
     if study.next_number < limit or waiting:
         set_study_state(study, StudyState.RUNNING, reason=f"budget raised to {limit:g} trials")
         return None
-    return "budget.max_trials"
+    capacity = transitions.sampler_of(study).capacity()
+    if capacity is not None and study.next_number >= capacity:
+        return Conflict(
+            f"{stays}all {capacity} points of its grid were handed out; no budget runs it again",
+            field="sampler",
+        )
+    return Conflict(
+        f"{stays}its {study.next_number} trials (budget.max_trials) were all handed out; raise "
+        "budget.max_trials to run it again",
+        field="budget.max_trials",
+    )
 
 
 def grow_budget(study: Study, *, at_least: int | None = None, by: int = 0) -> None:
@@ -138,7 +161,8 @@ def _check_json_value(value: Any, where: str) -> None:
 def enqueue(storage: Storage, study_id: int, params: Mapping[str, Any]) -> TrialRecord:
     """Queue a trial with ``params`` (a partial assignment is completed by the sampler when
     it is asked); it is handed out before any new suggestion. Raises StudyNotFound,
-    StudyNotRunning (stopped), InvalidInput naming the parameter."""
+    StudyNotRunning (stopped), InvalidInput naming the parameter, Conflict (nothing queued)
+    for a completed study whose time or compute budget is spent."""
     with storage.write() as s:
         study = studies.get(s, study_id, lock=True)
         spec = transitions.spec_of(study)
@@ -168,7 +192,8 @@ def enqueue(storage: Storage, study_id: int, params: Mapping[str, Any]) -> Trial
         events.add(s, trial, ENQUEUED_TRIAL_STATE, "enqueued with fixed parameters")
         grow_budget(study, at_least=study.next_number)
         s.flush()
-        reopen_if_budget_left(s, study)
+        if (held := reopen_if_budget_left(s, study)) is not None:
+            raise held  # rolled back: a trial queued in a study that never runs it again
         return trial_record(trial)
 
 

@@ -145,7 +145,7 @@ _SCHEMA_LOCK = 0x6870_6F01
 def schema_problem(engine: Engine) -> str | None:
     """Why :func:`upgrade_schema` cannot bring this database to the newest schema, or None:
     it was written by a newer hpo (a schema revision this one does not know), or it holds
-    tables of something else (no hpo schema revision)."""
+    tables named as hpo's but no hpo schema revision (another program's)."""
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
@@ -156,10 +156,15 @@ def schema_problem(engine: Engine) -> str | None:
             return None  # a fresh database
         current = MigrationContext.configure(conn).get_current_revision()
     if current is None:
-        named = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        from hpo.service.db.models import Base
+
+        clash = sorted(tables & set(Base.metadata.tables))
+        if not clash:
+            return None  # other programs' tables only: hpo's are made beside them
+        named = ", ".join(clash[:5]) + (", ..." if len(clash) > 5 else "")
         return (
-            f"it holds tables ({named}) but no hpo schema revision: not an hpo database; give "
-            "hpo an empty database or a file of its own"
+            f"it holds tables named as hpo's ({named}) but no hpo schema revision: not an hpo "
+            "database; give hpo an empty database, or a file or schema of its own"
         )
     try:
         scripts.get_revision(current)

@@ -3,6 +3,7 @@ PostgreSQL), with typed errors for the server's answers."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -158,6 +159,22 @@ def test_optimize(server: ServerProcess, subtests: pytest.Subtests) -> None:
         check_optimize_logistic_regression_on_digits(server)
     with subtests.test("failures and pruning"):
         check_optimize_tells_failures_and_prunes(server)
+    with subtests.test("a study out of time ends the run"):
+        check_optimize_ends_quietly_on_a_study_out_of_time(server)
+
+
+def check_optimize_ends_quietly_on_a_study_out_of_time(server: ServerProcess) -> None:
+    with server.client() as client:
+        study = client.create_study(
+            simple_spec("out-of-time", budget={"max_trials": 1, "timeout_s": 0.5})
+        )
+        study.optimize(lambda trial: trial.params["x"] ** 2, n_trials=1)
+        time.sleep(0.7)
+        # its max_trials is spent and its time has passed: raising max_trials is refused
+        # (409), which ends the run as an out-of-time study does, with nothing asked
+        study.optimize(lambda trial: trial.params["x"] ** 2, n_trials=2)
+        assert [t.number for t in study.trials()] == [0]
+        assert study.state == "completed"
 
 
 def check_optimize_logistic_regression_on_digits(server: ServerProcess) -> None:

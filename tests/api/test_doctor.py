@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from hpo.api.doctor import ray_token, run_checks
 from hpo.service.db import make_engine, upgrade_schema
-from hpo.service.db.engine import alembic_config
+from hpo.service.db.engine import alembic_config, schema_problem
 from hpo.service.settings import Settings
 from tests.conftest import ServerProcess
 
@@ -99,6 +99,12 @@ def test_a_database_of_a_newer_hpo_or_of_another_program_is_named_so(tmp_path: P
     (database,) = [c for c in checks if c.name == "database"]
     assert not database.ok and "a newer hpo wrote it" in database.message, database.message
     assert "start `hpo serve`" not in database.message  # that would fail the same way
+    beside = make_engine(f"sqlite:///{tmp_path / 'beside.db'}")  # other tables, none of hpo's
+    with beside.begin() as conn:
+        conn.execute(text("CREATE TABLE foo (id INTEGER PRIMARY KEY)"))
+    assert schema_problem(beside) is None
+    upgrade_schema(beside)  # hpo's tables are made beside it
+    beside.dispose()
     for url, says in ((newer, "schema revision 9999"), (foreign, "not an hpo database")):
         result = subprocess.run(
             [sys.executable, "-m", "hpo.api.cli", "serve", "--database-url", url, "--port", "1"],

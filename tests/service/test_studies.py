@@ -149,11 +149,16 @@ def test_a_study_completed_by_its_time_runs_again_once_its_time_is_raised(
     service.expire_leases()
     assert service.storage.get_study(sid).state == "completed"
     # more trials alone would leave it completed: refused, naming the field, nothing changed
-    with pytest.raises(Conflict, match=r"budget\.timeout_s is spent \(0\.5\)") as refused:
+    passed = r"budget\.timeout_s \(0\.5 s\) has passed, \d+ s since it started"
+    with pytest.raises(Conflict, match=passed) as refused:
         service.update_study(sid, max_trials=60)
     assert refused.value.field == "budget.timeout_s"
     study = service.storage.get_study(sid)
     assert study.state == "completed" and study.spec["budget"]["max_trials"] == 50
+    # nor is a trial queued into it that would never run
+    with pytest.raises(Conflict, match="has passed"):
+        service.enqueue_trial(sid, {"x": 0.5, "n": 2})
+    assert [t.number for t in service.storage.list_trials(sid)[0]] == [0]
     again = service.update_study(sid, timeout_s=3600.0)
     assert again.state == "running" and again.spec["budget"]["timeout_s"] == 3600.0
     assert service.ask(sid).number == 1
@@ -171,8 +176,9 @@ def test_a_grid_study_whose_points_are_all_handed_out_stays_completed_and_says_w
         service.tell(service.ask(sid).id, value=1.0)
     with pytest.raises(GridExhausted):
         service.ask(sid)
-    with pytest.raises(Conflict, match="the grid has 2 points, all handed out"):
+    with pytest.raises(Conflict, match="all 2 points of its grid were handed out") as refused:
         service.update_study(sid, max_trials=10)
+    assert refused.value.field == "sampler"
     # a budget field that cannot run it again is still taken
     assert service.update_study(sid, max_concurrent=3).spec["budget"]["max_concurrent"] == 3
 
@@ -185,7 +191,7 @@ def test_a_used_idempotency_key_with_other_fixed_params_is_refused_not_replayed(
     assert first.params["x"] == 1.0
     assert service.ask(sid, key="k1", params={"x": 1.0}).id == first.id  # a replay
     assert service.ask(sid, key="k1").id == first.id  # a replay that repeats no body
-    with pytest.raises(Conflict, match="x differ from this ask's params") as refused:
+    with pytest.raises(Conflict, match="with other values of x than this ask's") as refused:
         service.ask(sid, key="k1", params={"x": -4.0})
     assert refused.value.field == "Idempotency-Key"
     assert [t.id for t in service.storage.list_trials(sid)[0]] == [first.id]  # none created
