@@ -29,9 +29,11 @@ def executor() -> FakeExecutor:
     return FakeExecutor(FakeCluster(capacity={"CPU": 4.0}))
 
 
-def make_scheduler(service: StudyService, executor: Executor, tmp_path: Path) -> Scheduler:
+def make_scheduler(
+    service: StudyService, executor: Executor, tmp_path: Path, **kw: float
+) -> Scheduler:
     return Scheduler(
-        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path
+        service, executor, api_url="http://127.0.0.1:1", token=None, checkpoint_dir=tmp_path, **kw
     )
 
 
@@ -381,14 +383,7 @@ def test_a_tick_that_keeps_failing_the_same_way_is_logged_once_then_its_recovery
 
     executor = Unreachable()
     create(service, "needs-the-cluster")  # a running study with a trainable: each tick starts it
-    scheduler = Scheduler(
-        service,
-        executor,
-        api_url="http://127.0.0.1:1",
-        token=None,
-        checkpoint_dir=tmp_path,
-        interval_s=0.01,
-    )
+    scheduler = make_scheduler(service, executor, tmp_path, interval_s=0.01)
     with caplog.at_level("INFO", logger="hpo.scheduler"):
         scheduler.start()
         try:
