@@ -381,3 +381,18 @@ def test_watch_warns_when_no_server_runs_the_scheduler_for_a_study_with_a_traina
     leader_db = f"sqlite:///{tmp_path / 'leader' / 'hpo.db'}"
     with ServerProcess(leader_db, tmp_path / "leader", {}) as leader, leader.http() as http:
         wait_for(lambda: http.get("/healthz").json()["scheduler_running"], timeout=30)
+
+
+def test_a_reader_that_leaves_early_ends_the_cli_quietly() -> None:
+    # `hpo token | head -c 0`: the pipe is closed before anything is written
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpo.api.cli", "token"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**cli_env(), "HPO_TOKEN": "some-token"},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    errors = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, errors  # as a shell reports SIGPIPE
+    assert errors == ""  # no traceback, no "Exception ignored" at exit
