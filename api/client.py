@@ -26,9 +26,11 @@ Imports neither the server nor torch/ray. Errors are the core's typed exceptions
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ import httpx
 from hpo.api.objective import TrialHandle, run_trial
 from hpo.api.retry import ACTED_BEFORE, RetryPolicy, send
 from hpo.service import errors
+from hpo.service.export import newest_versions
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec
 
@@ -400,7 +403,14 @@ class Study:
         state: str | None = None,
         error: str | None = None,
     ) -> TrialRecord:
-        """Finish a trial with its value (or ``values``), or ``state="failed"|"pruned"``."""
+        """Finish a trial with its value (or ``values``), or ``state="failed"|"pruned"``. A
+        value that is NaN or infinite fails the trial, with a warning (Optuna fails a NaN;
+        the server stores only finite values)."""
+        told = [value] if value is not None else list(values or [])
+        if state is None and told and not all(math.isfinite(float(v)) for v in told):
+            error = f"told a value that is not finite: {told[0] if value is not None else told}"
+            warnings.warn(f"trial {_trial_id(trial)} failed: {error}", stacklevel=2)
+            value, values, state = None, None, "failed"
         body: dict[str, Any] = {**_attempt_of(trial)}
         if value is not None:
             body["value"] = value
@@ -515,6 +525,8 @@ class Study:
         return self._iter_changed(None, since)
 
     def _iter_changed(self, state: str | None, since: int | None) -> tuple[list[TrialRecord], int]:
+        """Every page changed after ``since``, each trial once (its newest version: one that
+        changed between two pages comes back on the later one), and the last cursor."""
         out: list[TrialRecord] = []
         while True:
             params: dict[str, Any] = {}
@@ -525,7 +537,7 @@ class Study:
             page = self.client._json("GET", f"/studies/{self.id}/trials", params=params)
             out.extend(TrialRecord.model_validate(t) for t in page["trials"])
             if len(page["trials"]) < 1000:
-                return out, page["cursor"]
+                return newest_versions(out), page["cursor"]
             since = page["cursor"]
 
     def trials_dataframe(self) -> Any:

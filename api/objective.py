@@ -209,9 +209,9 @@ def run_trial(
         log.warning("trial %d failed: %s", handle.number, problem)
         _tell_or_log(study, handle, state="failed", error=problem)
     elif isinstance(result, (list, tuple)):
-        study.tell(handle.asked, values=[float(v) for v in result])
-    else:
-        study.tell(handle.asked, value=float(result))
+        _tell_or_log(study, handle, values=[float(v) for v in result])
+    else:  # (a trial the server pruned at a report that the objective never looked at stays so)
+        _tell_or_log(study, handle, value=float(result))
 
 
 def _tell_or_log(study: TrialTeller, handle: TrialHandle, **outcome: Any) -> None:

@@ -3,7 +3,8 @@ them) and one run per trial (the TensorBoard and MLflow exports, :mod:`hpo.api.i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,6 +22,22 @@ TAIL_COLUMNS = [
     "error",
     "steps_copied",  # last: added later, so the columns before it keep their positions
 ]
+
+
+def newest_versions(trials: Iterable[TrialRecord]) -> list[TrialRecord]:
+    """Each trial once, as its last version in ``trials``: pages read by change cursor give a
+    trial that changed between two reads twice (in order of its last appearance)."""
+    newest: dict[int, TrialRecord] = {}
+    for t in trials:
+        newest.pop(t.id, None)
+        newest[t.id] = t
+    return list(newest.values())
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a CSV cell: a JSON object or list as JSON text (readable back), anything
+    else as it is."""
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
 
 
 def trial_rows(

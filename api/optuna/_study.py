@@ -36,6 +36,8 @@ class Study:
     def __init__(self, study: hpo_client.Study) -> None:
         self._study = study
         self.study_name = study.name
+        self._asked: dict[int, hpo_client.AskedTrial] = {}  # by number: what tell(int) names
+        self._runs: list[_Run] = []  # the optimize calls under way (what stop() ends)
         spec = study._record.spec
         objectives = (
             spec["objective"] if isinstance(spec["objective"], list) else [spec["objective"]]
@@ -71,19 +73,35 @@ class Study:
         catch = tuple(catch) if isinstance(catch, Iterable) else (catch,)
         run = _Run(self, func, n_trials, timeout, catch, list(callbacks or []))
         jobs = (os.cpu_count() or 1) if n_jobs == -1 else max(1, n_jobs)
-        if jobs == 1:
-            run.loop()
-            return
-        threads = [threading.Thread(target=run.loop_catching, daemon=True) for _ in range(jobs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if run.error is not None:
-            raise run.error
+        self._runs.append(run)
+        try:
+            if jobs == 1:
+                run.loop()
+                return
+            threads = [threading.Thread(target=run.loop_catching, daemon=True) for _ in range(jobs)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if run.error is not None:
+                raise run.error
+        finally:
+            self._runs.remove(run)
+
+    def stop(self) -> None:
+        """End the ``optimize`` under way once its running trials finish (from an objective
+        or a callback, as Optuna's). Raises RuntimeError outside ``optimize``."""
+        if not self._runs:
+            raise RuntimeError(
+                "`Study.stop` is supposed to be invoked inside an objective function or a callback."
+            )
+        for run in self._runs:
+            run.stopped = True
 
     def ask(self, fixed_distributions: Mapping[str, Any] | None = None) -> Trial:
-        trial = Trial(self._study, self._study.ask(), self._metric)
+        asked = self._study.ask()
+        self._asked[asked.number] = asked
+        trial = Trial(self._study, asked, self._metric)
         for name, dist in (fixed_distributions or {}).items():
             trial._suggest(name, dist)
         return trial
@@ -95,7 +113,14 @@ class Study:
         state: TrialState | None = None,
         skip_if_finished: bool = False,
     ) -> FrozenTrial:
-        ref = trial.asked if isinstance(trial, Trial) else trial
+        """Finish ``trial`` (a Trial, or its number in this study, as in Optuna): with
+        ``values``, as ``state`` (PRUNED, FAIL), or failed without values. COMPLETE without
+        values is a ValueError, as in Optuna."""
+        ref = trial.asked if isinstance(trial, Trial) else self._by_number(trial)
+        if state == TrialState.COMPLETE and values is None:
+            raise ValueError(
+                "No values were told. Values are required when state is TrialState.COMPLETE."
+            )
         if state == TrialState.PRUNED:
             record = self._study.tell(ref, state="pruned")
         elif state == TrialState.FAIL or values is None:
@@ -104,7 +129,18 @@ class Study:
             record = self._study.tell(ref, values=[float(v) for v in values])
         else:
             record = self._study.tell(ref, value=float(values))
+        self._asked.pop(record.number, None)
         return FrozenTrial.from_record(record)
+
+    def _by_number(self, number: int) -> Any:
+        """The trial numbered ``number`` in this study: asked through this object (with its
+        attempt's token), else looked up; a ValueError when the study has none."""
+        if number in self._asked:
+            return self._asked[number]
+        for record in self._study.trials():
+            if record.number == number:
+                return record
+        raise ValueError(f"study {self.study_name!r} has no trial number {number}")
 
     def enqueue_trial(
         self,
@@ -236,6 +272,7 @@ class _Run:
         self.catch = catch
         self.callbacks = callbacks
         self.started = 0
+        self.stopped = False  # Study.stop(): start no further trial
         self.lock = threading.Lock()
         self.error: BaseException | None = None
         spec = study._study._record.spec
@@ -243,7 +280,7 @@ class _Run:
 
     def _claim(self) -> bool:
         with self.lock:
-            if self.error is not None:
+            if self.error is not None or self.stopped:
                 return False
             if self.n_trials is not None and self.started >= self.n_trials:
                 return False

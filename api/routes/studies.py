@@ -24,7 +24,7 @@ from hpo.api.schemas import (
     TrialPage,
 )
 from hpo.service.errors import InvalidInput
-from hpo.service.export import trial_rows
+from hpo.service.export import csv_cell, newest_versions, trial_rows
 from hpo.service.records import TRIAL_STATES, StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState
@@ -218,7 +218,7 @@ def export_csv(study_id: StudyId, storage: Reader) -> Response:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     filename = f"{study.name}.csv"
     return Response(
         out.getvalue(),
@@ -233,7 +233,7 @@ def _all_trials(storage: Storage, study_id: int) -> list:
         page, cursor = storage.list_trials(study_id, since=since)
         trials.extend(page)
         if len(page) < 1000:
-            return trials
+            return newest_versions(trials)
         since = cursor
 
 

@@ -3,6 +3,9 @@ PostgreSQL), with typed errors for the server's answers."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import time
 from pathlib import Path
 
@@ -97,6 +100,11 @@ def test_ask_report_tell_best_and_dataframes(server: ServerProcess) -> None:
         assert study.best_trial.id == running.trial_id
 
         assert "params_x" in study.export_csv().splitlines()[0]
+        # a JSON user attribute is a JSON cell of the CSV (it was Python's repr)
+        attr = {"layers": [1, 2], "ok": True, "s": "a,b\nc"}
+        study.set_user_attr(running, "config", attr)
+        rows = list(csv.DictReader(io.StringIO(study.export_csv())))
+        assert json.loads(rows[4]["user_attrs_config"]) == attr
 
 
 def test_create_from_yaml_lookup_control_and_typed_errors(

@@ -100,3 +100,57 @@ def test_an_optuna_script_runs_on_the_server(
 def test_storage_must_be_a_server_url() -> None:
     with pytest.raises(ValueError, match="URL of an hpo server"):
         optuna.create_study(storage="sqlite:///optuna.db")
+
+
+def test_optuna_habits_tell_by_number_unchecked_reports_stop_and_non_finite_values(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HPO_TOKEN", server.token)
+    # tell(number) names the trial of *this* study with that number (a trial id of another
+    # study with the same value is left alone)
+    a = optuna.create_study(storage=server.url, study_name="by-number-a")
+    first = a.ask()
+    first.suggest_float("x", 0, 1)
+    b = optuna.create_study(storage=server.url, study_name="by-number-b")
+    asked = [b.ask() for _ in range(first.trial_id + 1)]
+    told = b.tell(first.trial_id, 0.123)
+    assert told.number == first.trial_id and told.values == [0.123]
+    assert [t.state for t in a.trials] == [optuna.trial.TrialState.RUNNING]
+    with pytest.raises(ValueError, match="no trial number 999"):
+        b.tell(999, 1.0)
+    with pytest.raises(ValueError, match="Values are required"):
+        b.tell(asked[0], state=optuna.trial.TrialState.COMPLETE)
+
+    # an objective that reports and never looks at should_prune: the run goes on
+    unchecked = optuna.create_study(
+        storage=server.url,
+        study_name="unchecked",
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0),
+    )
+
+    def reports_only(trial: optuna.Trial) -> float:
+        trial.suggest_float("x", 0, 1)
+        loss = 10.0 if trial.number >= 2 else 1.0
+        for step in range(5):
+            trial.report(loss + 0.1 * (5 - step), step)
+        return loss
+
+    unchecked.optimize(reports_only, n_trials=6)
+    assert len(unchecked.trials) == 6
+
+    # stop() from a callback ends the run after that trial; outside optimize it is an error
+    stopping = optuna.create_study(storage=server.url, study_name="stopping")
+    stopping.optimize(
+        lambda t: t.suggest_float("x", 0, 1),
+        n_trials=10,
+        callbacks=[lambda study, frozen: study.stop() if frozen.number == 2 else None],
+    )
+    assert len(stopping.trials) == 3
+    with pytest.raises(RuntimeError, match="inside an objective function or a callback"):
+        stopping.stop()
+
+    # a NaN told fails the trial (as in Optuna), with a warning, instead of leaving it running
+    nan = stopping.ask()
+    with pytest.warns(UserWarning, match="not finite"):
+        frozen = stopping.tell(nan, float("nan"))
+    assert frozen.state == optuna.trial.TrialState.FAIL
