@@ -12,7 +12,10 @@ running trial suggests a parameter (:func:`suggest`):
 - a parameter the space knows, asked with the same kind of domain, takes the proposal's value
   when it lies in the domain asked for; otherwise (first use, a narrower range) it is sampled
   independently from the finished trials that have it, as Optuna's samplers do for a
-  parameter outside their joint search space (TPE for a TPE study, random otherwise).
+  parameter outside their joint search space (TPE for a TPE study, random otherwise);
+- a range wider than the space holds (a bound moved out, as after a search hit it) is sampled
+  independently over the range asked for, and widens the study's space to cover both, so
+  later trials search all of it (the proposal, made over the old range, would never leave it).
 
 A parameter asked with a different kind of domain than the space holds (an int where a float
 was learned, other choices) is refused (InvalidInput), as Optuna refuses it.
@@ -83,7 +86,8 @@ def suggest(storage: Storage, trial_id: int, name: str, raw: Mapping[str, Any]) 
         if name in have:
             return have[name]
         value = proposed.get(name)
-        if known is None or value is None or not param.contains(value):
+        widens = known is not None and _union(known, param) != known
+        if known is None or value is None or not param.contains(value) or widens:
             history = _history(s, study, spec, name)
             value = _independent(spec, name, param, history, trial.number)
     return _store(storage, trial_id, name, param, value)
@@ -114,6 +118,17 @@ def _check(spec: StudySpec, trial: Any, name: str, param: AnyParam, known: Any) 
             f"{_describe(param)} (a parameter keeps one kind of domain)",
             field="param",
         )
+
+
+def _union(known: AnyParam, asked: AnyParam) -> AnyParam:
+    """The domain covering both of one kind (a float or int range from the lower low to the
+    higher high; categorical choices are equal when of one kind)."""
+    if isinstance(known, CategoricalParam) or isinstance(asked, CategoricalParam):
+        return known
+    low, high = min(known.low, asked.low), max(known.high, asked.high)
+    if (low, high) == (known.low, known.high):
+        return known
+    return known.model_copy(update={"low": low, "high": high})
 
 
 def _describe(p: AnyParam) -> str:
@@ -170,7 +185,7 @@ def _inside(dist: Any, value: Any) -> bool:
 
 def _store(storage: Storage, trial_id: int, name: str, param: AnyParam, value: Any) -> Any:
     """Record ``value`` for the trial (the first one stored wins) and learn ``param`` into the
-    study's space when it is new there."""
+    study's space when it is new there, or widen the space's range to cover it."""
     with storage.write() as s:
         study, trial = trials.lock(s, trial_id)
         for p in trial.params:
@@ -179,8 +194,10 @@ def _store(storage: Storage, trial_id: int, name: str, param: AnyParam, value: A
         if trial.state != TrialState.RUNNING:
             raise Conflict(f"trial {trial.id} is {trial.state}, not running", field="trial_id")
         space = dict(study.spec.get("space") or {})
-        if name not in space:
-            space[name] = param.model_dump(mode="json", exclude_defaults=True)
+        known = transitions.spec_of(study).space.get(name)
+        learned = param if known is None else _union(known, param)
+        if learned is not known:  # new to the space, or a range it widens
+            space[name] = learned.model_dump(mode="json", exclude_defaults=True)
             spec = {**study.spec, "space": space}
             StudySpec.model_validate(spec)
             study.spec = spec

@@ -154,3 +154,25 @@ def test_optuna_habits_tell_by_number_unchecked_reports_stop_and_non_finite_valu
     with pytest.warns(UserWarning, match="not finite"):
         frozen = stopping.tell(nan, float("nan"))
     assert frozen.state == optuna.trial.TrialState.FAIL
+
+
+def test_a_range_widened_between_trials_is_searched_whole(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HPO_TOKEN", server.token)
+    study = optuna.create_study(
+        storage=server.url, study_name="widened", sampler=optuna.samplers.RandomSampler(seed=3)
+    )
+    asked: list[tuple[float, float]] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        high = 1.0 if trial.number < 4 else 100.0  # the search hit its bound: widened
+        x = trial.suggest_float("x", 0, high)
+        asked.append((high, x))
+        return -x
+
+    study.optimize(objective, n_trials=16)
+    assert all(0 <= x <= high for high, x in asked)
+    assert max(x for high, x in asked if high == 100.0) > 1.0  # it was stuck below 1
+    with server.client() as client:
+        assert client.study("widened").record.spec["space"]["x"]["high"] == 100.0
