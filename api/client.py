@@ -407,7 +407,8 @@ class Study:
         value that is NaN or infinite fails the trial, with a warning (Optuna fails a NaN;
         the server stores only finite values)."""
         told = [value] if value is not None else list(values or [])
-        if state is None and told and not all(math.isfinite(float(v)) for v in told):
+        numbers = [v for v in told if isinstance(v, (int, float))]  # others: the server's 422
+        if state in (None, "complete") and not all(math.isfinite(v) for v in numbers):
             error = f"told a value that is not finite: {told[0] if value is not None else told}"
             warnings.warn(f"trial {_trial_id(trial)} failed: {error}", stacklevel=2)
             value, values, state = None, None, "failed"
@@ -526,7 +527,8 @@ class Study:
 
     def _iter_changed(self, state: str | None, since: int | None) -> tuple[list[TrialRecord], int]:
         """Every page changed after ``since``, each trial once (its newest version: one that
-        changed between two pages comes back on the later one), and the last cursor."""
+        changed between two pages comes back on the later one; with a ``state`` filter, one
+        that left those states meanwhile stays as first read), and the last cursor."""
         out: list[TrialRecord] = []
         while True:
             params: dict[str, Any] = {}

@@ -208,10 +208,21 @@ def run_trial(
     if problem is not None:
         log.warning("trial %d failed: %s", handle.number, problem)
         _tell_or_log(study, handle, state="failed", error=problem)
-    elif isinstance(result, (list, tuple)):
-        _tell_or_log(study, handle, values=[float(v) for v in result])
-    else:  # (a trial the server pruned at a report that the objective never looked at stays so)
-        _tell_or_log(study, handle, value=float(result))
+    else:
+        told = (
+            {"values": [float(v) for v in result]}
+            if isinstance(result, (list, tuple))
+            else {"value": float(result)}
+        )
+        try:
+            study.tell(handle.asked, **told)
+        except errors.TrialFinished as exc:  # pruned at a report the objective did not heed
+            log.warning(
+                "trial %d returned %r, but the server had already ended it: %s",
+                handle.number,
+                result,
+                exc,
+            )
 
 
 def _tell_or_log(study: TrialTeller, handle: TrialHandle, **outcome: Any) -> None:

@@ -86,7 +86,7 @@ def suggest(storage: Storage, trial_id: int, name: str, raw: Mapping[str, Any]) 
         if name in have:
             return have[name]
         value = proposed.get(name)
-        widens = known is not None and _union(known, param) != known
+        widens = known is not None and _union(spec, known, param) is not known
         if known is None or value is None or not param.contains(value) or widens:
             history = _history(s, study, spec, name)
             value = _independent(spec, name, param, history, trial.number)
@@ -120,14 +120,27 @@ def _check(spec: StudySpec, trial: Any, name: str, param: AnyParam, known: Any) 
         )
 
 
-def _union(known: AnyParam, asked: AnyParam) -> AnyParam:
-    """The domain covering both of one kind (a float or int range from the lower low to the
-    higher high; categorical choices are equal when of one kind)."""
-    if isinstance(known, CategoricalParam) or isinstance(asked, CategoricalParam):
+def _union(spec: StudySpec, known: AnyParam, asked: AnyParam) -> AnyParam:
+    """``known`` widened to cover the range ``asked`` (from the lower low to the higher high),
+    or ``known`` itself when it covers it already or cannot be widened: a grid's (its points
+    are handed out by number), categorical choices, explicit values, another kind of domain,
+    a float lattice, an int lattice the asked bounds are not on."""
+    if (
+        spec.sampler.type == "grid"
+        or not same_kind(known, asked)
+        or isinstance(known, CategoricalParam)
+        or known.values is not None
+        or asked.values is not None
+        or (known.contains(asked.low) and known.contains(asked.high))
+    ):
+        return known
+    if isinstance(known, FloatParam) and (known.step is not None or asked.step is not None):
+        return known
+    if isinstance(known, IntParam) and (
+        asked.step != known.step or (asked.low - known.low) % known.step != 0
+    ):
         return known
     low, high = min(known.low, asked.low), max(known.high, asked.high)
-    if (low, high) == (known.low, known.high):
-        return known
     return known.model_copy(update={"low": low, "high": high})
 
 
@@ -194,8 +207,9 @@ def _store(storage: Storage, trial_id: int, name: str, param: AnyParam, value: A
         if trial.state != TrialState.RUNNING:
             raise Conflict(f"trial {trial.id} is {trial.state}, not running", field="trial_id")
         space = dict(study.spec.get("space") or {})
-        known = transitions.spec_of(study).space.get(name)
-        learned = param if known is None else _union(known, param)
+        stored = transitions.spec_of(study)
+        known = stored.space.get(name)
+        learned = param if known is None else _union(stored, known, param)
         if learned is not known:  # new to the space, or a range it widens
             space[name] = learned.model_dump(mode="json", exclude_defaults=True)
             spec = {**study.spec, "space": space}

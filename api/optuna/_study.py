@@ -116,30 +116,39 @@ class Study:
         """Finish ``trial`` (a Trial, or its number in this study, as in Optuna): with
         ``values``, as ``state`` (PRUNED, FAIL), or failed without values. COMPLETE without
         values is a ValueError, as in Optuna."""
-        ref = trial.asked if isinstance(trial, Trial) else self._by_number(trial)
         if state == TrialState.COMPLETE and values is None:
             raise ValueError(
                 "No values were told. Values are required when state is TrialState.COMPLETE."
             )
-        if state == TrialState.PRUNED:
-            record = self._study.tell(ref, state="pruned")
-        elif state == TrialState.FAIL or values is None:
-            record = self._study.tell(ref, state="failed")
-        elif isinstance(values, Sequence):
-            record = self._study.tell(ref, values=[float(v) for v in values])
-        else:
-            record = self._study.tell(ref, value=float(values))
-        self._asked.pop(record.number, None)
+        number = trial.number if isinstance(trial, Trial) else trial
+        ref = trial.asked if isinstance(trial, Trial) else self._by_number(trial)
+        try:
+            if state == TrialState.PRUNED:
+                record = self._study.tell(ref, state="pruned")
+            elif state == TrialState.FAIL or values is None:
+                record = self._study.tell(ref, state="failed")
+            elif isinstance(values, Sequence):
+                record = self._study.tell(ref, values=[float(v) for v in values])
+            else:
+                record = self._study.tell(ref, value=float(values))
+        except errors.TrialFinished:
+            if not skip_if_finished:
+                raise
+            record = self._study.client.trial(hpo_client._trial_id(ref))
+        finally:
+            self._asked.pop(number, None)
         return FrozenTrial.from_record(record)
 
     def _by_number(self, number: int) -> Any:
         """The trial numbered ``number`` in this study: asked through this object (with its
-        attempt's token), else looked up; a ValueError when the study has none."""
+        attempt's token), else looked up among its active trials (naming its current attempt),
+        then among all; a ValueError when the study has none."""
         if number in self._asked:
             return self._asked[number]
-        for record in self._study.trials():
-            if record.number == number:
-                return record
+        for state in ("running,waiting", None):
+            for record in self._study.trials(state=state):
+                if record.number == number:
+                    return {"trial_id": record.id, "attempt": record.attempts}
         raise ValueError(f"study {self.study_name!r} has no trial number {number}")
 
     def enqueue_trial(

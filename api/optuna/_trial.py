@@ -118,7 +118,9 @@ class Trial(TrialHandle):
     (learned into the study's space on first use), ``report(value, step)`` streams the
     objective, ``should_prune()`` says whether the pruner stopped it."""
 
-    pruned_when_stopped = False  # Optuna: a trial that returns a value completes
+    # Optuna: a trial that returns a value completes (unless the server pruned it already at
+    # a report: then it stays pruned and the value is logged, not stored)
+    pruned_when_stopped = False
 
     def __init__(self, study: Any, asked: Any, metric: str | None) -> None:
         super().__init__(study, asked, metric)

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import hpo.optuna as optuna
-from hpo.service.errors import Conflict, InvalidInput
+from hpo.service.errors import Conflict, InvalidInput, TrialFinished
 from tests.conftest import ServerProcess
 
 
@@ -118,6 +118,13 @@ def test_optuna_habits_tell_by_number_unchecked_reports_stop_and_non_finite_valu
     assert [t.state for t in a.trials] == [optuna.trial.TrialState.RUNNING]
     with pytest.raises(ValueError, match="no trial number 999"):
         b.tell(999, 1.0)
+    # a number asked through another Study object (another process) is found on the server
+    extra = b.ask()
+    elsewhere = optuna.load_study(storage=server.url, study_name="by-number-b")
+    assert elsewhere.tell(extra.number, 0.5).values == [0.5]
+    with pytest.raises(TrialFinished):
+        b.tell(extra, 0.7)
+    assert b.tell(extra, 0.7, skip_if_finished=True).values == [0.5]
     with pytest.raises(ValueError, match="Values are required"):
         b.tell(asked[0], state=optuna.trial.TrialState.COMPLETE)
 

@@ -1,0 +1,61 @@
+"""Define-by-run: a range asked wider than the study's space widens it, where it may."""
+
+from __future__ import annotations
+
+from hpo.service.spec import StudySpec
+from hpo.service.studies import StudyService
+from tests.conftest import simple_spec
+
+
+def _study(service: StudyService, name: str, **over: object) -> int:
+    spec = simple_spec(name, define_by_run=True, space={}, **over)
+    return service.create_study(StudySpec.model_validate(spec)).id
+
+
+def _suggest(service: StudyService, sid: int, name: str, param: dict) -> object:
+    trial = service.ask(sid)
+    value = service.suggest_param(trial.id, name, param)
+    service.tell(trial.id, value=1.0)
+    return value
+
+
+def test_a_wider_range_widens_the_space_and_a_bound_off_by_rounding_does_not(
+    service: StudyService,
+) -> None:
+    sid = _study(service, "widen", sampler={"type": "random", "seed": 0})
+    _suggest(service, sid, "x", {"type": "float", "low": 0.0, "high": 0.3})
+    _suggest(
+        service, sid, "x", {"type": "float", "low": 0.0, "high": 0.1 * 3}
+    )  # 0.30000000000000004
+    assert service.storage.get_study(sid).spec["space"]["x"]["high"] == 0.3
+    values = [_suggest(service, sid, "x", {"type": "float", "low": 0.0, "high": 100.0})]
+    assert service.storage.get_study(sid).spec["space"]["x"]["high"] == 100.0
+    values += [
+        _suggest(service, sid, "x", {"type": "float", "low": 0.0, "high": 100.0}) for _ in range(10)
+    ]
+    assert max(values) > 0.3  # later trials sample the widened space
+    _suggest(service, sid, "n", {"type": "int", "low": 0, "high": 10, "step": 2})
+    _suggest(service, sid, "n", {"type": "int", "low": 1, "high": 11, "step": 2})  # off its lattice
+    assert service.storage.get_study(sid).spec["space"]["n"] == {
+        "type": "int",
+        "low": 0,
+        "high": 10,
+        "step": 2,
+    }
+
+
+def test_a_grid_study_keeps_its_grid_whatever_range_a_trial_asks(service: StudyService) -> None:
+    sid = service.create_study(
+        StudySpec.model_validate(
+            simple_spec(
+                "grid-dbr",
+                define_by_run=True,
+                sampler={"type": "grid"},
+                space={"n": {"type": "int", "low": 0, "high": 3}},
+            )
+        )
+    ).id
+    got = [_suggest(service, sid, "n", {"type": "int", "low": 0, "high": 7}) for _ in range(4)]
+    assert got == [0, 1, 2, 3]  # each trial its grid point, in order
+    n = service.storage.get_study(sid).spec["space"]["n"]
+    assert (n["low"], n["high"]) == (0, 3)
