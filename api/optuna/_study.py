@@ -141,14 +141,16 @@ class Study:
 
     def _by_number(self, number: int) -> Any:
         """The trial numbered ``number`` in this study: asked through this object (with its
-        attempt's token), else looked up among its active trials (naming its current attempt),
-        then among all; a ValueError when the study has none."""
+        attempt's token), else looked up among its active trials, then among all; a ValueError
+        when the study has none. A trial looked up is told naming no attempt: the server takes
+        that only while the trial is on its first attempt (a process that lost its lease and
+        knows only the number is refused, 409, once the trial was handed out again)."""
         if number in self._asked:
             return self._asked[number]
         for state in ("running,waiting", None):
             for record in self._study.trials(state=state):
                 if record.number == number:
-                    return {"trial_id": record.id, "attempt": record.attempts}
+                    return record.id
         raise ValueError(f"study {self.study_name!r} has no trial number {number}")
 
     def enqueue_trial(

@@ -9,7 +9,7 @@ import pytest
 
 import hpo.optuna as optuna
 from hpo.service.errors import Conflict, InvalidInput, TrialFinished
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, simple_spec, wait_for
 
 
 def objective(trial: optuna.Trial) -> float:
@@ -183,3 +183,28 @@ def test_a_range_widened_between_trials_is_searched_whole(
     assert max(x for high, x in asked if high == 100.0) > 1.0  # it was stuck below 1
     with server.client() as client:
         assert client.study("widened").record.spec["space"]["x"]["high"] == 100.0
+
+
+def test_a_process_that_lost_its_lease_and_tells_by_number_is_refused(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fence holds for tell(number): a process that knows only the number (it did not
+    ask through this Study object) names no attempt, so once the trial was handed out again
+    its tell is a 409 and nothing is stored (0 wrongly accepted)."""
+    monkeypatch.setenv("HPO_TOKEN", server.token)
+    with server.http() as http:
+        spec = simple_spec("stale-num", lease_s=1.0, max_retries=1)
+        r = http.post("/api/v1/studies", json={**spec, "define_by_run": True, "space": {}})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        first = http.post(f"/api/v1/studies/{sid}/ask").json()  # attempt 1, then silent
+        trial = f"/api/v1/trials/{first['trial_id']}"
+        wait_for(lambda: http.get(trial).json()["state"] == "waiting", timeout=30)
+        again = http.post(f"/api/v1/studies/{sid}/ask").json()  # attempt 2, live
+        assert again["trial_id"] == first["trial_id"] and again["attempt"] == 2
+    stale = optuna.load_study(storage=server.url, study_name="stale-num")  # knows only the number
+    with pytest.raises(Conflict, match="handed out again"):
+        stale.tell(first["number"], 9.9)
+    with server.http() as http:
+        t = http.get(trial).json()
+        assert t["state"] == "running" and t["value"] is None  # nothing wrongly accepted
