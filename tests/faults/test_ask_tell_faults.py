@@ -1,0 +1,144 @@
+"""Drills for the ask/tell path under faults, counting what is lost, duplicated or wrongly
+accepted: keyed asks with clashing params through two servers on one database, a 20-s
+database outage under a client's ask/tell loop, and a kill -9 of the server in the middle of
+an ask loop (the lease of the trial it had just handed out expires after the restart)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import ServerProcess, simple_spec
+from tests.faults.conftest import OwnPostgres
+
+
+def test_keyed_asks_with_clashing_params_through_two_servers_make_one_trial(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    off = {"HPO_SCHEDULER": "false"}
+    with ServerProcess(url, tmp_path / "a", off) as a, ServerProcess(url, tmp_path / "b", off) as b:
+        with a.http() as http:
+            sid = http.post("/api/v1/studies", json=simple_spec("clash")).json()["id"]
+
+        def one(i: int) -> tuple[int, float | None]:
+            srv = (a, b)[i % 2]
+            x = 1.0 if i % 4 < 2 else -4.0
+            r = httpx.post(
+                f"{srv.url}/api/v1/studies/{sid}/ask",
+                json={"params": {"x": x}},
+                headers={"Authorization": f"Bearer {srv.token}", "Idempotency-Key": "k"},
+                timeout=60,
+            )
+            return r.status_code, (r.json()["params"]["x"] if r.status_code == 201 else None)
+
+        for _round in range(5):
+            with ThreadPoolExecutor(16) as pool:
+                got = list(pool.map(one, range(32)))
+            codes = Counter(c for c, _ in got)
+            assert set(codes) <= {201, 409}, codes
+            with a.http() as http:
+                trials = http.get(f"/api/v1/studies/{sid}/trials").json()["trials"]
+            assert len(trials) == 1, trials
+            won = trials[0]["params"]["x"]
+            assert all(x == won for c, x in got if c == 201)
+            assert codes[409] == 16, codes  # every ask with the other params refused
+
+
+def test_a_20_s_outage_under_an_ask_tell_loop_loses_and_doubles_nothing(
+    own_postgres: OwnPostgres, tmp_path: Path
+) -> None:
+    from hpo.api.client import Client
+
+    server = ServerProcess(own_postgres.url, tmp_path, {"HPO_SCHEDULER": "false"})
+    server.start()
+    try:
+        client = Client(server.url, token=server.token)
+        study = client.create_study(simple_spec("outage-loop", lease_s=600))
+        done, errors, health = [], [], Counter()
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.is_set():
+                try:
+                    t = study.ask()
+                    study.tell(t, value=t.params["x"] ** 2)
+                    done.append(t.number)
+                except Exception as exc:
+                    errors.append(repr(exc)[:200])
+                    time.sleep(0.5)
+
+        def poll() -> None:
+            while not stop.is_set():
+                try:
+                    health[httpx.get(server.url + "/healthz", timeout=10).status_code] += 1
+                except httpx.TransportError:
+                    health["dropped"] += 1
+                time.sleep(0.2)
+
+        threads = [threading.Thread(target=loop), threading.Thread(target=poll)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        own_postgres.stop("immediate")
+        time.sleep(20)
+        own_postgres.start()
+        time.sleep(8)
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        trials = study.trials()
+        numbers = sorted(t.number for t in trials)
+        assert errors == [] and len(done) > 0  # the client retried every 503 by itself
+        assert numbers == list(range(len(numbers))), "gap or duplicate numbers"
+        assert len(set(done)) == len(done)
+        told = [t for t in trials if t.state == "complete"]
+        running = [t for t in trials if t.state == "running"]
+        assert len(told) + len(running) == len(trials) and len(running) <= 1, [
+            t.state for t in trials
+        ]
+        assert health[503] > 0 and 500 not in health and health["dropped"] == 0, health
+    finally:
+        server.stop()
+
+
+def test_kill_9_in_an_ask_loop_then_a_restart_hands_the_lost_trial_out_again(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    server = ServerProcess(url, tmp_path, {"HPO_SCHEDULER": "false"})
+    server.start()
+    try:
+        with server.http() as http:
+            sid = http.post(
+                "/api/v1/studies", json=simple_spec("k9", lease_s=2.0, max_retries=1)
+            ).json()["id"]
+            asked = []
+            for _ in range(50):
+                t = http.post(f"/api/v1/studies/{sid}/ask").json()
+                asked.append(t)
+                http.post(f"/api/v1/trials/{t['trial_id']}/tell", json={"value": 1.0})
+            lost = http.post(f"/api/v1/studies/{sid}/ask").json()  # asked, never told
+        server.kill()
+        server.start()
+        time.sleep(2.5)
+        with server.http() as http:
+            again = http.post(f"/api/v1/studies/{sid}/ask").json()
+            assert (again["trial_id"], again["attempt"]) == (lost["trial_id"], 2), again
+            stale = http.post(
+                f"/api/v1/trials/{lost['trial_id']}/tell", json={"value": 5.0, "attempt": 1}
+            )
+            assert stale.status_code == 409, stale.text
+            live = http.post(
+                f"/api/v1/trials/{again['trial_id']}/tell", json={"value": 2.0, "attempt": 2}
+            )
+            assert live.status_code == 200 and live.json()["value"] == 2.0
+            trials = http.get(f"/api/v1/studies/{sid}/trials").json()["trials"]
+            assert sorted(t["number"] for t in trials) == list(range(51))
+    finally:
+        server.stop()
