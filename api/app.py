@@ -180,7 +180,6 @@ def create_app(
         storage = app.state.service.storage
         storage.ping()
         storage.ping_write()  # after a failed write: a lock that another process holds?
-        lease = leases.get(storage, leases.SCHEDULER)
         if siblings is not None and not settings.scheduler:  # worker 0 runs the server's
             role = siblings.scheduler_role()
         else:
@@ -203,6 +202,7 @@ def create_app(
             }
             retry = {"Retry-After": str(int(settings.preflight_recheck_s))}
             return JSONResponse(status_code=503, content=body, headers=retry)
+        lease = leases.get(storage, leases.SCHEDULER)
         return {
             "status": "ok",
             "version": VERSION,

@@ -409,7 +409,6 @@ def _print_invalid(exc: Exception) -> None:
 
 def _database_problem(settings: Any) -> str | None:
     """Why the configured database cannot be used, or None."""
-    from sqlalchemy import text
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
     from hpo.service.db import make_engine
@@ -421,9 +420,7 @@ def _database_problem(settings: Any) -> str | None:
             # each connection would get an empty database of its own
             return "an in-memory SQLite database is not shared by the server's connections"
         try:
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            return schema_problem(engine)
+            return schema_problem(engine)  # it connects: an unreachable database raises here
         finally:
             engine.dispose()
     except (SQLAlchemyError, ArgumentError, ImportError, ValueError) as exc:

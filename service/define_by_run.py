@@ -90,7 +90,7 @@ def suggest(storage: Storage, trial_id: int, name: str, raw: Mapping[str, Any]) 
         if known is None or value is None or not param.contains(value) or widens:
             history = _history(s, study, spec, name)
             value = _independent(spec, name, param, history, trial.number)
-    return _store(storage, trial_id, name, param, value)
+    return _store(storage, trial_id, name, param, value, learn=known is None or widens)
 
 
 def _read(s: Any, trial_id: int) -> tuple[Any, Any]:
@@ -196,9 +196,13 @@ def _inside(dist: Any, value: Any) -> bool:
         return False
 
 
-def _store(storage: Storage, trial_id: int, name: str, param: AnyParam, value: Any) -> Any:
-    """Record ``value`` for the trial (the first one stored wins) and learn ``param`` into the
-    study's space when it is new there, or widen the space's range to cover it."""
+def _store(
+    storage: Storage, trial_id: int, name: str, param: AnyParam, value: Any, *, learn: bool
+) -> Any:
+    """Record ``value`` for the trial (the first one stored wins) and, with ``learn`` (the
+    space lacked ``param`` or did not cover it when read), learn it into the study's space
+    when it is new there, or widen the space's range to cover it. (A space only gains names
+    and widens: one that covered ``param`` when read still does.)"""
     with storage.write() as s:
         study, trial = trials.lock(s, trial_id)
         for p in trial.params:
@@ -206,15 +210,18 @@ def _store(storage: Storage, trial_id: int, name: str, param: AnyParam, value: A
                 return p.value
         if trial.state != TrialState.RUNNING:
             raise Conflict(f"trial {trial.id} is {trial.state}, not running", field="trial_id")
-        space = dict(study.spec.get("space") or {})
-        stored = transitions.spec_of(study)
-        known = stored.space.get(name)
-        learned = param if known is None else _union(stored, known, param)
-        if learned is not known:  # new to the space, or a range it widens
-            space[name] = learned.model_dump(mode="json", exclude_defaults=True)
-            spec = {**study.spec, "space": space}
-            StudySpec.model_validate(spec)
-            study.spec = spec
+        if learn:
+            stored = transitions.spec_of(study)
+            known = stored.space.get(name)
+            learned = param if known is None else _union(stored, known, param)
+            if learned is not known:  # new to the space, or a range it widens
+                space = {
+                    **(study.spec.get("space") or {}),
+                    name: learned.model_dump(mode="json", exclude_defaults=True),
+                }
+                spec = {**study.spec, "space": space}
+                StudySpec.model_validate(spec)
+                study.spec = spec
         trial.params.append(TrialParam(name=name, position=len(trial.params), value=value))
         studies.touch(study, trial)
         return value

@@ -134,11 +134,13 @@ class StudyService:
         state: str | None = None,
         max_trials: int | None = None,
         max_concurrent: int | None = None,
-        **budget: float | None,
+        timeout_s: float | None = None,
+        max_steps: int | None = None,
+        max_worker_seconds: float | None = None,
     ) -> StudyRecord:
-        """Pause, resume or stop a study, or change its budget (``max_trials``,
-        ``max_concurrent`` and, as keywords, the other fields of :data:`REOPENING`). Raising
-        the budget of a completed study runs it again (``completed → running``).
+        """Pause, resume or stop a study, or change its budget (the fields given). Raising a
+        field of :data:`REOPENING` of a completed study runs it again (``completed →
+        running``).
 
         Raises StudyNotRunning for a stopped study (and a completed one asked for anything
         but a budget), InvalidInput for a budget below the trials handed out, Conflict (and
@@ -148,11 +150,14 @@ class StudyService:
         the state table forbids. A time or compute budget lowered below what the study has
         used ends it as if it ran out.
         """
-        unknown = set(budget) - set(REOPENING)
-        if unknown:
-            raise TypeError(f"update_study: no budget field {sorted(unknown)}")
-        changes = {"max_trials": max_trials, "max_concurrent": max_concurrent, **budget}
-        changes = {k: v for k, v in changes.items() if v is not None}
+        given = {
+            "max_trials": max_trials,
+            "max_concurrent": max_concurrent,
+            "timeout_s": timeout_s,
+            "max_steps": max_steps,
+            "max_worker_seconds": max_worker_seconds,
+        }
+        changes = {k: v for k, v in given.items() if v is not None}
         with self.storage.write() as s:
             study = studies.get(s, study_id, lock=True)
             raises_budget = study.state == StudyState.COMPLETED and state in (None, study.state)

@@ -103,21 +103,19 @@ def complete_if_done(s: Session, study: Study) -> None:
         return
     spec = spec_of(study)
     budget = spec.budget
-    if (
-        budget.max_steps is None
-        and budget.max_worker_seconds is None
-        and not timed_out(study, spec)
-        and study.next_number < budget_limit(study, spec)
-    ):
-        return  # nothing can be spent yet: no need to count its trials (a tell's common case)
+    out_of_time = timed_out(study, spec)
+    numbers_spent = study.next_number >= budget_limit(study, spec)
+    compute_budget = budget.max_steps is not None or budget.max_worker_seconds is not None
+    if not (compute_budget or out_of_time or numbers_spent):
+        return  # nothing can be spent yet: no need to count its trials (a tell's usual case)
     running, waiting = studies.count_active(s, study.id)
     if running or waiting:
         return
-    if timed_out(study, spec):  # first: its running trials may have been ended for it
+    if out_of_time:  # first: its running trials may have been ended for it
         reason = "budget.timeout_s reached"
     elif spent := compute_spent(s, study, spec):
         reason = f"{spent} spent"
-    elif study.next_number >= budget_limit(study, spec):
+    elif numbers_spent:
         if promotions.candidates(s, study, spec):
             return
         reason = "budget spent" if spec.max_trials else "search space exhausted"

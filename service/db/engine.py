@@ -149,7 +149,6 @@ def schema_problem(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    scripts = ScriptDirectory.from_config(alembic_config(engine))
     with engine.connect() as conn:
         tables = set(inspect(conn).get_table_names())
         if not tables:
@@ -166,6 +165,7 @@ def schema_problem(engine: Engine) -> str | None:
             f"it holds tables named as hpo's ({named}) but no hpo schema revision: not an hpo "
             "database; give hpo an empty database, or a file or schema of its own"
         )
+    scripts = ScriptDirectory.from_config(alembic_config(engine))
     try:
         scripts.get_revision(current)
     except Exception:  # alembic's "Can't locate revision"
