@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, Field
 
 from hpo.workers.registry import TrainableError
@@ -19,23 +20,51 @@ class LossGuard:
     The first loss is the reference for the whole trial: save the guard with the checkpoint
     (``ctx.report(..., checkpoint={"guard": guard, ...})``) so that a resumed attempt, whose
     well-trained model starts far below it, is not judged against its own first loss.
+
+    On a GPU, :meth:`observe` each step's loss tensor and :meth:`settle` where the loop reads
+    its losses anyway (every ``log_every`` steps, an epoch's end): ``loss.item()`` at every step
+    makes the CPU wait for the GPU to finish the step before it can queue the next one.
     """
 
     def __init__(self, factor: float | None = 10.0) -> None:
         self.factor = factor
         self.first: float | None = None
+        self._worst: torch.Tensor | None = None  # the highest loss observed since settle()
+        self._since: int | None = None
 
-    def check(self, step: int, loss: float) -> None:
+    def check(self, step: int | str, loss: float) -> None:
+        """Judge one loss now (``step``: where it was seen, for the message)."""
+        where = step if isinstance(step, str) else f"step {step}"
         if not math.isfinite(loss):
-            raise TrainableError(f"train_loss is {loss} at step {step}: training diverged")
+            raise TrainableError(f"train_loss is {loss} at {where}: training diverged")
         if self.first is None:
             self.first = loss
         elif self.factor is not None and loss > self.factor * max(self.first, 1e-8):
             raise TrainableError(
-                f"train_loss {loss:.4g} at step {step} exceeds {self.factor:g} x the first loss "
+                f"train_loss {loss:.4g} at {where} exceeds {self.factor:g} x the first loss "
                 f"({self.first:.4g}): training diverged (exploding loss; lower the learning rate "
                 "or clip gradients)"
             )
+
+    def observe(self, step: int, loss: torch.Tensor) -> None:
+        """Record a step's loss without waiting for it: judged at the next :meth:`settle`
+        (the trial's first loss, the reference, is judged at once). NaN wins the running
+        maximum, so a NaN or infinite loss anywhere in between is caught."""
+        if self.first is None:
+            self.check(step, float(loss.detach()))
+            return
+        loss = loss.detach().float()
+        self._worst = loss if self._worst is None else torch.maximum(self._worst, loss)
+        if self._since is None:
+            self._since = step
+
+    def settle(self, step: int) -> None:
+        """Judge the losses observed since the last call (one wait for the device)."""
+        if self._worst is None:
+            return
+        worst, since = float(self._worst), self._since
+        self._worst = self._since = None
+        self.check(step if since == step else f"steps {since}-{step}", worst)
 
     def state_dict(self) -> dict[str, float | None]:
         return {"first": self.first}

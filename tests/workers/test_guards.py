@@ -1,10 +1,16 @@
-"""The loss guard and early stopping."""
+"""The loss guard and early stopping. The guard judges losses without waiting for the device
+at every step, and the built-in training loops read their losses only where they log them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from hpo.workers import TrainableError, guards
+from hpo.workers.guards import LossGuard
+from tests.workers.test_trainables import run_local
 
 
 def test_loss_guard_fails_on_nan_and_on_exploding_loss() -> None:
@@ -24,3 +30,53 @@ def test_early_stopping_counts_epochs_without_improvement() -> None:
     stop = guards.EarlyStopping(patience=2)
     assert [stop.update(v) for v in (0.5, 0.6, 0.6, 0.55)] == [False, False, False, True]
     assert not any(guards.EarlyStopping(None).update(v) for v in (0.5, 0.4, 0.3))
+
+
+def losses(guard: LossGuard, values: dict[int, float]) -> None:
+    for step, value in values.items():
+        guard.observe(step, torch.tensor(value))
+
+
+def test_the_first_loss_is_judged_at_once_and_later_ones_when_settled() -> None:
+    with pytest.raises(TrainableError, match="train_loss is inf at step 1: training diverged"):
+        LossGuard().observe(1, torch.tensor(float("inf")))
+
+    guard = LossGuard(factor=10.0)
+    losses(guard, {1: 2.0, 2: 1.5, 3: float("nan"), 4: 1.0})  # nothing waits, nothing raises
+    with pytest.raises(TrainableError, match="train_loss is nan at steps 2-4: training diverged"):
+        guard.settle(4)
+
+    guard = LossGuard(factor=10.0)
+    losses(guard, {1: 2.0, 2: 25.0, 3: 1.0})
+    with pytest.raises(TrainableError, match=r"train_loss 25 at steps 2-3 exceeds 10 x the first"):
+        guard.settle(3)
+
+
+def test_a_settled_window_is_not_judged_again_and_the_reference_is_saved() -> None:
+    guard = LossGuard(factor=10.0)
+    guard.settle(0)  # nothing observed: nothing to judge
+    losses(guard, {1: 2.0, 2: 19.0})
+    guard.settle(2)
+    losses(guard, {3: 1.0})
+    guard.settle(3)  # the window of steps 2-3 was judged once, step 3 alone now
+    assert guard.state_dict() == {"first": 2.0}
+    resumed = LossGuard(factor=10.0)
+    resumed.load_state_dict(guard.state_dict())
+    losses(resumed, {4: 21.0})
+    with pytest.raises(TrainableError, match="at step 4 exceeds 10 x the first loss"):
+        resumed.settle(4)
+
+
+def test_the_image_loop_reads_no_loss_per_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a GPU each loss.item() makes the CPU wait until the step has run; the loop reads its
+    # losses once an epoch. 1,437 training images in batches of 16: 90 steps an epoch.
+    calls = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append(1) or item(t))
+    _, reports, _ = run_local(
+        "image-classification", {"epochs": 1, "batch_size": 16, "optimizer": "sgd"}, tmp_path
+    )
+    assert [step for step, _ in reports] == [1]
+    assert len(calls) <= 10

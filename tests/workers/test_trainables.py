@@ -210,7 +210,7 @@ def test_a_huge_learning_rate_fails_the_text_trial_as_diverged(tmp_path: Path) -
 
 
 def test_a_huge_learning_rate_fails_the_image_trial_as_diverged(tmp_path: Path) -> None:
-    with pytest.raises(TrainableError, match=r"train_loss .* at step \d+.*training diverged"):
+    with pytest.raises(TrainableError, match=r"train_loss .* at steps? [\d-]+.*training diverged"):
         run_local("image-classification", {"optimizer": "sgd", "lr": 1e4, "epochs": 2}, tmp_path)
 
 

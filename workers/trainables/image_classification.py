@@ -200,12 +200,13 @@ def train(ctx: TrialContext) -> None:
             x, y = augment(x, s).to(ctx.device), y.to(ctx.device)
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
-            guard.check(schedule.steps + 1, loss.item())
+            guard.observe(schedule.steps + 1, loss)  # no wait for the device each step
             loss.backward()  # DDP all-reduces the gradients here
             optimizer.step()
             schedule.step()
-            loss_sum, count = loss_sum + loss.item() * len(y), count + len(y)
-        loss_sum, count = ctx.all_reduce_sum([loss_sum, count])
+            loss_sum, count = loss_sum + loss.detach() * len(y), count + len(y)
+        guard.settle(schedule.steps)
+        loss_sum, count = ctx.all_reduce_sum([float(loss_sum), count])
         seen += count
         ctx.log(epoch, {"train_loss": loss_sum / count, "lr": schedule.lr})
         metrics = gathered_metrics(ctx, *predict_loader(model, val_loader, ctx.device))

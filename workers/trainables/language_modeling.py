@@ -353,8 +353,8 @@ def train(ctx: TrialContext) -> None:
             with sync, torch.autocast("cuda", torch.bfloat16, enabled=bf16):
                 loss = model(batch).float()
                 (loss / s.grad_accum).backward()
-            loss_sum, count = loss_sum + loss.item() * batch.numel(), count + batch.numel()
-        guard.check(schedule.steps + 1, loss.item())
+            loss_sum, count = loss_sum + loss.detach() * batch.numel(), count + batch.numel()
+        guard.observe(schedule.steps + 1, loss)  # no wait for the device each step
         if s.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
         optimizer.step()
@@ -362,7 +362,8 @@ def train(ctx: TrialContext) -> None:
         schedule.step()
         step = schedule.steps
         if step % s.log_every == 0 or step % s.eval_every == 0 or step == s.steps:
-            total, n = ctx.all_reduce_sum([loss_sum, count])  # same steps on all ranks
+            guard.settle(step)
+            total, n = ctx.all_reduce_sum([float(loss_sum), count])  # same steps on all ranks
             seen += n
             ctx.log(step, {"train_loss": total / n, "lr": schedule.lr})
             loss_sum = count = 0.0

@@ -361,16 +361,17 @@ def train(ctx: TrialContext) -> None:
             labels = batch.pop("labels")
             with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(model(**batch).float(), labels)
-            guard.check(schedule.steps + 1, loss.item())
+            guard.observe(schedule.steps + 1, loss)  # no wait for the device each step
             loss.backward()  # DDP all-reduces the gradients here
             if s.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
             schedule.step()
-            loss_sum, count = loss_sum + loss.item() * len(labels), count + len(labels)
+            loss_sum, count = loss_sum + loss.detach() * len(labels), count + len(labels)
             if schedule.steps % s.log_every == 0 or i == len(loader):  # same steps on all ranks
-                total, n = ctx.all_reduce_sum([loss_sum, count])
+                guard.settle(schedule.steps)
+                total, n = ctx.all_reduce_sum([float(loss_sum), count])
                 seen += n
                 ctx.log(schedule.steps, {"train_loss": total / n, "lr": schedule.lr})
                 loss_sum = count = 0.0
