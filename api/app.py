@@ -176,7 +176,9 @@ def create_app(
         one ``details`` entry per failed check and the whole ``preflight`` report.
         ``warnings`` are the settings that break a cluster (logged at start too).
         ``scheduler_running``: whether any server of this database holds the scheduler lease
-        now (without one, no study with a trainable starts a trial)."""
+        now (without one, no study with a trainable starts a trial). ``executor_failure``:
+        while the scheduler's server cannot start or reach Ray, why (the error, how many tries
+        since when, the wait before the next); otherwise null."""
         storage = app.state.service.storage
         storage.ping()
         storage.ping_write()  # after a failed write: a lock that another process holds?
@@ -203,12 +205,17 @@ def create_app(
             retry = {"Retry-After": str(int(settings.preflight_recheck_s))}
             return JSONResponse(status_code=503, content=body, headers=retry)
         lease = leases.get(storage, leases.SCHEDULER)
+        running = lease is not None and lease.expires_at > utcnow()
+        failure = meta.executor_failure(storage) if running else None
+        if failure is not None and failure.get("holder") != lease.holder:
+            failure = None  # a note of an earlier scheduler's server
         return {
             "status": "ok",
             "version": VERSION,
             "database": storage.dialect,
             "scheduler": role,
-            "scheduler_running": lease is not None and lease.expires_at > utcnow(),
+            "scheduler_running": running,
+            "executor_failure": failure,
             "preflight": report,
             "warnings": warnings,
         }

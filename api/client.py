@@ -216,8 +216,10 @@ class Client:
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         return self.request(method, "/api/v1" + path, **kwargs).json()
 
-    def health(self) -> dict[str, Any]:
-        return self.request("GET", "/healthz").json()
+    def health(self, *, retry: RetryPolicy | None = None) -> dict[str, Any]:
+        """``/healthz`` (a 503 raises, after the client's retries unless ``retry`` says
+        otherwise)."""
+        return self.request("GET", "/healthz", retry=retry).json()
 
     # --------------------------------------------------------------- studies
 

@@ -8,7 +8,9 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
+from hpo.api.retry import NO_RETRY
 from hpo.service.errors import HpoError
 
 # Piped or redirected output (logs, CI) is not cut at 80 columns: tables and trial lines whole.
@@ -20,36 +22,62 @@ out = Console(width=None if sys.stdout.isatty() else 200)
 TEST_METRICS_WAIT_S = 300.0
 
 
+# A trial in one of these states has started: its study's trials do get launched.
+STARTED = ("running", "paused", "complete", "pruned", "failed")
+
+
 class _SchedulerCheck:
-    """Warns once when a study with a trainable waits on a database where no server runs
-    the scheduler (every ``hpo serve`` started with ``--no-scheduler``): its trials would
-    never start. Looked at until some server is seen holding the scheduler lease, and said
-    only after ``grace_s`` without one (a server that has just started takes it at once)."""
+    """Warns when a study with a trainable waits for something that will not come by itself:
+    once when no server of its database runs the scheduler (every ``hpo serve`` started with
+    ``--no-scheduler``), said only after ``grace_s`` without one (a server that has just
+    started takes it at once); once when the scheduler's server cannot start or reach Ray
+    (``/healthz``'s ``executor_failure``); and once when the cluster's node preflight failed.
+    Looked at until a trial of the study has started."""
 
     def __init__(self, study: Any, record: Any, grace_s: float = 5.0) -> None:
         self.study = study
         self.pending = bool(record.spec.get("trainable"))
         self.since = time.monotonic()
         self.grace_s = grace_s
+        self.said: set[str] = set()
 
-    def check(self, shown: Any) -> None:
+    def check(self, shown: Any, record: Any) -> None:
         if not self.pending:
             return
+        # once a trial has started, this is the last look (a failed preflight is said even
+        # then: the trials on a failed node may not run or report)
+        self.pending = not any(record.counts.get(state) for state in STARTED)
         try:
-            health = self.study.client.health()
-        except HpoError:  # a 503 (a node's preflight failed, an outage): look again later
+            health = self.study.client.health(retry=NO_RETRY)  # the loop waits for no retries
+        except HpoError as exc:  # a 503: an outage (look again later), or a failed preflight
+            if "preflight failed" in exc.message:
+                self._say(shown, "preflight", f"{exc.message} (hpo doctor tells more)")
             return
-        if health.get("scheduler_running", True):
-            self.pending = False
-        elif time.monotonic() - self.since >= self.grace_s:
-            self.pending = False
-            shown.print(
-                "[yellow]warning:[/yellow] no hpo serve of this database has run the scheduler "
-                f"for {self.grace_s:g} s (each was started with --no-scheduler or "
-                "HPO_SCHEDULER=false, or the scheduler's server stopped): the trials of this "
-                "study, which has a trainable, will not start until one does",
-                soft_wrap=True,
+        waited = time.monotonic() - self.since >= self.grace_s
+        if not health.get("scheduler_running", True) and waited:
+            self._say(
+                shown,
+                "scheduler",
+                f"no hpo serve of this database has run the scheduler for {self.grace_s:g} s "
+                "(each was started with --no-scheduler or HPO_SCHEDULER=false, or the "
+                "scheduler's server stopped): the trials of this study, which has a "
+                "trainable, will not start until one does",
             )
+        failure = health.get("executor_failure")
+        if failure:
+            self._say(
+                shown,
+                "executor",
+                f"the scheduler's server cannot start or reach Ray ({failure.get('tries')} "
+                f"tries since {failure.get('since')}; it tries again, waiting up to "
+                f"{failure.get('next_try_in_s')} s): {failure.get('error')}. The trials of "
+                "this study will not start until it can (its log and /healthz tell more)",
+            )
+
+    def _say(self, shown: Any, what: str, text: str) -> None:
+        if what not in self.said:
+            self.said.add(what)
+            shown.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
 
 
 def watch(study: Any, poll_s: float = 1.0, *, report: bool = True) -> int:
@@ -75,7 +103,7 @@ def watch(study: Any, poll_s: float = 1.0, *, report: bool = True) -> int:
     scheduled = _SchedulerCheck(study, record)
     with Live(progress, console=console, refresh_per_second=4):
         while True:
-            scheduled.check(progress.console)
+            scheduled.check(progress.console, record)
             changed, cursor = study.changed_trials(cursor)
             for t in sorted(changed, key=lambda t: t.number):
                 if t.state in ("complete", "pruned", "failed") and t.id not in reported:

@@ -114,26 +114,46 @@ class RayExecutor:
         import ray
 
         runtime_env = {"env_vars": self.env} if self.env else None
-        if self.address:
-            ray.init(address=self.address, namespace=self.namespace, runtime_env=runtime_env)
-        else:
-            if self.session_file is not None:
-                local_ray.reap_leftovers(self.session_file)
-            with local_ray.scrubbed_environ() as removed:
-                ray.init(
-                    address="local",
-                    namespace=self.namespace,
-                    include_dashboard=False,
-                    num_cpus=self.num_cpus,
-                    num_gpus=self.num_gpus,
-                    object_store_memory=self.object_store_mb * 1024 * 1024,
-                    runtime_env=runtime_env,
-                    configure_logging=False,
-                )
-            log.info("started a local Ray without %s in its environment", ", ".join(removed))
-            self._record_session()
-        self._dispatcher = self._find_dispatcher()
+        before: set[int] | None = None  # a local Ray's: the processes that were there before
+        try:
+            if self.address:
+                ray.init(address=self.address, namespace=self.namespace, runtime_env=runtime_env)
+            else:
+                if self.session_file is not None:
+                    local_ray.reap_leftovers(self.session_file)
+                before = {p.pid for p in local_ray.descendants()}
+                with local_ray.scrubbed_environ() as removed:
+                    ray.init(
+                        address="local",
+                        namespace=self.namespace,
+                        include_dashboard=False,
+                        num_cpus=self.num_cpus,
+                        num_gpus=self.num_gpus,
+                        object_store_memory=self.object_store_mb * 1024 * 1024,
+                        runtime_env=runtime_env,
+                        configure_logging=False,
+                    )
+                log.info("started a local Ray without %s in its environment", ", ".join(removed))
+                self._record_session()
+            self._dispatcher = self._find_dispatcher()
+        except BaseException:
+            self._abandon_start(before)
+            raise
         log.info("connected to Ray (namespace %s): %s", self.namespace, ray.cluster_resources())
+
+    def _abandon_start(self, before: set[int] | None) -> None:
+        """Undo a start that failed half-way, so that the next one begins afresh: disconnect
+        and, for a local Ray, end the processes it started (a ``ray.init`` that fails, say a
+        raylet that never registers, leaves its GCS and agent processes running: a scheduler
+        retrying it would pile them up)."""
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        if before is not None:
+            local_ray.reap([p for p in local_ray.descendants() if p.pid not in before])
+            if self.session_file is not None:
+                self.session_file.unlink(missing_ok=True)
 
     def shutdown(self) -> None:
         """Disconnect. On a local instance that ends every attempt; on a cluster they go on

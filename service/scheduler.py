@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hpo.service import placement
+from hpo.service.db.models import utcnow
 from hpo.service.errors import (
     AskContention,
     BudgetSpent,
@@ -60,6 +61,7 @@ from hpo.service.preflight import ClusterPreflight
 from hpo.service.records import ClaimedTrial, TrialRecord
 from hpo.service.spec import Resources, StudySpec
 from hpo.service.states import StudyState, TrialState
+from hpo.service.storage import meta
 from hpo.service.studies import StudyService
 from hpo.workers import storage
 
@@ -84,6 +86,9 @@ class _InFlight:
 # A tick that keeps failing the same way (a cluster that cannot be reached) is logged whole
 # once, then as one line at most this often, not as a traceback every tick.
 REPEATED_FAILURE_LOG_S = 60.0
+# After a failed start of the executor (Ray did not start, or cannot be reached), the next try
+# waits this long, doubled after each further failure up to the second figure.
+START_RETRY_S = (1.0, 30.0)
 
 
 class _Failing:
@@ -175,6 +180,9 @@ class Scheduler:
         self._published: tuple | None = None  # the fingerprint of the last stored snapshot
         self._published_at = -math.inf
         self._refused: dict[int, tuple] = {}  # study → node fingerprint it was refused under
+        self._start_failure: dict | None = None  # the executor's failing start, as stored
+        self._start_retry_at = -math.inf
+        self._note_stored = True  # an earlier server's note may be there: delete it once
 
     # -------------------------------------------------------------- lifecycle
 
@@ -199,7 +207,8 @@ class Scheduler:
                 except Exception as exc:
                     failing.failed(exc)
                 else:
-                    failing.recovered()
+                    if self._start_failure is None:  # not a tick that waits to start again
+                        failing.recovered()
                 self._wake.wait(self.interval_s if self.leading else self.lease.lease_s / 3)
                 self._wake.clear()
         finally:
@@ -234,6 +243,7 @@ class Scheduler:
         self._evaluated.clear()
         self._refused.clear()
         self.nodes, self._nodes_read_at, self._published = None, -math.inf, None
+        self._start_failure, self._start_retry_at = None, -math.inf  # the new holder's now
 
     # ------------------------------------------------------------------- tick
 
@@ -261,14 +271,23 @@ class Scheduler:
             checking = preflight is not None and preflight.enabled
             if not (running or to_evaluate or adopting or checking):
                 self._unpublish_nodes()
+                self._forget_start_failures()  # nothing waits for it any more
                 return
+            if time.monotonic() < self._start_retry_at:
+                return  # the last start failed: wait before the next one
             with self.lease.kept():  # a local Ray may take longer than the lease to start
                 try:
                     self.executor.start()
                 except Exception as exc:
+                    self._start_failed(exc)
                     if checking and preflight is not None:
                         preflight.cluster_failed(exc)
                     raise
+            if self._start_failure is not None:
+                log.info("the executor started after %d failed tries", self._start_failure["tries"])
+            self._forget_start_failures()
+        elif self._note_stored:
+            self._forget_start_failures()  # its deletion failed last time
         if self._adopted_epoch != self.epoch:
             with self.lease.kept():
                 self._adopt(studies)
@@ -285,6 +304,37 @@ class Scheduler:
                 preflight.step(self.executor, self.nodes)
             except Exception:  # the node checks never stop the scheduling
                 log.exception("the node preflight failed; retrying")
+
+    def _start_failed(self, exc: Exception) -> None:
+        """Wait longer before each next start, and tell every server's ``/healthz`` why no
+        trial starts (a failure to store that is only logged: the start's is raised)."""
+        tries = 1 + (self._start_failure or {}).get("tries", 0)
+        wait = min(START_RETRY_S[0] * 2 ** (tries - 1), START_RETRY_S[1])
+        self._start_retry_at = time.monotonic() + wait
+        now = utcnow().isoformat()
+        self._start_failure = {
+            "error": f"{type(exc).__name__}: {exc}"[:2000],
+            "tries": tries,
+            "since": (self._start_failure or {}).get("since", now),
+            "last_try": now,
+            "next_try_in_s": wait,
+            "holder": self.holder,
+        }
+        try:
+            if self.lease.still_ours():  # else another server schedules: the note is its own
+                meta.store_executor_failure(self.service.storage, self._start_failure)
+                self._note_stored = True
+        except Exception:
+            log.exception("could not store why the executor does not start")
+
+    def _forget_start_failures(self) -> None:
+        """Start the next failure count afresh, and delete the stored note (this server's or
+        an earlier one's; tried again next time if the database does not answer)."""
+        self._start_failure, self._start_retry_at = None, -math.inf
+        if self._note_stored:
+            with contextlib.suppress(Exception):
+                meta.store_executor_failure(self.service.storage, None)
+                self._note_stored = False
 
     def _evaluate(self, todo: list[tuple[StudySpec, TrialRecord, str]]) -> None:
         """Test metrics for the best trial of each completed study, computed once."""

@@ -24,6 +24,7 @@ from hpo.service.storage.session import Transactions
 
 DEPLOYMENT_ID = "deployment_id"
 PREFLIGHT = "preflight"
+EXECUTOR_FAILURE = "executor_failure"
 
 
 def deployment_id(storage: Transactions) -> str:
@@ -55,6 +56,20 @@ def preflight_report(storage: Transactions) -> dict[str, Any] | None:
     """The stored node preflight report, or None when there is none. Raises
     DatabaseUnavailable."""
     text = get(storage, PREFLIGHT)
+    return None if text is None else json.loads(text)
+
+
+def store_executor_failure(storage: Transactions, failure: dict[str, Any] | None) -> None:
+    """Replace the scheduler's note that its executor (Ray) cannot be started or reached: a
+    JSON document its server writes after each failed start, that every server's ``/healthz``
+    reads; None removes it. Raises DatabaseUnavailable."""
+    put(storage, EXECUTOR_FAILURE, None if failure is None else json.dumps(failure))
+
+
+def executor_failure(storage: Transactions) -> dict[str, Any] | None:
+    """The stored note of :func:`store_executor_failure`, or None. Raises
+    DatabaseUnavailable."""
+    text = get(storage, EXECUTOR_FAILURE)
     return None if text is None else json.loads(text)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -44,6 +45,33 @@ def cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("HPO_URL", "HPO_TOKEN")}
     env["COLUMNS"] = "200"  # rich tables: no truncated cells
     return env
+
+
+def watch_output(server: ServerProcess, study: str, until: str, timeout: float = 60) -> str:
+    """What ``hpo watch <study>`` printed once it printed ``until`` (or ``timeout`` passed,
+    or it ended); then it is killed. Its lines are read in a thread: a watch that prints
+    nothing cannot hold the test past ``timeout``."""
+    watching = subprocess.Popen(
+        cli_command(server, "watch", study),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(),
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert watching.stdout is not None
+    threading.Thread(target=lambda: [lines.put(x) for x in watching.stdout], daemon=True).start()
+    seen, deadline = "", time.monotonic() + timeout
+    try:
+        while until not in seen and (left := deadline - time.monotonic()) > 0:
+            try:
+                seen += lines.get(timeout=left)
+            except queue.Empty:
+                break
+    finally:
+        watching.kill()
+        watching.wait(timeout=10)
+    return seen
 
 
 def write_spec(path: Path, name: str, **over: object) -> Path:
@@ -356,25 +384,8 @@ def test_watch_warns_when_no_server_runs_the_scheduler_for_a_study_with_a_traina
         )
         created = http.post("/api/v1/studies", json=spec)
         assert created.status_code == 201, created.text
-    watching = subprocess.Popen(
-        cli_command(server, "watch", "needs-a-scheduler"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=cli_env(),
-    )
-    try:
-        seen = ""
-        deadline = time.monotonic() + 60
-        while "run the scheduler" not in seen and time.monotonic() < deadline:
-            line = watching.stdout.readline() if watching.stdout else ""
-            if not line and watching.poll() is not None:
-                break
-            seen += line
-        assert "no hpo serve of this database has run the scheduler" in seen, seen
-    finally:
-        watching.kill()
-        watching.wait(timeout=10)
+    seen = watch_output(server, "needs-a-scheduler", until="run the scheduler")
+    assert "no hpo serve of this database has run the scheduler" in seen, seen
     # a server that runs the scheduler (on a database of its own: no study to start Ray
     # for) holds the lease
     (tmp_path / "leader").mkdir()

@@ -29,6 +29,7 @@ import httpx
 import pytest
 
 from hpo.api.demo import free_port
+from tests.api.test_cli import watch_output
 from tests.conftest import ServerProcess, wait_for
 from tests.service.test_dispatch import RAY_ENV, finished, synthetic
 
@@ -309,6 +310,12 @@ def test_an_unreachable_public_url_fails_every_node(tmp_path: Path, cluster: Clu
         assert {f["node_id"] for f in failures} == {cluster.ids["a"], cluster.ids["b"]}
         assert {f["check"] for f in failures} == {"control-plane"}
         assert all(nowhere in f["message"] for f in failures)
+        # hpo watch of a study waiting for the nodes says why
+        with server.http() as http:
+            created = http.post("/api/v1/studies", json=synthetic("waits-for-nodes"))
+            assert created.status_code == 201, created.text
+        seen = watch_output(server, "waits-for-nodes", until="preflight failed")
+        assert "the cluster preflight failed" in seen and nowhere in seen, seen
         # doctor from this machine: the same URL, and storage under a regular file
         (tmp_path / "a-file").write_text("")
         server.extra_env["HPO_STORAGE_PATH"] = str(tmp_path / "a-file" / "checkpoints")

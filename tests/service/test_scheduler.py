@@ -3,6 +3,7 @@ what it launches, in which order, what it tells or retries, and what it cancels.
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from hpo.service.executor import (
 )
 from hpo.service.scheduler import Scheduler
 from hpo.service.spec import StudySpec
+from hpo.service.storage import meta
 from hpo.service.studies import StudyService
 from tests.conftest import simple_spec, wait_for
 from tests.service.fake_executor import FakeCluster, FakeExecutor
@@ -365,8 +367,13 @@ def test_deployments_sharing_a_checkpoint_store_never_share_a_trial_folder(
 
 
 def test_a_tick_that_keeps_failing_the_same_way_is_logged_once_then_its_recovery(
-    service: StudyService, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    service: StudyService,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(scheduler_module, "START_RETRY_S", (0.0, 0.0))  # a start every tick
+
     class Unreachable(FakeExecutor):
         """A cluster that cannot be reached until ``reachable`` is set."""
 
@@ -398,3 +405,50 @@ def test_a_tick_that_keeps_failing_the_same_way_is_logged_once_then_its_recovery
     assert failed[0].exc_info is not None and "ray://unreachable:10001" in caplog.text
     recovered = [r.message for r in caplog.records if "works again" in r.message]
     assert len(recovered) == 1 and int(recovered[0].split("after ")[1].split()[0]) >= 30
+
+
+def test_a_start_that_keeps_failing_is_tried_again_later_and_later_and_noted(
+    service: StudyService, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Unstartable(FakeExecutor):
+        def __init__(self) -> None:
+            super().__init__(FakeCluster(capacity={"CPU": 4.0}))
+            self.tried_at: list[float] = []
+            self.startable = False
+
+        def start(self) -> None:
+            self.tried_at.append(time.monotonic())
+            if not self.startable:
+                raise RuntimeError("The current node timed out during startup.")
+            super().start()
+
+    executor = Unstartable()
+    needs = create(service, "needs-ray")
+    scheduler = make_scheduler(service, executor, tmp_path, interval_s=0.01)
+    with caplog.at_level("INFO", logger="hpo.scheduler"):
+        scheduler.start()
+        try:
+            wait_for(lambda: len(executor.tried_at) >= 3, timeout=30)
+            note = meta.executor_failure(service.storage)
+            assert note is not None and note["holder"] == scheduler.holder
+            assert "RuntimeError: The current node timed out" in note["error"]
+            assert note["tries"] >= 2 and note["next_try_in_s"] == 2 ** (note["tries"] - 1)
+            assert not any("works again" in r.message for r in caplog.records)  # still failing
+            # the study stops: nothing needs Ray any more, the note goes, no more tries
+            service.update_study(needs, state="stopped")
+            wait_for(lambda: meta.executor_failure(service.storage) is None, timeout=30)
+            tries = len(executor.tried_at)
+            time.sleep(1.5)
+            assert len(executor.tried_at) == tries
+            # a new study that needs Ray: tried at once (the count starts afresh), and it works
+            executor.startable = True
+            asked = time.monotonic()
+            create(service, "needs-ray-again")
+            wait_for(lambda: executor.started, timeout=30)
+            assert executor.tried_at[-1] - asked < 1.0
+            assert meta.executor_failure(service.storage) is None
+        finally:
+            scheduler.stop()
+    executor.tried_at = executor.tried_at[:tries]
+    gaps = [b - a for a, b in itertools.pairwise(executor.tried_at)]
+    assert all(gap >= 2**i * 0.99 for i, gap in enumerate(gaps)), gaps  # 1, 2, 4 s...

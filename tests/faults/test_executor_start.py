@@ -1,0 +1,107 @@
+"""Drill: the scheduler's local Ray cannot start (as on a lent GPU machine, where the raylet
+never registered: ``The current node timed out during startup``). Here Ray is asked for a
+10 TB object store, which ``ray.init`` refuses after its GCS has started.
+
+The scheduler tries again with doubling waits, ends the processes each failed start leaves
+(a failed ``ray.init`` leaves its GCS and two agents running), and says why in ``/healthz``
+and in ``hpo watch``. A server that can start Ray then takes over the same database: the
+study's trials run, and the note is gone."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.api.test_cli import watch_output
+from tests.conftest import ServerProcess, wait_for
+from tests.faults.test_control_plane import RAY_ENV, synthetic
+
+pytestmark = pytest.mark.ray
+
+
+def descendants(server: ServerProcess) -> list[psutil.Process]:
+    assert server.proc is not None
+    return psutil.Process(server.proc.pid).children(recursive=True)
+
+
+def gcs_servers(server: ServerProcess) -> int:
+    """The GCS processes running under the server (a local Ray has one)."""
+    count = 0
+    for proc in descendants(server):
+        try:
+            if proc.name() == "gcs_server" and proc.status() != psutil.STATUS_ZOMBIE:
+                count += 1
+        except psutil.NoSuchProcess:
+            pass
+    return count
+
+
+def test_a_local_ray_that_cannot_start_is_retried_slowly_cleaned_up_and_named(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "hpo.db"
+    url = f"sqlite:///{database}"
+    cannot = {
+        **RAY_ENV,
+        "HPO_RAY_OBJECT_STORE_MB": str(10_000_000),
+        "HPO_SCHEDULER_INTERVAL_S": "0.2",
+    }
+    spec = synthetic("waits-for-ray", {"steps": 2}, budget={"max_trials": 2})
+    with ServerProcess(url, tmp_path, cannot) as server, server.http() as http:
+        created = http.post("/api/v1/studies", json=spec)
+        assert created.status_code == 201, created.text
+        path = f"/api/v1/studies/{created.json()['id']}"
+
+        def failure() -> dict | None:
+            return http.get("/healthz").json()["executor_failure"]
+
+        first = wait_for(failure, timeout=60, what="the failed start in /healthz")
+        assert "ValueError" in first["error"] and "object store" in first["error"], first
+        # the tries, as /healthz shows them, and the GCS processes alive meanwhile
+        tries: dict[int, datetime] = {}
+        most_gcs = 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(tries) < 5:
+            note = failure()
+            assert note is not None  # never cleared while Ray cannot start
+            tries.setdefault(note["tries"], datetime.fromisoformat(note["last_try"]))
+            most_gcs = max(most_gcs, gcs_servers(server))
+            time.sleep(0.1)
+        # each failed start's processes ended before the next began (before the fix: one
+        # more GCS, and two more agents, left running by every try)
+        assert most_gcs <= 1, most_gcs
+        # the waits double: 1, 2, 4 s after the tries (before: a try every 0.2-s tick)
+        numbers = sorted(tries)
+        assert len(numbers) >= 3, tries
+        for n in numbers[1:]:
+            if n - 1 in tries:
+                gap = (tries[n] - tries[n - 1]).total_seconds()
+                assert gap >= min(2 ** (n - 2), 30), (n, gap, tries)
+        # hpo watch says why the study waits
+        seen = watch_output(server, "waits-for-ray", until="cannot start or reach Ray")
+        assert "cannot start or reach Ray" in seen and "object store" in seen, seen
+        ray_processes = descendants(server)
+        study = http.get(path).json()
+        assert study["counts"]["running"] == 0 and study["counts"]["failed"] == 0, study
+    # the server ended, and with it whatever its last try had started
+    assert server.proc is not None and not psutil.pid_exists(server.proc.pid)
+    assert not [p for p in ray_processes if p.is_running() and p.status() != "zombie"]
+    # a server that can start Ray takes the database over: the trials run, the note goes
+    with ServerProcess(url, tmp_path, RAY_ENV) as server, server.http() as http:
+        done = wait_for(
+            lambda: http.get(path).json()["state"] == "completed",
+            timeout=180,
+            what="the study to complete",
+        )
+        assert done
+        assert http.get("/healthz").json()["executor_failure"] is None
+        counts = http.get(path).json()["counts"]
+        assert counts["complete"] == 2, counts
+    with sqlite3.connect(database) as db:
+        rows = db.execute("SELECT key FROM meta WHERE key = 'executor_failure'").fetchall()
+    assert rows == []
