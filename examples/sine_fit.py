@@ -41,10 +41,11 @@ def train(ctx: TrialContext) -> None:
         sampler.set_epoch(epoch)
         for xb, yb in loader:
             loss = F.mse_loss(model(xb.to(ctx.device)), yb.to(ctx.device))
-            guard.check(epoch, loss.item())
+            guard.observe(epoch, loss)  # judged at settle(): no wait for the GPU each step
             optimizer.zero_grad()
             loss.backward()  # DDP averages the gradients over the ranks here
             optimizer.step()
+        guard.settle(epoch)
         with torch.no_grad():  # the weights are the same on every rank, so is this number
             val_loss = F.mse_loss(model(x_val.to(ctx.device)), torch.sin(x_val).to(ctx.device))
         if ctx.report(epoch, {"val_loss": val_loss.item()}, checkpoint=state):

@@ -48,12 +48,13 @@ class LossGuard:
 
     def observe(self, step: int, loss: torch.Tensor) -> None:
         """Record a step's loss without waiting for it: judged at the next :meth:`settle`
-        (the trial's first loss, the reference, is judged at once). NaN wins the running
-        maximum, so a NaN or infinite loss anywhere in between is caught."""
+        (the trial's first loss, the reference, is judged at once). A non-finite loss is
+        kept as NaN, which wins the running maximum: one anywhere in between is caught."""
         if self.first is None:
             self.check(step, float(loss.detach()))
             return
         loss = loss.detach().float()
+        loss = torch.where(torch.isfinite(loss), loss, torch.nan)  # -inf too
         self._worst = loss if self._worst is None else torch.maximum(self._worst, loss)
         if self._since is None:
             self._since = step

@@ -47,6 +47,11 @@ def test_the_first_loss_is_judged_at_once_and_later_ones_when_settled() -> None:
         guard.settle(4)
 
     guard = LossGuard(factor=10.0)
+    losses(guard, {1: 2.0, 2: float("-inf"), 3: 1.0})  # not hidden by a larger finite loss
+    with pytest.raises(TrainableError, match="train_loss is nan at steps 2-3: training diverged"):
+        guard.settle(3)
+
+    guard = LossGuard(factor=10.0)
     losses(guard, {1: 2.0, 2: 25.0, 3: 1.0})
     with pytest.raises(TrainableError, match=r"train_loss 25 at steps 2-3 exceeds 10 x the first"):
         guard.settle(3)
@@ -73,8 +78,9 @@ def test_the_image_loop_reads_no_loss_per_step(
     # On a GPU each loss.item() makes the CPU wait until the step has run; the loop reads its
     # losses once an epoch. 1,437 training images in batches of 16: 90 steps an epoch.
     calls = []
-    item = torch.Tensor.item
+    item, to_float = torch.Tensor.item, torch.Tensor.__float__
     monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append(1) or item(t))
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: calls.append(1) or to_float(t))
     _, reports, _ = run_local(
         "image-classification", {"epochs": 1, "batch_size": 16, "optimizer": "sgd"}, tmp_path
     )
