@@ -3,8 +3,12 @@ steps small on the CPU, to try the script before spending GPU time).
 
 Everything but the plain-PyTorch peers goes through ``hpo serve`` (SQLite, a local Ray that
 owns the GPUs) and the Python client. Steps, each timed and recorded on its own (a failing
-step is recorded with its error and the next one runs):
+step is recorded with its error and the next one runs; once the server's ``/healthz`` shows
+that its scheduler cannot start Ray, Ray's own logs are saved in ``ray-logs.txt`` and no
+further step runs):
 
+- **ray_probe**: a local Ray started as a script starts it, and as ``hpo serve`` does (from
+  a thread, its CPU count and 512 MB object store), each in a fresh process.
 - **placement**: two ``image-classification`` trials with one GPU each: every rank on
   ``cuda:0`` with Ray's ``CUDA_VISIBLE_DEVICES``, NCCL (world size 1: one GPU), metrics back.
 - **lm**: ``language-modeling`` (GPT-2-style, bf16 autocast) as one hpo trial, and the same
@@ -48,11 +52,16 @@ from search_efficiency import serve
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RESULTS: dict[str, Any] = {}
+STEP_TIMEOUT_S = 300.0  # the longest a study may run (--step-timeout)
+SERVE_LOG: Path | None = None  # copied next to --json after every step
+RAY_LOGS: Path | None = None  # where save_ray_logs() writes (next to --json)
 
 
 def save(path: Path | None) -> None:
     if path is not None:
         path.write_text(json.dumps(RESULTS, indent=1, default=str))
+        if SERVE_LOG is not None and SERVE_LOG.is_file():
+            path.with_name("serve-tail.log").write_text(SERVE_LOG.read_text()[-200_000:])
 
 
 def step(name: str, fn: Callable[[], dict], out: Path | None, left: Callable[[], float]) -> None:
@@ -67,6 +76,8 @@ def step(name: str, fn: Callable[[], dict], out: Path | None, left: Callable[[],
     except Exception as exc:  # recorded; the next step runs
         RESULTS[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
         traceback.print_exc()
+        if isinstance(exc, RayDoesNotStart):
+            RESULTS["failed_by"] = name  # the steps after it are not run
     RESULTS[name]["seconds"] = round(time.monotonic() - started, 1)
     print(f"   {json.dumps(RESULTS[name], default=str)[:3000]}", flush=True)
     save(out)
@@ -92,17 +103,105 @@ def environment() -> dict:
     return info
 
 
+PROBE = """
+import json, os, sys, threading, time
+import ray
+kw = json.loads(sys.argv[1])
+thread = kw.pop("thread")
+out = {}
+def start():
+    t = time.monotonic()
+    try:
+        ray.init(address="local", include_dashboard=False, configure_logging=False, **kw)
+        out["started_s"] = round(time.monotonic() - t, 1)
+        def visible():
+            return os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = ray.remote(num_gpus=kw.get("num_gpus", 0))(visible)
+        out["cuda_visible_devices"] = ray.get(seen.remote(), timeout=60)
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        out["after_s"] = round(time.monotonic() - t, 1)
+    finally:
+        ray.shutdown()
+if thread:
+    worker = threading.Thread(target=start)
+    worker.start()
+    worker.join()
+else:
+    start()
+print("PROBE " + json.dumps(out))
+"""
+
+
+def ray_probe(gpu: bool) -> dict:
+    """Start a local Ray the way a script does and the way ``hpo serve`` does (from a
+    thread, with hpo's CPU count and 512 MB object store), each in a fresh process: which
+    of them starts (on the first lent GPU machine the server's did not; a plain one did)."""
+    variants = {
+        "main_thread_default_store": {"thread": False},
+        "main_thread_512mb_store": {"thread": False, "object_store_memory": 512 * 2**20},
+        "thread_like_hpo_serve": {
+            "thread": True,
+            "object_store_memory": 512 * 2**20,
+            "num_cpus": min(os.cpu_count() or 2, 8),
+        },
+    }
+    out = {}
+    for name, kw in variants.items():
+        kw = {**kw, "num_gpus": 1 if gpu else 0}
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", PROBE, json.dumps(kw)],
+                capture_output=True,
+                text=True,
+                timeout=75,
+            )
+            line = [x for x in done.stdout.splitlines() if x.startswith("PROBE ")]
+            out[name] = json.loads(line[-1][6:]) if line else {"rc": done.returncode}
+        except subprocess.TimeoutExpired:
+            out[name] = {"error": "no answer in 75 s"}
+        if "error" in out[name] or "rc" in out[name]:
+            save_ray_logs()
+    return out
+
+
 # ------------------------------------------------------------------------- through hpo
 
 
+class RayDoesNotStart(RuntimeError):
+    """The server's scheduler cannot start Ray: every later step would wait in vain."""
+
+
 def wait_study(study: Any, timeout_s: float) -> float:
+    """Wait for the study to end (stopped at ``timeout_s``); raise :class:`RayDoesNotStart`
+    once ``/healthz`` shows two failed starts of Ray, with Ray's own logs saved."""
     started = time.monotonic()
     while study.state not in ("completed", "stopped"):
+        failure = study.client.health().get("executor_failure")
+        if failure and failure["tries"] >= 2:
+            study.stop()
+            save_ray_logs()
+            raise RayDoesNotStart(f"{failure['tries']} tries: {failure['error']}")
         if time.monotonic() - started > timeout_s:
             study.stop()
             break
         time.sleep(1)
+    if not study.trials():
+        raise RuntimeError(f"no trial ran in {time.monotonic() - started:.0f} s")
     return round(time.monotonic() - started, 1)
+
+
+def save_ray_logs() -> None:
+    """The end of the newest local Ray sessions' own logs (raylet, GCS, agents), next to
+    ``--json``."""
+    if RAY_LOGS is None:
+        return
+    parts = []
+    sessions = sorted(Path("/tmp/ray").glob("session_2*"), key=lambda p: p.stat().st_mtime)
+    for log in sorted(log for session in sessions[-3:] for log in session.glob("logs/*")):
+        if log.suffix in (".out", ".err", ".log") and log.is_file():
+            parts.append(f"===== {log}\n{log.read_text(errors='replace')[-6000:]}")
+    RAY_LOGS.write_text("\n".join(parts)[-8_000_000:])
 
 
 def trial_summary(study: Any, client: Any) -> list[dict]:
@@ -192,7 +291,7 @@ def placement_step(client: Any, gpu: bool) -> dict:
     spec = digits_spec("gpu-placement", 1 if gpu else 0, epochs=3, cap=100)
     spec["budget"] = {"max_trials": 2, "max_concurrent": 1}
     study = client.create_study(spec)
-    wall = wait_study(study, 240)
+    wall = wait_study(study, min(240, STEP_TIMEOUT_S))
     trials = trial_summary(study, client)
     points = sum(len(study.metrics(t.id, "val_accuracy")) for t in study.trials())
     return {"wall_s": wall, "val_accuracy_points": points, "trials": trials}
@@ -204,7 +303,7 @@ def asha_step(client: Any, gpu: bool, cap: int) -> dict:
         "gpu-asha-promotion", 0.5 if gpu else 0, 9, cap, pruner={**asha, "mode": "promotion"}
     )
     study = client.create_study(spec)
-    wall = wait_study(study, 300)
+    wall = wait_study(study, min(300, STEP_TIMEOUT_S))
     trials = trial_summary(study, client)
     states: dict[str, int] = {}
     for t in trials:
@@ -231,7 +330,7 @@ def pbt_step(client: Any, gpu: bool, cap: int) -> dict:
     spec["space"] = DIGITS_SPACE
     del spec["budget"]["max_trials"]
     study = client.create_study(spec)
-    wall = wait_study(study, 300)
+    wall = wait_study(study, min(300, STEP_TIMEOUT_S))
     trials = trial_summary(study, client)
     copies = []
     for t in study.trials():
@@ -342,7 +441,7 @@ def lm_step(client: Any, gpu: bool) -> dict:
         "trainable": {"name": "language-modeling", "config": settings},
     }
     study = client.create_study(spec)
-    wall = wait_study(study, 300)
+    wall = wait_study(study, min(300, STEP_TIMEOUT_S))
     # the windows leave out the last evaluation: it saves the final checkpoint in hpo
     hpo = [hpo_rate(client, t, "train_tokens", last=False) for t in study.trials()]
     device = torch.device("cuda" if gpu else "cpu")
@@ -435,7 +534,7 @@ def text_step(client: Any, gpu: bool, tmp: Path) -> dict:
         "trainable": {"name": "text-classification", "config": config},
     }
     study = client.create_study(spec)
-    wall = wait_study(study, 300)
+    wall = wait_study(study, min(300, STEP_TIMEOUT_S))
     rate, trial = hpo_rate(client, study.trials()[0], "train_samples")  # epoch ends
     plain = text_plain({**config, "lr": 5e-5}, torch.device("cuda" if gpu else "cpu"))
     out = {"config": config, "wall_s": wall, "hpo_samples_per_s_with_eval": rate, "trial": trial}
@@ -447,7 +546,7 @@ def ddp2_step(client: Any, gpu: bool) -> dict:
     spec["resources"]["workers_per_trial"] = 2
     spec["budget"] = {"max_trials": 1}
     study = client.create_study(spec)
-    wall = wait_study(study, 120)
+    wall = wait_study(study, min(120, STEP_TIMEOUT_S))
     return {"wall_s": wall, "trials": trial_summary(study, client)}
 
 
@@ -472,7 +571,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deadline", type=float, default=480, help="seconds for all steps")
     parser.add_argument("--cap", type=int, default=36, help="epochs per ASHA / PBT study")
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--step-timeout", type=float, default=300, help="seconds per study")
     args = parser.parse_args(argv)
+    global STEP_TIMEOUT_S, SERVE_LOG, RAY_LOGS
+    STEP_TIMEOUT_S = args.step_timeout
+    if args.json is not None:
+        RAY_LOGS = args.json.with_name("ray-logs.txt")
     gpu = not args.cpu
     end = time.monotonic() + args.deadline
 
@@ -483,6 +587,8 @@ def main(argv: list[str] | None = None) -> None:
         return args.only is None or name in args.only
 
     step("environment", environment, args.json, left)
+    if wanted("ray_probe"):
+        step("ray_probe", lambda: ray_probe(gpu), args.json, left)
     from hpo.api.client import Client
 
     cpus = min(os.cpu_count() or 2, 8)
@@ -491,6 +597,7 @@ def main(argv: list[str] | None = None) -> None:
         serve(Path(tmp), cpus=cpus, gpus=1 if gpu else 0) as (url, token),
     ):
         client = Client(url, token)
+        SERVE_LOG = Path(tmp) / "serve.log"
         plan: list[tuple[str, Callable[[], dict]]] = [
             ("placement", lambda: placement_step(client, gpu)),
             ("lm", lambda: lm_step(client, gpu)),
@@ -501,11 +608,9 @@ def main(argv: list[str] | None = None) -> None:
             ("gpu_memory", gpu_memory),
         ]
         for name, fn in plan:
-            if wanted(name):
+            if wanted(name) and not isinstance(RESULTS.get("failed_by"), str):
                 step(name, fn, args.json, left)
-        log = Path(tmp) / "serve.log"
-        if args.json is not None and log.is_file():
-            args.json.with_name("serve-tail.log").write_text(log.read_text()[-200_000:])
+        save(args.json)
     print(json.dumps(RESULTS, indent=1, default=str)[:20000])
 
 
