@@ -20,7 +20,7 @@ import pytest
 from hpo.service.db import make_engine
 from hpo.service.storage import Storage, analyses
 from hpo.service.storage.seqs import KNOWN_SEQ_S
-from tests.conftest import ServerProcess, simple_spec
+from tests.conftest import ServerProcess, simple_spec, wait_for
 
 API = "/api/v1"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -1077,3 +1077,31 @@ def test_a_page_started_while_the_last_ones_poll_was_on_its_way_shows_the_study(
             )
             assert page.evaluate("window.hpo.page.study.name") == "restart"
             assert errors == []
+
+
+@pytest.mark.browser
+@pytest.mark.ray
+def test_the_study_page_says_why_the_trials_of_its_trainable_wait(tmp_path: Path) -> None:
+    # the scheduler's local Ray cannot start (a 10 TB object store): the trials never start
+    env = {"HPO_RAY_OBJECT_STORE_MB": str(10**7), "HPO_SCHEDULER_INTERVAL_S": "0.2"}
+    with ServerProcess(f"sqlite:///{tmp_path / 'hpo.db'}", tmp_path, env) as server:
+        with server.http() as http:
+            spec = simple_spec(
+                "waits-for-ray",
+                budget={"max_trials": 1},
+                resources={"workers_per_trial": 1, "cpus_per_worker": 1},
+                trainable={"name": "synthetic"},
+                space={"x": {"type": "float", "low": -1.0, "high": 1.0}},
+            )
+            sid = create_spec(http, spec)
+            wait_for(lambda: http.get("/healthz").json()["executor_failure"], 60, "the failure")
+            asked = create(http, "ask-tell")  # no trainable: nothing to say on its page
+        with study_page(server, sid) as (page, errors):
+            page.wait_for_selector("#notice:not([hidden])", timeout=30_000)
+            text = page.inner_text("#notice")
+            assert "cannot start or reach Ray" in text and "object store" in text, text
+            assert errors == []
+        with study_page(server, asked) as (page, errors):
+            page.wait_for_selector(".study-head")
+            page.wait_for_timeout(4000)  # a second tick, which would have asked
+            assert page.is_hidden("#notice") and errors == []

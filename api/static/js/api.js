@@ -103,6 +103,29 @@ export function forgetAll() {
   kept.clear();
 }
 
+/**
+ * Why studies with a trainable may wait, as the server's /healthz says: the scheduler cannot
+ * start or reach Ray, or the cluster's node preflight failed; null when neither (or when the
+ * server cannot be asked: the page's own polls say that).
+ */
+export async function dispatchProblem() {
+  let body;
+  try {
+    const response = await fetch("/healthz", { cache: "no-store" });
+    body = await response.json();
+  } catch {
+    return null;
+  }
+  if (body?.error === "preflight_failed") return body.message;
+  const f = body?.executor_failure;
+  if (!f) return null;
+  return (
+    `The scheduler cannot start or reach Ray (${f.tries} tries since ${f.since}; ` +
+    `next in up to ${f.next_try_in_s} s): ${f.error}. ` +
+    "The trials of studies with a trainable wait until it can."
+  );
+}
+
 export async function patch(path, body) {
   return decode(await send("PATCH", path, { body }));
 }

@@ -15,6 +15,9 @@ import { Poller } from "./poll.js";
 import { TrialsTable } from "./table.js";
 
 const FINISHED = new Set(["complete", "pruned", "failed"]);
+const STARTED = ["running", "paused", ...FINISHED];
+// While a study with a trainable has no started trial, the server is asked this often why.
+const DISPATCH_CHECK_MS = 10000;
 const CURVE_POINTS = 120;
 const CURVE_PAGE = 1000; // the server's largest page
 // While a first load pages through thousands of curves, redraw the part loaded so far only
@@ -77,6 +80,8 @@ export class StudyPage {
     this.v = { study: 0, trials: 0, finished: 0, curves: 0, names: 0, importance: 0, contour: 0 };
     this.keys = {};
     this.renders = {};
+    this.dispatchCheckedAt = -Infinity;
+    this.notice = document.getElementById("notice");
     this.layout(root);
     this.poller = new Poller(() => this.tick(), events);
   }
@@ -87,6 +92,7 @@ export class StudyPage {
 
   stop() {
     this.poller.stop();
+    this.notice.hidden = true;
   }
 
   /** Ask again now, whatever the study's ETag says (a control changed what is shown). */
@@ -188,7 +194,22 @@ export class StudyPage {
 
   // ------------------------------------------------------------------ polling
 
+  /** While the study has a trainable and no trial has started, say why it may wait. */
+  async checkDispatch() {
+    const s = this.study;
+    if (!s?.spec.trainable || STARTED.some((state) => s.counts[state])) {
+      this.notice.hidden = true;
+      return;
+    }
+    if (performance.now() - this.dispatchCheckedAt < DISPATCH_CHECK_MS) return;
+    this.dispatchCheckedAt = performance.now();
+    const problem = await api.dispatchProblem();
+    this.notice.textContent = problem ?? "";
+    this.notice.hidden = !problem;
+  }
+
   async tick() {
+    this.checkDispatch(); // beside the tick: it never fails, and the tick need not wait
     // A page that holds nothing of the study asks for all of it (a stopped page's last tick
     // may have kept an ETag after the new page's `forgetAll`), as the pulls below do.
     if (!this.study) api.forget(`studies/${this.id}`);
