@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from schedulers import pause_gaps
 from search_efficiency import serve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -233,13 +234,7 @@ def resumes(study: Any, client: Any, metric: str) -> dict:
     the paused one ended at (it loaded the checkpoint, not a fresh start)."""
     gaps, continued, restarted = [], 0, 0
     for t in study.trials():
-        paused_at = None
-        for e in client.trial(t.id).events or []:
-            if e.state == "paused":
-                paused_at = e.time
-            elif e.state == "running" and paused_at is not None:
-                gaps.append((e.time - paused_at).total_seconds())
-                paused_at = None
+        gaps += pause_gaps(client, t.id)
         by_attempt: dict[int, list[int]] = {}
         for p in study.metrics(t.id, metric):
             by_attempt.setdefault(p.attempt, []).append(p.step)

@@ -168,18 +168,22 @@ def run_hpo(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def pause_gaps(client: Any, trial_id: int) -> list[float]:
+    """Seconds from each pause of the trial (its attempt saved its checkpoint and ended) to
+    its next attempt running (claimed and launched on warm workers)."""
+    gaps, paused_at = [], None
+    for event in client.trial(trial_id).events or []:
+        if event.state == "paused":
+            paused_at = event.time
+        elif event.state == "running" and paused_at is not None:
+            gaps.append((event.time - paused_at).total_seconds())
+            paused_at = None
+    return gaps
+
+
 def resume_gaps(client: Any, ledger: Ledger) -> float | None:
-    """Median seconds from a trial's pause (its attempt saved its checkpoint and ended) to its
-    next attempt running (claimed and launched on warm workers), over the study's resumes."""
-    gaps = []
-    for t in ledger.trials.values():
-        paused_at = None
-        for event in client.trial(t.id).events or []:
-            if event.state == "paused":
-                paused_at = event.time
-            elif event.state == "running" and paused_at is not None:
-                gaps.append((event.time - paused_at).total_seconds())
-                paused_at = None
+    """The median of :func:`pause_gaps` over the study's trials."""
+    gaps = [gap for t in ledger.trials.values() for gap in pause_gaps(client, t.id)]
     return statistics.median(gaps) if gaps else None
 
 
