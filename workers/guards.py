@@ -5,6 +5,7 @@ attempt continues with the same reference loss and the same count of bad epochs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -66,6 +67,23 @@ class LossGuard:
         worst, since = float(self._worst), self._since
         self._worst = self._since = None
         self.check(step if since == step else f"steps {since}-{step}", worst)
+
+    def settle_across(
+        self, step: int, sums: list[float], all_reduce_sum: Callable[[list[float]], list[float]]
+    ) -> list[float]:
+        """:meth:`settle` on every DDP rank at once: ``sums`` summed over the ranks by
+        ``all_reduce_sum`` (the trial context's), with each rank's verdict on its losses in
+        the same collective. When one rank's losses diverged, every rank raises at this
+        step, so that none is left waiting in the next collective for a rank that stopped."""
+        try:
+            self.settle(step)
+            problem = None
+        except TrainableError as exc:
+            problem = str(exc)
+        *totals, diverged = all_reduce_sum([*sums, 0.0 if problem is None else 1.0])
+        if diverged:
+            raise TrainableError(problem or f"train_loss diverged on another rank by step {step}")
+        return totals
 
     def state_dict(self) -> dict[str, float | None]:
         return {"first": self.first}

@@ -3,12 +3,16 @@ at every step, and the built-in training loops read their losses only where they
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from hpo.workers import TrainableError, guards
+from hpo.api.demo import free_port
+from hpo.workers import TrainableError, ddp, guards
 from hpo.workers.guards import LossGuard
 from tests.workers.test_trainables import run_local
 
@@ -86,3 +90,33 @@ def test_the_image_loop_reads_no_loss_per_step(
     )
     assert [step for step, _ in reports] == [1]
     assert len(calls) <= 10
+
+
+def _diverging_rank(rank: int, port: int, folder: str) -> None:
+    """Rank 1's loss turns NaN at step 2, rank 0's does not; both settle, then go on to the
+    next collective (as the next epoch's gradients would)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    guard = LossGuard()
+    losses(guard, {1: 2.0, 2: float("nan") if rank == 1 else 1.5})
+    device = torch.device("cpu")
+    try:
+        guard.settle_across(2, [1.0, 2.0], lambda v: ddp.all_reduce_sum(v, device))
+        ddp.all_reduce_sum([1.0], device)  # where a rank left behind would wait
+        said = "went on"
+    except TrainableError as exc:
+        said = str(exc)
+    (Path(folder) / f"rank-{rank}.txt").write_text(said)
+    dist.destroy_process_group()
+
+
+def test_a_rank_whose_loss_diverges_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    ranks = mp.spawn(_diverging_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 60
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:  # a rank waits in a collective for one that stopped
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("a rank was left waiting in a collective")
+    said = {rank: (tmp_path / f"rank-{rank}.txt").read_text() for rank in (0, 1)}
+    assert said[1] == "train_loss is nan at step 2: training diverged", said
+    assert said[0] == "train_loss diverged on another rank by step 2", said

@@ -205,8 +205,8 @@ def train(ctx: TrialContext) -> None:
             optimizer.step()
             schedule.step()
             loss_sum, count = loss_sum + loss.detach() * len(y), count + len(y)
-        guard.settle(schedule.steps)
-        loss_sum, count = ctx.all_reduce_sum([float(loss_sum), count])
+        sums = [float(loss_sum), count]
+        loss_sum, count = guard.settle_across(schedule.steps, sums, ctx.all_reduce_sum)
         seen += count
         ctx.log(epoch, {"train_loss": loss_sum / count, "lr": schedule.lr})
         metrics = gathered_metrics(ctx, *predict_loader(model, val_loader, ctx.device))

@@ -362,8 +362,8 @@ def train(ctx: TrialContext) -> None:
         schedule.step()
         step = schedule.steps
         if step % s.log_every == 0 or step % s.eval_every == 0 or step == s.steps:
-            guard.settle(step)
-            total, n = ctx.all_reduce_sum([float(loss_sum), count])  # same steps on all ranks
+            sums = [float(loss_sum), count]  # at the same steps on all ranks
+            total, n = guard.settle_across(step, sums, ctx.all_reduce_sum)
             seen += n
             ctx.log(step, {"train_loss": total / n, "lr": schedule.lr})
             loss_sum = count = 0.0

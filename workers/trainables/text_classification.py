@@ -370,8 +370,8 @@ def train(ctx: TrialContext) -> None:
             schedule.step()
             loss_sum, count = loss_sum + loss.detach() * len(labels), count + len(labels)
             if schedule.steps % s.log_every == 0 or i == len(loader):  # same steps on all ranks
-                guard.settle(schedule.steps)
-                total, n = ctx.all_reduce_sum([float(loss_sum), count])
+                sums = [float(loss_sum), count]
+                total, n = guard.settle_across(schedule.steps, sums, ctx.all_reduce_sum)
                 seen += n
                 ctx.log(schedule.steps, {"train_loss": total / n, "lr": schedule.lr})
                 loss_sum = count = 0.0
