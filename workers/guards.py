@@ -14,6 +14,11 @@ from pydantic import BaseModel, Field
 from hpo.workers.registry import TrainableError
 
 
+class PeerDiverged(TrainableError):
+    """Raised by a rank whose own losses are fine when another rank's diverged: an echo of
+    that rank's error, which is the one to report."""
+
+
 class LossGuard:
     """Fails the trial when the training loss is NaN/infinite, or exploding: above ``factor``
     times the first loss of the trial. Raises :class:`TrainableError` (never retried).
@@ -49,12 +54,13 @@ class LossGuard:
 
     def observe(self, step: int, loss: torch.Tensor) -> None:
         """Record a step's loss without waiting for it: judged at the next :meth:`settle`
-        (the trial's first loss, the reference, is judged at once). A non-finite loss is
-        kept as NaN, which wins the running maximum: one anywhere in between is caught."""
-        if self.first is None:
-            self.check(step, float(loss.detach()))
-            return
+        (the trial's first loss, the reference, is read at once, one wait). A non-finite loss
+        is kept as NaN, which wins the running maximum: one anywhere in between is caught."""
         loss = loss.detach().float()
+        if self.first is None and self._since is None:
+            first = float(loss)
+            if math.isfinite(first):
+                self.first = first
         loss = torch.where(torch.isfinite(loss), loss, torch.nan)  # -inf too
         self._worst = loss if self._worst is None else torch.maximum(self._worst, loss)
         if self._since is None:
@@ -81,8 +87,10 @@ class LossGuard:
         except TrainableError as exc:
             problem = str(exc)
         *totals, diverged = all_reduce_sum([*sums, 0.0 if problem is None else 1.0])
+        if problem is not None:
+            raise TrainableError(problem)
         if diverged:
-            raise TrainableError(problem or f"train_loss diverged on another rank by step {step}")
+            raise PeerDiverged(f"train_loss diverged on another rank by step {step}")
         return totals
 
     def state_dict(self) -> dict[str, float | None]:

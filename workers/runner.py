@@ -342,11 +342,30 @@ async def _first_failure(futures: list[asyncio.Future]) -> list[Any]:
         ended = [f for f in futures if f.done() and not f.cancelled()]
         later = [f.exception() for f in ended if f.exception() is not None]
         failures = first + [e for e in later if e not in first]
-        raise next((e for e in failures if isinstance(e, _INFRASTRUCTURE)), failures[0])
+        raise _to_report(failures)
     finally:
         for other in futures:  # ranks still running get force-cancelled by the caller
             other.add_done_callback(lambda f: f.cancelled() or f.exception())
             other.cancel()
+
+
+def _to_report(failures: list[BaseException]) -> BaseException:
+    """Of the ranks' failures, the one that says why: a rank's process that died (the others'
+    errors follow from losing their peer), else an error that is not a rank's echo of
+    another's divergence (:class:`~hpo.workers.guards.PeerDiverged`), else the first."""
+    from hpo.workers.guards import PeerDiverged
+
+    def cause(e: BaseException) -> BaseException:
+        return e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause else e
+
+    for wanted in (
+        lambda e: isinstance(e, _INFRASTRUCTURE),
+        lambda e: not isinstance(cause(e), PeerDiverged),
+    ):
+        found = next((e for e in failures if wanted(e)), None)
+        if found is not None:
+            return found
+    return failures[0]
 
 
 def _traceback(exc: BaseException, cause: BaseException) -> str:

@@ -1105,3 +1105,21 @@ def test_the_study_page_says_why_the_trials_of_its_trainable_wait(tmp_path: Path
             page.wait_for_selector(".study-head")
             page.wait_for_timeout(4000)  # a second tick, which would have asked
             assert page.is_hidden("#notice") and errors == []
+
+
+@pytest.mark.browser
+def test_the_study_page_says_when_no_server_runs_the_scheduler(
+    sqlite_server: ServerProcess,
+) -> None:
+    server = sqlite_server  # started with HPO_SCHEDULER=false: nobody runs the scheduler
+    with server.http() as http:
+        spec = simple_spec("needs-a-scheduler", trainable={"name": "synthetic"})
+        spec["space"] = {"x": {"type": "float", "low": -1.0, "high": 1.0}}
+        sid = create_spec(http, spec)
+        with study_page(server, sid) as (page, errors):
+            page.wait_for_selector("#notice:not([hidden])", timeout=30_000)
+            assert "No hpo serve of this database runs the scheduler" in page.inner_text("#notice")
+            # the study is paused: it waits for nothing, and the page says nothing
+            assert ok(http.patch(f"{API}/studies/{sid}", json={"state": "paused"}))
+            page.wait_for_selector("#notice", state="hidden", timeout=30_000)
+            assert errors == []

@@ -10,7 +10,8 @@ import time
 import pytest
 import ray.exceptions
 
-from hpo.workers import runner
+from hpo.workers import TrainableError, runner
+from hpo.workers.guards import PeerDiverged
 
 
 async def _rank(delay: float, error: BaseException | None = None, value: object = None) -> object:
@@ -53,6 +54,20 @@ def test_the_first_error_is_reported_when_no_process_died() -> None:
     first, second = ValueError("loss is inf"), RuntimeError("peer gone")
     outcome, took, _ = _run((0.01, first), (0.05, second))
     assert outcome is first and took < 1  # the other rank ended on its own: no waiting
+
+
+def test_a_rank_that_diverged_is_reported_before_the_ranks_that_stopped_with_it() -> None:
+    """Every rank raises at the step where one rank's loss diverged (``settle_across``): the
+    attempt failed with that rank's error, not with another's echo of it, whichever ended
+    first."""
+    echo = ray.exceptions.RayTaskError(
+        "rank", "tb", PeerDiverged("train_loss diverged on another rank by step 40")
+    ).as_instanceof_cause()
+    diverged = ray.exceptions.RayTaskError(
+        "rank", "tb", TrainableError("train_loss is nan at steps 31-40: training diverged")
+    ).as_instanceof_cause()
+    outcome, _, _ = _run((0.01, echo), (0.05, diverged))
+    assert outcome is diverged
 
 
 def test_a_rank_that_does_not_end_is_cancelled_after_the_grace(

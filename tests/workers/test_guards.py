@@ -41,23 +41,25 @@ def losses(guard: LossGuard, values: dict[int, float]) -> None:
         guard.observe(step, torch.tensor(value))
 
 
-def test_the_first_loss_is_judged_at_once_and_later_ones_when_settled() -> None:
-    with pytest.raises(TrainableError, match="train_loss is inf at step 1: training diverged"):
-        LossGuard().observe(1, torch.tensor(float("inf")))
+def test_losses_are_judged_when_settled_against_the_first() -> None:
+    guard = LossGuard()
+    guard.observe(1, torch.tensor(float("inf")))  # judged with the rest, on every rank at once
+    with pytest.raises(TrainableError, match="train_loss is nan at step 1: training diverged"):
+        guard.settle(1)
 
     guard = LossGuard(factor=10.0)
     losses(guard, {1: 2.0, 2: 1.5, 3: float("nan"), 4: 1.0})  # nothing waits, nothing raises
-    with pytest.raises(TrainableError, match="train_loss is nan at steps 2-4: training diverged"):
+    with pytest.raises(TrainableError, match="train_loss is nan at steps 1-4: training diverged"):
         guard.settle(4)
 
     guard = LossGuard(factor=10.0)
     losses(guard, {1: 2.0, 2: float("-inf"), 3: 1.0})  # not hidden by a larger finite loss
-    with pytest.raises(TrainableError, match="train_loss is nan at steps 2-3: training diverged"):
+    with pytest.raises(TrainableError, match="train_loss is nan at steps 1-3: training diverged"):
         guard.settle(3)
 
     guard = LossGuard(factor=10.0)
     losses(guard, {1: 2.0, 2: 25.0, 3: 1.0})
-    with pytest.raises(TrainableError, match=r"train_loss 25 at steps 2-3 exceeds 10 x the first"):
+    with pytest.raises(TrainableError, match=r"train_loss 25 at steps 1-3 exceeds 10 x the first"):
         guard.settle(3)
 
 
@@ -118,5 +120,5 @@ def test_a_rank_whose_loss_diverges_stops_every_rank_at_the_same_step(tmp_path: 
                 process.kill()
             pytest.fail("a rank was left waiting in a collective")
     said = {rank: (tmp_path / f"rank-{rank}.txt").read_text() for rank in (0, 1)}
-    assert said[1] == "train_loss is nan at step 2: training diverged", said
+    assert said[1] == "train_loss is nan at steps 1-2: training diverged", said
     assert said[0] == "train_loss diverged on another rank by step 2", said

@@ -104,9 +104,9 @@ export function forgetAll() {
 }
 
 /**
- * Why studies with a trainable may wait, as the server's /healthz says: the scheduler cannot
- * start or reach Ray, or the cluster's node preflight failed; null when neither (or when the
- * server cannot be asked: the page's own polls say that).
+ * Why studies with a trainable may wait, as the server's /healthz says: no server runs the
+ * scheduler, the scheduler cannot start or reach Ray, or the cluster's node preflight
+ * failed; null when none (or when the server cannot be asked: the page's own polls say so).
  */
 export async function dispatchProblem() {
   let body;
@@ -117,6 +117,13 @@ export async function dispatchProblem() {
     return null;
   }
   if (body?.error === "preflight_failed") return body.message;
+  if (body?.scheduler_running === false) {
+    return (
+      "No hpo serve of this database runs the scheduler (each was started with " +
+      "--no-scheduler or HPO_SCHEDULER=false, or the scheduler's server stopped): the " +
+      "trials of studies with a trainable will not start until one does."
+    );
+  }
   const f = body?.executor_failure;
   if (!f) return null;
   return (

@@ -194,18 +194,25 @@ export class StudyPage {
 
   // ------------------------------------------------------------------ polling
 
-  /** While the study has a trainable and no trial has started, say why it may wait. */
-  async checkDispatch() {
+  /** Whether the study runs, has a trainable and no trial of it has started yet. */
+  waitsForDispatch() {
     const s = this.study;
-    if (!s?.spec.trainable || STARTED.some((state) => s.counts[state])) {
+    const started = STARTED.some((state) => s?.counts[state]);
+    return Boolean(s?.spec.trainable) && s.state === "running" && !started;
+  }
+
+  /** While the study waits for its first trial to start, say why it may wait. */
+  async checkDispatch() {
+    if (!this.waitsForDispatch()) {
       this.notice.hidden = true;
       return;
     }
     if (performance.now() - this.dispatchCheckedAt < DISPATCH_CHECK_MS) return;
     this.dispatchCheckedAt = performance.now();
     const problem = await api.dispatchProblem();
-    this.notice.textContent = problem ?? "";
-    this.notice.hidden = !problem;
+    const still = !this.poller.stopped && this.waitsForDispatch(); // the answer may be late
+    this.notice.textContent = still && problem ? problem : "";
+    this.notice.hidden = !(still && problem);
   }
 
   async tick() {
