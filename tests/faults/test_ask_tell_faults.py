@@ -55,9 +55,7 @@ def test_a_20_s_outage_under_an_ask_tell_loop_loses_and_doubles_nothing(
 ) -> None:
     from hpo.api.client import Client
 
-    server = ServerProcess(own_postgres.url, tmp_path, {"HPO_SCHEDULER": "false"})
-    server.start()
-    try:
+    with ServerProcess(own_postgres.url, tmp_path, {"HPO_SCHEDULER": "false"}) as server:
         client = Client(server.url, token=server.token)
         study = client.create_study(simple_spec("outage-loop", lease_s=600))
         done, errors, health = [], [], Counter()
@@ -103,17 +101,13 @@ def test_a_20_s_outage_under_an_ask_tell_loop_loses_and_doubles_nothing(
             t.state for t in trials
         ]
         assert health[503] > 0 and 500 not in health and health["dropped"] == 0, health
-    finally:
-        server.stop()
 
 
 def test_kill_9_in_an_ask_loop_then_a_restart_hands_the_lost_trial_out_again(
     tmp_path: Path,
 ) -> None:
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    server = ServerProcess(url, tmp_path, {"HPO_SCHEDULER": "false"})
-    server.start()
-    try:
+    with ServerProcess(url, tmp_path, {"HPO_SCHEDULER": "false"}) as server:
         with server.http() as http:
             sid = http.post(
                 "/api/v1/studies", json=simple_spec("k9", lease_s=2.0, max_retries=1)
@@ -140,5 +134,3 @@ def test_kill_9_in_an_ask_loop_then_a_restart_hands_the_lost_trial_out_again(
             assert live.status_code == 200 and live.json()["value"] == 2.0
             trials = http.get(f"/api/v1/studies/{sid}/trials").json()["trials"]
             assert sorted(t["number"] for t in trials) == list(range(51))
-    finally:
-        server.stop()
