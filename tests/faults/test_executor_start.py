@@ -4,11 +4,14 @@ never registered: ``The current node timed out during startup``). Here Ray is as
 
 The scheduler tries again with doubling waits, ends the processes each failed start leaves
 (a failed ``ray.init`` leaves its GCS and two agents running), and says why in ``/healthz``
-and in ``hpo watch``. A server that can start Ray then takes over the same database: the
-study's trials run, and the note is gone."""
+and in ``hpo watch``. A second server that can start Ray stands by on the same database; the
+first is killed with SIGKILL in the middle of its tries: nothing it started outlives it, the
+second takes over, each trial runs once (none lost, none run twice), and the note is gone."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import time
 from datetime import datetime
@@ -85,23 +88,39 @@ def test_a_local_ray_that_cannot_start_is_retried_slowly_cleaned_up_and_named(
         # hpo watch says why the study waits
         seen = watch_output(server, "waits-for-ray", until="cannot start or reach Ray")
         assert "cannot start or reach Ray" in seen and "object store" in seen, seen
-        ray_processes = descendants(server)
         study = http.get(path).json()
         assert study["counts"]["running"] == 0 and study["counts"]["failed"] == 0, study
-    # the server ended, and with it whatever its last try had started
-    assert server.proc is not None and not psutil.pid_exists(server.proc.pid)
-    assert not [p for p in ray_processes if p.is_running() and p.status() != "zombie"]
-    # a server that can start Ray takes the database over: the trials run, the note goes
-    with ServerProcess(url, tmp_path, RAY_ENV) as server, server.http() as http:
-        done = wait_for(
-            lambda: http.get(path).json()["state"] == "completed",
-            timeout=180,
-            what="the study to complete",
-        )
-        assert done
-        assert http.get("/healthz").json()["executor_failure"] is None
-        counts = http.get(path).json()["counts"]
-        assert counts["complete"] == 2, counts
+        # a second server that can start Ray stands by on the same database: it shows the
+        # first one's note, which holds the scheduler lease
+        (tmp_path / "b").mkdir()
+        with ServerProcess(url, tmp_path / "b", RAY_ENV) as standby, standby.http() as other:
+            assert (other.get("/healthz").json()["executor_failure"] or {}).get("tries"), "note"
+            # kill -9 the first in the middle of its tries (its processes watched until then)
+            seen: dict[int, psutil.Process] = {}
+            until = time.monotonic() + 4
+            while time.monotonic() < until:
+                seen |= {p.pid: p for p in descendants(server)}
+                time.sleep(0.05)
+            assert server.proc is not None
+            os.kill(server.proc.pid, signal.SIGKILL)  # the server alone, not its group
+            server.proc.wait(timeout=30)
+            time.sleep(5)
+            # nothing a try had started outlives it (the parent-death signal ends them)
+            alive = [p for p in seen.values() if p.is_running() and p.status() != "zombie"]
+            assert alive == [], alive
+            # the standby takes the lease over, starts Ray and runs each trial once
+            done = wait_for(
+                lambda: other.get(path).json()["state"] == "completed",
+                timeout=180,
+                what="the study to complete",
+            )
+            assert done
+            assert other.get("/healthz").json()["executor_failure"] is None
+            trials = other.get(f"{path}/trials").json()["trials"]
+            assert sorted((t["number"], t["state"], t["attempts"]) for t in trials) == [
+                (0, "complete", 1),
+                (1, "complete", 1),
+            ], trials
     with sqlite3.connect(database) as db:
         rows = db.execute("SELECT key FROM meta WHERE key = 'executor_failure'").fetchall()
     assert rows == []
