@@ -355,17 +355,12 @@ def _to_report(failures: list[BaseException]) -> BaseException:
     another's divergence (:class:`~hpo.workers.guards.PeerDiverged`), else the first."""
     from hpo.workers.guards import PeerDiverged
 
-    def cause(e: BaseException) -> BaseException:
-        return e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause else e
+    def echo(e: BaseException) -> bool:
+        cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause else e
+        return isinstance(cause, PeerDiverged)
 
-    for wanted in (
-        lambda e: isinstance(e, _INFRASTRUCTURE),
-        lambda e: not isinstance(cause(e), PeerDiverged),
-    ):
-        found = next((e for e in failures if wanted(e)), None)
-        if found is not None:
-            return found
-    return failures[0]
+    died = next((e for e in failures if isinstance(e, _INFRASTRUCTURE)), None)
+    return died or next((e for e in failures if not echo(e)), failures[0])
 
 
 def _traceback(exc: BaseException, cause: BaseException) -> str:

@@ -49,28 +49,26 @@ def deployment_id(storage: Transactions) -> str:
 def store_preflight(storage: Transactions, report: dict[str, Any] | None) -> None:
     """Replace the node preflight report (a JSON document the scheduler's server writes, that
     every server's ``/healthz`` reads); None removes it. Raises DatabaseUnavailable."""
-    put(storage, PREFLIGHT, None if report is None else json.dumps(report))
+    _put_json(storage, PREFLIGHT, report)
 
 
 def preflight_report(storage: Transactions) -> dict[str, Any] | None:
     """The stored node preflight report, or None when there is none. Raises
     DatabaseUnavailable."""
-    text = get(storage, PREFLIGHT)
-    return None if text is None else json.loads(text)
+    return _get_json(storage, PREFLIGHT)
 
 
 def store_executor_failure(storage: Transactions, failure: dict[str, Any] | None) -> None:
     """Replace the scheduler's note that its executor (Ray) cannot be started or reached: a
     JSON document its server writes after each failed start, that every server's ``/healthz``
     reads; None removes it. Raises DatabaseUnavailable."""
-    put(storage, EXECUTOR_FAILURE, None if failure is None else json.dumps(failure))
+    _put_json(storage, EXECUTOR_FAILURE, failure)
 
 
 def executor_failure(storage: Transactions) -> dict[str, Any] | None:
     """The stored note of :func:`store_executor_failure`, or None. Raises
     DatabaseUnavailable."""
-    text = get(storage, EXECUTOR_FAILURE)
-    return None if text is None else json.loads(text)
+    return _get_json(storage, EXECUTOR_FAILURE)
 
 
 def get(storage: Transactions, key: str) -> str | None:
@@ -91,3 +89,12 @@ def put(storage: Transactions, key: str, value: str | None) -> None:
             s.add(Meta(key=key, value=value))
         else:
             row.value = value
+
+
+def _put_json(storage: Transactions, key: str, value: dict[str, Any] | None) -> None:
+    put(storage, key, None if value is None else json.dumps(value))
+
+
+def _get_json(storage: Transactions, key: str) -> dict[str, Any] | None:
+    text = get(storage, key)
+    return None if text is None else json.loads(text)
