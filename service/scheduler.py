@@ -333,7 +333,9 @@ class Scheduler:
         self._start_failure, self._start_retry_at = None, -math.inf
         if self._note_stored:
             with contextlib.suppress(Exception):
-                meta.store_executor_failure(self.service.storage, None)
+                storage = self.service.storage
+                if meta.executor_failure(storage) is not None:  # a read: no write turn taken
+                    meta.store_executor_failure(storage, None)
                 self._note_stored = False
 
     def _evaluate(self, todo: list[tuple[StudySpec, TrialRecord, str]]) -> None:

@@ -200,8 +200,9 @@ def test_an_attempt_past_trial_timeout_fails_without_retry(
 def test_the_study_timeout_ends_running_trials_and_the_study(
     service: StudyService, executor: FakeExecutor, tmp_path: Path
 ) -> None:
-    sid = create(service, "out-of-time", budget={"max_trials": 8, "timeout_s": 0.5})
-    idle = create(service, "nothing-launches", budget={"max_trials": 8, "timeout_s": 0.5})
+    # 2 s: the first tick must launch before the time runs out, also on a busy machine
+    sid = create(service, "out-of-time", budget={"max_trials": 8, "timeout_s": 2.0})
+    idle = create(service, "nothing-launches", budget={"max_trials": 8, "timeout_s": 2.0})
     service.update_study(idle, state="paused")
     scheduler = scheduler_of(service, executor, tmp_path)
     scheduler.tick()
@@ -211,7 +212,7 @@ def test_the_study_timeout_ends_running_trials_and_the_study(
     assert running
     for ref in running:
         executor.place(ref)
-    time.sleep(0.6)
+    time.sleep(2.1)
     service.expire_leases()
     study = service.storage.get_study(sid)
     assert study.state == "completed" and "timeout_s" in study.state_reason
