@@ -17,7 +17,7 @@ import httpx
 from pydantic import ValidationError
 from rich.table import Table
 
-from hpo.api.progress import console, fmt, out, print_test_metrics, watch
+from hpo.api.progress import GIVE_UP_AFTER_S, console, fmt, out, print_test_metrics, watch
 from hpo.service import errors
 from hpo.service.records import TrialRecord
 from hpo.service.spec import StudySpec, describe_errors
@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("spec", type=Path)
     c.add_argument("--wait", action="store_true", help="show live progress until it ends")
     c.add_argument("--load-if-exists", action="store_true", help="reuse a study of that name")
+    _give_up_after(c)
     c.set_defaults(func=cmd_submit)
 
     c = client_cmd("studies", "list studies")
@@ -114,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = client_cmd("watch", "show live progress of a study until it ends")
     c.add_argument("study")
+    _give_up_after(c)
     c.set_defaults(func=cmd_watch)
 
     for name, state in (("pause", "paused"), ("resume", "running"), ("stop", "stopped")):
@@ -202,6 +204,18 @@ def _env_value(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _give_up_after(c: argparse.ArgumentParser) -> None:
+    c.add_argument(
+        "--give-up-after",
+        type=float,
+        default=GIVE_UP_AFTER_S,
+        metavar="SECONDS",
+        help="while watching, how long to wait for a server that stopped answering (it "
+        "restarts, its database is away) before exiting with its error "
+        f"(default {GIVE_UP_AFTER_S:g})",
+    )
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     if not args.spec.exists():
         raise errors.InvalidInput(f"spec file {args.spec} does not exist")
@@ -217,7 +231,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             "budget changes with PATCH /api/v1/studies/{id} or Study.set_budget)"
         )
     if args.wait:
-        return watch(study)
+        return watch(study, give_up_after_s=args.give_up_after)
     return 0
 
 
@@ -333,7 +347,7 @@ def _export_runs(args: argparse.Namespace, study: Any) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    return watch(_client(args).study(args.study))
+    return watch(_client(args).study(args.study), give_up_after_s=args.give_up_after)
 
 
 def cmd_set_state(args: argparse.Namespace) -> int:

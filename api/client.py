@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 
 from hpo.api.objective import TrialHandle, run_trial
-from hpo.api.retry import ACTED_BEFORE, RetryPolicy, send
+from hpo.api.retry import ACTED_BEFORE, Outage, RetryPolicy, send
 from hpo.service import errors
 from hpo.service.export import newest_versions
 from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
@@ -623,15 +623,35 @@ class Study:
         )
         return self._record
 
-    def wait(self, *, poll_s: float = 2.0, timeout_s: float | None = None) -> StudyRecord:
-        """Block until the study is completed or stopped."""
+    def wait(
+        self,
+        *,
+        poll_s: float = 2.0,
+        timeout_s: float | None = None,
+        give_up_after_s: float = 300.0,
+    ) -> StudyRecord:
+        """Block until the study is completed or stopped (``TimeoutError`` after
+        ``timeout_s``). While the server cannot be reached or cannot serve (a restart, a
+        database outage) it logs that once and goes on; its error is raised once that lasted
+        ``give_up_after_s``, and at once for any other."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        outage = Outage(give_up_after_s)
+        state = self._record.state  # as last seen
         while True:
-            record = self.refresh()
-            if record.state in ("completed", "stopped"):
-                return record
+            try:
+                record = self.refresh()
+            except Exception as exc:
+                if message := outage.failed(exc):
+                    log.warning("%s", message)
+            else:
+                if message := outage.answered():
+                    log.info("%s", message)
+                if record.state in ("completed", "stopped"):
+                    return record
+                state = record.state
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"study {self.id} still {record.state} after {timeout_s} s")
+                silent = "; the server does not answer" if outage.since is not None else ""
+                raise TimeoutError(f"study {self.id} still {state} after {timeout_s} s{silent}")
             time.sleep(poll_s)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from hpo.api.retry import NO_RETRY
+from hpo.api.retry import NO_RETRY, Outage
 from hpo.service.errors import HpoError
 
 # Piped or redirected output (logs, CI) is not cut at 80 columns: tables and trial lines whole.
@@ -20,6 +20,10 @@ out = Console(width=None if sys.stdout.isatty() else 200)
 
 # How long ``watch`` waits, after a dispatched study ends, for its best trial's test metrics.
 TEST_METRICS_WAIT_S = 300.0
+
+# How long ``watch`` goes on while the server cannot be reached or answers 503 (a restart, a
+# database outage: the study goes on meanwhile) before it gives up with the error.
+GIVE_UP_AFTER_S = 300.0
 
 
 # A trial in one of these states has started: its study's trials do get launched.
@@ -77,13 +81,21 @@ class _SchedulerCheck:
     def _say(self, shown: Any, what: str, text: str) -> None:
         if what not in self.said:
             self.said.add(what)
-            shown.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
+            _warn(shown, text)
 
 
-def watch(study: Any, poll_s: float = 1.0, *, report: bool = True) -> int:
+def watch(
+    study: Any,
+    poll_s: float = 1.0,
+    *,
+    report: bool = True,
+    give_up_after_s: float = GIVE_UP_AFTER_S,
+) -> int:
     """Show a live progress bar (trials by state, best so far) until the study ends; then,
     with ``report``, the best trial and its test metrics. Returns the exit code: 0 when the
-    study completed with a complete trial, else 1. Transport errors propagate."""
+    study completed with a complete trial, else 1. While the server cannot be reached or
+    cannot serve (it restarts, its database is away), it says so once and goes on looking;
+    the error propagates once that lasted ``give_up_after_s``, and at once for any other."""
     from rich.live import Live
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -101,15 +113,24 @@ def watch(study: Any, poll_s: float = 1.0, *, report: bool = True) -> int:
     task = progress.add_task(record.name, total=budget, states="", best="-")
     cursor, reported = None, set()
     scheduled = _SchedulerCheck(study, record)
+    outage = Outage(give_up_after_s)
     with Live(progress, console=console, refresh_per_second=4):
         while True:
-            scheduled.check(progress.console, record)
-            changed, cursor = study.changed_trials(cursor)
-            for t in sorted(changed, key=lambda t: t.number):
-                if t.state in ("complete", "pruned", "failed") and t.id not in reported:
-                    reported.add(t.id)
-                    progress.console.print(trial_line(t), soft_wrap=True)
-            record = study.refresh()
+            try:
+                scheduled.check(progress.console, record)
+                changed, cursor = study.changed_trials(cursor)
+                for t in sorted(changed, key=lambda t: t.number):
+                    if t.state in ("complete", "pruned", "failed") and t.id not in reported:
+                        reported.add(t.id)
+                        progress.console.print(trial_line(t), soft_wrap=True)
+                record = study.refresh()
+            except Exception as exc:
+                _warn(progress.console, outage.failed(exc))
+                time.sleep(poll_s)
+                continue
+            back = outage.answered()
+            if back:
+                progress.console.print(escape(back), soft_wrap=True)
             progress.update(task, **_progress_fields(record))
             if record.state in ("completed", "stopped"):
                 break
@@ -124,6 +145,11 @@ def watch(study: Any, poll_s: float = 1.0, *, report: bool = True) -> int:
             print_test_metrics(wait_for_test_metrics(study, best))
     ok = record.state == "completed" and record.counts["complete"] > 0
     return 0 if ok else 1
+
+
+def _warn(shown: Any, text: str | None) -> None:
+    if text:
+        shown.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
 
 
 def _progress_fields(record: Any) -> dict[str, Any]:

@@ -134,3 +134,48 @@ def send(
 
 def _retryable_status(status: int, idempotent: bool) -> bool:
     return status == 429 or (status == 503 and idempotent)
+
+
+# Answers of a server that is there but cannot serve now (a gateway before one that restarts,
+# or a database outage): a waiting loop may look again later.
+UNAVAILABLE_STATUS = (502, 503, 504)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a client call after its retries, says the server cannot be
+    reached or cannot serve for now (a restart, a database outage), not that the request was
+    wrong: a loop that waits for a study may ride it out."""
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return getattr(exc, "status_code", None) in UNAVAILABLE_STATUS
+
+
+class Outage:
+    """How long a waiting loop has gone without an answer: ``failed`` at each call that
+    raised an :func:`unavailable` error (re-raises it once ``give_up_s`` have passed since the
+    first of them, or at once for any other error), ``answered`` at each that worked. Returns
+    what to tell the user: at the first failure of an outage, and when the server is back."""
+
+    def __init__(self, give_up_s: float) -> None:
+        self.give_up_s = give_up_s
+        self.since: float | None = None
+
+    def failed(self, exc: BaseException) -> str | None:
+        if not unavailable(exc):
+            raise exc
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            return (
+                f"the hpo server does not answer ({type(exc).__name__}: {exc}); waiting up "
+                f"to {self.give_up_s:g} s for it to come back"
+            )
+        if now - self.since >= self.give_up_s:
+            raise exc
+        return None
+
+    def answered(self) -> str | None:
+        if self.since is None:
+            return None
+        gone_s, self.since = time.monotonic() - self.since, None
+        return f"the hpo server answers again (after {gone_s:.0f} s)"
