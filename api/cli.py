@@ -8,6 +8,7 @@ could not be reached.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -204,10 +205,21 @@ def _env_value(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _seconds(text: str) -> float:
+    """A finite number of seconds, 0 or more (argparse's type: exit 2 naming the option)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
 def _give_up_after(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--give-up-after",
-        type=float,
+        type=_seconds,
         default=GIVE_UP_AFTER_S,
         metavar="SECONDS",
         help="while watching, how long to wait for a server that stopped answering (it "

@@ -176,7 +176,8 @@ StudyId = Annotated[int, Path(ge=1, le=MAX_ID)]
 TrialId = Annotated[int, Path(ge=1, le=MAX_ID)]
 Cursor = Annotated[int | None, Query(ge=0, le=MAX_ID)]
 # Free text to filter by (a study or metric name): a NUL character is a 422, not a database error.
-QueryText = Annotated[str | None, Query(), AfterValidator(no_nul)]
+NoNul = AfterValidator(no_nul)
+QueryText = Annotated[str | None, Query(), NoNul]
 # An ask's Idempotency-Key: at most 200 characters, no NUL (else a 422 naming the header).
 AskKey = Annotated[
     str | None,

@@ -208,6 +208,11 @@ def with_fixed(spec: StudySpec, suggestion: Suggestion, fixed: Mapping[str, Any]
     params = {}
     for name in spec.parameter_order():
         if not spec.is_active(name, merged):
+            if name in fixed:
+                raise InvalidInput(
+                    f"params.{name}: inactive under the given parent values",
+                    field=f"params.{name}",
+                )
             continue
         if name not in merged:
             raise InvalidInput(

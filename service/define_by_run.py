@@ -51,7 +51,9 @@ def parse_param(raw: Mapping[str, Any], name: str) -> AnyParam:
         msg = str(err["msg"]).removeprefix("Value error, ")
         raise InvalidInput(f"{name}: {where}: {msg}", field=where) from exc
     if param.when:
-        raise InvalidInput(f"{name}: a parameter suggested at run time has no `when`", "param")
+        raise InvalidInput(
+            f"{name}: a parameter suggested at run time has no `when`", field="param.when"
+        )
     return param
 
 

@@ -157,7 +157,12 @@ class FloatParam(_Conditional):
             return False
         if self.values is not None:
             return any(math.isclose(value, v, rel_tol=1e-12, abs_tol=1e-12) for v in self.values)
-        return self.low - 1e-12 <= value <= self.high + 1e-12
+        if not self.low - 1e-12 <= value <= self.high + 1e-12:
+            return False
+        if self.step is None:
+            return True
+        k = (value - self.low) / self.step  # on the lattice low + k * step, up to rounding
+        return abs(k - round(k)) <= 1e-9 * max(1.0, abs(k))
 
     def representatives(self) -> list[Any]:
         """Values that exercise the domain (for validating a trainable's settings)."""
@@ -436,14 +441,23 @@ class PrunerSpec(_Model):
             raise ValueError(f"mode: promotion needs type asha or hyperband, not {self.type!r}")
         if self.type == "hyperband" and self.max_steps is None:
             raise ValueError("hyperband needs max_steps (its brackets span min_steps..max_steps)")
+        rungs = self.type in ("asha", "hyperband")
+        if rungs and self.max_steps is not None and self.max_steps < self.min_steps:
+            raise ValueError(
+                f"max_steps: {self.max_steps} is below min_steps ({self.min_steps}): no rung fits"
+            )
         return self
+
+
+# The largest count a budget takes (2**53: exact as a float and in the dashboard's JavaScript).
+MAX_COUNT = 2**53
 
 
 class Budget(_Model):
     """How much the study may spend. ``max_trials`` counts distinct trial numbers."""
 
-    max_trials: StrictInt | None = Field(default=None, ge=1)
-    max_concurrent: StrictInt | None = Field(default=None, ge=1)
+    max_trials: StrictInt | None = Field(default=None, ge=1, le=MAX_COUNT)
+    max_concurrent: StrictInt | None = Field(default=None, ge=1, le=MAX_COUNT)
     timeout_s: float | None = Field(
         default=None,
         gt=0,
@@ -461,6 +475,7 @@ class Budget(_Model):
     max_steps: StrictInt | None = Field(
         default=None,
         ge=1,
+        le=MAX_COUNT,
         description="Steps of training summed over all trials (a resumed trial counts each "
         "step once): no point beyond it is stored, the trial that reaches it is pruned there, "
         "and no trial is started or promoted after it. Compares schedulers at equal compute.",
@@ -859,6 +874,10 @@ _PARAM_TAGS = {"float", "int", "categorical"}
 _UNION_TAGS = {"int", "float", "str", "bool", "none"}
 
 
+# A message that starts with the (dotted) name of the field it is about: "lower: ...".
+_NAMED = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*|\[\d+\])*): ")
+
+
 def describe_errors(exc: ValidationError | list[dict[str, Any]]) -> list[dict[str, str]]:
     """Turn pydantic errors into ``{"field": "space.lr.high", "message": ...}`` items."""
     errors = exc.errors() if isinstance(exc, ValidationError) else exc
@@ -883,6 +902,10 @@ def describe_errors(exc: ValidationError | list[dict[str, Any]]) -> list[dict[st
         if err.get("type") == "json_invalid":
             field = "body"
             message = f"invalid JSON at character {loc[-1] if loc else '?'}: {message}"
+        if err.get("type") == "value_error" and (named := _NAMED.match(message)):
+            # a check across fields names the one it refuses first ("max_steps: ..."): the
+            # answer's field is that one, not the model holding it
+            field = named[1] if field == "body" else f"{field}.{named[1]}"
         if err.get("type") == "missing":
             message = "field required"
         elif err.get("type") in ("extra_forbidden", "unexpected_keyword_argument"):

@@ -151,7 +151,9 @@ def _check_json_value(value: Any, where: str) -> None:
     if isinstance(value, (dict, list)) or not (
         value is None or isinstance(value, (bool, int, float, str))
     ):
-        raise InvalidInput(f"{where}: a parameter value is a number, string, bool or null", where)
+        raise InvalidInput(
+            f"{where}: a parameter value is a number, string, bool or null", field=where
+        )
     try:
         check_json(value, where)
     except ValueError as exc:
@@ -221,6 +223,12 @@ def import_trials(
 def _checked(spec: StudySpec, i: int, t: FinishedTrial) -> tuple[TrialState, list[float] | None]:
     where = f"trials[{i}]"
     check_given_params(spec, t.params, where=f"{where}.params")
+    if not spec.define_by_run and t.state != TrialState.FAILED:  # a failure may come early
+        try:
+            spec.check_params(t.params)  # every active parameter, and no inactive one
+        except ValueError as exc:
+            field = f"{where}.{str(exc).split(':', 1)[0]}"
+            raise InvalidInput(f"{where}.{exc}", field=field) from exc
     if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAILED):
         raise InvalidInput(
             f"{where}.state: an imported trial is complete, pruned or failed, not {t.state!r}",

@@ -26,7 +26,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError
 
-from hpo.api.deps import Cursor, Reader, StudyId, TrialId
+from hpo.api.deps import Cursor, NoNul, Reader, StudyId, TrialId
 from hpo.api.pools import POLLS, runs_in
 from hpo.api.routes.conditional import NOT_MODIFIED, answer, not_modified
 from hpo.service import analysis, analysis_worker
@@ -256,7 +256,7 @@ def curves(
     study_id: StudyId,
     storage: Reader,
     request: Request,
-    metric: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+    metric: Annotated[str | None, Query(min_length=1, max_length=128), NoNul] = None,
     max_points: MaxPoints = 200,
     since: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
@@ -471,8 +471,8 @@ def contour(
     storage: Reader,
     request: Request,
     response: Response,
-    x: Annotated[str, Query(min_length=1, max_length=128)],
-    y: Annotated[str, Query(min_length=1, max_length=128)],
+    x: Annotated[str, Query(min_length=1, max_length=128), NoNul],
+    y: Annotated[str, Query(min_length=1, max_length=128), NoNul],
     objective: Objective = 0,
     size: Annotated[int, Query(ge=2, le=100)] = 24,
     points: Annotated[

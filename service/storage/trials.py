@@ -12,9 +12,11 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
+    Float,
     Integer,
     String,
     bindparam,
+    cast,
     func,
     or_,
     select,
@@ -273,7 +275,10 @@ def steps_used(session: Session, study_id: int, *, besides: int | None = None) -
     if besides is not None:
         where.append(Trial.id != besides)
     trained = func.coalesce(Trial.last_step, 0) - Trial.steps_copied
-    return int(session.scalar(select(func.coalesce(func.sum(trained), 0)).where(*where)))
+    # summed as floats: SQLite's integer sum raises on overflow, and steps go up to 2**62 (a
+    # float is exact up to 2**53, far beyond any budget)
+    summed = func.sum(cast(trained, Float))
+    return int(session.scalar(select(func.coalesce(summed, 0.0)).where(*where)))
 
 
 def worker_seconds_used(session: Session, study: Study, now: datetime) -> float:

@@ -1317,3 +1317,80 @@ def test_values_near_the_float_limit_are_stored_and_answered(server: ServerProce
         assert r.status_code == 200, r.text
         z = [v for row in r.json()["z"] for v in row]
         assert z and all(isinstance(v, float) and abs(v) <= big for v in z), z
+
+
+def test_inputs_found_by_a_hostile_probe_are_4xx_naming_the_field(
+    server: ServerProcess, subtests: pytest.Subtests
+) -> None:
+    """Each of these was a 500, a 503 that never ends, or data stored silently wrong."""
+    with server.http() as http:
+        with subtests.test("a run-time parameter with `when`"):
+            sid = create(http, "dbr", define_by_run=True, space={})["id"]
+            tid = ask(http, sid)["trial_id"]
+            param = {"type": "int", "low": 1, "high": 2, "when": {"lr": [0.1]}}
+            r = http.post(f"{API}/trials/{tid}/suggest", json={"name": "w", "param": param})
+            assert_error(r, 422, field="param.when")
+        with subtests.test("a run-time study asked with a structured value"):
+            r = http.post(f"{API}/studies/{sid}/ask", json={"params": {"p": {"a": 1}}})
+            assert_error(r, 422, field="params.p")
+
+        with subtests.test("budget counts beyond 2**53"):
+            for key in ("max_trials", "max_concurrent", "max_steps"):
+                r = http.post(f"{API}/studies", json=simple_spec(f"big-{key}", budget={key: 2**63}))
+                assert_error(r, 422, field=f"budget.{key}")
+
+        with subtests.test("steps of 2**62 summed under a step budget"):
+            sid = create(http, "huge-steps")["id"]
+            running = [ask(http, sid)["trial_id"] for _ in range(3)]
+            for tid in running[:2]:
+                report(http, tid, 2**62, 1.0)  # the two sum past 2**63
+            r = http.patch(f"{API}/studies/{sid}", json={"budget": {"max_steps": 10}})
+            assert r.status_code == 200, r.text
+            assert_error(http.post(f"{API}/studies/{sid}/ask"), 409)  # spent, not a 503
+            assert tell(http, running[2], value=0.5).status_code == 200
+
+        float_step = {"x": {"type": "float", "low": 0.0, "high": 1.0, "step": 0.5}}
+        with subtests.test("a float off its step, asked, queued or imported"):
+            sid = create(http, "lattice", space=float_step)["id"]
+            off = {"params": {"x": 0.25}}
+            assert_error(http.post(f"{API}/studies/{sid}/ask", json=off), 422, field="params.x")
+            assert_error(http.post(f"{API}/studies/{sid}/queue", json=off), 422, field="params.x")
+            body = {"trials": [{"params": {"x": 0.25}, "value": 1.0}]}
+            r = http.post(f"{API}/studies/{sid}/trials", json=body)
+            assert_error(r, 422, field="trials[0].params.x")
+            on = http.post(f"{API}/studies/{sid}/ask", json={"params": {"x": 0.5}})
+            assert on.status_code == 201 and on.json()["params"] == {"x": 0.5}, on.text
+
+        conditional = {
+            "k": {"type": "categorical", "choices": ["a", "b"]},
+            "d": {"type": "int", "low": 1, "high": 3, "when": {"k": ["a"]}},
+        }
+        with subtests.test("imports that miss a parameter or set an inactive one"):
+            sid = create(http, "imports", space=conditional)["id"]
+            for params, field in [
+                ({}, "trials[0].params.k"),
+                ({"k": "a"}, "trials[0].params.d"),
+                ({"k": "b", "d": 2}, "trials[0].params.d"),
+            ]:
+                body = {"trials": [{"params": params, "value": 0.0}]}
+                r = http.post(f"{API}/studies/{sid}/trials", json=body)
+                assert_error(r, 422, field=field)
+            assert http.get(f"{API}/studies/{sid}/trials").json()["trials"] == []
+            failed = {"trials": [{"params": {}, "state": "failed"}]}  # it may fail early
+            assert http.post(f"{API}/studies/{sid}/trials", json=failed).status_code == 201
+
+        with subtests.test("an ask that fixes an inactive parameter"):
+            r = http.post(f"{API}/studies/{sid}/ask", json={"params": {"k": "b", "d": 2}})
+            assert_error(r, 422, field="params.d")
+
+        with subtests.test("a NUL in the names a dashboard query filters by"):
+            for path, query, field in [
+                (f"/studies/{sid}/curves", {"metric": "a\u0000"}, "query.metric"),
+                (f"/studies/{sid}/contour", {"x": "k\u0000", "y": "d"}, "query.x"),
+            ]:
+                assert_error(http.get(API + path, params=query), 422, field=field)
+
+        with subtests.test("a hyperband whose max_steps is below its min_steps"):
+            pruner = {"type": "hyperband", "min_steps": 10, "max_steps": 5}
+            r = http.post(f"{API}/studies", json=simple_spec("hb", pruner=pruner))
+            assert_error(r, 422, field="pruner.max_steps")
