@@ -38,6 +38,7 @@ from hpo.service.errors import (
 from hpo.service.histories import Histories
 from hpo.service.records import ClaimedTrial
 from hpo.service.samplers.base import Sampler, StudyView, Suggestion
+from hpo.service.samplers.grid import refuse_off_point
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import Storage, studies, trials
@@ -204,6 +205,8 @@ def with_fixed(spec: StudySpec, suggestion: Suggestion, fixed: Mapping[str, Any]
         return define_by_run.proposal(spec, suggestion, fixed)
     if not fixed:
         return suggestion
+    if suggestion.info.get("sampler") == "grid":
+        refuse_off_point(suggestion.params, suggestion.info["grid_index"], fixed)
     merged = {**suggestion.params, **fixed}
     params = {}
     for name in spec.parameter_order():

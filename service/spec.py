@@ -458,14 +458,14 @@ class Budget(_Model):
 
     max_trials: StrictInt | None = Field(default=None, ge=1, le=MAX_COUNT)
     max_concurrent: StrictInt | None = Field(default=None, ge=1, le=MAX_COUNT)
-    timeout_s: float | None = Field(
+    timeout_s: Number | None = Field(
         default=None,
         gt=0,
         le=10 * 365 * 86400,
         description="Wall time of the whole study: once it passes, running trials are "
         "cancelled (failed) and the study completes.",
     )
-    trial_timeout_s: float | None = Field(
+    trial_timeout_s: Number | None = Field(
         default=None,
         gt=0,
         le=10 * 365 * 86400,
@@ -480,7 +480,7 @@ class Budget(_Model):
         "step once): no point beyond it is stored, the trial that reaches it is pruned there, "
         "and no trial is started or promoted after it. Compares schedulers at equal compute.",
     )
-    max_worker_seconds: float | None = Field(
+    max_worker_seconds: Number | None = Field(
         default=None,
         gt=0,
         description="Compute summed over all attempts: ranks x wall seconds from claim to end. "
@@ -499,10 +499,10 @@ class PbtSpec(_Model):
     type: Literal["pbt"] = "pbt"
     population: StrictInt = Field(ge=2, le=10_000, description="Trials trained side by side.")
     interval_steps: StrictInt = Field(ge=1, description="Steps between exploit decisions.")
-    quantile: float = Field(
+    quantile: Number = Field(
         default=0.25, gt=0, le=0.5, description="Bottom (and top) fraction of the population."
     )
-    resample_p: float = Field(
+    resample_p: Number = Field(
         default=0.25, ge=0, le=1, description="Chance that a mutable parameter is resampled."
     )
     perturb: tuple[PositiveFloat, PositiveFloat] = Field(
@@ -529,8 +529,8 @@ class Resources(_Model):
     """What one trial occupies on the cluster: ``workers_per_trial`` DDP ranks, each with these."""
 
     workers_per_trial: StrictInt = Field(default=1, ge=1, le=1024)
-    gpus_per_worker: float = Field(default=0, ge=0)
-    cpus_per_worker: float = Field(default=1, gt=0)
+    gpus_per_worker: Number = Field(default=0, ge=0)
+    cpus_per_worker: Number = Field(default=1, gt=0)
 
     @field_validator("gpus_per_worker")
     @classmethod
@@ -586,13 +586,13 @@ class StudySpec(_Model):
     max_retries: StrictInt = Field(
         default=0, ge=0, le=100, description="Retries of a failed attempt."
     )
-    lease_s: float = Field(
+    lease_s: Number = Field(
         default=300.0,
         gt=0,
         le=30 * 86400,
         description="A running trial that reports nothing for this long fails.",
     )
-    progress_timeout_s: float | None = Field(
+    progress_timeout_s: Number | None = Field(
         default=None,
         gt=0,
         le=30 * 86400,

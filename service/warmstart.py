@@ -25,6 +25,7 @@ from hpo.service import transitions
 from hpo.service.db.models import Study, Trial, TrialParam, utcnow
 from hpo.service.errors import Conflict, InvalidInput, StudyNotRunning
 from hpo.service.records import TrialRecord
+from hpo.service.samplers.grid import GridSampler, refuse_off_point
 from hpo.service.spec import StudySpec, check_json, check_json_size
 from hpo.service.states import ENQUEUED_TRIAL_STATE, StudyState, TrialState
 from hpo.service.storage import Storage, events, studies, trials
@@ -175,6 +176,7 @@ def enqueue(storage: Storage, study_id: int, params: Mapping[str, Any]) -> Trial
                 params = spec.check_params(params)
             except ValueError as exc:
                 raise InvalidInput(str(exc), field=str(exc).split(":", 1)[0]) from exc
+        _refuse_off_grid(study, study.next_number, params, "params")
         now = utcnow()
         trial = Trial(
             study_id=study.id,
@@ -212,12 +214,22 @@ def import_trials(
         spec = transitions.spec_of(study)
         _refuse_stopped(study, "import trials")
         outcomes = [_checked(spec, i, t) for i, t in enumerate(finished)]
+        for i, t in enumerate(finished):
+            _refuse_off_grid(study, study.next_number + i, t.params, f"trials[{i}].params")
         grow_budget(study, by=len(finished))
         out = [
             _insert_finished(s, study, spec, t, o) for t, o in zip(finished, outcomes, strict=True)
         ]
         transitions.complete_if_done(s, study)
         return [trial_record(t) for t in out]
+
+
+def _refuse_off_grid(study: Study, number: int, params: Mapping[str, Any], where: str) -> None:
+    """On a grid study, trial ``number`` must be grid point ``number`` (see
+    :func:`~hpo.service.samplers.grid.refuse_off_point`); GridExhausted past the grid."""
+    sampler = transitions.sampler_of(study)
+    if isinstance(sampler, GridSampler):
+        refuse_off_point(sampler.point(number), number, params, where, whole=True)
 
 
 def _checked(spec: StudySpec, i: int, t: FinishedTrial) -> tuple[TrialState, list[float] | None]:

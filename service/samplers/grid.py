@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
 
-from hpo.service.errors import GridExhausted
+from hpo.service.errors import GridExhausted, InvalidInput
 from hpo.service.samplers.base import Sampler, StudyView, Suggestion
 from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
 
@@ -42,11 +43,16 @@ class GridSampler(Sampler):
     def capacity(self) -> int:
         return len(self.points)
 
-    def suggest(self, view: StudyView) -> Suggestion:
-        if view.number >= len(self.points):
+    def point(self, number: int) -> dict[str, Any]:
+        """Grid point ``number``, the values of trial ``number`` (GridExhausted past the last)."""
+        if number >= len(self.points):
             raise GridExhausted(
                 f"the grid is exhausted: all {len(self.points)} points have been handed out"
             )
+        return self.points[number]
+
+    def suggest(self, view: StudyView) -> Suggestion:
+        self.point(view.number)
         info = {"sampler": self.name, "grid_index": view.number, "grid_size": len(self.points)}
         return Suggestion(dict(self.points[view.number]), info)
 
@@ -86,3 +92,39 @@ def grid_points(spec: StudySpec) -> list[dict[str, Any]]:
                 expanded.append(point)
         points = expanded
     return points
+
+
+def refuse_off_point(
+    point: Mapping[str, Any],
+    number: int,
+    params: Mapping[str, Any],
+    where: str = "params",
+    *,
+    whole: bool = False,
+) -> None:
+    """Refuse (InvalidInput naming the parameter) values that trial ``number`` of a grid study
+    may not take: it runs grid point ``number``, so a trial asked, queued or imported with
+    other values would leave that point unrun. ``whole``: every parameter of the point must
+    be given (an imported trial's are all it has)."""
+    names = dict.fromkeys([*params, *(point if whole else ())])
+    for name in names:
+        value, want = params.get(name, _MISSING), point.get(name, _MISSING)
+        if not _same_value(value, want):
+            given = "nothing" if value is _MISSING else repr(value)
+            shown = ", ".join(f"{k}={v!r}" for k, v in point.items())
+            raise InvalidInput(
+                f"{where}.{name}: trial {number} of a grid study runs grid point {number} "
+                f"({shown}); {given} would leave that point unrun",
+                field=f"{where}.{name}",
+            )
+
+
+_MISSING = object()
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
+    return a is b if a is _MISSING or b is _MISSING else a == b

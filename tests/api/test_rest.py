@@ -1339,6 +1339,15 @@ def test_inputs_found_by_a_hostile_probe_are_4xx_naming_the_field(
                 r = http.post(f"{API}/studies", json=simple_spec(f"big-{key}", budget={key: 2**63}))
                 assert_error(r, 422, field=f"budget.{key}")
 
+        with subtests.test("seconds and shares given as strings"):
+            for over, field in [
+                ({"budget": {"timeout_s": "100"}}, "budget.timeout_s"),
+                ({"lease_s": "60"}, "lease_s"),
+                ({"resources": {"cpus_per_worker": "1"}}, "resources.cpus_per_worker"),
+            ]:
+                r = http.post(f"{API}/studies", json=simple_spec("strings", **over))
+                assert_error(r, 422, field=field)
+
         with subtests.test("steps of 2**62 summed under a step budget"):
             sid = create(http, "huge-steps")["id"]
             running = [ask(http, sid)["trial_id"] for _ in range(3)]
@@ -1382,6 +1391,25 @@ def test_inputs_found_by_a_hostile_probe_are_4xx_naming_the_field(
         with subtests.test("an ask that fixes an inactive parameter"):
             r = http.post(f"{API}/studies/{sid}/ask", json={"params": {"k": "b", "d": 2}})
             assert_error(r, 422, field="params.d")
+
+        with subtests.test("a grid study's trials asked, queued or imported off their point"):
+            grid = {"x": {"type": "int", "low": 0, "high": 4, "step": 2}}  # points 0, 2, 4
+            gid = create(http, "grid", sampler={"type": "grid"}, space=grid)["id"]
+            first = http.post(f"{API}/studies/{gid}/ask", json={"params": {"x": 0}})
+            assert first.status_code == 201 and first.json()["params"] == {"x": 0}, first.text
+            again = {"params": {"x": 0}}  # trial 1 runs point 1 (x=2): x=0 would skip it
+            assert_error(http.post(f"{API}/studies/{gid}/ask", json=again), 422, field="params.x")
+            assert_error(http.post(f"{API}/studies/{gid}/queue", json=again), 422, field="params.x")
+            for params, field in [({"x": 4}, "trials[0].params.x"), ({}, "trials[0].params.x")]:
+                body = {"trials": [{"params": params, "state": "failed"}]}
+                r = http.post(f"{API}/studies/{gid}/trials", json=body)
+                assert_error(r, 422, field=field)
+            on_point = {"trials": [{"params": {"x": 2}, "value": 1.0}]}
+            assert http.post(f"{API}/studies/{gid}/trials", json=on_point).status_code == 201
+            assert ask(http, gid)["params"] == {"x": 4}
+            assert_error(http.post(f"{API}/studies/{gid}/ask"), 409, code="grid_exhausted")
+            ran = http.get(f"{API}/studies/{gid}/trials").json()["trials"]
+            assert sorted(t["params"]["x"] for t in ran) == [0, 2, 4]  # every point, once
 
         with subtests.test("a NUL in the names a dashboard query filters by"):
             for path, query, field in [
