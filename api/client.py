@@ -374,6 +374,12 @@ class Study:
                 "Study.report(trial, step, metrics) takes metrics as {name: value}; got "
                 f"{metrics!r} (Optuna's trial.report(value, step) is the handle's report)"
             )
+        for name, value in metrics.items():  # JSON has no NaN: said here, naming the metric
+            if isinstance(value, float) and not math.isfinite(value):
+                raise errors.InvalidInput(
+                    f"metrics.{name}: must be a finite number, got {value}",
+                    field=f"metrics.{name}",
+                )
         points = [{"step": step, "name": k, "value": v} for k, v in metrics.items()]
         # Points are keyed by (trial, attempt, name, step) on the server: sending them again
         # after a lost answer stores nothing twice.

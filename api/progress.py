@@ -97,13 +97,19 @@ def watch(
     cannot serve (it restarts, its database is away), it says so once and goes on looking;
     the error propagates once that lasted ``give_up_after_s``, and at once for any other."""
     from rich.live import Live
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     record = study.refresh()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
+        MofNCompleteColumn(),  # "4/?" without max_trials
         TextColumn("{task.fields[states]}"),
         TextColumn("best {task.fields[best]}"),
         TimeElapsedColumn(),
@@ -111,32 +117,12 @@ def watch(
     )
     budget = record.spec["budget"].get("max_trials")
     task = progress.add_task(record.name, total=budget, states="", best="-")
-    cursor, reported = None, set()
-    scheduled = _SchedulerCheck(study, record)
-    outage = Outage(give_up_after_s)
-    with Live(progress, console=console, refresh_per_second=4):
-        while True:
-            try:
-                scheduled.check(progress.console, record)
-                changed, cursor = study.changed_trials(cursor)
-                for t in sorted(changed, key=lambda t: t.number):
-                    if t.state in ("complete", "pruned", "failed") and t.id not in reported:
-                        reported.add(t.id)
-                        progress.console.print(trial_line(t), soft_wrap=True)
-                record = study.refresh()
-            except Exception as exc:
-                _warn(progress.console, outage.failed(exc))
-                time.sleep(poll_s)
-                continue
-            back = outage.answered()
-            if back:
-                progress.console.print(escape(back), soft_wrap=True)
-            progress.update(task, **_progress_fields(record))
-            if record.state in ("completed", "stopped"):
-                break
-            time.sleep(poll_s)
-    if not console.is_terminal:
-        console.line()  # a terminal's Live ends its last frame with a newline; a pipe's does not
+    try:
+        with Live(progress, console=console, refresh_per_second=4):
+            record = _follow(study, record, progress, task, poll_s, give_up_after_s)
+    finally:  # an error too goes on a line of its own, not after the bar
+        if not console.is_terminal:
+            console.line()  # a terminal's Live ends its last frame with a newline; a pipe's not
     out.print(f"study {record.id} {record.state}: {record.state_reason or ''}")
     best = record.best_trial
     if best and report:
@@ -145,6 +131,37 @@ def watch(
             print_test_metrics(wait_for_test_metrics(study, best))
     ok = record.state == "completed" and record.counts["complete"] > 0
     return 0 if ok else 1
+
+
+def _follow(
+    study: Any, record: Any, progress: Any, task: Any, poll_s: float, give_up_after_s: float
+) -> Any:
+    """Move the bar and print each trial as it ends, until the study ends; its last record.
+    An outage of the server is said and waited out (see :func:`watch`)."""
+    cursor, reported = None, set()
+    scheduled = _SchedulerCheck(study, record)
+    outage = Outage(give_up_after_s)
+    shown = progress.console
+    while True:
+        try:
+            scheduled.check(shown, record)
+            changed, cursor = study.changed_trials(cursor)
+            for t in sorted(changed, key=lambda t: t.number):
+                if t.state in ("complete", "pruned", "failed") and t.id not in reported:
+                    reported.add(t.id)
+                    shown.print(trial_line(t), soft_wrap=True)
+            record = study.refresh()
+        except Exception as exc:
+            _warn(shown, outage.failed(exc))
+            time.sleep(poll_s)
+            continue
+        back = outage.answered()
+        if back:
+            shown.print(escape(back), soft_wrap=True)
+        progress.update(task, **_progress_fields(record))
+        if record.state in ("completed", "stopped"):
+            return record
+        time.sleep(poll_s)
 
 
 def _warn(shown: Any, text: str | None) -> None:

@@ -12,6 +12,7 @@ a reader check a rule against the others.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import re
@@ -800,8 +801,14 @@ class StudySpec(_Model):
     @classmethod
     def from_yaml(cls, source: str | Path) -> StudySpec:
         """Load a spec from a YAML file path or YAML text (see :func:`load_yaml`)."""
-        text = Path(source).read_text() if _looks_like_path(source) else str(source)
-        data = load_yaml(text)
+        if not _looks_like_path(source):
+            data = load_yaml(str(source))
+        else:
+            try:
+                text = Path(source).read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{source}: not UTF-8 text (byte {exc.start})") from exc
+            data = load_yaml(text, name=str(source))
         if not isinstance(data, dict):
             raise ValueError("a study spec must be a YAML mapping")
         return cls.model_validate(data)
@@ -810,14 +817,19 @@ class StudySpec(_Model):
         return self.model_dump(mode="json", exclude_defaults=False)
 
 
-def load_yaml(text: str) -> Any:
+def load_yaml(text: str, name: str | None = None) -> Any:
     """YAML as a spec is read: ``1e-3`` is a number, as in YAML 1.2 and JSON (PyYAML's YAML
     1.1 reads it as the string "1e-3" without a dot in the mantissa), and a key given twice
-    in one mapping is an error (PyYAML keeps the last silently). Raises ValueError."""
+    in one mapping is an error (PyYAML keeps the last silently). Raises ValueError, naming
+    the file ``name`` where the error is."""
     import yaml
 
+    stream: Any = text
+    if name is not None:  # PyYAML names a stream's ``name`` in its errors
+        stream = io.StringIO(text)
+        stream.name = name
     try:
-        return yaml.load(text, Loader=_spec_loader())  # a SafeLoader subclass
+        return yaml.load(stream, Loader=_spec_loader())  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ValueError(f"the spec is not valid YAML: {exc}") from exc
 

@@ -248,7 +248,11 @@ def test_submit_invalid_yaml_syntax_is_bad_input(tmp_path: Path) -> None:
     r = run_cli(None, "submit", str(broken), url=f"http://127.0.0.1:{free_port()}")
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.returncode == 2
-    assert "broken.yaml" in r.stderr or "line 1" in r.stderr
+    assert f'in "{broken}", line ' in r.stderr, r.stderr  # the file, not "<unicode string>"
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    r = run_cli(None, "submit", str(latin), url=f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 2 and f"{latin}: not UTF-8 text" in r.stderr, r.stderr
 
 
 def test_submit_wait_until_completed_and_until_stopped(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 from pathlib import Path
 
@@ -142,6 +143,9 @@ def check_create_from_yaml_lookup_and_control(server: ServerProcess, tmp_path: P
         with pytest.raises(StudyNotRunning, match="paused"):
             by_name.ask()
         assert by_name.report(t, step=0, metrics={"loss": 1.0}) is False
+        with pytest.raises(InvalidInput, match="metrics.loss: must be a finite") as refused:
+            by_name.report(t, step=1, metrics={"loss": math.inf})
+        assert refused.value.field == "metrics.loss"
         assert by_name.resume().state == "running"
         assert by_name.ask().number == 1
         stopped = by_name.stop()
