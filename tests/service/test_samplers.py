@@ -12,7 +12,7 @@ import pytest
 from hpo.service.errors import GridExhausted
 from hpo.service.samplers import make_sampler
 from hpo.service.samplers.base import ObservedTrial, StudyView
-from hpo.service.samplers.grid import GridSampler
+from hpo.service.samplers.grid import GridSampler, grid_values
 from hpo.service.spec import StudySpec
 
 MIXED_SPACE = {
@@ -58,6 +58,21 @@ def test_grid_enumerates_every_point_once_in_a_stable_order() -> None:
     assert [again.suggest(StudyView(spec, [], n)).params for n in range(18)] == points
     with pytest.raises(GridExhausted, match="exhausted"):
         sampler.suggest(StudyView(spec, [], 18))
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "step", "values"),
+    [
+        (-0.3, 0.3, 0.1, [-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3]),  # 0, not 5.55e-17
+        (1e-300, 1e-299, 3e-300, [1e-300, 4e-300, 7e-300, 1e-299]),  # not all 0
+        (100, 1000, 450, [100.0, 550.0, 1000.0]),
+    ],
+)
+def test_grid_float_steps_land_on_their_lattice(
+    low: float, high: float, step: float, values: list[float]
+) -> None:
+    param = {"type": "float", "low": low, "high": high, "step": step}
+    assert grid_values("x", spec_of("grid", {"x": param}).space["x"]) == values
 
 
 @pytest.mark.parametrize(
