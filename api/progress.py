@@ -105,7 +105,8 @@ def watch(
         TimeElapsedColumn,
     )
 
-    record = study.refresh()
+    outage = Outage(give_up_after_s)
+    record = _refresh(study, outage, console, poll_s)
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -119,7 +120,7 @@ def watch(
     task = progress.add_task(record.name, total=budget, states="", best="-")
     try:
         with Live(progress, console=console, refresh_per_second=4):
-            record = _follow(study, record, progress, task, poll_s, give_up_after_s)
+            record = _follow(study, record, progress, task, poll_s, outage)
     finally:  # an error too goes on a line of its own, not after the bar
         if not console.is_terminal:
             console.line()  # a terminal's Live ends its last frame with a newline; a pipe's not
@@ -133,14 +134,28 @@ def watch(
     return 0 if ok else 1
 
 
+def _refresh(study: Any, outage: Outage, shown: Any, poll_s: float) -> Any:
+    """The study's record, once the server answers (an outage said and waited out)."""
+    while True:
+        try:
+            record = study.refresh()
+        except Exception as exc:
+            _warn(shown, outage.failed(exc))
+            time.sleep(poll_s)
+            continue
+        back = outage.answered()
+        if back:
+            shown.print(escape(back), soft_wrap=True)
+        return record
+
+
 def _follow(
-    study: Any, record: Any, progress: Any, task: Any, poll_s: float, give_up_after_s: float
+    study: Any, record: Any, progress: Any, task: Any, poll_s: float, outage: Outage
 ) -> Any:
     """Move the bar and print each trial as it ends, until the study ends; its last record.
     An outage of the server is said and waited out (see :func:`watch`)."""
     cursor, reported = None, set()
     scheduled = _SchedulerCheck(study, record)
-    outage = Outage(give_up_after_s)
     shown = progress.console
     while True:
         try:

@@ -153,8 +153,10 @@ def unavailable(exc: BaseException) -> bool:
 class Outage:
     """How long a waiting loop has gone without an answer: ``failed`` at each call that
     raised an :func:`unavailable` error (re-raises it once ``give_up_s`` have passed since the
-    first of them, or at once for any other error), ``answered`` at each that worked. Returns
-    what to tell the user: at the first failure of an outage, and when the server is back."""
+    first of them, at once when that is 0, and at once for any other error), ``answered`` at
+    each that worked. Returns what to tell the user: at the first failure of an outage, and
+    when the server is back. The clock starts when a call has used up its own retries (a
+    few seconds), so an outage is given up on that much later than ``give_up_s``."""
 
     def __init__(self, give_up_s: float) -> None:
         self.give_up_s = give_up_s
@@ -165,6 +167,8 @@ class Outage:
             raise exc
         now = time.monotonic()
         if self.since is None:
+            if self.give_up_s <= 0:
+                raise exc
             self.since = now
             return (
                 f"the hpo server does not answer ({type(exc).__name__}: {exc}); waiting up "

@@ -193,20 +193,31 @@ def _suggest(
 
 def check_fixed(spec: StudySpec, params: Mapping[str, Any]) -> None:
     """Refuse (InvalidInput naming ``params.<name>``) values an ask may not fix: a name not in
-    the space (a define-by-run study takes any), a value outside its domain."""
+    the space (a define-by-run study takes any), a value outside its domain, a conditional
+    parameter whose parents are not fixed with it (whether it is active would be left to
+    the sampler's draw of them)."""
     warmstart.check_given_params(spec, params)
+    for name in params:
+        param = spec.space.get(name)
+        for parent, values in ((param.when or {}) if param is not None else {}).items():
+            if parent not in params:
+                raise InvalidInput(
+                    f"params.{parent}: fixing {name} needs its parent {parent} fixed too "
+                    f"(one of {values} makes {name} active)",
+                    field=f"params.{parent}",
+                )
 
 
 def with_fixed(spec: StudySpec, suggestion: Suggestion, fixed: Mapping[str, Any]) -> Suggestion:
     """The sampler's suggestion with the ``fixed`` values in place of its own, parameters made
     inactive by them left out. A define-by-run study's trial carries only the fixed values:
     the suggestion becomes its proposal (see :mod:`hpo.service.define_by_run`)."""
+    if fixed and suggestion.info.get("sampler") == "grid":
+        refuse_off_point(suggestion.params, suggestion.info["grid_index"], fixed)
     if spec.define_by_run:
         return define_by_run.proposal(spec, suggestion, fixed)
     if not fixed:
         return suggestion
-    if suggestion.info.get("sampler") == "grid":
-        refuse_off_point(suggestion.params, suggestion.info["grid_index"], fixed)
     merged = {**suggestion.params, **fixed}
     params = {}
     for name in spec.parameter_order():

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -162,8 +163,11 @@ class FloatParam(_Conditional):
             return False
         if self.step is None:
             return True
-        k = (value - self.low) / self.step  # on the lattice low + k * step, up to rounding
-        return abs(k - round(k)) <= 1e-9 * max(1.0, abs(k))
+        # on the lattice low + k * step, up to the rounding of that sum (which grows with
+        # the magnitudes, not with k: low = 1e7, step = 0.1)
+        nearest = self.low + round((value - self.low) / self.step) * self.step
+        slack = 1e-9 * self.step + 8 * sys.float_info.epsilon * max(abs(self.low), abs(value))
+        return abs(value - nearest) <= slack
 
     def representatives(self) -> list[Any]:
         """Values that exercise the domain (for validating a trainable's settings)."""
@@ -442,23 +446,14 @@ class PrunerSpec(_Model):
             raise ValueError(f"mode: promotion needs type asha or hyperband, not {self.type!r}")
         if self.type == "hyperband" and self.max_steps is None:
             raise ValueError("hyperband needs max_steps (its brackets span min_steps..max_steps)")
-        rungs = self.type in ("asha", "hyperband")
-        if rungs and self.max_steps is not None and self.max_steps < self.min_steps:
-            raise ValueError(
-                f"max_steps: {self.max_steps} is below min_steps ({self.min_steps}): no rung fits"
-            )
         return self
-
-
-# The largest count a budget takes (2**53: exact as a float and in the dashboard's JavaScript).
-MAX_COUNT = 2**53
 
 
 class Budget(_Model):
     """How much the study may spend. ``max_trials`` counts distinct trial numbers."""
 
-    max_trials: StrictInt | None = Field(default=None, ge=1, le=MAX_COUNT)
-    max_concurrent: StrictInt | None = Field(default=None, ge=1, le=MAX_COUNT)
+    max_trials: StrictInt | None = Field(default=None, ge=1)
+    max_concurrent: StrictInt | None = Field(default=None, ge=1)
     timeout_s: Number | None = Field(
         default=None,
         gt=0,
@@ -476,7 +471,6 @@ class Budget(_Model):
     max_steps: StrictInt | None = Field(
         default=None,
         ge=1,
-        le=MAX_COUNT,
         description="Steps of training summed over all trials (a resumed trial counts each "
         "step once): no point beyond it is stored, the trial that reaches it is pruned there, "
         "and no trial is started or promoted after it. Compares schedulers at equal compute.",
@@ -815,6 +809,31 @@ class StudySpec(_Model):
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_defaults=False)
+
+
+# The largest count a budget takes (2**53: exact as a float and in the dashboard's JavaScript).
+MAX_COUNT = 2**53
+
+
+def check_budget(budget: Budget) -> None:
+    """Refuse (ValueError naming the field) budget counts past :data:`MAX_COUNT`. Checked
+    where a budget is given (a new study, an edit), not when a stored spec is read back, so a
+    study stored before the check stays readable; so are those of :func:`check_new`."""
+    for key in ("max_trials", "max_concurrent", "max_steps"):
+        value = getattr(budget, key)
+        if value is not None and value > MAX_COUNT:
+            raise ValueError(f"budget.{key}: at most 2**53 ({MAX_COUNT}), got {value}")
+
+
+def check_new(spec: StudySpec) -> None:
+    """The checks of a spec that creates a study which a stored spec is not held to (see
+    :func:`check_budget`). Raises ValueError naming the field."""
+    check_budget(spec.budget)
+    p = spec.pruner
+    if p.type in ("asha", "hyperband") and p.max_steps is not None and p.max_steps < p.min_steps:
+        raise ValueError(
+            f"pruner.max_steps: {p.max_steps} is below min_steps ({p.min_steps}): no rung fits"
+        )
 
 
 def load_yaml(text: str, name: str | None = None) -> Any:

@@ -39,7 +39,7 @@ from hpo.service.records import (
     TrialRecord,
 )
 from hpo.service.samplers import sampler_class
-from hpo.service.spec import StudySpec
+from hpo.service.spec import StudySpec, check_budget, check_new
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import MAX_PAGE, Storage, deadlines, leases, studies, trials
 from hpo.service.storage.records import trial_record
@@ -97,6 +97,7 @@ class StudyService:
         the cluster as the scheduler last saw it: see :mod:`hpo.service.placement`),
         NameTaken."""
         try:
+            check_new(spec)
             sampler_class(spec.sampler.type).check(spec)
             if spec.trainable is not None and self.check_trainable is not None:
                 self.check_trainable(spec)
@@ -555,7 +556,11 @@ def _new_budget(study: Study, changes: Mapping[str, Any]) -> dict:
         )
     budget.update(changes)
     spec = {**study.spec, "budget": budget}
-    StudySpec.model_validate(spec)
+    checked = StudySpec.model_validate(spec)  # its errors name their fields
+    try:
+        check_budget(checked.budget)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), field=_field_in(str(exc))) from exc
     return spec
 
 

@@ -236,11 +236,20 @@ def _checked(spec: StudySpec, i: int, t: FinishedTrial) -> tuple[TrialState, lis
     where = f"trials[{i}]"
     check_given_params(spec, t.params, where=f"{where}.params")
     if not spec.define_by_run and t.state != TrialState.FAILED:  # a failure may come early
-        try:
-            spec.check_params(t.params)  # every active parameter, and no inactive one
-        except ValueError as exc:
-            field = f"{where}.{str(exc).split(':', 1)[0]}"
-            raise InvalidInput(f"{where}.{exc}", field=field) from exc
+        # A warm start may come from a study with fewer parameters (missing ones are kept
+        # missing), but a result names some of them, and none that its values make inactive.
+        if spec.space and not t.params:
+            raise InvalidInput(
+                f"{where}.params: a {t.state} trial names none of the study's parameters "
+                f"({', '.join(spec.space)})",
+                field=f"{where}.params",
+            )
+        for name in t.params:
+            if not spec.is_active(name, t.params):
+                raise InvalidInput(
+                    f"{where}.params.{name}: inactive under the given parent values",
+                    field=f"{where}.params.{name}",
+                )
     if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAILED):
         raise InvalidInput(
             f"{where}.state: an imported trial is complete, pruned or failed, not {t.state!r}",

@@ -478,3 +478,26 @@ def test_idle_connections_are_dropped_before_the_server_drops_them(
         time.sleep(IDLE_S)
         raw.sendall(request)
         assert b" 200 " in (_read_message(stream) or b"")
+
+
+def test_wait_rides_out_a_gateway_answering_503_and_gives_up_when_told(
+    server: ServerProcess, proxy: FaultyProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway (the proxy) answers 503 while the server behind it restarts or its database
+    is away: ``Study.wait`` (as ``hpo watch``) says so once and goes on until it answers."""
+    direct = server.client()
+    study = direct.create_study(simple_spec("waited-503", budget={"max_trials": 1}))
+    study.tell(study.ask(), 1.0)  # the study completes at the server at once
+    watched = through(proxy, server).study(study.id)
+    path = f"/studies/{study.id}"
+    proxy.fail(path, "answer", times=12, status=503)  # three refreshes of 4 tries each
+    with caplog.at_level(logging.INFO, logger="hpo.api.client"):
+        assert watched.wait(poll_s=0.05, give_up_after_s=60).state == "completed"
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("does not answer" in m for m in said) == 1, said
+    assert any("answers again" in m for m in said), said
+    assert len([s for s in proxy.requests_to(path) if s.method == "GET"]) >= 13
+
+    proxy.fail(path, "answer", times=4, status=503)  # one refresh's tries
+    with pytest.raises(HpoError, match="HTTP 503"):
+        watched.wait(poll_s=0.05, give_up_after_s=0)  # 0: no waiting at all

@@ -192,7 +192,6 @@ def test_condition_values_must_exist_and_cycles_are_refused() -> None:
         ({"pruner": {"type": "asha", "reduction_factor": 3.0}}, "pruner.reduction_factor"),
         ({"sampler": {"type": "tpe", "n_startup_trials": True}}, "sampler.n_startup_trials"),
         ({"pruner": {"type": "median", "mode": "promotion"}}, "pruner.mode"),
-        ({"pruner": {"type": "asha", "min_steps": 9, "max_steps": 3}}, "pruner.max_steps"),
         ({"pruner": {"type": "asha", "mode": "pause"}}, "pruner.mode"),
         ({"budget": {"max_steps": 0}}, "budget.max_steps"),
         ({"budget": {"max_worker_seconds": 0}}, "budget.max_worker_seconds"),

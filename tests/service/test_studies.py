@@ -783,3 +783,27 @@ def test_an_ask_held_by_the_studys_other_asks_past_the_wait_is_told_to_ask_again
     assert "ask again" in held.value.message and held.value.retry_after_s == 1
     assert service.storage.get_study(sid).n_trials == 0
     assert service.ask(sid).number == 0
+
+
+def test_a_study_stored_before_the_newer_spec_checks_stays_readable_and_runs(
+    service: StudyService, storage: Storage
+) -> None:
+    """Budget counts past 2**53 and a rung pruner whose max_steps is below its min_steps are
+    refused when a study is created, not when a stored spec is read back: a study stored
+    before those checks is still listed, asked, told and edited."""
+    sid = service.create_study(StudySpec.model_validate(simple_spec("older"))).id
+    with storage.write() as s:
+        study = studies_rows.get(s, sid)
+        pruner = {"type": "asha", "min_steps": 9, "max_steps": 3}
+        study.spec = {**study.spec, "budget": {"max_trials": 2**60}, "pruner": pruner}
+    assert [r.id for r in storage.list_studies()[0]] == [sid]
+    assert storage.get_study(sid).spec["budget"]["max_trials"] == 2**60
+    trial = service.ask(sid)
+    service.tell(trial.id, value=1.0)
+    assert service.update_study(sid, max_trials=5).spec["budget"]["max_trials"] == 5
+    with pytest.raises(InvalidInput, match="budget.max_trials: at most 2\\*\\*53"):
+        service.update_study(sid, max_trials=2**60)
+    with pytest.raises(InvalidInput) as refused:  # a new study is held to them
+        bad = simple_spec("newer", pruner={"type": "asha", "min_steps": 9, "max_steps": 3})
+        service.create_study(StudySpec.model_validate(bad))
+    assert refused.value.field == "pruner.max_steps"
