@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import time
 import uuid
@@ -375,7 +376,7 @@ class Study:
                 f"{metrics!r} (Optuna's trial.report(value, step) is the handle's report)"
             )
         for name, value in metrics.items():  # JSON has no NaN: said here, naming the metric
-            if isinstance(value, float) and not math.isfinite(value):
+            if isinstance(value, numbers.Real) and not math.isfinite(value):  # numpy's too
                 raise errors.InvalidInput(
                     f"metrics.{name}: must be a finite number, got {value}",
                     field=f"metrics.{name}",

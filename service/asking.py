@@ -195,8 +195,10 @@ def check_fixed(spec: StudySpec, params: Mapping[str, Any]) -> None:
     """Refuse (InvalidInput naming ``params.<name>``) values an ask may not fix: a name not in
     the space (a define-by-run study takes any), a value outside its domain, a conditional
     parameter whose parents are not fixed with it (whether it is active would be left to
-    the sampler's draw of them)."""
+    the sampler's draw of them; a define-by-run trial's code decides that itself)."""
     warmstart.check_given_params(spec, params)
+    if spec.define_by_run:  # the trial's own code decides at run time what is active
+        return
     for name in params:
         param = spec.space.get(name)
         for parent, values in ((param.when or {}) if param is not None else {}).items():

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from hpo.service.db.models import Trial, TrialParam
 from hpo.service.promotions import checkpoint_problem
 from hpo.service.pruners.base import PauseDecision, Pruner, PruningHistory, Report
-from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
+from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec, lattice_point
 from hpo.workers import storage
 
 # How long a trial must have waited for a slot (paused, or not created yet) before a trial at
@@ -169,14 +169,14 @@ def _scaled(param: FloatParam | IntParam, value: Any, factor: float) -> Any:
     x = min(high, max(low, float(value) * factor))
     if step is not None:
         step = float(step)
-        on = low + round((x - low) / step) * step
-        if factor != 1.0 and math.isclose(on, float(value)):
-            on = float(value) + (step if factor > 1 else -step)
-        top = low + math.floor((high - low) / step + 1e-9) * step  # the lattice's last point
-        x = min(top, max(low, on))
+        k = round((x - low) / step)
+        if factor != 1.0 and math.isclose(lattice_point(low, step, k), float(value)):
+            k = round((float(value) - low) / step) + (1 if factor > 1 else -1)
+        last = math.floor((high - low) / step + 1e-9)  # the lattice's last point
+        x = lattice_point(low, step, min(last, max(0, k)))
     if isinstance(param, IntParam):
         return round(x)
-    return round(x, 12) if step is not None else x
+    return x
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -127,6 +128,12 @@ class _Conditional(_Model):
                 if not values:
                     raise ValueError(f"`when.{parent}` must list at least one value")
         return when
+
+
+def lattice_point(low: float, step: float, k: int) -> float:
+    """``low + k * step`` as the decimals read (0.1 * 3 is 0.3, -0.3 + 3 * 0.1 is 0, 1e-300
+    steps stay apart), rounded once to a float: the values a float ``step`` takes."""
+    return float(Decimal(repr(float(low))) + k * Decimal(repr(float(step))))
 
 
 class FloatParam(_Conditional):
@@ -815,11 +822,14 @@ class StudySpec(_Model):
 MAX_COUNT = 2**53
 
 
-def check_budget(budget: Budget) -> None:
-    """Refuse (ValueError naming the field) budget counts past :data:`MAX_COUNT`. Checked
-    where a budget is given (a new study, an edit), not when a stored spec is read back, so a
-    study stored before the check stays readable; so are those of :func:`check_new`."""
-    for key in ("max_trials", "max_concurrent", "max_steps"):
+def check_budget(
+    budget: Budget, keys: Iterable[str] = ("max_trials", "max_concurrent", "max_steps")
+) -> None:
+    """Refuse (ValueError naming the field) budget counts (those of ``keys``: an edit's)
+    past :data:`MAX_COUNT`. Checked where a budget is given (a new study, an edit), not when
+    a stored spec is read back, so a study stored before the check stays readable; so are
+    those of :func:`check_new`."""
+    for key in set(keys) & {"max_trials", "max_concurrent", "max_steps"}:
         value = getattr(budget, key)
         if value is not None and value > MAX_COUNT:
             raise ValueError(f"budget.{key}: at most 2**53 ({MAX_COUNT}), got {value}")

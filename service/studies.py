@@ -26,6 +26,7 @@ from hpo.service.errors import (
     InvalidInput,
     NameTaken,
     NotFound,
+    StudyNotFound,
     StudyNotRunning,
     SuggestionPending,
     TrialFinished,
@@ -113,10 +114,16 @@ class StudyService:
         """The study named ``spec.name`` if it exists and matches ``spec`` (see
         :func:`hpo.service.warmstart.difference`), else a new one; and whether it was
         created. Raises Conflict naming what differs, and what :meth:`create_study` raises."""
+        try:  # a stored study is loaded without the checks a new one takes (check_new)
+            return self._load(spec), False
+        except StudyNotFound:
+            pass
         try:
             return self.create_study(spec), True
-        except NameTaken:
-            pass
+        except NameTaken:  # created meanwhile by another caller
+            return self._load(spec), False
+
+    def _load(self, spec: StudySpec) -> StudyRecord:
         with self.storage.read() as s:
             study = studies.get(s, studies.resolve(s, spec.name))
             diff = warmstart.difference(transitions.spec_of(study), spec)
@@ -126,7 +133,7 @@ class StudyService:
                     "same, or choose another name",
                     field=diff.split(" ", 1)[0],
                 )
-            return studies.record(s, study), False
+            return studies.record(s, study)
 
     def update_study(
         self,
@@ -558,7 +565,7 @@ def _new_budget(study: Study, changes: Mapping[str, Any]) -> dict:
     spec = {**study.spec, "budget": budget}
     checked = StudySpec.model_validate(spec)  # its errors name their fields
     try:
-        check_budget(checked.budget)
+        check_budget(checked.budget, changes)  # what the edit gives, not what it keeps
     except ValueError as exc:
         raise InvalidInput(str(exc), field=_field_in(str(exc))) from exc
     return spec

@@ -245,11 +245,10 @@ def _checked(spec: StudySpec, i: int, t: FinishedTrial) -> tuple[TrialState, lis
                 field=f"{where}.params",
             )
         for name in t.params:
-            if not spec.is_active(name, t.params):
-                raise InvalidInput(
-                    f"{where}.params.{name}: inactive under the given parent values",
-                    field=f"{where}.params.{name}",
-                )
+            missing = [p for p in spec.space[name].when or {} if p not in t.params]
+            if missing or not spec.is_active(name, t.params):
+                why = f"needs its parent {missing[0]}" if missing else "inactive under its parents"
+                raise InvalidInput(f"{where}.params.{name}: {why}", field=f"{where}.params.{name}")
     if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAILED):
         raise InvalidInput(
             f"{where}.state: an imported trial is complete, pruned or failed, not {t.state!r}",

@@ -9,7 +9,7 @@ from typing import Any
 
 from hpo.service.errors import GridExhausted, InvalidInput
 from hpo.service.samplers.base import Sampler, StudyView, Suggestion
-from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
+from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec, lattice_point
 
 MAX_GRID_POINTS = 1_000_000
 
@@ -75,10 +75,7 @@ def grid_values(name: str, param: FloatParam | IntParam | CategoricalParam) -> l
     count = math.floor((param.high - param.low) / param.step + 1e-9) + 1
     if count > MAX_GRID_POINTS:
         raise ValueError(f"space.{name}: the float range has {count:,} steps, too many to grid")
-    # rounded 12 digits below the step: 0.1 * 3 is 0.3, -0.3 + 3 * 0.1 is 0, and the points
-    # of a tiny range (steps of 1e-300) are not all rounded to 0
-    digits = 12 - math.floor(math.log10(param.step))
-    return [round(param.low + k * param.step, digits) for k in range(count)]
+    return [lattice_point(param.low, param.step, k) for k in range(count)]
 
 
 def grid_points(spec: StudySpec) -> list[dict[str, Any]]:
