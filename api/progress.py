@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -106,7 +107,7 @@ def watch(
     )
 
     outage = Outage(give_up_after_s)
-    record = _refresh(study, outage, console, poll_s)
+    record = _answered(study.refresh, outage, console, poll_s)
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -134,11 +135,11 @@ def watch(
     return 0 if ok else 1
 
 
-def _refresh(study: Any, outage: Outage, shown: Any, poll_s: float) -> Any:
-    """The study's record, once the server answers (an outage said and waited out)."""
+def _answered(call: Callable[[], Any], outage: Outage, shown: Any, poll_s: float) -> Any:
+    """``call()``'s result once the server answers it (an outage said and waited out)."""
     while True:
         try:
-            record = study.refresh()
+            result = call()
         except Exception as exc:
             _warn(shown, outage.failed(exc))
             time.sleep(poll_s)
@@ -146,7 +147,7 @@ def _refresh(study: Any, outage: Outage, shown: Any, poll_s: float) -> Any:
         back = outage.answered()
         if back:
             shown.print(escape(back), soft_wrap=True)
-        return record
+        return result
 
 
 def _follow(
@@ -157,22 +158,19 @@ def _follow(
     cursor, reported = None, set()
     scheduled = _SchedulerCheck(study, record)
     shown = progress.console
+
+    def look() -> Any:
+        nonlocal cursor
+        scheduled.check(shown, record)
+        changed, cursor = study.changed_trials(cursor)
+        for t in sorted(changed, key=lambda t: t.number):
+            if t.state in ("complete", "pruned", "failed") and t.id not in reported:
+                reported.add(t.id)
+                shown.print(trial_line(t), soft_wrap=True)
+        return study.refresh()
+
     while True:
-        try:
-            scheduled.check(shown, record)
-            changed, cursor = study.changed_trials(cursor)
-            for t in sorted(changed, key=lambda t: t.number):
-                if t.state in ("complete", "pruned", "failed") and t.id not in reported:
-                    reported.add(t.id)
-                    shown.print(trial_line(t), soft_wrap=True)
-            record = study.refresh()
-        except Exception as exc:
-            _warn(shown, outage.failed(exc))
-            time.sleep(poll_s)
-            continue
-        back = outage.answered()
-        if back:
-            shown.print(escape(back), soft_wrap=True)
+        record = _answered(look, outage, shown, poll_s)
         progress.update(task, **_progress_fields(record))
         if record.state in ("completed", "stopped"):
             return record

@@ -57,12 +57,14 @@ def test_paused_ddp_trial_is_promoted_and_resumes_from_its_checkpoint_after_a_re
         # the control plane was killed (an infrastructure loss, retried without cost).
         retries = [e.detail for e in done.events if "retrying" in (e.detail or "")]
         assert all("[infrastructure]" in r and "restarted" in r for r in retries), retries
-        # its curve continues: steps 1-4 once each, 1 and 2 from the attempt that paused,
-        # 3 and 4 from the promoted one
+        # its curve continues: steps 1-4 once each, 1 and 2 from the attempts before the
+        # promotion (the one that paused, or one the restart cut short and the retry that
+        # resumed it), 3 and 4 from the promoted one
         points = study.metrics(done.id, "loss")
         assert [p.step for p in points] == [1, 2, 3, 4]
         resumed = {p.step: p.attempt for p in points}
-        assert resumed[1] == resumed[2] == promoted.attempt - 1
+        before = promoted.attempt - 1
+        assert before - len(retries) <= resumed[1] <= resumed[2] <= before, (resumed, retries)
         assert resumed[3] == resumed[4] == promoted.attempt == done.attempts
         assert [round(p.value, 6) for p in points] == sorted(
             (round(p.value, 6) for p in points), reverse=True

@@ -163,9 +163,9 @@ def test_wilcoxon_stops_a_trial_surely_worse_than_the_best() -> None:
 @pytest.mark.parametrize(
     ("pruner", "field", "words"),
     [
-        ({"type": "threshold"}, "pruner", "needs `lower`, `upper`"),
-        ({"type": "threshold", "lower": 2, "upper": 1}, "pruner", "above upper"),
-        ({"type": "median", "wrapped": {"type": "median"}}, "pruner", "only a `patient`"),
+        ({"type": "threshold"}, "pruner.lower", "needs `lower`, `upper`"),
+        ({"type": "threshold", "lower": 2, "upper": 1}, "pruner.lower", "above upper"),
+        ({"type": "median", "wrapped": {"type": "median"}}, "pruner.wrapped", "only a `patient`"),
         ({"type": "percentile", "percentile": 101}, "pruner.percentile", "less than or equal"),
         ({"type": "median", "compare": "best"}, "pruner.compare", "current"),
         ({"type": "patient", "wrapped": {"type": "nope"}}, "pruner.wrapped.type", "unknown"),
