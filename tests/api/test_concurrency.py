@@ -315,3 +315,42 @@ def test_a_page_following_the_trials_cursor_misses_no_point(
     streamed = [v for v in truth.values() if v[1] in ("running", "pruned")]
     assert {state for _, state in streamed} == {"running", "pruned"}, streamed
     assert sum(1 for step, state in streamed if state == "running" and step == 40) == CLIENTS // 2
+
+
+def test_fixed_asks_and_imports_racing_on_a_grid_leave_no_point_twice_or_unrun(
+    two_servers: list[ServerProcess],
+) -> None:
+    """Plain asks, asks with fixed values and imports race through two servers on a grid:
+    trial n is always grid point n (a guess that lost its number is a 422, never stored
+    elsewhere), and once the grid is exhausted every point ran exactly once."""
+    grid = {"x": {"type": "int", "low": 0, "high": 39}}
+    with two_servers[0].http() as http:
+        spec = simple_spec("grid-fixed-race", sampler={"type": "grid"}, space=grid)
+        study_id = http.post("/api/v1/studies", json=spec).json()["id"]
+    codes: list[int] = []
+
+    def worker(i: int) -> None:
+        with two_servers[i % 2].http() as http:
+            for k in range(10):
+                guess = (i * 10 + k) // 3  # about where the next number is
+                if k % 3 == 0:
+                    r = http.post(f"/api/v1/studies/{study_id}/ask")
+                elif k % 3 == 1:
+                    r = http.post(f"/api/v1/studies/{study_id}/ask", json={"params": {"x": guess}})
+                else:
+                    row = {"params": {"x": guess}, "value": 1.0}
+                    r = http.post(f"/api/v1/studies/{study_id}/trials", json={"trials": [row]})
+                codes.append(r.status_code)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    with two_servers[1].http() as http:
+        while http.post(f"/api/v1/studies/{study_id}/ask").status_code == 201:
+            pass  # the rest of the grid
+        trials = http.get(f"/api/v1/studies/{study_id}/trials", params={"limit": 1000}).json()
+    assert set(codes) <= {201, 409, 422}, codes
+    assert all(t["params"]["x"] == t["number"] for t in trials["trials"]), trials
+    assert sorted(t["params"]["x"] for t in trials["trials"]) == list(range(40))

@@ -10,9 +10,11 @@ import queue
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 from tests.api.test_cli import cli_command, cli_env
 from tests.conftest import ServerProcess, simple_spec
+from tests.faults.conftest import OwnPostgres
 
 
 class Watch:
@@ -108,3 +110,33 @@ def test_watch_gives_up_on_a_server_that_stays_away(sqlite_server: ServerProcess
     assert "does not answer" in watch.seen
     assert "\nerror: cannot reach the hpo server" in watch.seen  # not after the bar, on its line
     assert waited >= 10, (waited, watch.seen)  # not before its limit
+
+
+def test_watch_rides_out_the_database_away_for_20_s(
+    own_postgres: OwnPostgres, tmp_path: Path
+) -> None:
+    """The server stays up and answers 503 while its database is away: 20 s, or until the
+    watch has said so (one read's own retries run out first: about 25 s with the server's
+    Retry-After of 5 s). The watch waits, and shows the trial that ends after the database
+    is back, once; the old watch exited 3 there."""
+    server = ServerProcess(own_postgres.url, tmp_path, {"HPO_SCHEDULER": "false"})
+    with server:
+        study = server.client().create_study(simple_spec("db-away", budget={"max_trials": 2}))
+        study.tell(study.ask(), 1.0)
+        watch = Watch(server, "db-away", "--give-up-after", "120")
+        try:
+            watch.until("trial   0")
+            own_postgres.stop("immediate")
+            gone = time.monotonic()
+            watch.until("does not answer", timeout=90)
+            time.sleep(max(0.0, 20 - (time.monotonic() - gone)))
+            own_postgres.start()
+            study = server.client().study("db-away")
+            study.tell(study.ask(), 2.0)
+            code = watch.end(timeout=120)
+        finally:
+            watch.kill()
+    assert code == 0, watch.seen
+    assert "answers again" in watch.seen, watch.seen
+    for number in (0, 1):
+        assert watch.seen.count(f"trial   {number} complete") == 1, watch.seen
