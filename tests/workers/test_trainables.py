@@ -262,7 +262,15 @@ def ddp_spec(name: str, trainable: str, config: dict, **over: Any) -> dict:
 def run_study(server: ServerProcess, spec: dict) -> tuple[Any, Any]:
     client = server.client()
     study = client.create_study(spec)
-    wait_for(lambda: study.state in ("completed", "stopped"), 240, f"study {spec['name']}")
+    try:
+        wait_for(lambda: study.state in ("completed", "stopped"), 240, f"study {spec['name']}")
+    except AssertionError as timeout:  # say where the study stood, and what the server said
+        trials = [
+            (t.number, t.state, [(e.state, e.detail) for e in client.trial(t.id).events])
+            for t in study.trials()
+        ]
+        log = server.log_path.read_text()[-6000:]
+        raise AssertionError(f"{timeout}; state {study.state}, trials {trials}\n{log}") from None
     return study, client.trial(study.trials()[0].id)
 
 
