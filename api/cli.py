@@ -220,7 +220,7 @@ def _give_up_after(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--give-up-after",
         type=_seconds,
-        default=GIVE_UP_AFTER_S,
+        default=None,
         metavar="SECONDS",
         help="while watching, how long to wait for a server that stopped answering (it "
         "restarts, its database is away) before exiting with its error "
@@ -228,7 +228,13 @@ def _give_up_after(c: argparse.ArgumentParser) -> None:
     )
 
 
+def _give_up_s(args: argparse.Namespace) -> float:
+    return GIVE_UP_AFTER_S if args.give_up_after is None else args.give_up_after
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
+    if args.give_up_after is not None and not args.wait:
+        raise errors.InvalidInput("--give-up-after: only with --wait (it is how long to watch)")
     if not args.spec.exists():
         raise errors.InvalidInput(f"spec file {args.spec} does not exist")
     spec = StudySpec.from_yaml(args.spec)
@@ -243,7 +249,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             "budget changes with PATCH /api/v1/studies/{id} or Study.set_budget)"
         )
     if args.wait:
-        return watch(study, give_up_after_s=args.give_up_after)
+        return watch(study, give_up_after_s=_give_up_s(args))
     return 0
 
 
@@ -359,7 +365,7 @@ def _export_runs(args: argparse.Namespace, study: Any) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    return watch(_client(args).study(args.study), give_up_after_s=args.give_up_after)
+    return watch(_client(args).study(args.study), give_up_after_s=_give_up_s(args))
 
 
 def cmd_set_state(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from hpo.service.db.models import Study, Trial, TrialParam, utcnow
 from hpo.service.errors import Conflict, InvalidInput, StudyNotRunning
 from hpo.service.records import TrialRecord
 from hpo.service.samplers.grid import GridSampler, refuse_off_point
-from hpo.service.spec import StudySpec, check_json, check_json_size
+from hpo.service.spec import MAX_COUNT, StudySpec, check_json, check_json_size
 from hpo.service.states import ENQUEUED_TRIAL_STATE, StudyState, TrialState
 from hpo.service.storage import Storage, events, studies, trials
 from hpo.service.storage.records import trial_record
@@ -99,6 +99,8 @@ def grow_budget(study: Study, *, at_least: int | None = None, by: int = 0) -> No
     if current is None:
         return
     new = max(current + by, at_least or 0)
+    if new > MAX_COUNT:  # grown no further than a count JSON holds exactly
+        new = max(current, MAX_COUNT)
     if new != current:
         budget["max_trials"] = new
         study.spec = {**study.spec, "budget": budget}

@@ -253,6 +253,11 @@ def test_submit_invalid_yaml_syntax_is_bad_input(tmp_path: Path) -> None:
     latin.write_bytes("name: caf\u00e9\n".encode("latin-1"))
     r = run_cli(None, "submit", str(latin), url=f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 2 and f"{latin}: not UTF-8 text" in r.stderr, r.stderr
+    # how long to watch, without watching: said, not ignored (nothing is sent)
+    spec = write_spec(tmp_path / "ok.yaml", "unwatched")
+    url = f"http://127.0.0.1:{free_port()}"
+    r = run_cli(None, "submit", str(spec), "--give-up-after", "60", url=url)
+    assert r.returncode == 2 and "--give-up-after: only with --wait" in r.stderr, r.stderr
 
 
 def test_submit_wait_until_completed_and_until_stopped(

@@ -426,6 +426,20 @@ def test_budget_patch(service: StudyService) -> None:
     service.ask(sid2)
 
 
+def test_imports_grow_a_budget_no_further_than_json_counts_exactly(service: StudyService) -> None:
+    from hpo.service.spec import MAX_COUNT
+    from hpo.service.warmstart import FinishedTrial
+
+    sid = create(service, budget={"max_trials": MAX_COUNT - 1})
+    done = [
+        FinishedTrial(params={"x": 0.5}, value=1.0),
+        FinishedTrial(params={"x": 0.1}, value=2.0),
+    ]
+    service.import_trials(sid, done)  # would be 2**53 + 1
+    assert service.storage.get_study(sid).spec["budget"]["max_trials"] == MAX_COUNT
+    assert service.ask(sid).number == 2
+
+
 def test_timeout_budget(service: StudyService) -> None:
     # Long enough that the first ask and tell land inside it on a loaded machine (with 0.3 s,
     # a slow tell completed the study first and the ask answered "not running").
