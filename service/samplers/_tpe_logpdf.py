@@ -15,41 +15,74 @@ bit for bit), and a suggestion stays Optuna's for the same seed.
 
 from __future__ import annotations
 
-import numpy as np
-from optuna.samplers._tpe import _truncnorm
-from optuna.samplers._tpe.probability_distributions import (
-    _BatchedCategoricalDistributions,
-    _BatchedDiscreteTruncLogNormDistributions,
-    _BatchedDiscreteTruncNormDistributions,
-    _BatchedTruncLogNormDistributions,
-    _BatchedTruncNormDistributions,
-    _log_gauss_mass_unique,
-    _MixtureOfProductDistribution,
-    _unique_inverse_2d,
-)
+import logging
+from typing import Any
 
-_CONTINUOUS = (_BatchedTruncNormDistributions, _BatchedTruncLogNormDistributions)
-_DISCRETE = (_BatchedDiscreteTruncNormDistributions, _BatchedDiscreteTruncLogNormDistributions)
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+try:  # the Optuna whose log_pdf this follows (5.x); with another, its own code runs
+    from optuna.samplers._tpe import _truncnorm
+    from optuna.samplers._tpe.probability_distributions import (
+        _BatchedCategoricalDistributions,
+        _BatchedDiscreteTruncLogNormDistributions,
+        _BatchedDiscreteTruncNormDistributions,
+        _BatchedTruncLogNormDistributions,
+        _BatchedTruncNormDistributions,
+        _log_gauss_mass_unique,
+        _unique_inverse_2d,
+    )
+
+    # None until the first call has compared it with Optuna's own: the same numbers or not
+    _same_as_optuna: bool | None = None
+except ImportError:  # pragma: no cover - an Optuna without these
+    _same_as_optuna = False
+
 # numpy sums fewer than 8 numbers in order, one after another (its pairwise summation starts
 # at 8): the continuous parameters' terms are added so only while there are fewer than that.
 _SEQUENTIAL_SUM = 8
 
 
-def log_pdf(mixture: _MixtureOfProductDistribution, x: np.ndarray) -> np.ndarray:
-    """``mixture.log_pdf(x)``: ``x`` is (candidates × parameters) in the mixture's order."""
+def log_pdf(mixture: Any, x: np.ndarray) -> np.ndarray:
+    """``mixture.log_pdf(x)``: ``x`` is (candidates × parameters) in the mixture's order.
+
+    The first call also takes Optuna's own and compares: where the installed Optuna computes
+    its density otherwise than the one this follows, its own code is used from then on."""
+    global _same_as_optuna
+    ours = None if _same_as_optuna is False else _log_pdf(mixture, x)
+    if ours is None:
+        return mixture.log_pdf(x)
+    if _same_as_optuna is None:
+        theirs = mixture.log_pdf(x)
+        _same_as_optuna = bool(np.array_equal(ours, theirs, equal_nan=True))
+        if not _same_as_optuna:
+            log.warning("TPE: this Optuna's density differs from the fast path's; using its own")
+            return theirs
+    return ours
+
+
+def _log_pdf(mixture: Any, x: np.ndarray) -> np.ndarray | None:
+    """The density, or None for a mixture this does not follow Optuna on."""
+    continuous_types = (_BatchedTruncNormDistributions, _BatchedTruncLogNormDistributions)
+    discrete_types = (
+        _BatchedDiscreteTruncNormDistributions,
+        _BatchedDiscreteTruncLogNormDistributions,
+    )
     dists = mixture.distributions
-    continuous = [i for i, d in enumerate(dists) if isinstance(d, _CONTINUOUS)]
+    continuous = [i for i, d in enumerate(dists) if isinstance(d, continuous_types)]
     known = all(
-        isinstance(d, (*_CONTINUOUS, *_DISCRETE, _BatchedCategoricalDistributions)) for d in dists
+        isinstance(d, (*continuous_types, *discrete_types, _BatchedCategoricalDistributions))
+        for d in dists
     )
     if not known or len(continuous) >= _SEQUENTIAL_SUM:
-        return mixture.log_pdf(x)
+        return None
     weighted = np.zeros((len(x), len(mixture.weights)), dtype=np.float64)
     for i, d in enumerate(dists):
         if isinstance(d, _BatchedCategoricalDistributions):
             # log(take(weights, x)) is take(log(weights), x), element for element.
             weighted += np.log(d.weights.T[x[:, i].astype(np.int64)])
-        elif isinstance(d, _DISCRETE):
+        elif isinstance(d, discrete_types):
             _add_discrete(weighted, d, x[:, i])
     if continuous:
         cont = [dists[i] for i in continuous]
@@ -111,9 +144,7 @@ def _continuous(
     return out
 
 
-def _add_discrete(
-    weighted: np.ndarray, d: _BatchedDiscreteTruncNormDistributions, xi: np.ndarray
-) -> None:
+def _add_discrete(weighted: np.ndarray, d: Any, xi: np.ndarray) -> None:
     """Add one stepped parameter's term to ``weighted``, exactly as Optuna does."""
     step, is_log = d.step, d.is_log
     xi_uniq, xi_inv = np.unique(xi, return_inverse=True)
