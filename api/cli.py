@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +240,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise errors.InvalidInput(f"spec file {args.spec} does not exist")
     spec = StudySpec.from_yaml(args.spec)
     client = _client(args)
-    study = client.create_study(spec, load_if_exists=args.load_if_exists)
+    with warnings.catch_warnings():  # what a loaded study keeps is said below
+        warnings.simplefilter("ignore", UserWarning)
+        study = client.create_study(spec, load_if_exists=args.load_if_exists)
     if study.created:
         out.print(f"study {study.id} ({study.name}) created")
     else:

@@ -208,6 +208,9 @@ class Client:
         """
         if idempotent is None:
             idempotent = method.upper() in ("GET", "HEAD")
+        if "json" in kwargs and (found := _not_finite(kwargs["json"])) is not None:
+            where, value = found  # JSON has no NaN: said here, naming where it is
+            raise errors.InvalidInput(f"{where}: must be a finite number, got {value}", field=where)
         built = self._http.build_request(method, path, **kwargs)
         response = send(self._http, built, idempotent=idempotent, policy=retry or self.retry)
         if response.status_code >= 400:
@@ -238,6 +241,12 @@ class Client:
         answer = self.request("POST", "/api/v1/studies", json=spec.to_json(), params=params)
         study = Study(self, StudyRecord.model_validate(answer.json()))
         study.created = answer.status_code == 201  # 200: loaded (load_if_exists)
+        if not study.created and (kept := _kept_settings(spec, study._record.spec)):
+            warnings.warn(
+                f"study {study.name!r} loaded: it keeps its stored {', '.join(kept)}, not "
+                "this spec's (a budget changes with Study.set_budget)",
+                stacklevel=2,
+            )
         return study
 
     def study(self, ref: int | str) -> Study:
@@ -359,12 +368,17 @@ class Study:
         return data["value"]
 
     def continue_(self, n_trials: int) -> StudyRecord:
-        """Allow ``n_trials`` more trials than were handed out so far; a completed study runs
-        again (its scheduler launches them, or your asks get them)."""
+        """Allow ``n_trials`` more trials than were handed out so far (``max_trials`` =
+        handed out + ``n_trials``, never lowered: a budget that allows more already stays);
+        a completed study runs again (its scheduler launches them, or your asks get them)."""
         if n_trials < 1:
             raise ValueError("n_trials must be at least 1")
         record = self.refresh()
-        return self.set_budget(max_trials=record.n_trials + n_trials)
+        wanted = record.n_trials + n_trials
+        current = (record.spec.get("budget") or {}).get("max_trials")
+        if record.state in ("running", "paused") and (current is None or current >= wanted):
+            return record  # it allows that many already: never lowered
+        return self.set_budget(max_trials=wanted if current is None else max(current, wanted))
 
     def report(self, trial: TrialRef, step: int, metrics: Mapping[str, float]) -> bool:
         """Report metric values at ``step``; returns True when the trial should stop
@@ -510,7 +524,14 @@ class Study:
 
     @property
     def best_trial(self) -> TrialRecord | None:
-        """The best complete trial (single objective)."""
+        """The best complete trial (None before any completed). A multi-objective study
+        has no single best: its Pareto front is :attr:`best_trials` (ValueError here)."""
+        objective = self._record.spec["objective"]
+        if isinstance(objective, list) and len(objective) > 1:
+            raise ValueError(
+                f"study {self.name!r} has {len(objective)} objectives: its Pareto front is "
+                "best_trials, not best_trial"
+            )
         data = self.client._json("GET", f"/studies/{self.id}/best")
         best = data["best_trial"]
         return None if best is None else TrialRecord.model_validate(best)
@@ -697,6 +718,32 @@ def _optuna_trials(storage_url: str, study_name: str | None) -> list[dict[str, A
             row["user_attrs"] = dict(t.user_attrs)
         rows.append(row)
     return rows
+
+
+def _kept_settings(given: StudySpec, stored: Mapping[str, Any]) -> list[str]:
+    """The settings a study loaded by its spec kept from its stored spec, where ``given``
+    said otherwise: its budget, sampler, pruner."""
+    kept = StudySpec.model_validate(stored)
+    return [
+        name
+        for name in ("budget", "sampler", "pruner")
+        if getattr(kept, name) != getattr(given, name)
+    ]
+
+
+def _not_finite(body: Any, path: str = "body") -> tuple[str, float] | None:
+    """Where the first NaN or infinity in a JSON body is (``trials[0].value``) and what."""
+    if isinstance(body, float):
+        return None if math.isfinite(body) else (path, body)
+    items: Any = ()
+    if isinstance(body, Mapping):
+        items = ((f"{key}" if path == "body" else f"{path}.{key}", v) for key, v in body.items())
+    elif isinstance(body, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(body))
+    for where, value in items:
+        if (found := _not_finite(value, where)) is not None:
+            return found
+    return None
 
 
 def _to_spec(spec: StudySpec | Mapping[str, Any] | str | Path) -> StudySpec:

@@ -126,9 +126,9 @@ def report_arguments(
 ) -> tuple[int, Mapping[str, float]]:
     """``(step, {name: value})`` from ``report(step, metrics)`` or Optuna's ``report(value,
     step)``; TypeError saying which forms are accepted otherwise."""
-    if isinstance(metrics, Mapping) and _is_step(step):
+    if isinstance(metrics, Mapping) and is_step(step):
         return int(step), metrics
-    if _is_step(metrics) and _is_number(step) and metric is not None:
+    if is_step(metrics) and is_number(step) and metric is not None:
         return int(metrics), {metric: float(step)}
     raise TypeError(
         "report takes (step, {metric: value}) or, as Optuna, (value, step) with an integer "
@@ -136,11 +136,14 @@ def report_arguments(
     )
 
 
-def _is_step(x: Any) -> bool:
+def is_step(x: Any) -> bool:
+    """Whether ``x`` can be a report's step: an int (not a bool), 0 or more."""
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
+    """Whether ``x`` can be a reported value: anything ``float()`` takes but a bool, a
+    string or a mapping."""
     if isinstance(x, bool):
         return False
     try:

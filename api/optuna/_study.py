@@ -27,6 +27,18 @@ from .samplers import BaseSampler, TPESampler
 # A cap on ``n_trials`` for every optimize (a test or a dry run of an unchanged script).
 MAX_TRIALS_ENV = "HPO_OPTUNA_MAX_TRIALS"
 ObjectiveFunc = Callable[[Trial], Any]
+# Optuna's default columns of trials_dataframe (system_attrs: empty here)
+DATAFRAME_ATTRS = (
+    "number",
+    "value",
+    "datetime_start",
+    "datetime_complete",
+    "duration",
+    "params",
+    "user_attrs",
+    "system_attrs",
+    "state",
+)
 Callback = Callable[["Study", FrozenTrial], None]
 
 
@@ -222,33 +234,57 @@ class Study:
         return dict(self._study.refresh().spec.get("user_attrs") or {})
 
     def trials_dataframe(
-        self, attrs: Sequence[str] | None = None, multi_index: bool = False
+        self,
+        attrs: Sequence[str] = DATAFRAME_ATTRS,
+        multi_index: bool = False,
     ) -> Any:
-        """One row per trial with Optuna's columns: number, value(s), datetime_start,
-        datetime_complete, duration, params_*, user_attrs_*, state."""
+        """One row per trial, Optuna's way: a column group per name in ``attrs``, in that
+        order (``params``, ``user_attrs``, ``intermediate_values`` and a multi-objective
+        study's ``values`` spread over one column each, sorted); flat ``params_x`` names, or
+        ``(params, x)`` pairs with ``multi_index``. No trials: an empty frame, as Optuna's."""
         pd = hpo_client._pandas()
-        rows = []
-        for t in self.trials:
-            row: dict[str, Any] = {"number": t.number}
-            if len(self.directions) == 1:
-                row["value"] = t.values[0] if t.values else None
-            else:
-                for i in range(len(self.directions)):
-                    row[f"values_{i}"] = t.values[i] if t.values else None
-            row.update(
-                datetime_start=t.datetime_start,
-                datetime_complete=t.datetime_complete,
-                duration=t.duration,
-            )
-            row.update({f"params_{k}": v for k, v in t.params.items()})
-            row.update({f"user_attrs_{k}": v for k, v in t.user_attrs.items()})
-            row["state"] = t.state.name
-            rows.append(row)
-        return pd.DataFrame(rows)
+        trials = self.trials
+        if not trials:
+            return pd.DataFrame()
+        multi = len(self.directions) > 1
+        attrs = tuple("values" if multi and a == "value" else a for a in attrs)
+        groups: dict[str, set[tuple[str, Any]]] = {a: set() for a in attrs}
+        records = []
+        for t in trials:
+            record: dict[tuple[str, Any], Any] = {}
+            for attr in attrs:
+                column = attr.lstrip("_")
+                if attr == "values":
+                    values = t.values or [None] * len(self.directions)
+                    cells = list(enumerate(values))
+                elif attr == "value":
+                    cells = [("", t.values[0] if t.values else None)]
+                else:
+                    value = getattr(t, attr)
+                    if isinstance(value, TrialState):
+                        value = value.name
+                    cells = list(value.items()) if isinstance(value, dict) else [("", value)]
+                for key, cell in cells:
+                    record[column, key] = cell
+                    groups[attr].add((column, key))
+            records.append(record)
+        columns = [c for attr in attrs for c in _sorted(groups[attr])]
+        frame = pd.DataFrame(records, columns=pd.MultiIndex.from_tuples(columns))
+        if not multi_index:
+            frame.columns = ["_".join(str(p) for p in c if p != "") for c in columns]
+        return frame
 
     @property
     def _metric(self) -> str:
         return self._metrics[0]
+
+
+def _sorted(columns: set[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """A group's columns in order: by name, or by step (``intermediate_values``)."""
+    try:
+        return sorted(columns)
+    except TypeError:  # names of more than one type
+        return sorted(columns, key=lambda c: (c[0], str(c[1])))
 
 
 class StudyDirection(enum.IntEnum):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import datetime
 import enum
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpo.api.objective import TrialHandle
+from hpo.api.objective import TrialHandle, is_number, is_step
 from hpo.service.records import TrialRecord
 
 from .distributions import (
@@ -155,6 +157,31 @@ class Trial(TrialHandle):
 
     def suggest_discrete_uniform(self, name: str, low: float, high: float, q: float) -> float:
         return self.suggest_float(name, low, high, step=q)
+
+    def report(self, value: Any, step: Any) -> bool:  # type: ignore[override]
+        """Optuna's ``report(value, step)`` (hpo's ``report(step, {name: value})`` works too).
+
+        As in Optuna, a multi-objective study takes no reports (NotImplementedError). A value
+        that is not finite (a run that diverged) is not stored, since the server keeps
+        finite numbers only: it warns, and the trial should be pruned from then on, as
+        Optuna's pruners prune a trial whose values are NaN (unless the study has no pruner).
+        """
+        if is_number(value) and is_step(step):  # Optuna's order
+            spec = self.study._record.spec
+            if isinstance(spec["objective"], list) and len(spec["objective"]) > 1:
+                raise NotImplementedError(
+                    "Trial.report is not supported for multi-objective optimization."
+                )
+            if not math.isfinite(float(value)):
+                warnings.warn(
+                    f"trial {self.number}: report({value}, {step}) is not finite: not "
+                    "stored; the trial should be pruned",
+                    stacklevel=2,
+                )
+                if (spec.get("pruner") or {}).get("type", "none") != "none":
+                    self.should_stop = True
+                return self.should_stop
+        return super().report(value, step)
 
     def _suggest(self, name: str, dist: BaseDistribution) -> Any:
         if name not in self._values:

@@ -357,3 +357,49 @@ def test_a_token_with_surrounding_whitespace_works_and_one_a_header_cannot_carry
         assert isinstance(client.studies(), list)
     with pytest.raises(ValueError, match="characters an HTTP header cannot carry"):
         Client(sqlite_server.url, token="tøken")
+
+
+def test_what_a_notebook_user_found_surprising(sqlite_server: ServerProcess) -> None:
+    """Rough edges a probe of the client as an Optuna user found (each failed before)."""
+    with sqlite_server.client() as client:
+        # continue_(n) never lowers a budget that already allows more
+        study = client.create_study(simple_spec("roomy", budget={"max_trials": 50}))
+        study.tell(study.ask(), value=1.0)
+        assert study.continue_(5).spec["budget"]["max_trials"] == 50
+        small = client.create_study(simple_spec("small", budget={"max_trials": 1}))
+        small.tell(small.ask(), value=1.0)
+        assert small.state == "completed"
+        assert small.continue_(5).spec["budget"]["max_trials"] == 6
+
+        # loading a study by a spec whose budget or sampler differ says what it kept
+        changed = simple_spec("roomy", budget={"max_trials": 10}, sampler={"type": "tpe"})
+        with pytest.warns(UserWarning, match="keeps its stored budget, sampler"):
+            assert client.create_study(changed, load_if_exists=True).id == study.id
+
+        # a multi-objective study has no single best trial: said, not None
+        two = simple_spec(
+            "two",
+            objective=[
+                {"metric": "loss", "direction": "minimize"},
+                {"metric": "size", "direction": "minimize"},
+            ],
+        )
+        pareto = client.create_study(two)
+        pareto.tell(pareto.ask(), values=[1.0, 2.0])
+        with pytest.raises(ValueError, match="best_trials, not best_trial"):
+            _ = pareto.best_trial
+        assert len(pareto.best_trials) == 1
+
+        # NaN where JSON cannot carry it: an error naming where, and nothing sent
+        with pytest.raises(InvalidInput, match=r"trials\[1\]\.value: must be a finite") as err:
+            study.add_trials(
+                [
+                    {"params": {"x": 0.1, "n": 1}, "value": 1.0},
+                    {"params": {"x": 0.2, "n": 1}, "value": float("nan")},
+                ]
+            )
+        assert err.value.field == "trials[1].value"
+        assert len(study.trials()) == 1
+        asked = study.ask()
+        with pytest.raises(InvalidInput, match="must be a finite number, got nan"):
+            study.set_user_attr(asked, "score", float("nan"))

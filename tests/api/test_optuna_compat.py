@@ -208,3 +208,96 @@ def test_a_process_that_lost_its_lease_and_tells_by_number_is_refused(
     with server.http() as http:
         t = http.get(trial).json()
         assert t["state"] == "running" and t["value"] is None  # nothing wrongly accepted
+
+
+def test_trials_dataframe_has_optunas_columns_in_optunas_order(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same trials in real Optuna (in memory) and on the server give the same columns,
+    for the default, for ``attrs=`` and for ``multi_index=True``; single and multi-objective."""
+    import optuna as real
+
+    monkeypatch.setenv("HPO_TOKEN", server.token)
+    rows = [  # a conditional parameter first seen in a later trial, and a user attribute
+        {"kind": "abs", "x": 0.5},
+        {"kind": "quad", "x": -1.0, "n": 2},
+        {"kind": "abs", "x": 2.0},
+    ]
+
+    def objective(trial: object) -> float:
+        kind = trial.suggest_categorical("kind", ["quad", "abs"])  # type: ignore[attr-defined]
+        x = trial.suggest_float("x", -4.0, 4.0)  # type: ignore[attr-defined]
+        n = trial.suggest_int("n", 1, 3) if kind == "quad" else 0  # type: ignore[attr-defined]
+        trial.set_user_attr("seen", kind)  # type: ignore[attr-defined]
+        return x**2 + n
+
+    def both(objective_: object, **create: object) -> tuple[object, object]:
+        ours = optuna.create_study(storage=server.url, **create)
+        theirs = real.create_study(**{k: v for k, v in create.items() if k != "study_name"})
+        for study in (ours, theirs):
+            for params in rows:
+                study.enqueue_trial(params)
+            study.optimize(objective_, n_trials=len(rows))
+        return ours, theirs
+
+    real.logging.set_verbosity(real.logging.WARNING)
+    ours, theirs = both(objective, study_name="frame-one", direction="minimize")
+    for kwargs in ({}, {"attrs": ("number", "value", "params", "state")}, {"multi_index": True}):
+        mine, expected = ours.trials_dataframe(**kwargs), theirs.trials_dataframe(**kwargs)
+        assert list(mine.columns) == _without_system_attrs(expected.columns), kwargs
+        assert mine["state"].tolist() == expected["state"].tolist()
+    frame = ours.trials_dataframe()
+    assert frame["params_n"].isna().tolist() == [True, False, True]
+
+    ours, theirs = both(
+        lambda t: (objective(t), t.params["x"]),
+        study_name="frame-two",
+        directions=["minimize", "minimize"],
+    )
+    expected = _without_system_attrs(theirs.trials_dataframe().columns)
+    assert list(ours.trials_dataframe().columns) == expected
+    empty = optuna.create_study(storage=server.url, study_name="frame-empty")
+    assert empty.trials_dataframe().shape == real.create_study().trials_dataframe().shape
+
+
+def _without_system_attrs(columns: object) -> list:
+    """Optuna's columns less its system attributes (where it keeps an enqueued trial's
+    fixed parameters; hpo keeps none)."""
+    return [c for c in columns if "system_attrs" not in str(c)]  # type: ignore[attr-defined]
+
+
+def test_a_non_finite_report_prunes_as_optunas_pruners_do(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A diverged run's NaN is not stored (the server keeps finite numbers); the trial
+    should be pruned, and the sweep goes on. A multi-objective study takes no reports."""
+    monkeypatch.setenv("HPO_TOKEN", server.token)
+    study = optuna.create_study(
+        storage=server.url, study_name="nan-report", pruner=optuna.pruners.MedianPruner()
+    )
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0, 1)
+        for step in range(3):
+            trial.report(float("nan") if trial.number == 1 and step == 1 else x, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return x
+
+    with pytest.warns(UserWarning, match=r"report\(nan, 1\) is not finite"):
+        study.optimize(objective, n_trials=3)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "PRUNED", "COMPLETE"]
+    unpruned = optuna.create_study(
+        storage=server.url, study_name="nan-nop", pruner=optuna.pruners.NopPruner()
+    )
+    with pytest.warns(UserWarning, match="not finite"):
+        unpruned.optimize(objective, n_trials=2)
+    assert [t.state.name for t in unpruned.trials] == ["COMPLETE", "COMPLETE"]
+
+    multi = optuna.create_study(
+        storage=server.url, study_name="nan-multi", directions=["minimize", "maximize"]
+    )
+    trial = multi.ask()
+    with pytest.raises(NotImplementedError, match="multi-objective"):
+        trial.report(1.0, 0)
