@@ -645,6 +645,11 @@ class Study:
             if not (getattr(exc, "acted_before", False) and exc.field == "study_id"):
                 raise
 
+    def set_study_user_attrs(self, attrs: Mapping[str, Any]) -> StudyRecord:
+        """Merge ``attrs`` (JSON) into the study's own user attributes, in any state (a key
+        given None is removed); read back in ``record.spec["user_attrs"]``."""
+        return self._patch({"user_attrs": dict(attrs)})
+
     def _patch(self, body: dict[str, Any]) -> StudyRecord:
         self._record = StudyRecord.model_validate(
             self.client._json("PATCH", f"/studies/{self.id}", json=body)

@@ -42,10 +42,15 @@ class BudgetPatch(_Body):
 
 
 class StudyPatch(_Body):
-    """Pause, resume or stop a study; change its budget while it runs."""
+    """Pause, resume or stop a study; change its budget while it runs; set its user_attrs."""
 
     state: Literal["paused", "running", "stopped"] | None = None
     budget: BudgetPatch | None = None
+    user_attrs: dict[str, Any] | None = Field(
+        default=None,
+        description="Merged into the study's user_attrs (a key set to null is removed); "
+        "in any state, a finished study's too.",
+    )
 
 
 class TellBody(_Body):

@@ -40,7 +40,7 @@ from hpo.service.records import (
     TrialRecord,
 )
 from hpo.service.samplers import sampler_class
-from hpo.service.spec import StudySpec, check_budget, check_new
+from hpo.service.spec import StudySpec, check_budget, check_json, check_json_size, check_new
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import MAX_PAGE, Storage, deadlines, leases, studies, trials
 from hpo.service.storage.records import trial_record
@@ -145,8 +145,11 @@ class StudyService:
         timeout_s: float | None = None,
         max_steps: int | None = None,
         max_worker_seconds: float | None = None,
+        user_attrs: Mapping[str, Any] | None = None,
     ) -> StudyRecord:
-        """Pause, resume or stop a study, or change its budget (the fields given). Raising a
+        """Pause, resume or stop a study, change its budget (the fields given), or merge
+        ``user_attrs`` into its user attributes (a key given None is removed; in any state:
+        they are notes, not settings). Raising a
         field of :data:`REOPENING` of a completed study runs it again (``completed →
         running``).
 
@@ -168,6 +171,9 @@ class StudyService:
         changes = {k: v for k, v in given.items() if v is not None}
         with self.storage.write() as s:
             study = studies.get(s, study_id, lock=True)
+            if user_attrs:
+                study.spec = _new_user_attrs(study, user_attrs)
+                studies.touch(study)
             raises_budget = study.state == StudyState.COMPLETED and state in (None, study.state)
             if (
                 study.state in (StudyState.STOPPED, StudyState.COMPLETED)
@@ -569,6 +575,19 @@ def _new_budget(study: Study, changes: Mapping[str, Any]) -> dict:
     except ValueError as exc:
         raise InvalidInput(str(exc), field=_field_in(str(exc))) from exc
     return spec
+
+
+def _new_user_attrs(study: Study, given: Mapping[str, Any]) -> dict:
+    """The study's stored spec with ``given`` merged into its user_attrs (None removes a
+    key). Raises InvalidInput naming ``user_attrs`` for what the spec does not accept."""
+    attrs = {**(study.spec.get("user_attrs") or {}), **given}
+    attrs = {k: v for k, v in attrs.items() if v is not None}
+    try:
+        check_json(attrs, "user_attrs")
+        check_json_size(attrs, "user_attrs")
+    except ValueError as exc:
+        raise InvalidInput(str(exc), field=str(exc).split(" ", 1)[0]) from exc
+    return {**study.spec, "user_attrs": attrs}
 
 
 def _field_in(message: str) -> str:

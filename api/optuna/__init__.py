@@ -8,15 +8,17 @@
 what differs from Optuna is in docs/optuna.md.
 """
 
-from . import distributions, exceptions, logging, pruners, samplers, trial
+from . import distributions, exceptions, logging, pruners, samplers, study, trial
 from ._study import (
     Study,
     StudyDirection,
     create_study,
     delete_study,
+    get_all_study_names,
     load_study,
 )
 from ._trial import FrozenTrial, Trial, TrialState, create_trial
+from ._unmapped import unmapped
 from .exceptions import TrialPruned
 
 __all__ = [
@@ -31,9 +33,24 @@ __all__ = [
     "delete_study",
     "distributions",
     "exceptions",
+    "get_all_study_names",
     "load_study",
     "logging",
     "pruners",
     "samplers",
+    "study",
     "trial",
 ]
+
+__getattr__ = unmapped(
+    "optuna",
+    {
+        "get_all_study_summaries": "get_all_study_names(storage), or Client().studies()",
+        "copy_study": "Client().study(name).add_trials(...) imports finished trials",
+        "visualization": "the dashboard (hpo serve, /) draws the history, importances and contours",
+        "importance": "GET /api/v1/studies/{id}/importance, or the dashboard",
+        "integration": "docs/integrations.md lists hpo's own",
+        "storages": "the storage is the hpo server: pass its URL as storage=",
+        "artifacts": "each trial's checkpoints are kept by the server",
+    },
+)

@@ -233,6 +233,10 @@ class Study:
     def user_attrs(self) -> dict[str, Any]:
         return dict(self._study.refresh().spec.get("user_attrs") or {})
 
+    def set_user_attr(self, key: str, value: Any) -> None:
+        """Set a study-level user attribute (stored with the study on the server)."""
+        self._study.set_study_user_attrs({key: value})
+
     def trials_dataframe(
         self,
         attrs: Sequence[str] = DATAFRAME_ATTRS,
@@ -398,6 +402,11 @@ def load_study(
 
 def delete_study(*, study_name: str, storage: str | None = None) -> None:
     _client(storage).study(study_name).delete()
+
+
+def get_all_study_names(storage: str | None = None) -> list[str]:
+    """The names of every study on the server (hpo's own studies too)."""
+    return [s.name for s in _client(storage).studies()]
 
 
 def _directions(

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._unmapped import unmapped
+
 
 class BaseSampler:
     """A sampler's settings: ``spec`` is the study spec's ``sampler`` part, ``space`` the
@@ -57,3 +59,19 @@ class GridSampler(BaseSampler):
 
 
 __all__ = ["BaseSampler", "GPSampler", "GridSampler", "RandomSampler", "TPESampler"]
+
+_SPACE_FIRST = (
+    "the hpo client runs it on a space declared up front: "
+    "Client().create_study({{..., 'sampler': {{'type': '{0}'}}, 'space': {{...}}}})"
+)
+__getattr__ = unmapped(
+    "optuna.samplers",
+    {
+        "CmaEsSampler": _SPACE_FIRST.format("cmaes"),
+        "NSGAIISampler": _SPACE_FIRST.format("nsga2"),
+        "QMCSampler": _SPACE_FIRST.format("qmc"),
+        "NSGAIIISampler": "no counterpart yet",
+        "BruteForceSampler": "GridSampler covers a declared grid",
+        "PartialFixedSampler": "enqueue_trial fixes parameters of one trial",
+    },
+)

@@ -94,12 +94,13 @@ def _read_study(study_id: int, storage: Storage, request: Request) -> Response:
 
 @router.patch("/{study_id}", response_model=StudyRecord)
 def update_study(study_id: StudyId, patch: StudyPatch, service: Service) -> StudyRecord:
-    """Pause, resume or stop the study, or change its budget (``max_trials``,
-    ``max_concurrent``, ``timeout_s``, ``max_steps``, ``max_worker_seconds``). A raised budget
+    """Pause, resume or stop the study, change its budget (``max_trials``,
+    ``max_concurrent``, ``timeout_s``, ``max_steps``, ``max_worker_seconds``) or merge
+    ``user_attrs`` into its user attributes (null removes a key). A raised budget
     runs a completed study again; 409 naming the field when the study would stay completed
     (nothing is changed then)."""
     budget = patch.budget.model_dump(exclude_none=True) if patch.budget else {}
-    return service.update_study(study_id, state=patch.state, **budget)
+    return service.update_study(study_id, state=patch.state, user_attrs=patch.user_attrs, **budget)
 
 
 @router.delete("/{study_id}", status_code=204)

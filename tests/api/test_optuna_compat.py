@@ -301,3 +301,51 @@ def test_a_non_finite_report_prunes_as_optunas_pruners_do(
     trial = multi.ask()
     with pytest.raises(NotImplementedError, match="multi-objective"):
         trial.report(1.0, 0)
+
+
+def test_more_of_optunas_api_maps_or_says_it_does_not(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Study-level user attributes, the optuna.study module, study names, the percentile,
+    threshold, patient and Wilcoxon pruners; what has no counterpart says so."""
+    monkeypatch.setenv("HPO_TOKEN", server.token)
+    pruners = {
+        "percentile": optuna.pruners.PercentilePruner(25.0, n_warmup_steps=2),
+        "threshold": optuna.pruners.ThresholdPruner(upper=10.0),
+        "patient": optuna.pruners.PatientPruner(optuna.pruners.MedianPruner(), patience=2),
+        "wilcoxon": optuna.pruners.WilcoxonPruner(p_threshold=0.05),
+    }
+    stored = {}
+    for kind, pruner in pruners.items():
+        study = optuna.study.create_study(
+            storage=server.url, study_name=f"pruner-{kind}", pruner=pruner
+        )
+        stored[kind] = study._study.record.spec["pruner"]
+        assert stored[kind]["type"] == kind
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert stored["patient"]["wrapped"]["compare"] == "best_so_far"  # Optuna's median rule
+    assert stored["percentile"]["min_steps"] == 2 and stored["threshold"]["upper"] == 10.0
+    assert {f"pruner-{k}" for k in pruners} <= set(optuna.get_all_study_names(server.url))
+
+    study.set_user_attr("dataset", {"name": "digits", "rows": 1797})
+    assert study._study.stop().state == "stopped"  # finished: notes may still be added
+    study.set_user_attr("note", "done")
+    again = optuna.load_study(storage=server.url, study_name=study.study_name)
+    assert again.user_attrs == {"dataset": {"name": "digits", "rows": 1797}, "note": "done"}
+    with pytest.raises(InvalidInput, match=r"user_attrs is \d+ bytes as JSON") as err:
+        study._study.set_study_user_attrs({"big": [1] * 100_000})
+    assert err.value.field == "user_attrs"
+    with pytest.raises(InvalidInput, match="too_deep") as err:
+        deep: list = [1]
+        for _ in range(40):
+            deep = [deep]
+        study._study.set_study_user_attrs({"too_deep": deep})
+    assert err.value.field.startswith("user_attrs.too_deep")
+    assert again.user_attrs == {"dataset": {"name": "digits", "rows": 1797}, "note": "done"}
+
+    with pytest.raises(NotImplementedError, match="cmaes"):
+        optuna.samplers.CmaEsSampler()
+    with pytest.raises(NotImplementedError, match="dashboard"):
+        optuna.visualization.plot_optimization_history(study)
+    with pytest.raises(AttributeError):
+        optuna.no_such_thing  # noqa: B018

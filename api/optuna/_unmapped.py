@@ -1,0 +1,23 @@
+"""What a ported script meets where ``hpo.optuna`` has no counterpart: an error that says
+so and where to look, not a bare AttributeError."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NoReturn
+
+DOC = 'docs/optuna.md, "What differs"'
+
+
+def unmapped(module: str, names: dict[str, str]) -> Callable[[str], NoReturn]:
+    """A module ``__getattr__``: Optuna's names in ``names`` (with what to use instead) raise
+    NotImplementedError; any other name the usual AttributeError."""
+
+    def __getattr__(name: str) -> NoReturn:
+        if name in names:
+            raise NotImplementedError(
+                f"{module}.{name} is Optuna's, not mapped by hpo.optuna ({DOC}): {names[name]}"
+            )
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

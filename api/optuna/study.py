@@ -1,0 +1,19 @@
+"""``optuna.study``: the study classes and functions."""
+
+from ._study import (
+    Study,
+    StudyDirection,
+    create_study,
+    delete_study,
+    get_all_study_names,
+    load_study,
+)
+
+__all__ = [
+    "Study",
+    "StudyDirection",
+    "create_study",
+    "delete_study",
+    "get_all_study_names",
+    "load_study",
+]
