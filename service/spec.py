@@ -793,7 +793,10 @@ class StudySpec(_Model):
                     raise ValueError(f"params.{name}: inactive under the given parent values")
                 continue
             if name not in params:
-                raise ValueError(f"params.{name}: missing")
+                raise ValueError(
+                    f"params.{name}: missing (a queued trial gives every active parameter; "
+                    "an ask with params fixes some and samples the rest)"
+                )
             if not self.space[name].contains(params[name]):
                 raise ValueError(f"params.{name}: {params[name]!r} lies outside its domain")
             out[name] = params[name]
