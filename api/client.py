@@ -582,6 +582,10 @@ class Study:
         frame = pd.DataFrame(rows, columns=columns)
         for col in ("started_at", "finished_at"):
             frame[col] = pd.to_datetime(frame[col], utc=True)
+        numeric = [c for c in columns if c == "value" or c.startswith("value_")]
+        for col in [*numeric, "last_step", "duration_s"]:
+            if col in frame:  # numbers (NaN where none), also while no trial has one
+                frame[col] = pd.to_numeric(frame[col])
         return frame
 
     def metrics(self, trial: TrialRef, name: str | None = None) -> list[MetricPointRecord]:

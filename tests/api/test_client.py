@@ -403,3 +403,9 @@ def test_what_a_notebook_user_found_surprising(sqlite_server: ServerProcess) -> 
         asked = study.ask()
         with pytest.raises(InvalidInput, match="must be a finite number, got nan"):
             study.set_user_attr(asked, "score", float("nan"))
+
+        # the frame's numbers are numbers while no trial has one yet (not object columns)
+        fresh = client.create_study(simple_spec("fresh"))
+        fresh.ask()
+        frame = fresh.trials_dataframe()
+        assert {str(frame[c].dtype) for c in ("value", "last_step", "duration_s")} == {"float64"}
