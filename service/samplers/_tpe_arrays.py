@@ -25,12 +25,13 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.samplers._tpe.parzen_estimator import _ParzenEstimator
 from optuna.samplers._tpe.sampler import default_gamma
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.service.samplers._optuna import ViewStorage
-from hpo.service.samplers._tpe_logpdf import log_pdf
+from hpo.service.samplers._tpe_logpdf import FastParzenEstimator
 
 
 class TrialArrays:
@@ -250,6 +251,8 @@ class ArrayTPESampler(optuna.samplers.TPESampler):
     def __init__(self, *args: Any, arrays: _Snapshot | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._arrays = arrays
+        if self._parzen_estimator_cls is _ParzenEstimator:  # the same numbers, sooner
+            self._parzen_estimator_cls = FastParzenEstimator
 
     def _sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
@@ -307,16 +310,8 @@ class ArrayTPESampler(optuna.samplers.TPESampler):
             obs_above, search_space, self._parzen_estimator_parameters
         )
         samples_below = mpe_below.sample(self._rng.rng, self._n_ei_candidates)
-        acq_func_vals = _acquisition(samples_below, mpe_below, mpe_above)
+        acq_func_vals = self._compute_acquisition_func(samples_below, mpe_below, mpe_above)
         ret = optuna.samplers.TPESampler._compare(samples_below, acq_func_vals)
         for param_name, dist in search_space.items():
             ret[param_name] = dist.to_external_repr(ret[param_name])
         return ret
-
-
-def _acquisition(samples: dict[str, np.ndarray], below: Any, above: Any) -> np.ndarray:
-    """``TPESampler._compute_acquisition_func`` with the mixtures' densities taken by
-    :func:`~hpo.service.samplers._tpe_logpdf.log_pdf` (the same numbers, about 3× sooner on
-    10,000 components)."""
-    x = below._transform(samples)
-    return log_pdf(below._mixture_distribution, x) - log_pdf(above._mixture_distribution, x)

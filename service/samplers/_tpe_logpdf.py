@@ -16,12 +16,17 @@ bit for bit), and a suggestion stays Optuna's for the same seed.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
+try:
+    from optuna.samplers._tpe.parzen_estimator import _ParzenEstimator
+except ImportError:  # pragma: no cover - TPESampler itself would not import
+    _ParzenEstimator = object  # type: ignore[assignment,misc]
 try:  # the Optuna whose log_pdf this follows (5.x); with another, its own code runs
     from optuna.samplers._tpe import _truncnorm
     from optuna.samplers._tpe.probability_distributions import (
@@ -34,32 +39,72 @@ try:  # the Optuna whose log_pdf this follows (5.x); with another, its own code 
         _unique_inverse_2d,
     )
 
-    # None until the first call has compared it with Optuna's own: the same numbers or not
-    _same_as_optuna: bool | None = None
+    _IMPORTED = True
 except ImportError:  # pragma: no cover - an Optuna without these
-    _same_as_optuna = False
+    _IMPORTED = False
 
 # numpy sums fewer than 8 numbers in order, one after another (its pairwise summation starts
 # at 8): the continuous parameters' terms are added so only while there are fewer than that.
 _SEQUENTIAL_SUM = 8
 
 
+class _Verdicts:
+    """Whether the fast path gives Optuna's numbers, learned by comparing the first use of
+    each kind of parameter (categorical, stepped, continuous, each linear or log) with
+    Optuna's own result. One difference, or one error, turns the fast path off for good."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.same: set[str] = set()  # the kinds seen to agree
+        self.off = not _IMPORTED
+
+    def turn_off(self, why: str) -> None:
+        with self.lock:
+            if not self.off:
+                log.warning("TPE: %s; Optuna's own density is used from now on", why)
+            self.off = True
+
+
+_verdicts = _Verdicts()
+
+
 def log_pdf(mixture: Any, x: np.ndarray) -> np.ndarray:
     """``mixture.log_pdf(x)``: ``x`` is (candidates × parameters) in the mixture's order.
 
-    The first call also takes Optuna's own and compares: where the installed Optuna computes
-    its density otherwise than the one this follows, its own code is used from then on."""
-    global _same_as_optuna
-    ours = None if _same_as_optuna is False else _log_pdf(mixture, x)
+    Until each kind of parameter in the mixture has been seen to agree, Optuna's own result is
+    taken too and compared: where the installed Optuna computes its density otherwise than
+    the one this follows, its own code is used from then on."""
+    if _verdicts.off:
+        return mixture.log_pdf(x)
+    try:
+        ours = _log_pdf(mixture, x)
+    except Exception as exc:  # a field or a layout this does not know: Optuna's own code
+        _verdicts.turn_off(f"the fast density failed ({type(exc).__name__}: {exc})")
+        return mixture.log_pdf(x)
     if ours is None:
         return mixture.log_pdf(x)
-    if _same_as_optuna is None:
-        theirs = mixture.log_pdf(x)
-        _same_as_optuna = bool(np.array_equal(ours, theirs, equal_nan=True))
-        if not _same_as_optuna:
-            log.warning("TPE: this Optuna's density differs from the fast path's; using its own")
-            return theirs
+    kinds = {type(d).__name__ for d in mixture.distributions}
+    if kinds <= _verdicts.same:
+        return ours
+    theirs = mixture.log_pdf(x)
+    if not np.array_equal(ours, theirs, equal_nan=True):
+        _verdicts.turn_off(f"this Optuna's density differs from the fast path's ({kinds})")
+        return theirs
+    with _verdicts.lock:
+        if not _verdicts.off:
+            _verdicts.same |= kinds
     return ours
+
+
+class FastParzenEstimator(_ParzenEstimator):  # type: ignore[misc,valid-type]
+    """Optuna's Parzen estimator whose density is :func:`log_pdf`: what
+    ``TPESampler._compute_acquisition_func`` calls, so the acquisition stays Optuna's."""
+
+    def log_pdf(self, samples_dict: dict[str, np.ndarray]) -> np.ndarray:
+        mixture = getattr(self, "_mixture_distribution", None)
+        if mixture is None or _verdicts.off:
+            return super().log_pdf(samples_dict)
+        return log_pdf(mixture, self._transform(samples_dict))
 
 
 def _log_pdf(mixture: Any, x: np.ndarray) -> np.ndarray | None:

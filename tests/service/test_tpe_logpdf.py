@@ -58,14 +58,18 @@ def _observations(space: dict[str, BaseDistribution], n: int, rng: np.random.Ran
 
 @pytest.mark.parametrize("space_name", list(SPACES))
 @pytest.mark.parametrize("n", [0, 1, 3, 30, 2_000])
-@pytest.mark.parametrize("magic_clip", [True, False])
-def test_log_pdf_is_optunas_bit_for_bit(space_name: str, n: int, magic_clip: bool) -> None:
+@pytest.mark.parametrize(
+    ("magic_clip", "endpoints", "prior_weight"), [(True, False, 1.0), (False, True, 0.1)]
+)
+def test_log_pdf_is_optunas_bit_for_bit(
+    space_name: str, n: int, magic_clip: bool, endpoints: bool, prior_weight: float
+) -> None:
     space = SPACES[space_name]
     rng = np.random.RandomState(n + len(space_name))
     params = _ParzenEstimatorParameters(
-        prior_weight=1.0,
+        prior_weight=prior_weight,
         consider_magic_clip=magic_clip,
-        consider_endpoints=False,
+        consider_endpoints=endpoints,
         weights=default_weights,
         multivariate=True,
     )
@@ -92,24 +96,49 @@ def test_log_pdf_is_optunas_bit_for_bit(space_name: str, n: int, magic_clip: boo
 def test_an_optuna_that_computes_its_density_otherwise_keeps_its_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The first call compares with Optuna's own result; where they differ (another Optuna
-    version), Optuna's is answered then and from then on."""
-    space = SPACES["mixed"]
+    """Each kind of parameter's first use is compared with Optuna's own result; where they
+    differ (another Optuna version), Optuna's is answered then and from then on. A mixture of
+    one kind agreeing first does not vouch for another kind."""
     rng = np.random.RandomState(0)
     params = _ParzenEstimatorParameters(1.0, True, False, default_weights, True)
-    mixture = _ParzenEstimator(_observations(space, 50, rng), space, params)._mixture_distribution
-    x = np.array([[0.5, 0.01, 3.0, 1.0]])
 
-    class Otherwise:  # the same mixture, whose own density is computed "otherwise"
-        weights, distributions = mixture.weights, mixture.distributions
+    def mixture_of(space: dict) -> object:
+        return _ParzenEstimator(_observations(space, 50, rng), space, params)._mixture_distribution
+
+    categorical = mixture_of({"opt": SPACES["mixed"]["opt"]})
+    floats = mixture_of({"x": SPACES["mixed"]["x"]})
+
+    class Otherwise:  # the float mixture, whose own density is computed "otherwise"
+        weights, distributions = floats.weights, floats.distributions
 
         def log_pdf(self, x: np.ndarray) -> np.ndarray:
-            return mixture.log_pdf(x) + 1.0
+            return floats.log_pdf(x) + 1.0
 
-    monkeypatch.setattr(_tpe_logpdf, "_same_as_optuna", None)
-    assert np.array_equal(log_pdf(Otherwise(), x), mixture.log_pdf(x) + 1.0)
-    assert _tpe_logpdf._same_as_optuna is False
-    assert np.array_equal(log_pdf(Otherwise(), x), mixture.log_pdf(x) + 1.0)
-    monkeypatch.setattr(_tpe_logpdf, "_same_as_optuna", None)
-    assert np.array_equal(log_pdf(mixture, x), mixture.log_pdf(x))
-    assert _tpe_logpdf._same_as_optuna is True
+    verdicts = _tpe_logpdf._Verdicts()
+    monkeypatch.setattr(_tpe_logpdf, "_verdicts", verdicts)
+    assert np.array_equal(
+        log_pdf(categorical, np.array([[1.0]])), categorical.log_pdf(np.array([[1.0]]))
+    )
+    assert verdicts.same == {"_BatchedCategoricalDistributions"} and not verdicts.off
+    x = np.array([[0.5], [-2.0]])
+    assert np.array_equal(log_pdf(Otherwise(), x), floats.log_pdf(x) + 1.0)
+    assert verdicts.off
+    assert np.array_equal(log_pdf(floats, x), floats.log_pdf(x))  # Optuna's own from now on
+
+    verdicts = _tpe_logpdf._Verdicts()
+    monkeypatch.setattr(_tpe_logpdf, "_verdicts", verdicts)
+    assert np.array_equal(log_pdf(floats, x), floats.log_pdf(x))
+    assert verdicts.same == {"_BatchedTruncNormDistributions"}
+
+    def broken(mixture: object, x: np.ndarray) -> np.ndarray:
+        raise AttributeError("a field this version lacks")
+
+    monkeypatch.setattr(_tpe_logpdf, "_log_pdf", broken)  # an error: Optuna's code, for good
+    assert np.array_equal(log_pdf(floats, x), floats.log_pdf(x)) and verdicts.off
+
+
+def test_the_array_tpe_engine_builds_the_fast_estimators() -> None:
+    from hpo.service.samplers._tpe_arrays import ArrayTPESampler
+
+    engine = ArrayTPESampler(seed=0, constant_liar=True)
+    assert engine._parzen_estimator_cls is _tpe_logpdf.FastParzenEstimator
