@@ -241,7 +241,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = StudySpec.from_yaml(args.spec)
     client = _client(args)
     with warnings.catch_warnings():  # what a loaded study keeps is said below
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=r"study .* loaded: it keeps")
         study = client.create_study(spec, load_if_exists=args.load_if_exists)
     if study.created:
         out.print(f"study {study.id} ({study.name}) created")

@@ -242,9 +242,10 @@ class Client:
         study = Study(self, StudyRecord.model_validate(answer.json()))
         study.created = answer.status_code == 201  # 200: loaded (load_if_exists)
         if not study.created and (kept := _kept_settings(spec, study._record.spec)):
+            hint = " (a budget changes with Study.set_budget)" if "budget" in kept else ""
             warnings.warn(
                 f"study {study.name!r} loaded: it keeps its stored {', '.join(kept)}, not "
-                "this spec's (a budget changes with Study.set_budget)",
+                f"this spec's{hint}",
                 stacklevel=2,
             )
         return study
@@ -370,7 +371,8 @@ class Study:
     def continue_(self, n_trials: int) -> StudyRecord:
         """Allow ``n_trials`` more trials than were handed out so far (``max_trials`` =
         handed out + ``n_trials``, never lowered: a budget that allows more already stays);
-        a completed study runs again (its scheduler launches them, or your asks get them)."""
+        a completed study runs again (its scheduler launches them, or your asks get them).
+        The budget is read, then set: a raise by another client in between is overwritten."""
         if n_trials < 1:
             raise ValueError("n_trials must be at least 1")
         record = self.refresh()
@@ -732,7 +734,10 @@ def _optuna_trials(storage_url: str, study_name: str | None) -> list[dict[str, A
 def _kept_settings(given: StudySpec, stored: Mapping[str, Any]) -> list[str]:
     """The settings a study loaded by its spec kept from its stored spec, where ``given``
     said otherwise: its budget, sampler, pruner."""
-    kept = StudySpec.model_validate(stored)
+    try:
+        kept = StudySpec.model_validate(stored)
+    except ValueError:  # a spec of a newer server, with fields this client does not know
+        return []
     return [
         name
         for name in ("budget", "sampler", "pruner")
@@ -740,13 +745,13 @@ def _kept_settings(given: StudySpec, stored: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _not_finite(body: Any, path: str = "body") -> tuple[str, float] | None:
+def _not_finite(body: Any, path: str = "") -> tuple[str, float] | None:
     """Where the first NaN or infinity in a JSON body is (``trials[0].value``) and what."""
     if isinstance(body, float):
-        return None if math.isfinite(body) else (path, body)
+        return None if math.isfinite(body) else (path or "body", body)
     items: Any = ()
     if isinstance(body, Mapping):
-        items = ((f"{key}" if path == "body" else f"{path}.{key}", v) for key, v in body.items())
+        items = ((f"{path}.{key}" if path else str(key), v) for key, v in body.items())
     elif isinstance(body, (list, tuple)):
         items = ((f"{path}[{i}]", v) for i, v in enumerate(body))
     for where, value in items:

@@ -86,12 +86,20 @@ def no_nul(value: str | None) -> str | None:
 MetricName = Annotated[StrictStr, Field(min_length=1, max_length=128), AfterValidator(no_nul)]
 
 
+class JsonProblem(ValueError):
+    """Free-form JSON that is not accepted; ``where`` is its path (``user_attrs.my key``)."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(message)
+        self.where = where
+
+
 def check_json(value: Any, where: str, depth: int = 0) -> None:
     """Free-form JSON must round-trip: finite numbers only, nested at most MAX_JSON_DEPTH deep."""
     if depth > MAX_JSON_DEPTH:
-        raise ValueError(f"{where} is nested more than {MAX_JSON_DEPTH} levels deep")
+        raise JsonProblem(where, f"{where} is nested more than {MAX_JSON_DEPTH} levels deep")
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{where} must be a finite number, got {value}")
+        raise JsonProblem(where, f"{where} must be a finite number, got {value}")
     if isinstance(value, dict):
         for k, v in value.items():
             check_json(v, f"{where}.{k}", depth + 1)
@@ -104,7 +112,9 @@ def check_json_size(value: Any, where: str) -> None:
     """Free-form JSON must fit in MAX_JSON_BYTES once written as compact JSON."""
     size = len(json.dumps(value, separators=(",", ":"), default=str))
     if size > MAX_JSON_BYTES:
-        raise ValueError(f"{where} is {size} bytes as JSON; at most {MAX_JSON_BYTES} are accepted")
+        raise JsonProblem(
+            where, f"{where} is {size} bytes as JSON; at most {MAX_JSON_BYTES} are accepted"
+        )
 
 
 class _Conditional(_Model):

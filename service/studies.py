@@ -40,7 +40,14 @@ from hpo.service.records import (
     TrialRecord,
 )
 from hpo.service.samplers import sampler_class
-from hpo.service.spec import StudySpec, check_budget, check_json, check_json_size, check_new
+from hpo.service.spec import (
+    JsonProblem,
+    StudySpec,
+    check_budget,
+    check_json,
+    check_json_size,
+    check_new,
+)
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import MAX_PAGE, Storage, deadlines, leases, studies, trials
 from hpo.service.storage.records import trial_record
@@ -585,8 +592,8 @@ def _new_user_attrs(study: Study, given: Mapping[str, Any]) -> dict:
     try:
         check_json(attrs, "user_attrs")
         check_json_size(attrs, "user_attrs")
-    except ValueError as exc:
-        raise InvalidInput(str(exc), field=str(exc).split(" ", 1)[0]) from exc
+    except JsonProblem as exc:
+        raise InvalidInput(str(exc), field=exc.where) from exc
     return {**study.spec, "user_attrs": attrs}
 
 

@@ -18,7 +18,7 @@ from ._study import (
     load_study,
 )
 from ._trial import FrozenTrial, Trial, TrialState, create_trial
-from ._unmapped import unmapped
+from ._unmapped import unmapped as _unmapped
 from .exceptions import TrialPruned
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
     "trial",
 ]
 
-__getattr__ = unmapped(
+__getattr__ = _unmapped(
     "optuna",
     {
         "get_all_study_summaries": "get_all_study_names(storage), or Client().studies()",

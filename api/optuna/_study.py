@@ -257,7 +257,7 @@ class Study:
         for t in trials:
             record: dict[tuple[str, Any], Any] = {}
             for attr in attrs:
-                column = attr.lstrip("_")
+                column = attr.removeprefix("_")
                 if attr == "values":
                     values = t.values or [None] * len(self.directions)
                     cells = list(enumerate(values))

@@ -163,8 +163,7 @@ class Trial(TrialHandle):
 
         As in Optuna, a multi-objective study takes no reports (NotImplementedError). A value
         that is not finite (a run that diverged) is not stored, since the server keeps
-        finite numbers only: it warns, and the trial should be pruned from then on, as
-        Optuna's pruners prune a trial whose values are NaN (unless the study has no pruner).
+        finite numbers only: it warns, and the pruner judges the trial by its other values.
         """
         if is_number(value) and is_step(step):  # Optuna's order
             spec = self.study._record.spec
@@ -174,12 +173,9 @@ class Trial(TrialHandle):
                 )
             if not math.isfinite(float(value)):
                 warnings.warn(
-                    f"trial {self.number}: report({value}, {step}) is not finite: not "
-                    "stored; the trial should be pruned",
+                    f"trial {self.number}: report({value}, {step}) is not finite: not stored",
                     stacklevel=2,
                 )
-                if (spec.get("pruner") or {}).get("type", "none") != "none":
-                    self.should_stop = True
                 return self.should_stop
         return super().report(value, step)
 

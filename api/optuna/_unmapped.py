@@ -9,13 +9,19 @@ from typing import NoReturn
 DOC = 'docs/optuna.md, "What differs"'
 
 
+class NotMapped(AttributeError, NotImplementedError):
+    """An Optuna name ``hpo.optuna`` has no counterpart for. An AttributeError too, so that
+    ``hasattr`` and ``getattr(..., default)`` (feature detection) answer as for any name
+    a module lacks."""
+
+
 def unmapped(module: str, names: dict[str, str]) -> Callable[[str], NoReturn]:
     """A module ``__getattr__``: Optuna's names in ``names`` (with what to use instead) raise
-    NotImplementedError; any other name the usual AttributeError."""
+    :class:`NotMapped`; any other name the usual AttributeError."""
 
     def __getattr__(name: str) -> NoReturn:
         if name in names:
-            raise NotImplementedError(
+            raise NotMapped(
                 f"{module}.{name} is Optuna's, not mapped by hpo.optuna ({DOC}): {names[name]}"
             )
         raise AttributeError(f"module {module!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._unmapped import unmapped
+from ._unmapped import unmapped as _unmapped
 
 
 class BaseSampler:
@@ -64,7 +64,7 @@ _SPACE_FIRST = (
     "the hpo client runs it on a space declared up front: "
     "Client().create_study({{..., 'sampler': {{'type': '{0}'}}, 'space': {{...}}}})"
 )
-__getattr__ = unmapped(
+__getattr__ = _unmapped(
     "optuna.samplers",
     {
         "CmaEsSampler": _SPACE_FIRST.format("cmaes"),

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -375,6 +376,10 @@ def test_what_a_notebook_user_found_surprising(sqlite_server: ServerProcess) -> 
         changed = simple_spec("roomy", budget={"max_trials": 10}, sampler={"type": "tpe"})
         with pytest.warns(UserWarning, match="keeps its stored budget, sampler"):
             assert client.create_study(changed, load_if_exists=True).id == study.id
+        with warnings.catch_warnings():  # the same spec again: nothing to say
+            warnings.simplefilter("error")
+            same = simple_spec("roomy", budget={"max_trials": 50})
+            assert client.create_study(same, load_if_exists=True).id == study.id
 
         # a multi-objective study has no single best trial: said, not None
         two = simple_spec(
@@ -399,6 +404,8 @@ def test_what_a_notebook_user_found_surprising(sqlite_server: ServerProcess) -> 
                 ]
             )
         assert err.value.field == "trials[1].value"
+        with pytest.raises(InvalidInput, match=r"body\.x: must be a finite") as err:
+            client.request("POST", "/api/v1/studies", json={"body": {"x": float("inf")}})
         assert len(study.trials()) == 1
         asked = study.ask()
         with pytest.raises(InvalidInput, match="must be a finite number, got nan"):
