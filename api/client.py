@@ -653,12 +653,13 @@ class Study:
 
     def set_study_user_attrs(self, attrs: Mapping[str, Any]) -> StudyRecord:
         """Merge ``attrs`` (JSON) into the study's own user attributes, in any state (a key
-        given None is removed); read back in ``record.spec["user_attrs"]``."""
-        return self._patch({"user_attrs": dict(attrs)})
+        given None is removed); read back in ``record.spec["user_attrs"]``. A merge sent
+        twice leaves what one leaves: it is sent again through a restart or an outage."""
+        return self._patch({"user_attrs": dict(attrs)}, idempotent=True)
 
-    def _patch(self, body: dict[str, Any]) -> StudyRecord:
+    def _patch(self, body: dict[str, Any], *, idempotent: bool = False) -> StudyRecord:
         self._record = StudyRecord.model_validate(
-            self.client._json("PATCH", f"/studies/{self.id}", json=body)
+            self.client._json("PATCH", f"/studies/{self.id}", json=body, idempotent=idempotent)
         )
         return self._record
 

@@ -354,3 +354,55 @@ def test_fixed_asks_and_imports_racing_on_a_grid_leave_no_point_twice_or_unrun(
     assert set(codes) <= {201, 409, 422}, codes
     assert all(t["params"]["x"] == t["number"] for t in trials["trials"]), trials
     assert sorted(t["params"]["x"] for t in trials["trials"]) == list(range(40))
+
+
+def test_study_user_attrs_merged_through_two_servers_lose_no_key(
+    two_servers: list[ServerProcess],
+) -> None:
+    """Clients merge study user attributes through two servers, each PATCH sent twice (a
+    replay), while others edit the budget and teach a define-by-run study new parameters
+    (writes of the same stored spec): no key, value, budget or parameter is lost; a NaN is
+    refused and stores nothing."""
+    with two_servers[0].http() as http:
+        spec = simple_spec("attrs-race", space={}, define_by_run=True)
+        study_id = http.post("/api/v1/studies", json=spec).json()["id"]
+    url = f"/api/v1/studies/{study_id}"
+    codes: list[int] = []
+
+    def merger(i: int) -> None:
+        with two_servers[i % 2].http() as http:
+            for k in range(8):
+                body = {"user_attrs": {f"c{i}k{k}": i * 100 + k}}
+                codes.extend(http.patch(url, json=body).status_code for _ in range(2))
+
+    def learner(i: int) -> None:
+        with two_servers[i % 2].http() as http:
+            for k in range(4):
+                trial = http.post(f"{url}/ask").json()
+                param = {"type": "float", "low": 0.0, "high": 1.0}
+                r = http.post(
+                    f"/api/v1/trials/{trial['trial_id']}/suggest",
+                    json={"name": f"p{i}_{k}", "param": param},
+                )
+                codes.append(r.status_code)
+                codes.append(http.patch(url, json={"budget": {"max_trials": 1000 + i}}).status_code)
+
+    threads = [threading.Thread(target=merger, args=(i,)) for i in range(CLIENTS)]
+    threads += [threading.Thread(target=learner, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    with two_servers[1].http() as http:
+        refused = http.patch(  # JSON's extension Infinity, as a careless client sends it
+            url,
+            content=b'{"user_attrs": {"bad": Infinity}}',
+            headers={"Content-Type": "application/json"},
+        )
+        stored = http.get(url).json()["spec"]
+    assert set(codes) <= {200}, sorted(set(codes))
+    expected = {f"c{i}k{k}": i * 100 + k for i in range(CLIENTS) for k in range(8)}
+    assert stored["user_attrs"] == expected  # none lost, none changed, nothing else added
+    assert set(stored["space"]) == {f"p{i}_{k}" for i in range(4) for k in range(4)}
+    assert stored["budget"]["max_trials"] in {1000, 1001, 1002, 1003}
+    assert refused.status_code == 422, refused.text

@@ -135,3 +135,52 @@ def test_database_outage_answers_503_and_loses_nothing(
         assert stream.codes[503] > 0, "the outage was never seen: the drill proved nothing"
     finally:
         server.stop()
+
+
+def test_study_user_attrs_ride_out_the_database_away_for_20_s(
+    own_postgres: OwnPostgres, tmp_path: Path
+) -> None:
+    """A study's user attributes merged while PostgreSQL is down for 20 s: a client whose
+    retries outlast the outage gets its merge through once (after the outage, not before);
+    one that gives up first raises, and its merge is not stored (nothing wrongly accepted)."""
+    from hpo.api.client import Client, RetryPolicy
+
+    server = ServerProcess(own_postgres.url, tmp_path, {"HPO_SCHEDULER": "false"})
+    server.start()
+    try:
+        patient = Client(server.url, token=server.token, retry=RetryPolicy(30, 90.0, 0.5, 3.0))
+        hasty = Client(server.url, token=server.token, retry=RetryPolicy(2, 5.0))
+        study = patient.create_study(simple_spec("attrs-outage"))
+        study.set_study_user_attrs({"before": 1})
+        outcome: dict[str, object] = {}
+        handles = {"patient": patient.study(study.id), "hasty": hasty.study(study.id)}
+        own_postgres.stop("immediate")
+        down_at = time.monotonic()
+        threads = [
+            threading.Thread(target=lambda k=k: _merge_into(handles[k], k, outcome))
+            for k in handles
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(20)
+        own_postgres.start()
+        up_at = time.monotonic()
+        for t in threads:
+            t.join(timeout=120)
+        assert outcome["patient"][0] == "stored" and outcome["patient"][1] >= up_at - 1
+        assert outcome["hasty"][0] == "refused", outcome
+        attrs = patient.study(study.id).record.spec["user_attrs"]
+        assert attrs == {"before": 1, "patient": 2}, attrs  # none lost, none wrongly kept
+        assert up_at - down_at >= 20
+    finally:
+        server.stop()
+
+
+def _merge_into(study: object, key: str, outcome: dict[str, object]) -> None:
+    from hpo.service.errors import HpoError
+
+    try:
+        study.set_study_user_attrs({key: 2})  # type: ignore[attr-defined]
+        outcome[key] = ("stored", time.monotonic())
+    except (HpoError, httpx.TransportError) as exc:
+        outcome[key] = ("refused", type(exc).__name__)
