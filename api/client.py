@@ -484,10 +484,15 @@ class Study:
             done += 1
 
     @property
+    def objectives(self) -> list[dict[str, Any]]:
+        """The study's objectives (``{"metric", "direction"}``), one or several."""
+        objective = self._record.spec["objective"]
+        return objective if isinstance(objective, list) else [objective]
+
+    @property
     def objective_metric(self) -> str:
         """The study's (first) objective metric."""
-        objective = self._record.spec["objective"]
-        return (objective[0] if isinstance(objective, list) else objective)["metric"]
+        return self.objectives[0]["metric"]
 
     def _ask_within(self, n_trials: int | None, done: int) -> AskedTrial | None:
         """The next trial of an ``optimize`` that runs ``n_trials`` (None: until the budget
@@ -528,10 +533,9 @@ class Study:
     def best_trial(self) -> TrialRecord | None:
         """The best complete trial (None before any completed). A multi-objective study
         has no single best: its Pareto front is :attr:`best_trials` (ValueError here)."""
-        objective = self._record.spec["objective"]
-        if isinstance(objective, list) and len(objective) > 1:
+        if len(self.objectives) > 1:
             raise ValueError(
-                f"study {self.name!r} has {len(objective)} objectives: its Pareto front is "
+                f"study {self.name!r} has {len(self.objectives)} objectives: its Pareto front is "
                 "best_trials, not best_trial"
             )
         data = self.client._json("GET", f"/studies/{self.id}/best")

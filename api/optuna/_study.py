@@ -50,12 +50,8 @@ class Study:
         self.study_name = study.name
         self._asked: dict[int, hpo_client.AskedTrial] = {}  # by number: what tell(int) names
         self._runs: list[_Run] = []  # the optimize calls under way (what stop() ends)
-        spec = study._record.spec
-        objectives = (
-            spec["objective"] if isinstance(spec["objective"], list) else [spec["objective"]]
-        )
-        self._metrics = [o["metric"] for o in objectives]
-        self.directions = [StudyDirection[o["direction"].upper()] for o in objectives]
+        self._metrics = [o["metric"] for o in study.objectives]
+        self.directions = [StudyDirection[o["direction"].upper()] for o in study.objectives]
 
     @property
     def direction(self) -> StudyDirection:

@@ -166,8 +166,7 @@ class Trial(TrialHandle):
         finite numbers only: it warns, and the pruner judges the trial by its other values.
         """
         if is_number(value) and is_step(step):  # Optuna's order
-            spec = self.study._record.spec
-            if isinstance(spec["objective"], list) and len(spec["objective"]) > 1:
+            if len(self.study.objectives) > 1:
                 raise NotImplementedError(
                     "Trial.report is not supported for multi-objective optimization."
                 )
