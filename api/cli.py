@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 from pydantic import ValidationError
 from rich.table import Table
 
 from hpo.api.progress import GIVE_UP_AFTER_S, console, fmt, out, print_test_metrics, watch
 from hpo.service import errors
-from hpo.service.records import TrialRecord
+from hpo.service.records import Lineage, TrialRecord
 from hpo.service.spec import StudySpec, describe_errors
 
 
@@ -95,6 +96,16 @@ def _parser() -> argparse.ArgumentParser:
     c = client_cmd("best", "show the best trial of a study")
     c.add_argument("study")
     c.set_defaults(func=cmd_best)
+
+    c = client_cmd("replay", "train again along a trial's schedule (a PBT study's result)")
+    c.add_argument("study")
+    c.add_argument("--trial", type=int, metavar="NUMBER", help="trial number (default: the best)")
+    c.add_argument("--trials", type=int, default=1, help="how many trials train it (default 1)")
+    c.add_argument("--name", help="the new study's name (default: <study>-replay-<number>)")
+    c.add_argument("--print", action="store_true", help="print the spec as YAML, create nothing")
+    c.add_argument("--wait", action="store_true", help="show live progress until it ends")
+    _give_up_after(c)
+    c.set_defaults(func=cmd_replay)
 
     c = client_cmd("export", "export a study's trials (CSV, TensorBoard or MLflow)")
     c.add_argument("study")
@@ -256,6 +267,39 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    if args.give_up_after is not None and not args.wait:
+        raise errors.InvalidInput("--give-up-after: only with --wait (it is how long to watch)")
+    if args.trials < 1:
+        raise errors.InvalidInput(f"--trials: at least 1, got {args.trials}", field="trials")
+    client = _client(args)
+    study = client.study(args.study)
+    if args.trial is None:
+        trial = study.best_trial
+        if trial is None:
+            console.print(f"study {study.id} has no complete trial yet")
+            return 1
+    else:
+        trial = next((t for t in study.trials() if t.number == args.trial), None)
+        if trial is None:
+            raise errors.InvalidInput(
+                f"--trial: study {study.id} has no trial number {args.trial}", field="trial"
+            )
+    spec = study.replay_spec(trial, trials=args.trials, name=args.name)
+    if args.print:
+        yaml.safe_dump(spec.model_dump(mode="json"), sys.stdout, sort_keys=False)
+        return 0
+    replayed = client.create_study(spec)
+    segments = len(spec.replay.schedule) if spec.replay else 0
+    out.print(
+        f"study {replayed.id} ({replayed.name}) created: replays trial {trial.number} of study "
+        f"{study.id} along {segments} segment(s)"
+    )
+    if args.wait:
+        return watch(replayed, give_up_after_s=_give_up_s(args))
+    return 0
+
+
 def cmd_studies(args: argparse.Namespace) -> int:
     table = Table("id", "name", "state", "sampler", "done", "running", "failed", "budget", "best")
     for s in _client(args).studies(state=args.state):
@@ -311,8 +355,20 @@ def cmd_best(args: argparse.Namespace) -> int:
             out.print(f"  {k} = {v}")
         for line in schedule_lines(t):
             out.print(line)
+        if any(segment.parent for segment in t.schedule or []):
+            for line in lineage_lines(study.lineage(t), study.id):
+                out.print(line)
         print_test_metrics(t.test_metrics)
     return 0
+
+
+def lineage_lines(lineage: Lineage, study_id: int) -> list[str]:
+    """A copying trial's lineage: what a fresh trial trains to reproduce it (``hpo replay``)."""
+    lines = [f"  lineage (hpo replay {study_id} --trial {lineage.number} trains it again):"]
+    for segment in lineage.schedule:
+        params = ", ".join(f"{k}={v}" for k, v in segment.params.items())
+        lines.append(f"    from step {segment.step}: {params}  (trial {segment.trial_number})")
+    return lines
 
 
 def schedule_lines(trial: TrialRecord) -> list[str]:

@@ -42,7 +42,7 @@ from hpo.api.objective import TrialHandle, run_trial
 from hpo.api.retry import ACTED_BEFORE, Outage, RetryPolicy, send
 from hpo.service import errors
 from hpo.service.export import newest_versions
-from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
+from hpo.service.records import Lineage, MetricPointRecord, StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -552,6 +552,39 @@ class Study:
     def best_params(self) -> dict[str, Any] | None:
         best = self.best_trial
         return None if best is None else best.params
+
+    def lineage(self, trial: TrialRef | None = None) -> Lineage:
+        """The schedule a fresh trial follows to train as ``trial`` (default: the best) did:
+        a PBT trial's parameters over its steps, with the steps before each copy those of the
+        trial it copied. Raises ValueError when the study has no complete trial yet."""
+        if trial is None:
+            trial = self.best_trial
+            if trial is None:
+                raise ValueError(f"study {self.name!r} has no complete trial yet")
+        return Lineage.model_validate(
+            self.client._json("GET", f"/trials/{_trial_id(trial)}/lineage")
+        )
+
+    def replay_spec(
+        self, trial: TrialRef | None = None, *, trials: int = 1, name: str | None = None
+    ) -> StudySpec:
+        """A study that trains ``trials`` trials along ``trial``'s lineage (default: the best
+        trial's), with this study's trainable, space, objective and resources:
+        ``scheduler: {type: replay}``, no pruner. A PBT study's result reproduced."""
+        lineage = self.lineage(trial)
+        spec = {k: v for k, v in self._record.spec.items() if k != "user_attrs"}
+        spec["name"] = name or f"{self.name[:100]}-replay-{lineage.number}"
+        spec["description"] = (
+            f"replays trial #{lineage.number} (id {lineage.trial_id}) of study {self.name!r} "
+            f"(id {self.id})"
+        )
+        spec["scheduler"] = {
+            "type": "replay",
+            "schedule": [{"step": s.step, "params": s.params} for s in lineage.schedule],
+        }
+        spec["pruner"] = {"type": "none"}
+        spec["budget"] = {"max_trials": trials}
+        return StudySpec.model_validate(spec)
 
     def trials(self, state: str | None = None) -> list[TrialRecord]:
         """Every trial (optionally of some states, comma separated), by number."""

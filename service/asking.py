@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from hpo.service import define_by_run, pbt, promotions, transitions, warmstart
+from hpo.service import define_by_run, pbt, promotions, replay, transitions, warmstart
 from hpo.service.background import BackgroundJobs, NotReady
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import (
@@ -165,6 +165,8 @@ def ask(
             except GridExhausted:
                 complete_if_done(storage, study_id)
                 raise
+            if spec.replay is not None and params is None:  # every trial starts the schedule
+                params = spec.replay.params_of(0)
             suggestion = with_fixed(spec, suggestion, params or {})
             claimed = _claim_new(storage, study_id, number, spec, suggestion, dispatched, key)
         if claimed is not None:
@@ -379,8 +381,10 @@ def _promote_now(
         if chosen is None:
             return None
         reason = chosen.reason
-        if spec.scheduler is not None:
+        if spec.pbt is not None:
             reason = pbt.exploit(s, spec, trial, copy)
+        elif spec.replay is not None:
+            reason = replay.retune(spec, trial)
         transitions.promote(s, study, trial, reason)
         now = utcnow()
         set_trial_state(

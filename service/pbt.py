@@ -47,7 +47,7 @@ class PbtPruner(Pruner):
     """The exploit decision of PBT, as a pruner that only ever pauses (see the module)."""
 
     def judge(self, report: Report, history: PruningHistory) -> PauseDecision | None:
-        pbt = self.spec.scheduler
+        pbt = self.spec.pbt
         assert pbt is not None
         k = pbt.interval_steps
         before = report.previous_step or 0
@@ -80,7 +80,7 @@ class PbtPruner(Pruner):
     def _exploit(
         self, report: Report, boundary: int, others: dict[int, float]
     ) -> PauseDecision | None:
-        pbt = self.spec.scheduler
+        pbt = self.spec.pbt
         assert pbt is not None
         ranked = sorted(others.items(), key=lambda tv: (self._key(tv[1]), tv[0]))
         n = len(ranked) + 1
@@ -126,7 +126,7 @@ def explore(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """``params`` with each mutable parameter resampled or perturbed; returns them and what
     was done to each (``"resampled"``, ``"x1.2"``, ``"-> choice"``)."""
-    pbt = spec.scheduler
+    pbt = spec.pbt
     assert pbt is not None
     out, how = dict(params), {}
     for name, param in spec.space.items():
@@ -188,12 +188,13 @@ class Copy:
     donor_id: int | None = None
     step: int | None = None
     problem: str | None = None
+    source: str | None = None  # the donor's own checkpoint (``path`` may be a copy of it)
 
 
 def donor_checkpoint(s: Session, spec: StudySpec, reason: dict[str, Any] | None) -> Copy:
     """The newest checkpoint of the trial a paused PBT trial named (read before the write
     lock: it reads the checkpoint's files); an empty Copy for other studies."""
-    if spec.scheduler is None or not reason or reason.get("donor_trial_id") is None:
+    if spec.pbt is None or not reason or reason.get("donor_trial_id") is None:
         return Copy()
     donor_id = int(reason["donor_trial_id"])
     donor = s.get(Trial, donor_id)
@@ -202,7 +203,7 @@ def donor_checkpoint(s: Session, spec: StudySpec, reason: dict[str, Any] | None)
     from hpo.workers import checkpoints
 
     step = checkpoints.step_of(path) if path else None
-    last = spec.scheduler.max_steps
+    last = spec.pbt.max_steps
     if path and step is not None and last is not None and step >= last:
         # The donor ran on to its last step while this trial waited: a copy of that would
         # end at once with the donor's result. Its checkpoint at the boundary, if kept.
@@ -220,7 +221,7 @@ def donor_checkpoint(s: Session, spec: StudySpec, reason: dict[str, Any] | None)
         return Copy(donor_id=donor_id, problem=f"could not copy trial #{number}: {problem}")
     if step is None:
         step = donor.last_step if donor else None
-    return Copy(path, donor_id, step)
+    return Copy(path, donor_id, step, source=path)
 
 
 def take(copy: Copy, own_checkpoint: str | None, attempt: int) -> Copy:
@@ -239,7 +240,7 @@ def take(copy: Copy, own_checkpoint: str | None, attempt: int) -> Copy:
         path = checkpoints.copy(copy.path, storage.join(trial_dir, f"attempt-{attempt}"))
     except Exception as exc:  # a file system or object store error: do not copy
         return Copy(donor_id=copy.donor_id, problem=f"could not copy its checkpoint: {exc}")
-    return Copy(str(path), copy.donor_id, copy.step)
+    return Copy(str(path), copy.donor_id, copy.step, source=copy.source)
 
 
 def discard(taken: Copy, trial: Trial | None, attempt: int) -> None:
@@ -282,13 +283,21 @@ def exploit(s: Session, spec: StudySpec, trial: Trial, copy: Copy) -> dict[str, 
     params, how = explore(spec, donor_params, rng)
     schedule = list(trial.schedule or [])
     if not schedule:
-        schedule.append({"step": 0, "params": {p.name: p.value for p in trial.params}})
+        own = {p.name: p.value for p in trial.params}
+        schedule.append({"step": 0, "params": own, "attempt": 1})
     step = copy.step or 0
+    from hpo.workers import checkpoints
+
+    # The attempts say which checkpoint held what (hpo.service.replay.lineage): this segment
+    # begins the trial's next attempt, from a checkpoint the donor's attempt wrote.
+    parent = {"trial_id": donor.id, "number": donor.number, "step": step}
+    parent["attempt"] = checkpoints.attempt_of(copy.source) if copy.source else None
     segment = {
         "step": step,
         "params": params,
-        "parent": {"trial_id": donor.id, "number": donor.number, "step": step},
+        "parent": parent,
         "perturbed": how,
+        "attempt": trial.attempts + 1,
     }
     trial.schedule = [*schedule, segment]
     # It goes on from the copy's step. Steps past its own were trained, and charged to

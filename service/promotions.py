@@ -25,7 +25,7 @@ from hpo.service.storage import metrics, trials
 
 def promotes(spec: StudySpec) -> bool:
     """Whether the study's trials pause at rungs and wait to be promoted."""
-    if spec.scheduler is not None:  # pbt: a trial that exploits pauses, then goes on
+    if spec.scheduler is not None:  # pbt, replay: a trial that exploits pauses, then goes on
         return True
     return spec.pruner.type in ("asha", "hyperband") and spec.pruner.mode == "promotion"
 
@@ -44,8 +44,9 @@ def candidates(
         return []
     if spec.scheduler is not None:
         # pbt: the trials not created yet start first, then the paused ones go on, the least
-        # advanced first (so a population larger than the cluster takes turns)
-        if settled_only and study.next_number < spec.scheduler.population:
+        # advanced first (so a population larger than the cluster takes turns); a replay's
+        # paused trials go on at once, in the same order
+        if settled_only and spec.pbt is not None and study.next_number < spec.pbt.population:
             return []
         reasons = trials.pause_reasons(s, list(paused))
         order = sorted(paused, key=lambda t: (paused[t], t))

@@ -80,15 +80,39 @@ class ScheduleParent(_Record):
     trial_id: int
     number: int
     step: int | None = None
+    attempt: int | None = Field(
+        default=None, description="The attempt of the copied trial that wrote the checkpoint."
+    )
 
 
 class ScheduleSegment(_Record):
-    """Parameters a trial trained with from ``step`` on (PBT)."""
+    """Parameters a trial trained with from ``step`` on (PBT, or a replayed schedule)."""
 
     step: int
     params: dict[str, ParamValue]
     parent: ScheduleParent | None = None
     perturbed: dict[str, str] = {}
+    attempt: int | None = Field(default=None, description="The trial's attempt it began.")
+
+
+class LineageSegment(_Record):
+    """One segment of a trial's lineage: the parameters from ``step`` on, and the trial
+    (``trial_number``) that trained with them then."""
+
+    step: int
+    params: dict[str, ParamValue]
+    trial_number: int
+
+
+class Lineage(_Record):
+    """The schedule a fresh trial follows to train as this one did (``GET
+    /trials/{id}/lineage``): every copy of a PBT trial resolved to the steps the trial it
+    copied trained, so ``scheduler: {type: replay, schedule: ...}`` reproduces it."""
+
+    trial_id: int
+    number: int
+    study_id: int
+    schedule: list[LineageSegment]
 
 
 class TrialRecord(_Record):

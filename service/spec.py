@@ -11,8 +11,10 @@ a reader check a rule against the others.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import io
+import itertools
 import json
 import math
 import re
@@ -27,6 +29,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PositiveFloat,
     Strict,
@@ -34,6 +37,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_serializer,
@@ -537,6 +541,64 @@ class PbtSpec(_Model):
         return self
 
 
+class ReplaySegment(_Model):
+    """The parameters a replayed schedule trains with from ``step`` on."""
+
+    step: StrictInt = Field(ge=0, le=MAX_INT)
+    params: dict[str, ParamValue] = Field(max_length=MAX_PARAMS)
+
+
+class ReplaySpec(_Model):
+    """Train along a given hyperparameter schedule: what a PBT trial's lineage
+    (``GET /trials/{id}/lineage``, ``hpo replay``) reproduces. Each trial starts with the first
+    segment's parameters; when it reports a later segment's step it pauses and resumes from
+    its own checkpoint at that step with that segment's parameters (the others kept), as a
+    PBT trial did when it copied. Later segments may change only ``mutable`` parameters."""
+
+    type: Literal["replay"]
+    schedule: list[ReplaySegment] = Field(min_length=1, max_length=10_000)
+
+    @field_validator("schedule")
+    @classmethod
+    def _steps_ascend(cls, schedule: list[ReplaySegment]) -> list[ReplaySegment]:
+        if schedule[0].step != 0:
+            raise ValueError(f"the first segment starts at step 0, not {schedule[0].step}")
+        for i, (a, b) in enumerate(itertools.pairwise(schedule), start=1):
+            if b.step <= a.step:
+                raise ValueError(
+                    f"segment {i} starts at step {b.step}, not after segment {i - 1}'s {a.step}"
+                )
+        return schedule
+
+    def segment_at(self, step: int) -> int:
+        """The index of the segment in force at ``step`` (the last one starting at or before it)."""
+        return bisect.bisect_right([seg.step for seg in self.schedule], step) - 1
+
+    def params_of(self, index: int) -> dict[str, Any]:
+        """Every parameter as segment ``index`` has it (later segments name only changes)."""
+        out: dict[str, Any] = {}
+        for segment in self.schedule[: index + 1]:
+            out.update(segment.params)
+        return out
+
+
+def _scheduler_type(value: Any) -> str:
+    """PBT unless the block names another type (a stored spec may omit pbt's default)."""
+    if isinstance(value, Mapping):
+        return str(value.get("type", "pbt"))
+    return str(getattr(value, "type", "pbt"))
+
+
+SchedulerSpec = Annotated[
+    Annotated[PbtSpec, Tag("pbt")] | Annotated[ReplaySpec, Tag("replay")],
+    Discriminator(
+        _scheduler_type,
+        custom_error_type="scheduler_type",
+        custom_error_message="must be 'pbt' or 'replay'",
+    ),
+]
+
+
 class Resources(_Model):
     """What one trial occupies on the cluster: ``workers_per_trial`` DDP ranks, each with these."""
 
@@ -582,10 +644,11 @@ class StudySpec(_Model):
     budget: Budget = Field(default_factory=Budget)
     resources: Resources = Field(default_factory=Resources)
     trainable: TrainableSpec | None = None
-    scheduler: PbtSpec | None = Field(
+    scheduler: SchedulerSpec | None = Field(
         default=None,
-        description="Population based training; trials then change their `mutable` "
-        "parameters as they train (see PbtSpec).",
+        description="Population based training (`type: pbt`), or the replay of a schedule "
+        "(`type: replay`); trials then change their `mutable` parameters as they train "
+        "(see PbtSpec, ReplaySpec).",
     )
     define_by_run: bool = Field(
         default=False,
@@ -683,6 +746,8 @@ class StudySpec(_Model):
             if any(p.mutable for p in self.space.values()):
                 raise ValueError("scheduler: `mutable` parameters need `scheduler: {type: pbt}`")
             return self
+        if isinstance(pbt, ReplaySpec):
+            return self._replay_fits(pbt)
         if self.trainable is None:
             raise ValueError(
                 "scheduler.type: pbt copies checkpoints between trials: the study needs a trainable"
@@ -706,6 +771,49 @@ class StudySpec(_Model):
                 f"budget.max_trials: a pbt study runs scheduler.population = {pbt.population} "
                 f"trials; got {limit}"
             )
+        return self
+
+    def _replay_fits(self, replay: ReplaySpec) -> StudySpec:
+        """A replayed schedule needs what PBT needs to resume (a trainable, no pruner), names
+        only parameters of the space with values in their domains, starts with every active
+        one, and changes only ``mutable`` ones later (the others shape what the checkpoint
+        holds)."""
+        if self.trainable is None:
+            raise ValueError(
+                "scheduler.type: replay resumes trials from their checkpoints: the study needs "
+                "a trainable"
+            )
+        if self.pruner.type != "none":
+            raise ValueError(
+                "pruner.type: a replayed schedule is trained to its end; use no pruner"
+            )
+        if self.budget.max_trials is None:
+            raise ValueError(
+                "budget.max_trials: required with scheduler.type replay (how many trials train "
+                "the schedule)"
+            )
+        current: dict[str, Any] = {}
+        for i, segment in enumerate(replay.schedule):
+            where = f"scheduler.schedule[{i}].params"
+            for name, value in segment.params.items():
+                param = self.space.get(name)
+                if param is None:
+                    raise ValueError(f"{where}.{name}: not a parameter of the space")
+                if not param.contains(value):
+                    raise ValueError(f"{where}.{name}: {value!r} is outside the space")
+                if i > 0 and not param.mutable and value != current.get(name):
+                    raise ValueError(
+                        f"{where}.{name}: only `mutable` parameters change along a schedule "
+                        f"(it was {current.get(name)!r})"
+                    )
+            current.update(segment.params)
+            if i == 0:
+                for name in self.parameter_order():
+                    active = self.is_active(name, current)
+                    if active and name not in current:
+                        raise ValueError(f"{where}.{name}: missing from the first segment")
+                    if not active and name in current:
+                        raise ValueError(f"{where}.{name}: inactive under the segment's values")
         return self
 
     @model_validator(mode="after")
@@ -757,9 +865,19 @@ class StudySpec(_Model):
         return len(self.objectives) > 1
 
     @property
+    def pbt(self) -> PbtSpec | None:
+        """The study's population based training, if it runs one."""
+        return self.scheduler if isinstance(self.scheduler, PbtSpec) else None
+
+    @property
+    def replay(self) -> ReplaySpec | None:
+        """The schedule the study's trials replay, if they do."""
+        return self.scheduler if isinstance(self.scheduler, ReplaySpec) else None
+
+    @property
     def max_trials(self) -> int | None:
         """How many trials the study runs: ``budget.max_trials``, or a pbt population."""
-        if self.scheduler is not None:
+        if isinstance(self.scheduler, PbtSpec):
             return self.scheduler.population
         return self.budget.max_trials
 
@@ -926,6 +1044,7 @@ def _as_list(value: Any) -> Any:
 
 _PARAM_TAGS = {"float", "int", "categorical"}
 _UNION_TAGS = {"int", "float", "str", "bool", "none"}
+_SCHEDULER_TAGS = {"pbt", "replay"}
 
 
 # A message that starts with the (dotted) name of the field it is about: "lower: ...".
@@ -947,6 +1066,8 @@ def describe_errors(exc: ValidationError | list[dict[str, Any]]) -> list[dict[st
                 parts.append(f"[{part}]")
             elif i >= 2 and loc[0] == "space" and i == 2 and part in _PARAM_TAGS:
                 continue  # the discriminator tag pydantic puts in the path
+            elif i == 1 and loc[0] == "scheduler" and part in _SCHEDULER_TAGS:
+                continue  # the scheduler's type, which pydantic puts in the path too
             elif i == len(loc) - 1 and part in _UNION_TAGS:
                 continue  # the union member pydantic tried
             else:
@@ -960,6 +1081,8 @@ def describe_errors(exc: ValidationError | list[dict[str, Any]]) -> list[dict[st
             # a check across fields names the one it refuses first ("max_steps: ..."): the
             # answer's field is that one, not the model holding it
             field = named[1] if field == "body" else f"{field}.{named[1]}"
+        if err.get("type") == "scheduler_type":
+            field = f"{field}.type"
         if err.get("type") == "missing":
             message = "field required"
         elif err.get("type") in ("extra_forbidden", "unexpected_keyword_argument"):

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from hpo.service import promotions
+from hpo.service import promotions, replay
 from hpo.service.db.models import Study, Trial, utcnow
 from hpo.service.errors import BudgetSpent, GridExhausted, InvalidInput
 from hpo.service.executor import FailureClass
@@ -183,6 +183,8 @@ def _standing(reason: dict[str, Any]) -> str:
 def pause_detail(reason: dict[str, Any]) -> str:
     """A paused trial's history line: where it stands in its rung when it paused (PBT: in
     the population at the boundary, and the trial it will copy)."""
+    if reason.get("pruner") == "replay":
+        return replay.pause_detail(reason)
     if reason.get("pruner") == "pbt" and reason.get("action") == "yield":
         return (
             f"pbt: paused at step {reason.get('step')} (boundary {reason.get('boundary')}): "
@@ -202,6 +204,8 @@ def pause_detail(reason: dict[str, Any]) -> str:
 def promotion_detail(reason: dict[str, Any]) -> str:
     """A promoted trial's history line: where it stood in its rung when promoted (PBT: what
     it copied and how its parameters were explored)."""
+    if reason.get("pruner") == "replay":
+        return replay.promotion_detail(reason)
     if reason.get("pruner") == "pbt":
         segment = reason.get("segment") or {}
         parent = segment.get("parent")

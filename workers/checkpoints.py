@@ -258,6 +258,12 @@ def step_of(path: Location) -> int | None:
     return _number(PurePosixPath(str(path).rstrip("/")).name, "checkpoint-")
 
 
+def attempt_of(path: Location) -> int | None:
+    """The attempt that wrote a checkpoint, read from its attempt folder's name
+    (``attempt-3/checkpoint-000012``: 3), or None."""
+    return _number(PurePosixPath(str(path).rstrip("/")).parent.name, "attempt-")
+
+
 def beside(path: Location, step: int) -> str:
     """Where the checkpoint of ``step`` is in the attempt folder of the one at ``path``."""
     return f"{str(path).rstrip('/').rpartition('/')[0]}/{_name(step)}"

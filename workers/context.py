@@ -44,13 +44,16 @@ class Resumed:
     """What :meth:`TrialContext.resume` restored: the checkpoint's ``step`` (done already),
     the plain values saved beside the stateful objects, and where it was read from (a Path,
     or the checkpoint's URL on an object store). ``copied_from``: the trial whose checkpoint
-    it is when not this one's (PBT copied it): its optimizer and schedule hold that trial's
-    hyperparameters, which the trainable replaces with its own (``Schedule.rebase``)."""
+    it is when not this one's (PBT copied it). ``retuned``: the checkpoint was saved with
+    other settings than this attempt's (PBT copied another trial's, or a replayed schedule
+    moved on to its next segment): its optimizer and schedule hold those hyperparameters,
+    which the trainable replaces with its own (``Schedule.rebase``)."""
 
     step: int
     values: dict[str, Any]
     path: Location
     copied_from: int | None = None
+    retuned: bool = False
 
     @property
     def next_step(self) -> int:
@@ -241,7 +244,9 @@ class TrialContext:
             self._resend(meta)  # not another trial's points (a PBT copy)
         values = {k: v for k, v in saved.items() if k not in state}
         copied = None if owner == self.trial_id else owner
-        return Resumed(int(meta["step"]), values, path, copied)
+        saved_with = meta.get("settings", _jsonable(self.settings))
+        retuned = copied is not None or saved_with != _jsonable(self.settings)
+        return Resumed(int(meta["step"]), values, path, copied, retuned)
 
     def _meta(self, step: int) -> dict[str, Any]:
         metrics = dict(self._at_last_step) if self.last_step == step else {}

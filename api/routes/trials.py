@@ -32,7 +32,7 @@ from hpo.api.schemas import (
     SuggestBody,
     TellBody,
 )
-from hpo.service.records import TrialRecord
+from hpo.service.records import Lineage, TrialRecord
 
 router = APIRouter(prefix="/trials", tags=["trials"])
 
@@ -45,6 +45,16 @@ MAX_ATTEMPT = 2**31 - 1
 def get_trial(trial_id: TrialId, storage: Reader) -> TrialRecord:
     """Params, state, value, attempts, timings, where it ran, and its state history."""
     return storage.get_trial(trial_id)
+
+
+@router.get("/{trial_id}/lineage", response_model=Lineage)
+@attempt_may_call
+def get_lineage(trial_id: TrialId, storage: Reader) -> Lineage:
+    """The schedule a fresh trial follows to train as this one did: its parameters over its
+    steps, every PBT copy resolved to the steps the trial it copied trained (and so on up the
+    chain), each segment naming the trial that trained it. ``scheduler: {type: replay,
+    schedule: ...}`` (``hpo replay``) trains along it."""
+    return storage.lineage(trial_id)
 
 
 @router.post("/{trial_id}/tell", response_model=TrialRecord)

@@ -18,7 +18,10 @@ __all__ = ["PRUNERS", "make_pruner"]
 
 
 def make_pruner(spec: StudySpec) -> Pruner:
-    """The pruner a study's spec asks for (PBT's exploit decision for a pbt study)."""
-    if spec.scheduler is not None:
+    """The pruner a study's spec asks for (PBT's exploit decision for a pbt study, the
+    schedule's pauses for a replay)."""
+    if spec.pbt is not None:
         return load("hpo.service.pbt:PbtPruner")(spec)
+    if spec.replay is not None:
+        return load("hpo.service.replay:ReplayPruner")(spec)
     return load(PRUNERS[spec.pruner.type])(spec)

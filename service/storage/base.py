@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from hpo.service.attempts import AttemptToken
-from hpo.service.records import MetricPointRecord, StudyRecord, TrialRecord
+from hpo.service.records import (
+    Lineage,
+    LineageSegment,
+    MetricPointRecord,
+    StudyRecord,
+    TrialRecord,
+)
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import curves, metrics, studies, trials
@@ -110,6 +116,18 @@ class Storage(Transactions):
             trial = trials.get_trial(s, trial_id)
             history = event_rows.of_trial(s, trial_id) if events else None
             return trial_record(trial, events=history)
+
+    def lineage(self, trial_id: int) -> Lineage:
+        """The schedule a fresh trial follows to train as this one did (see
+        :func:`hpo.service.replay.lineage`). Raises TrialNotFound."""
+        from hpo.service import replay
+
+        with self.read() as s:
+            trial = trials.get_trial(s, trial_id)
+            schedule = [LineageSegment(**seg) for seg in replay.lineage(s, trial)]
+            return Lineage(
+                trial_id=trial.id, number=trial.number, study_id=trial.study_id, schedule=schedule
+            )
 
     def trial_checkpoint(self, trial_id: int) -> str | None:
         """The path of the trial's newest checkpoint, if any. Raises TrialNotFound."""

@@ -757,6 +757,46 @@ def test_dashboard_shows_the_pbt_lineage(sqlite_server: ServerProcess, tmp_path:
         assert errors == []
 
 
+@pytest.mark.browser
+def test_dashboard_shows_a_replayed_schedule(sqlite_server: ServerProcess, tmp_path: Path) -> None:
+    """A replay study whose trial paused at step 2 and resumed with the schedule's next
+    learning rate (driven through the core with a fake executor on the server's database):
+    the card is titled for a replay and lists the change, with no trial copied."""
+    from hpo.service.db.engine import make_engine
+    from hpo.service.executor import AttemptRef
+    from hpo.service.storage import Storage
+    from hpo.service.studies import StudyService
+    from tests.service.test_pbt import launch
+    from tests.service.test_promotion import report, save
+    from tests.service.test_replay import SCHEDULE, replay_spec
+
+    engine = make_engine(sqlite_server.database_url)
+    try:
+        service = StudyService(Storage(engine))
+        folder = tmp_path / "checkpoints"
+        run = launch(service, folder, replay_spec("replayed", SCHEDULE), cpus=1)
+        (ref,) = run.refs
+        assert report(service, ref.trial_id, 2, 0.8) is True
+        save(service, run.executor, ref, folder, 2)
+        run.executor.finish(ref)
+        run.scheduler.tick()
+        run.scheduler.release()
+        assert AttemptRef(ref.trial_id, 2) in run.executor.launch_of
+    finally:
+        engine.dispose()
+    with study_page(sqlite_server, run.study_id) as (page, errors):
+        page.wait_for_selector("#card-lineage:not([hidden]) table.lineage tbody tr")
+        assert page.inner_text("#card-lineage h2") == "Replayed schedule"
+        rows = page.eval_on_selector_all(
+            "table.lineage tbody tr",
+            "rows => rows.map(r => [...r.cells].map(c => c.textContent))",
+        )
+        assert [r[:4] for r in rows] == [["#0", "2", "— (replayed)", "—"]]
+        assert "lr=0.05" in rows[0][4] and "x=0.5" in rows[0][4]
+        assert page.eval_on_selector("#card-lineage canvas", "c => c.width") > 0
+        assert errors == []
+
+
 def seed_many(database_url: str, n: int, steps: int) -> dict[str, int]:
     """An ask/tell study of ``n`` trials with ``steps`` loss points each (every 10th pruned
     after a third of them, every 25th failed), written through the core on the server's

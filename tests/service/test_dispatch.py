@@ -24,6 +24,7 @@ import yaml
 
 from hpo.api.client import Study
 from hpo.api.demo import free_port
+from tests.api.test_cli import run_cli
 from tests.api.test_metrics_endpoint import scrape, value
 from tests.conftest import ServerProcess, failed_attempts, wait_for
 
@@ -382,11 +383,15 @@ def fast_and_slow(study: Study) -> list[Any]:
     return sorted(study.trials(), key=lambda t: (t.schedule or [t])[0].params["step_s"])
 
 
-def test_pbt_copies_a_better_trial_between_ddp_attempts(ray_server: ServerProcess) -> None:
+def test_pbt_copies_a_better_trial_between_ddp_attempts_and_hpo_replay_reproduces_it(
+    ray_server: ServerProcess,
+) -> None:
     """Population based training on two-rank DDP trials: the slow trial with a poor learning
     rate is the worse one at each boundary it reaches, so it pauses (both ranks stop at the
     same step), resumes from the fast trial's checkpoint with its parameters (the learning
-    rate perturbed), and converges as only the copied weight can make it."""
+    rate perturbed), and converges as only the copied weight can make it. ``hpo replay``
+    then trains one fresh trial along its lineage (the fast trial's rate up to the last copy,
+    its own after): the same curve and the same value, to the last bit."""
     client = ray_server.client()
     study = client.create_study(pbt_pair("pbt"))
     finished(study)
@@ -403,6 +408,30 @@ def test_pbt_copies_a_better_trial_between_ddp_attempts(ray_server: ServerProces
     assert any(d.startswith("pbt exploit: paused") for d in details)
     assert any(f"pbt exploit: copies trial #{fast.number}" in d for d in details)
     assert slow.placement["world_size"] == 2 and fast.schedule is None
+
+    last = copies[-1].step  # every step up to it was the fast trial's
+    lineage = study.lineage(slow.id).schedule
+    assert [(s.step, s.params, s.trial_number) for s in lineage] == [
+        (0, fast.params, fast.number),
+        (last, slow.params, slow.number),
+    ]
+    done = run_cli(
+        ray_server, "replay", str(study.id), "--trial", str(slow.number), "--name", "pbt-again"
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"replays trial {slow.number} of study {study.id} along 2 segment(s)" in done.stdout
+    again = client.study("pbt-again")
+    finished(again)
+    (replayed,) = again.trials()
+    assert replayed.state == "complete" and replayed.value == slow.value
+    assert [(s.step, s.params) for s in replayed.schedule] == [
+        (0, fast.params),
+        (last, slow.params),
+    ]
+    curve = {p.step: p.value for p in again.metrics(replayed.id, "loss")}
+    donor = {p.step: p.value for p in study.metrics(fast.id, "loss") if p.step <= last}
+    own = {p.step: p.value for p in study.metrics(slow.id, "loss") if p.step > last}
+    assert curve == {**donor, **own}
 
 
 def test_a_rank_killed_after_a_pbt_copy_resumes_from_the_copy(ray_server: ServerProcess) -> None:

@@ -105,6 +105,22 @@ def test_resume_without_a_saved_object_says_so(tmp_path: Path) -> None:
     assert context(tmp_path, 1).resume() is None  # a first attempt has nothing to resume
 
 
+def test_a_resume_says_when_the_checkpoint_was_saved_with_other_settings(
+    tmp_path: Path,
+) -> None:
+    """A retry or an ASHA promotion resumes with the settings it saved; a replayed schedule's
+    next segment (or a PBT copy) resumes with others, and the built-ins then ``rebase`` their
+    optimizer onto the new rates."""
+    context(tmp_path, 1, settings={"lr": 0.1}).save(2, model=torch.nn.Linear(2, 1))
+    same = context(tmp_path, 2, settings={"lr": 0.1}).resume(model=torch.nn.Linear(2, 1))
+    assert same is not None and not same.retuned and same.copied_from is None
+    other = context(tmp_path, 2, settings={"lr": 0.05}).resume(model=torch.nn.Linear(2, 1))
+    assert other is not None and other.retuned and other.copied_from is None
+    copied = context(tmp_path, 2, trial_id=7, settings={"lr": 0.1})
+    resumed = copied.resume(model=torch.nn.Linear(2, 1))
+    assert resumed is not None and resumed.retuned and resumed.copied_from == 1
+
+
 def test_a_resumed_attempt_keeps_what_earlier_attempts_reported(tmp_path: Path) -> None:
     first = context(tmp_path, 1)
     for step, acc in ((1, 0.5), (2, 0.9), (3, 0.7)):

@@ -228,6 +228,18 @@ def test_image_trial_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert not [points for _, points in logged if "data_rows" in points]  # sent on attempt 1
 
 
+def test_image_trial_resumed_with_another_rate_trains_on_with_it(tmp_path: Path) -> None:
+    """A replayed schedule's next segment resumes the trial's own checkpoint with a new
+    learning rate: the optimizer it loads holds the old one, and the built-in rebases it."""
+    config = {"epochs": 2, "optimizer": "sgd", "lr": 0.05, "scheduler": "constant"}
+    _, _, logged = run_local("image-classification", config, tmp_path)
+    assert [p["lr"] for _, p in logged if "lr" in p] == [0.05, 0.05]
+    shutil.rmtree(tmp_path / "attempt-1" / "checkpoint-000002")
+    _, resumed, logged = run_local("image-classification", {**config, "lr": 0.01}, tmp_path, 2)
+    assert [step for step, _ in resumed] == [2]
+    assert [p["lr"] for _, p in logged if "lr" in p] == [0.01]
+
+
 def test_a_fixed_setting_that_is_also_searched_is_validated() -> None:
     with pytest.raises(ValueError, match=r"trainable\.config\.batch_size: Input should be"):
         registry.check_spec("image-classification", {"batch_size": "sixteen"}, {"batch_size": [16]})

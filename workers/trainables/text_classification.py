@@ -347,8 +347,8 @@ def train(ctx: TrialContext) -> None:
     state |= {"guard": guard, "early_stopping": stopper}
     own = schedule.hyperparameters()
     resumed = ctx.resume(**state)  # a retry continues where the failed attempt saved
-    if resumed is not None and resumed.copied_from is not None:
-        schedule.rebase(own)  # PBT copied another trial: train on with this one's rates
+    if resumed is not None and resumed.retuned:
+        schedule.rebase(own)  # other rates saved (PBT copy, replay): train on with these
     cleaning.publish(report, ctx, "text data", fresh=resumed is None)
     seen = resumed.values["train_samples"] if resumed else 0.0
     bf16 = s.bf16 and ctx.device.type == "cuda"

@@ -318,24 +318,26 @@ export function rungs(model) {
 
 /** A PBT study's lineage (`scheduler: {type: pbt}`): every copy a trial made (the step it
  * took another trial's checkpoint at, whose, how its mutable parameters were explored), and
- * `name`'s value over each trial's steps, as step lines that jump at each copy. Null for other
- * studies. */
+ * `name`'s value over each trial's steps, as step lines that jump at each copy. A replayed
+ * schedule (`type: replay`) the same way, each change of its trials' parameters a row with no
+ * trial copied. Null for other studies. */
 export function lineage(model, name) {
   const study = model.study;
-  if (study.spec.scheduler?.type !== "pbt") return null;
+  const kind = study.spec.scheduler?.type;
+  if (kind !== "pbt" && kind !== "replay") return null;
   const trials = [...model.trials.values()].sort((a, b) => a.number - b.number);
   const copies = [];
   const series = [];
   for (const t of trials) {
     const segments = t.schedule ?? [{ step: 0, params: t.params, parent: null }];
-    for (const s of segments)
-      if (s.parent)
+    for (const [k, s] of segments.entries())
+      if (s.parent || (kind === "replay" && k > 0))
         copies.push({
           id: t.id,
           trial: t.number,
           step: s.step,
-          parent: s.parent.number,
-          parentStep: s.parent.step,
+          parent: s.parent?.number ?? null,
+          parentStep: s.parent?.step ?? null,
           explored: Object.entries(s.perturbed ?? {})
             .map(([k, how]) => `${k} ${how}`)
             .join(", "),
@@ -353,7 +355,7 @@ export function lineage(model, name) {
         points,
         color: STATE_COLORS[t.state],
         width: t.schedule ? 2 : 1,
-        label: `#${t.number}: ${name} over steps${t.schedule ? ` (${t.schedule.length - 1} copies)` : ""}`,
+        label: `#${t.number}: ${name} over steps${t.schedule ? ` (${t.schedule.length - 1} ${kind === "pbt" ? "copies" : "changes"})` : ""}`,
         pick: t.id,
       });
   }
@@ -364,5 +366,5 @@ export function lineage(model, name) {
     empty: `no trial has a numeric ${name}`,
     layers: [{ kind: "lines", series }],
   };
-  return { copies, chart };
+  return { kind, copies, chart };
 }

@@ -549,6 +549,8 @@ export class StudyPage {
     this.lineageCard.hidden = !found;
     if (!found) return;
     this.charts.lineage.set(found.chart);
+    const replayed = found.kind === "replay";
+    this.lineageCard.querySelector("h2").textContent = replayed ? "Replayed schedule" : "PBT lineage";
     const head = ["trial", "from step", "copied", "explored", "params"];
     const cell = (v, cls = "") => el("td", { class: cls }, String(v));
     this.lineageCopies.replaceChildren(
@@ -566,7 +568,7 @@ export class StudyPage {
                   { dataset: { trial: c.id } },
                   cell(`#${c.trial}`, "num"),
                   cell(c.step, "num"),
-                  cell(`#${c.parent} at step ${c.parentStep}`),
+                  cell(c.parent === null ? "— (replayed)" : `#${c.parent} at step ${c.parentStep}`),
                   cell(c.explored || "—"),
                   cell(
                     Object.entries(c.params)
@@ -577,7 +579,7 @@ export class StudyPage {
               ),
             ),
           )
-        : el("p", { class: "note" }, "no trial has copied another yet"),
+        : el("p", { class: "note" }, replayed ? "no trial has changed its parameters yet" : "no trial has copied another yet"),
     );
   }
 

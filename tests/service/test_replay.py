@@ -1,0 +1,237 @@
+"""A PBT trial's result replayed: its lineage (every copy resolved to the steps the trial it
+copied trained), and a study that trains along a schedule (``scheduler: {type: replay}``) on
+a real database with a fake executor: the trial pauses at each segment's step and resumes
+from its own checkpoint there with that segment's parameters; the spec refuses schedules it
+cannot run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from hpo.api.cli import lineage_lines
+from hpo.service import replay
+from hpo.service.db.models import Trial, TrialParam
+from hpo.service.executor import AttemptRef
+from hpo.service.spec import StudySpec, describe_errors
+from hpo.service.studies import StudyService
+from tests.service.test_pbt import first_copy, launch, pbt_spec
+from tests.service.test_promotion import report, save
+
+
+def replay_spec(name: str, schedule: list[dict[str, Any]], **over: Any) -> dict[str, Any]:
+    spec = pbt_spec(name, scheduler={"type": "replay", "schedule": schedule})
+    spec["budget"] = {"max_trials": 1}
+    spec.update(over)
+    return spec
+
+
+SCHEDULE = [
+    {"step": 0, "params": {"lr": 0.1, "x": 0.5}},
+    {"step": 2, "params": {"lr": 0.05}},
+    {"step": 4, "params": {"lr": 0.025}},
+]
+
+
+def test_a_trial_pauses_at_each_segment_and_resumes_with_its_parameters(
+    service: StudyService, tmp_path: Path
+) -> None:
+    run = launch(service, tmp_path, replay_spec("replayed", SCHEDULE), cpus=1)
+    executor, scheduler, (ref,) = run.executor, run.scheduler, run.refs
+    trial = service.storage.get_trial(ref.trial_id)
+    assert trial.params == {"lr": 0.1, "x": 0.5} and trial.number == 0
+    assert report(service, ref.trial_id, 1, 0.9) is False
+    assert report(service, ref.trial_id, 2, 0.8) is True  # segment 1 starts at step 2
+    own = save(service, executor, ref, tmp_path, 2)
+    paused = service.storage.get_trial(ref.trial_id)
+    assert paused.state == "paused"
+    assert paused.events[-1].detail == "replay: paused at step 2 for segment 1"
+    executor.finish(ref)
+    scheduler.tick()
+
+    second = AttemptRef(ref.trial_id, 2)
+    launched = executor.launch_of[second]
+    assert launched.resume_from == own  # its own checkpoint: nothing is copied
+    assert launched.params == {"lr": 0.05, "x": 0.5}
+    executor.place(second)
+    # a report that jumps past segment 2's step pauses at that report, and says so
+    assert report(service, ref.trial_id, 3, 0.7) is False
+    assert report(service, ref.trial_id, 5, 0.6) is True
+    save(service, executor, second, tmp_path, 5)
+    detail = service.storage.get_trial(ref.trial_id).events[-1].detail
+    assert (
+        detail
+        == "replay: paused at step 5 for segment 2 (the segment starts at step 4; no report there)"
+    )
+    executor.finish(second)
+    scheduler.tick()
+
+    third = AttemptRef(ref.trial_id, 3)
+    assert executor.launch_of[third].params == {"lr": 0.025, "x": 0.5}
+    executor.place(third)
+    assert report(service, ref.trial_id, 6, 0.5) is False
+    executor.finish(third, loss=0.5)
+    scheduler.tick()
+    trial = service.storage.get_trial(ref.trial_id)
+    assert trial.state == "complete" and trial.attempts == 3
+    assert [(s.step, s.params["lr"], s.attempt) for s in trial.schedule] == [
+        (0, 0.1, 1), (2, 0.05, 2), (5, 0.025, 3),
+    ]  # fmt: skip
+    assert all(s.parent is None for s in trial.schedule)
+    promotions = [e.detail for e in trial.events if e.state == "waiting"]
+    assert promotions == [
+        "replay: resumes its own checkpoint at step 2 with params {'lr': 0.05, 'x': 0.5}; "
+        "queued for attempt 2",
+        "replay: resumes its own checkpoint at step 5 with params {'lr': 0.025, 'x': 0.5}; "
+        "queued for attempt 3",
+    ]
+    study = service.storage.get_study(run.study_id)
+    assert study.state == "completed" and study.n_trials == 1
+    # its lineage is the schedule it followed, from the steps it paused at
+    lineage = service.storage.lineage(ref.trial_id).schedule
+    assert [(s.step, s.params["lr"], s.trial_number) for s in lineage] == [
+        (0, 0.1, 0), (2, 0.05, 0), (5, 0.025, 0),
+    ]  # fmt: skip
+
+
+def test_the_lineage_of_a_copy_is_its_donors_steps_then_its_own(
+    service: StudyService, tmp_path: Path
+) -> None:
+    run = first_copy(service, tmp_path)
+    run.executor.finish(run.worst)
+    run.scheduler.tick()  # the worst trial resumes from the best one's checkpoint at step 2
+    worst = service.storage.get_trial(run.worst.trial_id)
+    best = service.storage.get_trial(run.best.trial_id)
+    copied = worst.schedule[-1]
+    assert copied.attempt == 2 and copied.parent.attempt == 1  # the donor's first attempt
+    lineage = service.storage.lineage(worst.id)
+    assert lineage.number == worst.number and lineage.study_id == run.study_id
+    assert [(s.step, s.params, s.trial_number) for s in lineage.schedule] == [
+        (0, best.params, best.number),
+        (2, worst.params, worst.number),
+    ]
+    shown = lineage_lines(lineage, run.study_id)  # what `hpo best` prints under its schedule
+    replay_it = f"hpo replay {run.study_id} --trial {worst.number} trains it again"
+    assert shown[0] == f"  lineage ({replay_it}):"
+    assert shown[1].startswith("    from step 0: lr=") and shown[1].endswith(f"({best.number})")
+    assert shown[2].startswith("    from step 2: lr=") and shown[2].endswith(f"({worst.number})")
+    # a trial that never copied is its own parameters from step 0
+    own = service.storage.lineage(best.id).schedule
+    assert [(s.step, s.params, s.trial_number) for s in own] == [(0, best.params, best.number)]
+    # what the replay of the copy runs: the spec accepts its lineage as a schedule
+    schedule = [{"step": s.step, "params": s.params} for s in lineage.schedule]
+    spec = StudySpec.model_validate(replay_spec("again", schedule))
+    assert spec.replay is not None and spec.replay.params_of(1) == worst.params
+
+
+class _Trials:
+    """The session :func:`replay.lineage` reads donors through, over trials built in memory."""
+
+    def __init__(self, *trials: Trial) -> None:
+        self.by_id = {t.id: t for t in trials}
+
+    def get(self, _model: type, trial_id: int) -> Trial | None:
+        return self.by_id.get(trial_id)
+
+
+def _trial(trial_id: int, lr: float, schedule: list[dict[str, Any]] | None = None) -> Trial:
+    trial = Trial(id=trial_id, number=trial_id, schedule=schedule)
+    trial.params = [TrialParam(name="lr", position=0, value=lr)]
+    return trial
+
+
+def _copy(step: int, lr: float, donor: int, donor_attempt: int | None, attempt: int | None):
+    parent = {"trial_id": donor, "number": donor, "step": step, "attempt": donor_attempt}
+    return {"step": step, "params": {"lr": lr}, "parent": parent, "attempt": attempt}
+
+
+@pytest.mark.parametrize(
+    ("donor_attempt", "expected"),
+    [
+        # T took P's checkpoint of step 4 from P's first attempt: P's own rate trained it
+        (1, [(0, 0.2, 2), (4, 0.5, 3)]),
+        # ...from P's second attempt, which began at step 4 from a copy of Q: Q's steps
+        (2, [(0, 0.1, 1), (4, 0.5, 3)]),
+    ],
+)
+def test_a_copy_follows_the_attempt_that_wrote_the_checkpoint(
+    donor_attempt: int, expected: list[tuple[int, float, int]]
+) -> None:
+    """P copied Q at step 4 and T copied P at step 4: which weights T got depends on whether
+    P's checkpoint was written before P's copy (attempt 1) or is the copy (attempt 2)."""
+    q = _trial(1, 0.1)
+    p = _trial(2, 0.3, [{"step": 0, "params": {"lr": 0.2}, "attempt": 1}, _copy(4, 0.3, 1, 1, 2)])
+    t = _trial(
+        3,
+        0.5,
+        [{"step": 0, "params": {"lr": 0.9}, "attempt": 1}, _copy(4, 0.5, 2, donor_attempt, 2)],
+    )
+    got = replay.lineage(_Trials(q, p, t), t)  # type: ignore[arg-type]
+    assert [(s["step"], s["params"]["lr"], s["trial_number"]) for s in got] == expected
+
+
+def test_a_chain_of_copies_is_followed_to_its_root_and_merges_equal_segments() -> None:
+    """R ← Q at 2 ← T at 6 (each copying the one before), stored before segments carried
+    attempts: the steps before each copy are the donor's, cut at the copy's step."""
+    r = _trial(1, 0.1)
+    q = _trial(2, 0.1, [{"step": 0, "params": {"lr": 0.7}}, _copy(2, 0.1, 1, None, None)])
+    t = _trial(3, 0.05, [{"step": 0, "params": {"lr": 0.9}}, _copy(6, 0.05, 2, None, None)])
+    got = replay.lineage(_Trials(r, q, t), t)  # type: ignore[arg-type]
+    # R's 0.1 from 0, Q's 0.1 from 2 (the same: merged), T's 0.05 from 6
+    assert [(s["step"], s["params"]["lr"], s["trial_number"]) for s in got] == [
+        (0, 0.1, 1), (6, 0.05, 3),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("schedule", "field", "message"),
+    [
+        ([{"step": 1, "params": {"lr": 0.1, "x": 0.5}}], "scheduler.schedule", "step 0"),
+        (
+            [{"step": 0, "params": {"lr": 0.1, "x": 0.5}}, {"step": 0, "params": {"lr": 0.2}}],
+            "scheduler.schedule",
+            "not after segment 0",
+        ),
+        ([{"step": 0, "params": {"lr": 0.1}}], "scheduler.schedule[0].params.x", "missing"),
+        (
+            [{"step": 0, "params": {"lr": 2.0, "x": 0.5}}],
+            "scheduler.schedule[0].params.lr",
+            "outside the space",
+        ),
+        (
+            [{"step": 0, "params": {"lr": 0.1, "x": 0.5, "y": 1}}],
+            "scheduler.schedule[0].params.y",
+            "not a parameter",
+        ),
+        (
+            [{"step": 0, "params": {"lr": 0.1, "x": 0.5}}, {"step": 3, "params": {"x": 0.4}}],
+            "scheduler.schedule[1].params.x",
+            "only `mutable` parameters change",
+        ),
+    ],
+)
+def test_the_spec_refuses_a_schedule_it_cannot_replay(
+    schedule: list[dict[str, Any]], field: str, message: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        StudySpec.model_validate(replay_spec("bad", schedule))
+    errors = describe_errors(caught.value)
+    assert [e["field"] for e in errors] == [field] and message in errors[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("over", "field"),
+    [
+        ({"budget": {}}, "budget.max_trials"),
+        ({"pruner": {"type": "median"}}, "pruner.type"),
+        ({"trainable": None}, "scheduler.type"),
+        ({"scheduler": {"type": "bohb"}}, "scheduler.type"),
+    ],
+)
+def test_the_spec_refuses_a_replay_study_it_cannot_run(over: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        StudySpec.model_validate(replay_spec("bad", SCHEDULE, **over))
+    assert [e["field"] for e in describe_errors(caught.value)] == [field]
