@@ -572,6 +572,8 @@ class Study:
         trial's), with this study's trainable, space, objective and resources:
         ``scheduler: {type: replay}``, no pruner. A PBT study's result reproduced."""
         lineage = self.lineage(trial)
+        for problem in lineage.problems:
+            warnings.warn(f"trial #{lineage.number}'s lineage: {problem}", stacklevel=2)
         spec = {k: v for k, v in self._record.spec.items() if k != "user_attrs"}
         spec["name"] = name or f"{self.name[:100]}-replay-{lineage.number}"
         spec["description"] = (
@@ -580,10 +582,12 @@ class Study:
         )
         spec["scheduler"] = {
             "type": "replay",
-            "schedule": [{"step": s.step, "params": s.params} for s in lineage.schedule],
+            "schedule": [s.model_dump() for s in lineage.schedule],
         }
         spec["pruner"] = {"type": "none"}
-        spec["budget"] = {"max_trials": trials}
+        # its parameters are the schedule's: no sampler's choice is used (a grid's would clash)
+        spec["sampler"] = {"type": "random", "seed": spec.get("sampler", {}).get("seed")}
+        spec["budget"] = {**spec.get("budget", {}), "max_trials": trials}
         return StudySpec.model_validate(spec)
 
     def trials(self, state: str | None = None) -> list[TrialRecord]:

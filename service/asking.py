@@ -383,8 +383,8 @@ def _promote_now(
         reason = chosen.reason
         if spec.pbt is not None:
             reason = pbt.exploit(s, spec, trial, copy)
-        elif spec.replay is not None:
-            reason = replay.retune(spec, trial)
+        elif spec.replay is not None:  # from the step of the checkpoint it resumes
+            reason = replay.retune(spec, trial, promotions.step_of(resume_from))
         transitions.promote(s, study, trial, reason)
         now = utcnow()
         set_trial_state(

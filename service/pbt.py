@@ -281,10 +281,6 @@ def exploit(s: Session, spec: StudySpec, trial: Trial, copy: Copy) -> dict[str, 
     boundary = int(reason.get("boundary", 0))
     rng = np.random.default_rng([*seed_of(spec, trial.number, boundary), 1])
     params, how = explore(spec, donor_params, rng)
-    schedule = list(trial.schedule or [])
-    if not schedule:
-        own = {p.name: p.value for p in trial.params}
-        schedule.append({"step": 0, "params": own, "attempt": 1})
     step = copy.step or 0
     from hpo.workers import checkpoints
 
@@ -299,17 +295,28 @@ def exploit(s: Session, spec: StudySpec, trial: Trial, copy: Copy) -> dict[str, 
         "perturbed": how,
         "attempt": trial.attempts + 1,
     }
-    trial.schedule = [*schedule, segment]
     # It goes on from the copy's step. Steps past its own were trained, and charged to
     # budget.max_steps, in the trial it copied: not charged again.
     skipped = step - (trial.last_step or 0)
     if skipped > 0:
         trial.steps_copied = (trial.steps_copied or 0) + skipped
         trial.last_step = step
+    change_params(trial, segment)
+    return {**reason, "segment": segment}
+
+
+def change_params(trial: Trial, segment: dict[str, Any]) -> None:
+    """Append ``segment`` (its ``params`` from its ``step`` on) to the trial's schedule, with
+    the trial's own start as the first segment on its first change, and give it those
+    parameters."""
+    schedule = list(trial.schedule or [])
+    if not schedule:
+        own = {p.name: p.value for p in trial.params}
+        schedule.append({"step": 0, "params": own, "attempt": 1})
+    trial.schedule = [*schedule, segment]
     by_name = {p.name: p for p in trial.params}
-    for name, value in params.items():
+    for name, value in segment["params"].items():
         if name in by_name:
             by_name[name].value = value
         else:
             trial.params.append(TrialParam(name=name, position=len(trial.params), value=value))
-    return {**reason, "segment": segment}

@@ -113,6 +113,11 @@ class Lineage(_Record):
     number: int
     study_id: int
     schedule: list[LineageSegment]
+    problems: list[str] = Field(
+        default=[],
+        description="Where the chain of copies could not be followed (a copied trial gone, "
+        "a loop): the steps before are then the trial's own parameters, not what trained them.",
+    )
 
 
 class TrialRecord(_Record):

@@ -15,8 +15,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from hpo.service.db.models import Trial, TrialParam
+from hpo.service.db.models import Trial
+from hpo.service.pbt import change_params
 from hpo.service.pruners.base import PauseDecision, Pruner, PruningHistory, Report
+from hpo.service.records import Lineage, LineageSegment
 from hpo.service.spec import StudySpec
 
 
@@ -43,30 +45,22 @@ class ReplayPruner(Pruner):
         )
 
 
-def retune(spec: StudySpec, trial: Trial) -> dict[str, Any]:
-    """Under the study's lock, as the paused ``trial`` is promoted: give it the parameters of
-    the segment it paused for and add that segment, from the step it paused at, to its
-    schedule. Returns the promotion's reason."""
+def retune(spec: StudySpec, trial: Trial, step: int | None) -> dict[str, Any]:
+    """Under the study's lock, as the paused ``trial`` is promoted to resume its checkpoint
+    of ``step`` (None: its last step): give it the parameters of the segment it paused for,
+    from that step on, in its schedule. Returns the promotion's reason."""
     assert spec.replay is not None
     reason = dict(trial.pause_reason or {})
     trial.pause_reason = None
     own = {p.name: p.value for p in trial.params}
-    schedule = list(trial.schedule or []) or [{"step": 0, "params": own, "attempt": 1}]
-    merged = {**own, **spec.replay.params_of(int(reason.get("segment", 0)))}
     segment = {
-        "step": trial.last_step or 0,
-        "params": merged,
+        "step": trial.last_step or 0 if step is None else step,
+        "params": {**own, **spec.replay.params_of(int(reason.get("segment", 0)))},
         "parent": None,
         "perturbed": {},
         "attempt": trial.attempts + 1,
     }
-    trial.schedule = [*schedule, segment]
-    by_name = {p.name: p for p in trial.params}
-    for name, value in merged.items():
-        if name in by_name:
-            by_name[name].value = value
-        else:
-            trial.params.append(TrialParam(name=name, position=len(trial.params), value=value))
+    change_params(trial, segment)
     return {**reason, "segment": segment}
 
 
@@ -85,66 +79,82 @@ def promotion_detail(reason: dict[str, Any]) -> str:
     )
 
 
-# The deepest chain of copies :func:`lineage` follows (each copy is of a checkpoint older than
-# itself, so a chain ends; this only bounds a corrupt one).
-MAX_DEPTH = 10_000
+# The longest chain of copies :func:`lineage` follows. Each copy is of a checkpoint older than
+# itself, so a chain ends; this bounds a corrupt one (a cycle), which is then reported.
+MAX_CHAIN = 100_000
 
 
-def lineage(s: Session, trial: Trial) -> list[dict[str, Any]]:
-    """The schedule a fresh trial follows to train as ``trial`` did: ``[{"step", "params",
-    "trial_number"}]``, each segment the parameters from ``step`` on and the trial that trained
-    with them then. A PBT copy at step ``k`` of trial P's checkpoint means the steps up to
-    ``k`` were P's: P's own lineage up to ``k`` stands in for the trial's earlier segments.
-    Consecutive segments with the same parameters are merged."""
-    out = _lineage(s, trial, until=None, attempt=None, depth=0)
-    merged: list[dict[str, Any]] = []
-    for segment in out:
-        if merged and merged[-1]["params"] == segment["params"]:
-            continue
-        merged.append(segment)
-    return merged
+def lineage(s: Session, trial: Trial) -> Lineage:
+    """The schedule a fresh trial follows to train as ``trial`` did: each segment the
+    parameters from its ``step`` on and the trial that trained with them then. A PBT copy at
+    step ``k`` of trial P's checkpoint written by P's attempt ``a`` means the steps before
+    ``k`` were trained as that checkpoint holds them (the segments P had begun by attempt
+    ``a``), and so on up the chain. Every copy stays a segment, also one that left the
+    parameters as they were: the replay reloads its checkpoint there, as the trial did.
+    ``problems`` says where the chain could not be followed (a trial it copied is gone, or
+    the chain loops): the segments before that point are then the trial's own."""
+    pieces: list[list[LineageSegment]] = []  # each trial's part, from ``trial`` back
+    problems: list[str] = []
+    current: Trial | None = trial
+    until: int | None = None  # the steps from here on are a later trial's
+    attempt: int | None = None  # the attempt whose checkpoint ``current`` gave
+    seen: set[tuple[int, int | None, int | None]] = set()
+    while current is not None:
+        if (current.id, attempt, until) in seen or len(seen) >= MAX_CHAIN:
+            problems.append(f"the chain of copies loops at trial #{current.number}")
+            break
+        seen.add((current.id, attempt, until))
+        segments = _held(current, until, attempt)
+        copies = [i for i, seg in enumerate(segments) if seg.get("parent")]
+        start, donor = 0, None
+        if copies:
+            start, parent = copies[-1], segments[copies[-1]]["parent"]
+            donor = s.get(Trial, int(parent["trial_id"]))
+            if donor is None:
+                problems.append(
+                    f"trial #{parent.get('number')}, which trial #{current.number} copied at "
+                    f"step {segments[start]['step']}, is gone: the steps before are shown "
+                    f"with trial #{current.number}'s own parameters"
+                )
+                start = 0
+        pieces.append(
+            [
+                LineageSegment(
+                    step=int(seg["step"]), params=dict(seg["params"]), trial_number=current.number
+                )
+                for seg in segments[start:]
+                if until is None or seg["step"] < until
+            ]
+        )
+        if donor is None:
+            break
+        until, attempt = int(segments[start]["step"]), segments[start]["parent"].get("attempt")
+        current = donor
+    schedule = [segment for piece in reversed(pieces) for segment in piece]
+    return Lineage(
+        trial_id=trial.id,
+        number=trial.number,
+        study_id=trial.study_id,
+        schedule=schedule,
+        problems=problems,
+    )
 
 
-def _lineage(
-    s: Session, trial: Trial, *, until: int | None, attempt: int | None, depth: int
-) -> list[dict[str, Any]]:
-    """``trial``'s lineage over the steps before ``until`` (None: all), as its checkpoint
-    from ``attempt`` holds it (None: its newest; a segment records the attempt it began)."""
-    own = {p.name: p.value for p in trial.params}
-    segments = list(trial.schedule or []) or [{"step": 0, "params": own}]
-    if attempt is not None:
-        segments = [seg for seg in segments if _began(seg, until) <= attempt]
-    elif until is not None:  # no attempt known: the segments that began before the step
-        segments = [seg for seg in segments if seg["step"] < until]
-    segments = segments or [{"step": 0, "params": own}]
-    copies = [i for i, seg in enumerate(segments) if seg.get("parent")]
-    donor = None
-    if copies and depth < MAX_DEPTH:
-        donor = s.get(Trial, int(segments[copies[-1]]["parent"]["trial_id"]))
-    head: list[dict[str, Any]] = []
-    start = 0
-    if donor is not None:  # the steps before its last copy were the donor's
-        start = copies[-1]
-        cut, parent = int(segments[start]["step"]), segments[start]["parent"]
-        head = _lineage(s, donor, until=cut, attempt=parent.get("attempt"), depth=depth + 1)
-        head = [seg for seg in head if seg["step"] < cut]
-    tail = [
-        {"step": int(seg["step"]), "params": dict(seg["params"]), "trial_number": trial.number}
-        for seg in segments[start:]
+def _held(trial: Trial, until: int | None, attempt: int | None) -> list[dict[str, Any]]:
+    """The trial's schedule segments that shaped its checkpoint of step ``until`` written by
+    ``attempt`` (None: its newest state): those begun by that attempt, or, for segments
+    stored before they carried their attempt, those that began before the step."""
+    own = {"step": 0, "params": {p.name: p.value for p in trial.params}}
+    segments = list(trial.schedule or []) or [own]
+    if until is None:
+        return segments
+    held = [
+        seg
+        for seg in segments
+        if (
+            seg["step"] < until
+            if attempt is None or seg.get("attempt") is None
+            else int(seg["attempt"]) <= attempt
+        )
     ]
-    if not head:
-        tail[0]["step"] = 0
-    out = head + tail
-    if until is not None:
-        out = [seg for seg in out if seg["step"] < until] or out[:1]
-    return out
-
-
-def _began(segment: dict[str, Any], until: int | None) -> int:
-    """The attempt a schedule segment began (recorded since segments carry it); a segment
-    without one counts as begun at attempt 0 when it starts before ``until``."""
-    if segment.get("attempt") is not None:
-        return int(segment["attempt"])
-    if until is None or segment["step"] < until:
-        return 0
-    return 1 << 62
+    return held or segments[:1]

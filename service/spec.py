@@ -542,10 +542,12 @@ class PbtSpec(_Model):
 
 
 class ReplaySegment(_Model):
-    """The parameters a replayed schedule trains with from ``step`` on."""
+    """The parameters a replayed schedule trains with from ``step`` on (``trial_number``: the
+    trial that trained with them, as a lineage names it; kept, not used)."""
 
     step: StrictInt = Field(ge=0, le=MAX_INT)
     params: dict[str, ParamValue] = Field(max_length=MAX_PARAMS)
+    trial_number: StrictInt | None = None
 
 
 class ReplaySpec(_Model):
@@ -555,7 +557,7 @@ class ReplaySpec(_Model):
     its own checkpoint at that step with that segment's parameters (the others kept), as a
     PBT trial did when it copied. Later segments may change only ``mutable`` parameters."""
 
-    type: Literal["replay"]
+    type: Literal["replay"] = "replay"
     schedule: list[ReplaySegment] = Field(min_length=1, max_length=10_000)
 
     @field_validator("schedule")
@@ -583,9 +585,10 @@ class ReplaySpec(_Model):
 
 
 def _scheduler_type(value: Any) -> str:
-    """PBT unless the block names another type (a stored spec may omit pbt's default)."""
+    """The block's type; without one, a replay if it holds a schedule, else PBT (a stored
+    spec may omit pbt's default)."""
     if isinstance(value, Mapping):
-        return str(value.get("type", "pbt"))
+        return str(value.get("type", "replay" if "schedule" in value else "pbt"))
     return str(getattr(value, "type", "pbt"))
 
 
@@ -744,7 +747,9 @@ class StudySpec(_Model):
         pbt = self.scheduler
         if pbt is None:
             if any(p.mutable for p in self.space.values()):
-                raise ValueError("scheduler: `mutable` parameters need `scheduler: {type: pbt}`")
+                raise ValueError(
+                    "scheduler: `mutable` parameters need `scheduler: {type: pbt}` (or a replay)"
+                )
             return self
         if isinstance(pbt, ReplaySpec):
             return self._replay_fits(pbt)
@@ -774,10 +779,10 @@ class StudySpec(_Model):
         return self
 
     def _replay_fits(self, replay: ReplaySpec) -> StudySpec:
-        """A replayed schedule needs what PBT needs to resume (a trainable, no pruner), names
-        only parameters of the space with values in their domains, starts with every active
-        one, and changes only ``mutable`` ones later (the others shape what the checkpoint
-        holds)."""
+        """A replayed schedule needs what PBT needs (a trainable, no pruner, no grid, no
+        conditional parameters) and a number of trials; it names only parameters of the space
+        with values in their domains, starts with all of them, and changes only ``mutable``
+        ones later (the others shape what the checkpoint holds)."""
         if self.trainable is None:
             raise ValueError(
                 "scheduler.type: replay resumes trials from their checkpoints: the study needs "
@@ -792,6 +797,13 @@ class StudySpec(_Model):
                 "budget.max_trials: required with scheduler.type replay (how many trials train "
                 "the schedule)"
             )
+        if self.sampler.type == "grid":
+            raise ValueError(
+                "sampler.type: a replay's trials take the schedule's parameters; a grid hands "
+                "out its own points (use random)"
+            )
+        if any(p.when for p in self.space.values()):
+            raise ValueError("space: a replay does not take conditional (`when`) parameters")
         current: dict[str, Any] = {}
         for i, segment in enumerate(replay.schedule):
             where = f"scheduler.schedule[{i}].params"
@@ -807,13 +819,9 @@ class StudySpec(_Model):
                         f"(it was {current.get(name)!r})"
                     )
             current.update(segment.params)
-            if i == 0:
-                for name in self.parameter_order():
-                    active = self.is_active(name, current)
-                    if active and name not in current:
-                        raise ValueError(f"{where}.{name}: missing from the first segment")
-                    if not active and name in current:
-                        raise ValueError(f"{where}.{name}: inactive under the segment's values")
+            missing = [name for name in self.space if name not in current]
+            if missing:
+                raise ValueError(f"{where}.{missing[0]}: missing from the first segment")
         return self
 
     @model_validator(mode="after")

@@ -172,6 +172,12 @@ def enqueue(storage: Storage, study_id: int, params: Mapping[str, Any]) -> Trial
         study = studies.get(s, study_id, lock=True)
         spec = transitions.spec_of(study)
         _refuse_stopped(study, "enqueue a trial")
+        if spec.replay is not None:
+            raise InvalidInput(
+                "params: a replay study's trials take the parameters of its schedule "
+                "(scheduler.schedule); it queues no others",
+                field="params",
+            )
         check_given_params(spec, params)
         if not spec.define_by_run:
             try:

@@ -16,6 +16,7 @@ plane may not have received.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -244,8 +245,8 @@ class TrialContext:
             self._resend(meta)  # not another trial's points (a PBT copy)
         values = {k: v for k, v in saved.items() if k not in state}
         copied = None if owner == self.trial_id else owner
-        saved_with = meta.get("settings", _jsonable(self.settings))
-        retuned = copied is not None or saved_with != _jsonable(self.settings)
+        settings = json.loads(json.dumps(_jsonable(self.settings)))  # as meta.json holds them
+        retuned = copied is not None or meta.get("settings", settings) != settings
         return Resumed(int(meta["step"]), values, path, copied, retuned)
 
     def _meta(self, step: int) -> dict[str, Any]:

@@ -16,13 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hpo.service.attempts import AttemptToken
-from hpo.service.records import (
-    Lineage,
-    LineageSegment,
-    MetricPointRecord,
-    StudyRecord,
-    TrialRecord,
-)
+from hpo.service.records import Lineage, MetricPointRecord, StudyRecord, TrialRecord
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import curves, metrics, studies, trials
@@ -123,11 +117,7 @@ class Storage(Transactions):
         from hpo.service import replay
 
         with self.read() as s:
-            trial = trials.get_trial(s, trial_id)
-            schedule = [LineageSegment(**seg) for seg in replay.lineage(s, trial)]
-            return Lineage(
-                trial_id=trial.id, number=trial.number, study_id=trial.study_id, schedule=schedule
-            )
+            return replay.lineage(s, trials.get_trial(s, trial_id))
 
     def trial_checkpoint(self, trial_id: int) -> str | None:
         """The path of the trial's newest checkpoint, if any. Raises TrialNotFound."""

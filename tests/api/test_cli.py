@@ -106,6 +106,8 @@ def test_submit_and_read_commands(sqlite_server: ServerProcess, tmp_path: Path) 
 
     r = run_cli(server, "best", "cli-study")
     assert r.returncode == 1 and "no complete trial" in r.stderr
+    r = run_cli(server, "replay", "cli-study")
+    assert r.returncode == 1 and "no complete trial" in r.stderr
 
     with server.client() as client:
         s = client.study(sid)
@@ -146,6 +148,19 @@ def test_submit_and_read_commands(sqlite_server: ServerProcess, tmp_path: Path) 
     assert r.returncode == 0, r.stderr
     assert f"trial 1 (id {best_id}): value 0.25" in r.stdout
     assert f"x = {told[best_id][1]['x']}" in r.stdout
+    assert "lineage" not in r.stdout  # it copied nothing
+
+    # hpo replay: bad input exits 2 naming what is wrong, and creates nothing
+    for args, says in (
+        (["--trial", "9"], "--trial: study"),
+        (["--trials", "0"], "--trials: at least 1"),
+        (["--give-up-after", "5"], "only with --wait"),
+        ([], "scheduler.type: replay resumes trials from their checkpoints"),  # ask/tell
+    ):
+        r = run_cli(server, "replay", "cli-study", *args)
+        assert r.returncode == 2 and says in r.stderr, (args, r.stderr)
+    with server.http() as http:
+        assert len(http.get("/api/v1/studies").json()["studies"]) == 1
 
     r = run_cli(server, "export", "cli-study", "--csv")
     assert r.returncode == 0, r.stderr

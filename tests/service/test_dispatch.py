@@ -24,6 +24,7 @@ import yaml
 
 from hpo.api.client import Study
 from hpo.api.demo import free_port
+from hpo.service.spec import StudySpec
 from tests.api.test_cli import run_cli
 from tests.api.test_metrics_endpoint import scrape, value
 from tests.conftest import ServerProcess, failed_attempts, wait_for
@@ -421,6 +422,10 @@ def test_pbt_copies_a_better_trial_between_ddp_attempts_and_hpo_replay_reproduce
     assert done.returncode == 0, done.stderr
     assert f"replays trial {slow.number} of study {study.id} along 2 segment(s)" in done.stdout
     again = client.study("pbt-again")
+    shown = run_cli(ray_server, "replay", str(study.id), "--trial", str(slow.number), "--print")
+    assert shown.returncode == 0, shown.stderr
+    printed = StudySpec.model_validate(yaml.safe_load(shown.stdout))
+    assert printed.replay == StudySpec.model_validate(again.record.spec).replay
     finished(again)
     (replayed,) = again.trials()
     assert replayed.state == "complete" and replayed.value == slow.value

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from hpo.api.cli import lineage_lines
 from hpo.service import replay
 from hpo.service.db.models import Trial, TrialParam
+from hpo.service.errors import InvalidInput
 from hpo.service.executor import AttemptRef
 from hpo.service.spec import StudySpec, describe_errors
 from hpo.service.studies import StudyService
@@ -116,8 +117,8 @@ def test_the_lineage_of_a_copy_is_its_donors_steps_then_its_own(
     shown = lineage_lines(lineage, run.study_id)  # what `hpo best` prints under its schedule
     replay_it = f"hpo replay {run.study_id} --trial {worst.number} trains it again"
     assert shown[0] == f"  lineage ({replay_it}):"
-    assert shown[1].startswith("    from step 0: lr=") and shown[1].endswith(f"({best.number})")
-    assert shown[2].startswith("    from step 2: lr=") and shown[2].endswith(f"({worst.number})")
+    assert shown[1].startswith("    from step 0: lr=") and f"(trial {best.number})" in shown[1]
+    assert shown[2].startswith("    from step 2: lr=") and f"(trial {worst.number})" in shown[2]
     # a trial that never copied is its own parameters from step 0
     own = service.storage.lineage(best.id).schedule
     assert [(s.step, s.params, s.trial_number) for s in own] == [(0, best.params, best.number)]
@@ -138,7 +139,7 @@ class _Trials:
 
 
 def _trial(trial_id: int, lr: float, schedule: list[dict[str, Any]] | None = None) -> Trial:
-    trial = Trial(id=trial_id, number=trial_id, schedule=schedule)
+    trial = Trial(id=trial_id, number=trial_id, study_id=1, schedule=schedule)
     trial.params = [TrialParam(name="lr", position=0, value=lr)]
     return trial
 
@@ -170,20 +171,47 @@ def test_a_copy_follows_the_attempt_that_wrote_the_checkpoint(
         [{"step": 0, "params": {"lr": 0.9}, "attempt": 1}, _copy(4, 0.5, 2, donor_attempt, 2)],
     )
     got = replay.lineage(_Trials(q, p, t), t)  # type: ignore[arg-type]
-    assert [(s["step"], s["params"]["lr"], s["trial_number"]) for s in got] == expected
+    assert _steps(got) == expected and got.problems == []
 
 
-def test_a_chain_of_copies_is_followed_to_its_root_and_merges_equal_segments() -> None:
+def _steps(lineage: Any) -> list[tuple[int, float, int]]:
+    return [(s.step, s.params["lr"], s.trial_number) for s in lineage.schedule]
+
+
+def test_a_chain_of_copies_is_followed_to_its_root_and_keeps_every_copy() -> None:
     """R ← Q at 2 ← T at 6 (each copying the one before), stored before segments carried
-    attempts: the steps before each copy are the donor's, cut at the copy's step."""
+    attempts: the steps before each copy are the donor's, cut at the copy's step; a copy
+    that left the rate as it was stays a segment (the replay reloads its checkpoint there,
+    as Q did)."""
     r = _trial(1, 0.1)
     q = _trial(2, 0.1, [{"step": 0, "params": {"lr": 0.7}}, _copy(2, 0.1, 1, None, None)])
     t = _trial(3, 0.05, [{"step": 0, "params": {"lr": 0.9}}, _copy(6, 0.05, 2, None, None)])
     got = replay.lineage(_Trials(r, q, t), t)  # type: ignore[arg-type]
-    # R's 0.1 from 0, Q's 0.1 from 2 (the same: merged), T's 0.05 from 6
-    assert [(s["step"], s["params"]["lr"], s["trial_number"]) for s in got] == [
-        (0, 0.1, 1), (6, 0.05, 3),
-    ]  # fmt: skip
+    assert _steps(got) == [(0, 0.1, 1), (2, 0.1, 2), (6, 0.05, 3)]
+
+
+def test_a_lineage_that_cannot_be_followed_says_where() -> None:
+    """A copied trial that is gone, or a corrupt chain that loops: the answer says so (and
+    shows the trial's own segments there) instead of failing; a chain of 3,000 copies is
+    followed to its root (no recursion limit)."""
+    t = _trial(3, 0.5, [{"step": 0, "params": {"lr": 0.9}}, _copy(4, 0.5, 2, 1, 2)])
+    gone = replay.lineage(_Trials(t), t)  # type: ignore[arg-type]
+    assert _steps(gone) == [(0, 0.9, 3), (4, 0.5, 3)]
+    assert gone.problems == [
+        "trial #2, which trial #3 copied at step 4, is gone: the steps before are shown with "
+        "trial #3's own parameters"
+    ]
+    a = _trial(1, 0.1, [{"step": 0, "params": {"lr": 0.2}}, _copy(4, 0.1, 2, 2, 2)])
+    b = _trial(2, 0.3, [{"step": 0, "params": {"lr": 0.4}}, _copy(4, 0.3, 1, 2, 2)])
+    loop = replay.lineage(_Trials(a, b), a)  # type: ignore[arg-type]
+    assert loop.problems and "loops" in loop.problems[0]
+    chain = [_trial(1, 0.001)] + [
+        _trial(i, 0.001 * i, [{"step": 0, "params": {"lr": 0.9}}, _copy(i, 0.001 * i, i - 1, 2, 2)])
+        for i in range(2, 3_001)
+    ]
+    deep = replay.lineage(_Trials(*chain), chain[-1])  # type: ignore[arg-type]
+    assert len(deep.schedule) == 3_000 and deep.problems == []
+    assert [s.step for s in deep.schedule] == [0, *range(2, 3_001)]
 
 
 @pytest.mark.parametrize(
@@ -222,10 +250,46 @@ def test_the_spec_refuses_a_schedule_it_cannot_replay(
     assert [e["field"] for e in errors] == [field] and message in errors[0]["message"]
 
 
+def test_a_schedule_block_without_a_type_is_a_replay_and_a_lineage_pastes_as_it_is() -> None:
+    pasted = [{**seg, "trial_number": 3} for seg in SCHEDULE]  # GET .../lineage's segments
+    spec = StudySpec.model_validate(replay_spec("pasted", []) | {"scheduler": {"schedule": pasted}})
+    assert spec.replay is not None and spec.replay.schedule[0].trial_number == 3
+
+
+def test_a_replay_study_queues_no_trial_of_other_parameters(
+    service: StudyService, tmp_path: Path
+) -> None:
+    study = service.create_study(StudySpec.model_validate(replay_spec("no-queue", SCHEDULE)))
+    with pytest.raises(InvalidInput) as caught:
+        service.enqueue_trial(study.id, {"lr": 0.7, "x": 0.9})
+    assert caught.value.field == "params" and "schedule" in caught.value.message
+    assert service.storage.get_study(study.id).n_trials == 0
+
+
+def test_a_segment_resumes_from_the_checkpoint_there_is(
+    service: StudyService, tmp_path: Path
+) -> None:
+    """A trainable that checkpoints every other step pauses at step 2 without a checkpoint
+    there: it resumes from step 1's, and its schedule says the new parameters train from
+    step 1 on (the steps it trains again)."""
+    run = launch(service, tmp_path, replay_spec("sparse", SCHEDULE), cpus=1)
+    (ref,) = run.refs
+    assert report(service, ref.trial_id, 1, 0.9) is False
+    one = save(service, run.executor, ref, tmp_path, 1)
+    assert report(service, ref.trial_id, 2, 0.8) is True  # no checkpoint at step 2
+    run.executor.finish(ref)
+    run.scheduler.tick()
+    resumed = run.executor.launch_of[AttemptRef(ref.trial_id, 2)]
+    assert resumed.resume_from == one and resumed.params["lr"] == 0.05
+    trial = service.storage.get_trial(ref.trial_id)
+    assert [(s.step, s.params["lr"]) for s in trial.schedule] == [(0, 0.1), (1, 0.05)]
+
+
 @pytest.mark.parametrize(
     ("over", "field"),
     [
         ({"budget": {}}, "budget.max_trials"),
+        ({"sampler": {"type": "grid"}}, "sampler.type"),
         ({"pruner": {"type": "median"}}, "pruner.type"),
         ({"trainable": None}, "scheduler.type"),
         ({"scheduler": {"type": "bohb"}}, "scheduler.type"),

@@ -116,6 +116,10 @@ def test_a_resume_says_when_the_checkpoint_was_saved_with_other_settings(
     assert same is not None and not same.retuned and same.copied_from is None
     other = context(tmp_path, 2, settings={"lr": 0.05}).resume(model=torch.nn.Linear(2, 1))
     assert other is not None and other.retuned and other.copied_from is None
+    tupled = context(tmp_path, 3, settings={"betas": (0.9, 0.99)})  # JSON keeps a list
+    tupled.save(4, model=torch.nn.Linear(2, 1))
+    again = context(tmp_path, 4, settings={"betas": (0.9, 0.99)})
+    assert not again.resume(model=torch.nn.Linear(2, 1)).retuned
     copied = context(tmp_path, 2, trial_id=7, settings={"lr": 0.1})
     resumed = copied.resume(model=torch.nn.Linear(2, 1))
     assert resumed is not None and resumed.retuned and resumed.copied_from == 1
