@@ -385,6 +385,8 @@ def schedule_lines(trial: TrialRecord) -> list[str]:
             how = ", ".join(f"{k} {v}" for k, v in segment.perturbed.items())
             copied = f"  (copied trial {segment.parent.number} at step {segment.parent.step}"
             copied += f"; {how})" if how else ")"
+        elif segment.step > 0:
+            copied = "  (resumed its own checkpoint)"
         lines.append(f"    from step {segment.step}: {params}{copied}")
     return lines
 

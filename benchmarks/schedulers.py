@@ -154,7 +154,7 @@ def run_hpo(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "wall_s": wall,
                         "trials": len(ledger.trials),
                         "copies": sum(
-                            len(t.schedule) - 1 for t in ledger.trials.values() if t.schedule
+                            1 for t in ledger.trials.values() for s in t.schedule or [] if s.parent
                         ),
                         "compute": ledger.epochs(),
                         "to_target_s": reach[0] if reach else None,
@@ -164,8 +164,33 @@ def run_hpo(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "resume_s": resume_gaps(client, ledger),
                     }
                 )
+                if args.replay and name == "pbt":
+                    rows[-1]["replays"] = replay_all(ledger)
                 print(f"  {json.dumps(rows[-1])}", flush=True)
     return rows
+
+
+def replay_all(ledger: Ledger) -> list[dict[str, Any]]:
+    """Train every complete trial of the PBT study again along its lineage (``hpo replay``,
+    one at a time): each one's value, the replay's, and the segments its lineage holds."""
+    out = []
+    for trial in ledger.completions():
+        spec = ledger.study.replay_spec(trial.id, name=f"{ledger.study.name}-replay-{trial.number}")
+        again = ledger.study.client.create_study(spec)
+        again.wait(timeout_s=600)
+        (replayed,) = again.trials()
+        segments = spec.replay.schedule if spec.replay else []
+        out.append(
+            {
+                "number": trial.number,
+                "value": trial.value,
+                "replayed": replayed.value,
+                "state": replayed.state,
+                "segments": len(segments),
+                "trials_in_lineage": len({s.trial_number for s in segments}),
+            }
+        )
+    return out
 
 
 def pause_gaps(client: Any, trial_id: int) -> list[float]:
@@ -395,6 +420,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--target", type=float, default=0.98)
     p.add_argument("--only", choices=["hpo", "tune"])
     p.add_argument("--schedulers", nargs="*", help="e.g. asha pbt tune-asha")
+    p.add_argument(
+        "--replay",
+        action="store_true",
+        help="hpo pbt: train each run's best trial again (hpo replay)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     rows = []
@@ -403,6 +433,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.only != "hpo":
         rows += run_tune(args)
     print(table(rows, args.target))
+    replays = [(r["seed"], p) for r in rows for p in r.get("replays", [])]
+    if replays:
+        same = sum(p["replayed"] == p["value"] for _, p in replays)
+        copied = [p for _, p in replays if p["trials_in_lineage"] > 1]
+        print(
+            f"hpo replay of every complete PBT trial: {same} of {len(replays)} reproduced "
+            f"exactly ({sum(p['replayed'] == p['value'] for p in copied)} of {len(copied)} "
+            "whose lineage crosses trials)"
+        )
+        for seed, p in replays:
+            if p["replayed"] != p["value"]:
+                print(f"  seed {seed} trial {p['number']}: {p['value']} -> {p['replayed']}")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args), "rows": rows}, default=str, indent=1))
 

@@ -381,10 +381,11 @@ def _promote_now(
         if chosen is None:
             return None
         reason = chosen.reason
+        resumes_at = promotions.step_of(resume_from)  # the step of the checkpoint it resumes
         if spec.pbt is not None:
-            reason = pbt.exploit(s, spec, trial, copy)
-        elif spec.replay is not None:  # from the step of the checkpoint it resumes
-            reason = replay.retune(spec, trial, promotions.step_of(resume_from))
+            reason = pbt.exploit(s, spec, trial, copy, resumes_at)
+        elif spec.replay is not None:
+            reason = replay.retune(spec, trial, resumes_at)
         transitions.promote(s, study, trial, reason)
         now = utcnow()
         set_trial_state(

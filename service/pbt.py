@@ -266,15 +266,22 @@ def copied_at(trial: Trial) -> int | None:
     return None
 
 
-def exploit(s: Session, spec: StudySpec, trial: Trial, copy: Copy) -> dict[str, Any]:
+def exploit(
+    s: Session, spec: StudySpec, trial: Trial, copy: Copy, step: int | None
+) -> dict[str, Any]:
     """Under the study's lock, as the paused ``trial`` is promoted: give it the donor's
     parameters, explored, and add the segment that starts at the copied step to its schedule
-    (with its own start as the first segment, on its first exploit). Without a checkpoint to
-    copy it goes on from its own, unchanged. Returns the promotion's reason for its history."""
+    (with its own start as the first segment, on its first change). Without a checkpoint to
+    copy (a yield, or a donor that cannot be copied) it goes on from its own checkpoint of
+    ``step`` with its parameters, also a segment: a replay of its lineage reloads there too.
+    Returns the promotion's reason for its history."""
     reason = dict(trial.pause_reason or {})
     trial.pause_reason = None
     if copy.path is None or copy.donor_id is None:
-        return {**reason, "segment": {"parent": None}, "note": copy.problem}
+        own = {p.name: p.value for p in trial.params}
+        segment = resumed_segment(trial, trial.last_step if step is None else step, own)
+        change_params(trial, segment)
+        return {**reason, "segment": segment, "note": copy.problem}
     donor = s.get(Trial, copy.donor_id)
     assert donor is not None  # it had a checkpoint a moment ago; trials are never deleted alone
     donor_params = {p.name: p.value for p in donor.params}
@@ -303,6 +310,18 @@ def exploit(s: Session, spec: StudySpec, trial: Trial, copy: Copy) -> dict[str, 
         trial.last_step = step
     change_params(trial, segment)
     return {**reason, "segment": segment}
+
+
+def resumed_segment(trial: Trial, step: int | None, params: dict[str, Any]) -> dict[str, Any]:
+    """The segment of a trial that resumes its own checkpoint of ``step`` with ``params`` in
+    its next attempt."""
+    return {
+        "step": step or 0,
+        "params": params,
+        "parent": None,
+        "perturbed": {},
+        "attempt": trial.attempts + 1,
+    }
 
 
 def change_params(trial: Trial, segment: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from hpo.service.db.models import Trial
-from hpo.service.pbt import change_params
+from hpo.service.pbt import change_params, resumed_segment
 from hpo.service.pruners.base import PauseDecision, Pruner, PruningHistory, Report
 from hpo.service.records import Lineage, LineageSegment
 from hpo.service.spec import StudySpec
@@ -53,13 +53,8 @@ def retune(spec: StudySpec, trial: Trial, step: int | None) -> dict[str, Any]:
     reason = dict(trial.pause_reason or {})
     trial.pause_reason = None
     own = {p.name: p.value for p in trial.params}
-    segment = {
-        "step": trial.last_step or 0 if step is None else step,
-        "params": {**own, **spec.replay.params_of(int(reason.get("segment", 0)))},
-        "parent": None,
-        "perturbed": {},
-        "attempt": trial.attempts + 1,
-    }
+    params = {**own, **spec.replay.params_of(int(reason.get("segment", 0)))}
+    segment = resumed_segment(trial, trial.last_step if step is None else step, params)
     change_params(trial, segment)
     return {**reason, "segment": segment}
 

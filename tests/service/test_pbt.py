@@ -189,7 +189,10 @@ def test_a_trial_copies_nothing_when_its_donor_has_no_checkpoint(
     resumed = executor.launch_of[AttemptRef(bad.trial_id, 2)]
     assert resumed.resume_from == own  # its own checkpoint: nothing to copy
     trial = service.storage.get_trial(bad.trial_id)
-    assert trial.schedule is None
+    assert [(s.step, s.parent, s.params) for s in trial.schedule] == [
+        (0, None, trial.params),
+        (2, None, trial.params),
+    ]
     promotion = next(e.detail for e in trial.events if e.state == "waiting")
     assert "resumes its own checkpoint" in promotion and "could not copy trial #" in promotion
 
@@ -293,7 +296,10 @@ def test_a_donor_at_its_last_step_is_copied_from_the_boundary(
         assert trial.schedule[-1].parent.trial_id == good.trial_id
         assert trial.schedule[-1].step == 2
     else:
-        assert trial.schedule is None  # it goes on from its own checkpoint at 2
+        # it goes on from its own checkpoint at 2, with its own parameters
+        assert [(s.step, s.parent, s.params) for s in trial.schedule[1:]] == [
+            (2, None, trial.params)
+        ]
         assert resume_from.parent.name == "attempt-1"
         assert "reached its last step (4)" in promotion, promotion
 
@@ -364,7 +370,12 @@ def test_a_population_larger_than_the_cluster_takes_turns(
     at_boundary(c, 4, 0.005, pauses=True)  # a and b wait at step 2: c lets them go on
     assert executor.launched[4:] == [AttemptRef(a.trial_id, 2)]  # the least advanced first
     resumed = service.storage.get_trial(a.trial_id)
-    assert resumed.schedule is None  # its own checkpoint, its own params
+    # its own checkpoint, its own params: a point where a replay of it reloads too
+    first, again = resumed.schedule
+    assert (again.step, again.parent, again.attempt) == (2, None, 2)
+    assert first.params == again.params == resumed.params
+    lineage = service.storage.lineage(a.trial_id).schedule
+    assert [(s.step, s.trial_number) for s in lineage] == [(0, resumed.number), (2, resumed.number)]
     assert resumed.events[-2].detail.startswith("pbt: its turn again: resumes its own checkpoint")
 
 

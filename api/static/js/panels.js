@@ -355,7 +355,7 @@ export function lineage(model, name) {
         points,
         color: STATE_COLORS[t.state],
         width: t.schedule ? 2 : 1,
-        label: `#${t.number}: ${name} over steps${t.schedule ? ` (${t.schedule.length - 1} ${kind === "pbt" ? "copies" : "changes"})` : ""}`,
+        label: `#${t.number}: ${name} over steps${t.schedule ? ` (${kind === "pbt" ? `${t.schedule.filter((s) => s.parent).length} copies` : `${t.schedule.length - 1} changes`})` : ""}`,
         pick: t.id,
       });
   }
