@@ -355,7 +355,7 @@ def cmd_best(args: argparse.Namespace) -> int:
             out.print(f"  {k} = {v}")
         for line in schedule_lines(t):
             out.print(line)
-        if any(segment.parent for segment in t.schedule or []):
+        if len(t.schedule or []) > 1:  # it copied or resumed: what replays it
             for line in lineage_lines(study.lineage(t), study.id):
                 out.print(line)
         print_test_metrics(t.test_metrics)
@@ -368,16 +368,17 @@ def lineage_lines(lineage: Lineage, study_id: int) -> list[str]:
     for segment in lineage.schedule:
         params = ", ".join(f"{k}={v}" for k, v in segment.params.items())
         lines.append(f"    from step {segment.step}: {params}  (trial {segment.trial_number})")
+    lines += [f"    note: {problem}" for problem in lineage.problems]
     return lines
 
 
 def schedule_lines(trial: TrialRecord) -> list[str]:
-    """A PBT trial's parameters over its steps, each segment with the trial it copied (none
-    for a trial whose parameters never changed): the result of a PBT study is this schedule,
-    not one set of parameters."""
+    """A PBT (or replay) trial's parameters over its steps, each segment with the trial it
+    copied or the resume of its own checkpoint (none for a trial that never resumed one): the
+    result of a PBT study is this schedule, not one set of parameters."""
     if not trial.schedule:
         return []
-    lines = ["  schedule (PBT):"]
+    lines = ["  schedule:"]
     for segment in trial.schedule:
         params = ", ".join(f"{k}={v}" for k, v in segment.params.items())
         copied = ""

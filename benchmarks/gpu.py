@@ -330,7 +330,8 @@ def pbt_step(client: Any, gpu: bool, cap: int) -> dict:
     copies = []
     for t in study.trials():
         for seg in (client.trial(t.id).model_dump().get("schedule") or [])[1:]:
-            copies.append({"trial": t.number, "step": seg.get("step"), "parent": seg.get("parent")})
+            if seg.get("parent"):  # a copy (the others resumed the trial's own checkpoint)
+                copies.append({"trial": t.number, "step": seg["step"], "parent": seg["parent"]})
     return {
         "wall_s": wall,
         "states": sorted(t["state"] for t in trials),

@@ -381,11 +381,10 @@ def _promote_now(
         if chosen is None:
             return None
         reason = chosen.reason
-        resumes_at = promotions.step_of(resume_from)  # the step of the checkpoint it resumes
         if spec.pbt is not None:
-            reason = pbt.exploit(s, spec, trial, copy, resumes_at)
+            reason = pbt.exploit(s, spec, trial, copy, resume_from)
         elif spec.replay is not None:
-            reason = replay.retune(spec, trial, resumes_at)
+            reason = replay.retune(spec, trial, resume_from)
         transitions.promote(s, study, trial, reason)
         now = utcnow()
         set_trial_state(

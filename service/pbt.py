@@ -267,19 +267,19 @@ def copied_at(trial: Trial) -> int | None:
 
 
 def exploit(
-    s: Session, spec: StudySpec, trial: Trial, copy: Copy, step: int | None
+    s: Session, spec: StudySpec, trial: Trial, copy: Copy, resume_from: str | None
 ) -> dict[str, Any]:
     """Under the study's lock, as the paused ``trial`` is promoted: give it the donor's
     parameters, explored, and add the segment that starts at the copied step to its schedule
     (with its own start as the first segment, on its first change). Without a checkpoint to
-    copy (a yield, or a donor that cannot be copied) it goes on from its own checkpoint of
-    ``step`` with its parameters, also a segment: a replay of its lineage reloads there too.
-    Returns the promotion's reason for its history."""
+    copy (a yield, or a donor that cannot be copied) it goes on from its own checkpoint
+    ``resume_from`` with its parameters, also a segment: a replay of its lineage reloads
+    there too. Returns the promotion's reason for its history."""
     reason = dict(trial.pause_reason or {})
     trial.pause_reason = None
     if copy.path is None or copy.donor_id is None:
         own = {p.name: p.value for p in trial.params}
-        segment = resumed_segment(trial, trial.last_step if step is None else step, own)
+        segment = resumed_segment(trial, resume_from, own)
         change_params(trial, segment)
         return {**reason, "segment": segment, "note": copy.problem}
     donor = s.get(Trial, copy.donor_id)
@@ -312,15 +312,20 @@ def exploit(
     return {**reason, "segment": segment}
 
 
-def resumed_segment(trial: Trial, step: int | None, params: dict[str, Any]) -> dict[str, Any]:
-    """The segment of a trial that resumes its own checkpoint of ``step`` with ``params`` in
-    its next attempt."""
+def resumed_segment(trial: Trial, checkpoint: str | None, params: dict[str, Any]) -> dict[str, Any]:
+    """The segment of a trial whose next attempt resumes its own ``checkpoint`` with
+    ``params``: from the checkpoint's step (else its last step), naming the attempt that
+    wrote it (``from_attempt``), which :func:`hpo.service.replay.lineage` follows."""
+    from hpo.workers import checkpoints
+
+    step = checkpoints.step_of(checkpoint) if checkpoint else None
     return {
-        "step": step or 0,
+        "step": trial.last_step or 0 if step is None else step,
         "params": params,
         "parent": None,
         "perturbed": {},
         "attempt": trial.attempts + 1,
+        "from_attempt": checkpoints.attempt_of(checkpoint) if checkpoint else None,
     }
 
 

@@ -115,15 +115,6 @@ def resume_point(checkpoint: str | None, last_step: int | None) -> str | None:
     return at_pause if checkpoint_problem(at_pause) is None else checkpoint
 
 
-def step_of(checkpoint: str | None) -> int | None:
-    """The step a checkpoint holds, read from its name (None for none)."""
-    if checkpoint is None:
-        return None
-    from hpo.workers import checkpoints
-
-    return checkpoints.step_of(checkpoint)
-
-
 def checkpoint_problem(path: str | None) -> str | None:
     """Why a paused trial cannot resume from ``path`` (missing, or not readable as a
     checkpoint), or None. Reads ``meta.json`` and the archive directory of ``state.pt``, not

@@ -93,6 +93,11 @@ class ScheduleSegment(_Record):
     parent: ScheduleParent | None = None
     perturbed: dict[str, str] = {}
     attempt: int | None = Field(default=None, description="The trial's attempt it began.")
+    from_attempt: int | None = Field(
+        default=None,
+        description="Without a parent: the trial's own attempt whose checkpoint it resumed "
+        "(a PBT yield, a replay's next segment).",
+    )
 
 
 class LineageSegment(_Record):

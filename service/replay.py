@@ -45,16 +45,16 @@ class ReplayPruner(Pruner):
         )
 
 
-def retune(spec: StudySpec, trial: Trial, step: int | None) -> dict[str, Any]:
+def retune(spec: StudySpec, trial: Trial, resume_from: str | None) -> dict[str, Any]:
     """Under the study's lock, as the paused ``trial`` is promoted to resume its checkpoint
-    of ``step`` (None: its last step): give it the parameters of the segment it paused for,
-    from that step on, in its schedule. Returns the promotion's reason."""
+    ``resume_from``: give it the parameters of the segment it paused for, from that
+    checkpoint's step on, in its schedule. Returns the promotion's reason."""
     assert spec.replay is not None
     reason = dict(trial.pause_reason or {})
     trial.pause_reason = None
     own = {p.name: p.value for p in trial.params}
     params = {**own, **spec.replay.params_of(int(reason.get("segment", 0)))}
-    segment = resumed_segment(trial, trial.last_step if step is None else step, params)
+    segment = resumed_segment(trial, resume_from, params)
     change_params(trial, segment)
     return {**reason, "segment": segment}
 
@@ -81,31 +81,41 @@ MAX_CHAIN = 100_000
 
 def lineage(s: Session, trial: Trial) -> Lineage:
     """The schedule a fresh trial follows to train as ``trial`` did: each segment the
-    parameters from its ``step`` on and the trial that trained with them then. A PBT copy at
-    step ``k`` of trial P's checkpoint written by P's attempt ``a`` means the steps before
-    ``k`` were trained as that checkpoint holds them (the segments P had begun by attempt
-    ``a``), and so on up the chain. Every copy stays a segment, also one that left the
-    parameters as they were: the replay reloads its checkpoint there, as the trial did.
-    ``problems`` says where the chain could not be followed (a trial it copied is gone, or
-    the chain loops): the segments before that point are then the trial's own."""
+    parameters from its ``step`` on and the trial that trained with them then.
+
+    A segment that resumed a checkpoint names where it came from: a PBT copy its ``parent``
+    (the donor, and the donor's attempt that wrote the checkpoint), a resume of the trial's
+    own checkpoint the attempt that wrote it (``from_attempt``). The steps before it were
+    trained as that checkpoint holds them: the segments its trial had begun by that attempt,
+    followed the same way, up the chain. Every such segment is kept, also one that left the
+    parameters as they were: the replay resumes a checkpoint there, as the trial did.
+
+    ``problems`` says where the chain could not be followed (a copied trial is gone, the
+    chain loops: the steps before are then the trial's own segments) and which trials of the
+    lineage resumed checkpoints their schedule does not record (retries, ASHA promotions,
+    yields stored before they were segments), where a replay may differ."""
     pieces: list[list[LineageSegment]] = []  # each trial's part, from ``trial`` back
     problems: list[str] = []
     current: Trial | None = trial
-    until: int | None = None  # the steps from here on are a later trial's
+    until: int | None = None  # the steps from here on are a later piece's
     attempt: int | None = None  # the attempt whose checkpoint ``current`` gave
     seen: set[tuple[int, int | None, int | None]] = set()
+    visited: dict[int, Trial] = {}
     while current is not None:
         if (current.id, attempt, until) in seen or len(seen) >= MAX_CHAIN:
             problems.append(f"the chain of copies loops at trial #{current.number}")
             break
         seen.add((current.id, attempt, until))
+        visited[current.id] = current
         segments = _held(current, until, attempt)
-        copies = [i for i, seg in enumerate(segments) if seg.get("parent")]
-        start, donor = 0, None
-        if copies:
-            start, parent = copies[-1], segments[copies[-1]]["parent"]
-            donor = s.get(Trial, int(parent["trial_id"]))
-            if donor is None:
+        sources = [i for i, seg in enumerate(segments) if _source(seg, current.id) is not None]
+        start, source, source_attempt = 0, None, None
+        if sources:
+            start = sources[-1]
+            source_id, source_attempt = _source(segments[start], current.id)  # type: ignore[misc]
+            source = current if source_id == current.id else s.get(Trial, source_id)
+            if source is None:
+                parent = segments[start]["parent"]
                 problems.append(
                     f"trial #{parent.get('number')}, which trial #{current.number} copied at "
                     f"step {segments[start]['step']}, is gone: the steps before are shown "
@@ -121,10 +131,18 @@ def lineage(s: Session, trial: Trial) -> Lineage:
                 if until is None or seg["step"] < until
             ]
         )
-        if donor is None:
+        if source is None:
             break
-        until, attempt = int(segments[start]["step"]), segments[start]["parent"].get("attempt")
-        current = donor
+        until, attempt, current = int(segments[start]["step"]), source_attempt, source
+    for member in visited.values():
+        unrecorded = member.attempts - max(1, len(member.schedule or []))
+        if unrecorded > 0:
+            problems.append(
+                f"trial #{member.number} started {unrecorded} attempt(s) its schedule does not "
+                "record (a retry, an ASHA promotion, or a PBT yield stored before yields were "
+                "segments): a trainable that reseeds when an attempt starts may replay it "
+                "differently"
+            )
     schedule = [segment for piece in reversed(pieces) for segment in piece]
     return Lineage(
         trial_id=trial.id,
@@ -133,6 +151,19 @@ def lineage(s: Session, trial: Trial) -> Lineage:
         schedule=schedule,
         problems=problems,
     )
+
+
+def _source(segment: dict[str, Any], own_id: int) -> tuple[int, int | None] | None:
+    """Where a segment's checkpoint came from: (trial id, the attempt that wrote it; None
+    when not recorded) for a PBT copy (``parent``), (``own_id``, ``from_attempt``) for a
+    resume of the trial's own checkpoint; None for a segment that resumed nothing (the
+    first, or one stored before resumes named their attempt)."""
+    parent = segment.get("parent")
+    if parent:
+        return int(parent["trial_id"]), parent.get("attempt")
+    if segment.get("from_attempt") is not None:
+        return own_id, int(segment["from_attempt"])
+    return None
 
 
 def _held(trial: Trial, until: int | None, attempt: int | None) -> list[dict[str, Any]]:

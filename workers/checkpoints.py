@@ -121,7 +121,10 @@ def prune(folder: Location, keep: int) -> None:
 
 
 def candidates(trial_dir: Location, *, before_attempt: int) -> list[Location]:
-    """The complete checkpoints that earlier attempts left in ``trial_dir``, newest first.
+    """The complete checkpoints that earlier attempts left in ``trial_dir``, newest first:
+    the latest attempt's first, each attempt's by step. A later attempt's state supersedes an
+    earlier one's even at a lower step: an attempt told to pause late may have saved past its
+    pause, and the next attempt resumed from the pause (or from a PBT copy) instead.
 
     Chosen from the files, not from what the control plane last heard: an attempt cut off by a
     crash may have saved checkpoints the control plane never learned about. A checkpoint behind
@@ -144,7 +147,7 @@ def candidates(trial_dir: Location, *, before_attempt: int) -> list[Location]:
         if not _inside(root, ckpt.parent, ckpt, *files):
             log.warning("refusing checkpoint %s: it leads outside %s", ckpt, root)
             continue
-        found.append((step, attempt, ckpt))
+        found.append((attempt, step, ckpt))
     return [ckpt for _, _, ckpt in sorted(found, reverse=True)]
 
 
@@ -242,7 +245,7 @@ def _candidates_remote(trial_dir: str, before_attempt: int) -> list[str]:
         if attempt is None or step is None or attempt >= before_attempt:
             continue
         if {PurePosixPath(k).name for k in keys} >= {"state.pt", "meta.json"}:
-            found.append((step, attempt, storage.join(trial_dir, *folders)))
+            found.append((attempt, step, storage.join(trial_dir, *folders)))
     return [ckpt for _, _, ckpt in sorted(found, reverse=True)]
 
 

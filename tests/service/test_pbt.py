@@ -161,7 +161,7 @@ def test_the_bottom_trial_copies_a_top_one_and_explores(
     assert f"pbt exploit: copies trial #{donor.number} at step 2" in promotion
     assert service.storage.get_study(study_id).n_trials == 4
     shown = schedule_lines(trial)  # what `hpo best` prints for it
-    assert shown[0] == "  schedule (PBT):"
+    assert shown[0] == "  schedule:"
     assert shown[1].startswith("    from step 0: lr=") and "copied" not in shown[1]
     assert shown[2].startswith("    from step 2: lr=")
     assert f"(copied trial {donor.number} at step 2; lr x" in shown[2]

@@ -139,7 +139,8 @@ class _Trials:
 
 
 def _trial(trial_id: int, lr: float, schedule: list[dict[str, Any]] | None = None) -> Trial:
-    trial = Trial(id=trial_id, number=trial_id, study_id=1, schedule=schedule)
+    attempts = max(1, len(schedule or []))  # one attempt per segment: nothing unrecorded
+    trial = Trial(id=trial_id, number=trial_id, study_id=1, schedule=schedule, attempts=attempts)
     trial.params = [TrialParam(name="lr", position=0, value=lr)]
     return trial
 
@@ -176,6 +177,55 @@ def test_a_copy_follows_the_attempt_that_wrote_the_checkpoint(
 
 def _steps(lineage: Any) -> list[tuple[int, float, int]]:
     return [(s.step, s.params["lr"], s.trial_number) for s in lineage.schedule]
+
+
+def _resume(step: int, lr: float, attempt: int, from_attempt: int) -> dict[str, Any]:
+    return {
+        "step": step,
+        "params": {"lr": lr},
+        "parent": None,
+        "attempt": attempt,
+        "from_attempt": from_attempt,
+    }
+
+
+@pytest.mark.parametrize(
+    ("from_attempt", "expected"),
+    [
+        # the yield resumed the copy (placed in attempt 2's folder): P's steps, then T's
+        (2, [(0, 0.2, 2), (10, 0.5, 3)]),
+        # the yield resumed T's own checkpoint from before the copy (the copy's attempt saved
+        # nothing): T's own rate trained the steps before 10, the copy is gone
+        (1, [(0, 0.9, 3), (10, 0.5, 3)]),
+    ],
+)
+def test_a_resume_of_its_own_checkpoint_follows_the_attempt_that_wrote_it(
+    from_attempt: int, expected: list[tuple[int, float, int]]
+) -> None:
+    p = _trial(2, 0.2)
+    start = {"step": 0, "params": {"lr": 0.9}, "attempt": 1}
+    t = _trial(3, 0.5, [start, _copy(10, 0.5, 2, 1, 2), _resume(10, 0.5, 3, from_attempt)])
+    got = replay.lineage(_Trials(p, t), t)  # type: ignore[arg-type]
+    assert _steps(got) == expected and got.problems == []
+
+
+def test_resumes_of_one_checkpoint_are_one_segment_and_unrecorded_attempts_are_named() -> None:
+    """Two yields that both resumed attempt 1's checkpoint of step 10 (the trainable saved
+    nothing in between): one segment from 10, which a replay spec takes; a trial with more
+    attempts than segments (a retry) is named, since its attempts reseeded unrecorded."""
+    start = {"step": 0, "params": {"lr": 0.9}, "attempt": 1}
+    t = _trial(3, 0.5, [start, _resume(10, 0.9, 2, 1), _resume(10, 0.5, 3, 1)])
+    got = replay.lineage(_Trials(t), t)  # type: ignore[arg-type]
+    assert _steps(got) == [(0, 0.9, 3), (10, 0.5, 3)] and got.problems == []
+    schedule = [{"step": s.step, "params": {**s.params, "x": 0.5}} for s in got.schedule]
+    assert StudySpec.model_validate(replay_spec("twice", schedule)).replay is not None
+    t.attempts = 4  # a retry after the last resume
+    assert got != (again := replay.lineage(_Trials(t), t))  # type: ignore[arg-type]
+    assert again.problems == [
+        "trial #3 started 1 attempt(s) its schedule does not record (a retry, an ASHA "
+        "promotion, or a PBT yield stored before yields were segments): a trainable that "
+        "reseeds when an attempt starts may replay it differently"
+    ]
 
 
 def test_a_chain_of_copies_is_followed_to_its_root_and_keeps_every_copy() -> None:

@@ -58,6 +58,19 @@ def test_newest_complete_checkpoint_of_an_earlier_attempt(tmp_path: Path) -> Non
     assert checkpoints.candidates(tmp_path, before_attempt=2)[0] == four
 
 
+def test_a_later_attempts_checkpoint_comes_before_an_earlier_ones_further_step(
+    tmp_path: Path,
+) -> None:
+    """Attempt 1 was told to pause at step 4 but saved step 5 before it stopped; attempt 2
+    resumed at 4 (from a PBT copy placed in its folder) and died before saving: its retry
+    resumes the copy, not attempt 1's own state at step 5."""
+    make(tmp_path, 1, 4)
+    make(tmp_path, 1, 5)
+    copy = make(tmp_path, 2, 4)
+    assert checkpoints.candidates(tmp_path, before_attempt=3)[0] == copy
+    assert checkpoints.attempt_of(copy) == 2 and checkpoints.attempt_of(tmp_path) is None
+
+
 def test_writes_are_atomic_and_old_checkpoints_pruned(tmp_path: Path) -> None:
     folder = tmp_path / "attempt-1"
     for step in (1, 2, 3):

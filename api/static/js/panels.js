@@ -354,7 +354,7 @@ export function lineage(model, name) {
       series.push({
         points,
         color: STATE_COLORS[t.state],
-        width: t.schedule ? 2 : 1,
+        width: t.schedule?.some((s) => s.parent) || kind === "replay" ? 2 : 1,
         label: `#${t.number}: ${name} over steps${t.schedule ? ` (${kind === "pbt" ? `${t.schedule.filter((s) => s.parent).length} copies` : `${t.schedule.length - 1} changes`})` : ""}`,
         pick: t.id,
       });
