@@ -160,8 +160,9 @@ class TrialRecord(_Record):
     user_attrs: dict[str, Any] = {}
     schedule: list[ScheduleSegment] | None = Field(
         default=None,
-        description="PBT: the parameters over the trial's steps, each segment from the step "
-        "it began at, with the trial whose checkpoint it copied then (None: unchanged).",
+        description="PBT and replay: the parameters over the trial's steps, each segment from "
+        "the step it began at, with the trial whose checkpoint it copied then, or without one "
+        "the resume of its own checkpoint (None: it never resumed one this way).",
     )
     # ``seq`` moves with the trial's state, values and other fields; ``curve_seq`` also with
     # its metric points (the curves' cursor).
