@@ -103,8 +103,10 @@ def test_pbt_study_killed_as_a_trial_pauses_to_copy_finishes_after_a_restart(
         fast, slow = (client.trial(t.id) for t in fast_and_slow(study))
         assert (fast.state, slow.state) == ("complete", "complete")
         assert study.record.counts["paused"] == 0
-        _, copied, *_ = slow.schedule
-        assert copied.parent.number == fast.number
+        # its copies (a promotion decided again after the restart may first have resumed
+        # its own checkpoint: a segment without a parent)
+        copied = [s for s in slow.schedule if s.parent]
+        assert copied and all(s.parent.number == fast.number for s in copied)
         for trial in (fast, slow):
             steps = [p.step for p in study.metrics(trial.id, "loss")]
             assert len(steps) == len(set(steps)), steps  # none stored twice
