@@ -114,3 +114,49 @@ def test_pbt_study_killed_as_a_trial_pauses_to_copy_finishes_after_a_restart(
         assert slow.value < 0.05  # the copied weight: its own gets 0.46 at most
     finally:
         server.stop()
+
+
+def test_replay_study_killed_while_its_trial_pauses_for_a_segment_finishes_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL of the control plane as soon as a replayed trial paused for its schedule's next
+    segment (the retune committed or not): after the restart it resumes once with that
+    segment's rate and ends as the schedule says; no step stored twice or lost, and the
+    schedule holds the change once."""
+    space = {"lr": {"type": "float", "low": 0.001, "high": 0.5, "log": True, "mutable": True}}
+    schedule = [{"step": 0, "params": {"lr": 0.16}}, {"step": 4, "params": {"lr": 0.05}}]
+    spec = synthetic(
+        "replay-restart",
+        trainable={"name": "synthetic", "config": {"steps": 10, "x": 0.3, "step_s": 0.25}},
+        scheduler={"type": "replay", "schedule": schedule},
+        space=space,
+    )
+    server = start_server(tmp_path)
+    try:
+        client = server.client()
+        study = client.create_study(spec)
+
+        def paused() -> bool:
+            return any(
+                (e.detail or "").startswith("replay: paused")
+                for t in study.trials()
+                for e in client.trial(t.id).events
+            )
+
+        wait_for(paused, 180, "the trial paused for segment 1")
+        server.kill()
+        server.start()
+        client = server.client()
+        study = client.study(study.id)
+        finished(study, timeout=180)
+        (trial,) = (client.trial(t.id) for t in study.trials())
+        assert trial.state == "complete" and study.record.n_trials == 1
+        assert [(s.step, s.params["lr"]) for s in trial.schedule] == [(0, 0.16), (4, 0.05)]
+        steps = [p.step for p in study.metrics(trial.id, "loss")]
+        assert steps == list(range(1, 11)), steps  # none lost, none stored twice
+        w = 1.0  # the weight the synthetic trainable trains: 0.16 to step 4, then 0.05
+        for step in range(1, 11):
+            w -= (0.16 if step <= 4 else 0.05) * 2 * (w - 0.3)
+        assert trial.value == pytest.approx((w - 0.3) ** 2 + 0.0005, rel=1e-6)
+    finally:
+        server.stop()
