@@ -12,6 +12,9 @@ perturbs ``lr``, ``momentum`` and ``weight_decay`` every ``--interval`` epochs. 
   ``val_accuracy >= --target`` (its checkpoint of that epoch is a usable model);
 - **compute**: epochs trained in all (each reported epoch of every trial; a PBT copy that
   trains an epoch again counts it again);
+- **to random's best**: epochs trained until some trial first reached the best validation
+  accuracy hpo's random search reached with the same seed, and that as a fraction of all the
+  epochs random search trained (the issue's target for promotion ASHA: <= 1/3);
 - **best val** / **test**: the best trial's validation accuracy and its test-split accuracy
   (hpo: the best checkpoint downloaded and scored by the trainable's ``evaluate``; Ray Tune:
   the best trial's last checkpoint scored the same way).
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -136,6 +140,7 @@ def run_hpo(args: argparse.Namespace) -> list[dict[str, Any]]:
         serve(Path(tmp), cpus=args.concurrent, gpus=0) as (url, token),
     ):
         client = Client(url, token)
+        random_best: dict[int, tuple[float, int]] = {}  # seed: random search's (best, compute)
         for seed in range(args.seeds):
             for name, spec in hpo_specs(seed, args):
                 if args.schedulers and name not in args.schedulers:
@@ -147,6 +152,11 @@ def run_hpo(args: argparse.Namespace) -> list[dict[str, Any]]:
                 config = {**CONFIG, "epochs": args.epochs, "seed": seed}
                 test = test_metrics(client, ledger, "image-classification", config)
                 reach = ledger.to_target(args.target, started)
+                if name == "random" and best is not None:
+                    random_best[seed] = (best.value, ledger.epochs())
+                reach_random = (
+                    ledger.to_target(random_best[seed][0], started) if seed in random_best else None
+                )
                 rows.append(
                     {
                         "search": f"hpo {name}",
@@ -159,6 +169,8 @@ def run_hpo(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "compute": ledger.epochs(),
                         "to_target_s": reach[0] if reach else None,
                         "to_target_epochs": reach[1] if reach else None,
+                        "to_random_best_epochs": reach_random[1] if reach_random else None,
+                        "random_compute": random_best[seed][1] if seed in random_best else None,
                         "best_val": best.value if best else None,
                         "test_accuracy": test.get("test_accuracy"),
                         "resume_s": resume_gaps(client, ledger),
@@ -392,10 +404,17 @@ def table(rows: list[dict[str, Any]], target: float) -> str:
         known = [v for v in values if v is not None]
         return f"{statistics.median(known):.4g}" if known else "—"
 
+    def of_random(r: dict[str, Any]) -> float | None:
+        """Epochs to random search's best over random search's epochs (never: infinite)."""
+        if not r.get("random_compute"):
+            return None
+        got = r.get("to_random_best_epochs")
+        return math.inf if got is None else got / r["random_compute"]
+
     lines = [
         f"| search | runs | reached {target} | to target (s) | to target (epochs) | compute "
-        "(epochs) | best val | test |",
-        "|---|---|---|---|---|---|---|---|",
+        "(epochs) | to random's best (epochs) | ÷ random's compute | best val | test |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for search in dict.fromkeys(r["search"] for r in rows):
         mine = [r for r in rows if r["search"] == search]
@@ -404,7 +423,9 @@ def table(rows: list[dict[str, Any]], target: float) -> str:
             f"| {search} | {len(mine)} | {reached}/{len(mine)} "
             f"| {med([r['to_target_s'] for r in mine])} "
             f"| {med([r['to_target_epochs'] for r in mine])} "
-            f"| {med([r['compute'] for r in mine])} | {med([r['best_val'] for r in mine])} "
+            f"| {med([r['compute'] for r in mine])} "
+            f"| {med([r.get('to_random_best_epochs') for r in mine])} "
+            f"| {med([of_random(r) for r in mine])} | {med([r['best_val'] for r in mine])} "
             f"| {med([r['test_accuracy'] for r in mine])} |"
         )
     return "\n".join(lines)

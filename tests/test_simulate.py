@@ -141,7 +141,8 @@ def test_promotion_asha_runs_rung_to_rung_and_promotes_at_most_a_third(sim: Any)
 def test_the_compute_to_reach_random_searchs_best(sim: Any) -> None:
     """``run_all`` gives every search random search's best of the same seed and workers as a
     second target: random search reaches it with its own compute (ratio 1), and a search that
-    got there spent at most all its compute; one that never did counts as infinite."""
+    got there spent at most all its compute; one that never did counts as infinite. Taken
+    over random search's whole compute, the ratio is at most the one over what it needed."""
     curves = sim.synthetic(40, epochs=9, seed=1)
     rows = sim.run_all(curves, [4], seeds=2, budget=6.0, eta=3, target=0.9, processes=1)
     for seed in range(2):
@@ -149,10 +150,15 @@ def test_the_compute_to_reach_random_searchs_best(sim: Any) -> None:
         assert plain["compute_to_random_best_s"] is not None
         assert plain["compute_to_random_best_s"] <= plain["compute_s"]
         assert sim.to_random_best(plain, plain) == 1.0
+        spent = plain["compute_to_random_best_s"] / plain["compute_s"]
+        assert sim.to_random_budget(plain, plain) == spent <= 1.0
         for name in sim.SCHEDULERS:
             row = rows[name][4][seed]
             got = row["compute_to_random_best_s"]
             assert got is None or got <= row["compute_s"] + 1e-9
             assert (got is None) == (row["best"] < plain["best"])
+            # of random search's whole compute: never more than of what it needed for its best
+            assert sim.to_random_budget(row, plain) <= sim.to_random_best(row, plain)
     never = {**plain, "compute_to_random_best_s": None}
     assert sim.to_random_best(never, plain) == math.inf
+    assert sim.to_random_budget(never, plain) == math.inf
