@@ -33,8 +33,9 @@ against random search's best value in the same run (same workers and seed), the 
 which each search first reached it, as a fraction of the compute random search needed for it
 (``c→rnd best ×rnd``) and of all the compute random search spent, its budget, at whose end
 that best is its result (``÷rnd all``); medians over seeds. The issue's target for promotion
-ASHA ("reaches random search's best with <= 1/3 of its compute") is the second: random search
-cannot know it holds its best before its budget is spent. The first is the stricter one.
+ASHA ("reaches random search's best with <= 1/3 of its compute") reads either way: random
+search cannot know it holds its best before its budget is spent, but where it finds it early
+only the first, stricter one tells the searches apart.
 
     python benchmarks/simulate.py                          # the recorded digits curves
     python benchmarks/simulate.py --synthetic 400 --target 0.9
