@@ -8,6 +8,7 @@ study finishes as it would have."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,25 @@ from tests.conftest import wait_for
 from tests.service.test_dispatch import fast_and_slow, finished, pbt_pair, start_server, synthetic
 
 pytestmark = pytest.mark.ray
+
+
+def killed_and_restarted_at(server: Any, study: Any, event: str) -> tuple[Any, Any]:
+    """SIGKILL the control plane as soon as some trial of ``study`` records an event whose
+    detail starts with ``event``, start it again, and return its new client and the study."""
+    client = server.client()
+
+    def happened() -> bool:
+        return any(
+            (e.detail or "").startswith(event)
+            for t in study.trials()
+            for e in client.trial(t.id).events
+        )
+
+    wait_for(happened, 180, f"an event {event!r}")
+    server.kill()
+    server.start()
+    client = server.client()
+    return client, client.study(study.id)
 
 
 def test_paused_ddp_trial_is_promoted_and_resumes_from_its_checkpoint_after_a_restart(
@@ -84,21 +104,8 @@ def test_pbt_study_killed_as_a_trial_pauses_to_copy_finishes_after_a_restart(
     trained, and it ends with the copied weight."""
     server = start_server(tmp_path)
     try:
-        client = server.client()
-        study = client.create_study(pbt_pair("pbt-restart"))
-
-        def paused_to_copy() -> bool:
-            return any(
-                (e.detail or "").startswith("pbt exploit: paused")
-                for t in study.trials()
-                for e in client.trial(t.id).events
-            )
-
-        wait_for(paused_to_copy, 180, "a trial paused to copy")
-        server.kill()
-        server.start()
-        client = server.client()
-        study = client.study(study.id)
+        study = server.client().create_study(pbt_pair("pbt-restart"))
+        client, study = killed_and_restarted_at(server, study, "pbt exploit: paused")
         finished(study, timeout=180)
         fast, slow = (client.trial(t.id) for t in fast_and_slow(study))
         assert (fast.state, slow.state) == ("complete", "complete")
@@ -133,21 +140,8 @@ def test_replay_study_killed_while_its_trial_pauses_for_a_segment_finishes_after
     )
     server = start_server(tmp_path)
     try:
-        client = server.client()
-        study = client.create_study(spec)
-
-        def paused() -> bool:
-            return any(
-                (e.detail or "").startswith("replay: paused")
-                for t in study.trials()
-                for e in client.trial(t.id).events
-            )
-
-        wait_for(paused, 180, "the trial paused for segment 1")
-        server.kill()
-        server.start()
-        client = server.client()
-        study = client.study(study.id)
+        study = server.client().create_study(spec)
+        client, study = killed_and_restarted_at(server, study, "replay: paused")
         finished(study, timeout=180)
         (trial,) = (client.trial(t.id) for t in study.trials())
         assert trial.state == "complete" and study.record.n_trials == 1
