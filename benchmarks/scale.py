@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import multiprocessing
@@ -93,7 +94,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -529,6 +530,259 @@ def trial_optuna(study: optuna.Study) -> float:
     return time.perf_counter() - t0
 
 
+# --- the trial section's parts (--parts): where one trial's time goes -------------------------
+
+# Two routes of the shape of ours (an ask answered with params, a tell with a small body), with
+# none of our middleware, authentication, pools or database: what two POSTs cost FastAPI and
+# uvicorn, and the client, on this machine.
+BARE_APP = """
+from fastapi import FastAPI
+
+app = FastAPI()
+
+
+@app.post("/ask", status_code=201)
+def ask() -> dict:
+    return {"trial_id": 1, "number": 0, "params": {"x": 0.5, "lr": 0.01, "n": 3, "opt": "adam"}}
+
+
+@app.post("/tell")
+def tell(body: dict) -> dict:
+    return {"id": 1, "number": 0, "state": "complete", "value": body.get("value")}
+"""
+
+
+@contextlib.contextmanager
+def bare_server(work: Path) -> Iterator[httpx.Client]:
+    """:data:`BARE_APP` under uvicorn in a subprocess, and a client of it."""
+    import socket
+    import subprocess
+    import sys
+
+    (work / "bare_app.py").write_text(BARE_APP)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(work), "bare_app:app"]
+    proc = subprocess.Popen([*cmd, "--port", str(port), "--log-level", "warning"])
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    client.post("/ask").raise_for_status()
+                    break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise
+                    time.sleep(0.1)
+            yield client
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def trial_bare(client: httpx.Client) -> float:
+    """Seconds of an ask and a tell to :data:`BARE_APP`."""
+    t0 = time.perf_counter()
+    r = client.post("/ask")
+    r.raise_for_status()
+    client.post("/tell", json={"value": objective(SPACE_MID)}).raise_for_status()
+    return time.perf_counter() - t0
+
+
+SPACE_MID: Params = {"x": 0.5, "lr": 0.01, "n": 3, "opt": "adam"}
+
+
+def trial_service(service: StudyService, study_id: int) -> float:
+    """Seconds of ``StudyService.ask`` and ``tell`` in this process: our whole ask and tell
+    (the fenced state machine, its events and sequences) without HTTP."""
+    t0 = time.perf_counter()
+    trial = service.ask(study_id)
+    service.tell(trial.id, value=objective(trial.params))
+    return time.perf_counter() - t0
+
+
+# One transaction of :class:`PlainStatements`: a function that runs one statement (named
+# parameters) and returns its rows' cursor.
+Execute = Any
+
+
+@contextlib.contextmanager
+def sqlite3_transaction(db: Any, *, write: bool) -> Iterator[Execute]:
+    """A transaction on a ``sqlite3`` connection in autocommit mode (``BEGIN IMMEDIATE`` for a
+    write, as our engine begins one)."""
+    def run(sql: str, params: Any = ()) -> Any:
+        many = isinstance(params, list)
+        return db.executemany(sql, params) if many else db.execute(sql, params)
+
+    db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        yield run
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def core_transaction(engine: Any, *, write: bool) -> Iterator[Execute]:
+    """A transaction on our engine (``make_engine``: its write transactions begin
+    ``IMMEDIATE``, its read-only ones deferred), statements run through SQLAlchemy Core."""
+    bind = engine if write else engine.execution_options(readonly=True)
+    with bind.begin() as conn:
+        yield lambda sql, params=None: conn.execute(text(sql), params or {})
+
+
+class PlainStatements:
+    """The statements our ask and tell send SQLite (the same transactions, rows and values),
+    with no ORM and no checks: what the database costs a trial here, through the ``sqlite3``
+    module or through SQLAlchemy Core (``transaction``: :func:`sqlite3_transaction` or
+    :func:`core_transaction`, bound to a connection or engine). An ask reads in one
+    transaction (the study, a waiting trial) and writes in a second (the study's row read
+    again, its counters, the trial, its parameters, its token's hash, its first event); a
+    tell reads the trial, its study and its parameters and writes the study's counters, an
+    event and the trial, in one. ``study_id`` is a study the service made on that file."""
+
+    STUDY = (
+        "SELECT id, name, spec, state, next_number, seq, curve_seq, state_reason, created_at, "
+        "updated_at, started_at, finished_at FROM studies WHERE id = :study"
+    )
+    WAITING = (
+        "SELECT id FROM trials WHERE study_id = :study AND state = 'waiting' ORDER BY number "
+        "LIMIT 1"
+    )
+    COUNTERS = (
+        "UPDATE studies SET seq = :seq, curve_seq = :seq, updated_at = :now WHERE id = :study"
+    )
+    NEW_TRIAL = (
+        "INSERT INTO trials (study_id, number, state, attempts, seq, curve_seq, "
+        "lease_expires_at, created_at, started_at, suggestion, infra_failures, worker_seconds, "
+        "attempt_started_at, steps_copied) VALUES (:study, :number, 'running', 1, :seq, :seq, "
+        ":now, :now, :now, :suggestion, 0, 0.0, :now, 0) RETURNING id"
+    )
+    PARAM = (
+        "INSERT INTO trial_params (trial_id, name, position, value) "
+        "VALUES (:trial, :name, :position, :value)"
+    )
+    EVENT = (
+        "INSERT INTO trial_events (trial_id, time, state, attempt, detail) "
+        "VALUES (:trial, :now, :state, 1, :detail)"
+    )
+    LOCK = (
+        "SELECT studies.seq, studies.curve_seq, studies.spec, trials.state, trials.attempts, "
+        "trials.attempt_token_hash FROM studies JOIN trials ON trials.study_id = studies.id "
+        "WHERE trials.id = :trial"
+    )
+    FINISH = (
+        "UPDATE trials SET state = 'complete', value = :value, seq = :seq, curve_seq = :seq, "
+        "lease_expires_at = NULL, finished_at = :now, worker_seconds = 0.001, "
+        "attempt_started_at = NULL WHERE id = :trial"
+    )
+
+    def __init__(self, transaction: Callable[..., Any], study_id: int) -> None:
+        self.transaction = transaction
+        self.study = study_id
+
+    def trial(self, rng: random.Random) -> float:
+        """Seconds of one ask and its tell."""
+        import hashlib
+
+        sid = {"study": self.study}
+        t0 = time.perf_counter()
+        with self.transaction(write=False) as run:
+            run(self.STUDY, sid).fetchone()
+            run(self.WAITING, sid).fetchone()
+        params = {
+            "x": rng.uniform(-5.0, 5.0),
+            "lr": math.exp(rng.uniform(math.log(1e-5), 0.0)),
+            "n": rng.randint(1, 8),
+            "opt": rng.choice(["sgd", "adam", "rmsprop"]),
+        }
+        now = str(utcnow())
+        with self.transaction(write=True) as run:
+            row = run(self.STUDY, sid).fetchone()
+            number, seq = row[4], max(row[5], row[6]) + 1
+            run(
+                "UPDATE studies SET next_number = :next, seq = :seq, curve_seq = :seq, "
+                "updated_at = :now WHERE id = :study",
+                {**sid, "next": number + 1, "seq": seq, "now": now},
+            )
+            suggestion = json.dumps({"sampler": "random"})
+            new = {**sid, "number": number, "seq": seq, "now": now, "suggestion": suggestion}
+            (trial_id,) = run(self.NEW_TRIAL, new).fetchone()
+            run(
+                self.PARAM,
+                [
+                    {"trial": trial_id, "name": k, "position": i, "value": json.dumps(v)}
+                    for i, (k, v) in enumerate(params.items())
+                ],
+            )
+            token = f"hpo_att.{trial_id}.1.{secrets.token_urlsafe(32)}"
+            run(
+                "UPDATE trials SET attempt_token_hash = :hash WHERE id = :trial",
+                {"hash": hashlib.sha256(token.encode()).hexdigest(), "trial": trial_id},
+            )
+            event = {"trial": trial_id, "now": now, "state": "running"}
+            run(self.EVENT, {**event, "detail": "suggested by random"})
+        value = objective(params)
+        now = str(utcnow())
+        with self.transaction(write=True) as run:
+            row = run(self.LOCK, {"trial": trial_id}).fetchone()
+            run(
+                "SELECT name, value FROM trial_params WHERE trial_id = :trial ORDER BY position",
+                {"trial": trial_id},
+            ).fetchall()
+            seq = max(row[0], row[1]) + 1
+            run(self.COUNTERS, {**sid, "seq": seq, "now": now})
+            run(self.EVENT, {"trial": trial_id, "now": now, "state": "complete", "detail": None})
+            run(self.FINISH, {"trial": trial_id, "value": value, "seq": seq, "now": now})
+        return time.perf_counter() - t0
+
+
+BARE = "two POSTs to a bare FastAPI app"
+SERVICE = "StudyService.ask + tell in process"
+PLAIN = "the same statements by sqlite3"
+CORE = "the same statements by SQLAlchemy Core"
+
+
+@contextlib.contextmanager
+def trial_parts(work: Path, spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The parts of one trial, each a function timing one (``--parts``): the bare HTTP round
+    trips (:data:`BARE_APP`), our service without HTTP, and its statements without the ORM
+    (through ``sqlite3`` and through SQLAlchemy Core), on an SQLite file of their own."""
+    import sqlite3
+
+    rng = random.Random(0)
+    path = work / "parts.db"
+    with bare_server(work) as bare:
+        engine = make_engine(f"sqlite:///{path}")
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        for pragma in ("synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=3000"):
+            db.execute(f"PRAGMA {pragma}")  # as make_engine sets them
+        try:
+            upgrade_schema(engine)
+            service = StudyService(Storage(engine))
+
+            def study(name: str) -> int:
+                return service.create_study(StudySpec.model_validate({**spec, "name": name})).id
+
+            service_id = study("service")
+            by_sqlite3 = PlainStatements(
+                functools.partial(sqlite3_transaction, db), study("sqlite3")
+            )
+            by_core = PlainStatements(functools.partial(core_transaction, engine), study("core"))
+            yield {
+                BARE: lambda: trial_bare(bare),
+                SERVICE: lambda: trial_service(service, service_id),
+                PLAIN: lambda: by_sqlite3.trial(rng),
+                CORE: lambda: by_core.trial(rng),
+            }
+        finally:
+            db.close()
+            engine.dispose()
+
+
 def run_trial(args: argparse.Namespace) -> None:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -554,14 +808,17 @@ def run_trial(args: argparse.Namespace) -> None:
             "space": SPACE,
         }
         times: dict[str, list[float]] = {"ours random (HTTP)": []}
-        with serving(work, url) as client:
+        with serving(work, url) as client, contextlib.ExitStack() as stack:
             created = client.post(f"{API}/studies", json=spec)
             created.raise_for_status()
             study_id = created.json()["id"]
-            for _ in range(args.trials):  # alternating, so both see the same machine load
+            parts = stack.enter_context(trial_parts(work, spec)) if args.parts else {}
+            for _ in range(args.trials):  # alternating, so all see the same machine load
                 times["ours random (HTTP)"].append(trial_ours(client, study_id))
                 for where, study in theirs.items():
                     times.setdefault(f"optuna random ({where})", []).append(trial_optuna(study))
+                for what, run in parts.items():
+                    times.setdefault(what, []).append(run())
     print(f"{args.trials} trials each, every one asked and told; ms per trial\n")
     print("| what | median | mean | p90 |\n|---|---:|---:|---:|")
     for what, ts in times.items():
@@ -577,6 +834,19 @@ def run_trial(args: argparse.Namespace) -> None:
         print(
             f"  on {where}: median {statistics.median(ours) / statistics.median(ts):.2f}, "
             f"mean {statistics.fmean(ours) / statistics.fmean(ts):.2f}{goal}"
+        )
+    if args.parts:
+        med = {what: statistics.median(ts) for what, ts in times.items()}
+        optuna_ms = med["optuna random (SQLite)"]
+        goal_ms = 0.2 * optuna_ms
+        print(f"\n0.2 of Optuna on SQLite: {goal_ms * 1e3:.2f} ms a trial")
+        for sql in (PLAIN, CORE):
+            floor = med[BARE] + med[sql]
+            print(f"{BARE} + {sql}: {floor * 1e3:.2f} ms, {floor / optuna_ms:.2f} of Optuna")
+        api = med["ours random (HTTP)"] - med[BARE] - med[SERVICE]
+        print(
+            f"ours over HTTP, less the bare HTTP and the service in process (our API around "
+            f"it): {api * 1e3:.2f} ms"
         )
 
 
@@ -1072,6 +1342,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ask.add_argument("--quick", action="store_true", help="300 and 1,000 trials, GP at 60")
     loop = sections.add_parser("trial", help="one trial's ask and tell, against Optuna")
     loop.add_argument("--trials", type=int, default=300, help="trials on each side")
+    loop.add_argument(
+        "--parts",
+        action="store_true",
+        help="also time the parts: a bare FastAPI app's two POSTs, our service in process, "
+        "and the same statements by sqlite3",
+    )
     prune = sections.add_parser("prune", help="ASHA's decision at a rung, against Optuna")
     prune.add_argument("--sizes", default="1000,10000", help="finished trials (comma-separated)")
     prune.add_argument("--points", type=int, default=100, help="steps each finished trial has")
