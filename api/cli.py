@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
         help="check this deployment: database, Ray, checkpoint storage, public URL, a server",
     )
     d.add_argument("--url", help="also check this running server's /healthz and its nodes")
-    d.add_argument("--timeout", type=float, default=10.0, help="seconds per network check")
+    d.add_argument("--timeout", type=_timeout, default=10.0, help="seconds per network check")
     d.set_defaults(func=cmd_doctor)
 
     d = sub.add_parser("demo", help="start a server and run a small demo study end to end")
@@ -225,6 +225,14 @@ def _seconds(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def _timeout(text: str) -> float:
+    """A finite number of seconds above 0 (argparse's type: exit 2 naming the option)."""
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is no time to wait (more than 0 seconds)")
     return value
 
 

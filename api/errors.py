@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hpo.api.bodies import BadBody
 from hpo.api.schemas import ErrorBody
 from hpo.service.errors import (
     AnalysisUnavailable,
@@ -96,8 +97,14 @@ def install(app: FastAPI) -> None:
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def _request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation(describe_errors(list(exc.errors())))
+    async def _request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = describe_errors(list(exc.errors()))
+        sent_as = request.headers.get("content-type", "")
+        if sent_as and "json" not in sent_as.lower():  # FastAPI took it as no JSON at all
+            for d in details:
+                if d["field"] == "body":
+                    d["message"] += f" (it was sent as {sent_as!r}: send JSON as application/json)"
+        return _validation(details)
 
     @app.exception_handler(ValidationError)
     async def _model(_: Request, exc: ValidationError) -> JSONResponse:
@@ -105,6 +112,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, BadBody):
+            return _validation([{"field": exc.field, "message": str(exc.detail)}])
         if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
             return _validation(
                 [{"field": "body", "message": "not JSON (not UTF-8 text, or nested too deeply)"}]

@@ -400,7 +400,7 @@ def _running(
         return study, None
     if trial.state != TrialState.RUNNING:
         raise TrialFinished(
-            f"trial {trial_id} is {trial.state}; it takes no more metrics",
+            f"trial {trial_id} is {trial.state}; it takes no more metrics or heartbeats",
             field="trial_id",
         )
     return study, trial

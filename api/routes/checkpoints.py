@@ -17,12 +17,13 @@ from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request, Response
 
+from hpo.api.bodies import StrictJsonRoute
 from hpo.api.deps import Reader, StudyId, TrialId
 from hpo.api.schemas import ARCHIVE
 from hpo.service.errors import NotFound
 from hpo.workers import storage as checkpoint_storage
 
-router = APIRouter(tags=["checkpoints"])
+router = APIRouter(tags=["checkpoints"], route_class=StrictJsonRoute)
 log = logging.getLogger("hpo.api.checkpoints")
 
 MAX_CONCURRENT_DOWNLOADS = 4

@@ -26,6 +26,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError
 
+from hpo.api.bodies import StrictJsonRoute
 from hpo.api.deps import Cursor, NoNul, Reader, StudyId, TrialId
 from hpo.api.pools import POLLS, runs_in
 from hpo.api.routes.conditional import NOT_MODIFIED, answer, not_modified
@@ -38,8 +39,8 @@ from hpo.service.storage import Storage, analyses, parse_spec
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["dashboard"])
-pages = APIRouter(include_in_schema=False)
+router = APIRouter(tags=["dashboard"], route_class=StrictJsonRoute)
+pages = APIRouter(include_in_schema=False, route_class=StrictJsonRoute)
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 MaxPoints = Annotated[int, Query(ge=4, le=10_000, description="Points kept per series.")]

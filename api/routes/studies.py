@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
+from hpo.api.bodies import StrictJsonRoute
 from hpo.api.deps import AskKey, Cursor, QueryText, Reader, Service, StudyId
 from hpo.api.pools import ASKS, POLLS, runs_in, study_turn
 from hpo.api.routes.conditional import NOT_MODIFIED, answer, not_modified
@@ -32,7 +33,7 @@ from hpo.service.storage import Storage
 from hpo.service.studies import StudyService
 from hpo.service.warmstart import FinishedTrial
 
-router = APIRouter(prefix="/studies", tags=["studies"])
+router = APIRouter(prefix="/studies", tags=["studies"], route_class=StrictJsonRoute)
 STUDY_STATE = "^(" + "|".join(s.value for s in StudyState) + ")$"
 
 

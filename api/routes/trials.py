@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
 
+from hpo.api.bodies import StrictJsonRoute
 from hpo.api.deps import (
     Auth,
     QueryText,
@@ -34,7 +35,7 @@ from hpo.api.schemas import (
 )
 from hpo.service.records import Lineage, TrialRecord
 
-router = APIRouter(prefix="/trials", tags=["trials"])
+router = APIRouter(prefix="/trials", tags=["trials"], route_class=StrictJsonRoute)
 
 # The largest ``attempt`` a heartbeat may name (``trials.attempts`` is a 32-bit column).
 MAX_ATTEMPT = 2**31 - 1

@@ -273,6 +273,14 @@ def test_submit_invalid_yaml_syntax_is_bad_input(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     r = run_cli(None, "submit", str(spec), "--give-up-after", "60", url=url)
     assert r.returncode == 2 and "--give-up-after: only with --wait" in r.stderr, r.stderr
+    for timeout in ("-1", "0", "nan", "soon"):  # was a failed check (exit 1) for -1
+        r = subprocess.run(
+            [sys.executable, "-m", "hpo.api.cli", "doctor", "--url", url, "--timeout", timeout],
+            capture_output=True,
+            text=True,
+            env=cli_env(),
+        )
+        assert r.returncode == 2 and "argument --timeout" in r.stderr, (timeout, r.stderr)
 
 
 def test_submit_wait_until_completed_and_until_stopped(

@@ -1253,6 +1253,15 @@ def test_fuzzed_trial_requests_are_4xx_and_change_nothing(
                 err = assert_error(fresh.request(method, API + path, json=body), 422)
                 assert err["field"].startswith(field), err
 
+        with subtests.test("a JSON tell sent as text/plain"), server.http() as fresh:
+            r = fresh.post(
+                f"{API}/trials/{tid}/tell",
+                content=json.dumps({"value": 1.0}),
+                headers={"content-type": "text/plain"},
+            )
+            err = assert_error(r, 422, field="body")
+            assert "'text/plain'" in err["message"] and "application/json" in err["message"]
+
         with subtests.test("state filter with a newline"), server.http() as fresh:
             r = fresh.get(f"{API}/studies/{sid}/trials", params={"state": "running\n"})
             assert r.status_code == 200, r.text
@@ -1270,6 +1279,75 @@ def test_fuzzed_trial_requests_are_4xx_and_change_nothing(
         assert get_study(http, sid)["spec"]["budget"] == before_study["spec"]["budget"]
         points = http.get(f"{API}/trials/{tid}/metrics").json()["points"]
         assert [(p["step"], p["name"]) for p in points] == [(0, "loss")]
+
+
+def test_lone_surrogates_are_422_naming_the_field_and_break_nothing(
+    server: ServerProcess, subtests: pytest.Subtests
+) -> None:
+    """JSON can spell a lone UTF-16 surrogate, which no UTF-8 encoder takes. Stored, one in a
+    define-by-run choice made its study unreadable and undeletable (every study list
+    answered 422), and one in a trial's user_attrs made its study's reads and the study list
+    answer 500, though each write itself answered 500. Every such body is a 422 naming the
+    field, and changes nothing; a surrogate pair (one character) is taken."""
+    lone = "\\ud800"  # in the JSON text: the escape itself
+    with server.http() as http:
+        sid = create(http, "surrogates", budget={"max_trials": 10})["id"]
+        tid = ask(http, sid)["trial_id"]
+        dbr = create(http, "dbr-surrogates", define_by_run=True, space={})["id"]
+        dbr_tid = ask(http, dbr)["trial_id"]
+        before = all_studies(http)
+        before_trials = http.get(f"{API}/studies/{sid}/trials").json()
+        cases = [
+            (
+                f"/trials/{dbr_tid}/suggest",
+                '{"name": "c", "param": {"type": "categorical", "choices": ["%s", "b"]}}',
+                "param.choices[0]",
+            ),
+            (f"/trials/{tid}/user_attrs", '{"sur": "%s"}', "sur"),
+            (f"/trials/{tid}/user_attrs", '{"%s": 1}', lone),
+            (
+                f"/studies/{sid}/trials",
+                '{"trials": [{"params": {"x": 0.5, "n": 2}, "value": 1, '
+                '"user_attrs": {"a": "x%sy"}}]}',
+                "trials[0].user_attrs.a",
+            ),
+            ("/studies", json.dumps(simple_spec("u"))[:-1] + ', "user_attrs": {"a": "%s"}}', ""),
+            ("/studies", json.dumps(simple_spec("k"))[:-1] + ', "user_attrs": {"%s": 1}}', ""),
+            (f"/studies/{sid}/ask", '{"params": {"x": "%s"}}', "params.x"),
+            (f"/trials/{tid}/tell", '{"state": "failed", "error": "%s"}', "error"),
+            (
+                f"/trials/{tid}/metrics",
+                '{"points": [{"step": 1, "name": "l%s", "value": 1.0}]}',
+                "points[0].name",
+            ),
+        ]
+        for path, body, field in cases:
+            with subtests.test(f"POST {path} {body}"), server.http() as fresh:
+                err = assert_error(fresh.post(API + path, content=body % lone, headers=JSON), 422)
+                assert err["field"].startswith(field) and "surrogate" in err["message"], err
+        with subtests.test("PATCH a study's user_attrs"), server.http() as fresh:
+            err = assert_error(
+                fresh.patch(
+                    f"{API}/studies/{sid}",
+                    content='{"user_attrs": {"a": "' + lone + '"}}',
+                    headers=JSON,
+                ),
+                422,
+            )
+            assert err["field"] == "user_attrs.a", err
+
+        # Nothing was stored, and everything still reads (and the study still deletes).
+        assert all_studies(http) == before
+        assert http.get(f"{API}/studies/{sid}/trials").json() == before_trials
+        assert http.get(f"{API}/studies/{dbr}").json()["spec"]["space"] == {}
+        assert http.get(f"{API}/studies/{sid}/export.csv").status_code == 200
+        # A pair is one character (U+1F600): stored and answered as itself.
+        paired = http.post(
+            f"{API}/trials/{tid}/user_attrs", content='{"face": "\\ud83d\\ude00"}', headers=JSON
+        )
+        assert paired.status_code == 200, paired.text
+        assert get_trial(http, tid)["user_attrs"] == {"face": "\U0001f600"}
+        assert http.delete(f"{API}/studies/{dbr}").status_code == 204
 
 
 def test_openapi_documents_the_error_answers(sqlite_server: ServerProcess) -> None:
