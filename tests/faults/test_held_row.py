@@ -30,6 +30,7 @@ from hpo.service.storage import studies as studies_storage
 from hpo.service.storage.session import RETRY_LOCKED_S
 from hpo.service.studies import StudyService
 from tests.conftest import ServerProcess, create_pg_database, drop_pg_database, simple_spec
+from tests.faults.conftest import postgres_part_missing
 
 
 @pytest.fixture
@@ -136,7 +137,7 @@ def test_reports_of_one_study_waiting_together_share_no_lock_on_its_row(
         if not conn.execute(
             text("SELECT 1 FROM pg_available_extensions WHERE name = 'pgrowlocks'")
         ).first():
-            pytest.skip("PostgreSQL's contrib extension pgrowlocks is not installed")
+            postgres_part_missing("PostgreSQL's contrib extension pgrowlocks")
         conn.execute(text("CREATE EXTENSION IF NOT EXISTS pgrowlocks"))
 
     holder = engine.connect()
