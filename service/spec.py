@@ -1128,6 +1128,13 @@ def _check_conditions(space: Mapping[str, Any]) -> None:
                 raise ValueError(f"{name}.when: a parameter cannot depend on itself")
             if parent not in space:
                 raise ValueError(f"{name}.when: {parent!r} is not a parameter of the space")
+            of = space[parent]
+            if isinstance(of, FloatParam) and of.step is None and of.values is None:
+                raise ValueError(
+                    f"{name}.when.{parent}: {parent!r} is a continuous float, which takes a "
+                    "listed value almost never; give it a step or values, or make the "
+                    "condition on a categorical or int parameter"
+                )
             possible = _membership(space[parent])
             for value in allowed:
                 if not possible(value):

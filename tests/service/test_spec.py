@@ -169,6 +169,20 @@ def test_condition_values_must_exist_and_cycles_are_refused() -> None:
         )
     )
     assert "cycle" in errs[0]["message"]
+    # on a continuous float: it (almost) never takes a listed value, so the child never runs
+    errs = errors_of(
+        base(
+            space={
+                "f": {"type": "float", "low": 0, "high": 1},
+                "d": {"type": "int", "low": 1, "high": 3, "when": {"f": [0.5]}},
+            }
+        )
+    )
+    assert "'f' is a continuous float" in errs[0]["message"], errs
+    for lattice in ({"step": 0.5}, {"values": [0.0, 0.5, 1.0]}):  # a float on a lattice: taken
+        f = {"type": "float", "low": 0, "high": 1, **lattice}
+        space = {"f": f, "d": {"type": "int", "low": 1, "high": 3, "when": {"f": [0.5]}}}
+        StudySpec.model_validate(base(space=space))
 
 
 @pytest.mark.parametrize(
