@@ -978,6 +978,15 @@ def check_new(spec: StudySpec) -> None:
     """The checks of a spec that creates a study which a stored spec is not held to (see
     :func:`check_budget`). Raises ValueError naming the field."""
     check_budget(spec.budget)
+    for name, param in spec.space.items():
+        for parent in param.when or {}:
+            of = spec.space[parent]
+            if isinstance(of, FloatParam) and of.step is None and of.values is None:
+                raise ValueError(
+                    f"space.{name}.when.{parent}: {parent!r} is a continuous float, which takes "
+                    "a listed value almost never; give it a step or values, or make the "
+                    "condition on a categorical or int parameter"
+                )
     p = spec.pruner
     if p.type in ("asha", "hyperband") and p.max_steps is not None and p.max_steps < p.min_steps:
         raise ValueError(
@@ -1128,13 +1137,6 @@ def _check_conditions(space: Mapping[str, Any]) -> None:
                 raise ValueError(f"{name}.when: a parameter cannot depend on itself")
             if parent not in space:
                 raise ValueError(f"{name}.when: {parent!r} is not a parameter of the space")
-            of = space[parent]
-            if isinstance(of, FloatParam) and of.step is None and of.values is None:
-                raise ValueError(
-                    f"{name}.when.{parent}: {parent!r} is a continuous float, which takes a "
-                    "listed value almost never; give it a step or values, or make the "
-                    "condition on a categorical or int parameter"
-                )
             possible = _membership(space[parent])
             for value in allowed:
                 if not possible(value):

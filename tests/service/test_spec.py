@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from hpo.service.spec import StudySpec, describe_errors
+from hpo.service.spec import StudySpec, check_new, describe_errors
 
 ISSUE_SPEC = """
 name: minilm-bbc-news
@@ -169,20 +169,17 @@ def test_condition_values_must_exist_and_cycles_are_refused() -> None:
         )
     )
     assert "cycle" in errs[0]["message"]
-    # on a continuous float: it (almost) never takes a listed value, so the child never runs
-    errs = errors_of(
-        base(
-            space={
-                "f": {"type": "float", "low": 0, "high": 1},
-                "d": {"type": "int", "low": 1, "high": 3, "when": {"f": [0.5]}},
-            }
-        )
+    # A new study's condition on a continuous float (it almost never takes a listed value,
+    # so its child never runs) is refused; a stored one stays readable (test_studies.py).
+    child = {"type": "int", "low": 1, "high": 3, "when": {"f": [0.5]}}
+    continuous = StudySpec.model_validate(
+        base(space={"f": {"type": "float", "low": 0, "high": 1}, "d": child})
     )
-    assert "'f' is a continuous float" in errs[0]["message"], errs
+    with pytest.raises(ValueError, match="space.d.when.f: 'f' is a continuous float"):
+        check_new(continuous)
     for lattice in ({"step": 0.5}, {"values": [0.0, 0.5, 1.0]}):  # a float on a lattice: taken
         f = {"type": "float", "low": 0, "high": 1, **lattice}
-        space = {"f": f, "d": {"type": "int", "low": 1, "high": 3, "when": {"f": [0.5]}}}
-        StudySpec.model_validate(base(space=space))
+        check_new(StudySpec.model_validate(base(space={"f": f, "d": child})))
 
 
 @pytest.mark.parametrize(

@@ -802,14 +802,22 @@ def test_an_ask_held_by_the_studys_other_asks_past_the_wait_is_told_to_ask_again
 def test_a_study_stored_before_the_newer_spec_checks_stays_readable_and_runs(
     service: StudyService, storage: Storage
 ) -> None:
-    """Budget counts past 2**53 and a rung pruner whose max_steps is below its min_steps are
-    refused when a study is created, not when a stored spec is read back: a study stored
-    before those checks is still listed, asked, told and edited."""
+    """Budget counts past 2**53, a rung pruner whose max_steps is below its min_steps and a
+    condition on a continuous float are refused when a study is created, not when a stored
+    spec is read back: a study stored before those checks is still listed, asked, told and
+    edited."""
     sid = service.create_study(StudySpec.model_validate(simple_spec("older"))).id
+    child = {"type": "int", "low": 1, "high": 3, "when": {"x": [0.5]}}
     with storage.write() as s:
         study = studies_rows.get(s, sid)
         pruner = {"type": "asha", "min_steps": 9, "max_steps": 3}
-        study.spec = {**study.spec, "budget": {"max_trials": 2**60}, "pruner": pruner}
+        space = {**study.spec["space"], "d": child}
+        study.spec = {
+            **study.spec,
+            "budget": {"max_trials": 2**60},
+            "pruner": pruner,
+            "space": space,
+        }
     assert [r.id for r in storage.list_studies()[0]] == [sid]
     assert storage.get_study(sid).spec["budget"]["max_trials"] == 2**60
     trial = service.ask(sid)
@@ -825,3 +833,7 @@ def test_a_study_stored_before_the_newer_spec_checks_stays_readable_and_runs(
         bad = simple_spec("newer", pruner={"type": "asha", "min_steps": 9, "max_steps": 3})
         service.create_study(StudySpec.model_validate(bad))
     assert refused.value.field == "pruner.max_steps"
+    with pytest.raises(InvalidInput) as refused:
+        bad = simple_spec("newest", space={**simple_spec()["space"], "d": child})
+        service.create_study(StudySpec.model_validate(bad))
+    assert refused.value.field == "space.d.when.x"
