@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from hpo.api.client import Client
 from hpo.api.demo import free_port
@@ -249,3 +251,48 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 120, what: str = "")
             return value
         time.sleep(0.25)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def stored_point_rows(
+    database_url: str, trial_id: int, name: str | None = None
+) -> Counter[tuple[int, str, int]]:
+    """The trial's rows in ``metric_points`` as stored (not the API's read, which keeps one
+    point per name and step), counted per (attempt, name, step); of metric ``name`` only if
+    given. Read through an engine of its own, disposed of before it returns."""
+    where = "trial_id = :trial" + ("" if name is None else " AND name = :name")
+    engine = make_engine(database_url)
+    try:
+        # read-only: on SQLite a plain deferred transaction, not the write lock
+        with engine.connect().execution_options(readonly=True) as conn:
+            rows = conn.execute(
+                text(f"SELECT attempt, name, step FROM metric_points WHERE {where}"),
+                {"trial": trial_id, "name": name},
+            ).all()
+    finally:
+        engine.dispose()
+    return Counter((int(attempt), str(metric), int(step)) for attempt, metric, step in rows)
+
+
+def assert_each_point_stored_once(
+    database_url: str,
+    trial_id: int,
+    expected_total: int | None = None,
+    *,
+    name: str | None = None,
+    across_attempts: bool = False,
+) -> Counter[tuple[int, str, int]]:
+    """Count the trial's raw ``metric_points`` rows (of metric ``name``, if given): none may
+    repeat an (attempt, name, step), and ``expected_total`` (if given) is how many there must
+    be. ``across_attempts``: neither may one (name, step) be stored by two attempts (a resumed
+    attempt that sends again only what was never stored). Returns the rows' counts."""
+    counts = stored_point_rows(database_url, trial_id, name)
+    twice = sorted(key for key, n in counts.items() if n > 1)
+    assert twice == [], f"trial {trial_id}: (attempt, name, step) stored twice: {twice}"
+    if across_attempts:
+        per_step = Counter((metric, step) for _, metric, step in counts)
+        again = sorted(key for key, n in per_step.items() if n > 1)
+        assert again == [], f"trial {trial_id}: (name, step) stored by several attempts: {again}"
+    if expected_total is not None:
+        total = counts.total()
+        assert total == expected_total, f"trial {trial_id}: {total} rows, not {expected_total}"
+    return counts

@@ -29,7 +29,7 @@ import pytest
 from hpo.api.client import KEEPALIVE_EXPIRY_S, Client, Study, TrialHandle
 from hpo.api.retry import RetryPolicy, retry_after_s
 from hpo.service.errors import HpoError, NotFound, StudyNotRunning
-from tests.conftest import ServerProcess, simple_spec
+from tests.conftest import ServerProcess, assert_each_point_stored_once, simple_spec
 
 FAST = RetryPolicy(attempts=4, total_s=20.0, first_wait_s=0.05, max_wait_s=0.5)
 UVICORN_KEEPALIVE_S = 5.0  # uvicorn's default timeout_keep_alive, which `hpo serve` keeps
@@ -414,6 +414,9 @@ def test_a_report_retried_after_its_answer_was_lost_stores_one_point_set(
         study.report(t, step=0, metrics={"loss": 1.0})
         assert len(proxy.requests_to("/metrics")) == 2
         assert [(p.step, p.value) for p in study.metrics(t)] == [(0, 1.0)]
+    # the read keeps one point per step whatever is stored: the replayed batch's rows
+    stored = assert_each_point_stored_once(server.database_url, t.trial_id, 1)
+    assert set(stored) == {(t["attempt"], "loss", 0)}
 
 
 def test_a_delete_sent_again_after_its_answer_was_lost_returns(

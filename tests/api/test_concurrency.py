@@ -22,6 +22,24 @@ GRID_SPACE = {  # 24 points
 }
 
 
+def reported(
+    body: Callable[..., None], errors: list[str], barrier: threading.Barrier | None = None
+) -> Callable[..., None]:
+    """``body`` as a thread's target: whatever it raises lands in ``errors`` (and breaks
+    ``barrier``, so no other thread waits for it), for the test's thread to assert on; an
+    exception left in a thread only warns."""
+
+    def run(*args: object) -> None:
+        try:
+            body(*args)
+        except BaseException as exc:
+            errors.append(f"{body.__name__}: {exc!r}")
+            if barrier is not None:
+                barrier.abort()
+
+    return run
+
+
 @pytest.fixture
 def two_servers(db_url: str, tmp_path: Path) -> Iterator[list[ServerProcess]]:
     servers = []
@@ -73,12 +91,15 @@ def race(servers: list[ServerProcess], study_id: int, *, fresh: bool = False) ->
                     errors.append(f"tell {told.status_code} {told.text}")
                     return
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(CLIENTS)]
+    threads = [
+        threading.Thread(target=reported(worker, errors, start), args=(i,)) for i in range(CLIENTS)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a racing asker never finished"
     return handed
 
 
@@ -115,27 +136,31 @@ def test_concurrency_limit_holds_under_racing_asks(two_servers: list[ServerProce
     spec = simple_spec("slots", budget={"max_concurrent": 3})
     with two_servers[0].http() as http:
         study_id = http.post("/api/v1/studies", json=spec).json()["id"]
-    granted: list[int] = []
-    lock = threading.Lock()
-    start = threading.Barrier(CLIENTS)
+    answers: list[httpx.Response] = []  # list.append is atomic: no lock needed
+    errors: list[str] = []
+    start = threading.Barrier(CLIENTS, timeout=120)
 
     def worker(i: int) -> None:
         server = two_servers[i % 2]
         with server.http() as http:
             start.wait()
-            r = http.post(f"/api/v1/studies/{study_id}/ask")
-            if r.status_code == 201:
-                with lock:
-                    granted.append(r.json()["trial_id"])
-            else:
-                assert r.status_code == 409, r.text
-                assert "max_concurrent" in r.json()["message"]
+            answers.append(http.post(f"/api/v1/studies/{study_id}/ask"))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(CLIENTS)]
+    threads = [
+        threading.Thread(target=reported(worker, errors, start), args=(i,)) for i in range(CLIENTS)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
+    # asserted here, in the test's thread: an assertion failing in a worker only warns
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [201] * 3 + [409] * (CLIENTS - 3), [r.text for r in answers]
+    refused = [r.json()["message"] for r in answers if r.status_code == 409]
+    assert all("max_concurrent" in message for message in refused), refused
+    granted = {r.json()["trial_id"] for r in answers if r.status_code == 201}
     assert len(granted) == 3
 
 
@@ -171,7 +196,10 @@ def test_max_steps_is_never_exceeded_by_racing_reports(two_servers: list[ServerP
                     return
             errors.append(f"trial {trial['trial_id']} was never stopped")
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(CLIENTS)]
+    threads = [
+        threading.Thread(target=reported(worker, errors, start), args=(i,), daemon=True)
+        for i in range(CLIENTS)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -328,6 +356,7 @@ def test_fixed_asks_and_imports_racing_on_a_grid_leave_no_point_twice_or_unrun(
         spec = simple_spec("grid-fixed-race", sampler={"type": "grid"}, space=grid)
         study_id = http.post("/api/v1/studies", json=spec).json()["id"]
     codes: list[int] = []
+    errors: list[str] = []
 
     def worker(i: int) -> None:
         with two_servers[i % 2].http() as http:
@@ -342,11 +371,14 @@ def test_fixed_asks_and_imports_racing_on_a_grid_leave_no_point_twice_or_unrun(
                     r = http.post(f"/api/v1/studies/{study_id}/trials", json={"trials": [row]})
                 codes.append(r.status_code)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(CLIENTS)]
+    threads = [threading.Thread(target=reported(worker, errors), args=(i,)) for i in range(CLIENTS)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    assert len(codes) == CLIENTS * 10  # every request of every worker answered
     with two_servers[1].http() as http:
         while http.post(f"/api/v1/studies/{study_id}/ask").status_code == 201:
             pass  # the rest of the grid
@@ -368,6 +400,7 @@ def test_study_user_attrs_merged_through_two_servers_lose_no_key(
         study_id = http.post("/api/v1/studies", json=spec).json()["id"]
     url = f"/api/v1/studies/{study_id}"
     codes: list[int] = []
+    errors: list[str] = []
 
     def merger(i: int) -> None:
         with two_servers[i % 2].http() as http:
@@ -387,12 +420,15 @@ def test_study_user_attrs_merged_through_two_servers_lose_no_key(
                 codes.append(r.status_code)
                 codes.append(http.patch(url, json={"budget": {"max_trials": 1000 + i}}).status_code)
 
-    threads = [threading.Thread(target=merger, args=(i,)) for i in range(CLIENTS)]
-    threads += [threading.Thread(target=learner, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=reported(merger, errors), args=(i,)) for i in range(CLIENTS)]
+    threads += [threading.Thread(target=reported(learner, errors), args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    assert len(codes) == CLIENTS * 8 * 2 + 4 * 4 * 2  # every PATCH and suggest answered
     with two_servers[1].http() as http:
         refused = http.patch(  # JSON's extension Infinity, as a careless client sends it
             url,

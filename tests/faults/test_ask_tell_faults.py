@@ -84,15 +84,21 @@ def test_a_20_s_outage_under_an_ask_tell_loop_loses_and_doubles_nothing(
             t.start()
         time.sleep(2)
         own_postgres.stop("immediate")
+        before_outage = len(done)
         time.sleep(20)
         own_postgres.start()
+        at_return = len(done)  # (an ask or tell retried through the outage ends after it)
         time.sleep(8)
         stop.set()
         for t in threads:
             t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "a client thread never finished"
         trials = study.trials()
         numbers = sorted(t.number for t in trials)
-        assert errors == [] and len(done) > 0  # the client retried every 503 by itself
+        assert errors == [], errors  # the client retried every 503 by itself
+        assert before_outage > 0, "no trial before the outage: the loop never ran"
+        # the loop went on once the database was back: more than the one retried through it
+        assert len(done) > at_return + 1, (before_outage, at_return, len(done))
         assert numbers == list(range(len(numbers))), "gap or duplicate numbers"
         assert len(set(done)) == len(done)
         told = [t for t in trials if t.state == "complete"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ServerProcess, simple_spec
+from tests.conftest import ServerProcess, assert_each_point_stored_once, simple_spec
 from tests.faults.conftest import OwnPostgres
 
 STEPS = 200
@@ -28,8 +28,15 @@ class Stream:
         self.codes: Counter[int] = Counter()
         self.dropped = 0
         self.missing_retry_after = 0
+        self.failures: list[BaseException] = []  # what its thread raised, for the test's
 
     def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # an exception in a thread only warns: the test asserts
+            self.failures.append(exc)
+
+    def _run(self) -> None:
         with server_http(self.server, self.fresh) as http:
             for step in range(1, STEPS + 1):
                 body = {"points": [{"step": step, "name": "loss", "value": 1.0 / step}]}
@@ -86,13 +93,21 @@ def finished(threads: list[threading.Thread], poller: Poller) -> None:
     assert not threads[0].is_alive(), "the stream did not finish after the database returned"
 
 
-def assert_nothing_lost(points: list[dict], stream: Stream, poller: Poller) -> None:
-    """Every step of the stream stored once, and no answer a 500, a dropped connection or a
-    503 without ``Retry-After``."""
+def assert_nothing_lost(
+    points: list[dict], stream: Stream, poller: Poller, database_url: str
+) -> None:
+    """Every step of the stream stored once (read back, and as rows of the database: the
+    read keeps one point per step whatever is stored), and no answer a 500, a dropped
+    connection or a 503 without ``Retry-After``."""
+    assert stream.failures == [], stream.failures
     steps = Counter(p["step"] for p in points)
     lost = [s for s in range(1, STEPS + 1) if steps[s] == 0]
     duplicated = [s for s, n in steps.items() if n > 1]
     assert (lost, duplicated) == ([], [])
+    stored = assert_each_point_stored_once(
+        database_url, stream.trial_id, STEPS, across_attempts=True
+    )
+    assert {(name, step) for _, name, step in stored} == {("loss", s) for s in range(1, STEPS + 1)}
     assert stream.codes[500] == poller.codes[500] == 0
     assert stream.dropped == poller.dropped == 0
     assert stream.missing_retry_after == 0
@@ -131,7 +146,7 @@ def test_database_outage_answers_503_and_loses_nothing(
         with server.http() as http:
             points = http.get(f"/api/v1/trials/{trial['trial_id']}/metrics").json()["points"]
             assert httpx.get(server.url + "/healthz").status_code == 200
-        assert_nothing_lost(points, stream, poller)
+        assert_nothing_lost(points, stream, poller, server.database_url)
         assert stream.codes[503] > 0, "the outage was never seen: the drill proved nothing"
     finally:
         server.stop()

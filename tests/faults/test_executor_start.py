@@ -32,16 +32,24 @@ def descendants(server: ServerProcess) -> list[psutil.Process]:
     return psutil.Process(server.proc.pid).children(recursive=True)
 
 
+def is_gcs(proc: psutil.Process) -> bool:
+    """Whether ``proc`` is a running (not zombie) GCS server."""
+    try:
+        return proc.name() == "gcs_server" and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def gcs_servers(server: ServerProcess) -> int:
     """The GCS processes running under the server (a local Ray has one)."""
-    count = 0
-    for proc in descendants(server):
-        try:
-            if proc.name() == "gcs_server" and proc.status() != psutil.STATUS_ZOMBIE:
-                count += 1
-        except psutil.NoSuchProcess:
-            pass
-    return count
+    return sum(1 for proc in descendants(server) if is_gcs(proc))
+
+
+def running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_a_local_ray_that_cannot_start_is_retried_slowly_cleaned_up_and_named(
@@ -78,8 +86,8 @@ def test_a_local_ray_that_cannot_start_is_retried_slowly_cleaned_up_and_named(
             most_gcs = max(most_gcs, gcs_servers(server))
             time.sleep(0.1)
         # each failed start's processes ended before the next began (before the fix: one
-        # more GCS, and two more agents, left running by every try)
-        assert most_gcs <= 1, most_gcs
+        # more GCS, and two more agents, left running by every try); and one was seen
+        assert most_gcs == 1, most_gcs
         # the waits double: 1, 2, 4 s after the tries (before: a try every 0.2-s tick), and
         # each is kept (the next try ends no sooner than the wait after the last one)
         numbers = sorted(tries)
@@ -100,18 +108,24 @@ def test_a_local_ray_that_cannot_start_is_retried_slowly_cleaned_up_and_named(
         (tmp_path / "b").mkdir()
         with ServerProcess(url, tmp_path / "b", RAY_ENV) as standby, standby.http() as other:
             assert (other.get("/healthz").json()["executor_failure"] or {}).get("tries"), "note"
-            # kill -9 the first in the middle of its tries (its processes watched until then)
+            # kill -9 the first in the middle of a try: its processes watched until a try's
+            # GCS runs (the waits between tries double up to 30 s), then 1 s more for the
+            # rest of that try's processes to start
             seen: dict[int, psutil.Process] = {}
-            until = time.monotonic() + 4
+            until, gcs_at = time.monotonic() + 75, None
             while time.monotonic() < until:
                 seen |= {p.pid: p for p in descendants(server)}
+                if gcs_at is None and any(is_gcs(p) for p in seen.values()):
+                    gcs_at = time.monotonic()
+                    until = gcs_at + 1.0
                 time.sleep(0.05)
+            assert gcs_at is not None, f"no try's GCS seen in 75 s: {seen}"
             assert server.proc is not None
             os.kill(server.proc.pid, signal.SIGKILL)  # the server alone, not its group
             server.proc.wait(timeout=30)
             time.sleep(5)
             # nothing a try had started outlives it (the parent-death signal ends them)
-            alive = [p for p in seen.values() if p.is_running() and p.status() != "zombie"]
+            alive = [p for p in seen.values() if running(p)]
             assert alive == [], alive
             # the standby takes the lease over, starts Ray and runs each trial once
             done = wait_for(

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from hpo.api.deps import ATTEMPT_VERIFIED_S
-from tests.conftest import ServerProcess, simple_spec, wait_for
+from tests.conftest import ServerProcess, assert_each_point_stored_once, simple_spec, wait_for
 
 
 def _bearer(token: str) -> dict[str, str]:
@@ -163,3 +163,6 @@ def test_a_replayed_metrics_batch_stores_each_point_once(server: ServerProcess) 
     per_key = Counter((p["name"], p["step"]) for p in points)
     assert len(points) == 40
     assert max(per_key.values()) == 1
+    # the read above keeps one point per (name, step) whatever is stored: count the rows
+    stored = assert_each_point_stored_once(server.database_url, trial["trial_id"], 40)
+    assert set(stored) == {(1, n, s) for n in ("loss", "acc") for s in range(1, 21)}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess, wait_for
+from tests.conftest import ServerProcess, assert_each_point_stored_once, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -85,3 +85,10 @@ def test_points_unacknowledged_before_a_crash_are_not_lost(tmp_path: Path) -> No
     lost = [s for s in range(1, STEPS + 1) if curve[s] == 0]
     duplicated = sorted(s for s, n in curve.items() if n > 1)
     assert (lost, duplicated) == ([], [])
+    # the read keeps one point per step, the newest attempt's, whatever is stored: count the
+    # rows. A step is stored by one attempt only: the resumed attempt sends again only the
+    # points the control plane does not hold, and trains on after its checkpoint.
+    stored = assert_each_point_stored_once(
+        server.database_url, trials[0]["id"], STEPS, name="loss", across_attempts=True
+    )
+    assert {step for _, _, step in stored} == set(range(1, STEPS + 1))

@@ -43,7 +43,7 @@ from tests.api.test_serve_workers import (
     role_of,
     workers_of,
 )
-from tests.conftest import ServerProcess, simple_spec, wait_for
+from tests.conftest import ServerProcess, assert_each_point_stored_once, simple_spec, wait_for
 from tests.faults.conftest import OwnPostgres
 from tests.faults.test_database_outage import (
     STEPS,
@@ -279,6 +279,12 @@ def test_replays_and_stale_attempts_reaching_either_worker(db_url: str, tmp_path
         assert sorted((p["step"], p["attempt"]) for p in stored) == [
             (step, 2) for step in range(1, 21)
         ]
+        # and as rows: the first attempt's 5 steps and the live one's 20, each batch sent
+        # twice stored once, none of the stale attempt's late points (steps 100 and up)
+        rows = assert_each_point_stored_once(proc.database_url, tid, 5 + 20)
+        assert set(rows) == {(1, "loss", s) for s in range(1, 6)} | {
+            (2, "loss", s) for s in range(1, 21)
+        }
 
         # both workers refused some of the 64 stale requests (asks, metrics, heartbeats, tells)
         def refused(i: int) -> int:
@@ -315,7 +321,7 @@ def streaming(
         assert "has not beaten" not in proc.log_path.read_text()
         with fresh(proc) as http:
             points = http.get(METRICS.format(trial_id=trial["trial_id"])).json()["points"]
-        assert_nothing_lost(points, stream, poller)
+        assert_nothing_lost(points, stream, poller, proc.database_url)
         answers = settled(folder, METRICS, stream.codes.total())
         assert all(c["200"] > 0 for c in answers), answers
 
@@ -397,4 +403,10 @@ def test_a_worker_killed_mid_stream_then_a_restart_loses_nothing(
             lost = [s for s in range(1, STEPS + 1) if steps[s] == 0]
             duplicated = [s for s, n in steps.items() if n > 1]
             assert (lost, duplicated) == ([], []), trial["trial_id"]
+            assert stream.failures == [], (trial["trial_id"], stream.failures)
+            # the read keeps one point per step whatever is stored: count the rows
+            stored = assert_each_point_stored_once(
+                proc.database_url, trial["trial_id"], STEPS, across_attempts=True
+            )
+            assert {step for _, _, step in stored} == set(range(1, STEPS + 1))
             assert stream.codes[500] == 0

@@ -27,7 +27,7 @@ from hpo.api.demo import free_port
 from hpo.service.spec import StudySpec
 from tests.api.test_cli import run_cli
 from tests.api.test_metrics_endpoint import scrape, value
-from tests.conftest import ServerProcess, failed_attempts, wait_for
+from tests.conftest import ServerProcess, assert_each_point_stored_once, failed_attempts, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -199,8 +199,13 @@ def test_asha_stops_a_bad_trial_early(ray_server: ServerProcess) -> None:
     assert by_x[0.3].state == "complete"
     bad = by_x[3.0]
     assert bad.state == "pruned"
-    assert bad.pruned["step"] == 2 and bad.pruned["value"] > bad.pruned["threshold"]
-    assert max(p.step for p in study.metrics(bad.id, "loss")) < 8
+    # pruned at the first rung, min_steps * reduction_factor**0 = step 2 (rung 0), and it
+    # stopped there: report() waits (up to 2 s) for the answer that says stop, and a point
+    # sent after it is dropped; step 3 may only ride in step 2's batch when the server took
+    # longer than that to answer step 1's
+    assert bad.pruned["rung"] == 0 and bad.pruned["step"] == 2, bad.pruned
+    assert bad.pruned["value"] > bad.pruned["threshold"]
+    assert max(p.step for p in study.metrics(bad.id, "loss")) <= 3
 
 
 def test_killed_worker_is_retried_from_its_checkpoint(ray_server: ServerProcess) -> None:
@@ -221,6 +226,12 @@ def test_killed_worker_is_retried_from_its_checkpoint(ray_server: ServerProcess)
     # steps 1-3 ran in attempt 1 (checkpoint at 3), attempt 2 resumed at step 4: none twice
     steps = [p.step for p in study.metrics(trial.id, "loss")]
     assert sorted(steps) == list(range(1, 7))
+    # the read keeps one point per step, the newest attempt's: none twice in the rows either
+    stored = assert_each_point_stored_once(
+        ray_server.database_url, trial.id, 6, name="loss", across_attempts=True
+    )
+    assert {step for _, _, step in stored} == set(range(1, 7))
+    assert {attempt for attempt, _, _ in stored} == {1, 2}
     assert trial.has_checkpoint
 
 
