@@ -7,6 +7,7 @@ writes) and on PostgreSQL (row locks + compare-and-set of the trial number).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -130,6 +131,74 @@ def test_last_budget_slots_are_never_exceeded(two_servers: list[ServerProcess]) 
     with two_servers[1].http() as http:
         trials = http.get(f"/api/v1/studies/{study_id}/trials").json()["trials"]
         assert len(trials) == 17
+
+
+def test_retried_trials_keep_their_number_and_spend_no_budget_under_racing_asks(
+    two_servers: list[ServerProcess],
+) -> None:
+    """Racing clients through two servers abandon the first attempt of every fourth trial (a
+    client that died: no tell, its 1-s lease runs out). Each abandoned trial goes back to
+    waiting and is handed out again, with its number and parameters, to whichever asker
+    comes next; the study ends with exactly max_trials trials, each (number, attempt) handed
+    out once."""
+    spec = simple_spec("retry-race", lease_s=1, max_retries=1, budget={"max_trials": 12})
+    with two_servers[0].http() as http:
+        study_id = http.post("/api/v1/studies", json=spec).json()["id"]
+    handed: list[dict] = []  # list.append is atomic: no lock needed
+    errors: list[str] = []
+    start = threading.Barrier(CLIENTS)
+
+    def study_state(http: httpx.Client) -> str:
+        return http.get(f"/api/v1/studies/{study_id}").json()["state"]
+
+    def worker(i: int) -> None:
+        server = two_servers[i % 2]
+        headers = {"Authorization": f"Bearer {server.token}"}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
+            start.wait()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                r = http.post(f"/api/v1/studies/{study_id}/ask")
+                if r.status_code == 409:  # all numbers out: wait for a retry, or the end
+                    if study_state(http) == "completed":
+                        return
+                    time.sleep(0.2)
+                    continue
+                assert r.status_code == 201, f"{r.status_code} {r.text}"
+                trial = r.json()
+                handed.append(trial)
+                if trial["number"] % 4 == 0 and trial["attempt"] == 1:
+                    continue  # this client "died": no tell, the lease runs out
+                tell = {"value": 1.0, "attempt": trial["attempt"]}  # a retry names its attempt
+                told = http.post(f"/api/v1/trials/{trial['trial_id']}/tell", json=tell)
+                assert told.status_code == 200, f"tell {told.status_code} {told.text}"
+            raise AssertionError("the study did not complete within 60 s")
+
+    threads = [
+        threading.Thread(target=reported(worker, errors, start), args=(i,)) for i in range(CLIENTS)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+
+    pairs = sorted((t["number"], t["attempt"]) for t in handed)
+    abandoned = [0, 4, 8]
+    assert pairs == sorted([(n, 1) for n in range(12)] + [(n, 2) for n in abandoned])
+    first = {t["number"]: t for t in handed if t["attempt"] == 1}
+    for again in (t for t in handed if t["attempt"] == 2):  # the same trial, the same params
+        assert again["trial_id"] == first[again["number"]]["trial_id"]
+        assert again["params"] == first[again["number"]]["params"]
+    with two_servers[1].http() as http:
+        study = http.get(f"/api/v1/studies/{study_id}").json()
+        assert study["state"] == "completed" and study["n_trials"] == 12
+        assert study["counts"]["complete"] == 12
+        trials = http.get(f"/api/v1/studies/{study_id}/trials").json()["trials"]
+        assert sorted((t["number"], t["attempts"]) for t in trials) == [
+            (n, 2 if n in abandoned else 1) for n in range(12)
+        ]
 
 
 def test_concurrency_limit_holds_under_racing_asks(two_servers: list[ServerProcess]) -> None:
