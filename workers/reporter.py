@@ -24,6 +24,21 @@ from hpo.workers.tensorboard import LiveScalars
 log = logging.getLogger("hpo.workers.reporter")
 
 
+# Answers that say "not now" (a timeout, the rate limit): the batch is kept and sent again,
+# as after a 5xx, once the answer's Retry-After (at most MAX_RETRY_AFTER_S) has passed.
+TRY_AGAIN = (408, 429)
+MAX_RETRY_AFTER_S = 30.0
+
+
+def _retry_after(answer: httpx.Response) -> float:
+    """The seconds an answer's ``Retry-After`` asks for (0 without one), capped."""
+    try:
+        seconds = float(answer.headers.get("retry-after", 0))
+    except ValueError:
+        return 0.0
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S) if seconds == seconds else 0.0
+
+
 class MetricReporter:
     """Rank 0's link to ``POST /api/v1/trials/{id}/metrics``.
 
@@ -72,6 +87,7 @@ class MetricReporter:
         self._last_contact = 0.0
         self._last_batch = 0.0  # when the last batch was sent (monotonic)
         self._waiters = 0  # callers of wait_sent: their points go without waiting for flush_s
+        self._wait_s = 0.0  # the Retry-After of the last answer that said "later"
         self._thread = threading.Thread(target=self._run, name="hpo-reporter", daemon=True)
         self._thread.start()
 
@@ -175,7 +191,8 @@ class MetricReporter:
                     self._cond.notify_all()
             else:
                 backoff = min(5.0, max(0.2, backoff * 2))
-                time.sleep(backoff)
+                time.sleep(max(backoff, self._wait_s))
+                self._wait_s = 0.0
 
     def _idle_s(self) -> float:
         """How long the sender sleeps with nothing queued: until the next heartbeat is due,
@@ -214,7 +231,10 @@ class MetricReporter:
         if answer.status_code >= 400:
             self.failures += 1
             log.warning("metrics refused: %s %s", answer.status_code, answer.text[:500])
-            return answer.status_code < 500  # a 4xx will not get better: drop the batch
+            if answer.status_code in TRY_AGAIN or answer.status_code >= 500:
+                self._wait_s = _retry_after(answer)  # kept: sent again after the wait
+                return False
+            return True  # any other 4xx will not get better: drop the batch
         if answer.json().get("should_stop"):
             self.should_stop = True
         return True

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from hpo.workers.reporter import MetricReporter
 from tests.conftest import ServerProcess, assert_each_point_stored_once, simple_spec
 from tests.faults.conftest import OwnPostgres
 
@@ -131,8 +132,16 @@ def test_database_outage_answers_503_and_loses_nothing(
         with server.http() as http:
             study = http.post("/api/v1/studies", json=simple_spec("outage", lease_s=600)).json()
             trial = http.post(f"/api/v1/studies/{study['id']}/ask").json()
+            worker_trial = http.post(f"/api/v1/studies/{study['id']}/ask").json()
         stream, poller = Stream(server, trial["trial_id"]), Poller(server, study["id"])
         threads = started(stream, poller)
+        # and a worker's own reporter (its attempt token, its batches and back-off), logging
+        # a point every 20 ms through the outage as a training loop does
+        reporter = MetricReporter(
+            server.url, worker_trial["trial_id"], token=worker_trial["attempt_token"], flush_s=0.2
+        )
+        logging = threading.Thread(target=_log_steps, args=(reporter,))
+        logging.start()
         time.sleep(1.5)
         own_postgres.stop("immediate")
         time.sleep(2)
@@ -142,14 +151,29 @@ def test_database_outage_answers_503_and_loses_nothing(
         time.sleep(5)
         own_postgres.start()
         finished(threads, poller)
+        logging.join(timeout=60)
+        assert reporter.close(timeout=60), f"unsent after the outage: {len(reporter.unsent())}"
 
         with server.http() as http:
             points = http.get(f"/api/v1/trials/{trial['trial_id']}/metrics").json()["points"]
             assert httpx.get(server.url + "/healthz").status_code == 200
         assert_nothing_lost(points, stream, poller, server.database_url)
         assert stream.codes[503] > 0, "the outage was never seen: the drill proved nothing"
+        # the reporter's points: each step once, none dropped, though it met the outage too
+        assert (reporter.dropped, reporter.failures > 0) == (0, True), reporter.failures
+        rows = assert_each_point_stored_once(
+            server.database_url, worker_trial["trial_id"], STEPS, name="loss"
+        )
+        assert {step for _, _, step in rows} == set(range(1, STEPS + 1))
     finally:
         server.stop()
+
+
+def _log_steps(reporter: MetricReporter) -> None:
+    """Log STEPS points, one every 20 ms, without waiting for the server (``ctx.log``)."""
+    for step in range(1, STEPS + 1):
+        reporter.log(step, {"loss": 1.0 / step})
+        time.sleep(0.02)
 
 
 def test_study_user_attrs_ride_out_the_database_away_for_20_s(

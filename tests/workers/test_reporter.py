@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from hpo.workers.reporter import MetricReporter
 from tests.api.test_metrics_endpoint import scrape, value
-from tests.conftest import ServerProcess, simple_spec
+from tests.conftest import ServerProcess, assert_each_point_stored_once, simple_spec
 
 
 def test_points_survive_an_absent_control_plane(sqlite_server: ServerProcess) -> None:
@@ -140,3 +141,22 @@ def test_heartbeats_come_every_heartbeat_s_not_every_flush_s(sqlite_server: Serv
     time.sleep(3)
     reporter.close(timeout=5)
     assert beats() - before >= 6  # ~9 at 0.3 s; 3 when rounded up to flush_s
+
+
+def test_points_refused_by_the_rate_limit_are_sent_again_not_dropped(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """A 429 says "later", not "never": the batch is kept and sent again after its
+    Retry-After, as after a 5xx (it was dropped like a 4xx that will not get better)."""
+    limits = {"HPO_SCHEDULER": "false", "HPO_RATE_LIMIT_PER_S": "4", "HPO_RATE_LIMIT_BURST": "2"}
+    with ServerProcess(sqlite_url, tmp_path, limits) as server:
+        trial = server.client().create_study(simple_spec("limited")).ask()
+        token = trial.attempt_token
+        reporter = MetricReporter(server.url, trial.trial_id, token=token, flush_s=0.0)
+        for step in range(12):  # a batch each: waited for, as ctx.report does
+            reporter.wait_sent(reporter.log(step, {"loss": 1.0 / (step + 1)}), timeout=0.05)
+        assert reporter.close(timeout=60)
+        assert reporter.failures > 0  # the limit was met: the drill proved something
+        assert reporter.dropped == 0
+        rows = assert_each_point_stored_once(server.database_url, trial.trial_id, 12)
+        assert sorted(step for _, _, step in rows) == list(range(12))
