@@ -612,6 +612,7 @@ Execute = Any
 def sqlite3_transaction(db: Any, *, write: bool) -> Iterator[Execute]:
     """A transaction on a ``sqlite3`` connection in autocommit mode (``BEGIN IMMEDIATE`` for a
     write, as our engine begins one)."""
+
     def run(sql: str, params: Any = ()) -> Any:
         many = isinstance(params, list)
         return db.executemany(sql, params) if many else db.execute(sql, params)
