@@ -44,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {exc.message}")
         return 3
     except httpx.TransportError as exc:
-        console.print(f"[red]error:[/red] cannot reach the hpo server: {exc}")
+        from hpo.api.client import DEFAULT_URL
+
+        where = getattr(args, "url", None) or os.environ.get("HPO_URL") or DEFAULT_URL
+        console.print(
+            f"[red]error:[/red] cannot reach the hpo server at {where}: {exc} (is `hpo serve` "
+            "running there? --url or $HPO_URL name another)"
+        )
         return 4
     except BrokenPipeError:  # `hpo trials x | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
@@ -148,7 +154,9 @@ def _parser() -> argparse.ArgumentParser:
         "doctor",
         help="check this deployment: database, Ray, checkpoint storage, public URL, a server",
     )
-    d.add_argument("--url", help="also check this running server's /healthz and its nodes")
+    d.add_argument(
+        "--url", help="also check this running server's /healthz and its nodes (default: $HPO_URL)"
+    )
     d.add_argument("--timeout", type=_timeout, default=10.0, help="seconds per network check")
     d.set_defaults(func=cmd_doctor)
 
@@ -261,15 +269,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
     client = _client(args)
     with warnings.catch_warnings():  # what a loaded study keeps is said below
         warnings.filterwarnings("ignore", message=r"study .* loaded: it keeps")
-        study = client.create_study(spec, load_if_exists=args.load_if_exists)
+        try:
+            study = client.create_study(spec, load_if_exists=args.load_if_exists)
+        except errors.NameTaken as exc:
+            raise errors.NameTaken(
+                f"{exc.message}: --load-if-exists loads it (when its objective and space are "
+                "the file's), or give the file another name",
+                field="name",
+            ) from None
     if study.created:
         out.print(f"study {study.id} ({study.name}) created")
-    else:
+    elif study.kept:
+        kept = ", ".join(study.kept)
         out.print(
             f"study {study.id} ({study.name}) loaded: it existed with the same objective and "
-            "space; its stored budget, sampler and pruner are kept, not the file's (a "
-            "budget changes with PATCH /api/v1/studies/{id} or Study.set_budget)"
+            f"space; it keeps its stored {kept}, not the file's (a budget changes with PATCH "
+            "/api/v1/studies/{id} or Study.set_budget)"
         )
+    else:
+        out.print(f"study {study.id} ({study.name}) loaded: it existed with the file's spec")
     if args.wait:
         return watch(study, give_up_after_s=_give_up_s(args))
     return 0
@@ -479,7 +497,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from hpo.api.doctor import run_checks
     from hpo.service.settings import Settings
 
-    checks = run_checks(Settings(), args.url, args.timeout)
+    checks = run_checks(Settings(), args.url or os.environ.get("HPO_URL"), args.timeout)
     for check in checks:
         out.print(check.line(), markup=False, highlight=False, soft_wrap=True)
     failed = [c for c in checks if not c.ok]

@@ -241,11 +241,12 @@ class Client:
         answer = self.request("POST", "/api/v1/studies", json=spec.to_json(), params=params)
         study = Study(self, StudyRecord.model_validate(answer.json()))
         study.created = answer.status_code == 201  # 200: loaded (load_if_exists)
-        if not study.created and (kept := _kept_settings(spec, study._record.spec)):
-            hint = " (a budget changes with Study.set_budget)" if "budget" in kept else ""
+        study.kept = [] if study.created else _kept_settings(spec, study._record.spec)
+        if study.kept:
+            hint = " (a budget changes with Study.set_budget)" if "budget" in study.kept else ""
             warnings.warn(
-                f"study {study.name!r} loaded: it keeps its stored {', '.join(kept)}, not "
-                f"this spec's{hint}",
+                f"study {study.name!r} loaded: it keeps its stored {', '.join(study.kept)}, "
+                f"not this spec's{hint}",
                 stacklevel=2,
             )
         return study
@@ -290,6 +291,9 @@ class Study:
         # From Client.create_study: True when it created the study, False when it loaded a
         # stored one (load_if_exists); None for a study looked up.
         self.created: bool | None = None
+        # From Client.create_study, for a study it loaded: the stored settings it keeps where
+        # the spec given said otherwise (budget, sampler, pruner).
+        self.kept: list[str] = []
 
     def __repr__(self) -> str:
         return f"Study(id={self.id}, name={self.name!r}, state={self._record.state!r})"

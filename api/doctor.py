@@ -230,8 +230,8 @@ def _public_url(
             Check(
                 "public-url",
                 False,
-                f"{problem}: is hpo serve running, and is HPO_PUBLIC_URL its address as the "
-                "nodes see it?",
+                f"{problem}: is hpo serve running there (--url or $HPO_URL name a server "
+                "elsewhere), and is HPO_PUBLIC_URL its address as the nodes see it?",
             )
         ]
     return [Check("public-url", True, f"the control plane answers at {url}")]

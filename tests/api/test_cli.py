@@ -102,7 +102,13 @@ def test_submit_and_read_commands(sqlite_server: ServerProcess, tmp_path: Path) 
     sid = study["id"]
     r = run_cli(server, "submit", str(spec), "--load-if-exists")
     assert r.returncode == 0, r.stderr
-    assert f"study {sid} (cli-study) loaded" in r.stdout and "created" not in r.stdout
+    assert f"study {sid} (cli-study) loaded: it existed with the file's spec" in r.stdout
+    # what is kept is said only when the file says otherwise
+    budget = write_spec(tmp_path / "more.yaml", "cli-study", budget={"max_trials": 40})
+    r = run_cli(server, "submit", str(budget), "--load-if-exists")
+    assert r.returncode == 0, r.stderr
+    assert "it keeps its stored budget, not the file's" in r.stdout, r.stdout
+    assert "sampler" not in r.stdout and "pruner" not in r.stdout
 
     r = run_cli(server, "best", "cli-study")
     assert r.returncode == 1 and "no complete trial" in r.stderr
@@ -232,6 +238,7 @@ def test_bad_input_and_unreachable_server(sqlite_server: ServerProcess, tmp_path
     assert run_cli(server, "submit", str(ok)).returncode == 0
     r = run_cli(server, "submit", str(ok))
     assert r.returncode == 3 and "already exists" in r.stderr
+    assert "--load-if-exists loads it" in r.stderr, r.stderr
 
     for command in ("trials", "pause", "export"):
         args = [command, "no-such-study"] + (["--csv"] if command == "export" else [])
@@ -253,7 +260,7 @@ def test_bad_input_and_unreachable_server(sqlite_server: ServerProcess, tmp_path
     for args in (["studies"], ["submit", str(ok)]):
         r = run_cli(server, *args, url=closed)
         assert r.returncode == 4, (args, r.stderr)
-        assert "cannot reach the hpo server" in r.stderr
+        assert f"cannot reach the hpo server at {closed}" in r.stderr, r.stderr
 
 
 def test_submit_invalid_yaml_syntax_is_bad_input(tmp_path: Path) -> None:

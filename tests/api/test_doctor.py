@@ -77,6 +77,29 @@ def test_a_healthy_local_server_passes_every_check(sqlite_server: ServerProcess)
     assert public.ok and sqlite_server.url in public.message, public.message
 
 
+def test_hpo_doctor_checks_the_server_hpo_url_names(sqlite_server: ServerProcess) -> None:
+    """As every other command, ``hpo doctor`` finds the server through $HPO_URL (it checked
+    HPO_PORT's 8000 and failed for a server elsewhere)."""
+    env = {
+        **os.environ,
+        "HPO_URL": sqlite_server.url,
+        "HPO_DATABASE_URL": sqlite_server.database_url,
+        "HPO_DATA_DIR": str(sqlite_server.data_dir),
+        "COLUMNS": "300",
+    }
+    env.pop("HPO_PUBLIC_URL", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "hpo.api.cli", "doctor", "--timeout", "10"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"ok    public-url: the control plane answers at {sqlite_server.url}" in r.stdout
+    assert "ok    server:" in r.stdout, r.stdout
+
+
 def _newer_and_foreign(tmp_path: Path) -> tuple[str, str]:
     """A database a newer hpo wrote (a revision this one does not know), and one of
     another program's (tables, no hpo revision)."""
