@@ -290,6 +290,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         out.print(f"study {study.id} ({study.name}) loaded: it existed with the file's spec")
     if args.wait:
         return watch(study, give_up_after_s=_give_up_s(args))
+    if spec.trainable is not None and not client.health().get("scheduler_running", True):
+        console.print(  # `watch` says it after a grace; nothing would say it here
+            "[yellow]note:[/yellow] no hpo serve of this database runs the scheduler now "
+            "(each was started with --no-scheduler or HPO_SCHEDULER=false, or it stopped): the "
+            "trials of this study, which has a trainable, will not start until one does"
+        )
     return 0
 
 

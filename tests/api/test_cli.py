@@ -425,6 +425,18 @@ def test_watch_warns_when_no_server_runs_the_scheduler_for_a_study_with_a_traina
         assert created.status_code == 201, created.text
     seen = watch_output(server, "needs-a-scheduler", until="run the scheduler")
     assert "no hpo serve of this database has run the scheduler" in seen, seen
+    # a plain submit (no watch) says so at once; an ask/tell study needs no scheduler
+    trainable = write_spec(
+        tmp_path / "t.yaml",
+        "submitted-with-a-trainable",
+        trainable={"name": "synthetic"},
+        space={"x": {"type": "float", "low": -5.0, "high": 5.0}},
+    )
+    r = run_cli(server, "submit", str(trainable))
+    assert r.returncode == 0 and "created" in r.stdout, r.stderr
+    assert "will not start until one does" in r.stderr, r.stderr
+    r = run_cli(server, "submit", str(write_spec(tmp_path / "a.yaml", "ask-tell-only")))
+    assert r.returncode == 0 and "scheduler" not in r.stderr, r.stderr
     # a server that runs the scheduler (on a database of its own: no study to start Ray
     # for) holds the lease
     (tmp_path / "leader").mkdir()
