@@ -149,7 +149,9 @@ def _union(spec: StudySpec, known: AnyParam, asked: AnyParam) -> AnyParam:
 def _describe(p: AnyParam) -> str:
     if isinstance(p, CategoricalParam):
         return f"categorical {p.choices}"
-    return f"{p.type}{' (log)' if p.log else ''}"
+    domain = f"values {p.values}" if p.values is not None else f"[{p.low:g}, {p.high:g}]"
+    step = f", step {p.step:g}" if p.step is not None and p.values is None else ""
+    return f"{p.type} {domain}{' (log)' if p.log else ''}{step}"
 
 
 def _history(s: Any, study: Any, spec: StudySpec, name: str) -> list[tuple[Any, tuple[float, ...]]]:
