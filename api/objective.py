@@ -64,7 +64,7 @@ class TrialHandle:
         self.metric = metric
         self.should_stop = False
 
-    def report(self, step: Any, metrics: Any) -> bool:
+    def report(self, step: Any, metrics: Any = None) -> bool:
         """Report ``metrics`` ({name: value}) at ``step``; True means stop now (pruned).
 
         Optuna's order, ``report(value, step)`` (a number, then an integer step), reports

@@ -175,6 +175,8 @@ def test_the_readme_notebook_runs_twice_and_report_takes_both_orders(
             trial.report(2.0, 1)  # Optuna's: (value, step)
             with pytest.raises(TypeError, match="Optuna"):
                 trial.report("fast", 2)
+            with pytest.raises(TypeError, match="Optuna"):  # one argument: the forms are said
+                trial.report(0.5)
             seen.append(trial.number)
             return 1.0
 
