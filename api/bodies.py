@@ -4,8 +4,9 @@ JSON can spell a lone UTF-16 surrogate (``"\\ud800"``), and Python's ``json`` de
 a string that no UTF-8 encoder takes. Stored, such a string broke every later read of what
 held it: a study whose spec had one (a define-by-run choice) could no longer be read,
 changed or deleted, and a trial's ``user_attrs`` made the study list answer 500. A body with
-one is refused (422 naming where it is) before any route sees it. Surrogate pairs (an emoji
-spelled ``"\\ud83d\\ude00"``) decode to one character and pass.
+one is refused (422 naming where it is) before any route sees it, and so is a body that is
+not UTF-8 (which Python would decode as UTF-16 or -32, surrogates and all). Surrogate pairs
+(an emoji spelled ``"\\ud83d\\ude00"``) decode to one character and pass.
 """
 
 from __future__ import annotations
@@ -46,14 +47,16 @@ def lone_surrogate_at(value: Any) -> str | None:
             if _LONE.search(item):
                 return path or "body"
         elif isinstance(item, dict):
+            children = []
             for key, child in item.items():
                 shown = _LONE.sub(lambda m: f"\\u{ord(m[0]):04x}", key)  # answerable
                 where = f"{path}.{shown}" if path else shown
                 if _LONE.search(key):
                     return where
-                stack.append((where, child))
+                children.append((where, child))
+            stack.extend(reversed(children))  # the first one in the body is named first
         elif isinstance(item, list):
-            stack.extend((f"{path}[{i}]", child) for i, child in enumerate(item))
+            stack.extend(reversed([(f"{path}[{i}]", child) for i, child in enumerate(item)]))
     return None
 
 
@@ -63,6 +66,10 @@ class StrictJsonRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
+            if json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
+                # json.loads would decode UTF-16 and -32 too (surrogates passing through,
+                # unseen by the check below): JSON on the wire is UTF-8 (RFC 8259)
+                raise BadBody("body", "not UTF-8: send JSON as UTF-8 text")
             value = json.loads(body)
             if _MAYBE.search(body) and (where := lone_surrogate_at(value)) is not None:
                 raise BadBody(

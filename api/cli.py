@@ -279,24 +279,34 @@ def cmd_submit(args: argparse.Namespace) -> int:
             ) from None
     if study.created:
         out.print(f"study {study.id} ({study.name}) created")
-    elif study.kept:
+    else:
         kept = ", ".join(study.kept)
+        kept = f"; it keeps its stored {kept}, not the file's" if kept else ""
         out.print(
             f"study {study.id} ({study.name}) loaded: it existed with the same objective and "
-            f"space; it keeps its stored {kept}, not the file's (a budget changes with PATCH "
+            f"space, and runs on its stored spec{kept} (a budget changes with PATCH "
             "/api/v1/studies/{id} or Study.set_budget)"
         )
-    else:
-        out.print(f"study {study.id} ({study.name}) loaded: it existed with the file's spec")
     if args.wait:
         return watch(study, give_up_after_s=_give_up_s(args))
-    if spec.trainable is not None and not client.health().get("scheduler_running", True):
+    if spec.trainable is not None and _scheduler_running(client) is False:
         console.print(  # `watch` says it after a grace; nothing would say it here
             "[yellow]note:[/yellow] no hpo serve of this database runs the scheduler now "
             "(each was started with --no-scheduler or HPO_SCHEDULER=false, or it stopped): the "
             "trials of this study, which has a trainable, will not start until one does"
         )
     return 0
+
+
+def _scheduler_running(client: Any) -> bool | None:
+    """Whether a server of the database runs the scheduler, by one look at ``/healthz``;
+    None when it does not say (a 503: an outage, a failed preflight; no answer)."""
+    from hpo.api.retry import NO_RETRY
+
+    try:
+        return client.health(retry=NO_RETRY).get("scheduler_running")
+    except (errors.HpoError, httpx.HTTPError):
+        return None
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

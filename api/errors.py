@@ -86,6 +86,14 @@ def _validation(details: list[dict[str, str]]) -> JSONResponse:
     return error_response(422, "invalid_input", message, first["field"], details)
 
 
+def _json_type(content_type: str) -> bool:
+    """Whether FastAPI reads a body of this Content-Type as JSON (``application/json``,
+    ``application/*+json``)."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    main, _, sub = kind.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(HpoError)
     async def _domain(_: Request, exc: HpoError) -> JSONResponse:
@@ -100,10 +108,11 @@ def install(app: FastAPI) -> None:
     async def _request(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = describe_errors(list(exc.errors()))
         sent_as = request.headers.get("content-type", "")
-        if sent_as and "json" not in sent_as.lower():  # FastAPI took it as no JSON at all
+        if not _json_type(sent_as):  # FastAPI read no JSON out of it
+            said = f"sent as {sent_as!r}" if sent_as else "sent without a Content-Type"
             for d in details:
                 if d["field"] == "body":
-                    d["message"] += f" (it was sent as {sent_as!r}: send JSON as application/json)"
+                    d["message"] += f" (it was {said}: send JSON as application/json)"
         return _validation(details)
 
     @app.exception_handler(ValidationError)

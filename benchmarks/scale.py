@@ -579,7 +579,11 @@ def bare_server(work: Path) -> Iterator[httpx.Client]:
             yield client
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def trial_bare(client: httpx.Client) -> float:
@@ -627,19 +631,21 @@ def sqlite3_transaction(db: Any, *, write: bool) -> Iterator[Execute]:
 
 
 @contextlib.contextmanager
-def core_transaction(engine: Any, *, write: bool) -> Iterator[Execute]:
+def core_transaction(engines: tuple[Any, Any], *, write: bool) -> Iterator[Execute]:
     """A transaction on our engine (``make_engine``: its write transactions begin
-    ``IMMEDIATE``, its read-only ones deferred), statements run through SQLAlchemy Core."""
-    bind = engine if write else engine.execution_options(readonly=True)
-    with bind.begin() as conn:
+    ``IMMEDIATE``) or its read-only form (deferred), ``engines`` (the engine, the read-only
+    one) as the storage keeps them; statements run through SQLAlchemy Core."""
+    with engines[0 if write else 1].begin() as conn:
         yield lambda sql, params=None: conn.execute(text(sql), params or {})
 
 
 class PlainStatements:
-    """The statements our ask and tell send SQLite (the same transactions, rows and values),
-    with no ORM and no checks: what the database costs a trial here, through the ``sqlite3``
-    module or through SQLAlchemy Core (``transaction``: :func:`sqlite3_transaction` or
-    :func:`core_transaction`, bound to a connection or engine). An ask reads in one
+    """The statements our ask and tell send SQLite (the same transactions, in the same order,
+    writing the same rows and values; the tell's read names the columns it uses where the ORM
+    reads every column of both rows), with no ORM and no checks: what the database costs a
+    trial here, through the ``sqlite3`` module or through SQLAlchemy Core (``transaction``:
+    :func:`sqlite3_transaction` or :func:`core_transaction`, bound to a connection or
+    engines). An ask reads in one
     transaction (the study, a waiting trial) and writes in a second (the study's row read
     again, its counters, the trial, its parameters, its token's hash, its first event); a
     tell reads the trial, its study and its parameters and writes the study's counters, an
@@ -700,7 +706,7 @@ class PlainStatements:
             "n": rng.randint(1, 8),
             "opt": rng.choice(["sgd", "adam", "rmsprop"]),
         }
-        now = str(utcnow())
+        now = str(utcnow().replace(tzinfo=None))  # as the ORM writes it
         with self.transaction(write=True) as run:
             row = run(self.STUDY, sid).fetchone()
             number, seq = row[4], max(row[5], row[6]) + 1
@@ -727,7 +733,7 @@ class PlainStatements:
             event = {"trial": trial_id, "now": now, "state": "running"}
             run(self.EVENT, {**event, "detail": "suggested by random"})
         value = objective(params)
-        now = str(utcnow())
+        now = str(utcnow().replace(tzinfo=None))  # as the ORM writes it
         with self.transaction(write=True) as run:
             row = run(self.LOCK, {"trial": trial_id}).fetchone()
             run(
@@ -772,7 +778,8 @@ def trial_parts(work: Path, spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
             by_sqlite3 = PlainStatements(
                 functools.partial(sqlite3_transaction, db), study("sqlite3")
             )
-            by_core = PlainStatements(functools.partial(core_transaction, engine), study("core"))
+            engines = (engine, engine.execution_options(readonly=True))
+            by_core = PlainStatements(functools.partial(core_transaction, engines), study("core"))
             yield {
                 BARE: lambda: trial_bare(bare),
                 SERVICE: lambda: trial_service(service, service_id),

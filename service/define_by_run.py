@@ -149,8 +149,8 @@ def _union(spec: StudySpec, known: AnyParam, asked: AnyParam) -> AnyParam:
 def _describe(p: AnyParam) -> str:
     if isinstance(p, CategoricalParam):
         return f"categorical {p.choices}"
-    domain = f"values {p.values}" if p.values is not None else f"[{p.low:g}, {p.high:g}]"
-    step = f", step {p.step:g}" if p.step is not None and p.values is None else ""
+    domain = f"values {p.values}" if p.values is not None else f"[{p.low!r}, {p.high!r}]"
+    step = f", step {p.step!r}" if p.step is not None and p.values is None else ""
     return f"{p.type} {domain}{' (log)' if p.log else ''}{step}"
 
 

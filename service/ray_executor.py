@@ -92,6 +92,9 @@ class RayExecutor:
         self.object_store_mb = object_store_mb
         self.env = env or {}
         self._tracked: dict[AttemptRef, dict[str, float]] = {}  # attempt → what it occupies
+        # Each node's total resources as last seen alive: Ray reports a dead node's as empty
+        # (a node lost under a trial held nothing then, and its retry "never fit").
+        self._node_totals: dict[str, dict[str, float]] = {}
         self._evaluations: dict[int, ObjectRef] = {}
         self._dispatcher: ActorHandle | None = None
         self._lost: dict[AttemptRef, AttemptError] = {}  # lost with a dispatcher that died
@@ -267,18 +270,27 @@ class RayExecutor:
 
     def nodes(self) -> list[ClusterNode]:
         """Every node in Ray's node table with its total resources; nodes that are down are
-        reported too (``alive=False``) while Ray remembers them."""
+        reported too (``alive=False``) while Ray remembers them, with the totals they had
+        when this executor last saw them up (Ray's own are empty then)."""
         import ray
 
-        return [
-            ClusterNode(
-                node_id=str(node.get("NodeID", "")),
-                node_ip=str(node.get("NodeManagerAddress", "")),
-                resources={k: float(v) for k, v in (node.get("Resources") or {}).items()},
-                alive=bool(node.get("Alive")),
+        found = []
+        for node in ray.nodes():
+            node_id = str(node.get("NodeID", ""))
+            totals = {k: float(v) for k, v in (node.get("Resources") or {}).items()}
+            if totals:
+                self._node_totals[node_id] = totals
+            else:
+                totals = dict(self._node_totals.get(node_id, {}))
+            found.append(
+                ClusterNode(
+                    node_id=node_id,
+                    node_ip=str(node.get("NodeManagerAddress", "")),
+                    resources=totals,
+                    alive=bool(node.get("Alive")),
+                )
             )
-            for node in ray.nodes()
-        ]
+        return found
 
     # ------------------------------------------------------------- evaluations
 

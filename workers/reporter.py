@@ -19,24 +19,16 @@ from typing import Any
 
 import httpx
 
+from hpo.api.retry import retry_after_s
 from hpo.workers.tensorboard import LiveScalars
 
 log = logging.getLogger("hpo.workers.reporter")
 
 
 # Answers that say "not now" (a timeout, the rate limit): the batch is kept and sent again,
-# as after a 5xx, once the answer's Retry-After (at most MAX_RETRY_AFTER_S) has passed.
+# as after a 5xx, once the answer's Retry-After has passed (waited at most a heartbeat's
+# interval at a time, so the lease is renewed meanwhile, and cut short by close()).
 TRY_AGAIN = (408, 429)
-MAX_RETRY_AFTER_S = 30.0
-
-
-def _retry_after(answer: httpx.Response) -> float:
-    """The seconds an answer's ``Retry-After`` asks for (0 without one), capped."""
-    try:
-        seconds = float(answer.headers.get("retry-after", 0))
-    except ValueError:
-        return 0.0
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S) if seconds == seconds else 0.0
 
 
 class MetricReporter:
@@ -191,7 +183,7 @@ class MetricReporter:
                     self._cond.notify_all()
             else:
                 backoff = min(5.0, max(0.2, backoff * 2))
-                time.sleep(max(backoff, self._wait_s))
+                self._stop.wait(min(max(backoff, self._wait_s), self.heartbeat_s))
                 self._wait_s = 0.0
 
     def _idle_s(self) -> float:
@@ -232,7 +224,7 @@ class MetricReporter:
             self.failures += 1
             log.warning("metrics refused: %s %s", answer.status_code, answer.text[:500])
             if answer.status_code in TRY_AGAIN or answer.status_code >= 500:
-                self._wait_s = _retry_after(answer)  # kept: sent again after the wait
+                self._wait_s = retry_after_s(answer) or 0.0  # kept: sent again after it
                 return False
             return True  # any other 4xx will not get better: drop the batch
         if answer.json().get("should_stop"):

@@ -102,7 +102,8 @@ def test_submit_and_read_commands(sqlite_server: ServerProcess, tmp_path: Path) 
     sid = study["id"]
     r = run_cli(server, "submit", str(spec), "--load-if-exists")
     assert r.returncode == 0, r.stderr
-    assert f"study {sid} (cli-study) loaded: it existed with the file's spec" in r.stdout
+    assert f"study {sid} (cli-study) loaded: it existed with the same objective" in r.stdout
+    assert "it keeps" not in r.stdout, r.stdout  # nothing the file says otherwise
     # what is kept is said only when the file says otherwise
     budget = write_spec(tmp_path / "more.yaml", "cli-study", budget={"max_trials": 40})
     r = run_cli(server, "submit", str(budget), "--load-if-exists")

@@ -137,11 +137,12 @@ def test_retried_trials_keep_their_number_and_spend_no_budget_under_racing_asks(
     two_servers: list[ServerProcess],
 ) -> None:
     """Racing clients through two servers abandon the first attempt of every fourth trial (a
-    client that died: no tell, its 1-s lease runs out). Each abandoned trial goes back to
+    client that died: no tell, its 3-s lease runs out). Each abandoned trial goes back to
     waiting and is handed out again, with its number and parameters, to whichever asker
     comes next; the study ends with exactly max_trials trials, each (number, attempt) handed
     out once."""
-    spec = simple_spec("retry-race", lease_s=1, max_retries=1, budget={"max_trials": 12})
+    # 3 s: long enough that no told trial's ask-to-tell outlasts it on a loaded machine
+    spec = simple_spec("retry-race", lease_s=3, max_retries=1, budget={"max_trials": 12})
     with two_servers[0].http() as http:
         study_id = http.post("/api/v1/studies", json=spec).json()["id"]
     handed: list[dict] = []  # list.append is atomic: no lock needed

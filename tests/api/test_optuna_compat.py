@@ -75,7 +75,7 @@ def test_an_optuna_script_runs_on_the_server(
         proposed = client.trial(asked.trial_id).suggestion["proposed"]
         assert set(proposed) == {"kind", "x", "n"}
         # The same name with another kind of domain is refused, naming it.
-        knows = r"x: the study knows it as float \[-4, 4\]; a trial asked for int \[0, 3\]"
+        knows = r"x: the study knows it as float \[-4.0, 4.0\]; a trial asked for int \[0, 3\]"
         with pytest.raises(InvalidInput, match=knows):
             hpo_study.suggest(asked, "x", {"type": "int", "low": 0, "high": 3})
         hpo_study.tell(asked, state="failed")

@@ -1261,6 +1261,10 @@ def test_fuzzed_trial_requests_are_4xx_and_change_nothing(
             )
             err = assert_error(r, 422, field="body")
             assert "'text/plain'" in err["message"] and "application/json" in err["message"]
+        with subtests.test("a JSON tell sent without a Content-Type"), server.http() as fresh:
+            r = fresh.post(f"{API}/trials/{tid}/tell", content=json.dumps({"value": 1.0}))
+            err = assert_error(r, 422, field="body")
+            assert "without a Content-Type" in err["message"], err
 
         with subtests.test("state filter with a newline"), server.http() as fresh:
             r = fresh.get(f"{API}/studies/{sid}/trials", params={"state": "running\n"})
@@ -1311,8 +1315,16 @@ def test_lone_surrogates_are_422_naming_the_field_and_break_nothing(
                 '"user_attrs": {"a": "x%sy"}}]}',
                 "trials[0].user_attrs.a",
             ),
-            ("/studies", json.dumps(simple_spec("u"))[:-1] + ', "user_attrs": {"a": "%s"}}', ""),
-            ("/studies", json.dumps(simple_spec("k"))[:-1] + ', "user_attrs": {"%s": 1}}', ""),
+            (
+                "/studies",
+                json.dumps(simple_spec("u"))[:-1] + ', "user_attrs": {"a": "%s"}}',
+                "user_attrs.a",
+            ),
+            (
+                "/studies",
+                json.dumps(simple_spec("k"))[:-1] + ', "user_attrs": {"%s": 1}}',
+                "user_attrs." + lone,
+            ),
             (f"/studies/{sid}/ask", '{"params": {"x": "%s"}}', "params.x"),
             (f"/trials/{tid}/tell", '{"state": "failed", "error": "%s"}', "error"),
             (
@@ -1325,6 +1337,12 @@ def test_lone_surrogates_are_422_naming_the_field_and_break_nothing(
             with subtests.test(f"POST {path} {body}"), server.http() as fresh:
                 err = assert_error(fresh.post(API + path, content=body % lone, headers=JSON), 422)
                 assert err["field"].startswith(field) and "surrogate" in err["message"], err
+        with subtests.test("a UTF-16 body"), server.http() as fresh:
+            # json.loads decodes UTF-16 (and -32) too, a raw lone surrogate with it
+            for body in ('{"sur": "' + lone + '"}', '{"sur": "\ud800"}'):
+                raw = body.encode("utf-16-le", "surrogatepass")
+                r = fresh.post(f"{API}/trials/{tid}/user_attrs", content=raw, headers=JSON)
+                assert assert_error(r, 422)["field"] == "body"
         with subtests.test("PATCH a study's user_attrs"), server.http() as fresh:
             err = assert_error(
                 fresh.patch(

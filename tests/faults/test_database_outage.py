@@ -128,6 +128,7 @@ def test_database_outage_answers_503_and_loses_nothing(
 ) -> None:
     server = ServerProcess(own_postgres.url, tmp_path, {"HPO_SCHEDULER": "false"})
     server.start()
+    reporter: MetricReporter | None = None
     try:
         with server.http() as http:
             study = http.post("/api/v1/studies", json=simple_spec("outage", lease_s=600)).json()
@@ -166,6 +167,8 @@ def test_database_outage_answers_503_and_loses_nothing(
         )
         assert {step for _, _, step in rows} == set(range(1, STEPS + 1))
     finally:
+        if reporter is not None:  # its thread would go on sending to a later server's port
+            reporter.close(timeout=0)
         server.stop()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ServerProcess, assert_each_point_stored_once, failed_attempts, wait_for
-from tests.service.test_dispatch import RAY_ENV, finished, ray_node, synthetic
+from tests.service.test_dispatch import RAY_ENV, _alive_nodes, finished, ray_node, synthetic
 
 pytestmark = pytest.mark.ray
 
@@ -26,13 +26,11 @@ def test_a_lost_node_fails_the_attempt_as_infrastructure_and_frees_its_slot(
 ) -> None:
     with contextlib.ExitStack() as stack:
         head = stack.enter_context(ray_node(1))
-        node_b = contextlib.ExitStack()
-        node_b.enter_context(ray_node(1, join=head))
-        server = ServerProcess(
-            f"sqlite:///{tmp_path / 'hpo.db'}", tmp_path, {**RAY_ENV, "HPO_RAY_ADDRESS": head}
+        node_b = stack.enter_context(ray_node(1, join=head))
+        env = {**RAY_ENV, "HPO_RAY_ADDRESS": head}
+        server = stack.enter_context(
+            ServerProcess(f"sqlite:///{tmp_path / 'hpo.db'}", tmp_path, env)
         )
-        server.start()
-        stack.callback(server.stop)
         client = server.client()
         study = client.create_study(
             synthetic(
@@ -44,7 +42,7 @@ def test_a_lost_node_fails_the_attempt_as_infrastructure_and_frees_its_slot(
         trial = wait_for(lambda: study.trials(state="running"), 120, "a running trial")[0]
         wait_for(lambda: len(study.metrics(trial.id, "loss")) >= 3, 120, "first points")
 
-        node_b.close()  # the second node's raylet, workers and all: gone (SIGTERM, then SIGKILL)
+        node_b.kill()  # the second node's raylet, workers and all: SIGKILL, no goodbye
 
         def failed_once() -> bool:
             return bool(failed_attempts(client.trial(trial.id))[0])
@@ -57,10 +55,14 @@ def test_a_lost_node_fails_the_attempt_as_infrastructure_and_frees_its_slot(
         # Its slot is free: nothing of attempt 1 still counts as running.
         assert all(t.id != trial.id or t.attempts == 2 for t in study.trials(state="running"))
 
+        # Ray has noticed: the head alone is alive, so the replacement's join is counted
+        wait_for(lambda: _alive_nodes(head) == 1, 120, "the lost node declared dead")
         stack.enter_context(ray_node(1, join=head))  # a replacement node
         finished(study, timeout=240)
         done = client.trial(trial.id)
-        assert study.state == "completed" and done.state == "complete", (study.state, done.state)
+        assert study.state == "completed" and done.state == "complete", [
+            (e.state, e.detail) for e in done.events
+        ]
         assert done.attempts == 2
         assert sorted({p.step for p in study.metrics(trial.id, "loss")}) == list(
             range(1, STEPS + 1)

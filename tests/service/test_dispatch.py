@@ -595,11 +595,22 @@ def test_control_plane_killed_mid_study_finishes_exactly_the_budget(tmp_path: Pa
 _QUIET: dict = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "timeout": 60}
 
 
+class RayNode(str):
+    """The cluster's address, as :func:`ray_node` yields it, and the node's ``ray start``
+    process group, which :meth:`kill` kills outright (SIGKILL: a node lost, not stopped)."""
+
+    group: int
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.group, signal.SIGKILL)
+
+
 @contextlib.contextmanager
-def ray_node(num_cpus: int = 4, *, join: str | None = None) -> Iterator[str]:
+def ray_node(num_cpus: int = 4, *, join: str | None = None) -> Iterator[RayNode]:
     """A Ray node in a process of its own (``ray start --block``, its own temp dir), stopped by
     its own PID: the head of a new cluster, or a node that joins the cluster at ``join``.
-    Yields the cluster's address once the node is up."""
+    Yields the cluster's address once the node is up (a :class:`RayNode`)."""
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     ray = Path(sys.executable).with_name("ray")
@@ -625,7 +636,8 @@ def ray_node(num_cpus: int = 4, *, join: str | None = None) -> Iterator[str]:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    address = join or f"127.0.0.1:{port}"
+    address = RayNode(join or f"127.0.0.1:{port}")
+    address.group = proc.pid  # start_new_session: the group of `ray start` and its raylet
     try:
         try:  # an exited `ray start` fails at once
             wait_for(lambda: proc.poll() is not None or _alive_nodes(address) > before, 120)
