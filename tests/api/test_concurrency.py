@@ -41,6 +41,30 @@ def reported(
     return run
 
 
+def run_clients(
+    worker: Callable[[int], None],
+    errors: list[str],
+    start: threading.Barrier | None = None,
+    *,
+    timeout: float = 120,
+    daemon: bool = False,
+) -> None:
+    """``worker(i)`` for each of CLIENTS clients, each in a thread of its own (released together
+    by ``start``, if given); then, in the test's thread, what any of them raised or noted in
+    ``errors`` is asserted empty (an exception left in a thread only warns) and none may still
+    run."""
+    threads = [
+        threading.Thread(target=reported(worker, errors, start), args=(i,), daemon=daemon)
+        for i in range(CLIENTS)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a racing client never finished"
+
+
 @pytest.fixture
 def two_servers(db_url: str, tmp_path: Path) -> Iterator[list[ServerProcess]]:
     servers = []
@@ -92,15 +116,7 @@ def race(servers: list[ServerProcess], study_id: int, *, fresh: bool = False) ->
                     errors.append(f"tell {told.status_code} {told.text}")
                     return
 
-    threads = [
-        threading.Thread(target=reported(worker, errors, start), args=(i,)) for i in range(CLIENTS)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
-    assert not any(t.is_alive() for t in threads), "a racing asker never finished"
+    run_clients(worker, errors, start, timeout=300)
     return handed
 
 
@@ -175,15 +191,7 @@ def test_retried_trials_keep_their_number_and_spend_no_budget_under_racing_asks(
                 assert told.status_code == 200, f"tell {told.status_code} {told.text}"
             raise AssertionError("the study did not complete within 60 s")
 
-    threads = [
-        threading.Thread(target=reported(worker, errors, start), args=(i,)) for i in range(CLIENTS)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
-    assert not any(t.is_alive() for t in threads)
+    run_clients(worker, errors, start)
 
     pairs = sorted((t["number"], t["attempt"]) for t in handed)
     abandoned = [0, 4, 8]
@@ -216,16 +224,7 @@ def test_concurrency_limit_holds_under_racing_asks(two_servers: list[ServerProce
             start.wait()
             answers.append(http.post(f"/api/v1/studies/{study_id}/ask"))
 
-    threads = [
-        threading.Thread(target=reported(worker, errors, start), args=(i,)) for i in range(CLIENTS)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    # asserted here, in the test's thread: an assertion failing in a worker only warns
-    assert not errors, errors
-    assert not any(t.is_alive() for t in threads)
+    run_clients(worker, errors, start)
     codes = sorted(r.status_code for r in answers)
     assert codes == [201] * 3 + [409] * (CLIENTS - 3), [r.text for r in answers]
     refused = [r.json()["message"] for r in answers if r.status_code == 409]
@@ -266,16 +265,7 @@ def test_max_steps_is_never_exceeded_by_racing_reports(two_servers: list[ServerP
                     return
             errors.append(f"trial {trial['trial_id']} was never stopped")
 
-    threads = [
-        threading.Thread(target=reported(worker, errors, start), args=(i,), daemon=True)
-        for i in range(CLIENTS)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
-    assert not any(t.is_alive() for t in threads)
+    run_clients(worker, errors, start, timeout=300, daemon=True)
     with two_servers[1].http() as http:
         trials = http.get(f"/api/v1/studies/{study_id}/trials").json()["trials"]
         stored = 0
@@ -441,13 +431,7 @@ def test_fixed_asks_and_imports_racing_on_a_grid_leave_no_point_twice_or_unrun(
                     r = http.post(f"/api/v1/studies/{study_id}/trials", json={"trials": [row]})
                 codes.append(r.status_code)
 
-    threads = [threading.Thread(target=reported(worker, errors), args=(i,)) for i in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
-    assert not any(t.is_alive() for t in threads)
+    run_clients(worker, errors)
     assert len(codes) == CLIENTS * 10  # every request of every worker answered
     with two_servers[1].http() as http:
         while http.post(f"/api/v1/studies/{study_id}/ask").status_code == 201:
