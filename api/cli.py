@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {exc.message}")
         return 3
     except httpx.TransportError as exc:
-        from hpo.api.client import DEFAULT_URL
+        from hpo.api.client import server_url
 
-        where = getattr(args, "url", None) or os.environ.get("HPO_URL") or DEFAULT_URL
+        where = server_url(getattr(args, "url", None))
         console.print(
             f"[red]error:[/red] cannot reach the hpo server at {where}: {exc} (is `hpo serve` "
             "running there? --url or $HPO_URL name another)"

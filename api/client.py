@@ -144,6 +144,12 @@ def default_token() -> str | None:
     return Settings().api_token()
 
 
+def server_url(url: str | None = None) -> str:
+    """The server a client and every ``hpo`` command talk to: ``url``, else ``$HPO_URL``,
+    else :data:`DEFAULT_URL`."""
+    return (url or os.environ.get("HPO_URL") or DEFAULT_URL).rstrip("/")
+
+
 class Client:
     """A connection to one hpo server.
 
@@ -161,7 +167,7 @@ class Client:
         ask_timeout: float = ASK_TIMEOUT_S,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self.url = (url or os.environ.get("HPO_URL") or DEFAULT_URL).rstrip("/")
+        self.url = server_url(url)
         self.ask_timeout = ask_timeout
         self.retry = retry or RetryPolicy()
         token = (token if token is not None else default_token() or "").strip()
