@@ -293,6 +293,8 @@ def seed_optuna_rdb(url: str, kind: str, n: int, rng: random.Random) -> optuna.S
 
 def grow_optuna_rdb(url: str, study: optuna.Study, n: int, rng: random.Random) -> None:
     """Insert ``n`` more complete trials into an Optuna RDB study (its schema, its encoding)."""
+    if n <= 0:
+        return
     engine = create_engine(url)
     dist_json = {k: distribution_to_json(d) for k, d in DISTS.items()}
     with engine.begin() as c:
