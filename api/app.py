@@ -25,7 +25,7 @@ from hpo.service.db import make_engine, upgrade_schema
 from hpo.service.db.models import utcnow
 from hpo.service.errors import DatabaseUnavailable
 from hpo.service.histories import Histories
-from hpo.service.preflight import config_warnings, failure_lines
+from hpo.service.preflight import FAILED, OFF, config_warnings, failure_lines
 from hpo.service.settings import Settings
 from hpo.service.spec import StudySpec
 from hpo.service.storage import Storage, leases, meta
@@ -186,8 +186,8 @@ def create_app(
             role = siblings.scheduler_role()
         else:
             role = prometheus.role_of(app.state.scheduler)
-        report = meta.preflight_report(storage) or {"state": "off", "nodes": []}
-        if report.get("state") == "failed":
+        report = meta.preflight_report(storage) or {"state": OFF, "nodes": []}
+        if report.get("state") == FAILED:
             failures = failure_lines(report)
             message = "; ".join(
                 f"node {f['node_id']} ({f['node_ip']}): {f['check']} check failed: {f['message']}"

@@ -15,14 +15,12 @@ from typing_extensions import TypedDict
 from hpo.service.spec import ParamValue
 from hpo.service.states import (
     ACTIVE_TRIAL_STATES,
-    FINISHED_TRIAL_STATES,
     StudyState,
     TrialState,
 )
 
 # In the order of the enum (for messages and queries); defined once in hpo.service.states.
 ACTIVE_STATES = tuple(s for s in TrialState if s in ACTIVE_TRIAL_STATES)
-FINISHED_STATES = tuple(s for s in TrialState if s in FINISHED_TRIAL_STATES)
 TRIAL_STATES = tuple(TrialState)
 
 

@@ -403,15 +403,14 @@ class StudyService:
         trial_id: int,
         reason: str,
         *,
-        failure_class: FailureClass | None = None,
+        failure_class: FailureClass = FailureClass.TRAINABLE,
         attempt: int | None = None,
-        retryable: bool | None = None,
     ) -> TrialRecord:
         """End the current attempt of a running trial with an error of ``failure_class``.
 
         The class decides the retry (see :func:`hpo.service.transitions.fail`): an
         ``infrastructure`` loss does not spend ``max_retries``, a ``trainable`` error does, a
-        ``deterministic`` one is never retried (``retryable=False`` means that too). When
+        ``deterministic`` one is never retried. When
         ``attempt`` is given and is no longer the trial's current one, nothing changes. A
         finished trial is left as it is. Raises TrialNotFound.
         """
@@ -419,9 +418,7 @@ class StudyService:
             study, trial = trials.lock(s, trial_id)
             current = attempt is None or attempt == trial.attempts
             if current and TrialState(trial.state).active:
-                transitions.fail(
-                    s, study, trial, reason, failure_class=failure_class, retryable=retryable
-                )
+                transitions.fail(s, study, trial, reason, failure_class=failure_class)
             return trial_record(trial)
 
     def expire_leases(self, *, study_id: int | None = None) -> int:

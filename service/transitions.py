@@ -264,18 +264,16 @@ def fail(
     trial: Trial,
     reason: str,
     *,
-    failure_class: FailureClass | None = None,
-    retryable: bool | None = None,
+    failure_class: FailureClass = FailureClass.TRAINABLE,
 ) -> None:
     """End the trial's current attempt. Whether it is retried (back to waiting, same number,
     attempts + 1) depends on ``failure_class`` (see :class:`FailureClass`) and needs a running
     study: ``infrastructure`` is retried without spending ``max_retries`` (counted in
     ``infra_failures``, up to MAX_INFRA_FAILURES), ``trainable`` while ``max_retries``
     allows, ``deterministic`` never. Otherwise the trial fails with ``reason``. The event
-    records the class (see :func:`_tag`). ``retryable=False`` (older callers) means
-    ``deterministic``. A waiting trial is already queued for its next attempt: only a failure
+    records the class (see :func:`_tag`). A waiting trial is already queued for its next attempt: only a failure
     without retry changes it."""
-    kind = _failure_class(failure_class, retryable)
+    kind = FailureClass(failure_class)
     if kind == FailureClass.INFRASTRUCTURE and trial.infra_failures >= MAX_INFRA_FAILURES:
         kind = FailureClass.TRAINABLE  # past the cap, a loss spends a retry like any failure
     if _retried(study, trial, kind):
@@ -302,12 +300,6 @@ def _tag(kind: FailureClass) -> str:
     """How a failed attempt's event names its class: ``[infrastructure]`` or
     ``[deterministic]`` first; a ``trainable`` failure (counted, the usual case) is untagged."""
     return "" if kind == FailureClass.TRAINABLE else f"[{kind}] "
-
-
-def _failure_class(failure_class: FailureClass | None, retryable: bool | None) -> FailureClass:
-    if failure_class is not None:
-        return FailureClass(failure_class)
-    return FailureClass.DETERMINISTIC if retryable is False else FailureClass.TRAINABLE
 
 
 def _retried(study: Study, trial: Trial, kind: FailureClass) -> bool:

@@ -114,11 +114,6 @@ def filesystem(
         raise StorageError(f"checkpoint storage {url} needs a filesystem package: {exc}") from exc
 
 
-def url_of(fs: AbstractFileSystem, path: str) -> str:
-    """The full URL (``s3://bucket/key``) of ``path`` inside ``fs``."""
-    return fs.unstrip_protocol(path)
-
-
 def relative(path: Location, root: Location) -> str | None:
     """``path`` relative to ``root`` (``a/b``) if it lies strictly inside it, else None.
 

@@ -160,9 +160,3 @@ class AshaPruner(Pruner):
                 out.append(Promotion(trial_id, k, standing))
         out.sort(key=lambda p: (-p.reason["step"], sign * p.reason["value"], p.trial_id))
         return out
-
-
-def rung_of(rungs: list[int], step: int) -> int | None:
-    """The largest of ``rungs`` at or below ``step`` (None below the first)."""
-    reached = [r for r in rungs if r <= step]
-    return reached[-1] if reached else None

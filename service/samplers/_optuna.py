@@ -38,7 +38,6 @@ from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-_STATES = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}
 _STUDY_ID = 0
 # The only states a view's trials have (pending ones are RUNNING, or COMPLETE under a lie).
 _HELD = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)

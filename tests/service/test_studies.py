@@ -27,6 +27,7 @@ from hpo.service.errors import (
     TrialFinished,
     TrialNotFound,
 )
+from hpo.service.executor import FailureClass
 from hpo.service.histories import Histories
 from hpo.service.samplers import _optuna
 from hpo.service.samplers.base import StudyView
@@ -352,7 +353,7 @@ def test_failing_a_waiting_trial_again_only_counts_without_retry(service: StudyS
     service.fail_attempt(t.id, "worker died")
     again = service.fail_attempt(t.id, "still queued")  # no attempt runs: nothing to end
     assert again.state == "waiting" and again.attempts == 2 and again.error == "worker died"
-    final = service.fail_attempt(t.id, "cannot run", retryable=False)
+    final = service.fail_attempt(t.id, "cannot run", failure_class=FailureClass.DETERMINISTIC)
     assert final.state == "failed" and final.error == "cannot run"
     assert service.fail_attempt(t.id, "late").state == "failed"  # a finished trial stays
 
@@ -396,7 +397,7 @@ def test_an_illegal_move_raises_and_stores_nothing(service: StudyService) -> Non
     late = pytest.raises(IllegalTransition, match="from complete to failed")
     with late, service.storage.write() as s:
         study, trial = trials.lock(s, t.id)
-        transitions.fail(s, study, trial, "late failure", retryable=True)
+        transitions.fail(s, study, trial, "late failure")
     assert (
         service.storage.get_trial(t.id).state == "complete"
         and service.storage.study_seq(sid) == seq
