@@ -32,7 +32,7 @@ from optuna.study import StudyDirection
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.service.samplers.base import ObservedTrial, StudyView
+from hpo.service.samplers.base import ObservedTrial, Sampler, StudyView
 from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -59,6 +59,14 @@ def distribution(param: FloatParam | IntParam | CategoricalParam) -> BaseDistrib
         n = int((param.high - param.low) / step + 1e-9)
         high = param.low + n * step
     return FloatDistribution(float(param.low), float(high), log=param.log, step=step)
+
+
+class FrozenTrials(Sampler):
+    """A sampler that keeps each finished trial as an Optuna FrozenTrial between asks."""
+
+    def prepare(self, trial: ObservedTrial) -> FrozenTrial:
+        """The trial as an Optuna FrozenTrial, made once per finished trial."""
+        return frozen_trial(self.spec, trial)
 
 
 def frozen_trial(

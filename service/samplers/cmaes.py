@@ -8,16 +8,14 @@ trial, so the state survives restarts as it does in Optuna's own storages.
 
 from __future__ import annotations
 
-from typing import Any
-
 import optuna
 
 from hpo.service.samplers import _optuna
-from hpo.service.samplers.base import ObservedTrial, Sampler, StudyView, Suggestion
+from hpo.service.samplers.base import StudyView, Suggestion
 from hpo.service.spec import CategoricalParam, StudySpec
 
 
-class CmaEsSampler(Sampler):
+class CmaEsSampler(_optuna.FrozenTrials):
     """CMA-ES over the numeric parameters after ``n_startup_trials`` random ones; a generation
     has ``population_size`` trials (CMA-ES's default for the dimension when unset).
     Categorical and conditional parameters are drawn at random, as Optuna does. Single
@@ -32,10 +30,6 @@ class CmaEsSampler(Sampler):
             raise ValueError("sampler.type: cmaes optimises a single objective")
         if all(isinstance(p, CategoricalParam) or p.when for p in spec.space.values()):
             raise ValueError("space: cmaes needs at least one unconditional numeric parameter")
-
-    def prepare(self, trial: ObservedTrial) -> Any:
-        """The trial as an Optuna FrozenTrial, made once per finished trial."""
-        return _optuna.frozen_trial(self.spec, trial)
 
     def suggest(self, view: StudyView) -> Suggestion:
         seed = self.trial_seed(view.number)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import importlib
 import math
 import threading
-from typing import Any
 
 import optuna
 
 from hpo.service.samplers import _optuna
-from hpo.service.samplers.base import ObservedTrial, Sampler, StudyView, Suggestion
+from hpo.service.samplers.base import StudyView, Suggestion
 
 # Optuna's GP imports torch (and its own GP modules) on the first suggestion: 3-7 s on a busy
 # 2-core machine, paid inside the first GP ask of a process. This module loads when a GP study
@@ -44,7 +43,7 @@ def _import_gp() -> None:
 warm_up()
 
 
-class GPSampler(Sampler):
+class GPSampler(_optuna.FrozenTrials):
     """GP with expected improvement over the stored trials.
 
     The GP itself knows nothing of pending trials, so parallel asks would all land on the same
@@ -54,10 +53,6 @@ class GPSampler(Sampler):
 
     name = "gp"
     slow = True  # the GP fit grows as n³: asks wait a bounded time (service/asking.py)
-
-    def prepare(self, trial: ObservedTrial) -> Any:
-        """The trial as an Optuna FrozenTrial, made once per finished trial."""
-        return _optuna.frozen_trial(self.spec, trial)
 
     def suggest(self, view: StudyView) -> Suggestion:
         seed = self.trial_seed(view.number)

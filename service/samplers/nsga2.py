@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 
 from hpo.service.samplers import _optuna
-from hpo.service.samplers.base import ObservedTrial, Sampler, StudyView, Suggestion
+from hpo.service.samplers.base import StudyView, Suggestion
 
 _GENERATION = "NSGAIISampler:generation"
 
@@ -46,7 +46,7 @@ class _ViewNSGAII(optuna.samplers.NSGAIISampler):
 _ViewNSGAII._GENERATION_KEY = _GENERATION
 
 
-class NSGAIISampler(Sampler):
+class NSGAIISampler(_optuna.FrozenTrials):
     """Generations of ``population_size`` trials (50 when unset); the first is random, each
     later one is bred from the elite of the ones before (non-dominated sorting and crowding
     distance; feasible trials first when the spec has constraints). Works for one objective
@@ -54,10 +54,6 @@ class NSGAIISampler(Sampler):
 
     name = "nsga2"
     keeps_state = True
-
-    def prepare(self, trial: ObservedTrial) -> Any:
-        """The trial as an Optuna FrozenTrial, made once per finished trial."""
-        return _optuna.frozen_trial(self.spec, trial)
 
     def suggest(self, view: StudyView) -> Suggestion:
         seed = self.trial_seed(view.number)

@@ -9,10 +9,10 @@ import optuna
 
 from hpo.service.samplers import _optuna
 from hpo.service.samplers._tpe_arrays import ArrayTPESampler, TrialArrays
-from hpo.service.samplers.base import ObservedTrial, Sampler, StudyView, Suggestion
+from hpo.service.samplers.base import StudyView, Suggestion
 
 
-class TPESampler(Sampler):
+class TPESampler(_optuna.FrozenTrials):
     """TPE over the stored trials; running trials count as pending (constant liar).
 
     Conditional spaces are modelled by grouping parameters that appear together
@@ -20,10 +20,6 @@ class TPESampler(Sampler):
     """
 
     name = "tpe"
-
-    def prepare(self, trial: ObservedTrial) -> Any:
-        """The trial as an Optuna FrozenTrial, made once per finished trial."""
-        return _optuna.frozen_trial(self.spec, trial)
 
     def _arrays(self, view: StudyView) -> Any:
         """The study's finished trials as arrays for this view (kept in its memo and extended
