@@ -765,22 +765,32 @@ def _optuna_trials(storage_url: str, study_name: str | None) -> list[dict[str, A
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("importing from an Optuna storage needs optuna installed") from exc
     study = optuna.load_study(study_name=study_name, storage=storage_url)
-    states = {
-        optuna.trial.TrialState.COMPLETE: "complete",
-        optuna.trial.TrialState.PRUNED: "pruned",
-        optuna.trial.TrialState.FAIL: "failed",
-    }
-    rows = []
-    for t in study.get_trials(deepcopy=False, states=tuple(states)):
-        row: dict[str, Any] = {"params": t.params, "state": states[t.state]}
-        if t.state == optuna.trial.TrialState.COMPLETE:
-            row["values" if len(t.values) > 1 else "value"] = (
-                list(t.values) if len(t.values) > 1 else t.values[0]
-            )
-        if t.user_attrs:
-            row["user_attrs"] = dict(t.user_attrs)
-        rows.append(row)
-    return rows
+    finished = tuple(optuna.trial.TrialState[name] for name in _IMPORTED_STATES)
+    return [frozen_trial_row(t) for t in study.get_trials(deepcopy=False, states=finished)]
+
+
+# The Optuna trial states a study imports, by their names in Optuna and here.
+_IMPORTED_STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
+
+
+def frozen_trial_row(trial: Any) -> dict[str, Any]:
+    """An Optuna FrozenTrial (Optuna's own or ``hpo.optuna``'s) as a row of
+    :meth:`Study.add_trials`. Raises ValueError for a trial that has not finished."""
+    state = _IMPORTED_STATES.get(trial.state.name)
+    if state is None:
+        raise ValueError(
+            f"trial {trial.number} is {trial.state.name}: only finished trials (COMPLETE, "
+            "PRUNED, FAIL) can be added"
+        )
+    row: dict[str, Any] = {"params": dict(trial.params), "state": state}
+    values = trial.values
+    if state == "complete" and values is not None:
+        row["values" if len(values) > 1 else "value"] = (
+            list(values) if len(values) > 1 else values[0]
+        )
+    if trial.user_attrs:
+        row["user_attrs"] = dict(trial.user_attrs)
+    return row
 
 
 def _kept_settings(given: StudySpec, stored: Mapping[str, Any]) -> list[str]:

@@ -177,17 +177,7 @@ class Study:
         self.add_trials([trial])
 
     def add_trials(self, trials: Iterable[FrozenTrial]) -> None:
-        rows = []
-        for t in trials:
-            row: dict[str, Any] = {"params": t.params, "state": _STATE_NAMES[t.state]}
-            if t.state == TrialState.COMPLETE and t.values is not None:
-                row["values" if len(t.values) > 1 else "value"] = (
-                    list(t.values) if len(t.values) > 1 else t.values[0]
-                )
-            if t.user_attrs:
-                row["user_attrs"] = dict(t.user_attrs)
-            rows.append(row)
-        self._study.add_trials(rows)
+        self._study.add_trials([hpo_client.frozen_trial_row(t) for t in trials])
 
     # ---------------------------------------------------------------- results
 
@@ -291,13 +281,6 @@ class StudyDirection(enum.IntEnum):
     NOT_SET = 0
     MINIMIZE = 1
     MAXIMIZE = 2
-
-
-_STATE_NAMES = {
-    TrialState.COMPLETE: "complete",
-    TrialState.PRUNED: "pruned",
-    TrialState.FAIL: "failed",
-}
 
 
 class _Run:

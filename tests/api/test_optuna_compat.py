@@ -353,3 +353,30 @@ def test_more_of_optunas_api_maps_or_says_it_does_not(
     # feature detection answers as for any missing name
     assert not hasattr(optuna, "visualization")
     assert getattr(optuna.samplers, "CmaEsSampler", None) is None
+
+
+def test_add_trials_stores_finished_trials_and_refuses_a_running_one(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``study.add_trial(s)`` with ``create_trial``: complete (one or two values), pruned and
+    failed trials are stored as they are; a running one is refused and nothing is stored."""
+    monkeypatch.setenv("HPO_TOKEN", server.token)
+    study = optuna.create_study(storage=server.url, study_name="added")
+    study.add_trials(
+        [
+            optuna.create_trial(params={"x": 0.5}, value=0.25, user_attrs={"from": "paper"}),
+            optuna.create_trial(params={"x": 2.0}, state=optuna.trial.TrialState.PRUNED),
+            optuna.create_trial(params={"x": 3.0}, state=optuna.trial.TrialState.FAIL),
+        ]
+    )
+    added = study.trials
+    assert [(t.params, t.state, t.values) for t in added] == [
+        ({"x": 0.5}, optuna.trial.TrialState.COMPLETE, [0.25]),
+        ({"x": 2.0}, optuna.trial.TrialState.PRUNED, None),
+        ({"x": 3.0}, optuna.trial.TrialState.FAIL, None),
+    ]
+    assert added[0].user_attrs == {"from": "paper"} and study.best_value == 0.25
+    running = optuna.create_trial(params={"x": 1.0}, state=optuna.trial.TrialState.RUNNING)
+    with pytest.raises(ValueError, match="is RUNNING: only finished trials"):
+        study.add_trials([optuna.create_trial(params={"x": 1.0}, value=1.0), running])
+    assert len(study.trials) == 3
