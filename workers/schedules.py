@@ -7,11 +7,15 @@ schedulers: :class:`~torch.optim.lr_scheduler.LambdaLR` scales each parameter gr
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, Field
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+
+if TYPE_CHECKING:
+    from hpo.workers.context import Resumed, TrialContext
 
 ScheduleName = Literal["constant", "linear", "cosine", "step", "exponential", "plateau"]
 
@@ -139,6 +143,16 @@ class Schedule:
             group.update(settings)
         self._lambda.base_lrs = [float(g["initial_lr"]) for g in groups]
         self._apply()
+
+    def resume(self, ctx: TrialContext, state: Mapping[str, Any]) -> Resumed | None:
+        """``ctx.resume(**state)`` for a training loop this schedule drives (``state`` holds
+        it): when the checkpoint was saved under other hyperparameters (a PBT copy, a
+        replay's change), this trial's own are put back after the load (:meth:`rebase`)."""
+        own = self.hyperparameters()
+        resumed = ctx.resume(**state)
+        if resumed is not None and resumed.retuned:
+            self.rebase(own)
+        return resumed
 
     def state_dict(self) -> dict[str, Any]:
         return {

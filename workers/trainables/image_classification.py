@@ -186,10 +186,7 @@ def train(ctx: TrialContext) -> None:
     guard, stopper = LossGuard(s.explode_factor), EarlyStopping(s.patience)
     state = {"model": model, "optimizer": optimizer, "scheduler": schedule, "sampler": sampler}
     state |= {"guard": guard, "early_stopping": stopper}
-    own = schedule.hyperparameters()
-    resumed = ctx.resume(**state)  # a retry continues where the failed attempt saved
-    if resumed is not None and resumed.retuned:
-        schedule.rebase(own)  # other rates saved (PBT copy, replay): train on with these
+    resumed = schedule.resume(ctx, state)  # a retry continues where the failed attempt saved
     cleaning.publish(load_digits()[2], ctx, "digits", fresh=resumed is None)
     seen = resumed.values["train_samples"] if resumed else 0.0
     for epoch in range(resumed.next_step if resumed else 1, s.epochs + 1):

@@ -334,10 +334,7 @@ def train(ctx: TrialContext) -> None:
     guard, stopper = LossGuard(s.explode_factor), EarlyStopping(s.patience, mode="min")
     state = {"model": model, "optimizer": optimizer, "scheduler": schedule, "sampler": sampler}
     state |= {"guard": guard, "early_stopping": stopper}
-    own = schedule.hyperparameters()
-    resumed = ctx.resume(**state)  # a retry continues where the failed attempt saved
-    if resumed is not None and resumed.retuned:
-        schedule.rebase(own)  # other rates saved (PBT copy, replay): train on with these
+    resumed = schedule.resume(ctx, state)  # a retry continues where the failed attempt saved
     cleaning.publish(report, ctx, "text data", fresh=resumed is None)
     seen = resumed.values["train_tokens"] if resumed else 0.0
     batches = micro_batches(sampler, sets["train"], micro, schedule.steps * s.grad_accum)

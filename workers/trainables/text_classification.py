@@ -345,10 +345,7 @@ def train(ctx: TrialContext) -> None:
     guard, stopper = LossGuard(s.explode_factor), EarlyStopping(s.patience)
     state = {"model": model, "optimizer": optimizer, "scheduler": schedule, "sampler": sampler}
     state |= {"guard": guard, "early_stopping": stopper}
-    own = schedule.hyperparameters()
-    resumed = ctx.resume(**state)  # a retry continues where the failed attempt saved
-    if resumed is not None and resumed.retuned:
-        schedule.rebase(own)  # other rates saved (PBT copy, replay): train on with these
+    resumed = schedule.resume(ctx, state)  # a retry continues where the failed attempt saved
     cleaning.publish(report, ctx, "text data", fresh=resumed is None)
     seen = resumed.values["train_samples"] if resumed else 0.0
     bf16 = s.bf16 and ctx.device.type == "cuda"
