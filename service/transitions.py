@@ -271,8 +271,8 @@ def fail(
     study: ``infrastructure`` is retried without spending ``max_retries`` (counted in
     ``infra_failures``, up to MAX_INFRA_FAILURES), ``trainable`` while ``max_retries``
     allows, ``deterministic`` never. Otherwise the trial fails with ``reason``. The event
-    records the class (see :func:`_tag`). A waiting trial is already queued for its next attempt: only a failure
-    without retry changes it."""
+    records the class (see :func:`_tag`). A waiting trial is already queued for its next
+    attempt: only a failure without retry changes it."""
     kind = FailureClass(failure_class)
     if kind == FailureClass.INFRASTRUCTURE and trial.infra_failures >= MAX_INFRA_FAILURES:
         kind = FailureClass.TRAINABLE  # past the cap, a loss spends a retry like any failure

@@ -209,16 +209,6 @@ class Storage(Transactions):
             trials.get_trial(s, trial_id)
             return metrics.of_trial(s, trial_id, name=name, since_step=since_step, limit=limit)
 
-    def metric_points(
-        self, trial_ids: Sequence[int], *, name: str | None = None
-    ) -> dict[int, list[tuple[str, int, float]]]:
-        """``(name, step, value)`` in step order per trial, for many trials in one query:
-        plots over thousands of trials build no record per point. Unknown ids map to []."""
-        if not trial_ids:
-            return {}
-        with self.read() as s:
-            return metrics.of_trials(s, trial_ids, name=name)
-
     def curves_page(
         self,
         study_id: int,

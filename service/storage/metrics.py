@@ -283,35 +283,6 @@ def of_trial(
     ]
 
 
-def of_trials(
-    session: Session, trial_ids: Sequence[int], *, name: str | None = None
-) -> dict[int, list[tuple[str, int, float]]]:
-    """``(name, step, value)`` in step order per trial, for many trials in one query; one
-    point per (name, step): the newest attempt's."""
-    out: dict[int, list[tuple[str, int, float]]] = {t: [] for t in trial_ids}
-    if not out:
-        return out
-    stmt = (
-        select(
-            MetricPoint.trial_id,
-            MetricPoint.step,
-            MetricPoint.name,
-            MetricPoint.value,
-            MetricPoint.attempt,
-        )
-        .where(MetricPoint.trial_id.in_(list(out)))
-        .order_by(MetricPoint.trial_id, MetricPoint.step, MetricPoint.id)
-    )
-    if name is not None:
-        stmt = stmt.where(MetricPoint.name == name)
-    rows = session.execute(stmt)
-    for trial_id, step, metric, value, _ in _newest_per_step(
-        rows, step=lambda row: row[:2], name=lambda row: row[2]
-    ):
-        out[trial_id].append((metric, step, value))
-    return out
-
-
 def _newest_per_step(
     rows: Iterable[Any], *, step: Callable[[Any], Any], name: Callable[[Any], str]
 ) -> Iterator[Any]:
