@@ -32,7 +32,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if (ROOT / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, src / name)
-    subprocess.run(
+    built = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -40,14 +40,19 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "wheel",
             "--no-deps",
             "--no-build-isolation",
-            "-q",
+            "-v",
             "-w",
             str(out),
             str(src),
         ],
-        check=True,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
+    assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
+    # setuptools warns (and a later version refuses) when a folder that Python can import
+    # is not in `packages`: the dashboard's static files were shipped that way
+    assert "absent from the `packages` configuration" not in built.stdout + built.stderr
     return next(out.glob("hpo-*.whl"))
 
 
@@ -68,6 +73,11 @@ def test_wheel_contents(wheel: Path) -> None:
         for path in (ROOT / top).rglob("*.py"):
             shipped = f"hpo/{top}/{path.relative_to(ROOT / top).as_posix()}"
             assert shipped in names, shipped
+    static = [p for p in (ROOT / "api" / "static").rglob("*") if p.is_file()]
+    assert len(static) >= 5  # the dashboard: its page, its style sheet, its scripts
+    for path in static:
+        shipped = f"hpo/api/{path.relative_to(ROOT / 'api').as_posix()}"
+        assert shipped in names, shipped
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import SingletonThreadPool
 from sqlalchemy.util import asbool
 
 from hpo.service.db import jsontext
@@ -60,11 +61,15 @@ def make_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Engine:
     """
     url = normalize_url(url)
     if make_url(url).get_backend_name() == "sqlite":
+        # A database in memory lives as long as a connection to it: one per thread, kept
+        # (named, as SQLAlchemy 2.1 deprecates choosing it from ``mode=memory`` itself).
+        pool = {"poolclass": SingletonThreadPool} if in_memory(url) else {}
         engine = create_engine(
             url,
             echo=echo,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
             json_deserializer=jsontext.loads,
+            **pool,
         )
         _configure_sqlite(engine)
         return engine
