@@ -5,11 +5,12 @@ is free now waits. The scheduler runs on a real database with the in-memory exec
 from __future__ import annotations
 
 import time
+import typing
 from pathlib import Path
 
 import pytest
 
-from hpo.service import placement
+from hpo.service import executor, placement, records
 from hpo.service.errors import InvalidInput
 from hpo.service.executor import ClusterNode
 from hpo.service.scheduler import Scheduler
@@ -20,6 +21,15 @@ from tests.service.fake_executor import FakeCluster, FakeExecutor
 from tests.service.test_scheduler import create, make_scheduler
 
 ONE_CPU = {"CPU": 1.0}
+
+
+def test_the_rank_placement_ranks_send_is_the_one_the_api_shows() -> None:
+    """A rank sends a RankPlacement dataclass; the API's trial record declares the same
+    fields as a TypedDict. The two are declared apart (the workers import no API models), so
+    this keeps them in step: the same names, in the same order, with the same types."""
+    sent = typing.get_type_hints(executor.RankPlacement)
+    shown = typing.get_type_hints(records.RankPlacement)
+    assert list(sent.items()) == list(shown.items())
 
 
 def nodes(*shapes: dict[str, float], down: int = 0) -> list[ClusterNode]:
