@@ -380,3 +380,37 @@ def test_add_trials_stores_finished_trials_and_refuses_a_running_one(
     with pytest.raises(ValueError, match="is RUNNING: only finished trials"):
         study.add_trials([optuna.create_trial(params={"x": 1.0}, value=1.0), running])
     assert len(study.trials) == 3
+
+
+def test_optunas_older_suggest_names_system_attrs_states_and_logging(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``suggest_uniform / loguniform / discrete_uniform`` learn the domains Optuna gives
+    them (a float, a log float, a float with a step); ``set_system_attr`` is kept as a user
+    attribute; ``TrialState.is_finished`` and the logging switches behave as Optuna's."""
+    monkeypatch.setenv("HPO_TOKEN", server.token)
+    study = optuna.create_study(storage=server.url, study_name="older-names")
+
+    def objective(trial: optuna.Trial) -> float:
+        u = trial.suggest_uniform("u", -1.0, 1.0)
+        lr = trial.suggest_loguniform("lr", 1e-4, 1e-1)
+        q = trial.suggest_discrete_uniform("q", 0.0, 1.0, 0.25)
+        trial.set_system_attr("seen", [u, lr, q])
+        return u + lr + q
+
+    study.optimize(objective, n_trials=3)
+    space = study._study.record.spec["space"]
+    assert (space["u"]["type"], space["u"]["low"], space["u"]["high"]) == ("float", -1.0, 1.0)
+    assert space["u"].get("log", False) is False and space["u"].get("step") is None
+    assert space["lr"]["log"] is True and (space["lr"]["low"], space["lr"]["high"]) == (1e-4, 0.1)
+    assert space["q"]["step"] == 0.25
+    for t in study.trials:
+        assert t.state.is_finished() and not optuna.trial.TrialState.RUNNING.is_finished()
+        assert t.user_attrs["seen"] == [t.params["u"], t.params["lr"], t.params["q"]]
+        assert 1e-4 <= t.params["lr"] <= 0.1 and t.params["q"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    before = optuna.logging.get_verbosity()
+    try:
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        assert optuna.logging.get_verbosity() == optuna.logging.ERROR
+    finally:
+        optuna.logging.set_verbosity(before)
