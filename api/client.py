@@ -778,9 +778,10 @@ def frozen_trial_row(trial: Any) -> dict[str, Any]:
     :meth:`Study.add_trials`. Raises ValueError for a trial that has not finished."""
     state = _IMPORTED_STATES.get(trial.state.name)
     if state is None:
+        which = f"trial {trial.number}" if trial.number >= 0 else "a trial"  # create_trial: -1
         raise ValueError(
-            f"trial {trial.number} is {trial.state.name}: only finished trials (COMPLETE, "
-            "PRUNED, FAIL) can be added"
+            f"{which} is {trial.state.name}: only finished trials (COMPLETE, PRUNED, FAIL) can "
+            "be added"
         )
     row: dict[str, Any] = {"params": dict(trial.params), "state": state}
     values = trial.values

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import SingletonThreadPool
+from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import asbool
 
 from hpo.service.db import jsontext
@@ -61,9 +61,12 @@ def make_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Engine:
     """
     url = normalize_url(url)
     if make_url(url).get_backend_name() == "sqlite":
-        # A database in memory lives as long as a connection to it: one per thread, kept
-        # (named, as SQLAlchemy 2.1 deprecates choosing it from ``mode=memory`` itself).
-        pool = {"poolclass": SingletonThreadPool} if in_memory(url) else {}
+        # A URI's database in memory (``file::memory:``, ``mode=memory``; shared by its
+        # connections with ``cache=shared``) gets the pool of a file: SQLAlchemy 2.1 picks a
+        # SingletonThreadPool for ``mode=memory`` (deprecated, and it closes a sixth thread's
+        # connection under another) and QueuePool for the rest. ``:memory:`` keeps its own.
+        uri = in_memory(url) and make_url(url).database not in (None, "", ":memory:")
+        pool = {"poolclass": QueuePool} if uri else {}
         engine = create_engine(
             url,
             echo=echo,

@@ -61,11 +61,13 @@ def distribution(param: FloatParam | IntParam | CategoricalParam) -> BaseDistrib
     return FloatDistribution(float(param.low), float(high), log=param.log, step=step)
 
 
-class FrozenTrials(Sampler):
-    """A sampler that keeps each finished trial as an Optuna FrozenTrial between asks."""
+class OptunaBacked(Sampler):
+    """A sampler on Optuna's: it keeps each finished trial as an Optuna FrozenTrial between
+    asks."""
 
-    def prepare(self, trial: ObservedTrial) -> FrozenTrial:
-        """The trial as an Optuna FrozenTrial, made once per finished trial."""
+    def prepare(self, trial: ObservedTrial) -> FrozenTrial | None:
+        """The trial as an Optuna FrozenTrial (see :func:`frozen_trial`: None for one Optuna
+        would not learn from), made once per finished trial."""
         return frozen_trial(self.spec, trial)
 
 

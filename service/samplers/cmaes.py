@@ -15,7 +15,7 @@ from hpo.service.samplers.base import StudyView, Suggestion
 from hpo.service.spec import CategoricalParam, StudySpec
 
 
-class CmaEsSampler(_optuna.FrozenTrials):
+class CmaEsSampler(_optuna.OptunaBacked):
     """CMA-ES over the numeric parameters after ``n_startup_trials`` random ones; a generation
     has ``population_size`` trials (CMA-ES's default for the dimension when unset).
     Categorical and conditional parameters are drawn at random, as Optuna does. Single

@@ -43,7 +43,7 @@ def _import_gp() -> None:
 warm_up()
 
 
-class GPSampler(_optuna.FrozenTrials):
+class GPSampler(_optuna.OptunaBacked):
     """GP with expected improvement over the stored trials.
 
     The GP itself knows nothing of pending trials, so parallel asks would all land on the same

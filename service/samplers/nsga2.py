@@ -46,7 +46,7 @@ class _ViewNSGAII(optuna.samplers.NSGAIISampler):
 _ViewNSGAII._GENERATION_KEY = _GENERATION
 
 
-class NSGAIISampler(_optuna.FrozenTrials):
+class NSGAIISampler(_optuna.OptunaBacked):
     """Generations of ``population_size`` trials (50 when unset); the first is random, each
     later one is bred from the elite of the ones before (non-dominated sorting and crowding
     distance; feasible trials first when the spec has constraints). Works for one objective

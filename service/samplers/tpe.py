@@ -12,7 +12,7 @@ from hpo.service.samplers._tpe_arrays import ArrayTPESampler, TrialArrays
 from hpo.service.samplers.base import StudyView, Suggestion
 
 
-class TPESampler(_optuna.FrozenTrials):
+class TPESampler(_optuna.OptunaBacked):
     """TPE over the stored trials; running trials count as pending (constant liar).
 
     Conditional spaces are modelled by grouping parameters that appear together

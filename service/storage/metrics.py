@@ -11,7 +11,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from itertools import groupby, islice
-from operator import attrgetter, index
+from operator import attrgetter, index, itemgetter
 from typing import Any
 
 from cachetools import LRUCache
@@ -276,24 +276,22 @@ def of_trial(
     if since_step is not None:
         stmt = stmt.where(MetricPoint.step > since_step)
     rows = session.execute(stmt)
-    newest = _newest_per_step(rows, step=lambda row: row[0], name=lambda row: row[1])
+    newest = _newest_per_step(rows)
     return [
         MetricPointRecord(step=step, name=metric, value=value, time=time, attempt=attempt)
         for step, metric, value, time, attempt in islice(newest, max(0, limit))
     ]
 
 
-def _newest_per_step(
-    rows: Iterable[Any], *, step: Callable[[Any], Any], name: Callable[[Any], str]
-) -> Iterator[Any]:
-    """Of rows in ``step`` order whose last column is the attempt, one per name and step: the
-    newest attempt's, in the place of the first row of that name and step."""
-    for _, same_step in groupby(rows, key=step):
+def _newest_per_step(rows: Iterable[Any]) -> Iterator[Any]:
+    """Of rows ``(step, name, ..., attempt)`` in step order, one per name and step: the newest
+    attempt's, in the place of the first row of that name and step."""
+    for _, same_step in groupby(rows, key=itemgetter(0)):
         chosen: dict[str, Any] = {}
         for row in same_step:
-            held = chosen.get(name(row))
+            held = chosen.get(row[1])
             if held is None or row[-1] > held[-1]:
-                chosen[name(row)] = row
+                chosen[row[1]] = row
         yield from chosen.values()
 
 

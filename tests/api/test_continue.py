@@ -127,13 +127,30 @@ def check_ask_with_params_enqueue_import_and_user_attrs(
             old.add_trial(
                 optuna.trial.create_trial(params={"x": x}, distributions=dists, value=x * x)
             )
+        states = optuna.trial.TrialState
+        for x, state in ((4.0, states.PRUNED), (4.5, states.FAIL), (2.0, states.RUNNING)):
+            attrs = {"why": state.name}
+            old.add_trial(
+                optuna.trial.create_trial(
+                    params={"x": x}, distributions=dists, state=state, user_attrs=attrs
+                )
+            )
         tpe = {"type": "tpe", "seed": 0, "n_startup_trials": 2}
         space = {"x": {"type": "float", "low": -5.0, "high": 5.0}}
         warm = client.create_study(simple_spec("from-optuna", sampler=tpe, space=space))
-        assert [t.value for t in warm.add_trials(url, study_name="old")] == [0.25, 2.25, 9.0]
+        added = warm.add_trials(url, study_name="old")  # the finished ones: not the running
+        assert [(t.state, t.value, t.params["x"]) for t in added] == [
+            ("complete", 0.25, 0.5),
+            ("complete", 2.25, 1.5),
+            ("complete", 9.0, 3.0),
+            ("pruned", None, 4.0),
+            ("failed", None, 4.5),
+        ]
+        assert [t.user_attrs for t in added[3:]] == [{"why": "PRUNED"}, {"why": "FAIL"}]
         asked = warm.ask()
         why = client.trial(asked.trial_id).suggestion
-        assert why["n_observations"] == 3 and why["startup"] is False
+        # the complete and the pruned ones, as Optuna's TPE learns from them; not the failed
+        assert why["n_observations"] == 4 and why["startup"] is False
 
         # Enqueue on a completed study reopens it for that trial.
         _run_all(target)

@@ -377,7 +377,7 @@ def test_add_trials_stores_finished_trials_and_refuses_a_running_one(
     ]
     assert added[0].user_attrs == {"from": "paper"} and study.best_value == 0.25
     running = optuna.create_trial(params={"x": 1.0}, state=optuna.trial.TrialState.RUNNING)
-    with pytest.raises(ValueError, match="is RUNNING: only finished trials"):
+    with pytest.raises(ValueError, match="^a trial is RUNNING: only finished trials"):
         study.add_trials([optuna.create_trial(params={"x": 1.0}, value=1.0), running])
     assert len(study.trials) == 3
 

@@ -5,7 +5,9 @@ failures surfacing as DatabaseUnavailable."""
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,6 +74,39 @@ def sent(storage: Storage) -> Iterator[list[tuple[str, object]]]:
 
 
 # ----------------------------------------------------------------------- studies
+
+
+def test_a_shared_database_in_memory_serves_many_threads_at_once() -> None:
+    """A SQLite URI in memory shared by its connections (``mode=memory&cache=shared``): eight
+    threads reading at once each keep their connection (SQLAlchemy's pool for ``mode=memory``
+    kept five, closing a sixth thread's connection under another)."""
+    url = f"sqlite:///file:threads{os.getpid()}?mode=memory&cache=shared&uri=true"
+    engine = make_engine(url)
+    keep = engine.connect()  # the shared database lives while a connection holds it
+    errors: list[BaseException] = []
+    together = threading.Barrier(8)
+
+    def read() -> None:
+        try:
+            with engine.connect().execution_options(readonly=True) as conn:
+                together.wait(timeout=10)
+                time.sleep(0.2)  # all eight connections open at once
+                assert conn.execute(text("SELECT count(*) FROM studies")).scalar() == 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        upgrade_schema(engine)
+        add_study(Storage(engine))
+        readers = [threading.Thread(target=read) for _ in range(8)]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(timeout=30)
+        assert not errors, errors
+    finally:
+        keep.close()
+        engine.dispose()
 
 
 def test_a_new_study_runs_and_is_found_by_id_and_name(storage: Storage) -> None:
