@@ -57,6 +57,7 @@ class TrialHandle:
 
     def __init__(self, study: TrialTeller, asked: Any, metric: str | None = None) -> None:
         self.study = study
+        self._teller = study  # what reports go to (hpo.optuna's trial.study is another object)
         self.asked = asked  # reports, heartbeats and the tell go with its attempt's token
         self.trial_id = asked.trial_id
         self.number = asked.number
@@ -70,7 +71,7 @@ class TrialHandle:
         Optuna's order, ``report(value, step)`` (a number, then an integer step), reports
         ``value`` as the study's objective metric; anything else is a TypeError."""
         step, metrics = report_arguments(step, metrics, self.metric)
-        if self.study.report(self.asked, step, metrics):
+        if self._teller.report(self.asked, step, metrics):
             self.should_stop = True
         return self.should_stop
 

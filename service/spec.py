@@ -399,7 +399,12 @@ class PrunerSpec(_Model):
     """How running trials are stopped early from their metric streams."""
 
     type: StrictStr = "none"
-    min_steps: StrictInt = Field(default=1, ge=1, description="ASHA: first rung; median: warm-up.")
+    min_steps: StrictInt = Field(
+        default=1,
+        ge=0,
+        description="ASHA, Hyperband: first rung (at least 1); median and the others: the first "
+        "step judged.",
+    )
     reduction_factor: StrictInt = Field(
         default=3, ge=2, description="ASHA: keep the top 1/η per rung."
     )
@@ -467,6 +472,8 @@ class PrunerSpec(_Model):
             raise ValueError(f"mode: promotion needs type asha or hyperband, not {self.type!r}")
         if self.type == "hyperband" and self.max_steps is None:
             raise ValueError("hyperband needs max_steps (its brackets span min_steps..max_steps)")
+        if self.type in ("asha", "hyperband") and self.min_steps < 1:
+            raise ValueError(f"min_steps: {self.type}'s first rung is step 1 or later, not 0")
         return self
 
 

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from hpo.api.objective import run_trial
 from hpo.service import errors
 
 from ._trial import FrozenTrial, Trial, TrialState
+from .exceptions import DuplicatedStudyError
 from .pruners import BasePruner, MedianPruner
 from .samplers import BaseSampler, TPESampler
 
@@ -109,7 +111,7 @@ class Study:
     def ask(self, fixed_distributions: Mapping[str, Any] | None = None) -> Trial:
         asked = self._study.ask()
         self._asked[asked.number] = asked
-        trial = Trial(self._study, asked, self._metric)
+        trial = Trial(self, asked)
         for name, dist in (fixed_distributions or {}).items():
             trial._suggest(name, dist)
         return trial
@@ -122,12 +124,22 @@ class Study:
         skip_if_finished: bool = False,
     ) -> FrozenTrial:
         """Finish ``trial`` (a Trial, or its number in this study, as in Optuna): with
-        ``values``, as ``state`` (PRUNED, FAIL), or failed without values. COMPLETE without
-        values is a ValueError, as in Optuna."""
-        if state == TrialState.COMPLETE and values is None:
-            raise ValueError(
-                "No values were told. Values are required when state is TrialState.COMPLETE."
-            )
+        ``values``, as ``state`` (PRUNED, FAIL), or failed without values. Optuna's checks:
+        COMPLETE needs values, PRUNED and FAIL take none, RUNNING and WAITING are no state to
+        tell, a finished trial is told again only with ``skip_if_finished`` (ValueError);
+        without a state, values of the wrong number or none fail the trial with a warning."""
+        _check_state_and_values(state, values)
+        if state is None and values is not None:
+            given = list(values) if isinstance(values, Sequence) else [values]
+            if len(given) != len(self.directions):
+                warnings.warn(
+                    f"The number of the values {len(given)} did not match the number of the "
+                    f"objectives {len(self.directions)}.",
+                    stacklevel=2,
+                )
+                values = None  # told failed, as Optuna does
+        elif state is None:
+            warnings.warn("The value None could not be cast to float.", stacklevel=2)
         number = trial.number if isinstance(trial, Trial) else trial
         ref = trial.asked if isinstance(trial, Trial) else self._by_number(trial)
         try:
@@ -139,9 +151,9 @@ class Study:
                 record = self._study.tell(ref, values=[float(v) for v in values])
             else:
                 record = self._study.tell(ref, value=float(values))
-        except errors.TrialFinished:
+        except errors.TrialFinished as exc:
             if not skip_if_finished:
-                raise
+                raise ValueError(f"Cannot tell a finished trial: {exc}") from exc
             record = self._study.client.trial(hpo_client._trial_id(ref))
         finally:
             self._asked.pop(number, None)
@@ -167,7 +179,7 @@ class Study:
         user_attrs: Mapping[str, Any] | None = None,
         skip_if_exists: bool = False,
     ) -> None:
-        if skip_if_exists and any(t.params == dict(params) for t in self.trials):
+        if skip_if_exists and any(_fixed(r) == dict(params) for r in self._study.trials()):
             return
         record = self._study.enqueue_trial(dict(params))
         for key, value in (user_attrs or {}).items():
@@ -326,7 +338,7 @@ class _Run:
                 asked = client_study.ask()
             except errors.BudgetSpent:  # a grid exhausted, a budget spent
                 return
-            trial = Trial(client_study, asked, self.study._metric)
+            trial = Trial(self.study, asked)
             run_trial(client_study, self.func, trial, self.catch, self.interval_s)
             if self.callbacks:
                 frozen = FrozenTrial.from_record(client_study.client.trial(asked.trial_id))
@@ -370,17 +382,47 @@ def create_study(
         "define_by_run": True,
     }
     client = _client(storage)
-    return Study(client.create_study(spec, load_if_exists=load_if_exists))
+    try:
+        return Study(client.create_study(spec, load_if_exists=load_if_exists))
+    except errors.NameTaken as exc:
+        raise DuplicatedStudyError(
+            f"Another study with name '{spec['name']}' already exists."
+        ) from exc
 
 
 def load_study(
     *, study_name: str, storage: str | None = None, sampler: Any = None, pruner: Any = None
 ) -> Study:
-    return Study(_client(storage).study(study_name))
+    """The study of that name on the server; KeyError when there is none, as in Optuna."""
+    return Study(_existing(storage, study_name))
 
 
 def delete_study(*, study_name: str, storage: str | None = None) -> None:
-    _client(storage).study(study_name).delete()
+    """Delete the study of that name on the server; KeyError when there is none."""
+    _existing(storage, study_name).delete()
+
+
+def _existing(storage: str | None, study_name: str) -> hpo_client.Study:
+    try:
+        return _client(storage).study(study_name)
+    except errors.StudyNotFound as exc:
+        raise KeyError(f"Record does not exist: no study named {study_name!r}") from exc
+
+
+class MaxTrialsCallback:
+    """Optuna's callback that stops ``optimize`` once the study holds ``n_trials`` trials in
+    ``states`` (all of its trials, any process's; by default the complete ones)."""
+
+    def __init__(
+        self, n_trials: int, states: Sequence[TrialState] | None = (TrialState.COMPLETE,)
+    ) -> None:
+        self._n_trials = n_trials
+        self._states = states
+
+    def __call__(self, study: Study, trial: FrozenTrial) -> None:
+        trials = study.get_trials(deepcopy=False, states=self._states)
+        if len(trials) >= self._n_trials:
+            study.stop()
 
 
 def get_all_study_names(storage: str | None = None) -> list[str]:
@@ -411,3 +453,29 @@ def _client(storage: str | None) -> hpo_client.Client:
             "to import trials from an Optuna storage use study.add_trials of hpo's client"
         )
     return hpo_client.Client(url)
+
+
+def _check_state_and_values(
+    state: TrialState | None, values: float | Sequence[float] | None
+) -> None:
+    """Optuna's checks of what ``tell`` is given (ValueError)."""
+    if state == TrialState.COMPLETE and values is None:
+        raise ValueError(
+            "No values were told. Values are required when state is TrialState.COMPLETE."
+        )
+    if state in (TrialState.PRUNED, TrialState.FAIL) and values is not None:
+        raise ValueError(
+            "Values were told. Values cannot be specified when state is TrialState.PRUNED or "
+            "TrialState.FAIL."
+        )
+    if state in (TrialState.RUNNING, TrialState.WAITING):
+        raise ValueError(f"Cannot tell with state {state}.")
+
+
+def _fixed(record: Any) -> dict[str, Any]:
+    """The parameters a trial was enqueued (or asked) with, where it had fixed ones (what
+    Optuna's ``enqueue_trial(skip_if_exists=True)`` compares), else all of its params."""
+    fixed = (record.suggestion or {}).get("fixed")
+    if not fixed:
+        return dict(record.params)
+    return {name: record.params[name] for name in fixed if name in record.params}

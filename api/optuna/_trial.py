@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hpo.api.objective import TrialHandle, is_number, is_step
+from hpo.service import errors
 from hpo.service.records import TrialRecord
 
 from .distributions import (
@@ -28,6 +29,9 @@ class TrialState(enum.IntEnum):
     PRUNED = 2
     FAIL = 3
     WAITING = 4
+
+    def __str__(self) -> str:  # Optuna's: "TrialState.COMPLETE", not the number
+        return f"TrialState.{self.name}"
 
     def is_finished(self) -> bool:
         return self in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -87,10 +91,18 @@ class FrozenTrial:
             values=values if record.state != "failed" else None,
             params=dict(record.params),
             user_attrs=dict(record.user_attrs),
-            datetime_start=record.started_at,
-            datetime_complete=record.finished_at,
+            datetime_start=_local(record.started_at),
+            datetime_complete=_local(record.finished_at),
             trial_id=record.id,
         )
+
+
+def _local(moment: datetime.datetime | None) -> datetime.datetime | None:
+    """A stored time (UTC) as Optuna's are: naive, in this machine's time zone, so that
+    ``datetime.now() - trial.datetime_start`` works as it does there."""
+    if moment is None or moment.tzinfo is None:
+        return moment
+    return moment.astimezone().replace(tzinfo=None)
 
 
 def create_trial(
@@ -101,17 +113,40 @@ def create_trial(
     params: Mapping[str, Any] | None = None,
     distributions: Mapping[str, BaseDistribution] | None = None,
     user_attrs: Mapping[str, Any] | None = None,
-    **ignored: Any,
+    system_attrs: Mapping[str, Any] | None = None,
+    intermediate_values: Mapping[int, float] | None = None,
 ) -> FrozenTrial:
-    """A finished trial to add to a study (``study.add_trial``)."""
+    """A finished trial to add to a study (``study.add_trial``), checked as Optuna checks it:
+    one of ``value`` and ``values``, a value for a complete trial, and, when
+    ``distributions`` are given, one per parameter holding its value (hpo also takes
+    ``params`` alone). What ``add_trial`` stores: params, values, state, user attributes."""
+    if value is not None and values is not None:
+        raise ValueError("Specify only one of `value` and `values`.")
     vals = list(values) if values is not None else ([value] if value is not None else None)
+    if state == TrialState.COMPLETE and vals is None:
+        raise ValueError("`value` is supposed to be set for a complete trial.")
+    params = dict(params or {})
+    if distributions is not None:
+        if set(params) != set(distributions):
+            raise ValueError(
+                f"Inconsistent parameters {sorted(params)} and distributions "
+                f"{sorted(distributions)}."
+            )
+        for name, dist in distributions.items():
+            if not dist.contains(params[name]):
+                raise ValueError(
+                    f"The value {params[name]!r} of parameter {name!r} isn't contained in the "
+                    f"distribution {dist}."
+                )
     return FrozenTrial(
         number=-1,
         state=state,
         values=vals,
-        params=dict(params or {}),
+        params=params,
         user_attrs=dict(user_attrs or {}),
         distributions=dict(distributions or {}),
+        system_attrs=dict(system_attrs or {}),
+        intermediate_values=dict(intermediate_values or {}),
     )
 
 
@@ -124,8 +159,9 @@ class Trial(TrialHandle):
     # a report: then it stays pruned and the value is logged, not stored)
     pruned_when_stopped = False
 
-    def __init__(self, study: Any, asked: Any, metric: str | None) -> None:
-        super().__init__(study, asked, metric)
+    def __init__(self, study: Any, asked: Any) -> None:
+        super().__init__(study._study, asked, study._metric)
+        self.study = study  # Optuna's Study: trial.study.stop() ends the optimize under way
         self._values: dict[str, Any] = {}
         self.user_attrs: dict[str, Any] = {}
         self.distributions: dict[str, BaseDistribution] = {}
@@ -166,7 +202,7 @@ class Trial(TrialHandle):
         finite numbers only: it warns, and the pruner judges the trial by its other values.
         """
         if is_number(value) and is_step(step):  # Optuna's order
-            if len(self.study.objectives) > 1:
+            if self._multi_objective:
                 raise NotImplementedError(
                     "Trial.report is not supported for multi-objective optimization."
                 )
@@ -178,20 +214,47 @@ class Trial(TrialHandle):
                 return self.should_stop
         return super().report(value, step)
 
+    @property
+    def _multi_objective(self) -> bool:
+        return len(self._teller.objectives) > 1
+
     def _suggest(self, name: str, dist: BaseDistribution) -> Any:
-        if name not in self._values:
-            self._values[name] = self.study.suggest(self.asked, name, dist.to_param())
-            self.distributions[name] = dist
+        """The value of ``name`` (the server's, asked once per trial). Asked again with
+        another kind of domain, log scale or choices, a ValueError as in Optuna; a domain
+        the server refuses (low above high...) is a ValueError too."""
+        if name in self._values:
+            _check_same_kind(self.distributions[name], dist)
+            return self._values[name]
+        try:
+            self._values[name] = self._teller.suggest(self.asked, name, dist.to_param())
+        except errors.InvalidInput as exc:
+            raise ValueError(str(exc)) from exc
+        self.distributions[name] = dist
         return self._values[name]
 
     def should_prune(self) -> bool:
         """Whether the server's pruner stopped this trial (learned from the last report or
-        heartbeat)."""
+        heartbeat). NotImplementedError in a multi-objective study, as in Optuna."""
+        if self._multi_objective:
+            raise NotImplementedError(
+                "Trial.should_prune is not supported for multi-objective optimization."
+            )
         return self.should_stop
 
     def set_user_attr(self, key: str, value: Any) -> None:
-        self.study.set_user_attr(self.asked, key, value)
+        self._teller.set_user_attr(self.asked, key, value)
         self.user_attrs[key] = value
 
     def set_system_attr(self, key: str, value: Any) -> None:
         self.set_user_attr(key, value)
+
+
+def _check_same_kind(before: BaseDistribution, now: BaseDistribution) -> None:
+    """Optuna's rule for a parameter suggested twice in one trial (ValueError)."""
+    if type(before) is not type(now):
+        raise ValueError("Cannot set different distribution kind to the same parameter name.")
+    if isinstance(before, (FloatDistribution, IntDistribution)):
+        if before.log != now.log:  # type: ignore[union-attr]
+            raise ValueError("Cannot set different log configuration to the same parameter name.")
+    elif tuple(before.choices) != tuple(now.choices):  # type: ignore[union-attr]
+        raise ValueError("CategoricalDistribution does not support dynamic value space.")

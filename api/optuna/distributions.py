@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+
+def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
+    """Optuna's checks of a numeric distribution (ValueError)."""
+    if low > high:
+        raise ValueError(f"`low <= high` must hold, but got ({low=}, {high=}).")
+    if log and low <= 0.0:
+        raise ValueError(f"`low > 0` must hold for `log=True`, but got ({low=}, {high=}).")
+    if log and step is not None and step != 1:
+        raise ValueError("The parameter `step` is not supported when `log` is true.")
+    if step is not None and step <= 0:
+        raise ValueError(f"`step > 0` must hold, but got {step=}.")
+
+
+def _on_grid(value: float, low: float, step: float | None) -> bool:
+    if step is None:
+        return True
+    k = (value - low) / step
+    return math.isclose(k, round(k), abs_tol=1e-8)
 
 
 @dataclass(frozen=True)
@@ -13,6 +33,17 @@ class FloatDistribution:
     high: float
     log: bool = False
     step: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_range(self.low, self.high, self.log, self.step)
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one of this distribution's."""
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            return False
+        return self.low <= v <= self.high and _on_grid(v, self.low, self.step)
 
     def to_param(self) -> dict[str, Any]:
         param: dict[str, Any] = {"type": "float", "low": float(self.low), "high": float(self.high)}
@@ -30,6 +61,15 @@ class IntDistribution:
     log: bool = False
     step: int = 1
 
+    def __post_init__(self) -> None:
+        _check_range(self.low, self.high, self.log, self.step)
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one of this distribution's."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return self.low <= value <= self.high and _on_grid(value, self.low, self.step)
+
     def to_param(self) -> dict[str, Any]:
         param: dict[str, Any] = {"type": "int", "low": int(self.low), "high": int(self.high)}
         if self.log:
@@ -42,6 +82,14 @@ class IntDistribution:
 @dataclass(frozen=True)
 class CategoricalDistribution:
     choices: Sequence[Any]
+
+    def __post_init__(self) -> None:
+        if not self.choices:
+            raise ValueError("The `choices` must contain one or more elements.")
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one of this distribution's."""
+        return any(value == c for c in self.choices)
 
     def to_param(self) -> dict[str, Any]:
         return {"type": "categorical", "choices": list(self.choices)}

@@ -48,7 +48,7 @@ def _percentile(kind: str, n_startup_trials: int, n_warmup_steps: int) -> dict[s
     return {
         "type": kind,
         "n_startup_trials": n_startup_trials,
-        "min_steps": max(1, n_warmup_steps),
+        "min_steps": n_warmup_steps,
         "compare": "best_so_far",
     }
 
@@ -64,7 +64,7 @@ class ThresholdPruner(BasePruner):
         interval_steps: int = 1,
     ) -> None:
         spec = {"type": "threshold", "lower": lower, "upper": upper}
-        super().__init__({**spec, "min_steps": max(1, n_warmup_steps)})
+        super().__init__({**spec, "min_steps": n_warmup_steps})
 
 
 class PatientPruner(BasePruner):

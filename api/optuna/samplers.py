@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._unmapped import DOC, NotMapped
 from ._unmapped import unmapped as _unmapped
 
 
@@ -23,18 +24,24 @@ class BaseSampler:
 
 class TPESampler(BaseSampler):
     """The server's TPE: parameters first seen at run time are sampled independently, those
-    the study already knows jointly (``multivariate``)."""
+    the study already knows jointly with ``multivariate`` (off by default, as in Optuna)."""
 
     def __init__(
         self,
         *,
         seed: int | None = None,
         n_startup_trials: int = 10,
-        multivariate: bool = True,
+        multivariate: bool = False,
+        constraints_func: Any = None,
         **ignored: Any,
     ) -> None:
+        if constraints_func is not None:
+            raise NotMapped(
+                "TPESampler(constraints_func=) is Optuna's, not mapped by hpo.optuna "
+                f"({DOC}): declare `constraints` in a spec of the hpo client instead"
+            )
         spec = {"type": "tpe", "seed": seed, "n_startup_trials": n_startup_trials}
-        super().__init__({**spec, "multivariate": multivariate})
+        super().__init__({**spec, "multivariate": bool(multivariate)})
 
 
 class RandomSampler(BaseSampler):

@@ -1,6 +1,7 @@
 """``optuna.study``: the study classes and functions."""
 
 from ._study import (
+    MaxTrialsCallback,
     Study,
     StudyDirection,
     create_study,
@@ -10,6 +11,7 @@ from ._study import (
 )
 
 __all__ = [
+    "MaxTrialsCallback",
     "Study",
     "StudyDirection",
     "create_study",

@@ -3,6 +3,7 @@ space learned at run time (define-by-run) and kept by the server."""
 
 from __future__ import annotations
 
+import datetime
 import threading
 
 import pytest
@@ -123,8 +124,9 @@ def test_optuna_habits_tell_by_number_unchecked_reports_stop_and_non_finite_valu
     extra = b.ask()
     elsewhere = optuna.load_study(storage=server.url, study_name="by-number-b")
     assert elsewhere.tell(extra.number, 0.5).values == [0.5]
-    with pytest.raises(TrialFinished):
+    with pytest.raises(ValueError, match="Cannot tell a finished trial") as finished:
         b.tell(extra, 0.7)
+    assert isinstance(finished.value.__cause__, TrialFinished)
     assert b.tell(extra, 0.7, skip_if_finished=True).values == [0.5]
     with pytest.raises(ValueError, match="Values are required"):
         b.tell(asked[0], state=optuna.trial.TrialState.COMPLETE)
@@ -414,3 +416,93 @@ def test_optunas_older_suggest_names_system_attrs_states_and_logging(
         assert optuna.logging.get_verbosity() == optuna.logging.ERROR
     finally:
         optuna.logging.set_verbosity(before)
+
+
+def test_a_ported_scripts_habits_behave_as_in_optuna(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a script written for Optuna 5 does and expects: trial.study.stop() ends the run
+    (the study goes on), a parameter asked twice in another domain, Optuna's errors and
+    checks of tell and create_trial, a pruner judging step 0, enqueue's skip_if_exists on
+    the enqueued values, MaxTrialsCallback, naive local times, TrialState's text."""
+    monkeypatch.setenv("HPO_TOKEN", server.token)
+    study = optuna.create_study(
+        storage=server.url,
+        study_name="habits",
+        pruner=optuna.pruners.ThresholdPruner(upper=1.0),
+    )
+    assert study._study.record.spec["sampler"]["multivariate"] is False  # Optuna's default
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        with pytest.raises(ValueError, match="different distribution kind"):
+            trial.suggest_int("x", 0, 10)
+        with pytest.raises(ValueError, match="different log configuration"):
+            trial.suggest_float("x", 0.1, 1.0, log=True)
+        kind = trial.suggest_categorical("kind", ["a", "b"])
+        with pytest.raises(ValueError, match="dynamic value space"):
+            trial.suggest_categorical("kind", ["c", "d"])
+        assert trial.suggest_categorical("kind", ["a", "b"]) == kind
+        with pytest.raises(ValueError, match="low"):
+            trial.suggest_float("bad", 1.0, 0.0)
+        if trial.number == 1:
+            trial.study.stop()  # as Optuna documents: from the objective
+        return x
+
+    study.optimize(objective, n_trials=5)
+    assert len(study.trials) == 2  # stopped after trial 1
+    study.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=1)  # the study goes on
+    assert len(study.trials) == 3
+
+    judged = study.ask()  # the threshold pruner judges step 0 (no warm-up given)
+    judged.suggest_float("x", 0.0, 1.0)
+    judged.report(5.0, 0)
+    assert judged.should_prune()
+    study.tell(judged, state=optuna.trial.TrialState.PRUNED)
+
+    told = study.ask()
+    with pytest.raises(ValueError, match="Cannot tell with state TrialState.RUNNING"):
+        study.tell(told, 1.0, state=optuna.trial.TrialState.RUNNING)
+    with pytest.raises(ValueError, match="Values cannot be specified"):
+        study.tell(told, 1.0, state=optuna.trial.TrialState.FAIL)
+    with pytest.warns(UserWarning, match="number of the values 2 did not match"):
+        assert study.tell(told, [1.0, 2.0]).state == optuna.trial.TrialState.FAIL
+
+    with pytest.raises(optuna.exceptions.DuplicatedStudyError):
+        optuna.create_study(storage=server.url, study_name="habits")
+    with pytest.raises(KeyError):
+        optuna.load_study(storage=server.url, study_name="no-such-study")
+    with pytest.raises(KeyError):
+        optuna.delete_study(storage=server.url, study_name="no-such-study")
+    assert issubclass(optuna.TrialPruned, optuna.exceptions.OptunaError)
+
+    with pytest.raises(TypeError):
+        optuna.create_trial(vaule=1.0)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="supposed to be set for a complete trial"):
+        optuna.create_trial(params={"x": 0.5})
+    with pytest.raises(ValueError, match="isn't contained"):
+        dist = optuna.distributions.FloatDistribution(0.0, 1.0)
+        optuna.create_trial(params={"x": 2.0}, distributions={"x": dist}, value=1.0)
+    with pytest.raises(ValueError, match="low <= high"):
+        optuna.distributions.FloatDistribution(1.0, 0.0)
+    with pytest.raises(NotImplementedError, match="constraints"):
+        optuna.samplers.TPESampler(constraints_func=lambda t: [0.0])
+
+    # skip_if_exists compares the values enqueued, not the params the trial also suggested
+    queued = optuna.create_study(storage=server.url, study_name="queued")
+    queued.enqueue_trial({"x": 0.5})
+    queued.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_float("y", 0, 1), 1)
+    queued.enqueue_trial({"x": 0.5}, skip_if_exists=True)
+    assert [t.state for t in queued.trials] == [optuna.trial.TrialState.COMPLETE]
+
+    capped = optuna.create_study(storage=server.url, study_name="capped")
+    capped.optimize(
+        lambda t: t.suggest_float("x", 0, 1),
+        n_trials=10,
+        callbacks=[optuna.study.MaxTrialsCallback(3)],
+    )
+    assert len(capped.trials) == 3
+    first = capped.trials[0]
+    assert first.datetime_start is not None and first.datetime_start.tzinfo is None
+    assert abs((datetime.datetime.now() - first.datetime_start).total_seconds()) < 600
+    assert str(first.state) == "TrialState.COMPLETE"

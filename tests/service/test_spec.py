@@ -206,6 +206,8 @@ def test_condition_values_must_exist_and_cycles_are_refused() -> None:
         ({"pruner": {"type": "asha", "mode": "pause"}}, "pruner.mode"),
         ({"budget": {"max_steps": 0}}, "budget.max_steps"),
         ({"budget": {"max_worker_seconds": 0}}, "budget.max_worker_seconds"),
+        ({"pruner": {"type": "asha", "min_steps": 0}}, "pruner.min_steps"),  # a rung at 0
+        ({"pruner": {"type": "median", "min_steps": -1}}, "pruner.min_steps"),
     ],
 )
 def test_bad_top_level_fields(over: dict, field: str) -> None:
