@@ -47,8 +47,37 @@ _STATES = {
 }
 
 
+class _Suggests:
+    """Optuna's ``suggest_*`` names, each a domain handed to ``_suggest(name, dist)``: the
+    server's answer for a running :class:`Trial`, the stored value for a :class:`FrozenTrial`
+    or a :class:`FixedTrial`."""
+
+    def _suggest(self, name: str, dist: BaseDistribution) -> Any:
+        raise NotImplementedError
+
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float:
+        return self._suggest(name, FloatDistribution(low, high, log=log, step=step))
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
+        return self._suggest(name, IntDistribution(low, high, log=log, step=step))
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        return self._suggest(name, CategoricalDistribution(tuple(choices)))
+
+    def suggest_uniform(self, name: str, low: float, high: float) -> float:
+        return self.suggest_float(name, low, high)
+
+    def suggest_loguniform(self, name: str, low: float, high: float) -> float:
+        return self.suggest_float(name, low, high, log=True)
+
+    def suggest_discrete_uniform(self, name: str, low: float, high: float, q: float) -> float:
+        return self.suggest_float(name, low, high, step=q)
+
+
 @dataclass
-class FrozenTrial:
+class FrozenTrial(_Suggests):
     """A trial's record, Optuna's way: ``number``, ``state``, ``value(s)``, ``params``,
     ``user_attrs``, ``datetime_start`` / ``datetime_complete``, ``duration``."""
 
@@ -79,6 +108,37 @@ class FrozenTrial:
     @property
     def last_step(self) -> int | None:
         return max(self.intermediate_values) if self.intermediate_values else None
+
+    # An objective run on a finished trial (``objective(study.best_trial)``, as in Optuna):
+    # its suggest_* answer the trial's values, reports go nowhere, nothing is pruned.
+    def _suggest(self, name: str, dist: BaseDistribution) -> Any:
+        if name not in self.params:
+            raise ValueError(
+                f"The value of the parameter '{name}' is not found. Please set it at the "
+                "construction of the trial."
+            )
+        if name in self.distributions:
+            _check_same_kind(self.distributions[name], dist)
+        value = self.params[name]
+        if not dist.contains(value):
+            warnings.warn(
+                f"The value {value!r} of the parameter '{name}' is out of the range of the "
+                f"distribution {dist}.",
+                stacklevel=3,
+            )
+        return value
+
+    def report(self, value: float, step: int) -> None:
+        """Nothing to do: a finished (or fixed) trial stores no reports."""
+
+    def should_prune(self) -> bool:
+        return False
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self.user_attrs[key] = value
+
+    def set_system_attr(self, key: str, value: Any) -> None:
+        self.system_attrs[key] = value
 
     @classmethod
     def from_record(cls, record: TrialRecord) -> FrozenTrial:
@@ -150,7 +210,15 @@ def create_trial(
     )
 
 
-class Trial(TrialHandle):
+class FixedTrial(FrozenTrial):
+    """Optuna's FixedTrial: an objective run outside any study on these ``params``
+    (``objective(FixedTrial({"lr": 0.01}))``): each suggest_* answers its value."""
+
+    def __init__(self, params: Mapping[str, Any], number: int = 0) -> None:
+        super().__init__(number=number, state=TrialState.RUNNING, values=None, params=dict(params))
+
+
+class Trial(_Suggests, TrialHandle):
     """The trial an objective gets: ``suggest_*`` ask the server for a parameter's value
     (learned into the study's space on first use), ``report(value, step)`` streams the
     objective, ``should_prune()`` says whether the pruner stopped it."""
@@ -173,26 +241,6 @@ class Trial(TrialHandle):
     @params.setter
     def params(self, value: dict[str, Any]) -> None:
         self._fixed = dict(value)
-
-    def suggest_float(
-        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
-    ) -> float:
-        return self._suggest(name, FloatDistribution(low, high, log=log, step=step))
-
-    def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
-        return self._suggest(name, IntDistribution(low, high, log=log, step=step))
-
-    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
-        return self._suggest(name, CategoricalDistribution(tuple(choices)))
-
-    def suggest_uniform(self, name: str, low: float, high: float) -> float:
-        return self.suggest_float(name, low, high)
-
-    def suggest_loguniform(self, name: str, low: float, high: float) -> float:
-        return self.suggest_float(name, low, high, log=True)
-
-    def suggest_discrete_uniform(self, name: str, low: float, high: float, q: float) -> float:
-        return self.suggest_float(name, low, high, step=q)
 
     def report(self, value: Any, step: Any) -> bool:  # type: ignore[override]
         """Optuna's ``report(value, step)`` (hpo's ``report(step, {name: value})`` works too).

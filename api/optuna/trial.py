@@ -1,5 +1,5 @@
 """``optuna.trial``: the trial classes and states."""
 
-from ._trial import FrozenTrial, Trial, TrialState, create_trial
+from ._trial import FixedTrial, FrozenTrial, Trial, TrialState, create_trial
 
-__all__ = ["FrozenTrial", "Trial", "TrialState", "create_trial"]
+__all__ = ["FixedTrial", "FrozenTrial", "Trial", "TrialState", "create_trial"]

@@ -506,3 +506,15 @@ def test_a_ported_scripts_habits_behave_as_in_optuna(
     assert first.datetime_start is not None and first.datetime_start.tzinfo is None
     assert abs((datetime.datetime.now() - first.datetime_start).total_seconds()) < 600
     assert str(first.state) == "TrialState.COMPLETE"
+
+    # the objective re-run on a finished trial's values, or on values of one's own
+    def rerun(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0, 1)
+        trial.report(x, 0)
+        assert not trial.should_prune()
+        return x
+
+    assert rerun(capped.best_trial) == capped.best_value
+    assert rerun(optuna.trial.FixedTrial({"x": 0.25})) == 0.25
+    with pytest.raises(ValueError, match="'x' is not found"):
+        rerun(optuna.trial.FixedTrial({"y": 0.25}))
