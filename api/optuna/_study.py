@@ -155,6 +155,8 @@ class Study:
             if not skip_if_finished:
                 raise ValueError(f"Cannot tell a finished trial: {exc}") from exc
             record = self._study.client.trial(hpo_client._trial_id(ref))
+        except errors.InvalidInput as exc:  # values the study refuses (their number...)
+            raise ValueError(str(exc)) from exc
         finally:
             self._asked.pop(number, None)
         return FrozenTrial.from_record(record)
@@ -403,10 +405,13 @@ def delete_study(*, study_name: str, storage: str | None = None) -> None:
 
 
 def _existing(storage: str | None, study_name: str) -> hpo_client.Study:
+    missing = f"Record does not exist: no study named {study_name!r}"
+    if str(study_name).isdigit():  # a name, never an id: no study is named with digits only
+        raise KeyError(missing)
     try:
         return _client(storage).study(study_name)
-    except errors.StudyNotFound as exc:
-        raise KeyError(f"Record does not exist: no study named {study_name!r}") from exc
+    except errors.NotFound as exc:
+        raise KeyError(missing) from exc
 
 
 class MaxTrialsCallback:

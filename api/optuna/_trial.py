@@ -119,6 +119,7 @@ class FrozenTrial(_Suggests):
             )
         if name in self.distributions:
             _check_same_kind(self.distributions[name], dist)
+        self.distributions[name] = dist
         value = self.params[name]
         if not dist.contains(value):
             warnings.warn(
@@ -126,6 +127,8 @@ class FrozenTrial(_Suggests):
                 f"distribution {dist}.",
                 stacklevel=3,
             )
+        if isinstance(dist, IntDistribution) and isinstance(value, float) and value.is_integer():
+            return int(value)  # as Optuna answers an int parameter given as 3.0
         return value
 
     def report(self, value: float, step: int) -> None:

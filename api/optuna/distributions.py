@@ -8,13 +8,16 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
-    """Optuna's checks of a numeric distribution (ValueError)."""
+def _check_range(low: float, high: float, log: bool, step: float | None, *, least: float) -> None:
+    """Optuna's checks of a numeric distribution (ValueError): ``least`` is the lowest
+    ``low`` a log scale takes (above 0 for floats, 1 for integers); ``step`` is None or 1
+    on a log scale (a float's None, an integer's 1)."""
     if low > high:
         raise ValueError(f"`low <= high` must hold, but got ({low=}, {high=}).")
-    if log and low <= 0.0:
-        raise ValueError(f"`low > 0` must hold for `log=True`, but got ({low=}, {high=}).")
-    if log and step is not None and step != 1:
+    if log and not (low > 0.0 and low >= least):
+        bound = "> 0" if least == 0 else f">= {least:g}"
+        raise ValueError(f"`low {bound}` must hold for `log=True`, but got ({low=}).")
+    if log and step is not None:
         raise ValueError("The parameter `step` is not supported when `log` is true.")
     if step is not None and step <= 0:
         raise ValueError(f"`step > 0` must hold, but got {step=}.")
@@ -35,7 +38,7 @@ class FloatDistribution:
     step: float | None = None
 
     def __post_init__(self) -> None:
-        _check_range(self.low, self.high, self.log, self.step)
+        _check_range(self.low, self.high, self.log, self.step, least=0.0)
 
     def contains(self, value: Any) -> bool:
         """Whether ``value`` is one of this distribution's."""
@@ -62,7 +65,8 @@ class IntDistribution:
     step: int = 1
 
     def __post_init__(self) -> None:
-        _check_range(self.low, self.high, self.log, self.step)
+        step = None if self.step == 1 else self.step
+        _check_range(self.low, self.high, self.log, step, least=1)
 
     def contains(self, value: Any) -> bool:
         """Whether ``value`` is one of this distribution's."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 
 import pytest
 
@@ -474,6 +475,12 @@ def test_a_ported_scripts_habits_behave_as_in_optuna(
         optuna.load_study(storage=server.url, study_name="no-such-study")
     with pytest.raises(KeyError):
         optuna.delete_study(storage=server.url, study_name="no-such-study")
+    with pytest.raises(KeyError):  # a name of digits is a name, not the id of some study
+        optuna.load_study(storage=server.url, study_name=str(study._study.id))
+    other_kind = study.ask()  # "x" was learned as a float: the server refuses an int (422)
+    with pytest.raises(ValueError, match="x"):
+        other_kind.suggest_int("x", 0, 10)
+    study.tell(other_kind, state=optuna.trial.TrialState.FAIL)
     assert issubclass(optuna.TrialPruned, optuna.exceptions.OptunaError)
 
     with pytest.raises(TypeError):
@@ -518,3 +525,18 @@ def test_a_ported_scripts_habits_behave_as_in_optuna(
     assert rerun(optuna.trial.FixedTrial({"x": 0.25})) == 0.25
     with pytest.raises(ValueError, match="'x' is not found"):
         rerun(optuna.trial.FixedTrial({"y": 0.25}))
+
+
+def test_trial_times_are_naive_local_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stored time (UTC) reads back as Optuna's do: naive, in the machine's time zone."""
+    from hpo.api.optuna._trial import _local
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        noon_utc = datetime.datetime(2026, 1, 15, 12, 0, tzinfo=datetime.timezone.utc)
+        assert _local(noon_utc) == datetime.datetime(2026, 1, 15, 7, 0)  # EST, UTC-5
+        assert _local(None) is None
+    finally:
+        monkeypatch.undo()
+        time.tzset()
