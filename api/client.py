@@ -32,7 +32,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,13 @@ from hpo.api.objective import TrialHandle, run_trial
 from hpo.api.retry import ACTED_BEFORE, Outage, RetryPolicy, send
 from hpo.service import errors
 from hpo.service.export import newest_versions
-from hpo.service.records import Lineage, MetricPointRecord, StudyRecord, TrialRecord
+from hpo.service.records import (
+    Lineage,
+    MetricPointRecord,
+    StudyRecord,
+    TrialMetricPoint,
+    TrialRecord,
+)
 from hpo.service.spec import StudySpec
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -646,14 +652,30 @@ class Study:
         data = self.client._json("GET", f"/trials/{_trial_id(trial)}/metrics", params=params)
         return [MetricPointRecord.model_validate(p) for p in data["points"]]
 
+    def study_metrics(
+        self, name: str | None = None, *, page_trials: int = 100
+    ) -> Iterator[TrialMetricPoint]:
+        """Every metric point of every trial (of metric ``name``), trial by trial, each
+        trial's in step order (of a step reported by several attempts, the newest
+        attempt's), read a page of ``page_trials`` trials at a time."""
+        after = None
+        while True:
+            params: dict[str, Any] = {"limit": page_trials}
+            if name:
+                params["name"] = name
+            if after is not None:
+                params["after"] = after
+            data = self.client._json("GET", f"/studies/{self.id}/metrics", params=params)
+            yield from (TrialMetricPoint.model_validate(p) for p in data["points"])
+            after = data["cursor"]
+            if after is None:
+                return
+
     def metrics_dataframe(self, name: str | None = None) -> Any:
         """Every metric point of every trial: trial number, step, name, value, time."""
-        pd = _pandas()
-        rows = []
-        for t in self.trials():
-            for p in self.metrics(t.id, name):
-                rows.append({"number": t.number, "trial_id": t.id, **p.model_dump()})
-        return pd.DataFrame(rows, columns=["number", "trial_id", "step", "name", "value", "time"])
+        columns = ["number", "trial_id", "step", "name", "value", "time"]
+        rows = [p.model_dump(include=set(columns)) for p in self.study_metrics(name)]
+        return _pandas().DataFrame(rows, columns=columns)
 
     def export_csv(self) -> str:
         return self.client.request("GET", f"/api/v1/studies/{self.id}/export.csv").text

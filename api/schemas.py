@@ -18,7 +18,13 @@ from pydantic import (
     with_config,
 )
 
-from hpo.service.records import MetricInput, MetricPointRecord, StudyRecord, TrialRecord
+from hpo.service.records import (
+    MetricInput,
+    MetricPointRecord,
+    StudyRecord,
+    TrialMetricPoint,
+    TrialRecord,
+)
 from hpo.service.spec import MAX_OBJECTIVES, MAX_PARAMS, MetricName, Number, ParamValue, no_nul
 from hpo.service.warmstart import MAX_IMPORT
 
@@ -130,6 +136,13 @@ class TrialPage(BaseModel):
 
 class MetricPage(BaseModel):
     points: list[MetricPointRecord]
+
+
+class StudyMetricPage(BaseModel):
+    points: list[TrialMetricPoint]
+    cursor: int | None = Field(
+        description="Pass as `after` for the next page; null when no trial is left."
+    )
 
 
 class BestAnswer(BaseModel):

@@ -206,3 +206,10 @@ class MetricPointRecord(_Record):
     value: float
     time: datetime
     attempt: int = 1
+
+
+class TrialMetricPoint(MetricPointRecord):
+    """A metric point with the trial it belongs to (a study's points read together)."""
+
+    trial_id: int
+    number: int

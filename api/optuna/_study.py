@@ -20,7 +20,9 @@ from typing import Any
 from hpo.api import client as hpo_client
 from hpo.api.objective import run_trial
 from hpo.service import errors
+from hpo.service.records import TrialRecord
 
+from ._trial import _STATES as _STATE_OF
 from ._trial import FrozenTrial, Trial, TrialState
 from .exceptions import DuplicatedStudyError
 from .pruners import BasePruner, MedianPruner
@@ -159,7 +161,23 @@ class Study:
             raise ValueError(str(exc)) from exc
         finally:
             self._asked.pop(number, None)
-        return FrozenTrial.from_record(record)
+        return self._frozen(record)
+
+    def _frozen(self, record: TrialRecord) -> FrozenTrial:
+        """One trial as Optuna shows it, with its reports (read when it has any)."""
+        reported = {}
+        if record.last_step is not None and len(self.directions) == 1:
+            points = self._study.metrics(record.id, self._metric)
+            reported = {p.step: p.value for p in points}
+        return FrozenTrial.from_record(record, reported, self._space(record.params))
+
+    def _space(self, names: Iterable[str]) -> dict[str, Any]:
+        """The study's space, read again when it lacks one of ``names`` (a parameter
+        learned since this object read it)."""
+        space = self._study._record.spec.get("space") or {}
+        if any(name not in space for name in names):
+            space = self._study.refresh().spec.get("space") or {}
+        return space
 
     def _by_number(self, number: int) -> Any:
         """The trial numbered ``number`` in this study: asked through this object (with its
@@ -202,11 +220,18 @@ class Study:
     def get_trials(
         self, deepcopy: bool = True, states: Iterable[TrialState] | None = None
     ) -> list[FrozenTrial]:
-        out = [FrozenTrial.from_record(r) for r in self._study.trials()]
+        """The study's trials with their reports (``intermediate_values``: the objective's
+        points, read together) and the distributions of their parameters."""
+        records = self._study.trials()
         if states is not None:
             wanted = set(states)
-            out = [t for t in out if t.state in wanted]
-        return out
+            records = [r for r in records if _STATE_OF[str(r.state)] in wanted]
+        reported: dict[int, dict[int, float]] = {}
+        if len(self.directions) == 1 and any(r.last_step is not None for r in records):
+            for p in self._study.study_metrics(self._metric):
+                reported.setdefault(p.trial_id, {})[p.step] = p.value
+        space = self._space(name for r in records for name in r.params)
+        return [FrozenTrial.from_record(r, reported.get(r.id), space) for r in records]
 
     @property
     def best_trial(self) -> FrozenTrial:
@@ -215,11 +240,11 @@ class Study:
         best = self._study.best_trial
         if best is None:
             raise ValueError("no trials are completed yet")
-        return FrozenTrial.from_record(best)
+        return self._frozen(best)
 
     @property
     def best_trials(self) -> list[FrozenTrial]:
-        return [FrozenTrial.from_record(r) for r in self._study.best_trials]
+        return [self._frozen(r) for r in self._study.best_trials]
 
     @property
     def best_value(self) -> float:
@@ -343,7 +368,7 @@ class _Run:
             trial = Trial(self.study, asked)
             run_trial(client_study, self.func, trial, self.catch, self.interval_s)
             if self.callbacks:
-                frozen = FrozenTrial.from_record(client_study.client.trial(asked.trial_id))
+                frozen = self.study._frozen(client_study.client.trial(asked.trial_id))
                 for callback in self.callbacks:
                     callback(self.study, frozen)
 

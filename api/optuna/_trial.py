@@ -20,6 +20,7 @@ from .distributions import (
     CategoricalDistribution,
     FloatDistribution,
     IntDistribution,
+    from_param,
 )
 
 
@@ -144,10 +145,22 @@ class FrozenTrial(_Suggests):
         self.system_attrs[key] = value
 
     @classmethod
-    def from_record(cls, record: TrialRecord) -> FrozenTrial:
+    def from_record(
+        cls,
+        record: TrialRecord,
+        intermediate_values: Mapping[int, float] | None = None,
+        space: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> FrozenTrial:
+        """The trial as Optuna shows it, with the objective's reports ``intermediate_values``
+        and the distributions of its parameters in the study's ``space``, when given."""
         values = record.values if record.values is not None else None
         if values is None and record.value is not None:
             values = [record.value]
+        distributions = {}
+        for name in record.params:
+            dist = from_param(space[name]) if space and name in space else None
+            if dist is not None:
+                distributions[name] = dist
         return cls(
             number=record.number,
             state=_STATES[str(record.state)],
@@ -156,6 +169,8 @@ class FrozenTrial(_Suggests):
             user_attrs=dict(record.user_attrs),
             datetime_start=_local(record.started_at),
             datetime_complete=_local(record.finished_at),
+            intermediate_values=dict(intermediate_values or {}),
+            distributions=distributions,
             trial_id=record.id,
         )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,5 +100,32 @@ class CategoricalDistribution:
 
 
 BaseDistribution = FloatDistribution | IntDistribution | CategoricalDistribution
+
+
+def from_param(param: Mapping[str, Any]) -> BaseDistribution | None:
+    """The distribution of a parameter of a study's space (as the server stores it): a
+    domain of explicit ``values`` is categorical over them; None for a type not mapped."""
+    kind = param.get("type")
+    if param.get("values") is not None and kind in ("float", "int"):
+        return CategoricalDistribution(tuple(param["values"]))
+    if kind == "float":
+        step = param.get("step")
+        return FloatDistribution(
+            float(param["low"]),
+            float(param["high"]),
+            log=bool(param.get("log")),
+            step=None if step is None else float(step),
+        )
+    if kind == "int":
+        return IntDistribution(
+            int(param["low"]),
+            int(param["high"]),
+            log=bool(param.get("log")),
+            step=int(param.get("step") or 1),
+        )
+    if kind == "categorical":
+        return CategoricalDistribution(tuple(param["choices"]))
+    return None
+
 
 __all__ = ["BaseDistribution", "CategoricalDistribution", "FloatDistribution", "IntDistribution"]

@@ -20,6 +20,7 @@ from hpo.api.schemas import (
     EnqueueBody,
     ImportAnswer,
     ImportBody,
+    StudyMetricPage,
     StudyPage,
     StudyPatch,
     TrialPage,
@@ -196,6 +197,23 @@ def list_trials(
         return TrialPage(trials=trials, cursor=cursor)
 
     return answer(request, tag, page)
+
+
+@router.get(
+    "/{study_id}/metrics", response_model=StudyMetricPage, operation_id="list_study_metrics"
+)
+def study_metrics(
+    study_id: StudyId,
+    storage: Reader,
+    name: QueryText = None,
+    after: Cursor = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> StudyMetricPage:
+    """The study's metric points (of metric ``name``), trial by trial in id order, each
+    trial's in step order as ``/trials/{id}/metrics`` gives them: at most ``limit`` trials a
+    page (fewer when they hold over 100,000 points); pass ``cursor`` back as ``after``."""
+    points, cursor = storage.study_metrics(study_id, name=name, after=after, limit=limit)
+    return StudyMetricPage(points=points, cursor=cursor)
 
 
 @router.get("/{study_id}/best", response_model=BestAnswer, operation_id="get_best")

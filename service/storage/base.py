@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from hpo.service.attempts import AttemptToken
-from hpo.service.records import Lineage, MetricPointRecord, StudyRecord, TrialRecord
+from hpo.service.records import (
+    Lineage,
+    MetricPointRecord,
+    StudyRecord,
+    TrialMetricPoint,
+    TrialRecord,
+)
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import curves, metrics, studies, trials
@@ -208,6 +214,20 @@ class Storage(Transactions):
         with self.read() as s:
             trials.get_trial(s, trial_id)
             return metrics.of_trial(s, trial_id, name=name, since_step=since_step, limit=limit)
+
+    def study_metrics(
+        self,
+        study_id: int,
+        *,
+        name: str | None = None,
+        after: int | None = None,
+        limit: int = 100,
+    ) -> tuple[list[TrialMetricPoint], int | None]:
+        """A page of the study's metric points, trial by trial (:func:`metrics.of_study`),
+        and the cursor of the next page (None at the end). Raises StudyNotFound."""
+        with self.read() as s:
+            studies.get(s, study_id)
+            return metrics.of_study(s, study_id, name=name, after=after, limit=limit)
 
     def curves_page(
         self,

@@ -21,9 +21,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from hpo.service.db.models import MetricPoint, Trial, utcnow
-from hpo.service.records import MetricInput, MetricPointRecord
+from hpo.service.records import MetricInput, MetricPointRecord, TrialMetricPoint
 from hpo.service.states import FINISHED_TRIAL_STATES, TrialState
 from hpo.service.storage import curves
+
+_CHUNK = 500  # trial ids per IN (...) list: SQLite caps the variables of one statement
 
 
 def add(
@@ -281,6 +283,61 @@ def of_trial(
         MetricPointRecord(step=step, name=metric, value=value, time=time, attempt=attempt)
         for step, metric, value, time, attempt in islice(newest, max(0, limit))
     ]
+
+
+def of_study(
+    session: Session,
+    study_id: int,
+    *,
+    name: str | None = None,
+    after: int | None = None,
+    limit: int = 100,
+    max_points: int = 100_000,
+) -> tuple[list[TrialMetricPoint], int | None]:
+    """A page of the study's points (of metric ``name``), trial by trial in id order from the
+    first trial whose id is above ``after``, each trial's as :func:`of_trial` gives them: at
+    most ``limit`` trials, and no trial begun past ``max_points`` points (a page holds one
+    trial at least). Returns the points and the cursor to pass as ``after`` for the next page
+    (None once no trial is left)."""
+    trials = session.execute(
+        select(Trial.id, Trial.number)
+        .where(Trial.study_id == study_id, Trial.id > (after if after is not None else -1))
+        .order_by(Trial.id)
+        .limit(limit)
+    ).all()
+    out: list[TrialMetricPoint] = []
+    for start in range(0, len(trials), _CHUNK):
+        chunk = dict(trials[start : start + _CHUNK])
+        stmt = (
+            select(
+                MetricPoint.trial_id,
+                MetricPoint.step,
+                MetricPoint.name,
+                MetricPoint.value,
+                MetricPoint.time,
+                MetricPoint.attempt,
+            )
+            .where(MetricPoint.trial_id.in_(list(chunk)))
+            .order_by(MetricPoint.trial_id, MetricPoint.step, MetricPoint.id)
+        )
+        if name is not None:
+            stmt = stmt.where(MetricPoint.name == name)
+        for trial_id, rows in groupby(session.execute(stmt), key=itemgetter(0)):
+            if out and len(out) >= max_points:
+                return out, out[-1].trial_id  # this trial begins the next page
+            out.extend(
+                TrialMetricPoint(
+                    trial_id=trial_id,
+                    number=chunk[trial_id],
+                    step=step,
+                    name=metric,
+                    value=value,
+                    time=time,
+                    attempt=attempt,
+                )
+                for step, metric, value, time, attempt in _newest_per_step(r[1:] for r in rows)
+            )
+    return out, (trials[-1][0] if len(trials) == limit else None)
 
 
 def _newest_per_step(rows: Iterable[Any]) -> Iterator[Any]:

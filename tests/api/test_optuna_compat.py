@@ -540,3 +540,51 @@ def test_trial_times_are_naive_local_times(monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_trials_read_back_carry_their_reports_and_distributions(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As Optuna's: a trial read back has the objective's reports as ``intermediate_values``
+    (every trial's, read together for ``get_trials``) and its parameters' distributions."""
+    monkeypatch.setenv("HPO_TOKEN", server.token)
+    study = optuna.create_study(
+        storage=server.url, study_name="read-back", pruner=optuna.pruners.NopPruner()
+    )
+    seen: dict[int, dict[int, float]] = {}
+
+    def reporting(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        trial.suggest_int("n", 1, 8, log=True)
+        trial.suggest_categorical("opt", ["a", "b"])
+        for step in range(trial.number):  # trial k reports steps 0 .. k - 1
+            trial.report(x + step, step)
+        return x
+
+    def note(_study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        seen[frozen.number] = frozen.intermediate_values
+
+    study.optimize(reporting, n_trials=4, callbacks=[note])
+    asked = study.ask()
+    x = asked.suggest_float("x", 0.0, 1.0)
+    asked.report(0.25, 7)
+    told = study.tell(asked, x)
+    assert told.intermediate_values == {7: 0.25}
+    assert told.distributions == {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    for t in trials[:4]:
+        expected = {step: t.params["x"] + step for step in range(t.number)}
+        assert t.intermediate_values == expected == seen[t.number]
+        assert t.distributions == {
+            "x": optuna.distributions.FloatDistribution(0.0, 1.0),
+            "n": optuna.distributions.IntDistribution(1, 8, log=True),
+            "opt": optuna.distributions.CategoricalDistribution(("a", "b")),
+        }
+    assert trials[4].intermediate_values == {7: 0.25}
+    best = study.best_trial
+    assert best.intermediate_values == trials[best.number].intermediate_values
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert [t.intermediate_values for t in complete] == [t.intermediate_values for t in trials]
+    assert study.get_trials(states=(optuna.trial.TrialState.PRUNED,)) == []

@@ -762,6 +762,46 @@ def test_metrics_and_change_feed(server: ServerProcess, subtests: pytest.Subtest
             check_trials_since_cursor_state_filter_and_etag(http)
         with subtests.test("study ETag holds while curves grow"):
             check_metric_points_keep_the_study_etag_and_move_the_curves(http)
+        with subtests.test("a study's points, a page of trials at a time"):
+            check_study_points_a_page_of_trials_at_a_time(http)
+
+
+def check_study_points_a_page_of_trials_at_a_time(http: httpx.Client) -> None:
+    sid = create(http, "study-points")["id"]
+    tids = [ask(http, sid)["trial_id"] for _ in range(5)]
+    for i, tid in enumerate(tids):  # trial i reports steps 0 .. i - 1 of two metrics
+        for step in range(i):
+            report(http, tid, step, float(10 * i + step))
+            report(http, tid, step, 0.5, name="acc")
+    url = f"{API}/studies/{sid}/metrics"
+    pages, after = [], None
+    while True:
+        params: dict[str, Any] = {"name": "loss", "limit": 2}
+        if after is not None:
+            params["after"] = after
+        r = http.get(url, params=params)
+        assert r.status_code == 200, r.text
+        pages.append(r.json()["points"])
+        after = r.json()["cursor"]
+        if after is None:
+            break
+    assert len(pages) == 3, pages  # 5 trials, 2 a page
+    got = [(p["trial_id"], p["number"], p["step"], p["name"], p["value"]) for g in pages for p in g]
+    assert got == [
+        (tid, i, step, "loss", float(10 * i + step))
+        for i, tid in enumerate(tids)
+        for step in range(i)
+    ]
+    every = http.get(url, params={"limit": 1000}).json()
+    assert every["cursor"] is None and len(every["points"]) == 2 * sum(range(5))
+    for tid in tids:  # each trial's points as its own route gives them, in that order
+        own = http.get(f"{API}/trials/{tid}/metrics").json()["points"]
+        mine = [p for p in every["points"] if p["trial_id"] == tid]
+        assert [{k: p[k] for k in own[0]} for p in mine] == own if own else not mine
+    assert http.get(url, params={"name": "nope"}).json() == {"points": [], "cursor": None}
+    assert_error(http.get(f"{API}/studies/999999/metrics"), 404, field="study_id")
+    assert_error(http.get(url, params={"limit": 0}), 422, field="query.limit")
+    assert_error(http.get(url, params={"after": -1}), 422, field="query.after")
 
 
 def test_lease_expiry_over_http(server: ServerProcess) -> None:

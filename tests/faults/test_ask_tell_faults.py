@@ -12,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.conftest import ServerProcess, simple_spec
+from tests.conftest import ServerProcess, assert_each_point_stored_once, simple_spec
 from tests.faults.conftest import OwnPostgres
 
 
@@ -51,8 +52,11 @@ def test_keyed_asks_with_clashing_params_through_two_servers_make_one_trial(tmp_
 
 
 def test_a_20_s_outage_under_an_ask_tell_loop_loses_and_doubles_nothing(
-    own_postgres: OwnPostgres, tmp_path: Path
+    own_postgres: OwnPostgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A client's own ask/tell loop and an Optuna script on ``hpo.optuna`` (define-by-run
+    suggestions, reports, pruning checks) run through the same 20-s outage."""
+    import hpo.optuna as optuna
     from hpo.api.client import Client
 
     with ServerProcess(own_postgres.url, tmp_path, {"HPO_SCHEDULER": "false"}) as server:
@@ -60,6 +64,29 @@ def test_a_20_s_outage_under_an_ask_tell_loop_loses_and_doubles_nothing(
         study = client.create_study(simple_spec("outage-loop", lease_s=600))
         done, errors, health = [], [], Counter()
         stop = threading.Event()
+        monkeypatch.setenv("HPO_TOKEN", server.token)
+        ported = optuna.create_study(storage=server.url, study_name="outage-optuna")
+        objectives: list[int] = []  # numbers of the trials whose objective ran to its end
+
+        def objective(trial: optuna.Trial) -> float:
+            x = trial.suggest_float("x", -10, 10)
+            for step in range(3):
+                trial.report(x * x + 3 - step, step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+                time.sleep(0.05)
+            objectives.append(trial.number)
+            return x * x
+
+        def stop_when_told(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+            if stop.is_set():
+                study.stop()
+
+        def optimize() -> None:
+            try:
+                ported.optimize(objective, callbacks=[stop_when_told])
+            except Exception as exc:
+                errors.append(f"optimize: {exc!r}"[:200])
 
         def loop() -> None:
             while not stop.is_set():
@@ -79,12 +106,13 @@ def test_a_20_s_outage_under_an_ask_tell_loop_loses_and_doubles_nothing(
                     health["dropped"] += 1
                 time.sleep(0.2)
 
-        threads = [threading.Thread(target=loop), threading.Thread(target=poll)]
+        threads = [threading.Thread(target=f) for f in (loop, poll, optimize)]
         for t in threads:
             t.start()
         time.sleep(2)
         own_postgres.stop("immediate")
         before_outage = len(done)
+        optuna_before = len(objectives)
         time.sleep(20)
         own_postgres.start()
         at_return = len(done)  # (an ask or tell retried through the outage ends after it)
@@ -107,6 +135,26 @@ def test_a_20_s_outage_under_an_ask_tell_loop_loses_and_doubles_nothing(
             t.state for t in trials
         ]
         assert health[503] > 0 and 500 not in health and health["dropped"] == 0, health
+        # The Optuna script went on through the outage: every trial it started ended
+        # (complete, or pruned by the server's pruner), one number each, no gap; each
+        # trial's reports stored once per step.
+        ran = ported.get_trials(deepcopy=False)
+        assert optuna_before > 0 and len(objectives) > optuna_before + 1, (
+            optuna_before,
+            len(objectives),
+        )
+        assert sorted(t.number for t in ran) == list(range(len(ran)))
+        assert {t.state for t in ran} <= {
+            optuna.trial.TrialState.COMPLETE,
+            optuna.trial.TrialState.PRUNED,
+        }, [t.state for t in ran]
+        finished = [t.number for t in ran if t.state == optuna.trial.TrialState.COMPLETE]
+        assert sorted(finished) == sorted(objectives)
+        for t in ran:
+            steps = sorted(t.intermediate_values)
+            assert steps == list(range(len(steps))) and steps, (t.number, steps)
+            assert t.trial_id is not None
+            assert_each_point_stored_once(own_postgres.url, t.trial_id, len(steps))
 
 
 def test_kill_9_in_an_ask_loop_then_a_restart_hands_the_lost_trial_out_again(

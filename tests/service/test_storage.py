@@ -923,3 +923,40 @@ def test_a_study_whose_page_needs_a_fit_is_found_at_start(service: StudyService)
     t = service.ask(big)
     service.tell(t.id, value=2.0)  # the study changed since
     assert analyses.any_unkept_past(storage, 2, first)
+
+
+def test_a_studys_points_come_a_page_of_trials_at_a_time(service: StudyService) -> None:
+    """``metrics.of_study``: each trial's points as ``of_trial`` gives them (of a step two
+    attempts reported, the newest attempt's), trials in id order; a page ends at a trial
+    boundary once it holds ``max_points``, and the cursor resumes after its last trial."""
+    from hpo.service.executor import FailureClass
+
+    sid = service.create_study(StudySpec.model_validate(simple_spec("pages", max_retries=1))).id
+    asked = [service.ask(sid) for _ in range(4)]
+    for i, t in enumerate(asked):  # trial i: steps 0 .. 2, value 10 i + step
+        points = [MetricInput(step, "loss", 10.0 * i + step) for step in range(3)]
+        service.report(t.id, points, attempt=1)
+    service.fail_attempt(asked[0].id, "lost", failure_class=FailureClass.INFRASTRUCTURE)
+    again = service.ask(sid)
+    assert (again.id, again.attempt) == (asked[0].id, 2)
+    service.report(again.id, [MetricInput(1, "loss", -1.0)], attempt=2)
+    own = {t.id: service.storage.metrics(t.id) for t in asked}
+    assert [p.value for p in own[asked[0].id]] == [0.0, -1.0, 2.0]
+
+    def pages(max_points: int, limit: int) -> list[list[tuple[int, int, float]]]:
+        out, after = [], None
+        while True:
+            with service.storage.read() as s:
+                page, after = metrics.of_study(
+                    s, sid, after=after, limit=limit, max_points=max_points
+                )
+            out.append([(p.trial_id, p.step, p.value) for p in page])
+            if after is None:
+                return out
+
+    every = [(t.id, p.step, p.value) for t in asked for p in own[t.id]]
+    assert pages(100, 100) == [every]
+    assert [len(p) for p in pages(4, 100)] == [6, 6]  # a page holds whole trials
+    assert [len(p) for p in pages(1, 100)] == [3, 3, 3, 3]
+    assert [len(p) for p in pages(100, 3)] == [9, 3]
+    assert [p for page in pages(2, 1) for p in page] == every
