@@ -276,7 +276,7 @@ def fail(
     kind = FailureClass(failure_class)
     if kind == FailureClass.INFRASTRUCTURE and trial.infra_failures >= MAX_INFRA_FAILURES:
         kind = FailureClass.TRAINABLE  # past the cap, a loss spends a retry like any failure
-    if _retried(study, trial, kind):
+    if _retried(s, study, trial, kind):
         if trial.state == TrialState.WAITING:
             return
         detail = f"{_tag(kind)}attempt {trial.attempts}: {reason}; retrying"
@@ -302,14 +302,19 @@ def _tag(kind: FailureClass) -> str:
     return "" if kind == FailureClass.TRAINABLE else f"[{kind}] "
 
 
-def _retried(study: Study, trial: Trial, kind: FailureClass) -> bool:
-    """Whether a failure of ``kind`` sends the trial back to waiting."""
+def _retried(s: Session, study: Study, trial: Trial, kind: FailureClass) -> bool:
+    """Whether a failure of ``kind`` sends the trial back to waiting. The attempts counted
+    against ``max_retries`` are those that did not begin by a loss of the infrastructure or
+    by a resume from a pause (a promotion, a PBT step: one per pause in its history)."""
     if study.state != StudyState.RUNNING or kind == FailureClass.DETERMINISTIC:
         return False
     if kind == FailureClass.INFRASTRUCTURE:
         return True
     counted = trial.attempts - (trial.infra_failures or 0)  # this one included
-    return counted <= spec_of(study).max_retries
+    limit = spec_of(study).max_retries
+    if counted > limit and trial.attempts > 1:  # were some of them resumes?
+        counted -= events.count(s, trial.id, TrialState.PAUSED.value)
+    return counted <= limit
 
 
 def stop_active(s: Session, study: Study) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from hpo.service.db.models import Trial, TrialEvent
@@ -22,3 +22,9 @@ def of_trial(session: Session, trial_id: int) -> list[TrialEvent]:
             select(TrialEvent).where(TrialEvent.trial_id == trial_id).order_by(TrialEvent.id)
         )
     )
+
+
+def count(session: Session, trial_id: int, state: str) -> int:
+    """How many lines of the trial's history record a move to ``state``."""
+    stmt = select(func.count()).where(TrialEvent.trial_id == trial_id, TrialEvent.state == state)
+    return int(session.scalar(stmt) or 0)

@@ -333,3 +333,19 @@ def test_a_late_paused_attempt_resumes_from_the_pause_step_not_past_it(
     assert promoted.id == b.id and promoted.attempts == 2
     assert promoted.resume_from == str(saved[0])  # the pause step: the curve has no gap
     assert [p.step for p in service.storage.metrics(b.id)] == [1]
+
+
+def test_a_promotion_spends_no_retry(service: StudyService) -> None:
+    """A resumed attempt is no retry: with ``max_retries: 1`` a promoted trial whose attempt
+    fails is retried once, as a trial that was never paused is, and fails the second time."""
+    spec = simple_spec("resume-no-retry", max_retries=1, pruner={**PROMOTION, "max_steps": 4})
+    study_id = service.create_study(StudySpec.model_validate(spec)).id
+    good, bad = service.ask(study_id), service.ask(study_id)
+    assert report(service, good.id, 1, 0.1) is True and report(service, bad.id, 1, 0.9) is True
+    promoted = service.ask(study_id)  # the top floor(2/2) = 1 of rung 0
+    assert (promoted.id, promoted.attempts) == (good.id, 2)
+    assert service.fail_attempt(good.id, "boom").state == "waiting"
+    retried = service.ask(study_id)
+    assert (retried.id, retried.attempts) == (good.id, 3)
+    failed = service.fail_attempt(good.id, "boom again")
+    assert failed.state == "failed" and failed.error == "boom again"
