@@ -90,6 +90,7 @@ def report(
             study, trial = _running(s, trial_id, lock=False, **fencing)
             if trial is None:
                 return True
+            points = after_pause(trial, points)
             judged = _to_judge(s, study, trial, points)
             verdict = _Verdict(judged, _judge(s, study, trial, points, judged))
     size = POINTS_PER_COMMIT
@@ -175,6 +176,8 @@ def _store_then_lock(
             study, trial = _running(s, trial_id, lock=False, **fencing)
             if trial is None:
                 return True  # nothing was written
+            if len(after_pause(trial, points)) < len(points):
+                raise _Undo  # the usual path leaves those points out
             judged = _to_judge(s, study, trial, points)
             verdict = _Verdict(judged, _judge(s, study, trial, points, judged))
             if verdict.decision is not None or _budgeted(study):
@@ -363,6 +366,24 @@ def _spend_last_steps(
         detail=f"{cut} ({transitions.compute_limit(spec, cut):g}) spent: "
         f"stopped at step {trial.last_step or 0}",
     )
+
+
+def after_pause(trial: Trial, points: Sequence[MetricInput]) -> Sequence[MetricInput]:
+    """The points a trial resumed from a pause (promoted at a rung) may store: none at or
+    before the last step it had stored when it paused. Its rungs keep the values it was
+    ranked and promoted on: an ask/tell client that trains a promoted trial again from its
+    start reports those steps again, and the newest attempt's value would replace them
+    (the rank of others in the rung moved up, and one more of them was promoted). A trial
+    that copied a checkpoint (PBT, a replay) has no pause reason left: its points are all
+    kept. A pause reason from before ``stored_to`` was recorded bounds them by its rung's
+    step."""
+    reason = trial.pause_reason
+    if not reason or not points:
+        return points
+    stored_to = reason.get("stored_to", reason.get("step"))
+    if stored_to is None:
+        return points
+    return [p for p in points if p.step > stored_to]
 
 
 def _store_points(

@@ -146,7 +146,8 @@ def pause(s: Session, study: Study, trial: Trial, reason: dict[str, Any], *, now
     if reason.get("donor_trial_id") is not None:  # pbt exploit
         donor = reason["donor_trial_id"]
         reason = {**reason, "donor_number": trials.numbers(s, [donor]).get(donor)}
-    trial.pause_reason = {**reason, "paused_at": now.isoformat()}
+    # the last step stored as it paused: what a resumed attempt may not report again
+    trial.pause_reason = {**reason, "paused_at": now.isoformat(), "stored_to": trial.last_step}
     set_trial_state(s, study, trial, TrialState.PAUSED, detail=pause_detail(reason), now=now)
     trial.lease_expires_at = None
     trial.progress_expires_at = None

@@ -349,3 +349,34 @@ def test_a_promotion_spends_no_retry(service: StudyService) -> None:
     assert (retried.id, retried.attempts) == (good.id, 3)
     failed = service.fail_attempt(good.id, "boom again")
     assert failed.state == "failed" and failed.error == "boom again"
+
+
+def test_a_resumed_attempt_cannot_rewrite_the_rung_it_was_promoted_on(
+    service: StudyService,
+) -> None:
+    """An ask/tell client that trains a promoted trial again from its start reports the rung's
+    step again: that point is not stored (the rung keeps the value the trial was ranked on),
+    so the others' ranks do not move and no second trial of the rung is promoted past
+    floor(n/η). Steps after the pause are stored as usual."""
+    spec = simple_spec("rung-kept", pruner={**PROMOTION, "max_steps": 8})
+    study_id = service.create_study(StudySpec.model_validate(spec)).id
+    asked = [service.ask(study_id) for _ in range(3)]
+    for t, loss in zip(asked, [0.1, 0.5, 0.9], strict=True):
+        assert report(service, t.id, 1, loss) is True  # all pause at rung 0 (step 1)
+    promoted = service.ask(study_id)  # the top floor(3/2) = 1
+    assert (promoted.id, promoted.attempts) == (asked[0].id, 2)
+    again = [MetricInput(1, "loss", 99.0)]
+    assert service.report(promoted.id, again, attempt=2) is False
+    points = service.storage.metrics(promoted.id)
+    assert [(p.step, p.value, p.attempt) for p in points] == [(1, 0.1, 1)]
+    fresh = service.ask(study_id)  # nothing else is promotable: a new trial
+    assert fresh.number == 3 and fresh.attempts == 1
+    assert states(service, study_id)[1] == "paused"
+    assert (
+        service.report(
+            promoted.id, [MetricInput(1, "loss", 7.0), MetricInput(3, "loss", 0.05)], attempt=2
+        )
+        is True
+    )
+    points = service.storage.metrics(promoted.id)
+    assert [(p.step, p.value, p.attempt) for p in points] == [(1, 0.1, 1), (3, 0.05, 2)]
