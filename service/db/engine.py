@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import asbool
@@ -200,7 +202,7 @@ def upgrade_schema(engine: Engine) -> None:
     from hpo.service.db.models import Base
 
     cfg = alembic_config(engine)
-    with engine.connect() as conn:
+    with engine.connect() as conn, _foreign_keys_deferred(conn):
         cfg.attributes["connection"] = conn
         conn.execution_options(busy_timeout_s=SCHEMA_WAIT_S)  # SQLite's wait for the lock
         with conn.begin():  # alembic runs in it (an external transaction: no commit of its own)
@@ -211,3 +213,46 @@ def upgrade_schema(engine: Engine) -> None:
             else:
                 Base.metadata.create_all(conn)
                 command.stamp(cfg, "head")
+            _check_foreign_keys(conn)
+
+
+def migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
+    """Run the migrations of ``engine``'s database up (or ``down``) to ``revision`` in one
+    transaction, as :func:`upgrade_schema` runs them (a rollback to an older hpo's schema
+    is a migration down to its revision)."""
+    from alembic import command
+
+    cfg = alembic_config(engine)
+    with engine.connect() as conn, _foreign_keys_deferred(conn):
+        cfg.attributes["connection"] = conn
+        with conn.begin():
+            (command.downgrade if down else command.upgrade)(cfg, revision)
+            _check_foreign_keys(conn)
+
+
+@contextmanager
+def _foreign_keys_deferred(conn: Connection) -> Iterator[None]:
+    """SQLite: no foreign key enforced while migrations run on ``conn`` (set before its
+    transaction begins: SQLite ignores the pragma inside one), as Alembic advises for its
+    batch mode. A table that batch mode copies is dropped and made again, and under foreign
+    keys that drop deletes every row referencing it (``ON DELETE CASCADE``): copying
+    ``trials`` emptied the trials' events, parameters and points, and copying ``studies``
+    every trial. :func:`_check_foreign_keys` checks them once, before the commit."""
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    raw = conn.connection.driver_connection
+    raw.execute("PRAGMA foreign_keys=OFF")
+    try:
+        yield
+    finally:
+        raw.execute("PRAGMA foreign_keys=ON")
+
+
+def _check_foreign_keys(conn: Connection) -> None:
+    """SQLite: refuse (roll back) a migration that left a row referencing none."""
+    if conn.dialect.name != "sqlite":
+        return
+    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        raise RuntimeError(f"the migration left rows referencing none: {broken[:5]}")

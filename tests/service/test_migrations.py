@@ -25,15 +25,9 @@ def _differences(engine: Engine) -> list:
 
 def _migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
     """Run the migrations of ``engine``'s database up (or ``down``) to ``revision``."""
-    from alembic import command
+    from hpo.service.db.engine import migrate
 
-    from hpo.service.db.engine import alembic_config
-
-    cfg = alembic_config(engine)
-    with engine.connect() as conn:
-        cfg.attributes["connection"] = conn
-        (command.downgrade if down else command.upgrade)(cfg, revision)
-        conn.commit()
+    migrate(engine, revision, down=down)
 
 
 def _at_revision(engine: Engine, revision: str) -> None:
@@ -285,6 +279,54 @@ def test_upgrading_to_0015_drops_the_points_trial_key_and_a_deleted_study_leaves
         assert [(k["referred_table"], k["options"].get("ondelete")) for k in keys] == [
             ("trials", "CASCADE")
         ]
+    finally:
+        engine.dispose()
+
+
+def test_a_rollback_to_an_old_schema_and_back_keeps_every_row(db_url: str) -> None:
+    """Down to 0005 (an old hpo's schema: every migration that drops a column of ``trials``
+    or ``studies`` runs down) and up again: no study, trial, event, parameter or point is
+    lost on the way, and SQLite's ``trials`` and ``studies`` keep AUTOINCREMENT (deleted ids
+    never come back). On SQLite a copied table used to take every row referencing it with
+    it: the trials' children at 0010, every trial at 0005."""
+    from sqlalchemy import text
+
+    from hpo.service.records import MetricInput
+    from hpo.service.spec import StudySpec
+    from hpo.service.storage import Storage
+    from hpo.service.studies import StudyService
+    from tests.conftest import simple_spec
+
+    tables = ("studies", "trials", "trial_events", "trial_params", "metric_points")
+
+    def counts() -> dict[str, int]:
+        with engine.connect() as conn:
+            return {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one() for t in tables}
+
+    engine = make_engine(db_url)
+    try:
+        upgrade_schema(engine)
+        service = StudyService(Storage(engine))
+        for name in ("a", "b"):
+            study_id = service.create_study(StudySpec.model_validate(simple_spec(name))).id
+            for i in range(3):
+                trial = service.ask(study_id)
+                service.report(
+                    trial.id, [MetricInput(step, "loss", 1.0 / (step + 1)) for step in range(4)]
+                )
+                if i:
+                    service.tell(trial.id, value=float(i))
+        before = counts()
+        assert min(before.values()) > 0, before
+        _migrate(engine, "0005", down=True)
+        assert counts() == before
+        if engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                ddl = dict(conn.execute(text("SELECT name, sql FROM sqlite_master")).all())
+            assert "AUTOINCREMENT" in ddl["trials"] and "AUTOINCREMENT" in ddl["studies"]
+        _migrate(engine, "head")
+        assert counts() == before
+        assert _differences(engine) == []
     finally:
         engine.dispose()
 

@@ -32,3 +32,21 @@ def restore_autoincrement_counter(bind: sa.Connection, table: str, counter: int 
             sa.text("INSERT INTO sqlite_sequence (name, seq) VALUES (:name, :seq)"),
             {"name": table, "seq": counter},
         )
+
+
+def drop_columns(table: str, *columns: str) -> None:
+    """Drop plain columns (no index, key or constraint on them) in place: SQLite 3.35 and
+    later drop a column without copying its table, so the table keeps its AUTOINCREMENT
+    and the rows that reference it stay (Alembic's batch mode copies the table, and its
+    copy has no AUTOINCREMENT); an older SQLite gets the batch copy."""
+    import sqlite3
+
+    from alembic import op
+
+    if op.get_bind().dialect.name == "sqlite" and sqlite3.sqlite_version_info < (3, 35):
+        with op.batch_alter_table(table) as batch:
+            for column in columns:
+                batch.drop_column(column)
+        return
+    for column in columns:
+        op.drop_column(table, column)

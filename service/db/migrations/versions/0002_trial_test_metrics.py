@@ -7,6 +7,8 @@ Revises: 0001
 import sqlalchemy as sa
 from alembic import op
 
+from hpo.service.db.migrations.sqlite_tables import drop_columns
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -19,5 +21,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("trials") as batch:
-        batch.drop_column("test_metrics")
+    drop_columns("trials", "test_metrics")

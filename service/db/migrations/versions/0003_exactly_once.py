@@ -8,6 +8,8 @@ Revises: 0002
 import sqlalchemy as sa
 from alembic import op
 
+from hpo.service.db.migrations.sqlite_tables import drop_columns
+
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -64,12 +66,6 @@ def downgrade() -> None:
     with op.batch_alter_table("metric_points") as batch:
         batch.drop_column("attempt")
     op.drop_index("uq_trials_study_ask_key", table_name="trials")
-    with op.batch_alter_table("trials") as batch:
-        for column in (
-            "ask_key",
-            "progress_expires_at",
-            "owner",
-            "infra_failures",
-            "attempt_token_hash",
-        ):
-            batch.drop_column(column)
+    drop_columns(
+        "trials", "ask_key", "progress_expires_at", "owner", "infra_failures", "attempt_token_hash"
+    )

@@ -12,6 +12,8 @@ Revises: 0005
 import sqlalchemy as sa
 from alembic import op
 
+from hpo.service.db.migrations.sqlite_tables import drop_columns
+
 revision = "0006"
 down_revision = "0005"
 branch_labels = None
@@ -32,5 +34,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_trials_study_curve_seq", table_name="trials")
     for table in ("trials", "studies"):
-        with op.batch_alter_table(table) as batch:
-            batch.drop_column("curve_seq")
+        drop_columns(table, "curve_seq")

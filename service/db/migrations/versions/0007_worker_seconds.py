@@ -11,6 +11,8 @@ Revises: 0006
 import sqlalchemy as sa
 from alembic import op
 
+from hpo.service.db.migrations.sqlite_tables import drop_columns
+
 revision = "0007"
 down_revision = "0006"
 branch_labels = None
@@ -26,6 +28,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("trials") as batch:
-        batch.drop_column("attempt_started_at")
-        batch.drop_column("worker_seconds")
+    drop_columns("trials", "attempt_started_at", "worker_seconds")

@@ -7,6 +7,8 @@ Revises: 0008
 import sqlalchemy as sa
 from alembic import op
 
+from hpo.service.db.migrations.sqlite_tables import drop_columns
+
 revision = "0009"
 down_revision = "0008"
 branch_labels = None
@@ -19,5 +21,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("trials") as batch:
-        batch.drop_column("user_attrs")
+    drop_columns("trials", "user_attrs")

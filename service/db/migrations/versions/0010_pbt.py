@@ -8,6 +8,8 @@ Revises: 0009
 import sqlalchemy as sa
 from alembic import op
 
+from hpo.service.db.migrations.sqlite_tables import drop_columns
+
 revision = "0010"
 down_revision = "0009"
 branch_labels = None
@@ -21,6 +23,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("trials") as batch:
-        batch.drop_column("schedule")
-        batch.drop_column("pause_reason")
+    drop_columns("trials", "schedule", "pause_reason")

@@ -8,6 +8,8 @@ Revises: 0010
 import sqlalchemy as sa
 from alembic import op
 
+from hpo.service.db.migrations.sqlite_tables import drop_columns
+
 revision = "0011"
 down_revision = "0010"
 branch_labels = None
@@ -22,5 +24,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("trials") as batch:
-        batch.drop_column("steps_copied")
+    drop_columns("trials", "steps_copied")
