@@ -121,12 +121,13 @@ def ask(
         with storage.read() as s:
             study = studies.get(s, study_id)
             spec = transitions.spec_of(study)
-            asked = trials.by_ask_key(s, study_id, key) if key is not None else None
+            keyed = trials.by_ask_key(s, study_id, key) if key is not None else None
+            asked, claimed_attempt = keyed if keyed is not None else (None, 0)
             first = trials.get_trial(s, asked) if asked is not None else None
             if first is not None and params is not None:
                 _check_same_params(first, params, key)
             if first is not None and first.state != TrialState.WAITING:
-                again = _answer_again(storage, study_id, asked)
+                again = _answer_again(storage, study_id, asked, claimed_attempt)
                 if again is None:
                     continue  # it turned waiting meanwhile: look again
                 return again
@@ -156,9 +157,9 @@ def ask(
                 if view is not None and sampler.uses_rungs:
                     view = replace(view, rungs=promotions.rung_values(s, study, spec))
         if waiting is not None:
-            claimed = _claim_waiting(storage, study_id, waiting, spec, dispatched)
+            claimed = _claim_waiting(storage, study_id, waiting, spec, dispatched, key)
         elif promotable:
-            claimed = _promote(storage, study_id, promotable[0].trial_id, spec, dispatched)
+            claimed = _promote(storage, study_id, promotable[0].trial_id, spec, dispatched, key)
         else:
             try:
                 suggestion = _suggest(sampler, view, suggestions, study_id, dispatched)
@@ -291,26 +292,42 @@ def complete_if_done(storage: Storage, study_id: int) -> None:
 
 
 def _claim_waiting(
-    storage: Storage, study_id: int, trial_id: int, spec: StudySpec, dispatched: bool
+    storage: Storage,
+    study_id: int,
+    trial_id: int,
+    spec: StudySpec,
+    dispatched: bool,
+    key: str | None,
 ) -> ClaimedTrial | None:
-    """Claim the waiting trial for its next attempt; None if another asker got it."""
-    with storage.write() as s:
-        study = studies.get(s, study_id, lock=True)
-        check_can_ask(storage, s, study, spec, dispatched)
-        trial = trials.get_trial(s, trial_id)
-        if trial.state != TrialState.WAITING:
-            return None
-        now = utcnow()
-        set_trial_state(
-            s, study, trial, TrialState.RUNNING, detail=f"attempt {trial.attempts}", now=now
-        )
-        trial.started_at = now
-        trials.renew_lease(trial, spec.lease_s, now)
-        return _claimed(trial)
+    """Claim the waiting trial for its next attempt (asked with Idempotency-Key ``key``);
+    None if another asker got it, or that key, first."""
+    try:
+        with storage.write() as s:
+            study = studies.get(s, study_id, lock=True)
+            check_can_ask(storage, s, study, spec, dispatched)
+            trial = trials.get_trial(s, trial_id)
+            if trial.state != TrialState.WAITING:
+                return None
+            now = utcnow()
+            set_trial_state(
+                s, study, trial, TrialState.RUNNING, detail=f"attempt {trial.attempts}", now=now
+            )
+            trial.started_at = now
+            trials.renew_lease(trial, spec.lease_s, now)
+            if key is not None:
+                trials.note_claim(s, trial, key)
+            return _claimed(trial)
+    except IntegrityError:
+        return None  # a concurrent ask with the same key won: look again
 
 
 def _promote(
-    storage: Storage, study_id: int, trial_id: int, spec: StudySpec, dispatched: bool
+    storage: Storage,
+    study_id: int,
+    trial_id: int,
+    spec: StudySpec,
+    dispatched: bool,
+    key: str | None = None,
 ) -> ClaimedTrial | None:
     """Promote the paused trial and claim it for its next attempt, which resumes from its
     checkpoint; None if it is no longer promotable (another asker promoted it, or the rung
@@ -331,8 +348,19 @@ def _promote(
     claimed = None
     try:
         claimed = _promote_now(
-            storage, study_id, trial_id, spec, dispatched, checkpoint, problem, taken, resume_from
+            storage,
+            study_id,
+            trial_id,
+            spec,
+            dispatched,
+            checkpoint,
+            problem,
+            taken,
+            resume_from,
+            key,
         )
+    except IntegrityError:
+        pass  # a concurrent ask with the same key won: look again
     finally:
         if claimed is None:  # another asker promoted it, it is no longer promotable, or an error
             _discard(storage, trial_id, copy, taken, attempt)
@@ -365,8 +393,10 @@ def _promote_now(
     problem: str | None,
     copy: pbt.Copy,
     resume_from: str | None,
+    key: str | None,
 ) -> ClaimedTrial | None:
-    """:func:`_promote`'s decision under the study's lock, with the checkpoint looked at."""
+    """:func:`_promote`'s decision under the study's lock, with the checkpoint looked at
+    (the promoted attempt noted as claimed by Idempotency-Key ``key``)."""
     with storage.write() as s:
         study = studies.get(s, study_id, lock=True)
         check_can_ask(storage, s, study, spec, dispatched)
@@ -392,6 +422,8 @@ def _promote_now(
         )
         trial.started_at = now  # the attempt's start (trial_timeout_s is per attempt)
         trials.renew_lease(trial, spec.lease_s, now)
+        if key is not None:
+            trials.note_claim(s, trial, key)
         return _claimed(trial, resume_from=resume_from)
 
 
@@ -441,10 +473,12 @@ def _check_same_params(trial: Trial, params: Mapping[str, Any], key: str | None)
         )
 
 
-def _answer_again(storage: Storage, study_id: int, trial_id: int) -> ClaimedTrial | None:
-    """The running trial an earlier ask with an Idempotency-Key created, answered again
-    (with a new token) while it runs the first attempt, the one that ask claimed; None
-    when it is waiting (the caller claims it as a plain ask would).
+def _answer_again(
+    storage: Storage, study_id: int, trial_id: int, attempt: int
+) -> ClaimedTrial | None:
+    """The running trial an earlier ask with an Idempotency-Key created or claimed, answered
+    again (with a new token) while it runs ``attempt``, the one that ask claimed; None when
+    it is waiting (the caller claims it as a plain ask would).
 
     Raises StaleAttempt when the trial was handed out again since (its current attempt
     belongs to another asker), TrialFinished when it has finished.
@@ -454,14 +488,14 @@ def _answer_again(storage: Storage, study_id: int, trial_id: int) -> ClaimedTria
         trial = trials.get_trial(s, trial_id)
         if trial.state == TrialState.WAITING:
             return None
-        where = f"trial {trial_id} (#{trial.number}), created by an earlier ask with this "
+        where = f"trial {trial_id} (#{trial.number}), asked for by an earlier ask with this "
         if trial.state != TrialState.RUNNING:
             raise TrialFinished(
                 f"{where}Idempotency-Key, is {trial.state}; send a new key to ask for another "
                 "trial",
                 field="Idempotency-Key",
             )
-        if trial.attempts > 1:
+        if trial.attempts > attempt:
             raise StaleAttempt(
                 f"{where}Idempotency-Key, was handed out again (attempt {trial.attempts} is "
                 "current, not the attempt that ask claimed); send a new key to ask for "

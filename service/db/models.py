@@ -290,3 +290,19 @@ class StudyAnalysis(Base):
     seq: Mapped[int] = mapped_column(BigInteger)
     value: Mapped[str] = mapped_column(Text)
     stored_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AskClaim(Base):
+    """An ask with an Idempotency-Key that claimed a trial already there (a waiting one, a
+    promoted one) instead of creating one: the trial and the attempt it claimed, so that the
+    ask sent again (its answer was lost) answers that attempt again. A key that created its
+    trial is that trial's ``ask_key``."""
+
+    __tablename__ = "ask_claims"
+
+    study_id: Mapped[int] = mapped_column(
+        ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    trial_id: Mapped[int] = mapped_column(BigId)  # no foreign key: a trial goes with its study
+    attempt: Mapped[int] = mapped_column(Integer)

@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, selectinload
 
 from hpo.service import attempts
-from hpo.service.db.models import Study, Trial, TrialParam, UTCDateTime
+from hpo.service.db.models import AskClaim, Study, Trial, TrialParam, UTCDateTime
 from hpo.service.errors import TrialNotFound
 from hpo.service.records import ACTIVE_STATES
 from hpo.service.samplers.base import ObservedTrial
@@ -204,9 +204,33 @@ def insert(
     return trial
 
 
-def by_ask_key(session: Session, study_id: int, key: str) -> int | None:
-    """The id of the study's trial created by the ask with Idempotency-Key ``key``, if any."""
-    return session.scalar(select(Trial.id).where(Trial.study_id == study_id, Trial.ask_key == key))
+def by_ask_key(session: Session, study_id: int, key: str) -> tuple[int, int] | None:
+    """The id of the study's trial that the ask with Idempotency-Key ``key`` created or
+    claimed (waiting, or paused and promoted), and the attempt it claimed (1 when it created
+    the trial); None when no ask of the study had that key."""
+    claimed = session.execute(
+        select(AskClaim.trial_id, AskClaim.attempt).where(
+            AskClaim.study_id == study_id, AskClaim.key == key
+        )
+    ).one_or_none()
+    if claimed is not None:
+        return claimed[0], claimed[1]
+    created = session.scalar(
+        select(Trial.id).where(Trial.study_id == study_id, Trial.ask_key == key)
+    )
+    return None if created is None else (created, 1)
+
+
+def note_claim(session: Session, trial: Trial, key: str) -> None:
+    """Record that the ask with Idempotency-Key ``key`` claimed ``trial``'s current attempt
+    (the key's earlier claim, if any, is replaced: its ask was sent again and claimed anew)."""
+    row = session.get(AskClaim, (trial.study_id, key))
+    if row is None:
+        session.add(
+            AskClaim(study_id=trial.study_id, key=key, trial_id=trial.id, attempt=trial.attempts)
+        )
+    else:
+        row.trial_id, row.attempt = trial.id, trial.attempts
 
 
 def credential(session: Session, trial_id: int) -> tuple[int, str | None] | None:

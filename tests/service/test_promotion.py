@@ -380,3 +380,32 @@ def test_a_resumed_attempt_cannot_rewrite_the_rung_it_was_promoted_on(
     )
     points = service.storage.metrics(promoted.id)
     assert [(p.step, p.value, p.attempt) for p in points] == [(1, 0.1, 1), (3, 0.05, 2)]
+
+
+def test_an_ask_sent_again_answers_the_trial_it_promoted_or_claimed(
+    service: StudyService,
+) -> None:
+    """An ask with an Idempotency-Key that promoted a paused trial, or claimed a waiting
+    one, sent again (its answer was lost) answers that trial and attempt again, with a new
+    token, and spends nothing; once that attempt ended and the trial was handed out again,
+    the key is refused (StaleAttempt)."""
+    from hpo.service.errors import StaleAttempt
+    from hpo.service.executor import FailureClass
+
+    spec = simple_spec("keyed-claims", max_retries=3, pruner={**PROMOTION, "max_steps": 8})
+    study_id = service.create_study(StudySpec.model_validate(spec)).id
+    good, bad = service.ask(study_id), service.ask(study_id)
+    assert report(service, good.id, 1, 0.1) is True and report(service, bad.id, 1, 0.9) is True
+    promoted = service.ask(study_id, key="k-promote")
+    again = service.ask(study_id, key="k-promote")
+    assert (again.id, again.attempts) == (promoted.id, promoted.attempts) == (good.id, 2)
+    assert again.attempt_token != promoted.attempt_token
+    service.fail_attempt(good.id, "lost", failure_class=FailureClass.INFRASTRUCTURE)
+    claimed = service.ask(study_id, key="k-waiting")  # the waiting trial, attempt 3
+    assert (claimed.id, claimed.attempts) == (good.id, 3)
+    again = service.ask(study_id, key="k-waiting")
+    assert (again.id, again.attempts) == (good.id, 3)
+    with pytest.raises(StaleAttempt):
+        service.ask(study_id, key="k-promote")  # attempt 2 is over: handed out again
+    study = service.storage.get_study(study_id)
+    assert study.n_trials == 2 and study.counts["running"] == 1 and study.counts["paused"] == 1
