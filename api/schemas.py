@@ -25,7 +25,15 @@ from hpo.service.records import (
     TrialMetricPoint,
     TrialRecord,
 )
-from hpo.service.spec import MAX_OBJECTIVES, MAX_PARAMS, MetricName, Number, ParamValue, no_nul
+from hpo.service.spec import (
+    MAX_OBJECTIVES,
+    MAX_PARAMS,
+    MAX_STEP,
+    MetricName,
+    Number,
+    ParamValue,
+    no_nul,
+)
 from hpo.service.warmstart import MAX_IMPORT
 
 # Points one metrics POST may carry (README "Limits"): a bigger batch is a 422 naming `points`.
@@ -84,9 +92,6 @@ class TellBody(_Body):
             if not math.isfinite(v):
                 raise ValueError(f"values[{i}] must be a finite number, got {v}")
         return vs
-
-
-MAX_STEP = 2**62
 
 
 @with_config(ConfigDict(extra="forbid"))

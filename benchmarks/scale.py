@@ -40,6 +40,16 @@ Reports alternate ours and Optuna; figures are medians.
     python benchmarks/scale.py prune --postgres postgresql://postgres@127.0.0.1:5432/postgres
     python benchmarks/scale.py prune --sizes 1000 --points 1000
 
+``read``: a notebook reads a finished study back with its learning curves: ``n`` complete
+trials with ``--points`` steps each (bulk-inserted on both sides, as ``prune`` seeds them).
+Ours: ``hpo.optuna``'s ``load_study(...).get_trials()`` (trials with their
+``intermediate_values``, read a page of trials at a time through ``GET
+/studies/{id}/metrics``), the client's ``metrics_dataframe`` (every point) and, for
+comparison, a ``GET /trials/{id}/metrics`` per trial (how ``metrics_dataframe`` read them
+before). Optuna: ``load_study(...).get_trials()`` on an SQLite file.
+
+    python benchmarks/scale.py read                 # 1,000 and 10,000 trials x 20 points
+
 ``metrics``: metric ingestion from many trials of one study streaming at once.
 
 * ``hpo serve`` (a subprocess, scheduler off) on a fresh SQLite file and, with ``--postgres``, on
@@ -1038,6 +1048,92 @@ def run_prune(args: argparse.Namespace) -> None:
                     )
 
 
+# --- the read section --------------------------------------------------------------------------
+
+
+def read_ours(base: str, token: str, name: str, study_id: int) -> dict[str, float]:
+    """Seconds to read the study back with its curves: Optuna's way through ``hpo.optuna``
+    (``get_trials``: trials with their intermediate values), the client's
+    ``metrics_dataframe`` (every point), and a request per trial (``Study.metrics``, as
+    ``metrics_dataframe`` read them before ``GET /studies/{id}/metrics``)."""
+    import hpo.optuna as hpo_optuna
+    from hpo.api.client import Client
+
+    out = {}
+    t0 = time.perf_counter()
+    trials = hpo_optuna.load_study(study_name=name, storage=base).get_trials()
+    out["ours: hpo.optuna get_trials"] = time.perf_counter() - t0
+    assert all(t.intermediate_values for t in trials)
+    study = Client(base, token).study(study_id)
+    t0 = time.perf_counter()
+    study.metrics_dataframe()
+    out["ours: metrics_dataframe"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for t in study.trials():
+        study.metrics(t.id)
+    out["ours: a request per trial"] = time.perf_counter() - t0
+    return out
+
+
+def read_optuna(url: str, name: str) -> float:
+    """Seconds of plain Optuna's ``load_study(...).get_trials()`` on its storage."""
+    t0 = time.perf_counter()
+    trials = optuna.load_study(study_name=name, storage=url).get_trials()
+    took = time.perf_counter() - t0
+    assert all(t.intermediate_values for t in trials)
+    return took
+
+
+def run_read(args: argparse.Namespace) -> None:
+    """A notebook reads a finished study back with its learning curves."""
+    import os
+
+    rng = random.Random(0)
+    print(
+        f"Reading a study of n complete trials with {args.points} points each back, with "
+        f"its curves; median of {args.reads} reads, seconds\n"
+    )
+    print(
+        "| finished trials | points | hpo.optuna get_trials | metrics_dataframe "
+        "| a request per trial | Optuna get_trials (SQLite) | hpo.optuna ÷ Optuna |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n in [int(x) for x in args.sizes.split(",")]:
+        with tempfile.TemporaryDirectory(prefix="hpo-scale-") as tmp:
+            work = Path(tmp)
+            url, optuna_url = f"sqlite:///{work / 'hpo.db'}", f"sqlite:///{work / 'o.db'}"
+            engine = make_engine(url)
+            upgrade_schema(engine)
+            storage = Storage(engine)
+            study_id = seed_ours_curves(storage, n, args.points, rng)
+            with storage.write() as s:  # as the reports would have left them
+                s.execute(
+                    update(Trial)
+                    .where(Trial.study_id == study_id)
+                    .values(last_step=args.points - 1)
+                )
+            engine.dispose()
+            theirs = seed_optuna_curves(optuna_url, n, args.points, rng)
+            env = {"HPO_DATABASE_URL": url, "HPO_SCHEDULER": "false", "HPO_LOG_LEVEL": "warning"}
+            env["HPO_RATE_LIMIT_PER_S"] = "0"
+            times: dict[str, list[float]] = {}
+            with served(work, env=env) as (base, token):
+                os.environ["HPO_TOKEN"] = token
+                for _ in range(args.reads):  # alternating: both see the same load
+                    for what, took in read_ours(base, token, f"random-{n}", study_id).items():
+                        times.setdefault(what, []).append(took)
+                    took = read_optuna(optuna_url, theirs.study_name)
+                    times.setdefault("optuna", []).append(took)
+            med = {what: statistics.median(ts) for what, ts in times.items()}
+            mine, frame = med["ours: hpo.optuna get_trials"], med["ours: metrics_dataframe"]
+            print(
+                f"| {n:,} | {n * args.points:,} | {mine:.2f} | {frame:.2f} "
+                f"| {med['ours: a request per trial']:.2f} | {med['optuna']:.2f} "
+                f"| {mine / med['optuna']:.2f} |",
+                flush=True,
+            )
+
+
 # --- the metrics section -----------------------------------------------------------------------
 
 
@@ -1364,6 +1460,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     prune.add_argument("--reports", type=int, default=10, help="timed reports per size")
     prune.add_argument("--postgres", metavar="ADMIN_URL", help="also on throwaway databases here")
     prune.add_argument("--no-sqlite", action="store_true", help="only the --postgres run")
+    read = sections.add_parser("read", help="a study read back with its curves, against Optuna")
+    read.add_argument("--sizes", default="1000,10000", help="finished trials (comma-separated)")
+    read.add_argument("--points", type=int, default=20, help="steps each finished trial has")
+    read.add_argument("--reads", type=int, default=3, help="timed reads per size")
     met = sections.add_parser("metrics", help="metric ingestion from many streaming trials")
     met.add_argument("--trials", type=int, default=64, help="concurrent streaming trials")
     met.add_argument("--batch", type=int, default=100, help="points per report")
@@ -1393,6 +1493,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_metrics(args)
     elif args.section == "prune":
         run_prune(args)
+    elif args.section == "read":
+        run_read(args)
     elif args.section == "trial":
         run_trial(args)
     elif args.section == "ask":

@@ -185,6 +185,16 @@ def encode(
     return np.column_stack(columns) if columns else np.empty((len(trials), 0)), owners
 
 
+def _fit_units(x: np.ndarray) -> np.ndarray:
+    """What to divide each column of ``x`` by before a forest is fitted on it: its largest
+    magnitude where that is over 1, else 1. The trees work in float32, where a parameter
+    beyond 3.4e38 is infinite (the fit raised, and the analyses answered 500); a split only
+    compares values, so a column scaled this way gives the same trees."""
+    if not x.size:
+        return np.ones(x.shape[1] if x.ndim == 2 else 0)
+    return np.maximum(np.max(np.abs(x), axis=0), 1.0)
+
+
 def _forest(seed: int, **kw: Any) -> Any:
     from sklearn.ensemble import RandomForestRegressor
 
@@ -228,7 +238,7 @@ def param_importance(
     if len(done) < 2 or np.ptp(y) == 0:
         return Importance(zero, len(every), n_fitted=len(done))
     x, owners = encode(spec, done, names)
-    forest = _forest(seed).fit(x, y)
+    forest = _forest(seed).fit(x / _fit_units(x), y)
     scores = dict(zero)
     for owner, score in zip(owners, forest.feature_importances_, strict=True):
         scores[owner] += float(score)
@@ -316,9 +326,11 @@ def contour(
     (ax, grid_x), (ay, grid_y) = _axis(spec, x, xy[:, 0], size), _axis(spec, y, xy[:, 1], size)
     fit = sample(range(len(done)), max_trials, seed)
     scaled, scale = _unit_scale(target[fit])
-    forest = _forest(seed, min_samples_leaf=2).fit(xy[fit], scaled)
+    units = _fit_units(xy[fit])
+    forest = _forest(seed, min_samples_leaf=2).fit(xy[fit] / units, scaled)
     gx, gy = np.meshgrid(grid_x, grid_y)
-    z = forest.predict(np.column_stack([gx.ravel(), gy.ravel()])).reshape(gx.shape) * scale
+    grid = np.column_stack([gx.ravel(), gy.ravel()]) / units
+    z = forest.predict(grid).reshape(gx.shape) * scale
     return {"x": ax, "y": ay, "z": z.tolist(), "points": points}
 
 

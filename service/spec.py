@@ -64,6 +64,8 @@ MAX_JSON_BYTES = 64 * 1024
 MAX_DESCRIPTION = 10_000
 MAX_PARAMS = 1_000
 MAX_CHOICES = 1_000
+# The largest step a report, a rung or a budget may name (a 64-bit column; 2**62 leaves room).
+MAX_STEP = 2**62
 MAX_OBJECTIVES = 64
 
 
@@ -402,6 +404,7 @@ class PrunerSpec(_Model):
     min_steps: StrictInt = Field(
         default=1,
         ge=0,
+        le=MAX_STEP,
         description="ASHA, Hyperband: first rung (at least 1); median and the others: the first "
         "step judged.",
     )
@@ -409,7 +412,7 @@ class PrunerSpec(_Model):
         default=3, ge=2, description="ASHA: keep the top 1/η per rung."
     )
     max_steps: StrictInt | None = Field(
-        default=None, ge=1, description="ASHA: no rung beyond this."
+        default=None, ge=1, le=MAX_STEP, description="ASHA: no rung beyond this."
     )
     n_startup_trials: StrictInt = Field(
         default=5, ge=0, description="Median: trials before pruning."
@@ -499,6 +502,7 @@ class Budget(_Model):
     max_steps: StrictInt | None = Field(
         default=None,
         ge=1,
+        le=MAX_STEP,
         description="Steps of training summed over all trials (a resumed trial counts each "
         "step once): no point beyond it is stored, the trial that reaches it is pruned there, "
         "and no trial is started or promoted after it. Compares schedulers at equal compute.",
@@ -521,7 +525,9 @@ class PbtSpec(_Model):
 
     type: Literal["pbt"] = "pbt"
     population: StrictInt = Field(ge=2, le=10_000, description="Trials trained side by side.")
-    interval_steps: StrictInt = Field(ge=1, description="Steps between exploit decisions.")
+    interval_steps: StrictInt = Field(
+        ge=1, le=MAX_STEP, description="Steps between exploit decisions."
+    )
     quantile: Number = Field(
         default=0.25, gt=0, le=0.5, description="Bottom (and top) fraction of the population."
     )
@@ -534,6 +540,7 @@ class PbtSpec(_Model):
     max_steps: StrictInt | None = Field(
         default=None,
         ge=1,
+        le=MAX_STEP,
         description="The step the trials end at: none exploits or yields there or past it "
         "(a copy of a finished trial would only repeat its result).",
     )

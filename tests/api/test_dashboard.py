@@ -719,6 +719,47 @@ def test_dashboard_shows_paused_trials_and_their_rungs(sqlite_server: ServerProc
 
 
 @pytest.mark.browser
+def test_data_that_broke_the_page_is_drawn(sqlite_server: ServerProcess) -> None:
+    """Found by a hostile review: two values one rounding apart (0.3 and 0.1 + 0.2) hung
+    the page in its axis ticks (30-44 s per draw, then an error, again at every poll); a
+    trial with thousands of metric names froze its drawer (a chart each); a parameter named
+    ``toString`` read as set where it was inactive. The page now draws them in time."""
+    http = sqlite_server.http()
+    space = {
+        "x": {"type": "float", "low": 0.0, "high": 1.0},
+        "opt": {"type": "categorical", "choices": ["a", "b"]},
+        "toString": {"type": "int", "low": 1, "high": 4, "when": {"opt": ["a"]}},
+    }
+    sid = create_spec(http, {**simple_spec("edge-values"), "space": space})
+    fixed = ({"x": 0.5, "opt": "b"}, {"x": 0.6, "opt": "a", "toString": 2})
+    for params, value in zip(fixed, (0.3, 0.1 + 0.2), strict=True):
+        r = http.post(f"{API}/studies/{sid}/ask", json={"params": params})
+        assert r.status_code == 201, r.text
+        tell(http, r.json()["trial_id"], value=value)
+    many = ask(http, sid)["trial_id"]  # running, with 60 metric names
+    report(http, many, [(s, f"m{k:02d}", 1.0 / (s + 1)) for k in range(60) for s in range(2)])
+    http.close()
+    with study_page(sqlite_server, sid) as (page, errors):
+        page.wait_for_selector("table.trials tbody tr", timeout=15_000)
+        wait_until(page, "() => document.getElementById('history')?.chart?.spec != null")
+        headers = page.eval_on_selector_all(
+            "table.trials thead th", "h => h.map(x => x.textContent)"
+        )
+        column = next(i for i, h in enumerate(headers) if h.startswith("toString"))
+        cells = page.eval_on_selector_all(
+            "table.trials tbody tr",
+            "(rows, c) => rows.map(r => [r.dataset.number, r.cells[c].textContent])",
+            column,
+        )
+        assert dict(cells) == {"0": "-", "1": "2", "2": "-"}, cells
+        page.click(f"table.trials tr[data-trial='{many}']")
+        page.wait_for_selector("#detail .more-metrics", timeout=15_000)
+        assert len(page.query_selector_all("#detail .series")) == 50
+        assert page.inner_text("#detail .more-metrics").startswith("10 more metrics")
+        assert errors == []
+
+
+@pytest.mark.browser
 def test_dashboard_shows_the_pbt_lineage(sqlite_server: ServerProcess, tmp_path: Path) -> None:
     """A PBT study whose worst trial copied the best at step 2 (driven through the core with a
     fake executor on the server's database): the lineage card lists the copy (who, from whom,

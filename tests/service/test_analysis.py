@@ -237,6 +237,32 @@ def test_contour_grid_follows_the_objective() -> None:
     }
 
 
+def test_a_parameter_beyond_float32_is_analysed_as_any_other() -> None:
+    """A forest's trees work in float32, where 1e39 is infinite: the fit raised (the
+    dashboard's importance and contour answered 500). The same study with the parameter
+    scaled down a billion billion times gives the same importances and the same surface."""
+    rng = np.random.default_rng(1)
+    big = spec(x={"type": "float", "low": 0.0, "high": 1e39}, y=SPACE["noise"])
+    small = spec(x={"type": "float", "low": 0.0, "high": 1e21}, y=SPACE["noise"])
+    xs, ys = rng.uniform(0, 1, 40), rng.uniform(0, 1, 40)
+    values = [float((x - 0.3) ** 2 + 0.1 * y) for x, y in zip(xs, ys, strict=True)]
+
+    def trials(scale: float) -> list[TrialRecord]:
+        return [
+            trial(i, {"x": float(x * scale), "y": float(y)}, v)
+            for i, (x, y, v) in enumerate(zip(xs, ys, values, strict=True))
+        ]
+
+    on_big, on_small = param_importance(big, trials(1e39)), param_importance(small, trials(1e21))
+    assert next(iter(on_big.importances)) == "x"
+    assert on_big.importances == pytest.approx(on_small.importances)
+    surface = contour(big, trials(1e39), "x", "y", size=8)
+    assert np.isfinite(np.array(surface["z"])).all()
+    same = contour(small, trials(1e21), "x", "y", size=8)["z"]
+    assert np.allclose(np.array(surface["z"]), np.array(same))
+    assert max(surface["x"]["values"]) == pytest.approx(max(xs) * 1e39)
+
+
 def test_contour_needs_two_trials_and_known_distinct_parameters() -> None:
     s = spec(**SPACE)
     empty = contour(s, synthetic(1), "lr", "opt")

@@ -208,6 +208,10 @@ def test_condition_values_must_exist_and_cycles_are_refused() -> None:
         ({"budget": {"max_worker_seconds": 0}}, "budget.max_worker_seconds"),
         ({"pruner": {"type": "asha", "min_steps": 0}}, "pruner.min_steps"),  # a rung at 0
         ({"pruner": {"type": "median", "min_steps": -1}}, "pruner.min_steps"),
+        # a step no 64-bit column holds (the page read 10**400 as Infinity and hung)
+        ({"pruner": {"type": "hyperband", "max_steps": 10**400}}, "pruner.max_steps"),
+        ({"pruner": {"type": "median", "min_steps": 2**62 + 1}}, "pruner.min_steps"),
+        ({"budget": {"max_steps": 2**63}}, "budget.max_steps"),
     ],
 )
 def test_bad_top_level_fields(over: dict, field: str) -> None:

@@ -58,9 +58,16 @@ async function send(method, path, { body, tag } = {}) {
 async function decode(response) {
   const text = await response.text();
   stats.bytes += text.length;
-  const body = text ? JSON.parse(text) : null;
-  if (!response.ok) throw new ApiError(response.status, body);
-  return body;
+  if (!response.ok) {
+    let body = null; // an error answered by a proxy, or a server's plain 500, is no JSON
+    try {
+      body = text ? JSON.parse(text) : null;
+    } catch {
+      body = null;
+    }
+    throw new ApiError(response.status, body);
+  }
+  return text ? JSON.parse(text) : null;
 }
 
 /**

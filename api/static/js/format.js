@@ -11,6 +11,12 @@ export function num(v) {
 }
 
 /** A parameter value as text (strings as they are, other choices as JSON). */
+/** Trial `t`'s value of parameter `name`, undefined where it has none (inactive): its own
+ * key only, so a parameter named `toString` or `__proto__` reads as any other. */
+export function paramOf(t, name) {
+  return Object.hasOwn(t.params, name) ? t.params[name] : undefined;
+}
+
 export function param(v) {
   if (typeof v === "number") return num(v);
   if (typeof v === "string") return v;

@@ -2,7 +2,7 @@
 //   model.study (the study record), model.trials (Map id -> trial), model.curves (Map id ->
 //   downsampled series of model.metric), and the answers of /importance and /contour.
 
-import { STATE_COLORS, bounds, el, num, param, ramp, valueColors } from "./format.js";
+import { STATE_COLORS, bounds, el, num, param, paramOf, ramp, valueColors } from "./format.js";
 
 /** The study's objectives as [{metric, direction}]. */
 export function objectives(study) {
@@ -147,7 +147,7 @@ export function parallel(model, i) {
     { name: o.metric, type: "linear" },
   ];
   const rows = done.map((t) => ({
-    values: [...names.map((n) => t.params[n]), valueOf(t, i)],
+    values: [...names.map((n) => paramOf(t, n)), valueOf(t, i)],
     color: color(valueOf(t, i)),
   }));
   return { axes, rows };
@@ -166,9 +166,9 @@ export function slice(model, name, i) {
       {
         kind: "points",
         data: done
-          .filter((t) => t.params[name] !== undefined)
+          .filter((t) => paramOf(t, name) !== undefined)
           .map((t) => ({
-            x: t.params[name],
+            x: paramOf(t, name),
             y: valueOf(t, i),
             color: ramp(t.number / last),
             label: trialLabel(t, study),
@@ -189,8 +189,8 @@ export function contour(model, result, i, note) {
       : { type: a.log ? "log" : "linear", label: a.name };
   const [x, y] = [result.x.name, result.y.name];
   const points = finished(model, i)
-    .filter((t) => t.params[x] !== undefined && t.params[y] !== undefined)
-    .map((t) => ({ x: t.params[x], y: t.params[y], value: valueOf(t, i), number: t.number }));
+    .filter((t) => paramOf(t, x) !== undefined && paramOf(t, y) !== undefined)
+    .map((t) => ({ x: paramOf(t, x), y: paramOf(t, y), value: valueOf(t, i), number: t.number }));
   const zs = result.z.flat().concat(points.map((p) => p.value));
   const color = valueColors(zs, objectives(model.study)[i].direction);
   return {
@@ -292,7 +292,8 @@ export function rungs(model) {
   if (p.mode !== "promotion") return null;
   const eta = p.reduction_factor;
   const sMax = Math.floor(Math.log(p.max_steps / p.min_steps) / Math.log(eta) + 1e-9);
-  const brackets = p.type === "hyperband" ? sMax + 1 : 1;
+  if (!Number.isFinite(sMax)) return null; // (the server bounds max_steps: 2**62 at most)
+  const brackets = p.type === "hyperband" ? Math.min(sMax + 1, 64) : 1;
   const trials = [...model.trials.values()];
   const top = Math.max(0, ...trials.map((t) => t.last_step ?? 0));
   const rows = [];

@@ -50,18 +50,28 @@ function key(v) {
   return typeof v === "string" ? v : JSON.stringify(v);
 }
 
+const MAX_TICKS = 100;
+
 export function linearTicks(lo, hi, count) {
   const raw = (hi - lo) / Math.max(1, count);
+  if (!(raw > 0) || !Number.isFinite(raw)) return [lo, hi].filter(Number.isFinite);
   const mag = 10 ** Math.floor(Math.log10(raw));
   const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw) || raw;
+  const first = Math.ceil(lo / step) * step;
+  // A span of a few ulps (two values one rounding apart): a step below the values' own
+  // precision would never move v. The ends are the ticks then.
+  if (!(step > 0) || first + step === first || (hi - lo) / step > MAX_TICKS) return [lo, hi];
   const out = [];
-  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) {
+  for (let i = 0; i <= MAX_TICKS; i += 1) {
+    const v = first + i * step;
+    if (v > hi + step * 1e-9) break;
     out.push(Math.abs(v) < step * 1e-9 ? 0 : Number(v.toPrecision(12)));
   }
   return out;
 }
 
 function logTicks(lo, hi) {
+  if (!Number.isFinite(lo) || !Number.isFinite(hi)) return [];
   const out = [];
   const mults = hi - lo < 2 ? [1, 2, 5] : [1];
   for (let e = Math.floor(lo); e <= Math.ceil(hi); e += 1) {
@@ -81,14 +91,15 @@ export function extent(values, type) {
   const [lo, hi] = bounds(vs);
   if (type === "log") {
     const pad = (Math.log10(hi) - Math.log10(lo)) * 0.04 || 0.5;
-    return [lo / 10 ** pad, hi * 10 ** pad];
+    return [Math.max(lo / 10 ** pad, Number.MIN_VALUE), Math.min(hi * 10 ** pad, Number.MAX_VALUE)];
   }
-  if (lo === hi) {
+  // equal, or a few roundings apart (0.3 and 0.1 + 0.2): an axis a tenth around them
+  if (hi - lo <= Math.abs(lo) * 1e-9) {
     const d = Math.abs(lo) * 0.1 || 1;
     return [lo - d, hi + d];
   }
   const pad = (hi - lo) * 0.04;
-  return [lo - pad, hi + pad];
+  return [Math.max(lo - pad, -Number.MAX_VALUE), Math.min(hi + pad, Number.MAX_VALUE)];
 }
 
 /** Values on one axis of a layer list (to size the axis). */

@@ -1,7 +1,7 @@
 // The trials table: sortable by any column, filtered by state and by a query such as
 // `x>0.5 opt=adam` (or plain text), shown a page at a time.
 
-import { el, num, param, seconds } from "./format.js";
+import { el, num, param, paramOf, seconds } from "./format.js";
 import { objectives, valueOf } from "./panels.js";
 
 const PAGE = 50;
@@ -28,7 +28,7 @@ function columns(study) {
     })),
     ...Object.keys(study.spec.space).map((name) => ({
       title: name,
-      value: (t) => t.params[name],
+      value: (t) => paramOf(t, name),
       fmt: param,
     })),
     { title: "last step", value: (t) => t.last_step },
@@ -51,7 +51,7 @@ function reader(name, study) {
   const i = objectives(study).findIndex((o) => o.metric === name);
   if (i >= 0) return (t) => valueOf(t, i);
   if (name === "number" || name === "state") return (t) => t[name];
-  return (t) => t.params[name];
+  return (t) => paramOf(t, name);
 }
 
 /** A predicate from the filter text: terms like `x>0.5`, `opt=adam`, or words to find. */
