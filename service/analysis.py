@@ -185,14 +185,20 @@ def encode(
     return np.column_stack(columns) if columns else np.empty((len(trials), 0)), owners
 
 
+# A column of larger magnitude is scaled down before a forest is fitted on it: the trees work
+# in float32, where 3.4e38 is the largest number.
+FLOAT32_SAFE = 1e30
+
+
 def _fit_units(x: np.ndarray) -> np.ndarray:
     """What to divide each column of ``x`` by before a forest is fitted on it: its largest
-    magnitude where that is over 1, else 1. The trees work in float32, where a parameter
-    beyond 3.4e38 is infinite (the fit raised, and the analyses answered 500); a split only
-    compares values, so a column scaled this way gives the same trees."""
+    magnitude where that is over FLOAT32_SAFE, else 1 (the column as it is). A parameter
+    beyond 3.4e38 was infinite to the trees (the fit raised, and the analyses answered 500);
+    scaled, its values keep their order, which is all a split compares."""
     if not x.size:
         return np.ones(x.shape[1] if x.ndim == 2 else 0)
-    return np.maximum(np.max(np.abs(x), axis=0), 1.0)
+    biggest = np.max(np.abs(x), axis=0)
+    return np.where(biggest > FLOAT32_SAFE, biggest, 1.0)
 
 
 def _forest(seed: int, **kw: Any) -> Any:

@@ -306,7 +306,7 @@ def _claim_waiting(
             study = studies.get(s, study_id, lock=True)
             check_can_ask(storage, s, study, spec, dispatched)
             trial = trials.get_trial(s, trial_id)
-            if trial.state != TrialState.WAITING:
+            if trial.state != TrialState.WAITING or not _key_free(s, study_id, key, trial_id):
                 return None
             now = utcnow()
             set_trial_state(
@@ -403,6 +403,8 @@ def _promote_now(
         trial = trials.get_trial(s, trial_id)
         if trial.state != TrialState.PAUSED or trial.checkpoint != checkpoint or trial.owner:
             return None
+        if not _key_free(s, study_id, key, trial_id):
+            return None
         if problem is not None and spec.trainable is not None:
             transitions.fail_paused(s, study, trial, f"cannot resume: {problem}")
             return None
@@ -443,6 +445,8 @@ def _claim_new(
             study = studies.get(s, study_id, lock=True)
             if study.next_number != number:
                 return None  # another asker claimed this number: sample again
+            if not _key_free(s, study_id, key, None):
+                return None
             check_can_ask(storage, s, study, spec, dispatched)
             trial = trials.insert(
                 s,
@@ -457,6 +461,17 @@ def _claim_new(
             return _claimed(trial)
     except IntegrityError:
         return None  # a concurrent ask with the same key (or number) won: look again
+
+
+def _key_free(s: Session, study_id: int, key: str | None, trial_id: int | None) -> bool:
+    """Under the study's lock: whether an ask with Idempotency-Key ``key`` may claim trial
+    ``trial_id`` (None: create one). Not when an ask with that key created or claimed
+    another trial meanwhile (a copy of it sent to another server, read before that one
+    committed): the caller returns None and the ask looks again, answering that trial."""
+    if key is None:
+        return True
+    held = trials.by_ask_key(s, study_id, key)
+    return held is None or held[0] == trial_id
 
 
 def _check_same_params(trial: Trial, params: Mapping[str, Any], key: str | None) -> None:

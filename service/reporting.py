@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -90,9 +90,9 @@ def report(
             study, trial = _running(s, trial_id, lock=False, **fencing)
             if trial is None:
                 return True
-            points = after_pause(trial, points)
-            judged = _to_judge(s, study, trial, points)
-            verdict = _Verdict(judged, _judge(s, study, trial, points, judged))
+            kept = after_pause(trial, points)
+            judged = _to_judge(s, study, trial, kept)
+            verdict = _Verdict(judged, _judge(s, study, trial, kept, judged))
     size = POINTS_PER_COMMIT
     chunks = [points[i : i + size] for i in range(0, len(points), size)]
     inserted: list[int] = []  # ids this batch stored in its earlier commits
@@ -109,8 +109,8 @@ def report(
                     last_step_before = trial.last_step
                 attempt_no = trial.attempts
                 if _stale(verdict):
-                    verdict = _recheck(s, study, trial, points, verdict)
-                kept, cut = _within_budget(s, study, trial, chunk)
+                    verdict = _recheck(s, study, trial, after_pause(trial, points), verdict)
+                kept, cut = _within_budget(s, study, trial, after_pause(trial, chunk))
                 inserted += _store_points(s, trial, kept, utcnow(), ids=True)
                 done += len(chunk)
                 if cut is not None:
@@ -301,9 +301,17 @@ def _finish(
     if not points:
         trials.renew_lease(trial, spec.lease_s, now)
         return False  # a heartbeat: the lease is renewed, nothing else changed
+    new = after_pause(trial, points)  # (checked again under the lock)
+    if len(new) < len(points) and spec.progress_timeout_s:
+        # steps trained again up to where the trial paused: no point is stored, but the
+        # attempt makes progress, and its progress deadline moves as a new point's would
+        trial.progress_expires_at = now + timedelta(seconds=spec.progress_timeout_s)
+    if not new:
+        trials.renew_lease(trial, spec.lease_s, now)
+        return False
     if _stale(verdict):
-        verdict = _recheck(s, study, trial, points, verdict)
-    kept, cut = _within_budget(s, study, trial, last)
+        verdict = _recheck(s, study, trial, new, verdict)
+    kept, cut = _within_budget(s, study, trial, after_pause(trial, last))
     _store_points(s, trial, kept, now, ids=False)
     # after the queries above: one UPDATE of the trial's row with its last_step at commit
     trials.renew_lease(trial, spec.lease_s, now)

@@ -163,6 +163,14 @@ class Study:
             self._asked.pop(number, None)
         return self._frozen(record)
 
+    def _records(self, states: Iterable[TrialState] | None = None) -> list[TrialRecord]:
+        """The study's trials as stored (in ``states``, when given), without their reports."""
+        records = self._study.trials()
+        if states is None:
+            return records
+        wanted = set(states)
+        return [r for r in records if _STATE_OF[str(r.state)] in wanted]
+
     def _frozen(self, record: TrialRecord) -> FrozenTrial:
         """One trial as Optuna shows it, with its reports (read when it has any)."""
         reported = {}
@@ -222,10 +230,7 @@ class Study:
     ) -> list[FrozenTrial]:
         """The study's trials with their reports (``intermediate_values``: the objective's
         points, read together) and the distributions of their parameters."""
-        records = self._study.trials()
-        if states is not None:
-            wanted = set(states)
-            records = [r for r in records if _STATE_OF[str(r.state)] in wanted]
+        records = self._records(states)
         reported: dict[int, dict[int, float]] = {}
         if len(self.directions) == 1 and any(r.last_step is not None for r in records):
             for p in self._study.study_metrics(self._metric):
@@ -450,8 +455,8 @@ class MaxTrialsCallback:
         self._states = states
 
     def __call__(self, study: Study, trial: FrozenTrial) -> None:
-        trials = study.get_trials(deepcopy=False, states=self._states)
-        if len(trials) >= self._n_trials:
+        # counted from the stored trials alone: get_trials would read every report too
+        if len(study._records(self._states)) >= self._n_trials:
             study.stop()
 
 

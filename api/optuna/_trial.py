@@ -93,6 +93,10 @@ class FrozenTrial(_Suggests):
     distributions: dict[str, BaseDistribution] = field(default_factory=dict)
     system_attrs: dict[str, Any] = field(default_factory=dict)
     trial_id: int | None = None
+    # the names an objective run on this trial has suggested (each checked against its
+    # first kind); ``distributions`` read back from the study's space are not checked: a
+    # grid study declares every parameter as its list of values
+    _suggested: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def value(self) -> float | None:
@@ -118,8 +122,9 @@ class FrozenTrial(_Suggests):
                 f"The value of the parameter '{name}' is not found. Please set it at the "
                 "construction of the trial."
             )
-        if name in self.distributions:
+        if name in self._suggested:
             _check_same_kind(self.distributions[name], dist)
+        self._suggested.add(name)
         self.distributions[name] = dist
         value = self.params[name]
         if not dist.contains(value):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -209,11 +209,13 @@ def upgrade_schema(engine: Engine) -> None:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
             if inspect(conn).get_table_names():
-                command.upgrade(cfg, "head")
+                if _revision(conn) != _head(cfg):
+                    broken = _broken_references(conn)
+                    command.upgrade(cfg, "head")
+                    _check_references(conn, broken)
             else:
                 Base.metadata.create_all(conn)
                 command.stamp(cfg, "head")
-            _check_foreign_keys(conn)
 
 
 def migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
@@ -226,8 +228,21 @@ def migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
     with engine.connect() as conn, _foreign_keys_deferred(conn):
         cfg.attributes["connection"] = conn
         with conn.begin():
+            broken = _broken_references(conn)
             (command.downgrade if down else command.upgrade)(cfg, revision)
-            _check_foreign_keys(conn)
+            _check_references(conn, broken)
+
+
+def _revision(conn: Connection) -> str | None:
+    from alembic.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def _head(cfg: Any) -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(cfg).get_current_head()
 
 
 @contextmanager
@@ -237,7 +252,7 @@ def _foreign_keys_deferred(conn: Connection) -> Iterator[None]:
     batch mode. A table that batch mode copies is dropped and made again, and under foreign
     keys that drop deletes every row referencing it (``ON DELETE CASCADE``): copying
     ``trials`` emptied the trials' events, parameters and points, and copying ``studies``
-    every trial. :func:`_check_foreign_keys` checks them once, before the commit."""
+    every trial. :func:`_check_references` checks them once, before the commit."""
     if conn.dialect.name != "sqlite":
         yield
         return
@@ -246,13 +261,21 @@ def _foreign_keys_deferred(conn: Connection) -> Iterator[None]:
     try:
         yield
     finally:
-        raw.execute("PRAGMA foreign_keys=ON")
+        with suppress(sqlite3.Error):  # a connection that broke is discarded anyway
+            raw.execute("PRAGMA foreign_keys=ON")
 
 
-def _check_foreign_keys(conn: Connection) -> None:
-    """SQLite: refuse (roll back) a migration that left a row referencing none."""
+def _broken_references(conn: Connection) -> set[tuple[Any, ...]]:
+    """SQLite: the rows referencing none (``PRAGMA foreign_key_check``): a tool that wrote
+    with foreign keys off may have left some, which is no reason to refuse a migration."""
     if conn.dialect.name != "sqlite":
-        return
-    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-    if broken:
-        raise RuntimeError(f"the migration left rows referencing none: {broken[:5]}")
+        return set()
+    return {tuple(row) for row in conn.exec_driver_sql("PRAGMA foreign_key_check")}
+
+
+def _check_references(conn: Connection, before: set[tuple[Any, ...]]) -> None:
+    """SQLite: refuse (roll back) a migration that left rows referencing none that were not
+    so ``before`` it."""
+    new = sorted(_broken_references(conn) - before)
+    if new:
+        raise RuntimeError(f"the migration left rows referencing none: {new[:5]}")

@@ -4,7 +4,10 @@ longer than ``budget.trial_timeout_s``, a study past ``budget.timeout_s``.
 Progress is a *new* metric point of the current attempt: heartbeats store nothing, and a
 re-sent point is not stored again, so neither moves the deadline. An attempt's progress
 deadline is ``progress_timeout_s`` after its newest point, or after its start before it has
-one; :func:`overdue` keeps ``trials.progress_expires_at`` equal to it, so readers see it.
+one; :func:`overdue` keeps ``trials.progress_expires_at`` equal to it, so readers see it. A
+resumed attempt's report of steps its trial had stored before it paused stores nothing
+(``reporting.after_pause``) but is progress: it moves ``progress_expires_at`` itself, and the
+later of the two deadlines holds.
 
 Functions take the caller's session.
 """
@@ -97,6 +100,8 @@ def overdue(
         if not spec.progress_timeout_s:
             continue
         deadline = _progress_deadline(session, trial_id, started, spec.progress_timeout_s)
+        if stored is not None and stored > deadline:  # moved by a report that stored nothing
+            deadline = stored
         if deadline != stored:
             session.execute(
                 update(Trial)

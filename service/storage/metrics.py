@@ -322,7 +322,10 @@ def of_study(
         )
         if name is not None:
             stmt = stmt.where(MetricPoint.name == name)
-        for trial_id, rows in groupby(session.execute(stmt), key=itemgetter(0)):
+        # streamed (PostgreSQL: a server-side cursor), so a page cut at max_points leaves
+        # the rest of the chunk unread
+        result = session.execute(stmt.execution_options(yield_per=10_000))
+        for trial_id, rows in groupby(result, key=itemgetter(0)):
             if out and len(out) >= max_points:
                 return out, out[-1].trial_id  # this trial begins the next page
             out.extend(

@@ -222,8 +222,10 @@ def by_ask_key(session: Session, study_id: int, key: str) -> tuple[int, int] | N
 
 
 def note_claim(session: Session, trial: Trial, key: str) -> None:
-    """Record that the ask with Idempotency-Key ``key`` claimed ``trial``'s current attempt
-    (the key's earlier claim, if any, is replaced: its ask was sent again and claimed anew)."""
+    """Record that the ask with Idempotency-Key ``key`` claimed ``trial``'s current attempt.
+    A key's earlier claim of the same trial is replaced (the ask sent again found it waiting
+    and claimed it anew); the caller has checked, under the study's lock, that the key names
+    no other trial."""
     row = session.get(AskClaim, (trial.study_id, key))
     if row is None:
         session.add(

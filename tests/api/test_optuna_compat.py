@@ -95,9 +95,14 @@ def test_an_optuna_script_runs_on_the_server(
     grid = optuna.create_study(
         storage=server.url, sampler=optuna.samplers.GridSampler({"x": [-1.0, 0.0, 1.0]})
     )
-    grid.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=10)
+    def squared(t: optuna.Trial) -> float:
+        return t.suggest_float("x", -1, 1) ** 2
+
+    grid.optimize(squared, n_trials=10)
     assert sorted(t.params["x"] for t in grid.trials) == [-1.0, 0.0, 1.0]
     assert grid.best_value == 0.0
+    # the best trial runs the objective again, though the grid declared x by its values
+    assert squared(grid.best_trial) == 0.0
 
 
 def test_storage_must_be_a_server_url() -> None:

@@ -331,6 +331,36 @@ def test_a_rollback_to_an_old_schema_and_back_keeps_every_row(db_url: str) -> No
         engine.dispose()
 
 
+def test_rows_another_tool_left_referencing_none_do_not_stop_a_start(tmp_path: Path) -> None:
+    """The sqlite3 shell writes with foreign keys off: a trial deleted there leaves its events
+    behind. The migrations refuse only rows referencing none that they made themselves: a
+    start at the newest schema, and one that migrates, both go on."""
+    from sqlalchemy import text
+
+    from hpo.service.spec import StudySpec
+    from hpo.service.storage import Storage
+    from hpo.service.studies import StudyService
+    from tests.conftest import simple_spec
+
+    path = tmp_path / "hpo.db"
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        upgrade_schema(engine)
+        service = StudyService(Storage(engine))
+        study_id = service.create_study(StudySpec.model_validate(simple_spec("left"))).id
+        trial = service.ask(study_id)
+        _migrate(engine, "0015", down=True)
+        with sqlite3.connect(path) as raw:  # foreign keys off, as the shell has them
+            raw.execute("DELETE FROM trials WHERE id = ?", (trial.id,))
+        upgrade_schema(engine)  # migrates to the newest schema
+        upgrade_schema(engine)  # and starts at it
+        with engine.connect() as conn:
+            left = conn.execute(text("SELECT count(*) FROM trial_events")).scalar_one()
+        assert left == 1  # still there: not the migrations' to delete
+    finally:
+        engine.dispose()
+
+
 def test_a_database_keeps_the_deployment_id_made_at_its_first_start(
     db_url: str, tmp_path: Path
 ) -> None:

@@ -409,3 +409,65 @@ def test_an_ask_sent_again_answers_the_trial_it_promoted_or_claimed(
         service.ask(study_id, key="k-promote")  # attempt 2 is over: handed out again
     study = service.storage.get_study(study_id)
     assert study.n_trials == 2 and study.counts["running"] == 1 and study.counts["paused"] == 1
+
+
+def test_copies_of_one_keyed_ask_that_race_claim_one_trial(service: StudyService) -> None:
+    """Copies of one ask (a client's timed-out request and its retry, on two servers) that
+    each read "no trial for this key" before the other wrote: under the study's lock the
+    later one finds the key taken and looks again, answering the trial the first claimed,
+    instead of claiming or creating a second one."""
+    from hpo.service import asking
+    from hpo.service.executor import FailureClass
+    from hpo.service.samplers.base import Suggestion
+
+    spec = simple_spec("key-race", max_retries=3)
+    study_id = service.create_study(StudySpec.model_validate(spec)).id
+    first, second = service.ask(study_id), service.ask(study_id)
+    for t in (first, second):
+        service.fail_attempt(t.id, "lost", failure_class=FailureClass.INFRASTRUCTURE)
+    storage, parsed = service.storage, service.storage.spec_of(study_id)
+    won = asking._claim_waiting(storage, study_id, second.id, parsed, False, "K")
+    assert won is not None and won.id == second.id
+    assert asking._claim_waiting(storage, study_id, first.id, parsed, False, "K") is None
+    new = Suggestion({"x": 0.0}, {"sampler": "random"})
+    assert asking._claim_new(storage, study_id, 2, parsed, new, False, "K") is None
+    again = service.ask(study_id, key="K")
+    assert (again.id, again.attempts) == (second.id, 2)
+    study = service.storage.get_study(study_id)
+    assert study.n_trials == 2 and study.counts["running"] == 1 and study.counts["waiting"] == 1
+
+
+def test_a_resumed_attempt_training_again_makes_progress(service: StudyService) -> None:
+    """A promoted trial's client that trains it again from its start reports steps that are
+    not stored (they were, before the pause): its progress deadline moves all the same, as
+    a new point's would, so ``progress_timeout_s`` does not fail it while it catches up."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from hpo.service.db.models import MetricPoint, Trial, utcnow
+    from hpo.service.storage import deadlines
+
+    spec = simple_spec(
+        "resume-progress", progress_timeout_s=60, pruner={**PROMOTION, "max_steps": 8}
+    )
+    study_id = service.create_study(StudySpec.model_validate(spec)).id
+    good, bad = service.ask(study_id), service.ask(study_id)
+    assert report(service, good.id, 2, 0.1) is True and report(service, bad.id, 2, 0.9) is True
+    promoted = service.ask(study_id)
+    assert (promoted.id, promoted.attempts) == (good.id, 2)
+    ago = timedelta(seconds=55)  # the attempt began 55 s ago, its trial's points older still
+    with service.storage.write() as s:
+        s.execute(update(Trial).where(Trial.id == good.id).values(started_at=utcnow() - ago))
+        s.execute(
+            update(MetricPoint)
+            .where(MetricPoint.trial_id == good.id)
+            .values(time=utcnow() - 2 * ago)
+        )
+    assert service.report(good.id, [MetricInput(1, "loss", 0.5)], attempt=2) is False
+    with service.storage.write() as s:
+        late = deadlines.overdue(s, deadlines.timed_studies(s), utcnow() + timedelta(seconds=30))
+    assert [o.trial_id for o in late] == []
+    with service.storage.write() as s:
+        late = deadlines.overdue(s, deadlines.timed_studies(s), utcnow() + timedelta(seconds=61))
+    assert [(o.trial_id, o.deadline) for o in late] == [(good.id, "progress")]
