@@ -95,6 +95,7 @@ def test_an_optuna_script_runs_on_the_server(
     grid = optuna.create_study(
         storage=server.url, sampler=optuna.samplers.GridSampler({"x": [-1.0, 0.0, 1.0]})
     )
+
     def squared(t: optuna.Trial) -> float:
         return t.suggest_float("x", -1, 1) ** 2
 

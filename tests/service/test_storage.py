@@ -938,7 +938,7 @@ def test_a_studys_points_come_a_page_of_trials_at_a_time(service: StudyService) 
         service.report(t.id, points, attempt=1)
     service.fail_attempt(asked[0].id, "lost", failure_class=FailureClass.INFRASTRUCTURE)
     again = service.ask(sid)
-    assert (again.id, again.attempt) == (asked[0].id, 2)
+    assert (again.id, again.attempts) == (asked[0].id, 2)
     service.report(again.id, [MetricInput(1, "loss", -1.0)], attempt=2)
     own = {t.id: service.storage.metrics(t.id) for t in asked}
     assert [p.value for p in own[asked[0].id]] == [0.0, -1.0, 2.0]
