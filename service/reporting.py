@@ -90,7 +90,7 @@ def report(
             study, trial = _running(s, trial_id, lock=False, **fencing)
             if trial is None:
                 return True
-            kept = after_pause(trial, points)
+            kept = after_pause(study, trial, points)
             judged = _to_judge(s, study, trial, kept)
             verdict = _Verdict(judged, _judge(s, study, trial, kept, judged))
     size = POINTS_PER_COMMIT
@@ -109,8 +109,8 @@ def report(
                     last_step_before = trial.last_step
                 attempt_no = trial.attempts
                 if _stale(verdict):
-                    verdict = _recheck(s, study, trial, after_pause(trial, points), verdict)
-                kept, cut = _within_budget(s, study, trial, after_pause(trial, chunk))
+                    verdict = _recheck(s, study, trial, after_pause(study, trial, points), verdict)
+                kept, cut = _within_budget(s, study, trial, after_pause(study, trial, chunk))
                 inserted += _store_points(s, trial, kept, utcnow(), ids=True)
                 done += len(chunk)
                 if cut is not None:
@@ -176,7 +176,7 @@ def _store_then_lock(
             study, trial = _running(s, trial_id, lock=False, **fencing)
             if trial is None:
                 return True  # nothing was written
-            if len(after_pause(trial, points)) < len(points):
+            if len(after_pause(study, trial, points)) < len(points):
                 raise _Undo  # the usual path leaves those points out
             judged = _to_judge(s, study, trial, points)
             verdict = _Verdict(judged, _judge(s, study, trial, points, judged))
@@ -301,7 +301,7 @@ def _finish(
     if not points:
         trials.renew_lease(trial, spec.lease_s, now)
         return False  # a heartbeat: the lease is renewed, nothing else changed
-    new = after_pause(trial, points)  # (checked again under the lock)
+    new = after_pause(study, trial, points)  # (checked again under the lock)
     if len(new) < len(points) and spec.progress_timeout_s:
         # steps trained again up to where the trial paused: no point is stored, but the
         # attempt makes progress, and its progress deadline moves as a new point's would
@@ -311,7 +311,7 @@ def _finish(
         return False
     if _stale(verdict):
         verdict = _recheck(s, study, trial, new, verdict)
-    kept, cut = _within_budget(s, study, trial, after_pause(trial, last))
+    kept, cut = _within_budget(s, study, trial, after_pause(study, trial, last))
     _store_points(s, trial, kept, now, ids=False)
     # after the queries above: one UPDATE of the trial's row with its last_step at commit
     trials.renew_lease(trial, spec.lease_s, now)
@@ -376,22 +376,25 @@ def _spend_last_steps(
     )
 
 
-def after_pause(trial: Trial, points: Sequence[MetricInput]) -> Sequence[MetricInput]:
-    """The points a trial resumed from a pause (promoted at a rung) may store: none at or
-    before the last step it had stored when it paused. Its rungs keep the values it was
-    ranked and promoted on: an ask/tell client that trains a promoted trial again from its
-    start reports those steps again, and the newest attempt's value would replace them
-    (the rank of others in the rung moved up, and one more of them was promoted). A trial
-    that copied a checkpoint (PBT, a replay) has no pause reason left: its points are all
-    kept. A pause reason from before ``stored_to`` was recorded bounds them by its rung's
-    step."""
+def after_pause(study: Study, trial: Trial, points: Sequence[MetricInput]) -> Sequence[MetricInput]:
+    """The points a trial resumed from a pause (promoted at a rung) may store: none of the
+    metric its pruner ranks (``pruned_metric``) at or before the last step of it the trial
+    had stored when it paused. Its rungs keep the values it was ranked and promoted on: an
+    ask/tell client that trains a promoted trial again from its start reports those steps
+    again, and the newest attempt's value would replace them (the rank of others in the
+    rung moved up, and one more of them was promoted). Other metrics are stored as usual
+    (a trainable may report them on another axis: text-classification's training loss is
+    by optimizer step, its validation by epoch). A trial that copied a checkpoint (PBT, a
+    replay) has no pause reason left: its points are all kept. A pause reason from before
+    ``stored_to`` was recorded bounds them by its rung's step."""
     reason = trial.pause_reason
     if not reason or not points:
         return points
     stored_to = reason.get("stored_to", reason.get("step"))
     if stored_to is None:
         return points
-    return [p for p in points if p.step > stored_to]
+    metric = transitions.spec_of(study).pruned_metric
+    return [p for p in points if p.name != metric or p.step > stored_to]
 
 
 def _store_points(

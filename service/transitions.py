@@ -146,8 +146,10 @@ def pause(s: Session, study: Study, trial: Trial, reason: dict[str, Any], *, now
     if reason.get("donor_trial_id") is not None:  # pbt exploit
         donor = reason["donor_trial_id"]
         reason = {**reason, "donor_number": trials.numbers(s, [donor]).get(donor)}
-    # the last step stored as it paused: what a resumed attempt may not report again
-    trial.pause_reason = {**reason, "paused_at": now.isoformat(), "stored_to": trial.last_step}
+    # the last step of the ranked metric stored as it paused: what a resumed attempt may not
+    # report again (reporting.after_pause)
+    stored_to = metrics.max_step(s, trial.id, spec_of(study).pruned_metric)
+    trial.pause_reason = {**reason, "paused_at": now.isoformat(), "stored_to": stored_to}
     set_trial_state(s, study, trial, TrialState.PAUSED, detail=pause_detail(reason), now=now)
     trial.lease_expires_at = None
     trial.progress_expires_at = None

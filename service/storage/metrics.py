@@ -179,11 +179,13 @@ def stored_since(
     return wanted <= {(name, step) for id_, name, step in rows if id_ not in mine}
 
 
-def max_step(session: Session, trial_id: int) -> int | None:
-    """The trial's largest stored step of any metric and attempt, if any."""
-    return session.scalar(
-        select(func.max(MetricPoint.step)).where(MetricPoint.trial_id == trial_id)
-    )
+def max_step(session: Session, trial_id: int, name: str | None = None) -> int | None:
+    """The trial's largest stored step of any attempt (of metric ``name``, else of any), if
+    any."""
+    stmt = select(func.max(MetricPoint.step)).where(MetricPoint.trial_id == trial_id)
+    if name is not None:
+        stmt = stmt.where(MetricPoint.name == name)
+    return session.scalar(stmt)
 
 
 def step_below(session: Session, trial_id: int, name: str, step: int) -> int | None:

@@ -79,6 +79,7 @@ def every_route(sid: int, tid: int) -> list[tuple[str, str, dict]]:
         ("POST", "/trials/{trial_id}/tell", {"json": {"value": 1.0}}),
         ("POST", "/trials/{trial_id}/metrics", {"json": {"points": [point]}}),
         ("GET", "/trials/{trial_id}/metrics", {}),
+        ("GET", "/studies/{study_id}/metrics", {}),
         ("POST", "/trials/{trial_id}/heartbeat", {}),
         ("POST", "/trials/{trial_id}/user_attrs", {"json": {"a": 1}}),
         ("POST", "/trials/{trial_id}/suggest", {"json": suggest}),

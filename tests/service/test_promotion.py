@@ -471,3 +471,21 @@ def test_a_resumed_attempt_training_again_makes_progress(service: StudyService) 
     with service.storage.write() as s:
         late = deadlines.overdue(s, deadlines.timed_studies(s), utcnow() + timedelta(seconds=61))
     assert [(o.trial_id, o.deadline) for o in late] == [(good.id, "progress")]
+
+
+def test_a_resumed_attempt_stores_its_later_steps_of_every_metric(service: StudyService) -> None:
+    """Only the ranked metric's steps up to the pause are kept from a resumed attempt; its
+    other metrics are stored as any attempt's (a trainable may report them on another axis:
+    text-classification's training loss by optimizer step, its validation by epoch)."""
+    spec = simple_spec("other-metrics", pruner={**PROMOTION, "max_steps": 8})
+    study_id = service.create_study(StudySpec.model_validate(spec)).id
+    good, bad = service.ask(study_id), service.ask(study_id)
+    for t, loss in ((good, 0.1), (bad, 0.9)):
+        points = [MetricInput(1, "acc", 1 - loss), MetricInput(1, "loss", loss)]
+        assert service.report(t.id, points) is True
+    promoted = service.ask(study_id)
+    assert (promoted.id, promoted.attempts) == (good.id, 2)
+    again = [MetricInput(1, "acc", 0.5), MetricInput(1, "loss", 7.0), MetricInput(2, "loss", 0.08)]
+    assert service.report(good.id, again, attempt=2) is True  # rung 1 (step 2): it pauses
+    stored = {(p.name, p.step): (p.value, p.attempt) for p in service.storage.metrics(good.id)}
+    assert stored == {("acc", 1): (0.5, 2), ("loss", 1): (0.1, 1), ("loss", 2): (0.08, 2)}
