@@ -686,7 +686,9 @@ class Scheduler:
             api_url=self.api_url,
             token=trial.attempt_token,  # the attempt's own credential, never the admin token
             objectives=[(o.metric, o.direction) for o in spec.objectives],
-            keep_metrics=sorted({*(o.metric for o in spec.objectives), spec.pruned_metric}),
+            keep_metrics=sorted(
+                {*(o.metric for o in spec.objectives), spec.pruned_metric, *spec.constraint_metrics}
+            ),
             checkpoint_dir=self._trial_dir(trial.study_id, trial.id),
             lease_s=spec.lease_s,
             resume_from=trial.resume_from,

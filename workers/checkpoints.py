@@ -113,7 +113,8 @@ def prune(folder: Location, keep: int) -> None:
     if not isinstance(folder, Path):
         _prune_remote(folder, keep)
         return
-    found = sorted(p for p in folder.glob("checkpoint-*") if step_of(p) is not None)
+    # by step, not by name: six digits of padding sort checkpoint-1000000 before -999999
+    found = sorted((p for p in folder.glob("checkpoint-*") if step_of(p) is not None), key=step_of)
     for old in found[:-keep] if keep > 0 else found:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in folder.glob(".checkpoint-*"):

@@ -110,8 +110,17 @@ def _download(url: str, dest: Path) -> Path:
         return storage.fetch(str(newest[0]), dest)
 
 
+def _newness(folder: Path) -> tuple[int, int, str]:
+    """How new a checkpoint folder is: by attempt, then step (numbers, not names: attempt-10
+    is newer than attempt-9), its path last."""
+    return (checkpoints.attempt_of(folder) or 0, checkpoints.step_of(folder) or 0, str(folder))
+
+
 def _checkpoint_dir(root: Path) -> Path:
-    found = sorted(p.parent for p in root.rglob("meta.json") if (p.parent / "state.pt").is_file())
+    found = sorted(
+        (p.parent for p in root.rglob("meta.json") if (p.parent / "state.pt").is_file()),
+        key=_newness,
+    )
     if not found:
         raise FileNotFoundError(f"no checkpoint (meta.json + state.pt) under {root}")
     return found[-1]

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from hpo.api.retry import retry_after_s
+from hpo.service.spec import MAX_STEP
 from hpo.workers.tensorboard import LiveScalars
 
 log = logging.getLogger("hpo.workers.reporter")
@@ -79,12 +80,20 @@ class MetricReporter:
         self._last_contact = 0.0
         self._last_batch = 0.0  # when the last batch was sent (monotonic)
         self._waiters = 0  # callers of wait_sent: their points go without waiting for flush_s
+        self._in_flight = 0  # the first points of the buffer, being sent: _trim keeps them
         self._wait_s = 0.0  # the Retry-After of the last answer that said "later"
         self._thread = threading.Thread(target=self._run, name="hpo-reporter", daemon=True)
         self._thread.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> int:
-        """Queue points; returns a ticket to pass to :meth:`wait_sent`."""
+        """Queue points; returns a ticket to pass to :meth:`wait_sent`. Raises ValueError for a
+        point the server would refuse (a step outside 0 .. 2**62, a name that is empty, over
+        128 characters or holds a NUL): it would take the valid points of its batch with it."""
+        for name in metrics:
+            if not isinstance(name, str) or not 0 < len(name) <= 128 or "\x00" in name:
+                raise ValueError(f"metric name {name!r}: 1 to 128 characters, no NUL")
+        if not 0 <= int(step) <= MAX_STEP:
+            raise ValueError(f"step {step}: must be 0 .. 2**62")
         with self._cond:
             idle = not self._buffer  # else the sender holds them until the next batch is due
             for name, value in metrics.items():
@@ -150,8 +159,9 @@ class MetricReporter:
         if excess <= 0:
             return
         kept = deque()
-        for point in self._buffer:
-            if excess > 0 and point["name"] not in self.keep:
+        for i, point in enumerate(self._buffer):
+            flying = i < self._in_flight  # the batch being sent: the sender pops it after
+            if excess > 0 and not flying and point["name"] not in self.keep:
                 excess -= 1
                 self.dropped += 1
                 self._sent += 1  # never coming: do not wait for it
@@ -170,17 +180,21 @@ class MetricReporter:
                     self._cond.wait(hold)
                     continue
                 batch = [self._buffer[i] for i in range(min(self.batch, len(self._buffer)))]
+                self._in_flight = len(batch)
             if not batch and time.monotonic() - self._last_contact < self.heartbeat_s:
                 continue
             if batch:
                 self._last_batch = time.monotonic()
-            if self._send(batch):
-                backoff = 0.0
-                with self._cond:
+            sent = self._send(batch)
+            with self._cond:
+                self._in_flight = 0
+                if sent:
                     for _ in batch:
                         self._buffer.popleft()
                     self._sent += len(batch)
                     self._cond.notify_all()
+            if sent:
+                backoff = 0.0
             else:
                 backoff = min(5.0, max(0.2, backoff * 2))
                 self._stop.wait(min(max(backoff, self._wait_s), self.heartbeat_s))
@@ -226,7 +240,8 @@ class MetricReporter:
             if answer.status_code in TRY_AGAIN or answer.status_code >= 500:
                 self._wait_s = retry_after_s(answer) or 0.0  # kept: sent again after it
                 return False
-            return True  # any other 4xx will not get better: drop the batch
+            self.dropped += len(batch)  # any other 4xx will not get better: counted, dropped
+            return True
         if answer.json().get("should_stop"):
             self.should_stop = True
         return True

@@ -64,7 +64,9 @@ class Schedule:
         # ReduceLROnPlateau cuts the rate of a one-group stand-in optimizer: that rate is the
         # plateau scale, which the LambdaLR factor multiplies in (so warm-up still applies).
         self._scale = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        self._plateau = ReduceLROnPlateau(self._scale, factor=gamma, patience=patience)
+        # (torch refuses a factor of 1; gamma 1 cuts nothing, so that plateau is never stepped)
+        factor = gamma if gamma < 1 else 0.5
+        self._plateau = ReduceLROnPlateau(self._scale, factor=factor, patience=patience)
         self._lambda = LambdaLR(optimizer, self.factor)
 
     @classmethod
@@ -114,7 +116,7 @@ class Schedule:
 
     def epoch_end(self, val_loss: float) -> None:
         """Let ``plateau`` judge the epoch's validation loss (the other kinds ignore it)."""
-        if self.kind == "plateau":
+        if self.kind == "plateau" and self.gamma < 1:
             self._plateau.step(val_loss)
             self._apply()
 

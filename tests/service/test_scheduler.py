@@ -74,6 +74,18 @@ def test_launches_up_to_max_concurrent(
     assert executor.started
 
 
+def test_a_launch_keeps_the_objective_pruned_and_constraint_metrics_through_an_outage(
+    service: StudyService, executor: FakeExecutor, scheduler: Scheduler
+) -> None:
+    """The reporter drops other metrics first when the control plane stays away: the ones
+    the study judges a trial by are kept, its constraints' too (feasibility was judged on
+    a stale value when their last points were dropped)."""
+    create(service, "kept", budget={"max_trials": 1}, constraints=["latency_ms <= 10"])
+    scheduler.tick()
+    (ref,) = executor.launched
+    assert executor.launch_of[ref].keep_metrics == ["latency_ms", "loss"]
+
+
 def test_launches_only_what_the_cluster_has_room_for(
     service: StudyService, executor: FakeExecutor, scheduler: Scheduler
 ) -> None:

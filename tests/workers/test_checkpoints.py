@@ -86,6 +86,22 @@ def test_writes_are_atomic_and_old_checkpoints_pruned(tmp_path: Path) -> None:
     ]
 
 
+def test_the_newest_checkpoints_are_kept_by_step_past_a_million(tmp_path: Path) -> None:
+    """Names pad steps to six digits: by name, checkpoint-1000000 sorted before -999999, and
+    pruning removed the checkpoint just written; the newest attempt folder likewise
+    (attempt-10 before attempt-9) for the checkpoint a model is loaded from."""
+    from hpo.workers.inference import _checkpoint_dir
+
+    folder = tmp_path / "attempt-1"
+    for step in (999_998, 999_999, 1_000_000):
+        checkpoints.write(folder, step, {"w": torch.ones(1)}, {"step": step})
+    checkpoints.prune(folder, keep=2)
+    assert sorted(checkpoints.step_of(p) for p in folder.iterdir()) == [999_999, 1_000_000]
+    for attempt in (9, 10):
+        checkpoints.write(tmp_path / f"attempt-{attempt}", 1, {"w": torch.ones(1)}, {"step": 1})
+    assert _checkpoint_dir(tmp_path) == tmp_path / "attempt-10" / "checkpoint-000001"
+
+
 def test_a_checkpoint_leading_outside_the_trial_folder_is_refused(tmp_path: Path) -> None:
     trial = tmp_path / "trial-1"
     outside = tmp_path / "elsewhere"

@@ -160,3 +160,59 @@ def test_points_refused_by_the_rate_limit_are_sent_again_not_dropped(
         assert reporter.dropped == 0
         rows = assert_each_point_stored_once(server.database_url, trial.trial_id, 12)
         assert sorted(step for _, _, step in rows) == list(range(12))
+
+
+def test_points_trimmed_while_a_batch_is_on_its_way_are_the_queued_ones(
+    sqlite_server: ServerProcess,
+) -> None:
+    """The buffer overflows while a batch is being sent (training goes on): the points
+    dropped are queued ones, counted, never the batch on its way. Dropping from the batch
+    let the sender's acknowledgement pop points that were never sent (a kept metric among
+    them) and count them as sent. Bad points are refused at ``log``, not with their batch."""
+    import threading
+
+    import httpx
+    import pytest
+
+    client = sqlite_server.client()
+    study = client.create_study(simple_spec("in-flight"))
+    trial = study.ask()
+    first, release = threading.Event(), threading.Event()
+
+    def hold_the_first_batch(request: httpx.Request) -> None:
+        if request.url.path.endswith("/metrics") and not first.is_set():
+            first.set()
+            release.wait(30)
+
+    http = httpx.Client(
+        base_url=sqlite_server.url,
+        headers={"Authorization": f"Bearer {sqlite_server.token}"},
+        event_hooks={"request": [hold_the_first_batch]},
+        timeout=30,
+    )
+    reporter = MetricReporter(
+        sqlite_server.url,
+        trial.trial_id,
+        keep=("val_loss",),
+        max_points=10,
+        batch=5,
+        flush_s=0.01,
+        client=http,
+    )
+    for step in range(5):
+        reporter.log(step, {"t": float(step)})
+    assert first.wait(10), "the first batch was never sent"
+    reporter.log(0, {"val_loss": 0.5})
+    for step in range(8):
+        reporter.log(step, {"u": float(step)})
+    assert reporter.dropped == 4  # 14 points for 10 places, the batch of 5 on its way
+    release.set()
+    assert reporter.close(timeout=30)
+    stored = {(p.name, p.step) for p in client.study(study.id).metrics(trial.trial_id)}
+    assert stored == {("t", s) for s in range(5)} | {("val_loss", 0)} | {
+        ("u", s) for s in range(4, 8)
+    }
+    with pytest.raises(ValueError, match="step"):
+        reporter.log(-1, {"loss": 1.0})
+    with pytest.raises(ValueError, match="metric name"):
+        reporter.log(1, {"x" * 129: 1.0})

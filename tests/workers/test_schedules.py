@@ -43,6 +43,18 @@ def test_schedules_have_their_shapes() -> None:
     assert expo[5] == pytest.approx(0.5) and expo[10] == pytest.approx(0.25)
 
 
+def test_a_gamma_of_one_is_no_decay_for_every_kind() -> None:
+    """``gamma: 1`` (allowed: no decay) made torch's plateau refuse its factor, and every
+    trial of a study searching gamma up to 1 failed before its first step."""
+    for kind in ("constant", "step", "exponential", "plateau"):
+        assert _trace(kind, gamma=1.0) == [1.0] * 20, kind
+    opt = _opt(1.0)
+    s = schedules.Schedule(opt, "plateau", total_steps=10, steps_per_epoch=5, gamma=1.0)
+    for loss in (1.0, 2.0, 3.0):  # never better: still no cut
+        s.epoch_end(loss)
+    assert opt.param_groups[0]["lr"] == 1.0
+
+
 def test_plateau_schedule_and_layer_groups_and_resume() -> None:
     opt = _opt(1.0, 0.5)  # two groups (layer-wise decay): both scaled, ratio kept
     s = schedules.Schedule(opt, "plateau", total_steps=10, steps_per_epoch=5, gamma=0.1)
