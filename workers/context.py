@@ -157,7 +157,9 @@ class TrialContext:
         sends. A non-finite value fails the trial."""
         values = _finite(step, metrics)
         if self.reporter is not None:
-            self.reporter.log(step, values)
+            # the newest ticket: a checkpoint saved after this waits for these points too, or
+            # records them as unsent (it recorded only the last report's)
+            self._ticket = self.reporter.log(step, values)
 
     def should_stop(self) -> bool:
         """Whether the control plane asked this trial to stop (collective)."""

@@ -215,3 +215,28 @@ def test_a_point_cut_off_between_checkpoint_and_delivery_is_sent_by_the_resume(
     assert again.resume() is not None and again.reporter.close(timeout=30)
     points = sqlite_server.client().study(study.id).metrics(trial.trial_id, "loss")
     assert [p.step for p in points] == [1, 2, 3, 4]
+
+
+def test_points_logged_after_a_report_are_in_the_checkpoint_until_delivered(
+    sqlite_server: ServerProcess, tmp_path: Path
+) -> None:
+    """A report (delivered), then ``log`` of more points at that step, then the control plane
+    goes away and the trainable saves: those points are the checkpoint's unsent ones, which
+    a resume sends. The checkpoint waited only for the report's points, found them
+    delivered and recorded nothing unsent."""
+    client = sqlite_server.client()
+    study = client.create_study(simple_spec("logged"))
+    trial = study.ask()
+    url, token = sqlite_server.url, sqlite_server.token
+    reporter = MetricReporter(url, trial.trial_id, token=token, flush_s=0.05)
+    ctx = context(tmp_path, 1, reporter=reporter, delivery_timeout_s=0.5)
+    ctx.objectives = [Objective("loss", "minimize")]
+    ctx.report(1, {"loss": 0.5})
+    assert reporter.wait_sent(reporter.log(1, {}), timeout=10)  # the report is delivered
+    sqlite_server.kill()
+    ctx.log(1, {"train_loss": 0.7})
+    ctx.save(1, w=torch.ones(1))
+    meta = json.loads((tmp_path / "attempt-1" / "checkpoint-000001" / "meta.json").read_text())
+    assert meta["delivered"] is False
+    assert {"step": 1, "name": "train_loss", "value": 0.7} in meta["unsent"]
+    reporter.close(timeout=0)
