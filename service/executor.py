@@ -168,13 +168,16 @@ class Checkpoint:
 @dataclass(frozen=True)
 class AttemptResult:
     """What rank 0 of a finished attempt returns: the objectives' last and best values, the
-    trainable's extra notes, and how many metric points its reporter sent or dropped."""
+    trainable's extra notes, how many metric points its reporter sent or dropped, and the
+    points it could not deliver before it closed (``step``, ``name``, ``value``: the control
+    plane was away as the attempt ended; the scheduler stores them before the tell)."""
 
     last: dict[str, float] = field(default_factory=dict)
     best: dict[str, float] = field(default_factory=dict)
     extra: dict[str, JsonValue] = field(default_factory=dict)
     metrics_sent: int = 0
     metrics_dropped: int = 0
+    unsent: list[dict[str, JsonValue]] = field(default_factory=list)
 
     def values(self, scope: str) -> dict[str, float]:
         """The objectives' values in ``scope`` ("last" or "best")."""

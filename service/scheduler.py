@@ -39,6 +39,7 @@ from hpo.service.errors import (
     BudgetSpent,
     Conflict,
     HpoError,
+    StaleAttempt,
     StudyNotRunning,
     TrialFinished,
 )
@@ -58,7 +59,7 @@ from hpo.service.executor import (
 )
 from hpo.service.leadership import SchedulerLease
 from hpo.service.preflight import ClusterPreflight
-from hpo.service.records import ClaimedTrial, TrialRecord
+from hpo.service.records import ClaimedTrial, MetricInput, TrialRecord
 from hpo.service.spec import Resources, StudySpec
 from hpo.service.states import StudyState, TrialState
 from hpo.service.storage import meta
@@ -498,7 +499,7 @@ class Scheduler:
             if db_state != TrialState.RUNNING:
                 return
             if status.state == AttemptState.DONE:
-                self._tell(trial_id, status.result or AttemptResult())
+                self._tell(status.ref, status.result or AttemptResult())
                 return
             error = status.error or AttemptError(kind=str(status.state), message=_ended(status))
             self.service.fail_attempt(
@@ -510,7 +511,17 @@ class Scheduler:
         finally:
             self._drop(status.ref, cancel=False)
 
-    def _tell(self, trial_id: int, result: AttemptResult) -> None:
+    def _tell(self, ref: AttemptRef, result: AttemptResult) -> None:
+        """Tell the finished attempt's trial its objectives' values, after storing the points
+        its reporter could not deliver before it closed (as the reporter would have)."""
+        trial_id = ref.trial_id
+        if result.unsent:
+            points = [
+                MetricInput(int(p["step"]), str(p["name"]), float(p["value"]))
+                for p in result.unsent
+            ]
+            with contextlib.suppress(StaleAttempt, TrialFinished):
+                self.service.report(trial_id, points, attempt=ref.attempt)
         trial = self.service.storage.get_trial(trial_id, events=False)
         spec = self.service.storage.spec_of(trial.study_id)
         values = []

@@ -107,6 +107,12 @@ class MetricReporter:
             self.mirror.add(step, metrics)
         return ticket
 
+    @property
+    def sent(self) -> int:
+        """How many points the server acknowledged (dropped ones aside)."""
+        with self._cond:
+            return self._sent - self.dropped
+
     def unsent(self) -> list[dict[str, Any]]:
         """The points queued but not yet acknowledged by the server (``step``, ``name``,
         ``value``), oldest first."""

@@ -110,8 +110,10 @@ def run_rank(
             ctx.finish(returned)
         summary = {"last": ctx.last, "best": ctx.best, "extra": ctx.extra}
         if reporter is not None:
-            summary["metrics_sent"] = reporter.close(timeout=30)
+            reporter.close(timeout=30)
+            summary["metrics_sent"] = reporter.sent
             summary["metrics_dropped"] = reporter.dropped
+            summary["unsent"] = reporter.unsent()  # the control plane was away: it stores them
             reporter = None
         return summary
     finally:
@@ -301,6 +303,7 @@ def _result(summary: dict[str, Any]) -> AttemptResult:
         extra=dict(summary.get("extra") or {}),
         metrics_sent=int(summary.get("metrics_sent") or 0),
         metrics_dropped=int(summary.get("metrics_dropped") or 0),
+        unsent=list(summary.get("unsent") or []),
     )
 
 

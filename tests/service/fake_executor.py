@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from hpo.service.executor import (
     PREFLIGHT_SCHEDULE,
@@ -178,9 +179,13 @@ class FakeExecutor:
     def checkpoint(self, ref: AttemptRef, path: str, step: int) -> None:
         self._set(ref, checkpoint=Checkpoint(path, step))
 
-    def finish(self, ref: AttemptRef, **last: float) -> None:
-        """The attempt ended with these last values of its metrics."""
-        self._set(ref, state=AttemptState.DONE, result=AttemptResult(last=last, best=last))
+    def finish(
+        self, ref: AttemptRef, *, unsent: Sequence[dict[str, Any]] = (), **last: float
+    ) -> None:
+        """The attempt ended with these last values of its metrics (and ``unsent``: points
+        its reporter could not deliver)."""
+        result = AttemptResult(last=last, best=last, unsent=list(unsent))
+        self._set(ref, state=AttemptState.DONE, result=result)
 
     def fail(self, ref: AttemptRef, error: AttemptError) -> None:
         self._set(ref, state=AttemptState.FAILED, error=error)

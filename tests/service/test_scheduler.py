@@ -18,6 +18,7 @@ from hpo.service.executor import (
     Executor,
     FailureClass,
 )
+from hpo.service.records import MetricInput
 from hpo.service.scheduler import Scheduler
 from hpo.service.spec import StudySpec
 from hpo.service.storage import meta
@@ -141,6 +142,30 @@ def test_a_finished_attempt_is_told_with_its_placement_and_checkpoint(
     assert trial.state == "complete" and trial.value == 0.25
     assert executor.tracked == set() and executor.cancelled == []
     assert scheduler.in_flight == {}
+
+
+def test_points_an_attempt_could_not_deliver_as_it_ended_are_stored_before_the_tell(
+    service: StudyService, executor: FakeExecutor, scheduler: Scheduler
+) -> None:
+    """The control plane was away as the attempt ended: its reporter closed with points
+    unsent, which rank 0 returns with its result; they are stored under that attempt, once,
+    before the trial is told (the attempt is over: nothing would send them again)."""
+    create(service, "late-points", budget={"max_trials": 1})
+    scheduler.tick()
+    (ref,) = executor.launched
+    executor.place(ref)
+    service.report(ref.trial_id, [MetricInput(0, "loss", 1.0)], attempt=1)
+    unsent = [{"step": 1, "name": "loss", "value": 0.5}, {"step": 2, "name": "loss", "value": 0.25}]
+    executor.finish(ref, unsent=unsent, loss=0.25)
+    scheduler.tick()
+    trial = service.storage.get_trial(ref.trial_id)
+    assert trial.state == "complete" and trial.value == 0.25
+    points = service.storage.metrics(ref.trial_id)
+    assert [(p.step, p.value, p.attempt) for p in points] == [
+        (0, 1.0, 1),
+        (1, 0.5, 1),
+        (2, 0.25, 1),
+    ]
 
 
 def test_an_attempt_without_the_objective_metric_fails_without_retry(
