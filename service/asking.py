@@ -101,11 +101,12 @@ def ask(
     first, else a new suggestion. Given ``params`` (checked by :func:`check_fixed`), it is a
     new trial with those values, the sampler filling in the rest.
 
-    ``key`` (an ask's Idempotency-Key) is stored with the trial it creates; an ask with a key
+    ``key`` (an ask's Idempotency-Key) is stored with the trial it creates, or with the
+    attempt it claims (a waiting trial, a promoted one: ``ask_claims``); an ask with a key
     already used answers that trial again and spends no budget: while it runs the attempt
     that ask claimed, with a new token for it; while it waits, claimed for its next attempt
     as a plain ask would (the same checks). It raises StaleAttempt once the trial was handed
-    out again, TrialFinished once it has finished.
+    out again, TrialFinished once it has finished (or paused).
 
     Raises StudyNotFound, StudyNotRunning, BudgetSpent (GridExhausted: the study completes
     once no trial is active), ConcurrencyLimit, Conflict (a trainable study asked by a
