@@ -240,24 +240,27 @@ class Study:
 
     @property
     def best_trial(self) -> FrozenTrial:
+        return self._frozen(self._best_record())
+
+    def _best_record(self) -> TrialRecord:
         if len(self.directions) > 1:
             raise RuntimeError("a multi-objective study has `best_trials`, not `best_trial`")
         best = self._study.best_trial
         if best is None:
             raise ValueError("no trials are completed yet")
-        return self._frozen(best)
+        return best
 
     @property
     def best_trials(self) -> list[FrozenTrial]:
         return [self._frozen(r) for r in self._study.best_trials]
 
     @property
-    def best_value(self) -> float:
-        return self.best_trial.value  # type: ignore[return-value]
+    def best_value(self) -> float:  # (from the record: no need for its reports)
+        return FrozenTrial.from_record(self._best_record()).value  # type: ignore[return-value]
 
     @property
     def best_params(self) -> dict[str, Any]:
-        return self.best_trial.params
+        return dict(self._best_record().params)
 
     @property
     def user_attrs(self) -> dict[str, Any]:
