@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -265,17 +266,20 @@ def _foreign_keys_deferred(conn: Connection) -> Iterator[None]:
             raw.execute("PRAGMA foreign_keys=ON")
 
 
-def _broken_references(conn: Connection) -> set[tuple[Any, ...]]:
-    """SQLite: the rows referencing none (``PRAGMA foreign_key_check``): a tool that wrote
-    with foreign keys off may have left some, which is no reason to refuse a migration."""
+def _broken_references(conn: Connection) -> Counter[tuple[str, str]]:
+    """SQLite: how many rows reference none (``PRAGMA foreign_key_check``), by table and the
+    table they name: a tool that wrote with foreign keys off may have left some, which is no
+    reason to refuse a migration. (Counted, not listed by rowid: a table copied by a
+    migration may number its rows anew.)"""
     if conn.dialect.name != "sqlite":
-        return set()
-    return {tuple(row) for row in conn.exec_driver_sql("PRAGMA foreign_key_check")}
+        return Counter()
+    rows = conn.exec_driver_sql("PRAGMA foreign_key_check")
+    return Counter((str(table), str(parent)) for table, _rowid, parent, _key in rows)
 
 
-def _check_references(conn: Connection, before: set[tuple[Any, ...]]) -> None:
-    """SQLite: refuse (roll back) a migration that left rows referencing none that were not
-    so ``before`` it."""
-    new = sorted(_broken_references(conn) - before)
+def _check_references(conn: Connection, before: Counter[tuple[str, str]]) -> None:
+    """SQLite: refuse (roll back) a migration that left more rows referencing none than
+    there were ``before`` it."""
+    new = _broken_references(conn) - before
     if new:
-        raise RuntimeError(f"the migration left rows referencing none: {new[:5]}")
+        raise RuntimeError(f"the migration left rows referencing none: {dict(new)}")
