@@ -45,7 +45,7 @@ BUCKETS = 30
 # max value, steps seen], stored as [bucket index, *bucket].
 Bucket = list[Any]
 
-_IN_CHUNK = 500  # trial ids per IN (...): under SQLite's limit of bound parameters
+IN_CHUNK = 500  # trial ids per IN (...): under SQLite's limit of bound parameters
 
 
 def shift_for(step: int) -> int:
@@ -244,7 +244,7 @@ def rebuild(bind: Session | Connection, trial_ids: Iterable[int] | None = None) 
         bind.execute(table.delete())
         chunks: list[list[int] | None] = [None]
     else:
-        chunks = [ids[k : k + _IN_CHUNK] for k in range(0, len(ids), _IN_CHUNK)]
+        chunks = [ids[k : k + IN_CHUNK] for k in range(0, len(ids), IN_CHUNK)]
     written = 0
     for chunk in chunks:
         if chunk is not None:
@@ -387,8 +387,8 @@ def _stored(
 ) -> Iterable[tuple[int, Any, str | None]]:
     """``(trial id, column, buckets text)`` of these trials' stored curves of ``name``."""
     table = TrialCurve.__table__
-    for k in range(0, len(trial_ids), _IN_CHUNK):
-        chunk = list(trial_ids[k : k + _IN_CHUNK])
+    for k in range(0, len(trial_ids), IN_CHUNK):
+        chunk = list(trial_ids[k : k + IN_CHUNK])
         yield from session.execute(
             select(table.c.trial_id, column, table.c.buckets).where(
                 table.c.trial_id.in_(chunk), table.c.name == name
@@ -400,8 +400,8 @@ def names_of(session: Session, trial_ids: Sequence[int]) -> set[str]:
     """The metric names these trials have curves of."""
     table = TrialCurve.__table__
     names: set[str] = set()
-    for k in range(0, len(trial_ids), _IN_CHUNK):
-        chunk = list(trial_ids[k : k + _IN_CHUNK])
+    for k in range(0, len(trial_ids), IN_CHUNK):
+        chunk = list(trial_ids[k : k + IN_CHUNK])
         names.update(
             session.scalars(select(table.c.name).where(table.c.trial_id.in_(chunk)).distinct())
         )

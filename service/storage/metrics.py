@@ -25,8 +25,6 @@ from hpo.service.records import MetricInput, MetricPointRecord, TrialMetricPoint
 from hpo.service.states import FINISHED_TRIAL_STATES, TrialState
 from hpo.service.storage import curves
 
-_CHUNK = 500  # trial ids per IN (...) list: SQLite caps the variables of one statement
-
 
 def add(
     session: Session,
@@ -308,8 +306,8 @@ def of_study(
         .limit(limit)
     ).all()
     out: list[TrialMetricPoint] = []
-    for start in range(0, len(trials), _CHUNK):
-        chunk = dict(trials[start : start + _CHUNK])
+    for start in range(0, len(trials), curves.IN_CHUNK):
+        chunk = dict(trials[start : start + curves.IN_CHUNK])
         stmt = (
             select(
                 MetricPoint.trial_id,
