@@ -188,3 +188,46 @@ def test_kill_9_in_an_ask_loop_then_a_restart_hands_the_lost_trial_out_again(
             assert live.status_code == 200 and live.json()["value"] == 2.0
             trials = http.get(f"/api/v1/studies/{sid}/trials").json()["trials"]
             assert sorted(t["number"] for t in trials) == list(range(51))
+
+
+def test_a_keyed_ask_that_promoted_answers_the_same_attempt_after_a_kill_9(
+    tmp_path: Path,
+) -> None:
+    """A client's ask (Idempotency-Key K) promotes a paused trial; the server is killed -9
+    before the client read the answer, and the client sends K again to the restarted server:
+    it gets that trial's attempt again (no new trial, no second promotion, nothing spent),
+    and the paused attempt's stale writes are refused."""
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    pruner = {"type": "asha", "mode": "promotion", "min_steps": 1, "reduction_factor": 2}
+    spec = simple_spec("k9-promote", pruner={**pruner, "max_steps": 8}, lease_s=600)
+    with ServerProcess(url, tmp_path, {"HPO_SCHEDULER": "false"}) as server:
+        with server.http() as http:
+            sid = http.post("/api/v1/studies", json=spec).json()["id"]
+            asked = [http.post(f"/api/v1/studies/{sid}/ask").json() for _ in range(2)]
+            for t, loss in zip(asked, (0.1, 0.9), strict=True):
+                r = http.post(
+                    f"/api/v1/trials/{t['trial_id']}/metrics",
+                    json={"points": [{"step": 1, "name": "loss", "value": loss}]},
+                    headers={"Authorization": f"Bearer {t['attempt_token']}"},
+                )
+                assert r.json()["should_stop"] is True  # paused at rung 0
+            key = {"Idempotency-Key": "K"}
+            first = http.post(f"/api/v1/studies/{sid}/ask", headers=key).json()
+        assert (first["trial_id"], first["attempt"]) == (asked[0]["trial_id"], 2)
+        server.kill()
+        server.start()
+        with server.http() as http:
+            again = http.post(f"/api/v1/studies/{sid}/ask", headers=key)
+            assert again.status_code == 201, again.text
+            assert (again.json()["trial_id"], again.json()["attempt"]) == (first["trial_id"], 2)
+            stale = http.post(
+                f"/api/v1/trials/{first['trial_id']}/tell",
+                json={"value": 5.0},
+                headers={"Authorization": f"Bearer {asked[0]['attempt_token']}"},
+            )
+            assert stale.status_code == 409, stale.text
+            study = http.get(f"/api/v1/studies/{sid}").json()
+            assert study["n_trials"] == 2  # no trial made by the replay
+            assert study["counts"]["running"] == 1 and study["counts"]["paused"] == 1
+            trial = http.get(f"/api/v1/trials/{first['trial_id']}").json()
+            assert trial["attempts"] == 2 and trial["state"] == "running"
