@@ -336,11 +336,12 @@ def _promote(
     at before the lock; the promotion is decided again under it."""
     with storage.read() as s:
         paused = trials.get_trial(s, trial_id, params=False)
-        checkpoint, last_step = paused.checkpoint, paused.last_step
+        checkpoint = paused.checkpoint
+        paused_at = trials.paused_at(paused.last_step, paused.pause_reason)
         copy = pbt.donor_checkpoint(s, spec, paused.pause_reason)
     problem, resume_from = None, checkpoint
     if spec.trainable is not None:
-        resume_from = promotions.resume_point(checkpoint, last_step)
+        resume_from = promotions.resume_point(checkpoint, paused_at)
         problem = promotions.checkpoint_problem(resume_from)
     attempt = paused.attempts + 1
     taken = pbt.take(copy, checkpoint, attempt)  # pbt: copied into its own folder

@@ -99,19 +99,21 @@ def rung_values(
     }
 
 
-def resume_point(checkpoint: str | None, last_step: int | None) -> str | None:
-    """The checkpoint a promoted trial resumes from: the one its attempt saved at the trial's
-    last stored step (the pause step) when it is there, else the newest recorded. An attempt
-    told to pause late (the answer came after it had run on) saved a newer checkpoint whose
-    points were dropped; resuming from it would leave a gap in the curve."""
-    if checkpoint is None or last_step is None:
+def resume_point(checkpoint: str | None, paused_at: int | None) -> str | None:
+    """The checkpoint a promoted trial resumes from: the one its attempt saved at
+    ``paused_at`` (the last step of the ranked metric stored when it paused) when it is
+    there, else the newest recorded. An attempt told to pause late (the answer came after it
+    had run on) saved a newer checkpoint whose points were dropped; resuming from it would
+    leave a gap in the curve. (Not the trial's ``last_step``: a trainable may stream other
+    metrics on a finer axis, e.g. a loss per optimizer step beside validation per epoch.)"""
+    if checkpoint is None or paused_at is None:
         return checkpoint
     from hpo.workers import checkpoints
 
     folder = checkpoint.rstrip("/").rpartition("/")[0]
-    if not folder or checkpoints.step_of(checkpoint) == last_step:
+    if not folder or checkpoints.step_of(checkpoint) == paused_at:
         return checkpoint
-    at_pause = checkpoints.beside(checkpoint, last_step)
+    at_pause = checkpoints.beside(checkpoint, paused_at)
     return at_pause if checkpoint_problem(at_pause) is None else checkpoint
 
 

@@ -6,7 +6,7 @@ Functions take the caller's session. A trial's state is written only through
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -364,14 +364,25 @@ def pause_reasons(session: Session, trial_ids: Sequence[int]) -> dict[int, dict[
 
 
 def paused(session: Session, study_id: int, *, settled_only: bool = False) -> dict[int, int]:
-    """``{trial id: its largest step reported}`` of the study's paused trials (only those
-    whose pausing attempt has ended, its last checkpoint recorded, when ``settled_only``: a
-    scheduler owns the attempt until then)."""
+    """``{trial id: the step it paused at}`` of the study's paused trials (only those whose
+    pausing attempt has ended, its last checkpoint recorded, when ``settled_only``: a
+    scheduler owns the attempt until then). The step is the ranked metric's last step stored
+    when it paused (``pause_reason["stored_to"]``), not the trial's ``last_step``: a
+    trainable may stream other metrics on a finer axis (a loss per optimizer step beside
+    validation per epoch), and the rung is the ranked metric's."""
     where = [Trial.study_id == study_id, Trial.state == TrialState.PAUSED.value]
     if settled_only:
         where.append(Trial.owner.is_(None))
-    rows = session.execute(select(Trial.id, Trial.last_step).where(*where))
-    return {trial_id: last or 0 for trial_id, last in rows}
+    rows = session.execute(select(Trial.id, Trial.last_step, Trial.pause_reason).where(*where))
+    return {trial_id: paused_at(last, reason) for trial_id, last, reason in rows}
+
+
+def paused_at(last_step: int | None, reason: Mapping[str, Any] | None) -> int:
+    """The step a paused trial paused at: the ranked metric's last stored step (see
+    :func:`paused`); its ``last_step`` if it paused before that was recorded."""
+    if reason and "stored_to" in reason:
+        return reason["stored_to"] or 0
+    return last_step or 0
 
 
 def paused_trials(session: Session, study_ids: Sequence[int]) -> list[Trial]:

@@ -335,6 +335,28 @@ def test_a_late_paused_attempt_resumes_from_the_pause_step_not_past_it(
     assert [p.step for p in service.storage.metrics(b.id)] == [1]
 
 
+def test_a_late_paused_attempt_on_two_step_axes_resumes_from_the_pause_step(
+    service: StudyService, tmp_path: Path
+) -> None:
+    """A trainable that streams a loss per optimizer step beside the ranked metric per epoch
+    (text-classification does): the trial's last step is the optimizer's, but it resumes
+    from the checkpoint of the epoch it paused at, not from the late one."""
+    study_id = create(service, "late-two-axes", budget={"max_trials": 2})
+    a, b = service.ask(study_id, dispatched=True), service.ask(study_id, dispatched=True)
+    assert report(service, a.id, 1, 0.5) is True
+    both = [MetricInput(30, "train_loss", 0.2), MetricInput(1, "loss", 0.1)]
+    assert service.report(b.id, both) is True  # paused at epoch 1, optimizer step 30
+    assert report(service, b.id, 2, 0.05) is True  # ran on before the answer: dropped
+    folder = tmp_path / f"trial-{b.id}" / "attempt-1"
+    saved = [
+        checkpoints.write(folder, step, {"w": torch.zeros(1)}, {"step": step}) for step in (1, 2)
+    ]
+    service.storage.set_checkpoint(b.id, str(saved[1]))
+    assert service.storage.get_trial(b.id).last_step == 30
+    promoted = service.ask(study_id, dispatched=True)
+    assert promoted.id == b.id and promoted.resume_from == str(saved[0])
+
+
 def test_a_promotion_spends_no_retry(service: StudyService) -> None:
     """A resumed attempt is no retry: with ``max_retries: 1`` a promoted trial whose attempt
     fails is retried once, as a trial that was never paused is, and fails the second time."""
