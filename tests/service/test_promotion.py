@@ -343,9 +343,9 @@ def test_a_late_paused_attempt_on_two_step_axes_resumes_from_the_pause_step(
     from the checkpoint of the epoch it paused at, not from the late one."""
     study_id = create(service, "late-two-axes", budget={"max_trials": 2})
     a, b = service.ask(study_id, dispatched=True), service.ask(study_id, dispatched=True)
-    assert report(service, a.id, 1, 0.5) is True
-    both = [MetricInput(30, "train_loss", 0.2), MetricInput(1, "loss", 0.1)]
-    assert service.report(b.id, both) is True  # paused at epoch 1, optimizer step 30
+    for trial, loss in ((a, 0.5), (b, 0.1)):  # paused at epoch 1, optimizer step 30
+        both = [MetricInput(30, "train_loss", 0.2), MetricInput(1, "loss", loss)]
+        assert service.report(trial.id, both) is True
     assert report(service, b.id, 2, 0.05) is True  # ran on before the answer: dropped
     folder = tmp_path / f"trial-{b.id}" / "attempt-1"
     saved = [
@@ -355,6 +355,9 @@ def test_a_late_paused_attempt_on_two_step_axes_resumes_from_the_pause_step(
     assert service.storage.get_trial(b.id).last_step == 30
     promoted = service.ask(study_id, dispatched=True)
     assert promoted.id == b.id and promoted.resume_from == str(saved[0])
+    service.tell(b.id, value=0.01)  # the study ends: #0, still paused, is pruned
+    (ended,) = [e for e in service.storage.get_trial(a.id).events if e.state == "pruned"]
+    assert ended.detail.startswith("paused at step 1;")
 
 
 def test_a_promotion_spends_no_retry(service: StudyService) -> None:
