@@ -760,9 +760,11 @@ class StudySpec(_Model):
     def _pbt_fits(self) -> StudySpec:
         pbt = self.scheduler
         if pbt is None:
-            if any(p.mutable for p in self.space.values()):
+            mutable = [name for name, p in self.space.items() if p.mutable]
+            if mutable:
                 raise ValueError(
-                    "scheduler: `mutable` parameters need `scheduler: {type: pbt}` (or a replay)"
+                    f"space.{mutable[0]}.mutable: `mutable` parameters need "
+                    "`scheduler: {type: pbt}` (or a replay)"
                 )
             return self
         if isinstance(pbt, ReplaySpec):
@@ -1112,6 +1114,7 @@ def describe_errors(exc: ValidationError | list[dict[str, Any]]) -> list[dict[st
             # a check across fields names the one it refuses first ("max_steps: ..."): the
             # answer's field is that one, not the model holding it
             field = named[1] if field == "body" else f"{field}.{named[1]}"
+            message = message[named.end() :]  # the answer puts the field first, once
         if err.get("type") == "scheduler_type":
             field = f"{field}.type"
         if err.get("type") == "missing":

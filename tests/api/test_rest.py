@@ -93,6 +93,8 @@ def assert_error(
         assert body["error"] == code, body
     if field is not None:
         assert body["field"] == field, body
+    if body["field"]:  # named once, first: not "pruner.type: pruner.type: ..."
+        assert not body["message"].startswith(f"{body['field']}: {body['field']}:"), body
     return body
 
 
@@ -1563,3 +1565,8 @@ def test_inputs_found_by_a_hostile_probe_are_4xx_naming_the_field(
             pruner = {"type": "hyperband", "min_steps": 10, "max_steps": 5}
             r = http.post(f"{API}/studies", json=simple_spec("hb", pruner=pruner))
             assert_error(r, 422, field="pruner.max_steps")
+
+        with subtests.test("a mutable parameter without a scheduler names the parameter"):
+            space = {"lr": {"type": "float", "low": 0.1, "high": 1.0, "mutable": True}}
+            r = http.post(f"{API}/studies", json=simple_spec("mut", space=space))
+            assert_error(r, 422, field="space.lr.mutable")
