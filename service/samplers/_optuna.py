@@ -33,7 +33,7 @@ from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.service.samplers.base import ObservedTrial, Sampler, StudyView
-from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
+from hpo.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec, lattice_point
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -55,9 +55,9 @@ def distribution(param: FloatParam | IntParam | CategoricalParam) -> BaseDistrib
         return IntDistribution(param.low, param.high, log=param.log, step=param.step)
     step = None if param.step is None else float(param.step)
     high = param.high
-    if step is not None:  # Optuna wants high on the lattice
+    if step is not None:  # Optuna wants high on the lattice, as the decimals read
         n = int((param.high - param.low) / step + 1e-9)
-        high = param.low + n * step
+        high = lattice_point(param.low, step, n)  # 0 + 3 * 0.3 is 0.9, not 0.8999...
     return FloatDistribution(float(param.low), float(high), log=param.log, step=step)
 
 

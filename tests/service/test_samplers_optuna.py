@@ -108,3 +108,20 @@ def test_qmc_scramble_needs_a_seed_and_cmaes_one_objective() -> None:
     two = [{"metric": "a"}, {"metric": "b"}]
     with pytest.raises(ValueError, match="single objective"):
         make_sampler(spec_of({"type": "cmaes"}, two)).check(spec_of({"type": "cmaes"}, two))
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "qmc", "cmaes"])
+def test_a_float_lattice_keeps_its_high_end(sampler: str) -> None:
+    """``low + n * step`` in floats (0.7 + 2 * 0.3 is 1.2999999999999998) is off the decimal
+    lattice Optuna checks, and Optuna then drops the top point: 1.3 was never suggested."""
+    space = {"x": {"type": "float", "low": 0.7, "high": 1.3, "step": 0.3}}
+    spec = spec_of({"type": sampler, "seed": 0}, space=space)
+    assert _optuna.distribution(spec.space["x"]).high == 1.3
+    ours = make_sampler(spec)
+    trials: list[ObservedTrial] = []
+    seen = set()
+    for number in range(24):
+        x = ours.suggest(StudyView(spec, trials, number)).params["x"]
+        seen.add(x)
+        trials.append(ObservedTrial(number, "complete", {"x": x}, (-x,)))
+    assert seen == {0.7, 1.0, 1.3}
