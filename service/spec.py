@@ -146,6 +146,14 @@ class _Conditional(_Model):
         return when
 
 
+def _on_lattice(low: float, step: float, value: float) -> bool:
+    """Whether ``value`` is on the lattice ``low + k * step``, up to the rounding of that sum
+    (which grows with the magnitudes, not with k: low = 1e7, step = 0.1)."""
+    nearest = low + round((value - low) / step) * step
+    slack = 1e-9 * step + 8 * sys.float_info.epsilon * max(abs(low), abs(value))
+    return abs(value - nearest) <= slack
+
+
 def lattice_point(low: float, step: float, k: int) -> float:
     """``low + k * step`` as the decimals read (0.1 * 3 is 0.3, -0.3 + 3 * 0.1 is 0, 1e-300
     steps stay apart), rounded once to a float: the values a float ``step`` takes."""
@@ -181,16 +189,13 @@ class FloatParam(_Conditional):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.values is not None:
-            return any(math.isclose(value, v, rel_tol=1e-12, abs_tol=1e-12) for v in self.values)
-        if not self.low - 1e-12 <= value <= self.high + 1e-12:
+            return any(math.isclose(value, v, rel_tol=1e-12) for v in self.values)
+        # a few units in the last place of the bounds (a sampler's exp(log(high))), relative
+        # to their size: an absolute 1e-12 let 9e-13 into [1e-20, 1e-18], and 0 into a log scale
+        slack = 4 * sys.float_info.epsilon * max(abs(self.low), abs(self.high))
+        if not self.low - slack <= value <= self.high + slack or (self.log and value <= 0):
             return False
-        if self.step is None:
-            return True
-        # on the lattice low + k * step, up to the rounding of that sum (which grows with
-        # the magnitudes, not with k: low = 1e7, step = 0.1)
-        nearest = self.low + round((value - self.low) / self.step) * self.step
-        slack = 1e-9 * self.step + 8 * sys.float_info.epsilon * max(abs(self.low), abs(value))
-        return abs(value - nearest) <= slack
+        return self.step is None or _on_lattice(self.low, self.step, value)
 
     def representatives(self) -> list[Any]:
         """Values that exercise the domain (for validating a trainable's settings)."""
@@ -304,6 +309,13 @@ def _check_range(p: FloatParam | IntParam, *, integer: bool) -> None:
         for v in p.values:
             if not p.low <= v <= p.high:
                 raise ValueError(f"value {v} in `values` lies outside [low, high]")
+            if p.step is not None and not (
+                (v - p.low) % p.step == 0 if integer else _on_lattice(p.low, p.step, v)
+            ):
+                raise ValueError(
+                    f"value {v} in `values` is not on the `step` lattice low + k * step "
+                    f"({p.low} + k * {p.step}); give `values` or `step`, not both"
+                )
 
 
 class Objective(_Model):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from pydantic import ValidationError
 
-from hpo.service.spec import StudySpec, check_new, describe_errors
+from hpo.service.spec import FloatParam, StudySpec, check_new, describe_errors
 
 ISSUE_SPEC = """
 name: minilm-bbc-news
@@ -143,6 +145,16 @@ def test_multi_objective_list() -> None:
         ),
         ({"x": {"type": "float", "low": 0, "high": 1, "typo": 3}}, "space.x.typo", "unknown field"),
         ({}, "space", "at least one parameter"),
+        (
+            {"i": {"type": "int", "low": 0, "high": 10, "step": 5, "values": [3, 7]}},
+            "space.i",
+            "value 3 in `values` is not on the `step` lattice",
+        ),
+        (
+            {"f": {"type": "float", "low": 0, "high": 1, "step": 0.5, "values": [0.25]}},
+            "space.f",
+            "value 0.25 in `values` is not on the `step` lattice",
+        ),
     ],
 )
 def test_bad_spaces_name_the_field(space: dict, field: str, words: str) -> None:
@@ -222,6 +234,20 @@ def test_bad_top_level_fields(over: dict, field: str) -> None:
 def test_unknown_sampler_lists_the_known_ones() -> None:
     errs = errors_of(base(sampler={"type": "annealing"}))
     assert "grid, random, tpe, gp" in errs[0]["message"]
+
+
+def test_a_float_domain_takes_no_value_outside_it_however_small_its_range() -> None:
+    """The bounds allow a few units in the last place (a sampler's exp(log(high))), relative
+    to their size; an absolute 1e-12 took 9e-13 into [1e-20, 1e-18] and 0 into a log scale."""
+    tiny = FloatParam(type="float", low=1e-20, high=1e-18)
+    assert tiny.contains(1e-18) and tiny.contains(1e-18 * (1 + 2**-52))
+    assert not tiny.contains(9e-13) and not tiny.contains(-9e-13)
+    log = FloatParam(type="float", low=1e-13, high=1, log=True)
+    assert log.contains(math.exp(math.log(1.0))) and log.contains(1e-13)
+    assert not log.contains(0) and not log.contains(-5e-13)
+    assert not FloatParam(type="float", low=0, high=1).contains(-1e-13)
+    listed = FloatParam(type="float", values=[1e-15, 2e-15])
+    assert listed.contains(2e-15) and not listed.contains(9e-13)
 
 
 def test_check_params_for_conditional_space() -> None:
