@@ -85,10 +85,19 @@ def suggest(storage: Storage, trial_id: int, name: str, raw: Mapping[str, Any]) 
         proposed = dict((trial.suggestion or {}).get("proposed") or {})
         known = spec.space.get(name)
         _check(spec, trial, name, param, known)
-        if name in have:
-            return have[name]
-        value = proposed.get(name)
         widens = known is not None and _union(spec, known, param) is not known
+        if name in have:  # suggested before, or fixed when the trial was asked or queued
+            value = have[name]
+            if not param.contains(value):
+                raise InvalidInput(
+                    f"{name}: this trial's value {value!r} (fixed when it was asked or "
+                    f"queued) lies outside {_describe(param)}",
+                    field="param",
+                )
+            if known is not None and not widens:
+                return value
+            return _store(storage, trial_id, name, param, value, learn=True)
+        value = proposed.get(name)
         if known is None or value is None or not param.contains(value) or widens:
             history = _history(s, study, spec, name)
             value = _independent(spec, name, param, history, trial.number)
@@ -209,9 +218,9 @@ def _store(
     and widens: one that covered ``param`` when read still does.)"""
     with storage.write() as s:
         study, trial = trials.lock(s, trial_id)
-        for p in trial.params:
-            if p.name == name:
-                return p.value
+        held = {p.name: p.value for p in trial.params}
+        if name in held and (held[name] != value or not learn):
+            return held[name]  # another suggest stored it first (and learned its domain)
         if trial.state != TrialState.RUNNING:
             raise Conflict(f"trial {trial.id} is {trial.state}, not running", field="trial_id")
         if learn:
@@ -226,6 +235,7 @@ def _store(
                 spec = {**study.spec, "space": space}
                 StudySpec.model_validate(spec)
                 study.spec = spec
-        trial.params.append(TrialParam(name=name, position=len(trial.params), value=value))
+        if name not in held:  # else: a value fixed when it was asked, its domain learned now
+            trial.params.append(TrialParam(name=name, position=len(trial.params), value=value))
         studies.touch(study, trial)
         return value

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from hpo.service.errors import InvalidInput
 from hpo.service.spec import StudySpec
 from hpo.service.studies import StudyService
 from tests.conftest import simple_spec
@@ -59,3 +62,23 @@ def test_a_grid_study_keeps_its_grid_whatever_range_a_trial_asks(service: StudyS
     assert got == [0, 1, 2, 3]  # each trial its grid point, in order
     n = service.storage.get_study(sid).spec["space"]["n"]
     assert (n["low"], n["high"]) == (0, 3)
+
+
+def test_a_value_fixed_at_the_ask_is_checked_and_learned_when_first_suggested(
+    service: StudyService,
+) -> None:
+    """A define-by-run ask may fix a parameter the space does not know yet: the trial's first
+    suggest of it checks the value against the domain it asks for (InvalidInput naming
+    ``param`` when it lies outside) and learns that domain into the space."""
+    sid = _study(service, "fixed", sampler={"type": "random", "seed": 0})
+    trial = service.ask(sid, params={"lr": "x", "opt": "adam"})
+    with pytest.raises(InvalidInput) as caught:
+        service.suggest_param(trial.id, "lr", {"type": "float", "low": 0.0, "high": 1.0})
+    assert caught.value.field == "param" and "'x'" in caught.value.message
+    with pytest.raises(InvalidInput):
+        service.suggest_param(trial.id, "opt", {"type": "categorical", "choices": ["sgd"]})
+    choices = {"type": "categorical", "choices": ["sgd", "adam"]}
+    assert service.suggest_param(trial.id, "opt", choices) == "adam"
+    assert service.storage.get_study(sid).spec["space"] == {"opt": choices}
+    assert service.suggest_param(trial.id, "opt", choices) == "adam"
+    assert service.storage.get_trial(trial.id).params == {"lr": "x", "opt": "adam"}
