@@ -118,7 +118,7 @@ def difference(stored: StudySpec, wanted: StudySpec) -> str | None:
     for name, param in wanted.space.items():
         if name not in stored.space:
             return f"space.{name} (not in the stored space)"
-        if stored.space[name] != param:
+        if _typed(stored.space[name].model_dump()) != _typed(param.model_dump()):
             return f"space.{name} (stored: {stored.space[name].model_dump(exclude_defaults=True)})"
     if not stored.define_by_run:
         extra = sorted(set(stored.space) - set(wanted.space))
@@ -127,6 +127,18 @@ def difference(stored: StudySpec, wanted: StudySpec) -> str | None:
     if stored.trainable != wanted.trainable:
         return "trainable"
     return None
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with each boolean tagged, so that comparing two domains tells ``true`` from
+    ``1`` (Python's ``True == 1``) as every other check of a value does."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    return value
 
 
 def check_given_params(spec: StudySpec, params: Mapping[str, Any], where: str = "params") -> None:

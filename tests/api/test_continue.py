@@ -58,6 +58,15 @@ def check_a_completed_study_continues_and_load_if_exists_checks_the_study(
         with pytest.raises(Conflict, match=r"space\.x") as err:
             client.create_study(wider, load_if_exists=True)
         assert err.value.field == "space.x"
+        # true is not 1: a domain of booleans is another domain than one of 0 and 1
+        numbers = simple_spec("cont-bool", space={"c": {"type": "categorical", "choices": [1, 0]}})
+        client.create_study(numbers)
+        flags = simple_spec(
+            "cont-bool", space={"c": {"type": "categorical", "choices": [True, False]}}
+        )
+        with pytest.raises(Conflict, match=r"space\.c") as err:
+            client.create_study(flags, load_if_exists=True)
+        assert err.value.field == "space.c"
 
     with server.http() as http:
         body = simple_spec("cont", budget={"max_trials": 3})
