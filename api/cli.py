@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import yaml
 from pydantic import ValidationError
+from rich.markup import escape
 from rich.table import Table
 
 from hpo.api.progress import GIVE_UP_AFTER_S, console, fmt, out, print_test_metrics, watch
@@ -38,25 +39,25 @@ def main(argv: list[str] | None = None) -> int:
         _print_invalid(exc)
         return 2
     except errors.InvalidInput as exc:
-        console.print(f"[red]error:[/red] {exc.message}")
+        _error(exc.message)
         return 2
     except errors.HpoError as exc:
-        console.print(f"[red]error:[/red] {exc.message}")
+        _error(exc.message)
         return 3
     except httpx.TransportError as exc:
         from hpo.api.client import server_url
 
         where = server_url(getattr(args, "url", None))
-        console.print(
-            f"[red]error:[/red] cannot reach the hpo server at {where}: {exc} (is `hpo serve` "
-            "running there? --url or $HPO_URL name another)"
+        _error(
+            f"cannot reach the hpo server at {where}: {exc} (is `hpo serve` running there? "
+            "--url or $HPO_URL name another)"
         )
         return 4
     except BrokenPipeError:  # `hpo trials x | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 141  # as a shell reports a command ended by SIGPIPE
     except OSError as exc:  # a file or folder named on the command line or in HPO_*
-        console.print(f"[red]error:[/red] {exc}")
+        _error(exc)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -195,14 +196,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serving.configure_logging(settings.log_level)
     problem = _database_problem(settings)
     if problem:
-        console.print(f"[red]error:[/red] cannot use the database {_safe(settings)}: {problem}")
+        _error(f"cannot use the database {_safe(settings)}: {problem}")
         return 2
     token = settings.api_token(create=True)
     url = f"http://{settings.host}:{settings.port}"
-    console.print(f"hpo serving on [bold]{url}[/bold] (database: {_safe(settings)})")
+    console.print(f"hpo serving on [bold]{url}[/bold] (database: {escape(_safe(settings))})")
     if token:
         console.print(f"dashboard: {url}/#token={token}")
-        console.print(f"API token: {token} (also in {settings.token_file})")
+        console.print(f"API token: {token} (also in {settings.token_file})", markup=False)
     if settings.workers > 1:
         # the workers read their settings as this process did, the options included
         options = {f"HPO_{key.upper()}": _env_value(v) for key, v in overrides.items()}
@@ -441,7 +442,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     text = study.export_csv()
     if args.output:
         args.output.write_text(text)
-        console.print(f"wrote {args.output}")
+        console.print(f"wrote {args.output}", markup=False)
     else:
         sys.stdout.write(text)
     return 0
@@ -454,16 +455,17 @@ def _export_runs(args: argparse.Namespace, study: Any) -> int:
         runs = export.study_runs(study)
         if args.tensorboard is not None:
             export.write_tensorboard(runs, args.tensorboard)
-            console.print(f"wrote {len(runs)} runs to {args.tensorboard}")
-            console.print(f"view them: tensorboard --logdir {args.tensorboard}")
+            console.print(f"wrote {len(runs)} runs to {args.tensorboard}", markup=False)
+            console.print(f"view them: tensorboard --logdir {args.tensorboard}", markup=False)
         else:
             uri = export.mlflow_uri(args.mlflow)
             export.write_mlflow(runs, uri, args.experiment or study.name)
             console.print(
-                f"wrote {len(runs)} runs to {uri}, experiment {args.experiment or study.name!r}"
+                f"wrote {len(runs)} runs to {uri}, experiment {args.experiment or study.name!r}",
+                markup=False,
             )
     except ImportError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        _error(exc)
         return 2
     return 0
 
@@ -493,14 +495,14 @@ def cmd_token(args: argparse.Namespace) -> int:
     overrides = {"data_dir": Path(args.data_dir)} if args.data_dir else {}
     settings = Settings(**overrides)
     if not settings.auth:
-        console.print("[red]error:[/red] auth is off (HPO_AUTH=false): the API takes no token")
+        _error("auth is off (HPO_AUTH=false): the API takes no token")
         return 2
     token = settings.api_token()
     if not token:
-        console.print(
-            f"[red]error:[/red] no API token: $HPO_TOKEN is unset and {settings.token_file} "
-            "does not exist (`hpo serve` writes it at its first start; set $HPO_DATA_DIR "
-            "or --data-dir to the server's data directory)"
+        _error(
+            f"no API token: $HPO_TOKEN is unset and {settings.token_file} does not exist "
+            "(`hpo serve` writes it at its first start; set $HPO_DATA_DIR or --data-dir to the "
+            "server's data directory)"
         )
         return 2
     print(token)
@@ -530,17 +532,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ helpers
 
 
+def _error(message: object) -> None:
+    """``error: message`` on stderr, the message printed as it is (no rich markup: a path
+    or a value may hold brackets)."""
+    console.print("[red]error:[/red]", escape(str(message)))
+
+
 def _print_invalid(exc: Exception) -> None:
     if isinstance(exc, ValidationError) and exc.title == "Settings":
         console.print("[red]invalid settings:[/red]")
         for item in describe_errors(exc):
-            console.print(f"  HPO_{item['field'].upper()}: {item['message']}")
+            console.print(f"  HPO_{item['field'].upper()}: {item['message']}", markup=False)
     elif isinstance(exc, ValidationError):
         console.print("[red]invalid study spec:[/red]")
         for item in describe_errors(exc):
-            console.print(f"  {item['field']}: {item['message']}")
+            console.print(f"  {item['field']}: {item['message']}", markup=False)
     else:
-        console.print(f"[red]error:[/red] {exc}")
+        _error(exc)
 
 
 def _database_problem(settings: Any) -> str | None:

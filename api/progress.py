@@ -17,7 +17,8 @@ from hpo.service.errors import HpoError
 # Piped or redirected output (logs, CI) is not cut at 80 columns: tables and trial lines whole.
 # Messages to stderr are not broken into lines (an error naming a long path stays one line).
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 200, soft_wrap=True)
-out = Console(width=None if sys.stdout.isatty() else 200)
+# Study data (names, parameter values, errors) is printed literally: no rich markup on stdout
+out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
 
 # How long ``watch`` waits, after a dispatched study ends, for its best trial's test metrics.
 TEST_METRICS_WAIT_S = 300.0
@@ -118,7 +119,7 @@ def watch(
         console=console,
     )
     budget = record.spec["budget"].get("max_trials")
-    task = progress.add_task(record.name, total=budget, states="", best="-")
+    task = progress.add_task(escape(record.name), total=budget, states="", best="-")
     try:
         with Live(progress, console=console, refresh_per_second=4):
             record = _follow(study, record, progress, task, poll_s, outage)
@@ -223,12 +224,12 @@ def trial_line(t: Any) -> str:
     stopped early or failed."""
     colour = {"complete": "green", "pruned": "yellow", "failed": "red"}[t.state]
     value = fmt(t.value) if t.values is None else ", ".join(fmt(v) for v in t.values)
-    params = " ".join(f"{k}={fmt(v)}" for k, v in t.params.items())
+    params = escape(" ".join(f"{k}={fmt(v)}" for k, v in t.params.items()))
     line = f"  trial {t.number:>3} [{colour}]{t.state:<8}[/{colour}] value={value:<10} {params}"
     if t.state == "pruned" and t.pruned:
         line += f"  (stopped at step {t.pruned.get('step')})"
     if t.state == "failed" and t.error:
-        line += f"  ({t.error.splitlines()[0][:80]})"
+        line += f"  ({escape(t.error.splitlines()[0][:80])})"
     return line
 
 

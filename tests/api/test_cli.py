@@ -459,3 +459,29 @@ def test_a_reader_that_leaves_early_ends_the_cli_quietly() -> None:
     errors = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, errors  # as a shell reports SIGPIPE
     assert errors == ""  # no traceback, no "Exception ignored" at exit
+
+
+def test_values_and_errors_are_printed_as_they_are_not_as_markup(
+    sqlite_server: ServerProcess, tmp_path: Path
+) -> None:
+    """A choice, an error or a path with brackets is printed literally: rich read
+    ``[bold]adam`` as markup (``hpo best`` said ``c = adam``) and ``[/]`` as a broken tag (a
+    traceback, also mid-``watch``)."""
+    server = sqlite_server
+    space = {"c": {"type": "categorical", "choices": ["[bold]adam", "[/]"]}}
+    with server.http() as http:
+        sid = http.post("/api/v1/studies", json=simple_spec("brackets", space=space)).json()["id"]
+        for c, value in (("[bold]adam", 0.1), ("[/]", 0.9)):
+            t = http.post(f"/api/v1/studies/{sid}/ask", json={"params": {"c": c}}).json()
+            http.post(f"/api/v1/trials/{t['trial_id']}/tell", json={"value": value})
+        t = http.post(f"/api/v1/studies/{sid}/ask", json={"params": {"c": "[/]"}}).json()
+        failed = {"state": "failed", "error": "OSError: cannot read [/data/train.csv]"}
+        http.post(f"/api/v1/trials/{t['trial_id']}/tell", json=failed)
+    seen = watch_output(server, "brackets", until="[/data/train.csv]", timeout=30)
+    assert "(OSError: cannot read [/data/train.csv])" in seen and "Traceback" not in seen, seen
+    best = run_cli(server, "best", "brackets")
+    assert best.returncode == 0 and "c = [bold]adam" in best.stdout, best.stdout + best.stderr
+    listed = run_cli(server, "trials", "brackets")
+    assert listed.returncode == 0 and "[/]" in listed.stdout, listed.stdout + listed.stderr
+    missing = run_cli(server, "submit", str(tmp_path / "exp[v2]" / "study.yaml"))
+    assert missing.returncode == 2 and "exp[v2]/study.yaml" in missing.stderr, missing.stderr
