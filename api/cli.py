@@ -572,9 +572,15 @@ def _database_problem(settings: Any) -> str | None:
 
 
 def _safe(settings: Any) -> str:
+    """The database URL without its password (not repeated when it is no URL at all: it
+    might hold one)."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    return make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+    try:
+        return make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(the URL given)"
 
 
 if __name__ == "__main__":

@@ -972,18 +972,27 @@ class StudySpec(_Model):
         if not _looks_like_path(source):
             data = load_yaml(str(source))
         else:
+            with Path(source).open("rb") as f:  # /dev/zero, a huge file: read no more
+                raw = f.read(MAX_SPEC_BYTES + 1)
+            if len(raw) > MAX_SPEC_BYTES:
+                raise ValueError(f"{source}: over {MAX_SPEC_BYTES} bytes; a study spec is smaller")
             try:
-                text = Path(source).read_text(encoding="utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise ValueError(f"{source}: not UTF-8 text (byte {exc.start})") from exc
             data = load_yaml(text, name=str(source))
         if not isinstance(data, dict):
-            raise ValueError("a study spec must be a YAML mapping")
+            where = f"{source}: " if _looks_like_path(source) else ""
+            got = "it is empty" if data is None else f"it holds a {type(data).__name__}"
+            raise ValueError(f"{where}a study spec must be a YAML mapping; {got}")
         return cls.model_validate(data)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_defaults=False)
 
+
+# The largest study spec file read (the API's own body limit is 8 MiB by default).
+MAX_SPEC_BYTES = 8 * 2**20
 
 # The largest count a budget takes (2**53: exact as a float and in the dashboard's JavaScript).
 MAX_COUNT = 2**53
@@ -1037,6 +1046,9 @@ def load_yaml(text: str, name: str | None = None) -> Any:
         return yaml.load(stream, Loader=_spec_loader())  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ValueError(f"the spec is not valid YAML: {exc}") from exc
+    except RecursionError:
+        where = f" ({name})" if name else ""
+        raise ValueError(f"the spec{where} nests too deeply to read") from None
 
 
 @functools.cache

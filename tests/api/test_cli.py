@@ -391,13 +391,20 @@ def test_serve_refuses_an_unreachable_database(tmp_path: Path) -> None:
         (["serve"], {"HPO_SCHEDULER_INTERVAL_S": "-1"}, "HPO_SCHEDULER_INTERVAL_S"),
         (["serve", "--data-dir", "{file}/sub"], {}, "Not a directory"),
         (["submit", "{tmp}"], {}, "Is a directory"),
+        (["serve", "--database-url", "notaurl"], {}, "cannot use the database (the URL given)"),
+        (["submit", "{deep}"], {}, "deep.yaml) nests too deeply to read"),
+        (["submit", "/dev/zero"], {}, "/dev/zero: over 8388608 bytes"),
+        (["submit", "{file}"], {}, "file: a study spec must be a YAML mapping; it is empty"),
     ],
 )
 def test_bad_options_and_paths_are_one_error_line_and_status_2(
     tmp_path: Path, args: list[str], env: dict[str, str], says: str
 ) -> None:
     (tmp_path / "file").write_text("")
-    args = [a.format(file=tmp_path / "file", tmp=tmp_path) for a in args]
+    (tmp_path / "deep.yaml").write_text("space: " + "[" * 5000 + "]" * 5000)
+    args = [
+        a.format(file=tmp_path / "file", tmp=tmp_path, deep=tmp_path / "deep.yaml") for a in args
+    ]
     result = subprocess.run(
         [sys.executable, "-m", "hpo.api.cli", *args],
         env={**os.environ, "HPO_DATA_DIR": str(tmp_path / "data"), **env},
