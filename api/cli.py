@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except (ValidationError, ValueError) as exc:
         _print_invalid(exc)
-        return 2
+        return 3 if _answer_problem(exc) else 2
     except errors.InvalidInput as exc:
         _error(exc.message)
         return 2
@@ -538,11 +538,24 @@ def _error(message: object) -> None:
     console.print("[red]error:[/red]", escape(str(message)))
 
 
+def _answer_problem(exc: Exception) -> bool:
+    """Whether ``exc`` is a server's answer that does not read as the record it should be
+    (not the user's input: a spec, the settings)."""
+    return isinstance(exc, ValidationError) and exc.title not in ("StudySpec", "Settings")
+
+
 def _print_invalid(exc: Exception) -> None:
     if isinstance(exc, ValidationError) and exc.title == "Settings":
         console.print("[red]invalid settings:[/red]")
         for item in describe_errors(exc):
             console.print(f"  HPO_{item['field'].upper()}: {item['message']}", markup=False)
+    elif _answer_problem(exc):
+        # an answer of the server that does not read as the record it should be
+        first = describe_errors(exc)[0]
+        _error(
+            f"the server's answer does not read as a {exc.title} ({first['field']}: "
+            f"{first['message']}): is the URL an hpo server's of this version?"
+        )
     elif isinstance(exc, ValidationError):
         console.print("[red]invalid study spec:[/red]")
         for item in describe_errors(exc):

@@ -230,12 +230,12 @@ class Client:
         return response
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.request(method, "/api/v1" + path, **kwargs).json()
+        return _body(self.request(method, "/api/v1" + path, **kwargs))
 
     def health(self, *, retry: RetryPolicy | None = None) -> dict[str, Any]:
         """``/healthz`` (a 503 raises, after the client's retries unless ``retry`` says
         otherwise)."""
-        return self.request("GET", "/healthz", retry=retry).json()
+        return _body(self.request("GET", "/healthz", retry=retry))
 
     # --------------------------------------------------------------- studies
 
@@ -251,7 +251,7 @@ class Client:
         spec = _to_spec(spec)
         params = {"load_if_exists": "true"} if load_if_exists else {}
         answer = self.request("POST", "/api/v1/studies", json=spec.to_json(), params=params)
-        study = Study(self, StudyRecord.model_validate(answer.json()))
+        study = Study(self, StudyRecord.model_validate(_body(answer)))
         study.created = answer.status_code == 201  # 200: loaded (load_if_exists)
         study.kept = [] if study.created else _kept_settings(spec, study._record.spec)
         if study.kept:
@@ -853,13 +853,34 @@ def _to_spec(spec: StudySpec | Mapping[str, Any] | str | Path) -> StudySpec:
     return StudySpec.from_yaml(spec)
 
 
+def _body(response: httpx.Response) -> dict[str, Any]:
+    """A successful answer's JSON object. Raises HpoError naming the URL when it is none
+    (every answer of the API is an object): the URL is not an hpo server's API."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        kind = response.headers.get("content-type") or "no content type"
+        raise errors.HpoError(
+            f"{response.request.method} {response.request.url} answered HTTP "
+            f"{response.status_code} ({kind}) with no JSON object, as an hpo server never "
+            "does: is the URL an hpo server's (--url, $HPO_URL)?"
+        )
+    return body
+
+
 def _error_from(response: httpx.Response) -> errors.HpoError:
     try:
         body = response.json()
     except ValueError:
-        body = {"message": response.text or response.reason_phrase}
+        body = None
+    if not isinstance(body, dict):
+        body = {"message": response.text[:200] or response.reason_phrase}
     message = body.get("message") or body.get("detail") or response.reason_phrase
     code = body.get("error", "")
+    if not code:  # not an hpo error body: say where it came from (a wrong URL, a proxy)
+        message = f"{message} (from {response.request.method} {response.request.url})"
     if response.status_code == 401:
         cls: type[errors.HpoError] = Unauthorized
     elif code in _ERRORS:

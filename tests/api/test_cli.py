@@ -492,3 +492,44 @@ def test_values_and_errors_are_printed_as_they_are_not_as_markup(
     assert listed.returncode == 0 and "[/]" in listed.stdout, listed.stdout + listed.stderr
     missing = run_cli(server, "submit", str(tmp_path / "exp[v2]" / "study.yaml"))
     assert missing.returncode == 2 and "exp[v2]/study.yaml" in missing.stderr, missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "body", "says"),
+    [
+        (200, "application/json", b"[]", "with no JSON object, as an hpo server never does"),
+        (200, "text/html", b"<html>hi</html>", "with no JSON object, as an hpo server never does"),
+        (200, "application/json", b'{"studies": [{"id": "x"}]}', "does not read as a StudyRecord"),
+        (404, "application/json", b"[1]", "HTTP 404: [1] (from GET http://"),
+        (400, "application/json", b"null", "HTTP 400: null (from GET http://"),
+    ],
+)
+def test_an_answer_from_something_else_than_an_hpo_server_is_an_error_line(
+    status: int, content_type: str, body: bytes, says: str
+) -> None:
+    """A URL that is not an hpo server's API (another service, a proxy's page, a wrong base
+    path) is one error line naming the URL, exit 3: these were tracebacks (``'list' object
+    has no attribute 'get'``) or "invalid study spec" for a spec nobody gave."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{other.server_address[1]}"
+        r = run_cli(None, "studies", url=url)
+    finally:
+        other.shutdown()
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and says in r.stderr, r.stderr
+    assert "/api/v1/studies" in r.stderr or "StudyRecord" in says, r.stderr  # the URL asked
