@@ -818,16 +818,21 @@ def frozen_trial_row(trial: Any) -> dict[str, Any]:
 
 def _kept_settings(given: StudySpec, stored: Mapping[str, Any]) -> list[str]:
     """The settings a study loaded by its spec kept from its stored spec, where ``given``
-    said otherwise: its budget, sampler, pruner."""
+    said otherwise: its budget, sampler, pruner, resources, retries... (every field but those
+    the server checked to be the same: name, objective, space, trainable)."""
     try:
         kept = StudySpec.model_validate(stored)
     except ValueError:  # a spec of a newer server, with fields this client does not know
         return []
     return [
         name
-        for name in ("budget", "sampler", "pruner")
-        if getattr(kept, name) != getattr(given, name)
+        for name in StudySpec.model_fields
+        if name not in _LOADED_BY and getattr(kept, name) != getattr(given, name)
     ]
+
+
+# What a study loaded by its spec (load_if_exists) is matched on: never kept otherwise.
+_LOADED_BY = ("name", "objective", "space", "trainable")
 
 
 def _not_finite(body: Any, path: str = "") -> tuple[str, float] | None:

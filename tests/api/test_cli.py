@@ -110,6 +110,12 @@ def test_submit_and_read_commands(sqlite_server: ServerProcess, tmp_path: Path) 
     assert r.returncode == 0, r.stderr
     assert "it keeps its stored budget, not the file's" in r.stdout, r.stdout
     assert "sampler" not in r.stdout and "pruner" not in r.stdout
+    other = {"max_retries": 7, "lease_s": 999, "resources": {"workers_per_trial": 3}}
+    changed = write_spec(tmp_path / "other.yaml", "cli-study", description="new", **other)
+    r = run_cli(server, "submit", str(changed), "--load-if-exists")
+    assert r.returncode == 0, r.stderr
+    kept = "it keeps its stored description, resources, max_retries, lease_s, not the file's"
+    assert kept in r.stdout, r.stdout
 
     r = run_cli(server, "best", "cli-study")
     assert r.returncode == 1 and "no complete trial" in r.stderr
