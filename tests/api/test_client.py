@@ -374,7 +374,7 @@ def test_what_a_notebook_user_found_surprising(sqlite_server: ServerProcess) -> 
 
         # loading a study by a spec whose budget or sampler differ says what it kept
         changed = simple_spec("roomy", budget={"max_trials": 10}, sampler={"type": "tpe"})
-        with pytest.warns(UserWarning, match="keeps its stored budget, sampler"):
+        with pytest.warns(UserWarning, match="keeps its stored sampler, budget"):
             assert client.create_study(changed, load_if_exists=True).id == study.id
         with warnings.catch_warnings():  # the same spec again: nothing to say
             warnings.simplefilter("error")
