@@ -63,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# What a study loaded by `hpo submit --load-if-exists` that is not running needs to run.
+_NOT_RUNNING = {
+    "paused": "no trial of it starts until `hpo resume {name}`",
+    "completed": "raise its budget to run more (Study.continue_, or PATCH its budget)",
+    "stopped": "a stopped study takes no more trials",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpo", description="Distributed hyperparameter search.")
     sub = p.add_subparsers(metavar="COMMAND")
@@ -288,6 +296,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             f"space, and runs on its stored spec{kept} (a budget changes with PATCH "
             "/api/v1/studies/{id} or Study.set_budget)"
         )
+        state = study.state
+        if state != "running":
+            out.print(f"it is {state}: {_NOT_RUNNING[state].format(name=study.name)}")
     if args.wait:
         return watch(study, give_up_after_s=_give_up_s(args))
     if spec.trainable is not None and _scheduler_running(client) is False:

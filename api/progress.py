@@ -159,9 +159,24 @@ def _follow(
     cursor, reported = None, set()
     scheduled = _SchedulerCheck(study, record)
     shown = progress.console
+    if not record.spec.get("trainable"):
+        _note(
+            shown,
+            f"study {record.name} has no trainable: its trials come from ask/tell clients "
+            "(the Python client, the REST API); this watch ends when its budget is spent or "
+            "it is stopped",
+        )
+    paused_said = False
 
     def look() -> Any:
-        nonlocal cursor
+        nonlocal cursor, paused_said
+        if record.state == "paused" and not paused_said:
+            _note(
+                shown,
+                f"study {record.name} is paused: no trial of it starts until `hpo resume "
+                f"{record.name}`",
+            )
+        paused_said = record.state == "paused"
         scheduled.check(shown, record)
         changed, cursor = study.changed_trials(cursor)
         for t in sorted(changed, key=lambda t: t.number):
@@ -176,6 +191,10 @@ def _follow(
         if record.state in ("completed", "stopped"):
             return record
         time.sleep(poll_s)
+
+
+def _note(shown: Any, text: str) -> None:
+    shown.print(f"[cyan]note:[/cyan] {escape(text)}", soft_wrap=True)
 
 
 def _warn(shown: Any, text: str | None) -> None:

@@ -539,3 +539,24 @@ def test_an_answer_from_something_else_than_an_hpo_server_is_an_error_line(
     assert r.returncode == 3, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and says in r.stderr, r.stderr
     assert "/api/v1/studies" in r.stderr or "StudyRecord" in says, r.stderr  # the URL asked
+
+
+def test_watch_and_submit_say_why_a_study_runs_no_trial(
+    sqlite_server: ServerProcess, tmp_path: Path
+) -> None:
+    """A watch of an ask/tell study says its trials come from clients, a watch of a paused
+    study says it is paused (each was silent until Ctrl-C), and a study loaded by its spec
+    that is not running says what it needs (it said "runs on its stored spec")."""
+    server = sqlite_server
+    spec = write_spec(tmp_path / "quiet.yaml", "quiet")
+    assert run_cli(server, "submit", str(spec)).returncode == 0
+    seen = watch_output(server, "quiet", until="no trainable", timeout=30)
+    assert "note: study quiet has no trainable: its trials come from ask/tell clients" in seen
+    assert run_cli(server, "pause", "quiet").returncode == 0
+    seen = watch_output(server, "quiet", until="is paused", timeout=30)
+    assert "study quiet is paused: no trial of it starts until `hpo resume quiet`" in seen, seen
+    r = run_cli(server, "submit", str(spec), "--load-if-exists")
+    assert r.returncode == 0 and "it is paused: no trial of it starts until" in r.stdout, r.stdout
+    assert run_cli(server, "stop", "quiet").returncode == 0
+    r = run_cli(server, "submit", str(spec), "--load-if-exists")
+    assert "it is stopped: a stopped study takes no more trials" in r.stdout, r.stdout
