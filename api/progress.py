@@ -14,11 +14,20 @@ from rich.markup import escape
 from hpo.api.retry import NO_RETRY, Outage
 from hpo.service.errors import HpoError
 
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader left (``hpo best x | head -1``): the CLI ends as a shell reports
+        SIGPIPE, 141 (rich's own answer is exit status 1, which says the study failed)."""
+        self.quiet = True
+        raise BrokenPipeError
+
+
 # Piped or redirected output (logs, CI) is not cut at 80 columns: tables and trial lines whole.
 # Messages to stderr are not broken into lines (an error naming a long path stays one line).
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 200, soft_wrap=True)
+console = _Console(stderr=True, width=None if sys.stderr.isatty() else 200, soft_wrap=True)
 # Study data (names, parameter values, errors) is printed literally: no rich markup on stdout
-out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
+out = _Console(width=None if sys.stdout.isatty() else 200, markup=False)
 
 # How long ``watch`` waits, after a dispatched study ends, for its best trial's test metrics.
 TEST_METRICS_WAIT_S = 300.0

@@ -560,3 +560,26 @@ def test_watch_and_submit_say_why_a_study_runs_no_trial(
     assert run_cli(server, "stop", "quiet").returncode == 0
     r = run_cli(server, "submit", str(spec), "--load-if-exists")
     assert "it is stopped: a stopped study takes no more trials" in r.stdout, r.stdout
+
+
+def test_a_reader_that_leaves_a_table_early_ends_the_cli_with_141(
+    sqlite_server: ServerProcess,
+) -> None:
+    """``hpo trials x | head -1``: rich's console answers a closed pipe with exit status 1
+    (which says the study failed); the CLI ends with 141, as a shell reports SIGPIPE."""
+    server = sqlite_server
+    with server.client() as client:
+        study = client.create_study(simple_spec("piped"))
+        for _ in range(3):
+            study.tell(study.ask(), value=1.0)
+    proc = subprocess.Popen(
+        cli_command(server, "trials", "piped"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    errors = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, errors
+    assert errors == ""
