@@ -580,7 +580,7 @@ def _database_problem(settings: Any) -> str | None:
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
     from hpo.service.db import make_engine
-    from hpo.service.db.engine import schema_problem
+    from hpo.service.db.engine import schema_problem, write_problem
 
     try:
         engine = make_engine(settings.resolved_database_url)
@@ -588,7 +588,8 @@ def _database_problem(settings: Any) -> str | None:
             # each connection would get an empty database of its own
             return "an in-memory SQLite database is not shared by the server's connections"
         try:
-            return schema_problem(engine)  # it connects: an unreachable database raises here
+            # it connects: an unreachable database raises here
+            return schema_problem(engine) or write_problem(engine)
         finally:
             engine.dispose()
     except (SQLAlchemyError, ArgumentError, ImportError, ValueError) as exc:

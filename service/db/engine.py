@@ -153,6 +153,29 @@ SCHEMA_WAIT_S = 300.0
 _SCHEMA_LOCK = 0x6870_6F01
 
 
+def write_problem(engine: Engine) -> str | None:
+    """Why the server could not write to this database (a read-only file, a read-only
+    PostgreSQL standby or role), or None: a write that changes nothing, rolled back. A
+    database without hpo's schema yet is written by :func:`upgrade_schema` at once."""
+    from sqlalchemy.exc import DBAPIError
+
+    with engine.connect() as conn:
+        if "alembic_version" not in inspect(conn).get_table_names():
+            return None
+    try:
+        with engine.connect() as conn, conn.begin() as tx:
+            conn.execute(text("UPDATE alembic_version SET version_num = version_num"))
+            tx.rollback()
+    except DBAPIError as exc:
+        sqlite_code = getattr(exc.orig, "sqlite_errorcode", None)
+        state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        # read-only (SQLITE_READONLY and its extended codes; a read-only transaction, no
+        # privilege): not a database busy or locked by another writer, which serves anyway
+        if (sqlite_code is not None and sqlite_code & 0xFF == 8) or state in ("25006", "42501"):
+            return f"it cannot be written: {str(exc.orig).strip().splitlines()[0]}"
+    return None
+
+
 def schema_problem(engine: Engine) -> str | None:
     """Why :func:`upgrade_schema` cannot bring this database to the newest schema, or None:
     it was written by a newer hpo (a schema revision this one does not know), or it holds

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from hpo.api.demo import free_port
+from hpo.service.db import make_engine, upgrade_schema
 from tests.conftest import ServerProcess, simple_spec, wait_for
 
 
@@ -401,6 +402,11 @@ def test_serve_refuses_an_unreachable_database(tmp_path: Path) -> None:
         (["submit", "{deep}"], {}, "deep.yaml) nests too deeply to read"),
         (["submit", "/dev/zero"], {}, "/dev/zero: over 8388608 bytes"),
         (["submit", "{file}"], {}, "file: a study spec must be a YAML mapping; it is empty"),
+        (
+            ["serve", "--database-url", "sqlite:///file:{rodb}?mode=ro&uri=true"],
+            {},
+            "it cannot be written: attempt to write a readonly database",
+        ),
     ],
 )
 def test_bad_options_and_paths_are_one_error_line_and_status_2(
@@ -408,8 +414,18 @@ def test_bad_options_and_paths_are_one_error_line_and_status_2(
 ) -> None:
     (tmp_path / "file").write_text("")
     (tmp_path / "deep.yaml").write_text("space: " + "[" * 5000 + "]" * 5000)
+    if any("{rodb}" in a for a in args):  # an hpo database, opened read-only
+        engine = make_engine(f"sqlite:///{tmp_path / 'ro.db'}")
+        upgrade_schema(engine)
+        engine.dispose()
     args = [
-        a.format(file=tmp_path / "file", tmp=tmp_path, deep=tmp_path / "deep.yaml") for a in args
+        a.format(
+            file=tmp_path / "file",
+            tmp=tmp_path,
+            deep=tmp_path / "deep.yaml",
+            rodb=tmp_path / "ro.db",
+        )
+        for a in args
     ]
     result = subprocess.run(
         [sys.executable, "-m", "hpo.api.cli", *args],
