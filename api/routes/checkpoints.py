@@ -64,9 +64,21 @@ def trial_checkpoint(trial_id: TrialId, storage: Reader, request: Request) -> Re
 )
 def best_checkpoint(study_id: StudyId, storage: Reader, request: Request) -> Response:
     """The best trial's newest checkpoint (single-objective studies)."""
-    best, _ = storage.best(study_id)
+    best, front = storage.best(study_id)
     if best is None:
-        raise NotFound(f"study {study_id} has no complete trial yet", field="study_id")
+        if front:  # several objectives: no one best trial
+            ids = ", ".join(str(t.id) for t in front[:5])
+            raise NotFound(
+                f"study {study_id} has several objectives and no one best trial: take the "
+                f"checkpoint of a trial of its Pareto front (GET /api/v1/trials/{{id}}/checkpoint,"
+                f" ids {ids}{', ...' if len(front) > 5 else ''})",
+                field="study_id",
+            )
+        raise NotFound(
+            f"study {study_id} has no best trial yet: no trial is complete (or, with "
+            "constraints, none complete meets them)",
+            field="study_id",
+        )
     return trial_checkpoint(best.id, storage, request)
 
 

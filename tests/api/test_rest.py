@@ -1566,6 +1566,19 @@ def test_inputs_found_by_a_hostile_probe_are_4xx_naming_the_field(
             r = http.post(f"{API}/studies", json=simple_spec("hb", pruner=pruner))
             assert_error(r, 422, field="pruner.max_steps")
 
+        with subtests.test("a best checkpoint of a study with no one best trial says why"):
+            objectives = [{"metric": "a"}, {"metric": "b"}]
+            two = create(http, "two-objectives", objective=objectives)["id"]
+            asked = ask(http, two)
+            r = http.post(f"{API}/trials/{asked['trial_id']}/tell", json={"values": [1.0, 2.0]})
+            assert r.status_code == 200, r.text
+            r = http.get(f"{API}/studies/{two}/best/checkpoint")
+            err = assert_error(r, 404, field="study_id")
+            assert "several objectives" in err["message"], err
+            fresh = create(http, "nothing-complete")["id"]
+            r = http.get(f"{API}/studies/{fresh}/best/checkpoint")
+            assert "no trial is complete" in assert_error(r, 404)["message"]
+
         with subtests.test("a mutable parameter without a scheduler names the parameter"):
             space = {"lr": {"type": "float", "low": 0.1, "high": 1.0, "mutable": True}}
             r = http.post(f"{API}/studies", json=simple_spec("mut", space=space))
