@@ -206,6 +206,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if problem:
         _error(f"cannot use the database {_safe(settings)}: {problem}")
         return 2
+    problem = _address_problem(settings.host, settings.port)
+    if problem:
+        _error(f"cannot serve on {settings.host}:{settings.port}: {problem}")
+        return 2
     token = settings.api_token(create=True)
     url = f"http://{settings.host}:{settings.port}"
     console.print(f"hpo serving on [bold]{url}[/bold] (database: {escape(_safe(settings))})")
@@ -594,6 +598,23 @@ def _database_problem(settings: Any) -> str | None:
             engine.dispose()
     except (SQLAlchemyError, ArgumentError, ImportError, ValueError) as exc:
         return str(exc).strip().splitlines()[0]
+
+
+def _address_problem(host: str, port: int) -> str | None:
+    """Why ``hpo serve`` could not listen on ``host:port`` (in use, no such address), or
+    None: found before it says it serves (uvicorn would say so after, and exit 3)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as exc:  # socket.gaierror too
+        return exc.strerror or str(exc)
+    return None
 
 
 def _safe(settings: Any) -> str:

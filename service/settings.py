@@ -7,7 +7,7 @@ import os
 import secrets
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from platformdirs import user_data_dir
 from pydantic import Field, SecretStr, field_validator
@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     # lease every tick; another takes over once it has expired (or its holder is gone).
     scheduler_lease_s: float = Field(default=15.0, gt=0)
     lease_sweep_interval_s: float = Field(default=2.0, gt=0)
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     # Samplers that learn from the history (TPE, GP) keep each study's finished trials in
     # memory between asks (service/histories.py): at most this many studies and trials,
     # least recently asked dropped first. About 2.5 KB a trial (100,000: ~250 MB).
@@ -126,6 +126,11 @@ class Settings(BaseSettings):
             return self.public_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("token")
     @classmethod

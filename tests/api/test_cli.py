@@ -10,6 +10,7 @@ import csv
 import io
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -402,6 +403,8 @@ def test_serve_refuses_an_unreachable_database(tmp_path: Path) -> None:
         (["submit", "{deep}"], {}, "deep.yaml) nests too deeply to read"),
         (["submit", "/dev/zero"], {}, "/dev/zero: over 8388608 bytes"),
         (["submit", "{file}"], {}, "file: a study spec must be a YAML mapping; it is empty"),
+        (["serve"], {"HPO_LOG_LEVEL": "bogus"}, "HPO_LOG_LEVEL: Input should be 'critical'"),
+        (["serve", "--port", "{busy}"], {}, "Address already in use"),
         (
             ["serve", "--database-url", "sqlite:///file:{rodb}?mode=ro&uri=true"],
             {},
@@ -418,22 +421,27 @@ def test_bad_options_and_paths_are_one_error_line_and_status_2(
         engine = make_engine(f"sqlite:///{tmp_path / 'ro.db'}")
         upgrade_schema(engine)
         engine.dispose()
+    busy = socket.socket()  # a port another program listens on
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
     args = [
         a.format(
             file=tmp_path / "file",
             tmp=tmp_path,
             deep=tmp_path / "deep.yaml",
             rodb=tmp_path / "ro.db",
+            busy=busy.getsockname()[1],
         )
         for a in args
     ]
-    result = subprocess.run(
-        [sys.executable, "-m", "hpo.api.cli", *args],
-        env={**os.environ, "HPO_DATA_DIR": str(tmp_path / "data"), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    with busy:
+        result = subprocess.run(
+            [sys.executable, "-m", "hpo.api.cli", *args],
+            env={**os.environ, "HPO_DATA_DIR": str(tmp_path / "data"), **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert says in result.stderr, result.stderr[-2000:]
