@@ -190,8 +190,9 @@ class FloatParam(_Conditional):
             return False
         if self.values is not None:
             return any(math.isclose(value, v, rel_tol=1e-12) for v in self.values)
-        # a few units in the last place of the bounds (a sampler's exp(log(high))), relative
-        # to their size: an absolute 1e-12 let 9e-13 into [1e-20, 1e-18], and 0 into a log scale
+        # a few units in the last place of the bounds (a rounding), relative to their size:
+        # an absolute 1e-12 let 9e-13 into [1e-20, 1e-18], and 0 into a log scale. (Samplers
+        # keep their values inside: exp(log(high)) may be further off on a log scale.)
         slack = 4 * sys.float_info.epsilon * max(abs(self.low), abs(self.high))
         if not self.low - slack <= value <= self.high + slack or (self.log and value <= 0):
             return False
@@ -309,13 +310,6 @@ def _check_range(p: FloatParam | IntParam, *, integer: bool) -> None:
         for v in p.values:
             if not p.low <= v <= p.high:
                 raise ValueError(f"value {v} in `values` lies outside [low, high]")
-            if p.step is not None and not (
-                (v - p.low) % p.step == 0 if integer else _on_lattice(p.low, p.step, v)
-            ):
-                raise ValueError(
-                    f"value {v} in `values` is not on the `step` lattice low + k * step "
-                    f"({p.low} + k * {p.step}); give `values` or `step`, not both"
-                )
 
 
 class Objective(_Model):
@@ -1016,6 +1010,12 @@ def check_new(spec: StudySpec) -> None:
     :func:`check_budget`). Raises ValueError naming the field."""
     check_budget(spec.budget)
     for name, param in spec.space.items():
+        off = _off_lattice(param)
+        if off is not None:  # (a stored spec may hold such values: `values` decide there)
+            raise ValueError(
+                f"space.{name}: value {off} in `values` is not on the `step` lattice low + k * "
+                f"step ({param.low} + k * {param.step}); give `values` or `step`, not both"
+            )
         for parent in param.when or {}:
             of = spec.space[parent]
             if isinstance(of, FloatParam) and of.step is None and of.values is None:
@@ -1029,6 +1029,21 @@ def check_new(spec: StudySpec) -> None:
         raise ValueError(
             f"pruner.max_steps: {p.max_steps} is below min_steps ({p.min_steps}): no rung fits"
         )
+
+
+def _off_lattice(param: FloatParam | IntParam | CategoricalParam) -> float | None:
+    """A value of ``param``'s explicit ``values`` off its ``step`` lattice, or None."""
+    if isinstance(param, CategoricalParam) or param.values is None or param.step is None:
+        return None
+    for v in param.values:
+        on = (
+            (v - param.low) % param.step == 0
+            if isinstance(param, IntParam)
+            else _on_lattice(param.low, param.step, v)
+        )
+        if not on:
+            return v
+    return None
 
 
 def load_yaml(text: str, name: str | None = None) -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from hpo.service.samplers.base import Sampler, StudyView, Suggestion
-from hpo.service.spec import CategoricalParam, FloatParam, IntParam
+from hpo.service.spec import CategoricalParam, FloatParam, IntParam, lattice_point
 
 
 class RandomSampler(Sampler):
@@ -41,9 +41,10 @@ def sample_param(param: FloatParam | IntParam | CategoricalParam, rng: np.random
             return int(min(max(value, param.low), param.high))
         n = (param.high - param.low) // param.step
         return int(param.low + param.step * int(rng.integers(n + 1)))
-    if param.log:
-        return float(math.exp(rng.uniform(math.log(param.low), math.log(param.high))))
-    if param.step is not None:
+    if param.log:  # exp(log(x)) of a bound may be a few ulps past it: kept inside
+        value = math.exp(rng.uniform(math.log(param.low), math.log(param.high)))
+        return float(min(max(value, param.low), param.high))
+    if param.step is not None:  # as the decimals read (a 1e-20 step is not rounded away)
         n = math.floor((param.high - param.low) / param.step + 1e-9)
-        return float(round(param.low + param.step * int(rng.integers(n + 1)), 12))
+        return lattice_point(param.low, param.step, int(rng.integers(n + 1)))
     return float(rng.uniform(param.low, param.high))

@@ -274,3 +274,16 @@ def test_tpe_from_kept_arrays_suggests_what_optuna_does_at_thousands_of_trials(
                 got = sampler.suggest(view)
             assert got == expected
             assert got.info["n_pending"] == top - done > 0
+
+
+def test_random_values_on_a_tiny_step_stay_in_their_domain() -> None:
+    """A step of 1e-20 was rounded to 12 decimals: every value 0.0, outside [1e-20, 1e-18]."""
+    import numpy as np
+
+    from hpo.service.samplers.random import sample_param
+    from hpo.service.spec import FloatParam
+
+    rng = np.random.default_rng(0)
+    tiny = FloatParam(type="float", low=1e-20, high=1e-18, step=1e-20)
+    drawn = {sample_param(tiny, rng) for _ in range(200)}
+    assert len(drawn) > 50 and all(tiny.contains(v) for v in drawn)
