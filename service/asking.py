@@ -41,7 +41,7 @@ from hpo.service.samplers.base import Sampler, StudyView, Suggestion
 from hpo.service.samplers.grid import refuse_off_point
 from hpo.service.spec import StudySpec
 from hpo.service.states import StudyState, TrialState
-from hpo.service.storage import Storage, studies, trials
+from hpo.service.storage import Storage, metrics, studies, trials
 from hpo.service.storage.records import trial_record
 from hpo.service.storage.transitions import set_trial_state
 
@@ -337,7 +337,7 @@ def _promote(
     with storage.read() as s:
         paused = trials.get_trial(s, trial_id, params=False)
         checkpoint = paused.checkpoint
-        paused_at = trials.paused_at(paused.last_step, paused.pause_reason)
+        paused_at = metrics.step_paused_at(paused.last_step, paused.pause_reason)
         copy = pbt.donor_checkpoint(s, spec, paused.pause_reason)
     problem, resume_from = None, checkpoint
     if spec.trainable is not None:

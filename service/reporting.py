@@ -387,11 +387,8 @@ def after_pause(study: Study, trial: Trial, points: Sequence[MetricInput]) -> Se
     by optimizer step, its validation by epoch). A trial that copied a checkpoint (PBT, a
     replay) has no pause reason left: its points are all kept. A pause reason from before
     ``stored_to`` was recorded bounds them by its rung's step."""
-    reason = trial.pause_reason
-    if not reason or not points:
-        return points
-    stored_to = reason.get("stored_to", reason.get("step"))
-    if stored_to is None:
+    stored_to = metrics.pause_step(trial.pause_reason)
+    if stored_to is None or not points:
         return points
     metric = transitions.spec_of(study).pruned_metric
     return [p for p in points if p.name != metric or p.step > stored_to]

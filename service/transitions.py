@@ -131,7 +131,7 @@ def complete_if_done(s: Session, study: Study) -> None:
             last_watched_value(s, trial, spec),
             None,
             now=now,
-            detail=f"paused at step {trials.paused_at(trial.last_step, trial.pause_reason)};"
+            detail=f"paused at step {metrics.step_paused_at(trial.last_step, trial.pause_reason)};"
             f" the study ended ({reason}) without "
             "promoting it",
             complete=False,

@@ -126,13 +126,14 @@ class AshaPruner(Pruner):
         self, paused: dict[int, int], values: dict[int, dict[int, float]], bracket: int = 0
     ) -> list[Promotion]:
         """The paused trials that may be promoted now, in the order to promote them: the
-        highest rung first, then the best value. ``paused`` maps each paused trial to its
-        largest step reported; ``values[rung step]`` maps every trial that reached that rung
-        (paused or not) to its value there. A trial paused at rung k is promotable when its
-        value is among the top ``floor(n_k/η)`` of the ``n_k`` values at rung k as they are now.
-        A promoted trial keeps its promotion when later values push it out of that top set (as
-        in the ASHA paper), so over a study more than ``floor(n_k/η)`` may leave rung k; at any
-        moment at most ``floor(n_k/η)`` of the trials at rung k are in the top set."""
+        highest rung first, then the best value. ``paused`` maps each paused trial to the
+        step it paused at (its ranked metric's); ``values[rung step]`` maps every trial that
+        reached that rung (paused or not) to its value there. A trial paused at rung k is
+        promotable when its value is among the top ``floor(n_k/η)`` of the ``n_k`` values at
+        rung k as they are now. A promoted trial keeps its promotion when later values push it
+        out of that top set (as in the ASHA paper), so over a study more than ``floor(n_k/η)``
+        may leave rung k; at any moment at most ``floor(n_k/η)`` of the trials at rung k are in
+        the top set."""
         out = []
         sign = -1 if self.direction == "maximize" else 1
         top = max(paused.values(), default=0)

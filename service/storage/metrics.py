@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from itertools import groupby, islice
 from operator import attrgetter, index, itemgetter
@@ -438,13 +438,15 @@ class PruningHistory:
         (sooner, a free slot is about to take them: they are not waiting for one)."""
         now = utcnow()
         paused = self.session.execute(
-            select(Trial.pause_reason).where(
-                Trial.study_id == self.study_id,
-                Trial.state == TrialState.PAUSED.value,
-                func.coalesce(Trial.last_step, 0) < step,
+            select(Trial.last_step, Trial.pause_reason).where(
+                Trial.study_id == self.study_id, Trial.state == TrialState.PAUSED.value
             )
-        ).scalars()
-        waiting = sum(1 for reason in paused if _waited(reason, now, grace_s))
+        )
+        waiting = sum(
+            1
+            for last, reason in paused
+            if step_paused_at(last, reason) < step and _waited(reason, now, grace_s)
+        )
         created, last = self.session.execute(
             select(func.count(), func.max(Trial.created_at)).where(Trial.study_id == self.study_id)
         ).one()
@@ -549,6 +551,23 @@ class PruningHistory:
         if best is None:
             return {}
         return {p.step: p.value for p in of_trial(self.session, best, name=self.metric)}
+
+
+def pause_step(reason: Mapping[str, Any] | None) -> int | None:
+    """The step a paused trial paused at, as its pause reason records it: the last step of
+    the ranked metric stored then (``stored_to``), or, in a reason recorded before that was,
+    the step its pruner judged (``step``); None when it records neither. Not the trial's
+    ``last_step``: a trainable may stream other metrics on a finer axis (a loss per optimizer
+    step beside validation per epoch), and rungs and PBT boundaries are the ranked metric's."""
+    if not reason:
+        return None
+    return reason.get("stored_to", reason.get("step"))
+
+
+def step_paused_at(last_step: int | None, reason: Mapping[str, Any] | None) -> int:
+    """:func:`pause_step`, else the trial's ``last_step`` (0 for none)."""
+    step = pause_step(reason)
+    return (last_step or 0) if step is None else step
 
 
 def _waited(reason: dict[str, Any] | None, now: datetime, grace_s: float) -> bool:

@@ -6,7 +6,7 @@ Functions take the caller's session. A trial's state is written only through
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -374,15 +374,7 @@ def paused(session: Session, study_id: int, *, settled_only: bool = False) -> di
     if settled_only:
         where.append(Trial.owner.is_(None))
     rows = session.execute(select(Trial.id, Trial.last_step, Trial.pause_reason).where(*where))
-    return {trial_id: paused_at(last, reason) for trial_id, last, reason in rows}
-
-
-def paused_at(last_step: int | None, reason: Mapping[str, Any] | None) -> int:
-    """The step a paused trial paused at: the ranked metric's last stored step (see
-    :func:`paused`); its ``last_step`` if it paused before that was recorded."""
-    if reason and "stored_to" in reason:
-        return reason["stored_to"] or 0
-    return last_step or 0
+    return {trial_id: metrics.step_paused_at(last, reason) for trial_id, last, reason in rows}
 
 
 def paused_trials(session: Session, study_ids: Sequence[int]) -> list[Trial]:

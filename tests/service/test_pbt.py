@@ -16,6 +16,7 @@ from hpo.api.cli import schedule_lines
 from hpo.service import pbt
 from hpo.service.executor import AttemptRef
 from hpo.service.pbt import explore
+from hpo.service.records import MetricInput
 from hpo.service.scheduler import Scheduler
 from hpo.service.spec import IntParam, StudySpec
 from hpo.service.storage import trials
@@ -377,6 +378,28 @@ def test_a_population_larger_than_the_cluster_takes_turns(
     lineage = service.storage.lineage(a.trial_id).schedule
     assert [(s.step, s.trial_number) for s in lineage] == [(0, resumed.number), (2, resumed.number)]
     assert resumed.events[-2].detail.startswith("pbt: its turn again: resumes its own checkpoint")
+
+
+def test_trials_streaming_a_finer_axis_take_turns_by_their_ranked_metric(
+    service: StudyService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, with a loss per optimizer step beside the ranked metric per epoch (as
+    text-classification reports): a trial paused at epoch 2 has a last step of 500, and was
+    not counted as waiting behind epoch 4, so nobody yielded to it."""
+    monkeypatch.setattr(pbt, "YIELD_GRACE_S", 0.0)
+    run = launch(service, tmp_path, pbt_spec("axes"), place=False)
+    executor, scheduler, (a, b) = run.executor, run.scheduler, run.refs
+    for ref, loss in ((a, 0.1), (b, 0.05)):  # both pause at 2: two trials not started
+        executor.place(ref)
+        both = [MetricInput(500, "train_loss", 1.0), MetricInput(2, "loss", loss)]
+        assert service.report(ref.trial_id, both) is True
+        save(service, executor, ref, tmp_path, 2)
+        executor.finish(ref)
+        scheduler.tick()
+    c, _ = executor.launched[2:]
+    executor.place(c)
+    assert report(service, c.trial_id, 2, 0.01) is False  # nobody waits behind epoch 2
+    assert report(service, c.trial_id, 4, 0.005) is True  # a and b wait at epoch 2
 
 
 def test_a_tie_copies_nothing(service: StudyService, tmp_path: Path) -> None:

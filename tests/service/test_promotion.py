@@ -13,6 +13,7 @@ import torch
 
 from hpo.service import reporting
 from hpo.service.db import make_engine
+from hpo.service.db.models import Trial
 from hpo.service.errors import BudgetSpent, ConcurrencyLimit
 from hpo.service.executor import AttemptRef
 from hpo.service.records import ClaimedTrial, MetricInput
@@ -335,17 +336,24 @@ def test_a_late_paused_attempt_resumes_from_the_pause_step_not_past_it(
     assert [p.step for p in service.storage.metrics(b.id)] == [1]
 
 
+@pytest.mark.parametrize("recorded", ["now", "before stored_to was"])
 def test_a_late_paused_attempt_on_two_step_axes_resumes_from_the_pause_step(
-    service: StudyService, tmp_path: Path
+    service: StudyService, tmp_path: Path, recorded: str
 ) -> None:
     """A trainable that streams a loss per optimizer step beside the ranked metric per epoch
-    (text-classification does): the trial's last step is the optimizer's, but it resumes
-    from the checkpoint of the epoch it paused at, not from the late one."""
+    (text-classification does): the trial's last step is the optimizer's, but it is ranked
+    at, and resumes from the checkpoint of, the epoch it paused at, not the late one. Also
+    for a trial paused by an older version, whose pause reason has no ``stored_to``."""
     study_id = create(service, "late-two-axes", budget={"max_trials": 2})
     a, b = service.ask(study_id, dispatched=True), service.ask(study_id, dispatched=True)
     for trial, loss in ((a, 0.5), (b, 0.1)):  # paused at epoch 1, optimizer step 30
         both = [MetricInput(30, "train_loss", 0.2), MetricInput(1, "loss", loss)]
         assert service.report(trial.id, both) is True
+    if recorded != "now":
+        with service.storage.write() as s:
+            for trial in (a, b):
+                row = s.get(Trial, trial.id)
+                row.pause_reason = {k: v for k, v in row.pause_reason.items() if k != "stored_to"}
     assert report(service, b.id, 2, 0.05) is True  # ran on before the answer: dropped
     folder = tmp_path / f"trial-{b.id}" / "attempt-1"
     saved = [
