@@ -86,16 +86,19 @@ def suggest(storage: Storage, trial_id: int, name: str, raw: Mapping[str, Any]) 
         known = spec.space.get(name)
         _check(spec, trial, name, param, known)
         widens = known is not None and _union(spec, known, param) is not known
-        if name in have:  # suggested before, or fixed when the trial was asked or queued
+        if name in have:
             value = have[name]
+            # Suggested before: the same value again, as Optuna answers (the space, which
+            # only widens, holds it). Else fixed when the trial was asked or queued, maybe
+            # before the space knew the name: checked against the domain asked for now.
+            if known is not None and known.contains(value):
+                return value
             if not param.contains(value):
                 raise InvalidInput(
                     f"{name}: this trial's value {value!r} (fixed when it was asked or "
                     f"queued) lies outside {_describe(param)}",
                     field="param",
                 )
-            if known is not None and not widens:
-                return value
             return _store(storage, trial_id, name, param, value, learn=True)
         value = proposed.get(name)
         if known is None or value is None or not param.contains(value) or widens:

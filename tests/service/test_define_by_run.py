@@ -82,3 +82,11 @@ def test_a_value_fixed_at_the_ask_is_checked_and_learned_when_first_suggested(
     assert service.storage.get_study(sid).spec["space"] == {"opt": choices}
     assert service.suggest_param(trial.id, "opt", choices) == "adam"
     assert service.storage.get_trial(trial.id).params == {"lr": "x", "opt": "adam"}
+    late = service.ask(sid, params={"x": 7.0})  # before any trial taught the space x
+    # asked again with a narrower range, a trial gets the value it got (as from Optuna)
+    other = service.ask(sid)
+    value = service.suggest_param(other.id, "x", {"type": "float", "low": 0.5, "high": 1.0})
+    assert service.suggest_param(other.id, "x", {"type": "float", "low": 0, "high": 0.1}) == value
+    # a value fixed before another trial taught the space its name is still checked
+    with pytest.raises(InvalidInput, match="7.0"):
+        service.suggest_param(late.id, "x", {"type": "float", "low": 0.5, "high": 1.0})
