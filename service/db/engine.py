@@ -156,17 +156,19 @@ _SCHEMA_LOCK = 0x6870_6F01
 def write_problem(engine: Engine) -> str | None:
     """Why the server could not write to this database (a read-only file, a read-only
     PostgreSQL standby or role), or None: a write that changes nothing, rolled back. A
-    database without hpo's schema yet is written by :func:`upgrade_schema` at once."""
+    database without hpo's tables yet is written by :func:`upgrade_schema` at once."""
     from sqlalchemy.exc import DBAPIError
 
-    with engine.connect() as conn:
-        if "alembic_version" not in inspect(conn).get_table_names():
-            return None
     try:
-        with engine.connect() as conn, conn.begin() as tx:
-            conn.execute(text("UPDATE alembic_version SET version_num = version_num"))
+        # an UPDATE of no row of a table the server writes: refused by a read-only database
+        # or role as a real one is, and waits little behind another writer (which is no
+        # problem: the server waits for it as any writer does)
+        with engine.connect().execution_options(busy_timeout_s=0.5) as conn, conn.begin() as tx:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SET LOCAL lock_timeout = '2s'"))
+            conn.execute(text("UPDATE studies SET name = name WHERE 1 = 0"))
             tx.rollback()
-    except DBAPIError as exc:
+    except DBAPIError as exc:  # also: no such table yet (a fresh database), locked, busy
         sqlite_code = getattr(exc.orig, "sqlite_errorcode", None)
         state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
         # read-only (SQLITE_READONLY and its extended codes; a read-only transaction, no
@@ -183,7 +185,8 @@ def schema_problem(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    with engine.connect() as conn:
+    # read-only on SQLite: a plain BEGIN, which another process's write lock does not hold up
+    with engine.connect().execution_options(readonly=True) as conn:
         tables = set(inspect(conn).get_table_names())
         if not tables:
             return None  # a fresh database

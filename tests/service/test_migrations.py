@@ -448,3 +448,29 @@ def test_servers_starting_at_once_migrate_the_database_once(
             assert list(stamped) == [head]
     finally:
         engine.dispose()
+
+
+def test_a_start_checks_a_database_it_cannot_write_and_waits_little_for_a_busy_one(
+    tmp_path: Path,
+) -> None:
+    """``hpo serve``'s checks before it serves: a read-only database is a problem (it served,
+    then every write failed as "unreachable"); one whose write lock another process holds is
+    not (it serves once the lock is free), and the checks wait at most half a second on it
+    (both waited on SQLite's lock, 3 s, and a locked database refused the start)."""
+    from hpo.service.db.engine import schema_problem, write_problem
+
+    path = tmp_path / "hpo.db"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade_schema(engine)
+    assert write_problem(engine) is None and schema_problem(engine) is None
+    read_only = make_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+    assert "attempt to write a readonly database" in (write_problem(read_only) or "")
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another server mid-write
+    try:
+        started = time.monotonic()
+        assert write_problem(engine) is None and schema_problem(engine) is None
+        assert time.monotonic() - started < 2.0
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
