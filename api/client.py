@@ -636,7 +636,13 @@ class Study:
         pd = _pandas()
         from hpo.service.export import trial_rows
 
-        spec = StudySpec.model_validate(self.refresh().spec)
+        try:
+            spec = StudySpec.model_validate(self.refresh().spec)
+        except ValueError as exc:  # the server's own record, not the caller's input
+            raise errors.HpoError(
+                f"study {self.id}'s stored spec does not read in this client ({exc}): "
+                "a newer hpo server wrote it? upgrade hpo"
+            ) from None
         columns, rows = trial_rows(self.trials(), [o.metric for o in spec.objectives])
         frame = pd.DataFrame(rows, columns=columns)
         for col in ("started_at", "finished_at"):
@@ -824,11 +830,15 @@ def _kept_settings(given: StudySpec, stored: Mapping[str, Any]) -> list[str]:
         kept = StudySpec.model_validate(stored)
     except ValueError:  # a spec of a newer server, with fields this client does not know
         return []
-    return [
+    out = [
         name
         for name in StudySpec.model_fields
-        if name not in _LOADED_BY and getattr(kept, name) != getattr(given, name)
+        if name not in (*_LOADED_BY, "user_attrs") and getattr(kept, name) != getattr(given, name)
     ]
+    # user attributes grow as a study runs (set_user_attr): kept only where the spec's differ
+    if any(kept.user_attrs.get(k) != v for k, v in given.user_attrs.items()):
+        out.append("user_attrs")
+    return out
 
 
 # What a study loaded by its spec (load_if_exists) is matched on: never kept otherwise.

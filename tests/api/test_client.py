@@ -376,10 +376,14 @@ def test_what_a_notebook_user_found_surprising(sqlite_server: ServerProcess) -> 
         changed = simple_spec("roomy", budget={"max_trials": 10}, sampler={"type": "tpe"})
         with pytest.warns(UserWarning, match="keeps its stored sampler, budget"):
             assert client.create_study(changed, load_if_exists=True).id == study.id
+        study.set_study_user_attrs({"dataset": "digits"})  # set as the study runs
         with warnings.catch_warnings():  # the same spec again: nothing to say
             warnings.simplefilter("error")
             same = simple_spec("roomy", budget={"max_trials": 50})
             assert client.create_study(same, load_if_exists=True).id == study.id
+        other = simple_spec("roomy", budget={"max_trials": 50}, user_attrs={"dataset": "wine"})
+        with pytest.warns(UserWarning, match="keeps its stored user_attrs"):
+            client.create_study(other, load_if_exists=True)
 
         # a multi-objective study has no single best trial: said, not None
         two = simple_spec(
