@@ -1579,6 +1579,11 @@ def test_inputs_found_by_a_hostile_probe_are_4xx_naming_the_field(
             r = http.get(f"{API}/studies/{fresh}/best/checkpoint")
             assert "no trial is complete" in assert_error(r, 404)["message"]
 
+        with subtests.test("values off their step's lattice name the parameter"):
+            space = {"b": {"type": "int", "low": 16, "high": 128, "step": 16, "values": [24]}}
+            r = http.post(f"{API}/studies", json=simple_spec("lattice", space=space))
+            assert "value 24 in `values`" in assert_error(r, 422, field="space.b")["message"]
+
         with subtests.test("a mutable parameter without a scheduler names the parameter"):
             space = {"lr": {"type": "float", "low": 0.1, "high": 1.0, "mutable": True}}
             r = http.post(f"{API}/studies", json=simple_spec("mut", space=space))
