@@ -3,6 +3,11 @@
 # deadline and ends the script with a message and a non-zero status when it passes: a recipe
 # that cannot come up must say so, not sit "healthy" until someone looks.
 
+if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
+  echo "hpo-deploy: needs bash 4.4 or newer (this is $BASH_VERSION)" >&2
+  exit 2
+fi
+
 hpo_log() { echo "[hpo-deploy $(date +%H:%M:%S)] $*" >&2; }
 
 hpo_die() {
@@ -21,7 +26,7 @@ hpo_ray_token() {
   if [[ -n ${RAY_AUTH_TOKEN:-} ]]; then
     return 0
   fi
-  file=${HPO_RAY_TOKEN_FILE:-${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}}
+  file=${HPO_RAY_TOKEN_FILE:-${RAY_AUTH_TOKEN_PATH:-${HOME:?HOME is unset: set HPO_RAY_TOKEN_FILE or RAY_AUTH_TOKEN}/.ray/auth_token}}
   if [[ ! -s $file ]]; then
     if [[ $mode != create ]]; then
       hpo_die "no Ray auth token: $file is missing or empty. Copy the head's token file there" \
@@ -35,7 +40,7 @@ hpo_ray_token() {
     ln "$tmp" "$file" 2>/dev/null && hpo_log "created a Ray auth token in $file (mode 0600)"
     rm -f "$tmp"
   fi
-  perms=$(stat -c %a "$file")
+  perms=$(stat -L -c %a "$file") # of the file a link (a mounted secret) points to
   if [[ $perms != 600 && $perms != 400 ]]; then
     hpo_die "$file has mode $perms: whoever reads it can run code on the cluster; chmod 600 $file"
   fi

@@ -38,6 +38,11 @@ port=${HPO_RAY_PORT:-6380}
 head_ip=${HEAD_IP:-$(hostname -I | awk '{print $1}')}
 [[ -n $head_ip ]] || hpo_die "cannot tell this machine's address; set HEAD_IP"
 host=${HPO_HOST:-0.0.0.0}
+case $host in # where this script asks hpo serve whether it is up
+0.0.0.0 | "::" | "") probe_host=127.0.0.1 ;;
+*:*) probe_host="[$host]" ;; # an IPv6 address
+*) probe_host=$host ;;
+esac
 serve_port=${HPO_PORT:-8000}
 min_nodes=${HPO_RAY_MIN_NODES:-1}
 timeout=${HPO_READY_TIMEOUT_S:-180}
@@ -76,7 +81,7 @@ hpo_wait_until "$timeout" "the Ray head" hpo_ray_started "$ray_pid" "$logs/ray-h
 hpo_wait_until "$timeout" "$min_nodes Ray node(s) to join $head_ip:$port" \
   hpo_ray_has_nodes "$head_ip:$port" "$min_nodes" "$ray_pid" "$logs/ray-head.log"
 hpo_log "Ray is up with $(hpo_ray_nodes "$head_ip:$port") node(s)." \
-  "Join others with: HPO_RAY_HEAD=$head_ip:$port $here/join-cluster.sh" \
+  "Join others with: HPO_RAY_HEAD=$head_ip:$port $(printf %q "$here/join-cluster.sh")" \
   "(their token: ${RAY_AUTH_TOKEN_PATH:-RAY_AUTH_TOKEN})"
 
 export HPO_RAY_ADDRESS="$head_ip:$port"
@@ -85,7 +90,7 @@ hpo_log "starting hpo serve on $host:$serve_port (log: $logs/hpo-serve.log)"
 setsid hpo serve --host "$host" --port "$serve_port" >"$logs/hpo-serve.log" 2>&1 &
 serve_pid=$!
 hpo_wait_until "$timeout" "hpo serve's /healthz" \
-  hpo_healthy "http://127.0.0.1:$serve_port" "$serve_pid" "$logs/hpo-serve.log"
+  hpo_healthy "http://$probe_host:$serve_port" "$serve_pid" "$logs/hpo-serve.log"
 hpo_log "ready: API at $HPO_PUBLIC_URL (Bearer \$HPO_TOKEN), Ray at $HPO_RAY_ADDRESS"
 
 # Whichever ends first ends the other (the EXIT trap), with a non-zero status.

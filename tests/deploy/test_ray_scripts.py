@@ -52,7 +52,9 @@ def test_start_and_join_scripts_run_a_study_on_two_nodes(tmp_path: Path, marked:
         "HPO_TOKEN": "api-token-for-the-test",
         "HPO_RAY_PORT": str(ray_port),
         "HEAD_IP": "127.0.0.1",
-        "HPO_HOST": "127.0.0.1",
+        # an address of its own (not 127.0.0.1: the script asked there whether it was up)
+        "HPO_HOST": "127.0.0.2",
+        "HPO_PUBLIC_URL": f"http://127.0.0.2:{serve_port}",
         "HPO_PORT": str(serve_port),
         "HPO_RAY_MIN_NODES": "2",  # hpo serve starts once the other node has joined
         "HPO_RAY_START_ARGS": node_args(temps[0], head=True),
@@ -86,16 +88,18 @@ def test_start_and_join_scripts_run_a_study_on_two_nodes(tmp_path: Path, marked:
             for proc in procs:
                 assert proc.poll() is None, output()
             try:
-                return httpx.get(f"http://127.0.0.1:{serve_port}/healthz").status_code == 200
+                return httpx.get(f"http://127.0.0.2:{serve_port}/healthz").status_code == 200
             except httpx.TransportError:
                 return False
 
         wait_for(healthy, 240, "hpo serve behind the two-node cluster")
+        # and the head's script saw it come up (it asked 127.0.0.1 and waited out its deadline)
+        wait_for(lambda: "ready: API at" in logs[0].read_text(), 60, "the head script's ready")
         assert token.stat().st_mode & 0o777 == 0o600
         ray_env = {**marked.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
         assert ray_node_count(f"127.0.0.1:{ray_port}", ray_env) == 2
 
-        client = Client(f"http://127.0.0.1:{serve_port}", "api-token-for-the-test")
+        client = Client(f"http://127.0.0.2:{serve_port}", "api-token-for-the-test")
         study = client.create_study(write_spec(tmp_path / "study.yaml", "ray-scripts"))
         wait_for(lambda: study.state == "completed", 180, "the study")
         assert [t.state for t in study.trials()] == ["complete"], output()

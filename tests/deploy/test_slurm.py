@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -136,6 +137,11 @@ def test_sbatch_gives_up_when_the_control_plane_dies(tmp_path: Path, marked: Mar
         assert status == 3, job.output()
         assert "hpo serve died mid-study" in job.log.read_text()
         assert marked.processes() == {}, "processes the job started are still running"
+        # the copy of the node-local database holds what the killed server had committed
+        # (a plain cp left out its write-ahead log: no table at all)
+        with sqlite3.connect(job.submit_dir / f"hpo-{job.id}.db") as db:
+            names = [name for (name,) in db.execute("SELECT name FROM studies")]
+        assert names == ["slurm-crash"], job.output()
     finally:
         job.cleanup()
 
