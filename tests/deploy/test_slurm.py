@@ -146,6 +146,34 @@ def test_sbatch_gives_up_when_the_control_plane_dies(tmp_path: Path, marked: Mar
         job.cleanup()
 
 
+def test_sbatch_cancelled_mid_study_keeps_the_trials_so_far(tmp_path: Path, marked: Marked) -> None:
+    """scancel, or the walltime's SIGTERM to the batch shell (--signal=B:TERM@120): the job
+    ends with 143 and still writes hpo-<job>.csv (only a study that ran to its end was
+    exported) and hpo-<job>.db."""
+    job = Job(tmp_path, marked)
+    try:
+        spec = write_spec(tmp_path / "study.yaml", "slurm-cancel", step_s=2.0, steps=100)
+        proc = job.start(spec)
+        client = Client(f"http://127.0.0.1:{job.port}", job.token)
+
+        def running() -> bool:
+            assert proc.poll() is None, job.output()
+            try:
+                return any(s.counts["running"] for s in client.studies())
+            except (httpx.HTTPError, HpoError):
+                return False
+
+        wait_for(running, 180, "a running trial")
+        proc.send_signal(signal.SIGTERM)  # to the batch shell only, as Slurm's B: does
+        assert proc.wait(timeout=120) == 143, job.output()
+        rows = list(csv.DictReader((job.submit_dir / f"hpo-{job.id}.csv").open()))
+        assert [row["state"] for row in rows] == ["running"], job.output()
+        assert (job.submit_dir / f"hpo-{job.id}.db").is_file()
+        assert marked.processes() == {}, "processes the job started are still running"
+    finally:
+        job.cleanup()
+
+
 def test_sbatch_fails_fast_when_ray_cannot_start(tmp_path: Path, marked: Marked) -> None:
     job = Job(tmp_path, marked)
     try:
