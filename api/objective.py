@@ -186,8 +186,9 @@ def run_trial(
 ) -> None:
     """Run ``objective`` for one asked trial under a heartbeat and tell its outcome: its
     value(s); ``pruned`` when the server said stop or it raised TrialPruned; or ``failed``
-    with the reason (NaN, inf, None, not a number, or an exception: one in ``catch`` is
-    logged, any other re-raised once the trial is told)."""
+    with the reason (NaN, inf, None, not a number, as many values as the study has not
+    objectives, or an exception: one in ``catch`` is logged, any other re-raised once the
+    trial is told)."""
     try:
         with LeaseKeeper(study, handle, interval_s):
             result = objective(handle)
@@ -227,6 +228,9 @@ def run_trial(
                 result,
                 exc,
             )
+        except errors.InvalidInput as exc:  # 2 values for 1 objective: failed, as in Optuna
+            log.warning("trial %d failed: %s", handle.number, exc.message)
+            _tell_or_log(study, handle, state="failed", error=exc.message)
 
 
 def _tell_or_log(study: TrialTeller, handle: TrialHandle, **outcome: Any) -> None:

@@ -172,6 +172,12 @@ def test_optuna_habits_tell_by_number_unchecked_reports_stop_and_non_finite_valu
         frozen = stopping.tell(nan, float("nan"))
     assert frozen.state == optuna.trial.TrialState.FAIL
 
+    # an objective returning as many values as the study has not objectives: each trial
+    # fails (as in Optuna) and the run goes on (it raised, leaving the trial running)
+    counted = optuna.create_study(storage=server.url, study_name="two-values-for-one")
+    counted.optimize(lambda t: (t.suggest_float("x", 0, 1), 2.0), n_trials=3)
+    assert [t.state for t in counted.trials] == [optuna.trial.TrialState.FAIL] * 3
+
 
 def test_a_range_widened_between_trials_is_searched_whole(
     server: ServerProcess, monkeypatch: pytest.MonkeyPatch
