@@ -23,6 +23,7 @@ was learned, other choices) is refused (InvalidInput), as Optuna refuses it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,21 +91,32 @@ def suggest(storage: Storage, trial_id: int, name: str, raw: Mapping[str, Any]) 
             value = have[name]
             # Suggested before: the same value again, as Optuna answers (the space, which
             # only widens, holds it). Else fixed when the trial was asked or queued, maybe
-            # before the space knew the name: checked against the domain asked for now.
+            # before the space knew the name: a number outside the range asked for is used,
+            # as Optuna uses an enqueued one; a value of another kind is refused.
             if known is not None and known.contains(value):
                 return value
-            if not param.contains(value):
+            if not _fits_kind(param, value):
                 raise InvalidInput(
                     f"{name}: this trial's value {value!r} (fixed when it was asked or "
-                    f"queued) lies outside {_describe(param)}",
+                    f"queued) is not a value of {_describe(param)}",
                     field="param",
                 )
-            return _store(storage, trial_id, name, param, value, learn=True)
+            return _store(storage, trial_id, name, param, value, learn=known is None)
         value = proposed.get(name)
         if known is None or value is None or not param.contains(value) or widens:
             history = _history(s, study, spec, name)
             value = _independent(spec, name, param, history, trial.number)
     return _store(storage, trial_id, name, param, value, learn=known is None or widens)
+
+
+def _fits_kind(param: AnyParam, value: Any) -> bool:
+    """Whether a fixed ``value`` is of ``param``'s kind: one of its choices, an integer for
+    an int, a finite number for a float (a number outside the range is still used)."""
+    if isinstance(param, CategoricalParam):
+        return param.contains(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) if isinstance(param, IntParam) else math.isfinite(value)
 
 
 def _read(s: Any, trial_id: int) -> tuple[Any, Any]:

@@ -144,7 +144,8 @@ def _typed(value: Any) -> Any:
 def check_given_params(spec: StudySpec, params: Mapping[str, Any], where: str = "params") -> None:
     """Refuse (InvalidInput naming ``params.<name>``) a parameter the space does not have or a
     value outside its domain. A define-by-run study accepts names its space does not know yet
-    (they are checked when the trial first suggests them)."""
+    (the trial's first suggest of one refuses a value of another kind; a number outside the
+    range asked for is used, as Optuna uses an enqueued one)."""
     for name, value in params.items():
         param = spec.space.get(name)
         if param is None:

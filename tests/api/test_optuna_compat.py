@@ -178,6 +178,13 @@ def test_optuna_habits_tell_by_number_unchecked_reports_stop_and_non_finite_valu
     counted.optimize(lambda t: (t.suggest_float("x", 0, 1), 2.0), n_trials=3)
     assert [t.state for t in counted.trials] == [optuna.trial.TrialState.FAIL] * 3
 
+    # an enqueued value outside the range the objective suggests is used, as in Optuna
+    enqueued = optuna.create_study(storage=server.url, study_name="enqueued-outside")
+    enqueued.enqueue_trial({"x": 5.0})
+    enqueued.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert [t.state for t in enqueued.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert enqueued.trials[0].params == {"x": 5.0}
+
 
 def test_a_range_widened_between_trials_is_searched_whole(
     server: ServerProcess, monkeypatch: pytest.MonkeyPatch

@@ -68,8 +68,8 @@ def test_a_value_fixed_at_the_ask_is_checked_and_learned_when_first_suggested(
     service: StudyService,
 ) -> None:
     """A define-by-run ask may fix a parameter the space does not know yet: the trial's first
-    suggest of it checks the value against the domain it asks for (InvalidInput naming
-    ``param`` when it lies outside) and learns that domain into the space."""
+    suggest of it refuses a value of another kind (InvalidInput naming ``param``), uses a
+    number outside the range (as Optuna uses an enqueued one), and learns the domain."""
     sid = _study(service, "fixed", sampler={"type": "random", "seed": 0})
     trial = service.ask(sid, params={"lr": "x", "opt": "adam"})
     with pytest.raises(InvalidInput) as caught:
@@ -87,6 +87,9 @@ def test_a_value_fixed_at_the_ask_is_checked_and_learned_when_first_suggested(
     other = service.ask(sid)
     value = service.suggest_param(other.id, "x", {"type": "float", "low": 0.5, "high": 1.0})
     assert service.suggest_param(other.id, "x", {"type": "float", "low": 0, "high": 0.1}) == value
-    # a value fixed before another trial taught the space its name is still checked
-    with pytest.raises(InvalidInput, match="7.0"):
-        service.suggest_param(late.id, "x", {"type": "float", "low": 0.5, "high": 1.0})
+    # a number fixed before another trial taught the space its name is used, as in Optuna
+    assert service.suggest_param(late.id, "x", {"type": "float", "low": 0.5, "high": 1.0}) == 7.0
+    assert service.storage.get_study(sid).spec["space"]["x"]["high"] == 1.0
+    wrong = service.ask(sid, params={"n": 2.5})
+    with pytest.raises(InvalidInput, match="2.5"):
+        service.suggest_param(wrong.id, "n", {"type": "int", "low": 0, "high": 9})
