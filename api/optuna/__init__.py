@@ -8,6 +8,8 @@
 what differs from Optuna is in docs/optuna.md.
 """
 
+from importlib.metadata import version as _version
+
 from . import distributions, exceptions, logging, pruners, samplers, study, trial
 from ._study import (
     Study,
@@ -20,6 +22,10 @@ from ._study import (
 from ._trial import FrozenTrial, Trial, TrialState, create_trial
 from ._unmapped import unmapped as _unmapped
 from .exceptions import TrialPruned
+
+# The version of Optuna (a dependency of hpo) whose API this maps: what ported scripts
+# compare against
+__version__ = _version("optuna")
 
 __all__ = [
     "FrozenTrial",

@@ -24,6 +24,7 @@ from hpo.service.records import TrialRecord
 
 from ._trial import _STATES as _STATE_OF
 from ._trial import FrozenTrial, Trial, TrialState
+from ._unmapped import unmapped_method as _unmapped_method
 from .exceptions import DuplicatedStudyError
 from .pruners import BasePruner, MedianPruner
 from .samplers import BaseSampler, TPESampler
@@ -252,7 +253,26 @@ class Study:
 
     @property
     def best_trials(self) -> list[FrozenTrial]:
-        return [self._frozen(r) for r in self._study.best_trials]
+        """The Pareto front; with one objective, every complete trial with the best value
+        (ties included, as in Optuna)."""
+        if len(self.directions) > 1:
+            return [self._frozen(r) for r in self._study.best_trials]
+        best = self._study.best_trial
+        if best is None:
+            return []
+        tied = [r for r in self._study.trials(state="complete") if r.value == best.value]
+        return [self._frozen(r) for r in tied]
+
+    # Optuna names Study has no counterpart for: said, not a bare AttributeError
+    __getattr__ = _unmapped_method(
+        "Study",
+        {
+            "set_metric_names": "each objective is named by its `metric` in the study's spec",
+            "metric_names": "each objective is named by its `metric` in the study's spec",
+            "system_attrs": "user attributes (set_user_attr) are stored; system ones are not",
+            "set_system_attr": "user attributes (set_user_attr) are stored; system ones are not",
+        },
+    )
 
     @property
     def best_value(self) -> float:  # (from the record: no need for its reports)

@@ -235,10 +235,21 @@ def create_trial(
 
 class FixedTrial(FrozenTrial):
     """Optuna's FixedTrial: an objective run outside any study on these ``params``
-    (``objective(FixedTrial({"lr": 0.01}))``): each suggest_* answers its value."""
+    (``objective(FixedTrial({"lr": 0.01}))``): each suggest_* answers its value; ``params``
+    holds those suggested, and a categorical value not among the choices is a ValueError
+    (a number out of range a warning), as in Optuna."""
 
     def __init__(self, params: Mapping[str, Any], number: int = 0) -> None:
-        super().__init__(number=number, state=TrialState.RUNNING, values=None, params=dict(params))
+        super().__init__(number=number, state=TrialState.RUNNING, values=None, params={})
+        self._given = dict(params)
+
+    def _suggest(self, name: str, dist: BaseDistribution) -> Any:
+        if name in self._given:
+            value = self._given[name]
+            if isinstance(dist, CategoricalDistribution) and not dist.contains(value):
+                raise ValueError(f"{value!r} not in {tuple(dist.choices)}.")
+            self.params[name] = value
+        return super()._suggest(name, dist)
 
 
 class Trial(_Suggests, TrialHandle):
@@ -256,10 +267,16 @@ class Trial(_Suggests, TrialHandle):
         self._values: dict[str, Any] = {}
         self.user_attrs: dict[str, Any] = {}
         self.distributions: dict[str, BaseDistribution] = {}
+        self._started = datetime.datetime.now()
 
     @property
     def params(self) -> dict[str, Any]:
         return dict(self._values)
+
+    @property
+    def datetime_start(self) -> datetime.datetime:
+        """When the trial was asked (naive local time, as Optuna's)."""
+        return self._started
 
     @params.setter
     def params(self, value: dict[str, Any]) -> None:
@@ -272,6 +289,10 @@ class Trial(_Suggests, TrialHandle):
         that is not finite (a run that diverged) is not stored, since the server keeps
         finite numbers only: it warns, and the pruner judges the trial by its other values.
         """
+        if is_number(value) and isinstance(step, (int, float)) and not isinstance(step, bool):
+            if step < 0:  # as Optuna: a step is an int, 0 or more (1.5 is taken as 1)
+                raise ValueError(f"The `step` argument is {step} but cannot be negative.")
+            step = int(step)
         if is_number(value) and is_step(step):  # Optuna's order
             if self._multi_objective:
                 raise NotImplementedError(

@@ -27,3 +27,17 @@ def unmapped(module: str, names: dict[str, str]) -> Callable[[str], NoReturn]:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+def unmapped_method(owner: str, names: dict[str, str]) -> Callable[[object, str], NoReturn]:
+    """A class ``__getattr__`` (called only for names the class lacks), as :func:`unmapped`
+    is a module's."""
+
+    def __getattr__(self: object, name: str) -> NoReturn:
+        if name in names:
+            raise NotMapped(
+                f"{owner}.{name} is Optuna's, not mapped by hpo.optuna ({DOC}): {names[name]}"
+            )
+        raise AttributeError(f"{owner!r} object has no attribute {name!r}")
+
+    return __getattr__

@@ -15,4 +15,30 @@ class DuplicatedStudyError(OptunaError):
     """``create_study`` of a name taken on the server (without ``load_if_exists``)."""
 
 
-__all__ = ["DuplicatedStudyError", "OptunaError", "TrialPruned"]
+class UpdateFinishedTrialError(OptunaError, RuntimeError):
+    """Optuna's, for ``except`` clauses of ported scripts (a finished trial told again is a
+    ValueError here, as in Optuna's ``tell``)."""
+
+
+class StorageInternalError(OptunaError):
+    """Optuna's, for ``except`` clauses of ported scripts (the server's errors are hpo's)."""
+
+
+class CLIUsageError(OptunaError):
+    """Optuna's, for ``except`` clauses of ported scripts."""
+
+
+class ExperimentalWarning(Warning):
+    """Optuna's warning category for experimental features, for ``warnings.filterwarnings``
+    in ported scripts (hpo.optuna issues none)."""
+
+
+__all__ = [
+    "CLIUsageError",
+    "DuplicatedStudyError",
+    "ExperimentalWarning",
+    "OptunaError",
+    "StorageInternalError",
+    "TrialPruned",
+    "UpdateFinishedTrialError",
+]

@@ -375,6 +375,46 @@ def test_more_of_optunas_api_maps_or_says_it_does_not(
     # feature detection answers as for any missing name
     assert not hasattr(optuna, "visualization")
     assert getattr(optuna.samplers, "CmaEsSampler", None) is None
+    with pytest.raises(NotImplementedError, match="Study.set_metric_names is Optuna's"):
+        study.set_metric_names(["loss"])
+    with pytest.raises(AttributeError, match="'Study' object has no attribute 'nope'"):
+        study.nope  # noqa: B018
+    # names ported scripts import or compare against exist
+    assert optuna.__version__.split(".")[0].isdigit()
+    for name in ("ExperimentalWarning", "UpdateFinishedTrialError", "StorageInternalError"):
+        assert hasattr(optuna.exceptions, name), name
+    assert issubclass(optuna.exceptions.UpdateFinishedTrialError, optuna.exceptions.OptunaError)
+
+
+def test_optunas_small_habits_ties_fixed_trials_and_steps(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single-objective best_trials holds every trial with the best value; a FixedTrial's
+    params are those suggested and a choice it lacks is a ValueError; a negative report step
+    is a ValueError and 1.5 is step 1; a trial knows when it started (each as in Optuna)."""
+    monkeypatch.setenv("HPO_TOKEN", server.token)
+    study = optuna.create_study(storage=server.url, study_name="ties")
+    for v in (2.0, 1.0, 1.0):
+        study.tell(study.ask(), v)
+    assert [t.number for t in study.best_trials] == [1, 2]
+
+    fixed = optuna.trial.FixedTrial({"x": 0.5, "unused": 1, "c": "z"})
+    assert fixed.suggest_float("x", 0, 1) == 0.5 and fixed.params == {"x": 0.5}
+    with pytest.raises(ValueError, match="'z' not in \\('a', 'b'\\)"):
+        fixed.suggest_categorical("c", ["a", "b"])
+
+    def objective(trial: optuna.Trial) -> float:
+        assert abs((datetime.datetime.now() - trial.datetime_start).total_seconds()) < 60
+        x = trial.suggest_float("x", 0, 1)
+        with pytest.raises(ValueError, match="cannot be negative"):
+            trial.report(x, -1)
+        trial.report(x, 1.5)
+        return x
+
+    study.optimize(objective, n_trials=1)
+    last = study.trials[-1]
+    assert last.state == optuna.trial.TrialState.COMPLETE, last
+    assert last.intermediate_values == {1: last.params["x"]}
 
 
 def test_add_trials_stores_finished_trials_and_refuses_a_running_one(
