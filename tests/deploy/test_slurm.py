@@ -9,6 +9,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -81,6 +82,22 @@ class Job:
             start_new_session=True,
         )
 
+    def wait_for_studies(
+        self, proc: subprocess.Popen, check: Callable[[list], bool], what: str
+    ) -> None:
+        """Wait (up to 180 s, the job still running) until ``check`` holds of the studies
+        the job's server lists."""
+        client = Client(f"http://127.0.0.1:{self.port}", self.token)
+
+        def holds() -> bool:
+            assert proc.poll() is None, self.output()
+            try:
+                return check(client.studies())
+            except (httpx.HTTPError, HpoError):
+                return False
+
+        wait_for(holds, 180, what)
+
     def output(self) -> str:
         logs = sorted((self.submit_dir / f"hpo-{self.id}-logs").glob("*.log"))
         tails = [f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs]
@@ -118,16 +135,7 @@ def test_sbatch_gives_up_when_the_control_plane_dies(tmp_path: Path, marked: Mar
     try:
         spec = write_spec(tmp_path / "study.yaml", "slurm-crash", step_s=2.0, steps=100)
         proc = job.start(spec)
-        client = Client(f"http://127.0.0.1:{job.port}", job.token)
-
-        def submitted() -> bool:
-            assert proc.poll() is None, job.output()
-            try:
-                return bool(client.studies())
-            except (httpx.HTTPError, HpoError):
-                return False
-
-        wait_for(submitted, 180, "the study")
+        job.wait_for_studies(proc, bool, "the study")
         serve = [pid for pid, cmd in marked.processes().items() if " serve " in f"{cmd} "]
         assert len(serve) == 1, marked.processes()
         os.kill(serve[0], signal.SIGKILL)  # the control plane dies mid-study
@@ -154,16 +162,7 @@ def test_sbatch_cancelled_mid_study_keeps_the_trials_so_far(tmp_path: Path, mark
     try:
         spec = write_spec(tmp_path / "study.yaml", "slurm-cancel", step_s=2.0, steps=100)
         proc = job.start(spec)
-        client = Client(f"http://127.0.0.1:{job.port}", job.token)
-
-        def running() -> bool:
-            assert proc.poll() is None, job.output()
-            try:
-                return any(s.counts["running"] for s in client.studies())
-            except (httpx.HTTPError, HpoError):
-                return False
-
-        wait_for(running, 180, "a running trial")
+        job.wait_for_studies(proc, lambda found: any(s.counts["running"] for s in found), "a trial")
         proc.send_signal(signal.SIGTERM)  # to the batch shell only, as Slurm's B: does
         assert proc.wait(timeout=120) == 143, job.output()
         rows = list(csv.DictReader((job.submit_dir / f"hpo-{job.id}.csv").open()))
