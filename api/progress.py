@@ -26,8 +26,9 @@ class _Console(Console):
 # Piped or redirected output (logs, CI) is not cut at 80 columns: tables and trial lines whole.
 # Messages to stderr are not broken into lines (an error naming a long path stays one line).
 console = _Console(stderr=True, width=None if sys.stderr.isatty() else 200, soft_wrap=True)
-# Study data (names, parameter values, errors) is printed literally: no rich markup on stdout
-out = _Console(width=None if sys.stdout.isatty() else 200, markup=False)
+# Study data (names, parameter values, errors) is printed literally on stdout: no rich markup,
+# no colours put into numbers (a script reading `study 12 (name) created` finds 12)
+out = _Console(width=None if sys.stdout.isatty() else 200, markup=False, highlight=False)
 
 # How long ``watch`` waits, after a dispatched study ends, for its best trial's test metrics.
 TEST_METRICS_WAIT_S = 300.0

@@ -101,7 +101,8 @@ def suggest(storage: Storage, trial_id: int, name: str, raw: Mapping[str, Any]) 
                     f"queued) is not a value of {_describe(param)}",
                     field="param",
                 )
-            return _store(storage, trial_id, name, param, value, learn=known is None)
+            learn = known is None or (param.contains(value) and widens)
+            return _store(storage, trial_id, name, param, value, learn=learn)
         value = proposed.get(name)
         if known is None or value is None or not param.contains(value) or widens:
             history = _history(s, study, spec, name)
@@ -110,9 +111,10 @@ def suggest(storage: Storage, trial_id: int, name: str, raw: Mapping[str, Any]) 
 
 
 def _fits_kind(param: AnyParam, value: Any) -> bool:
-    """Whether a fixed ``value`` is of ``param``'s kind: one of its choices, an integer for
-    an int, a finite number for a float (a number outside the range is still used)."""
-    if isinstance(param, CategoricalParam):
+    """Whether a fixed ``value`` is of ``param``'s kind: one of its choices (or listed
+    ``values``), an integer for an int, a finite number for a float (a number outside the
+    range is still used)."""
+    if isinstance(param, CategoricalParam) or param.values is not None:
         return param.contains(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False

@@ -8,6 +8,7 @@
 what differs from Optuna is in docs/optuna.md.
 """
 
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from . import distributions, exceptions, logging, pruners, samplers, study, trial
@@ -23,9 +24,12 @@ from ._trial import FrozenTrial, Trial, TrialState, create_trial
 from ._unmapped import unmapped as _unmapped
 from .exceptions import TrialPruned
 
-# The version of Optuna (a dependency of hpo) whose API this maps: what ported scripts
-# compare against
-__version__ = _version("optuna")
+# The version of Optuna whose API this maps, what ported scripts compare against: the one
+# installed beside the server's extra, else the oldest hpo supports (a client-only install)
+try:
+    __version__ = _version("optuna")
+except PackageNotFoundError:
+    __version__ = "4.0.0"
 
 __all__ = [
     "FrozenTrial",

@@ -254,12 +254,14 @@ class Study:
     @property
     def best_trials(self) -> list[FrozenTrial]:
         """The Pareto front; with one objective, every complete trial with the best value
-        (ties included, as in Optuna)."""
+        (ties included, as in Optuna; with constraints, the best feasible trial alone)."""
         if len(self.directions) > 1:
             return [self._frozen(r) for r in self._study.best_trials]
         best = self._study.best_trial
         if best is None:
             return []
+        if self._study.record.spec.get("constraints"):  # ties may be infeasible: not told here
+            return [self._frozen(best)]
         tied = [r for r in self._study.trials(state="complete") if r.value == best.value]
         return [self._frozen(r) for r in tied]
 

@@ -289,21 +289,25 @@ class Trial(_Suggests, TrialHandle):
         that is not finite (a run that diverged) is not stored, since the server keeps
         finite numbers only: it warns, and the pruner judges the trial by its other values.
         """
-        if is_number(value) and isinstance(step, (int, float)) and not isinstance(step, bool):
-            if step < 0:  # as Optuna: a step is an int, 0 or more (1.5 is taken as 1)
-                raise ValueError(f"The `step` argument is {step} but cannot be negative.")
-            step = int(step)
-        if is_number(value) and is_step(step):  # Optuna's order
+        if is_number(value) and not isinstance(step, (bool, Mapping)):  # Optuna's order
             if self._multi_objective:
                 raise NotImplementedError(
                     "Trial.report is not supported for multi-objective optimization."
                 )
-            if not math.isfinite(float(value)):
-                warnings.warn(
-                    f"trial {self.number}: report({value}, {step}) is not finite: not stored",
-                    stacklevel=2,
-                )
-                return self.should_stop
+            try:  # as Optuna: int(step) (numpy integers, 1.5 as 1), then 0 or more
+                step = int(step)
+            except (TypeError, ValueError, OverflowError):
+                raise TypeError(
+                    f"The `step` argument is of type {type(step).__name__} but must be an int."
+                ) from None
+            if step < 0:
+                raise ValueError(f"The `step` argument is {step} but cannot be negative.")
+        if is_number(value) and is_step(step) and not math.isfinite(float(value)):
+            warnings.warn(
+                f"trial {self.number}: report({value}, {step}) is not finite: not stored",
+                stacklevel=2,
+            )
+            return self.should_stop
         return super().report(value, step)
 
     @property

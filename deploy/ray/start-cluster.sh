@@ -39,7 +39,8 @@ head_ip=${HEAD_IP:-$(hostname -I | awk '{print $1}')}
 [[ -n $head_ip ]] || hpo_die "cannot tell this machine's address; set HEAD_IP"
 host=${HPO_HOST:-0.0.0.0}
 case $host in # where this script asks hpo serve whether it is up
-0.0.0.0 | "::" | "") probe_host=127.0.0.1 ;;
+0.0.0.0 | "") probe_host=127.0.0.1 ;;
+"::") probe_host="[::1]" ;; # hpo serve's IPv6 socket takes IPv6 only
 *:*) probe_host="[$host]" ;; # an IPv6 address
 *) probe_host=$host ;;
 esac

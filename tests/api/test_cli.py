@@ -10,6 +10,7 @@ import csv
 import io
 import os
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -607,3 +608,20 @@ def test_a_reader_that_leaves_a_table_early_ends_the_cli_with_141(
     errors = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, errors
     assert errors == ""
+
+
+def test_submit_says_its_study_plainly_where_colours_are_forced(
+    sqlite_server: ServerProcess, tmp_path: Path
+) -> None:
+    """FORCE_COLOR (passed on by sbatch from a user's shell) coloured the number in
+    ``study 12 (name) created``, and the Slurm recipe, reading the id from it, found none."""
+    spec = write_spec(tmp_path / "colour.yaml", "colour")
+    r = subprocess.run(
+        cli_command(sqlite_server, "submit", str(spec)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**cli_env(), "FORCE_COLOR": "1"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^study \d+ \(colour\) created$", r.stdout, re.M), repr(r.stdout)

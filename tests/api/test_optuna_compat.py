@@ -7,6 +7,7 @@ import datetime
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import hpo.optuna as optuna
@@ -409,12 +410,13 @@ def test_optunas_small_habits_ties_fixed_trials_and_steps(
         with pytest.raises(ValueError, match="cannot be negative"):
             trial.report(x, -1)
         trial.report(x, 1.5)
+        trial.report(x, np.int64(2))  # a numpy step, as Optuna takes it
         return x
 
     study.optimize(objective, n_trials=1)
     last = study.trials[-1]
     assert last.state == optuna.trial.TrialState.COMPLETE, last
-    assert last.intermediate_values == {1: last.params["x"]}
+    assert last.intermediate_values == {1: last.params["x"], 2: last.params["x"]}
 
 
 def test_add_trials_stores_finished_trials_and_refuses_a_running_one(

@@ -173,6 +173,22 @@ def test_sbatch_cancelled_mid_study_keeps_the_trials_so_far(tmp_path: Path, mark
         job.cleanup()
 
 
+def test_sbatch_refuses_a_bad_spec_before_it_starts_anything(
+    tmp_path: Path, marked: Marked
+) -> None:
+    job = Job(tmp_path, marked)
+    try:
+        spec = tmp_path / "study.txt"  # any name: a path, not YAML text
+        spec.write_text(write_spec(tmp_path / "s.yaml", "bad").read_text() + "budgett: {}\n")
+        proc = job.start(spec)
+        assert proc.wait(timeout=60) == 1, job.output()
+        text = job.log.read_text()
+        assert "budgett: unknown field" in text and "is no valid study spec" in text, text
+        assert not list(job.submit_dir.glob(f"hpo-{job.id}-logs/ray-*.log"))  # nothing started
+    finally:
+        job.cleanup()
+
+
 def test_sbatch_fails_fast_when_ray_cannot_start(tmp_path: Path, marked: Marked) -> None:
     job = Job(tmp_path, marked)
     try:

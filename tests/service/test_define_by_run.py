@@ -83,6 +83,8 @@ def test_a_value_fixed_at_the_ask_is_checked_and_learned_when_first_suggested(
     assert service.suggest_param(trial.id, "opt", choices) == "adam"
     assert service.storage.get_trial(trial.id).params == {"lr": "x", "opt": "adam"}
     late = service.ask(sid, params={"x": 7.0})  # before any trial taught the space x
+    wider = service.ask(sid, params={"x": 5.0})
+    listed = service.ask(sid, params={"k": 3})
     # asked again with a narrower range, a trial gets the value it got (as from Optuna)
     other = service.ask(sid)
     value = service.suggest_param(other.id, "x", {"type": "float", "low": 0.5, "high": 1.0})
@@ -90,6 +92,11 @@ def test_a_value_fixed_at_the_ask_is_checked_and_learned_when_first_suggested(
     # a number fixed before another trial taught the space its name is used, as in Optuna
     assert service.suggest_param(late.id, "x", {"type": "float", "low": 0.5, "high": 1.0}) == 7.0
     assert service.storage.get_study(sid).spec["space"]["x"]["high"] == 1.0
+    # ... and a range asked that holds it widens the space, as any wider range does
+    assert service.suggest_param(wider.id, "x", {"type": "float", "low": 0, "high": 10}) == 5.0
+    assert service.storage.get_study(sid).spec["space"]["x"]["high"] == 10
+    with pytest.raises(InvalidInput, match="not a value of"):  # not one of the listed values
+        service.suggest_param(listed.id, "k", {"type": "int", "values": [1, 2, 4]})
     wrong = service.ask(sid, params={"n": 2.5})
     with pytest.raises(InvalidInput, match="2.5"):
         service.suggest_param(wrong.id, "n", {"type": "int", "low": 0, "high": 9})
