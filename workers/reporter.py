@@ -18,12 +18,14 @@ from collections import deque
 from typing import Any
 
 import httpx
+from pydantic import TypeAdapter, ValidationError
 
 from hpo.api.retry import retry_after_s
-from hpo.service.spec import MAX_STEP
+from hpo.service.spec import MAX_STEP, MetricName
 from hpo.workers.tensorboard import LiveScalars
 
 log = logging.getLogger("hpo.workers.reporter")
+_METRIC_NAME = TypeAdapter(MetricName)
 
 
 # Answers that say "not now" (a timeout, the rate limit): the batch is kept and sent again,
@@ -89,9 +91,11 @@ class MetricReporter:
         """Queue points; returns a ticket to pass to :meth:`wait_sent`. Raises ValueError for a
         point the server would refuse (a step outside 0 .. 2**62, a name that is empty, over
         128 characters or holds a NUL): it would take the valid points of its batch with it."""
-        for name in metrics:
-            if not isinstance(name, str) or not 0 < len(name) <= 128 or "\x00" in name:
-                raise ValueError(f"metric name {name!r}: 1 to 128 characters, no NUL")
+        for name in metrics:  # the rule the server's points are held to
+            try:
+                _METRIC_NAME.validate_python(name)
+            except ValidationError as exc:
+                raise ValueError(f"metric name {name!r}: {exc.errors()[0]['msg']}") from None
         if not 0 <= int(step) <= MAX_STEP:
             raise ValueError(f"step {step}: must be 0 .. 2**62")
         with self._cond:

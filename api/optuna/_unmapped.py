@@ -20,13 +20,18 @@ def unmapped(module: str, names: dict[str, str]) -> Callable[[str], NoReturn]:
     :class:`NotMapped`; any other name the usual AttributeError."""
 
     def __getattr__(name: str) -> NoReturn:
-        if name in names:
-            raise NotMapped(
-                f"{module}.{name} is Optuna's, not mapped by hpo.optuna ({DOC}): {names[name]}"
-            )
+        _refuse(module, name, names)
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+def _refuse(owner: str, name: str, names: dict[str, str]) -> None:
+    """Raise :class:`NotMapped` for Optuna's ``name`` of ``owner`` when ``names`` lists it."""
+    if name in names:
+        raise NotMapped(
+            f"{owner}.{name} is Optuna's, not mapped by hpo.optuna ({DOC}): {names[name]}"
+        )
 
 
 def unmapped_method(owner: str, names: dict[str, str]) -> Callable[[object, str], NoReturn]:
@@ -34,10 +39,7 @@ def unmapped_method(owner: str, names: dict[str, str]) -> Callable[[object, str]
     is a module's."""
 
     def __getattr__(self: object, name: str) -> NoReturn:
-        if name in names:
-            raise NotMapped(
-                f"{owner}.{name} is Optuna's, not mapped by hpo.optuna ({DOC}): {names[name]}"
-            )
+        _refuse(owner, name, names)
         raise AttributeError(f"{owner!r} object has no attribute {name!r}")
 
     return __getattr__
