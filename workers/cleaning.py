@@ -1,5 +1,6 @@
-"""Data cleaning: drop duplicate, empty, over-long and unknown-label rows, and say how many of
-each went (:class:`CleaningReport`), for any rows, for texts and for fixed-size arrays."""
+"""Data cleaning: drop duplicate, empty, over-long, unlabelled and unknown-label rows, and say
+how many of each went (:class:`CleaningReport`), for any rows, for texts and for fixed-size
+arrays."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class CleaningReport:
     conflicting: int = 0  # duplicates whose label differs from the first copy's
     empty: int = 0
     too_long: int = 0
+    missing_label: int = 0  # no label at all (None, or a blank string)
     unknown_label: int = 0
 
     @property
@@ -51,15 +53,18 @@ def clean(
 ) -> tuple[np.ndarray, CleaningReport]:
     """Indices of the rows to keep, and what was dropped.
 
-    A row is dropped when it is empty, over-long, has a label outside ``known_labels``, or is a
-    duplicate (same ``key``) of an earlier kept row; the first copy is kept. A duplicate with a
-    different label is counted as ``conflicting`` as well.
+    A row is dropped when it has no label (None or blank), is empty, over-long, has a label
+    outside ``known_labels``, or is a duplicate (same ``key``) of an earlier kept row; the
+    first copy is kept. A duplicate with a different label is counted as ``conflicting`` as
+    well.
     """
     report = CleaningReport(rows=len(rows), kept=0)
     seen: dict[Hashable, Hashable] = {}
     keep = []
     for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
-        if known_labels is not None and label not in known_labels:
+        if label is None or (isinstance(label, str) and not label.strip()):
+            report.missing_label += 1
+        elif known_labels is not None and label not in known_labels:
             report.unknown_label += 1
         elif is_empty(row):
             report.empty += 1

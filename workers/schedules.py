@@ -97,8 +97,9 @@ class Schedule:
 
     def factor(self, step: int) -> float:
         """The multiplier of every base rate at ``step``."""
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
+        if step < self.warmup:  # a plateau cut made during warm-up holds at once
+            ramp = (step + 1) / (self.warmup + 1)
+            return ramp * self.scale if self.kind == "plateau" else ramp
         p = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
         epochs = step / self.per_epoch
         if self.kind == "linear":

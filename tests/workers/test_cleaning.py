@@ -21,17 +21,19 @@ def test_clean_texts_drops_and_counts_duplicates_empty_and_over_long_rows() -> N
         "Unknown topic here.",
     ]
     labels = ["biz", "biz", "biz", "sport", "biz", "sport", "sport", "biz", "politics", "weather"]
+    texts, labels = [*texts, "No label.", "Blank label."], [*labels, None, " "]
     keep, report = cleaning.clean_texts(
         texts, labels, max_chars=40, known_labels={"biz", "sport", "politics"}
     )
     assert keep.tolist() == [0, 6, 8]  # the first copy of each duplicate is kept
-    assert report.rows == 10 and report.kept == 3 and report.removed == 7
+    assert report.rows == 12 and report.kept == 3 and report.removed == 9
     assert (report.duplicates, report.conflicting) == (2, 1)
     assert (report.empty, report.too_long, report.unknown_label) == (3, 1, 1)
+    assert report.missing_label == 2
     assert report.as_metrics()["data_duplicates"] == 2.0
     assert str(report) == (
-        "kept 3 of 10 rows (removed: duplicates 2, conflicting 1, empty 3, too_long 1, "
-        "unknown_label 1)"
+        "kept 3 of 12 rows (removed: duplicates 2, conflicting 1, empty 3, too_long 1, "
+        "missing_label 2, unknown_label 1)"
     )
 
 

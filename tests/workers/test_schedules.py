@@ -69,6 +69,33 @@ def test_plateau_schedule_and_layer_groups_and_resume() -> None:
     assert [g["lr"] for g in again.param_groups] == pytest.approx([0.1, 0.05])
 
 
+def test_a_plateau_cut_during_warm_up_holds_at_once() -> None:
+    """The warm-up ramp left out the plateau's cuts: a loss that rose every epoch of a
+    half-long warm-up cut the scale to 1e-4 while the rate kept climbing to 0.95, then it
+    fell 9,500-fold in one step when the warm-up ended."""
+    opt = _opt(1.0)
+    s = schedules.Schedule(
+        opt,
+        "plateau",
+        total_steps=40,
+        steps_per_epoch=4,
+        warmup_fraction=0.5,
+        gamma=0.1,
+        patience=0,
+    )
+    used = []
+    for epoch in range(8):
+        for _ in range(4):
+            used.append(opt.param_groups[0]["lr"])
+            opt.step()
+            s.step()
+        s.epoch_end(float(epoch))  # worse every epoch: a cut after each from the second
+    assert used[:8] == pytest.approx([(i + 1) / 21 for i in range(8)])  # no cut yet
+    assert used[8] == pytest.approx(9 / 21 * 0.1)  # the cut after epoch 2 applies at once
+    assert used[12] == pytest.approx(13 / 21 * 0.01)
+    assert all(b <= a for a, b in itertools.pairwise(used[4::4]))  # never back up
+
+
 def test_a_copied_checkpoint_keeps_its_progress_and_takes_this_trials_rates() -> None:
     """PBT: trial B loads trial A's optimizer and schedule after 6 of 20 cosine steps; with
     ``rebase`` it goes on from step 6 with its own base rates and weight decay."""

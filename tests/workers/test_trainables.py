@@ -167,6 +167,26 @@ def test_text_sources_csv_jsonl_saved_dataset_and_folder(tmp_path: Path) -> None
         text.read_source(str(tmp_path / "news.csv"), "text", "topic")
 
 
+def test_rows_without_a_label_are_dropped_not_made_a_class(tmp_path: Path) -> None:
+    """An empty label cell was read as the string "None": a class of its own, trained and
+    scored, and no cleaning count said so."""
+    import pandas as pd
+
+    rows = pd.DataFrame(
+        {
+            "text": [f"pos {i}" for i in range(4)] + [f"neg {i}" for i in range(4)] + ["a", "b"],
+            "label": ["pos"] * 4 + ["neg"] * 4 + [None, " "],
+        }
+    )
+    rows.to_csv(tmp_path / "t.csv", index=False)
+    rows.to_json(tmp_path / "t.jsonl", orient="records", lines=True)
+    for source in ("t.csv", "t.jsonl"):
+        path = str(tmp_path / source)
+        cleaned, names, report = text.load_texts(path, "text", "label", None, None)
+        assert names == ["neg", "pos"], source
+        assert len(cleaned) == report.kept == 8 and report.missing_label == 2, source
+
+
 def test_default_data_is_bbc_news_cleaned() -> None:
     cleaned, names, report = text.load_texts(None, "text", "label", 10_000, None)
     assert names == ["business", "entertainment", "politics", "sports", "tech"]

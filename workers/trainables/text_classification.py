@@ -98,7 +98,8 @@ def load_texts(
 
     disable_progress_bars()
     texts, values = read_source(source, text_column, label_column)
-    names = list(labels) if labels is not None else sorted(set(values), key=_natural)
+    found = {v for v in values if v is not None and v.strip()}
+    names = list(labels) if labels is not None else sorted(found, key=_natural)
     keep, report = cleaning.clean_texts(texts, values, max_chars=max_chars, known_labels=set(names))
     ids = {name: i for i, name in enumerate(names)}
     cleaned = Dataset.from_dict(
@@ -151,7 +152,7 @@ def read_source(
     feature = found.features[label_column]
     if hasattr(feature, "int2str"):  # a ClassLabel: its names
         values = feature.int2str(values)
-    return found[text_column], [str(v) for v in values]
+    return found[text_column], [None if v is None else str(v) for v in values]
 
 
 def _natural(value: str) -> tuple:
