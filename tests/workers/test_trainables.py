@@ -218,6 +218,12 @@ def test_frozen_layers_and_layer_wise_lr_decay() -> None:
     embeddings, layers = text._blocks(net)
     assert not any(p.requires_grad for b in (embeddings, *layers[:4]) for p in b.parameters())
     assert all(p.requires_grad for b in layers[4:] for p in b.parameters())
+    every = text.Settings(layers=6)  # all six layers: the embeddings stay frozen (were trained)
+    net = text.build_model(every).net
+    text.param_groups(net, every)
+    embeddings, layers = text._blocks(net)
+    assert not any(p.requires_grad for p in embeddings.parameters())
+    assert all(p.requires_grad for b in layers for p in b.parameters())
 
 
 # ------------------------------------------------------------------- in-process training

@@ -273,10 +273,12 @@ def param_groups(net: nn.Module, s: Settings) -> list[dict[str, Any]]:
                 f"freeze_layers={s.freeze_layers}, layers={s.layers}: the model has {n} layers"
             )
         freeze = max(s.freeze_layers, n - s.layers if s.layers is not None else 0)
+        # ``layers`` always freezes the embeddings (block 0), even with ``layers`` = n
+        train_all = not freeze and s.layers is None
         for i, block in enumerate([embeddings, *layers]):
             for p in block.parameters():
                 depth[id(p)] = i
-                p.requires_grad_(i > freeze or not freeze)
+                p.requires_grad_(i > freeze or train_all)
     groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for p in net.parameters():
         if p.requires_grad:
