@@ -29,6 +29,7 @@ from hpo.service.spec import (
     MAX_OBJECTIVES,
     MAX_PARAMS,
     MAX_STEP,
+    PARAM_NAME,
     MetricName,
     Number,
     ParamValue,
@@ -217,7 +218,7 @@ class SuggestBody(_Body):
     """A parameter a running trial names: ``{"name": "lr", "param": {"type": "float", "low":
     1e-5, "high": 0.1, "log": true}}`` (the same shape as a ``space`` entry)."""
 
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+    name: str = Field(pattern=f"^{PARAM_NAME}$")
     param: dict[str, Any]
 
 

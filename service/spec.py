@@ -651,6 +651,15 @@ class TrainableSpec(_Model):
         return config
 
 
+PARAM_NAME = r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}"  # a letter or _, then up to 127 more
+
+
+def is_param_name(name: Any) -> bool:
+    """Whether ``name`` can name a parameter (the whole of it: ``re.match``'s ``$`` also
+    matched before a final newline, and 129 characters reached a 128-character column)."""
+    return isinstance(name, str) and re.fullmatch(PARAM_NAME, name) is not None
+
+
 class StudySpec(_Model):
     """Everything that defines a study. Validated once, stored as JSON with the study."""
 
@@ -748,7 +757,7 @@ class StudySpec(_Model):
                 "the search space must define at least one parameter (or set define_by_run)"
             )
         for name in space:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$", name):
+            if not is_param_name(name):
                 raise ValueError(f"parameter name {name!r} is not a valid identifier")
         _check_conditions(space)
         return space

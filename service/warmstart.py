@@ -26,7 +26,7 @@ from hpo.service.db.models import Study, Trial, TrialParam, utcnow
 from hpo.service.errors import Conflict, InvalidInput, StudyNotRunning
 from hpo.service.records import TrialRecord
 from hpo.service.samplers.grid import GridSampler, refuse_off_point
-from hpo.service.spec import MAX_COUNT, StudySpec, check_json, check_json_size
+from hpo.service.spec import MAX_COUNT, StudySpec, check_json, check_json_size, is_param_name
 from hpo.service.states import ENQUEUED_TRIAL_STATE, StudyState, TrialState
 from hpo.service.storage import Storage, events, studies, trials
 from hpo.service.storage.records import trial_record
@@ -149,18 +149,29 @@ def check_given_params(spec: StudySpec, params: Mapping[str, Any], where: str = 
     for name, value in params.items():
         param = spec.space.get(name)
         if param is None:
-            if spec.define_by_run:
+            if spec.define_by_run and is_param_name(name):
                 _check_json_value(value, f"{where}.{name}")
                 continue
+            if spec.define_by_run:
+                shown = f"{where}.{name[:128]!r}" + ("..." if len(name) > 128 else "")
+                raise InvalidInput(
+                    f"{shown}: a parameter name is a letter or _, then up to 127 letters, "
+                    "digits, _ . or -",
+                    field=shown,
+                )
             raise InvalidInput(
                 f"{where}.{name}: not a parameter of this study's space "
                 f"({', '.join(spec.space) or 'empty'})",
                 field=f"{where}.{name}",
             )
         if not param.contains(value):
-            raise InvalidInput(
-                f"{where}.{name}: {value!r} lies outside its domain", field=f"{where}.{name}"
+            whole = isinstance(value, float) and value.is_integer() and param.type == "int"
+            why = (
+                "is not an integer (an int parameter takes 3, not 3.0)"
+                if whole
+                else ("lies outside its domain")
             )
+            raise InvalidInput(f"{where}.{name}: {value!r} {why}", field=f"{where}.{name}")
 
 
 def _check_json_value(value: Any, where: str) -> None:

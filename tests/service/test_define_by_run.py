@@ -100,3 +100,40 @@ def test_a_value_fixed_at_the_ask_is_checked_and_learned_when_first_suggested(
     wrong = service.ask(sid, params={"n": 2.5})
     with pytest.raises(InvalidInput, match="2.5"):
         service.suggest_param(wrong.id, "n", {"type": "int", "low": 0, "high": 9})
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["p" * 129, "p" * 300, "a\x00b", "", "my param", "p" * 128 + "\n", "9lives"],
+)
+def test_a_name_no_parameter_may_have_is_refused_by_every_way_in(
+    service: StudyService, name: str
+) -> None:
+    """A define-by-run study took any name given to an ask, an enqueue or an import:
+    PostgreSQL then refused the 128-character column (a 500), SQLite stored it."""
+    from hpo.service.warmstart import FinishedTrial
+
+    sid = _study(service, "names")
+    ways = {
+        "ask": lambda: service.ask(sid, params={name: 1.0}),
+        "enqueue": lambda: service.enqueue_trial(sid, {name: 1.0}),
+        "import": lambda: service.import_trials(sid, [FinishedTrial({name: 1.0}, value=0.5)]),
+    }
+    for way, call in ways.items():
+        with pytest.raises(InvalidInput, match="a parameter name is a letter") as refused:
+            call()
+        assert refused.value.field.startswith(("params.", "trials[0].params.")), way
+    assert service.storage.list_trials(sid)[0] == []  # nothing stored by any of them
+    with pytest.raises(ValueError, match="not a valid identifier"):  # nor in a declared space
+        StudySpec.model_validate(
+            simple_spec("s", space={name: {"type": "float", "low": 0, "high": 1}})
+        )
+
+
+def test_an_int_parameter_given_a_whole_float_says_so(service: StudyService) -> None:
+    sid = service.create_study(StudySpec.model_validate(simple_spec("whole"))).id
+    with pytest.raises(InvalidInput, match=r"params.n: 3.0 is not an integer") as refused:
+        service.enqueue_trial(sid, {"x": 0.0, "n": 3.0})
+    assert refused.value.field == "params.n"
+    with pytest.raises(InvalidInput, match=r"params.n: 9 lies outside its domain"):
+        service.enqueue_trial(sid, {"x": 0.0, "n": 9})
