@@ -40,6 +40,13 @@ def csv_cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 
 
+def _iso(when: datetime | None) -> str | None:
+    """One form for every time, microseconds included: ``isoformat()`` leaves them out on a
+    whole second, and a reader that takes its format from the first row (pandas) then
+    refuses the rest."""
+    return when.isoformat(timespec="microseconds") if when else None
+
+
 def trial_rows(
     trials: Sequence[TrialRecord], objective_metrics: Sequence[str]
 ) -> tuple[list[str], list[dict[str, Any]]]:
@@ -76,8 +83,8 @@ def trial_rows(
         row.update(
             attempts=t.attempts,
             last_step=t.last_step,
-            started_at=t.started_at.isoformat() if t.started_at else None,
-            finished_at=t.finished_at.isoformat() if t.finished_at else None,
+            started_at=_iso(t.started_at),
+            finished_at=_iso(t.finished_at),
             duration_s=t.duration_s,
             error=t.error,
             steps_copied=t.steps_copied,

@@ -960,3 +960,20 @@ def test_a_studys_points_come_a_page_of_trials_at_a_time(service: StudyService) 
     assert [len(p) for p in pages(1, 100)] == [3, 3, 3, 3]
     assert [len(p) for p in pages(100, 3)] == [9, 3]
     assert [p for page in pages(2, 1) for p in page] == every
+
+
+def test_times_read_back_are_utc_whatever_the_servers_time_zone(storage: Storage) -> None:
+    """PostgreSQL answers a timestamptz in the session's TimeZone, which Debian's initdb
+    copies from the host: the API and the CSV export said +05:30 on such a server."""
+    if storage.engine.dialect.name == "postgresql":
+        name = storage.engine.url.database
+        with storage.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f"ALTER DATABASE \"{name}\" SET timezone TO 'Asia/Kolkata'"))
+        storage.engine.dispose()  # new sessions take the database's setting
+        with storage.engine.connect() as conn:
+            assert conn.execute(text("SHOW timezone")).scalar() == "Asia/Kolkata"
+    before = utcnow()
+    sid = add_study(storage, "zoned")
+    created = storage.get_study(sid).created_at
+    assert created.utcoffset() == timedelta(0) and created.tzinfo is not None
+    assert abs(created - before) < timedelta(minutes=1)
