@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from platformdirs import user_data_dir
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hpo.workers import storage
@@ -42,9 +42,9 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     # Default: hpo-<deployment id> (the id is stored in the database at its first start).
     ray_namespace: str | None = None
-    ray_num_cpus: float | None = None
-    ray_num_gpus: float | None = None
-    ray_object_store_mb: int = 512
+    ray_num_cpus: float | None = Field(default=None, ge=0)
+    ray_num_gpus: float | None = Field(default=None, ge=0)
+    ray_object_store_mb: int = Field(default=512, ge=80)  # Ray refuses under 75 MiB
     # Checkpoints: a folder every node shares, or an object store URL (s3://bucket/prefix,
     # gs://..., any fsspec protocol; file:// is a local folder). Default: data_dir/checkpoints.
     storage_path: str | None = None
@@ -126,6 +126,19 @@ class Settings(BaseSettings):
             return self.public_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
+
+    @field_validator("scheduler_lease_s")
+    @classmethod
+    def _lease_outlasts_a_tick(cls, value: float, info: ValidationInfo) -> float:
+        # The leader renews its lease once a tick: a shorter lease lapses between renewals,
+        # and replicas would take the scheduler from each other by turns.
+        tick = info.data.get("scheduler_interval_s")
+        if tick is not None and value < 2 * tick:
+            raise ValueError(
+                f"{value} s is shorter than two scheduler ticks (HPO_SCHEDULER_INTERVAL_S "
+                f"{tick} s): the lease would lapse between renewals"
+            )
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

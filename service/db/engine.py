@@ -206,6 +206,14 @@ def schema_problem(engine: Engine) -> str | None:
     try:
         scripts.get_revision(current)
     except Exception:  # alembic's "Can't locate revision"
+        from hpo.service.db.models import Base
+
+        if not tables & set(Base.metadata.tables):  # another Alembic-managed program's
+            return (
+                f"its alembic_version ({current}) belongs to another program: none of hpo's "
+                "tables is there; give hpo an empty database, or a schema of its own "
+                "(PostgreSQL: ?options=-csearch_path%3Dhpo in the URL)"
+            )
         return (
             f"it is at schema revision {current}, which this hpo does not know (its newest is "
             f"{scripts.get_current_head()}): a newer hpo wrote it; run that version, or upgrade "

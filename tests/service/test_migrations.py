@@ -331,6 +331,48 @@ def test_a_rollback_to_an_old_schema_and_back_keeps_every_row(db_url: str) -> No
         engine.dispose()
 
 
+def test_a_rollback_below_0005_with_a_long_note_stored(db_url: str) -> None:
+    """0005 widened ``meta.value`` for the preflight report; its downgrade narrowed the
+    column again, which PostgreSQL refused while such a report (past 256 characters) was
+    stored: the documented rollback failed. The long notes (rewritten by the server) go."""
+    from sqlalchemy import text
+
+    from hpo.service.storage import Storage, meta
+
+    engine = make_engine(db_url)
+    try:
+        upgrade_schema(engine)
+        storage = Storage(engine)
+        meta.put(storage, "preflight", "x" * 5000)
+        meta.put(storage, "short", "kept")
+        _migrate(engine, "0004", down=True)
+        with engine.connect() as conn:
+            rows = dict(conn.execute(text("SELECT key, value FROM meta")).all())
+        assert "preflight" not in rows and rows["short"] == "kept"
+        _migrate(engine, "head")
+        assert _differences(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_another_programs_alembic_version_is_named_as_such(tmp_path: Path) -> None:
+    """A database holding only another Alembic-managed program's tables was blamed on "a
+    newer hpo"."""
+    from hpo.service.db.engine import schema_problem
+
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        conn.execute("INSERT INTO alembic_version VALUES ('a1b2c3d4e5f6')")
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        problem = schema_problem(engine)
+    finally:
+        engine.dispose()
+    assert problem is not None and "belongs to another program" in problem
+
+
 def test_rows_another_tool_left_referencing_none_do_not_stop_a_start(tmp_path: Path) -> None:
     """The sqlite3 shell writes with foreign keys off: a trial deleted there leaves its events
     behind. The migrations refuse only rows referencing none that they made themselves: a

@@ -19,5 +19,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Values past 256 characters (a preflight report, a node snapshot) are notes the server
+    # writes again; PostgreSQL would refuse to narrow the column while one is stored.
+    op.execute(sa.text("DELETE FROM meta WHERE length(value) > 256"))
     with op.batch_alter_table("meta") as batch:
         batch.alter_column("value", type_=sa.String(256), existing_nullable=False)
