@@ -25,10 +25,12 @@ Imports neither the server nor torch/ray. Errors are the core's typed exceptions
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import numbers
 import os
+import re
 import time
 import uuid
 import warnings
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from hpo.api.objective import TrialHandle, run_trial
 from hpo.api.retry import ACTED_BEFORE, Outage, RetryPolicy, send
@@ -49,7 +52,7 @@ from hpo.service.records import (
     TrialMetricPoint,
     TrialRecord,
 )
-from hpo.service.spec import StudySpec
+from hpo.service.spec import StudySpec, describe_errors
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # An idle pooled connection is dropped after this long. It must be shorter than the server's
@@ -58,8 +61,10 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 KEEPALIVE_EXPIRY_S = 2.0
 # A GP or TPE ask over many trials can take much longer than any other call.
 ASK_TIMEOUT_S = 300.0
-# Finished trials sent per import request.
+# Finished trials sent per import request: at most this many, and this many bytes of JSON
+# (the server's body limit is 8 MiB by default; a row's user attributes may be 64 KiB).
 IMPORT_CHUNK = 1000
+IMPORT_CHUNK_BYTES = 4 * 2**20
 log = logging.getLogger(__name__)
 _ERRORS: dict[str, type[errors.HpoError]] = {
     cls.code: cls
@@ -220,6 +225,8 @@ class Client:
         """
         if idempotent is None:
             idempotent = method.upper() in ("GET", "HEAD")
+        if "json" in kwargs:
+            kwargs["json"] = _plain(kwargs["json"])  # numpy numbers, as Optuna takes them
         if "json" in kwargs and (found := _not_finite(kwargs["json"])) is not None:
             where, value = found  # JSON has no NaN: said here, naming where it is
             raise errors.InvalidInput(f"{where}: must be a finite number, got {value}", field=where)
@@ -355,12 +362,13 @@ class Study:
         else:
             rows = [dict(t) for t in source]
         out: list[TrialRecord] = []
-        for start in range(0, len(rows), IMPORT_CHUNK):
-            data = self.client._json(
-                "POST",
-                f"/studies/{self.id}/trials",
-                json={"trials": rows[start : start + IMPORT_CHUNK]},
-            )
+        for start, stop in _chunks(rows):
+            try:
+                data = self.client._json(
+                    "POST", f"/studies/{self.id}/trials", json={"trials": rows[start:stop]}
+                )
+            except errors.InvalidInput as exc:  # its row is counted in this request
+                raise _shifted(exc, start) from exc
             out.extend(TrialRecord.model_validate(t) for t in data["trials"])
         return out
 
@@ -447,9 +455,10 @@ class Study:
         """Finish a trial with its value (or ``values``), or ``state="failed"|"pruned"``. A
         value that is NaN or infinite fails the trial, with a warning (Optuna fails a NaN;
         the server stores only finite values)."""
+        value, values = _plain(value), _plain(values)
         told = [value] if value is not None else list(values or [])
-        numbers = [v for v in told if isinstance(v, (int, float))]  # others: the server's 422
-        if state in (None, "complete") and not all(math.isfinite(v) for v in numbers):
+        finite = [v for v in told if isinstance(v, (int, float))]  # others: the server's 422
+        if state in (None, "complete") and not all(math.isfinite(v) for v in finite):
             error = f"told a value that is not finite: {told[0] if value is not None else told}"
             warnings.warn(f"trial {_trial_id(trial)} failed: {error}", stacklevel=2)
             value, values, state = None, None, "failed"
@@ -646,11 +655,13 @@ class Study:
         columns, rows = trial_rows(self.trials(), [o.metric for o in spec.objectives])
         frame = pd.DataFrame(rows, columns=columns)
         for col in ("started_at", "finished_at"):
-            frame[col] = pd.to_datetime(frame[col], utc=True)
+            frame[col] = pd.to_datetime(frame[col], utc=True, format="ISO8601")
         numeric = [c for c in columns if c == "value" or c.startswith("value_")]
-        for col in [*numeric, "last_step", "duration_s"]:
-            if col in frame:  # numbers (NaN where none), also while no trial has one
-                frame[col] = pd.to_numeric(frame[col])
+        for col in [*numeric, "duration_s"]:  # floats (NaN where none), also with no trial
+            frame[col] = pd.to_numeric(frame[col]).astype("float64")
+        frame["last_step"] = pd.to_numeric(frame["last_step"])
+        for col in ("number", "trial_id", "attempts"):
+            frame[col] = frame[col].astype("int64")
         return frame
 
     def metrics(self, trial: TrialRef, name: str | None = None) -> list[MetricPointRecord]:
@@ -689,13 +700,13 @@ class Study:
     # ---------------------------------------------------------------- control
 
     def pause(self) -> StudyRecord:
-        return self._patch({"state": "paused"})
+        return self._patch({"state": "paused"}, idempotent=True)
 
     def resume(self) -> StudyRecord:
-        return self._patch({"state": "running"})
+        return self._patch({"state": "running"}, idempotent=True)
 
     def stop(self) -> StudyRecord:
-        return self._patch({"state": "stopped"})
+        return self._patch({"state": "stopped"}, idempotent=True)
 
     def set_budget(
         self,
@@ -716,7 +727,8 @@ class Study:
             "max_steps": max_steps,
             "max_worker_seconds": max_worker_seconds,
         }
-        return self._patch({"budget": {k: v for k, v in budget.items() if v is not None}})
+        given = {k: v for k, v in budget.items() if v is not None}
+        return self._patch({"budget": given}, idempotent=True)
 
     def delete(self) -> None:
         """Delete the study with everything stored with it. Sent again after a 503 or a lost
@@ -736,7 +748,10 @@ class Study:
         twice leaves what one leaves: it is sent again through a restart or an outage."""
         return self._patch({"user_attrs": dict(attrs)}, idempotent=True)
 
-    def _patch(self, body: dict[str, Any], *, idempotent: bool = False) -> StudyRecord:
+    def _patch(self, body: dict[str, Any], *, idempotent: bool) -> StudyRecord:
+        """PATCH the study. Each control call sets an absolute state or budget, which sent
+        twice leaves what sent once leaves, so it is sent again through a busy database's
+        503 or a lost answer (``idempotent``), as ``tell`` is."""
         self._record = StudyRecord.model_validate(
             self.client._json("PATCH", f"/studies/{self.id}", json=body, idempotent=idempotent)
         )
@@ -845,6 +860,50 @@ def _kept_settings(given: StudySpec, stored: Mapping[str, Any]) -> list[str]:
 _LOADED_BY = ("name", "objective", "space", "trainable")
 
 
+def _chunks(rows: Sequence[Any]) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of each import request: ``IMPORT_CHUNK`` rows at most, and
+    ``IMPORT_CHUNK_BYTES`` of JSON unless one row alone is larger (the server judges it)."""
+    start, size = 0, 0
+    for i, row in enumerate(rows):
+        n = len(json.dumps(_plain(row), default=str)) + 1
+        if i > start and (i - start >= IMPORT_CHUNK or size + n > IMPORT_CHUNK_BYTES):
+            yield start, i
+            start, size = i, 0
+        size += n
+    if start < len(rows):
+        yield start, len(rows)
+
+
+def _shifted(exc: errors.InvalidInput, start: int) -> errors.InvalidInput:
+    """``exc`` about row k of a request that began at row ``start``, naming row start + k
+    and saying that the rows before ``start`` were imported (a rerun sends the rest)."""
+
+    def shift(text: str) -> str:
+        return re.sub(r"trials\[(\d+)\]", lambda m: f"trials[{int(m[1]) + start}]", text, count=1)
+
+    message = shift(exc.message)
+    if start:
+        message += f" (trials[0:{start}] were imported; nothing from trials[{start}] on)"
+    shifted = type(exc).__new__(type(exc))
+    errors.HpoError.__init__(shifted, message, field=shift(exc.field) if exc.field else None)
+    shifted.__dict__.update(
+        {k: v for k, v in exc.__dict__.items() if k not in ("message", "field")}
+    )
+    return shifted
+
+
+def _plain(body: Any) -> Any:
+    """``body`` with numpy's scalars and 0-d arrays (``np.float32(0.5)``, ``np.int64(3)``,
+    ``np.array(0.25)``) made Python numbers, which JSON encodes; the rest as it is."""
+    if isinstance(body, Mapping):
+        return {key: _plain(v) for key, v in body.items()}
+    if isinstance(body, (list, tuple)):
+        return [_plain(v) for v in body]
+    if type(body).__module__ == "numpy" and getattr(body, "ndim", None) == 0:
+        return body.item()
+    return body
+
+
 def _not_finite(body: Any, path: str = "") -> tuple[str, float] | None:
     """Where the first NaN or infinity in a JSON body is (``trials[0].value``) and what."""
     if isinstance(body, float):
@@ -861,11 +920,20 @@ def _not_finite(body: Any, path: str = "") -> tuple[str, float] | None:
 
 
 def _to_spec(spec: StudySpec | Mapping[str, Any] | str | Path) -> StudySpec:
+    """The spec, checked here before any request; a bad one raises InvalidInput naming the
+    field, as the server's 422 would (pydantic's own error is its cause)."""
     if isinstance(spec, StudySpec):
         return spec
-    if isinstance(spec, Mapping):
-        return StudySpec.model_validate(dict(spec))
-    return StudySpec.from_yaml(spec)
+    try:
+        if isinstance(spec, Mapping):
+            return StudySpec.model_validate(dict(spec))
+        return StudySpec.from_yaml(spec)
+    except ValidationError as exc:
+        first = describe_errors(exc)[0]
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise errors.InvalidInput(
+            f"{first['field']}: {first['message']}{more}", field=first["field"]
+        ) from exc
 
 
 def _body(response: httpx.Response) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -138,8 +139,9 @@ def report_arguments(
 
 
 def is_step(x: Any) -> bool:
-    """Whether ``x`` can be a report's step: an int (not a bool), 0 or more."""
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    """Whether ``x`` can be a report's step: an integer (not a bool; numpy's too), 0 or
+    more."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0
 
 
 def is_number(x: Any) -> bool:

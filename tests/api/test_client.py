@@ -326,12 +326,15 @@ def check_typed_errors(server: ServerProcess) -> None:
             conc.ask()
 
         before = [s.id for s in client.studies()]
-        with pytest.raises(ValidationError):  # checked locally, before any request
+        with pytest.raises(InvalidInput) as bad:  # checked locally, before any request
             client.create_study(simple_spec("bad", space={"lr": {"type": "float", "low": 2}}))
-        with pytest.raises(ValidationError):
+        assert bad.value.field == "space.lr" and "`high` is required" in str(bad.value)
+        with pytest.raises(InvalidInput) as bad:  # was pydantic's ValidationError, untyped
             client.create_study(
                 simple_spec("bad", space={"lr": {"type": "float", "low": 1.0, "high": 0.1}})
             )
+        assert bad.value.field == "space.lr" and "greater than `high`" in str(bad.value)
+        assert isinstance(bad.value.__cause__, ValidationError)
         assert [s.id for s in client.studies()] == before
 
     with server.client(token="wrong") as intruder:
@@ -420,3 +423,106 @@ def test_what_a_notebook_user_found_surprising(sqlite_server: ServerProcess) -> 
         fresh.ask()
         frame = fresh.trials_dataframe()
         assert {str(frame[c].dtype) for c in ("value", "last_step", "duration_s")} == {"float64"}
+
+
+def test_numpy_numbers_whole_second_times_and_an_empty_frame(
+    sqlite_server: ServerProcess,
+) -> None:
+    """What a notebook hands over: numpy's numbers were a TypeError from the JSON encoder
+    (Optuna takes them), a trial time on a whole second made ``trials_dataframe`` fail for
+    good (pandas took the format from the first row), and an empty study's frame had
+    integer value columns."""
+    import numpy as np
+    import sqlalchemy
+
+    with sqlite_server.client() as client:
+        study = client.create_study(simple_spec("np"))
+        empty = study.trials_dataframe()
+        assert empty.empty and empty["value"].dtype == "float64"
+        assert empty["duration_s"].dtype == "float64" and empty["number"].dtype == "int64"
+
+        t = study.ask()
+        assert study.report(t, np.int64(1), {"loss": np.float32(0.5)}) is False
+        assert study.tell(t, np.float32(0.25)).value == 0.25
+        bad = study.ask()
+        with pytest.warns(UserWarning, match="not finite"):  # the NaN rule, numpy's NaN too
+            assert study.tell(bad, np.float32("nan")).state == "failed"
+        study.optimize(lambda trial: float(trial.report(0.5, np.arange(3)[1]) or 0.1), n_trials=1)
+        study.enqueue_trial({"x": np.float64(1.0), "n": np.int64(2)})
+        queued = study.ask()
+        assert queued.params == {"x": 1.0, "n": 2}
+        study.tell(queued, np.array(0.75))
+        assert client.trial(queued.trial_id).value == 0.75
+
+        engine = sqlalchemy.create_engine(sqlite_server.database_url)
+        with engine.begin() as conn:  # a clock that stopped on a whole second
+            conn.execute(
+                sqlalchemy.text("UPDATE trials SET finished_at = :at WHERE id = :id"),
+                {"at": "2026-12-05 19:30:10.000000", "id": t.trial_id},
+            )
+        engine.dispose()
+        study.set_user_attr(t, "touched", np.int64(1))  # the server reads the trial again
+        frame = study.trials_dataframe()
+        assert len(frame) == 4 and frame["number"].dtype == "int64"
+        whole = frame.loc[frame["trial_id"] == t.trial_id, "finished_at"].item()
+        assert whole == pd.Timestamp("2026-12-05T19:30:10", tz="UTC")
+        assert frame["finished_at"].notna().all()
+        rows = list(csv.DictReader(io.StringIO(study.export_csv())))  # one form in every row
+        assert {len(r["finished_at"]) for r in rows} == {len("2026-12-05T19:30:10.000000+00:00")}
+
+
+def test_control_calls_wait_out_a_busy_database_as_tell_does(
+    sqlite_server: ServerProcess, tmp_path: Path
+) -> None:
+    """Another process held SQLite's write lock for seconds: ``tell`` waited it out, but
+    ``pause``, ``set_budget`` and ``stop`` failed on the first 503 (they were not resent,
+    though each sets an absolute value). Each now lands once the lock is let go."""
+    import sqlite3
+    import threading
+
+    with sqlite_server.client() as client:
+        study = client.create_study(simple_spec("busy"))
+        calls = {
+            "pause": lambda: study.pause().state,
+            "set_budget": lambda: study.set_budget(max_trials=7).spec["budget"]["max_trials"],
+            "resume": lambda: study.resume().state,
+            "stop": lambda: study.stop().state,
+        }
+        for what, call in calls.items():
+            holder = sqlite3.connect(tmp_path / "hpo.db", timeout=10, check_same_thread=False)
+            holder.execute("BEGIN EXCLUSIVE")  # what a long write of another process holds
+            let_go = threading.Timer(4.0, holder.rollback)
+            let_go.start()
+            try:
+                started = time.monotonic()
+                answer = call()
+                assert time.monotonic() - started >= 3.5, what  # it did wait for the lock
+            finally:
+                let_go.join()
+                holder.close()
+            expected = {"pause": "paused", "set_budget": 7, "resume": "running"}
+            assert answer == expected.get(what, "stopped"), what
+
+
+def test_a_large_import_is_sent_in_pieces_under_the_body_limit_and_names_its_bad_row(
+    sqlite_server: ServerProcess,
+) -> None:
+    """``add_trials`` sent 1,000 rows a request whatever their size (rows with 9 KB of notes
+    each passed the 8 MiB body limit: a 413 for rows all valid), and a bad row past the first
+    request was named by its place in that request (trials[500] for row 1,500), with nothing
+    saying that the rows before it had been imported."""
+    with sqlite_server.client() as client:
+        study = client.create_study(simple_spec("imports"))
+        notes = {"note": "n" * 9000}
+        rows = [
+            {"params": {"x": 0.0, "n": 1}, "value": float(i), "user_attrs": notes}
+            for i in range(1000)
+        ]
+        assert len(study.add_trials(rows)) == 1000  # 9 MB of JSON in all
+        bad = [{"params": {"x": 0.0, "n": 1}, "value": 1.0} for _ in range(1600)]
+        bad[1500]["params"] = {"x": 5.5, "n": 1}
+        with pytest.raises(InvalidInput) as refused:
+            study.add_trials(bad)
+        assert refused.value.field == "trials[1500].params.x"
+        assert "trials[0:1000] were imported" in str(refused.value)
+        assert study.refresh().n_trials == 2000
