@@ -267,7 +267,8 @@ def _check_trainable(spec: StudySpec) -> None:
     if spec.trainable is None:
         return
     space = {name: param.representatives() for name, param in spec.space.items()}
-    registry.check_spec(spec.trainable.name, spec.trainable.config, space)
+    world_size = spec.resources.workers_per_trial
+    registry.check_spec(spec.trainable.name, spec.trainable.config, space, world_size)
 
 
 def _freeze_heap() -> None:

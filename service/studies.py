@@ -595,6 +595,6 @@ def _new_user_attrs(study: Study, given: Mapping[str, Any]) -> dict:
 
 
 def _field_in(message: str) -> str:
-    """The field a "space.lr: ..." style message names."""
+    """The field a "space.lr: ..." or "space.lr (2.0): ..." style message names."""
     head = message.split(":", 1)[0]
-    return head if " " not in head else "space"
+    return head.split(" (", 1)[0] if " " not in head.split(" (", 1)[0] else "space"

@@ -16,6 +16,7 @@ plane may not have received.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -307,6 +308,14 @@ class TrialContext:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def reseed(self, seed: int, step: int) -> None:
+        """Seed torch's generators for what is drawn from ``step`` on (dropout, augmentation)
+        from ``(seed, step, rank)``: a resumed attempt draws what an uninterrupted one drew
+        after its checkpoint (restarting from ``seed`` replayed the first epoch's draws),
+        and each rank draws its own. Call it at each step a checkpoint may be taken at."""
+        key = hashlib.blake2b(f"{seed}:{step}:{self.rank}".encode(), digest_size=8).digest()
+        torch.manual_seed(int.from_bytes(key, "big"))
 
     def sampler(self, dataset: Any, *, shuffle: bool, seed: int = 0) -> ResumableSampler:
         """A DistributedSampler giving this rank its shard of ``dataset`` (resumable)."""

@@ -21,6 +21,31 @@ class TrainableError(Exception):
     """A trainable's own failure that retrying cannot fix (bad data, NaN loss...)."""
 
 
+def batch_problem(batch_size: int, world_size: int, micro_batches: int = 1) -> str | None:
+    """Why a global batch of ``batch_size`` does not split into ``world_size`` ranks x
+    ``micro_batches`` equal parts, or None. (Flooring the quotient trained another batch than
+    the one searched: 16 over 3 ranks was 15, 4 in 8 micro-batches was 8.)"""
+    parts = world_size * micro_batches
+    if batch_size % parts == 0:
+        return None
+    over = f"{world_size} DDP ranks" + (
+        f" x {micro_batches} micro-batches" if micro_batches > 1 else ""
+    )
+    return (
+        f"a global batch of {batch_size} does not split evenly over {over}: use a multiple "
+        f"of {parts}"
+    )
+
+
+def per_rank_batch(settings: Any, ctx: Any) -> int:
+    """This rank's share of ``settings.batch_size`` over ``ctx.world_size`` ranks (the
+    settings' ``split_problem`` checked: TrainableError when it does not split evenly)."""
+    problem = settings.split_problem(ctx.world_size)
+    if problem is not None:
+        raise TrainableError(f"batch_size: {problem}")
+    return settings.batch_size // ctx.world_size
+
+
 class Trainable(Protocol):
     settings_model: type[BaseModel]
     __name__: str
@@ -96,12 +121,16 @@ def settings_for(fn: Trainable, config: Mapping[str, Any], params: Mapping[str, 
     return fn.settings_model.model_validate({**config, **params})
 
 
-def check_spec(name: str, config: Mapping[str, Any], space: Mapping[str, Any]) -> None:
+def check_spec(
+    name: str, config: Mapping[str, Any], space: Mapping[str, Any], world_size: int = 1
+) -> None:
     """Raise ValueError naming the field if a spec's trainable part cannot work.
 
     ``space`` maps each searched parameter to the values worth trying (its choices, or the ends
     of its range): every one is validated against the trainable's settings, beside ``config``.
     A ``config`` key that is searched as well is validated too, although trials override it.
+    Settings with a ``split_problem(world_size)`` method (the built-ins': their global batch)
+    are asked it for the trial's ``world_size`` ranks too.
     """
     try:
         fn = load(name)
@@ -120,17 +149,20 @@ def check_spec(name: str, config: Mapping[str, Any], space: Mapping[str, Any]) -
             if key not in model.model_fields:
                 raise ValueError(f"space.{key}: not a setting of {name!r}{_known(model)}")
     first = {key: values[0] for key, values in space.items() if values}
-    _validate(model, {**config, **first}, "trainable.config", set(space))
+    _validate(model, {**config, **first}, "trainable.config", set(space), world_size)
     for key in config.keys() & space.keys():  # fixed, though every trial overrides it
-        _validate(model, {**config, **first, key: config[key]}, "trainable.config", set())
+        data = {**config, **first, key: config[key]}
+        _validate(model, data, "trainable.config", set(), world_size)
     for key, values in space.items():
         for value in values[1:]:
-            _validate(model, {**config, **first, key: value}, "space", {key})
+            _validate(model, {**config, **first, key: value}, "space", {key}, world_size)
 
 
-def _validate(model: type[BaseModel], data: dict[str, Any], prefix: str, searched: set) -> None:
+def _validate(
+    model: type[BaseModel], data: dict[str, Any], prefix: str, searched: set, world_size: int
+) -> None:
     try:
-        model.model_validate(data)
+        settings = model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
@@ -139,6 +171,12 @@ def _validate(model: type[BaseModel], data: dict[str, Any], prefix: str, searche
             prefix = "space"
             where = f"{where} ({data.get(root)!r})"
         raise ValueError(f"{prefix}.{where}: {err['msg']}") from exc
+    split_problem = getattr(settings, "split_problem", None)
+    if callable(split_problem) and (problem := split_problem(world_size)) is not None:
+        varied = sorted(searched & {"batch_size", "grad_accum"})
+        if varied:  # a searched value the trials may take
+            raise ValueError(f"space.{varied[0]} ({data[varied[0]]!r}): {problem}")
+        raise ValueError(f"{prefix}.batch_size: {problem} (resources.workers_per_trial)")
 
 
 def _known(model: type[BaseModel]) -> str:

@@ -1216,6 +1216,19 @@ FUZZED_SPECS: list[tuple[str, str | bytes, str, str]] = [
         "finite",
     ),
     (
+        "a global batch that 3 ranks cannot share",
+        json.dumps(
+            simple_spec(
+                "b",
+                trainable={"name": "image-classification", "config": {"epochs": 1}},
+                resources={"workers_per_trial": 3},
+                space={"batch_size": {"type": "categorical", "choices": [48, 64]}},
+            )
+        ),
+        "space.batch_size",
+        "does not split evenly over 3 DDP ranks",
+    ),
+    (
         "float step too small (grid)",
         json.dumps(
             simple_spec(

@@ -241,7 +241,10 @@ def test_a_huge_learning_rate_fails_the_image_trial_as_diverged(tmp_path: Path) 
 
 
 def test_image_trial_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """Augmentation and dropout on: the resumed epoch draws what the uninterrupted one drew
+    (they replayed epoch 1's draws), so it ends with the same model."""
     config = {"epochs": 2, "optimizer": "sgd", "lr": 0.05, "scheduler": "cosine", "shift": 1}
+    config |= {"noise": 0.1, "dropout": 0.3}
     _, reports, logged = run_local("image-classification", config, tmp_path)
     checkpoint = tmp_path / "attempt-1" / "checkpoint-000001"
     assert [step for step, _ in reports] == [1, 2] and checkpoint.is_dir()
@@ -250,6 +253,7 @@ def test_image_trial_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     ctx, resumed, logged = run_local("image-classification", config, tmp_path, attempt=2)
     assert [step for step, _ in resumed] == [2]  # epoch 1 is not trained again
     assert resumed[0][1]["train_samples"] == reports[1][1]["train_samples"]
+    assert resumed[0][1]["val_loss"] == pytest.approx(reports[1][1]["val_loss"], rel=1e-6)
     assert ctx.extra["cleaning"]["rows"] == 1797
     assert not [points for _, points in logged if "data_rows" in points]  # sent on attempt 1
 
@@ -264,6 +268,27 @@ def test_image_trial_resumed_with_another_rate_trains_on_with_it(tmp_path: Path)
     _, resumed, logged = run_local("image-classification", {**config, "lr": 0.01}, tmp_path, 2)
     assert [step for step, _ in resumed] == [2]
     assert [p["lr"] for _, p in logged if "lr" in p] == [0.01]
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path: Path) -> None:
+    """The per-rank batch was floored: batch 16 on 3 ranks trained 15 a step, and 4 blocks in
+    8 micro-batches trained 8, so a search over grad_accum searched the batch size."""
+    check = registry.check_spec
+    check("image-classification", {"batch_size": 64}, {}, world_size=2)
+    with pytest.raises(
+        ValueError,
+        match=r"^trainable\.config\.batch_size: a global batch of 64 "
+        r"does not split evenly over 3 DDP ranks: use a multiple of 3",
+    ):
+        check("image-classification", {"batch_size": 64}, {}, world_size=3)
+    with pytest.raises(ValueError, match=r"^space\.batch_size \(16\): a global batch of 16"):
+        check("text-classification", {}, {"batch_size": [18, 16]}, world_size=3)
+    with pytest.raises(ValueError, match=r"^space\.grad_accum \(8\): .* 2 DDP ranks x 8 micro"):
+        check("language-modeling", {"batch_size": 8}, {"grad_accum": [2, 8]}, world_size=2)
+    # a value between a range's ends is judged when its trial starts
+    config = {**TINY_LM, "batch_size": 4, "grad_accum": 8}
+    with pytest.raises(TrainableError, match="batch_size: a global batch of 4 does not split"):
+        run_local("language-modeling", config, tmp_path)
 
 
 def test_a_fixed_setting_that_is_also_searched_is_validated() -> None:
@@ -459,7 +484,10 @@ def test_wrong_language_model_settings_are_refused(config: dict, message: str) -
 
 
 def test_language_model_learns_and_a_retry_resumes_at_its_checkpoint(tmp_path: Path) -> None:
-    _, reports, logged = run_local("language-modeling", TINY_LM, tmp_path)
+    """With dropout on: a resumed attempt replayed the first steps' dropout masks (torch was
+    seeded once per attempt), so it trained another model than an uninterrupted run."""
+    config = {**TINY_LM, "dropout": 0.1}
+    _, reports, logged = run_local("language-modeling", config, tmp_path)
     assert [step for step, _ in reports] == [2, 4, 6]
     losses = [m["val_loss"] for _, m in reports]
     assert losses[-1] < losses[0]
@@ -468,10 +496,10 @@ def test_language_model_learns_and_a_retry_resumes_at_its_checkpoint(tmp_path: P
     assert reports[-1][1]["train_tokens"] == 6 * 4 * 32  # steps x blocks x context
     assert [step for step, points in logged if "train_loss" in points] == [2, 4, 6]
     shutil.rmtree(tmp_path / "attempt-1" / "checkpoint-000006")  # as if it died after step 4
-    _, resumed, _ = run_local("language-modeling", TINY_LM, tmp_path, attempt=2)
+    _, resumed, _ = run_local("language-modeling", config, tmp_path, attempt=2)
     assert [step for step, _ in resumed] == [6]  # steps 1-4 are not trained again
-    # the same data order, optimizer and schedule state: the same model at step 6
-    assert resumed[0][1]["val_loss"] == pytest.approx(losses[-1], rel=1e-4)
+    # the same data order, optimizer, schedule state and random draws: the same model
+    assert resumed[0][1]["val_loss"] == pytest.approx(losses[-1], rel=1e-6)
     assert resumed[0][1]["train_tokens"] == reports[-1][1]["train_tokens"]
     loaded = load_model(tmp_path / "attempt-2")
     assert loaded.trainable == "language-modeling" and len(loaded.model.vocab) == 512

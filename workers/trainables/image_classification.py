@@ -24,6 +24,7 @@ from hpo.workers import cleaning, trainable
 from hpo.workers.context import TrialContext
 from hpo.workers.guards import EarlyStopping, GuardSettings, LossGuard
 from hpo.workers.metrics import gathered_metrics, held_out_metrics
+from hpo.workers.registry import batch_problem, per_rank_batch
 from hpo.workers.schedules import Schedule, ScheduleSettings
 from hpo.workers.splits import SplitSettings, shard, split_by
 
@@ -50,6 +51,10 @@ class Settings(ScheduleSettings, GuardSettings, SplitSettings):
     noise: float = Field(default=0.0, ge=0, le=1, description="Gaussian pixel noise (std).")
     # data (the splits are inherited)
     seed: int = Field(default=0, ge=0, description="Initialisation and shuffling.")
+
+    def split_problem(self, world_size: int) -> str | None:
+        """Why ``batch_size`` does not split over ``world_size`` ranks, or None."""
+        return batch_problem(self.batch_size, world_size)
 
 
 class DigitsCNN(nn.Module):
@@ -174,7 +179,7 @@ def train(ctx: TrialContext) -> None:
     torch.manual_seed(s.seed)
     train_set, val_set, _ = datasets(s)
     sampler = ctx.sampler(train_set, shuffle=True, seed=s.seed)
-    loader = DataLoader(train_set, max(1, s.batch_size // ctx.world_size), sampler=sampler)
+    loader = DataLoader(train_set, per_rank_batch(s, ctx), sampler=sampler)
     val_shard = Subset(val_set, shard(len(val_set), ctx.rank, ctx.world_size))
     val_loader = DataLoader(val_shard, batch_size=512)
 
@@ -192,6 +197,7 @@ def train(ctx: TrialContext) -> None:
     for epoch in range(resumed.next_step if resumed else 1, s.epochs + 1):
         model.train()
         sampler.set_epoch(epoch)
+        ctx.reseed(s.seed, epoch)  # augmentation and dropout draw the same after a resume
         loss_sum = count = 0.0
         for x, y in loader:
             x, y = augment(x, s).to(ctx.device), y.to(ctx.device)

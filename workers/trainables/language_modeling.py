@@ -35,6 +35,7 @@ from torch import nn
 from hpo.workers import TrainableError, cleaning, trainable
 from hpo.workers.context import TrialContext
 from hpo.workers.guards import EarlyStopping, GuardSettings, LossGuard
+from hpo.workers.registry import batch_problem, per_rank_batch
 from hpo.workers.schedules import Schedule, ScheduleName, ScheduleSettings
 from hpo.workers.splits import SplitSettings, shard, split_by, subsample
 from hpo.workers.trainables.text_classification import load_texts
@@ -74,6 +75,10 @@ class Settings(ScheduleSettings, GuardSettings, SplitSettings):
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
     test_fraction: float = Field(default=0.1, gt=0, lt=1)
     seed: int = Field(default=0, ge=0, description="Initialisation, dropout and shuffling.")
+
+    def split_problem(self, world_size: int) -> str | None:
+        """Why ``batch_size`` does not split over ``world_size`` ranks x ``grad_accum``."""
+        return batch_problem(self.batch_size, world_size, self.grad_accum)
 
     @model_validator(mode="after")
     def _check_structure(self) -> Settings:
@@ -324,7 +329,7 @@ def train(ctx: TrialContext) -> None:
     sets = blocks_of(s, model.vocab)
     if len(sets["train"]) < ctx.world_size or not len(sets["val"]):
         raise TrainableError(f"context {s.context}: too few token blocks to train and validate")
-    micro = max(1, s.batch_size // (ctx.world_size * s.grad_accum))
+    micro = per_rank_batch(s, ctx) // s.grad_accum
     sampler = ctx.sampler(sets["train"], shuffle=True, seed=s.seed)
     val = sets["val"][shard(len(sets["val"]), ctx.rank, ctx.world_size)]
 
@@ -343,6 +348,7 @@ def train(ctx: TrialContext) -> None:
     loss_sum = count = 0.0
     while schedule.steps < s.steps:
         model.train()
+        ctx.reseed(s.seed, schedule.steps)  # dropout draws the same after a resume
         for i in range(s.grad_accum):
             batch = next(batches).to(ctx.device)
             last = i == s.grad_accum - 1  # DDP all-reduces the gradients on the last only

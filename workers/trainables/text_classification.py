@@ -33,6 +33,7 @@ from hpo.workers import TrainableError, cleaning, trainable
 from hpo.workers.context import TrialContext
 from hpo.workers.guards import EarlyStopping, GuardSettings, LossGuard
 from hpo.workers.metrics import gathered_metrics, held_out_metrics
+from hpo.workers.registry import batch_problem, per_rank_batch
 from hpo.workers.schedules import Schedule, ScheduleName, ScheduleSettings
 from hpo.workers.splits import SplitSettings, shard, split_by, subsample
 
@@ -72,6 +73,10 @@ class Settings(ScheduleSettings, GuardSettings, SplitSettings):
     seed: int = Field(default=0, ge=0, description="Initialisation, dropout and shuffling.")
     log_every: int = Field(default=10, ge=1, description="Steps between train_loss points.")
     eval_batch_size: int = Field(default=64, ge=1)
+
+    def split_problem(self, world_size: int) -> str | None:
+        """Why ``batch_size`` does not split over ``world_size`` ranks, or None."""
+        return batch_problem(self.batch_size, world_size)
 
 
 # ------------------------------------------------------------------------------- the data
@@ -337,7 +342,7 @@ def train(ctx: TrialContext) -> None:
     sets, report = splits(s, model.tokenizer, ("train", "val"))
     collate = DataCollatorWithPadding(model.tokenizer)
     sampler = ctx.sampler(sets["train"], shuffle=True, seed=s.seed)
-    per_rank = max(1, s.batch_size // ctx.world_size)
+    per_rank = per_rank_batch(s, ctx)
     loader = DataLoader(sets["train"], per_rank, sampler=sampler, collate_fn=collate)
     val_shard = sets["val"].select(shard(len(sets["val"]), ctx.rank, ctx.world_size))
     val_loader = DataLoader(val_shard, s.eval_batch_size, collate_fn=collate)
@@ -355,6 +360,7 @@ def train(ctx: TrialContext) -> None:
     for epoch in range(resumed.next_step if resumed else 1, s.epochs + 1):
         model.train()
         sampler.set_epoch(epoch)
+        ctx.reseed(s.seed, epoch)  # dropout draws the same after a resume
         loss_sum = count = 0.0
         for i, batch in enumerate(loader, start=1):
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
