@@ -29,6 +29,26 @@ class _ViewNSGAII(optuna.samplers.NSGAIISampler):
         super().__init__(**kwargs)
         self._number = number
 
+    def _sync_generation_cache(self, study: Any) -> list[Any]:
+        """The latest complete generation and its trial numbers, found without Optuna's
+        ``trials[number]``: a view holds no failed trial, so a list position is not a trial
+        number (one failed trial made every later ask an IndexError)."""
+        trials = study._get_trials(deepcopy=False, use_cache=True)
+        self._cached_generation, self._cached_generation_numbers = 0, []
+        for trial in trials:
+            generation = trial.system_attrs.get(self._get_generation_key())
+            if trial.state == optuna.trial.TrialState.COMPLETE and generation is not None:
+                self._cache_completed_trial(generation, trial.number)
+        return trials
+
+    def get_population(self, study: Any, generation: int) -> list[Any]:
+        key = self._get_generation_key()
+        return [
+            t
+            for t in self._sync_generation_cache(study)
+            if t.state == optuna.trial.TrialState.COMPLETE and t.system_attrs.get(key) == generation
+        ]
+
     def get_parent_population(self, study: Any, generation: int) -> list[Any]:
         parents = super().get_parent_population(study, generation)
         earlier = (

@@ -32,10 +32,16 @@ def losses(p: dict) -> tuple[float, ...]:
     return ((p["x"] - 1) ** 2 + abs(p["n"] - 3), (p["lr"] - 0.01) ** 2 + p["x"] ** 2)
 
 
-def lockstep(spec: StudySpec, engine_for: object, n: int, objectives: int = 1) -> list[dict]:
+def lockstep(
+    spec: StudySpec,
+    engine_for: object,
+    n: int,
+    objectives: int = 1,
+    failing: frozenset[int] = frozenset(),
+) -> list[dict]:
     """Run ours and Optuna's own study side by side for ``n`` trials (each ask of Optuna's
-    uses the sampler ours builds for that trial number); returns our suggestions after
-    checking each equals Optuna's."""
+    uses the sampler ours builds for that trial number; the trials numbered in ``failing``
+    fail); returns our suggestions after checking each equals Optuna's."""
     ours = make_sampler(spec)
     directions = ["minimize"] * objectives
     study = optuna.create_study(directions=directions)
@@ -51,9 +57,13 @@ def lockstep(spec: StudySpec, engine_for: object, n: int, objectives: int = 1) -
         }
         assert got.params == theirs, f"trial {number}"
         values = losses(got.params)[:objectives]
-        study.tell(asked, list(values))
         kept = got.info.get("kept", {})
-        trials.append(ObservedTrial(number, "complete", got.params, values, kept=kept))
+        if number in failing:
+            study.tell(asked, state=optuna.trial.TrialState.FAIL)
+            trials.append(ObservedTrial(number, "failed", got.params, None, kept=kept))
+        else:
+            study.tell(asked, list(values))
+            trials.append(ObservedTrial(number, "complete", got.params, values, kept=kept))
         out.append(got.info)
     return out
 
@@ -83,6 +93,10 @@ def test_nsga2_suggests_what_optunas_nsga2_does_for_two_objectives() -> None:
 
     infos = lockstep(spec, engine, 16, objectives=2)
     assert [i["generation"] for i in infos[:9:4]] == [0, 1, 2]
+    # A failed trial is no list position in our view of the study: Optuna's trials[number]
+    # then named the wrong trial, and past it every ask was an IndexError.
+    infos = lockstep(spec, engine, 16, objectives=2, failing=frozenset({1, 6}))
+    assert infos[-1]["generation"] >= 2
 
 
 @pytest.mark.parametrize("scramble", [False, True])
