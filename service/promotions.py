@@ -20,7 +20,7 @@ from hpo.service.db.models import Study
 from hpo.service.pruners import make_pruner
 from hpo.service.pruners.asha import AshaPruner, Promotion
 from hpo.service.spec import StudySpec
-from hpo.service.storage import metrics, trials
+from hpo.service.storage import metrics, studies, trials
 
 
 def promotes(spec: StudySpec) -> bool:
@@ -53,6 +53,7 @@ def candidates(
         return [Promotion(t, 0, reasons.get(t) or {}) for t in order]
     pruner = make_pruner(spec)
     assert isinstance(pruner, AshaPruner)
+    final = _final(s, study, spec)
     numbers = trials.numbers(s, list(paused))
     out: list[Promotion] = []
     for bracket in sorted({pruner.bracket_of(n) for n in numbers.values()}):
@@ -63,11 +64,23 @@ def candidates(
             rung: metrics.values_at_by_trial(s, study.id, pruner.metric, rung, peers)
             for rung in rungs
         }
-        out += pruner.promotion_order(mine, values, bracket)
+        out += pruner.promotion_order(mine, values, bracket, final=final)
     # across brackets too: the highest rung (in steps) first, then the best value
     sign = -1 if pruner.direction == "maximize" else 1
     out.sort(key=lambda p: (-p.reason["step"], sign * p.reason["value"], p.trial_id))
     return out
+
+
+def _final(s: Session, study: Study, spec: StudySpec) -> bool:
+    """Whether no trial can reach a rung any more: the study's trial numbers are spent and
+    none runs or waits. Then the best paused trial of a rung may go on although fewer than
+    η trials reached it (floor(n/η) is 0 there): else the study ended with every trial
+    paused and none complete (20 trials, η 3, max_steps 27: no trial passed step 9)."""
+    from hpo.service.transitions import budget_limit  # transitions imports this module
+
+    if study.next_number < budget_limit(study, spec):
+        return False
+    return studies.count_active(s, study.id) == (0, 0)
 
 
 def rung_values(

@@ -103,11 +103,21 @@ class AshaPruner(Pruner):
         return None
 
     def _standing(
-        self, k: int, rung: int, value: float, ranked: list[float], bracket: int = 0
+        self,
+        k: int,
+        rung: int,
+        value: float,
+        ranked: list[float],
+        bracket: int = 0,
+        *,
+        final: bool = False,
     ) -> dict[str, Any]:
         """Where ``value`` stands among the ``ranked`` values of rung ``k``: its rank, how many
-        of them may be promoted (``floor(n/η)``) and the value the last of those has."""
+        of them may be promoted (``floor(n/η)``; at least 1 when ``final``: no trial can reach
+        the rung any more) and the value the last of those has."""
         promotable = len(ranked) // self.spec.pruner.reduction_factor
+        if final:
+            promotable = max(1, promotable)
         return {
             "pruner": self.spec.pruner.type,
             "mode": "promotion",
@@ -123,7 +133,12 @@ class AshaPruner(Pruner):
         }
 
     def promotion_order(
-        self, paused: dict[int, int], values: dict[int, dict[int, float]], bracket: int = 0
+        self,
+        paused: dict[int, int],
+        values: dict[int, dict[int, float]],
+        bracket: int = 0,
+        *,
+        final: bool = False,
     ) -> list[Promotion]:
         """The paused trials that may be promoted now, in the order to promote them: the
         highest rung first, then the best value. ``paused`` maps each paused trial to the
@@ -133,7 +148,8 @@ class AshaPruner(Pruner):
         rung k as they are now. A promoted trial keeps its promotion when later values push it
         out of that top set (as in the ASHA paper), so over a study more than ``floor(n_k/η)``
         may leave rung k; at any moment at most ``floor(n_k/η)`` of the trials at rung k are in
-        the top set."""
+        the top set. With ``final`` (no trial can reach any rung any more) the top set of a
+        rung holds at least its best trial."""
         out = []
         sign = -1 if self.direction == "maximize" else 1
         top = max(paused.values(), default=0)
@@ -155,8 +171,9 @@ class AshaPruner(Pruner):
                 rank_of = {t: i for i, t in enumerate(order, 1)}
                 ranking[rung] = (rank_of, [at_rung[t] for t in order])
             rank_of, ranked = ranking[rung]
-            if rank_of[trial_id] <= len(ranked) // eta:
-                standing = self._standing(k, rung, at_rung[trial_id], ranked, bracket)
+            top = max(1, len(ranked) // eta) if final else len(ranked) // eta
+            if rank_of[trial_id] <= top:
+                standing = self._standing(k, rung, at_rung[trial_id], ranked, bracket, final=final)
                 standing["rank"] = rank_of[trial_id]
                 out.append(Promotion(trial_id, k, standing))
         out.sort(key=lambda p: (-p.reason["step"], sign * p.reason["value"], p.trial_id))

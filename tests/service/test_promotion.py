@@ -522,3 +522,37 @@ def test_a_resumed_attempt_stores_its_later_steps_of_every_metric(service: Study
     assert service.report(good.id, again, attempt=2) is True  # rung 1 (step 2): it pauses
     stored = {(p.name, p.step): (p.value, p.attempt) for p in service.storage.metrics(good.id)}
     assert stored == {("acc", 1): (0.5, 2), ("loss", 1): (0.1, 1), ("loss", 2): (0.08, 2)}
+
+
+def test_a_study_whose_last_rungs_hold_fewer_than_eta_trials_still_completes_one(
+    service: StudyService,
+) -> None:
+    """floor(n/η) is 0 at a rung fewer than η trials reached: with 20 trials, η 3 and rungs
+    1, 3, 9, 27, none went past step 9, and the study ended with every trial pruned and no
+    best. Once no trial can reach a rung any more, its best paused trial goes on."""
+    spec = simple_spec(
+        "few",
+        sampler={"type": "random", "seed": 0},
+        budget={"max_trials": 20},
+        pruner={**PROMOTION, "reduction_factor": 3, "max_steps": 27},
+        space={"x": {"type": "float", "low": -2.0, "high": 3.0}},
+    )
+    sid = service.create_study(StudySpec.model_validate(spec)).id
+    reached: dict[int, int] = {}
+    while True:
+        try:
+            t = service.ask(sid)
+        except BudgetSpent:
+            break
+        x = t.params["x"]
+        for step in range(reached.get(t.id, 0) + 1, 28):
+            reached[t.id] = step
+            if service.report(t.id, [MetricInput(step, "loss", (x - 1) ** 2 + 1 / step)]):
+                break
+        else:
+            service.tell(t.id, value=(x - 1) ** 2 + 1 / 27)
+    record = service.storage.get_study(sid)
+    assert record.state == "completed" and record.counts["paused"] == 0
+    assert record.counts["complete"] >= 1 and max(reached.values()) == 27
+    assert record.best_trial is not None
+    assert len(reached) == 20  # no trial beyond the budget
