@@ -325,7 +325,12 @@ def _finish(
     if decision is not None:
         trial.pruned = decision.reason
         watched = decision.reason.get("value")
-        vals = [watched] if watched is not None and not spec.multi_objective else None
+        if decision.reason.get("metric") != spec.objectives[0].metric:
+            # the pruner watches another metric (acc while the objective is loss): the value
+            # is the objective's last report, as for a trial told pruned
+            vals = transitions.last_watched_value(s, trial, spec)
+        else:
+            vals = [watched] if watched is not None and not spec.multi_objective else None
         transitions.finish(s, study, trial, TrialState.PRUNED, vals, None, now=now)
         return True
     studies.touch_curves(study, trial)  # new points: the study's own ETag holds

@@ -1033,11 +1033,36 @@ def check_new(spec: StudySpec) -> None:
                     "a listed value almost never; give it a step or values, or make the "
                     "condition on a categorical or int parameter"
                 )
+    for name, param in spec.space.items():
+        if isinstance(param, CategoricalParam):
+            clash = _equal_choices(param.choices)
+            if clash is not None:  # the models index a choice by ==: True is learnt as 1
+                raise ValueError(
+                    f"space.{name}.choices: {clash[0]!r} and {clash[1]!r} are equal to Python "
+                    "(and to the samplers' models, which would learn one for the other); "
+                    "give distinct values, e.g. strings"
+                )
     p = spec.pruner
+    watched = next((o for o in spec.objectives if o.metric == spec.pruned_metric), None)
+    if p.direction is not None and watched is not None and p.direction != watched.direction:
+        raise ValueError(
+            f"pruner.direction: {p.direction!r} contradicts the objective "
+            f"{watched.metric!r} ({watched.direction}); leave it out for an objective"
+        )
     if p.type in ("asha", "hyperband") and p.max_steps is not None and p.max_steps < p.min_steps:
         raise ValueError(
             f"pruner.max_steps: {p.max_steps} is below min_steps ({p.min_steps}): no rung fits"
         )
+
+
+def _equal_choices(choices: Sequence[Any]) -> tuple[Any, Any] | None:
+    """Two choices of different types that ``==`` takes as one (``1``, ``True``, ``1.0``)."""
+    seen: dict[Any, Any] = {}
+    for c in choices:
+        first = seen.setdefault(c, c)  # a dict finds 1 under True: equal, and equal hashes
+        if type(first) is not type(c):
+            return first, c
+    return None
 
 
 def _off_lattice(param: FloatParam | IntParam | CategoricalParam) -> float | None:

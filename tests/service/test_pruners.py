@@ -259,3 +259,30 @@ def test_hyperband_brackets_start_later_and_compare_within_themselves() -> None:
     assert pruner.judge(Report(1, 0.5, None, number=5), history) is None  # no rung at 1
     # trial 5 (bracket 1) at step 3: best of its bracket, though worse than bracket 0's
     assert pruner.judge(Report(3, 0.3, 2, number=5), history) is None
+
+
+def test_a_trial_pruned_on_another_metric_keeps_its_objectives_value(
+    service: StudyService,
+) -> None:
+    """The pruner watches accuracy while the objective is a loss: the pruned trial's value
+    was its accuracy (0.1), which read as a better loss than the complete trial's 0.2."""
+    spec = simple_spec(
+        "other-metric",
+        pruner={
+            "type": "median",
+            "n_startup_trials": 1,
+            "min_steps": 0,
+            "metric": "acc",
+            "direction": "maximize",
+        },
+    )
+    sid = service.create_study(StudySpec.model_validate(spec)).id
+    first = service.ask(sid)
+    service.report(first.id, [MetricInput(0, "acc", 0.9), MetricInput(0, "loss", 0.2)])
+    service.tell(first.id, value=0.2)
+    second = service.ask(sid)
+    assert service.report(second.id, [MetricInput(0, "loss", 0.5), MetricInput(0, "acc", 0.1)])
+    pruned = service.storage.get_trial(second.id)
+    assert pruned.state == "pruned" and pruned.value == 0.5
+    assert pruned.pruned["metric"] == "acc" and pruned.pruned["value"] == 0.1
+    assert service.storage.get_study(sid).best_trial.id == first.id

@@ -184,6 +184,32 @@ def test_condition_values_must_exist_and_cycles_are_refused() -> None:
         check_new(StudySpec.model_validate(base(space={"f": f, "d": child})))
 
 
+def test_a_new_spec_with_choices_equal_to_python_or_a_contrary_pruner_direction() -> None:
+    """Choices 1 and True were kept apart by the spec but indexed as one by the samplers'
+    models (TPE learnt every True trial as 1, and the order of the list decided which one it
+    then picked); a pruner direction against its objective's pruned the better trials."""
+    for choices, shown in (
+        ([1, True], "1 and True"),
+        (["a", 0, False], "0 and False"),
+        ([2, 1.0, 1], "1.0 and 1"),
+    ):
+        spec = StudySpec.model_validate(
+            base(space={"c": {"type": "categorical", "choices": choices}})
+        )
+        with pytest.raises(ValueError, match=f"space.c.choices: {shown} are equal"):
+            check_new(spec)
+    check_new(
+        StudySpec.model_validate(
+            base(space={"c": {"type": "categorical", "choices": [1, "1", "True", None, 2.5]}})
+        )
+    )
+    contrary = base(pruner={"type": "median", "direction": "maximize"})  # objective: minimize
+    with pytest.raises(ValueError, match="pruner.direction: 'maximize' contradicts the obj"):
+        check_new(StudySpec.model_validate(contrary))
+    other = base(pruner={"type": "median", "metric": "acc", "direction": "maximize"})
+    check_new(StudySpec.model_validate(other))  # another metric: its own direction
+
+
 @pytest.mark.parametrize(
     ("over", "field"),
     [
