@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Container, Sequence
+from collections.abc import Container, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -71,6 +71,15 @@ class OptunaBacked(Sampler):
         return frozen_trial(self.spec, trial)
 
 
+def _as_objective(spec: StudySpec, intermediate: Mapping[int, float]) -> dict[int, float]:
+    """A pruned trial's reports of the pruner's metric as Optuna ranks them, by the
+    objective's direction: negated where the two directions differ (accuracy pruned while a
+    loss is minimised), or the trials with the worst accuracy were learnt as the best."""
+    if spec.multi_objective or spec.pruner_direction == spec.objectives[0].direction:
+        return dict(intermediate)
+    return {step: -value for step, value in intermediate.items()}
+
+
 def frozen_trial(
     spec: StudySpec, trial: ObservedTrial, lie: tuple[float, ...] | None = None
 ) -> FrozenTrial | None:
@@ -98,7 +107,7 @@ def frozen_trial(
             values=values,
             params=params,
             distributions=dists,
-            intermediate_values=dict(trial.intermediate),
+            intermediate_values=_as_objective(spec, trial.intermediate),
             system_attrs=attrs,
         )
     except ValueError:  # a value outside a distribution after a spec edit: leave it out
@@ -375,4 +384,10 @@ def _suggest_one(
     if isinstance(dist, IntDistribution):
         return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
     value = trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
-    return round(value, 12) if dist.step is not None else value
+    if dist.step is None:
+        return value
+    # the lattice point as the decimals read (Optuna's low + k * step carries float noise);
+    # rounding to 12 decimals instead wiped out a lattice finer than 1e-12 (1e-15 became 0.0)
+    top = round((dist.high - dist.low) / dist.step)
+    k = min(max(round((value - dist.low) / dist.step), 0), top)
+    return lattice_point(dist.low, dist.step, k)

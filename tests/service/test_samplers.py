@@ -287,3 +287,41 @@ def test_random_values_on_a_tiny_step_stay_in_their_domain() -> None:
     tiny = FloatParam(type="float", low=1e-20, high=1e-18, step=1e-20)
     drawn = {sample_param(tiny, rng) for _ in range(200)}
     assert len(drawn) > 50 and all(tiny.contains(v) for v in drawn)
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_tpe_learns_pruned_trials_by_the_pruners_direction(direction: str) -> None:
+    """Every trial is pruned, and its pruned metric (accuracy, maximised, while the objective
+    is a loss) says larger x is better. TPE ranked those reports by the loss's direction and
+    searched towards the worst x when the two directions differed."""
+    from hpo.service.db import make_engine, upgrade_schema
+    from hpo.service.storage import Storage
+    from hpo.service.studies import MetricInput, StudyService
+
+    engine = make_engine("sqlite://")
+    upgrade_schema(engine)
+    service = StudyService(Storage(engine))
+    sign = 1 if direction == "maximize" else -1
+    spec = {
+        "name": "pruned-direction",
+        "objective": {"metric": "loss", "direction": "minimize"},
+        "sampler": {"type": "tpe", "seed": 2, "n_startup_trials": 5},
+        "pruner": {
+            "type": "threshold",
+            "metric": "acc",
+            "direction": direction,
+            "lower": -10,
+            "upper": 10,
+        },
+        "space": {"x": {"type": "float", "low": 0, "high": 1}},
+    }
+    sid = service.create_study(StudySpec.model_validate(spec)).id
+    late = []
+    for i in range(30):
+        t = service.ask(sid)
+        if i >= 10:
+            late.append(t.params["x"])
+        service.report(t.id, [MetricInput(step=3, name="acc", value=sign * t.params["x"])])
+        service.tell(t.id, state="pruned")
+    engine.dispose()
+    assert statistics.mean(late) > 0.65, late

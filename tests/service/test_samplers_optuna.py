@@ -139,3 +139,17 @@ def test_a_float_lattice_keeps_its_high_end(sampler: str) -> None:
         seen.add(x)
         trials.append(ObservedTrial(number, "complete", {"x": x}, (-x,)))
     assert seen == {0.7, 1.0, 1.3}
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "qmc", "cmaes"])
+def test_a_lattice_finer_than_1e_12_is_kept(sampler: str) -> None:
+    """Suggestions were rounded to 12 decimals: on a 1e-20 lattice in [1e-15, 2e-15] every
+    model-based sampler suggested 0.0, outside the range (the random sampler did not)."""
+    space = {"x": {"type": "float", "low": 1e-15, "high": 2e-15, "step": 1e-20}}
+    spec = spec_of({"type": sampler, "seed": 0}, space=space)
+    ours = make_sampler(spec)
+    trials: list[ObservedTrial] = []
+    for number in range(12):
+        x = ours.suggest(StudyView(spec, trials, number)).params["x"]
+        assert spec.space["x"].contains(x), (number, x)
+        trials.append(ObservedTrial(number, "complete", {"x": x}, (x * 1e15,)))
