@@ -612,6 +612,16 @@ RUNG_VALUES_SETTLED_S = 600.0
 _FINISHED = frozenset(state.value for state in FINISHED_TRIAL_STATES)
 
 
+def _pruned_below(state: str, reason: Any, step: int) -> bool:
+    """Whether a trial was pruned at a step below ``step``: it never passed that rung, though
+    points of the batch that crossed it were stored (ranked there, it pushed the rung's one
+    survivor out)."""
+    if state != TrialState.PRUNED.value or not isinstance(reason, dict):
+        return False
+    at = reason.get("step")
+    return isinstance(at, int) and at < step
+
+
 def values_at_by_trial(
     session: Session,
     study_id: int,
@@ -656,9 +666,15 @@ def values_at_by_trial(
     for i in range(0, len(ids), 500):  # under SQLite's limit of bound parameters
         chunk = ids[i : i + 500]
         rows = session.execute(
-            select(Trial.id, first_value_at(metric, step)).where(Trial.id.in_(chunk))
+            select(Trial.id, first_value_at(metric, step), Trial.state, Trial.pruned).where(
+                Trial.id.in_(chunk)
+            )
         )
-        found.update((trial_id, value) for trial_id, value in rows if value is not None)
+        found.update(
+            (trial_id, value)
+            for trial_id, value, state, pruned in rows
+            if value is not None and not _pruned_below(state, pruned, step)
+        )
     out.update(found)
     fresh = {t: (a, found.get(t)) for t, a in todo.items() if a is not None}
     if fresh:

@@ -286,3 +286,24 @@ def test_a_trial_pruned_on_another_metric_keeps_its_objectives_value(
     assert pruned.state == "pruned" and pruned.value == 0.5
     assert pruned.pruned["metric"] == "acc" and pruned.pruned["value"] == 0.1
     assert service.storage.get_study(sid).best_trial.id == first.id
+
+
+def test_asha_ranks_a_rung_without_trials_pruned_below_it(service: StudyService) -> None:
+    """Trials that report several steps in one batch (the workers' reporter flushes every
+    second) are pruned at the first rung they cross, yet their later points were stored and
+    ranked at the next rung: the one trial that passed rung 1 was pruned at rung 2 by two
+    trials ASHA had already stopped."""
+    spec = simple_spec(
+        "batches",
+        pruner={"type": "asha", "min_steps": 1, "reduction_factor": 2, "max_steps": 100},
+    )
+    sid = service.create_study(StudySpec.model_validate(spec)).id
+    fixed = {"x": 0.0, "n": 1}
+    survivor = service.ask(sid, params=fixed)
+    assert not service.report(survivor.id, [MetricInput(1, "loss", 0.1)])
+    for first, second in ((0.9, 0.05), (0.8, 0.04)):
+        t = service.ask(sid, params=fixed)
+        assert service.report(t.id, [MetricInput(1, "loss", first), MetricInput(2, "loss", second)])
+        assert service.storage.get_trial(t.id).pruned["step"] == 1
+    assert not service.report(survivor.id, [MetricInput(2, "loss", 0.3)])  # alone at rung 2
+    assert service.storage.get_trial(survivor.id).state == "running"
