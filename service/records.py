@@ -147,6 +147,11 @@ class TrialRecord(_Record):
         "in ``budget.max_steps``.",
     )
     error: str | None = None
+    feasible: bool | None = Field(
+        default=None,
+        description="A complete trial of a study with constraints: whether it meets them (its "
+        "told values and last reported points), as the best trial is chosen. In trial lists.",
+    )
     pruned: dict[str, Any] | None = None
     suggestion: dict[str, Any] | None = None
     placement: Placement | None = None

@@ -147,7 +147,18 @@ class Storage(Transactions):
             rows = trials.page(s, study_id, states=states, since=since, limit=limit, curves=True)
             full = len(rows) == max(1, min(limit, MAX_PAGE))
             cursor = rows[-1].curve_seq if full else max(study.curve_seq, since or 0)
-            return [trial_record(t) for t in rows], cursor
+            records = [trial_record(t) for t in rows]
+            spec = spec_of(study)
+            if spec.constraints:  # what the best trial is chosen among, said of each
+                complete = [t for t in rows if t.state == TrialState.COMPLETE.value]
+                feasible = {t.id for t in studies.feasible(s, spec, complete)}
+                records = [
+                    r.model_copy(update={"feasible": r.id in feasible})
+                    if r.state == TrialState.COMPLETE
+                    else r
+                    for r in records
+                ]
+            return records, cursor
 
     def outcomes(
         self, study_id: int, *, since: int | None = None, limit: int = MAX_PAGE

@@ -241,12 +241,12 @@ def _best_feasible(
         ranked = base.where(Trial.value.is_not(None)).order_by(order, Trial.number)
         offset = 0
         while page := list(session.scalars(ranked.offset(offset).limit(_FEASIBLE_PAGE))):
-            found = next((t for t in _feasible(session, spec, page)), None)
+            found = next((t for t in feasible(session, spec, page)), None)
             if found is not None:
                 return trial_record(found), [trial_record(found)]
             offset += len(page)
         return None, []
-    trials = _feasible(session, spec, [t for t in session.scalars(base) if t.values])
+    trials = feasible(session, spec, [t for t in session.scalars(base) if t.values])
     if not trials:
         return None, []
     signs = np.array([1.0 if o.direction == "minimize" else -1.0 for o in spec.objectives])
@@ -254,7 +254,7 @@ def _best_feasible(
     return None, sorted((trial_record(trials[i]) for i in front), key=lambda r: r.number)
 
 
-def _feasible(session: Session, spec: StudySpec, trials: Sequence[Trial]) -> list[Trial]:
+def feasible(session: Session, spec: StudySpec, trials: Sequence[Trial]) -> list[Trial]:
     """Those of ``trials`` (complete) whose told values and last reports meet every constraint."""
     last: dict[int, dict[str, float]] = {}
     ids = [t.id for t in trials]

@@ -682,13 +682,90 @@ def test_dashboard_shows_the_pareto_front(sqlite_server: ServerProcess) -> None:
 
 
 @pytest.mark.browser
-def test_dashboard_shows_paused_trials_and_their_rungs(sqlite_server: ServerProcess) -> None:
+def test_the_history_of_a_constrained_study_draws_the_best_among_feasible_trials(
+    sqlite_server: ServerProcess,
+) -> None:
+    """acc maximised with latency <= 10: the best-so-far line went through the infeasible
+    0.99 (latency 50) while the header said the best was 0.6. Trial lists now say which
+    complete trials meet the constraints, and the line leaves the others out."""
+    http = sqlite_server.http()
+    spec = simple_spec(
+        "constrained",
+        objective={"metric": "acc", "direction": "maximize"},
+        constraints=["latency <= 10"],
+    )
+    sid = create_spec(http, spec)
+    for acc, latency in [(0.5, 5), (0.99, 50), (0.6, 8), (0.7, 30)]:
+        t = ask(http, sid)
+        report(http, t["trial_id"], [(1, "latency", latency)])
+        tell(http, t["trial_id"], value=acc)
+    running = ask(http, sid)["trial_id"]
+    listed = ok(http.get(f"{API}/studies/{sid}/trials"))["trials"]
+    assert [t["feasible"] for t in listed] == [True, False, True, False, None]
+    assert listed[-1]["id"] == running
+    assert ok(http.get(f"{API}/studies/{sid}"))["best_trial"]["value"] == 0.6
+    http.close()
+    with study_page(sqlite_server, sid) as (page, errors):
+        wait_until(page, "() => document.getElementById('history')?.chart?.spec != null")
+        pruned_pts, feasible_pts, best_line, infeasible_pts = chart_layers(page, "history")
+        assert pruned_pts == [] and feasible_pts == [[0, 0.5], [2, 0.6]]
+        assert [y for _, y in best_line] == [0.5, 0.6]
+        assert infeasible_pts == [[1, 0.99], [3, 0.7]]
+        assert errors == []
+
+
+@pytest.mark.browser
+def test_the_drawer_of_a_running_trial_follows_its_points_and_gets_over_an_error(
+    sqlite_server: ServerProcess,
+) -> None:
+    """The drawer reloaded only when the trial's state moved: a running trial's new points
+    and last step never showed. And one failed request left it saying "loading…" for good
+    (it retried only from a redraw, which a quiet study never made)."""
+    http = sqlite_server.http()
+    sid = create(http, "drawer")
+    tid = ask(http, sid)["trial_id"]
+    report(http, tid, [(s, "loss", 1.0 / (s + 1)) for s in range(3)])
+    with study_page(sqlite_server, sid) as (page, errors):
+        page.wait_for_selector(f"table.trials tr[data-trial='{tid}']", timeout=15_000)
+        failed = []
+
+        def fail_once(route: Any) -> None:
+            if not failed:
+                failed.append(route.request.url)
+                route.fulfill(status=503, body='{"message": "database unavailable"}')
+            else:
+                route.continue_()
+
+        page.route(f"**/api/v1/trials/{tid}", fail_once)
+        page.click(f"table.trials tr[data-trial='{tid}']")
+        page.wait_for_selector("#detail .load-error", timeout=15_000)
+        wait_until(page, "() => document.querySelector('#detail .series') !== null", timeout=30)
+        assert failed and "last step2" in page.inner_text("#detail").replace("\t", "")
+        report(http, tid, [(s, "loss", 1.0 / (s + 1)) for s in range(3, 40)])
+        wait_until(
+            page,
+            "() => document.querySelector('#detail .series')?.dataset.points === '40'",
+            timeout=30,
+        )
+        assert "last step39" in page.inner_text("#detail").replace("\t", "")
+        assert errors == []
+    http.close()
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("max_steps", [9, None])
+def test_dashboard_shows_paused_trials_and_their_rungs(
+    sqlite_server: ServerProcess, max_steps: int | None
+) -> None:
     """Promotion ASHA over ask/tell: three trials pause at rung 1 (step 1), the best is
     promoted and pauses at rung 2 (step 3). The page counts and filters paused trials and
-    its rungs card says how many reached, wait at and went on from each rung."""
+    its rungs card says how many reached, wait at and went on from each rung (the card was
+    hidden for ASHA without max_steps: it computed Hyperband's brackets from it)."""
     http = sqlite_server.http()
     pruner = {"type": "asha", "mode": "promotion", "min_steps": 1, "reduction_factor": 3}
-    sid = create_spec(http, simple_spec("promo", pruner={**pruner, "max_steps": 9}))
+    if max_steps is not None:
+        pruner["max_steps"] = max_steps
+    sid = create_spec(http, simple_spec("promo", pruner=pruner))
     first = [ask(http, sid)["trial_id"] for _ in range(3)]
     for tid, loss in zip(first, (0.5, 0.3, 0.9), strict=True):
         report(http, tid, [(1, "loss", loss)])
@@ -756,6 +833,45 @@ def test_data_that_broke_the_page_is_drawn(sqlite_server: ServerProcess) -> None
         page.wait_for_selector("#detail .more-metrics", timeout=15_000)
         assert len(page.query_selector_all("#detail .series")) == 50
         assert page.inner_text("#detail .more-metrics").startswith("10 more metrics")
+        assert errors == []
+
+
+@pytest.mark.browser
+def test_axes_tell_apart_what_json_tells_apart_and_reach_the_largest_floats(
+    sqlite_server: ServerProcess,
+) -> None:
+    """A category axis put 3 and "3" on one place (and left a slot empty); a null choice was
+    drawn as an inactive parameter; values near ±1e308 overflowed the axis span and every
+    point fell on one edge; sorting a value column put the trials with no value first."""
+    http = sqlite_server.http()
+    space = {"c": {"type": "categorical", "choices": [None, 3, "3", "adam"]}}
+    sid = create_spec(http, {**simple_spec("axes"), "space": space})
+    for params, value in (({"c": None}, 1e308), ({"c": 3}, -1e308), ({"c": "3"}, 0.5)):
+        r = http.post(f"{API}/studies/{sid}/ask", json={"params": params})
+        tell(http, r.json()["trial_id"], value=value)
+    ask(http, sid)  # running: no value
+    http.close()
+    with study_page(sqlite_server, sid) as (page, errors):
+        page.wait_for_selector("table.trials tbody tr", timeout=15_000)
+        mapped = page.evaluate(
+            """async () => {
+                const { Scale } = await import('/static/js/plot.js');
+                const c = new Scale('category', [null, 3, '3', 'adam'], [0, 400]);
+                const y = new Scale('linear', [-1e308, 1e308], [0, 100]);
+                return [[null, 3, '3', 'adam'].map(v => c.map(v)), [y.map(-1e308), y.map(0),
+                        y.map(1e308)]];
+            }"""
+        )
+        assert mapped == [[50, 150, 250, 350], [0, 50, 100]]
+        value_col = page.eval_on_selector_all(
+            "table.trials thead th", "h => h.findIndex(x => x.textContent.startsWith('loss'))"
+        )
+        for _ in range(2):  # ascending, then descending: the running trial last both times
+            page.click(f"table.trials thead th:nth-child({value_col + 1})")
+            last = page.eval_on_selector(
+                "table.trials tbody tr:last-child", "r => r.querySelector('.badge').textContent"
+            )
+            assert last == "running"
         assert errors == []
 
 

@@ -47,6 +47,8 @@ export class TrialDetail {
     this.study = study;
     this.seq = null;
     this.series = {};
+    this.answer = null; // the series answer drawn (api.get keeps it: a 304 gives it back)
+    this.failed = false;
     this.root.hidden = false;
     this.root.replaceChildren(el("p", { class: "muted" }, "loading…"));
     await this.refresh();
@@ -57,11 +59,34 @@ export class TrialDetail {
     this.root.hidden = true;
   }
 
-  /** Reload when the open trial changed (its `seq` moved on). */
+  /** Called at every poll of the page: reload when the open trial changed (its `seq` moved
+   * on), when its metrics grew (its series answers 200, not 304: the trials list moves only
+   * with states, so a running trial's points and last step were never shown), or when the
+   * last load failed (the drawer said "loading…" for good after one error). */
   sync(trials, study) {
     this.study = study;
-    const t = this.id !== null && trials.get(this.id);
-    if (t && t.seq !== this.seq && !this.loading) this.refresh().catch(this.onError);
+    if (this.id === null || this.loading) return;
+    const t = trials.get(this.id);
+    if (this.failed || (t && t.seq !== this.seq)) {
+      this.refresh().catch(this.onError);
+      return;
+    }
+    const id = this.id;
+    this.loading = true;
+    api
+      .get(this.seriesPath(id), { keep: true })
+      .then((answer) => {
+        this.loading = false;
+        if (id === this.id && answer !== this.answer) return this.refresh();
+      })
+      .catch((err) => {
+        this.loading = false;
+        this.onError(err);
+      });
+  }
+
+  seriesPath(id) {
+    return api.url(`trials/${id}/series`, { max_points: MAX_POINTS });
   }
 
   async refresh() {
@@ -70,12 +95,23 @@ export class TrialDetail {
     try {
       const [trial, series] = await Promise.all([
         api.get(`trials/${id}`),
-        api.get(api.url(`trials/${id}/series`, { max_points: MAX_POINTS }), { keep: true }),
+        api.get(this.seriesPath(id), { keep: true }),
       ]);
       if (id !== this.id) return;
+      this.failed = false;
+      this.answer = series;
       this.series = series.series;
       this.seq = trial.seq;
       this.render(trial);
+    } catch (err) {
+      if (id === this.id) {
+        this.failed = true; // the next poll tries again
+        if (this.seq === null) {
+          const why = `could not load trial: ${err.message}; trying again`;
+          this.root.replaceChildren(el("p", { class: "muted load-error" }, why));
+        }
+      }
+      throw err;
     } finally {
       this.loading = false;
     }

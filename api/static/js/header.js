@@ -41,7 +41,11 @@ export function renderHeader(head, s, objectiveSel, onAct) {
       el("span", {}, `pruner ${s.spec.pruner?.type ?? "none"}`),
       el("span", { id: "counts" }, counts(s)),
       el("strong", { id: "best" }, best(s)),
-      el("span", { class: "muted" }, `updated ${ago(s.updated_at)}`),
+      el(
+        "span",
+        { class: "muted", id: "updated", dataset: { time: s.updated_at } },
+        `updated ${ago(s.updated_at)}`,
+      ),
       objectiveSel,
     ),
     el(

@@ -28,7 +28,8 @@ export function trialLabel(t, study) {
   const params = Object.entries(t.params)
     .map(([k, v]) => `${k} = ${param(v)}`)
     .join("\n");
-  return `trial #${t.number} (${t.state})\n${values}\n${params}`;
+  const state = t.feasible === false ? `${t.state}, infeasible` : t.state;
+  return `trial #${t.number} (${state})\n${values}\n${params}`;
 }
 
 function finished(model, i) {
@@ -45,8 +46,12 @@ export function history(model, i) {
     (t) => t.state === "pruned" && Number.isFinite(valueOf(t, i)),
   );
   const better = o.direction === "maximize" ? Math.max : Math.min;
+  // a study with constraints: the best is chosen among the trials that meet them (the
+  // server says which in `feasible`), so the line leaves the others out
+  const feasible = done.filter((t) => t.feasible !== false);
+  const infeasible = done.filter((t) => t.feasible === false);
   let best = null;
-  const line = done.map((t) => {
+  const line = feasible.map((t) => {
     best = best === null ? valueOf(t, i) : better(best, valueOf(t, i));
     return [t.number, best];
   });
@@ -64,8 +69,11 @@ export function history(model, i) {
     empty: "no complete trials yet",
     layers: [
       { kind: "points", data: pruned.map((t) => point(t, STATE_COLORS.pruned, true)) },
-      { kind: "points", data: done.map((t) => point(t, STATE_COLORS.complete, false)) },
+      { kind: "points", data: feasible.map((t) => point(t, STATE_COLORS.complete, false)) },
       { kind: "line", points: line, color: "#d62728", width: 2, step: true },
+      ...(infeasible.length
+        ? [{ kind: "points", data: infeasible.map((t) => point(t, STATE_COLORS.waiting, true)) }]
+        : []),
     ],
   };
 }
@@ -291,9 +299,12 @@ export function rungs(model) {
   const p = model.study.spec.pruner;
   if (p.mode !== "promotion") return null;
   const eta = p.reduction_factor;
-  const sMax = Math.floor(Math.log(p.max_steps / p.min_steps) / Math.log(eta) + 1e-9);
-  if (!Number.isFinite(sMax)) return null; // (the server bounds max_steps: 2**62 at most)
-  const brackets = p.type === "hyperband" ? Math.min(sMax + 1, 64) : 1;
+  let brackets = 1; // ASHA: one bracket, with or without max_steps (its rungs go on)
+  if (p.type === "hyperband") {
+    const sMax = Math.floor(Math.log(p.max_steps / p.min_steps) / Math.log(eta) + 1e-9);
+    if (!Number.isFinite(sMax)) return null; // (the server bounds max_steps: 2**62 at most)
+    brackets = Math.min(sMax + 1, 64);
+  }
   const trials = [...model.trials.values()];
   const top = Math.max(0, ...trials.map((t) => t.last_step ?? 0));
   const rows = [];

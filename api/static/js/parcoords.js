@@ -52,7 +52,9 @@ export function drawParallel(
     g.beginPath();
     let pen = false;
     row.values.forEach((v, i) => {
-      const y = v === undefined || v === null ? NaN : scales[i].map(v);
+      // an inactive parameter breaks the line; a null choice has its place on its axis
+      const missing = v === undefined || (v === null && scales[i].type !== "category");
+      const y = missing ? NaN : scales[i].map(v);
       if (!Number.isFinite(y)) {
         pen = false;
         return;

@@ -33,7 +33,9 @@ export class Scale {
       return i === undefined ? NaN : a + ((i + 0.5) / this.categories.length) * (b - a);
     }
     if (this.type === "log" && !(v > 0)) return NaN;
-    return a + ((this.f(v) - this.lo) / (this.hi - this.lo)) * (b - a);
+    // halves: near ±1.8e308 the span hi - lo overflows to Infinity (every point on one edge)
+    const at = (this.f(v) / 2 - this.lo / 2) / (this.hi / 2 - this.lo / 2);
+    return a + at * (b - a);
   }
 
   ticks(count = 5) {
@@ -47,7 +49,8 @@ export class Scale {
 }
 
 function key(v) {
-  return typeof v === "string" ? v : JSON.stringify(v);
+  // a string apart from the number or literal it spells: "3" is not 3, "true" is not true
+  return typeof v === "string" ? `s:${v}` : JSON.stringify(v);
 }
 
 const MAX_TICKS = 100;
@@ -98,7 +101,7 @@ export function extent(values, type) {
     const d = Math.abs(lo) * 0.1 || 1;
     return [lo - d, hi + d];
   }
-  const pad = (hi - lo) * 0.04;
+  const pad = (hi / 2 - lo / 2) * 0.08; // halves: hi - lo may overflow near ±1.8e308
   return [Math.max(lo - pad, -Number.MAX_VALUE), Math.min(hi + pad, Number.MAX_VALUE)];
 }
 
@@ -304,6 +307,14 @@ function project(chart, points) {
 }
 
 function polyline(g, [xs, ys], step) {
+  if (xs.length === 1) {
+    // one point strokes nothing: a dot, in the line's colour (a curve of one report)
+    g.beginPath();
+    g.arc(xs[0], ys[0], Math.max(2, g.lineWidth), 0, 2 * Math.PI);
+    g.fillStyle = g.strokeStyle;
+    g.fill();
+    return;
+  }
   g.beginPath();
   for (let k = 0; k < xs.length; k += 1) {
     if (k === 0) g.moveTo(xs[k], ys[k]);

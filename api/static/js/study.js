@@ -6,7 +6,7 @@
 
 import * as api from "./api.js";
 import { TrialDetail } from "./detail.js";
-import { el } from "./format.js";
+import { ago, el } from "./format.js";
 import { renderHeader } from "./header.js";
 import * as panels from "./panels.js";
 import { drawLegend, drawParallel } from "./parcoords.js";
@@ -217,6 +217,8 @@ export class StudyPage {
 
   async tick() {
     this.checkDispatch(); // beside the tick: it never fails, and the tick need not wait
+    const updated = document.getElementById("updated"); // "updated 2 min ago" moves on
+    if (updated) updated.textContent = `updated ${ago(updated.dataset.time)}`;
     // A page that holds nothing of the study asks for all of it (a stopped page's last tick
     // may have kept an ETag after the new page's `forgetAll`), as the pulls below do.
     if (!this.study) api.forget(`studies/${this.id}`);
@@ -226,6 +228,7 @@ export class StudyPage {
       const shown = this.v.curves;
       await this.pullCurves();
       if (this.v.curves !== shown) this.render();
+      else this.detail.sync(this.trials, this.study); // (render syncs it too)
       return;
     }
     this.stale = false;

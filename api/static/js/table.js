@@ -123,10 +123,12 @@ export class TrialsTable {
     const keep = parseFilter(this.query.value, study);
     const rows = [...trials.values()]
       .filter((t) => (!this.state.value || t.state === this.state.value) && keep(t))
-      .sort(
-        (a, b) =>
-          compare(col.value(a), col.value(b)) * (this.sort.desc ? -1 : 1) || a.number - b.number,
-      );
+      .sort((a, b) => {
+        const [x, y] = [col.value(a), col.value(b)];
+        const none = (v) => v === null || v === undefined;
+        if (none(x) !== none(y)) return none(x) ? 1 : -1; // no value: last either way
+        return compare(x, y) * (this.sort.desc ? -1 : 1) || a.number - b.number;
+      });
     const pages = Math.max(1, Math.ceil(rows.length / PAGE));
     this.page = Math.min(Math.max(0, this.page), pages - 1);
     const shown = rows.slice(this.page * PAGE, (this.page + 1) * PAGE);
