@@ -872,6 +872,23 @@ def test_axes_tell_apart_what_json_tells_apart_and_reach_the_largest_floats(
                 "table.trials tbody tr:last-child", "r => r.querySelector('.badge').textContent"
             )
             assert last == "running"
+        # the keyboard: a header sorts on Enter, a row opens its trial, Escape-free close
+        page.focus(f"table.trials thead th:nth-child({value_col + 1})")
+        page.keyboard.press("Enter")
+        assert (
+            page.eval_on_selector(
+                f"table.trials thead th:nth-child({value_col + 1})",
+                "h => h.getAttribute('aria-sort')",
+            )
+            == "ascending"
+        )
+        page.focus("table.trials tbody tr:first-child")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#detail:not([hidden]) .drawer-head", timeout=15_000)
+        assert page.evaluate("() => document.activeElement.classList.contains('close')")
+        page.keyboard.press("Enter")  # the close button
+        wait_until(page, "() => document.getElementById('detail').hidden")
+        assert page.evaluate("() => document.activeElement.tagName") == "TR"
         assert errors == []
 
 

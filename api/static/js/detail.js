@@ -49,14 +49,17 @@ export class TrialDetail {
     this.series = {};
     this.answer = null; // the series answer drawn (api.get keeps it: a 304 gives it back)
     this.failed = false;
+    this.focus = true; // the first drawing takes the keyboard focus (to its close button)
     this.root.hidden = false;
     this.root.replaceChildren(el("p", { class: "muted" }, "loading…"));
     await this.refresh();
   }
 
   close() {
+    const id = this.id;
     this.id = null;
     this.root.hidden = true;
+    document.querySelector(`table.trials tr[data-trial="${id}"]`)?.focus(); // back to its row
   }
 
   /** Called at every poll of the page: reload when the open trial changed (its `seq` moved
@@ -200,6 +203,10 @@ export class TrialDetail {
       ),
     ];
     this.root.replaceChildren(...parts.flat().filter(Boolean));
+    if (this.focus) {
+      this.root.querySelector(".close")?.focus();
+      this.focus = false;
+    }
     for (const c of charts) {
       new Chart(c.box, { height: 150 }).set({
         x: { label: "step" },

@@ -157,16 +157,21 @@ export class TrialsTable {
         {},
         cols.map((c, i) => {
           const arrow = this.sort.col === i ? (this.sort.desc ? " ▼" : " ▲") : "";
+          const sortBy = () => {
+            this.sort = { col: i, desc: this.sort.col === i ? !this.sort.desc : false };
+            this.update(this.study, this.trials, this.version);
+            this.table.querySelector(`thead th:nth-child(${i + 1})`)?.focus();
+          };
           return el(
             "th",
             {
               class: "sortable",
+              title: c.title,
+              tabindex: 0, // reached and sorted by keyboard too
               "aria-sort":
                 this.sort.col === i ? (this.sort.desc ? "descending" : "ascending") : null,
-              onclick: () => {
-                this.sort = { col: i, desc: this.sort.col === i ? !this.sort.desc : false };
-                this.update(this.study, this.trials, this.version);
-              },
+              onclick: sortBy,
+              onkeydown: (e) => pressed(e) && sortBy(),
             },
             c.title + arrow,
           );
@@ -178,14 +183,27 @@ export class TrialsTable {
   row(cols, t) {
     return el(
       "tr",
-      { dataset: { trial: t.id, number: t.number }, onclick: () => this.onPick(t.id) },
+      {
+        dataset: { trial: t.id, number: t.number },
+        tabindex: 0, // Enter or Space opens the trial, as a click does
+        onclick: () => this.onPick(t.id),
+        onkeydown: (e) => pressed(e) && this.onPick(t.id),
+      },
       cols.map((c) => {
         const v = c.value(t);
         if (c.badge) return el("td", {}, badge(v));
-        return el("td", {}, c.fmt ? c.fmt(v) : (v ?? "-"));
+        const text = c.fmt ? c.fmt(v) : (v ?? "-");
+        return el("td", { title: typeof text === "string" ? text : null }, text);
       }),
     );
   }
+}
+
+/** Whether a key event is Enter or Space (then it is handled, not scrolled). */
+function pressed(e) {
+  if (e.key !== "Enter" && e.key !== " ") return false;
+  e.preventDefault();
+  return true;
 }
 
 export function badge(state) {
