@@ -491,7 +491,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_set_state(args: argparse.Namespace) -> int:
     study = _client(args).study(args.study)
-    record = study._patch({"state": args.state})
+    record = {"paused": study.pause, "running": study.resume, "stopped": study.stop}[args.state]()
     out.print(f"study {record.id} is {record.state}")
     return 0
 

@@ -700,13 +700,13 @@ class Study:
     # ---------------------------------------------------------------- control
 
     def pause(self) -> StudyRecord:
-        return self._patch({"state": "paused"}, idempotent=True)
+        return self._patch({"state": "paused"})
 
     def resume(self) -> StudyRecord:
-        return self._patch({"state": "running"}, idempotent=True)
+        return self._patch({"state": "running"})
 
     def stop(self) -> StudyRecord:
-        return self._patch({"state": "stopped"}, idempotent=True)
+        return self._patch({"state": "stopped"})
 
     def set_budget(
         self,
@@ -728,7 +728,7 @@ class Study:
             "max_worker_seconds": max_worker_seconds,
         }
         given = {k: v for k, v in budget.items() if v is not None}
-        return self._patch({"budget": given}, idempotent=True)
+        return self._patch({"budget": given})
 
     def delete(self) -> None:
         """Delete the study with everything stored with it. Sent again after a 503 or a lost
@@ -746,14 +746,14 @@ class Study:
         """Merge ``attrs`` (JSON) into the study's own user attributes, in any state (a key
         given None is removed); read back in ``record.spec["user_attrs"]``. A merge sent
         twice leaves what one leaves: it is sent again through a restart or an outage."""
-        return self._patch({"user_attrs": dict(attrs)}, idempotent=True)
+        return self._patch({"user_attrs": dict(attrs)})
 
-    def _patch(self, body: dict[str, Any], *, idempotent: bool) -> StudyRecord:
-        """PATCH the study. Each control call sets an absolute state or budget, which sent
-        twice leaves what sent once leaves, so it is sent again through a busy database's
-        503 or a lost answer (``idempotent``), as ``tell`` is."""
+    def _patch(self, body: dict[str, Any]) -> StudyRecord:
+        """PATCH the study. Each control call sets an absolute state or budget or merges user
+        attributes, which sent twice leaves what sent once leaves, so it is sent again through
+        a busy database's 503 or a lost answer, as ``tell`` is."""
         self._record = StudyRecord.model_validate(
-            self.client._json("PATCH", f"/studies/{self.id}", json=body, idempotent=idempotent)
+            self.client._json("PATCH", f"/studies/{self.id}", json=body, idempotent=True)
         )
         return self._record
 
