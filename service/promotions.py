@@ -10,6 +10,7 @@ servers, never promote one trial twice nor one outside its rung's top ``floor(n/
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from hpo.service.db.models import Study
 from hpo.service.pruners import make_pruner
 from hpo.service.pruners.asha import AshaPruner, Promotion
 from hpo.service.spec import StudySpec
-from hpo.service.storage import metrics, studies, trials
+from hpo.service.storage import metrics, trials
 
 
 def promotes(spec: StudySpec) -> bool:
@@ -53,7 +54,7 @@ def candidates(
         return [Promotion(t, 0, reasons.get(t) or {}) for t in order]
     pruner = make_pruner(spec)
     assert isinstance(pruner, AshaPruner)
-    final = _final(s, study, spec)
+    final = _final_up_to(s, study, spec) if pruner.n_brackets == 1 else None
     numbers = trials.numbers(s, list(paused))
     out: list[Promotion] = []
     for bracket in sorted({pruner.bracket_of(n) for n in numbers.values()}):
@@ -64,23 +65,27 @@ def candidates(
             rung: metrics.values_at_by_trial(s, study.id, pruner.metric, rung, peers)
             for rung in rungs
         }
-        out += pruner.promotion_order(mine, values, bracket, final=final)
+        out += pruner.promotion_order(mine, values, bracket, final_up_to=final)
     # across brackets too: the highest rung (in steps) first, then the best value
     sign = -1 if pruner.direction == "maximize" else 1
     out.sort(key=lambda p: (-p.reason["step"], sign * p.reason["value"], p.trial_id))
     return out
 
 
-def _final(s: Session, study: Study, spec: StudySpec) -> bool:
-    """Whether no trial can reach a rung any more: the study's trial numbers are spent and
-    none runs or waits. Then the best paused trial of a rung may go on although fewer than
-    η trials reached it (floor(n/η) is 0 there): else the study ended with every trial
-    paused and none complete (20 trials, η 3, max_steps 27: no trial passed step 9)."""
+def _final_up_to(s: Session, study: Study, spec: StudySpec) -> float | None:
+    """The highest step up to which no trial can reach a rung any more, or None: once the
+    study's trial numbers are spent, a rung at or below the lowest step a running or waiting
+    trial has reached gets no new value (all of them, when none runs or waits). The best
+    paused trial of such a rung may go on although fewer than η trials reached it
+    (floor(n/η) is 0 there): else the study ended with every trial paused and none complete
+    (20 trials, η 3, max_steps 27: no trial passed step 9). ASHA only: Hyperband's last
+    bracket starts at max_steps, so its studies always complete trials."""
     from hpo.service.transitions import budget_limit  # transitions imports this module
 
     if study.next_number < budget_limit(study, spec):
-        return False
-    return studies.count_active(s, study.id) == (0, 0)
+        return None
+    steps = trials.active_last_steps(s, study.id, spec.pruned_metric)
+    return float(min(steps, default=math.inf))
 
 
 def rung_values(
