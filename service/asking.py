@@ -139,7 +139,9 @@ def ask(
                 waiting = None  # given params make a new trial; the queue waits
                 check_fixed(spec, params)
             promotable = (
-                promotions.candidates(s, study, spec, settled_only=True)
+                promotions.candidates(
+                    s, study, spec, settled_only=True, numbers_spent=_numbers_spent(study, spec)
+                )
                 if waiting is None and params is None
                 else []
             )
@@ -193,6 +195,11 @@ def _suggest(
     if suggestions is None:
         return sampler.suggest(view)
     return suggestions.suggest(study_id, sampler, view, dispatched=dispatched)
+
+
+def _numbers_spent(study: Study, spec: StudySpec) -> bool:
+    """Whether the study hands out no new trial number any more."""
+    return study.next_number >= transitions.budget_limit(study, spec)
 
 
 def check_fixed(spec: StudySpec, params: Mapping[str, Any]) -> None:
@@ -410,7 +417,8 @@ def _promote_now(
         if problem is not None and spec.trainable is not None:
             transitions.fail_paused(s, study, trial, f"cannot resume: {problem}")
             return None
-        ranked = promotions.candidates(s, study, spec, settled_only=True)
+        spent = _numbers_spent(study, spec)
+        ranked = promotions.candidates(s, study, spec, settled_only=True, numbers_spent=spent)
         chosen = next((p for p in ranked if p.trial_id == trial_id), None)
         if chosen is None:
             return None

@@ -32,12 +32,18 @@ def promotes(spec: StudySpec) -> bool:
 
 
 def candidates(
-    s: Session, study: Study, spec: StudySpec, *, settled_only: bool = False
+    s: Session,
+    study: Study,
+    spec: StudySpec,
+    *,
+    settled_only: bool = False,
+    numbers_spent: bool = False,
 ) -> list[Promotion]:
     """The paused trials of the study that may be promoted now, best first (none unless the
     study promotes). ``settled_only``: only those whose pausing attempt has ended (what an
     asker may resume); without it, also those still saving their checkpoint (what keeps the
-    study from completing)."""
+    study from completing). ``numbers_spent``: the study hands out no new trial any more
+    (then a rung no trial can still reach promotes its best; see :func:`_final_up_to`)."""
     if not promotes(spec):
         return []
     paused = trials.paused(s, study.id, settled_only=settled_only)
@@ -54,7 +60,7 @@ def candidates(
         return [Promotion(t, 0, reasons.get(t) or {}) for t in order]
     pruner = make_pruner(spec)
     assert isinstance(pruner, AshaPruner)
-    final = _final_up_to(s, study, spec) if pruner.n_brackets == 1 else None
+    final = _final_up_to(s, study, spec) if numbers_spent and pruner.n_brackets == 1 else None
     numbers = trials.numbers(s, list(paused))
     out: list[Promotion] = []
     for bracket in sorted({pruner.bracket_of(n) for n in numbers.values()}):
@@ -72,18 +78,14 @@ def candidates(
     return out
 
 
-def _final_up_to(s: Session, study: Study, spec: StudySpec) -> float | None:
-    """The highest step up to which no trial can reach a rung any more, or None: once the
-    study's trial numbers are spent, a rung at or below the lowest step a running or waiting
-    trial has reached gets no new value (all of them, when none runs or waits). The best
+def _final_up_to(s: Session, study: Study, spec: StudySpec) -> float:
+    """The highest step up to which no trial can reach a rung any more, the study's trial
+    numbers being spent: a rung at or below the lowest step a running or waiting trial has
+    reached gets no new value (every rung, when none runs or waits). The best
     paused trial of such a rung may go on although fewer than η trials reached it
     (floor(n/η) is 0 there): else the study ended with every trial paused and none complete
     (20 trials, η 3, max_steps 27: no trial passed step 9). ASHA only: Hyperband's last
     bracket starts at max_steps, so its studies always complete trials."""
-    from hpo.service.transitions import budget_limit  # transitions imports this module
-
-    if study.next_number < budget_limit(study, spec):
-        return None
     steps = trials.active_last_steps(s, study.id, spec.pruned_metric)
     return float(min(steps, default=math.inf))
 
