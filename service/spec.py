@@ -224,7 +224,9 @@ class IntParam(_Conditional):
         return self
 
     def representatives(self) -> list[Any]:
-        return list(self.values) if self.values is not None else [self.low, self.high]
+        if self.values is not None:
+            return list(self.values)
+        return [self.low, self.low + (self.high - self.low) // self.step * self.step]  # on it
 
     def contains(self, value: Any) -> bool:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -5,6 +5,7 @@ API carries; nothing sent over the network is imported or executed.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 GROUP = "hpo.trainables"
+log = logging.getLogger("hpo.workers.registry")
 
 
 class TrainableError(Exception):
@@ -28,22 +30,31 @@ def batch_problem(batch_size: int, world_size: int, micro_batches: int = 1) -> s
     parts = world_size * micro_batches
     if batch_size % parts == 0:
         return None
-    over = f"{world_size} DDP ranks" + (
-        f" x {micro_batches} micro-batches" if micro_batches > 1 else ""
-    )
+    over = f"{world_size} DDP rank{'s' if world_size > 1 else ''}"
+    if micro_batches > 1:
+        over += f" x {micro_batches} micro-batches"
     return (
         f"a global batch of {batch_size} does not split evenly over {over}: use a multiple "
         f"of {parts}"
     )
 
 
-def per_rank_batch(settings: Any, ctx: Any) -> int:
-    """This rank's share of ``settings.batch_size`` over ``ctx.world_size`` ranks (the
-    settings' ``split_problem`` checked: TrainableError when it does not split evenly)."""
-    problem = settings.split_problem(ctx.world_size)
-    if problem is not None:
-        raise TrainableError(f"batch_size: {problem}")
-    return settings.batch_size // ctx.world_size
+def per_rank_batch(settings: Any, ctx: Any, micro_batches: int = 1) -> int:
+    """This rank's share of ``settings.batch_size`` over ``ctx.world_size`` ranks and
+    ``micro_batches``, at least 1. A listed batch that does not split evenly is refused when
+    the study is created; one drawn from a range (or perturbed by PBT) is rounded down here,
+    with a warning, and the batch trained is in ``ctx.extra["effective_batch_size"]``."""
+    share = max(1, settings.batch_size // (ctx.world_size * micro_batches))
+    effective = share * ctx.world_size * micro_batches
+    ctx.extra["effective_batch_size"] = effective
+    if effective != settings.batch_size and ctx.is_main:
+        log.warning(
+            "batch_size %d: %s; training with %d a step",
+            settings.batch_size,
+            settings.split_problem(ctx.world_size),
+            effective,
+        )
+    return share
 
 
 class Trainable(Protocol):
@@ -173,10 +184,12 @@ def _validate(
         raise ValueError(f"{prefix}.{where}: {err['msg']}") from exc
     split_problem = getattr(settings, "split_problem", None)
     if callable(split_problem) and (problem := split_problem(world_size)) is not None:
-        varied = sorted(searched & {"batch_size", "grad_accum"})
-        if varied:  # a searched value the trials may take
-            raise ValueError(f"space.{varied[0]} ({data[varied[0]]!r}): {problem}")
-        raise ValueError(f"{prefix}.batch_size: {problem} (resources.workers_per_trial)")
+        varied = [k for k in ("batch_size", "grad_accum") if k in searched]
+        if varied:  # searched values the trials may take, named with their values
+            also = "".join(f", with {k} {data[k]!r}" for k in varied[1:])
+            raise ValueError(f"space.{varied[0]} ({data[varied[0]]!r}{also}): {problem}")
+        ranks = " (resources.workers_per_trial)" if world_size > 1 else ""
+        raise ValueError(f"{prefix}.batch_size: {problem}{ranks}")
 
 
 def _known(model: type[BaseModel]) -> str:

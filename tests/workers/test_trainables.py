@@ -270,9 +270,11 @@ def test_image_trial_resumed_with_another_rate_trains_on_with_it(tmp_path: Path)
     assert [p["lr"] for _, p in logged if "lr" in p] == [0.01]
 
 
-def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path: Path) -> None:
-    """The per-rank batch was floored: batch 16 on 3 ranks trained 15 a step, and 4 blocks in
-    8 micro-batches trained 8, so a search over grad_accum searched the batch size."""
+def test_a_global_batch_that_does_not_split_evenly_is_refused_or_said(tmp_path: Path) -> None:
+    """The per-rank batch was floored without a word: batch 16 on 3 ranks trained 15 a step,
+    and 4 blocks in 8 micro-batches trained 8, so a search over grad_accum searched the batch
+    size. A listed value (or a range's end) is refused at creation; one drawn from inside a
+    range, or perturbed by PBT, is rounded as before, and the trial says what it trained."""
     check = registry.check_spec
     check("image-classification", {"batch_size": 64}, {}, world_size=2)
     with pytest.raises(
@@ -285,10 +287,21 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path: Path) ->
         check("text-classification", {}, {"batch_size": [18, 16]}, world_size=3)
     with pytest.raises(ValueError, match=r"^space\.grad_accum \(8\): .* 2 DDP ranks x 8 micro"):
         check("language-modeling", {"batch_size": 8}, {"grad_accum": [2, 8]}, world_size=2)
-    # a value between a range's ends is judged when its trial starts
-    config = {**TINY_LM, "batch_size": 4, "grad_accum": 8}
-    with pytest.raises(TrainableError, match="batch_size: a global batch of 4 does not split"):
-        run_local("language-modeling", config, tmp_path)
+    with pytest.raises(ValueError, match=r"^space\.batch_size \(6, with grad_accum 4\): "):
+        check("language-modeling", {}, {"batch_size": [6, 8], "grad_accum": [4, 2]}, world_size=1)
+    with pytest.raises(ValueError, match=r"^space\.batch_size \(6\): .* over 1 DDP rank x 4"):
+        check("language-modeling", {}, {"batch_size": [8, 6], "grad_accum": [4, 2]}, world_size=1)
+    # an int range is judged at its ends on its lattice (65 is no value of 16..65 step 16)
+    check("image-classification", {}, {"batch_size": [16, 64]}, world_size=2)
+    from hpo.service.spec import IntParam
+
+    ends = IntParam(type="int", low=16, high=65, step=16).representatives()
+    assert ends == [16, 64]
+    # a value from inside a range trains the batch it rounds to, and says so
+    config = {**TINY_LM, "batch_size": 6, "grad_accum": 4}
+    ctx, reports, _ = run_local("language-modeling", config, tmp_path)
+    assert ctx.extra["effective_batch_size"] == 4  # 1 block in each of 4 micro-batches
+    assert reports[-1][1]["train_tokens"] == 6 * 4 * 32  # steps x 4 blocks x context
 
 
 def test_a_fixed_setting_that_is_also_searched_is_validated() -> None:

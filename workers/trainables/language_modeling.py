@@ -329,7 +329,7 @@ def train(ctx: TrialContext) -> None:
     sets = blocks_of(s, model.vocab)
     if len(sets["train"]) < ctx.world_size or not len(sets["val"]):
         raise TrainableError(f"context {s.context}: too few token blocks to train and validate")
-    micro = per_rank_batch(s, ctx) // s.grad_accum
+    micro = per_rank_batch(s, ctx, s.grad_accum)
     sampler = ctx.sampler(sets["train"], shuffle=True, seed=s.seed)
     val = sets["val"][shard(len(sets["val"]), ctx.rank, ctx.world_size)]
 
