@@ -34,11 +34,13 @@ class _ViewNSGAII(optuna.samplers.NSGAIISampler):
         ``trials[number]``: a view holds no failed trial, so a list position is not a trial
         number (one failed trial made every later ask an IndexError)."""
         trials = study._get_trials(deepcopy=False, use_cache=True)
-        self._cached_generation, self._cached_generation_numbers = 0, []
+        numbers: dict[int, list[int]] = {}  # generation: its complete trials' numbers
         for trial in trials:
             generation = trial.system_attrs.get(self._get_generation_key())
             if trial.state == optuna.trial.TrialState.COMPLETE and generation is not None:
-                self._cache_completed_trial(generation, trial.number)
+                numbers.setdefault(generation, []).append(trial.number)
+        self._cached_generation = max(numbers, default=0)
+        self._cached_generation_numbers = numbers.get(self._cached_generation, [])
         return trials
 
     def get_population(self, study: Any, generation: int) -> list[Any]:

@@ -68,22 +68,22 @@ export class TrialDetail {
    * last load failed (the drawer said "loading…" for good after one error). */
   sync(trials, study) {
     this.study = study;
-    if (this.id === null || this.loading) return;
+    if (this.id === null || this.loading || this.polling) return;
     const t = trials.get(this.id);
     if (this.failed || (t && t.seq !== this.seq)) {
       this.refresh().catch(this.onError);
       return;
     }
     const id = this.id;
-    this.loading = true;
+    this.polling = true; // one look at a time (its own flag: a refresh may be on its way)
     api
       .get(this.seriesPath(id), { keep: true })
       .then((answer) => {
-        this.loading = false;
-        if (id === this.id && answer !== this.answer) return this.refresh();
+        this.polling = false;
+        if (id === this.id && answer !== this.answer && !this.loading) return this.refresh();
       })
       .catch((err) => {
-        this.loading = false;
+        this.polling = false;
         this.onError(err);
       });
   }

@@ -228,7 +228,7 @@ export class StudyPage {
       const shown = this.v.curves;
       await this.pullCurves();
       if (this.v.curves !== shown) this.render();
-      else this.detail.sync(this.trials, this.study); // (render syncs it too)
+      this.detail.sync(this.trials, this.study); // once a tick: its points may have grown
       return;
     }
     this.stale = false;
@@ -253,6 +253,7 @@ export class StudyPage {
     const failed = (await Promise.allSettled(pulls)).find((r) => r.status === "rejected");
     if (failed) throw failed.reason;
     this.render();
+    this.detail.sync(this.trials, this.study);
     this.unfinished = false;
   }
 
@@ -485,7 +486,6 @@ export class StudyPage {
     this.once("lineage", [v.trials, v.study, lp], () => this.drawLineage(lp));
     if (this.table.update(this.study, this.trials, v.trials))
       this.renders.table = (this.renders.table || 0) + 1;
-    this.detail.sync(this.trials, this.study);
   }
 
   /** Say when the curves shown are the best ones, with a link to fetch all of them. */
