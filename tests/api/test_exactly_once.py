@@ -139,6 +139,10 @@ def test_points_of_a_step_are_read_from_the_newest_attempt(server: ServerProcess
         assert stale.status_code == 409 and "attempt 1" in stale.json()["message"]
         r = http.post(f"/api/v1/trials/{trial_id}/metrics", json={"points": again, "attempt": 2})
         assert r.status_code == 200, r.text
+        # the same step again with another value, by the same attempt: the first value wins
+        changed = [{"step": 0, "name": "loss", "value": 99.0}]
+        r = http.post(f"/api/v1/trials/{trial_id}/metrics", json={"points": changed, "attempt": 2})
+        assert r.status_code == 200, r.text
         read = http.get(f"/api/v1/trials/{trial_id}/metrics").json()["points"]
     assert [(p["step"], p["value"], p["attempt"]) for p in read] == [
         (0, 20.0, 2),

@@ -68,6 +68,10 @@ def test_late_writes_of_an_expired_attempt_are_refused_and_stored_nowhere(
         points = http.get(f"/api/v1/trials/{trial_id}/metrics").json()["points"]
     assert (trial["state"], trial["value"]) == ("complete", 0.5)
     assert [(p["step"], p["value"]) for p in points] == [(1, 0.5)]
+    # counted in the table, not through the API's read (it shows a step's newest attempt
+    # only, which would hide a stale row of attempt 1 under the live attempt's)
+    stored = assert_each_point_stored_once(server.database_url, trial_id, 1)
+    assert set(stored) == {(2, "loss", 1)}
 
 
 def test_a_server_that_remembers_a_token_refuses_it_once_another_server_reissued_the_trial(
@@ -115,6 +119,8 @@ def test_a_server_that_remembers_a_token_refuses_it_once_another_server_reissued
         trial = on_a.get(f"/api/v1/trials/{trial_id}").json()
     assert [(p["step"], p["value"]) for p in points] == [(1, 1.0), (2, 0.5), (3, 0.4)]
     assert (trial["state"], trial["attempts"], trial["last_step"]) == ("running", 2, 3)
+    stored = assert_each_point_stored_once(db_url, trial_id, 3)  # the table, not the read
+    assert set(stored) == {(1, "loss", 1), (2, "loss", 2), (2, "loss", 3)}
 
 
 def test_an_attempt_token_reaches_its_own_trial_only(server: ServerProcess) -> None:

@@ -209,11 +209,12 @@ def test_asha_stops_a_bad_trial_early(ray_server: ServerProcess) -> None:
 
 
 def test_killed_worker_is_retried_from_its_checkpoint(ray_server: ServerProcess) -> None:
+    """No retry allowed: a worker that dies is lost to the machinery, retried for free."""
     client = ray_server.client()
     study = client.create_study(
         synthetic(
             "retry",
-            max_retries=1,
+            max_retries=0,
             trainable={"name": "synthetic", "config": {"steps": 6, "fail_at_step": 4}},
         )
     )
@@ -223,6 +224,8 @@ def test_killed_worker_is_retried_from_its_checkpoint(ray_server: ServerProcess)
     assert trial.state == "complete" and trial.attempts == 2
     failure = next(e for e in trial.events if e.state == "failed")
     assert "attempt 1" in failure.detail and "retrying" in failure.detail
+    failures, charged = failed_attempts(trial)
+    assert len(failures) == 1 and charged == []  # not spent from max_retries
     # steps 1-3 ran in attempt 1 (checkpoint at 3), attempt 2 resumed at step 4: none twice
     steps = [p.step for p in study.metrics(trial.id, "loss")]
     assert sorted(steps) == list(range(1, 7))
