@@ -10,7 +10,6 @@ servers, never promote one trial twice nor one outside its rung's top ``floor(n/
 from __future__ import annotations
 
 import json
-import math
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from hpo.service.db.models import Study
 from hpo.service.pruners import make_pruner
 from hpo.service.pruners.asha import AshaPruner, Promotion
 from hpo.service.spec import StudySpec
-from hpo.service.storage import metrics, trials
+from hpo.service.storage import metrics, studies, trials
 
 
 def promotes(spec: StudySpec) -> bool:
@@ -42,8 +41,12 @@ def candidates(
     """The paused trials of the study that may be promoted now, best first (none unless the
     study promotes). ``settled_only``: only those whose pausing attempt has ended (what an
     asker may resume); without it, also those still saving their checkpoint (what keeps the
-    study from completing). ``numbers_spent``: the study hands out no new trial any more
-    (then a rung no trial can still reach promotes its best; see :func:`_final_up_to`)."""
+    study from completing). ``numbers_spent``: the study hands out no new trial any more.
+    Then, once no trial runs or waits either, no trial can reach a rung any more, and the
+    best paused trial of a rung goes on although fewer than η reached it (floor(n/η) is 0
+    there): else a study whose top rungs hold fewer than η trials ended with every trial
+    paused and none complete (ASHA: 20 trials, η 3, max_steps 27; Hyperband too, where
+    max_steps/min_steps is no power of η or its last bracket holds few trials)."""
     if not promotes(spec):
         return []
     paused = trials.paused(s, study.id, settled_only=settled_only)
@@ -60,7 +63,7 @@ def candidates(
         return [Promotion(t, 0, reasons.get(t) or {}) for t in order]
     pruner = make_pruner(spec)
     assert isinstance(pruner, AshaPruner)
-    final = _final_up_to(s, study, spec) if numbers_spent and pruner.n_brackets == 1 else None
+    final = numbers_spent and studies.count_active(s, study.id) == (0, 0)
     numbers = trials.numbers(s, list(paused))
     out: list[Promotion] = []
     for bracket in sorted({pruner.bracket_of(n) for n in numbers.values()}):
@@ -71,23 +74,11 @@ def candidates(
             rung: metrics.values_at_by_trial(s, study.id, pruner.metric, rung, peers)
             for rung in rungs
         }
-        out += pruner.promotion_order(mine, values, bracket, final_up_to=final)
+        out += pruner.promotion_order(mine, values, bracket, final=final)
     # across brackets too: the highest rung (in steps) first, then the best value
     sign = -1 if pruner.direction == "maximize" else 1
     out.sort(key=lambda p: (-p.reason["step"], sign * p.reason["value"], p.trial_id))
     return out
-
-
-def _final_up_to(s: Session, study: Study, spec: StudySpec) -> float:
-    """The highest step up to which no trial can reach a rung any more, the study's trial
-    numbers being spent: a rung at or below the lowest step a running or waiting trial has
-    reached gets no new value (every rung, when none runs or waits). The best
-    paused trial of such a rung may go on although fewer than η trials reached it
-    (floor(n/η) is 0 there): else the study ended with every trial paused and none complete
-    (20 trials, η 3, max_steps 27: no trial passed step 9). ASHA only: Hyperband's last
-    bracket starts at max_steps, so its studies always complete trials."""
-    steps = trials.active_last_steps(s, study.id, spec.pruned_metric)
-    return float(min(steps, default=math.inf))
 
 
 def rung_values(

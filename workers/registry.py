@@ -41,11 +41,15 @@ def batch_problem(batch_size: int, world_size: int, micro_batches: int = 1) -> s
 
 def per_rank_batch(settings: Any, ctx: Any, micro_batches: int = 1) -> int:
     """This rank's share of ``settings.batch_size`` over ``ctx.world_size`` ranks and
-    ``micro_batches``, at least 1. A listed batch that does not split evenly is refused when
-    the study is created; one drawn from a range (or perturbed by PBT) is rounded down here,
-    with a warning, and the batch trained is in ``ctx.extra["effective_batch_size"]``."""
-    share = max(1, settings.batch_size // (ctx.world_size * micro_batches))
-    effective = share * ctx.world_size * micro_batches
+    ``micro_batches``. A listed batch that does not split evenly is refused when the study is
+    created; one drawn from a range (or perturbed by PBT) is rounded down here, with a
+    warning, and the batch trained is in ``ctx.extra["effective_batch_size"]``; one smaller
+    than the parts (it would round to nothing) is a TrainableError."""
+    parts = ctx.world_size * micro_batches
+    if settings.batch_size < parts:  # rounding down leaves nothing: it would train more
+        raise TrainableError(f"batch_size: {settings.split_problem(ctx.world_size)}")
+    share = settings.batch_size // parts
+    effective = share * parts
     ctx.extra["effective_batch_size"] = effective
     if effective != settings.batch_size and ctx.is_main:
         log.warning(
@@ -167,6 +171,11 @@ def check_spec(
     for key, values in space.items():
         for value in values[1:]:
             _validate(model, {**config, **first, key: value}, "space", {key}, world_size)
+    if "batch_size" in space and "grad_accum" in space:  # they split the batch together
+        for b in space["batch_size"]:
+            for g in space["grad_accum"]:
+                data = {**config, **first, "batch_size": b, "grad_accum": g}
+                _validate(model, data, "space", {"batch_size", "grad_accum"}, world_size)
 
 
 def _validate(

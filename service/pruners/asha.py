@@ -138,7 +138,7 @@ class AshaPruner(Pruner):
         values: dict[int, dict[int, float]],
         bracket: int = 0,
         *,
-        final_up_to: float | None = None,
+        final: bool = False,
     ) -> list[Promotion]:
         """The paused trials that may be promoted now, in the order to promote them: the
         highest rung first, then the best value. ``paused`` maps each paused trial to the
@@ -148,8 +148,8 @@ class AshaPruner(Pruner):
         rung k as they are now. A promoted trial keeps its promotion when later values push it
         out of that top set (as in the ASHA paper), so over a study more than ``floor(n_k/η)``
         may leave rung k; at any moment at most ``floor(n_k/η)`` of the trials at rung k are in
-        the top set. A rung at or below ``final_up_to`` (a step no trial can reach a rung
-        below any more) holds at least its best trial in its top set."""
+        the top set. With ``final`` (no trial can reach a rung any more) the top set of a
+        rung holds at least its best trial."""
         out = []
         sign = -1 if self.direction == "maximize" else 1
         top = max(paused.values(), default=0)
@@ -171,7 +171,6 @@ class AshaPruner(Pruner):
                 rank_of = {t: i for i, t in enumerate(order, 1)}
                 ranking[rung] = (rank_of, [at_rung[t] for t in order])
             rank_of, ranked = ranking[rung]
-            final = final_up_to is not None and rung <= final_up_to
             top = max(1, len(ranked) // eta) if final else len(ranked) // eta
             if rank_of[trial_id] <= top:
                 standing = self._standing(k, rung, at_rung[trial_id], ranked, bracket, final=final)

@@ -377,18 +377,6 @@ def paused(session: Session, study_id: int, *, settled_only: bool = False) -> di
     return {trial_id: metrics.step_paused_at(last, reason) for trial_id, last, reason in rows}
 
 
-def active_last_steps(session: Session, study_id: int, metric: str) -> list[int]:
-    """The last step of ``metric`` each running or waiting trial of the study reported (0
-    for one that reported none): the rungs of that metric it may still reach are above."""
-    ids = list(
-        session.scalars(
-            select(Trial.id).where(Trial.study_id == study_id, Trial.state.in_(_ACTIVE))
-        )
-    )
-    last = metrics.last_points(session, ids, metric)
-    return [next(iter(last[t])) if t in last else 0 for t in ids]
-
-
 def paused_trials(session: Session, study_ids: Sequence[int]) -> list[Trial]:
     """The paused trials of these studies."""
     return list(

@@ -524,17 +524,26 @@ def test_a_resumed_attempt_stores_its_later_steps_of_every_metric(service: Study
     assert stored == {("acc", 1): (0.5, 2), ("loss", 1): (0.1, 1), ("loss", 2): (0.08, 2)}
 
 
+@pytest.mark.parametrize(
+    ("pruner", "max_trials", "top"),
+    [
+        ({"type": "asha", "max_steps": 27}, 20, 27),
+        ({"type": "hyperband", "max_steps": 20}, 6, 20),  # 20/1 is no power of 3
+        ({"type": "hyperband", "max_steps": 27}, 3, 27),
+    ],
+)
 def test_a_study_whose_last_rungs_hold_fewer_than_eta_trials_still_completes_one(
-    service: StudyService,
+    service: StudyService, pruner: dict, max_trials: int, top: int
 ) -> None:
     """floor(n/η) is 0 at a rung fewer than η trials reached: with 20 trials, η 3 and rungs
     1, 3, 9, 27, none went past step 9, and the study ended with every trial pruned and no
-    best. Once no trial can reach a rung any more, its best paused trial goes on."""
+    best (Hyperband too, where max_steps/min_steps is no power of η, or its budget is small).
+    Once no trial can reach a rung any more, its best paused trial goes on."""
     spec = simple_spec(
         "few",
         sampler={"type": "random", "seed": 0},
-        budget={"max_trials": 20},
-        pruner={**PROMOTION, "reduction_factor": 3, "max_steps": 27},
+        budget={"max_trials": max_trials},
+        pruner={**PROMOTION, "reduction_factor": 3, **pruner},
         space={"x": {"type": "float", "low": -2.0, "high": 3.0}},
     )
     sid = service.create_study(StudySpec.model_validate(spec)).id
@@ -545,14 +554,14 @@ def test_a_study_whose_last_rungs_hold_fewer_than_eta_trials_still_completes_one
         except BudgetSpent:
             break
         x = t.params["x"]
-        for step in range(reached.get(t.id, 0) + 1, 28):
+        for step in range(reached.get(t.id, 0) + 1, top + 1):
             reached[t.id] = step
             if service.report(t.id, [MetricInput(step, "loss", (x - 1) ** 2 + 1 / step)]):
                 break
         else:
-            service.tell(t.id, value=(x - 1) ** 2 + 1 / 27)
+            service.tell(t.id, value=(x - 1) ** 2 + 1 / top)
     record = service.storage.get_study(sid)
     assert record.state == "completed" and record.counts["paused"] == 0
-    assert record.counts["complete"] >= 1 and max(reached.values()) == 27
+    assert record.counts["complete"] >= 1 and max(reached.values()) == top
     assert record.best_trial is not None
-    assert len(reached) == 20  # no trial beyond the budget
+    assert len(reached) == max_trials  # no trial beyond the budget

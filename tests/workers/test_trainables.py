@@ -297,6 +297,10 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused_or_said(tmp_path: 
 
     ends = IntParam(type="int", low=16, high=65, step=16).representatives()
     assert ends == [16, 64]
+    with pytest.raises(ValueError, match=r"^space\.batch_size \(8, with grad_accum 8\)"):
+        check("language-modeling", {}, {"batch_size": [32, 8], "grad_accum": [1, 8]}, world_size=2)
+    with pytest.raises(TrainableError, match="batch_size: a global batch of 4 does not split"):
+        run_local("language-modeling", {**TINY_LM, "batch_size": 4, "grad_accum": 8}, tmp_path)
     # a value from inside a range trains the batch it rounds to, and says so
     config = {**TINY_LM, "batch_size": 6, "grad_accum": 4}
     ctx, reports, _ = run_local("language-modeling", config, tmp_path)

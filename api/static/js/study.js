@@ -251,9 +251,9 @@ export class StudyPage {
       this.pullContour(),
     ];
     const failed = (await Promise.allSettled(pulls)).find((r) => r.status === "rejected");
+    if (!failed) this.render();
+    this.detail.sync(this.trials, this.study); // also when a pull failed: its own requests
     if (failed) throw failed.reason;
-    this.render();
-    this.detail.sync(this.trials, this.study);
     this.unfinished = false;
   }
 
