@@ -206,6 +206,13 @@ def test_asha_stops_a_bad_trial_early(ray_server: ServerProcess) -> None:
     assert bad.pruned["rung"] == 0 and bad.pruned["step"] == 2, bad.pruned
     assert bad.pruned["value"] > bad.pruned["threshold"]
     assert max(p.step for p in study.metrics(bad.id, "loss")) <= 3
+    # one trial after another on the same resources: the same warm rank processes ran them
+    # (the README's "warm worker processes are reused"; a fresh process per trial would
+    # spawn and import torch each time)
+    # (a trial pruned at once may end before its placement is written: not compared)
+    placed = [client.trial(t.id).placement for t in study.trials()]
+    ranks = [sorted(r["pid"] for r in p["ranks"]) for p in placed if p]
+    assert len(ranks) >= 2 and len({tuple(r) for r in ranks}) < len(ranks), ranks
 
 
 def test_killed_worker_is_retried_from_its_checkpoint(ray_server: ServerProcess) -> None:
