@@ -140,7 +140,7 @@ def ask(
                 check_fixed(spec, params)
             promotable = (
                 promotions.candidates(
-                    s, study, spec, settled_only=True, numbers_spent=_numbers_spent(study, spec)
+                    s, study, spec, settled_only=True, final=_final(s, study, spec)
                 )
                 if waiting is None and params is None
                 else []
@@ -197,9 +197,10 @@ def _suggest(
     return suggestions.suggest(study_id, sampler, view, dispatched=dispatched)
 
 
-def _numbers_spent(study: Study, spec: StudySpec) -> bool:
-    """Whether the study hands out no new trial number any more."""
-    return study.next_number >= transitions.budget_limit(study, spec)
+def _final(s: Session, study: Study, spec: StudySpec) -> bool:
+    """Whether no trial can reach a rung any more (see :func:`promotions.candidates`)."""
+    spent = study.next_number >= transitions.budget_limit(study, spec)
+    return promotions.no_trial_to_come(s, study, spent)
 
 
 def check_fixed(spec: StudySpec, params: Mapping[str, Any]) -> None:
@@ -417,8 +418,8 @@ def _promote_now(
         if problem is not None and spec.trainable is not None:
             transitions.fail_paused(s, study, trial, f"cannot resume: {problem}")
             return None
-        spent = _numbers_spent(study, spec)
-        ranked = promotions.candidates(s, study, spec, settled_only=True, numbers_spent=spent)
+        final = _final(s, study, spec)
+        ranked = promotions.candidates(s, study, spec, settled_only=True, final=final)
         chosen = next((p for p in ranked if p.trial_id == trial_id), None)
         if chosen is None:
             return None

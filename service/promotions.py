@@ -36,13 +36,13 @@ def candidates(
     spec: StudySpec,
     *,
     settled_only: bool = False,
-    numbers_spent: bool = False,
+    final: bool = False,
 ) -> list[Promotion]:
     """The paused trials of the study that may be promoted now, best first (none unless the
     study promotes). ``settled_only``: only those whose pausing attempt has ended (what an
     asker may resume); without it, also those still saving their checkpoint (what keeps the
-    study from completing). ``numbers_spent``: the study hands out no new trial any more.
-    Then, once no trial runs or waits either, no trial can reach a rung any more, and the
+    study from completing). ``final``: the study hands out no new trial any more and none
+    runs or waits (:func:`no_trial_to_come`), so no trial can reach a rung any more: the
     best paused trial of a rung goes on although fewer than η reached it (floor(n/η) is 0
     there): else a study whose top rungs hold fewer than η trials ended with every trial
     paused and none complete (ASHA: 20 trials, η 3, max_steps 27; Hyperband too, where
@@ -63,7 +63,6 @@ def candidates(
         return [Promotion(t, 0, reasons.get(t) or {}) for t in order]
     pruner = make_pruner(spec)
     assert isinstance(pruner, AshaPruner)
-    final = numbers_spent and studies.count_active(s, study.id) == (0, 0)
     numbers = trials.numbers(s, list(paused))
     out: list[Promotion] = []
     for bracket in sorted({pruner.bracket_of(n) for n in numbers.values()}):
@@ -79,6 +78,12 @@ def candidates(
     sign = -1 if pruner.direction == "maximize" else 1
     out.sort(key=lambda p: (-p.reason["step"], sign * p.reason["value"], p.trial_id))
     return out
+
+
+def no_trial_to_come(s: Session, study: Study, numbers_spent: bool) -> bool:
+    """Whether no trial can reach a rung any more: the study's trial numbers are spent
+    (``numbers_spent``, its caller's to say) and none of its trials runs or waits."""
+    return numbers_spent and studies.count_active(s, study.id) == (0, 0)
 
 
 def rung_values(

@@ -116,7 +116,7 @@ def complete_if_done(s: Session, study: Study) -> None:
     elif spent := compute_spent(s, study, spec):
         reason = f"{spent} spent"
     elif numbers_spent:
-        if promotions.candidates(s, study, spec, numbers_spent=True):
+        if promotions.candidates(s, study, spec, final=True):  # none runs or waits (above)
             return
         reason = "budget spent" if spec.max_trials else "search space exhausted"
     else:
